@@ -1,0 +1,448 @@
+//! Spawning, probing and killing `redis-server` processes.
+
+use std::fmt;
+use std::fs;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use tempfile::TempDir;
+
+use crate::binary::redis_server_binary;
+
+/// How long a freshly spawned server may take to answer `PING`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between readiness probes.
+const READY_POLL: Duration = Duration::from_millis(5);
+/// Connection timeout of a single readiness probe.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// How many free ports [`RedisServer::spawn_tcp`] tries before giving up.
+const TCP_ATTEMPTS: usize = 5;
+/// File name of the Unix socket inside the server's directory.
+const SOCKET_NAME: &str = "redis.sock";
+/// File name of the server log inside the server's directory.
+const LOG_NAME: &str = "redis.log";
+
+/// Options for [`RedisServer::spawn_with`].
+///
+/// The struct is `#[non_exhaustive]`; build it from [`ServerOptions::default`]
+/// and the builder methods:
+///
+/// ```
+/// use keyward_testkit::ServerOptions;
+///
+/// let opts = ServerOptions::default()
+///     .tcp(true)
+///     .args(["--maxmemory", "10mb"]);
+/// assert!(opts.tcp);
+/// assert_eq!(opts.extra_args, ["--maxmemory", "10mb"]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Listen on a free TCP port on 127.0.0.1 instead of a Unix socket.
+    pub tcp: bool,
+    /// Extra command-line arguments appended after the defaults, e.g.
+    /// `["--maxmemory", "10mb"]`. Later arguments override earlier ones.
+    pub extra_args: Vec<String>,
+}
+
+impl ServerOptions {
+    /// Sets [`ServerOptions::tcp`].
+    #[must_use]
+    pub fn tcp(mut self, tcp: bool) -> Self {
+        self.tcp = tcp;
+        self
+    }
+
+    /// Appends one argument to [`ServerOptions::extra_args`].
+    #[must_use]
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Appends several arguments to [`ServerOptions::extra_args`].
+    #[must_use]
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// A TCP port on 127.0.0.1.
+    Tcp(u16),
+}
+
+impl Endpoint {
+    /// The redis-rs address of this endpoint.
+    fn addr(&self) -> ConnectionAddr {
+        match self {
+            Endpoint::Unix(path) => ConnectionAddr::Unix(path.clone()),
+            Endpoint::Tcp(port) => ConnectionAddr::Tcp(Ipv4Addr::LOCALHOST.to_string(), *port),
+        }
+    }
+
+    /// The connection info of this endpoint.
+    fn connection_info(&self) -> ConnectionInfo {
+        self.addr()
+            .into_connection_info()
+            .expect("a ConnectionAddr always converts into ConnectionInfo")
+    }
+}
+
+/// A throwaway `redis-server` process.
+///
+/// The server runs with persistence disabled in a fresh temporary directory.
+/// Dropping the handle kills the process (`SIGKILL`), waits for it and
+/// removes the directory.
+pub struct RedisServer {
+    /// The server process; `None` once killed and reaped.
+    child: Option<Child>,
+    /// The process id, kept after the child is reaped.
+    pid: u32,
+    /// Where the server listens.
+    endpoint: Endpoint,
+    /// Path of the server's log file.
+    log_path: PathBuf,
+    /// The server's working directory; dropped (removed) after the process is gone.
+    dir: TempDir,
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("pid", &self.pid)
+            .field("url", &self.url())
+            .field("running", &self.child.is_some())
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+/// Why one spawn attempt failed.
+enum SpawnFailure {
+    /// The process exited before answering `PING`.
+    Exited {
+        /// The exit status.
+        status: ExitStatus,
+        /// The server log.
+        log: String,
+    },
+    /// The readiness deadline passed.
+    TimedOut {
+        /// The last probe error.
+        last_error: String,
+        /// The server log.
+        log: String,
+    },
+}
+
+impl RedisServer {
+    /// Spawns a server listening only on a Unix socket in a fresh temporary
+    /// directory (`--port 0 --unixsocket <dir>/redis.sock`).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `redis-server` cannot be found (see
+    /// [`redis_server_binary`](crate::redis_server_binary)), or if the server
+    /// exits or does not answer `PING` within 10 seconds; the panic message
+    /// carries the exit status and the server log.
+    pub fn spawn() -> RedisServer {
+        RedisServer::spawn_with(ServerOptions::default())
+    }
+
+    /// Spawns a server listening on a free TCP port on 127.0.0.1 (and no Unix
+    /// socket). Needed by tools such as `redis-benchmark`.
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::spawn`]; binding a port is retried a few times first.
+    pub fn spawn_tcp() -> RedisServer {
+        RedisServer::spawn_with(ServerOptions::default().tcp(true))
+    }
+
+    /// Spawns a server with the given options.
+    ///
+    /// The server always gets `--daemonize no --save "" --appendonly no` and
+    /// its directory and log file in a fresh temporary directory; then either
+    /// `--port 0 --unixsocket <dir>/redis.sock --unixsocketperm 700` or
+    /// `--port <free port> --bind 127.0.0.1`; then
+    /// [`ServerOptions::extra_args`].
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisServer::spawn`].
+    pub fn spawn_with(opts: ServerOptions) -> RedisServer {
+        let binary = redis_server_binary();
+        let attempts = if opts.tcp { TCP_ATTEMPTS } else { 1 };
+        let mut failures = Vec::new();
+        for attempt in 1..=attempts {
+            match RedisServer::try_spawn(&binary, &opts) {
+                Ok(server) => return server,
+                Err(failure) => {
+                    let text = match failure {
+                        SpawnFailure::Exited { status, log } => format!(
+                            "attempt {attempt}: redis-server exited before becoming ready ({status})\n\
+                             --- server log ---\n{log}--- end of log ---"
+                        ),
+                        SpawnFailure::TimedOut { last_error, log } => format!(
+                            "attempt {attempt}: redis-server did not answer PING within {READY_TIMEOUT:?} \
+                             (last error: {last_error})\n--- server log ---\n{log}--- end of log ---"
+                        ),
+                    };
+                    failures.push(text);
+                }
+            }
+        }
+        panic!(
+            "failed to start {} with {opts:?}:\n{}",
+            binary.display(),
+            failures.join("\n")
+        );
+    }
+
+    /// One attempt at spawning a server and waiting until it is ready.
+    fn try_spawn(binary: &Path, opts: &ServerOptions) -> Result<RedisServer, SpawnFailure> {
+        let dir = tempfile::Builder::new()
+            .prefix("keyward-redis-")
+            .tempdir()
+            .unwrap_or_else(|err| {
+                panic!("cannot create a temporary directory for redis-server: {err}")
+            });
+        let log_path = dir.path().join(LOG_NAME);
+
+        let mut cmd = Command::new(binary);
+        cmd.arg("--daemonize")
+            .arg("no")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(&log_path);
+        let endpoint = if opts.tcp {
+            let port = free_tcp_port();
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .arg("--bind")
+                .arg(Ipv4Addr::LOCALHOST.to_string());
+            Endpoint::Tcp(port)
+        } else {
+            let socket = dir.path().join(SOCKET_NAME);
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--unixsocket")
+                .arg(&socket)
+                .arg("--unixsocketperm")
+                .arg("700");
+            Endpoint::Unix(socket)
+        };
+        cmd.args(&opts.extra_args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot execute {}: {err}", binary.display()));
+        let mut server = RedisServer {
+            pid: child.id(),
+            child: Some(child),
+            endpoint,
+            log_path,
+            dir,
+        };
+        server.wait_until_ready()?;
+        Ok(server)
+    }
+
+    /// Polls connect + `PING` until the server answers, exits, or the deadline passes.
+    fn wait_until_ready(&mut self) -> Result<(), SpawnFailure> {
+        let client = self.client();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Err(SpawnFailure::Exited {
+                    status,
+                    log: self.log(),
+                });
+            }
+            let last_error = match probe(&client, self.pid) {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if Instant::now() >= deadline {
+                // Leave nothing running behind the failed attempt.
+                self.kill();
+                return Err(SpawnFailure::TimedOut {
+                    last_error,
+                    log: self.log(),
+                });
+            }
+            thread::sleep(READY_POLL);
+        }
+    }
+
+    /// Reaps the child if it has exited, returning its status.
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                self.child = None;
+                Some(status)
+            }
+            Ok(None) => None,
+            Err(err) => panic!("cannot query redis-server (pid {}): {err}", self.pid),
+        }
+    }
+
+    /// The connection URL: `redis+unix:///path/redis.sock` or `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(path) => format!("redis+unix://{}", encode_path(path)),
+            Endpoint::Tcp(port) => format!("redis://{}:{port}", Ipv4Addr::LOCALHOST),
+        }
+    }
+
+    /// The TCP port, if the server listens on TCP.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match self.endpoint {
+            Endpoint::Tcp(port) => Some(port),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    /// The Unix socket path, if the server listens on a Unix socket.
+    pub fn socket_path(&self) -> Option<&Path> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => Some(path),
+            Endpoint::Tcp(_) => None,
+        }
+    }
+
+    /// A redis-rs client for this server.
+    pub fn client(&self) -> Client {
+        Client::open(self.endpoint.connection_info())
+            .expect("a ConnectionInfo for a local server is always a valid client config")
+    }
+
+    /// A synchronous connection, for test assertions.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the connection cannot be established (e.g. after
+    /// [`RedisServer::kill`]).
+    pub fn connection(&self) -> redis::Connection {
+        self.client()
+            .get_connection()
+            .unwrap_or_else(|err| panic!("cannot connect to {}: {err}", self.url()))
+    }
+
+    /// The contents of the server log (empty if the log does not exist yet).
+    pub fn log(&self) -> String {
+        match fs::read(&self.log_path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The server's process id (still reported after the server was killed).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The server's temporary working directory (holds the socket and the log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server now (`SIGKILL`) and waits for it to exit. Later calls
+    /// and the eventual drop are no-ops. For failure-mode tests.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `kill` fails only if the process was already reaped, which `take` rules out,
+            // or if it already exited; `wait` reaps it either way.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        // `dir` is dropped after this, removing the socket and the log.
+    }
+}
+
+/// One readiness probe: connect with a short timeout, `PING`, and check that
+/// the answering server is process `pid` (on TCP, a port race could otherwise
+/// let another test's server answer for one that failed to bind).
+fn probe(client: &Client, pid: u32) -> Result<(), String> {
+    let mut con = client
+        .get_connection_with_timeout(PROBE_CONNECT_TIMEOUT)
+        .map_err(|err| err.to_string())?;
+    con.set_read_timeout(Some(PROBE_CONNECT_TIMEOUT))
+        .map_err(|err| err.to_string())?;
+    let pong: String = redis::cmd("PING")
+        .query(&mut con)
+        .map_err(|err| err.to_string())?;
+    if pong != "PONG" {
+        return Err(format!("unexpected PING reply {pong:?}"));
+    }
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut con)
+        .map_err(|err| err.to_string())?;
+    let answering_pid = info
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .map(str::trim);
+    match answering_pid {
+        Some(found) if found == pid.to_string() => Ok(()),
+        Some(found) => Err(format!(
+            "another redis-server (pid {found}) answered instead of pid {pid}"
+        )),
+        None => Err("INFO server reported no process_id".to_owned()),
+    }
+}
+
+/// A currently free TCP port on 127.0.0.1 (bound, then released).
+fn free_tcp_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap_or_else(|err| panic!("cannot bind 127.0.0.1:0 to pick a free port: {err}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|err| panic!("cannot read the address of a bound listener: {err}"))
+        .port()
+}
+
+/// Percent-encodes a filesystem path for use in a URL path.
+fn encode_path(path: &Path) -> String {
+    let mut out = String::new();
+    for byte in path.as_os_str().as_encoded_bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(*byte));
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}

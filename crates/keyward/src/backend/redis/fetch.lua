@@ -1,0 +1,27 @@
+-- Get a value, or take the fill lease, in one step (the first of at most two round trips on a miss).
+-- KEYS[1] entry key   KEYS[2] namespace epochs hash
+-- ARGV[1] class name  ARGV[2] lease marker "L1:<token>:0"  ARGV[3] lease ttl (ms)
+-- ARGV[4] "1" if a cached absent ("n") counts as a hit
+-- Returns {0, stored} a value | {1, ns_gen, class_gen} the caller now holds the lease
+--       | {2, pttl_ms} another caller holds the lease
+local v = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
+if v and string.sub(v, 1, 3) == 'L1:' then
+  -- Flag the lease so that its commit (or release) publishes a wake-up; only the first waiter pays the write.
+  if string.sub(v, -1) == '0' then
+    redis.call('SET', KEYS[1], string.sub(v, 1, -2) .. '1', 'KEEPTTL')
+  end
+  return {2, redis.call('PTTL', KEYS[1])}
+end
+local g = redis.call('HMGET', KEYS[2], '*', ARGV[1])
+local ns, cl = g[1] or '0', g[2] or '0'
+if not v then
+  return {1, ns, cl}
+end
+local vns, vcl, kind = string.match(v, '^V1:(%d+):(%d+):(%a):')
+if vns and (vns ~= ns or vcl ~= cl or (kind == 'n' and ARGV[4] ~= '1')) then
+  -- Filled before a group invalidation (or an absent the caller cannot use): a miss; take the lease.
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return {1, ns, cl}
+end
+-- A current value, or bytes we cannot read (the client decodes, reports and heals them).
+return {0, v}

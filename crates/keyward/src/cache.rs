@@ -1,0 +1,728 @@
+//! Cache-aside with fenced fills and fleet-wide stampede protection.
+//!
+//! The decision a reader must know: **a fill can only land while its lease is still held.** A miss takes a fill
+//! lease (one script: value *or* lease, one round trip); the holder loads from the source and commits with a
+//! second script that writes only if its lease is still there. Invalidation deletes the entry — value or lease —
+//! so a fill that started before an invalidation is refused and the next reader loads fresh data. Group
+//! invalidation (a class, the namespace) bumps an epoch that every value carries, in O(1).
+//!
+//! Around that: one fetch per key per process (single-flight), callers that find the lease held elsewhere wait
+//! to be *woken* by the commit (pub/sub on Redis), and a holder that dies simply lets its lease expire, after
+//! which exactly one waiter takes over.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use metrics::{Counter, Histogram};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
+
+use crate::Keyward;
+use crate::backend::{Entry, Fetched};
+use crate::codec::{Codec, Json};
+use crate::envelope::{self, Body, Gens};
+use crate::error::{BoxError, Error, Result};
+use crate::flight::{self, Outcome, Role, Shared};
+use crate::key::{IdParts, KeySpace};
+use crate::policy::CacheClass;
+
+/// Undecodable values healed in a row before a fetch gives up on the stored entry and loads uncached.
+const MAX_HEALS: u32 = 3;
+
+/// Per-class counters, registered once per handle (the `metrics` facade; install any recorder).
+pub(crate) struct CacheMetrics {
+    hits: Counter,
+    misses: Counter,
+    negative_hits: Counter,
+    coalesced: Counter,
+    loader_calls: Counter,
+    loader_errors: Counter,
+    lease_waits: Counter,
+    fills_refused: Counter,
+    decode_errors: Counter,
+    loader_seconds: Histogram,
+}
+
+impl CacheMetrics {
+    fn new(class: &str) -> Self {
+        let c = |name: &'static str| metrics::counter!(name, "class" => class.to_owned());
+        Self {
+            hits: c("keyward_cache_hits_total"),
+            misses: c("keyward_cache_misses_total"),
+            negative_hits: c("keyward_cache_negative_hits_total"),
+            coalesced: c("keyward_cache_coalesced_total"),
+            loader_calls: c("keyward_cache_loader_calls_total"),
+            loader_errors: c("keyward_cache_loader_errors_total"),
+            lease_waits: c("keyward_cache_lease_waits_total"),
+            fills_refused: c("keyward_cache_fills_refused_total"),
+            decode_errors: c("keyward_cache_decode_errors_total"),
+            loader_seconds: metrics::histogram!("keyward_cache_loader_seconds", "class" => class.to_owned()),
+        }
+    }
+}
+
+pub(crate) struct ClassInfo {
+    name: String,
+    policy: CacheClass,
+    keys: KeySpace,
+    metrics: CacheMetrics,
+}
+
+impl ClassInfo {
+    pub(crate) fn new(name: &str, policy: CacheClass, keys: KeySpace) -> Self {
+        Self {
+            name: name.to_owned(),
+            metrics: CacheMetrics::new(name),
+            policy,
+            keys,
+        }
+    }
+}
+
+/// A typed cache over one `cache` class of the policy. Cheap to clone.
+///
+/// Every write takes its TTL (with jitter) from the policy: there is no way to store without one.
+///
+/// ```
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use keyward::{Keyward, policy::{CacheClass, Policy}};
+///
+/// let policy = Policy::builder("dev", "shop")
+///     .cache("product_list", CacheClass::new(Duration::from_secs(600), "catalog service, after each product write"))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// let products = kw.cache::<Vec<String>>("product_list")?;
+///
+/// let list = products
+///     .get_or_set("all", || async { Ok::<_, std::io::Error>(vec!["apple".to_owned()]) })
+///     .await?;
+/// assert_eq!(list, ["apple"]);
+/// products.invalidate("all").await?; // after the source-of-truth write
+/// # Ok(()) }
+/// ```
+pub struct Cache<V, C = Json> {
+    pub(crate) kw: Keyward,
+    pub(crate) class: Arc<ClassInfo>,
+    pub(crate) _types: PhantomData<fn() -> (V, C)>,
+}
+
+impl<V, C> Clone for Cache<V, C> {
+    fn clone(&self) -> Self {
+        Self {
+            kw: self.kw.clone(),
+            class: Arc::clone(&self.class),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<V, C> std::fmt::Debug for Cache<V, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("class", &self.class.name)
+            .field("keyward", &self.kw)
+            .finish()
+    }
+}
+
+enum Decoded<V> {
+    Value(V, Bytes),
+    Negative,
+}
+
+/// Gives a lease back if the filling caller is dropped (cancelled) before it commits, so waiters elsewhere
+/// take over at once rather than when the lease expires.
+struct LeaseGuard {
+    kw: Keyward,
+    class: Arc<ClassInfo>,
+    key: String,
+    prefix: String,
+    armed: bool,
+}
+
+impl LeaseGuard {
+    async fn release(mut self) {
+        self.armed = false;
+        let e = Entry {
+            ns: &self.kw.inner.ns,
+            class: &self.class.name,
+            key: &self.key,
+        };
+        if let Err(err) = self.kw.inner.backend.release(&e, &self.prefix).await {
+            tracing::warn!(class = %self.class.name, error = %err, "could not release fill lease; it will expire");
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let kw = self.kw.clone();
+            let class = Arc::clone(&self.class);
+            let key = std::mem::take(&mut self.key);
+            let prefix = std::mem::take(&mut self.prefix);
+            rt.spawn(async move {
+                let e = Entry {
+                    ns: &kw.inner.ns,
+                    class: &class.name,
+                    key: &key,
+                };
+                let _ = kw.inner.backend.release(&e, &prefix).await;
+            });
+        }
+    }
+}
+
+fn token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn flight_key(key: &str, negative_ok: bool) -> String {
+    let mut k = String::with_capacity(key.len() + 2);
+    k.push_str(key);
+    k.push('\0');
+    k.push(if negative_ok { 'n' } else { 'v' });
+    k
+}
+
+impl<V, C> Cache<V, C>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    C: Codec,
+{
+    /// The class name.
+    pub fn class(&self) -> &str {
+        &self.class.name
+    }
+
+    /// The class's declared policy.
+    pub fn policy(&self) -> &CacheClass {
+        &self.class.policy
+    }
+
+    /// The full Redis key of an entry (for logs and operators; the API never needs it).
+    ///
+    /// # Errors
+    /// [`Error::Key`] for an empty id part or an over-long key.
+    pub fn key(&self, id: &(impl IdParts + ?Sized)) -> Result<String> {
+        Ok(self.class.keys.key(id)?)
+    }
+
+    fn entry<'a>(&'a self, key: &'a str) -> Entry<'a> {
+        Entry {
+            ns: &self.kw.inner.ns,
+            class: &self.class.name,
+            key,
+        }
+    }
+
+    fn decode(&self, raw: &Bytes) -> std::result::Result<Decoded<V>, String> {
+        let (_, body) = envelope::parse(raw).map_err(|e| e.to_string())?;
+        match body {
+            Body::Value(payload) => C::decode::<V>(payload)
+                .map(|v| Decoded::Value(v, raw.slice_ref(payload)))
+                .map_err(|e| format!("{} decode failed: {e}", C::NAME)),
+            Body::Negative => Ok(Decoded::Negative),
+        }
+    }
+
+    /// Count, log and delete a stored value that cannot be decoded. It is never returned.
+    async fn heal(&self, key: &str, raw: &[u8], reason: &str) -> Result<()> {
+        self.class.metrics.decode_errors.increment(1);
+        tracing::warn!(class = %self.class.name, key, reason, "undecodable cache value removed");
+        self.kw.inner.backend.heal(key, raw).await?;
+        Ok(())
+    }
+
+    fn encode(&self, value: &V) -> Result<Vec<u8>> {
+        let payload = C::encode(value).map_err(|e| Error::Encode {
+            class: self.class.name.clone(),
+            source: Arc::new(e),
+        })?;
+        let max = self.class.policy.max_value_bytes_value();
+        if payload.len() > max {
+            return Err(Error::ValueTooLarge {
+                class: self.class.name.clone(),
+                size: payload.len(),
+                max,
+            });
+        }
+        Ok(payload)
+    }
+
+    /// Read an entry. `None` for a miss, a cached absent, or a value that failed to decode (which is removed).
+    /// Never takes a lease and never loads.
+    ///
+    /// # Errors
+    /// Backend failures and [`Error::Key`].
+    pub async fn get(&self, id: &(impl IdParts + ?Sized)) -> Result<Option<V>> {
+        let key = self.key(id)?;
+        let span = tracing::debug_span!("keyward.cache.get", class = %self.class.name, status = tracing::field::Empty);
+        async {
+            let m = &self.class.metrics;
+            let status = match self.kw.inner.backend.read(&self.entry(&key)).await? {
+                None => {
+                    m.misses.increment(1);
+                    ("miss", None)
+                }
+                Some(raw) => match self.decode(&raw) {
+                    Ok(Decoded::Value(v, _)) => {
+                        m.hits.increment(1);
+                        ("hit", Some(v))
+                    }
+                    Ok(Decoded::Negative) => {
+                        m.negative_hits.increment(1);
+                        ("negative_hit", None)
+                    }
+                    Err(reason) => {
+                        self.heal(&key, &raw, &reason).await?;
+                        m.misses.increment(1);
+                        ("decode_error", None)
+                    }
+                },
+            };
+            tracing::Span::current().record("status", status.0);
+            Ok(status.1)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Store a value with the class TTL (plus jitter). Voids any fill in progress for the entry.
+    ///
+    /// # Errors
+    /// [`Error::ValueTooLarge`], [`Error::Encode`], backend failures.
+    pub async fn set(&self, id: &(impl IdParts + ?Sized), value: &V) -> Result<()> {
+        let key = self.key(id)?;
+        let payload = self.encode(value)?;
+        self.store(&key, &payload).await
+    }
+
+    async fn store(&self, key: &str, payload: &[u8]) -> Result<()> {
+        let ttl = self.class.policy.jittered_ttl();
+        self.kw
+            .inner
+            .backend
+            .set(&self.entry(key), &envelope::body(Some(payload)), ttl)
+            .await?;
+        self.detach(key);
+        Ok(())
+    }
+
+    fn detach(&self, key: &str) {
+        let flights = &self.kw.inner.flights;
+        flights.detach(&flight_key(key, true));
+        flights.detach(&flight_key(key, false));
+    }
+
+    /// Invalidate one entry: removes its value (or a fill lease in progress, which can then no longer commit).
+    /// Call it *after* the source-of-truth write, or use [`invalidate_after`](Self::invalidate_after).
+    ///
+    /// # Errors
+    /// Backend failures and [`Error::Key`].
+    pub async fn invalidate(&self, id: &(impl IdParts + ?Sized)) -> Result<()> {
+        let key = self.key(id)?;
+        self.kw.inner.backend.invalidate(&self.entry(&key)).await?;
+        // After the backend: a caller arriving from now on must not join a fetch that began before.
+        self.detach(&key);
+        Ok(())
+    }
+
+    /// Invalidate every entry of this class in O(1) by bumping the class epoch. No SCAN, no FLUSH.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn invalidate_all(&self) -> Result<()> {
+        self.kw
+            .inner
+            .backend
+            .bump(&self.kw.inner.ns, &self.class.name)
+            .await?;
+        let pattern = self.class.keys.scan_pattern();
+        self.kw
+            .inner
+            .flights
+            .detach_prefix(pattern.trim_end_matches('*'));
+        Ok(())
+    }
+
+    /// Return the cached value, or load it with `loader` — once per key across the whole fleet — and cache it.
+    ///
+    /// Concurrent callers in this process share one fetch; callers in other processes wait for the fill to be
+    /// committed and are woken by it. A loader error is returned to every caller waiting on that load and is
+    /// never cached. A fill refused because of a concurrent invalidation is still returned to the caller that
+    /// loaded it (its call overlapped the invalidation), but never stored.
+    ///
+    /// # Errors
+    /// [`Error::Loader`] / [`Error::LoaderTimeout`] (after the class `loader_timeout`), [`Error::ValueTooLarge`],
+    /// backend failures.
+    pub async fn get_or_set<F, Fut, E>(&self, id: &(impl IdParts + ?Sized), loader: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let loaded = self
+            .load(id, false, || async { loader().await.map(Some) })
+            .await?;
+        loaded.ok_or_else(|| Error::Loader {
+            class: self.class.name.clone(),
+            source: Arc::new(
+                "keyward returned no value for a non-optional load (please report this bug)".into(),
+            ),
+        })
+    }
+
+    /// Like [`get_or_set`](Self::get_or_set) for sources where the entry may not exist: a `None` from the loader
+    /// is cached for the class's `negative_ttl` (and not cached at all if the class sets none).
+    ///
+    /// # Errors
+    /// As [`get_or_set`](Self::get_or_set).
+    pub async fn get_or_set_opt<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        loader: F,
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        self.load(id, true, loader).await
+    }
+
+    /// Write-through: run `persist` (the source-of-truth write) first; only if it succeeds, store `value`.
+    ///
+    /// The value is encoded and size-checked *before* `persist` runs, so a value this class cannot hold is
+    /// refused without writing anything. If `persist` fails the cache is untouched. Two concurrent
+    /// write-throughs of one entry can land in the cache in the other order than in the source; where writers
+    /// race, prefer [`invalidate_after`](Self::invalidate_after).
+    ///
+    /// # Errors
+    /// [`Error::Source`] (persist failed; cache untouched), [`Error::CacheAfterSource`] (persisted, but the
+    /// cache write failed; keyward then tries to invalidate the entry), encode errors.
+    pub async fn write_through<T, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        value: &V,
+        persist: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T>
+    where
+        E: Into<BoxError>,
+    {
+        let key = self.key(id)?;
+        let payload = self.encode(value)?;
+        let out = persist.await.map_err(|e| self.source_err(e))?;
+        if let Err(cause) = self.store(&key, &payload).await {
+            let _ = self.kw.inner.backend.invalidate(&self.entry(&key)).await;
+            return Err(self.after_source(cause));
+        }
+        Ok(out)
+    }
+
+    /// Run a source-of-truth write and invalidate the entry only after it succeeded (DB write, then delete).
+    ///
+    /// # Errors
+    /// [`Error::Source`] (the write failed; cache untouched), [`Error::CacheAfterSource`] (written, but the
+    /// invalidation failed: the entry may be stale until its TTL).
+    pub async fn invalidate_after<T, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        write: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T>
+    where
+        E: Into<BoxError>,
+    {
+        let key = self.key(id)?;
+        let out = write.await.map_err(|e| self.source_err(e))?;
+        if let Err(cause) = self.kw.inner.backend.invalidate(&self.entry(&key)).await {
+            return Err(self.after_source(cause));
+        }
+        self.detach(&key);
+        Ok(out)
+    }
+
+    fn source_err<E: Into<BoxError>>(&self, e: E) -> Error {
+        Error::Source {
+            class: self.class.name.clone(),
+            source: Arc::new(e.into()),
+        }
+    }
+
+    fn after_source(&self, cause: Error) -> Error {
+        Error::CacheAfterSource {
+            class: self.class.name.clone(),
+            cause: Box::new(cause),
+        }
+    }
+
+    async fn load<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        negative_ok: bool,
+        loader: F,
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = self.key(id)?;
+        let fkey = flight_key(&key, negative_ok);
+        let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
+        async {
+            let leader = loop {
+                match self.kw.inner.flights.join(&fkey) {
+                    Role::Leader(l) => break l,
+                    Role::Follower(rx) => match tokio::time::timeout(
+                        self.class.policy.lease_ttl_value(),
+                        flight::follow(rx),
+                    )
+                    .await
+                    {
+                        // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
+                        // directly; the backend's lease still admits one loader fleet-wide.
+                        Err(_) => {
+                            let (result, _) = self.lead(&key, negative_ok, loader).await;
+                            return result;
+                        }
+                        Ok(followed) => match followed {
+                            Some(Ok(Shared::Value(bytes))) => {
+                                if let Ok(Decoded::Value(v, _)) = self.decode_payload(&bytes) {
+                                    self.class.metrics.coalesced.increment(1);
+                                    tracing::Span::current().record("status", "coalesced");
+                                    return Ok(Some(v));
+                                }
+                            }
+                            Some(Ok(Shared::Negative)) => {
+                                self.class.metrics.coalesced.increment(1);
+                                tracing::Span::current().record("status", "coalesced");
+                                return Ok(None);
+                            }
+                            Some(Err(e)) => return Err(e),
+                            // The leader's fill was refused, or the leader went away: fetch again.
+                            Some(Ok(Shared::Retry)) | None => {}
+                        },
+                    },
+                }
+            };
+            let (result, outcome) = self.lead(&key, negative_ok, loader).await;
+            leader.complete(outcome);
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn decode_payload(&self, payload: &Bytes) -> std::result::Result<Decoded<V>, BoxError> {
+        C::decode::<V>(payload).map(|v| Decoded::Value(v, payload.clone()))
+    }
+
+    async fn lead<F, Fut, E>(
+        &self,
+        key: &str,
+        negative_ok: bool,
+        loader: F,
+    ) -> (Result<Option<V>>, Outcome)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &self.kw.inner;
+        let m = &self.class.metrics;
+        let e = self.entry(key);
+        let (marker, prefix) = envelope::lease_marker(&token());
+        let lease_ttl = self.class.policy.lease_ttl_value();
+        let mut heals = 0;
+        loop {
+            // Listen before asking, so a commit between the answer and the wait is not missed.
+            let listener = inner.bus.listen(key);
+            let mut woken = pin!(listener.notify().notified());
+            woken.as_mut().enable();
+            let fetched = match inner
+                .backend
+                .fetch(&e, &marker, lease_ttl, negative_ok)
+                .await
+            {
+                Ok(f) => f,
+                Err(err) => return (Err(err.clone()), Err(err)),
+            };
+            match fetched {
+                Fetched::Hit(raw) => match self.decode(&raw) {
+                    Ok(Decoded::Value(v, payload)) => {
+                        m.hits.increment(1);
+                        tracing::Span::current().record("status", "hit");
+                        return (Ok(Some(v)), Ok(Shared::Value(payload)));
+                    }
+                    Ok(Decoded::Negative) if negative_ok => {
+                        m.negative_hits.increment(1);
+                        tracing::Span::current().record("status", "negative_hit");
+                        return (Ok(None), Ok(Shared::Negative));
+                    }
+                    Ok(Decoded::Negative) => {
+                        // Only a corrupt header can get here; heal like any undecodable value.
+                        if let Err(err) = self.heal(key, &raw, "unexpected absent marker").await {
+                            return (Err(err.clone()), Err(err));
+                        }
+                        heals += 1;
+                    }
+                    Err(reason) => {
+                        if let Err(err) = self.heal(key, &raw, &reason).await {
+                            return (Err(err.clone()), Err(err));
+                        }
+                        heals += 1;
+                    }
+                },
+                Fetched::Wait(left) => {
+                    m.lease_waits.increment(1);
+                    // Woken by the holder's commit or release; otherwise re-check when its lease runs out.
+                    let left = left.clamp(Duration::from_millis(1), lease_ttl);
+                    let _ = tokio::time::timeout(left, woken).await;
+                }
+                Fetched::Leased(gens) => {
+                    m.misses.increment(1);
+                    tracing::Span::current().record("status", "miss");
+                    let guard = LeaseGuard {
+                        kw: self.kw.clone(),
+                        class: Arc::clone(&self.class),
+                        key: key.to_owned(),
+                        prefix,
+                        armed: true,
+                    };
+                    return self.fill(guard, gens, loader).await;
+                }
+            }
+            if heals >= MAX_HEALS {
+                // Something keeps writing bytes we cannot read: serve from the source, store nothing.
+                tracing::warn!(class = %self.class.name, key, "entry keeps failing to decode; loading uncached");
+                return self.load_uncached(loader).await;
+            }
+        }
+    }
+
+    async fn run_loader<F, Fut, E>(&self, loader: F) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let m = &self.class.metrics;
+        m.loader_calls.increment(1);
+        let timeout = self.class.policy.loader_timeout_value();
+        let started = std::time::Instant::now();
+        let loaded = tokio::time::timeout(timeout, loader()).await;
+        m.loader_seconds.record(started.elapsed().as_secs_f64());
+        match loaded {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                m.loader_errors.increment(1);
+                Err(Error::Loader {
+                    class: self.class.name.clone(),
+                    source: Arc::new(e.into()),
+                })
+            }
+            Err(_) => {
+                m.loader_errors.increment(1);
+                Err(Error::LoaderTimeout {
+                    class: self.class.name.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    async fn load_uncached<F, Fut, E>(&self, loader: F) -> (Result<Option<V>>, Outcome)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        match self.run_loader(loader).await {
+            Ok(Some(v)) => match self.encode(&v) {
+                Ok(p) => (Ok(Some(v)), Ok(Shared::Value(Bytes::from(p)))),
+                Err(err) => (Err(err.clone()), Err(err)),
+            },
+            Ok(None) => (Ok(None), Ok(Shared::Negative)),
+            Err(err) => (Err(err.clone()), Err(err)),
+        }
+    }
+
+    async fn fill<F, Fut, E>(
+        &self,
+        guard: LeaseGuard,
+        gens: Gens,
+        loader: F,
+    ) -> (Result<Option<V>>, Outcome)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let value = match self.run_loader(loader).await {
+            Ok(v) => v,
+            Err(err) => {
+                guard.release().await;
+                return (Err(err.clone()), Err(err));
+            }
+        };
+        let (payload, ttl) = match &value {
+            Some(v) => match self.encode(v) {
+                Ok(p) => (Some(p), self.class.policy.jittered_ttl()),
+                Err(err) => {
+                    guard.release().await;
+                    return (Err(err.clone()), Err(err));
+                }
+            },
+            None => match self.class.policy.jittered_negative_ttl() {
+                Some(ttl) => (None, ttl),
+                None => {
+                    // Absent, and the class does not cache absence.
+                    guard.release().await;
+                    return (Ok(None), Ok(Shared::Negative));
+                }
+            },
+        };
+        let stored = envelope::value(gens, &envelope::body(payload.as_deref()));
+        let shared = match payload {
+            Some(p) => Shared::Value(Bytes::from(p)),
+            None => Shared::Negative,
+        };
+        let e = self.entry(&guard.key);
+        let committed = self
+            .kw
+            .inner
+            .backend
+            .commit(&e, &guard.prefix, &stored, ttl)
+            .await;
+        match committed {
+            Ok(true) => {
+                let mut guard = guard;
+                guard.armed = false;
+                (Ok(value), Ok(shared))
+            }
+            Ok(false) => {
+                // An invalidation (or a direct set) voided the lease while we loaded: the value may predate
+                // it, so it is not stored, and callers who joined this fetch must fetch again.
+                self.class.metrics.fills_refused.increment(1);
+                let mut guard = guard;
+                guard.armed = false;
+                (Ok(value), Ok(Shared::Retry))
+            }
+            Err(err) => {
+                tracing::warn!(class = %self.class.name, error = %err, "loaded value could not be cached");
+                guard.release().await;
+                (Ok(value), Ok(shared))
+            }
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The process-wide handle: one per policy, cheap to clone, holding one multiplexed connection.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::redis::RedisBackend;
+use crate::backend::{Backend, BackendKind, KeyTtl, MemoryOptions, Namespace};
+use crate::cache::{Cache, ClassInfo};
+use crate::codec::{Codec, Json};
+use crate::error::{Error, Result};
+use crate::flight::Flights;
+use crate::key::{KeySpace, internal_key, namespace_pattern};
+use crate::policy::{ClassKind, Policy};
+use crate::wake::WakeBus;
+
+/// Connection settings. Credentials come only from the URL and are never logged.
+///
+/// ```
+/// use std::time::Duration;
+/// let options = keyward::ConnectOptions::default()
+///     .connect_timeout(Duration::from_secs(2))
+///     .response_timeout(Duration::from_millis(250));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) reconnect_retries: usize,
+    pub(crate) memory: MemoryOptions,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(1),
+            reconnect_retries: 6,
+            memory: MemoryOptions::default(),
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// How long to wait for a connection (default 5 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// How long to wait for any one command's answer (default 1 s).
+    #[must_use]
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.response_timeout = d;
+        self
+    }
+    /// Reconnection attempts, with exponential backoff, after the connection drops (default 6).
+    #[must_use]
+    pub fn reconnect_retries(mut self, n: usize) -> Self {
+        self.reconnect_retries = n;
+        self
+    }
+    /// Settings for the embedded backend, used for `mem://` or when no `REDIS_URL` is set.
+    #[must_use]
+    pub fn memory(mut self, m: MemoryOptions) -> Self {
+        self.memory = m;
+        self
+    }
+}
+
+/// The handle to keyward for one policy namespace. Create one per process and clone it freely.
+///
+/// ```
+/// # async fn demo() -> keyward::Result<()> {
+/// use std::time::Duration;
+/// use keyward::{Keyward, policy::{CacheClass, Policy}};
+/// let policy = Policy::builder("dev", "shop")
+///     .cache("product", CacheClass::new(Duration::from_secs(600), "catalog service, after each product write"))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// assert_eq!(kw.backend(), keyward::BackendKind::Embedded);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Keyward {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) policy: Policy,
+    pub(crate) backend: Backend,
+    pub(crate) ns: Namespace,
+    pub(crate) flights: Arc<Flights>,
+    pub(crate) bus: Arc<WakeBus>,
+    server: Option<String>,
+}
+
+fn namespace(policy: &Policy) -> Namespace {
+    Namespace {
+        gens_key: internal_key(policy, "gens"),
+        channel: internal_key(policy, "fills"),
+        // Epochs must outlive every value that may carry an older one; a margin covers clock drift.
+        gens_lifetime: policy.max_entry_lifetime() + Duration::from_secs(60),
+    }
+}
+
+impl Keyward {
+    /// Connect to `url` with default options. Schemes: `redis://`, `rediss://` (TLS), `unix://` or
+    /// `redis+unix://` (unix socket), and `mem://` (the embedded backend).
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL that cannot be used, [`Error::Connect`] (naming the server) when the server
+    /// refuses, does not answer within the connect timeout, or is older than Redis 7.0.
+    pub async fn connect(url: &str, policy: Policy) -> Result<Self> {
+        Self::connect_with(url, policy, ConnectOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with explicit options.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(url: &str, policy: Policy, options: ConnectOptions) -> Result<Self> {
+        if let Some(rest) = url.strip_prefix("mem://") {
+            if !rest.is_empty() && rest != "/" {
+                return Err(Error::InvalidUrl {
+                    reason: format!("`mem://` takes no host or path, got `{url}`"),
+                });
+            }
+            return Ok(Self::embedded_with(policy, options.memory));
+        }
+        let ns = namespace(&policy);
+        let bus = Arc::new(WakeBus::default());
+        let redis = RedisBackend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
+        let server = redis.server().to_owned();
+        tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
+        Ok(Self::assemble(
+            policy,
+            ns,
+            bus,
+            Backend::Redis(redis),
+            Some(server),
+        ))
+    }
+
+    /// Connect to `REDIS_URL`; without it (unset or empty), use the embedded backend and log that.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect) when `REDIS_URL` is set.
+    pub async fn from_env(policy: Policy) -> Result<Self> {
+        match std::env::var("REDIS_URL") {
+            Ok(url) if !url.trim().is_empty() => Self::connect(url.trim(), policy).await,
+            _ => {
+                tracing::info!(
+                    "REDIS_URL is not set: keyward uses the embedded in-process backend (single process only)"
+                );
+                Ok(Self::embedded(policy))
+            }
+        }
+    }
+
+    /// The embedded in-process backend with default options: same semantics as Redis, one process only.
+    pub fn embedded(policy: Policy) -> Self {
+        Self::embedded_with(policy, MemoryOptions::default())
+    }
+
+    /// The embedded backend with explicit options.
+    pub fn embedded_with(policy: Policy, options: MemoryOptions) -> Self {
+        let ns = namespace(&policy);
+        let bus = Arc::new(WakeBus::default());
+        let backend = Backend::Memory(MemoryBackend::new(&options, Arc::clone(&bus)));
+        Self::assemble(policy, ns, bus, backend, None)
+    }
+
+    fn assemble(
+        policy: Policy,
+        ns: Namespace,
+        bus: Arc<WakeBus>,
+        backend: Backend,
+        server: Option<String>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                policy,
+                backend,
+                ns,
+                flights: Arc::new(Flights::default()),
+                bus,
+                server,
+            }),
+        }
+    }
+
+    /// The policy this handle enforces.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// Which backend this handle uses.
+    pub fn backend(&self) -> BackendKind {
+        self.inner.backend.kind()
+    }
+
+    /// A typed cache for a `cache` class of the policy, storing JSON.
+    ///
+    /// # Errors
+    /// [`Error::UnknownClass`], [`Error::WrongKind`], or [`Error::PersonalData`] for a `personal = true` class
+    /// that does not also set `allow_shared = true`.
+    pub fn cache<V>(&self, class: &str) -> Result<Cache<V>>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        self.cache_with_codec::<V, Json>(class)
+    }
+
+    /// A typed cache with another codec, e.g. `MsgPack` (feature `msgpack`).
+    ///
+    /// # Errors
+    /// As [`cache`](Self::cache).
+    pub fn cache_with_codec<V, C>(&self, class: &str) -> Result<Cache<V, C>>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
+        let declared = self
+            .inner
+            .policy
+            .class(class)
+            .ok_or_else(|| Error::UnknownClass {
+                class: class.to_owned(),
+            })?;
+        #[allow(unreachable_patterns)]
+        let cache_class = match declared.kind() {
+            ClassKind::Cache(c) => c.clone(),
+            other => {
+                return Err(Error::WrongKind {
+                    class: class.to_owned(),
+                    expected: "cache",
+                    found: other.name(),
+                });
+            }
+        };
+        if cache_class.is_personal() && !cache_class.is_shared_allowed() {
+            return Err(Error::PersonalData {
+                class: class.to_owned(),
+            });
+        }
+        let keys = KeySpace::new(&self.inner.policy, class).ok_or_else(|| Error::UnknownClass {
+            class: class.to_owned(),
+        })?;
+        Ok(Cache {
+            kw: self.clone(),
+            class: Arc::new(ClassInfo::new(class, cache_class, keys)),
+            _types: PhantomData,
+        })
+    }
+
+    /// Invalidate every cache entry of the namespace in O(1): bumps the namespace epoch, so entries filled
+    /// before it read as misses and fills leased before it never become visible. No SCAN, no FLUSH.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn invalidate_namespace(&self) -> Result<()> {
+        self.inner.backend.bump(&self.inner.ns, "*").await?;
+        self.inner.flights.detach_all();
+        Ok(())
+    }
+
+    /// Every key this namespace holds, with its TTL, found by walking with `SCAN` (never `KEYS`).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn scan_namespace(&self) -> Result<Vec<KeyTtl>> {
+        self.inner
+            .backend
+            .scan(&namespace_pattern(&self.inner.policy), 500)
+            .await
+    }
+}
+
+impl fmt::Debug for Keyward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Keyward");
+        d.field("backend", &self.backend());
+        if let Some(server) = &self.inner.server {
+            d.field("server", server);
+        }
+        d.field(
+            "namespace",
+            &format_args!("{}:{}", self.inner.policy.env(), self.inner.policy.app()),
+        )
+        .finish()
+    }
+}

@@ -1,0 +1,164 @@
+//! The one error type of the crate.
+//!
+//! Expected outcomes (a miss, a refused fill) are values elsewhere in the API; this enum is only for failures.
+//! It is `Clone` so that one failure can be shared by every caller waiting on the same single-flight load.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::key::KeyError;
+use crate::policy::PolicyError;
+
+/// A boxed error from user code (a loader, a persist step).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type of keyward's fallible operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in keyward.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A key could not be built from the given id.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The policy declares no class of that name.
+    #[error("the policy declares no class `{class}`")]
+    UnknownClass {
+        /// The class asked for.
+        class: String,
+    },
+    /// The class exists but is of another kind.
+    #[error("class `{class}` is a {found} class, not a {expected} class")]
+    WrongKind {
+        /// The class asked for.
+        class: String,
+        /// The kind the caller needs.
+        expected: &'static str,
+        /// The kind the policy declares.
+        found: &'static str,
+    },
+    /// A personal-data class was opened as a shared cache without `allow_shared = true`.
+    #[error(
+        "class `{class}` is declared `personal = true`: personal data stays out of the shared cache \
+         unless the class also sets `allow_shared = true` (do so only if every reader may see every entry)"
+    )]
+    PersonalData {
+        /// The class asked for.
+        class: String,
+    },
+    /// The connection URL could not be used.
+    #[error("invalid connection URL: {reason}")]
+    InvalidUrl {
+        /// What is wrong with it (never contains the password).
+        reason: String,
+    },
+    /// Could not connect to the server in time, or it refused.
+    #[error("cannot connect to Redis at {server}: {reason}")]
+    Connect {
+        /// The server address (no credentials).
+        server: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A command did not answer within the configured timeout.
+    #[error("Redis at {server} did not answer `{op}` within {timeout:?}")]
+    Timeout {
+        /// The server address.
+        server: String,
+        /// The semantic operation that timed out.
+        op: &'static str,
+        /// The configured timeout.
+        timeout: Duration,
+    },
+    /// Redis answered with an error, or the connection failed mid-command.
+    #[error("Redis at {server} failed `{op}`: {source}")]
+    Redis {
+        /// The server address.
+        server: String,
+        /// The semantic operation.
+        op: &'static str,
+        /// The client's error.
+        #[source]
+        source: Arc<redis::RedisError>,
+    },
+    /// A value could not be encoded.
+    #[error("class `{class}`: cannot encode value: {source}")]
+    Encode {
+        /// The class.
+        class: String,
+        /// The codec's error.
+        #[source]
+        source: Arc<BoxError>,
+    },
+    /// A value is larger than the class allows.
+    #[error("class `{class}`: value of {size} bytes exceeds max_value_bytes = {max}")]
+    ValueTooLarge {
+        /// The class.
+        class: String,
+        /// The encoded size.
+        size: usize,
+        /// The class limit.
+        max: usize,
+    },
+    /// The loader returned an error. It was not cached; every caller waiting on this load gets it.
+    #[error("class `{class}`: loader failed: {source}")]
+    Loader {
+        /// The class.
+        class: String,
+        /// The loader's error (downcast it to your type).
+        #[source]
+        source: Arc<BoxError>,
+    },
+    /// The loader did not finish within the class's `loader_timeout`.
+    #[error("class `{class}`: loader did not finish within {after:?}")]
+    LoaderTimeout {
+        /// The class.
+        class: String,
+        /// The class's `loader_timeout`.
+        after: Duration,
+    },
+    /// The source-of-truth write failed; the cache was not touched.
+    #[error("class `{class}`: source write failed, cache untouched: {source}")]
+    Source {
+        /// The class.
+        class: String,
+        /// The write's error.
+        #[source]
+        source: Arc<BoxError>,
+    },
+    /// The source-of-truth write succeeded but the cache could not be updated or invalidated afterwards.
+    /// The cached entry may be stale until its TTL ends.
+    #[error("class `{class}`: source written, but the cache could not be updated: {cause}")]
+    CacheAfterSource {
+        /// The class.
+        class: String,
+        /// The cache failure.
+        cause: Box<Error>,
+    },
+}
+
+impl Error {
+    /// Whether trying the same operation again may succeed (connection trouble, timeouts).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } | Error::LoaderTimeout { .. } => true,
+            Error::Redis { source, .. } => {
+                source.is_io_error() || source.is_connection_dropped() || source.is_timeout()
+            }
+            Error::CacheAfterSource { cause, .. } => cause.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// Whether the error came from the storage backend (as opposed to user code or bad input).
+    pub fn is_backend(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Redis { .. }
+        )
+    }
+}

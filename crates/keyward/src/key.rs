@@ -1,0 +1,694 @@
+//! Redis keys, built only from a validated [`Policy`]: never hand-formatted.
+//!
+//! Every entry key has the layout `{env}:{app}:{class}:v{version}:{<id parts joined by ':'>}`, for example
+//! `prod:shop:product_list:v1:{acme:42}`. The braces are a Redis Cluster hash tag, so every key of one
+//! entry lands in the same slot. keyward's own bookkeeping keys live under `{env}:{app}:_kw:` (see
+//! [`internal_key`]); class names cannot start with `_`, so no class pattern ever matches them.
+//!
+//! **The one decision to know:** id parts are percent-escaped (see [`escape_part`]) so that no part can
+//! contain the separator `:`, a glob character (`*`, `?`, `[`, `]`, `\`) or a hash-tag brace. Escaping is
+//! injective, so distinct ids always get distinct keys, and a key of one class never matches the SCAN
+//! pattern of another ([`KeySpace::scan_pattern`]), whatever the user-supplied ids contain.
+//!
+//! ```
+//! # use keyward::{key::KeySpace, policy::{CacheClass, Policy}};
+//! # use std::time::Duration;
+//! let policy = Policy::builder("prod", "shop")
+//!     .cache("product_list", CacheClass::new(Duration::from_secs(600), "catalog service"))
+//!     .build()?;
+//! let keys = KeySpace::new(&policy, "product_list").expect("declared class");
+//! assert_eq!(keys.key(&("acme", 42))?, "prod:shop:product_list:v1:{acme:42}");
+//! assert_eq!(keys.key("a:b")?, "prod:shop:product_list:v1:{a%3Ab}");
+//! assert_eq!(keys.scan_pattern(), "prod:shop:product_list:v1:{*");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::policy::{ClassKind, Policy};
+
+/// The longest key keyward builds, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Why a key could not be built. Every message names the class.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// One id part was the empty string.
+    #[error("class `{class}`: id part {index} is empty")]
+    EmptyPart {
+        /// The class whose key was being built.
+        class: String,
+        /// Zero-based position of the empty part.
+        index: usize,
+    },
+    /// The key would exceed [`MAX_KEY_BYTES`].
+    #[error("class `{class}`: key is {len} bytes, longer than the maximum of {max}")]
+    TooLong {
+        /// The class whose key was being built.
+        class: String,
+        /// Length the key would have had, in bytes.
+        len: usize,
+        /// The maximum, [`MAX_KEY_BYTES`].
+        max: usize,
+    },
+    /// The id had no parts at all (an empty slice or `Vec`).
+    #[error("class `{class}`: the id has no parts")]
+    NoParts {
+        /// The class whose key was being built.
+        class: String,
+    },
+}
+
+/// Something usable as the id of an entry: one or more parts.
+///
+/// Implemented for strings, integers, `char`, `bool`, tuples of up to four ids, and slices, arrays and
+/// `Vec`s of ids; each element contributes its own parts in order.
+pub trait IdParts {
+    /// Pushes the raw (unescaped) parts of this id onto `out`.
+    fn push_parts(&self, out: &mut Vec<String>);
+}
+
+impl<T: IdParts + ?Sized> IdParts for &T {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        (**self).push_parts(out);
+    }
+}
+
+impl IdParts for str {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        out.push(self.to_owned());
+    }
+}
+
+impl IdParts for String {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        out.push(self.clone());
+    }
+}
+
+impl IdParts for Cow<'_, str> {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        out.push(self.as_ref().to_owned());
+    }
+}
+
+macro_rules! id_parts_via_to_string {
+    ($($t:ty),* $(,)?) => {
+        $(
+            impl IdParts for $t {
+                fn push_parts(&self, out: &mut Vec<String>) {
+                    out.push(self.to_string());
+                }
+            }
+        )*
+    };
+}
+
+id_parts_via_to_string!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, char, bool
+);
+
+macro_rules! id_parts_for_tuple {
+    ($($name:ident),+) => {
+        impl<$($name: IdParts),+> IdParts for ($($name,)+) {
+            fn push_parts(&self, out: &mut Vec<String>) {
+                #[allow(non_snake_case)]
+                let ($($name,)+) = self;
+                $($name.push_parts(out);)+
+            }
+        }
+    };
+}
+
+id_parts_for_tuple!(A);
+id_parts_for_tuple!(A, B);
+id_parts_for_tuple!(A, B, C);
+id_parts_for_tuple!(A, B, C, D);
+
+impl<T: IdParts> IdParts for [T] {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        for item in self {
+            item.push_parts(out);
+        }
+    }
+}
+
+impl<T: IdParts, const N: usize> IdParts for [T; N] {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        self.as_slice().push_parts(out);
+    }
+}
+
+impl<T: IdParts> IdParts for Vec<T> {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        self.as_slice().push_parts(out);
+    }
+}
+
+/// Whether `c` is percent-encoded by [`escape_part`].
+fn needs_escape(c: char) -> bool {
+    matches!(c, ':' | '*' | '?' | '[' | ']' | '{' | '}' | '%' | '\\')
+        || c.is_whitespace()
+        || c.is_control()
+}
+
+/// Escapes one raw id part: `:` `*` `?` `[` `]` `{` `}` `%` `\`, whitespace and control characters become
+/// `%XX` (uppercase hex, one per UTF-8 byte); everything else, non-ASCII letters included, is kept as is.
+/// Borrows when nothing needs escaping.
+pub fn escape_part(raw: &str) -> Cow<'_, str> {
+    let Some(first) = raw.find(needs_escape) else {
+        return Cow::Borrowed(raw);
+    };
+    let mut out = String::with_capacity(raw.len() + 8);
+    out.push_str(&raw[..first]);
+    let mut buf = [0u8; 4];
+    for c in raw[first..].chars() {
+        if needs_escape(c) {
+            for b in c.encode_utf8(&mut buf).bytes() {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{b:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The keys of one class of a policy: builds entry keys and SCAN patterns.
+#[derive(Clone, Debug)]
+pub struct KeySpace {
+    class: String,
+    /// `{env}:{app}:{class}:v{version}:`
+    prefix: String,
+    /// `{env}:{app}:{class}:`
+    class_prefix: String,
+}
+
+impl KeySpace {
+    /// The key space of `class` in `policy`; `None` if the policy declares no such class.
+    pub fn new(policy: &Policy, class: &str) -> Option<KeySpace> {
+        let declared = policy.class(class)?;
+        let version = match declared.kind() {
+            ClassKind::Cache(c) => c.version_value(),
+        };
+        let class_prefix = format!("{}:{}:{}:", policy.env(), policy.app(), declared.name());
+        let prefix = format!("{class_prefix}v{version}:");
+        Some(KeySpace {
+            class: declared.name().to_owned(),
+            prefix,
+            class_prefix,
+        })
+    }
+
+    /// The class name.
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+
+    /// The key of the entry with this id: `{env}:{app}:{class}:v{version}:{part:part…}`, each part escaped.
+    pub fn key(&self, id: &(impl IdParts + ?Sized)) -> Result<String, KeyError> {
+        let mut parts = Vec::new();
+        id.push_parts(&mut parts);
+        if parts.is_empty() {
+            return Err(KeyError::NoParts {
+                class: self.class.clone(),
+            });
+        }
+        let mut key = String::with_capacity(
+            self.prefix.len() + 2 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+        );
+        key.push_str(&self.prefix);
+        key.push('{');
+        for (index, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                return Err(KeyError::EmptyPart {
+                    class: self.class.clone(),
+                    index,
+                });
+            }
+            if index > 0 {
+                key.push(':');
+            }
+            key.push_str(&escape_part(part));
+        }
+        key.push('}');
+        if key.len() > MAX_KEY_BYTES {
+            return Err(KeyError::TooLong {
+                class: self.class.clone(),
+                len: key.len(),
+                max: MAX_KEY_BYTES,
+            });
+        }
+        Ok(key)
+    }
+
+    /// SCAN MATCH pattern covering exactly this class and version: `prod:shop:product_list:v1:{*`.
+    pub fn scan_pattern(&self) -> String {
+        format!("{}{{*", self.prefix)
+    }
+
+    /// SCAN MATCH pattern covering every version of this class: `prod:shop:product_list:v*`. The `:` after
+    /// the class name keeps it from matching classes that merely start with this name.
+    pub fn all_versions_pattern(&self) -> String {
+        format!("{}v*", self.class_prefix)
+    }
+}
+
+/// An internal key of the namespace: `{env}:{app}:_kw:{name}`. Class names cannot start with `_`, so no
+/// class pattern matches it. `name` is keyward's own, not user input, and is used as is.
+pub fn internal_key(policy: &Policy, name: &str) -> String {
+    format!("{}:{}:_kw:{name}", policy.env(), policy.app())
+}
+
+/// SCAN MATCH pattern for everything keyward writes in a namespace: `{env}:{app}:*`.
+pub fn namespace_pattern(policy: &Policy) -> String {
+    format!("{}:{}:*", policy.env(), policy.app())
+}
+
+/// Redis glob matching, byte-based: the subset SCAN MATCH uses (`*`, `?`, `[...]` with ranges and `^`
+/// negation, `\` escape), with Redis's edge cases (an unclosed `[` runs to the end of the pattern, a
+/// trailing `\` matches itself). Runs in O(pattern × text) time at worst.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // After a `*`: where the pattern resumes and the text position the star has consumed up to.
+    let mut star: Option<(usize, usize)> = None;
+    loop {
+        if p < pattern.len() && pattern[p] == b'*' {
+            while p < pattern.len() && pattern[p] == b'*' {
+                p += 1;
+            }
+            star = Some((p, t));
+            continue;
+        }
+        if t == text.len() {
+            return p == pattern.len();
+        }
+        if p < pattern.len() {
+            let (ok, next) = match_one(pattern, p, text[t]);
+            if ok {
+                p = next;
+                t += 1;
+                continue;
+            }
+        }
+        // Mismatch, or pattern exhausted with text left: let the last star swallow one more byte.
+        match star {
+            Some((resume, consumed)) => {
+                star = Some((resume, consumed + 1));
+                p = resume;
+                t = consumed + 1;
+            }
+            None => return false,
+        }
+    }
+}
+
+/// Matches the single-byte token at `pattern[p]` (not `*`) against `c`; returns whether it matched and
+/// where the next token starts.
+fn match_one(pattern: &[u8], p: usize, c: u8) -> (bool, usize) {
+    match pattern[p] {
+        b'?' => (true, p + 1),
+        b'\\' if p + 1 < pattern.len() => (pattern[p + 1] == c, p + 2),
+        b'[' => {
+            let mut i = p + 1;
+            let negate = i < pattern.len() && pattern[i] == b'^';
+            if negate {
+                i += 1;
+            }
+            let mut matched = false;
+            while i < pattern.len() {
+                if pattern[i] == b'\\' && i + 1 < pattern.len() {
+                    matched |= pattern[i + 1] == c;
+                    i += 2;
+                } else if pattern[i] == b']' {
+                    i += 1;
+                    break;
+                } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' {
+                    let (lo, hi) = (
+                        pattern[i].min(pattern[i + 2]),
+                        pattern[i].max(pattern[i + 2]),
+                    );
+                    matched |= (lo..=hi).contains(&c);
+                    i += 3;
+                } else {
+                    matched |= pattern[i] == c;
+                    i += 1;
+                }
+            }
+            (matched != negate, i)
+        }
+        other => (other == c, p + 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CacheClass;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn class() -> CacheClass {
+        CacheClass::new(Duration::from_secs(600), "tests")
+    }
+
+    fn policy() -> Policy {
+        Policy::builder("prod", "shop")
+            .cache("product_list", class())
+            .cache("product", class().version(3))
+            .build()
+            .unwrap()
+    }
+
+    fn space() -> KeySpace {
+        KeySpace::new(&policy(), "product_list").unwrap()
+    }
+
+    #[test]
+    fn exact_layout() {
+        let ks = space();
+        assert_eq!(ks.class(), "product_list");
+        assert_eq!(
+            ks.key(&("acme", 42)).unwrap(),
+            "prod:shop:product_list:v1:{acme:42}"
+        );
+        assert_eq!(ks.key("acme").unwrap(), "prod:shop:product_list:v1:{acme}");
+        assert_eq!(ks.key(&42u64).unwrap(), "prod:shop:product_list:v1:{42}");
+        let v3 = KeySpace::new(&policy(), "product").unwrap();
+        assert_eq!(v3.key(&-7i32).unwrap(), "prod:shop:product:v3:{-7}");
+        assert_eq!(v3.scan_pattern(), "prod:shop:product:v3:{*");
+        assert_eq!(ks.scan_pattern(), "prod:shop:product_list:v1:{*");
+        assert_eq!(ks.all_versions_pattern(), "prod:shop:product_list:v*");
+        assert!(KeySpace::new(&policy(), "nope").is_none());
+    }
+
+    #[test]
+    fn escapes_each_special_char() {
+        for (raw, escaped) in [
+            (":", "%3A"),
+            ("*", "%2A"),
+            ("?", "%3F"),
+            ("[", "%5B"),
+            ("]", "%5D"),
+            ("{", "%7B"),
+            ("}", "%7D"),
+            ("%", "%25"),
+            ("\\", "%5C"),
+            (" ", "%20"),
+            ("\t", "%09"),
+            ("\n", "%0A"),
+            ("\r", "%0D"),
+            ("\0", "%00"),
+            ("\u{7f}", "%7F"),
+            ("\u{85}", "%C2%85"),
+            ("\u{a0}", "%C2%A0"),
+            ("\u{3000}", "%E3%80%80"),
+            ("\u{2028}", "%E2%80%A8"),
+            ("a:b c", "a%3Ab%20c"),
+        ] {
+            assert_eq!(escape_part(raw), escaped, "{raw:?}");
+        }
+        assert!(matches!(
+            escape_part("plain-id_1.x"),
+            Cow::Borrowed("plain-id_1.x")
+        ));
+    }
+
+    #[test]
+    fn case_and_unicode_preserved() {
+        let ks = space();
+        assert_eq!(ks.key("AcMe").unwrap(), "prod:shop:product_list:v1:{AcMe}");
+        assert_eq!(
+            ks.key("Zürich-東京-😀").unwrap(),
+            "prod:shop:product_list:v1:{Zürich-東京-😀}"
+        );
+        assert_eq!(escape_part("Ünïcödé"), "Ünïcödé");
+    }
+
+    #[test]
+    fn empty_and_missing_parts_are_errors() {
+        let ks = space();
+        assert_eq!(
+            ks.key(""),
+            Err(KeyError::EmptyPart {
+                class: "product_list".into(),
+                index: 0
+            })
+        );
+        assert_eq!(
+            ks.key(&("a", "")),
+            Err(KeyError::EmptyPart {
+                class: "product_list".into(),
+                index: 1
+            })
+        );
+        let none: Vec<String> = Vec::new();
+        assert_eq!(
+            ks.key(&none),
+            Err(KeyError::NoParts {
+                class: "product_list".into()
+            })
+        );
+        let err = ks.key(&("a", "", "c")).unwrap_err();
+        assert!(err.to_string().contains("product_list"), "{err}");
+    }
+
+    #[test]
+    fn too_long_is_an_error() {
+        let ks = space();
+        let overhead = "prod:shop:product_list:v1:{}".len();
+        let fits = "x".repeat(MAX_KEY_BYTES - overhead);
+        assert_eq!(ks.key(fits.as_str()).unwrap().len(), MAX_KEY_BYTES);
+        let over = "x".repeat(MAX_KEY_BYTES - overhead + 1);
+        assert_eq!(
+            ks.key(over.as_str()),
+            Err(KeyError::TooLong {
+                class: "product_list".into(),
+                len: MAX_KEY_BYTES + 1,
+                max: MAX_KEY_BYTES
+            })
+        );
+        // Escaping counts towards the length.
+        let escaped = ":".repeat(400);
+        let err = ks.key(escaped.as_str()).unwrap_err();
+        assert!(
+            matches!(err, KeyError::TooLong { len, .. } if len == overhead + 1200),
+            "{err}"
+        );
+        assert!(err.to_string().contains("product_list"));
+    }
+
+    #[test]
+    fn tuples_slices_and_other_ids() {
+        let ks = space();
+        let p = "prod:shop:product_list:v1:";
+        assert_eq!(ks.key(&("a",)).unwrap(), format!("{p}{{a}}"));
+        assert_eq!(ks.key(&("a", 1u8, 'c')).unwrap(), format!("{p}{{a:1:c}}"));
+        assert_eq!(
+            ks.key(&("a", 1i128, true, String::from("d"))).unwrap(),
+            format!("{p}{{a:1:true:d}}")
+        );
+        assert_eq!(ks.key(&vec!["x", "y"]).unwrap(), format!("{p}{{x:y}}"));
+        assert_eq!(ks.key(&["x", "y"][..]).unwrap(), format!("{p}{{x:y}}"));
+        assert_eq!(ks.key(&[1usize, 2, 3]).unwrap(), format!("{p}{{1:2:3}}"));
+        let owned = String::from("o");
+        assert_eq!(ks.key(&&owned).unwrap(), format!("{p}{{o}}"));
+        assert_eq!(
+            ks.key(&(("a", "b"), vec![1u16])).unwrap(),
+            format!("{p}{{a:b:1}}")
+        );
+        // A part holding a ':' is not two parts.
+        assert_ne!(ks.key("a:b").unwrap(), ks.key(&("a", "b")).unwrap());
+    }
+
+    #[test]
+    fn internal_and_namespace_keys() {
+        let p = policy();
+        assert_eq!(internal_key(&p, "epoch"), "prod:shop:_kw:epoch");
+        assert_eq!(namespace_pattern(&p), "prod:shop:*");
+        let internal = internal_key(&p, "epoch:product_list");
+        for class in p.classes() {
+            let ks = KeySpace::new(&p, class.name()).unwrap();
+            assert!(!glob_match(
+                ks.scan_pattern().as_bytes(),
+                internal.as_bytes()
+            ));
+            assert!(!glob_match(
+                ks.all_versions_pattern().as_bytes(),
+                internal.as_bytes()
+            ));
+        }
+        assert!(glob_match(
+            namespace_pattern(&p).as_bytes(),
+            internal.as_bytes()
+        ));
+        assert!(glob_match(
+            namespace_pattern(&p).as_bytes(),
+            space().key("x").unwrap().as_bytes()
+        ));
+    }
+
+    #[test]
+    fn all_versions_pattern_does_not_match_longer_class_names() {
+        let p = Policy::builder("prod", "shop")
+            .cache("product_list", class())
+            .cache("product_list2", class())
+            .build()
+            .unwrap();
+        let a = KeySpace::new(&p, "product_list").unwrap();
+        let b = KeySpace::new(&p, "product_list2").unwrap();
+        let bk = b.key("x").unwrap();
+        assert!(!glob_match(
+            a.all_versions_pattern().as_bytes(),
+            bk.as_bytes()
+        ));
+        assert!(!glob_match(a.scan_pattern().as_bytes(), bk.as_bytes()));
+        let v7 = KeySpace::new(
+            &Policy::builder("prod", "shop")
+                .cache("product_list", class().version(7))
+                .build()
+                .unwrap(),
+            "product_list",
+        )
+        .unwrap();
+        let old = v7.key("x").unwrap();
+        assert!(glob_match(
+            a.all_versions_pattern().as_bytes(),
+            old.as_bytes()
+        ));
+        assert!(!glob_match(a.scan_pattern().as_bytes(), old.as_bytes()));
+    }
+
+    #[test]
+    fn glob_match_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("", "", true),
+            ("", "a", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("**", "x", true),
+            ("a*", "a", true),
+            ("a*", "abc", true),
+            ("a*", "ba", false),
+            ("*c", "abc", true),
+            ("*c", "abd", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            (
+                "a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                false,
+            ),
+            ("?", "a", true),
+            ("?", "", false),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("h[ae]llo", "hello", true),
+            ("h[ae]llo", "hallo", true),
+            ("h[ae]llo", "hillo", false),
+            ("h[^e]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[a-c]llo", "hbllo", true),
+            ("h[a-c]llo", "hdllo", false),
+            ("h[c-a]llo", "hbllo", true),
+            ("[\\]]", "]", true),
+            ("[\\-]", "-", true),
+            ("[]", "a", false),
+            ("[abc", "b", true),
+            ("[abc", "d", false),
+            ("\\*", "*", true),
+            ("\\*", "a", false),
+            ("\\?x", "?x", true),
+            ("a\\", "a\\", true),
+            (
+                "prod:shop:product_list:v1:{*",
+                "prod:shop:product_list:v1:{acme:42}",
+                true,
+            ),
+            (
+                "prod:shop:product_list:v1:{*",
+                "prod:shop:product_list:v10:{acme}",
+                false,
+            ),
+            (
+                "prod:shop:product_list:v*",
+                "prod:shop:product_list2:v1:{acme}",
+                false,
+            ),
+            ("prod:shop:*", "prod:shop:_kw:epoch", true),
+            ("prod:shop:*", "prod:shopping:x", false),
+        ];
+        for &(pattern, text, expected) in cases {
+            assert_eq!(
+                glob_match(pattern.as_bytes(), text.as_bytes()),
+                expected,
+                "{pattern:?} vs {text:?}"
+            );
+        }
+        // Bytes, not chars: `?` matches one byte of a multi-byte character.
+        assert!(glob_match(b"??", "é".as_bytes()));
+        assert!(!glob_match(b"?", "é".as_bytes()));
+    }
+
+    /// Random id parts, biased towards the characters escaping has to handle.
+    fn part() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9]{1,6}",
+            "[:*?\\[\\]{}%\\\\ \t\nA-Za-z0-9]{1,8}",
+            "[%0-9A-F:]{1,6}",
+            any::<String>().prop_filter("non-empty", |s| !s.is_empty()),
+        ]
+    }
+
+    fn class_pair() -> impl Strategy<Value = (String, String)> {
+        let name = "[a-z][a-z0-9_]{0,6}";
+        prop_oneof![
+            (name, name),
+            (name, "[a-z0-9_]{1,4}").prop_map(|(a, suffix)| (a.clone(), format!("{a}{suffix}"))),
+            (name, "[a-z0-9_]{1,4}").prop_map(|(a, suffix)| (format!("{a}{suffix}"), a)),
+            name.prop_map(|a| (a.clone(), a)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn distinct_ids_give_distinct_keys(
+            a in prop::collection::vec(part(), 1..=4),
+            b in prop::collection::vec(part(), 1..=4),
+        ) {
+            let ks = space();
+            let (ka, kb) = (ks.key(&a).unwrap(), ks.key(&b).unwrap());
+            prop_assert_eq!(a == b, ka == kb, "{:?} / {:?} -> {} / {}", a, b, ka, kb);
+            // The hash tag is the whole id: one `{` and one `}`, the last byte.
+            let (opens, closes) = (ka.matches('{').count(), ka.matches('}').count());
+            let closes_last = ka.ends_with('}');
+            prop_assert_eq!((opens, closes, closes_last), (1, 1, true));
+        }
+
+        #[test]
+        fn keys_match_only_their_own_class_pattern(
+            (name_a, name_b) in class_pair(),
+            version_a in 1u32..=12,
+            version_b in 1u32..=12,
+            id in prop::collection::vec(part(), 1..=3),
+        ) {
+            prop_assume!(name_a != name_b || version_a != version_b);
+            let pa = Policy::builder("prod", "shop").cache(&name_a, class().version(version_a)).build().unwrap();
+            let pb = Policy::builder("prod", "shop").cache(&name_b, class().version(version_b)).build().unwrap();
+            let a = KeySpace::new(&pa, &name_a).unwrap();
+            let b = KeySpace::new(&pb, &name_b).unwrap();
+            let ka = a.key(&id).unwrap();
+            let kb = b.key(&id).unwrap();
+            prop_assert!(glob_match(a.scan_pattern().as_bytes(), ka.as_bytes()));
+            prop_assert!(glob_match(b.scan_pattern().as_bytes(), kb.as_bytes()));
+            prop_assert!(!glob_match(b.scan_pattern().as_bytes(), ka.as_bytes()), "{} matched {}", ka, b.scan_pattern());
+            prop_assert!(!glob_match(a.scan_pattern().as_bytes(), kb.as_bytes()), "{} matched {}", kb, a.scan_pattern());
+            prop_assert!(glob_match(a.all_versions_pattern().as_bytes(), ka.as_bytes()));
+            prop_assert_eq!(glob_match(b.all_versions_pattern().as_bytes(), ka.as_bytes()), name_a == name_b);
+            prop_assert!(glob_match(namespace_pattern(&pa).as_bytes(), ka.as_bytes()));
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! keyward — the Redis data layer for Rust services, with the rules experienced teams write down for Redis
+//! enforced by the library instead of by code review.
+//!
+//! - Every key is built from a declared [`Policy`](policy::Policy) (`{env}:{app}:{class}:v{n}:{id}`), never a
+//!   hand-formatted string; id parts are escaped so user input cannot forge a separator or a glob.
+//! - Every key has a TTL (with jitter); no API writes one without.
+//! - No `KEYS`, `FLUSHDB` or `FLUSHALL`: group invalidation is an O(1) epoch bump, walks use `SCAN`.
+//! - Every check-then-act is one Lua script (Redis) or one critical section (embedded backend).
+//! - A cache fill that raced an invalidation never lands (fenced fills), and a stampede on a cold key loads
+//!   once across the whole fleet.
+//! - Personal data stays out of a shared cache unless its class says so.
+//!
+//! ```
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use keyward::{Keyward, policy::Policy};
+//!
+//! let policy = Policy::from_toml_str(r#"
+//!     [namespace]
+//!     env = "dev"
+//!     app = "shop"
+//!
+//!     [classes.product]
+//!     kind = "cache"
+//!     ttl = "10m"
+//!     invalidation = "catalog service, after every product write"
+//! "#)?;
+//! let kw = Keyward::from_env(policy).await?; // REDIS_URL, or the embedded backend
+//! let products = kw.cache::<String>("product")?;
+//! let name = products.get_or_set(&42, || async { Ok::<_, std::io::Error>("apple".to_owned()) }).await?;
+//! assert_eq!(name, "apple");
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`policy`] — the declared namespace and classes, from TOML or a builder; one validation for both.
+//! - [`key`] — keys built only through the policy; escaping; SCAN patterns.
+//! - [`Keyward`] — the process-wide handle (one multiplexed Redis connection, or the embedded backend).
+//! - [`Cache`] — typed cache-aside with single-flight, fill leases, fenced fills and wake-ups.
+//! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
+//! - [`Error`] — one error enum; expected outcomes are values, not errors.
+//!
+//! Internals: `backend` (the seam of semantic atomic operations, with the Redis scripts and the embedded
+//! implementation), `envelope` (the stored byte format), `flight` (single-flight), `wake` (wake-ups).
+//!
+//! # Metrics
+//! Through the [`metrics`] facade, labelled by `class`: `keyward_cache_hits_total`, `…_misses_total`,
+//! `…_negative_hits_total`, `…_coalesced_total`, `…_loader_calls_total`, `…_loader_errors_total`,
+//! `…_lease_waits_total`, `…_fills_refused_total`, `…_decode_errors_total`, and the histogram
+//! `keyward_cache_loader_seconds`. `tracing` spans `keyward.cache.*` carry the cache status.
+
+mod backend;
+mod cache;
+mod client;
+pub mod codec;
+mod envelope;
+mod error;
+mod flight;
+pub mod key;
+pub mod policy;
+mod wake;
+
+pub use backend::{BackendKind, KeyTtl, MemoryOptions};
+pub use cache::Cache;
+pub use client::{ConnectOptions, Keyward};
+pub use error::{BoxError, Error, Result};
