@@ -344,10 +344,10 @@ mod cases {
                     if after < trial + 1 {
                         stale.fetch_add(1, Ordering::SeqCst);
                     }
-                    if let Some(seen) = c.get(&key).await.unwrap() {
-                        if seen < trial + 1 {
-                            stale.fetch_add(1, Ordering::SeqCst);
-                        }
+                    if let Some(seen) = c.get(&key).await.unwrap()
+                        && seen < trial + 1
+                    {
+                        stale.fetch_add(1, Ordering::SeqCst);
                     }
                     reader.await.unwrap().unwrap();
                 }

@@ -1,0 +1,204 @@
+//! Concurrency across OS processes against one real Redis: the test binary re-runs itself as children.
+//!
+//! - 4 processes × 250 callers stampede one cold key → exactly one loader call fleet-wide.
+//! - A process holding a fill lease is SIGKILLed mid-load → a caller in another process takes over.
+
+#![allow(unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use keyward::Keyward;
+use keyward::policy::{CacheClass, Policy};
+use keyward_testkit::RedisServer;
+
+const CHILD_URL: &str = "KEYWARD_TEST_CHILD_URL";
+const CHILD_APP: &str = "KEYWARD_TEST_CHILD_APP";
+const CHILD_CALLERS: usize = 250;
+
+fn policy(app: &str) -> Policy {
+    Policy::builder("test", app)
+        .cache(
+            "product",
+            CacheClass::new(Duration::from_secs(60), "tests").lease_ttl(Duration::from_secs(10)),
+        )
+        .cache(
+            "short",
+            CacheClass::new(Duration::from_secs(60), "tests")
+                .lease_ttl(Duration::from_millis(500))
+                .loader_timeout(Duration::from_millis(400)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn spawn_child(test: &str, url: &str, app: &str) -> (Child, BufReader<ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_URL, url)
+        .env(CHILD_APP, app)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("re-run the test binary as a child");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+/// Read lines until one contains `prefix` (the harness prints `test name ... ` before a child's first line);
+/// returns the text from `prefix` on. Panics if the child closes stdout first.
+fn expect_line(out: &mut BufReader<ChildStdout>, prefix: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "child exited before printing {prefix}");
+        if let Some(at) = line.find(prefix) {
+            return line[at..].trim().to_owned();
+        }
+    }
+}
+
+fn child_env() -> Option<(String, String)> {
+    Some((
+        std::env::var(CHILD_URL).ok()?,
+        std::env::var(CHILD_APP).ok()?,
+    ))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn stampede_across_4_processes_loads_once() {
+    let server = RedisServer::spawn();
+    let app = format!("mp{}", std::process::id());
+    let mut children: Vec<_> = (0..4)
+        .map(|_| spawn_child("child_stampede", &server.url(), &app))
+        .collect();
+    for (_, out) in &mut children {
+        expect_line(out, "READY");
+    }
+    for (child, _) in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
+    }
+    let (mut loads, mut served) = (0, 0);
+    for (mut child, mut out) in children {
+        let line = expect_line(&mut out, "RESULT");
+        let mut parts = line.split_whitespace().skip(1);
+        loads += parts.next().unwrap().parse::<usize>().unwrap();
+        served += parts.next().unwrap().parse::<usize>().unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(served, 4 * CHILD_CALLERS, "every caller got the value");
+    assert_eq!(loads, 1, "exactly one loader call across 4 processes");
+}
+
+#[test]
+#[ignore = "child process of stampede_across_4_processes_loads_once"]
+fn child_stampede() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        let cache = kw.cache::<String>("product").unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..CHILD_CALLERS)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_set("cold", || async move {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, std::io::Error>("loaded".to_owned())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut served = 0;
+        for t in tasks {
+            if t.await.unwrap().unwrap() == "loaded" {
+                served += 1;
+            }
+        }
+        println!("RESULT {} {served}", loads.load(Ordering::SeqCst));
+    });
+}
+
+#[test]
+fn killed_lease_holder_is_taken_over_by_another_process() {
+    let server = RedisServer::spawn();
+    let app = format!("kill{}", std::process::id());
+    let (mut holder, mut out) = spawn_child("child_hold_lease", &server.url(), &app);
+    expect_line(&mut out, "HOLDING");
+    holder.kill().unwrap(); // SIGKILL: no release, no cleanup — the lease must expire on its own
+    holder.wait().unwrap();
+    runtime().block_on(async {
+        let kw = Keyward::connect(&server.url(), policy(&app)).await.unwrap();
+        let cache = kw.cache::<String>("short").unwrap();
+        let key = cache.key("k").unwrap();
+        let mut con = server.connection();
+        let held: Option<String> = redis::cmd("GET").arg(&key).query(&mut con).unwrap();
+        assert!(
+            held.is_some_and(|v| v.starts_with("L1:")),
+            "the dead process's lease is in place"
+        );
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            cache.get_or_set("k", || async {
+                Ok::<_, std::io::Error>("taken-over".to_owned())
+            }),
+        )
+        .await
+        .expect("takeover after lease expiry")
+        .unwrap();
+        assert_eq!(got, "taken-over");
+    });
+}
+
+#[test]
+#[ignore = "child process of killed_lease_holder_is_taken_over_by_another_process"]
+fn child_hold_lease() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        let cache = kw.cache::<String>("short").unwrap();
+        cache
+            .get_or_set("k", || async {
+                println!("HOLDING");
+                // Block the thread, not just the task: not even the loader timeout can run (and release the
+                // lease) before the parent's SIGKILL arrives.
+                std::thread::sleep(Duration::from_secs(60));
+                Ok::<_, std::io::Error>(String::new())
+            })
+            .await
+            .ok();
+    });
+}
