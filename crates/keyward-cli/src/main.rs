@@ -1,1 +1,124 @@
-fn main() {}
+//! `keyward` — the operator CLI for the keyward Redis data layer.
+//!
+//! - `keyward policy check FILE` validates a policy file and prints what it declares.
+//! - `keyward bench <hit|miss|stampede>` measures keyward against Redis (or the embedded backend), optionally
+//!   across several OS processes sharing one namespace, and counts the Redis commands each operation costs.
+//!
+//! # Exit codes
+//! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
+//! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed.
+//! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
+//!
+//! # Layout
+//! This file only parses arguments, dispatches, and maps errors to exit codes.
+//! - `policy_cmd` — `policy check`.
+//! - `bench` — the `bench` arguments, the orchestration of one run, and the report (JSON or table).
+//! - `workload` — the scenarios themselves, measured inside one process.
+//! - `fleet` — `--processes`: starting child processes, the READY/GO handshake, merging their results.
+//! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`.
+
+mod bench;
+mod fleet;
+mod policy_cmd;
+mod stats;
+mod workload;
+
+use std::fmt;
+use std::io;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Shown at the end of `--help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (also when stdout is closed early, e.g. piped into `head`)
+  1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
+  2  bad usage (unknown flag, invalid value or combination) or an invalid policy file";
+
+/// The keyward operator CLI: policy checks and benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with policy files.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
+    /// Benchmark keyward's cache against Redis or the embedded backend.
+    Bench(bench::BenchArgs),
+}
+
+/// An error that exits with status 2 rather than 1: the invocation is wrong (bad usage, an invalid policy),
+/// not the environment. Its message is printed as is, after `error: `.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Bail out with a [`UsageError`] (exit status 2).
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(anyhow::Error::new($crate::UsageError(format!($($arg)*))))
+    };
+}
+pub(crate) use usage;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with status 0; usage errors to stderr with status 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Policy { command } => policy_cmd::run(command),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Logs (keyward's `tracing` events) go to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+}
+
+/// Whether the error comes from writing to a closed stdout (`keyward … | head`): not a failure.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}

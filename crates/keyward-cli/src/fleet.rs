@@ -1,0 +1,281 @@
+//! `--processes P`: one workload spread over P child processes sharing one namespace and key.
+//!
+//! The parent re-runs its own executable as each child (`keyward bench <scenario> --child --app … --key-id …`,
+//! with the URL in `REDIS_URL` so a password never shows in `ps`). The handshake, one line each way:
+//!
+//! 1. each child connects and warms up, prints `READY` and blocks reading stdin;
+//! 2. once every child is ready, the parent writes `GO` to all of them (the measured phase starts);
+//! 3. each child runs and prints one JSON line ([`ChildReport`]) with its latency histogram (HdrHistogram V2
+//!    serialization, base64), then exits; the parent merges the reports.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::workload::{self, Measured, Workload};
+
+/// What a child prints when connected and warmed up.
+const READY: &str = "READY";
+/// What the parent writes to start the measured phase.
+const GO: &str = "GO";
+/// How long a child may take to connect and warm up.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a child may take beyond the scenario's own duration.
+const RUN_GRACE: Duration = Duration::from_secs(120);
+
+/// One child's result, one JSON line on its stdout.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ChildReport {
+    ops: u64,
+    loader_calls: u64,
+    seconds: f64,
+    /// Latencies in µs: HdrHistogram V2 serialization, base64.
+    histogram: String,
+}
+
+impl ChildReport {
+    fn new(m: &Measured) -> anyhow::Result<Self> {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(&m.latencies, &mut bytes)
+            .context("cannot serialize the latency histogram")?;
+        Ok(Self {
+            ops: m.latencies.len(),
+            loader_calls: m.loader_calls,
+            seconds: m.seconds,
+            histogram: BASE64.encode(bytes),
+        })
+    }
+
+    fn into_measured(self) -> anyhow::Result<Measured> {
+        let bytes = BASE64
+            .decode(&self.histogram)
+            .context("the histogram is not valid base64")?;
+        let latencies: hdrhistogram::Histogram<u64> = Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .context("cannot deserialize the latency histogram")?;
+        if latencies.len() != self.ops {
+            bail!(
+                "reported {} ops but its histogram holds {}",
+                self.ops,
+                latencies.len()
+            );
+        }
+        Ok(Measured {
+            loader_calls: self.loader_calls,
+            seconds: self.seconds,
+            latencies,
+        })
+    }
+}
+
+/// The child side: connect, READY, wait for GO, run, report.
+pub(crate) async fn child(url: &str, app: &str, work: Workload) -> anyhow::Result<()> {
+    let prepared = workload::prepare(url, app, work).await?;
+    println_flush(READY)?;
+    let mut line = String::new();
+    BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await
+        .context("cannot read the start signal from the parent")?;
+    if line.trim() != GO {
+        bail!("expected `{GO}` from the parent process, got {line:?}");
+    }
+    let measured = prepared.run().await?;
+    let report = serde_json::to_string(&ChildReport::new(&measured)?)?;
+    println_flush(&report)
+}
+
+fn println_flush(line: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("cannot write to the parent process")
+}
+
+struct Member {
+    index: usize,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Member {
+    fn describe(&self, of: usize) -> String {
+        match self.child.id() {
+            Some(pid) => format!("child {} of {of} (pid {pid})", self.index + 1),
+            None => format!("child {} of {of}", self.index + 1),
+        }
+    }
+
+    /// The child's next stdout line; an error naming the child and its exit status if it ends first.
+    async fn line(
+        &mut self,
+        of: usize,
+        waiting_for: &str,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        let who = self.describe(of);
+        let read = tokio::time::timeout(within, self.stdout.next_line())
+            .await
+            .with_context(|| format!("{who} sent no {waiting_for} within {within:?}"))?
+            .with_context(|| format!("cannot read from {who}"))?;
+        match read {
+            Some(line) => Ok(line),
+            None => {
+                let status = self
+                    .child
+                    .wait()
+                    .await
+                    .map_or_else(|e| e.to_string(), |s| s.to_string());
+                bail!("{who} exited before sending {waiting_for} ({status}); see its error above")
+            }
+        }
+    }
+}
+
+/// Children that are connected, warmed up and waiting for GO.
+pub(crate) struct Fleet {
+    members: Vec<Member>,
+    run_limit: Duration,
+}
+
+impl Fleet {
+    /// Start one child per workload and wait until each has printed READY.
+    pub(crate) async fn start(
+        url: &str,
+        app: &str,
+        works: Vec<Workload>,
+        run_limit: Duration,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()
+            .context("cannot find the keyward executable to start child processes")?;
+        let of = works.len();
+        let mut members = Vec::with_capacity(of);
+        for (index, work) in works.into_iter().enumerate() {
+            let mut child = Command::new(&exe)
+                .args(child_args(app, &work))
+                .env("REDIS_URL", url)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start child process {} of {of}", index + 1))?;
+            let stdin = child.stdin.take().context("child stdin is not piped")?;
+            let stdout = child.stdout.take().context("child stdout is not piped")?;
+            members.push(Member {
+                index,
+                child,
+                stdin,
+                stdout: BufReader::new(stdout).lines(),
+            });
+        }
+        for m in &mut members {
+            let line = m.line(of, READY, READY_TIMEOUT).await?;
+            if line.trim() != READY {
+                bail!("{} sent {line:?} instead of {READY}", m.describe(of));
+            }
+        }
+        Ok(Self {
+            members,
+            run_limit: run_limit + RUN_GRACE,
+        })
+    }
+
+    /// Send GO to every child, then collect and merge their reports. `seconds` is the slowest child's.
+    pub(crate) async fn go(mut self) -> anyhow::Result<Measured> {
+        let of = self.members.len();
+        for m in &mut self.members {
+            let who = m.describe(of);
+            m.stdin
+                .write_all(format!("{GO}\n").as_bytes())
+                .await
+                .and(m.stdin.flush().await)
+                .with_context(|| format!("cannot send {GO} to {who}"))?;
+        }
+        let mut total = Measured {
+            loader_calls: 0,
+            seconds: 0.0,
+            latencies: workload::new_histogram(),
+        };
+        for m in &mut self.members {
+            let who = m.describe(of);
+            let line = m.line(of, "its report", self.run_limit).await?;
+            let report: ChildReport = serde_json::from_str(&line)
+                .with_context(|| format!("{who} sent an unreadable report: {line:?}"))?;
+            let measured = report
+                .into_measured()
+                .with_context(|| format!("bad report from {who}"))?;
+            total.loader_calls += measured.loader_calls;
+            total.seconds = total.seconds.max(measured.seconds);
+            total
+                .latencies
+                .add(&measured.latencies)
+                .context("cannot merge latency histograms")?;
+            let status = m
+                .child
+                .wait()
+                .await
+                .with_context(|| format!("cannot wait for {who}"))?;
+            if !status.success() {
+                bail!("{who} failed after reporting ({status})");
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The hidden command line that makes a child run `work` in namespace `app`.
+fn child_args(app: &str, work: &Workload) -> Vec<String> {
+    vec![
+        "bench".to_owned(),
+        work.scenario.name().to_owned(),
+        "--concurrency".to_owned(),
+        work.concurrency.to_string(),
+        "--duration".to_owned(),
+        work.duration.as_secs_f64().to_string(),
+        "--keys".to_owned(),
+        work.keys.to_string(),
+        "--loader-ms".to_owned(),
+        work.loader_delay.as_millis().to_string(),
+        "--child".to_owned(),
+        "--app".to_owned(),
+        app.to_owned(),
+        "--key-id".to_owned(),
+        work.key_id.to_string(),
+        "--key-offset".to_owned(),
+        work.key_offset.to_string(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip_their_histogram() {
+        let mut latencies = workload::new_histogram();
+        for us in [5, 50, 500, 5_000, 50_000] {
+            latencies.saturating_record(us);
+        }
+        let measured = Measured {
+            loader_calls: 1,
+            seconds: 0.25,
+            latencies,
+        };
+        let line = serde_json::to_string(&ChildReport::new(&measured).unwrap()).unwrap();
+        let back: ChildReport = serde_json::from_str(&line).unwrap();
+        let back = back.into_measured().unwrap();
+        assert_eq!(back.latencies, measured.latencies);
+        assert_eq!(back.loader_calls, 1);
+    }
+}

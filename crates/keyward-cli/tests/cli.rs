@@ -1,0 +1,204 @@
+//! The `keyward` binary end to end: exit codes, `policy check`, and each bench scenario against the embedded
+//! backend and a throwaway Redis (keyward-testkit).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use keyward_testkit::RedisServer;
+use serde_json::Value;
+
+fn keyward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run the keyward binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Run a `bench … --json` that must succeed; returns its one JSON line.
+fn bench_json(args: &[&str]) -> Value {
+    let out = keyward(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}): {}",
+        out.status,
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one JSON line, got {text:?}");
+    let v: Value = serde_json::from_str(lines[0]).expect("the line is JSON");
+    assert_eq!(v["peer"], "keyward");
+    v
+}
+
+#[test]
+fn policy_check_prints_the_example_policy() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/policy.toml");
+    let out = keyward(&["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("product_list"), "{}", stdout(&out));
+}
+
+#[test]
+fn an_invalid_policy_exits_2_naming_class_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[namespace]\nenv = \"dev\"\napp = \"shop\"\n\n[classes.orders]\nkind = \"cache\"\nttl = \"5m\"\n",
+    )
+    .unwrap();
+    let out = keyward(&["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("orders"), "{err}");
+    assert!(err.contains("invalidation"), "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    assert_eq!(keyward(&["bench", "nonsense"]).status.code(), Some(2));
+    let out = keyward(&["bench", "stampede", "--url", "mem://", "--processes", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--processes"), "{}", stderr(&out));
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let out = keyward(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("Exit codes"), "{}", stdout(&out));
+}
+
+#[test]
+fn cannot_connect_exits_1() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let out = keyward(&["bench", "hit", "--url", &url, "--duration", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
+}
+
+#[test]
+fn embedded_stampede_loads_once() {
+    let v = bench_json(&[
+        "bench",
+        "stampede",
+        "--url",
+        "mem://",
+        "--concurrency",
+        "200",
+        "--loader-ms",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["scenario"], "stampede");
+    assert_eq!(v["backend"], "embedded");
+    assert_eq!(v["loader_calls"], 1);
+    assert_eq!(v["ops"], 200);
+    assert!(v.get("redis_cmds_per_op").is_none(), "{v}");
+}
+
+#[test]
+fn redis_stampede_across_processes_loads_once() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "stampede",
+        "--url",
+        &server.url(),
+        "--concurrency",
+        "200",
+        "--processes",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(v["backend"], "redis");
+    assert_eq!(v["processes"], 2);
+    assert_eq!(v["loader_calls"], 1);
+    assert_eq!(v["ops"], 200);
+    assert!(v["redis_cmds_per_op"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v["redis_cmds"].as_object().is_some_and(|c| !c.is_empty()),
+        "{v}"
+    );
+}
+
+#[test]
+fn redis_hit_never_calls_the_loader() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "hit",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["loader_calls"], 0);
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["p50_us"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["redis_cmds_per_op"].as_f64().is_some(), "{v}");
+}
+
+#[test]
+fn redis_miss_loads_every_key_once() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "miss",
+        "--url",
+        &server.url(),
+        "--keys",
+        "500",
+        "--json",
+    ]);
+    assert_eq!(v["loader_calls"], 500);
+    assert_eq!(v["ops"], 500);
+    assert!(v["redis_cmds_per_op"].as_f64().unwrap() >= 1.0, "{v}");
+}
+
+#[test]
+fn table_output_is_readable() {
+    let out = keyward(&[
+        "bench",
+        "miss",
+        "--url",
+        "mem://",
+        "--keys",
+        "50",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("scenario") && l.ends_with("miss")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("loader_calls") && l.ends_with(" 50")),
+        "{text}"
+    );
+}
