@@ -211,7 +211,7 @@ impl RedisBackend {
         lease_ttl: Duration,
         negative_ok: bool,
     ) -> Result<Fetched> {
-        let reply: Vec<Value> = SCRIPTS
+        let mut reply: Vec<Value> = SCRIPTS
             .fetch
             .key(e.key)
             .key(&e.ns.gens_key)
@@ -222,8 +222,10 @@ impl RedisBackend {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|err| self.err("fetch", err))?;
+        if let [Value::Int(0), Value::BulkString(v)] = reply.as_mut_slice() {
+            return Ok(Fetched::Hit(Bytes::from(std::mem::take(v))));
+        }
         match reply.as_slice() {
-            [Value::Int(0), Value::BulkString(v)] => Ok(Fetched::Hit(Bytes::from(v.clone()))),
             [Value::Int(1), ns, class] => Ok(Fetched::Leased(Gens {
                 ns: gen_of(ns).ok_or_else(|| self.protocol_err("fetch", "namespace epoch"))?,
                 class: gen_of(class).ok_or_else(|| self.protocol_err("fetch", "class epoch"))?,
