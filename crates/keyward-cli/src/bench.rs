@@ -20,6 +20,11 @@ Scenarios (the names are stable):
   miss      --keys N cold keys taken by C workers from a shared counter, each loaded once
   stampede  C callers released at once (a barrier) on ONE cold key whose loader sleeps --loader-ms;
             keyward should call the loader exactly once, fleet-wide
+  get       baseline without keyward (Redis only): C workers loop a plain GET of the same ~1 KiB JSON value
+            through redis-rs's ConnectionManager, decoding it, for --duration; keyward's overhead is hit / get
+
+--hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
+share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
 
 Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values.
 --processes P (all scenarios; Redis only) runs P child processes sharing that namespace and key, each with
@@ -42,6 +47,8 @@ pub(crate) enum Scenario {
     Miss,
     /// Many callers on one cold key with a slow loader, all at once.
     Stampede,
+    /// Baseline without keyward: plain GETs of the same value through redis-rs.
+    Get,
 }
 
 impl Scenario {
@@ -50,12 +57,13 @@ impl Scenario {
             Scenario::Hit => "hit",
             Scenario::Miss => "miss",
             Scenario::Stampede => "stampede",
+            Scenario::Get => "get",
         }
     }
 
     fn default_concurrency(self) -> usize {
         match self {
-            Scenario::Hit | Scenario::Miss => 64,
+            Scenario::Hit | Scenario::Miss | Scenario::Get => 64,
             Scenario::Stampede => 1000,
         }
     }
@@ -83,6 +91,9 @@ pub(crate) struct BenchArgs {
     /// How many cold keys `miss` loads.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     keys: u64,
+    /// How many warm keys `hit` and `get` spread their workers over.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    hit_keys: u64,
     /// How long the `stampede` loader takes, in milliseconds.
     #[arg(long, value_name = "M", default_value_t = 50)]
     loader_ms: u64,
@@ -154,6 +165,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.keys == 0 {
         usage!("--keys must be at least 1");
     }
+    if args.hit_keys == 0 {
+        usage!("--hit-keys must be at least 1");
+    }
+    if args.scenario == Scenario::Get && embedded {
+        usage!("the `get` baseline needs Redis: pass --url redis://… or set REDIS_URL");
+    }
     if args.processes == 0 {
         usage!("--processes must be at least 1");
     }
@@ -184,6 +201,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         concurrency,
         duration: Duration::from_secs_f64(args.duration),
         keys: args.keys,
+        hit_keys: args.hit_keys,
         key_offset: args.key_offset,
         loader_delay: Duration::from_millis(args.loader_ms),
         key_id: args.key_id.unwrap_or_else(rand::random),
@@ -387,6 +405,7 @@ mod tests {
             duration: Duration::from_secs(1),
             keys,
             key_offset: 0,
+            hit_keys: 1,
             loader_delay: Duration::ZERO,
             key_id: 7,
         }

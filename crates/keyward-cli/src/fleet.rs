@@ -245,6 +245,8 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.duration.as_secs_f64().to_string(),
         "--keys".to_owned(),
         work.keys.to_string(),
+        "--hit-keys".to_owned(),
+        work.hit_keys.to_string(),
         "--loader-ms".to_owned(),
         work.loader_delay.as_millis().to_string(),
         "--child".to_owned(),

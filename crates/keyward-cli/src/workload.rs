@@ -74,6 +74,8 @@ pub(crate) struct Workload {
     /// `miss`: how many keys this process loads, and the index of its first one.
     pub(crate) keys: u64,
     pub(crate) key_offset: u64,
+    /// `hit` and `get`: how many warm keys the workers spread over.
+    pub(crate) hit_keys: u64,
     /// `stampede`: how long the loader takes.
     pub(crate) loader_delay: Duration,
     /// Names the run's key(s), so every run starts cold.
@@ -94,6 +96,10 @@ pub(crate) struct Prepared {
     work: Workload,
     cache: Cache<Item>,
     value: Arc<Item>,
+    /// `get`: a plain redis-rs connection, as an application without keyward would hold.
+    raw: Option<redis::aio::ConnectionManager>,
+    /// The namespace app name (the baseline's keys live under it).
+    app: String,
 }
 
 pub(crate) fn new_histogram() -> Histogram<u64> {
@@ -124,13 +130,49 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
         })
         .await
         .context("warm-up get_or_set failed")?;
-    if work.scenario == Scenario::Hit {
-        cache
-            .set(&("hit", work.key_id), &value)
-            .await
-            .context("cannot warm the hit key")?;
+    let mut raw = None;
+    match work.scenario {
+        Scenario::Hit => {
+            for k in 0..work.hit_keys {
+                cache
+                    .set(&("hit", work.key_id, k), &value)
+                    .await
+                    .context("cannot warm the hit keys")?;
+            }
+        }
+        Scenario::Get => {
+            let client = redis::Client::open(url).context("cannot open the baseline client")?;
+            let mut con = client
+                .get_connection_manager()
+                .await
+                .context("cannot connect the baseline client")?;
+            let bytes = serde_json::to_vec(&*value)?;
+            for k in 0..work.hit_keys {
+                let _: () = redis::cmd("SET")
+                    .arg(raw_key(app, work.key_id, k))
+                    .arg(&bytes)
+                    .arg("PX")
+                    .arg(600_000)
+                    .query_async(&mut con)
+                    .await
+                    .context("cannot warm the baseline keys")?;
+            }
+            raw = Some(con);
+        }
+        Scenario::Miss | Scenario::Stampede => {}
     }
-    Ok(Prepared { work, cache, value })
+    Ok(Prepared {
+        work,
+        cache,
+        value,
+        raw,
+        app: app.to_owned(),
+    })
+}
+
+/// The baseline's keys: in the bench namespace, with a TTL, like everything else the bench writes.
+fn raw_key(app: &str, key_id: u64, k: u64) -> String {
+    format!("bench:{app}:_baseline:{key_id}:{k}")
 }
 
 /// When the measured operations of one worker started and ended.
@@ -184,6 +226,7 @@ impl Prepared {
             Scenario::Hit => self.hit().await,
             Scenario::Miss => self.miss().await,
             Scenario::Stampede => self.stampede().await,
+            Scenario::Get => self.get().await,
         }
     }
 
@@ -192,13 +235,13 @@ impl Prepared {
         let calls = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + self.work.duration;
         let mut workers = JoinSet::new();
-        for _ in 0..self.work.concurrency {
+        for w in 0..self.work.concurrency {
             let (cache, value, calls) = (
                 self.cache.clone(),
                 Arc::clone(&self.value),
                 Arc::clone(&calls),
             );
-            let key = ("hit", self.work.key_id);
+            let key = ("hit", self.work.key_id, w as u64 % self.work.hit_keys);
             workers.spawn(async move {
                 let mut latencies = new_histogram();
                 let start = Instant::now();
@@ -216,6 +259,47 @@ impl Prepared {
                         .get_or_set(&key, loader)
                         .await
                         .context("get_or_set on the hit key failed")?;
+                    latencies.saturating_record(micros(t.elapsed()));
+                }
+                anyhow::Ok((
+                    latencies,
+                    Span {
+                        start,
+                        end: Instant::now(),
+                    },
+                ))
+            });
+        }
+        collect_histograms(workers, &calls).await
+    }
+
+    /// The baseline: C workers loop a plain GET + JSON decode of the warm value until the deadline.
+    async fn get(self) -> anyhow::Result<Measured> {
+        let calls = Arc::new(AtomicU64::new(0));
+        let Some(con) = self.raw else {
+            anyhow::bail!("the get baseline was not prepared with a Redis connection");
+        };
+        let deadline = Instant::now() + self.work.duration;
+        let mut workers = JoinSet::new();
+        for w in 0..self.work.concurrency {
+            let mut con = con.clone();
+            let key = raw_key(&self.app, self.work.key_id, w as u64 % self.work.hit_keys);
+            workers.spawn(async move {
+                let mut latencies = new_histogram();
+                let start = Instant::now();
+                loop {
+                    let t = Instant::now();
+                    if t >= deadline {
+                        break;
+                    }
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut con)
+                        .await
+                        .context("GET on the baseline key failed")?;
+                    let item: Item =
+                        serde_json::from_slice(&bytes).context("baseline value did not decode")?;
+                    std::hint::black_box(item);
                     latencies.saturating_record(micros(t.elapsed()));
                 }
                 anyhow::Ok((
