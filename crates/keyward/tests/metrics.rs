@@ -6,7 +6,10 @@ use keyward::Keyward;
 use keyward::policy::{CacheClass, Policy};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-fn counter(snapshot: &[(String, Vec<(String, String)>, u64)], name: &str) -> u64 {
+/// (metric name, labels, counter value)
+type Counted = (String, Vec<(String, String)>, u64);
+
+fn counter(snapshot: &[Counted], name: &str) -> u64 {
     snapshot
         .iter()
         .filter(|(n, labels, _)| {
@@ -42,7 +45,7 @@ async fn counters_follow_what_the_cache_did() {
         .await; // miss + loader call + loader error
     assert_eq!(number.get("a").await.unwrap(), None); // decode error (healed) + miss
 
-    let snapshot: Vec<(String, Vec<(String, String)>, u64)> = snapshotter
+    let snapshot: Vec<Counted> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
