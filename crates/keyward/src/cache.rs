@@ -1,7 +1,7 @@
 //! Cache-aside with fenced fills and fleet-wide stampede protection.
 //!
 //! The decision a reader must know: **a fill can only land while its lease is still held.** A miss takes a fill
-//! lease (one script: value *or* lease, one round trip); the holder loads from the source and commits with a
+//! lease (one round trip: value *or* lease); the holder loads from the source and commits with a
 //! second script that writes only if its lease is still there. Invalidation deletes the entry — value or lease —
 //! so a fill that started before an invalidation is refused and the next reader loads fresh data. Group
 //! invalidation (a class, the namespace) bumps an epoch that every value carries, in O(1).

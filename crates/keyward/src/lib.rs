@@ -5,7 +5,7 @@
 //!   hand-formatted string; id parts are escaped so user input cannot forge a separator or a glob.
 //! - Every key has a TTL (with jitter); no API writes one without.
 //! - No `KEYS`, `FLUSHDB` or `FLUSHALL`: group invalidation is an O(1) epoch bump, walks use `SCAN`.
-//! - Every check-then-act is one Lua script (Redis) or one critical section (embedded backend).
+//! - Every check-then-act is one command or one Lua script (Redis), or one critical section (embedded backend).
 //! - A cache fill that raced an invalidation never lands (fenced fills), and a stampede on a cold key loads
 //!   once across the whole fleet.
 //! - Personal data stays out of a shared cache unless its class says so.

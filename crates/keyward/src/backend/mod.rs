@@ -1,6 +1,7 @@
 //! The seam between capabilities and storage: a handful of *semantic* atomic operations.
 //!
-//! Each operation is one Lua script on Redis and one critical section in the embedded backend, with the same
+//! Each operation is atomic where it must be — one command or one Lua script on Redis, one critical section in
+//! the embedded backend — with the same
 //! semantics (TTL, atomicity, ordering); the conformance suite in `tests/` runs against both. Capabilities never
 //! send raw commands, so the rules (every key has a TTL, fills are fenced) are kept in one place.
 //!

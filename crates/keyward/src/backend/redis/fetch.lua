@@ -1,4 +1,5 @@
--- Get a value, or take the fill lease, in one step (the first of at most two round trips on a miss).
+-- Get a value, or take the fill lease, atomically. The fast path (a pipelined SET NX GET + HMGET, see mod.rs)
+-- comes here only when it finds a lease held, a value from before a group invalidation, or an unusable absent.
 -- KEYS[1] entry key   KEYS[2] namespace epochs hash
 -- ARGV[1] class name  ARGV[2] lease marker "L1:<token>:0"  ARGV[3] lease ttl (ms)
 -- ARGV[4] "1" if a cached absent ("n") counts as a hit

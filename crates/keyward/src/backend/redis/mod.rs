@@ -1,5 +1,6 @@
-//! The Redis backend: each semantic operation is one Lua script (kept as a `.lua` file next to this one),
-//! called with `EVALSHA` and a `NOSCRIPT` fallback by `redis::Script`.
+//! The Redis backend: each semantic operation is one command or one Lua script (kept as a `.lua` file next to
+//! this one, called with `EVALSHA` and a `NOSCRIPT` fallback by `redis::Script`). The one exception is the
+//! fetch fast path, a two-command pipeline whose safety is argued on [`RedisBackend::fetch`].
 //!
 //! One multiplexed, auto-reconnecting connection (`ConnectionManager`) carries every command of the process;
 //! concurrent calls are pipelined on it. It speaks RESP3 so that the fill wake-up subscription rides the same
