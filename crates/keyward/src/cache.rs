@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::CacheClass;
+use crate::wake::Listener;
 
 /// Undecodable values healed in a row before a fetch gives up on the stored entry and loads uncached.
 const MAX_HEALS: u32 = 3;
@@ -544,11 +544,15 @@ where
         let (marker, prefix) = envelope::lease_marker(&token());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
+        // Registered only once a fetch says "wait" (hits never pay for it); from then on, every fetch is asked
+        // with the listener already armed, so a commit between the answer and the wait cannot be missed.
+        let mut listener: Option<Listener> = None;
         loop {
-            // Listen before asking, so a commit between the answer and the wait is not missed.
-            let listener = inner.bus.listen(key);
-            let mut woken = pin!(listener.notify().notified());
-            woken.as_mut().enable();
+            let notify = listener.as_ref().map(Listener::shared);
+            let mut woken = notify.as_ref().map(|n| Box::pin(n.notified()));
+            if let Some(w) = woken.as_mut() {
+                w.as_mut().enable();
+            }
             let fetched = match inner
                 .backend
                 .fetch(&e, &marker, lease_ttl, negative_ok)
@@ -583,12 +587,16 @@ where
                         heals += 1;
                     }
                 },
-                Fetched::Wait(left) => {
-                    m.lease_waits.increment(1);
-                    // Woken by the holder's commit or release; otherwise re-check when its lease runs out.
-                    let left = left.clamp(Duration::from_millis(1), lease_ttl);
-                    let _ = tokio::time::timeout(left, woken).await;
-                }
+                Fetched::Wait(left) => match woken {
+                    // First "wait": arm the listener, then ask again before sleeping.
+                    None => listener = Some(inner.bus.listen(key)),
+                    Some(woken) => {
+                        m.lease_waits.increment(1);
+                        // Woken by the holder's commit or release; otherwise re-check when its lease runs out.
+                        let left = left.clamp(Duration::from_millis(1), lease_ttl);
+                        let _ = tokio::time::timeout(left, woken).await;
+                    }
+                },
                 Fetched::Leased(gens) => {
                     m.misses.increment(1);
                     tracing::Span::current().record("status", "miss");

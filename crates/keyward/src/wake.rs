@@ -53,8 +53,9 @@ impl WakeBus {
 }
 
 impl Listener {
-    pub(crate) fn notify(&self) -> &Notify {
-        &self.notify
+    /// The registration's `Notify`, to create waits that do not borrow the listener.
+    pub(crate) fn shared(&self) -> Arc<Notify> {
+        Arc::clone(&self.notify)
     }
 }
 
@@ -80,7 +81,8 @@ mod tests {
         let bus = Arc::new(WakeBus::default());
         let l = bus.listen("k");
         {
-            let notified = l.notify().notified();
+            let notify = l.shared();
+            let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             bus.wake("k"); // arrives before we start waiting

@@ -81,6 +81,12 @@ impl State {
         self.strings.get(key).filter(|s| s.expires > now)
     }
 
+    /// Whether `key` still holds the lease whose marker starts with `lease_prefix`.
+    fn holds(&self, key: &str, lease_prefix: &str, now: Instant) -> bool {
+        self.live(key, now)
+            .is_some_and(|s| s.data.starts_with(lease_prefix.as_bytes()))
+    }
+
     fn remove(&mut self, key: &str) -> Option<Stored> {
         let old = self.strings.remove(key)?;
         self.by_expiry.remove(&(old.expires, key.to_owned()));
@@ -199,10 +205,7 @@ impl MemoryBackend {
         let now = Instant::now();
         {
             let mut st = self.lock();
-            let held = st
-                .live(e.key, now)
-                .is_some_and(|s| s.data.starts_with(lease_prefix.as_bytes()));
-            if !held {
+            if !st.holds(e.key, lease_prefix, now) {
                 return false;
             }
             st.put(
@@ -221,10 +224,7 @@ impl MemoryBackend {
         let now = Instant::now();
         {
             let mut st = self.lock();
-            let held = st
-                .live(e.key, now)
-                .is_some_and(|s| s.data.starts_with(lease_prefix.as_bytes()));
-            if !held {
+            if !st.holds(e.key, lease_prefix, now) {
                 return false;
             }
             st.remove(e.key);

@@ -194,6 +194,18 @@ impl RedisBackend {
         }
     }
 
+    /// Run one script invocation on the shared connection, mapping failures to a typed error for `op`.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|err| self.err(op, err))
+    }
+
     fn protocol_err(&self, op: &'static str, what: &str) -> Error {
         self.err(
             op,
@@ -267,17 +279,19 @@ impl RedisBackend {
         lease_ttl: Duration,
         negative_ok: bool,
     ) -> Result<Fetched> {
-        let mut reply: Vec<Value> = SCRIPTS
-            .fetch
-            .key(e.key)
-            .key(&e.ns.gens_key)
-            .arg(e.class)
-            .arg(marker)
-            .arg(millis(lease_ttl))
-            .arg(if negative_ok { "1" } else { "0" })
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("fetch", err))?;
+        let mut reply: Vec<Value> = self
+            .invoke(
+                "fetch",
+                SCRIPTS
+                    .fetch
+                    .key(e.key)
+                    .key(&e.ns.gens_key)
+                    .arg(e.class)
+                    .arg(marker)
+                    .arg(millis(lease_ttl))
+                    .arg(if negative_ok { "1" } else { "0" }),
+            )
+            .await?;
         if let [Value::Int(0), Value::BulkString(v)] = reply.as_mut_slice() {
             return Ok(Fetched::Hit(Bytes::from(std::mem::take(v))));
         }
@@ -294,14 +308,12 @@ impl RedisBackend {
     }
 
     pub(crate) async fn read(&self, e: &Entry<'_>) -> Result<Option<Bytes>> {
-        let v: Option<Vec<u8>> = SCRIPTS
-            .read
-            .key(e.key)
-            .key(&e.ns.gens_key)
-            .arg(e.class)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("read", err))?;
+        let v: Option<Vec<u8>> = self
+            .invoke(
+                "read",
+                SCRIPTS.read.key(e.key).key(&e.ns.gens_key).arg(e.class),
+            )
+            .await?;
         Ok(v.map(Bytes::from))
     }
 
@@ -312,77 +324,78 @@ impl RedisBackend {
         value: &[u8],
         ttl: Duration,
     ) -> Result<bool> {
-        let n: i64 = SCRIPTS
-            .commit
-            .key(e.key)
-            .arg(lease_prefix)
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(&e.ns.channel)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("commit", err))?;
+        let n: i64 = self
+            .invoke(
+                "commit",
+                SCRIPTS
+                    .commit
+                    .key(e.key)
+                    .arg(lease_prefix)
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .arg(&e.ns.channel),
+            )
+            .await?;
         Ok(n == 1)
     }
 
     pub(crate) async fn release(&self, e: &Entry<'_>, lease_prefix: &str) -> Result<bool> {
-        let n: i64 = SCRIPTS
-            .release
-            .key(e.key)
-            .arg(lease_prefix)
-            .arg(&e.ns.channel)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("release", err))?;
+        let n: i64 = self
+            .invoke(
+                "release",
+                SCRIPTS
+                    .release
+                    .key(e.key)
+                    .arg(lease_prefix)
+                    .arg(&e.ns.channel),
+            )
+            .await?;
         Ok(n == 1)
     }
 
     pub(crate) async fn set(&self, e: &Entry<'_>, body: &[u8], ttl: Duration) -> Result<()> {
-        let _: i64 = SCRIPTS
-            .set
-            .key(e.key)
-            .key(&e.ns.gens_key)
-            .arg(e.class)
-            .arg(body)
-            .arg(millis(ttl))
-            .arg(&e.ns.channel)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("set", err))?;
+        let _: i64 = self
+            .invoke(
+                "set",
+                SCRIPTS
+                    .set
+                    .key(e.key)
+                    .key(&e.ns.gens_key)
+                    .arg(e.class)
+                    .arg(body)
+                    .arg(millis(ttl))
+                    .arg(&e.ns.channel),
+            )
+            .await?;
         Ok(())
     }
 
     pub(crate) async fn invalidate(&self, e: &Entry<'_>) -> Result<bool> {
-        let n: i64 = SCRIPTS
-            .invalidate
-            .key(e.key)
-            .arg(&e.ns.channel)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("invalidate", err))?;
+        let n: i64 = self
+            .invoke(
+                "invalidate",
+                SCRIPTS.invalidate.key(e.key).arg(&e.ns.channel),
+            )
+            .await?;
         Ok(n == 1)
     }
 
     pub(crate) async fn bump(&self, ns: &Namespace, field: &str) -> Result<u64> {
-        let n: u64 = SCRIPTS
-            .bump
-            .key(&ns.gens_key)
-            .arg(field)
-            .arg(millis(ns.gens_lifetime))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("bump", err))?;
+        let n: u64 = self
+            .invoke(
+                "bump",
+                SCRIPTS
+                    .bump
+                    .key(&ns.gens_key)
+                    .arg(field)
+                    .arg(millis(ns.gens_lifetime)),
+            )
+            .await?;
         Ok(n)
     }
 
     pub(crate) async fn heal(&self, key: &str, raw: &[u8]) -> Result<bool> {
-        let n: i64 = SCRIPTS
-            .heal
-            .key(key)
-            .arg(raw)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|err| self.err("heal", err))?;
+        let n: i64 = self.invoke("heal", SCRIPTS.heal.key(key).arg(raw)).await?;
         Ok(n == 1)
     }
 
