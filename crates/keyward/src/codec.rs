@@ -60,3 +60,40 @@ impl Codec for MsgPack {
         Ok(rmp_serde::from_slice(bytes)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Product {
+        id: u32,
+        name: String,
+        tags: Vec<String>,
+    }
+
+    fn sample() -> Product {
+        Product {
+            id: 7,
+            name: "pear".into(),
+            tags: vec!["fruit".into()],
+        }
+    }
+
+    #[test]
+    fn json_round_trip_and_bad_bytes() {
+        let bytes = Json::encode(&sample()).unwrap();
+        assert_eq!(Json::decode::<Product>(&bytes).unwrap(), sample());
+        assert!(Json::decode::<Product>(b"{not json").is_err());
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn msgpack_round_trip_and_bad_bytes() {
+        let bytes = MsgPack::encode(&sample()).unwrap();
+        assert_eq!(MsgPack::decode::<Product>(&bytes).unwrap(), sample());
+        assert!(MsgPack::decode::<Product>(&[0xc1]).is_err());
+        // Named fields: smaller than JSON, and a reader with an extra optional field still decodes.
+        assert!(bytes.len() < Json::encode(&sample()).unwrap().len());
+    }
+}

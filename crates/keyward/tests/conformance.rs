@@ -237,7 +237,11 @@ mod cases {
             .lease_ttl_value();
         assert!(policy_lease >= Duration::from_secs(10));
         let a = handles[0].cache::<String>("product").unwrap();
-        let b = handles[1].cache::<String>("product").unwrap();
+        // The waiter's counters go to a recorder of its own, so the test can see it start waiting.
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let b = metrics::with_local_recorder(&recorder, || handles[1].cache::<String>("product"))
+            .unwrap();
         let started = Arc::new(Notify::new());
         let release = Arc::new(Notify::new());
         let holder = {
@@ -252,12 +256,34 @@ mod cases {
             })
         };
         started.notified().await;
+        // `get_or_set_opt` is a separate in-process flight from `get_or_set`, so even on the embedded backend
+        // (one process, shared flights) the waiter goes to the store and parks on the lease.
         let waiter = tokio::spawn(async move {
-            b.get_or_set("k", || async { ok("from-b".to_owned()) })
+            b.get_or_set_opt("k", || async { ok(Some("from-b".to_owned())) })
                 .await
         });
-        // Let the waiter reach the lease (it cannot finish while the holder loads).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until the waiter is parked on the lease (its lease_waits counter moves); a condition, not a delay.
+        let parked = async {
+            loop {
+                let waits: u64 = snapshotter
+                    .snapshot()
+                    .into_vec()
+                    .into_iter()
+                    .filter(|(k, ..)| k.key().name() == "keyward_cache_lease_waits_total")
+                    .map(|(.., v)| match v {
+                        metrics_util::debugging::DebugValue::Counter(n) => n,
+                        _ => 0,
+                    })
+                    .sum();
+                if waits > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(SOON, parked)
+            .await
+            .expect("the waiter parks on the lease");
         assert!(!waiter.is_finished());
         release.notify_one();
         let got = tokio::time::timeout(Duration::from_secs(5), waiter)
@@ -265,7 +291,7 @@ mod cases {
             .expect("waiter woken well before the 10 s lease ends")
             .unwrap()
             .unwrap();
-        assert_eq!(got, "from-a");
+        assert_eq!(got.as_deref(), Some("from-a"));
         assert_eq!(holder.await.unwrap().unwrap(), "from-a");
     }
 
