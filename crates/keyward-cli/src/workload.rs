@@ -215,6 +215,34 @@ impl Tally {
     }
 }
 
+/// Call `op` in a loop until `deadline`, recording each call's latency.
+async fn until_deadline<F, Fut>(
+    deadline: Instant,
+    mut op: F,
+) -> anyhow::Result<(Histogram<u64>, Span)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut latencies = new_histogram();
+    let start = Instant::now();
+    loop {
+        let t = Instant::now();
+        if t >= deadline {
+            break;
+        }
+        op().await?;
+        latencies.saturating_record(micros(t.elapsed()));
+    }
+    Ok((
+        latencies,
+        Span {
+            start,
+            end: Instant::now(),
+        },
+    ))
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
@@ -242,14 +270,9 @@ impl Prepared {
                 Arc::clone(&calls),
             );
             let key = ("hit", self.work.key_id, w as u64 % self.work.hit_keys);
-            workers.spawn(async move {
-                let mut latencies = new_histogram();
-                let start = Instant::now();
-                loop {
-                    let t = Instant::now();
-                    if t >= deadline {
-                        break;
-                    }
+            workers.spawn(until_deadline(deadline, move || {
+                let (cache, value, calls) = (cache.clone(), Arc::clone(&value), Arc::clone(&calls));
+                async move {
                     let loader = || {
                         calls.fetch_add(1, Ordering::Relaxed);
                         let v = Item::clone(&value);
@@ -259,16 +282,9 @@ impl Prepared {
                         .get_or_set(&key, loader)
                         .await
                         .context("get_or_set on the hit key failed")?;
-                    latencies.saturating_record(micros(t.elapsed()));
+                    Ok(())
                 }
-                anyhow::Ok((
-                    latencies,
-                    Span {
-                        start,
-                        end: Instant::now(),
-                    },
-                ))
-            });
+            }));
         }
         collect_histograms(workers, &calls).await
     }
@@ -282,34 +298,27 @@ impl Prepared {
         let deadline = Instant::now() + self.work.duration;
         let mut workers = JoinSet::new();
         for w in 0..self.work.concurrency {
-            let mut con = con.clone();
-            let key = raw_key(&self.app, self.work.key_id, w as u64 % self.work.hit_keys);
-            workers.spawn(async move {
-                let mut latencies = new_histogram();
-                let start = Instant::now();
-                loop {
-                    let t = Instant::now();
-                    if t >= deadline {
-                        break;
-                    }
+            let con = con.clone();
+            let key = Arc::new(raw_key(
+                &self.app,
+                self.work.key_id,
+                w as u64 % self.work.hit_keys,
+            ));
+            workers.spawn(until_deadline(deadline, move || {
+                // A clone per call, as keyward's backend does: the same cost on both sides.
+                let (mut con, key) = (con.clone(), Arc::clone(&key));
+                async move {
                     let bytes: Vec<u8> = redis::cmd("GET")
-                        .arg(&key)
+                        .arg(key.as_str())
                         .query_async(&mut con)
                         .await
                         .context("GET on the baseline key failed")?;
                     let item: Item =
                         serde_json::from_slice(&bytes).context("baseline value did not decode")?;
                     std::hint::black_box(item);
-                    latencies.saturating_record(micros(t.elapsed()));
+                    Ok(())
                 }
-                anyhow::Ok((
-                    latencies,
-                    Span {
-                        start,
-                        end: Instant::now(),
-                    },
-                ))
-            });
+            }));
         }
         collect_histograms(workers, &calls).await
     }
