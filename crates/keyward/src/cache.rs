@@ -186,6 +186,11 @@ fn token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// An error for the caller and, shared, for its followers.
+fn failed<T>(err: Error) -> (Result<T>, Outcome) {
+    (Err(err.clone()), Err(err))
+}
+
 fn flight_key(key: &str, negative_ok: bool) -> String {
     let mut k = String::with_capacity(key.len() + 2);
     k.push_str(key);
@@ -497,7 +502,7 @@ where
                         }
                         Ok(followed) => match followed {
                             Some(Ok(Shared::Value(bytes))) => {
-                                if let Ok(Decoded::Value(v, _)) = self.decode_payload(&bytes) {
+                                if let Ok(v) = C::decode::<V>(&bytes) {
                                     self.class.metrics.coalesced.increment(1);
                                     tracing::Span::current().record("status", "coalesced");
                                     return Ok(Some(v));
@@ -521,10 +526,6 @@ where
         }
         .instrument(span)
         .await
-    }
-
-    fn decode_payload(&self, payload: &Bytes) -> std::result::Result<Decoded<V>, BoxError> {
-        C::decode::<V>(payload).map(|v| Decoded::Value(v, payload.clone()))
     }
 
     async fn lead<F, Fut, E>(
@@ -559,7 +560,7 @@ where
                 .await
             {
                 Ok(f) => f,
-                Err(err) => return (Err(err.clone()), Err(err)),
+                Err(err) => return failed(err),
             };
             match fetched {
                 Fetched::Hit(raw) => match self.decode(&raw) {
@@ -576,13 +577,13 @@ where
                     Ok(Decoded::Negative) => {
                         // Only a corrupt header can get here; heal like any undecodable value.
                         if let Err(err) = self.heal(key, &raw, "unexpected absent marker").await {
-                            return (Err(err.clone()), Err(err));
+                            return failed(err);
                         }
                         heals += 1;
                     }
                     Err(reason) => {
                         if let Err(err) = self.heal(key, &raw, &reason).await {
-                            return (Err(err.clone()), Err(err));
+                            return failed(err);
                         }
                         heals += 1;
                     }
@@ -658,10 +659,10 @@ where
         match self.run_loader(loader).await {
             Ok(Some(v)) => match self.encode(&v) {
                 Ok(p) => (Ok(Some(v)), Ok(Shared::Value(Bytes::from(p)))),
-                Err(err) => (Err(err.clone()), Err(err)),
+                Err(err) => failed(err),
             },
             Ok(None) => (Ok(None), Ok(Shared::Negative)),
-            Err(err) => (Err(err.clone()), Err(err)),
+            Err(err) => failed(err),
         }
     }
 
@@ -680,7 +681,7 @@ where
             Ok(v) => v,
             Err(err) => {
                 guard.release().await;
-                return (Err(err.clone()), Err(err));
+                return failed(err);
             }
         };
         let (payload, ttl) = match &value {
@@ -688,7 +689,7 @@ where
                 Ok(p) => (Some(p), self.class.policy.jittered_ttl()),
                 Err(err) => {
                     guard.release().await;
-                    return (Err(err.clone()), Err(err));
+                    return failed(err);
                 }
             },
             None => match self.class.policy.jittered_negative_ttl() {

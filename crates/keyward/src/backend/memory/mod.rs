@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Entry, Fetched, KeyTtl, Namespace};
-use crate::envelope::{self, Body, Gens, LEASE_PREFIX, VALUE_PREFIX};
+use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::key::glob_match;
 use crate::wake::WakeBus;
 
@@ -117,18 +117,6 @@ impl State {
             },
             None => Gens::default(),
         }
-    }
-}
-
-/// How a stored value compares with the current epochs (the same test the Lua scripts make).
-fn is_current(data: &[u8], gens: Gens, negative_ok: bool) -> Option<bool> {
-    if !data.starts_with(VALUE_PREFIX) {
-        return None;
-    }
-    match envelope::parse(data) {
-        Ok((g, body)) => Some(g == gens && (negative_ok || body != Body::Negative)),
-        // A V1 header we cannot read: hand it to the caller, who heals it.
-        Err(_) => None,
     }
 }
 

@@ -22,7 +22,7 @@ use redis::{
 
 use super::{Entry, Fetched, KeyTtl, Namespace};
 use crate::ConnectOptions;
-use crate::envelope::{self, Body, Gens, LEASE_PREFIX, VALUE_PREFIX};
+use crate::envelope::{self, Gens, LEASE_PREFIX};
 use crate::error::{Error, Result};
 use crate::wake::WakeBus;
 
@@ -257,19 +257,13 @@ impl RedisBackend {
         let Some(stored) = stored else {
             return Ok(Fetched::Leased(gens));
         };
-        if stored.starts_with(VALUE_PREFIX) {
-            match envelope::parse(&stored) {
-                Ok((g, body)) if g == gens && (negative_ok || body != Body::Negative) => {
-                    return Ok(Fetched::Hit(Bytes::from(stored)));
-                }
-                // Unreadable: hand it to the caller, who reports and heals it.
-                Err(_) => return Ok(Fetched::Hit(Bytes::from(stored))),
-                Ok(_) => {}
-            }
-        } else if !stored.starts_with(LEASE_PREFIX) {
-            return Ok(Fetched::Hit(Bytes::from(stored)));
+        if stored.starts_with(LEASE_PREFIX)
+            || envelope::is_current(&stored, gens, negative_ok) == Some(false)
+        {
+            return self.fetch_atomic(e, marker, lease_ttl, negative_ok).await;
         }
-        self.fetch_atomic(e, marker, lease_ttl, negative_ok).await
+        // A current value, or bytes the caller will decode, report and heal.
+        Ok(Fetched::Hit(Bytes::from(stored)))
     }
 
     async fn fetch_atomic(
