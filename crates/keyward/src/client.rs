@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::key::{KeySpace, internal_key, namespace_pattern};
 use crate::policy::{ClassKind, Policy};
+use crate::rate_limit::RateShared;
 use crate::wake::WakeBus;
 
 /// Connection settings. Credentials come only from the URL and are never logged.
@@ -34,6 +35,8 @@ pub struct ConnectOptions {
     pub(crate) response_timeout: Duration,
     pub(crate) reconnect_retries: usize,
     pub(crate) memory: MemoryOptions,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -43,6 +46,8 @@ impl Default for ConnectOptions {
             response_timeout: Duration::from_secs(1),
             reconnect_retries: 6,
             memory: MemoryOptions::default(),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(1),
         }
     }
 }
@@ -64,6 +69,15 @@ impl ConnectOptions {
     #[must_use]
     pub fn reconnect_retries(mut self, n: usize) -> Self {
         self.reconnect_retries = n;
+        self
+    }
+    /// The circuit breaker in front of Redis for rate limits: it opens after `failures` consecutive failed
+    /// calls (default 3), sends every check to its class's `on_error` for `cooldown` (default 1 s), then lets
+    /// one probe through and closes if it succeeds.
+    #[must_use]
+    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_failures = failures.max(1);
+        self.breaker_cooldown = cooldown;
         self
     }
     /// Settings for the embedded backend, used for `mem://` or when no `REDIS_URL` is set.
@@ -98,6 +112,7 @@ pub(crate) struct Inner {
     pub(crate) ns: Namespace,
     pub(crate) flights: Arc<Flights>,
     pub(crate) bus: Arc<WakeBus>,
+    pub(crate) rates: RateShared,
     server: Option<String>,
 }
 
@@ -145,6 +160,7 @@ impl Keyward {
             bus,
             Backend::Redis(redis),
             Some(server),
+            &options,
         ))
     }
 
@@ -173,8 +189,8 @@ impl Keyward {
     pub fn embedded_with(policy: Policy, options: MemoryOptions) -> Self {
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
-        let backend = Backend::Memory(MemoryBackend::new(&options, Arc::clone(&bus)));
-        Self::assemble(policy, ns, bus, backend, None)
+        let backend = Backend::Memory(Box::new(MemoryBackend::new(&options, Arc::clone(&bus))));
+        Self::assemble(policy, ns, bus, backend, None, &ConnectOptions::default())
     }
 
     fn assemble(
@@ -183,6 +199,7 @@ impl Keyward {
         bus: Arc<WakeBus>,
         backend: Backend,
         server: Option<String>,
+        options: &ConnectOptions,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -191,6 +208,7 @@ impl Keyward {
                 ns,
                 flights: Arc::new(Flights::default()),
                 bus,
+                rates: RateShared::new(options.breaker_failures, options.breaker_cooldown),
                 server,
             }),
         }

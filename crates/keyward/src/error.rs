@@ -130,6 +130,12 @@ pub enum Error {
         #[source]
         source: Arc<BoxError>,
     },
+    /// An argument cannot be used (e.g. a rate-limit cost larger than the limit's capacity).
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong, naming the class where there is one.
+        what: String,
+    },
     /// The source-of-truth write succeeded but the cache could not be updated or invalidated afterwards.
     /// The cached entry may be stale until its TTL ends.
     #[error("class `{class}`: source written, but the cache could not be updated: {cause}")]

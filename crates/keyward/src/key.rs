@@ -193,6 +193,7 @@ impl KeySpace {
         let declared = policy.class(class)?;
         let version = match declared.kind() {
             ClassKind::Cache(c) => c.version_value(),
+            ClassKind::RateLimit(r) => r.version_value(),
         };
         let class_prefix = format!("{}:{}:{}:", policy.env(), policy.app(), declared.name());
         let prefix = format!("{class_prefix}v{version}:");

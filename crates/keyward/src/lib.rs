@@ -36,6 +36,9 @@
 //! - [`key`] — keys built only through the policy; escaping; SCAN patterns.
 //! - [`Keyward`] — the process-wide handle (one multiplexed Redis connection, or the embedded backend).
 //! - [`Cache`] — typed cache-aside with single-flight, fill leases, fenced fills and wake-ups.
+//! - [`rate_limit`] — five algorithms (fixed window, sliding log, sliding counter, token bucket, GCRA), each
+//!   one atomic script on the server's clock; several limits all or nothing; `on_error`, circuit breaker,
+//!   block cache, shadow mode.
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
@@ -57,9 +60,11 @@ mod error;
 mod flight;
 pub mod key;
 pub mod policy;
+pub mod rate_limit;
 mod wake;
 
 pub use backend::{BackendKind, KeyTtl, MemoryOptions};
 pub use cache::Cache;
 pub use client::{ConnectOptions, Keyward};
 pub use error::{BoxError, Error, Result};
+pub use rate_limit::{Decision, RateLimiter};

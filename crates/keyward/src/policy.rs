@@ -25,9 +25,20 @@
 //! allow_shared = false        # default false
 //! lease_ttl = "10s"           # fill lease lifetime, default 10s, must be > loader_timeout
 //! loader_timeout = "5s"       # default 5s, must be > 0
+//!
+//! [classes.api_per_tenant]
+//! kind = "rate_limit"
+//! algorithm = "gcra"          # fixed_window | sliding_log | sliding_counter | token_bucket | gcra (required)
+//! limit = 100                 # requests (cost units) per window, required, 1..=1e9 (sliding_log: 1..=100000)
+//! window = "1m"               # required, 1ms..=400 days
+//! burst = 20                  # token_bucket and gcra only: how many at once; default = limit
+//! version = 1                 # integer >= 1, default 1; bumping it starts every identity afresh
+//! on_error = "local"          # "allow" | "deny" | "local" (in-process fallback), default "local"
+//! block_cache = false         # refuse known-limited identities in process until retry_after; default false
+//! shadow = false              # decide and count, never refuse; default false
 //! ```
 //!
-//! `kind` is required for every class; the only kind today is `"cache"`. Unknown fields anywhere are
+//! `kind` is required for every class: `"cache"` or `"rate_limit"`. Unknown fields anywhere are
 //! errors. `env` and `app` are 1 to 32 characters of `[a-z0-9_.-]` starting with `[a-z0-9]`; class names
 //! are 1 to 64 characters of `[a-z][a-z0-9_]*` (so no class can collide with keyward's internal `_kw`
 //! keys). A policy with no classes is valid.
@@ -56,6 +67,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::Rng;
+
+mod rate_limit;
+
+pub use rate_limit::{Algorithm, OnError, RateLimitClass};
 
 /// Default jitter of a cache class: 10% of its TTL.
 const DEFAULT_JITTER_PERCENT: f64 = 10.0;
@@ -90,7 +105,7 @@ const CACHE_FIELDS: &[&str] = &[
 ];
 
 /// Class kinds known to this version of keyward, as written in TOML.
-const KNOWN_KINDS: &[&str] = &["cache"];
+const KNOWN_KINDS: &[&str] = &["cache", "rate_limit"];
 
 // ---------------------------------------------------------------------------------------------------------
 // Errors
@@ -522,31 +537,37 @@ fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
 // Classes
 // ---------------------------------------------------------------------------------------------------------
 
-/// What a class is and how it behaves. More kinds (rate limits, sessions, …) arrive in later versions.
+/// What a class is and how it behaves. More kinds (sessions, locks, …) arrive in later versions.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ClassKind {
     /// A cache-aside class (`kind = "cache"`).
     Cache(CacheClass),
+    /// A rate limit (`kind = "rate_limit"`).
+    RateLimit(RateLimitClass),
 }
 
 impl ClassKind {
-    /// The kind as written in TOML: `"cache"`.
+    /// The kind as written in TOML: `"cache"`, `"rate_limit"`.
     pub fn name(&self) -> &'static str {
         match self {
             ClassKind::Cache(_) => "cache",
+            ClassKind::RateLimit(_) => "rate_limit",
         }
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
         match self {
             ClassKind::Cache(c) => c.validate(),
+            ClassKind::RateLimit(r) => r.validate(),
         }
     }
 
+    /// How long a cache value of this class can live (zero for kinds that hold no cache values).
     fn max_lifetime(&self) -> Duration {
         match self {
             ClassKind::Cache(c) => c.max_lifetime(),
+            ClassKind::RateLimit(_) => Duration::ZERO,
         }
     }
 }
@@ -573,6 +594,15 @@ impl Class {
     pub fn as_cache(&self) -> Option<&CacheClass> {
         match &self.kind {
             ClassKind::Cache(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The rate-limit settings, if this is a rate-limit class.
+    pub fn as_rate_limit(&self) -> Option<&RateLimitClass> {
+        match &self.kind {
+            ClassKind::RateLimit(r) => Some(r),
+            _ => None,
         }
     }
 }
@@ -645,7 +675,7 @@ impl Policy {
         self.classes.values()
     }
 
-    /// Upper bound on how long any value written under this policy can live: max over cache classes of
+    /// Upper bound on how long any cache value written under this policy can live: max over cache classes of
     /// (ttl + max jitter + lease_ttl); `Duration::ZERO` if none.
     pub fn max_entry_lifetime(&self) -> Duration {
         self.classes
@@ -690,6 +720,7 @@ impl fmt::Display for Policy {
                     writeln!(f, "  lease_ttl:       {}", fmt_duration(c.lease_ttl))?;
                     writeln!(f, "  loader_timeout:  {}", fmt_duration(c.loader_timeout))?;
                 }
+                ClassKind::RateLimit(r) => r.describe(f)?,
             }
         }
         if !self.classes.is_empty() {
@@ -717,6 +748,13 @@ impl PolicyBuilder {
     /// Declares a cache class.
     pub fn cache(mut self, name: impl Into<String>, class: CacheClass) -> Self {
         self.classes.push((name.into(), ClassKind::Cache(class)));
+        self
+    }
+
+    /// Declares a rate-limit class.
+    pub fn rate_limit(mut self, name: impl Into<String>, class: RateLimitClass) -> Self {
+        self.classes
+            .push((name.into(), ClassKind::RateLimit(class)));
         self
     }
 
@@ -964,6 +1002,7 @@ fn parse_class(name: &str, table: toml::Table) -> Result<ClassKind, PolicyError>
     })?;
     match kind.as_str() {
         "cache" => parse_cache(fields).map(ClassKind::Cache),
+        "rate_limit" => rate_limit::parse_rate_limit(fields).map(ClassKind::RateLimit),
         other => Err(fields.error(
             "kind",
             format!("unknown kind \"{other}\"; known kinds: {known_kinds}"),
@@ -1377,13 +1416,14 @@ loader_timeout = "5s"       # default 5s, must be > 0
 
     #[test]
     fn unknown_or_missing_kind_lists_known_kinds() {
-        let text =
-            "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"rate_limit\"\n";
+        let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"session\"\n";
         let err = Policy::from_toml_str(text).unwrap_err();
         assert_eq!(err.class(), Some("login"));
         assert_eq!(err.field(), Some("kind"));
         assert!(
-            err.message().contains("rate_limit") && err.message().contains("\"cache\""),
+            err.message().contains("session")
+                && err.message().contains("\"cache\"")
+                && err.message().contains("\"rate_limit\""),
             "{err}"
         );
 

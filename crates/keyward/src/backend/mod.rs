@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use crate::envelope::Gens;
 use crate::error::Result;
+use crate::rate_limit::local::{RateCall, RateReply};
 
 pub use memory::MemoryOptions;
 
@@ -62,7 +63,7 @@ pub struct KeyTtl {
 }
 
 pub(crate) enum Backend {
-    Memory(memory::MemoryBackend),
+    Memory(Box<memory::MemoryBackend>),
     Redis(redis::RedisBackend),
 }
 
@@ -158,6 +159,14 @@ impl Backend {
         match self {
             Backend::Memory(m) => Ok(m.heal(key, raw)),
             Backend::Redis(r) => r.heal(key, raw).await,
+        }
+    }
+
+    /// One rate-limit check over one or more limits of one identity, all or nothing, on the store's clock.
+    pub(crate) async fn rate(&self, call: &RateCall<'_>) -> Result<RateReply> {
+        match self {
+            Backend::Memory(m) => Ok(m.rates.check(call)),
+            Backend::Redis(r) => r.rate(call).await,
         }
     }
 

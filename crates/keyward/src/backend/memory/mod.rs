@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::{Entry, Fetched, KeyTtl, Namespace};
 use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::key::glob_match;
+use crate::rate_limit::local::LocalRates;
 use crate::wake::WakeBus;
 
 /// Settings of the embedded backend.
@@ -62,6 +63,8 @@ pub(crate) struct MemoryBackend {
     state: Mutex<State>,
     bus: Arc<WakeBus>,
     capacity: usize,
+    /// Rate-limit state (its own lock: checks never wait on cache operations).
+    pub(crate) rates: LocalRates,
 }
 
 impl State {
@@ -126,6 +129,7 @@ impl MemoryBackend {
             state: Mutex::new(State::default()),
             bus,
             capacity: options.capacity,
+            rates: LocalRates::new(options.capacity),
         }
     }
 
@@ -278,6 +282,8 @@ impl MemoryBackend {
                 ttl: Some(at - now),
             })
             .collect();
+        drop(st);
+        out.extend(self.rates.scan(pattern));
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }

@@ -24,6 +24,8 @@ use super::{Entry, Fetched, KeyTtl, Namespace};
 use crate::ConnectOptions;
 use crate::envelope::{self, Gens, LEASE_PREFIX};
 use crate::error::{Error, Result};
+use crate::rate_limit::algo::Verdict;
+use crate::rate_limit::local::{RateCall, RateReply};
 use crate::wake::WakeBus;
 
 struct Scripts {
@@ -35,6 +37,7 @@ struct Scripts {
     invalidate: Script,
     bump: Script,
     heal: Script,
+    ratelimit: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -46,6 +49,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     invalidate: Script::new(include_str!("invalidate.lua")),
     bump: Script::new(include_str!("bump.lua")),
     heal: Script::new(include_str!("heal.lua")),
+    ratelimit: Script::new(include_str!("ratelimit.lua")),
 });
 
 /// The oldest server keyward runs on: `SET … NX GET` (get-or-lease in one command) arrived in 7.0.
@@ -391,6 +395,46 @@ impl RedisBackend {
     pub(crate) async fn heal(&self, key: &str, raw: &[u8]) -> Result<bool> {
         let n: i64 = self.invoke("heal", SCRIPTS.heal.key(key).arg(raw)).await?;
         Ok(n == 1)
+    }
+
+    /// One grouped rate-limit check: one `EVALSHA` (the script reads `TIME` itself; the client's clock is
+    /// never sent).
+    pub(crate) async fn rate(&self, call: &RateCall<'_>) -> Result<RateReply> {
+        let mut invocation = SCRIPTS.ratelimit.prepare_invoke();
+        for key in call.keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(call.cost)
+            .arg(if call.consume { "1" } else { "0" })
+            .arg(rand::random::<u64>());
+        for (spec, shadow) in call.group.specs.iter().zip(call.group.shadow) {
+            invocation
+                .arg(spec.code())
+                .arg(spec.limit)
+                .arg(spec.window)
+                .arg(spec.capacity)
+                .arg(spec.interval)
+                .arg(if *shadow { "1" } else { "0" });
+        }
+        let reply: Vec<i64> = self.invoke("rate_limit", &invocation).await?;
+        let n = call.keys.len();
+        if reply.len() != 1 + 4 * n {
+            return Err(self.protocol_err("rate_limit", &format!("{reply:?}")));
+        }
+        let verdicts = reply[1..]
+            .chunks_exact(4)
+            .map(|c| Verdict {
+                allowed: c[0] == 1,
+                remaining: c[1],
+                reset: c[2],
+                retry: c[3],
+            })
+            .collect();
+        Ok(RateReply {
+            allowed: reply[0] == 1,
+            verdicts,
+        })
     }
 
     pub(crate) async fn scan(&self, pattern: &str, batch: usize) -> Result<Vec<KeyTtl>> {

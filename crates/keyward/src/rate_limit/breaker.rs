@@ -1,0 +1,171 @@
+//! A circuit breaker in front of the store, so that while Redis is down each request pays the fallback, not a
+//! timeout. Closed → (N consecutive failures) → Open → (cooldown) → one probe → Closed or Open again.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The breaker's state, as reported by [`Keyward::breaker_state`](crate::Keyward::breaker_state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Calls go to the store.
+    Closed,
+    /// The store failed repeatedly: calls use their class's `on_error` without trying it.
+    Open,
+    /// The cooldown is over and one probe call is trying the store.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { since: Instant },
+}
+
+/// Whether a call may go to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Yes (closed).
+    Call,
+    /// Yes, as the one probe after the cooldown.
+    Probe,
+    /// No: use the fallback.
+    Skip,
+}
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    state: Mutex<Inner>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            state: Mutex::new(Inner::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            cooldown,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn admit(&self) -> Admit {
+        let mut s = self.lock();
+        let now = Instant::now();
+        match *s {
+            Inner::Closed { .. } => Admit::Call,
+            Inner::Open { until } if now < until => Admit::Skip,
+            // A probe that never reported (its caller was cancelled) does not keep the breaker half-open.
+            Inner::HalfOpen { since } if now < since + self.cooldown => Admit::Skip,
+            _ => {
+                *s = Inner::HalfOpen { since: now };
+                Admit::Probe
+            }
+        }
+    }
+
+    pub(crate) fn success(&self) {
+        let mut s = self.lock();
+        if !matches!(*s, Inner::Closed { failures: 0 }) {
+            if !matches!(*s, Inner::Closed { .. }) {
+                tracing::info!("keyward: the store answers again; circuit breaker closed");
+                metrics::gauge!("keyward_breaker_open").set(0.0);
+            }
+            *s = Inner::Closed { failures: 0 };
+        }
+    }
+
+    pub(crate) fn failure(&self) {
+        let mut s = self.lock();
+        let open = match *s {
+            Inner::Closed { failures } if failures + 1 < self.threshold => {
+                *s = Inner::Closed {
+                    failures: failures + 1,
+                };
+                false
+            }
+            // Another caller's call failed while open: keep the current cooldown.
+            Inner::Open { .. } => false,
+            _ => true,
+        };
+        if open {
+            *s = Inner::Open {
+                until: Instant::now() + self.cooldown,
+            };
+            tracing::warn!(cooldown = ?self.cooldown, "keyward: the store is failing; circuit breaker open");
+            metrics::gauge!("keyward_breaker_open").set(1.0);
+        }
+    }
+
+    pub(crate) fn state(&self) -> BreakerState {
+        match *self.lock() {
+            Inner::Closed { .. } => BreakerState::Closed,
+            Inner::Open { until } if Instant::now() < until => BreakerState::Open,
+            Inner::Open { .. } => BreakerState::HalfOpen,
+            Inner::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// How long until the breaker lets a probe through (zero unless open).
+    pub(crate) fn retry_in(&self) -> Duration {
+        match *self.lock() {
+            Inner::Open { until } => until.saturating_duration_since(Instant::now()),
+            Inner::HalfOpen { since } => {
+                (since + self.cooldown).saturating_duration_since(Instant::now())
+            }
+            Inner::Closed { .. } => Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_threshold_and_probes_after_cooldown() {
+        let b = Breaker::new(3, Duration::from_secs(1));
+        b.failure();
+        b.failure();
+        assert_eq!(b.admit(), Admit::Call);
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.admit(), Admit::Skip);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit(), Admit::Probe);
+        assert_eq!(b.admit(), Admit::Skip, "only one probe at a time");
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit(), Admit::Probe);
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.admit(), Admit::Call);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_probe_does_not_wedge_it() {
+        let b = Breaker::new(1, Duration::from_secs(1));
+        b.failure();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit(), Admit::Probe);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit(), Admit::Probe);
+    }
+
+    #[test]
+    fn success_resets_the_failure_count() {
+        let b = Breaker::new(2, Duration::from_secs(1));
+        b.failure();
+        b.success();
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+}

@@ -1,0 +1,626 @@
+//! Rate limiting: five algorithms, exact under races, on the store's clock.
+//!
+//! **Guarantee.** A check is one atomic step on the store — one Lua script on Redis (`EVALSHA`, reading the
+//! server's `TIME`), one critical section in the embedded backend — so concurrent checks cannot both read
+//! "one left" and both pass: with a limit of 100, 1000 racing checks from any number of processes allow
+//! exactly 100 (`fixed_window`, `sliding_log`, `token_bucket` and `gcra`; `sliding_counter` is exact within a
+//! window and approximate across one, see [`Algorithm::SlidingCounter`]). Several limits checked together
+//! are all or nothing: if one refuses, none is charged. A refused call charges nothing. The client's clock is
+//! never used. Every key expires as soon as it no longer affects a decision.
+//!
+//! A refusal is a value ([`Decision`]), not an error; errors are failures only. When the store fails, each
+//! class's `on_error` decides (allow, deny, or an in-process limiter), and a circuit breaker keeps requests
+//! from each paying a timeout while it is down.
+//!
+//! ```
+//! # async fn demo() -> keyward::Result<()> {
+//! use keyward::{Keyward, policy::Policy};
+//!
+//! let policy = Policy::from_toml_str(r#"
+//!     [namespace]
+//!     env = "dev"
+//!     app = "api"
+//!
+//!     [classes.per_user]
+//!     kind = "rate_limit"
+//!     algorithm = "gcra"
+//!     limit = 2
+//!     window = "1m"
+//! "#)?;
+//! let kw = Keyward::from_env(policy).await?;
+//! let limiter = kw.rate_limiter("per_user")?;
+//! assert!(limiter.check("alice").await?.is_allowed());
+//! assert!(limiter.check("alice").await?.is_allowed());
+//! let third = limiter.check("alice").await?;
+//! assert!(!third.is_allowed());
+//! assert!(third.retry_after().unwrap() > std::time::Duration::from_secs(25));
+//! assert!(limiter.check("bob").await?.is_allowed()); // identities are independent
+//! # Ok(()) }
+//! ```
+//!
+//! # Metrics
+//! Labelled by `class`: `keyward_ratelimit_allowed_total`, `keyward_ratelimit_limited_total`,
+//! `keyward_ratelimit_shadow_limited_total` (shadow classes that would have refused),
+//! `keyward_ratelimit_blocked_locally_total` (refused from the block cache), `keyward_ratelimit_errors_total`
+//! (store failures), and `keyward_ratelimit_fallback_total` (with `on_error`), plus the gauge
+//! `keyward_breaker_open`.
+
+pub(crate) mod algo;
+mod breaker;
+pub(crate) mod local;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use breaker::BreakerState;
+pub(crate) use breaker::{Admit, Breaker};
+
+use self::algo::{Group, Spec, Verdict};
+use self::local::{LocalRates, RateCall, RateReply};
+use crate::Keyward;
+use crate::error::{Error, Result};
+use crate::key::{IdParts, KeySpace};
+use crate::policy::{ClassKind, OnError, RateLimitClass};
+
+/// Most identities the block cache and the local fallback remember at once.
+const LOCAL_CAPACITY: usize = 100_000;
+
+/// Where a [`Decision`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Source {
+    /// The store (Redis, or the embedded backend) decided.
+    Store,
+    /// Refused in process: the identity was known to be limited (the class's `block_cache`).
+    BlockCache,
+    /// The store failed; the in-process fallback limiter decided (`on_error = "local"`).
+    LocalFallback,
+    /// The store failed; allowed without counting (`on_error = "allow"`).
+    FailOpen,
+    /// The store failed; refused (`on_error = "deny"`).
+    FailClosed,
+}
+
+/// The state of one limit after a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    class: Arc<str>,
+    allowed: bool,
+    shadow: bool,
+    limit: u64,
+    window: Duration,
+    remaining: u64,
+    reset_after: Duration,
+    retry_after: Option<Duration>,
+}
+
+impl LimitStatus {
+    /// The class (policy name) of this limit.
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+    /// Whether this limit allowed the call.
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+    /// Whether the class is in shadow mode (observes, never refuses).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+    /// The declared limit per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+    /// The declared window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+    /// Units left now (after this call, if it was allowed).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+    /// Time until the limit is fully replenished.
+    pub fn reset_after(&self) -> Duration {
+        self.reset_after
+    }
+    /// For a refusal, how long until a call of the same cost can succeed.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+/// The outcome of a check: allowed or limited, with what an HTTP response needs to say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    allowed: bool,
+    shadow_limited: bool,
+    source: Source,
+    limits: Vec<LimitStatus>,
+}
+
+impl Decision {
+    /// Whether the call may proceed.
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+    /// Whether the call was refused.
+    pub fn is_limited(&self) -> bool {
+        !self.allowed
+    }
+    /// Whether a shadow-mode class would have refused (the call was allowed anyway).
+    pub fn is_shadow_limited(&self) -> bool {
+        self.shadow_limited
+    }
+    /// Where the decision came from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+    /// Every limit consulted, in the limiter's order.
+    pub fn limits(&self) -> &[LimitStatus] {
+        &self.limits
+    }
+    /// The limit that matters most to the caller: for a refusal, the enforced limit that refused with the
+    /// longest `retry_after`; otherwise the one with the fewest units remaining (then the longest reset).
+    pub fn binding(&self) -> &LimitStatus {
+        let enforced = self.limits.iter().filter(|l| !l.shadow);
+        let pick = if self.allowed {
+            enforced.min_by(|a, b| {
+                a.remaining
+                    .cmp(&b.remaining)
+                    .then(b.reset_after.cmp(&a.reset_after))
+            })
+        } else {
+            enforced
+                .filter(|l| !l.allowed)
+                .max_by_key(|l| l.retry_after)
+        };
+        // A limiter has at least one limit; if every one is shadow, report the first.
+        pick.unwrap_or(&self.limits[0])
+    }
+    /// The binding limit's declared limit.
+    pub fn limit(&self) -> u64 {
+        self.binding().limit
+    }
+    /// The binding limit's remaining units.
+    pub fn remaining(&self) -> u64 {
+        self.binding().remaining
+    }
+    /// Time until the binding limit is fully replenished.
+    pub fn reset_after(&self) -> Duration {
+        self.binding().reset_after
+    }
+    /// For a refusal, how long to wait before retrying; `None` when allowed.
+    pub fn retry_after(&self) -> Option<Duration> {
+        if self.allowed {
+            None
+        } else {
+            self.limits
+                .iter()
+                .filter(|l| !l.shadow && !l.allowed)
+                .filter_map(|l| l.retry_after)
+                .max()
+        }
+    }
+}
+
+/// One limit of a limiter.
+struct Limit {
+    class: Arc<str>,
+    config: RateLimitClass,
+    keys: KeySpace,
+    spec: Spec,
+}
+
+/// Checks one or more rate-limit classes for an identity. Cheap to clone.
+///
+/// From [`Keyward::rate_limiter`] (one class) or [`Keyward::rate_limiter_group`] (several, all or nothing).
+#[derive(Clone)]
+pub struct RateLimiter {
+    kw: Keyward,
+    limits: Arc<[Limit]>,
+    shadow: Arc<[bool]>,
+    on_error: OnError,
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field(
+                "classes",
+                &self.limits.iter().map(|l| &*l.class).collect::<Vec<_>>(),
+            )
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// In-process state shared by every limiter of one [`Keyward`] handle.
+pub(crate) struct RateShared {
+    pub(crate) breaker: Breaker,
+    fallback: LocalRates,
+    blocks: Mutex<HashMap<String, Instant>>,
+}
+
+impl RateShared {
+    pub(crate) fn new(breaker_failures: u32, breaker_cooldown: Duration) -> Self {
+        RateShared {
+            breaker: Breaker::new(breaker_failures, breaker_cooldown),
+            fallback: LocalRates::new(LOCAL_CAPACITY),
+            blocks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn blocked_until(&self, key: &str, now: Instant) -> Option<Instant> {
+        let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        blocks.get(key).copied().filter(|until| *until > now)
+    }
+
+    fn block(&self, key: &str, until: Instant) {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if blocks.len() >= LOCAL_CAPACITY {
+            let now = Instant::now();
+            blocks.retain(|_, u| *u > now);
+            if blocks.len() >= LOCAL_CAPACITY {
+                // Still full of live blocks: forgetting one only costs a store call later.
+                return;
+            }
+        }
+        blocks.insert(key.to_owned(), until);
+    }
+}
+
+impl Keyward {
+    /// A limiter for one `rate_limit` class of the policy.
+    ///
+    /// # Errors
+    /// [`Error::UnknownClass`], [`Error::WrongKind`].
+    pub fn rate_limiter(&self, class: &str) -> Result<RateLimiter> {
+        self.rate_limiter_group(&[class])
+    }
+
+    /// A limiter checking several classes at once, all or nothing (e.g. 10/second *and* 1000/day): if any
+    /// enforced limit refuses, none is charged. Their keys for one identity share a hash tag.
+    /// On store failure the strictest `on_error` of the group applies (deny, then local, then allow).
+    ///
+    /// # Errors
+    /// [`Error::UnknownClass`], [`Error::WrongKind`], or [`Error::InvalidArgument`] for an empty or
+    /// repeated list.
+    pub fn rate_limiter_group(&self, classes: &[&str]) -> Result<RateLimiter> {
+        if classes.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "a rate limiter needs at least one class".to_owned(),
+            });
+        }
+        let mut limits = Vec::with_capacity(classes.len());
+        for (i, &class) in classes.iter().enumerate() {
+            if classes[..i].contains(&class) {
+                return Err(Error::InvalidArgument {
+                    what: format!("class `{class}` is listed twice"),
+                });
+            }
+            let declared = self
+                .inner
+                .policy
+                .class(class)
+                .ok_or_else(|| Error::UnknownClass {
+                    class: class.to_owned(),
+                })?;
+            let config = match declared.kind() {
+                ClassKind::RateLimit(r) => r.clone(),
+                other => {
+                    return Err(Error::WrongKind {
+                        class: class.to_owned(),
+                        expected: "rate_limit",
+                        found: other.name(),
+                    });
+                }
+            };
+            let keys =
+                KeySpace::new(&self.inner.policy, class).ok_or_else(|| Error::UnknownClass {
+                    class: class.to_owned(),
+                })?;
+            let spec = Spec {
+                algorithm: config.algorithm_value(),
+                limit: i64::try_from(config.limit_value()).unwrap_or(i64::MAX),
+                window: config.window_us(),
+                capacity: i64::try_from(config.capacity()).unwrap_or(i64::MAX),
+                interval: config.interval_us(),
+            };
+            limits.push(Limit {
+                class: Arc::from(class),
+                config,
+                keys,
+                spec,
+            });
+        }
+        let on_error = limits
+            .iter()
+            .map(|l| l.config.on_error_value())
+            .max_by_key(|o| match o {
+                OnError::Deny => 2,
+                OnError::Local => 1,
+                _ => 0,
+            })
+            .unwrap_or_default();
+        let shadow = limits.iter().map(|l| l.config.is_shadow()).collect();
+        Ok(RateLimiter {
+            kw: self.clone(),
+            limits: limits.into(),
+            shadow,
+            on_error,
+        })
+    }
+
+    /// The state of the circuit breaker in front of the store (always closed for the embedded backend).
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.rates.breaker.state()
+    }
+}
+
+impl RateLimiter {
+    /// The classes this limiter checks, in order.
+    pub fn classes(&self) -> impl Iterator<Item = &str> {
+        self.limits.iter().map(|l| &*l.class)
+    }
+
+    /// The settings of each class, in order.
+    pub fn configs(&self) -> impl Iterator<Item = (&str, &RateLimitClass)> {
+        self.limits.iter().map(|l| (&*l.class, &l.config))
+    }
+
+    /// Check and charge one unit for `id`.
+    ///
+    /// # Errors
+    /// A key error for an unusable id, or a store failure when the class's `on_error` cannot answer without
+    /// the store (never: every `on_error` answers; errors are reported through metrics and logs).
+    pub async fn check(&self, id: &(impl IdParts + ?Sized)) -> Result<Decision> {
+        self.run(id, 1, true).await
+    }
+
+    /// Check and charge `cost` units (a weighted request). A cost above what is available is refused and
+    /// charges nothing; a cost of 0 is a [`peek`](Self::peek).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `cost` exceeds a limit's capacity (it could never be allowed), and key
+    /// errors for an unusable id.
+    pub async fn check_cost(&self, id: &(impl IdParts + ?Sized), cost: u64) -> Result<Decision> {
+        if cost == 0 {
+            return self.peek(id).await;
+        }
+        for l in self.limits.iter() {
+            if cost > l.config.capacity() {
+                return Err(Error::InvalidArgument {
+                    what: format!(
+                        "cost {cost} exceeds the capacity of rate-limit class `{}` ({}), so it could never be allowed",
+                        l.class,
+                        l.config.capacity()
+                    ),
+                });
+            }
+        }
+        self.run(id, i64::try_from(cost).unwrap_or(i64::MAX), true)
+            .await
+    }
+
+    /// Report the state for `id` without charging anything: `is_allowed` says whether a call of cost 1 would
+    /// pass now, `remaining` is what is available.
+    ///
+    /// # Errors
+    /// As [`check`](Self::check).
+    pub async fn peek(&self, id: &(impl IdParts + ?Sized)) -> Result<Decision> {
+        self.run(id, 1, false).await
+    }
+
+    async fn run(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        cost: i64,
+        consume: bool,
+    ) -> Result<Decision> {
+        let keys = self
+            .limits
+            .iter()
+            .map(|l| l.keys.key(id))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let shared = &self.kw.inner.rates;
+
+        if consume && let Some(d) = self.blocked(&keys, shared) {
+            return Ok(d);
+        }
+
+        let specs: Vec<Spec> = self.limits.iter().map(|l| l.spec).collect();
+        let call = RateCall {
+            keys: &keys,
+            group: Group {
+                specs: &specs,
+                shadow: &self.shadow,
+            },
+            cost,
+            consume,
+        };
+        let backend = &self.kw.inner.backend;
+        let is_redis = backend.kind() == crate::BackendKind::Redis;
+        let admit = if is_redis {
+            shared.breaker.admit()
+        } else {
+            Admit::Call
+        };
+        let reply = if admit == Admit::Skip {
+            Err(None)
+        } else {
+            match backend.rate(&call).await {
+                Ok(r) => {
+                    if is_redis {
+                        shared.breaker.success();
+                    }
+                    Ok(r)
+                }
+                Err(e) => {
+                    if e.is_backend() {
+                        shared.breaker.failure();
+                    }
+                    Err(Some(e))
+                }
+            }
+        };
+        let decision = match reply {
+            Ok(reply) => self.decide(reply, Source::Store),
+            Err(err) => self.fallback(&call, err),
+        };
+        self.record(&keys, &decision, consume);
+        Ok(decision)
+    }
+
+    /// A refusal from the block cache, if an enforced, block-caching limit is known to refuse `keys`.
+    fn blocked(&self, keys: &[String], shared: &RateShared) -> Option<Decision> {
+        let now = Instant::now();
+        let mut limits = Vec::new();
+        for (l, key) in self.limits.iter().zip(keys) {
+            if !l.config.is_block_cache() || l.config.is_shadow() {
+                continue;
+            }
+            if let Some(until) = shared.blocked_until(key, now) {
+                let retry = until - now;
+                limits.push(LimitStatus {
+                    class: Arc::clone(&l.class),
+                    allowed: false,
+                    shadow: false,
+                    limit: l.config.limit_value(),
+                    window: l.config.window_value(),
+                    remaining: 0,
+                    reset_after: retry,
+                    retry_after: Some(retry),
+                });
+                metrics::counter!("keyward_ratelimit_blocked_locally_total", "class" => l.class.to_string())
+                    .increment(1);
+            }
+        }
+        (!limits.is_empty()).then_some(Decision {
+            allowed: false,
+            shadow_limited: false,
+            source: Source::BlockCache,
+            limits,
+        })
+    }
+
+    fn decide(&self, reply: RateReply, source: Source) -> Decision {
+        let limits: Vec<LimitStatus> = self
+            .limits
+            .iter()
+            .zip(&reply.verdicts)
+            .map(|(l, v)| status(l, v))
+            .collect();
+        let shadow_limited = limits.iter().any(|l| l.shadow && !l.allowed);
+        Decision {
+            allowed: reply.allowed,
+            shadow_limited,
+            source,
+            limits,
+        }
+    }
+
+    /// The store failed (`Some(error)`) or the breaker is open (`None`): apply `on_error`.
+    fn fallback(&self, call: &RateCall<'_>, err: Option<Error>) -> Decision {
+        for l in self.limits.iter() {
+            let class = l.class.to_string();
+            if err.is_some() {
+                metrics::counter!("keyward_ratelimit_errors_total", "class" => class.clone())
+                    .increment(1);
+            }
+            metrics::counter!("keyward_ratelimit_fallback_total", "class" => class, "on_error" => self.on_error.name())
+                .increment(1);
+        }
+        if let Some(err) = &err {
+            tracing::warn!(error = %err, on_error = %self.on_error, "keyward: rate-limit store failed");
+        }
+        match self.on_error {
+            OnError::Local => {
+                let reply = self.kw.inner.rates.fallback.check(call);
+                self.decide(reply, Source::LocalFallback)
+            }
+            OnError::Deny => {
+                let retry = self
+                    .kw
+                    .inner
+                    .rates
+                    .breaker
+                    .retry_in()
+                    .max(Duration::from_secs(1));
+                self.synthetic(false, retry, Source::FailClosed)
+            }
+            _ => self.synthetic(true, Duration::ZERO, Source::FailOpen),
+        }
+    }
+
+    fn synthetic(&self, allowed: bool, retry: Duration, source: Source) -> Decision {
+        let limits = self
+            .limits
+            .iter()
+            .map(|l| LimitStatus {
+                class: Arc::clone(&l.class),
+                allowed,
+                shadow: l.config.is_shadow(),
+                limit: l.config.limit_value(),
+                window: l.config.window_value(),
+                remaining: if allowed { l.config.capacity() } else { 0 },
+                reset_after: retry,
+                retry_after: (!allowed).then_some(retry),
+            })
+            .collect();
+        Decision {
+            allowed,
+            shadow_limited: false,
+            source,
+            limits,
+        }
+    }
+
+    fn record(&self, keys: &[String], d: &Decision, consume: bool) {
+        if !consume {
+            return;
+        }
+        let now = Instant::now();
+        for ((l, status), key) in self.limits.iter().zip(&d.limits).zip(keys) {
+            let class = l.class.to_string();
+            if status.shadow {
+                if !status.allowed {
+                    metrics::counter!("keyward_ratelimit_shadow_limited_total", "class" => class)
+                        .increment(1);
+                }
+                continue;
+            }
+            if d.allowed {
+                metrics::counter!("keyward_ratelimit_allowed_total", "class" => class).increment(1);
+            } else if !status.allowed {
+                metrics::counter!("keyward_ratelimit_limited_total", "class" => class).increment(1);
+                if l.config.is_block_cache()
+                    && d.source == Source::Store
+                    && let Some(retry) = status.retry_after
+                {
+                    self.kw.inner.rates.block(key, now + retry);
+                }
+            }
+        }
+    }
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn status(l: &Limit, v: &Verdict) -> LimitStatus {
+    LimitStatus {
+        class: Arc::clone(&l.class),
+        allowed: v.allowed,
+        shadow: l.config.is_shadow(),
+        limit: l.config.limit_value(),
+        window: l.config.window_value(),
+        remaining: u64::try_from(v.remaining).unwrap_or(0),
+        reset_after: micros(v.reset),
+        retry_after: (!v.allowed).then(|| micros(v.retry)),
+    }
+}
