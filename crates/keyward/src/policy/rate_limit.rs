@@ -41,9 +41,13 @@ pub enum Algorithm {
     /// O(1) memory; exact when the previous window's traffic was evenly spread, and never more than
     /// 2 × `limit` in any window's length otherwise.
     SlidingCounter,
-    /// A bucket of `burst` tokens refilled at `limit` per `window`, one whole token at a time.
+    /// A bucket of `burst` tokens refilled at `limit` per `window`, one whole token at a time. O(1) memory.
+    /// In any interval of length `d` at most `burst + d × limit / window` are allowed.
     TokenBucket,
     /// Generic cell rate algorithm: one timestamp per identity; `limit` per `window`, up to `burst` at once.
+    /// O(1) memory and no window edges: in any interval of length `d` at most `burst + d × limit / window`
+    /// are allowed. With the default `burst = limit` that is up to 2 × `limit` within one window's length
+    /// after an idle period; `burst = 1` paces strictly (never more than `limit` in any window).
     Gcra,
 }
 

@@ -1,0 +1,625 @@
+//! Rate-limit conformance: every case runs on the embedded backend and on a real redis-server, which must agree.
+//! Properties that need controlled time (window edges, bounds) run on the embedded backend with tokio's paused
+//! clock; `lua_and_rust_agree` ties those results to the script by replaying one sequence on both backends.
+
+#![allow(unreachable_pub)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Harness;
+use keyward::policy::{Algorithm, Policy, RateLimitClass};
+use keyward::rate_limit::Source;
+use keyward::{Error, Keyward};
+use tokio::sync::Barrier;
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// Long enough that a fixed window's edge (aligned to the Unix epoch) is practically never crossed in a test.
+const LONG: Duration = Duration::from_secs(100 * 24 * 3600);
+
+fn window_for(a: Algorithm) -> Duration {
+    match a {
+        Algorithm::FixedWindow | Algorithm::SlidingCounter => LONG,
+        _ => HOUR,
+    }
+}
+
+/// A policy with one class per algorithm (`fixed_window`, …, `gcra`), each `limit` per a long window, plus
+/// `per_ip` (gcra 5/h), `per_day` (fixed window 3), `shadowed` (shadow, gcra 1/h), `blocky` (block cache).
+fn policy(app: &str, limit: u64) -> Policy {
+    let mut b = Policy::builder("test", app);
+    for a in Algorithm::ALL {
+        b = b.rate_limit(a.name(), RateLimitClass::new(a, limit, window_for(a)));
+    }
+    b.rate_limit("per_ip", RateLimitClass::new(Algorithm::Gcra, 5, HOUR))
+        .rate_limit(
+            "per_day",
+            RateLimitClass::new(Algorithm::FixedWindow, 3, LONG),
+        )
+        .rate_limit(
+            "shadowed",
+            RateLimitClass::new(Algorithm::Gcra, 1, HOUR).shadow(true),
+        )
+        .rate_limit(
+            "blocky",
+            RateLimitClass::new(Algorithm::Gcra, 2, HOUR).block_cache(true),
+        )
+        .rate_limit(
+            "cache_kind_is_not_this",
+            RateLimitClass::new(Algorithm::Gcra, 2, HOUR),
+        )
+        .cache(
+            "product",
+            keyward::policy::CacheClass::new(Duration::from_secs(60), "tests"),
+        )
+        .build()
+        .unwrap()
+}
+
+async fn connect(h: &Harness, app: &str, limit: u64) -> Keyward {
+    match h.server() {
+        Some(s) => Keyward::connect(&s.url(), policy(app, limit))
+            .await
+            .unwrap(),
+        None => Keyward::embedded(policy(app, limit)),
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::embedded()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    exactly_the_limit_under_1000_racing_checks,
+    refusal_charges_nothing_and_cost_is_weighted,
+    peek_reports_without_charging,
+    several_limits_are_all_or_nothing,
+    shadow_mode_counts_but_never_refuses,
+    block_cache_refuses_without_the_store,
+    every_key_expires_within_what_its_window_needs,
+    gcra_and_token_bucket_store_one_small_key,
+    retry_after_is_honest,
+    bad_input_is_a_typed_error,
+    identities_and_versions_are_independent,
+);
+
+mod cases {
+    use super::*;
+
+    pub async fn exactly_the_limit_under_1000_racing_checks(h: Harness) {
+        let app = format!("exact{}", std::process::id());
+        // On Redis, 4 handles = 4 connections racing, like 4 processes.
+        let mut handles = vec![connect(&h, &app, 100).await];
+        for _ in 1..4 {
+            handles.push(if h.is_redis() {
+                connect(&h, &app, 100).await
+            } else {
+                handles[0].clone()
+            });
+        }
+        for a in Algorithm::ALL {
+            let barrier = Arc::new(Barrier::new(1000));
+            let mut tasks = Vec::new();
+            for i in 0..1000 {
+                let limiter = handles[i % 4].rate_limiter(a.name()).unwrap();
+                let barrier = Arc::clone(&barrier);
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    limiter.check("hot").await.unwrap().is_allowed()
+                }));
+            }
+            let mut allowed = 0;
+            for t in tasks {
+                allowed += usize::from(t.await.unwrap());
+            }
+            assert_eq!(allowed, 100, "{a}: 1000 racing checks with limit 100");
+        }
+    }
+
+    pub async fn refusal_charges_nothing_and_cost_is_weighted(h: Harness) {
+        let kw = connect(&h, "cost", 10).await;
+        for a in Algorithm::ALL {
+            let l = kw.rate_limiter(a.name()).unwrap();
+            let d = l.check_cost("u", 7).await.unwrap();
+            assert!(d.is_allowed(), "{a}");
+            assert_eq!(d.remaining(), 3, "{a}");
+            let d = l.check_cost("u", 4).await.unwrap();
+            assert!(d.is_limited(), "{a}: 4 > 3 left");
+            assert_eq!(d.remaining(), 3, "{a}: the refusal charged nothing");
+            assert!(d.retry_after().is_some_and(|r| r > Duration::ZERO), "{a}");
+            let d = l.check_cost("u", 3).await.unwrap();
+            assert!(d.is_allowed(), "{a}: exactly what is left fits");
+            assert_eq!(d.remaining(), 0, "{a}");
+            assert!(l.check("u").await.unwrap().is_limited(), "{a}");
+        }
+    }
+
+    pub async fn peek_reports_without_charging(h: Harness) {
+        let kw = connect(&h, "peek", 3).await;
+        for a in Algorithm::ALL {
+            let l = kw.rate_limiter(a.name()).unwrap();
+            for _ in 0..5 {
+                let p = l.peek("u").await.unwrap();
+                assert!(p.is_allowed() && p.remaining() == 3, "{a}: {p:?}");
+            }
+            // Cost 0 is a peek too.
+            assert_eq!(l.check_cost("u", 0).await.unwrap().remaining(), 3, "{a}");
+            l.check_cost("u", 3).await.unwrap();
+            let p = l.peek("u").await.unwrap();
+            assert!(p.is_limited() && p.remaining() == 0, "{a}: {p:?}");
+            assert!(p.retry_after().is_some(), "{a}");
+        }
+    }
+
+    pub async fn several_limits_are_all_or_nothing(h: Harness) {
+        let kw = connect(&h, "group", 10).await;
+        // per_ip: gcra 5/h; per_day: fixed window 3.
+        let both = kw.rate_limiter_group(&["per_ip", "per_day"]).unwrap();
+        let per_ip = kw.rate_limiter("per_ip").unwrap();
+        for i in 0..3 {
+            let d = both.check("t").await.unwrap();
+            assert!(d.is_allowed(), "call {i}");
+            assert_eq!(d.limits().len(), 2);
+        }
+        assert_eq!(both.check("t").await.unwrap().binding().class(), "per_day");
+        for _ in 0..5 {
+            let d = both.check("t").await.unwrap();
+            assert!(d.is_limited());
+            assert_eq!(d.binding().class(), "per_day");
+            assert!(d.limits()[0].is_allowed(), "per_ip alone would allow");
+        }
+        // The refusals charged nothing on per_ip: 5 - 3 = 2 left.
+        assert_eq!(per_ip.peek("t").await.unwrap().remaining(), 2);
+        // And a refusal by the first limit charges nothing on the second.
+        let other = kw.rate_limiter_group(&["per_ip", "per_day"]).unwrap();
+        per_ip.check_cost("t2", 5).await.unwrap();
+        assert!(other.check("t2").await.unwrap().is_limited());
+        let per_day = kw.rate_limiter("per_day").unwrap();
+        assert_eq!(per_day.peek("t2").await.unwrap().remaining(), 3);
+        // Both keys of one identity share a hash tag (Cluster slot).
+        let keys: Vec<String> = h
+            .all_keys(&kw)
+            .await
+            .into_iter()
+            .map(|k| k.key)
+            .filter(|k| k.ends_with("{t}"))
+            .collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+    }
+
+    pub async fn shadow_mode_counts_but_never_refuses(h: Harness) {
+        let kw = connect(&h, "shadow", 10).await;
+        let l = kw.rate_limiter("shadowed").unwrap();
+        let first = l.check("s").await.unwrap();
+        assert!(first.is_allowed() && !first.is_shadow_limited());
+        for _ in 0..5 {
+            let d = l.check("s").await.unwrap();
+            assert!(d.is_allowed(), "shadow never refuses");
+            assert!(d.is_shadow_limited(), "but says it would have");
+            assert_eq!(d.retry_after(), None);
+        }
+        // In a group, a shadow limit does not block the enforced one, nor the reverse.
+        let g = kw.rate_limiter_group(&["per_day", "shadowed"]).unwrap();
+        for i in 0..4 {
+            let d = g.check("s2").await.unwrap();
+            assert_eq!(d.is_allowed(), i < 3, "call {i}");
+            assert_eq!(d.binding().class(), "per_day");
+        }
+    }
+
+    pub async fn block_cache_refuses_without_the_store(h: Harness) {
+        let kw = connect(&h, "blocks", 10).await;
+        let l = kw.rate_limiter("blocky").unwrap();
+        assert!(l.check("b").await.unwrap().is_allowed());
+        assert!(l.check("b").await.unwrap().is_allowed());
+        let refused = l.check("b").await.unwrap();
+        assert_eq!(refused.source(), Source::Store);
+        let calls_before = evalsha_calls(&h);
+        for _ in 0..20 {
+            let d = l.check("b").await.unwrap();
+            assert!(d.is_limited());
+            assert_eq!(d.source(), Source::BlockCache);
+            assert!(d.retry_after().unwrap() <= refused.retry_after().unwrap());
+        }
+        assert_eq!(
+            evalsha_calls(&h),
+            calls_before,
+            "no store call while blocked"
+        );
+        // Peeks still ask the store; other identities are unaffected.
+        assert_eq!(l.peek("b").await.unwrap().source(), Source::Store);
+        assert!(l.check("c").await.unwrap().is_allowed());
+    }
+
+    pub async fn every_key_expires_within_what_its_window_needs(h: Harness) {
+        let kw = connect(&h, "ttl", 10).await;
+        for a in Algorithm::ALL {
+            let l = kw.rate_limiter(a.name()).unwrap();
+            for i in 0..30 {
+                l.check_cost(&format!("id{}", i % 3), 1 + (i % 2))
+                    .await
+                    .unwrap();
+            }
+        }
+        let keys = h.all_keys(&kw).await;
+        assert!(keys.len() >= 15, "{keys:?}");
+        for k in keys {
+            let ttl = k.ttl.unwrap_or_else(|| panic!("{} has no TTL", k.key));
+            let class = k.key.split(':').nth(2).unwrap();
+            let a = Algorithm::from_name(class).unwrap();
+            let bound = match a {
+                Algorithm::SlidingCounter => 2 * window_for(a),
+                // Token bucket and GCRA: refilled from empty = capacity × interval = the window here.
+                _ => window_for(a),
+            };
+            assert!(
+                ttl <= bound && ttl > Duration::ZERO,
+                "{}: ttl {ttl:?} > {bound:?}",
+                k.key
+            );
+        }
+    }
+
+    pub async fn gcra_and_token_bucket_store_one_small_key(h: Harness) {
+        let kw = connect(&h, "o1", 1_000).await;
+        for a in [Algorithm::Gcra, Algorithm::TokenBucket] {
+            let l = kw.rate_limiter(a.name()).unwrap();
+            for _ in 0..1500 {
+                l.check("one").await.unwrap();
+            }
+        }
+        let keys = h.all_keys(&kw).await;
+        assert_eq!(keys.len(), 2, "one key per identity and class: {keys:?}");
+        if let Some(s) = h.server() {
+            let mut con = s.connection();
+            for k in keys {
+                let len: usize = ::redis::cmd("STRLEN").arg(&k.key).query(&mut con).unwrap();
+                assert!(len <= 40, "{}: {len} bytes", k.key);
+            }
+        }
+    }
+
+    pub async fn retry_after_is_honest(h: Harness) {
+        let app = format!("retry{}", std::process::id());
+        let policy = Policy::builder("test", app.as_str())
+            .rate_limit(
+                "quick",
+                RateLimitClass::new(Algorithm::Gcra, 2, Duration::from_millis(600)),
+            )
+            .rate_limit(
+                "quick_log",
+                RateLimitClass::new(Algorithm::SlidingLog, 2, Duration::from_millis(600)),
+            )
+            .build()
+            .unwrap();
+        let kw = match h.server() {
+            Some(s) => Keyward::connect(&s.url(), policy).await.unwrap(),
+            None => Keyward::embedded(policy),
+        };
+        for class in ["quick", "quick_log"] {
+            let l = kw.rate_limiter(class).unwrap();
+            assert!(l.check("r").await.unwrap().is_allowed());
+            assert!(l.check("r").await.unwrap().is_allowed());
+            let refused = l.check("r").await.unwrap();
+            let retry = refused.retry_after().expect("refused");
+            assert!(retry <= Duration::from_millis(600), "{class}: {retry:?}");
+            tokio::time::sleep(retry + Duration::from_millis(20)).await;
+            assert!(
+                l.check("r").await.unwrap().is_allowed(),
+                "{class}: allowed again after retry_after"
+            );
+        }
+    }
+
+    pub async fn bad_input_is_a_typed_error(h: Harness) {
+        let kw = connect(&h, "bad", 10).await;
+        let l = kw.rate_limiter("gcra").unwrap();
+        match l.check_cost("u", 11).await {
+            Err(Error::InvalidArgument { what }) => {
+                assert!(what.contains("gcra") && what.contains("11"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(l.check("").await, Err(Error::Key(_))));
+        assert!(matches!(
+            kw.rate_limiter("nope"),
+            Err(Error::UnknownClass { .. })
+        ));
+        assert!(matches!(
+            kw.rate_limiter("product"),
+            Err(Error::WrongKind {
+                expected: "rate_limit",
+                ..
+            })
+        ));
+        assert!(matches!(
+            kw.rate_limiter_group(&[]),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            kw.rate_limiter_group(&["gcra", "gcra"]),
+            Err(Error::InvalidArgument { .. })
+        ));
+        // Ids that look like key syntax stay one identity.
+        assert!(l.check("a:b*{c}").await.unwrap().is_allowed());
+    }
+
+    pub async fn identities_and_versions_are_independent(h: Harness) {
+        let kw = connect(&h, "ident", 2).await;
+        let l = kw.rate_limiter("fixed_window").unwrap();
+        l.check_cost("x", 2).await.unwrap();
+        assert!(l.check("x").await.unwrap().is_limited());
+        assert!(l.check("y").await.unwrap().is_allowed());
+        assert!(l.check(&("x", 1)).await.unwrap().is_allowed());
+        // A new version of the class starts every identity afresh.
+        let app = "ident";
+        let v2 = Policy::builder("test", app)
+            .rate_limit(
+                "fixed_window",
+                RateLimitClass::new(Algorithm::FixedWindow, 2, LONG).version(2),
+            )
+            .build()
+            .unwrap();
+        let kw2 = match h.server() {
+            Some(s) => Keyward::connect(&s.url(), v2).await.unwrap(),
+            None => Keyward::embedded(v2),
+        };
+        if h.is_redis() {
+            assert!(
+                kw2.rate_limiter("fixed_window")
+                    .unwrap()
+                    .check("x")
+                    .await
+                    .unwrap()
+                    .is_allowed()
+            );
+        }
+    }
+
+    fn evalsha_calls(h: &Harness) -> u64 {
+        let Some(s) = h.server() else { return 0 };
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut s.connection())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// One sequence of checks (random identities, costs, peeks) replayed on both backends gives the same answers:
+/// the Lua script and its Rust mirror agree. Windows are long, so the few milliseconds between calls cannot
+/// move a decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_and_rust_agree() {
+    use rand::{Rng, SeedableRng};
+    let redis = Harness::redis();
+    let embedded = Keyward::embedded(policy("agree", 20));
+    let on_redis = connect(&redis, "agree", 20).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut disagreements = Vec::new();
+    for a in Algorithm::ALL {
+        let le = embedded.rate_limiter(a.name()).unwrap();
+        let lr = on_redis.rate_limiter(a.name()).unwrap();
+        for step in 0..300 {
+            let id = format!("id{}", rng.random_range(0..4));
+            let cost = rng.random_range(0..6u64);
+            let (de, dr) = (
+                le.check_cost(&id, cost).await.unwrap(),
+                lr.check_cost(&id, cost).await.unwrap(),
+            );
+            let e = (de.is_allowed(), de.remaining(), de.retry_after().is_some());
+            let r = (dr.is_allowed(), dr.remaining(), dr.retry_after().is_some());
+            let drift = de.reset_after().abs_diff(dr.reset_after());
+            if e != r || drift > Duration::from_secs(2) {
+                disagreements.push(format!(
+                    "{a} step {step} {id} cost {cost}: embedded {e:?} {:?} redis {r:?} {:?}",
+                    de.reset_after(),
+                    dr.reset_after()
+                ));
+            }
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
+}
+
+/// Window edges and bounds, on the embedded backend with tokio's clock paused and advanced by hand (the
+/// same algorithms run in the script, see `lua_and_rust_agree`).
+mod bounds {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn limiter(
+        a: Algorithm,
+        limit: u64,
+        window: Duration,
+        burst: Option<u64>,
+    ) -> keyward::RateLimiter {
+        let mut class = RateLimitClass::new(a, limit, window);
+        if let Some(b) = burst {
+            class = class.burst(b);
+        }
+        let p = Policy::builder("test", "bounds")
+            .rate_limit("l", class)
+            .build()
+            .unwrap();
+        Keyward::embedded(p).rate_limiter("l").unwrap()
+    }
+
+    /// Random arrivals over `span`; returns the instants (since start) of the allowed ones.
+    async fn drive(
+        l: &keyward::RateLimiter,
+        span: Duration,
+        seed: u64,
+        mean_gap_us: u64,
+    ) -> Vec<Duration> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let start = tokio::time::Instant::now();
+        let mut allowed = Vec::new();
+        while start.elapsed() < span {
+            // Bursts of simultaneous requests, separated by random gaps.
+            for _ in 0..rng.random_range(1..5) {
+                if l.check("id").await.unwrap().is_allowed() {
+                    allowed.push(start.elapsed());
+                }
+            }
+            tokio::time::advance(Duration::from_micros(rng.random_range(1..2 * mean_gap_us))).await;
+        }
+        allowed
+    }
+
+    /// The most allowed calls within any interval of length `len` (closed at both ends, as tight as possible).
+    fn max_in_any(allowed: &[Duration], len: Duration) -> usize {
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..allowed.len() {
+            while allowed[hi] - allowed[lo] >= len {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_window_edge_burst_is_at_most_twice_the_limit() {
+        let l = limiter(Algorithm::FixedWindow, 10, SEC, None);
+        // Move to just before a window edge (windows are aligned to the Unix epoch).
+        let d = l.check("edge").await.unwrap();
+        tokio::time::advance(d.reset_after() - Duration::from_millis(1)).await;
+        let mut burst = 0;
+        for _ in 0..30 {
+            burst += usize::from(l.check("edge2").await.unwrap().is_allowed());
+        }
+        tokio::time::advance(Duration::from_millis(2)).await;
+        for _ in 0..30 {
+            burst += usize::from(l.check("edge2").await.unwrap().is_allowed());
+        }
+        assert_eq!(
+            burst, 20,
+            "10 before the edge and 10 after, 2 ms apart: the documented 2x"
+        );
+        for seed in 0..5 {
+            let allowed = drive(&l, 10 * SEC, seed, 20_000).await;
+            assert!(max_in_any(&allowed, SEC) <= 20);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_log_and_gcra_have_no_window_edge() {
+        for a in [Algorithm::SlidingLog, Algorithm::Gcra] {
+            // The fixed window's worst case: a burst just before an epoch-aligned edge and one just after.
+            let l = limiter(a, 10, SEC, None);
+            let probe = limiter(Algorithm::FixedWindow, 10, SEC, None);
+            let d = probe.check("edge").await.unwrap();
+            tokio::time::advance(d.reset_after() - Duration::from_millis(1)).await;
+            let mut burst = 0;
+            for _ in 0..30 {
+                burst += usize::from(l.check("edge").await.unwrap().is_allowed());
+            }
+            tokio::time::advance(Duration::from_millis(2)).await;
+            for _ in 0..30 {
+                burst += usize::from(l.check("edge").await.unwrap().is_allowed());
+            }
+            assert_eq!(burst, 10, "{a}: the edge changes nothing");
+        }
+        // Under random traffic the sliding log never allows more than the limit in any window.
+        for seed in 0..5 {
+            let l = limiter(Algorithm::SlidingLog, 10, SEC, None);
+            let allowed = drive(&l, 10 * SEC, seed, 15_000).await;
+            assert!(allowed.len() > 50, "the test must actually hit the limit");
+            let worst = max_in_any(&allowed, SEC);
+            assert!(worst <= 10, "seed {seed}: {worst} in one window");
+        }
+        // GCRA with burst 1 paces strictly: never more than the limit in any window either.
+        for seed in 0..5 {
+            let l = limiter(Algorithm::Gcra, 10, SEC, Some(1));
+            let allowed = drive(&l, 10 * SEC, seed, 15_000).await;
+            assert!(allowed.len() > 50);
+            assert!(max_in_any(&allowed, SEC) <= 10, "seed {seed}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gcra_burst_bound_holds() {
+        // 10 per second, bursts of up to 3: in any interval of length d, at most 3 + d × rate.
+        for seed in 0..5 {
+            let l = limiter(Algorithm::Gcra, 10, SEC, Some(3));
+            let allowed = drive(&l, 10 * SEC, seed, 10_000).await;
+            for ms in [1u64, 50, 100, 250, 500, 1000, 3000] {
+                let d = Duration::from_millis(ms);
+                let bound = 3 + (ms as usize * 10).div_ceil(1000);
+                let worst = max_in_any(&allowed, d);
+                assert!(
+                    worst <= bound,
+                    "seed {seed}: {worst} within {d:?} > {bound}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_refills_at_the_rate() {
+        for seed in 0..5 {
+            let l = limiter(Algorithm::TokenBucket, 10, SEC, Some(4));
+            let allowed = drive(&l, 10 * SEC, seed, 10_000).await;
+            for ms in [1u64, 100, 500, 1000, 5000] {
+                let bound = 4 + (ms as usize * 10).div_ceil(1000);
+                assert!(max_in_any(&allowed, Duration::from_millis(ms)) <= bound);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_counter_error_bound_holds() {
+        // Adversarial: a full burst at the end of one window, then steady traffic: the estimate assumes the
+        // burst was spread out, so a real window can see up to (but not reaching) 2x.
+        let limit = 10usize;
+        for seed in 0..5 {
+            let l = limiter(Algorithm::SlidingCounter, limit as u64, SEC, None);
+            let allowed = drive(&l, 10 * SEC, seed, 15_000).await;
+            assert!(max_in_any(&allowed, SEC) < 2 * limit, "seed {seed}");
+        }
+        // Steady traffic above the limit (50/s offered against 10/s): once the first two windows have passed,
+        // the admitted traffic is spread out and the estimate is within one request of exact.
+        let l = limiter(Algorithm::SlidingCounter, limit as u64, SEC, None);
+        let start = tokio::time::Instant::now();
+        let mut allowed = Vec::new();
+        while start.elapsed() < 20 * SEC {
+            if l.check("even").await.unwrap().is_allowed() && start.elapsed() >= 2 * SEC {
+                allowed.push(start.elapsed());
+            }
+            tokio::time::advance(Duration::from_millis(20)).await;
+        }
+        let worst = max_in_any(&allowed, SEC);
+        assert!(worst <= limit + 1, "{worst}");
+    }
+}
