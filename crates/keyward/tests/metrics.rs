@@ -9,11 +9,34 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 /// (metric name, labels, counter value)
 type Counted = (String, Vec<(String, String)>, u64);
 
+fn counters(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Counted> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(v) => {
+                let labels = key
+                    .key()
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                Some((key.key().name().to_owned(), labels, v))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn counter(snapshot: &[Counted], name: &str) -> u64 {
+    counter_of(snapshot, name, "product")
+}
+
+fn counter_of(snapshot: &[Counted], name: &str, class: &str) -> u64 {
     snapshot
         .iter()
         .filter(|(n, labels, _)| {
-            n == name && labels.iter().any(|(k, v)| k == "class" && v == "product")
+            n == name && labels.iter().any(|(k, v)| k == "class" && v == class)
         })
         .map(|(_, _, v)| *v)
         .sum()
@@ -45,26 +68,75 @@ async fn counters_follow_what_the_cache_did() {
         .await; // miss + loader call + loader error
     assert_eq!(number.get("a").await.unwrap(), None); // decode error (healed) + miss
 
-    let snapshot: Vec<Counted> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(v) => {
-                let labels = key
-                    .key()
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                Some((key.key().name().to_owned(), labels, v))
-            }
-            _ => None,
-        })
-        .collect();
+    let snapshot = counters(&snapshotter);
     assert_eq!(counter(&snapshot, "keyward_cache_hits_total"), 1);
     assert_eq!(counter(&snapshot, "keyward_cache_misses_total"), 3);
     assert_eq!(counter(&snapshot, "keyward_cache_loader_calls_total"), 2);
     assert_eq!(counter(&snapshot, "keyward_cache_loader_errors_total"), 1);
     assert_eq!(counter(&snapshot, "keyward_cache_decode_errors_total"), 1);
     assert_eq!(counter(&snapshot, "keyward_cache_fills_refused_total"), 0);
+}
+
+#[test]
+fn rate_limit_counters_follow_the_decisions() {
+    use keyward::policy::{Algorithm, RateLimitClass};
+    let policy = Policy::builder("test", "metrics")
+        .rate_limit(
+            "login",
+            RateLimitClass::new(Algorithm::Gcra, 2, Duration::from_secs(60)).block_cache(true),
+        )
+        .rate_limit(
+            "trial",
+            RateLimitClass::new(Algorithm::FixedWindow, 1, Duration::from_secs(60)).shadow(true),
+        )
+        .build()
+        .unwrap();
+    let kw = Keyward::embedded(policy);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The checks run on this thread (current-thread runtime), so the thread-local recorder sees them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let login = kw.rate_limiter("login").unwrap();
+            let trial = kw.rate_limiter("trial").unwrap();
+            for _ in 0..5 {
+                login.check("u").await.unwrap(); // 2 allowed, 1 limited by the store, 2 by the block cache
+                trial.check("u").await.unwrap(); // 1 allowed, 4 would-have-been-limited
+            }
+            login.peek("u").await.unwrap(); // peeks are not counted
+        })
+    });
+    let snapshot = counters(&snapshotter);
+    assert_eq!(
+        counter_of(&snapshot, "keyward_ratelimit_allowed_total", "login"),
+        2
+    );
+    assert_eq!(
+        counter_of(&snapshot, "keyward_ratelimit_limited_total", "login"),
+        1
+    );
+    assert_eq!(
+        counter_of(
+            &snapshot,
+            "keyward_ratelimit_blocked_locally_total",
+            "login"
+        ),
+        2
+    );
+    assert_eq!(
+        counter_of(&snapshot, "keyward_ratelimit_allowed_total", "trial"),
+        0
+    );
+    assert_eq!(
+        counter_of(&snapshot, "keyward_ratelimit_shadow_limited_total", "trial"),
+        4
+    );
+    assert_eq!(
+        counter_of(&snapshot, "keyward_ratelimit_errors_total", "login"),
+        0
+    );
 }

@@ -2,6 +2,8 @@
 //!
 //! - 4 processes × 250 callers stampede one cold key → exactly one loader call fleet-wide.
 //! - A process holding a fill lease is SIGKILLed mid-load → a caller in another process takes over.
+//! - 4 processes × 250 racing rate-limit checks, limit 100 → exactly 100 allowed, for every exact algorithm.
+//! - Processes whose clocks are hours apart (libfaketime) share one limit exactly: the server's clock rules.
 
 #![allow(unreachable_pub)]
 
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keyward::Keyward;
-use keyward::policy::{CacheClass, Policy};
+use keyward::policy::{Algorithm, CacheClass, Policy, RateLimitClass};
 use keyward_testkit::RedisServer;
 
 const CHILD_URL: &str = "KEYWARD_TEST_CHILD_URL";
@@ -20,23 +22,58 @@ const CHILD_APP: &str = "KEYWARD_TEST_CHILD_APP";
 const CHILD_CALLERS: usize = 250;
 
 fn policy(app: &str) -> Policy {
-    Policy::builder("test", app)
-        .cache(
-            "product",
-            CacheClass::new(Duration::from_secs(60), "tests").lease_ttl(Duration::from_secs(10)),
-        )
-        .cache(
-            "short",
-            CacheClass::new(Duration::from_secs(60), "tests")
-                .lease_ttl(Duration::from_millis(500))
-                .loader_timeout(Duration::from_millis(400)),
-        )
-        .build()
-        .unwrap()
+    let mut b = Policy::builder("test", app);
+    for a in Algorithm::ALL {
+        // Windows long enough that no window edge falls inside a test.
+        let window = match a {
+            Algorithm::FixedWindow | Algorithm::SlidingCounter => Duration::from_secs(100 * 86_400),
+            _ => Duration::from_secs(3600),
+        };
+        b = b.rate_limit(a.name(), RateLimitClass::new(a, 100, window));
+    }
+    b.rate_limit(
+        "minute",
+        RateLimitClass::new(Algorithm::SlidingLog, 10, Duration::from_secs(60)),
+    )
+    .rate_limit(
+        "paced",
+        RateLimitClass::new(Algorithm::Gcra, 10, Duration::from_secs(60)),
+    )
+    .cache(
+        "product",
+        CacheClass::new(Duration::from_secs(60), "tests").lease_ttl(Duration::from_secs(10)),
+    )
+    .cache(
+        "short",
+        CacheClass::new(Duration::from_secs(60), "tests")
+            .lease_ttl(Duration::from_millis(500))
+            .loader_timeout(Duration::from_millis(400)),
+    )
+    .build()
+    .unwrap()
 }
 
 fn spawn_child(test: &str, url: &str, app: &str) -> (Child, BufReader<ChildStdout>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    spawn_child_in(None, test, url, app)
+}
+
+/// Like `spawn_child`, but runs the child under `wrapper` (e.g. `faketime -f -2h`).
+fn spawn_child_in(
+    wrapper: Option<&[&str]>,
+    test: &str,
+    url: &str,
+    app: &str,
+) -> (Child, BufReader<ChildStdout>) {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = match wrapper {
+        Some([program, args @ ..]) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        _ => Command::new(&exe),
+    };
+    let mut child = command
         .args([
             "--exact",
             test,
@@ -200,5 +237,162 @@ fn child_hold_lease() {
             })
             .await
             .ok();
+    });
+}
+
+#[test]
+fn rate_limit_exact_across_4_processes() {
+    let server = RedisServer::spawn();
+    let app = format!("rl{}", std::process::id());
+    let mut children: Vec<_> = (0..4)
+        .map(|_| spawn_child("child_rate_limit", &server.url(), &app))
+        .collect();
+    for (_, out) in &mut children {
+        expect_line(out, "READY");
+    }
+    for (child, _) in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
+    }
+    let mut allowed = [0usize; 5];
+    for (mut child, mut out) in children {
+        let line = expect_line(&mut out, "RESULT");
+        for (slot, n) in allowed.iter_mut().zip(line.split_whitespace().skip(1)) {
+            *slot += n.parse::<usize>().unwrap();
+        }
+        assert!(child.wait().unwrap().success());
+    }
+    for (a, n) in Algorithm::ALL.iter().zip(allowed) {
+        assert_eq!(n, 100, "{a}: 4 processes x 250 racing checks, limit 100");
+    }
+}
+
+#[test]
+#[ignore = "child process of rate_limit_exact_across_4_processes"]
+fn child_rate_limit() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let mut counts = Vec::new();
+        for a in Algorithm::ALL {
+            let limiter = kw.rate_limiter(a.name()).unwrap();
+            let barrier = Arc::new(tokio::sync::Barrier::new(CHILD_CALLERS));
+            let tasks: Vec<_> = (0..CHILD_CALLERS)
+                .map(|_| {
+                    let (limiter, barrier) = (limiter.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        limiter.check("hot").await.unwrap().is_allowed()
+                    })
+                })
+                .collect();
+            let mut allowed = 0;
+            for t in tasks {
+                allowed += usize::from(t.await.unwrap());
+            }
+            counts.push(allowed.to_string());
+        }
+        println!("RESULT {}", counts.join(" "));
+    });
+}
+
+/// The `faketime` wrapper (Debian package `faketime`); the test fails, never skips, without it.
+fn faketime() -> &'static str {
+    let ok = Command::new("faketime")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ok,
+        "the clock-skew test runs children under libfaketime: install it with `apt-get install -y faketime` \
+         (scripts/test does this when it may)"
+    );
+    "faketime"
+}
+
+#[test]
+fn skewed_client_clocks_do_not_change_decisions() {
+    let faketime = faketime();
+    let server = RedisServer::spawn();
+    let app = format!("skew{}", std::process::id());
+    // Hours apart: if a client's clock were used, each process would see its own windows and timestamps.
+    let skews = ["-3h", "+0", "+2h", "+5d"];
+    let mut children: Vec<_> = skews
+        .iter()
+        .map(|skew| {
+            spawn_child_in(
+                Some(&[faketime, "-f", skew]),
+                "child_skewed",
+                &server.url(),
+                &app,
+            )
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut seen = Vec::new();
+    for (_, out) in &mut children {
+        let line = expect_line(out, "READY");
+        let t: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        seen.push(t - now);
+    }
+    // The children's clocks really are skewed.
+    assert!(
+        seen[0] < -3 * 3600 + 60 && seen[3] > 5 * 86_400 - 60,
+        "{seen:?}"
+    );
+    for (child, _) in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
+    }
+    let (mut minute, mut paced) = (0, 0);
+    for (mut child, mut out) in children {
+        let line = expect_line(&mut out, "RESULT");
+        let mut parts = line.split_whitespace().skip(1);
+        minute += parts.next().unwrap().parse::<usize>().unwrap();
+        paced += parts.next().unwrap().parse::<usize>().unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(
+        minute, 10,
+        "sliding_log 10/min shared by 4 skewed processes"
+    );
+    assert_eq!(paced, 10, "gcra 10/min shared by 4 skewed processes");
+}
+
+#[test]
+#[ignore = "child process of skewed_client_clocks_do_not_change_decisions"]
+fn child_skewed() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        println!("READY {now}");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let mut counts = Vec::new();
+        for class in ["minute", "paced"] {
+            let limiter = kw.rate_limiter(class).unwrap();
+            let mut allowed = 0;
+            for _ in 0..20 {
+                let d = limiter.check("shared").await.unwrap();
+                assert!(d.reset_after() <= Duration::from_secs(60), "{d:?}");
+                allowed += usize::from(d.is_allowed());
+            }
+            counts.push(allowed.to_string());
+        }
+        println!("RESULT {}", counts.join(" "));
     });
 }

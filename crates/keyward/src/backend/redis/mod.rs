@@ -417,7 +417,18 @@ impl RedisBackend {
                 .arg(spec.interval)
                 .arg(if *shadow { "1" } else { "0" });
         }
-        let reply: Vec<i64> = self.invoke("rate_limit", &invocation).await?;
+        // The whole call, including any wait for a reconnect in progress, is bounded by the response timeout:
+        // a rate-limit check must fail over to `on_error` quickly rather than hold the request.
+        let reply: Vec<i64> = tokio::time::timeout(
+            self.response_timeout,
+            self.invoke("rate_limit", &invocation),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            server: self.server.clone(),
+            op: "rate_limit",
+            timeout: self.response_timeout,
+        })??;
         let n = call.keys.len();
         if reply.len() != 1 + 4 * n {
             return Err(self.protocol_err("rate_limit", &format!("{reply:?}")));

@@ -1,0 +1,123 @@
+//! When Redis fails mid-run: each class's `on_error` applies, the circuit breaker opens so requests stop
+//! paying a timeout, a probe closes it once Redis answers again, and nothing panics.
+
+#![allow(unreachable_pub)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass};
+use keyward::rate_limit::{BreakerState, Source};
+use keyward::{ConnectOptions, Keyward};
+use keyward_testkit::RedisServer;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn policy() -> Policy {
+    let class = |on_error| RateLimitClass::new(Algorithm::Gcra, 3, HOUR).on_error(on_error);
+    Policy::builder("test", "failures")
+        .rate_limit("open", class(OnError::Allow))
+        .rate_limit("closed", class(OnError::Deny))
+        .rate_limit("local", class(OnError::Local))
+        .build()
+        .unwrap()
+}
+
+fn signal(server: &RedisServer, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_modes_and_the_breaker() {
+    let mut server = RedisServer::spawn();
+    let options = ConnectOptions::default()
+        .response_timeout(Duration::from_millis(200))
+        .breaker(3, Duration::from_millis(500));
+    let kw = Keyward::connect_with(&server.url(), policy(), options)
+        .await
+        .unwrap();
+    let open = kw.rate_limiter("open").unwrap();
+    let closed = kw.rate_limiter("closed").unwrap();
+    let local = kw.rate_limiter("local").unwrap();
+
+    for l in [&open, &closed, &local] {
+        let d = l.check("warm").await.unwrap();
+        assert!(d.is_allowed());
+        assert_eq!(d.source(), Source::Store);
+    }
+    assert_eq!(kw.breaker_state(), BreakerState::Closed);
+
+    // A hung server: calls time out, then the breaker opens.
+    signal(&server, "-STOP");
+    for i in 0..3 {
+        let d = open.check(&format!("hung{i}")).await.unwrap();
+        assert!(d.is_allowed(), "on_error = allow");
+        assert_eq!(d.source(), Source::FailOpen);
+    }
+    assert_eq!(kw.breaker_state(), BreakerState::Open);
+    let d = closed.check("x").await.unwrap();
+    assert!(d.is_limited(), "on_error = deny");
+    assert_eq!(d.source(), Source::FailClosed);
+    assert!(d.retry_after().is_some());
+    // The local fallback enforces the same limit in process.
+    let mut allowed = 0;
+    for _ in 0..10 {
+        let d = local.check("y").await.unwrap();
+        assert_eq!(d.source(), Source::LocalFallback);
+        allowed += usize::from(d.is_allowed());
+    }
+    assert_eq!(
+        allowed, 3,
+        "the in-process limiter applies the class's numbers"
+    );
+
+    // The server comes back: after the cooldown one probe goes through and closes the breaker.
+    signal(&server, "-CONT");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = open.check("back").await.unwrap();
+        if d.source() == Source::Store {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kw.breaker_state(), BreakerState::Closed);
+    assert_eq!(local.check("warm").await.unwrap().source(), Source::Store);
+
+    // The server dies: every mode still answers, nothing panics.
+    server.kill();
+    for i in 0..6 {
+        let o = open.check(&format!("dead{i}")).await.unwrap();
+        assert!(o.is_allowed() && o.source() == Source::FailOpen);
+        let c = closed.check("dead").await.unwrap();
+        assert!(c.is_limited() && c.source() == Source::FailClosed);
+        let l = local.check("dead").await.unwrap();
+        assert_eq!(l.source(), Source::LocalFallback);
+    }
+    assert_eq!(kw.breaker_state(), BreakerState::Open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strictest_on_error_of_a_group_applies() {
+    let mut server = RedisServer::spawn();
+    let options = ConnectOptions::default()
+        .response_timeout(Duration::from_millis(200))
+        .breaker(1, Duration::from_secs(60));
+    let kw = Keyward::connect_with(&server.url(), policy(), options)
+        .await
+        .unwrap();
+    server.kill();
+    let g = kw.rate_limiter_group(&["open", "closed"]).unwrap();
+    assert_eq!(g.check("a").await.unwrap().source(), Source::FailClosed);
+    let g = kw.rate_limiter_group(&["open", "local"]).unwrap();
+    assert_eq!(g.check("a").await.unwrap().source(), Source::LocalFallback);
+}
