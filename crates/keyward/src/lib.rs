@@ -68,3 +68,8 @@ pub use cache::Cache;
 pub use client::{ConnectOptions, Keyward};
 pub use error::{BoxError, Error, Result};
 pub use rate_limit::{Decision, RateLimiter};
+
+/// The README's Rust snippets compile (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
