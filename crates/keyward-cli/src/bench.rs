@@ -5,7 +5,9 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
+use keyward::policy::Algorithm;
 use serde::Serialize;
 
 use crate::fleet::{self, Fleet};
@@ -22,6 +24,15 @@ Scenarios (the names are stable):
             keyward should call the loader exactly once, fleet-wide
   get       baseline without keyward (Redis only): C workers loop a plain GET of the same ~1 KiB JSON value
             through redis-rs's ConnectionManager, decoding it, for --duration; keyward's overhead is hit / get
+  ratelimit_exact
+            C callers (default 1000) released at once (a barrier), each making exactly ONE check of the
+            same identity, in a fresh rate-limit class of --algorithm with limit and burst --limit L
+            (default 100) per 100 days (sliding_log: per hour), so that nothing replenishes during the run;
+            exactly min(L, C) should be allowed, fleet-wide. Not being exact is reported, not an error.
+  ratelimit_throughput
+            C workers loop checks for --duration, worker w of C checking identities w, w+C, w+2C, … modulo
+            10000, in a class of --algorithm that never refuses: 1000000000 per hour (sliding_log, which
+            stores one entry per request: 100000 per second)
 
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
@@ -29,12 +40,21 @@ share a key, so keyward's in-process coalescing of concurrent reads of one key p
 Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values.
 --processes P (all scenarios; Redis only) runs P child processes sharing that namespace and key, each with
 C/P callers (the remainder goes to the first; for miss the keys are split the same way), starts them
-together once all are connected, and merges their latency histograms.
+together once all are connected, and merges their latency histograms and counts.
+Rate-limit classes use on_error = deny, and a check the store did not decide fails the run.
 
 Output fields: peer, scenario, backend, concurrency, processes, ops, seconds, ops_per_s, p50_us, p99_us,
 max_us, loader_calls, and against Redis redis_cmds_per_op and redis_cmds: the server's INFO commandstats
 calls (including commands run inside Lua scripts, excluding INFO) during the measured phase, per operation
 and per command.
+The rate-limit scenarios add algorithm, limit and window_s (the class's), allowed and limited (checks
+allowed and refused, fleet-wide), and ratelimit_exact adds exact (allowed == min(limit, concurrency)).
+ratelimit_throughput against Redis adds redis_client_cmds_per_op and redis_client_cmds: the top-level
+commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per check and per
+command. Redis counts a script's calls in INFO commandstats and in total_commands_processed alike, so
+these come from MONITOR, which costs throughput: after the timed phase, this process checks 16 times per
+caller (C/P callers) with its own limiter while MONITOR runs; connecting and warming up are not counted,
+unrelated clients' commands are. Left out, with a warning, when the server refuses MONITOR.
 
 Exit codes: 0 success, 1 runtime failure (e.g. cannot connect), 2 bad usage.";
 
@@ -49,6 +69,12 @@ pub(crate) enum Scenario {
     Stampede,
     /// Baseline without keyward: plain GETs of the same value through redis-rs.
     Get,
+    /// Many racing rate-limit checks on one identity, all at once: are exactly `limit` allowed?
+    #[value(name = "ratelimit_exact")]
+    RatelimitExact,
+    /// Rate-limit checks over 10,000 identities in a loop for the duration, never refused.
+    #[value(name = "ratelimit_throughput")]
+    RatelimitThroughput,
 }
 
 impl Scenario {
@@ -58,15 +84,32 @@ impl Scenario {
             Scenario::Miss => "miss",
             Scenario::Stampede => "stampede",
             Scenario::Get => "get",
+            Scenario::RatelimitExact => "ratelimit_exact",
+            Scenario::RatelimitThroughput => "ratelimit_throughput",
         }
+    }
+
+    pub(crate) fn is_rate_limit(self) -> bool {
+        matches!(
+            self,
+            Scenario::RatelimitExact | Scenario::RatelimitThroughput
+        )
     }
 
     fn default_concurrency(self) -> usize {
         match self {
-            Scenario::Hit | Scenario::Miss | Scenario::Get => 64,
-            Scenario::Stampede => 1000,
+            Scenario::Hit | Scenario::Miss | Scenario::Get | Scenario::RatelimitThroughput => 64,
+            Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
+}
+
+/// Parses `--algorithm`: the policy names (`gcra`, `token_bucket`, …), listed in `--help`.
+fn algorithm_parser() -> impl TypedValueParser<Value = Algorithm> {
+    PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::name)).map(|name| {
+        // Only the names listed above get here.
+        Algorithm::from_name(&name).unwrap_or(Algorithm::Gcra)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -79,10 +122,10 @@ pub(crate) struct BenchArgs {
     /// [default: $REDIS_URL, else mem://]
     #[arg(long, value_name = "URL")]
     url: Option<String>,
-    /// Concurrent callers in total. [default: 64 for hit and miss, 1000 for stampede]
+    /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit` runs, in seconds (fractions allowed).
+    /// How long `hit`, `get` and `ratelimit_throughput` run, in seconds (fractions allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
@@ -97,6 +140,12 @@ pub(crate) struct BenchArgs {
     /// How long the `stampede` loader takes, in milliseconds.
     #[arg(long, value_name = "M", default_value_t = 50)]
     loader_ms: u64,
+    /// The rate-limit algorithm of `ratelimit_exact` and `ratelimit_throughput`.
+    #[arg(long, value_name = "NAME", default_value = "gcra", value_parser = algorithm_parser())]
+    algorithm: Algorithm,
+    /// The limit (and burst) of `ratelimit_exact`.
+    #[arg(long, value_name = "L", default_value_t = 100)]
+    limit: u64,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -130,10 +179,29 @@ struct Report {
     p99_us: u64,
     max_us: u64,
     loader_calls: u64,
+    /// Rate-limit scenarios only (with `limited` and `allowed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    algorithm: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limited: Option<u64>,
+    /// `ratelimit_exact` only: `allowed == min(limit, concurrency)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exact: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_cmds_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_cmds: Option<BTreeMap<String, u64>>,
+    /// `ratelimit_throughput` against Redis: see [`ClientCommands`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_client_cmds_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_client_cmds: Option<BTreeMap<String, u64>>,
 }
 
 fn round(x: f64, decimals: i32) -> f64 {
@@ -205,7 +273,18 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         key_offset: args.key_offset,
         loader_delay: Duration::from_millis(args.loader_ms),
         key_id: args.key_id.unwrap_or_else(rand::random),
+        algorithm: args.algorithm,
+        limit: args.limit,
     };
+    // Children would only fail on a bad class after starting: check it once, here.
+    if let Err(e) = workload::policy("kwbench", &work) {
+        usage!(
+            "--algorithm {} --limit {}: {}",
+            work.algorithm,
+            work.limit,
+            e.message()
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -219,7 +298,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     print_report(&report, args.json)
 }
 
-/// Run the scenario (in this process, or across children) between two command-count snapshots.
+/// Run the scenario (in this process, or across children) between two command-count snapshots; for
+/// `ratelimit_throughput` against Redis, then count what a check sends (see [`client_commands`]).
 async fn measure(
     url: &str,
     app: &str,
@@ -229,6 +309,10 @@ async fn measure(
 ) -> anyhow::Result<Report> {
     let scenario = work.scenario;
     let concurrency = work.concurrency;
+    let (algorithm, limit) = (work.algorithm, work.limit);
+    let rate_class = workload::rate_class(&work);
+    // The client-command count runs in this process, with one process's share of the callers.
+    let audit_work = split(&work, processes).swap_remove(0);
     let measured: Measured;
     let commands;
     if processes > 1 {
@@ -245,6 +329,11 @@ async fn measure(
         measured = prepared.run().await?;
         commands = delta(stats.as_mut(), before).await?;
     }
+    let client = if scenario == Scenario::RatelimitThroughput && !embedded {
+        client_commands(url, app, audit_work).await?
+    } else {
+        None
+    };
     let ops = measured.latencies.len();
     let h = &measured.latencies;
     let per_second = if measured.seconds > 0.0 {
@@ -252,14 +341,16 @@ async fn measure(
     } else {
         0.0
     };
-    let redis_cmds_per_op = commands.as_ref().map(|c| {
-        let total: u64 = c.values().sum();
+    let per_op = |calls: &stats::Counts, ops: u64| {
+        let total: u64 = calls.values().sum();
         if ops == 0 {
             0.0
         } else {
             round(total as f64 / ops as f64, 3)
         }
-    });
+    };
+    let redis_cmds_per_op = commands.as_ref().map(|c| per_op(c, ops));
+    let is_rate_limit = scenario.is_rate_limit();
     Ok(Report {
         peer: "keyward",
         scenario: scenario.name(),
@@ -281,9 +372,58 @@ async fn measure(
         },
         max_us: h.max(),
         loader_calls: measured.loader_calls,
+        algorithm: is_rate_limit.then(|| algorithm.name()),
+        limit: rate_class.as_ref().map(|c| c.limit_value()),
+        window_s: rate_class
+            .as_ref()
+            .map(|c| round(c.window_value().as_secs_f64(), 6)),
+        allowed: is_rate_limit.then_some(measured.allowed),
+        limited: is_rate_limit.then_some(measured.limited),
+        exact: (scenario == Scenario::RatelimitExact)
+            .then(|| measured.allowed == limit.min(concurrency as u64)),
         redis_cmds_per_op,
         redis_cmds: commands,
+        redis_client_cmds_per_op: client.as_ref().map(|c| per_op(&c.commands, c.checks)),
+        redis_client_cmds: client.map(|c| c.commands),
     })
+}
+
+/// What the client sent for [`CLIENT_AUDIT_CHECKS`] checks per caller.
+struct ClientCommands {
+    checks: u64,
+    /// Top-level commands received from clients, per command name.
+    commands: stats::Counts,
+}
+
+/// How many checks each caller makes while the client commands are counted.
+const CLIENT_AUDIT_CHECKS: u64 = 16;
+
+/// The commands clients send per rate-limit check, which neither `INFO commandstats` nor `INFO stats`
+/// (`total_commands_processed`) can tell: both count the commands a Lua script calls as well (checked on
+/// Redis 7.0), and Redis before 7.2 keeps no per-client command count. So after the timed run, this process
+/// connects its own limiter (same namespace, class and identities), and while `MONITOR` shows the server's
+/// commands, each of `work.concurrency` callers makes [`CLIENT_AUDIT_CHECKS`] checks. Connecting and warming
+/// up happen before the count starts. `MONITOR` slows the server down, which is why the timed run goes
+/// without it. `None` (with a warning) when the server refuses `MONITOR` (e.g. a managed Redis).
+async fn client_commands(
+    url: &str,
+    app: &str,
+    work: Workload,
+) -> anyhow::Result<Option<ClientCommands>> {
+    let prepared = workload::prepare(url, app, work).await?;
+    let audit = match stats::ClientAudit::start(url).await {
+        Ok(audit) => audit,
+        Err(e) => {
+            eprintln!("warning: redis_client_cmds_per_op left out: {e:#}");
+            return Ok(None);
+        }
+    };
+    let measured = prepared.ratelimit_checks(CLIENT_AUDIT_CHECKS).await?;
+    let commands = audit.finish().await?;
+    Ok(Some(ClientCommands {
+        checks: measured.latencies.len(),
+        commands,
+    }))
 }
 
 async fn connect_stats(url: &str, embedded: bool) -> anyhow::Result<Option<CommandStats>> {
@@ -352,6 +492,22 @@ fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
         .context("cannot write to stdout")
 }
 
+/// `name=calls` pairs, most called first; `none` for none.
+fn list_counts(counts: &BTreeMap<String, u64>) -> String {
+    let mut by_count: Vec<_> = counts.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let listed = by_count
+        .iter()
+        .map(|(name, calls)| format!("{name}={calls}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if listed.is_empty() {
+        "none".to_owned()
+    } else {
+        listed
+    }
+}
+
 /// The report as aligned `field  value` rows.
 fn table(r: &Report) -> String {
     let mut rows: Vec<(&str, String)> = vec![
@@ -368,26 +524,28 @@ fn table(r: &Report) -> String {
         ("max_us", r.max_us.to_string()),
         ("loader_calls", r.loader_calls.to_string()),
     ];
-    if let Some(per_op) = r.redis_cmds_per_op {
-        rows.push(("redis_cmds_per_op", format!("{per_op:.3}")));
-    }
-    if let Some(cmds) = &r.redis_cmds {
-        let mut by_count: Vec<_> = cmds.iter().collect();
-        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        let listed = by_count
-            .iter()
-            .map(|(name, calls)| format!("{name}={calls}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        rows.push((
-            "redis_cmds",
-            if listed.is_empty() {
-                "none".to_owned()
-            } else {
-                listed
-            },
-        ));
-    }
+    let optional = [
+        ("algorithm", r.algorithm.map(str::to_owned)),
+        ("limit", r.limit.map(|l| l.to_string())),
+        ("window_s", r.window_s.map(|w| w.to_string())),
+        ("allowed", r.allowed.map(|a| a.to_string())),
+        ("limited", r.limited.map(|l| l.to_string())),
+        ("exact", r.exact.map(|e| e.to_string())),
+        (
+            "redis_cmds_per_op",
+            r.redis_cmds_per_op.map(|p| format!("{p:.3}")),
+        ),
+        ("redis_cmds", r.redis_cmds.as_ref().map(list_counts)),
+        (
+            "redis_client_cmds_per_op",
+            r.redis_client_cmds_per_op.map(|p| format!("{p:.3}")),
+        ),
+        (
+            "redis_client_cmds",
+            r.redis_client_cmds.as_ref().map(list_counts),
+        ),
+    ];
+    rows.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
@@ -408,6 +566,8 @@ mod tests {
             hit_keys: 1,
             loader_delay: Duration::ZERO,
             key_id: 7,
+            algorithm: Algorithm::Gcra,
+            limit: 100,
         }
     }
 
@@ -436,12 +596,60 @@ mod tests {
             p99_us: 9,
             max_us: 9,
             loader_calls: 0,
+            algorithm: None,
+            limit: None,
+            window_s: None,
+            allowed: None,
+            limited: None,
+            exact: None,
             redis_cmds_per_op: Some(1.0),
             redis_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 10)])),
+            redis_client_cmds_per_op: None,
+            redis_client_cmds: None,
         };
         let t = table(&report);
         assert!(t.contains("redis_cmds_per_op  1.000\n"), "{t}");
         assert!(t.contains("peer               keyward\n"), "{t}");
         assert!(t.contains("redis_cmds         evalsha=10\n"), "{t}");
+        assert!(!t.contains("exact"), "{t}");
+    }
+
+    #[test]
+    fn rate_limit_fields_are_in_the_table_and_the_json() {
+        let report = Report {
+            peer: "keyward",
+            scenario: "ratelimit_exact",
+            backend: "redis",
+            concurrency: 1000,
+            processes: 4,
+            ops: 1000,
+            seconds: 0.1,
+            ops_per_s: 10_000.0,
+            p50_us: 5,
+            p99_us: 9,
+            max_us: 9,
+            loader_calls: 0,
+            algorithm: Some("gcra"),
+            limit: Some(100),
+            window_s: Some(8_640_000.0),
+            allowed: Some(100),
+            limited: Some(900),
+            exact: Some(true),
+            redis_cmds_per_op: Some(5.0),
+            redis_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 1000)])),
+            redis_client_cmds_per_op: Some(1.0),
+            redis_client_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 1024)])),
+        };
+        let t = table(&report);
+        assert!(t.contains("exact                     true\n"), "{t}");
+        assert!(t.contains("redis_client_cmds_per_op  1.000\n"), "{t}");
+        assert!(
+            t.contains("redis_client_cmds         evalsha=1024\n"),
+            "{t}"
+        );
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["allowed"], 100);
+        assert_eq!(v["exact"], true);
+        assert_eq!(v["algorithm"], "gcra");
     }
 }

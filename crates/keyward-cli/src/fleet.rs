@@ -5,8 +5,9 @@
 //!
 //! 1. each child connects and warms up, prints `READY` and blocks reading stdin;
 //! 2. once every child is ready, the parent writes `GO` to all of them (the measured phase starts);
-//! 3. each child runs and prints one JSON line ([`ChildReport`]) with its latency histogram (HdrHistogram V2
-//!    serialization, base64), then exits; the parent merges the reports.
+//! 3. each child runs and prints one JSON line ([`ChildReport`]) with its counts (loader calls, rate-limit
+//!    checks allowed and limited) and its latency histogram (HdrHistogram V2 serialization, base64), then
+//!    exits; the parent adds the counts up and merges the histograms.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -35,6 +36,8 @@ const RUN_GRACE: Duration = Duration::from_secs(120);
 pub(crate) struct ChildReport {
     ops: u64,
     loader_calls: u64,
+    allowed: u64,
+    limited: u64,
     seconds: f64,
     /// Latencies in µs: HdrHistogram V2 serialization, base64.
     histogram: String,
@@ -49,6 +52,8 @@ impl ChildReport {
         Ok(Self {
             ops: m.latencies.len(),
             loader_calls: m.loader_calls,
+            allowed: m.allowed,
+            limited: m.limited,
             seconds: m.seconds,
             histogram: BASE64.encode(bytes),
         })
@@ -70,6 +75,8 @@ impl ChildReport {
         }
         Ok(Measured {
             loader_calls: self.loader_calls,
+            allowed: self.allowed,
+            limited: self.limited,
             seconds: self.seconds,
             latencies,
         })
@@ -204,6 +211,8 @@ impl Fleet {
         }
         let mut total = Measured {
             loader_calls: 0,
+            allowed: 0,
+            limited: 0,
             seconds: 0.0,
             latencies: workload::new_histogram(),
         };
@@ -216,6 +225,8 @@ impl Fleet {
                 .into_measured()
                 .with_context(|| format!("bad report from {who}"))?;
             total.loader_calls += measured.loader_calls;
+            total.allowed += measured.allowed;
+            total.limited += measured.limited;
             total.seconds = total.seconds.max(measured.seconds);
             total
                 .latencies
@@ -249,6 +260,10 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.hit_keys.to_string(),
         "--loader-ms".to_owned(),
         work.loader_delay.as_millis().to_string(),
+        "--algorithm".to_owned(),
+        work.algorithm.name().to_owned(),
+        "--limit".to_owned(),
+        work.limit.to_string(),
         "--child".to_owned(),
         "--app".to_owned(),
         app.to_owned(),
@@ -271,6 +286,8 @@ mod tests {
         }
         let measured = Measured {
             loader_calls: 1,
+            allowed: 3,
+            limited: 2,
             seconds: 0.25,
             latencies,
         };
@@ -279,5 +296,6 @@ mod tests {
         let back = back.into_measured().unwrap();
         assert_eq!(back.latencies, measured.latencies);
         assert_eq!(back.loader_calls, 1);
+        assert_eq!((back.allowed, back.limited), (3, 2));
     }
 }

@@ -1,8 +1,9 @@
 //! `keyward` — the operator CLI for the keyward Redis data layer.
 //!
 //! - `keyward policy check FILE` validates a policy file and prints what it declares.
-//! - `keyward bench <hit|miss|stampede>` measures keyward against Redis (or the embedded backend), optionally
-//!   across several OS processes sharing one namespace, and counts the Redis commands each operation costs.
+//! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput>` measures keyward against
+//!   Redis (or the embedded backend), optionally across several OS processes sharing one namespace, and counts
+//!   the Redis commands each operation costs.
 //!
 //! # Exit codes
 //! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
@@ -15,7 +16,7 @@
 //! - `bench` — the `bench` arguments, the orchestration of one run, and the report (JSON or table).
 //! - `workload` — the scenarios themselves, measured inside one process.
 //! - `fleet` — `--processes`: starting child processes, the READY/GO handshake, merging their results.
-//! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`.
+//! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 
 mod bench;
 mod fleet;
@@ -51,7 +52,7 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
-    /// Benchmark keyward's cache against Redis or the embedded backend.
+    /// Benchmark keyward's cache and rate limiter against Redis or the embedded backend.
     Bench(bench::BenchArgs),
 }
 

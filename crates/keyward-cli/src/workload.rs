@@ -1,5 +1,10 @@
 //! The scenarios, measured inside one process: set-up (connect, warm) is separate from the measured phase, so
 //! the caller can take its command-count snapshot or do the READY/GO handshake in between.
+//!
+//! The rate-limit scenarios give every run a class of its own (in the run's fresh namespace) whose numbers
+//! are chosen for what the scenario measures: for `ratelimit_exact`, nothing replenishes during the run, so
+//! any allowance beyond the limit is a race; for `ratelimit_throughput`, nothing is ever refused, so every
+//! check costs the same.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
-use keyward::policy::{CacheClass, Policy};
-use keyward::{Cache, Keyward};
+use keyward::policy::{Algorithm, CacheClass, OnError, Policy, PolicyError, RateLimitClass};
+use keyward::rate_limit::Source;
+use keyward::{Cache, Keyward, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
@@ -22,6 +28,26 @@ const VALUE_BYTES: usize = 1024;
 const MAX_LATENCY_US: u64 = 60_000_000;
 /// The one cache class of the bench policy.
 const CLASS: &str = "bench";
+/// The rate-limit class of the bench policy (rate-limit scenarios only).
+const RATE_CLASS: &str = "bench_rl";
+/// `ratelimit_exact`: the window of every algorithm but `sliding_log`. Long, so that nothing replenishes during
+/// a run (token bucket and GCRA refill one unit per window / limit) and a fixed window's edge (aligned to the
+/// Unix epoch) falls inside a run of a few seconds with odds of about 1 in a million. The run's one key
+/// expires on its own, within this window.
+const EXACT_WINDOW: Duration = Duration::from_secs(100 * 24 * 60 * 60);
+/// `ratelimit_exact` with `sliding_log`: its entries only leave the window when it has passed, so any window
+/// longer than the run is exact; a short one keeps the run's (up to `limit`) entries from lingering.
+const EXACT_LOG_WINDOW: Duration = Duration::from_secs(60 * 60);
+/// `ratelimit_throughput`: a limit no identity gets near (10,000 identities at any plausible rate).
+const THROUGHPUT_LIMIT: u64 = 1_000_000_000;
+const THROUGHPUT_WINDOW: Duration = Duration::from_secs(60 * 60);
+/// `ratelimit_throughput` with `sliding_log`, which allows at most 100,000 per window and stores one entry per
+/// request for the window's length: 100,000 per second per identity is never reached, and a 1 s window keeps
+/// the log of each identity short.
+const THROUGHPUT_LOG_LIMIT: u64 = 100_000;
+const THROUGHPUT_LOG_WINDOW: Duration = Duration::from_secs(1);
+/// `ratelimit_throughput`: how many identities the workers spread their checks over.
+pub(crate) const IDENTITIES: u64 = 10_000;
 
 /// The value the benchmark caches: a record shaped like a typical API object, ≈1 KiB as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,18 +75,46 @@ impl Item {
     }
 }
 
-/// The policy every bench process uses: one cache class, in a namespace of its own (`app`).
-pub(crate) fn policy(app: &str) -> anyhow::Result<Policy> {
-    Policy::builder("bench", app)
-        .cache(
-            CLASS,
-            CacheClass::new(Duration::from_secs(600), "keyward bench")
-                .lease_ttl(Duration::from_secs(10))
-                .loader_timeout(Duration::from_secs(5))
-                .max_value_bytes(1024 * 1024),
-        )
-        .build()
-        .context("the built-in bench policy is invalid")
+/// The policy every bench process uses, in a namespace of its own (`app`): one cache class, plus for the
+/// rate-limit scenarios one rate-limit class (see [`rate_class`]).
+///
+/// # Errors
+/// A [`PolicyError`] when the rate-limit class is invalid (e.g. a `--limit` out of range for the algorithm).
+pub(crate) fn policy(app: &str, work: &Workload) -> Result<Policy, PolicyError> {
+    let mut builder = Policy::builder("bench", app).cache(
+        CLASS,
+        CacheClass::new(Duration::from_secs(600), "keyward bench")
+            .lease_ttl(Duration::from_secs(10))
+            .loader_timeout(Duration::from_secs(5))
+            .max_value_bytes(1024 * 1024),
+    );
+    if let Some(class) = rate_class(work) {
+        builder = builder.rate_limit(RATE_CLASS, class);
+    }
+    builder.build()
+}
+
+/// The rate-limit class of a rate-limit scenario (`None` for the others).
+///
+/// `ratelimit_exact`: `--limit` per [`EXACT_WINDOW`] (`sliding_log`: per [`EXACT_LOG_WINDOW`]), burst =
+/// limit. `ratelimit_throughput`: [`THROUGHPUT_LIMIT`] per hour (`sliding_log`: [`THROUGHPUT_LOG_LIMIT`] per
+/// second), burst = limit. `on_error = deny`, so that a Redis failure can never pass for an allowance; the
+/// workload fails the run on any decision not made by the store anyway.
+pub(crate) fn rate_class(work: &Workload) -> Option<RateLimitClass> {
+    let log = work.algorithm == Algorithm::SlidingLog;
+    let (limit, window) = match work.scenario {
+        Scenario::RatelimitExact if log => (work.limit, EXACT_LOG_WINDOW),
+        Scenario::RatelimitExact => (work.limit, EXACT_WINDOW),
+        Scenario::RatelimitThroughput if log => (THROUGHPUT_LOG_LIMIT, THROUGHPUT_LOG_WINDOW),
+        Scenario::RatelimitThroughput => (THROUGHPUT_LIMIT, THROUGHPUT_WINDOW),
+        Scenario::Hit | Scenario::Miss | Scenario::Stampede | Scenario::Get => return None,
+    };
+    let class = RateLimitClass::new(work.algorithm, limit, window).on_error(OnError::Deny);
+    Some(if work.algorithm.has_burst() {
+        class.burst(limit)
+    } else {
+        class
+    })
 }
 
 /// What one process runs.
@@ -80,12 +134,19 @@ pub(crate) struct Workload {
     pub(crate) loader_delay: Duration,
     /// Names the run's key(s), so every run starts cold.
     pub(crate) key_id: u64,
+    /// Rate-limit scenarios: the algorithm of the class.
+    pub(crate) algorithm: Algorithm,
+    /// `ratelimit_exact`: the class's limit (and burst).
+    pub(crate) limit: u64,
 }
 
 /// What one process measured.
 #[derive(Debug)]
 pub(crate) struct Measured {
     pub(crate) loader_calls: u64,
+    /// Rate-limit scenarios: checks allowed and refused.
+    pub(crate) allowed: u64,
+    pub(crate) limited: u64,
     pub(crate) seconds: f64,
     /// Latency of every operation, in µs; its length is the operation count.
     pub(crate) latencies: Histogram<u64>,
@@ -98,6 +159,8 @@ pub(crate) struct Prepared {
     value: Arc<Item>,
     /// `get`: a plain redis-rs connection, as an application without keyward would hold.
     raw: Option<redis::aio::ConnectionManager>,
+    /// Rate-limit scenarios: the limiter of the bench's rate-limit class.
+    limiter: Option<RateLimiter>,
     /// The namespace app name (the baseline's keys live under it).
     app: String,
 }
@@ -106,31 +169,47 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
 }
 
-/// Connect to `url` in namespace `app` and warm up (one fill of a key of its own; for `hit`, the hit key is
-/// written with `set`).
+/// Connect to `url` in namespace `app` and warm up (one fill of a key of its own, or for the rate-limit
+/// scenarios one check of an identity of its own; for `hit`, the hit key is written with `set`).
 pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Result<Prepared> {
-    let kw = Keyward::connect(url, policy(app)?)
-        .await
-        .map_err(|e| match e {
-            keyward::Error::InvalidUrl { .. } => {
-                anyhow::Error::new(crate::UsageError(e.to_string()))
-            }
-            other => anyhow::Error::new(other),
-        })?;
+    let policy =
+        policy(app, &work).map_err(|e| anyhow::Error::new(crate::UsageError(e.to_string())))?;
+    let kw = Keyward::connect(url, policy).await.map_err(|e| match e {
+        keyward::Error::InvalidUrl { .. } => anyhow::Error::new(crate::UsageError(e.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
     let cache = kw
         .cache::<Item>(CLASS)
         .context("cannot open the bench cache class")?;
     let value = Arc::new(Item::sized(work.key_id));
-    // Warm-up, outside the measured phase: one fill of a key of its own loads keyward's scripts into Redis
-    // and opens the connection, so one-time costs do not count against the scenario.
-    let warm = Item::clone(&value);
-    cache
-        .get_or_set(&("warmup", work.key_id), || async move {
-            Ok::<_, Infallible>(warm)
-        })
-        .await
-        .context("warm-up get_or_set failed")?;
     let mut raw = None;
+    let mut limiter = None;
+    // Warm-up, outside the measured phase: one call on a key of its own loads keyward's scripts into Redis
+    // and opens the connection, so one-time costs do not count against the scenario.
+    if work.scenario.is_rate_limit() {
+        let rl = kw
+            .rate_limiter(RATE_CLASS)
+            .context("cannot open the bench rate-limit class")?;
+        let warm = rl
+            .check(&("warmup", work.key_id))
+            .await
+            .context("warm-up check failed")?;
+        if warm.source() != Source::Store {
+            anyhow::bail!(
+                "the warm-up check was decided without the store ({:?}): Redis failed, see the warning above",
+                warm.source()
+            );
+        }
+        limiter = Some(rl);
+    } else {
+        let warm = Item::clone(&value);
+        cache
+            .get_or_set(&("warmup", work.key_id), || async move {
+                Ok::<_, Infallible>(warm)
+            })
+            .await
+            .context("warm-up get_or_set failed")?;
+    }
     match work.scenario {
         Scenario::Hit => {
             for k in 0..work.hit_keys {
@@ -159,13 +238,17 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
             }
             raw = Some(con);
         }
-        Scenario::Miss | Scenario::Stampede => {}
+        Scenario::Miss
+        | Scenario::Stampede
+        | Scenario::RatelimitExact
+        | Scenario::RatelimitThroughput => {}
     }
     Ok(Prepared {
         work,
         cache,
         value,
         raw,
+        limiter,
         app: app.to_owned(),
     })
 }
@@ -179,6 +262,14 @@ fn raw_key(app: &str, key_id: u64, k: u64) -> String {
 struct Span {
     start: Instant,
     end: Instant,
+}
+
+/// What the workers of one process count besides latencies.
+#[derive(Default)]
+struct Counters {
+    loader_calls: AtomicU64,
+    allowed: AtomicU64,
+    limited: AtomicU64,
 }
 
 /// Merges what workers report.
@@ -202,13 +293,15 @@ impl Tally {
         self.last = Some(self.last.map_or(span.end, |l| l.max(span.end)));
     }
 
-    fn finish(self, loader_calls: &AtomicU64) -> Measured {
+    fn finish(self, counters: &Counters) -> Measured {
         let seconds = match (self.first, self.last) {
             (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
             _ => 0.0,
         };
         Measured {
-            loader_calls: loader_calls.load(Ordering::Relaxed),
+            loader_calls: counters.loader_calls.load(Ordering::Relaxed),
+            allowed: counters.allowed.load(Ordering::Relaxed),
+            limited: counters.limited.load(Ordering::Relaxed),
             seconds,
             latencies: self.latencies,
         }
@@ -255,26 +348,117 @@ impl Prepared {
             Scenario::Miss => self.miss().await,
             Scenario::Stampede => self.stampede().await,
             Scenario::Get => self.get().await,
+            Scenario::RatelimitExact => self.ratelimit_exact().await,
+            Scenario::RatelimitThroughput => self.ratelimit_throughput().await,
         }
+    }
+
+    /// Not a scenario: every worker makes `checks_per_worker` checks as `ratelimit_throughput` does (same
+    /// identities, same class), then stops. What the caller observes meanwhile (the commands the server
+    /// receives) is the cost of a check, outside the timed run.
+    pub(crate) async fn ratelimit_checks(self, checks_per_worker: u64) -> anyhow::Result<Measured> {
+        let limiter = self.limiter()?;
+        let counters = Arc::new(Counters::default());
+        let concurrency = self.work.concurrency as u64;
+        let mut workers = JoinSet::new();
+        for w in 0..concurrency {
+            let (limiter, counters) = (limiter.clone(), Arc::clone(&counters));
+            workers.spawn(async move {
+                let mut latencies = new_histogram();
+                let start = Instant::now();
+                for i in 0..checks_per_worker {
+                    let t = Instant::now();
+                    check(&limiter, &((w + i * concurrency) % IDENTITIES), &counters).await?;
+                    latencies.saturating_record(micros(t.elapsed()));
+                }
+                anyhow::Ok((
+                    latencies,
+                    Span {
+                        start,
+                        end: Instant::now(),
+                    },
+                ))
+            });
+        }
+        collect_histograms(workers, &counters).await
+    }
+
+    fn limiter(&self) -> anyhow::Result<RateLimiter> {
+        self.limiter
+            .clone()
+            .context("the rate-limit scenario was not prepared with a limiter")
+    }
+
+    /// C callers wait on a barrier, then each makes exactly one check of the same identity.
+    async fn ratelimit_exact(self) -> anyhow::Result<Measured> {
+        let limiter = self.limiter()?;
+        let counters = Arc::new(Counters::default());
+        let barrier = Arc::new(Barrier::new(self.work.concurrency));
+        let id = ("exact", self.work.key_id);
+        let mut callers = JoinSet::new();
+        for _ in 0..self.work.concurrency {
+            let (limiter, counters, barrier) =
+                (limiter.clone(), Arc::clone(&counters), Arc::clone(&barrier));
+            callers.spawn(async move {
+                barrier.wait().await;
+                let start = Instant::now();
+                check(&limiter, &id, &counters).await?;
+                anyhow::Ok(Span {
+                    start,
+                    end: Instant::now(),
+                })
+            });
+        }
+        let mut tally = Tally::new();
+        while let Some(joined) = callers.join_next().await {
+            let span = joined.context("a benchmark task panicked")??;
+            tally
+                .latencies
+                .saturating_record(micros(span.end - span.start));
+            tally.span(&span);
+        }
+        Ok(tally.finish(&counters))
+    }
+
+    /// C workers loop `check` until the deadline, worker w of C checking identities w, w + C, w + 2C, … modulo
+    /// [`IDENTITIES`]. The class never refuses.
+    async fn ratelimit_throughput(self) -> anyhow::Result<Measured> {
+        let limiter = self.limiter()?;
+        let counters = Arc::new(Counters::default());
+        let deadline = Instant::now() + self.work.duration;
+        let concurrency = self.work.concurrency as u64;
+        let mut workers = JoinSet::new();
+        for w in 0..concurrency {
+            let (limiter, counters) = (limiter.clone(), Arc::clone(&counters));
+            let mut next = w % IDENTITIES;
+            workers.spawn(until_deadline(deadline, move || {
+                let id = next;
+                next = (next + concurrency) % IDENTITIES;
+                let (limiter, counters) = (limiter.clone(), Arc::clone(&counters));
+                async move { check(&limiter, &id, &counters).await }
+            }));
+        }
+        collect_histograms(workers, &counters).await
     }
 
     /// C workers loop `get_or_set` on the warm key until the deadline; the loader must never run.
     async fn hit(self) -> anyhow::Result<Measured> {
-        let calls = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let deadline = Instant::now() + self.work.duration;
         let mut workers = JoinSet::new();
         for w in 0..self.work.concurrency {
-            let (cache, value, calls) = (
+            let (cache, value, counters) = (
                 self.cache.clone(),
                 Arc::clone(&self.value),
-                Arc::clone(&calls),
+                Arc::clone(&counters),
             );
             let key = ("hit", self.work.key_id, w as u64 % self.work.hit_keys);
             workers.spawn(until_deadline(deadline, move || {
-                let (cache, value, calls) = (cache.clone(), Arc::clone(&value), Arc::clone(&calls));
+                let (cache, value, counters) =
+                    (cache.clone(), Arc::clone(&value), Arc::clone(&counters));
                 async move {
                     let loader = || {
-                        calls.fetch_add(1, Ordering::Relaxed);
+                        counters.loader_calls.fetch_add(1, Ordering::Relaxed);
                         let v = Item::clone(&value);
                         async move { Ok::<_, Infallible>(v) }
                     };
@@ -286,12 +470,12 @@ impl Prepared {
                 }
             }));
         }
-        collect_histograms(workers, &calls).await
+        collect_histograms(workers, &counters).await
     }
 
     /// The baseline: C workers loop a plain GET + JSON decode of the warm value until the deadline.
     async fn get(self) -> anyhow::Result<Measured> {
-        let calls = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let Some(con) = self.raw else {
             anyhow::bail!("the get baseline was not prepared with a Redis connection");
         };
@@ -320,17 +504,18 @@ impl Prepared {
                 }
             }));
         }
-        collect_histograms(workers, &calls).await
+        collect_histograms(workers, &counters).await
     }
 
     /// C workers take key indices from a shared counter until all N cold keys are loaded once.
     async fn miss(self) -> anyhow::Result<Measured> {
-        let calls = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let next = Arc::new(AtomicU64::new(0));
         let (keys, offset, key_id) = (self.work.keys, self.work.key_offset, self.work.key_id);
         let mut workers = JoinSet::new();
         for _ in 0..self.work.concurrency {
-            let (cache, calls, next) = (self.cache.clone(), Arc::clone(&calls), Arc::clone(&next));
+            let (cache, counters, next) =
+                (self.cache.clone(), Arc::clone(&counters), Arc::clone(&next));
             workers.spawn(async move {
                 let mut latencies = new_histogram();
                 let start = Instant::now();
@@ -342,7 +527,7 @@ impl Prepared {
                     let index = offset + i;
                     let t = Instant::now();
                     let loader = || {
-                        calls.fetch_add(1, Ordering::Relaxed);
+                        counters.loader_calls.fetch_add(1, Ordering::Relaxed);
                         async move { Ok::<_, Infallible>(Item::sized(index)) }
                     };
                     cache
@@ -360,28 +545,28 @@ impl Prepared {
                 ))
             });
         }
-        collect_histograms(workers, &calls).await
+        collect_histograms(workers, &counters).await
     }
 
     /// C callers wait on a barrier, then all ask for one cold key whose loader is slow.
     async fn stampede(self) -> anyhow::Result<Measured> {
-        let calls = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let barrier = Arc::new(Barrier::new(self.work.concurrency));
         let key = ("stampede", self.work.key_id);
         let delay = self.work.loader_delay;
         let mut callers = JoinSet::new();
         for _ in 0..self.work.concurrency {
-            let (cache, value, calls, barrier) = (
+            let (cache, value, counters, barrier) = (
                 self.cache.clone(),
                 Arc::clone(&self.value),
-                Arc::clone(&calls),
+                Arc::clone(&counters),
                 Arc::clone(&barrier),
             );
             callers.spawn(async move {
                 barrier.wait().await;
                 let start = Instant::now();
                 let loader = || {
-                    calls.fetch_add(1, Ordering::Relaxed);
+                    counters.loader_calls.fetch_add(1, Ordering::Relaxed);
                     let v = Item::clone(&value);
                     async move {
                         tokio::time::sleep(delay).await;
@@ -406,13 +591,36 @@ impl Prepared {
                 .saturating_record(micros(span.end - span.start));
             tally.span(&span);
         }
-        Ok(tally.finish(&calls))
+        Ok(tally.finish(&counters))
     }
+}
+
+/// One check, counted as allowed or limited. A decision the store did not make (Redis failed and `on_error`
+/// answered) fails the run: it would measure the fallback, not the limiter.
+async fn check(
+    limiter: &RateLimiter,
+    id: &(impl keyward::key::IdParts + ?Sized),
+    counters: &Counters,
+) -> anyhow::Result<()> {
+    let decision = limiter.check(id).await.context("rate-limit check failed")?;
+    if decision.source() != Source::Store {
+        anyhow::bail!(
+            "a check was decided without the store ({:?}): Redis failed, see the warning above",
+            decision.source()
+        );
+    }
+    let counter = if decision.is_allowed() {
+        &counters.allowed
+    } else {
+        &counters.limited
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 async fn collect_histograms(
     mut workers: JoinSet<anyhow::Result<(Histogram<u64>, Span)>>,
-    calls: &AtomicU64,
+    counters: &Counters,
 ) -> anyhow::Result<Measured> {
     let mut tally = Tally::new();
     while let Some(joined) = workers.join_next().await {
@@ -426,7 +634,7 @@ async fn collect_histograms(
             .context("cannot merge latency histograms")?;
         tally.span(&span);
     }
-    Ok(tally.finish(calls))
+    Ok(tally.finish(counters))
 }
 
 #[cfg(test)]
@@ -441,10 +649,68 @@ mod tests {
         }
     }
 
+    fn work(scenario: Scenario, algorithm: Algorithm, limit: u64) -> Workload {
+        Workload {
+            scenario,
+            concurrency: 4,
+            duration: Duration::from_secs(1),
+            keys: 1,
+            key_offset: 0,
+            hit_keys: 1,
+            loader_delay: Duration::ZERO,
+            key_id: 7,
+            algorithm,
+            limit,
+        }
+    }
+
     #[test]
     fn the_bench_policy_is_valid() {
-        let policy = policy("kwbench42").unwrap();
+        let policy = policy("kwbench42", &work(Scenario::Hit, Algorithm::Gcra, 100)).unwrap();
         assert_eq!(policy.app(), "kwbench42");
         assert!(policy.class(CLASS).is_some());
+        assert!(policy.class(RATE_CLASS).is_none());
+    }
+
+    #[test]
+    fn every_algorithm_has_valid_rate_limit_classes() {
+        for algorithm in Algorithm::ALL {
+            for scenario in [Scenario::RatelimitExact, Scenario::RatelimitThroughput] {
+                for limit in [1, 100, 100_000] {
+                    let w = work(scenario, algorithm, limit);
+                    let policy = policy("kwbench42", &w)
+                        .unwrap_or_else(|e| panic!("{scenario:?} {algorithm}: {e}"));
+                    let class = policy.class(RATE_CLASS).unwrap().as_rate_limit().unwrap();
+                    assert_eq!(class.algorithm_value(), algorithm);
+                    assert_eq!(class.on_error_value(), OnError::Deny);
+                    if scenario == Scenario::RatelimitExact {
+                        assert_eq!(class.limit_value(), limit);
+                        assert_eq!(class.capacity(), limit);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_throughput_class_never_refuses_ten_thousand_identities() {
+        for algorithm in Algorithm::ALL {
+            let c = rate_class(&work(Scenario::RatelimitThroughput, algorithm, 100)).unwrap();
+            // Allowed per identity per second, and what 10,000 identities would need at 10M checks/s.
+            let per_second = c.limit_value() as f64 / c.window_value().as_secs_f64();
+            assert!(
+                per_second >= 10_000_000.0 / IDENTITIES as f64,
+                "{algorithm}: {per_second}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_out_of_range_limit_is_a_policy_error() {
+        let w = work(Scenario::RatelimitExact, Algorithm::SlidingLog, 200_000);
+        let err = policy("kwbench42", &w).unwrap_err();
+        assert_eq!(err.field(), Some("limit"), "{err}");
+        let w = work(Scenario::RatelimitExact, Algorithm::Gcra, 0);
+        assert!(policy("kwbench42", &w).is_err());
     }
 }

@@ -202,3 +202,128 @@ fn table_output_is_readable() {
         "{text}"
     );
 }
+
+#[test]
+fn bad_rate_limit_flags_exit_2() {
+    let out = keyward(&["bench", "ratelimit_exact", "--algorithm", "leaky"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("gcra"), "{}", stderr(&out));
+    let out = keyward(&[
+        "bench",
+        "ratelimit_exact",
+        "--url",
+        "mem://",
+        "--algorithm",
+        "sliding_log",
+        "--limit",
+        "200000",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--limit 200000"), "{}", stderr(&out));
+}
+
+#[test]
+fn embedded_ratelimit_exact_allows_the_limit() {
+    let v = bench_json(&["bench", "ratelimit_exact", "--url", "mem://", "--json"]);
+    assert_eq!(v["scenario"], "ratelimit_exact");
+    assert_eq!(v["backend"], "embedded");
+    assert_eq!(v["algorithm"], "gcra");
+    assert_eq!(v["concurrency"], 1000);
+    assert_eq!(v["ops"], 1000);
+    assert_eq!(v["limit"], 100);
+    assert_eq!(v["allowed"], 100);
+    assert_eq!(v["limited"], 900);
+    assert_eq!(v["exact"], true);
+    assert!(v.get("redis_cmds_per_op").is_none(), "{v}");
+}
+
+#[test]
+fn redis_ratelimit_exact_across_processes_allows_the_limit() {
+    let server = RedisServer::spawn();
+    for algorithm in [
+        "fixed_window",
+        "sliding_log",
+        "sliding_counter",
+        "token_bucket",
+        "gcra",
+    ] {
+        let v = bench_json(&[
+            "bench",
+            "ratelimit_exact",
+            "--url",
+            &server.url(),
+            "--algorithm",
+            algorithm,
+            "--limit",
+            "50",
+            "--concurrency",
+            "400",
+            "--processes",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(v["backend"], "redis");
+        assert_eq!(v["processes"], 2);
+        assert_eq!(v["algorithm"], algorithm);
+        assert_eq!(v["ops"], 400, "{v}");
+        assert_eq!(v["allowed"], 50, "{v}");
+        assert_eq!(v["limited"], 350, "{v}");
+        assert_eq!(v["exact"], true, "{v}");
+        // One EVALSHA per check, whatever the script calls inside.
+        assert_eq!(v["redis_cmds"]["evalsha"], 400, "{v}");
+    }
+}
+
+#[test]
+fn embedded_ratelimit_throughput_never_refuses() {
+    let v = bench_json(&[
+        "bench",
+        "ratelimit_throughput",
+        "--url",
+        "mem://",
+        "--duration",
+        "1",
+        "--concurrency",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(v["scenario"], "ratelimit_throughput");
+    assert_eq!(v["backend"], "embedded");
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["limited"], 0, "{v}");
+    assert_eq!(v["allowed"], v["ops"], "{v}");
+    assert!(v.get("exact").is_none(), "{v}");
+    assert!(v.get("redis_client_cmds_per_op").is_none(), "{v}");
+}
+
+#[test]
+fn redis_ratelimit_throughput_sends_one_command_per_check() {
+    let server = RedisServer::spawn();
+    for algorithm in ["gcra", "sliding_log"] {
+        let v = bench_json(&[
+            "bench",
+            "ratelimit_throughput",
+            "--url",
+            &server.url(),
+            "--algorithm",
+            algorithm,
+            "--duration",
+            "1",
+            "--concurrency",
+            "8",
+            "--json",
+        ]);
+        assert_eq!(v["backend"], "redis");
+        assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v["limited"], 0, "{v}");
+        assert_eq!(v["redis_client_cmds_per_op"].as_f64(), Some(1.0), "{v}");
+        // 8 callers × 16 checks while MONITOR counts, each one EVALSHA.
+        assert_eq!(
+            v["redis_client_cmds"],
+            serde_json::json!({ "evalsha": 128 }),
+            "{v}"
+        );
+        // The server runs more than the client sends: the script's own calls.
+        assert!(v["redis_cmds_per_op"].as_f64().unwrap() > 1.0, "{v}");
+    }
+}
