@@ -3,184 +3,189 @@
 -- KEYS[i]: the key of limit i (all keys of one identity share a hash tag).
 -- ARGV: cost, consume ('1' or '0'), nonce, then 6 per limit: code, limit, window_us, capacity, interval_us, shadow.
 -- Reply: {allowed, then per limit: allowed, remaining, reset_us, retry_us}.
+--
+-- Written flat, without local functions or per-limit tables: a closure or a table created on every call costs
+-- more server time than the algorithm itself. Integers above 10^14 are formatted with '%d' because Redis would
+-- print a Lua number with %.14g.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cost = tonumber(ARGV[1])
 local consume = ARGV[2] == '1'
-local nonce = ARGV[3]
-local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local floor, ceil, max, min, fmt = math.floor, math.ceil, math.max, math.min, string.format
+local n = #KEYS
 
--- Redis would print a Lua number with %.14g; integers above that must be formatted explicitly.
-local function int(x) return string.format('%d', x) end
-local function ms(us) return int(max(1, ceil(us / 1000))) end
-
-local function counter_reset(w, idx, curr, prev)
-  if curr > 0 then return (idx + 2) * w - now end
-  if prev > 0 then return (idx + 1) * w - now end
-  return 0
-end
-
-local function bucket_full_in(cap, interval, tokens, last)
-  if tokens >= cap then return 0 end
-  return max(0, (cap - tokens) * interval - (now - last))
-end
-
--- Each returns: available, allowed, reset_now, retry, write (a function storing the new state), ttl_us.
-local algos = {}
-
-algos[1] = function(key, limit, w) -- fixed window
-  local idx = floor(now / w)
-  local count = 0
-  local v = redis.call('GET', key)
-  if v then
-    local s, c = string.match(v, '^(%-?%d+) (%d+)$')
-    if s and tonumber(s) == idx then count = tonumber(c) end
-  end
-  local available = max(0, limit - count)
-  local reset = (idx + 1) * w - now
-  local reset_now = 0
-  if count > 0 then reset_now = reset end
-  local write = function()
-    redis.call('SET', key, int(idx) .. ' ' .. int(count + cost), 'PX', ms(reset))
-  end
-  return available, cost <= available, reset_now, reset, write, reset
-end
-
-algos[2] = function(key, limit, w) -- sliding log
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - w))
-  local count = redis.call('ZCARD', key)
-  local available = max(0, limit - count)
-  local reset_now = 0
-  if count > 0 then
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    reset_now = tonumber(newest[2]) + w - now
-  end
-  local retry = 0
-  local need = count + cost - limit
-  if need >= 1 then
-    local e = redis.call('ZRANGE', key, need - 1, need - 1, 'WITHSCORES')
-    if e[2] then retry = tonumber(e[2]) + w - now else retry = w end
-  end
-  local write = function()
-    local stamp = int(now)
-    local i = 0
-    while i < cost do
-      local args = {}
-      local j = 0
-      while i < cost and j < 200 do
-        args[#args + 1] = stamp
-        args[#args + 1] = stamp .. ':' .. nonce .. ':' .. i
-        i = i + 1
-        j = j + 1
-      end
-      redis.call('ZADD', key, unpack(args))
-    end
-    redis.call('PEXPIRE', key, ms(w))
-  end
-  return available, cost <= available, reset_now, retry, write, w
-end
-
-algos[3] = function(key, limit, w) -- sliding counter
-  local idx = floor(now / w)
-  local elapsed = now - idx * w
-  local curr, prev = 0, 0
-  local v = redis.call('GET', key)
-  if v then
-    local s, c, p = string.match(v, '^(%-?%d+) (%d+) (%d+)$')
-    if s then
-      s = tonumber(s)
-      if s == idx then curr, prev = tonumber(c), tonumber(p)
-      elseif s == idx - 1 then prev = tonumber(c) end
-    end
-  end
-  local est = prev * (w - elapsed) / w + curr
-  local available = max(0, floor(limit - est))
-  local allowed = est + cost <= limit
-  local retry = 0
-  if not allowed then
-    if curr + cost <= limit and prev > 0 then
-      retry = ceil(w - (limit - curr - cost) * w / prev) - elapsed
-    else
-      local at = 0
-      if curr > 0 then at = ceil(w - (limit - cost) * w / curr) end
-      retry = (w - elapsed) + max(0, at)
-    end
-  end
-  local ttl = (idx + 2) * w - now
-  local write = function()
-    redis.call('SET', key, int(idx) .. ' ' .. int(curr + cost) .. ' ' .. int(prev), 'PX', ms(ttl))
-  end
-  return available, allowed, counter_reset(w, idx, curr, prev), retry, write, ttl
-end
-
-algos[4] = function(key, limit, w, cap, interval) -- token bucket
-  local tokens, last = cap, now
-  local v = redis.call('GET', key)
-  if v then
-    local a, b = string.match(v, '^(%-?%d+) (%-?%d+)$')
-    if a then tokens, last = tonumber(a), tonumber(b) end
-  end
-  if now > last then
-    local add = floor((now - last) / interval)
-    tokens = min(cap, tokens + add)
-    if tokens == cap then last = now else last = last + add * interval end
-  end
-  local after = tokens - cost
-  local ttl = bucket_full_in(cap, interval, after, last)
-  local write = function()
-    redis.call('SET', key, int(after) .. ' ' .. int(last), 'PX', ms(ttl))
-  end
-  return tokens, cost <= tokens, bucket_full_in(cap, interval, tokens, last),
-    (cost - tokens) * interval - (now - last), write, ttl
-end
-
-algos[5] = function(key, limit, w, cap, interval) -- GCRA
+-- Fast path: one GCRA limit (the common case). The same formulas as the GCRA branch below, without the
+-- bookkeeping for groups. A TTL in milliseconds stays below 10^14, so it may be passed as a number.
+if n == 1 and ARGV[4] == '5' then
+  local cap, interval = tonumber(ARGV[7]), tonumber(ARGV[8])
   local tau = cap * interval
-  local tat = now
-  local v = redis.call('GET', key)
-  if v then tat = max(tonumber(v) or now, now) end
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
   local new_tat = tat + cost * interval
   local ttl = new_tat - now
-  local write = function()
-    redis.call('SET', key, int(new_tat), 'PX', ms(ttl))
+  local available = max(0, floor((tau - (tat - now)) / interval))
+  if ttl <= tau then
+    if consume then
+      redis.call('SET', KEYS[1], fmt('%d', new_tat), 'PX', max(1, ceil(ttl / 1000)))
+      return { 1, 1, available - cost, ttl, 0 }
+    end
+    return { 1, 1, available, tat - now, 0 }
   end
-  return max(0, floor((tau - (tat - now)) / interval)), ttl <= tau, tat - now, ttl - tau, write, ttl
+  local all = 0
+  if ARGV[9] == '1' then all = 1 end
+  return { all, 0, available, tat - now, max(1, ttl - tau) }
 end
 
-local n = #KEYS
+-- Per limit i: av[i] available, ok[i] allowed, rs[i] reset if nothing is written, rt[i] retry if refused,
+-- tl[i] TTL (µs) of the state to write, val[i] the string to SET (nil for the sorted set of the sliding log).
+local av, ok, rs, rt, tl, val = {}, {}, {}, {}, {}, {}
 local all = true
-local results = {}
+
 for i = 1, n do
-  local base = 3 + (i - 1) * 6
-  local code = tonumber(ARGV[base + 1])
-  local limit = tonumber(ARGV[base + 2])
-  local w = tonumber(ARGV[base + 3])
-  local cap = tonumber(ARGV[base + 4])
-  local interval = tonumber(ARGV[base + 5])
-  local shadow = ARGV[base + 6] == '1'
-  local available, allowed, reset_now, retry, write, ttl = algos[code](KEYS[i], limit, w, cap, interval)
-  results[i] = { available, allowed, reset_now, retry, write, ttl }
-  if not allowed and not shadow then all = false end
+  local b = 3 + (i - 1) * 6
+  local code = tonumber(ARGV[b + 1])
+  local limit = tonumber(ARGV[b + 2])
+  local w = tonumber(ARGV[b + 3])
+  local key = KEYS[i]
+  local available, allowed, reset_now, retry, ttl, value
+
+  if code == 5 then -- GCRA
+    local cap, interval = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+    local tau = cap * interval
+    local tat = tonumber(redis.call('GET', key)) or now
+    if tat < now then tat = now end
+    local new_tat = tat + cost * interval
+    ttl = new_tat - now
+    available = max(0, floor((tau - (tat - now)) / interval))
+    allowed = ttl <= tau
+    reset_now = tat - now
+    retry = ttl - tau
+    value = fmt('%d', new_tat)
+
+  elseif code == 1 then -- fixed window
+    local idx = floor(now / w)
+    local count = 0
+    local v = redis.call('GET', key)
+    if v then
+      local s, c = string.match(v, '^(%-?%d+) (%d+)$')
+      if s and tonumber(s) == idx then count = tonumber(c) end
+    end
+    available = max(0, limit - count)
+    allowed = cost <= available
+    ttl = (idx + 1) * w - now
+    reset_now = 0
+    if count > 0 then reset_now = ttl end
+    retry = ttl
+    value = fmt('%d %d', idx, count + cost)
+
+  elseif code == 4 then -- token bucket
+    local cap, interval = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+    local tokens, last = cap, now
+    local v = redis.call('GET', key)
+    if v then
+      local x, y = string.match(v, '^(%-?%d+) (%-?%d+)$')
+      if x then tokens, last = tonumber(x), tonumber(y) end
+    end
+    if now > last then
+      local add = floor((now - last) / interval)
+      tokens = min(cap, tokens + add)
+      if tokens == cap then last = now else last = last + add * interval end
+    end
+    available = tokens
+    allowed = cost <= tokens
+    reset_now = 0
+    if tokens < cap then reset_now = max(0, (cap - tokens) * interval - (now - last)) end
+    retry = (cost - tokens) * interval - (now - last)
+    local after = tokens - cost
+    ttl = 0
+    if after < cap then ttl = max(0, (cap - after) * interval - (now - last)) end
+    value = fmt('%d %d', after, last)
+
+  elseif code == 3 then -- sliding counter
+    local idx = floor(now / w)
+    local elapsed = now - idx * w
+    local curr, prev = 0, 0
+    local v = redis.call('GET', key)
+    if v then
+      local s, c, p = string.match(v, '^(%-?%d+) (%d+) (%d+)$')
+      if s then
+        s = tonumber(s)
+        if s == idx then curr, prev = tonumber(c), tonumber(p)
+        elseif s == idx - 1 then prev = tonumber(c) end
+      end
+    end
+    local est = prev * (w - elapsed) / w + curr
+    available = max(0, floor(limit - est))
+    allowed = est + cost <= limit
+    retry = 0
+    if not allowed then
+      if curr + cost <= limit and prev > 0 then
+        retry = ceil(w - (limit - curr - cost) * w / prev) - elapsed
+      else
+        local at = 0
+        if curr > 0 then at = ceil(w - (limit - cost) * w / curr) end
+        retry = (w - elapsed) + max(0, at)
+      end
+    end
+    if curr > 0 then reset_now = (idx + 2) * w - now
+    elseif prev > 0 then reset_now = (idx + 1) * w - now
+    else reset_now = 0 end
+    ttl = (idx + 2) * w - now
+    value = fmt('%d %d %d', idx, curr + cost, prev)
+
+  else -- 2: sliding log
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt('%d', now - w))
+    local count = redis.call('ZCARD', key)
+    available = max(0, limit - count)
+    allowed = cost <= available
+    reset_now = 0
+    if count > 0 then
+      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      reset_now = tonumber(newest[2]) + w - now
+    end
+    retry = 0
+    local need = count + cost - limit
+    if need >= 1 then
+      local e = redis.call('ZRANGE', key, need - 1, need - 1, 'WITHSCORES')
+      if e[2] then retry = tonumber(e[2]) + w - now else retry = w end
+    end
+    ttl = w
+  end
+
+  av[i], ok[i], rs[i], rt[i], tl[i], val[i] = available, allowed, reset_now, retry, ttl, value
+  if not allowed and ARGV[b + 6] ~= '1' then all = false end
 end
 
 local reply = { 0 }
 if all then reply[1] = 1 end
 for i = 1, n do
-  local r = results[i]
-  local available, allowed, reset_now, retry, write, ttl = r[1], r[2], r[3], r[4], r[5], r[6]
-  if allowed and all and consume then
-    write()
-    reply[#reply + 1] = 1
-    reply[#reply + 1] = available - cost
-    reply[#reply + 1] = ttl
-    reply[#reply + 1] = 0
+  local p = 1 + (i - 1) * 4
+  if ok[i] and all and consume then
+    local ms = fmt('%d', max(1, ceil(tl[i] / 1000)))
+    if val[i] then
+      redis.call('SET', KEYS[i], val[i], 'PX', ms)
+    else
+      local stamp = fmt('%d', now)
+      local prefix = stamp .. ':' .. ARGV[3] .. ':'
+      local j = 0
+      while j < cost do
+        local args = {}
+        local k = 0
+        while j < cost and k < 200 do
+          args[#args + 1] = stamp
+          args[#args + 1] = prefix .. j
+          j = j + 1
+          k = k + 1
+        end
+        redis.call('ZADD', KEYS[i], unpack(args))
+      end
+      redis.call('PEXPIRE', KEYS[i], ms)
+    end
+    reply[p + 1], reply[p + 2], reply[p + 3], reply[p + 4] = 1, av[i] - cost, tl[i], 0
+  elseif ok[i] then
+    reply[p + 1], reply[p + 2], reply[p + 3], reply[p + 4] = 1, av[i], rs[i], 0
   else
-    local a = 0
-    if allowed then a = 1; retry = 0 else retry = max(1, retry) end
-    reply[#reply + 1] = a
-    reply[#reply + 1] = available
-    reply[#reply + 1] = reset_now
-    reply[#reply + 1] = retry
+    reply[p + 1], reply[p + 2], reply[p + 3], reply[p + 4] = 0, av[i], rs[i], max(1, rt[i])
   end
 end
 return reply
