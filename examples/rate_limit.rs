@@ -9,7 +9,10 @@ use keyward::policy::Policy;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let policy = Policy::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/policy.toml"))?;
+    let policy = Policy::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/policy.toml"
+    ))?;
     let kw = Keyward::from_env(policy).await?;
     println!("backend: {:?}\n", kw.backend());
 
@@ -18,7 +21,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for attempt in 1..=5 {
         let d = login.check("203.0.113.7").await?;
         if d.is_allowed() {
-            println!("login attempt {attempt}: allowed, {} left right now", d.remaining());
+            println!(
+                "login attempt {attempt}: allowed, {} left right now",
+                d.remaining()
+            );
         } else {
             println!(
                 "login attempt {attempt}: refused, retry in {:.1}s (from {:?})",
@@ -42,7 +48,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         d.limit()
     );
     for l in d.limits() {
-        println!("  {:<15} {} of {} left", l.class(), l.remaining(), l.limit());
+        println!(
+            "  {:<15} {} of {} left",
+            l.class(),
+            l.remaining(),
+            l.limit()
+        );
     }
 
     // 3. A weighted quota: an export of 40 rows costs 40 units of 100 per hour.
@@ -51,7 +62,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let d = exports.check_cost("tenant_7", rows).await?;
         println!(
             "\nexport of {rows} rows: {} ({} units left)",
-            if d.is_allowed() { "allowed" } else { "refused, nothing charged" },
+            if d.is_allowed() {
+                "allowed"
+            } else {
+                "refused, nothing charged"
+            },
             d.remaining()
         );
     }
