@@ -623,3 +623,21 @@ mod bounds {
         assert!(worst <= limit + 1, "{worst}");
     }
 }
+
+/// The script is called with EVALSHA; after `SCRIPT FLUSH` (a restarted or failed-over server) the NOSCRIPT
+/// reply is handled and the check still works, with its state intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_cache_flush_is_survived() {
+    let h = Harness::redis();
+    let kw = connect(&h, "noscript", 3).await;
+    let l = kw.rate_limiter("gcra").unwrap();
+    l.check_cost("u", 2).await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut h.server().unwrap().connection())
+        .unwrap();
+    let d = l.check("u").await.unwrap();
+    assert!(d.is_allowed() && d.remaining() == 0, "{d:?}");
+    assert_eq!(d.source(), Source::Store);
+    assert!(l.check("u").await.unwrap().is_limited());
+}

@@ -4,7 +4,7 @@
 //! server's `TIME`), one critical section in the embedded backend — so concurrent checks cannot both read
 //! "one left" and both pass: with a limit of 100, 1000 racing checks from any number of processes allow
 //! exactly 100 (`fixed_window`, `sliding_log`, `token_bucket` and `gcra`; `sliding_counter` is exact within a
-//! window and approximate across one, see [`Algorithm::SlidingCounter`]). Several limits checked together
+//! window and approximate across one, see [`Algorithm::SlidingCounter`](crate::policy::Algorithm::SlidingCounter)). Several limits checked together
 //! are all or nothing: if one refuses, none is charged. A refused call charges nothing. The client's clock is
 //! never used. Every key expires as soon as it no longer affects a decision.
 //!
@@ -375,8 +375,8 @@ impl RateLimiter {
     /// Check and charge one unit for `id`.
     ///
     /// # Errors
-    /// A key error for an unusable id, or a store failure when the class's `on_error` cannot answer without
-    /// the store (never: every `on_error` answers; errors are reported through metrics and logs).
+    /// [`Error::Key`] for an unusable id (empty, or a key over 1 KiB). A store failure is not an error: the
+    /// class's `on_error` answers instead ([`Decision::source`] says so), and the failure is counted and logged.
     pub async fn check(&self, id: &(impl IdParts + ?Sized)) -> Result<Decision> {
         self.run(id, 1, true).await
     }
