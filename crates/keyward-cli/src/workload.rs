@@ -272,6 +272,22 @@ struct Counters {
     limited: AtomicU64,
 }
 
+/// Joins callers that each made one timed call, and tallies their latencies and overall span.
+async fn one_shot_tally(
+    mut callers: JoinSet<anyhow::Result<Span>>,
+    counters: &Counters,
+) -> anyhow::Result<Measured> {
+    let mut tally = Tally::new();
+    while let Some(joined) = callers.join_next().await {
+        let span = joined.context("a benchmark task panicked")??;
+        tally
+            .latencies
+            .saturating_record(micros(span.end - span.start));
+        tally.span(&span);
+    }
+    Ok(tally.finish(counters))
+}
+
 /// Merges what workers report.
 struct Tally {
     latencies: Histogram<u64>,
@@ -409,15 +425,7 @@ impl Prepared {
                 })
             });
         }
-        let mut tally = Tally::new();
-        while let Some(joined) = callers.join_next().await {
-            let span = joined.context("a benchmark task panicked")??;
-            tally
-                .latencies
-                .saturating_record(micros(span.end - span.start));
-            tally.span(&span);
-        }
-        Ok(tally.finish(&counters))
+        one_shot_tally(callers, &counters).await
     }
 
     /// C workers loop `check` until the deadline, worker w of C checking identities w, w + C, w + 2C, … modulo
@@ -583,15 +591,7 @@ impl Prepared {
                 })
             });
         }
-        let mut tally = Tally::new();
-        while let Some(joined) = callers.join_next().await {
-            let span = joined.context("a benchmark task panicked")??;
-            tally
-                .latencies
-                .saturating_record(micros(span.end - span.start));
-            tally.span(&span);
-        }
-        Ok(tally.finish(&counters))
+        one_shot_tally(callers, &counters).await
     }
 }
 

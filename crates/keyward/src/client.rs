@@ -245,14 +245,7 @@ impl Keyward {
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
         C: Codec,
     {
-        let declared = self
-            .inner
-            .policy
-            .class(class)
-            .ok_or_else(|| Error::UnknownClass {
-                class: class.to_owned(),
-            })?;
-        #[allow(unreachable_patterns)]
+        let (declared, keys) = self.declared(class)?;
         let cache_class = match declared.kind() {
             ClassKind::Cache(c) => c.clone(),
             other => {
@@ -268,14 +261,21 @@ impl Keyward {
                 class: class.to_owned(),
             });
         }
-        let keys = KeySpace::new(&self.inner.policy, class).ok_or_else(|| Error::UnknownClass {
-            class: class.to_owned(),
-        })?;
         Ok(Cache {
             kw: self.clone(),
             class: Arc::new(ClassInfo::new(class, cache_class, keys)),
             _types: PhantomData,
         })
+    }
+
+    /// The declared class and its key space, or [`Error::UnknownClass`].
+    pub(crate) fn declared(&self, class: &str) -> Result<(&crate::policy::Class, KeySpace)> {
+        let unknown = || Error::UnknownClass {
+            class: class.to_owned(),
+        };
+        let declared = self.inner.policy.class(class).ok_or_else(unknown)?;
+        let keys = KeySpace::new(&self.inner.policy, class).ok_or_else(unknown)?;
+        Ok((declared, keys))
     }
 
     /// Invalidate every cache entry of the namespace in O(1): bumps the namespace epoch, so entries filled

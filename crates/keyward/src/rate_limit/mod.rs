@@ -302,13 +302,7 @@ impl Keyward {
                     what: format!("class `{class}` is listed twice"),
                 });
             }
-            let declared = self
-                .inner
-                .policy
-                .class(class)
-                .ok_or_else(|| Error::UnknownClass {
-                    class: class.to_owned(),
-                })?;
+            let (declared, keys) = self.declared(class)?;
             let config = match declared.kind() {
                 ClassKind::RateLimit(r) => r.clone(),
                 other => {
@@ -319,10 +313,6 @@ impl Keyward {
                     });
                 }
             };
-            let keys =
-                KeySpace::new(&self.inner.policy, class).ok_or_else(|| Error::UnknownClass {
-                    class: class.to_owned(),
-                })?;
             let spec = Spec {
                 algorithm: config.algorithm_value(),
                 limit: i64::try_from(config.limit_value()).unwrap_or(i64::MAX),
