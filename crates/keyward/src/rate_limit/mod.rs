@@ -212,7 +212,6 @@ struct Limit {
     class: Arc<str>,
     config: RateLimitClass,
     keys: KeySpace,
-    spec: Spec,
 }
 
 /// Checks one or more rate-limit classes for an identity. Cheap to clone.
@@ -222,6 +221,8 @@ struct Limit {
 pub struct RateLimiter {
     kw: Keyward,
     limits: Arc<[Limit]>,
+    /// The script's arguments per limit, derived once here rather than on every check.
+    specs: Arc<[Spec]>,
     shadow: Arc<[bool]>,
     on_error: OnError,
 }
@@ -296,6 +297,7 @@ impl Keyward {
             });
         }
         let mut limits = Vec::with_capacity(classes.len());
+        let mut specs = Vec::with_capacity(classes.len());
         for (i, &class) in classes.iter().enumerate() {
             if classes[..i].contains(&class) {
                 return Err(Error::InvalidArgument {
@@ -320,11 +322,11 @@ impl Keyward {
                 capacity: i64::try_from(config.capacity()).unwrap_or(i64::MAX),
                 interval: config.interval_us(),
             };
+            specs.push(spec);
             limits.push(Limit {
                 class: Arc::from(class),
                 config,
                 keys,
-                spec,
             });
         }
         let on_error = limits
@@ -340,6 +342,7 @@ impl Keyward {
         Ok(RateLimiter {
             kw: self.clone(),
             limits: limits.into(),
+            specs: specs.into(),
             shadow,
             on_error,
         })
@@ -422,11 +425,10 @@ impl RateLimiter {
             return Ok(d);
         }
 
-        let specs: Vec<Spec> = self.limits.iter().map(|l| l.spec).collect();
         let call = RateCall {
             keys: &keys,
             group: Group {
-                specs: &specs,
+                specs: &self.specs,
                 shadow: &self.shadow,
             },
             cost,
