@@ -26,7 +26,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::policy::{ClassKind, Policy};
+use crate::policy::Policy;
 
 /// The longest key keyward builds, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -191,10 +191,7 @@ impl KeySpace {
     /// The key space of `class` in `policy`; `None` if the policy declares no such class.
     pub fn new(policy: &Policy, class: &str) -> Option<KeySpace> {
         let declared = policy.class(class)?;
-        let version = match declared.kind() {
-            ClassKind::Cache(c) => c.version_value(),
-            ClassKind::RateLimit(r) => r.version_value(),
-        };
+        let version = declared.kind().version();
         let class_prefix = format!("{}:{}:{}:", policy.env(), policy.app(), declared.name());
         let prefix = format!("{class_prefix}v{version}:");
         Some(KeySpace {

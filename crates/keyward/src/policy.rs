@@ -36,9 +36,37 @@
 //! on_error = "local"          # "allow" | "deny" | "local" (in-process fallback), default "local"
 //! block_cache = false         # refuse known-limited identities in process until retry_after; default false
 //! shadow = false              # decide and count, never refuse; default false
+//!
+//! [classes.web_session]
+//! kind = "session"
+//! idle = "30m"                # required: ends this long after the last extension
+//! absolute = "12h"            # required, >= idle: ends this long after creation, however busy
+//! extend_after = "3m"         # default idle / 10; < idle: a read pushes the idle expiry back at most this often
+//! version = 1
+//! max_data_bytes = 65536      # default 64 KiB
+//! cookie_name = "__Host-session"   # default; `__Host-` needs Secure, Path=/ and no Domain
+//! cookie_secure = true        # default true
+//! cookie_same_site = "lax"    # "lax" (default) | "strict" | "none" (needs Secure)
+//! cookie_path = "/"           # default "/"
+//! # cookie_domain = "example.com"  # default none (host-only)
+//!
+//! [classes.invoice_run]
+//! kind = "lock"
+//! ttl = "30s"                 # required lease, 10ms..=24h
+//! wait = "30s"                # how long `lock` waits for a holder, default = ttl
+//! watchdog = false            # renew in the background while the guard lives
+//! fence_ttl = "7d"            # fencing counter and fenced values kept this long after last use, default 7d
+//! version = 1
+//!
+//! [classes.charge]
+//! kind = "idempotency"
+//! ttl = "24h"                 # completed responses replayed this long, default 24h
+//! lease = "60s"               # in-progress marker lifetime, default 60s, <= ttl
+//! max_response_bytes = 1048576
+//! version = 1
 //! ```
 //!
-//! `kind` is required for every class: `"cache"` or `"rate_limit"`. Unknown fields anywhere are
+//! `kind` is required for every class: `"cache"`, `"rate_limit"`, `"session"`, `"lock"` or `"idempotency"`. Unknown fields anywhere are
 //! errors. `env` and `app` are 1 to 32 characters of `[a-z0-9_.-]` starting with `[a-z0-9]`; class names
 //! are 1 to 64 characters of `[a-z][a-z0-9_]*` (so no class can collide with keyward's internal `_kw`
 //! keys). A policy with no classes is valid.
@@ -68,9 +96,15 @@ use std::time::Duration;
 
 use rand::Rng;
 
+mod idempotency;
+mod lock;
 mod rate_limit;
+mod session;
 
+pub use idempotency::IdempotencyClass;
+pub use lock::LockClass;
 pub use rate_limit::{Algorithm, OnError, RateLimitClass};
+pub use session::{DEFAULT_COOKIE_NAME, SameSite, SessionClass};
 
 /// Default jitter of a cache class: 10% of its TTL.
 const DEFAULT_JITTER_PERCENT: f64 = 10.0;
@@ -105,7 +139,7 @@ const CACHE_FIELDS: &[&str] = &[
 ];
 
 /// Class kinds known to this version of keyward, as written in TOML.
-const KNOWN_KINDS: &[&str] = &["cache", "rate_limit"];
+const KNOWN_KINDS: &[&str] = &["cache", "rate_limit", "session", "lock", "idempotency"];
 
 // ---------------------------------------------------------------------------------------------------------
 // Errors
@@ -537,7 +571,7 @@ fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
 // Classes
 // ---------------------------------------------------------------------------------------------------------
 
-/// What a class is and how it behaves. More kinds (sessions, locks, …) arrive in later versions.
+/// What a class is and how it behaves.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ClassKind {
@@ -545,14 +579,34 @@ pub enum ClassKind {
     Cache(CacheClass),
     /// A rate limit (`kind = "rate_limit"`).
     RateLimit(RateLimitClass),
+    /// Sessions (`kind = "session"`).
+    Session(SessionClass),
+    /// Distributed locks with fencing tokens (`kind = "lock"`).
+    Lock(LockClass),
+    /// Idempotency keys (`kind = "idempotency"`).
+    Idempotency(IdempotencyClass),
 }
 
 impl ClassKind {
-    /// The kind as written in TOML: `"cache"`, `"rate_limit"`.
+    /// The kind as written in TOML: `"cache"`, `"rate_limit"`, `"session"`, `"lock"`, `"idempotency"`.
     pub fn name(&self) -> &'static str {
         match self {
             ClassKind::Cache(_) => "cache",
             ClassKind::RateLimit(_) => "rate_limit",
+            ClassKind::Session(_) => "session",
+            ClassKind::Lock(_) => "lock",
+            ClassKind::Idempotency(_) => "idempotency",
+        }
+    }
+
+    /// The version that is part of every key of the class.
+    pub fn version(&self) -> u32 {
+        match self {
+            ClassKind::Cache(c) => c.version_value(),
+            ClassKind::RateLimit(r) => r.version_value(),
+            ClassKind::Session(s) => s.version_value(),
+            ClassKind::Lock(l) => l.version_value(),
+            ClassKind::Idempotency(i) => i.version_value(),
         }
     }
 
@@ -560,6 +614,9 @@ impl ClassKind {
         match self {
             ClassKind::Cache(c) => c.validate(),
             ClassKind::RateLimit(r) => r.validate(),
+            ClassKind::Session(s) => s.validate(),
+            ClassKind::Lock(l) => l.validate(),
+            ClassKind::Idempotency(i) => i.validate(),
         }
     }
 
@@ -567,7 +624,7 @@ impl ClassKind {
     fn max_lifetime(&self) -> Duration {
         match self {
             ClassKind::Cache(c) => c.max_lifetime(),
-            ClassKind::RateLimit(_) => Duration::ZERO,
+            _ => Duration::ZERO,
         }
     }
 }
@@ -602,6 +659,30 @@ impl Class {
     pub fn as_rate_limit(&self) -> Option<&RateLimitClass> {
         match &self.kind {
             ClassKind::RateLimit(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The session settings, if this is a session class.
+    pub fn as_session(&self) -> Option<&SessionClass> {
+        match &self.kind {
+            ClassKind::Session(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The lock settings, if this is a lock class.
+    pub fn as_lock(&self) -> Option<&LockClass> {
+        match &self.kind {
+            ClassKind::Lock(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The idempotency settings, if this is an idempotency class.
+    pub fn as_idempotency(&self) -> Option<&IdempotencyClass> {
+        match &self.kind {
+            ClassKind::Idempotency(i) => Some(i),
             _ => None,
         }
     }
@@ -721,6 +802,9 @@ impl fmt::Display for Policy {
                     writeln!(f, "  loader_timeout:  {}", fmt_duration(c.loader_timeout))?;
                 }
                 ClassKind::RateLimit(r) => r.describe(f)?,
+                ClassKind::Session(c) => c.describe(f)?,
+                ClassKind::Lock(c) => c.describe(f)?,
+                ClassKind::Idempotency(c) => c.describe(f)?,
             }
         }
         if !self.classes.is_empty() {
@@ -755,6 +839,25 @@ impl PolicyBuilder {
     pub fn rate_limit(mut self, name: impl Into<String>, class: RateLimitClass) -> Self {
         self.classes
             .push((name.into(), ClassKind::RateLimit(class)));
+        self
+    }
+
+    /// Declares a session class.
+    pub fn session(mut self, name: impl Into<String>, class: SessionClass) -> Self {
+        self.classes.push((name.into(), ClassKind::Session(class)));
+        self
+    }
+
+    /// Declares a lock class.
+    pub fn lock(mut self, name: impl Into<String>, class: LockClass) -> Self {
+        self.classes.push((name.into(), ClassKind::Lock(class)));
+        self
+    }
+
+    /// Declares an idempotency-key class.
+    pub fn idempotency(mut self, name: impl Into<String>, class: IdempotencyClass) -> Self {
+        self.classes
+            .push((name.into(), ClassKind::Idempotency(class)));
         self
     }
 
@@ -978,6 +1081,20 @@ impl ClassFields<'_> {
         }
     }
 
+    /// An error naming the first field that `kind` does not accept.
+    fn reject_unknown(&self, kind: &str, accepted: &[&str]) -> Result<(), PolicyError> {
+        match self.table.keys().find(|k| !accepted.contains(&k.as_str())) {
+            Some(unknown) => Err(self.error(
+                unknown,
+                format!(
+                    "unknown field; a {kind} class accepts {}",
+                    accepted.join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn boolean(&mut self, field: &str) -> Result<Option<bool>, PolicyError> {
         match self.table.remove(field) {
             None => Ok(None),
@@ -1003,6 +1120,9 @@ fn parse_class(name: &str, table: toml::Table) -> Result<ClassKind, PolicyError>
     match kind.as_str() {
         "cache" => parse_cache(fields).map(ClassKind::Cache),
         "rate_limit" => rate_limit::parse_rate_limit(fields).map(ClassKind::RateLimit),
+        "session" => session::parse_session(fields).map(ClassKind::Session),
+        "lock" => lock::parse_lock(fields).map(ClassKind::Lock),
+        "idempotency" => idempotency::parse_idempotency(fields).map(ClassKind::Idempotency),
         other => Err(fields.error(
             "kind",
             format!("unknown kind \"{other}\"; known kinds: {known_kinds}"),

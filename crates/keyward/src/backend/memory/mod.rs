@@ -13,6 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+pub(crate) mod kv;
+
 use super::{Entry, Fetched, KeyTtl, Namespace};
 use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::key::glob_match;
@@ -65,6 +67,8 @@ pub(crate) struct MemoryBackend {
     capacity: usize,
     /// Rate-limit state (its own lock: checks never wait on cache operations).
     pub(crate) rates: LocalRates,
+    /// Sessions, locks and idempotency keys (a small Redis-like store; its own lock).
+    pub(crate) records: kv::Records,
 }
 
 impl State {
@@ -130,6 +134,7 @@ impl MemoryBackend {
             bus,
             capacity: options.capacity,
             rates: LocalRates::new(options.capacity),
+            records: kv::Records::new(options.capacity),
         }
     }
 
@@ -284,6 +289,7 @@ impl MemoryBackend {
             .collect();
         drop(st);
         out.extend(self.rates.scan(pattern));
+        out.extend(self.records.scan(pattern));
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }

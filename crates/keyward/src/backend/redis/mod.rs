@@ -210,7 +210,24 @@ impl RedisBackend {
             .map_err(|err| self.err(op, err))
     }
 
-    fn protocol_err(&self, op: &'static str, what: &str) -> Error {
+    /// Run one script invocation, bounded as a whole (including any wait for a reconnect in progress) by the
+    /// response timeout. Sessions, locks and idempotency keys use this: a request should fail fast, not hang.
+    pub(crate) async fn eval<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        tokio::time::timeout(self.response_timeout, self.invoke(op, invocation))
+            .await
+            .map_err(|_| Error::Timeout {
+                server: self.server.clone(),
+                op,
+                timeout: self.response_timeout,
+            })?
+    }
+
+    /// A typed error for a script reply of the wrong shape.
+    pub(crate) fn protocol_err(&self, op: &'static str, what: &str) -> Error {
         self.err(
             op,
             RedisError::from((
