@@ -130,6 +130,16 @@ pub enum Error {
         #[source]
         source: Arc<BoxError>,
     },
+    /// Stored data (a session's payload, a stored response) could not be decoded. It is left in place: a
+    /// deploy that changed the type should not silently drop users' data.
+    #[error("class `{class}`: stored data cannot be decoded: {source}")]
+    Decode {
+        /// The class.
+        class: String,
+        /// The codec's error.
+        #[source]
+        source: Arc<BoxError>,
+    },
     /// An argument cannot be used (e.g. a rate-limit cost larger than the limit's capacity).
     #[error("invalid argument: {what}")]
     InvalidArgument {

@@ -1,0 +1,440 @@
+//! The session operations on both backends: each one Lua script on Redis (`backend/redis/session_*.lua`) and
+//! its line-for-line mirror over the embedded store, one critical section each.
+//!
+//! A session is a hash `{u: user, d: data, v: version, c: created ms, e: last extension ms, i: index key}`
+//! whose key expires at `min(e + idle, c + absolute)`. The user's index is a sorted set of session keys
+//! scored by their expiry; it drops dead members whenever it is touched and expires with its longest-lived
+//! member, so it never outlives, or lists, a dead session.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use redis::{Script, Value};
+
+use crate::backend::Backend;
+use crate::backend::memory::kv::{Kv, Val};
+use crate::error::Result;
+
+struct Scripts {
+    create: Script,
+    get: Script,
+    save: Script,
+    regenerate: Script,
+    destroy: Script,
+    destroy_all: Script,
+    list: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    create: Script::new(include_str!("../backend/redis/session_create.lua")),
+    get: Script::new(include_str!("../backend/redis/session_get.lua")),
+    save: Script::new(include_str!("../backend/redis/session_save.lua")),
+    regenerate: Script::new(include_str!("../backend/redis/session_regenerate.lua")),
+    destroy: Script::new(include_str!("../backend/redis/session_destroy.lua")),
+    destroy_all: Script::new(include_str!("../backend/redis/session_destroy_all.lua")),
+    list: Script::new(include_str!("../backend/redis/session_list.lua")),
+});
+
+/// The timeouts of a class, in ms.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) idle: i64,
+    pub(crate) absolute: i64,
+    pub(crate) extend_after: i64,
+}
+
+/// A session found by `get`.
+#[derive(Debug)]
+pub(crate) struct Found {
+    /// Index (0-based) of the candidate key that matched.
+    pub(crate) which: usize,
+    pub(crate) user: String,
+    pub(crate) data: Bytes,
+    pub(crate) version: u64,
+    pub(crate) created_ms: i64,
+    pub(crate) extended_ms: i64,
+    pub(crate) expires_ms: i64,
+}
+
+/// What `save` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SaveReply {
+    Saved(u64),
+    Conflict(u64),
+    Gone,
+}
+
+/// What `regenerate` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Moved {
+    Moved,
+    Missing,
+    Collision,
+}
+
+/// One live session in a user's index.
+#[derive(Debug)]
+pub(crate) struct Listed {
+    pub(crate) key: String,
+    pub(crate) created_ms: i64,
+    pub(crate) extended_ms: i64,
+    pub(crate) expires_ms: i64,
+}
+
+fn num(b: Option<&Bytes>) -> i64 {
+    b.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn bytes_of(s: impl std::fmt::Display) -> Bytes {
+    Bytes::from(s.to_string())
+}
+
+/// Drop dead members of an index; it then lives exactly as long as its longest-lived member.
+fn index_trim(kv: &mut Kv, index: &str) {
+    let now = kv.now_ms();
+    let Some(z) = kv.zset_mut(index) else {
+        return;
+    };
+    z.retain(|_, exp| *exp > now);
+    match z.values().max().copied() {
+        Some(last) => {
+            kv.pexpire(index, last - now);
+        }
+        None => {
+            kv.del(index);
+        }
+    }
+}
+
+/// `ZADD`; true if it created the set (which then has no expiry of its own yet, like `PTTL` -1 on Redis).
+fn zadd(kv: &mut Kv, index: &str, member: &str, score: i64) -> bool {
+    match kv.zset_mut(index) {
+        Some(z) => {
+            z.insert(member.to_owned(), score);
+            false
+        }
+        None => {
+            let z = HashMap::from([(member.to_owned(), score)]);
+            kv.set(index, Val::ZSet(z), i64::MAX / 4);
+            true
+        }
+    }
+}
+
+fn zrem(kv: &mut Kv, index: &str, member: &str) {
+    if let Some(z) = kv.zset_mut(index) {
+        z.remove(member);
+        if z.is_empty() {
+            kv.del(index);
+        }
+    }
+}
+
+pub(crate) async fn create(
+    b: &Backend,
+    key: &str,
+    index: &str,
+    user: &str,
+    data: &[u8],
+    t: Timeouts,
+) -> Result<Option<(i64, i64)>> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let now = kv.now_ms();
+            if kv.exists(key) {
+                return None;
+            }
+            let exp = now + t.idle.min(t.absolute);
+            kv.set(
+                key,
+                Val::Hash(HashMap::new()),
+                exp - now, // the PEXPIRE below
+            );
+            kv.hset(
+                key,
+                &[
+                    ("u", Bytes::copy_from_slice(user.as_bytes())),
+                    ("d", Bytes::copy_from_slice(data)),
+                    ("v", bytes_of(1)),
+                    ("c", bytes_of(now)),
+                    ("e", bytes_of(now)),
+                    ("i", Bytes::copy_from_slice(index.as_bytes())),
+                ],
+                exp - now,
+            );
+            let _ = zadd(kv, index, key, exp);
+            index_trim(kv, index);
+            Some((now, exp))
+        })),
+        Backend::Redis(r) => {
+            let reply: Vec<i64> = r
+                .eval(
+                    "session_create",
+                    SCRIPTS
+                        .create
+                        .key(key)
+                        .key(index)
+                        .arg(user)
+                        .arg(data)
+                        .arg(t.idle)
+                        .arg(t.absolute),
+                )
+                .await?;
+            match reply.as_slice() {
+                [1, now, exp] => Ok(Some((*now, *exp))),
+                [0] => Ok(None),
+                other => Err(r.protocol_err("session_create", &format!("{other:?}"))),
+            }
+        }
+    }
+}
+
+pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Option<Found>> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let now = kv.now_ms();
+            for (which, s) in keys.iter().enumerate() {
+                let Some(h) = kv.get_hash(s) else { continue };
+                let user = h.get("u").cloned().unwrap_or_default();
+                let data = h.get("d").cloned().unwrap_or_default();
+                let version = u64::try_from(num(h.get("v"))).unwrap_or(0);
+                let index = String::from_utf8_lossy(h.get("i").map_or(&b""[..], |b| b)).into_owned();
+                let c = num(h.get("c"));
+                let mut e = num(h.get("e"));
+                let mut exp = (e + t.idle).min(c + t.absolute);
+                if exp <= now {
+                    kv.del(s);
+                    zrem(kv, &index, s);
+                    return None;
+                }
+                if now - e >= t.extend_after {
+                    e = now;
+                    exp = (now + t.idle).min(c + t.absolute);
+                    kv.hset(s, &[("e", bytes_of(now))], 1);
+                    kv.pexpire(s, exp - now);
+                    let created = zadd(kv, &index, s, exp);
+                    if created || kv.pttl(&index) < exp - now {
+                        kv.pexpire(&index, exp - now);
+                    }
+                }
+                return Some(Found {
+                    which,
+                    user: String::from_utf8_lossy(&user).into_owned(),
+                    data,
+                    version,
+                    created_ms: c,
+                    extended_ms: e,
+                    expires_ms: exp,
+                });
+            }
+            None
+        })),
+        Backend::Redis(r) => {
+            let mut inv = SCRIPTS.get.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            inv.arg(t.idle).arg(t.absolute).arg(t.extend_after);
+            let reply: Value = r.eval("session_get", &inv).await?;
+            let bad = || r.protocol_err("session_get", &format!("{reply:?}"));
+            let items = match &reply {
+                Value::Nil | Value::Boolean(false) => return Ok(None),
+                Value::Array(items) => items,
+                _ => return Err(bad()),
+            };
+            let int = |v: &Value| match v {
+                Value::Int(n) => Some(*n),
+                Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                _ => None,
+            };
+            let bulk = |v: &Value| match v {
+                Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
+                _ => None,
+            };
+            let [which, user, data, version, c, e, exp] = items.as_slice() else {
+                return Err(bad());
+            };
+            let found = (|| {
+                Some(Found {
+                    which: usize::try_from(int(which)?).ok()?.checked_sub(1)?,
+                    user: String::from_utf8(bulk(user)?.to_vec()).ok()?,
+                    data: bulk(data)?,
+                    version: u64::try_from(int(version)?).ok()?,
+                    created_ms: int(c)?,
+                    extended_ms: int(e)?,
+                    expires_ms: int(exp)?,
+                })
+            })();
+            found.map(Some).ok_or_else(bad)
+        }
+    }
+}
+
+pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> Result<SaveReply> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let Some(h) = kv.get_hash(key) else {
+                return SaveReply::Gone;
+            };
+            let v = u64::try_from(num(h.get("v"))).unwrap_or(0);
+            if v != expected {
+                return SaveReply::Conflict(v);
+            }
+            kv.hset(
+                key,
+                &[("d", Bytes::copy_from_slice(data)), ("v", bytes_of(v + 1))],
+                1,
+            );
+            SaveReply::Saved(v + 1)
+        })),
+        Backend::Redis(r) => {
+            let reply: Vec<i64> = r
+                .eval(
+                    "session_save",
+                    SCRIPTS.save.key(key).arg(expected).arg(data),
+                )
+                .await?;
+            let v = |n: i64| u64::try_from(n).unwrap_or(0);
+            match reply.as_slice() {
+                [1, n] => Ok(SaveReply::Saved(v(*n))),
+                [2, n] => Ok(SaveReply::Conflict(v(*n))),
+                [0] => Ok(SaveReply::Gone),
+                other => Err(r.protocol_err("session_save", &format!("{other:?}"))),
+            }
+        }
+    }
+}
+
+pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result<Moved> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            if kv.exists(new) {
+                return Moved::Collision;
+            }
+            for s in old {
+                let Some(idx) = kv.get_hash(s).and_then(|h| h.get("i").cloned()) else {
+                    continue;
+                };
+                let idx = String::from_utf8_lossy(&idx).into_owned();
+                let now = kv.now_ms();
+                let pttl = kv.pttl(s);
+                kv.rename(s, new);
+                zrem(kv, &idx, s);
+                let _ = zadd(kv, &idx, new, now + pttl);
+                return Moved::Moved;
+            }
+            Moved::Missing
+        })),
+        Backend::Redis(r) => {
+            let mut inv = SCRIPTS.regenerate.prepare_invoke();
+            for k in old {
+                inv.key(k);
+            }
+            inv.key(new);
+            let reply: Vec<i64> = r.eval("session_regenerate", &inv).await?;
+            match reply.as_slice() {
+                [1] => Ok(Moved::Moved),
+                [0] => Ok(Moved::Missing),
+                [2] => Ok(Moved::Collision),
+                other => Err(r.protocol_err("session_regenerate", &format!("{other:?}"))),
+            }
+        }
+    }
+}
+
+/// Delete sessions by key; with `only_index`, only those indexed under it. Returns how many.
+pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&str>) -> Result<u64> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let mut n = 0;
+            for s in keys {
+                let Some(idx) = kv.get_hash(s).and_then(|h| h.get("i").cloned()) else {
+                    continue;
+                };
+                let idx = String::from_utf8_lossy(&idx).into_owned();
+                if only_index.is_none_or(|o| o == idx) {
+                    zrem(kv, &idx, s);
+                    n += u64::from(kv.del(s));
+                }
+            }
+            n
+        })),
+        Backend::Redis(r) => {
+            let mut inv = SCRIPTS.destroy.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            inv.arg(only_index.unwrap_or(""));
+            r.eval("session_destroy", &inv).await
+        }
+    }
+}
+
+pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let members: Vec<String> = kv
+                .zset_mut(index)
+                .map(|z| z.keys().cloned().collect())
+                .unwrap_or_default();
+            let mut n = 0;
+            for s in members {
+                n += u64::from(kv.del(&s));
+            }
+            kv.del(index);
+            n
+        })),
+        Backend::Redis(r) => {
+            r.eval("session_destroy_all", &SCRIPTS.destroy_all.key(index))
+                .await
+        }
+    }
+}
+
+pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
+    match b {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let now = kv.now_ms();
+            index_trim(kv, index);
+            let members: Vec<String> = kv
+                .zset_mut(index)
+                .map(|z| z.keys().cloned().collect())
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            for s in members {
+                let pttl = kv.pttl(&s);
+                match kv.get_hash(&s) {
+                    Some(h) if pttl > 0 => out.push(Listed {
+                        created_ms: num(h.get("c")),
+                        extended_ms: num(h.get("e")),
+                        expires_ms: now + pttl,
+                        key: s,
+                    }),
+                    _ => zrem(kv, index, &s),
+                }
+            }
+            out
+        })),
+        Backend::Redis(r) => {
+            let reply: Vec<Value> = r.eval("session_list", &SCRIPTS.list.key(index)).await?;
+            let mut out = Vec::with_capacity(reply.len() / 4);
+            for c in reply.chunks(4) {
+                match c {
+                    [Value::BulkString(k), Value::Int(created), Value::Int(ext), Value::Int(exp)] => {
+                        out.push(Listed {
+                            key: String::from_utf8_lossy(k).into_owned(),
+                            created_ms: *created,
+                            extended_ms: *ext,
+                            expires_ms: *exp,
+                        });
+                    }
+                    other => return Err(r.protocol_err("session_list", &format!("{other:?}"))),
+                }
+            }
+            Ok(out)
+        }
+    }
+}
