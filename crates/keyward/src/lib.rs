@@ -61,6 +61,7 @@ mod flight;
 pub mod key;
 pub mod policy;
 pub mod rate_limit;
+pub mod session;
 mod wake;
 
 pub use backend::{BackendKind, KeyTtl, MemoryOptions};
