@@ -39,6 +39,8 @@
 //! - [`rate_limit`] — five algorithms (fixed window, sliding log, sliding counter, token bucket, GCRA), each
 //!   one atomic script on the server's clock; several limits all or nothing; `on_error`, circuit breaker,
 //!   block cache, shadow mode.
+//! - [`lock`] — distributed locks with fencing tokens: exclusive leases, wake-up on release, a renewal
+//!   watchdog, and fenced writes that let the resource refuse a holder whose lease ran out.
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
@@ -55,10 +57,12 @@ mod backend;
 mod cache;
 mod client;
 pub mod codec;
+pub mod idempotency;
 mod envelope;
 mod error;
 mod flight;
 pub mod key;
+pub mod lock;
 pub mod policy;
 pub mod rate_limit;
 pub mod session;

@@ -1,0 +1,373 @@
+//! Idempotency keys: a request retried under the same key runs once, and its response is replayed.
+//!
+//! **The guarantee.** For one key, exactly one [`Idempotency::begin`] at a time gets [`Begin::New`] and runs
+//! the request; while it runs, others get [`Begin::InProgress`]; once it [`complete`](Idempotency::complete)s,
+//! every later `begin` with the same request fingerprint gets [`Begin::Completed`] with the stored response
+//! (status, the headers you chose, body — byte for byte) until the class `ttl` ends, and a `begin` with a
+//! different fingerprint gets [`Begin::Mismatch`]. The decision is one script on the server, so racing
+//! requests across processes cannot both run. The in-progress marker is a lease (`lease` in the class): if
+//! the handler dies, it expires and a retry runs; a handler that outlives its lease loses it, and its
+//! `complete` reports [`Completion::LeaseLost`] rather than overwriting the retry's outcome.
+//!
+//! ```
+//! # async fn demo() -> keyward::Result<()> {
+//! use keyward::{Keyward, policy::{IdempotencyClass, Policy}};
+//! use keyward::idempotency::{fingerprint, Begin, StoredResponse};
+//!
+//! let policy = Policy::builder("dev", "payments").idempotency("charge", IdempotencyClass::new()).build()?;
+//! let kw = Keyward::embedded(policy);
+//! let idem = kw.idempotency("charge")?;
+//! let fp = fingerprint(&[b"POST", b"/charges", br#"{"amount":100}"#]);
+//!
+//! let Begin::New(lease) = idem.begin(&("client-1", "key-123"), &fp).await? else { unreachable!() };
+//! let response = StoredResponse::new(201, br#"{"id":"ch_1"}"#.to_vec()).header("content-type", "application/json");
+//! idem.complete(lease, &response).await?;
+//!
+//! match idem.begin(&("client-1", "key-123"), &fp).await? {
+//!     Begin::Completed(stored) => assert_eq!(stored, response),
+//!     other => panic!("expected a replay, got {other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod store;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256};
+
+use crate::client::Keyward;
+use crate::error::{Error, Result};
+use crate::key::{IdParts, KeySpace};
+use crate::policy::{ClassKind, IdempotencyClass};
+use store::Began;
+
+/// A request fingerprint: SHA-256 over the parts, each length-prefixed (so `["ab", "c"]` and `["a", "bc"]`
+/// differ). Typical parts: method, path and query, body — whatever makes two requests "the same request".
+pub fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// A response as stored and replayed: status, selected headers, body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Headers to replay, in order (names as given; values as bytes).
+    pub headers: Vec<(String, Bytes)>,
+    /// The body, byte for byte.
+    pub body: Bytes,
+}
+
+const MAGIC: &[u8; 3] = b"KR1";
+
+impl StoredResponse {
+    /// A response with no headers.
+    pub fn new(status: u16, body: impl Into<Bytes>) -> Self {
+        StoredResponse {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    /// Add a header to replay.
+    #[must_use]
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The stored form: `KR1`, status (u16), header count (u16), each header as name length (u16), name,
+    /// value length (u32), value; then the body.
+    pub(crate) fn encode(&self) -> std::result::Result<Vec<u8>, String> {
+        let count = u16::try_from(self.headers.len()).map_err(|_| "more than 65535 headers")?;
+        let mut out = Vec::with_capacity(
+            16 + self.body.len()
+                + self
+                    .headers
+                    .iter()
+                    .map(|(n, v)| 6 + n.len() + v.len())
+                    .sum::<usize>(),
+        );
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.status.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        for (name, value) in &self.headers {
+            let n = u16::try_from(name.len()).map_err(|_| "a header name is over 65535 bytes")?;
+            let v = u32::try_from(value.len()).map_err(|_| "a header value is over 4 GiB")?;
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&v.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(&self.body);
+        Ok(out)
+    }
+
+    pub(crate) fn decode(mut raw: Bytes) -> std::result::Result<Self, String> {
+        fn take(raw: &mut Bytes, n: usize) -> std::result::Result<Bytes, String> {
+            if raw.remaining() < n {
+                return Err("truncated stored response".into());
+            }
+            Ok(raw.split_to(n))
+        }
+        if take(&mut raw, 3)? != MAGIC[..] {
+            return Err("not a stored response (bad magic)".into());
+        }
+        let status = take(&mut raw, 2)?.get_u16();
+        let count = take(&mut raw, 2)?.get_u16();
+        let mut headers = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let n = usize::from(take(&mut raw, 2)?.get_u16());
+            let name = String::from_utf8(take(&mut raw, n)?.to_vec())
+                .map_err(|_| "a header name is not UTF-8")?;
+            let v = take(&mut raw, 4)?.get_u32() as usize;
+            headers.push((name, take(&mut raw, v)?));
+        }
+        Ok(StoredResponse {
+            status,
+            headers,
+            body: raw,
+        })
+    }
+}
+
+/// The right to run a request: returned by [`Begin::New`], given back by [`Idempotency::complete`] or
+/// [`Idempotency::abandon`]. `Debug` does not print its secret token.
+#[must_use = "complete or abandon the lease; otherwise retries wait until it expires"]
+pub struct Lease {
+    key: String,
+    token: String,
+    expires_in: Duration,
+}
+
+impl Lease {
+    /// The lease's lifetime when granted; after it a retry may run.
+    pub fn expires_in(&self) -> Duration {
+        self.expires_in
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Idempotency::begin`] found.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Begin {
+    /// First time (or the previous attempt's lease expired): run the request, then complete the lease.
+    New(Lease),
+    /// Another request with this key is running. HTTP: `409 Conflict`.
+    InProgress {
+        /// When its lease ends at the latest.
+        retry_after: Duration,
+    },
+    /// Done before: replay this. HTTP: the stored response.
+    Completed(StoredResponse),
+    /// The key was used with a different request. HTTP: `422 Unprocessable Content`.
+    Mismatch,
+}
+
+/// What [`Idempotency::complete`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+#[non_exhaustive]
+pub enum Completion {
+    /// The response is stored and will be replayed.
+    Stored,
+    /// The lease had expired (and a retry may have taken over): nothing was stored.
+    LeaseLost,
+}
+
+/// Idempotency keys of one `idempotency` class. Cheap to clone.
+#[derive(Clone)]
+pub struct Idempotency {
+    kw: Keyward,
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    class: String,
+    settings: IdempotencyClass,
+    keys: KeySpace,
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("class", &self.inner.class)
+            .finish()
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+impl Keyward {
+    /// Idempotency keys for an `idempotency` class of the policy.
+    ///
+    /// # Errors
+    /// [`Error::UnknownClass`], [`Error::WrongKind`].
+    pub fn idempotency(&self, class: &str) -> Result<Idempotency> {
+        let (declared, keys) = self.declared(class)?;
+        let settings = match declared.kind() {
+            ClassKind::Idempotency(i) => i.clone(),
+            other => {
+                return Err(Error::WrongKind {
+                    class: class.to_owned(),
+                    expected: "idempotency",
+                    found: other.name(),
+                });
+            }
+        };
+        Ok(Idempotency {
+            kw: self.clone(),
+            inner: Arc::new(Shared {
+                class: class.to_owned(),
+                settings,
+                keys,
+            }),
+        })
+    }
+}
+
+impl Idempotency {
+    /// The class name.
+    pub fn class(&self) -> &str {
+        &self.inner.class
+    }
+
+    /// The class settings.
+    pub fn settings(&self) -> &IdempotencyClass {
+        &self.inner.settings
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!("keyward_idempotency_total", "class" => self.inner.class.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// Start a request under `key` (scope it to the client, e.g. `("tenant-7", header_value)`: keys are
+    /// unique per client, not globally) with the request's `fingerprint` (see [`fingerprint`]).
+    ///
+    /// # Errors
+    /// Key errors for an unusable key, [`Error::Decode`] for a stored response that cannot be read, and
+    /// backend failures.
+    pub async fn begin(&self, key: &(impl IdParts + ?Sized), fingerprint: &[u8]) -> Result<Begin> {
+        let key = self.inner.keys.key(key)?;
+        let mut token = [0u8; 16];
+        OsRng
+            .try_fill_bytes(&mut token)
+            .expect("the operating system's random number generator failed");
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        let lease = self.inner.settings.lease_value();
+        let began = store::begin(&self.kw.inner.backend, &key, fingerprint, &token, ms(lease)).await?;
+        Ok(match began {
+            Began::New => {
+                self.count("new");
+                Begin::New(Lease {
+                    key,
+                    token,
+                    expires_in: lease,
+                })
+            }
+            Began::InProgress(pttl) => {
+                self.count("in_progress");
+                Begin::InProgress {
+                    retry_after: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+                }
+            }
+            Began::Completed(raw) => {
+                self.count("replayed");
+                Begin::Completed(StoredResponse::decode(raw).map_err(|e| Error::Decode {
+                    class: self.inner.class.clone(),
+                    source: Arc::new(e.into()),
+                })?)
+            }
+            Began::Mismatch => {
+                self.count("mismatch");
+                Begin::Mismatch
+            }
+        })
+    }
+
+    /// Store `response` for replay (for the class `ttl`), if `lease` is still held.
+    ///
+    /// # Errors
+    /// [`Error::ValueTooLarge`] over `max_response_bytes` (the lease is kept; abandon it or store a smaller
+    /// response), [`Error::InvalidArgument`] for a response that cannot be encoded, and backend failures.
+    pub async fn complete(&self, lease: Lease, response: &StoredResponse) -> Result<Completion> {
+        let raw = response.encode().map_err(|what| Error::InvalidArgument {
+            what: format!("class `{}`: {what}", self.inner.class),
+        })?;
+        let max = self.inner.settings.max_response_bytes_value();
+        if raw.len() > max {
+            return Err(Error::ValueTooLarge {
+                class: self.inner.class.clone(),
+                size: raw.len(),
+                max,
+            });
+        }
+        let ttl = ms(self.inner.settings.ttl_value());
+        let stored =
+            store::complete(&self.kw.inner.backend, &lease.key, &lease.token, &raw, ttl).await?;
+        if stored {
+            Ok(Completion::Stored)
+        } else {
+            self.count("lease_lost");
+            Ok(Completion::LeaseLost)
+        }
+    }
+
+    /// Give the lease back without storing anything (the request failed in a way a retry may fix), so a
+    /// retry can run now rather than when the lease expires. Returns whether it was still held.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn abandon(&self, lease: Lease) -> Result<bool> {
+        store::abandon(&self.kw.inner.backend, &lease.key, &lease.token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_response_round_trips_and_rejects_garbage() {
+        let r = StoredResponse::new(201, Bytes::from_static(b"\x00body\xff"))
+            .header("content-type", "application/json")
+            .header("x-empty", Bytes::new());
+        let raw = Bytes::from(r.encode().unwrap());
+        assert_eq!(StoredResponse::decode(raw.clone()).unwrap(), r);
+        for cut in 0..(raw.len() - r.body.len()) {
+            assert!(StoredResponse::decode(raw.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        assert!(StoredResponse::decode(Bytes::from_static(b"XYZ\x00\xc8\x00\x00")).is_err());
+    }
+
+    #[test]
+    fn fingerprint_separates_parts() {
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
+        assert_eq!(fingerprint(&[b"a"]), fingerprint(&[b"a"]));
+    }
+}
