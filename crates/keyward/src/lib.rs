@@ -41,6 +41,10 @@
 //!   block cache, shadow mode.
 //! - [`lock`] — distributed locks with fencing tokens: exclusive leases, wake-up on release, a renewal
 //!   watchdog, and fenced writes that let the resource refuse a holder whose lease ran out.
+//! - [`session`] — server-side sessions: HMAC-keyed random tokens with secret rotation, idle and absolute
+//!   timeouts in one script, versioned saves, `regenerate`, per-user listing and logout everywhere.
+//! - [`idempotency`] — idempotency keys: one run per key, concurrent duplicates told so, the stored response
+//!   replayed byte for byte; the in-progress marker is a lease.
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
@@ -57,10 +61,10 @@ mod backend;
 mod cache;
 mod client;
 pub mod codec;
-pub mod idempotency;
 mod envelope;
 mod error;
 mod flight;
+pub mod idempotency;
 pub mod key;
 pub mod lock;
 pub mod policy;

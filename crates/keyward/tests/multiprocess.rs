@@ -4,6 +4,8 @@
 //! - A process holding a fill lease is SIGKILLed mid-load → a caller in another process takes over.
 //! - 4 processes × 250 racing rate-limit checks, limit 100 → exactly 100 allowed, for every exact algorithm.
 //! - Processes whose clocks are hours apart (libfaketime) share one limit exactly: the server's clock rules.
+//! - 4 processes × 50 acquisitions of one lock never overlap (checked by a raw counter in Redis).
+//! - A lock holder SIGSTOPped past its lease is fenced off: its write is stale and its release refused.
 
 #![allow(unreachable_pub)]
 
@@ -14,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keyward::Keyward;
-use keyward::policy::{Algorithm, CacheClass, Policy, RateLimitClass};
+use keyward::lock::FencedWrite;
+use keyward::policy::{Algorithm, CacheClass, LockClass, Policy, RateLimitClass};
 use keyward_testkit::RedisServer;
 
 const CHILD_URL: &str = "KEYWARD_TEST_CHILD_URL";
@@ -394,5 +397,212 @@ fn child_skewed() {
             counts.push(allowed.to_string());
         }
         println!("RESULT {}", counts.join(" "));
+    });
+}
+
+/// The lock classes of the lock tests: `mp_lock` (30 s lease) and `mp_short` (500 ms, no watchdog).
+fn lock_policy(app: &str) -> Policy {
+    Policy::builder("test", app)
+        .lock(
+            "mp_lock",
+            LockClass::new(Duration::from_secs(30)).wait(Duration::from_secs(120)),
+        )
+        .lock(
+            "mp_short",
+            LockClass::new(Duration::from_millis(500)).wait(Duration::ZERO),
+        )
+        .build()
+        .unwrap()
+}
+
+const LOCK_TASKS: usize = 5;
+const LOCK_ROUNDS: usize = 10;
+
+#[test]
+fn lock_exclusive_across_4_processes() {
+    let server = RedisServer::spawn();
+    let app = format!("lk{}", std::process::id());
+    let mut children: Vec<_> = (0..4)
+        .map(|_| spawn_child("child_lock", &server.url(), &app))
+        .collect();
+    for (_, out) in &mut children {
+        expect_line(out, "READY");
+    }
+    for (child, _) in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
+    }
+    let mut total = 0;
+    for (mut child, mut out) in children {
+        let line = expect_line(&mut out, "RESULT");
+        total += line
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "a child saw an overlap");
+    }
+    assert_eq!(total, 4 * LOCK_TASKS * LOCK_ROUNDS, "every acquisition ran");
+    let inside: i64 = redis::cmd("GET")
+        .arg(format!("{app}:inside"))
+        .query(&mut server.connection())
+        .unwrap();
+    assert_eq!(inside, 0);
+}
+
+#[test]
+#[ignore = "child process of lock_exclusive_across_4_processes"]
+fn child_lock() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, lock_policy(&app)).await.unwrap();
+        let locks = kw.locks("mp_lock").unwrap();
+        // A raw connection, independent of keyward, to check exclusivity on the server itself.
+        let raw = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let inside_key = format!("{app}:inside");
+        let tasks: Vec<_> = (0..LOCK_TASKS)
+            .map(|_| {
+                let (locks, mut raw, inside_key) = (locks.clone(), raw.clone(), inside_key.clone());
+                tokio::spawn(async move {
+                    let mut done = 0;
+                    for _ in 0..LOCK_ROUNDS {
+                        let guard = locks
+                            .lock("one")
+                            .await
+                            .unwrap()
+                            .expect("acquired within the wait");
+                        let n: i64 = redis::cmd("INCR")
+                            .arg(&inside_key)
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
+                        assert_eq!(n, 1, "two holders of one lock at once");
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        let n: i64 = redis::cmd("DECR")
+                            .arg(&inside_key)
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
+                        assert_eq!(n, 0);
+                        assert!(guard.release().await.unwrap(), "released while held");
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for t in tasks {
+            done += t.await.unwrap();
+        }
+        println!("RESULT {done}");
+    });
+}
+
+/// SIGSTOP or SIGCONT a child (the `kill` utility: no libc binding needed).
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig}");
+}
+
+/// Sends SIGCONT when dropped, so a failing parent never leaves its child stopped.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn sigstopped_lock_holder_is_fenced_off() {
+    let server = RedisServer::spawn();
+    let app = format!("stop{}", std::process::id());
+    let (mut child, mut out) = spawn_child("child_lock_sigstop", &server.url(), &app);
+    let line = expect_line(&mut out, "HOLDING");
+    let child_fence: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let rt = runtime();
+    let kw = rt
+        .block_on(Keyward::connect(&server.url(), lock_policy(&app)))
+        .unwrap();
+    let locks = kw.locks("mp_short").unwrap();
+    // The whole process stops, its renewal timers too: a GC pause or a stopped VM.
+    signal(&child, "-STOP");
+    let stopped = Stopped(child.id());
+    let guard = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(1200)).await; // > the 500 ms lease
+        let guard = locks
+            .try_lock("res")
+            .await
+            .unwrap()
+            .expect("the stopped holder's lease expired");
+        assert!(guard.fence() > child_fence);
+        assert!(guard.fenced_write(b"parent").await.unwrap().is_applied());
+        assert!(guard.extend(Duration::from_secs(30)).await.unwrap());
+        guard
+    });
+    drop(stopped); // SIGCONT
+    child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
+    let line = expect_line(&mut out, "RESULT");
+    assert_eq!(
+        line, "RESULT stale=1 released=0 lost=1",
+        "the resumed holder's write is refused, its release too, and it knows it lost the lease"
+    );
+    assert!(child.wait().unwrap().success());
+    rt.block_on(async {
+        let (fence, value) = locks.fenced_read("res").await.unwrap().unwrap();
+        assert_eq!((fence, &value[..]), (guard.fence(), &b"parent"[..]));
+        assert!(
+            locks.try_lock("res").await.unwrap().is_none(),
+            "still the parent's"
+        );
+        assert!(guard.release().await.unwrap());
+    });
+}
+
+#[test]
+#[ignore = "child process of sigstopped_lock_holder_is_fenced_off"]
+fn child_lock_sigstop() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, lock_policy(&app)).await.unwrap();
+        let locks = kw.locks("mp_short").unwrap();
+        let guard = locks.try_lock("res").await.unwrap().expect("free");
+        println!("HOLDING {}", guard.fence());
+        // "Working": the parent stops this process here, past the lease, then lets it go on.
+        let mut go = String::new();
+        tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut go))
+            .await
+            .unwrap()
+            .unwrap();
+        let stale = matches!(
+            guard.fenced_write(b"child").await.unwrap(),
+            FencedWrite::Stale { .. }
+        );
+        let lost = guard.is_lost();
+        let released = guard.release().await.unwrap();
+        println!(
+            "RESULT stale={} released={} lost={}",
+            u8::from(stale),
+            u8::from(released),
+            u8::from(lost)
+        );
     });
 }

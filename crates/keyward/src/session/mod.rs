@@ -45,6 +45,8 @@
 //! standalone Redis (or a Sentinel-managed master) for now.
 
 pub(crate) mod store;
+#[cfg(feature = "tower-sessions")]
+pub mod tower;
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -65,7 +67,7 @@ use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
 use crate::key::KeySpace;
 use crate::policy::{ClassKind, SessionClass};
-use store::{Moved, SaveReply, Timeouts};
+use store::{Regenerated, SaveReply, Timeouts};
 
 /// Length of a token in characters (32 random bytes, base64url without padding).
 pub const TOKEN_LEN: usize = 43;
@@ -465,7 +467,10 @@ where
     fn check_user(&self, user_id: &str) -> Result<()> {
         if user_id.is_empty() {
             return Err(Error::InvalidArgument {
-                what: format!("class `{}`: a session's user id cannot be empty", self.inner.class),
+                what: format!(
+                    "class `{}`: a session's user id cannot be empty",
+                    self.inner.class
+                ),
             });
         }
         Ok(())
@@ -514,7 +519,8 @@ where
             }
         }
         Err(Error::InvalidArgument {
-            what: "three fresh session tokens collided; the random number generator is broken".into(),
+            what: "three fresh session tokens collided; the random number generator is broken"
+                .into(),
         })
     }
 
@@ -611,13 +617,14 @@ where
             let id = self.inner.secrets.ids(new.as_str()).swap_remove(0);
             let new_key = self.session_key(&id)?;
             match store::regenerate(&self.kw.inner.backend, &old, &new_key).await? {
-                Moved::Moved => return Ok(Some(new)),
-                Moved::Missing => return Ok(None),
-                Moved::Collision => continue,
+                Regenerated::Moved => return Ok(Some(new)),
+                Regenerated::Missing => return Ok(None),
+                Regenerated::Collision => continue,
             }
         }
         Err(Error::InvalidArgument {
-            what: "three fresh session tokens collided; the random number generator is broken".into(),
+            what: "three fresh session tokens collided; the random number generator is broken"
+                .into(),
         })
     }
 

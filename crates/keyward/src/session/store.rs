@@ -67,7 +67,7 @@ pub(crate) enum SaveReply {
 
 /// What `regenerate` did.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Moved {
+pub(crate) enum Regenerated {
     Moved,
     Missing,
     Collision,
@@ -201,7 +201,8 @@ pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Opt
                 let user = h.get("u").cloned().unwrap_or_default();
                 let data = h.get("d").cloned().unwrap_or_default();
                 let version = u64::try_from(num(h.get("v"))).unwrap_or(0);
-                let index = String::from_utf8_lossy(h.get("i").map_or(&b""[..], |b| b)).into_owned();
+                let index =
+                    String::from_utf8_lossy(h.get("i").map_or(&b""[..], |b| b)).into_owned();
                 let c = num(h.get("c"));
                 let mut e = num(h.get("e"));
                 let mut exp = (e + t.idle).min(c + t.absolute);
@@ -308,11 +309,11 @@ pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> 
     }
 }
 
-pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result<Moved> {
+pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result<Regenerated> {
     match b {
         Backend::Memory(m) => Ok(m.records.with(|kv| {
             if kv.exists(new) {
-                return Moved::Collision;
+                return Regenerated::Collision;
             }
             for s in old {
                 let Some(idx) = kv.get_hash(s).and_then(|h| h.get("i").cloned()) else {
@@ -324,9 +325,9 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
                 kv.rename(s, new);
                 zrem(kv, &idx, s);
                 let _ = zadd(kv, &idx, new, now + pttl);
-                return Moved::Moved;
+                return Regenerated::Moved;
             }
-            Moved::Missing
+            Regenerated::Missing
         })),
         Backend::Redis(r) => {
             let mut inv = SCRIPTS.regenerate.prepare_invoke();
@@ -336,9 +337,9 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
             inv.key(new);
             let reply: Vec<i64> = r.eval("session_regenerate", &inv).await?;
             match reply.as_slice() {
-                [1] => Ok(Moved::Moved),
-                [0] => Ok(Moved::Missing),
-                [2] => Ok(Moved::Collision),
+                [1] => Ok(Regenerated::Moved),
+                [0] => Ok(Regenerated::Missing),
+                [2] => Ok(Regenerated::Collision),
                 other => Err(r.protocol_err("session_regenerate", &format!("{other:?}"))),
             }
         }
@@ -423,7 +424,12 @@ pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
             let mut out = Vec::with_capacity(reply.len() / 4);
             for c in reply.chunks(4) {
                 match c {
-                    [Value::BulkString(k), Value::Int(created), Value::Int(ext), Value::Int(exp)] => {
+                    [
+                        Value::BulkString(k),
+                        Value::Int(created),
+                        Value::Int(ext),
+                        Value::Int(exp),
+                    ] => {
                         out.push(Listed {
                             key: String::from_utf8_lossy(k).into_owned(),
                             created_ms: *created,

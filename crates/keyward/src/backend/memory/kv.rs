@@ -204,9 +204,9 @@ impl Records {
 
     /// Run `f` as one critical section at one instant (what a Lua script is on Redis).
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Kv) -> T) -> T {
-        let now_ms = self.clock.now_us().div_euclid(1000);
         let mut kv = self.kv.lock().unwrap_or_else(|p| p.into_inner());
-        kv.now_ms = now_ms;
+        // Read under the lock, so critical sections see time in the order they run (never backwards).
+        kv.now_ms = kv.now_ms.max(self.clock.now_us().div_euclid(1000));
         kv.purge();
         f(&mut kv)
     }
@@ -249,7 +249,10 @@ mod tests {
             assert!(!kv.exists("a"));
             assert_eq!(kv.pttl("c"), 1000);
             kv.set("d", Val::Str(Bytes::from_static(b"3")), 9000);
-            assert!(!kv.exists("c"), "the key closest to expiry is evicted past capacity");
+            assert!(
+                !kv.exists("c"),
+                "the key closest to expiry is evicted past capacity"
+            );
         });
         tokio::time::advance(Duration::from_millis(5000)).await;
         r.with(|kv| {

@@ -1,0 +1,268 @@
+//! The five lock operations. Each is one Lua script on Redis (`backend/redis/lock_*.lua`) and one critical
+//! section of the embedded store ([`Records::with`](crate::backend::memory::kv::Records::with)) that mirrors
+//! the script line for line, so both backends agree by construction; `tests/lock.rs` checks that they do.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::{Script, Value};
+
+use super::FencedWrite;
+use crate::Keyward;
+use crate::backend::Backend;
+use crate::backend::memory::kv::{Kv, Val};
+use crate::error::Result;
+
+struct Scripts {
+    acquire: Script,
+    release: Script,
+    extend: Script,
+    fenced_write: Script,
+    fenced_read: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    acquire: Script::new(include_str!("../backend/redis/lock_acquire.lua")),
+    release: Script::new(include_str!("../backend/redis/lock_release.lua")),
+    extend: Script::new(include_str!("../backend/redis/lock_extend.lua")),
+    fenced_write: Script::new(include_str!("../backend/redis/lock_fenced_write.lua")),
+    fenced_read: Script::new(include_str!("../backend/redis/lock_fenced_read.lua")),
+});
+
+/// The three keys of one lock. They share the lock key's hash tag (`{id}`), so one Cluster slot holds them.
+#[derive(Debug, Clone)]
+pub(super) struct LockKeys {
+    /// `L`: the lease, holding the holder's token.
+    pub(super) lock: String,
+    /// `F`: the last fencing token issued.
+    pub(super) fence: String,
+    /// `W`: the fenced value, a hash `{t: token, v: value}`.
+    pub(super) value: String,
+}
+
+impl LockKeys {
+    pub(super) fn new(lock: String) -> Self {
+        LockKeys {
+            fence: format!("{lock}:f"),
+            value: format!("{lock}:w"),
+            lock,
+        }
+    }
+}
+
+/// What one acquisition attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Attempt {
+    /// Taken, with this fencing token.
+    Acquired(u64),
+    /// Held by someone else; its lease ends within this long (`None`: the key has no TTL, which keyward
+    /// never writes).
+    Held(Option<Duration>),
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// Lua's `tonumber(x) or 0` for a stored decimal.
+fn number(b: Option<&Bytes>) -> i64 {
+    b.and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn string(v: impl ToString) -> Val {
+    Val::Str(Bytes::from(v.to_string()))
+}
+
+fn pttl(ms: i64) -> Option<Duration> {
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// `lock_acquire.lua`.
+pub(super) async fn acquire(
+    kw: &Keyward,
+    keys: &LockKeys,
+    token: &str,
+    ttl: Duration,
+    fence_ttl: Duration,
+) -> Result<Attempt> {
+    let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
+    match &kw.inner.backend {
+        Backend::Memory(m) => Ok(m.records.with(|kv: &mut Kv| {
+            let left = kv.pttl(&keys.lock);
+            if left != -2 {
+                return Attempt::Held(pttl(left));
+            }
+            let now_us = m.records.now_us();
+            let prev = number(kv.get_str(&keys.fence));
+            let fence = (prev + 1).max(now_us);
+            kv.set(&keys.fence, string(fence), fence_ttl_ms);
+            kv.set(&keys.lock, string(token), ttl_ms);
+            Attempt::Acquired(u64::try_from(fence).unwrap_or(0))
+        })),
+        Backend::Redis(r) => {
+            const OP: &str = "lock_acquire";
+            let reply: Vec<i64> = r
+                .eval(
+                    OP,
+                    SCRIPTS
+                        .acquire
+                        .key(&keys.lock)
+                        .key(&keys.fence)
+                        .arg(token)
+                        .arg(ttl_ms)
+                        .arg(fence_ttl_ms),
+                )
+                .await?;
+            match reply.as_slice() {
+                [1, fence] if *fence > 0 => Ok(Attempt::Acquired(fence.unsigned_abs())),
+                [0, left] => Ok(Attempt::Held(pttl(*left))),
+                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
+            }
+        }
+    }
+}
+
+/// `lock_release.lua`. The embedded backend has no pub/sub: the caller wakes local waiters itself.
+pub(super) async fn release(kw: &Keyward, keys: &LockKeys, token: &str) -> Result<bool> {
+    match &kw.inner.backend {
+        Backend::Memory(m) => {
+            let released = m.records.with(|kv| {
+                if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
+                    return false;
+                }
+                kv.del(&keys.lock);
+                true
+            });
+            if released {
+                kw.inner.bus.wake(&keys.lock);
+            }
+            Ok(released)
+        }
+        Backend::Redis(r) => {
+            let n: i64 = r
+                .eval(
+                    "lock_release",
+                    SCRIPTS
+                        .release
+                        .key(&keys.lock)
+                        .arg(token)
+                        .arg(&kw.inner.ns.channel),
+                )
+                .await?;
+            Ok(n == 1)
+        }
+    }
+}
+
+/// `lock_extend.lua`.
+pub(super) async fn extend(
+    kw: &Keyward,
+    keys: &LockKeys,
+    token: &str,
+    ttl: Duration,
+) -> Result<bool> {
+    let ttl_ms = millis(ttl);
+    match &kw.inner.backend {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
+                return false;
+            }
+            kv.pexpire(&keys.lock, ttl_ms);
+            true
+        })),
+        Backend::Redis(r) => {
+            let n: i64 = r
+                .eval(
+                    "lock_extend",
+                    SCRIPTS.extend.key(&keys.lock).arg(token).arg(ttl_ms),
+                )
+                .await?;
+            Ok(n == 1)
+        }
+    }
+}
+
+/// `lock_fenced_write.lua`. `fence` is at most 2^53 - 1 (checked by the caller), so Lua holds it exactly.
+pub(super) async fn fenced_write(
+    kw: &Keyward,
+    keys: &LockKeys,
+    fence: u64,
+    value: &[u8],
+    fence_ttl: Duration,
+) -> Result<FencedWrite> {
+    let fence_ttl_ms = millis(fence_ttl);
+    let fence_i = i64::try_from(fence).unwrap_or(i64::MAX);
+    match &kw.inner.backend {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let written = number(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
+            let highest = written.max(number(kv.get_str(&keys.fence)));
+            if fence_i < highest {
+                return FencedWrite::Stale {
+                    highest: highest.unsigned_abs(),
+                };
+            }
+            let fields = [
+                ("t", Bytes::from(fence.to_string())),
+                ("v", Bytes::copy_from_slice(value)),
+            ];
+            kv.hset(&keys.value, &fields, fence_ttl_ms);
+            kv.pexpire(&keys.value, fence_ttl_ms);
+            kv.pexpire(&keys.fence, fence_ttl_ms);
+            FencedWrite::Applied
+        })),
+        Backend::Redis(r) => {
+            const OP: &str = "lock_fenced_write";
+            let reply: Vec<i64> = r
+                .eval(
+                    OP,
+                    SCRIPTS
+                        .fenced_write
+                        .key(&keys.value)
+                        .key(&keys.fence)
+                        .arg(fence)
+                        .arg(value)
+                        .arg(fence_ttl_ms),
+                )
+                .await?;
+            match reply.as_slice() {
+                [1] => Ok(FencedWrite::Applied),
+                [0, highest] => Ok(FencedWrite::Stale {
+                    highest: highest.unsigned_abs(),
+                }),
+                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
+            }
+        }
+    }
+}
+
+/// `lock_fenced_read.lua`.
+pub(super) async fn fenced_read(kw: &Keyward, keys: &LockKeys) -> Result<Option<(u64, Bytes)>> {
+    match &kw.inner.backend {
+        Backend::Memory(m) => Ok(m.records.with(|kv| {
+            let h = kv.get_hash(&keys.value)?;
+            let (t, v) = (h.get("t")?, h.get("v")?);
+            Some((number(Some(t)).unsigned_abs(), v.clone()))
+        })),
+        Backend::Redis(r) => {
+            const OP: &str = "lock_fenced_read";
+            let reply: Value = r.eval(OP, &SCRIPTS.fenced_read.key(&keys.value)).await?;
+            match reply {
+                Value::Nil | Value::Boolean(false) => Ok(None),
+                Value::Array(items) => match <[Value; 2]>::try_from(items) {
+                    Ok([Value::BulkString(t), Value::BulkString(v)]) => {
+                        let fence = std::str::from_utf8(&t)
+                            .ok()
+                            .and_then(|t| t.parse::<u64>().ok())
+                            .ok_or_else(|| r.protocol_err(OP, "fencing token"))?;
+                        Ok(Some((fence, Bytes::from(v))))
+                    }
+                    Ok(other) => Err(r.protocol_err(OP, &format!("{other:?}"))),
+                    Err(other) => Err(r.protocol_err(OP, &format!("{other:?}"))),
+                },
+                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
+            }
+        }
+    }
+}
