@@ -151,7 +151,11 @@ impl KeywardSessionStore {
                 class: class.to_owned(),
                 keys,
                 secrets,
-                absolute_ms: settings.absolute_value().as_millis().try_into().unwrap_or(i128::MAX),
+                absolute_ms: settings
+                    .absolute_value()
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(i128::MAX),
                 max_bytes: settings.max_data_bytes_value(),
             }),
         })
@@ -209,8 +213,8 @@ impl KeywardSessionStore {
             ))
         };
         let stored: Stored = serde_json::from_slice(bytes).map_err(|e| decode_err(&e))?;
-        let expiry_date =
-            OffsetDateTime::from_unix_timestamp_nanos(stored.expiry_ns).map_err(|e| decode_err(&e))?;
+        let expiry_date = OffsetDateTime::from_unix_timestamp_nanos(stored.expiry_ns)
+            .map_err(|e| decode_err(&e))?;
         Ok(Record {
             id,
             data: stored.data,
@@ -329,7 +333,11 @@ impl SessionStore for KeywardSessionStore {
         let value = self.encode(record)?;
         for _ in 0..CREATE_ATTEMPTS {
             let keys = self.keys(&record.id)?;
-            if self.put_new(&keys, &value, ttl_ms).await.map_err(backend_err)? {
+            if self
+                .put_new(&keys, &value, ttl_ms)
+                .await
+                .map_err(backend_err)?
+            {
                 return Ok(());
             }
             // Never the id itself in a log: it is the client's credential.
