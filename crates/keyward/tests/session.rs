@@ -322,6 +322,9 @@ mod cases {
         assert_eq!(s.list_for_user("alice").await.unwrap().len(), 2);
         // Bob cannot end Alice's session by id.
         let alice_id = s.list_for_user("alice").await.unwrap()[0].id.clone();
+        let parsed: keyward::session::SessionId = alice_id.as_str().parse().unwrap();
+        assert_eq!(parsed, alice_id, "an id shown to the user parses back");
+        assert!(keyward::session::SessionId::parse("../etc").is_err());
         assert!(!s.destroy_by_id("bob", &alice_id).await.unwrap());
         assert!(s.destroy_by_id("alice", &alice_id).await.unwrap());
         assert_eq!(s.list_for_user("alice").await.unwrap().len(), 1);

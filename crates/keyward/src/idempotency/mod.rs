@@ -280,7 +280,8 @@ impl Idempotency {
             .expect("the operating system's random number generator failed");
         let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
         let lease = self.inner.settings.lease_value();
-        let began = store::begin(&self.kw.inner.backend, &key, fingerprint, &token, ms(lease)).await?;
+        let began =
+            store::begin(&self.kw.inner.backend, &key, fingerprint, &token, ms(lease)).await?;
         Ok(match began {
             Began::New => {
                 self.count("new");
@@ -360,7 +361,10 @@ mod tests {
         let raw = Bytes::from(r.encode().unwrap());
         assert_eq!(StoredResponse::decode(raw.clone()).unwrap(), r);
         for cut in 0..(raw.len() - r.body.len()) {
-            assert!(StoredResponse::decode(raw.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(
+                StoredResponse::decode(raw.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
         }
         assert!(StoredResponse::decode(Bytes::from_static(b"XYZ\x00\xc8\x00\x00")).is_err());
     }

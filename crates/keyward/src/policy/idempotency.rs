@@ -141,7 +141,6 @@ impl IdempotencyClass {
         Ok(())
     }
 
-
     pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  ttl:             {}", fmt_duration(self.ttl))?;
         writeln!(f, "  lease:           {}", fmt_duration(self.lease))?;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use super::{ClassFields, MAX_TTL, PolicyError, fmt_duration};
 
 /// Fields a `lock` class accepts in TOML.
-pub(crate) const LOCK_FIELDS: &[&str] = &["kind", "ttl", "wait", "watchdog", "fence_ttl", "version"];
+pub(crate) const LOCK_FIELDS: &[&str] =
+    &["kind", "ttl", "wait", "watchdog", "fence_ttl", "version"];
 
 /// Default lifetime of the fencing counter and fenced values: 7 days.
 const DEFAULT_FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -131,7 +132,6 @@ impl LockClass {
         }
         Ok(())
     }
-
 
     pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  ttl:             {}", fmt_duration(self.ttl))?;

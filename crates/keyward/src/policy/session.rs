@@ -290,7 +290,9 @@ impl SessionClass {
             if !self.cookie_secure {
                 return Err((
                     "cookie_secure",
-                    format!("a `__Host-` cookie ({name}) must be Secure; rename it to turn Secure off"),
+                    format!(
+                        "a `__Host-` cookie ({name}) must be Secure; rename it to turn Secure off"
+                    ),
                 ));
             }
             if self.cookie_path != "/" {
@@ -318,9 +320,8 @@ impl SessionClass {
                 "SameSite=None requires cookie_secure = true (browsers drop it otherwise)".into(),
             ));
         }
-        let attr_ok = |v: &str| {
-            !v.is_empty() && v.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';')
-        };
+        let attr_ok =
+            |v: &str| !v.is_empty() && v.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';');
         if !self.cookie_path.starts_with('/') || !attr_ok(&self.cookie_path) {
             return Err((
                 "cookie_path",
@@ -340,7 +341,6 @@ impl SessionClass {
         }
         Ok(())
     }
-
 
     pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  idle:            {}", fmt_duration(self.idle))?;

@@ -231,6 +231,28 @@ impl SessionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Parse an id shown to a user earlier (e.g. posted back by a "log out that device" form).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] unless it is 43 base64url characters, the shape of every id.
+    pub fn parse(text: &str) -> Result<SessionId> {
+        if is_well_formed(text) {
+            Ok(SessionId(text.to_owned()))
+        } else {
+            Err(Error::InvalidArgument {
+                what: "a session id is 43 base64url characters".into(),
+            })
+        }
+    }
+}
+
+impl std::str::FromStr for SessionId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<SessionId> {
+        SessionId::parse(s)
+    }
 }
 
 impl fmt::Display for SessionId {
