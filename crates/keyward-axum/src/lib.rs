@@ -86,25 +86,45 @@
 //! also limits requests that match no route (they share one route label); `Router::route_layer` only
 //! limits matched routes.
 //!
+//! # Idempotency keys
+//! [`IdempotencyLayer`] makes `POST` and `PATCH` retry-safe (draft-ietf-httpapi-idempotency-key-header):
+//! the first request under an `Idempotency-Key` runs and its response is stored in a keyward
+//! `idempotency` class; retries get it back byte for byte with `Idempotent-Replayed: true`, a concurrent
+//! retry gets `409`, the key reused for another request `422`. Keys are per client ([`KeyExtractor`]
+//! again, by default the hashed `Authorization` header). `examples/idempotent_payments.rs` shows each case.
+//!
 //! # Layout
 //! - [`RateLimitLayer`] / [`RateLimitService`] — the tower layer and its service (`layer`).
 //! - [`KeyExtractor`] — which bucket a request is counted in (`extract`).
 //! - [`TrustedProxies`], [`ProxyHeader`], [`IpNetwork`] — the client IP behind proxies (`client_ip`).
 //! - [`RATELIMIT_POLICY`], [`RATELIMIT`] — the field names; the values are built in `headers`.
 //! - [`QUOTA_EXCEEDED`], [`TEMPORARY_REDUCED_CAPACITY`] — problem types of the bodies (`problem`).
+//! - [`IdempotencyLayer`] / [`IdempotencyService`] — idempotency keys, with [`IdempotencyKey`] for
+//!   handlers, [`KeySyntax`], the field names and the problem types (`idempotency`).
 //! - [`Error`] — configuration errors (an unparsable trusted network).
 
 mod client_ip;
 mod extract;
 mod headers;
+mod idempotency;
 mod layer;
 mod problem;
+mod session;
+mod session_cookie;
 
 pub use client_ip::{IpNetwork, ProxyHeader, TrustedProxies};
 pub use extract::{KeyExtractor, MAX_HEADER_ID_BYTES, UNMATCHED_ROUTE};
 pub use headers::{RATELIMIT, RATELIMIT_POLICY};
+pub use idempotency::{
+    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_MISSING, IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, IDEMPOTENT_REPLAYED,
+    IdempotencyKey, IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
+};
 pub use layer::{OnMissing, RateLimitLayer, RateLimitService, ResponseFuture};
 pub use problem::{QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY};
+pub use session::{
+    CurrentSession, MissingSessionLayer, SessionError, SessionLayer, SessionService,
+};
 
 /// A configuration error of this crate. Request-time outcomes are responses, not errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,7 +1,11 @@
 //! keyward-axum's integration tests, in one binary. Every test uses the embedded backend: no Redis.
+//! Exceptions: the `idempotency` tests named `…_on_redis` and its store-failure test each spawn a
+//! redis-server (keyward-testkit).
 
 mod util;
 
+mod idempotency;
 mod identity;
 mod layer;
 mod server;
+mod session;

@@ -92,7 +92,7 @@ mod cases {
             Begin::InProgress { retry_after } if retry_after <= Duration::from_secs(60) && retry_after > Duration::ZERO
         ));
         assert_eq!(
-            idem.complete(lease, &response()).await.unwrap(),
+            idem.complete(&lease, &response()).await.unwrap(),
             Completion::Stored
         );
         for _ in 0..3 {
@@ -142,7 +142,7 @@ mod cases {
             let idem = handles[0].idempotency("charge").unwrap();
             for lease in leases {
                 assert_eq!(
-                    idem.complete(lease, &response()).await.unwrap(),
+                    idem.complete(&lease, &response()).await.unwrap(),
                     Completion::Stored
                 );
             }
@@ -161,7 +161,7 @@ mod cases {
             matches!(idem.begin("k", &b).await.unwrap(), Begin::Mismatch),
             "while in progress"
         );
-        let _ = idem.complete(lease, &response()).await.unwrap();
+        let _ = idem.complete(&lease, &response()).await.unwrap();
         assert!(
             matches!(idem.begin("k", &b).await.unwrap(), Begin::Mismatch),
             "after completion"
@@ -185,13 +185,13 @@ mod cases {
             panic!("the handler died; its lease expired; a retry runs")
         };
         assert_eq!(
-            idem.complete(dead, &response()).await.unwrap(),
+            idem.complete(&dead, &response()).await.unwrap(),
             Completion::LeaseLost,
             "the first handler finished late and must not overwrite the retry"
         );
         let retried = StoredResponse::new(200, "retry's");
         assert_eq!(
-            idem.complete(retry, &retried).await.unwrap(),
+            idem.complete(&retry, &retried).await.unwrap(),
             Completion::Stored
         );
         assert!(matches!(idem.begin("k", &fp).await.unwrap(), Begin::Completed(r) if r == retried));
@@ -227,7 +227,7 @@ mod cases {
         let Begin::New(bob) = idem.begin(&("bob", "k"), &fp).await.unwrap() else {
             panic!("same key, another client: independent")
         };
-        let _ = idem.complete(bob, &response()).await.unwrap();
+        let _ = idem.complete(&bob, &response()).await.unwrap();
         let keys = h.all_keys(&kw).await;
         assert_eq!(keys.len(), 2);
         for k in keys {
@@ -258,7 +258,7 @@ mod cases {
         };
         let big = StoredResponse::new(200, vec![b'x'; 100]);
         assert!(matches!(
-            small.complete(lease, &big).await,
+            small.complete(&lease, &big).await,
             Err(Error::ValueTooLarge { max: 64, .. })
         ));
         assert!(matches!(small.begin("", &fp).await, Err(Error::Key(_))));

@@ -21,7 +21,7 @@
 //!
 //! let Begin::New(lease) = idem.begin(&("client-1", "key-123"), &fp).await? else { unreachable!() };
 //! let response = StoredResponse::new(201, br#"{"id":"ch_1"}"#.to_vec()).header("content-type", "application/json");
-//! idem.complete(lease, &response).await?;
+//! idem.complete(&lease, &response).await?;
 //!
 //! match idem.begin(&("client-1", "key-123"), &fp).await? {
 //!     Begin::Completed(stored) => assert_eq!(stored, response),
@@ -89,18 +89,22 @@ impl StoredResponse {
         self
     }
 
+    /// The size of the stored form, which `max_response_bytes` limits: the body, the header names and
+    /// values, and 7 bytes plus 6 per header of framing.
+    pub fn encoded_len(&self) -> usize {
+        7 + self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| 6 + n.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// The stored form: `KR1`, status (u16), header count (u16), each header as name length (u16), name,
     /// value length (u32), value; then the body.
     pub(crate) fn encode(&self) -> std::result::Result<Vec<u8>, String> {
         let count = u16::try_from(self.headers.len()).map_err(|_| "more than 65535 headers")?;
-        let mut out = Vec::with_capacity(
-            16 + self.body.len()
-                + self
-                    .headers
-                    .iter()
-                    .map(|(n, v)| 6 + n.len() + v.len())
-                    .sum::<usize>(),
-        );
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.status.to_be_bytes());
         out.extend_from_slice(&count.to_be_bytes());
@@ -311,23 +315,26 @@ impl Idempotency {
         })
     }
 
-    /// Store `response` for replay (for the class `ttl`), if `lease` is still held.
+    /// Store `response` for replay (for the class `ttl`), if `lease` is still held. The lease is borrowed, so
+    /// after an error the caller still has it to [`abandon`](Self::abandon) (or to retry the store call); once
+    /// a response is stored, the lease no longer holds anything and a second `complete` is `LeaseLost`.
     ///
     /// # Errors
-    /// [`Error::ValueTooLarge`] over `max_response_bytes` (the lease is kept; abandon it or store a smaller
-    /// response), [`Error::InvalidArgument`] for a response that cannot be encoded, and backend failures.
-    pub async fn complete(&self, lease: Lease, response: &StoredResponse) -> Result<Completion> {
-        let raw = response.encode().map_err(|what| Error::InvalidArgument {
-            what: format!("class `{}`: {what}", self.inner.class),
-        })?;
+    /// [`Error::ValueTooLarge`] over `max_response_bytes` (checked before any store call; see
+    /// [`StoredResponse::encoded_len`]), [`Error::InvalidArgument`] for a response that cannot be encoded, and
+    /// backend failures.
+    pub async fn complete(&self, lease: &Lease, response: &StoredResponse) -> Result<Completion> {
         let max = self.inner.settings.max_response_bytes_value();
-        if raw.len() > max {
+        if response.encoded_len() > max {
             return Err(Error::ValueTooLarge {
                 class: self.inner.class.clone(),
-                size: raw.len(),
+                size: response.encoded_len(),
                 max,
             });
         }
+        let raw = response.encode().map_err(|what| Error::InvalidArgument {
+            what: format!("class `{}`: {what}", self.inner.class),
+        })?;
         let ttl = ms(self.inner.settings.ttl_value());
         let stored =
             store::complete(&self.kw.inner.backend, &lease.key, &lease.token, &raw, ttl).await?;
@@ -359,6 +366,7 @@ mod tests {
             .header("content-type", "application/json")
             .header("x-empty", Bytes::new());
         let raw = Bytes::from(r.encode().unwrap());
+        assert_eq!(raw.len(), r.encoded_len());
         assert_eq!(StoredResponse::decode(raw.clone()).unwrap(), r);
         for cut in 0..(raw.len() - r.body.len()) {
             assert!(
