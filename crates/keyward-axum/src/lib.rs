@@ -1,6 +1,15 @@
-//! keyward-axum — rate limiting for axum and tower services, on [keyward]'s limiters: one
-//! atomic check per request on Redis (or the embedded backend), per client IP, API key, user or route,
-//! with the IETF `RateLimit-Policy` / `RateLimit` response fields and `429` problem+json refusals.
+//! keyward-axum — tower/axum layers on [keyward]: rate limits, sessions and idempotency keys.
+//!
+//! - [`RateLimitLayer`] — one atomic check per request on Redis (or the embedded backend), per client IP,
+//!   API key, user or route, with the IETF `RateLimit-Policy` / `RateLimit` response fields and `429`
+//!   problem+json refusals.
+//! - [`SessionLayer`] and the [`CurrentSession`] extractor — keyward sessions behind a cookie with safe
+//!   defaults (`__Host-session`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`).
+//! - [`IdempotencyLayer`] — the `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): the
+//!   first request runs, a concurrent duplicate gets `409`, a different request under the same key `422`,
+//!   and a completed key's response is replayed byte for byte.
+//!
+//! The rate-limit layer, in full:
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
