@@ -6,6 +6,7 @@
 //! - Processes whose clocks are hours apart (libfaketime) share one limit exactly: the server's clock rules.
 //! - 4 processes × 50 acquisitions of one lock never overlap (checked by a raw counter in Redis).
 //! - A lock holder SIGSTOPped past its lease is fenced off: its write is stale and its release refused.
+//! - 4 processes race idempotency `begin`s (one `New` per key) and versioned session saves (no update lost).
 
 #![allow(unreachable_pub)]
 
@@ -604,5 +605,152 @@ fn child_lock_sigstop() {
             u8::from(released),
             u8::from(lost)
         );
+    });
+}
+
+fn session_idem_policy(app: &str) -> Policy {
+    Policy::builder("test", app)
+        .idempotency("charge", keyward::policy::IdempotencyClass::new())
+        .session(
+            "web",
+            keyward::policy::SessionClass::new(Duration::from_secs(600), Duration::from_secs(3600)),
+        )
+        .build()
+        .unwrap()
+}
+
+const SESSION_SECRET: &[u8; 32] = b"multiprocess test secret 32 byte";
+
+/// 4 processes × 25 racing `begin`s on each of 40 idempotency keys: exactly one `New` per key fleet-wide.
+/// The same 4 processes × 10 read-modify-save loops on one session: every update lands (conflicts retried).
+#[test]
+fn idempotency_and_session_saves_across_4_processes() {
+    let server = RedisServer::spawn();
+    let app = format!("is{}", std::process::id());
+    let rt = runtime();
+    let token = rt.block_on(async {
+        let kw = Keyward::connect(&server.url(), session_idem_policy(&app))
+            .await
+            .unwrap();
+        let sessions = kw
+            .sessions::<Vec<u32>>(
+                "web",
+                keyward::session::SessionSecrets::new(SESSION_SECRET).unwrap(),
+            )
+            .unwrap();
+        let (token, _) = sessions.create("shared", &Vec::new()).await.unwrap();
+        token
+    });
+    let mut children: Vec<_> = (0..4)
+        .map(|_| spawn_child("child_idempotency_and_session", &server.url(), &app))
+        .collect();
+    for (_, out) in &mut children {
+        expect_line(out, "READY");
+    }
+    for (i, (child, _)) in children.iter_mut().enumerate() {
+        writeln!(child.stdin.as_mut().unwrap(), "GO {i} {}", token.as_str()).unwrap();
+    }
+    let mut new = 0;
+    for (mut child, mut out) in children {
+        let line = expect_line(&mut out, "RESULT");
+        new += line
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    assert_eq!(
+        new, 40,
+        "one New per key across 4 processes x 25 racing begins"
+    );
+    rt.block_on(async {
+        let kw = Keyward::connect(&server.url(), session_idem_policy(&app))
+            .await
+            .unwrap();
+        let sessions = kw
+            .sessions::<Vec<u32>>(
+                "web",
+                keyward::session::SessionSecrets::new(SESSION_SECRET).unwrap(),
+            )
+            .unwrap();
+        let mut got = sessions.get(token.as_str()).await.unwrap().unwrap().data;
+        got.sort_unstable();
+        let want: Vec<u32> = (0..4)
+            .flat_map(|c| (0..10).map(move |i| c * 100 + i))
+            .collect();
+        assert_eq!(got, want, "no session update lost across processes");
+    });
+}
+
+#[test]
+#[ignore = "child process of idempotency_and_session_saves_across_4_processes"]
+fn child_idempotency_and_session() {
+    let Some((url, app)) = child_env() else {
+        return;
+    };
+    runtime().block_on(async {
+        let kw = Keyward::connect(&url, session_idem_policy(&app))
+            .await
+            .unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let mut words = go.split_whitespace().skip(1);
+        let me: u32 = words.next().unwrap().parse().unwrap();
+        let token = Arc::new(words.next().unwrap().to_owned());
+
+        let idem = kw.idempotency("charge").unwrap();
+        let fp = keyward::idempotency::fingerprint(&[b"same"]);
+        let new = Arc::new(AtomicUsize::new(0));
+        for key in 0..40 {
+            let barrier = Arc::new(tokio::sync::Barrier::new(25));
+            let tasks: Vec<_> = (0..25)
+                .map(|_| {
+                    let (idem, barrier, new) = (idem.clone(), barrier.clone(), new.clone());
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        match idem.begin(&("k", key), &fp).await.unwrap() {
+                            keyward::idempotency::Begin::New(_) => {
+                                new.fetch_add(1, Ordering::SeqCst);
+                            }
+                            keyward::idempotency::Begin::InProgress { .. } => {}
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+
+        let sessions = kw
+            .sessions::<Vec<u32>>(
+                "web",
+                keyward::session::SessionSecrets::new(SESSION_SECRET).unwrap(),
+            )
+            .unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let (sessions, token) = (sessions.clone(), token.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let mut s = sessions.get(&token).await.unwrap().unwrap();
+                        s.data.push(me * 100 + i);
+                        match sessions.save(&mut s).await.unwrap() {
+                            keyward::session::Saved::Saved => return,
+                            keyward::session::Saved::Conflict { .. } => continue,
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!("RESULT {}", new.load(Ordering::SeqCst));
     });
 }
