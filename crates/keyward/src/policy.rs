@@ -1536,12 +1536,13 @@ loader_timeout = "5s"       # default 5s, must be > 0
 
     #[test]
     fn unknown_or_missing_kind_lists_known_kinds() {
-        let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"session\"\n";
+        let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"stream\"\n";
         let err = Policy::from_toml_str(text).unwrap_err();
         assert_eq!(err.class(), Some("login"));
         assert_eq!(err.field(), Some("kind"));
         assert!(
-            err.message().contains("session")
+            err.message().contains("stream")
+                && err.message().contains("\"session\"")
                 && err.message().contains("\"cache\"")
                 && err.message().contains("\"rate_limit\""),
             "{err}"

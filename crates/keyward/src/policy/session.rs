@@ -399,3 +399,143 @@ pub(crate) fn parse_session(mut f: ClassFields<'_>) -> Result<SessionClass, Poli
     class.cookie_domain = f.string("cookie_domain")?;
     Ok(class)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::{Policy, PolicyError};
+
+    fn class(kind: &str, body: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml_str(&format!(
+            "[namespace]\nenv = \"prod\"\napp = \"web\"\n\n[classes.c]\nkind = \"{kind}\"\n{body}\n"
+        ))
+    }
+
+    #[track_caller]
+    fn field_err(kind: &str, body: &str, field: &str, needle: &str) {
+        let err = class(kind, body).unwrap_err();
+        assert_eq!(err.class(), Some("c"), "{err}");
+        assert_eq!(err.field(), Some(field), "{err}");
+        assert!(err.message().contains(needle), "{err}");
+    }
+
+    #[test]
+    fn session_fields_parse_and_validate() {
+        let p = class(
+            "session",
+            "idle = \"30m\"\nabsolute = \"12h\"\nextend_after = \"1m\"\ncookie_name = \"sid\"\n\
+             cookie_secure = false\ncookie_same_site = \"strict\"\ncookie_path = \"/app\"\n\
+             cookie_domain = \"example.com\"\nmax_data_bytes = 1000\nversion = 3",
+        )
+        .unwrap();
+        let s = p.class("c").unwrap().as_session().unwrap();
+        assert_eq!(s.extend_after_value().as_secs(), 60);
+        assert!(!s.is_cookie_secure());
+        assert_eq!(s.cookie_same_site_value().as_str(), "Strict");
+        assert_eq!(s.cookie_domain_value(), Some("example.com"));
+        assert_eq!(p.class("c").unwrap().kind().version(), 3);
+        let d = class("session", "idle = \"10m\"\nabsolute = \"1h\"").unwrap();
+        let d = d.class("c").unwrap().as_session().unwrap();
+        assert_eq!(d.extend_after_value().as_secs(), 60, "default idle / 10");
+        assert_eq!(d.cookie_name_value(), "__Host-session");
+
+        field_err("session", "absolute = \"1h\"", "idle", "missing");
+        field_err(
+            "session",
+            "idle = \"2h\"\nabsolute = \"1h\"",
+            "absolute",
+            "at least idle",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\nextend_after = \"1m\"",
+            "extend_after",
+            "shorter",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_secure = false",
+            "cookie_secure",
+            "__Host-",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_domain = \"a.com\"",
+            "cookie_domain",
+            "__Host-",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_path = \"/x\"",
+            "cookie_path",
+            "__Host-",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_name = \"a b\"",
+            "cookie_name",
+            "invalid",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_name = \"s\"\ncookie_secure = false\ncookie_same_site = \"none\"",
+            "cookie_same_site",
+            "cookie_secure = true",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\ncookie_same_site = \"loose\"",
+            "cookie_same_site",
+            "loose",
+        );
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\nttl = \"1m\"",
+            "ttl",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn lock_and_idempotency_fields_validate() {
+        let p = class(
+            "lock",
+            "ttl = \"30s\"\nwait = \"5s\"\nwatchdog = true\nfence_ttl = \"1d\"",
+        )
+        .unwrap();
+        let l = p.class("c").unwrap().as_lock().unwrap();
+        assert!(l.is_watchdog());
+        assert_eq!(l.wait_value().as_secs(), 5);
+        field_err("lock", "wait = \"1s\"", "ttl", "missing");
+        field_err("lock", "ttl = \"1ms\"", "ttl", "10ms");
+        field_err(
+            "lock",
+            "ttl = \"1h\"\nfence_ttl = \"1m\"",
+            "fence_ttl",
+            "at least ttl",
+        );
+        field_err(
+            "lock",
+            "ttl = \"1s\"\nidle = \"1s\"",
+            "idle",
+            "unknown field",
+        );
+
+        let p = class("idempotency", "").unwrap();
+        let i = p.class("c").unwrap().as_idempotency().unwrap();
+        assert_eq!(i.ttl_value().as_secs(), 86_400);
+        assert_eq!(i.lease_value().as_secs(), 60);
+        field_err(
+            "idempotency",
+            "ttl = \"1m\"\nlease = \"2m\"",
+            "lease",
+            "ttl",
+        );
+        field_err(
+            "idempotency",
+            "max_response_bytes = 0",
+            "max_response_bytes",
+            "between",
+        );
+        field_err("idempotency", "ttl = \"0s\"", "ttl", "between");
+    }
+}
