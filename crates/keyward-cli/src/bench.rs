@@ -33,14 +33,26 @@ Scenarios (the names are stable):
             C workers loop checks for --duration, worker w of C checking identities w, w+C, w+2C, … modulo
             10000, in a class of --algorithm that never refuses: 1000000000 per hour (sliding_log, which
             stores one entry per request: 100000 per second)
+  lock      C workers loop for --duration: Locks::lock (a class with a 10s lease and a 60s wait), then
+            LockGuard::release. --names distinct (the default): every worker has a lock name of its own,
+            so each acquisition is one uncontended attempt. --names one: all workers, in every process, fight
+            for ONE name; a waiter is woken by the holder's release. Inside the critical section a worker
+            checks mutual exclusion in process (no other worker of this process inside; the fence above every
+            fence this process saw before) and yields to the scheduler before leaving. One op = ask, acquire,
+            release: for --names one, one handoff.
+  session   a pool of --keys N sessions (10 per user, ~1 KiB JSON data each) is created before the timed
+            phase; then C workers loop Sessions::get for --duration, worker w reading sessions w, w+C, w+2C, …
+            modulo N. Every read must find its session. --extend always: a class with extend_after = 0, so
+            every read pushes the idle expiry back (a write); --extend default: extend_after = idle / 10
+            (3 min of a 30 min idle timeout), so reads during the run write nothing.
 
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
 
 Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values.
 --processes P (all scenarios; Redis only) runs P child processes sharing that namespace and key, each with
-C/P callers (the remainder goes to the first; for miss the keys are split the same way), starts them
-together once all are connected, and merges their latency histograms and counts.
+C/P callers (the remainder goes to the first; for miss and session the keys are split the same way), starts
+them together once all are connected, and merges their latency histograms and counts.
 Rate-limit classes use on_error = deny, and a check the store did not decide fails the run.
 
 Output fields: peer, scenario, backend, concurrency, processes, ops, seconds, ops_per_s, p50_us, p99_us,
@@ -49,12 +61,22 @@ calls (including commands run inside Lua scripts, excluding INFO) during the mea
 and per command.
 The rate-limit scenarios add algorithm, limit and window_s (the class's), allowed and limited (checks
 allowed and refused, fleet-wide), and ratelimit_exact adds exact (allowed == min(limit, concurrency)).
-ratelimit_throughput against Redis adds redis_client_cmds_per_op and redis_client_cmds: the top-level
-commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per check and per
-command. Redis counts a script's calls in INFO commandstats and in total_commands_processed alike, so
-these come from MONITOR, which costs throughput: after the timed phase, this process checks 16 times per
-caller (C/P callers) with its own limiter while MONITOR runs; connecting and warming up are not counted,
-unrelated clients' commands are. Left out, with a warning, when the server refuses MONITOR.
+lock adds names; with --names one also violations (must be 0), timeouts (lock gave up after its 60s wait;
+not counted as ops), handoffs_per_s (acquisitions per second, = ops_per_s) and reacquired (acquisitions by
+the worker that held the lock last in its process: it took the lock again right after releasing it, before
+the waiters its release woke; exact with one process, an upper bound with several); against Redis,
+acquire_attempts and attempts_per_acquire: the script calls (EVALSHA, EVAL) of the measured phase less one
+release per op, i.e. every acquisition attempt, including those that found the lock held. session adds extend, extend_after_ms
+and sessions (the pool size).
+ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
+the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
+op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
+alike, so these come from MONITOR, which costs throughput: after the timed phase, this process runs 16 ops
+per caller (C/P callers) with its own keyward handle (session: on a pool of its own, of at most 16 × C/P
+sessions) while MONITOR runs; connecting and warming up are not counted, unrelated clients' commands are.
+Left out, with a warning, when the server refuses MONITOR. For lock --names one that count depends on
+contention, which MONITOR changes (it slows the server); attempts_per_acquire, from the timed run, is the
+figure to quote.
 
 Exit codes: 0 success, 1 runtime failure (e.g. cannot connect), 2 bad usage.";
 
@@ -75,6 +97,46 @@ pub(crate) enum Scenario {
     /// Rate-limit checks over 10,000 identities in a loop for the duration, never refused.
     #[value(name = "ratelimit_throughput")]
     RatelimitThroughput,
+    /// Lock acquire + release in a loop for the duration, on distinct names or on one contended name.
+    Lock,
+    /// `Sessions::get` over a pool of sessions in a loop for the duration, extending on every read or not.
+    Session,
+}
+
+/// `lock`: which names the workers lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LockNames {
+    /// A name per worker: no contention.
+    Distinct,
+    /// One name for every worker of every process.
+    One,
+}
+
+impl LockNames {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            LockNames::Distinct => "distinct",
+            LockNames::One => "one",
+        }
+    }
+}
+
+/// `session`: how often a read pushes the idle expiry back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Extend {
+    /// `extend_after = 0`: every read extends (writes).
+    Always,
+    /// The class default, `extend_after = idle / 10`: reads within it write nothing.
+    Default,
+}
+
+impl Extend {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Extend::Always => "always",
+            Extend::Default => "default",
+        }
+    }
 }
 
 impl Scenario {
@@ -86,6 +148,8 @@ impl Scenario {
             Scenario::Get => "get",
             Scenario::RatelimitExact => "ratelimit_exact",
             Scenario::RatelimitThroughput => "ratelimit_throughput",
+            Scenario::Lock => "lock",
+            Scenario::Session => "session",
         }
     }
 
@@ -96,9 +160,22 @@ impl Scenario {
         )
     }
 
+    /// Whether the report counts the commands clients send per op (`redis_client_cmds_per_op`).
+    fn audits_client_commands(self) -> bool {
+        matches!(
+            self,
+            Scenario::RatelimitThroughput | Scenario::Lock | Scenario::Session
+        )
+    }
+
     fn default_concurrency(self) -> usize {
         match self {
-            Scenario::Hit | Scenario::Miss | Scenario::Get | Scenario::RatelimitThroughput => 64,
+            Scenario::Hit
+            | Scenario::Miss
+            | Scenario::Get
+            | Scenario::RatelimitThroughput
+            | Scenario::Lock
+            | Scenario::Session => 64,
             Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
@@ -125,13 +202,14 @@ pub(crate) struct BenchArgs {
     /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit`, `get` and `ratelimit_throughput` run, in seconds (fractions allowed).
+    /// How long `hit`, `get`, `ratelimit_throughput`, `lock` and `session` run, in seconds (fractions
+    /// allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
     #[arg(long, short = 'p', value_name = "P", default_value_t = 1)]
     processes: usize,
-    /// How many cold keys `miss` loads.
+    /// How many cold keys `miss` loads; how many sessions `session` creates and reads.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     keys: u64,
     /// How many warm keys `hit` and `get` spread their workers over.
@@ -146,6 +224,12 @@ pub(crate) struct BenchArgs {
     /// The limit (and burst) of `ratelimit_exact`.
     #[arg(long, value_name = "L", default_value_t = 100)]
     limit: u64,
+    /// `lock`: a lock name per worker, or one name for all.
+    #[arg(long, value_enum, value_name = "WHICH", default_value = "distinct")]
+    names: LockNames,
+    /// `session`: extend the idle expiry on every read, or with the class default (`idle / 10`).
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "default")]
+    extend: Extend,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -193,11 +277,42 @@ struct Report {
     /// `ratelimit_exact` only: `allowed == min(limit, concurrency)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     exact: Option<bool>,
+    /// `lock` only: `distinct` or `one`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    names: Option<&'static str>,
+    /// `lock --names one` only: acquisitions that found another worker of their process inside the
+    /// critical section, or a fence not above the last one their process saw. Must be 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    violations: Option<u64>,
+    /// `lock --names one` only: `lock` calls that gave up at the class's wait (not counted as ops).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeouts: Option<u64>,
+    /// `lock --names one` only: acquisitions (each followed by a release) per second, = `ops_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handoffs_per_s: Option<f64>,
+    /// `lock --names one` only: acquisitions by the worker that held the lock last in its process, i.e.
+    /// that took it again right after releasing it, before any worker its release woke. Exact with one
+    /// process, an upper bound with several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reacquired: Option<u64>,
+    /// `lock` against Redis: acquisition attempts (successful or not) during the measured phase, and per
+    /// successful acquisition. See [`acquire_attempts`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acquire_attempts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts_per_acquire: Option<f64>,
+    /// `session` only: `always` or `default`, the class's `extend_after` in ms, and the pool size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extend: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extend_after_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sessions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_cmds_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_cmds: Option<BTreeMap<String, u64>>,
-    /// `ratelimit_throughput` against Redis: see [`ClientCommands`].
+    /// `ratelimit_throughput`, `lock` and `session` against Redis: see [`ClientCommands`].
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_client_cmds_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -256,7 +371,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.processes
             );
         }
-        if args.scenario == Scenario::Miss && u64::try_from(args.processes)? > args.keys {
+        if matches!(args.scenario, Scenario::Miss | Scenario::Session)
+            && u64::try_from(args.processes)? > args.keys
+        {
             usage!(
                 "--processes {} exceeds --keys {}: every process needs a key",
                 args.processes,
@@ -275,15 +392,21 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         key_id: args.key_id.unwrap_or_else(rand::random),
         algorithm: args.algorithm,
         limit: args.limit,
+        lock_names: args.names,
+        extend: args.extend,
     };
-    // Children would only fail on a bad class after starting: check it once, here.
+    // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class
+    // depends on flags; the others are constants that the unit tests check.
     if let Err(e) = workload::policy("kwbench", &work) {
-        usage!(
-            "--algorithm {} --limit {}: {}",
-            work.algorithm,
-            work.limit,
-            e.message()
-        );
+        if work.scenario.is_rate_limit() {
+            usage!(
+                "--algorithm {} --limit {}: {}",
+                work.algorithm,
+                work.limit,
+                e.message()
+            );
+        }
+        anyhow::bail!("the bench policy is invalid: {e}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -299,7 +422,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Run the scenario (in this process, or across children) between two command-count snapshots; for
-/// `ratelimit_throughput` against Redis, then count what a check sends (see [`client_commands`]).
+/// `ratelimit_throughput`, `lock` and `session` against Redis, then count what an op sends (see
+/// [`client_commands`]).
 async fn measure(
     url: &str,
     app: &str,
@@ -310,7 +434,9 @@ async fn measure(
     let scenario = work.scenario;
     let concurrency = work.concurrency;
     let (algorithm, limit) = (work.algorithm, work.limit);
+    let (lock_names, extend, pool) = (work.lock_names, work.extend, work.keys);
     let rate_class = workload::rate_class(&work);
+    let session_class = workload::session_class(&work);
     // The client-command count runs in this process, with one process's share of the callers.
     let audit_work = split(&work, processes).swap_remove(0);
     let measured: Measured;
@@ -329,7 +455,7 @@ async fn measure(
         measured = prepared.run().await?;
         commands = delta(stats.as_mut(), before).await?;
     }
-    let client = if scenario == Scenario::RatelimitThroughput && !embedded {
+    let client = if scenario.audits_client_commands() && !embedded {
         client_commands(url, app, audit_work).await?
     } else {
         None
@@ -351,6 +477,12 @@ async fn measure(
     };
     let redis_cmds_per_op = commands.as_ref().map(|c| per_op(c, ops));
     let is_rate_limit = scenario.is_rate_limit();
+    let is_lock = scenario == Scenario::Lock;
+    let lock_one = is_lock && lock_names == LockNames::One;
+    let attempts = commands
+        .as_ref()
+        .filter(|_| is_lock)
+        .map(|c| acquire_attempts(c, ops));
     Ok(Report {
         peer: "keyward",
         scenario: scenario.name(),
@@ -381,35 +513,72 @@ async fn measure(
         limited: is_rate_limit.then_some(measured.limited),
         exact: (scenario == Scenario::RatelimitExact)
             .then(|| measured.allowed == limit.min(concurrency as u64)),
+        names: is_lock.then(|| lock_names.name()),
+        violations: lock_one.then_some(measured.violations),
+        timeouts: lock_one.then_some(measured.timeouts),
+        handoffs_per_s: lock_one.then(|| round(per_second, 1)),
+        reacquired: lock_one.then_some(measured.reacquired),
+        acquire_attempts: attempts,
+        attempts_per_acquire: attempts.map(|a| {
+            if ops == 0 {
+                0.0
+            } else {
+                round(a as f64 / ops as f64, 3)
+            }
+        }),
+        extend: session_class.as_ref().map(|_| extend.name()),
+        extend_after_ms: session_class
+            .as_ref()
+            .map(|c| u64::try_from(c.extend_after_value().as_millis()).unwrap_or(u64::MAX)),
+        sessions: session_class.as_ref().map(|_| pool),
         redis_cmds_per_op,
         redis_cmds: commands,
-        redis_client_cmds_per_op: client.as_ref().map(|c| per_op(&c.commands, c.checks)),
+        redis_client_cmds_per_op: client.as_ref().map(|c| per_op(&c.commands, c.ops)),
         redis_client_cmds: client.map(|c| c.commands),
     })
 }
 
-/// What the client sent for [`CLIENT_AUDIT_CHECKS`] checks per caller.
+/// `lock`: how many acquisition attempts the measured phase made, successful or not. Each attempt is one
+/// script call (`lock_acquire.lua`), and so is each release (`lock_release.lua`); every op ends in exactly one
+/// successful release, and nothing else the workers do calls a script. So attempts = script calls (`EVALSHA`,
+/// plus `EVAL` should a script have had to be sent in full) − ops. Other clients' script calls would count
+/// too, as in `redis_cmds`.
+fn acquire_attempts(commands: &stats::Counts, ops: u64) -> u64 {
+    let scripts: u64 = ["evalsha", "eval"]
+        .iter()
+        .filter_map(|name| commands.get(*name))
+        .sum();
+    scripts.saturating_sub(ops)
+}
+
+/// What the client sent for [`CLIENT_AUDIT_OPS`] ops per caller.
 struct ClientCommands {
-    checks: u64,
+    ops: u64,
     /// Top-level commands received from clients, per command name.
     commands: stats::Counts,
 }
 
-/// How many checks each caller makes while the client commands are counted.
-const CLIENT_AUDIT_CHECKS: u64 = 16;
+/// How many ops each caller makes while the client commands are counted.
+const CLIENT_AUDIT_OPS: u64 = 16;
 
-/// The commands clients send per rate-limit check, which neither `INFO commandstats` nor `INFO stats`
-/// (`total_commands_processed`) can tell: both count the commands a Lua script calls as well (checked on
-/// Redis 7.0), and Redis before 7.2 keeps no per-client command count. So after the timed run, this process
-/// connects its own limiter (same namespace, class and identities), and while `MONITOR` shows the server's
-/// commands, each of `work.concurrency` callers makes [`CLIENT_AUDIT_CHECKS`] checks. Connecting and warming
-/// up happen before the count starts. `MONITOR` slows the server down, which is why the timed run goes
-/// without it. `None` (with a warning) when the server refuses `MONITOR` (e.g. a managed Redis).
+/// The commands clients send per op (a rate-limit check, a lock acquire + release, a session read), which
+/// neither `INFO commandstats` nor `INFO stats` (`total_commands_processed`) can tell: both count the commands
+/// a Lua script calls as well (checked on Redis 7.0), and Redis before 7.2 keeps no per-client command count.
+/// So after the timed run, this process connects its own keyward handle (same namespace and classes; for
+/// `session`, a pool of its own of at most [`CLIENT_AUDIT_OPS`] sessions per caller), and while `MONITOR`
+/// shows the server's commands, each of `work.concurrency` callers makes [`CLIENT_AUDIT_OPS`] ops.
+/// Connecting and warming up happen before the count starts. `MONITOR` slows the server down, which is why
+/// the timed run goes without it. `None` (with a warning) when the server refuses `MONITOR` (e.g. a managed
+/// Redis).
 async fn client_commands(
     url: &str,
     app: &str,
-    work: Workload,
+    mut work: Workload,
 ) -> anyhow::Result<Option<ClientCommands>> {
+    if work.scenario == Scenario::Session {
+        let audit_pool = CLIENT_AUDIT_OPS.saturating_mul(work.concurrency as u64);
+        work.keys = work.keys.min(audit_pool).max(1);
+    }
     let prepared = workload::prepare(url, app, work).await?;
     let audit = match stats::ClientAudit::start(url).await {
         Ok(audit) => audit,
@@ -418,10 +587,10 @@ async fn client_commands(
             return Ok(None);
         }
     };
-    let measured = prepared.ratelimit_checks(CLIENT_AUDIT_CHECKS).await?;
+    let measured = prepared.counted_ops(CLIENT_AUDIT_OPS).await?;
     let commands = audit.finish().await?;
     Ok(Some(ClientCommands {
-        checks: measured.latencies.len(),
+        ops: measured.latencies.len(),
         commands,
     }))
 }
@@ -531,6 +700,24 @@ fn table(r: &Report) -> String {
         ("allowed", r.allowed.map(|a| a.to_string())),
         ("limited", r.limited.map(|l| l.to_string())),
         ("exact", r.exact.map(|e| e.to_string())),
+        ("names", r.names.map(str::to_owned)),
+        ("violations", r.violations.map(|v| v.to_string())),
+        ("timeouts", r.timeouts.map(|t| t.to_string())),
+        (
+            "handoffs_per_s",
+            r.handoffs_per_s.map(|h| format!("{h:.0}")),
+        ),
+        (
+            "acquire_attempts",
+            r.acquire_attempts.map(|a| a.to_string()),
+        ),
+        (
+            "attempts_per_acquire",
+            r.attempts_per_acquire.map(|a| format!("{a:.3}")),
+        ),
+        ("extend", r.extend.map(str::to_owned)),
+        ("extend_after_ms", r.extend_after_ms.map(|e| e.to_string())),
+        ("sessions", r.sessions.map(|n| n.to_string())),
         (
             "redis_cmds_per_op",
             r.redis_cmds_per_op.map(|p| format!("{p:.3}")),
@@ -568,6 +755,8 @@ mod tests {
             key_id: 7,
             algorithm: Algorithm::Gcra,
             limit: 100,
+            lock_names: LockNames::Distinct,
+            extend: Extend::Default,
         }
     }
 
@@ -602,6 +791,16 @@ mod tests {
             allowed: None,
             limited: None,
             exact: None,
+            names: None,
+            violations: None,
+            timeouts: None,
+            handoffs_per_s: None,
+            reacquired: None,
+            acquire_attempts: None,
+            attempts_per_acquire: None,
+            extend: None,
+            extend_after_ms: None,
+            sessions: None,
             redis_cmds_per_op: Some(1.0),
             redis_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 10)])),
             redis_client_cmds_per_op: None,
@@ -635,6 +834,16 @@ mod tests {
             allowed: Some(100),
             limited: Some(900),
             exact: Some(true),
+            names: None,
+            violations: None,
+            timeouts: None,
+            handoffs_per_s: None,
+            reacquired: None,
+            acquire_attempts: None,
+            attempts_per_acquire: None,
+            extend: None,
+            extend_after_ms: None,
+            sessions: None,
             redis_cmds_per_op: Some(5.0),
             redis_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 1000)])),
             redis_client_cmds_per_op: Some(1.0),
@@ -651,5 +860,16 @@ mod tests {
         assert_eq!(v["allowed"], 100);
         assert_eq!(v["exact"], true);
         assert_eq!(v["algorithm"], "gcra");
+    }
+
+    #[test]
+    fn acquire_attempts_are_script_calls_less_one_release_per_op() {
+        let commands = stats::Counts::from([
+            ("evalsha".to_owned(), 40),
+            ("eval".to_owned(), 2),
+            ("pttl".to_owned(), 32),
+        ]);
+        assert_eq!(acquire_attempts(&commands, 10), 32);
+        assert_eq!(acquire_attempts(&stats::Counts::new(), 10), 0);
     }
 }

@@ -6,7 +6,7 @@
 //! 1. each child connects and warms up, prints `READY` and blocks reading stdin;
 //! 2. once every child is ready, the parent writes `GO` to all of them (the measured phase starts);
 //! 3. each child runs and prints one JSON line ([`ChildReport`]) with its counts (loader calls, rate-limit
-//!    checks allowed and limited) and its latency histogram (HdrHistogram V2 serialization, base64), then
+//!    checks allowed and limited, lock violations, timeouts and re-acquisitions) and its latency histogram (HdrHistogram V2 serialization, base64), then
 //!    exits; the parent adds the counts up and merges the histograms.
 
 use std::process::Stdio;
@@ -38,6 +38,9 @@ pub(crate) struct ChildReport {
     loader_calls: u64,
     allowed: u64,
     limited: u64,
+    violations: u64,
+    timeouts: u64,
+    reacquired: u64,
     seconds: f64,
     /// Latencies in µs: HdrHistogram V2 serialization, base64.
     histogram: String,
@@ -54,6 +57,9 @@ impl ChildReport {
             loader_calls: m.loader_calls,
             allowed: m.allowed,
             limited: m.limited,
+            violations: m.violations,
+            timeouts: m.timeouts,
+            reacquired: m.reacquired,
             seconds: m.seconds,
             histogram: BASE64.encode(bytes),
         })
@@ -77,6 +83,9 @@ impl ChildReport {
             loader_calls: self.loader_calls,
             allowed: self.allowed,
             limited: self.limited,
+            violations: self.violations,
+            timeouts: self.timeouts,
+            reacquired: self.reacquired,
             seconds: self.seconds,
             latencies,
         })
@@ -213,6 +222,9 @@ impl Fleet {
             loader_calls: 0,
             allowed: 0,
             limited: 0,
+            violations: 0,
+            timeouts: 0,
+            reacquired: 0,
             seconds: 0.0,
             latencies: workload::new_histogram(),
         };
@@ -227,6 +239,9 @@ impl Fleet {
             total.loader_calls += measured.loader_calls;
             total.allowed += measured.allowed;
             total.limited += measured.limited;
+            total.violations += measured.violations;
+            total.timeouts += measured.timeouts;
+            total.reacquired += measured.reacquired;
             total.seconds = total.seconds.max(measured.seconds);
             total
                 .latencies
@@ -264,6 +279,10 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.algorithm.name().to_owned(),
         "--limit".to_owned(),
         work.limit.to_string(),
+        "--names".to_owned(),
+        work.lock_names.name().to_owned(),
+        "--extend".to_owned(),
+        work.extend.name().to_owned(),
         "--child".to_owned(),
         "--app".to_owned(),
         app.to_owned(),
@@ -288,6 +307,9 @@ mod tests {
             loader_calls: 1,
             allowed: 3,
             limited: 2,
+            violations: 1,
+            timeouts: 4,
+            reacquired: 5,
             seconds: 0.25,
             latencies,
         };
@@ -297,5 +319,6 @@ mod tests {
         assert_eq!(back.latencies, measured.latencies);
         assert_eq!(back.loader_calls, 1);
         assert_eq!((back.allowed, back.limited), (3, 2));
+        assert_eq!((back.violations, back.timeouts, back.reacquired), (1, 4, 5));
     }
 }

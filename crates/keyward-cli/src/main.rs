@@ -1,9 +1,9 @@
 //! `keyward` — the operator CLI for the keyward Redis data layer.
 //!
 //! - `keyward policy check FILE` validates a policy file and prints what it declares.
-//! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput>` measures keyward against
-//!   Redis (or the embedded backend), optionally across several OS processes sharing one namespace, and counts
-//!   the Redis commands each operation costs.
+//! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
+//!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
+//!   namespace, and counts the Redis commands each operation costs.
 //!
 //! # Exit codes
 //! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
@@ -52,7 +52,7 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
-    /// Benchmark keyward's cache and rate limiter against Redis or the embedded backend.
+    /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(bench::BenchArgs),
 }
 

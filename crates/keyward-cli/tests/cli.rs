@@ -327,3 +327,155 @@ fn redis_ratelimit_throughput_sends_one_command_per_check() {
         assert!(v["redis_cmds_per_op"].as_f64().unwrap() > 1.0, "{v}");
     }
 }
+
+#[test]
+fn embedded_lock_on_one_name_is_exclusive() {
+    let v = bench_json(&[
+        "bench",
+        "lock",
+        "--names",
+        "one",
+        "--url",
+        "mem://",
+        "--duration",
+        "1",
+        "--concurrency",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(v["scenario"], "lock");
+    assert_eq!(v["backend"], "embedded");
+    assert_eq!(v["names"], "one");
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(v["timeouts"], 0, "{v}");
+    assert_eq!(v["handoffs_per_s"], v["ops_per_s"], "{v}");
+    assert!(
+        v["reacquired"].as_u64().unwrap() <= v["ops"].as_u64().unwrap(),
+        "{v}"
+    );
+    // Attempts are counted from the server's script calls: none here.
+    assert!(v.get("acquire_attempts").is_none(), "{v}");
+}
+
+#[test]
+fn redis_lock_on_distinct_names_takes_one_attempt() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "lock",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["names"], "distinct");
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["acquire_attempts"], v["ops"], "{v}");
+    assert_eq!(v["attempts_per_acquire"].as_f64(), Some(1.0), "{v}");
+    assert!(v.get("violations").is_none(), "{v}");
+    // 4 callers × 16 ops while MONITOR counts: one EVALSHA to acquire, one to release.
+    assert_eq!(
+        v["redis_client_cmds"],
+        serde_json::json!({ "evalsha": 128 }),
+        "{v}"
+    );
+}
+
+#[test]
+fn redis_lock_on_one_name_across_processes_is_exclusive() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "lock",
+        "--names",
+        "one",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "8",
+        "--processes",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(v["processes"], 2);
+    let ops = v["ops"].as_u64().unwrap();
+    assert!(ops > 0, "{v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(v["timeouts"], 0, "{v}");
+    assert!(v["acquire_attempts"].as_u64().unwrap() >= ops, "{v}");
+    assert!(v["reacquired"].as_u64().unwrap() <= ops, "{v}");
+    assert!(v["attempts_per_acquire"].as_f64().unwrap() >= 1.0, "{v}");
+    assert!(
+        v["redis_client_cmds_per_op"].as_f64().unwrap() >= 2.0,
+        "{v}"
+    );
+}
+
+#[test]
+fn embedded_session_reads_find_every_session() {
+    let v = bench_json(&[
+        "bench",
+        "session",
+        "--url",
+        "mem://",
+        "--keys",
+        "100",
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["scenario"], "session");
+    assert_eq!(v["backend"], "embedded");
+    assert_eq!(v["extend"], "default");
+    assert_eq!(v["sessions"], 100);
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn redis_session_reads_write_only_when_extending() {
+    let server = RedisServer::spawn();
+    for extend in ["default", "always"] {
+        let v = bench_json(&[
+            "bench",
+            "session",
+            "--extend",
+            extend,
+            "--url",
+            &server.url(),
+            "--keys",
+            "200",
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ]);
+        assert_eq!(v["extend"], extend);
+        assert_eq!(v["sessions"], 200);
+        let ops = v["ops"].as_u64().unwrap();
+        assert!(ops > 0, "{v}");
+        // One EVALSHA per read: 4 callers × 16 reads while MONITOR counts.
+        assert_eq!(
+            v["redis_client_cmds"],
+            serde_json::json!({ "evalsha": 64 }),
+            "{v}"
+        );
+        assert_eq!(v["redis_cmds"]["evalsha"], ops, "{v}");
+        let writes = v["redis_cmds"]["hset"].as_u64().unwrap_or(0);
+        if extend == "default" {
+            assert_eq!(v["extend_after_ms"], 180_000, "{v}");
+            assert_eq!(writes, 0, "{v}");
+        } else {
+            assert_eq!(v["extend_after_ms"], 0, "{v}");
+            assert!(writes > ops / 2, "{v}");
+        }
+    }
+}
