@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     pub(crate) flights: Arc<Flights>,
     pub(crate) bus: Arc<WakeBus>,
     pub(crate) rates: RateShared,
+    /// Per-process wait queues of lock names.
+    pub(crate) lock_queues: crate::lock::Queues,
     server: Option<String>,
 }
 
@@ -209,6 +211,7 @@ impl Keyward {
                 flights: Arc::new(Flights::default()),
                 bus,
                 rates: RateShared::new(options.breaker_failures, options.breaker_cooldown),
+                lock_queues: crate::lock::Queues::default(),
                 server,
             }),
         }

@@ -6,6 +6,7 @@
 //! itself lost, whatever the server might still say; renewals and the deadline are serialised by one mutex, so
 //! a guard is never both renewed and lost.
 
+use super::Baton;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -61,6 +62,8 @@ pub(super) struct Grant {
     pub(super) watchdog: bool,
     /// When the acquire request was sent.
     pub(super) sent: Instant,
+    /// This process's turn for the lock name (see `Queues`), held while the guard lives.
+    pub(super) baton: Option<Baton>,
 }
 
 impl Shared {
@@ -128,6 +131,8 @@ pub struct LockGuard {
     keeper: Option<AbortHandle>,
     /// Set once `release` has had its answer; until then `Drop` releases.
     released: bool,
+    /// This process's turn for the lock name: the next local waiter starts only after the release.
+    baton: Option<Baton>,
 }
 
 impl LockGuard {
@@ -156,6 +161,7 @@ impl LockGuard {
             shared,
             keeper: Some(keeper),
             released: false,
+            baton: grant.baton,
         }
     }
 
@@ -274,9 +280,12 @@ impl Drop for LockGuard {
             return;
         }
         let s = Arc::clone(&self.shared);
+        // The next waiter of this process goes once the release has happened, not before.
+        let baton = self.baton.take();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
+                    let _turn = baton;
                     if let Err(err) = store::release(&s.locks.kw, &s.keys, &s.token).await {
                         tracing::warn!(
                             class = %s.locks.class.name,
