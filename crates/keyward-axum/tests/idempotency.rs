@@ -31,6 +31,10 @@ fn policy() -> Policy {
     Policy::builder("test", "idempotency")
         .idempotency("charges", IdempotencyClass::new())
         .idempotency("small", IdempotencyClass::new().max_response_bytes(512))
+        .idempotency(
+            "brief",
+            IdempotencyClass::new().lease(Duration::from_millis(30)),
+        )
         .build()
         .expect("valid policy")
 }
@@ -808,4 +812,30 @@ async fn a_store_failure_is_503_and_the_handler_does_not_run() {
             .is_some_and(|d| d.contains("not processed"))
     );
     assert_eq!(app.charges.get(), 1, "never run unprotected");
+}
+
+/// A handler that runs longer than the class `lease` (100 ms against 30 ms) keeps its key: the layer's
+/// heartbeat extends the lease, so a retry in the meantime gets `409`, never a second run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_the_lease_keeps_its_key() {
+    let kw = embedded();
+    let app = app(IdempotencyLayer::new(kw.idempotency("brief").unwrap()));
+    let router = app.router.clone();
+    let first = tokio::spawn(async move { send(&router, post_as_alice("/slow", KEY, "")).await });
+    while app.slow.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Well past the 30 ms lease, still inside the 100 ms handler.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let retry = send(&app.router, post_as_alice("/slow", KEY, "")).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::CONFLICT,
+        "the lease was kept alive"
+    );
+    assert_eq!(first.await.unwrap().status(), StatusCode::CREATED);
+    assert!(replayed(
+        &send(&app.router, post_as_alice("/slow", KEY, "")).await
+    ));
+    assert_eq!(app.slow.get(), 1);
 }

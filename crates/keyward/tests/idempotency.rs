@@ -72,6 +72,7 @@ conformance!(
     racing_begins_grant_exactly_one_lease,
     a_different_request_is_a_mismatch,
     an_expired_lease_lets_a_retry_run_and_the_late_completion_is_refused,
+    a_heartbeat_keeps_a_long_request_s_lease,
     abandon_frees_the_key_now,
     keys_are_scoped_and_expire,
     bad_input_is_a_typed_error,
@@ -195,6 +196,42 @@ mod cases {
             Completion::Stored
         );
         assert!(matches!(idem.begin("k", &fp).await.unwrap(), Begin::Completed(r) if r == retried));
+    }
+
+    pub async fn a_heartbeat_keeps_a_long_request_s_lease(h: Harness) {
+        let kw = connect(&h).await;
+        let idem = kw.idempotency("quick").unwrap();
+        let fp = fingerprint(&[b"slow"]);
+        let Begin::New(lease) = idem.begin("slow", &fp).await.unwrap() else {
+            panic!()
+        };
+        // 900 ms of work under a 300 ms lease, with a heartbeat every 100 ms: no retry can start.
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(idem.extend(&lease).await.unwrap());
+            assert!(matches!(
+                idem.begin("slow", &fp).await.unwrap(),
+                Begin::InProgress { .. }
+            ));
+        }
+        assert_eq!(
+            idem.complete(&lease, &response()).await.unwrap(),
+            Completion::Stored
+        );
+        assert!(
+            !idem.extend(&lease).await.unwrap(),
+            "a completed lease holds nothing"
+        );
+        // Without the heartbeat the lease runs out and a retry runs.
+        let Begin::New(dead) = idem.begin("slow2", &fp).await.unwrap() else {
+            panic!()
+        };
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(!idem.extend(&dead).await.unwrap(), "too late: expired");
+        assert!(matches!(
+            idem.begin("slow2", &fp).await.unwrap(),
+            Begin::New(_)
+        ));
     }
 
     pub async fn abandon_frees_the_key_now(h: Harness) {

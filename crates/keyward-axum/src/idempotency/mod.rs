@@ -9,8 +9,9 @@
 //! runs gets `409`; the key used with a different request gets `422`. A client that disconnects does not
 //! cancel the handler: it runs to the end in its own task and its response is stored for the retry. If
 //! the handler fails (`5xx`, an error, a panic) or its response cannot be stored (too large, trailers),
-//! nothing is stored and a retry runs the handler again. A handler that outlives the class `lease` loses
-//! the key to a retry, which may then run concurrently: set `lease` above your slowest request.
+//! nothing is stored and a retry runs the handler again. While the handler runs, the layer renews its lease
+//! every third of the class `lease`, so a slow handler keeps its key; `lease` only decides how soon a retry
+//! may run after the process running the request died.
 //!
 //! See [`IdempotencyLayer`] for the options and every response the layer writes itself.
 
@@ -21,6 +22,7 @@ mod problem;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -514,7 +516,33 @@ where
         idempotency: idem.clone(),
         lease: Some(lease),
     };
-    let response = inner.call(request).await?.into_response();
+    // While the handler runs, a heartbeat every third of the lease keeps the key ours: the class `lease` only
+    // decides how soon a retry may run after this process died, not how long a request may take.
+    let call = inner.call(request);
+    // Into a `Response` inside the future, so the handler's own response type is never held across an await.
+    let call = async move { call.await.map(IntoResponse::into_response) };
+    tokio::pin!(call);
+    let beat = (idem.settings().lease_value() / 3).max(Duration::from_millis(5));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let response = loop {
+        tokio::select! {
+            biased;
+            result = &mut call => break result?,
+            _ = heartbeat.tick() => {
+                if let Some(lease) = guard.lease.as_ref() {
+                    match idem.extend(lease).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            class = idem.class(),
+                            "keyward-axum: an idempotency lease was lost while its request ran; a retry may run concurrently"
+                        ),
+                        Err(error) => tracing::warn!(%error, class = idem.class(), "keyward-axum: cannot extend an idempotency lease"),
+                    }
+                }
+            }
+        }
+    };
     let status = response.status();
     if status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
@@ -555,8 +583,8 @@ where
         Ok(Completion::Stored) => {}
         Ok(Completion::LeaseLost) => tracing::warn!(
             class = idem.class(),
-            "keyward-axum: the handler outlived its idempotency lease; its response was not stored \
-             (raise the class `lease` above the slowest request)"
+            "keyward-axum: the idempotency lease was lost while the handler ran (renewals failed); \
+             its response was not stored"
         ),
         Ok(other) => tracing::warn!(?other, "keyward-axum: unknown completion"),
         Err(error) => tracing::error!(

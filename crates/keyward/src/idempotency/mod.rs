@@ -346,6 +346,18 @@ impl Idempotency {
         }
     }
 
+    /// Push the lease's expiry back by the class's `lease` (a heartbeat for a request that runs long), if it is
+    /// still held. `false` means it was lost: it expired, and a retry may have taken over. With a heartbeat
+    /// every `lease / 3`, `lease` only decides how soon a retry runs after the process running the request
+    /// died, not how long a request may take.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn extend(&self, lease: &Lease) -> Result<bool> {
+        let ms = ms(self.inner.settings.lease_value());
+        store::extend(&self.kw.inner.backend, &lease.key, &lease.token, ms).await
+    }
+
     /// Give the lease back without storing anything (the request failed in a way a retry may fix), so a
     /// retry can run now rather than when the lease expires. Returns whether it was still held.
     ///

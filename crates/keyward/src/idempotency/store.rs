@@ -13,12 +13,14 @@ struct Scripts {
     begin: Script,
     complete: Script,
     abandon: Script,
+    extend: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     begin: Script::new(include_str!("../backend/redis/idempotency_begin.lua")),
     complete: Script::new(include_str!("../backend/redis/idempotency_complete.lua")),
     abandon: Script::new(include_str!("../backend/redis/idempotency_abandon.lua")),
+    extend: Script::new(include_str!("../backend/redis/idempotency_extend.lua")),
 });
 
 /// What `begin` found.
@@ -144,6 +146,30 @@ pub(crate) async fn abandon(b: &Backend, key: &str, token: &str) -> Result<bool>
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval("idempotency_abandon", SCRIPTS.abandon.key(key).arg(token))
+                .await?;
+            Ok(n == 1)
+        }
+    }
+}
+
+fn holds(kv: &crate::backend::memory::kv::Kv, key: &str, token: &str) -> bool {
+    kv.get_hash(key).is_some_and(|h| {
+        h.get("s").map(|s| &s[..]) == Some(b"p")
+            && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
+    })
+}
+
+pub(crate) async fn extend(b: &Backend, key: &str, token: &str, lease_ms: i64) -> Result<bool> {
+    match b {
+        Backend::Memory(m) => Ok(m
+            .records
+            .with(|kv| holds(kv, key, token) && kv.pexpire(key, lease_ms))),
+        Backend::Redis(r) => {
+            let n: i64 = r
+                .eval(
+                    "idempotency_extend",
+                    SCRIPTS.extend.key(key).arg(token).arg(lease_ms),
+                )
                 .await?;
             Ok(n == 1)
         }
