@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -15,33 +16,6 @@ use tokio::sync::{Barrier, Notify};
 
 /// A deadline for things that must happen "soon"; generous, so a slow CI machine does not fail a test.
 const SOON: Duration = Duration::from_secs(20);
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let h = super::Harness::embedded();
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(h))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let h = super::Harness::redis();
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(h))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-    };
-}
 
 conformance!(
     hit_and_miss,

@@ -2,6 +2,7 @@
 
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -40,31 +41,6 @@ fn response() -> StoredResponse {
     StoredResponse::new(201, Bytes::from_static(b"{\"id\":1}\x00\xff binary tail"))
         .header("content-type", "application/json")
         .header("location", "/charges/1")
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::embedded()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

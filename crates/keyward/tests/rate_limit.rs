@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -65,31 +66,6 @@ async fn connect(h: &Harness, app: &str, limit: u64) -> Keyward {
             .unwrap(),
         None => Keyward::embedded(policy(app, limit)),
     }
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::embedded()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -60,31 +61,6 @@ async fn connect(h: &Harness) -> Keyward {
 fn sessions(kw: &Keyward, class: &str) -> Sessions<Cart> {
     kw.sessions(class, SessionSecrets::new(S1).unwrap())
         .unwrap()
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::embedded()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

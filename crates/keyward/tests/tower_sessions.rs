@@ -5,6 +5,7 @@
 
 #![allow(unreachable_pub)]
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,31 +70,6 @@ fn record(value: serde_json::Value, lifetime: Duration) -> Record {
         data: [("v".to_owned(), value)].into(),
         expiry_date: OffsetDateTime::now_utc() + lifetime,
     }
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(60), super::cases::$name(super::Harness::embedded()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    tokio::time::timeout(std::time::Duration::from_secs(60), super::cases::$name(super::Harness::redis()))
-                        .await
-                        .expect("test case hung");
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

@@ -159,3 +159,31 @@ pub struct Source {
     pub version: std::sync::atomic::AtomicU64,
     pub loads: AtomicUsize,
 }
+
+/// Runs each named case of the calling file's `mod cases` twice: `embedded::name` on the embedded backend and
+/// `redis::name` on a throwaway redis-server, each bounded by two minutes. The backends must agree.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::embedded()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
+    };
+}
