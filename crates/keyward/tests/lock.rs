@@ -77,6 +77,7 @@ async fn connect(h: &Harness, app: &str) -> Keyward {
 }
 
 conformance!(
+    a_lost_guard_does_not_hold_up_the_next_waiter_of_its_process,
     acquire_release_extend_and_only_the_holder_can_release,
     fences_strictly_increase_and_survive_the_counter_expiring,
     hundred_racing_tasks_never_overlap_and_all_acquire,
@@ -91,6 +92,42 @@ conformance!(
 
 mod cases {
     use super::*;
+
+    /// A guard whose lease ran out, still alive in its task, must not keep this process's next `lock()`
+    /// waiting: its turn in the per-process queue ends with the lease.
+    pub async fn a_lost_guard_does_not_hold_up_the_next_waiter_of_its_process(h: Harness) {
+        let kw = connect(&h, "lostturn").await;
+        let locks = kw.locks("job").unwrap();
+        let short = keyward::lock::LockOptions::new().ttl(Duration::from_millis(150));
+        let stale = locks.lock_with("lost", short).await.unwrap().expect("free");
+        let started = std::time::Instant::now();
+        let next = locks
+            .lock_with(
+                "lost",
+                keyward::lock::LockOptions::new().wait(Duration::from_secs(20)),
+            )
+            .await
+            .unwrap()
+            .expect("acquired once the first lease ran out");
+        assert!(stale.is_lost());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?}: the lost guard kept its turn",
+            started.elapsed()
+        );
+        assert!(next.fence() > stale.fence());
+        assert!(matches!(
+            locks
+                .lock_with(
+                    "x",
+                    keyward::lock::LockOptions::new().wait(Duration::from_secs(400 * 86_400))
+                )
+                .await,
+            Err(keyward::Error::InvalidArgument { .. })
+        ));
+        drop(stale);
+        next.release().await.unwrap();
+    }
 
     pub async fn acquire_release_extend_and_only_the_holder_can_release(h: Harness) {
         let kws = handles(&h, 2).await;

@@ -49,6 +49,9 @@ struct State {
     /// `renewed_from + ttl`: past this the lease may be gone on the server.
     deadline: Instant,
     lost: bool,
+    /// This process's turn at the lock name (see `Queues`): given up once the lease is released or lost, so
+    /// the next local waiter need not wait for the guard to be dropped.
+    baton: Option<Baton>,
 }
 
 /// What [`Locks`] hands over to build a guard.
@@ -77,6 +80,8 @@ impl Shared {
             return;
         }
         st.lost = true;
+        // The lock may already be someone else's: let this process's next waiter ask.
+        st.baton = None;
         self.lost_tx.send_replace(true);
         self.locks.class.metrics.lost.increment(1);
         tracing::warn!(
@@ -131,8 +136,6 @@ pub struct LockGuard {
     keeper: Option<AbortHandle>,
     /// Set once `release` has had its answer; until then `Drop` releases.
     released: bool,
-    /// This process's turn for the lock name: the next local waiter starts only after the release.
-    baton: Option<Baton>,
 }
 
 impl LockGuard {
@@ -152,6 +155,7 @@ impl LockGuard {
                 renewed_from: grant.sent,
                 deadline: grant.sent + grant.ttl,
                 lost: false,
+                baton: grant.baton,
             }),
             lost_tx,
             rearm: Notify::new(),
@@ -161,7 +165,6 @@ impl LockGuard {
             shared,
             keeper: Some(keeper),
             released: false,
-            baton: grant.baton,
         }
     }
 
@@ -239,7 +242,10 @@ impl LockGuard {
             keeper.abort();
         }
         let s = Arc::clone(&self.shared);
-        let released = store::release(&s.locks.kw, &s.keys, self.token()).await?;
+        let released = store::release(&s.locks.kw, &s.keys, self.token()).await;
+        // Released (or failed): this process's next waiter may ask now.
+        drop(s.state().baton.take());
+        let released = released?;
         self.released = true;
         if !released {
             s.lose("released after the lease had expired or been taken");
@@ -281,7 +287,7 @@ impl Drop for LockGuard {
         }
         let s = Arc::clone(&self.shared);
         // The next waiter of this process goes once the release has happened, not before.
-        let baton = self.baton.take();
+        let baton = self.shared.state().baton.take();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {

@@ -108,6 +108,9 @@ use crate::wake::Listener;
 /// The longest lease one acquisition or extension may ask for.
 const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest `wait` (the class's is validated to the same bound).
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The largest fencing token Lua's numbers (doubles) hold exactly. Issued tokens are µs since the epoch,
 /// about 2^51 today.
 const MAX_FENCE: u64 = (1 << 53) - 1;
@@ -337,6 +340,14 @@ impl Locks {
         let policy = &self.class.policy;
         let ttl = options.ttl.unwrap_or_else(|| policy.ttl_value());
         check_ttl(&self.class.name, ttl)?;
+        if options.wait.is_some_and(|w| w > MAX_WAIT) {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "class `{}`: a lock wait must be at most 365 days, got {:?}",
+                    self.class.name, options.wait
+                ),
+            });
+        }
         Ok(Settings {
             ttl,
             wait: options.wait.unwrap_or_else(|| policy.wait_value()),
