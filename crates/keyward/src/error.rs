@@ -140,6 +140,17 @@ pub enum Error {
         #[source]
         source: Arc<BoxError>,
     },
+    /// The embedded backend holds its capacity of sessions, locks and idempotency records. They are never
+    /// evicted to make room (a lock or a session that silently vanished would break its guarantee), so the
+    /// operation that would add one is refused until entries expire or are removed.
+    #[error(
+        "the embedded store is full ({capacity} live entries); sessions, locks and idempotency records are never \
+         evicted: raise MemoryOptions::capacity or wait for entries to expire"
+    )]
+    StoreFull {
+        /// The store's capacity (`MemoryOptions::capacity`).
+        capacity: usize,
+    },
     /// An argument cannot be used (e.g. a rate-limit cost larger than the limit's capacity).
     #[error("invalid argument: {what}")]
     InvalidArgument {
@@ -161,7 +172,10 @@ impl Error {
     /// Whether trying the same operation again may succeed (connection trouble, timeouts).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout { .. } | Error::LoaderTimeout { .. } => true,
+            Error::Connect { .. }
+            | Error::Timeout { .. }
+            | Error::LoaderTimeout { .. }
+            | Error::StoreFull { .. } => true,
             Error::Redis { source, .. } => {
                 source.is_io_error() || source.is_connection_dropped() || source.is_timeout()
             }
@@ -174,7 +188,10 @@ impl Error {
     pub fn is_backend(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::Timeout { .. } | Error::Redis { .. }
+            Error::Connect { .. }
+                | Error::Timeout { .. }
+                | Error::Redis { .. }
+                | Error::StoreFull { .. }
         )
     }
 }

@@ -302,3 +302,39 @@ mod cases {
         }
     }
 }
+
+/// The embedded store never evicts a lock, a session or an in-progress marker to make room: a flood of new
+/// idempotency keys past its capacity is refused with a typed error, and the lock held before stays held.
+#[tokio::test]
+async fn a_full_embedded_store_refuses_rather_than_evicting() {
+    let policy = Policy::builder("test", "full")
+        .idempotency("charge", IdempotencyClass::new())
+        .lock(
+            "job",
+            keyward::policy::LockClass::new(Duration::from_secs(30)),
+        )
+        .build()
+        .unwrap();
+    let kw = Keyward::embedded_with(policy, keyward::MemoryOptions::default().capacity(10));
+    let locks = kw.locks("job").unwrap();
+    let held = locks.try_lock("nightly").await.unwrap().expect("free");
+    let idem = kw.idempotency("charge").unwrap();
+    let mut refused = 0;
+    for i in 0..20 {
+        match idem.begin(&("flood", i), &fingerprint(&[b"x"])).await {
+            Ok(Begin::New(_)) => {}
+            Err(Error::StoreFull { capacity: 10 }) => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused >= 10, "{refused} refused");
+    assert!(
+        matches!(
+            locks.try_lock("nightly").await,
+            Ok(None) | Err(Error::StoreFull { .. })
+        ),
+        "the held lock was not evicted"
+    );
+    assert!(Error::StoreFull { capacity: 10 }.is_backend());
+    drop(held);
+}

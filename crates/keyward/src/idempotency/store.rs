@@ -40,7 +40,7 @@ pub(crate) async fn begin(
     lease_ms: i64,
 ) -> Result<Began> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.records.with_room(|kv| {
             let Some(h) = kv.get_hash(key) else {
                 kv.hset(
                     key,
@@ -61,7 +61,7 @@ pub(crate) async fn begin(
                 return Began::InProgress(kv.pttl(key));
             }
             Began::Completed(h.get("r").cloned().unwrap_or_default())
-        })),
+        }),
         Backend::Redis(r) => {
             let mut reply: Vec<Value> = r
                 .eval(

@@ -89,7 +89,7 @@ pub(super) async fn acquire(
 ) -> Result<Attempt> {
     let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
     match &kw.inner.backend {
-        Backend::Memory(m) => Ok(m.records.with(|kv: &mut Kv| {
+        Backend::Memory(m) => m.records.with_room(|kv: &mut Kv| {
             let left = kv.pttl(&keys.lock);
             if left != -2 {
                 return Attempt::Held(pttl(left));
@@ -100,7 +100,7 @@ pub(super) async fn acquire(
             kv.set(&keys.fence, string(fence), fence_ttl_ms);
             kv.set(&keys.lock, string(token), ttl_ms);
             Attempt::Acquired(u64::try_from(fence).unwrap_or(0))
-        })),
+        }),
         Backend::Redis(r) => {
             const OP: &str = "lock_acquire";
             let reply: Vec<i64> = r
@@ -195,7 +195,7 @@ pub(super) async fn fenced_write(
     let fence_ttl_ms = millis(fence_ttl);
     let fence_i = i64::try_from(fence).unwrap_or(i64::MAX);
     match &kw.inner.backend {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.records.with_room(|kv| {
             let written = number(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
             let highest = written.max(number(kv.get_str(&keys.fence)));
             if fence_i < highest {
@@ -211,7 +211,7 @@ pub(super) async fn fenced_write(
             kv.pexpire(&keys.value, fence_ttl_ms);
             kv.pexpire(&keys.fence, fence_ttl_ms);
             FencedWrite::Applied
-        })),
+        }),
         Backend::Redis(r) => {
             const OP: &str = "lock_fenced_write";
             let reply: Vec<i64> = r

@@ -142,7 +142,7 @@ pub(crate) async fn create(
     t: Timeouts,
 ) -> Result<Option<(i64, i64)>> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.records.with_room(|kv| {
             let now = kv.now_ms();
             if kv.exists(key) {
                 return None;
@@ -168,7 +168,7 @@ pub(crate) async fn create(
             let _ = zadd(kv, index, key, exp);
             index_trim(kv, index);
             Some((now, exp))
-        })),
+        }),
         Backend::Redis(r) => {
             let reply: Vec<i64> = r
                 .eval(

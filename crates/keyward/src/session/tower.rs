@@ -229,13 +229,13 @@ impl KeywardSessionStore {
     /// Store under `keys[0]` unless the id exists under any key.
     async fn put_new(&self, keys: &[String], value: &[u8], ttl_ms: i64) -> Result<bool> {
         match self.backend() {
-            Backend::Memory(m) => Ok(m.records.with(|kv| {
+            Backend::Memory(m) => m.records.with_room(|kv| {
                 if keys.iter().any(|k| kv.exists(k)) {
                     return false;
                 }
                 kv.set(&keys[0], Val::Str(Bytes::copy_from_slice(value)), ttl_ms);
                 true
-            })),
+            }),
             Backend::Redis(r) => {
                 let mut inv = SCRIPTS.create.prepare_invoke();
                 for k in keys {

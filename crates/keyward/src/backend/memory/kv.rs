@@ -5,6 +5,9 @@
 //! ([`Records::with`]), so the atomicity of a script is the atomicity of the critical section, and the code
 //! reads like the script it mirrors. Time is the store's [`Clock`] (Unix time advanced by tokio's pausable
 //! clock), in milliseconds like Redis's `TIME`-derived values in the scripts.
+//!
+//! Unlike the cache's store it never evicts (Redis's `noeviction`): past its capacity, operations that would
+//! add keys fail with [`Error::StoreFull`](crate::Error::StoreFull) until entries expire or are removed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -13,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::backend::KeyTtl;
+use crate::error::{Error, Result};
 use crate::key::glob_match;
 use crate::rate_limit::local::Clock;
 
@@ -99,18 +103,10 @@ impl Kv {
     /// `SET key val PX ttl_ms` (any type): replaces the value and its expiry.
     pub(crate) fn set(&mut self, key: &str, val: Val, ttl_ms: i64) {
         let expires_ms = self.now_ms.saturating_add(ttl_ms.max(1));
+        // Never evicts: a lock, a session or an in-progress marker that silently vanished would break the
+        // guarantee it exists for. Operations that add keys check for room first (`Records::with_room`).
         if let Some(old) = self.items.remove(key) {
             self.by_expiry.remove(&(old.expires_ms, key.to_owned()));
-        } else if self.items.len() >= self.capacity {
-            self.purge();
-            while self.items.len() >= self.capacity {
-                // Past capacity the key closest to expiry goes first (Redis's volatile-ttl).
-                let Some((_, victim)) = self.by_expiry.pop_first() else {
-                    break;
-                };
-                self.items.remove(&victim);
-                metrics::counter!("keyward_memory_evictions_total").increment(1);
-            }
         }
         self.by_expiry.insert((expires_ms, key.to_owned()));
         self.items.insert(key.to_owned(), Item { val, expires_ms });
@@ -211,6 +207,20 @@ impl Records {
         f(&mut kv)
     }
 
+    /// [`with`](Self::with) for an operation that may add up to two keys: refused with
+    /// [`Error::StoreFull`] when the store holds its capacity of live keys, rather than evicting one.
+    pub(crate) fn with_room<T>(&self, f: impl FnOnce(&mut Kv) -> T) -> Result<T> {
+        self.with(|kv| {
+            if kv.items.len() + 2 > kv.capacity {
+                metrics::counter!("keyward_memory_full_total").increment(1);
+                return Err(Error::StoreFull {
+                    capacity: kv.capacity,
+                });
+            }
+            Ok(f(kv))
+        })
+    }
+
     /// The store's clock in µs (for values that must be µs, such as fencing tokens).
     pub(crate) fn now_us(&self) -> i64 {
         self.clock.now_us()
@@ -248,19 +258,20 @@ mod tests {
             assert!(kv.rename("a", "c"));
             assert!(!kv.exists("a"));
             assert_eq!(kv.pttl("c"), 1000);
-            kv.set("d", Val::Str(Bytes::from_static(b"3")), 9000);
-            assert!(
-                !kv.exists("c"),
-                "the key closest to expiry is evicted past capacity"
-            );
         });
         tokio::time::advance(Duration::from_millis(5000)).await;
         r.with(|kv| {
             assert!(!kv.exists("b"));
             assert_eq!(kv.pttl("b"), -2);
-            assert!(kv.exists("d"));
             assert!(!kv.pexpire("b", 10));
         });
+        assert_eq!(r.scan("*").len(), 0);
+        // Full (capacity 2): an operation that adds keys is refused; nothing is evicted.
+        r.with(|kv| kv.set("e", Val::Str(Bytes::from_static(b"1")), 60_000));
+        assert!(matches!(
+            r.with_room(|_| ()),
+            Err(Error::StoreFull { capacity: 2 })
+        ));
         assert_eq!(r.scan("*").len(), 1);
     }
 }
