@@ -96,23 +96,41 @@ impl HttpBody for Resumed {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.rest.size_hint();
+        let hint = self.rest.size_hint();
         let head = self.prefix.as_ref().map_or(0, |p| p.len() as u64)
             + match &self.pending {
                 Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
                 _ => 0,
             };
-        hint.set_lower(hint.lower().saturating_add(head));
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper.saturating_add(head));
+        // Build the new hint from both bounds: raising the lower bound first would trip `SizeHint`'s
+        // `lower <= upper` assertion when the rest of the body reports an exact size.
+        let lower = hint.lower().saturating_add(head);
+        let upper = hint.upper().map(|u| u.saturating_add(head));
+        let mut out = SizeHint::new();
+        if let Some(upper) = upper {
+            out.set_upper(upper);
         }
-        hint
+        out.set_lower(lower);
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rest of a body reporting an exact size (e.g. a length-delimited upstream body) must not make the
+    /// resumed body's size hint panic.
+    #[test]
+    fn size_hint_of_an_exact_rest_does_not_panic() {
+        let resumed = Resumed {
+            prefix: Some(Bytes::from_static(b"head")),
+            pending: None,
+            rest: Body::new(http_body_util::Full::new(Bytes::from_static(b"tail!"))),
+        };
+        let hint = resumed.size_hint();
+        assert_eq!(hint.exact(), Some(9));
+    }
 
     /// A body in the given chunks, with no length hint.
     struct Chunks(std::collections::VecDeque<Bytes>);
