@@ -198,6 +198,23 @@ mod cases {
             !idem.extend(&lease).await.unwrap(),
             "a completed lease holds nothing"
         );
+        // The same from a background task: `keep_alive` renews until dropped.
+        let Begin::New(lease) = idem.begin("kept", &fp).await.unwrap() else {
+            panic!()
+        };
+        let keep = idem.keep_alive(&lease);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(matches!(
+            idem.begin("kept", &fp).await.unwrap(),
+            Begin::InProgress { .. }
+        ));
+        assert!(!keep.is_lost());
+        drop(keep);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(
+            matches!(idem.begin("kept", &fp).await.unwrap(), Begin::New(_)),
+            "renewals stopped with the guard"
+        );
         // Without the heartbeat the lease runs out and a retry runs.
         let Begin::New(dead) = idem.begin("slow2", &fp).await.unwrap() else {
             panic!()

@@ -22,7 +22,6 @@ mod problem;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -516,33 +515,11 @@ where
         idempotency: idem.clone(),
         lease: Some(lease),
     };
-    // While the handler runs, a heartbeat every third of the lease keeps the key ours: the class `lease` only
-    // decides how soon a retry may run after this process died, not how long a request may take.
-    let call = inner.call(request);
-    // Into a `Response` inside the future, so the handler's own response type is never held across an await.
-    let call = async move { call.await.map(IntoResponse::into_response) };
-    tokio::pin!(call);
-    let beat = (idem.settings().lease_value() / 3).max(Duration::from_millis(5));
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let response = loop {
-        tokio::select! {
-            biased;
-            result = &mut call => break result?,
-            _ = heartbeat.tick() => {
-                if let Some(lease) = guard.lease.as_ref() {
-                    match idem.extend(lease).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::warn!(
-                            class = idem.class(),
-                            "keyward-axum: an idempotency lease was lost while its request ran; a retry may run concurrently"
-                        ),
-                        Err(error) => tracing::warn!(%error, class = idem.class(), "keyward-axum: cannot extend an idempotency lease"),
-                    }
-                }
-            }
-        }
-    };
+    // Until its outcome is settled, a heartbeat every third of the lease keeps the key ours (in a task of
+    // its own, so the handler is never paused for it): the class `lease` only decides how soon a retry may run
+    // after this process died, not how long a request, its body and the store call may take.
+    let _heartbeat = guard.lease.as_ref().map(|lease| idem.keep_alive(lease));
+    let response = inner.call(request).await?.into_response();
     let status = response.status();
     if status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT

@@ -190,6 +190,28 @@ pub enum Begin {
     Mismatch,
 }
 
+/// Renews a lease in the background while it lives: see [`Idempotency::keep_alive`]. Dropping it stops the
+/// renewals.
+#[must_use = "the renewals stop when this is dropped"]
+#[derive(Debug)]
+pub struct KeepAlive {
+    task: tokio::task::AbortHandle,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeepAlive {
+    /// Whether a renewal found the lease gone (it had expired; a retry may have taken over).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What [`Idempotency::complete`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
@@ -356,6 +378,45 @@ impl Idempotency {
     pub async fn extend(&self, lease: &Lease) -> Result<bool> {
         let ms = ms(self.inner.settings.lease_value());
         store::extend(&self.kw.inner.backend, &lease.key, &lease.token, ms).await
+    }
+
+    /// Renew `lease` every third of the class's `lease` in a background task until the returned guard is
+    /// dropped (keep it alive until after [`complete`](Self::complete) or [`abandon`](Self::abandon)).
+    /// Renewal failures are logged and retried; a renewal that finds the lease gone marks the guard
+    /// [`is_lost`](KeepAlive::is_lost) and stops. Needs a tokio runtime.
+    pub fn keep_alive(&self, lease: &Lease) -> KeepAlive {
+        let every = (self.inner.settings.lease_value() / 3).max(Duration::from_millis(5));
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (idem, key, token, flag) = (
+            self.clone(),
+            lease.key.clone(),
+            lease.token.clone(),
+            Arc::clone(&lost),
+        );
+        let task = tokio::spawn(async move {
+            let ms = ms(idem.inner.settings.lease_value());
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                match store::extend(&idem.kw.inner.backend, &key, &token, ms).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        idem.count("lease_lost");
+                        tracing::warn!(class = %idem.inner.class, "an idempotency lease was lost while its request ran; a retry may run concurrently");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(class = %idem.inner.class, %error, "cannot renew an idempotency lease; retrying");
+                    }
+                }
+            }
+        });
+        KeepAlive {
+            task: task.abort_handle(),
+            lost,
+        }
     }
 
     /// Give the lease back without storing anything (the request failed in a way a retry may fix), so a
