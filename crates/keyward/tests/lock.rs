@@ -436,12 +436,17 @@ mod cases {
             g.extend(Duration::ZERO).await,
             Err(Error::InvalidArgument { .. })
         ));
-        for fence in [0, 1 << 60] {
+        // 0, beyond 2^53, and a fence far above any issued (it would block real writers for fence_ttl).
+        for fence in [0, 1 << 60, g.fence() + 3_600_000_000] {
             assert!(matches!(
                 locks.fenced_write("x", fence, b"v").await,
                 Err(Error::InvalidArgument { .. })
             ));
         }
+        assert!(
+            g.fenced_write(b"v").await.unwrap().is_applied(),
+            "a bogus fence blocked nobody"
+        );
         assert!(matches!(
             locks.try_lock(&Vec::<String>::new()).await,
             Err(Error::Key(_))

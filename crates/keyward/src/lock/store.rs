@@ -196,12 +196,16 @@ pub(super) async fn fenced_write(
     let fence_i = i64::try_from(fence).unwrap_or(i64::MAX);
     match &kw.inner.backend {
         Backend::Memory(m) => m.records.with_room(|kv| {
+            let now_us = kv.now_ms().saturating_mul(1000).saturating_add(999);
+            if fence_i > number(kv.get_str(&keys.fence)).max(now_us) {
+                return Err(never_issued(keys, fence));
+            }
             let written = number(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
             let highest = written.max(number(kv.get_str(&keys.fence)));
             if fence_i < highest {
-                return FencedWrite::Stale {
+                return Ok(FencedWrite::Stale {
                     highest: highest.unsigned_abs(),
-                };
+                });
             }
             let fields = [
                 ("t", Bytes::from(fence.to_string())),
@@ -209,9 +213,11 @@ pub(super) async fn fenced_write(
             ];
             kv.hset(&keys.value, &fields, fence_ttl_ms);
             kv.pexpire(&keys.value, fence_ttl_ms);
-            kv.pexpire(&keys.fence, fence_ttl_ms);
-            FencedWrite::Applied
-        }),
+            if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
+                kv.pexpire(&keys.fence, fence_ttl_ms);
+            }
+            Ok(FencedWrite::Applied)
+        })?,
         Backend::Redis(r) => {
             const OP: &str = "lock_fenced_write";
             let reply: Vec<i64> = r
@@ -231,9 +237,19 @@ pub(super) async fn fenced_write(
                 [0, highest] => Ok(FencedWrite::Stale {
                     highest: highest.unsigned_abs(),
                 }),
+                [2] => Err(never_issued(keys, fence)),
                 other => Err(r.protocol_err(OP, &format!("{other:?}"))),
             }
         }
+    }
+}
+
+fn never_issued(keys: &LockKeys, fence: u64) -> crate::error::Error {
+    crate::error::Error::InvalidArgument {
+        what: format!(
+            "fencing token {fence} was never issued for lock `{}`",
+            keys.lock
+        ),
     }
 }
 

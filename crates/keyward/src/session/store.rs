@@ -324,7 +324,10 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
                 let pttl = kv.pttl(s);
                 kv.rename(s, new);
                 zrem(kv, &idx, s);
-                let _ = zadd(kv, &idx, new, now + pttl);
+                let created = zadd(kv, &idx, new, now + pttl);
+                if created || kv.pttl(&idx) < pttl {
+                    kv.pexpire(&idx, pttl);
+                }
                 return Regenerated::Moved;
             }
             Regenerated::Missing

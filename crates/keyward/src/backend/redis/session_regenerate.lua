@@ -16,6 +16,10 @@ for k = 1, n - 1 do
     redis.call('RENAME', s, new)
     redis.call('ZREM', idx, s)
     redis.call('ZADD', idx, string.format('%d', now + pttl), new)
+    -- The index outlives its members (ZADD on a missing index creates it without a TTL).
+    if redis.call('PTTL', idx) < pttl then
+      redis.call('PEXPIRE', idx, pttl)
+    end
     return {1}
   end
 end
