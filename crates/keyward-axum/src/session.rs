@@ -404,6 +404,14 @@ impl<T, C> CurrentSession<T, C> {
         state.loaded = None;
         state.cookie = CookieChange::Clear;
     }
+
+    /// Forget a session found to have ended, leaving the cookie alone: it names nothing, and clearing it
+    /// could undo a newer cookie that a concurrent request (a `regenerate`, a login) has just set.
+    fn forget_quietly(&self) {
+        let mut state = self.state();
+        state.token = None;
+        state.loaded = None;
+    }
 }
 
 impl<T, C> CurrentSession<T, C>
@@ -456,7 +464,8 @@ where
     /// [`reload`](Self::reload)) if nobody saved it since it was read; see [`Sessions::save`]. On
     /// [`Saved::Saved`], [`get`](Self::get) returns the saved session. On [`Saved::Conflict`], call
     /// [`reload`](Self::reload), re-apply the change and save again. On [`Saved::Gone`] the request's session
-    /// is forgotten and the cookie cleared.
+    /// is forgotten; the cookie is left alone (it names no session, and clearing it could undo a newer cookie
+    /// that a concurrent request has just set).
     ///
     /// # Errors
     /// As [`Sessions::save`].
@@ -476,15 +485,15 @@ where
         if is_current {
             match saved {
                 Saved::Saved => self.state().loaded = Some(session.clone()),
-                Saved::Gone => self.forget(),
+                Saved::Gone => self.forget_quietly(),
                 _ => {}
             }
         }
         Ok(saved)
     }
 
-    /// Read the request's session from the store again (after a [`Saved::Conflict`]). `None`, with the
-    /// cookie cleared, if it has ended.
+    /// Read the request's session from the store again (after a [`Saved::Conflict`]). `None` if it has
+    /// ended (the cookie is left alone, as for [`Saved::Gone`]).
     ///
     /// # Errors
     /// As [`Sessions::get`].
@@ -501,7 +510,7 @@ where
             .map_err(|e| SessionError::new(e, "load"))?;
         match &loaded {
             Some(session) => self.state().loaded = Some(session.clone()),
-            None => self.forget(),
+            None => self.forget_quietly(),
         }
         Ok(loaded)
     }
