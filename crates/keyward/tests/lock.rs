@@ -77,6 +77,7 @@ async fn connect(h: &Harness, app: &str) -> Keyward {
 }
 
 conformance!(
+    a_held_lock_keeps_its_fencing_counter_alive,
     a_lost_guard_does_not_hold_up_the_next_waiter_of_its_process,
     acquire_release_extend_and_only_the_holder_can_release,
     fences_strictly_increase_and_survive_the_counter_expiring,
@@ -92,6 +93,26 @@ conformance!(
 
 mod cases {
     use super::*;
+
+    /// `fencey` keeps its counter 100 ms after last use; a watchdog-renewed 50 ms lease held for 600 ms must
+    /// keep the counter (renewals refresh it), so fencing never relies on the clock floor while held.
+    pub async fn a_held_lock_keeps_its_fencing_counter_alive(h: Harness) {
+        let kw = connect(&h, "fencealive").await;
+        let locks = kw.locks("fencey").unwrap();
+        let guard = locks
+            .lock_with("long", keyward::lock::LockOptions::new().watchdog(true))
+            .await
+            .unwrap()
+            .expect("free");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!guard.is_lost());
+        let keys = kw.scan_namespace().await.unwrap();
+        assert!(
+            keys.iter().any(|k| k.key.ends_with("{long}:f")),
+            "the fencing counter expired while its lock was held: {keys:?}"
+        );
+        assert!(guard.release().await.unwrap());
+    }
 
     /// A guard whose lease ran out, still alive in its task, must not keep this process's next `lock()`
     /// waiting: its turn in the per-process queue ends with the lease.

@@ -223,7 +223,16 @@ impl LockGuard {
         }
         let sent = Instant::now();
         let s = &self.shared;
-        if !store::extend(&s.locks.kw, &s.keys, self.token(), ttl).await? {
+        if !store::extend(
+            &s.locks.kw,
+            &s.keys,
+            self.token(),
+            ttl,
+            s.fence,
+            s.fence_ttl,
+        )
+        .await?
+        {
             s.lose("extend refused: the lease had expired or been taken");
             return Ok(false);
         }
@@ -353,7 +362,7 @@ async fn keep(s: Arc<Shared>) {
         // The watchdog is due to renew (without it, `due` is the deadline, handled at the top).
         let sent = Instant::now();
         tokio::select! {
-            r = store::extend(&s.locks.kw, &s.keys, &s.token, ttl) => match r {
+            r = store::extend(&s.locks.kw, &s.keys, &s.token, ttl, s.fence, s.fence_ttl) => match r {
                 Ok(true) => {
                     retry_at = None;
                     if !s.renewed(sent, ttl) {

@@ -162,21 +162,39 @@ pub(super) async fn extend(
     keys: &LockKeys,
     token: &str,
     ttl: Duration,
+    fence: u64,
+    fence_ttl: Duration,
 ) -> Result<bool> {
-    let ttl_ms = millis(ttl);
+    let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
     match &kw.inner.backend {
         Backend::Memory(m) => Ok(m.records.with(|kv| {
             if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
                 return false;
             }
             kv.pexpire(&keys.lock, ttl_ms);
+            if !kv.exists(&keys.fence) {
+                kv.set(
+                    &keys.fence,
+                    Val::Str(Bytes::from(fence.to_string())),
+                    fence_ttl_ms,
+                );
+            } else if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
+                kv.pexpire(&keys.fence, fence_ttl_ms);
+            }
             true
         })),
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval(
                     "lock_extend",
-                    SCRIPTS.extend.key(&keys.lock).arg(token).arg(ttl_ms),
+                    SCRIPTS
+                        .extend
+                        .key(&keys.lock)
+                        .key(&keys.fence)
+                        .arg(token)
+                        .arg(ttl_ms)
+                        .arg(fence_ttl_ms)
+                        .arg(fence),
                 )
                 .await?;
             Ok(n == 1)
