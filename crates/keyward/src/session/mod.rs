@@ -459,14 +459,26 @@ where
 
     /// The keys `token` may live under: one per secret, current first. Empty for a malformed token.
     fn candidate_keys(&self, token: &str) -> Result<Vec<String>> {
+        Ok(self
+            .candidates(token)?
+            .into_iter()
+            .map(|(_, key)| key)
+            .collect())
+    }
+
+    /// The ids and keys `token` may live under: one per secret, current first. Empty for a malformed token.
+    fn candidates(&self, token: &str) -> Result<Vec<(SessionId, String)>> {
         if !is_well_formed(token) {
             return Ok(Vec::new());
         }
         self.inner
             .secrets
             .ids(token)
-            .iter()
-            .map(|id| self.session_key(id))
+            .into_iter()
+            .map(|id| {
+                let key = self.session_key(&id)?;
+                Ok((id, key))
+            })
             .collect()
     }
 
@@ -553,10 +565,11 @@ where
     /// # Errors
     /// [`Error::Decode`] if the stored data is not a valid `T` (it is left in place), and backend failures.
     pub async fn get(&self, token: &str) -> Result<Option<Session<T>>> {
-        let keys = self.candidate_keys(token)?;
-        if keys.is_empty() {
+        let mut candidates = self.candidates(token)?;
+        if candidates.is_empty() {
             return Ok(None);
         }
+        let keys: Vec<String> = candidates.iter().map(|(_, key)| key.clone()).collect();
         let Some(found) = store::get(&self.kw.inner.backend, &keys, self.inner.timeouts).await?
         else {
             metrics::counter!("keyward_session_misses_total", "class" => self.inner.class.clone())
@@ -569,19 +582,12 @@ where
             class: self.inner.class.clone(),
             source: Arc::new(e),
         })?;
-        let key = keys
-            .into_iter()
-            .nth(found.which)
-            .ok_or_else(|| Error::InvalidArgument {
+        if found.which >= candidates.len() {
+            return Err(Error::InvalidArgument {
                 what: "the store named a key that was not asked for".into(),
-            })?;
-        let id = self
-            .inner
-            .secrets
-            .ids(token)
-            .into_iter()
-            .nth(found.which)
-            .unwrap_or_else(|| SessionId(String::new()));
+            });
+        }
+        let (id, key) = candidates.swap_remove(found.which);
         Ok(Some(Session {
             data,
             id,
