@@ -96,6 +96,15 @@ fn spawn_child_in(
     (child, out)
 }
 
+/// `n` children running `test`, each past its setup (it printed `READY`) and waiting for `GO`.
+fn spawn_ready(n: usize, test: &str, url: &str, app: &str) -> Vec<(Child, BufReader<ChildStdout>)> {
+    let mut children: Vec<_> = (0..n).map(|_| spawn_child(test, url, app)).collect();
+    for (_, out) in &mut children {
+        expect_line(out, "READY");
+    }
+    children
+}
+
 /// Read lines until one contains `prefix` (the harness prints `test name ... ` before a child's first line);
 /// returns the text from `prefix` on. Panics if the child closes stdout first.
 fn expect_line(out: &mut BufReader<ChildStdout>, prefix: &str) -> String {
@@ -129,12 +138,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn stampede_across_4_processes_loads_once() {
     let server = RedisServer::spawn();
     let app = format!("mp{}", std::process::id());
-    let mut children: Vec<_> = (0..4)
-        .map(|_| spawn_child("child_stampede", &server.url(), &app))
-        .collect();
-    for (_, out) in &mut children {
-        expect_line(out, "READY");
-    }
+    let mut children = spawn_ready(4, "child_stampede", &server.url(), &app);
     for (child, _) in &mut children {
         child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
     }
@@ -248,12 +252,7 @@ fn child_hold_lease() {
 fn rate_limit_exact_across_4_processes() {
     let server = RedisServer::spawn();
     let app = format!("rl{}", std::process::id());
-    let mut children: Vec<_> = (0..4)
-        .map(|_| spawn_child("child_rate_limit", &server.url(), &app))
-        .collect();
-    for (_, out) in &mut children {
-        expect_line(out, "READY");
-    }
+    let mut children = spawn_ready(4, "child_rate_limit", &server.url(), &app);
     for (child, _) in &mut children {
         child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
     }
@@ -423,12 +422,7 @@ const LOCK_ROUNDS: usize = 10;
 fn lock_exclusive_across_4_processes() {
     let server = RedisServer::spawn();
     let app = format!("lk{}", std::process::id());
-    let mut children: Vec<_> = (0..4)
-        .map(|_| spawn_child("child_lock", &server.url(), &app))
-        .collect();
-    for (_, out) in &mut children {
-        expect_line(out, "READY");
-    }
+    let mut children = spawn_ready(4, "child_lock", &server.url(), &app);
     for (child, _) in &mut children {
         child.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
     }
@@ -641,12 +635,7 @@ fn idempotency_and_session_saves_across_4_processes() {
         let (token, _) = sessions.create("shared", &Vec::new()).await.unwrap();
         token
     });
-    let mut children: Vec<_> = (0..4)
-        .map(|_| spawn_child("child_idempotency_and_session", &server.url(), &app))
-        .collect();
-    for (_, out) in &mut children {
-        expect_line(out, "READY");
-    }
+    let mut children = spawn_ready(4, "child_idempotency_and_session", &server.url(), &app);
     for (i, (child, _)) in children.iter_mut().enumerate() {
         writeln!(child.stdin.as_mut().unwrap(), "GO {i} {}", token.as_str()).unwrap();
     }
