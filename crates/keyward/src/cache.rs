@@ -257,6 +257,7 @@ where
         if payload.len() > max {
             return Err(Error::ValueTooLarge {
                 class: self.class.name.clone(),
+                field: "max_value_bytes",
                 size: payload.len(),
                 max,
             });

@@ -95,10 +95,12 @@ pub enum Error {
         source: Arc<BoxError>,
     },
     /// A value is larger than the class allows.
-    #[error("class `{class}`: value of {size} bytes exceeds max_value_bytes = {max}")]
+    #[error("class `{class}`: value of {size} bytes exceeds {field} = {max}")]
     ValueTooLarge {
         /// The class.
         class: String,
+        /// The class's field that sets the limit (`max_value_bytes`, `max_data_bytes`, `max_response_bytes`).
+        field: &'static str,
         /// The encoded size.
         size: usize,
         /// The class limit.

@@ -136,6 +136,7 @@ const CACHE_FIELDS: &[&str] = &[
     "allow_shared",
     "lease_ttl",
     "loader_timeout",
+    "on_error",
 ];
 
 /// Class kinds known to this version of keyward, as written in TOML.
@@ -311,12 +312,36 @@ pub struct CacheClass {
     allow_shared: bool,
     lease_ttl: Duration,
     loader_timeout: Duration,
+    on_error: CacheOnError,
+}
+
+/// What a cache class does when the store (Redis) fails or its circuit breaker is open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheOnError {
+    /// Serve from the source: the loader is called directly (concurrent callers in one process still share
+    /// one load), nothing is written, and `keyward_cache_fail_open_total` counts it. `get` reads as a miss,
+    /// `set` and invalidations return the error (a write that did not happen must not look done).
+    #[default]
+    FailOpen,
+    /// Return the store's error to the caller.
+    Error,
+}
+
+impl CacheOnError {
+    /// The name used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOnError::FailOpen => "fail_open",
+            CacheOnError::Error => "error",
+        }
+    }
 }
 
 impl CacheClass {
     /// A cache class with the two required fields, `ttl` and `invalidation` (who invalidates this class, in
     /// one sentence), and every other field at its default: jitter 10%, version 1, no negative caching,
-    /// 1 MiB values, not personal, not shared, lease 10s, loader timeout 5s.
+    /// 1 MiB values, not personal, not shared, lease 10s, loader timeout 5s, `on_error` fail open.
     pub fn new(ttl: Duration, invalidation: impl Into<String>) -> Self {
         CacheClass {
             ttl,
@@ -329,7 +354,20 @@ impl CacheClass {
             allow_shared: false,
             lease_ttl: DEFAULT_LEASE_TTL,
             loader_timeout: DEFAULT_LOADER_TIMEOUT,
+            on_error: CacheOnError::FailOpen,
         }
+    }
+
+    /// Sets what happens when the store fails (default [`CacheOnError::FailOpen`]).
+    #[must_use]
+    pub fn on_error(mut self, on_error: CacheOnError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+
+    /// What happens when the store fails.
+    pub fn on_error_value(&self) -> CacheOnError {
+        self.on_error
     }
 
     /// Sets the jitter added on top of the TTL (default 10%).
@@ -1167,6 +1205,18 @@ fn parse_cache(mut f: ClassFields<'_>) -> Result<CacheClass, PolicyError> {
     }
     if let Some(d) = f.duration("loader_timeout")? {
         class.loader_timeout = d;
+    }
+    if let Some(text) = f.string("on_error")? {
+        class.on_error = match text.as_str() {
+            "fail_open" => CacheOnError::FailOpen,
+            "error" => CacheOnError::Error,
+            other => {
+                return Err(f.error(
+                    "on_error",
+                    format!("unknown value \"{other}\"; expected \"fail_open\" or \"error\""),
+                ));
+            }
+        };
     }
     Ok(class)
 }

@@ -659,8 +659,14 @@ mod cases {
         let small = kw.cache::<String>("small").unwrap();
         let err = small.set("k", &"x".repeat(100)).await.unwrap_err();
         match &err {
-            Error::ValueTooLarge { class, size, max } => {
+            Error::ValueTooLarge {
+                class,
+                field,
+                size,
+                max,
+            } => {
                 assert_eq!(class, "small");
+                assert_eq!(*field, "max_value_bytes");
                 assert_eq!(*size, 102);
                 assert_eq!(*max, 64);
             }

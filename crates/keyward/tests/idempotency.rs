@@ -289,7 +289,11 @@ mod cases {
         let big = StoredResponse::new(200, vec![b'x'; 100]);
         assert!(matches!(
             small.complete(&lease, &big).await,
-            Err(Error::ValueTooLarge { max: 64, .. })
+            Err(Error::ValueTooLarge {
+                field: "max_response_bytes",
+                max: 64,
+                ..
+            })
         ));
         assert!(matches!(small.begin("", &fp).await, Err(Error::Key(_))));
         // A stored record that is not a response: a typed decode error, not a panic.

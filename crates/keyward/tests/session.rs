@@ -427,7 +427,11 @@ mod cases {
                 }
             )
             .await,
-            Err(Error::ValueTooLarge { max: 32, .. })
+            Err(Error::ValueTooLarge {
+                field: "max_data_bytes",
+                max: 32,
+                ..
+            })
         ));
         // Data written as one type and read as another: a typed error, and the data stays.
         let (t, _) = s.create("dec", &Cart { items: vec![1] }).await.unwrap();

@@ -350,6 +350,7 @@ impl Idempotency {
         if response.encoded_len() > max {
             return Err(Error::ValueTooLarge {
                 class: self.inner.class.clone(),
+                field: "max_response_bytes",
                 size: response.encoded_len(),
                 max,
             });

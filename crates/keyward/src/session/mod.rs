@@ -491,6 +491,7 @@ where
         if bytes.len() > max {
             return Err(Error::ValueTooLarge {
                 class: self.inner.class.clone(),
+                field: "max_data_bytes",
                 size: bytes.len(),
                 max,
             });
