@@ -28,7 +28,7 @@ use crate::envelope::{self, Body, Gens};
 use crate::error::{BoxError, Error, Result};
 use crate::flight::{self, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
-use crate::policy::CacheClass;
+use crate::policy::{CacheClass, CacheOnError};
 use crate::wake::Listener;
 
 /// Undecodable values healed in a row before a fetch gives up on the stored entry and loads uncached.
@@ -45,6 +45,7 @@ pub(crate) struct CacheMetrics {
     lease_waits: Counter,
     fills_refused: Counter,
     decode_errors: Counter,
+    fail_open: Counter,
     loader_seconds: Histogram,
 }
 
@@ -61,6 +62,7 @@ impl CacheMetrics {
             lease_waits: c("keyward_cache_lease_waits_total"),
             fills_refused: c("keyward_cache_fills_refused_total"),
             decode_errors: c("keyward_cache_decode_errors_total"),
+            fail_open: c("keyward_cache_fail_open_total"),
             loader_seconds: metrics::histogram!("keyward_cache_loader_seconds", "class" => class.to_owned()),
         }
     }
@@ -248,6 +250,19 @@ where
         Ok(())
     }
 
+    /// Whether `err` is the store being unavailable and this class fails open; counts and logs it if so.
+    fn fails_open(&self, err: &Error) -> bool {
+        if self.class.policy.on_error_value() != CacheOnError::FailOpen || !err.is_unavailable() {
+            return false;
+        }
+        self.class.metrics.fail_open.increment(1);
+        // An open breaker is expected for its whole cooldown; the failure that opened it was logged.
+        if !matches!(err, Error::CircuitOpen { .. }) {
+            tracing::warn!(class = %self.class.name, error = %err, "keyward: cache store unavailable; serving from the source (fail open)");
+        }
+        true
+    }
+
     fn encode(&self, value: &V) -> Result<Vec<u8>> {
         let payload = C::encode(value).map_err(|e| Error::Encode {
             class: self.class.name.clone(),
@@ -275,7 +290,15 @@ where
         let span = tracing::debug_span!("keyward.cache.get", class = %self.class.name, status = tracing::field::Empty);
         async {
             let m = &self.class.metrics;
-            let status = match self.kw.inner.backend.read(&self.entry(&key)).await? {
+            let read = match self.kw.inner.backend.read(&self.entry(&key)).await {
+                Ok(read) => read,
+                Err(err) if self.fails_open(&err) => {
+                    tracing::Span::current().record("status", "fail_open");
+                    return Ok(None);
+                }
+                Err(err) => return Err(err),
+            };
+            let status = match read {
                 None => {
                     m.misses.increment(1);
                     ("miss", None)
@@ -561,6 +584,12 @@ where
                 .await
             {
                 Ok(f) => f,
+                // The store is down: the source still answers. This caller is the single-flight leader, so
+                // concurrent callers in this process share this one load; nothing is written.
+                Err(err) if self.fails_open(&err) => {
+                    tracing::Span::current().record("status", "fail_open");
+                    return self.load_uncached(loader).await;
+                }
                 Err(err) => return failed(err),
             };
             match fetched {

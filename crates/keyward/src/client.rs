@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::backend::memory::MemoryBackend;
-use crate::backend::redis::RedisBackend;
+use crate::backend::redis::{RedisBackend, redact};
 use crate::backend::{Backend, BackendKind, KeyTtl, MemoryOptions, Namespace};
 use crate::cache::{Cache, ClassInfo};
 use crate::codec::{Codec, Json};
@@ -37,6 +37,7 @@ pub struct ConnectOptions {
     pub(crate) memory: MemoryOptions,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
+    pub(crate) danger_accept_invalid_certs: bool,
 }
 
 impl Default for ConnectOptions {
@@ -48,6 +49,7 @@ impl Default for ConnectOptions {
             memory: MemoryOptions::default(),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
+            danger_accept_invalid_certs: false,
         }
     }
 }
@@ -71,15 +73,26 @@ impl ConnectOptions {
         self.reconnect_retries = n;
         self
     }
-    /// The circuit breaker in front of Redis for rate limits: it opens after `failures` consecutive failed
-    /// calls (default 3), sends every check to its class's `on_error` for `cooldown` (default 1 s), then lets
-    /// one probe through and closes if it succeeds.
+    /// The circuit breaker in front of Redis, shared by every capability of the handle: it opens after
+    /// `failures` consecutive calls that found Redis unavailable (timed out, refused, dropped; default 3),
+    /// fails every call at once with [`Error::CircuitOpen`] for `cooldown` (default 1 s) — caches then fail
+    /// open, rate limits apply their `on_error` — and then lets one probe through, closing if it succeeds.
     #[must_use]
     pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_failures = failures.max(1);
         self.breaker_cooldown = cooldown;
         self
     }
+    /// **Turns off TLS certificate and hostname verification** for `rediss://` URLs. Anyone on the network
+    /// path can then impersonate the server. For test set-ups with self-signed certificates only; it is
+    /// logged at `warn` once and shown in `Debug`. A URL's `#insecure` fragment alone is refused: it must be
+    /// this explicit call.
+    #[must_use]
+    pub fn danger_accept_invalid_certs(mut self) -> Self {
+        self.danger_accept_invalid_certs = true;
+        self
+    }
+
     /// Settings for the embedded backend, used for `mem://` or when no `REDIS_URL` is set.
     #[must_use]
     pub fn memory(mut self, m: MemoryOptions) -> Self {
@@ -116,6 +129,15 @@ pub(crate) struct Inner {
     /// Per-process wait queues of lock names.
     pub(crate) lock_queues: crate::lock::Queues,
     server: Option<String>,
+    insecure_tls: bool,
+}
+
+/// `REDIS_URL`, trimmed, if set and not empty.
+fn redis_url_from_env() -> Option<String> {
+    std::env::var("REDIS_URL")
+        .ok()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
 }
 
 fn namespace(policy: &Policy) -> Namespace {
@@ -146,7 +168,7 @@ impl Keyward {
         if let Some(rest) = url.strip_prefix("mem://") {
             if !rest.is_empty() && rest != "/" {
                 return Err(Error::InvalidUrl {
-                    reason: format!("`mem://` takes no host or path, got `{url}`"),
+                    reason: format!("`mem://` takes no host or path, got `{}`", redact(url)),
                 });
             }
             return Ok(Self::embedded_with(policy, options.memory));
@@ -166,19 +188,44 @@ impl Keyward {
         ))
     }
 
-    /// Connect to `REDIS_URL`; without it (unset or empty), use the embedded backend and log that.
+    /// Connect to `REDIS_URL`; without it (unset or empty), use the embedded backend and log at `warn` that
+    /// state is then per process. Use [`from_env_required`](Self::from_env_required) in deployments where
+    /// that would be wrong.
     ///
     /// # Errors
     /// As [`connect`](Self::connect) when `REDIS_URL` is set.
     pub async fn from_env(policy: Policy) -> Result<Self> {
-        match std::env::var("REDIS_URL") {
-            Ok(url) if !url.trim().is_empty() => Self::connect(url.trim(), policy).await,
-            _ => {
-                tracing::info!(
-                    "REDIS_URL is not set: keyward uses the embedded in-process backend (single process only)"
+        Self::from_env_with(policy, ConnectOptions::default()).await
+    }
+
+    /// [`from_env`](Self::from_env) with explicit options (they apply to the embedded backend too).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect) when `REDIS_URL` is set.
+    pub async fn from_env_with(policy: Policy, options: ConnectOptions) -> Result<Self> {
+        match redis_url_from_env() {
+            Some(url) => Self::connect_with(&url, policy, options).await,
+            None => {
+                tracing::warn!(
+                    "REDIS_URL is not set: keyward uses the embedded in-process backend. State is per process: \
+                     each replica of this service gets its own rate limits, sessions, locks and idempotency \
+                     keys, and caches are not shared. Set REDIS_URL, or use Keyward::from_env_required to \
+                     refuse to start without it."
                 );
-                Ok(Self::embedded(policy))
+                Ok(Self::embedded_with(policy, options.memory))
             }
+        }
+    }
+
+    /// Connect to `REDIS_URL`, and refuse to start without it: for services that run more than one replica,
+    /// where per-process state would silently multiply every rate limit.
+    ///
+    /// # Errors
+    /// [`Error::MissingRedisUrl`] when `REDIS_URL` is unset or empty; otherwise as [`connect`](Self::connect).
+    pub async fn from_env_required(policy: Policy, options: ConnectOptions) -> Result<Self> {
+        match redis_url_from_env() {
+            Some(url) => Self::connect_with(&url, policy, options).await,
+            None => Err(Error::MissingRedisUrl),
         }
     }
 
@@ -210,9 +257,10 @@ impl Keyward {
                 ns,
                 flights: Arc::new(Flights::default()),
                 bus,
-                rates: RateShared::new(options.breaker_failures, options.breaker_cooldown),
+                rates: RateShared::new(),
                 lock_queues: crate::lock::Queues::default(),
                 server,
+                insecure_tls: options.danger_accept_invalid_certs,
             }),
         }
     }
@@ -281,6 +329,17 @@ impl Keyward {
         Ok((declared, keys))
     }
 
+    /// Check that the store answers, for health checks: `PING` on Redis, bounded by the response timeout.
+    /// It is not counted in any cache or rate-limit metric and is not refused by an open circuit breaker
+    /// (a health check must see the server, not the breaker's memory of it); a success closes the breaker.
+    /// Always `Ok` on the embedded backend.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`] when Redis does not answer.
+    pub async fn ping(&self) -> Result<()> {
+        self.inner.backend.ping().await
+    }
+
     /// Invalidate every cache entry of the namespace in O(1): bumps the namespace epoch, so entries filled
     /// before it read as misses and fills leased before it never become visible. No SCAN, no FLUSH.
     ///
@@ -314,7 +373,11 @@ impl fmt::Debug for Keyward {
         d.field(
             "namespace",
             &format_args!("{}:{}", self.inner.policy.env(), self.inner.policy.app()),
-        )
-        .finish()
+        );
+        d.field("breaker", &self.inner.backend.breaker_state());
+        if self.inner.insecure_tls {
+            d.field("tls_verification", &"OFF (danger_accept_invalid_certs)");
+        }
+        d.finish()
     }
 }

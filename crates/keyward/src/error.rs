@@ -56,6 +56,13 @@ pub enum Error {
         /// What is wrong with it (never contains the password).
         reason: String,
     },
+    /// `REDIS_URL` is not set, and the handle was asked to refuse the embedded backend
+    /// ([`Keyward::from_env_required`](crate::Keyward::from_env_required)).
+    #[error(
+        "REDIS_URL is not set: this service refuses to run on the embedded per-process backend \
+         (set REDIS_URL, e.g. redis://host:6379)"
+    )]
+    MissingRedisUrl,
     /// Could not connect to the server in time, or it refused.
     #[error("cannot connect to Redis at {server}: {reason}")]
     Connect {
@@ -73,6 +80,20 @@ pub enum Error {
         op: &'static str,
         /// The configured timeout.
         timeout: Duration,
+    },
+    /// The circuit breaker in front of Redis is open: recent calls failed or timed out, so this one was not
+    /// sent (it would most likely have paid the whole response timeout). The breaker lets one probe through
+    /// after its cooldown and closes when the probe succeeds.
+    #[error(
+        "Redis at {server} is unavailable (circuit breaker open; next probe in {retry_in:?}); `{op}` was not sent"
+    )]
+    CircuitOpen {
+        /// The server address.
+        server: String,
+        /// The semantic operation that was not sent.
+        op: &'static str,
+        /// How long until the breaker lets a probe through.
+        retry_in: Duration,
     },
     /// Redis answered with an error, or the connection failed mid-command.
     #[error("Redis at {server} failed `{op}`: {source}")]
@@ -176,6 +197,7 @@ impl Error {
         match self {
             Error::Connect { .. }
             | Error::Timeout { .. }
+            | Error::CircuitOpen { .. }
             | Error::LoaderTimeout { .. }
             | Error::StoreFull { .. } => true,
             Error::Redis { source, .. } => {
@@ -186,12 +208,25 @@ impl Error {
         }
     }
 
+    /// Whether the store could not be reached: a connection failure, a timeout, or an open circuit breaker.
+    /// This is what a cache class's `on_error = "fail_open"` and a rate limit's `on_error` react to. An error
+    /// *reply* from a reachable server (a missing ACL grant, a wrong-type key) is not unavailability: it is
+    /// returned as an error, because falling back would hide a bug or a misconfiguration.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } | Error::CircuitOpen { .. } => true,
+            Error::Redis { source, .. } => crate::backend::is_unavailable(source),
+            _ => false,
+        }
+    }
+
     /// Whether the error came from the storage backend (as opposed to user code or bad input).
     pub fn is_backend(&self) -> bool {
         matches!(
             self,
             Error::Connect { .. }
                 | Error::Timeout { .. }
+                | Error::CircuitOpen { .. }
                 | Error::Redis { .. }
                 | Error::StoreFull { .. }
         )

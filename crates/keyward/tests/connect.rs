@@ -107,8 +107,10 @@ async fn server_gone_mid_use_is_an_error_not_a_panic_or_hang() {
     )
     .await
     .expect("fails by itself");
-    let err = res.unwrap_err();
-    assert!(err.is_backend(), "{err}");
+    // The class fails open (the default): the source answers although Redis is gone.
+    assert_eq!(res.unwrap(), "loaded");
+    let err = c.set("k", &"v".to_owned()).await.unwrap_err();
+    assert!(err.is_backend() && err.is_unavailable(), "{err}");
 }
 
 #[tokio::test]
@@ -142,9 +144,22 @@ async fn rediss_connects_over_tls() {
         .unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("tls://127.0.0.1"), "{err}");
-    let kw = Keyward::connect(&format!("rediss://127.0.0.1:{port}/#insecure"), policy())
+    // The `#insecure` fragment alone is refused: turning verification off takes the explicit option.
+    let err = Keyward::connect(&format!("rediss://127.0.0.1:{port}/#insecure"), policy())
         .await
-        .expect("TLS connection with the rustls provider keyward installs");
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
+    let kw = Keyward::connect_with(
+        &format!("rediss://127.0.0.1:{port}/"),
+        policy(),
+        keyward::ConnectOptions::default().danger_accept_invalid_certs(),
+    )
+    .await
+    .expect("TLS connection with the rustls provider keyward installs");
+    assert!(
+        format!("{kw:?}").contains("tls_verification: \"OFF"),
+        "Debug shows that verification is off: {kw:?}"
+    );
     let c = kw.cache::<String>("c").unwrap();
     let v = c
         .get_or_set("k", || async {

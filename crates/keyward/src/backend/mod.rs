@@ -8,6 +8,7 @@
 //! An enum rather than a trait object: there are exactly two backends, calls stay static, and async methods
 //! need no boxing.
 
+pub(crate) mod breaker;
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -19,7 +20,21 @@ use crate::envelope::Gens;
 use crate::error::Result;
 use crate::rate_limit::local::{RateCall, RateReply};
 
+pub use breaker::BreakerState;
 pub use memory::MemoryOptions;
+
+/// Whether a client error means the server could not be reached (as opposed to an error reply from it).
+pub(crate) fn is_unavailable(e: &::redis::RedisError) -> bool {
+    use ::redis::{ErrorKind, ServerErrorKind};
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown)
+        )
+}
 
 /// The per-namespace keys the cache operations share.
 #[derive(Debug, Clone)]
@@ -79,6 +94,22 @@ impl Backend {
         match self {
             Backend::Memory(_) => BackendKind::Embedded,
             Backend::Redis(_) => BackendKind::Redis,
+        }
+    }
+
+    /// The circuit breaker's state (always closed for the embedded backend).
+    pub(crate) fn breaker_state(&self) -> BreakerState {
+        match self {
+            Backend::Memory(_) => BreakerState::Closed,
+            Backend::Redis(r) => r.breaker_state(),
+        }
+    }
+
+    /// A health check: `PING` on Redis, bounded by the response timeout; always fine when embedded.
+    pub(crate) async fn ping(&self) -> Result<()> {
+        match self {
+            Backend::Memory(_) => Ok(()),
+            Backend::Redis(r) => r.ping().await,
         }
     }
 

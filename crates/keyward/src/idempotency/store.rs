@@ -7,6 +7,7 @@ use bytes::Bytes;
 use redis::{Script, Value};
 
 use crate::backend::Backend;
+use crate::backend::redis::Cleanup;
 use crate::error::Result;
 
 struct Scripts {
@@ -63,8 +64,11 @@ pub(crate) async fn begin(
             Began::Completed(h.get("r").cloned().unwrap_or_default())
         }),
         Backend::Redis(r) => {
+            // A begin that gets no answer may still write an in-progress marker when the server resumes: its
+            // cleanup (abandon, only while the marker holds this token) removes it, so a retry gets a
+            // definite answer instead of `InProgress` for the whole lease.
             let mut reply: Vec<Value> = r
-                .eval(
+                .eval_cleaning(
                     "idempotency_begin",
                     SCRIPTS
                         .begin
@@ -72,6 +76,13 @@ pub(crate) async fn begin(
                         .arg(fingerprint)
                         .arg(token)
                         .arg(lease_ms),
+                    || Cleanup {
+                        op: "idempotency_begin",
+                        script: &SCRIPTS.abandon,
+                        keys: vec![key.to_owned()],
+                        args: vec![token.as_bytes().to_vec()],
+                        within: std::time::Duration::from_millis(lease_ms.unsigned_abs()),
+                    },
                 )
                 .await?;
             if let [Value::Int(2), Value::BulkString(resp)] = reply.as_mut_slice() {

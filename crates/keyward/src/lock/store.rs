@@ -12,6 +12,7 @@ use super::FencedWrite;
 use crate::Keyward;
 use crate::backend::Backend;
 use crate::backend::memory::kv::{Kv, Val};
+use crate::backend::redis::Cleanup;
 use crate::error::Result;
 
 struct Scripts {
@@ -71,6 +72,14 @@ fn number(b: Option<&Bytes>) -> i64 {
         .unwrap_or(0)
 }
 
+/// A stored fencing counter as `lock_acquire.lua` reads it: anything but an integer in `0..2^53` is corrupt
+/// and counts as 0 (the clock floor then takes over).
+fn fence_counter(b: Option<&Bytes>) -> i64 {
+    Some(number(b))
+        .filter(|n| (0..1 << 53).contains(n))
+        .unwrap_or(0)
+}
+
 fn string(v: impl ToString) -> Val {
     Val::Str(Bytes::from(v.to_string()))
 }
@@ -95,7 +104,7 @@ pub(super) async fn acquire(
                 return Attempt::Held(pttl(left));
             }
             let now_us = m.records.now_us();
-            let prev = number(kv.get_str(&keys.fence));
+            let prev = fence_counter(kv.get_str(&keys.fence));
             let fence = (prev + 1).max(now_us);
             kv.set(&keys.fence, string(fence), fence_ttl_ms);
             kv.set(&keys.lock, string(token), ttl_ms);
@@ -103,8 +112,10 @@ pub(super) async fn acquire(
         }),
         Backend::Redis(r) => {
             const OP: &str = "lock_acquire";
+            // An acquire that gets no answer may still take the lock when the server resumes: its cleanup
+            // (a compare-and-delete release, sent after it on the same connection) gives it back.
             let reply: Vec<i64> = r
-                .eval(
+                .eval_cleaning(
                     OP,
                     SCRIPTS
                         .acquire
@@ -113,6 +124,16 @@ pub(super) async fn acquire(
                         .arg(token)
                         .arg(ttl_ms)
                         .arg(fence_ttl_ms),
+                    || Cleanup {
+                        op: OP,
+                        script: &SCRIPTS.release,
+                        keys: vec![keys.lock.clone()],
+                        args: vec![
+                            token.as_bytes().to_vec(),
+                            kw.inner.ns.channel.as_bytes().to_vec(),
+                        ],
+                        within: ttl,
+                    },
                 )
                 .await?;
             match reply.as_slice() {
@@ -215,11 +236,12 @@ pub(super) async fn fenced_write(
     match &kw.inner.backend {
         Backend::Memory(m) => m.records.with_room(|kv| {
             let now_us = kv.now_ms().saturating_mul(1000).saturating_add(999);
-            if fence_i > number(kv.get_str(&keys.fence)).max(now_us) {
+            let counter = fence_counter(kv.get_str(&keys.fence));
+            if fence_i > counter.max(now_us) {
                 return Err(never_issued(keys, fence));
             }
-            let written = number(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
-            let highest = written.max(number(kv.get_str(&keys.fence)));
+            let written = fence_counter(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
+            let highest = written.max(counter);
             if fence_i < highest {
                 return Ok(FencedWrite::Stale {
                     highest: highest.unsigned_abs(),

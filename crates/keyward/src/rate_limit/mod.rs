@@ -46,7 +46,6 @@
 //! `keyward_breaker_open`.
 
 pub(crate) mod algo;
-mod breaker;
 pub(crate) mod local;
 
 use std::collections::HashMap;
@@ -56,8 +55,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use breaker::BreakerState;
-pub(crate) use breaker::{Admit, Breaker};
+pub use crate::backend::BreakerState;
 
 use self::algo::{Group, Spec, Verdict};
 use self::local::{LocalRates, RateCall, RateReply};
@@ -241,15 +239,13 @@ impl fmt::Debug for RateLimiter {
 
 /// In-process state shared by every limiter of one [`Keyward`] handle.
 pub(crate) struct RateShared {
-    pub(crate) breaker: Breaker,
     fallback: LocalRates,
     blocks: Mutex<HashMap<String, Instant>>,
 }
 
 impl RateShared {
-    pub(crate) fn new(breaker_failures: u32, breaker_cooldown: Duration) -> Self {
+    pub(crate) fn new() -> Self {
         RateShared {
-            breaker: Breaker::new(breaker_failures, breaker_cooldown),
             fallback: LocalRates::new(LOCAL_CAPACITY),
             blocks: Mutex::new(HashMap::new()),
         }
@@ -348,9 +344,10 @@ impl Keyward {
         })
     }
 
-    /// The state of the circuit breaker in front of the store (always closed for the embedded backend).
+    /// The state of the circuit breaker in front of the store, which every capability of this handle
+    /// shares (always closed for the embedded backend).
     pub fn breaker_state(&self) -> BreakerState {
-        self.inner.rates.breaker.state()
+        self.inner.backend.breaker_state()
     }
 }
 
@@ -434,30 +431,22 @@ impl RateLimiter {
             cost,
             consume,
         };
-        let backend = &self.kw.inner.backend;
-        let is_redis = backend.kind() == crate::BackendKind::Redis;
-        let admit = if is_redis {
-            shared.breaker.admit()
-        } else {
-            Admit::Call
-        };
-        let reply = if admit == Admit::Skip {
-            Err(None)
-        } else {
-            match backend.rate(&call).await {
-                Ok(r) => {
-                    if is_redis {
-                        shared.breaker.success();
+        // The backend bounds the call by the response timeout and answers at once while its breaker is open.
+        let reply = match self.kw.inner.backend.rate(&call).await {
+            Ok(r) => Ok(r),
+            Err(e) if e.is_unavailable() => {
+                if matches!(e, Error::Timeout { .. }) {
+                    // Sent, unanswered: the server may still run it, so this identity may be charged once.
+                    for l in self.limits.iter() {
+                        metrics::counter!("keyward_ratelimit_uncertain_total", "class" => l.class.to_string())
+                            .increment(1);
                     }
-                    Ok(r)
                 }
-                Err(e) => {
-                    if e.is_backend() {
-                        shared.breaker.failure();
-                    }
-                    Err(Some(e))
-                }
+                Err(e)
             }
+            // An error reply (a wrong-type key, a missing ACL grant) is a bug or a misconfiguration that a
+            // fallback would hide: it is the caller's error, for this identity only.
+            Err(e) => return Err(e),
         };
         let decision = match reply {
             Ok(reply) => self.decide(reply, Source::Store),
@@ -515,18 +504,19 @@ impl RateLimiter {
         }
     }
 
-    /// The store failed (`Some(error)`) or the breaker is open (`None`): apply `on_error`.
-    fn fallback(&self, call: &RateCall<'_>, err: Option<Error>) -> Decision {
+    /// The store is unavailable (failed, or its breaker is open): apply `on_error`.
+    fn fallback(&self, call: &RateCall<'_>, err: Error) -> Decision {
+        let breaker_open = matches!(err, Error::CircuitOpen { .. });
         for l in self.limits.iter() {
             let class = l.class.to_string();
-            if err.is_some() {
+            if !breaker_open {
                 metrics::counter!("keyward_ratelimit_errors_total", "class" => class.clone())
                     .increment(1);
             }
             metrics::counter!("keyward_ratelimit_fallback_total", "class" => class, "on_error" => self.on_error.name())
                 .increment(1);
         }
-        if let Some(err) = &err {
+        if !breaker_open {
             tracing::warn!(error = %err, on_error = %self.on_error, "keyward: rate-limit store failed");
         }
         match self.on_error {
@@ -535,13 +525,11 @@ impl RateLimiter {
                 self.decide(reply, Source::LocalFallback)
             }
             OnError::Deny => {
-                let retry = self
-                    .kw
-                    .inner
-                    .rates
-                    .breaker
-                    .retry_in()
-                    .max(Duration::from_secs(1));
+                let retry = match err {
+                    Error::CircuitOpen { retry_in, .. } => retry_in,
+                    _ => Duration::ZERO,
+                }
+                .max(Duration::from_secs(1));
                 self.synthetic(false, retry, Source::FailClosed)
             }
             _ => self.synthetic(true, Duration::ZERO, Source::FailOpen),

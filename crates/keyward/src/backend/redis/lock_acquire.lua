@@ -11,6 +11,11 @@ end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local prev = tonumber(redis.call('GET', KEYS[2])) or 0
+if prev ~= math.floor(prev) or prev < 0 or prev >= 9007199254740992 then
+  -- Not a fence keyward could have issued (fences are µs-scale, far below 2^53): corrupt. Start again from the
+  -- clock floor rather than fail every acquire of this lock (or issue a token that doubles cannot hold).
+  prev = 0
+end
 -- Never below the server clock: tokens keep increasing even after F expired.
 local fence = math.max(prev + 1, now_us)
 redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])

@@ -1,5 +1,5 @@
--- Read a current value without taking a lease.
--- KEYS[1] entry key   KEYS[2] namespace epochs hash   ARGV[1] class name
+-- Read a current value without taking a lease. (epochs.lua is prepended.)
+-- KEYS[1] entry key   KEYS[2] namespace epochs hash   ARGV[1] class name   ARGV[2] epochs lifetime (ms)
 -- Returns the stored bytes, or nil when absent, leased, or filled before a group invalidation.
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, 3) == 'L1:' then
@@ -7,8 +7,8 @@ if not v or string.sub(v, 1, 3) == 'L1:' then
 end
 local vns, vcl = string.match(v, '^V1:(%d+):(%d+):')
 if vns then
-  local g = redis.call('HMGET', KEYS[2], '*', ARGV[1])
-  if vns ~= (g[1] or '0') or vcl ~= (g[2] or '0') then
+  local ns, cl = kw_epochs(KEYS[2], ARGV[1], ARGV[2])
+  if vns ~= ns or vcl ~= cl then
     return false
   end
 end

@@ -1,7 +1,13 @@
 //! A circuit breaker in front of the store, so that while Redis is down each request pays the fallback, not a
 //! timeout. Closed → (N consecutive failures) → Open → (cooldown) → one probe → Closed or Open again.
+//!
+//! One breaker per [`Keyward`](crate::Keyward) handle covers every capability: it sits in the Redis backend,
+//! where every call passes. Only *unavailability* counts as a failure (a timeout, a refused or dropped
+//! connection); an error reply proves the server is there and counts as a success. The pattern is the one
+//! described in Nygard, *Release It!* (2nd ed., ch. 5, "Circuit Breaker").
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -39,6 +45,9 @@ pub(crate) enum Admit {
 #[derive(Debug)]
 pub(crate) struct Breaker {
     state: Mutex<Inner>,
+    /// `true` exactly when the state is `Closed { failures: 0 }`: the hot path (every successful call) reads
+    /// this instead of taking the lock.
+    clean: AtomicBool,
     threshold: u32,
     cooldown: Duration,
 }
@@ -47,6 +56,7 @@ impl Breaker {
     pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
         Breaker {
             state: Mutex::new(Inner::Closed { failures: 0 }),
+            clean: AtomicBool::new(true),
             threshold: threshold.max(1),
             cooldown,
         }
@@ -57,6 +67,9 @@ impl Breaker {
     }
 
     pub(crate) fn admit(&self) -> Admit {
+        if self.clean.load(Ordering::Acquire) {
+            return Admit::Call;
+        }
         let mut s = self.lock();
         let now = Instant::now();
         match *s {
@@ -72,6 +85,9 @@ impl Breaker {
     }
 
     pub(crate) fn success(&self) {
+        if self.clean.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         if !matches!(*s, Inner::Closed { failures: 0 }) {
             if !matches!(*s, Inner::Closed { .. }) {
@@ -80,10 +96,12 @@ impl Breaker {
             }
             *s = Inner::Closed { failures: 0 };
         }
+        self.clean.store(true, Ordering::Release);
     }
 
     pub(crate) fn failure(&self) {
         let mut s = self.lock();
+        self.clean.store(false, Ordering::Release);
         let open = match *s {
             Inner::Closed { failures } if failures + 1 < self.threshold => {
                 *s = Inner::Closed {
