@@ -103,37 +103,46 @@
 //! again, by default the hashed `Authorization` header). `examples/idempotent_payments.rs` shows each case.
 //!
 //! # Layout
-//! - [`RateLimitLayer`] / [`RateLimitService`] — the tower layer and its service (`layer`).
-//! - [`KeyExtractor`] — which bucket a request is counted in (`extract`).
-//! - [`TrustedProxies`], [`ProxyHeader`], [`IpNetwork`] — the client IP behind proxies (`client_ip`).
-//! - [`RATELIMIT_POLICY`], [`RATELIMIT`] — the field names; the values are built in `headers`.
-//! - [`QUOTA_EXCEEDED`], [`TEMPORARY_REDUCED_CAPACITY`] — problem types of the bodies (`problem`).
-//! - [`IdempotencyLayer`] / [`IdempotencyService`] — idempotency keys, with [`IdempotencyKey`] for
-//!   handlers, [`KeySyntax`], the field names and the problem types (`idempotency`).
+//! One folder per capability, each plugging its per-request logic into one tower service shell.
+//! - `rate_limit/` — [`RateLimitLayer`] / [`RateLimitService`] and [`OnMissing`]; `headers` builds the
+//!   [`RATELIMIT_POLICY`] and [`RATELIMIT`] field values.
+//! - `session/` — [`SessionLayer`] / [`SessionService`], the [`CurrentSession`] extractor and its errors
+//!   ([`SessionError`], [`MissingSessionLayer`]); `cookie` finds and writes the session cookie.
+//! - `idempotency/` — [`IdempotencyLayer`] / [`IdempotencyService`], with [`IdempotencyKey`] for handlers,
+//!   [`KeySyntax`] and the field names (`key`), and body buffering (`body`).
+//! - `identity/` — [`KeyExtractor`]: which client a request belongs to, for rate limits and as the
+//!   idempotency key scope; `client_ip` has [`TrustedProxies`], [`ProxyHeader`] and [`IpNetwork`] (CIDR
+//!   matching from the `ipnet` crate).
+//! - `problem` — every `application/problem+json` body the layers write, and the problem types
+//!   ([`QUOTA_EXCEEDED`], [`IDEMPOTENCY_KEY_IN_USE`], …).
+//! - `shell` — the one tower `Service` shell behind the three services: readiness, cloning and boxing of
+//!   the future ([`ResponseFuture`]), once.
 //! - [`Error`] — configuration errors (an unparsable trusted network).
 
-mod client_ip;
-mod extract;
-mod headers;
 mod idempotency;
-mod layer;
+mod identity;
 mod problem;
+mod rate_limit;
 mod session;
-mod session_cookie;
+mod shell;
 
-pub use client_ip::{IpNetwork, ProxyHeader, TrustedProxies};
-pub use extract::{KeyExtractor, MAX_HEADER_ID_BYTES, UNMATCHED_ROUTE};
-pub use headers::{RATELIMIT, RATELIMIT_POLICY};
 pub use idempotency::{
-    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID,
-    IDEMPOTENCY_KEY_MISSING, IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, IDEMPOTENT_REPLAYED,
-    IdempotencyKey, IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey,
+    IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
 };
-pub use layer::{OnMissing, RateLimitLayer, RateLimitService, ResponseFuture};
-pub use problem::{QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY};
+pub use identity::{
+    IpNetwork, KeyExtractor, MAX_HEADER_ID_BYTES, ProxyHeader, TrustedProxies, UNMATCHED_ROUTE,
+};
+pub use problem::{
+    IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID, IDEMPOTENCY_KEY_MISSING,
+    IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY,
+};
+pub use rate_limit::headers::{RATELIMIT, RATELIMIT_POLICY};
+pub use rate_limit::{OnMissing, RateLimitLayer, RateLimitService};
 pub use session::{
     CurrentSession, MissingSessionLayer, SessionError, SessionLayer, SessionService,
 };
+pub use shell::ResponseFuture;
 
 /// A configuration error of this crate. Request-time outcomes are responses, not errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,26 +7,26 @@
 //! is the layer's own `Set-Cookie`, built from the class's cookie settings. Everything is documented on
 //! [`SessionLayer`], which is what a reader of the crate docs finds.
 
+mod cookie;
+
 use std::any::type_name;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use http::header::{CACHE_CONTROL, COOKIE, SET_COOKIE};
 use http::request::Parts;
-use http::{HeaderValue, Request, StatusCode};
+use http::{HeaderValue, Request};
 use keyward::codec::{Codec, Json};
 use keyward::session::{Saved, Session, Sessions, is_well_formed};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use tower::{Layer, Service};
 
-use crate::layer::ResponseFuture;
-use crate::problem;
-use crate::session_cookie::{CookieSpec, Found};
+use crate::problem::{self, session as session_problem};
+use crate::shell::{Capability, ResponseFuture, Shell};
+use cookie::{CookieSpec, Found};
 
 /// A tower [`Layer`] that gives every request its keyward session, read from the session cookie; handlers
 /// reach it with the [`CurrentSession`] extractor. Cheap to clone.
@@ -126,8 +126,13 @@ use crate::session_cookie::{CookieSpec, Found};
 /// rate-limit layer keyed on the user. A handle moved into a task that outlives the handler can still change
 /// the session, but the response is gone by then: its cookie changes are never sent.
 pub struct SessionLayer<T, C = Json> {
+    config: Arc<SessionConfig<T, C>>,
+}
+
+/// The configuration of a [`SessionLayer`], shared by its services.
+pub struct SessionConfig<T, C> {
     sessions: Sessions<T, C>,
-    cookie: Arc<CookieSpec>,
+    cookie: CookieSpec,
 }
 
 impl<T, C> SessionLayer<T, C>
@@ -137,26 +142,33 @@ where
 {
     /// Sessions of `sessions`' class, with its cookie settings.
     pub fn new(sessions: Sessions<T, C>) -> Self {
-        let cookie = Arc::new(CookieSpec::of(sessions.settings()));
-        SessionLayer { sessions, cookie }
+        let cookie = CookieSpec::of(sessions.settings());
+        SessionLayer {
+            config: Arc::new(SessionConfig { sessions, cookie }),
+        }
     }
 
     /// The sessions this layer loads.
     pub fn sessions(&self) -> &Sessions<T, C> {
-        &self.sessions
+        &self.config.sessions
     }
 }
 
 impl<T, C> Clone for SessionLayer<T, C> {
     fn clone(&self) -> Self {
         SessionLayer {
-            sessions: self.sessions.clone(),
-            cookie: Arc::clone(&self.cookie),
+            config: Arc::clone(&self.config),
         }
     }
 }
 
 impl<T, C> fmt::Debug for SessionLayer<T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
+impl<T, C> fmt::Debug for SessionConfig<T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionLayer")
             .field("sessions", &self.sessions)
@@ -169,73 +181,33 @@ impl<S, T, C> Layer<S> for SessionLayer<T, C> {
     type Service = SessionService<S, T, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        SessionService {
-            inner,
-            sessions: self.sessions.clone(),
-            cookie: Arc::clone(&self.cookie),
-        }
+        Shell::new(inner, Arc::clone(&self.config))
     }
 }
 
-/// The [`Service`] of [`SessionLayer`], wrapping the inner service `S`.
-pub struct SessionService<S, T, C = Json> {
-    inner: S,
-    sessions: Sessions<T, C>,
-    cookie: Arc<CookieSpec>,
-}
+/// The [`Service`] of [`SessionLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// prints the layer's configuration.
+pub type SessionService<S, T, C = Json> = Shell<SessionConfig<T, C>, S>;
 
-impl<S: Clone, T, C> Clone for SessionService<S, T, C> {
-    fn clone(&self) -> Self {
-        SessionService {
-            inner: self.inner.clone(),
-            sessions: self.sessions.clone(),
-            cookie: Arc::clone(&self.cookie),
-        }
-    }
-}
-
-impl<S, T, C> fmt::Debug for SessionService<S, T, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionService")
-            .field("sessions", &self.sessions)
-            .field("cookie", &self.cookie)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, T, C, B> Service<Request<B>> for SessionService<S, T, C>
+impl<S, T, C, B> Capability<S, B> for SessionConfig<T, C>
 where
-    S: Service<Request<B>> + Clone + Send + 'static,
+    S: Service<Request<B>> + Send + 'static,
     S::Response: IntoResponse,
     S::Future: Send + 'static,
     B: Send + 'static,
     T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     C: Codec,
 {
-    type Response = Response;
+    type InnerRequest = Request<B>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // Take the instance `poll_ready` readied; leave a clone for the next call (as `RateLimitService`).
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(with_session(
-            self.sessions.clone(),
-            Arc::clone(&self.cookie),
-            inner,
-            request,
-        ))
+    fn call(self: Arc<Self>, inner: S, request: Request<B>) -> ResponseFuture<S::Error> {
+        Box::pin(with_session(self, inner, request))
     }
 }
 
 async fn with_session<S, B, T, C>(
-    sessions: Sessions<T, C>,
-    cookie: Arc<CookieSpec>,
+    config: Arc<SessionConfig<T, C>>,
     mut inner: S,
     request: Request<B>,
 ) -> Result<Response, S::Error>
@@ -252,6 +224,8 @@ where
             value.set_sensitive(true);
         }
     }
+    let cookie = &config.cookie;
+    let sessions = config.sessions.clone();
     let token = match cookie.find(&parts.headers) {
         Found::Once(value) if is_well_formed(&value) => Some(value.into_owned()),
         Found::Once(_) | Found::Absent => None,
@@ -308,9 +282,8 @@ where
     };
     let Some(value) = value else {
         tracing::error!(cookie = ?cookie, "keyward-axum: the session cookie is not a valid header value");
-        return Ok(problem::response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &internal_body("The session cookie could not be written."),
+        return Ok(problem::internal(
+            "The session cookie could not be written.",
         ));
     };
     let headers = response.headers_mut();
@@ -621,15 +594,7 @@ pub struct MissingSessionLayer {
 impl IntoResponse for MissingSessionLayer {
     fn into_response(self) -> Response {
         tracing::error!("keyward-axum: {self}");
-        problem::response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &json!({
-                "type": "about:blank",
-                "title": "Internal Server Error",
-                "status": 500,
-                "detail": self.to_string(),
-            }),
-        )
+        problem::internal(self.to_string())
     }
 }
 
@@ -670,33 +635,13 @@ impl From<keyward::Error> for SessionError {
     }
 }
 
-fn internal_body(detail: &str) -> serde_json::Value {
-    json!({
-        "type": "about:blank",
-        "title": "Internal Server Error",
-        "status": 500,
-        "detail": detail,
-    })
-}
-
 impl IntoResponse for SessionError {
     fn into_response(self) -> Response {
         tracing::error!(error = %self, "keyward-axum: session operation failed");
         if self.source.is_retryable() {
-            problem::response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({
-                    "type": "about:blank",
-                    "title": "Service Unavailable",
-                    "status": 503,
-                    "detail": "Sessions are unavailable right now; retry shortly.",
-                }),
-            )
+            session_problem::unavailable()
         } else {
-            problem::response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &internal_body("The session could not be processed."),
-            )
+            problem::internal("The session could not be processed.")
         }
     }
 }
