@@ -4,7 +4,8 @@
 //!   API key, user or route, with the IETF `RateLimit-Policy` / `RateLimit` response fields and `429`
 //!   problem+json refusals.
 //! - [`SessionLayer`] and the [`CurrentSession`] extractor — keyward sessions behind a cookie with safe
-//!   defaults (`__Host-session`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`).
+//!   defaults (`__Host-session`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`), loaded
+//!   only by routes that use them.
 //! - [`IdempotencyLayer`] — the `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): the
 //!   first request runs, a concurrent duplicate gets `409`, a different request under the same key `422`,
 //!   and a completed key's response is replayed byte for byte.
@@ -95,6 +96,16 @@
 //! also limits requests that match no route (they share one route label); `Router::route_layer` only
 //! limits matched routes.
 //!
+//! # Sessions
+//! [`SessionLayer`] reads no session by itself. It puts exactly one value in each request's extensions: a
+//! [`LazySession<T, C>`](LazySession) (the class's sessions and the cookie's token, if the request carries
+//! one well-formed session cookie). The [`CurrentSession`] extractor loads the session through it the
+//! first time a request asks, at most once per request, and every later extractor of that request shares
+//! the outcome. A route that never extracts it never calls the store: with Redis down, `/healthz` still
+//! answers `200` for a logged-in user, while a route that uses the session gets `503` problem+json
+//! (`CurrentSessionRejection`). After the handler, the layer writes `Set-Cookie` only if the session was
+//! loaded and changed (login, regenerate, logout). See [`SessionLayer`] for the cookie and every response.
+//!
 //! # Idempotency keys
 //! [`IdempotencyLayer`] makes `POST` and `PATCH` retry-safe (draft-ietf-httpapi-idempotency-key-header):
 //! the first request under an `Idempotency-Key` runs and its response is stored in a keyward
@@ -106,8 +117,9 @@
 //! One folder per capability, each plugging its per-request logic into one tower service shell.
 //! - `rate_limit/` — [`RateLimitLayer`] / [`RateLimitService`] and [`OnMissing`]; `headers` builds the
 //!   [`RATELIMIT_POLICY`] and [`RATELIMIT`] field values.
-//! - `session/` — [`SessionLayer`] / [`SessionService`], the [`CurrentSession`] extractor and its errors
-//!   ([`SessionError`], [`MissingSessionLayer`]); `cookie` finds and writes the session cookie.
+//! - `session/` — [`SessionLayer`] / [`SessionService`]; `handle` has the request's [`LazySession`], the
+//!   [`CurrentSession`] extractor and its errors ([`SessionError`], [`MissingSessionLayer`],
+//!   [`CurrentSessionRejection`]); `cookie` finds and writes the session cookie.
 //! - `idempotency/` — [`IdempotencyLayer`] / [`IdempotencyService`], with [`IdempotencyKey`] for handlers,
 //!   [`KeySyntax`] and the field names (`key`), and body buffering (`body`).
 //! - `identity/` — [`KeyExtractor`]: which client a request belongs to, for rate limits and as the
@@ -140,7 +152,8 @@ pub use problem::{
 pub use rate_limit::headers::{RATELIMIT, RATELIMIT_POLICY};
 pub use rate_limit::{OnMissing, RateLimitLayer, RateLimitService};
 pub use session::{
-    CurrentSession, MissingSessionLayer, SessionError, SessionLayer, SessionService,
+    CurrentSession, CurrentSessionRejection, LazySession, MissingSessionLayer, SessionError,
+    SessionLayer, SessionService,
 };
 pub use shell::ResponseFuture;
 
