@@ -23,7 +23,7 @@ use tokio::sync::OnceCell;
 use crate::problem::{self, session as session_problem};
 
 /// A token, kept away from `Debug` and logs.
-pub(crate) struct Token(pub(crate) String);
+struct Token(String);
 
 /// What the response must do with the cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
