@@ -4,7 +4,8 @@
 //!   API key, user or route, with the IETF `RateLimit-Policy` / `RateLimit` response fields and `429`
 //!   problem+json refusals.
 //! - [`SessionLayer`] and the [`CurrentSession`] extractor — keyward sessions behind a cookie with safe
-//!   defaults (`__Host-session`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`).
+//!   defaults (`__Host-session`, `Secure`, `HttpOnly`, `SameSite=Lax`, `Path=/`, no `Domain`), loaded
+//!   only by routes that use them.
 //! - [`IdempotencyLayer`] — the `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header): the
 //!   first request runs, a concurrent duplicate gets `409`, a different request under the same key `422`,
 //!   and a completed key's response is replayed byte for byte.
@@ -95,6 +96,16 @@
 //! also limits requests that match no route (they share one route label); `Router::route_layer` only
 //! limits matched routes.
 //!
+//! # Sessions
+//! [`SessionLayer`] reads no session by itself. It puts exactly one value in each request's extensions: a
+//! [`LazySession<T, C>`](LazySession) (the class's sessions and the cookie's token, if the request carries
+//! one well-formed session cookie). The [`CurrentSession`] extractor loads the session through it the
+//! first time a request asks, at most once per request, and every later extractor of that request shares
+//! the outcome. A route that never extracts it never calls the store: with Redis down, `/healthz` still
+//! answers `200` for a logged-in user, while a route that uses the session gets `503` problem+json
+//! (`CurrentSessionRejection`). After the handler, the layer writes `Set-Cookie` only if the session was
+//! loaded and changed (login, regenerate, logout). See [`SessionLayer`] for the cookie and every response.
+//!
 //! # Idempotency keys
 //! [`IdempotencyLayer`] makes `POST` and `PATCH` retry-safe (draft-ietf-httpapi-idempotency-key-header):
 //! the first request under an `Idempotency-Key` runs and its response is stored in a keyward
@@ -103,37 +114,48 @@
 //! again, by default the hashed `Authorization` header). `examples/idempotent_payments.rs` shows each case.
 //!
 //! # Layout
-//! - [`RateLimitLayer`] / [`RateLimitService`] — the tower layer and its service (`layer`).
-//! - [`KeyExtractor`] — which bucket a request is counted in (`extract`).
-//! - [`TrustedProxies`], [`ProxyHeader`], [`IpNetwork`] — the client IP behind proxies (`client_ip`).
-//! - [`RATELIMIT_POLICY`], [`RATELIMIT`] — the field names; the values are built in `headers`.
-//! - [`QUOTA_EXCEEDED`], [`TEMPORARY_REDUCED_CAPACITY`] — problem types of the bodies (`problem`).
-//! - [`IdempotencyLayer`] / [`IdempotencyService`] — idempotency keys, with [`IdempotencyKey`] for
-//!   handlers, [`KeySyntax`], the field names and the problem types (`idempotency`).
+//! One folder per capability, each plugging its per-request logic into one tower service shell.
+//! - `rate_limit/` — [`RateLimitLayer`] / [`RateLimitService`] and [`OnMissing`]; `headers` builds the
+//!   [`RATELIMIT_POLICY`] and [`RATELIMIT`] field values.
+//! - `session/` — [`SessionLayer`] / [`SessionService`]; `handle` has the request's [`LazySession`], the
+//!   [`CurrentSession`] extractor and its errors ([`SessionError`], [`MissingSessionLayer`],
+//!   [`CurrentSessionRejection`]); `cookie` finds and writes the session cookie.
+//! - `idempotency/` — [`IdempotencyLayer`] / [`IdempotencyService`], with [`IdempotencyKey`] for handlers,
+//!   [`KeySyntax`] and the field names (`key`), and body buffering (`body`).
+//! - `identity/` — [`KeyExtractor`]: which client a request belongs to, for rate limits and as the
+//!   idempotency key scope; `client_ip` has [`TrustedProxies`], [`ProxyHeader`] and [`IpNetwork`] (CIDR
+//!   matching from the `ipnet` crate).
+//! - `problem` — every `application/problem+json` body the layers write, and the problem types
+//!   ([`QUOTA_EXCEEDED`], [`IDEMPOTENCY_KEY_IN_USE`], …).
+//! - `shell` — the one tower `Service` shell behind the three services: readiness, cloning and boxing of
+//!   the future ([`ResponseFuture`]), once.
 //! - [`Error`] — configuration errors (an unparsable trusted network).
 
-mod client_ip;
-mod extract;
-mod headers;
 mod idempotency;
-mod layer;
+mod identity;
 mod problem;
+mod rate_limit;
 mod session;
-mod session_cookie;
+mod shell;
 
-pub use client_ip::{IpNetwork, ProxyHeader, TrustedProxies};
-pub use extract::{KeyExtractor, MAX_HEADER_ID_BYTES, UNMATCHED_ROUTE};
-pub use headers::{RATELIMIT, RATELIMIT_POLICY};
 pub use idempotency::{
-    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID,
-    IDEMPOTENCY_KEY_MISSING, IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, IDEMPOTENT_REPLAYED,
-    IdempotencyKey, IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey,
+    IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
 };
-pub use layer::{OnMissing, RateLimitLayer, RateLimitService, ResponseFuture};
-pub use problem::{QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY};
+pub use identity::{
+    IpNetwork, KeyExtractor, MAX_HEADER_ID_BYTES, ProxyHeader, TrustedProxies, UNMATCHED_ROUTE,
+};
+pub use problem::{
+    IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID, IDEMPOTENCY_KEY_MISSING,
+    IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, QUOTA_EXCEEDED, TEMPORARY_REDUCED_CAPACITY,
+};
+pub use rate_limit::headers::{RATELIMIT, RATELIMIT_POLICY};
+pub use rate_limit::{OnMissing, RateLimitLayer, RateLimitService};
 pub use session::{
-    CurrentSession, MissingSessionLayer, SessionError, SessionLayer, SessionService,
+    CurrentSession, CurrentSessionRejection, LazySession, MissingSessionLayer, SessionError,
+    SessionLayer, SessionService,
 };
+pub use shell::ResponseFuture;
 
 /// A configuration error of this crate. Request-time outcomes are responses, not errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -404,3 +404,56 @@ async fn the_readied_inner_service_is_the_one_called() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// The session and idempotency services share the rate-limit service's shell: they too call the
+/// instance that was polled ready, never a fresh clone.
+#[tokio::test]
+async fn every_layer_calls_the_readied_inner_service() {
+    use keyward::policy::{IdempotencyClass, Policy, SessionClass};
+    use keyward::session::SessionSecrets;
+    use keyward_axum::{IdempotencyLayer, SessionLayer};
+    use std::time::Duration;
+
+    let policy = Policy::builder("test", "shell")
+        .session(
+            "web",
+            SessionClass::new(Duration::from_secs(60), Duration::from_secs(600)),
+        )
+        .idempotency("charges", IdempotencyClass::new())
+        .build()
+        .unwrap();
+    let kw = keyward::Keyward::embedded(policy);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = || NeedsReady {
+        ready: false,
+        calls: Arc::clone(&calls),
+    };
+
+    let secrets = SessionSecrets::new(*b"a 32-byte secret from your vault").unwrap();
+    let mut sessions =
+        SessionLayer::new(kw.sessions::<String>("web", secrets).unwrap()).layer(inner());
+    let mut idempotent = IdempotencyLayer::new(kw.idempotency("charges").unwrap()).layer(inner());
+    for n in 0..2 {
+        let response = sessions
+            .ready()
+            .await
+            .unwrap()
+            .call(get_from("192.0.2.1:1"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let charge = Request::post("/charges")
+            .header("authorization", "Bearer sk_alice")
+            .header("idempotency-key", format!("\"key-{n}\""))
+            .body(Body::from("amount=1"))
+            .unwrap();
+        let response = ServiceExt::<Request<Body>>::ready(&mut idempotent)
+            .await
+            .unwrap()
+            .call(charge)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}

@@ -598,3 +598,66 @@ async fn current_session_without_the_layer_is_a_500_naming_the_types() {
     let response = send(&app, request("GET", "/me", &[])).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+#[tokio::test]
+async fn the_layer_puts_a_lazy_session_in_the_extensions_and_loads_it_only_for_current_session() {
+    use axum::extract::Extension;
+    use keyward_axum::LazySession;
+
+    let kw = keyward_with(class());
+    let app =
+        routes()
+            .route(
+                "/unused",
+                get(
+                    |Extension(lazy): Extension<LazySession<Profile>>| async move {
+                        format!("loaded={}", lazy.is_loaded())
+                    },
+                ),
+            )
+            .route(
+                "/used",
+                get(
+                    |Extension(lazy): Extension<LazySession<Profile>>,
+                     s: CurrentSession<Profile>| async move {
+                        // The extractor loaded it; loading again through the handle shares that session.
+                        let again = lazy.load().await.unwrap();
+                        assert_eq!(
+                            again.get().map(|s| s.id().to_owned()),
+                            s.get().map(|s| s.id().to_owned())
+                        );
+                        format!(
+                            "loaded={} user={:?}",
+                            lazy.is_loaded(),
+                            s.get().map(|s| s.user_id().to_owned())
+                        )
+                    },
+                ),
+            )
+            .layer(layer(&kw));
+    let cookie = logged_in(&app, "ada").await;
+
+    let response = send(&app, request("GET", "/unused", &[&cookie])).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(set_cookie(&response), None);
+    assert_eq!(body_text(response).await, "loaded=false");
+
+    let response = send(&app, request("GET", "/used", &[&cookie])).await;
+    assert_eq!(
+        set_cookie(&response),
+        None,
+        "loading alone changes no cookie"
+    );
+    assert_eq!(body_text(response).await, "loaded=true user=Some(\"ada\")");
+
+    // A logout on another request is seen by the next load, not by requests that never load.
+    let response = send(&app, request("POST", "/logout", &[&cookie])).await;
+    assert_eq!(body_text(response).await, "bye");
+    let response = send(&app, request("GET", "/unused", &[&cookie])).await;
+    assert_eq!(
+        set_cookie(&response),
+        None,
+        "an unused dead cookie is left alone"
+    );
+    assert_eq!(whoami(&app, &[&cookie]).await, StatusCode::UNAUTHORIZED);
+}

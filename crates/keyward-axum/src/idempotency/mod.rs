@@ -17,11 +17,9 @@
 
 mod body;
 mod key;
-mod problem;
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -31,16 +29,13 @@ use keyward::idempotency::{Begin, Completion, Idempotency, Lease, StoredResponse
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::extract::{Extracted, KeyExtractor};
-use crate::headers::retry_after_secs;
-use crate::layer::ResponseFuture;
+use crate::identity::{Extracted, KeyExtractor};
+use crate::problem::{self as problems, idempotency as problem};
+use crate::rate_limit::headers::retry_after_secs;
+use crate::shell::{Capability, ResponseFuture, Shell};
 use body::{Buffered, Unstorable};
 pub use key::{
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
-};
-pub use problem::{
-    IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID, IDEMPOTENCY_KEY_MISSING,
-    IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE,
 };
 
 /// Default largest request body read for the fingerprint: 1 MiB.
@@ -137,13 +132,13 @@ const NEVER_STORED: [&str; 12] = [
 /// | --- | --- |
 /// | first request under the key | the inner service's; stored unless it is `5xx`, `408` or `429`, over the class's `max_response_bytes`, or has trailers |
 /// | the same request again, after that | the stored status, headers and body, plus `Idempotent-Replayed: true` |
-/// | the same key while the first request runs | `409`, `Retry-After` (the lease's remaining time, rounded up, at least 1 s), problem type [`IDEMPOTENCY_KEY_IN_USE`] |
-/// | the same key, a different request | `422`, problem type [`IDEMPOTENCY_KEY_REUSED`] |
-/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400`, problem type [`IDEMPOTENCY_KEY_MISSING`] |
-/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400`, problem type [`IDEMPOTENCY_KEY_INVALID`] |
+/// | the same key while the first request runs | `409`, `Retry-After` (the lease's remaining time, rounded up, at least 1 s), problem type [`IDEMPOTENCY_KEY_IN_USE`](crate::IDEMPOTENCY_KEY_IN_USE) |
+/// | the same key, a different request | `422`, problem type [`IDEMPOTENCY_KEY_REUSED`](crate::IDEMPOTENCY_KEY_REUSED) |
+/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400`, problem type [`IDEMPOTENCY_KEY_MISSING`](crate::IDEMPOTENCY_KEY_MISSING) |
+/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400`, problem type [`IDEMPOTENCY_KEY_INVALID`](crate::IDEMPOTENCY_KEY_INVALID) |
 /// | no client identity for the [`scope`](Self::scope) | `400`, `about:blank` |
 /// | a body over [`max_request_bytes`](Self::max_request_bytes) | `413`, `about:blank` |
-/// | the store fails before the handler runs | `503`, problem type [`IDEMPOTENCY_UNAVAILABLE`]; the handler is not run |
+/// | the store fails before the handler runs | `503`, problem type [`IDEMPOTENCY_UNAVAILABLE`](crate::IDEMPOTENCY_UNAVAILABLE); the handler is not run |
 /// | a server setup error (no connection info for a client-IP scope, an id keyward rejects, an unreadable stored response) | `500`, logged at `error` |
 ///
 /// Refused requests never reach the inner service. Without a key and with
@@ -175,11 +170,12 @@ const NEVER_STORED: [&str; 12] = [
 /// this layer. Prefer `Router::route_layer` to keep unmatched routes out of the key space.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
-    config: Arc<Config>,
+    config: Arc<IdempotencyConfig>,
 }
 
+/// The configuration of an [`IdempotencyLayer`], shared by its services.
 #[derive(Clone)]
-struct Config {
+pub struct IdempotencyConfig {
     idempotency: Idempotency,
     methods: Vec<Method>,
     require_key: bool,
@@ -195,7 +191,7 @@ impl IdempotencyLayer {
     /// Idempotency keys of the class behind `idempotency`, with the defaults in the table above.
     pub fn new(idempotency: Idempotency) -> IdempotencyLayer {
         IdempotencyLayer {
-            config: Arc::new(Config {
+            config: Arc::new(IdempotencyConfig {
                 idempotency,
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: true,
@@ -301,7 +297,7 @@ impl fmt::Debug for IdempotencyLayer {
     }
 }
 
-impl fmt::Debug for Config {
+impl fmt::Debug for IdempotencyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
             .field("idempotency", &self.idempotency)
@@ -319,54 +315,33 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService {
-            inner,
-            config: Arc::clone(&self.config),
-        }
+        Shell::new(inner, Arc::clone(&self.config))
     }
 }
 
-/// The [`Service`] of [`IdempotencyLayer`], wrapping the inner service `S`.
-#[derive(Clone)]
-pub struct IdempotencyService<S> {
-    inner: S,
-    config: Arc<Config>,
-}
+/// The [`Service`] of [`IdempotencyLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// prints the layer's configuration.
+pub type IdempotencyService<S> = Shell<IdempotencyConfig, S>;
 
-impl<S> fmt::Debug for IdempotencyService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.config.fmt(f)
-    }
-}
-
-impl<S, B> Service<Request<B>> for IdempotencyService<S>
+impl<S, B> Capability<S, B> for IdempotencyConfig
 where
-    S: Service<Request<Body>> + Clone + Send + 'static,
+    S: Service<Request<Body>> + Send + 'static,
     S::Response: IntoResponse,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
-    type Response = Response;
+    type InnerRequest = Request<Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // As in the rate-limit layer: use the readied instance for this call, leave a clone for the next.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.config);
-        Box::pin(idempotent(config, inner, request.map(Body::new)))
+    fn call(self: Arc<Self>, inner: S, request: Request<B>) -> ResponseFuture<S::Error> {
+        Box::pin(idempotent(self, inner, request.map(Body::new)))
     }
 }
 
 async fn idempotent<S>(
-    config: Arc<Config>,
+    config: Arc<IdempotencyConfig>,
     mut inner: S,
     request: Request<Body>,
 ) -> Result<Response, S::Error>
@@ -423,12 +398,12 @@ where
         Buffered::Unstorable {
             why: Unstorable::Failed,
             ..
-        } => return Ok(problem::bad_request("The request body could not be read.")),
+        } => return Ok(problems::bad_request("The request body could not be read.")),
         Buffered::Unstorable {
             why: Unstorable::Trailers,
             ..
         } => {
-            return Ok(problem::bad_request(
+            return Ok(problems::bad_request(
                 "A request with trailer fields cannot be checked for idempotency.",
             ));
         }
@@ -498,7 +473,7 @@ where
 
 /// Runs the handler under `lease`, then stores its response if it can be stored.
 async fn run<S>(
-    config: Arc<Config>,
+    config: Arc<IdempotencyConfig>,
     mut inner: S,
     request: Request<Body>,
     lease: Lease,

@@ -1,4 +1,5 @@
-//! Key extractors: which bucket a request is counted in.
+//! Client identity: which bucket a request is counted in ([`KeyExtractor`]), used by the rate-limit layer
+//! and as the idempotency layer's key scope; `client_ip` finds the client's address behind proxies.
 //!
 //! **The one decision to know:** every extractor prefixes what it finds with its kind (`ip`, `header`,
 //! `user`, `route`, `fn`), and the parts stay separate id parts of the keyward key. So an API key that
@@ -16,7 +17,9 @@ use axum::extract::MatchedPath;
 use http::HeaderName;
 use http::request::Parts;
 
-use crate::client_ip::{self, TrustedProxies};
+pub(crate) mod client_ip;
+
+pub use client_ip::{IpNetwork, ProxyHeader, TrustedProxies};
 
 /// Longest header value used as an identity, in bytes; a longer one counts as missing.
 pub const MAX_HEADER_ID_BYTES: usize = 256;

@@ -1,14 +1,14 @@
-//! The tower [`Layer`] and its [`Service`]: identify, check, then call the inner service or refuse.
+//! Rate limits: [`RateLimitLayer`] identifies a request ([`KeyExtractor`]), checks its limiter, then calls
+//! the inner service or refuses; `headers` writes the `RateLimit-Policy` / `RateLimit` fields.
 //!
 //! **The one decision to know:** the limiter is checked *before* the inner service is called, and a
 //! refused request never reaches it. Every response the layer writes itself is listed in the crate docs
 //! (*Responses*), with why a failed check is a `500`.
 
+pub(crate) mod headers;
+
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Request, header};
@@ -16,9 +16,10 @@ use keyward::RateLimiter;
 use keyward::rate_limit::Source;
 use tower::{Layer, Service};
 
-use crate::extract::{Extracted, KeyExtractor};
-use crate::headers::{self, RATELIMIT, RATELIMIT_POLICY};
-use crate::problem;
+use crate::identity::{Extracted, KeyExtractor};
+use crate::problem::rate_limit as problem;
+use crate::shell::{Capability, ResponseFuture, Shell};
+use headers::{RATELIMIT, RATELIMIT_POLICY};
 
 /// The id of the shared bucket of [`OnMissing::SharedBucket`]: one part, so it cannot collide with an
 /// extractor's ids, which always have a kind and a value.
@@ -78,11 +79,13 @@ pub enum OnMissing {
 /// ```
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    config: Arc<Config>,
+    config: Arc<RateLimitConfig>,
 }
 
+/// The configuration of a [`RateLimitLayer`], shared by its services (the per-request logic is this
+/// module's `rate_limit` function).
 #[derive(Clone)]
-struct Config {
+pub struct RateLimitConfig {
     limiter: RateLimiter,
     extractor: KeyExtractor,
     on_missing: OnMissing,
@@ -96,7 +99,7 @@ impl RateLimitLayer {
     pub fn new(limiter: RateLimiter, extractor: KeyExtractor) -> RateLimitLayer {
         let policy = headers::policy_value(&limiter);
         RateLimitLayer {
-            config: Arc::new(Config {
+            config: Arc::new(RateLimitConfig {
                 limiter,
                 extractor,
                 on_missing: OnMissing::default(),
@@ -124,7 +127,7 @@ impl fmt::Debug for RateLimitLayer {
     }
 }
 
-impl fmt::Debug for Config {
+impl fmt::Debug for RateLimitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("limiter", &self.limiter)
@@ -138,56 +141,31 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimitService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService {
-            inner,
-            config: Arc::clone(&self.config),
-        }
+        Shell::new(inner, Arc::clone(&self.config))
     }
 }
 
-/// The [`Service`] of [`RateLimitLayer`], wrapping the inner service `S`.
-#[derive(Clone)]
-pub struct RateLimitService<S> {
-    inner: S,
-    config: Arc<Config>,
-}
+/// The [`Service`] of [`RateLimitLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// prints the layer's configuration.
+pub type RateLimitService<S> = Shell<RateLimitConfig, S>;
 
-impl<S> fmt::Debug for RateLimitService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.config.fmt(f)
-    }
-}
-
-/// The future of [`RateLimitService`].
-pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response, E>> + Send + 'static>>;
-
-impl<S, B> Service<Request<B>> for RateLimitService<S>
+impl<S, B> Capability<S, B> for RateLimitConfig
 where
-    S: Service<Request<B>> + Clone + Send + 'static,
+    S: Service<Request<B>> + Send + 'static,
     S::Response: IntoResponse,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
-    type Response = Response;
+    type InnerRequest = Request<B>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // `self.inner` is the instance `poll_ready` readied: take it for this call and leave a fresh
-        // clone (not yet readied) for the next, which will be polled ready before its own call.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.config);
-        Box::pin(rate_limit(config, inner, request))
+    fn call(self: Arc<Self>, inner: S, request: Request<B>) -> ResponseFuture<S::Error> {
+        Box::pin(rate_limit(self, inner, request))
     }
 }
 
 async fn rate_limit<S, B>(
-    config: Arc<Config>,
+    config: Arc<RateLimitConfig>,
     mut inner: S,
     request: Request<B>,
 ) -> Result<Response, S::Error>

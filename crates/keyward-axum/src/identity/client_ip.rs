@@ -19,6 +19,7 @@ use axum::extract::ConnectInfo;
 use axum::extract::connect_info::MockConnectInfo;
 use http::HeaderMap;
 use http::request::Parts;
+use ipnet::IpNet;
 
 use crate::Error;
 
@@ -47,7 +48,8 @@ impl ProxyHeader {
 /// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`), or one address (`192.0.2.7`).
 ///
 /// Host bits below the prefix are ignored (`10.1.2.3/8` is `10.0.0.0/8`). IPv4-mapped IPv6 addresses
-/// (`::ffff:10.0.0.1`) are matched as the IPv4 address they carry.
+/// (`::ffff:10.0.0.1`) are matched as the IPv4 address they carry. Parsing and matching are the `ipnet`
+/// crate's.
 ///
 /// ```
 /// use keyward_axum::IpNetwork;
@@ -57,35 +59,29 @@ impl ProxyHeader {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpNetwork {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct IpNetwork(IpNet);
 
 impl IpNetwork {
     /// The network of `addr` with `prefix` leading bits; `None` if `prefix` is longer than the address.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<IpNetwork> {
-        let addr = addr.to_canonical();
-        (prefix <= max_prefix(addr)).then(|| IpNetwork {
-            addr: mask(addr, prefix),
-            prefix,
-        })
+        IpNet::new(addr.to_canonical(), prefix)
+            .ok()
+            .map(|net| IpNetwork(net.trunc()))
     }
 
     /// The first address of the network.
     pub fn addr(&self) -> IpAddr {
-        self.addr
+        self.0.network()
     }
 
     /// The number of leading bits that are fixed.
     pub fn prefix(&self) -> u8 {
-        self.prefix
+        self.0.prefix_len()
     }
 
     /// Whether `ip` is in this network.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+        self.0.contains(&ip.to_canonical())
     }
 }
 
@@ -93,64 +89,48 @@ impl FromStr for IpNetwork {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason: &str| Error::InvalidNetwork {
+        let text = s.trim();
+        let parsed = match text.parse::<IpNet>() {
+            Ok(net) => Some((net.addr(), net.prefix_len())),
+            // One address: the network of just that address.
+            Err(_) => text
+                .parse::<IpAddr>()
+                .ok()
+                .map(|addr| (addr, max_prefix(addr.to_canonical()))),
+        };
+        // `ipnet` checks the prefix against the address as written; an IPv4-mapped address is an IPv4 one
+        // here, so `new` checks it again.
+        let reason = match parsed {
+            Some((addr, prefix)) => match IpNetwork::new(addr, prefix) {
+                Some(net) => return Ok(net),
+                None => "the prefix length is longer than the address",
+            },
+            None => match text.split_once('/') {
+                Some((addr, prefix)) if addr.parse::<IpAddr>().is_ok() => {
+                    if prefix.parse::<u8>().is_ok() {
+                        "the prefix length is longer than the address"
+                    } else {
+                        "the prefix length is not a number"
+                    }
+                }
+                _ => "not an IPv4 or IPv6 address",
+            },
+        };
+        Err(Error::InvalidNetwork {
             input: s.to_owned(),
             reason: reason.to_owned(),
-        };
-        let text = s.trim();
-        let (addr, prefix) = match text.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| invalid("not an IPv4 or IPv6 address"))?;
-        let addr = addr.to_canonical();
-        let prefix = match prefix {
-            None => max_prefix(addr),
-            Some(p) => p
-                .parse::<u8>()
-                .map_err(|_| invalid("the prefix length is not a number"))?,
-        };
-        IpNetwork::new(addr, prefix)
-            .ok_or_else(|| invalid("the prefix length is longer than the address"))
+        })
     }
 }
 
 impl fmt::Display for IpNetwork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 
 fn max_prefix(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
-}
-
-/// `ip` with every bit after the first `prefix` cleared.
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let kept = bits
-                .checked_shr(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            let masked = kept
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(masked))
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let kept = bits
-                .checked_shr(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            let masked = kept
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(masked))
-        }
-    }
 }
 
 /// Which proxies in front of the service may tell us the client's address.
@@ -475,10 +455,10 @@ fn parse_node(text: &str) -> Node {
 /// `ip` reduced to its network of `v4_prefix` / `v6_prefix` bits, as used in keys.
 pub(crate) fn key_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
     let prefix = if ip.is_ipv4() { v4_prefix } else { v6_prefix };
-    if prefix >= max_prefix(ip) {
-        ip.to_string()
-    } else {
-        format!("{}/{prefix}", mask(ip, prefix))
+    match IpNet::new(ip, prefix) {
+        Ok(net) if prefix < max_prefix(ip) => net.trunc().to_string(),
+        // A full-length (or, never from the extractors, overlong) prefix: the address itself.
+        _ => ip.to_string(),
     }
 }
 
@@ -550,6 +530,38 @@ mod tests {
         }
         let err = TrustedProxies::networks(["10.0.0.0/8", "nope"]).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        let reason = |bad: &str| match bad.parse::<IpNetwork>() {
+            Err(Error::InvalidNetwork { reason, .. }) => reason,
+            other => panic!("{bad}: {other:?}"),
+        };
+        assert_eq!(
+            reason("10.0.0.0/33"),
+            "the prefix length is longer than the address"
+        );
+        assert_eq!(
+            reason("::ffff:10.0.0.0/104"),
+            "the prefix length is longer than the address"
+        );
+        assert_eq!(reason("10.0.0.0/x"), "the prefix length is not a number");
+        assert_eq!(reason("10.0.0/8"), "not an IPv4 or IPv6 address");
+
+        // Surrounding whitespace, host bits, an IPv4-mapped network and an IPv6 one written short.
+        let mapped: IpNetwork = " ::ffff:192.0.2.9/24 ".parse().unwrap();
+        assert_eq!(mapped.to_string(), "192.0.2.0/24");
+        assert_eq!(mapped.addr(), ip("192.0.2.0"));
+        assert!(mapped.contains(ip("192.0.2.200")) && !mapped.contains(ip("192.0.3.1")));
+        let v6: IpNetwork = "fd00::1/8".parse().unwrap();
+        assert_eq!((v6.addr(), v6.prefix()), (ip("fd00::"), 8));
+        assert!(v6.contains(ip("fdff:ffff::1")) && !v6.contains(ip("fe00::1")));
+        assert!(
+            !v6.contains(ip("10.0.0.1")),
+            "an IPv4 address never matches an IPv6 network"
+        );
+        assert_eq!(IpNetwork::new(ip("10.9.9.9"), 33), None);
+        assert_eq!(
+            IpNetwork::new(ip("10.9.9.9"), 16),
+            Some("10.9.0.0/16".parse().unwrap())
+        );
     }
 
     #[test]
