@@ -811,4 +811,48 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn on_error_parses_defaults_and_names_the_field_when_bad() {
+        let c = |body: &str| {
+            Policy::from_toml_str(&one_class(body)).map(|p| {
+                p.class("product_list")
+                    .unwrap()
+                    .as_cache()
+                    .unwrap()
+                    .on_error_value()
+            })
+        };
+        assert_eq!(c("ttl = \"10m\"").unwrap(), CacheOnError::FailOpen);
+        assert_eq!(
+            c("ttl = \"10m\"\non_error = \"fail_open\"").unwrap(),
+            CacheOnError::FailOpen
+        );
+        assert_eq!(
+            c("ttl = \"10m\"\non_error = \"error\"").unwrap(),
+            CacheOnError::Error
+        );
+        let built = Policy::builder("prod", "shop")
+            .cache("product_list", base().on_error(CacheOnError::Error))
+            .build()
+            .unwrap();
+        assert_eq!(
+            built,
+            Policy::from_toml_str(&one_class("ttl = \"10m\"\non_error = \"error\"")).unwrap()
+        );
+        assert!(
+            built.to_string().contains("on_error:        error"),
+            "{built}"
+        );
+
+        let err = toml_err("ttl = \"10m\"\non_error = \"retry\"");
+        assert_class_field(&err, "on_error");
+        assert_eq!(
+            err.message(),
+            "unknown value \"retry\"; expected \"fail_open\" or \"error\""
+        );
+        let err = toml_err("ttl = \"10m\"\non_error = false");
+        assert_class_field(&err, "on_error");
+        assert!(err.message().contains("found boolean"), "{err}");
+    }
 }

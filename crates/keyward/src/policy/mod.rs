@@ -25,6 +25,7 @@
 //! allow_shared = false        # default false
 //! lease_ttl = "10s"           # fill lease lifetime, default 10s, must be > loader_timeout
 //! loader_timeout = "5s"       # default 5s, must be > 0
+//! on_error = "fail_open"      # "fail_open" (default: the loader runs, nothing is written) | "error"
 //!
 //! [classes.api_per_tenant]
 //! kind = "rate_limit"
@@ -88,19 +89,31 @@
 //! assert_eq!(policy.class("product_list").unwrap().kind().name(), "cache");
 //! # Ok::<(), keyward::policy::PolicyError>(())
 //! ```
-
+//!
+//! # Eviction
+//!
+//! Each kind states whether the embedded store may evict its entries to make room
+//! ([`ClassKind::evictable`], shown as `eviction:` in the [`Policy`] display): cache entries may be evicted
+//! under memory pressure (a miss costs a reload); rate-limit state, sessions, locks and idempotency records
+//! never are.
 //!
 //! # Adding a class kind
 //!
-//! A kind lives in one file, `policy/<kind>.rs`, and is registered by one entry in the `class_kinds!`
-//! invocation below (variant, TOML name, `Class::as_…` accessor, `PolicyBuilder` method). The file holds:
+//! A kind lives in one file, `policy/<kind>.rs`. Registering it takes its `mod` and `pub use` lines here
+//! and one entry in the `class_kinds!` invocation below (variant, TOML name, `Class::as_…` accessor,
+//! `PolicyBuilder` method), which generates the [`ClassKind`] variant and all the dispatch: `name`,
+//! `version`, `evictable`, validation, display, TOML loading and the list of known kinds. (The `mod` line
+//! stays outside the macro so that rustfmt still finds the file.) The kind's file holds:
 //!
 //! 1. the public settings type (`FooClass`) with `new`, chained setters and `…_value` getters;
 //! 2. its raw TOML form, a private struct with `#[derive(Deserialize)] #[serde(deny_unknown_fields)]`
 //!    whose fields are `Option<…>` of the field types in `policy/fields.rs` (`Dur`, `Int`, `Flag`, `Text`);
 //! 3. `impl ClassSpec for FooClass`: `from_raw` (raw → settings; required fields, names of enum values,
 //!    integer ranges), `validate` (every rule, for TOML and builder alike), `describe` (its lines of the
-//!    [`Policy`] display), `key_version`, and `EVICTABLE` (may the embedded store evict its entries?).
+//!    [`Policy`] display), `key_version`, `EVICTABLE` (may the embedded store evict its entries?) and,
+//!    for a kind that holds cache values, `max_value_lifetime`.
+//!
+//! Then document its fields in the TOML example above.
 //!
 //! Every error is a `(field, message)` pair; the loader adds the file and class. Unknown fields, type
 //! errors, the list of known kinds and the TOML syntax errors need nothing from the kind.
@@ -447,7 +460,7 @@ impl Policy {
                 e.message().trim_end()
             ))
         })?;
-        from_table(table)
+        from_document(table)
     }
 
     /// Reads, parses and validates a policy file; every error (an unreadable file too) carries the path.
@@ -636,7 +649,7 @@ struct RawNamespace {
     app: Option<Text>,
 }
 
-fn from_table(table: toml::Table) -> Result<Policy, PolicyError> {
+fn from_document(table: toml::Table) -> Result<Policy, PolicyError> {
     let doc: RawDocument = deserialize_table(table).map_err(|e| match e {
         TableError::Unknown { field, .. } => PolicyError::field_error(
             field,
@@ -1009,5 +1022,156 @@ mod tests {
         let names: Vec<_> = p.classes().map(Class::name).collect();
         assert_eq!(names, ["alpha", "mid", "zeta"]);
         assert_eq!(p.max_entry_lifetime(), secs(100 + 50 + 20));
+    }
+
+    /// One minimal valid class body per kind (without `kind`).
+    const MINIMAL: [(&str, &str); 5] = [
+        ("cache", "ttl = \"1m\"\ninvalidation = \"x\""),
+        (
+            "rate_limit",
+            "algorithm = \"gcra\"\nlimit = 5\nwindow = \"1s\"",
+        ),
+        ("session", "idle = \"1m\"\nabsolute = \"1h\""),
+        ("lock", "ttl = \"1s\""),
+        ("idempotency", ""),
+    ];
+
+    fn class_of(kind: &str, body: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml_str(&format!(
+            "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.c]\nkind = \"{kind}\"\n{body}\n"
+        ))
+    }
+
+    #[test]
+    fn every_registered_kind_parses_and_is_known() {
+        assert_eq!(KNOWN_KINDS, MINIMAL.map(|(kind, _)| kind));
+        for (kind, body) in MINIMAL {
+            let p = class_of(kind, body).unwrap();
+            assert_eq!(p.class("c").unwrap().kind().name(), kind);
+            assert_eq!(p.class("c").unwrap().kind().version(), 1);
+        }
+    }
+
+    #[test]
+    fn only_cache_entries_are_evictable_and_display_says_so() {
+        for (kind, body) in MINIMAL {
+            let p = class_of(kind, body).unwrap();
+            let class = p.class("c").unwrap();
+            assert_eq!(class.kind().evictable(), kind == "cache", "{kind}");
+            let text = p.to_string();
+            let block = text
+                .split("\n\n")
+                .find(|b| b.starts_with("class c ("))
+                .unwrap();
+            let expected = if kind == "cache" {
+                "  eviction: allowed"
+            } else {
+                "  eviction: never"
+            };
+            assert_eq!(
+                block
+                    .lines()
+                    .filter(|l| l.starts_with("  eviction:"))
+                    .collect::<Vec<_>>(),
+                [expected],
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_field_names_class_field_and_accepted_fields_for_every_kind() {
+        for (kind, body) in MINIMAL {
+            let err = class_of(kind, &format!("{body}\nbogus_field = 1")).unwrap_err();
+            assert_eq!(err.class(), Some("c"), "{err}");
+            assert_eq!(err.field(), Some("bogus_field"), "{err}");
+            assert!(
+                err.message()
+                    .starts_with(&format!("unknown field; a {kind} class accepts kind, ")),
+                "{err}"
+            );
+            assert!(err.message().contains("version"), "{err}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_what_was_expected() {
+        for (kind, body, field, message) in [
+            (
+                "cache",
+                "ttl = \"1m\"\ninvalidation = 3",
+                "invalidation",
+                "expected a string, found integer",
+            ),
+            (
+                "cache",
+                "ttl = \"1m\"\ninvalidation = \"x\"\npersonal = 1",
+                "personal",
+                "expected true or false, found integer",
+            ),
+            (
+                "cache",
+                "ttl = [\"1m\"]\ninvalidation = \"x\"",
+                "ttl",
+                "expected a duration string like \"10m\", found array",
+            ),
+            (
+                "rate_limit",
+                "algorithm = \"gcra\"\nlimit = 1.5\nwindow = \"1s\"",
+                "limit",
+                "expected an integer, found float",
+            ),
+            (
+                "lock",
+                "ttl = \"1s\"\nwatchdog = \"on\"",
+                "watchdog",
+                "expected true or false, found string",
+            ),
+            (
+                "idempotency",
+                "lease = { secs = 1 }",
+                "lease",
+                "expected a duration string like \"10m\", found table",
+            ),
+        ] {
+            let err = class_of(kind, body).unwrap_err();
+            assert_eq!(
+                (err.class(), err.field()),
+                (Some("c"), Some(field)),
+                "{err}"
+            );
+            assert_eq!(err.message(), message, "{err}");
+        }
+    }
+
+    #[test]
+    fn document_level_shape_errors_name_the_field() {
+        let err = Policy::from_toml_str("classes = 3\n[namespace]\nenv = \"a\"\napp = \"b\"\n")
+            .unwrap_err();
+        assert_eq!((err.class(), err.field()), (None, Some("classes")));
+        assert_eq!(err.message(), "expected a table, found integer");
+        let err = Policy::from_toml_str("namespace = \"prod\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `namespace`: expected a table, found string"
+        );
+        let err = Policy::from_toml_str(
+            "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes]\nc = \"cache\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "class `c`: expected a table, found string");
+    }
+
+    #[test]
+    fn toml_syntax_error_keeps_line_and_column() {
+        let err = Policy::from_toml_str("[namespace]\nenv = \"prod\"\napp = = 1\n").unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("invalid TOML at line 3, column 7"),
+            "{err}"
+        );
+        let err = Policy::from_toml_str("[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.c]\nkind = \"lock\"\nkind = \"lock\"\n")
+            .unwrap_err();
+        assert!(err.message().starts_with("invalid TOML at line 6"), "{err}");
     }
 }

@@ -552,4 +552,57 @@ mod tests {
         );
         field_err("idempotency", "ttl = \"0s\"", "ttl", "between");
     }
+
+    #[test]
+    fn size_limits_name_their_own_field() {
+        use crate::policy::{CacheClass, IdempotencyClass, SessionClass};
+        use std::time::Duration;
+
+        for (body, bad) in [
+            ("max_data_bytes = 0", "0"),
+            ("max_data_bytes = 16777217", "16777217"),
+        ] {
+            field_err(
+                "session",
+                &format!("idle = \"1m\"\nabsolute = \"1h\"\n{body}"),
+                "max_data_bytes",
+                bad,
+            );
+        }
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\nmax_data_bytes = -1",
+            "max_data_bytes",
+            "positive",
+        );
+        field_err(
+            "idempotency",
+            "max_response_bytes = 67108865",
+            "max_response_bytes",
+            "67108865",
+        );
+        field_err(
+            "idempotency",
+            "max_response_bytes = \"1MiB\"",
+            "max_response_bytes",
+            "expected an integer",
+        );
+
+        let minute = Duration::from_secs(60);
+        let built =
+            |b: crate::policy::PolicyBuilder| b.build().unwrap_err().field().map(str::to_owned);
+        let b = || Policy::builder("a", "b");
+        assert_eq!(
+            built(b().cache("c", CacheClass::new(minute, "x").max_value_bytes(0))).as_deref(),
+            Some("max_value_bytes")
+        );
+        assert_eq!(
+            built(b().session("c", SessionClass::new(minute, minute).max_data_bytes(0))).as_deref(),
+            Some("max_data_bytes")
+        );
+        assert_eq!(
+            built(b().idempotency("c", IdempotencyClass::new().max_response_bytes(0))).as_deref(),
+            Some("max_response_bytes")
+        );
+    }
 }
