@@ -3,11 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{ClassFields, MAX_TTL, PolicyError, fmt_duration};
+use serde::Deserialize;
 
-/// Fields an `idempotency` class accepts in TOML.
-pub(crate) const IDEMPOTENCY_FIELDS: &[&str] =
-    &["kind", "ttl", "lease", "max_response_bytes", "version"];
+use super::fields::{Dur, Int};
+use super::{ClassSpec, FieldError, MAX_TTL, fmt_duration};
 
 /// Default replay window: 24 hours.
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -105,8 +104,30 @@ impl IdempotencyClass {
     pub fn version_value(&self) -> u32 {
         self.version
     }
+}
 
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+impl ClassSpec for IdempotencyClass {
+    type Raw = RawIdempotency;
+    const EVICTABLE: bool = false;
+
+    fn from_raw(raw: RawIdempotency) -> Result<Self, FieldError> {
+        let mut class = IdempotencyClass::new();
+        if let Some(Dur(d)) = raw.ttl {
+            class.ttl = d;
+        }
+        if let Some(Dur(d)) = raw.lease {
+            class.lease = d;
+        }
+        if let Some(n) = raw.max_response_bytes {
+            class.max_response_bytes = n.to("max_response_bytes", "a positive integer")?;
+        }
+        if let Some(v) = raw.version {
+            class.version = v.to("version", "an integer from 1 to 4294967295")?;
+        }
+        Ok(class)
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
         if self.ttl < Duration::from_secs(1) || self.ttl > MAX_TTL {
             return Err((
                 "ttl",
@@ -141,7 +162,11 @@ impl IdempotencyClass {
         Ok(())
     }
 
-    pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  ttl:             {}", fmt_duration(self.ttl))?;
         writeln!(f, "  lease:           {}", fmt_duration(self.lease))?;
         writeln!(f, "  max_response_bytes: {}", self.max_response_bytes)?;
@@ -149,20 +174,12 @@ impl IdempotencyClass {
     }
 }
 
-pub(crate) fn parse_idempotency(mut f: ClassFields<'_>) -> Result<IdempotencyClass, PolicyError> {
-    f.reject_unknown("idempotency", IDEMPOTENCY_FIELDS)?;
-    let mut class = IdempotencyClass::new();
-    if let Some(d) = f.duration("ttl")? {
-        class.ttl = d;
-    }
-    if let Some(d) = f.duration("lease")? {
-        class.lease = d;
-    }
-    if let Some(n) = f.integer::<usize>("max_response_bytes", "a positive integer")? {
-        class.max_response_bytes = n;
-    }
-    if let Some(v) = f.integer::<u32>("version", "an integer from 1 to 4294967295")? {
-        class.version = v;
-    }
-    Ok(class)
+/// The TOML form of an idempotency class (`kind` is read before this). Every field has a default.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdempotency {
+    ttl: Option<Dur>,
+    lease: Option<Dur>,
+    max_response_bytes: Option<Int>,
+    version: Option<Int>,
 }

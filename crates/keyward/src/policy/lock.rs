@@ -3,11 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{ClassFields, MAX_TTL, PolicyError, fmt_duration};
+use serde::Deserialize;
 
-/// Fields a `lock` class accepts in TOML.
-pub(crate) const LOCK_FIELDS: &[&str] =
-    &["kind", "ttl", "wait", "watchdog", "fence_ttl", "version"];
+use super::fields::{Dur, Flag, Int, required};
+use super::{ClassSpec, FieldError, MAX_TTL, fmt_duration};
 
 /// Default lifetime of the fencing counter and fenced values: 7 days.
 const DEFAULT_FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -98,8 +97,28 @@ impl LockClass {
     pub fn version_value(&self) -> u32 {
         self.version
     }
+}
 
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+impl ClassSpec for LockClass {
+    type Raw = RawLock;
+    const EVICTABLE: bool = false;
+
+    fn from_raw(raw: RawLock) -> Result<Self, FieldError> {
+        let mut class = LockClass::new(required("ttl", raw.ttl)?.0);
+        class.wait = raw.wait.map(|d| d.0);
+        if let Some(Flag(b)) = raw.watchdog {
+            class.watchdog = b;
+        }
+        if let Some(Dur(d)) = raw.fence_ttl {
+            class.fence_ttl = d;
+        }
+        if let Some(v) = raw.version {
+            class.version = v.to("version", "an integer from 1 to 4294967295")?;
+        }
+        Ok(class)
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
         if self.ttl < Duration::from_millis(10) || self.ttl > Duration::from_secs(24 * 3600) {
             return Err((
                 "ttl",
@@ -133,7 +152,11 @@ impl LockClass {
         Ok(())
     }
 
-    pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  ttl:             {}", fmt_duration(self.ttl))?;
         writeln!(f, "  wait:            {}", fmt_duration(self.wait_value()))?;
         writeln!(f, "  watchdog:        {}", self.watchdog)?;
@@ -142,18 +165,13 @@ impl LockClass {
     }
 }
 
-pub(crate) fn parse_lock(mut f: ClassFields<'_>) -> Result<LockClass, PolicyError> {
-    f.reject_unknown("lock", LOCK_FIELDS)?;
-    let mut class = LockClass::new(f.required_duration("ttl")?);
-    class.wait = f.duration("wait")?;
-    if let Some(b) = f.boolean("watchdog")? {
-        class.watchdog = b;
-    }
-    if let Some(d) = f.duration("fence_ttl")? {
-        class.fence_ttl = d;
-    }
-    if let Some(v) = f.integer::<u32>("version", "an integer from 1 to 4294967295")? {
-        class.version = v;
-    }
-    Ok(class)
+/// The TOML form of a lock class (`kind` is read before this). Required: `ttl`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLock {
+    ttl: Option<Dur>,
+    wait: Option<Dur>,
+    watchdog: Option<Flag>,
+    fence_ttl: Option<Dur>,
+    version: Option<Int>,
 }

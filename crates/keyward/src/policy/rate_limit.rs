@@ -3,7 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{ClassFields, PolicyError, fmt_duration};
+use serde::Deserialize;
+
+use super::fields::{Dur, Flag, Int, Text, required};
+use super::{ClassSpec, FieldError, fmt_duration};
 
 /// Largest `limit` (and `burst`) a class may declare.
 pub(crate) const MAX_LIMIT: u64 = 1_000_000_000;
@@ -13,19 +16,6 @@ pub(crate) const MAX_LOG_LIMIT: u64 = 100_000;
 const MAX_WINDOW: Duration = Duration::from_secs(400 * 24 * 60 * 60);
 /// Longest time a token bucket or GCRA identity may take to refill from empty: 10 years.
 const MAX_REFILL: Duration = Duration::from_secs(10 * 366 * 24 * 60 * 60);
-
-/// Fields a `rate_limit` class accepts in TOML.
-pub(crate) const RATE_LIMIT_FIELDS: &[&str] = &[
-    "kind",
-    "algorithm",
-    "limit",
-    "window",
-    "burst",
-    "version",
-    "on_error",
-    "block_cache",
-    "shadow",
-];
 
 /// How a rate-limit class counts. Every algorithm is one Lua script on Redis and one critical section in the
 /// embedded backend, on the server's clock.
@@ -275,8 +265,49 @@ impl RateLimitClass {
             }
         }
     }
+}
 
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+impl ClassSpec for RateLimitClass {
+    type Raw = RawRateLimit;
+    const EVICTABLE: bool = false;
+
+    fn from_raw(raw: RawRateLimit) -> Result<Self, FieldError> {
+        let names = Algorithm::ALL.map(Algorithm::name).join(", ");
+        let algorithm = required("algorithm", raw.algorithm)?.0;
+        let algorithm = Algorithm::from_name(&algorithm).ok_or_else(|| {
+            (
+                "algorithm",
+                format!("unknown algorithm \"{algorithm}\"; known: {names}"),
+            )
+        })?;
+        let limit = required("limit", raw.limit)?.to("limit", "a positive integer")?;
+        let window = required("window", raw.window)?.0;
+        let mut class = RateLimitClass::new(algorithm, limit, window);
+        class.burst = raw
+            .burst
+            .map(|b| b.to("burst", "a positive integer"))
+            .transpose()?;
+        if let Some(v) = raw.version {
+            class.version = v.to("version", "an integer from 1 to 4294967295")?;
+        }
+        if let Some(Text(text)) = raw.on_error {
+            class.on_error = OnError::from_name(&text).ok_or_else(|| {
+                (
+                    "on_error",
+                    format!("unknown value \"{text}\"; expected \"allow\", \"deny\" or \"local\""),
+                )
+            })?;
+        }
+        if let Some(Flag(b)) = raw.block_cache {
+            class.block_cache = b;
+        }
+        if let Some(Flag(b)) = raw.shadow {
+            class.shadow = b;
+        }
+        Ok(class)
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
         let max_limit = if self.algorithm == Algorithm::SlidingLog {
             MAX_LOG_LIMIT
         } else {
@@ -351,7 +382,11 @@ impl RateLimitClass {
         Ok(())
     }
 
-    pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  algorithm:       {}", self.algorithm)?;
         writeln!(
             f,
@@ -374,58 +409,25 @@ impl RateLimitClass {
     }
 }
 
-pub(crate) fn parse_rate_limit(mut f: ClassFields<'_>) -> Result<RateLimitClass, PolicyError> {
-    if let Some(unknown) = f
-        .table
-        .keys()
-        .find(|k| !RATE_LIMIT_FIELDS.contains(&k.as_str()))
-    {
-        return Err(f.error(
-            unknown,
-            format!(
-                "unknown field; a rate_limit class accepts {}",
-                RATE_LIMIT_FIELDS.join(", ")
-            ),
-        ));
-    }
-    let names = Algorithm::ALL.map(Algorithm::name).join(", ");
-    let algorithm = f.required_string("algorithm")?;
-    let algorithm = Algorithm::from_name(&algorithm).ok_or_else(|| {
-        f.error(
-            "algorithm",
-            format!("unknown algorithm \"{algorithm}\"; known: {names}"),
-        )
-    })?;
-    let limit = f
-        .integer::<u64>("limit", "a positive integer")?
-        .ok_or_else(|| f.error("limit", "missing required field"))?;
-    let window = f.required_duration("window")?;
-    let mut class = RateLimitClass::new(algorithm, limit, window);
-    class.burst = f.integer::<u64>("burst", "a positive integer")?;
-    if let Some(v) = f.integer::<u32>("version", "an integer from 1 to 4294967295")? {
-        class.version = v;
-    }
-    if let Some(text) = f.string("on_error")? {
-        class.on_error = OnError::from_name(&text).ok_or_else(|| {
-            f.error(
-                "on_error",
-                format!("unknown value \"{text}\"; expected \"allow\", \"deny\" or \"local\""),
-            )
-        })?;
-    }
-    if let Some(b) = f.boolean("block_cache")? {
-        class.block_cache = b;
-    }
-    if let Some(b) = f.boolean("shadow")? {
-        class.shadow = b;
-    }
-    Ok(class)
+/// The TOML form of a rate-limit class (`kind` is read before this). Required: `algorithm`, `limit`,
+/// `window`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    algorithm: Option<Text>,
+    limit: Option<Int>,
+    window: Option<Dur>,
+    burst: Option<Int>,
+    version: Option<Int>,
+    on_error: Option<Text>,
+    block_cache: Option<Flag>,
+    shadow: Option<Flag>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Policy;
+    use crate::policy::{Policy, PolicyError};
 
     fn policy(body: &str) -> Result<Policy, PolicyError> {
         Policy::from_toml_str(&format!(

@@ -4,22 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{ClassFields, MAX_TTL, PolicyError, fmt_duration};
+use serde::Deserialize;
 
-/// Fields a `session` class accepts in TOML.
-pub(crate) const SESSION_FIELDS: &[&str] = &[
-    "kind",
-    "idle",
-    "absolute",
-    "extend_after",
-    "version",
-    "max_data_bytes",
-    "cookie_name",
-    "cookie_secure",
-    "cookie_same_site",
-    "cookie_path",
-    "cookie_domain",
-];
+use super::fields::{Dur, Flag, Int, Text, required};
+use super::{ClassSpec, FieldError, MAX_TTL, fmt_duration};
 
 /// Default largest session payload: 64 KiB.
 const DEFAULT_MAX_DATA_BYTES: usize = 64 * 1024;
@@ -226,8 +214,45 @@ impl SessionClass {
     pub fn cookie_domain_value(&self) -> Option<&str> {
         self.cookie_domain.as_deref()
     }
+}
 
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+impl ClassSpec for SessionClass {
+    type Raw = RawSession;
+    const EVICTABLE: bool = false;
+
+    fn from_raw(raw: RawSession) -> Result<Self, FieldError> {
+        let idle = required("idle", raw.idle)?.0;
+        let absolute = required("absolute", raw.absolute)?.0;
+        let mut class = SessionClass::new(idle, absolute);
+        class.extend_after = raw.extend_after.map(|d| d.0);
+        if let Some(v) = raw.version {
+            class.version = v.to("version", "an integer from 1 to 4294967295")?;
+        }
+        if let Some(n) = raw.max_data_bytes {
+            class.max_data_bytes = n.to("max_data_bytes", "a positive integer")?;
+        }
+        if let Some(Text(name)) = raw.cookie_name {
+            class.cookie_name = name;
+        }
+        if let Some(Flag(b)) = raw.cookie_secure {
+            class.cookie_secure = b;
+        }
+        if let Some(Text(text)) = raw.cookie_same_site {
+            class.cookie_same_site = SameSite::from_name(&text).ok_or_else(|| {
+                (
+                    "cookie_same_site",
+                    format!("unknown value \"{text}\"; expected \"lax\", \"strict\" or \"none\""),
+                )
+            })?;
+        }
+        if let Some(Text(path)) = raw.cookie_path {
+            class.cookie_path = path;
+        }
+        class.cookie_domain = raw.cookie_domain.map(|d| d.0);
+        Ok(class)
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
         if self.idle < Duration::from_secs(1) || self.idle > MAX_TTL {
             return Err((
                 "idle",
@@ -274,7 +299,37 @@ impl SessionClass {
         self.validate_cookie()
     }
 
-    fn validate_cookie(&self) -> Result<(), (&'static str, String)> {
+    fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  idle:            {}", fmt_duration(self.idle))?;
+        writeln!(f, "  absolute:        {}", fmt_duration(self.absolute))?;
+        writeln!(
+            f,
+            "  extend_after:    {}",
+            fmt_duration(self.extend_after_value())
+        )?;
+        writeln!(f, "  version:         {}", self.version)?;
+        writeln!(f, "  max_data_bytes:  {}", self.max_data_bytes)?;
+        write!(
+            f,
+            "  cookie:          {}; HttpOnly; SameSite={}; Path={}",
+            self.cookie_name, self.cookie_same_site, self.cookie_path
+        )?;
+        if self.cookie_secure {
+            write!(f, "; Secure")?;
+        }
+        if let Some(d) = &self.cookie_domain {
+            write!(f, "; Domain={d}")?;
+        }
+        writeln!(f)
+    }
+}
+
+impl SessionClass {
+    fn validate_cookie(&self) -> Result<(), FieldError> {
         let name = &self.cookie_name;
         // RFC 6265 cookie-name: an RFC 7230 token.
         let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -341,63 +396,22 @@ impl SessionClass {
         }
         Ok(())
     }
-
-    pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "  idle:            {}", fmt_duration(self.idle))?;
-        writeln!(f, "  absolute:        {}", fmt_duration(self.absolute))?;
-        writeln!(
-            f,
-            "  extend_after:    {}",
-            fmt_duration(self.extend_after_value())
-        )?;
-        writeln!(f, "  version:         {}", self.version)?;
-        writeln!(f, "  max_data_bytes:  {}", self.max_data_bytes)?;
-        write!(
-            f,
-            "  cookie:          {}; HttpOnly; SameSite={}; Path={}",
-            self.cookie_name, self.cookie_same_site, self.cookie_path
-        )?;
-        if self.cookie_secure {
-            write!(f, "; Secure")?;
-        }
-        if let Some(d) = &self.cookie_domain {
-            write!(f, "; Domain={d}")?;
-        }
-        writeln!(f)
-    }
 }
 
-pub(crate) fn parse_session(mut f: ClassFields<'_>) -> Result<SessionClass, PolicyError> {
-    f.reject_unknown("session", SESSION_FIELDS)?;
-    let idle = f.required_duration("idle")?;
-    let absolute = f.required_duration("absolute")?;
-    let mut class = SessionClass::new(idle, absolute);
-    class.extend_after = f.duration("extend_after")?;
-    if let Some(v) = f.integer::<u32>("version", "an integer from 1 to 4294967295")? {
-        class.version = v;
-    }
-    if let Some(n) = f.integer::<usize>("max_data_bytes", "a positive integer")? {
-        class.max_data_bytes = n;
-    }
-    if let Some(name) = f.string("cookie_name")? {
-        class.cookie_name = name;
-    }
-    if let Some(b) = f.boolean("cookie_secure")? {
-        class.cookie_secure = b;
-    }
-    if let Some(text) = f.string("cookie_same_site")? {
-        class.cookie_same_site = SameSite::from_name(&text).ok_or_else(|| {
-            f.error(
-                "cookie_same_site",
-                format!("unknown value \"{text}\"; expected \"lax\", \"strict\" or \"none\""),
-            )
-        })?;
-    }
-    if let Some(p) = f.string("cookie_path")? {
-        class.cookie_path = p;
-    }
-    class.cookie_domain = f.string("cookie_domain")?;
-    Ok(class)
+/// The TOML form of a session class (`kind` is read before this). Required: `idle`, `absolute`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSession {
+    idle: Option<Dur>,
+    absolute: Option<Dur>,
+    extend_after: Option<Dur>,
+    version: Option<Int>,
+    max_data_bytes: Option<Int>,
+    cookie_name: Option<Text>,
+    cookie_secure: Option<Flag>,
+    cookie_same_site: Option<Text>,
+    cookie_path: Option<Text>,
+    cookie_domain: Option<Text>,
 }
 
 #[cfg(test)]
@@ -537,5 +551,58 @@ mod tests {
             "between",
         );
         field_err("idempotency", "ttl = \"0s\"", "ttl", "between");
+    }
+
+    #[test]
+    fn size_limits_name_their_own_field() {
+        use crate::policy::{CacheClass, IdempotencyClass, SessionClass};
+        use std::time::Duration;
+
+        for (body, bad) in [
+            ("max_data_bytes = 0", "0"),
+            ("max_data_bytes = 16777217", "16777217"),
+        ] {
+            field_err(
+                "session",
+                &format!("idle = \"1m\"\nabsolute = \"1h\"\n{body}"),
+                "max_data_bytes",
+                bad,
+            );
+        }
+        field_err(
+            "session",
+            "idle = \"1m\"\nabsolute = \"1h\"\nmax_data_bytes = -1",
+            "max_data_bytes",
+            "positive",
+        );
+        field_err(
+            "idempotency",
+            "max_response_bytes = 67108865",
+            "max_response_bytes",
+            "67108865",
+        );
+        field_err(
+            "idempotency",
+            "max_response_bytes = \"1MiB\"",
+            "max_response_bytes",
+            "expected an integer",
+        );
+
+        let minute = Duration::from_secs(60);
+        let built =
+            |b: crate::policy::PolicyBuilder| b.build().unwrap_err().field().map(str::to_owned);
+        let b = || Policy::builder("a", "b");
+        assert_eq!(
+            built(b().cache("c", CacheClass::new(minute, "x").max_value_bytes(0))).as_deref(),
+            Some("max_value_bytes")
+        );
+        assert_eq!(
+            built(b().session("c", SessionClass::new(minute, minute).max_data_bytes(0))).as_deref(),
+            Some("max_data_bytes")
+        );
+        assert_eq!(
+            built(b().idempotency("c", IdempotencyClass::new().max_response_bytes(0))).as_deref(),
+            Some("max_response_bytes")
+        );
     }
 }
