@@ -75,6 +75,7 @@ conformance!(
     several_limits_are_all_or_nothing,
     shadow_mode_counts_but_never_refuses,
     block_cache_refuses_without_the_store,
+    block_cache_never_refuses_a_cheaper_check,
     every_key_expires_within_what_its_window_needs,
     gcra_and_token_bucket_store_one_small_key,
     retry_after_is_honest,
@@ -230,6 +231,54 @@ mod cases {
         assert!(l.check("c").await.unwrap().is_allowed());
     }
 
+    /// Issue #9: a refusal of cost 5 was remembered for every cost, so a check of cost 2 that the store would
+    /// allow was refused from the block cache until the cost-5 retry (a whole window for the window algorithms).
+    pub async fn block_cache_never_refuses_a_cheaper_check(h: Harness) {
+        let mut b = Policy::builder("test", "blockcost");
+        for a in Algorithm::ALL {
+            b = b.rate_limit(
+                a.name(),
+                RateLimitClass::new(a, 10, window_for(a)).block_cache(true),
+            );
+        }
+        let policy = b.build().unwrap();
+        let kw = match h.server() {
+            Some(s) => Keyward::connect(&s.url(), policy).await.unwrap(),
+            None => Keyward::embedded(policy),
+        };
+        for a in Algorithm::ALL {
+            let l = kw.rate_limiter(a.name()).unwrap();
+            assert!(l.check_cost("u", 8).await.unwrap().is_allowed(), "{a}");
+            let refused = l.check_cost("u", 5).await.unwrap();
+            assert!(refused.is_limited(), "{a}: 5 > 2 left");
+            assert_eq!(refused.source(), Source::Store, "{a}");
+            let retry5 = refused.retry_after().unwrap();
+            // The same cost or dearer: refused in process, without a store call.
+            let calls = evalsha_calls(&h);
+            for cost in [5, 6, 10] {
+                let d = l.check_cost("u", cost).await.unwrap();
+                assert!(d.is_limited(), "{a} cost {cost}");
+                assert_eq!(d.source(), Source::BlockCache, "{a} cost {cost}");
+                assert!(d.retry_after().unwrap() <= retry5, "{a} cost {cost}");
+            }
+            assert_eq!(evalsha_calls(&h), calls, "{a}: no store call while blocked");
+            // Cheaper: the store decides, and allows what is left.
+            assert_eq!(l.peek("u").await.unwrap().remaining(), 2, "{a}");
+            let d = l.check_cost("u", 2).await.unwrap();
+            assert!(d.is_allowed(), "{a}: 2 left, cost 2: {d:?}");
+            assert_eq!(d.source(), Source::Store, "{a}");
+            assert_eq!(d.remaining(), 0, "{a}");
+            // Now a single unit is refused by the store, and that refusal covers every cost.
+            let one = l.check("u").await.unwrap();
+            assert!(one.is_limited(), "{a}");
+            assert_eq!(one.source(), Source::Store, "{a}");
+            for cost in [1, 2, 5] {
+                let d = l.check_cost("u", cost).await.unwrap();
+                assert_eq!(d.source(), Source::BlockCache, "{a} cost {cost}");
+            }
+        }
+    }
+
     pub async fn every_key_expires_within_what_its_window_needs(h: Harness) {
         let kw = connect(&h, "ttl", 10).await;
         for a in Algorithm::ALL {
@@ -375,7 +424,7 @@ mod cases {
         }
     }
 
-    fn evalsha_calls(h: &Harness) -> u64 {
+    pub(super) fn evalsha_calls(h: &Harness) -> u64 {
         let Some(s) = h.server() else { return 0 };
         let info: String = ::redis::cmd("INFO")
             .arg("commandstats")
@@ -616,4 +665,293 @@ async fn script_cache_flush_is_survived() {
     assert!(d.is_allowed() && d.remaining() == 0, "{d:?}");
     assert_eq!(d.source(), Source::Store);
     assert!(l.check("u").await.unwrap().is_limited());
+}
+
+/// Corrupt data in Redis (written by hand, by another program, or left by a class that changed algorithm)
+/// stays with its identity: a wrong type is an error for that identity alone, an absurd value is reset. The
+/// embedded store cannot hold either (it stores typed states written only by `algo.rs`, whose own tests feed it
+/// corrupt states); the script and `algo.rs` apply the same rules.
+mod corrupt {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    /// The key of `id` in `class`, created by one check and found by a raw SCAN.
+    async fn key_of(h: &Harness, kw: &Keyward, class: &str, id: &str) -> String {
+        kw.rate_limiter(class).unwrap().check(id).await.unwrap();
+        h.all_keys(kw)
+            .await
+            .into_iter()
+            .map(|k| k.key)
+            .find(|k| k.contains(&format!(":{class}:")) && k.ends_with(&format!("{{{id}}}")))
+            .expect("the check created a key")
+    }
+
+    fn server_now_us(con: &mut ::redis::Connection) -> i64 {
+        let (s, us): (i64, i64) = ::redis::cmd("TIME").query(con).unwrap();
+        s * 1_000_000 + us
+    }
+
+    /// Counter increments since the last call (a snapshot drains the debugging recorder), as
+    /// (name, class, n).
+    fn counted(snapshotter: &Snapshotter) -> Vec<(String, String, u64)> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, v)| {
+                let DebugValue::Counter(n) = v else {
+                    return None;
+                };
+                let class = key
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "class")
+                    .map(|l| l.value().to_owned())?;
+                Some((key.key().name().to_owned(), class, n))
+            })
+            .collect()
+    }
+
+    fn of(counts: &[(String, String, u64)], name: &str, class: &str) -> u64 {
+        counts
+            .iter()
+            .filter(|(n, c, _)| n == name && c == class)
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_of_the_wrong_type_fails_only_its_identity() {
+        let h = Harness::redis();
+        let kw = connect(&h, "wrongtype", 10).await;
+        let mut con = h.server().unwrap().connection();
+        for a in Algorithm::ALL {
+            let key = key_of(&h, &kw, a.name(), "victim").await;
+            let _: () = ::redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+            let (found, want) = if a == Algorithm::SlidingLog {
+                let _: () = ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg("x")
+                    .query(&mut con)
+                    .unwrap();
+                ("string", "sorted set")
+            } else {
+                let _: () = ::redis::cmd("RPUSH")
+                    .arg(&key)
+                    .arg("a")
+                    .query(&mut con)
+                    .unwrap();
+                ("list", "string")
+            };
+            let l = kw.rate_limiter(a.name()).unwrap();
+            let g = kw.rate_limiter_group(&["per_ip", a.name()]).unwrap();
+            for _ in 0..5 {
+                match l.check("victim").await {
+                    Err(e @ Error::Redis { .. }) => {
+                        let text = e.to_string();
+                        for part in ["WRONGTYPE", "rate-limit state", a.name(), found, want] {
+                            assert!(text.contains(part), "{a}: `{part}` not in {text}");
+                        }
+                        assert!(
+                            !text.contains("victim"),
+                            "{a}: the id stays out of errors: {text}"
+                        );
+                    }
+                    other => panic!("{a}: {other:?}"),
+                }
+                // Another identity of the same class is unaffected.
+                let d = l.check("bystander").await.unwrap();
+                assert_eq!(d.source(), Source::Store, "{a}");
+                assert!(d.is_allowed(), "{a}");
+                // In a group the whole check fails, and charges nothing on the other limit.
+                assert!(
+                    matches!(g.check("victim").await, Err(Error::Redis { .. })),
+                    "{a}"
+                );
+                let p = kw
+                    .rate_limiter("per_ip")
+                    .unwrap()
+                    .peek("victim")
+                    .await
+                    .unwrap();
+                assert_eq!((p.source(), p.remaining()), (Source::Store, 5), "{a}");
+            }
+            // The foreign data is left for an operator to look at.
+            let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut con).unwrap();
+            assert_eq!(kind, found, "{a}");
+            // Once it is gone, the identity works again.
+            let _: () = ::redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+            assert!(l.check("victim").await.unwrap().is_allowed(), "{a}");
+        }
+    }
+
+    /// A state the class could not have written (`1e300`, negative, NaN, text, a count above the limit, a time
+    /// far in the future) is deleted and the identity starts fresh: never a lockout, never an error, counted.
+    /// Current-thread runtime: the metrics recorder is thread-local.
+    #[tokio::test]
+    async fn corrupt_state_is_reset_not_a_lockout() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let h = Harness::redis();
+        let kw = connect(&h, "corrupt", 10).await;
+        let mut con = h.server().unwrap().connection();
+        for a in Algorithm::ALL {
+            let key = key_of(&h, &kw, a.name(), "victim").await;
+            let now = server_now_us(&mut con);
+            // limit 10 per window: the horizon (capacity × interval) is the window.
+            let w = i64::try_from(window_for(a).as_micros()).unwrap();
+            let idx = now / w;
+            let strings: Vec<String> = match a {
+                Algorithm::Gcra => vec![
+                    "1e300".into(),
+                    "-5".into(),
+                    "nan".into(),
+                    "inf".into(),
+                    "hello".into(),
+                    "99999999999999999999".into(),
+                    (now + 3 * w).to_string(),
+                ],
+                Algorithm::FixedWindow => vec![
+                    format!("{idx} 1e300"),
+                    format!("{idx} 11"),
+                    format!("{idx} 99999999999999999999"),
+                    format!("-{idx} 1"),
+                    "x".into(),
+                ],
+                Algorithm::SlidingCounter => vec![
+                    format!("{idx} 1e300 0"),
+                    format!("{idx} 0 11"),
+                    format!("{idx} 11 0"),
+                    format!("{idx} -1 0"),
+                    "1 2".into(),
+                ],
+                Algorithm::TokenBucket => vec![
+                    format!("0 {}", now + 100 * w),
+                    "0 1e300".into(),
+                    format!("11 {now}"),
+                    format!("-1 {now}"),
+                    "nan".into(),
+                ],
+                _ => Vec::new(), // the sliding log keeps a sorted set: below
+            };
+            let l = kw.rate_limiter(a.name()).unwrap();
+            let mut probe = h.server().unwrap().connection();
+            let mut check_fresh = async |what: &str| {
+                let d = l.check_cost("victim", 3).await.unwrap();
+                assert_eq!(d.source(), Source::Store, "{a} {what}");
+                assert!(d.is_allowed() && d.remaining() == 7, "{a} {what}: {d:?}");
+                assert!(d.reset_after() <= 2 * window_for(a), "{a} {what}: {d:?}");
+                // What is stored now is a clean state with a TTL.
+                let p = l.peek("victim").await.unwrap();
+                assert_eq!(p.remaining(), 7, "{a} {what}: {p:?}");
+                let ttl: i64 = ::redis::cmd("PTTL").arg(&key).query(&mut probe).unwrap();
+                assert!(ttl > 0, "{a} {what}: ttl {ttl}");
+                assert_eq!(
+                    of(
+                        &counted(&snapshotter),
+                        "keyward_ratelimit_corrupt_state_total",
+                        a.name()
+                    ),
+                    1,
+                    "{a} {what}: counted once"
+                );
+            };
+            for v in &strings {
+                // Written without a TTL, as a hand-made value usually is.
+                let _: () = ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(v)
+                    .query(&mut con)
+                    .unwrap();
+                check_fresh(v).await;
+            }
+            if a == Algorithm::SlidingLog {
+                for (what, members) in [
+                    ("score 1e300", vec![("1e300".to_owned(), "m".to_owned())]),
+                    ("score +inf", vec![("+inf".to_owned(), "m".to_owned())]),
+                    (
+                        "11 entries for a limit of 10",
+                        (0..11)
+                            .map(|i| (now.to_string(), format!("m{i}")))
+                            .collect(),
+                    ),
+                ] {
+                    let _: () = ::redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+                    let mut zadd = ::redis::cmd("ZADD");
+                    zadd.arg(&key);
+                    for (score, member) in &members {
+                        zadd.arg(score).arg(member);
+                    }
+                    let _: () = zadd.query(&mut con).unwrap();
+                    check_fresh(what).await;
+                }
+            }
+        }
+    }
+
+    /// A check whose script call timed out answers from `on_error`, is counted as uncertain, and may still be
+    /// charged on the server once the server runs it (documented in docs/rate-limiting.md). A peek that
+    /// times out is not counted: it charges nothing.
+    #[tokio::test]
+    async fn a_timed_out_check_is_counted_as_uncertain() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let server = keyward_testkit::RedisServer::spawn();
+        let policy = Policy::builder("test", "uncertain")
+            .rate_limit(
+                "per_user",
+                RateLimitClass::new(Algorithm::Gcra, 5, HOUR)
+                    .on_error(keyward::policy::OnError::Allow),
+            )
+            .build()
+            .unwrap();
+        let options = keyward::ConnectOptions::default()
+            .response_timeout(Duration::from_millis(200))
+            .breaker(10, Duration::from_secs(1));
+        let kw = Keyward::connect_with(&server.url(), policy, options)
+            .await
+            .unwrap();
+        let l = kw.rate_limiter("per_user").unwrap();
+        assert!(l.check("u").await.unwrap().is_allowed());
+        let signal = |sig: &str| {
+            let ok = std::process::Command::new("kill")
+                .args([sig, &server.pid().to_string()])
+                .status()
+                .expect("run kill")
+                .success();
+            assert!(ok, "kill {sig}");
+        };
+        signal("-STOP");
+        let d = l.check("u").await.unwrap();
+        assert_eq!(d.source(), Source::FailOpen);
+        let p = l.peek("u").await.unwrap();
+        assert_eq!(p.source(), Source::FailOpen);
+        signal("-CONT");
+        let counts = counted(&snapshotter);
+        assert_eq!(
+            of(&counts, "keyward_ratelimit_uncertain_total", "per_user"),
+            1,
+            "{counts:?}"
+        );
+        assert_eq!(
+            of(&counts, "keyward_ratelimit_errors_total", "per_user"),
+            2,
+            "{counts:?}"
+        );
+        // The server ran the check it received while stopped: 5 - 1 - 1 = 3 left.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = l.peek("u").await.unwrap();
+            if p.source() == Source::Store && p.remaining() == 3 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the timed-out check was never charged: {p:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
 }

@@ -5,6 +5,13 @@
 //! Units: time is integer microseconds (server time on Redis), which stay below 2^53 so Lua's doubles hold
 //! them exactly; the one fractional computation (the sliding counter's weight) uses the same IEEE operations
 //! in the same order on both sides.
+//!
+//! **Corrupt state starts fresh.** A stored state that this class could not have written (see [`sanitize`]:
+//! a field outside the class's range, a time more than one horizon beyond what the class ever writes, on
+//! Redis also text that is not a non-negative integer such as `1e300`, `nan` or `-5`) is treated as absent and
+//! reported in [`Verdict::corrupt`]: the identity starts afresh, it is never locked out for an absurd time.
+//! The script also deletes such a key; the embedded store only ever holds states written here, so there it
+//! cannot arise except through a policy whose numbers changed without a new `version`.
 
 use crate::policy::Algorithm;
 
@@ -60,6 +67,8 @@ pub(crate) struct Verdict {
     pub(crate) reset: i64,
     /// µs until a call of this cost could succeed; 0 when allowed.
     pub(crate) retry: i64,
+    /// The stored state was corrupt and was treated as absent (see [`sanitize`]).
+    pub(crate) corrupt: bool,
 }
 
 /// What to store after a check: nothing, or the new state with its TTL (µs, > 0).
@@ -78,6 +87,7 @@ pub(crate) fn evaluate(
     cost: i64,
     consume: bool,
 ) -> (Verdict, Write) {
+    let (state, corrupt) = sanitize(spec, state, now);
     let (available, allowed, reset_now, retry, next) = match spec.algorithm {
         Algorithm::FixedWindow => fixed_window(spec, state, now, cost),
         Algorithm::SlidingLog => sliding_log(spec, state, now, cost),
@@ -94,6 +104,7 @@ pub(crate) fn evaluate(
             remaining: available - cost,
             reset: ttl,
             retry: 0,
+            corrupt,
         };
         (verdict, Write::Put(state, ttl))
     } else {
@@ -102,9 +113,60 @@ pub(crate) fn evaluate(
             remaining: available,
             reset: reset_now,
             retry: if allowed { 0 } else { retry.max(1) },
+            corrupt,
         };
         (verdict, Write::Keep)
     }
+}
+
+/// `state`, or `None` with `true` when it is corrupt: a state this class could not have written.
+///
+/// - fixed window: a negative window index, or a count outside `0..=limit`;
+/// - sliding log: more than `limit` entries inside the window, or an entry later than `now + window`;
+/// - sliding counter: a negative window index, or a count outside `0..=limit`;
+/// - token bucket: tokens outside `0..=capacity`, or a refill time below 0 or later than `now + capacity ×
+///   interval`;
+/// - GCRA: a theoretical arrival time below 0 or later than `now + 2 × capacity × interval`;
+/// - a state of another algorithm.
+///
+/// Times the class writes are at most one horizon ahead (GCRA) or not ahead at all (the others); one more
+/// horizon is tolerated so that a server clock that stepped back at a failover does not reset every identity.
+/// A class whose numbers were lowered without a new `version` also reads its old states as corrupt, once.
+/// The script applies the same rules (`backend/redis/ratelimit.lua`).
+pub(crate) fn sanitize<'a>(
+    spec: &Spec,
+    state: Option<&'a State>,
+    now: i64,
+) -> (Option<&'a State>, bool) {
+    let Some(s) = state else {
+        return (None, false);
+    };
+    let tau = spec.capacity.saturating_mul(spec.interval);
+    let within = |v: i64, max: i64| (0..=max).contains(&v);
+    let ok = match (spec.algorithm, s) {
+        (Algorithm::FixedWindow, State::Window { idx, count }) => {
+            *idx >= 0 && within(*count, spec.limit)
+        }
+        (Algorithm::SlidingLog, State::Log(entries)) => {
+            let cutoff = now - spec.window;
+            let live = entries.iter().filter(|&&e| e > cutoff);
+            let count = live.clone().count();
+            let newest = live.max().copied().unwrap_or(i64::MIN);
+            i64::try_from(count).is_ok_and(|c| c <= spec.limit)
+                && newest <= now.saturating_add(spec.window)
+        }
+        (Algorithm::SlidingCounter, State::Counter { idx, curr, prev }) => {
+            *idx >= 0 && within(*curr, spec.limit) && within(*prev, spec.limit)
+        }
+        (Algorithm::TokenBucket, State::Bucket { tokens, last }) => {
+            within(*tokens, spec.capacity) && within(*last, now.saturating_add(tau))
+        }
+        (Algorithm::Gcra, State::Tat(tat)) => {
+            within(*tat, now.saturating_add(tau.saturating_mul(2)))
+        }
+        _ => false,
+    };
+    if ok { (Some(s), false) } else { (None, true) }
 }
 
 /// (available, allowed, reset if nothing is written, retry if refused, state and TTL to write if allowed)
@@ -438,6 +500,162 @@ mod tests {
             assert_eq!(run(&s, &mut state, S - 1, 1, 5), 0, "{algorithm}");
             assert_eq!(run(&s, &mut state, S, 1, 5), 1, "{algorithm}");
             assert_eq!(run(&s, &mut state, 5 * S, 1, 10), 4, "{algorithm}");
+        }
+    }
+
+    /// States this class could not have written start fresh and say so; states it could have written
+    /// (including a GCRA time up to one horizon beyond what it writes: a clock that stepped back) are kept.
+    #[test]
+    fn corrupt_state_starts_fresh() {
+        let now = 1_700_000_000 * S;
+        let cases = |a: Algorithm, s: &Spec| -> (Vec<State>, Vec<State>) {
+            let tau = s.capacity * s.interval;
+            let idx = now.div_euclid(s.window);
+            match a {
+                Algorithm::FixedWindow => (
+                    vec![
+                        State::Window { idx, count: 11 },
+                        State::Window { idx, count: -1 },
+                        State::Window {
+                            idx: -idx,
+                            count: 1,
+                        },
+                        State::Window {
+                            idx,
+                            count: i64::MAX,
+                        },
+                    ],
+                    vec![
+                        State::Window { idx, count: 10 },
+                        State::Window {
+                            idx: idx + 5,
+                            count: 3,
+                        },
+                    ],
+                ),
+                Algorithm::SlidingLog => (
+                    vec![
+                        State::Log(vec![now; 11]),
+                        State::Log(vec![now, now + s.window + 1]),
+                        State::Log(vec![i64::MAX]),
+                    ],
+                    vec![
+                        State::Log(vec![now; 10]),
+                        State::Log(vec![now - 1, now + s.window]),
+                    ],
+                ),
+                Algorithm::SlidingCounter => (
+                    vec![
+                        State::Counter {
+                            idx,
+                            curr: 11,
+                            prev: 0,
+                        },
+                        State::Counter {
+                            idx,
+                            curr: 0,
+                            prev: i64::MAX,
+                        },
+                        State::Counter {
+                            idx: -1,
+                            curr: 0,
+                            prev: 0,
+                        },
+                        State::Counter {
+                            idx,
+                            curr: -2,
+                            prev: 0,
+                        },
+                    ],
+                    vec![State::Counter {
+                        idx,
+                        curr: 10,
+                        prev: 10,
+                    }],
+                ),
+                Algorithm::TokenBucket => (
+                    vec![
+                        State::Bucket {
+                            tokens: 0,
+                            last: now + tau + 1,
+                        },
+                        State::Bucket {
+                            tokens: 0,
+                            last: i64::MAX,
+                        },
+                        State::Bucket {
+                            tokens: 11,
+                            last: now,
+                        },
+                        State::Bucket {
+                            tokens: -1,
+                            last: now,
+                        },
+                        State::Bucket {
+                            tokens: 0,
+                            last: -1,
+                        },
+                    ],
+                    vec![
+                        State::Bucket {
+                            tokens: 0,
+                            last: now + tau,
+                        },
+                        State::Bucket {
+                            tokens: 10,
+                            last: 0,
+                        },
+                    ],
+                ),
+                Algorithm::Gcra => (
+                    vec![
+                        State::Tat(now + 2 * tau + 1),
+                        State::Tat(i64::MAX),
+                        State::Tat(-1),
+                    ],
+                    vec![State::Tat(now + 2 * tau), State::Tat(0)],
+                ),
+            }
+        };
+        for algorithm in Algorithm::ALL {
+            let s = spec(algorithm, 10, 10 * S, 10);
+            let (corrupt, clean) = cases(algorithm, &s);
+            // Another algorithm's state is corrupt too.
+            let other = if algorithm == Algorithm::Gcra {
+                State::Log(vec![])
+            } else {
+                State::Tat(now)
+            };
+            for state in corrupt.iter().chain([&other]) {
+                let (v, w) = evaluate(&s, Some(state), now, 3, true);
+                assert!(v.corrupt, "{algorithm}: {state:?} not flagged");
+                assert!(
+                    v.allowed && v.remaining == 7,
+                    "{algorithm}: {state:?} not fresh: {v:?}"
+                );
+                assert!(matches!(w, Write::Put(..)), "{algorithm}: {state:?}");
+                // A peek and a refusal see the same fresh state, and nothing is written.
+                let (p, w) = evaluate(&s, Some(state), now, 1, false);
+                assert!(
+                    p.corrupt && p.allowed && p.remaining == 10,
+                    "{algorithm}: {p:?}"
+                );
+                assert_eq!(w, Write::Keep);
+            }
+            for state in &clean {
+                let (v, _) = evaluate(&s, Some(state), now, 1, false);
+                assert!(
+                    !v.corrupt,
+                    "{algorithm}: {state:?} is a state the class can write"
+                );
+                // Whatever it says, the wait is bounded by two horizons.
+                assert!(v.retry <= 2 * 10 * S + s.interval, "{algorithm}: {v:?}");
+            }
+            let (fresh, _) = evaluate(&s, None, now, 1, true);
+            assert!(
+                !fresh.corrupt,
+                "{algorithm}: an absent state is not corrupt"
+            );
         }
     }
 

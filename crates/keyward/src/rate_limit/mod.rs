@@ -12,6 +12,20 @@
 //! class's `on_error` decides (allow, deny, or an in-process limiter), and a circuit breaker keeps requests
 //! from each paying a timeout while it is down.
 //!
+//! **A check that timed out may still be charged, once.** A timeout is the client giving up: if Redis was
+//! slow or hung (not dead), it runs the script it already received later, so that call counts against the
+//! limit on the server although its caller got the `on_error` answer (with `"local"`, it was charged in
+//! process too). It is charged at most once: redis-rs never resends a command after a timeout or a
+//! reconnect, and a check is never retried. Such checks are counted in `keyward_ratelimit_uncertain_total`;
+//! afterwards the identity can be refused earlier than the limit alone would say, by at most their cost,
+//! until those charges age out. See `docs/rate-limiting.md`.
+//!
+//! **Corrupt or foreign state is contained to its identity.** A stored state the class could not have
+//! written (`1e300`, a negative time, a count above the limit) is deleted and the identity starts fresh,
+//! counted in `keyward_ratelimit_corrupt_state_total` and logged at `warn`. A key holding another Redis type
+//! (a list where GCRA keeps a string) is an [`Error::Redis`] for that identity only, charging nothing; the
+//! key is left for an operator to inspect.
+//!
 //! ```
 //! # async fn demo() -> keyward::Result<()> {
 //! use keyward::{Keyward, policy::Policy};
@@ -42,8 +56,9 @@
 //! Labelled by `class`: `keyward_ratelimit_allowed_total`, `keyward_ratelimit_limited_total`,
 //! `keyward_ratelimit_shadow_limited_total` (shadow classes that would have refused),
 //! `keyward_ratelimit_blocked_locally_total` (refused from the block cache), `keyward_ratelimit_errors_total`
-//! (store failures), and `keyward_ratelimit_fallback_total` (with `on_error`), plus the gauge
-//! `keyward_breaker_open`.
+//! (store failures), `keyward_ratelimit_fallback_total` (with `on_error`), `keyward_ratelimit_uncertain_total`
+//! (checks that timed out and may still be charged on the server) and `keyward_ratelimit_corrupt_state_total`
+//! (corrupt states reset), plus the gauge `keyward_breaker_open`.
 
 pub(crate) mod algo;
 pub(crate) mod local;
@@ -66,6 +81,17 @@ use crate::policy::{ClassKind, OnError, RateLimitClass};
 
 /// Most identities the block cache and the local fallback remember at once.
 const LOCAL_CAPACITY: usize = 100_000;
+
+/// Most refusals (of different costs) the block cache remembers per key.
+const BLOCK_STEPS: usize = 4;
+
+/// What the block cache remembers of one key: refusals by the store, as (refused cost, refused until).
+///
+/// A refusal of cost `k` until `t` says that no cost `>= k` can pass before `t` (every algorithm needs at
+/// least as much room for a dearer call, and charges only make room scarcer). It says nothing about a
+/// cheaper call, which goes to the store. So a check of cost `c` is refused in process only while some
+/// remembered step with `k <= c` has not passed. Steps that another step makes redundant are dropped.
+type Steps = Vec<(i64, Instant)>;
 
 /// Where a [`Decision`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +266,7 @@ impl fmt::Debug for RateLimiter {
 /// In-process state shared by every limiter of one [`Keyward`] handle.
 pub(crate) struct RateShared {
     fallback: LocalRates,
-    blocks: Mutex<HashMap<String, Instant>>,
+    blocks: Mutex<HashMap<String, Steps>>,
 }
 
 impl RateShared {
@@ -251,22 +277,51 @@ impl RateShared {
         }
     }
 
-    fn blocked_until(&self, key: &str, now: Instant) -> Option<Instant> {
+    /// Until when a check of `cost` on `key` is known to be refused, if it is.
+    fn blocked_until(&self, key: &str, cost: i64, now: Instant) -> Option<Instant> {
         let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        blocks.get(key).copied().filter(|until| *until > now)
+        blocks
+            .get(key)?
+            .iter()
+            .filter(|(k, until)| *k <= cost && *until > now)
+            .map(|(_, until)| *until)
+            .max()
     }
 
-    fn block(&self, key: &str, until: Instant) {
+    /// Remember that the store refused `cost` on `key` until `until`.
+    fn block(&self, key: &str, cost: i64, until: Instant, now: Instant) {
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        if blocks.len() >= LOCAL_CAPACITY {
-            let now = Instant::now();
-            blocks.retain(|_, u| *u > now);
+        if !blocks.contains_key(key) && blocks.len() >= LOCAL_CAPACITY {
+            blocks.retain(|_, steps| steps.iter().any(|(_, u)| *u > now));
             if blocks.len() >= LOCAL_CAPACITY {
                 // Still full of live blocks: forgetting one only costs a store call later.
                 return;
             }
         }
-        blocks.insert(key.to_owned(), until);
+        let steps = blocks.entry(key.to_owned()).or_default();
+        // Drop what has passed, and what the new step covers (dearer or equal, refused no longer).
+        steps.retain(|(k, u)| *u > now && !(*k >= cost && *u <= until));
+        if steps.iter().any(|(k, u)| *k <= cost && *u >= until) {
+            return; // a cheaper call is already known refused for at least as long
+        }
+        if steps.len() >= BLOCK_STEPS
+            && let Some(i) = (0..steps.len()).min_by_key(|&i| steps[i].1)
+        {
+            steps.swap_remove(i);
+        }
+        steps.push((cost, until));
+    }
+
+    /// The store allowed `cost` on `key`: any remembered refusal of a cost `<= cost` was wrong (the limit
+    /// was reset by hand, or its key lost), so forget it.
+    fn unblock(&self, key: &str, cost: i64) {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(steps) = blocks.get_mut(key) {
+            steps.retain(|(k, _)| *k > cost);
+            if steps.is_empty() {
+                blocks.remove(key);
+            }
+        }
     }
 }
 
@@ -367,6 +422,9 @@ impl RateLimiter {
     /// # Errors
     /// [`Error::Key`] for an unusable id (empty, or a key over 1 KiB). A store failure is not an error: the
     /// class's `on_error` answers instead ([`Decision::source`] says so), and the failure is counted and logged.
+    /// The exception is data, not the store: [`Error::Redis`] (server code `WRONGTYPE`) when this identity's
+    /// key holds another Redis type than its algorithm keeps. Nothing is charged, other identities are not
+    /// affected, and the key is left in place until it is deleted or expires.
     pub async fn check(&self, id: &(impl IdParts + ?Sized)) -> Result<Decision> {
         self.run(id, 1, true).await
     }
@@ -375,8 +433,8 @@ impl RateLimiter {
     /// charges nothing; a cost of 0 is a [`peek`](Self::peek).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when `cost` exceeds a limit's capacity (it could never be allowed), and key
-    /// errors for an unusable id.
+    /// [`Error::InvalidArgument`] when `cost` exceeds a limit's capacity (it could never be allowed), and
+    /// otherwise as [`check`](Self::check).
     pub async fn check_cost(&self, id: &(impl IdParts + ?Sized), cost: u64) -> Result<Decision> {
         if cost == 0 {
             return self.peek(id).await;
@@ -418,7 +476,7 @@ impl RateLimiter {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let shared = &self.kw.inner.rates;
 
-        if consume && let Some(d) = self.blocked(&keys, shared) {
+        if consume && let Some(d) = self.blocked(&keys, cost, shared) {
             return Ok(d);
         }
 
@@ -432,39 +490,37 @@ impl RateLimiter {
             consume,
         };
         // The backend bounds the call by the response timeout and answers at once while its breaker is open.
-        let reply = match self.kw.inner.backend.rate(&call).await {
-            Ok(r) => Ok(r),
-            Err(e) if e.is_unavailable() => {
-                if matches!(e, Error::Timeout { .. }) {
-                    // Sent, unanswered: the server may still run it, so this identity may be charged once.
-                    for l in self.limits.iter() {
-                        metrics::counter!("keyward_ratelimit_uncertain_total", "class" => l.class.to_string())
-                            .increment(1);
-                    }
-                }
-                Err(e)
-            }
-            // An error reply (a wrong-type key, a missing ACL grant) is a bug or a misconfiguration that a
-            // fallback would hide: it is the caller's error, for this identity only.
-            Err(e) => return Err(e),
-        };
-        let decision = match reply {
+        let decision = match self.kw.inner.backend.rate(&call).await {
             Ok(reply) => self.decide(reply, Source::Store),
-            Err(err) => self.fallback(&call, err),
+            Err(err) if err.is_unavailable() => self.fallback(&call, err),
+            // An error reply (a wrong-type key, a missing ACL grant) is this identity's data or a
+            // misconfiguration, not the store being down: a fallback would hide it for ever, so it is the
+            // caller's error, for this call only.
+            Err(err) => {
+                for l in self.limits.iter() {
+                    metrics::counter!("keyward_ratelimit_errors_total", "class" => l.class.to_string())
+                        .increment(1);
+                }
+                if is_foreign_data(&err) {
+                    tracing::warn!(error = %err, "keyward: rate-limit key of the wrong type");
+                }
+                return Err(err);
+            }
         };
-        self.record(&keys, &decision, consume);
+        self.record(&keys, &decision, cost, consume);
         Ok(decision)
     }
 
-    /// A refusal from the block cache, if an enforced, block-caching limit is known to refuse `keys`.
-    fn blocked(&self, keys: &[String], shared: &RateShared) -> Option<Decision> {
+    /// A refusal from the block cache, if an enforced, block-caching limit is known to refuse a check of
+    /// `cost` on `keys`.
+    fn blocked(&self, keys: &[String], cost: i64, shared: &RateShared) -> Option<Decision> {
         let now = Instant::now();
         let mut limits = Vec::new();
         for (l, key) in self.limits.iter().zip(keys) {
             if !l.config.is_block_cache() || l.config.is_shadow() {
                 continue;
             }
-            if let Some(until) = shared.blocked_until(key, now) {
+            if let Some(until) = shared.blocked_until(key, cost, now) {
                 let retry = until - now;
                 limits.push(LimitStatus {
                     class: Arc::clone(&l.class),
@@ -489,6 +545,13 @@ impl RateLimiter {
     }
 
     fn decide(&self, reply: RateReply, source: Source) -> Decision {
+        for (l, v) in self.limits.iter().zip(&reply.verdicts) {
+            if v.corrupt {
+                metrics::counter!("keyward_ratelimit_corrupt_state_total", "class" => l.class.to_string())
+                    .increment(1);
+                tracing::warn!(class = %l.class, "keyward: corrupt rate-limit state reset; the identity starts afresh");
+            }
+        }
         let limits: Vec<LimitStatus> = self
             .limits
             .iter()
@@ -507,10 +570,16 @@ impl RateLimiter {
     /// The store is unavailable (failed, or its breaker is open): apply `on_error`.
     fn fallback(&self, call: &RateCall<'_>, err: Error) -> Decision {
         let breaker_open = matches!(err, Error::CircuitOpen { .. });
+        // A timed-out script may still run on the server: the call may be charged there (once) as well.
+        let uncertain = call.consume && matches!(err, Error::Timeout { .. });
         for l in self.limits.iter() {
             let class = l.class.to_string();
             if !breaker_open {
                 metrics::counter!("keyward_ratelimit_errors_total", "class" => class.clone())
+                    .increment(1);
+            }
+            if uncertain {
+                metrics::counter!("keyward_ratelimit_uncertain_total", "class" => class.clone())
                     .increment(1);
             }
             metrics::counter!("keyward_ratelimit_fallback_total", "class" => class, "on_error" => self.on_error.name())
@@ -559,11 +628,12 @@ impl RateLimiter {
         }
     }
 
-    fn record(&self, keys: &[String], d: &Decision, consume: bool) {
+    fn record(&self, keys: &[String], d: &Decision, cost: i64, consume: bool) {
         if !consume {
             return;
         }
         let now = Instant::now();
+        let rates = &self.kw.inner.rates;
         for ((l, status), key) in self.limits.iter().zip(&d.limits).zip(keys) {
             let class = l.class.to_string();
             if status.shadow {
@@ -575,17 +645,28 @@ impl RateLimiter {
             }
             if d.allowed {
                 metrics::counter!("keyward_ratelimit_allowed_total", "class" => class).increment(1);
+                if l.config.is_block_cache() && d.source == Source::Store {
+                    rates.unblock(key, cost);
+                }
             } else if !status.allowed {
                 metrics::counter!("keyward_ratelimit_limited_total", "class" => class).increment(1);
                 if l.config.is_block_cache()
                     && d.source == Source::Store
                     && let Some(retry) = status.retry_after
                 {
-                    self.kw.inner.rates.block(key, now + retry);
+                    // Remembered for this cost: a cheaper check still asks the store.
+                    rates.block(key, cost, now + retry, now);
                 }
             }
         }
     }
+}
+
+/// Whether a store error is about this identity's data rather than the store: its key holds another Redis type
+/// (the script names the key's class and the type it found). Such an error is the caller's, not a fallback's,
+/// and says nothing about the store's health.
+fn is_foreign_data(err: &Error) -> bool {
+    matches!(err, Error::Redis { source, .. } if source.code() == Some("WRONGTYPE"))
 }
 
 fn micros(us: i64) -> Duration {

@@ -699,16 +699,17 @@ impl RedisBackend {
         // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
         let reply: Vec<i64> = self.eval("rate_limit", &invocation).await?;
         let n = call.keys.len();
-        if reply.len() != 1 + 4 * n {
+        if reply.len() != 1 + 5 * n {
             return Err(self.protocol_err("rate_limit", &format!("{reply:?}")));
         }
         let verdicts = reply[1..]
-            .chunks_exact(4)
+            .chunks_exact(5)
             .map(|c| Verdict {
                 allowed: c[0] == 1,
                 remaining: c[1],
                 reset: c[2],
                 retry: c[3],
+                corrupt: c[4] == 1,
             })
             .collect();
         Ok(RateReply {
