@@ -776,6 +776,12 @@ mod corrupt {
                     .unwrap();
                 assert_eq!((p.source(), p.remaining()), (Source::Store, 5), "{a}");
             }
+            // Ten wrong-type errors in a row (the breaker opens after 3 failures) do not open the shared
+            // breaker: an error reply proves the server is there.
+            for _ in 0..10 {
+                assert!(l.check("victim").await.is_err(), "{a}");
+            }
+            assert_eq!(kw.breaker_state(), keyward::rate_limit::BreakerState::Closed, "{a}");
             // The foreign data is left for an operator to look at.
             let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut con).unwrap();
             assert_eq!(kind, found, "{a}");
