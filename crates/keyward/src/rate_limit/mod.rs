@@ -48,6 +48,7 @@
 pub(crate) mod algo;
 mod breaker;
 pub(crate) mod local;
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -60,7 +61,8 @@ pub use breaker::BreakerState;
 pub(crate) use breaker::{Admit, Breaker};
 
 use self::algo::{Group, Spec, Verdict};
-use self::local::{LocalRates, RateCall, RateReply};
+use self::local::LocalRates;
+use self::store::{RateCall, RateReply};
 use crate::Keyward;
 use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
@@ -444,7 +446,7 @@ impl RateLimiter {
         let reply = if admit == Admit::Skip {
             Err(None)
         } else {
-            match backend.rate(&call).await {
+            match store::check(backend, &call).await {
                 Ok(r) => {
                     if is_redis {
                         shared.breaker.success();
