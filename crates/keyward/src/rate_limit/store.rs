@@ -81,7 +81,7 @@ fn encode(state: &State) -> Bytes {
 
 fn decode(algorithm: Algorithm, raw: &[u8]) -> Option<State> {
     if algorithm == Algorithm::SlidingLog {
-        if raw.len() % 8 != 0 {
+        if !raw.len().is_multiple_of(8) {
             return None;
         }
         let stamps = raw

@@ -10,7 +10,7 @@
 //! budget by evicting *its own* entries closest to expiry (Redis's `volatile-ttl`, within the class); any other
 //! class (sessions, locks, idempotency markers, rate-limit state, epochs) is never evicted: a critical section
 //! that would grow such a class past its budget is rolled back whole and fails with
-//! [`Error::StoreFull`](crate::Error::StoreFull) naming the class. Nothing one class does can evict or refuse
+//! [`Error::StoreFull`] naming the class. Nothing one class does can evict or refuse
 //! another class.
 //!
 //! Time is [`Clock`]: Unix time in µs advanced by tokio's pausable `Instant`, so `#[tokio::test(start_paused =
@@ -129,7 +129,7 @@ impl Budgets {
 
 /// The class a key belongs to: its third `:`-separated segment (`""` for a key with fewer segments).
 pub(crate) fn class_of(key: &str) -> &str {
-    key.splitn(4, ':').nth(2).unwrap_or("")
+    key.split(':').nth(2).unwrap_or("")
 }
 
 struct Item {
@@ -574,8 +574,9 @@ impl Keyspace {
     fn enter(&self) -> MutexGuard<'_, Kv> {
         let mut kv = self.kv.lock().unwrap_or_else(|p| p.into_inner());
         kv.now_us = kv.now_us.max(self.clock.now_us());
+        // Normally no-ops: they matter only after a section panicked half-way (the lock is then poisoned).
         kv.undo = None;
-        kv.dirty.clear();
+        kv.settle();
         kv.before.clear();
         kv.purge();
         kv

@@ -1,5 +1,5 @@
 //! The embedded backend: the same semantic operations as the Redis scripts, each one critical section over
-//! one [`Keyspace`](keyspace::Keyspace).
+//! one [`keyspace::Keyspace`].
 //!
 //! It keeps Redis's data model for what keyward stores (byte strings with an expiry, one hash of epochs per
 //! namespace) and mirrors each Lua script line for line, so both backends agree by construction and the
