@@ -51,3 +51,48 @@ impl LocalRates {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Algorithm;
+    use crate::rate_limit::algo::Spec;
+
+    const SPEC: [Spec; 1] = [Spec {
+        algorithm: Algorithm::FixedWindow,
+        limit: 1,
+        window: 3_600_000_000,
+        capacity: 1,
+        interval: 3_600_000_000,
+    }];
+
+    fn check(rates: &LocalRates, key: &str) -> bool {
+        let keys = [key.to_owned()];
+        let call = RateCall {
+            keys: &keys,
+            group: Group {
+                specs: &SPEC,
+                shadow: &[false],
+            },
+            cost: 1,
+            consume: true,
+        };
+        rates.check(&call).allowed
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_class_never_evicts_state_nor_takes_another_class_room() {
+        let rates = LocalRates::new(2);
+        assert!(check(&rates, "t:a:per_ip:v1:{a}"));
+        assert!(check(&rates, "t:a:per_ip:v1:{b}"));
+        // Full: a third identity is decided on what is held (nothing) and not recorded...
+        assert!(check(&rates, "t:a:per_ip:v1:{c}"));
+        assert!(check(&rates, "t:a:per_ip:v1:{c}"));
+        // ...while the identities already held keep their state (nothing was evicted to make room),
+        assert!(!check(&rates, "t:a:per_ip:v1:{a}"));
+        assert!(!check(&rates, "t:a:per_ip:v1:{b}"));
+        // and another class has its own room.
+        assert!(check(&rates, "t:a:per_user:v1:{a}"));
+        assert!(!check(&rates, "t:a:per_user:v1:{a}"));
+    }
+}
