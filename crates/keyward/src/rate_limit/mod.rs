@@ -68,7 +68,7 @@ use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::{ClassKind, OnError, RateLimitClass};
 
-/// Most identities the block cache and the local fallback remember at once.
+/// Most identities the block cache remembers at once, and the local fallback per class.
 const LOCAL_CAPACITY: usize = 100_000;
 
 /// Where a [`Decision`] came from.
