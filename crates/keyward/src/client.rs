@@ -238,7 +238,12 @@ impl Keyward {
     pub fn embedded_with(policy: Policy, options: MemoryOptions) -> Self {
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
-        let backend = Backend::Memory(Box::new(MemoryBackend::new(&options, Arc::clone(&bus))));
+        let classes: Vec<&str> = policy.classes().map(|c| c.name()).collect();
+        let backend = Backend::Memory(Box::new(MemoryBackend::new(
+            &options,
+            &classes,
+            Arc::clone(&bus),
+        )));
         Self::assemble(policy, ns, bus, backend, None, &ConnectOptions::default())
     }
 

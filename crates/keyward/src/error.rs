@@ -163,15 +163,22 @@ pub enum Error {
         #[source]
         source: Arc<BoxError>,
     },
-    /// The embedded backend holds its capacity of sessions, locks and idempotency records. They are never
-    /// evicted to make room (a lock or a session that silently vanished would break its guarantee), so the
-    /// operation that would add one is refused until entries expire or are removed.
+    /// A class of the embedded backend holds its budget (bytes or entries) and the operation would add to it.
+    /// Sessions, locks, idempotency records, rate-limit state and epochs are never evicted to make room (a lock
+    /// or a session that silently vanished would break its guarantee), so the operation is refused, and
+    /// undone whole, until entries of that class expire or are removed. Every class has its own budget: a
+    /// flood of one class never causes this error for another.
     #[error(
-        "the embedded store is full ({capacity} live entries); sessions, locks and idempotency records are never \
-         evicted: raise MemoryOptions::capacity or wait for entries to expire"
+        "class `{class}`: the embedded store holds this class's budget ({budget_bytes} bytes or {capacity} \
+         entries); its entries are never evicted: raise MemoryOptions::class_budget (or max_bytes, capacity) \
+         or wait for entries to expire"
     )]
     StoreFull {
-        /// The store's capacity (`MemoryOptions::capacity`).
+        /// The class whose budget is full (`_kw` for keyward's own bookkeeping keys).
+        class: String,
+        /// The class's budget in approximate bytes (keys, values and a fixed overhead per entry).
+        budget_bytes: usize,
+        /// The class's budget in entries.
         capacity: usize,
     },
     /// An argument cannot be used (e.g. a rate-limit cost larger than the limit's capacity).

@@ -324,8 +324,10 @@ mod cases {
     }
 }
 
-/// The embedded store never evicts a lock, a session or an in-progress marker to make room: a flood of new
-/// idempotency keys past its capacity is refused with a typed error, and the lock held before stays held.
+/// The embedded store never evicts a lock, a session or an in-progress marker to make room, and every class
+/// has its own budget: a flood of new idempotency keys past that class's share of the capacity is refused
+/// with a typed error naming the class, while the lock held before stays held and new locks can still be
+/// taken.
 #[tokio::test]
 async fn a_full_embedded_store_refuses_rather_than_evicting() {
     let policy = Policy::builder("test", "full")
@@ -336,6 +338,7 @@ async fn a_full_embedded_store_refuses_rather_than_evicting() {
         )
         .build()
         .unwrap();
+    // 10 entries: 1 reserved for keyward's own keys, 4 for each of the two classes.
     let kw = Keyward::embedded_with(policy, keyward::MemoryOptions::default().capacity(10));
     let locks = kw.locks("job").unwrap();
     let held = locks.try_lock("nightly").await.unwrap().expect("free");
@@ -344,18 +347,28 @@ async fn a_full_embedded_store_refuses_rather_than_evicting() {
     for i in 0..20 {
         match idem.begin(&("flood", i), &fingerprint(&[b"x"])).await {
             Ok(Begin::New(_)) => {}
-            Err(Error::StoreFull { capacity: 10 }) => refused += 1,
+            Err(Error::StoreFull {
+                class, capacity: 4, ..
+            }) if class == "charge" => refused += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(refused >= 10, "{refused} refused");
+    assert_eq!(refused, 16);
     assert!(
-        matches!(
-            locks.try_lock("nightly").await,
-            Ok(None) | Err(Error::StoreFull { .. })
-        ),
+        matches!(locks.try_lock("nightly").await, Ok(None)),
         "the held lock was not evicted"
     );
-    assert!(Error::StoreFull { capacity: 10 }.is_backend());
+    let other = locks.try_lock("weekly").await.unwrap();
+    assert!(
+        other.is_some(),
+        "the flood did not take the lock class's room"
+    );
+    let full = Error::StoreFull {
+        class: "charge".into(),
+        budget_bytes: 1,
+        capacity: 4,
+    };
+    assert!(full.is_backend());
+    assert!(full.to_string().contains("class `charge`"));
     drop(held);
 }

@@ -781,7 +781,11 @@ mod corrupt {
             for _ in 0..10 {
                 assert!(l.check("victim").await.is_err(), "{a}");
             }
-            assert_eq!(kw.breaker_state(), keyward::rate_limit::BreakerState::Closed, "{a}");
+            assert_eq!(
+                kw.breaker_state(),
+                keyward::rate_limit::BreakerState::Closed,
+                "{a}"
+            );
             // The foreign data is left for an operator to look at.
             let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut con).unwrap();
             assert_eq!(kind, found, "{a}");

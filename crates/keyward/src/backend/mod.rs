@@ -18,7 +18,6 @@ use bytes::Bytes;
 
 use crate::envelope::Gens;
 use crate::error::Result;
-use crate::rate_limit::local::{RateCall, RateReply};
 
 pub use breaker::BreakerState;
 pub use memory::MemoryOptions;
@@ -180,7 +179,7 @@ impl Backend {
     /// Bump a group epoch (`*` for the namespace, or a class name): O(1), whatever the number of entries.
     pub(crate) async fn bump(&self, ns: &Namespace, field: &str) -> Result<u64> {
         match self {
-            Backend::Memory(m) => Ok(m.bump(ns, field)),
+            Backend::Memory(m) => m.bump(ns, field),
             Backend::Redis(r) => r.bump(ns, field).await,
         }
     }
@@ -190,14 +189,6 @@ impl Backend {
         match self {
             Backend::Memory(m) => Ok(m.heal(key, raw)),
             Backend::Redis(r) => r.heal(key, raw).await,
-        }
-    }
-
-    /// One rate-limit check over one or more limits of one identity, all or nothing, on the store's clock.
-    pub(crate) async fn rate(&self, call: &RateCall<'_>) -> Result<RateReply> {
-        match self {
-            Backend::Memory(m) => Ok(m.rates.check(call)),
-            Backend::Redis(r) => r.rate(call).await,
         }
     }
 

@@ -41,7 +41,7 @@ pub(crate) async fn begin(
     lease_ms: i64,
 ) -> Result<Began> {
     match b {
-        Backend::Memory(m) => m.records.with_room(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let Some(h) = kv.get_hash(key) else {
                 kv.hset(
                     key,
@@ -106,7 +106,7 @@ pub(crate) async fn complete(
     ttl_ms: i64,
 ) -> Result<bool> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let held = kv.get_hash(key).is_some_and(|h| {
                 h.get("s").map(|s| &s[..]) == Some(b"p")
                     && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
@@ -122,12 +122,12 @@ pub(crate) async fn complete(
                 ],
                 ttl_ms,
             );
-            if let Some(crate::backend::memory::kv::Val::Hash(h)) = kv.get_mut(key) {
+            if let Some(crate::backend::memory::keyspace::Val::Hash(h)) = kv.get_mut(key) {
                 h.remove("t");
             }
             kv.pexpire(key, ttl_ms);
             true
-        })),
+        }),
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval(
@@ -147,13 +147,13 @@ pub(crate) async fn complete(
 
 pub(crate) async fn abandon(b: &Backend, key: &str, token: &str) -> Result<bool> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let held = kv.get_hash(key).is_some_and(|h| {
                 h.get("s").map(|s| &s[..]) == Some(b"p")
                     && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
             });
             held && kv.del(key)
-        })),
+        }),
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval("idempotency_abandon", SCRIPTS.abandon.key(key).arg(token))
@@ -163,7 +163,7 @@ pub(crate) async fn abandon(b: &Backend, key: &str, token: &str) -> Result<bool>
     }
 }
 
-fn holds(kv: &crate::backend::memory::kv::Kv, key: &str, token: &str) -> bool {
+fn holds(kv: &crate::backend::memory::keyspace::Kv, key: &str, token: &str) -> bool {
     kv.get_hash(key).is_some_and(|h| {
         h.get("s").map(|s| &s[..]) == Some(b"p")
             && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
@@ -172,9 +172,9 @@ fn holds(kv: &crate::backend::memory::kv::Kv, key: &str, token: &str) -> bool {
 
 pub(crate) async fn extend(b: &Backend, key: &str, token: &str, lease_ms: i64) -> Result<bool> {
     match b {
-        Backend::Memory(m) => Ok(m
-            .records
-            .with(|kv| holds(kv, key, token) && kv.pexpire(key, lease_ms))),
+        Backend::Memory(m) => m
+            .keyspace
+            .with(|kv| holds(kv, key, token) && kv.pexpire(key, lease_ms)),
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval(

@@ -1,5 +1,5 @@
 //! The five lock operations. Each is one Lua script on Redis (`backend/redis/lock_*.lua`) and one critical
-//! section of the embedded store ([`Records::with`](crate::backend::memory::kv::Records::with)) that mirrors
+//! section of the embedded store ([`Keyspace::with`](crate::backend::memory::keyspace::Keyspace::with)) that mirrors
 //! the script line for line, so both backends agree by construction; `tests/lock.rs` checks that they do.
 
 use std::sync::LazyLock;
@@ -11,7 +11,7 @@ use redis::{Script, Value};
 use super::FencedWrite;
 use crate::Keyward;
 use crate::backend::Backend;
-use crate::backend::memory::kv::{Kv, Val};
+use crate::backend::memory::keyspace::{Kv, Val};
 use crate::backend::redis::Cleanup;
 use crate::error::Result;
 
@@ -98,12 +98,12 @@ pub(super) async fn acquire(
 ) -> Result<Attempt> {
     let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
     match &kw.inner.backend {
-        Backend::Memory(m) => m.records.with_room(|kv: &mut Kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv: &mut Kv| {
             let left = kv.pttl(&keys.lock);
             if left != -2 {
                 return Attempt::Held(pttl(left));
             }
-            let now_us = m.records.now_us();
+            let now_us = kv.now_us();
             let prev = fence_counter(kv.get_str(&keys.fence));
             let fence = (prev + 1).max(now_us);
             kv.set(&keys.fence, string(fence), fence_ttl_ms);
@@ -149,13 +149,13 @@ pub(super) async fn acquire(
 pub(super) async fn release(kw: &Keyward, keys: &LockKeys, token: &str) -> Result<bool> {
     match &kw.inner.backend {
         Backend::Memory(m) => {
-            let released = m.records.with(|kv| {
+            let released = m.keyspace.with(|kv| {
                 if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
                     return false;
                 }
                 kv.del(&keys.lock);
                 true
-            });
+            })?;
             if released {
                 kw.inner.bus.wake(&keys.lock);
             }
@@ -188,7 +188,7 @@ pub(super) async fn extend(
 ) -> Result<bool> {
     let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
     match &kw.inner.backend {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
                 return false;
             }
@@ -203,7 +203,7 @@ pub(super) async fn extend(
                 kv.pexpire(&keys.fence, fence_ttl_ms);
             }
             true
-        })),
+        }),
         Backend::Redis(r) => {
             let n: i64 = r
                 .eval(
@@ -234,7 +234,7 @@ pub(super) async fn fenced_write(
     let fence_ttl_ms = millis(fence_ttl);
     let fence_i = i64::try_from(fence).unwrap_or(i64::MAX);
     match &kw.inner.backend {
-        Backend::Memory(m) => m.records.with_room(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let now_us = kv.now_ms().saturating_mul(1000).saturating_add(999);
             let counter = fence_counter(kv.get_str(&keys.fence));
             if fence_i > counter.max(now_us) {
@@ -296,11 +296,11 @@ fn never_issued(keys: &LockKeys, fence: u64) -> crate::error::Error {
 /// `lock_fenced_read.lua`.
 pub(super) async fn fenced_read(kw: &Keyward, keys: &LockKeys) -> Result<Option<(u64, Bytes)>> {
     match &kw.inner.backend {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let h = kv.get_hash(&keys.value)?;
             let (t, v) = (h.get("t")?, h.get("v")?);
             Some((number(Some(t)).unsigned_abs(), v.clone()))
-        })),
+        }),
         Backend::Redis(r) => {
             const OP: &str = "lock_fenced_read";
             let reply: Value = r.eval(OP, &SCRIPTS.fenced_read.key(&keys.value)).await?;

@@ -1,146 +1,98 @@
-//! In-process rate-limit state: what the embedded backend stores, and what the `on_error = "local"` fallback
-//! uses while Redis is unreachable. One mutex, one critical section per check (the script's atomicity).
+//! The in-process limiter of `on_error = "local"`: the script's mirror ([`store::mirror`]) over a keyspace
+//! of its own (the same type as the embedded backend's), used while Redis is unreachable.
+//!
+//! **The one decision to know:** each rate-limit class has its own budget here too (`capacity` identities and
+//! 32 MiB per class), and state is never evicted; a check whose write does not fit in its class's budget is decided
+//! on the state already held, without being recorded (counted in `keyward_memory_full_total`) — a fallback under memory
+//! pressure errs towards allowing rather than towards refusing everyone.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use super::algo::Group;
+use super::store;
+use crate::backend::memory::keyspace::{Budget, Budgets, Keyspace};
 
-use tokio::time::Instant;
+// The Redis backend still imports them from here; they live with the check they describe.
+pub(crate) use super::store::{RateCall, RateReply};
 
-use super::algo::{Group, State, Verdict, Write};
-use crate::backend::KeyTtl;
-use crate::key::glob_match;
-
-/// The clock of the in-process store: Unix time in µs, advanced by tokio's (pausable) monotonic clock.
-#[derive(Debug)]
-pub(crate) struct Clock {
-    base_us: i64,
-    base: Instant,
-}
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        let base_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-        Clock {
-            base_us,
-            base: Instant::now(),
-        }
-    }
-
-    pub(crate) fn now_us(&self) -> i64 {
-        let elapsed = i64::try_from(self.base.elapsed().as_micros()).unwrap_or(i64::MAX);
-        self.base_us.saturating_add(elapsed)
-    }
-}
-
-struct Slot {
-    state: State,
-    expires_us: i64,
-}
-
-#[derive(Default)]
-struct Slots {
-    map: HashMap<String, Slot>,
-    by_expiry: BTreeSet<(i64, String)>,
-}
-
-impl Slots {
-    fn purge(&mut self, now: i64) {
-        while let Some((at, _)) = self.by_expiry.first() {
-            if *at > now {
-                break;
-            }
-            if let Some((_, key)) = self.by_expiry.pop_first() {
-                self.map.remove(&key);
-            }
-        }
-    }
-
-    fn put(&mut self, key: &str, state: State, expires_us: i64, capacity: usize) {
-        if let Some(old) = self.map.remove(key) {
-            self.by_expiry.remove(&(old.expires_us, key.to_owned()));
-        } else {
-            while self.map.len() >= capacity {
-                // Past capacity the identity closest to expiry goes first (Redis's volatile-ttl).
-                let Some((_, victim)) = self.by_expiry.pop_first() else {
-                    break;
-                };
-                self.map.remove(&victim);
-            }
-        }
-        self.by_expiry.insert((expires_us, key.to_owned()));
-        self.map.insert(key.to_owned(), Slot { state, expires_us });
-    }
-}
+/// Bytes of rate-limit state each class may hold in the fallback.
+const CLASS_BYTES: usize = 32 * 1024 * 1024;
 
 /// Rate-limit state held in process.
 pub(crate) struct LocalRates {
-    slots: Mutex<Slots>,
-    clock: Clock,
-    capacity: usize,
-}
-
-/// The answer to one grouped check.
-#[derive(Debug, Clone)]
-pub(crate) struct RateReply {
-    pub(crate) allowed: bool,
-    pub(crate) verdicts: Vec<Verdict>,
-}
-
-/// One grouped check: the keys (one per limit) and what to do.
-pub(crate) struct RateCall<'a> {
-    pub(crate) keys: &'a [String],
-    pub(crate) group: Group<'a>,
-    pub(crate) cost: i64,
-    pub(crate) consume: bool,
+    keyspace: Keyspace,
 }
 
 impl LocalRates {
+    /// A fallback keeping up to `capacity` identities per class.
     pub(crate) fn new(capacity: usize) -> Self {
         LocalRates {
-            slots: Mutex::new(Slots::default()),
-            clock: Clock::new(),
-            capacity: capacity.max(1),
+            keyspace: Keyspace::new(Budgets::uniform(Budget {
+                bytes: CLASS_BYTES,
+                entries: capacity.max(1),
+            })),
         }
     }
 
     pub(crate) fn check(&self, call: &RateCall<'_>) -> RateReply {
-        let now = self.clock.now_us();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.purge(now);
-        let states: Vec<Option<&State>> = call
-            .keys
-            .iter()
-            .map(|k| slots.map.get(k).map(|s| &s.state))
-            .collect();
-        let (allowed, verdicts, writes) = call.group.check(&states, now, call.cost, call.consume);
-        for (key, write) in call.keys.iter().zip(writes) {
-            if let Write::Put(state, ttl) = write {
-                // Whole milliseconds, rounded up, like the script's PX.
-                let ttl_ms = (ttl + 999).div_euclid(1000).max(1);
-                slots.put(key, state, now + ttl_ms * 1000, self.capacity);
+        match self.keyspace.with(|kv| store::mirror(kv, call)) {
+            Ok(reply) => reply,
+            // The class is full: decide without recording (the section was rolled back whole).
+            Err(_) => {
+                let peek = RateCall {
+                    keys: call.keys,
+                    group: Group {
+                        specs: call.group.specs,
+                        shadow: call.group.shadow,
+                    },
+                    cost: call.cost,
+                    consume: false,
+                };
+                self.keyspace.with_evicting(|kv| store::mirror(kv, &peek))
             }
         }
-        RateReply { allowed, verdicts }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Algorithm;
+    use crate::rate_limit::algo::Spec;
+
+    const SPEC: [Spec; 1] = [Spec {
+        algorithm: Algorithm::FixedWindow,
+        limit: 1,
+        window: 3_600_000_000,
+        capacity: 1,
+        interval: 3_600_000_000,
+    }];
+
+    fn check(rates: &LocalRates, key: &str) -> bool {
+        let keys = [key.to_owned()];
+        let call = RateCall {
+            keys: &keys,
+            group: Group {
+                specs: &SPEC,
+                shadow: &[false],
+            },
+            cost: 1,
+            consume: true,
+        };
+        rates.check(&call).allowed
     }
 
-    /// Keys matching a glob, with their TTL (for `scan_namespace`).
-    pub(crate) fn scan(&self, pattern: &str) -> Vec<KeyTtl> {
-        let now = self.clock.now_us();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.purge(now);
-        slots
-            .map
-            .iter()
-            .filter(|(k, _)| glob_match(pattern.as_bytes(), k.as_bytes()))
-            .map(|(k, s)| KeyTtl {
-                key: k.clone(),
-                ttl: Some(Duration::from_micros(
-                    u64::try_from(s.expires_us - now).unwrap_or(0),
-                )),
-            })
-            .collect()
+    #[tokio::test(start_paused = true)]
+    async fn a_full_class_never_evicts_state_nor_takes_another_class_room() {
+        let rates = LocalRates::new(2);
+        assert!(check(&rates, "t:a:per_ip:v1:{a}"));
+        assert!(check(&rates, "t:a:per_ip:v1:{b}"));
+        // Full: a third identity is decided on what is held (nothing) and not recorded...
+        assert!(check(&rates, "t:a:per_ip:v1:{c}"));
+        assert!(check(&rates, "t:a:per_ip:v1:{c}"));
+        // ...while the identities already held keep their state (nothing was evicted to make room),
+        assert!(!check(&rates, "t:a:per_ip:v1:{a}"));
+        assert!(!check(&rates, "t:a:per_ip:v1:{b}"));
+        // and another class has its own room.
+        assert!(check(&rates, "t:a:per_user:v1:{a}"));
+        assert!(!check(&rates, "t:a:per_user:v1:{a}"));
     }
 }

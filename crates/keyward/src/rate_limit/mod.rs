@@ -62,6 +62,7 @@
 
 pub(crate) mod algo;
 pub(crate) mod local;
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -73,13 +74,14 @@ use tokio::time::Instant;
 pub use crate::backend::BreakerState;
 
 use self::algo::{Group, Spec, Verdict};
-use self::local::{LocalRates, RateCall, RateReply};
+use self::local::LocalRates;
+use self::store::{RateCall, RateReply};
 use crate::Keyward;
 use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::{ClassKind, OnError, RateLimitClass};
 
-/// Most identities the block cache and the local fallback remember at once.
+/// Most identities the block cache remembers at once, and the local fallback per class.
 const LOCAL_CAPACITY: usize = 100_000;
 
 /// Most refusals (of different costs) the block cache remembers per key.
@@ -490,7 +492,7 @@ impl RateLimiter {
             consume,
         };
         // The backend bounds the call by the response timeout and answers at once while its breaker is open.
-        let decision = match self.kw.inner.backend.rate(&call).await {
+        let decision = match store::check(&self.kw.inner.backend, &call).await {
             Ok(reply) => self.decide(reply, Source::Store),
             Err(err) if err.is_unavailable() => self.fallback(&call, err),
             // An error reply (a wrong-type key, a missing ACL grant) is this identity's data or a

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use redis::{Script, Value};
 
 use crate::backend::Backend;
-use crate::backend::memory::kv::{Kv, Val};
+use crate::backend::memory::keyspace::{Kv, Val};
 use crate::error::Result;
 
 struct Scripts {
@@ -142,7 +142,7 @@ pub(crate) async fn create(
     t: Timeouts,
 ) -> Result<Option<(i64, i64)>> {
     match b {
-        Backend::Memory(m) => m.records.with_room(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let now = kv.now_ms();
             if kv.exists(key) {
                 return None;
@@ -194,7 +194,7 @@ pub(crate) async fn create(
 
 pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Option<Found>> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let now = kv.now_ms();
             for (which, s) in keys.iter().enumerate() {
                 let Some(h) = kv.get_hash(s) else { continue };
@@ -232,7 +232,7 @@ pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Opt
                 });
             }
             None
-        })),
+        }),
         Backend::Redis(r) => {
             let mut inv = SCRIPTS.get.prepare_invoke();
             for k in keys {
@@ -276,7 +276,7 @@ pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Opt
 
 pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> Result<SaveReply> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let Some(h) = kv.get_hash(key) else {
                 return SaveReply::Gone;
             };
@@ -290,7 +290,7 @@ pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> 
                 1,
             );
             SaveReply::Saved(v + 1)
-        })),
+        }),
         Backend::Redis(r) => {
             let reply: Vec<i64> = r
                 .eval(
@@ -311,7 +311,7 @@ pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> 
 
 pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result<Regenerated> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             if kv.exists(new) {
                 return Regenerated::Collision;
             }
@@ -331,7 +331,7 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
                 return Regenerated::Moved;
             }
             Regenerated::Missing
-        })),
+        }),
         Backend::Redis(r) => {
             let mut inv = SCRIPTS.regenerate.prepare_invoke();
             for k in old {
@@ -352,7 +352,7 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
 /// Delete sessions by key; with `only_index`, only those indexed under it. Returns how many.
 pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&str>) -> Result<u64> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let mut n = 0;
             for s in keys {
                 let Some(idx) = kv.get_hash(s).and_then(|h| h.get("i").cloned()) else {
@@ -365,7 +365,7 @@ pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&st
                 }
             }
             n
-        })),
+        }),
         Backend::Redis(r) => {
             let mut inv = SCRIPTS.destroy.prepare_invoke();
             for k in keys {
@@ -379,7 +379,7 @@ pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&st
 
 pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let members: Vec<String> = kv
                 .zset_mut(index)
                 .map(|z| z.keys().cloned().collect())
@@ -390,7 +390,7 @@ pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
             }
             kv.del(index);
             n
-        })),
+        }),
         Backend::Redis(r) => {
             r.eval("session_destroy_all", &SCRIPTS.destroy_all.key(index))
                 .await
@@ -400,7 +400,7 @@ pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
 
 pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
     match b {
-        Backend::Memory(m) => Ok(m.records.with(|kv| {
+        Backend::Memory(m) => m.keyspace.with(|kv| {
             let now = kv.now_ms();
             index_trim(kv, index);
             let members: Vec<String> = kv
@@ -421,7 +421,7 @@ pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
                 }
             }
             out
-        })),
+        }),
         Backend::Redis(r) => {
             let reply: Vec<Value> = r.eval("session_list", &SCRIPTS.list.key(index)).await?;
             let mut out = Vec::with_capacity(reply.len() / 4);

@@ -69,7 +69,7 @@ use tower_sessions_core::session_store::{self, SessionStore};
 
 use super::SessionSecrets;
 use crate::backend::Backend;
-use crate::backend::memory::kv::Val;
+use crate::backend::memory::keyspace::Val;
 use crate::client::Keyward;
 use crate::error::{Error, Result};
 use crate::key::KeySpace;
@@ -229,7 +229,7 @@ impl KeywardSessionStore {
     /// Store under `keys[0]` unless the id exists under any key.
     async fn put_new(&self, keys: &[String], value: &[u8], ttl_ms: i64) -> Result<bool> {
         match self.backend() {
-            Backend::Memory(m) => m.records.with_room(|kv| {
+            Backend::Memory(m) => m.keyspace.with(|kv| {
                 if keys.iter().any(|k| kv.exists(k)) {
                     return false;
                 }
@@ -251,7 +251,7 @@ impl KeywardSessionStore {
     /// Overwrite the record if it exists under any key, moving it to `keys[0]`.
     async fn put_existing(&self, keys: &[String], value: &[u8], ttl_ms: i64) -> Result<bool> {
         match self.backend() {
-            Backend::Memory(m) => Ok(m.records.with(|kv| {
+            Backend::Memory(m) => m.keyspace.with(|kv| {
                 for (i, k) in keys.iter().enumerate() {
                     if kv.exists(k) {
                         if i > 0 {
@@ -262,7 +262,7 @@ impl KeywardSessionStore {
                     }
                 }
                 false
-            })),
+            }),
             Backend::Redis(r) => {
                 let mut inv = SCRIPTS.save.prepare_invoke();
                 for k in keys {
@@ -277,9 +277,9 @@ impl KeywardSessionStore {
 
     async fn get(&self, keys: &[String]) -> Result<Option<Bytes>> {
         match self.backend() {
-            Backend::Memory(m) => Ok(m
-                .records
-                .with(|kv| keys.iter().find_map(|k| kv.get_str(k).cloned()))),
+            Backend::Memory(m) => m
+                .keyspace
+                .with(|kv| keys.iter().find_map(|k| kv.get_str(k).cloned())),
             Backend::Redis(r) => {
                 let mut inv = SCRIPTS.load.prepare_invoke();
                 for k in keys {
@@ -293,13 +293,13 @@ impl KeywardSessionStore {
 
     async fn remove(&self, keys: &[String]) -> Result<u64> {
         match self.backend() {
-            Backend::Memory(m) => Ok(m.records.with(|kv| {
+            Backend::Memory(m) => m.keyspace.with(|kv| {
                 let mut n = 0;
                 for k in keys {
                     n += u64::from(kv.del(k));
                 }
                 n
-            })),
+            }),
             Backend::Redis(r) => {
                 let mut inv = SCRIPTS.delete.prepare_invoke();
                 for k in keys {
