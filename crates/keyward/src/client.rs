@@ -1,105 +1,18 @@
 //! The process-wide handle: one per policy, cheap to clone, holding one multiplexed connection.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
-use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
-use crate::backend::memory::MemoryBackend;
-use crate::backend::redis::{RedisBackend, redact};
-use crate::backend::{Backend, BackendKind, KeyTtl, MemoryOptions, Namespace};
-use crate::cache::{Cache, ClassInfo};
-use crate::codec::{Codec, Json};
+use crate::backend::wake::WakeBus;
+use crate::backend::{
+    Backend, BackendKind, ConnectOptions, KeyTtl, MemoryOptions, Namespace, redact,
+};
 use crate::error::{Error, Result};
-use crate::flight::Flights;
 use crate::key::{KeySpace, internal_key, namespace_pattern};
-use crate::policy::{ClassKind, Policy};
-use crate::rate_limit::RateShared;
-use crate::wake::WakeBus;
-
-/// Connection settings. Credentials come only from the URL and are never logged.
-///
-/// ```
-/// use std::time::Duration;
-/// let options = keyward::ConnectOptions::default()
-///     .connect_timeout(Duration::from_secs(2))
-///     .response_timeout(Duration::from_millis(250));
-/// ```
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ConnectOptions {
-    pub(crate) connect_timeout: Duration,
-    pub(crate) response_timeout: Duration,
-    pub(crate) reconnect_retries: usize,
-    pub(crate) memory: MemoryOptions,
-    pub(crate) breaker_failures: u32,
-    pub(crate) breaker_cooldown: Duration,
-    pub(crate) danger_accept_invalid_certs: bool,
-}
-
-impl Default for ConnectOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(1),
-            reconnect_retries: 6,
-            memory: MemoryOptions::default(),
-            breaker_failures: 3,
-            breaker_cooldown: Duration::from_secs(1),
-            danger_accept_invalid_certs: false,
-        }
-    }
-}
-
-impl ConnectOptions {
-    /// How long to wait for a connection (default 5 s).
-    #[must_use]
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
-        self
-    }
-    /// How long to wait for any one command's answer (default 1 s).
-    #[must_use]
-    pub fn response_timeout(mut self, d: Duration) -> Self {
-        self.response_timeout = d;
-        self
-    }
-    /// Reconnection attempts, with exponential backoff, after the connection drops (default 6).
-    #[must_use]
-    pub fn reconnect_retries(mut self, n: usize) -> Self {
-        self.reconnect_retries = n;
-        self
-    }
-    /// The circuit breaker in front of Redis, shared by every capability of the handle: it opens after
-    /// `failures` consecutive calls that found Redis unavailable (timed out, refused, dropped; default 3),
-    /// fails every call at once with [`Error::CircuitOpen`] for `cooldown` (default 1 s) — caches then fail
-    /// open, rate limits apply their `on_error` — and then lets one probe through, closing if it succeeds.
-    #[must_use]
-    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
-        self.breaker_failures = failures.max(1);
-        self.breaker_cooldown = cooldown;
-        self
-    }
-    /// **Turns off TLS certificate and hostname verification** for `rediss://` URLs. Anyone on the network
-    /// path can then impersonate the server. For test set-ups with self-signed certificates only; it is
-    /// logged at `warn` once and shown in `Debug`. A URL's `#insecure` fragment alone is refused: it must be
-    /// this explicit call.
-    #[must_use]
-    pub fn danger_accept_invalid_certs(mut self) -> Self {
-        self.danger_accept_invalid_certs = true;
-        self
-    }
-
-    /// Settings for the embedded backend, used for `mem://` or when no `REDIS_URL` is set.
-    #[must_use]
-    pub fn memory(mut self, m: MemoryOptions) -> Self {
-        self.memory = m;
-        self
-    }
-}
+use crate::policy::Policy;
 
 /// The handle to keyward for one policy namespace. Create one per process and clone it freely.
 ///
@@ -123,11 +36,11 @@ pub(crate) struct Inner {
     pub(crate) policy: Policy,
     pub(crate) backend: Backend,
     pub(crate) ns: Namespace,
-    pub(crate) flights: Arc<Flights>,
     pub(crate) bus: Arc<WakeBus>,
-    pub(crate) rates: RateShared,
-    /// Per-process wait queues of lock names.
-    pub(crate) lock_queues: crate::lock::Queues,
+    /// Per-handle state of the capabilities (the cache's single-flight table, the rate limiter's block cache
+    /// and fallback, the locks' wait queues), one value per type, created on first use. Type-erased so that
+    /// this module depends on no capability: the capabilities depend on it (no import cycle).
+    shared: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     server: Option<String>,
     insecure_tls: bool,
 }
@@ -175,14 +88,13 @@ impl Keyward {
         }
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
-        let redis = RedisBackend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
-        let server = redis.server().to_owned();
+        let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
         Ok(Self::assemble(
             policy,
             ns,
             bus,
-            Backend::Redis(redis),
+            backend,
             Some(server),
             &options,
         ))
@@ -239,11 +151,7 @@ impl Keyward {
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
         let classes: Vec<&str> = policy.classes().map(|c| c.name()).collect();
-        let backend = Backend::Memory(Box::new(MemoryBackend::new(
-            &options,
-            &classes,
-            Arc::clone(&bus),
-        )));
+        let backend = Backend::embedded(&options, &classes);
         Self::assemble(policy, ns, bus, backend, None, &ConnectOptions::default())
     }
 
@@ -260,10 +168,8 @@ impl Keyward {
                 policy,
                 backend,
                 ns,
-                flights: Arc::new(Flights::default()),
                 bus,
-                rates: RateShared::new(),
-                lock_queues: crate::lock::Queues::default(),
+                shared: Mutex::new(HashMap::new()),
                 server,
                 insecure_tls: options.danger_accept_invalid_certs,
             }),
@@ -278,50 +184,6 @@ impl Keyward {
     /// Which backend this handle uses.
     pub fn backend(&self) -> BackendKind {
         self.inner.backend.kind()
-    }
-
-    /// A typed cache for a `cache` class of the policy, storing JSON.
-    ///
-    /// # Errors
-    /// [`Error::UnknownClass`], [`Error::WrongKind`], or [`Error::PersonalData`] for a `personal = true` class
-    /// that does not also set `allow_shared = true`.
-    pub fn cache<V>(&self, class: &str) -> Result<Cache<V>>
-    where
-        V: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        self.cache_with_codec::<V, Json>(class)
-    }
-
-    /// A typed cache with another codec, e.g. `MsgPack` (feature `msgpack`).
-    ///
-    /// # Errors
-    /// As [`cache`](Self::cache).
-    pub fn cache_with_codec<V, C>(&self, class: &str) -> Result<Cache<V, C>>
-    where
-        V: Serialize + DeserializeOwned + Send + Sync + 'static,
-        C: Codec,
-    {
-        let (declared, keys) = self.declared(class)?;
-        let cache_class = match declared.kind() {
-            ClassKind::Cache(c) => c.clone(),
-            other => {
-                return Err(Error::WrongKind {
-                    class: class.to_owned(),
-                    expected: "cache",
-                    found: other.name(),
-                });
-            }
-        };
-        if cache_class.is_personal() && !cache_class.is_shared_allowed() {
-            return Err(Error::PersonalData {
-                class: class.to_owned(),
-            });
-        }
-        Ok(Cache {
-            kw: self.clone(),
-            class: Arc::new(ClassInfo::new(class, cache_class, keys)),
-            _types: PhantomData,
-        })
     }
 
     /// The declared class and its key space, or [`Error::UnknownClass`].
@@ -345,15 +207,17 @@ impl Keyward {
         self.inner.backend.ping().await
     }
 
-    /// Invalidate every cache entry of the namespace in O(1): bumps the namespace epoch, so entries filled
-    /// before it read as misses and fills leased before it never become visible. No SCAN, no FLUSH.
-    ///
-    /// # Errors
-    /// Backend failures.
-    pub async fn invalidate_namespace(&self) -> Result<()> {
-        self.inner.backend.bump(&self.inner.ns, "*").await?;
-        self.inner.flights.detach_all();
-        Ok(())
+    /// This handle's one value of the capability state `T`, created on first use. Capabilities take it once,
+    /// when their handle (a `Cache`, a `RateLimiter`, `Locks`) is made, never per call.
+    pub(crate) fn shared<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let mut map = self.inner.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let any = map
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()))
+            .clone();
+        // The entry for `TypeId::of::<T>()` only ever holds a `T`.
+        any.downcast::<T>()
+            .unwrap_or_else(|_| Arc::new(T::default()))
     }
 
     /// Every key this namespace holds, with its TTL, found by walking with `SCAN` (never `KEYS`).

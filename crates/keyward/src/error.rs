@@ -222,7 +222,7 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::CircuitOpen { .. } => true,
-            Error::Redis { source, .. } => crate::backend::is_unavailable(source),
+            Error::Redis { source, .. } => redis_unavailable(source),
             _ => false,
         }
     }
@@ -238,4 +238,17 @@ impl Error {
                 | Error::StoreFull { .. }
         )
     }
+}
+
+/// Whether a client error means the server could not be reached (as opposed to an error reply from it).
+pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown)
+        )
 }

@@ -70,11 +70,10 @@ pub mod lock;
 pub mod policy;
 pub mod rate_limit;
 pub mod session;
-mod wake;
 
-pub use backend::{BackendKind, KeyTtl, MemoryOptions};
+pub use backend::{BackendKind, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::Cache;
-pub use client::{ConnectOptions, Keyward};
+pub use client::Keyward;
 pub use error::{BoxError, Error, Result};
 pub use rate_limit::{Decision, RateLimiter};
 

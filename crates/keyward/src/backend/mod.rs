@@ -1,39 +1,37 @@
-//! The seam between capabilities and storage: a handful of *semantic* atomic operations.
+//! The seam between capabilities and storage, and the connection-level services behind it.
 //!
-//! Each operation is atomic where it must be — one command or one Lua script on Redis, one critical section in
-//! the embedded backend — with the same
-//! semantics (TTL, atomicity, ordering); the conformance suite in `tests/` runs against both. Capabilities never
-//! send raw commands, so the rules (every key has a TTL, fills are fenced) are kept in one place.
+//! A capability reaches storage only through [`Backend::atomic`] (one Lua script on Redis, one critical section
+//! of the embedded keyspace) and [`Backend::pipeline`] (plain commands in one round trip, for a hot path),
+//! plus the walks and checks here ([`Backend::scan`], [`Backend::ping`]). Each capability keeps both halves of
+//! its operations side by side in its own `store.rs`, with its `.lua` files next to it; this module owns what
+//! is the same for all of them: script invocation, timeouts and the circuit breaker (in [`redis`]), and the
+//! embedded keyspace (in [`memory`]). Nothing outside `backend/` matches on the backend or names a `redis::`
+//! type.
 //!
 //! An enum rather than a trait object: there are exactly two backends, calls stay static, and async methods
-//! need no boxing.
+//! need no boxing. `docs/architecture.md` says how to add a capability.
 
 pub(crate) mod breaker;
 pub(crate) mod memory;
+mod options;
 pub(crate) mod redis;
+mod script;
+pub(crate) mod wake;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use crate::envelope::Gens;
+#[cfg(doc)]
+use crate::error::Error;
 use crate::error::Result;
 
 pub use breaker::BreakerState;
 pub use memory::MemoryOptions;
+pub(crate) use memory::keyspace::{Budget, Budgets, Keyspace, Kv, Val};
+pub use options::ConnectOptions;
+pub(crate) use redis::redact;
+pub(crate) use script::{Call, Pipeline, Reply, Script, Undo, scripts};
 
-/// Whether a client error means the server could not be reached (as opposed to an error reply from it).
-pub(crate) fn is_unavailable(e: &::redis::RedisError) -> bool {
-    use ::redis::{ErrorKind, ServerErrorKind};
-    e.is_timeout()
-        || e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown)
-        )
-}
+pub(crate) use crate::error::redis_unavailable as is_unavailable;
 
 /// The per-namespace keys the cache operations share.
 #[derive(Debug, Clone)]
@@ -44,17 +42,6 @@ pub(crate) struct Namespace {
     pub(crate) channel: String,
     /// How long the epochs must outlive their last bump: longer than any value can live.
     pub(crate) gens_lifetime: Duration,
-}
-
-/// What a fetch found.
-#[derive(Debug)]
-pub(crate) enum Fetched {
-    /// A stored value (still enveloped; may be corrupt).
-    Hit(Bytes),
-    /// No usable value: the caller now holds the fill lease, under these epochs.
-    Leased(Gens),
-    /// Another caller holds the lease; it expires within this long.
-    Wait(Duration),
 }
 
 /// Which storage a [`Keyward`](crate::Keyward) handle talks to.
@@ -81,14 +68,28 @@ pub(crate) enum Backend {
     Redis(redis::RedisBackend),
 }
 
-/// The arguments every entry operation shares.
-pub(crate) struct Entry<'a> {
-    pub(crate) ns: &'a Namespace,
-    pub(crate) class: &'a str,
-    pub(crate) key: &'a str,
-}
-
 impl Backend {
+    /// The embedded backend for a policy declaring `classes` (each gets its own budget).
+    pub(crate) fn embedded(options: &MemoryOptions, classes: &[&str]) -> Self {
+        Backend::Memory(Box::new(memory::MemoryBackend::new(options, classes)))
+    }
+
+    /// Connect to Redis at `url`, subscribed to `ns`'s wake-up channel; also returns the server's address
+    /// (never credentials), for logs and `Debug`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] or [`Error::Connect`].
+    pub(crate) async fn connect(
+        url: &str,
+        options: &ConnectOptions,
+        ns: &Namespace,
+        bus: std::sync::Arc<crate::backend::wake::WakeBus>,
+    ) -> Result<(Self, String)> {
+        let r = redis::RedisBackend::connect(url, options, ns, bus).await?;
+        let server = r.server().to_owned();
+        Ok((Backend::Redis(r), server))
+    }
+
     pub(crate) fn kind(&self) -> BackendKind {
         match self {
             Backend::Memory(_) => BackendKind::Embedded,
@@ -112,83 +113,49 @@ impl Backend {
         }
     }
 
-    /// Return the value, or grant the fill lease identified by `marker` (`L1:{token}:0`), or say who waits.
-    /// A value filled under other epochs, or a negative entry when `negative_ok` is false, counts as absent.
-    pub(crate) async fn fetch(
+    /// Run one atomic operation: `call`'s script on Redis, its answer decoded by `decode`; `mirror` as one
+    /// critical section of the embedded keyspace. `decode` returning `None` is a protocol error naming the
+    /// operation and the reply.
+    ///
+    /// # Errors
+    /// Redis: [`Error::Timeout`], [`Error::CircuitOpen`], [`Error::Redis`] (see `RedisBackend::call`);
+    /// embedded: [`Error::StoreFull`] when a class that is never evicted is past its budget.
+    pub(crate) async fn atomic<T>(
         &self,
-        e: &Entry<'_>,
-        marker: &str,
-        lease_ttl: Duration,
-        negative_ok: bool,
-    ) -> Result<Fetched> {
+        call: Call,
+        mirror: impl FnOnce(&mut Kv) -> T,
+        decode: impl FnOnce(&Reply) -> Option<T>,
+    ) -> Result<T> {
         match self {
-            Backend::Memory(m) => Ok(m.fetch(e, marker, lease_ttl, negative_ok)),
-            Backend::Redis(r) => r.fetch(e, marker, lease_ttl, negative_ok).await,
-        }
-    }
-
-    /// Read without taking a lease: a current value, or nothing.
-    pub(crate) async fn read(&self, e: &Entry<'_>) -> Result<Option<Bytes>> {
-        match self {
-            Backend::Memory(m) => Ok(m.read(e)),
-            Backend::Redis(r) => r.read(e).await,
-        }
-    }
-
-    /// Store `value` (a full envelope) only if the lease whose marker starts with `lease_prefix` is still held.
-    pub(crate) async fn commit(
-        &self,
-        e: &Entry<'_>,
-        lease_prefix: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<bool> {
-        match self {
-            Backend::Memory(m) => Ok(m.commit(e, lease_prefix, value, ttl)),
-            Backend::Redis(r) => r.commit(e, lease_prefix, value, ttl).await,
-        }
-    }
-
-    /// Give a lease back (the loader failed) so that a waiter takes over now rather than at expiry.
-    pub(crate) async fn release(&self, e: &Entry<'_>, lease_prefix: &str) -> Result<bool> {
-        match self {
-            Backend::Memory(m) => Ok(m.release(e, lease_prefix)),
-            Backend::Redis(r) => r.release(e, lease_prefix).await,
-        }
-    }
-
-    /// Unconditional write of `body` (`v:…`/`n:`) under the current epochs; voids any lease.
-    pub(crate) async fn set(&self, e: &Entry<'_>, body: &[u8], ttl: Duration) -> Result<()> {
-        match self {
-            Backend::Memory(m) => {
-                m.set(e, body, ttl);
-                Ok(())
+            Backend::Memory(m) if call.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Backend::Memory(m) => m.keyspace.with(mirror),
+            Backend::Redis(r) => {
+                let op = call.op;
+                let reply = r.run(call).await?;
+                decode(&reply).ok_or_else(|| r.protocol_err(op, &format!("{reply:?}")))
             }
-            Backend::Redis(r) => r.set(e, body, ttl).await,
         }
     }
 
-    /// Remove the value or lease of one entry; a fill leased before this can no longer commit.
-    pub(crate) async fn invalidate(&self, e: &Entry<'_>) -> Result<bool> {
+    /// Run plain commands in one round trip on Redis (their replies, in order, go to `decode`), or `mirror`
+    /// as one critical section of the embedded keyspace.
+    ///
+    /// # Errors
+    /// As [`atomic`](Self::atomic).
+    pub(crate) async fn pipeline<T>(
+        &self,
+        pipeline: Pipeline,
+        mirror: impl FnOnce(&mut Kv) -> T,
+        decode: impl FnOnce(&[Reply]) -> Option<T>,
+    ) -> Result<T> {
         match self {
-            Backend::Memory(m) => Ok(m.invalidate(e)),
-            Backend::Redis(r) => r.invalidate(e).await,
-        }
-    }
-
-    /// Bump a group epoch (`*` for the namespace, or a class name): O(1), whatever the number of entries.
-    pub(crate) async fn bump(&self, ns: &Namespace, field: &str) -> Result<u64> {
-        match self {
-            Backend::Memory(m) => m.bump(ns, field),
-            Backend::Redis(r) => r.bump(ns, field).await,
-        }
-    }
-
-    /// Delete the entry only if it still holds exactly `raw` (self-healing of undecodable values).
-    pub(crate) async fn heal(&self, key: &str, raw: &[u8]) -> Result<bool> {
-        match self {
-            Backend::Memory(m) => Ok(m.heal(key, raw)),
-            Backend::Redis(r) => r.heal(key, raw).await,
+            Backend::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Backend::Memory(m) => m.keyspace.with(mirror),
+            Backend::Redis(r) => {
+                let op = pipeline.op;
+                let replies = r.run_pipeline(pipeline).await?;
+                decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
+            }
         }
     }
 

@@ -1,28 +1,21 @@
-//! The idempotency operations on both backends: one Lua script each on Redis
-//! (`backend/redis/idempotency_*.lua`), mirrored line for line over the embedded store.
+//! The idempotency operations on both backends: one Lua script each on Redis (the `idempotency_*.lua` files
+//! next to this one), mirrored line for line over the embedded keyspace.
+//!
+//! A record is a hash `{f: fingerprint, s: p (in progress) | c (completed), t: lease token, r: response}`.
 
-use std::sync::LazyLock;
+use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{Script, Value};
 
-use crate::backend::Backend;
-use crate::backend::redis::Cleanup;
+use crate::backend::{Backend, Kv, Reply, Undo, Val, scripts};
 use crate::error::Result;
 
-struct Scripts {
-    begin: Script,
-    complete: Script,
-    abandon: Script,
-    extend: Script,
+scripts! {
+    begin: "idempotency_begin.lua";
+    complete: "idempotency_complete.lua";
+    abandon: "idempotency_abandon.lua";
+    extend: "idempotency_extend.lua";
 }
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    begin: Script::new(include_str!("../backend/redis/idempotency_begin.lua")),
-    complete: Script::new(include_str!("../backend/redis/idempotency_complete.lua")),
-    abandon: Script::new(include_str!("../backend/redis/idempotency_abandon.lua")),
-    extend: Script::new(include_str!("../backend/redis/idempotency_extend.lua")),
-});
 
 /// What `begin` found.
 #[derive(Debug)]
@@ -40,8 +33,25 @@ pub(crate) async fn begin(
     token: &str,
     lease_ms: i64,
 ) -> Result<Began> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    // A begin that gets no answer may still write an in-progress marker when the server resumes: its undo
+    // (abandon, only while the marker holds this token) removes it, so a retry gets a definite answer instead
+    // of `InProgress` for the whole lease.
+    let call = SCRIPTS
+        .begin
+        .call("idempotency_begin")
+        .key(key)
+        .arg(fingerprint)
+        .arg(token)
+        .arg(lease_ms)
+        .undo(Undo {
+            script: &SCRIPTS.abandon,
+            keys: vec![key.to_owned()],
+            args: vec![token.as_bytes().to_vec()],
+            within: Duration::from_millis(lease_ms.unsigned_abs()),
+        });
+    b.atomic(
+        call,
+        |kv| {
             let Some(h) = kv.get_hash(key) else {
                 kv.hset(
                     key,
@@ -62,40 +72,27 @@ pub(crate) async fn begin(
                 return Began::InProgress(kv.pttl(key));
             }
             Began::Completed(h.get("r").cloned().unwrap_or_default())
-        }),
-        Backend::Redis(r) => {
-            // A begin that gets no answer may still write an in-progress marker when the server resumes: its
-            // cleanup (abandon, only while the marker holds this token) removes it, so a retry gets a
-            // definite answer instead of `InProgress` for the whole lease.
-            let mut reply: Vec<Value> = r
-                .eval_cleaning(
-                    "idempotency_begin",
-                    SCRIPTS
-                        .begin
-                        .key(key)
-                        .arg(fingerprint)
-                        .arg(token)
-                        .arg(lease_ms),
-                    || Cleanup {
-                        op: "idempotency_begin",
-                        script: &SCRIPTS.abandon,
-                        keys: vec![key.to_owned()],
-                        args: vec![token.as_bytes().to_vec()],
-                        within: std::time::Duration::from_millis(lease_ms.unsigned_abs()),
-                    },
-                )
-                .await?;
-            if let [Value::Int(2), Value::BulkString(resp)] = reply.as_mut_slice() {
-                return Ok(Began::Completed(Bytes::from(std::mem::take(resp))));
-            }
-            match reply.as_slice() {
-                [Value::Int(0)] => Ok(Began::New),
-                [Value::Int(1), Value::Int(pttl)] => Ok(Began::InProgress(*pttl)),
-                [Value::Int(3)] => Ok(Began::Mismatch),
-                other => Err(r.protocol_err("idempotency_begin", &format!("{other:?}"))),
-            }
-        }
-    }
+        },
+        |reply| match reply.array()? {
+            [Reply::Int(0)] => Some(Began::New),
+            [Reply::Int(1), pttl] => Some(Began::InProgress(pttl.int()?)),
+            [Reply::Int(2), resp] => Some(Began::Completed(resp.bytes()?)),
+            [Reply::Int(3)] => Some(Began::Mismatch),
+            _ => None,
+        },
+    )
+    .await
+}
+
+fn holds(kv: &Kv, key: &str, token: &str) -> bool {
+    kv.get_hash(key).is_some_and(|h| {
+        h.get("s").map(|s| &s[..]) == Some(b"p")
+            && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
+    })
+}
+
+fn one(reply: &Reply) -> Option<bool> {
+    Some(reply.int()? == 1)
 }
 
 pub(crate) async fn complete(
@@ -105,13 +102,17 @@ pub(crate) async fn complete(
     response: &[u8],
     ttl_ms: i64,
 ) -> Result<bool> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
-            let held = kv.get_hash(key).is_some_and(|h| {
-                h.get("s").map(|s| &s[..]) == Some(b"p")
-                    && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
-            });
-            if !held {
+    let call = SCRIPTS
+        .complete
+        .call("idempotency_complete")
+        .key(key)
+        .arg(token)
+        .arg(response)
+        .arg(ttl_ms);
+    b.atomic(
+        call,
+        |kv| {
+            if !holds(kv, key, token) {
                 return false;
             }
             kv.hset(
@@ -122,67 +123,38 @@ pub(crate) async fn complete(
                 ],
                 ttl_ms,
             );
-            if let Some(crate::backend::memory::keyspace::Val::Hash(h)) = kv.get_mut(key) {
+            if let Some(Val::Hash(h)) = kv.get_mut(key) {
                 h.remove("t");
             }
             kv.pexpire(key, ttl_ms);
             true
-        }),
-        Backend::Redis(r) => {
-            let n: i64 = r
-                .eval(
-                    "idempotency_complete",
-                    SCRIPTS
-                        .complete
-                        .key(key)
-                        .arg(token)
-                        .arg(response)
-                        .arg(ttl_ms),
-                )
-                .await?;
-            Ok(n == 1)
-        }
-    }
+        },
+        one,
+    )
+    .await
 }
 
 pub(crate) async fn abandon(b: &Backend, key: &str, token: &str) -> Result<bool> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
-            let held = kv.get_hash(key).is_some_and(|h| {
-                h.get("s").map(|s| &s[..]) == Some(b"p")
-                    && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
-            });
-            held && kv.del(key)
-        }),
-        Backend::Redis(r) => {
-            let n: i64 = r
-                .eval("idempotency_abandon", SCRIPTS.abandon.key(key).arg(token))
-                .await?;
-            Ok(n == 1)
-        }
-    }
-}
-
-fn holds(kv: &crate::backend::memory::keyspace::Kv, key: &str, token: &str) -> bool {
-    kv.get_hash(key).is_some_and(|h| {
-        h.get("s").map(|s| &s[..]) == Some(b"p")
-            && h.get("t").map(|t| &t[..]) == Some(token.as_bytes())
-    })
+    let call = SCRIPTS
+        .abandon
+        .call("idempotency_abandon")
+        .key(key)
+        .arg(token);
+    b.atomic(call, |kv| holds(kv, key, token) && kv.del(key), one)
+        .await
 }
 
 pub(crate) async fn extend(b: &Backend, key: &str, token: &str, lease_ms: i64) -> Result<bool> {
-    match b {
-        Backend::Memory(m) => m
-            .keyspace
-            .with(|kv| holds(kv, key, token) && kv.pexpire(key, lease_ms)),
-        Backend::Redis(r) => {
-            let n: i64 = r
-                .eval(
-                    "idempotency_extend",
-                    SCRIPTS.extend.key(key).arg(token).arg(lease_ms),
-                )
-                .await?;
-            Ok(n == 1)
-        }
-    }
+    let call = SCRIPTS
+        .extend
+        .call("idempotency_extend")
+        .key(key)
+        .arg(token)
+        .arg(lease_ms);
+    b.atomic(
+        call,
+        |kv| holds(kv, key, token) && kv.pexpire(key, lease_ms),
+        one,
+    )
+    .await
 }

@@ -100,10 +100,10 @@ impl Queues {
 use self::guard::Grant;
 use self::store::{Attempt, LockKeys};
 use crate::Keyward;
+use crate::backend::wake::Listener;
 use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::LockClass;
-use crate::wake::Listener;
 
 /// The longest lease one acquisition or extension may ask for.
 const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
@@ -221,6 +221,8 @@ struct ClassInfo {
 #[derive(Clone)]
 pub struct Locks {
     kw: Keyward,
+    /// The handle's per-process wait queues, shared by every `Locks` of the handle.
+    queues: Arc<Queues>,
     class: Arc<ClassInfo>,
 }
 
@@ -270,6 +272,7 @@ impl Keyward {
         };
         Ok(Locks {
             kw: self.clone(),
+            queues: self.shared::<Queues>(),
             class: Arc::new(ClassInfo {
                 name: class.to_owned(),
                 policy: policy.clone(),
@@ -373,7 +376,7 @@ impl Locks {
         let baton = if s.wait.is_zero() {
             None
         } else {
-            let queue = inner.lock_queues.queue(&keys.lock);
+            let queue = self.queues.queue(&keys.lock);
             let turn = queue.lock_owned();
             match deadline {
                 Some(d) => match tokio::time::timeout_at(d, turn).await {

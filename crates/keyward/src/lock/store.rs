@@ -1,35 +1,23 @@
-//! The five lock operations. Each is one Lua script on Redis (`backend/redis/lock_*.lua`) and one critical
-//! section of the embedded store ([`Keyspace::with`](crate::backend::memory::keyspace::Keyspace::with)) that mirrors
-//! the script line for line, so both backends agree by construction; `tests/lock.rs` checks that they do.
+//! The five lock operations. Each is one Lua script on Redis (the `lock_*.lua` files next to this one) and one
+//! critical section of the embedded keyspace that mirrors the script line for line, side by side, so both
+//! backends agree by construction; `tests/lock.rs` checks that they do.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{Script, Value};
 
 use super::FencedWrite;
 use crate::Keyward;
-use crate::backend::Backend;
-use crate::backend::memory::keyspace::{Kv, Val};
-use crate::backend::redis::Cleanup;
+use crate::backend::{Kv, Reply, Undo, Val, scripts};
 use crate::error::Result;
 
-struct Scripts {
-    acquire: Script,
-    release: Script,
-    extend: Script,
-    fenced_write: Script,
-    fenced_read: Script,
+scripts! {
+    acquire: "lock_acquire.lua";
+    release: "lock_release.lua";
+    extend: "lock_extend.lua";
+    fenced_write: "lock_fenced_write.lua";
+    fenced_read: "lock_fenced_read.lua";
 }
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    acquire: Script::new(include_str!("../backend/redis/lock_acquire.lua")),
-    release: Script::new(include_str!("../backend/redis/lock_release.lua")),
-    extend: Script::new(include_str!("../backend/redis/lock_extend.lua")),
-    fenced_write: Script::new(include_str!("../backend/redis/lock_fenced_write.lua")),
-    fenced_read: Script::new(include_str!("../backend/redis/lock_fenced_read.lua")),
-});
 
 /// The three keys of one lock. They share the lock key's hash tag (`{id}`), so one Cluster slot holds them.
 #[derive(Debug, Clone)]
@@ -97,84 +85,82 @@ pub(super) async fn acquire(
     fence_ttl: Duration,
 ) -> Result<Attempt> {
     let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
-    match &kw.inner.backend {
-        Backend::Memory(m) => m.keyspace.with(|kv: &mut Kv| {
-            let left = kv.pttl(&keys.lock);
-            if left != -2 {
-                return Attempt::Held(pttl(left));
-            }
-            let now_us = kv.now_us();
-            let prev = fence_counter(kv.get_str(&keys.fence));
-            let fence = (prev + 1).max(now_us);
-            kv.set(&keys.fence, string(fence), fence_ttl_ms);
-            kv.set(&keys.lock, string(token), ttl_ms);
-            Attempt::Acquired(u64::try_from(fence).unwrap_or(0))
-        }),
-        Backend::Redis(r) => {
-            const OP: &str = "lock_acquire";
-            // An acquire that gets no answer may still take the lock when the server resumes: its cleanup
-            // (a compare-and-delete release, sent after it on the same connection) gives it back.
-            let reply: Vec<i64> = r
-                .eval_cleaning(
-                    OP,
-                    SCRIPTS
-                        .acquire
-                        .key(&keys.lock)
-                        .key(&keys.fence)
-                        .arg(token)
-                        .arg(ttl_ms)
-                        .arg(fence_ttl_ms),
-                    || Cleanup {
-                        op: OP,
-                        script: &SCRIPTS.release,
-                        keys: vec![keys.lock.clone()],
-                        args: vec![
-                            token.as_bytes().to_vec(),
-                            kw.inner.ns.channel.as_bytes().to_vec(),
-                        ],
-                        within: ttl,
-                    },
-                )
-                .await?;
-            match reply.as_slice() {
-                [1, fence] if *fence > 0 => Ok(Attempt::Acquired(fence.unsigned_abs())),
-                [0, left] => Ok(Attempt::Held(pttl(*left))),
-                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
-            }
-        }
-    }
+    // An acquire that gets no answer may still take the lock when the server resumes: its undo (a
+    // compare-and-delete release, sent after it on the same connection) gives it back.
+    let call = SCRIPTS
+        .acquire
+        .call("lock_acquire")
+        .key(&keys.lock)
+        .key(&keys.fence)
+        .arg(token)
+        .arg(ttl_ms)
+        .arg(fence_ttl_ms)
+        .undo(Undo {
+            script: &SCRIPTS.release,
+            keys: vec![keys.lock.clone()],
+            args: vec![
+                token.as_bytes().to_vec(),
+                kw.inner.ns.channel.as_bytes().to_vec(),
+            ],
+            within: ttl,
+        });
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let left = kv.pttl(&keys.lock);
+                if left != -2 {
+                    return Attempt::Held(pttl(left));
+                }
+                let now_us = kv.now_us();
+                let prev = fence_counter(kv.get_str(&keys.fence));
+                let fence = (prev + 1).max(now_us);
+                kv.set(&keys.fence, string(fence), fence_ttl_ms);
+                kv.set(&keys.lock, string(token), ttl_ms);
+                Attempt::Acquired(u64::try_from(fence).unwrap_or(0))
+            },
+            |reply| match reply.ints()?.as_slice() {
+                [1, fence] if *fence > 0 => Some(Attempt::Acquired(fence.unsigned_abs())),
+                [0, left] => Some(Attempt::Held(pttl(*left))),
+                _ => None,
+            },
+        )
+        .await
 }
 
-/// `lock_release.lua`. The embedded backend has no pub/sub: the caller wakes local waiters itself.
+fn one(reply: &Reply) -> Option<bool> {
+    Some(reply.int()? == 1)
+}
+
+/// `lock_release.lua`. The embedded backend has no pub/sub: local waiters are woken here (on Redis the script
+/// published too; a second wake-up only makes a waiter look again).
 pub(super) async fn release(kw: &Keyward, keys: &LockKeys, token: &str) -> Result<bool> {
-    match &kw.inner.backend {
-        Backend::Memory(m) => {
-            let released = m.keyspace.with(|kv| {
+    let call = SCRIPTS
+        .release
+        .call("lock_release")
+        .key(&keys.lock)
+        .arg(token)
+        .arg(&kw.inner.ns.channel);
+    let released = kw
+        .inner
+        .backend
+        .atomic(
+            call,
+            |kv| {
                 if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
                     return false;
                 }
                 kv.del(&keys.lock);
                 true
-            })?;
-            if released {
-                kw.inner.bus.wake(&keys.lock);
-            }
-            Ok(released)
-        }
-        Backend::Redis(r) => {
-            let n: i64 = r
-                .eval(
-                    "lock_release",
-                    SCRIPTS
-                        .release
-                        .key(&keys.lock)
-                        .arg(token)
-                        .arg(&kw.inner.ns.channel),
-                )
-                .await?;
-            Ok(n == 1)
-        }
+            },
+            one,
+        )
+        .await?;
+    if released {
+        kw.inner.bus.wake(&keys.lock);
     }
+    Ok(released)
 }
 
 /// `lock_extend.lua`.
@@ -187,40 +173,38 @@ pub(super) async fn extend(
     fence_ttl: Duration,
 ) -> Result<bool> {
     let (ttl_ms, fence_ttl_ms) = (millis(ttl), millis(fence_ttl));
-    match &kw.inner.backend {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
-            if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
-                return false;
-            }
-            kv.pexpire(&keys.lock, ttl_ms);
-            if !kv.exists(&keys.fence) {
-                kv.set(
-                    &keys.fence,
-                    Val::Str(Bytes::from(fence.to_string())),
-                    fence_ttl_ms,
-                );
-            } else if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
-                kv.pexpire(&keys.fence, fence_ttl_ms);
-            }
-            true
-        }),
-        Backend::Redis(r) => {
-            let n: i64 = r
-                .eval(
-                    "lock_extend",
-                    SCRIPTS
-                        .extend
-                        .key(&keys.lock)
-                        .key(&keys.fence)
-                        .arg(token)
-                        .arg(ttl_ms)
-                        .arg(fence_ttl_ms)
-                        .arg(fence),
-                )
-                .await?;
-            Ok(n == 1)
-        }
-    }
+    let call = SCRIPTS
+        .extend
+        .call("lock_extend")
+        .key(&keys.lock)
+        .key(&keys.fence)
+        .arg(token)
+        .arg(ttl_ms)
+        .arg(fence_ttl_ms)
+        .arg(fence);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv| {
+                if kv.get_str(&keys.lock).map(|b| &b[..]) != Some(token.as_bytes()) {
+                    return false;
+                }
+                kv.pexpire(&keys.lock, ttl_ms);
+                if !kv.exists(&keys.fence) {
+                    kv.set(
+                        &keys.fence,
+                        Val::Str(Bytes::from(fence.to_string())),
+                        fence_ttl_ms,
+                    );
+                } else if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
+                    kv.pexpire(&keys.fence, fence_ttl_ms);
+                }
+                true
+            },
+            one,
+        )
+        .await
 }
 
 /// `lock_fenced_write.lua`. `fence` is at most 2^53 - 1 (checked by the caller), so Lua holds it exactly.
@@ -233,55 +217,52 @@ pub(super) async fn fenced_write(
 ) -> Result<FencedWrite> {
     let fence_ttl_ms = millis(fence_ttl);
     let fence_i = i64::try_from(fence).unwrap_or(i64::MAX);
-    match &kw.inner.backend {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
-            let now_us = kv.now_ms().saturating_mul(1000).saturating_add(999);
-            let counter = fence_counter(kv.get_str(&keys.fence));
-            if fence_i > counter.max(now_us) {
-                return Err(never_issued(keys, fence));
-            }
-            let written = fence_counter(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
-            let highest = written.max(counter);
-            if fence_i < highest {
-                return Ok(FencedWrite::Stale {
+    let call = SCRIPTS
+        .fenced_write
+        .call("lock_fenced_write")
+        .key(&keys.value)
+        .key(&keys.fence)
+        .arg(fence)
+        .arg(value)
+        .arg(fence_ttl_ms);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv| {
+                let now_us = kv.now_ms().saturating_mul(1000).saturating_add(999);
+                let counter = fence_counter(kv.get_str(&keys.fence));
+                if fence_i > counter.max(now_us) {
+                    return Err(never_issued(keys, fence));
+                }
+                let written = fence_counter(kv.get_hash(&keys.value).and_then(|h| h.get("t")));
+                let highest = written.max(counter);
+                if fence_i < highest {
+                    return Ok(FencedWrite::Stale {
+                        highest: highest.unsigned_abs(),
+                    });
+                }
+                let fields = [
+                    ("t", Bytes::from(fence.to_string())),
+                    ("v", Bytes::copy_from_slice(value)),
+                ];
+                kv.hset(&keys.value, &fields, fence_ttl_ms);
+                kv.pexpire(&keys.value, fence_ttl_ms);
+                if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
+                    kv.pexpire(&keys.fence, fence_ttl_ms);
+                }
+                Ok(FencedWrite::Applied)
+            },
+            |reply| match reply.ints()?.as_slice() {
+                [1] => Some(Ok(FencedWrite::Applied)),
+                [0, highest] => Some(Ok(FencedWrite::Stale {
                     highest: highest.unsigned_abs(),
-                });
-            }
-            let fields = [
-                ("t", Bytes::from(fence.to_string())),
-                ("v", Bytes::copy_from_slice(value)),
-            ];
-            kv.hset(&keys.value, &fields, fence_ttl_ms);
-            kv.pexpire(&keys.value, fence_ttl_ms);
-            if kv.pttl(&keys.fence) >= 0 && kv.pttl(&keys.fence) < fence_ttl_ms {
-                kv.pexpire(&keys.fence, fence_ttl_ms);
-            }
-            Ok(FencedWrite::Applied)
-        })?,
-        Backend::Redis(r) => {
-            const OP: &str = "lock_fenced_write";
-            let reply: Vec<i64> = r
-                .eval(
-                    OP,
-                    SCRIPTS
-                        .fenced_write
-                        .key(&keys.value)
-                        .key(&keys.fence)
-                        .arg(fence)
-                        .arg(value)
-                        .arg(fence_ttl_ms),
-                )
-                .await?;
-            match reply.as_slice() {
-                [1] => Ok(FencedWrite::Applied),
-                [0, highest] => Ok(FencedWrite::Stale {
-                    highest: highest.unsigned_abs(),
-                }),
-                [2] => Err(never_issued(keys, fence)),
-                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
-            }
-        }
-    }
+                })),
+                [2] => Some(Err(never_issued(keys, fence))),
+                _ => None,
+            },
+        )
+        .await?
 }
 
 fn never_issued(keys: &LockKeys, fence: u64) -> crate::error::Error {
@@ -295,30 +276,28 @@ fn never_issued(keys: &LockKeys, fence: u64) -> crate::error::Error {
 
 /// `lock_fenced_read.lua`.
 pub(super) async fn fenced_read(kw: &Keyward, keys: &LockKeys) -> Result<Option<(u64, Bytes)>> {
-    match &kw.inner.backend {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
-            let h = kv.get_hash(&keys.value)?;
-            let (t, v) = (h.get("t")?, h.get("v")?);
-            Some((number(Some(t)).unsigned_abs(), v.clone()))
-        }),
-        Backend::Redis(r) => {
-            const OP: &str = "lock_fenced_read";
-            let reply: Value = r.eval(OP, &SCRIPTS.fenced_read.key(&keys.value)).await?;
-            match reply {
-                Value::Nil | Value::Boolean(false) => Ok(None),
-                Value::Array(items) => match <[Value; 2]>::try_from(items) {
-                    Ok([Value::BulkString(t), Value::BulkString(v)]) => {
-                        let fence = std::str::from_utf8(&t)
-                            .ok()
-                            .and_then(|t| t.parse::<u64>().ok())
-                            .ok_or_else(|| r.protocol_err(OP, "fencing token"))?;
-                        Ok(Some((fence, Bytes::from(v))))
-                    }
-                    Ok(other) => Err(r.protocol_err(OP, &format!("{other:?}"))),
-                    Err(other) => Err(r.protocol_err(OP, &format!("{other:?}"))),
-                },
-                other => Err(r.protocol_err(OP, &format!("{other:?}"))),
-            }
-        }
-    }
+    let call = SCRIPTS
+        .fenced_read
+        .call("lock_fenced_read")
+        .key(&keys.value);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv| {
+                let h = kv.get_hash(&keys.value)?;
+                let (t, v) = (h.get("t")?, h.get("v")?);
+                Some((number(Some(t)).unsigned_abs(), v.clone()))
+            },
+            |reply| {
+                if reply.is_nil() {
+                    return Some(None);
+                }
+                match reply.array()? {
+                    [t, v] => Some(Some((u64::try_from(t.int()?).ok()?, v.bytes()?))),
+                    _ => None,
+                }
+            },
+        )
+        .await
 }

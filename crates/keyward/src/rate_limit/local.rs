@@ -8,7 +8,7 @@
 
 use super::algo::Group;
 use super::store;
-use crate::backend::memory::keyspace::{Budget, Budgets, Keyspace};
+use crate::backend::{Budget, Budgets, Keyspace};
 
 // The Redis backend still imports them from here; they live with the check they describe.
 pub(crate) use super::store::{RateCall, RateReply};

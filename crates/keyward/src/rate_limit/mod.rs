@@ -246,6 +246,8 @@ struct Limit {
 #[derive(Clone)]
 pub struct RateLimiter {
     kw: Keyward,
+    /// The handle's block cache and local fallback, shared by every limiter of the handle.
+    shared: Arc<RateShared>,
     limits: Arc<[Limit]>,
     /// The script's arguments per limit, derived once here rather than on every check.
     specs: Arc<[Spec]>,
@@ -271,14 +273,16 @@ pub(crate) struct RateShared {
     blocks: Mutex<HashMap<String, Steps>>,
 }
 
-impl RateShared {
-    pub(crate) fn new() -> Self {
+impl Default for RateShared {
+    fn default() -> Self {
         RateShared {
             fallback: LocalRates::new(LOCAL_CAPACITY),
             blocks: Mutex::new(HashMap::new()),
         }
     }
+}
 
+impl RateShared {
     /// Until when a check of `cost` on `key` is known to be refused, if it is.
     fn blocked_until(&self, key: &str, cost: i64, now: Instant) -> Option<Instant> {
         let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
@@ -394,6 +398,7 @@ impl Keyward {
         let shadow = limits.iter().map(|l| l.config.is_shadow()).collect();
         Ok(RateLimiter {
             kw: self.clone(),
+            shared: self.shared::<RateShared>(),
             limits: limits.into(),
             specs: specs.into(),
             shadow,
@@ -476,7 +481,7 @@ impl RateLimiter {
             .iter()
             .map(|l| l.keys.key(id))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let shared = &self.kw.inner.rates;
+        let shared = &self.shared;
 
         if consume && let Some(d) = self.blocked(&keys, cost, shared) {
             return Ok(d);
@@ -592,7 +597,7 @@ impl RateLimiter {
         }
         match self.on_error {
             OnError::Local => {
-                let reply = self.kw.inner.rates.fallback.check(call);
+                let reply = self.shared.fallback.check(call);
                 self.decide(reply, Source::LocalFallback)
             }
             OnError::Deny => {
@@ -635,7 +640,7 @@ impl RateLimiter {
             return;
         }
         let now = Instant::now();
-        let rates = &self.kw.inner.rates;
+        let rates = &self.shared;
         for ((l, status), key) in self.limits.iter().zip(&d.limits).zip(keys) {
             let class = l.class.to_string();
             if status.shadow {

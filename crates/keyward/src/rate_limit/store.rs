@@ -1,4 +1,4 @@
-//! The rate-limit check on both backends: one Lua script on Redis (`backend/redis/ratelimit.lua`), and its
+//! The rate-limit check on both backends: one Lua script on Redis (`ratelimit.lua`, next to this file), and its
 //! mirror over the embedded keyspace ([`mirror`]), which the embedded backend and the `on_error = "local"`
 //! fallback ([`LocalRates`](super::local::LocalRates)) both run.
 //!
@@ -10,10 +10,13 @@
 use bytes::Bytes;
 
 use super::algo::{Group, State, Verdict, Write};
-use crate::backend::Backend;
-use crate::backend::memory::keyspace::{Kv, Val};
+use crate::backend::{Backend, Kv, Val, scripts};
 use crate::error::Result;
 use crate::policy::Algorithm;
+
+scripts! {
+    ratelimit: "ratelimit.lua";
+}
 
 /// The answer to one grouped check.
 #[derive(Debug, Clone)]
@@ -36,10 +39,50 @@ pub(crate) struct RateCall<'a> {
 /// The store's: on Redis, the connection's and the script's; embedded,
 /// [`Error::StoreFull`](crate::Error::StoreFull) when the class's budget is full (nothing is charged).
 pub(crate) async fn check(b: &Backend, call: &RateCall<'_>) -> Result<RateReply> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| mirror(kv, call)),
-        Backend::Redis(r) => r.rate(call).await,
+    let mut script = SCRIPTS
+        .ratelimit
+        .call("rate_limit")
+        .arg(call.cost)
+        .arg(if call.consume { "1" } else { "0" })
+        .arg(rand::random::<u64>());
+    for key in call.keys {
+        script = script.key(key);
     }
+    for (spec, shadow) in call.group.specs.iter().zip(call.group.shadow) {
+        script = script
+            .arg(spec.code())
+            .arg(spec.limit)
+            .arg(spec.window)
+            .arg(spec.capacity)
+            .arg(spec.interval)
+            .arg(if *shadow { "1" } else { "0" });
+    }
+    // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
+    b.atomic(
+        script,
+        |kv| mirror(kv, call),
+        |reply| {
+            let reply = reply.ints()?;
+            if reply.len() != 1 + 5 * call.keys.len() {
+                return None;
+            }
+            let verdicts = reply[1..]
+                .chunks_exact(5)
+                .map(|c| Verdict {
+                    allowed: c[0] == 1,
+                    remaining: c[1],
+                    reset: c[2],
+                    retry: c[3],
+                    corrupt: c[4] == 1,
+                })
+                .collect();
+            Some(RateReply {
+                allowed: reply[0] == 1,
+                verdicts,
+            })
+        },
+    )
+    .await
 }
 
 /// The script's mirror: one critical section reading every limit's state, deciding, and writing the new

@@ -1,4 +1,4 @@
-//! The session operations on both backends: each one Lua script on Redis (`backend/redis/session_*.lua`) and
+//! The session operations on both backends: each one Lua script on Redis (the `session_*.lua` files here) and
 //! its line-for-line mirror over the embedded store, one critical section each.
 //!
 //! A session is a hash `{u: user, d: data, v: version, c: created ms, e: last extension ms, i: index key}`
@@ -7,34 +7,21 @@
 //! member, so it never outlives, or lists, a dead session.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use bytes::Bytes;
-use redis::{Script, Value};
 
-use crate::backend::Backend;
-use crate::backend::memory::keyspace::{Kv, Val};
+use crate::backend::{Backend, Kv, Reply, Val, scripts};
 use crate::error::Result;
 
-struct Scripts {
-    create: Script,
-    get: Script,
-    save: Script,
-    regenerate: Script,
-    destroy: Script,
-    destroy_all: Script,
-    list: Script,
+scripts! {
+    create: "session_create.lua";
+    get: "session_get.lua";
+    save: "session_save.lua";
+    regenerate: "session_regenerate.lua";
+    destroy: "session_destroy.lua";
+    destroy_all: "session_destroy_all.lua";
+    list: "session_list.lua";
 }
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    create: Script::new(include_str!("../backend/redis/session_create.lua")),
-    get: Script::new(include_str!("../backend/redis/session_get.lua")),
-    save: Script::new(include_str!("../backend/redis/session_save.lua")),
-    regenerate: Script::new(include_str!("../backend/redis/session_regenerate.lua")),
-    destroy: Script::new(include_str!("../backend/redis/session_destroy.lua")),
-    destroy_all: Script::new(include_str!("../backend/redis/session_destroy_all.lua")),
-    list: Script::new(include_str!("../backend/redis/session_list.lua")),
-});
 
 /// The timeouts of a class, in ms.
 #[derive(Debug, Clone, Copy)]
@@ -141,8 +128,18 @@ pub(crate) async fn create(
     data: &[u8],
     t: Timeouts,
 ) -> Result<Option<(i64, i64)>> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let call = SCRIPTS
+        .create
+        .call("session_create")
+        .key(key)
+        .key(index)
+        .arg(user)
+        .arg(data)
+        .arg(t.idle)
+        .arg(t.absolute);
+    b.atomic(
+        call,
+        |kv| {
             let now = kv.now_ms();
             if kv.exists(key) {
                 return None;
@@ -168,33 +165,25 @@ pub(crate) async fn create(
             let _ = zadd(kv, index, key, exp);
             index_trim(kv, index);
             Some((now, exp))
-        }),
-        Backend::Redis(r) => {
-            let reply: Vec<i64> = r
-                .eval(
-                    "session_create",
-                    SCRIPTS
-                        .create
-                        .key(key)
-                        .key(index)
-                        .arg(user)
-                        .arg(data)
-                        .arg(t.idle)
-                        .arg(t.absolute),
-                )
-                .await?;
-            match reply.as_slice() {
-                [1, now, exp] => Ok(Some((*now, *exp))),
-                [0] => Ok(None),
-                other => Err(r.protocol_err("session_create", &format!("{other:?}"))),
-            }
-        }
-    }
+        },
+        |reply| match reply.ints()?.as_slice() {
+            [1, now, exp] => Some(Some((*now, *exp))),
+            [0] => Some(None),
+            _ => None,
+        },
+    )
+    .await
 }
 
 pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Option<Found>> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let mut call = SCRIPTS.get.call("session_get");
+    for k in keys {
+        call = call.key(k);
+    }
+    let call = call.arg(t.idle).arg(t.absolute).arg(t.extend_after);
+    b.atomic(
+        call,
+        |kv| {
             let now = kv.now_ms();
             for (which, s) in keys.iter().enumerate() {
                 let Some(h) = kv.get_hash(s) else { continue };
@@ -232,51 +221,38 @@ pub(crate) async fn get(b: &Backend, keys: &[String], t: Timeouts) -> Result<Opt
                 });
             }
             None
-        }),
-        Backend::Redis(r) => {
-            let mut inv = SCRIPTS.get.prepare_invoke();
-            for k in keys {
-                inv.key(k);
+        },
+        |reply| {
+            if reply.is_nil() {
+                return Some(None);
             }
-            inv.arg(t.idle).arg(t.absolute).arg(t.extend_after);
-            let reply: Value = r.eval("session_get", &inv).await?;
-            let bad = || r.protocol_err("session_get", &format!("{reply:?}"));
-            let items = match &reply {
-                Value::Nil | Value::Boolean(false) => return Ok(None),
-                Value::Array(items) => items,
-                _ => return Err(bad()),
+            let [which, user, data, version, c, e, exp] = reply.array()? else {
+                return None;
             };
-            let int = |v: &Value| match v {
-                Value::Int(n) => Some(*n),
-                Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-                _ => None,
-            };
-            let bulk = |v: &Value| match v {
-                Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
-                _ => None,
-            };
-            let [which, user, data, version, c, e, exp] = items.as_slice() else {
-                return Err(bad());
-            };
-            let found = (|| {
-                Some(Found {
-                    which: usize::try_from(int(which)?).ok()?.checked_sub(1)?,
-                    user: String::from_utf8(bulk(user)?.to_vec()).ok()?,
-                    data: bulk(data)?,
-                    version: u64::try_from(int(version)?).ok()?,
-                    created_ms: int(c)?,
-                    extended_ms: int(e)?,
-                    expires_ms: int(exp)?,
-                })
-            })();
-            found.map(Some).ok_or_else(bad)
-        }
-    }
+            Some(Some(Found {
+                which: usize::try_from(which.int()?).ok()?.checked_sub(1)?,
+                user: String::from_utf8(user.bytes()?.to_vec()).ok()?,
+                data: data.bytes()?,
+                version: u64::try_from(version.int()?).ok()?,
+                created_ms: c.int()?,
+                extended_ms: e.int()?,
+                expires_ms: exp.int()?,
+            }))
+        },
+    )
+    .await
 }
 
 pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> Result<SaveReply> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let call = SCRIPTS
+        .save
+        .call("session_save")
+        .key(key)
+        .arg(expected)
+        .arg(data);
+    b.atomic(
+        call,
+        |kv| {
             let Some(h) = kv.get_hash(key) else {
                 return SaveReply::Gone;
             };
@@ -290,28 +266,29 @@ pub(crate) async fn save(b: &Backend, key: &str, expected: u64, data: &[u8]) -> 
                 1,
             );
             SaveReply::Saved(v + 1)
-        }),
-        Backend::Redis(r) => {
-            let reply: Vec<i64> = r
-                .eval(
-                    "session_save",
-                    SCRIPTS.save.key(key).arg(expected).arg(data),
-                )
-                .await?;
+        },
+        |reply| {
             let v = |n: i64| u64::try_from(n).unwrap_or(0);
-            match reply.as_slice() {
-                [1, n] => Ok(SaveReply::Saved(v(*n))),
-                [2, n] => Ok(SaveReply::Conflict(v(*n))),
-                [0] => Ok(SaveReply::Gone),
-                other => Err(r.protocol_err("session_save", &format!("{other:?}"))),
+            match reply.ints()?.as_slice() {
+                [1, n] => Some(SaveReply::Saved(v(*n))),
+                [2, n] => Some(SaveReply::Conflict(v(*n))),
+                [0] => Some(SaveReply::Gone),
+                _ => None,
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result<Regenerated> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let mut call = SCRIPTS.regenerate.call("session_regenerate");
+    for k in old {
+        call = call.key(k);
+    }
+    let call = call.key(new);
+    b.atomic(
+        call,
+        |kv| {
             if kv.exists(new) {
                 return Regenerated::Collision;
             }
@@ -331,28 +308,27 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
                 return Regenerated::Moved;
             }
             Regenerated::Missing
-        }),
-        Backend::Redis(r) => {
-            let mut inv = SCRIPTS.regenerate.prepare_invoke();
-            for k in old {
-                inv.key(k);
-            }
-            inv.key(new);
-            let reply: Vec<i64> = r.eval("session_regenerate", &inv).await?;
-            match reply.as_slice() {
-                [1] => Ok(Regenerated::Moved),
-                [0] => Ok(Regenerated::Missing),
-                [2] => Ok(Regenerated::Collision),
-                other => Err(r.protocol_err("session_regenerate", &format!("{other:?}"))),
-            }
-        }
-    }
+        },
+        |reply| match reply.ints()?.as_slice() {
+            [1] => Some(Regenerated::Moved),
+            [0] => Some(Regenerated::Missing),
+            [2] => Some(Regenerated::Collision),
+            _ => None,
+        },
+    )
+    .await
 }
 
 /// Delete sessions by key; with `only_index`, only those indexed under it. Returns how many.
 pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&str>) -> Result<u64> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let mut call = SCRIPTS.destroy.call("session_destroy");
+    for k in keys {
+        call = call.key(k);
+    }
+    let call = call.arg(only_index.unwrap_or(""));
+    b.atomic(
+        call,
+        |kv| {
             let mut n = 0;
             for s in keys {
                 let Some(idx) = kv.get_hash(s).and_then(|h| h.get("i").cloned()) else {
@@ -365,21 +341,21 @@ pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&st
                 }
             }
             n
-        }),
-        Backend::Redis(r) => {
-            let mut inv = SCRIPTS.destroy.prepare_invoke();
-            for k in keys {
-                inv.key(k);
-            }
-            inv.arg(only_index.unwrap_or(""));
-            r.eval("session_destroy", &inv).await
-        }
-    }
+        },
+        count,
+    )
+    .await
+}
+
+fn count(reply: &Reply) -> Option<u64> {
+    u64::try_from(reply.int()?).ok()
 }
 
 pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let call = SCRIPTS.destroy_all.call("session_destroy_all").key(index);
+    b.atomic(
+        call,
+        |kv| {
             let members: Vec<String> = kv
                 .zset_mut(index)
                 .map(|z| z.keys().cloned().collect())
@@ -390,17 +366,17 @@ pub(crate) async fn destroy_all(b: &Backend, index: &str) -> Result<u64> {
             }
             kv.del(index);
             n
-        }),
-        Backend::Redis(r) => {
-            r.eval("session_destroy_all", &SCRIPTS.destroy_all.key(index))
-                .await
-        }
-    }
+        },
+        count,
+    )
+    .await
 }
 
 pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
-    match b {
-        Backend::Memory(m) => m.keyspace.with(|kv| {
+    let call = SCRIPTS.list.call("session_list").key(index);
+    b.atomic(
+        call,
+        |kv| {
             let now = kv.now_ms();
             index_trim(kv, index);
             let members: Vec<String> = kv
@@ -421,29 +397,23 @@ pub(crate) async fn list(b: &Backend, index: &str) -> Result<Vec<Listed>> {
                 }
             }
             out
-        }),
-        Backend::Redis(r) => {
-            let reply: Vec<Value> = r.eval("session_list", &SCRIPTS.list.key(index)).await?;
-            let mut out = Vec::with_capacity(reply.len() / 4);
-            for c in reply.chunks(4) {
-                match c {
-                    [
-                        Value::BulkString(k),
-                        Value::Int(created),
-                        Value::Int(ext),
-                        Value::Int(exp),
-                    ] => {
-                        out.push(Listed {
-                            key: String::from_utf8_lossy(k).into_owned(),
-                            created_ms: *created,
-                            extended_ms: *ext,
-                            expires_ms: *exp,
-                        });
-                    }
-                    other => return Err(r.protocol_err("session_list", &format!("{other:?}"))),
-                }
+        },
+        |reply| {
+            let items = reply.array()?;
+            let mut out = Vec::with_capacity(items.len() / 4);
+            for c in items.chunks(4) {
+                let [k, created, ext, exp] = c else {
+                    return None;
+                };
+                out.push(Listed {
+                    key: String::from_utf8_lossy(&k.bytes()?).into_owned(),
+                    created_ms: created.int()?,
+                    extended_ms: ext.int()?,
+                    expires_ms: exp.int()?,
+                });
             }
-            Ok(out)
-        }
-    }
+            Some(out)
+        },
+    )
+    .await
 }

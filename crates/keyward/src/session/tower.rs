@@ -57,37 +57,28 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::Script;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::session_store::{self, SessionStore};
 
 use super::SessionSecrets;
-use crate::backend::Backend;
-use crate::backend::memory::keyspace::Val;
+use crate::backend::{Backend, Call, Reply, Script, Val, scripts};
 use crate::client::Keyward;
 use crate::error::{Error, Result};
 use crate::key::KeySpace;
 use crate::policy::ClassKind;
 
-struct Scripts {
-    create: Script,
-    save: Script,
-    load: Script,
-    delete: Script,
+scripts! {
+    create: "tower_session_create.lua";
+    save: "tower_session_save.lua";
+    load: "tower_session_load.lua";
+    delete: "tower_session_delete.lua";
 }
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    create: Script::new(include_str!("../backend/redis/tower_session_create.lua")),
-    save: Script::new(include_str!("../backend/redis/tower_session_save.lua")),
-    load: Script::new(include_str!("../backend/redis/tower_session_load.lua")),
-    delete: Script::new(include_str!("../backend/redis/tower_session_delete.lua")),
-});
 
 /// The id part that sets these records apart from keyward's own sessions (`s`) and user indexes (`u`) in the
 /// same class.
@@ -228,87 +219,90 @@ impl KeywardSessionStore {
 
     /// Store under `keys[0]` unless the id exists under any key.
     async fn put_new(&self, keys: &[String], value: &[u8], ttl_ms: i64) -> Result<bool> {
-        match self.backend() {
-            Backend::Memory(m) => m.keyspace.with(|kv| {
-                if keys.iter().any(|k| kv.exists(k)) {
-                    return false;
-                }
-                kv.set(&keys[0], Val::Str(Bytes::copy_from_slice(value)), ttl_ms);
-                true
-            }),
-            Backend::Redis(r) => {
-                let mut inv = SCRIPTS.create.prepare_invoke();
-                for k in keys {
-                    inv.key(k);
-                }
-                inv.arg(value).arg(ttl_ms);
-                let stored: i64 = r.eval("tower_session_create", &inv).await?;
-                Ok(stored == 1)
-            }
-        }
+        let call = with_keys(&SCRIPTS.create, "tower_session_create", keys)
+            .arg(value)
+            .arg(ttl_ms);
+        self.backend()
+            .atomic(
+                call,
+                |kv| {
+                    if keys.iter().any(|k| kv.exists(k)) {
+                        return false;
+                    }
+                    kv.set(&keys[0], Val::Str(Bytes::copy_from_slice(value)), ttl_ms);
+                    true
+                },
+                one,
+            )
+            .await
     }
 
     /// Overwrite the record if it exists under any key, moving it to `keys[0]`.
     async fn put_existing(&self, keys: &[String], value: &[u8], ttl_ms: i64) -> Result<bool> {
-        match self.backend() {
-            Backend::Memory(m) => m.keyspace.with(|kv| {
-                for (i, k) in keys.iter().enumerate() {
-                    if kv.exists(k) {
-                        if i > 0 {
-                            kv.del(k);
+        let call = with_keys(&SCRIPTS.save, "tower_session_save", keys)
+            .arg(value)
+            .arg(ttl_ms);
+        self.backend()
+            .atomic(
+                call,
+                |kv| {
+                    for (i, k) in keys.iter().enumerate() {
+                        if kv.exists(k) {
+                            if i > 0 {
+                                kv.del(k);
+                            }
+                            kv.set(&keys[0], Val::Str(Bytes::copy_from_slice(value)), ttl_ms);
+                            return true;
                         }
-                        kv.set(&keys[0], Val::Str(Bytes::copy_from_slice(value)), ttl_ms);
-                        return true;
                     }
-                }
-                false
-            }),
-            Backend::Redis(r) => {
-                let mut inv = SCRIPTS.save.prepare_invoke();
-                for k in keys {
-                    inv.key(k);
-                }
-                inv.arg(value).arg(ttl_ms);
-                let stored: i64 = r.eval("tower_session_save", &inv).await?;
-                Ok(stored == 1)
-            }
-        }
+                    false
+                },
+                one,
+            )
+            .await
     }
 
     async fn get(&self, keys: &[String]) -> Result<Option<Bytes>> {
-        match self.backend() {
-            Backend::Memory(m) => m
-                .keyspace
-                .with(|kv| keys.iter().find_map(|k| kv.get_str(k).cloned())),
-            Backend::Redis(r) => {
-                let mut inv = SCRIPTS.load.prepare_invoke();
-                for k in keys {
-                    inv.key(k);
-                }
-                let value: Option<Vec<u8>> = r.eval("tower_session_load", &inv).await?;
-                Ok(value.map(Bytes::from))
-            }
-        }
+        let call = with_keys(&SCRIPTS.load, "tower_session_load", keys);
+        self.backend()
+            .atomic(
+                call,
+                |kv| keys.iter().find_map(|k| kv.get_str(k).cloned()),
+                |reply| {
+                    if reply.is_nil() {
+                        Some(None)
+                    } else {
+                        reply.bytes().map(Some)
+                    }
+                },
+            )
+            .await
     }
 
     async fn remove(&self, keys: &[String]) -> Result<u64> {
-        match self.backend() {
-            Backend::Memory(m) => m.keyspace.with(|kv| {
-                let mut n = 0;
-                for k in keys {
-                    n += u64::from(kv.del(k));
-                }
-                n
-            }),
-            Backend::Redis(r) => {
-                let mut inv = SCRIPTS.delete.prepare_invoke();
-                for k in keys {
-                    inv.key(k);
-                }
-                r.eval("tower_session_delete", &inv).await
-            }
-        }
+        let call = with_keys(&SCRIPTS.delete, "tower_session_delete", keys);
+        self.backend()
+            .atomic(
+                call,
+                |kv| {
+                    let mut n = 0;
+                    for k in keys {
+                        n += u64::from(kv.del(k));
+                    }
+                    n
+                },
+                |reply| u64::try_from(reply.int()?).ok(),
+            )
+            .await
     }
+}
+
+fn with_keys(script: &'static Script, op: &'static str, keys: &[String]) -> Call {
+    keys.iter().fold(script.call(op), |call, k| call.key(k))
+}
+
+fn one(reply: &Reply) -> Option<bool> {
+    Some(reply.int()? == 1)
 }
 
 fn backend_err(e: Error) -> session_store::Error {

@@ -1,6 +1,6 @@
-//! The Redis backend: each semantic operation is one command or one Lua script (kept as a `.lua` file next to
-//! this one, called with `EVALSHA` and a `NOSCRIPT` fallback by `redis::Script`). The one exception is the
-//! fetch fast path, a two-command pipeline whose safety is argued on [`RedisBackend::fetch`].
+//! The Redis connection: script calls and pipelines (the capabilities' own, see `backend::script`), `SCAN`,
+//! `PING`, wake-up subscriptions, and the one place every call is bounded by the response timeout and admitted by
+//! the circuit breaker ([`RedisBackend::call`]).
 //!
 //! One multiplexed, auto-reconnecting connection (`ConnectionManager`) carries every command of the process;
 //! concurrent calls are pipelined on it. It speaks RESP3 so that the fill wake-up subscription rides the same
@@ -11,57 +11,20 @@
 //! so Redis Cluster is not supported by this backend yet.
 
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ProtocolVersion, PushInfo, PushKind, RedisError,
-    Script, Value,
+    Value,
 };
 
+use super::ConnectOptions;
 use super::breaker::{Admit, Breaker, BreakerState};
-use super::{Entry, Fetched, KeyTtl, Namespace, is_unavailable};
-use crate::ConnectOptions;
-use crate::envelope::{self, Gens, LEASE_PREFIX};
+use super::{Call, KeyTtl, Namespace, Pipeline, Reply, Undo, is_unavailable};
+use crate::backend::wake::WakeBus;
 use crate::error::{Error, Result};
-use crate::rate_limit::algo::Verdict;
-use crate::rate_limit::local::{RateCall, RateReply};
-use crate::wake::WakeBus;
-
-struct Scripts {
-    fetch: Script,
-    read: Script,
-    commit: Script,
-    release: Script,
-    set: Script,
-    invalidate: Script,
-    bump: Script,
-    heal: Script,
-    ratelimit: Script,
-}
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    fetch: Script::new(concat!(
-        include_str!("epochs.lua"),
-        include_str!("fetch.lua")
-    )),
-    read: Script::new(concat!(
-        include_str!("epochs.lua"),
-        include_str!("read.lua")
-    )),
-    commit: Script::new(include_str!("commit.lua")),
-    release: Script::new(include_str!("release.lua")),
-    set: Script::new(concat!(include_str!("epochs.lua"), include_str!("set.lua"))),
-    invalidate: Script::new(include_str!("invalidate.lua")),
-    bump: Script::new(concat!(
-        include_str!("epochs.lua"),
-        include_str!("bump.lua")
-    )),
-    heal: Script::new(include_str!("heal.lua")),
-    ratelimit: Script::new(include_str!("ratelimit.lua")),
-});
 
 /// The oldest server keyward runs on: `SET … NX GET` (get-or-lease in one command) arrived in 7.0.
 const MIN_REDIS_MAJOR: u32 = 7;
@@ -72,19 +35,6 @@ pub(crate) struct RedisBackend {
     response_timeout: Duration,
     /// One breaker for every capability of this handle (see [`RedisBackend::call`]).
     breaker: Breaker,
-}
-
-/// A script call that undoes what a call which may still run on the server would leave behind (a fill lease,
-/// an in-progress marker, a lock). See [`RedisBackend::eval_cleaning`].
-pub(crate) struct Cleanup {
-    /// The semantic operation, for metrics and logs.
-    pub(crate) op: &'static str,
-    /// The undoing script; it must be conditional (touch only what the original call wrote) and idempotent.
-    pub(crate) script: &'static Script,
-    pub(crate) keys: Vec<String>,
-    pub(crate) args: Vec<Vec<u8>>,
-    /// How long whatever the call left can live by itself (its TTL): past this there is nothing to undo.
-    pub(crate) within: Duration,
 }
 
 /// `host:port`, `tls://host:port` or `unix:/path` — never credentials.
@@ -101,10 +51,7 @@ pub(crate) fn describe(addr: &ConnectionAddr) -> String {
 /// *last* `@`, since an unencoded password may hold `/`, `:`, `?` or `@`) becomes `***`, and any query or
 /// fragment (`?password=…`) is dropped.
 pub(crate) fn redact(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
-    };
+    let (scheme, rest) = split_scheme(url);
     let mut out = String::with_capacity(url.len());
     if let Some(scheme) = scheme {
         out.push_str(scheme);
@@ -127,9 +74,25 @@ pub(crate) fn redact(url: &str) -> String {
     out
 }
 
+/// `(scheme, rest)` when `url` starts with a scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`)
+/// and `://`; otherwise no scheme. A `://` further on (say, inside a password) is not a scheme separator.
+fn split_scheme(url: &str) -> (Option<&str>, &str) {
+    match url.split_once("://") {
+        Some((scheme, rest))
+            if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            (Some(scheme), rest)
+        }
+        _ => (None, url),
+    }
+}
+
 /// The parts of `url` that may be secrets: the user-info (and its password half) and query values.
 fn secrets(url: &str) -> Vec<&str> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = split_scheme(url).1;
     let mut out = Vec::new();
     if let Some(at) = rest.rfind('@') {
         let userinfo = &rest[..at];
@@ -349,64 +312,66 @@ impl RedisBackend {
         }
     }
 
-    /// Run one script invocation on the shared connection, through [`call`](Self::call).
-    pub(crate) async fn eval<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T> {
-        let mut conn = self.conn.clone();
-        self.call(op, invocation.invoke_async(&mut conn)).await
-    }
-
-    /// [`eval`](Self::eval) for a call that leaves something behind (a lease, a marker, a lock) which would
-    /// block others if the caller never learns it got it. If the call may have been sent without an answer
-    /// coming back (a timeout, a dropped connection, or the caller's future dropped mid-call), `cleanup` is
-    /// sent after it on the same multiplexed connection. Redis runs one connection's commands in order, so
-    /// when a hung server resumes it runs the late call and then its cleanup: nothing the timed-out call left
-    /// outlives the outage. The cleanup is retried (with backoff, bypassing the breaker) until the server
-    /// answers it or `cleanup.within` has passed.
-    pub(crate) async fn eval_cleaning<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        invocation: &redis::ScriptInvocation<'_>,
-        cleanup: impl FnOnce() -> Cleanup,
-    ) -> Result<T> {
-        let guard = CleanupGuard {
+    /// Run one script call through [`call`](Self::call). A call with an [`Undo`] that gets no answer (a
+    /// timeout, a dropped connection, or the caller's future dropped mid-call) sends its undo after it on the
+    /// same multiplexed connection. Redis runs one connection's commands in order, so when a hung server
+    /// resumes it runs the late call and then its undo: nothing the timed-out call left outlives the outage.
+    /// The undo is retried (with backoff, bypassing the breaker) until the server answers it or
+    /// `undo.within` has passed. See docs/resilience.md.
+    pub(crate) async fn run(&self, call: Call) -> Result<Reply> {
+        let Call {
+            op,
+            invocation,
+            undo,
+            ..
+        } = call;
+        let guard = UndoGuard {
             backend: self,
-            cleanup: Some(cleanup),
+            op,
+            undo,
         };
-        let result = self.eval(op, invocation).await;
-        match &result {
-            Err(Error::Timeout { .. }) => {}
-            Err(Error::Redis { source, .. }) if may_have_run(source) => {}
-            _ => guard.disarm(),
-        }
-        result
+        let mut conn = self.conn.clone();
+        let answer = self
+            .call(op, invocation.invoke_async::<Value>(&mut conn))
+            .await;
+        guard.settle(&answer);
+        answer.map(Reply::from)
     }
 
-    /// Send `cleanup` now and retry it in the background until the server answers it (see
-    /// [`eval_cleaning`](Self::eval_cleaning)).
-    pub(crate) fn spawn_cleanup(&self, cleanup: Cleanup) {
+    /// Run a pipeline of plain commands through [`call`](Self::call), with the same undo as [`run`](Self::run).
+    pub(crate) async fn run_pipeline(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
+        let Pipeline { op, pipe, undo, .. } = pipeline;
+        let guard = UndoGuard {
+            backend: self,
+            op,
+            undo,
+        };
+        let mut conn = self.conn.clone();
+        let answer = self
+            .call(op, pipe.query_async::<Vec<Value>>(&mut conn))
+            .await;
+        guard.settle(&answer);
+        answer.map(|v| v.into_iter().map(Reply::from).collect())
+    }
+
+    /// Send `undo` now and retry it in the background until the server answers it (see [`run`](Self::run)).
+    fn spawn_undo(&self, op: &'static str, undo: Undo) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        metrics::counter!("keyward_cleanups_total", "op" => cleanup.op).increment(1);
-        tracing::debug!(
-            op = cleanup.op,
-            "keyward: cleaning up after a call that got no answer"
-        );
+        metrics::counter!("keyward_cleanups_total", "op" => op).increment(1);
+        tracing::debug!(op, "keyward: undoing a call that got no answer");
         let conn = self.conn.clone();
         let timeout = self.response_timeout;
         rt.spawn(async move {
-            let deadline = tokio::time::Instant::now() + cleanup.within;
+            let deadline = tokio::time::Instant::now() + undo.within;
             let mut delay = Duration::from_millis(50);
             loop {
-                let mut invocation = cleanup.script.prepare_invoke();
-                for k in &cleanup.keys {
+                let mut invocation = undo.script.invocation();
+                for k in &undo.keys {
                     invocation.key(k);
                 }
-                for a in &cleanup.args {
+                for a in &undo.args {
                     invocation.arg(&a[..]);
                 }
                 let sent = tokio::time::timeout(
@@ -417,7 +382,7 @@ impl RedisBackend {
                 match sent {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) if !is_unavailable(&e) => {
-                        tracing::warn!(op = cleanup.op, error = %e, "keyward: cleanup refused by the server");
+                        tracing::warn!(op, error = %e, "keyward: undo refused by the server");
                         return;
                     }
                     _ => {}
@@ -462,262 +427,6 @@ impl RedisBackend {
         )
     }
 
-    /// The fast path is two plain commands in one pipeline: `SET key <lease> NX GET PX ttl` (in one command: the
-    /// value, or our lease on an empty key) and then `HMGET` of the epochs. Plain commands cost the server a
-    /// fraction of a script call, which is what a hit pays. Reading the epochs *after* the `SET` on the same
-    /// connection is safe: a bump between the two makes a hit look stale (a conservative miss), and for a
-    /// granted lease the loader starts only after both replies, so its data is at least as new as the epochs
-    /// recorded. Everything else — a lease held by someone, a value from before a group invalidation, an absent
-    /// the caller cannot use — is rare and goes through the atomic `fetch.lua`.
-    pub(crate) async fn fetch(
-        &self,
-        e: &Entry<'_>,
-        marker: &str,
-        lease_ttl: Duration,
-        negative_ok: bool,
-    ) -> Result<Fetched> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(e.key)
-            .arg(marker)
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
-            .arg(millis(lease_ttl))
-            .cmd("HMGET")
-            .arg(&e.ns.gens_key)
-            .arg("*")
-            .arg(e.class);
-        let guard = CleanupGuard {
-            backend: self,
-            cleanup: Some(|| self.lease_cleanup(e, marker, lease_ttl)),
-        };
-        let mut conn = self.conn.clone();
-        let answer: Result<(Option<Vec<u8>>, Vec<Option<String>>)> =
-            self.call("fetch", pipe.query_async(&mut conn)).await;
-        match &answer {
-            Err(Error::Timeout { .. }) => {}
-            Err(Error::Redis { source, .. }) if may_have_run(source) => {}
-            _ => guard.disarm(),
-        }
-        let (stored, gens) = match answer {
-            Ok(answer) => answer,
-            // An error reply (e.g. the epochs key is not a hash): the atomic path repairs what it can.
-            Err(Error::Redis { source, .. }) if !is_unavailable(&source) => {
-                return self.fetch_atomic(e, marker, lease_ttl, negative_ok).await;
-            }
-            Err(err) => return Err(err),
-        };
-        let gens = match gens.as_slice() {
-            [ns, class] => match (epoch(ns.as_deref()), epoch(class.as_deref())) {
-                (Some(ns), Some(class)) => Gens { ns, class },
-                // A corrupt epoch field: the atomic path bumps it (always safe) and goes on.
-                _ => return self.fetch_atomic(e, marker, lease_ttl, negative_ok).await,
-            },
-            _ => return Err(self.protocol_err("fetch", "epochs")),
-        };
-        let Some(stored) = stored else {
-            return Ok(Fetched::Leased(gens));
-        };
-        if stored.starts_with(LEASE_PREFIX)
-            || envelope::is_current(&stored, gens, negative_ok) == Some(false)
-        {
-            return self.fetch_atomic(e, marker, lease_ttl, negative_ok).await;
-        }
-        // A current value, or bytes the caller will decode, report and heal.
-        Ok(Fetched::Hit(Bytes::from(stored)))
-    }
-
-    /// Gives back a fill lease taken by a fetch whose answer never came (`release.lua`: only while the entry
-    /// still holds this very lease; it wakes the waiters the lease collected).
-    fn lease_cleanup(&self, e: &Entry<'_>, marker: &str, lease_ttl: Duration) -> Cleanup {
-        let prefix = marker.strip_suffix('0').unwrap_or(marker);
-        Cleanup {
-            op: "fetch",
-            script: &SCRIPTS.release,
-            keys: vec![e.key.to_owned()],
-            args: vec![prefix.as_bytes().to_vec(), e.ns.channel.as_bytes().to_vec()],
-            within: lease_ttl,
-        }
-    }
-
-    async fn fetch_atomic(
-        &self,
-        e: &Entry<'_>,
-        marker: &str,
-        lease_ttl: Duration,
-        negative_ok: bool,
-    ) -> Result<Fetched> {
-        let mut reply: Vec<Value> = self
-            .eval_cleaning(
-                "fetch",
-                SCRIPTS
-                    .fetch
-                    .key(e.key)
-                    .key(&e.ns.gens_key)
-                    .arg(e.class)
-                    .arg(marker)
-                    .arg(millis(lease_ttl))
-                    .arg(if negative_ok { "1" } else { "0" })
-                    .arg(millis(e.ns.gens_lifetime)),
-                || self.lease_cleanup(e, marker, lease_ttl),
-            )
-            .await?;
-        if let [Value::Int(0), Value::BulkString(v)] = reply.as_mut_slice() {
-            return Ok(Fetched::Hit(Bytes::from(std::mem::take(v))));
-        }
-        match reply.as_slice() {
-            [Value::Int(1), ns, class] => Ok(Fetched::Leased(Gens {
-                ns: gen_of(ns).ok_or_else(|| self.protocol_err("fetch", "namespace epoch"))?,
-                class: gen_of(class).ok_or_else(|| self.protocol_err("fetch", "class epoch"))?,
-            })),
-            [Value::Int(2), Value::Int(pttl)] => Ok(Fetched::Wait(Duration::from_millis(
-                u64::try_from(*pttl).unwrap_or(0),
-            ))),
-            other => Err(self.protocol_err("fetch", &format!("{other:?}"))),
-        }
-    }
-
-    pub(crate) async fn read(&self, e: &Entry<'_>) -> Result<Option<Bytes>> {
-        let v: Option<Vec<u8>> = self
-            .eval(
-                "read",
-                SCRIPTS
-                    .read
-                    .key(e.key)
-                    .key(&e.ns.gens_key)
-                    .arg(e.class)
-                    .arg(millis(e.ns.gens_lifetime)),
-            )
-            .await?;
-        Ok(v.map(Bytes::from))
-    }
-
-    pub(crate) async fn commit(
-        &self,
-        e: &Entry<'_>,
-        lease_prefix: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<bool> {
-        let n: i64 = self
-            .eval(
-                "commit",
-                SCRIPTS
-                    .commit
-                    .key(e.key)
-                    .arg(lease_prefix)
-                    .arg(value)
-                    .arg(millis(ttl))
-                    .arg(&e.ns.channel),
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    pub(crate) async fn release(&self, e: &Entry<'_>, lease_prefix: &str) -> Result<bool> {
-        let n: i64 = self
-            .eval(
-                "release",
-                SCRIPTS
-                    .release
-                    .key(e.key)
-                    .arg(lease_prefix)
-                    .arg(&e.ns.channel),
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    pub(crate) async fn set(&self, e: &Entry<'_>, body: &[u8], ttl: Duration) -> Result<()> {
-        let _: i64 = self
-            .eval(
-                "set",
-                SCRIPTS
-                    .set
-                    .key(e.key)
-                    .key(&e.ns.gens_key)
-                    .arg(e.class)
-                    .arg(body)
-                    .arg(millis(ttl))
-                    .arg(&e.ns.channel)
-                    .arg(millis(e.ns.gens_lifetime)),
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(crate) async fn invalidate(&self, e: &Entry<'_>) -> Result<bool> {
-        let n: i64 = self
-            .eval(
-                "invalidate",
-                SCRIPTS.invalidate.key(e.key).arg(&e.ns.channel),
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    pub(crate) async fn bump(&self, ns: &Namespace, field: &str) -> Result<u64> {
-        let n: u64 = self
-            .eval(
-                "bump",
-                SCRIPTS
-                    .bump
-                    .key(&ns.gens_key)
-                    .arg(field)
-                    .arg(millis(ns.gens_lifetime)),
-            )
-            .await?;
-        Ok(n)
-    }
-
-    pub(crate) async fn heal(&self, key: &str, raw: &[u8]) -> Result<bool> {
-        let n: i64 = self.eval("heal", SCRIPTS.heal.key(key).arg(raw)).await?;
-        Ok(n == 1)
-    }
-
-    /// One grouped rate-limit check: one `EVALSHA` (the script reads `TIME` itself; the client's clock is
-    /// never sent).
-    pub(crate) async fn rate(&self, call: &RateCall<'_>) -> Result<RateReply> {
-        let mut invocation = SCRIPTS.ratelimit.prepare_invoke();
-        for key in call.keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(call.cost)
-            .arg(if call.consume { "1" } else { "0" })
-            .arg(rand::random::<u64>());
-        for (spec, shadow) in call.group.specs.iter().zip(call.group.shadow) {
-            invocation
-                .arg(spec.code())
-                .arg(spec.limit)
-                .arg(spec.window)
-                .arg(spec.capacity)
-                .arg(spec.interval)
-                .arg(if *shadow { "1" } else { "0" });
-        }
-        // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
-        let reply: Vec<i64> = self.eval("rate_limit", &invocation).await?;
-        let n = call.keys.len();
-        if reply.len() != 1 + 5 * n {
-            return Err(self.protocol_err("rate_limit", &format!("{reply:?}")));
-        }
-        let verdicts = reply[1..]
-            .chunks_exact(5)
-            .map(|c| Verdict {
-                allowed: c[0] == 1,
-                remaining: c[1],
-                reset: c[2],
-                retry: c[3],
-                corrupt: c[4] == 1,
-            })
-            .collect();
-        Ok(RateReply {
-            allowed: reply[0] == 1,
-            verdicts,
-        })
-    }
-
     pub(crate) async fn scan(&self, pattern: &str, batch: usize) -> Result<Vec<KeyTtl>> {
         let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
@@ -757,23 +466,32 @@ impl RedisBackend {
     }
 }
 
-/// Disarmed when the call got an answer; dropped armed (a timeout, a dropped connection, or the caller's
-/// future dropped mid-call), it sends its cleanup.
-struct CleanupGuard<'a, F: FnOnce() -> Cleanup> {
+/// Settled when the call got an answer; dropped unsettled (a timeout, a dropped connection, or the caller's
+/// future dropped mid-call), it sends its undo.
+struct UndoGuard<'a> {
     backend: &'a RedisBackend,
-    cleanup: Option<F>,
+    op: &'static str,
+    undo: Option<Undo>,
 }
 
-impl<F: FnOnce() -> Cleanup> CleanupGuard<'_, F> {
-    fn disarm(mut self) {
-        self.cleanup = None;
+impl UndoGuard<'_> {
+    /// Keep the undo only if the call may have run without its answer reaching us.
+    fn settle<T>(mut self, answer: &Result<T>) {
+        let unanswered = match answer {
+            Err(Error::Timeout { .. }) => true,
+            Err(Error::Redis { source, .. }) => may_have_run(source),
+            _ => false,
+        };
+        if !unanswered {
+            self.undo = None;
+        }
     }
 }
 
-impl<F: FnOnce() -> Cleanup> Drop for CleanupGuard<'_, F> {
+impl Drop for UndoGuard<'_> {
     fn drop(&mut self) {
-        if let Some(cleanup) = self.cleanup.take() {
-            self.backend.spawn_cleanup(cleanup());
+        if let Some(undo) = self.undo.take() {
+            self.backend.spawn_undo(self.op, undo);
         }
     }
 }
@@ -781,26 +499,6 @@ impl<F: FnOnce() -> Cleanup> Drop for CleanupGuard<'_, F> {
 /// Whether a failed call may still have been executed by the server (it was sent, no answer came back).
 fn may_have_run(e: &RedisError) -> bool {
     !e.is_connection_refusal() && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped())
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// A stored epoch field: absent is 0; anything but a decimal integer below 2^53 is corrupt (`None`).
-fn epoch(field: Option<&str>) -> Option<u64> {
-    match field {
-        None => Some(0),
-        Some(f) => f.parse::<u64>().ok().filter(|n| *n < 1 << 53),
-    }
-}
-
-fn gen_of(v: &Value) -> Option<u64> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
 }
 
 fn check_version(info: &str) -> std::result::Result<(), String> {

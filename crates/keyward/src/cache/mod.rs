@@ -22,14 +22,16 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
 use crate::Keyward;
-use crate::backend::{Entry, Fetched};
+mod store;
+
+use self::store::{Entry, Fetched};
+use crate::backend::wake::Listener;
 use crate::codec::{Codec, Json};
 use crate::envelope::{self, Body, Gens};
 use crate::error::{BoxError, Error, Result};
-use crate::flight::{self, Outcome, Role, Shared};
+use crate::flight::{self, Flights, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
-use crate::policy::{CacheClass, CacheOnError};
-use crate::wake::Listener;
+use crate::policy::{CacheClass, CacheOnError, ClassKind};
 
 /// Undecodable values healed in a row before a fetch gives up on the stored entry and loads uncached.
 const MAX_HEALS: u32 = 3;
@@ -109,18 +111,79 @@ impl ClassInfo {
 /// # Ok(()) }
 /// ```
 pub struct Cache<V, C = Json> {
-    pub(crate) kw: Keyward,
-    pub(crate) class: Arc<ClassInfo>,
-    pub(crate) _types: PhantomData<fn() -> (V, C)>,
+    kw: Keyward,
+    /// The handle's single-flight table, shared by every cache of the handle.
+    flights: Arc<Flights>,
+    class: Arc<ClassInfo>,
+    _types: PhantomData<fn() -> (V, C)>,
 }
 
 impl<V, C> Clone for Cache<V, C> {
     fn clone(&self) -> Self {
         Self {
             kw: self.kw.clone(),
+            flights: Arc::clone(&self.flights),
             class: Arc::clone(&self.class),
             _types: PhantomData,
         }
+    }
+}
+
+impl Keyward {
+    /// A typed cache for a `cache` class of the policy, storing JSON.
+    ///
+    /// # Errors
+    /// [`Error::UnknownClass`], [`Error::WrongKind`], or [`Error::PersonalData`] for a `personal = true` class
+    /// that does not also set `allow_shared = true`.
+    pub fn cache<V>(&self, class: &str) -> Result<Cache<V>>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        self.cache_with_codec::<V, Json>(class)
+    }
+
+    /// A typed cache with another codec, e.g. `MsgPack` (feature `msgpack`).
+    ///
+    /// # Errors
+    /// As [`cache`](Self::cache).
+    pub fn cache_with_codec<V, C>(&self, class: &str) -> Result<Cache<V, C>>
+    where
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        C: Codec,
+    {
+        let (declared, keys) = self.declared(class)?;
+        let cache_class = match declared.kind() {
+            ClassKind::Cache(c) => c.clone(),
+            other => {
+                return Err(Error::WrongKind {
+                    class: class.to_owned(),
+                    expected: "cache",
+                    found: other.name(),
+                });
+            }
+        };
+        if cache_class.is_personal() && !cache_class.is_shared_allowed() {
+            return Err(Error::PersonalData {
+                class: class.to_owned(),
+            });
+        }
+        Ok(Cache {
+            kw: self.clone(),
+            flights: self.shared::<Flights>(),
+            class: Arc::new(ClassInfo::new(class, cache_class, keys)),
+            _types: PhantomData,
+        })
+    }
+
+    /// Invalidate every cache entry of the namespace in O(1): bumps the namespace epoch, so entries filled
+    /// before it read as misses and fills leased before it never become visible. No SCAN, no FLUSH.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn invalidate_namespace(&self) -> Result<()> {
+        store::bump(&self.inner.backend, &self.inner.ns, "*").await?;
+        self.shared::<Flights>().detach_all();
+        Ok(())
     }
 }
 
@@ -156,7 +219,9 @@ impl LeaseGuard {
             class: &self.class.name,
             key: &self.key,
         };
-        if let Err(err) = self.kw.inner.backend.release(&e, &self.prefix).await {
+        if let Err(err) =
+            store::release(&self.kw.inner.backend, &self.kw.inner.bus, &e, &self.prefix).await
+        {
             tracing::warn!(class = %self.class.name, error = %err, "could not release fill lease; it will expire");
         }
     }
@@ -178,7 +243,7 @@ impl Drop for LeaseGuard {
                     class: &class.name,
                     key: &key,
                 };
-                let _ = kw.inner.backend.release(&e, &prefix).await;
+                let _ = store::release(&kw.inner.backend, &kw.inner.bus, &e, &prefix).await;
             });
         }
     }
@@ -246,7 +311,7 @@ where
     async fn heal(&self, key: &str, raw: &[u8], reason: &str) -> Result<()> {
         self.class.metrics.decode_errors.increment(1);
         tracing::warn!(class = %self.class.name, key, reason, "undecodable cache value removed");
-        self.kw.inner.backend.heal(key, raw).await?;
+        store::heal(&self.kw.inner.backend, key, raw).await?;
         Ok(())
     }
 
@@ -290,7 +355,7 @@ where
         let span = tracing::debug_span!("keyward.cache.get", class = %self.class.name, status = tracing::field::Empty);
         async {
             let m = &self.class.metrics;
-            let read = match self.kw.inner.backend.read(&self.entry(&key)).await {
+            let read = match store::read(&self.kw.inner.backend, &self.entry(&key)).await {
                 Ok(read) => read,
                 Err(err) if self.fails_open(&err) => {
                     tracing::Span::current().record("status", "fail_open");
@@ -338,17 +403,21 @@ where
 
     async fn store(&self, key: &str, payload: &[u8]) -> Result<()> {
         let ttl = self.class.policy.jittered_ttl();
-        self.kw
-            .inner
-            .backend
-            .set(&self.entry(key), &envelope::body(Some(payload)), ttl)
-            .await?;
+        let inner = &self.kw.inner;
+        store::set(
+            &inner.backend,
+            &inner.bus,
+            &self.entry(key),
+            &envelope::body(Some(payload)),
+            ttl,
+        )
+        .await?;
         self.detach(key);
         Ok(())
     }
 
     fn detach(&self, key: &str) {
-        let flights = &self.kw.inner.flights;
+        let flights = &self.flights;
         flights.detach(&flight_key(key, true));
         flights.detach(&flight_key(key, false));
     }
@@ -360,7 +429,12 @@ where
     /// Backend failures and [`Error::Key`].
     pub async fn invalidate(&self, id: &(impl IdParts + ?Sized)) -> Result<()> {
         let key = self.key(id)?;
-        self.kw.inner.backend.invalidate(&self.entry(&key)).await?;
+        store::invalidate(
+            &self.kw.inner.backend,
+            &self.kw.inner.bus,
+            &self.entry(&key),
+        )
+        .await?;
         // After the backend: a caller arriving from now on must not join a fetch that began before.
         self.detach(&key);
         Ok(())
@@ -371,16 +445,9 @@ where
     /// # Errors
     /// Backend failures.
     pub async fn invalidate_all(&self) -> Result<()> {
-        self.kw
-            .inner
-            .backend
-            .bump(&self.kw.inner.ns, &self.class.name)
-            .await?;
+        store::bump(&self.kw.inner.backend, &self.kw.inner.ns, &self.class.name).await?;
         let pattern = self.class.keys.scan_pattern();
-        self.kw
-            .inner
-            .flights
-            .detach_prefix(pattern.trim_end_matches('*'));
+        self.flights.detach_prefix(pattern.trim_end_matches('*'));
         Ok(())
     }
 
@@ -452,7 +519,12 @@ where
         let payload = self.encode(value)?;
         let out = persist.await.map_err(|e| self.source_err(e))?;
         if let Err(cause) = self.store(&key, &payload).await {
-            let _ = self.kw.inner.backend.invalidate(&self.entry(&key)).await;
+            let _ = store::invalidate(
+                &self.kw.inner.backend,
+                &self.kw.inner.bus,
+                &self.entry(&key),
+            )
+            .await;
             return Err(self.after_source(cause));
         }
         Ok(out)
@@ -473,7 +545,13 @@ where
     {
         let key = self.key(id)?;
         let out = write.await.map_err(|e| self.source_err(e))?;
-        if let Err(cause) = self.kw.inner.backend.invalidate(&self.entry(&key)).await {
+        if let Err(cause) = store::invalidate(
+            &self.kw.inner.backend,
+            &self.kw.inner.bus,
+            &self.entry(&key),
+        )
+        .await
+        {
             return Err(self.after_source(cause));
         }
         self.detach(&key);
@@ -510,7 +588,7 @@ where
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         async {
             let leader = loop {
-                match self.kw.inner.flights.join(&fkey) {
+                match self.flights.join(&fkey) {
                     Role::Leader(l) => break l,
                     Role::Follower(rx) => match tokio::time::timeout(
                         self.class.policy.lease_ttl_value(),
@@ -578,20 +656,17 @@ where
             if let Some(w) = woken.as_mut() {
                 w.as_mut().enable();
             }
-            let fetched = match inner
-                .backend
-                .fetch(&e, &marker, lease_ttl, negative_ok)
-                .await
-            {
-                Ok(f) => f,
-                // The store is down: the source still answers. This caller is the single-flight leader, so
-                // concurrent callers in this process share this one load; nothing is written.
-                Err(err) if self.fails_open(&err) => {
-                    tracing::Span::current().record("status", "fail_open");
-                    return self.load_uncached(loader).await;
-                }
-                Err(err) => return failed(err),
-            };
+            let fetched =
+                match store::fetch(&inner.backend, &e, &marker, lease_ttl, negative_ok).await {
+                    Ok(f) => f,
+                    // The store is down: the source still answers. This caller is the single-flight leader, so
+                    // concurrent callers in this process share this one load; nothing is written.
+                    Err(err) if self.fails_open(&err) => {
+                        tracing::Span::current().record("status", "fail_open");
+                        return self.load_uncached(loader).await;
+                    }
+                    Err(err) => return failed(err),
+                };
             match fetched {
                 Fetched::Hit(raw) => match self.decode(&raw) {
                     Ok(Decoded::Value(v, payload)) => {
@@ -737,12 +812,9 @@ where
             None => Shared::Negative,
         };
         let e = self.entry(&guard.key);
-        let committed = self
-            .kw
-            .inner
-            .backend
-            .commit(&e, &guard.prefix, &stored, ttl)
-            .await;
+        let inner = &self.kw.inner;
+        let committed =
+            store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &stored, ttl).await;
         match committed {
             Ok(true) => {
                 let mut guard = guard;

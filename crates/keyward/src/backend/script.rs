@@ -1,0 +1,226 @@
+//! The one way capabilities reach storage: an atomic operation is a Lua script (with its keys and arguments)
+//! for Redis and a *mirror* closure for the embedded keyspace, run by [`Backend::atomic`](super::Backend::atomic).
+//!
+//! Capabilities declare their scripts with [`scripts!`] (each `.lua` file sits next to the capability's
+//! `store.rs`, is loaded once and called by `EVALSHA` with a `NOSCRIPT` fallback), build a [`Call`], and decode
+//! the script's answer from a [`Reply`], keyward's own reply type. No capability names a `redis::` type or
+//! matches on the backend: the decision a reader must know is that both halves of an operation live side by
+//! side in the capability's `store.rs`, so they cannot drift apart unnoticed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::ToRedisArgs;
+
+/// A Lua script, loaded once per process and called by `EVALSHA` (redis-rs falls back to `EVAL` on
+/// `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`).
+pub(crate) struct Script {
+    inner: redis::Script,
+}
+
+impl Script {
+    /// A script from its source text.
+    pub(crate) fn new(source: &'static str) -> Self {
+        Script {
+            inner: redis::Script::new(source),
+        }
+    }
+
+    /// Start a call of this script for the semantic operation `op` (named in errors and metrics).
+    pub(crate) fn call(&'static self, op: &'static str) -> Call {
+        Call {
+            op,
+            invocation: self.inner.prepare_invoke(),
+            undo: None,
+            evicting: false,
+        }
+    }
+
+    pub(super) fn invocation(&'static self) -> redis::ScriptInvocation<'static> {
+        self.inner.prepare_invoke()
+    }
+}
+
+/// Declares a capability's scripts: `scripts! { acquire: "lock_acquire.lua"; … }` gives a private `SCRIPTS`
+/// static with one [`Script`] per field. Several files for one field are concatenated (shared Lua prelude
+/// first). Paths are relative to the file that invokes the macro.
+macro_rules! scripts {
+    ($($field:ident: $($file:literal),+;)*) => {
+        struct Scripts {
+            $($field: $crate::backend::Script,)*
+        }
+
+        static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+            $($field: $crate::backend::Script::new(concat!($(include_str!($file)),+)),)*
+        });
+    };
+}
+pub(crate) use scripts;
+
+/// One script call: keys, arguments and, for calls that leave something behind, an undo.
+pub(crate) struct Call {
+    pub(super) op: &'static str,
+    pub(super) invocation: redis::ScriptInvocation<'static>,
+    pub(super) undo: Option<Undo>,
+    pub(super) evicting: bool,
+}
+
+impl Call {
+    /// Add a key (`KEYS[n]`).
+    #[must_use]
+    pub(crate) fn key(mut self, key: impl ToRedisArgs) -> Self {
+        self.invocation.key(key);
+        self
+    }
+
+    /// Add an argument (`ARGV[n]`).
+    #[must_use]
+    pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.invocation.arg(arg);
+        self
+    }
+
+    /// The call leaves state that would block others if the caller never learns it got it (a lease, an
+    /// in-progress marker, a lock): if no answer comes back, `undo` is sent after it on the same connection
+    /// (see `RedisBackend::eval_cleaning` and docs/resilience.md).
+    #[must_use]
+    pub(crate) fn undo(mut self, undo: Undo) -> Self {
+        self.undo = Some(undo);
+        self
+    }
+
+    /// The embedded mirror may evict entries of the same class to make room (cache entries only).
+    #[must_use]
+    pub(crate) fn evicting(mut self) -> Self {
+        self.evicting = true;
+        self
+    }
+}
+
+/// What undoes a call that got no answer: a conditional, idempotent script touching only what that very call
+/// wrote, and how long whatever it left can live by itself.
+pub(crate) struct Undo {
+    pub(crate) script: &'static Script,
+    pub(crate) keys: Vec<String>,
+    pub(crate) args: Vec<Vec<u8>>,
+    pub(crate) within: Duration,
+}
+
+/// A script's answer, in keyward's terms. Lua `false` and a nil bulk are [`Reply::Nil`]; Lua `true` is `1`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply {
+    /// No value.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A bulk or simple string.
+    Bytes(Bytes),
+    /// A table.
+    Array(Vec<Reply>),
+    /// Anything else (doubles, maps, …), for error messages only.
+    Other(String),
+}
+
+impl Reply {
+    /// An integer, or a bulk string holding one.
+    pub(crate) fn int(&self) -> Option<i64> {
+        match self {
+            Reply::Int(n) => Some(*n),
+            Reply::Bytes(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The bytes of a string reply.
+    pub(crate) fn bytes(&self) -> Option<Bytes> {
+        match self {
+            Reply::Bytes(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    /// The items of a table.
+    pub(crate) fn array(&self) -> Option<&[Reply]> {
+        match self {
+            Reply::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// A table of integers.
+    pub(crate) fn ints(&self) -> Option<Vec<i64>> {
+        self.array()?.iter().map(Reply::int).collect()
+    }
+
+    /// Whether this is no value.
+    pub(crate) fn is_nil(&self) -> bool {
+        matches!(self, Reply::Nil)
+    }
+}
+
+impl From<redis::Value> for Reply {
+    fn from(v: redis::Value) -> Self {
+        use redis::Value;
+        match v {
+            Value::Nil | Value::Boolean(false) => Reply::Nil,
+            Value::Boolean(true) => Reply::Int(1),
+            Value::Int(n) => Reply::Int(n),
+            Value::BulkString(b) => Reply::Bytes(Bytes::from(b)),
+            Value::SimpleString(s) => Reply::Bytes(Bytes::from(s)),
+            Value::Okay => Reply::Bytes(Bytes::from_static(b"OK")),
+            Value::Array(items) | Value::Set(items) => {
+                Reply::Array(items.into_iter().map(Reply::from).collect())
+            }
+            other => Reply::Other(format!("{other:?}")),
+        }
+    }
+}
+
+/// A pipeline of plain commands (one round trip), for the few hot paths where plain commands cost the server
+/// a fraction of a script call (the cache's fetch fast path).
+pub(crate) struct Pipeline {
+    pub(super) op: &'static str,
+    pub(super) pipe: redis::Pipeline,
+    pub(super) undo: Option<Undo>,
+    pub(super) evicting: bool,
+}
+
+impl Pipeline {
+    /// An empty pipeline for the semantic operation `op`.
+    pub(crate) fn new(op: &'static str) -> Self {
+        Pipeline {
+            op,
+            pipe: redis::pipe(),
+            undo: None,
+            evicting: false,
+        }
+    }
+
+    /// Start the next command.
+    #[must_use]
+    pub(crate) fn cmd(mut self, name: &'static str) -> Self {
+        self.pipe.cmd(name);
+        self
+    }
+
+    /// Add an argument to the current command.
+    #[must_use]
+    pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.pipe.arg(arg);
+        self
+    }
+
+    /// As [`Call::undo`].
+    #[must_use]
+    pub(crate) fn undo(mut self, undo: Undo) -> Self {
+        self.undo = Some(undo);
+        self
+    }
+
+    /// As [`Call::evicting`].
+    #[must_use]
+    pub(crate) fn evicting(mut self) -> Self {
+        self.evicting = true;
+        self
+    }
+}

@@ -1,0 +1,537 @@
+//! The cache's storage half: each operation as a Lua script for Redis (the `.lua` files next to this one) and
+//! its line-for-line mirror over the embedded keyspace, side by side.
+//!
+//! One string per entry holds a value (`V1:{ns_epoch}:{class_epoch}:v:…`) or a fill lease (`L1:{token}:{w}`).
+//! The scripts that read group epochs share `epochs.lua`, prepended to them: epochs never repeat, and a
+//! corrupt one is re-bumped in place. The fetch fast path is two plain commands in one pipeline; its safety is
+//! argued on [`fetch`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::backend::wake::WakeBus;
+use crate::backend::{Backend, Kv, Namespace, Pipeline, Reply, Undo, scripts};
+use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
+use crate::error::{Error, Result};
+
+scripts! {
+    fetch: "epochs.lua", "fetch.lua";
+    read: "epochs.lua", "read.lua";
+    commit: "commit.lua";
+    release: "release.lua";
+    set: "epochs.lua", "set.lua";
+    invalidate: "invalidate.lua";
+    bump: "epochs.lua", "bump.lua";
+    heal: "heal.lua";
+}
+
+/// The arguments every entry operation shares.
+pub(crate) struct Entry<'a> {
+    pub(crate) ns: &'a Namespace,
+    pub(crate) class: &'a str,
+    pub(crate) key: &'a str,
+}
+
+/// What a fetch found.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// A stored value (still enveloped; may be corrupt).
+    Hit(Bytes),
+    /// No usable value: the caller now holds the fill lease, under these epochs.
+    Leased(Gens),
+    /// Another caller holds the lease; it expires within this long.
+    Wait(Duration),
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A stored epoch field, as `epochs.lua` reads it: absent is 0; anything but a decimal integer below 2^53 is
+/// corrupt (`None`).
+fn epoch(field: Option<&[u8]>) -> Option<u64> {
+    match field {
+        None => Some(0),
+        Some(f) => std::str::from_utf8(f)
+            .ok()?
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n < 1 << 53),
+    }
+}
+
+/// The embedded mirror's epochs: a corrupt field counts as 0 (the embedded keyspace only holds what keyward
+/// wrote, so this is defensive).
+fn current_gens(kv: &Kv, ns: &Namespace, class: &str) -> Gens {
+    let h = kv.get_hash(&ns.gens_key);
+    let field = |f: &str| epoch(h.and_then(|h| h.get(f)).map(|b| &b[..])).unwrap_or(0);
+    Gens {
+        ns: field("*"),
+        class: field(class),
+    }
+}
+
+/// Whether `key` still holds the lease whose marker starts with `lease_prefix`.
+fn holds(kv: &Kv, key: &str, lease_prefix: &str) -> bool {
+    kv.get_str(key)
+        .is_some_and(|s| s.starts_with(lease_prefix.as_bytes()))
+}
+
+/// Gives back a fill lease taken by a fetch whose answer never came (`release.lua`: only while the entry still
+/// holds this very lease; it wakes the waiters the lease collected).
+fn lease_undo(e: &Entry<'_>, marker: &str, lease_ttl: Duration) -> Undo {
+    let prefix = marker.strip_suffix('0').unwrap_or(marker);
+    Undo {
+        script: &SCRIPTS.release,
+        keys: vec![e.key.to_owned()],
+        args: vec![prefix.as_bytes().to_vec(), e.ns.channel.as_bytes().to_vec()],
+        within: lease_ttl,
+    }
+}
+
+/// `fetch.lua`'s mirror: the value, or the lease for `marker`, or who waits.
+fn fetch_mirror(
+    kv: &mut Kv,
+    e: &Entry<'_>,
+    marker: &str,
+    lease_ttl: Duration,
+    negative_ok: bool,
+) -> Fetched {
+    let now = kv.now_us();
+    let gens = current_gens(kv, e.ns, e.class);
+    let lease = Bytes::copy_from_slice(marker.as_bytes());
+    let lease_until = now.saturating_add(micros(lease_ttl));
+    let found = kv.get_str(e.key).cloned().zip(kv.expires_us(e.key));
+    match found {
+        None => {
+            kv.put_evictable(e.key, lease, lease_until);
+            Fetched::Leased(gens)
+        }
+        Some((data, expires)) if data.starts_with(LEASE_PREFIX) => {
+            if !envelope::lease_has_waiters(&data) {
+                let mut flagged = data.to_vec();
+                if let Some(last) = flagged.last_mut() {
+                    *last = b'1';
+                }
+                kv.put_evictable(e.key, Bytes::from(flagged), expires);
+            }
+            Fetched::Wait(Duration::from_micros(
+                u64::try_from(expires - now).unwrap_or(0),
+            ))
+        }
+        Some((data, _)) => match is_current(&data, gens, negative_ok) {
+            Some(false) => {
+                kv.put_evictable(e.key, lease, lease_until);
+                Fetched::Leased(gens)
+            }
+            _ => Fetched::Hit(data),
+        },
+    }
+}
+
+/// What the fast path's two replies say.
+enum Fast {
+    Done(Fetched),
+    /// Rare cases go through the atomic `fetch.lua`.
+    Atomic,
+}
+
+/// Return the value, or grant the fill lease identified by `marker` (`L1:{token}:0`), or say who waits. A value
+/// filled under other epochs, or a negative entry when `negative_ok` is false, counts as absent.
+///
+/// On Redis the fast path is two plain commands in one pipeline: `SET key <lease> NX GET PX ttl` (in one
+/// command: the value, or our lease on an empty key) and then `HMGET` of the epochs. Plain commands cost the
+/// server a fraction of a script call, which is what a hit pays. Reading the epochs *after* the `SET` on the
+/// same connection is safe: a bump between the two makes a hit look stale (a conservative miss), and for a
+/// granted lease the loader starts only after both replies, so its data is at least as new as the epochs
+/// recorded. Everything else — a lease held by someone, a value from before a group invalidation, an absent
+/// the caller cannot use, epochs it cannot read, an error reply — is rare and goes through the atomic
+/// `fetch.lua`.
+pub(crate) async fn fetch(
+    b: &Backend,
+    e: &Entry<'_>,
+    marker: &str,
+    lease_ttl: Duration,
+    negative_ok: bool,
+) -> Result<Fetched> {
+    let fast = Pipeline::new("fetch")
+        .cmd("SET")
+        .arg(e.key)
+        .arg(marker)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(millis(lease_ttl))
+        .cmd("HMGET")
+        .arg(&e.ns.gens_key)
+        .arg("*")
+        .arg(e.class)
+        .undo(lease_undo(e, marker, lease_ttl))
+        .evicting();
+    let answer = b
+        .pipeline(
+            fast,
+            |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
+            |replies| decode_fast(replies, negative_ok),
+        )
+        .await;
+    match answer {
+        Ok(Fast::Done(fetched)) => return Ok(fetched),
+        Ok(Fast::Atomic) => {}
+        // An error reply (e.g. the epochs key is not a hash): the atomic path repairs what it can.
+        Err(err @ Error::Redis { .. }) if !err.is_unavailable() => {}
+        Err(err) => return Err(err),
+    }
+    let call = SCRIPTS
+        .fetch
+        .call("fetch")
+        .key(e.key)
+        .key(&e.ns.gens_key)
+        .arg(e.class)
+        .arg(marker)
+        .arg(millis(lease_ttl))
+        .arg(if negative_ok { "1" } else { "0" })
+        .arg(millis(e.ns.gens_lifetime))
+        .undo(lease_undo(e, marker, lease_ttl))
+        .evicting();
+    b.atomic(
+        call,
+        |kv| fetch_mirror(kv, e, marker, lease_ttl, negative_ok),
+        decode_fetch,
+    )
+    .await
+}
+
+fn decode_fast(replies: &[Reply], negative_ok: bool) -> Option<Fast> {
+    let [stored, gens] = replies else {
+        return None;
+    };
+    let gens = match gens.array()? {
+        [ns, class] => {
+            let field = |r: &Reply| {
+                if r.is_nil() {
+                    Some(0)
+                } else {
+                    epoch(Some(&r.bytes()?[..]))
+                }
+            };
+            match (field(ns), field(class)) {
+                (Some(ns), Some(class)) => Gens { ns, class },
+                // A corrupt epoch field: the atomic path bumps it (always safe) and goes on.
+                _ => return Some(Fast::Atomic),
+            }
+        }
+        _ => return None,
+    };
+    if stored.is_nil() {
+        return Some(Fast::Done(Fetched::Leased(gens)));
+    }
+    let stored = stored.bytes()?;
+    if stored.starts_with(LEASE_PREFIX)
+        || envelope::is_current(&stored, gens, negative_ok) == Some(false)
+    {
+        return Some(Fast::Atomic);
+    }
+    // A current value, or bytes the caller will decode, report and heal.
+    Some(Fast::Done(Fetched::Hit(stored)))
+}
+
+/// `fetch.lua`'s reply: `{0, stored}` | `{1, ns_gen, class_gen}` | `{2, pttl_ms}`.
+fn decode_fetch(reply: &Reply) -> Option<Fetched> {
+    match reply.array()? {
+        [Reply::Int(0), v] => Some(Fetched::Hit(v.bytes()?)),
+        [Reply::Int(1), ns, class] => Some(Fetched::Leased(Gens {
+            ns: u64::try_from(ns.int()?).ok()?,
+            class: u64::try_from(class.int()?).ok()?,
+        })),
+        [Reply::Int(2), pttl] => Some(Fetched::Wait(Duration::from_millis(
+            u64::try_from(pttl.int()?).unwrap_or(0),
+        ))),
+        _ => None,
+    }
+}
+
+/// Read without taking a lease: a current value, or nothing.
+pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
+    let call = SCRIPTS
+        .read
+        .call("read")
+        .key(e.key)
+        .key(&e.ns.gens_key)
+        .arg(e.class)
+        .arg(millis(e.ns.gens_lifetime))
+        .evicting();
+    b.atomic(
+        call,
+        |kv| {
+            let gens = current_gens(kv, e.ns, e.class);
+            let s = kv.get_str(e.key)?;
+            if s.starts_with(LEASE_PREFIX) || is_current(s, gens, true) == Some(false) {
+                return None;
+            }
+            Some(s.clone())
+        },
+        |reply| {
+            if reply.is_nil() {
+                Some(None)
+            } else {
+                reply.bytes().map(Some)
+            }
+        },
+    )
+    .await
+}
+
+/// Store `value` (a full envelope) only if the lease whose marker starts with `lease_prefix` is still held.
+/// Embedded, a value that cannot fit in its class's budget even after evicting is not stored (false).
+pub(crate) async fn commit(
+    b: &Backend,
+    bus: &WakeBus,
+    e: &Entry<'_>,
+    lease_prefix: &str,
+    value: &[u8],
+    ttl: Duration,
+) -> Result<bool> {
+    let call = SCRIPTS
+        .commit
+        .call("commit")
+        .key(e.key)
+        .arg(lease_prefix)
+        .arg(value)
+        .arg(millis(ttl))
+        .arg(&e.ns.channel)
+        .evicting();
+    let stored = b
+        .atomic(
+            call,
+            |kv| {
+                if !holds(kv, e.key, lease_prefix) {
+                    return false;
+                }
+                let until = kv.now_us().saturating_add(micros(ttl));
+                kv.put_evictable(e.key, Bytes::copy_from_slice(value), until)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await?;
+    // Local waiters (the embedded backend has no pub/sub; on Redis the script published too).
+    bus.wake(e.key);
+    Ok(stored)
+}
+
+/// Give a lease back (the loader failed) so that a waiter takes over now rather than at expiry.
+pub(crate) async fn release(
+    b: &Backend,
+    bus: &WakeBus,
+    e: &Entry<'_>,
+    lease_prefix: &str,
+) -> Result<bool> {
+    let call = SCRIPTS
+        .release
+        .call("release")
+        .key(e.key)
+        .arg(lease_prefix)
+        .arg(&e.ns.channel)
+        .evicting();
+    let released = b
+        .atomic(
+            call,
+            |kv| holds(kv, e.key, lease_prefix) && kv.del(e.key),
+            |reply| Some(reply.int()? == 1),
+        )
+        .await?;
+    if released {
+        bus.wake(e.key);
+    }
+    Ok(released)
+}
+
+/// Unconditional write of `body` (`v:…`/`n:`) under the current epochs; voids any lease. Embedded, a value too
+/// large for its class's budget is not stored, and the previous value is removed (never read as current).
+pub(crate) async fn set(
+    b: &Backend,
+    bus: &WakeBus,
+    e: &Entry<'_>,
+    body: &[u8],
+    ttl: Duration,
+) -> Result<()> {
+    let call = SCRIPTS
+        .set
+        .call("set")
+        .key(e.key)
+        .key(&e.ns.gens_key)
+        .arg(e.class)
+        .arg(body)
+        .arg(millis(ttl))
+        .arg(&e.ns.channel)
+        .arg(millis(e.ns.gens_lifetime))
+        .evicting();
+    b.atomic(
+        call,
+        |kv| {
+            let gens = current_gens(kv, e.ns, e.class);
+            let value = Bytes::from(envelope::value(gens, body));
+            let until = kv.now_us().saturating_add(micros(ttl));
+            kv.put_evictable(e.key, value, until);
+        },
+        |_| Some(()),
+    )
+    .await?;
+    bus.wake(e.key);
+    Ok(())
+}
+
+/// Remove the value or lease of one entry; a fill leased before this can no longer commit.
+pub(crate) async fn invalidate(b: &Backend, bus: &WakeBus, e: &Entry<'_>) -> Result<bool> {
+    let call = SCRIPTS
+        .invalidate
+        .call("invalidate")
+        .key(e.key)
+        .arg(&e.ns.channel)
+        .evicting();
+    let removed = b
+        .atomic(call, |kv| kv.del(e.key), |reply| Some(reply.int()? == 1))
+        .await?;
+    bus.wake(e.key);
+    Ok(removed)
+}
+
+/// Bump a group epoch (`*` for the namespace, or a class name) to `max(current + 1, now in Unix µs)`: O(1),
+/// whatever the number of entries, and never a value an older entry carries (see `epochs.lua`).
+pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64> {
+    let life_ms = millis(ns.gens_lifetime);
+    let call = SCRIPTS
+        .bump
+        .call("bump")
+        .key(&ns.gens_key)
+        .arg(field)
+        .arg(life_ms);
+    b.atomic(
+        call,
+        |kv| {
+            // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
+            let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
+            let current = epoch(
+                kv.get_hash(&ns.gens_key)
+                    .and_then(|h| h.get(field))
+                    .map(|b| &b[..]),
+            )
+            .unwrap_or(0);
+            let next = current.saturating_add(1).max(now_us);
+            let life_ms = i64::try_from(life_ms).unwrap_or(i64::MAX);
+            let left = kv.pttl(&ns.gens_key);
+            kv.hset(
+                &ns.gens_key,
+                &[(field, Bytes::from(next.to_string()))],
+                life_ms,
+            );
+            if left < life_ms {
+                kv.pexpire(&ns.gens_key, life_ms);
+            }
+            next
+        },
+        |reply| u64::try_from(reply.int()?).ok(),
+    )
+    .await
+}
+
+/// Delete the entry only if it still holds exactly `raw` (self-healing of undecodable values).
+pub(crate) async fn heal(b: &Backend, key: &str, raw: &[u8]) -> Result<bool> {
+    let call = SCRIPTS.heal.call("heal").key(key).arg(raw).evicting();
+    b.atomic(
+        call,
+        |kv| kv.get_str(key).is_some_and(|s| s == raw) && kv.del(key),
+        |reply| Some(reply.int()? == 1),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keyward;
+    use crate::backend::MemoryOptions;
+    use crate::policy::{CacheClass, Jitter, Policy};
+
+    fn ns() -> Namespace {
+        Namespace {
+            gens_key: "t:a:_kw:gens".into(),
+            channel: "t:a:_kw:fills".into(),
+            gens_lifetime: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bump_never_repeats_an_epoch_and_repairs_a_corrupt_field() {
+        let m = Backend::embedded(&MemoryOptions::default(), &["c"]);
+        let ns = ns();
+        let first = bump(&m, &ns, "c").await.unwrap();
+        assert!(
+            first > 1_600_000_000_000_000,
+            "starts at the clock, in Unix µs: {first}"
+        );
+        assert_eq!(
+            bump(&m, &ns, "c").await.unwrap(),
+            first + 1,
+            "bumps in one µs still climb"
+        );
+        tokio::time::advance(Duration::from_secs(120)).await; // the epochs hash expires
+        let after = bump(&m, &ns, "c").await.unwrap();
+        assert!(after >= first + 120_000_000, "{first} -> {after}");
+        let garbage = SCRIPTS.heal.call("test");
+        m.atomic(
+            garbage,
+            |kv| kv.hset(&ns.gens_key, &[("c", Bytes::from_static(b"garbage"))], 1),
+            |_| Some(()),
+        )
+        .await
+        .unwrap();
+        let repaired = bump(&m, &ns, "c").await.unwrap();
+        assert!(repaired >= after, "a corrupt field counts as 0: {repaired}");
+    }
+
+    /// The scenario: class ttl 10s, no jitter, lease 1s, loader timeout 500ms (the epochs hash lives
+    /// ~71s after a bump). A value filled at 65s must not come back after the bump at 72s, which finds the
+    /// epochs hash expired and recreates it.
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidation_after_the_epochs_expired_is_not_undone() {
+        let class = CacheClass::new(Duration::from_secs(10), "tests")
+            .jitter(Jitter::Fixed(Duration::ZERO))
+            .lease_ttl(Duration::from_secs(1))
+            .loader_timeout(Duration::from_millis(500));
+        let policy = Policy::builder("t", "epochs")
+            .cache("c", class)
+            .build()
+            .unwrap();
+        let kw = Keyward::embedded(policy);
+        let cache = kw.cache::<String>("c").unwrap();
+        let load = |v: &'static str| move || async move { Ok::<_, std::io::Error>(v.to_owned()) };
+
+        kw.invalidate_namespace().await.unwrap(); // t = 0
+        tokio::time::advance(Duration::from_secs(65)).await;
+        assert_eq!(cache.get_or_set("k", load("S1")).await.unwrap(), "S1");
+        tokio::time::advance(Duration::from_secs(7)).await; // t = 72: the epochs hash has expired
+        kw.invalidate_namespace().await.unwrap();
+        assert_eq!(
+            cache.get("k").await.unwrap(),
+            None,
+            "the entry filled at 65s is stale"
+        );
+        assert_eq!(cache.get_or_set("k", load("S2")).await.unwrap(), "S2");
+
+        // The same with the class's own epoch.
+        tokio::time::advance(Duration::from_secs(80)).await;
+        cache.invalidate_all().await.unwrap();
+        tokio::time::advance(Duration::from_secs(65)).await;
+        assert_eq!(cache.get_or_set("j", load("S1")).await.unwrap(), "S1");
+        tokio::time::advance(Duration::from_secs(7)).await;
+        cache.invalidate_all().await.unwrap();
+        assert_eq!(cache.get("j").await.unwrap(), None);
+        assert_eq!(cache.get_or_set("j", load("S2")).await.unwrap(), "S2");
+    }
+}
