@@ -19,8 +19,8 @@
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
 //!   - `bench::report` — the JSON line (the `BENCHMARKS.md` contract) and the table;
-//!   - `bench::scenarios` — the `Scenario` abstraction, one file per family (`cache`, `rate_limit`, `lock`,
-//!     `session`);
+//!   - `bench::scenarios` — the `Scenario` abstraction: the names and options (`workload`), one file per
+//!     family (`cache`, `rate_limit`, `lock`, `session`), and the dispatch of their phases (`mod.rs`);
 //!   - `bench::fleet` — `--processes`: child processes, the READY/GO handshake, merging their results. It
 //!     runs scenarios through the abstraction; no scenario knows about it.
 

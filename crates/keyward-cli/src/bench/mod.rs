@@ -26,9 +26,7 @@ use keyward::policy::Algorithm;
 use self::fleet::Fleet;
 use self::measure::Measured;
 use self::report::{Report, per_op, round};
-use self::scenarios::lock::LockNames;
-use self::scenarios::session::Extend;
-use self::scenarios::{Scenario, Workload};
+use self::scenarios::{Extend, LockNames, Scenario, Workload};
 use crate::error::usage;
 use crate::stats::{self, ClientAudit, CommandStats};
 
@@ -343,7 +341,7 @@ const CLIENT_AUDIT_OPS: u64 = 16;
 /// neither `INFO commandstats` nor `INFO stats` (`total_commands_processed`) can tell: both count the commands
 /// a Lua script calls as well (checked on Redis 7.0), and Redis before 7.2 keeps no per-client command count.
 /// So after the timed run, this process connects its own keyward handle (same namespace and classes; see
-/// [`Workload::for_counted_ops`]), and while `MONITOR` shows the server's commands, each of
+/// [`scenarios::counted_workload`]), and while `MONITOR` shows the server's commands, each of
 /// `work.concurrency` callers makes [`CLIENT_AUDIT_OPS`] ops. Connecting and warming up happen before the
 /// count starts. `MONITOR` slows the server down, which is why the timed run goes without it. `None` (with a
 /// warning) when the server refuses `MONITOR` (e.g. a managed Redis).
@@ -352,7 +350,12 @@ async fn client_commands(
     app: &str,
     work: &Workload,
 ) -> anyhow::Result<Option<ClientCommands>> {
-    let prepared = scenarios::prepare(url, app, work.for_counted_ops(CLIENT_AUDIT_OPS)).await?;
+    let prepared = scenarios::prepare(
+        url,
+        app,
+        scenarios::counted_workload(work, CLIENT_AUDIT_OPS),
+    )
+    .await?;
     let audit = match ClientAudit::start(url).await {
         Ok(audit) => audit,
         Err(e) => {

@@ -15,7 +15,7 @@ use keyward::{Cache, Keyward};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
-use super::{Item, Workload};
+use super::workload::{Item, Workload};
 use crate::bench::measure::{
     self, Counters, Measured, Span, collect_histograms, one_shot_tally, until_deadline,
 };

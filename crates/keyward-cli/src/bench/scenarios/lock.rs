@@ -10,14 +10,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::ValueEnum;
 use keyward::Keyward;
 use keyward::key::IdParts;
 use keyward::lock::Locks;
 use keyward::policy::LockClass;
 use tokio::task::JoinSet;
 
-use super::Workload;
+use super::workload::{LockNames, Workload};
 use crate::bench::measure::{Counters, Measured, Stop, collect_histograms, repeat};
 use crate::bench::report::{ScenarioFields, per_op, round};
 use crate::stats::Counts;
@@ -31,25 +30,6 @@ const LOCK_TTL: Duration = Duration::from_secs(10);
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 /// How long the fencing counters outlive their last use; the bench's keys need not last 7 days.
 const LOCK_FENCE_TTL: Duration = Duration::from_secs(10 * 60);
-
-/// `lock`: which names the workers lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum LockNames {
-    /// A name per worker: no contention.
-    Distinct,
-    /// One name for every worker of every process.
-    One,
-}
-
-impl LockNames {
-    /// The name on the command line and in the report.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            LockNames::Distinct => "distinct",
-            LockNames::One => "one",
-        }
-    }
-}
 
 /// The bench's lock class: a [`LOCK_TTL`] lease, a [`LOCK_WAIT`] wait, no watchdog.
 pub(crate) fn class() -> LockClass {
@@ -248,20 +228,49 @@ fn acquire_attempts(commands: &Counts, ops: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use keyward::policy::Algorithm;
+    use keyward::policy::{Algorithm, Policy};
 
-    use super::super::tests::work;
-    use super::super::{Scenario, policy, session};
+    use super::super::workload::Scenario;
+    use super::super::workload::tests::work;
     use super::*;
 
     #[test]
-    fn the_lock_scenario_has_a_valid_class_and_no_other() {
-        let w = work(Scenario::Lock, Algorithm::Gcra, 100);
-        let locking = policy("kwbench42", &w).unwrap();
-        let lock = locking.class(CLASS).unwrap().as_lock().unwrap();
+    fn the_lock_class_has_the_bench_lease_and_wait() {
+        let policy = Policy::builder("bench", "kwbench42")
+            .lock(CLASS, class())
+            .build()
+            .unwrap();
+        let lock = policy.class(CLASS).unwrap().as_lock().unwrap();
         assert_eq!(lock.ttl_value(), LOCK_TTL);
         assert_eq!(lock.wait_value(), LOCK_WAIT);
-        assert!(locking.class(session::CLASS).is_none());
+    }
+
+    #[test]
+    fn contended_runs_report_their_checks_and_distinct_runs_do_not() {
+        let mut m = Measured::empty();
+        m.latencies.saturating_record(10);
+        m.seconds = 0.5;
+        let commands = Counts::from([("evalsha".to_owned(), 3)]);
+        let one = fields(
+            &work(Scenario::Lock, Algorithm::Gcra, 1),
+            &m,
+            Some(&commands),
+        );
+        assert_eq!((one.names, one.violations), (Some("one"), Some(0)));
+        assert_eq!(one.handoffs_per_s, Some(2.0));
+        assert_eq!(
+            (one.acquire_attempts, one.attempts_per_acquire),
+            (Some(2), Some(2.0))
+        );
+        let distinct = Workload {
+            lock_names: LockNames::Distinct,
+            ..work(Scenario::Lock, Algorithm::Gcra, 1)
+        };
+        let d = fields(&distinct, &m, None);
+        assert_eq!(
+            (d.names, d.violations, d.acquire_attempts),
+            (Some("distinct"), None, None)
+        );
     }
 
     #[test]

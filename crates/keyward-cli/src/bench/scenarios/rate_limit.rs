@@ -18,7 +18,7 @@ use keyward::{Keyward, RateLimiter};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
-use super::Workload;
+use super::workload::Workload;
 use crate::bench::measure::{
     Counters, Measured, Span, Stop, collect_histograms, one_shot_tally, repeat,
 };
@@ -198,29 +198,9 @@ pub(crate) fn fields(kind: Kind, work: &Workload, measured: &Measured) -> Scenar
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::work;
-    use super::super::{Scenario, policy};
+    use super::super::workload::Scenario;
+    use super::super::workload::tests::work;
     use super::*;
-
-    #[test]
-    fn every_algorithm_has_valid_rate_limit_classes() {
-        for algorithm in Algorithm::ALL {
-            for scenario in [Scenario::RatelimitExact, Scenario::RatelimitThroughput] {
-                for limit in [1, 100, 100_000] {
-                    let w = work(scenario, algorithm, limit);
-                    let policy = policy("kwbench42", &w)
-                        .unwrap_or_else(|e| panic!("{scenario:?} {algorithm}: {e}"));
-                    let class = policy.class(CLASS).unwrap().as_rate_limit().unwrap();
-                    assert_eq!(class.algorithm_value(), algorithm);
-                    assert_eq!(class.on_error_value(), OnError::Deny);
-                    if scenario == Scenario::RatelimitExact {
-                        assert_eq!(class.limit_value(), limit);
-                        assert_eq!(class.capacity(), limit);
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn the_throughput_class_never_refuses_ten_thousand_identities() {
@@ -234,15 +214,6 @@ mod tests {
                 "{algorithm}: {per_second}"
             );
         }
-    }
-
-    #[test]
-    fn an_out_of_range_limit_is_a_policy_error() {
-        let w = work(Scenario::RatelimitExact, Algorithm::SlidingLog, 200_000);
-        let err = policy("kwbench42", &w).unwrap_err();
-        assert_eq!(err.field(), Some("limit"), "{err}");
-        let w = work(Scenario::RatelimitExact, Algorithm::Gcra, 0);
-        assert!(policy("kwbench42", &w).is_err());
     }
 
     #[test]

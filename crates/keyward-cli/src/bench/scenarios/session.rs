@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::ValueEnum;
 use keyward::Keyward;
 use keyward::policy::SessionClass;
 use keyward::session::{SessionSecrets, SessionToken, Sessions};
 use tokio::task::JoinSet;
 
-use super::{Item, Workload};
+use super::workload::{Extend, Item, Workload};
 use crate::bench::measure::{Counters, Measured, Stop, collect_histograms, repeat};
 use crate::bench::report::ScenarioFields;
 
@@ -31,25 +30,6 @@ const SESSIONS_PER_USER: u64 = 10;
 const SESSION_SECRET: &[u8; 32] = b"keyward bench: not a real secret";
 /// How many sessions are created at once while the pool is built.
 const POOL_BUILDERS: usize = 64;
-
-/// `session`: how often a read pushes the idle expiry back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Extend {
-    /// `extend_after = 0`: every read extends (writes).
-    Always,
-    /// The class default, `extend_after = idle / 10`: reads within it write nothing.
-    Default,
-}
-
-impl Extend {
-    /// The name on the command line and in the report.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Extend::Always => "always",
-            Extend::Default => "default",
-        }
-    }
-}
 
 /// The bench's session class: idle 30 min, absolute 12 h, and `extend_after` 0 for `--extend always`, the
 /// default (`idle / 10`) for `--extend default`.
@@ -170,8 +150,10 @@ pub(crate) fn fields(work: &Workload) -> ScenarioFields {
 mod tests {
     use keyward::policy::Algorithm;
 
-    use super::super::tests::work;
-    use super::super::{Scenario, lock, policy};
+    use keyward::policy::Policy;
+
+    use super::super::workload::Scenario;
+    use super::super::workload::tests::work;
     use super::*;
 
     #[test]
@@ -184,10 +166,12 @@ mod tests {
                 extend,
                 ..work(Scenario::Session, Algorithm::Gcra, 100)
             };
-            let sessions = policy("kwbench42", &w).unwrap();
-            let class = sessions.class(CLASS).unwrap().as_session().unwrap();
+            let policy = Policy::builder("bench", "kwbench42")
+                .session(CLASS, class(extend))
+                .build()
+                .unwrap();
+            let class = policy.class(CLASS).unwrap().as_session().unwrap();
             assert_eq!(class.extend_after_value(), after);
-            assert!(sessions.class(lock::CLASS).is_none());
             assert_eq!(fields(&w).extend_after_ms, Some(after.as_millis() as u64));
         }
         assert!(SessionSecrets::new(SESSION_SECRET).is_ok());
