@@ -11,20 +11,24 @@
 //! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
 //!
 //! # Layout
-//! This file only parses arguments, dispatches, and maps errors to exit codes.
+//! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
+//! each module below imports only modules listed above it, so there is no import cycle.
+//! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `policy_cmd` — `policy check`.
-//! - `bench` — the `bench` arguments, the orchestration of one run, and the report (JSON or table).
-//! - `workload` — the scenarios themselves, measured inside one process.
-//! - `fleet` — `--processes`: starting child processes, the READY/GO handshake, merging their results.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
+//! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
+//!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
+//!   - `bench::report` — the JSON line (the `BENCHMARKS.md` contract) and the table;
+//!   - `bench::scenarios` — the `Scenario` abstraction: the names and options (`workload`), one file per
+//!     family (`cache`, `rate_limit`, `lock`, `session`), and the dispatch of their phases (`mod.rs`);
+//!   - `bench::fleet` — `--processes`: child processes, the READY/GO handshake, merging their results. It
+//!     runs scenarios through the abstraction; no scenario knows about it.
 
 mod bench;
-mod fleet;
+mod error;
 mod policy_cmd;
 mod stats;
-mod workload;
 
-use std::fmt;
 use std::io;
 use std::process::ExitCode;
 
@@ -56,27 +60,6 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// An error that exits with status 2 rather than 1: the invocation is wrong (bad usage, an invalid policy),
-/// not the environment. Its message is printed as is, after `error: `.
-#[derive(Debug)]
-pub(crate) struct UsageError(pub(crate) String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-/// Bail out with a [`UsageError`] (exit status 2).
-macro_rules! usage {
-    ($($arg:tt)*) => {
-        return Err(anyhow::Error::new($crate::UsageError(format!($($arg)*))))
-    };
-}
-pub(crate) use usage;
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -93,14 +76,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if error::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.downcast_ref::<UsageError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            error::exit_code(&err)
         }
     }
 }
@@ -113,13 +92,4 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(io::stderr)
         .init();
-}
-
-/// Whether the error comes from writing to a closed stdout (`keyward … | head`): not a failure.
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-    })
 }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use keyward::policy::Policy;
 
-use crate::UsageError;
+use crate::error::UsageError;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {

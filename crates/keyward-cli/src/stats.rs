@@ -19,7 +19,7 @@ use redis::aio::{Monitor, MultiplexedConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::UsageError;
+use crate::error::UsageError;
 
 /// Calls per command name (`get`, `evalsha`, `client|setinfo`, …).
 pub(crate) type Counts = BTreeMap<String, u64>;

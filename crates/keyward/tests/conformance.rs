@@ -3,14 +3,11 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Harness, Source};
+use crate::common::{Harness, Source};
 use keyward::{Error, Keyward};
 use tokio::sync::{Barrier, Notify};
 

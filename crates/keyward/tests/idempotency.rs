@@ -2,14 +2,11 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::Harness;
 use bytes::Bytes;
-use common::Harness;
 use keyward::idempotency::{Begin, Completion, StoredResponse, fingerprint};
 use keyward::policy::{CacheClass, IdempotencyClass, Policy};
 use keyward::{Error, Keyward};

@@ -4,14 +4,11 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::Harness;
+use crate::common::Harness;
 use keyward::lock::{FencedWrite, LockOptions};
 use keyward::policy::{CacheClass, LockClass, Policy};
 use keyward::{Error, Keyward};

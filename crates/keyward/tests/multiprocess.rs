@@ -80,7 +80,7 @@ fn spawn_child_in(
     let mut child = command
         .args([
             "--exact",
-            test,
+            &test_path(test),
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -94,6 +94,16 @@ fn spawn_child_in(
         .expect("re-run the test binary as a child");
     let out = BufReader::new(child.stdout.take().unwrap());
     (child, out)
+}
+
+/// `test`'s full name as the test harness matches it with `--exact`: its module path inside this test binary
+/// (e.g. `multiprocess::child_stampede`), so that exactly one test runs in the child, wherever this file is
+/// mounted in `tests/tests.rs`.
+fn test_path(test: &str) -> String {
+    match module_path!().split_once("::") {
+        Some((_crate, module)) => format!("{module}::{test}"),
+        None => test.to_owned(),
+    }
 }
 
 /// `n` children running `test`, each past its setup (it printed `READY`) and waiting for `GO`.
@@ -124,6 +134,30 @@ fn child_env() -> Option<(String, String)> {
         std::env::var(CHILD_URL).ok()?,
         std::env::var(CHILD_APP).ok()?,
     ))
+}
+
+/// Every child test name the parents pass, as `--exact` sees it, selects exactly one test of this binary: a
+/// name that matched none would leave the parent waiting for a `READY` that never comes.
+#[test]
+fn child_test_names_select_exactly_one_test() {
+    let exe = std::env::current_exe().unwrap();
+    for child in [
+        "child_stampede",
+        "child_hold_lease",
+        "child_rate_limit",
+        "child_skewed",
+        "child_lock",
+        "child_lock_sigstop",
+        "child_idempotency_and_session",
+    ] {
+        let out = Command::new(&exe)
+            .args(["--exact", &test_path(child), "--ignored", "--list"])
+            .output()
+            .expect("list the tests of this binary");
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let tests: Vec<&str> = listed.lines().filter(|l| l.ends_with(": test")).collect();
+        assert_eq!(tests, [format!("{}: test", test_path(child))], "{listed}");
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

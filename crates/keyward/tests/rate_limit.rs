@@ -4,13 +4,10 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Harness;
+use crate::common::Harness;
 use keyward::policy::{Algorithm, Policy, RateLimitClass};
 use keyward::rate_limit::Source;
 use keyward::{Error, Keyward};

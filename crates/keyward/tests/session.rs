@@ -3,14 +3,11 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Harness;
+use crate::common::Harness;
 use keyward::policy::{CacheClass, Policy, SessionClass};
 use keyward::session::{Saved, SessionSecrets, Sessions};
 use keyward::{Error, Keyward};

@@ -1,17 +1,14 @@
 //! `KeywardSessionStore` (feature `tower-sessions`) on both backends, which must agree: the round trip,
 //! create never overwriting, expiry, secret rotation, and ids never reaching the store.
 //!
-//! `cargo test -p keyward --features tower-sessions --test tower_sessions`
+//! `cargo test -p keyward --features tower-sessions --test tests tower_sessions::`
 
 #![allow(unreachable_pub)]
-
-#[macro_use]
-mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::Harness;
+use crate::common::Harness;
 use keyward::policy::{CacheClass, Policy, SessionClass};
 use keyward::session::SessionSecrets;
 use keyward::session::tower::KeywardSessionStore;

@@ -1,13 +1,18 @@
 //! `--processes P`: one workload spread over P child processes sharing one namespace and key.
 //!
+//! The fleet knows nothing of any scenario: a child prepares and runs its share through the scenario
+//! abstraction ([`scenarios::prepare`], [`scenarios::Prepared::run`]) and reports a [`Measured`], which the
+//! parent merges ([`Measured::merge`]). Scenarios never depend on the fleet.
+//!
 //! The parent re-runs its own executable as each child (`keyward bench <scenario> --child --app … --key-id …`,
 //! with the URL in `REDIS_URL` so a password never shows in `ps`). The handshake, one line each way:
 //!
 //! 1. each child connects and warms up, prints `READY` and blocks reading stdin;
 //! 2. once every child is ready, the parent writes `GO` to all of them (the measured phase starts);
 //! 3. each child runs and prints one JSON line ([`ChildReport`]) with its counts (loader calls, rate-limit
-//!    checks allowed and limited, lock violations, timeouts and re-acquisitions) and its latency histogram (HdrHistogram V2 serialization, base64), then
-//!    exits; the parent adds the counts up and merges the histograms.
+//!    checks allowed and limited, lock violations, timeouts and re-acquisitions) and its latency histogram
+//!    (HdrHistogram V2 serialization, base64), then exits; the parent adds the counts up and merges the
+//!    histograms.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -20,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::workload::{self, Measured, Workload};
+use crate::bench::measure::Measured;
+use crate::bench::scenarios::{self, Workload};
 
 /// What a child prints when connected and warmed up.
 const READY: &str = "READY";
@@ -94,7 +100,7 @@ impl ChildReport {
 
 /// The child side: connect, READY, wait for GO, run, report.
 pub(crate) async fn child(url: &str, app: &str, work: Workload) -> anyhow::Result<()> {
-    let prepared = workload::prepare(url, app, work).await?;
+    let prepared = scenarios::prepare(url, app, work).await?;
     println_flush(READY)?;
     let mut line = String::new();
     BufReader::new(tokio::io::stdin())
@@ -218,16 +224,7 @@ impl Fleet {
                 .and(m.stdin.flush().await)
                 .with_context(|| format!("cannot send {GO} to {who}"))?;
         }
-        let mut total = Measured {
-            loader_calls: 0,
-            allowed: 0,
-            limited: 0,
-            violations: 0,
-            timeouts: 0,
-            reacquired: 0,
-            seconds: 0.0,
-            latencies: workload::new_histogram(),
-        };
+        let mut total = Measured::empty();
         for m in &mut self.members {
             let who = m.describe(of);
             let line = m.line(of, "its report", self.run_limit).await?;
@@ -236,17 +233,7 @@ impl Fleet {
             let measured = report
                 .into_measured()
                 .with_context(|| format!("bad report from {who}"))?;
-            total.loader_calls += measured.loader_calls;
-            total.allowed += measured.allowed;
-            total.limited += measured.limited;
-            total.violations += measured.violations;
-            total.timeouts += measured.timeouts;
-            total.reacquired += measured.reacquired;
-            total.seconds = total.seconds.max(measured.seconds);
-            total
-                .latencies
-                .add(&measured.latencies)
-                .context("cannot merge latency histograms")?;
+            total.merge(&measured)?;
             let status = m
                 .child
                 .wait()
@@ -296,10 +283,11 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::measure::new_histogram;
 
     #[test]
     fn reports_round_trip_their_histogram() {
-        let mut latencies = workload::new_histogram();
+        let mut latencies = new_histogram();
         for us in [5, 50, 500, 5_000, 50_000] {
             latencies.saturating_record(us);
         }

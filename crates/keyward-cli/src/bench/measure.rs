@@ -1,0 +1,269 @@
+//! Measuring, shared by every scenario: latency histograms (µs), the span of a run, the counts workers keep,
+//! and the loops that drive workers (until a deadline, or for a number of calls).
+//!
+//! The one decision: a scenario's figures are a [`Measured`], whatever its family, so that the fleet can add
+//! the children's up (counts summed, histograms merged, the slowest child's seconds) without knowing which
+//! scenario ran, and the report reads one shape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+
+/// Highest latency the histograms track (60 s, in µs); slower operations are clamped to it.
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// What one process (or, merged, a fleet) measured.
+#[derive(Debug)]
+pub(crate) struct Measured {
+    pub(crate) loader_calls: u64,
+    /// Rate-limit scenarios: checks allowed and refused.
+    pub(crate) allowed: u64,
+    pub(crate) limited: u64,
+    /// `lock --names one`: mutual-exclusion violations seen, and `lock` calls that gave up at the class's
+    /// wait.
+    pub(crate) violations: u64,
+    pub(crate) timeouts: u64,
+    /// `lock --names one`: acquisitions by the worker that held the lock last in its process.
+    pub(crate) reacquired: u64,
+    pub(crate) seconds: f64,
+    /// Latency of every operation, in µs; its length is the operation count.
+    pub(crate) latencies: Histogram<u64>,
+}
+
+impl Measured {
+    /// Nothing measured yet: the start of a merge.
+    pub(crate) fn empty() -> Self {
+        Self {
+            loader_calls: 0,
+            allowed: 0,
+            limited: 0,
+            violations: 0,
+            timeouts: 0,
+            reacquired: 0,
+            seconds: 0.0,
+            latencies: new_histogram(),
+        }
+    }
+
+    /// Add another process's figures: counts add up, histograms merge, `seconds` is the longer of the two
+    /// (processes run side by side).
+    ///
+    /// # Errors
+    /// When the histograms cannot be merged (a value beyond the other's bounds).
+    pub(crate) fn merge(&mut self, other: &Measured) -> anyhow::Result<()> {
+        self.loader_calls += other.loader_calls;
+        self.allowed += other.allowed;
+        self.limited += other.limited;
+        self.violations += other.violations;
+        self.timeouts += other.timeouts;
+        self.reacquired += other.reacquired;
+        self.seconds = self.seconds.max(other.seconds);
+        self.latencies
+            .add(&other.latencies)
+            .context("cannot merge latency histograms")
+    }
+
+    /// The operation count.
+    pub(crate) fn ops(&self) -> u64 {
+        self.latencies.len()
+    }
+}
+
+/// An empty latency histogram: 1 µs to 60 s, 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+/// When the measured operations of one worker started and ended.
+pub(crate) struct Span {
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+}
+
+/// What the workers of one process count besides latencies.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) loader_calls: AtomicU64,
+    pub(crate) allowed: AtomicU64,
+    pub(crate) limited: AtomicU64,
+    pub(crate) violations: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) reacquired: AtomicU64,
+}
+
+/// Merges what workers report.
+struct Tally {
+    latencies: Histogram<u64>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            latencies: new_histogram(),
+            first: None,
+            last: None,
+        }
+    }
+
+    fn span(&mut self, span: &Span) {
+        self.first = Some(self.first.map_or(span.start, |f| f.min(span.start)));
+        self.last = Some(self.last.map_or(span.end, |l| l.max(span.end)));
+    }
+
+    fn finish(self, counters: &Counters) -> Measured {
+        let seconds = match (self.first, self.last) {
+            (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
+        Measured {
+            loader_calls: counters.loader_calls.load(Ordering::Relaxed),
+            allowed: counters.allowed.load(Ordering::Relaxed),
+            limited: counters.limited.load(Ordering::Relaxed),
+            violations: counters.violations.load(Ordering::Relaxed),
+            timeouts: counters.timeouts.load(Ordering::Relaxed),
+            reacquired: counters.reacquired.load(Ordering::Relaxed),
+            seconds,
+            latencies: self.latencies,
+        }
+    }
+}
+
+/// Joins callers that each made one timed call, and tallies their latencies and overall span.
+pub(crate) async fn one_shot_tally(
+    mut callers: JoinSet<anyhow::Result<Span>>,
+    counters: &Counters,
+) -> anyhow::Result<Measured> {
+    let mut tally = Tally::new();
+    while let Some(joined) = callers.join_next().await {
+        let span = joined.context("a benchmark task panicked")??;
+        tally
+            .latencies
+            .saturating_record(micros(span.end - span.start));
+        tally.span(&span);
+    }
+    Ok(tally.finish(counters))
+}
+
+/// Joins workers that each looped, and merges their histograms and spans.
+pub(crate) async fn collect_histograms(
+    mut workers: JoinSet<anyhow::Result<(Histogram<u64>, Span)>>,
+    counters: &Counters,
+) -> anyhow::Result<Measured> {
+    let mut tally = Tally::new();
+    while let Some(joined) = workers.join_next().await {
+        let (latencies, span) = joined.context("a benchmark task panicked")??;
+        if latencies.is_empty() {
+            continue;
+        }
+        tally
+            .latencies
+            .add(&latencies)
+            .context("cannot merge latency histograms")?;
+        tally.span(&span);
+    }
+    Ok(tally.finish(counters))
+}
+
+/// When a worker stops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stop {
+    /// At this instant (a timed run); an op under way when it passes finishes first.
+    At(Instant),
+    /// After this many calls (counting those that were not ops, e.g. a lock timeout).
+    After(u64),
+}
+
+/// Call `op` in a loop until `stop`, recording the latency of each call that returns `true` (an op; `false`
+/// is a call that does not count as one).
+pub(crate) async fn repeat<F, Fut>(stop: Stop, mut op: F) -> anyhow::Result<(Histogram<u64>, Span)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let mut latencies = new_histogram();
+    let start = Instant::now();
+    let mut calls = 0u64;
+    loop {
+        let t = Instant::now();
+        let done = match stop {
+            Stop::At(deadline) => t >= deadline,
+            Stop::After(n) => calls >= n,
+        };
+        if done {
+            break;
+        }
+        calls += 1;
+        if op().await? {
+            latencies.saturating_record(micros(t.elapsed()));
+        }
+    }
+    Ok((
+        latencies,
+        Span {
+            start,
+            end: Instant::now(),
+        },
+    ))
+}
+
+/// Call `op` in a loop until `deadline`, recording each call's latency.
+pub(crate) async fn until_deadline<F, Fut>(
+    deadline: Instant,
+    mut op: F,
+) -> anyhow::Result<(Histogram<u64>, Span)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    repeat(Stop::At(deadline), move || {
+        let call = op();
+        async move { call.await.map(|()| true) }
+    })
+    .await
+}
+
+/// A duration in whole µs, at least 1 (the histograms' lowest value).
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn repeat_stops_after_n_calls_and_records_only_ops() {
+        let mut call = 0;
+        let (latencies, span) = repeat(Stop::After(5), || {
+            call += 1;
+            let counted = call % 2 == 1;
+            async move { Ok(counted) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(latencies.len(), 3, "calls 1, 3 and 5 are ops");
+        assert!(span.end >= span.start);
+    }
+
+    #[test]
+    fn merge_adds_counts_and_keeps_the_longest_run() {
+        let mut total = Measured::empty();
+        let mut one = Measured::empty();
+        one.allowed = 3;
+        one.seconds = 0.5;
+        one.latencies.saturating_record(10);
+        let mut two = Measured::empty();
+        two.allowed = 4;
+        two.seconds = 0.25;
+        two.latencies.saturating_record(20);
+        total.merge(&one).unwrap();
+        total.merge(&two).unwrap();
+        assert_eq!((total.allowed, total.ops()), (7, 2));
+        assert!((total.seconds - 0.5).abs() < f64::EPSILON);
+    }
+}

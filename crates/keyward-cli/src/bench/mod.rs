@@ -1,0 +1,397 @@
+//! `keyward bench <scenario>`: the arguments, one run (in-process or across `--processes`), and its report.
+//!
+//! Modules, each depending only on those listed before it (no cycle):
+//! - [`measure`](mod@measure) — histograms, spans and counts, and the worker loops: what every scenario
+//!   measures with.
+//! - [`report`] — the JSON line of the output contract (`BENCHMARKS.md`) and the table.
+//! - [`scenarios`] — the [`Scenario`] abstraction and one file per scenario family.
+//! - [`fleet`] — `--processes`: child processes, the READY/GO handshake, merging their results; it runs
+//!   scenarios through the abstraction and knows none of them.
+//!
+//! This file validates the arguments (bad usage exits 2 before anything connects), runs the scenario between
+//! two command-count snapshots, and builds the report.
+
+mod fleet;
+mod measure;
+mod report;
+mod scenarios;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use keyward::policy::Algorithm;
+
+use self::fleet::Fleet;
+use self::measure::Measured;
+use self::report::{Report, per_op, round};
+use self::scenarios::{Extend, LockNames, Scenario, Workload};
+use crate::error::usage;
+use crate::stats::{self, ClientAudit, CommandStats};
+
+/// Shown at the end of `keyward bench --help`.
+const BENCH_HELP: &str = "\
+Scenarios (the names are stable):
+  hit       one warm key; C workers loop get_or_set for --duration; the loader must never run
+  miss      --keys N cold keys taken by C workers from a shared counter, each loaded once
+  stampede  C callers released at once (a barrier) on ONE cold key whose loader sleeps --loader-ms;
+            keyward should call the loader exactly once, fleet-wide
+  get       baseline without keyward (Redis only): C workers loop a plain GET of the same ~1 KiB JSON value
+            through redis-rs's ConnectionManager, decoding it, for --duration; keyward's overhead is hit / get
+  ratelimit_exact
+            C callers (default 1000) released at once (a barrier), each making exactly ONE check of the
+            same identity, in a fresh rate-limit class of --algorithm with limit and burst --limit L
+            (default 100) per 100 days (sliding_log: per hour), so that nothing replenishes during the run;
+            exactly min(L, C) should be allowed, fleet-wide. Not being exact is reported, not an error.
+  ratelimit_throughput
+            C workers loop checks for --duration, worker w of C checking identities w, w+C, w+2C, … modulo
+            10000, in a class of --algorithm that never refuses: 1000000000 per hour (sliding_log, which
+            stores one entry per request: 100000 per second)
+  lock      C workers loop for --duration: Locks::lock (a class with a 10s lease and a 60s wait), then
+            LockGuard::release. --names distinct (the default): every worker has a lock name of its own,
+            so each acquisition is one uncontended attempt. --names one: all workers, in every process, fight
+            for ONE name; a waiter is woken by the holder's release. Inside the critical section a worker
+            checks mutual exclusion in process (no other worker of this process inside; the fence above every
+            fence this process saw before) and yields to the scheduler before leaving. One op = ask, acquire,
+            release: for --names one, one handoff.
+  session   a pool of --keys N sessions (10 per user, ~1 KiB JSON data each) is created before the timed
+            phase; then C workers loop Sessions::get for --duration, worker w reading sessions w, w+C, w+2C, …
+            modulo N. Every read must find its session. --extend always: a class with extend_after = 0, so
+            every read pushes the idle expiry back (a write); --extend default: extend_after = idle / 10
+            (3 min of a 30 min idle timeout), so reads during the run write nothing.
+
+--hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
+share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
+
+Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values.
+--processes P (all scenarios; Redis only) runs P child processes sharing that namespace and key, each with
+C/P callers (the remainder goes to the first; for miss and session the keys are split the same way), starts
+them together once all are connected, and merges their latency histograms and counts.
+Rate-limit classes use on_error = deny, and a check the store did not decide fails the run.
+
+Output fields: peer, scenario, backend, concurrency, processes, ops, seconds, ops_per_s, p50_us, p99_us,
+max_us, loader_calls, and against Redis redis_cmds_per_op and redis_cmds: the server's INFO commandstats
+calls (including commands run inside Lua scripts, excluding INFO) during the measured phase, per operation
+and per command.
+The rate-limit scenarios add algorithm, limit and window_s (the class's), allowed and limited (checks
+allowed and refused, fleet-wide), and ratelimit_exact adds exact (allowed == min(limit, concurrency)).
+lock adds names; with --names one also violations (must be 0), timeouts (lock gave up after its 60s wait;
+not counted as ops), handoffs_per_s (acquisitions per second, = ops_per_s) and reacquired (acquisitions by
+the worker that held the lock last in its process: it took the lock again right after releasing it, before
+the waiters its release woke; exact with one process, an upper bound with several); against Redis,
+acquire_attempts and attempts_per_acquire: the script calls (EVALSHA, EVAL) of the measured phase less one
+release per op, i.e. every acquisition attempt, including those that found the lock held. session adds extend, extend_after_ms
+and sessions (the pool size).
+ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
+the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
+op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
+alike, so these come from MONITOR, which costs throughput: after the timed phase, this process runs 16 ops
+per caller (C/P callers) with its own keyward handle (session: on a pool of its own, of at most 16 × C/P
+sessions) while MONITOR runs; connecting and warming up are not counted, unrelated clients' commands are.
+Left out, with a warning, when the server refuses MONITOR. For lock --names one that count depends on
+contention, which MONITOR changes (it slows the server); attempts_per_acquire, from the timed run, is the
+figure to quote.
+
+Exit codes: 0 success, 1 runtime failure (e.g. cannot connect), 2 bad usage.";
+
+/// Parses `--algorithm`: the policy names (`gcra`, `token_bucket`, …), listed in `--help`.
+fn algorithm_parser() -> impl TypedValueParser<Value = Algorithm> {
+    PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::name)).map(|name| {
+        // Only the names listed above get here.
+        Algorithm::from_name(&name).unwrap_or(Algorithm::Gcra)
+    })
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = BENCH_HELP)]
+pub(crate) struct BenchArgs {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Redis URL (redis://, rediss://, redis+unix://) or mem:// for the embedded backend.
+    /// [default: $REDIS_URL, else mem://]
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
+    #[arg(long, short = 'c', value_name = "C")]
+    concurrency: Option<usize>,
+    /// How long `hit`, `get`, `ratelimit_throughput`, `lock` and `session` run, in seconds (fractions
+    /// allowed).
+    #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
+    duration: f64,
+    /// OS processes to spread the callers over (Redis only).
+    #[arg(long, short = 'p', value_name = "P", default_value_t = 1)]
+    processes: usize,
+    /// How many cold keys `miss` loads; how many sessions `session` creates and reads.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    keys: u64,
+    /// How many warm keys `hit` and `get` spread their workers over.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    hit_keys: u64,
+    /// How long the `stampede` loader takes, in milliseconds.
+    #[arg(long, value_name = "M", default_value_t = 50)]
+    loader_ms: u64,
+    /// The rate-limit algorithm of `ratelimit_exact` and `ratelimit_throughput`.
+    #[arg(long, value_name = "NAME", default_value = "gcra", value_parser = algorithm_parser())]
+    algorithm: Algorithm,
+    /// The limit (and burst) of `ratelimit_exact`.
+    #[arg(long, value_name = "L", default_value_t = 100)]
+    limit: u64,
+    /// `lock`: a lock name per worker, or one name for all.
+    #[arg(long, value_enum, value_name = "WHICH", default_value = "distinct")]
+    names: LockNames,
+    /// `session`: extend the idle expiry on every read, or with the class default (`idle / 10`).
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "default")]
+    extend: Extend,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Internal: run as a child of `--processes`.
+    #[arg(long, hide = true, requires_all = ["app", "key_id"])]
+    child: bool,
+    /// Internal: the namespace app name shared by the children.
+    #[arg(long, hide = true)]
+    app: Option<String>,
+    /// Internal: the id of the run's key(s), shared by the children.
+    #[arg(long, hide = true)]
+    key_id: Option<u64>,
+    /// Internal: the index of this child's first `miss` key.
+    #[arg(long, hide = true, default_value_t = 0)]
+    key_offset: u64,
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let url = args
+        .url
+        .clone()
+        .or_else(|| std::env::var("REDIS_URL").ok())
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "mem://".to_owned());
+    let embedded = url.starts_with("mem://");
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| args.scenario.default_concurrency());
+    if concurrency == 0 {
+        usage!("--concurrency must be at least 1");
+    }
+    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 86_400.0) {
+        usage!(
+            "--duration must be a number of seconds above 0 and at most 86400, got {}",
+            args.duration
+        );
+    }
+    if args.keys == 0 {
+        usage!("--keys must be at least 1");
+    }
+    if args.hit_keys == 0 {
+        usage!("--hit-keys must be at least 1");
+    }
+    if args.scenario.needs_redis() && embedded {
+        usage!("the `get` baseline needs Redis: pass --url redis://… or set REDIS_URL");
+    }
+    if args.processes == 0 {
+        usage!("--processes must be at least 1");
+    }
+    if args.processes > 1 {
+        if embedded {
+            usage!(
+                "--processes {} needs Redis: the embedded backend (mem://) lives in one process; \
+                 pass --url redis://… or set REDIS_URL",
+                args.processes
+            );
+        }
+        if args.processes > concurrency {
+            usage!(
+                "--processes {} exceeds --concurrency {concurrency}: every process needs a caller",
+                args.processes
+            );
+        }
+        if args.scenario.splits_keys() && u64::try_from(args.processes)? > args.keys {
+            usage!(
+                "--processes {} exceeds --keys {}: every process needs a key",
+                args.processes,
+                args.keys
+            );
+        }
+    }
+    let work = Workload {
+        scenario: args.scenario,
+        concurrency,
+        duration: Duration::from_secs_f64(args.duration),
+        keys: args.keys,
+        hit_keys: args.hit_keys,
+        key_offset: args.key_offset,
+        loader_delay: Duration::from_millis(args.loader_ms),
+        key_id: args.key_id.unwrap_or_else(rand::random),
+        algorithm: args.algorithm,
+        limit: args.limit,
+        lock_names: args.names,
+        extend: args.extend,
+    };
+    // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class
+    // depends on flags; the others are constants that the unit tests check.
+    if let Err(e) = scenarios::policy("kwbench", &work) {
+        if work.scenario.is_rate_limit() {
+            usage!(
+                "--algorithm {} --limit {}: {}",
+                work.algorithm,
+                work.limit,
+                e.message()
+            );
+        }
+        anyhow::bail!("the bench policy is invalid: {e}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if args.child {
+        let app = args.app.as_deref().unwrap_or_default();
+        return runtime.block_on(fleet::child(&url, app, work));
+    }
+    let app = format!("kwbench{}", rand::random::<u32>());
+    let report = runtime.block_on(measure(&url, &app, work, args.processes, embedded))?;
+    report::print(&report, args.json)
+}
+
+/// Run the scenario (in this process, or across children) between two command-count snapshots; for
+/// scenarios that [audit client commands](Scenario::audits_client_commands) against Redis, then count what an
+/// op sends (see [`client_commands`]).
+async fn measure(
+    url: &str,
+    app: &str,
+    work: Workload,
+    processes: usize,
+    embedded: bool,
+) -> anyhow::Result<Report> {
+    // The client-command count runs in this process, with one process's share of the callers.
+    let audit_work = work.split(processes).swap_remove(0);
+    let measured: Measured;
+    let commands;
+    if processes > 1 {
+        let mut stats = connect_stats(url, embedded).await?;
+        let fleet = Fleet::start(url, app, work.split(processes), work.duration).await?;
+        let before = snapshot(stats.as_mut()).await?;
+        measured = fleet.go().await?;
+        commands = delta(stats.as_mut(), before).await?;
+    } else {
+        // keyward connects first: its connection errors are the most helpful ones.
+        let prepared = scenarios::prepare(url, app, work.clone()).await?;
+        let mut stats = connect_stats(url, embedded).await?;
+        let before = snapshot(stats.as_mut()).await?;
+        measured = prepared.run().await?;
+        commands = delta(stats.as_mut(), before).await?;
+    }
+    let client = if work.scenario.audits_client_commands() && !embedded {
+        client_commands(url, app, &audit_work).await?
+    } else {
+        None
+    };
+    let ops = measured.ops();
+    let h = &measured.latencies;
+    let per_second = if measured.seconds > 0.0 {
+        ops as f64 / measured.seconds
+    } else {
+        0.0
+    };
+    let total = |calls: &stats::Counts| calls.values().sum::<u64>();
+    Ok(Report {
+        peer: "keyward",
+        scenario: work.scenario.name(),
+        backend: if embedded { "embedded" } else { "redis" },
+        concurrency: work.concurrency,
+        processes,
+        ops,
+        seconds: round(measured.seconds, 6),
+        ops_per_s: round(per_second, 1),
+        p50_us: if ops == 0 {
+            0
+        } else {
+            h.value_at_quantile(0.50)
+        },
+        p99_us: if ops == 0 {
+            0
+        } else {
+            h.value_at_quantile(0.99)
+        },
+        max_us: h.max(),
+        loader_calls: measured.loader_calls,
+        fields: scenarios::fields(&work, &measured, commands.as_ref()),
+        redis_cmds_per_op: commands.as_ref().map(|c| per_op(total(c), ops)),
+        redis_cmds: commands,
+        redis_client_cmds_per_op: client.as_ref().map(|c| per_op(total(&c.commands), c.ops)),
+        redis_client_cmds: client.map(|c| c.commands),
+    })
+}
+
+/// What the client sent for [`CLIENT_AUDIT_OPS`] ops per caller.
+struct ClientCommands {
+    ops: u64,
+    /// Top-level commands received from clients, per command name.
+    commands: stats::Counts,
+}
+
+/// How many ops each caller makes while the client commands are counted.
+const CLIENT_AUDIT_OPS: u64 = 16;
+
+/// The commands clients send per op (a rate-limit check, a lock acquire + release, a session read), which
+/// neither `INFO commandstats` nor `INFO stats` (`total_commands_processed`) can tell: both count the commands
+/// a Lua script calls as well (checked on Redis 7.0), and Redis before 7.2 keeps no per-client command count.
+/// So after the timed run, this process connects its own keyward handle (same namespace and classes; see
+/// [`scenarios::counted_workload`]), and while `MONITOR` shows the server's commands, each of
+/// `work.concurrency` callers makes [`CLIENT_AUDIT_OPS`] ops. Connecting and warming up happen before the
+/// count starts. `MONITOR` slows the server down, which is why the timed run goes without it. `None` (with a
+/// warning) when the server refuses `MONITOR` (e.g. a managed Redis).
+async fn client_commands(
+    url: &str,
+    app: &str,
+    work: &Workload,
+) -> anyhow::Result<Option<ClientCommands>> {
+    let prepared = scenarios::prepare(
+        url,
+        app,
+        scenarios::counted_workload(work, CLIENT_AUDIT_OPS),
+    )
+    .await?;
+    let audit = match ClientAudit::start(url).await {
+        Ok(audit) => audit,
+        Err(e) => {
+            eprintln!("warning: redis_client_cmds_per_op left out: {e:#}");
+            return Ok(None);
+        }
+    };
+    let measured = prepared.counted_ops(CLIENT_AUDIT_OPS).await?;
+    let commands = audit.finish().await?;
+    Ok(Some(ClientCommands {
+        ops: measured.ops(),
+        commands,
+    }))
+}
+
+async fn connect_stats(url: &str, embedded: bool) -> anyhow::Result<Option<CommandStats>> {
+    if embedded {
+        Ok(None)
+    } else {
+        CommandStats::connect(url).await.map(Some)
+    }
+}
+
+async fn snapshot(stats: Option<&mut CommandStats>) -> anyhow::Result<Option<stats::Counts>> {
+    match stats {
+        Some(s) => Ok(Some(s.snapshot().await?)),
+        None => Ok(None),
+    }
+}
+
+async fn delta(
+    stats: Option<&mut CommandStats>,
+    before: Option<stats::Counts>,
+) -> anyhow::Result<Option<stats::Counts>> {
+    match (stats, before) {
+        (Some(s), Some(before)) => Ok(Some(stats::delta(&before, &s.snapshot().await?))),
+        _ => Ok(None),
+    }
+}

@@ -1,0 +1,34 @@
+//! keyward's integration tests, as one test binary: every file in this folder is a module of it, so the suite
+//! links once instead of once per file (`cargo test -p keyward --test tests`).
+//!
+//! Run one module with a filter on its path: `cargo test -p keyward --test tests lock::` (or one case,
+//! e.g. `conformance::redis::hit_and_miss`). The tower-sessions store needs its feature:
+//! `cargo test -p keyward --features tower-sessions --test tests tower_sessions::`.
+//!
+//! **Adding a test module** (e.g. `faults.rs`):
+//! 1. create `tests/faults.rs`, opening with a `//!` line saying what it proves; file-level attributes such as
+//!    `#![allow(unreachable_pub)]` work there as before;
+//! 2. add `mod faults;` below, in alphabetical order (behind `#[cfg(feature = "…")]` if it needs a feature);
+//! 3. use the shared harness as `crate::common::Harness`; the `conformance!` macro is in scope everywhere
+//!    (`common` is declared first, with `#[macro_use]`).
+//!
+//! Things shared by every module now that they run in one process: a test that re-runs this binary as a
+//! child must pass its test's full path (see `multiprocess::test_path`); a `metrics` recorder must be local
+//! to the test (`metrics::with_local_recorder`), never installed globally; process-wide state (environment
+//! variables, the current directory) must not be changed by a test.
+
+#[macro_use]
+mod common;
+
+mod conformance;
+mod connect;
+mod idempotency;
+mod lock;
+mod metrics;
+mod multiprocess;
+mod no_forbidden_commands;
+mod rate_limit;
+mod rate_limit_failures;
+mod session;
+#[cfg(feature = "tower-sessions")]
+mod tower_sessions;
