@@ -268,8 +268,13 @@ impl Drop for TcpProxy {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        let threads =
-            std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads = std::mem::take(
+            &mut *self
+                .shared
+                .threads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         for handle in threads {
             let _ = handle.join();
         }
@@ -301,7 +306,10 @@ fn rebind(addr: SocketAddr) -> TcpListener {
 fn accept_loop(shared: &Arc<Shared>, upstream: SocketAddr) {
     while !shared.stopped() {
         let accepted = {
-            let listener = shared.listener.lock().unwrap_or_else(PoisonError::into_inner);
+            let listener = shared
+                .listener
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match listener.as_ref() {
                 Some(listener) => listener.accept().map(Some),
                 None => Ok(None),

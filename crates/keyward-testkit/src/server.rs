@@ -134,7 +134,10 @@ impl fmt::Debug for RedisServer {
         f.debug_struct("RedisServer")
             .field("pid", &self.pid)
             .field("url", &self.endpoint_url())
-            .field("url_user", &self.url_credentials.as_ref().map(|(user, _)| user))
+            .field(
+                "url_user",
+                &self.url_credentials.as_ref().map(|(user, _)| user),
+            )
             .field("running", &self.child.is_some())
             .field("paused", &self.paused)
             .field("dir", &self.dir.path())
@@ -336,8 +339,7 @@ impl RedisServer {
     /// `ACL SETUSER` through [`RedisServer::connection`]); `None` goes back to the plain URL.
     /// Users created at run time do not survive [`RedisServer::restart`].
     pub fn set_url_credentials(&mut self, credentials: Option<(&str, &str)>) {
-        self.url_credentials =
-            credentials.map(|(user, pass)| (user.to_owned(), pass.to_owned()));
+        self.url_credentials = credentials.map(|(user, pass)| (user.to_owned(), pass.to_owned()));
     }
 
     /// The TCP port, if the server listens on TCP.
@@ -505,7 +507,11 @@ impl RedisServer {
             .arg(self.pid.to_string())
             .status()
             .unwrap_or_else(|err| panic!("cannot run `kill {sig} {}`: {err}", self.pid));
-        assert!(status.success(), "`kill {sig} {}` failed: {status}", self.pid);
+        assert!(
+            status.success(),
+            "`kill {sig} {}` failed: {status}",
+            self.pid
+        );
     }
 }
 

@@ -268,10 +268,8 @@ fn short_timeout_connection(url: &str) -> redis::RedisResult<Connection> {
 
 fn is_timeout(err: &redis::RedisError) -> bool {
     err.is_timeout()
-        || matches!(
-            err.kind(),
-            redis::ErrorKind::Io
-        ) && err.to_string().to_lowercase().contains("timed out")
+        || matches!(err.kind(), redis::ErrorKind::Io)
+            && err.to_string().to_lowercase().contains("timed out")
         || err.to_string().contains("Resource temporarily unavailable")
 }
 
@@ -294,7 +292,10 @@ fn pause_silences_the_server_and_resume_brings_it_back() {
                 Ok(con)
             });
         if let Ok(con) = during.as_mut() {
-            assert!(ping(con).is_err(), "a stopped server answered a new connection");
+            assert!(
+                ping(con).is_err(),
+                "a stopped server answered a new connection"
+            );
         }
 
         let answered = server.resume();
@@ -319,7 +320,10 @@ fn restart_comes_back_empty_on_the_same_address() {
 
         assert_eq!(server.url(), url, "the address changed");
         assert_ne!(server.pid(), old_pid, "the same process still runs");
-        assert!(ping(&mut con).is_err(), "the old connection survived a restart");
+        assert!(
+            ping(&mut con).is_err(),
+            "the old connection survived a restart"
+        );
         let mut fresh = redis::Client::open(url.as_str())
             .unwrap()
             .get_connection()
@@ -366,7 +370,10 @@ fn drop_kills_a_paused_server() {
     server.pause();
     drop(server);
     if cfg!(target_os = "linux") {
-        assert!(eventually(|| !proc_entry.exists()), "a paused server survived drop");
+        assert!(
+            eventually(|| !proc_entry.exists()),
+            "a paused server survived drop"
+        );
     }
 }
 
@@ -446,7 +453,9 @@ mod proxy {
             .unwrap();
         std::io::Write::write_all(&mut raw, b"PING\r\n").unwrap();
         let mut buf = [0_u8; 16];
-        let err = raw.read(&mut buf).expect_err("a blackholed connection answered");
+        let err = raw
+            .read(&mut buf)
+            .expect_err("a blackholed connection answered");
         assert!(
             matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
             "{err}"
@@ -488,7 +497,10 @@ mod proxy {
         assert_eq!(ping(&mut fresh).unwrap(), "PONG");
         proxy.refuse();
         proxy.blackhole();
-        assert!(TcpStream::connect(proxy.addr()).is_ok(), "blackhole after refuse binds again");
+        assert!(
+            TcpStream::connect(proxy.addr()).is_ok(),
+            "blackhole after refuse binds again"
+        );
     }
 
     #[test]

@@ -64,7 +64,11 @@ fn restricted_server(extra: &[&str]) -> RedisServer {
     let password = "acl-test-password";
     let words = common::documented_acl_rule("keyward", password, ENV, APP);
     let mut cmd = redis::cmd(&words[0]);
-    for word in words[1..].iter().map(String::as_str).chain(extra.iter().copied()) {
+    for word in words[1..]
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
         cmd.arg(word);
     }
     let () = cmd
@@ -84,7 +88,10 @@ fn the_doc_holds_one_acl_setuser_command_with_the_namespace_patterns() {
     let text = words.join(" ");
     assert!(text.starts_with("ACL SETUSER u on >p "), "{text}");
     for required in ["resetkeys", "~e:a:*", "resetchannels", "&e:a:*", "-@all"] {
-        assert!(words.iter().any(|w| w == required), "missing {required}: {text}");
+        assert!(
+            words.iter().any(|w| w == required),
+            "missing {required}: {text}"
+        );
     }
     // Grants only: no category other than the leading `-@all`, no key or channel wildcard beyond the
     // namespace, and never a forbidden command.
@@ -93,7 +100,14 @@ fn the_doc_holds_one_acl_setuser_command_with_the_namespace_patterns() {
             !word.starts_with("+@") && word != "allkeys" && word != "allchannels" && word != "~*",
             "the rule grants more than commands in the namespace: {word}"
         );
-        for forbidden in ["+keys", "+flushdb", "+flushall", "+eval", "+config", "+debug"] {
+        for forbidden in [
+            "+keys",
+            "+flushdb",
+            "+flushall",
+            "+eval",
+            "+config",
+            "+debug",
+        ] {
             assert_ne!(word, forbidden, "the rule grants {forbidden}");
         }
     }
@@ -117,7 +131,10 @@ async fn every_capability_works_under_the_documented_rule_and_stays_in_its_names
         }
     };
     assert_eq!(cache.get(&1).await.unwrap(), None);
-    let (a, b) = tokio::join!(cache.get_or_set(&1, load("a")), cache.get_or_set(&1, load("a")));
+    let (a, b) = tokio::join!(
+        cache.get_or_set(&1, load("a")),
+        cache.get_or_set(&1, load("a"))
+    );
     assert_eq!((a.unwrap(), b.unwrap()), ("a".to_owned(), "a".to_owned()));
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("a"));
     cache.set(&2, &"b".to_owned()).await.unwrap();
@@ -134,7 +151,10 @@ async fn every_capability_works_under_the_documented_rule_and_stays_in_its_names
             assert!(d.is_allowed(), "{class}");
             assert_eq!(d.source(), keyward::rate_limit::Source::Store, "{class}");
         }
-        assert!(limiter.check("client").await.unwrap().is_limited(), "{class}");
+        assert!(
+            limiter.check("client").await.unwrap().is_limited(),
+            "{class}"
+        );
         limiter.peek("client").await.unwrap();
     }
 
@@ -204,8 +224,10 @@ async fn every_capability_works_under_the_documented_rule_and_stays_in_its_names
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let other: redis::RedisResult<Option<String>> =
-        redis::cmd("GET").arg("prod:other:x").query_async(&mut con).await;
+    let other: redis::RedisResult<Option<String>> = redis::cmd("GET")
+        .arg("prod:other:x")
+        .query_async(&mut con)
+        .await;
     let err = other.expect_err("another app's key was readable");
     assert!(err.to_string().to_lowercase().contains("noperm"), "{err}");
     let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
@@ -239,11 +261,17 @@ async fn a_missing_grant_is_an_error_naming_the_command_not_a_fallback() {
             text.contains("evalsha") && text.contains("noperm"),
             "the error does not name the refused command: {err}"
         );
-        assert!(!text.contains("acl-test-password"), "the password leaked: {err}");
+        assert!(
+            !text.contains("acl-test-password"),
+            "the password leaked: {err}"
+        );
     };
 
     let cache = kw.cache::<String>("product").unwrap();
-    let err = cache.get(&1).await.expect_err("a refused read is not a miss");
+    let err = cache
+        .get(&1)
+        .await
+        .expect_err("a refused read is not a miss");
     names_evalsha(&err);
     let loads = AtomicUsize::new(0);
     let err = cache
@@ -254,7 +282,11 @@ async fn a_missing_grant_is_an_error_naming_the_command_not_a_fallback() {
         .await
         .expect_err("a refused fetch is not served from the loader");
     names_evalsha(&err);
-    assert_eq!(loads.load(Ordering::SeqCst), 0, "fail_open ran the loader on NOPERM");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        0,
+        "fail_open ran the loader on NOPERM"
+    );
 
     let limiter = kw.rate_limiter("gcra").unwrap();
     for _ in 0..4 {

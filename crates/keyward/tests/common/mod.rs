@@ -226,7 +226,9 @@ pub fn documented_acl_rule(user: &str, password: &str, env: &str, app: &str) -> 
         })
         .collect();
     assert!(
-        words.len() > 3 && words[0].eq_ignore_ascii_case("ACL") && words[1].eq_ignore_ascii_case("SETUSER"),
+        words.len() > 3
+            && words[0].eq_ignore_ascii_case("ACL")
+            && words[1].eq_ignore_ascii_case("SETUSER"),
         "the ```acl block of {path} must be one `ACL SETUSER` command, got {block:?}"
     );
     words
@@ -241,9 +243,9 @@ pub fn restrict_to_documented_acl(server: &mut RedisServer, env: &str, app: &str
     for word in &words[1..] {
         cmd.arg(word);
     }
-    let () = cmd
-        .query(&mut server.connection())
-        .unwrap_or_else(|e| panic!("the documented ACL rule is refused by redis-server: {e}: {words:?}"));
+    let () = cmd.query(&mut server.connection()).unwrap_or_else(|e| {
+        panic!("the documented ACL rule is refused by redis-server: {e}: {words:?}")
+    });
     server.set_url_credentials(Some(("keyward", &password)));
 }
 
@@ -257,7 +259,9 @@ pub fn acl_log(server: &RedisServer) -> Vec<String> {
         .iter()
         .map(|entry| {
             let field = |name: &str| match entry.get(name) {
-                Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+                Some(redis::Value::BulkString(bytes)) => {
+                    String::from_utf8_lossy(bytes).into_owned()
+                }
                 Some(redis::Value::SimpleString(text)) => text.clone(),
                 Some(other) => format!("{other:?}"),
                 None => String::new(),
