@@ -498,15 +498,8 @@ async fn fail_open_callers_share_one_load_and_write_nothing() {
 /// The fail-open counter counts per class.
 #[test]
 fn fail_open_is_counted_per_class() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        runtime.block_on(async {
+    with_recorder(|snapshotter| {
+        Box::pin(async move {
             let mut server = RedisServer::spawn_tcp();
             let kit = Kit::connect(
                 &server.url(),
@@ -523,28 +516,25 @@ fn fail_open_is_counted_per_class() {
                     .expect("fail open");
                 assert_eq!(v, "v");
             }
-        });
+            assert_eq!(
+                counted(
+                    &snapshotter,
+                    "keyward_cache_fail_open_total",
+                    Some("product")
+                ),
+                3,
+                "keyward_cache_fail_open_total{{class=\"product\"}}"
+            );
+            assert_eq!(
+                counted(
+                    &snapshotter,
+                    "keyward_cache_fail_open_total",
+                    Some("strict")
+                ),
+                0
+            );
+        })
     });
-    let counted: u64 = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, _, _, _)| {
-            key.key().name() == "keyward_cache_fail_open_total"
-                && key
-                    .key()
-                    .labels()
-                    .any(|l| l.key() == "class" && l.value() == "product")
-        })
-        .map(|(_, _, _, value)| match value {
-            DebugValue::Counter(n) => n,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(
-        counted, 3,
-        "keyward_cache_fail_open_total{{class=\"product\"}}"
-    );
 }
 
 /// A host that accepts TCP and never answers (the connection goes silent mid-use, and new connections are
@@ -960,5 +950,214 @@ async fn restart_empty_loses_live_state_visibly_and_safely() {
             .await
             .unwrap(),
         Completion::Stored
+    );
+}
+
+/// Sum of a counter over every label set that includes `class`.
+fn counted(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+    name: &str,
+    class: Option<&str>,
+) -> u64 {
+    use metrics_util::debugging::DebugValue;
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, _, _, _)| {
+            key.key().name() == name
+                && class.is_none_or(|class| {
+                    key.key()
+                        .labels()
+                        .any(|l| l.key() == "class" && l.value() == class)
+                })
+        })
+        .map(|(_, _, _, value)| match value {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Runs `test` on a current-thread runtime with a local metrics recorder, so every counter keyward
+/// touches during the test (also those it creates lazily) is recorded here and nowhere else.
+fn with_recorder(
+    test: impl FnOnce(
+        metrics_util::debugging::Snapshotter,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()>>>,
+) {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || runtime.block_on(test(snapshotter)));
+}
+
+/// A rate-limit check that timed out during a freeze may still be charged on the server once it resumes —
+/// at most once — and is counted in `keyward_ratelimit_uncertain_total`.
+#[test]
+fn a_timed_out_rate_limit_check_is_charged_at_most_once_and_counted() {
+    with_recorder(|snapshotter| {
+        Box::pin(async move {
+            let mut server = RedisServer::spawn();
+            let kit = Kit::connect(
+                &server.url(),
+                &unique_app(),
+                options(Duration::from_millis(250)),
+            )
+            .await;
+            let first = kit.limiter.check("payer").await.unwrap();
+            assert_eq!(first.source(), Source::Store);
+            let limit = first.binding().limit();
+            assert_eq!(first.binding().remaining(), limit - 1);
+
+            server.pause();
+            let (decision, _) = timed("ratelimit.check", kit.limiter.check("payer")).await;
+            assert_eq!(decision.unwrap().source(), Source::LocalFallback);
+            server.resume();
+
+            let (after, _) = poll_until(Instant::now() + GIVE_UP, "rate limit back", || async {
+                kit.limiter
+                    .peek("payer")
+                    .await
+                    .ok()
+                    .filter(|d| d.source() == Source::Store)
+            })
+            .await;
+            let charged = limit - 1 - after.binding().remaining();
+            assert!(
+                charged <= 1,
+                "the timed-out check was charged {charged} times on the server"
+            );
+            assert_eq!(
+                counted(
+                    &snapshotter,
+                    "keyward_ratelimit_uncertain_total",
+                    Some("limited")
+                ),
+                1,
+                "keyward_ratelimit_uncertain_total{{class=\"limited\"}}"
+            );
+        })
+    });
+}
+
+/// `Keyward::ping` answers on a healthy server and is not counted as cache traffic.
+#[test]
+fn ping_is_not_a_cache_metric() {
+    with_recorder(|snapshotter| {
+        Box::pin(async move {
+            let server = RedisServer::spawn();
+            let kit = Kit::connect(
+                &server.url(),
+                &unique_app(),
+                options(Duration::from_secs(1)),
+            )
+            .await;
+            let cache_traffic = |snapshotter: &metrics_util::debugging::Snapshotter| {
+                snapshotter
+                    .snapshot()
+                    .into_vec()
+                    .into_iter()
+                    .filter(|(key, _, _, _)| key.key().name().starts_with("keyward_cache_"))
+                    .map(|(key, _, _, value)| format!("{} {value:?}", key.key().name()))
+                    .filter(|line| !line.ends_with("Counter(0)"))
+                    .collect::<Vec<_>>()
+            };
+            let before = cache_traffic(&snapshotter);
+            for _ in 0..3 {
+                let (pinged, _) = timed("ping", ping(&kit.kw)).await;
+                pinged.expect("ping a healthy server");
+            }
+            assert_eq!(
+                cache_traffic(&snapshotter),
+                before,
+                "ping counted as cache traffic"
+            );
+        })
+    });
+}
+
+/// An error reply for one rate-limit identity (its key holds the wrong type) is an error for that identity
+/// only: it is not "Redis unavailable", so `on_error = "local"` does not hide it, and it does not open the
+/// breaker that every capability shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reply_is_not_unavailability() {
+    let server = RedisServer::spawn();
+    let kit = Kit::connect(
+        &server.url(),
+        &unique_app(),
+        options(Duration::from_secs(60)),
+    )
+    .await;
+    assert_eq!(
+        kit.limiter.check("victim").await.unwrap().source(),
+        Source::Store
+    );
+    // Corrupt the victim's state with a value of another type.
+    let mut admin = server.connection();
+    let keys: Vec<String> = redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("MATCH")
+        .arg("*:limited:*victim*")
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter(&mut admin)
+        .unwrap()
+        .map(|k: redis::RedisResult<String>| k.unwrap())
+        .collect();
+    assert!(
+        !keys.is_empty(),
+        "the victim's rate-limit key was not found"
+    );
+    for key in &keys {
+        let () = redis::pipe()
+            .cmd("DEL")
+            .arg(key)
+            .ignore()
+            .cmd("RPUSH")
+            .arg(key)
+            .arg("not a rate-limit state")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(key)
+            .arg(60_000)
+            .ignore()
+            .query(&mut admin)
+            .unwrap();
+    }
+
+    for _ in 0..5 {
+        match kit.limiter.check("victim").await {
+            Err(err) => assert!(
+                err.to_string().to_lowercase().contains("wrongtype")
+                    || err.to_string().to_lowercase().contains("wrong kind"),
+                "the error does not say what is wrong: {err}"
+            ),
+            Ok(d) => assert_eq!(
+                d.source(),
+                Source::Store,
+                "a corrupt identity fell back ({:?}) as if Redis were down",
+                d.source()
+            ),
+        }
+    }
+    assert_eq!(
+        kit.kw.breaker_state(),
+        BreakerState::Closed,
+        "an error reply opened the shared breaker"
+    );
+    assert_eq!(
+        kit.limiter.check("bystander").await.unwrap().source(),
+        Source::Store
+    );
+    assert!(
+        kit.cache
+            .get_or_set("still-cached", kit.loader("v".to_owned()))
+            .await
+            .is_ok()
     );
 }
