@@ -25,12 +25,34 @@
 //!   directories).
 //! - `server` — [`RedisServer`] and [`ServerOptions`]: spawning a server on a
 //!   Unix socket or a free TCP port, waiting until it answers `PING`, handing
-//!   out clients and connections, and killing it on drop.
+//!   out clients and connections, and killing it on drop; for fault tests, freezing it
+//!   ([`RedisServer::pause`] / [`RedisServer::resume`]) and crashing it into an empty restart on the same
+//!   address ([`RedisServer::restart`]).
+//! - `proxy` — [`TcpProxy`] (forward, blackhole or refuse, switchable while clients are connected) and
+//!   [`Blackhole`] (accepts TCP, never answers): network faults on loopback only.
+//!
+//! # Faults
+//!
+//! ```no_run
+//! use keyward_testkit::{RedisServer, TcpProxy};
+//!
+//! let mut server = RedisServer::spawn_tcp();
+//! server.pause(); // SIGSTOP: connected clients get no answer
+//! let answering_again = server.resume(); // SIGCONT, returns once it answers PING
+//! let back = server.restart(); // SIGKILL, then an empty server on the same port
+//! let proxy = TcpProxy::to_server(&server);
+//! proxy.blackhole(); // open connections go silent
+//! proxy.refuse(); // connections closed, the port refuses
+//! proxy.forward(); // traffic flows again
+//! # let _ = (answering_again, back);
+//! ```
 
 mod binary;
+mod proxy;
 mod server;
 
 pub use binary::{MISSING_REDIS_MESSAGE, REDIS_SERVER_ENV, redis_server_binary};
+pub use proxy::{Blackhole, ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};
 
 #[cfg(test)]

@@ -119,14 +119,27 @@ pub struct RedisServer {
     log_path: PathBuf,
     /// The server's working directory; dropped (removed) after the process is gone.
     dir: TempDir,
+    /// The executable, kept for [`RedisServer::restart`].
+    binary: PathBuf,
+    /// The options it was spawned with, kept for [`RedisServer::restart`].
+    opts: ServerOptions,
+    /// Whether [`RedisServer::pause`] stopped it (and no [`RedisServer::resume`] followed yet).
+    paused: bool,
+    /// User name and password that [`RedisServer::url`] carries, set by [`RedisServer::set_url_credentials`].
+    url_credentials: Option<(String, String)>,
 }
 
 impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisServer")
             .field("pid", &self.pid)
-            .field("url", &self.url())
+            .field("url", &self.endpoint_url())
+            .field(
+                "url_user",
+                &self.url_credentials.as_ref().map(|(user, _)| user),
+            )
             .field("running", &self.child.is_some())
+            .field("paused", &self.paused)
             .field("dir", &self.dir.path())
             .finish()
     }
@@ -224,40 +237,12 @@ impl RedisServer {
             });
         let log_path = dir.path().join(LOG_NAME);
 
-        let mut cmd = Command::new(binary);
-        cmd.arg("--daemonize")
-            .arg("no")
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(&log_path);
         let endpoint = if opts.tcp {
-            let port = free_tcp_port();
-            cmd.arg("--port")
-                .arg(port.to_string())
-                .arg("--bind")
-                .arg(Ipv4Addr::LOCALHOST.to_string());
-            Endpoint::Tcp(port)
+            Endpoint::Tcp(free_tcp_port())
         } else {
-            let socket = dir.path().join(SOCKET_NAME);
-            cmd.arg("--port")
-                .arg("0")
-                .arg("--unixsocket")
-                .arg(&socket)
-                .arg("--unixsocketperm")
-                .arg("700");
-            Endpoint::Unix(socket)
+            Endpoint::Unix(dir.path().join(SOCKET_NAME))
         };
-        cmd.args(&opts.extra_args)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-
+        let mut cmd = server_command(binary, dir.path(), &log_path, &endpoint, &opts.extra_args);
         let child = cmd
             .spawn()
             .unwrap_or_else(|err| panic!("cannot execute {}: {err}", binary.display()));
@@ -267,6 +252,10 @@ impl RedisServer {
             endpoint,
             log_path,
             dir,
+            binary: binary.to_path_buf(),
+            opts: opts.clone(),
+            paused: false,
+            url_credentials: None,
         };
         server.wait_until_ready()?;
         Ok(server)
@@ -313,11 +302,44 @@ impl RedisServer {
     }
 
     /// The connection URL: `redis+unix:///path/redis.sock` or `redis://127.0.0.1:PORT`.
+    ///
+    /// After [`RedisServer::set_url_credentials`] it also carries that user and password
+    /// (`redis+unix:///path/redis.sock?user=U&pass=P`, `redis://U:P@127.0.0.1:PORT`), so code under test
+    /// that connects with `url()` connects as that user, while [`RedisServer::client`] and
+    /// [`RedisServer::connection`] stay the unrestricted `default` user for assertions.
     pub fn url(&self) -> String {
+        match &self.url_credentials {
+            None => self.endpoint_url(),
+            Some((user, pass)) => match &self.endpoint {
+                Endpoint::Unix(path) => format!(
+                    "redis+unix://{}?user={}&pass={}",
+                    encode_path(path),
+                    encode_component(user),
+                    encode_component(pass)
+                ),
+                Endpoint::Tcp(port) => format!(
+                    "redis://{}:{}@{}:{port}",
+                    encode_component(user),
+                    encode_component(pass),
+                    Ipv4Addr::LOCALHOST
+                ),
+            },
+        }
+    }
+
+    /// The URL without credentials.
+    fn endpoint_url(&self) -> String {
         match &self.endpoint {
             Endpoint::Unix(path) => format!("redis+unix://{}", encode_path(path)),
             Endpoint::Tcp(port) => format!("redis://{}:{port}", Ipv4Addr::LOCALHOST),
         }
+    }
+
+    /// Makes [`RedisServer::url`] carry `user` and `password` (for example a user created with
+    /// `ACL SETUSER` through [`RedisServer::connection`]); `None` goes back to the plain URL.
+    /// Users created at run time do not survive [`RedisServer::restart`].
+    pub fn set_url_credentials(&mut self, credentials: Option<(&str, &str)>) {
+        self.url_credentials = credentials.map(|(user, pass)| (user.to_owned(), pass.to_owned()));
     }
 
     /// The TCP port, if the server listens on TCP.
@@ -377,10 +399,119 @@ impl RedisServer {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             // `kill` fails only if the process was already reaped, which `take` rules out,
-            // or if it already exited; `wait` reaps it either way.
+            // or if it already exited; `wait` reaps it either way. SIGKILL also ends a stopped process.
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.paused = false;
+    }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open and new ones are accepted by the kernel, but
+    /// nothing is answered until [`RedisServer::resume`]. A hung server, as seen by its clients.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the server is not running (killed) or the signal cannot be sent.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+        self.paused = true;
+    }
+
+    /// Lets a [`paused`](RedisServer::pause) server run again (`SIGCONT`) and waits until it answers `PING`
+    /// (it first works through the commands that queued up meanwhile). Returns when it answered.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the server is not running, the signal cannot be sent, or it does not answer `PING` within
+    /// 10 seconds (the message carries the server log).
+    pub fn resume(&mut self) -> Instant {
+        self.signal("-CONT");
+        self.paused = false;
+        self.wait_for_ping()
+    }
+
+    /// Whether [`RedisServer::pause`] stopped the server and no resume followed.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Kills the server (`SIGKILL`, if it still runs) and starts a new, empty one with the same arguments on
+    /// the same TCP port or Unix socket, in the same directory (the log is appended to), then waits until it
+    /// answers `PING`. Returns when it answered. Clients see a server that crashed and came back without its
+    /// data. Credentials set with [`RedisServer::set_url_credentials`] stay in [`RedisServer::url`], but
+    /// users created at run time are gone.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the new server exits or does not answer `PING` within 10 seconds (binding the old TCP port
+    /// is retried meanwhile, in case the kernel still holds it); the message carries the server log.
+    pub fn restart(&mut self) -> Instant {
+        self.kill();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut failures = Vec::new();
+        loop {
+            let mut cmd = server_command(
+                &self.binary,
+                self.dir.path(),
+                &self.log_path,
+                &self.endpoint,
+                &self.opts.extra_args,
+            );
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|err| panic!("cannot execute {}: {err}", self.binary.display()));
+            self.pid = child.id();
+            self.child = Some(child);
+            match self.wait_until_ready() {
+                Ok(()) => return Instant::now(),
+                Err(SpawnFailure::Exited { status, .. }) if Instant::now() < deadline => {
+                    // Most likely the port is still held; try again shortly.
+                    failures.push(format!("{status}"));
+                    thread::sleep(READY_POLL * 10);
+                }
+                Err(SpawnFailure::Exited { status, log }) => panic!(
+                    "restarted redis-server exited before becoming ready ({status}; earlier attempts: \
+                     {failures:?})\n--- server log ---\n{log}--- end of log ---"
+                ),
+                Err(SpawnFailure::TimedOut { last_error, log }) => panic!(
+                    "restarted redis-server did not answer PING within {READY_TIMEOUT:?} \
+                     (last error: {last_error})\n--- server log ---\n{log}--- end of log ---"
+                ),
+            }
+        }
+    }
+
+    /// Waits until the running server answers `PING`; returns when it did.
+    fn wait_for_ping(&mut self) -> Instant {
+        match self.wait_until_ready() {
+            Ok(()) => Instant::now(),
+            Err(SpawnFailure::Exited { status, log }) => panic!(
+                "redis-server exited ({status})\n--- server log ---\n{log}--- end of log ---"
+            ),
+            Err(SpawnFailure::TimedOut { last_error, log }) => panic!(
+                "redis-server did not answer PING within {READY_TIMEOUT:?} (last error: {last_error})\n\
+                 --- server log ---\n{log}--- end of log ---"
+            ),
+        }
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`) to the running server with `kill(1)` (the crate forbids `unsafe`).
+    fn signal(&self, sig: &str) {
+        assert!(
+            self.child.is_some(),
+            "cannot send {sig} to redis-server pid {}: it is not running",
+            self.pid
+        );
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap_or_else(|err| panic!("cannot run `kill {sig} {}`: {err}", self.pid));
+        assert!(
+            status.success(),
+            "`kill {sig} {}` failed: {status}",
+            self.pid
+        );
     }
 }
 
@@ -421,6 +552,63 @@ fn probe(client: &Client, pid: u32) -> Result<(), String> {
         )),
         None => Err("INFO server reported no process_id".to_owned()),
     }
+}
+
+/// The command line of a server: the defaults, the endpoint, then the extra arguments.
+fn server_command(
+    binary: &Path,
+    dir: &Path,
+    log_path: &Path,
+    endpoint: &Endpoint,
+    extra_args: &[String],
+) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--daemonize")
+        .arg("no")
+        .arg("--save")
+        .arg("")
+        .arg("--appendonly")
+        .arg("no")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(log_path);
+    match endpoint {
+        Endpoint::Tcp(port) => {
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .arg("--bind")
+                .arg(Ipv4Addr::LOCALHOST.to_string());
+        }
+        Endpoint::Unix(socket) => {
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--unixsocket")
+                .arg(socket)
+                .arg("--unixsocketperm")
+                .arg("700");
+        }
+    }
+    cmd.args(extra_args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Percent-encodes a URL component (user name, password) so that any byte survives.
+fn encode_component(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(byte));
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
 }
 
 /// A currently free TCP port on 127.0.0.1 (bound, then released).

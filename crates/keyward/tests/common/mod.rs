@@ -15,6 +15,8 @@ static NEXT_APP: AtomicUsize = AtomicUsize::new(0);
 pub struct Harness {
     server: Option<RedisServer>,
     app: String,
+    /// Set by [`Harness::redis_acl`]: dropping the harness fails the test if the server denied anything.
+    check_acl_log: bool,
 }
 
 impl Harness {
@@ -22,6 +24,7 @@ impl Harness {
         Self {
             server: None,
             app: unique_app(),
+            check_acl_log: false,
         }
     }
 
@@ -29,6 +32,7 @@ impl Harness {
         Self {
             server: Some(RedisServer::spawn()),
             app: unique_app(),
+            check_acl_log: false,
         }
     }
 
@@ -160,8 +164,9 @@ pub struct Source {
     pub loads: AtomicUsize,
 }
 
-/// Runs each named case of the calling file's `mod cases` twice: `embedded::name` on the embedded backend and
-/// `redis::name` on a throwaway redis-server, each bounded by two minutes. The backends must agree.
+/// Runs each named case of the calling file's `mod cases` three times: `embedded::name` on the embedded
+/// backend, `redis::name` on a throwaway redis-server, and `redis_acl::name` on one where keyward connects as
+/// a user with exactly the documented ACL rule; each bounded by two minutes. The backends must agree.
 #[macro_export]
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -185,5 +190,121 @@ macro_rules! conformance {
                 }
             )*
         }
+        /// The same cases as a Redis user created with exactly the ACL rule of `docs/operations.md`; the
+        /// server's ACL LOG must stay empty.
+        mod redis_acl {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis_acl()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
     };
+}
+
+/// The documented ACL rule: the first fenced code block marked `acl` in `docs/operations.md`, whitespace
+/// joined into one command, with `<user>`, `<password>`, `{env}` and `{app}` filled in. Read from the doc so
+/// that the doc and the tests cannot drift apart.
+pub fn documented_acl_rule(user: &str, password: &str, env: &str, app: &str) -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/operations.md");
+    let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let block = doc
+        .split("```acl\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("{path} has no ```acl code block"));
+    let words: Vec<String> = block
+        .split_whitespace()
+        .map(|word| {
+            word.replace("<user>", user)
+                .replace("<password>", password)
+                .replace("{env}", env)
+                .replace("{app}", app)
+        })
+        .collect();
+    assert!(
+        words.len() > 3
+            && words[0].eq_ignore_ascii_case("ACL")
+            && words[1].eq_ignore_ascii_case("SETUSER"),
+        "the ```acl block of {path} must be one `ACL SETUSER` command, got {block:?}"
+    );
+    words
+}
+
+/// Creates a user on `server` with exactly the documented ACL rule (as the unrestricted admin connection)
+/// and makes `server.url()` log in as it, so code under test connects as that user.
+pub fn restrict_to_documented_acl(server: &mut RedisServer, env: &str, app: &str) {
+    let password = format!("pw-{}", std::process::id());
+    let words = documented_acl_rule("keyward", &password, env, app);
+    let mut cmd = redis::cmd(&words[0]);
+    for word in &words[1..] {
+        cmd.arg(word);
+    }
+    let () = cmd.query(&mut server.connection()).unwrap_or_else(|e| {
+        panic!("the documented ACL rule is refused by redis-server: {e}: {words:?}")
+    });
+    server.set_url_credentials(Some(("keyward", &password)));
+}
+
+/// The server's ACL LOG (denials), one line per entry: `reason object context`.
+pub fn acl_log(server: &RedisServer) -> Vec<String> {
+    let entries: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("ACL")
+        .arg("LOG")
+        .query(&mut server.connection())
+        .expect("ACL LOG");
+    entries
+        .iter()
+        .map(|entry| {
+            let field = |name: &str| match entry.get(name) {
+                Some(redis::Value::BulkString(bytes)) => {
+                    String::from_utf8_lossy(bytes).into_owned()
+                }
+                Some(redis::Value::SimpleString(text)) => text.clone(),
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            };
+            format!(
+                "{} {} (in {}, user {})",
+                field("reason"),
+                field("object"),
+                field("context"),
+                field("username")
+            )
+        })
+        .collect()
+}
+
+impl Harness {
+    /// A throwaway redis-server where the code under test connects as a user created with exactly the rule
+    /// documented in `docs/operations.md`, for env `test` and any app (test files pick their own app names,
+    /// so `{app}` is the glob `*`; `tests/acl.rs` checks a concrete app).
+    pub fn redis_acl() -> Self {
+        let mut server = RedisServer::spawn();
+        restrict_to_documented_acl(&mut server, "test", "*");
+        Self {
+            server: Some(server),
+            app: unique_app(),
+            check_acl_log: true,
+        }
+    }
+
+    /// Panics with the server's ACL LOG if it recorded any denial (no-op on other backends).
+    pub fn assert_no_acl_denials(&self) {
+        if let Some(server) = &self.server {
+            let log = acl_log(server);
+            assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // A case that already failed reports its own panic; a denial must not turn it into an abort.
+        if self.check_acl_log && !std::thread::panicking() {
+            self.assert_no_acl_denials();
+        }
+    }
 }
