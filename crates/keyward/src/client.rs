@@ -196,13 +196,13 @@ impl Keyward {
         Ok((declared, keys))
     }
 
-    /// Check that the store answers, for health checks: `PING` on Redis, bounded by the response timeout.
-    /// It is not counted in any cache or rate-limit metric and is not refused by an open circuit breaker
-    /// (a health check must see the server, not the breaker's memory of it); a success closes the breaker.
-    /// Always `Ok` on the embedded backend.
+    /// Check that the store answers, for health checks: `PING` on Redis, bounded by the response timeout and
+    /// not counted in any cache or rate-limit metric. It goes through the circuit breaker like every call:
+    /// while the breaker is open it fails at once with [`Error::CircuitOpen`] (the store is considered down),
+    /// and after the cooldown it is the probe that closes the breaker. Always `Ok` on the embedded backend.
     ///
     /// # Errors
-    /// [`Error::Timeout`] or [`Error::Redis`] when Redis does not answer.
+    /// [`Error::Timeout`], [`Error::CircuitOpen`] or [`Error::Redis`] when Redis is not answering.
     pub async fn ping(&self) -> Result<()> {
         self.inner.backend.ping().await
     }

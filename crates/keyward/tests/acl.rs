@@ -7,9 +7,7 @@
 
 #![allow(unreachable_pub)]
 
-#[macro_use]
-#[allow(unused_macros)]
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -20,8 +20,11 @@
 #[macro_use]
 mod common;
 
+mod acl;
+mod architecture;
 mod conformance;
 mod connect;
+mod faults;
 mod idempotency;
 mod lock;
 mod metrics;
@@ -29,6 +32,7 @@ mod multiprocess;
 mod no_forbidden_commands;
 mod rate_limit;
 mod rate_limit_failures;
+mod resilience;
 mod session;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;

@@ -396,23 +396,14 @@ impl RedisBackend {
         });
     }
 
-    /// `PING`, bounded by the response timeout and outside the breaker (a health check must see the server,
-    /// not the breaker's memory of it); a success closes an open breaker.
+    /// `PING`, through [`call`](Self::call) like any other call: bounded by the response timeout, answered at
+    /// once while the breaker is open, and the breaker's probe after its cooldown (a success closes it), so a
+    /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
-        let pong = tokio::time::timeout(
-            self.response_timeout,
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await;
-        match pong {
-            Err(_) => Err(self.timeout_err("ping")),
-            Ok(Err(e)) => Err(self.err("ping", e)),
-            Ok(Ok(_)) => {
-                self.breaker.success();
-                Ok(())
-            }
-        }
+        self.call("ping", redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(drop)
     }
 
     /// A typed error for a script reply of the wrong shape.
