@@ -829,10 +829,16 @@ where
                 guard.armed = false;
                 (Ok(value), Ok(Shared::Retry))
             }
-            Err(err) => {
-                tracing::warn!(class = %self.class.name, error = %err, "loaded value could not be cached");
+            // Redis went away while we loaded: the value is good, it just is not cached (fail open).
+            Err(err) if self.fails_open(&err) => {
                 guard.release().await;
                 (Ok(value), Ok(shared))
+            }
+            // An error reply (a missing ACL grant) or a class that does not fail open: the caller must see it,
+            // or a misconfiguration would hide behind a cache that silently never stores anything.
+            Err(err) => {
+                guard.release().await;
+                failed(err)
             }
         }
     }
