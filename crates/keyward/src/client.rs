@@ -150,7 +150,10 @@ impl Keyward {
     pub fn embedded_with(policy: Policy, options: MemoryOptions) -> Self {
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
-        let classes: Vec<&str> = policy.classes().map(|c| c.name()).collect();
+        let classes: Vec<(&str, bool)> = policy
+            .classes()
+            .map(|c| (c.name(), c.kind().evictable()))
+            .collect();
         let backend = Backend::embedded(&options, &classes);
         Self::assemble(policy, ns, bus, backend, None, &ConnectOptions::default())
     }

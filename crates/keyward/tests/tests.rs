@@ -5,10 +5,10 @@
 //! e.g. `conformance::redis::hit_and_miss`). The tower-sessions store needs its feature:
 //! `cargo test -p keyward --features tower-sessions --test tests tower_sessions::`.
 //!
-//! **Adding a test module** (e.g. `faults.rs`):
-//! 1. create `tests/faults.rs`, opening with a `//!` line saying what it proves; file-level attributes such as
+//! **Adding a test module** (e.g. `streams.rs`):
+//! 1. create `tests/streams.rs`, opening with a `//!` line saying what it proves; file-level attributes such as
 //!    `#![allow(unreachable_pub)]` work there as before;
-//! 2. add `mod faults;` below, in alphabetical order (behind `#[cfg(feature = "…")]` if it needs a feature);
+//! 2. add `mod streams;` below, in alphabetical order (behind `#[cfg(feature = "…")]` if it needs a feature);
 //! 3. use the shared harness as `crate::common::Harness`; the `conformance!` macro is in scope everywhere
 //!    (`common` is declared first, with `#[macro_use]`).
 //!

@@ -69,8 +69,9 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// The embedded backend for a policy declaring `classes` (each gets its own budget).
-    pub(crate) fn embedded(options: &MemoryOptions, classes: &[&str]) -> Self {
+    /// The embedded backend for a policy declaring `classes` with their eviction rule (each gets its own
+    /// budget; only evictable classes make room by evicting).
+    pub(crate) fn embedded(options: &MemoryOptions, classes: &[(&str, bool)]) -> Self {
         Backend::Memory(Box::new(memory::MemoryBackend::new(options, classes)))
     }
 

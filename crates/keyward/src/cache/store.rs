@@ -468,7 +468,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bump_never_repeats_an_epoch_and_repairs_a_corrupt_field() {
-        let m = Backend::embedded(&MemoryOptions::default(), &["c"]);
+        let m = Backend::embedded(&MemoryOptions::default(), &[("c", true)]);
         let ns = ns();
         let first = bump(&m, &ns, "c").await.unwrap();
         assert!(

@@ -752,7 +752,7 @@ mod tests {
             "allow_shared:    true",
             "lease_ttl:       20s",
             "loader_timeout:  7s",
-            "max entry lifetime: 10m 50s",
+            "max cache entry lifetime: 10m 50s",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

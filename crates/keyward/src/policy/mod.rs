@@ -516,15 +516,15 @@ impl fmt::Display for Policy {
             let eviction = if class.kind.evictable() {
                 "allowed"
             } else {
-                "never"
+                "never (embedded store; on Redis this needs maxmemory-policy noeviction)"
             };
-            writeln!(f, "  eviction: {eviction}")?;
+            writeln!(f, "  {:<15}{eviction}", "eviction:")?;
         }
         if !self.classes.is_empty() {
             writeln!(f)?;
             writeln!(
                 f,
-                "max entry lifetime: {}",
+                "max cache entry lifetime: {}",
                 fmt_duration(self.max_entry_lifetime())
             )?;
         }
@@ -1064,9 +1064,9 @@ mod tests {
                 .find(|b| b.starts_with("class c ("))
                 .unwrap();
             let expected = if kind == "cache" {
-                "  eviction: allowed"
+                "  eviction:      allowed"
             } else {
-                "  eviction: never"
+                "  eviction:      never (embedded store; on Redis this needs maxmemory-policy noeviction)"
             };
             assert_eq!(
                 block

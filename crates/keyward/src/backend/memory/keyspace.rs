@@ -103,6 +103,9 @@ pub(crate) struct Budget {
 pub(crate) struct Budgets {
     classes: HashMap<String, Budget>,
     default: Budget,
+    /// Classes the policy says are never evicted (`ClassKind::evictable()` false): even an evictable write
+    /// (`put_evictable`) to one of them refuses rather than evict.
+    never_evicted: std::collections::HashSet<String>,
 }
 
 impl Budgets {
@@ -111,6 +114,7 @@ impl Budgets {
         Budgets {
             classes: HashMap::new(),
             default,
+            never_evicted: std::collections::HashSet::new(),
         }
     }
 
@@ -119,6 +123,18 @@ impl Budgets {
     pub(crate) fn with_class(mut self, class: &str, budget: Budget) -> Self {
         self.classes.insert(class.to_owned(), budget);
         self
+    }
+
+    /// `class` is never evicted, whatever writes it.
+    #[must_use]
+    pub(crate) fn never_evicted(mut self, class: &str) -> Self {
+        self.never_evicted.insert(class.to_owned());
+        self
+    }
+
+    /// Whether entries of `class` may be evicted to make room in it.
+    pub(crate) fn evictable(&self, class: &str) -> bool {
+        !self.never_evicted.contains(class)
     }
 
     /// The budget of `class`.
@@ -145,6 +161,8 @@ struct Item {
 struct ClassUse {
     name: Arc<str>,
     budget: Budget,
+    /// From the policy's eviction rule for the class.
+    evictable: bool,
     bytes: usize,
     entries: usize,
     by_expiry: BTreeSet<(i64, Arc<str>)>,
@@ -199,6 +217,7 @@ impl Kv {
         let id = self.classes.len();
         self.classes.push(ClassUse {
             budget: self.budgets.of(&name),
+            evictable: self.budgets.evictable(&name),
             name: Arc::clone(&name),
             bytes: 0,
             entries: 0,
@@ -458,6 +477,7 @@ impl Kv {
             let victim = c
                 .by_expiry
                 .iter()
+                .filter(|_| c.evictable)
                 .find(|(_, k)| self.items.get(&**k).is_some_and(|i| i.evictable))
                 .map(|(_, k)| Arc::clone(k));
             let Some(victim) = victim else {

@@ -117,9 +117,17 @@ pub(crate) struct MemoryBackend {
 
 impl MemoryBackend {
     /// A backend for a policy declaring `classes` (their names give each one its own budget).
-    pub(crate) fn new(options: &MemoryOptions, classes: &[&str]) -> Self {
+    /// `classes` are the policy's classes with their eviction rule (`ClassKind::evictable()`).
+    pub(crate) fn new(options: &MemoryOptions, classes: &[(&str, bool)]) -> Self {
+        let names: Vec<&str> = classes.iter().map(|(name, _)| *name).collect();
+        let budgets = classes
+            .iter()
+            .filter(|(_, evictable)| !evictable)
+            .fold(options.budgets(&names), |b, (name, _)| {
+                b.never_evicted(name)
+            });
         Self {
-            keyspace: Keyspace::new(options.budgets(classes)),
+            keyspace: Keyspace::new(budgets),
         }
     }
 
@@ -184,7 +192,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_purged_and_a_full_class_evicts_its_own_soonest() {
         // 4 entries in all: 1 reserved for keyward's own keys, 3 for the class `c` (and as many for `d`).
-        let m = MemoryBackend::new(&MemoryOptions::default().capacity(4), &["c"]);
+        let m = MemoryBackend::new(&MemoryOptions::default().capacity(4), &[("c", true)]);
         set(&m, "d", 9, 1);
         for (i, secs) in [(1, 10), (2, 5), (3, 20), (4, 30)] {
             set(&m, "c", i, secs);
@@ -208,5 +216,19 @@ mod tests {
             2,
             "expired entries are gone from memory, not just hidden"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_class_the_policy_never_evicts_refuses_instead() {
+        // Class `n` is declared never evicted: even an evictable write does not push out its entries.
+        let m = MemoryBackend::new(&MemoryOptions::default().capacity(4), &[("n", false)]);
+        for i in 0..3 {
+            set(&m, "n", i, 10);
+        }
+        let before: Vec<_> = m.scan("t:a:n:*").into_iter().map(|k| k.key).collect();
+        assert_eq!(before.len(), 3);
+        set(&m, "n", 9, 60);
+        let after: Vec<_> = m.scan("t:a:n:*").into_iter().map(|k| k.key).collect();
+        assert_eq!(after, before, "nothing evicted, the new write refused");
     }
 }
