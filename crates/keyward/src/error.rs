@@ -240,7 +240,11 @@ impl Error {
     }
 }
 
-/// Whether a client error means the server could not be reached (as opposed to an error reply from it).
+/// Whether a client error means the server cannot serve us now (as opposed to an error reply about this one
+/// call): no connection or no answer, and the replies of a server that is there but not usable — loading its
+/// data (`LOADING`), running a script past `busy-reply-threshold` (`BUSY`), demoted to a replica by a
+/// failover (`READONLY`), without a reachable master (`MASTERDOWN`), a cluster that is down or resharding
+/// (`CLUSTERDOWN`, `TRYAGAIN`), or out of memory under `noeviction` (`OOM`).
 pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     e.is_timeout()
@@ -249,6 +253,13 @@ pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || matches!(
             e.kind(),
-            ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown)
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+            )
         )
+        || matches!(e.code(), Some("BUSY" | "OOM"))
 }

@@ -24,6 +24,7 @@ mod acl;
 mod architecture;
 mod conformance;
 mod connect;
+mod fault_regressions;
 mod faults;
 mod idempotency;
 mod lock;

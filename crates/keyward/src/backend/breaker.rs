@@ -99,7 +99,8 @@ impl Breaker {
         self.clean.store(true, Ordering::Release);
     }
 
-    pub(crate) fn failure(&self) {
+    /// Record an unavailable call; true if this opened the breaker.
+    pub(crate) fn failure(&self) -> bool {
         let mut s = self.lock();
         self.clean.store(false, Ordering::Release);
         let open = match *s {
@@ -120,6 +121,7 @@ impl Breaker {
             tracing::warn!(cooldown = ?self.cooldown, "keyward: the store is failing; circuit breaker open");
             metrics::gauge!("keyward_breaker_open").set(1.0);
         }
+        open
     }
 
     pub(crate) fn state(&self) -> BreakerState {

@@ -98,6 +98,17 @@ impl Backend {
         }
     }
 
+    /// The longest a caller waiting for someone else (a fill lease held elsewhere) should sleep before it asks
+    /// the store again: the response timeout on Redis, so that a waiter is bounded by it while Redis hangs (a
+    /// hung server sends no wake-up and no disconnect); `None` on the embedded backend, whose wake-ups cannot
+    /// be lost.
+    pub(crate) fn wait_slice(&self) -> Option<Duration> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis(r) => Some(r.response_timeout()),
+        }
+    }
+
     /// The circuit breaker's state (always closed for the embedded backend).
     pub(crate) fn breaker_state(&self) -> BreakerState {
         match self {
@@ -139,13 +150,15 @@ impl Backend {
     }
 
     /// Run plain commands in one round trip on Redis (their replies, in order, go to `decode`), or `mirror`
-    /// as one critical section of the embedded keyspace.
+    /// as one critical section of the embedded keyspace. `undo` is built only if the commands got no answer
+    /// (see [`Call::undo`]); a hit path pays nothing for it.
     ///
     /// # Errors
     /// As [`atomic`](Self::atomic).
     pub(crate) async fn pipeline<T>(
         &self,
         pipeline: Pipeline,
+        undo: impl FnOnce() -> Undo,
         mirror: impl FnOnce(&mut Kv) -> T,
         decode: impl FnOnce(&[Reply]) -> Option<T>,
     ) -> Result<T> {
@@ -154,7 +167,7 @@ impl Backend {
             Backend::Memory(m) => m.keyspace.with(mirror),
             Backend::Redis(r) => {
                 let op = pipeline.op;
-                let replies = r.run_pipeline(pipeline).await?;
+                let replies = r.run_pipeline(pipeline, undo).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
         }

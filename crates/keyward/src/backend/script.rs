@@ -16,6 +16,7 @@ use redis::ToRedisArgs;
 /// `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`).
 pub(crate) struct Script {
     inner: redis::Script,
+    source: &'static str,
 }
 
 impl Script {
@@ -23,6 +24,7 @@ impl Script {
     pub(crate) fn new(source: &'static str) -> Self {
         Script {
             inner: redis::Script::new(source),
+            source,
         }
     }
 
@@ -32,12 +34,15 @@ impl Script {
             op,
             invocation: self.inner.prepare_invoke(),
             undo: None,
+            must_land: false,
             evicting: false,
         }
     }
 
-    pub(super) fn invocation(&'static self) -> redis::ScriptInvocation<'static> {
-        self.inner.prepare_invoke()
+    /// The script's text, for `EVAL` (undos are sent as `EVAL`: they often run on a server whose script cache
+    /// never saw them, or lost them in a restart, and a `NOSCRIPT` while the server was hung cannot be retried).
+    pub(super) fn source(&self) -> &'static str {
+        self.source
     }
 }
 
@@ -62,6 +67,8 @@ pub(crate) struct Call {
     pub(super) op: &'static str,
     pub(super) invocation: redis::ScriptInvocation<'static>,
     pub(super) undo: Option<Undo>,
+    /// Keep the undo also when the call was not sent (the breaker was open) or failed for unavailability.
+    pub(super) must_land: bool,
     pub(super) evicting: bool,
 }
 
@@ -86,6 +93,18 @@ impl Call {
     #[must_use]
     pub(crate) fn undo(mut self, undo: Undo) -> Self {
         self.undo = Some(undo);
+        self
+    }
+
+    /// A call that gives something back (a lease, a lock, an in-progress marker) and must reach the server
+    /// even if this attempt cannot: when it is refused by the open breaker, times out or finds the server
+    /// unavailable, it is handed to the background undo (`undo`, usually the same script), which bypasses the
+    /// breaker and retries until the server answers. Otherwise what it gives back would block others until
+    /// its TTL, although Redis is back.
+    #[must_use]
+    pub(crate) fn must_land(mut self, undo: Undo) -> Self {
+        self.undo = Some(undo);
+        self.must_land = true;
         self
     }
 
@@ -181,7 +200,6 @@ impl From<redis::Value> for Reply {
 pub(crate) struct Pipeline {
     pub(super) op: &'static str,
     pub(super) pipe: redis::Pipeline,
-    pub(super) undo: Option<Undo>,
     pub(super) evicting: bool,
 }
 
@@ -191,7 +209,6 @@ impl Pipeline {
         Pipeline {
             op,
             pipe: redis::pipe(),
-            undo: None,
             evicting: false,
         }
     }
@@ -207,13 +224,6 @@ impl Pipeline {
     #[must_use]
     pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
         self.pipe.arg(arg);
-        self
-    }
-
-    /// As [`Call::undo`].
-    #[must_use]
-    pub(crate) fn undo(mut self, undo: Undo) -> Self {
-        self.undo = Some(undo);
         self
     }
 

@@ -219,8 +219,14 @@ impl LeaseGuard {
             class: &self.class.name,
             key: &self.key,
         };
-        if let Err(err) =
-            store::release(&self.kw.inner.backend, &self.kw.inner.bus, &e, &self.prefix).await
+        if let Err(err) = store::release(
+            &self.kw.inner.backend,
+            &self.kw.inner.bus,
+            &e,
+            &self.prefix,
+            self.class.policy.lease_ttl_value(),
+        )
+        .await
         {
             tracing::warn!(class = %self.class.name, error = %err, "could not release fill lease; it will expire");
         }
@@ -243,7 +249,9 @@ impl Drop for LeaseGuard {
                     class: &class.name,
                     key: &key,
                 };
-                let _ = store::release(&kw.inner.backend, &kw.inner.bus, &e, &prefix).await;
+                let lease_ttl = class.policy.lease_ttl_value();
+                let _ =
+                    store::release(&kw.inner.backend, &kw.inner.bus, &e, &prefix, lease_ttl).await;
             });
         }
     }
@@ -698,8 +706,13 @@ where
                     None => listener = Some(inner.bus.listen(key)),
                     Some(woken) => {
                         m.lease_waits.increment(1);
-                        // Woken by the holder's commit or release; otherwise re-check when its lease runs out.
-                        let left = left.clamp(Duration::from_millis(1), lease_ttl);
+                        // Woken by the holder's commit or release; otherwise re-check when its lease runs out,
+                        // and at least every response timeout: a hung Redis sends no wake-up, and the next
+                        // fetch is what notices it (and fails open).
+                        let mut left = left.clamp(Duration::from_millis(1), lease_ttl);
+                        if let Some(slice) = inner.backend.wait_slice() {
+                            left = left.min(slice);
+                        }
                         let _ = tokio::time::timeout(left, woken).await;
                     }
                 },

@@ -171,11 +171,11 @@ pub(crate) async fn fetch(
         .arg(&e.ns.gens_key)
         .arg("*")
         .arg(e.class)
-        .undo(lease_undo(e, marker, lease_ttl))
         .evicting();
     let answer = b
         .pipeline(
             fast,
+            || lease_undo(e, marker, lease_ttl),
             |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
             |replies| decode_fast(replies, negative_ok),
         )
@@ -324,12 +324,15 @@ pub(crate) async fn commit(
     Ok(stored)
 }
 
-/// Give a lease back (the loader failed) so that a waiter takes over now rather than at expiry.
+/// Give a lease back (the loader failed, or its commit could not be made) so that a waiter takes over now
+/// rather than at expiry. The release must land: if the breaker is open or Redis does not answer, it is
+/// retried in the background (bypassing the breaker) until the server answers, for at most `lease_ttl`.
 pub(crate) async fn release(
     b: &Backend,
     bus: &WakeBus,
     e: &Entry<'_>,
     lease_prefix: &str,
+    lease_ttl: Duration,
 ) -> Result<bool> {
     let call = SCRIPTS
         .release
@@ -337,6 +340,15 @@ pub(crate) async fn release(
         .key(e.key)
         .arg(lease_prefix)
         .arg(&e.ns.channel)
+        .must_land(Undo {
+            script: &SCRIPTS.release,
+            keys: vec![e.key.to_owned()],
+            args: vec![
+                lease_prefix.as_bytes().to_vec(),
+                e.ns.channel.as_bytes().to_vec(),
+            ],
+            within: lease_ttl,
+        })
         .evicting();
     let released = b
         .atomic(

@@ -426,7 +426,8 @@ impl Idempotency {
     /// # Errors
     /// Backend failures.
     pub async fn abandon(&self, lease: Lease) -> Result<bool> {
-        store::abandon(&self.kw.inner.backend, &lease.key, &lease.token).await
+        let lease_ms = ms(self.inner.settings.lease_value());
+        store::abandon(&self.kw.inner.backend, &lease.key, &lease.token, lease_ms).await
     }
 }
 

@@ -134,12 +134,21 @@ pub(crate) async fn complete(
     .await
 }
 
-pub(crate) async fn abandon(b: &Backend, key: &str, token: &str) -> Result<bool> {
+/// Remove the in-progress marker held under `token`. It must land: if the breaker is open or Redis does not
+/// answer, it is retried in the background (bypassing the breaker) until the server answers, for at most
+/// `lease_ms`.
+pub(crate) async fn abandon(b: &Backend, key: &str, token: &str, lease_ms: i64) -> Result<bool> {
     let call = SCRIPTS
         .abandon
         .call("idempotency_abandon")
         .key(key)
-        .arg(token);
+        .arg(token)
+        .must_land(Undo {
+            script: &SCRIPTS.abandon,
+            keys: vec![key.to_owned()],
+            args: vec![token.as_bytes().to_vec()],
+            within: Duration::from_millis(lease_ms.unsigned_abs()),
+        });
     b.atomic(call, |kv| holds(kv, key, token) && kv.del(key), one)
         .await
 }

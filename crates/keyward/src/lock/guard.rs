@@ -251,7 +251,13 @@ impl LockGuard {
             keeper.abort();
         }
         let s = Arc::clone(&self.shared);
-        let released = store::release(&s.locks.kw, &s.keys, self.token()).await;
+        let released = store::release(
+            &s.locks.kw,
+            &s.keys,
+            self.token(),
+            s.locks.policy().ttl_value(),
+        )
+        .await;
         // Released (or failed): this process's next waiter may ask now.
         drop(s.state().baton.take());
         let released = released?;
@@ -301,7 +307,10 @@ impl Drop for LockGuard {
             Ok(rt) => {
                 rt.spawn(async move {
                     let _turn = baton;
-                    if let Err(err) = store::release(&s.locks.kw, &s.keys, &s.token).await {
+                    if let Err(err) =
+                        store::release(&s.locks.kw, &s.keys, &s.token, s.locks.policy().ttl_value())
+                            .await
+                    {
                         tracing::warn!(
                             class = %s.locks.class.name,
                             lock = %s.name,

@@ -135,13 +135,30 @@ fn one(reply: &Reply) -> Option<bool> {
 
 /// `lock_release.lua`. The embedded backend has no pub/sub: local waiters are woken here (on Redis the script
 /// published too; a second wake-up only makes a waiter look again).
-pub(super) async fn release(kw: &Keyward, keys: &LockKeys, token: &str) -> Result<bool> {
+///
+/// The release must land: if the breaker is open or Redis does not answer, it is retried in the background
+/// (bypassing the breaker) until the server answers, for at most `ttl` (the lease's length).
+pub(super) async fn release(
+    kw: &Keyward,
+    keys: &LockKeys,
+    token: &str,
+    ttl: Duration,
+) -> Result<bool> {
     let call = SCRIPTS
         .release
         .call("lock_release")
         .key(&keys.lock)
         .arg(token)
-        .arg(&kw.inner.ns.channel);
+        .arg(&kw.inner.ns.channel)
+        .must_land(Undo {
+            script: &SCRIPTS.release,
+            keys: vec![keys.lock.clone()],
+            args: vec![
+                token.as_bytes().to_vec(),
+                kw.inner.ns.channel.as_bytes().to_vec(),
+            ],
+            within: ttl,
+        });
     let released = kw
         .inner
         .backend

@@ -35,6 +35,8 @@ pub(crate) struct RedisBackend {
     response_timeout: Duration,
     /// One breaker for every capability of this handle (see [`RedisBackend::call`]).
     breaker: Breaker,
+    /// Local wake-ups, woken all at once when the breaker opens.
+    bus: Arc<WakeBus>,
 }
 
 /// `host:port`, `tls://host:port` or `unix:/path` — never credentials.
@@ -200,6 +202,7 @@ impl RedisBackend {
         drop(probe);
 
         let wake = Arc::clone(&bus);
+        let wake_bus = bus;
         let on_push = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
             match push.kind {
                 // Messages may have been missed while disconnected: every waiter re-checks.
@@ -239,6 +242,7 @@ impl RedisBackend {
             server,
             response_timeout: options.response_timeout,
             breaker: Breaker::new(options.breaker_failures, options.breaker_cooldown),
+            bus: wake_bus,
         })
     }
 
@@ -275,6 +279,20 @@ impl RedisBackend {
         self.breaker.state()
     }
 
+    /// The response timeout every call is bounded by.
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    /// Count an unavailable call. When it opens the breaker, every local waiter (a cache reader waiting for
+    /// another caller's fill, a lock waiter) is woken: no wake-up can come from a server that is down, and a
+    /// woken waiter looks again, which now fails at once (and a cache fails open).
+    fn failure(&self) {
+        if self.breaker.failure() {
+            self.bus.wake_all();
+        }
+    }
+
     /// **The one place where every store call is bounded.** The breaker admits the call (or it fails at once
     /// with [`Error::CircuitOpen`], unsent); then the whole call — including any wait for a reconnect in
     /// progress, a refused port or a host that accepts TCP and never answers — is cut at the response timeout.
@@ -294,7 +312,7 @@ impl RedisBackend {
         }
         match tokio::time::timeout(self.response_timeout, fut).await {
             Err(_) => {
-                self.breaker.failure();
+                self.failure();
                 Err(self.timeout_err(op))
             }
             Ok(Ok(v)) => {
@@ -303,7 +321,7 @@ impl RedisBackend {
             }
             Ok(Err(e)) => {
                 if is_unavailable(&e) {
-                    self.breaker.failure();
+                    self.failure();
                 } else {
                     self.breaker.success();
                 }
@@ -323,12 +341,14 @@ impl RedisBackend {
             op,
             invocation,
             undo,
+            must_land,
             ..
         } = call;
         let guard = UndoGuard {
             backend: self,
             op,
-            undo,
+            undo: undo.map(|u| move || u),
+            must_land,
         };
         let mut conn = self.conn.clone();
         let answer = self
@@ -339,12 +359,17 @@ impl RedisBackend {
     }
 
     /// Run a pipeline of plain commands through [`call`](Self::call), with the same undo as [`run`](Self::run).
-    pub(crate) async fn run_pipeline(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
-        let Pipeline { op, pipe, undo, .. } = pipeline;
+    pub(crate) async fn run_pipeline(
+        &self,
+        pipeline: Pipeline,
+        undo: impl FnOnce() -> Undo,
+    ) -> Result<Vec<Reply>> {
+        let Pipeline { op, pipe, .. } = pipeline;
         let guard = UndoGuard {
             backend: self,
             op,
-            undo,
+            undo: Some(undo),
+            must_land: false,
         };
         let mut conn = self.conn.clone();
         let answer = self
@@ -367,18 +392,17 @@ impl RedisBackend {
             let deadline = tokio::time::Instant::now() + undo.within;
             let mut delay = Duration::from_millis(50);
             loop {
-                let mut invocation = undo.script.invocation();
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(undo.script.source()).arg(undo.keys.len());
                 for k in &undo.keys {
-                    invocation.key(k);
+                    eval.arg(k);
                 }
                 for a in &undo.args {
-                    invocation.arg(&a[..]);
+                    eval.arg(&a[..]);
                 }
-                let sent = tokio::time::timeout(
-                    timeout,
-                    invocation.invoke_async::<Value>(&mut conn.clone()),
-                )
-                .await;
+                let sent =
+                    tokio::time::timeout(timeout, eval.query_async::<Value>(&mut conn.clone()))
+                        .await;
                 match sent {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) if !is_unavailable(&e) => {
@@ -459,30 +483,35 @@ impl RedisBackend {
 
 /// Settled when the call got an answer; dropped unsettled (a timeout, a dropped connection, or the caller's
 /// future dropped mid-call), it sends its undo.
-struct UndoGuard<'a> {
+struct UndoGuard<'a, U: FnOnce() -> Undo> {
     backend: &'a RedisBackend,
     op: &'static str,
-    undo: Option<Undo>,
+    /// Built only when it is sent.
+    undo: Option<U>,
+    must_land: bool,
 }
 
-impl UndoGuard<'_> {
-    /// Keep the undo only if the call may have run without its answer reaching us.
+impl<U: FnOnce() -> Undo> UndoGuard<'_, U> {
+    /// Keep the undo only if the call may have run without its answer reaching us, or (for a call that must
+    /// land) if it did not get through at all.
     fn settle<T>(mut self, answer: &Result<T>) {
-        let unanswered = match answer {
+        let keep = match answer {
+            Ok(_) => false,
             Err(Error::Timeout { .. }) => true,
+            Err(err) if self.must_land => err.is_unavailable(),
             Err(Error::Redis { source, .. }) => may_have_run(source),
-            _ => false,
+            Err(_) => false,
         };
-        if !unanswered {
+        if !keep {
             self.undo = None;
         }
     }
 }
 
-impl Drop for UndoGuard<'_> {
+impl<U: FnOnce() -> Undo> Drop for UndoGuard<'_, U> {
     fn drop(&mut self) {
         if let Some(undo) = self.undo.take() {
-            self.backend.spawn_undo(self.op, undo);
+            self.backend.spawn_undo(self.op, undo());
         }
     }
 }
