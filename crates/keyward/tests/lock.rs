@@ -40,7 +40,10 @@ fn policy(app: &str) -> Policy {
         .lock("fencey", LockClass::new(ms(50)).fence_ttl(ms(100)))
         .lock(
             "dog",
-            LockClass::new(ms(300)).watchdog(true).wait(Duration::ZERO),
+            // 900 ms: the watchdog renews every 300 ms, so a loaded CI machine may stall the keeper for up to
+            // 600 ms without losing the lease (a 300 ms lease made this test flaky when every module shares one
+            // test binary and runs in parallel).
+            LockClass::new(ms(900)).watchdog(true).wait(Duration::ZERO),
         )
         .cache(
             "product",
@@ -381,14 +384,14 @@ mod cases {
     pub async fn watchdog_keeps_a_short_lease_alive_and_stops_after_drop(h: Harness) {
         let kws = handles(&h, 2).await;
         let (a, b) = (kws[0].locks("dog").unwrap(), kws[1].locks("dog").unwrap());
-        let guard = a.try_lock("dog").await.unwrap().expect("free"); // 300 ms lease, watchdog
+        let guard = a.try_lock("dog").await.unwrap().expect("free"); // 900 ms lease, watchdog
         let key = guard.key().to_owned();
-        for _ in 0..6 {
-            tokio::time::sleep(ms(300)).await;
+        for _ in 0..4 {
+            tokio::time::sleep(ms(600)).await;
             assert!(!guard.is_lost(), "renewed in the background");
             assert!(b.try_lock("dog").await.unwrap().is_none(), "still held");
             let ttl = ttl_of(&kws[0], &key).await.expect("still there");
-            assert!(ttl <= ms(300), "{ttl:?}");
+            assert!(ttl <= ms(900), "{ttl:?}");
         }
         // Without the watchdog the same lease is gone after its ttl.
         let plain = b
@@ -396,7 +399,7 @@ mod cases {
             .await
             .unwrap()
             .unwrap();
-        tokio::time::sleep(ms(600)).await;
+        tokio::time::sleep(ms(1000)).await;
         assert!(plain.is_lost());
         assert!(ttl_of(&kws[0], plain.key()).await.is_none());
         drop(plain);
@@ -669,7 +672,7 @@ mod paused {
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_renews_for_an_hour() {
         let kw = Keyward::embedded(policy("paused"));
-        let locks = kw.locks("dog").unwrap(); // 300 ms lease
+        let locks = kw.locks("dog").unwrap(); // 900 ms lease
         let g = locks.try_lock("w").await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(!g.is_lost());
