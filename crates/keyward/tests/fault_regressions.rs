@@ -1,16 +1,23 @@
-//! Failures found by an adversarial review of the fault handling (issue #9), each reproduced against a real
-//! `redis-server` and kept as a test: a release refused by the open breaker, a waiter during a hang, an undo
-//! on a server whose script cache never saw it, and a server that answers but cannot serve (`READONLY`, `OOM`).
+//! Failures found by two adversarial reviews of the fault handling (issue #9), each reproduced against a real
+//! `redis-server` (or the embedded store) and kept as a test: a release refused by the open breaker, a
+//! waiter during a hang, an undo on a server whose script cache never saw it, a server that answers but
+//! cannot serve (`READONLY`, `OOM`), a lock release that gave up before its lease ended, a kept-alive
+//! idempotency lease that did not know it was lost, a lock waiter during a hang, and a rate-limit class
+//! flooded past its embedded budget.
 
 #![allow(unreachable_pub)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keyward::policy::{Algorithm, CacheClass, OnError, Policy, RateLimitClass};
+use keyward::idempotency::{Begin, fingerprint};
+use keyward::lock::LockOptions;
+use keyward::policy::{
+    Algorithm, CacheClass, IdempotencyClass, LockClass, OnError, Policy, RateLimitClass,
+};
 use keyward::rate_limit::Source;
-use keyward::{ConnectOptions, Keyward};
-use keyward_testkit::RedisServer;
+use keyward::{ConnectOptions, Keyward, MemoryOptions};
+use keyward_testkit::{RedisServer, ServerOptions};
 
 const RESPONSE: Duration = Duration::from_millis(250);
 
@@ -33,6 +40,14 @@ fn policy() -> Policy {
             "open",
             RateLimitClass::new(Algorithm::Gcra, 1000, Duration::from_secs(3600))
                 .on_error(OnError::Allow),
+        )
+        .lock(
+            "job",
+            LockClass::new(Duration::from_secs(1)).wait(Duration::ZERO),
+        )
+        .idempotency(
+            "pay",
+            IdempotencyClass::new().lease(Duration::from_millis(600)),
         )
         .build()
         .unwrap()
@@ -252,4 +267,141 @@ async fn readonly_and_oom_are_unavailability() {
         limiter.check("id").await.unwrap().source(),
         Source::FailOpen
     );
+}
+
+/// A lock taken with a longer TTL than its class's, released while Redis is down: the release must keep
+/// trying for as long as that lock can be on the server. It used to give up after the class's TTL, and a
+/// server restarted from its append-only file then kept the lock for the rest of its 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_keeps_trying_as_long_as_its_lock_can_live() {
+    let mut server = RedisServer::spawn_with(ServerOptions::default().tcp(true).args([
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]));
+    let p = policy();
+    let a = Keyward::connect_with(
+        &server.url(),
+        p.clone(),
+        options(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let b = Keyward::connect_with(&server.url(), p, options(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    let guard = a
+        .locks("job")
+        .unwrap()
+        .lock_with("nightly", LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("free");
+    server.kill();
+    assert!(guard.release().await.is_err(), "Redis is down");
+    // The outage outlasts the class's 1 s TTL; the server comes back with its data (AOF).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart();
+    let locks = b.locks("job").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        if let Ok(Some(g)) = locks.try_lock("nightly").await {
+            g.release().await.unwrap();
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the released lock was still held after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `keep_alive` during a hang: renewals cannot reach Redis, the lease expires there and a retry elsewhere may
+/// take over, so the holder must see `is_lost()` by the time its lease can be gone, not only when a renewal
+/// finally reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_lease_knows_it_may_be_lost_during_a_hang() {
+    let mut server = RedisServer::spawn_tcp();
+    let kw = Keyward::connect_with(&server.url(), policy(), options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let idem = kw.idempotency("pay").unwrap();
+    let Begin::New(lease) = idem.begin("order-1", &fingerprint(&[b"x"])).await.unwrap() else {
+        panic!("a fresh key");
+    };
+    let alive = idem.keep_alive(&lease);
+    server.pause();
+    let paused = Instant::now();
+    while !alive.is_lost() {
+        assert!(
+            paused.elapsed() < Duration::from_secs(2),
+            "a 600 ms lease not renewed for 2 s still looks held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.resume();
+}
+
+/// A lock waiter when Redis hangs: no release can wake it, so it used to sleep for its whole `wait` (8 s).
+/// It looks again every response timeout and gives up fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waiter_is_bounded_while_redis_hangs() {
+    let mut server = RedisServer::spawn_tcp();
+    let p = policy();
+    let a = Keyward::connect_with(&server.url(), p.clone(), options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let b = Keyward::connect_with(&server.url(), p, options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let _held = a
+        .locks("job")
+        .unwrap()
+        .lock_with("res", LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("free");
+    let waiter = tokio::spawn(async move {
+        b.locks("job")
+            .unwrap()
+            .lock_with("res", LockOptions::new().wait(Duration::from_secs(8)))
+            .await
+            .map(|g| g.is_some())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.pause();
+    let paused = Instant::now();
+    let got = waiter.await.unwrap();
+    let took = paused.elapsed();
+    server.resume();
+    assert!(got.is_err(), "Redis hangs: {got:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the waiter slept through the hang: {took:?}"
+    );
+}
+
+/// The embedded store, flooded with distinct identities past a rate-limit class's budget: the class's
+/// `on_error` decides, as for Redis answering `OOM`, instead of every new client getting an error.
+#[tokio::test]
+async fn a_rate_limit_class_flooded_past_its_embedded_budget_applies_on_error() {
+    let kw = Keyward::embedded_with(
+        policy(),
+        MemoryOptions::default().class_budget("open", 64 * 1024),
+    );
+    let limiter = kw.rate_limiter("open").unwrap();
+    let mut fell_back = 0;
+    for i in 0..2000 {
+        let d = limiter
+            .check(&format!("client-{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert!(d.is_allowed());
+        if d.source() == Source::FailOpen {
+            fell_back += 1;
+        }
+    }
+    assert!(fell_back > 0, "the 64 KiB budget never filled");
 }

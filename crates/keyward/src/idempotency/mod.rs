@@ -155,6 +155,8 @@ pub struct Lease {
     key: String,
     token: String,
     expires_in: Duration,
+    /// When the `begin` that granted it was sent: the lease is surely gone `expires_in` after this.
+    sent: tokio::time::Instant,
 }
 
 impl Lease {
@@ -197,12 +199,20 @@ pub enum Begin {
 pub struct KeepAlive {
     task: tokio::task::AbortHandle,
     lost: Arc<std::sync::atomic::AtomicBool>,
+    /// The lease is surely gone after this: the last successful renewal's send time plus the lease. While
+    /// renewals cannot reach Redis (a hang, an outage), this passes and `is_lost` says so, before any renewal
+    /// can report it — a retry elsewhere may already run.
+    valid_until: Arc<std::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl KeepAlive {
-    /// Whether a renewal found the lease gone (it had expired; a retry may have taken over).
+    /// Whether the lease may be gone: a renewal found it gone (it had expired; a retry may have taken over),
+    /// or no renewal has succeeded within the lease's length (on the local clock, conservatively), so it
+    /// may have expired while Redis could not be reached. Check it before a side effect.
     pub fn is_lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
+            || tokio::time::Instant::now()
+                >= *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -306,6 +316,7 @@ impl Idempotency {
             .expect("the operating system's random number generator failed");
         let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
         let lease = self.inner.settings.lease_value();
+        let sent = tokio::time::Instant::now();
         let began =
             store::begin(&self.kw.inner.backend, &key, fingerprint, &token, ms(lease)).await?;
         Ok(match began {
@@ -315,6 +326,7 @@ impl Idempotency {
                     key,
                     token,
                     expires_in: lease,
+                    sent,
                 })
             }
             Began::InProgress(pttl) => {
@@ -388,11 +400,13 @@ impl Idempotency {
     pub fn keep_alive(&self, lease: &Lease) -> KeepAlive {
         let every = (self.inner.settings.lease_value() / 3).max(Duration::from_millis(5));
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (idem, key, token, flag) = (
+        let valid_until = Arc::new(std::sync::Mutex::new(lease.sent + lease.expires_in));
+        let (idem, key, token, flag, until) = (
             self.clone(),
             lease.key.clone(),
             lease.token.clone(),
             Arc::clone(&lost),
+            Arc::clone(&valid_until),
         );
         let task = tokio::spawn(async move {
             let ms = ms(idem.inner.settings.lease_value());
@@ -400,8 +414,13 @@ impl Idempotency {
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 beat.tick().await;
+                let sent = tokio::time::Instant::now();
                 match store::extend(&idem.kw.inner.backend, &key, &token, ms).await {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        let lease = idem.inner.settings.lease_value();
+                        let mut until = until.lock().unwrap_or_else(|p| p.into_inner());
+                        *until = (*until).max(sent + lease);
+                    }
                     Ok(false) => {
                         flag.store(true, std::sync::atomic::Ordering::SeqCst);
                         idem.count("lease_lost");
@@ -417,6 +436,7 @@ impl Idempotency {
         KeepAlive {
             task: task.abort_handle(),
             lost,
+            valid_until,
         }
     }
 

@@ -74,6 +74,15 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How long a release that cannot reach Redis keeps trying: as long as the lease can still be on the
+    /// server — the time left to its deadline plus one more lease (a renewal in flight may extend it), and at
+    /// least the class's TTL. A lock taken or extended with a longer TTL than the class's is covered.
+    fn release_window(&self) -> Duration {
+        let st = self.state();
+        let left = st.deadline.saturating_duration_since(Instant::now());
+        (left + st.ttl).max(self.locks.policy().ttl_value())
+    }
+
     /// Mark the lease lost (once): wakes `lost()` futures, counts and logs it.
     fn lose_locked(&self, st: &mut State, why: &'static str) {
         if st.lost {
@@ -251,13 +260,7 @@ impl LockGuard {
             keeper.abort();
         }
         let s = Arc::clone(&self.shared);
-        let released = store::release(
-            &s.locks.kw,
-            &s.keys,
-            self.token(),
-            s.locks.policy().ttl_value(),
-        )
-        .await;
+        let released = store::release(&s.locks.kw, &s.keys, self.token(), s.release_window()).await;
         // Released (or failed): this process's next waiter may ask now.
         drop(s.state().baton.take());
         let released = released?;
@@ -308,8 +311,7 @@ impl Drop for LockGuard {
                 rt.spawn(async move {
                     let _turn = baton;
                     if let Err(err) =
-                        store::release(&s.locks.kw, &s.keys, &s.token, s.locks.policy().ttl_value())
-                            .await
+                        store::release(&s.locks.kw, &s.keys, &s.token, s.release_window()).await
                     {
                         tracing::warn!(
                             class = %s.locks.class.name,

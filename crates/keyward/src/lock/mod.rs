@@ -443,6 +443,11 @@ impl Locks {
             if let Some(d) = deadline {
                 until = until.min(d);
             }
+            // A hung Redis sends no wake-up: look again at least every response timeout (that look fails
+            // fast, and the breaker then refuses the rest of the wait at once).
+            if let Some(slice) = inner.backend.wait_slice() {
+                until = until.min(now + slice);
+            }
             tokio::select! {
                 () = woken => {
                     sleep(Duration::from_micros(rand::random_range(0..=WAKE_JITTER_US))).await;

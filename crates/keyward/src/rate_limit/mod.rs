@@ -499,7 +499,11 @@ impl RateLimiter {
         // The backend bounds the call by the response timeout and answers at once while its breaker is open.
         let decision = match store::check(&self.kw.inner.backend, &call).await {
             Ok(reply) => self.decide(reply, Source::Store),
-            Err(err) if err.is_unavailable() => self.fallback(&call, err),
+            // A full embedded store (a flood of identities past the class's budget) is the store failing too:
+            // `on_error` decides, as it does for Redis answering `OOM`.
+            Err(err) if err.is_unavailable() || matches!(err, Error::StoreFull { .. }) => {
+                self.fallback(&call, err)
+            }
             // An error reply (a wrong-type key, a missing ACL grant) is this identity's data or a
             // misconfiguration, not the store being down: a fallback would hide it for ever, so it is the
             // caller's error, for this call only.
