@@ -17,7 +17,7 @@ use keyward::policy::{LockClass, Policy};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let policy = Policy::builder("dev", "billing")
+    let policy = Policy::builder("dev", "shop")
         .lock(
             "invoice_run",
             LockClass::new(Duration::from_secs(10)).wait(Duration::from_secs(5)),

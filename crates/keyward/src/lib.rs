@@ -71,7 +71,7 @@ pub mod policy;
 pub mod rate_limit;
 pub mod session;
 
-pub use backend::{BackendKind, ConnectOptions, KeyTtl, MemoryOptions};
+pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::Cache;
 pub use client::Keyward;
 pub use error::{BoxError, Error, Result};

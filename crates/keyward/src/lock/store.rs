@@ -95,15 +95,7 @@ pub(super) async fn acquire(
         .arg(token)
         .arg(ttl_ms)
         .arg(fence_ttl_ms)
-        .undo(Undo {
-            script: &SCRIPTS.release,
-            keys: vec![keys.lock.clone()],
-            args: vec![
-                token.as_bytes().to_vec(),
-                kw.inner.ns.channel.as_bytes().to_vec(),
-            ],
-            within: ttl,
-        });
+        .undo(release_undo(kw, keys, token, ttl));
     kw.inner
         .backend
         .atomic(
@@ -129,6 +121,20 @@ pub(super) async fn acquire(
         .await
 }
 
+/// A compare-and-delete release of the lock held under `token` (`lock_release.lua`), for at most `within`:
+/// the undo of an acquire that got no answer, and a release that must land.
+fn release_undo(kw: &Keyward, keys: &LockKeys, token: &str, within: Duration) -> Undo {
+    Undo {
+        script: &SCRIPTS.release,
+        keys: vec![keys.lock.clone()],
+        args: vec![
+            token.as_bytes().to_vec(),
+            kw.inner.ns.channel.as_bytes().to_vec(),
+        ],
+        within,
+    }
+}
+
 fn one(reply: &Reply) -> Option<bool> {
     Some(reply.int()? == 1)
 }
@@ -150,15 +156,7 @@ pub(super) async fn release(
         .key(&keys.lock)
         .arg(token)
         .arg(&kw.inner.ns.channel)
-        .must_land(Undo {
-            script: &SCRIPTS.release,
-            keys: vec![keys.lock.clone()],
-            args: vec![
-                token.as_bytes().to_vec(),
-                kw.inner.ns.channel.as_bytes().to_vec(),
-            ],
-            within: ttl,
-        });
+        .must_land(release_undo(kw, keys, token, ttl));
     let released = kw
         .inner
         .backend

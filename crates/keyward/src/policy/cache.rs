@@ -452,7 +452,14 @@ impl ClassSpec for CacheClass {
         }
         writeln!(f, "  max_value_bytes: {}", self.max_value_bytes)?;
         writeln!(f, "  invalidation:    {}", self.invalidation)?;
-        writeln!(f, "  personal:        {}", self.personal)?;
+        if self.personal && !self.allow_shared {
+            writeln!(
+                f,
+                "  personal:        true (Keyward::cache refuses this class unless allow_shared = true)"
+            )?;
+        } else {
+            writeln!(f, "  personal:        {}", self.personal)?;
+        }
         writeln!(f, "  allow_shared:    {}", self.allow_shared)?;
         writeln!(f, "  lease_ttl:       {}", fmt_duration(self.lease_ttl))?;
         writeln!(

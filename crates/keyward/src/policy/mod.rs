@@ -518,7 +518,7 @@ impl fmt::Display for Policy {
             } else {
                 "never (embedded store; on Redis this needs maxmemory-policy noeviction)"
             };
-            writeln!(f, "  {:<15}{eviction}", "eviction:")?;
+            writeln!(f, "  {:<17}{eviction}", "eviction:")?;
         }
         if !self.classes.is_empty() {
             writeln!(f)?;
@@ -1064,9 +1064,9 @@ mod tests {
                 .find(|b| b.starts_with("class c ("))
                 .unwrap();
             let expected = if kind == "cache" {
-                "  eviction:      allowed"
+                "  eviction:        allowed"
             } else {
-                "  eviction:      never (embedded store; on Redis this needs maxmemory-policy noeviction)"
+                "  eviction:        never (embedded store; on Redis this needs maxmemory-policy noeviction)"
             };
             assert_eq!(
                 block

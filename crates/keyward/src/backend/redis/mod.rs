@@ -69,7 +69,11 @@ pub(crate) fn redact(url: &str) -> String {
     match rest.find(['?', '#']) {
         Some(q) => {
             out.push_str(&rest[..q]);
-            out.push_str("?…");
+            out.push_str(if rest[q..].starts_with('#') {
+                "#…"
+            } else {
+                "?…"
+            });
         }
         None => out.push_str(rest),
     }
@@ -134,8 +138,17 @@ impl RedisBackend {
         let invalid = |detail: &str| Error::InvalidUrl {
             reason: scrub(url, &format!("{}: {detail}", redact(url))),
         };
-        let client =
-            Client::open(url).map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
+        let client = Client::open(url).map_err(|e| {
+            let detail = e.detail().unwrap_or("not a Redis URL");
+            if url.contains('@') {
+                invalid(&format!(
+                    "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
+                     `%2F`, `@` as `%40`, `:` as `%3A`)"
+                ))
+            } else {
+                invalid(detail)
+            }
+        })?;
         let mut info = client.get_connection_info().clone();
         if let ConnectionAddr::TcpTls {
             host,
@@ -234,9 +247,12 @@ impl RedisBackend {
         .await
         .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
         .map_err(|e| connect_err(e.to_string()))?;
-        conn.subscribe(&ns.channel)
-            .await
-            .map_err(|e| connect_err(format!("cannot subscribe to wake-ups: {e}")))?;
+        conn.subscribe(&ns.channel).await.map_err(|e| {
+            connect_err(format!(
+                "cannot subscribe to the wake-up channel `{}`: {e}",
+                ns.channel
+            ))
+        })?;
         Ok(Self {
             conn,
             server,
