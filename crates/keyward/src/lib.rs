@@ -48,14 +48,25 @@
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
-//! Internals: `backend` (the seam of semantic atomic operations, with the Redis scripts and the embedded
-//! implementation), `envelope` (the stored byte format), `flight` (single-flight), `wake` (wake-ups).
+//! Internals: each capability keeps its storage half in its own `store.rs`, with its Lua scripts next to it;
+//! `backend` holds only connection-level services (script invocation, the one response-timeout bound and circuit
+//! breaker, the undo of calls that got no answer, SCAN, wake-ups, and the embedded keyspace); `envelope` (the
+//! stored byte format), `flight` (single-flight). `docs/architecture.md` says how the layers fit and how to add
+//! a capability; `docs/resilience.md` what happens when Redis fails.
+//!
+//! # When Redis fails
+//! Every call is bounded by [`ConnectOptions::response_timeout`] and passes one circuit breaker per handle
+//! ([`Keyward::breaker_state`]); caches fail open by default, rate limits apply `on_error`, and sessions, locks
+//! and idempotency keys return a typed error. Whatever a call that got no answer may leave on the server (a
+//! fill lease, an in-progress marker, a lock) is undone when the server answers again.
 //!
 //! # Metrics
 //! Through the [`metrics`] facade, labelled by `class`: `keyward_cache_hits_total`, `…_misses_total`,
 //! `…_negative_hits_total`, `…_coalesced_total`, `…_loader_calls_total`, `…_loader_errors_total`,
-//! `…_lease_waits_total`, `…_fills_refused_total`, `…_decode_errors_total`, and the histogram
-//! `keyward_cache_loader_seconds`. `tracing` spans `keyward.cache.*` carry the cache status.
+//! `…_lease_waits_total`, `…_fills_refused_total`, `…_decode_errors_total`, `…_fail_open_total`, and the
+//! histogram `keyward_cache_loader_seconds`. `tracing` spans `keyward.cache.*` carry the cache status. Unlabelled
+//! by class: `keyward_breaker_open` (gauge), `keyward_cleanups_total{op}` (undos sent), and the embedded store's
+//! `keyward_memory_evictions_total` / `keyward_memory_refused_total` / `keyward_memory_full_total` by class.
 
 mod backend;
 mod cache;
