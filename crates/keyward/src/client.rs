@@ -45,6 +45,33 @@ pub(crate) struct Inner {
     insecure_tls: bool,
 }
 
+/// Warns when the server's `maxmemory-policy` could evict a class the policy says is never evicted (sessions,
+/// locks, idempotency keys, rate-limit state). Every key keyward writes has a TTL, so a `volatile-*` policy
+/// can evict them as readily as an `allkeys-*` one: only `noeviction` keeps them. Returns the message.
+pub(crate) fn warn_if_evicting(
+    policy: &Policy,
+    maxmemory_policy: Option<&str>,
+    server: &str,
+) -> Option<String> {
+    let evicting = maxmemory_policy.filter(|p| *p != "noeviction")?;
+    let never: Vec<&str> = policy
+        .classes()
+        .filter(|c| !c.kind().evictable())
+        .map(|c| c.name())
+        .collect();
+    if never.is_empty() {
+        return None;
+    }
+    let message = format!(
+        "Redis at {server} has maxmemory-policy {evicting}: under memory pressure it may evict keys of \
+         classes that must never be evicted ({}); a lost lock, session or in-progress marker breaks its \
+         guarantee. Use maxmemory-policy noeviction, or a separate Redis for the cache (docs/operations.md)",
+        never.join(", ")
+    );
+    tracing::warn!(server, maxmemory_policy = evicting, classes = %never.join(", "), "keyward: {message}");
+    Some(message)
+}
+
 /// `REDIS_URL`, trimmed, if set and not empty.
 fn redis_url_from_env() -> Option<String> {
     std::env::var("REDIS_URL")
@@ -90,6 +117,7 @@ impl Keyward {
         let bus = Arc::new(WakeBus::default());
         let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
+        warn_if_evicting(&policy, backend.maxmemory_policy(), &server);
         Ok(Self::assemble(
             policy,
             ns,

@@ -317,3 +317,64 @@ async fn ping_and_the_strict_constructor() {
         assert!(matches!(err, Error::MissingRedisUrl), "{err:?}");
     }
 }
+
+/// A writer that keeps what a `tracing` subscriber writes, for asserting on log lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// A server whose `maxmemory-policy` could evict a lock (every keyward key has a TTL, so `volatile-lru` can
+/// evict it as readily as `allkeys-lru`) gets a warning at connect naming the classes at risk; `noeviction`
+/// gets none.
+#[tokio::test(flavor = "current_thread")]
+async fn an_evicting_server_is_warned_about_at_connect() {
+    for (server_policy, warned) in [
+        ("volatile-lru", true),
+        ("allkeys-lru", true),
+        ("noeviction", false),
+    ] {
+        let server = RedisServer::spawn_with(
+            keyward_testkit::ServerOptions::default().args(["--maxmemory-policy", server_policy]),
+        );
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let _kw = Keyward::connect(&server.url(), policy("evict"))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        assert_eq!(
+            text.contains("maxmemory-policy"),
+            warned,
+            "{server_policy}: {text}"
+        );
+        if warned {
+            assert!(
+                text.contains("job") && text.contains(server_policy),
+                "{text}"
+            );
+        }
+    }
+}

@@ -98,6 +98,14 @@ impl Backend {
         }
     }
 
+    /// The server's `maxmemory-policy` at connect (Redis only, when the server reported it).
+    pub(crate) fn maxmemory_policy(&self) -> Option<&str> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis(r) => r.maxmemory_policy(),
+        }
+    }
+
     /// The longest a caller waiting for someone else (a fill lease held elsewhere) should sleep before it asks
     /// the store again: the response timeout on Redis, so that a waiter is bounded by it while Redis hangs (a
     /// hung server sends no wake-up and no disconnect); `None` on the embedded backend, whose wake-ups cannot

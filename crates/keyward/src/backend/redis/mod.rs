@@ -37,6 +37,8 @@ pub(crate) struct RedisBackend {
     breaker: Breaker,
     /// Local wake-ups, woken all at once when the breaker opens.
     bus: Arc<WakeBus>,
+    /// The server's `maxmemory-policy` at connect (from `INFO memory`), if it reported one.
+    maxmemory_policy: Option<String>,
 }
 
 /// `host:port`, `tls://host:port` or `unix:/path` — never credentials.
@@ -208,10 +210,12 @@ impl RedisBackend {
         .map_err(|e| connect_err(e.to_string()))?;
         let info: String = redis::cmd("INFO")
             .arg("server")
+            .arg("memory")
             .query_async(&mut probe)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         check_version(&info).map_err(connect_err)?;
+        let maxmemory_policy = info_field(&info, "maxmemory_policy").map(str::to_owned);
         drop(probe);
 
         let wake = Arc::clone(&bus);
@@ -259,11 +263,17 @@ impl RedisBackend {
             response_timeout: options.response_timeout,
             breaker: Breaker::new(options.breaker_failures, options.breaker_cooldown),
             bus: wake_bus,
+            maxmemory_policy,
         })
     }
 
     pub(crate) fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The server's `maxmemory-policy` at connect, if it reported one.
+    pub(crate) fn maxmemory_policy(&self) -> Option<&str> {
+        self.maxmemory_policy.as_deref()
     }
 
     fn err(&self, op: &'static str, e: RedisError) -> Error {
@@ -535,6 +545,15 @@ impl<U: FnOnce() -> Undo> Drop for UndoGuard<'_, U> {
 /// Whether a failed call may still have been executed by the server (it was sent, no answer came back).
 fn may_have_run(e: &RedisError) -> bool {
     !e.is_connection_refusal() && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped())
+}
+
+/// The value of `field:` in an `INFO` reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
 }
 
 fn check_version(info: &str) -> std::result::Result<(), String> {
