@@ -23,6 +23,14 @@ use crate::error::{Error, Result};
 ///     .connect_timeout(Duration::from_secs(2))
 ///     .response_timeout(Duration::from_millis(250));
 /// ```
+///
+/// Mutual TLS with a private CA (for a `rediss://` URL; the files are read when connecting):
+///
+/// ```
+/// let options = keyward::ConnectOptions::default()
+///     .tls_ca_file("/etc/redis-tls/ca.pem")
+///     .tls_client_cert_files("/etc/redis-tls/client.pem", "/etc/redis-tls/client.key");
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectOptions {
