@@ -30,6 +30,8 @@
 //!   address ([`RedisServer::restart`]).
 //! - `proxy` — [`TcpProxy`] (forward, blackhole or refuse, switchable while clients are connected) and
 //!   [`Blackhole`] (accepts TCP, never answers): network faults on loopback only.
+//! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA) and
+//!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates).
 //!
 //! # Faults
 //!
@@ -50,10 +52,12 @@
 mod binary;
 mod proxy;
 mod server;
+mod tls;
 
 pub use binary::{MISSING_REDIS_MESSAGE, REDIS_SERVER_ENV, redis_server_binary};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};
+pub use tls::{TestCerts, TlsServer};
 
 #[cfg(test)]
 mod tests;

@@ -612,7 +612,7 @@ fn encode_component(text: &str) -> String {
 }
 
 /// A currently free TCP port on 127.0.0.1 (bound, then released).
-fn free_tcp_port() -> u16 {
+pub(crate) fn free_tcp_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap_or_else(|err| panic!("cannot bind 127.0.0.1:0 to pick a free port: {err}"));
     listener

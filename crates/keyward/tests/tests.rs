@@ -35,5 +35,6 @@ mod rate_limit;
 mod rate_limit_failures;
 mod resilience;
 mod session;
+mod tls;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;

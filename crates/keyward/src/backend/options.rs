@@ -1,11 +1,19 @@
-//! Connection settings: timeouts, reconnection, the circuit breaker, TLS verification, and the embedded
-//! backend's budgets.
+//! Connection settings: timeouts, reconnection, the circuit breaker, TLS (verification, a custom CA, client
+//! certificates), and the embedded backend's budgets.
+//!
+//! TLS material is only *named* here; files are read and every PEM is parsed when connecting
+//! ([`ConnectOptions::tls_certificates`]), so that an unreadable file or a malformed PEM fails the connect with
+//! an error naming it rather than a TLS handshake failure later. Key bytes never reach `Debug` or an error.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
 use super::MemoryOptions;
-#[cfg(doc)]
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Connection settings. Credentials come only from the URL and are never logged.
 ///
@@ -15,9 +23,21 @@ use crate::error::Error;
 ///     .connect_timeout(Duration::from_secs(2))
 ///     .response_timeout(Duration::from_millis(250));
 /// ```
+///
+/// Mutual TLS with a private CA (for a `rediss://` URL; the files are read when connecting):
+///
+/// ```
+/// let options = keyward::ConnectOptions::default()
+///     .tls_ca_file("/etc/redis-tls/ca.pem")
+///     .tls_client_cert_files("/etc/redis-tls/client.pem", "/etc/redis-tls/client.key");
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectOptions {
+    /// The CAs that verify the server, replacing the system's (None: the system's).
+    pub(crate) tls_ca: Option<PemSource>,
+    /// The client certificate chain and key for mutual TLS; its `Debug` never shows key material.
+    pub(crate) client_cert: ClientCert,
     pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) reconnect_retries: usize,
@@ -30,6 +50,8 @@ pub struct ConnectOptions {
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
+            tls_ca: None,
+            client_cert: ClientCert(None),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(1),
             reconnect_retries: 6,
@@ -80,10 +102,231 @@ impl ConnectOptions {
         self
     }
 
+    /// Trust only the CA certificates in `pem` (one or more PEM `CERTIFICATE` blocks) to verify the server,
+    /// instead of the system's trust store: for a Redis whose certificate a private CA signed. Needs a
+    /// `rediss://` URL. Replaces an earlier [`tls_ca_file`](Self::tls_ca_file).
+    ///
+    /// # Errors
+    /// Connecting fails with [`Error::InvalidArgument`] ("the PEM given to tls_ca_pem") when `pem` holds no
+    /// certificate or one that does not parse, and with [`Error::InvalidUrl`] for a URL that is not `rediss://`.
+    #[must_use]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(PemSource::Bytes(pem.into()));
+        self
+    }
+
+    /// As [`tls_ca_pem`](Self::tls_ca_pem), with the PEM read from the file at `path` when connecting (not
+    /// now). Replaces an earlier [`tls_ca_pem`](Self::tls_ca_pem).
+    ///
+    /// # Errors
+    /// Connecting fails with [`Error::InvalidArgument`] naming the file when it cannot be read or holds no
+    /// certificate that parses, and with [`Error::InvalidUrl`] for a URL that is not `rediss://`.
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(PemSource::File(path.into()));
+        self
+    }
+
+    /// Present a client certificate (mutual TLS, for a Redis with `tls-auth-clients yes`): `cert` is the PEM
+    /// certificate chain, the client's own certificate first; `key` its private key in PEM (PKCS#8, PKCS#1
+    /// or SEC1). The key is kept in memory and never shown in `Debug` or errors. Needs a `rediss://` URL.
+    /// Replaces an earlier [`tls_client_cert_files`](Self::tls_client_cert_files).
+    ///
+    /// # Errors
+    /// Connecting fails with [`Error::InvalidArgument`] ("the PEM given to tls_client_cert_pem") when the
+    /// chain or the key does not parse or the key does not belong to the certificate, and with
+    /// [`Error::InvalidUrl`] for a URL that is not `rediss://`. A server that refuses the certificate fails
+    /// the connect with [`Error::Connect`].
+    #[must_use]
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client_cert = ClientCert(Some((
+            PemSource::Bytes(cert.into()),
+            PemSource::Bytes(key.into()),
+        )));
+        self
+    }
+
+    /// As [`tls_client_cert_pem`](Self::tls_client_cert_pem), with the certificate chain and the key read from
+    /// the files at `cert_path` and `key_path` when connecting (not now). Replaces an earlier
+    /// [`tls_client_cert_pem`](Self::tls_client_cert_pem).
+    ///
+    /// # Errors
+    /// Connecting fails with [`Error::InvalidArgument`] naming the file that cannot be read or does not parse
+    /// (or both, when the key does not belong to the certificate), and as
+    /// [`tls_client_cert_pem`](Self::tls_client_cert_pem) otherwise.
+    #[must_use]
+    pub fn tls_client_cert_files(
+        mut self,
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_cert = ClientCert(Some((
+            PemSource::File(cert_path.into()),
+            PemSource::File(key_path.into()),
+        )));
+        self
+    }
+
     /// Settings for the embedded backend, used for `mem://` or when no `REDIS_URL` is set.
     #[must_use]
     pub fn memory(mut self, m: MemoryOptions) -> Self {
         self.memory = m;
         self
+    }
+}
+
+/// Where a PEM comes from: bytes given in code, or a file read when connecting.
+#[derive(Clone)]
+pub(crate) enum PemSource {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+impl fmt::Debug for PemSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PemSource::Bytes(bytes) => write!(f, "PEM ({} bytes)", bytes.len()),
+            PemSource::File(path) => write!(f, "file {:?}", path.display().to_string()),
+        }
+    }
+}
+
+/// The client certificate chain and key, if set. Its `Debug` says `set` and where from, never the bytes.
+#[derive(Clone)]
+pub(crate) struct ClientCert(pub(crate) Option<(PemSource, PemSource)>);
+
+impl fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("not set"),
+            Some((PemSource::File(cert), PemSource::File(key))) => write!(
+                f,
+                "set (files {:?}, {:?})",
+                cert.display().to_string(),
+                key.display().to_string()
+            ),
+            Some(_) => f.write_str("set (PEM given in code)"),
+        }
+    }
+}
+
+/// Which option a PEM came from, for messages: the file, or the method it was given to.
+fn describe(source: &PemSource, file_kind: &str, method: &str, part: &str) -> String {
+    match source {
+        PemSource::File(path) => format!(
+            "the {file_kind} file `{}` (ConnectOptions::{method})",
+            path.display()
+        ),
+        PemSource::Bytes(_) => format!("the {part}PEM given to ConnectOptions::{method}"),
+    }
+}
+
+fn tls_error(what: String) -> Error {
+    Error::InvalidArgument {
+        what: format!("TLS: {what}"),
+    }
+}
+
+/// The bytes of `source`, reading a file now.
+fn load(source: &PemSource, name: &str) -> Result<Vec<u8>> {
+    match source {
+        PemSource::Bytes(bytes) => Ok(bytes.clone()),
+        // Read once per connect, before any connection: a blocking read of a small file is fine here.
+        PemSource::File(path) => {
+            std::fs::read(path).map_err(|e| tls_error(format!("cannot read {name}: {e}")))
+        }
+    }
+}
+
+/// The certificates in `pem`: at least one, and every block parses.
+fn certificates(pem: &[u8], name: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(format!("{name} is not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(tls_error(format!(
+            "{name} holds no PEM `CERTIFICATE` block"
+        )));
+    }
+    Ok(certs)
+}
+
+impl ConnectOptions {
+    /// Whether any TLS material (a CA or a client certificate) is set; it then needs a `rediss://` URL.
+    pub(crate) fn has_tls_material(&self) -> bool {
+        self.tls_ca.is_some() || self.client_cert.0.is_some()
+    }
+
+    /// The CA and client certificate for redis-rs's `Client::build_with_tls`, read and checked now: `None`
+    /// when neither is set.
+    ///
+    /// redis-rs silently skips what is not a certificate (an empty trust store then refuses every server),
+    /// and reports a bad key only when connecting; checking here names the file or option at fault.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the file or the option: unreadable, not PEM, no certificate, a
+    /// certificate that is not a usable trust anchor, a key that does not parse, is of an unsupported type or
+    /// does not belong to the certificate.
+    pub(crate) fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        if !self.has_tls_material() {
+            return Ok(None);
+        }
+        let root_cert = match &self.tls_ca {
+            None => None,
+            Some(source) => {
+                let method = match source {
+                    PemSource::Bytes(_) => "tls_ca_pem",
+                    PemSource::File(_) => "tls_ca_file",
+                };
+                let name = describe(source, "CA", method, "");
+                let pem = load(source, &name)?;
+                let mut store = rustls::RootCertStore::empty();
+                for cert in certificates(&pem, &name)? {
+                    store.add(cert).map_err(|e| {
+                        tls_error(format!(
+                            "{name} holds a certificate that cannot be a CA: {e}"
+                        ))
+                    })?;
+                }
+                Some(pem)
+            }
+        };
+        let client_tls = match &self.client_cert.0 {
+            None => None,
+            Some((cert_source, key_source)) => {
+                let method = match cert_source {
+                    PemSource::Bytes(_) => "tls_client_cert_pem",
+                    PemSource::File(_) => "tls_client_cert_files",
+                };
+                let cert_name = describe(cert_source, "client certificate", method, "certificate ");
+                let key_name = describe(key_source, "client key", method, "key ");
+                let client_cert = load(cert_source, &cert_name)?;
+                let client_key = load(key_source, &key_name)?;
+                let chain = certificates(&client_cert, &cert_name)?;
+                // The parser's message names the PEM section, never its contents.
+                let key = PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                    tls_error(format!("{key_name} holds no usable private key: {e}"))
+                })?;
+                let provider = rustls::crypto::ring::default_provider();
+                rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                    tls_error(format!(
+                        "{key_name} cannot sign for {cert_name} (a key of another certificate, or an \
+                         unsupported key type): {e}"
+                    ))
+                })?;
+                Some(redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                })
+            }
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
     }
 }

@@ -183,14 +183,25 @@ impl RedisBackend {
             }
             // redis-rs enables rustls without a crypto provider; install ring's unless the app chose one.
             let _ = rustls::crypto::ring::default_provider().install_default();
+        } else if options.has_tls_material() {
+            return Err(invalid(
+                "a TLS CA or client certificate is set (ConnectOptions::tls_ca_* / tls_client_cert_*), which \
+                 needs a TLS URL: use `rediss://`",
+            ));
         }
         let server = describe(info.addr());
         let settings = info
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = Client::open(info.set_redis_settings(settings))
-            .map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
+        let info = info.set_redis_settings(settings);
+        // One client for the probe and the connection manager: both present the client certificate and trust
+        // only the given CA.
+        let client = match options.tls_certificates()? {
+            Some(certs) => Client::build_with_tls(info, certs),
+            None => Client::open(info),
+        }
+        .map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
         let connect_err = |reason: String| Error::Connect {
             server: server.clone(),
             reason,
