@@ -1,4 +1,4 @@
-//! Locating the `redis-server` executable.
+//! Locating the `redis-server` and `redis-cli` executables.
 
 use std::env;
 use std::ffi::OsString;
@@ -11,6 +11,14 @@ pub const REDIS_SERVER_ENV: &str = "KEYWARD_REDIS_SERVER";
 pub const MISSING_REDIS_MESSAGE: &str = "redis-server not found: keyward's tests run against a real Redis. \
      Install it with `sudo apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`, \
      or point KEYWARD_REDIS_SERVER at the binary.";
+
+/// Environment variable that, when set, names the `redis-cli` binary to use.
+pub const REDIS_CLI_ENV: &str = "KEYWARD_REDIS_CLI";
+
+/// The panic message used when no `redis-cli` binary can be found.
+pub const MISSING_REDIS_CLI_MESSAGE: &str = "redis-cli not found: keyward's cluster tests form the cluster with \
+     `redis-cli --cluster create`. Install it with `sudo apt-get install -y redis-server` (Debian/Ubuntu, it \
+     brings redis-tools) or `brew install redis`, or point KEYWARD_REDIS_CLI at the binary.";
 
 /// Directories searched after `PATH`, in order.
 const FALLBACK_DIRS: &[&str] = &["/usr/bin", "/usr/sbin", "/usr/local/bin"];
@@ -33,15 +41,65 @@ pub fn redis_server_binary() -> PathBuf {
     }
 }
 
+/// The `redis-cli` binary, used to form clusters (`redis-cli --cluster create`).
+///
+/// Uses the `KEYWARD_REDIS_CLI` environment variable if it is set and non-empty, otherwise a `redis-cli` next
+/// to the `redis-server` that [`redis_server_binary`] finds (so `KEYWARD_REDIS_SERVER` pointing at a build
+/// directory brings its matching `redis-cli`), otherwise the first executable `redis-cli` on `PATH`, otherwise
+/// `/usr/bin`, `/usr/sbin` or `/usr/local/bin`.
+///
+/// # Panics
+///
+/// Panics with [`MISSING_REDIS_CLI_MESSAGE`] if no binary is found, or if `KEYWARD_REDIS_CLI` names a file
+/// that is not an executable.
+pub fn redis_cli_binary() -> PathBuf {
+    let beside_server = find_binary(env::var_os(REDIS_SERVER_ENV), env::var_os("PATH"))
+        .ok()
+        .and_then(|server| server.parent().map(Path::to_path_buf));
+    let mut dirs: Vec<PathBuf> = beside_server.into_iter().collect();
+    if let Some(path_var) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path_var));
+    }
+    let search = env::join_paths(dirs).ok();
+    match find_named(
+        "redis-cli",
+        REDIS_CLI_ENV,
+        MISSING_REDIS_CLI_MESSAGE,
+        env::var_os(REDIS_CLI_ENV),
+        search,
+    ) {
+        Ok(path) => path,
+        Err(message) => panic!("{message}"),
+    }
+}
+
 /// The lookup behind [`redis_server_binary`], with its inputs made explicit.
 fn find_binary(from_env: Option<OsString>, path_var: Option<OsString>) -> Result<PathBuf, String> {
+    find_named(
+        "redis-server",
+        REDIS_SERVER_ENV,
+        MISSING_REDIS_MESSAGE,
+        from_env,
+        path_var,
+    )
+}
+
+/// Finds executable `name`: `from_env` (the value of `env_name`) if set, else the `path_var` directories, else
+/// [`FALLBACK_DIRS`]; `missing` is the error when nothing is found.
+fn find_named(
+    name: &str,
+    env_name: &str,
+    missing: &str,
+    from_env: Option<OsString>,
+    path_var: Option<OsString>,
+) -> Result<PathBuf, String> {
     if let Some(explicit) = from_env.filter(|value| !value.is_empty()) {
         let explicit = PathBuf::from(explicit);
         return if is_executable(&explicit) {
             Ok(explicit)
         } else {
             Err(format!(
-                "{REDIS_SERVER_ENV}={} is not an executable file. {MISSING_REDIS_MESSAGE}",
+                "{env_name}={} is not an executable file. {missing}",
                 explicit.display()
             ))
         };
@@ -54,9 +112,9 @@ fn find_binary(from_env: Option<OsString>, path_var: Option<OsString>) -> Result
         .into_iter()
         .filter(|dir| !dir.as_os_str().is_empty())
         .chain(FALLBACK_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join("redis-server"))
+        .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| MISSING_REDIS_MESSAGE.to_owned())
+        .ok_or_else(|| missing.to_owned())
 }
 
 /// Whether `path` is a regular file (after following symlinks) that someone may execute.
@@ -127,6 +185,25 @@ mod tests {
             find_binary(Some("".into()), Some(path_var)).unwrap(),
             expected
         );
+    }
+
+    #[test]
+    fn redis_cli_lookup_uses_its_own_env_var_and_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_exec = dir.path().join("redis-cli");
+        fs::write(&not_exec, "#!/bin/sh\n").unwrap();
+        let err = find_named(
+            "redis-cli",
+            REDIS_CLI_ENV,
+            MISSING_REDIS_CLI_MESSAGE,
+            Some(not_exec.into()),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("KEYWARD_REDIS_CLI="), "{err}");
+        assert!(err.contains("apt-get install -y redis-server"), "{err}");
+        let found = redis_cli_binary();
+        assert!(found.ends_with("redis-cli"), "{}", found.display());
     }
 
     #[test]

@@ -30,6 +30,10 @@
 //!   address ([`RedisServer::restart`]).
 //! - `proxy` — [`TcpProxy`] (forward, blackhole or refuse, switchable while clients are connected) and
 //!   [`Blackhole`] (accepts TCP, never answers): network faults on loopback only.
+//! - `cluster` — [`RedisCluster`] and [`ClusterOptions`]: 3 masters (optionally with replicas) on loopback,
+//!   formed with `redis-cli --cluster create` ([`redis_cli_binary`]) and ready when every node says
+//!   `cluster_state:ok`; topology ([`RedisCluster::nodes`], [`RedisCluster::master_for_key`]) and faults
+//!   ([`RedisCluster::kill_master_of`], [`RedisCluster::wait_for_failover`], pause/resume of a node).
 //! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA) and
 //!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates).
 //!
@@ -50,14 +54,21 @@
 //! ```
 
 mod binary;
+mod cluster;
 mod proxy;
 mod server;
 mod tls;
 
-pub use binary::{MISSING_REDIS_MESSAGE, REDIS_SERVER_ENV, redis_server_binary};
+pub use binary::{
+    MISSING_REDIS_CLI_MESSAGE, MISSING_REDIS_MESSAGE, REDIS_CLI_ENV, REDIS_SERVER_ENV,
+    redis_cli_binary, redis_server_binary,
+};
+pub use cluster::{ClusterNode, ClusterOptions, MASTERS, NodeRole, RedisCluster, SLOTS};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
 pub use server::{RedisServer, ServerOptions};
 pub use tls::{TestCerts, TlsServer};
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;
