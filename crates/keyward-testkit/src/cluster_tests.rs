@@ -231,3 +231,33 @@ fn killing_the_master_of_a_key_fails_over_to_its_replica_and_the_key_survives() 
         .unwrap();
     assert_eq!(note.as_deref(), Some("after failover"));
 }
+
+#[test]
+fn without_replicas_a_killed_master_is_not_failed_over_and_the_wait_panics_with_every_log() {
+    let mut cluster = RedisCluster::spawn();
+    let killed = cluster.kill_master_of("{lonely}:key");
+    assert!(
+        TcpStream::connect((Ipv4Addr::LOCALHOST, killed.port)).is_err(),
+        "the killed master still accepts connections"
+    );
+    let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cluster.wait_for_failover(Duration::from_millis(1500))
+    }))
+    .expect_err("no replica can take over, yet the wait returned");
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(message.contains("not ok within"), "{message}");
+    assert!(
+        message.contains("--- redis-cli --cluster create ---"),
+        "{message}"
+    );
+    for port in cluster.ports() {
+        assert!(
+            message.contains(&format!("--- node 127.0.0.1:{port} ")),
+            "log of node {port} missing: {message}"
+        );
+    }
+    assert!(message.contains("Cluster state changed: ok"), "{message}");
+}
