@@ -32,6 +32,8 @@
 //!   [`Blackhole`] (accepts TCP, never answers): network faults on loopback only.
 //! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA) and
 //!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates).
+//! - `sentinel` — [`SentinelSet`]: one master, one replica and three sentinels on loopback, with
+//!   [`SentinelSet::failover`] (`SENTINEL FAILOVER`, returning when every sentinel names the new master).
 //!
 //! # Faults
 //!
@@ -51,11 +53,13 @@
 
 mod binary;
 mod proxy;
+mod sentinel;
 mod server;
 mod tls;
 
 pub use binary::{MISSING_REDIS_MESSAGE, REDIS_SERVER_ENV, redis_server_binary};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
+pub use sentinel::{SENTINEL_MASTER_NAME, SentinelSet};
 pub use server::{RedisServer, ServerOptions};
 pub use tls::{TestCerts, TlsServer};
 
