@@ -299,12 +299,15 @@ pub(crate) async fn open(
     .await
     .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
     .map_err(|e| connect_err(e.to_string()))?;
-    conn.subscribe(&ns.channel).await.map_err(|e| {
-        connect_err(format!(
-            "cannot subscribe to the wake-up channel `{}`: {e}",
-            ns.channel
-        ))
-    })?;
+    tokio::time::timeout(options.connect_timeout, conn.subscribe(&ns.channel))
+        .await
+        .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
+        .map_err(|e| {
+            connect_err(format!(
+                "cannot subscribe to the wake-up channel `{}`: {e}",
+                ns.channel
+            ))
+        })?;
     Ok(Opened {
         conn,
         server,

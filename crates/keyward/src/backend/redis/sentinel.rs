@@ -313,7 +313,9 @@ async fn subscribe(follower: Arc<Follower>) {
             else {
                 continue;
             };
-            if pubsub.subscribe("+switch-master").await.is_err() {
+            let subscribed =
+                tokio::time::timeout(RESOLVE_EVERY * 4, pubsub.subscribe("+switch-master")).await;
+            if !matches!(subscribed, Ok(Ok(()))) {
                 continue;
             }
             follower.trigger();
