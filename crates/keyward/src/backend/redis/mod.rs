@@ -355,7 +355,7 @@ impl RedisBackend {
             .unwrap_or(u32::MAX)
             .max(1);
         let per_sentinel = (options.connect_timeout / n).max(Duration::from_millis(100));
-        let addr = sentinel::ask_sentinels(&parsed, per_sentinel)
+        let (addr, _) = sentinel::ask_sentinels(&parsed, per_sentinel)
             .await
             .map_err(|reason| Error::Connect {
                 server: server.clone(),

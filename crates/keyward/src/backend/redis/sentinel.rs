@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use tokio::sync::Notify;
 
@@ -166,7 +167,7 @@ fn sentinel_client(host: &str, port: u16) -> redis::RedisResult<Client> {
 pub(crate) async fn ask_sentinels(
     url: &SentinelUrl,
     per_sentinel: Duration,
-) -> std::result::Result<(String, u16), String> {
+) -> std::result::Result<((String, u16), MultiplexedConnection), String> {
     let mut failures = Vec::new();
     for (host, port) in &url.sentinels {
         let attempt = async {
@@ -175,16 +176,11 @@ pub(crate) async fn ask_sentinels(
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(|e| e.to_string())?;
-            let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
-                .arg("GET-MASTER-ADDR-BY-NAME")
-                .arg(&url.master)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            addr.ok_or_else(|| format!("does not know a master named `{}`", url.master))
+            let addr = master_addr(&mut conn, &url.master).await?;
+            Ok::<_, String>((addr, conn))
         };
         match tokio::time::timeout(per_sentinel, attempt).await {
-            Ok(Ok(addr)) => return Ok(addr),
+            Ok(Ok(found)) => return Ok(found),
             Ok(Err(e)) => failures.push(format!("{host}:{port} {e}")),
             Err(_) => failures.push(format!(
                 "{host}:{port} gave no answer within {per_sentinel:?}"
@@ -197,6 +193,20 @@ pub(crate) async fn ask_sentinels(
     ))
 }
 
+/// `SENTINEL GET-MASTER-ADDR-BY-NAME master` on a sentinel connection.
+async fn master_addr(
+    conn: &mut MultiplexedConnection,
+    master: &str,
+) -> std::result::Result<(String, u16), String> {
+    let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+        .arg("GET-MASTER-ADDR-BY-NAME")
+        .arg(master)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    addr.ok_or_else(|| format!("does not know a master named `{master}`"))
+}
+
 /// The failover follower's shared state: the connection slot it swaps, and what it needs to open a new one.
 pub(crate) struct Follower {
     pub(crate) url: SentinelUrl,
@@ -204,6 +214,8 @@ pub(crate) struct Follower {
     resolve: Notify,
     slot: Arc<Slot>,
     breaker: Arc<Breaker>,
+    /// The sentinel connection that answered last, asked first next time (no connection per poll).
+    sentinel: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// The master the slot is connected to.
     current: Mutex<(String, u16)>,
     options: ConnectOptions,
@@ -226,6 +238,7 @@ impl Follower {
             resolve: Notify::new(),
             slot,
             breaker,
+            sentinel: tokio::sync::Mutex::new(None),
             current: Mutex::new(current),
             options,
             ns,
@@ -246,10 +259,27 @@ impl Follower {
         (self.options.connect_timeout / n).max(Duration::from_millis(100))
     }
 
+    /// The master as the last sentinel that answered names it, or else as the first of the URL's sentinels
+    /// that answers.
+    async fn resolve(&self) -> std::result::Result<(String, u16), String> {
+        let per_sentinel = self.per_sentinel();
+        let mut cached = self.sentinel.lock().await;
+        if let Some(conn) = cached.as_mut()
+            && let Ok(Ok(addr)) =
+                tokio::time::timeout(per_sentinel, master_addr(conn, &self.url.master)).await
+        {
+            return Ok(addr);
+        }
+        *cached = None;
+        let (addr, conn) = ask_sentinels(&self.url, per_sentinel).await?;
+        *cached = Some(conn);
+        Ok(addr)
+    }
+
     /// Ask the sentinels for the master; if it moved, connect to the new one (verified by `ROLE`), swap the
     /// connection in, and wake every local waiter (wake-ups sent to the old master are lost).
     async fn follow(&self) {
-        let addr = match ask_sentinels(&self.url, self.per_sentinel()).await {
+        let addr = match self.resolve().await {
             Ok(addr) => addr,
             Err(e) => {
                 tracing::debug!(sentinels = %self.url.describe(), error = %e, "keyward: cannot resolve the master");
