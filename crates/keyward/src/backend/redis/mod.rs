@@ -8,8 +8,9 @@
 //!
 //! Scope: standalone Redis (TCP, TLS, unix socket), and a master behind Sentinel (`redis+sentinel://`, see
 //! [`sentinel`]): then the connection sits in a swappable slot that the failover follower replaces when the
-//! master moves; every call takes the current one (one uncontended read lock and a clone). The cache scripts read the namespace's epoch hash next to the entry, which lives in another Cluster slot,
-//! so Redis Cluster is not supported by this backend yet.
+//! master moves; every call takes the current one (one uncontended read lock and a clone). The cache
+//! scripts read the namespace's epoch hash next to the entry, which lives in another Cluster slot, so Redis
+//! Cluster is not supported by this backend yet.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -164,16 +165,16 @@ pub(crate) async fn open(
         reason: scrub(url, &format!("{}: {detail}", redact(url))),
     };
     let client = Client::open(url).map_err(|e| {
-            let detail = e.detail().unwrap_or("not a Redis URL");
-            if url.contains('@') {
-                invalid(&format!(
-                    "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
-                     `%2F`, `@` as `%40`, `:` as `%3A`)"
-                ))
-            } else {
-                invalid(detail)
-            }
-        })?;
+        let detail = e.detail().unwrap_or("not a Redis URL");
+        if url.contains('@') {
+            invalid(&format!(
+                "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
+                 `%2F`, `@` as `%40`, `:` as `%3A`)"
+            ))
+        } else {
+            invalid(detail)
+        }
+    })?;
     let mut info = client.get_connection_info().clone();
     if let ConnectionAddr::TcpTls {
         host,
@@ -185,18 +186,18 @@ pub(crate) async fn open(
         if insecure && !options.danger_accept_invalid_certs {
             return Err(invalid(
                 "the `#insecure` fragment turns off TLS certificate verification; keyward does that only \
-                     through the explicit ConnectOptions::danger_accept_invalid_certs()",
+                 through the explicit ConnectOptions::danger_accept_invalid_certs()",
             ));
         }
         if options.danger_accept_invalid_certs {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                    tracing::warn!(
-                        server = %format!("{host}:{port}"),
-                        "keyward: TLS certificate verification is OFF (ConnectOptions::danger_accept_invalid_certs); \
-                         anyone on the network path can impersonate Redis"
-                    );
-                });
+                tracing::warn!(
+                    server = %format!("{host}:{port}"),
+                    "keyward: TLS certificate verification is OFF (ConnectOptions::danger_accept_invalid_certs); \
+                     anyone on the network path can impersonate Redis"
+                );
+            });
             info = info.set_addr(ConnectionAddr::TcpTls {
                 host,
                 port,
