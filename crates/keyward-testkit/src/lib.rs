@@ -36,6 +36,8 @@
 //!   ([`RedisCluster::kill_master_of`], [`RedisCluster::wait_for_failover`], pause/resume of a node).
 //! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA) and
 //!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates).
+//! - `sentinel` — [`SentinelSet`]: one master, one replica and three sentinels on loopback, with
+//!   [`SentinelSet::failover`] (`SENTINEL FAILOVER`, returning when every sentinel names the new master).
 //!
 //! # Faults
 //!
@@ -56,6 +58,7 @@
 mod binary;
 mod cluster;
 mod proxy;
+mod sentinel;
 mod server;
 mod tls;
 
@@ -65,6 +68,7 @@ pub use binary::{
 };
 pub use cluster::{ClusterNode, ClusterOptions, MASTERS, NodeRole, RedisCluster, SLOTS};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
+pub use sentinel::{SENTINEL_MASTER_NAME, SentinelSet};
 pub use server::{RedisServer, ServerOptions};
 pub use tls::{TestCerts, TlsServer};
 

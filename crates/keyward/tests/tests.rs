@@ -34,6 +34,7 @@ mod no_forbidden_commands;
 mod rate_limit;
 mod rate_limit_failures;
 mod resilience;
+mod sentinel;
 mod session;
 mod tls;
 #[cfg(feature = "tower-sessions")]

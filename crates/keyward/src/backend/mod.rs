@@ -48,7 +48,7 @@ pub(crate) struct Namespace {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BackendKind {
-    /// A Redis server (standalone, over TCP, TLS or a unix socket).
+    /// A Redis server (standalone, over TCP, TLS or a unix socket, or the master behind Sentinel).
     Redis,
     /// The embedded in-process backend.
     Embedded,

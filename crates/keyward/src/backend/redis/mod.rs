@@ -6,9 +6,11 @@
 //! concurrent calls are pipelined on it. It speaks RESP3 so that the fill wake-up subscription rides the same
 //! connection as push messages, and is re-subscribed automatically after a reconnect.
 //!
-//! Scope: standalone Redis (TCP, TLS, unix socket), which includes a Sentinel-managed master reached directly.
-//! The cache scripts read the namespace's epoch hash next to the entry, which lives in another Cluster slot,
-//! so Redis Cluster is not supported by this backend yet.
+//! Scope: standalone Redis (TCP, TLS, unix socket), and a master behind Sentinel (`redis+sentinel://`, see
+//! [`sentinel`]): then the connection sits in a swappable slot that the failover follower replaces when the
+//! master moves; every call takes the current one (one uncontended read lock and a clone). The cache
+//! scripts read the namespace's epoch hash next to the entry, which lives in another Cluster slot, so Redis
+//! Cluster is not supported by this backend yet.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use redis::{
     Value,
 };
 
+mod sentinel;
+
 use super::ConnectOptions;
 use super::breaker::{Admit, Breaker, BreakerState};
 use super::{Call, KeyTtl, Namespace, Pipeline, Reply, Undo, is_unavailable};
@@ -29,12 +33,21 @@ use crate::error::{Error, Result};
 /// The oldest server keyward runs on: `SET … NX GET` (get-or-lease in one command) arrived in 7.0.
 const MIN_REDIS_MAJOR: u32 = 7;
 
+/// The connection every call uses; replaced only when a Sentinel failover moves the master.
+pub(crate) type Slot = std::sync::RwLock<ConnectionManager>;
+
 pub(crate) struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Arc<Slot>,
+    /// Behind Sentinel: the failover follower, asked to re-resolve when a call finds the master unavailable
+    /// or read-only.
+    follower: Option<Arc<sentinel::Follower>>,
+    /// The follower's tasks, aborted on drop.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     server: String,
     response_timeout: Duration,
-    /// One breaker for every capability of this handle (see [`RedisBackend::call`]).
-    breaker: Breaker,
+    /// One breaker for every capability of this handle (see [`RedisBackend::call`]); shared with the failover
+    /// follower, which closes it when it switches to a verified new master.
+    breaker: Arc<Breaker>,
     /// Local wake-ups, woken all at once when the breaker opens.
     bus: Arc<WakeBus>,
     /// The server's `maxmemory-policy` at connect (from `INFO memory`), if it reported one.
@@ -130,152 +143,277 @@ pub(crate) fn scrub(url: &str, message: &str) -> String {
     out
 }
 
+/// A connection opened by [`open`].
+pub(crate) struct Opened {
+    pub(crate) conn: ConnectionManager,
+    /// `host:port` (never credentials).
+    pub(crate) server: String,
+    pub(crate) maxmemory_policy: Option<String>,
+}
+
+/// Open the connection manager to the standalone server at `url`, subscribed to `ns`'s wake-up channel, after
+/// one direct probe (the real reason on failure, the version check, and with `must_be_master` a `ROLE` that
+/// says `master`).
+pub(crate) async fn open(
+    url: &str,
+    options: &ConnectOptions,
+    ns: &Namespace,
+    bus: Arc<WakeBus>,
+    must_be_master: bool,
+) -> Result<Opened> {
+    let invalid = |detail: &str| Error::InvalidUrl {
+        reason: scrub(url, &format!("{}: {detail}", redact(url))),
+    };
+    let client = Client::open(url).map_err(|e| {
+        let detail = e.detail().unwrap_or("not a Redis URL");
+        if url.contains('@') {
+            invalid(&format!(
+                "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
+                 `%2F`, `@` as `%40`, `:` as `%3A`)"
+            ))
+        } else {
+            invalid(detail)
+        }
+    })?;
+    let mut info = client.get_connection_info().clone();
+    if let ConnectionAddr::TcpTls {
+        host,
+        port,
+        insecure,
+        tls_params,
+    } = info.addr().clone()
+    {
+        if insecure && !options.danger_accept_invalid_certs {
+            return Err(invalid(
+                "the `#insecure` fragment turns off TLS certificate verification; keyward does that only \
+                 through the explicit ConnectOptions::danger_accept_invalid_certs()",
+            ));
+        }
+        if options.danger_accept_invalid_certs {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    server = %format!("{host}:{port}"),
+                    "keyward: TLS certificate verification is OFF (ConnectOptions::danger_accept_invalid_certs); \
+                     anyone on the network path can impersonate Redis"
+                );
+            });
+            info = info.set_addr(ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: true,
+                tls_params,
+            });
+        }
+        // redis-rs enables rustls without a crypto provider; install ring's unless the app chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    } else if options.has_tls_material() {
+        return Err(invalid(
+            "a TLS CA or client certificate is set (ConnectOptions::tls_ca_* / tls_client_cert_*), which \
+                 needs a TLS URL: use `rediss://`",
+        ));
+    }
+    let server = describe(info.addr());
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let info = info.set_redis_settings(settings);
+    // One client for the probe and the connection manager: both present the client certificate and trust
+    // only the given CA.
+    let client = match options.tls_certificates()? {
+        Some(certs) => Client::build_with_tls(info, certs),
+        None => Client::open(info),
+    }
+    .map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
+    let connect_err = |reason: String| Error::Connect {
+        server: server.clone(),
+        reason,
+    };
+
+    // One direct attempt first: it reports the real reason (refused, auth, TLS) instead of retrying, and
+    // checks the server version.
+    let probe_config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(Some(options.connect_timeout));
+    let mut probe = tokio::time::timeout(
+        options.connect_timeout,
+        client.get_multiplexed_async_connection_with_config(&probe_config),
+    )
+    .await
+    .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
+    .map_err(|e| connect_err(e.to_string()))?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("memory")
+        .query_async(&mut probe)
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    check_version(&info).map_err(connect_err)?;
+    let maxmemory_policy = info_field(&info, "maxmemory_policy").map(str::to_owned);
+    if must_be_master {
+        let role: Vec<Value> = redis::cmd("ROLE")
+            .query_async(&mut probe)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        match role.first() {
+            Some(Value::BulkString(r)) if r == b"master" => {}
+            Some(Value::SimpleString(r)) if r == "master" => {}
+            other => {
+                return Err(connect_err(format!(
+                    "the sentinels name this server as the master, but ROLE says {other:?}"
+                )));
+            }
+        }
+    }
+    drop(probe);
+
+    let wake = bus;
+    let on_push = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
+        match push.kind {
+            // Messages may have been missed while disconnected: every waiter re-checks.
+            PushKind::Disconnection => wake.wake_all(),
+            PushKind::Message => {
+                if let Some(Value::BulkString(key)) = push.data.get(1)
+                    && let Ok(key) = std::str::from_utf8(key)
+                {
+                    wake.wake(key);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(Some(options.response_timeout))
+        .set_number_of_retries(options.reconnect_retries)
+        // Short backoff: a restarted server is found within a few hundred ms. Callers never wait for it
+        // (every call is cut at the response timeout), so a short delay costs only a few connect attempts.
+        .set_max_delay(Duration::from_millis(250))
+        .set_push_sender(on_push)
+        .set_automatic_resubscription();
+    let mut conn = tokio::time::timeout(
+        options.connect_timeout,
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
+    .map_err(|e| connect_err(e.to_string()))?;
+    tokio::time::timeout(options.connect_timeout, conn.subscribe(&ns.channel))
+        .await
+        .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
+        .map_err(|e| {
+            connect_err(format!(
+                "cannot subscribe to the wake-up channel `{}`: {e}",
+                ns.channel
+            ))
+        })?;
+    Ok(Opened {
+        conn,
+        server,
+        maxmemory_policy,
+    })
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 impl RedisBackend {
+    /// Connect to `url`: a standalone server, or (`redis+sentinel://`) the master the sentinels name, followed
+    /// across failovers.
     pub(crate) async fn connect(
         url: &str,
         options: &ConnectOptions,
         ns: &Namespace,
         bus: Arc<WakeBus>,
     ) -> Result<Self> {
-        let invalid = |detail: &str| Error::InvalidUrl {
-            reason: scrub(url, &format!("{}: {detail}", redact(url))),
-        };
-        let client = Client::open(url).map_err(|e| {
-            let detail = e.detail().unwrap_or("not a Redis URL");
-            if url.contains('@') {
-                invalid(&format!(
-                    "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
-                     `%2F`, `@` as `%40`, `:` as `%3A`)"
-                ))
-            } else {
-                invalid(detail)
-            }
-        })?;
-        let mut info = client.get_connection_info().clone();
-        if let ConnectionAddr::TcpTls {
-            host,
-            port,
-            insecure,
-            tls_params,
-        } = info.addr().clone()
-        {
-            if insecure && !options.danger_accept_invalid_certs {
-                return Err(invalid(
-                    "the `#insecure` fragment turns off TLS certificate verification; keyward does that only \
-                     through the explicit ConnectOptions::danger_accept_invalid_certs()",
-                ));
-            }
-            if options.danger_accept_invalid_certs {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    tracing::warn!(
-                        server = %format!("{host}:{port}"),
-                        "keyward: TLS certificate verification is OFF (ConnectOptions::danger_accept_invalid_certs); \
-                         anyone on the network path can impersonate Redis"
-                    );
-                });
-                info = info.set_addr(ConnectionAddr::TcpTls {
-                    host,
-                    port,
-                    insecure: true,
-                    tls_params,
-                });
-            }
-            // redis-rs enables rustls without a crypto provider; install ring's unless the app chose one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        } else if options.has_tls_material() {
-            return Err(invalid(
-                "a TLS CA or client certificate is set (ConnectOptions::tls_ca_* / tls_client_cert_*), which \
-                 needs a TLS URL: use `rediss://`",
-            ));
+        let breaker = Arc::new(Breaker::new(
+            options.breaker_failures,
+            options.breaker_cooldown,
+        ));
+        if !sentinel::is_sentinel_url(url) {
+            let opened = open(url, options, ns, Arc::clone(&bus), false).await?;
+            return Ok(Self {
+                conn: Arc::new(Slot::new(opened.conn)),
+                follower: None,
+                tasks: Vec::new(),
+                server: opened.server,
+                response_timeout: options.response_timeout,
+                breaker,
+                bus,
+                maxmemory_policy: opened.maxmemory_policy,
+            });
         }
-        let server = describe(info.addr());
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
-        // One client for the probe and the connection manager: both present the client certificate and trust
-        // only the given CA.
-        let client = match options.tls_certificates()? {
-            Some(certs) => Client::build_with_tls(info, certs),
-            None => Client::open(info),
-        }
-        .map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
-        let connect_err = |reason: String| Error::Connect {
-            server: server.clone(),
-            reason,
-        };
-
-        // One direct attempt first: it reports the real reason (refused, auth, TLS) instead of retrying, and
-        // checks the server version.
-        let probe_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.connect_timeout));
-        let mut probe = tokio::time::timeout(
-            options.connect_timeout,
-            client.get_multiplexed_async_connection_with_config(&probe_config),
-        )
-        .await
-        .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .arg("memory")
-            .query_async(&mut probe)
+        let parsed = sentinel::SentinelUrl::parse(url)?;
+        let server = parsed.describe();
+        let n = u32::try_from(parsed.sentinels.len())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let per_sentinel = (options.connect_timeout / n).max(Duration::from_millis(100));
+        let (addr, _) = sentinel::ask_sentinels(&parsed, per_sentinel)
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        check_version(&info).map_err(connect_err)?;
-        let maxmemory_policy = info_field(&info, "maxmemory_policy").map(str::to_owned);
-        drop(probe);
-
-        let wake = Arc::clone(&bus);
-        let wake_bus = bus;
-        let on_push = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
-            match push.kind {
-                // Messages may have been missed while disconnected: every waiter re-checks.
-                PushKind::Disconnection => wake.wake_all(),
-                PushKind::Message => {
-                    if let Some(Value::BulkString(key)) = push.data.get(1)
-                        && let Ok(key) = std::str::from_utf8(key)
-                    {
-                        wake.wake(key);
-                    }
-                }
-                _ => {}
-            }
-            Ok(())
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(options.reconnect_retries)
-            // Short backoff: a restarted server is found within a few hundred ms. Callers never wait for it
-            // (every call is cut at the response timeout), so a short delay costs only a few connect attempts.
-            .set_max_delay(Duration::from_millis(250))
-            .set_push_sender(on_push)
-            .set_automatic_resubscription();
-        let mut conn = tokio::time::timeout(
-            options.connect_timeout,
-            client.get_connection_manager_with_config(config),
+            .map_err(|reason| Error::Connect {
+                server: server.clone(),
+                reason,
+            })?;
+        let opened = open(
+            &parsed.data_url(&addr.0, addr.1),
+            options,
+            ns,
+            Arc::clone(&bus),
+            true,
         )
         .await
-        .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        conn.subscribe(&ns.channel).await.map_err(|e| {
-            connect_err(format!(
-                "cannot subscribe to the wake-up channel `{}`: {e}",
-                ns.channel
-            ))
+        .map_err(|e| match e {
+            Error::Connect {
+                server: master,
+                reason,
+            } => Error::Connect {
+                server: server.clone(),
+                reason: format!("master {master}: {reason}"),
+            },
+            other => other,
         })?;
+        tracing::info!(sentinels = %server, master = %opened.server, "keyward: connected to the master the sentinels name");
+        let conn = Arc::new(Slot::new(opened.conn));
+        let follower = Arc::new(sentinel::Follower::new(
+            parsed,
+            Arc::clone(&conn),
+            Arc::clone(&breaker),
+            addr,
+            options.clone(),
+            ns.clone(),
+            Arc::clone(&bus),
+        ));
+        let tasks = sentinel::spawn(&follower);
         Ok(Self {
             conn,
+            follower: Some(follower),
+            tasks,
             server,
             response_timeout: options.response_timeout,
-            breaker: Breaker::new(options.breaker_failures, options.breaker_cooldown),
-            bus: wake_bus,
-            maxmemory_policy,
+            breaker,
+            bus,
+            maxmemory_policy: opened.maxmemory_policy,
         })
+    }
+
+    /// The current connection (a clone: cheap, multiplexed).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Behind Sentinel, ask the follower to look for a new master.
+    fn master_suspect(&self) {
+        if let Some(f) = &self.follower {
+            f.trigger();
+        }
     }
 
     pub(crate) fn server(&self) -> &str {
@@ -341,6 +479,8 @@ impl RedisBackend {
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
         if self.breaker.admit() == Admit::Skip {
+            // Behind Sentinel the master may have moved: the breaker closes once the follower switches.
+            self.master_suspect();
             return Err(Error::CircuitOpen {
                 server: self.server.clone(),
                 op,
@@ -350,6 +490,7 @@ impl RedisBackend {
         match tokio::time::timeout(self.response_timeout, fut).await {
             Err(_) => {
                 self.failure();
+                self.master_suspect();
                 Err(self.timeout_err(op))
             }
             Ok(Ok(v)) => {
@@ -359,8 +500,12 @@ impl RedisBackend {
             Ok(Err(e)) => {
                 if is_unavailable(&e) {
                     self.failure();
+                    self.master_suspect();
                 } else {
                     self.breaker.success();
+                    if is_read_only(&e) {
+                        self.master_suspect();
+                    }
                 }
                 Err(self.err(op, e))
             }
@@ -387,7 +532,7 @@ impl RedisBackend {
             undo: undo.map(|u| move || u),
             must_land,
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let answer = self
             .call(op, invocation.invoke_async::<Value>(&mut conn))
             .await;
@@ -408,7 +553,7 @@ impl RedisBackend {
             undo: Some(undo),
             must_land: false,
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let answer = self
             .call(op, pipe.query_async::<Vec<Value>>(&mut conn))
             .await;
@@ -423,7 +568,8 @@ impl RedisBackend {
         };
         metrics::counter!("keyward_cleanups_total", "op" => op).increment(1);
         tracing::debug!(op, "keyward: undoing a call that got no answer");
-        let conn = self.conn.clone();
+        // The slot, not one connection: an undo retried across a failover goes to the new master.
+        let slot = Arc::clone(&self.conn);
         let timeout = self.response_timeout;
         rt.spawn(async move {
             let deadline = tokio::time::Instant::now() + undo.within;
@@ -437,9 +583,9 @@ impl RedisBackend {
                 for a in &undo.args {
                     eval.arg(&a[..]);
                 }
+                let mut conn = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
                 let sent =
-                    tokio::time::timeout(timeout, eval.query_async::<Value>(&mut conn.clone()))
-                        .await;
+                    tokio::time::timeout(timeout, eval.query_async::<Value>(&mut conn)).await;
                 match sent {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) if !is_unavailable(&e) => {
@@ -461,7 +607,7 @@ impl RedisBackend {
     /// once while the breaker is open, and the breaker's probe after its cooldown (a success closes it), so a
     /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.call("ping", redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .map(drop)
@@ -480,7 +626,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn scan(&self, pattern: &str, batch: usize) -> Result<Vec<KeyTtl>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
@@ -556,6 +702,12 @@ impl<U: FnOnce() -> Undo> Drop for UndoGuard<'_, U> {
 /// Whether a failed call may still have been executed by the server (it was sent, no answer came back).
 fn may_have_run(e: &RedisError) -> bool {
     !e.is_connection_refusal() && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped())
+}
+
+/// A `READONLY` error reply: the server was demoted to a replica (a failover); behind Sentinel the master
+/// is looked up again.
+fn is_read_only(e: &RedisError) -> bool {
+    e.code() == Some("READONLY") || e.to_string().contains("READONLY")
 }
 
 /// The value of `field:` in an `INFO` reply.

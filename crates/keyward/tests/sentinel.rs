@@ -1,0 +1,511 @@
+//! Redis behind Sentinel (1 master, 1 replica, 3 sentinels on loopback): connecting with a
+//! `redis+sentinel://` URL runs every capability on the master; a `SENTINEL FAILOVER` under load (cache,
+//! rate limits, locks, sessions) is followed — every capability works again within a measured bound, no wrong
+//! value is ever returned, and wake-ups resume on the new master; bad URLs are typed errors without the
+//! password.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyward::idempotency::{Begin, fingerprint};
+use keyward::lock::LockOptions;
+use keyward::policy::{
+    Algorithm, CacheClass, IdempotencyClass, LockClass, Policy, RateLimitClass, SessionClass,
+};
+use keyward::rate_limit::Source;
+use keyward::session::SessionSecrets;
+use keyward::{ConnectOptions, Error, Keyward};
+use keyward_testkit::SentinelSet;
+
+/// The recovery bound the issue asks for, after the promotion is announced.
+const RECOVERY_BOUND: Duration = Duration::from_secs(5);
+
+fn policy() -> Policy {
+    Policy::builder("test", "sentinel")
+        .cache("c", CacheClass::new(Duration::from_secs(60), "tests"))
+        .rate_limit(
+            "api",
+            RateLimitClass::new(Algorithm::Gcra, 2, Duration::from_secs(3600)),
+        )
+        .lock("job", LockClass::new(Duration::from_secs(30)))
+        .idempotency("charge", IdempotencyClass::new())
+        .session(
+            "web",
+            SessionClass::new(Duration::from_secs(1800), Duration::from_secs(43200)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn options() -> ConnectOptions {
+    // A response timeout longer than the wake-up bound asserted below: a waiter that is on time was woken,
+    // not re-checking at its wait slice.
+    ConnectOptions::default().response_timeout(Duration::from_secs(3))
+}
+
+async fn every_capability_works(kw: &Keyward, key: &str) {
+    let cache = kw.cache::<String>("c").unwrap();
+    let v = cache
+        .get_or_set(key, || async {
+            Ok::<_, std::io::Error>(format!("{key}@filled"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, format!("{key}@filled"));
+    assert_eq!(cache.get(key).await.unwrap(), Some(v));
+
+    let limiter = kw.rate_limiter("api").unwrap();
+    for _ in 0..2 {
+        let d = limiter.check(key).await.unwrap();
+        assert!(d.is_allowed());
+        assert_eq!(d.source(), Source::Store, "decided by Redis");
+    }
+    assert!(limiter.check(key).await.unwrap().is_limited());
+
+    let locks = kw.locks("job").unwrap();
+    let guard = locks.try_lock(key).await.unwrap().expect("free lock");
+    assert!(locks.try_lock(key).await.unwrap().is_none(), "held");
+    assert!(guard.release().await.unwrap());
+
+    let idem = kw.idempotency("charge").unwrap();
+    let fp = fingerprint(&[b"POST", b"/charges"]);
+    assert!(matches!(idem.begin(key, &fp).await.unwrap(), Begin::New(_)));
+    assert!(matches!(
+        idem.begin(key, &fp).await.unwrap(),
+        Begin::InProgress { .. }
+    ));
+
+    let sessions = kw
+        .sessions::<String>("web", SessionSecrets::new([7u8; 32]).unwrap())
+        .unwrap();
+    let (token, _) = sessions.create("u1", &key.to_owned()).await.unwrap();
+    let got = sessions.get(token.as_str()).await.unwrap().expect("stored");
+    assert_eq!(got.data, key);
+}
+
+/// A lock waiter on `kw` is woken by a release from `other`, well before its wait slice (the response
+/// timeout, 3 s) or the lease (30 s) would let it look again.
+async fn a_waiter_is_woken(kw: &Keyward, other: &Keyward, name: &str) {
+    let holder = other
+        .locks("job")
+        .unwrap()
+        .try_lock(name)
+        .await
+        .unwrap()
+        .expect("free");
+    let locks = kw.locks("job").unwrap();
+    let name = name.to_owned();
+    let (parked_tx, parked_rx) = tokio::sync::oneshot::channel();
+    let waiter = tokio::spawn(async move {
+        assert!(locks.try_lock(&name).await.unwrap().is_none(), "held");
+        let _ = parked_tx.send(());
+        let g = locks
+            .lock_with(&name, LockOptions::new().wait(Duration::from_secs(25)))
+            .await
+            .unwrap()
+            .expect("acquired after the release");
+        let woken = Instant::now();
+        assert!(g.release().await.unwrap());
+        woken
+    });
+    parked_rx.await.unwrap();
+    let released = Instant::now();
+    assert!(holder.release().await.unwrap());
+    let woken = waiter.await.unwrap();
+    let waited = woken.saturating_duration_since(released);
+    assert!(
+        waited < Duration::from_millis(1500),
+        "woken by the release, not by re-checking after the 3 s slice: {waited:?}"
+    );
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Cap {
+    Cache,
+    RateLimit,
+    Lock,
+    Session,
+}
+
+/// Every call's outcome during the load: (capability, when it ended, succeeded).
+#[derive(Default)]
+struct Outcomes {
+    events: Mutex<Vec<(Cap, Instant, bool)>>,
+    wrong: Mutex<Vec<String>>,
+    calls: AtomicU64,
+}
+
+impl Outcomes {
+    /// Record a call's outcome; after a failure, pause 10 ms as a client retrying would (a failed call
+    /// returns at once while the breaker is open, and a spinning loop would starve the runtime).
+    async fn record(&self, cap: Cap, ok: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.events.lock().unwrap().push((cap, Instant::now(), ok));
+        if !ok {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    fn wrong(&self, what: String) {
+        self.wrong.lock().unwrap().push(what);
+    }
+    /// Per capability: calls since `since`, and how the last ten went.
+    fn summary(&self, since: Instant) -> String {
+        let events = self.events.lock().unwrap();
+        [Cap::Cache, Cap::RateLimit, Cap::Lock, Cap::Session]
+            .iter()
+            .map(|cap| {
+                let after: Vec<bool> = events
+                    .iter()
+                    .filter(|(c, t, _)| c == cap && *t >= since)
+                    .map(|(.., ok)| *ok)
+                    .collect();
+                let tail = &after[after.len().saturating_sub(10)..];
+                format!("{cap:?}: {} calls, last {tail:?}", after.len())
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+    /// Whether every capability's last `n` calls after `since` all succeeded.
+    fn all_recovered(&self, since: Instant, n: usize) -> bool {
+        let events = self.events.lock().unwrap();
+        [Cap::Cache, Cap::RateLimit, Cap::Lock, Cap::Session]
+            .iter()
+            .all(|cap| {
+                let after: Vec<bool> = events
+                    .iter()
+                    .filter(|(c, t, _)| c == cap && *t >= since)
+                    .map(|(.., ok)| *ok)
+                    .collect();
+                after.len() >= n && after[after.len() - n..].iter().all(|ok| *ok)
+            })
+    }
+}
+
+/// Start the load tasks; each loops until `stop`.
+/// `phase` prefixes every key, so that names are fresh in each phase.
+fn load(
+    kw: &Keyward,
+    phase: &'static str,
+    token: String,
+    stop: &Arc<AtomicBool>,
+    out: &Arc<Outcomes>,
+) {
+    // Cache: get_or_set on a few keys with a versioned loader; a value must be one this key's loader made.
+    for t in 0..2 {
+        let cache = kw.cache::<String>("c").unwrap();
+        let (stop, out) = (Arc::clone(stop), Arc::clone(out));
+        tokio::spawn(async move {
+            let mut version = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("{phase}-load-{t}-{}", i % 8);
+                i += 1;
+                version += 1;
+                let made = format!("{key}@v");
+                let r = cache
+                    .get_or_set(&key, || {
+                        let v = format!("{made}{version}");
+                        async move { Ok::<_, std::io::Error>(v) }
+                    })
+                    .await;
+                match r {
+                    Ok(v) if v.starts_with(&made) => out.record(Cap::Cache, true).await,
+                    Ok(v) => out.wrong(format!("cache {key} gave {v}")),
+                    Err(_) => out.record(Cap::Cache, false).await,
+                }
+            }
+        });
+    }
+    // Rate limits: a fresh identity each time is allowed, by the store.
+    {
+        let limiter = kw.rate_limiter("api").unwrap();
+        let (stop, out) = (Arc::clone(stop), Arc::clone(out));
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match limiter.check(&format!("{phase}-rl-{i}")).await {
+                    Ok(d) if d.source() == Source::Store && d.is_allowed() => {
+                        out.record(Cap::RateLimit, true).await;
+                    }
+                    Ok(d) if d.source() == Source::Store => {
+                        out.wrong(format!("a fresh identity {phase}-rl-{i} was limited"));
+                    }
+                    // A fallback decided: the store was not reachable.
+                    Ok(_) | Err(_) => out.record(Cap::RateLimit, false).await,
+                }
+            }
+        });
+    }
+    // Locks: a fresh name each time is free; taken, then released.
+    {
+        let locks = kw.locks("job").unwrap();
+        let (stop, out) = (Arc::clone(stop), Arc::clone(out));
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match locks.try_lock(&format!("{phase}-lk-{i}")).await {
+                    Ok(Some(g)) => match g.release().await {
+                        Ok(_) => out.record(Cap::Lock, true).await,
+                        Err(_) => out.record(Cap::Lock, false).await,
+                    },
+                    Ok(None) => out.wrong(format!("fresh lock {phase}-lk-{i} was held")),
+                    Err(_) => out.record(Cap::Lock, false).await,
+                }
+            }
+        });
+    }
+    // Sessions: the session created (and replicated) before the failover is read back intact.
+    {
+        let sessions = kw
+            .sessions::<String>("web", SessionSecrets::new([7u8; 32]).unwrap())
+            .unwrap();
+        let (stop, out) = (Arc::clone(stop), Arc::clone(out));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match sessions.get(&token).await {
+                    Ok(Some(s)) if s.data == "cart-1" => out.record(Cap::Session, true).await,
+                    Ok(Some(s)) => out.wrong(format!("session data {:?}", s.data)),
+                    Ok(None) => out.wrong("the session was lost".to_owned()),
+                    Err(_) => out.record(Cap::Session, false).await,
+                }
+            }
+        });
+    }
+}
+
+/// Until every capability's last 20 calls since `promoted` succeeded (a condition, polled, with a deadline);
+/// then stop the load, assert no wrong value, and return the worst capability's recovery after `promoted`
+/// (the first success after its last failure), printed as `FAULT-FIGURE <figure>=…ms`.
+async fn recovery(
+    figure: &str,
+    fault: Instant,
+    promoted: Instant,
+    stop: &AtomicBool,
+    out: &Outcomes,
+) -> Duration {
+    let deadline = promoted + Duration::from_secs(20);
+    while !out.all_recovered(promoted, 20) {
+        assert!(
+            Instant::now() < deadline,
+            "{figure}: not every capability recovered within 20 s of the promotion: {}",
+            out.summary(promoted)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let wrong = out.wrong.lock().unwrap().clone();
+    assert!(wrong.is_empty(), "{figure}: wrong values: {wrong:?}");
+    let events = out.events.lock().unwrap().clone();
+    let mut per_cap = HashMap::new();
+    let mut failures = 0;
+    for cap in [Cap::Cache, Cap::RateLimit, Cap::Lock, Cap::Session] {
+        let mine: Vec<_> = events.iter().filter(|(c, ..)| *c == cap).collect();
+        failures += mine.iter().filter(|(.., ok)| !ok).count();
+        let last_failure = mine.iter().rev().find(|(.., ok)| !ok).map(|(_, t, _)| *t);
+        let back = match last_failure {
+            None => promoted,
+            Some(f) => mine
+                .iter()
+                .find(|(_, t, ok)| *ok && *t > f)
+                .map(|(_, t, _)| *t)
+                .expect("recovered"),
+        };
+        per_cap.insert(cap, back.saturating_duration_since(promoted));
+    }
+    let worst = per_cap.values().max().copied().unwrap();
+    println!(
+        "FAULT-FIGURE {figure}={}ms (after every sentinel named the new master; {}ms after the fault; the \
+         promotion was announced {}ms after the fault; per capability {per_cap:?}; {} calls, {failures} failed)",
+        worst.as_millis(),
+        (promoted + worst)
+            .saturating_duration_since(fault)
+            .as_millis(),
+        promoted.saturating_duration_since(fault).as_millis(),
+        out.calls.load(Ordering::Relaxed),
+    );
+    worst
+}
+
+/// One set for the whole story, to keep the suite's wall time small: connect, every capability, a wake-up;
+/// a `SENTINEL FAILOVER` under load, recovery within the bound, every capability and wake-ups on the new
+/// master; then the new master killed under load, and the same again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_failovers_under_load() {
+    let mut set = Arc::new(
+        tokio::task::spawn_blocking(SentinelSet::spawn)
+            .await
+            .unwrap(),
+    );
+    let url = set.url();
+    let kw = Keyward::connect_with(&url, policy(), options())
+        .await
+        .expect("connects through the sentinels");
+    let other = Keyward::connect_with(&url, policy(), options())
+        .await
+        .unwrap();
+    let debug = format!("{kw:?}");
+    assert!(
+        debug.contains("sentinel mymaster via 127.0.0.1:"),
+        "{debug}"
+    );
+    every_capability_works(&kw, "before").await;
+    a_waiter_is_woken(&kw, &other, "wake-before").await;
+
+    let first_master = set.master_port();
+    let sessions = kw
+        .sessions::<String>("web", SessionSecrets::new([7u8; 32]).unwrap())
+        .unwrap();
+    let (token, _) = sessions.create("u2", &"cart-1".to_owned()).await.unwrap();
+    // The session is on the replica before the failover (replication is asynchronous; see operations.md).
+    let mut master = set.master_client().get_connection().unwrap();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut master)
+        .unwrap();
+    assert_eq!(acked, 1);
+
+    // 1. SENTINEL FAILOVER under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = Arc::new(Outcomes::default());
+    load(&kw, "failover", token.as_str().to_owned(), &stop, &out);
+    let commanded = Instant::now();
+    let promoted = {
+        let set = Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.failover())
+            .await
+            .unwrap()
+    };
+    let second_master = set.master_port();
+    assert_ne!(second_master, first_master, "a new master");
+
+    // Until this handle's writes land on the new master: the switch itself (writes that the old master took
+    // after the promotion are lost when it becomes a replica; see operations.md).
+    let mut new_master = set.master_client().get_connection().unwrap();
+    let probe_locks = kw.locks("job").unwrap();
+    let mut i = 0u32;
+    let switched = loop {
+        i += 1;
+        let name = format!("probe-{i}");
+        if let Ok(Some(_held)) = probe_locks.try_lock(&name).await {
+            let found: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("*{name}*"))
+                .query(&mut new_master)
+                .unwrap();
+            if !found.is_empty() {
+                break Instant::now();
+            }
+        }
+        assert!(
+            promoted.elapsed() < Duration::from_secs(20),
+            "writes never reached the new master"
+        );
+    };
+    println!(
+        "FAULT-FIGURE sentinel_failover_switch={}ms (writes reach the new master, after every sentinel named \
+         it; {}ms after SENTINEL FAILOVER was sent)",
+        switched.saturating_duration_since(promoted).as_millis(),
+        switched.saturating_duration_since(commanded).as_millis(),
+    );
+    let worst = recovery(
+        "sentinel_failover_recovery",
+        commanded,
+        promoted,
+        &stop,
+        &out,
+    )
+    .await;
+    assert!(
+        worst <= RECOVERY_BOUND,
+        "every capability works again within {RECOVERY_BOUND:?} of the promotion: {worst:?}"
+    );
+    // Writes land on the new master; wake-ups come from it.
+    every_capability_works(&kw, "after").await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*after*")
+        .query(&mut new_master)
+        .unwrap();
+    assert!(!keys.is_empty(), "the new master holds the writes");
+    a_waiter_is_woken(&kw, &other, "wake-after").await;
+    a_waiter_is_woken(&other, &kw, "wake-after-2").await;
+
+    // 2. The master crashes under load: calls fail (refused) until the sentinels promote the replica.
+    {
+        let set = Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.wait_ready())
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = Arc::new(Outcomes::default());
+    load(&kw, "crash", token.as_str().to_owned(), &stop, &out);
+    let (old, killed) = Arc::get_mut(&mut set)
+        .expect("no other reference to the set")
+        .kill_master();
+    assert_eq!(old, second_master);
+    let promoted = {
+        let set = Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.wait_new_master(old))
+            .await
+            .unwrap()
+    };
+    let worst = recovery(
+        "sentinel_master_crash_recovery",
+        killed,
+        promoted,
+        &stop,
+        &out,
+    )
+    .await;
+    assert!(
+        worst <= RECOVERY_BOUND,
+        "every capability works again within {RECOVERY_BOUND:?} of the promotion: {worst:?}"
+    );
+    every_capability_works(&kw, "after-crash").await;
+    a_waiter_is_woken(&kw, &other, "wake-after-crash").await;
+}
+
+#[tokio::test]
+async fn bad_sentinel_urls_are_typed_errors_without_the_password() {
+    for url in [
+        "redis+sentinel://app:s3cretPW9@127.0.0.1:1",
+        "redis+sentinel://app:s3cretPW9@127.0.0.1:1,/mymaster",
+        "redis+sentinel://app:s3cretPW9@127.0.0.1:notaport/mymaster",
+        "redis+sentinel://app:s3cretPW9@127.0.0.1:1/mymaster?db=1",
+        "rediss+sentinel://app:s3cretPW9@127.0.0.1:1/mymaster",
+    ] {
+        match Keyward::connect(url, policy()).await {
+            Err(Error::InvalidUrl { reason }) => {
+                assert!(!reason.contains("s3cretPW9"), "{url}: {reason}");
+            }
+            other => panic!("{url}: expected InvalidUrl, got {:?}", other.map(drop)),
+        }
+    }
+    // No sentinel answers: a connect error naming the sentinels, without the password.
+    let dead = keyward_testkit::Blackhole::start();
+    let url = format!(
+        "redis+sentinel://app:s3cretPW9@127.0.0.1:{}/mymaster",
+        dead.addr().port()
+    );
+    let started = Instant::now();
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        ConnectOptions::default().connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by the connect timeout"
+    );
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("s3cretPW9"), "{text}");
+    assert!(text.contains("mymaster"), "{text}");
+}
