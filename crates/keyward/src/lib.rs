@@ -65,7 +65,8 @@
 //! `…_negative_hits_total`, `…_coalesced_total`, `…_loader_calls_total`, `…_loader_errors_total`,
 //! `…_lease_waits_total`, `…_fills_refused_total`, `…_decode_errors_total`, `…_fail_open_total`, and the
 //! histogram `keyward_cache_loader_seconds`. `tracing` spans `keyward.cache.*` carry the cache status. Unlabelled
-//! by class: `keyward_breaker_open` (gauge), `keyward_cleanups_total{op}` (undos sent), and the embedded store's
+//! by class: `keyward_breaker_open` (gauge), `keyward_cleanups_total{op}` (undos sent),
+//! `keyward_sentinel_switches_total` (master changes followed behind Sentinel), and the embedded store's
 //! `keyward_memory_evictions_total` / `keyward_memory_refused_total` / `keyward_memory_full_total` by class.
 
 mod backend;
