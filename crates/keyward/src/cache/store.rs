@@ -82,10 +82,11 @@ fn holds(kv: &Kv, key: &str, lease_prefix: &str) -> bool {
         .is_some_and(|s| s.starts_with(lease_prefix.as_bytes()))
 }
 
-/// Gives back a fill lease taken by a fetch whose answer never came (`release.lua`: only while the entry still
-/// holds this very lease; it wakes the waiters the lease collected).
-fn lease_undo(e: &Entry<'_>, marker: &str, lease_ttl: Duration) -> Undo {
-    let prefix = marker.strip_suffix('0').unwrap_or(marker);
+/// Gives back a fill lease (`release.lua`: only while the entry still holds this very lease; it wakes the
+/// waiters the lease collected): the undo of a fetch whose answer never came, and a release that must land.
+/// `lease` is the lease's marker (`L1:{token}:0`) or its prefix (`L1:{token}:`, which ends in `:`).
+fn lease_undo(e: &Entry<'_>, lease: &str, lease_ttl: Duration) -> Undo {
+    let prefix = lease.strip_suffix('0').unwrap_or(lease);
     Undo {
         script: &SCRIPTS.release,
         keys: vec![e.key.to_owned()],
@@ -340,15 +341,7 @@ pub(crate) async fn release(
         .key(e.key)
         .arg(lease_prefix)
         .arg(&e.ns.channel)
-        .must_land(Undo {
-            script: &SCRIPTS.release,
-            keys: vec![e.key.to_owned()],
-            args: vec![
-                lease_prefix.as_bytes().to_vec(),
-                e.ns.channel.as_bytes().to_vec(),
-            ],
-            within: lease_ttl,
-        })
+        .must_land(lease_undo(e, lease_prefix, lease_ttl))
         .evicting();
     let released = b
         .atomic(
