@@ -86,15 +86,17 @@ fn split_num(s: &[u8]) -> Result<(u64, &[u8]), EnvelopeError> {
 }
 
 /// Whether stored bytes are a value current under `gens` (and usable: a cached absent only if `negative_ok`).
+/// Current means filled under epochs no older than `gens` (epochs only grow; on Cluster a handle's view may lag
+/// an entry filled by a handle that saw a bump first, and that entry is current).
 /// `None` when they are not a readable value at all (a lease, or bytes the caller must decode, report and heal).
 /// Both backends decide hit-or-miss with this, as the Lua scripts do.
 pub(crate) fn is_current(raw: &[u8], gens: Gens, negative_ok: bool) -> Option<bool> {
     if !raw.starts_with(VALUE_PREFIX) {
         return None;
     }
-    parse(raw)
-        .ok()
-        .map(|(g, body)| g == gens && (negative_ok || body != Body::Negative))
+    parse(raw).ok().map(|(g, body)| {
+        g.ns >= gens.ns && g.class >= gens.class && (negative_ok || body != Body::Negative)
+    })
 }
 
 /// A fresh lease marker (`L1:{token}:0`) and the prefix that identifies it regardless of its waiter flag.

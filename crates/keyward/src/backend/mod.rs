@@ -44,6 +44,19 @@ pub(crate) struct Namespace {
     pub(crate) gens_lifetime: Duration,
 }
 
+/// A registered interest in wake-ups for one key (see [`Backend::watch`]); dropping it unregisters.
+pub(crate) struct Watch {
+    listener: wake::Listener,
+    _shard: Option<redis::ShardWatch>,
+}
+
+impl Watch {
+    /// The registration's `Notify`, to create waits that do not borrow the watch.
+    pub(crate) fn shared(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.listener.shared()
+    }
+}
+
 /// Which storage a [`Keyward`](crate::Keyward) handle talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -178,6 +191,67 @@ impl Backend {
                 let replies = r.run_pipeline(pipeline, undo).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
+        }
+    }
+
+    /// Redis Cluster: the namespace and `class` group epochs from this handle's bounded view (see
+    /// `backend/redis/cluster.rs`), for the scripts to compare entries with; `None` elsewhere, where the
+    /// scripts read the epochs hash themselves.
+    ///
+    /// # Errors
+    /// As [`atomic`](Self::atomic), when the view is older than its bound and re-reading it fails.
+    pub(crate) async fn group_epochs(
+        &self,
+        ns: &Namespace,
+        class: &str,
+    ) -> Result<Option<(u64, u64)>> {
+        match self {
+            Backend::Memory(_) => Ok(None),
+            Backend::Redis(r) => r.group_epochs(ns, class).await,
+        }
+    }
+
+    /// Whether group epochs are announced and read from a view (Redis Cluster).
+    pub(crate) fn epochs_in_view(&self) -> bool {
+        matches!(self, Backend::Redis(r) if r.is_cluster())
+    }
+
+    /// Record an epoch this handle just bumped (Redis Cluster: read-your-writes before its announcement).
+    pub(crate) fn bumped(&self, field: &str, epoch: u64) {
+        if let Backend::Redis(r) = self {
+            r.bumped(field, epoch);
+        }
+    }
+
+    /// The channel on which a script announces a fill or release of `key` (see `RedisBackend::wake_channel`);
+    /// the scripts `SPUBLISH` to a channel ending in `}` and `PUBLISH` to any other.
+    pub(crate) fn wake_channel<'a>(
+        &self,
+        ns: &'a Namespace,
+        key: &str,
+    ) -> std::borrow::Cow<'a, str> {
+        match self {
+            Backend::Redis(r) if r.is_cluster() => r.wake_channel(ns, key).into(),
+            _ => std::borrow::Cow::Borrowed(&ns.channel),
+        }
+    }
+
+    /// Register interest in wake-ups for `key`, then (on Cluster) subscribe to its sharded channel; a caller
+    /// that asks the store again after this returns cannot miss the announcement.
+    pub(crate) async fn watch(
+        &self,
+        bus: &std::sync::Arc<wake::WakeBus>,
+        ns: &Namespace,
+        key: &str,
+    ) -> Watch {
+        let listener = bus.listen(key);
+        let shard = match self {
+            Backend::Memory(_) => None,
+            Backend::Redis(r) => r.watch(ns, key).await,
+        };
+        Watch {
+            listener,
+            _shard: shard,
         }
     }
 

@@ -45,6 +45,7 @@ pub struct ConnectOptions {
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) danger_accept_invalid_certs: bool,
+    pub(crate) group_invalidation_bound: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -59,6 +60,7 @@ impl Default for ConnectOptions {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
             danger_accept_invalid_certs: false,
+            group_invalidation_bound: Duration::from_millis(500),
         }
     }
 }
@@ -175,6 +177,19 @@ impl ConnectOptions {
     #[must_use]
     pub fn memory(mut self, m: MemoryOptions) -> Self {
         self.memory = m;
+        self
+    }
+
+    /// Redis Cluster only: the staleness bound of a class or namespace invalidation (default 500 ms,
+    /// at least 20 ms). On Cluster each handle reads the group epochs from a view refreshed by a push on every
+    /// bump and re-read every quarter of this bound; a view older than the bound is re-read before it is used.
+    /// So no cache call that starts later than this after [`Cache::invalidate_all`](crate::cache::Cache::invalidate_all)
+    /// or [`Keyward::invalidate_namespace`](crate::Keyward::invalidate_namespace) returned, in any process,
+    /// is served an entry filled before the invalidation. On a single server (and behind Sentinel) the epochs
+    /// are read inside each script and the bound is zero. See `docs/operations.md`.
+    #[must_use]
+    pub fn group_invalidation_bound(mut self, d: Duration) -> Self {
+        self.group_invalidation_bound = d.max(Duration::from_millis(20));
         self
     }
 }

@@ -36,6 +36,7 @@ impl Script {
             undo: None,
             must_land: false,
             evicting: false,
+            slot: None,
         }
     }
 
@@ -70,12 +71,18 @@ pub(crate) struct Call {
     /// Keep the undo also when the call was not sent (the breaker was open) or failed for unavailability.
     pub(super) must_land: bool,
     pub(super) evicting: bool,
+    /// The Cluster slot of the first key (the node the call goes to, and whose breaker admits it).
+    pub(super) slot: Option<u16>,
 }
 
 impl Call {
-    /// Add a key (`KEYS[n]`).
+    /// Add a key (`KEYS[n]`). Every key of one call must hash to one Cluster slot.
     #[must_use]
-    pub(crate) fn key(mut self, key: impl ToRedisArgs) -> Self {
+    pub(crate) fn key(mut self, key: impl AsRef<[u8]>) -> Self {
+        let key = key.as_ref();
+        if self.slot.is_none() {
+            self.slot = Some(super::redis::cluster::slot_of(key));
+        }
         self.invocation.key(key);
         self
     }
@@ -201,6 +208,8 @@ pub(crate) struct Pipeline {
     pub(super) op: &'static str,
     pub(super) pipe: redis::Pipeline,
     pub(super) evicting: bool,
+    /// As [`Call`]'s: the slot of the first key given with [`key`](Self::key).
+    pub(super) slot: Option<u16>,
 }
 
 impl Pipeline {
@@ -210,6 +219,7 @@ impl Pipeline {
             op,
             pipe: redis::pipe(),
             evicting: false,
+            slot: None,
         }
     }
 
@@ -224,6 +234,16 @@ impl Pipeline {
     #[must_use]
     pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
         self.pipe.arg(arg);
+        self
+    }
+
+    /// Add a key argument to the current command. On Cluster every key of one pipeline must hash to one slot.
+    #[must_use]
+    pub(crate) fn key(mut self, key: &str) -> Self {
+        if self.slot.is_none() {
+            self.slot = Some(super::redis::cluster::slot_of(key.as_bytes()));
+        }
+        self.pipe.arg(key);
         self
     }
 

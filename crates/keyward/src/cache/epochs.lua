@@ -47,3 +47,28 @@ local function kw_epochs(hash, class, lifetime_ms)
   end
   return out[1], out[2]
 end
+
+-- The epochs to compare entries with: read from the hash (KEYS[2]) on a single server; on Redis Cluster, where
+-- the hash lives in another slot, the caller passes them from its bounded view (and KEYS[2] is absent).
+local function kw_current(class, lifetime_ms, given_ns, given_cl)
+  if #KEYS > 1 then
+    return kw_epochs(KEYS[2], class, lifetime_ms)
+  end
+  return given_ns, given_cl
+end
+
+-- Whether an entry filled under (vns, vcl) predates the epochs (ns, cl). Epochs only grow, so on a single
+-- server this is inequality; on Cluster a view may lag the entry's epochs, and a newer entry is current.
+local function kw_stale(vns, vcl, ns, cl)
+  return tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl)
+end
+
+-- Announce a fill or release of KEYS[1] on `channel`: sharded (SPUBLISH, in the key's slot) when the channel
+-- ends in '}' (Redis Cluster), else plain PUBLISH.
+local function kw_wake(channel)
+  if string.sub(channel, -1) == '}' then
+    redis.call('SPUBLISH', channel, KEYS[1])
+  else
+    redis.call('PUBLISH', channel, KEYS[1])
+  end
+end

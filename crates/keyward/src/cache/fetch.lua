@@ -1,7 +1,7 @@
 -- Get a value, or take the fill lease, atomically. The fast path (a pipelined SET NX GET + HMGET, see mod.rs)
 -- comes here only when it finds a lease held, a value from before a group invalidation, an unusable absent,
 -- or epochs it cannot read. (epochs.lua is prepended.)
--- KEYS[1] entry key   KEYS[2] namespace epochs hash
+-- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: ARGV[6], ARGV[7] give the epochs)
 -- ARGV[1] class name  ARGV[2] lease marker "L1:<token>:0"  ARGV[3] lease ttl (ms)
 -- ARGV[4] "1" if a cached absent ("n") counts as a hit   ARGV[5] epochs lifetime (ms)
 -- Returns {0, stored} a value | {1, ns_gen, class_gen} the caller now holds the lease
@@ -20,7 +20,7 @@ if v and string.sub(v, 1, 3) == 'L1:' and string.sub(v, 1, #mine) ~= mine then
   -- A lease without a TTL is corrupt data (keyward never writes one): nobody will fill it, so take it over.
   v = nil
 end
-local ns, cl = kw_epochs(KEYS[2], ARGV[1], ARGV[5])
+local ns, cl = kw_current(ARGV[1], ARGV[5], ARGV[6], ARGV[7])
 if not v then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return {1, ns, cl}
@@ -30,7 +30,7 @@ if string.sub(v, 1, #mine) == mine then
   return {1, ns, cl}
 end
 local vns, vcl, kind = string.match(v, '^V1:(%d+):(%d+):(%a):')
-if vns and (vns ~= ns or vcl ~= cl or (kind == 'n' and ARGV[4] ~= '1')) then
+if vns and (kw_stale(vns, vcl, ns, cl) or (kind == 'n' and ARGV[4] ~= '1')) then
   -- Filled before a group invalidation (or an absent the caller cannot use): a miss; take the lease.
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return {1, ns, cl}

@@ -25,7 +25,7 @@ use crate::Keyward;
 mod store;
 
 use self::store::{Entry, Fetched};
-use crate::backend::wake::Listener;
+use crate::backend::Watch;
 use crate::codec::{Codec, Json};
 use crate::envelope::{self, Body, Gens};
 use crate::error::{BoxError, Error, Result};
@@ -214,11 +214,8 @@ struct LeaseGuard {
 impl LeaseGuard {
     async fn release(mut self) {
         self.armed = false;
-        let e = Entry {
-            ns: &self.kw.inner.ns,
-            class: &self.class.name,
-            key: &self.key,
-        };
+        let inner = &self.kw.inner;
+        let e = Entry::new(&inner.backend, &inner.ns, &self.class.name, &self.key);
         if let Err(err) = store::release(
             &self.kw.inner.backend,
             &self.kw.inner.bus,
@@ -244,11 +241,7 @@ impl Drop for LeaseGuard {
             let key = std::mem::take(&mut self.key);
             let prefix = std::mem::take(&mut self.prefix);
             rt.spawn(async move {
-                let e = Entry {
-                    ns: &kw.inner.ns,
-                    class: &class.name,
-                    key: &key,
-                };
+                let e = Entry::new(&kw.inner.backend, &kw.inner.ns, &class.name, &key);
                 let lease_ttl = class.policy.lease_ttl_value();
                 let _ =
                     store::release(&kw.inner.backend, &kw.inner.bus, &e, &prefix, lease_ttl).await;
@@ -298,11 +291,8 @@ where
     }
 
     fn entry<'a>(&'a self, key: &'a str) -> Entry<'a> {
-        Entry {
-            ns: &self.kw.inner.ns,
-            class: &self.class.name,
-            key,
-        }
+        let inner = &self.kw.inner;
+        Entry::new(&inner.backend, &inner.ns, &self.class.name, key)
     }
 
     fn decode(&self, raw: &Bytes) -> std::result::Result<Decoded<V>, String> {
@@ -657,9 +647,9 @@ where
         let mut heals = 0;
         // Registered only once a fetch says "wait" (hits never pay for it); from then on, every fetch is asked
         // with the listener already armed, so a commit between the answer and the wait cannot be missed.
-        let mut listener: Option<Listener> = None;
+        let mut listener: Option<Watch> = None;
         loop {
-            let notify = listener.as_ref().map(Listener::shared);
+            let notify = listener.as_ref().map(Watch::shared);
             let mut woken = notify.as_ref().map(|n| Box::pin(n.notified()));
             if let Some(w) = woken.as_mut() {
                 w.as_mut().enable();
@@ -703,7 +693,7 @@ where
                 },
                 Fetched::Wait(left) => match woken {
                     // First "wait": arm the listener, then ask again before sleeping.
-                    None => listener = Some(inner.bus.listen(key)),
+                    None => listener = Some(inner.backend.watch(&inner.bus, &inner.ns, key).await),
                     Some(woken) => {
                         m.lease_waits.increment(1);
                         // Woken by the holder's commit or release; otherwise re-check when its lease runs out,

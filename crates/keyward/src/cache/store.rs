@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::backend::wake::WakeBus;
-use crate::backend::{Backend, Kv, Namespace, Pipeline, Reply, Undo, scripts};
+use crate::backend::{Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, scripts};
 use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::error::{Error, Result};
 
@@ -31,6 +31,19 @@ pub(crate) struct Entry<'a> {
     pub(crate) ns: &'a Namespace,
     pub(crate) class: &'a str,
     pub(crate) key: &'a str,
+    /// Where fills and releases of this entry are announced (`Backend::wake_channel`).
+    pub(crate) wake: std::borrow::Cow<'a, str>,
+}
+
+impl<'a> Entry<'a> {
+    pub(crate) fn new(b: &Backend, ns: &'a Namespace, class: &'a str, key: &'a str) -> Self {
+        Entry {
+            ns,
+            class,
+            key,
+            wake: b.wake_channel(ns, key),
+        }
+    }
 }
 
 /// What a fetch found.
@@ -90,7 +103,7 @@ fn lease_undo(e: &Entry<'_>, lease: &str, lease_ttl: Duration) -> Undo {
     Undo {
         script: &SCRIPTS.release,
         keys: vec![e.key.to_owned()],
-        args: vec![prefix.as_bytes().to_vec(), e.ns.channel.as_bytes().to_vec()],
+        args: vec![prefix.as_bytes().to_vec(), e.wake.as_bytes().to_vec()],
         within: lease_ttl,
     }
 }
@@ -160,25 +173,32 @@ pub(crate) async fn fetch(
     lease_ttl: Duration,
     negative_ok: bool,
 ) -> Result<Fetched> {
-    let fast = Pipeline::new("fetch")
+    // Redis Cluster: the epochs come from the handle's bounded view, and the fast path is the `SET` alone.
+    let view = b
+        .group_epochs(e.ns, e.class)
+        .await?
+        .map(|(ns, class)| Gens { ns, class });
+    let mut fast = Pipeline::new("fetch")
         .cmd("SET")
-        .arg(e.key)
+        .key(e.key)
         .arg(marker)
         .arg("NX")
         .arg("GET")
         .arg("PX")
-        .arg(millis(lease_ttl))
-        .cmd("HMGET")
-        .arg(&e.ns.gens_key)
-        .arg("*")
-        .arg(e.class)
-        .evicting();
+        .arg(millis(lease_ttl));
+    if view.is_none() {
+        fast = fast.cmd("HMGET").arg(&e.ns.gens_key).arg("*").arg(e.class);
+    }
     let answer = b
         .pipeline(
-            fast,
+            fast.evicting(),
             || lease_undo(e, marker, lease_ttl),
             |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
-            |replies| decode_fast(replies, negative_ok),
+            |replies| match (view, replies) {
+                (Some(gens), [stored]) => classify(stored, gens, negative_ok),
+                (Some(_), _) => None,
+                (None, _) => decode_fast(replies, negative_ok),
+            },
         )
         .await;
     match answer {
@@ -188,18 +208,21 @@ pub(crate) async fn fetch(
         Err(err @ Error::Redis { .. }) if !err.is_unavailable() => {}
         Err(err) => return Err(err),
     }
-    let call = SCRIPTS
-        .fetch
-        .call("fetch")
-        .key(e.key)
-        .key(&e.ns.gens_key)
-        .arg(e.class)
-        .arg(marker)
-        .arg(millis(lease_ttl))
-        .arg(if negative_ok { "1" } else { "0" })
-        .arg(millis(e.ns.gens_lifetime))
-        .undo(lease_undo(e, marker, lease_ttl))
-        .evicting();
+    let call = with_epochs(
+        SCRIPTS
+            .fetch
+            .call("fetch")
+            .key(e.key)
+            .arg(e.class)
+            .arg(marker)
+            .arg(millis(lease_ttl))
+            .arg(if negative_ok { "1" } else { "0" })
+            .arg(millis(e.ns.gens_lifetime)),
+        e,
+        view,
+    )
+    .undo(lease_undo(e, marker, lease_ttl))
+    .evicting();
     b.atomic(
         call,
         |kv| fetch_mirror(kv, e, marker, lease_ttl, negative_ok),
@@ -229,6 +252,11 @@ fn decode_fast(replies: &[Reply], negative_ok: bool) -> Option<Fast> {
         }
         _ => return None,
     };
+    classify(stored, gens, negative_ok)
+}
+
+/// What the fast path's `SET … NX GET` reply means under `gens`.
+fn classify(stored: &Reply, gens: Gens, negative_ok: bool) -> Option<Fast> {
     if stored.is_nil() {
         return Some(Fast::Done(Fetched::Leased(gens)));
     }
@@ -240,6 +268,15 @@ fn decode_fast(replies: &[Reply], negative_ok: bool) -> Option<Fast> {
     }
     // A current value, or bytes the caller will decode, report and heal.
     Some(Fast::Done(Fetched::Hit(stored)))
+}
+
+/// A cache script call's epochs: on a single server the script reads the epochs hash (`KEYS[2]`); on Cluster
+/// the view's epochs go last in `ARGV` instead (see `epochs.lua`). `call` has every other argument already.
+fn with_epochs(call: Call, e: &Entry<'_>, view: Option<Gens>) -> Call {
+    match view {
+        None => call.key(&e.ns.gens_key),
+        Some(g) => call.arg(g.ns).arg(g.class),
+    }
 }
 
 /// `fetch.lua`'s reply: `{0, stored}` | `{1, ns_gen, class_gen}` | `{2, pttl_ms}`.
@@ -259,14 +296,21 @@ fn decode_fetch(reply: &Reply) -> Option<Fetched> {
 
 /// Read without taking a lease: a current value, or nothing.
 pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
-    let call = SCRIPTS
-        .read
-        .call("read")
-        .key(e.key)
-        .key(&e.ns.gens_key)
-        .arg(e.class)
-        .arg(millis(e.ns.gens_lifetime))
-        .evicting();
+    let view = b
+        .group_epochs(e.ns, e.class)
+        .await?
+        .map(|(ns, class)| Gens { ns, class });
+    let call = with_epochs(
+        SCRIPTS
+            .read
+            .call("read")
+            .key(e.key)
+            .arg(e.class)
+            .arg(millis(e.ns.gens_lifetime)),
+        e,
+        view,
+    )
+    .evicting();
     b.atomic(
         call,
         |kv| {
@@ -305,7 +349,7 @@ pub(crate) async fn commit(
         .arg(lease_prefix)
         .arg(value)
         .arg(millis(ttl))
-        .arg(&e.ns.channel)
+        .arg(&*e.wake)
         .evicting();
     let stored = b
         .atomic(
@@ -340,7 +384,7 @@ pub(crate) async fn release(
         .call("release")
         .key(e.key)
         .arg(lease_prefix)
-        .arg(&e.ns.channel)
+        .arg(&*e.wake)
         .must_land(lease_undo(e, lease_prefix, lease_ttl))
         .evicting();
     let released = b
@@ -365,17 +409,24 @@ pub(crate) async fn set(
     body: &[u8],
     ttl: Duration,
 ) -> Result<()> {
-    let call = SCRIPTS
-        .set
-        .call("set")
-        .key(e.key)
-        .key(&e.ns.gens_key)
-        .arg(e.class)
-        .arg(body)
-        .arg(millis(ttl))
-        .arg(&e.ns.channel)
-        .arg(millis(e.ns.gens_lifetime))
-        .evicting();
+    let view = b
+        .group_epochs(e.ns, e.class)
+        .await?
+        .map(|(ns, class)| Gens { ns, class });
+    let call = with_epochs(
+        SCRIPTS
+            .set
+            .call("set")
+            .key(e.key)
+            .arg(e.class)
+            .arg(body)
+            .arg(millis(ttl))
+            .arg(&*e.wake)
+            .arg(millis(e.ns.gens_lifetime)),
+        e,
+        view,
+    )
+    .evicting();
     b.atomic(
         call,
         |kv| {
@@ -397,7 +448,7 @@ pub(crate) async fn invalidate(b: &Backend, bus: &WakeBus, e: &Entry<'_>) -> Res
         .invalidate
         .call("invalidate")
         .key(e.key)
-        .arg(&e.ns.channel)
+        .arg(&*e.wake)
         .evicting();
     let removed = b
         .atomic(call, |kv| kv.del(e.key), |reply| Some(reply.int()? == 1))
@@ -415,34 +466,38 @@ pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64
         .call("bump")
         .key(&ns.gens_key)
         .arg(field)
-        .arg(life_ms);
-    b.atomic(
-        call,
-        |kv| {
-            // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
-            let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
-            let current = epoch(
-                kv.get_hash(&ns.gens_key)
-                    .and_then(|h| h.get(field))
-                    .map(|b| &b[..]),
-            )
-            .unwrap_or(0);
-            let next = current.saturating_add(1).max(now_us);
-            let life_ms = i64::try_from(life_ms).unwrap_or(i64::MAX);
-            let left = kv.pttl(&ns.gens_key);
-            kv.hset(
-                &ns.gens_key,
-                &[(field, Bytes::from(next.to_string()))],
-                life_ms,
-            );
-            if left < life_ms {
-                kv.pexpire(&ns.gens_key, life_ms);
-            }
-            next
-        },
-        |reply| u64::try_from(reply.int()?).ok(),
-    )
-    .await
+        .arg(life_ms)
+        .arg(if b.epochs_in_view() { "1" } else { "0" });
+    let epoch = b
+        .atomic(
+            call,
+            |kv| {
+                // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
+                let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
+                let current = epoch(
+                    kv.get_hash(&ns.gens_key)
+                        .and_then(|h| h.get(field))
+                        .map(|b| &b[..]),
+                )
+                .unwrap_or(0);
+                let next = current.saturating_add(1).max(now_us);
+                let life_ms = i64::try_from(life_ms).unwrap_or(i64::MAX);
+                let left = kv.pttl(&ns.gens_key);
+                kv.hset(
+                    &ns.gens_key,
+                    &[(field, Bytes::from(next.to_string()))],
+                    life_ms,
+                );
+                if left < life_ms {
+                    kv.pexpire(&ns.gens_key, life_ms);
+                }
+                next
+            },
+            |reply| u64::try_from(reply.int()?).ok(),
+        )
+        .await?;
+    b.bumped(field, epoch);
+    Ok(epoch)
 }
 
 /// Delete the entry only if it still holds exactly `raw` (self-healing of undecodable values).

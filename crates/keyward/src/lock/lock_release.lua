@@ -5,5 +5,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], KEYS[1])
+-- Sharded (SPUBLISH, in the lock's slot) when the channel ends in '}' (Redis Cluster), else plain PUBLISH.
+if string.sub(ARGV[2], -1) == '}' then
+  redis.call('SPUBLISH', ARGV[2], KEYS[1])
+else
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
+end
 return 1

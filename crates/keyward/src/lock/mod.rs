@@ -100,7 +100,7 @@ impl Queues {
 use self::guard::Grant;
 use self::store::{Attempt, LockKeys};
 use crate::Keyward;
-use crate::backend::wake::Listener;
+use crate::backend::Watch;
 use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::LockClass;
@@ -396,9 +396,9 @@ impl Locks {
         // Registered once an attempt finds the lock held (an uncontended lock never pays for it); from then on
         // every attempt is made with a wake-up already armed, so a release between the answer "held" and the
         // wait cannot be missed.
-        let mut listener: Option<Listener> = None;
+        let mut listener: Option<Watch> = None;
         loop {
-            let notify = listener.as_ref().map(Listener::shared);
+            let notify = listener.as_ref().map(Watch::shared);
             let mut woken = notify.as_ref().map(|n| Box::pin(n.notified()));
             if let Some(w) = woken.as_mut() {
                 w.as_mut().enable();
@@ -433,7 +433,7 @@ impl Locks {
             }
             let Some(woken) = woken else {
                 // First "held": arm the wake-up, then ask again before sleeping.
-                listener = Some(inner.bus.listen(&keys.lock));
+                listener = Some(inner.backend.watch(&inner.bus, &inner.ns, &keys.lock).await);
                 continue;
             };
             // Woken by the holder's release; otherwise re-check when its lease runs out (an expiry publishes

@@ -129,7 +129,11 @@ fn release_undo(kw: &Keyward, keys: &LockKeys, token: &str, within: Duration) ->
         keys: vec![keys.lock.clone()],
         args: vec![
             token.as_bytes().to_vec(),
-            kw.inner.ns.channel.as_bytes().to_vec(),
+            kw.inner
+                .backend
+                .wake_channel(&kw.inner.ns, &keys.lock)
+                .as_bytes()
+                .to_vec(),
         ],
         within,
     }
@@ -155,7 +159,7 @@ pub(super) async fn release(
         .call("lock_release")
         .key(&keys.lock)
         .arg(token)
-        .arg(&kw.inner.ns.channel)
+        .arg(&*kw.inner.backend.wake_channel(&kw.inner.ns, &keys.lock))
         .must_land(release_undo(kw, keys, token, ttl));
     let released = kw
         .inner

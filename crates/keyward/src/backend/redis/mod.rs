@@ -1,27 +1,30 @@
 //! The Redis connection: script calls and pipelines (the capabilities' own, see `backend::script`), `SCAN`,
 //! `PING`, wake-up subscriptions, and the one place every call is bounded by the response timeout and admitted by
-//! the circuit breaker ([`RedisBackend::call`]).
+//! a circuit breaker ([`RedisBackend::call`]).
 //!
-//! One multiplexed, auto-reconnecting connection (`ConnectionManager`) carries every command of the process;
-//! concurrent calls are pipelined on it. It speaks RESP3 so that the fill wake-up subscription rides the same
-//! connection as push messages, and is re-subscribed automatically after a reconnect.
-//!
-//! Scope: standalone Redis (TCP, TLS, unix socket), and a master behind Sentinel (`redis+sentinel://`, see
-//! [`sentinel`]): then the connection sits in a swappable slot that the failover follower replaces when the
-//! master moves; every call takes the current one (one uncontended read lock and a clone). The cache
-//! scripts read the namespace's epoch hash next to the entry, which lives in another Cluster slot, so Redis
-//! Cluster is not supported by this backend yet.
+//! Three topologies, one connection type ([`Conn`]):
+//! - a standalone server (TCP, TLS, unix socket): one multiplexed, auto-reconnecting connection
+//!   (`ConnectionManager`) carries every command of the process; concurrent calls are pipelined on it. It speaks
+//!   RESP3 so that the fill wake-up subscription rides the same connection as push messages, and is
+//!   re-subscribed automatically after a reconnect;
+//! - a master behind Sentinel (`redis+sentinel://`, see [`sentinel`]): the same, in a swappable slot that the
+//!   failover follower replaces when the master moves; every call takes the current one (one uncontended read
+//!   lock and a clone);
+//! - Redis Cluster (`redis+cluster://`, see [`cluster`]): redis-rs's async cluster client, one breaker per
+//!   primary, sharded wake-ups subscribed while someone waits, and the group epochs read from a bounded view.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ProtocolVersion, PushInfo, PushKind, RedisError,
-    Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ProtocolVersion, PushInfo, PushKind,
+    RedisError, RedisFuture, Value,
 };
 
+pub(crate) mod cluster;
 mod sentinel;
 
 use super::ConnectOptions;
@@ -34,19 +37,57 @@ use crate::error::{Error, Result};
 const MIN_REDIS_MAJOR: u32 = 7;
 
 /// The connection every call uses; replaced only when a Sentinel failover moves the master.
-pub(crate) type Slot = std::sync::RwLock<ConnectionManager>;
+pub(crate) type Slot = std::sync::RwLock<Conn>;
+
+/// A multiplexed connection: to one server, or to a cluster (which routes each command by its first key).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 pub(crate) struct RedisBackend {
     conn: Arc<Slot>,
     /// Behind Sentinel: the failover follower, asked to re-resolve when a call finds the master unavailable
     /// or read-only.
     follower: Option<Arc<sentinel::Follower>>,
+    /// On Cluster: the slot map, the per-primary breakers, the epoch view and the watched shard channels.
+    cluster: Option<Arc<cluster::ClusterState>>,
     /// The follower's tasks, aborted on drop.
     tasks: Vec<tokio::task::JoinHandle<()>>,
     server: String,
     response_timeout: Duration,
     /// One breaker for every capability of this handle (see [`RedisBackend::call`]); shared with the failover
-    /// follower, which closes it when it switches to a verified new master.
+    /// follower, which closes it when it switches to a verified new master. On Cluster, each primary has its
+    /// own and this one admits only calls without a key (`PING`).
     breaker: Arc<Breaker>,
     /// Local wake-ups, woken all at once when the breaker opens.
     bus: Arc<WakeBus>,
@@ -151,16 +192,9 @@ pub(crate) struct Opened {
     pub(crate) maxmemory_policy: Option<String>,
 }
 
-/// Open the connection manager to the standalone server at `url`, subscribed to `ns`'s wake-up channel, after
-/// one direct probe (the real reason on failure, the version check, and with `must_be_master` a `ROLE` that
-/// says `master`).
-pub(crate) async fn open(
-    url: &str,
-    options: &ConnectOptions,
-    ns: &Namespace,
-    bus: Arc<WakeBus>,
-    must_be_master: bool,
-) -> Result<Opened> {
+/// The client for the standalone server at `url` (TLS material from `options` applied, RESP3), and the
+/// server's address for messages (never credentials).
+fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
     let invalid = |detail: &str| Error::InvalidUrl {
         reason: scrub(url, &format!("{}: {detail}", redact(url))),
     };
@@ -219,20 +253,24 @@ pub(crate) async fn open(
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
     let info = info.set_redis_settings(settings);
-    // One client for the probe and the connection manager: both present the client certificate and trust
-    // only the given CA.
+    // One client for the probe and the connection: both present the client certificate and trust only the
+    // given CA.
     let client = match options.tls_certificates()? {
         Some(certs) => Client::build_with_tls(info, certs),
         None => Client::open(info),
     }
     .map_err(|e| invalid(e.detail().unwrap_or("not a Redis URL")))?;
-    let connect_err = |reason: String| Error::Connect {
-        server: server.clone(),
-        reason,
-    };
+    Ok((client, server))
+}
 
-    // One direct attempt first: it reports the real reason (refused, auth, TLS) instead of retrying, and
-    // checks the server version.
+/// One direct connection to `client`'s server: it reports the real reason (refused, auth, TLS) instead of
+/// retrying, checks the server version, and with `must_be_master` that `ROLE` says `master`. Returns the
+/// server's `maxmemory-policy`.
+async fn probe(
+    client: &Client,
+    options: &ConnectOptions,
+    must_be_master: bool,
+) -> std::result::Result<Option<String>, String> {
     let probe_config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.connect_timeout));
@@ -241,32 +279,51 @@ pub(crate) async fn open(
         client.get_multiplexed_async_connection_with_config(&probe_config),
     )
     .await
-    .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
-    .map_err(|e| connect_err(e.to_string()))?;
+    .map_err(|_| format!("no answer within {:?}", options.connect_timeout))?
+    .map_err(|e| e.to_string())?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("memory")
         .query_async(&mut probe)
         .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    check_version(&info).map_err(connect_err)?;
+        .map_err(|e| e.to_string())?;
+    check_version(&info)?;
     let maxmemory_policy = info_field(&info, "maxmemory_policy").map(str::to_owned);
     if must_be_master {
         let role: Vec<Value> = redis::cmd("ROLE")
             .query_async(&mut probe)
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         match role.first() {
             Some(Value::BulkString(r)) if r == b"master" => {}
             Some(Value::SimpleString(r)) if r == "master" => {}
             other => {
-                return Err(connect_err(format!(
+                return Err(format!(
                     "the sentinels name this server as the master, but ROLE says {other:?}"
-                )));
+                ));
             }
         }
     }
-    drop(probe);
+    Ok(maxmemory_policy)
+}
+
+/// Open the connection manager to the standalone server at `url`, subscribed to `ns`'s wake-up channel, after
+/// one direct [`probe`].
+pub(crate) async fn open(
+    url: &str,
+    options: &ConnectOptions,
+    ns: &Namespace,
+    bus: Arc<WakeBus>,
+    must_be_master: bool,
+) -> Result<Opened> {
+    let (client, server) = client_for(url, options)?;
+    let connect_err = |reason: String| Error::Connect {
+        server: server.clone(),
+        reason,
+    };
+    let maxmemory_policy = probe(&client, options, must_be_master)
+        .await
+        .map_err(connect_err)?;
 
     let wake = bus;
     let on_push = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
@@ -337,11 +394,15 @@ impl RedisBackend {
             options.breaker_failures,
             options.breaker_cooldown,
         ));
+        if cluster::is_cluster_url(url) {
+            return Self::connect_cluster(url, options, ns, bus, breaker).await;
+        }
         if !sentinel::is_sentinel_url(url) {
             let opened = open(url, options, ns, Arc::clone(&bus), false).await?;
             return Ok(Self {
-                conn: Arc::new(Slot::new(opened.conn)),
+                conn: Arc::new(Slot::new(Conn::Single(opened.conn))),
                 follower: None,
+                cluster: None,
                 tasks: Vec::new(),
                 server: opened.server,
                 response_timeout: options.response_timeout,
@@ -381,7 +442,7 @@ impl RedisBackend {
             other => other,
         })?;
         tracing::info!(sentinels = %server, master = %opened.server, "keyward: connected to the master the sentinels name");
-        let conn = Arc::new(Slot::new(opened.conn));
+        let conn = Arc::new(Slot::new(Conn::Single(opened.conn)));
         let follower = Arc::new(sentinel::Follower::new(
             parsed,
             Arc::clone(&conn),
@@ -395,6 +456,7 @@ impl RedisBackend {
         Ok(Self {
             conn,
             follower: Some(follower),
+            cluster: None,
             tasks,
             server,
             response_timeout: options.response_timeout,
@@ -404,8 +466,230 @@ impl RedisBackend {
         })
     }
 
+    /// Connect to a Redis Cluster: probe the seeds one by one (the real reason on failure, the version check),
+    /// then open the cluster client, read the slot map and the group epochs, and subscribe to the epochs'
+    /// sharded channel.
+    async fn connect_cluster(
+        url: &str,
+        options: &ConnectOptions,
+        ns: &Namespace,
+        bus: Arc<WakeBus>,
+        breaker: Arc<Breaker>,
+    ) -> Result<Self> {
+        let seeds = cluster::seed_urls(url)?;
+        let mut reasons = Vec::new();
+        let mut probed = None;
+        for seed in &seeds {
+            let (client, node) = client_for(seed, options)?;
+            match probe(&client, options, false).await {
+                Ok(policy) => {
+                    probed = Some((node, policy));
+                    break;
+                }
+                Err(reason) => reasons.push(format!("{node}: {reason}")),
+            }
+        }
+        let describe_all = seeds
+            .iter()
+            .filter_map(|s| Client::open(s.as_str()).ok())
+            .map(|c| describe(c.get_connection_info().addr()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let server = format!("cluster {describe_all}");
+        let connect_err = |reason: String| Error::Connect {
+            server: server.clone(),
+            reason: scrub(url, &reason),
+        };
+        let Some((seed_node, maxmemory_policy)) = probed else {
+            return Err(connect_err(format!(
+                "no seed node answered: {}",
+                reasons.join("; ")
+            )));
+        };
+        let seed_host = seed_node
+            .rsplit_once(':')
+            .map_or(seed_node.as_str(), |(h, _)| h)
+            .trim_start_matches("tls://")
+            .to_owned();
+
+        // Pushes arrive before the state exists (the subscription below); they go through a weak slot.
+        let state_slot: Arc<std::sync::OnceLock<std::sync::Weak<cluster::ClusterState>>> =
+            Arc::default();
+        let on_push = {
+            let wake = Arc::clone(&bus);
+            let state_slot = Arc::clone(&state_slot);
+            let gens_key = ns.gens_key.clone();
+            move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
+                match push.kind {
+                    PushKind::Disconnection => wake.wake_all(),
+                    PushKind::SMessage | PushKind::Message => {
+                        if let (
+                            Some(Value::BulkString(channel)),
+                            Some(Value::BulkString(payload)),
+                        ) = (push.data.first(), push.data.get(1))
+                        {
+                            if channel == gens_key.as_bytes() {
+                                if let Some(state) =
+                                    state_slot.get().and_then(std::sync::Weak::upgrade)
+                                {
+                                    state.apply_announcement(payload);
+                                }
+                            } else if let Ok(key) = std::str::from_utf8(payload) {
+                                wake.wake(key);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        };
+        let client = cluster::client(url, &seeds, options, on_push)?;
+        let timeout = options.connect_timeout;
+        let mut conn = tokio::time::timeout(timeout, client.get_async_connection())
+            .await
+            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let map = cluster::read_slot_map(&mut conn, &seed_host, timeout)
+            .await
+            .map_err(connect_err)?;
+        let state = Arc::new(cluster::ClusterState::new(options, seed_host, map));
+        let _ = state_slot.set(Arc::downgrade(&state));
+        tokio::time::timeout(timeout, conn.ssubscribe(&ns.gens_key))
+            .await
+            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
+            .map_err(|e| {
+                connect_err(format!(
+                    "cannot subscribe to the epochs channel `{}`: {e}",
+                    ns.gens_key
+                ))
+            })?;
+        cluster::read_epochs(&state, &mut conn, &ns.gens_key, timeout)
+            .await
+            .map_err(|e| {
+                connect_err(format!(
+                    "cannot read the group epochs: {}",
+                    e.map_or_else(
+                        || format!("no answer within {timeout:?}"),
+                        |e| e.to_string()
+                    )
+                ))
+            })?;
+        let tasks = vec![
+            cluster::spawn_slot_mapper(&state, conn.clone(), options.response_timeout),
+            cluster::spawn_epoch_reader(
+                &state,
+                conn.clone(),
+                ns.gens_key.clone(),
+                options.response_timeout,
+            ),
+        ];
+        tracing::info!(cluster = %server, primaries = state.primaries().len(), "keyward: connected to the cluster");
+        Ok(Self {
+            conn: Arc::new(Slot::new(Conn::Cluster(conn))),
+            follower: None,
+            cluster: Some(state),
+            tasks,
+            server,
+            response_timeout: options.response_timeout,
+            breaker,
+            bus,
+            maxmemory_policy,
+        })
+    }
+
+    /// Whether this is a Redis Cluster (group epochs from the view, sharded wake-ups).
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// On Cluster, the namespace and `class` epochs from the view, re-read first if the view is older than the
+    /// bound (see [`cluster`]); `None` elsewhere (the scripts read them).
+    ///
+    /// # Errors
+    /// As [`call`](Self::call), when the view must be re-read and that read fails.
+    pub(crate) async fn group_epochs(
+        &self,
+        ns: &Namespace,
+        class: &str,
+    ) -> Result<Option<(u64, u64)>> {
+        let Some(state) = &self.cluster else {
+            return Ok(None);
+        };
+        if let Some(epochs) = state.epochs(class) {
+            return Ok(Some(epochs));
+        }
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Ok(None);
+        };
+        let slot = cluster::slot_of(ns.gens_key.as_bytes());
+        self.call("epochs", Some(slot), async {
+            match cluster::read_epochs(state, &mut conn, &ns.gens_key, self.response_timeout).await
+            {
+                Ok(()) => Ok(()),
+                Err(Some(e)) => Err(e),
+                Err(None) => Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer within the response timeout",
+                ))),
+            }
+        })
+        .await?;
+        // Read just now, so fresh, unless the read itself took longer than the bound: then it cannot vouch
+        // for the bound, and the caller treats it like a timeout (a cache fails open).
+        state
+            .epochs(class)
+            .map(Some)
+            .ok_or_else(|| self.timeout_err("epochs", Some(slot)))
+    }
+
+    /// On Cluster, record an epoch this handle just bumped (read-your-writes before its announcement arrives).
+    pub(crate) fn bumped(&self, field: &str, epoch: u64) {
+        if let Some(state) = &self.cluster {
+            state.apply_epoch(field, epoch);
+        }
+    }
+
+    /// The channel a fill or release of `key` announces itself on: the namespace's channel on one server; on
+    /// Cluster a sharded channel in `key`'s slot (ending in `}`, which is how the scripts know to `SPUBLISH`).
+    pub(crate) fn wake_channel(&self, ns: &Namespace, key: &str) -> String {
+        if self.cluster.is_some() {
+            format!("{}:{{{}}}", ns.channel, cluster::hash_tag(key))
+        } else {
+            ns.channel.clone()
+        }
+    }
+
+    /// Start receiving wake-ups for `key`: on one server the subscription is already there; on Cluster the
+    /// key's sharded channel is subscribed (once per channel, however many wait) before this returns, so a
+    /// caller that asks the store again after it cannot miss the announcement. A subscription that fails
+    /// leaves the caller with its bounded re-checks ([`Backend::wait_slice`](super::Backend::wait_slice)).
+    pub(crate) async fn watch(&self, ns: &Namespace, key: &str) -> Option<ShardWatch> {
+        let state = self.cluster.as_ref()?;
+        let channel = self.wake_channel(ns, key);
+        if state.watch(&channel) {
+            let Conn::Cluster(mut conn) = self.conn() else {
+                return None;
+            };
+            let subscribed =
+                tokio::time::timeout(self.response_timeout, conn.ssubscribe(&channel)).await;
+            if !matches!(subscribed, Ok(Ok(()))) {
+                tracing::debug!(
+                    channel,
+                    "keyward: cannot subscribe to a wake-up channel; polling"
+                );
+            }
+        }
+        Some(ShardWatch {
+            state: Arc::clone(state),
+            conn: self.conn.clone(),
+            channel,
+            timeout: self.response_timeout,
+        })
+    }
+
     /// The current connection (a clone: cheap, multiplexed).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -413,6 +697,9 @@ impl RedisBackend {
     fn master_suspect(&self) {
         if let Some(f) = &self.follower {
             f.trigger();
+        }
+        if let Some(c) = &self.cluster {
+            c.suspect();
         }
     }
 
@@ -425,25 +712,21 @@ impl RedisBackend {
         self.maxmemory_policy.as_deref()
     }
 
-    fn err(&self, op: &'static str, e: RedisError) -> Error {
+    fn err(&self, op: &'static str, slot: Option<u16>, e: RedisError) -> Error {
         if e.is_timeout() {
-            Error::Timeout {
-                server: self.server.clone(),
-                op,
-                timeout: self.response_timeout,
-            }
+            self.timeout_err(op, slot)
         } else {
             Error::Redis {
-                server: self.server.clone(),
+                server: self.server_for(slot),
                 op,
                 source: Arc::new(e),
             }
         }
     }
 
-    fn timeout_err(&self, op: &'static str) -> Error {
+    fn timeout_err(&self, op: &'static str, slot: Option<u16>) -> Error {
         Error::Timeout {
-            server: self.server.clone(),
+            server: self.server_for(slot),
             op,
             timeout: self.response_timeout,
         }
@@ -451,7 +734,10 @@ impl RedisBackend {
 
     /// The breaker's state.
     pub(crate) fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
+        match &self.cluster {
+            Some(c) => c.breaker_state(),
+            None => self.breaker.state(),
+        }
     }
 
     /// The response timeout every call is bounded by.
@@ -462,8 +748,8 @@ impl RedisBackend {
     /// Count an unavailable call. When it opens the breaker, every local waiter (a cache reader waiting for
     /// another caller's fill, a lock waiter) is woken: no wake-up can come from a server that is down, and a
     /// woken waiter looks again, which now fails at once (and a cache fails open).
-    fn failure(&self) {
-        if self.breaker.failure() {
+    fn failure(&self, breaker: &Breaker) {
+        if breaker.failure() {
             self.bus.wake_all();
         }
     }
@@ -476,40 +762,60 @@ impl RedisBackend {
     async fn call<T>(
         &self,
         op: &'static str,
+        slot: Option<u16>,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        if self.breaker.admit() == Admit::Skip {
+        let breaker = self.breaker_for(slot);
+        if breaker.admit() == Admit::Skip {
             // Behind Sentinel the master may have moved: the breaker closes once the follower switches.
             self.master_suspect();
             return Err(Error::CircuitOpen {
-                server: self.server.clone(),
+                server: self.server_for(slot),
                 op,
-                retry_in: self.breaker.retry_in(),
+                retry_in: breaker.retry_in(),
             });
         }
         match tokio::time::timeout(self.response_timeout, fut).await {
             Err(_) => {
-                self.failure();
+                self.failure(&breaker);
                 self.master_suspect();
-                Err(self.timeout_err(op))
+                Err(self.timeout_err(op, slot))
             }
             Ok(Ok(v)) => {
-                self.breaker.success();
+                breaker.success();
                 Ok(v)
             }
             Ok(Err(e)) => {
                 if is_unavailable(&e) {
-                    self.failure();
+                    self.failure(&breaker);
                     self.master_suspect();
                 } else {
-                    self.breaker.success();
+                    breaker.success();
                     if is_read_only(&e) {
                         self.master_suspect();
                     }
                 }
-                Err(self.err(op, e))
+                Err(self.err(op, slot, e))
             }
         }
+    }
+
+    /// The breaker admitting a call to `slot`: on Cluster the one of the primary serving it, else the handle's.
+    fn breaker_for(&self, slot: Option<u16>) -> Arc<Breaker> {
+        self.cluster
+            .as_ref()
+            .zip(slot)
+            .and_then(|(c, slot)| c.breaker_for(slot))
+            .unwrap_or_else(|| Arc::clone(&self.breaker))
+    }
+
+    /// The server a call to `slot` goes to, for messages: on Cluster the primary serving it.
+    fn server_for(&self, slot: Option<u16>) -> String {
+        self.cluster
+            .as_ref()
+            .zip(slot)
+            .and_then(|(c, slot)| c.primary_of(slot))
+            .map_or_else(|| self.server.clone(), |(h, p)| format!("{h}:{p}"))
     }
 
     /// Run one script call through [`call`](Self::call). A call with an [`Undo`] that gets no answer (a
@@ -524,6 +830,7 @@ impl RedisBackend {
             invocation,
             undo,
             must_land,
+            slot,
             ..
         } = call;
         let guard = UndoGuard {
@@ -534,7 +841,7 @@ impl RedisBackend {
         };
         let mut conn = self.conn();
         let answer = self
-            .call(op, invocation.invoke_async::<Value>(&mut conn))
+            .call(op, slot, invocation.invoke_async::<Value>(&mut conn))
             .await;
         guard.settle(&answer);
         answer.map(Reply::from)
@@ -546,7 +853,7 @@ impl RedisBackend {
         pipeline: Pipeline,
         undo: impl FnOnce() -> Undo,
     ) -> Result<Vec<Reply>> {
-        let Pipeline { op, pipe, .. } = pipeline;
+        let Pipeline { op, pipe, slot, .. } = pipeline;
         let guard = UndoGuard {
             backend: self,
             op,
@@ -555,7 +862,7 @@ impl RedisBackend {
         };
         let mut conn = self.conn();
         let answer = self
-            .call(op, pipe.query_async::<Vec<Value>>(&mut conn))
+            .call(op, slot, pipe.query_async::<Vec<Value>>(&mut conn))
             .await;
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
@@ -608,15 +915,20 @@ impl RedisBackend {
     /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
         let mut conn = self.conn();
-        self.call("ping", redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map(drop)
+        self.call(
+            "ping",
+            None,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await
+        .map(drop)
     }
 
     /// A typed error for a script reply of the wrong shape.
     pub(crate) fn protocol_err(&self, op: &'static str, what: &str) -> Error {
         self.err(
             op,
+            None,
             RedisError::from((
                 redis::ErrorKind::Parse,
                 "unexpected script reply",
@@ -625,8 +937,15 @@ impl RedisBackend {
         )
     }
 
+    /// Walk the keyspace with `SCAN` (each primary with its own cursor on Cluster) and `PTTL` each match.
     pub(crate) async fn scan(&self, pattern: &str, batch: usize) -> Result<Vec<KeyTtl>> {
         let mut conn = self.conn();
+        if let (Some(state), Conn::Cluster(c)) = (&self.cluster, &conn) {
+            let primaries = state.primaries();
+            return cluster::scan(c, &primaries, pattern, batch, self.response_timeout)
+                .await
+                .map_err(|e| self.err("scan", None, e));
+        }
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
@@ -637,13 +956,13 @@ impl RedisBackend {
                 .arg("COUNT")
                 .arg(batch.max(1));
             let (next, keys): (u64, Vec<String>) =
-                self.call("scan", scan.query_async(&mut conn)).await?;
+                self.call("scan", None, scan.query_async(&mut conn)).await?;
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for k in &keys {
                     pipe.cmd("PTTL").arg(k);
                 }
-                let ttls: Vec<i64> = self.call("scan", pipe.query_async(&mut conn)).await?;
+                let ttls: Vec<i64> = self.call("scan", None, pipe.query_async(&mut conn)).await?;
                 for (key, ttl) in keys.into_iter().zip(ttls) {
                     // -2: expired between SCAN and PTTL.
                     if ttl == -2 {
@@ -661,6 +980,38 @@ impl RedisBackend {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out.dedup_by(|a, b| a.key == b.key);
         Ok(out)
+    }
+}
+
+/// A live interest in one sharded wake-up channel (Cluster); the last one dropped unsubscribes.
+pub(crate) struct ShardWatch {
+    state: Arc<cluster::ClusterState>,
+    conn: Arc<Slot>,
+    channel: String,
+    timeout: Duration,
+}
+
+impl Drop for ShardWatch {
+    fn drop(&mut self) {
+        if !self.state.unwatch(&self.channel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let state = Arc::clone(&self.state);
+        let channel = std::mem::take(&mut self.channel);
+        let conn = self.conn.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let timeout = self.timeout;
+        rt.spawn(async move {
+            // A watcher that came back meanwhile keeps the subscription (it subscribed again, or found it).
+            if state.is_watched(&channel) {
+                return;
+            }
+            if let Conn::Cluster(mut conn) = conn {
+                let _ = tokio::time::timeout(timeout, conn.sunsubscribe(&channel)).await;
+            }
+        });
     }
 }
 

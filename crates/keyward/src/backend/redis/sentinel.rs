@@ -300,7 +300,8 @@ impl Follower {
         .await
         {
             Ok(opened) => {
-                *self.slot.write().unwrap_or_else(|e| e.into_inner()) = opened.conn;
+                *self.slot.write().unwrap_or_else(|e| e.into_inner()) =
+                    super::Conn::Single(opened.conn);
                 *self.current.lock().unwrap_or_else(|e| e.into_inner()) = addr;
                 // The breaker counted the old master's failures; the new one just answered the probe.
                 self.breaker.success();

@@ -1,0 +1,588 @@
+//! Redis Cluster: the `redis+cluster://` URL, the slot map keyward keeps for itself (one circuit breaker per
+//! primary, keyspace walks per primary), the group-epoch view, and sharded wake-up subscriptions.
+//!
+//! Commands travel on redis-rs's async cluster client, which follows `MOVED`/`ASK`, refreshes its topology
+//! and re-subscribes sharded channels after a failover. Every keyward script touches one slot.
+//!
+//! **The one decision: group epochs are read from a view, not from their key.** On a single server the cache
+//! scripts read the namespace's epoch hash next to the entry. On Cluster that hash lives in its own slot, and
+//! reading it on every hit would send every read of the namespace to one node. So each handle keeps a view of
+//! the epochs in process: a bump publishes its new epoch on a sharded channel (applied on arrival), and the
+//! whole hash is re-read every quarter of the bound. A view is used only while its last full read was *sent*
+//! less than [`ConnectOptions::group_invalidation_bound`](crate::ConnectOptions::group_invalidation_bound)
+//! ago; an older one is re-read before the call (one extra round trip, to the epochs' node). Since a read sent
+//! after a bump returned sees it, no call starting later than the bound after `invalidate_class` or
+//! `invalidate_namespace` returned can be served an entry filled before it — whatever push was lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::Value;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{redact, scrub};
+use crate::backend::breaker::{Breaker, BreakerState};
+use crate::backend::{ConnectOptions, KeyTtl};
+use crate::error::{Error, Result};
+
+/// Number of hash slots in a Redis Cluster.
+pub(crate) const SLOTS: u16 = 16384;
+
+/// How often the slot map is re-read when nothing seems wrong.
+const SLOT_MAP_EVERY: Duration = Duration::from_secs(1);
+/// The least time between two slot-map reads asked for by failing calls.
+const SLOT_MAP_MIN_GAP: Duration = Duration::from_millis(100);
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://` or `rediss+cluster://`).
+pub(crate) fn is_cluster_url(url: &str) -> bool {
+    url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://")
+}
+
+/// The seed node URLs of `redis+cluster://[user:pass@]host:port[,host:port…][/][?…]`: one `redis://` (or
+/// `rediss://`) URL per node, each with the user-info and query.
+///
+/// # Errors
+/// [`Error::InvalidUrl`] naming what is wrong, with the credentials redacted.
+pub(crate) fn seed_urls(url: &str) -> Result<Vec<String>> {
+    let invalid = |detail: &str| Error::InvalidUrl {
+        reason: scrub(url, &format!("{}: {detail}", redact(url))),
+    };
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Err(invalid("a Cluster URL starts with `redis+cluster://`"));
+    };
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let (hosts, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let tail = tail.strip_prefix('/').unwrap_or(tail);
+    if !(tail.is_empty() || tail.starts_with(['?', '#']) || tail == "0") {
+        return Err(invalid(
+            "a Cluster has only database 0: `redis+cluster://host:port[,host:port…]`",
+        ));
+    }
+    let tail = tail.strip_prefix('0').unwrap_or(tail);
+    let mut seeds = Vec::new();
+    for host in hosts.split(',') {
+        let host = host.trim();
+        if host.is_empty() {
+            return Err(invalid(
+                "an empty node in the list: `redis+cluster://host:port[,host:port…]`",
+            ));
+        }
+        let with_port = if host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !host.ends_with(']')
+        {
+            host.to_owned()
+        } else {
+            format!("{host}:6379")
+        };
+        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        seeds.push(format!("{scheme}://{auth}{with_port}/{tail}"));
+    }
+    Ok(seeds)
+}
+
+/// The slot a key hashes to (Redis Cluster's rule: CRC16/XMODEM of the hash tag — the text between the first
+/// `{` and the first `}` after it, when not empty — or of the whole key, modulo 16384).
+pub(crate) fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
+}
+
+/// A key's hash tag as Redis uses it (see [`slot_of`]): what a channel must carry to live in the key's slot.
+pub(crate) fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key)
+}
+
+/// Who serves each slot: the primaries' addresses, and per slot an index into them.
+#[derive(Debug, Default)]
+pub(crate) struct SlotMap {
+    /// `(host, port)` of each primary.
+    pub(crate) primaries: Vec<(String, u16)>,
+    /// Per slot, the index of its primary in `primaries` (`u16::MAX`: not covered).
+    owner: Vec<u16>,
+}
+
+impl SlotMap {
+    /// Parse a `CLUSTER SLOTS` reply; `seed_host` fills in an empty host (a node announcing no address).
+    fn parse(reply: &Value, seed_host: &str) -> Option<SlotMap> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut map = SlotMap {
+            primaries: Vec::new(),
+            owner: vec![u16::MAX; usize::from(SLOTS)],
+        };
+        for range in ranges {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(node))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return None;
+            };
+            let host = match node.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => return None,
+            };
+            let host = if host.is_empty() || host == "?" {
+                seed_host.to_owned()
+            } else {
+                host
+            };
+            let Some(Value::Int(port)) = node.get(1) else {
+                return None;
+            };
+            let addr = (host, u16::try_from(*port).ok()?);
+            let index = match map.primaries.iter().position(|p| *p == addr) {
+                Some(i) => i,
+                None => {
+                    map.primaries.push(addr);
+                    map.primaries.len() - 1
+                }
+            };
+            let index = u16::try_from(index).ok()?;
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            for slot in start..=end.min(usize::from(SLOTS) - 1) {
+                map.owner[slot] = index;
+            }
+        }
+        Some(map)
+    }
+
+    pub(crate) fn primary_of_slot(&self, slot: u16) -> Option<&(String, u16)> {
+        let index = *self.owner.get(usize::from(slot))?;
+        self.primaries.get(usize::from(index))
+    }
+}
+
+/// The group epochs as this handle last saw them (see the module docs).
+#[derive(Default)]
+struct EpochState {
+    /// Field (`*` or a class) → epoch; merged by maximum (epochs only grow).
+    fields: HashMap<String, u64>,
+    /// When the last successful full read was sent.
+    read_at: Option<Instant>,
+}
+
+/// Per-cluster state shared by the backend and its background tasks.
+pub(crate) struct ClusterState {
+    map: RwLock<Arc<SlotMap>>,
+    /// One breaker per primary (by `host:port`), created on first use.
+    breakers: Mutex<HashMap<(String, u16), Arc<Breaker>>>,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+    /// Woken when a call suspects the slot map is out of date.
+    remap: Notify,
+    seed_host: String,
+    epochs: Mutex<EpochState>,
+    pub(crate) epochs_bound: Duration,
+    /// Sharded wake-up channels with their number of live watchers.
+    watched: Mutex<HashMap<String, usize>>,
+}
+
+impl ClusterState {
+    pub(crate) fn new(options: &ConnectOptions, seed_host: String, map: SlotMap) -> Self {
+        ClusterState {
+            map: RwLock::new(Arc::new(map)),
+            breakers: Mutex::new(HashMap::new()),
+            breaker_failures: options.breaker_failures,
+            breaker_cooldown: options.breaker_cooldown,
+            remap: Notify::new(),
+            seed_host,
+            epochs: Mutex::new(EpochState::default()),
+            epochs_bound: options.group_invalidation_bound,
+            watched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot_map(&self) -> Arc<SlotMap> {
+        Arc::clone(&self.map.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The primaries, as the last slot map names them.
+    pub(crate) fn primaries(&self) -> Vec<(String, u16)> {
+        self.slot_map().primaries.clone()
+    }
+
+    /// The primary serving `slot`, as the last slot map says.
+    pub(crate) fn primary_of(&self, slot: u16) -> Option<(String, u16)> {
+        self.slot_map().primary_of_slot(slot).cloned()
+    }
+
+    /// The breaker of the primary serving `slot` (`None` when the map does not know it yet).
+    pub(crate) fn breaker_for(&self, slot: u16) -> Option<Arc<Breaker>> {
+        let map = self.slot_map();
+        let addr = map.primary_of_slot(slot)?;
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Arc::clone(breakers.entry(addr.clone()).or_insert_with(
+            || Arc::new(Breaker::new(self.breaker_failures, self.breaker_cooldown)),
+        )))
+    }
+
+    /// The worst state among the current primaries' breakers.
+    pub(crate) fn breaker_state(&self) -> BreakerState {
+        let map = self.slot_map();
+        let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut worst = BreakerState::Closed;
+        for addr in &map.primaries {
+            match breakers.get(addr).map(|b| b.state()) {
+                Some(BreakerState::Open) => return BreakerState::Open,
+                Some(BreakerState::HalfOpen) => worst = BreakerState::HalfOpen,
+                _ => {}
+            }
+        }
+        worst
+    }
+
+    /// Ask for the slot map to be read again soon (coalesced).
+    pub(crate) fn suspect(&self) {
+        self.remap.notify_one();
+    }
+
+    /// Apply one epoch (from a bump's reply or its announcement).
+    pub(crate) fn apply_epoch(&self, field: &str, epoch: u64) {
+        let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.fields.entry(field.to_owned()).or_insert(0);
+        *e = (*e).max(epoch);
+    }
+
+    /// Apply an announcement `"<field> <epoch>"` from the epochs channel.
+    pub(crate) fn apply_announcement(&self, payload: &[u8]) {
+        if let Some((field, epoch)) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.rsplit_once(' '))
+            .and_then(|(f, e)| Some((f, e.parse::<u64>().ok()?)))
+        {
+            self.apply_epoch(field, epoch);
+        }
+    }
+
+    /// Merge a full read of the epochs hash, sent at `sent`.
+    fn apply_read(&self, sent: Instant, fields: HashMap<String, Vec<u8>>) {
+        let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        for (field, raw) in fields {
+            // A corrupt field reads as absent here; the next bump of it (always safe) repairs it.
+            if let Some(epoch) = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                let e = s.fields.entry(field).or_insert(0);
+                *e = (*e).max(epoch);
+            }
+        }
+        s.read_at = Some(s.read_at.map_or(sent, |t| t.max(sent)));
+    }
+
+    /// The namespace and `class` epochs, if the view is within its bound.
+    pub(crate) fn epochs(&self, class: &str) -> Option<(u64, u64)> {
+        let s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = s.read_at.is_some_and(|t| t.elapsed() < self.epochs_bound);
+        fresh.then(|| {
+            (
+                s.fields.get("*").copied().unwrap_or(0),
+                s.fields.get(class).copied().unwrap_or(0),
+            )
+        })
+    }
+
+    /// Count one more watcher of `channel`; `true` if it was not watched yet (subscribe now).
+    pub(crate) fn watch(&self, channel: &str) -> bool {
+        let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(channel.to_owned()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// One watcher fewer; `true` if none is left (unsubscribe).
+    pub(crate) fn unwatch(&self, channel: &str) -> bool {
+        let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        match w.get_mut(channel) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                w.remove(channel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `channel` has watchers (checked again right before an unsubscribe is sent).
+    pub(crate) fn is_watched(&self, channel: &str) -> bool {
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(channel)
+    }
+}
+
+/// Read `CLUSTER SLOTS` through `conn`.
+pub(crate) async fn read_slot_map(
+    conn: &mut ClusterConnection,
+    seed_host: &str,
+    timeout: Duration,
+) -> std::result::Result<SlotMap, String> {
+    let reply = tokio::time::timeout(
+        timeout,
+        conn.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        ),
+    )
+    .await
+    .map_err(|_| format!("CLUSTER SLOTS: no answer within {timeout:?}"))?
+    .map_err(|e| format!("CLUSTER SLOTS: {e}"))?;
+    SlotMap::parse(&reply, seed_host).ok_or_else(|| "CLUSTER SLOTS: unexpected reply".to_owned())
+}
+
+/// Read the whole epochs hash and merge it into the view.
+///
+/// # Errors
+/// The client's error, or `None` on timeout.
+pub(crate) async fn read_epochs(
+    state: &ClusterState,
+    conn: &mut ClusterConnection,
+    gens_key: &str,
+    timeout: Duration,
+) -> std::result::Result<(), Option<redis::RedisError>> {
+    let sent = Instant::now();
+    let fields: HashMap<String, Vec<u8>> = tokio::time::timeout(
+        timeout,
+        redis::cmd("HGETALL").arg(gens_key).query_async(conn),
+    )
+    .await
+    .map_err(|_| None)?
+    .map_err(Some)?;
+    state.apply_read(sent, fields);
+    Ok(())
+}
+
+/// Build the cluster client for `seeds`, speaking RESP3 with `on_push` receiving pushes.
+///
+/// # Errors
+/// [`Error::InvalidUrl`] when the seeds or TLS material cannot be used.
+pub(crate) fn client(
+    url: &str,
+    seeds: &[String],
+    options: &ConnectOptions,
+    on_push: impl redis::aio::AsyncPushSender,
+) -> Result<redis::cluster::ClusterClient> {
+    let invalid = |detail: String| Error::InvalidUrl {
+        reason: scrub(url, &format!("{}: {detail}", redact(url))),
+    };
+    let tls = url.starts_with("rediss+");
+    if !tls && options.has_tls_material() {
+        return Err(invalid(
+            "a TLS CA or client certificate is set (ConnectOptions::tls_ca_* / tls_client_cert_*), which \
+             needs a TLS URL: use `rediss+cluster://`"
+                .to_owned(),
+        ));
+    }
+    let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .connection_timeout(options.connect_timeout)
+        .response_timeout(options.response_timeout)
+        .retries(u32::try_from(options.reconnect_retries).unwrap_or(u32::MAX))
+        .push_sender(on_push);
+    if tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if options.danger_accept_invalid_certs {
+            builder = builder.tls(redis::TlsMode::Insecure);
+        }
+        if let Some(certs) = options.tls_certificates()? {
+            builder = builder.certs(certs);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| invalid(e.detail().map_or_else(|| e.to_string(), str::to_owned)))
+}
+
+/// Walk every primary with its own `SCAN` cursor; each match with its TTL. `call` bounds each command.
+pub(crate) async fn scan(
+    conn: &ClusterConnection,
+    primaries: &[(String, u16)],
+    pattern: &str,
+    batch: usize,
+    timeout: Duration,
+) -> std::result::Result<Vec<KeyTtl>, redis::RedisError> {
+    let mut out = Vec::new();
+    for (host, port) in primaries {
+        let route = SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port: *port,
+        };
+        let mut conn = conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(batch.max(1));
+            let reply = bounded(
+                timeout,
+                conn.route_command(scan, RoutingInfo::SingleNode(route.clone())),
+            )
+            .await?;
+            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("PTTL").arg(k);
+                }
+                let ttls = bounded(
+                    timeout,
+                    conn.route_pipeline(pipe, 0, keys.len(), route.clone()),
+                )
+                .await?;
+                for (key, ttl) in keys.into_iter().zip(ttls) {
+                    let ttl: i64 = redis::from_redis_value(ttl)?;
+                    if ttl == -2 {
+                        continue;
+                    }
+                    let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
+                    out.push(KeyTtl { key, ttl });
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.dedup_by(|a, b| a.key == b.key);
+    Ok(out)
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within the response timeout",
+            )))
+        })
+}
+
+/// Keep the slot map current: re-read it every [`SLOT_MAP_EVERY`], and soon after a call suspects it.
+pub(crate) fn spawn_slot_mapper(
+    state: &Arc<ClusterState>,
+    conn: ClusterConnection,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    // The task holds the state; the backend aborts it when dropped.
+    let s = Arc::clone(state);
+    tokio::spawn(async move {
+        let mut conn = conn;
+        loop {
+            let _ = tokio::time::timeout(SLOT_MAP_EVERY, s.remap.notified()).await;
+            match read_slot_map(&mut conn, &s.seed_host, timeout).await {
+                Ok(map) if !map.primaries.is_empty() => {
+                    *s.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "keyward: cannot read the cluster slot map"),
+            }
+            tokio::time::sleep(SLOT_MAP_MIN_GAP).await;
+        }
+    })
+}
+
+/// Keep the epoch view fresh: a full read every quarter of the bound.
+pub(crate) fn spawn_epoch_reader(
+    state: &Arc<ClusterState>,
+    conn: ClusterConnection,
+    gens_key: String,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let every = (state.epochs_bound / 4).max(Duration::from_millis(5));
+    let s = Arc::clone(state);
+    tokio::spawn(async move {
+        let mut conn = conn;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = read_epochs(&s, &mut conn, &gens_key, timeout.min(every * 2)).await {
+                tracing::debug!(error = ?e, "keyward: cannot read the group epochs");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_redis() {
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"123456789"), 0x31C3 % SLOTS);
+        assert_eq!(
+            slot_of(b"{user1000}.following"),
+            slot_of(b"{user1000}.followers")
+        );
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+        assert_eq!(hash_tag("p:{a:1}:f"), "a:1");
+        assert_eq!(hash_tag("plain"), "plain");
+    }
+
+    #[test]
+    fn seed_urls_split_the_node_list() {
+        assert_eq!(
+            seed_urls("redis+cluster://u:p%40w@a:7000,b:7001").unwrap(),
+            vec!["redis://u:p%40w@a:7000/", "redis://u:p%40w@b:7001/"]
+        );
+        assert_eq!(
+            seed_urls("rediss+cluster://h/?protocol=3").unwrap(),
+            vec!["rediss://h:6379/?protocol=3"]
+        );
+        let e = seed_urls("redis+cluster://u:s3cretPW@a:1/2").unwrap_err();
+        assert!(!e.to_string().contains("s3cretPW"), "{e}");
+        assert!(seed_urls("redis+cluster://a:1,,b:2").is_err());
+    }
+}
