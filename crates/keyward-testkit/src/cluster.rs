@@ -62,6 +62,8 @@ pub struct ClusterOptions {
     pub node_timeout: Duration,
     /// Extra `redis-server` arguments for every node, appended after the cluster arguments.
     pub extra_args: Vec<String>,
+    /// Every node dies with the thread that spawned it ([`ServerOptions::die_with_parent`]).
+    pub die_with_parent: bool,
 }
 
 impl Default for ClusterOptions {
@@ -70,6 +72,7 @@ impl Default for ClusterOptions {
             replicas: 0,
             node_timeout: Duration::from_millis(1000),
             extra_args: Vec::new(),
+            die_with_parent: false,
         }
     }
 }
@@ -167,6 +170,48 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// One cluster per process, shared by every test that asks for it: 3 masters, started on first use.
+    ///
+    /// A `static` is never dropped, so the nodes are started by a thread that lives as long as the process and
+    /// under `setpriv --pdeathsig KILL`: they die with the test process, however it ends. Tests sharing it
+    /// must keep to their own keys (e.g. one policy `app` each) and must not kill or pause its nodes (spawn
+    /// a cluster of their own for that).
+    ///
+    /// # Panics
+    ///
+    /// As [`RedisCluster::spawn_with`], and if `setpriv` is missing.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("keyward-shared-cluster".into())
+                .spawn(move || {
+                    let spawned = panic::catch_unwind(|| {
+                        RedisCluster::spawn_with(ClusterOptions {
+                            die_with_parent: true,
+                            ..ClusterOptions::default()
+                        })
+                    });
+                    let failed = spawned.is_err();
+                    let _ = tx.send(spawned);
+                    if failed {
+                        return;
+                    }
+                    // The nodes' death signal is tied to this thread: it must outlive every test.
+                    loop {
+                        std::thread::park();
+                    }
+                })
+                .expect("spawn the shared cluster's keeper thread");
+            match rx.recv() {
+                Ok(Ok(cluster)) => cluster,
+                Ok(Err(payload)) => panic::resume_unwind(payload),
+                Err(_) => panic!("the shared cluster's keeper thread died"),
+            }
+        })
+    }
+
     /// Spawns 3 masters without replicas and waits until the cluster is ok.
     ///
     /// # Panics
@@ -591,7 +636,8 @@ fn spawn_node(opts: &ClusterOptions) -> RedisServer {
                 "--repl-diskless-sync-delay".to_owned(),
                 "0".to_owned(),
             ])
-            .args(opts.extra_args.iter().cloned());
+            .args(opts.extra_args.iter().cloned())
+            .die_with_parent(opts.die_with_parent);
         match panic::catch_unwind(AssertUnwindSafe(|| RedisServer::spawn_with(server_opts))) {
             Ok(server) => return server,
             Err(payload) => failures.push(

@@ -48,9 +48,20 @@ pub struct ServerOptions {
     /// Extra command-line arguments appended after the defaults, e.g.
     /// `["--maxmemory", "10mb"]`. Later arguments override earlier ones.
     pub extra_args: Vec<String>,
+    /// Start the server under `setpriv --pdeathsig KILL` (util-linux), so that it is killed when the thread
+    /// that spawned it exits — with the process, for a server spawned by a thread that lives as long as the
+    /// process. For servers kept in a `static`, which is never dropped.
+    pub die_with_parent: bool,
 }
 
 impl ServerOptions {
+    /// Sets [`ServerOptions::die_with_parent`].
+    #[must_use]
+    pub fn die_with_parent(mut self, die: bool) -> Self {
+        self.die_with_parent = die;
+        self
+    }
+
     /// Sets [`ServerOptions::tcp`].
     #[must_use]
     pub fn tcp(mut self, tcp: bool) -> Self {
@@ -242,7 +253,7 @@ impl RedisServer {
         } else {
             Endpoint::Unix(dir.path().join(SOCKET_NAME))
         };
-        let mut cmd = server_command(binary, dir.path(), &log_path, &endpoint, &opts.extra_args);
+        let mut cmd = server_command(binary, dir.path(), &log_path, &endpoint, opts);
         let child = cmd
             .spawn()
             .unwrap_or_else(|err| panic!("cannot execute {}: {err}", binary.display()));
@@ -455,7 +466,7 @@ impl RedisServer {
                 self.dir.path(),
                 &self.log_path,
                 &self.endpoint,
-                &self.opts.extra_args,
+                &self.opts,
             );
             let child = cmd
                 .spawn()
@@ -560,9 +571,26 @@ fn server_command(
     dir: &Path,
     log_path: &Path,
     endpoint: &Endpoint,
-    extra_args: &[String],
+    opts: &ServerOptions,
 ) -> Command {
-    let mut cmd = Command::new(binary);
+    let extra_args = &opts.extra_args;
+    let mut cmd = if opts.die_with_parent {
+        let setpriv = ["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+            panic!(
+                "`setpriv` (util-linux) is needed to tie a shared test server to the test process; \
+                 install it with `apt-get install -y util-linux`"
+            )
+        });
+        let mut cmd = Command::new(setpriv);
+        cmd.arg("--pdeathsig").arg("KILL").arg(binary);
+        cmd
+    } else {
+        Command::new(binary)
+    };
     cmd.arg("--daemonize")
         .arg("no")
         .arg("--save")
