@@ -444,20 +444,19 @@ mod cases {
         let v = as_number.get_or_set("k", || async { ok(7) }).await.unwrap();
         assert_eq!(v, 7, "get_or_set heals and loads");
         assert_eq!(as_number.get("k").await.unwrap(), Some(7));
-        if let Some(server) = h.server() {
+        if let Some(mut con) = h.raw() {
             // Raw garbage written behind keyward's back.
             let key = as_number.key("k").unwrap();
-            let mut con = server.connection();
             for garbage in [&b"\xff\x00garbage"[..], b"V1:zz", b"V1:0:0:v:{not json"] {
                 let _: () = ::redis::cmd("SET")
                     .arg(&key)
                     .arg(garbage)
                     .arg("PX")
                     .arg(60_000)
-                    .query(&mut con)
+                    .query(&mut *con)
                     .unwrap();
                 assert_eq!(as_number.get("k").await.unwrap(), None);
-                let exists: bool = ::redis::cmd("EXISTS").arg(&key).query(&mut con).unwrap();
+                let exists: bool = ::redis::cmd("EXISTS").arg(&key).query(&mut *con).unwrap();
                 assert!(!exists, "garbage deleted");
             }
         }

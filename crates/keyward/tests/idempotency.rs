@@ -27,9 +27,9 @@ fn policy(app: &str) -> Policy {
 }
 
 async fn connect(h: &Harness) -> Keyward {
-    let app = format!("idem{}", std::process::id());
-    match h.server() {
-        Some(s) => Keyward::connect(&s.url(), policy(&app)).await.unwrap(),
+    let app = format!("idem-{}", h.app());
+    match h.url() {
+        Some(s) => Keyward::connect(&s, policy(&app)).await.unwrap(),
         None => Keyward::embedded(policy(&app)),
     }
 }
@@ -294,9 +294,8 @@ mod cases {
         ));
         assert!(matches!(small.begin("", &fp).await, Err(Error::Key(_))));
         // A stored record that is not a response: a typed decode error, not a panic.
-        if let Some(server) = h.server() {
-            let mut con = server.connection();
-            let key = format!("test:idem{}:charge:v1:{{bad}}", std::process::id());
+        if let Some(mut con) = h.raw() {
+            let key = format!("test:idem-{}:charge:v1:{{bad}}", h.app());
             let _: () = ::redis::cmd("HSET")
                 .arg(&key)
                 .arg("f")
@@ -305,12 +304,12 @@ mod cases {
                 .arg("c")
                 .arg("r")
                 .arg("garbage")
-                .query(&mut con)
+                .query(&mut *con)
                 .unwrap();
             let _: () = ::redis::cmd("PEXPIRE")
                 .arg(&key)
                 .arg(60_000)
-                .query(&mut con)
+                .query(&mut *con)
                 .unwrap();
             let idem = kw.idempotency("charge").unwrap();
             assert!(matches!(

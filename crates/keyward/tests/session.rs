@@ -48,9 +48,9 @@ fn policy(app: &str) -> Policy {
 }
 
 async fn connect(h: &Harness) -> Keyward {
-    let app = format!("sess{}", std::process::id());
-    match h.server() {
-        Some(s) => Keyward::connect(&s.url(), policy(&app)).await.unwrap(),
+    let app = format!("sess-{}", h.app());
+    match h.url() {
+        Some(s) => Keyward::connect(&s, policy(&app)).await.unwrap(),
         None => Keyward::embedded(policy(&app)),
     }
 }
@@ -100,17 +100,19 @@ mod cases {
             dump.push_str(&k.key);
             dump.push('\n');
         }
-        if let Some(server) = h.server() {
-            let mut con = server.connection();
+        if let Some(mut con) = h.raw() {
             for k in &keys {
-                let kind: String = ::redis::cmd("TYPE").arg(&k.key).query(&mut con).unwrap();
+                let kind: String = ::redis::cmd("TYPE").arg(&k.key).query(&mut *con).unwrap();
                 let values: Vec<Vec<u8>> = match kind.as_str() {
-                    "hash" => ::redis::cmd("HGETALL").arg(&k.key).query(&mut con).unwrap(),
+                    "hash" => ::redis::cmd("HGETALL")
+                        .arg(&k.key)
+                        .query(&mut *con)
+                        .unwrap(),
                     "zset" => ::redis::cmd("ZRANGE")
                         .arg(&k.key)
                         .arg(0)
                         .arg(-1)
-                        .query(&mut con)
+                        .query(&mut *con)
                         .unwrap(),
                     _ => Vec::new(),
                 };

@@ -45,8 +45,8 @@ async fn keyward(h: &Harness) -> Keyward {
         std::process::id(),
         NEXT_APP.fetch_add(1, Ordering::Relaxed)
     );
-    match h.server() {
-        Some(s) => Keyward::connect(&s.url(), policy(&app))
+    match h.url() {
+        Some(s) => Keyward::connect(&s, policy(&app))
             .await
             .expect("connect to test redis"),
         None => Keyward::embedded(policy(&app)),
@@ -220,10 +220,9 @@ mod cases {
                 }
             }
         }
-        if let Some(server) = h.server() {
-            let mut con = server.connection();
+        if let Some(mut con) = h.raw() {
             for key in &keys {
-                let value: Vec<u8> = ::redis::cmd("GET").arg(&key.key).query(&mut con).unwrap();
+                let value: Vec<u8> = ::redis::cmd("GET").arg(&key.key).query(&mut *con).unwrap();
                 let value = String::from_utf8(value).unwrap();
                 for id in &ids {
                     for needle in needles(id) {

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use keyward::policy::{CacheClass, Policy};
 use keyward::{KeyTtl, Keyward};
-use keyward_testkit::RedisServer;
+use keyward_testkit::{RedisCluster, RedisServer};
 
 static NEXT_APP: AtomicUsize = AtomicUsize::new(0);
 
 /// Which backend a test runs on.
 pub struct Harness {
     server: Option<RedisServer>,
+    /// [`Harness::cluster`]: the binary's shared cluster, and the URL that logs in as the documented ACL user.
+    cluster: Option<(&'static RedisCluster, &'static str)>,
     app: String,
     /// Set by [`Harness::redis_acl`]: dropping the harness fails the test if the server denied anything.
     check_acl_log: bool,
@@ -23,6 +25,7 @@ impl Harness {
     pub fn embedded() -> Self {
         Self {
             server: None,
+            cluster: None,
             app: unique_app(),
             check_acl_log: false,
         }
@@ -31,13 +34,77 @@ impl Harness {
     pub fn redis() -> Self {
         Self {
             server: Some(RedisServer::spawn()),
+            cluster: None,
             app: unique_app(),
             check_acl_log: false,
         }
     }
 
+    /// The test binary's shared 3-master cluster (started on first use, see `RedisCluster::shared`), where the
+    /// code under test connects as a user created on every node with exactly the documented ACL rule; each
+    /// test has its own app, so tests sharing the cluster never see each other's keys.
+    pub fn cluster() -> Self {
+        Self {
+            server: None,
+            cluster: Some(shared_acl_cluster()),
+            app: unique_app(),
+            check_acl_log: true,
+        }
+    }
+
+    /// Whether this runs on Redis (a server or the cluster), not the embedded backend.
     pub fn is_redis(&self) -> bool {
-        self.server.is_some()
+        self.server.is_some() || self.cluster.is_some()
+    }
+
+    /// This test's own app name (unique in the process): tests sharing the cluster keep to their own keys.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// Whether this is the cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The URL the code under test connects to (`None`: embedded).
+    pub fn url(&self) -> Option<String> {
+        match (&self.server, &self.cluster) {
+            (Some(s), _) => Some(s.url()),
+            (None, Some((_, url))) => Some((*url).to_owned()),
+            (None, None) => None,
+        }
+    }
+
+    /// An unrestricted synchronous connection for poking at keys behind keyward's back (on the cluster, a
+    /// cluster connection that routes each command by its key). `None` when embedded.
+    pub fn raw(&self) -> Option<Box<dyn redis::ConnectionLike>> {
+        match (&self.server, &self.cluster) {
+            (Some(s), _) => Some(Box::new(s.connection())),
+            (None, Some((c, _))) => Some(Box::new(
+                redis::cluster::ClusterClient::new(c.urls())
+                    .expect("cluster client")
+                    .get_connection()
+                    .expect("connect to the shared cluster"),
+            )),
+            (None, None) => None,
+        }
+    }
+
+    /// An unrestricted connection to each primary (one on a single server), e.g. to sum `INFO` counters.
+    pub fn node_connections(&self) -> Vec<redis::Connection> {
+        match (&self.server, &self.cluster) {
+            (Some(s), _) => vec![s.connection()],
+            (None, Some((c, _))) => masters(c)
+                .into_iter()
+                .map(|url| {
+                    redis::Client::open(url)
+                        .and_then(|c| c.get_connection())
+                        .expect("connect to a cluster node")
+                })
+                .collect(),
+            (None, None) => Vec::new(),
+        }
     }
 
     pub fn server(&self) -> Option<&RedisServer> {
@@ -93,8 +160,8 @@ impl Harness {
     /// A new handle: a new connection on Redis (like another process); on the embedded backend the *same*
     /// store must be shared, so embedded tests that need two handles clone the first one.
     pub async fn keyward(&self) -> Keyward {
-        match &self.server {
-            Some(s) => Keyward::connect(&s.url(), self.policy())
+        match self.url() {
+            Some(url) => Keyward::connect(&url, self.policy())
                 .await
                 .expect("connect to test redis"),
             None => Keyward::embedded(self.policy()),
@@ -118,34 +185,41 @@ impl Harness {
 
     /// Every key in the server (Redis: a raw SCAN over `*`, independent of keyward), else the namespace walk.
     pub async fn all_keys(&self, kw: &Keyward) -> Vec<KeyTtl> {
-        match &self.server {
-            Some(s) => {
-                let mut con = s.connection();
-                let keys: Vec<String> = redis::cmd("SCAN")
-                    .cursor_arg(0)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .clone()
-                    .iter(&mut con)
-                    .expect("scan")
-                    .map(|k: ::redis::RedisResult<String>| k.expect("scan key"))
-                    .collect();
-                let mut out = Vec::new();
-                for key in keys {
-                    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut con).expect("pttl");
-                    if ttl == -2 {
-                        continue;
-                    }
-                    out.push(KeyTtl {
-                        key,
-                        ttl: u64::try_from(ttl).ok().map(Duration::from_millis),
-                    });
-                }
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                out
-            }
-            None => kw.scan_namespace().await.expect("scan"),
+        if !self.is_redis() {
+            return kw.scan_namespace().await.expect("scan");
         }
+        // On the shared cluster, other tests' keys are there too: only this test's app.
+        let pattern = if self.is_cluster() {
+            format!("test:{}:*", kw.policy().app())
+        } else {
+            "*".to_owned()
+        };
+        let mut out = Vec::new();
+        for mut con in self.node_connections() {
+            let keys: Vec<String> = redis::cmd("SCAN")
+                .cursor_arg(0)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone()
+                .iter(&mut con)
+                .expect("scan")
+                .map(|k: ::redis::RedisResult<String>| k.expect("scan key"))
+                .collect();
+            for key in keys {
+                let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut con).expect("pttl");
+                if ttl == -2 {
+                    continue;
+                }
+                out.push(KeyTtl {
+                    key,
+                    ttl: u64::try_from(ttl).ok().map(Duration::from_millis),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
     }
 }
 
@@ -185,6 +259,18 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::redis()))
+                        .await
+                        .expect("test case hung");
+                }
+            )*
+        }
+        /// The same cases on the binary's shared 3-master Redis Cluster, as the documented ACL user; no node's
+        /// ACL LOG may record a denial.
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    tokio::time::timeout(std::time::Duration::from_secs(120), super::cases::$name(super::Harness::cluster()))
                         .await
                         .expect("test case hung");
                 }
@@ -249,12 +335,54 @@ pub fn restrict_to_documented_acl(server: &mut RedisServer, env: &str, app: &str
     server.set_url_credentials(Some(("keyward", &password)));
 }
 
+/// The primaries of `cluster`, as `redis://` URLs.
+fn masters(cluster: &RedisCluster) -> Vec<String> {
+    cluster
+        .nodes()
+        .into_iter()
+        .filter(|n| n.role == keyward_testkit::NodeRole::Master)
+        .map(|n| n.url())
+        .collect()
+}
+
+/// The shared cluster, with the documented ACL user on every node (once per binary), and the URL logging in
+/// as it.
+fn shared_acl_cluster() -> (&'static RedisCluster, &'static str) {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let cluster = RedisCluster::shared();
+    let url = URL.get_or_init(|| {
+        let password = format!("pw-{}", std::process::id());
+        let words = documented_acl_rule("keyward", &password, "test", "*");
+        for url in cluster.urls() {
+            let mut cmd = redis::cmd(&words[0]);
+            for word in &words[1..] {
+                cmd.arg(word);
+            }
+            let mut con = redis::Client::open(url)
+                .and_then(|c| c.get_connection())
+                .expect("connect to a cluster node");
+            let () = cmd.query(&mut con).unwrap_or_else(|e| {
+                panic!("the documented ACL rule is refused by redis-server: {e}: {words:?}")
+            });
+        }
+        cluster.seed_url().replacen(
+            "redis+cluster://",
+            &format!("redis+cluster://keyward:{password}@"),
+            1,
+        )
+    });
+    (cluster, url.as_str())
+}
+
 /// The server's ACL LOG (denials), one line per entry: `reason object context`.
 pub fn acl_log(server: &RedisServer) -> Vec<String> {
-    let entries: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("ACL")
-        .arg("LOG")
-        .query(&mut server.connection())
-        .expect("ACL LOG");
+    acl_log_of(&mut server.connection())
+}
+
+/// [`acl_log`] of one connection's server.
+pub fn acl_log_of(con: &mut redis::Connection) -> Vec<String> {
+    let entries: Vec<std::collections::HashMap<String, redis::Value>> =
+        redis::cmd("ACL").arg("LOG").query(con).expect("ACL LOG");
     entries
         .iter()
         .map(|entry| {
@@ -286,16 +414,30 @@ impl Harness {
         restrict_to_documented_acl(&mut server, "test", "*");
         Self {
             server: Some(server),
+            cluster: None,
             app: unique_app(),
             check_acl_log: true,
         }
     }
 
-    /// Panics with the server's ACL LOG if it recorded any denial (no-op on other backends).
+    /// Panics with the server's ACL LOG (every node's, on the cluster) if it recorded any denial (no-op on
+    /// the embedded backend).
     pub fn assert_no_acl_denials(&self) {
         if let Some(server) = &self.server {
             let log = acl_log(server);
             assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
+        }
+        if self.cluster.is_some() {
+            let log: Vec<String> = self
+                .node_connections()
+                .iter_mut()
+                .flat_map(acl_log_of)
+                .collect();
+            assert!(
+                log.is_empty(),
+                "ACL denials on the cluster:\n{}",
+                log.join("\n")
+            );
         }
     }
 }
