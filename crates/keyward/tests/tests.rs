@@ -22,6 +22,7 @@ mod common;
 
 mod acl;
 mod architecture;
+mod cluster;
 mod conformance;
 mod connect;
 mod fault_regressions;
