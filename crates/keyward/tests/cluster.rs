@@ -511,3 +511,124 @@ fn master_failover_under_load() {
         );
     }
 }
+
+/// Subscribers of a sharded channel, asked of the node serving the channel's slot.
+fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> i64 {
+    let node = cluster.master_for_key(channel);
+    let mut con = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channel)
+        .query(&mut con)
+        .unwrap();
+    reply.1
+}
+
+/// Wake-ups on Cluster travel on the key's sharded channel: with a response timeout (and so a re-check
+/// interval) of 60 s and a fill lease of 60 s, a cache waiter and a lock waiter in another handle can only
+/// finish soon after the commit or release by being woken. The waiter's subscription exists while it waits and
+/// is gone after.
+#[test]
+fn sharded_wake_ups_reach_waiters_in_other_handles() {
+    let cluster = RedisCluster::shared();
+    let url = cluster.seed_url();
+    let app = format!("wake{}", std::process::id());
+    let policy = Policy::builder("test", app.as_str())
+        .cache(
+            "product",
+            CacheClass::new(Duration::from_secs(60), "tests").lease_ttl(Duration::from_secs(60)),
+        )
+        .lock(
+            "job",
+            LockClass::new(Duration::from_secs(60)).wait(Duration::from_secs(50)),
+        )
+        .build()
+        .unwrap();
+    let slow = ConnectOptions::default().response_timeout(Duration::from_secs(60));
+    runtime().block_on(async {
+        let a = Keyward::connect_with(&url, policy.clone(), slow.clone())
+            .await
+            .unwrap();
+        let b = Keyward::connect_with(&url, policy, slow).await.unwrap();
+        let (ca, cb) = (
+            a.cache::<String>("product").unwrap(),
+            b.cache::<String>("product").unwrap(),
+        );
+        let key = ca.key("k").unwrap();
+        let channel = format!("test:{app}:_kw:fills:{{k}}");
+        assert_eq!(
+            ca.key("k").unwrap(),
+            format!("test:{app}:product:v1:{{k}}"),
+            "the channel carries the key's hash tag"
+        );
+        let started = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let holder = {
+            let (started, release) = (started.clone(), release.clone());
+            tokio::spawn(async move {
+                ca.get_or_set("k", || async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, std::io::Error>("from-a".to_owned())
+                })
+                .await
+            })
+        };
+        started.notified().await;
+        let waiter = tokio::spawn(async move {
+            cb.get_or_set("k", || async {
+                Ok::<_, std::io::Error>("from-b".to_owned())
+            })
+            .await
+        });
+        // Until the waiter has subscribed (a condition, polled; not a delay).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shard_subscribers(cluster, &channel) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the waiter never subscribed to {channel}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        release.notify_one();
+        assert_eq!(holder.await.unwrap().unwrap(), "from-a");
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the waiter was woken by the commit, well before its 60 s re-check")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, "from-a", "the waiter got the holder's value: {key}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shard_subscribers(cluster, &channel) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the subscription outlived its waiters"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // A lock waiter in handle b, woken by a release in handle a.
+        let (la, lb) = (a.locks("job").unwrap(), b.locks("job").unwrap());
+        let guard = la.try_lock("x").await.unwrap().expect("free");
+        let lock_channel = format!("test:{app}:_kw:fills:{{x}}");
+        let waiter = tokio::spawn(async move { lb.lock("x").await });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shard_subscribers(cluster, &lock_channel) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the lock waiter never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(guard.release().await.unwrap());
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the lock waiter was woken by the release")
+            .unwrap()
+            .unwrap();
+        assert!(got.is_some(), "the waiter got the lock");
+    });
+}
