@@ -5,6 +5,10 @@
 //! entry lands in the same slot. keyward's own bookkeeping keys live under `{env}:{app}:_kw:` (see
 //! [`internal_key`]); class names cannot start with `_`, so no class pattern ever matches them.
 //!
+//! Keys that must share a Redis Cluster slot with another key (a session and its user's index) put a
+//! *slot tag* (a short string that hashes to the wanted slot) in the braces and the id after them:
+//! `{env}:{app}:{class}:v{version}:{<slot tag>}:<id>`. They match the class's patterns all the same.
+//!
 //! **The one decision to know:** id parts are percent-escaped (see [`escape_part`]) so that no part can
 //! contain the separator `:`, a glob character (`*`, `?`, `[`, `]`, `\`) or a hash-tag brace. Escaping is
 //! injective, so distinct ids always get distinct keys, and a key of one class never matches the SCAN
@@ -691,7 +695,7 @@ mod tests {
         // Values from the Redis Cluster specification and `CLUSTER KEYSLOT` on redis-server 7.0.
         assert_eq!(cluster_slot(b"foo"), 12182);
         assert_eq!(cluster_slot(b"bar"), 5061);
-        assert_eq!(cluster_slot(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(cluster_slot(b"123456789"), 0x31C3); // the CRC16 check value, under 16384
         assert_eq!(cluster_slot(b""), 0);
         let following = cluster_slot(b"{user1000}.following");
         assert_eq!(following, cluster_slot(b"{user1000}.followers"));
