@@ -5,6 +5,10 @@
 //! entry lands in the same slot. keyward's own bookkeeping keys live under `{env}:{app}:_kw:` (see
 //! [`internal_key`]); class names cannot start with `_`, so no class pattern ever matches them.
 //!
+//! Keys that must share a Redis Cluster slot with another key (a session and its user's index) put a
+//! *slot tag* (a short string that hashes to the wanted slot) in the braces and the id after them:
+//! `{env}:{app}:{class}:v{version}:{<slot tag>}:<id>`. They match the class's patterns all the same.
+//!
 //! **The one decision to know:** id parts are percent-escaped (see [`escape_part`]) so that no part can
 //! contain the separator `:`, a glob character (`*`, `?`, `[`, `]`, `\`) or a hash-tag brace. Escaping is
 //! injective, so distinct ids always get distinct keys, and a key of one class never matches the SCAN
@@ -25,6 +29,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::LazyLock;
 
 use crate::policy::Policy;
 
@@ -243,6 +248,61 @@ impl KeySpace {
         Ok(key)
     }
 
+    /// A key whose hash tag is `tag` (keyward's own, e.g. a [`slot_tag`]; not user input, used as is) and
+    /// whose id follows the tag: `{env}:{app}:{class}:v{version}:{<tag>}:<part:part…>`, each part escaped.
+    /// It matches this class's [`scan_pattern`](Self::scan_pattern) like any key of the class, and Redis
+    /// Cluster hashes only `tag`, so every such key with one tag is in one slot.
+    pub(crate) fn tagged_key(
+        &self,
+        tag: &str,
+        id: &(impl IdParts + ?Sized),
+    ) -> Result<String, KeyError> {
+        debug_assert!(
+            !tag.is_empty() && !tag.contains(['{', '}']),
+            "a hash tag is non-empty and brace-free"
+        );
+        let mut parts = Vec::new();
+        id.push_parts(&mut parts);
+        if parts.is_empty() {
+            return Err(KeyError::NoParts {
+                class: self.class.clone(),
+            });
+        }
+        let mut key = String::with_capacity(
+            self.prefix.len() + tag.len() + 3 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+        );
+        key.push_str(&self.prefix);
+        key.push('{');
+        key.push_str(tag);
+        key.push('}');
+        for (index, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                return Err(KeyError::EmptyPart {
+                    class: self.class.clone(),
+                    index,
+                });
+            }
+            key.push(':');
+            key.push_str(&escape_part(part));
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(KeyError::TooLong {
+                class: self.class.clone(),
+                len: key.len(),
+                max: MAX_KEY_BYTES,
+            });
+        }
+        Ok(key)
+    }
+
+    /// The id parts (still escaped) of a key built by [`tagged_key`](Self::tagged_key) of this key space,
+    /// after its `{tag}:`; `None` for any other key.
+    pub(crate) fn tagged_id<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix('{')?;
+        let (tag, id) = rest.split_once("}:")?;
+        (!tag.is_empty() && !tag.contains('{')).then_some(id)
+    }
+
     /// SCAN MATCH pattern covering exactly this class and version: `prod:shop:product_list:v1:{*`.
     pub fn scan_pattern(&self) -> String {
         format!("{}{{*", self.prefix)
@@ -264,6 +324,76 @@ pub fn internal_key(policy: &Policy, name: &str) -> String {
 /// SCAN MATCH pattern for everything keyward writes in a namespace: `{env}:{app}:*`.
 pub fn namespace_pattern(policy: &Policy) -> String {
     format!("{}:{}:*", policy.env(), policy.app())
+}
+
+/// The number of hash slots of a Redis Cluster.
+pub(crate) const CLUSTER_SLOTS: u16 = 16384;
+
+/// The Redis Cluster hash slot of `key`, by Cluster's own rule: if the key has a `{` and, after it, a `}`
+/// with at least one byte between them, only the bytes between that first `{` and the first `}` after it
+/// are hashed (the hash tag); otherwise the whole key is. Slot = CRC16-XMODEM(hashed bytes) mod 16384.
+pub(crate) fn cluster_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let after = &key[open + 1..];
+            let close = after.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &after[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % CLUSTER_SLOTS
+}
+
+/// One short hash tag per slot, index = slot (see [`slot_tag`]).
+static SLOT_TAGS: LazyLock<Vec<Box<str>>> = LazyLock::new(build_slot_tags);
+
+/// Prefix of every [`slot_tag`]: `s` for slot.
+const SLOT_TAG_PREFIX: &str = "s:";
+
+/// A short ASCII hash tag whose slot is `slot` (taken mod 16384): `s:` followed by base36 digits, at most 6
+/// bytes, so `cluster_slot(format!("{{{tag}}}"))` is `slot`. The table is built once per process (about
+/// 150 000 CRC16s over a few bytes, a few milliseconds) by a fixed search: the tag of a slot is the first of
+/// `s:0`, `s:1`, … `s:a`, … `s:10`, … that hashes to it. **Stored keys depend on these tags: never change
+/// the search.**
+pub(crate) fn slot_tag(slot: u16) -> &'static str {
+    &SLOT_TAGS[usize::from(slot % CLUSTER_SLOTS)]
+}
+
+fn build_slot_tags() -> Vec<Box<str>> {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut tags: Vec<Option<Box<str>>> = vec![None; usize::from(CLUSTER_SLOTS)];
+    let mut missing = tags.len();
+    let mut buf = [0u8; 16];
+    let prefix = SLOT_TAG_PREFIX.as_bytes();
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut n: u64 = 0;
+    while missing > 0 {
+        // base36 of n, most significant digit first, after the prefix.
+        let mut digits = [0u8; 13];
+        let mut len = 0;
+        let mut rest = n;
+        loop {
+            digits[len] = DIGITS[(rest % 36) as usize];
+            len += 1;
+            rest /= 36;
+            if rest == 0 {
+                break;
+            }
+        }
+        for (i, d) in digits[..len].iter().rev().enumerate() {
+            buf[prefix.len() + i] = *d;
+        }
+        let tag = &buf[..prefix.len() + len];
+        let slot = usize::from(crc16::State::<crc16::XMODEM>::calculate(tag) % CLUSTER_SLOTS);
+        if tags[slot].is_none() {
+            // The buffer holds only ASCII.
+            tags[slot] = Some(String::from_utf8_lossy(tag).into());
+            missing -= 1;
+        }
+        n += 1;
+    }
+    tags.into_iter().flatten().collect()
 }
 
 /// Redis glob matching, byte-based: the subset SCAN MATCH uses (`*`, `?`, `[...]` with ranges and `^`
@@ -558,6 +688,100 @@ mod tests {
             old.as_bytes()
         ));
         assert!(!glob_match(a.scan_pattern().as_bytes(), old.as_bytes()));
+    }
+
+    #[test]
+    fn cluster_slot_follows_the_hash_tag_rule() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT` on redis-server 7.0.
+        assert_eq!(cluster_slot(b"foo"), 12182);
+        assert_eq!(cluster_slot(b"bar"), 5061);
+        assert_eq!(cluster_slot(b"123456789"), 0x31C3); // the CRC16 check value, under 16384
+        assert_eq!(cluster_slot(b""), 0);
+        let following = cluster_slot(b"{user1000}.following");
+        assert_eq!(following, cluster_slot(b"{user1000}.followers"));
+        assert_eq!(following, cluster_slot(b"user1000"));
+        // The first `{` and the first `}` after it; an empty tag hashes the whole key.
+        assert_eq!(cluster_slot(b"foo{}{bar}"), crc(b"foo{}{bar}"));
+        assert_eq!(cluster_slot(b"foo{}{bar}"), 8363);
+        assert_eq!(cluster_slot(b"foo{{bar}}zap"), crc(b"{bar"));
+        assert_eq!(cluster_slot(b"foo{{bar}}zap"), 4015);
+        assert_eq!(cluster_slot(b"foo{bar}{zap}"), crc(b"bar"));
+        assert_eq!(cluster_slot(b"{bar"), crc(b"{bar"));
+        assert_eq!(cluster_slot(b"}bar{"), crc(b"}bar{"));
+        assert_eq!(cluster_slot(b"a}{b}"), crc(b"b"));
+        assert_eq!(cluster_slot(b"a}{b}"), 3300);
+        // keyward's entry keys: the braces around the id are the tag.
+        let ks = space();
+        assert_eq!(
+            cluster_slot(ks.key(&("acme", 42)).unwrap().as_bytes()),
+            crc(b"acme:42")
+        );
+    }
+
+    fn crc(bytes: &[u8]) -> u16 {
+        crc16::State::<crc16::XMODEM>::calculate(bytes) % 16384
+    }
+
+    #[test]
+    fn every_slot_has_a_short_tag_of_its_own() {
+        let started = std::time::Instant::now();
+        let tags = build_slot_tags();
+        eprintln!(
+            "slot tag table: {} tags built in {:?}, longest {} bytes",
+            tags.len(),
+            started.elapsed(),
+            tags.iter().map(|t| t.len()).max().unwrap_or(0)
+        );
+        assert_eq!(tags.len(), usize::from(CLUSTER_SLOTS));
+        let mut distinct = std::collections::HashSet::new();
+        for slot in 0..CLUSTER_SLOTS {
+            let tag = slot_tag(slot);
+            assert_eq!(&*tags[usize::from(slot)], tag, "the table is deterministic");
+            assert!(tag.starts_with("s:") && tag.len() <= 6, "{tag}");
+            assert!(tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b':'));
+            assert_eq!(cluster_slot(format!("{{{tag}}}").as_bytes()), slot, "{tag}");
+            assert!(distinct.insert(tag));
+        }
+        // Pinned: stored session keys depend on these tags.
+        assert_eq!(slot_tag(12182), slot_tag(12182 + CLUSTER_SLOTS));
+        // Checked with `CLUSTER KEYSLOT {s:3m6}` etc. on a cluster-enabled redis-server 7.0.
+        for (slot, tag) in [(0, "s:3m6"), (1, "s:2hv"), (8000, "s:29"), (16383, "s:7ee")] {
+            assert_eq!(slot_tag(slot), tag);
+        }
+    }
+
+    #[test]
+    fn tagged_keys_stay_in_their_class_and_slot() {
+        let p = policy();
+        let ks = space();
+        let tag = slot_tag(77);
+        let key = ks.tagged_key(tag, "id-1").unwrap();
+        assert_eq!(key, format!("prod:shop:product_list:v1:{{{tag}}}:id-1"));
+        assert_eq!(cluster_slot(key.as_bytes()), 77);
+        assert_eq!(ks.tagged_id(&key), Some("id-1"));
+        assert_eq!(
+            ks.tagged_key(tag, &("a:b", 2)).unwrap(),
+            format!("prod:shop:product_list:v1:{{{tag}}}:a%3Ab:2")
+        );
+        assert!(glob_match(ks.scan_pattern().as_bytes(), key.as_bytes()));
+        assert!(glob_match(
+            ks.all_versions_pattern().as_bytes(),
+            key.as_bytes()
+        ));
+        assert!(glob_match(namespace_pattern(&p).as_bytes(), key.as_bytes()));
+        let other = KeySpace::new(&p, "product").unwrap();
+        assert!(!glob_match(other.scan_pattern().as_bytes(), key.as_bytes()));
+        assert_eq!(other.tagged_id(&key), None);
+        assert_eq!(ks.tagged_id(&ks.key("x").unwrap()), None);
+        assert!(matches!(
+            ks.tagged_key(tag, ""),
+            Err(KeyError::EmptyPart { index: 0, .. })
+        ));
+        let long = "x".repeat(MAX_KEY_BYTES);
+        assert!(matches!(
+            ks.tagged_key(tag, long.as_str()),
+            Err(KeyError::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -3,11 +3,13 @@
 
 #![allow(unreachable_pub)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::Harness;
+use base64::Engine as _;
+use keyward::key::KeySpace;
 use keyward::policy::{CacheClass, Policy, SessionClass};
 use keyward::session::{Saved, SessionSecrets, Sessions};
 use keyward::{Error, Keyward};
@@ -26,7 +28,8 @@ fn secs(s: f64) -> Duration {
 }
 
 /// `web` (30 min / 12 h), `brief` (idle 1 s, absolute 2 s, extend every 100 ms), `lazy` (idle 2 s, extend
-/// after 1 s), `tiny` (32-byte data), and a cache class.
+/// after 1 s), `tiny` (32-byte data), `eager` (extends on any read at least 1 ms after the last), and a cache
+/// class.
 fn policy(app: &str) -> Policy {
     Policy::builder("test", app)
         .session("web", SessionClass::new(secs(1800.0), secs(43200.0)))
@@ -42,17 +45,50 @@ fn policy(app: &str) -> Policy {
             "tiny",
             SessionClass::new(secs(60.0), secs(60.0)).max_data_bytes(32),
         )
+        .session(
+            "eager",
+            SessionClass::new(secs(60.0), secs(600.0)).extend_after(secs(0.001)),
+        )
         .cache("product", CacheClass::new(secs(60.0), "tests"))
         .build()
         .unwrap()
 }
 
+/// The test's own namespace (tests may share the cluster).
+fn app(h: &Harness) -> String {
+    format!("sess-{}", h.app())
+}
+
 async fn connect(h: &Harness) -> Keyward {
-    let app = format!("sess-{}", h.app());
+    let app = app(h);
     match h.url() {
         Some(s) => Keyward::connect(&s, policy(&app)).await.unwrap(),
         None => Keyward::embedded(policy(&app)),
     }
+}
+
+/// The Redis Cluster hash slot of `key`, written out here from the Cluster specification (independent of
+/// keyward's own): the bytes between the first `{` and the first `}` after it if there are any, else the
+/// whole key; CRC16-XMODEM mod 16384. Checked against a real node's `CLUSTER KEYSLOT` below.
+fn slot_of(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let len = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+            (len > 0).then(|| &bytes[open + 1..open + 1 + len])
+        })
+        .unwrap_or(bytes);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
+}
+
+/// The slot a token says its session lives in: its first 14 bits.
+fn token_slot(token: &str) -> u16 {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .unwrap();
+    u16::from_be_bytes([bytes[0] & 0x3F, bytes[1]])
 }
 
 fn sessions(kw: &Keyward, class: &str) -> Sessions<Cart> {
@@ -72,6 +108,7 @@ conformance!(
     malformed_tokens_name_no_session,
     every_key_expires,
     bad_input_is_a_typed_error,
+    every_session_key_is_in_its_users_index_slot,
 );
 
 mod cases {
@@ -442,5 +479,286 @@ mod cases {
             Err(Error::Decode { .. })
         ));
         assert!(s.get(t.as_str()).await.unwrap().is_some());
+    }
+    /// Cluster safety on every backend: 200 users × 3 sessions, then a secret rotation (reads, regenerations
+    /// and new sessions under the new secret), then ends by id: every session key written is in the slot of
+    /// its user's index, and the token names that slot.
+    pub async fn every_session_key_is_in_its_users_index_slot(h: Harness) {
+        let kw = connect(&h).await;
+        let only_s1 = sessions(&kw, "web");
+        let rotated: Sessions<Cart> = kw
+            .sessions(
+                "web",
+                SessionSecrets::new(S2).unwrap().previous(S1).unwrap(),
+            )
+            .unwrap();
+        let ks = KeySpace::new(&policy(&app(&h)), "web").unwrap();
+        // Some ids need escaping, some contain braces: the index key's own hash tag decides the slot.
+        let users: Vec<String> = (0..200)
+            .map(|i| match i % 4 {
+                0 => format!("user-{i}"),
+                1 => format!("{i}@example.com"),
+                2 => format!("Üser {{{i}}}: x"),
+                _ => format!("{i}"),
+            })
+            .collect();
+        let index_slot = |user: &str| slot_of(&ks.key(&["u", user]).unwrap());
+        let mut tokens: Vec<(usize, String)> = Vec::new();
+        for (u, user) in users.iter().enumerate() {
+            for _ in 0..3 {
+                let (t, _) = only_s1.create(user, &Cart::default()).await.unwrap();
+                tokens.push((u, t.as_str().to_owned()));
+            }
+        }
+        for (n, (u, token)) in tokens.iter_mut().enumerate() {
+            let slot = index_slot(&users[*u]);
+            assert_eq!(token_slot(token), slot, "a token names its user's slot");
+            if n % 3 == 0 {
+                let new = rotated.regenerate(token).await.unwrap().expect("alive");
+                assert_eq!(token_slot(new.as_str()), slot, "regenerate keeps the slot");
+                *token = new.as_str().to_owned();
+            } else {
+                assert!(rotated.get(token).await.unwrap().is_some());
+            }
+        }
+        for (u, user) in users.iter().enumerate() {
+            let (t, _) = rotated.create(user, &Cart::default()).await.unwrap();
+            tokens.push((u, t.as_str().to_owned()));
+        }
+        // One session per user ends by id (a script given the index and a session key).
+        for user in users.iter().step_by(2) {
+            let id = rotated.list_for_user(user).await.unwrap()[0].id.clone();
+            assert!(rotated.destroy_by_id(user, &id).await.unwrap());
+        }
+
+        let keys: Vec<String> = h.all_keys(&kw).await.into_iter().map(|k| k.key).collect();
+        let class_prefix = format!("test:{}:web:v1:", app(&h));
+        let session_keys: HashMap<&str, &str> = keys
+            .iter()
+            .filter(|k| k.starts_with(&class_prefix) && !k.contains(":{u:"))
+            .map(|k| (k.rsplit(':').next().unwrap(), k.as_str()))
+            .collect();
+        let mut checked = 0;
+        for (u, user) in users.iter().enumerate() {
+            let index = ks.key(&["u", user]).unwrap();
+            assert!(keys.contains(&index), "{index} exists");
+            let slot = slot_of(&index);
+            let listed = rotated.list_for_user(user).await.unwrap();
+            assert_eq!(listed.len(), if u % 2 == 0 { 3 } else { 4 }, "{user}");
+            for info in listed {
+                let key = session_keys
+                    .get(info.id.as_str())
+                    .unwrap_or_else(|| panic!("no key for a session of {user}"));
+                assert_eq!(slot_of(key), slot, "{key} is not in {index}'s slot");
+                if let Some(server) = h.server() {
+                    let stored: String = ::redis::cmd("HGET")
+                        .arg(*key)
+                        .arg("i")
+                        .query(&mut server.connection())
+                        .unwrap();
+                    assert_eq!(stored, index, "the session names its index");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 700);
+        assert_eq!(
+            session_keys.len(),
+            checked,
+            "no session key outside an index"
+        );
+        for (u, token) in &tokens {
+            if let Some(session) = rotated.get(token).await.unwrap() {
+                assert_eq!(session.user_id(), users[*u]);
+                let key = session_keys[session.id().as_str()];
+                assert_eq!(slot_of(key), token_slot(token));
+            }
+        }
+    }
+}
+
+/// A one-node Redis Cluster that serves every slot. keyward reaches it through its standalone connection
+/// (no redirections happen), but the server applies Cluster's rules to every script: declared keys in two
+/// slots are refused (`CROSSSLOT`), and so is an undeclared key in another slot than the script's.
+fn one_node_cluster() -> keyward_testkit::RedisServer {
+    let server = keyward_testkit::RedisServer::spawn_with(
+        keyward_testkit::ServerOptions::default()
+            .tcp(true)
+            .args(["--cluster-enabled", "yes"]),
+    );
+    let mut con = server.connection();
+    let () = ::redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query(&mut con)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = ::redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+        if info.contains("cluster_state:ok") {
+            return server;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the one-node cluster is not ok after 10 s: {info}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every session operation, on a server that enforces Cluster's one-slot rule for scripts: none is refused.
+#[tokio::test]
+async fn every_session_script_keeps_to_one_slot_on_a_cluster_node() {
+    let server = one_node_cluster();
+    let kw = Keyward::connect(
+        &server.url(),
+        policy(&format!("sess{}", std::process::id())),
+    )
+    .await
+    .unwrap();
+    let s = sessions(&kw, "web");
+    let rotated: Sessions<Cart> = kw
+        .sessions(
+            "web",
+            SessionSecrets::new(S2).unwrap().previous(S1).unwrap(),
+        )
+        .unwrap();
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let (t1, _) = s.create(&user, &Cart::default()).await.unwrap();
+        let (t2, _) = s.create(&user, &Cart::default()).await.unwrap();
+        let mut session = s.get(t1.as_str()).await.unwrap().unwrap();
+        session.data.items.push(i);
+        assert_eq!(s.save(&mut session).await.unwrap(), Saved::Saved);
+        let t1 = rotated.regenerate(t1.as_str()).await.unwrap().unwrap();
+        assert!(rotated.get(t2.as_str()).await.unwrap().is_some());
+        let (t3, _) = rotated.create(&user, &Cart::default()).await.unwrap();
+        let listed = rotated.list_for_user(&user).await.unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(rotated.destroy_by_id(&user, &listed[0].id).await.unwrap());
+        assert!(
+            !rotated
+                .destroy_by_id("someone else", &listed[1].id)
+                .await
+                .unwrap()
+        );
+        // One of the two older sessions ended by id above; the other ends by token, t3 stays.
+        let mut destroyed = 0;
+        for t in [t1.as_str(), t2.as_str()] {
+            destroyed += u64::from(rotated.destroy(t).await.unwrap());
+        }
+        assert_eq!(destroyed, 1);
+        if i % 2 == 0 {
+            rotated.create(&user, &Cart::default()).await.unwrap();
+            assert_eq!(rotated.destroy_all_for_user(&user).await.unwrap(), 2);
+        } else {
+            assert!(rotated.get(t3.as_str()).await.unwrap().is_some());
+        }
+    }
+    // A read that extends a session also moves its index entry (the index reached through field `i`).
+    let eager = sessions(&kw, "eager");
+    let (t, created) = eager.create("reader", &Cart::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let read = eager.get(t.as_str()).await.unwrap().unwrap();
+        if read.last_extended_at() > created.last_extended_at() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no read extended the session");
+    }
+    assert!(eager.destroy(t.as_str()).await.unwrap());
+
+    // The test's own slot function agrees with the server on every key written.
+    let mut con = server.connection();
+    let keys: Vec<String> = ::redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter(&mut con)
+        .unwrap()
+        .map(|k: ::redis::RedisResult<String>| k.unwrap())
+        .collect();
+    assert_eq!(keys.len(), 40, "20 users with a session and an index left");
+    for key in keys {
+        let slot: u16 = ::redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&key)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(slot_of(&key), slot, "{key}");
+    }
+}
+
+/// The tower-sessions store during a secret rotation (each script then names one id under two secrets) on a
+/// server that enforces Cluster's one-slot rule: nothing is refused, and each record's keys share a slot.
+#[cfg(feature = "tower-sessions")]
+#[tokio::test]
+async fn the_tower_store_keeps_to_one_slot_while_secrets_rotate() {
+    use keyward::session::tower::KeywardSessionStore;
+    use tower_sessions_core::SessionStore;
+    use tower_sessions_core::session::{Id, Record};
+
+    let server = one_node_cluster();
+    let kw = Keyward::connect(
+        &server.url(),
+        policy(&format!("sess{}", std::process::id())),
+    )
+    .await
+    .unwrap();
+    let old = KeywardSessionStore::new(&kw, "web", SessionSecrets::new(S1).unwrap()).unwrap();
+    let rotated = KeywardSessionStore::new(
+        &kw,
+        "web",
+        SessionSecrets::new(S2).unwrap().previous(S1).unwrap(),
+    )
+    .unwrap();
+    let expiry = time::OffsetDateTime::now_utc() + Duration::from_secs(600);
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        let mut record = Record {
+            id: Id::default(),
+            data: [("n".to_owned(), serde_json::json!(n))].into(),
+            expiry_date: expiry,
+        };
+        old.create(&mut record).await.unwrap();
+        assert_eq!(
+            rotated.load(&record.id).await.unwrap(),
+            Some(record.clone())
+        );
+        rotated.save(&record).await.unwrap(); // moves it to the current secret's key
+        let mut fresh = Record {
+            id: Id::default(),
+            ..record.clone()
+        };
+        rotated.create(&mut fresh).await.unwrap();
+        rotated.delete(&fresh.id).await.unwrap();
+        ids.push(record.id);
+    }
+    let mut con = server.connection();
+    let keys: Vec<String> = ::redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter(&mut con)
+        .unwrap()
+        .map(|k: ::redis::RedisResult<String>| k.unwrap())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        40,
+        "one key per record, under the current secret"
+    );
+    for id in ids {
+        let [low, high, ..] = id.0.to_le_bytes();
+        let slot = u16::from_le_bytes([low, high]) % 16384;
+        assert!(
+            keys.iter().any(|k| slot_of(k) == slot),
+            "no key in the slot of {id:?}"
+        );
+        rotated.delete(&id).await.unwrap();
     }
 }

@@ -210,7 +210,7 @@ mod cases {
         let needles = |id: &Id| [id.to_string(), id.0.to_string()];
         for key in &keys {
             assert!(
-                key.key.contains(":web:v1:{t:"),
+                key.key.contains(":web:v1:{s:") && key.key.contains("}:t:"),
                 "stored in the class's key space: {}",
                 key.key
             );

@@ -1,7 +1,8 @@
 //! Server-side sessions: opaque tokens, timeouts enforced on the server, versioned saves, per-user listing.
 //!
-//! **The guarantee.** A token is 256 bits from the operating system's CSPRNG (base64url, 43 characters), and
-//! Redis never stores it: a session's key holds HMAC-SHA256 of the token under a server secret, so a leaked
+//! **The guarantee.** A token is 32 bytes (base64url, 43 characters): 242 random bits from the operating
+//! system's CSPRNG plus the 14-bit hash slot its session lives in (see *Cluster* below), and Redis never
+//! stores it: a session's key holds HMAC-SHA256 of the token under a server secret, so a leaked
 //! dump or `MONITOR` output yields no usable session. A session is gone, for every reader at once, when it has
 //! been idle for `idle` since its last extension or alive for `absolute` since creation — both checked by
 //! one script on the server's clock, which also pushes the idle expiry back (at most once per `extend_after`).
@@ -41,8 +42,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Cluster: a session's key and its user's index live in different slots; like the cache, sessions need a
-//! standalone Redis (or a Sentinel-managed master) for now.
+//! **Cluster.** Every session script touches keys of one hash slot only: the user's. A token carries its
+//! session's *home slot* (the slot of the user's index key) in 14 of its 256 bits, and the session's key is
+//! `{env}:{app}:{class}:v{n}:{<slot tag>}:<id>`, whose hash tag hashes to that slot. So the session, its
+//! user's index and every candidate key of a token (one per secret) share a slot; the other 242 bits of
+//! the token stay random. See `docs/sessions.md`.
 
 pub(crate) mod store;
 #[cfg(feature = "tower-sessions")]
@@ -65,12 +69,15 @@ use sha2::Sha256;
 use crate::client::Keyward;
 use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
-use crate::key::KeySpace;
+use crate::key::{CLUSTER_SLOTS, KeySpace, cluster_slot, slot_tag};
 use crate::policy::{ClassKind, SessionClass};
 use store::{Regenerated, SaveReply, Timeouts};
 
-/// Length of a token in characters (32 random bytes, base64url without padding).
+/// Length of a token in characters (32 bytes, base64url without padding).
 pub const TOKEN_LEN: usize = 43;
+
+/// Length of a token in bytes, decoded.
+const TOKEN_BYTES: usize = 32;
 
 /// The server secrets that key session ids: the current one first, then previous ones still accepted.
 ///
@@ -193,12 +200,15 @@ impl fmt::Debug for SessionSecrets {
 pub struct SessionToken(String);
 
 impl SessionToken {
-    fn generate() -> Self {
-        let mut bytes = [0u8; 32];
+    /// A fresh token whose home slot is `slot`: 32 bytes from the OS CSPRNG, of which the low 6 bits of the
+    /// first byte and all of the second are then set to the slot (14 bits, `slot < 16384`); the other 242
+    /// bits stay random.
+    fn generate(slot: u16) -> Self {
+        let mut bytes = [0u8; TOKEN_BYTES];
         OsRng
             .try_fill_bytes(&mut bytes)
             .expect("the operating system's random number generator failed");
-        SessionToken(URL_SAFE_NO_PAD.encode(bytes))
+        SessionToken(URL_SAFE_NO_PAD.encode(with_slot(bytes, slot)))
     }
 
     /// The token text, for the cookie value.
@@ -210,6 +220,28 @@ impl SessionToken {
 impl fmt::Debug for SessionToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SessionToken(redacted)")
+    }
+}
+
+/// `bytes` with `slot` (mod 16384) written into its first 14 bits: the low 6 bits of byte 0 are the slot's
+/// high 6 bits, byte 1 its low 8; the top 2 bits of byte 0 and bytes 2.. are kept.
+fn with_slot(mut bytes: [u8; TOKEN_BYTES], slot: u16) -> [u8; TOKEN_BYTES] {
+    let [high, low] = (slot % CLUSTER_SLOTS).to_be_bytes();
+    bytes[0] = (bytes[0] & 0xC0) | high;
+    bytes[1] = low;
+    bytes
+}
+
+/// The home slot carried by `token`; `None` unless it is 43 base64url characters that decode canonically
+/// to 32 bytes (anything else names no session).
+fn token_slot(token: &str) -> Option<u16> {
+    if !is_well_formed(token) {
+        return None;
+    }
+    let mut bytes = [0u8; TOKEN_BYTES];
+    match URL_SAFE_NO_PAD.decode_slice(token, &mut bytes) {
+        Ok(TOKEN_BYTES) => Some(u16::from_be_bytes([bytes[0] & 0x3F, bytes[1]])),
+        _ => None,
     }
 }
 
@@ -449,12 +481,24 @@ where
         &self.inner.settings
     }
 
-    fn session_key(&self, id: &SessionId) -> Result<String> {
-        Ok(self.inner.keys.key(&["s", id.as_str()])?)
+    /// The key of session `id` whose home slot is `slot`: `…:v{n}:{<slot tag>}:<id>`, in that slot.
+    fn session_key(&self, slot: u16, id: &SessionId) -> Result<String> {
+        Ok(self.inner.keys.tagged_key(slot_tag(slot), id.as_str())?)
     }
 
-    fn index_key(&self, user_id: &str) -> Result<String> {
-        Ok(self.inner.keys.key(&["u", user_id])?)
+    /// The user's index key (`…:v{n}:{u:<user>}`) and its slot, the home slot of the user's sessions.
+    fn index_key(&self, user_id: &str) -> Result<(String, u16)> {
+        let index = self.inner.keys.key(&["u", user_id])?;
+        let slot = cluster_slot(index.as_bytes());
+        Ok((index, slot))
+    }
+
+    /// A fresh token in `slot` and its session id and key under the current secret.
+    fn fresh(&self, slot: u16) -> Result<(SessionToken, SessionId, String)> {
+        let token = SessionToken::generate(slot);
+        let id = self.inner.secrets.ids(token.as_str()).swap_remove(0);
+        let key = self.session_key(slot, &id)?;
+        Ok((token, id, key))
     }
 
     /// The keys `token` may live under: one per secret, current first. Empty for a malformed token.
@@ -466,17 +510,18 @@ where
             .collect())
     }
 
-    /// The ids and keys `token` may live under: one per secret, current first. Empty for a malformed token.
+    /// The ids and keys `token` may live under: one per secret, current first, all in the token's home
+    /// slot. Empty for a malformed token.
     fn candidates(&self, token: &str) -> Result<Vec<(SessionId, String)>> {
-        if !is_well_formed(token) {
+        let Some(slot) = token_slot(token) else {
             return Ok(Vec::new());
-        }
+        };
         self.inner
             .secrets
             .ids(token)
             .into_iter()
             .map(|id| {
-                let key = self.session_key(&id)?;
+                let key = self.session_key(slot, &id)?;
                 Ok((id, key))
             })
             .collect()
@@ -522,12 +567,10 @@ where
     {
         self.check_user(user_id)?;
         let bytes = self.encode(data)?;
-        let index = self.index_key(user_id)?;
-        // A collision of 256 random bits does not happen; the loop only makes "never overwrite" explicit.
+        let (index, slot) = self.index_key(user_id)?;
+        // A collision of 242 random bits does not happen; the loop only makes "never overwrite" explicit.
         for _ in 0..3 {
-            let token = SessionToken::generate();
-            let id = self.inner.secrets.ids(token.as_str()).swap_remove(0);
-            let key = self.session_key(&id)?;
+            let (token, id, key) = self.fresh(slot)?;
             if let Some((now, exp)) = store::create(
                 &self.kw.inner.backend,
                 &key,
@@ -637,14 +680,13 @@ where
     /// # Errors
     /// Backend failures.
     pub async fn regenerate(&self, token: &str) -> Result<Option<SessionToken>> {
-        let old = self.candidate_keys(token)?;
-        if old.is_empty() {
+        let Some(slot) = token_slot(token) else {
             return Ok(None);
-        }
+        };
+        let old = self.candidate_keys(token)?;
         for _ in 0..3 {
-            let new = SessionToken::generate();
-            let id = self.inner.secrets.ids(new.as_str()).swap_remove(0);
-            let new_key = self.session_key(&id)?;
+            // The new token keeps the old one's home slot: the session stays next to its user's index.
+            let (new, _, new_key) = self.fresh(slot)?;
             match store::regenerate(&self.kw.inner.backend, &old, &new_key).await? {
                 Regenerated::Moved => return Ok(Some(new)),
                 Regenerated::Missing => return Ok(None),
@@ -676,8 +718,10 @@ where
     /// Backend failures, and key errors for an unusable id.
     pub async fn destroy_by_id(&self, user_id: &str, id: &SessionId) -> Result<bool> {
         self.check_user(user_id)?;
-        let key = self.session_key(id)?;
-        let index = self.index_key(user_id)?;
+        let (index, slot) = self.index_key(user_id)?;
+        // A session of this user is in the user's slot; an id of anyone else's names no key there that is
+        // indexed under this user.
+        let key = self.session_key(slot, id)?;
         Ok(store::destroy(&self.kw.inner.backend, &[key], Some(&index)).await? > 0)
     }
 
@@ -687,7 +731,7 @@ where
     /// Backend failures.
     pub async fn destroy_all_for_user(&self, user_id: &str) -> Result<u64> {
         self.check_user(user_id)?;
-        let index = self.index_key(user_id)?;
+        let (index, _) = self.index_key(user_id)?;
         store::destroy_all(&self.kw.inner.backend, &index).await
     }
 
@@ -697,14 +741,17 @@ where
     /// Backend failures.
     pub async fn list_for_user(&self, user_id: &str) -> Result<Vec<SessionInfo>> {
         self.check_user(user_id)?;
-        let index = self.index_key(user_id)?;
-        let prefix = self.inner.keys.key(&["s", "x"])?;
-        let prefix = &prefix[..prefix.len() - 2]; // `…:{s:`
+        let (index, _) = self.index_key(user_id)?;
         let mut out: Vec<SessionInfo> = store::list(&self.kw.inner.backend, &index)
             .await?
             .into_iter()
             .filter_map(|l| {
-                let id = l.key.strip_prefix(prefix)?.strip_suffix('}')?;
+                // Ids are base64url, never escaped; a key of another layout is not listed.
+                let id = self
+                    .inner
+                    .keys
+                    .tagged_id(&l.key)
+                    .filter(|id| is_well_formed(id))?;
                 Some(SessionInfo {
                     id: SessionId(id.to_owned()),
                     created_at: at(l.created_ms),
@@ -715,5 +762,70 @@ where
             .collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_slot_survives_encoding_and_decoding() {
+        for slot in 0..CLUSTER_SLOTS {
+            let token = SessionToken::generate(slot);
+            assert_eq!(token.as_str().len(), TOKEN_LEN);
+            assert!(is_well_formed(token.as_str()));
+            assert_eq!(token_slot(token.as_str()), Some(slot), "slot {slot}");
+        }
+        // The top two bits of the first byte stay random: over 64 tokens of one slot they take all four
+        // values (failing by chance: under 1 in 10^7).
+        let top_bits: std::collections::HashSet<u8> = (0..64)
+            .map(|_| {
+                let bytes = URL_SAFE_NO_PAD
+                    .decode(SessionToken::generate(9000).as_str())
+                    .unwrap();
+                bytes[0] >> 6
+            })
+            .collect();
+        assert_eq!(top_bits.len(), 4, "{top_bits:?}");
+        // Slots beyond the range wrap, as `slot_tag` does.
+        let wrapped = SessionToken::generate(CLUSTER_SLOTS + 5);
+        assert_eq!(token_slot(wrapped.as_str()), Some(5));
+    }
+
+    #[test]
+    fn slot_bits_leave_the_rest_untouched() {
+        let random = [0xFFu8; TOKEN_BYTES];
+        let set = with_slot(random, 0);
+        assert_eq!(set[0], 0xC0, "only the low 6 bits of byte 0 are the slot's");
+        assert_eq!(set[1], 0);
+        assert_eq!(&set[2..], &random[2..]);
+        let set = with_slot([0u8; TOKEN_BYTES], 16383);
+        assert_eq!((set[0], set[1]), (0x3F, 0xFF));
+        assert!(set[2..].iter().all(|&b| b == 0));
+        // Two tokens for one slot differ (242 random bits).
+        assert_ne!(SessionToken::generate(7), SessionToken::generate(7));
+    }
+
+    #[test]
+    fn malformed_tokens_carry_no_slot() {
+        let token = SessionToken::generate(1234);
+        let text = token.as_str();
+        assert_eq!(token_slot(text), Some(1234));
+        // The last character holds 4 bits and 2 zero bits; one with those set is not a canonical token.
+        let last = text.as_bytes()[42];
+        let tweaked = if last == b'B' { "C" } else { "B" };
+        let noncanonical = format!("{}{tweaked}", &text[..42]);
+        let bad_chars = format!("{}+", &text[..42]);
+        for bad in [
+            "",
+            "abc",
+            &text[..42],
+            &format!("{text}A"),
+            noncanonical.as_str(),
+            bad_chars.as_str(),
+        ] {
+            assert_eq!(token_slot(bad), None, "{bad:?}");
+        }
     }
 }

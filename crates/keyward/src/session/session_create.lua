@@ -1,5 +1,6 @@
 -- Create a session. KEYS[1] session hash, KEYS[2] the user's index (sorted set: session key -> expiry ms).
 -- ARGV: user id, data, idle ms, absolute ms. Reply {1, now, expires} or {0} if the key exists (token collision).
+-- Cluster: the session key is built in the index's slot (its hash tag hashes there), so both KEYS share it.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('EXISTS', KEYS[1]) == 1 then

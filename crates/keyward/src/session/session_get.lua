@@ -2,6 +2,9 @@
 -- the last extension is at least extend_after old. KEYS: the token's key under each secret, newest first.
 -- ARGV: idle ms, absolute ms, extend_after ms.
 -- Reply: false, or {which key (1-based), user, data, version, created, extended, expires}.
+-- Cluster: every candidate key is in the token's home slot, and so is the index named by field `i` (the
+-- session was created in its user's index's slot). The index is not in KEYS (the caller does not know the
+-- user), but Redis Cluster lets a script touch undeclared keys of the slot it runs in.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local idle, abs, every = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

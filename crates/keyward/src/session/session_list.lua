@@ -1,5 +1,7 @@
 -- List a user's live sessions, dropping dead index members. KEYS[1] the user's index.
 -- Reply: flat {key, created, extended, expires, ...}.
+-- Cluster: the index's members are session keys built in the index's slot; they are not in KEYS, but a script
+-- may touch undeclared keys of the slot it runs in.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))

@@ -1,6 +1,8 @@
 -- Move a session to a new token: same data, timeouts and expiry; the old token stops working in the same step.
 -- KEYS: the old token's key under each secret (newest first), then the new key last.
 -- Reply {1} moved, {0} no such session, {2} the new key exists (token collision).
+-- Cluster: the new token keeps the old one's home slot, so every key here, and the index named by field `i`
+-- (undeclared, but in the same slot, which Redis Cluster allows), is in one slot.
 local n = #KEYS
 local new = KEYS[n]
 if redis.call('EXISTS', new) == 1 then

@@ -5,6 +5,12 @@
 //! whose key expires at `min(e + idle, c + absolute)`. The user's index is a sorted set of session keys
 //! scored by their expiry; it drops dead members whenever it is touched and expires with its longest-lived
 //! member, so it never outlives, or lists, a dead session.
+//!
+//! **Cluster:** a session's key is in its user's index's slot (the caller builds it so, see the
+//! [module](super)), so every script here touches one slot. Where the caller knows the index it is passed in
+//! `KEYS`; `get`, `regenerate` and `destroy` by token do not know the user and reach the index through the
+//! session's `i` field, and `list`/`destroy_all` reach sessions through the index's members — keys not
+//! declared in `KEYS` but in the same slot, which Redis Cluster allows (it refuses only other slots).
 
 use std::collections::HashMap;
 
@@ -319,13 +325,17 @@ pub(crate) async fn regenerate(b: &Backend, old: &[String], new: &str) -> Result
     .await
 }
 
-/// Delete sessions by key; with `only_index`, only those indexed under it. Returns how many.
+/// Delete sessions by key; with `only_index`, only those indexed under it (which must be in the keys'
+/// slot). Returns how many.
 pub(crate) async fn destroy(b: &Backend, keys: &[String], only_index: Option<&str>) -> Result<u64> {
     let mut call = SCRIPTS.destroy.call("session_destroy");
     for k in keys {
         call = call.key(k);
     }
-    let call = call.arg(only_index.unwrap_or(""));
+    let call = match only_index {
+        Some(index) => call.key(index).arg(1),
+        None => call.arg(0),
+    };
     b.atomic(
         call,
         |kv| {

@@ -15,13 +15,17 @@
 //! | `load` | the record under any accepted secret; a record past its expiry date is `None` |
 //! | `delete` | removes the record under every accepted secret |
 //!
-//! Each is one Lua script on Redis (`backend/redis/tower_session_*.lua`) and one critical section on the
+//! Each is one Lua script on Redis (`session/tower_session_*.lua`) and one critical section on the
 //! embedded backend. The key lives for `expiry_date - now`, capped at the class's `absolute`; a record
 //! already past its expiry date is not stored (`create`) or is deleted (`save`). The class's `absolute`,
 //! `version` and `max_data_bytes` apply; its `idle`, `extend_after` and cookie settings do not (tower-sessions
 //! has its own expiry and cookie configuration). Because `save` always moves a record to the current secret,
 //! the rotation rule of [`SessionSecrets`] holds here too: drop an old secret once `absolute` has passed since
 //! it stopped being current.
+//!
+//! **Cluster.** An id's keys under the different secrets are in one hash slot, taken from the id's low 14
+//! bits: `{env}:{app}:{class}:v{n}:{<slot tag>}:t:<hmac>`. So every script touches one slot, also while
+//! secrets rotate. A key thereby shows 14 bits of its id; the other 114 stay unknown.
 //!
 //! ```
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -70,7 +74,7 @@ use super::SessionSecrets;
 use crate::backend::{Backend, Call, Reply, Script, Val, scripts};
 use crate::client::Keyward;
 use crate::error::{Error, Result};
-use crate::key::KeySpace;
+use crate::key::{CLUSTER_SLOTS, KeySpace, slot_tag};
 use crate::policy::ClassKind;
 
 scripts! {
@@ -80,8 +84,8 @@ scripts! {
     delete: "tower_session_delete.lua";
 }
 
-/// The id part that sets these records apart from keyward's own sessions (`s`) and user indexes (`u`) in the
-/// same class.
+/// The id part that sets these records apart from keyward's own sessions (no part after the slot tag) and
+/// user indexes (`{u:…}`) in the same class.
 const KEY_PART: &str = "t";
 
 /// How many fresh ids `create` tries before giving up. Ids are 128 random bits: a second collision in a row
@@ -157,8 +161,11 @@ impl KeywardSessionStore {
         &self.inner.class
     }
 
-    /// The keys `id` may live under: one per secret, current first.
+    /// The keys `id` may live under: one per secret, current first, all in the slot named by the id's low
+    /// 14 bits.
     fn keys(&self, id: &Id) -> session_store::Result<Vec<String>> {
+        let [low, high, ..] = id.0.to_le_bytes();
+        let tag = slot_tag(u16::from_le_bytes([low, high]) % CLUSTER_SLOTS);
         self.inner
             .secrets
             .ids(&id.to_string())
@@ -166,7 +173,7 @@ impl KeywardSessionStore {
             .map(|hmac| {
                 self.inner
                     .keys
-                    .key(&[KEY_PART, hmac.as_str()])
+                    .tagged_key(tag, &[KEY_PART, hmac.as_str()])
                     .map_err(|e| session_store::Error::Backend(e.to_string()))
             })
             .collect()

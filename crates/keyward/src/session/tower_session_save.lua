@@ -2,6 +2,7 @@
 -- KEYS: the id's key under each accepted secret, current first. ARGV: value, TTL ms (> 0).
 -- The record moves to KEYS[1], so a saved record is always keyed under the current secret.
 -- Reply 1 if stored, 0 if there was no record.
+-- Cluster: KEYS are one id under each secret, all in the slot the id names (see tower.rs): one slot.
 for i = 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     if i > 1 then

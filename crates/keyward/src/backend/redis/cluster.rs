@@ -97,21 +97,9 @@ pub(crate) fn seed_urls(url: &str) -> Result<Vec<String>> {
     Ok(seeds)
 }
 
-/// The slot a key hashes to (Redis Cluster's rule: CRC16/XMODEM of the hash tag — the text between the first
-/// `{` and the first `}` after it, when not empty — or of the whole key, modulo 16384).
+/// The slot a key hashes to (Redis Cluster's rule; see [`crate::key::cluster_slot`]).
 pub(crate) fn slot_of(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&b| b == b'}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS
+    crate::key::cluster_slot(key)
 }
 
 /// A key's hash tag as Redis uses it (see [`slot_of`]): what a channel must carry to live in the key's slot.
@@ -557,17 +545,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_follow_redis() {
-        assert_eq!(slot_of(b"foo"), 12182);
-        assert_eq!(slot_of(b"123456789"), 0x31C3 % SLOTS);
-        assert_eq!(
-            slot_of(b"{user1000}.following"),
-            slot_of(b"{user1000}.followers")
-        );
-        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
-        assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
-        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+    fn hash_tags_follow_redis() {
         assert_eq!(hash_tag("p:{a:1}:f"), "a:1");
+        assert_eq!(hash_tag("foo{}{bar}"), "foo{}{bar}");
         assert_eq!(hash_tag("plain"), "plain");
     }
 
