@@ -387,7 +387,7 @@ fn master_failover_under_load() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let id = if i % 5 == 0 {
+                let id = if i.is_multiple_of(5) {
                     "victim".to_owned()
                 } else {
                     format!("k{w}-{}", i % 50)
