@@ -92,13 +92,15 @@ fn namespace(policy: &Policy) -> Namespace {
 impl Keyward {
     /// Connect to `url` with default options. Schemes: `redis://`, `rediss://` (TLS), `unix://` or
     /// `redis+unix://` (unix socket), `redis+sentinel://[user:pass@]host:port[,host:port…]/master-name` (the
-    /// master the sentinels name, followed across failovers; the credentials are the data nodes'; see
-    /// `docs/operations.md`), and `mem://` (the embedded backend).
+    /// master the sentinels name, followed across failovers; the credentials are the data nodes'),
+    /// `redis+cluster://[user:pass@]host:port[,host:port…]` and `rediss+cluster://` (Redis Cluster: the
+    /// addresses are seed nodes; see [`ConnectOptions::group_invalidation_bound`] for what changes), and
+    /// `mem://` (the embedded backend). `docs/operations.md` says what each capability guarantees on each.
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] for a URL that cannot be used, [`Error::Connect`] (naming the server, or the
     /// sentinels) when the server refuses, does not answer within the connect timeout, or is older than Redis
-    /// 7.0, or when no sentinel names a master that answers `ROLE` with `master`.
+    /// 7.0, when no sentinel names a master that answers `ROLE` with `master`, or when no cluster seed answers.
     pub async fn connect(url: &str, policy: Policy) -> Result<Self> {
         Self::connect_with(url, policy, ConnectOptions::default()).await
     }

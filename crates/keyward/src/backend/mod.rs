@@ -61,7 +61,8 @@ impl Watch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BackendKind {
-    /// A Redis server (standalone, over TCP, TLS or a unix socket, or the master behind Sentinel).
+    /// Redis: a standalone server (over TCP, TLS or a unix socket), the master behind Sentinel, or a Redis
+    /// Cluster.
     Redis,
     /// The embedded in-process backend.
     Embedded,
