@@ -632,3 +632,108 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
         assert!(got.is_some(), "the waiter got the lock");
     });
 }
+
+/// A lock waiter subscribed on the primary that dies is still woken by a release made on the promoted replica:
+/// the client moves the sharded subscription to the new primary. The waiter re-checks only every 60 s (its
+/// response timeout) and on the disconnect, so only the wake-up can end its wait soon after the release.
+#[test]
+fn wake_ups_resume_after_a_failover() {
+    let mut cluster = RedisCluster::spawn_with(
+        ClusterOptions::default()
+            .replicas(1)
+            .arg("--cluster-require-full-coverage")
+            .arg("no"),
+    );
+    let url = cluster.seed_url();
+    let app = format!("wakefail{}", std::process::id());
+    let policy = Policy::builder("test", app.as_str())
+        .lock(
+            "job",
+            LockClass::new(Duration::from_secs(60)).wait(Duration::from_secs(55)),
+        )
+        .build()
+        .unwrap();
+    let slow = ConnectOptions::default().response_timeout(Duration::from_secs(60));
+    let rt = runtime();
+    let (a, b) = rt.block_on(async {
+        (
+            Keyward::connect_with(&url, policy.clone(), slow.clone())
+                .await
+                .unwrap(),
+            Keyward::connect_with(&url, policy, slow).await.unwrap(),
+        )
+    });
+    let (la, lb) = (a.locks("job").unwrap(), b.locks("job").unwrap());
+    let guard = rt.block_on(la.try_lock("w")).unwrap().expect("free");
+    let key = guard.key().to_owned();
+    let channel = format!("test:{app}:_kw:fills:{{w}}");
+    let victim = cluster.master_for_key(&key);
+    let replica = cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.master_id.as_deref() == Some(victim.id.as_str()))
+        .expect("the victim has a replica");
+    // The lock reached the replica (replication is asynchronous; this is a condition, polled).
+    let mut on_replica = redis::Client::open(replica.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("READONLY").query(&mut on_replica).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis::cmd("EXISTS")
+        .arg(&key)
+        .query::<bool>(&mut on_replica)
+        .unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the lock never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let waiter = rt.spawn(async move { lb.lock("w").await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shard_subscribers(&cluster, &channel) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never subscribed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cluster.kill_master_of(&key);
+    cluster.wait_for_failover(Duration::from_secs(30));
+    // The waiter's subscription moved to the promoted replica.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shard_subscribers(&cluster, &channel) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sharded subscription did not move to the new primary"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rt.block_on(async {
+        // Until handle a reaches the new primary (its client may still be learning the topology): the lock
+        // reads as held there.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match la.try_lock("w").await {
+                Ok(held) => {
+                    assert!(held.is_none(), "the promoted replica has the lock");
+                    break;
+                }
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "the new primary never answered: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            guard.release().await.unwrap(),
+            "released on the new primary"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("the waiter was woken by the release on the new primary")
+            .unwrap()
+            .unwrap();
+        assert!(got.is_some(), "the waiter got the lock");
+    });
+}
