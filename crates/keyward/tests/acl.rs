@@ -111,7 +111,33 @@ async fn every_capability_works_under_the_documented_rule_and_stays_in_its_names
     let kw = Keyward::connect_with(&server.url(), policy(), options())
         .await
         .expect("connect as the restricted user");
+    exercise_every_capability(&kw).await;
+    let log = common::acl_log(&server);
+    assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
+    // The rule confines the user: another app's keys and channels are refused by the server.
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let other: redis::RedisResult<Option<String>> = redis::cmd("GET")
+        .arg("prod:other:x")
+        .query_async(&mut con)
+        .await;
+    let err = other.expect_err("another app's key was readable");
+    assert!(err.to_string().to_lowercase().contains("noperm"), "{err}");
+    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg("prod:other:_kw:fills")
+        .arg("x")
+        .query_async(&mut con)
+        .await;
+    assert!(published.is_err(), "another app's channel was writable");
+    let flushed: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut con).await;
+    assert!(flushed.is_err(), "FLUSHALL was allowed");
+}
 
+/// Every capability once, as the documented user would use them.
+async fn exercise_every_capability(kw: &Keyward) {
     // Cache: miss, fill, hit, set, invalidate one and all, a waiter woken by the fill.
     let cache = kw.cache::<String>("product").unwrap();
     let loads = Arc::new(AtomicUsize::new(0));
@@ -206,30 +232,72 @@ async fn every_capability_works_under_the_documented_rule_and_stays_in_its_names
 
     // Walks.
     assert!(!kw.scan_namespace().await.unwrap().is_empty());
+}
 
-    let log = common::acl_log(&server);
-    assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
-
-    // The rule confines the user: another app's keys and channels are refused by the server.
-    let mut con = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
+/// The same user on a master behind Sentinel (created on the master: ACLs are not replicated, so a real
+/// deployment creates it on every data node), with the credentials in the `redis+sentinel://` URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_capability_works_under_the_documented_rule_behind_sentinel() {
+    let set = keyward_testkit::SentinelSet::spawn();
+    let password = "acl-test-password";
+    let words = common::documented_acl_rule("keyward", password, ENV, APP);
+    for port in [set.master_port()] {
+        let mut cmd = redis::cmd(&words[0]);
+        for word in &words[1..] {
+            cmd.arg(word);
+        }
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let () = cmd.query(&mut con).unwrap();
+    }
+    let url = set.url().replacen(
+        "redis+sentinel://",
+        &format!("redis+sentinel://keyward:{password}@"),
+        1,
+    );
+    let kw = Keyward::connect_with(&url, policy(), options())
         .await
-        .unwrap();
-    let other: redis::RedisResult<Option<String>> = redis::cmd("GET")
-        .arg("prod:other:x")
-        .query_async(&mut con)
-        .await;
-    let err = other.expect_err("another app's key was readable");
-    assert!(err.to_string().to_lowercase().contains("noperm"), "{err}");
-    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-        .arg("prod:other:_kw:fills")
-        .arg("x")
-        .query_async(&mut con)
-        .await;
-    assert!(published.is_err(), "another app's channel was writable");
-    let flushed: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut con).await;
-    assert!(flushed.is_err(), "FLUSHALL was allowed");
+        .expect("connect as the restricted user behind Sentinel");
+    exercise_every_capability(&kw).await;
+    let mut master = set.master_client().get_connection().unwrap();
+    let log = common::acl_log_of(&mut master);
+    assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
+}
+
+/// The same user on a 3-master Redis Cluster (created on every node), with the credentials in the
+/// `redis+cluster://` URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_capability_works_under_the_documented_rule_on_cluster() {
+    let cluster = keyward_testkit::RedisCluster::spawn();
+    let password = "acl-test-password";
+    let words = common::documented_acl_rule("keyward", password, ENV, APP);
+    for url in cluster.urls() {
+        let mut cmd = redis::cmd(&words[0]);
+        for word in &words[1..] {
+            cmd.arg(word);
+        }
+        let mut con = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let () = cmd.query(&mut con).unwrap();
+    }
+    let url = cluster.seed_url().replacen(
+        "redis+cluster://",
+        &format!("redis+cluster://keyward:{password}@"),
+        1,
+    );
+    let kw = Keyward::connect_with(&url, policy(), options())
+        .await
+        .expect("connect as the restricted user on the cluster");
+    exercise_every_capability(&kw).await;
+    for url in cluster.urls() {
+        let mut con = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let log = common::acl_log_of(&mut con);
+        assert!(log.is_empty(), "ACL denials:\n{}", log.join("\n"));
+    }
 }
 
 /// The one grant `-evalsha` takes away is named in the error a caller sees, for a cache read (even with the
