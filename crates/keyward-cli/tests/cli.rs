@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use keyward_testkit::RedisServer;
+use keyward_testkit::{RedisCluster, RedisServer};
 use serde_json::Value;
 
 fn keyward(args: &[&str]) -> Output {
@@ -158,6 +158,50 @@ fn redis_hit_never_calls_the_loader() {
     assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
     assert!(v["p50_us"].as_u64().unwrap() > 0, "{v}");
     assert!(v["redis_cmds_per_op"].as_f64().is_some(), "{v}");
+}
+
+#[test]
+fn cluster_hit_counts_commands_on_every_primary() {
+    let cluster = RedisCluster::spawn();
+    // 64 workers on 64 keys of their own: no two share a read, and the keys spread over all three primaries.
+    let v = bench_json(&[
+        "bench",
+        "hit",
+        "--url",
+        &cluster.seed_url(),
+        "--duration",
+        "0.5",
+        "--concurrency",
+        "64",
+        "--hit-keys",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(v["backend"], "redis_cluster", "{v}");
+    assert_eq!(v["loader_calls"], 0, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    assert!(ops > 0, "{v}");
+    assert_eq!(v["redis_primaries"], 3, "{v}");
+    let by_primary = v["redis_cmds_by_primary"].as_object().unwrap();
+    let mut addrs: Vec<String> = by_primary.keys().cloned().collect();
+    addrs.sort();
+    let mut expected: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    expected.sort();
+    assert_eq!(addrs, expected, "{v}");
+    assert!(by_primary.values().all(|c| c.as_u64().unwrap() > 0), "{v}");
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    let total: u64 = cmds.values().map(|c| c.as_u64().unwrap()).sum();
+    let shares: u64 = by_primary.values().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(total, shares, "{v}");
+    // On Cluster a hit is one `SET … NX GET` on the entry's primary: counted on one server only, a third of
+    // the hits would be missing.
+    assert_eq!(cmds["set"].as_u64(), Some(ops), "{v}");
+    let per_op = v["redis_cmds_per_op"].as_f64().unwrap();
+    assert!((1.0..1.1).contains(&per_op), "{v}");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! - [`scenarios`] — the [`Scenario`] abstraction and one file per scenario family.
 //! - [`fleet`] — `--processes`: child processes, the READY/GO handshake, merging their results; it runs
 //!   scenarios through the abstraction and knows none of them.
+//! - [`servers`] — the servers the command counts are read from: one, or every primary of a Cluster.
 //!
 //! This file validates the arguments (bad usage exits 2 before anything connects), runs the scenario between
 //! two command-count snapshots, and builds the report.
@@ -15,6 +16,7 @@ mod fleet;
 mod measure;
 mod report;
 mod scenarios;
+mod servers;
 
 use std::time::Duration;
 
@@ -27,8 +29,9 @@ use self::fleet::Fleet;
 use self::measure::Measured;
 use self::report::{Report, per_op, round};
 use self::scenarios::{Extend, LockNames, Scenario, Workload};
+use self::servers::{ServerAudit, ServerStats, Servers};
 use crate::error::usage;
-use crate::stats::{self, ClientAudit, CommandStats};
+use crate::stats;
 
 /// Shown at the end of `keyward bench --help`.
 const BENCH_HELP: &str = "\
@@ -109,7 +112,8 @@ pub(crate) struct BenchArgs {
     /// The scenario to run.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Redis URL (redis://, rediss://, redis+unix://) or mem:// for the embedded backend.
+    /// Redis URL (redis://, rediss://, redis+unix://, redis+cluster://host:port[,host:port…]) or mem:// for
+    /// the embedded backend.
     /// [default: $REDIS_URL, else mem://]
     #[arg(long, value_name = "URL")]
     url: Option<String>,
@@ -270,25 +274,30 @@ async fn measure(
     // The client-command count runs in this process, with one process's share of the callers.
     let audit_work = work.split(processes).swap_remove(0);
     let measured: Measured;
-    let commands;
+    let mut counter;
+    let before;
     if processes > 1 {
-        let mut stats = connect_stats(url, embedded).await?;
+        counter = Counter::connect(url, embedded).await?;
         let fleet = Fleet::start(url, app, work.split(processes), work.duration).await?;
-        let before = snapshot(stats.as_mut()).await?;
+        before = Counter::snapshot(counter.as_mut()).await?;
         measured = fleet.go().await?;
-        commands = delta(stats.as_mut(), before).await?;
     } else {
         // keyward connects first: its connection errors are the most helpful ones.
         let prepared = scenarios::prepare(url, app, work.clone()).await?;
-        let mut stats = connect_stats(url, embedded).await?;
-        let before = snapshot(stats.as_mut()).await?;
+        counter = Counter::connect(url, embedded).await?;
+        before = Counter::snapshot(counter.as_mut()).await?;
         measured = prepared.run().await?;
-        commands = delta(stats.as_mut(), before).await?;
     }
-    let client = if work.scenario.audits_client_commands() && !embedded {
-        client_commands(url, app, &audit_work).await?
-    } else {
-        None
+    let commands = match (counter.as_mut(), before) {
+        (Some(counter), Some(before)) => Some(counter.since(&before).await?),
+        _ => None,
+    };
+    let servers = counter.as_ref().map(|c| &c.servers);
+    let client = match servers {
+        Some(servers) if work.scenario.audits_client_commands() => {
+            client_commands(url, app, servers, &audit_work).await?
+        }
+        _ => None,
     };
     let ops = measured.ops();
     let h = &measured.latencies;
@@ -301,7 +310,11 @@ async fn measure(
     Ok(Report {
         peer: "keyward",
         scenario: work.scenario.name(),
-        backend: if embedded { "embedded" } else { "redis" },
+        backend: match servers {
+            None => "embedded",
+            Some(s) if s.is_cluster() => "redis_cluster",
+            Some(_) => "redis",
+        },
         concurrency: work.concurrency,
         processes,
         ops,
@@ -319,11 +332,13 @@ async fn measure(
         },
         max_us: h.max(),
         loader_calls: measured.loader_calls,
-        fields: scenarios::fields(&work, &measured, commands.as_ref()),
-        redis_cmds_per_op: commands.as_ref().map(|c| per_op(total(c), ops)),
-        redis_cmds: commands,
+        fields: scenarios::fields(&work, &measured, commands.as_ref().map(|c| &c.total)),
+        redis_cmds_per_op: commands.as_ref().map(|c| per_op(total(&c.total), ops)),
         redis_client_cmds_per_op: client.as_ref().map(|c| per_op(total(&c.commands), c.ops)),
         redis_client_cmds: client.map(|c| c.commands),
+        redis_primaries: servers.filter(|s| s.is_cluster()).map(Servers::count),
+        redis_cmds_by_primary: commands.as_ref().and_then(|c| c.by_primary.clone()),
+        redis_cmds: commands.map(|c| c.total),
     })
 }
 
@@ -348,6 +363,7 @@ const CLIENT_AUDIT_OPS: u64 = 16;
 async fn client_commands(
     url: &str,
     app: &str,
+    servers: &Servers,
     work: &Workload,
 ) -> anyhow::Result<Option<ClientCommands>> {
     let prepared = scenarios::prepare(
@@ -356,7 +372,7 @@ async fn client_commands(
         scenarios::counted_workload(work, CLIENT_AUDIT_OPS),
     )
     .await?;
-    let audit = match ClientAudit::start(url).await {
+    let audit = match ServerAudit::start(servers).await {
         Ok(audit) => audit,
         Err(e) => {
             eprintln!("warning: redis_client_cmds_per_op left out: {e:#}");
@@ -371,27 +387,34 @@ async fn client_commands(
     }))
 }
 
-async fn connect_stats(url: &str, embedded: bool) -> anyhow::Result<Option<CommandStats>> {
-    if embedded {
-        Ok(None)
-    } else {
-        CommandStats::connect(url).await.map(Some)
-    }
+/// The servers' command counts, read before and after the measured phase: from the one server, or summed
+/// over every primary of a Cluster (see [`servers`]).
+struct Counter {
+    servers: Servers,
+    stats: ServerStats,
 }
 
-async fn snapshot(stats: Option<&mut CommandStats>) -> anyhow::Result<Option<stats::Counts>> {
-    match stats {
-        Some(s) => Ok(Some(s.snapshot().await?)),
-        None => Ok(None),
+impl Counter {
+    /// `None` for the embedded backend.
+    async fn connect(url: &str, embedded: bool) -> anyhow::Result<Option<Self>> {
+        if embedded {
+            return Ok(None);
+        }
+        let servers = Servers::discover(url).await?;
+        let stats = ServerStats::connect(&servers).await?;
+        Ok(Some(Self { servers, stats }))
     }
-}
 
-async fn delta(
-    stats: Option<&mut CommandStats>,
-    before: Option<stats::Counts>,
-) -> anyhow::Result<Option<stats::Counts>> {
-    match (stats, before) {
-        (Some(s), Some(before)) => Ok(Some(stats::delta(&before, &s.snapshot().await?))),
-        _ => Ok(None),
+    async fn snapshot(counter: Option<&mut Self>) -> anyhow::Result<Option<servers::Snapshot>> {
+        match counter {
+            Some(c) => Ok(Some(c.stats.snapshot().await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The commands run since `before`.
+    async fn since(&mut self, before: &servers::Snapshot) -> anyhow::Result<servers::Commands> {
+        let after = self.stats.snapshot().await?;
+        Ok(servers::delta(&self.servers, before, &after))
     }
 }

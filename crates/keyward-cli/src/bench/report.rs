@@ -41,6 +41,12 @@ pub(crate) struct Report {
     pub(crate) redis_client_cmds_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redis_client_cmds: Option<BTreeMap<String, u64>>,
+    /// Against a Cluster only: how many primaries the `redis_cmds` (and `redis_client_cmds`) are summed
+    /// over, and each primary's share of `redis_cmds` (all commands, by `host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redis_primaries: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redis_cmds_by_primary: Option<BTreeMap<String, u64>>,
 }
 
 /// The fields only some scenarios report, in their output order. Each family sets its own and leaves the
@@ -198,6 +204,11 @@ fn table(r: &Report) -> String {
             "redis_client_cmds",
             r.redis_client_cmds.as_ref().map(list_counts),
         ),
+        ("redis_primaries", r.redis_primaries.map(|n| n.to_string())),
+        (
+            "redis_cmds_by_primary",
+            r.redis_cmds_by_primary.as_ref().map(list_counts),
+        ),
     ];
     rows.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -229,6 +240,8 @@ mod tests {
             redis_cmds: Some(BTreeMap::from([("evalsha".to_owned(), 10)])),
             redis_client_cmds_per_op: None,
             redis_client_cmds: None,
+            redis_primaries: None,
+            redis_cmds_by_primary: None,
         }
     }
 

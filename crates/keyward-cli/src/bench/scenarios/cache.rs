@@ -2,7 +2,8 @@
 //!
 //! The one decision: `get` goes through the same client type (redis-rs's `ConnectionManager`, cloned per
 //! call as keyward's backend does) and decodes the same ≈1 KiB JSON value, so that `hit / get` is keyward's
-//! own overhead and nothing else.
+//! own overhead and nothing else. On a Cluster it is redis-rs's async cluster client, the one keyward uses
+//! there.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,7 +46,7 @@ pub(crate) struct Ready {
     cache: Cache<Item>,
     value: Arc<Item>,
     /// `get`: a plain redis-rs connection, as an application without keyward would hold.
-    raw: Option<redis::aio::ConnectionManager>,
+    raw: Option<Raw>,
     /// The namespace app name (the baseline's keys live under it).
     app: String,
 }
@@ -81,11 +82,7 @@ pub(crate) async fn prepare(
             }
         }
         Kind::Get => {
-            let client = redis::Client::open(url).context("cannot open the baseline client")?;
-            let mut con = client
-                .get_connection_manager()
-                .await
-                .context("cannot connect the baseline client")?;
+            let mut con = Raw::connect(url).await?;
             let bytes = serde_json::to_vec(&*value)?;
             for k in 0..work.hit_keys {
                 let _: () = redis::cmd("SET")
@@ -107,6 +104,66 @@ pub(crate) async fn prepare(
         raw,
         app: app.to_owned(),
     })
+}
+
+/// The baseline's connection: what keyward's backend holds for the same URL.
+#[derive(Clone)]
+enum Raw {
+    Server(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        if let Some(seeds) = crate::bench::servers::cluster_seeds(url)? {
+            let client = redis::cluster::ClusterClient::new(
+                seeds.into_iter().map(|s| s.url).collect::<Vec<_>>(),
+            )
+            .context("cannot open the baseline cluster client")?;
+            let con = client
+                .get_async_connection()
+                .await
+                .context("cannot connect the baseline cluster client")?;
+            return Ok(Self::Cluster(con));
+        }
+        let client = redis::Client::open(url).context("cannot open the baseline client")?;
+        let con = client
+            .get_connection_manager()
+            .await
+            .context("cannot connect the baseline client")?;
+        Ok(Self::Server(con))
+    }
+}
+
+impl redis::aio::ConnectionLike for Raw {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Server(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Server(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Server(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The baseline's keys: in the bench namespace, with a TTL, like everything else the bench writes.
