@@ -633,11 +633,13 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
     });
 }
 
-/// A lock waiter subscribed on the primary that dies is still woken by a release made on the promoted replica:
-/// the client moves the sharded subscription to the new primary. The waiter re-checks only every 60 s (its
-/// response timeout) and on the disconnect, so only the wake-up can end its wait soon after the release.
+/// Wake-ups across a failover. A lock waiter subscribed on a primary that lives through another primary's
+/// failover is still woken by a release afterwards (the client's topology refresh re-subscribes every node,
+/// which must keep it); and a waiter on a lock of the failed primary's slots, made after the promotion, is
+/// woken by a release on the promoted replica. Each waiter re-checks only every 60 s (its response timeout), so
+/// only a wake-up ends its wait soon after the release.
 #[test]
-fn wake_ups_resume_after_a_failover() {
+fn wake_ups_work_across_a_failover() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .replicas(1)
@@ -664,10 +666,17 @@ fn wake_ups_resume_after_a_failover() {
         )
     });
     let (la, lb) = (a.locks("job").unwrap(), b.locks("job").unwrap());
-    let guard = rt.block_on(la.try_lock("w")).unwrap().expect("free");
-    let key = guard.key().to_owned();
-    let channel = format!("test:{app}:_kw:fills:{{w}}");
-    let victim = cluster.master_for_key(&key);
+    // `w` is on the primary that dies; `s`, on another one, survives.
+    let w = rt.block_on(la.try_lock("w")).unwrap().expect("free");
+    let victim = cluster.master_for_key(w.key());
+    let survivor_name = (0..100)
+        .map(|i| format!("s{i}"))
+        .find(|n| cluster.master_for_key(&format!("{{{n}}}")).port != victim.port)
+        .unwrap();
+    let s = rt
+        .block_on(la.try_lock(survivor_name.as_str()))
+        .unwrap()
+        .expect("free");
     let replica = cluster
         .nodes()
         .into_iter()
@@ -681,7 +690,7 @@ fn wake_ups_resume_after_a_failover() {
     let () = redis::cmd("READONLY").query(&mut on_replica).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !redis::cmd("EXISTS")
-        .arg(&key)
+        .arg(w.key())
         .query::<bool>(&mut on_replica)
         .unwrap()
     {
@@ -691,29 +700,41 @@ fn wake_ups_resume_after_a_failover() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let waiter = rt.spawn(async move { lb.lock("w").await });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while shard_subscribers(&cluster, &channel) == 0 {
-        assert!(Instant::now() < deadline, "the waiter never subscribed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cluster.kill_master_of(&key);
+    let wait_subscribed = |cluster: &RedisCluster, channel: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shard_subscribers(cluster, channel) == 0 {
+            assert!(Instant::now() < deadline, "nobody subscribed to {channel}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let survivor_channel = format!("test:{app}:_kw:fills:{{{survivor_name}}}");
+    let waiter_s = {
+        let (lb, name) = (lb.clone(), survivor_name.clone());
+        rt.spawn(async move { lb.lock(name.as_str()).await })
+    };
+    wait_subscribed(&cluster, &survivor_channel);
+
+    cluster.kill_master_of(w.key());
     cluster.wait_for_failover(Duration::from_secs(30));
-    // The waiter's subscription moved to the promoted replica.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while shard_subscribers(&cluster, &channel) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sharded subscription did not move to the new primary"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+
+    // The survivor's waiter, subscribed before the failover, is woken by a release after it.
     rt.block_on(async {
-        // Until handle a reaches the new primary (its client may still be learning the topology): the lock
+        assert!(s.release().await.unwrap());
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter_s)
+            .await
+            .expect("the waiter on the surviving primary was woken after the failover")
+            .unwrap()
+            .expect("its wait never failed");
+        assert!(got.is_some(), "the waiter got the lock");
+    });
+
+    // A waiter on the failed primary's slot, after the promotion: woken by the release there.
+    rt.block_on(async {
+        // Until handle b reaches the new primary (its client may still be learning the topology): the lock
         // reads as held there.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match la.try_lock("w").await {
+            match lb.try_lock("w").await {
                 Ok(held) => {
                     assert!(held.is_none(), "the promoted replica has the lock");
                     break;
@@ -725,11 +746,15 @@ fn wake_ups_resume_after_a_failover() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(
-            guard.release().await.unwrap(),
-            "released on the new primary"
-        );
-        let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+    });
+    let waiter_w = {
+        let lb = lb.clone();
+        rt.spawn(async move { lb.lock("w").await })
+    };
+    wait_subscribed(&cluster, &format!("test:{app}:_kw:fills:{{w}}"));
+    rt.block_on(async {
+        assert!(w.release().await.unwrap(), "released on the new primary");
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter_w)
             .await
             .expect("the waiter was woken by the release on the new primary")
             .unwrap()

@@ -497,10 +497,17 @@ async fn bounded<T>(
 }
 
 /// Keep the slot map current: re-read it every [`SLOT_MAP_EVERY`], and soon after a call suspects it.
+///
+/// When slots moved to another primary (a failover), one key of each moved range is touched (`EXISTS` of a
+/// probe key under `probe_prefix`, inside the namespace) through the client: if the client still routes that
+/// slot to the old primary, the failure makes it refresh its own topology, which also moves sharded
+/// subscriptions (wake-up waiters') to the new primary. Without it, a handle with no other traffic to those
+/// slots would keep its waiters subscribed to a dead node.
 pub(crate) fn spawn_slot_mapper(
     state: &Arc<ClusterState>,
     conn: ClusterConnection,
     timeout: Duration,
+    probe_prefix: String,
 ) -> tokio::task::JoinHandle<()> {
     // The task holds the state; the backend aborts it when dropped.
     let s = Arc::clone(state);
@@ -510,7 +517,18 @@ pub(crate) fn spawn_slot_mapper(
             let _ = tokio::time::timeout(SLOT_MAP_EVERY, s.remap.notified()).await;
             match read_slot_map(&mut conn, &s.seed_host, timeout).await {
                 Ok(map) if !map.primaries.is_empty() => {
+                    let moved = moved_slots(&s.slot_map(), &map);
                     *s.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+                    for slot in moved {
+                        let probe = format!("{probe_prefix}{{{}}}", crate::key::slot_tag(slot));
+                        let _ = tokio::time::timeout(
+                            timeout,
+                            redis::cmd("EXISTS")
+                                .arg(&probe)
+                                .query_async::<i64>(&mut conn),
+                        )
+                        .await;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "keyward: cannot read the cluster slot map"),
@@ -518,6 +536,22 @@ pub(crate) fn spawn_slot_mapper(
             tokio::time::sleep(SLOT_MAP_MIN_GAP).await;
         }
     })
+}
+
+/// One slot of each range that `new` gives to another primary than `old` did.
+fn moved_slots(old: &SlotMap, new: &SlotMap) -> Vec<u16> {
+    let mut out = Vec::new();
+    let mut previous_moved = false;
+    for slot in 0..SLOTS {
+        let before = old.primary_of_slot(slot);
+        let after = new.primary_of_slot(slot);
+        let moved = before.is_some() && after.is_some() && before != after;
+        if moved && !previous_moved {
+            out.push(slot);
+        }
+        previous_moved = moved;
+    }
+    out
 }
 
 /// Keep the epoch view fresh: a full read every quarter of the bound.
@@ -549,6 +583,28 @@ mod tests {
         assert_eq!(hash_tag("p:{a:1}:f"), "a:1");
         assert_eq!(hash_tag("foo{}{bar}"), "foo{}{bar}");
         assert_eq!(hash_tag("plain"), "plain");
+    }
+
+    #[test]
+    fn moved_ranges_are_found() {
+        let map = |owners: &[(u16, u16, usize)], primaries: usize| {
+            let mut m = SlotMap {
+                primaries: (0..primaries)
+                    .map(|i| ("h".to_owned(), 7000 + u16::try_from(i).unwrap()))
+                    .collect(),
+                owner: vec![u16::MAX; usize::from(SLOTS)],
+            };
+            for &(a, b, o) in owners {
+                for slot in a..=b {
+                    m.owner[usize::from(slot)] = u16::try_from(o).unwrap();
+                }
+            }
+            m
+        };
+        let old = map(&[(0, 5460, 0), (5461, 10922, 1), (10923, 16383, 2)], 4);
+        let new = map(&[(0, 5460, 0), (5461, 10922, 3), (10923, 16383, 2)], 4);
+        assert_eq!(moved_slots(&old, &new), vec![5461]);
+        assert!(moved_slots(&old, &old).is_empty());
     }
 
     #[test]

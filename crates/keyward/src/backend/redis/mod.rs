@@ -576,7 +576,13 @@ impl RedisBackend {
                 ))
             })?;
         let tasks = vec![
-            cluster::spawn_slot_mapper(&state, conn.clone(), options.response_timeout),
+            cluster::spawn_slot_mapper(
+                &state,
+                conn.clone(),
+                options.response_timeout,
+                // `{env}:{app}:_kw:probe:`: inside the namespace, so the ACL rule covers it.
+                format!("{}probe:", ns.gens_key.trim_end_matches("gens")),
+            ),
             cluster::spawn_epoch_reader(
                 &state,
                 conn.clone(),
