@@ -68,9 +68,9 @@ pub use binary::{
 };
 pub use cluster::{ClusterNode, ClusterOptions, MASTERS, NodeRole, RedisCluster, SLOTS};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
-pub use sentinel::{SENTINEL_MASTER_NAME, SentinelSet};
+pub use sentinel::{SENTINEL_MASTER_NAME, SentinelOptions, SentinelSet};
 pub use server::{RedisServer, ServerOptions};
-pub use tls::{TestCerts, TlsServer};
+pub use tls::{TestCerts, TlsFiles, TlsServer};
 
 #[cfg(test)]
 mod cluster_tests;

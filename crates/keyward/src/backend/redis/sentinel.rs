@@ -327,8 +327,14 @@ pub(crate) async fn ask_sentinels(
             )),
         }
     }
+    let hint = if failures.iter().any(|f| f.contains("NOAUTH")) {
+        " (the sentinels require credentials: `?sentinel_password=…`, with `&sentinel_username=…` for an \
+         ACL user)"
+    } else {
+        ""
+    };
     Err(url.scrub(&format!(
-        "no sentinel named the master: {}",
+        "no sentinel named the master: {}{hint}",
         failures.join("; ")
     )))
 }
@@ -476,19 +482,28 @@ pub(crate) fn spawn(follower: &Arc<Follower>) -> Vec<tokio::task::JoinHandle<()>
 /// each new subscription, which may have missed one) triggers a resolution.
 async fn subscribe(follower: Arc<Follower>) {
     loop {
-        for client in &follower.url.clients {
-            let Ok(Ok(mut pubsub)) =
-                tokio::time::timeout(RESOLVE_EVERY * 4, client.get_async_pubsub()).await
-            else {
-                continue;
+        for ((host, port), client) in follower.url.sentinels.iter().zip(&follower.url.clients) {
+            let subscribed = tokio::time::timeout(RESOLVE_EVERY * 4, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            let pubsub = match subscribed {
+                Ok(Ok(pubsub)) => pubsub,
+                failed => {
+                    // E.g. an ACL user without `&*` (Redis 7 gives new users no channel): the follower
+                    // still polls every POLL_EVERY.
+                    let error = match failed {
+                        Ok(Err(e)) => follower.url.scrub(&e.to_string()),
+                        _ => format!("no answer within {:?}", RESOLVE_EVERY * 4),
+                    };
+                    tracing::debug!(sentinel = %format!("{}:{port}", bracket(host)), %error, "keyward: cannot subscribe to +switch-master");
+                    continue;
+                }
             };
-            let subscribed =
-                tokio::time::timeout(RESOLVE_EVERY * 4, pubsub.subscribe("+switch-master")).await;
-            if !matches!(subscribed, Ok(Ok(()))) {
-                continue;
-            }
             follower.trigger();
-            let mut messages = pubsub.on_message();
+            let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
                 // `<master name> <old ip> <old port> <new ip> <new port>`
                 let payload: String = msg.get_payload().unwrap_or_default();
