@@ -363,7 +363,11 @@ impl RedisCluster {
     /// `redis://127.0.0.1:PORT` (`rediss://` with [`ClusterOptions::tls`]) for every node, in spawn order
     /// (killed nodes included): seed nodes for a cluster client such as `redis::cluster::ClusterClient`.
     pub fn urls(&self) -> Vec<String> {
-        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports()
             .into_iter()
             .map(|port| format!("{scheme}://{}:{port}", Ipv4Addr::LOCALHOST))

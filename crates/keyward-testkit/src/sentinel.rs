@@ -346,13 +346,15 @@ impl SentinelSet {
         let old = self.master_port();
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
-            let asked = self.sentinel_connection(&self.sentinels[0]).and_then(|mut c| {
-                redis::cmd("SENTINEL")
-                    .arg("FAILOVER")
-                    .arg(SENTINEL_MASTER_NAME)
-                    .query::<String>(&mut c)
-                    .map_err(|e| e.to_string())
-            });
+            let asked = self
+                .sentinel_connection(&self.sentinels[0])
+                .and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("FAILOVER")
+                        .arg(SENTINEL_MASTER_NAME)
+                        .query::<String>(&mut c)
+                        .map_err(|e| e.to_string())
+                });
             let Err(last) = asked else { break };
             assert!(
                 Instant::now() < deadline,

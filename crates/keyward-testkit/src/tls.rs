@@ -301,12 +301,20 @@ impl TlsFiles {
         vec![
             ("tls-cert-file", self.cert.display().to_string()),
             ("tls-key-file", self.key.display().to_string()),
-            ("tls-client-cert-file", self.client_cert.display().to_string()),
+            (
+                "tls-client-cert-file",
+                self.client_cert.display().to_string(),
+            ),
             ("tls-client-key-file", self.client_key.display().to_string()),
             ("tls-ca-cert-file", self.ca.display().to_string()),
             (
                 "tls-auth-clients",
-                if self.require_client_cert { "yes" } else { "no" }.to_owned(),
+                if self.require_client_cert {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_owned(),
             ),
             ("tls-replication", "yes".to_owned()),
         ]
@@ -338,10 +346,7 @@ pub(crate) fn spawn_tls(
     let mut failures = Vec::new();
     for _ in 0..TLS_ATTEMPTS {
         let port = free_tcp_port();
-        let opts = base
-            .clone()
-            .args(files.server_args(port))
-            .args(extra(port));
+        let opts = base.clone().args(files.server_args(port)).args(extra(port));
         // `spawn_with` panics with the server log when the server exits (say, the port was taken).
         match panic::catch_unwind(AssertUnwindSafe(|| RedisServer::spawn_with(opts))) {
             Ok(server) => return (server, port),

@@ -640,7 +640,10 @@ async fn password_protected_sentinels() {
 
     let bare = set.url_without_credentials();
     for (url, why) in [
-        (format!("{bare}?sentinel_password=wr0ngPW%40x"), "a wrong password"),
+        (
+            format!("{bare}?sentinel_password=wr0ngPW%40x"),
+            "a wrong password",
+        ),
         (
             format!("{bare}?sentinel_username=default&sentinel_password=wr0ngPW%40x"),
             "a wrong password for a named user",

@@ -118,7 +118,8 @@ impl SentinelUrl {
         for host in hosts.split(',') {
             sentinels.push(parse_host(host).map_err(|d| invalid(&d))?);
         }
-        let (username, password) = parse_query(query.unwrap_or_default()).map_err(|d| invalid(&d))?;
+        let (username, password) =
+            parse_query(query.unwrap_or_default()).map_err(|d| invalid(&d))?;
         let auth = match (&username, &password) {
             (None, None) => String::new(),
             (Some(_), None) => {
@@ -137,7 +138,9 @@ impl SentinelUrl {
         for (host, port) in &sentinels {
             let sentinel_url = format!("{scheme}://{auth}{}:{port}", bracket(host));
             let (client, _) = client_for(&sentinel_url, options).map_err(|e| match e {
-                Error::InvalidUrl { reason } => invalid(&format!("sentinel {host}:{port}: {reason}")),
+                Error::InvalidUrl { reason } => {
+                    invalid(&format!("sentinel {host}:{port}: {reason}"))
+                }
                 other => other,
             })?;
             clients.push(client);
@@ -200,7 +203,6 @@ fn bracket(host: &str) -> String {
 
 /// The sentinel credentials from the query (`sentinel_username`, `sentinel_password`), percent-decoded.
 /// Messages name parameters, never values.
-#[allow(clippy::type_complexity)]
 fn parse_query(query: &str) -> std::result::Result<(Option<String>, Option<String>), String> {
     let mut username = None;
     let mut password = None;
@@ -540,7 +542,10 @@ mod tests {
         assert_eq!(u.master, "mymaster");
         assert_eq!(u.clients.len(), 4);
         assert_eq!(u.data_url("10.0.0.1", 6379), "redis://10.0.0.1:6379");
-        assert_eq!(u.describe(), "sentinel mymaster via a:1,b:2,[::1]:3,c:26379");
+        assert_eq!(
+            u.describe(),
+            "sentinel mymaster via a:1,b:2,[::1]:3,c:26379"
+        );
         let u = parse("redis+sentinel://app:p%40ss@h:26379/m").unwrap();
         assert_eq!(u.data_url("::1", 7000), "redis://app:p%40ss@[::1]:7000");
     }
@@ -548,7 +553,10 @@ mod tests {
     #[test]
     fn tls_sentinel_urls_use_tls_for_data_nodes_and_sentinels() {
         let u = parse("rediss+sentinel://app:pw@h:26379,k:1/m").unwrap();
-        assert_eq!(u.data_url("10.0.0.1", 6379), "rediss://app:pw@10.0.0.1:6379");
+        assert_eq!(
+            u.data_url("10.0.0.1", 6379),
+            "rediss://app:pw@10.0.0.1:6379"
+        );
         assert_eq!(u.describe(), "sentinel m via tls://h:26379,tls://k:1");
         for client in &u.clients {
             assert!(
