@@ -24,6 +24,7 @@ use tempfile::TempDir;
 
 use crate::binary::redis_cli_binary;
 use crate::server::{RedisServer, ServerOptions, free_tcp_port};
+use crate::tls::{TlsFiles, spawn_tls};
 
 /// Number of masters in every test cluster (the minimum `redis-cli --cluster create` accepts).
 pub const MASTERS: usize = 3;
@@ -64,6 +65,11 @@ pub struct ClusterOptions {
     pub extra_args: Vec<String>,
     /// Every node dies with the thread that spawned it ([`ServerOptions::die_with_parent`]).
     pub die_with_parent: bool,
+    /// Every node speaks only TLS with these files, clients, peers and replicas alike: `--tls-port P --port 0
+    /// --tls-cluster yes --tls-replication yes` (plus a Unix socket that only the kit uses, in plain text, for
+    /// readiness and topology). The cluster is then formed with `redis-cli --tls`, and
+    /// [`RedisCluster::seed_url`] is `rediss+cluster://…`. Default: plain text.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +79,7 @@ impl Default for ClusterOptions {
             node_timeout: Duration::from_millis(1000),
             extra_args: Vec::new(),
             die_with_parent: false,
+            tls: None,
         }
     }
 }
@@ -96,6 +103,13 @@ impl ClusterOptions {
     #[must_use]
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Sets [`ClusterOptions::tls`] (from [`TestCerts::server_files`](crate::TestCerts::server_files)).
+    #[must_use]
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
         self
     }
 }
@@ -129,7 +143,8 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    /// `redis://127.0.0.1:PORT`, a plain connection to this one node.
+    /// `redis://127.0.0.1:PORT`, a plain connection to this one node (of a cluster without
+    /// [`ClusterOptions::tls`]; for a TLS cluster see [`RedisCluster::urls`] and [`RedisCluster::server`]).
     pub fn url(&self) -> String {
         node_url(self.port)
     }
@@ -158,7 +173,7 @@ impl ClusterNode {
 #[derive(Debug)]
 pub struct RedisCluster {
     /// The nodes in spawn order (the first three are the masters at creation).
-    servers: Vec<RedisServer>,
+    servers: Vec<Node>,
     /// Ports of the nodes killed with [`RedisCluster::kill_node`] or [`RedisCluster::kill_master_of`].
     killed: HashSet<u16>,
     /// Holds the output of `redis-cli --cluster create`.
@@ -167,6 +182,15 @@ pub struct RedisCluster {
     replicas: usize,
     /// How long [`RedisCluster::spawn_with`] took.
     spawn_time: Duration,
+    /// The TLS files, when the nodes speak TLS.
+    tls: Option<TlsFiles>,
+}
+
+/// One node: its process and the port clients and peers use (its TLS port with [`ClusterOptions::tls`]).
+#[derive(Debug)]
+struct Node {
+    port: u16,
+    server: RedisServer,
 }
 
 impl RedisCluster {
@@ -250,6 +274,7 @@ impl RedisCluster {
             dir,
             replicas: opts.replicas,
             spawn_time: Duration::ZERO,
+            tls: opts.tls.clone(),
         };
         cluster.create(&cli);
         let deadline = Instant::now() + FORM_TIMEOUT;
@@ -279,6 +304,15 @@ impl RedisCluster {
         cmd.arg("--cluster").arg("create");
         for port in self.ports() {
             cmd.arg(format!("{}:{port}", Ipv4Addr::LOCALHOST));
+        }
+        if let Some(files) = &self.tls {
+            cmd.arg("--tls")
+                .arg("--cacert")
+                .arg(files.ca_file())
+                .arg("--cert")
+                .arg(files.client_cert_file())
+                .arg("--key")
+                .arg(files.client_key_file());
         }
         cmd.arg("--cluster-replicas")
             .arg(self.replicas.to_string())
@@ -323,31 +357,47 @@ impl RedisCluster {
 
     /// The client ports of all nodes, in spawn order (killed nodes included).
     pub fn ports(&self) -> Vec<u16> {
-        self.servers.iter().map(server_port).collect()
+        self.servers.iter().map(|node| node.port).collect()
     }
 
-    /// `redis://127.0.0.1:PORT` for every node, in spawn order (killed nodes included): seed nodes for a
-    /// cluster client such as `redis::cluster::ClusterClient`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` with [`ClusterOptions::tls`]) for every node, in spawn order
+    /// (killed nodes included): seed nodes for a cluster client such as `redis::cluster::ClusterClient`.
     pub fn urls(&self) -> Vec<String> {
-        self.ports().into_iter().map(node_url).collect()
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        self.ports()
+            .into_iter()
+            .map(|port| format!("{scheme}://{}:{port}", Ipv4Addr::LOCALHOST))
+            .collect()
     }
 
-    /// One URL naming every node as a seed: `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…` (killed nodes
-    /// included; a cluster client skips seeds that do not answer).
+    /// One URL naming every node as a seed: `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`
+    /// (`rediss+cluster://` with [`ClusterOptions::tls`]; killed nodes included; a cluster client skips
+    /// seeds that do not answer).
     pub fn seed_url(&self) -> String {
         let seeds: Vec<String> = self
             .ports()
             .into_iter()
             .map(|port| format!("{}:{port}", Ipv4Addr::LOCALHOST))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", seeds.join(","))
     }
 
-    /// The node process listening on `port`, for its log, pid or a plain connection to that node alone.
+    /// The node process listening on `port`, for its log, pid or a plain connection to that node alone
+    /// (over its Unix socket with [`ClusterOptions::tls`]).
     pub fn server(&self, port: u16) -> Option<&RedisServer> {
         self.servers
             .iter()
-            .find(|server| server_port(server) == port)
+            .find(|node| node.port == port)
+            .map(|node| &node.server)
     }
 
     /// The topology as `CLUSTER NODES` on the first live (not killed, not paused) node reports it, sorted
@@ -359,8 +409,8 @@ impl RedisCluster {
     /// Panics if no node answers.
     pub fn nodes(&self) -> Vec<ClusterNode> {
         let mut last_error = String::from("every node is killed or paused");
-        for server in self.live() {
-            match query::<String>(server, redis::cmd("CLUSTER").arg("NODES")) {
+        for node in self.live() {
+            match query::<String>(node, redis::cmd("CLUSTER").arg("NODES")) {
                 Ok(text) => match parse_cluster_nodes(&text) {
                     Ok(mut nodes) => {
                         nodes.sort_by_key(|node| node.port);
@@ -384,8 +434,8 @@ impl RedisCluster {
     /// Panics if no node answers.
     pub fn slot_of(&self, key: &str) -> u16 {
         let mut last_error = String::from("every node is killed or paused");
-        for server in self.live() {
-            match query::<u16>(server, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)) {
+        for node in self.live() {
+            match query::<u16>(node, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)) {
                 Ok(slot) => return slot,
                 Err(err) => last_error = err,
             }
@@ -499,13 +549,13 @@ impl RedisCluster {
             "--- redis-cli --cluster create ---\n{}",
             String::from_utf8_lossy(&cli)
         );
-        for server in &self.servers {
+        for node in &self.servers {
             let _ = writeln!(
                 out,
                 "--- node 127.0.0.1:{} (pid {}) ---\n{}",
-                server_port(server),
-                server.pid(),
-                server.log()
+                node.port,
+                node.server.pid(),
+                node.server.log()
             );
         }
         out.push_str("--- end of logs ---");
@@ -513,10 +563,10 @@ impl RedisCluster {
     }
 
     /// The nodes neither killed nor paused.
-    fn live(&self) -> impl Iterator<Item = &RedisServer> {
+    fn live(&self) -> impl Iterator<Item = &Node> {
         self.servers
             .iter()
-            .filter(|server| !self.killed.contains(&server_port(server)) && !server.is_paused())
+            .filter(|node| !self.killed.contains(&node.port) && !node.server.is_paused())
     }
 
     /// The node on `port`.
@@ -524,7 +574,8 @@ impl RedisCluster {
         let ports = self.ports();
         self.servers
             .iter_mut()
-            .find(|server| server_port(server) == port)
+            .find(|node| node.port == port)
+            .map(|node| &mut node.server)
             .unwrap_or_else(|| panic!("no cluster node listens on port {port} (nodes: {ports:?})"))
     }
 
@@ -535,7 +586,7 @@ impl RedisCluster {
         let mut any = false;
         for server in self.live() {
             any = true;
-            let port = server_port(server);
+            let port = server.port;
             let info: String = query(server, redis::cmd("CLUSTER").arg("INFO"))?;
             let field = |name: &str| info_field(&info, name).unwrap_or_default();
             if field("cluster_state") != "ok" {
@@ -610,36 +661,56 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         // Dropping each RedisServer kills and reaps it; do it explicitly so every node is gone before the
         // directories are removed, whatever the field order.
-        for server in &mut self.servers {
-            server.kill();
+        for node in &mut self.servers {
+            node.server.kill();
         }
     }
 }
 
 /// Spawns one cluster node, retrying with a new bus port if the picked one was taken meanwhile.
-fn spawn_node(opts: &ClusterOptions) -> RedisServer {
+fn spawn_node(opts: &ClusterOptions) -> Node {
     let mut failures = Vec::new();
     for _ in 0..NODE_ATTEMPTS {
         let bus_port = free_tcp_port();
-        let server_opts = ServerOptions::default()
-            .tcp(true)
-            .args([
-                "--cluster-enabled".to_owned(),
-                "yes".to_owned(),
-                "--cluster-config-file".to_owned(),
-                "nodes.conf".to_owned(),
-                "--cluster-node-timeout".to_owned(),
-                opts.node_timeout.as_millis().to_string(),
-                "--cluster-port".to_owned(),
-                bus_port.to_string(),
-                // Replicas sync at once instead of after the default 5 s diskless-sync delay.
-                "--repl-diskless-sync-delay".to_owned(),
-                "0".to_owned(),
-            ])
-            .args(opts.extra_args.iter().cloned())
-            .die_with_parent(opts.die_with_parent);
-        match panic::catch_unwind(AssertUnwindSafe(|| RedisServer::spawn_with(server_opts))) {
-            Ok(server) => return server,
+        let cluster_args = [
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-config-file".to_owned(),
+            "nodes.conf".to_owned(),
+            "--cluster-node-timeout".to_owned(),
+            opts.node_timeout.as_millis().to_string(),
+            "--cluster-port".to_owned(),
+            bus_port.to_string(),
+            // Replicas sync at once instead of after the default 5 s diskless-sync delay.
+            "--repl-diskless-sync-delay".to_owned(),
+            "0".to_owned(),
+        ];
+        let attempt = || match &opts.tls {
+            // Port 0 and the Unix socket (the kit's plain-text side door); clients and peers use TLS only.
+            Some(files) => {
+                let base = ServerOptions::default()
+                    .args(cluster_args.clone())
+                    .args(["--tls-cluster", "yes"])
+                    .die_with_parent(opts.die_with_parent);
+                let (server, port) = spawn_tls(files, &base, |_| opts.extra_args.clone());
+                Node { port, server }
+            }
+            None => {
+                let server = RedisServer::spawn_with(
+                    ServerOptions::default()
+                        .tcp(true)
+                        .args(cluster_args.clone())
+                        .args(opts.extra_args.iter().cloned())
+                        .die_with_parent(opts.die_with_parent),
+                );
+                let port = server
+                    .tcp_port()
+                    .expect("cluster nodes without TLS are spawned with ServerOptions::tcp");
+                Node { port, server }
+            }
+        };
+        match panic::catch_unwind(AssertUnwindSafe(attempt)) {
+            Ok(node) => return node,
             Err(payload) => failures.push(
                 payload
                     .downcast_ref::<String>()
@@ -655,25 +726,17 @@ fn spawn_node(opts: &ClusterOptions) -> RedisServer {
     )
 }
 
-/// The TCP port of a cluster node (all of them listen on TCP).
-fn server_port(server: &RedisServer) -> u16 {
-    server
-        .tcp_port()
-        .expect("cluster nodes are spawned with ServerOptions::tcp")
-}
-
 /// `redis://127.0.0.1:PORT`.
 fn node_url(port: u16) -> String {
     format!("redis://{}:{port}", Ipv4Addr::LOCALHOST)
 }
 
-/// Runs one command on one node with short timeouts.
-fn query<T: redis::FromRedisValue>(
-    server: &RedisServer,
-    cmd: &mut redis::Cmd,
-) -> Result<T, String> {
-    let port = server_port(server);
-    let mut con = server
+/// Runs one command on one node with short timeouts, over the kit's plain connection (TCP, or the Unix
+/// socket of a TLS node).
+fn query<T: redis::FromRedisValue>(node: &Node, cmd: &mut redis::Cmd) -> Result<T, String> {
+    let port = node.port;
+    let mut con = node
+        .server
         .client()
         .get_connection_with_timeout(PROBE_TIMEOUT)
         .map_err(|err| format!("node {port}: {err}"))?;

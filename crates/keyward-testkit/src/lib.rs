@@ -34,10 +34,12 @@
 //!   formed with `redis-cli --cluster create` ([`redis_cli_binary`]) and ready when every node says
 //!   `cluster_state:ok`; topology ([`RedisCluster::nodes`], [`RedisCluster::master_for_key`]) and faults
 //!   ([`RedisCluster::kill_master_of`], [`RedisCluster::wait_for_failover`], pause/resume of a node).
-//! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA) and
-//!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates).
+//! - `tls` — [`TestCerts`] (a throwaway CA, server and client certificates, and an unrelated CA),
+//!   [`TlsServer`] (a server with `--tls-port`, optionally requiring client certificates) and [`TlsFiles`]
+//!   (what TLS sentinel sets and clusters are started with: [`ClusterOptions::tls`], [`SentinelOptions::tls`]).
 //! - `sentinel` — [`SentinelSet`]: one master, one replica and three sentinels on loopback, with
-//!   [`SentinelSet::failover`] (`SENTINEL FAILOVER`, returning when every sentinel names the new master).
+//!   [`SentinelSet::failover`] (`SENTINEL FAILOVER`, returning when every sentinel names the new master);
+//!   [`SentinelOptions`] for TLS and password- or ACL-protected sentinels.
 //!
 //! # Faults
 //!
@@ -68,9 +70,9 @@ pub use binary::{
 };
 pub use cluster::{ClusterNode, ClusterOptions, MASTERS, NodeRole, RedisCluster, SLOTS};
 pub use proxy::{Blackhole, ProxyMode, TcpProxy};
-pub use sentinel::{SENTINEL_MASTER_NAME, SentinelSet};
+pub use sentinel::{SENTINEL_MASTER_NAME, SentinelOptions, SentinelSet};
 pub use server::{RedisServer, ServerOptions};
-pub use tls::{TestCerts, TlsServer};
+pub use tls::{TestCerts, TlsFiles, TlsServer};
 
 #[cfg(test)]
 mod cluster_tests;

@@ -1,4 +1,12 @@
-//! A Sentinel-managed pair on loopback: one master, one replica and three sentinels, for failover tests.
+//! A Sentinel-managed pair on loopback: one master, one replica and three sentinels, for failover tests —
+//! optionally over TLS ([`SentinelOptions::tls`]) and with password-protected sentinels
+//! ([`SentinelOptions::sentinel_password`], [`SentinelOptions::sentinel_user`]).
+//!
+//! The one decision to know: the kit itself always talks to every process in **plain text on a port of its
+//! own** (a sentinel's `port`, a data node's TCP port), as [`TlsServer`](crate::TlsServer) does over its Unix
+//! socket, so readiness and failover probes need no certificate. Code under test only ever sees the
+//! addresses in [`SentinelSet::url`]: with TLS, the sentinels' `tls-port`s, and the data nodes' TLS ports,
+//! which is what the sentinels monitor and announce (`tls-replication yes` everywhere).
 
 use std::fmt;
 use std::fs;
@@ -8,11 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use redis::Client;
+use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use tempfile::TempDir;
 
 use crate::binary::redis_server_binary;
 use crate::server::{RedisServer, ServerOptions, free_tcp_port};
+use crate::tls::{TlsFiles, spawn_tls};
 
 /// The master name the sentinels monitor.
 pub const SENTINEL_MASTER_NAME: &str = "mymaster";
@@ -21,15 +30,107 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between probes while waiting.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Options for [`SentinelSet::spawn_with`]; the default is the plain set of [`SentinelSet::spawn`].
+///
+/// ```
+/// use keyward_testkit::{SentinelOptions, TestCerts};
+///
+/// let certs = TestCerts::generate();
+/// let opts = SentinelOptions::default()
+///     .tls(certs.server_files(true))
+///     .sentinel_password("s3ntinel");
+/// assert!(opts.tls.is_some());
+/// assert!(!format!("{opts:?}").contains("s3ntinel"));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SentinelOptions {
+    /// Every process speaks TLS with these files (`tls-port`, `tls-replication yes`): the sentinels, the
+    /// master and the replica. Clients must present a certificate when
+    /// [`TlsFiles::require_client_cert`]. Default: plain text.
+    pub tls: Option<TlsFiles>,
+    /// The sentinels require this password (`requirepass`, and `sentinel sentinel-pass` between
+    /// themselves). Default: none.
+    pub sentinel_password: Option<String>,
+    /// With [`SentinelOptions::sentinel_password`]: the sentinels' only enabled user is this ACL user
+    /// (`user <name> on >password allchannels +@all`, `user default off`, `sentinel sentinel-user`) instead of
+    /// `requirepass`. Default: none.
+    pub sentinel_user: Option<String>,
+}
+
+impl fmt::Debug for SentinelOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelOptions")
+            .field("tls", &self.tls)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "***"),
+            )
+            .field("sentinel_user", &self.sentinel_user)
+            .finish()
+    }
+}
+
+impl SentinelOptions {
+    /// Sets [`SentinelOptions::tls`] (from [`TestCerts::server_files`](crate::TestCerts::server_files)).
+    #[must_use]
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
+
+    /// Sets [`SentinelOptions::sentinel_password`] (the sentinels' `requirepass`).
+    #[must_use]
+    pub fn sentinel_password(mut self, password: impl Into<String>) -> Self {
+        self.sentinel_password = Some(password.into());
+        self.sentinel_user = None;
+        self
+    }
+
+    /// Sets [`SentinelOptions::sentinel_user`] and [`SentinelOptions::sentinel_password`]: the sentinels
+    /// accept only this ACL user.
+    #[must_use]
+    pub fn sentinel_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.sentinel_user = Some(user.into());
+        self.sentinel_password = Some(password.into());
+        self
+    }
+
+    /// The sentinels' configuration lines for their credentials.
+    fn auth_conf(&self) -> String {
+        match (&self.sentinel_user, &self.sentinel_password) {
+            (Some(user), Some(password)) => format!(
+                "user default off\nuser {user} on >{password} allchannels +@all\n\
+                 sentinel sentinel-user {user}\nsentinel sentinel-pass {password}\n"
+            ),
+            (None, Some(password)) => {
+                format!("requirepass {password}\nsentinel sentinel-pass {password}\n")
+            }
+            _ => String::new(),
+        }
+    }
+}
+
 /// One `redis-server --sentinel` process.
 struct Sentinel {
     child: Child,
+    /// The port clients use: its `tls-port` with TLS, else its plain port.
     port: u16,
+    /// The plain-text port the kit probes.
+    plain_port: u16,
     log: PathBuf,
 }
 
+/// A master or replica: the process and the port the sentinels know it by (its TLS port with TLS).
+#[derive(Debug)]
+struct DataNode {
+    server: RedisServer,
+    port: u16,
+}
+
 /// One master, one replica (`--replicaof`) and three sentinels (`redis-server <conf> --sentinel`, quorum 2,
-/// `down-after-milliseconds 1000`), all on 127.0.0.1; everything is killed on drop.
+/// `down-after-milliseconds 1000`), all on 127.0.0.1; everything is killed on drop. With
+/// [`SentinelOptions`], over TLS and/or with password-protected sentinels.
 ///
 /// ```no_run
 /// let set = keyward_testkit::SentinelSet::spawn();
@@ -38,8 +139,9 @@ struct Sentinel {
 /// # let _ = (url, promoted_at);
 /// ```
 pub struct SentinelSet {
-    servers: Vec<RedisServer>,
+    servers: Vec<DataNode>,
     sentinels: Vec<Sentinel>,
+    opts: SentinelOptions,
     dir: TempDir,
 }
 
@@ -51,42 +153,98 @@ impl fmt::Debug for SentinelSet {
                 "sentinel_ports",
                 &self.sentinels.iter().map(|s| s.port).collect::<Vec<_>>(),
             )
+            .field("opts", &self.opts)
             .field("dir", &self.dir.path())
             .finish()
     }
 }
 
 impl SentinelSet {
-    /// Spawn the set and wait until it is ready: every sentinel knows the master, its replica and the two
-    /// other sentinels, and the replica is in sync.
+    /// Spawn the plain set (no TLS, no passwords) and wait until it is ready: every sentinel knows the
+    /// master, its replica and the two other sentinels, and the replica is in sync.
     ///
     /// # Panics
     /// When a process cannot be started or the set is not ready within 30 s (with the sentinels' logs).
     pub fn spawn() -> SentinelSet {
-        let master = RedisServer::spawn_tcp();
-        let master_port = master.tcp_port().expect("a TCP server has a port");
-        let replica = RedisServer::spawn_with(ServerOptions::default().tcp(true).args([
-            "--replicaof".to_owned(),
-            Ipv4Addr::LOCALHOST.to_string(),
-            master_port.to_string(),
-        ]));
+        SentinelSet::spawn_with(SentinelOptions::default())
+    }
+
+    /// Spawn the set with `opts` and wait until it is ready, as [`SentinelSet::spawn`].
+    ///
+    /// # Panics
+    /// As [`SentinelSet::spawn`].
+    pub fn spawn_with(opts: SentinelOptions) -> SentinelSet {
+        let base = ServerOptions::default().tcp(true);
+        let replica_of = |port: u16| {
+            vec![
+                "--replicaof".to_owned(),
+                Ipv4Addr::LOCALHOST.to_string(),
+                port.to_string(),
+            ]
+        };
+        let (master, replica) = match &opts.tls {
+            Some(files) => {
+                let (master, master_port) = spawn_tls(files, &base, |_| Vec::new());
+                let (replica, replica_port) = spawn_tls(files, &base, |_| replica_of(master_port));
+                (
+                    DataNode {
+                        server: master,
+                        port: master_port,
+                    },
+                    DataNode {
+                        server: replica,
+                        port: replica_port,
+                    },
+                )
+            }
+            None => {
+                let master = RedisServer::spawn_with(base.clone());
+                let master_port = master.tcp_port().expect("a TCP server has a port");
+                let replica = RedisServer::spawn_with(base.args(replica_of(master_port)));
+                let replica_port = replica.tcp_port().expect("a TCP server has a port");
+                (
+                    DataNode {
+                        server: master,
+                        port: master_port,
+                    },
+                    DataNode {
+                        server: replica,
+                        port: replica_port,
+                    },
+                )
+            }
+        };
         let dir = tempfile::tempdir().expect("cannot create a temporary directory");
         let binary = redis_server_binary();
         let mut sentinels = Vec::new();
         for i in 0..3 {
-            let port = free_tcp_port();
+            let plain_port = free_tcp_port();
+            let (port, tls_conf) = match &opts.tls {
+                Some(files) => {
+                    let port = free_tcp_port();
+                    let mut conf = format!("tls-port {port}\n");
+                    for (directive, value) in files.directives() {
+                        conf.push_str(&format!("{directive} \"{value}\"\n"));
+                    }
+                    (port, conf)
+                }
+                None => (plain_port, String::new()),
+            };
             let conf = dir.path().join(format!("sentinel-{i}.conf"));
             let log = dir.path().join(format!("sentinel-{i}.log"));
             fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\nlogfile \"{log}\"\ndir \"{dir}\"\n\
+                    "port {plain_port}\nbind 127.0.0.1\ndaemonize no\nlogfile \"{log}\"\ndir \"{dir}\"\n\
+                     {tls_conf}{auth_conf}\
                      sentinel monitor {SENTINEL_MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER_NAME} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER_NAME} 5000\n\
                      sentinel parallel-syncs {SENTINEL_MASTER_NAME} 1\n",
                     log = log.display(),
                     dir = dir.path().display(),
+                    auth_conf = opts.auth_conf(),
+                    master_port = master.port,
                 ),
             )
             .expect("cannot write a sentinel config");
@@ -98,54 +256,85 @@ impl SentinelSet {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {} --sentinel: {e}", binary.display()));
-            sentinels.push(Sentinel { child, port, log });
+            sentinels.push(Sentinel {
+                child,
+                port,
+                plain_port,
+                log,
+            });
         }
         let set = SentinelSet {
             servers: vec![master, replica],
             sentinels,
+            opts,
             dir,
         };
         set.wait_ready();
         set
     }
 
-    /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/mymaster`.
+    /// The URL code under test connects with: `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/mymaster`
+    /// (`rediss+sentinel://` and the sentinels' TLS ports with [`SentinelOptions::tls`]), plus
+    /// `?sentinel_username=…&sentinel_password=…` when the sentinels require them (the kit's passwords are
+    /// plain words, so they need no percent-encoding).
     pub fn url(&self) -> String {
+        let mut url = self.url_without_credentials();
+        match (&self.opts.sentinel_user, &self.opts.sentinel_password) {
+            (Some(user), Some(password)) => {
+                url.push_str(&format!(
+                    "?sentinel_username={user}&sentinel_password={password}"
+                ));
+            }
+            (None, Some(password)) => url.push_str(&format!("?sentinel_password={password}")),
+            _ => {}
+        }
+        url
+    }
+
+    /// [`SentinelSet::url`] without the sentinels' credentials.
+    pub fn url_without_credentials(&self) -> String {
         let hosts: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("{}:{}", Ipv4Addr::LOCALHOST, s.port))
             .collect();
-        format!(
-            "redis+sentinel://{}/{SENTINEL_MASTER_NAME}",
-            hosts.join(",")
-        )
+        let scheme = if self.opts.tls.is_some() {
+            "rediss+sentinel"
+        } else {
+            "redis+sentinel"
+        };
+        format!("{scheme}://{}/{SENTINEL_MASTER_NAME}", hosts.join(","))
     }
 
-    /// The sentinels' ports.
+    /// The sentinels' ports as clients see them (their TLS ports with [`SentinelOptions::tls`]).
     pub fn sentinel_ports(&self) -> Vec<u16> {
         self.sentinels.iter().map(|s| s.port).collect()
     }
 
-    /// The port of the master, as the first sentinel that answers names it.
+    /// The port of the master, as the first sentinel that answers names it (its TLS port with
+    /// [`SentinelOptions::tls`]).
     ///
     /// # Panics
     /// When no sentinel answers.
     pub fn master_port(&self) -> u16 {
         self.sentinels
             .iter()
-            .find_map(|s| master_of(s.port))
+            .find_map(|s| self.master_of(s))
             .unwrap_or_else(|| panic!("no sentinel names a master{}", self.logs()))
     }
 
-    /// A client to the current master.
+    /// A plain-text client to the current master (the kit's own port, also with TLS).
+    ///
+    /// # Panics
+    /// When no sentinel names a master, or it names an unknown one.
     pub fn master_client(&self) -> Client {
-        Client::open(format!(
-            "redis://{}:{}",
-            Ipv4Addr::LOCALHOST,
-            self.master_port()
-        ))
-        .expect("a valid URL")
+        let port = self.master_port();
+        self.servers
+            .iter()
+            .find(|node| node.port == port)
+            .unwrap_or_else(|| panic!("the sentinels name an unknown master on port {port}"))
+            .server
+            .client()
     }
 
     /// Run `SENTINEL FAILOVER mymaster` (retried while the sentinel is not ready for it) and return when
@@ -157,13 +346,15 @@ impl SentinelSet {
         let old = self.master_port();
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
-            let asked = sentinel_connection(self.sentinels[0].port).and_then(|mut c| {
-                redis::cmd("SENTINEL")
-                    .arg("FAILOVER")
-                    .arg(SENTINEL_MASTER_NAME)
-                    .query::<String>(&mut c)
-                    .map_err(|e| e.to_string())
-            });
+            let asked = self
+                .sentinel_connection(&self.sentinels[0])
+                .and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("FAILOVER")
+                        .arg(SENTINEL_MASTER_NAME)
+                        .query::<String>(&mut c)
+                        .map_err(|e| e.to_string())
+                });
             let Err(last) = asked else { break };
             assert!(
                 Instant::now() < deadline,
@@ -182,9 +373,9 @@ impl SentinelSet {
     /// When no sentinel names a master.
     pub fn kill_master(&mut self) -> (u16, Instant) {
         let old = self.master_port();
-        for server in &mut self.servers {
-            if server.tcp_port() == Some(old) {
-                server.kill();
+        for node in &mut self.servers {
+            if node.port == old {
+                node.server.kill();
             }
         }
         (old, Instant::now())
@@ -198,7 +389,7 @@ impl SentinelSet {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             let ports: Vec<Option<u16>> =
-                self.sentinels.iter().map(|s| master_of(s.port)).collect();
+                self.sentinels.iter().map(|s| self.master_of(s)).collect();
             if ports.iter().all(|p| p.is_some_and(|p| p != old)) {
                 return Instant::now();
             }
@@ -231,7 +422,7 @@ impl SentinelSet {
 
     fn ready(&self) -> Result<(), String> {
         for s in &self.sentinels {
-            let mut c = sentinel_connection(s.port)?;
+            let mut c = self.sentinel_connection(s)?;
             let fields: Vec<String> = redis::cmd("SENTINEL")
                 .arg("MASTER")
                 .arg(SENTINEL_MASTER_NAME)
@@ -254,11 +445,12 @@ impl SentinelSet {
             }
         }
         let master = self.master_port();
-        for server in &self.servers {
-            if server.tcp_port() == Some(master) {
+        for node in &self.servers {
+            if node.port == master {
                 continue;
             }
-            let mut replica = server
+            let mut replica = node
+                .server
                 .client()
                 .get_connection()
                 .map_err(|e| e.to_string())?;
@@ -269,14 +461,11 @@ impl SentinelSet {
             if !info.contains("master_link_status:up")
                 || !info.contains(&format!("master_port:{master}\r"))
             {
-                return Err(format!(
-                    "the replica on {:?} is not in sync",
-                    server.tcp_port()
-                ));
+                return Err(format!("the replica on {} is not in sync", node.port));
             }
         }
         for s in &self.sentinels {
-            let mut c = sentinel_connection(s.port)?;
+            let mut c = self.sentinel_connection(s)?;
             let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
                 .arg("REPLICAS")
                 .arg(SENTINEL_MASTER_NAME)
@@ -299,6 +488,37 @@ impl SentinelSet {
         Ok(())
     }
 
+    /// A plain-text connection to sentinel `s` (on the kit's port), authenticated when the sentinels
+    /// require it.
+    fn sentinel_connection(&self, s: &Sentinel) -> Result<redis::Connection, String> {
+        let mut redis = RedisConnectionInfo::default();
+        if let Some(user) = &self.opts.sentinel_user {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &self.opts.sentinel_password {
+            redis = redis.set_password(password);
+        }
+        let info = ConnectionAddr::Tcp(Ipv4Addr::LOCALHOST.to_string(), s.plain_port)
+            .into_connection_info()
+            .map_err(|e| e.to_string())?
+            .set_redis_settings(redis);
+        Client::open(info)
+            .map_err(|e| e.to_string())?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The master's port as sentinel `s` names it.
+    fn master_of(&self, s: &Sentinel) -> Option<u16> {
+        let mut c = self.sentinel_connection(s).ok()?;
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(SENTINEL_MASTER_NAME)
+            .query(&mut c)
+            .ok()?;
+        addr.map(|(_, p)| p)
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for s in &self.sentinels {
@@ -308,27 +528,15 @@ impl SentinelSet {
                 fs::read_to_string(&s.log).unwrap_or_default()
             ));
         }
+        for node in &self.servers {
+            out.push_str(&format!(
+                "\n--- data node {} log ---\n{}",
+                node.port,
+                node.server.log()
+            ));
+        }
         out
     }
-}
-
-fn sentinel_connection(port: u16) -> Result<redis::Connection, String> {
-    let client = Client::open(format!("redis://{}:{port}", Ipv4Addr::LOCALHOST))
-        .map_err(|e| e.to_string())?;
-    client
-        .get_connection_with_timeout(Duration::from_millis(500))
-        .map_err(|e| e.to_string())
-}
-
-/// The master's port as the sentinel on `port` names it.
-fn master_of(port: u16) -> Option<u16> {
-    let mut c = sentinel_connection(port).ok()?;
-    let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
-        .arg("GET-MASTER-ADDR-BY-NAME")
-        .arg(SENTINEL_MASTER_NAME)
-        .query(&mut c)
-        .ok()?;
-    addr.map(|(_, p)| p)
 }
 
 impl Drop for SentinelSet {

@@ -241,6 +241,128 @@ impl TestCerts {
     pub fn other_client_key_pem(&self) -> &str {
         &self.other_client_key_pem
     }
+
+    /// The files a TLS server (a data node, a cluster node or a sentinel) is started with, for
+    /// [`SentinelOptions::tls`](crate::SentinelOptions::tls) and
+    /// [`ClusterOptions::tls`](crate::ClusterOptions::tls); `require_client_cert` sets
+    /// `tls-auth-clients yes`. The paths point into this [`TestCerts`]' directory: keep it alive as long as
+    /// the servers.
+    pub fn server_files(&self, require_client_cert: bool) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file(),
+            cert: self.server_cert_file(),
+            key: self.server_key_file(),
+            client_cert: self.client_cert_file(),
+            client_key: self.client_key_file(),
+            require_client_cert,
+        }
+    }
+}
+
+/// What a TLS test server is configured with, from [`TestCerts::server_files`]: the server certificate and
+/// key, the CA it trusts, the client certificate it presents when it dials another server (a replica to its
+/// master, a sentinel to a data node or another sentinel, a cluster node to its peers), and whether clients
+/// must present a certificate signed by the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    require_client_cert: bool,
+}
+
+impl TlsFiles {
+    /// The CA file (`redis-cli --cacert`).
+    pub fn ca_file(&self) -> &Path {
+        &self.ca
+    }
+
+    /// The client certificate file (`redis-cli --cert`).
+    pub fn client_cert_file(&self) -> &Path {
+        &self.client_cert
+    }
+
+    /// The client key file (`redis-cli --key`).
+    pub fn client_key_file(&self) -> &Path {
+        &self.client_key
+    }
+
+    /// Whether clients must present a certificate (`tls-auth-clients yes`).
+    pub fn require_client_cert(&self) -> bool {
+        self.require_client_cert
+    }
+
+    /// The configuration as `(directive, value)` pairs, without the port: `tls-cert-file`, `tls-key-file`,
+    /// `tls-client-cert-file`, `tls-client-key-file`, `tls-ca-cert-file`, `tls-auth-clients` and
+    /// `tls-replication yes` (replicas, sentinels and the cluster bus dial over TLS too).
+    pub(crate) fn directives(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("tls-cert-file", self.cert.display().to_string()),
+            ("tls-key-file", self.key.display().to_string()),
+            (
+                "tls-client-cert-file",
+                self.client_cert.display().to_string(),
+            ),
+            ("tls-client-key-file", self.client_key.display().to_string()),
+            ("tls-ca-cert-file", self.ca.display().to_string()),
+            (
+                "tls-auth-clients",
+                if self.require_client_cert {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_owned(),
+            ),
+            ("tls-replication", "yes".to_owned()),
+        ]
+    }
+
+    /// [`TlsFiles::directives`] as `redis-server` arguments, after `--tls-port <port>`.
+    pub(crate) fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args = vec!["--tls-port".to_owned(), port.to_string()];
+        for (directive, value) in self.directives() {
+            args.push(format!("--{directive}"));
+            args.push(value);
+        }
+        args
+    }
+}
+
+/// Spawns `base` plus `--tls-port <free port>` and `files`' TLS arguments (and `extra(tls_port)`), retrying
+/// with another port a few times when the server does not start (the port was taken meanwhile). Returns the
+/// server and its TLS port.
+///
+/// # Panics
+///
+/// When every attempt failed, with each attempt's reason and log.
+pub(crate) fn spawn_tls(
+    files: &TlsFiles,
+    base: &ServerOptions,
+    extra: impl Fn(u16) -> Vec<String>,
+) -> (RedisServer, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..TLS_ATTEMPTS {
+        let port = free_tcp_port();
+        let opts = base.clone().args(files.server_args(port)).args(extra(port));
+        // `spawn_with` panics with the server log when the server exits (say, the port was taken).
+        match panic::catch_unwind(AssertUnwindSafe(|| RedisServer::spawn_with(opts))) {
+            Ok(server) => return (server, port),
+            Err(payload) => failures.push(
+                payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "redis-server did not start".to_owned()),
+            ),
+        }
+    }
+    panic!(
+        "failed to start a TLS redis-server in {TLS_ATTEMPTS} attempts:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// A throwaway `redis-server` listening with TLS on a free TCP port of 127.0.0.1 (server certificate and
@@ -253,44 +375,21 @@ pub struct TlsServer {
 }
 
 impl TlsServer {
-    /// Spawns the server: `--tls-port <free port> --tls-cert-file … --tls-key-file … --tls-ca-cert-file <CA>
-    /// --tls-auth-clients yes|no` (`yes` when `require_client_cert`: a client without a certificate signed by
-    /// the CA is refused during the handshake).
+    /// Spawns the server: `--tls-port <free port>` and [`TestCerts::server_files`]' arguments
+    /// (`--tls-cert-file … --tls-key-file … --tls-ca-cert-file <CA> --tls-auth-clients yes|no`, `yes` when
+    /// `require_client_cert`: a client without a certificate signed by the CA is refused during the
+    /// handshake).
     ///
     /// # Panics
     ///
     /// As [`RedisServer::spawn`]; a port taken meanwhile by another process is retried a few times first.
     pub fn spawn(certs: &TestCerts, require_client_cert: bool) -> TlsServer {
-        let mut failures = Vec::new();
-        for _ in 0..TLS_ATTEMPTS {
-            let port = free_tcp_port();
-            let opts = ServerOptions::default().args([
-                "--tls-port".to_owned(),
-                port.to_string(),
-                "--tls-cert-file".to_owned(),
-                certs.server_cert_file().display().to_string(),
-                "--tls-key-file".to_owned(),
-                certs.server_key_file().display().to_string(),
-                "--tls-ca-cert-file".to_owned(),
-                certs.ca_file().display().to_string(),
-                "--tls-auth-clients".to_owned(),
-                if require_client_cert { "yes" } else { "no" }.to_owned(),
-            ]);
-            // `spawn_with` panics with the server log when the server exits (say, the port was taken).
-            match panic::catch_unwind(AssertUnwindSafe(|| RedisServer::spawn_with(opts))) {
-                Ok(server) => return TlsServer { server, port },
-                Err(payload) => failures.push(
-                    payload
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .unwrap_or_else(|| "redis-server did not start".to_owned()),
-                ),
-            }
-        }
-        panic!(
-            "failed to start a TLS redis-server in {TLS_ATTEMPTS} attempts:\n{}",
-            failures.join("\n")
+        let (server, port) = spawn_tls(
+            &certs.server_files(require_client_cert),
+            &ServerOptions::default(),
+            |_| Vec::new(),
         );
+        TlsServer { server, port }
     }
 
     /// The TLS URL, `rediss://127.0.0.1:PORT/`.

@@ -2,7 +2,10 @@
 //! `redis+sentinel://` URL runs every capability on the master; a `SENTINEL FAILOVER` under load (cache,
 //! rate limits, locks, sessions) is followed — every capability works again within a measured bound, no wrong
 //! value is ever returned, and wake-ups resume on the new master; bad URLs are typed errors without the
-//! password.
+//! password. Over TLS (`rediss+sentinel://`, client certificates required by sentinels and data nodes) the
+//! wrong CA or no client certificate is refused, the right pair works and a failover is followed;
+//! password-protected sentinels (`?sentinel_password=…`, `?sentinel_username=…`) take the right credentials
+//! and refuse a wrong or missing one with an error naming the sentinels and never the password.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +20,7 @@ use keyward::policy::{
 use keyward::rate_limit::Source;
 use keyward::session::SessionSecrets;
 use keyward::{ConnectOptions, Error, Keyward};
-use keyward_testkit::SentinelSet;
+use keyward_testkit::{SentinelOptions, SentinelSet, TestCerts};
 
 /// The recovery bound the issue asks for, after the promotion is announced.
 const RECOVERY_BOUND: Duration = Duration::from_secs(5);
@@ -476,7 +479,9 @@ async fn bad_sentinel_urls_are_typed_errors_without_the_password() {
         "redis+sentinel://app:s3cretPW9@127.0.0.1:1,/mymaster",
         "redis+sentinel://app:s3cretPW9@127.0.0.1:notaport/mymaster",
         "redis+sentinel://app:s3cretPW9@127.0.0.1:1/mymaster?db=1",
-        "rediss+sentinel://app:s3cretPW9@127.0.0.1:1/mymaster",
+        "rediss+sentinel://app:s3cretPW9@127.0.0.1:1",
+        "redis+sentinel://127.0.0.1:1/mymaster?sentinel_password=s3cretPW9&sentinel_pass=s3cretPW9",
+        "redis+sentinel://127.0.0.1:1/mymaster?sentinel_username=s3cretPW9",
     ] {
         match Keyward::connect(url, policy()).await {
             Err(Error::InvalidUrl { reason }) => {
@@ -508,4 +513,165 @@ async fn bad_sentinel_urls_are_typed_errors_without_the_password() {
     let text = format!("{err} {err:?}");
     assert!(!text.contains("s3cretPW9"), "{text}");
     assert!(text.contains("mymaster"), "{text}");
+}
+
+/// A cache write and read through `kw`.
+async fn cache_round_trip(kw: &Keyward, key: &str) -> keyward::Result<()> {
+    let cache = kw.cache::<String>("c")?;
+    let value = format!("{key}@value");
+    cache.set(key, &value).await?;
+    assert_eq!(cache.get(key).await?, Some(value), "read back");
+    Ok(())
+}
+
+/// Whether the current master (asked over the kit's plain port) holds a key containing `part`.
+fn master_has_key(set: &SentinelSet, part: &str) -> bool {
+    let mut con = set.master_client().get_connection().unwrap();
+    let keys: Vec<String> = redis::Commands::scan(&mut con)
+        .unwrap()
+        .collect::<redis::RedisResult<_>>()
+        .unwrap();
+    keys.iter().any(|k| k.contains(part))
+}
+
+/// Sentinels and data nodes that speak only TLS and require client certificates, with the sentinels' only
+/// user an ACL user: the wrong CA and a missing client certificate are refused, the right pair (and the
+/// sentinel user's credentials) connects, and a `SENTINEL FAILOVER` is followed over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sentinels_need_the_right_ca_and_client_certificate() {
+    let certs = TestCerts::generate();
+    let files = certs.server_files(true);
+    let set = tokio::task::spawn_blocking(move || {
+        SentinelSet::spawn_with(
+            SentinelOptions::default()
+                .tls(files)
+                .sentinel_user("sentinel-admin", "s3ntinelPW"),
+        )
+    })
+    .await
+    .unwrap();
+    let url = set.url();
+    assert!(url.starts_with("rediss+sentinel://"), "{url}");
+    let right = || {
+        options()
+            .connect_timeout(Duration::from_secs(3))
+            .tls_ca_pem(certs.ca_pem())
+            .tls_client_cert_pem(certs.client_cert_pem(), certs.client_key_pem())
+    };
+
+    let refused = |err: &Error, why: &str| {
+        assert!(matches!(err, Error::Connect { .. }), "{why}: {err}");
+        let text = format!("{err} {err:?}");
+        for port in set.sentinel_ports() {
+            assert!(
+                text.contains(&format!("tls://127.0.0.1:{port}")),
+                "{why}: names every sentinel: {text}"
+            );
+        }
+        assert!(!text.contains("s3ntinelPW"), "{why}: {text}");
+    };
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        options()
+            .connect_timeout(Duration::from_secs(3))
+            .tls_ca_pem(certs.other_ca_pem())
+            .tls_client_cert_pem(certs.client_cert_pem(), certs.client_key_pem()),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    refused(&err, "a wrong CA");
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        options()
+            .connect_timeout(Duration::from_secs(3))
+            .tls_ca_pem(certs.ca_pem()),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    refused(&err, "no client certificate");
+    let err = Keyward::connect_with(&set.url_without_credentials(), policy(), right())
+        .await
+        .map(drop)
+        .unwrap_err();
+    refused(&err, "no sentinel credentials");
+
+    let kw = Keyward::connect_with(&url, policy(), right())
+        .await
+        .expect("the right CA, client certificate and sentinel user connect");
+    let debug = format!("{kw:?}");
+    assert!(!debug.contains("s3ntinelPW"), "{debug}");
+    cache_round_trip(&kw, "tls-before").await.unwrap();
+    assert!(master_has_key(&set, "tls-before"));
+
+    // The follower asks the sentinels over TLS and dials the new master over TLS.
+    let promoted = tokio::task::block_in_place(|| set.failover());
+    let deadline = promoted + Duration::from_secs(10);
+    loop {
+        match cache_round_trip(&kw, "tls-after").await {
+            Ok(()) if master_has_key(&set, "tls-after") => break,
+            outcome => assert!(
+                Instant::now() < deadline,
+                "the new master is not used within 10 s of the promotion: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sentinels with `requirepass`: the right password connects and runs every capability; a wrong or missing
+/// one is refused with `Error::Connect` naming the sentinels, never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_protected_sentinels() {
+    let set = tokio::task::spawn_blocking(|| {
+        SentinelSet::spawn_with(SentinelOptions::default().sentinel_password("s3ntinelPW"))
+    })
+    .await
+    .unwrap();
+    let kw = Keyward::connect_with(&set.url(), policy(), options())
+        .await
+        .expect("the right sentinel password connects");
+    every_capability_works(&kw, "with-sentinel-password").await;
+    assert!(master_has_key(&set, "with-sentinel-password"));
+    assert!(!format!("{kw:?}").contains("s3ntinelPW"));
+
+    let bare = set.url_without_credentials();
+    for (url, why) in [
+        (
+            format!("{bare}?sentinel_password=wr0ngPW%40x"),
+            "a wrong password",
+        ),
+        (
+            format!("{bare}?sentinel_username=default&sentinel_password=wr0ngPW%40x"),
+            "a wrong password for a named user",
+        ),
+        (bare.clone(), "no password"),
+    ] {
+        let err = Keyward::connect_with(
+            &url,
+            policy(),
+            options().connect_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .map(drop)
+        .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{why}: {err}");
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("mymaster"), "{why}: {text}");
+        for port in set.sentinel_ports() {
+            assert!(
+                text.contains(&format!("127.0.0.1:{port}")),
+                "{why}: names every sentinel: {text}"
+            );
+        }
+        if url == bare {
+            assert!(text.contains("sentinel_password"), "a hint: {text}");
+        }
+        for secret in ["wr0ngPW", "s3ntinelPW"] {
+            assert!(!text.contains(secret), "{why}: {text}");
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! TLS with a private CA and client certificates (mutual TLS) against a real `redis-server --tls-auth-clients
 //! yes`: the right CA and client certificate run every capability; a wrong CA, a missing client certificate
 //! or one from another CA is refused with `Error::Connect`; unreadable or malformed TLS files fail with a
-//! typed error naming them, before any connection; key material never shows in `Debug` or errors.
+//! typed error naming them, before any connection; key material never shows in `Debug` or errors. The same
+//! holds on a Redis Cluster whose nodes speak only TLS (`rediss+cluster://`); Sentinel over TLS is proved in
+//! `tests/sentinel.rs`.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use keyward::idempotency::{Begin, fingerprint};
 use keyward::policy::{Algorithm, CacheClass, IdempotencyClass, LockClass, Policy, RateLimitClass};
 use keyward::rate_limit::Source;
 use keyward::{ConnectOptions, Error, Keyward};
-use keyward_testkit::{TestCerts, TlsServer};
+use keyward_testkit::{ClusterOptions, RedisCluster, TestCerts, TlsServer};
 
 fn policy() -> Policy {
     Policy::builder("test", "tls")
@@ -340,4 +342,83 @@ fn debug_shows_no_key_material() {
 
     let text = format!("{:?}", ConnectOptions::default());
     assert!(text.contains("client_cert: not set"), "{text}");
+}
+
+/// A 3-master cluster whose nodes speak only TLS and require client certificates (clients, the cluster bus
+/// and `redis-cli --cluster create` alike): a wrong CA and a missing client certificate are refused with
+/// `Error::Connect` naming a node, the right pair runs every capability, with keys on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cluster_needs_the_right_ca_and_client_certificate() {
+    let certs = TestCerts::generate();
+    let files = certs.server_files(true);
+    let cluster = tokio::task::spawn_blocking(move || {
+        RedisCluster::spawn_with(ClusterOptions::default().tls(files))
+    })
+    .await
+    .unwrap();
+    let url = cluster.seed_url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+
+    let refused = |err: &Error, why: &str| {
+        assert!(matches!(err, Error::Connect { .. }), "{why}: {err}");
+        let text = err.to_string();
+        assert!(
+            cluster
+                .ports()
+                .iter()
+                .any(|port| text.contains(&format!("tls://127.0.0.1:{port}"))),
+            "{why}: names a node: {text}"
+        );
+        assert!(
+            !text.contains(key_fragment(certs.client_key_pem())),
+            "{why}: {text}"
+        );
+    };
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        ConnectOptions::default()
+            .tls_ca_pem(certs.other_ca_pem())
+            .tls_client_cert_pem(certs.client_cert_pem(), certs.client_key_pem()),
+    )
+    .await
+    .unwrap_err();
+    refused(&err, "a wrong CA");
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        ConnectOptions::default().tls_ca_pem(certs.ca_pem()),
+    )
+    .await
+    .unwrap_err();
+    refused(&err, "no client certificate");
+
+    let kw = Keyward::connect_with(
+        &url,
+        policy(),
+        ConnectOptions::default()
+            .tls_ca_file(certs.ca_file())
+            .tls_client_cert_files(certs.client_cert_file(), certs.client_key_file()),
+    )
+    .await
+    .expect("the right CA and client certificate connect to the cluster");
+    every_capability_works(&kw, "on-the-cluster").await;
+    let cache = kw.cache::<String>("c").unwrap();
+    for i in 0..30 {
+        let key = format!("spread-{i}");
+        cache.set(&key, &key).await.unwrap();
+        assert_eq!(cache.get(&key).await.unwrap(), Some(key));
+    }
+    // Every master got some of the keys (asked over the kit's plain Unix socket).
+    for port in cluster.ports() {
+        let mut con = cluster.server(port).expect("a node").connection();
+        let keys: Vec<String> = redis::Commands::scan(&mut con)
+            .unwrap()
+            .collect::<redis::RedisResult<_>>()
+            .unwrap();
+        assert!(
+            keys.iter().any(|k| k.contains("spread-")),
+            "node {port} holds none of the keys: {keys:?}"
+        );
+    }
 }

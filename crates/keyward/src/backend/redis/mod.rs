@@ -411,7 +411,7 @@ impl RedisBackend {
                 maxmemory_policy: opened.maxmemory_policy,
             });
         }
-        let parsed = sentinel::SentinelUrl::parse(url)?;
+        let parsed = sentinel::SentinelUrl::parse(url, options)?;
         let server = parsed.describe();
         let n = u32::try_from(parsed.sentinels.len())
             .unwrap_or(u32::MAX)
