@@ -91,8 +91,9 @@ fn namespace(policy: &Policy) -> Namespace {
 
 impl Keyward {
     /// Connect to `url` with default options. Schemes: `redis://`, `rediss://` (TLS), `unix://` or
-    /// `redis+unix://` (unix socket), `redis+sentinel://[user:pass@]host:port[,host:port…]/master-name` (the
-    /// master the sentinels name, followed across failovers; the credentials are the data nodes'),
+    /// `redis+unix://` (unix socket), `redis[s]+sentinel://[user:pass@]host:port[,host:port…]/master-name` (the
+    /// master the sentinels name, followed across failovers; the credentials are the data nodes', the
+    /// sentinels' go in `?sentinel_username=…&sentinel_password=…`),
     /// `redis+cluster://[user:pass@]host:port[,host:port…]` and `rediss+cluster://` (Redis Cluster: the
     /// addresses are seed nodes; see [`ConnectOptions::group_invalidation_bound`] for what changes), and
     /// `mem://` (the embedded backend). `docs/operations.md` says what each capability guarantees on each.
