@@ -762,3 +762,161 @@ fn wake_ups_work_across_a_failover() {
         assert!(got.is_some(), "the waiter got the lock");
     });
 }
+
+/// A handle connects while the primary holding the namespace's epochs is frozen (say, in its failover
+/// window): its cache calls fail open (the loader answers) instead of serving from a view nobody vouches
+/// for, and once the primary is back the cache works again. (Connecting used to fail: "cannot subscribe to the
+/// epochs channel".)
+#[test]
+fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
+    let mut cluster = RedisCluster::spawn_with(
+        ClusterOptions::default()
+            .arg("--cluster-require-full-coverage")
+            .arg("no"),
+    );
+    let app = format!("epochsdown{}", std::process::id());
+    let gens_key = format!("test:{app}:_kw:gens");
+    let epochs_primary = cluster.master_for_key(&gens_key).port;
+    cluster.pause(epochs_primary);
+    let rt = runtime();
+    let options = ConnectOptions::default().response_timeout(Duration::from_millis(300));
+    let kw = rt
+        .block_on(Keyward::connect_with(
+            &cluster.seed_url(),
+            policy(&app),
+            options,
+        ))
+        .expect("connects although the epochs' primary is frozen");
+    let c = kw.cache::<String>("product").unwrap();
+    // An id whose entry lives on another primary.
+    let id = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|id| cluster.master_for_key(&format!("{{{id}}}")).port != epochs_primary)
+        .unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let load = || {
+        let loads = loads.clone();
+        async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>("from-source".to_owned())
+        }
+    };
+    rt.block_on(async {
+        assert_eq!(
+            c.get_or_set(id.as_str(), load).await.unwrap(),
+            "from-source"
+        );
+        assert_eq!(
+            c.get_or_set(id.as_str(), load).await.unwrap(),
+            "from-source"
+        );
+    });
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        2,
+        "failed open: nothing cached"
+    );
+    cluster.resume(epochs_primary);
+    rt.block_on(async {
+        // Until the view is vouched for again (a condition, polled): then a fill is cached and hit.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = loads.load(Ordering::SeqCst);
+            c.get_or_set(id.as_str(), load).await.unwrap();
+            c.get_or_set(id.as_str(), load).await.unwrap();
+            if loads.load(Ordering::SeqCst) == before + 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cache never worked again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+/// Bad connection set-ups are refused at connect with an error that says what to do: a plain URL given for a
+/// cluster node (it used to connect, then fail every call of other nodes' slots with `CrossSlot`), and a user
+/// name without a password (it used to log in as `default`, bypassing the intended ACL user).
+#[test]
+fn misconfigured_urls_are_refused_at_connect() {
+    let cluster = RedisCluster::shared();
+    let rt = runtime();
+    let plain = cluster.urls()[0].clone();
+    let err = rt
+        .block_on(Keyward::connect(&plain, policy("plain")))
+        .unwrap_err();
+    assert!(
+        matches!(err, keyward::Error::Connect { .. })
+            && err.to_string().contains("redis+cluster://"),
+        "{err}"
+    );
+    let port = cluster.ports()[0];
+    for url in [
+        format!("redis://someuser@127.0.0.1:{port}"),
+        format!("redis+cluster://someuser@127.0.0.1:{port}"),
+    ] {
+        let err = rt
+            .block_on(Keyward::connect(&url, policy("nopw")))
+            .unwrap_err();
+        assert!(
+            matches!(err, keyward::Error::InvalidUrl { .. })
+                && err.to_string().contains("without a password"),
+            "{url}: {err}"
+        );
+    }
+    let err = rt
+        .block_on(Keyward::connect_with(
+            &format!("redis+cluster://127.0.0.1:{port}"),
+            policy("tls"),
+            ConnectOptions::default().tls_ca_pem(b"not used".to_vec()),
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("rediss+cluster://"), "{err}");
+}
+
+/// With the default `cluster-require-full-coverage yes`, once a dead primary is flagged failing every node
+/// answers `CLUSTERDOWN`: a call then fails with that reply, promptly, not as a timeout after redis-rs's retry
+/// waits (it used to report "did not answer within" the response timeout, naming a live node).
+#[test]
+fn clusterdown_is_reported_as_itself_and_promptly() {
+    let mut cluster = RedisCluster::spawn();
+    let app = format!("down{}", std::process::id());
+    let rt = runtime();
+    let kw = rt
+        .block_on(Keyward::connect_with(
+            &cluster.seed_url(),
+            policy(&app),
+            ConnectOptions::default().response_timeout(Duration::from_secs(5)),
+        ))
+        .unwrap();
+    let locks = kw.locks("job").unwrap();
+    let dead = cluster.master_for_key("{a}").port;
+    let live = (0..100)
+        .map(|i| format!("n{i}"))
+        .find(|n| cluster.master_for_key(&format!("{{{n}}}")).port != dead)
+        .unwrap();
+    cluster.kill_node(dead);
+    // Until the live primary says the cluster is down (a condition, polled).
+    let live_port = cluster.master_for_key(&format!("{{{live}}}")).port;
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{live_port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+        if info.contains("cluster_state:fail") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never went down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let err = rt.block_on(locks.try_lock(live.as_str())).unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        err.to_string().contains("CLUSTERDOWN") || err.to_string().contains("ClusterDown"),
+        "{err}"
+    );
+    assert!(err.is_unavailable(), "{err}");
+    println!("CLUSTERDOWN reported after {took:?} (response timeout 5 s)");
+}

@@ -82,6 +82,16 @@ pub(crate) fn seed_urls(url: &str) -> Result<Vec<String>> {
                 "an empty node in the list: `redis+cluster://host:port[,host:port…]`",
             ));
         }
+        if let Some((_, port)) = host.rsplit_once(':')
+            && !host.ends_with(']')
+            && !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().map_or(true, |p| p == 0)
+        {
+            return Err(invalid(&format!(
+                "`{port}` is not a port (1–65535) in `{host}`"
+            )));
+        }
         let with_port = if host
             .rsplit_once(':')
             .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -342,22 +352,34 @@ impl ClusterState {
 }
 
 /// Read `CLUSTER SLOTS` through `conn`.
+///
+/// Asked of a random node, up to 5 times (each bounded by `timeout`): one node that is down or frozen does not
+/// keep the map from being read.
 pub(crate) async fn read_slot_map(
     conn: &mut ClusterConnection,
     seed_host: &str,
     timeout: Duration,
 ) -> std::result::Result<SlotMap, String> {
-    let reply = tokio::time::timeout(
-        timeout,
-        conn.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        ),
-    )
-    .await
-    .map_err(|_| format!("CLUSTER SLOTS: no answer within {timeout:?}"))?
-    .map_err(|e| format!("CLUSTER SLOTS: {e}"))?;
-    SlotMap::parse(&reply, seed_host).ok_or_else(|| "CLUSTER SLOTS: unexpected reply".to_owned())
+    let mut last = String::new();
+    for _ in 0..5 {
+        let reply = tokio::time::timeout(
+            timeout,
+            conn.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            ),
+        )
+        .await;
+        match reply {
+            Ok(Ok(reply)) => {
+                return SlotMap::parse(&reply, seed_host)
+                    .ok_or_else(|| "CLUSTER SLOTS: unexpected reply".to_owned());
+            }
+            Ok(Err(e)) => last = format!("CLUSTER SLOTS: {e}"),
+            Err(_) => last = format!("CLUSTER SLOTS: no answer within {timeout:?}"),
+        }
+    }
+    Err(last)
 }
 
 /// Read the whole epochs hash and merge it into the view.
@@ -405,9 +427,21 @@ pub(crate) fn client(
     }
     let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
         .use_protocol(redis::ProtocolVersion::RESP3)
-        .connection_timeout(options.connect_timeout)
+        // Per node: a node that cannot complete a connection within the response timeout (0.5 s at least) is
+        // as good as down for calls, and must not hold up a connect while the other nodes answer.
+        .connection_timeout(
+            options
+                .connect_timeout
+                .min(options.response_timeout.max(Duration::from_millis(500))),
+        )
         .response_timeout(options.response_timeout)
-        .retries(u32::try_from(options.reconnect_retries).unwrap_or(u32::MAX))
+        // Few, quick retries: enough to follow MOVED/ASK and ride out a TRYAGAIN, while a CLUSTERDOWN reaches
+        // the caller as itself within ~150 ms instead of after redis-rs's default waits (1.28 s at least),
+        // which every call would otherwise spend against the response timeout.
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(100)
+        .retry_wait_formula(10, 2)
         .push_sender(on_push);
     if tls {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -554,19 +588,28 @@ fn moved_slots(old: &SlotMap, new: &SlotMap) -> Vec<u16> {
     out
 }
 
-/// Keep the epoch view fresh: a full read every quarter of the bound.
+/// Keep the epoch view fresh: a full read every quarter of the bound (and, until it succeeds, the subscription
+/// to the epochs' announcements that the connect could not make).
 pub(crate) fn spawn_epoch_reader(
     state: &Arc<ClusterState>,
     conn: ClusterConnection,
     gens_key: String,
     timeout: Duration,
+    subscribed: bool,
 ) -> tokio::task::JoinHandle<()> {
     let every = (state.epochs_bound / 4).max(Duration::from_millis(5));
     let s = Arc::clone(state);
     tokio::spawn(async move {
         let mut conn = conn;
+        let mut subscribed = subscribed;
         loop {
             tokio::time::sleep(every).await;
+            if !subscribed {
+                subscribed = matches!(
+                    tokio::time::timeout(timeout, conn.ssubscribe(&gens_key)).await,
+                    Ok(Ok(()))
+                );
+            }
             if let Err(e) = read_epochs(&s, &mut conn, &gens_key, timeout.min(every * 2)).await {
                 tracing::debug!(error = ?e, "keyward: cannot read the group epochs");
             }
@@ -620,5 +663,13 @@ mod tests {
         let e = seed_urls("redis+cluster://u:s3cretPW@a:1/2").unwrap_err();
         assert!(!e.to_string().contains("s3cretPW"), "{e}");
         assert!(seed_urls("redis+cluster://a:1,,b:2").is_err());
+        let e = seed_urls("redis+cluster://u:pw@h:99999")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`99999` is not a port"), "{e}");
+        assert_eq!(
+            seed_urls("redis+cluster://[::1]:7000").unwrap(),
+            vec!["redis://[::1]:7000/"]
+        );
     }
 }

@@ -210,6 +210,12 @@ fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
         }
     })?;
     let mut info = client.get_connection_info().clone();
+    if info.redis_settings().username().is_some() && info.redis_settings().password().is_none() {
+        // redis-rs would send no AUTH at all and log in as `default`: the intended ACL user silently bypassed.
+        return Err(invalid(
+            "a user name without a password: ACL users log in with both (`redis://user:password@host`)",
+        ));
+    }
     if let ConnectionAddr::TcpTls {
         host,
         port,
@@ -264,12 +270,14 @@ fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
 }
 
 /// One direct connection to `client`'s server: it reports the real reason (refused, auth, TLS) instead of
-/// retrying, checks the server version, and with `must_be_master` that `ROLE` says `master`. Returns the
-/// server's `maxmemory-policy`.
+/// retrying, checks the server version, with `must_be_master` that `ROLE` says `master`, and unless
+/// `cluster_node` that it is not a cluster node (a plain URL given for one). Returns the server's
+/// `maxmemory-policy`.
 async fn probe(
     client: &Client,
     options: &ConnectOptions,
     must_be_master: bool,
+    cluster_node: bool,
 ) -> std::result::Result<Option<String>, String> {
     let probe_config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
@@ -284,10 +292,18 @@ async fn probe(
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("memory")
+        .arg("cluster")
         .query_async(&mut probe)
         .await
         .map_err(|e| e.to_string())?;
     check_version(&info)?;
+    if !cluster_node && info_field(&info, "cluster_enabled") == Some("1") {
+        return Err(
+            "this server is a Redis Cluster node: connect with `redis+cluster://host:port[,host:port…]` \
+             (a plain connection would fail on every key of another node's slots)"
+                .to_owned(),
+        );
+    }
     let maxmemory_policy = info_field(&info, "maxmemory_policy").map(str::to_owned);
     if must_be_master {
         let role: Vec<Value> = redis::cmd("ROLE")
@@ -321,7 +337,7 @@ pub(crate) async fn open(
         server: server.clone(),
         reason,
     };
-    let maxmemory_policy = probe(&client, options, must_be_master)
+    let maxmemory_policy = probe(&client, options, must_be_master, false)
         .await
         .map_err(connect_err)?;
 
@@ -477,11 +493,29 @@ impl RedisBackend {
         breaker: Arc<Breaker>,
     ) -> Result<Self> {
         let seeds = cluster::seed_urls(url)?;
+        if !url.starts_with("rediss+") && options.has_tls_material() {
+            return Err(Error::InvalidUrl {
+                reason: scrub(
+                    url,
+                    &format!(
+                        "{}: a TLS CA or client certificate is set (ConnectOptions::tls_ca_* / \
+                         tls_client_cert_*), which needs a TLS URL: use `rediss+cluster://`",
+                        redact(url)
+                    ),
+                ),
+            });
+        }
         let mut reasons = Vec::new();
         let mut probed = None;
         for seed in &seeds {
-            let (client, node) = client_for(seed, options)?;
-            match probe(&client, options, false).await {
+            // A seed's URL is keyward's rewrite of the one given: name the given one too.
+            let (client, node) = client_for(seed, options).map_err(|e| match e {
+                Error::InvalidUrl { reason } => Error::InvalidUrl {
+                    reason: format!("{} (seed node {reason})", redact(url)),
+                },
+                other => other,
+            })?;
+            match probe(&client, options, false, true).await {
                 Ok(policy) => {
                     probed = Some((node, policy));
                     break;
@@ -550,31 +584,23 @@ impl RedisBackend {
             .await
             .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
-        let map = cluster::read_slot_map(&mut conn, &seed_host, timeout)
+        let map = cluster::read_slot_map(&mut conn, &seed_host, options.response_timeout)
             .await
             .map_err(connect_err)?;
         let state = Arc::new(cluster::ClusterState::new(options, seed_host, map));
         let _ = state_slot.set(Arc::downgrade(&state));
-        tokio::time::timeout(timeout, conn.ssubscribe(&ns.gens_key))
-            .await
-            .map_err(|_| connect_err(format!("no answer within {timeout:?}")))?
-            .map_err(|e| {
-                connect_err(format!(
-                    "cannot subscribe to the epochs channel `{}`: {e}",
-                    ns.gens_key
-                ))
-            })?;
-        cluster::read_epochs(&state, &mut conn, &ns.gens_key, timeout)
-            .await
-            .map_err(|e| {
-                connect_err(format!(
-                    "cannot read the group epochs: {}",
-                    e.map_or_else(
-                        || format!("no answer within {timeout:?}"),
-                        |e| e.to_string()
-                    )
-                ))
-            })?;
+        // The epochs' primary may be down (its failover window): the handle still connects, and until the
+        // epochs can be read its cache calls fail open (the view vouches for nothing); the epoch reader keeps
+        // trying to subscribe and read.
+        let response = options.response_timeout;
+        let subscribed = matches!(
+            tokio::time::timeout(response, conn.ssubscribe(&ns.gens_key)).await,
+            Ok(Ok(()))
+        );
+        let read = cluster::read_epochs(&state, &mut conn, &ns.gens_key, response).await;
+        if !subscribed || read.is_err() {
+            tracing::warn!(cluster = %server, epochs = %ns.gens_key, "keyward: the group epochs cannot be read yet (is their primary down?); cache calls fail open until they can");
+        }
         let tasks = vec![
             cluster::spawn_slot_mapper(
                 &state,
@@ -588,6 +614,7 @@ impl RedisBackend {
                 conn.clone(),
                 ns.gens_key.clone(),
                 options.response_timeout,
+                subscribed,
             ),
         ];
         tracing::info!(cluster = %server, primaries = state.primaries().len(), "keyward: connected to the cluster");
