@@ -237,6 +237,9 @@ impl Keyward {
     /// not counted in any cache or rate-limit metric. It goes through the circuit breaker like every call:
     /// while the breaker is open it fails at once with [`Error::CircuitOpen`] (the store is considered down),
     /// and after the cooldown it is the probe that closes the breaker. Always `Ok` on the embedded backend.
+    /// On Redis Cluster every node is asked, so it fails while any node does not answer (for instance during
+    /// a primary's failover window), although calls to the other primaries go on working: use it as "the
+    /// whole cluster answers", not as a liveness probe that should restart the service.
     ///
     /// # Errors
     /// [`Error::Timeout`], [`Error::CircuitOpen`] or [`Error::Redis`] when Redis is not answering.

@@ -30,7 +30,7 @@ type Slot = watch::Receiver<Option<Outcome>>;
 #[derive(Default)]
 pub(crate) struct Flights {
     // A std mutex: held only for a map operation, never across an await.
-    map: Mutex<HashMap<String, (u64, Slot)>>,
+    map: Mutex<HashMap<String, (u64, Slot, tokio::time::Instant)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -47,11 +47,24 @@ pub(crate) struct Leader {
 }
 
 impl Flights {
+    #[cfg(test)]
     pub(crate) fn join(self: &Arc<Self>, key: &str) -> Role {
+        self.join_younger_than(key, None)
+    }
+
+    /// [`join`](Self::join), but a flight that started `max_age` ago or earlier is not joined: this caller
+    /// leads a new one (the old leader still answers its own followers). On Redis Cluster, where group
+    /// invalidations reach a handle within a bound, this keeps a caller from receiving the outcome of a
+    /// fetch made before an invalidation it must see.
+    pub(crate) fn join_younger_than(
+        self: &Arc<Self>,
+        key: &str,
+        max_age: Option<std::time::Duration>,
+    ) -> Role {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, rx)) = map.get(key) {
-            // A closed slot belongs to a leader that was dropped; replace it.
-            if rx.has_changed().is_ok() {
+        if let Some((_, rx, started)) = map.get(key) {
+            // A closed slot belongs to a leader that was dropped; replace it. So is one too old to join.
+            if rx.has_changed().is_ok() && max_age.is_none_or(|age| started.elapsed() < age) {
                 return Role::Follower(rx.clone());
             }
         }
@@ -59,7 +72,7 @@ impl Flights {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        map.insert(key.to_owned(), (id, rx));
+        map.insert(key.to_owned(), (id, rx, tokio::time::Instant::now()));
         Role::Leader(Leader {
             flights: Arc::clone(self),
             key: key.to_owned(),
@@ -91,7 +104,7 @@ impl Flights {
 
     fn remove_if(&self, key: &str, id: u64) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|(i, _)| *i == id) {
+        if map.get(key).is_some_and(|(i, ..)| *i == id) {
             map.remove(key);
         }
     }

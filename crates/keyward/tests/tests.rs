@@ -23,6 +23,7 @@ mod common;
 mod acl;
 mod architecture;
 mod cluster;
+mod cluster_faults;
 mod conformance;
 mod connect;
 mod fault_regressions;

@@ -28,6 +28,7 @@ pub use breaker::BreakerState;
 pub use memory::MemoryOptions;
 pub(crate) use memory::keyspace::{Budget, Budgets, Keyspace, Kv, Val};
 pub use options::ConnectOptions;
+pub(crate) use redis::cluster::ViewEpochs;
 pub(crate) use redis::redact;
 pub(crate) use script::{Call, Pipeline, Reply, Script, Undo, scripts};
 
@@ -205,10 +206,21 @@ impl Backend {
         &self,
         ns: &Namespace,
         class: &str,
-    ) -> Result<Option<(u64, u64)>> {
+    ) -> Result<Option<ViewEpochs>> {
         match self {
             Backend::Memory(_) => Ok(None),
             Backend::Redis(r) => r.group_epochs(ns, class).await,
+        }
+    }
+
+    /// How old a fetch in progress (single-flight) may be for another caller to share its outcome: on Redis
+    /// Cluster half the group-invalidation bound (with views at most half the bound old, the outcome then
+    /// reflects every invalidation that returned more than the bound before the caller started); no limit
+    /// elsewhere.
+    pub(crate) fn flight_max_age(&self) -> Option<Duration> {
+        match self {
+            Backend::Redis(r) => r.epochs_bound().map(|b| b / 2),
+            Backend::Memory(_) => None,
         }
     }
 

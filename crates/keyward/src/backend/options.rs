@@ -182,7 +182,8 @@ impl ConnectOptions {
 
     /// Redis Cluster only: the staleness bound of a class or namespace invalidation (default 500 ms,
     /// at least 20 ms). On Cluster each handle reads the group epochs from a view refreshed by a push on every
-    /// bump and re-read every quarter of this bound; a view older than the bound is re-read before it is used.
+    /// bump and re-read every quarter of this bound; a view older than half the bound is re-read before it is
+    /// used, and a caller shares another's fetch in progress only if it started less than half the bound ago.
     /// So no cache call that starts later than this after [`Cache::invalidate_all`](crate::cache::Cache::invalidate_all)
     /// or [`Keyward::invalidate_namespace`](crate::Keyward::invalidate_namespace) returned, in any process,
     /// is served an entry filled before the invalidation. On a single server (and behind Sentinel) the epochs

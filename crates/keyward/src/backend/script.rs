@@ -12,8 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::ToRedisArgs;
 
-/// A Lua script, loaded once per process and called by `EVALSHA` (redis-rs falls back to `EVAL` on
-/// `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`).
+/// A Lua script, called by `EVALSHA`; on `NOSCRIPT` (a server that has not seen it yet, a restart, `SCRIPT
+/// FLUSH`) by `EVAL` with its text, which also caches it on that server. Not `SCRIPT LOAD`: on Cluster that goes
+/// to every primary, so a first call would wait for (and fail with) any primary that hangs.
 pub(crate) struct Script {
     inner: redis::Script,
     source: &'static str,
@@ -32,12 +33,40 @@ impl Script {
     pub(crate) fn call(&'static self, op: &'static str) -> Call {
         Call {
             op,
-            invocation: self.inner.prepare_invoke(),
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
             undo: None,
             must_land: false,
             evicting: false,
             slot: None,
         }
+    }
+
+    /// `EVALSHA` of this script with `keys` and `args`, or (`by_source`) `EVAL` of its text.
+    pub(super) fn command(
+        &self,
+        by_source: bool,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> redis::Cmd {
+        let mut cmd = if by_source {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.source);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.inner.get_hash());
+            c
+        };
+        cmd.arg(keys.len());
+        for k in keys {
+            cmd.arg(&k[..]);
+        }
+        for a in args {
+            cmd.arg(&a[..]);
+        }
+        cmd
     }
 
     /// The script's text, for `EVAL` (undos are sent as `EVAL`: they often run on a server whose script cache
@@ -66,7 +95,9 @@ pub(crate) use scripts;
 /// One script call: keys, arguments and, for calls that leave something behind, an undo.
 pub(crate) struct Call {
     pub(super) op: &'static str,
-    pub(super) invocation: redis::ScriptInvocation<'static>,
+    pub(super) script: &'static Script,
+    pub(super) keys: Vec<Vec<u8>>,
+    pub(super) args: Vec<Vec<u8>>,
     pub(super) undo: Option<Undo>,
     /// Keep the undo also when the call was not sent (the breaker was open) or failed for unavailability.
     pub(super) must_land: bool,
@@ -83,14 +114,14 @@ impl Call {
         if self.slot.is_none() {
             self.slot = Some(super::redis::cluster::slot_of(key));
         }
-        self.invocation.key(key);
+        self.keys.push(key.to_vec());
         self
     }
 
     /// Add an argument (`ARGV[n]`).
     #[must_use]
     pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        self.invocation.arg(arg);
+        arg.write_redis_args(&mut self.args);
         self
     }
 

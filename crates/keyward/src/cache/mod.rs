@@ -586,7 +586,10 @@ where
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         async {
             let leader = loop {
-                match self.flights.join(&fkey) {
+                match self
+                    .flights
+                    .join_younger_than(&fkey, self.kw.inner.backend.flight_max_age())
+                {
                     Role::Leader(l) => break l,
                     Role::Follower(rx) => match tokio::time::timeout(
                         self.class.policy.lease_ttl_value(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::backend::wake::WakeBus;
-use crate::backend::{Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, scripts};
+use crate::backend::{Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, ViewEpochs, scripts};
 use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::error::{Error, Result};
 
@@ -174,10 +174,7 @@ pub(crate) async fn fetch(
     negative_ok: bool,
 ) -> Result<Fetched> {
     // Redis Cluster: the epochs come from the handle's bounded view, and the fast path is the `SET` alone.
-    let view = b
-        .group_epochs(e.ns, e.class)
-        .await?
-        .map(|(ns, class)| Gens { ns, class });
+    let view = view_epochs(b, e).await?;
     let mut fast = Pipeline::new("fetch")
         .cmd("SET")
         .key(e.key)
@@ -270,6 +267,30 @@ fn classify(stored: &Reply, gens: Gens, negative_ok: bool) -> Option<Fast> {
     Some(Fast::Done(Fetched::Hit(stored)))
 }
 
+/// On Redis Cluster, the group epochs from the handle's view (see `ConnectOptions::group_invalidation_bound`);
+/// `None` elsewhere (the scripts read them). A view that found corrupt fields is repaired first by bumping
+/// them (`epochs.lua`: a corrupt field is bumped to the server clock in µs, above every epoch issued before),
+/// exactly as the single-server scripts do in place.
+async fn view_epochs(b: &Backend, e: &Entry<'_>) -> Result<Option<Gens>> {
+    for _ in 0..3 {
+        match b.group_epochs(e.ns, e.class).await? {
+            None => return Ok(None),
+            Some(ViewEpochs::Current(ns, class)) => return Ok(Some(Gens { ns, class })),
+            Some(ViewEpochs::Repair(fields)) => {
+                for field in fields {
+                    bump(b, e.ns, &field).await?;
+                }
+            }
+        }
+    }
+    Err(Error::InvalidArgument {
+        what: format!(
+            "the group epochs `{}` stay corrupt after repairing them",
+            e.ns.gens_key
+        ),
+    })
+}
+
 /// A cache script call's epochs: on a single server the script reads the epochs hash (`KEYS[2]`); on Cluster
 /// the view's epochs go last in `ARGV` instead (see `epochs.lua`). `call` has every other argument already.
 fn with_epochs(call: Call, e: &Entry<'_>, view: Option<Gens>) -> Call {
@@ -296,10 +317,7 @@ fn decode_fetch(reply: &Reply) -> Option<Fetched> {
 
 /// Read without taking a lease: a current value, or nothing.
 pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
-    let view = b
-        .group_epochs(e.ns, e.class)
-        .await?
-        .map(|(ns, class)| Gens { ns, class });
+    let view = view_epochs(b, e).await?;
     let call = with_epochs(
         SCRIPTS
             .read
@@ -409,10 +427,7 @@ pub(crate) async fn set(
     body: &[u8],
     ttl: Duration,
 ) -> Result<()> {
-    let view = b
-        .group_epochs(e.ns, e.class)
-        .await?
-        .map(|(ns, class)| Gens { ns, class });
+    let view = view_epochs(b, e).await?;
     let call = with_epochs(
         SCRIPTS
             .set

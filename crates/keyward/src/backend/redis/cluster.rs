@@ -9,10 +9,12 @@
 //! reading it on every hit would send every read of the namespace to one node. So each handle keeps a view of
 //! the epochs in process: a bump publishes its new epoch on a sharded channel (applied on arrival), and the
 //! whole hash is re-read every quarter of the bound. A view is used only while its last full read was *sent*
-//! less than [`ConnectOptions::group_invalidation_bound`](crate::ConnectOptions::group_invalidation_bound)
-//! ago; an older one is re-read before the call (one extra round trip, to the epochs' node). Since a read sent
-//! after a bump returned sees it, no call starting later than the bound after `invalidate_class` or
-//! `invalidate_namespace` returned can be served an entry filled before it — whatever push was lost.
+//! less than half of [`ConnectOptions::group_invalidation_bound`](crate::ConnectOptions::group_invalidation_bound)
+//! ago; an older one is re-read before the call (one extra round trip, to the epochs' node). A caller shares
+//! another caller's fetch in progress (single-flight) only if it started less than half the bound ago. Since a
+//! read sent after a bump returned sees it, no call starting later than the bound after `invalidate_all` or
+//! `invalidate_namespace` returned can be served an entry filled before it — whatever push was lost. A field
+//! the view finds corrupt is repaired (bumped) before the view is trusted again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -195,7 +197,34 @@ struct EpochState {
     fields: HashMap<String, u64>,
     /// When the last successful full read was sent.
     read_at: Option<Instant>,
+    /// Fields the last read found corrupt (not a decimal integer below 2^53; `*` when the key is not a hash):
+    /// until a bump repairs them, the view vouches for nothing.
+    corrupt: Vec<String>,
 }
+
+/// The largest valid epoch plus one (`epochs.lua` treats anything from here on as corrupt).
+const EPOCH_LIMIT: u64 = 1 << 53;
+
+/// A stored epoch, if valid (as `epochs.lua`'s `kw_valid`).
+fn valid_epoch(raw: &[u8]) -> Option<u64> {
+    std::str::from_utf8(raw)
+        .ok()
+        .filter(|v| !v.is_empty() && v.len() <= 16 && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n < EPOCH_LIMIT)
+}
+
+/// What a handle's view says about a class's group epochs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ViewEpochs {
+    /// The namespace and class epochs, vouched for by a read within the bound.
+    Current(u64, u64),
+    /// These fields are corrupt: bump them (which repairs them) before trusting the view.
+    Repair(Vec<String>),
+}
+
+/// Whether a sharded channel's subscription was made (initialised once, by the first watcher that completes it).
+type Subscribed = Arc<tokio::sync::OnceCell<()>>;
 
 /// Per-cluster state shared by the backend and its background tasks.
 pub(crate) struct ClusterState {
@@ -209,8 +238,12 @@ pub(crate) struct ClusterState {
     seed_host: String,
     epochs: Mutex<EpochState>,
     pub(crate) epochs_bound: Duration,
-    /// Sharded wake-up channels with their number of live watchers.
-    watched: Mutex<HashMap<String, usize>>,
+    /// Sharded wake-up channels: the number of live watchers, and whether the subscription was made.
+    watched: Mutex<HashMap<String, (usize, Subscribed)>>,
+    /// Held while a subscribe or an unsubscribe is sent and answered, so that they reach a node in the order
+    /// their decisions were made: an unsubscribe decided when the last watcher left can never land after a
+    /// new watcher's subscribe.
+    pub(crate) subscribing: tokio::sync::Mutex<()>,
 }
 
 impl ClusterState {
@@ -225,6 +258,7 @@ impl ClusterState {
             epochs: Mutex::new(EpochState::default()),
             epochs_bound: options.group_invalidation_bound,
             watched: Mutex::new(HashMap::new()),
+            subscribing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -274,9 +308,14 @@ impl ClusterState {
 
     /// Apply one epoch (from a bump's reply or its announcement).
     pub(crate) fn apply_epoch(&self, field: &str, epoch: u64) {
+        if epoch >= EPOCH_LIMIT {
+            return;
+        }
         let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         let e = s.fields.entry(field.to_owned()).or_insert(0);
         *e = (*e).max(epoch);
+        // A bump of a corrupt field (or of `*`, after a key of the wrong type) repaired it.
+        s.corrupt.retain(|f| f != field);
     }
 
     /// Apply an announcement `"<field> <epoch>"` from the epochs channel.
@@ -284,53 +323,73 @@ impl ClusterState {
         if let Some((field, epoch)) = std::str::from_utf8(payload)
             .ok()
             .and_then(|p| p.rsplit_once(' '))
-            .and_then(|(f, e)| Some((f, e.parse::<u64>().ok()?)))
+            .and_then(|(f, e)| Some((f, valid_epoch(e.as_bytes())?)))
         {
             self.apply_epoch(field, epoch);
         }
     }
 
     /// Merge a full read of the epochs hash, sent at `sent`.
-    fn apply_read(&self, sent: Instant, fields: HashMap<String, Vec<u8>>) {
+    /// `None` for a key of the wrong type.
+    fn apply_read(&self, sent: Instant, fields: Option<HashMap<String, Vec<u8>>>) {
         let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
-        for (field, raw) in fields {
-            // A corrupt field reads as absent here; the next bump of it (always safe) repairs it.
-            if let Some(epoch) = std::str::from_utf8(&raw)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                let e = s.fields.entry(field).or_insert(0);
-                *e = (*e).max(epoch);
+        let mut corrupt = Vec::new();
+        match fields {
+            None => corrupt.push("*".to_owned()),
+            Some(fields) => {
+                for (field, raw) in fields {
+                    match valid_epoch(&raw) {
+                        Some(epoch) => {
+                            let e = s.fields.entry(field).or_insert(0);
+                            *e = (*e).max(epoch);
+                        }
+                        // Read as 0 it would bring back entries it invalidated; as a huge number it would
+                        // outrank every later bump. Neither: it is repaired first.
+                        None => corrupt.push(field),
+                    }
+                }
             }
         }
+        s.corrupt = corrupt;
         s.read_at = Some(s.read_at.map_or(sent, |t| t.max(sent)));
     }
 
-    /// The namespace and `class` epochs, if the view is within its bound.
-    pub(crate) fn epochs(&self, class: &str) -> Option<(u64, u64)> {
+    /// The namespace and `class` epochs, if the view is within its bound (or the fields to repair first).
+    pub(crate) fn epochs(&self, class: &str) -> Option<ViewEpochs> {
         let s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = s.read_at.is_some_and(|t| t.elapsed() < self.epochs_bound);
+        // Half the bound: a caller may share the outcome of another's fetch started up to half the bound
+        // earlier (`Backend::flight_max_age`), so the two halves together stay within the bound.
+        let fresh = s
+            .read_at
+            .is_some_and(|t| t.elapsed() < self.epochs_bound / 2);
         fresh.then(|| {
-            (
-                s.fields.get("*").copied().unwrap_or(0),
-                s.fields.get(class).copied().unwrap_or(0),
-            )
+            if s.corrupt.is_empty() {
+                ViewEpochs::Current(
+                    s.fields.get("*").copied().unwrap_or(0),
+                    s.fields.get(class).copied().unwrap_or(0),
+                )
+            } else {
+                ViewEpochs::Repair(s.corrupt.clone())
+            }
         })
     }
 
-    /// Count one more watcher of `channel`; `true` if it was not watched yet (subscribe now).
-    pub(crate) fn watch(&self, channel: &str) -> bool {
+    /// Count one more watcher of `channel`; its subscription's once-cell (initialised by whoever subscribes
+    /// first; a watcher cancelled while subscribing leaves the work to the next one).
+    pub(crate) fn watch(&self, channel: &str) -> Subscribed {
         let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        let n = w.entry(channel.to_owned()).or_insert(0);
-        *n += 1;
-        *n == 1
+        let entry = w
+            .entry(channel.to_owned())
+            .or_insert_with(|| (0, Arc::new(tokio::sync::OnceCell::new())));
+        entry.0 += 1;
+        Arc::clone(&entry.1)
     }
 
     /// One watcher fewer; `true` if none is left (unsubscribe).
     pub(crate) fn unwatch(&self, channel: &str) -> bool {
         let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         match w.get_mut(channel) {
-            Some(n) if *n > 1 => {
+            Some((n, _)) if *n > 1 => {
                 *n -= 1;
                 false
             }
@@ -342,7 +401,8 @@ impl ClusterState {
         }
     }
 
-    /// Whether `channel` has watchers (checked again right before an unsubscribe is sent).
+    /// Whether `channel` has watchers (checked again, under [`ClusterState::subscribing`], right before an
+    /// unsubscribe is sent).
     pub(crate) fn is_watched(&self, channel: &str) -> bool {
         self.watched
             .lock()
@@ -393,14 +453,20 @@ pub(crate) async fn read_epochs(
     timeout: Duration,
 ) -> std::result::Result<(), Option<redis::RedisError>> {
     let sent = Instant::now();
-    let fields: HashMap<String, Vec<u8>> = tokio::time::timeout(
+    let fields: redis::RedisResult<HashMap<String, Vec<u8>>> = tokio::time::timeout(
         timeout,
         redis::cmd("HGETALL").arg(gens_key).query_async(conn),
     )
     .await
-    .map_err(|_| None)?
-    .map_err(Some)?;
-    state.apply_read(sent, fields);
+    .map_err(|_| None)?;
+    match fields {
+        Ok(fields) => state.apply_read(sent, Some(fields)),
+        // Not a hash: the bump of `*` deletes and recreates it (`epochs.lua`).
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            state.apply_read(sent, None);
+        }
+        Err(e) => return Err(Some(e)),
+    }
     Ok(())
 }
 

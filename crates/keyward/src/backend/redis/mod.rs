@@ -116,6 +116,12 @@ pub(crate) fn redact(url: &str) -> String {
         out.push_str("://");
     }
     let rest = match rest.rfind('@') {
+        // An `@` after a `?` may be inside a query value (a sentinel password with an unencoded `@`): what
+        // follows it cannot be told apart from a secret, so nothing is shown.
+        Some(at) if rest[..at].contains(['?', '#']) => {
+            out.push_str("***…");
+            return out;
+        }
         Some(at) => {
             out.push_str("***@");
             &rest[at + 1..]
@@ -631,6 +637,11 @@ impl RedisBackend {
         })
     }
 
+    /// On Cluster, the group-invalidation bound.
+    pub(crate) fn epochs_bound(&self) -> Option<Duration> {
+        self.cluster.as_ref().map(|c| c.epochs_bound)
+    }
+
     /// Whether this is a Redis Cluster (group epochs from the view, sharded wake-ups).
     pub(crate) fn is_cluster(&self) -> bool {
         self.cluster.is_some()
@@ -645,7 +656,7 @@ impl RedisBackend {
         &self,
         ns: &Namespace,
         class: &str,
-    ) -> Result<Option<(u64, u64)>> {
+    ) -> Result<Option<cluster::ViewEpochs>> {
         let Some(state) = &self.cluster else {
             return Ok(None);
         };
@@ -700,25 +711,35 @@ impl RedisBackend {
     pub(crate) async fn watch(&self, ns: &Namespace, key: &str) -> Option<ShardWatch> {
         let state = self.cluster.as_ref()?;
         let channel = self.wake_channel(ns, key);
-        if state.watch(&channel) {
-            let Conn::Cluster(mut conn) = self.conn() else {
-                return None;
-            };
-            let subscribed =
-                tokio::time::timeout(self.response_timeout, conn.ssubscribe(&channel)).await;
-            if !matches!(subscribed, Ok(Ok(()))) {
-                tracing::debug!(
-                    channel,
-                    "keyward: cannot subscribe to a wake-up channel; polling"
-                );
-            }
-        }
-        Some(ShardWatch {
+        let subscribed = state.watch(&channel);
+        // The guard first: a watcher cancelled while subscribing still counts itself out.
+        let guard = ShardWatch {
             state: Arc::clone(state),
             conn: self.conn.clone(),
             channel,
             timeout: self.response_timeout,
-        })
+        };
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Some(guard);
+        };
+        // Every watcher of the channel waits here until the subscription is answered (the first one sends
+        // it; if it is cancelled, the next takes over), so none asks the store again before it could hear
+        // the announcement.
+        subscribed
+            .get_or_init(|| async {
+                let _order = state.subscribing.lock().await;
+                let answered =
+                    tokio::time::timeout(self.response_timeout, conn.ssubscribe(&guard.channel))
+                        .await;
+                if !matches!(answered, Ok(Ok(()))) {
+                    tracing::debug!(
+                        channel = %guard.channel,
+                        "keyward: cannot subscribe to a wake-up channel; polling"
+                    );
+                }
+            })
+            .await;
+        Some(guard)
     }
 
     /// The current connection (a clone: cheap, multiplexed).
@@ -860,7 +881,9 @@ impl RedisBackend {
     pub(crate) async fn run(&self, call: Call) -> Result<Reply> {
         let Call {
             op,
-            invocation,
+            script,
+            keys,
+            args,
             undo,
             must_land,
             slot,
@@ -874,7 +897,24 @@ impl RedisBackend {
         };
         let mut conn = self.conn();
         let answer = self
-            .call(op, slot, invocation.invoke_async::<Value>(&mut conn))
+            .call(op, slot, async {
+                match script
+                    .command(false, &keys, &args)
+                    .query_async::<Value>(&mut conn)
+                    .await
+                {
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        script
+                            .command(true, &keys, &args)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                    answer => answer,
+                }
+            })
             .await;
         guard.settle(&answer);
         answer.map(Reply::from)
@@ -1037,7 +1077,9 @@ impl Drop for ShardWatch {
         let conn = self.conn.read().unwrap_or_else(|e| e.into_inner()).clone();
         let timeout = self.timeout;
         rt.spawn(async move {
-            // A watcher that came back meanwhile keeps the subscription (it subscribed again, or found it).
+            let _order = state.subscribing.lock().await;
+            // A watcher that came back meanwhile keeps the subscription (it subscribed again, or will, after
+            // this lock).
             if state.is_watched(&channel) {
                 return;
             }
@@ -1142,6 +1184,10 @@ mod tests {
             ("redis+unix:///tmp/r.sock?pass=s3cretPW9", "s3cretPW9"),
             ("mem://user:s3cretPW9@host", "s3cretPW9"),
             ("redis://u:p@ss:w/o?rd@host:1/0", "p@ss:w/o?rd"),
+            (
+                "redis+sentinel://h:1/m?sentinel_password=s3cret@nelPw",
+                "nelPw",
+            ),
         ] {
             let r = redact(url);
             assert!(!r.contains(secret), "{url} -> {r}");

@@ -212,9 +212,11 @@ fn parse_query(query: &str) -> std::result::Result<(Option<String>, Option<Strin
             SENTINEL_USERNAME => &mut username,
             SENTINEL_PASSWORD => &mut password,
             _ => {
+                // Not named: an unencoded `&` in a password makes its tail look like a parameter.
                 return Err(format!(
-                    "unknown query parameter `{key}`: a Sentinel URL takes only `{SENTINEL_USERNAME}` and \
-                     `{SENTINEL_PASSWORD}` (the sentinels' credentials; the data nodes' go before the `@`)"
+                    "an unknown query parameter: a Sentinel URL takes only `{SENTINEL_USERNAME}` and \
+                     `{SENTINEL_PASSWORD}` (the sentinels' credentials; the data nodes' go before the `@`); \
+                     percent-encode `&`, `=`, `@` and `#` in passwords (`%26`, `%3D`, `%40`, `%23`)"
                 ));
             }
         };
