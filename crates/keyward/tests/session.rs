@@ -613,7 +613,7 @@ fn one_node_cluster() -> keyward_testkit::RedisServer {
 async fn every_session_script_keeps_to_one_slot_on_a_cluster_node() {
     let server = one_node_cluster();
     let kw = Keyward::connect(
-        &server.url(),
+        &server.url().replacen("redis://", "redis+cluster://", 1),
         policy(&format!("sess{}", std::process::id())),
     )
     .await
@@ -703,7 +703,7 @@ async fn the_tower_store_keeps_to_one_slot_while_secrets_rotate() {
 
     let server = one_node_cluster();
     let kw = Keyward::connect(
-        &server.url(),
+        &server.url().replacen("redis://", "redis+cluster://", 1),
         policy(&format!("sess{}", std::process::id())),
     )
     .await
