@@ -777,6 +777,12 @@ fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
     let app = format!("epochsdown{}", std::process::id());
     let gens_key = format!("test:{app}:_kw:gens");
     let epochs_primary = cluster.master_for_key(&gens_key).port;
+    // An id whose entry lives on another primary (found before the pause: a frozen primary is soon flagged
+    // failed, and the topology then names no master for its slots).
+    let id = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|id| cluster.master_for_key(&format!("{{{id}}}")).port != epochs_primary)
+        .unwrap();
     cluster.pause(epochs_primary);
     let rt = runtime();
     let options = ConnectOptions::default().response_timeout(Duration::from_millis(300));
@@ -788,11 +794,6 @@ fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
         ))
         .expect("connects although the epochs' primary is frozen");
     let c = kw.cache::<String>("product").unwrap();
-    // An id whose entry lives on another primary.
-    let id = (0..100)
-        .map(|i| format!("k{i}"))
-        .find(|id| cluster.master_for_key(&format!("{{{id}}}")).port != epochs_primary)
-        .unwrap();
     let loads = Arc::new(AtomicUsize::new(0));
     let load = || {
         let loads = loads.clone();

@@ -562,14 +562,11 @@ pub(crate) async fn scan(
                     conn.route_pipeline(pipe, 0, keys.len(), route.clone()),
                 )
                 .await?;
-                for (key, ttl) in keys.into_iter().zip(ttls) {
-                    let ttl: i64 = redis::from_redis_value(ttl)?;
-                    if ttl == -2 {
-                        continue;
-                    }
-                    let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
-                    out.push(KeyTtl { key, ttl });
-                }
+                let ttls = ttls
+                    .into_iter()
+                    .map(redis::from_redis_value::<i64>)
+                    .collect::<Result<Vec<_>, _>>()?;
+                super::push_ttls(&mut out, keys, ttls);
             }
             if next == 0 {
                 break;
@@ -577,9 +574,7 @@ pub(crate) async fn scan(
             cursor = next;
         }
     }
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    out.dedup_by(|a, b| a.key == b.key);
-    Ok(out)
+    Ok(super::sorted(out))
 }
 
 async fn bounded<T>(

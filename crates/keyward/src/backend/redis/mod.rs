@@ -1036,23 +1036,14 @@ impl RedisBackend {
                     pipe.cmd("PTTL").arg(k);
                 }
                 let ttls: Vec<i64> = self.call("scan", None, pipe.query_async(&mut conn)).await?;
-                for (key, ttl) in keys.into_iter().zip(ttls) {
-                    // -2: expired between SCAN and PTTL.
-                    if ttl == -2 {
-                        continue;
-                    }
-                    let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
-                    out.push(KeyTtl { key, ttl });
-                }
+                push_ttls(&mut out, keys, ttls);
             }
             if next == 0 {
                 break;
             }
             cursor = next;
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out.dedup_by(|a, b| a.key == b.key);
-        Ok(out)
+        Ok(sorted(out))
     }
 }
 
@@ -1123,6 +1114,29 @@ impl<U: FnOnce() -> Undo> Drop for UndoGuard<'_, U> {
             self.backend.spawn_undo(self.op, undo());
         }
     }
+}
+
+/// Add each of `keys` with its `PTTL` reply to `out`, skipping keys that expired between `SCAN` and `PTTL`
+/// (`-2`); `-1` (no TTL, which keyward never writes) is `None`.
+pub(super) fn push_ttls(
+    out: &mut Vec<KeyTtl>,
+    keys: Vec<String>,
+    ttls: impl IntoIterator<Item = i64>,
+) {
+    for (key, ttl) in keys.into_iter().zip(ttls) {
+        if ttl == -2 {
+            continue;
+        }
+        let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
+        out.push(KeyTtl { key, ttl });
+    }
+}
+
+/// A walk's keys sorted, each once (SCAN may return a key twice).
+pub(super) fn sorted(mut out: Vec<KeyTtl>) -> Vec<KeyTtl> {
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.dedup_by(|a, b| a.key == b.key);
+    out
 }
 
 /// Whether a failed call may still have been executed by the server (it was sent, no answer came back).
