@@ -98,10 +98,19 @@ pub(crate) struct RedisBackend {
 /// `host:port`, `tls://host:port` or `unix:/path` — never credentials.
 pub(crate) fn describe(addr: &ConnectionAddr) -> String {
     match addr {
-        ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-        ConnectionAddr::TcpTls { host, port, .. } => format!("tls://{host}:{port}"),
+        ConnectionAddr::Tcp(host, port) => format!("{}:{port}", bracketed(host)),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("tls://{}:{port}", bracketed(host)),
         ConnectionAddr::Unix(path) => format!("unix:{}", path.display()),
         other => format!("{other:?}"),
+    }
+}
+
+/// `[::1]` for an IPv6 address (so `[::1]:7000` reads as host and port), the host itself otherwise.
+fn bracketed(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]").into()
+    } else {
+        host.into()
     }
 }
 
@@ -550,6 +559,8 @@ impl RedisBackend {
             .rsplit_once(':')
             .map_or(seed_node.as_str(), |(h, _)| h)
             .trim_start_matches("tls://")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
             .to_owned();
 
         // Pushes arrive before the state exists (the subscription below); they go through a weak slot.
@@ -1232,6 +1243,18 @@ mod tests {
                 proptest::prop_assert!(!message.contains(&password), "{} -> {}", url, message);
             }
         }
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(
+            describe(&ConnectionAddr::Tcp("::1".into(), 7000)),
+            "[::1]:7000"
+        );
+        assert_eq!(
+            describe(&ConnectionAddr::Tcp("10.0.0.1".into(), 7000)),
+            "10.0.0.1:7000"
+        );
     }
 
     #[test]
