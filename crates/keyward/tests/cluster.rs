@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::common;
 use keyward::policy::{Algorithm, CacheClass, LockClass, Policy, RateLimitClass};
 use keyward::{ConnectOptions, Keyward};
 use keyward_testkit::{ClusterOptions, RedisCluster};
@@ -50,14 +51,6 @@ fn now_us() -> u64 {
             .as_micros(),
     )
     .unwrap()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn test_path(test: &str) -> String {
@@ -136,7 +129,7 @@ fn group_invalidation_is_bounded_across_processes() {
         .unwrap();
     let gens_key = format!("test:{app}:_kw:gens");
     const ROUNDS: u64 = 16;
-    let invalidated: Vec<(u64, u64, bool)> = runtime().block_on(async {
+    let invalidated: Vec<(u64, u64, bool)> = common::runtime().block_on(async {
         let kw = Keyward::connect_with(&url, policy(&app), options())
             .await
             .unwrap();
@@ -237,7 +230,7 @@ fn child_reader() {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let kw = Keyward::connect_with(&url, policy(&app), options())
             .await
             .unwrap();
@@ -270,7 +263,7 @@ fn child_reader() {
 fn keyspace_walk_covers_every_primary() {
     let cluster = RedisCluster::shared();
     let app = format!("walk{}", std::process::id());
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let kw = Keyward::connect(&cluster.seed_url(), policy(&app))
             .await
             .unwrap();
@@ -353,7 +346,7 @@ fn master_failover_under_load() {
     );
     let url = cluster.seed_url();
     let app = format!("failover{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let kw = rt
         .block_on(Keyward::connect_with(
             &url,
@@ -512,21 +505,6 @@ fn master_failover_under_load() {
     }
 }
 
-/// Subscribers of a sharded channel, asked of the node serving the channel's slot.
-fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> i64 {
-    let node = cluster.master_for_key(channel);
-    let mut con = redis::Client::open(node.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let reply: (String, i64) = redis::cmd("PUBSUB")
-        .arg("SHARDNUMSUB")
-        .arg(channel)
-        .query(&mut con)
-        .unwrap();
-    reply.1
-}
-
 /// Wake-ups on Cluster travel on the key's sharded channel: with a response timeout (and so a re-check
 /// interval) of 60 s and a fill lease of 60 s, a cache waiter and a lock waiter in another handle can only
 /// finish soon after the commit or release by being woken. The waiter's subscription exists while it waits and
@@ -548,7 +526,7 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
         .build()
         .unwrap();
     let slow = ConnectOptions::default().response_timeout(Duration::from_secs(60));
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let a = Keyward::connect_with(&url, policy.clone(), slow.clone())
             .await
             .unwrap();
@@ -586,7 +564,7 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
         });
         // Until the waiter has subscribed (a condition, polled; not a delay).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while shard_subscribers(cluster, &channel) == 0 {
+        while common::shard_subscribers(cluster, &channel) == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the waiter never subscribed to {channel}"
@@ -602,7 +580,7 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
             .unwrap();
         assert_eq!(got, "from-a", "the waiter got the holder's value: {key}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while shard_subscribers(cluster, &channel) != 0 {
+        while common::shard_subscribers(cluster, &channel) != 0 {
             assert!(
                 Instant::now() < deadline,
                 "the subscription outlived its waiters"
@@ -616,7 +594,7 @@ fn sharded_wake_ups_reach_waiters_in_other_handles() {
         let lock_channel = format!("test:{app}:_kw:fills:{{x}}");
         let waiter = tokio::spawn(async move { lb.lock("x").await });
         let deadline = Instant::now() + Duration::from_secs(20);
-        while shard_subscribers(cluster, &lock_channel) == 0 {
+        while common::shard_subscribers(cluster, &lock_channel) == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the lock waiter never subscribed"
@@ -656,7 +634,7 @@ fn wake_ups_work_across_a_failover() {
         .build()
         .unwrap();
     let slow = ConnectOptions::default().response_timeout(Duration::from_secs(60));
-    let rt = runtime();
+    let rt = common::runtime();
     let (a, b) = rt.block_on(async {
         (
             Keyward::connect_with(&url, policy.clone(), slow.clone())
@@ -702,7 +680,7 @@ fn wake_ups_work_across_a_failover() {
     }
     let wait_subscribed = |cluster: &RedisCluster, channel: &str| {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while shard_subscribers(cluster, channel) == 0 {
+        while common::shard_subscribers(cluster, channel) == 0 {
             assert!(Instant::now() < deadline, "nobody subscribed to {channel}");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -784,7 +762,7 @@ fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
         .find(|id| cluster.master_for_key(&format!("{{{id}}}")).port != epochs_primary)
         .unwrap();
     cluster.pause(epochs_primary);
-    let rt = runtime();
+    let rt = common::runtime();
     let options = ConnectOptions::default().response_timeout(Duration::from_millis(300));
     let kw = rt
         .block_on(Keyward::connect_with(
@@ -840,7 +818,7 @@ fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
 #[test]
 fn misconfigured_urls_are_refused_at_connect() {
     let cluster = RedisCluster::shared();
-    let rt = runtime();
+    let rt = common::runtime();
     let plain = cluster.urls()[0].clone();
     let err = rt
         .block_on(Keyward::connect(&plain, policy("plain")))
@@ -881,7 +859,7 @@ fn misconfigured_urls_are_refused_at_connect() {
 fn clusterdown_is_reported_as_itself_and_promptly() {
     let mut cluster = RedisCluster::spawn();
     let app = format!("down{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let kw = rt
         .block_on(Keyward::connect_with(
             &cluster.seed_url(),

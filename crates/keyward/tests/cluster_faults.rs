@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common;
 use keyward::policy::{CacheClass, LockClass, Policy};
 use keyward::{ConnectOptions, Keyward};
 use keyward_testkit::{ClusterOptions, RedisCluster};
@@ -32,14 +33,6 @@ fn policy(app: &str) -> Policy {
             "job",
             LockClass::new(Duration::from_secs(30)).wait(Duration::from_secs(25)),
         )
-        .build()
-        .unwrap()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
         .build()
         .unwrap()
 }
@@ -65,7 +58,7 @@ fn a_corrupt_epoch_field_is_repaired_not_read_as_zero() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_corrupt{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let a = Keyward::connect_with(&url, policy(&app), opts())
             .await
@@ -104,7 +97,7 @@ fn an_epochs_key_of_the_wrong_type_is_repaired() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_wrongtype{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let a = Keyward::connect_with(&url, policy(&app), opts())
             .await
@@ -129,20 +122,6 @@ fn an_epochs_key_of_the_wrong_type_is_repaired() {
     });
 }
 
-fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> i64 {
-    let node = cluster.master_for_key(channel);
-    let mut con = redis::Client::open(node.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let reply: (String, i64) = redis::cmd("PUBSUB")
-        .arg("SHARDNUMSUB")
-        .arg(channel)
-        .query(&mut con)
-        .unwrap();
-    reply.1
-}
-
 /// A primary frozen with SIGSTOP: calls to keys on the *other* primaries must neither fail nor wait.
 /// Measures, per call on a live primary, the latency and failures while the paused primary's keys are also
 /// being hit (opening its breaker).
@@ -156,7 +135,7 @@ fn paused_primary_does_not_stall_the_others() {
     );
     let url = cluster.seed_url();
     let app = format!("brk_pause{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let kw = rt
         .block_on(Keyward::connect_with(
             &url,
@@ -264,7 +243,7 @@ fn cancelled_waiters_leave_no_subscription() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_cancel{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let slow = opts().response_timeout(Duration::from_secs(30));
         let a = Keyward::connect_with(&url, policy(&app), slow.clone())
@@ -311,7 +290,7 @@ fn cancelled_waiters_leave_no_subscription() {
             let _ = h.await;
             if leaked_at.is_none() && i % 50 == 49 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if shard_subscribers(cluster, &channel) > 0 {
+                if common::shard_subscribers(cluster, &channel) > 0 {
                     leaked_at = Some(i);
                 }
             }
@@ -320,10 +299,10 @@ fn cancelled_waiters_leave_no_subscription() {
         release.notify_one();
         assert_eq!(holder.await.unwrap().unwrap(), "from-a");
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut n = shard_subscribers(cluster, &channel);
+        let mut n = common::shard_subscribers(cluster, &channel);
         while n != 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            n = shard_subscribers(cluster, &channel);
+            n = common::shard_subscribers(cluster, &channel);
         }
         assert_eq!(
             n, 0,
@@ -354,7 +333,7 @@ fn cancelled_waiters_leave_no_subscription() {
         });
         let channel2 = format!("test:{app}:_kw:fills:{{k2}}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while shard_subscribers(cluster, &channel2) == 0 {
+        while common::shard_subscribers(cluster, &channel2) == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the later waiter never subscribed"
@@ -372,86 +351,20 @@ fn cancelled_waiters_leave_no_subscription() {
     });
 }
 
-/// A process that starts (or first uses a script) while one primary is frozen: its calls to keys on the
-/// *live* primaries must not fail or wait. Script calls that meet NOSCRIPT make redis-rs send `SCRIPT LOAD` to
-/// every primary, the frozen one included.
-#[test]
-fn a_first_script_call_does_not_wait_for_a_frozen_primary() {
-    let mut cluster = RedisCluster::spawn_with(
-        ClusterOptions::default()
-            .node_timeout(Duration::from_millis(30000))
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
-    );
-    let url = cluster.seed_url();
-    let app = format!("brk_noscript{}", std::process::id());
-    let rt = runtime();
-    let probe_kw = rt.block_on(Keyward::connect(&url, policy(&app))).unwrap();
-    let probe = probe_kw.cache::<String>("product").unwrap();
-    let gens_master = cluster.master_for_key(&format!("test:{app}:_kw:gens"));
-    let victim = (0..200)
-        .map(|i| cluster.master_for_key(&probe.key(&format!("v{i}")).unwrap()))
-        .find(|m| m.port != gens_master.port)
-        .unwrap();
-    let live: Vec<String> = (0..200)
-        .map(|i| format!("l{i}"))
-        .filter(|id| {
-            cluster
-                .master_for_key(&probe.key(id.as_str()).unwrap())
-                .port
-                != victim.port
-        })
-        .take(4)
-        .collect();
-    drop(probe_kw);
-    let kw = rt
-        .block_on(Keyward::connect_with(
-            &url,
-            policy(&app),
-            opts().response_timeout(Duration::from_millis(300)),
-        ))
-        .unwrap();
-    cluster.pause(victim.port);
-    rt.block_on(async {
-        let cache = kw.cache::<String>("product").unwrap();
-        let locks = kw.locks("job").unwrap();
-        let mut report = Vec::new();
-        for id in &live {
-            let s = Instant::now();
-            let r1 = cache.set(id.as_str(), id).await.map_err(|e| e.to_string());
-            let t1 = s.elapsed();
-            let s = Instant::now();
-            let r2 = cache.get(id.as_str()).await.map_err(|e| e.to_string());
-            let t2 = s.elapsed();
-            let s = Instant::now();
-            let r3 = locks
-                .try_lock(id.as_str())
-                .await
-                .map(|g| g.is_some())
-                .map_err(|e| e.to_string());
-            let t3 = s.elapsed();
-            report.push(format!(
-                "{id}: set {r1:?} {t1:?}; get {r2:?} {t2:?}; try_lock {r3:?} {t3:?}; breaker {:?}",
-                kw.breaker_state()
-            ));
-        }
-        for l in &report {
-            println!("{l}");
-        }
-        let joined = report.join("\n");
-        assert!(
-            !joined.contains("Err") && !joined.contains("None"),
-            "calls to live primaries failed:\n{joined}"
-        );
-    });
-    cluster.resume(victim.port);
+/// How a primary is taken away in [`first_script_calls_with_a_primary`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// `SIGSTOP`: it accepts connections and never answers.
+    Frozen,
+    /// `SIGKILL`: connections are refused.
+    Dead,
 }
 
-/// A process that starts (or first uses a script) while one primary is frozen: its calls to keys on the
-/// *live* primaries must not fail or wait. Script calls that meet NOSCRIPT make redis-rs send `SCRIPT LOAD` to
-/// every primary, the frozen one included.
-#[test]
-fn a_first_script_call_does_not_wait_for_a_dead_primary() {
+/// A process that starts (and so first uses each script) while one primary is frozen or dead: its calls to keys
+/// on the *live* primaries must not fail (each is bounded by a 300 ms response timeout, so one that waited for
+/// the missing primary would). Scripts that meet `NOSCRIPT` used to be loaded with `SCRIPT LOAD`, which redis-rs
+/// sends to every primary, the missing one included.
+fn first_script_calls_with_a_primary(gone: Gone) {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .node_timeout(Duration::from_millis(30000))
@@ -459,8 +372,12 @@ fn a_first_script_call_does_not_wait_for_a_dead_primary() {
             .arg("no"),
     );
     let url = cluster.seed_url();
-    let app = format!("brk_noscriptk{}", std::process::id());
-    let rt = runtime();
+    let app = format!(
+        "brk_noscript{}{}",
+        u8::from(gone == Gone::Dead),
+        std::process::id()
+    );
+    let rt = common::runtime();
     let probe_kw = rt.block_on(Keyward::connect(&url, policy(&app))).unwrap();
     let probe = probe_kw.cache::<String>("product").unwrap();
     let gens_master = cluster.master_for_key(&format!("test:{app}:_kw:gens"));
@@ -486,32 +403,26 @@ fn a_first_script_call_does_not_wait_for_a_dead_primary() {
             opts().response_timeout(Duration::from_millis(300)),
         ))
         .unwrap();
-    cluster.kill_node(victim.port);
+    match gone {
+        Gone::Frozen => cluster.pause(victim.port),
+        Gone::Dead => cluster.kill_node(victim.port),
+    }
     rt.block_on(async {
         let cache = kw.cache::<String>("product").unwrap();
         let locks = kw.locks("job").unwrap();
         let mut report = Vec::new();
         for id in &live {
-            let s = Instant::now();
             let r1 = cache.set(id.as_str(), id).await.map_err(|e| e.to_string());
-            let t1 = s.elapsed();
-            let s = Instant::now();
             let r2 = cache.get(id.as_str()).await.map_err(|e| e.to_string());
-            let t2 = s.elapsed();
-            let s = Instant::now();
             let r3 = locks
                 .try_lock(id.as_str())
                 .await
                 .map(|g| g.is_some())
                 .map_err(|e| e.to_string());
-            let t3 = s.elapsed();
             report.push(format!(
-                "{id}: set {r1:?} {t1:?}; get {r2:?} {t2:?}; try_lock {r3:?} {t3:?}; breaker {:?}",
+                "{id}: set {r1:?}; get {r2:?}; try_lock {r3:?}; breaker {:?}",
                 kw.breaker_state()
             ));
-        }
-        for l in &report {
-            println!("{l}");
         }
         let joined = report.join("\n");
         assert!(
@@ -519,6 +430,19 @@ fn a_first_script_call_does_not_wait_for_a_dead_primary() {
             "calls to live primaries failed:\n{joined}"
         );
     });
+    if gone == Gone::Frozen {
+        cluster.resume(victim.port);
+    }
+}
+
+#[test]
+fn a_first_script_call_does_not_wait_for_a_frozen_primary() {
+    first_script_calls_with_a_primary(Gone::Frozen);
+}
+
+#[test]
+fn a_first_script_call_does_not_wait_for_a_dead_primary() {
+    first_script_calls_with_a_primary(Gone::Dead);
 }
 
 /// A new process connecting while one primary is frozen (a blackholed host, before or after the cluster
@@ -547,7 +471,7 @@ fn a_handle_connects_while_a_primary_is_frozen() {
         assert!(Instant::now() < deadline, "never flagged failed");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rt = runtime();
+    let rt = common::runtime();
     let s = Instant::now();
     let r = rt.block_on(Keyward::connect_with(
         &url,
@@ -831,7 +755,7 @@ fn undo_of_a_timed_out_fetch_on_cluster() {
     );
     let url = cluster.seed_url();
     let app = format!("brk_undo{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let kw = rt
         .block_on(Keyward::connect_with(
             &url,
@@ -924,7 +848,7 @@ fn an_out_of_range_epoch_does_not_outrank_later_invalidations() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_huge{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let mut r = raw(cluster);
         let () = redis::cmd("HSET")
@@ -959,7 +883,7 @@ fn an_out_of_range_epoch_does_not_outrank_later_invalidations() {
 fn corruptions_on_one_server_control() {
     let server = keyward_testkit::RedisServer::spawn();
     let url = server.url();
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         for (i, value) in ["9007199254740993", "garbage"].iter().enumerate() {
             let app = format!("ctl{i}");
@@ -1017,7 +941,7 @@ fn a_watch_arriving_while_an_unwatch_is_in_flight_is_woken() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_race{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let lost = rt.block_on(async {
         let slow = opts().response_timeout(Duration::from_secs(30));
         let a = Keyward::connect_with(&url, policy2(&app), slow.clone())
@@ -1057,7 +981,7 @@ fn a_watch_arriving_while_an_unwatch_is_in_flight_is_woken() {
                 .await
             });
             let channel = format!("test:{app}:_kw:fills:{{{id}}}");
-            while shard_subscribers(cluster, &channel) == 0 {
+            while common::shard_subscribers(cluster, &channel) == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let id2 = id.clone();
@@ -1101,7 +1025,7 @@ fn many_waiters_on_many_keys_are_woken_and_leave_no_subscription() {
     let cluster = RedisCluster::shared();
     let url = cluster.seed_url();
     let app = format!("brk_many{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let slow = opts().response_timeout(Duration::from_secs(30));
         let a = Keyward::connect_with(&url, policy2(&app), slow.clone())
@@ -1144,7 +1068,8 @@ fn many_waiters_on_many_keys_are_woken_and_leave_no_subscription() {
         loop {
             let mut n = 0;
             for i in 0..N {
-                n += shard_subscribers(cluster, &format!("test:{app}:_kw:fills:{{m{i}}}")).min(1);
+                n += common::shard_subscribers(cluster, &format!("test:{app}:_kw:fills:{{m{i}}}"))
+                    .min(1);
             }
             if n as usize == N {
                 break;
@@ -1170,7 +1095,7 @@ fn many_waiters_on_many_keys_are_woken_and_leave_no_subscription() {
         loop {
             let mut n = 0;
             for i in 0..N {
-                n += shard_subscribers(cluster, &format!("test:{app}:_kw:fills:{{m{i}}}"));
+                n += common::shard_subscribers(cluster, &format!("test:{app}:_kw:fills:{{m{i}}}"));
             }
             if n == 0 {
                 break;
@@ -1194,7 +1119,7 @@ fn a_caller_sharing_a_fetch_is_held_to_the_bound() {
     );
     let url = cluster.seed_url();
     let app = format!("brk_follow{}", std::process::id());
-    let rt = runtime();
+    let rt = common::runtime();
     let o = opts().response_timeout(Duration::from_secs(3));
     let (h1, h3) = rt.block_on(async {
         (

@@ -453,3 +453,27 @@ impl Drop for Harness {
         }
     }
 }
+
+/// A two-worker runtime for tests that drive real processes from a plain `#[test]`.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// How many clients are subscribed to the sharded `channel`, asked of the primary serving its slot.
+pub fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> i64 {
+    let node = cluster.master_for_key(channel);
+    let mut con = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channel)
+        .query(&mut con)
+        .unwrap();
+    reply.1
+}
