@@ -34,10 +34,43 @@ conformance!(
     value_size_limit_names_class_and_size,
     personal_classes_are_refused,
     key_errors_are_typed,
+    stats_count_what_each_class_did,
 );
 
 mod cases {
     use super::*;
+
+    pub async fn stats_count_what_each_class_did(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("product").unwrap();
+        assert_eq!(c.stats(), keyward::CacheStats::default());
+        assert_eq!(c.stats().hit_ratio(), None);
+        let load = || async { ok("v".to_owned()) };
+        c.get_or_set(&1, load).await.unwrap(); // miss, one load
+        c.get_or_set(&1, load).await.unwrap(); // hit
+        c.get_or_set(&1, load).await.unwrap(); // hit
+        assert_eq!(c.get(&2).await.unwrap(), None); // miss
+        let failing = c
+            .get_or_set(&3, || async {
+                Err::<String, _>(std::io::Error::other("source down"))
+            })
+            .await;
+        assert!(failing.is_err());
+        // Another `Cache` of the class on the same handle shares the totals; another class has its own.
+        let same = kw.cache::<String>("product").unwrap().stats();
+        let s = c.stats();
+        assert_eq!(same, s);
+        assert_eq!(
+            (s.hits, s.misses, s.loader_calls, s.loader_errors),
+            (2, 3, 2, 1),
+            "{s:?}"
+        );
+        assert_eq!(s.hit_ratio(), Some(0.4));
+        assert_eq!(
+            kw.cache::<String>("other").unwrap().stats(),
+            keyward::CacheStats::default()
+        );
+    }
 
     fn ok<T>(v: T) -> Result<T, std::io::Error> {
         Ok(v)

@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,34 +39,127 @@ const MAX_HEALS: u32 = 3;
 
 /// Per-class counters, registered once per handle (the `metrics` facade; install any recorder).
 pub(crate) struct CacheMetrics {
-    hits: Counter,
-    misses: Counter,
-    negative_hits: Counter,
-    coalesced: Counter,
-    loader_calls: Counter,
-    loader_errors: Counter,
-    lease_waits: Counter,
-    fills_refused: Counter,
-    decode_errors: Counter,
-    fail_open: Counter,
+    hits: Tally,
+    misses: Tally,
+    negative_hits: Tally,
+    coalesced: Tally,
+    loader_calls: Tally,
+    loader_errors: Tally,
+    lease_waits: Tally,
+    fills_refused: Tally,
+    decode_errors: Tally,
+    fail_open: Tally,
     loader_seconds: Histogram,
 }
 
+/// One counter, twice: the `metrics` counter (for an exporter) and this handle's own total (for
+/// [`Cache::stats`]).
+struct Tally {
+    counter: Counter,
+    total: Arc<AtomicU64>,
+}
+
+impl Tally {
+    fn increment(&self, n: u64) {
+        self.counter.increment(n);
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Per-handle totals of every cache class, so that all `Cache` values of one class share them.
+#[derive(Default)]
+struct StatsTable(std::sync::Mutex<std::collections::HashMap<String, Arc<ClassTotals>>>);
+
+/// One class's totals.
+#[derive(Default)]
+struct ClassTotals {
+    hits: Arc<AtomicU64>,
+    misses: Arc<AtomicU64>,
+    negative_hits: Arc<AtomicU64>,
+    coalesced: Arc<AtomicU64>,
+    loader_calls: Arc<AtomicU64>,
+    loader_errors: Arc<AtomicU64>,
+    lease_waits: Arc<AtomicU64>,
+    fills_refused: Arc<AtomicU64>,
+    decode_errors: Arc<AtomicU64>,
+    fail_open: Arc<AtomicU64>,
+}
+
+/// What one cache class did through one [`Keyward`] handle since the handle was created (every `Cache` of
+/// the class on the handle counts here): a snapshot from [`Cache::stats`], for an application to show. The
+/// same counts go to the `keyward_cache_*_total` metrics, labelled by class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Reads answered with a stored value.
+    pub hits: u64,
+    /// Reads that found no usable value (this caller, or the one it shared a load with, loaded).
+    pub misses: u64,
+    /// Reads answered with a cached "absent" (negative caching).
+    pub negative_hits: u64,
+    /// Calls that shared another caller's fetch in this process (single-flight) instead of asking Redis.
+    pub coalesced: u64,
+    /// Loader calls.
+    pub loader_calls: u64,
+    /// Loader calls that failed or timed out.
+    pub loader_errors: u64,
+    /// Waits for another caller's fill lease (anywhere in the fleet).
+    pub lease_waits: u64,
+    /// Fills refused because an invalidation voided their lease (the value was returned, not stored).
+    pub fills_refused: u64,
+    /// Stored values that could not be decoded (removed and treated as misses).
+    pub decode_errors: u64,
+    /// Calls answered from the source because Redis was unavailable (`on_error = "fail_open"`).
+    pub fail_open: u64,
+}
+
+impl CacheStats {
+    /// `hits + negative_hits` over all reads that found or loaded a value; `None` before the first one.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let found = self.hits + self.negative_hits;
+        let total = found + self.misses;
+        // Counts stay far below 2^52, where u64 → f64 is exact.
+        #[allow(clippy::cast_precision_loss)]
+        (total > 0).then(|| found as f64 / total as f64)
+    }
+}
+
 impl CacheMetrics {
-    fn new(class: &str) -> Self {
-        let c = |name: &'static str| metrics::counter!(name, "class" => class.to_owned());
+    fn new(class: &str, totals: &ClassTotals) -> Self {
+        let t = |name: &'static str, total: &Arc<AtomicU64>| Tally {
+            counter: metrics::counter!(name, "class" => class.to_owned()),
+            total: Arc::clone(total),
+        };
         Self {
-            hits: c("keyward_cache_hits_total"),
-            misses: c("keyward_cache_misses_total"),
-            negative_hits: c("keyward_cache_negative_hits_total"),
-            coalesced: c("keyward_cache_coalesced_total"),
-            loader_calls: c("keyward_cache_loader_calls_total"),
-            loader_errors: c("keyward_cache_loader_errors_total"),
-            lease_waits: c("keyward_cache_lease_waits_total"),
-            fills_refused: c("keyward_cache_fills_refused_total"),
-            decode_errors: c("keyward_cache_decode_errors_total"),
-            fail_open: c("keyward_cache_fail_open_total"),
+            hits: t("keyward_cache_hits_total", &totals.hits),
+            misses: t("keyward_cache_misses_total", &totals.misses),
+            negative_hits: t("keyward_cache_negative_hits_total", &totals.negative_hits),
+            coalesced: t("keyward_cache_coalesced_total", &totals.coalesced),
+            loader_calls: t("keyward_cache_loader_calls_total", &totals.loader_calls),
+            loader_errors: t("keyward_cache_loader_errors_total", &totals.loader_errors),
+            lease_waits: t("keyward_cache_lease_waits_total", &totals.lease_waits),
+            fills_refused: t("keyward_cache_fills_refused_total", &totals.fills_refused),
+            decode_errors: t("keyward_cache_decode_errors_total", &totals.decode_errors),
+            fail_open: t("keyward_cache_fail_open_total", &totals.fail_open),
             loader_seconds: metrics::histogram!("keyward_cache_loader_seconds", "class" => class.to_owned()),
+        }
+    }
+}
+
+impl ClassTotals {
+    fn snapshot(&self) -> CacheStats {
+        let g = |a: &Arc<AtomicU64>| a.load(Ordering::Relaxed);
+        CacheStats {
+            hits: g(&self.hits),
+            misses: g(&self.misses),
+            negative_hits: g(&self.negative_hits),
+            coalesced: g(&self.coalesced),
+            loader_calls: g(&self.loader_calls),
+            loader_errors: g(&self.loader_errors),
+            lease_waits: g(&self.lease_waits),
+            fills_refused: g(&self.fills_refused),
+            decode_errors: g(&self.decode_errors),
+            fail_open: g(&self.fail_open),
         }
     }
 }
@@ -75,13 +169,15 @@ pub(crate) struct ClassInfo {
     policy: CacheClass,
     keys: KeySpace,
     metrics: CacheMetrics,
+    totals: Arc<ClassTotals>,
 }
 
 impl ClassInfo {
-    pub(crate) fn new(name: &str, policy: CacheClass, keys: KeySpace) -> Self {
+    fn new(name: &str, policy: CacheClass, keys: KeySpace, totals: Arc<ClassTotals>) -> Self {
         Self {
             name: name.to_owned(),
-            metrics: CacheMetrics::new(name),
+            metrics: CacheMetrics::new(name, &totals),
+            totals,
             policy,
             keys,
         }
@@ -170,7 +266,11 @@ impl Keyward {
         Ok(Cache {
             kw: self.clone(),
             flights: self.shared::<Flights>(),
-            class: Arc::new(ClassInfo::new(class, cache_class, keys)),
+            class: Arc::new(ClassInfo::new(class, cache_class, keys, {
+                let table = self.shared::<StatsTable>();
+                let mut map = table.0.lock().unwrap_or_else(|e| e.into_inner());
+                Arc::clone(map.entry(class.to_owned()).or_default())
+            })),
             _types: PhantomData,
         })
     }
@@ -280,6 +380,13 @@ where
     /// The class's declared policy.
     pub fn policy(&self) -> &CacheClass {
         &self.class.policy
+    }
+
+    /// What this class did through this handle so far (every `Cache` of the class on the handle counts):
+    /// hits, misses, loader calls, fail-open answers… A snapshot; the same counts go to the
+    /// `keyward_cache_*_total` metrics.
+    pub fn stats(&self) -> CacheStats {
+        self.class.totals.snapshot()
     }
 
     /// The full Redis key of an entry (for logs and operators; the API never needs it).
