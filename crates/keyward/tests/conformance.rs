@@ -35,10 +35,71 @@ conformance!(
     personal_classes_are_refused,
     key_errors_are_typed,
     stats_count_what_each_class_did,
+    get_or_set_with_status_says_how_it_was_answered,
 );
 
 mod cases {
     use super::*;
+
+    pub async fn get_or_set_with_status_says_how_it_was_answered(h: Harness) {
+        use keyward::CacheLookup;
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("product").unwrap();
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async { ok("a".to_owned()) })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("a", CacheLookup::Miss));
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async { ok("b".to_owned()) })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("a", CacheLookup::Hit));
+        // Six callers of one cold entry in one process: exactly one loads, the others share its outcome.
+        let gate = Arc::new(Notify::new());
+        let leader = {
+            let (c, gate) = (c.clone(), gate.clone());
+            tokio::spawn(async move {
+                c.get_or_set_with_status(&2, || async move {
+                    gate.notified().await;
+                    ok("shared".to_owned())
+                })
+                .await
+            })
+        };
+        let followers: Vec<_> = (0..5)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    c.get_or_set_with_status(&2, || async { ok("other".to_owned()) })
+                        .await
+                })
+            })
+            .collect();
+        // A follower joins the flight (coalesced) or comes after its commit (a hit); either way exactly one
+        // caller loads.
+        gate.notify_one();
+        let mut hows = vec![leader.await.unwrap().unwrap()];
+        for f in followers {
+            hows.push(f.await.unwrap().unwrap());
+        }
+        // Whichever caller led (spawn order is not run order), everyone got its value.
+        assert!(hows.iter().all(|(v, _)| *v == hows[0].0), "{hows:?}");
+        assert_eq!(
+            hows.iter()
+                .filter(|(_, how)| *how == CacheLookup::Miss)
+                .count(),
+            1,
+            "one caller loaded: {hows:?}"
+        );
+        assert!(
+            hows.iter().all(|(_, how)| matches!(
+                how,
+                CacheLookup::Miss | CacheLookup::Coalesced | CacheLookup::Hit
+            )),
+            "{hows:?}"
+        );
+    }
 
     pub async fn stats_count_what_each_class_did(h: Harness) {
         let kw = h.keyward().await;

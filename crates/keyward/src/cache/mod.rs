@@ -124,6 +124,67 @@ impl CacheStats {
     }
 }
 
+/// How a [`Cache::get_or_set_with_status`] call was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheLookup {
+    /// A stored value.
+    Hit,
+    /// A cached "absent" (negative caching).
+    NegativeHit,
+    /// No usable value: this caller loaded it (and stored it, unless an invalidation raced the load).
+    Miss,
+    /// Another caller in this process was already fetching it; this caller shared that outcome.
+    Coalesced,
+    /// Redis was unavailable (or the stored bytes kept failing to decode): the loader answered and nothing was
+    /// stored (`on_error = "fail_open"`).
+    FailOpen,
+}
+
+impl CacheLookup {
+    /// The name used in tracing spans and metrics (`hit`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheLookup::Hit => "hit",
+            CacheLookup::NegativeHit => "negative_hit",
+            CacheLookup::Miss => "miss",
+            CacheLookup::Coalesced => "coalesced",
+            CacheLookup::FailOpen => "fail_open",
+        }
+    }
+
+    fn from_u8(n: u8) -> Option<Self> {
+        [
+            CacheLookup::Hit,
+            CacheLookup::NegativeHit,
+            CacheLookup::Miss,
+            CacheLookup::Coalesced,
+            CacheLookup::FailOpen,
+        ]
+        .get(usize::from(n).checked_sub(1)?)
+        .copied()
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            CacheLookup::Hit => 1,
+            CacheLookup::NegativeHit => 2,
+            CacheLookup::Miss => 3,
+            CacheLookup::Coalesced => 4,
+            CacheLookup::FailOpen => 5,
+        }
+    }
+}
+
+/// Where a load records how it was answered (0: not yet); an atomic so that the load's future stays `Send`.
+type Seen = std::sync::atomic::AtomicU8;
+
+/// Record `lookup` for the caller and in the current tracing span.
+fn saw(seen: &Seen, lookup: CacheLookup) {
+    seen.store(lookup.to_u8(), Ordering::Relaxed);
+    tracing::Span::current().record("status", lookup.as_str());
+}
+
 impl CacheMetrics {
     fn new(class: &str, totals: &ClassTotals) -> Self {
         let t = |name: &'static str, total: &Arc<AtomicU64>| Tally {
@@ -572,10 +633,34 @@ where
         Fut: Future<Output = std::result::Result<V, E>>,
         E: Into<BoxError>,
     {
+        self.get_or_set_with_status(id, loader)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// [`get_or_set`](Self::get_or_set), also saying how the call was answered: a hit, a miss this caller
+    /// loaded, an outcome shared with another caller in this process, or the loader answering because Redis
+    /// is unavailable. The same counts are in [`stats`](Self::stats) and the metrics.
+    ///
+    /// # Errors
+    /// As [`get_or_set`](Self::get_or_set).
+    pub async fn get_or_set_with_status<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        loader: F,
+    ) -> Result<(V, CacheLookup)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let seen = Seen::new(0);
         let loaded = self
-            .load(id, false, || async { loader().await.map(Some) })
+            .load(id, false, || async { loader().await.map(Some) }, &seen)
             .await?;
-        loaded.ok_or_else(|| Error::Loader {
+        // Every path that returns a value records how; a miss is the conservative answer otherwise.
+        let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
+        loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
             class: self.class.name.clone(),
             source: Arc::new(
                 "keyward returned no value for a non-optional load (please report this bug)".into(),
@@ -598,7 +683,7 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        self.load(id, true, loader).await
+        self.load(id, true, loader, &Seen::new(0)).await
     }
 
     /// Write-through: run `persist` (the source-of-truth write) first; only if it succeeds, store `value`.
@@ -682,6 +767,7 @@ where
         id: &(impl IdParts + ?Sized),
         negative_ok: bool,
         loader: F,
+        seen: &Seen,
     ) -> Result<Option<V>>
     where
         F: FnOnce() -> Fut,
@@ -707,20 +793,20 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
                         // directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self.lead(&key, negative_ok, loader).await;
+                            let (result, _) = self.lead(&key, negative_ok, loader, seen).await;
                             return result;
                         }
                         Ok(followed) => match followed {
                             Some(Ok(Shared::Value(bytes))) => {
                                 if let Ok(v) = C::decode::<V>(&bytes) {
                                     self.class.metrics.coalesced.increment(1);
-                                    tracing::Span::current().record("status", "coalesced");
+                                    saw(seen, CacheLookup::Coalesced);
                                     return Ok(Some(v));
                                 }
                             }
                             Some(Ok(Shared::Negative)) => {
                                 self.class.metrics.coalesced.increment(1);
-                                tracing::Span::current().record("status", "coalesced");
+                                saw(seen, CacheLookup::Coalesced);
                                 return Ok(None);
                             }
                             Some(Err(e)) => return Err(e),
@@ -730,7 +816,7 @@ where
                     },
                 }
             };
-            let (result, outcome) = self.lead(&key, negative_ok, loader).await;
+            let (result, outcome) = self.lead(&key, negative_ok, loader, seen).await;
             leader.complete(outcome);
             result
         }
@@ -743,6 +829,7 @@ where
         key: &str,
         negative_ok: bool,
         loader: F,
+        seen: &Seen,
     ) -> (Result<Option<V>>, Outcome)
     where
         F: FnOnce() -> Fut,
@@ -770,7 +857,7 @@ where
                     // The store is down: the source still answers. This caller is the single-flight leader, so
                     // concurrent callers in this process share this one load; nothing is written.
                     Err(err) if self.fails_open(&err) => {
-                        tracing::Span::current().record("status", "fail_open");
+                        saw(seen, CacheLookup::FailOpen);
                         return self.load_uncached(loader).await;
                     }
                     Err(err) => return failed(err),
@@ -779,12 +866,12 @@ where
                 Fetched::Hit(raw) => match self.decode(&raw) {
                     Ok(Decoded::Value(v, payload)) => {
                         m.hits.increment(1);
-                        tracing::Span::current().record("status", "hit");
+                        saw(seen, CacheLookup::Hit);
                         return (Ok(Some(v)), Ok(Shared::Value(payload)));
                     }
                     Ok(Decoded::Negative) if negative_ok => {
                         m.negative_hits.increment(1);
-                        tracing::Span::current().record("status", "negative_hit");
+                        saw(seen, CacheLookup::NegativeHit);
                         return (Ok(None), Ok(Shared::Negative));
                     }
                     Ok(Decoded::Negative) => {
@@ -818,7 +905,7 @@ where
                 },
                 Fetched::Leased(gens) => {
                     m.misses.increment(1);
-                    tracing::Span::current().record("status", "miss");
+                    saw(seen, CacheLookup::Miss);
                     let guard = LeaseGuard {
                         kw: self.kw.clone(),
                         class: Arc::clone(&self.class),
@@ -832,6 +919,7 @@ where
             if heals >= MAX_HEALS {
                 // Something keeps writing bytes we cannot read: serve from the source, store nothing.
                 tracing::warn!(class = %self.class.name, key, "entry keeps failing to decode; loading uncached");
+                saw(seen, CacheLookup::FailOpen);
                 return self.load_uncached(loader).await;
             }
         }
