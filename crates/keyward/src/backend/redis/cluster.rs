@@ -244,6 +244,8 @@ pub(crate) struct ClusterState {
     /// their decisions were made: an unsubscribe decided when the last watcher left can never land after a
     /// new watcher's subscribe.
     pub(crate) subscribing: tokio::sync::Mutex<()>,
+    /// Held while a caller re-reads a stale epoch view (see `RedisBackend::group_epochs`).
+    pub(crate) reading: tokio::sync::Mutex<()>,
 }
 
 impl ClusterState {
@@ -259,6 +261,7 @@ impl ClusterState {
             epochs_bound: options.group_invalidation_bound,
             watched: Mutex::new(HashMap::new()),
             subscribing: tokio::sync::Mutex::new(()),
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -678,7 +678,13 @@ impl RedisBackend {
             return Ok(None);
         };
         let slot = cluster::slot_of(ns.gens_key.as_bytes());
+        // One read at a time per handle: callers that find the view stale together wait for that one read
+        // (all inside `call`, so the wait is bounded by the response timeout too) instead of each sending it.
         self.call("epochs", Some(slot), async {
+            let _one = state.reading.lock().await;
+            if state.epochs(class).is_some() {
+                return Ok(());
+            }
             match cluster::read_epochs(state, &mut conn, &ns.gens_key, self.response_timeout).await
             {
                 Ok(()) => Ok(()),
