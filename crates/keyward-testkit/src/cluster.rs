@@ -197,7 +197,8 @@ impl RedisCluster {
     /// One cluster per process, shared by every test that asks for it: 3 masters, started on first use.
     ///
     /// A `static` is never dropped, so the nodes are started by a thread that lives as long as the process and
-    /// under `setpriv --pdeathsig KILL`: they die with the test process, however it ends. Tests sharing it
+    /// under `setpriv --pdeathsig KILL`: they die with the test process, however it ends. Their temporary
+    /// directories cannot be removed by that process; the next shared cluster removes those of dead processes. Tests sharing it
     /// must keep to their own keys (e.g. one policy `app` each) and must not kill or pause its nodes (spawn
     /// a cluster of their own for that).
     ///
@@ -207,6 +208,8 @@ impl RedisCluster {
     pub fn shared() -> &'static RedisCluster {
         static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
         SHARED.get_or_init(|| {
+            // What earlier test processes' shared clusters left behind.
+            crate::server::sweep_orphans();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name("keyward-shared-cluster".into())
@@ -266,6 +269,9 @@ impl RedisCluster {
             .unwrap_or_else(|err| {
                 panic!("cannot create a temporary directory for the cluster: {err}")
             });
+        if opts.die_with_parent {
+            crate::server::mark_owned(dir.path());
+        }
         let count = MASTERS * (1 + opts.replicas);
         let servers = (0..count).map(|_| spawn_node(&opts)).collect();
         let mut cluster = RedisCluster {

@@ -247,6 +247,9 @@ impl RedisServer {
                 panic!("cannot create a temporary directory for redis-server: {err}")
             });
         let log_path = dir.path().join(LOG_NAME);
+        if opts.die_with_parent {
+            mark_owned(dir.path());
+        }
 
         let endpoint = if opts.tcp {
             Endpoint::Tcp(free_tcp_port())
@@ -566,6 +569,39 @@ fn probe(client: &Client, pid: u32) -> Result<(), String> {
 }
 
 /// The command line of a server: the defaults, the endpoint, then the extra arguments.
+/// The file naming the process that owns a directory which outlives it (a `static` server's, never dropped).
+const OWNER_FILE: &str = "owner.pid";
+
+/// Mark `dir` as owned by this process, for [`sweep_orphans`].
+pub(crate) fn mark_owned(dir: &Path) {
+    let _ = std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string());
+}
+
+/// Remove the temporary directories of shared servers and clusters whose owning process is gone (their
+/// nodes died with it, but a `static` is never dropped, so nobody removed the directories). Best effort.
+pub(crate) fn sweep_orphans() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("keyward-redis-") || name.starts_with("keyward-cluster-")) {
+            continue;
+        }
+        let Ok(pid) = std::fs::read_to_string(entry.path().join(OWNER_FILE)) else {
+            continue;
+        };
+        let alive = pid
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn server_command(
     binary: &Path,
     dir: &Path,
