@@ -99,6 +99,14 @@ impl ClusterOptions {
         self
     }
 
+    /// `cluster-require-full-coverage`: with `false`, the live primaries go on serving their slots while
+    /// another primary is down (Redis' default, `true`, makes every node refuse every command meanwhile).
+    #[must_use]
+    pub fn require_full_coverage(self, full: bool) -> Self {
+        self.arg("--cluster-require-full-coverage")
+            .arg(if full { "yes" } else { "no" })
+    }
+
     /// Appends one argument to [`ClusterOptions::extra_args`].
     #[must_use]
     pub fn arg(mut self, arg: impl Into<String>) -> Self {

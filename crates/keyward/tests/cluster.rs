@@ -341,8 +341,7 @@ fn master_failover_under_load() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .replicas(1)
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!("failover{}", std::process::id());
@@ -621,8 +620,7 @@ fn wake_ups_work_across_a_failover() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .replicas(1)
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!("wakefail{}", std::process::id());
@@ -747,11 +745,8 @@ fn wake_ups_work_across_a_failover() {
 /// epochs channel".)
 #[test]
 fn connects_while_the_epochs_primary_is_down_and_fails_open_until_it_is_back() {
-    let mut cluster = RedisCluster::spawn_with(
-        ClusterOptions::default()
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
-    );
+    let mut cluster =
+        RedisCluster::spawn_with(ClusterOptions::default().require_full_coverage(false));
     let app = format!("epochsdown{}", std::process::id());
     let gens_key = format!("test:{app}:_kw:gens");
     let epochs_primary = cluster.master_for_key(&gens_key).port;

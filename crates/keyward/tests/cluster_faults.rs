@@ -130,8 +130,7 @@ fn paused_primary_does_not_stall_the_others() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .node_timeout(Duration::from_millis(3000))
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!("brk_pause{}", std::process::id());
@@ -368,8 +367,7 @@ fn first_script_calls_with_a_primary(gone: Gone) {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .node_timeout(Duration::from_millis(30000))
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!(
@@ -449,11 +447,8 @@ fn a_first_script_call_does_not_wait_for_a_dead_primary() {
 /// flags it failed): "any reachable seed is enough", and the other primaries serve.
 #[test]
 fn a_handle_connects_while_a_primary_is_frozen() {
-    let mut cluster = RedisCluster::spawn_with(
-        ClusterOptions::default()
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
-    );
+    let mut cluster =
+        RedisCluster::spawn_with(ClusterOptions::default().require_full_coverage(false));
     let url = cluster.seed_url();
     let app = format!("brk_conn{}", std::process::id());
     let gens_master = cluster.master_for_key(&format!("test:{app}:_kw:gens"));
@@ -750,8 +745,7 @@ fn undo_of_a_timed_out_fetch_on_cluster() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .node_timeout(Duration::from_millis(30000))
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!("brk_undo{}", std::process::id());
@@ -1114,8 +1108,7 @@ fn a_caller_sharing_a_fetch_is_held_to_the_bound() {
     let mut cluster = RedisCluster::spawn_with(
         ClusterOptions::default()
             .node_timeout(Duration::from_millis(30000))
-            .arg("--cluster-require-full-coverage")
-            .arg("no"),
+            .require_full_coverage(false),
     );
     let url = cluster.seed_url();
     let app = format!("brk_follow{}", std::process::id());
