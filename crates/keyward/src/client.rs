@@ -84,6 +84,7 @@ fn namespace(policy: &Policy) -> Namespace {
     Namespace {
         gens_key: internal_key(policy, "gens"),
         channel: internal_key(policy, "fills"),
+        backplane: internal_key(policy, "l1"),
         // Epochs must outlive every value that may carry an older one; a margin covers clock drift.
         gens_lifetime: policy.max_entry_lifetime() + Duration::from_secs(60),
     }
@@ -121,6 +122,7 @@ impl Keyward {
         }
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
+        bus.backplane.set_remote();
         let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
         warn_if_evicting(&policy, backend.maxmemory_policy(), &server);

@@ -41,6 +41,8 @@ pub(crate) struct Namespace {
     pub(crate) gens_key: String,
     /// Pub/sub channel on which fills are announced to waiters (payload: the entry key).
     pub(crate) channel: String,
+    /// Pub/sub channel of the in-process tier's backplane (sharded on Cluster; see `cache::l1`).
+    pub(crate) backplane: String,
     /// How long the epochs must outlive their last bump: longer than any value can live.
     pub(crate) gens_lifetime: Duration,
 }
@@ -137,6 +139,24 @@ impl Backend {
         match self {
             Backend::Memory(_) => BreakerState::Closed,
             Backend::Redis(r) => r.breaker_state(),
+        }
+    }
+
+    /// Publish a backplane message (`PUBLISH`, `SPUBLISH` on Cluster); nothing on the embedded backend.
+    ///
+    /// # Errors
+    /// As any Redis call ([`Error::Timeout`], [`Error::CircuitOpen`], [`Error::Redis`]).
+    pub(crate) async fn publish_backplane(&self, channel: &str, message: &[u8]) -> Result<()> {
+        match self {
+            Backend::Memory(_) => Ok(()),
+            Backend::Redis(r) => r.publish_backplane(channel, message).await,
+        }
+    }
+
+    /// Subscribe to the backplane channel again (idempotent): when this handle's own messages stop coming back.
+    pub(crate) async fn resubscribe_backplane(&self, channel: &str) {
+        if let Backend::Redis(r) = self {
+            r.resubscribe_backplane(channel).await;
         }
     }
 

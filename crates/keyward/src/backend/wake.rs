@@ -14,6 +14,8 @@ use tokio::sync::Notify;
 pub(crate) struct WakeBus {
     // key -> (notify, number of live listeners). A std mutex: never held across an await.
     map: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+    /// The in-process cache tier's backplane, fed by the same subscription (`cache::l1`).
+    pub(crate) backplane: Arc<crate::cache::l1::Hub>,
 }
 
 /// A registration; dropping it unregisters.

@@ -23,8 +23,10 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
 use crate::Keyward;
+pub(crate) mod l1;
 mod store;
 
+use self::l1::{ClassL1, Event, L1Value};
 use self::store::{Entry, Fetched};
 use crate::backend::Watch;
 use crate::codec::{Codec, Json};
@@ -40,6 +42,7 @@ const MAX_HEALS: u32 = 3;
 /// Per-class counters, registered once per handle (the `metrics` facade; install any recorder).
 pub(crate) struct CacheMetrics {
     hits: Tally,
+    l1_hits: Tally,
     misses: Tally,
     negative_hits: Tally,
     coalesced: Tally,
@@ -74,6 +77,7 @@ struct StatsTable(std::sync::Mutex<std::collections::HashMap<String, Arc<ClassTo
 #[derive(Default)]
 struct ClassTotals {
     hits: Arc<AtomicU64>,
+    l1_hits: Arc<AtomicU64>,
     misses: Arc<AtomicU64>,
     negative_hits: Arc<AtomicU64>,
     coalesced: Arc<AtomicU64>,
@@ -91,8 +95,10 @@ struct ClassTotals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Reads answered with a stored value.
+    /// Reads answered with a stored value (from either tier).
     pub hits: u64,
+    /// The part of `hits` (and `negative_hits`) answered by the in-process tier (L1) without asking Redis.
+    pub l1_hits: u64,
     /// Reads that found no usable value (this caller, or the one it shared a load with, loaded).
     pub misses: u64,
     /// Reads answered with a cached "absent" (negative caching).
@@ -128,8 +134,10 @@ impl CacheStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CacheLookup {
-    /// A stored value.
+    /// A stored value, from Redis (or the embedded store).
     Hit,
+    /// A value from the in-process tier (L1), without asking the store.
+    L1Hit,
     /// A cached "absent" (negative caching).
     NegativeHit,
     /// No usable value: this caller loaded it (and stored it, unless an invalidation raced the load).
@@ -142,10 +150,11 @@ pub enum CacheLookup {
 }
 
 impl CacheLookup {
-    /// The name used in tracing spans and metrics (`hit`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
+    /// The name used in tracing spans and metrics (`hit`, `l1_hit`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
     pub fn as_str(self) -> &'static str {
         match self {
             CacheLookup::Hit => "hit",
+            CacheLookup::L1Hit => "l1_hit",
             CacheLookup::NegativeHit => "negative_hit",
             CacheLookup::Miss => "miss",
             CacheLookup::Coalesced => "coalesced",
@@ -160,6 +169,7 @@ impl CacheLookup {
             CacheLookup::Miss,
             CacheLookup::Coalesced,
             CacheLookup::FailOpen,
+            CacheLookup::L1Hit,
         ]
         .get(usize::from(n).checked_sub(1)?)
         .copied()
@@ -172,6 +182,7 @@ impl CacheLookup {
             CacheLookup::Miss => 3,
             CacheLookup::Coalesced => 4,
             CacheLookup::FailOpen => 5,
+            CacheLookup::L1Hit => 6,
         }
     }
 }
@@ -193,6 +204,7 @@ impl CacheMetrics {
         };
         Self {
             hits: t("keyward_cache_hits_total", &totals.hits),
+            l1_hits: t("keyward_cache_l1_hits_total", &totals.l1_hits),
             misses: t("keyward_cache_misses_total", &totals.misses),
             negative_hits: t("keyward_cache_negative_hits_total", &totals.negative_hits),
             coalesced: t("keyward_cache_coalesced_total", &totals.coalesced),
@@ -212,6 +224,7 @@ impl ClassTotals {
         let g = |a: &Arc<AtomicU64>| a.load(Ordering::Relaxed);
         CacheStats {
             hits: g(&self.hits),
+            l1_hits: g(&self.l1_hits),
             misses: g(&self.misses),
             negative_hits: g(&self.negative_hits),
             coalesced: g(&self.coalesced),
@@ -231,16 +244,25 @@ pub(crate) struct ClassInfo {
     keys: KeySpace,
     metrics: CacheMetrics,
     totals: Arc<ClassTotals>,
+    /// The in-process tier, when the class declares one (shared by every `Cache` of the class on the handle).
+    l1: Option<Arc<ClassL1>>,
 }
 
 impl ClassInfo {
-    fn new(name: &str, policy: CacheClass, keys: KeySpace, totals: Arc<ClassTotals>) -> Self {
+    fn new(
+        name: &str,
+        policy: CacheClass,
+        keys: KeySpace,
+        totals: Arc<ClassTotals>,
+        l1: Option<Arc<ClassL1>>,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             metrics: CacheMetrics::new(name, &totals),
             totals,
             policy,
             keys,
+            l1,
         }
     }
 }
@@ -324,14 +346,21 @@ impl Keyward {
                 class: class.to_owned(),
             });
         }
+        let l1 = cache_class.l1_value().map(|tier| {
+            let hub = &self.inner.bus.backplane;
+            let l1 = hub.class(class, tier, cache_class.l1_max_stale_value());
+            hub.start_heartbeat(&self.inner);
+            l1
+        });
+        let totals = {
+            let table = self.shared::<StatsTable>();
+            let mut map = table.0.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(map.entry(class.to_owned()).or_default())
+        };
         Ok(Cache {
             kw: self.clone(),
             flights: self.shared::<Flights>(),
-            class: Arc::new(ClassInfo::new(class, cache_class, keys, {
-                let table = self.shared::<StatsTable>();
-                let mut map = table.0.lock().unwrap_or_else(|e| e.into_inner());
-                Arc::clone(map.entry(class.to_owned()).or_default())
-            })),
+            class: Arc::new(ClassInfo::new(class, cache_class, keys, totals, l1)),
             _types: PhantomData,
         })
     }
@@ -344,7 +373,22 @@ impl Keyward {
     pub async fn invalidate_namespace(&self) -> Result<()> {
         store::bump(&self.inner.backend, &self.inner.ns, "*").await?;
         self.shared::<Flights>().detach_all();
+        if self.has_l1() {
+            self.inner
+                .bus
+                .backplane
+                .publish(&self.inner, Event::Namespace)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Whether any cache class of the policy has an in-process tier (then invalidations go on the backplane).
+    pub(crate) fn has_l1(&self) -> bool {
+        self.inner
+            .policy
+            .classes()
+            .any(|c| c.as_cache().is_some_and(|c| c.l1_value().is_some()))
     }
 }
 
@@ -521,6 +565,16 @@ where
         let span = tracing::debug_span!("keyward.cache.get", class = %self.class.name, status = tracing::field::Empty);
         async {
             let m = &self.class.metrics;
+            if let Some(l1) = &self.class.l1
+                && let Some(L1Value::Value(b)) = l1.get(&key).await
+                && let Ok(v) = C::decode::<V>(&b)
+            {
+                m.hits.increment(1);
+                m.l1_hits.increment(1);
+                tracing::Span::current().record("status", "l1_hit");
+                return Ok(Some(v));
+            }
+            let ticket = self.class.l1.as_ref().map(|l1| l1.ticket(&key));
             let read = match store::read(&self.kw.inner.backend, &self.entry(&key)).await {
                 Ok(read) => read,
                 Err(err) if self.fails_open(&err) => {
@@ -535,8 +589,11 @@ where
                     ("miss", None)
                 }
                 Some(raw) => match self.decode(&raw) {
-                    Ok(Decoded::Value(v, _)) => {
+                    Ok(Decoded::Value(v, payload)) => {
                         m.hits.increment(1);
+                        if let (Some(l1), Some(t)) = (&self.class.l1, ticket) {
+                            l1.insert(&key, L1Value::Value(payload), t).await;
+                        }
                         ("hit", Some(v))
                     }
                     Ok(Decoded::Negative) => {
@@ -579,7 +636,27 @@ where
         )
         .await?;
         self.detach(key);
-        Ok(())
+        self.announce_key(key).await
+    }
+
+    /// The in-process tiers' half of a write or invalidation of `key` (this handle's L1 now, every other
+    /// instance's through the backplane); nothing when the class has no L1.
+    async fn announce_key(&self, key: &str) -> Result<()> {
+        if self.class.policy.l1_value().is_none() {
+            return Ok(());
+        }
+        let inner = &self.kw.inner;
+        inner
+            .bus
+            .backplane
+            .publish(
+                inner,
+                Event::Key {
+                    class: self.class.name.clone(),
+                    key: key.to_owned(),
+                },
+            )
+            .await
     }
 
     fn detach(&self, key: &str) {
@@ -603,7 +680,7 @@ where
         .await?;
         // After the backend: a caller arriving from now on must not join a fetch that began before.
         self.detach(&key);
-        Ok(())
+        self.announce_key(&key).await
     }
 
     /// Invalidate every entry of this class in O(1) by bumping the class epoch. No SCAN, no FLUSH.
@@ -614,6 +691,15 @@ where
         store::bump(&self.kw.inner.backend, &self.kw.inner.ns, &self.class.name).await?;
         let pattern = self.class.keys.scan_pattern();
         self.flights.detach_prefix(pattern.trim_end_matches('*'));
+        if self.class.policy.l1_value().is_some() {
+            let inner = &self.kw.inner;
+            let class = self.class.name.clone();
+            inner
+                .bus
+                .backplane
+                .publish(inner, Event::Class { class })
+                .await?;
+        }
         Ok(())
     }
 
@@ -715,6 +801,7 @@ where
                 &self.entry(&key),
             )
             .await;
+            let _ = self.announce_key(&key).await;
             return Err(self.after_source(cause));
         }
         Ok(out)
@@ -745,6 +832,9 @@ where
             return Err(self.after_source(cause));
         }
         self.detach(&key);
+        if let Err(cause) = self.announce_key(&key).await {
+            return Err(self.after_source(cause));
+        }
         Ok(out)
     }
 
@@ -775,9 +865,84 @@ where
         E: Into<BoxError>,
     {
         let key = self.key(id)?;
-        let fkey = flight_key(&key, negative_ok);
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
+        let Some(l1) = &self.class.l1 else {
+            return self
+                .load_shared(&key, negative_ok, loader, seen)
+                .instrument(span)
+                .await;
+        };
         async {
+            if let Some(L1Value::Value(b)) = l1.get(&key).await
+                && let Ok(v) = C::decode::<V>(&b)
+            {
+                let m = &self.class.metrics;
+                m.hits.increment(1);
+                m.l1_hits.increment(1);
+                saw(seen, CacheLookup::L1Hit);
+                return Ok(Some(v));
+            }
+            // Taken before the store is asked: the answer enters L1 only if nothing evicted it meanwhile.
+            let ticket = l1.ticket(&key);
+            let payload = std::sync::Mutex::new(None);
+            let loaded = self
+                .load_shared_then(&key, negative_ok, loader, seen, |outcome| {
+                    // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
+                    // answered uncached, a refused fill, or an outcome shared with another caller).
+                    if let Ok(Shared::Value(b)) = outcome
+                        && matches!(
+                            CacheLookup::from_u8(seen.load(Ordering::Relaxed)),
+                            Some(CacheLookup::Hit | CacheLookup::Miss)
+                        )
+                    {
+                        *payload.lock().unwrap_or_else(|e| e.into_inner()) = Some(b.clone());
+                    }
+                })
+                .await;
+            let payload = payload.into_inner().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = payload {
+                l1.insert(&key, L1Value::Value(b), ticket).await;
+            }
+            loaded
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The store half of a load: single-flight in this process, then the fenced fetch and fill.
+    async fn load_shared<F, Fut, E>(
+        &self,
+        key: &str,
+        negative_ok: bool,
+        loader: F,
+        seen: &Seen,
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        self.load_shared_then(key, negative_ok, loader, seen, |_| {})
+            .await
+    }
+
+    /// [`load_shared`](Self::load_shared), calling `led` with the outcome when this caller led the fetch.
+    async fn load_shared_then<F, Fut, E>(
+        &self,
+        key: &str,
+        negative_ok: bool,
+        loader: F,
+        seen: &Seen,
+        led: impl FnOnce(&Outcome),
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = key.to_owned();
+        let fkey = flight_key(&key, negative_ok);
+        {
             let leader = loop {
                 match self
                     .flights
@@ -817,11 +982,10 @@ where
                 }
             };
             let (result, outcome) = self.lead(&key, negative_ok, loader, seen).await;
+            led(&outcome);
             leader.complete(outcome);
             result
         }
-        .instrument(span)
-        .await
     }
 
     async fn lead<F, Fut, E>(

@@ -537,6 +537,7 @@ mod tests {
         Namespace {
             gens_key: "t:a:_kw:gens".into(),
             channel: "t:a:_kw:fills".into(),
+            backplane: "t:a:_kw:l1".into(),
             gens_lifetime: Duration::from_secs(60),
         }
     }

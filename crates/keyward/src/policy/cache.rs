@@ -99,6 +99,46 @@ pub struct CacheClass {
     lease_ttl: Duration,
     loader_timeout: Duration,
     on_error: CacheOnError,
+    l1: Option<L1Tier>,
+    l1_max_stale: Duration,
+}
+
+/// Default `l1_max_stale`: how long an instance may serve an L1 value after it was invalidated elsewhere.
+const DEFAULT_L1_MAX_STALE: Duration = Duration::from_secs(1);
+/// Smallest `l1_max_stale`: heartbeats go every quarter of it, and below 20 ms they would cost more than L1
+/// saves.
+const MIN_L1_MAX_STALE: Duration = Duration::from_millis(20);
+/// Smallest L1 capacity: 4 KiB.
+const MIN_L1_CAPACITY: u64 = 4 * 1024;
+
+/// The in-process tier (L1) of a cache class: how much memory it may hold and how long an entry stays in it.
+///
+/// An L1 entry is also dropped when the entry is invalidated anywhere in the fleet (within the class's
+/// `l1_max_stale`, see `docs/cache.md`). Capacity counts the encoded value plus the key, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L1Tier {
+    capacity_bytes: u64,
+    ttl: Duration,
+}
+
+impl L1Tier {
+    /// An L1 of at most `capacity_bytes` (encoded values plus keys) whose entries live at most `ttl`.
+    pub fn new(capacity_bytes: u64, ttl: Duration) -> Self {
+        L1Tier {
+            capacity_bytes,
+            ttl,
+        }
+    }
+
+    /// The most bytes (encoded values plus keys) the tier holds; the least recently used go first.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// How long an entry stays in the tier at most (at most the class TTL).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
 }
 
 /// What a cache class does when the store (Redis) fails or its circuit breaker is open.
@@ -147,7 +187,35 @@ impl CacheClass {
             lease_ttl: DEFAULT_LEASE_TTL,
             loader_timeout: DEFAULT_LOADER_TIMEOUT,
             on_error: CacheOnError::FailOpen,
+            l1: None,
+            l1_max_stale: DEFAULT_L1_MAX_STALE,
         }
+    }
+
+    /// Adds an in-process tier (L1) in front of the store (default: none). TOML:
+    /// `l1 = { capacity = "64 MiB", ttl = "30s" }`.
+    #[must_use]
+    pub fn l1(mut self, tier: L1Tier) -> Self {
+        self.l1 = Some(tier);
+        self
+    }
+
+    /// Sets the longest an instance may serve an L1 value after the entry was invalidated anywhere in the
+    /// fleet (default 1s, at least 20 ms). Only meaningful with [`l1`](Self::l1).
+    #[must_use]
+    pub fn l1_max_stale(mut self, d: Duration) -> Self {
+        self.l1_max_stale = d;
+        self
+    }
+
+    /// The in-process tier, if the class has one.
+    pub fn l1_value(&self) -> Option<L1Tier> {
+        self.l1
+    }
+
+    /// The longest an instance may serve an L1 value after an invalidation anywhere in the fleet.
+    pub fn l1_max_stale_value(&self) -> Duration {
+        self.l1_max_stale
     }
 
     /// Sets what happens when the store fails (default [`CacheOnError::FailOpen`]).
@@ -305,6 +373,45 @@ pub(super) struct RawCache {
     lease_ttl: Option<Dur>,
     loader_timeout: Option<Dur>,
     on_error: Option<Text>,
+    l1: Option<RawL1>,
+    l1_max_stale: Option<Dur>,
+}
+
+/// The TOML form of `l1 = { capacity = "64 MiB", ttl = "30s" }`; `capacity` is bytes (an integer) or a size
+/// with a unit (`"64 MiB"`, `"500 kB"`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawL1 {
+    capacity: Option<toml::Value>,
+    ttl: Option<Dur>,
+}
+
+fn parse_capacity(v: &toml::Value) -> Result<u64, FieldError> {
+    match v {
+        toml::Value::Integer(n) => u64::try_from(*n).map_err(|_| {
+            (
+                "l1.capacity",
+                format!("must be a positive number of bytes, got {n}"),
+            )
+        }),
+        toml::Value::String(s) => s
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| {
+                (
+                    "l1.capacity",
+                    format!("invalid size `{s}`: {e}; expected bytes or a size like \"64 MiB\""),
+                )
+            }),
+        other => Err((
+            "l1.capacity",
+            format!(
+                "expected a size like \"64 MiB\" or a number of bytes, found {}",
+                other.type_str()
+            ),
+        )),
+    }
 }
 
 impl ClassSpec for CacheClass {
@@ -347,6 +454,14 @@ impl ClassSpec for CacheClass {
                     format!("unknown value \"{text}\"; expected \"fail_open\" or \"error\""),
                 )
             })?;
+        }
+        if let Some(raw) = raw.l1 {
+            let capacity = parse_capacity(&required("l1.capacity", raw.capacity)?)?;
+            let ttl = required("l1.ttl", raw.ttl)?.0;
+            class.l1 = Some(L1Tier::new(capacity, ttl));
+        }
+        if let Some(Dur(d)) = raw.l1_max_stale {
+            class.l1_max_stale = d;
         }
         Ok(class)
     }
@@ -427,6 +542,36 @@ impl ClassSpec for CacheClass {
                 ),
             ));
         }
+        if let Some(l1) = self.l1 {
+            if l1.capacity_bytes < MIN_L1_CAPACITY {
+                return Err((
+                    "l1.capacity",
+                    format!(
+                        "must be at least {MIN_L1_CAPACITY} bytes, got {}",
+                        l1.capacity_bytes
+                    ),
+                ));
+            }
+            if l1.ttl.is_zero() || l1.ttl > ttl {
+                return Err((
+                    "l1.ttl",
+                    format!(
+                        "must be greater than zero and at most ttl ({}), got {}",
+                        fmt_duration(ttl),
+                        fmt_duration(l1.ttl)
+                    ),
+                ));
+            }
+        }
+        if self.l1_max_stale < MIN_L1_MAX_STALE || self.l1_max_stale > MAX_TTL {
+            return Err((
+                "l1_max_stale",
+                format!(
+                    "must be between 20ms and 365 days, got {}",
+                    fmt_duration(self.l1_max_stale)
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -467,7 +612,19 @@ impl ClassSpec for CacheClass {
             "  loader_timeout:  {}",
             fmt_duration(self.loader_timeout)
         )?;
-        writeln!(f, "  on_error:        {}", self.on_error.as_str())
+        writeln!(f, "  on_error:        {}", self.on_error.as_str())?;
+        match self.l1 {
+            Some(l1) => {
+                writeln!(
+                    f,
+                    "  l1:              {} in process, entries live at most {}",
+                    bytesize::ByteSize::b(l1.capacity_bytes).display().iec(),
+                    fmt_duration(l1.ttl)
+                )?;
+                writeln!(f, "  l1_max_stale:    {}", fmt_duration(self.l1_max_stale))
+            }
+            None => writeln!(f, "  l1:              off"),
+        }
     }
 
     /// The longest an entry of this class (value, negative entry or fill lease) can live.

@@ -138,7 +138,7 @@ mod lock;
 mod rate_limit;
 mod session;
 
-pub use cache::{CacheClass, CacheOnError, Jitter};
+pub use cache::{CacheClass, CacheOnError, Jitter, L1Tier};
 pub use idempotency::IdempotencyClass;
 pub use lock::LockClass;
 pub use rate_limit::{Algorithm, OnError, RateLimitClass};

@@ -31,6 +31,7 @@ use super::ConnectOptions;
 use super::breaker::{Admit, Breaker, BreakerState};
 use super::{Call, KeyTtl, Namespace, Pipeline, Reply, Undo, is_unavailable};
 use crate::backend::wake::WakeBus;
+use crate::cache::l1::Inbound;
 use crate::error::{Error, Result};
 
 /// The oldest server keyward runs on: `SET … NX GET` (get-or-lease in one command) arrived in 7.0.
@@ -357,17 +358,29 @@ pub(crate) async fn open(
         .map_err(connect_err)?;
 
     let wake = bus;
+    let backplane = ns.backplane.clone();
     let on_push = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
         match push.kind {
-            // Messages may have been missed while disconnected: every waiter re-checks.
-            PushKind::Disconnection => wake.wake_all(),
-            PushKind::Message => {
-                if let Some(Value::BulkString(key)) = push.data.get(1)
-                    && let Ok(key) = std::str::from_utf8(key)
-                {
-                    wake.wake(key);
-                }
+            // Messages may have been missed while disconnected: every waiter re-checks, and the in-process
+            // tier drops what it can no longer vouch for.
+            PushKind::Disconnection => {
+                wake.wake_all();
+                wake.backplane.feed(Inbound::Disconnected);
             }
+            PushKind::Message => match (push.data.first(), push.data.get(1)) {
+                (Some(Value::BulkString(channel)), Some(Value::BulkString(payload)))
+                    if channel == backplane.as_bytes() =>
+                {
+                    wake.backplane
+                        .feed(Inbound::Message(bytes::Bytes::copy_from_slice(payload)));
+                }
+                (_, Some(Value::BulkString(key))) => {
+                    if let Ok(key) = std::str::from_utf8(key) {
+                        wake.wake(key);
+                    }
+                }
+                _ => {}
+            },
             _ => {}
         }
         Ok(())
@@ -395,6 +408,15 @@ pub(crate) async fn open(
             connect_err(format!(
                 "cannot subscribe to the wake-up channel `{}`: {e}",
                 ns.channel
+            ))
+        })?;
+    tokio::time::timeout(options.connect_timeout, conn.subscribe(&ns.backplane))
+        .await
+        .map_err(|_| connect_err(format!("no answer within {:?}", options.connect_timeout)))?
+        .map_err(|e| {
+            connect_err(format!(
+                "cannot subscribe to the backplane channel `{}`: {e}",
+                ns.backplane
             ))
         })?;
     Ok(Opened {
@@ -570,16 +592,23 @@ impl RedisBackend {
             let wake = Arc::clone(&bus);
             let state_slot = Arc::clone(&state_slot);
             let gens_key = ns.gens_key.clone();
+            let backplane = ns.backplane.clone();
             move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
                 match push.kind {
-                    PushKind::Disconnection => wake.wake_all(),
+                    PushKind::Disconnection => {
+                        wake.wake_all();
+                        wake.backplane.feed(Inbound::Disconnected);
+                    }
                     PushKind::SMessage | PushKind::Message => {
                         if let (
                             Some(Value::BulkString(channel)),
                             Some(Value::BulkString(payload)),
                         ) = (push.data.first(), push.data.get(1))
                         {
-                            if channel == gens_key.as_bytes() {
+                            if channel == backplane.as_bytes() {
+                                wake.backplane
+                                    .feed(Inbound::Message(bytes::Bytes::copy_from_slice(payload)));
+                            } else if channel == gens_key.as_bytes() {
                                 if let Some(state) =
                                     state_slot.get().and_then(std::sync::Weak::upgrade)
                                 {
@@ -614,6 +643,8 @@ impl RedisBackend {
             tokio::time::timeout(response, conn.ssubscribe(&ns.gens_key)).await,
             Ok(Ok(()))
         );
+        // The backplane: its heartbeats find a missing subscription and subscribe again.
+        let _ = tokio::time::timeout(response, conn.ssubscribe(&ns.backplane)).await;
         let read = cluster::read_epochs(&state, &mut conn, &ns.gens_key, response).await;
         if !subscribed || read.is_err() {
             tracing::warn!(cluster = %server, epochs = %ns.gens_key, "keyward: the group epochs cannot be read yet (is their primary down?); cache calls fail open until they can");
@@ -998,6 +1029,49 @@ impl RedisBackend {
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
         });
+    }
+
+    /// Publish on the backplane channel: `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard).
+    pub(crate) async fn publish_backplane(&self, channel: &str, message: &[u8]) -> Result<()> {
+        let mut conn = self.conn();
+        let cmd = if self.cluster.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let slot = self
+            .cluster
+            .as_ref()
+            .map(|_| crate::key::cluster_slot(channel.as_bytes()));
+        self.call(
+            "backplane",
+            slot,
+            redis::cmd(cmd)
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Subscribe to the backplane channel again (`SUBSCRIBE`, `SSUBSCRIBE` on Cluster), bounded by the response
+    /// timeout; a failure is left to the next attempt.
+    pub(crate) async fn resubscribe_backplane(&self, channel: &str) {
+        let answered = match self.conn() {
+            Conn::Cluster(mut c) => {
+                tokio::time::timeout(self.response_timeout, c.ssubscribe(channel)).await
+            }
+            Conn::Single(mut c) => {
+                tokio::time::timeout(self.response_timeout, c.subscribe(channel)).await
+            }
+        };
+        if !matches!(answered, Ok(Ok(()))) {
+            tracing::debug!(
+                channel,
+                "keyward: cannot subscribe to the backplane channel yet"
+            );
+        }
     }
 
     /// `PING`, through [`call`](Self::call) like any other call: bounded by the response timeout, answered at

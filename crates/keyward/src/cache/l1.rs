@@ -1,0 +1,713 @@
+//! The in-process tier (L1): a size-bounded `moka` cache per class in front of the store, kept in sync across
+//! instances by a **backplane** (pub/sub on the namespace's channel, sharded on Cluster).
+//!
+//! **The one decision to know: an instance serves from L1 only while it can vouch for it.** Every instance
+//! publishes a heartbeat every quarter of `l1_max_stale` on the same channel as the invalidations, and reads
+//! its own messages back. Redis delivers the messages of one channel in the order it processed them (Cluster:
+//! the channel lives on one shard, whose replicas forward in order too), so when an instance receives its own
+//! message sent at time `s`, every invalidation that *returned* before `s` has been applied to its L1. L1 is
+//! therefore served only while the newest own message received was sent less than `l1_max_stale` ago — an
+//! invalidation that returned at `t` is applied before any read that starts after `t + l1_max_stale` (see
+//! `docs/cache.md` for the argument, including lost messages):
+//! - **a lost message** breaks a publisher's sequence (every instance numbers its messages, heartbeats
+//!   included): the next message from that publisher shows the gap and the receiver drops its whole L1;
+//!   a gap in its *own* echoes (a subscription hole) does the same, as does a message from a publisher first
+//!   met mid-sequence;
+//! - **a dropped subscription** (`CLIENT KILL TYPE pubsub`, a reconnect) drops L1 at once; trust resumes with
+//!   the echo of a message sent after the drop;
+//! - **silence** (Redis paused, the subscription dead without a disconnect) makes trust lapse after
+//!   `l1_max_stale`: reads go to Redis (and fail open per the class policy), and L1 is dropped before it is
+//!   trusted again.
+//!
+//! **Fenced fills in L1:** a value read from Redis enters L1 only if no eviction touched its key (or its class)
+//! and trust was not lost between the moment the read was *sent* and the insert — checked *after* inserting, so
+//! an eviction racing the insert removes it either way. A load that started before an invalidation can
+//! therefore never land in L1 after the invalidation's message was applied.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::client::Inner;
+use crate::error::Result;
+use crate::policy::L1Tier;
+
+/// Eviction counters per key stripe: an eviction of one key only refuses in-flight inserts of keys in its
+/// stripe, not of every key.
+const STRIPES: usize = 1024;
+/// Publishers not heard from for this long are forgotten (their sequence is no longer tracked).
+const FORGET_PUBLISHER: Duration = Duration::from_secs(600);
+/// Format version of a backplane message, its first word.
+const VERSION: &str = "kw1";
+
+/// What an L1 entry holds: the codec's bytes of a stored value. (Cached "absent" entries are not kept in L1:
+/// their TTL is often shorter than the tier's.)
+#[derive(Clone, Debug)]
+pub(crate) enum L1Value {
+    Value(Bytes),
+}
+
+/// What an invalidation changed, as it travels on the backplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// Nothing; proves the channel is alive and carries the publisher's sequence.
+    Heartbeat,
+    /// One entry of a class (invalidated or overwritten).
+    Key { class: String, key: String },
+    /// Every entry of a class.
+    Class { class: String },
+    /// Every entry of the namespace.
+    Namespace,
+    /// Every entry carrying a tag.
+    Tag { tag: String },
+}
+
+impl Event {
+    fn encode(&self, instance: u64, seq: u64) -> String {
+        let head = format!("{VERSION} {instance:016x} {seq}");
+        match self {
+            Event::Heartbeat => format!("{head} h"),
+            Event::Key { class, key } => format!("{head} k {class} {key}"),
+            Event::Class { class } => format!("{head} c {class}"),
+            Event::Namespace => format!("{head} n"),
+            Event::Tag { tag } => format!("{head} t {tag}"),
+        }
+    }
+
+    /// `(instance, seq, event)`; `None` for a message this version does not understand.
+    fn decode(payload: &[u8]) -> Option<(u64, u64, Event)> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut parts = text.splitn(5, ' ');
+        if parts.next()? != VERSION {
+            return None;
+        }
+        let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let seq = parts.next()?.parse().ok()?;
+        let kind = parts.next()?;
+        // The rest may contain spaces (keys and tags do).
+        let rest = parts.next();
+        let event = match (kind, rest) {
+            ("h", None) => Event::Heartbeat,
+            ("n", None) => Event::Namespace,
+            ("c", Some(class)) => Event::Class {
+                class: class.to_owned(),
+            },
+            ("t", Some(tag)) => Event::Tag {
+                tag: tag.to_owned(),
+            },
+            ("k", Some(rest)) => {
+                let (class, key) = rest.split_once(' ')?;
+                Event::Key {
+                    class: class.to_owned(),
+                    key: key.to_owned(),
+                }
+            }
+            _ => return None,
+        };
+        Some((instance, seq, event))
+    }
+}
+
+/// Counters that refuse an insert whose read raced an eviction.
+struct Fence {
+    all: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// A fence reading taken before a read was sent; an insert is allowed only if it still holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    trust: u64,
+    all: u64,
+    stripe: u64,
+}
+
+impl Fence {
+    fn new() -> Self {
+        Fence {
+            all: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn stripe(&self, key: &str) -> &AtomicU64 {
+        // STRIPES is a power of two far below u64::MAX; the cast keeps the low bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (self.hasher.hash_one(key) as usize) % STRIPES;
+        &self.stripes[i]
+    }
+}
+
+/// One class's L1 on one handle.
+pub(crate) struct ClassL1 {
+    class: String,
+    cache: moka::future::Cache<String, L1Value>,
+    fence: Fence,
+    max_stale: Duration,
+    hub: Arc<Hub>,
+}
+
+impl ClassL1 {
+    /// The entry for `key`, if L1 may serve it now.
+    pub(crate) async fn get(&self, key: &str) -> Option<L1Value> {
+        if !self.hub.vouched(self.max_stale) {
+            return None;
+        }
+        self.cache.get(key).await
+    }
+
+    /// Read the fence before sending the read whose result may be inserted.
+    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+        Ticket {
+            trust: self.hub.trust_gen.load(Ordering::SeqCst),
+            all: self.fence.all.load(Ordering::SeqCst),
+            stripe: self.fence.stripe(key).load(Ordering::SeqCst),
+        }
+    }
+
+    fn still(&self, key: &str, t: Ticket) -> bool {
+        self.ticket(key) == t && self.hub.vouched(self.max_stale)
+    }
+
+    /// Insert a value read from the store under `ticket`, unless an eviction or a loss of trust came between.
+    pub(crate) async fn insert(&self, key: &str, value: L1Value, ticket: Ticket) {
+        if !self.still(key, ticket) {
+            return;
+        }
+        self.cache.insert(key.to_owned(), value).await;
+        // Checked again after the insert: an eviction bumps the fence *before* removing, so either it sees
+        // (and removes) our entry, or we see its bump here and remove it ourselves.
+        if !self.still(key, ticket) {
+            self.cache.invalidate(key).await;
+        }
+    }
+
+    /// Drop one entry (its invalidation was applied).
+    pub(crate) async fn evict(&self, key: &str) {
+        self.fence.stripe(key).fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate(key).await;
+    }
+
+    /// Drop every entry of the class.
+    pub(crate) fn evict_all(&self) {
+        self.fence.all.fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate_all();
+    }
+}
+
+/// Own messages sent and not yet received back.
+#[derive(Default)]
+struct Echoes {
+    /// `(seq, sent at)`, oldest first.
+    pending: VecDeque<(u64, Instant)>,
+}
+
+/// The handle's backplane state: its identity and sequence, what it can vouch for, the sequences of the other
+/// publishers, and the L1 of every class.
+pub(crate) struct Hub {
+    instance: u64,
+    seq: AtomicU64,
+    /// Whether the backend is shared (Redis): without it (embedded) L1 is always vouched for.
+    remote: AtomicBool,
+    base: Instant,
+    /// ns since `base` at which the newest own message received back was sent; 0: none since the last loss.
+    echoed_sent: AtomicU64,
+    /// Bumped on every loss of trust (a gap, a dropped subscription, a lapse): refuses in-flight inserts.
+    trust_gen: AtomicU64,
+    echoes: Mutex<Echoes>,
+    publishers: Mutex<HashMap<u64, (u64, Instant)>>,
+    classes: Mutex<HashMap<String, Arc<ClassL1>>>,
+    /// The smallest `l1_max_stale` of the classes with L1, in ns (0 before the first one).
+    min_max_stale: AtomicU64,
+    heartbeat: AtomicBool,
+    losses: AtomicU64,
+    /// Pushes from the subscription, applied in arrival order by one task (started on first use).
+    inbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>>,
+}
+
+/// What the subscription delivered.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Message(Bytes),
+    Disconnected,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            instance: rand::random::<u64>() | 1,
+            seq: AtomicU64::new(0),
+            remote: AtomicBool::new(false),
+            base: Instant::now(),
+            echoed_sent: AtomicU64::new(0),
+            trust_gen: AtomicU64::new(0),
+            echoes: Mutex::default(),
+            publishers: Mutex::default(),
+            classes: Mutex::default(),
+            min_max_stale: AtomicU64::new(0),
+            heartbeat: AtomicBool::new(false),
+            losses: AtomicU64::new(0),
+            inbox: Mutex::default(),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Hub {
+    /// Mark the hub as fed by a shared store's backplane (called when a Redis backend is connected).
+    pub(crate) fn set_remote(&self) {
+        self.remote.store(true, Ordering::SeqCst);
+    }
+
+    fn since_base(&self, at: Instant) -> u64 {
+        nanos(at.saturating_duration_since(self.base)).max(1)
+    }
+
+    /// Whether L1 may be served with this bound: every invalidation that returned more than `max_stale` ago
+    /// has been applied.
+    pub(crate) fn vouched(&self, max_stale: Duration) -> bool {
+        if !self.remote.load(Ordering::Relaxed) {
+            return true;
+        }
+        let sent = self.echoed_sent.load(Ordering::SeqCst);
+        sent != 0 && self.since_base(Instant::now()).saturating_sub(sent) < nanos(max_stale)
+    }
+
+    #[cfg(test)]
+    /// How many times L1 was dropped because trust was lost (gaps, dropped subscriptions, lapses).
+    pub(crate) fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
+
+    /// The L1 of `class`, created on first use (one per handle and class, shared by every `Cache` of it).
+    pub(crate) fn class(
+        self: &Arc<Self>,
+        class: &str,
+        tier: L1Tier,
+        max_stale: Duration,
+    ) -> Arc<ClassL1> {
+        let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = classes.get(class) {
+            return Arc::clone(c);
+        }
+        let cache = moka::future::Cache::builder()
+            .max_capacity(tier.capacity_bytes())
+            .weigher(|k: &String, v: &L1Value| {
+                let L1Value::Value(b) = v;
+                // moka's own bookkeeping per entry, roughly.
+                let len = k.len() + b.len() + 64;
+                u32::try_from(len).unwrap_or(u32::MAX)
+            })
+            .time_to_live(tier.ttl())
+            .build();
+        let l1 = Arc::new(ClassL1 {
+            class: class.to_owned(),
+            cache,
+            fence: Fence::new(),
+            max_stale,
+            hub: Arc::clone(self),
+        });
+        classes.insert(class.to_owned(), Arc::clone(&l1));
+        let ms = nanos(max_stale);
+        let _ = self
+            .min_max_stale
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                (cur == 0 || ms < cur).then_some(ms)
+            });
+        l1
+    }
+
+    /// Whether any class of this handle has an L1.
+    pub(crate) fn any_class(&self) -> bool {
+        self.min_max_stale.load(Ordering::Relaxed) != 0
+    }
+
+    fn each_class(&self, f: impl Fn(&ClassL1)) {
+        let classes: Vec<Arc<ClassL1>> = self
+            .classes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in classes {
+            f(&c);
+        }
+    }
+
+    /// Drop every L1 entry and refuse every in-flight insert.
+    fn drop_all(&self, why: &'static str) {
+        self.trust_gen.fetch_add(1, Ordering::SeqCst);
+        self.each_class(ClassL1::evict_all);
+        if self.any_class() {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("keyward_cache_l1_drops_total", "reason" => why).increment(1);
+            tracing::debug!(reason = why, "keyward: L1 dropped");
+        }
+    }
+
+    /// Hand a push over from the subscription's callback (which must not block); applied in order by the
+    /// hub's task. Outside a tokio runtime the push is dropped, and a disconnection applied at once.
+    pub(crate) fn feed(self: &Arc<Self>, push: Inbound) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox
+            .as_ref()
+            .is_none_or(tokio::sync::mpsc::UnboundedSender::is_closed)
+        {
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                drop(inbox);
+                if matches!(push, Inbound::Disconnected) {
+                    self.on_disconnect();
+                }
+                return;
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let hub = Arc::downgrade(self);
+            rt.spawn(async move {
+                while let Some(push) = rx.recv().await {
+                    let Some(hub) = hub.upgrade() else { return };
+                    match push {
+                        Inbound::Message(m) => hub.on_message(&m).await,
+                        Inbound::Disconnected => hub.on_disconnect(),
+                    }
+                }
+            });
+            *inbox = Some(tx);
+        }
+        if let Some(tx) = inbox.as_ref() {
+            let _ = tx.send(push);
+        }
+    }
+
+    /// The subscription was dropped (or reconnected): messages may have been missed.
+    pub(crate) fn on_disconnect(&self) {
+        self.echoed_sent.store(0, Ordering::SeqCst);
+        self.echoes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .clear();
+        self.drop_all("disconnect");
+    }
+
+    /// Apply `event` to this handle's L1 (the local half of an invalidation, or a received one).
+    pub(crate) async fn apply(&self, event: &Event) {
+        match event {
+            Event::Heartbeat => {}
+            Event::Key { class, key } => {
+                let l1 = self
+                    .classes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(class)
+                    .cloned();
+                if let Some(l1) = l1 {
+                    l1.evict(key).await;
+                }
+            }
+            Event::Class { class } => {
+                let l1 = self
+                    .classes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(class)
+                    .cloned();
+                if let Some(l1) = l1 {
+                    l1.evict_all();
+                }
+            }
+            // Entries do not record their tags in L1: a tag drops the whole tier (correct, and rare enough).
+            Event::Namespace | Event::Tag { .. } => self.each_class(ClassL1::evict_all),
+        }
+    }
+
+    /// A message arrived on the backplane channel.
+    pub(crate) async fn on_message(&self, payload: &[u8]) {
+        let Some((instance, seq, event)) = Event::decode(payload) else {
+            tracing::debug!("keyward: unreadable backplane message ignored");
+            return;
+        };
+        if instance == self.instance {
+            self.on_echo(seq);
+            return;
+        }
+        let gap = {
+            let now = Instant::now();
+            let mut pubs = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
+            let gap = match pubs.insert(instance, (seq, now)) {
+                Some((last, _)) => seq != last + 1,
+                // Met mid-sequence: what came before may have been missed.
+                None => seq != 1,
+            };
+            if pubs.len() > 1024 {
+                pubs.retain(|_, (_, at)| now.duration_since(*at) < FORGET_PUBLISHER);
+            }
+            gap
+        };
+        if gap {
+            self.drop_all("gap");
+        } else {
+            self.apply(&event).await;
+        }
+    }
+
+    /// One of our own messages came back.
+    fn on_echo(&self, seq: u64) {
+        let sent = {
+            let mut echoes = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut skipped = false;
+            let mut sent = None;
+            while let Some(&(s, at)) = echoes.pending.front() {
+                if s > seq {
+                    break;
+                }
+                echoes.pending.pop_front();
+                if s == seq {
+                    sent = Some(at);
+                } else {
+                    skipped = true;
+                }
+            }
+            if skipped {
+                // A hole in our own subscription: other publishers' messages may have fallen in it too.
+                drop(echoes);
+                self.drop_all("own gap");
+                return;
+            }
+            sent
+        };
+        let Some(sent) = sent else { return };
+        let sent = self.since_base(sent);
+        let bound = self.min_max_stale.load(Ordering::SeqCst);
+        let prev = self.echoed_sent.load(Ordering::SeqCst);
+        // Trust had lapsed (or was never there): messages may have been lost meanwhile without a gap we can
+        // see, so start from an empty L1.
+        // (With no trust at all, L1 was emptied when it was lost and nothing was inserted since.)
+        if prev != 0 && self.since_base(Instant::now()).saturating_sub(prev) >= bound {
+            self.drop_all("lapse");
+        }
+        self.echoed_sent.fetch_max(sent, Ordering::SeqCst);
+    }
+
+    /// The next own message, recorded as awaiting its echo.
+    fn stamp(&self, event: &Event) -> String {
+        let mut echoes = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        echoes.pending.push_back((seq, Instant::now()));
+        if echoes.pending.len() > 4096 {
+            echoes.pending.pop_front();
+        }
+        event.encode(self.instance, seq)
+    }
+
+    /// Publish `event` (and apply it locally first). The remote half is skipped on the embedded backend.
+    ///
+    /// # Errors
+    /// Backend failures: other instances will notice the missing sequence number at this instance's next
+    /// message and drop their L1.
+    pub(crate) async fn publish(&self, inner: &Inner, event: Event) -> Result<()> {
+        self.apply(&event).await;
+        if !self.remote.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let message = self.stamp(&event);
+        inner
+            .backend
+            .publish_backplane(&inner.ns.backplane, message.as_bytes())
+            .await
+    }
+
+    /// Start the heartbeat task once (Redis only): a message every quarter of the smallest `l1_max_stale`,
+    /// a re-subscription when own messages stop coming back, and the lapse check.
+    pub(crate) fn start_heartbeat(self: &Arc<Self>, inner: &Arc<Inner>) {
+        if !self.remote.load(Ordering::Relaxed) || self.heartbeat.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let hub = Arc::downgrade(self);
+        let handle: Weak<Inner> = Arc::downgrade(inner);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.heartbeat.store(false, Ordering::SeqCst);
+            return;
+        };
+        rt.spawn(async move {
+            let mut silent_ticks = 0u32;
+            loop {
+                let (Some(hub), Some(inner)) = (hub.upgrade(), handle.upgrade()) else {
+                    return;
+                };
+                let bound = Duration::from_nanos(hub.min_max_stale.load(Ordering::SeqCst).max(1));
+                let tick = (bound / 4).max(Duration::from_millis(5));
+                let echoed = hub.echoed_sent.load(Ordering::SeqCst);
+                let age = hub.since_base(Instant::now()).saturating_sub(echoed);
+                if echoed != 0 && age >= nanos(bound) {
+                    // Lapsed: stop vouching now (readers already stopped) and start empty when trust is back.
+                    hub.echoed_sent.store(0, Ordering::SeqCst);
+                    hub.drop_all("lapse");
+                }
+                if age >= nanos(tick * 2) || echoed == 0 {
+                    silent_ticks += 1;
+                } else {
+                    silent_ticks = 0;
+                }
+                if silent_ticks >= 3 {
+                    // Our messages stopped coming back: make sure we are (still) subscribed.
+                    silent_ticks = 0;
+                    inner
+                        .backend
+                        .resubscribe_backplane(&inner.ns.backplane)
+                        .await;
+                }
+                let message = hub.stamp(&Event::Heartbeat);
+                let _ = inner
+                    .backend
+                    .publish_backplane(&inner.ns.backplane, message.as_bytes())
+                    .await;
+                drop(inner);
+                drop(hub);
+                tokio::time::sleep(tick).await;
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for ClassL1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassL1")
+            .field("class", &self.class)
+            .field("max_stale", &self.max_stale)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for e in [
+            Event::Heartbeat,
+            Event::Namespace,
+            Event::Class {
+                class: "product".into(),
+            },
+            Event::Key {
+                class: "product".into(),
+                key: "dev:shop:product:v1:{a b}:c".into(),
+            },
+            Event::Tag {
+                tag: "category: 7".into(),
+            },
+        ] {
+            let m = e.encode(0xabc, 42);
+            assert_eq!(Event::decode(m.as_bytes()), Some((0xabc, 42, e)), "{m}");
+        }
+        for bad in [
+            "",
+            "kw1",
+            "kw2 1 1 h",
+            "kw1 zz 1 h",
+            "kw1 1 x h",
+            "kw1 1 1 q",
+            "kw1 1 1 k a",
+        ] {
+            assert_eq!(Event::decode(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    fn remote_hub() -> Arc<Hub> {
+        let hub = Arc::new(Hub::default());
+        hub.set_remote();
+        hub
+    }
+
+    fn tier() -> L1Tier {
+        L1Tier::new(1 << 20, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn not_vouched_until_an_own_message_comes_back() {
+        let hub = remote_hub();
+        let l1 = hub.class("c", tier(), Duration::from_secs(5));
+        assert!(!hub.vouched(Duration::from_secs(5)));
+        let t = l1.ticket("k");
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            .await;
+        assert!(l1.get("k").await.is_none());
+        let m = hub.stamp(&Event::Heartbeat);
+        hub.on_message(m.as_bytes()).await;
+        assert!(hub.vouched(Duration::from_secs(5)));
+        let t = l1.ticket("k");
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            .await;
+        assert!(l1.get("k").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_eviction_after_the_ticket_refuses_the_insert() {
+        let hub = Arc::new(Hub::default());
+        let l1 = hub.class("c", tier(), Duration::from_secs(5));
+        let t = l1.ticket("k");
+        l1.evict("k").await;
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            .await;
+        assert!(l1.get("k").await.is_none());
+        let t = l1.ticket("k");
+        hub.apply(&Event::Class { class: "c".into() }).await;
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            .await;
+        assert!(l1.get("k").await.is_none());
+        let t = l1.ticket("k");
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            .await;
+        assert!(l1.get("k").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn gaps_and_disconnects_drop_everything() {
+        let hub = remote_hub();
+        let l1 = hub.class("c", tier(), Duration::from_secs(5));
+        let echo = hub.stamp(&Event::Heartbeat);
+        hub.on_message(echo.as_bytes()).await;
+        let fill = |l1: Arc<ClassL1>| async move {
+            let t = l1.ticket("k");
+            l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+                .await;
+            assert!(l1.get("k").await.is_some());
+        };
+        fill(Arc::clone(&l1)).await;
+        // Another publisher, in sequence: applied, nothing else dropped.
+        let other = |seq| Event::Heartbeat.encode(7, seq);
+        hub.on_message(other(1).as_bytes()).await;
+        hub.on_message(other(2).as_bytes()).await;
+        assert!(l1.get("k").await.is_some());
+        // Message 3 lost.
+        hub.on_message(other(4).as_bytes()).await;
+        assert!(l1.get("k").await.is_none());
+        fill(Arc::clone(&l1)).await;
+        // A publisher met mid-sequence.
+        hub.on_message(Event::Heartbeat.encode(9, 5).as_bytes())
+            .await;
+        assert!(l1.get("k").await.is_none());
+        fill(Arc::clone(&l1)).await;
+        // Our own message 2 never came back, 3 did: a hole in our subscription.
+        let _lost = hub.stamp(&Event::Heartbeat);
+        let back = hub.stamp(&Event::Heartbeat);
+        hub.on_message(back.as_bytes()).await;
+        assert!(l1.get("k").await.is_none());
+        fill(Arc::clone(&l1)).await;
+        hub.on_disconnect();
+        assert!(l1.get("k").await.is_none());
+        assert!(!hub.vouched(Duration::from_secs(5)));
+        assert_eq!(hub.losses(), 4);
+    }
+}
