@@ -5,9 +5,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keyward::policy::{CacheClass, Policy};
+use keyward::policy::{CacheClass, L1Tier, Policy};
 use keyward::{KeyTtl, Keyward};
 use keyward_testkit::{RedisCluster, RedisServer};
+
+/// `l1_max_stale` of the test policy's `near` classes.
+pub const L1_MAX_STALE: Duration = Duration::from_millis(300);
 
 static NEXT_APP: AtomicUsize = AtomicUsize::new(0);
 
@@ -116,7 +119,8 @@ impl Harness {
     }
 
     /// The standard test policy: `product` (plain), `maybe` (negative caching), `short` (tiny lease), `small`
-    /// (64-byte values), `other` (a second class), `pii` (personal), `pii_ok` (personal + allow_shared).
+    /// (64-byte values), `other` (a second class), `pii` (personal), `pii_ok` (personal + allow_shared),
+    /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
             .cache(
@@ -146,6 +150,18 @@ impl Harness {
             .cache(
                 "pii",
                 CacheClass::new(Duration::from_secs(30), "tests, after each write").personal(true),
+            )
+            .cache(
+                "near",
+                CacheClass::new(Duration::from_secs(60), "tests, after each write")
+                    .l1(L1Tier::new(1 << 20, Duration::from_secs(60)))
+                    .l1_max_stale(L1_MAX_STALE),
+            )
+            .cache(
+                "near2",
+                CacheClass::new(Duration::from_secs(60), "tests, after each write")
+                    .l1(L1Tier::new(1 << 20, Duration::from_secs(60)))
+                    .l1_max_stale(L1_MAX_STALE),
             )
             .cache(
                 "pii_ok",
