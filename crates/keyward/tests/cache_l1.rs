@@ -225,7 +225,7 @@ mod cases {
         let sources: Arc<Vec<Arc<AtomicU64>>> =
             Arc::new((0..KEYS).map(|_| Arc::new(AtomicU64::new(0))).collect());
         // Per key: (version, when its invalidation returned), newest last.
-        let returned: Arc<Vec<std::sync::Mutex<Vec<(u64, Instant)>>>> =
+        let returned: Arc<Vec<Returned>> =
             Arc::new((0..KEYS).map(|_| std::sync::Mutex::default()).collect());
         let version = Arc::new(AtomicU64::new(0));
         let ops = Arc::new(AtomicU64::new(0));
@@ -306,6 +306,9 @@ mod cases {
         assert!(l1_hits > 0, "L1 was never exercised");
     }
 }
+
+/// Per key: (version, when its invalidation returned), newest last.
+type Returned = std::sync::Mutex<Vec<(u64, Instant)>>;
 
 /// Redis only: a connection option set for fault tests (a short response timeout, a quick breaker).
 async fn quick(h: &Harness) -> Keyward {
