@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
 use crate::Keyward;
+pub(crate) mod many;
 mod store;
 
 use self::store::{Entry, Fetched};
