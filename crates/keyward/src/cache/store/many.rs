@@ -4,7 +4,10 @@
 //! Cluster slot** (one pipeline on a single server). Each entry gets exactly the `SET key <lease> NX GET PX`
 //! of [`fetch`](super::fetch), with the epochs read once for the batch (`HMGET` at the end of the pipeline on
 //! one server, the handle's view on Cluster), so every safety argument made there holds per entry. Keys of
-//! different slots never share a pipeline (Cluster would refuse it); the per-slot pipelines run concurrently.
+//! different slots never share a pipeline: redis-rs refuses a cluster pipeline across slots (`CrossSlot`),
+//! even when one node serves both. As every entry has its own hash tag, a batch on Cluster is mostly one
+//! `SET` per slot; those requests are sent concurrently and share each node's multiplexed connection, so
+//! the batch costs about one round trip to each node, in parallel.
 //! The rare answers the fast path leaves to `fetch.lua` (a lease held elsewhere, a value from before a group
 //! invalidation, unreadable epochs, an error reply) go through [`fetch`](super::fetch) itself, one entry each.
 
