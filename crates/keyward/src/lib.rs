@@ -84,6 +84,7 @@ pub mod rate_limit;
 pub mod session;
 
 pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
+pub use cache::many::MissingFromBatch;
 pub use cache::{Cache, CacheLookup, CacheStats};
 pub use client::Keyward;
 pub use error::{BoxError, Error, Result};

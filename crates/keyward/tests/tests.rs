@@ -22,6 +22,7 @@ mod common;
 
 mod acl;
 mod architecture;
+mod cache_batch;
 mod cache_l1;
 mod cluster;
 mod cluster_faults;

@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use crate::Keyward;
 pub(crate) mod l1;
+pub(crate) mod many;
 mod store;
 
 use self::l1::{ClassL1, Event, L1Value};

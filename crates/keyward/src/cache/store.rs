@@ -15,6 +15,9 @@ use crate::backend::{Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, ViewEp
 use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
 use crate::error::{Error, Result};
 
+/// The batch fetch (`Cache::get_or_set_many`), in its own file.
+pub(super) mod many;
+
 scripts! {
     fetch: "epochs.lua", "fetch.lua";
     read: "epochs.lua", "read.lua";
