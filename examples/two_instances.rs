@@ -19,9 +19,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = Policy::builder("dev", "two-instances")
         .cache(
             "product",
-            CacheClass::new(Duration::from_secs(600), "catalog service, after each product write")
-                .l1(L1Tier::new(16 * 1024 * 1024, Duration::from_secs(60)))
-                .l1_max_stale(Duration::from_millis(500)),
+            CacheClass::new(
+                Duration::from_secs(600),
+                "catalog service, after each product write",
+            )
+            .l1(L1Tier::new(16 * 1024 * 1024, Duration::from_secs(60)))
+            .l1_max_stale(Duration::from_millis(500)),
         )
         .build()?;
     let (a, b) = match std::env::var("REDIS_URL") {
@@ -78,9 +81,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             break;
         }
-        assert!(returned.elapsed() < Duration::from_millis(500), "B served a stale price past the bound");
+        assert!(
+            returned.elapsed() < Duration::from_millis(500),
+            "B served a stale price past the bound"
+        );
     }
     let stats = cache_b.stats();
-    println!("B: {} hits, of which {} from L1; {} loads", stats.hits, stats.l1_hits, stats.loader_calls);
+    println!(
+        "B: {} hits, of which {} from L1; {} loads",
+        stats.hits, stats.l1_hits, stats.loader_calls
+    );
     Ok(())
 }

@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::futures::Notified;
 use tracing::Instrument as _;
 
+use super::l1::{L1Value, Ticket};
 use super::store::{self, Entry, Fetched};
 use super::{Cache, Decoded, LeaseGuard, MAX_HEALS, failed, flight_key, token};
 use crate::backend::Watch;
@@ -49,11 +50,27 @@ struct Batch<'a, 'i, I> {
     keys: &'a [String],
     first: &'a [usize],
     negative_ok: bool,
+    /// Per distinct entry, the L1 fence reading taken before the store was asked (classes with L1 only).
+    tickets: Vec<Option<Ticket>>,
 }
 
 impl<I> Batch<'_, '_, I> {
     fn key(&self, u: usize) -> &str {
         &self.keys[self.first[u]]
+    }
+}
+
+impl<V, C> Cache<V, C>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    C: Codec,
+{
+    /// Put what the store holds for entry `u` (a hit, or a fill that committed) into L1, fenced by its ticket.
+    async fn l1_insert<I>(&self, b: &Batch<'_, '_, I>, u: usize, payload: &Bytes) {
+        if let (Some(l1), Some(Some(t))) = (&self.class.l1, b.tickets.get(u)) {
+            l1.insert(b.key(u), L1Value::Value(payload.clone()), *t)
+                .await;
+        }
     }
 }
 
@@ -220,11 +237,33 @@ where
                 })
             })
             .collect();
+        let mut answers: Vec<Option<Answer<V>>> = (0..first.len()).map(|_| None).collect();
+        // The in-process tier first: what it serves is never fetched; the rest get their fence readings now.
+        let mut tickets = vec![None; first.len()];
+        let mut todo: Vec<usize> = Vec::with_capacity(first.len());
+        for (u, &i) in first.iter().enumerate() {
+            let Some(l1) = &self.class.l1 else {
+                todo.push(u);
+                continue;
+            };
+            let key = &keys[i];
+            if let Some(L1Value::Value(b)) = l1.get(key).await
+                && let Ok(v) = C::decode::<V>(&b)
+            {
+                self.class.metrics.hits.increment(1);
+                self.class.metrics.l1_hits.increment(1);
+                answers[u] = Some((Ok(Some(v)), Some(b)));
+                continue;
+            }
+            tickets[u] = Some(l1.ticket(key));
+            todo.push(u);
+        }
         let batch = Batch {
             ids,
             keys: &keys,
             first: &first,
             negative_ok,
+            tickets,
         };
         let span = tracing::debug_span!(
             "keyward.cache.get_or_set_many",
@@ -232,11 +271,9 @@ where
             ids = ids.len(),
             distinct = first.len()
         );
-        let mut answers: Vec<Option<Answer<V>>> = (0..first.len()).map(|_| None).collect();
         async {
             let lease_ttl = self.class.policy.lease_ttl_value();
             let max_age = self.kw.inner.backend.flight_max_age();
-            let mut todo: Vec<usize> = (0..first.len()).collect();
             // Entries whose local flight outlived any lease it could hold: fetched without a flight (as in
             // `Cache::load`); the backend's lease still admits one loader fleet-wide.
             let mut unflighted = vec![false; first.len()];
@@ -415,6 +452,7 @@ where
                         let reason = match self.decode(&raw) {
                             Ok(Decoded::Value(v, payload)) => {
                                 m.hits.increment(1);
+                                self.l1_insert(b, p.u, &payload).await;
                                 finish((p.u, Ok(Some(v)), Ok(Shared::Value(payload))));
                                 continue;
                             }
@@ -587,6 +625,9 @@ where
             match committed {
                 Ok(true) => {
                     guard.armed = false;
+                    if let Shared::Value(payload) = &shared {
+                        self.l1_insert(b, u, payload).await;
+                    }
                     out.push((u, Ok(value), Ok(shared)));
                 }
                 Ok(false) => {
