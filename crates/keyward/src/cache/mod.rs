@@ -24,11 +24,12 @@ use tracing::Instrument as _;
 
 use crate::Keyward;
 mod store;
+mod tags;
 
 use self::store::{Entry, Fetched};
 use crate::backend::Watch;
 use crate::codec::{Codec, Json};
-use crate::envelope::{self, Body, Gens};
+use crate::envelope::{self, Body, Stamp};
 use crate::error::{BoxError, Error, Result};
 use crate::flight::{self, Flights, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
@@ -564,16 +565,17 @@ where
     pub async fn set(&self, id: &(impl IdParts + ?Sized), value: &V) -> Result<()> {
         let key = self.key(id)?;
         let payload = self.encode(value)?;
-        self.store(&key, &payload).await
+        self.store(&key, &payload, &[]).await
     }
 
-    async fn store(&self, key: &str, payload: &[u8]) -> Result<()> {
+    /// `tags`: validated (see `tags.rs`); the value records their current epochs.
+    async fn store(&self, key: &str, payload: &[u8], tags: &[String]) -> Result<()> {
         let ttl = self.class.policy.jittered_ttl();
         let inner = &self.kw.inner;
         store::set(
             &inner.backend,
             &inner.bus,
-            &self.entry(key),
+            &self.entry(key).tagged(tags),
             &envelope::body(Some(payload)),
             ttl,
         )
@@ -656,7 +658,7 @@ where
     {
         let seen = Seen::new(0);
         let loaded = self
-            .load(id, false, || async { loader().await.map(Some) }, &seen)
+            .load(id, &[], false, || async { loader().await.map(Some) }, &seen)
             .await?;
         // Every path that returns a value records how; a miss is the conservative answer otherwise.
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
@@ -683,7 +685,7 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        self.load(id, true, loader, &Seen::new(0)).await
+        self.load(id, &[], true, loader, &Seen::new(0)).await
     }
 
     /// Write-through: run `persist` (the source-of-truth write) first; only if it succeeds, store `value`.
@@ -708,7 +710,7 @@ where
         let key = self.key(id)?;
         let payload = self.encode(value)?;
         let out = persist.await.map_err(|e| self.source_err(e))?;
-        if let Err(cause) = self.store(&key, &payload).await {
+        if let Err(cause) = self.store(&key, &payload, &[]).await {
             let _ = store::invalidate(
                 &self.kw.inner.backend,
                 &self.kw.inner.bus,
@@ -762,9 +764,11 @@ where
         }
     }
 
+    /// `tags`: validated (see `tags.rs`); a fill records their epochs.
     async fn load<F, Fut, E>(
         &self,
         id: &(impl IdParts + ?Sized),
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -793,7 +797,7 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
                         // directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self.lead(&key, negative_ok, loader, seen).await;
+                            let (result, _) = self.lead(&key, tags, negative_ok, loader, seen).await;
                             return result;
                         }
                         Ok(followed) => match followed {
@@ -816,7 +820,7 @@ where
                     },
                 }
             };
-            let (result, outcome) = self.lead(&key, negative_ok, loader, seen).await;
+            let (result, outcome) = self.lead(&key, tags, negative_ok, loader, seen).await;
             leader.complete(outcome);
             result
         }
@@ -827,6 +831,7 @@ where
     async fn lead<F, Fut, E>(
         &self,
         key: &str,
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -838,7 +843,7 @@ where
     {
         let inner = &self.kw.inner;
         let m = &self.class.metrics;
-        let e = self.entry(key);
+        let e = self.entry(key).tagged(tags);
         let (marker, prefix) = envelope::lease_marker(&token());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
@@ -975,7 +980,7 @@ where
     async fn fill<F, Fut, E>(
         &self,
         guard: LeaseGuard,
-        gens: Gens,
+        gens: Stamp,
         loader: F,
     ) -> (Result<Option<V>>, Outcome)
     where
@@ -1007,7 +1012,7 @@ where
                 }
             },
         };
-        let stored = envelope::value(gens, &envelope::body(payload.as_deref()));
+        let stored = envelope::value(&gens, &envelope::body(payload.as_deref()));
         let shared = match payload {
             Some(p) => Shared::Value(Bytes::from(p)),
             None => Shared::Negative,
