@@ -306,7 +306,11 @@ mod tests {
         let only_p = |t: &[u8]| (t == b"p").then_some(10);
         assert_eq!(judge(&v, g, only_p, false), Verdict::Unknown);
         let p_stale = |t: &[u8]| (t == b"p").then_some(11);
-        assert_eq!(judge(&v, g, p_stale, false), Verdict::Stale, "one stale tag decides");
+        assert_eq!(
+            judge(&v, g, p_stale, false),
+            Verdict::Stale,
+            "one stale tag decides"
+        );
         let n = value(&stamp, &body(None));
         assert_eq!(judge(&n, g, at(0, 0), false), Verdict::Stale);
         assert_eq!(judge(&n, g, at(0, 0), true), Verdict::Current);

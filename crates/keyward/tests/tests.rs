@@ -22,6 +22,7 @@ mod common;
 
 mod acl;
 mod architecture;
+mod cache_tags;
 mod cluster;
 mod cluster_faults;
 mod conformance;

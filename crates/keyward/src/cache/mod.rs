@@ -797,7 +797,8 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
                         // directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self.lead(&key, tags, negative_ok, loader, seen).await;
+                            let (result, _) =
+                                self.lead(&key, tags, negative_ok, loader, seen).await;
                             return result;
                         }
                         Ok(followed) => match followed {

@@ -383,7 +383,11 @@ fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<
             ns: values[0],
             class: values[1],
         },
-        tags: tags.iter().cloned().zip(values[2..].iter().copied()).collect(),
+        tags: tags
+            .iter()
+            .cloned()
+            .zip(values[2..].iter().copied())
+            .collect(),
     };
     classify(stored, &known, tags, negative_ok, false)
 }
@@ -445,11 +449,7 @@ async fn view_epochs(b: &Backend, e: &Entry<'_>, extra: &[String]) -> Result<Opt
             Some(ViewEpochs::Current(ns, class, tags)) => {
                 return Ok(Some(Known {
                     gens: Gens { ns, class },
-                    tags: names
-                        .iter()
-                        .map(|t| (*t).to_owned())
-                        .zip(tags)
-                        .collect(),
+                    tags: names.iter().map(|t| (*t).to_owned()).zip(tags).collect(),
                 }));
             }
             Some(ViewEpochs::Repair(fields)) => {
@@ -494,7 +494,10 @@ fn with_epochs(call: Call, e: &Entry<'_>, view: Option<&Known>) -> Call {
 
 /// `fetch.lua`'s reply: `{0, stored}` | `{1, ns_gen, class_gen, tag_gen…}` | `{2, pttl_ms}` | `{3, tag…}`
 /// (the entry carries tags whose epochs were not passed: `Err` with them).
-fn decode_fetch(reply: &Reply, tags: &[String]) -> Option<std::result::Result<Fetched, Vec<String>>> {
+fn decode_fetch(
+    reply: &Reply,
+    tags: &[String],
+) -> Option<std::result::Result<Fetched, Vec<String>>> {
     let fetched = match reply.array()? {
         [Reply::Int(0), v] => Fetched::Hit(v.bytes()?),
         [Reply::Int(1), ns, class, epochs @ ..] if epochs.len() == tags.len() => {
@@ -556,8 +559,7 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                 call,
                 |kv| {
                     let s = kv.get_str(e.key)?;
-                    if s.starts_with(LEASE_PREFIX)
-                        || mirror_judge(kv, e, s, true) == Verdict::Stale
+                    if s.starts_with(LEASE_PREFIX) || mirror_judge(kv, e, s, true) == Verdict::Stale
                     {
                         return None;
                     }
@@ -568,7 +570,9 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                         return Some(None);
                     }
                     match reply.array() {
-                        Some([Reply::Int(3), unknown @ ..]) => Some(Some(Err(unknown_tags(unknown)?))),
+                        Some([Reply::Int(3), unknown @ ..]) => {
+                            Some(Some(Err(unknown_tags(unknown)?)))
+                        }
                         _ => reply.bytes().map(|v| Some(Ok(v))),
                     }
                 },
@@ -872,5 +876,78 @@ mod tests {
         cache.invalidate_all().await.unwrap();
         assert_eq!(cache.get("j").await.unwrap(), None);
         assert_eq!(cache.get_or_set("j", load("S2")).await.unwrap(), "S2");
+    }
+
+    /// Tags under a paused clock (class ttl 10s, no jitter, lease 1s: the epochs live 71s after a bump). A tag
+    /// field older than that is pruned by a later bump, without bringing back an entry it made stale, and the
+    /// tag's next version is above every one issued before, even after the whole hash expired.
+    #[tokio::test(start_paused = true)]
+    async fn tag_fields_are_pruned_and_tag_versions_never_repeat() {
+        let class = CacheClass::new(Duration::from_secs(10), "tests")
+            .jitter(Jitter::Fixed(Duration::ZERO))
+            .lease_ttl(Duration::from_secs(1))
+            .loader_timeout(Duration::from_millis(500));
+        let policy = Policy::builder("t", "tags")
+            .cache("c", class)
+            .build()
+            .unwrap();
+        let kw = Keyward::embedded(policy);
+        let cache = kw.cache::<String>("c").unwrap();
+        let Backend::Memory(m) = &kw.inner.backend else {
+            unreachable!("embedded")
+        };
+        let fields = || {
+            let mut f: Vec<String> = m
+                .keyspace
+                .with(|kv| {
+                    kv.get_hash("t:tags:_kw:gens")
+                        .map(|h| h.keys().cloned().collect())
+                        .unwrap_or_default()
+                })
+                .unwrap();
+            f.sort();
+            f
+        };
+
+        cache
+            .set_tagged("a", &"A1".to_owned(), &["x"])
+            .await
+            .unwrap();
+        kw.invalidate_tag("x").await.unwrap(); // t = 0
+        assert_eq!(cache.get("a").await.unwrap(), None);
+        tokio::time::advance(Duration::from_secs(65)).await;
+        cache
+            .set_tagged("b", &"B".to_owned(), &["x"])
+            .await
+            .unwrap(); // carries x's epoch from t = 0
+        tokio::time::advance(Duration::from_secs(7)).await; // t = 72: x's epoch is past the lifetime
+        kw.invalidate_tag("y").await.unwrap();
+        assert_eq!(fields(), ["t:y"], "x was pruned, the bumped field kept");
+        assert_eq!(
+            cache.get("b").await.unwrap().as_deref(),
+            Some("B"),
+            "filled after x's last invalidation: still current"
+        );
+        kw.invalidate_tag("x").await.unwrap();
+        assert_eq!(
+            cache.get("b").await.unwrap(),
+            None,
+            "x's new version is above the pruned one"
+        );
+
+        // The whole hash expires; the next version is still above every one issued before.
+        cache
+            .set_tagged("c", &"C".to_owned(), &["x"])
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        cache
+            .set_tagged("c", &"C".to_owned(), &["x"])
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(67)).await; // t = 144: no bump for 72s
+        assert!(fields().is_empty(), "the epochs hash expired");
+        kw.invalidate_tag("x").await.unwrap();
+        assert_eq!(cache.get("c").await.unwrap(), None);
     }
 }

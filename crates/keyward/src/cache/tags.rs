@@ -198,7 +198,13 @@ where
         let tags = validate(Some(&self.class.name), tags)?;
         let seen = Seen::new(0);
         let loaded = self
-            .load(id, &tags, false, || async { loader().await.map(Some) }, &seen)
+            .load(
+                id,
+                &tags,
+                false,
+                || async { loader().await.map(Some) },
+                &seen,
+            )
             .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
         loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {

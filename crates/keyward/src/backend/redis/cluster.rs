@@ -709,6 +709,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_view_drops_fields_a_later_read_no_longer_finds() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
+            fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let now = Instant::now();
+        let (first, before) = (
+            now - Duration::from_millis(2),
+            now - Duration::from_millis(1),
+        );
+        state.apply_read(first, Some(read(&[("*", "3"), ("t:old", "4")])));
+        state.apply_epoch("t:new", 9);
+        assert_eq!(
+            state.epochs("c", &["old", "new", "none"]),
+            Some(ViewEpochs::Current(3, 0, vec![4, 9, 0]))
+        );
+        // A read sent before the bump of t:new was learned cannot say it is gone; one sent after can.
+        state.apply_read(before, Some(read(&[("*", "3")])));
+        assert_eq!(
+            state.epochs("c", &["old", "new"]),
+            Some(ViewEpochs::Current(3, 0, vec![0, 9])),
+            "t:old was pruned, t:new is newer than the read"
+        );
+        state.apply_read(Instant::now(), Some(read(&[("*", "3")])));
+        assert_eq!(
+            state.epochs("c", &["new"]),
+            Some(ViewEpochs::Current(3, 0, vec![0]))
+        );
+        // Epochs only grow in the view: an older value does not lower one.
+        state.apply_epoch("t:a", 7);
+        state.apply_announcement(b"t:a 5");
+        assert_eq!(
+            state.epochs("c", &["a"]),
+            Some(ViewEpochs::Current(3, 0, vec![7]))
+        );
+    }
+
+    #[test]
     fn hash_tags_follow_redis() {
         assert_eq!(hash_tag("p:{a:1}:f"), "a:1");
         assert_eq!(hash_tag("foo{}{bar}"), "foo{}{bar}");
