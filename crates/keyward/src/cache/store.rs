@@ -356,39 +356,39 @@ pub(crate) async fn fetch(
     })
 }
 
-/// The fast path's replies on a single server: the `SET`'s and the `HMGET`'s.
+/// The fast path's replies on a single server: the `SET`'s and the `HMGET`'s (no allocation for an untagged
+/// call: this is what every hit pays).
 fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<Fast> {
     let [stored, epochs] = replies else {
         return None;
     };
-    let fields = epochs.array()?;
-    if fields.len() != 2 + tags.len() {
+    let [ns, class, tag_epochs @ ..] = epochs.array()? else {
+        return None;
+    };
+    if tag_epochs.len() != tags.len() {
         return None;
     }
-    let mut values = Vec::with_capacity(fields.len());
-    for r in fields {
-        let v = if r.is_nil() {
+    let field = |r: &Reply| -> Option<Option<u64>> {
+        Some(if r.is_nil() {
             Some(0)
         } else {
             epoch(Some(&r.bytes()?[..]))
-        };
-        match v {
-            Some(v) => values.push(v),
-            // A corrupt epoch field: the atomic path bumps it (always safe) and goes on.
-            None => return Some(Fast::Atomic),
-        }
-    }
-    let known = Known {
-        gens: Gens {
-            ns: values[0],
-            class: values[1],
-        },
-        tags: tags
-            .iter()
-            .cloned()
-            .zip(values[2..].iter().copied())
-            .collect(),
+        })
     };
+    // A corrupt epoch field (`None` inside): the atomic path bumps it (always safe) and goes on.
+    let (Some(ns), Some(class)) = (field(ns)?, field(class)?) else {
+        return Some(Fast::Atomic);
+    };
+    let mut known = Known {
+        gens: Gens { ns, class },
+        tags: Vec::with_capacity(tags.len()),
+    };
+    for (t, r) in tags.iter().zip(tag_epochs) {
+        let Some(e) = field(r)? else {
+            return Some(Fast::Atomic);
+        };
+        known.tags.push((t.clone(), e));
+    }
     classify(stored, &known, tags, negative_ok, false)
 }
 
