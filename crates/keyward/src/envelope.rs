@@ -1,20 +1,50 @@
 //! The bytes keyward stores: a small header the Lua scripts and the embedded backend can read without the codec.
 //!
-//! `V1:{ns_gen}:{class_gen}:{kind}:{payload}` for a value (`kind` is `v` for a value, `n` for a cached "absent"),
-//! `L1:{token}:{w}` for a fill lease (`w` is `1` once a caller waits on it). The generations are the namespace
-//! and class epochs current when the fill was leased; a value whose generations differ from the current ones
-//! was filled before a group invalidation and is treated as a miss.
+//! - `V1:{ns_gen}:{class_gen}:{kind}:{payload}`: a value without tags (`kind` is `v` for a value, `n` for a
+//!   cached "absent");
+//! - `V2:{ns_gen}:{class_gen}:{n}:` then `n` times `{len}:{tag}:{tag_gen}:`, then `{kind}:{payload}`: a value
+//!   that depends on `n` tags (the tag is exactly `len` bytes, so it may hold any byte, `:` included);
+//! - `L1:{token}:{w}`: a fill lease (`w` is `1` once a caller waits on it).
+//!
+//! The generations are the namespace, class and tag epochs current when the fill was leased (the tags' epochs
+//! are the fields `t:{tag}` of the namespace's epochs hash). A value any of whose generations is below the
+//! current one was filled before a group or tag invalidation and is treated as a miss. Untagged values are
+//! still written as `V1` (the header every existing entry has), so entries written before tags existed read
+//! exactly as before.
 
 use std::fmt::Write as _;
 
 pub(crate) const VALUE_PREFIX: &[u8] = b"V1:";
+pub(crate) const TAGGED_PREFIX: &[u8] = b"V2:";
 pub(crate) const LEASE_PREFIX: &[u8] = b"L1:";
+
+/// The most tags one entry may carry (see `cache::tags`); a header claiming more is corrupt.
+pub(crate) const MAX_TAGS: usize = 32;
+/// The longest tag, in bytes.
+pub(crate) const MAX_TAG_BYTES: usize = 128;
 
 /// Namespace and class epochs, as the server keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Gens {
     pub(crate) ns: u64,
     pub(crate) class: u64,
+}
+
+/// What a fill records: the group epochs and each tag's epoch, as read when its lease was granted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Stamp {
+    pub(crate) gens: Gens,
+    /// `(tag, epoch)`, in the caller's order (no duplicates).
+    pub(crate) tags: Vec<(String, u64)>,
+}
+
+impl From<Gens> for Stamp {
+    fn from(gens: Gens) -> Self {
+        Stamp {
+            gens,
+            tags: Vec::new(),
+        }
+    }
 }
 
 /// What a stored value says.
@@ -24,6 +54,25 @@ pub(crate) enum Body<'a> {
     Value(&'a [u8]),
     /// A cached "absent" (negative caching).
     Negative,
+}
+
+/// The tag section of a `V2` value, already checked by [`parse_tagged`]: iterate it without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Tags<'a> {
+    n: usize,
+    raw: &'a [u8],
+}
+
+impl<'a> Tags<'a> {
+    /// `(tag, epoch recorded at the fill's lease)`, in the stored order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'a [u8], u64)> + 'a {
+        let mut rest = self.raw;
+        (0..self.n).map_while(move |_| {
+            let (tag, epoch, after) = split_tag(rest).ok()?;
+            rest = after;
+            Some((tag, epoch))
+        })
+    }
 }
 
 /// A stored value that could not be read.
@@ -44,29 +93,75 @@ pub(crate) fn body(payload: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
-/// The full stored form of a value filled under `gens`.
-pub(crate) fn value(gens: Gens, body: &[u8]) -> Vec<u8> {
+/// The full stored form of a value filled under `stamp`: `V1` without tags, `V2` with.
+pub(crate) fn value(stamp: &Stamp, body: &[u8]) -> Vec<u8> {
     let mut head = String::with_capacity(32);
-    let _ = write!(head, "V1:{}:{}:", gens.ns, gens.class);
+    let g = stamp.gens;
+    if stamp.tags.is_empty() {
+        let _ = write!(head, "V1:{}:{}:", g.ns, g.class);
+    } else {
+        let _ = write!(head, "V2:{}:{}:{}:", g.ns, g.class, stamp.tags.len());
+        for (tag, epoch) in &stamp.tags {
+            let _ = write!(head, "{}:{tag}:{epoch}:", tag.len());
+        }
+    }
     let mut out = Vec::with_capacity(head.len() + body.len());
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
     out
 }
 
-/// Parse a stored value.
+/// Parse a stored value (either version), ignoring its tags.
 pub(crate) fn parse(raw: &[u8]) -> Result<(Gens, Body<'_>), EnvelopeError> {
-    let rest = raw
-        .strip_prefix(VALUE_PREFIX)
-        .ok_or(EnvelopeError("missing V1 header"))?;
+    parse_tagged(raw).map(|(g, _, b)| (g, b))
+}
+
+/// Parse a stored value with its tags (none for a `V1` value).
+pub(crate) fn parse_tagged(raw: &[u8]) -> Result<(Gens, Tags<'_>, Body<'_>), EnvelopeError> {
+    let (tagged, rest) = if let Some(rest) = raw.strip_prefix(VALUE_PREFIX) {
+        (false, rest)
+    } else if let Some(rest) = raw.strip_prefix(TAGGED_PREFIX) {
+        (true, rest)
+    } else {
+        return Err(EnvelopeError("missing V1/V2 header"));
+    };
     let (ns, rest) = split_num(rest)?;
-    let (class, rest) = split_num(rest)?;
+    let (class, mut rest) = split_num(rest)?;
+    let mut tags = Tags::default();
+    if tagged {
+        let (n, after) = split_num(rest)?;
+        let n = usize::try_from(n).map_err(|_| EnvelopeError("bad tag count"))?;
+        if n == 0 || n > MAX_TAGS {
+            return Err(EnvelopeError("bad tag count"));
+        }
+        let section = after;
+        rest = after;
+        for _ in 0..n {
+            rest = split_tag(rest)?.2;
+        }
+        tags = Tags {
+            n,
+            raw: &section[..section.len() - rest.len()],
+        };
+    }
     let body = match rest {
         [b'v', b':', payload @ ..] => Body::Value(payload),
         [b'n', b':'] => Body::Negative,
         _ => return Err(EnvelopeError("unknown value kind")),
     };
-    Ok((Gens { ns, class }, body))
+    Ok((Gens { ns, class }, tags, body))
+}
+
+/// One `{len}:{tag}:{epoch}:` item: the tag, its epoch and what follows.
+fn split_tag(s: &[u8]) -> Result<(&[u8], u64, &[u8]), EnvelopeError> {
+    let (len, rest) = split_num(s)?;
+    let len = usize::try_from(len).map_err(|_| EnvelopeError("bad tag length"))?;
+    if len == 0 || len > MAX_TAG_BYTES || rest.len() <= len || rest[len] != b':' {
+        return Err(EnvelopeError("bad tag"));
+    }
+    let tag = &rest[..len];
+    let (epoch, rest) = split_num(&rest[len + 1..])?;
+    Ok((tag, epoch, rest))
 }
 
 fn split_num(s: &[u8]) -> Result<(u64, &[u8]), EnvelopeError> {
@@ -85,18 +180,51 @@ fn split_num(s: &[u8]) -> Result<(u64, &[u8]), EnvelopeError> {
     Ok((n, &s[colon + 1..]))
 }
 
-/// Whether stored bytes are a value current under `gens` (and usable: a cached absent only if `negative_ok`).
-/// Current means filled under epochs no older than `gens` (epochs only grow; on Cluster a handle's view may lag
-/// an entry filled by a handle that saw a bump first, and that entry is current).
-/// `None` when they are not a readable value at all (a lease, or bytes the caller must decode, report and heal).
-/// Both backends decide hit-or-miss with this, as the Lua scripts do.
-pub(crate) fn is_current(raw: &[u8], gens: Gens, negative_ok: bool) -> Option<bool> {
-    if !raw.starts_with(VALUE_PREFIX) {
-        return None;
+/// How stored bytes compare with the current epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Not a readable value: a lease, or bytes the caller must decode, report and heal.
+    NotAValue,
+    /// Filled under epochs no older than the current ones (and usable: a cached absent only if allowed).
+    Current,
+    /// Filled before a group or tag invalidation, or an absent the caller cannot use: a miss.
+    Stale,
+    /// It carries a tag whose current epoch the caller did not supply (Redis Cluster: look it up, ask again).
+    Unknown,
+}
+
+/// Judge stored bytes against the current epochs: `gens`, and `tag_epoch(tag)` for each tag the value carries
+/// (`None`: not known to the caller). Current means filled under epochs no older than the current ones
+/// (epochs only grow; on Cluster a handle's view may lag an entry filled by a handle that saw a bump first,
+/// and that entry is current). Both backends decide hit-or-miss with this, as the Lua scripts do.
+pub(crate) fn judge(
+    raw: &[u8],
+    gens: Gens,
+    tag_epoch: impl Fn(&[u8]) -> Option<u64>,
+    negative_ok: bool,
+) -> Verdict {
+    if !raw.starts_with(VALUE_PREFIX) && !raw.starts_with(TAGGED_PREFIX) {
+        return Verdict::NotAValue;
     }
-    parse(raw).ok().map(|(g, body)| {
-        g.ns >= gens.ns && g.class >= gens.class && (negative_ok || body != Body::Negative)
-    })
+    let Ok((g, tags, body)) = parse_tagged(raw) else {
+        return Verdict::NotAValue;
+    };
+    if g.ns < gens.ns || g.class < gens.class || (!negative_ok && body == Body::Negative) {
+        return Verdict::Stale;
+    }
+    let mut unknown = false;
+    for (tag, recorded) in tags.iter() {
+        match tag_epoch(tag) {
+            Some(current) if recorded < current => return Verdict::Stale,
+            Some(_) => {}
+            None => unknown = true,
+        }
+    }
+    if unknown {
+        Verdict::Unknown
+    } else {
+        Verdict::Current
+    }
 }
 
 /// A fresh lease marker (`L1:{token}:0`) and the prefix that identifies it regardless of its waiter flag.
@@ -114,17 +242,80 @@ pub(crate) fn lease_has_waiters(raw: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn untagged(g: Gens) -> Stamp {
+        g.into()
+    }
+
     #[test]
     fn round_trip() {
         let g = Gens { ns: 3, class: 17 };
-        let v = value(g, &body(Some(b"{\"a\":1}")));
+        let v = value(&untagged(g), &body(Some(b"{\"a\":1}")));
         assert_eq!(v, b"V1:3:17:v:{\"a\":1}");
         assert_eq!(parse(&v).unwrap(), (g, Body::Value(b"{\"a\":1}")));
-        let n = value(g, &body(None));
+        let n = value(&untagged(g), &body(None));
         assert_eq!(parse(&n).unwrap(), (g, Body::Negative));
         // payloads may contain colons
-        let v = value(g, &body(Some(b"a:b:c")));
+        let v = value(&untagged(g), &body(Some(b"a:b:c")));
         assert_eq!(parse(&v).unwrap().1, Body::Value(b"a:b:c"));
+    }
+
+    #[test]
+    fn tagged_round_trip() {
+        let stamp = Stamp {
+            gens: Gens { ns: 1, class: 2 },
+            tags: vec![("product:42".into(), 7), ("a:b:12:".into(), 0)],
+        };
+        let v = value(&stamp, &body(Some(b"x:1")));
+        assert_eq!(v, b"V2:1:2:2:10:product:42:7:7:a:b:12::0:v:x:1");
+        let (g, tags, b) = parse_tagged(&v).unwrap();
+        assert_eq!(g, stamp.gens);
+        assert_eq!(b, Body::Value(b"x:1"));
+        assert_eq!(tags.iter().count(), 2);
+        assert_eq!(
+            tags.iter().collect::<Vec<_>>(),
+            vec![(&b"product:42"[..], 7), (&b"a:b:12:"[..], 0)]
+        );
+        let n = value(&stamp, &body(None));
+        assert_eq!(parse(&n).unwrap(), (stamp.gens, Body::Negative));
+    }
+
+    #[test]
+    fn v1_values_read_as_untagged() {
+        let (g, tags, b) = parse_tagged(b"V1:5:6:v:42").unwrap();
+        assert_eq!(
+            (g, tags.iter().count(), b),
+            (Gens { ns: 5, class: 6 }, 0, Body::Value(b"42"))
+        );
+    }
+
+    #[test]
+    fn judging_follows_every_epoch() {
+        let stamp = Stamp {
+            gens: Gens { ns: 1, class: 2 },
+            tags: vec![("p".into(), 10), ("c".into(), 20)],
+        };
+        let v = value(&stamp, &body(Some(b"1")));
+        let g = stamp.gens;
+        let at = |p: u64, c: u64| move |t: &[u8]| Some(if t == b"p" { p } else { c });
+        assert_eq!(judge(&v, g, at(10, 20), false), Verdict::Current);
+        assert_eq!(judge(&v, g, at(9, 0), false), Verdict::Current);
+        assert_eq!(judge(&v, g, at(11, 20), false), Verdict::Stale);
+        assert_eq!(judge(&v, g, at(10, 21), false), Verdict::Stale);
+        let newer = Gens { ns: 2, class: 2 };
+        assert_eq!(judge(&v, newer, at(0, 0), false), Verdict::Stale);
+        let only_p = |t: &[u8]| (t == b"p").then_some(10);
+        assert_eq!(judge(&v, g, only_p, false), Verdict::Unknown);
+        let p_stale = |t: &[u8]| (t == b"p").then_some(11);
+        assert_eq!(
+            judge(&v, g, p_stale, false),
+            Verdict::Stale,
+            "one stale tag decides"
+        );
+        let n = value(&stamp, &body(None));
+        assert_eq!(judge(&n, g, at(0, 0), false), Verdict::Stale);
+        assert_eq!(judge(&n, g, at(0, 0), true), Verdict::Current);
+        assert_eq!(judge(b"L1:x:0", g, at(0, 0), true), Verdict::NotAValue);
+        assert_eq!(judge(b"V2:1:2:1:", g, at(0, 0), true), Verdict::NotAValue);
     }
 
     #[test]
@@ -140,6 +331,16 @@ mod tests {
             b"L1:abc:0",
             b"\xff\xfe",
             b"V1:99999999999999999999999:1:v:",
+            b"V2:1:2:0:v:1",
+            b"V2:1:2:1:v:1",
+            b"V2:1:2:1:3:ab:1:v:1",
+            b"V2:1:2:1:2:ab:x:v:1",
+            b"V2:1:2:1:2:ab1:v:1",
+            b"V2:1:2:1:0::1:v:1",
+            b"V2:1:2:33:1:a:1:v:1",
+            b"V2:1:2:2:1:a:1:v:1",
+            b"V2:1:2:1:999999999999:a:1:v:1",
+            b"V2:1:2:1:1:a:1:",
         ] {
             assert!(parse(raw).is_err(), "{raw:?}");
         }

@@ -187,6 +187,20 @@ pub enum Error {
         /// What is wrong, naming the class where there is one.
         what: String,
     },
+    /// A cache tag that cannot be used (empty, too long, a control character or whitespace, too many on one
+    /// entry). `tag` is shown escaped and cut to 64 characters.
+    #[error(
+        "{}tag {tag:?} cannot be used: {reason}",
+        class.as_deref().map(|c| format!("class `{c}`: ")).unwrap_or_default()
+    )]
+    InvalidTag {
+        /// The class whose call named the tag (`None` for [`Keyward::invalidate_tag`](crate::Keyward::invalidate_tag)).
+        class: Option<String>,
+        /// The tag (cut to 64 characters).
+        tag: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The source-of-truth write succeeded but the cache could not be updated or invalidated afterwards.
     /// The cached entry may be stale until its TTL ends.
     #[error("class `{class}`: source written, but the cache could not be updated: {cause}")]

@@ -162,16 +162,27 @@ mod cases {
         converges(&b, 1, 4, returned, &source).await;
         converges(&b2, 1, 4, returned, &source).await;
 
+        // A tag (the entry was filled with it; reads without naming it still honour it).
+        let v = b
+            .get_or_set_tagged(&7, &["category:3"], load(&source))
+            .await
+            .unwrap();
+        assert_eq!(v, 4);
+        until_l1_hit(&b, 7, &source).await;
+        source.store(5, Ordering::SeqCst);
+        hs[0].invalidate_tag("category:3").await.unwrap();
+        converges(&b, 7, 5, Instant::now(), &source).await;
+
         // invalidate_after, the write-first form.
         until_l1_hit(&b, 1, &source).await;
         let src = Arc::clone(&source);
         a.invalidate_after(&1, async move {
-            src.store(5, Ordering::SeqCst);
+            src.store(6, Ordering::SeqCst);
             Ok::<_, std::io::Error>(())
         })
         .await
         .unwrap();
-        converges(&b, 1, 5, Instant::now(), &source).await;
+        converges(&b, 1, 6, Instant::now(), &source).await;
     }
 
     /// A load that started before an invalidation returns its (overlapping) value to its caller but never

@@ -24,6 +24,7 @@ mod acl;
 mod architecture;
 mod cache_batch;
 mod cache_l1;
+mod cache_tags;
 mod cluster;
 mod cluster_faults;
 mod conformance;

@@ -37,7 +37,7 @@ pub(crate) use crate::error::redis_unavailable as is_unavailable;
 /// The per-namespace keys the cache operations share.
 #[derive(Debug, Clone)]
 pub(crate) struct Namespace {
-    /// Hash of epochs: field `*` for the whole namespace, one field per class.
+    /// Hash of epochs: field `*` for the whole namespace, one field per class, `t:<tag>` per tag.
     pub(crate) gens_key: String,
     /// Pub/sub channel on which fills are announced to waiters (payload: the entry key).
     pub(crate) channel: String,
@@ -216,9 +216,9 @@ impl Backend {
         }
     }
 
-    /// Redis Cluster: the namespace and `class` group epochs from this handle's bounded view (see
-    /// `backend/redis/cluster.rs`), for the scripts to compare entries with; `None` elsewhere, where the
-    /// scripts read the epochs hash themselves.
+    /// Redis Cluster: the namespace and `class` group epochs and the `tags`' epochs from this handle's bounded
+    /// view (see `backend/redis/cluster.rs`), for the scripts to compare entries with; `None` elsewhere, where
+    /// the scripts read the epochs hash themselves.
     ///
     /// # Errors
     /// As [`atomic`](Self::atomic), when the view is older than its bound and re-reading it fails.
@@ -226,10 +226,11 @@ impl Backend {
         &self,
         ns: &Namespace,
         class: &str,
+        tags: &[&str],
     ) -> Result<Option<ViewEpochs>> {
         match self {
             Backend::Memory(_) => Ok(None),
-            Backend::Redis(r) => r.group_epochs(ns, class).await,
+            Backend::Redis(r) => r.group_epochs(ns, class, tags).await,
         }
     }
 

@@ -1,4 +1,4 @@
--- Shared by the cache scripts (prepended to fetch.lua, read.lua, set.lua and bump.lua): the group epochs.
+-- Shared by the cache scripts (prepended to fetch.lua, read.lua, set.lua and bump.lua): the group and tag epochs.
 -- An epoch is a decimal integer below 2^53. A bump takes max(current + 1, server time in µs), so an epoch never
 -- repeats, even after the epochs hash expired and was created again: an entry filled before an invalidation
 -- can never match a later epoch. A field that is not such an integer (or a key that is not a hash) is corrupt:
@@ -29,38 +29,148 @@ local function kw_valid(v)
   return string.match(v, '^%d+$') ~= nil and #v <= 16 and tonumber(v) < 9007199254740992
 end
 
--- The namespace ('*') and class epochs as strings ('0' when never bumped), repairing corrupt ones.
-local function kw_epochs(hash, class, lifetime_ms)
-  local g = redis.pcall('HMGET', hash, '*', class)
+-- The epochs of `fields` (a list: '*', the class, then 't:<tag>' fields) as a table field -> string ('0' when
+-- never bumped or pruned), repairing corrupt ones. A key of the wrong type is repaired by bumping every field
+-- asked for ('*' among them, which makes every older entry of the namespace stale).
+local function kw_read(hash, fields, lifetime_ms)
+  local g = redis.pcall('HMGET', hash, unpack(fields))
   local wrong_type = type(g) ~= 'table' or g.err ~= nil
-  if wrong_type then
-    g = {false, false}
-  end
-  local fields = {'*', class}
   local out = {}
-  for i = 1, 2 do
-    local v = g[i]
+  for i, f in ipairs(fields) do
+    local v = (not wrong_type) and g[i] or false
     if wrong_type or (v and not kw_valid(v)) then
-      v = string.format('%d', kw_bump(hash, fields[i], lifetime_ms))
+      v = string.format('%d', kw_bump(hash, f, lifetime_ms))
     end
-    out[i] = v or '0'
+    out[f] = v or '0'
   end
-  return out[1], out[2]
+  return out
 end
 
--- The epochs to compare entries with: read from the hash (KEYS[2]) on a single server; on Redis Cluster, where
--- the hash lives in another slot, the caller passes them from its bounded view (and KEYS[2] is absent).
-local function kw_current(class, lifetime_ms, given_ns, given_cl)
+-- A stored value's header: ns epoch, class epoch, kind, and its tags as a flat list {tag, epoch, tag, epoch…}
+-- (empty for V1); nil when the bytes are not a readable value (the client decodes, reports and heals them).
+-- Mirrors `envelope.rs`: V2:{ns}:{cl}:{n}: then n times {len}:{tag}:{epoch}: then {kind}:{payload}.
+local function kw_header(v)
+  local version = string.sub(v, 1, 3)
+  if version == 'V1:' then
+    local ns, cl, kind = string.match(v, '^V1:(%d+):(%d+):(%a):')
+    if ns then
+      return ns, cl, kind, {}
+    end
+    return nil
+  end
+  if version ~= 'V2:' then
+    return nil
+  end
+  local ns, cl, n, pos = string.match(v, '^V2:(%d+):(%d+):(%d+):()')
+  if not ns or #n > 2 or tonumber(n) < 1 or tonumber(n) > 32 then
+    return nil
+  end
+  local tags = {}
+  for _ = 1, tonumber(n) do
+    local len, at = string.match(v, '^(%d+):()', pos)
+    if not len or #len > 3 or tonumber(len) < 1 or tonumber(len) > 128 then
+      return nil
+    end
+    local tag = string.sub(v, at, at + tonumber(len) - 1)
+    local e, after = string.match(v, '^:(%d+):()', at + tonumber(len))
+    if #tag ~= tonumber(len) or not e then
+      return nil
+    end
+    tags[#tags + 1] = tag
+    tags[#tags + 1] = e
+    pos = after
+  end
+  local kind = string.match(v, '^(%a):', pos)
+  if kind ~= 'v' and kind ~= 'n' then
+    return nil
+  end
+  return ns, cl, kind, tags
+end
+
+-- The tags a call names, from ARGV[first] (a count) and the names after it; returns them and the index of
+-- the next argument.
+local function kw_tags(first)
+  local k = tonumber(ARGV[first])
+  local tags = {}
+  for i = 1, k do
+    tags[i] = ARGV[first + i]
+  end
+  return tags, first + k + 1
+end
+
+-- The current epochs: ns, class, and a table 't:<tag>' -> epoch string for the `tags` asked for and the
+-- `vtags` an entry carries. Read from the hash (KEYS[2]) on a single server; on Redis Cluster, where the hash
+-- lives in another slot, the caller passes them from its bounded view (KEYS[2] absent): ARGV[at] ns,
+-- ARGV[at + 1] class, ARGV[at + 2] a count m, then m pairs (tag, epoch). A tag it does not pass is unknown.
+local function kw_current(class, lifetime_ms, tags, vtags, at)
   if #KEYS > 1 then
-    return kw_epochs(KEYS[2], class, lifetime_ms)
+    local fields = {'*', class}
+    local seen = {}
+    for _, t in ipairs(tags) do
+      if not seen[t] then
+        seen[t] = true
+        fields[#fields + 1] = 't:' .. t
+      end
+    end
+    for i = 1, #vtags, 2 do
+      local t = vtags[i]
+      if not seen[t] then
+        seen[t] = true
+        fields[#fields + 1] = 't:' .. t
+      end
+    end
+    local out = kw_read(KEYS[2], fields, lifetime_ms)
+    return out['*'], out[class], out
   end
-  return given_ns, given_cl
+  local out = {}
+  local m = tonumber(ARGV[at + 2])
+  for i = 1, m do
+    out['t:' .. ARGV[at + 1 + 2 * i]] = ARGV[at + 2 + 2 * i]
+  end
+  return ARGV[at], ARGV[at + 1], out
 end
 
--- Whether an entry filled under (vns, vcl) predates the epochs (ns, cl). Epochs only grow, so on a single
--- server this is inequality; on Cluster a view may lag the entry's epochs, and a newer entry is current.
-local function kw_stale(vns, vcl, ns, cl)
-  return tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl)
+-- Whether an entry filled under (vns, vcl, vtags) predates the current epochs (ns, cl, cur): true, false, or
+-- nil when it carries a tag `cur` does not know (Cluster: the client looks it up and asks again). Epochs only
+-- grow, so on a single server this is inequality; on Cluster a view may lag the entry's epochs, and a newer
+-- entry is current.
+local function kw_stale(vns, vcl, vtags, ns, cl, cur)
+  if tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl) then
+    return true
+  end
+  local unknown = false
+  for i = 1, #vtags, 2 do
+    local c = cur['t:' .. vtags[i]]
+    if c == nil then
+      unknown = true
+    elseif tonumber(vtags[i + 1]) < tonumber(c) then
+      return true
+    end
+  end
+  if unknown then
+    return nil
+  end
+  return false
+end
+
+-- The tags of an entry that `cur` does not know, as a reply: {3, tag, tag…}.
+local function kw_unknown(vtags, cur)
+  local out = {3}
+  for i = 1, #vtags, 2 do
+    if cur['t:' .. vtags[i]] == nil then
+      out[#out + 1] = vtags[i]
+    end
+  end
+  return out
+end
+
+-- The stamp a fill records: ns, class, then the epoch of each of `tags`, as a reply tail.
+local function kw_stamp(code, ns, cl, tags, cur)
+  local out = {code, tonumber(ns), tonumber(cl)}
+  for _, t in ipairs(tags) do
+    out[#out + 1] = tonumber(cur['t:' .. t] or '0')
+  end
+  return out
 end
 
 -- Announce a fill or release of KEYS[1] on `channel`: sharded (SPUBLISH, in the key's slot) when the channel

@@ -1,11 +1,14 @@
--- Get a value, or take the fill lease, atomically. The fast path (a pipelined SET NX GET + HMGET, see mod.rs)
--- comes here only when it finds a lease held, a value from before a group invalidation, an unusable absent,
--- or epochs it cannot read. (epochs.lua is prepended.)
--- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: ARGV[6], ARGV[7] give the epochs)
+-- Get a value, or take the fill lease, atomically. The fast path (a pipelined SET NX GET + HMGET, see store.rs)
+-- comes here only when it finds a lease held, a value from before a group or tag invalidation, an unusable
+-- absent, or epochs it cannot read. (epochs.lua is prepended.)
+-- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: the epochs follow the tags in ARGV)
 -- ARGV[1] class name  ARGV[2] lease marker "L1:<token>:0"  ARGV[3] lease ttl (ms)
 -- ARGV[4] "1" if a cached absent ("n") counts as a hit   ARGV[5] epochs lifetime (ms)
--- Returns {0, stored} a value | {1, ns_gen, class_gen} the caller now holds the lease
---       | {2, pttl_ms} another caller holds the lease
+-- ARGV[6] k, the number of tags the caller fills with, then the k tags; on Cluster then ns, class, m, and m
+-- pairs (tag, epoch) from the handle's view (see kw_current).
+-- Returns {0, stored} a value | {1, ns_gen, class_gen, tag_gen…} the caller now holds the lease (one tag_gen
+-- per caller tag, in order) | {2, pttl_ms} another caller holds the lease
+--       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
 local v = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
 local mine = string.sub(ARGV[2], 1, -2)
 if v and string.sub(v, 1, 3) == 'L1:' and string.sub(v, 1, #mine) ~= mine then
@@ -20,20 +23,30 @@ if v and string.sub(v, 1, 3) == 'L1:' and string.sub(v, 1, #mine) ~= mine then
   -- A lease without a TTL is corrupt data (keyward never writes one): nobody will fill it, so take it over.
   v = nil
 end
-local ns, cl = kw_current(ARGV[1], ARGV[5], ARGV[6], ARGV[7])
+local tags, at = kw_tags(6)
+local vns, vcl, kind, vtags
+if v and string.sub(v, 1, #mine) ~= mine then
+  vns, vcl, kind, vtags = kw_header(v)
+end
+local ns, cl, cur = kw_current(ARGV[1], ARGV[5], tags, vtags or {}, at)
 if not v then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return {1, ns, cl}
+  return kw_stamp(1, ns, cl, tags, cur)
 end
 if string.sub(v, 1, #mine) == mine then
   -- Our own lease: the fast path took it and then could not read the epochs.
-  return {1, ns, cl}
+  return kw_stamp(1, ns, cl, tags, cur)
 end
-local vns, vcl, kind = string.match(v, '^V1:(%d+):(%d+):(%a):')
-if vns and (kw_stale(vns, vcl, ns, cl) or (kind == 'n' and ARGV[4] ~= '1')) then
-  -- Filled before a group invalidation (or an absent the caller cannot use): a miss; take the lease.
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return {1, ns, cl}
+if vns then
+  local stale = kw_stale(vns, vcl, vtags, ns, cl, cur)
+  if stale == nil and not (kind == 'n' and ARGV[4] ~= '1') then
+    return kw_unknown(vtags, cur)
+  end
+  if stale ~= false or (kind == 'n' and ARGV[4] ~= '1') then
+    -- Filled before a group or tag invalidation (or an absent the caller cannot use): a miss; take the lease.
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return kw_stamp(1, ns, cl, tags, cur)
+  end
 end
 -- A current value, or bytes we cannot read (the client decodes, reports and heals them).
 return {0, v}

@@ -28,7 +28,7 @@ use super::store::{self, Entry, Fetched};
 use super::{Cache, Decoded, LeaseGuard, MAX_HEALS, failed, flight_key, token};
 use crate::backend::Watch;
 use crate::codec::Codec;
-use crate::envelope::{self, Gens};
+use crate::envelope::{self, Stamp};
 use crate::error::{BoxError, Error, Result};
 use crate::flight::{self, Leader, Outcome, Role, Shared};
 use crate::key::IdParts;
@@ -538,7 +538,7 @@ where
     async fn fill_many<'i, I, F, Fut, M, K, E>(
         &self,
         b: &Batch<'_, 'i, I>,
-        fills: Vec<(usize, Gens, LeaseGuard)>,
+        fills: Vec<(usize, Stamp, LeaseGuard)>,
         uncached: Vec<usize>,
         loader: &mut F,
     ) -> Vec<Led<V>>
@@ -609,7 +609,7 @@ where
                     }
                 },
             };
-            let stored = envelope::value(gens, &envelope::body(payload.as_deref()));
+            let stored = envelope::value(&gens, &envelope::body(payload.as_deref()));
             let shared = payload.map_or(Shared::Negative, |p| Shared::Value(Bytes::from(p)));
             commits.push((u, guard, value, shared, stored, ttl));
         }

@@ -26,12 +26,13 @@ use crate::Keyward;
 pub(crate) mod l1;
 pub(crate) mod many;
 mod store;
+mod tags;
 
 use self::l1::{ClassL1, Event, L1Value};
 use self::store::{Entry, Fetched};
 use crate::backend::Watch;
 use crate::codec::{Codec, Json};
-use crate::envelope::{self, Body, Gens};
+use crate::envelope::{self, Body, Stamp};
 use crate::error::{BoxError, Error, Result};
 use crate::flight::{self, Flights, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
@@ -622,16 +623,17 @@ where
     pub async fn set(&self, id: &(impl IdParts + ?Sized), value: &V) -> Result<()> {
         let key = self.key(id)?;
         let payload = self.encode(value)?;
-        self.store(&key, &payload).await
+        self.store(&key, &payload, &[]).await
     }
 
-    async fn store(&self, key: &str, payload: &[u8]) -> Result<()> {
+    /// `tags`: validated (see `tags.rs`); the value records their current epochs.
+    async fn store(&self, key: &str, payload: &[u8], tags: &[String]) -> Result<()> {
         let ttl = self.class.policy.jittered_ttl();
         let inner = &self.kw.inner;
         store::set(
             &inner.backend,
             &inner.bus,
-            &self.entry(key),
+            &self.entry(key).tagged(tags),
             &envelope::body(Some(payload)),
             ttl,
         )
@@ -743,7 +745,7 @@ where
     {
         let seen = Seen::new(0);
         let loaded = self
-            .load(id, false, || async { loader().await.map(Some) }, &seen)
+            .load(id, &[], false, || async { loader().await.map(Some) }, &seen)
             .await?;
         // Every path that returns a value records how; a miss is the conservative answer otherwise.
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
@@ -770,7 +772,7 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        self.load(id, true, loader, &Seen::new(0)).await
+        self.load(id, &[], true, loader, &Seen::new(0)).await
     }
 
     /// Write-through: run `persist` (the source-of-truth write) first; only if it succeeds, store `value`.
@@ -795,7 +797,7 @@ where
         let key = self.key(id)?;
         let payload = self.encode(value)?;
         let out = persist.await.map_err(|e| self.source_err(e))?;
-        if let Err(cause) = self.store(&key, &payload).await {
+        if let Err(cause) = self.store(&key, &payload, &[]).await {
             let _ = store::invalidate(
                 &self.kw.inner.backend,
                 &self.kw.inner.bus,
@@ -853,9 +855,11 @@ where
         }
     }
 
+    /// `tags`: validated (see `tags.rs`); a fill records their epochs.
     async fn load<F, Fut, E>(
         &self,
         id: &(impl IdParts + ?Sized),
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -869,7 +873,7 @@ where
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
             return self
-                .load_shared(&key, negative_ok, loader, seen)
+                .load_shared(&key, tags, negative_ok, loader, seen)
                 .instrument(span)
                 .await;
         };
@@ -887,7 +891,7 @@ where
             let ticket = l1.ticket(&key);
             let payload = std::sync::Mutex::new(None);
             let loaded = self
-                .load_shared_then(&key, negative_ok, loader, seen, |outcome| {
+                .load_shared_then(&key, tags, negative_ok, loader, seen, |outcome| {
                     // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
                     // answered uncached, a refused fill, or an outcome shared with another caller).
                     if let Ok(Shared::Value(b)) = outcome
@@ -914,6 +918,7 @@ where
     async fn load_shared<F, Fut, E>(
         &self,
         key: &str,
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -923,7 +928,7 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        self.load_shared_then(key, negative_ok, loader, seen, |_| {})
+        self.load_shared_then(key, tags, negative_ok, loader, seen, |_| {})
             .await
     }
 
@@ -931,6 +936,7 @@ where
     async fn load_shared_then<F, Fut, E>(
         &self,
         key: &str,
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -959,7 +965,8 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
                         // directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self.lead(&key, negative_ok, loader, seen).await;
+                            let (result, _) =
+                                self.lead(&key, tags, negative_ok, loader, seen).await;
                             return result;
                         }
                         Ok(followed) => match followed {
@@ -982,7 +989,7 @@ where
                     },
                 }
             };
-            let (result, outcome) = self.lead(&key, negative_ok, loader, seen).await;
+            let (result, outcome) = self.lead(&key, tags, negative_ok, loader, seen).await;
             led(&outcome);
             leader.complete(outcome);
             result
@@ -992,6 +999,7 @@ where
     async fn lead<F, Fut, E>(
         &self,
         key: &str,
+        tags: &[String],
         negative_ok: bool,
         loader: F,
         seen: &Seen,
@@ -1003,7 +1011,7 @@ where
     {
         let inner = &self.kw.inner;
         let m = &self.class.metrics;
-        let e = self.entry(key);
+        let e = self.entry(key).tagged(tags);
         let (marker, prefix) = envelope::lease_marker(&token());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
@@ -1140,7 +1148,7 @@ where
     async fn fill<F, Fut, E>(
         &self,
         guard: LeaseGuard,
-        gens: Gens,
+        gens: Stamp,
         loader: F,
     ) -> (Result<Option<V>>, Outcome)
     where
@@ -1172,7 +1180,7 @@ where
                 }
             },
         };
-        let stored = envelope::value(gens, &envelope::body(payload.as_deref()));
+        let stored = envelope::value(&gens, &envelope::body(payload.as_deref()));
         let shared = match payload {
             Some(p) => Shared::Value(Bytes::from(p)),
             None => Shared::Negative,

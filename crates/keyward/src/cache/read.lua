@@ -1,15 +1,22 @@
 -- Read a current value without taking a lease. (epochs.lua is prepended.)
--- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: ARGV[3], ARGV[4] give the epochs)
--- ARGV[1] class name   ARGV[2] epochs lifetime (ms)
--- Returns the stored bytes, or nil when absent, leased, or filled before a group invalidation.
+-- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: the epochs follow in ARGV)
+-- ARGV[1] class name   ARGV[2] epochs lifetime (ms)   ARGV[3] 0 (no tags of the caller's own)
+-- On Cluster then ns, class, m, and m pairs (tag, epoch) from the handle's view (see kw_current).
+-- Returns the stored bytes, or nil when absent, leased, or filled before a group or tag invalidation;
+-- {3, tag…} (Cluster) when the entry carries tags whose epochs were not passed: ask again with them.
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, 3) == 'L1:' then
   return false
 end
-local vns, vcl = string.match(v, '^V1:(%d+):(%d+):')
+local vns, vcl, _, vtags = kw_header(v)
 if vns then
-  local ns, cl = kw_current(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-  if kw_stale(vns, vcl, ns, cl) then
+  local tags, at = kw_tags(3)
+  local ns, cl, cur = kw_current(ARGV[1], ARGV[2], tags, vtags, at)
+  local stale = kw_stale(vns, vcl, vtags, ns, cl, cur)
+  if stale == nil then
+    return kw_unknown(vtags, cur)
+  end
+  if stale then
     return false
   end
 end

@@ -1,18 +1,27 @@
 //! The cache's storage half: each operation as a Lua script for Redis (the `.lua` files next to this one) and
 //! its line-for-line mirror over the embedded keyspace, side by side.
 //!
-//! One string per entry holds a value (`V1:{ns_epoch}:{class_epoch}:v:…`) or a fill lease (`L1:{token}:{w}`).
-//! The scripts that read group epochs share `epochs.lua`, prepended to them: epochs never repeat, and a
-//! corrupt one is re-bumped in place. The fetch fast path is two plain commands in one pipeline; its safety is
-//! argued on [`fetch`].
+//! One string per entry holds a value (`V1:{ns_epoch}:{class_epoch}:v:…`, or `V2:…` with the epochs of its
+//! tags, see `envelope.rs`) or a fill lease (`L1:{token}:{w}`). The scripts that read group and tag epochs
+//! share `epochs.lua`, prepended to them: epochs never repeat, a corrupt one is re-bumped in place, and each
+//! bump prunes tag fields old enough that no entry can still carry an older epoch (argued in `bump.lua`). The
+//! fetch fast path is two plain commands in one pipeline; its safety is argued on [`fetch`].
+//!
+//! Tags: a call names the tags it fills with ([`Entry::tags`]); an entry is judged by the tags it *carries*.
+//! On a single server the scripts read both from the epochs hash. On Redis Cluster the epochs come from the
+//! handle's view, passed in `ARGV`: the caller's tags, plus — when a script answers that the entry carries
+//! others (`{3, tag…}`) — those too, and the call is asked again (a value found by the fast path is judged
+//! against the view directly).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::backend::wake::WakeBus;
-use crate::backend::{Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, ViewEpochs, scripts};
-use crate::envelope::{self, Gens, LEASE_PREFIX, is_current};
+use crate::backend::{
+    Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, Val, ViewEpochs, scripts,
+};
+use crate::envelope::{self, Gens, LEASE_PREFIX, Stamp, Verdict, judge};
 use crate::error::{Error, Result};
 
 /// The batch fetch (`Cache::get_or_set_many`), in its own file.
@@ -36,6 +45,9 @@ pub(crate) struct Entry<'a> {
     pub(crate) key: &'a str,
     /// Where fills and releases of this entry are announced (`Backend::wake_channel`).
     pub(crate) wake: std::borrow::Cow<'a, str>,
+    /// The tags a fill or set of this call records (validated, no duplicates; see `cache::tags`). Reads
+    /// judge an entry by the tags it carries, whatever these are.
+    pub(crate) tags: &'a [String],
 }
 
 impl<'a> Entry<'a> {
@@ -45,6 +57,39 @@ impl<'a> Entry<'a> {
             class,
             key,
             wake: b.wake_channel(ns, key),
+            tags: &[],
+        }
+    }
+
+    /// The same entry, filled or set with `tags`.
+    pub(crate) fn tagged(self, tags: &'a [String]) -> Self {
+        Entry { tags, ..self }
+    }
+}
+
+/// The current epochs a call knows: the group epochs and some tags' (`(tag, epoch)`).
+#[derive(Debug, Clone, Default)]
+struct Known {
+    gens: Gens,
+    tags: Vec<(String, u64)>,
+}
+
+impl Known {
+    fn tag(&self, tag: &[u8]) -> Option<u64> {
+        self.tags
+            .iter()
+            .find(|(t, _)| t.as_bytes() == tag)
+            .map(|(_, e)| *e)
+    }
+
+    /// What a fill leased under these epochs records for `tags` (each known; 0 otherwise).
+    fn stamp(&self, tags: &[String]) -> Stamp {
+        Stamp {
+            gens: self.gens,
+            tags: tags
+                .iter()
+                .map(|t| (t.clone(), self.tag(t.as_bytes()).unwrap_or(0)))
+                .collect(),
         }
     }
 }
@@ -54,8 +99,8 @@ impl<'a> Entry<'a> {
 pub(crate) enum Fetched {
     /// A stored value (still enveloped; may be corrupt).
     Hit(Bytes),
-    /// No usable value: the caller now holds the fill lease, under these epochs.
-    Leased(Gens),
+    /// No usable value: the caller now holds the fill lease; the fill records this stamp.
+    Leased(Stamp),
     /// Another caller holds the lease; it expires within this long.
     Wait(Duration),
 }
@@ -84,11 +129,54 @@ fn epoch(field: Option<&[u8]>) -> Option<u64> {
 /// The embedded mirror's epochs: a corrupt field counts as 0 (the embedded keyspace only holds what keyward
 /// wrote, so this is defensive).
 fn current_gens(kv: &Kv, ns: &Namespace, class: &str) -> Gens {
-    let h = kv.get_hash(&ns.gens_key);
-    let field = |f: &str| epoch(h.and_then(|h| h.get(f)).map(|b| &b[..])).unwrap_or(0);
     Gens {
-        ns: field("*"),
-        class: field(class),
+        ns: mirror_epoch(kv, ns, "*"),
+        class: mirror_epoch(kv, ns, class),
+    }
+}
+
+/// One field of the embedded mirror's epochs hash (0 when absent or corrupt).
+fn mirror_epoch(kv: &Kv, ns: &Namespace, field: &str) -> u64 {
+    let h = kv.get_hash(&ns.gens_key);
+    epoch(h.and_then(|h| h.get(field)).map(|b| &b[..])).unwrap_or(0)
+}
+
+/// The embedded mirror's epoch of `tag` (field `t:<tag>`).
+fn mirror_tag_epoch(kv: &Kv, ns: &Namespace, tag: &[u8]) -> u64 {
+    let Ok(tag) = std::str::from_utf8(tag) else {
+        return 0;
+    };
+    mirror_epoch(kv, ns, &tag_field(tag))
+}
+
+/// The epochs hash field of a tag.
+pub(crate) fn tag_field(tag: &str) -> String {
+    let mut f = String::with_capacity(tag.len() + 2);
+    f.push_str("t:");
+    f.push_str(tag);
+    f
+}
+
+/// Judge stored bytes in the embedded mirror (every epoch is at hand there).
+fn mirror_judge(kv: &Kv, e: &Entry<'_>, raw: &[u8], negative_ok: bool) -> Verdict {
+    let gens = current_gens(kv, e.ns, e.class);
+    judge(
+        raw,
+        gens,
+        |t| Some(mirror_tag_epoch(kv, e.ns, t)),
+        negative_ok,
+    )
+}
+
+/// The embedded mirror's stamp for a fill or set of `e` (its tags' current epochs).
+fn mirror_stamp(kv: &Kv, e: &Entry<'_>) -> Stamp {
+    Stamp {
+        gens: current_gens(kv, e.ns, e.class),
+        tags: e
+            .tags
+            .iter()
+            .map(|t| (t.clone(), mirror_tag_epoch(kv, e.ns, t.as_bytes())))
+            .collect(),
     }
 }
 
@@ -120,14 +208,14 @@ fn fetch_mirror(
     negative_ok: bool,
 ) -> Fetched {
     let now = kv.now_us();
-    let gens = current_gens(kv, e.ns, e.class);
+    let stamp = mirror_stamp(kv, e);
     let lease = Bytes::copy_from_slice(marker.as_bytes());
     let lease_until = now.saturating_add(micros(lease_ttl));
     let found = kv.get_str(e.key).cloned().zip(kv.expires_us(e.key));
     match found {
         None => {
             kv.put_evictable(e.key, lease, lease_until);
-            Fetched::Leased(gens)
+            Fetched::Leased(stamp)
         }
         Some((data, expires)) if data.starts_with(LEASE_PREFIX) => {
             if !envelope::lease_has_waiters(&data) {
@@ -141,10 +229,10 @@ fn fetch_mirror(
                 u64::try_from(expires - now).unwrap_or(0),
             ))
         }
-        Some((data, _)) => match is_current(&data, gens, negative_ok) {
-            Some(false) => {
+        Some((data, _)) => match mirror_judge(kv, e, &data, negative_ok) {
+            Verdict::Stale => {
                 kv.put_evictable(e.key, lease, lease_until);
-                Fetched::Leased(gens)
+                Fetched::Leased(stamp)
             }
             _ => Fetched::Hit(data),
         },
@@ -156,19 +244,28 @@ enum Fast {
     Done(Fetched),
     /// Rare cases go through the atomic `fetch.lua`.
     Atomic,
+    /// Redis Cluster: a stored value carrying tags the view was not asked about; judge it with them.
+    Judge(Bytes, Vec<String>),
 }
 
+/// How many times a script call is asked again with more tags' epochs (Redis Cluster; an entry that changes
+/// its tags that often between two calls is not a case worth more).
+const TAG_ROUNDS: usize = 4;
+
 /// Return the value, or grant the fill lease identified by `marker` (`L1:{token}:0`), or say who waits. A value
-/// filled under other epochs, or a negative entry when `negative_ok` is false, counts as absent.
+/// filled under older epochs (the namespace's, its class's, or any of its tags'), or a negative entry when
+/// `negative_ok` is false, counts as absent. A granted lease comes with the stamp the fill records: the epochs
+/// of the group and of `e.tags`, as read when the lease was granted.
 ///
 /// On Redis the fast path is two plain commands in one pipeline: `SET key <lease> NX GET PX ttl` (in one
-/// command: the value, or our lease on an empty key) and then `HMGET` of the epochs. Plain commands cost the
-/// server a fraction of a script call, which is what a hit pays. Reading the epochs *after* the `SET` on the
-/// same connection is safe: a bump between the two makes a hit look stale (a conservative miss), and for a
-/// granted lease the loader starts only after both replies, so its data is at least as new as the epochs
-/// recorded. Everything else — a lease held by someone, a value from before a group invalidation, an absent
-/// the caller cannot use, epochs it cannot read, an error reply — is rare and goes through the atomic
-/// `fetch.lua`.
+/// command: the value, or our lease on an empty key) and then `HMGET` of the epochs (`*`, the class, and
+/// `t:<tag>` for each of the caller's tags). Plain commands cost the server a fraction of a script call,
+/// which is what a hit pays. Reading the epochs *after* the `SET` on the same connection is safe: a bump
+/// between the two makes a hit look stale (a conservative miss), and for a granted lease the loader starts
+/// only after both replies, so its data is at least as new as the epochs recorded. Everything else — a lease
+/// held by someone, a value from before a group or tag invalidation, a value carrying tags the caller did not
+/// name, an absent the caller cannot use, epochs it cannot read, an error reply — is rarer and goes through
+/// the atomic `fetch.lua`.
 pub(crate) async fn fetch(
     b: &Backend,
     e: &Entry<'_>,
@@ -177,7 +274,7 @@ pub(crate) async fn fetch(
     negative_ok: bool,
 ) -> Result<Fetched> {
     // Redis Cluster: the epochs come from the handle's bounded view, and the fast path is the `SET` alone.
-    let view = view_epochs(b, e).await?;
+    let mut view = view_epochs(b, e, &[]).await?;
     let mut fast = Pipeline::new("fetch")
         .cmd("SET")
         .key(e.key)
@@ -188,97 +285,176 @@ pub(crate) async fn fetch(
         .arg(millis(lease_ttl));
     if view.is_none() {
         fast = fast.cmd("HMGET").arg(&e.ns.gens_key).arg("*").arg(e.class);
+        for t in e.tags {
+            fast = fast.arg(tag_field(t));
+        }
     }
     let answer = b
         .pipeline(
             fast.evicting(),
             || lease_undo(e, marker, lease_ttl),
             |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
-            |replies| match (view, replies) {
-                (Some(gens), [stored]) => classify(stored, gens, negative_ok),
+            |replies| match (&view, replies) {
+                (Some(known), [stored]) => classify(stored, known, e.tags, negative_ok, true),
                 (Some(_), _) => None,
-                (None, _) => decode_fast(replies, negative_ok),
+                (None, _) => decode_fast(replies, e.tags, negative_ok),
             },
         )
         .await;
     match answer {
         Ok(Fast::Done(fetched)) => return Ok(fetched),
+        Ok(Fast::Judge(stored, extra)) => {
+            view = view_epochs(b, e, &extra).await?;
+            if let Some(known) = &view
+                && judge(&stored, known.gens, |t| known.tag(t), negative_ok) == Verdict::Current
+            {
+                return Ok(Fetched::Hit(stored));
+            }
+        }
         Ok(Fast::Atomic) => {}
         // An error reply (e.g. the epochs key is not a hash): the atomic path repairs what it can.
         Err(err @ Error::Redis { .. }) if !err.is_unavailable() => {}
         Err(err) => return Err(err),
     }
-    let call = with_epochs(
-        SCRIPTS
-            .fetch
-            .call("fetch")
-            .key(e.key)
-            .arg(e.class)
-            .arg(marker)
-            .arg(millis(lease_ttl))
-            .arg(if negative_ok { "1" } else { "0" })
-            .arg(millis(e.ns.gens_lifetime)),
-        e,
-        view,
-    )
-    .undo(lease_undo(e, marker, lease_ttl))
-    .evicting();
-    b.atomic(
-        call,
-        |kv| fetch_mirror(kv, e, marker, lease_ttl, negative_ok),
-        decode_fetch,
-    )
-    .await
-}
-
-fn decode_fast(replies: &[Reply], negative_ok: bool) -> Option<Fast> {
-    let [stored, gens] = replies else {
-        return None;
-    };
-    let gens = match gens.array()? {
-        [ns, class] => {
-            let field = |r: &Reply| {
-                if r.is_nil() {
-                    Some(0)
-                } else {
-                    epoch(Some(&r.bytes()?[..]))
-                }
-            };
-            match (field(ns), field(class)) {
-                (Some(ns), Some(class)) => Gens { ns, class },
-                // A corrupt epoch field: the atomic path bumps it (always safe) and goes on.
-                _ => return Some(Fast::Atomic),
+    let mut extra = Vec::new();
+    for _ in 0..TAG_ROUNDS {
+        let call = with_epochs(
+            tag_args(
+                SCRIPTS
+                    .fetch
+                    .call("fetch")
+                    .key(e.key)
+                    .arg(e.class)
+                    .arg(marker)
+                    .arg(millis(lease_ttl))
+                    .arg(if negative_ok { "1" } else { "0" })
+                    .arg(millis(e.ns.gens_lifetime)),
+                e.tags,
+            ),
+            e,
+            view.as_ref(),
+        )
+        .undo(lease_undo(e, marker, lease_ttl))
+        .evicting();
+        let reply = b
+            .atomic(
+                call,
+                |kv| Ok(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
+                |reply| decode_fetch(reply, e.tags),
+            )
+            .await?;
+        match reply {
+            Ok(fetched) => return Ok(fetched),
+            Err(unknown) => {
+                extra.extend(unknown);
+                view = view_epochs(b, e, &extra).await?;
             }
         }
-        _ => return None,
-    };
-    classify(stored, gens, negative_ok)
+    }
+    Err(Error::InvalidArgument {
+        what: format!(
+            "class `{}`: the entry kept changing its tags while it was read",
+            e.class
+        ),
+    })
 }
 
-/// What the fast path's `SET … NX GET` reply means under `gens`.
-fn classify(stored: &Reply, gens: Gens, negative_ok: bool) -> Option<Fast> {
+/// The fast path's replies on a single server: the `SET`'s and the `HMGET`'s (no allocation for an untagged
+/// call: this is what every hit pays).
+fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<Fast> {
+    let [stored, epochs] = replies else {
+        return None;
+    };
+    let [ns, class, tag_epochs @ ..] = epochs.array()? else {
+        return None;
+    };
+    if tag_epochs.len() != tags.len() {
+        return None;
+    }
+    let field = |r: &Reply| -> Option<Option<u64>> {
+        Some(if r.is_nil() {
+            Some(0)
+        } else {
+            epoch(Some(&r.bytes()?[..]))
+        })
+    };
+    // A corrupt epoch field (`None` inside): the atomic path bumps it (always safe) and goes on.
+    let (Some(ns), Some(class)) = (field(ns)?, field(class)?) else {
+        return Some(Fast::Atomic);
+    };
+    let mut known = Known {
+        gens: Gens { ns, class },
+        tags: Vec::with_capacity(tags.len()),
+    };
+    for (t, r) in tags.iter().zip(tag_epochs) {
+        let Some(e) = field(r)? else {
+            return Some(Fast::Atomic);
+        };
+        known.tags.push((t.clone(), e));
+    }
+    classify(stored, &known, tags, negative_ok, false)
+}
+
+/// What the fast path's `SET … NX GET` reply means under `known`. `in_view`: the epochs come from a Cluster
+/// view, which can be asked about other tags (else a value carrying tags the caller did not name goes to the
+/// atomic path, which reads them).
+fn classify(
+    stored: &Reply,
+    known: &Known,
+    tags: &[String],
+    negative_ok: bool,
+    in_view: bool,
+) -> Option<Fast> {
     if stored.is_nil() {
-        return Some(Fast::Done(Fetched::Leased(gens)));
+        return Some(Fast::Done(Fetched::Leased(known.stamp(tags))));
     }
     let stored = stored.bytes()?;
-    if stored.starts_with(LEASE_PREFIX)
-        || envelope::is_current(&stored, gens, negative_ok) == Some(false)
-    {
+    if stored.starts_with(LEASE_PREFIX) {
         return Some(Fast::Atomic);
     }
-    // A current value, or bytes the caller will decode, report and heal.
-    Some(Fast::Done(Fetched::Hit(stored)))
+    match judge(&stored, known.gens, |t| known.tag(t), negative_ok) {
+        Verdict::Stale => Some(Fast::Atomic),
+        Verdict::Unknown if in_view => {
+            let unknown = envelope::parse_tagged(&stored)
+                .map(|(_, carried, _)| {
+                    carried
+                        .iter()
+                        .filter(|(t, _)| known.tag(t).is_none())
+                        .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(Fast::Judge(stored, unknown))
+        }
+        Verdict::Unknown => Some(Fast::Atomic),
+        // A current value, or bytes the caller will decode, report and heal.
+        Verdict::Current | Verdict::NotAValue => Some(Fast::Done(Fetched::Hit(stored))),
+    }
 }
 
-/// On Redis Cluster, the group epochs from the handle's view (see `ConnectOptions::group_invalidation_bound`);
-/// `None` elsewhere (the scripts read them). A view that found corrupt fields is repaired first by bumping
-/// them (`epochs.lua`: a corrupt field is bumped to the server clock in µs, above every epoch issued before),
-/// exactly as the single-server scripts do in place.
-async fn view_epochs(b: &Backend, e: &Entry<'_>) -> Result<Option<Gens>> {
+/// On Redis Cluster, the group epochs and those of the entry's tags and of `extra` tags from the handle's view
+/// (see `ConnectOptions::group_invalidation_bound`); `None` elsewhere (the scripts read them). A view that
+/// found corrupt fields is repaired first by bumping them (`epochs.lua`: a corrupt field is bumped to the
+/// server clock in µs, above every epoch issued before), exactly as the single-server scripts do in place.
+async fn view_epochs(b: &Backend, e: &Entry<'_>, extra: &[String]) -> Result<Option<Known>> {
+    if !b.epochs_in_view() {
+        return Ok(None);
+    }
+    let mut names: Vec<&str> = e.tags.iter().map(String::as_str).collect();
+    for t in extra {
+        if !names.contains(&t.as_str()) {
+            names.push(t);
+        }
+    }
     for _ in 0..3 {
-        match b.group_epochs(e.ns, e.class).await? {
+        match b.group_epochs(e.ns, e.class, &names).await? {
             None => return Ok(None),
-            Some(ViewEpochs::Current(ns, class)) => return Ok(Some(Gens { ns, class })),
+            Some(ViewEpochs::Current(ns, class, tags)) => {
+                return Ok(Some(Known {
+                    gens: Gens { ns, class },
+                    tags: names.iter().map(|t| (*t).to_owned()).zip(tags).collect(),
+                }));
+            }
             Some(ViewEpochs::Repair(fields)) => {
                 for field in fields {
                     bump(b, e.ns, &field).await?;
@@ -294,63 +470,129 @@ async fn view_epochs(b: &Backend, e: &Entry<'_>) -> Result<Option<Gens>> {
     })
 }
 
+/// The caller's tags as a script takes them: a count, then each tag.
+fn tag_args(mut call: Call, tags: &[String]) -> Call {
+    call = call.arg(tags.len());
+    for t in tags {
+        call = call.arg(t.as_str());
+    }
+    call
+}
+
 /// A cache script call's epochs: on a single server the script reads the epochs hash (`KEYS[2]`); on Cluster
-/// the view's epochs go last in `ARGV` instead (see `epochs.lua`). `call` has every other argument already.
-fn with_epochs(call: Call, e: &Entry<'_>, view: Option<Gens>) -> Call {
+/// the view's epochs go last in `ARGV` instead: ns, class, a count m, then m pairs (tag, epoch) (see
+/// `epochs.lua`). `call` has every other argument already.
+fn with_epochs(call: Call, e: &Entry<'_>, view: Option<&Known>) -> Call {
     match view {
         None => call.key(&e.ns.gens_key),
-        Some(g) => call.arg(g.ns).arg(g.class),
+        Some(k) => {
+            let mut call = call.arg(k.gens.ns).arg(k.gens.class).arg(k.tags.len());
+            for (t, epoch) in &k.tags {
+                call = call.arg(t.as_str()).arg(*epoch);
+            }
+            call
+        }
     }
 }
 
-/// `fetch.lua`'s reply: `{0, stored}` | `{1, ns_gen, class_gen}` | `{2, pttl_ms}`.
-fn decode_fetch(reply: &Reply) -> Option<Fetched> {
-    match reply.array()? {
-        [Reply::Int(0), v] => Some(Fetched::Hit(v.bytes()?)),
-        [Reply::Int(1), ns, class] => Some(Fetched::Leased(Gens {
-            ns: u64::try_from(ns.int()?).ok()?,
-            class: u64::try_from(class.int()?).ok()?,
-        })),
-        [Reply::Int(2), pttl] => Some(Fetched::Wait(Duration::from_millis(
+/// `fetch.lua`'s reply: `{0, stored}` | `{1, ns_gen, class_gen, tag_gen…}` | `{2, pttl_ms}` | `{3, tag…}`
+/// (the entry carries tags whose epochs were not passed: `Err` with them).
+fn decode_fetch(
+    reply: &Reply,
+    tags: &[String],
+) -> Option<std::result::Result<Fetched, Vec<String>>> {
+    let fetched = match reply.array()? {
+        [Reply::Int(0), v] => Fetched::Hit(v.bytes()?),
+        [Reply::Int(1), ns, class, epochs @ ..] if epochs.len() == tags.len() => {
+            let mut stamp = Stamp {
+                gens: Gens {
+                    ns: u64::try_from(ns.int()?).ok()?,
+                    class: u64::try_from(class.int()?).ok()?,
+                },
+                tags: Vec::with_capacity(tags.len()),
+            };
+            for (t, epoch) in tags.iter().zip(epochs) {
+                stamp
+                    .tags
+                    .push((t.clone(), u64::try_from(epoch.int()?).ok()?));
+            }
+            Fetched::Leased(stamp)
+        }
+        [Reply::Int(2), pttl] => Fetched::Wait(Duration::from_millis(
             u64::try_from(pttl.int()?).unwrap_or(0),
-        ))),
-        _ => None,
-    }
+        )),
+        [Reply::Int(3), unknown @ ..] => {
+            return unknown_tags(unknown).map(Err);
+        }
+        _ => return None,
+    };
+    Some(Ok(fetched))
+}
+
+/// The tags of a `{3, tag…}` reply (at least one).
+fn unknown_tags(replies: &[Reply]) -> Option<Vec<String>> {
+    let tags = replies
+        .iter()
+        .map(|r| String::from_utf8(r.bytes()?.to_vec()).ok())
+        .collect::<Option<Vec<_>>>()?;
+    (!tags.is_empty()).then_some(tags)
 }
 
 /// Read without taking a lease: a current value, or nothing.
 pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
-    let view = view_epochs(b, e).await?;
-    let call = with_epochs(
-        SCRIPTS
-            .read
-            .call("read")
-            .key(e.key)
-            .arg(e.class)
-            .arg(millis(e.ns.gens_lifetime)),
-        e,
-        view,
-    )
-    .evicting();
-    b.atomic(
-        call,
-        |kv| {
-            let gens = current_gens(kv, e.ns, e.class);
-            let s = kv.get_str(e.key)?;
-            if s.starts_with(LEASE_PREFIX) || is_current(s, gens, true) == Some(false) {
-                return None;
-            }
-            Some(s.clone())
-        },
-        |reply| {
-            if reply.is_nil() {
-                Some(None)
-            } else {
-                reply.bytes().map(Some)
-            }
-        },
-    )
-    .await
+    let mut extra = Vec::new();
+    for _ in 0..TAG_ROUNDS {
+        let view = view_epochs(b, e, &extra).await?;
+        let call = with_epochs(
+            tag_args(
+                SCRIPTS
+                    .read
+                    .call("read")
+                    .key(e.key)
+                    .arg(e.class)
+                    .arg(millis(e.ns.gens_lifetime)),
+                &[],
+            ),
+            e,
+            view.as_ref(),
+        )
+        .evicting();
+        let read = b
+            .atomic(
+                call,
+                |kv| {
+                    let s = kv.get_str(e.key)?;
+                    if s.starts_with(LEASE_PREFIX) || mirror_judge(kv, e, s, true) == Verdict::Stale
+                    {
+                        return None;
+                    }
+                    Some(Ok(s.clone()))
+                },
+                |reply| {
+                    if reply.is_nil() {
+                        return Some(None);
+                    }
+                    match reply.array() {
+                        Some([Reply::Int(3), unknown @ ..]) => {
+                            Some(Some(Err(unknown_tags(unknown)?)))
+                        }
+                        _ => reply.bytes().map(|v| Some(Ok(v))),
+                    }
+                },
+            )
+            .await?;
+        match read {
+            None => return Ok(None),
+            Some(Ok(v)) => return Ok(Some(v)),
+            Some(Err(unknown)) => extra.extend(unknown),
+        }
+    }
+    Err(Error::InvalidArgument {
+        what: format!(
+            "class `{}`: the entry kept changing its tags while it was read",
+            e.class
+        ),
+    })
 }
 
 /// Store `value` (a full envelope) only if the lease whose marker starts with `lease_prefix` is still held.
@@ -421,8 +663,9 @@ pub(crate) async fn release(
     Ok(released)
 }
 
-/// Unconditional write of `body` (`v:…`/`n:`) under the current epochs; voids any lease. Embedded, a value too
-/// large for its class's budget is not stored, and the previous value is removed (never read as current).
+/// Unconditional write of `body` (`v:…`/`n:`) under the current epochs, with the current epochs of `e.tags`
+/// (`V2`; `V1` without tags); voids any lease. Embedded, a value too large for its class's budget is not
+/// stored, and the previous value is removed (never read as current).
 pub(crate) async fn set(
     b: &Backend,
     bus: &WakeBus,
@@ -430,26 +673,28 @@ pub(crate) async fn set(
     body: &[u8],
     ttl: Duration,
 ) -> Result<()> {
-    let view = view_epochs(b, e).await?;
+    let view = view_epochs(b, e, &[]).await?;
     let call = with_epochs(
-        SCRIPTS
-            .set
-            .call("set")
-            .key(e.key)
-            .arg(e.class)
-            .arg(body)
-            .arg(millis(ttl))
-            .arg(&*e.wake)
-            .arg(millis(e.ns.gens_lifetime)),
+        tag_args(
+            SCRIPTS
+                .set
+                .call("set")
+                .key(e.key)
+                .arg(e.class)
+                .arg(body)
+                .arg(millis(ttl))
+                .arg(&*e.wake)
+                .arg(millis(e.ns.gens_lifetime)),
+            e.tags,
+        ),
         e,
-        view,
+        view.as_ref(),
     )
     .evicting();
     b.atomic(
         call,
         |kv| {
-            let gens = current_gens(kv, e.ns, e.class);
-            let value = Bytes::from(envelope::value(gens, body));
+            let value = Bytes::from(envelope::value(&mirror_stamp(kv, e), body));
             let until = kv.now_us().saturating_add(micros(ttl));
             kv.put_evictable(e.key, value, until);
         },
@@ -475,8 +720,9 @@ pub(crate) async fn invalidate(b: &Backend, bus: &WakeBus, e: &Entry<'_>) -> Res
     Ok(removed)
 }
 
-/// Bump a group epoch (`*` for the namespace, or a class name) to `max(current + 1, now in Unix µs)`: O(1),
-/// whatever the number of entries, and never a value an older entry carries (see `epochs.lua`).
+/// Bump a group epoch (`*` for the namespace, a class name, or `t:<tag>` for a tag) to
+/// `max(current + 1, now in Unix µs)`: O(1), whatever the number of entries, and never a value an older entry
+/// carries (see `epochs.lua`). Then prune a few tag fields older than the epochs' lifetime (see `bump.lua`).
 pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64> {
     let life_ms = millis(ns.gens_lifetime);
     let call = SCRIPTS
@@ -509,6 +755,7 @@ pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64
                 if left < life_ms {
                     kv.pexpire(&ns.gens_key, life_ms);
                 }
+                prune_mirror(kv, ns, field, life_ms);
                 next
             },
             |reply| u64::try_from(reply.int()?).ok(),
@@ -516,6 +763,27 @@ pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64
         .await?;
     b.bumped(field, epoch);
     Ok(epoch)
+}
+
+/// How many tag fields a bump examines for pruning (`bump.lua` samples as many with `HRANDFIELD`).
+const PRUNE_SAMPLE: usize = 16;
+
+/// `bump.lua`'s pruning in the embedded mirror: a full sweep of the tag fields older than the lifetime, with
+/// probability `PRUNE_SAMPLE / fields` (always for a small hash), so that a bump examines `PRUNE_SAMPLE`
+/// fields on average, as on Redis.
+fn prune_mirror(kv: &mut Kv, ns: &Namespace, bumped: &str, life_ms: i64) {
+    let floor = kv.now_us().saturating_sub(life_ms.saturating_mul(1000));
+    let Some(Val::Hash(h)) = kv.get_mut(&ns.gens_key) else {
+        return;
+    };
+    if h.len() > PRUNE_SAMPLE && rand::random_range(0..h.len()) >= PRUNE_SAMPLE {
+        return;
+    }
+    h.retain(|f, v| {
+        !(f.starts_with("t:")
+            && f != bumped
+            && epoch(Some(&v[..])).is_some_and(|e| i64::try_from(e).is_ok_and(|e| e < floor)))
+    });
 }
 
 /// Delete the entry only if it still holds exactly `raw` (self-healing of undecodable values).
@@ -612,5 +880,78 @@ mod tests {
         cache.invalidate_all().await.unwrap();
         assert_eq!(cache.get("j").await.unwrap(), None);
         assert_eq!(cache.get_or_set("j", load("S2")).await.unwrap(), "S2");
+    }
+
+    /// Tags under a paused clock (class ttl 10s, no jitter, lease 1s: the epochs live 71s after a bump). A tag
+    /// field older than that is pruned by a later bump, without bringing back an entry it made stale, and the
+    /// tag's next version is above every one issued before, even after the whole hash expired.
+    #[tokio::test(start_paused = true)]
+    async fn tag_fields_are_pruned_and_tag_versions_never_repeat() {
+        let class = CacheClass::new(Duration::from_secs(10), "tests")
+            .jitter(Jitter::Fixed(Duration::ZERO))
+            .lease_ttl(Duration::from_secs(1))
+            .loader_timeout(Duration::from_millis(500));
+        let policy = Policy::builder("t", "tags")
+            .cache("c", class)
+            .build()
+            .unwrap();
+        let kw = Keyward::embedded(policy);
+        let cache = kw.cache::<String>("c").unwrap();
+        let Backend::Memory(m) = &kw.inner.backend else {
+            unreachable!("embedded")
+        };
+        let fields = || {
+            let mut f: Vec<String> = m
+                .keyspace
+                .with(|kv| {
+                    kv.get_hash("t:tags:_kw:gens")
+                        .map(|h| h.keys().cloned().collect())
+                        .unwrap_or_default()
+                })
+                .unwrap();
+            f.sort();
+            f
+        };
+
+        cache
+            .set_tagged("a", &"A1".to_owned(), &["x"])
+            .await
+            .unwrap();
+        kw.invalidate_tag("x").await.unwrap(); // t = 0
+        assert_eq!(cache.get("a").await.unwrap(), None);
+        tokio::time::advance(Duration::from_secs(65)).await;
+        cache
+            .set_tagged("b", &"B".to_owned(), &["x"])
+            .await
+            .unwrap(); // carries x's epoch from t = 0
+        tokio::time::advance(Duration::from_secs(7)).await; // t = 72: x's epoch is past the lifetime
+        kw.invalidate_tag("y").await.unwrap();
+        assert_eq!(fields(), ["t:y"], "x was pruned, the bumped field kept");
+        assert_eq!(
+            cache.get("b").await.unwrap().as_deref(),
+            Some("B"),
+            "filled after x's last invalidation: still current"
+        );
+        kw.invalidate_tag("x").await.unwrap();
+        assert_eq!(
+            cache.get("b").await.unwrap(),
+            None,
+            "x's new version is above the pruned one"
+        );
+
+        // The whole hash expires; the next version is still above every one issued before.
+        cache
+            .set_tagged("c", &"C".to_owned(), &["x"])
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        cache
+            .set_tagged("c", &"C".to_owned(), &["x"])
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(67)).await; // t = 144: no bump for 72s
+        assert!(fields().is_empty(), "the epochs hash expired");
+        kw.invalidate_tag("x").await.unwrap();
+        assert_eq!(cache.get("c").await.unwrap(), None);
     }
 }

@@ -193,8 +193,10 @@ impl SlotMap {
 /// The group epochs as this handle last saw them (see the module docs).
 #[derive(Default)]
 struct EpochState {
-    /// Field (`*` or a class) → epoch; merged by maximum (epochs only grow).
-    fields: HashMap<String, u64>,
+    /// Field (`*`, a class, or `t:<tag>`) → its epoch, merged by maximum (epochs only grow), and when this view
+    /// last raised it. A field a full read sent after that no longer finds was pruned (or the hash expired):
+    /// it is dropped, so the view holds what the hash holds and tags bumped long ago do not pile up here.
+    fields: HashMap<String, (u64, Instant)>,
     /// When the last successful full read was sent.
     read_at: Option<Instant>,
     /// Fields the last read found corrupt (not a decimal integer below 2^53; `*` when the key is not a hash):
@@ -214,11 +216,12 @@ fn valid_epoch(raw: &[u8]) -> Option<u64> {
         .filter(|n| *n < EPOCH_LIMIT)
 }
 
-/// What a handle's view says about a class's group epochs.
+/// What a handle's view says about a class's group epochs and some tags' epochs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ViewEpochs {
-    /// The namespace and class epochs, vouched for by a read within the bound.
-    Current(u64, u64),
+    /// The namespace and class epochs, and each tag's asked for (in order; 0 when never bumped or pruned),
+    /// vouched for by a read within the bound.
+    Current(u64, u64, Vec<u64>),
     /// These fields are corrupt: bump them (which repairs them) before trusting the view.
     Repair(Vec<String>),
 }
@@ -315,8 +318,13 @@ impl ClusterState {
             return;
         }
         let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
-        let e = s.fields.entry(field.to_owned()).or_insert(0);
-        *e = (*e).max(epoch);
+        let e = s
+            .fields
+            .entry(field.to_owned())
+            .or_insert((0, Instant::now()));
+        if epoch > e.0 {
+            *e = (epoch, Instant::now());
+        }
         // A bump of a corrupt field (or of `*`, after a key of the wrong type) repaired it.
         s.corrupt.retain(|f| f != field);
     }
@@ -340,11 +348,17 @@ impl ClusterState {
         match fields {
             None => corrupt.push("*".to_owned()),
             Some(fields) => {
+                // Absent from a read sent after this view last raised it: pruned, or the hash expired (the
+                // server reads it as 0 too). A field raised after the read was sent is kept.
+                s.fields
+                    .retain(|f, (_, raised)| fields.contains_key(f) || *raised >= sent);
                 for (field, raw) in fields {
                     match valid_epoch(&raw) {
                         Some(epoch) => {
-                            let e = s.fields.entry(field).or_insert(0);
-                            *e = (*e).max(epoch);
+                            let e = s.fields.entry(field).or_insert((0, sent));
+                            if epoch > e.0 {
+                                *e = (epoch, sent);
+                            }
                         }
                         // Read as 0 it would bring back entries it invalidated; as a huge number it would
                         // outrank every later bump. Neither: it is repaired first.
@@ -357,8 +371,9 @@ impl ClusterState {
         s.read_at = Some(s.read_at.map_or(sent, |t| t.max(sent)));
     }
 
-    /// The namespace and `class` epochs, if the view is within its bound (or the fields to repair first).
-    pub(crate) fn epochs(&self, class: &str) -> Option<ViewEpochs> {
+    /// The namespace, `class` and `tags` epochs, if the view is within its bound (or the fields to repair
+    /// first).
+    pub(crate) fn epochs(&self, class: &str, tags: &[&str]) -> Option<ViewEpochs> {
         let s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         // Half the bound: a caller may share the outcome of another's fetch started up to half the bound
         // earlier (`Backend::flight_max_age`), so the two halves together stay within the bound.
@@ -367,10 +382,18 @@ impl ClusterState {
             .is_some_and(|t| t.elapsed() < self.epochs_bound / 2);
         fresh.then(|| {
             if s.corrupt.is_empty() {
-                ViewEpochs::Current(
-                    s.fields.get("*").copied().unwrap_or(0),
-                    s.fields.get(class).copied().unwrap_or(0),
-                )
+                let get = |f: &str| s.fields.get(f).map_or(0, |e| e.0);
+                let mut field = String::new();
+                let tags = tags
+                    .iter()
+                    .map(|t| {
+                        field.clear();
+                        field.push_str("t:");
+                        field.push_str(t);
+                        get(&field)
+                    })
+                    .collect();
+                ViewEpochs::Current(get("*"), get(class), tags)
             } else {
                 ViewEpochs::Repair(s.corrupt.clone())
             }
@@ -684,6 +707,47 @@ pub(crate) fn spawn_epoch_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_drops_fields_a_later_read_no_longer_finds() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
+            fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let now = Instant::now();
+        let (first, before) = (
+            now - Duration::from_millis(2),
+            now - Duration::from_millis(1),
+        );
+        state.apply_read(first, Some(read(&[("*", "3"), ("t:old", "4")])));
+        state.apply_epoch("t:new", 9);
+        assert_eq!(
+            state.epochs("c", &["old", "new", "none"]),
+            Some(ViewEpochs::Current(3, 0, vec![4, 9, 0]))
+        );
+        // A read sent before the bump of t:new was learned cannot say it is gone; one sent after can.
+        state.apply_read(before, Some(read(&[("*", "3")])));
+        assert_eq!(
+            state.epochs("c", &["old", "new"]),
+            Some(ViewEpochs::Current(3, 0, vec![0, 9])),
+            "t:old was pruned, t:new is newer than the read"
+        );
+        state.apply_read(Instant::now(), Some(read(&[("*", "3")])));
+        assert_eq!(
+            state.epochs("c", &["new"]),
+            Some(ViewEpochs::Current(3, 0, vec![0]))
+        );
+        // Epochs only grow in the view: an older value does not lower one.
+        state.apply_epoch("t:a", 7);
+        state.apply_announcement(b"t:a 5");
+        assert_eq!(
+            state.epochs("c", &["a"]),
+            Some(ViewEpochs::Current(3, 0, vec![7]))
+        );
+    }
 
     #[test]
     fn hash_tags_follow_redis() {

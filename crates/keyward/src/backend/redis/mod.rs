@@ -689,8 +689,8 @@ impl RedisBackend {
         self.cluster.is_some()
     }
 
-    /// On Cluster, the namespace and `class` epochs from the view, re-read first if the view is older than the
-    /// bound (see [`cluster`]); `None` elsewhere (the scripts read them).
+    /// On Cluster, the namespace, `class` and `tags` epochs from the view, re-read first if the view is older
+    /// than the bound (see [`cluster`]); `None` elsewhere (the scripts read them).
     ///
     /// # Errors
     /// As [`call`](Self::call), when the view must be re-read and that read fails.
@@ -698,11 +698,12 @@ impl RedisBackend {
         &self,
         ns: &Namespace,
         class: &str,
+        tags: &[&str],
     ) -> Result<Option<cluster::ViewEpochs>> {
         let Some(state) = &self.cluster else {
             return Ok(None);
         };
-        if let Some(epochs) = state.epochs(class) {
+        if let Some(epochs) = state.epochs(class, tags) {
             return Ok(Some(epochs));
         }
         let Conn::Cluster(mut conn) = self.conn() else {
@@ -713,7 +714,7 @@ impl RedisBackend {
         // (all inside `call`, so the wait is bounded by the response timeout too) instead of each sending it.
         self.call("epochs", Some(slot), async {
             let _one = state.reading.lock().await;
-            if state.epochs(class).is_some() {
+            if state.epochs(class, tags).is_some() {
                 return Ok(());
             }
             match cluster::read_epochs(state, &mut conn, &ns.gens_key, self.response_timeout).await
@@ -730,7 +731,7 @@ impl RedisBackend {
         // Read just now, so fresh, unless the read itself took longer than the bound: then it cannot vouch
         // for the bound, and the caller treats it like a timeout (a cache fails open).
         state
-            .epochs(class)
+            .epochs(class, tags)
             .map(Some)
             .ok_or_else(|| self.timeout_err("epochs", Some(slot)))
     }

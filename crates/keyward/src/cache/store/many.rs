@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
+use super::Known;
 use super::{Entry, Fast, Fetched, classify, decode_fast, fetch, fetch_mirror, millis};
 use crate::backend::{Backend, Pipeline, Undo, scripts};
-use crate::envelope::Gens;
 use crate::error::{Error, Result};
 
 scripts! {
@@ -39,16 +39,22 @@ pub(crate) async fn fetch_many(
         return Vec::new();
     };
     // Redis Cluster: the group epochs from the handle's view, once for the whole batch.
-    let view = match super::view_epochs(b, first).await {
+    let view = match super::view_epochs(b, first, &[]).await {
         Ok(view) => view,
         Err(err) => return entries.iter().map(|_| Err(err.clone())).collect(),
     };
     let groups = by_slot(entries, view.is_some());
-    let answers = join_all(
-        groups
-            .iter()
-            .map(|group| fetch_group(b, entries, group, marker, lease_ttl, negative_ok, view)),
-    )
+    let answers = join_all(groups.iter().map(|group| {
+        fetch_group(
+            b,
+            entries,
+            group,
+            marker,
+            lease_ttl,
+            negative_ok,
+            view.as_ref(),
+        )
+    }))
     .await;
     let mut out: Vec<Option<Result<Fetched>>> = entries.iter().map(|_| None).collect();
     let mut atomic = Vec::new();
@@ -58,7 +64,8 @@ pub(crate) async fn fetch_many(
                 for (&i, fast) in group.iter().zip(fasts) {
                     match fast {
                         Fast::Done(fetched) => out[i] = Some(Ok(fetched)),
-                        Fast::Atomic => atomic.push(i),
+                        // Stale, leased elsewhere, or (Cluster) carrying tags the batch has no epochs for.
+                        Fast::Atomic | Fast::Judge(..) => atomic.push(i),
                     }
                 }
             }
@@ -118,7 +125,7 @@ async fn fetch_group(
     marker: &str,
     lease_ttl: Duration,
     negative_ok: bool,
-    view: Option<Gens>,
+    view: Option<&Known>,
 ) -> Result<Vec<Fast>> {
     let mut pipe = Pipeline::new("fetch_many");
     for &i in group {
@@ -153,9 +160,9 @@ async fn fetch_group(
                 .collect()
         },
         |replies| match view {
-            Some(gens) if replies.len() == group.len() => replies
+            Some(known) if replies.len() == group.len() => replies
                 .iter()
-                .map(|stored| classify(stored, gens, negative_ok))
+                .map(|stored| classify(stored, known, &[], negative_ok, true))
                 .collect(),
             Some(_) => None,
             None => {
@@ -165,7 +172,7 @@ async fn fetch_group(
                 }
                 stored
                     .iter()
-                    .map(|s| decode_fast(&[s.clone(), gens.clone()], negative_ok))
+                    .map(|s| decode_fast(&[s.clone(), gens.clone()], &[], negative_ok))
                     .collect()
             }
         },
