@@ -122,7 +122,6 @@ impl Keyward {
         }
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
-        bus.backplane.set_remote();
         let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
         warn_if_evicting(&policy, backend.maxmemory_policy(), &server);

@@ -233,9 +233,29 @@ pub(crate) fn lease_marker(token: &str) -> (String, String) {
     (format!("{prefix}0"), prefix)
 }
 
+/// Where a lease marker's waiter flag is (0-based): after `L1:`, the 32-hex-digit token and `:`.
+pub(crate) const LEASE_FLAG_AT: usize = 36;
+
 /// Whether stored bytes are a lease marker whose waiter flag is set.
 pub(crate) fn lease_has_waiters(raw: &[u8]) -> bool {
-    raw.starts_with(LEASE_PREFIX) && raw.last() == Some(&b'1')
+    raw.starts_with(LEASE_PREFIX) && raw.get(LEASE_FLAG_AT) == Some(&b'1')
+}
+
+/// A lease taken over a kept value (`L1:{token}:{w}:{deadline_ms}:{value}`, see `cache/fetch.lua`): the
+/// deadline (server ms) until which it is held, and the value it keeps. `None` for a plain lease or anything
+/// else.
+pub(crate) fn kept(raw: &[u8]) -> Option<(i64, &[u8])> {
+    if !raw.starts_with(LEASE_PREFIX) || raw.get(LEASE_FLAG_AT + 1) != Some(&b':') {
+        return None;
+    }
+    let rest = raw.get(LEASE_FLAG_AT + 2..)?;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let digits = &rest[..colon];
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let deadline = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((deadline, &rest[colon + 1..]))
 }
 
 #[cfg(test)]
@@ -352,7 +372,20 @@ mod tests {
         assert_eq!(m, "L1:abc:0");
         assert!(m.starts_with(&p));
         assert!(!lease_has_waiters(m.as_bytes()));
-        assert!(lease_has_waiters(b"L1:abc:1"));
+        let t = "0123456789abcdef0123456789abcdef";
+        assert!(lease_has_waiters(format!("L1:{t}:1").as_bytes()));
+        assert!(lease_has_waiters(
+            format!("L1:{t}:1:99:V1:1:1:v:x").as_bytes()
+        ));
+        assert!(!lease_has_waiters(
+            format!("L1:{t}:0:99:V1:1:1:v:1").as_bytes()
+        ));
+        assert_eq!(
+            kept(format!("L1:{t}:0:99:V1:1:1:v:x").as_bytes()),
+            Some((99, &b"V1:1:1:v:x"[..]))
+        );
+        assert_eq!(kept(format!("L1:{t}:0").as_bytes()), None);
+        assert_eq!(kept(b"V1:1:1:v:x"), None);
         assert!(!lease_has_waiters(b"V1:1:1:v:1"));
     }
 }

@@ -85,7 +85,7 @@ pub mod session;
 
 pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::many::MissingFromBatch;
-pub use cache::{Cache, CacheLookup, CacheStats};
+pub use cache::{Cache, CacheLookup, CacheStats, StaleReason};
 pub use client::Keyward;
 pub use error::{BoxError, Error, Result};
 pub use rate_limit::{Decision, RateLimiter};

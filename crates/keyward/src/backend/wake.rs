@@ -14,8 +14,30 @@ use tokio::sync::Notify;
 pub(crate) struct WakeBus {
     // key -> (notify, number of live listeners). A std mutex: never held across an await.
     map: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
-    /// The in-process cache tier's backplane, fed by the same subscription (`cache::l1`).
-    pub(crate) backplane: Arc<crate::cache::l1::Hub>,
+    /// Where the in-process cache tier's backplane messages go (`cache::l1`), fed by the same subscription.
+    backplane: std::sync::OnceLock<Arc<dyn BackplaneSink>>,
+    /// Backplane pushes received before the receiver was set (it is created on first use), replayed to it
+    /// in order, so that it sees every message since the subscription began; `true` once some were dropped.
+    early: Mutex<(std::collections::VecDeque<Push>, bool)>,
+}
+
+/// The most backplane pushes kept for a receiver that does not exist yet.
+const EARLY_PUSHES: usize = 256;
+
+/// A push on the backplane channel.
+#[derive(Debug, Clone)]
+pub(crate) enum Push {
+    Message(bytes::Bytes),
+    Disconnected,
+}
+
+/// The receiving end of the backplane channel (the cache's in-process tier; see `cache::l1`). Called from the
+/// subscription's push callback: must not block.
+pub(crate) trait BackplaneSink: Send + Sync {
+    /// A message arrived on the backplane channel.
+    fn message(&self, payload: bytes::Bytes);
+    /// The subscription was dropped: messages may have been missed.
+    fn disconnected(&self);
 }
 
 /// A registration; dropping it unregisters.
@@ -46,11 +68,50 @@ impl WakeBus {
         }
     }
 
+    /// Route backplane pushes to `sink` (once per handle; later calls are ignored), first replaying those that
+    /// arrived before it.
+    pub(crate) fn set_backplane(&self, sink: Arc<dyn BackplaneSink>) {
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        if self.backplane.set(Arc::clone(&sink)).is_err() {
+            return;
+        }
+        if std::mem::take(&mut early.1) {
+            sink.disconnected();
+        }
+        for push in early.0.drain(..) {
+            deliver(&*sink, push);
+        }
+    }
+
+    /// A push on the backplane channel: to the receiver, or kept for it.
+    pub(crate) fn backplane_push(&self, push: Push) {
+        if let Some(sink) = self.backplane.get() {
+            return deliver(&**sink, push);
+        }
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        // Set meanwhile (under this lock, after replaying): deliver in order.
+        if let Some(sink) = self.backplane.get() {
+            return deliver(&**sink, push);
+        }
+        if early.0.len() >= EARLY_PUSHES {
+            early.0.pop_front();
+            early.1 = true;
+        }
+        early.0.push_back(push);
+    }
+
     pub(crate) fn wake_all(&self) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         for (n, _) in map.values() {
             n.notify_waiters();
         }
+    }
+}
+
+fn deliver(sink: &dyn BackplaneSink, push: Push) {
+    match push {
+        Push::Message(m) => sink.message(m),
+        Push::Disconnected => sink.disconnected(),
     }
 }
 

@@ -8,7 +8,8 @@ if string.sub(head, 1, #ARGV[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if string.sub(head, -1) == '1' then
+-- The waiter flag is byte 37 of every lease marker (see fetch.lua).
+if string.sub(head, 37, 37) == '1' then
   if string.sub(ARGV[4], -1) == '}' then
     redis.call('SPUBLISH', ARGV[4], KEYS[1])
   else

@@ -1,52 +1,116 @@
 -- Get a value, or take the fill lease, atomically. The fast path (a pipelined SET NX GET + HMGET, see store.rs)
 -- comes here only when it finds a lease held, a value from before a group or tag invalidation, an unusable
--- absent, or epochs it cannot read. (epochs.lua is prepended.)
+-- absent, a value near or past its expiry (fail-safe classes), or epochs it cannot read. (epochs.lua is
+-- prepended.)
+-- A lease is "L1:<token32>:<w>" (w, byte 37: '1' once someone waits on it), or, taken over a value that is kept
+-- for fail-safe or eager refresh, "L1:<token32>:<w>:<deadline_ms>:<value>": the value stays readable, and the
+-- lease counts as held until the deadline (server clock), whatever the key's TTL.
 -- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: the epochs follow the tags in ARGV)
 -- ARGV[1] class name  ARGV[2] lease marker "L1:<token>:0"  ARGV[3] lease ttl (ms)
 -- ARGV[4] "1" if a cached absent ("n") counts as a hit   ARGV[5] epochs lifetime (ms)
--- ARGV[6] k, the number of tags the caller fills with, then the k tags; on Cluster then ns, class, m, and m
+-- ARGV[6] stale grace G (ms, 0: off): a value whose PTTL is at most G is stale (kept only for fail-safe)
+-- ARGV[7] refresh ahead R (ms, 0: off): a value whose PTTL is at most G + R is due for an eager refresh
+-- ARGV[8] k, the number of tags the caller fills with, then the k tags; on Cluster then ns, class, m, and m
 -- pairs (tag, epoch) from the handle's view (see kw_current).
 -- Returns {0, stored} a value | {1, ns_gen, class_gen, tag_gen…} the caller now holds the lease (one tag_gen
--- per caller tag, in order) | {2, pttl_ms} another caller holds the lease
+-- per caller tag, in order) | {2, wait_ms [, stale]} another caller holds the lease (and the value it keeps)
 --       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
+--       | {4, ns_gen, class_gen, tag_gen…, value} a current value; the caller now holds the lease to refresh it
+--       | {5, ns_gen, class_gen, tag_gen…, stale} a stale value; the caller now holds the lease to refill it
 local v = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
 local mine = string.sub(ARGV[2], 1, -2)
-if v and string.sub(v, 1, 3) == 'L1:' and string.sub(v, 1, #mine) ~= mine then
-  local pttl = redis.call('PTTL', KEYS[1])
-  if pttl >= 0 then
-    -- Flag the lease so that its commit (or release) publishes a wake-up; only the first waiter pays the write.
-    if string.sub(v, -1) == '0' then
-      redis.call('SET', KEYS[1], string.sub(v, 1, -2) .. '1', 'KEEPTTL')
-    end
-    return {2, pttl}
+local grace = tonumber(ARGV[6])
+local ahead = tonumber(ARGV[7])
+local lease_ms = tonumber(ARGV[3])
+local tags, at = kw_tags(8)
+
+local function flag(raw)
+  if string.sub(raw, 37, 37) == '0' then
+    redis.call('SET', KEYS[1], string.sub(raw, 1, 36) .. '1' .. string.sub(raw, 38), 'KEEPTTL')
   end
-  -- A lease without a TTL is corrupt data (keyward never writes one): nobody will fill it, so take it over.
-  v = nil
 end
-local tags, at = kw_tags(6)
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The lease over a kept value `body`, held until now + lease ttl; the key lives at least that long.
+local function lease_over(body, pttl)
+  local marker = ARGV[2] .. ':' .. string.format('%d', now_ms() + lease_ms) .. ':' .. body
+  redis.call('SET', KEYS[1], marker, 'PX', math.max(pttl, lease_ms))
+end
+
+local held_until = nil
+local body = v
+if v and string.sub(v, 1, 3) == 'L1:' and string.sub(v, 1, #mine) ~= mine then
+  local deadline, rest = string.match(v, '^L1:%x+:%d:(%d+):()')
+  local pttl = redis.call('PTTL', KEYS[1])
+  if not deadline then
+    if pttl >= 0 then
+      -- Flag the lease so that its commit (or release) publishes a wake-up; only the first waiter pays the write.
+      flag(v)
+      return {2, pttl}
+    end
+    -- A lease without a TTL is corrupt data (keyward never writes one): nobody will fill it, so take it over.
+    body = nil
+  else
+    body = string.sub(v, rest)
+    local left = tonumber(deadline) - now_ms()
+    if left > 0 then
+      held_until = left
+    end
+  end
+end
 local vns, vcl, kind, vtags
-if v and string.sub(v, 1, #mine) ~= mine then
-  vns, vcl, kind, vtags = kw_header(v)
+if body and string.sub(body, 1, #mine) ~= mine then
+  vns, vcl, kind, vtags = kw_header(body)
 end
 local ns, cl, cur = kw_current(ARGV[1], ARGV[5], tags, vtags or {}, at)
-if not v then
+if not body then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return kw_stamp(1, ns, cl, tags, cur)
 end
-if string.sub(v, 1, #mine) == mine then
+if string.sub(body, 1, #mine) == mine then
   -- Our own lease: the fast path took it and then could not read the epochs.
   return kw_stamp(1, ns, cl, tags, cur)
 end
-if vns then
-  local stale = kw_stale(vns, vcl, vtags, ns, cl, cur)
-  if stale == nil and not (kind == 'n' and ARGV[4] ~= '1') then
-    return kw_unknown(vtags, cur)
+if not vns then
+  -- Bytes we cannot read: the client decodes, reports and heals them (or waits for the holder).
+  if held_until then
+    flag(v)
+    return {2, held_until}
   end
-  if stale ~= false or (kind == 'n' and ARGV[4] ~= '1') then
-    -- Filled before a group or tag invalidation (or an absent the caller cannot use): a miss; take the lease.
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-    return kw_stamp(1, ns, cl, tags, cur)
-  end
+  return {0, body}
 end
--- A current value, or bytes we cannot read (the client decodes, reports and heals them).
-return {0, v}
+local stale = kw_stale(vns, vcl, vtags, ns, cl, cur)
+if stale == nil and not (kind == 'n' and ARGV[4] ~= '1') then
+  return kw_unknown(vtags, cur)
+end
+if stale ~= false or (kind == 'n' and ARGV[4] ~= '1') then
+  -- Filled before a group or tag invalidation (or an absent the caller cannot use): gone, not kept for
+  -- fail-safe. Wait for the holder, or take a plain lease.
+  if held_until then
+    flag(v)
+    return {2, held_until}
+  end
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return kw_stamp(1, ns, cl, tags, cur)
+end
+local pttl = redis.call('PTTL', KEYS[1])
+local fresh = grace == 0 or pttl > grace
+if held_until then
+  if fresh then
+    -- Someone is refreshing it ahead of its expiry: everyone keeps getting the current value.
+    return {0, body}
+  end
+  flag(v)
+  return {2, held_until, body}
+end
+if fresh and (ahead == 0 or pttl < 0 or pttl > grace + ahead) then
+  return {0, body}
+end
+lease_over(body, pttl)
+local out = kw_stamp(fresh and 4 or 5, ns, cl, tags, cur)
+out[#out + 1] = body
+return out

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::backend::wake::BackplaneSink;
 use crate::client::Inner;
 use crate::error::Result;
 use crate::policy::L1Tier;
@@ -226,6 +227,11 @@ pub(crate) struct Hub {
     /// The smallest `l1_max_stale` of the classes with L1, in ns (0 before the first one).
     min_max_stale: AtomicU64,
     heartbeat: AtomicBool,
+    /// Held from numbering a message until Redis answered its publish, so that messages reach the channel in
+    /// the order of their sequence numbers (concurrent publishes on one multiplexed connection may not).
+    sending: tokio::sync::Mutex<()>,
+    /// Whether [`hub`] connected it to the handle's subscription.
+    wired: AtomicBool,
     losses: AtomicU64,
     /// Pushes from the subscription, applied in arrival order by one task (started on first use).
     inbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>>,
@@ -252,6 +258,8 @@ impl Default for Hub {
             classes: Mutex::default(),
             min_max_stale: AtomicU64::new(0),
             heartbeat: AtomicBool::new(false),
+            wired: AtomicBool::new(false),
+            sending: tokio::sync::Mutex::new(()),
             losses: AtomicU64::new(0),
             inbox: Mutex::default(),
         }
@@ -519,7 +527,13 @@ impl Hub {
         if !self.remote.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let message = self.stamp(&event);
+        self.send(inner, &event).await
+    }
+
+    /// Number `event` and publish it, in sequence order.
+    async fn send(&self, inner: &Inner, event: &Event) -> Result<()> {
+        let _order = self.sending.lock().await;
+        let message = self.stamp(event);
         inner
             .backend
             .publish_backplane(&inner.ns.backplane, message.as_bytes())
@@ -566,16 +580,38 @@ impl Hub {
                         .resubscribe_backplane(&inner.ns.backplane)
                         .await;
                 }
-                let message = hub.stamp(&Event::Heartbeat);
-                let _ = inner
-                    .backend
-                    .publish_backplane(&inner.ns.backplane, message.as_bytes())
-                    .await;
+                let _ = hub.send(&inner, &Event::Heartbeat).await;
                 drop(inner);
                 drop(hub);
                 tokio::time::sleep(tick).await;
             }
         });
+    }
+}
+
+/// The handle's hub, created (and wired to the subscription) on first use: when the first class with L1 is
+/// opened, or the first invalidation that must reach other instances' L1 is made.
+pub(crate) fn hub(kw: &crate::Keyward) -> Arc<Hub> {
+    let hub = kw.shared::<Hub>();
+    if !hub.wired.swap(true, Ordering::SeqCst) {
+        if kw.inner.backend.kind() == crate::BackendKind::Redis {
+            hub.set_remote();
+        }
+        kw.inner.bus.set_backplane(Arc::new(Sink(Arc::clone(&hub))));
+    }
+    hub
+}
+
+/// The hub as the subscription's backplane receiver.
+pub(crate) struct Sink(pub(crate) Arc<Hub>);
+
+impl BackplaneSink for Sink {
+    fn message(&self, payload: Bytes) {
+        self.0.feed(Inbound::Message(payload));
+    }
+
+    fn disconnected(&self) {
+        self.0.feed(Inbound::Disconnected);
     }
 }
 

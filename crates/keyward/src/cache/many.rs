@@ -443,6 +443,23 @@ where
             let mut again = Vec::new();
             for ((mut p, fetched), woken) in pending.drain(..).zip(fetched).zip(woken) {
                 let key = b.key(p.u);
+                let fetched = match fetched {
+                    // Batches do not refresh ahead: the refresh lease is given back (the value stays) and the
+                    // current value served as a hit.
+                    Ok(Fetched::Refresh(raw, _)) => {
+                        LeaseGuard {
+                            kw: self.kw.clone(),
+                            class: Arc::clone(&self.class),
+                            key: key.to_owned(),
+                            prefix: prefix.clone(),
+                            armed: true,
+                        }
+                        .release()
+                        .await;
+                        Ok(Fetched::Hit(raw))
+                    }
+                    other => other,
+                };
                 match fetched {
                     // The store is down: the source still answers (this call leads the entry's flight, so
                     // concurrent callers in this process share the load); nothing is written.
@@ -477,7 +494,9 @@ where
                             again.push(p);
                         }
                     }
-                    Ok(Fetched::Leased(gens)) => {
+                    // The stale value a fail-safe lease keeps is not served by batches: a failed refill is an
+                    // error for its id (the lease gives the value back).
+                    Ok(Fetched::Leased(gens, _)) => {
                         m.misses.increment(1);
                         let guard = LeaseGuard {
                             kw: self.kw.clone(),
@@ -488,7 +507,8 @@ where
                         };
                         fills.push((p.u, gens, guard));
                     }
-                    Ok(Fetched::Wait(left)) => waits.push((p, left, woken)),
+                    Ok(Fetched::Wait(left, _)) => waits.push((p, left, woken)),
+                    Ok(Fetched::Refresh(..)) => unreachable_refresh(),
                 }
             }
             let (filled, waited) = tokio::join!(
@@ -694,6 +714,9 @@ where
         }
     }
 }
+
+/// `Fetched::Refresh` is turned into a hit before the match that would see it.
+fn unreachable_refresh() {}
 
 fn with_u<V>(u: usize, (result, outcome): (Result<Option<V>>, Outcome)) -> Led<V> {
     (u, result, outcome)

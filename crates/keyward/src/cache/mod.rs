@@ -54,6 +54,8 @@ pub(crate) struct CacheMetrics {
     fills_refused: Tally,
     decode_errors: Tally,
     fail_open: Tally,
+    stale_served: Tally,
+    refreshes: Tally,
     loader_seconds: Histogram,
 }
 
@@ -89,6 +91,8 @@ struct ClassTotals {
     fills_refused: Arc<AtomicU64>,
     decode_errors: Arc<AtomicU64>,
     fail_open: Arc<AtomicU64>,
+    stale_served: Arc<AtomicU64>,
+    refreshes: Arc<AtomicU64>,
 }
 
 /// What one cache class did through one [`Keyward`] handle since the handle was created (every `Cache` of
@@ -119,6 +123,11 @@ pub struct CacheStats {
     pub decode_errors: u64,
     /// Calls answered from the source because Redis was unavailable (`on_error = "fail_open"`).
     pub fail_open: u64,
+    /// Calls answered with a stale value (fail-safe: a refill failed, overran the loader timeout, or the
+    /// soft timeout).
+    pub stale_served: u64,
+    /// Eager refreshes started (an entry read within `refresh_ahead` of its expiry).
+    pub refreshes: u64,
 }
 
 impl CacheStats {
@@ -149,10 +158,32 @@ pub enum CacheLookup {
     /// Redis was unavailable (or the stored bytes kept failing to decode): the loader answered and nothing was
     /// stored (`on_error = "fail_open"`).
     FailOpen,
+    /// A stale value (past its TTL, within the class's `stale_grace`), and why it was served instead of a
+    /// fresh one.
+    Stale(StaleReason),
+    /// A current value due for an eager refresh ([`Cache::get_or_set_detached`]): it was returned at once, and
+    /// this call refreshes the entry in the background.
+    RefreshAhead,
+    /// A value this call just loaded to refresh an entry ahead of its expiry (`refresh_ahead`), everyone else
+    /// having kept the current one meanwhile.
+    Refreshed,
+}
+
+/// Why a stale value was served ([`CacheLookup::Stale`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StaleReason {
+    /// The refill's loader returned an error.
+    LoaderError,
+    /// The refill's loader overran `loader_timeout` (the hard timeout).
+    LoaderTimeout,
+    /// The refill took longer than `soft_timeout`; it goes on (in the background for
+    /// [`Cache::get_or_set_detached`]) and commits if its lease is still valid.
+    SoftTimeout,
 }
 
 impl CacheLookup {
-    /// The name used in tracing spans and metrics (`hit`, `l1_hit`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
+    /// The name used in tracing spans and metrics (`hit`, `l1_hit`, `stale_loader_error`, `refreshed`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
     pub fn as_str(self) -> &'static str {
         match self {
             CacheLookup::Hit => "hit",
@@ -161,6 +192,11 @@ impl CacheLookup {
             CacheLookup::Miss => "miss",
             CacheLookup::Coalesced => "coalesced",
             CacheLookup::FailOpen => "fail_open",
+            CacheLookup::Stale(StaleReason::LoaderError) => "stale_loader_error",
+            CacheLookup::Stale(StaleReason::LoaderTimeout) => "stale_loader_timeout",
+            CacheLookup::Stale(StaleReason::SoftTimeout) => "stale_soft_timeout",
+            CacheLookup::RefreshAhead => "refresh_ahead",
+            CacheLookup::Refreshed => "refreshed",
         }
     }
 
@@ -172,6 +208,11 @@ impl CacheLookup {
             CacheLookup::Coalesced,
             CacheLookup::FailOpen,
             CacheLookup::L1Hit,
+            CacheLookup::Stale(StaleReason::LoaderError),
+            CacheLookup::Stale(StaleReason::LoaderTimeout),
+            CacheLookup::Stale(StaleReason::SoftTimeout),
+            CacheLookup::RefreshAhead,
+            CacheLookup::Refreshed,
         ]
         .get(usize::from(n).checked_sub(1)?)
         .copied()
@@ -185,7 +226,49 @@ impl CacheLookup {
             CacheLookup::Coalesced => 4,
             CacheLookup::FailOpen => 5,
             CacheLookup::L1Hit => 6,
+            CacheLookup::Stale(StaleReason::LoaderError) => 7,
+            CacheLookup::Stale(StaleReason::LoaderTimeout) => 8,
+            CacheLookup::Stale(StaleReason::SoftTimeout) => 9,
+            CacheLookup::RefreshAhead => 10,
+            CacheLookup::Refreshed => 11,
         }
+    }
+}
+
+/// A value a lease keeps (see `fetch.lua`), decodable: stale (fail-safe), or current (`fresh`: an eager
+/// refresh's).
+#[derive(Clone)]
+struct Fallback {
+    /// As stored (enveloped), to store it again.
+    raw: Bytes,
+    /// The codec's bytes.
+    payload: Bytes,
+    fresh: bool,
+}
+
+/// How a fill may answer before its load ends.
+struct Plan<'a> {
+    fallback: Option<Fallback>,
+    early: Option<&'a Early>,
+    soft_deadline: Option<tokio::time::Instant>,
+}
+
+/// Where a detached load ([`Cache::get_or_set_detached`]) offers its caller an answer before it ends: a stale
+/// value (taken at the soft timeout) or the current value of an entry it refreshes ahead (taken at once).
+#[derive(Default)]
+struct Early {
+    offer: std::sync::Mutex<Option<(Bytes, CacheLookup)>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Early {
+    fn offer(&self, payload: &Bytes, how: CacheLookup) {
+        *self.offer.lock().unwrap_or_else(|e| e.into_inner()) = Some((payload.clone(), how));
+        self.notify.notify_one();
+    }
+
+    fn taken(&self) -> Option<(Bytes, CacheLookup)> {
+        self.offer.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -216,6 +299,8 @@ impl CacheMetrics {
             fills_refused: t("keyward_cache_fills_refused_total", &totals.fills_refused),
             decode_errors: t("keyward_cache_decode_errors_total", &totals.decode_errors),
             fail_open: t("keyward_cache_fail_open_total", &totals.fail_open),
+            stale_served: t("keyward_cache_stale_served_total", &totals.stale_served),
+            refreshes: t("keyward_cache_refreshes_total", &totals.refreshes),
             loader_seconds: metrics::histogram!("keyward_cache_loader_seconds", "class" => class.to_owned()),
         }
     }
@@ -236,6 +321,8 @@ impl ClassTotals {
             fills_refused: g(&self.fills_refused),
             decode_errors: g(&self.decode_errors),
             fail_open: g(&self.fail_open),
+            stale_served: g(&self.stale_served),
+            refreshes: g(&self.refreshes),
         }
     }
 }
@@ -349,7 +436,7 @@ impl Keyward {
             });
         }
         let l1 = cache_class.l1_value().map(|tier| {
-            let hub = &self.inner.bus.backplane;
+            let hub = l1::hub(self);
             let l1 = hub.class(class, tier, cache_class.l1_max_stale_value());
             hub.start_heartbeat(&self.inner);
             l1
@@ -376,11 +463,7 @@ impl Keyward {
         store::bump(&self.inner.backend, &self.inner.ns, "*").await?;
         self.shared::<Flights>().detach_all();
         if self.has_l1() {
-            self.inner
-                .bus
-                .backplane
-                .publish(&self.inner, Event::Namespace)
-                .await?;
+            l1::hub(self).publish(&self.inner, Event::Namespace).await?;
         }
         Ok(())
     }
@@ -506,7 +589,9 @@ where
 
     fn entry<'a>(&'a self, key: &'a str) -> Entry<'a> {
         let inner = &self.kw.inner;
+        let policy = &self.class.policy;
         Entry::new(&inner.backend, &inner.ns, &self.class.name, key)
+            .windows(policy.stale_grace_value(), policy.refresh_ahead_value())
     }
 
     fn decode(&self, raw: &Bytes) -> std::result::Result<Decoded<V>, String> {
@@ -628,7 +713,7 @@ where
 
     /// `tags`: validated (see `tags.rs`); the value records their current epochs.
     async fn store(&self, key: &str, payload: &[u8], tags: &[String]) -> Result<()> {
-        let ttl = self.class.policy.jittered_ttl();
+        let ttl = self.class.policy.stored_ttl();
         let inner = &self.kw.inner;
         store::set(
             &inner.backend,
@@ -649,9 +734,7 @@ where
             return Ok(());
         }
         let inner = &self.kw.inner;
-        inner
-            .bus
-            .backplane
+        l1::hub(&self.kw)
             .publish(
                 inner,
                 Event::Key {
@@ -697,9 +780,7 @@ where
         if self.class.policy.l1_value().is_some() {
             let inner = &self.kw.inner;
             let class = self.class.name.clone();
-            inner
-                .bus
-                .backplane
+            l1::hub(&self.kw)
                 .publish(inner, Event::Class { class })
                 .await?;
         }
@@ -755,6 +836,94 @@ where
                 "keyward returned no value for a non-optional load (please report this bug)".into(),
             ),
         })
+    }
+
+    /// [`get_or_set_with_status`](Self::get_or_set_with_status) with a loader that owns what it uses
+    /// (`'static`), so that the load may outlive the call: with the class's `soft_timeout`, a caller that has
+    /// a stale value at hand gets it after the soft timeout while the refill goes on in the background (and
+    /// commits if its lease is still valid); with `refresh_ahead`, the caller that wins the refresh lease gets
+    /// the current value at once ([`CacheLookup::RefreshAhead`]) and the refresh runs in the background. With
+    /// a borrowing loader ([`get_or_set`](Self::get_or_set)) the same caller instead refreshes inline, and a
+    /// soft timeout abandons the refill.
+    ///
+    /// The load runs in a task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// As [`get_or_set`](Self::get_or_set); a load task that panicked is [`Error::Loader`].
+    pub async fn get_or_set_detached<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        loader: F,
+    ) -> Result<(V, CacheLookup)>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+        C: 'static,
+    {
+        let key = self.key(id)?;
+        let this = self.clone();
+        let early = Arc::new(Early::default());
+        let task_early = Arc::clone(&early);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let seen = Seen::new(0);
+            let loaded = this
+                .load_key(
+                    &key,
+                    &[],
+                    false,
+                    || async move { loader().await.map(Some) },
+                    &seen,
+                    Some(&task_early),
+                )
+                .await;
+            let _ = tx.send((loaded, seen.into_inner()));
+        });
+        let soft = self
+            .class
+            .policy
+            .soft_timeout_value()
+            .map(|d| tokio::time::Instant::now() + d);
+        let mut soft_passed = false;
+        let mut rx = rx;
+        loop {
+            // An offer this caller may take now: a refresh's current value at once, a stale value once the
+            // soft timeout passed.
+            if let Some((payload, how)) = early.taken()
+                && (how == CacheLookup::RefreshAhead || soft_passed)
+                && let Ok(v) = C::decode::<V>(&payload)
+            {
+                if how != CacheLookup::RefreshAhead {
+                    self.class.metrics.stale_served.increment(1);
+                }
+                return Ok((v, how));
+            }
+            tokio::select! {
+                done = &mut rx => {
+                    let Ok((loaded, seen)) = done else {
+                        return Err(Error::Loader {
+                            class: self.class.name.clone(),
+                            source: Arc::new("the load task ended without an answer (it panicked)".into()),
+                        });
+                    };
+                    let lookup = CacheLookup::from_u8(seen).unwrap_or(CacheLookup::Miss);
+                    return loaded?.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
+                        class: self.class.name.clone(),
+                        source: Arc::new(
+                            "keyward returned no value for a non-optional load (please report this bug)".into(),
+                        ),
+                    });
+                }
+                () = early.notify.notified() => {}
+                () = async {
+                    match soft {
+                        Some(at) if !soft_passed => tokio::time::sleep_until(at).await,
+                        _ => std::future::pending().await,
+                    }
+                } => soft_passed = true,
+            }
+        }
     }
 
     /// Like [`get_or_set`](Self::get_or_set) for sources where the entry may not exist: a `None` from the loader
@@ -870,10 +1039,30 @@ where
         E: Into<BoxError>,
     {
         let key = self.key(id)?;
+        self.load_key(&key, tags, negative_ok, loader, seen, None)
+            .await
+    }
+
+    /// [`load`](Self::load) of a key; `early`: a detached call's channel for answers before the load ends.
+    async fn load_key<F, Fut, E>(
+        &self,
+        key: &str,
+        tags: &[String],
+        negative_ok: bool,
+        loader: F,
+        seen: &Seen,
+        early: Option<&Early>,
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = key.to_owned();
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
             return self
-                .load_shared(&key, tags, negative_ok, loader, seen)
+                .load_shared_then(&key, tags, negative_ok, loader, seen, early, |_| {})
                 .instrument(span)
                 .await;
         };
@@ -891,13 +1080,18 @@ where
             let ticket = l1.ticket(&key);
             let payload = std::sync::Mutex::new(None);
             let loaded = self
-                .load_shared_then(&key, tags, negative_ok, loader, seen, |outcome| {
+                .load_shared_then(&key, tags, negative_ok, loader, seen, early, |outcome| {
                     // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
                     // answered uncached, a refused fill, or an outcome shared with another caller).
                     if let Ok(Shared::Value(b)) = outcome
                         && matches!(
                             CacheLookup::from_u8(seen.load(Ordering::Relaxed)),
-                            Some(CacheLookup::Hit | CacheLookup::Miss)
+                            Some(
+                                CacheLookup::Hit
+                                    | CacheLookup::Miss
+                                    | CacheLookup::RefreshAhead
+                                    | CacheLookup::Refreshed
+                            )
                         )
                     {
                         *payload.lock().unwrap_or_else(|e| e.into_inner()) = Some(b.clone());
@@ -914,25 +1108,10 @@ where
         .await
     }
 
-    /// The store half of a load: single-flight in this process, then the fenced fetch and fill.
-    async fn load_shared<F, Fut, E>(
-        &self,
-        key: &str,
-        tags: &[String],
-        negative_ok: bool,
-        loader: F,
-        seen: &Seen,
-    ) -> Result<Option<V>>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<Option<V>, E>>,
-        E: Into<BoxError>,
-    {
-        self.load_shared_then(key, tags, negative_ok, loader, seen, |_| {})
-            .await
-    }
-
-    /// [`load_shared`](Self::load_shared), calling `led` with the outcome when this caller led the fetch.
+    /// The store half of a load: single-flight in this process, then the fenced fetch and fill; `led` gets
+    /// the outcome when this caller led the fetch.
+    // Private plumbing between `load_key` and `lead`; a struct for the arguments would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn load_shared_then<F, Fut, E>(
         &self,
         key: &str,
@@ -940,6 +1119,7 @@ where
         negative_ok: bool,
         loader: F,
         seen: &Seen,
+        early: Option<&Early>,
         led: impl FnOnce(&Outcome),
     ) -> Result<Option<V>>
     where
@@ -965,8 +1145,9 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
                         // directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) =
-                                self.lead(&key, tags, negative_ok, loader, seen).await;
+                            let (result, _) = self
+                                .lead(&key, tags, negative_ok, loader, seen, early)
+                                .await;
                             return result;
                         }
                         Ok(followed) => match followed {
@@ -989,7 +1170,9 @@ where
                     },
                 }
             };
-            let (result, outcome) = self.lead(&key, tags, negative_ok, loader, seen).await;
+            let (result, outcome) = self
+                .lead(&key, tags, negative_ok, loader, seen, early)
+                .await;
             led(&outcome);
             leader.complete(outcome);
             result
@@ -1003,6 +1186,7 @@ where
         negative_ok: bool,
         loader: F,
         seen: &Seen,
+        early: Option<&Early>,
     ) -> (Result<Option<V>>, Outcome)
     where
         F: FnOnce() -> Fut,
@@ -1012,6 +1196,14 @@ where
         let inner = &self.kw.inner;
         let m = &self.class.metrics;
         let e = self.entry(key).tagged(tags);
+        // Fail-safe: the latest stale value seen (kept under someone's lease), and when a caller holding one
+        // stops waiting for the refill (`soft_timeout`).
+        let mut kept: Option<Fallback> = None;
+        let soft_deadline = self
+            .class
+            .policy
+            .soft_timeout_value()
+            .map(|d| tokio::time::Instant::now() + d);
         let (marker, prefix) = envelope::lease_marker(&token());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
@@ -1061,22 +1253,45 @@ where
                         heals += 1;
                     }
                 },
-                Fetched::Wait(left) => match woken {
-                    // First "wait": arm the listener, then ask again before sleeping.
-                    None => listener = Some(inner.backend.watch(&inner.bus, &inner.ns, key).await),
-                    Some(woken) => {
-                        m.lease_waits.increment(1);
-                        // Woken by the holder's commit or release; otherwise re-check when its lease runs out,
-                        // and at least every response timeout: a hung Redis sends no wake-up, and the next
-                        // fetch is what notices it (and fails open).
-                        let mut left = left.clamp(Duration::from_millis(1), lease_ttl);
-                        if let Some(slice) = inner.backend.wait_slice() {
-                            left = left.min(slice);
+                Fetched::Wait(left, stale) => {
+                    if let Some(fb) = stale.and_then(|raw| self.fallback(raw, false)) {
+                        if let Some(early) = early {
+                            early.offer(&fb.payload, CacheLookup::Stale(StaleReason::SoftTimeout));
                         }
-                        let _ = tokio::time::timeout(left, woken).await;
+                        kept = Some(fb);
                     }
-                },
-                Fetched::Leased(gens) => {
+                    match woken {
+                        // First "wait": arm the listener, then ask again before sleeping.
+                        None => {
+                            listener = Some(inner.backend.watch(&inner.bus, &inner.ns, key).await);
+                        }
+                        Some(woken) => {
+                            m.lease_waits.increment(1);
+                            // Woken by the holder's commit or release; otherwise re-check when its lease runs
+                            // out, and at least every response timeout: a hung Redis sends no wake-up, and the
+                            // next fetch is what notices it (and fails open).
+                            let mut left = left.clamp(Duration::from_millis(1), lease_ttl);
+                            if let Some(slice) = inner.backend.wait_slice() {
+                                left = left.min(slice);
+                            }
+                            if let (Some(deadline), Some(fb), None) = (soft_deadline, &kept, early)
+                            {
+                                let now = tokio::time::Instant::now();
+                                if now >= deadline {
+                                    // Waited `soft_timeout` with a stale value at hand: serve it.
+                                    return self.serve_stale(
+                                        fb.clone(),
+                                        StaleReason::SoftTimeout,
+                                        seen,
+                                    );
+                                }
+                                left = left.min(deadline - now);
+                            }
+                            let _ = tokio::time::timeout(left, woken).await;
+                        }
+                    }
+                }
+                Fetched::Leased(gens, stale) => {
                     m.misses.increment(1);
                     saw(seen, CacheLookup::Miss);
                     let guard = LeaseGuard {
@@ -1086,7 +1301,50 @@ where
                         prefix,
                         armed: true,
                     };
-                    return self.fill(guard, gens, loader).await;
+                    let fallback = stale.and_then(|raw| self.fallback(raw, false));
+                    let plan = Plan {
+                        fallback,
+                        early,
+                        soft_deadline,
+                    };
+                    return self.fill(guard, gens, loader, plan, seen).await;
+                }
+                Fetched::Refresh(raw, gens) => {
+                    let guard = LeaseGuard {
+                        kw: self.kw.clone(),
+                        class: Arc::clone(&self.class),
+                        key: key.to_owned(),
+                        prefix: prefix.clone(),
+                        armed: true,
+                    };
+                    let Some(fb) = self.fallback(raw.clone(), true) else {
+                        // Not a value this caller can serve (an absent, or bytes that do not decode): give the
+                        // lease back and read it again as a plain hit would.
+                        guard.release().await;
+                        if let Err(err) = self.heal(key, &raw, "not refreshable").await {
+                            return failed(err);
+                        }
+                        heals += 1;
+                        continue;
+                    };
+                    m.hits.increment(1);
+                    m.refreshes.increment(1);
+                    // Detached: the caller gets the current value now, and this task refreshes it. Otherwise
+                    // this caller refreshes it inline (everyone else keeps getting the current value).
+                    let how = match early {
+                        Some(early) => {
+                            early.offer(&fb.payload, CacheLookup::RefreshAhead);
+                            CacheLookup::RefreshAhead
+                        }
+                        None => CacheLookup::Refreshed,
+                    };
+                    saw(seen, how);
+                    let plan = Plan {
+                        fallback: Some(fb),
+                        early: None,
+                        soft_deadline: None,
+                    };
+                    return self.fill(guard, gens, loader, plan, seen).await;
                 }
             }
             if heals >= MAX_HEALS {
@@ -1095,6 +1353,24 @@ where
                 saw(seen, CacheLookup::FailOpen);
                 return self.load_uncached(loader).await;
             }
+        }
+    }
+
+    /// After a failed refill served the stale value: store it again as current for `fail_safe_throttle`, so
+    /// that a failing source is not asked on every read (while the lease is still ours; else just let go).
+    async fn throttle(&self, guard: LeaseGuard, fb: &Fallback) {
+        let policy = &self.class.policy;
+        let ttl = policy
+            .fail_safe_throttle_value()
+            .saturating_add(policy.stale_grace_value().unwrap_or_default());
+        let e = self.entry(&guard.key);
+        let inner = &self.kw.inner;
+        match store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &fb.raw, ttl).await {
+            Ok(_) => {
+                let mut guard = guard;
+                guard.armed = false;
+            }
+            Err(_) => guard.release().await,
         }
     }
 
@@ -1145,27 +1421,106 @@ where
         }
     }
 
+    /// The stale (or, for an eager refresh, current) value a lease keeps, if it is a value this caller can
+    /// serve.
+    fn fallback(&self, raw: Bytes, fresh: bool) -> Option<Fallback> {
+        match self.decode(&raw) {
+            Ok(Decoded::Value(_, payload)) => Some(Fallback {
+                raw,
+                payload,
+                fresh,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Answer with a kept value instead of the refill's outcome (fail-safe).
+    fn serve_stale(
+        &self,
+        fb: Fallback,
+        reason: StaleReason,
+        seen: &Seen,
+    ) -> (Result<Option<V>>, Outcome) {
+        match C::decode::<V>(&fb.payload) {
+            Ok(v) => {
+                self.class.metrics.stale_served.increment(1);
+                saw(seen, CacheLookup::Stale(reason));
+                (Ok(Some(v)), Ok(Shared::Value(fb.payload)))
+            }
+            Err(e) => failed(Error::Loader {
+                class: self.class.name.clone(),
+                source: Arc::new(e),
+            }),
+        }
+    }
+
     async fn fill<F, Fut, E>(
         &self,
         guard: LeaseGuard,
         gens: Stamp,
         loader: F,
+        plan: Plan<'_>,
+        seen: &Seen,
     ) -> (Result<Option<V>>, Outcome)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        let value = match self.run_loader(loader).await {
+        let Plan {
+            fallback,
+            early,
+            soft_deadline,
+        } = plan;
+        let stale = fallback.as_ref().filter(|fb| !fb.fresh);
+        if let (Some(fb), Some(early)) = (stale, early) {
+            // A detached caller takes this at its soft timeout; the load goes on here regardless.
+            early.offer(&fb.payload, CacheLookup::Stale(StaleReason::SoftTimeout));
+        }
+        let load = self.run_loader(loader);
+        let loaded = match (stale, soft_deadline, early) {
+            (Some(fb), Some(deadline), None) => {
+                match tokio::time::timeout_at(deadline, load).await {
+                    Ok(loaded) => loaded,
+                    Err(_) => {
+                        // Past the soft timeout with a stale value at hand: serve it; the load is abandoned
+                        // (its loader borrows from the caller) and the lease gives the stale value back.
+                        let fb = fb.clone();
+                        guard.release().await;
+                        return self.serve_stale(fb, StaleReason::SoftTimeout, seen);
+                    }
+                }
+            }
+            _ => load.await,
+        };
+        let value = match loaded {
             Ok(v) => v,
             Err(err) => {
-                guard.release().await;
-                return failed(err);
+                let Some(fb) = fallback else {
+                    guard.release().await;
+                    return failed(err);
+                };
+                if fb.fresh {
+                    // An eager refresh failed: the current value stays (the lease gives it back).
+                    guard.release().await;
+                    saw(seen, CacheLookup::Hit);
+                    return match C::decode::<V>(&fb.payload) {
+                        Ok(v) => (Ok(Some(v)), Ok(Shared::Value(fb.payload))),
+                        Err(_) => failed(err),
+                    };
+                }
+                let reason = if matches!(err, Error::LoaderTimeout { .. }) {
+                    StaleReason::LoaderTimeout
+                } else {
+                    StaleReason::LoaderError
+                };
+                self.throttle(guard, &fb).await;
+                return self.serve_stale(fb, reason, seen);
             }
         };
         let (payload, ttl) = match &value {
             Some(v) => match self.encode(v) {
-                Ok(p) => (Some(p), self.class.policy.jittered_ttl()),
+                Ok(p) => (Some(p), self.class.policy.stored_ttl()),
                 Err(err) => {
                     guard.release().await;
                     return failed(err);

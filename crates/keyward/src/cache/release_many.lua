@@ -8,9 +8,15 @@ local released = 0
 for i, key in ipairs(KEYS) do
   local head = redis.call('GETRANGE', key, 0, 127)
   if string.sub(head, 1, #ARGV[1]) == ARGV[1] then
-    redis.call('DEL', key)
+    if string.match(head, '^L1:%x+:%d:%d+:') then
+      -- A lease over a kept value gives the value back (see release.lua).
+      local v = redis.call('GET', key)
+      redis.call('SET', key, string.sub(v, string.match(v, '^L1:%x+:%d:%d+:()')), 'KEEPTTL')
+    else
+      redis.call('DEL', key)
+    end
     released = released + 1
-    if string.sub(head, -1) == '1' then
+    if string.sub(head, 37, 37) == '1' then
       local channel = ARGV[1 + i]
       if string.sub(channel, -1) == '}' then
         redis.call('SPUBLISH', channel, key)

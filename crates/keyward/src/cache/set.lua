@@ -18,7 +18,7 @@ else
   stored = table.concat(parts)
 end
 local old = redis.call('SET', KEYS[1], stored, 'PX', ARGV[3], 'GET')
-if old and string.sub(old, 1, 3) == 'L1:' and string.sub(old, -1) == '1' then
+if old and string.sub(old, 1, 3) == 'L1:' and string.sub(old, 37, 37) == '1' then
   kw_wake(ARGV[4])
 end
 return 1

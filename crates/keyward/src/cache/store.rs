@@ -48,6 +48,10 @@ pub(crate) struct Entry<'a> {
     /// The tags a fill or set of this call records (validated, no duplicates; see `cache::tags`). Reads
     /// judge an entry by the tags it carries, whatever these are.
     pub(crate) tags: &'a [String],
+    /// The class's `stale_grace` and `refresh_ahead` in ms (0: off): a value whose remaining TTL is at most
+    /// `grace_ms` is stale, at most `grace_ms + ahead_ms` due for an eager refresh.
+    pub(crate) grace_ms: u64,
+    pub(crate) ahead_ms: u64,
 }
 
 impl<'a> Entry<'a> {
@@ -58,7 +62,33 @@ impl<'a> Entry<'a> {
             key,
             wake: b.wake_channel(ns, key),
             tags: &[],
+            grace_ms: 0,
+            ahead_ms: 0,
         }
+    }
+
+    /// The same entry of a class with fail-safe (`stale_grace`) and eager refresh (`refresh_ahead`) windows.
+    pub(crate) fn windows(self, grace: Option<Duration>, ahead: Option<Duration>) -> Self {
+        let ms = |d: Option<Duration>| d.map_or(0, millis);
+        Entry {
+            grace_ms: ms(grace),
+            ahead_ms: ms(ahead),
+            ..self
+        }
+    }
+
+    /// Whether a value with `pttl_ms` left may be served as is (fresh, and not due for an eager refresh).
+    fn serve_as_is(&self, pttl_ms: i64) -> bool {
+        let (g, a) = (
+            i64::try_from(self.grace_ms).unwrap_or(i64::MAX),
+            i64::try_from(self.ahead_ms).unwrap_or(i64::MAX),
+        );
+        pttl_ms < 0 || (g == 0 && a == 0) || pttl_ms > g.saturating_add(a)
+    }
+
+    /// Whether the class keeps values past their TTL or refreshes them ahead of it.
+    fn has_windows(&self) -> bool {
+        self.grace_ms > 0 || self.ahead_ms > 0
     }
 
     /// The same entry, filled or set with `tags`.
@@ -99,10 +129,14 @@ impl Known {
 pub(crate) enum Fetched {
     /// A stored value (still enveloped; may be corrupt).
     Hit(Bytes),
-    /// No usable value: the caller now holds the fill lease; the fill records this stamp.
-    Leased(Stamp),
-    /// Another caller holds the lease; it expires within this long.
-    Wait(Duration),
+    /// No usable value: the caller now holds the fill lease; the fill records this stamp. With fail-safe,
+    /// the stale value the lease keeps (served if the refill fails).
+    Leased(Stamp, Option<Bytes>),
+    /// A current value due for an eager refresh: the caller now holds the lease to refresh it (everyone else
+    /// keeps getting the value meanwhile).
+    Refresh(Bytes, Stamp),
+    /// Another caller holds the lease; it expires within this long. With fail-safe, the stale value it keeps.
+    Wait(Duration, Option<Bytes>),
 }
 
 fn millis(d: Duration) -> u64 {
@@ -186,6 +220,31 @@ fn holds(kv: &Kv, key: &str, lease_prefix: &str) -> bool {
         .is_some_and(|s| s.starts_with(lease_prefix.as_bytes()))
 }
 
+/// `release.lua`'s mirror: give the lease back, and a value it kept with it (same expiry).
+pub(super) fn release_mirror(kv: &mut Kv, key: &str, lease_prefix: &str) -> bool {
+    if !holds(kv, key, lease_prefix) {
+        return false;
+    }
+    let data = kv.get_str(key).cloned().unwrap_or_default();
+    match (envelope::kept(&data), kv.expires_us(key)) {
+        (Some((_, body)), Some(expires)) => {
+            let body = data.slice_ref(body);
+            kv.put_evictable(key, body, expires);
+            true
+        }
+        _ => kv.del(key),
+    }
+}
+
+/// The same marker with its waiter flag set.
+fn flagged(data: &[u8]) -> Bytes {
+    let mut flagged = data.to_vec();
+    if let Some(flag) = flagged.get_mut(envelope::LEASE_FLAG_AT) {
+        *flag = b'1';
+    }
+    Bytes::from(flagged)
+}
+
 /// Gives back a fill lease (`release.lua`: only while the entry still holds this very lease; it wakes the
 /// waiters the lease collected): the undo of a fetch whose answer never came, and a release that must land.
 /// `lease` is the lease's marker (`L1:{token}:0`) or its prefix (`L1:{token}:`, which ends in `:`).
@@ -211,31 +270,69 @@ fn fetch_mirror(
     let stamp = mirror_stamp(kv, e);
     let lease = Bytes::copy_from_slice(marker.as_bytes());
     let lease_until = now.saturating_add(micros(lease_ttl));
-    let found = kv.get_str(e.key).cloned().zip(kv.expires_us(e.key));
-    match found {
-        None => {
-            kv.put_evictable(e.key, lease, lease_until);
-            Fetched::Leased(stamp)
-        }
-        Some((data, expires)) if data.starts_with(LEASE_PREFIX) => {
+    let Some((data, expires)) = kv.get_str(e.key).cloned().zip(kv.expires_us(e.key)) else {
+        kv.put_evictable(e.key, lease, lease_until);
+        return Fetched::Leased(stamp, None);
+    };
+    let left = |until_us: i64| Duration::from_micros(u64::try_from(until_us - now).unwrap_or(0));
+    let mut held = None;
+    let mut body = data.clone();
+    if data.starts_with(LEASE_PREFIX) {
+        let Some((deadline_ms, kept)) = envelope::kept(&data) else {
             if !envelope::lease_has_waiters(&data) {
-                let mut flagged = data.to_vec();
-                if let Some(last) = flagged.last_mut() {
-                    *last = b'1';
-                }
-                kv.put_evictable(e.key, Bytes::from(flagged), expires);
+                kv.put_evictable(e.key, flagged(&data), expires);
             }
-            Fetched::Wait(Duration::from_micros(
-                u64::try_from(expires - now).unwrap_or(0),
-            ))
+            return Fetched::Wait(left(expires), None);
+        };
+        body = data.slice_ref(kept);
+        let deadline_us = deadline_ms.saturating_mul(1000);
+        if deadline_us > now {
+            held = Some(deadline_us);
         }
-        Some((data, _)) => match mirror_judge(kv, e, &data, negative_ok) {
-            Verdict::Stale => {
-                kv.put_evictable(e.key, lease, lease_until);
-                Fetched::Leased(stamp)
-            }
-            _ => Fetched::Hit(data),
+    }
+    let wait = |kv: &mut Kv, until: i64, stale: Option<Bytes>| {
+        if !envelope::lease_has_waiters(&data) {
+            kv.put_evictable(e.key, flagged(&data), expires);
+        }
+        Fetched::Wait(left(until), stale)
+    };
+    match mirror_judge(kv, e, &body, negative_ok) {
+        Verdict::NotAValue => match held {
+            Some(until) => wait(kv, until, None),
+            None => Fetched::Hit(body),
         },
+        Verdict::Stale => match held {
+            Some(until) => wait(kv, until, None),
+            None => {
+                kv.put_evictable(e.key, lease, lease_until);
+                Fetched::Leased(stamp, None)
+            }
+        },
+        Verdict::Current | Verdict::Unknown => {
+            let pttl_ms = (expires - now) / 1000;
+            let fresh = e.grace_ms == 0 || pttl_ms > i64::try_from(e.grace_ms).unwrap_or(i64::MAX);
+            if let Some(until) = held {
+                return if fresh {
+                    Fetched::Hit(body)
+                } else {
+                    wait(kv, until, Some(body))
+                };
+            }
+            if fresh && e.serve_as_is(pttl_ms) {
+                return Fetched::Hit(body);
+            }
+            let deadline_ms = lease_until / 1000;
+            let mut over = Vec::with_capacity(marker.len() + 24 + body.len());
+            over.extend_from_slice(marker.as_bytes());
+            over.extend_from_slice(format!(":{deadline_ms}:").as_bytes());
+            over.extend_from_slice(&body);
+            kv.put_evictable(e.key, Bytes::from(over), expires.max(lease_until));
+            if fresh {
+                Fetched::Refresh(body, stamp)
+            } else {
+                Fetched::Leased(stamp, Some(body))
+            }
+        }
     }
 }
 
@@ -283,21 +380,41 @@ pub(crate) async fn fetch(
         .arg("GET")
         .arg("PX")
         .arg(millis(lease_ttl));
+    if e.has_windows() {
+        // Fail-safe and eager refresh judge a value by its remaining TTL.
+        fast = fast.cmd("PTTL").key(e.key);
+    }
     if view.is_none() {
         fast = fast.cmd("HMGET").arg(&e.ns.gens_key).arg("*").arg(e.class);
         for t in e.tags {
             fast = fast.arg(tag_field(t));
         }
     }
+    let judge_fast = |replies: &[Reply]| match (&view, replies) {
+        (Some(known), [stored]) => classify(stored, known, e.tags, negative_ok, true),
+        (Some(_), _) => None,
+        (None, _) => decode_fast(replies, e.tags, negative_ok),
+    };
     let answer = b
         .pipeline(
             fast.evicting(),
             || lease_undo(e, marker, lease_ttl),
             |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
-            |replies| match (&view, replies) {
-                (Some(known), [stored]) => classify(stored, known, e.tags, negative_ok, true),
-                (Some(_), _) => None,
-                (None, _) => decode_fast(replies, e.tags, negative_ok),
+            |replies| {
+                if !e.has_windows() {
+                    return judge_fast(replies);
+                }
+                let [stored, pttl, rest @ ..] = replies else {
+                    return None;
+                };
+                if !stored.is_nil() && !e.serve_as_is(pttl.int()?) {
+                    // Stale, or due for an eager refresh: the atomic path keeps the value under the lease.
+                    return Some(Fast::Atomic);
+                }
+                let mut without = Vec::with_capacity(replies.len() - 1);
+                without.push(stored.clone());
+                without.extend(rest.iter().cloned());
+                judge_fast(&without)
             },
         )
         .await;
@@ -328,7 +445,9 @@ pub(crate) async fn fetch(
                     .arg(marker)
                     .arg(millis(lease_ttl))
                     .arg(if negative_ok { "1" } else { "0" })
-                    .arg(millis(e.ns.gens_lifetime)),
+                    .arg(millis(e.ns.gens_lifetime))
+                    .arg(e.grace_ms)
+                    .arg(e.ahead_ms),
                 e.tags,
             ),
             e,
@@ -406,7 +525,7 @@ fn classify(
     in_view: bool,
 ) -> Option<Fast> {
     if stored.is_nil() {
-        return Some(Fast::Done(Fetched::Leased(known.stamp(tags))));
+        return Some(Fast::Done(Fetched::Leased(known.stamp(tags), None)));
     }
     let stored = stored.bytes()?;
     if stored.starts_with(LEASE_PREFIX) {
@@ -501,26 +620,45 @@ fn decode_fetch(
     reply: &Reply,
     tags: &[String],
 ) -> Option<std::result::Result<Fetched, Vec<String>>> {
+    let stamp_of = |ns: &Reply, class: &Reply, epochs: &[Reply]| -> Option<Stamp> {
+        let mut stamp = Stamp {
+            gens: Gens {
+                ns: u64::try_from(ns.int()?).ok()?,
+                class: u64::try_from(class.int()?).ok()?,
+            },
+            tags: Vec::with_capacity(tags.len()),
+        };
+        for (t, epoch) in tags.iter().zip(epochs) {
+            stamp
+                .tags
+                .push((t.clone(), u64::try_from(epoch.int()?).ok()?));
+        }
+        Some(stamp)
+    };
     let fetched = match reply.array()? {
         [Reply::Int(0), v] => Fetched::Hit(v.bytes()?),
-        [Reply::Int(1), ns, class, epochs @ ..] if epochs.len() == tags.len() => {
-            let mut stamp = Stamp {
-                gens: Gens {
-                    ns: u64::try_from(ns.int()?).ok()?,
-                    class: u64::try_from(class.int()?).ok()?,
-                },
-                tags: Vec::with_capacity(tags.len()),
-            };
-            for (t, epoch) in tags.iter().zip(epochs) {
-                stamp
-                    .tags
-                    .push((t.clone(), u64::try_from(epoch.int()?).ok()?));
+        [Reply::Int(code @ (4 | 5)), ns, class, epochs @ .., kept]
+            if epochs.len() == tags.len() =>
+        {
+            let stamp = stamp_of(ns, class, epochs)?;
+            let kept = kept.bytes()?;
+            if *code == 4 {
+                Fetched::Refresh(kept, stamp)
+            } else {
+                Fetched::Leased(stamp, Some(kept))
             }
-            Fetched::Leased(stamp)
         }
-        [Reply::Int(2), pttl] => Fetched::Wait(Duration::from_millis(
-            u64::try_from(pttl.int()?).unwrap_or(0),
-        )),
+        [Reply::Int(2), wait, kept] => Fetched::Wait(
+            Duration::from_millis(u64::try_from(wait.int()?).unwrap_or(0)),
+            Some(kept.bytes()?),
+        ),
+        [Reply::Int(1), ns, class, epochs @ ..] if epochs.len() == tags.len() => {
+            Fetched::Leased(stamp_of(ns, class, epochs)?, None)
+        }
+        [Reply::Int(2), pttl] => Fetched::Wait(
+            Duration::from_millis(u64::try_from(pttl.int()?).unwrap_or(0)),
+            None,
+        ),
         [Reply::Int(3), unknown @ ..] => {
             return unknown_tags(unknown).map(Err);
         }
@@ -550,7 +688,8 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                     .call("read")
                     .key(e.key)
                     .arg(e.class)
-                    .arg(millis(e.ns.gens_lifetime)),
+                    .arg(millis(e.ns.gens_lifetime))
+                    .arg(e.grace_ms),
                 &[],
             ),
             e,
@@ -561,12 +700,21 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
             .atomic(
                 call,
                 |kv| {
-                    let s = kv.get_str(e.key)?;
-                    if s.starts_with(LEASE_PREFIX) || mirror_judge(kv, e, s, true) == Verdict::Stale
-                    {
+                    let data = kv.get_str(e.key)?.clone();
+                    let value = if data.starts_with(LEASE_PREFIX) {
+                        // A lease over a kept value still serves it while fresh.
+                        data.slice_ref(envelope::kept(&data)?.1)
+                    } else {
+                        data
+                    };
+                    let pttl_ms = (kv.expires_us(e.key)? - kv.now_us()) / 1000;
+                    if e.grace_ms > 0 && pttl_ms <= i64::try_from(e.grace_ms).unwrap_or(i64::MAX) {
                         return None;
                     }
-                    Some(Ok(s.clone()))
+                    if mirror_judge(kv, e, &value, true) == Verdict::Stale {
+                        return None;
+                    }
+                    Some(Ok(value))
                 },
                 |reply| {
                     if reply.is_nil() {
@@ -653,7 +801,7 @@ pub(crate) async fn release(
     let released = b
         .atomic(
             call,
-            |kv| holds(kv, e.key, lease_prefix) && kv.del(e.key),
+            |kv| release_mirror(kv, e.key, lease_prefix),
             |reply| Some(reply.int()? == 1),
         )
         .await?;

@@ -101,7 +101,14 @@ pub struct CacheClass {
     on_error: CacheOnError,
     l1: Option<L1Tier>,
     l1_max_stale: Duration,
+    stale_grace: Option<Duration>,
+    soft_timeout: Option<Duration>,
+    refresh_ahead: Option<Duration>,
+    fail_safe_throttle: Duration,
 }
+
+/// Default `fail_safe_throttle`: after a failed refill served the last value, how long it is served as is.
+const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(5);
 
 /// Default `l1_max_stale`: how long an instance may serve an L1 value after it was invalidated elsewhere.
 const DEFAULT_L1_MAX_STALE: Duration = Duration::from_secs(1);
@@ -189,7 +196,75 @@ impl CacheClass {
             on_error: CacheOnError::FailOpen,
             l1: None,
             l1_max_stale: DEFAULT_L1_MAX_STALE,
+            stale_grace: None,
+            soft_timeout: None,
+            refresh_ahead: None,
+            fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
         }
+    }
+
+    /// Fail-safe: keeps each value this much longer after its TTL, to be served instead of an error when its
+    /// refill fails or overruns the loader timeout (default: off). The Redis TTL of an entry becomes
+    /// `ttl + jitter + stale_grace`; an entry past `ttl + jitter` is *stale*: the next read refills it, and a
+    /// failed refill serves the stale value (`CacheLookup::Stale`).
+    #[must_use]
+    pub fn stale_grace(mut self, d: Duration) -> Self {
+        self.stale_grace = Some(d);
+        self
+    }
+
+    /// With a stale value at hand, a caller waits at most this long for a refill (its own or another
+    /// caller's) and then gets the stale value; a refill that is still running goes on (in the background
+    /// for `get_or_set_detached`) and commits if its lease is still valid. Must be below `loader_timeout`
+    /// (which is the hard timeout). Default: off (callers wait up to `loader_timeout`).
+    #[must_use]
+    pub fn soft_timeout(mut self, d: Duration) -> Self {
+        self.soft_timeout = Some(d);
+        self
+    }
+
+    /// Eager refresh: a read within this long of an entry's expiry (its TTL, not counting `stale_grace`)
+    /// returns the current value, and one caller fleet-wide refreshes it under the fill lease. Must be below
+    /// `ttl`. Default: off.
+    #[must_use]
+    pub fn refresh_ahead(mut self, d: Duration) -> Self {
+        self.refresh_ahead = Some(d);
+        self
+    }
+
+    /// After a refill failed and the stale value was served, the stale value is stored again as current for
+    /// this long, so that a failing source is not asked again on every read (default 5s; only with
+    /// `stale_grace`).
+    #[must_use]
+    pub fn fail_safe_throttle(mut self, d: Duration) -> Self {
+        self.fail_safe_throttle = d;
+        self
+    }
+
+    /// How long a value is kept past its TTL for fail-safe serving; `None` when off.
+    pub fn stale_grace_value(&self) -> Option<Duration> {
+        self.stale_grace
+    }
+
+    /// How long a caller with a stale value at hand waits for a refill; `None` when off.
+    pub fn soft_timeout_value(&self) -> Option<Duration> {
+        self.soft_timeout
+    }
+
+    /// How long before expiry a read triggers an eager refresh; `None` when off.
+    pub fn refresh_ahead_value(&self) -> Option<Duration> {
+        self.refresh_ahead
+    }
+
+    /// How long a stale value is served as is after a failed refill.
+    pub fn fail_safe_throttle_value(&self) -> Duration {
+        self.fail_safe_throttle
+    }
+
+    /// The Redis TTL of a value: [`jittered_ttl`](Self::jittered_ttl) plus `stale_grace`.
+    pub fn stored_ttl(&self) -> Duration {
+        self.jittered_ttl()
+            .saturating_add(self.stale_grace.unwrap_or_default())
     }
 
     /// Adds an in-process tier (L1) in front of the store (default: none). TOML:
@@ -375,6 +450,10 @@ pub(super) struct RawCache {
     on_error: Option<Text>,
     l1: Option<RawL1>,
     l1_max_stale: Option<Dur>,
+    stale_grace: Option<Dur>,
+    soft_timeout: Option<Dur>,
+    refresh_ahead: Option<Dur>,
+    fail_safe_throttle: Option<Dur>,
 }
 
 /// The TOML form of `l1 = { capacity = "64 MiB", ttl = "30s" }`; `capacity` is bytes (an integer) or a size
@@ -462,6 +541,12 @@ impl ClassSpec for CacheClass {
         }
         if let Some(Dur(d)) = raw.l1_max_stale {
             class.l1_max_stale = d;
+        }
+        class.stale_grace = raw.stale_grace.map(|d| d.0);
+        class.soft_timeout = raw.soft_timeout.map(|d| d.0);
+        class.refresh_ahead = raw.refresh_ahead.map(|d| d.0);
+        if let Some(Dur(d)) = raw.fail_safe_throttle {
+            class.fail_safe_throttle = d;
         }
         Ok(class)
     }
@@ -563,6 +648,48 @@ impl ClassSpec for CacheClass {
                 ));
             }
         }
+        if let Some(g) = self.stale_grace
+            && (g.is_zero() || g > MAX_TTL)
+        {
+            return Err((
+                "stale_grace",
+                format!("must be between 1ms and 365 days, got {}", fmt_duration(g)),
+            ));
+        }
+        if let Some(soft) = self.soft_timeout
+            && (soft.is_zero() || soft >= self.loader_timeout)
+        {
+            return Err((
+                "soft_timeout",
+                format!(
+                    "must be greater than zero and below loader_timeout ({}), got {}",
+                    fmt_duration(self.loader_timeout),
+                    fmt_duration(soft)
+                ),
+            ));
+        }
+        if let Some(r) = self.refresh_ahead
+            && (r.is_zero() || r >= ttl)
+        {
+            return Err((
+                "refresh_ahead",
+                format!(
+                    "must be greater than zero and below ttl ({}), got {}",
+                    fmt_duration(ttl),
+                    fmt_duration(r)
+                ),
+            ));
+        }
+        if self.fail_safe_throttle.is_zero() || self.fail_safe_throttle > ttl {
+            return Err((
+                "fail_safe_throttle",
+                format!(
+                    "must be greater than zero and at most ttl ({}), got {}",
+                    fmt_duration(ttl),
+                    fmt_duration(self.fail_safe_throttle)
+                ),
+            ));
+        }
         if self.l1_max_stale < MIN_L1_MAX_STALE || self.l1_max_stale > MAX_TTL {
             return Err((
                 "l1_max_stale",
@@ -621,10 +748,24 @@ impl ClassSpec for CacheClass {
                     bytesize::ByteSize::b(l1.capacity_bytes).display().iec(),
                     fmt_duration(l1.ttl)
                 )?;
-                writeln!(f, "  l1_max_stale:    {}", fmt_duration(self.l1_max_stale))
+                writeln!(f, "  l1_max_stale:    {}", fmt_duration(self.l1_max_stale))?;
             }
-            None => writeln!(f, "  l1:              off"),
+            None => writeln!(f, "  l1:              off")?,
         }
+        let opt = |d: Option<Duration>| {
+            d.map_or_else(|| "off".to_owned(), |d| fmt_duration(d).to_string())
+        };
+        writeln!(f, "  stale_grace:     {}", opt(self.stale_grace))?;
+        writeln!(f, "  soft_timeout:    {}", opt(self.soft_timeout))?;
+        writeln!(f, "  refresh_ahead:   {}", opt(self.refresh_ahead))?;
+        if self.stale_grace.is_some() {
+            writeln!(
+                f,
+                "  fail_safe_throttle: {}",
+                fmt_duration(self.fail_safe_throttle)
+            )?;
+        }
+        Ok(())
     }
 
     /// The longest an entry of this class (value, negative entry or fill lease) can live.
@@ -632,6 +773,12 @@ impl ClassSpec for CacheClass {
         self.ttl
             .saturating_add(self.max_jitter())
             .saturating_add(self.lease_ttl)
+            .saturating_add(self.stale_grace.unwrap_or_default())
+            .saturating_add(if self.stale_grace.is_some() {
+                self.fail_safe_throttle
+            } else {
+                Duration::ZERO
+            })
     }
 }
 

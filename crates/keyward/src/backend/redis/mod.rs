@@ -31,7 +31,6 @@ use super::ConnectOptions;
 use super::breaker::{Admit, Breaker, BreakerState};
 use super::{Call, KeyTtl, Namespace, Pipeline, Reply, Undo, is_unavailable};
 use crate::backend::wake::WakeBus;
-use crate::cache::l1::Inbound;
 use crate::error::{Error, Result};
 
 /// The oldest server keyward runs on: `SET … NX GET` (get-or-lease in one command) arrived in 7.0.
@@ -365,14 +364,15 @@ pub(crate) async fn open(
             // tier drops what it can no longer vouch for.
             PushKind::Disconnection => {
                 wake.wake_all();
-                wake.backplane.feed(Inbound::Disconnected);
+                wake.backplane_push(super::wake::Push::Disconnected);
             }
             PushKind::Message => match (push.data.first(), push.data.get(1)) {
                 (Some(Value::BulkString(channel)), Some(Value::BulkString(payload)))
                     if channel == backplane.as_bytes() =>
                 {
-                    wake.backplane
-                        .feed(Inbound::Message(bytes::Bytes::copy_from_slice(payload)));
+                    wake.backplane_push(super::wake::Push::Message(bytes::Bytes::copy_from_slice(
+                        payload,
+                    )));
                 }
                 (_, Some(Value::BulkString(key))) => {
                     if let Ok(key) = std::str::from_utf8(key) {
@@ -597,7 +597,7 @@ impl RedisBackend {
                 match push.kind {
                     PushKind::Disconnection => {
                         wake.wake_all();
-                        wake.backplane.feed(Inbound::Disconnected);
+                        wake.backplane_push(super::wake::Push::Disconnected);
                     }
                     PushKind::SMessage | PushKind::Message => {
                         if let (
@@ -606,8 +606,9 @@ impl RedisBackend {
                         ) = (push.data.first(), push.data.get(1))
                         {
                             if channel == backplane.as_bytes() {
-                                wake.backplane
-                                    .feed(Inbound::Message(bytes::Bytes::copy_from_slice(payload)));
+                                wake.backplane_push(super::wake::Push::Message(
+                                    bytes::Bytes::copy_from_slice(payload),
+                                ));
                             } else if channel == gens_key.as_bytes() {
                                 if let Some(state) =
                                     state_slot.get().and_then(std::sync::Weak::upgrade)
