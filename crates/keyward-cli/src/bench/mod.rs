@@ -71,10 +71,11 @@ Scenarios (the names are stable):
   hit_l1    like hit, through a cache class with an in-process tier (L1: 64 MiB, 30s, l1_max_stale 500ms):
             --hit-keys K warm keys, each read until L1 answers it before the timed phase; C workers loop
             get_or_set for --duration (yielding to the runtime every 64 reads, outside the timed reads)
-  staleness needs --processes P >= 2 and Redis. Process 1 is the writer: every --invalidate-every MS it
-            invalidates the next of --hit-keys K keys, and after the K-th the whole class (invalidate_all,
-            the group case). Before each invalidation it INCRs the target's version in a plain Redis key,
-            after it returned it records the wall-clock time (CLOCK_REALTIME) in the target's history.
+  staleness needs --processes P >= 2 and Redis. The first process is the writer: every
+            --invalidate-every MS it invalidates the next of --hit-keys K keys, and after the K-th the whole
+            class (invalidate_all, the group case). Before each invalidation it sets the target's next
+            version in a plain Redis key; after it returned, it records the wall-clock time
+            (CLOCK_REALTIME) in the target's history.
             The other processes' C/P workers loop get_or_set over the K keys through L1; the loader reads
             the versions. After each read, one round trip asks the history when the invalidation that
             superseded the value returned: a read that started after that is stale by the difference.

@@ -3,10 +3,10 @@
 //!
 //! The one decision: **`staleness` judges keyward against a source of truth kept outside keyward**, in plain
 //! Redis keys that keyward never touches. Every invalidation [`Target`] has a version counter and a history:
-//! the writer `INCR`s the counter, invalidates, and then records in the history the wall-clock time
+//! the writer bumps the counter, invalidates, and then records in the history the wall-clock time
 //! (`CLOCK_REALTIME`, shared by the processes of one machine) at which the invalidation returned. (The writer
-//! is the only one to write the counters, so it `SET`s the next version rather than `INCR`ing: every call to
-//! the source of truth is idempotent and is retried while the server is paused.) The loader
+//! is the only one to write the counters, so it bumps them with a `SET` of the next version rather than an
+//! `INCR`: every call to the source of truth is idempotent, and is retried while the server is paused.) The loader
 //! stamps each value with the versions it read, so a value of version `v` became invalid when the
 //! invalidation of `v + 1` returned. After every read, the reader looks that moment up: if it is before the
 //! read *started*, the read was stale by the difference. That is exact up to the microseconds between the
@@ -152,7 +152,7 @@ impl Truth {
         }
     }
 
-    /// The counter the writer `INCR`s before invalidating `t`.
+    /// The version counter the writer bumps before invalidating `t`.
     fn version(&self, t: Target) -> String {
         format!("{}:ver:{}", self.prefix, t.name())
     }
@@ -359,7 +359,7 @@ impl Ready {
     }
 
     /// The writer (process 0): one loop until the deadline, invalidating the targets in turn
-    /// ([`Target::schedule`]) every `invalidate_every`. Each time: `INCR` the target's version, invalidate
+    /// ([`Target::schedule`]) every `invalidate_every`. Each time: bump the target's version, invalidate
     /// (retried until it returns), read the clock, record the moment in the target's history.
     async fn write(self, work: &Workload) -> anyhow::Result<Measured> {
         let Some(con) = self.raw else {
