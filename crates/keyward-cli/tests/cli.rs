@@ -573,7 +573,8 @@ fn redis_hit_l1_reads_without_asking_redis() {
     // Every read is an L1 hit unless this process was kept off the CPU for longer than l1_max_stale (its
     // heartbeats then lapse and reads go to Redis, as they must): on a busy machine, allow a few.
     assert!(l1_hits > 0 && l1_hits * 10 >= ops * 9, "{v}");
-    // What reached Redis: heartbeats (PUBLISH), and the reads L1 did not answer.
+    // What reached Redis: heartbeats (PUBLISH), and the reads L1 did not answer (two commands each), plus a
+    // few for a re-subscription after a lapse.
     let cmds = v["redis_cmds"].as_object().unwrap();
     assert!(cmds["publish"].as_u64().unwrap() > 0, "{v}");
     let to_redis: u64 = cmds
@@ -581,7 +582,7 @@ fn redis_hit_l1_reads_without_asking_redis() {
         .filter(|(name, _)| *name != "publish")
         .map(|(_, n)| n.as_u64().unwrap())
         .sum();
-    assert!(to_redis <= 2 * (ops - l1_hits) + 4, "{v}");
+    assert!(to_redis <= 2 * (ops - l1_hits) + 16, "{v}");
 }
 
 #[test]
@@ -698,7 +699,8 @@ fn redis_staleness_stays_within_the_bound_while_the_server_pauses() {
         "3",
         &["--pause-every", "1200", "--pause-for", "700"],
     );
-    assert_eq!(v["pauses"], 2, "{v}");
+    // Every 1.2 s of a 3 s run (a third only if the run overran by 0.6 s).
+    assert!((2..=3).contains(&v["pauses"].as_u64().unwrap()), "{v}");
     assert_eq!(v["pause_ms"], 700, "{v}");
     // Reads that waited for the pause to end show in the latency.
     assert!(v["max_us"].as_u64().unwrap() >= 100_000, "{v}");

@@ -145,8 +145,8 @@ pub(crate) struct BenchArgs {
     /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit`, `get`, `ratelimit_throughput`, `lock` and `session` run, in seconds (fractions
-    /// allowed).
+    /// How long `hit`, `get`, `hit_l1`, `staleness`, `ratelimit_throughput`, `lock` and `session` run, in
+    /// seconds (fractions allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
@@ -155,7 +155,8 @@ pub(crate) struct BenchArgs {
     /// How many cold keys `miss` loads; how many sessions `session` creates and reads.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     keys: u64,
-    /// How many warm keys `hit` and `get` spread their workers over.
+    /// How many warm keys `hit`, `get` and `hit_l1` spread their workers over; how many keys `staleness`
+    /// invalidates and reads.
     #[arg(long, value_name = "K", default_value_t = 1)]
     hit_keys: u64,
     /// How long the `stampede` loader takes, in milliseconds.
