@@ -523,3 +523,199 @@ fn redis_session_reads_write_only_when_extending() {
         }
     }
 }
+
+// The in-process tier (L1): `hit_l1` and `staleness`.
+
+#[test]
+fn embedded_hit_l1_is_answered_by_l1() {
+    let v = bench_json(&[
+        "bench",
+        "hit_l1",
+        "--url",
+        "mem://",
+        "--duration",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--hit-keys",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(v["scenario"], "hit_l1");
+    assert_eq!(v["loader_calls"], 0, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    assert!(ops > 0, "{v}");
+    assert_eq!(v["l1_hits"].as_u64(), Some(ops), "{v}");
+    assert_eq!(v["l1_hit_ratio"], 1.0, "{v}");
+    assert_eq!(v["l1_max_stale_ms"], 500, "{v}");
+    assert!(v.get("max_stale_us").is_none(), "{v}");
+}
+
+#[test]
+fn redis_hit_l1_reads_without_asking_redis() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "hit_l1",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "8",
+        "--hit-keys",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(v["loader_calls"], 0, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    let l1_hits = v["l1_hits"].as_u64().unwrap();
+    // Every read is an L1 hit unless this process was kept off the CPU for longer than l1_max_stale (its
+    // heartbeats then lapse and reads go to Redis, as they must): on a busy machine, allow a few.
+    assert!(l1_hits > 0 && l1_hits * 10 >= ops * 9, "{v}");
+    // What reached Redis: heartbeats (PUBLISH), and the reads L1 did not answer (two commands each), plus a
+    // few for a re-subscription after a lapse.
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert!(cmds["publish"].as_u64().unwrap() > 0, "{v}");
+    let to_redis: u64 = cmds
+        .iter()
+        .filter(|(name, _)| *name != "publish")
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    assert!(to_redis <= 2 * (ops - l1_hits) + 16, "{v}");
+}
+
+#[test]
+fn staleness_needs_processes_and_redis_and_its_faults_need_it() {
+    let server = RedisServer::spawn();
+    let out = keyward(&["bench", "staleness", "--url", &server.url()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--processes 2"), "{}", stderr(&out));
+    let out = keyward(&["bench", "staleness", "--url", "mem://", "--processes", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = keyward(&[
+        "bench",
+        "hit",
+        "--url",
+        &server.url(),
+        "--kill-backplane-every",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("staleness"), "{}", stderr(&out));
+    let out = keyward(&[
+        "bench",
+        "staleness",
+        "--url",
+        &server.url(),
+        "--processes",
+        "2",
+        "--pause-every",
+        "500",
+        "--pause-for",
+        "500",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--pause-for"), "{}", stderr(&out));
+}
+
+/// Run `staleness` with `processes` processes (one writer), 4 keys, 2 readers per reader process, for
+/// `seconds`, plus `extra` flags; check what every run must show and return the line.
+fn staleness(url: &str, processes: usize, seconds: &str, extra: &[&str]) -> Value {
+    // C/P callers per process: the writer (process 0) uses one, each reader process both of its two.
+    let concurrency = (2 * processes).to_string();
+    let processes_arg = processes.to_string();
+    let mut args = vec![
+        "bench",
+        "staleness",
+        "--url",
+        url,
+        "--processes",
+        &processes_arg,
+        "--concurrency",
+        &concurrency,
+        "--hit-keys",
+        "4",
+        "--duration",
+        seconds,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let v = bench_json(&args);
+    assert_eq!(v["scenario"], "staleness");
+    assert_eq!(v["processes"], processes, "{v}");
+    assert_eq!(v["l1_max_stale_ms"], 500, "{v}");
+    // The property: no read started more than l1_max_stale after an invalidation of its value returned.
+    assert_eq!(v["violations"], 0, "{v}");
+    assert!(v["max_stale_us"].as_u64().unwrap() <= 500_000, "{v}");
+    // And the run tested something: invalidations of keys and of the class returned while reads were
+    // answered by L1.
+    assert!(v["key_invalidations"].as_u64().unwrap() > 10, "{v}");
+    assert!(v["group_invalidations"].as_u64().unwrap() > 2, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    assert!(ops > 100, "{v}");
+    assert!(v["l1_hits"].as_u64().unwrap() > 0, "{v}");
+    // Values were loaded again after invalidations (the loader reads the versions).
+    assert!(v["loader_calls"].as_u64().unwrap() > 4, "{v}");
+    v
+}
+
+#[test]
+fn redis_staleness_two_and_four_processes_stay_within_the_bound() {
+    let server = RedisServer::spawn();
+    let two = staleness(&server.url(), 2, "2", &[]);
+    assert!(two.get("backplane_kills").is_none(), "{two}");
+    let four = staleness(&server.url(), 4, "2", &[]);
+    assert_eq!(four["read_errors"], 0, "{four}");
+}
+
+#[test]
+fn redis_staleness_stays_within_the_bound_while_the_backplane_is_killed() {
+    let server = RedisServer::spawn();
+    for processes in [2, 4] {
+        let v = staleness(
+            &server.url(),
+            processes,
+            "2.5",
+            &["--kill-backplane-every", "300"],
+        );
+        let kills = v["backplane_kills"].as_u64().unwrap();
+        assert!(kills >= 5, "{v}");
+        // Every round disconnects every process's subscription.
+        assert!(
+            v["pubsub_clients_killed"].as_u64().unwrap() >= kills * processes as u64 / 2,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn redis_staleness_stays_within_the_bound_while_the_server_pauses() {
+    let server = RedisServer::spawn();
+    // Pauses longer than l1_max_stale: trust lapses during each, and L1 must start over after it.
+    let v = staleness(
+        &server.url(),
+        3,
+        "3",
+        &["--pause-every", "1200", "--pause-for", "700"],
+    );
+    // Every 1.2 s of a 3 s run (a third only if the run overran by 0.6 s).
+    assert!((2..=3).contains(&v["pauses"].as_u64().unwrap()), "{v}");
+    assert_eq!(v["pause_ms"], 700, "{v}");
+    // Reads that waited for the pause to end show in the latency.
+    assert!(v["max_us"].as_u64().unwrap() >= 100_000, "{v}");
+}
+
+#[test]
+fn cluster_staleness_stays_within_the_bound_while_the_backplane_is_killed() {
+    let cluster = RedisCluster::spawn();
+    let v = staleness(
+        &cluster.seed_url(),
+        3,
+        "2.5",
+        &["--kill-backplane-every", "400"],
+    );
+    assert_eq!(v["backend"], "redis_cluster", "{v}");
+    assert!(v["backplane_kills"].as_u64().unwrap() >= 4, "{v}");
+    assert!(v["pubsub_clients_killed"].as_u64().unwrap() > 0, "{v}");
+}

@@ -10,7 +10,8 @@
 //! 1. each child connects and warms up, prints `READY` and blocks reading stdin;
 //! 2. once every child is ready, the parent writes `GO` to all of them (the measured phase starts);
 //! 3. each child runs and prints one JSON line ([`ChildReport`]) with its counts (loader calls, rate-limit
-//!    checks allowed and limited, lock violations, timeouts and re-acquisitions) and its latency histogram
+//!    checks allowed and limited, lock violations, timeouts and re-acquisitions, the L1 scenarios' counts)
+//!    and its latency histogram
 //!    (HdrHistogram V2 serialization, base64), then exits; the parent adds the counts up and merges the
 //!    histograms.
 
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::bench::measure::Measured;
+use crate::bench::measure::{L1Counts, Measured};
 use crate::bench::scenarios::{self, Workload};
 
 /// What a child prints when connected and warmed up.
@@ -48,6 +49,9 @@ pub(crate) struct ChildReport {
     timeouts: u64,
     reacquired: u64,
     seconds: f64,
+    /// The L1 scenarios' counts.
+    #[serde(default)]
+    l1: L1Counts,
     /// Latencies in µs: HdrHistogram V2 serialization, base64.
     histogram: String,
 }
@@ -67,6 +71,7 @@ impl ChildReport {
             timeouts: m.timeouts,
             reacquired: m.reacquired,
             seconds: m.seconds,
+            l1: m.l1,
             histogram: BASE64.encode(bytes),
         })
     }
@@ -94,6 +99,7 @@ impl ChildReport {
             reacquired: self.reacquired,
             seconds: self.seconds,
             latencies,
+            l1: self.l1,
         })
     }
 }
@@ -270,6 +276,8 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.lock_names.name().to_owned(),
         "--extend".to_owned(),
         work.extend.name().to_owned(),
+        "--invalidate-every".to_owned(),
+        work.invalidate_every.as_millis().to_string(),
         "--child".to_owned(),
         "--app".to_owned(),
         app.to_owned(),
@@ -277,6 +285,8 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.key_id.to_string(),
         "--key-offset".to_owned(),
         work.key_offset.to_string(),
+        "--process-index".to_owned(),
+        work.process.to_string(),
     ]
 }
 
@@ -300,6 +310,11 @@ mod tests {
             reacquired: 5,
             seconds: 0.25,
             latencies,
+            l1: L1Counts {
+                l1_hits: 6,
+                max_stale_us: 7,
+                ..L1Counts::default()
+            },
         };
         let line = serde_json::to_string(&ChildReport::new(&measured).unwrap()).unwrap();
         let back: ChildReport = serde_json::from_str(&line).unwrap();
@@ -308,5 +323,6 @@ mod tests {
         assert_eq!(back.loader_calls, 1);
         assert_eq!((back.allowed, back.limited), (3, 2));
         assert_eq!((back.violations, back.timeouts, back.reacquired), (1, 4, 5));
+        assert_eq!(back.l1, measured.l1);
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 /// Highest latency the histograms track (60 s, in µs); slower operations are clamped to it.
@@ -31,6 +32,39 @@ pub(crate) struct Measured {
     pub(crate) seconds: f64,
     /// Latency of every operation, in µs; its length is the operation count.
     pub(crate) latencies: Histogram<u64>,
+    /// The L1 scenarios' counts (all zero for the others).
+    pub(crate) l1: L1Counts,
+}
+
+/// What the L1 scenarios (`hit_l1`, `staleness`) count besides latencies. Merged across processes by adding
+/// up, except `max_stale_us` (the largest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct L1Counts {
+    /// Reads answered by the in-process tier.
+    pub(crate) l1_hits: u64,
+    /// `staleness`: reads that returned a value whose invalidation had returned before the read started.
+    pub(crate) stale_reads: u64,
+    /// `staleness`: the longest such a read started after that invalidation returned, in µs.
+    pub(crate) max_stale_us: u64,
+    /// `staleness`: invalidations of one key, and of the whole class, that returned.
+    pub(crate) key_invalidations: u64,
+    pub(crate) group_invalidations: u64,
+    /// `staleness`: invalidation calls that failed (retried until one returns), and reads that failed.
+    pub(crate) invalidation_errors: u64,
+    pub(crate) read_errors: u64,
+}
+
+impl L1Counts {
+    fn merge(&mut self, other: &L1Counts) {
+        self.l1_hits += other.l1_hits;
+        self.stale_reads += other.stale_reads;
+        self.max_stale_us = self.max_stale_us.max(other.max_stale_us);
+        self.key_invalidations += other.key_invalidations;
+        self.group_invalidations += other.group_invalidations;
+        self.invalidation_errors += other.invalidation_errors;
+        self.read_errors += other.read_errors;
+    }
 }
 
 impl Measured {
@@ -45,6 +79,7 @@ impl Measured {
             reacquired: 0,
             seconds: 0.0,
             latencies: new_histogram(),
+            l1: L1Counts::default(),
         }
     }
 
@@ -61,6 +96,7 @@ impl Measured {
         self.timeouts += other.timeouts;
         self.reacquired += other.reacquired;
         self.seconds = self.seconds.max(other.seconds);
+        self.l1.merge(&other.l1);
         self.latencies
             .add(&other.latencies)
             .context("cannot merge latency histograms")
@@ -129,6 +165,7 @@ impl Tally {
             reacquired: counters.reacquired.load(Ordering::Relaxed),
             seconds,
             latencies: self.latencies,
+            l1: L1Counts::default(),
         }
     }
 }
@@ -261,9 +298,14 @@ mod tests {
         two.allowed = 4;
         two.seconds = 0.25;
         two.latencies.saturating_record(20);
+        one.l1.stale_reads = 2;
+        one.l1.max_stale_us = 300;
+        two.l1.stale_reads = 1;
+        two.l1.max_stale_us = 200;
         total.merge(&one).unwrap();
         total.merge(&two).unwrap();
         assert_eq!((total.allowed, total.ops()), (7, 2));
+        assert_eq!((total.l1.stale_reads, total.l1.max_stale_us), (3, 300));
         assert!((total.seconds - 0.5).abs() < f64::EPSILON);
     }
 }

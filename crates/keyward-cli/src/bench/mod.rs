@@ -8,10 +8,13 @@
 //! - [`fleet`] — `--processes`: child processes, the READY/GO handshake, merging their results; it runs
 //!   scenarios through the abstraction and knows none of them.
 //! - [`servers`] — the servers the command counts are read from: one, or every primary of a Cluster.
+//! - [`faults`] — what the parent does to those servers during `staleness` (`--kill-backplane-every`,
+//!   `--pause-every`).
 //!
 //! This file validates the arguments (bad usage exits 2 before anything connects), runs the scenario between
 //! two command-count snapshots, and builds the report.
 
+mod faults;
 mod fleet;
 mod measure;
 mod report;
@@ -25,9 +28,10 @@ use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use keyward::policy::Algorithm;
 
+use self::faults::{Injected, Injector, Plan};
 use self::fleet::Fleet;
 use self::measure::Measured;
-use self::report::{Report, per_op, round};
+use self::report::{Report, ScenarioFields, per_op, round};
 use self::scenarios::{Extend, LockNames, Scenario, Workload};
 use self::servers::{ServerAudit, ServerStats, Servers};
 use crate::error::usage;
@@ -64,6 +68,21 @@ Scenarios (the names are stable):
             every read pushes the idle expiry back (a write); --extend default: extend_after = idle / 10
             (3 min of a 30 min idle timeout), so reads during the run write nothing.
 
+  hit_l1    like hit, through a cache class with an in-process tier (L1: 64 MiB, 30s, l1_max_stale 500ms):
+            --hit-keys K warm keys, each read until L1 answers it before the timed phase; C workers loop
+            get_or_set for --duration (yielding to the runtime every 64 reads, outside the timed reads)
+  staleness needs --processes P >= 2 and Redis. The first process is the writer: every
+            --invalidate-every MS it invalidates the next of --hit-keys K keys, and after the K-th the whole
+            class (invalidate_all, the group case). Before each invalidation it sets the target's next
+            version in a plain Redis key; after it returned, it records the wall-clock time
+            (CLOCK_REALTIME) in the target's history.
+            The other processes' C/P workers loop get_or_set over the K keys through L1; the loader reads
+            the versions. After each read, one round trip asks the history when the invalidation that
+            superseded the value returned: a read that started after that is stale by the difference.
+            --kill-backplane-every MS: the parent runs CLIENT KILL TYPE pubsub on every server that often;
+            --pause-every MS: CLIENT PAUSE <--pause-for MS> WRITE on every server that often (writes, scripts
+            and PUBLISH wait: keyward's heartbeats, invalidations and Redis reads; plain reads answer).
+
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
 
@@ -86,6 +105,12 @@ the waiters its release woke; exact with one process, an upper bound with severa
 acquire_attempts and attempts_per_acquire: the script calls (EVALSHA, EVAL) of the measured phase less one
 release per op, i.e. every acquisition attempt, including those that found the lock held. session adds extend, extend_after_ms
 and sessions (the pool size).
+hit_l1 and staleness add l1_max_stale_ms, l1_hits (reads answered by L1) and l1_hit_ratio (of ops);
+staleness adds max_stale_us (the longest a read started after an invalidation of its value returned),
+stale_reads (reads that did), violations (those beyond l1_max_stale; must be 0), key_invalidations and
+group_invalidations (that returned), invalidation_errors (failed calls, retried), read_errors (failed reads,
+not counted as ops), and with faults backplane_kills, pubsub_clients_killed, pauses and pause_ms. For
+staleness, ops are the readers' reads; the writer's invalidations are not ops.
 ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
 the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
 op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
@@ -120,8 +145,8 @@ pub(crate) struct BenchArgs {
     /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit`, `get`, `ratelimit_throughput`, `lock` and `session` run, in seconds (fractions
-    /// allowed).
+    /// How long `hit`, `get`, `hit_l1`, `staleness`, `ratelimit_throughput`, `lock` and `session` run, in
+    /// seconds (fractions allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
@@ -130,7 +155,8 @@ pub(crate) struct BenchArgs {
     /// How many cold keys `miss` loads; how many sessions `session` creates and reads.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     keys: u64,
-    /// How many warm keys `hit` and `get` spread their workers over.
+    /// How many warm keys `hit`, `get` and `hit_l1` spread their workers over; how many keys `staleness`
+    /// invalidates and reads.
     #[arg(long, value_name = "K", default_value_t = 1)]
     hit_keys: u64,
     /// How long the `stampede` loader takes, in milliseconds.
@@ -148,6 +174,18 @@ pub(crate) struct BenchArgs {
     /// `session`: extend the idle expiry on every read, or with the class default (`idle / 10`).
     #[arg(long, value_enum, value_name = "WHEN", default_value = "default")]
     extend: Extend,
+    /// `staleness`: how long the writer waits between two invalidations, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    invalidate_every: u64,
+    /// `staleness`: run `CLIENT KILL TYPE pubsub` on every server this often, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    kill_backplane_every: Option<u64>,
+    /// `staleness`: run `CLIENT PAUSE <--pause-for> WRITE` on every server this often, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pause_every: Option<u64>,
+    /// `staleness --pause-every`: how long each pause lasts, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 750)]
+    pause_for: u64,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -164,6 +202,9 @@ pub(crate) struct BenchArgs {
     /// Internal: the index of this child's first `miss` key.
     #[arg(long, hide = true, default_value_t = 0)]
     key_offset: u64,
+    /// Internal: this child's index in the fleet (`staleness`: 0 is the writer).
+    #[arg(long, hide = true, default_value_t = 0)]
+    process_index: usize,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -198,6 +239,20 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.processes == 0 {
         usage!("--processes must be at least 1");
+    }
+    let plan = fault_plan(&args)?;
+    if args.scenario == Scenario::Staleness && !args.child {
+        if embedded {
+            usage!(
+                "`staleness` needs Redis: its processes share the store and the backplane; pass --url \
+                 redis://… or set REDIS_URL"
+            );
+        }
+        if args.processes < 2 {
+            usage!(
+                "`staleness` needs --processes 2 or more: one writer and at least one reader process"
+            );
+        }
     }
     if args.processes > 1 {
         if embedded {
@@ -234,6 +289,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         limit: args.limit,
         lock_names: args.names,
         extend: args.extend,
+        process: args.process_index,
+        invalidate_every: Duration::from_millis(args.invalidate_every),
     };
     // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class
     // depends on flags; the others are constants that the unit tests check.
@@ -257,8 +314,39 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         return runtime.block_on(fleet::child(&url, app, work));
     }
     let app = format!("kwbench{}", rand::random::<u32>());
-    let report = runtime.block_on(measure(&url, &app, work, args.processes, embedded))?;
+    let report = runtime.block_on(measure(&url, &app, work, args.processes, embedded, plan))?;
     report::print(&report, args.json)
+}
+
+/// `--kill-backplane-every`, `--pause-every` and `--pause-for`, checked: only for `staleness`, periods above
+/// 0, and a pause shorter than its period.
+fn fault_plan(args: &BenchArgs) -> anyhow::Result<Plan> {
+    let plan = Plan {
+        kill_every: args.kill_backplane_every.map(Duration::from_millis),
+        pause_every: args.pause_every.map(Duration::from_millis),
+        pause_for: Duration::from_millis(args.pause_for),
+    };
+    if (plan.kill_every.is_some() || plan.pause_every.is_some())
+        && args.scenario != Scenario::Staleness
+    {
+        usage!("--kill-backplane-every and --pause-every are for the `staleness` scenario only");
+    }
+    if args.kill_backplane_every == Some(0) {
+        usage!("--kill-backplane-every must be at least 1 (ms)");
+    }
+    if let Some(every) = args.pause_every {
+        if args.pause_for == 0 {
+            usage!("--pause-for must be at least 1 (ms)");
+        }
+        if every <= args.pause_for {
+            usage!(
+                "--pause-every {every} must be longer than --pause-for {}: the server must answer \
+                 between pauses",
+                args.pause_for
+            );
+        }
+    }
+    Ok(plan)
 }
 
 /// Run the scenario (in this process, or across children) between two command-count snapshots; for
@@ -270,17 +358,27 @@ async fn measure(
     work: Workload,
     processes: usize,
     embedded: bool,
+    plan: Plan,
 ) -> anyhow::Result<Report> {
     // The client-command count runs in this process, with one process's share of the callers.
     let audit_work = work.split(processes).swap_remove(0);
     let measured: Measured;
     let mut counter;
     let before;
+    let mut injected = None;
     if processes > 1 {
         counter = Counter::connect(url, embedded).await?;
         let fleet = Fleet::start(url, app, work.split(processes), work.duration).await?;
+        let injector = match counter.as_ref() {
+            Some(c) => Injector::start(&c.servers, plan).await?,
+            None => None,
+        };
         before = Counter::snapshot(counter.as_mut()).await?;
-        measured = fleet.go().await?;
+        let run = fleet.go().await;
+        if let Some(injector) = injector {
+            injected = Some(injector.finish().await?);
+        }
+        measured = run?;
     } else {
         // keyward connects first: its connection errors are the most helpful ones.
         let prepared = scenarios::prepare(url, app, work.clone()).await?;
@@ -332,7 +430,11 @@ async fn measure(
         },
         max_us: h.max(),
         loader_calls: measured.loader_calls,
-        fields: scenarios::fields(&work, &measured, commands.as_ref().map(|c| &c.total)),
+        fields: with_faults(
+            scenarios::fields(&work, &measured, commands.as_ref().map(|c| &c.total)),
+            injected,
+            plan,
+        ),
         redis_cmds_per_op: commands.as_ref().map(|c| per_op(total(&c.total), ops)),
         redis_client_cmds_per_op: client.as_ref().map(|c| per_op(total(&c.commands), c.ops)),
         redis_client_cmds: client.map(|c| c.commands),
@@ -340,6 +442,22 @@ async fn measure(
         redis_cmds_by_primary: commands.as_ref().and_then(|c| c.by_primary.clone()),
         redis_cmds: commands.map(|c| c.total),
     })
+}
+
+/// The report's fields with what the fault injector did, when it ran.
+fn with_faults(fields: ScenarioFields, injected: Option<Injected>, plan: Plan) -> ScenarioFields {
+    let Some(done) = injected else {
+        return fields;
+    };
+    let kills = plan.kill_every.is_some();
+    let pauses = plan.pause_every.is_some();
+    ScenarioFields {
+        backplane_kills: kills.then_some(done.kills),
+        pubsub_clients_killed: kills.then_some(done.killed),
+        pauses: pauses.then_some(done.pauses),
+        pause_ms: pauses.then(|| u64::try_from(plan.pause_for.as_millis()).unwrap_or(u64::MAX)),
+        ..fields
+    }
 }
 
 /// What the client sent for [`CLIENT_AUDIT_OPS`] ops per caller.

@@ -70,8 +70,9 @@ pub(crate) struct ScenarioFields {
     /// `lock` only: `distinct` or `one`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) names: Option<&'static str>,
-    /// `lock --names one` only: acquisitions that found another worker of their process inside the
-    /// critical section, or a fence not above the last one their process saw. Must be 0.
+    /// `lock --names one`: acquisitions that found another worker of their process inside the critical
+    /// section, or a fence not above the last one their process saw. `staleness`: reads that started more
+    /// than `l1_max_stale` after an invalidation of their value returned. Must be 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) violations: Option<u64>,
     /// `lock --names one` only: `lock` calls that gave up at the class's wait (not counted as ops).
@@ -98,6 +99,41 @@ pub(crate) struct ScenarioFields {
     pub(crate) extend_after_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) sessions: Option<u64>,
+    /// `hit_l1` and `staleness`: the class's `l1_max_stale` in ms, reads answered by L1, and their share of
+    /// all reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) l1_max_stale_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) l1_hits: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) l1_hit_ratio: Option<f64>,
+    /// `staleness` only: the longest a read started after an invalidation of its value had returned (µs),
+    /// and how many reads did (`violations` counts those beyond `l1_max_stale`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_stale_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_reads: Option<u64>,
+    /// `staleness` only: invalidations of one key and of the whole class that returned; invalidation calls
+    /// that failed (and were retried); reads that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) key_invalidations: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) group_invalidations: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) invalidation_errors: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) read_errors: Option<u64>,
+    /// `staleness --kill-backplane-every`: how often `CLIENT KILL TYPE pubsub` ran (on every server) and
+    /// the subscribers it disconnected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backplane_kills: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pubsub_clients_killed: Option<u64>,
+    /// `staleness --pause-every`: how often `CLIENT PAUSE <pause_ms> WRITE` ran (on every server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pauses: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pause_ms: Option<u64>,
 }
 
 /// `x` rounded to `decimals` decimal places.
@@ -191,6 +227,31 @@ fn table(r: &Report) -> String {
         ("extend", f.extend.map(str::to_owned)),
         ("extend_after_ms", f.extend_after_ms.map(|e| e.to_string())),
         ("sessions", f.sessions.map(|n| n.to_string())),
+        ("l1_max_stale_ms", f.l1_max_stale_ms.map(|n| n.to_string())),
+        ("l1_hits", f.l1_hits.map(|n| n.to_string())),
+        ("l1_hit_ratio", f.l1_hit_ratio.map(|r| format!("{r:.4}"))),
+        ("max_stale_us", f.max_stale_us.map(|n| n.to_string())),
+        ("stale_reads", f.stale_reads.map(|n| n.to_string())),
+        (
+            "key_invalidations",
+            f.key_invalidations.map(|n| n.to_string()),
+        ),
+        (
+            "group_invalidations",
+            f.group_invalidations.map(|n| n.to_string()),
+        ),
+        (
+            "invalidation_errors",
+            f.invalidation_errors.map(|n| n.to_string()),
+        ),
+        ("read_errors", f.read_errors.map(|n| n.to_string())),
+        ("backplane_kills", f.backplane_kills.map(|n| n.to_string())),
+        (
+            "pubsub_clients_killed",
+            f.pubsub_clients_killed.map(|n| n.to_string()),
+        ),
+        ("pauses", f.pauses.map(|n| n.to_string())),
+        ("pause_ms", f.pause_ms.map(|n| n.to_string())),
         (
             "redis_cmds_per_op",
             r.redis_cmds_per_op.map(|p| format!("{p:.3}")),

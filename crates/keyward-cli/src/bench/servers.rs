@@ -86,6 +86,12 @@ impl Servers {
     pub(crate) fn count(&self) -> usize {
         self.nodes.len()
     }
+
+    /// Each server's label (`host:port` on Cluster, empty for a standalone server) and the URL of a plain
+    /// connection to it.
+    pub(crate) fn urls(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.nodes.iter().map(|n| (n.addr.as_str(), n.url.as_str()))
+    }
 }
 
 /// `INFO commandstats` on every server.

@@ -16,6 +16,7 @@ use keyward::{Cache, Keyward};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
+use super::raw::Raw;
 use super::workload::{Item, Workload};
 use crate::bench::measure::{
     self, Counters, Measured, Span, collect_histograms, one_shot_tally, until_deadline,
@@ -104,66 +105,6 @@ pub(crate) async fn prepare(
         raw,
         app: app.to_owned(),
     })
-}
-
-/// The baseline's connection: what keyward's backend holds for the same URL.
-#[derive(Clone)]
-enum Raw {
-    Server(redis::aio::ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl Raw {
-    async fn connect(url: &str) -> anyhow::Result<Self> {
-        if let Some(seeds) = crate::bench::servers::cluster_seeds(url)? {
-            let client = redis::cluster::ClusterClient::new(
-                seeds.into_iter().map(|s| s.url).collect::<Vec<_>>(),
-            )
-            .context("cannot open the baseline cluster client")?;
-            let con = client
-                .get_async_connection()
-                .await
-                .context("cannot connect the baseline cluster client")?;
-            return Ok(Self::Cluster(con));
-        }
-        let client = redis::Client::open(url).context("cannot open the baseline client")?;
-        let con = client
-            .get_connection_manager()
-            .await
-            .context("cannot connect the baseline client")?;
-        Ok(Self::Server(con))
-    }
-}
-
-impl redis::aio::ConnectionLike for Raw {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Self::Server(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Self::Server(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Server(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
-        }
-    }
 }
 
 /// The baseline's keys: in the bench namespace, with a TTL, like everything else the bench writes.

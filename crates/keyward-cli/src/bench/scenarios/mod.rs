@@ -1,6 +1,6 @@
 //! The scenarios: one [`Scenario`] per stable name, grouped in families that share a policy class and a
-//! set-up — `cache` (`hit`, `miss`, `stampede`, `get`), `rate_limit` (`ratelimit_exact`,
-//! `ratelimit_throughput`), `lock` and `session` — each family in a file of its own.
+//! set-up — `cache` (`hit`, `miss`, `stampede`, `get`), `l1` (`hit_l1`, `staleness`), `rate_limit`
+//! (`ratelimit_exact`, `ratelimit_throughput`), `lock` and `session` — each family in a file of its own.
 //!
 //! Every scenario goes through the same phases, which is all the rest of `bench` (and the fleet) sees:
 //! 1. [`policy`]: the classes it needs, in the run's fresh namespace;
@@ -18,12 +18,15 @@
 //! dispatch in this file is exhaustive `match`es: adding a scenario makes the compiler point at every phase
 //! that must handle it, and no family ever sees a scenario of another.
 //!
-//! Files: `workload.rs` (the names, options and stored value) is the leaf; each family file depends on it
-//! only; this file depends on them all. No family imports this file or another family.
+//! Files: `workload.rs` (the names, options and stored value) and `raw.rs` (a plain redis-rs connection) are
+//! the leaves; each family file depends on them only; this file depends on them all. No family imports this
+//! file or another family.
 
 mod cache;
+mod l1;
 mod lock;
 mod rate_limit;
+mod raw;
 mod session;
 mod workload;
 
@@ -43,6 +46,7 @@ pub(crate) use self::workload::{Extend, LockNames, Scenario, Workload};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     Cache(cache::Kind),
+    L1(l1::Kind),
     RateLimit(rate_limit::Kind),
     Lock,
     Session,
@@ -59,6 +63,8 @@ fn family(scenario: Scenario) -> Family {
         Scenario::RatelimitThroughput => Family::RateLimit(rate_limit::Kind::Throughput),
         Scenario::Lock => Family::Lock,
         Scenario::Session => Family::Session,
+        Scenario::HitL1 => Family::L1(l1::Kind::HitL1),
+        Scenario::Staleness => Family::L1(l1::Kind::Staleness),
     }
 }
 
@@ -67,7 +73,7 @@ fn family(scenario: Scenario) -> Family {
 pub(crate) fn counted_workload(work: &Workload, per_worker: u64) -> Workload {
     match family(work.scenario) {
         Family::Session => session::for_counted_ops(work, per_worker),
-        Family::Cache(_) | Family::RateLimit(_) | Family::Lock => work.clone(),
+        Family::Cache(_) | Family::L1(_) | Family::RateLimit(_) | Family::Lock => work.clone(),
     }
 }
 
@@ -80,6 +86,7 @@ pub(crate) fn policy(app: &str, work: &Workload) -> Result<Policy, PolicyError> 
     let builder = Policy::builder("bench", app).cache(cache::CLASS, cache::class());
     let builder = match family(work.scenario) {
         Family::Cache(_) => builder,
+        Family::L1(_) => builder.cache(l1::CLASS, l1::class()),
         Family::RateLimit(kind) => {
             builder.rate_limit(rate_limit::CLASS, rate_limit::class(kind, work))
         }
@@ -98,6 +105,7 @@ pub(crate) struct Prepared {
 /// A family's connected, warmed-up state.
 enum Ready {
     Cache(cache::Ready),
+    L1(l1::Ready),
     RateLimit(rate_limit::Ready),
     Lock(lock::Ready),
     Session(session::Ready),
@@ -117,6 +125,7 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
     })?;
     let ready = match family(work.scenario) {
         Family::Cache(kind) => Ready::Cache(cache::prepare(&kw, url, app, kind, &work).await?),
+        Family::L1(kind) => Ready::L1(l1::prepare(&kw, url, app, kind, &work).await?),
         Family::RateLimit(_) => Ready::RateLimit(rate_limit::prepare(&kw, &work).await?),
         Family::Lock => Ready::Lock(lock::prepare(&kw, &work).await?),
         Family::Session => Ready::Session(session::prepare(&kw, &work).await?),
@@ -130,6 +139,7 @@ impl Prepared {
         let timed = Stop::At(Instant::now() + self.work.duration);
         match (self.ready, family(self.work.scenario)) {
             (Ready::Cache(ready), Family::Cache(kind)) => ready.run(kind, &self.work).await,
+            (Ready::L1(ready), Family::L1(kind)) => ready.run(kind, &self.work).await,
             (Ready::RateLimit(ready), Family::RateLimit(kind)) => {
                 ready.run(kind, &self.work, timed).await
             }
@@ -169,6 +179,7 @@ pub(crate) fn fields(
 ) -> ScenarioFields {
     match family(work.scenario) {
         Family::Cache(_) => ScenarioFields::default(),
+        Family::L1(kind) => l1::fields(kind, measured),
         Family::RateLimit(kind) => rate_limit::fields(kind, work, measured),
         Family::Lock => lock::fields(work, measured, commands),
         Family::Session => session::fields(work),
@@ -224,6 +235,26 @@ mod tests {
     }
 
     #[test]
+    fn l1_scenarios_get_a_class_with_l1_and_the_plain_one_has_none() {
+        for scenario in [Scenario::HitL1, Scenario::Staleness] {
+            let p = policy("kwbench42", &work(scenario, Algorithm::Gcra, 100)).unwrap();
+            let class = p.class(l1::CLASS).unwrap().as_cache().unwrap();
+            assert!(class.l1_value().is_some());
+            assert_eq!(class.l1_max_stale_value(), l1::L1_MAX_STALE);
+        }
+        let p = policy("kwbench42", &work(Scenario::Hit, Algorithm::Gcra, 100)).unwrap();
+        assert!(p.class(l1::CLASS).is_none());
+        assert!(
+            p.class(cache::CLASS)
+                .unwrap()
+                .as_cache()
+                .unwrap()
+                .l1_value()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn lock_and_session_scenarios_get_their_class_and_no_other() {
         let locking = policy("kwbench42", &work(Scenario::Lock, Algorithm::Gcra, 100)).unwrap();
         assert!(locking.class(lock::CLASS).unwrap().as_lock().is_some());
@@ -251,6 +282,7 @@ mod tests {
             let name = scenario.name();
             let expected = match family(scenario) {
                 Family::Cache(_) => ["hit", "miss", "stampede", "get"].contains(&name),
+                Family::L1(_) => ["hit_l1", "staleness"].contains(&name),
                 Family::RateLimit(_) => name.starts_with("ratelimit_"),
                 Family::Lock => name == "lock",
                 Family::Session => name == "session",

@@ -12,7 +12,7 @@ use keyward::policy::Algorithm;
 use serde::{Deserialize, Serialize};
 
 /// Target size of one cached value (and one session's data), JSON-encoded.
-const VALUE_BYTES: usize = 1024;
+pub(crate) const VALUE_BYTES: usize = 1024;
 
 /// A benchmark scenario, by its stable name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,6 +35,12 @@ pub(crate) enum Scenario {
     Lock,
     /// `Sessions::get` over a pool of sessions in a loop for the duration, extending on every read or not.
     Session,
+    /// Warm keys read through the in-process tier (L1) in a loop for the duration.
+    #[value(name = "hit_l1")]
+    HitL1,
+    /// One process invalidates in a loop while the others read through L1: is any read staler than
+    /// `l1_max_stale`?
+    Staleness,
 }
 
 impl Scenario {
@@ -49,6 +55,8 @@ impl Scenario {
             Scenario::RatelimitThroughput => "ratelimit_throughput",
             Scenario::Lock => "lock",
             Scenario::Session => "session",
+            Scenario::HitL1 => "hit_l1",
+            Scenario::Staleness => "staleness",
         }
     }
 
@@ -86,7 +94,9 @@ impl Scenario {
             | Scenario::Get
             | Scenario::RatelimitThroughput
             | Scenario::Lock
-            | Scenario::Session => 64,
+            | Scenario::Session
+            | Scenario::HitL1
+            | Scenario::Staleness => 64,
             Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
@@ -156,6 +166,10 @@ pub(crate) struct Workload {
     pub(crate) lock_names: LockNames,
     /// `session`: extend on every read, or with the class default.
     pub(crate) extend: Extend,
+    /// `staleness`: this process's index in the fleet (0: the writer; 0 also without `--processes`).
+    pub(crate) process: usize,
+    /// `staleness`: how long the writer waits between two invalidations.
+    pub(crate) invalidate_every: Duration,
 }
 
 impl Workload {
@@ -178,6 +192,7 @@ impl Workload {
                     concurrency,
                     keys,
                     key_offset: offset,
+                    process: i,
                     ..self.clone()
                 };
                 offset += keys;
@@ -233,6 +248,8 @@ pub(crate) mod tests {
             limit,
             lock_names: LockNames::One,
             extend: Extend::Default,
+            process: 0,
+            invalidate_every: Duration::from_millis(5),
         }
     }
 
@@ -279,5 +296,7 @@ pub(crate) mod tests {
         let keys: Vec<_> = parts.iter().map(|w| (w.key_offset, w.keys)).collect();
         assert_eq!(keys, [(0, 253), (253, 250), (503, 250), (753, 250)]);
         assert!(parts.iter().all(|w| w.key_id == 7));
+        let processes: Vec<_> = parts.iter().map(|w| w.process).collect();
+        assert_eq!(processes, [0, 1, 2, 3]);
     }
 }
