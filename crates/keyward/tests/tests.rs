@@ -23,6 +23,7 @@ mod common;
 mod acl;
 mod architecture;
 mod cache_batch;
+mod cache_failsafe;
 mod cache_l1;
 mod cache_tags;
 mod cluster;

@@ -34,7 +34,7 @@ use crate::backend::Watch;
 use crate::codec::{Codec, Json};
 use crate::envelope::{self, Body, Stamp};
 use crate::error::{BoxError, Error, Result};
-use crate::flight::{self, Flights, Outcome, Role, Shared};
+use crate::flight::{self, Flights, Leader, Outcome, Role, Shared};
 use crate::key::{IdParts, KeySpace};
 use crate::policy::{CacheClass, CacheOnError, ClassKind};
 
@@ -251,6 +251,20 @@ struct Plan<'a> {
     fallback: Option<Fallback>,
     early: Option<&'a Early>,
     soft_deadline: Option<tokio::time::Instant>,
+}
+
+/// What one call brings to a load besides its key and loader.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    /// Where the call records how it was answered.
+    seen: &'a Seen,
+    /// A detached call's channel for answers before the load ends.
+    early: Option<&'a Early>,
+    /// When a caller with a stale value at hand stops waiting (`soft_timeout`, from the call's start).
+    soft_deadline: Option<tokio::time::Instant>,
+    /// The in-process flight this call leads, if any: an eager refresh completes it early with the current
+    /// value, so that callers in this process do not wait for the refresh.
+    flight: Option<&'a std::sync::Mutex<Option<Leader>>>,
 }
 
 /// Where a detached load ([`Cache::get_or_set_detached`]) offers its caller an answer before it ends: a stale
@@ -1059,10 +1073,21 @@ where
         E: Into<BoxError>,
     {
         let key = key.to_owned();
+        let ask = Ask {
+            seen,
+            early,
+            soft_deadline: self
+                .class
+                .policy
+                .soft_timeout_value()
+                .filter(|_| self.class.policy.stale_grace_value().is_some())
+                .map(|d| tokio::time::Instant::now() + d),
+            flight: None,
+        };
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
             return self
-                .load_shared_then(&key, tags, negative_ok, loader, seen, early, |_| {})
+                .load_shared_then(&key, tags, negative_ok, loader, ask, |_| {})
                 .instrument(span)
                 .await;
         };
@@ -1080,7 +1105,7 @@ where
             let ticket = l1.ticket(&key);
             let payload = std::sync::Mutex::new(None);
             let loaded = self
-                .load_shared_then(&key, tags, negative_ok, loader, seen, early, |outcome| {
+                .load_shared_then(&key, tags, negative_ok, loader, ask, |outcome| {
                     // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
                     // answered uncached, a refused fill, or an outcome shared with another caller).
                     if let Ok(Shared::Value(b)) = outcome
@@ -1110,16 +1135,13 @@ where
 
     /// The store half of a load: single-flight in this process, then the fenced fetch and fill; `led` gets
     /// the outcome when this caller led the fetch.
-    // Private plumbing between `load_key` and `lead`; a struct for the arguments would only rename them.
-    #[allow(clippy::too_many_arguments)]
     async fn load_shared_then<F, Fut, E>(
         &self,
         key: &str,
         tags: &[String],
         negative_ok: bool,
         loader: F,
-        seen: &Seen,
-        early: Option<&Early>,
+        ask: Ask<'_>,
         led: impl FnOnce(&Outcome),
     ) -> Result<Option<V>>
     where
@@ -1136,31 +1158,33 @@ where
                     .join_younger_than(&fkey, self.kw.inner.backend.flight_max_age())
                 {
                     Role::Leader(l) => break l,
-                    Role::Follower(rx) => match tokio::time::timeout(
-                        self.class.policy.lease_ttl_value(),
+                    Role::Follower(rx) => match tokio::time::timeout_at(
+                        // With a soft timeout, no longer than it: past it, this caller asks the store itself
+                        // (and gets a stale value if one is kept); else as long as a lease can be held.
+                        ask.soft_deadline.unwrap_or_else(|| {
+                            tokio::time::Instant::now() + self.class.policy.lease_ttl_value()
+                        }),
                         flight::follow(rx),
                     )
                     .await
                     {
-                        // The local leader has outlived any lease it could hold (it is stuck or leaked): fetch
-                        // directly; the backend's lease still admits one loader fleet-wide.
+                        // The local leader has outlived any lease it could hold (it is stuck or leaked), or the
+                        // soft timeout: fetch directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self
-                                .lead(&key, tags, negative_ok, loader, seen, early)
-                                .await;
+                            let (result, _) = self.lead(&key, tags, negative_ok, loader, ask).await;
                             return result;
                         }
                         Ok(followed) => match followed {
                             Some(Ok(Shared::Value(bytes))) => {
                                 if let Ok(v) = C::decode::<V>(&bytes) {
                                     self.class.metrics.coalesced.increment(1);
-                                    saw(seen, CacheLookup::Coalesced);
+                                    saw(ask.seen, CacheLookup::Coalesced);
                                     return Ok(Some(v));
                                 }
                             }
                             Some(Ok(Shared::Negative)) => {
                                 self.class.metrics.coalesced.increment(1);
-                                saw(seen, CacheLookup::Coalesced);
+                                saw(ask.seen, CacheLookup::Coalesced);
                                 return Ok(None);
                             }
                             Some(Err(e)) => return Err(e),
@@ -1170,11 +1194,17 @@ where
                     },
                 }
             };
-            let (result, outcome) = self
-                .lead(&key, tags, negative_ok, loader, seen, early)
-                .await;
+            let flight = std::sync::Mutex::new(Some(leader));
+            let ask = Ask {
+                flight: Some(&flight),
+                ..ask
+            };
+            let (result, outcome) = self.lead(&key, tags, negative_ok, loader, ask).await;
             led(&outcome);
-            leader.complete(outcome);
+            // Unless an eager refresh completed it early.
+            if let Some(leader) = flight.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                leader.complete(outcome);
+            }
             result
         }
     }
@@ -1185,8 +1215,7 @@ where
         tags: &[String],
         negative_ok: bool,
         loader: F,
-        seen: &Seen,
-        early: Option<&Early>,
+        ask: Ask<'_>,
     ) -> (Result<Option<V>>, Outcome)
     where
         F: FnOnce() -> Fut,
@@ -1199,11 +1228,12 @@ where
         // Fail-safe: the latest stale value seen (kept under someone's lease), and when a caller holding one
         // stops waiting for the refill (`soft_timeout`).
         let mut kept: Option<Fallback> = None;
-        let soft_deadline = self
-            .class
-            .policy
-            .soft_timeout_value()
-            .map(|d| tokio::time::Instant::now() + d);
+        let Ask {
+            seen,
+            early,
+            soft_deadline,
+            ..
+        } = ask;
         let (marker, prefix) = envelope::lease_marker(&token());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
@@ -1338,6 +1368,13 @@ where
                         }
                         None => CacheLookup::Refreshed,
                     };
+                    // Callers in this process that joined this fetch get the current value now.
+                    let leader = ask
+                        .flight
+                        .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    if let Some(leader) = leader {
+                        leader.complete(Ok(Shared::Value(fb.payload.clone())));
+                    }
                     saw(seen, how);
                     let plan = Plan {
                         fallback: Some(fb),

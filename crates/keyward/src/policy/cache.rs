@@ -680,12 +680,11 @@ impl ClassSpec for CacheClass {
                 ),
             ));
         }
-        if self.fail_safe_throttle.is_zero() || self.fail_safe_throttle > ttl {
+        if self.fail_safe_throttle.is_zero() || self.fail_safe_throttle > MAX_TTL {
             return Err((
                 "fail_safe_throttle",
                 format!(
-                    "must be greater than zero and at most ttl ({}), got {}",
-                    fmt_duration(ttl),
+                    "must be between 1ms and 365 days, got {}",
                     fmt_duration(self.fail_safe_throttle)
                 ),
             ));

@@ -5,9 +5,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keyward::policy::{CacheClass, L1Tier, Policy};
+use keyward::policy::{CacheClass, Jitter, L1Tier, Policy};
 use keyward::{KeyTtl, Keyward};
 use keyward_testkit::{RedisCluster, RedisServer};
+
+/// TTL of the test policy's fail-safe classes (`safe`, `soft`): their values go stale this soon.
+pub const FAILSAFE_TTL: Duration = Duration::from_millis(200);
 
 /// `l1_max_stale` of the test policy's `near` classes.
 pub const L1_MAX_STALE: Duration = Duration::from_millis(300);
@@ -120,7 +123,9 @@ impl Harness {
 
     /// The standard test policy: `product` (plain), `maybe` (negative caching), `short` (tiny lease), `small`
     /// (64-byte values), `other` (a second class), `pii` (personal), `pii_ok` (personal + allow_shared),
-    /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]).
+    /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]), `safe` (fail-safe: 200 ms
+    /// TTL, 60 s stale grace, 300 ms loader timeout), `soft` (the same with a 50 ms soft timeout), `eager`
+    /// (2 s TTL, refreshed ahead in its last 1.8 s).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
             .cache(
@@ -162,6 +167,30 @@ impl Harness {
                 CacheClass::new(Duration::from_secs(60), "tests, after each write")
                     .l1(L1Tier::new(1 << 20, Duration::from_secs(60)))
                     .l1_max_stale(L1_MAX_STALE),
+            )
+            .cache(
+                "safe",
+                CacheClass::new(FAILSAFE_TTL, "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .fail_safe_throttle(Duration::from_millis(150))
+                    .lease_ttl(Duration::from_secs(2))
+                    .loader_timeout(Duration::from_millis(300)),
+            )
+            .cache(
+                "soft",
+                CacheClass::new(FAILSAFE_TTL, "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .soft_timeout(Duration::from_millis(50))
+                    .lease_ttl(Duration::from_secs(5))
+                    .loader_timeout(Duration::from_secs(3)),
+            )
+            .cache(
+                "eager",
+                CacheClass::new(Duration::from_secs(2), "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .refresh_ahead(Duration::from_millis(1800)),
             )
             .cache(
                 "pii_ok",

@@ -1,0 +1,329 @@
+//! Fail-safe and eager refresh, on every backend: a value past its TTL is kept for `stale_grace` and served
+//! when its refill fails, overruns the loader timeout or the soft timeout; the stale value stays readable while
+//! one caller refills it; an eager refresh runs once fleet-wide while everyone keeps getting the current value;
+//! invalidation removes the stale value too.
+
+#![allow(unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::Harness;
+use keyward::{Cache, CacheLookup, StaleReason};
+use tokio::sync::Notify;
+
+/// A deadline for things that must happen "soon".
+const SOON: Duration = Duration::from_secs(20);
+
+conformance!(
+    a_failed_refill_serves_the_stale_value_and_throttles,
+    an_overrunning_refill_serves_the_stale_value,
+    a_soft_timeout_serves_the_stale_value_and_the_refill_lands_in_the_background,
+    a_borrowing_loader_past_the_soft_timeout_is_abandoned,
+    waiters_get_the_stale_value_at_the_soft_timeout,
+    invalidation_removes_the_stale_value,
+    a_refill_that_raced_an_invalidation_is_refused,
+    an_eager_refresh_runs_once_while_everyone_gets_the_current_value,
+    without_stale_grace_a_failed_load_is_an_error,
+);
+
+fn ok(v: &str) -> Result<String, std::io::Error> {
+    Ok(v.to_owned())
+}
+
+/// A loader that must never be called.
+fn unreachable(why: &str) -> Result<String, std::io::Error> {
+    panic!("{why}")
+}
+
+fn broken() -> Result<String, std::io::Error> {
+    Err(std::io::Error::other("the database is down"))
+}
+
+/// Fill `id` with `v`, then read (with a loader that must not be called while the value is fresh) until the
+/// value is stale: the first read that reaches the loader. Returns that read's outcome.
+async fn until_stale<F, Fut>(c: &Cache<String>, id: u64, loader: F) -> (String, CacheLookup)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<String, std::io::Error>>,
+{
+    let deadline = Instant::now() + SOON;
+    loop {
+        let called = AtomicUsize::new(0);
+        let got = c
+            .get_or_set_with_status(&id, || {
+                called.fetch_add(1, Ordering::SeqCst);
+                loader()
+            })
+            .await
+            .unwrap();
+        if called.load(Ordering::SeqCst) > 0 || matches!(got.1, CacheLookup::Stale(_)) {
+            return got;
+        }
+        assert_eq!(got.1, CacheLookup::Hit, "fresh reads are hits");
+        assert!(Instant::now() < deadline, "{id} never went stale");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn a_failed_refill_serves_the_stale_value_and_throttles(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("safe").unwrap();
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async { ok("v1") })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("v1", CacheLookup::Miss));
+        let (v, how) = until_stale(&c, 1, || async { broken() }).await;
+        assert_eq!(
+            (v.as_str(), how),
+            ("v1", CacheLookup::Stale(StaleReason::LoaderError))
+        );
+        assert_eq!(c.stats().stale_served, 1);
+        // Throttled: the stale value is served as is for `fail_safe_throttle`, without asking the source.
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async {
+                unreachable("throttled: the loader is not called")
+            })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("v1", CacheLookup::Hit));
+        // After the throttle, a refill that works replaces it.
+        let (v, how) = until_stale(&c, 1, || async { ok("v2") }).await;
+        assert_eq!((v.as_str(), how), ("v2", CacheLookup::Miss));
+        assert_eq!(c.get(&1).await.unwrap().as_deref(), Some("v2"));
+    }
+
+    pub async fn an_overrunning_refill_serves_the_stale_value(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("safe").unwrap();
+        c.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        let (v, how) = until_stale(&c, 1, || async {
+            // Longer than the class's 300 ms loader timeout (the hard timeout).
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            ok("late")
+        })
+        .await;
+        assert_eq!(
+            (v.as_str(), how),
+            ("v1", CacheLookup::Stale(StaleReason::LoaderTimeout))
+        );
+    }
+
+    pub async fn a_soft_timeout_serves_the_stale_value_and_the_refill_lands_in_the_background(
+        h: Harness,
+    ) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        c.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        let release = Arc::new(Notify::new());
+        let deadline = Instant::now() + SOON;
+        loop {
+            let release = Arc::clone(&release);
+            let (v, how) = c
+                .get_or_set_detached(&1, move || async move {
+                    release.notified().await;
+                    ok("v2")
+                })
+                .await
+                .unwrap();
+            if how == CacheLookup::Stale(StaleReason::SoftTimeout) {
+                assert_eq!(v, "v1");
+                break;
+            }
+            assert_eq!((v.as_str(), how), ("v1", CacheLookup::Hit));
+            assert!(Instant::now() < deadline, "never stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The refill goes on after the caller got its answer; once it finishes, it commits.
+        release.notify_one();
+        let deadline = Instant::now() + SOON;
+        while c.get(&1).await.unwrap().as_deref() != Some("v2") {
+            assert!(
+                Instant::now() < deadline,
+                "the background refill never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn a_borrowing_loader_past_the_soft_timeout_is_abandoned(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        c.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        let (v, how) = until_stale(&c, 1, || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            ok("slow")
+        })
+        .await;
+        assert_eq!(
+            (v.as_str(), how),
+            ("v1", CacheLookup::Stale(StaleReason::SoftTimeout))
+        );
+        // The lease gave the stale value back: the next caller takes the lease over it and refills.
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async { ok("v2") })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("v2", CacheLookup::Miss));
+    }
+
+    pub async fn waiters_get_the_stale_value_at_the_soft_timeout(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<String>("soft").unwrap();
+        let b = hs[1].cache::<String>("soft").unwrap();
+        a.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        // `a` refills (detached, its loader held); `b` arrives while the lease is held.
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let deadline = Instant::now() + SOON;
+        loop {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            let (_, how) = a
+                .get_or_set_detached(&1, move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    ok("v2")
+                })
+                .await
+                .unwrap();
+            if how != CacheLookup::Hit {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        entered.notified().await;
+        let started = Instant::now();
+        let (v, how) = b
+            .get_or_set_with_status(&1, || async { unreachable("the lease is held elsewhere") })
+            .await
+            .unwrap();
+        assert_eq!(
+            (v.as_str(), how),
+            ("v1", CacheLookup::Stale(StaleReason::SoftTimeout))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "waited past the soft timeout"
+        );
+        release.notify_one();
+    }
+
+    pub async fn invalidation_removes_the_stale_value(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("safe").unwrap();
+        c.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        // Let it go stale (a successful refill would replace it, so read with `get`, which never loads).
+        let deadline = Instant::now() + SOON;
+        while c.get(&1).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "never stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.invalidate(&1).await.unwrap();
+        let err = c.get_or_set(&1, || async { broken() }).await.unwrap_err();
+        assert!(matches!(err, keyward::Error::Loader { .. }), "{err}");
+    }
+
+    pub async fn a_refill_that_raced_an_invalidation_is_refused(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        c.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        let deadline = Instant::now() + SOON;
+        while c.get(&1).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "never stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let refill = {
+            let (c, entered, release) = (c.clone(), Arc::clone(&entered), Arc::clone(&release));
+            tokio::spawn(async move {
+                c.get_or_set_detached(&1, move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    ok("before the write")
+                })
+                .await
+            })
+        };
+        entered.notified().await;
+        c.invalidate(&1).await.unwrap();
+        release.notify_one();
+        let _ = refill.await.unwrap().unwrap();
+        let (v, how) = c
+            .get_or_set_with_status(&1, || async { ok("after") })
+            .await
+            .unwrap();
+        assert_eq!((v.as_str(), how), ("after", CacheLookup::Miss));
+    }
+
+    pub async fn an_eager_refresh_runs_once_while_everyone_gets_the_current_value(h: Harness) {
+        let hs = h.handles(2).await;
+        let caches: Vec<Cache<String>> = hs.iter().map(|k| k.cache("eager").unwrap()).collect();
+        caches[0]
+            .get_or_set(&1, || async { ok("v1") })
+            .await
+            .unwrap();
+        // Inside the refresh window (the last 1.8 s of a 2 s TTL) after 200 ms: wait until a read says so.
+        let release = Arc::new(Notify::new());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + SOON;
+        loop {
+            let (release, loads) = (Arc::clone(&release), Arc::clone(&loads));
+            let (v, how) = caches[0]
+                .get_or_set_detached(&1, move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    release.notified().await;
+                    ok("v2")
+                })
+                .await
+                .unwrap();
+            assert_eq!(v, "v1");
+            if how == CacheLookup::RefreshAhead {
+                break;
+            }
+            assert_eq!(how, CacheLookup::Hit);
+            assert!(Instant::now() < deadline, "never due for a refresh");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // While it refreshes, 200 reads on both instances get the current value and never load.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let c = caches[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                c.get_or_set_with_status(&1, || async { unreachable("only one refresh") })
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            let (v, how) = t.await.unwrap();
+            assert_eq!(v, "v1");
+            // Concurrent readers in one process may share one fetch.
+            assert!(
+                matches!(how, CacheLookup::Hit | CacheLookup::Coalesced),
+                "{how:?}"
+            );
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        release.notify_one();
+        let deadline = Instant::now() + SOON;
+        while caches[1].get(&1).await.unwrap().as_deref() != Some("v2") {
+            assert!(Instant::now() < deadline, "the refresh never landed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(caches[0].stats().refreshes >= 1);
+    }
+
+    pub async fn without_stale_grace_a_failed_load_is_an_error(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("product").unwrap();
+        let err = c.get_or_set(&1, || async { broken() }).await.unwrap_err();
+        assert!(matches!(err, keyward::Error::Loader { .. }), "{err}");
+    }
+}
