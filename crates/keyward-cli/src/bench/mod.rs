@@ -108,7 +108,7 @@ and sessions (the pool size).
 hit_l1 and staleness add l1_max_stale_ms, l1_hits (reads answered by L1) and l1_hit_ratio (of ops);
 staleness adds max_stale_us (the longest a read started after an invalidation of its value returned),
 stale_reads (reads that did), violations (those beyond l1_max_stale; must be 0), key_invalidations and
-group_invalidations (that returned), invalidation_errors (failed calls, retried), read_errors (failed reads,
+group_invalidations (class and tag invalidations; that returned), invalidation_errors (failed calls, retried), read_errors (failed reads,
 not counted as ops), and with faults backplane_kills, pubsub_clients_killed, pauses and pause_ms. For
 staleness, ops are the readers' reads; the writer's invalidations are not ops.
 ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:

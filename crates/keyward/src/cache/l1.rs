@@ -160,7 +160,12 @@ impl ClassL1 {
         if !self.hub.vouched(self.max_stale) {
             return None;
         }
-        self.cache.get(key).await
+        let hit = self.cache.get(key).await;
+        // A hit never waits on I/O: without a yield point, a task reading L1 in a loop would keep the
+        // runtime's threads from the backplane's heartbeats until trust lapses. This yields only once the
+        // task's cooperative budget is spent.
+        tokio::task::coop::consume_budget().await;
+        hit
     }
 
     /// Read the fence before sending the read whose result may be inserted.

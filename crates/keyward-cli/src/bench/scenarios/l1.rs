@@ -101,6 +101,8 @@ enum Target {
     Key(u64),
     /// Every key of the class (the group case): `Cache::invalidate_all`.
     Class,
+    /// Every key carrying a tag (key `k` carries tag `k mod 2`): `Keyward::invalidate_tag`.
+    Tag(u64),
 }
 
 impl Target {
@@ -109,26 +111,35 @@ impl Target {
         match self {
             Target::Key(k) => format!("key{k}"),
             Target::Class => "class".to_owned(),
+            Target::Tag(t) => format!("tag{t}"),
         }
     }
 
     /// The targets whose invalidation invalidates key `k`.
-    fn of(k: u64) -> [Target; 2] {
-        [Target::Key(k), Target::Class]
+    fn of(k: u64) -> [Target; 3] {
+        [Target::Key(k), Target::Class, Target::Tag(k % 2)]
     }
 
-    /// The writer's `i`-th invalidation over `keys` keys: each key in turn, then the whole class.
+    /// The writer's `i`-th invalidation over `keys` keys: each key in turn, then the whole class, then each
+    /// of the two tags.
     fn schedule(i: u64, keys: u64) -> Target {
-        match i % (keys + 1) {
+        match i % (keys + 3) {
             k if k == keys => Target::Class,
+            k if k > keys => Target::Tag(k - keys - 1),
             k => Target::Key(k),
         }
+    }
+
+    /// The tag key `k` is filled with.
+    fn tag_of(k: u64) -> [String; 1] {
+        [format!("staleness:{}", k % 2)]
     }
 
     async fn invalidate(self, cache: &Cache<Stamped>, key_id: u64) -> keyward::Result<()> {
         match self {
             Target::Key(k) => cache.invalidate(&cache_key(key_id, k)).await,
             Target::Class => cache.invalidate_all().await,
+            Target::Tag(t) => cache.invalidate_tag(&format!("staleness:{t}")).await,
         }
     }
 }
@@ -233,7 +244,11 @@ where
     for k in 0..work.hit_keys {
         loop {
             let (_, lookup) = cache
-                .get_or_set_with_status(&cache_key(work.key_id, k), || loader(k))
+                .get_or_set_tagged_with_status(
+                    &cache_key(work.key_id, k),
+                    &Target::tag_of(k),
+                    || loader(k),
+                )
                 .await
                 .context("warm-up read failed")?;
             if lookup == CacheLookup::L1Hit {
@@ -410,7 +425,8 @@ impl Ready {
             let () = ask(&con, "record an invalidation", Query::Pipe(&record)).await?;
             match target {
                 Target::Key(_) => l1.key_invalidations += 1,
-                Target::Class => l1.group_invalidations += 1,
+                // Group invalidations: the class and the tags.
+                Target::Class | Target::Tag(_) => l1.group_invalidations += 1,
             }
             tokio::time::sleep(work.invalidate_every).await;
         }
@@ -460,7 +476,11 @@ impl Ready {
                         load(con.clone(), truth.clone(), k)
                     };
                     let read = cache
-                        .get_or_set_with_status(&cache_key(key_id, k), loader)
+                        .get_or_set_tagged_with_status(
+                            &cache_key(key_id, k),
+                            &Target::tag_of(k),
+                            loader,
+                        )
                         .await;
                     let elapsed = t.elapsed();
                     let (value, lookup) = match read {
