@@ -35,10 +35,15 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The lease over a kept value `body`, held until now + lease ttl; the key lives at least that long.
+-- The lease over a kept value `body`, held until now + lease ttl. With fail-safe the key lives at least that
+-- long (the stale value must outlive the refill); without, it keeps its TTL: the value is never served past it.
 local function lease_over(body, pttl)
   local marker = ARGV[2] .. ':' .. string.format('%d', now_ms() + lease_ms) .. ':' .. body
-  redis.call('SET', KEYS[1], marker, 'PX', math.max(pttl, lease_ms))
+  local px = pttl
+  if grace > 0 or pttl <= 0 then
+    px = math.max(pttl, lease_ms)
+  end
+  redis.call('SET', KEYS[1], marker, 'PX', px)
 end
 
 local held_until = nil

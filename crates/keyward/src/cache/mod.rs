@@ -183,7 +183,9 @@ pub enum StaleReason {
 }
 
 impl CacheLookup {
-    /// The name used in tracing spans and metrics (`hit`, `l1_hit`, `stale_loader_error`, `refreshed`, `negative_hit`, `miss`, `coalesced`, `fail_open`).
+    /// The name used in tracing spans and metrics: `hit`, `l1_hit`, `negative_hit`, `miss`, `coalesced`,
+    /// `fail_open`, `stale_loader_error`, `stale_loader_timeout`, `stale_soft_timeout`, `refresh_ahead`,
+    /// `refreshed`.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheLookup::Hit => "hit",
@@ -656,8 +658,9 @@ where
         Ok(payload)
     }
 
-    /// Read an entry. `None` for a miss, a cached absent, or a value that failed to decode (which is removed).
-    /// Never takes a lease and never loads.
+    /// Read an entry. `None` for a miss, a cached absent, a stale value (fail-safe classes: past its TTL,
+    /// kept only for a failing refill), or a value that failed to decode (which is removed). Never takes a
+    /// lease and never loads.
     ///
     /// # Errors
     /// Backend failures and [`Error::Key`].
@@ -822,9 +825,10 @@ where
             .map(|(v, _)| v)
     }
 
-    /// [`get_or_set`](Self::get_or_set), also saying how the call was answered: a hit, a miss this caller
-    /// loaded, an outcome shared with another caller in this process, or the loader answering because Redis
-    /// is unavailable. The same counts are in [`stats`](Self::stats) and the metrics.
+    /// [`get_or_set`](Self::get_or_set), also saying how the call was answered ([`CacheLookup`]): a hit (from
+    /// Redis or the in-process tier), a miss this caller loaded, an outcome shared with another caller in this
+    /// process, the loader answering because Redis is unavailable, a stale value served by fail-safe and why,
+    /// or an eager refresh. The same counts are in [`stats`](Self::stats) and the metrics.
     ///
     /// # Errors
     /// As [`get_or_set`](Self::get_or_set).
@@ -1397,9 +1401,11 @@ where
     /// that a failing source is not asked on every read (while the lease is still ours; else just let go).
     async fn throttle(&self, guard: LeaseGuard, fb: &Fallback) {
         let policy = &self.class.policy;
+        // Above the refresh window too, or every read during the throttle would try the source again.
         let ttl = policy
             .fail_safe_throttle_value()
-            .saturating_add(policy.stale_grace_value().unwrap_or_default());
+            .saturating_add(policy.stale_grace_value().unwrap_or_default())
+            .saturating_add(policy.refresh_ahead_value().unwrap_or_default());
         let e = self.entry(&guard.key);
         let inner = &self.kw.inner;
         match store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &fb.raw, ttl).await {
@@ -1538,8 +1544,10 @@ where
                     return failed(err);
                 };
                 if fb.fresh {
-                    // An eager refresh failed: the current value stays (the lease gives it back).
-                    guard.release().await;
+                    // An eager refresh failed: the current value stays, and so does the lease until its
+                    // deadline, so that the failing source is tried again at most once per `lease_ttl`.
+                    let mut guard = guard;
+                    guard.armed = false;
                     saw(seen, CacheLookup::Hit);
                     return match C::decode::<V>(&fb.payload) {
                         Ok(v) => (Ok(Some(v)), Ok(Shared::Value(fb.payload))),

@@ -326,7 +326,13 @@ fn fetch_mirror(
             over.extend_from_slice(marker.as_bytes());
             over.extend_from_slice(format!(":{deadline_ms}:").as_bytes());
             over.extend_from_slice(&body);
-            kv.put_evictable(e.key, Bytes::from(over), expires.max(lease_until));
+            // As `lease_over` in fetch.lua: without fail-safe the value keeps its TTL.
+            let until = if e.grace_ms > 0 {
+                expires.max(lease_until)
+            } else {
+                expires
+            };
+            kv.put_evictable(e.key, Bytes::from(over), until);
             if fresh {
                 Fetched::Refresh(body, stamp)
             } else {

@@ -100,11 +100,11 @@ pub struct CacheClass {
     loader_timeout: Duration,
     on_error: CacheOnError,
     l1: Option<L1Tier>,
-    l1_max_stale: Duration,
+    l1_max_stale: Option<Duration>,
     stale_grace: Option<Duration>,
     soft_timeout: Option<Duration>,
     refresh_ahead: Option<Duration>,
-    fail_safe_throttle: Duration,
+    fail_safe_throttle: Option<Duration>,
 }
 
 /// Default `fail_safe_throttle`: after a failed refill served the last value, how long it is served as is.
@@ -195,11 +195,11 @@ impl CacheClass {
             loader_timeout: DEFAULT_LOADER_TIMEOUT,
             on_error: CacheOnError::FailOpen,
             l1: None,
-            l1_max_stale: DEFAULT_L1_MAX_STALE,
+            l1_max_stale: None,
             stale_grace: None,
             soft_timeout: None,
             refresh_ahead: None,
-            fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
+            fail_safe_throttle: None,
         }
     }
 
@@ -237,7 +237,7 @@ impl CacheClass {
     /// `stale_grace`).
     #[must_use]
     pub fn fail_safe_throttle(mut self, d: Duration) -> Self {
-        self.fail_safe_throttle = d;
+        self.fail_safe_throttle = Some(d);
         self
     }
 
@@ -259,6 +259,7 @@ impl CacheClass {
     /// How long a stale value is served as is after a failed refill.
     pub fn fail_safe_throttle_value(&self) -> Duration {
         self.fail_safe_throttle
+            .unwrap_or(DEFAULT_FAIL_SAFE_THROTTLE)
     }
 
     /// The Redis TTL of a value: [`jittered_ttl`](Self::jittered_ttl) plus `stale_grace`.
@@ -279,7 +280,7 @@ impl CacheClass {
     /// fleet (default 1s, at least 20 ms). Only meaningful with [`l1`](Self::l1).
     #[must_use]
     pub fn l1_max_stale(mut self, d: Duration) -> Self {
-        self.l1_max_stale = d;
+        self.l1_max_stale = Some(d);
         self
     }
 
@@ -290,7 +291,7 @@ impl CacheClass {
 
     /// The longest an instance may serve an L1 value after an invalidation anywhere in the fleet.
     pub fn l1_max_stale_value(&self) -> Duration {
-        self.l1_max_stale
+        self.l1_max_stale.unwrap_or(DEFAULT_L1_MAX_STALE)
     }
 
     /// Sets what happens when the store fails (default [`CacheOnError::FailOpen`]).
@@ -448,7 +449,7 @@ pub(super) struct RawCache {
     lease_ttl: Option<Dur>,
     loader_timeout: Option<Dur>,
     on_error: Option<Text>,
-    l1: Option<RawL1>,
+    l1: Option<toml::Value>,
     l1_max_stale: Option<Dur>,
     stale_grace: Option<Dur>,
     soft_timeout: Option<Dur>,
@@ -456,13 +457,47 @@ pub(super) struct RawCache {
     fail_safe_throttle: Option<Dur>,
 }
 
-/// The TOML form of `l1 = { capacity = "64 MiB", ttl = "30s" }`; `capacity` is bytes (an integer) or a size
-/// with a unit (`"64 MiB"`, `"500 kB"`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawL1 {
-    capacity: Option<toml::Value>,
-    ttl: Option<Dur>,
+/// `l1 = { capacity = "64 MiB", ttl = "30s" }`: `capacity` in bytes (an integer) or a size with a unit
+/// (`"64 MiB"`, `"500 kB"`), `ttl` a duration.
+fn parse_l1(v: &toml::Value) -> Result<L1Tier, FieldError> {
+    let toml::Value::Table(t) = v else {
+        return Err((
+            "l1",
+            format!(
+                "expected a table like {{ capacity = \"64 MiB\", ttl = \"30s\" }}, found {}",
+                v.type_str()
+            ),
+        ));
+    };
+    if let Some(unknown) = t
+        .keys()
+        .find(|k| !["capacity", "ttl"].contains(&k.as_str()))
+    {
+        return Err((
+            "l1",
+            format!("unknown field `{unknown}`; `l1` takes `capacity` and `ttl`"),
+        ));
+    }
+    let missing = |field| (field, "missing required field".to_owned());
+    let capacity = parse_capacity(t.get("capacity").ok_or_else(|| missing("l1.capacity"))?)?;
+    let ttl = match t.get("ttl").ok_or_else(|| missing("l1.ttl"))? {
+        toml::Value::String(text) => humantime::parse_duration(text.trim()).map_err(|e| {
+            (
+                "l1.ttl",
+                format!("invalid duration `{text}`: {e}; expected a duration like \"30s\""),
+            )
+        })?,
+        other => {
+            return Err((
+                "l1.ttl",
+                format!(
+                    "expected a duration like \"30s\", found {}",
+                    other.type_str()
+                ),
+            ));
+        }
+    };
+    Ok(L1Tier::new(capacity, ttl))
 }
 
 fn parse_capacity(v: &toml::Value) -> Result<u64, FieldError> {
@@ -477,10 +512,13 @@ fn parse_capacity(v: &toml::Value) -> Result<u64, FieldError> {
             .trim()
             .parse::<bytesize::ByteSize>()
             .map(|b| b.as_u64())
-            .map_err(|e| {
+            .map_err(|_| {
                 (
                     "l1.capacity",
-                    format!("invalid size `{s}`: {e}; expected bytes or a size like \"64 MiB\""),
+                    format!(
+                        "invalid size `{s}`: expected a number of bytes, or a positive number and a unit \
+                         like \"64 MiB\" or \"500 kB\""
+                    ),
                 )
             }),
         other => Err((
@@ -535,19 +573,13 @@ impl ClassSpec for CacheClass {
             })?;
         }
         if let Some(raw) = raw.l1 {
-            let capacity = parse_capacity(&required("l1.capacity", raw.capacity)?)?;
-            let ttl = required("l1.ttl", raw.ttl)?.0;
-            class.l1 = Some(L1Tier::new(capacity, ttl));
+            class.l1 = Some(parse_l1(&raw)?);
         }
-        if let Some(Dur(d)) = raw.l1_max_stale {
-            class.l1_max_stale = d;
-        }
+        class.l1_max_stale = raw.l1_max_stale.map(|d| d.0);
         class.stale_grace = raw.stale_grace.map(|d| d.0);
         class.soft_timeout = raw.soft_timeout.map(|d| d.0);
         class.refresh_ahead = raw.refresh_ahead.map(|d| d.0);
-        if let Some(Dur(d)) = raw.fail_safe_throttle {
-            class.fail_safe_throttle = d;
-        }
+        class.fail_safe_throttle = raw.fail_safe_throttle.map(|d| d.0);
         Ok(class)
     }
 
@@ -680,21 +712,53 @@ impl ClassSpec for CacheClass {
                 ),
             ));
         }
-        if self.fail_safe_throttle.is_zero() || self.fail_safe_throttle > MAX_TTL {
+        let throttle = self.fail_safe_throttle_value();
+        if throttle.is_zero() || throttle > MAX_TTL {
             return Err((
                 "fail_safe_throttle",
                 format!(
                     "must be between 1ms and 365 days, got {}",
-                    fmt_duration(self.fail_safe_throttle)
+                    fmt_duration(throttle)
                 ),
             ));
         }
-        if self.l1_max_stale < MIN_L1_MAX_STALE || self.l1_max_stale > MAX_TTL {
+        // Fields that only mean something together with another: set alone, they would silently do nothing.
+        for (field, set, needs) in [
+            (
+                "soft_timeout",
+                self.soft_timeout.is_some(),
+                self.stale_grace.is_some(),
+            ),
+            (
+                "fail_safe_throttle",
+                self.fail_safe_throttle.is_some(),
+                self.stale_grace.is_some(),
+            ),
+            (
+                "l1_max_stale",
+                self.l1_max_stale.is_some(),
+                self.l1.is_some(),
+            ),
+        ] {
+            if set && !needs {
+                let other = if field == "l1_max_stale" {
+                    "l1"
+                } else {
+                    "stale_grace"
+                };
+                return Err((
+                    field,
+                    format!("only applies with `{other}`, which this class does not set"),
+                ));
+            }
+        }
+        let l1_max_stale = self.l1_max_stale_value();
+        if l1_max_stale < MIN_L1_MAX_STALE || l1_max_stale > MAX_TTL {
             return Err((
                 "l1_max_stale",
                 format!(
                     "must be between 20ms and 365 days, got {}",
-                    fmt_duration(self.l1_max_stale)
+                    fmt_duration(l1_max_stale)
                 ),
             ));
         }
@@ -747,7 +811,11 @@ impl ClassSpec for CacheClass {
                     bytesize::ByteSize::b(l1.capacity_bytes).display().iec(),
                     fmt_duration(l1.ttl)
                 )?;
-                writeln!(f, "  l1_max_stale:    {}", fmt_duration(self.l1_max_stale))?;
+                writeln!(
+                    f,
+                    "  l1_max_stale:    {}",
+                    fmt_duration(self.l1_max_stale_value())
+                )?;
             }
             None => writeln!(f, "  l1:              off")?,
         }
@@ -761,7 +829,7 @@ impl ClassSpec for CacheClass {
             writeln!(
                 f,
                 "  fail_safe_throttle: {}",
-                fmt_duration(self.fail_safe_throttle)
+                fmt_duration(self.fail_safe_throttle_value())
             )?;
         }
         Ok(())
@@ -774,7 +842,8 @@ impl ClassSpec for CacheClass {
             .saturating_add(self.lease_ttl)
             .saturating_add(self.stale_grace.unwrap_or_default())
             .saturating_add(if self.stale_grace.is_some() {
-                self.fail_safe_throttle
+                self.fail_safe_throttle_value()
+                    .saturating_add(self.refresh_ahead.unwrap_or_default())
             } else {
                 Duration::ZERO
             })
@@ -882,6 +951,100 @@ mod tests {
             &toml_err("ttl = \"10m\"\nlease_ttl = \"soon\""),
             "lease_ttl",
         );
+    }
+
+    #[test]
+    fn l1_and_fail_safe_fields() {
+        let p = Policy::from_toml_str(&one_class(
+            "ttl = \"10m\"\nl1 = { capacity = \"64 MiB\", ttl = \"30s\" }\nl1_max_stale = \"500ms\"\n\
+             stale_grace = \"1h\"\nsoft_timeout = \"200ms\"\nfail_safe_throttle = \"2s\"\nrefresh_ahead = \"1m\"",
+        ))
+        .unwrap();
+        let c = p.class("product_list").unwrap().as_cache().unwrap();
+        assert_eq!(c.l1_value(), Some(L1Tier::new(64 << 20, secs(30))));
+        assert_eq!(c.l1_max_stale_value(), Duration::from_millis(500));
+        assert_eq!(c.stale_grace_value(), Some(secs(3600)));
+        assert_eq!(c.soft_timeout_value(), Some(Duration::from_millis(200)));
+        assert_eq!(c.fail_safe_throttle_value(), secs(2));
+        assert_eq!(c.refresh_ahead_value(), Some(secs(60)));
+        assert_eq!(
+            Policy::from_toml_str(&one_class(
+                "ttl = \"10m\"\nl1 = { capacity = 4096, ttl = \"1s\" }"
+            ))
+            .unwrap()
+            .class("product_list")
+            .unwrap()
+            .as_cache()
+            .unwrap()
+            .l1_value(),
+            Some(L1Tier::new(4096, secs(1)))
+        );
+        for (body, field, says) in [
+            (
+                "l1 = { capacity = \"lots\", ttl = \"1s\" }",
+                "l1.capacity",
+                "invalid size `lots`",
+            ),
+            (
+                "l1 = { capacity = -5, ttl = \"1s\" }",
+                "l1.capacity",
+                "positive",
+            ),
+            (
+                "l1 = { capacity = \"64 MiB\", ttl = \"1s\", size = 3 }",
+                "l1",
+                "unknown field `size`",
+            ),
+            ("l1 = \"64 MiB\"", "l1", "expected a table"),
+            ("l1 = { ttl = \"1s\" }", "l1.capacity", "missing"),
+            ("l1 = { capacity = \"64 MiB\" }", "l1.ttl", "missing"),
+            (
+                "l1 = { capacity = \"64 MiB\", ttl = \"soon\" }",
+                "l1.ttl",
+                "invalid duration",
+            ),
+            (
+                "l1 = { capacity = \"64 MiB\", ttl = \"11m\" }",
+                "l1.ttl",
+                "at most ttl",
+            ),
+            (
+                "l1 = { capacity = 100, ttl = \"1s\" }",
+                "l1.capacity",
+                "at least",
+            ),
+            (
+                "l1_max_stale = \"1s\"",
+                "l1_max_stale",
+                "only applies with `l1`",
+            ),
+            (
+                "l1 = { capacity = 4096, ttl = \"1s\" }\nl1_max_stale = \"5ms\"",
+                "l1_max_stale",
+                "20ms",
+            ),
+            (
+                "soft_timeout = \"1s\"",
+                "soft_timeout",
+                "only applies with `stale_grace`",
+            ),
+            (
+                "fail_safe_throttle = \"1s\"",
+                "fail_safe_throttle",
+                "only applies with `stale_grace`",
+            ),
+            (
+                "stale_grace = \"1m\"\nsoft_timeout = \"5s\"",
+                "soft_timeout",
+                "below loader_timeout",
+            ),
+            ("refresh_ahead = \"10m\"", "refresh_ahead", "below ttl"),
+            ("stale_grace = \"0s\"", "stale_grace", "between"),
+        ] {
+            let err = toml_err(&format!("ttl = \"10m\"\n{body}"));
+            assert_class_field(&err, field);
+            assert!(err.to_string().contains(says), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -26,6 +26,12 @@
 //! lease_ttl = "10s"           # fill lease lifetime, default 10s, must be > loader_timeout
 //! loader_timeout = "5s"       # default 5s, must be > 0
 //! on_error = "fail_open"      # "fail_open" (default: the loader runs, nothing is written) | "error"
+//! l1 = { capacity = "64 MiB", ttl = "30s" }   # optional in-process tier: bytes (integer, or a size with a unit), ttl <= ttl
+//! l1_max_stale = "1s"         # with l1 only: longest an instance serves L1 after an invalidation anywhere; default 1s, >= 20ms
+//! stale_grace = "10m"         # optional fail-safe: values kept this long past their TTL, served when a refill fails
+//! soft_timeout = "200ms"      # with stale_grace only: wait this long for a refill, then serve the stale value; < loader_timeout
+//! fail_safe_throttle = "5s"   # with stale_grace only: after a failed refill, serve the stale value as is this long; default 5s
+//! refresh_ahead = "1m"        # optional eager refresh: in the last minute of the TTL one caller refreshes; < ttl
 //!
 //! [classes.api_per_tenant]
 //! kind = "rate_limit"
@@ -492,7 +498,8 @@ impl Policy {
     }
 
     /// Upper bound on how long any cache value written under this policy can live: max over cache classes of
-    /// (ttl + max jitter + lease_ttl); `Duration::ZERO` if none.
+    /// (ttl + max jitter + lease_ttl, plus stale_grace + fail_safe_throttle + refresh_ahead for fail-safe
+    /// classes); `Duration::ZERO` if none.
     pub fn max_entry_lifetime(&self) -> Duration {
         self.classes
             .values()

@@ -124,7 +124,7 @@ impl Harness {
     /// The standard test policy: `product` (plain), `maybe` (negative caching), `short` (tiny lease), `small`
     /// (64-byte values), `other` (a second class), `pii` (personal), `pii_ok` (personal + allow_shared),
     /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]), `safe` (fail-safe: 200 ms
-    /// TTL, 60 s stale grace, 300 ms loader timeout), `soft` (the same with a 50 ms soft timeout), `eager`
+    /// TTL, 60 s stale grace, 300 ms loader timeout; `safe_eager` also refreshes ahead in its last 150 ms), `soft` (the same with a 50 ms soft timeout), `eager`
     /// (2 s TTL, refreshed ahead in its last 1.8 s).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
@@ -174,6 +174,16 @@ impl Harness {
                     .jitter(Jitter::Percent(0.0))
                     .stale_grace(Duration::from_secs(60))
                     .fail_safe_throttle(Duration::from_millis(150))
+                    .lease_ttl(Duration::from_secs(2))
+                    .loader_timeout(Duration::from_millis(300)),
+            )
+            .cache(
+                "safe_eager",
+                CacheClass::new(FAILSAFE_TTL, "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .fail_safe_throttle(Duration::from_millis(150))
+                    .refresh_ahead(Duration::from_millis(150))
                     .lease_ttl(Duration::from_secs(2))
                     .loader_timeout(Duration::from_millis(300)),
             )
