@@ -719,3 +719,93 @@ fn cluster_staleness_stays_within_the_bound_while_the_backplane_is_killed() {
     assert!(v["backplane_kills"].as_u64().unwrap() >= 4, "{v}");
     assert!(v["pubsub_clients_killed"].as_u64().unwrap() > 0, "{v}");
 }
+
+// Fail-safe: `stale_serve`.
+
+/// The checks every `stale_serve` line must pass: stale values served, no failed read, every op counted by
+/// its lookup, and a loader call behind every stale serve (the refill that failed).
+fn assert_stale_serve(v: &Value) -> (u64, u64) {
+    assert_eq!(v["scenario"], "stale_serve", "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    let stale = v["stale_served"].as_u64().unwrap();
+    assert!(stale > 0, "{v}");
+    let lookups = v["lookups"].as_object().unwrap();
+    let by_lookup: u64 = lookups.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(by_lookup, ops, "{v}");
+    let stale_by_lookup: u64 = lookups
+        .iter()
+        .filter(|(name, _)| name.starts_with("stale_"))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(stale_by_lookup, stale, "{v}");
+    assert!(lookups["stale_loader_error"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["loader_calls"].as_u64().unwrap() >= stale, "{v}");
+    assert!(v["stale_p99_us"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        (v["ttl_ms"].as_u64(), v["fail_safe_throttle_ms"].as_u64()),
+        (Some(1000), Some(50)),
+        "{v}"
+    );
+    (ops, stale)
+}
+
+#[test]
+fn redis_stale_serve_serves_stale_values_while_the_loader_fails() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "stale_serve",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "8",
+        "--keys",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(v["backend"], "redis", "{v}");
+    let (ops, stale) = assert_stale_serve(&v);
+    // Between two failed refills of a key (50 ms throttle) its reads are plain hits.
+    assert!(v["lookups"]["hit"].as_u64().unwrap() > 0, "{v}");
+    assert!(stale < ops, "{v}");
+    // A stale serve stores the value again: the commit script ran once per stale serve at least.
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert!(cmds["evalsha"].as_u64().unwrap() >= stale, "{v}");
+}
+
+#[test]
+fn embedded_stale_serve_serves_stale_values_while_the_loader_fails() {
+    let v = bench_json(&[
+        "bench",
+        "stale_serve",
+        "--url",
+        "mem://",
+        "--duration",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--keys",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["backend"], "embedded", "{v}");
+    assert_stale_serve(&v);
+}
+
+#[test]
+fn stale_serve_runs_in_one_process() {
+    let server = RedisServer::spawn();
+    let out = keyward(&[
+        "bench",
+        "stale_serve",
+        "--url",
+        &server.url(),
+        "--processes",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("one process"), "{}", stderr(&out));
+}

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::bench::measure::{L1Counts, Measured};
+use crate::bench::measure::{L1Counts, Measured, StaleCounts};
 use crate::bench::scenarios::{self, Workload};
 
 /// What a child prints when connected and warmed up.
@@ -100,6 +100,8 @@ impl ChildReport {
             seconds: self.seconds,
             latencies,
             l1: self.l1,
+            // `stale_serve` runs in one process only (see `bench::run`).
+            stale: StaleCounts::default(),
         })
     }
 }
@@ -315,6 +317,7 @@ mod tests {
                 max_stale_us: 7,
                 ..L1Counts::default()
             },
+            stale: StaleCounts::default(),
         };
         let line = serde_json::to_string(&ChildReport::new(&measured).unwrap()).unwrap();
         let back: ChildReport = serde_json::from_str(&line).unwrap();

@@ -5,6 +5,7 @@
 //! the children's up (counts summed, histograms merged, the slowest child's seconds) without knowing which
 //! scenario ran, and the report reads one shape.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ pub(crate) struct Measured {
     pub(crate) latencies: Histogram<u64>,
     /// The L1 scenarios' counts (all zero for the others).
     pub(crate) l1: L1Counts,
+    /// `stale_serve`'s counts (empty for the others).
+    pub(crate) stale: StaleCounts,
 }
 
 /// What the L1 scenarios (`hit_l1`, `staleness`) count besides latencies. Merged across processes by adding
@@ -67,6 +70,44 @@ impl L1Counts {
     }
 }
 
+/// What `stale_serve` counts besides the latencies of all reads: how each read was answered, the reads that
+/// failed, and the latencies of the reads answered with a stale value. Merged by adding up.
+#[derive(Debug)]
+pub(crate) struct StaleCounts {
+    /// Reads per [`keyward::CacheLookup::as_str`] (`hit`, `stale_loader_error`, `coalesced`, …).
+    pub(crate) lookups: BTreeMap<&'static str, u64>,
+    /// Reads that returned an error (not counted as ops).
+    pub(crate) errors: u64,
+    /// Latency of every read answered with a stale value, in µs.
+    pub(crate) stale_latencies: Histogram<u64>,
+}
+
+impl Default for StaleCounts {
+    fn default() -> Self {
+        Self {
+            lookups: BTreeMap::new(),
+            errors: 0,
+            stale_latencies: new_histogram(),
+        }
+    }
+}
+
+impl StaleCounts {
+    /// Add another worker's (or process's) counts.
+    ///
+    /// # Errors
+    /// When the histograms cannot be merged (a value beyond the other's bounds).
+    pub(crate) fn merge(&mut self, other: &StaleCounts) -> anyhow::Result<()> {
+        for (name, n) in &other.lookups {
+            *self.lookups.entry(name).or_default() += n;
+        }
+        self.errors += other.errors;
+        self.stale_latencies
+            .add(&other.stale_latencies)
+            .context("cannot merge stale-serve latency histograms")
+    }
+}
+
 impl Measured {
     /// Nothing measured yet: the start of a merge.
     pub(crate) fn empty() -> Self {
@@ -80,6 +121,7 @@ impl Measured {
             seconds: 0.0,
             latencies: new_histogram(),
             l1: L1Counts::default(),
+            stale: StaleCounts::default(),
         }
     }
 
@@ -97,6 +139,7 @@ impl Measured {
         self.reacquired += other.reacquired;
         self.seconds = self.seconds.max(other.seconds);
         self.l1.merge(&other.l1);
+        self.stale.merge(&other.stale)?;
         self.latencies
             .add(&other.latencies)
             .context("cannot merge latency histograms")
@@ -166,6 +209,7 @@ impl Tally {
             seconds,
             latencies: self.latencies,
             l1: L1Counts::default(),
+            stale: StaleCounts::default(),
         }
     }
 }

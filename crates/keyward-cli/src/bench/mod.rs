@@ -82,6 +82,13 @@ Scenarios (the names are stable):
             --kill-backplane-every MS: the parent runs CLIENT KILL TYPE pubsub on every server that often;
             --pause-every MS: CLIENT PAUSE <--pause-for MS> WRITE on every server that often (writes, scripts
             and PUBLISH wait: keyward's heartbeats, invalidations and Redis reads; plain reads answer).
+  stale_serve
+            fail-safe: --keys K keys of a class with a 1s TTL (no jitter), stale_grace 1min and
+            fail_safe_throttle 50ms are written; once their TTL ran out, each is read with a loader that
+            always fails until keyward serves it stale. Then C workers loop get_or_set with that loader for
+            --duration, worker w reading keys w, w+C, w+2C, … modulo K: each read is answered with the stale
+            value (a refill failed; it is stored again as current for the throttle) or a hit (within the
+            throttle), counted by CacheLookup. A run that served no stale value fails. One process only.
 
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
@@ -111,6 +118,10 @@ stale_reads (reads that did), violations (those beyond l1_max_stale; must be 0),
 group_invalidations (class and tag invalidations; that returned), invalidation_errors (failed calls, retried), read_errors (failed reads,
 not counted as ops), and with faults backplane_kills, pubsub_clients_killed, pauses and pause_ms. For
 staleness, ops are the readers' reads; the writer's invalidations are not ops.
+stale_serve adds ttl_ms, stale_grace_ms and fail_safe_throttle_ms (the class's), keys, stale_served (reads
+answered CacheLookup::Stale), stale_ratio (of ops), stale_p50_us and stale_p99_us (those reads' latency),
+lookups (reads per CacheLookup name: hit, stale_loader_error, coalesced, …) and errors (reads that failed,
+not counted as ops; must be 0). loader_calls counts the failing loader's calls.
 ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
 the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
 op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
@@ -145,14 +156,15 @@ pub(crate) struct BenchArgs {
     /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit`, `get`, `hit_l1`, `staleness`, `ratelimit_throughput`, `lock` and `session` run, in
-    /// seconds (fractions allowed).
+    /// How long `hit`, `get`, `hit_l1`, `staleness`, `stale_serve`, `ratelimit_throughput`, `lock` and
+    /// `session` run, in seconds (fractions allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
     #[arg(long, short = 'p', value_name = "P", default_value_t = 1)]
     processes: usize,
-    /// How many cold keys `miss` loads; how many sessions `session` creates and reads.
+    /// How many cold keys `miss` loads; how many sessions `session` creates and reads; how many stale keys
+    /// `stale_serve` reads.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     keys: u64,
     /// How many warm keys `hit`, `get` and `hit_l1` spread their workers over; how many keys `staleness`
@@ -255,6 +267,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if args.processes > 1 {
+        if args.scenario == Scenario::StaleServe {
+            usage!(
+                "`stale_serve` runs in one process: its counts by lookup and stale-serve latencies are not \
+                 merged across --processes"
+            );
+        }
         if embedded {
             usage!(
                 "--processes {} needs Redis: the embedded backend (mem://) lives in one process; \

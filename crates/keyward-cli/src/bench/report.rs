@@ -134,6 +134,32 @@ pub(crate) struct ScenarioFields {
     pub(crate) pauses: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) pause_ms: Option<u64>,
+    /// `stale_serve` only: the class's `ttl`, `stale_grace` and `fail_safe_throttle` in ms, and how many keys
+    /// the workers read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_grace_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fail_safe_throttle_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) keys: Option<u64>,
+    /// `stale_serve` only: reads answered with a stale value (`CacheLookup::Stale`), their share of `ops`,
+    /// and their latency (µs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_served: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_p50_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) stale_p99_us: Option<u64>,
+    /// `stale_serve` only: reads per `CacheLookup` name (`hit`, `stale_loader_error`, `coalesced`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) lookups: Option<BTreeMap<String, u64>>,
+    /// `stale_serve` only: reads that returned an error (not counted as ops). Must be 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) errors: Option<u64>,
 }
 
 /// `x` rounded to `decimals` decimal places.
@@ -252,6 +278,19 @@ fn table(r: &Report) -> String {
         ),
         ("pauses", f.pauses.map(|n| n.to_string())),
         ("pause_ms", f.pause_ms.map(|n| n.to_string())),
+        ("ttl_ms", f.ttl_ms.map(|n| n.to_string())),
+        ("stale_grace_ms", f.stale_grace_ms.map(|n| n.to_string())),
+        (
+            "fail_safe_throttle_ms",
+            f.fail_safe_throttle_ms.map(|n| n.to_string()),
+        ),
+        ("keys", f.keys.map(|n| n.to_string())),
+        ("stale_served", f.stale_served.map(|n| n.to_string())),
+        ("stale_ratio", f.stale_ratio.map(|r| format!("{r:.4}"))),
+        ("stale_p50_us", f.stale_p50_us.map(|n| n.to_string())),
+        ("stale_p99_us", f.stale_p99_us.map(|n| n.to_string())),
+        ("lookups", f.lookups.as_ref().map(list_counts)),
+        ("errors", f.errors.map(|n| n.to_string())),
         (
             "redis_cmds_per_op",
             r.redis_cmds_per_op.map(|p| format!("{p:.3}")),

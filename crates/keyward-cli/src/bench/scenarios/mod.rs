@@ -1,6 +1,7 @@
 //! The scenarios: one [`Scenario`] per stable name, grouped in families that share a policy class and a
 //! set-up — `cache` (`hit`, `miss`, `stampede`, `get`), `l1` (`hit_l1`, `staleness`), `rate_limit`
-//! (`ratelimit_exact`, `ratelimit_throughput`), `lock` and `session` — each family in a file of its own.
+//! (`ratelimit_exact`, `ratelimit_throughput`), `lock`, `session` and `stale` (`stale_serve`) — each family in a
+//! file of its own.
 //!
 //! Every scenario goes through the same phases, which is all the rest of `bench` (and the fleet) sees:
 //! 1. [`policy`]: the classes it needs, in the run's fresh namespace;
@@ -28,6 +29,7 @@ mod lock;
 mod rate_limit;
 mod raw;
 mod session;
+mod stale;
 mod workload;
 
 use std::time::Instant;
@@ -50,6 +52,7 @@ enum Family {
     RateLimit(rate_limit::Kind),
     Lock,
     Session,
+    Stale,
 }
 
 /// The family of `scenario`.
@@ -65,6 +68,7 @@ fn family(scenario: Scenario) -> Family {
         Scenario::Session => Family::Session,
         Scenario::HitL1 => Family::L1(l1::Kind::HitL1),
         Scenario::Staleness => Family::L1(l1::Kind::Staleness),
+        Scenario::StaleServe => Family::Stale,
     }
 }
 
@@ -73,7 +77,9 @@ fn family(scenario: Scenario) -> Family {
 pub(crate) fn counted_workload(work: &Workload, per_worker: u64) -> Workload {
     match family(work.scenario) {
         Family::Session => session::for_counted_ops(work, per_worker),
-        Family::Cache(_) | Family::L1(_) | Family::RateLimit(_) | Family::Lock => work.clone(),
+        Family::Cache(_) | Family::L1(_) | Family::RateLimit(_) | Family::Lock | Family::Stale => {
+            work.clone()
+        }
     }
 }
 
@@ -92,6 +98,7 @@ pub(crate) fn policy(app: &str, work: &Workload) -> Result<Policy, PolicyError> 
         }
         Family::Lock => builder.lock(lock::CLASS, lock::class()),
         Family::Session => builder.session(session::CLASS, session::class(work.extend)),
+        Family::Stale => builder.cache(stale::CLASS, stale::class()),
     };
     builder.build()
 }
@@ -109,6 +116,7 @@ enum Ready {
     RateLimit(rate_limit::Ready),
     Lock(lock::Ready),
     Session(session::Ready),
+    Stale(stale::Ready),
 }
 
 /// Connect to `url` in namespace `app` and warm up: one call on a key of its own loads keyward's scripts into
@@ -129,6 +137,7 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
         Family::RateLimit(_) => Ready::RateLimit(rate_limit::prepare(&kw, &work).await?),
         Family::Lock => Ready::Lock(lock::prepare(&kw, &work).await?),
         Family::Session => Ready::Session(session::prepare(&kw, &work).await?),
+        Family::Stale => Ready::Stale(stale::prepare(&kw, &work).await?),
     };
     Ok(Prepared { work, ready })
 }
@@ -145,6 +154,7 @@ impl Prepared {
             }
             (Ready::Lock(ready), Family::Lock) => ready.run(&self.work, timed).await,
             (Ready::Session(ready), Family::Session) => ready.run(&self.work, timed).await,
+            (Ready::Stale(ready), Family::Stale) => ready.run(&self.work).await,
             _ => anyhow::bail!(
                 "`{}` was prepared for another family",
                 self.work.scenario.name()
@@ -183,6 +193,7 @@ pub(crate) fn fields(
         Family::RateLimit(kind) => rate_limit::fields(kind, work, measured),
         Family::Lock => lock::fields(work, measured, commands),
         Family::Session => session::fields(work),
+        Family::Stale => stale::fields(work, measured),
     }
 }
 
@@ -286,6 +297,7 @@ mod tests {
                 Family::RateLimit(_) => name.starts_with("ratelimit_"),
                 Family::Lock => name == "lock",
                 Family::Session => name == "session",
+                Family::Stale => name == "stale_serve",
             };
             assert!(expected, "{name}");
         }

@@ -41,6 +41,9 @@ pub(crate) enum Scenario {
     /// One process invalidates in a loop while the others read through L1: is any read staler than
     /// `l1_max_stale`?
     Staleness,
+    /// Stale keys read in a loop for the duration while their loader always fails: fail-safe serving.
+    #[value(name = "stale_serve")]
+    StaleServe,
 }
 
 impl Scenario {
@@ -57,6 +60,7 @@ impl Scenario {
             Scenario::Session => "session",
             Scenario::HitL1 => "hit_l1",
             Scenario::Staleness => "staleness",
+            Scenario::StaleServe => "stale_serve",
         }
     }
 
@@ -96,7 +100,8 @@ impl Scenario {
             | Scenario::Lock
             | Scenario::Session
             | Scenario::HitL1
-            | Scenario::Staleness => 64,
+            | Scenario::Staleness
+            | Scenario::StaleServe => 64,
             Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
@@ -150,6 +155,7 @@ pub(crate) struct Workload {
     pub(crate) duration: Duration,
     /// `miss`: how many keys this process loads, and the index of its first one. `session`: how many
     /// sessions this process creates and reads (and the index of its first, which names their users).
+    /// `stale_serve`: how many keys go stale and are read.
     pub(crate) keys: u64,
     pub(crate) key_offset: u64,
     /// `hit` and `get`: how many warm keys the workers spread over.
