@@ -675,3 +675,118 @@ async fn password_protected_sentinels() {
         }
     }
 }
+
+/// The in-process tier behind Sentinel: while a `SENTINEL FAILOVER` moves the master, one instance keeps
+/// invalidating and another keeps reading through its L1, and no read that starts more than `l1_max_stale`
+/// after an invalidation returned serves an older value; after the switch the reader serves from L1 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_keeps_its_bound_across_a_failover() {
+    use keyward::CacheLookup;
+    use keyward::policy::L1Tier;
+
+    const BOUND: Duration = Duration::from_millis(300);
+    let set = Arc::new(
+        tokio::task::spawn_blocking(SentinelSet::spawn)
+            .await
+            .unwrap(),
+    );
+    let policy = Policy::builder("test", "sentinel_l1")
+        .cache(
+            "near",
+            CacheClass::new(Duration::from_secs(60), "tests")
+                .l1(L1Tier::new(1 << 20, Duration::from_secs(60)))
+                .l1_max_stale(BOUND),
+        )
+        .build()
+        .unwrap();
+    let options = ConnectOptions::default().response_timeout(Duration::from_millis(500));
+    let a = Keyward::connect_with(&set.url(), policy.clone(), options.clone())
+        .await
+        .unwrap()
+        .cache::<u64>("near")
+        .unwrap();
+    let b = Keyward::connect_with(&set.url(), policy, options)
+        .await
+        .unwrap()
+        .cache::<u64>("near")
+        .unwrap();
+    let source = Arc::new(AtomicU64::new(0));
+    // (version, when its invalidation returned), newest last.
+    let returned: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (b, source, returned, stop) = (b.clone(), source.clone(), returned.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut l1_hits, mut violations) = (0u64, 0u64, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let floor = returned
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, at)| started.duration_since(*at) > BOUND)
+                    .map(|(v, _)| *v)
+                    .max()
+                    .unwrap_or(0);
+                let now = source.load(Ordering::SeqCst);
+                // Reads fail open while the master moves: the loader (the source) answers.
+                if let Ok((v, how)) = b
+                    .get_or_set_with_status(&1, || async move { Ok::<_, std::io::Error>(now) })
+                    .await
+                {
+                    reads += 1;
+                    l1_hits += u64::from(how == CacheLookup::L1Hit);
+                    if v < floor {
+                        violations += 1;
+                        eprintln!("stale: served {v} < {floor} ({how:?})");
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            (reads, l1_hits, violations)
+        })
+    };
+    let writer = {
+        let (source, returned, stop) = (source.clone(), returned.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let v = source.fetch_add(1, Ordering::SeqCst) + 1;
+                // Only an invalidation that returned counts; one that failed while the master moved is retried.
+                while a.invalidate(&1).await.is_err() && !stop.load(Ordering::SeqCst) {}
+                returned.lock().unwrap().push((v, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let set = Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.failover())
+            .await
+            .unwrap();
+    }
+    // Keep going after the switch, long enough for the reader to vouch for its L1 again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = returned.lock().unwrap().len();
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    let (reads, l1_hits, violations) = reader.await.unwrap();
+    println!(
+        "L1-FIGURE sentinel failover: {reads} reads, {l1_hits} from L1, {after} invalidations, {violations} beyond the bound"
+    );
+    assert_eq!(violations, 0);
+    assert!(l1_hits > 0 && after > 20, "{reads} reads, {l1_hits} L1 hits, {after} invalidations");
+    // After the failover, L1 serves again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, how) = b
+            .get_or_set_with_status(&2, || async { Ok::<_, std::io::Error>(7) })
+            .await
+            .unwrap();
+        if how == CacheLookup::L1Hit {
+            break;
+        }
+        assert!(Instant::now() < deadline, "L1 never served again after the failover");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

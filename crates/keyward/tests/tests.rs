@@ -22,6 +22,7 @@ mod common;
 
 mod acl;
 mod architecture;
+mod break11;
 mod cache_batch;
 mod cache_failsafe;
 mod cache_l1;

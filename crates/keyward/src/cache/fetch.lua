@@ -103,6 +103,10 @@ if stale ~= false or (kind == 'n' and ARGV[4] ~= '1') then
   return kw_stamp(1, ns, cl, tags, cur)
 end
 local pttl = redis.call('PTTL', KEYS[1])
+-- A cached absent has its own (shorter) TTL and is never kept for fail-safe nor refreshed ahead.
+if kind == 'n' then
+  return {0, body}
+end
 local fresh = grace == 0 or pttl > grace
 if held_until then
   if fresh then

@@ -238,6 +238,9 @@ pub(crate) struct Hub {
     /// Whether [`hub`] connected it to the handle's subscription.
     wired: AtomicBool,
     losses: AtomicU64,
+    /// The handle's single-flight table: an applied invalidation also detaches the loads it makes stale, so a
+    /// caller arriving after it never shares a load that started before (set by [`hub`]).
+    flights: std::sync::OnceLock<Arc<crate::flight::Flights>>,
     /// Pushes from the subscription, applied in arrival order by one task (started on first use).
     inbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>>,
 }
@@ -267,6 +270,7 @@ impl Default for Hub {
             sending: tokio::sync::Mutex::new(()),
             losses: AtomicU64::new(0),
             inbox: Mutex::default(),
+            flights: std::sync::OnceLock::new(),
         }
     }
 }
@@ -414,6 +418,16 @@ impl Hub {
 
     /// Apply `event` to this handle's L1 (the local half of an invalidation, or a received one).
     pub(crate) async fn apply(&self, event: &Event) {
+        if let Some(flights) = self.flights.get() {
+            match event {
+                Event::Heartbeat => {}
+                Event::Key { key, .. } => {
+                    flights.detach(&super::flight_key(key, true));
+                    flights.detach(&super::flight_key(key, false));
+                }
+                Event::Class { .. } | Event::Namespace | Event::Tag { .. } => flights.detach_all(),
+            }
+        }
         match event {
             Event::Heartbeat => {}
             Event::Key { class, key } => {
@@ -527,12 +541,26 @@ impl Hub {
     /// # Errors
     /// Backend failures: other instances will notice the missing sequence number at this instance's next
     /// message and drop their L1.
-    pub(crate) async fn publish(&self, inner: &Inner, event: Event) -> Result<()> {
+    ///
+    /// Cancellation-safe: the publish runs in its own task, started before this function first waits, so a
+    /// caller dropped after its store write still announces it (a silent drop would leave other instances'
+    /// L1 stale with no gap to notice).
+    pub(crate) async fn publish(self: &Arc<Self>, kw: &crate::Keyward, event: Event) -> Result<()> {
+        let sent = if self.remote.load(Ordering::Relaxed) {
+            let (hub, kw, event) = (Arc::clone(self), kw.clone(), event.clone());
+            Some(tokio::spawn(async move { hub.send(&kw.inner, &event).await }))
+        } else {
+            None
+        };
         self.apply(&event).await;
-        if !self.remote.load(Ordering::Relaxed) {
-            return Ok(());
+        match sent {
+            None => Ok(()),
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(crate::Error::InvalidArgument {
+                    what: format!("the backplane publish task failed: {e}"),
+                })
+            }),
         }
-        self.send(inner, &event).await
     }
 
     /// Number `event` and publish it, in sequence order.
@@ -599,6 +627,7 @@ impl Hub {
 pub(crate) fn hub(kw: &crate::Keyward) -> Arc<Hub> {
     let hub = kw.shared::<Hub>();
     if !hub.wired.swap(true, Ordering::SeqCst) {
+        let _ = hub.flights.set(kw.shared::<crate::flight::Flights>());
         if kw.inner.backend.kind() == crate::BackendKind::Redis {
             hub.set_remote();
         }

@@ -607,7 +607,7 @@ where
             let value = loaded.remove(&guard.key);
             let (payload, ttl) = match &value {
                 Some(v) => match self.encode(v) {
-                    Ok(p) => (Some(p), self.class.policy.jittered_ttl()),
+                    Ok(p) => (Some(p), self.class.policy.stored_ttl()),
                     Err(err) => {
                         releases.push(guard);
                         out.push(with_u(u, failed(err)));

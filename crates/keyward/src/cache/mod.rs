@@ -479,7 +479,7 @@ impl Keyward {
         store::bump(&self.inner.backend, &self.inner.ns, "*").await?;
         self.shared::<Flights>().detach_all();
         if self.has_l1() {
-            l1::hub(self).publish(&self.inner, Event::Namespace).await?;
+            l1::hub(self).publish(self, Event::Namespace).await?;
         }
         Ok(())
     }
@@ -565,7 +565,7 @@ fn failed<T>(err: Error) -> (Result<T>, Outcome) {
     (Err(err.clone()), Err(err))
 }
 
-fn flight_key(key: &str, negative_ok: bool) -> String {
+pub(super) fn flight_key(key: &str, negative_ok: bool) -> String {
     let mut k = String::with_capacity(key.len() + 2);
     k.push_str(key);
     k.push('\0');
@@ -750,10 +750,9 @@ where
         if self.class.policy.l1_value().is_none() {
             return Ok(());
         }
-        let inner = &self.kw.inner;
         l1::hub(&self.kw)
             .publish(
-                inner,
+                &self.kw,
                 Event::Key {
                     class: self.class.name.clone(),
                     key: key.to_owned(),
@@ -795,10 +794,9 @@ where
         let pattern = self.class.keys.scan_pattern();
         self.flights.detach_prefix(pattern.trim_end_matches('*'));
         if self.class.policy.l1_value().is_some() {
-            let inner = &self.kw.inner;
             let class = self.class.name.clone();
             l1::hub(&self.kw)
-                .publish(inner, Event::Class { class })
+                .publish(&self.kw, Event::Class { class })
                 .await?;
         }
         Ok(())
@@ -1229,9 +1227,8 @@ where
         let inner = &self.kw.inner;
         let m = &self.class.metrics;
         let e = self.entry(key).tagged(tags);
-        // Fail-safe: the latest stale value seen (kept under someone's lease), and when a caller holding one
-        // stops waiting for the refill (`soft_timeout`).
-        let mut kept: Option<Fallback> = None;
+        // Fail-safe: when a caller with a stale value at hand (kept under someone's lease) stops waiting for the
+        // refill (`soft_timeout`).
         let Ask {
             seen,
             early,
@@ -1288,11 +1285,10 @@ where
                     }
                 },
                 Fetched::Wait(left, stale) => {
-                    if let Some(fb) = stale.and_then(|raw| self.fallback(raw, false)) {
-                        if let Some(early) = early {
-                            early.offer(&fb.payload, CacheLookup::Stale(StaleReason::SoftTimeout));
-                        }
-                        kept = Some(fb);
+                    // What the holder keeps now (an invalidation since the last look may have removed it).
+                    let kept = stale.and_then(|raw| self.fallback(raw, false));
+                    if let (Some(fb), Some(early)) = (&kept, early) {
+                        early.offer(&fb.payload, CacheLookup::Stale(StaleReason::SoftTimeout));
                     }
                     match woken {
                         // First "wait": arm the listener, then ask again before sleeping.
@@ -1399,7 +1395,8 @@ where
 
     /// After a failed refill served the stale value: store it again as current for `fail_safe_throttle`, so
     /// that a failing source is not asked on every read (while the lease is still ours; else just let go).
-    async fn throttle(&self, guard: LeaseGuard, fb: &Fallback) {
+    /// Returns whether the lease was still held (no invalidation came in between).
+    async fn throttle(&self, guard: LeaseGuard, fb: &Fallback) -> bool {
         let policy = &self.class.policy;
         // Above the refresh window too, or every read during the throttle would try the source again.
         let ttl = policy
@@ -1409,11 +1406,16 @@ where
         let e = self.entry(&guard.key);
         let inner = &self.kw.inner;
         match store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &fb.raw, ttl).await {
-            Ok(_) => {
+            Ok(held) => {
                 let mut guard = guard;
                 guard.armed = false;
+                held
             }
-            Err(_) => guard.release().await,
+            // The store is unreachable: nothing says the value was invalidated; serve it (fail-safe).
+            Err(_) => {
+                guard.release().await;
+                true
+            }
         }
     }
 
@@ -1559,7 +1561,11 @@ where
                 } else {
                     StaleReason::LoaderError
                 };
-                self.throttle(guard, &fb).await;
+                // Only while our lease still stands: an invalidation that voided it removed the stale value
+                // too, and it must not be served after that.
+                if !self.throttle(guard, &fb).await {
+                    return failed(err);
+                }
                 return self.serve_stale(fb, reason, seen);
             }
         };

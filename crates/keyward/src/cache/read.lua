@@ -18,10 +18,11 @@ if string.sub(v, 1, 3) == 'L1:' then
   v = string.sub(v, rest)
 end
 local grace = tonumber(ARGV[3])
-if grace > 0 and redis.call('PTTL', KEYS[1]) <= grace then
+local vns, vcl, kind, vtags = kw_header(v)
+-- A value (not a cached absent, which has its own TTL) whose remaining TTL is within the grace is stale.
+if grace > 0 and kind ~= 'n' and redis.call('PTTL', KEYS[1]) <= grace then
   return false
 end
-local vns, vcl, _, vtags = kw_header(v)
 if vns then
   local tags, at = kw_tags(4)
   local ns, cl, cur = kw_current(ARGV[1], ARGV[2], tags, vtags, at)

@@ -308,6 +308,12 @@ fn fetch_mirror(
                 Fetched::Leased(stamp, None)
             }
         },
+        Verdict::Current | Verdict::Unknown
+            if envelope::parse(&body).is_ok_and(|(_, b)| b == envelope::Body::Negative) =>
+        {
+            // A cached absent is never kept for fail-safe nor refreshed ahead (fetch.lua).
+            Fetched::Hit(body)
+        }
         Verdict::Current | Verdict::Unknown => {
             let pttl_ms = (expires - now) / 1000;
             let fresh = e.grace_ms == 0 || pttl_ms > i64::try_from(e.grace_ms).unwrap_or(i64::MAX);
@@ -413,7 +419,10 @@ pub(crate) async fn fetch(
                 let [stored, pttl, rest @ ..] = replies else {
                     return None;
                 };
-                if !stored.is_nil() && !e.serve_as_is(pttl.int()?) {
+                let negative = stored
+                    .bytes()
+                    .is_some_and(|b| envelope::parse(&b).is_ok_and(|(_, body)| body == envelope::Body::Negative));
+                if !stored.is_nil() && !negative && !e.serve_as_is(pttl.int()?) {
                     // Stale, or due for an eager refresh: the atomic path keeps the value under the lease.
                     return Some(Fast::Atomic);
                 }
@@ -714,7 +723,12 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                         data
                     };
                     let pttl_ms = (kv.expires_us(e.key)? - kv.now_us()) / 1000;
-                    if e.grace_ms > 0 && pttl_ms <= i64::try_from(e.grace_ms).unwrap_or(i64::MAX) {
+                    let negative = envelope::parse(&value)
+                        .is_ok_and(|(_, b)| b == envelope::Body::Negative);
+                    if e.grace_ms > 0
+                        && !negative
+                        && pttl_ms <= i64::try_from(e.grace_ms).unwrap_or(i64::MAX)
+                    {
                         return None;
                     }
                     if mirror_judge(kv, e, &value, true) == Verdict::Stale {

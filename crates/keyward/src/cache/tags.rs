@@ -151,7 +151,7 @@ impl Keyward {
             let event = super::l1::Event::Tag {
                 tag: tag.to_owned(),
             };
-            super::l1::hub(self).publish(&self.inner, event).await?;
+            super::l1::hub(self).publish(self, event).await?;
         }
         Ok(())
     }

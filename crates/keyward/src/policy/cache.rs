@@ -688,6 +688,20 @@ impl ClassSpec for CacheClass {
                 format!("must be between 1ms and 365 days, got {}", fmt_duration(g)),
             ));
         }
+        if let Some(g) = self.stale_grace
+            && g < self.lease_ttl
+        {
+            // A refill holds its lease over the stale value; the value must outlive the lease, or the
+            // lease would have to extend it (and a stale value would read as fresh).
+            return Err((
+                "stale_grace",
+                format!(
+                    "must be at least lease_ttl ({}), got {}",
+                    fmt_duration(self.lease_ttl),
+                    fmt_duration(g)
+                ),
+            ));
+        }
         if let Some(soft) = self.soft_timeout
             && (soft.is_zero() || soft >= self.loader_timeout)
         {
