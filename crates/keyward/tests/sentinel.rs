@@ -715,7 +715,8 @@ async fn l1_keeps_its_bound_across_a_failover() {
     let returned: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (b, source, returned, stop) = (b.clone(), source.clone(), returned.clone(), stop.clone());
+        let (b, source, returned, stop) =
+            (b.clone(), source.clone(), returned.clone(), stop.clone());
         tokio::spawn(async move {
             let (mut reads, mut l1_hits, mut violations) = (0u64, 0u64, 0u64);
             while !stop.load(Ordering::SeqCst) {
@@ -775,7 +776,10 @@ async fn l1_keeps_its_bound_across_a_failover() {
         "L1-FIGURE sentinel failover: {reads} reads, {l1_hits} from L1, {after} invalidations, {violations} beyond the bound"
     );
     assert_eq!(violations, 0);
-    assert!(l1_hits > 0 && after > 20, "{reads} reads, {l1_hits} L1 hits, {after} invalidations");
+    assert!(
+        l1_hits > 0 && after > 20,
+        "{reads} reads, {l1_hits} L1 hits, {after} invalidations"
+    );
     // After the failover, L1 serves again.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -786,7 +790,10 @@ async fn l1_keeps_its_bound_across_a_failover() {
         if how == CacheLookup::L1Hit {
             break;
         }
-        assert!(Instant::now() < deadline, "L1 never served again after the failover");
+        assert!(
+            Instant::now() < deadline,
+            "L1 never served again after the failover"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -12,7 +12,7 @@
 -- ARGV[7] refresh ahead R (ms, 0: off): a value whose PTTL is at most G + R is due for an eager refresh
 -- ARGV[8] k, the number of tags the caller fills with, then the k tags; on Cluster then ns, class, m, and m
 -- pairs (tag, epoch) from the handle's view (see kw_current).
--- Returns {0, stored} a value | {1, ns_gen, class_gen, tag_gen…} the caller now holds the lease (one tag_gen
+-- Returns {0, stored [, fresh_ms]} a value (and how long it stays fresh) | {1, ns_gen, class_gen, tag_gen…} the caller now holds the lease (one tag_gen
 -- per caller tag, in order) | {2, wait_ms [, stale]} another caller holds the lease (and the value it keeps)
 --       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
 --       | {4, ns_gen, class_gen, tag_gen…, value} a current value; the caller now holds the lease to refresh it
@@ -111,13 +111,13 @@ local fresh = grace == 0 or pttl > grace
 if held_until then
   if fresh then
     -- Someone is refreshing it ahead of its expiry: everyone keeps getting the current value.
-    return {0, body}
+    return {0, body, math.max(pttl - grace, 0)}
   end
   flag(v)
   return {2, held_until, body}
 end
 if fresh and (ahead == 0 or pttl < 0 or pttl > grace + ahead) then
-  return {0, body}
+  return {0, body, math.max(pttl - grace, 0)}
 end
 lease_over(body, pttl)
 local out = kw_stamp(fresh and 4 or 5, ns, cl, tags, cur)

@@ -52,6 +52,23 @@ pub(crate) enum L1Value {
     Value(Bytes),
 }
 
+/// An L1 entry: the value and how long it may stay (the tier's `ttl`, or less if the value in the store
+/// stops being fresh sooner: an in-process copy never outlives the value it copies).
+#[derive(Clone, Debug)]
+pub(crate) struct Slot {
+    value: L1Value,
+    lifetime: Duration,
+}
+
+/// Per-entry lifetimes for moka.
+struct Lifetime;
+
+impl moka::Expiry<String, Slot> for Lifetime {
+    fn expire_after_create(&self, _: &String, slot: &Slot, _: Instant) -> Option<Duration> {
+        Some(slot.lifetime)
+    }
+}
+
 /// What an invalidation changed, as it travels on the backplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
@@ -148,9 +165,11 @@ impl Fence {
 /// One class's L1 on one handle.
 pub(crate) struct ClassL1 {
     class: String,
-    cache: moka::future::Cache<String, L1Value>,
+    cache: moka::future::Cache<String, Slot>,
     fence: Fence,
     max_stale: Duration,
+    /// The tier's `ttl`: the longest an entry stays.
+    ttl: Duration,
     hub: Arc<Hub>,
 }
 
@@ -160,7 +179,7 @@ impl ClassL1 {
         if !self.hub.vouched(self.max_stale) {
             return None;
         }
-        let hit = self.cache.get(key).await;
+        let hit = self.cache.get(key).await.map(|slot| slot.value);
         // A hit never waits on I/O: without a yield point, a task reading L1 in a loop would keep the
         // runtime's threads from the backplane's heartbeats until trust lapses. This yields only once the
         // task's cooperative budget is spent.
@@ -182,11 +201,24 @@ impl ClassL1 {
     }
 
     /// Insert a value read from the store under `ticket`, unless an eviction or a loss of trust came between.
-    pub(crate) async fn insert(&self, key: &str, value: L1Value, ticket: Ticket) {
+    /// `fresh_for`: how long the stored value stays fresh, when known (the entry lives no longer).
+    pub(crate) async fn insert(
+        &self,
+        key: &str,
+        value: L1Value,
+        ticket: Ticket,
+        fresh_for: Option<Duration>,
+    ) {
         if !self.still(key, ticket) {
             return;
         }
-        self.cache.insert(key.to_owned(), value).await;
+        let lifetime = fresh_for.map_or(self.ttl, |f| f.min(self.ttl));
+        if lifetime.is_zero() {
+            return;
+        }
+        self.cache
+            .insert(key.to_owned(), Slot { value, lifetime })
+            .await;
         // Checked again after the insert: an eviction bumps the fence *before* removing, so either it sees
         // (and removes) our entry, or we see its bump here and remove it ourselves.
         if !self.still(key, ticket) {
@@ -318,19 +350,20 @@ impl Hub {
         }
         let cache = moka::future::Cache::builder()
             .max_capacity(tier.capacity_bytes())
-            .weigher(|k: &String, v: &L1Value| {
-                let L1Value::Value(b) = v;
+            .weigher(|k: &String, v: &Slot| {
+                let L1Value::Value(b) = &v.value;
                 // moka's own bookkeeping per entry, roughly.
                 let len = k.len() + b.len() + 64;
                 u32::try_from(len).unwrap_or(u32::MAX)
             })
-            .time_to_live(tier.ttl())
+            .expire_after(Lifetime)
             .build();
         let l1 = Arc::new(ClassL1 {
             class: class.to_owned(),
             cache,
             fence: Fence::new(),
             max_stale,
+            ttl: tier.ttl(),
             hub: Arc::clone(self),
         });
         classes.insert(class.to_owned(), Arc::clone(&l1));
@@ -548,7 +581,9 @@ impl Hub {
     pub(crate) async fn publish(self: &Arc<Self>, kw: &crate::Keyward, event: Event) -> Result<()> {
         let sent = if self.remote.load(Ordering::Relaxed) {
             let (hub, kw, event) = (Arc::clone(self), kw.clone(), event.clone());
-            Some(tokio::spawn(async move { hub.send(&kw.inner, &event).await }))
+            Some(tokio::spawn(
+                async move { hub.send(&kw.inner, &event).await },
+            ))
         } else {
             None
         };
@@ -710,14 +745,14 @@ mod tests {
         let l1 = hub.class("c", tier(), Duration::from_secs(5));
         assert!(!hub.vouched(Duration::from_secs(5)));
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
             .await;
         assert!(l1.get("k").await.is_none());
         let m = hub.stamp(&Event::Heartbeat);
         hub.on_message(m.as_bytes()).await;
         assert!(hub.vouched(Duration::from_secs(5)));
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
             .await;
         assert!(l1.get("k").await.is_some());
     }
@@ -728,16 +763,16 @@ mod tests {
         let l1 = hub.class("c", tier(), Duration::from_secs(5));
         let t = l1.ticket("k");
         l1.evict("k").await;
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
             .await;
         assert!(l1.get("k").await.is_none());
         let t = l1.ticket("k");
         hub.apply(&Event::Class { class: "c".into() }).await;
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
             .await;
         assert!(l1.get("k").await.is_none());
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
             .await;
         assert!(l1.get("k").await.is_some());
     }
@@ -750,7 +785,7 @@ mod tests {
         hub.on_message(echo.as_bytes()).await;
         let fill = |l1: Arc<ClassL1>| async move {
             let t = l1.ticket("k");
-            l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t)
+            l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
                 .await;
             assert!(l1.get("k").await.is_some());
         };

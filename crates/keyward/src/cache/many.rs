@@ -66,9 +66,15 @@ where
     C: Codec,
 {
     /// Put what the store holds for entry `u` (a hit, or a fill that committed) into L1, fenced by its ticket.
-    async fn l1_insert<I>(&self, b: &Batch<'_, '_, I>, u: usize, payload: &Bytes) {
+    async fn l1_insert<I>(
+        &self,
+        b: &Batch<'_, '_, I>,
+        u: usize,
+        payload: &Bytes,
+        fresh_for: Option<Duration>,
+    ) {
         if let (Some(l1), Some(Some(t))) = (&self.class.l1, b.tickets.get(u)) {
-            l1.insert(b.key(u), L1Value::Value(payload.clone()), *t)
+            l1.insert(b.key(u), L1Value::Value(payload.clone()), *t, fresh_for)
                 .await;
         }
     }
@@ -456,7 +462,7 @@ where
                         }
                         .release()
                         .await;
-                        Ok(Fetched::Hit(raw))
+                        Ok(Fetched::Hit(raw, None))
                     }
                     other => other,
                 };
@@ -465,11 +471,11 @@ where
                     // concurrent callers in this process share the load); nothing is written.
                     Err(err) if self.fails_open(&err) => uncached.push(p.u),
                     Err(err) => finish(with_u(p.u, failed(err))),
-                    Ok(Fetched::Hit(raw)) => {
+                    Ok(Fetched::Hit(raw, fresh_for)) => {
                         let reason = match self.decode(&raw) {
                             Ok(Decoded::Value(v, payload)) => {
                                 m.hits.increment(1);
-                                self.l1_insert(b, p.u, &payload).await;
+                                self.l1_insert(b, p.u, &payload, fresh_for).await;
                                 finish((p.u, Ok(Some(v)), Ok(Shared::Value(payload))));
                                 continue;
                             }
@@ -641,12 +647,15 @@ where
             }
         }))
         .await;
-        for ((u, mut guard, value, shared, ..), committed) in commits.into_iter().zip(committed) {
+        for ((u, mut guard, value, shared, _, ttl), committed) in commits.into_iter().zip(committed)
+        {
             match committed {
                 Ok(true) => {
                     guard.armed = false;
                     if let Shared::Value(payload) = &shared {
-                        self.l1_insert(b, u, payload).await;
+                        let grace = self.class.policy.stale_grace_value().unwrap_or_default();
+                        self.l1_insert(b, u, payload, Some(ttl.saturating_sub(grace)))
+                            .await;
                     }
                     out.push((u, Ok(value), Ok(shared)));
                 }

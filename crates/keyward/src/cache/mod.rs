@@ -253,6 +253,8 @@ struct Plan<'a> {
     fallback: Option<Fallback>,
     early: Option<&'a Early>,
     soft_deadline: Option<tokio::time::Instant>,
+    /// See [`Ask::fresh_for`].
+    fresh_for: Option<&'a AtomicU64>,
 }
 
 /// What one call brings to a load besides its key and loader.
@@ -267,6 +269,9 @@ struct Ask<'a> {
     /// The in-process flight this call leads, if any: an eager refresh completes it early with the current
     /// value, so that callers in this process do not wait for the refresh.
     flight: Option<&'a std::sync::Mutex<Option<Leader>>>,
+    /// Where the leader records how long the value it answered with stays fresh in the store (ms + 1; 0:
+    /// unknown), for the in-process copy's lifetime.
+    fresh_for: Option<&'a AtomicU64>,
 }
 
 /// Where a detached load ([`Cache::get_or_set_detached`]) offers its caller an answer before it ends: a stale
@@ -290,6 +295,14 @@ impl Early {
 
 /// Where a load records how it was answered (0: not yet); an atomic so that the load's future stays `Send`.
 type Seen = std::sync::atomic::AtomicU8;
+
+/// Record how long the value a load answered with stays fresh in the store (for its in-process copy).
+fn record_fresh_for(slot: Option<&AtomicU64>, fresh: Option<Duration>) {
+    if let (Some(slot), Some(fresh)) = (slot, fresh) {
+        let ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX - 1);
+        slot.store(ms + 1, Ordering::Relaxed);
+    }
+}
 
 /// Record `lookup` for the caller and in the current tracing span.
 fn saw(seen: &Seen, lookup: CacheLookup) {
@@ -608,6 +621,7 @@ where
         let policy = &self.class.policy;
         Entry::new(&inner.backend, &inner.ns, &self.class.name, key)
             .windows(policy.stale_grace_value(), policy.refresh_ahead_value())
+            .with_l1(self.class.l1.is_some())
     }
 
     fn decode(&self, raw: &Bytes) -> std::result::Result<Decoded<V>, String> {
@@ -678,7 +692,6 @@ where
                 tracing::Span::current().record("status", "l1_hit");
                 return Ok(Some(v));
             }
-            let ticket = self.class.l1.as_ref().map(|l1| l1.ticket(&key));
             let read = match store::read(&self.kw.inner.backend, &self.entry(&key)).await {
                 Ok(read) => read,
                 Err(err) if self.fails_open(&err) => {
@@ -693,11 +706,8 @@ where
                     ("miss", None)
                 }
                 Some(raw) => match self.decode(&raw) {
-                    Ok(Decoded::Value(v, payload)) => {
+                    Ok(Decoded::Value(v, _)) => {
                         m.hits.increment(1);
-                        if let (Some(l1), Some(t)) = (&self.class.l1, ticket) {
-                            l1.insert(&key, L1Value::Value(payload), t).await;
-                        }
                         ("hit", Some(v))
                     }
                     Ok(Decoded::Negative) => {
@@ -1085,6 +1095,7 @@ where
                 .filter(|_| self.class.policy.stale_grace_value().is_some())
                 .map(|d| tokio::time::Instant::now() + d),
             flight: None,
+            fresh_for: None,
         };
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
@@ -1106,6 +1117,11 @@ where
             // Taken before the store is asked: the answer enters L1 only if nothing evicted it meanwhile.
             let ticket = l1.ticket(&key);
             let payload = std::sync::Mutex::new(None);
+            let fresh_for = AtomicU64::new(0);
+            let ask = Ask {
+                fresh_for: Some(&fresh_for),
+                ..ask
+            };
             let loaded = self
                 .load_shared_then(&key, tags, negative_ok, loader, ask, |outcome| {
                     // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
@@ -1127,7 +1143,11 @@ where
                 .await;
             let payload = payload.into_inner().unwrap_or_else(|e| e.into_inner());
             if let Some(b) = payload {
-                l1.insert(&key, L1Value::Value(b), ticket).await;
+                let fresh_for = match fresh_for.load(Ordering::Relaxed) {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms - 1)),
+                };
+                l1.insert(&key, L1Value::Value(b), ticket, fresh_for).await;
             }
             loaded
         }
@@ -1259,8 +1279,9 @@ where
                     Err(err) => return failed(err),
                 };
             match fetched {
-                Fetched::Hit(raw) => match self.decode(&raw) {
+                Fetched::Hit(raw, fresh) => match self.decode(&raw) {
                     Ok(Decoded::Value(v, payload)) => {
+                        record_fresh_for(ask.fresh_for, fresh);
                         m.hits.increment(1);
                         saw(seen, CacheLookup::Hit);
                         return (Ok(Some(v)), Ok(Shared::Value(payload)));
@@ -1336,6 +1357,7 @@ where
                         fallback,
                         early,
                         soft_deadline,
+                        fresh_for: ask.fresh_for,
                     };
                     return self.fill(guard, gens, loader, plan, seen).await;
                 }
@@ -1380,6 +1402,7 @@ where
                         fallback: Some(fb),
                         early: None,
                         soft_deadline: None,
+                        fresh_for: ask.fresh_for,
                     };
                     return self.fill(guard, gens, loader, plan, seen).await;
                 }
@@ -1516,6 +1539,7 @@ where
             fallback,
             early,
             soft_deadline,
+            fresh_for,
         } = plan;
         let stale = fallback.as_ref().filter(|fb| !fb.fresh);
         if let (Some(fb), Some(early)) = (stale, early) {
@@ -1599,6 +1623,8 @@ where
             Ok(true) => {
                 let mut guard = guard;
                 guard.armed = false;
+                let grace = self.class.policy.stale_grace_value().unwrap_or_default();
+                record_fresh_for(fresh_for, Some(ttl.saturating_sub(grace)));
                 (Ok(value), Ok(shared))
             }
             Ok(false) => {

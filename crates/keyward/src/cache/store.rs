@@ -52,6 +52,9 @@ pub(crate) struct Entry<'a> {
     /// `grace_ms` is stale, at most `grace_ms + ahead_ms` due for an eager refresh.
     pub(crate) grace_ms: u64,
     pub(crate) ahead_ms: u64,
+    /// Whether a hit should say how long the value stays fresh (the class has an in-process tier, whose
+    /// copy must not outlive it).
+    pub(crate) want_fresh_for: bool,
 }
 
 impl<'a> Entry<'a> {
@@ -64,7 +67,27 @@ impl<'a> Entry<'a> {
             tags: &[],
             grace_ms: 0,
             ahead_ms: 0,
+            want_fresh_for: false,
         }
+    }
+
+    /// The same entry of a class with an in-process tier.
+    pub(crate) fn with_l1(self, l1: bool) -> Self {
+        Entry {
+            want_fresh_for: l1,
+            ..self
+        }
+    }
+
+    /// Whether the fast path reads the value's remaining TTL.
+    pub(crate) fn needs_pttl(&self) -> bool {
+        self.has_windows() || self.want_fresh_for
+    }
+
+    /// How long a value with `pttl_ms` left stays fresh (its TTL, not counting the grace).
+    fn fresh_for(&self, pttl_ms: i64) -> Option<Duration> {
+        let ms = pttl_ms.checked_sub(i64::try_from(self.grace_ms).ok()?)?;
+        u64::try_from(ms).ok().map(Duration::from_millis)
     }
 
     /// The same entry of a class with fail-safe (`stale_grace`) and eager refresh (`refresh_ahead`) windows.
@@ -87,7 +110,7 @@ impl<'a> Entry<'a> {
     }
 
     /// Whether the class keeps values past their TTL or refreshes them ahead of it.
-    fn has_windows(&self) -> bool {
+    pub(crate) fn has_windows(&self) -> bool {
         self.grace_ms > 0 || self.ahead_ms > 0
     }
 
@@ -127,8 +150,8 @@ impl Known {
 /// What a fetch found.
 #[derive(Debug)]
 pub(crate) enum Fetched {
-    /// A stored value (still enveloped; may be corrupt).
-    Hit(Bytes),
+    /// A stored value (still enveloped; may be corrupt), and how long it stays fresh when known.
+    Hit(Bytes, Option<Duration>),
     /// No usable value: the caller now holds the fill lease; the fill records this stamp. With fail-safe,
     /// the stale value the lease keeps (served if the refill fails).
     Leased(Stamp, Option<Bytes>),
@@ -299,7 +322,7 @@ fn fetch_mirror(
     match mirror_judge(kv, e, &body, negative_ok) {
         Verdict::NotAValue => match held {
             Some(until) => wait(kv, until, None),
-            None => Fetched::Hit(body),
+            None => Fetched::Hit(body, None),
         },
         Verdict::Stale => match held {
             Some(until) => wait(kv, until, None),
@@ -312,20 +335,20 @@ fn fetch_mirror(
             if envelope::parse(&body).is_ok_and(|(_, b)| b == envelope::Body::Negative) =>
         {
             // A cached absent is never kept for fail-safe nor refreshed ahead (fetch.lua).
-            Fetched::Hit(body)
+            Fetched::Hit(body, None)
         }
         Verdict::Current | Verdict::Unknown => {
             let pttl_ms = (expires - now) / 1000;
             let fresh = e.grace_ms == 0 || pttl_ms > i64::try_from(e.grace_ms).unwrap_or(i64::MAX);
             if let Some(until) = held {
                 return if fresh {
-                    Fetched::Hit(body)
+                    Fetched::Hit(body, e.fresh_for(pttl_ms))
                 } else {
                     wait(kv, until, Some(body))
                 };
             }
             if fresh && e.serve_as_is(pttl_ms) {
-                return Fetched::Hit(body);
+                return Fetched::Hit(body, e.fresh_for(pttl_ms));
             }
             let deadline_ms = lease_until / 1000;
             let mut over = Vec::with_capacity(marker.len() + 24 + body.len());
@@ -392,8 +415,8 @@ pub(crate) async fn fetch(
         .arg("GET")
         .arg("PX")
         .arg(millis(lease_ttl));
-    if e.has_windows() {
-        // Fail-safe and eager refresh judge a value by its remaining TTL.
+    if e.needs_pttl() {
+        // Fail-safe and eager refresh judge a value by its remaining TTL; an in-process copy lives no longer.
         fast = fast.cmd("PTTL").key(e.key);
     }
     if view.is_none() {
@@ -413,23 +436,29 @@ pub(crate) async fn fetch(
             || lease_undo(e, marker, lease_ttl),
             |kv| Fast::Done(fetch_mirror(kv, e, marker, lease_ttl, negative_ok)),
             |replies| {
-                if !e.has_windows() {
+                if !e.needs_pttl() {
                     return judge_fast(replies);
                 }
                 let [stored, pttl, rest @ ..] = replies else {
                     return None;
                 };
-                let negative = stored
-                    .bytes()
-                    .is_some_and(|b| envelope::parse(&b).is_ok_and(|(_, body)| body == envelope::Body::Negative));
-                if !stored.is_nil() && !negative && !e.serve_as_is(pttl.int()?) {
+                let pttl = pttl.int()?;
+                let negative = stored.bytes().is_some_and(|b| {
+                    envelope::parse(&b).is_ok_and(|(_, body)| body == envelope::Body::Negative)
+                });
+                if !stored.is_nil() && !negative && !e.serve_as_is(pttl) {
                     // Stale, or due for an eager refresh: the atomic path keeps the value under the lease.
                     return Some(Fast::Atomic);
                 }
                 let mut without = Vec::with_capacity(replies.len() - 1);
                 without.push(stored.clone());
                 without.extend(rest.iter().cloned());
-                judge_fast(&without)
+                match judge_fast(&without)? {
+                    Fast::Done(Fetched::Hit(b, _)) => {
+                        Some(Fast::Done(Fetched::Hit(b, e.fresh_for(pttl))))
+                    }
+                    other => Some(other),
+                }
             },
         )
         .await;
@@ -440,7 +469,7 @@ pub(crate) async fn fetch(
             if let Some(known) = &view
                 && judge(&stored, known.gens, |t| known.tag(t), negative_ok) == Verdict::Current
             {
-                return Ok(Fetched::Hit(stored));
+                return Ok(Fetched::Hit(stored, None));
             }
         }
         Ok(Fast::Atomic) => {}
@@ -562,7 +591,7 @@ fn classify(
         }
         Verdict::Unknown => Some(Fast::Atomic),
         // A current value, or bytes the caller will decode, report and heal.
-        Verdict::Current | Verdict::NotAValue => Some(Fast::Done(Fetched::Hit(stored))),
+        Verdict::Current | Verdict::NotAValue => Some(Fast::Done(Fetched::Hit(stored, None))),
     }
 }
 
@@ -651,7 +680,11 @@ fn decode_fetch(
         Some(stamp)
     };
     let fetched = match reply.array()? {
-        [Reply::Int(0), v] => Fetched::Hit(v.bytes()?),
+        [Reply::Int(0), v] => Fetched::Hit(v.bytes()?, None),
+        [Reply::Int(0), v, pttl] => Fetched::Hit(
+            v.bytes()?,
+            u64::try_from(pttl.int()?).ok().map(Duration::from_millis),
+        ),
         [Reply::Int(code @ (4 | 5)), ns, class, epochs @ .., kept]
             if epochs.len() == tags.len() =>
         {
@@ -723,8 +756,8 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                         data
                     };
                     let pttl_ms = (kv.expires_us(e.key)? - kv.now_us()) / 1000;
-                    let negative = envelope::parse(&value)
-                        .is_ok_and(|(_, b)| b == envelope::Body::Negative);
+                    let negative =
+                        envelope::parse(&value).is_ok_and(|(_, b)| b == envelope::Body::Negative);
                     if e.grace_ms > 0
                         && !negative
                         && pttl_ms <= i64::try_from(e.grace_ms).unwrap_or(i64::MAX)

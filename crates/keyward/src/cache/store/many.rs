@@ -38,7 +38,7 @@ pub(crate) async fn fetch_many(
     let Some(first) = entries.first() else {
         return Vec::new();
     };
-    if first.has_windows() {
+    if first.needs_pttl() {
         // Fail-safe and eager refresh need each value's remaining TTL and keep values under leases: the
         // single-entry path, concurrently.
         return join_all(
