@@ -677,8 +677,11 @@ async fn password_protected_sentinels() {
 }
 
 /// The in-process tier behind Sentinel: while a `SENTINEL FAILOVER` moves the master, one instance keeps
-/// invalidating and another keeps reading through its L1, and no read that starts more than `l1_max_stale`
-/// after an invalidation returned serves an older value; after the switch the reader serves from L1 again.
+/// invalidating and another keeps reading through its L1. No read that starts more than `l1_max_stale` after
+/// an invalidation returned serves an older value — except for invalidations that returned between the
+/// failover command and the moment the invalidating handle's writes reach the new master: Sentinel's
+/// asynchronous replication loses writes the old master took then (docs/operations.md), and with them those
+/// invalidations. After the switch the reader serves from L1 again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l1_keeps_its_bound_across_a_failover() {
     use keyward::CacheLookup;
@@ -700,85 +703,124 @@ async fn l1_keeps_its_bound_across_a_failover() {
         .build()
         .unwrap();
     let options = ConnectOptions::default().response_timeout(Duration::from_millis(500));
-    let a = Keyward::connect_with(&set.url(), policy.clone(), options.clone())
+    let ka = Keyward::connect_with(&set.url(), policy.clone(), options.clone())
         .await
-        .unwrap()
-        .cache::<u64>("near")
         .unwrap();
+    let a = ka.cache::<u64>("near").unwrap();
     let b = Keyward::connect_with(&set.url(), policy, options)
         .await
         .unwrap()
         .cache::<u64>("near")
         .unwrap();
     let source = Arc::new(AtomicU64::new(0));
-    // (version, when its invalidation returned), newest last.
+    // (version, when its invalidation returned) and (read started, value served, from L1).
     let returned: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let reads: Arc<Mutex<Vec<(Instant, u64, bool)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (b, source, returned, stop) =
-            (b.clone(), source.clone(), returned.clone(), stop.clone());
+        let (b, source, reads, stop) = (b.clone(), source.clone(), reads.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut reads, mut l1_hits, mut violations) = (0u64, 0u64, 0u64);
             while !stop.load(Ordering::SeqCst) {
                 let started = Instant::now();
-                let floor = returned
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(_, at)| started.duration_since(*at) > BOUND)
-                    .map(|(v, _)| *v)
-                    .max()
-                    .unwrap_or(0);
                 let now = source.load(Ordering::SeqCst);
                 // Reads fail open while the master moves: the loader (the source) answers.
                 if let Ok((v, how)) = b
                     .get_or_set_with_status(&1, || async move { Ok::<_, std::io::Error>(now) })
                     .await
                 {
-                    reads += 1;
-                    l1_hits += u64::from(how == CacheLookup::L1Hit);
-                    if v < floor {
-                        violations += 1;
-                        eprintln!("stale: served {v} < {floor} ({how:?})");
-                    }
+                    reads
+                        .lock()
+                        .unwrap()
+                        .push((started, v, how == CacheLookup::L1Hit));
                 }
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            (reads, l1_hits, violations)
         })
     };
     let writer = {
-        let (source, returned, stop) = (source.clone(), returned.clone(), stop.clone());
+        let (a, source, returned, stop) =
+            (a.clone(), source.clone(), returned.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let v = source.fetch_add(1, Ordering::SeqCst) + 1;
                 // Only an invalidation that returned counts; one that failed while the master moved is retried.
-                while a.invalidate(&1).await.is_err() && !stop.load(Ordering::SeqCst) {}
+                while a.invalidate(&1).await.is_err() && !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 returned.lock().unwrap().push((v, Instant::now()));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let commanded = Instant::now();
     {
         let set = Arc::clone(&set);
         tokio::task::spawn_blocking(move || set.failover())
             .await
             .unwrap();
     }
+    // Until `ka`'s writes land on the new master.
+    let probe = ka.cache::<u64>("near").unwrap();
+    let probe_key = probe.key(&"probe").unwrap();
+    let mut new_master = set.master_client().get_connection().unwrap();
+    let switched = loop {
+        if probe.set(&"probe", &1).await.is_ok() {
+            let found: bool = redis::cmd("EXISTS")
+                .arg(&probe_key)
+                .query(&mut new_master)
+                .unwrap();
+            if found {
+                break Instant::now();
+            }
+        }
+        assert!(
+            commanded.elapsed() < Duration::from_secs(30),
+            "writes never reached the new master"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     // Keep going after the switch, long enough for the reader to vouch for its L1 again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = returned.lock().unwrap().len();
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
-    let (reads, l1_hits, violations) = reader.await.unwrap();
+    reader.await.unwrap();
+    let returned = returned.lock().unwrap().clone();
+    let reads = reads.lock().unwrap().clone();
+    let counted: Vec<(u64, Instant)> = returned
+        .iter()
+        .copied()
+        .filter(|(_, at)| *at < commanded || *at > switched)
+        .collect();
+    let mut violations = 0;
+    for (started, v, l1) in &reads {
+        let floor = counted
+            .iter()
+            .filter(|(_, at)| started.duration_since(*at) > BOUND)
+            .map(|(v, _)| *v)
+            .max()
+            .unwrap_or(0);
+        if *v < floor {
+            violations += 1;
+            if violations < 5 {
+                eprintln!("stale: served {v} < {floor} (from L1: {l1})");
+            }
+        }
+    }
+    let l1_hits = reads.iter().filter(|r| r.2).count();
+    let after = counted.iter().filter(|(_, at)| *at > switched).count();
     println!(
-        "L1-FIGURE sentinel failover: {reads} reads, {l1_hits} from L1, {after} invalidations, {violations} beyond the bound"
+        "L1-FIGURE sentinel failover: {} reads, {l1_hits} from L1, {} invalidations ({after} after the switch, \
+         {} in the failover window not judged), {violations} beyond the bound; switch {:?} after the command",
+        reads.len(),
+        returned.len(),
+        returned.len() - counted.len(),
+        switched - commanded
     );
     assert_eq!(violations, 0);
     assert!(
         l1_hits > 0 && after > 20,
-        "{reads} reads, {l1_hits} L1 hits, {after} invalidations"
+        "{l1_hits} L1 hits, {after} invalidations after the switch"
     );
     // After the failover, L1 serves again.
     let deadline = Instant::now() + Duration::from_secs(20);
