@@ -695,32 +695,11 @@ where
         K: IdParts,
         E: Into<BoxError>,
     {
-        let m = &self.class.metrics;
-        m.loader_calls.increment(1);
-        let timeout = self.class.policy.loader_timeout_value();
-        let started = std::time::Instant::now();
-        let loaded = tokio::time::timeout(timeout, loader(wanted)).await;
-        m.loader_seconds.record(started.elapsed().as_secs_f64());
-        match loaded {
-            Ok(Ok(found)) => Ok(found
-                .into_iter()
-                .filter_map(|(id, v)| Some((self.key(&id).ok()?, v)))
-                .collect()),
-            Ok(Err(e)) => {
-                m.loader_errors.increment(1);
-                Err(Error::Loader {
-                    class: self.class.name.clone(),
-                    source: Arc::new(e.into()),
-                })
-            }
-            Err(_) => {
-                m.loader_errors.increment(1);
-                Err(Error::LoaderTimeout {
-                    class: self.class.name.clone(),
-                    after: timeout,
-                })
-            }
-        }
+        let found = self.timed_load(loader(wanted)).await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, v)| Some((self.key(&id).ok()?, v)))
+            .collect())
     }
 }
 

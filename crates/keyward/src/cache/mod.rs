@@ -1448,11 +1448,20 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
+        self.timed_load(loader()).await
+    }
+
+    /// One loader call (counted, timed), bounded by the class `loader_timeout` (the hard timeout); its error
+    /// or timeout typed and counted.
+    pub(super) async fn timed_load<T, E: Into<BoxError>>(
+        &self,
+        load: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T> {
         let m = &self.class.metrics;
         m.loader_calls.increment(1);
         let timeout = self.class.policy.loader_timeout_value();
         let started = std::time::Instant::now();
-        let loaded = tokio::time::timeout(timeout, loader()).await;
+        let loaded = tokio::time::timeout(timeout, load).await;
         m.loader_seconds.record(started.elapsed().as_secs_f64());
         match loaded {
             Ok(Ok(v)) => Ok(v),
