@@ -296,6 +296,48 @@ impl Early {
 /// Where a load records how it was answered (0: not yet); an atomic so that the load's future stays `Send`.
 type Seen = std::sync::atomic::AtomicU8;
 
+/// A store write that in-process tiers must hear of.
+enum Write {
+    Invalidate,
+    Set {
+        body: Vec<u8>,
+        tags: Vec<String>,
+        ttl: Duration,
+    },
+}
+
+/// Apply `write` to `key`, detach this process's loads of it, and announce it on the backplane (classes with
+/// L1): the body of `Cache::write_and_announce`, owning nothing it borrows so that it can run in a task.
+async fn write_then_announce(
+    kw: &Keyward,
+    class: &Arc<ClassInfo>,
+    key: &str,
+    write: Write,
+) -> Result<()> {
+    let inner = &kw.inner;
+    let e = Entry::new(&inner.backend, &inner.ns, &class.name, key);
+    match &write {
+        Write::Invalidate => {
+            store::invalidate(&inner.backend, &inner.bus, &e).await?;
+        }
+        Write::Set { body, tags, ttl } => {
+            store::set(&inner.backend, &inner.bus, &e.tagged(tags), body, *ttl).await?;
+        }
+    }
+    // After the backend: a caller arriving from now on must not join a fetch that began before.
+    let flights = kw.shared::<Flights>();
+    flights.detach(&flight_key(key, true));
+    flights.detach(&flight_key(key, false));
+    if class.policy.l1_value().is_none() {
+        return Ok(());
+    }
+    let event = Event::Key {
+        class: class.name.clone(),
+        key: key.to_owned(),
+    };
+    l1::hub(kw).publish(kw, event).await
+}
+
 /// Record how long the value a load answered with stays fresh in the store (for its in-process copy).
 fn record_fresh_for(slot: Option<&AtomicU64>, fresh: Option<Duration>) {
     if let (Some(slot), Some(fresh)) = (slot, fresh) {
@@ -740,41 +782,12 @@ where
 
     /// `tags`: validated (see `tags.rs`); the value records their current epochs.
     async fn store(&self, key: &str, payload: &[u8], tags: &[String]) -> Result<()> {
-        let ttl = self.class.policy.stored_ttl();
-        let inner = &self.kw.inner;
-        store::set(
-            &inner.backend,
-            &inner.bus,
-            &self.entry(key).tagged(tags),
-            &envelope::body(Some(payload)),
-            ttl,
-        )
-        .await?;
-        self.detach(key);
-        self.announce_key(key).await
-    }
-
-    /// The in-process tiers' half of a write or invalidation of `key` (this handle's L1 now, every other
-    /// instance's through the backplane); nothing when the class has no L1.
-    async fn announce_key(&self, key: &str) -> Result<()> {
-        if self.class.policy.l1_value().is_none() {
-            return Ok(());
-        }
-        l1::hub(&self.kw)
-            .publish(
-                &self.kw,
-                Event::Key {
-                    class: self.class.name.clone(),
-                    key: key.to_owned(),
-                },
-            )
-            .await
-    }
-
-    fn detach(&self, key: &str) {
-        let flights = &self.flights;
-        flights.detach(&flight_key(key, true));
-        flights.detach(&flight_key(key, false));
+        let write = Write::Set {
+            body: envelope::body(Some(payload)),
+            tags: tags.to_vec(),
+            ttl: self.class.policy.stored_ttl(),
+        };
+        self.write_and_announce(key.to_owned(), write).await
     }
 
     /// Invalidate one entry: removes its value (or a fill lease in progress, which can then no longer commit).
@@ -784,15 +797,24 @@ where
     /// Backend failures and [`Error::Key`].
     pub async fn invalidate(&self, id: &(impl IdParts + ?Sized)) -> Result<()> {
         let key = self.key(id)?;
-        store::invalidate(
-            &self.kw.inner.backend,
-            &self.kw.inner.bus,
-            &self.entry(&key),
-        )
-        .await?;
-        // After the backend: a caller arriving from now on must not join a fetch that began before.
-        self.detach(&key);
-        self.announce_key(&key).await
+        self.write_and_announce(key, Write::Invalidate).await
+    }
+
+    /// Run a store write of `key` and its announcement to the in-process tiers. With L1, both run in a task of
+    /// their own: a caller dropped after Redis applied the write (its reply still in flight) must not leave
+    /// other instances' L1 serving the old value with no message and no gap to notice.
+    async fn write_and_announce(&self, key: String, write: Write) -> Result<()> {
+        if self.class.policy.l1_value().is_none() {
+            return write_then_announce(&self.kw, &self.class, &key, write).await;
+        }
+        let (kw, class) = (self.kw.clone(), Arc::clone(&self.class));
+        tokio::spawn(async move { write_then_announce(&kw, &class, &key, write).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(Error::InvalidArgument {
+                    what: format!("the cache write task failed: {e}"),
+                })
+            })
     }
 
     /// Invalidate every entry of this class in O(1) by bumping the class epoch. No SCAN, no FLUSH.
@@ -993,13 +1015,7 @@ where
         let payload = self.encode(value)?;
         let out = persist.await.map_err(|e| self.source_err(e))?;
         if let Err(cause) = self.store(&key, &payload, &[]).await {
-            let _ = store::invalidate(
-                &self.kw.inner.backend,
-                &self.kw.inner.bus,
-                &self.entry(&key),
-            )
-            .await;
-            let _ = self.announce_key(&key).await;
+            let _ = self.write_and_announce(key, Write::Invalidate).await;
             return Err(self.after_source(cause));
         }
         Ok(out)
@@ -1020,17 +1036,7 @@ where
     {
         let key = self.key(id)?;
         let out = write.await.map_err(|e| self.source_err(e))?;
-        if let Err(cause) = store::invalidate(
-            &self.kw.inner.backend,
-            &self.kw.inner.bus,
-            &self.entry(&key),
-        )
-        .await
-        {
-            return Err(self.after_source(cause));
-        }
-        self.detach(&key);
-        if let Err(cause) = self.announce_key(&key).await {
+        if let Err(cause) = self.write_and_announce(key, Write::Invalidate).await {
             return Err(self.after_source(cause));
         }
         Ok(out)
