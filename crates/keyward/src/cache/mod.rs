@@ -296,6 +296,23 @@ impl Early {
 /// Where a load records how it was answered (0: not yet); an atomic so that the load's future stays `Send`.
 type Seen = std::sync::atomic::AtomicU8;
 
+/// Run a store write and its backplane announcement: in a task of its own when in-process tiers must hear of
+/// it (`announced`), so that a caller dropped while Redis's reply is in flight still announces what Redis
+/// applied; inline otherwise.
+pub(crate) async fn run_announced(
+    announced: bool,
+    work: impl Future<Output = Result<()>> + Send + 'static,
+) -> Result<()> {
+    if !announced {
+        return work.await;
+    }
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        Err(Error::InvalidArgument {
+            what: format!("the cache write task failed: {e}"),
+        })
+    })
+}
+
 /// A store write that in-process tiers must hear of.
 enum Write {
     Invalidate,
@@ -531,12 +548,17 @@ impl Keyward {
     /// # Errors
     /// Backend failures.
     pub async fn invalidate_namespace(&self) -> Result<()> {
-        store::bump(&self.inner.backend, &self.inner.ns, "*").await?;
-        self.shared::<Flights>().detach_all();
-        if self.has_l1() {
-            l1::hub(self).publish(self, Event::Namespace).await?;
-        }
-        Ok(())
+        let kw = self.clone();
+        let has_l1 = self.has_l1();
+        let work = async move {
+            store::bump(&kw.inner.backend, &kw.inner.ns, "*").await?;
+            kw.shared::<Flights>().detach_all();
+            if has_l1 {
+                l1::hub(&kw).publish(&kw, Event::Namespace).await?;
+            }
+            Ok(())
+        };
+        run_announced(has_l1, work).await
     }
 
     /// Whether any cache class of the policy has an in-process tier (then invalidations go on the backplane).
@@ -804,17 +826,12 @@ where
     /// their own: a caller dropped after Redis applied the write (its reply still in flight) must not leave
     /// other instances' L1 serving the old value with no message and no gap to notice.
     async fn write_and_announce(&self, key: String, write: Write) -> Result<()> {
-        if self.class.policy.l1_value().is_none() {
-            return write_then_announce(&self.kw, &self.class, &key, write).await;
-        }
         let (kw, class) = (self.kw.clone(), Arc::clone(&self.class));
-        tokio::spawn(async move { write_then_announce(&kw, &class, &key, write).await })
-            .await
-            .unwrap_or_else(|e| {
-                Err(Error::InvalidArgument {
-                    what: format!("the cache write task failed: {e}"),
-                })
-            })
+        let has_l1 = class.policy.l1_value().is_some();
+        run_announced(has_l1, async move {
+            write_then_announce(&kw, &class, &key, write).await
+        })
+        .await
     }
 
     /// Invalidate every entry of this class in O(1) by bumping the class epoch. No SCAN, no FLUSH.
@@ -822,16 +839,20 @@ where
     /// # Errors
     /// Backend failures.
     pub async fn invalidate_all(&self) -> Result<()> {
-        store::bump(&self.kw.inner.backend, &self.kw.inner.ns, &self.class.name).await?;
-        let pattern = self.class.keys.scan_pattern();
-        self.flights.detach_prefix(pattern.trim_end_matches('*'));
-        if self.class.policy.l1_value().is_some() {
-            let class = self.class.name.clone();
-            l1::hub(&self.kw)
-                .publish(&self.kw, Event::Class { class })
-                .await?;
-        }
-        Ok(())
+        let (kw, class) = (self.kw.clone(), Arc::clone(&self.class));
+        let has_l1 = class.policy.l1_value().is_some();
+        let work = async move {
+            store::bump(&kw.inner.backend, &kw.inner.ns, &class.name).await?;
+            let pattern = class.keys.scan_pattern();
+            kw.shared::<Flights>()
+                .detach_prefix(pattern.trim_end_matches('*'));
+            if class.policy.l1_value().is_some() {
+                let class = class.name.clone();
+                l1::hub(&kw).publish(&kw, Event::Class { class }).await?;
+            }
+            Ok(())
+        };
+        run_announced(has_l1, work).await
     }
 
     /// Return the cached value, or load it with `loader` — once per key across the whole fleet — and cache it.

@@ -143,17 +143,20 @@ impl Keyward {
     /// [`Error::InvalidTag`] for a tag that no entry could carry; backend failures.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
         check(None, tag)?;
-        store::bump(&self.inner.backend, &self.inner.ns, &tag_field(tag)).await?;
-        // Which loads in flight carry the tag is not known here: none started before may be shared from now on.
-        self.shared::<Flights>().detach_all();
-        if self.has_l1() {
-            // L1 entries do not record their tags: every instance drops its in-process tier (see `cache::l1`).
-            let event = super::l1::Event::Tag {
-                tag: tag.to_owned(),
-            };
-            super::l1::hub(self).publish(self, event).await?;
-        }
-        Ok(())
+        let (kw, tag) = (self.clone(), tag.to_owned());
+        let has_l1 = self.has_l1();
+        let work = async move {
+            store::bump(&kw.inner.backend, &kw.inner.ns, &tag_field(&tag)).await?;
+            // Which loads in flight carry the tag is not known here: none started before may be shared now.
+            kw.shared::<Flights>().detach_all();
+            if has_l1 {
+                // L1 entries do not record their tags: every instance drops its in-process tier (`cache::l1`).
+                let event = super::l1::Event::Tag { tag };
+                super::l1::hub(&kw).publish(&kw, event).await?;
+            }
+            Ok(())
+        };
+        super::run_announced(has_l1, work).await
     }
 }
 
