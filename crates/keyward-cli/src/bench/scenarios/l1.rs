@@ -585,7 +585,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_writer_invalidates_every_key_then_the_class() {
+    fn the_writer_invalidates_every_key_then_the_class_then_each_tag() {
         let order: Vec<Target> = (0..7).map(|i| Target::schedule(i, 2)).collect();
         assert_eq!(
             order,
@@ -593,10 +593,10 @@ mod tests {
                 Target::Key(0),
                 Target::Key(1),
                 Target::Class,
+                Target::Tag(0),
+                Target::Tag(1),
                 Target::Key(0),
-                Target::Key(1),
-                Target::Class,
-                Target::Key(0)
+                Target::Key(1)
             ]
         );
         assert_eq!(Target::schedule(4, 1), Target::Key(0));
