@@ -160,6 +160,15 @@ impl Backend {
         }
     }
 
+    /// Tests: look inside the embedded keyspace (`None` on Redis), without the caller matching on the backend.
+    #[cfg(test)]
+    pub(crate) fn inspect_embedded<T>(&self, f: impl FnOnce(&mut Kv) -> T) -> Option<T> {
+        match self {
+            Backend::Memory(m) => m.keyspace.with(f).ok(),
+            Backend::Redis(_) => None,
+        }
+    }
+
     /// A health check: `PING` on Redis, bounded by the response timeout; always fine when embedded.
     pub(crate) async fn ping(&self) -> Result<()> {
         match self {

@@ -1098,18 +1098,16 @@ mod tests {
             .unwrap();
         let kw = Keyward::embedded(policy);
         let cache = kw.cache::<String>("c").unwrap();
-        let Backend::Memory(m) = &kw.inner.backend else {
-            unreachable!("embedded")
-        };
         let fields = || {
-            let mut f: Vec<String> = m
-                .keyspace
-                .with(|kv| {
+            let mut f: Vec<String> = kw
+                .inner
+                .backend
+                .inspect_embedded(|kv| {
                     kv.get_hash("t:tags:_kw:gens")
                         .map(|h| h.keys().cloned().collect())
                         .unwrap_or_default()
                 })
-                .unwrap();
+                .expect("the embedded backend");
             f.sort();
             f
         };
