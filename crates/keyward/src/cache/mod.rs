@@ -1111,7 +1111,6 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        let key = key.to_owned();
         let ask = Ask {
             seen,
             early,
@@ -1127,12 +1126,12 @@ where
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
             return self
-                .load_shared_then(&key, tags, negative_ok, loader, ask, |_| {})
+                .load_shared_then(key, tags, negative_ok, loader, ask, |_| {})
                 .instrument(span)
                 .await;
         };
         async {
-            if let Some(L1Value::Value(b)) = l1.get(&key).await
+            if let Some(L1Value::Value(b)) = l1.get(key).await
                 && let Ok(v) = C::decode::<V>(&b)
             {
                 let m = &self.class.metrics;
@@ -1142,7 +1141,7 @@ where
                 return Ok(Some(v));
             }
             // Taken before the store is asked: the answer enters L1 only if nothing evicted it meanwhile.
-            let ticket = l1.ticket(&key);
+            let ticket = l1.ticket(key);
             let payload = std::sync::Mutex::new(None);
             let fresh_for = AtomicU64::new(0);
             let ask = Ask {
@@ -1150,7 +1149,7 @@ where
                 ..ask
             };
             let loaded = self
-                .load_shared_then(&key, tags, negative_ok, loader, ask, |outcome| {
+                .load_shared_then(key, tags, negative_ok, loader, ask, |outcome| {
                     // Only what the store holds goes to L1: a hit, or a fill that committed (never a load
                     // answered uncached, a refused fill, or an outcome shared with another caller).
                     if let Ok(Shared::Value(b)) = outcome
@@ -1174,7 +1173,7 @@ where
                     0 => None,
                     ms => Some(Duration::from_millis(ms - 1)),
                 };
-                l1.insert(&key, L1Value::Value(b), ticket, fresh_for).await;
+                l1.insert(key, L1Value::Value(b), ticket, fresh_for).await;
             }
             loaded
         }
@@ -1198,8 +1197,7 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
-        let key = key.to_owned();
-        let fkey = flight_key(&key, negative_ok);
+        let fkey = flight_key(key, negative_ok);
         {
             let leader = loop {
                 match self
@@ -1220,7 +1218,7 @@ where
                         // The local leader has outlived any lease it could hold (it is stuck or leaked), or the
                         // soft timeout: fetch directly; the backend's lease still admits one loader fleet-wide.
                         Err(_) => {
-                            let (result, _) = self.lead(&key, tags, negative_ok, loader, ask).await;
+                            let (result, _) = self.lead(key, tags, negative_ok, loader, ask).await;
                             return result;
                         }
                         Ok(followed) => match followed {
@@ -1248,7 +1246,7 @@ where
                 flight: Some(&flight),
                 ..ask
             };
-            let (result, outcome) = self.lead(&key, tags, negative_ok, loader, ask).await;
+            let (result, outcome) = self.lead(key, tags, negative_ok, loader, ask).await;
             led(&outcome);
             // Unless an eager refresh completed it early.
             if let Some(leader) = flight.lock().unwrap_or_else(|e| e.into_inner()).take() {
