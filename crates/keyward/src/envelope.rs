@@ -6,9 +6,11 @@
 //!   that depends on `n` tags (the tag is exactly `len` bytes, so it may hold any byte, `:` included);
 //! - `L1:{token}:{w}`: a fill lease (`w` is `1` once a caller waits on it).
 //!
-//! The generations are the namespace, class and tag epochs current when the fill was leased (the tags' epochs
-//! are the fields `t:{tag}` of the namespace's epochs hash). A value any of whose generations is below the
-//! current one was filled before a group or tag invalidation and is treated as a miss. Untagged values are
+//! The generations are the namespace, class and tag epochs current when the fill was leased (a tag's epoch is
+//! the larger of the fields `t:{tag}` and `x:{tag}` of the namespace's epochs hash). A value any of whose
+//! generations is below the current one was filled before a group or tag invalidation and is treated as a
+//! miss; one whose tag epoch is below only `x:{tag}` was filled before a tag *expiry*: stale, kept for
+//! fail-safe (see [`TagEpochs`]). Untagged values are
 //! still written as `V1` (the header every existing entry has), so entries written before tags existed read
 //! exactly as before.
 
@@ -28,6 +30,23 @@ pub(crate) const MAX_TAG_BYTES: usize = 128;
 pub(crate) struct Gens {
     pub(crate) ns: u64,
     pub(crate) class: u64,
+}
+
+/// A tag's two current epochs: `removed` (field `t:{tag}`, bumped by `Keyward::invalidate_tag`) and `expired`
+/// (field `x:{tag}`, bumped by `Keyward::expire_tag`). Both bumps take the larger of the two as their floor, so
+/// they draw from one increasing sequence per tag, and a fill records the larger (`stamp`). A recorded epoch
+/// below `removed` is gone; one below only `expired` is stale but usable as a fail-safe fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct TagEpochs {
+    pub(crate) removed: u64,
+    pub(crate) expired: u64,
+}
+
+impl TagEpochs {
+    /// What a fill leased under these epochs records for the tag.
+    pub(crate) fn stamp(self) -> u64 {
+        self.removed.max(self.expired)
+    }
 }
 
 /// What a fill records: the group epochs and each tag's epoch, as read when its lease was granted.
@@ -189,18 +208,22 @@ pub(crate) enum Verdict {
     Current,
     /// Filled before a group or tag invalidation, or an absent the caller cannot use: a miss.
     Stale,
+    /// Filled before a tag *expiry* (and after every removal): not fresh, but a value a fail-safe class may
+    /// keep under a refill lease and serve if the refill fails. A cached absent is never expired: it is stale.
+    Expired,
     /// It carries a tag whose current epoch the caller did not supply (Redis Cluster: look it up, ask again).
     Unknown,
 }
 
-/// Judge stored bytes against the current epochs: `gens`, and `tag_epoch(tag)` for each tag the value carries
+/// Judge stored bytes against the current epochs: `gens`, and `tag_epochs(tag)` for each tag the value carries
 /// (`None`: not known to the caller). Current means filled under epochs no older than the current ones
 /// (epochs only grow; on Cluster a handle's view may lag an entry filled by a handle that saw a bump first,
-/// and that entry is current). Both backends decide hit-or-miss with this, as the Lua scripts do.
+/// and that entry is current). Both backends decide hit-or-miss with this, as the Lua scripts do
+/// (`kw_stale` in `cache/epochs.lua`).
 pub(crate) fn judge(
     raw: &[u8],
     gens: Gens,
-    tag_epoch: impl Fn(&[u8]) -> Option<u64>,
+    tag_epochs: impl Fn(&[u8]) -> Option<TagEpochs>,
     negative_ok: bool,
 ) -> Verdict {
     if !raw.starts_with(VALUE_PREFIX) && !raw.starts_with(TAGGED_PREFIX) {
@@ -212,16 +235,21 @@ pub(crate) fn judge(
     if g.ns < gens.ns || g.class < gens.class || (!negative_ok && body == Body::Negative) {
         return Verdict::Stale;
     }
-    let mut unknown = false;
+    let (mut unknown, mut expired) = (false, false);
     for (tag, recorded) in tags.iter() {
-        match tag_epoch(tag) {
-            Some(current) if recorded < current => return Verdict::Stale,
+        match tag_epochs(tag) {
+            Some(current) if recorded < current.removed => return Verdict::Stale,
+            Some(current) if recorded < current.expired => expired = true,
             Some(_) => {}
             None => unknown = true,
         }
     }
     if unknown {
         Verdict::Unknown
+    } else if expired && body == Body::Negative {
+        Verdict::Stale
+    } else if expired {
+        Verdict::Expired
     } else {
         Verdict::Current
     }
@@ -316,16 +344,20 @@ mod tests {
         };
         let v = value(&stamp, &body(Some(b"1")));
         let g = stamp.gens;
-        let at = |p: u64, c: u64| move |t: &[u8]| Some(if t == b"p" { p } else { c });
+        let removed = |e: u64| TagEpochs {
+            removed: e,
+            expired: 0,
+        };
+        let at = |p: u64, c: u64| move |t: &[u8]| Some(removed(if t == b"p" { p } else { c }));
         assert_eq!(judge(&v, g, at(10, 20), false), Verdict::Current);
         assert_eq!(judge(&v, g, at(9, 0), false), Verdict::Current);
         assert_eq!(judge(&v, g, at(11, 20), false), Verdict::Stale);
         assert_eq!(judge(&v, g, at(10, 21), false), Verdict::Stale);
         let newer = Gens { ns: 2, class: 2 };
         assert_eq!(judge(&v, newer, at(0, 0), false), Verdict::Stale);
-        let only_p = |t: &[u8]| (t == b"p").then_some(10);
+        let only_p = |t: &[u8]| (t == b"p").then_some(removed(10));
         assert_eq!(judge(&v, g, only_p, false), Verdict::Unknown);
-        let p_stale = |t: &[u8]| (t == b"p").then_some(11);
+        let p_stale = |t: &[u8]| (t == b"p").then_some(removed(11));
         assert_eq!(
             judge(&v, g, p_stale, false),
             Verdict::Stale,
@@ -336,6 +368,42 @@ mod tests {
         assert_eq!(judge(&n, g, at(0, 0), true), Verdict::Current);
         assert_eq!(judge(b"L1:x:0", g, at(0, 0), true), Verdict::NotAValue);
         assert_eq!(judge(b"V2:1:2:1:", g, at(0, 0), true), Verdict::NotAValue);
+    }
+
+    #[test]
+    fn an_expired_tag_keeps_the_value_for_fail_safe_and_a_removal_wins() {
+        let stamp = Stamp {
+            gens: Gens { ns: 1, class: 2 },
+            tags: vec![("p".into(), 10), ("c".into(), 20)],
+        };
+        let v = value(&stamp, &body(Some(b"1")));
+        let g = stamp.gens;
+        let at = |p: TagEpochs, c: TagEpochs| move |t: &[u8]| Some(if t == b"p" { p } else { c });
+        let e = |removed: u64, expired: u64| TagEpochs { removed, expired };
+        assert_eq!(
+            judge(&v, g, at(e(0, 10), e(20, 0)), false),
+            Verdict::Current
+        );
+        assert_eq!(
+            judge(&v, g, at(e(0, 11), e(20, 0)), false),
+            Verdict::Expired
+        );
+        assert_eq!(
+            judge(&v, g, at(e(0, 11), e(21, 0)), false),
+            Verdict::Stale,
+            "a removal of another tag wins over an expiry"
+        );
+        assert_eq!(judge(&v, g, at(e(11, 12), e(0, 0)), false), Verdict::Stale);
+        let only_p = |t: &[u8]| (t == b"p").then_some(e(0, 11));
+        assert_eq!(judge(&v, g, only_p, false), Verdict::Unknown);
+        let n = value(&stamp, &body(None));
+        assert_eq!(
+            judge(&n, g, at(e(0, 11), e(0, 0)), true),
+            Verdict::Stale,
+            "a cached absent is never kept"
+        );
+        assert_eq!(e(3, 9).stamp(), 9);
+        assert_eq!(e(9, 3).stamp(), 9);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Cache tags (dependency sets), on every backend: `invalidate_tag` makes every entry carrying the tag a miss,
-//! in every class, in O(1); a fill leased before it never lands; tag versions never repeat; pruning old tag
-//! fields never brings a stale entry back; bad tags are typed errors; entries written before tags still read.
+//! in every class, in O(1); `expire_tag` makes them stale but keeps them as the fail-safe fallback of classes
+//! with `stale_grace`; a fill leased before either never lands as fresh; tag versions never repeat; pruning
+//! old tag fields never brings a stale entry back; bad tags are typed errors; entries written before tags
+//! still read.
 
 #![allow(unreachable_pub)]
 
@@ -9,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::common::{Harness, Source};
-use keyward::{CacheLookup, Error};
+use keyward::{CacheLookup, Error, StaleReason};
 use tokio::sync::Notify;
 
 /// `ConnectOptions::group_invalidation_bound`'s default: on Redis Cluster, a call starting this long after a
@@ -27,6 +29,12 @@ conformance!(
     pruning_does_not_resurrect_stale_entries,
     bad_tags_are_typed_errors_naming_class_and_tag,
     untagged_entries_stay_v1_and_v1_entries_still_read,
+    an_expired_tag_keeps_the_value_as_the_fail_safe_fallback_only,
+    without_stale_grace_expiring_a_tag_removes,
+    a_removal_after_an_expiry_drops_the_kept_value,
+    a_fill_leased_before_the_tag_expiry_never_lands_as_fresh,
+    another_handles_tag_expiry_is_seen,
+    expired_values_are_refilled_through_the_fast_path_classes_too,
 );
 
 mod cases {
@@ -459,5 +467,226 @@ mod cases {
         kw.invalidate_tag("tag").await.unwrap();
         assert_eq!(c.get("old").await.unwrap().as_deref(), Some("before tags"));
         assert_eq!(c.get("tagged").await.unwrap(), None);
+    }
+
+    fn broken<T>() -> Result<T, std::io::Error> {
+        Err(std::io::Error::other("source down"))
+    }
+
+    pub async fn an_expired_tag_keeps_the_value_as_the_fail_safe_fallback_only(h: Harness) {
+        let kw = h.keyward().await;
+        let kept = kw.cache::<u32>("kept").unwrap();
+        for id in 0..3u32 {
+            kept.get_or_set_tagged(&id, &["p:1"], || async move { ok(id) })
+                .await
+                .unwrap();
+        }
+        kept.set_tagged(&9, &9, &["p:2"]).await.unwrap();
+        kw.expire_tag("p:1").await.unwrap();
+
+        // Never read as fresh…
+        assert_eq!(
+            kept.get(&0).await.unwrap(),
+            None,
+            "a plain read never serves it"
+        );
+        // …but a failing refill serves it instead of the error.
+        let (v, how) = kept
+            .get_or_set_tagged_with_status(&0, &["p:1"], || async { broken() })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (0, CacheLookup::Stale(StaleReason::LoaderError)));
+        // A refill that works replaces it: a miss (the loader ran), then a hit.
+        let (v, how) = kept
+            .get_or_set_tagged_with_status(&1, &["p:1"], || async { ok(101) })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (101, CacheLookup::Miss));
+        let (v, how) = kept
+            .get_or_set_tagged_with_status(&1, &["p:1"], || async { ok(999) })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (101, CacheLookup::Hit), "the refill is fresh");
+        assert_eq!(kept.get(&1).await.unwrap(), Some(101));
+        // An untagged call judges the entry by the tags it carries, and an entry of another tag is untouched.
+        let (v, how) = kept
+            .get_or_set_with_status(&2, || async { broken() })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (2, CacheLookup::Stale(StaleReason::LoaderError)));
+        assert_eq!(kept.get(&9).await.unwrap(), Some(9));
+        // Expiring again a tag whose entries were refilled expires the refills.
+        kw.expire_tag("p:1").await.unwrap();
+        assert_eq!(kept.get(&1).await.unwrap(), None);
+    }
+
+    pub async fn without_stale_grace_expiring_a_tag_removes(h: Harness) {
+        let kw = h.keyward().await;
+        let plain = kw.cache::<u32>("product").unwrap();
+        plain.set_tagged("k", &1, &["p:1"]).await.unwrap();
+        plain.expire_tag("p:1").await.unwrap();
+        assert_eq!(plain.get("k").await.unwrap(), None);
+        let err = plain
+            .get_or_set_tagged("k", &["p:1"], || async { broken() })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Loader { .. }), "{err:?}");
+        let (v, how) = plain
+            .get_or_set_tagged_with_status("k", &["p:1"], || async { ok(2) })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (2, CacheLookup::Miss));
+    }
+
+    pub async fn a_removal_after_an_expiry_drops_the_kept_value(h: Harness) {
+        let kw = h.keyward().await;
+        let kept = kw.cache::<u32>("kept").unwrap();
+        kept.set_tagged("k", &1, &["a", "b"]).await.unwrap();
+        kw.expire_tag("a").await.unwrap();
+        kw.invalidate_tag("a").await.unwrap();
+        let err = kept
+            .get_or_set_tagged("k", &["a", "b"], || async { broken() })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Loader { .. }),
+            "removed, not kept: {err:?}"
+        );
+        // A removal of another tag the entry carries wins over an expiry too.
+        kept.set_tagged("k", &2, &["a", "b"]).await.unwrap();
+        kw.expire_tag("a").await.unwrap();
+        kw.invalidate_tag("b").await.unwrap();
+        let err = kept
+            .get_or_set_tagged("k", &["a", "b"], || async { broken() })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Loader { .. }), "{err:?}");
+        // And an expiry after a removal does not bring a removed value back.
+        kept.set_tagged("k", &3, &["a"]).await.unwrap();
+        kw.invalidate_tag("a").await.unwrap();
+        kw.expire_tag("a").await.unwrap();
+        assert!(
+            kept.get_or_set_tagged("k", &["a"], || async { broken() })
+                .await
+                .is_err()
+        );
+    }
+
+    pub async fn a_fill_leased_before_the_tag_expiry_never_lands_as_fresh(h: Harness) {
+        // Fails if a fill recorded the larger of the two epochs when it committed instead of when its lease was
+        // granted, or if an expiry did not count for fills.
+        let kw = h.keyward().await;
+        let c = kw.cache::<u64>("kept").unwrap();
+        let source = Arc::new(Source::default());
+        let loaded = Arc::new(Notify::new());
+        let proceed = Arc::new(Notify::new());
+        let filler = {
+            let (c, source, loaded, proceed) =
+                (c.clone(), source.clone(), loaded.clone(), proceed.clone());
+            tokio::spawn(async move {
+                c.get_or_set_tagged("k", &["product:42"], || async move {
+                    let v = source.version.load(Ordering::SeqCst);
+                    loaded.notify_one();
+                    proceed.notified().await;
+                    ok(v)
+                })
+                .await
+            })
+        };
+        loaded.notified().await;
+        source.version.store(1, Ordering::SeqCst);
+        kw.expire_tag("product:42").await.unwrap();
+        proceed.notify_one();
+        assert_eq!(filler.await.unwrap().unwrap(), 0);
+        assert_eq!(c.get("k").await.unwrap(), None, "the old fill is not fresh");
+        let (v, how) = c
+            .get_or_set_tagged_with_status("k", &["product:42"], || async {
+                ok(source.version.load(Ordering::SeqCst))
+            })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (1, CacheLookup::Miss));
+    }
+
+    pub async fn another_handles_tag_expiry_is_seen(h: Harness) {
+        let handles = h.handles(2).await;
+        let reader = handles[0].cache::<u32>("kept").unwrap();
+        reader.set_tagged("k", &1, &["shared"]).await.unwrap();
+        assert_eq!(reader.get("k").await.unwrap(), Some(1));
+        handles[1].expire_tag("shared").await.unwrap();
+        if h.is_cluster() {
+            tokio::time::sleep(DEFAULT_BOUND).await;
+        }
+        assert_eq!(reader.get("k").await.unwrap(), None);
+        let (v, how) = reader
+            .get_or_set_tagged_with_status("k", &["shared"], || async { broken() })
+            .await
+            .unwrap();
+        assert_eq!((v, how), (1, CacheLookup::Stale(StaleReason::LoaderError)));
+    }
+
+    pub async fn expired_values_are_refilled_through_the_fast_path_classes_too(h: Harness) {
+        // Random expiries and removals on a plain class and a fail-safe one, with fills racing them: a read
+        // that starts after either returned never gets a value loaded before it.
+        let kw = h.keyward().await;
+        let stale = Arc::new(AtomicUsize::new(0));
+        let mut keys = Vec::new();
+        for key in 0..4u32 {
+            let c = kw
+                .cache::<u64>(if key % 2 == 0 { "product" } else { "kept" })
+                .unwrap();
+            let (kw, stale) = (kw.clone(), stale.clone());
+            keys.push(tokio::spawn(async move {
+                let source = Arc::new(Source::default());
+                let tag = format!("key:{key}");
+                for trial in 0..250u64 {
+                    let reader = {
+                        let (c, source, tag) = (c.clone(), source.clone(), tag.clone());
+                        tokio::spawn(async move {
+                            c.get_or_set_tagged(&key, &[tag], || async {
+                                let v = source.version.load(Ordering::SeqCst);
+                                for _ in 0..(rand::random::<u8>() % 4) {
+                                    tokio::task::yield_now().await;
+                                }
+                                ok(v)
+                            })
+                            .await
+                        })
+                    };
+                    for _ in 0..(rand::random::<u8>() % 4) {
+                        tokio::task::yield_now().await;
+                    }
+                    source.version.store(trial + 1, Ordering::SeqCst);
+                    if rand::random::<bool>() {
+                        kw.expire_tag(&tag).await.unwrap();
+                    } else {
+                        kw.invalidate_tag(&tag).await.unwrap();
+                    }
+                    let after = c
+                        .get_or_set_tagged(&key, &[tag.as_str()], || async {
+                            ok(source.version.load(Ordering::SeqCst))
+                        })
+                        .await
+                        .unwrap();
+                    if after < trial + 1 {
+                        stale.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if let Some(seen) = c.get(&key).await.unwrap()
+                        && seen < trial + 1
+                    {
+                        stale.fetch_add(1, Ordering::SeqCst);
+                    }
+                    reader.await.unwrap().unwrap();
+                }
+            }));
+        }
+        for k in keys {
+            k.await.unwrap();
+        }
+        assert_eq!(
+            stale.load(Ordering::SeqCst),
+            0,
+            "stale reads after a tag expiry or removal"
+        );
     }
 }

@@ -1,4 +1,5 @@
--- Bump a group epoch ('*' for the whole namespace, or a class name) or a tag's ('t:<tag>'). O(1) whatever the
+-- Bump a group epoch ('*' for the whole namespace, or a class name) or a tag's ('t:<tag>' to remove its entries,
+-- 'x:<tag>' to expire them; each takes the other as a floor, see epochs.lua). O(1) whatever the
 -- number of entries. (epochs.lua is prepended: the new epoch is max(current + 1, server time in µs), so it
 -- never repeats.) The epochs hash outlives every value that could carry an older epoch.
 -- KEYS[1] namespace epochs hash   ARGV[1] field   ARGV[2] lifetime (ms)
@@ -22,7 +23,8 @@ local floor = tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[2]) * 10
 local sample = redis.call('HRANDFIELD', KEYS[1], 16, 'WITHVALUES')
 for i = 1, #sample, 2 do
   local f, e = sample[i], sample[i + 1]
-  if string.sub(f, 1, 2) == 't:' and f ~= ARGV[1] and kw_valid(e) and tonumber(e) < floor then
+  local kind = string.sub(f, 1, 2)
+  if (kind == 't:' or kind == 'x:') and f ~= ARGV[1] and kw_valid(e) and tonumber(e) < floor then
     redis.call('HDEL', KEYS[1], f)
   end
 end

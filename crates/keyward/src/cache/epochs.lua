@@ -1,13 +1,24 @@
 -- Shared by the cache scripts (prepended to fetch.lua, read.lua, set.lua and bump.lua): the group and tag epochs.
 -- An epoch is a decimal integer below 2^53. A bump takes max(current + 1, server time in µs), so an epoch never
 -- repeats, even after the epochs hash expired and was created again: an entry filled before an invalidation
--- can never match a later epoch. A field that is not such an integer (or a key that is not a hash) is corrupt:
+-- can never match a later epoch. A tag has two fields, 't:<tag>' (removals) and 'x:<tag>' (expiries); a bump of
+-- either takes the other as a floor too, so both draw from one increasing sequence, and a fill records the
+-- larger: an entry below 't:' is gone, one below only 'x:' is expired (stale, kept for fail-safe). A field that is not such an integer (or a key that is not a hash) is corrupt:
 -- it is bumped on the spot, which is always safe (entries filled before it read as misses), so one bad field
 -- never fails every call of the namespace.
 local function kw_bump(hash, field, lifetime_ms)
-  local n = tonumber(redis.pcall('HGET', hash, field))
-  if type(n) ~= 'number' or n ~= math.floor(n) or n < 0 or n >= 9007199254740992 then
-    n = 0
+  local function read(f)
+    local e = tonumber(redis.pcall('HGET', hash, f))
+    if type(e) ~= 'number' or e ~= math.floor(e) or e < 0 or e >= 9007199254740992 then
+      return 0
+    end
+    return e
+  end
+  local n = read(field)
+  local kind = string.sub(field, 1, 2)
+  if kind == 't:' or kind == 'x:' then
+    local sibling = (kind == 't:' and 'x:' or 't:') .. string.sub(field, 3)
+    n = math.max(n, read(sibling))
   end
   if redis.call('TYPE', hash).ok ~= 'hash' then
     redis.call('DEL', hash)
@@ -29,7 +40,7 @@ local function kw_valid(v)
   return string.match(v, '^%d+$') ~= nil and #v <= 16 and tonumber(v) < 9007199254740992
 end
 
--- The epochs of `fields` (a list: '*', the class, then 't:<tag>' fields) as a table field -> string ('0' when
+-- The epochs of `fields` (a list: '*', the class, then 't:<tag>' and 'x:<tag>' fields) as a table field -> string ('0' when
 -- never bumped or pruned), repairing corrupt ones. A key of the wrong type is repaired by bumping every field
 -- asked for ('*' among them, which makes every older entry of the namespace stale).
 local function kw_read(hash, fields, lifetime_ms)
@@ -98,10 +109,11 @@ local function kw_tags(first)
   return tags, first + k + 1
 end
 
--- The current epochs: ns, class, and a table 't:<tag>' -> epoch string for the `tags` asked for and the
--- `vtags` an entry carries. Read from the hash (KEYS[2]) on a single server; on Redis Cluster, where the hash
--- lives in another slot, the caller passes them from its bounded view (KEYS[2] absent): ARGV[at] ns,
--- ARGV[at + 1] class, ARGV[at + 2] a count m, then m pairs (tag, epoch). A tag it does not pass is unknown.
+-- The current epochs: ns, class, and a table 't:<tag>' / 'x:<tag>' -> epoch string for the `tags` asked for and
+-- the `vtags` an entry carries. Read from the hash (KEYS[2]) on a single server; on Redis Cluster, where the
+-- hash lives in another slot, the caller passes them from its bounded view (KEYS[2] absent): ARGV[at] ns,
+-- ARGV[at + 1] class, ARGV[at + 2] a count m, then m triples (tag, removal epoch, expiry epoch). A tag it does
+-- not pass is unknown.
 local function kw_current(class, lifetime_ms, tags, vtags, at)
   if #KEYS > 1 then
     local fields = {'*', class}
@@ -110,6 +122,7 @@ local function kw_current(class, lifetime_ms, tags, vtags, at)
       if not seen[t] then
         seen[t] = true
         fields[#fields + 1] = 't:' .. t
+        fields[#fields + 1] = 'x:' .. t
       end
     end
     for i = 1, #vtags, 2 do
@@ -117,6 +130,7 @@ local function kw_current(class, lifetime_ms, tags, vtags, at)
       if not seen[t] then
         seen[t] = true
         fields[#fields + 1] = 't:' .. t
+        fields[#fields + 1] = 'x:' .. t
       end
     end
     local out = kw_read(KEYS[2], fields, lifetime_ms)
@@ -125,32 +139,45 @@ local function kw_current(class, lifetime_ms, tags, vtags, at)
   local out = {}
   local m = tonumber(ARGV[at + 2])
   for i = 1, m do
-    out['t:' .. ARGV[at + 1 + 2 * i]] = ARGV[at + 2 + 2 * i]
+    local tag = ARGV[at + 3 * i]
+    out['t:' .. tag] = ARGV[at + 1 + 3 * i]
+    out['x:' .. tag] = ARGV[at + 2 + 3 * i]
   end
   return ARGV[at], ARGV[at + 1], out
 end
 
--- Whether an entry filled under (vns, vcl, vtags) predates the current epochs (ns, cl, cur): true, false, or
--- nil when it carries a tag `cur` does not know (Cluster: the client looks it up and asks again). Epochs only
--- grow, so on a single server this is inequality; on Cluster a view may lag the entry's epochs, and a newer
--- entry is current.
+-- Whether an entry filled under (vns, vcl, vtags) predates the current epochs (ns, cl, cur): true (gone), 'x'
+-- (only a tag expiry: stale, kept for fail-safe), false, or nil when it carries a tag `cur` does not know
+-- (Cluster: the client looks it up and asks again). Epochs only grow, so on a single server this is
+-- inequality; on Cluster a view may lag the entry's epochs, and a newer entry is current. Mirrors `judge` in
+-- `envelope.rs`.
 local function kw_stale(vns, vcl, vtags, ns, cl, cur)
   if tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl) then
     return true
   end
-  local unknown = false
+  local unknown, expired = false, false
   for i = 1, #vtags, 2 do
     local c = cur['t:' .. vtags[i]]
     if c == nil then
       unknown = true
     elseif tonumber(vtags[i + 1]) < tonumber(c) then
       return true
+    elseif tonumber(vtags[i + 1]) < tonumber(cur['x:' .. vtags[i]] or '0') then
+      expired = true
     end
   end
   if unknown then
     return nil
   end
+  if expired then
+    return 'x'
+  end
   return false
+end
+
+-- The epoch a fill records for `tag`: the larger of its removal and expiry epochs (0 when never bumped).
+local function kw_tag_epoch(cur, tag)
+  return math.max(tonumber(cur['t:' .. tag] or '0'), tonumber(cur['x:' .. tag] or '0'))
 end
 
 -- The tags of an entry that `cur` does not know, as a reply: {3, tag, tag…}.
@@ -168,7 +195,7 @@ end
 local function kw_stamp(code, ns, cl, tags, cur)
   local out = {code, tonumber(ns), tonumber(cl)}
   for _, t in ipairs(tags) do
-    out[#out + 1] = tonumber(cur['t:' .. t] or '0')
+    out[#out + 1] = kw_tag_epoch(cur, t)
   end
   return out
 end

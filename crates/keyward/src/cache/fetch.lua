@@ -11,7 +11,7 @@
 -- ARGV[6] stale grace G (ms, 0: off): a value whose PTTL is at most G is stale (kept only for fail-safe)
 -- ARGV[7] refresh ahead R (ms, 0: off): a value whose PTTL is at most G + R is due for an eager refresh
 -- ARGV[8] k, the number of tags the caller fills with, then the k tags; on Cluster then ns, class, m, and m
--- pairs (tag, epoch) from the handle's view (see kw_current).
+-- triples (tag, removal epoch, expiry epoch) from the handle's view (see kw_current).
 -- Returns {0, stored [, fresh_ms]} a value (and how long it stays fresh) | {1, ns_gen, class_gen, tag_gen…} the caller now holds the lease (one tag_gen
 -- per caller tag, in order) | {2, wait_ms [, stale]} another caller holds the lease (and the value it keeps)
 --       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
@@ -89,6 +89,12 @@ if not vns then
   return {0, body}
 end
 local stale = kw_stale(vns, vcl, vtags, ns, cl, cur)
+-- Filled before a tag expiry: without fail-safe (or for a cached absent) it is gone; with it, it is stale: kept
+-- under a refill lease, like a value within its grace.
+local expired = stale == 'x' and grace > 0 and kind ~= 'n'
+if stale == 'x' then
+  stale = not expired
+end
 if stale == nil and not (kind == 'n' and ARGV[4] ~= '1') then
   return kw_unknown(vtags, cur)
 end
@@ -107,7 +113,7 @@ local pttl = redis.call('PTTL', KEYS[1])
 if kind == 'n' then
   return {0, body}
 end
-local fresh = grace == 0 or pttl > grace
+local fresh = not expired and (grace == 0 or pttl > grace)
 if held_until then
   if fresh then
     -- Someone is refreshing it ahead of its expiry: everyone keeps getting the current value.

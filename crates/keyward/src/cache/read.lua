@@ -1,10 +1,10 @@
 -- Read a current value without taking a lease. (epochs.lua is prepended.)
 -- KEYS[1] entry key   KEYS[2] namespace epochs hash (absent on Cluster: the epochs follow in ARGV)
 -- ARGV[1] class name   ARGV[2] epochs lifetime (ms)   ARGV[3] stale grace G (ms, 0: off)
--- ARGV[4] 0 (no tags of the caller's own). On Cluster then ns, class, m, and m pairs (tag, epoch) from the
--- handle's view (see kw_current).
+-- ARGV[4] 0 (no tags of the caller's own). On Cluster then ns, class, m, and m triples (tag, removal epoch,
+-- expiry epoch) from the handle's view (see kw_current).
 -- Returns the stored bytes, or nil when absent, leased, stale (PTTL at most G), or filled before a group or
--- tag invalidation; {3, tag…} (Cluster) when the entry carries tags whose epochs were not passed: ask again.
+-- tag invalidation or a tag expiry; {3, tag…} (Cluster) when the entry carries tags whose epochs were not passed: ask again.
 local v = redis.call('GET', KEYS[1])
 if not v then
   return false
@@ -30,7 +30,7 @@ if vns then
   if stale == nil then
     return kw_unknown(vtags, cur)
   end
-  if stale then
+  if stale then -- true, or 'x': expired (not fresh; only a fail-safe fetch may serve it)
     return false
   end
 end

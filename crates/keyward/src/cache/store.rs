@@ -21,7 +21,7 @@ use crate::backend::wake::WakeBus;
 use crate::backend::{
     Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, Val, ViewEpochs, scripts,
 };
-use crate::envelope::{self, Gens, LEASE_PREFIX, Stamp, Verdict, judge};
+use crate::envelope::{self, Gens, LEASE_PREFIX, Stamp, TagEpochs, Verdict, judge};
 use crate::error::{Error, Result};
 
 /// The batch fetch (`Cache::get_or_set_many`), in its own file.
@@ -120,15 +120,15 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// The current epochs a call knows: the group epochs and some tags' (`(tag, epoch)`).
+/// The current epochs a call knows: the group epochs and some tags' (`(tag, epochs)`).
 #[derive(Debug, Clone, Default)]
 struct Known {
     gens: Gens,
-    tags: Vec<(String, u64)>,
+    tags: Vec<(String, TagEpochs)>,
 }
 
 impl Known {
-    fn tag(&self, tag: &[u8]) -> Option<u64> {
+    fn tag(&self, tag: &[u8]) -> Option<TagEpochs> {
         self.tags
             .iter()
             .find(|(t, _)| t.as_bytes() == tag)
@@ -141,7 +141,10 @@ impl Known {
             gens: self.gens,
             tags: tags
                 .iter()
-                .map(|t| (t.clone(), self.tag(t.as_bytes()).unwrap_or(0)))
+                .map(|t| {
+                    let epochs = self.tag(t.as_bytes()).unwrap_or_default();
+                    (t.clone(), epochs.stamp())
+                })
                 .collect(),
         }
     }
@@ -198,20 +201,40 @@ fn mirror_epoch(kv: &Kv, ns: &Namespace, field: &str) -> u64 {
     epoch(h.and_then(|h| h.get(field)).map(|b| &b[..])).unwrap_or(0)
 }
 
-/// The embedded mirror's epoch of `tag` (field `t:<tag>`).
-fn mirror_tag_epoch(kv: &Kv, ns: &Namespace, tag: &[u8]) -> u64 {
+/// The embedded mirror's epochs of `tag` (fields `t:<tag>` and `x:<tag>`).
+fn mirror_tag_epochs(kv: &Kv, ns: &Namespace, tag: &[u8]) -> TagEpochs {
     let Ok(tag) = std::str::from_utf8(tag) else {
-        return 0;
+        return TagEpochs::default();
     };
-    mirror_epoch(kv, ns, &tag_field(tag))
+    TagEpochs {
+        removed: mirror_epoch(kv, ns, &tag_field(tag)),
+        expired: mirror_epoch(kv, ns, &expiry_field(tag)),
+    }
 }
 
-/// The epochs hash field of a tag.
+/// The epochs hash field of a tag's removals (`Keyward::invalidate_tag`).
 pub(crate) fn tag_field(tag: &str) -> String {
     let mut f = String::with_capacity(tag.len() + 2);
     f.push_str("t:");
     f.push_str(tag);
     f
+}
+
+/// The epochs hash field of a tag's expiries (`Keyward::expire_tag`).
+pub(crate) fn expiry_field(tag: &str) -> String {
+    let mut f = String::with_capacity(tag.len() + 2);
+    f.push_str("x:");
+    f.push_str(tag);
+    f
+}
+
+/// The other field of a tag's pair (`t:<tag>` ↔ `x:<tag>`): a bump of either takes both as its floor.
+fn sibling_field(field: &str) -> Option<String> {
+    if let Some(tag) = field.strip_prefix("t:") {
+        Some(expiry_field(tag))
+    } else {
+        field.strip_prefix("x:").map(tag_field)
+    }
 }
 
 /// Judge stored bytes in the embedded mirror (every epoch is at hand there).
@@ -220,7 +243,7 @@ fn mirror_judge(kv: &Kv, e: &Entry<'_>, raw: &[u8], negative_ok: bool) -> Verdic
     judge(
         raw,
         gens,
-        |t| Some(mirror_tag_epoch(kv, e.ns, t)),
+        |t| Some(mirror_tag_epochs(kv, e.ns, t)),
         negative_ok,
     )
 }
@@ -232,7 +255,7 @@ fn mirror_stamp(kv: &Kv, e: &Entry<'_>) -> Stamp {
         tags: e
             .tags
             .iter()
-            .map(|t| (t.clone(), mirror_tag_epoch(kv, e.ns, t.as_bytes())))
+            .map(|t| (t.clone(), mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp()))
             .collect(),
     }
 }
@@ -331,15 +354,24 @@ fn fetch_mirror(
                 Fetched::Leased(stamp, None)
             }
         },
+        // Without fail-safe an expired value is simply gone (as `fetch.lua`).
+        Verdict::Expired if e.grace_ms == 0 => match held {
+            Some(until) => wait(kv, until, None),
+            None => {
+                kv.put_evictable(e.key, lease, lease_until);
+                Fetched::Leased(stamp, None)
+            }
+        },
         Verdict::Current | Verdict::Unknown
             if envelope::parse(&body).is_ok_and(|(_, b)| b == envelope::Body::Negative) =>
         {
             // A cached absent is never kept for fail-safe nor refreshed ahead (fetch.lua).
             Fetched::Hit(body, None)
         }
-        Verdict::Current | Verdict::Unknown => {
+        verdict @ (Verdict::Current | Verdict::Unknown | Verdict::Expired) => {
             let pttl_ms = (expires - now) / 1000;
-            let fresh = e.grace_ms == 0 || pttl_ms > i64::try_from(e.grace_ms).unwrap_or(i64::MAX);
+            let fresh = verdict != Verdict::Expired
+                && (e.grace_ms == 0 || pttl_ms > i64::try_from(e.grace_ms).unwrap_or(i64::MAX));
             if let Some(until) = held {
                 return if fresh {
                     Fetched::Hit(body, e.fresh_for(pttl_ms))
@@ -422,7 +454,7 @@ pub(crate) async fn fetch(
     if view.is_none() {
         fast = fast.cmd("HMGET").arg(&e.ns.gens_key).arg("*").arg(e.class);
         for t in e.tags {
-            fast = fast.arg(tag_field(t));
+            fast = fast.arg(tag_field(t)).arg(expiry_field(t));
         }
     }
     let judge_fast = |replies: &[Reply]| match (&view, replies) {
@@ -531,7 +563,7 @@ fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<
     let [ns, class, tag_epochs @ ..] = epochs.array()? else {
         return None;
     };
-    if tag_epochs.len() != tags.len() {
+    if tag_epochs.len() != 2 * tags.len() {
         return None;
     }
     let field = |r: &Reply| -> Option<Option<u64>> {
@@ -549,11 +581,11 @@ fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<
         gens: Gens { ns, class },
         tags: Vec::with_capacity(tags.len()),
     };
-    for (t, r) in tags.iter().zip(tag_epochs) {
-        let Some(e) = field(r)? else {
+    for (t, pair) in tags.iter().zip(tag_epochs.chunks_exact(2)) {
+        let (Some(removed), Some(expired)) = (field(&pair[0])?, field(&pair[1])?) else {
             return Some(Fast::Atomic);
         };
-        known.tags.push((t.clone(), e));
+        known.tags.push((t.clone(), TagEpochs { removed, expired }));
     }
     classify(stored, &known, tags, negative_ok, false)
 }
@@ -576,7 +608,8 @@ fn classify(
         return Some(Fast::Atomic);
     }
     match judge(&stored, known.gens, |t| known.tag(t), negative_ok) {
-        Verdict::Stale => Some(Fast::Atomic),
+        // Gone, or expired (kept under a refill lease for fail-safe): the atomic path decides.
+        Verdict::Stale | Verdict::Expired => Some(Fast::Atomic),
         Verdict::Unknown if in_view => {
             let unknown = envelope::parse_tagged(&stored)
                 .map(|(_, carried, _)| {
@@ -613,6 +646,9 @@ async fn view_epochs(b: &Backend, e: &Entry<'_>, extra: &[String]) -> Result<Opt
         match b.group_epochs(e.ns, e.class, &names).await? {
             None => return Ok(None),
             Some(ViewEpochs::Current(ns, class, tags)) => {
+                let tags = tags
+                    .into_iter()
+                    .map(|(removed, expired)| TagEpochs { removed, expired });
                 return Ok(Some(Known {
                     gens: Gens { ns, class },
                     tags: names.iter().map(|t| (*t).to_owned()).zip(tags).collect(),
@@ -643,15 +679,15 @@ fn tag_args(mut call: Call, tags: &[String]) -> Call {
 }
 
 /// A cache script call's epochs: on a single server the script reads the epochs hash (`KEYS[2]`); on Cluster
-/// the view's epochs go last in `ARGV` instead: ns, class, a count m, then m pairs (tag, epoch) (see
-/// `epochs.lua`). `call` has every other argument already.
+/// the view's epochs go last in `ARGV` instead: ns, class, a count m, then m triples (tag, removal epoch,
+/// expiry epoch) (see `epochs.lua`). `call` has every other argument already.
 fn with_epochs(call: Call, e: &Entry<'_>, view: Option<&Known>) -> Call {
     match view {
         None => call.key(&e.ns.gens_key),
         Some(k) => {
             let mut call = call.arg(k.gens.ns).arg(k.gens.class).arg(k.tags.len());
-            for (t, epoch) in &k.tags {
-                call = call.arg(t.as_str()).arg(*epoch);
+            for (t, epochs) in &k.tags {
+                call = call.arg(t.as_str()).arg(epochs.removed).arg(epochs.expired);
             }
             call
         }
@@ -764,7 +800,10 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
                     {
                         return None;
                     }
-                    if mirror_judge(kv, e, &value, true) == Verdict::Stale {
+                    if matches!(
+                        mirror_judge(kv, e, &value, true),
+                        Verdict::Stale | Verdict::Expired
+                    ) {
                         return None;
                     }
                     Some(Ok(value))
@@ -939,12 +978,16 @@ pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64
             |kv| {
                 // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
                 let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
-                let current = epoch(
-                    kv.get_hash(&ns.gens_key)
-                        .and_then(|h| h.get(field))
-                        .map(|b| &b[..]),
-                )
-                .unwrap_or(0);
+                let read = |f: &str| {
+                    epoch(
+                        kv.get_hash(&ns.gens_key)
+                            .and_then(|h| h.get(f))
+                            .map(|b| &b[..]),
+                    )
+                    .unwrap_or(0)
+                };
+                // A tag's removal and expiry epochs draw from one sequence (see `TagEpochs`).
+                let current = read(field).max(sibling_field(field).map_or(0, |f| read(&f)));
                 let next = current.saturating_add(1).max(now_us);
                 let life_ms = i64::try_from(life_ms).unwrap_or(i64::MAX);
                 let left = kv.pttl(&ns.gens_key);
@@ -981,7 +1024,7 @@ fn prune_mirror(kv: &mut Kv, ns: &Namespace, bumped: &str, life_ms: i64) {
         return;
     }
     h.retain(|f, v| {
-        !(f.starts_with("t:")
+        !((f.starts_with("t:") || f.starts_with("x:"))
             && f != bumped
             && epoch(Some(&v[..])).is_some_and(|e| i64::try_from(e).is_ok_and(|e| e < floor)))
     });

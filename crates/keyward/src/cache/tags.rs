@@ -29,11 +29,15 @@
 //! field (0); the next bump takes the server clock again, above every epoch issued before. The whole hash also
 //! expires a lifetime after its last bump. So the hash holds about the tags invalidated within one lifetime.
 //!
-//! **Remove, and how *expire* fits.** [`Keyward::invalidate_tag`] *removes*: entries carrying the tag are
-//! misses from then on. An *expire* variant (the old value stays usable as a fail-safe fallback) needs no new
-//! envelope: bump a second field, `x:<tag>`, have a fill record `max(t:<tag>, x:<tag>)` per tag, and have both
-//! bumps take `max(t, x) + 1` as their floor; a recorded epoch below `t:<tag>` is then removed, one below only
-//! `x:<tag>` is stale-but-usable. It waits for the fail-safe tier (`stale_grace`), which keeps old values.
+//! **Remove and expire.** [`Keyward::invalidate_tag`] *removes*: entries carrying the tag are misses from then
+//! on. [`Keyward::expire_tag`] *expires*: entries carrying the tag are no longer fresh — the next read refills
+//! them — but in a class with `stale_grace` the old value stays usable as the fail-safe fallback (served if
+//! the refill fails or passes its soft timeout, exactly like a value within its grace). In a class without
+//! `stale_grace` nothing keeps old values, and expiring is removing. Expiry is a second field per tag,
+//! `x:<tag>`: both bumps take `max(t:<tag>, x:<tag>) + 1` (and the server clock) as their floor, so the two
+//! fields draw from one increasing sequence; a fill records the larger of the two; a recorded epoch below
+//! `t:<tag>` is removed, one below only `x:<tag>` is expired. A removal always wins over an expiry, of the
+//! same tag or of another tag the entry carries. Pruning treats `x:` fields as it treats `t:` fields.
 //!
 //! Limits: at most 32 tags per entry (`MAX_TAGS`), each 1 to 128 bytes (`MAX_TAG_BYTES`) without whitespace
 //! or control characters; duplicates are ignored. Every call on one entry should name the same tags: an entry
@@ -45,7 +49,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::store::{self, tag_field};
+use super::store::{self, expiry_field, tag_field};
 use super::{Cache, CacheLookup, Seen};
 use crate::Keyward;
 use crate::codec::Codec;
@@ -113,6 +117,7 @@ impl Keyward {
     /// epoch, so entries filled before it read as misses and fills leased before it never become visible. No
     /// SCAN, no member sets. Call it *after* the source-of-truth write. On Redis Cluster, other handles see it
     /// within [`ConnectOptions::group_invalidation_bound`](crate::ConnectOptions::group_invalidation_bound).
+    /// To keep the old values as a fail-safe fallback instead, use [`expire_tag`](Self::expire_tag).
     ///
     /// ```
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -143,14 +148,65 @@ impl Keyward {
     /// [`Error::InvalidTag`] for a tag that no entry could carry; backend failures.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
         check(None, tag)?;
-        let (kw, tag) = (self.clone(), tag.to_owned());
+        self.bump_tag(tag_field(tag)).await
+    }
+
+    /// Expire every cache entry carrying `tag`, in every class of the namespace, in O(1): they are no longer
+    /// fresh, so the next read of each refills it (one loader fleet-wide, under the fill lease), and a fill
+    /// leased before this call never becomes fresh. Unlike [`invalidate_tag`](Self::invalidate_tag), in a
+    /// class with `stale_grace` the old value stays the fail-safe fallback: if the refill fails, times out or
+    /// passes `soft_timeout`, callers get it (as [`CacheLookup::Stale`]) instead of an error, until the entry's
+    /// TTL plus grace runs out. In a class without `stale_grace` the entry is simply a miss. Plain reads
+    /// ([`Cache::get`]) never return an expired value. In-process copies (L1) are dropped as for a removal.
+    /// FusionCache's `Expire` and bentocache's `expire` are the same idea.
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use keyward::{CacheLookup, Keyward, StaleReason, policy::{CacheClass, Policy}};
+    ///
+    /// let policy = Policy::builder("dev", "shop")
+    ///     .cache(
+    ///         "product",
+    ///         CacheClass::new(Duration::from_secs(600), "catalog service, after each write")
+    ///             .stale_grace(Duration::from_secs(3600)),
+    ///     )
+    ///     .build()?;
+    /// let kw = Keyward::embedded(policy);
+    /// let products = kw.cache::<String>("product")?;
+    /// products
+    ///     .get_or_set_tagged("42", &["product:42"], || async { Ok::<_, std::io::Error>("apple".to_owned()) })
+    ///     .await?;
+    /// kw.expire_tag("product:42").await?; // the price changed; the catalog database is down
+    /// let (p, how) = products
+    ///     .get_or_set_tagged_with_status("42", &["product:42"], || async {
+    ///         Err::<String, _>(std::io::Error::other("database down"))
+    ///     })
+    ///     .await?;
+    /// assert_eq!((p.as_str(), how), ("apple", CacheLookup::Stale(StaleReason::LoaderError)));
+    /// assert_eq!(products.get("42").await?, None, "never served as fresh");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidTag`] for a tag that no entry could carry; backend failures.
+    pub async fn expire_tag(&self, tag: &str) -> Result<()> {
+        check(None, tag)?;
+        self.bump_tag(expiry_field(tag)).await
+    }
+
+    /// Bump one of a tag's two fields (`t:<tag>` or `x:<tag>`), detach in-process loads, and drop every
+    /// instance's L1.
+    async fn bump_tag(&self, field: String) -> Result<()> {
+        let kw = self.clone();
         let has_l1 = self.has_l1();
         let work = async move {
-            store::bump(&kw.inner.backend, &kw.inner.ns, &tag_field(&tag)).await?;
+            store::bump(&kw.inner.backend, &kw.inner.ns, &field).await?;
             // Which loads in flight carry the tag is not known here: none started before may be shared now.
             kw.shared::<Flights>().detach_all();
             if has_l1 {
                 // L1 entries do not record their tags: every instance drops its in-process tier (`cache::l1`).
+                let tag = field.get(2..).unwrap_or_default().to_owned();
                 let event = super::l1::Event::Tag { tag };
                 super::l1::hub(&kw).publish(&kw, event).await?;
             }
@@ -251,6 +307,16 @@ where
     pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
         check(Some(&self.class.name), tag)?;
         self.kw.invalidate_tag(tag).await
+    }
+
+    /// The same as [`Keyward::expire_tag`]: every entry carrying `tag`, in *every* class of the namespace,
+    /// not only this one.
+    ///
+    /// # Errors
+    /// As [`Keyward::expire_tag`]; an [`Error::InvalidTag`] names this class.
+    pub async fn expire_tag(&self, tag: &str) -> Result<()> {
+        check(Some(&self.class.name), tag)?;
+        self.kw.expire_tag(tag).await
     }
 }
 

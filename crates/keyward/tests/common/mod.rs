@@ -125,7 +125,8 @@ impl Harness {
     /// (64-byte values), `other` (a second class), `pii` (personal), `pii_ok` (personal + allow_shared),
     /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]), `safe` (fail-safe: 200 ms
     /// TTL, 60 s stale grace, 300 ms loader timeout; `safe_eager` also refreshes ahead in its last 150 ms), `soft` (the same with a 50 ms soft timeout), `eager`
-    /// (2 s TTL, refreshed ahead in its last 1.8 s).
+    /// (2 s TTL, refreshed ahead in its last 1.8 s), `kept` (fail-safe with a 60 s TTL: stale only when a
+    /// tag expired it).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
             .cache(
@@ -195,6 +196,14 @@ impl Harness {
                     .soft_timeout(Duration::from_millis(50))
                     .lease_ttl(Duration::from_secs(5))
                     .loader_timeout(Duration::from_secs(3)),
+            )
+            .cache(
+                "kept",
+                CacheClass::new(Duration::from_secs(60), "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .lease_ttl(Duration::from_secs(2))
+                    .loader_timeout(Duration::from_millis(300)),
             )
             .cache(
                 "eager",

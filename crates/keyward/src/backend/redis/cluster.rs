@@ -219,9 +219,9 @@ fn valid_epoch(raw: &[u8]) -> Option<u64> {
 /// What a handle's view says about a class's group epochs and some tags' epochs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ViewEpochs {
-    /// The namespace and class epochs, and each tag's asked for (in order; 0 when never bumped or pruned),
-    /// vouched for by a read within the bound.
-    Current(u64, u64, Vec<u64>),
+    /// The namespace and class epochs, and each tag's asked for (in order; fields `t:<tag>` and `x:<tag>`,
+    /// its removal and expiry epochs; 0 when never bumped or pruned), vouched for by a read within the bound.
+    Current(u64, u64, Vec<(u64, u64)>),
     /// These fields are corrupt: bump them (which repairs them) before trusting the view.
     Repair(Vec<String>),
 }
@@ -384,14 +384,15 @@ impl ClusterState {
             if s.corrupt.is_empty() {
                 let get = |f: &str| s.fields.get(f).map_or(0, |e| e.0);
                 let mut field = String::new();
+                let mut tag_field = |kind: &str, tag: &str| {
+                    field.clear();
+                    field.push_str(kind);
+                    field.push_str(tag);
+                    get(&field)
+                };
                 let tags = tags
                     .iter()
-                    .map(|t| {
-                        field.clear();
-                        field.push_str("t:");
-                        field.push_str(t);
-                        get(&field)
-                    })
+                    .map(|t| (tag_field("t:", t), tag_field("x:", t)))
                     .collect();
                 ViewEpochs::Current(get("*"), get(class), tags)
             } else {
@@ -724,28 +725,29 @@ mod tests {
         );
         state.apply_read(first, Some(read(&[("*", "3"), ("t:old", "4")])));
         state.apply_epoch("t:new", 9);
+        state.apply_epoch("x:new", 11);
         assert_eq!(
             state.epochs("c", &["old", "new", "none"]),
-            Some(ViewEpochs::Current(3, 0, vec![4, 9, 0]))
+            Some(ViewEpochs::Current(3, 0, vec![(4, 0), (9, 11), (0, 0)]))
         );
         // A read sent before the bump of t:new was learned cannot say it is gone; one sent after can.
         state.apply_read(before, Some(read(&[("*", "3")])));
         assert_eq!(
             state.epochs("c", &["old", "new"]),
-            Some(ViewEpochs::Current(3, 0, vec![0, 9])),
+            Some(ViewEpochs::Current(3, 0, vec![(0, 0), (9, 11)])),
             "t:old was pruned, t:new is newer than the read"
         );
         state.apply_read(Instant::now(), Some(read(&[("*", "3")])));
         assert_eq!(
             state.epochs("c", &["new"]),
-            Some(ViewEpochs::Current(3, 0, vec![0]))
+            Some(ViewEpochs::Current(3, 0, vec![(0, 0)]))
         );
         // Epochs only grow in the view: an older value does not lower one.
         state.apply_epoch("t:a", 7);
         state.apply_announcement(b"t:a 5");
         assert_eq!(
             state.epochs("c", &["a"]),
-            Some(ViewEpochs::Current(3, 0, vec![7]))
+            Some(ViewEpochs::Current(3, 0, vec![(7, 0)]))
         );
     }
 
