@@ -71,6 +71,7 @@
 
 mod backend;
 mod cache;
+pub mod channel;
 mod client;
 pub mod codec;
 mod envelope;
@@ -86,6 +87,7 @@ pub mod session;
 pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::many::MissingFromBatch;
 pub use cache::{Cache, CacheLookup, CacheStats, StaleReason};
+pub use channel::{Channel, ChannelEvent};
 pub use client::Keyward;
 pub use error::{BoxError, Error, Result};
 pub use rate_limit::{Decision, RateLimiter};

@@ -839,3 +839,69 @@ async fn l1_keeps_its_bound_across_a_failover() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A typed channel behind Sentinel: the master is killed, the subscriber gets a `Gap`, and its dedicated
+/// connection follows the failover to the new master, where messages flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_subscription_follows_a_failover() {
+    use futures_util::StreamExt;
+    use keyward::ChannelEvent;
+    use keyward::policy::ChannelClass;
+
+    let mut set = tokio::task::spawn_blocking(SentinelSet::spawn)
+        .await
+        .unwrap();
+    let policy = Policy::builder("test", "sentinel_channel")
+        .channel("news", ChannelClass::new())
+        .build()
+        .unwrap();
+    let options = ConnectOptions::default().response_timeout(Duration::from_millis(500));
+    let subscriber = Keyward::connect_with(&set.url(), policy.clone(), options.clone())
+        .await
+        .unwrap();
+    let publisher = Keyward::connect_with(&set.url(), policy, options)
+        .await
+        .unwrap();
+    let tx = publisher.channel::<u32>("news").unwrap();
+    let mut sub = subscriber
+        .channel::<u32>("news")
+        .unwrap()
+        .subscribe()
+        .await
+        .unwrap();
+    // Publishes `marker` until it arrives; a `Gap` seen meanwhile is reported.
+    async fn until_received(
+        tx: &keyward::Channel<u32>,
+        sub: &mut keyward::channel::Subscription<u32>,
+        marker: u32,
+    ) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut gap = false;
+        loop {
+            assert!(Instant::now() < deadline, "messages never flowed again");
+            let _ = tx.publish(&marker).await;
+            match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                Ok(Some(Ok(ChannelEvent::Message(m)))) if m == marker => return gap,
+                Ok(Some(Ok(ChannelEvent::Gap))) => gap = true,
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(other) => panic!("{other:?}"),
+            }
+        }
+    }
+    assert!(
+        !until_received(&tx, &mut sub, 1).await,
+        "no gap before the failover"
+    );
+    let set = tokio::task::spawn_blocking(move || {
+        let (old, _) = set.kill_master();
+        set.wait_new_master(old);
+        set
+    })
+    .await
+    .unwrap();
+    assert!(
+        until_received(&tx, &mut sub, 2).await,
+        "the subscriber was told it may have missed messages"
+    );
+    drop(set);
+}

@@ -27,6 +27,7 @@ mod cache_batch;
 mod cache_failsafe;
 mod cache_l1;
 mod cache_tags;
+mod channel;
 mod cluster;
 mod cluster_faults;
 mod conformance;

@@ -12,6 +12,7 @@
 //! need no boxing. `docs/architecture.md` says how to add a capability.
 
 pub(crate) mod breaker;
+pub(crate) mod channels;
 pub(crate) mod memory;
 mod options;
 pub(crate) mod redis;
@@ -295,6 +296,39 @@ impl Backend {
         Watch {
             listener,
             _shard: shard,
+        }
+    }
+
+    /// Publish `message` on a typed channel: `PUBLISH` (`SPUBLISH` on Cluster) through the shared connection,
+    /// bounded and admitted like every call; embedded, to the in-process subscribers. Returns how many
+    /// subscribers received it (on Cluster: on the channel's shard).
+    ///
+    /// # Errors
+    /// As [`atomic`](Self::atomic).
+    pub(crate) async fn publish_channel(
+        &self,
+        channel: &str,
+        message: bytes::Bytes,
+    ) -> Result<u64> {
+        match self {
+            Backend::Memory(m) => Ok(m.channels.publish(channel, message)),
+            Backend::Redis(r) => r.publish_channel(channel, &message).await,
+        }
+    }
+
+    /// Subscribe to a typed channel (on Redis, on the handle's dedicated channel connection; see
+    /// [`channels`]). The `bool` says whether the subscription is live already; if not, its first delivery
+    /// is a gap, and it becomes live when the connection is made.
+    pub(crate) async fn subscribe_channel(&self, channel: &str) -> (channels::Subscription, bool) {
+        match self {
+            Backend::Memory(m) => (
+                channels::Subscription::Local(m.channels.subscribe(channel)),
+                true,
+            ),
+            Backend::Redis(r) => {
+                let (sub, live) = r.channel_hub().subscribe(channel).await;
+                (channels::Subscription::Redis(sub), live)
+            }
         }
     }
 

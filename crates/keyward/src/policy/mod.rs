@@ -71,9 +71,15 @@
 //! lease = "60s"               # in-progress marker lifetime, default 60s, <= ttl
 //! max_response_bytes = 1048576
 //! version = 1
+//!
+//! [classes.catalog_changes]
+//! kind = "channel"            # typed pub/sub: broadcasts that may be lost (no TTL: nothing is stored)
+//! max_message_bytes = 65536   # default 64 KiB, at most 8 MiB
+//! version = 1                 # part of the channel name
 //! ```
 //!
-//! `kind` is required for every class: `"cache"`, `"rate_limit"`, `"session"`, `"lock"` or `"idempotency"`. Unknown fields anywhere are
+//! `kind` is required for every class: `"cache"`, `"rate_limit"`, `"session"`, `"lock"`, `"idempotency"` or
+//! `"channel"`. Unknown fields anywhere are
 //! errors. `env` and `app` are 1 to 32 characters of `[a-z0-9_.-]` starting with `[a-z0-9]`; class names
 //! are 1 to 64 characters of `[a-z][a-z0-9_]*` (so no class can collide with keyward's internal `_kw`
 //! keys). A policy with no classes is valid.
@@ -138,6 +144,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 mod cache;
+mod channel;
 mod fields;
 mod idempotency;
 mod lock;
@@ -145,6 +152,7 @@ mod rate_limit;
 mod session;
 
 pub use cache::{CacheClass, CacheOnError, Jitter, L1Tier};
+pub use channel::ChannelClass;
 pub use idempotency::IdempotencyClass;
 pub use lock::LockClass;
 pub use rate_limit::{Algorithm, OnError, RateLimitClass};
@@ -301,6 +309,8 @@ class_kinds! {
     Lock(LockClass) = "lock", as_lock, lock;
     /// Idempotency keys (`kind = "idempotency"`).
     Idempotency(IdempotencyClass) = "idempotency", as_idempotency, idempotency;
+    /// A typed pub/sub channel (`kind = "channel"`).
+    Channel(ChannelClass) = "channel", as_channel, channel;
 }
 
 /// A raw class table of kind `K` deserialized, converted and (later, in [`assemble`]) validated.

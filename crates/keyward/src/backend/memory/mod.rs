@@ -113,6 +113,8 @@ impl MemoryOptions {
 /// [`Backend::atomic`](super::Backend::atomic).
 pub(crate) struct MemoryBackend {
     pub(crate) keyspace: Keyspace,
+    /// Typed channels' in-process subscribers.
+    pub(crate) channels: super::channels::LocalHub,
 }
 
 impl MemoryBackend {
@@ -128,6 +130,7 @@ impl MemoryBackend {
             });
         Self {
             keyspace: Keyspace::new(budgets),
+            channels: super::channels::LocalHub::default(),
         }
     }
 

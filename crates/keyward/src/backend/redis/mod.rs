@@ -25,6 +25,7 @@ use redis::{
 };
 
 pub(crate) mod cluster;
+pub(crate) mod dedicated;
 mod sentinel;
 
 use super::ConnectOptions;
@@ -93,6 +94,10 @@ pub(crate) struct RedisBackend {
     bus: Arc<WakeBus>,
     /// The server's `maxmemory-policy` at connect (from `INFO memory`), if it reported one.
     maxmemory_policy: Option<String>,
+    /// How to open connections of their own (typed channels' subscriptions).
+    dial: Arc<dedicated::Dial>,
+    /// The typed channels' subscriptions, on a dedicated connection opened at the first `subscribe`.
+    channels: std::sync::OnceLock<Arc<super::channels::RedisHub>>,
 }
 
 /// `host:port`, `tls://host:port` or `unix:/path` — never credentials.
@@ -462,6 +467,11 @@ impl RedisBackend {
                 breaker,
                 bus,
                 maxmemory_policy: opened.maxmemory_policy,
+                dial: Arc::new(dedicated::Dial::Single {
+                    url: url.to_owned(),
+                    options: options.clone(),
+                }),
+                channels: std::sync::OnceLock::new(),
             });
         }
         let parsed = sentinel::SentinelUrl::parse(url, options)?;
@@ -508,6 +518,7 @@ impl RedisBackend {
         let tasks = sentinel::spawn(&follower);
         Ok(Self {
             conn,
+            dial: Arc::new(dedicated::Dial::Sentinel(Arc::clone(&follower))),
             follower: Some(follower),
             cluster: None,
             tasks,
@@ -516,6 +527,7 @@ impl RedisBackend {
             breaker,
             bus,
             maxmemory_policy: opened.maxmemory_policy,
+            channels: std::sync::OnceLock::new(),
         })
     }
 
@@ -677,6 +689,12 @@ impl RedisBackend {
             breaker,
             bus,
             maxmemory_policy,
+            dial: Arc::new(dedicated::Dial::Cluster {
+                url: url.to_owned(),
+                seeds,
+                options: options.clone(),
+            }),
+            channels: std::sync::OnceLock::new(),
         })
     }
 
@@ -1055,6 +1073,38 @@ impl RedisBackend {
         )
         .await
         .map(drop)
+    }
+
+    /// Publish a typed channel's message: `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard). Returns
+    /// how many subscribers received it (on Cluster: on that shard).
+    pub(crate) async fn publish_channel(&self, channel: &str, message: &[u8]) -> Result<u64> {
+        let mut conn = self.conn();
+        let cmd = if self.cluster.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let slot = self
+            .cluster
+            .as_ref()
+            .map(|_| crate::key::cluster_slot(channel.as_bytes()));
+        self.call(
+            "publish",
+            slot,
+            redis::cmd(cmd)
+                .arg(channel)
+                .arg(message)
+                .query_async::<u64>(&mut conn),
+        )
+        .await
+    }
+
+    /// The typed channels' hub of this handle (its dedicated connection is opened by the first subscription).
+    pub(crate) fn channel_hub(&self) -> Arc<super::channels::RedisHub> {
+        Arc::clone(
+            self.channels
+                .get_or_init(|| super::channels::RedisHub::start(Arc::clone(&self.dial))),
+        )
     }
 
     /// Subscribe to the backplane channel again (`SUBSCRIBE`, `SSUBSCRIBE` on Cluster), bounded by the response

@@ -396,6 +396,19 @@ impl Follower {
         }
     }
 
+    /// The master the shared connection is on now (`host`, `port`).
+    pub(crate) fn current_master(&self) -> (String, u16) {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The options the handle connected with.
+    pub(crate) fn options(&self) -> &ConnectOptions {
+        &self.options
+    }
+
     /// Ask for a re-resolution (cheap; coalesced).
     pub(crate) fn trigger(&self) {
         self.resolve.notify_one();
