@@ -3,11 +3,12 @@
 
 #![allow(unreachable_pub)]
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::Harness;
-use keyward::policy::{CacheClass, Policy, Retention, StreamClass};
-use keyward::stream::EntryId;
+use keyward::policy::{Backoff, CacheClass, Policy, Retention, StreamClass};
+use keyward::stream::{EntryId, Message};
 use keyward::{Error, Keyward};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,16 @@ fn policy(app: &str) -> Policy {
         .stream(
             "small",
             StreamClass::new(Retention::maxlen(10)).max_message_bytes(128),
+        )
+        .stream(
+            "jobs",
+            StreamClass::new(Retention::maxlen(10_000))
+                .max_deliveries(3)
+                .backoff(
+                    Backoff::new(Duration::from_millis(20), 2.0, Duration::from_millis(200))
+                        .jitter_percent(0.0),
+                )
+                .claim_idle(Duration::from_millis(300)),
         )
         .cache("product", CacheClass::new(Duration::from_secs(60), "tests"))
         .build()
@@ -85,9 +96,14 @@ conformance!(
     a_lagging_group_keeps_its_unacknowledged_entries_until_the_hard_cap,
     a_stream_has_no_ttl_and_its_key_follows_the_policy,
     bad_input_is_a_typed_error,
+    a_worker_handles_every_entry_once_and_is_woken_by_publishes,
+    a_failing_entry_is_dead_lettered_after_max_deliveries_with_backoff,
+    an_abandoned_entry_is_taken_over_after_claim_idle,
+    graceful_shutdown_loses_nothing_and_duplicates_nothing,
 );
 
 mod cases {
+    pub use super::worker_cases::*;
     use super::*;
 
     pub async fn publish_round_trips_in_order_with_increasing_ids(h: Harness) {
@@ -350,6 +366,244 @@ mod cases {
             events.range(None, 10).await.unwrap_err(),
             Error::Decode { class, .. } if class == "events"
         ));
+    }
+}
+
+/// A shutdown signal for a worker: resolves once `fire` is called (or was called before).
+#[derive(Clone, Default)]
+struct Stop(Arc<tokio::sync::Notify>, Arc<std::sync::atomic::AtomicBool>);
+
+impl Stop {
+    fn fire(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify_waiters();
+    }
+
+    async fn wait(self) {
+        loop {
+            let n = self.0.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(EntryId, u64, u64)>>>;
+
+mod worker_cases {
+    use super::*;
+
+    pub async fn a_worker_handles_every_entry_once_and_is_woken_by_publishes(h: Harness) {
+        let kw = connect(&h).await;
+        // claim_idle 60 s: an idle worker re-checks only every 5 s, so finishing well within that shows the
+        // publishes woke it.
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (seen, stop) = (Arc::clone(&seen), stop.clone());
+            events
+                .worker("mailer", move |m: Message<OrderPlaced>| {
+                    let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                    async move {
+                        let mut s = seen.lock().unwrap();
+                        s.push((m.id, m.event.order, m.deliveries));
+                        if s.len() == 200 {
+                            stop.fire();
+                        }
+                        Ok::<(), String>(())
+                    }
+                })
+                .concurrency(8)
+        };
+        let run = tokio::spawn(worker.run(stop.clone().wait()));
+        // Published after the worker started and (for the first batch, likely) went idle.
+        let mut ids = Vec::new();
+        for chunk in 0..4 {
+            let batch: Vec<_> = (chunk * 50..(chunk + 1) * 50).map(order).collect();
+            ids.extend(events.publish_many(&batch).await.unwrap());
+        }
+        let report = tokio::time::timeout(Duration::from_secs(4), run)
+            .await
+            .expect("woken by the publishes, not by the 5 s re-check")
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.handled, 200);
+        assert_eq!(
+            (
+                report.failed,
+                report.dead_lettered,
+                report.lost,
+                report.unfinished
+            ),
+            (0, 0, 0, 0)
+        );
+        let mut got = seen.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(
+            got.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+            ids,
+            "each once"
+        );
+        assert!(got.iter().all(|(_, _, d)| *d == 1));
+        if let Some(mut raw) = h.raw() {
+            let pending: (i64, ::redis::Value, ::redis::Value, ::redis::Value) =
+                ::redis::cmd("XPENDING")
+                    .arg(stream_key(&h, "events"))
+                    .arg("mailer")
+                    .query(&mut *raw)
+                    .unwrap();
+            assert_eq!(pending.0, 0, "every entry was acknowledged");
+        }
+    }
+
+    pub async fn a_failing_entry_is_dead_lettered_after_max_deliveries_with_backoff(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // 3 deliveries, 20 ms × 2, no jitter
+        let attempts: Arc<Mutex<Vec<(u64, tokio::time::Instant)>>> = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (attempts, stop) = (Arc::clone(&attempts), stop.clone());
+            jobs.worker("billing", move |m: Message<OrderPlaced>| {
+                let (attempts, stop) = (Arc::clone(&attempts), stop.clone());
+                async move {
+                    attempts
+                        .lock()
+                        .unwrap()
+                        .push((m.deliveries, tokio::time::Instant::now()));
+                    if m.deliveries == 3 {
+                        stop.fire(); // the run waits for this handler (and its dead-lettering) to finish
+                    }
+                    Err(format!("card declined for order {}", m.event.order))
+                }
+            })
+        };
+        let id = jobs.publish(&order(7)).await.unwrap();
+        let report = worker.run(stop.wait()).await.unwrap();
+        assert_eq!(
+            (report.handled, report.failed, report.dead_lettered),
+            (0, 3, 1)
+        );
+        let attempts = attempts.lock().unwrap().clone();
+        assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            attempts[1].1 - attempts[0].1 >= Duration::from_millis(20),
+            "{attempts:?}"
+        );
+        assert!(
+            attempts[2].1 - attempts[1].1 >= Duration::from_millis(40),
+            "{attempts:?}"
+        );
+        let dead = jobs.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, id);
+        assert_eq!(dead[0].group, "billing");
+        assert_eq!(dead[0].deliveries, 3);
+        assert_eq!(dead[0].error, "card declined for order 7");
+        assert_eq!(
+            serde_json::from_slice::<OrderPlaced>(&dead[0].payload).unwrap(),
+            order(7)
+        );
+        // Acknowledged and (no other group needs it) deleted from the stream: never in both places.
+        assert_eq!(jobs.len().await.unwrap(), 0);
+    }
+
+    pub async fn an_abandoned_entry_is_taken_over_after_claim_idle(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // claim_idle 300 ms
+        let id = jobs.publish(&order(1)).await.unwrap();
+        // Worker A takes the entry and hangs; its shutdown grace is zero, so it leaves it pending.
+        let started = Stop::default();
+        let a = {
+            let started = started.clone();
+            jobs.worker("ship", move |_m: Message<OrderPlaced>| {
+                let started = started.clone();
+                async move {
+                    started.fire();
+                    std::future::pending::<()>().await;
+                    Ok::<(), String>(())
+                }
+            })
+            .shutdown_grace(Duration::ZERO)
+        };
+        let report = a.run(started.wait()).await.unwrap();
+        assert_eq!((report.handled, report.unfinished), (0, 1));
+        let left = tokio::time::Instant::now();
+        // Worker B takes it over once it has been idle for claim_idle, as its second delivery.
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let b = {
+            let (seen, stop) = (Arc::clone(&seen), stop.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    stop.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let report = tokio::time::timeout(Duration::from_secs(10), b.run(stop.wait()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            left.elapsed() >= Duration::from_millis(250),
+            "not before claim_idle"
+        );
+        assert_eq!(report.handled, 1);
+        assert_eq!(seen.lock().unwrap().clone(), [(id, 1, 2)]);
+    }
+
+    pub async fn graceful_shutdown_loses_nothing_and_duplicates_nothing(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        let ids = events
+            .publish_many(&(0..300).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let seen: Seen = Arc::default();
+        let worker = |stop: Stop, at: usize| {
+            let seen = Arc::clone(&seen);
+            events
+                .worker("index", move |m: Message<OrderPlaced>| {
+                    let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                    async move {
+                        tokio::task::yield_now().await; // handlers are in flight when the stop comes
+                        let mut s = seen.lock().unwrap();
+                        s.push((m.id, m.event.order, m.deliveries));
+                        if s.len() >= at {
+                            stop.fire();
+                        }
+                        Ok::<(), String>(())
+                    }
+                })
+                .concurrency(16)
+        };
+        let first = Stop::default();
+        let r1 = worker(first.clone(), 100).run(first.wait()).await.unwrap();
+        assert_eq!(
+            r1.unfinished, 0,
+            "in-flight handlers finished within the grace"
+        );
+        let second = Stop::default();
+        let r2 = tokio::time::timeout(
+            Duration::from_secs(30),
+            worker(second.clone(), 300).run(second.wait()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(r1.handled + r2.handled, 300);
+        let mut got: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+        got.sort();
+        assert_eq!(got, ids, "every entry once: none lost, none twice");
     }
 }
 

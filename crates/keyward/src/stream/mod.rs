@@ -45,6 +45,9 @@
 //! (entries the hard cap removed before every group acknowledged them).
 
 pub(crate) mod store;
+mod worker;
+
+pub use worker::{DeadLetter, Message, Worker, WorkerReport};
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -297,6 +300,9 @@ where
     async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Vec<EntryId>> {
         let retention = self.inner.settings.retention_value();
         let out = store::publish(&self.kw, &self.inner.keys, &retention, &payloads).await?;
+        // Idle workers of this process look at once (on Redis the script also woke those elsewhere, if any
+        // waited; a second wake-up only makes a worker read again).
+        self.kw.inner.bus.wake(&self.inner.keys.stream);
         self.inner.published.increment(out.ids.len() as u64);
         if out.dropped > 0 {
             self.inner.dropped.increment(out.dropped);

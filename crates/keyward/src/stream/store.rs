@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use super::EntryId;
+use super::worker::DeadLetter;
 use crate::Keyward;
 use crate::backend::memory::stream::{StreamId, StreamVal};
 use crate::backend::{Kv, Reply, scripts};
@@ -14,6 +15,13 @@ scripts! {
     publish: "stream_publish.lua";
     len: "stream_len.lua";
     range: "stream_range.lua";
+    group: "stream_group.lua";
+    read: "stream_read.lua";
+    ack: "stream_ack.lua";
+    claim: "stream_claim.lua";
+    reclaim: "stream_reclaim.lua";
+    dead: "stream_dead.lua";
+    dead_read: "stream_dead_read.lua";
 }
 
 /// The field each entry stores its encoded message in.
@@ -27,14 +35,17 @@ pub(crate) struct StreamKeys {
     /// `{env}:{app}:{class}:v{n}:{<class>}`: the stream.
     pub(crate) stream: String,
     /// `…:{<class>}:dead`: the dead-letter stream (its own retention).
-    #[allow(dead_code)] // used by the worker runtime, which is not part of this change yet
     pub(crate) dead: String,
+    /// `…:{<class>}:wake`: set (with a TTL) by a worker that found nothing to read; the next publish deletes
+    /// it and sends one wake-up.
+    pub(crate) wake: String,
 }
 
 impl StreamKeys {
     pub(crate) fn new(stream: String) -> Self {
         StreamKeys {
             dead: format!("{stream}:dead"),
+            wake: format!("{stream}:wake"),
             stream,
         }
     }
@@ -125,14 +136,21 @@ pub(super) async fn publish(
     payloads: &[Vec<u8>],
 ) -> Result<Published> {
     let (maxlen, max_age, approximate, hard) = retention_args(retention);
+    let channel = kw
+        .inner
+        .backend
+        .wake_channel(&kw.inner.ns, &keys.stream)
+        .into_owned();
     let mut call = SCRIPTS
         .publish
         .call("stream_publish")
         .key(&keys.stream)
+        .key(&keys.wake)
         .arg(maxlen)
         .arg(max_age)
         .arg(if approximate { "1" } else { "0" })
-        .arg(hard);
+        .arg(hard)
+        .arg(channel);
     for p in payloads {
         call = call.arg(&p[..]);
     }
@@ -153,6 +171,7 @@ pub(super) async fn publish(
                     })
                     .collect();
                 let dropped = apply_retention(s, retention, now_ms);
+                kv.del(&keys.wake);
                 Published { ids, dropped }
             },
             |reply: &Reply| {
@@ -240,6 +259,502 @@ pub(super) async fn range(
                             payload.bytes()?
                         };
                         Some((to_entry(id), payload))
+                    })
+                    .collect()
+            },
+        )
+        .await
+}
+
+/// The field `m` of an entry's fields.
+fn payload_of(fields: &[(Bytes, Bytes)]) -> Bytes {
+    fields
+        .iter()
+        .find(|(f, _)| &f[..] == FIELD)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+fn sid(id: EntryId) -> StreamId {
+    StreamId::new(id.ms, id.seq)
+}
+
+fn parse_id(r: &Reply) -> Option<EntryId> {
+    Some(to_entry(StreamId::parse(
+        std::str::from_utf8(&r.bytes()?).ok()?,
+    )?))
+}
+
+/// A payload reply: nil (no entry, or no field `m`) is `None`.
+fn parse_payload(r: &Reply) -> Option<Option<Bytes>> {
+    if r.is_nil() {
+        return Some(None);
+    }
+    Some(Some(r.bytes()?))
+}
+
+/// `stream_group.lua`: whether the group was created (false: it existed). `from_oldest`: a new group starts
+/// at the oldest entry kept (`0`), else at new entries only (`$`).
+pub(super) async fn create_group(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    from_oldest: bool,
+) -> Result<bool> {
+    let call = SCRIPTS
+        .group
+        .call("stream_group")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(if from_oldest { "0" } else { "$" });
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let start = from_oldest.then_some(StreamId::ZERO);
+                kv.stream_or_create(&keys.stream).create_group(group, start)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// `stream_read.lua`: up to `count` new entries for `consumer` (`None`: the group does not exist); when
+/// there are none, the wake-up marker is left for `marker_ttl_ms`.
+pub(super) async fn read(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    marker_ttl_ms: u64,
+) -> Result<Option<Vec<(EntryId, Bytes)>>> {
+    let call = SCRIPTS
+        .read
+        .call("stream_read")
+        .key(&keys.stream)
+        .key(&keys.wake)
+        .arg(group)
+        .arg(consumer)
+        .arg(count)
+        .arg(marker_ttl_ms);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let got = kv
+                    .stream_mut(&keys.stream)
+                    .and_then(|s| s.read_new(group, consumer, count, now_ms))?;
+                let out: Vec<_> = got
+                    .into_iter()
+                    .map(|(id, fields)| (to_entry(id), payload_of(&fields)))
+                    .collect();
+                if out.is_empty() {
+                    kv.set(
+                        &keys.wake,
+                        crate::backend::Val::Str(Bytes::from_static(b"1")),
+                        i64::try_from(marker_ttl_ms).unwrap_or(i64::MAX),
+                    );
+                }
+                Some(out)
+            },
+            |reply| {
+                let items = reply.array()?;
+                let (status, rest) = items.split_first()?;
+                if status.int()? == -1 {
+                    return Some(None);
+                }
+                let out = rest
+                    .chunks(2)
+                    .map(|pair| {
+                        let [id, payload] = pair else { return None };
+                        Some((parse_id(id)?, parse_payload(payload)?.unwrap_or_default()))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Some(out))
+            },
+        )
+        .await
+}
+
+/// `stream_ack.lua`: whether the entry was pending in the group.
+pub(super) async fn ack(kw: &Keyward, keys: &StreamKeys, group: &str, id: EntryId) -> Result<bool> {
+    let call = SCRIPTS
+        .ack
+        .call("stream_ack")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(id.to_string());
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                kv.stream_mut(&keys.stream)
+                    .is_some_and(|s| s.ack(group, &[sid(id)]) == 1)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// An entry taken for one more delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Claimed {
+    pub(super) id: EntryId,
+    /// Deliveries counted so far, this one included.
+    pub(super) deliveries: u64,
+    /// `None` when the entry is no longer in the stream (trimmed past the hard cap).
+    pub(super) payload: Option<Bytes>,
+}
+
+/// `stream_claim.lua` for one entry this consumer still holds: its next delivery (a retry), or `None` if
+/// another consumer took it over or it is no longer pending.
+pub(super) async fn redeliver(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    id: EntryId,
+) -> Result<Option<Claimed>> {
+    let call = SCRIPTS
+        .claim
+        .call("stream_claim")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg("0")
+        .arg(id.to_string());
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream_mut(&keys.stream)?;
+                if s.pending_entry(group, sid(id))?.consumer != consumer {
+                    return None;
+                }
+                let deliveries = s.claim(group, consumer, sid(id), false, now_ms)?;
+                let payload = s.entry(sid(id)).map(|f| payload_of(f));
+                Some(Claimed {
+                    id,
+                    deliveries,
+                    payload,
+                })
+            },
+            |reply| match reply.array()? {
+                [] => Some(None),
+                [rid, deliveries, payload] => Some(Some(Claimed {
+                    id: parse_id(rid)?,
+                    deliveries: u64::try_from(deliveries.int()?).ok()?,
+                    payload: parse_payload(payload)?,
+                })),
+                _ => None,
+            },
+        )
+        .await
+}
+
+/// `stream_claim.lua` with JUSTID: reset the idle time of the entries this consumer still holds (so no
+/// live worker reclaims them), without counting a delivery. Returns the ids still held.
+pub(super) async fn touch(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    ids: &[EntryId],
+) -> Result<Vec<EntryId>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut call = SCRIPTS
+        .claim
+        .call("stream_touch")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg("1");
+    for id in ids {
+        call = call.arg(id.to_string());
+    }
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let Some(s) = kv.stream_mut(&keys.stream) else {
+                    return Vec::new();
+                };
+                ids.iter()
+                    .copied()
+                    .filter(|id| {
+                        s.pending_entry(group, sid(*id))
+                            .is_some_and(|p| p.consumer == consumer)
+                            && s.claim(group, consumer, sid(*id), true, now_ms).is_some()
+                    })
+                    .collect()
+            },
+            |reply| reply.array()?.iter().map(parse_id).collect(),
+        )
+        .await
+}
+
+/// What one reclaim pass found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reclaimed {
+    /// Where the next pass goes on (`None`: the pending list was walked to its end).
+    pub(super) cursor: Option<EntryId>,
+    /// Pending entries no longer in the stream, removed from the pending list.
+    pub(super) deleted: u64,
+    /// Entries taken over, with their deliveries so far (this one included).
+    pub(super) claimed: Vec<Claimed>,
+}
+
+/// `stream_reclaim.lua` (`None`: the group does not exist).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn reclaim(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    claim_idle_ms: u64,
+    cursor: Option<EntryId>,
+    count: usize,
+    consumer_idle_ms: u64,
+) -> Result<Option<Reclaimed>> {
+    let call = SCRIPTS
+        .reclaim
+        .call("stream_reclaim")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(claim_idle_ms)
+        .arg(cursor.map_or_else(|| "0-0".to_owned(), |c| c.to_string()))
+        .arg(count)
+        .arg(consumer_idle_ms);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream_mut(&keys.stream)?;
+                let start = cursor.map_or(StreamId::ZERO, sid);
+                let idle = i64::try_from(claim_idle_ms).unwrap_or(i64::MAX);
+                let got = s.autoclaim(group, consumer, idle, start, count, now_ms)?;
+                let claimed = got
+                    .claimed
+                    .iter()
+                    .map(|(id, fields)| Claimed {
+                        id: to_entry(*id),
+                        deliveries: s.pending_entry(group, *id).map_or(0, |p| p.deliveries),
+                        payload: Some(payload_of(fields)),
+                    })
+                    .collect();
+                let bound = i64::try_from(consumer_idle_ms).unwrap_or(i64::MAX);
+                for name in s.idle_consumers(group, consumer, bound, now_ms) {
+                    s.delete_consumer(group, &name);
+                }
+                Some(Reclaimed {
+                    cursor: (got.next != StreamId::ZERO).then(|| to_entry(got.next)),
+                    deleted: got.deleted.len() as u64,
+                    claimed,
+                })
+            },
+            |reply| {
+                let items = reply.array()?;
+                if let [status] = items
+                    && status.int() == Some(-1)
+                {
+                    return Some(None);
+                }
+                let [next, deleted, rest @ ..] = items else {
+                    return None;
+                };
+                let next = parse_id(next)?;
+                let claimed = rest
+                    .chunks(3)
+                    .map(|c| {
+                        let [id, deliveries, payload] = c else {
+                            return None;
+                        };
+                        Some(Claimed {
+                            id: parse_id(id)?,
+                            deliveries: u64::try_from(deliveries.int()?).ok()?,
+                            payload: parse_payload(payload)?,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Some(Reclaimed {
+                    cursor: (next != EntryId::new(0, 0)).then_some(next),
+                    deleted: u64::try_from(deleted.int()?).ok()?,
+                    claimed,
+                }))
+            },
+        )
+        .await
+}
+
+/// `stream_dead.lua`: move the entry `id` (held by `consumer`) to the dead letters with its last `error`,
+/// acknowledge it, and delete it from the stream if no other group needs it; with `dead` `None` (dead
+/// letters off) only acknowledge it. False if `consumer` no longer holds it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn dead_letter(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    id: EntryId,
+    error: &str,
+    deliveries: u64,
+    dead: Option<&Retention>,
+) -> Result<bool> {
+    let (maxlen, max_age, _, hard) = dead.map_or((0, 0, false, 0), retention_args);
+    let call = SCRIPTS
+        .dead
+        .call("stream_dead")
+        .key(&keys.stream)
+        .key(&keys.dead)
+        .arg(group)
+        .arg(consumer)
+        .arg(id.to_string())
+        .arg(error)
+        .arg(deliveries)
+        .arg(if dead.is_some() { "1" } else { "0" })
+        .arg(maxlen)
+        .arg(max_age)
+        .arg(hard);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let Some(s) = kv.stream_mut(&keys.stream) else {
+                    return false;
+                };
+                if s.pending_entry(group, sid(id))
+                    .is_none_or(|p| p.consumer != consumer)
+                {
+                    return false;
+                }
+                let payload = s.entry(sid(id)).map(|f| payload_of(f)).unwrap_or_default();
+                s.ack(group, &[sid(id)]);
+                let needed = s.group_names().filter(|g| *g != group).any(|g| {
+                    s.group(g).is_some_and(|other| {
+                        other.last_delivered < sid(id) || other.pending.contains_key(&sid(id))
+                    })
+                });
+                if !needed {
+                    s.delete(&[sid(id)]);
+                }
+                if dead.is_some() {
+                    let d = kv.stream_or_create(&keys.dead);
+                    d.add(
+                        now_ms,
+                        vec![
+                            (Bytes::from_static(FIELD), payload),
+                            (Bytes::from_static(b"id"), Bytes::from(id.to_string())),
+                            (
+                                Bytes::from_static(b"group"),
+                                Bytes::copy_from_slice(group.as_bytes()),
+                            ),
+                            (
+                                Bytes::from_static(b"error"),
+                                Bytes::copy_from_slice(error.as_bytes()),
+                            ),
+                            (
+                                Bytes::from_static(b"deliveries"),
+                                Bytes::from(deliveries.to_string()),
+                            ),
+                        ],
+                    );
+                    if max_age > 0 {
+                        let now = u64::try_from(now_ms).unwrap_or(0);
+                        if now > max_age {
+                            d.trim_minid(StreamId::new(now - max_age, 0));
+                        }
+                    }
+                    let cap = if maxlen == 0 { hard } else { maxlen };
+                    d.trim_maxlen(usize::try_from(cap).unwrap_or(usize::MAX));
+                }
+                true
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// `stream_dead_read.lua`: the oldest `count` dead letters.
+pub(super) async fn dead_letters(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    count: usize,
+) -> Result<Vec<DeadLetter>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let call = SCRIPTS
+        .dead_read
+        .call("stream_dead_read")
+        .key(&keys.dead)
+        .arg(count);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let Some(d) = kv.stream(&keys.dead) else {
+                    return Vec::new();
+                };
+                d.range(StreamId::ZERO, StreamId::MAX, count)
+                    .into_iter()
+                    .map(|(dead_id, fields)| {
+                        let field = |name: &[u8]| {
+                            fields
+                                .iter()
+                                .find(|(f, _)| &f[..] == name)
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default()
+                        };
+                        let text = |name: &[u8]| String::from_utf8_lossy(&field(name)).into_owned();
+                        DeadLetter {
+                            dead_id: to_entry(dead_id),
+                            id: text(b"id").parse().unwrap_or(EntryId::new(0, 0)),
+                            group: text(b"group"),
+                            error: text(b"error"),
+                            deliveries: text(b"deliveries").parse().unwrap_or(0),
+                            payload: field(FIELD),
+                        }
+                    })
+                    .collect()
+            },
+            |reply| {
+                reply
+                    .array()?
+                    .chunks(6)
+                    .map(|c| {
+                        let [dead_id, payload, id, group, error, deliveries] = c else {
+                            return None;
+                        };
+                        let text = |r: &Reply| {
+                            parse_payload(r).map(|b| {
+                                String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()
+                            })
+                        };
+                        Some(DeadLetter {
+                            dead_id: parse_id(dead_id)?,
+                            payload: parse_payload(payload)?.unwrap_or_default(),
+                            id: text(id)?.parse().unwrap_or(EntryId::new(0, 0)),
+                            group: text(group)?,
+                            error: text(error)?,
+                            deliveries: text(deliveries)?.parse().unwrap_or(0),
+                        })
                     })
                     .collect()
             },

@@ -1,8 +1,8 @@
 -- Append messages to a stream and apply its retention, never trimming an entry that a consumer group has not
 -- acknowledged (delivered and pending, or not delivered yet), except past the hard cap.
--- KEYS[1] the stream
+-- KEYS[1] the stream   KEYS[2] the wake-up marker a worker leaves when it found nothing to read (same hash tag)
 -- ARGV[1] maxlen (0: no count bound)   ARGV[2] max_age in ms (0: no age bound)   ARGV[3] "1": approximate (~)
--- ARGV[4] hard_maxlen   ARGV[5..] the encoded messages, one entry each (field `m`)
+-- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6..] the encoded messages, one entry each (field `m`)
 -- Returns {dropped, id, id, …}: `dropped` counts entries the hard cap removed although some group had not
 -- acknowledged them (0 normally); then the new entries' ids in order.
 --
@@ -13,8 +13,17 @@
 -- Ids are `ms-seq`; ms (13 digits) and seq fit Lua's doubles exactly, and are written with %.0f.
 local key = KEYS[1]
 local out = {0}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   out[#out + 1] = redis.call('XADD', key, '*', 'm', ARGV[i])
+end
+-- Wake idle workers once (the marker says some wait): sharded (SPUBLISH, in the stream's slot) when the
+-- channel ends in '}' (Redis Cluster), else plain PUBLISH. The payload is the stream's key.
+if redis.call('DEL', KEYS[2]) == 1 then
+  if string.sub(ARGV[5], -1) == '}' then
+    redis.call('SPUBLISH', ARGV[5], key)
+  else
+    redis.call('PUBLISH', ARGV[5], key)
+  end
 end
 local maxlen = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])

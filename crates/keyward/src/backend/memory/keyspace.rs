@@ -576,7 +576,6 @@ impl Kv {
     }
 
     /// The live stream at `key`, mutably (measured again at the end of the section).
-    #[cfg_attr(not(test), allow(dead_code))] // the worker runtime's mirrors will use it
     pub(crate) fn stream_mut(&mut self, key: &str) -> Option<&mut StreamVal> {
         if !matches!(self.get(key), Some(Val::Stream(_))) {
             return None;

@@ -8,10 +8,6 @@
 //! tokio clock drives them in tests. The value keeps a running byte count, so measuring it after a critical
 //! section costs nothing per entry.
 
-// The consumer-group operations (read, ack, pending, autoclaim, consumers) are the embedded half of the
-// worker runtime, which is not part of the crate yet; until it lands only their unit tests call them.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
@@ -109,6 +105,7 @@ pub(crate) struct Group {
 
 /// What `XPENDING key group` answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
 pub(crate) struct PendingSummary {
     /// Entries pending in the group.
     pub(crate) count: usize,
@@ -120,6 +117,7 @@ pub(crate) struct PendingSummary {
 
 /// One row of `XPENDING key group [IDLE ms] start end count [consumer]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
 pub(crate) struct PendingRow {
     pub(crate) id: StreamId,
     pub(crate) consumer: String,
@@ -166,11 +164,13 @@ impl StreamVal {
     }
 
     /// The id of the last entry ever added (it survives trims and deletes, as in Redis).
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn last_id(&self) -> StreamId {
         self.last_id
     }
 
     /// The oldest entry's id.
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn first_id(&self) -> Option<StreamId> {
         self.entries.keys().next().copied()
     }
@@ -335,6 +335,7 @@ impl StreamVal {
     /// `XREADGROUP GROUP group consumer COUNT count STREAMS key <after>` (reading its own history): up to
     /// `count` entries pending with `consumer` above `after`, each delivered once more (its time and count
     /// updated). An entry no longer in the stream comes back with `None` fields, as Redis's nil.
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn read_own_pending(
         &mut self,
         group: &str,
@@ -379,6 +380,7 @@ impl StreamVal {
     }
 
     /// `XPENDING key group` (the summary).
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn pending_summary(&self, group: &str) -> Option<PendingSummary> {
         let g = self.groups.get(group)?;
         let mut per_consumer = BTreeMap::new();
@@ -397,6 +399,7 @@ impl StreamVal {
     }
 
     /// `XPENDING key group IDLE min_idle start end count [consumer]`.
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn pending_range(
         &self,
         group: &str,
@@ -480,6 +483,58 @@ impl StreamVal {
         })
     }
 
+    /// The pending entry `id` of `group` (`XPENDING key group id id 1`).
+    pub(crate) fn pending_entry(&self, group: &str, id: StreamId) -> Option<&Pending> {
+        self.groups.get(group)?.pending.get(&id)
+    }
+
+    /// `XCLAIM key group consumer 0 id [JUSTID]`: the pending entry `id` moves to `consumer`, its idle time
+    /// reset; without `justid` it counts one more delivery. Returns the delivery count after the claim, or
+    /// `None` if `id` is not pending in the group.
+    pub(crate) fn claim(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        id: StreamId,
+        justid: bool,
+        now_ms: i64,
+    ) -> Option<u64> {
+        let p = self.groups.get_mut(group)?.pending.get_mut(&id)?;
+        let grown = consumer.len() as isize - p.consumer.len() as isize;
+        p.consumer = consumer.to_owned();
+        p.delivered_ms = now_ms;
+        if !justid {
+            p.deliveries += 1;
+        }
+        let deliveries = p.deliveries;
+        self.bytes = self.bytes.saturating_add_signed(grown);
+        self.touch(group, consumer, now_ms);
+        Some(deliveries)
+    }
+
+    /// The consumers of `group` other than `except` that hold no pending entry and were last seen more than
+    /// `idle_ms` ago (`XINFO CONSUMERS`' `pending` and `idle`).
+    pub(crate) fn idle_consumers(
+        &self,
+        group: &str,
+        except: &str,
+        idle_ms: i64,
+        now_ms: i64,
+    ) -> Vec<String> {
+        let Some(g) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        g.consumers
+            .iter()
+            .filter(|(name, c)| {
+                name.as_str() != except
+                    && now_ms - c.seen_ms > idle_ms
+                    && !g.pending.values().any(|p| &p.consumer == *name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// `XGROUP DELCONSUMER key group consumer`: how many entries it had pending (now gone from the list).
     pub(crate) fn delete_consumer(&mut self, group: &str, consumer: &str) -> Option<usize> {
         let g = self.groups.get_mut(group)?;
@@ -495,6 +550,7 @@ impl StreamVal {
 
     /// The group's lag: entries in the stream after its last-delivered id (what `XINFO GROUPS` reports as
     /// `lag` when it can count it).
+    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn lag(&self, group: &str) -> Option<usize> {
         let g = self.groups.get(group)?;
         Some(self.entries.range(g.last_delivered.next()..).count())
@@ -674,6 +730,26 @@ mod tests {
             rows.iter()
                 .all(|r| r.consumer == "live" && r.deliveries == 2 && r.idle_ms == 0)
         );
+        assert_eq!(s.pending_entry("g", ids[0]).map(|p| p.deliveries), Some(2));
+        assert_eq!(
+            s.claim("g", "other", ids[0], true, 300),
+            Some(2),
+            "JUSTID: no delivery"
+        );
+        assert_eq!(s.claim("g", "live", ids[0], false, 300), Some(3));
+        assert_eq!(
+            s.claim("g", "live", ids[1], false, 300),
+            None,
+            "not pending"
+        );
+        let mut idle = s.idle_consumers("g", "live", 50, 400);
+        idle.sort();
+        assert_eq!(idle, ["dead", "other"], "they hold nothing now");
+        assert!(
+            s.idle_consumers("g", "live", 150, 400)
+                .contains(&"dead".to_owned())
+        );
+        assert_eq!(s.idle_consumers("g", "live", 150, 400).len(), 1);
         assert_eq!(s.delete_consumer("g", "live"), Some(4));
         assert_eq!(s.delete_consumer("g", "nobody"), Some(0));
         assert_eq!(s.pending_summary("g").unwrap().count, 0);
