@@ -100,10 +100,13 @@ conformance!(
     a_failing_entry_is_dead_lettered_after_max_deliveries_with_backoff,
     an_abandoned_entry_is_taken_over_after_claim_idle,
     graceful_shutdown_loses_nothing_and_duplicates_nothing,
+    a_long_handler_keeps_its_claim_past_claim_idle,
+    a_group_the_server_lost_is_created_again,
 );
 
 mod cases {
     pub use super::worker_cases::*;
+    pub use super::worker_cases_2::*;
     use super::*;
 
     pub async fn publish_round_trips_in_order_with_increasing_ids(h: Harness) {
@@ -604,6 +607,95 @@ mod worker_cases {
         let mut got: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
         got.sort();
         assert_eq!(got, ids, "every entry once: none lost, none twice");
+    }
+}
+
+mod worker_cases_2 {
+    use super::*;
+
+    pub async fn a_long_handler_keeps_its_claim_past_claim_idle(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // claim_idle 300 ms
+        let id = jobs.publish(&order(1)).await.unwrap();
+        let seen: Seen = Arc::default();
+        let (started, done) = (Stop::default(), Stop::default());
+        let worker = |work: Duration| {
+            let (seen, started, done) = (Arc::clone(&seen), started.clone(), done.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, started, done) = (Arc::clone(&seen), started.clone(), done.clone());
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    started.fire();
+                    tokio::time::sleep(work).await; // the handler's own work, four claim_idles long
+                    done.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        // A takes the entry and works on it for 1.2 s; B runs beside it from then on and must not take it
+        // over (A renews its claim while the handler runs).
+        let a = tokio::spawn(worker(Duration::from_millis(1200)).run(done.clone().wait()));
+        started.clone().wait().await;
+        let b = tokio::spawn(worker(Duration::ZERO).run(done.clone().wait()));
+        let (ra, rb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!((ra.handled, rb.handled), (1, 0));
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            [(id, 1, 1)],
+            "handled once, never reclaimed"
+        );
+    }
+
+    pub async fn a_group_the_server_lost_is_created_again(h: Harness) {
+        let Some(mut raw) = h.raw() else { return };
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap();
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let first_done = Stop::default();
+        let worker = {
+            let (seen, stop, first_done) = (Arc::clone(&seen), stop.clone(), first_done.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, stop, first_done) =
+                    (Arc::clone(&seen), stop.clone(), first_done.clone());
+                async move {
+                    let mut s = seen.lock().unwrap();
+                    s.push((m.id, m.event.order, m.deliveries));
+                    if s.len() == 5 {
+                        first_done.fire();
+                    }
+                    if s.len() == 10 {
+                        stop.fire();
+                    }
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let run = tokio::spawn(worker.run(stop.clone().wait()));
+        jobs.publish_many(&(0..5).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        first_done.wait().await;
+        // The server loses the stream and its group (as a restart without persistence would).
+        let _: i64 = ::redis::cmd("DEL")
+            .arg(stream_key(&h, "jobs"))
+            .query(&mut *raw)
+            .unwrap();
+        jobs.publish_many(&(5..10).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.handled, 10);
+        assert!(report.group_recreated >= 1, "{report:?}");
+        let mut orders: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.1).collect();
+        orders.sort_unstable();
+        assert_eq!(orders, (0..10).collect::<Vec<_>>());
     }
 }
 

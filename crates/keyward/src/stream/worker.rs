@@ -225,6 +225,8 @@ where
         let claim_idle_ms = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
         let recheck = (claim_idle / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let marker_ttl_ms = u64::try_from((recheck * 2).as_millis()).unwrap_or(u64::MAX);
+        // Claims on held entries are renewed three times per claim_idle (at most every 5 s).
+        let touch_every = (claim_idle / 3).min(Duration::from_secs(5));
         let consumer_idle_ms = claim_idle_ms.saturating_mul(10);
         let mut tasks = JoinSet::new();
         let mut report = WorkerReport::default();
@@ -235,16 +237,22 @@ where
             .watch(&kw.inner.bus, &kw.inner.ns, &keys.stream)
             .await;
         let notify = watch.shared();
-        let mut next_touch = Instant::now() + recheck;
+        let mut next_touch = Instant::now() + touch_every;
         let mut next_reclaim = Instant::now();
         let mut cursor: Option<EntryId> = None;
         tokio::pin!(shutdown);
         tracing::info!(class = %class, group = %self.group, consumer = %ctx.consumer, "keyward: stream worker started");
         'run: loop {
             while tasks.try_join_next().is_some() {}
+            // Every handler slot may be busy for long: the claims on held entries are renewed on time anyway.
             let first = tokio::select! {
                 biased;
                 () = &mut shutdown => break 'run,
+                () = sleep_until(next_touch) => {
+                    ctx.touch().await;
+                    next_touch = Instant::now() + touch_every;
+                    continue 'run;
+                }
                 p = Arc::clone(&ctx.sem).acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break 'run,
@@ -260,7 +268,7 @@ where
             let now = Instant::now();
             if now >= next_touch {
                 ctx.touch().await;
-                next_touch = now + recheck;
+                next_touch = now + touch_every;
             }
             if now >= next_reclaim {
                 next_reclaim = now + claim_idle / 2;
