@@ -1,4 +1,5 @@
-//! Durable event streams (Redis Streams): the producer side.
+//! Durable event streams (Redis Streams): publishing, and consuming through consumer groups with
+//! [`Stream::worker`] (at least once: see [`Worker::run`] and `docs/streams.md`).
 //!
 //! **The guarantee.** [`Stream::publish`] appends a serde-typed event to the class's stream and applies the
 //! class's retention in the **same** script, so the stream is bounded from its first entry on. Trimming never
@@ -42,7 +43,8 @@
 //!
 //! # Metrics
 //! Labelled by `class`: `keyward_stream_published_total` (entries appended), `keyward_stream_dropped_unacked_total`
-//! (entries the hard cap removed before every group acknowledged them).
+//! (entries the hard cap removed before every group acknowledged them). Workers add theirs, labelled by
+//! `class` and `group` (see [`Worker`]).
 
 pub(crate) mod store;
 mod worker;
