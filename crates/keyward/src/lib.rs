@@ -45,6 +45,8 @@
 //!   timeouts in one script, versioned saves, `regenerate`, per-user listing and logout everywhere.
 //! - [`idempotency`] — idempotency keys: one run per key, concurrent duplicates told so, the stored response
 //!   replayed byte for byte; the in-progress marker is a lease.
+//! - [`stream`] — durable events on Redis Streams: typed publish with the retention applied in the same
+//!   script, trimming that never drops an entry a consumer group has not acknowledged (below a hard cap).
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
@@ -83,6 +85,7 @@ pub mod lock;
 pub mod policy;
 pub mod rate_limit;
 pub mod session;
+pub mod stream;
 
 pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::many::MissingFromBatch;

@@ -44,6 +44,7 @@ mod rate_limit_failures;
 mod resilience;
 mod sentinel;
 mod session;
+mod stream;
 mod tls;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;

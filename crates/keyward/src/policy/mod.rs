@@ -72,14 +72,26 @@
 //! max_response_bytes = 1048576
 //! version = 1
 //!
+//! [classes.order_events]
+//! kind = "stream"
+//! retention = { maxlen = 100000, max_age = "7d" }   # REQUIRED, maxlen and/or max_age (an unbounded stream is refused);
+//!                             # approximate = true (default: `~` trims); hard_maxlen = 10 × maxlen (1000000 if age only):
+//!                             # the cap that holds even when a group lags (see docs/streams.md)
+//! max_deliveries = 5          # deliveries before the dead letters, 1..=1000, default 5
+//! backoff = { base = "1s", factor = 2, max = "5m", jitter = "20%" }   # retry delays (these are the defaults)
+//! claim_idle = "60s"          # a pending entry idle this long is taken over by live workers, 100ms..=24h
+//! dead_letter = { maxlen = 10000, max_age = "14d" }   # the dead-letter stream's retention (default); false = off
+//! max_message_bytes = 1048576 # largest encoded message, default 1 MiB, 1..=64 MiB
+//! version = 1
+//!
 //! [classes.catalog_changes]
 //! kind = "channel"            # typed pub/sub: broadcasts that may be lost (no TTL: nothing is stored)
 //! max_message_bytes = 65536   # default 64 KiB, at most 8 MiB
 //! version = 1                 # part of the channel name
 //! ```
 //!
-//! `kind` is required for every class: `"cache"`, `"rate_limit"`, `"session"`, `"lock"`, `"idempotency"` or
-//! `"channel"`. Unknown fields anywhere are
+//! `kind` is required for every class: `"cache"`, `"rate_limit"`, `"session"`, `"lock"`, `"idempotency"`,
+//! `"stream"` or `"channel"`. Unknown fields anywhere are
 //! errors. `env` and `app` are 1 to 32 characters of `[a-z0-9_.-]` starting with `[a-z0-9]`; class names
 //! are 1 to 64 characters of `[a-z][a-z0-9_]*` (so no class can collide with keyward's internal `_kw`
 //! keys). A policy with no classes is valid.
@@ -150,6 +162,7 @@ mod idempotency;
 mod lock;
 mod rate_limit;
 mod session;
+mod stream;
 
 pub use cache::{CacheClass, CacheOnError, Jitter, L1Tier};
 pub use channel::ChannelClass;
@@ -157,6 +170,7 @@ pub use idempotency::IdempotencyClass;
 pub use lock::LockClass;
 pub use rate_limit::{Algorithm, OnError, RateLimitClass};
 pub use session::{DEFAULT_COOKIE_NAME, SameSite, SessionClass};
+pub use stream::{Backoff, Retention, StreamClass};
 
 use fields::{TableError, Text, deserialize_table};
 
@@ -221,7 +235,7 @@ macro_rules! class_kinds {
 
         impl ClassKind {
             /// The kind as written in TOML: `"cache"`, `"rate_limit"`, `"session"`, `"lock"`,
-            /// `"idempotency"`.
+            /// `"idempotency"`, `"stream"`.
             pub fn name(&self) -> &'static str {
                 match self {
                     $(ClassKind::$variant(_) => $name,)*
@@ -309,6 +323,8 @@ class_kinds! {
     Lock(LockClass) = "lock", as_lock, lock;
     /// Idempotency keys (`kind = "idempotency"`).
     Idempotency(IdempotencyClass) = "idempotency", as_idempotency, idempotency;
+    /// A durable event stream read by consumer groups (`kind = "stream"`).
+    Stream(StreamClass) = "stream", as_stream, stream;
     /// A typed pub/sub channel (`kind = "channel"`).
     Channel(ChannelClass) = "channel", as_channel, channel;
 }
@@ -889,12 +905,13 @@ mod tests {
 
     #[test]
     fn unknown_or_missing_kind_lists_known_kinds() {
-        let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"stream\"\n";
+        let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = \"queue\"\n";
         let err = Policy::from_toml_str(text).unwrap_err();
         assert_eq!(err.class(), Some("login"));
         assert_eq!(err.field(), Some("kind"));
         assert!(
-            err.message().contains("stream")
+            err.message().contains("queue")
+                && err.message().contains("\"stream\"")
                 && err.message().contains("\"session\"")
                 && err.message().contains("\"cache\"")
                 && err.message().contains("\"rate_limit\""),
@@ -1042,7 +1059,7 @@ mod tests {
     }
 
     /// One minimal valid class body per kind (without `kind`).
-    const MINIMAL: [(&str, &str); 5] = [
+    const MINIMAL: [(&str, &str); 6] = [
         ("cache", "ttl = \"1m\"\ninvalidation = \"x\""),
         (
             "rate_limit",
@@ -1051,6 +1068,7 @@ mod tests {
         ("session", "idle = \"1m\"\nabsolute = \"1h\""),
         ("lock", "ttl = \"1s\""),
         ("idempotency", ""),
+        ("stream", "retention = { maxlen = 10 }"),
     ];
 
     fn class_of(kind: &str, body: &str) -> Result<Policy, PolicyError> {

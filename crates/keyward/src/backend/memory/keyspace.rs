@@ -24,9 +24,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::stream::StreamVal;
 use crate::backend::KeyTtl;
 use crate::error::{Error, Result};
 use crate::key::glob_match;
+
+/// The expiry of a key without a TTL (only streams, which their retention bounds instead).
+const NO_EXPIRY: i64 = i64::MAX;
 
 /// The class of keyward's own bookkeeping keys (`{env}:{app}:_kw:…`).
 pub(crate) const INTERNAL_CLASS: &str = "_kw";
@@ -73,6 +77,8 @@ pub(crate) enum Val {
     Hash(HashMap<String, Bytes>),
     /// A sorted set: member → score.
     ZSet(HashMap<String, i64>),
+    /// A stream with its consumer groups (no expiry: a stream is bounded by its retention).
+    Stream(Box<StreamVal>),
 }
 
 impl Val {
@@ -85,6 +91,7 @@ impl Val {
                 .map(|(f, v)| f.len() + v.len() + FIELD_OVERHEAD)
                 .sum(),
             Val::ZSet(z) => z.keys().map(|m| m.len() + 8 + FIELD_OVERHEAD).sum(),
+            Val::Stream(s) => s.bytes(),
         }
     }
 }
@@ -512,9 +519,11 @@ impl Kv {
         true
     }
 
-    /// `PTTL key`: the remaining lifetime in ms, or -2 if the key does not exist.
+    /// `PTTL key`: the remaining lifetime in ms, -1 for a key without a TTL (a stream), or -2 if the key does
+    /// not exist.
     pub(crate) fn pttl(&self, key: &str) -> i64 {
         match self.live(key) {
+            Some(i) if i.expires_us == NO_EXPIRY => -1,
             Some(i) => i.expires_us.div_euclid(1000) - self.now_ms(),
             None => -2,
         }
@@ -558,7 +567,38 @@ impl Kv {
         }
     }
 
-    /// Keys matching a glob, with their TTL.
+    /// The live stream at `key`.
+    pub(crate) fn stream(&self, key: &str) -> Option<&StreamVal> {
+        match self.get(key) {
+            Some(Val::Stream(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The live stream at `key`, mutably (measured again at the end of the section).
+    pub(crate) fn stream_mut(&mut self, key: &str) -> Option<&mut StreamVal> {
+        if !matches!(self.get(key), Some(Val::Stream(_))) {
+            return None;
+        }
+        match self.get_mut(key) {
+            Some(Val::Stream(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The stream at `key`, created empty (without a TTL) if there is none, as `XADD` and `XGROUP CREATE …
+    /// MKSTREAM` do. A key of another type is replaced (keyward never writes one under a stream's key).
+    pub(crate) fn stream_or_create(&mut self, key: &str) -> &mut StreamVal {
+        if !matches!(self.get(key), Some(Val::Stream(_))) {
+            self.insert(key, Val::Stream(Box::default()), NO_EXPIRY, false);
+        }
+        match self.get_mut(key) {
+            Some(Val::Stream(s)) => s,
+            _ => unreachable!("a stream was just stored at this key"),
+        }
+    }
+
+    /// Keys matching a glob, with their TTL (`None` for a stream).
     pub(crate) fn scan(&self, pattern: &str) -> Vec<KeyTtl> {
         self.items
             .iter()
@@ -567,9 +607,9 @@ impl Kv {
             })
             .map(|(k, i)| KeyTtl {
                 key: k.to_string(),
-                ttl: Some(Duration::from_micros(
-                    u64::try_from(i.expires_us - self.now_us).unwrap_or(0),
-                )),
+                ttl: (i.expires_us != NO_EXPIRY).then(|| {
+                    Duration::from_micros(u64::try_from(i.expires_us - self.now_us).unwrap_or(0))
+                }),
             })
             .collect()
     }
@@ -826,6 +866,59 @@ mod tests {
         ));
         ks.with(|kv| kv.set("t:a:l:v1:{1}", s(b"one"), 60_000))
             .expect("replacing a key adds no entry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_has_no_ttl_ids_follow_the_clock_and_its_growth_is_budgeted() {
+        use crate::backend::memory::stream::StreamId;
+        let ks = Keyspace::new(budgets(4000, 100));
+        let k = key("events", "events");
+        let first = ks
+            .with(|kv| {
+                let now = kv.now_ms();
+                let s = kv.stream_or_create(&k);
+                let id = s.add(
+                    now,
+                    vec![(Bytes::from_static(b"m"), Bytes::from_static(b"a"))],
+                );
+                assert!(s.create_group("g", Some(StreamId::ZERO)));
+                (now, id)
+            })
+            .unwrap();
+        assert_eq!(first.1, StreamId::new(u64::try_from(first.0).unwrap(), 0));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        ks.with(|kv| {
+            assert_eq!(kv.pttl(&k), -1, "a stream has no TTL");
+            let now = kv.now_ms();
+            let s = kv.stream_mut(&k).unwrap();
+            let id = s.add(now, vec![]);
+            assert_eq!(id.ms, first.1.ms + 5);
+            assert_eq!(s.group_names().collect::<Vec<_>>(), ["g"]);
+            assert!(s.group("g").is_some() && s.entry(id).is_some());
+        })
+        .unwrap();
+        assert_eq!(ks.scan("*")[0].ttl, None);
+        tokio::time::advance(Duration::from_secs(365 * 86400)).await;
+        ks.with(|kv| assert_eq!(kv.stream(&k).map(StreamVal::len), Some(2)))
+            .unwrap();
+        // Growing the stream past its class's budget is refused and undone whole.
+        let used = ks.usage("events");
+        let err = ks
+            .with(|kv| {
+                let now = kv.now_ms();
+                kv.stream_mut(&k).unwrap().add(
+                    now,
+                    vec![(Bytes::from_static(b"m"), Bytes::from(vec![0; 5000]))],
+                );
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::StoreFull { ref class, .. } if class == "events"),
+            "{err}"
+        );
+        assert_eq!(ks.usage("events"), used);
+        ks.with(|kv| assert_eq!(kv.stream(&k).map(StreamVal::len), Some(2)))
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 pub(crate) mod keyspace;
+pub(crate) mod stream;
 
 use self::keyspace::{Budget, Budgets, INTERNAL_CLASS, Keyspace};
 use super::KeyTtl;

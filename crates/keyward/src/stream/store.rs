@@ -1,0 +1,833 @@
+//! The stream operations' storage half: each is one Lua script on Redis (the `stream_*.lua` files next to
+//! this one) and one critical section of the embedded keyspace mirroring it line for line, side by side.
+
+use bytes::Bytes;
+
+use super::EntryId;
+use super::worker::DeadLetter;
+use crate::Keyward;
+use crate::backend::memory::stream::{StreamId, StreamVal};
+use crate::backend::{Kv, Reply, scripts};
+use crate::error::Result;
+use crate::policy::Retention;
+
+scripts! {
+    publish: "stream_publish.lua";
+    len: "stream_len.lua";
+    range: "stream_range.lua";
+    group: "stream_group.lua";
+    read: "stream_read.lua";
+    ack: "stream_ack.lua";
+    claim: "stream_claim.lua";
+    reclaim: "stream_reclaim.lua";
+    dead: "stream_dead.lua";
+    dead_read: "stream_dead_read.lua";
+}
+
+/// The field each entry stores its encoded message in.
+pub(super) const FIELD: &[u8] = b"m";
+
+/// The keys of one stream class. They share the hash tag `{<class>}`, so one Cluster slot holds the stream,
+/// its dead letters and any helper key, and one script can touch them all. Streams carry no TTL (their
+/// retention bounds them); every helper key added here must get one.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamKeys {
+    /// `{env}:{app}:{class}:v{n}:{<class>}`: the stream.
+    pub(crate) stream: String,
+    /// `…:{<class>}:dead`: the dead-letter stream (its own retention).
+    pub(crate) dead: String,
+    /// `…:{<class>}:wake`: set (with a TTL) by a worker that found nothing to read; the next publish deletes
+    /// it and sends one wake-up.
+    pub(crate) wake: String,
+}
+
+impl StreamKeys {
+    pub(crate) fn new(stream: String) -> Self {
+        StreamKeys {
+            dead: format!("{stream}:dead"),
+            wake: format!("{stream}:wake"),
+            stream,
+        }
+    }
+}
+
+/// What one publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Published {
+    /// The new entries' ids, in order.
+    pub(super) ids: Vec<EntryId>,
+    /// Entries the hard cap removed although a group had not acknowledged them.
+    pub(super) dropped: u64,
+}
+
+fn to_entry(id: StreamId) -> EntryId {
+    EntryId {
+        ms: id.ms,
+        seq: id.seq,
+    }
+}
+
+/// The retention arguments of `stream_publish.lua`: maxlen (0 = none), max_age ms (0 = none), `~`, hard cap.
+fn retention_args(r: &Retention) -> (u64, u64, bool, u64) {
+    (
+        r.maxlen_value().unwrap_or(0),
+        r.max_age_value()
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        r.is_approximate(),
+        r.hard_maxlen_value(),
+    )
+}
+
+/// The mirror of `stream_publish.lua`'s trimming over one stream (exact: the embedded backend has no
+/// internal nodes, so `~` trims exactly too). Returns the entries dropped by the hard cap that a group
+/// still needed.
+pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> u64 {
+    let (maxlen, max_age, _, hard) = retention_args(r);
+    let g = (s.group_names().next().is_some()).then(|| s.groups_floor());
+    let mut floor: Option<StreamId> = (max_age > 0).then(|| {
+        let now = u64::try_from(now_ms).unwrap_or(0);
+        StreamId::new(now.saturating_sub(max_age), 0)
+    });
+    let len = s.len() as u64;
+    if maxlen > 0 && len > maxlen {
+        let excess = len - maxlen;
+        let upper = g.unwrap_or(StreamId::MAX);
+        let old = s.ids_below(upper, usize::try_from(excess).unwrap_or(usize::MAX));
+        let l = if old.len() as u64 == excess {
+            old.last().map(|id| id.next())
+        } else {
+            g
+        };
+        if let Some(l) = l
+            && floor.is_none_or(|f| f < l)
+        {
+            floor = Some(l);
+        }
+    }
+    let mut t = floor;
+    if let Some(g) = g
+        && t.is_none_or(|t| g < t)
+    {
+        t = Some(g);
+    }
+    if let Some(t) = t {
+        s.trim_minid(t);
+    }
+    let len = s.len() as u64;
+    let mut dropped = 0;
+    if len > hard {
+        let cut = s.ids_below(
+            StreamId::MAX,
+            usize::try_from(len - hard).unwrap_or(usize::MAX),
+        );
+        dropped = cut.iter().filter(|id| g.is_some_and(|g| **id >= g)).count() as u64;
+        if let Some(last) = cut.last() {
+            s.trim_minid(last.next());
+        }
+    }
+    dropped
+}
+
+/// `stream_publish.lua`: append `payloads` (already encoded and size-checked) and apply `retention`.
+pub(super) async fn publish(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    retention: &Retention,
+    payloads: &[Vec<u8>],
+) -> Result<Published> {
+    let (maxlen, max_age, approximate, hard) = retention_args(retention);
+    let channel = kw
+        .inner
+        .backend
+        .wake_channel(&kw.inner.ns, &keys.stream)
+        .into_owned();
+    let mut call = SCRIPTS
+        .publish
+        .call("stream_publish")
+        .key(&keys.stream)
+        .key(&keys.wake)
+        .arg(maxlen)
+        .arg(max_age)
+        .arg(if approximate { "1" } else { "0" })
+        .arg(hard)
+        .arg(channel);
+    for p in payloads {
+        call = call.arg(&p[..]);
+    }
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream_or_create(&keys.stream);
+                let ids = payloads
+                    .iter()
+                    .map(|p| {
+                        to_entry(s.add(
+                            now_ms,
+                            vec![(Bytes::from_static(FIELD), Bytes::copy_from_slice(p))],
+                        ))
+                    })
+                    .collect();
+                let dropped = apply_retention(s, retention, now_ms);
+                kv.del(&keys.wake);
+                Published { ids, dropped }
+            },
+            |reply: &Reply| {
+                let items = reply.array()?;
+                let (dropped, ids) = items.split_first()?;
+                let ids = ids
+                    .iter()
+                    .map(|r| {
+                        let b = r.bytes()?;
+                        let id = StreamId::parse(std::str::from_utf8(&b).ok()?)?;
+                        Some(to_entry(id))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                (ids.len() == payloads.len()).then_some(())?;
+                Some(Published {
+                    ids,
+                    dropped: u64::try_from(dropped.int()?).ok()?,
+                })
+            },
+        )
+        .await
+}
+
+/// `stream_len.lua`.
+pub(super) async fn len(kw: &Keyward, keys: &StreamKeys) -> Result<u64> {
+    let call = SCRIPTS.len.call("stream_len").key(&keys.stream);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| kv.stream(&keys.stream).map_or(0, |s| s.len() as u64),
+            |reply| u64::try_from(reply.int()?).ok(),
+        )
+        .await
+}
+
+/// `stream_range.lua`: up to `count` entries above `after`, each with its payload (empty if it has none).
+pub(super) async fn range(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    after: Option<EntryId>,
+    count: usize,
+) -> Result<Vec<(EntryId, Bytes)>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    let call = SCRIPTS
+        .range
+        .call("stream_range")
+        .key(&keys.stream)
+        .arg(start)
+        .arg(count);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let Some(s) = kv.stream(&keys.stream) else {
+                    return Vec::new();
+                };
+                let from = after.map_or(StreamId::ZERO, |a| StreamId::new(a.ms, a.seq).next());
+                s.range(from, StreamId::MAX, count)
+                    .into_iter()
+                    .map(|(id, fields)| {
+                        let payload = fields
+                            .into_iter()
+                            .find(|(f, _)| &f[..] == FIELD)
+                            .map(|(_, v)| v)
+                            .unwrap_or_default();
+                        (to_entry(id), payload)
+                    })
+                    .collect()
+            },
+            |reply| {
+                reply
+                    .array()?
+                    .chunks(2)
+                    .map(|pair| {
+                        let [id, payload] = pair else { return None };
+                        let id = StreamId::parse(std::str::from_utf8(&id.bytes()?).ok()?)?;
+                        let payload = if payload.is_nil() {
+                            Bytes::new()
+                        } else {
+                            payload.bytes()?
+                        };
+                        Some((to_entry(id), payload))
+                    })
+                    .collect()
+            },
+        )
+        .await
+}
+
+/// The field `m` of an entry's fields.
+fn payload_of(fields: &[(Bytes, Bytes)]) -> Bytes {
+    fields
+        .iter()
+        .find(|(f, _)| &f[..] == FIELD)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+fn sid(id: EntryId) -> StreamId {
+    StreamId::new(id.ms, id.seq)
+}
+
+fn parse_id(r: &Reply) -> Option<EntryId> {
+    Some(to_entry(StreamId::parse(
+        std::str::from_utf8(&r.bytes()?).ok()?,
+    )?))
+}
+
+/// A payload reply: nil (no entry, or no field `m`) is `None`.
+fn parse_payload(r: &Reply) -> Option<Option<Bytes>> {
+    if r.is_nil() {
+        return Some(None);
+    }
+    Some(Some(r.bytes()?))
+}
+
+/// `stream_group.lua`: whether the group was created (false: it existed). `from_oldest`: a new group starts
+/// at the oldest entry kept (`0`), else at new entries only (`$`).
+pub(super) async fn create_group(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    from_oldest: bool,
+) -> Result<bool> {
+    let call = SCRIPTS
+        .group
+        .call("stream_group")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(if from_oldest { "0" } else { "$" });
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let start = from_oldest.then_some(StreamId::ZERO);
+                kv.stream_or_create(&keys.stream).create_group(group, start)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// `stream_read.lua`: up to `count` new entries for `consumer` (`None`: the group does not exist); when
+/// there are none, the wake-up marker is left for `marker_ttl_ms`.
+pub(super) async fn read(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    marker_ttl_ms: u64,
+) -> Result<Option<Vec<(EntryId, Bytes)>>> {
+    let call = SCRIPTS
+        .read
+        .call("stream_read")
+        .key(&keys.stream)
+        .key(&keys.wake)
+        .arg(group)
+        .arg(consumer)
+        .arg(count)
+        .arg(marker_ttl_ms);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let got = kv
+                    .stream_mut(&keys.stream)
+                    .and_then(|s| s.read_new(group, consumer, count, now_ms))?;
+                let out: Vec<_> = got
+                    .into_iter()
+                    .map(|(id, fields)| (to_entry(id), payload_of(&fields)))
+                    .collect();
+                if out.is_empty() {
+                    kv.set(
+                        &keys.wake,
+                        crate::backend::Val::Str(Bytes::from_static(b"1")),
+                        i64::try_from(marker_ttl_ms).unwrap_or(i64::MAX),
+                    );
+                }
+                Some(out)
+            },
+            |reply| {
+                let items = reply.array()?;
+                let (status, rest) = items.split_first()?;
+                if status.int()? == -1 {
+                    return Some(None);
+                }
+                let out = rest
+                    .chunks(2)
+                    .map(|pair| {
+                        let [id, payload] = pair else { return None };
+                        Some((parse_id(id)?, parse_payload(payload)?.unwrap_or_default()))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Some(out))
+            },
+        )
+        .await
+}
+
+/// `stream_ack.lua`: whether the entry was pending in the group.
+pub(super) async fn ack(kw: &Keyward, keys: &StreamKeys, group: &str, id: EntryId) -> Result<bool> {
+    let call = SCRIPTS
+        .ack
+        .call("stream_ack")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(id.to_string());
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                kv.stream_mut(&keys.stream)
+                    .is_some_and(|s| s.ack(group, &[sid(id)]) == 1)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// An entry taken for one more delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Claimed {
+    pub(super) id: EntryId,
+    /// Deliveries counted so far, this one included.
+    pub(super) deliveries: u64,
+    /// `None` when the entry is no longer in the stream (trimmed past the hard cap).
+    pub(super) payload: Option<Bytes>,
+}
+
+/// `stream_claim.lua` for one entry this consumer still holds: its next delivery (a retry), or `None` if
+/// another consumer took it over or it is no longer pending.
+pub(super) async fn redeliver(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    id: EntryId,
+) -> Result<Option<Claimed>> {
+    let call = SCRIPTS
+        .claim
+        .call("stream_claim")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg("0")
+        .arg(id.to_string());
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream_mut(&keys.stream)?;
+                if s.pending_entry(group, sid(id))?.consumer != consumer {
+                    return None;
+                }
+                let deliveries = s.claim(group, consumer, sid(id), false, now_ms)?;
+                let payload = s.entry(sid(id)).map(|f| payload_of(f));
+                Some(Claimed {
+                    id,
+                    deliveries,
+                    payload,
+                })
+            },
+            |reply| match reply.array()? {
+                [] => Some(None),
+                [rid, deliveries, payload] => Some(Some(Claimed {
+                    id: parse_id(rid)?,
+                    deliveries: u64::try_from(deliveries.int()?).ok()?,
+                    payload: parse_payload(payload)?,
+                })),
+                _ => None,
+            },
+        )
+        .await
+}
+
+/// `stream_claim.lua` with JUSTID: reset the idle time of the entries this consumer still holds (so no
+/// live worker reclaims them), without counting a delivery. Returns the ids still held.
+pub(super) async fn touch(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    ids: &[EntryId],
+) -> Result<Vec<EntryId>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut call = SCRIPTS
+        .claim
+        .call("stream_touch")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg("1");
+    for id in ids {
+        call = call.arg(id.to_string());
+    }
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let Some(s) = kv.stream_mut(&keys.stream) else {
+                    return Vec::new();
+                };
+                ids.iter()
+                    .copied()
+                    .filter(|id| {
+                        s.pending_entry(group, sid(*id))
+                            .is_some_and(|p| p.consumer == consumer)
+                            && s.claim(group, consumer, sid(*id), true, now_ms).is_some()
+                    })
+                    .collect()
+            },
+            |reply| reply.array()?.iter().map(parse_id).collect(),
+        )
+        .await
+}
+
+/// What one reclaim pass found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reclaimed {
+    /// Where the next pass goes on (`None`: the pending list was walked to its end).
+    pub(super) cursor: Option<EntryId>,
+    /// Pending entries no longer in the stream, removed from the pending list.
+    pub(super) deleted: u64,
+    /// Entries taken over, with their deliveries so far (this one included).
+    pub(super) claimed: Vec<Claimed>,
+}
+
+/// `stream_reclaim.lua` (`None`: the group does not exist).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn reclaim(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    claim_idle_ms: u64,
+    cursor: Option<EntryId>,
+    count: usize,
+    consumer_idle_ms: u64,
+) -> Result<Option<Reclaimed>> {
+    let call = SCRIPTS
+        .reclaim
+        .call("stream_reclaim")
+        .key(&keys.stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(claim_idle_ms)
+        .arg(cursor.map_or_else(|| "0-0".to_owned(), |c| c.to_string()))
+        .arg(count)
+        .arg(consumer_idle_ms);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream_mut(&keys.stream)?;
+                let start = cursor.map_or(StreamId::ZERO, sid);
+                let idle = i64::try_from(claim_idle_ms).unwrap_or(i64::MAX);
+                let got = s.autoclaim(group, consumer, idle, start, count, now_ms)?;
+                let claimed = got
+                    .claimed
+                    .iter()
+                    .map(|(id, fields)| Claimed {
+                        id: to_entry(*id),
+                        deliveries: s.pending_entry(group, *id).map_or(0, |p| p.deliveries),
+                        payload: Some(payload_of(fields)),
+                    })
+                    .collect();
+                let bound = i64::try_from(consumer_idle_ms).unwrap_or(i64::MAX);
+                for name in s.idle_consumers(group, consumer, bound, now_ms) {
+                    s.delete_consumer(group, &name);
+                }
+                Some(Reclaimed {
+                    cursor: (got.next != StreamId::ZERO).then(|| to_entry(got.next)),
+                    deleted: got.deleted.len() as u64,
+                    claimed,
+                })
+            },
+            |reply| {
+                let items = reply.array()?;
+                if let [status] = items
+                    && status.int() == Some(-1)
+                {
+                    return Some(None);
+                }
+                let [next, deleted, rest @ ..] = items else {
+                    return None;
+                };
+                let next = parse_id(next)?;
+                let claimed = rest
+                    .chunks(3)
+                    .map(|c| {
+                        let [id, deliveries, payload] = c else {
+                            return None;
+                        };
+                        Some(Claimed {
+                            id: parse_id(id)?,
+                            deliveries: u64::try_from(deliveries.int()?).ok()?,
+                            payload: parse_payload(payload)?,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Some(Reclaimed {
+                    cursor: (next != EntryId::new(0, 0)).then_some(next),
+                    deleted: u64::try_from(deleted.int()?).ok()?,
+                    claimed,
+                }))
+            },
+        )
+        .await
+}
+
+/// `stream_dead.lua`: move the entry `id` (held by `consumer`) to the dead letters with its last `error`,
+/// acknowledge it, and delete it from the stream if no other group needs it; with `dead` `None` (dead
+/// letters off) only acknowledge it. False if `consumer` no longer holds it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn dead_letter(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    consumer: &str,
+    id: EntryId,
+    error: &str,
+    deliveries: u64,
+    dead: Option<&Retention>,
+) -> Result<bool> {
+    let (maxlen, max_age, _, hard) = dead.map_or((0, 0, false, 0), retention_args);
+    let call = SCRIPTS
+        .dead
+        .call("stream_dead")
+        .key(&keys.stream)
+        .key(&keys.dead)
+        .arg(group)
+        .arg(consumer)
+        .arg(id.to_string())
+        .arg(error)
+        .arg(deliveries)
+        .arg(if dead.is_some() { "1" } else { "0" })
+        .arg(maxlen)
+        .arg(max_age)
+        .arg(hard);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let Some(s) = kv.stream_mut(&keys.stream) else {
+                    return false;
+                };
+                if s.pending_entry(group, sid(id))
+                    .is_none_or(|p| p.consumer != consumer)
+                {
+                    return false;
+                }
+                let payload = s.entry(sid(id)).map(|f| payload_of(f)).unwrap_or_default();
+                s.ack(group, &[sid(id)]);
+                let needed = s.group_names().filter(|g| *g != group).any(|g| {
+                    s.group(g).is_some_and(|other| {
+                        other.last_delivered < sid(id) || other.pending.contains_key(&sid(id))
+                    })
+                });
+                if !needed {
+                    s.delete(&[sid(id)]);
+                }
+                if dead.is_some() {
+                    let d = kv.stream_or_create(&keys.dead);
+                    d.add(
+                        now_ms,
+                        vec![
+                            (Bytes::from_static(FIELD), payload),
+                            (Bytes::from_static(b"id"), Bytes::from(id.to_string())),
+                            (
+                                Bytes::from_static(b"group"),
+                                Bytes::copy_from_slice(group.as_bytes()),
+                            ),
+                            (
+                                Bytes::from_static(b"error"),
+                                Bytes::copy_from_slice(error.as_bytes()),
+                            ),
+                            (
+                                Bytes::from_static(b"deliveries"),
+                                Bytes::from(deliveries.to_string()),
+                            ),
+                        ],
+                    );
+                    if max_age > 0 {
+                        let now = u64::try_from(now_ms).unwrap_or(0);
+                        if now > max_age {
+                            d.trim_minid(StreamId::new(now - max_age, 0));
+                        }
+                    }
+                    let cap = if maxlen == 0 { hard } else { maxlen };
+                    d.trim_maxlen(usize::try_from(cap).unwrap_or(usize::MAX));
+                }
+                true
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await
+}
+
+/// `stream_dead_read.lua`: the oldest `count` dead letters.
+pub(super) async fn dead_letters(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    count: usize,
+) -> Result<Vec<DeadLetter>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let call = SCRIPTS
+        .dead_read
+        .call("stream_dead_read")
+        .key(&keys.dead)
+        .arg(count);
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let Some(d) = kv.stream(&keys.dead) else {
+                    return Vec::new();
+                };
+                d.range(StreamId::ZERO, StreamId::MAX, count)
+                    .into_iter()
+                    .map(|(dead_id, fields)| {
+                        let field = |name: &[u8]| {
+                            fields
+                                .iter()
+                                .find(|(f, _)| &f[..] == name)
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default()
+                        };
+                        let text = |name: &[u8]| String::from_utf8_lossy(&field(name)).into_owned();
+                        DeadLetter {
+                            dead_id: to_entry(dead_id),
+                            id: text(b"id").parse().unwrap_or(EntryId::new(0, 0)),
+                            group: text(b"group"),
+                            error: text(b"error"),
+                            deliveries: text(b"deliveries").parse().unwrap_or(0),
+                            payload: field(FIELD),
+                        }
+                    })
+                    .collect()
+            },
+            |reply| {
+                reply
+                    .array()?
+                    .chunks(6)
+                    .map(|c| {
+                        let [dead_id, payload, id, group, error, deliveries] = c else {
+                            return None;
+                        };
+                        let text = |r: &Reply| {
+                            parse_payload(r).map(|b| {
+                                String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()
+                            })
+                        };
+                        Some(DeadLetter {
+                            dead_id: parse_id(dead_id)?,
+                            payload: parse_payload(payload)?.unwrap_or_default(),
+                            id: text(id)?.parse().unwrap_or(EntryId::new(0, 0)),
+                            group: text(group)?,
+                            error: text(error)?,
+                            deliveries: text(deliveries)?.parse().unwrap_or(0),
+                        })
+                    })
+                    .collect()
+            },
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(n: u64) -> StreamVal {
+        let mut s = StreamVal::default();
+        for ms in 1..=n {
+            s.add(i64::try_from(ms).unwrap(), vec![]);
+        }
+        s
+    }
+
+    fn ids(s: &StreamVal) -> Vec<u64> {
+        s.range(StreamId::ZERO, StreamId::MAX, usize::MAX)
+            .iter()
+            .map(|(id, _)| id.ms)
+            .collect()
+    }
+
+    #[test]
+    fn maxlen_trims_to_the_bound_without_groups() {
+        let mut s = filled(10);
+        let r = Retention::maxlen(4).approximate(false);
+        assert_eq!(apply_retention(&mut s, &r, 10), 0);
+        assert_eq!(ids(&s), [7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn max_age_trims_by_id_time() {
+        let mut s = filled(10);
+        let r = Retention::max_age(std::time::Duration::from_millis(3000));
+        // now = 3006 ms: entries at 1..=5 ms are older than 3 s.
+        apply_retention(&mut s, &r, 3006);
+        assert_eq!(ids(&s), [6, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn a_lagging_group_pins_unacknowledged_entries_up_to_the_hard_cap() {
+        let mut s = filled(3);
+        s.create_group("g", Some(StreamId::ZERO));
+        s.read_new("g", "c", 2, 3); // 1 and 2 pending, 3 not delivered
+        s.ack("g", &[StreamId::new(1, 0)]);
+        for ms in 4..=10 {
+            s.add(ms, vec![]);
+        }
+        let r = Retention::maxlen(2).hard_maxlen(6);
+        // Retention wants 9..=10; the group needs 2 and everything after: 1 goes, then the hard cap
+        // keeps the newest 6 and drops 2..=4, which the group had not acknowledged.
+        assert_eq!(apply_retention(&mut s, &r, 10), 3);
+        assert_eq!(ids(&s), [5, 6, 7, 8, 9, 10]);
+
+        // Once the group catches up, retention applies again.
+        s.read_new("g", "c", 100, 11);
+        let all: Vec<StreamId> = (1..=10).map(|ms| StreamId::new(ms, 0)).collect();
+        s.ack("g", &all);
+        assert_eq!(apply_retention(&mut s, &r, 11), 0);
+        assert_eq!(ids(&s), [9, 10]);
+    }
+
+    #[test]
+    fn the_group_floor_wins_over_age_and_length() {
+        let mut s = filled(10);
+        s.create_group("g", Some(StreamId::new(5, 0))); // needs 6..
+        s.create_group("h", Some(StreamId::new(8, 0))); // needs 9..
+        let r = Retention::maxlen(1).and_max_age(std::time::Duration::from_millis(1));
+        assert_eq!(apply_retention(&mut s, &r, 100), 0);
+        assert_eq!(ids(&s), [6, 7, 8, 9, 10], "g's floor holds");
+    }
+}

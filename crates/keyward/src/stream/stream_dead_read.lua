@@ -1,0 +1,18 @@
+-- Read the oldest dead letters.
+-- KEYS[1] the dead-letter stream   ARGV[1] the most entries to return
+-- Returns {dead id, payload, original id, group, error, deliveries, …} (6 items per dead letter; a missing
+-- field is nil).
+local out = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])) do
+  local f = {}
+  for i = 1, #e[2], 2 do
+    f[e[2][i]] = e[2][i + 1]
+  end
+  out[#out + 1] = e[1]
+  out[#out + 1] = f['m'] or false
+  out[#out + 1] = f['id'] or false
+  out[#out + 1] = f['group'] or false
+  out[#out + 1] = f['error'] or false
+  out[#out + 1] = f['deliveries'] or false
+end
+return out

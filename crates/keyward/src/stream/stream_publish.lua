@@ -1,0 +1,114 @@
+-- Append messages to a stream and apply its retention, never trimming an entry that a consumer group has not
+-- acknowledged (delivered and pending, or not delivered yet), except past the hard cap.
+-- KEYS[1] the stream   KEYS[2] the wake-up marker a worker leaves when it found nothing to read (same hash tag)
+-- ARGV[1] maxlen (0: no count bound)   ARGV[2] max_age in ms (0: no age bound)   ARGV[3] "1": approximate (~)
+-- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6..] the encoded messages, one entry each (field `m`)
+-- Returns {dropped, id, id, …}: `dropped` counts entries the hard cap removed although some group had not
+-- acknowledged them (0 normally); then the new entries' ids in order.
+--
+-- The trim point is T = min(G, max(A, L)): G the lowest "oldest unacknowledged id" over the groups (a group's
+-- oldest pending id, else the id after its last-delivered one), A = now - max_age, L the id after the
+-- (XLEN - maxlen)-th oldest entry. L is found with XRANGE - (G COUNT excess, which costs the entries it
+-- returns: about the entries this call trims (plus one node's worth with `~`), never the whole stream.
+-- Ids are `ms-seq`; ms (13 digits) and seq fit Lua's doubles exactly, and are written with %.0f.
+local key = KEYS[1]
+local out = {0}
+for i = 6, #ARGV do
+  out[#out + 1] = redis.call('XADD', key, '*', 'm', ARGV[i])
+end
+-- Wake idle workers once (the marker says some wait): sharded (SPUBLISH, in the stream's slot) when the
+-- channel ends in '}' (Redis Cluster), else plain PUBLISH. The payload is the stream's key.
+if redis.call('DEL', KEYS[2]) == 1 then
+  if string.sub(ARGV[5], -1) == '}' then
+    redis.call('SPUBLISH', ARGV[5], key)
+  else
+    redis.call('PUBLISH', ARGV[5], key)
+  end
+end
+local maxlen = tonumber(ARGV[1])
+local max_age = tonumber(ARGV[2])
+local tilde = ARGV[3] == '1'
+local hard = tonumber(ARGV[4])
+
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return {tonumber(ms), tonumber(seq)}
+end
+local function after(id)
+  return {id[1], id[2] + 1}
+end
+local function less(a, b)
+  return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2])
+end
+local function fmt(id)
+  return string.format('%.0f-%.0f', id[1], id[2])
+end
+
+-- G: the lowest id some group still needs (nil: no groups).
+local g
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+  local f = {}
+  for j = 1, #info, 2 do
+    f[info[j]] = info[j + 1]
+  end
+  local floor
+  if tonumber(f['pending']) > 0 then
+    floor = parse(redis.call('XPENDING', key, f['name'])[2])
+  else
+    floor = after(parse(f['last-delivered-id']))
+  end
+  if g == nil or less(floor, g) then
+    g = floor
+  end
+end
+
+-- The retention floor: entries below it are past retention.
+local r
+if max_age > 0 then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  r = {math.max(now_ms - max_age, 0), 0}
+end
+local len = redis.call('XLEN', key)
+if maxlen > 0 and len > maxlen then
+  local excess = len - maxlen
+  local upper = '+'
+  if g ~= nil then
+    upper = '(' .. fmt(g)
+  end
+  local old = redis.call('XRANGE', key, '-', upper, 'COUNT', excess)
+  local l
+  if #old == excess then
+    l = after(parse(old[#old][1]))
+  else
+    l = g -- every entry below G goes; G bounds it below
+  end
+  if l ~= nil and (r == nil or less(r, l)) then
+    r = l
+  end
+end
+local t = r
+if g ~= nil and (t == nil or less(g, t)) then
+  t = g
+end
+if t ~= nil then
+  if tilde then
+    redis.call('XTRIM', key, 'MINID', '~', fmt(t))
+  else
+    redis.call('XTRIM', key, 'MINID', fmt(t))
+  end
+end
+
+-- The hard cap holds even when a group lags: the oldest entries go, and those some group still needed
+-- (at or above G) are counted.
+len = redis.call('XLEN', key)
+if len > hard then
+  local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', len - hard)
+  for _, e in ipairs(cut) do
+    if g ~= nil and not less(parse(e[1]), g) then
+      out[1] = out[1] + 1
+    end
+  end
+  redis.call('XTRIM', key, 'MINID', fmt(after(parse(cut[#cut][1]))))
+end
+return out

@@ -1,0 +1,732 @@
+//! Stream producer conformance: every case runs on the embedded backend, a real redis-server, the documented
+//! ACL user and the shared Cluster; retention by age runs on the embedded backend's paused clock.
+
+#![allow(unreachable_pub)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::Harness;
+use keyward::policy::{Backoff, CacheClass, Policy, Retention, StreamClass};
+use keyward::stream::{EntryId, Message};
+use keyward::{Error, Keyward};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct OrderPlaced {
+    order: u64,
+    email: String,
+}
+
+fn order(n: u64) -> OrderPlaced {
+    OrderPlaced {
+        order: n,
+        email: format!("buyer{n}@example.com"),
+    }
+}
+
+/// `events` (about 1,000 entries), `exact` (exactly 5, hard cap 12), `aged` (1 h by age, hard cap 20),
+/// `small` (128-byte messages), a cache class.
+fn policy(app: &str) -> Policy {
+    Policy::builder("test", app)
+        .stream("events", StreamClass::new(Retention::maxlen(1000)))
+        .stream(
+            "exact",
+            StreamClass::new(Retention::maxlen(5).approximate(false).hard_maxlen(12)),
+        )
+        .stream(
+            "aged",
+            StreamClass::new(
+                Retention::max_age(Duration::from_secs(3600))
+                    .approximate(false)
+                    .hard_maxlen(20),
+            ),
+        )
+        .stream(
+            "small",
+            StreamClass::new(Retention::maxlen(10)).max_message_bytes(128),
+        )
+        .stream(
+            "jobs",
+            StreamClass::new(Retention::maxlen(10_000))
+                .max_deliveries(3)
+                .backoff(
+                    Backoff::new(Duration::from_millis(20), 2.0, Duration::from_millis(200))
+                        .jitter_percent(0.0),
+                )
+                .claim_idle(Duration::from_millis(300)),
+        )
+        .cache("product", CacheClass::new(Duration::from_secs(60), "tests"))
+        .build()
+        .unwrap()
+}
+
+async fn connect(h: &Harness) -> Keyward {
+    let app = format!("stream-{}", h.app());
+    match h.url() {
+        Some(s) => Keyward::connect(&s, policy(&app)).await.unwrap(),
+        None => Keyward::embedded(policy(&app)),
+    }
+}
+
+/// The stream's key, as documented: `{env}:{app}:{class}:v1:{<class>}`.
+fn stream_key(h: &Harness, class: &str) -> String {
+    format!("test:stream-{}:{class}:v1:{{{class}}}", h.app())
+}
+
+/// A raw `XRANGE` entry: its id and fields.
+type RawEntry = (String, Vec<(String, Vec<u8>)>);
+
+fn raw_ids(raw: &mut dyn ::redis::ConnectionLike, key: &str) -> Vec<String> {
+    let entries: Vec<RawEntry> = ::redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(raw)
+        .unwrap();
+    entries.into_iter().map(|(id, _)| id).collect()
+}
+
+conformance!(
+    publish_round_trips_in_order_with_increasing_ids,
+    publish_many_is_one_ordered_batch,
+    an_oversized_message_is_refused_naming_class_and_size,
+    exact_maxlen_keeps_the_newest_entries,
+    approximate_maxlen_stays_between_the_bound_and_the_hard_cap,
+    a_lagging_group_keeps_its_unacknowledged_entries_until_the_hard_cap,
+    a_stream_has_no_ttl_and_its_key_follows_the_policy,
+    bad_input_is_a_typed_error,
+    a_worker_handles_every_entry_once_and_is_woken_by_publishes,
+    a_failing_entry_is_dead_lettered_after_max_deliveries_with_backoff,
+    an_abandoned_entry_is_taken_over_after_claim_idle,
+    graceful_shutdown_loses_nothing_and_duplicates_nothing,
+    a_long_handler_keeps_its_claim_past_claim_idle,
+    a_group_the_server_lost_is_created_again,
+);
+
+mod cases {
+    pub use super::worker_cases::*;
+    pub use super::worker_cases_2::*;
+    use super::*;
+
+    pub async fn publish_round_trips_in_order_with_increasing_ids(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        assert!(events.is_empty().await.unwrap());
+        let mut ids = Vec::new();
+        for n in 0..20 {
+            ids.push(events.publish(&order(n)).await.unwrap());
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(events.len().await.unwrap(), 20);
+        let read = events.range(None, 100).await.unwrap();
+        assert_eq!(read.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+        assert_eq!(
+            read.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+            (0..20).map(order).collect::<Vec<_>>()
+        );
+        let tail = events.range(Some(ids[17]), 100).await.unwrap();
+        assert_eq!(
+            tail.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            ids[18..]
+        );
+        assert_eq!(events.range(Some(ids[0]), 2).await.unwrap().len(), 2);
+        assert_eq!(ids[3].to_string().parse::<EntryId>().unwrap(), ids[3]);
+        // The server's clock: ids are Unix ms of about now.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(ids[0].millis().abs_diff(now_ms) < 60_000, "{}", ids[0]);
+    }
+
+    pub async fn publish_many_is_one_ordered_batch(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        assert_eq!(events.publish_many(&[]).await.unwrap(), []);
+        let first = events.publish(&order(0)).await.unwrap();
+        let batch: Vec<_> = (1..=50).map(order).collect();
+        let ids = events.publish_many(&batch).await.unwrap();
+        assert_eq!(ids.len(), 50);
+        assert!(first < ids[0] && ids.windows(2).all(|w| w[0] < w[1]));
+        let read = events.range(Some(first), 1000).await.unwrap();
+        assert_eq!(read.into_iter().map(|(_, e)| e).collect::<Vec<_>>(), batch);
+    }
+
+    pub async fn an_oversized_message_is_refused_naming_class_and_size(h: Harness) {
+        let kw = connect(&h).await;
+        let small = kw.stream::<OrderPlaced>("small").unwrap();
+        let big = OrderPlaced {
+            order: 1,
+            email: "x".repeat(200),
+        };
+        let size = serde_json::to_vec(&big).unwrap().len();
+        let err = small.publish(&big).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::ValueTooLarge { class, field: "max_message_bytes", size: s, max: 128 }
+                if class == "small" && *s == size),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("class `small`"), "{err}");
+        assert!(err.to_string().contains(&size.to_string()), "{err}");
+        // One oversized event refuses the whole batch; nothing was appended.
+        let err = small
+            .publish_many(&[order(1), big.clone(), order(2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ValueTooLarge { .. }), "{err:?}");
+        assert_eq!(small.len().await.unwrap(), 0);
+        small.publish(&order(3)).await.unwrap();
+        assert_eq!(small.len().await.unwrap(), 1);
+    }
+
+    pub async fn exact_maxlen_keeps_the_newest_entries(h: Harness) {
+        let kw = connect(&h).await;
+        let exact = kw.stream::<OrderPlaced>("exact").unwrap();
+        let mut ids = Vec::new();
+        for n in 0..8 {
+            ids.push(exact.publish(&order(n)).await.unwrap());
+            assert_eq!(exact.len().await.unwrap(), (n + 1).min(5));
+        }
+        ids.extend(
+            exact
+                .publish_many(&(8..30).map(order).collect::<Vec<_>>())
+                .await
+                .unwrap(),
+        );
+        let kept = exact.range(None, 100).await.unwrap();
+        assert_eq!(
+            kept.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            ids[25..]
+        );
+        assert_eq!(
+            kept.into_iter().map(|(_, e)| e.order).collect::<Vec<_>>(),
+            [25, 26, 27, 28, 29]
+        );
+    }
+
+    pub async fn approximate_maxlen_stays_between_the_bound_and_the_hard_cap(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap(); // maxlen ~1000, hard cap 10,000
+        for chunk in 0..30 {
+            let batch: Vec<_> = (chunk * 100..(chunk + 1) * 100).map(order).collect();
+            events.publish_many(&batch).await.unwrap();
+            let len = events.len().await.unwrap();
+            assert!(
+                len <= 1000 + 200,
+                "about maxlen after {} events: {len}",
+                (chunk + 1) * 100
+            );
+            assert!(
+                len >= 1000.min((chunk + 1) * 100),
+                "never below maxlen: {len}"
+            );
+        }
+        // What is kept is the newest.
+        let kept = events.range(None, 10_000).await.unwrap();
+        assert_eq!(kept.last().unwrap().1.order, 2999);
+        let first = kept[0].1.order;
+        assert_eq!(
+            kept.iter().map(|(_, e)| e.order).collect::<Vec<_>>(),
+            (first..3000).collect::<Vec<_>>()
+        );
+    }
+
+    pub async fn a_lagging_group_keeps_its_unacknowledged_entries_until_the_hard_cap(h: Harness) {
+        // The group is made and read with raw commands (the worker runtime is not part of this change):
+        // Redis only; the embedded mirror's trimming is unit-tested in `stream::store`.
+        let Some(mut raw) = h.raw() else { return };
+        let kw = connect(&h).await;
+        let exact = kw.stream::<OrderPlaced>("exact").unwrap(); // maxlen 5 exact, hard cap 12
+        let key = stream_key(&h, "exact");
+        let ids = exact
+            .publish_many(&(0..3).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let () = ::redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("mailer")
+            .arg("0")
+            .query(&mut *raw)
+            .unwrap();
+        // Two delivered (pending), one never delivered; the first is acknowledged.
+        let _: ::redis::Value = ::redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("mailer")
+            .arg("c1")
+            .arg("COUNT")
+            .arg(2)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">")
+            .query(&mut *raw)
+            .unwrap();
+        let acked: i64 = ::redis::cmd("XACK")
+            .arg(&key)
+            .arg("mailer")
+            .arg(ids[0].to_string())
+            .query(&mut *raw)
+            .unwrap();
+        assert_eq!(acked, 1);
+
+        // Past maxlen, but below the hard cap: only the acknowledged entry may go.
+        exact
+            .publish_many(&(3..12).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let held = raw_ids(&mut *raw, &key);
+        assert_eq!(held.len(), 11, "{held:?}");
+        assert_eq!(held[0], ids[1].to_string(), "the pending entry is kept");
+
+        // Past the hard cap: the oldest go although the group never acknowledged them.
+        exact
+            .publish_many(&(12..20).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let held = raw_ids(&mut *raw, &key);
+        assert_eq!(held.len(), 12, "the hard cap holds: {held:?}");
+        assert!(!held.contains(&ids[1].to_string()));
+
+        // Once the group has read and acknowledged everything, retention applies again.
+        let pending: Vec<RawEntry> = {
+            let reply: Vec<(String, Vec<RawEntry>)> = ::redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("mailer")
+                .arg("c1")
+                .arg("COUNT")
+                .arg(100)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">")
+                .query(&mut *raw)
+                .unwrap();
+            reply.into_iter().flat_map(|(_, e)| e).collect()
+        };
+        assert_eq!(pending.len(), 12);
+        let mut ack = ::redis::cmd("XACK");
+        ack.arg(&key).arg("mailer").arg(ids[1].to_string());
+        for (id, _) in &pending {
+            ack.arg(id);
+        }
+        let _: i64 = ack.query(&mut *raw).unwrap();
+        exact.publish(&order(20)).await.unwrap();
+        assert_eq!(exact.len().await.unwrap(), 5);
+        let kept: Vec<u64> = exact
+            .range(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.order)
+            .collect();
+        assert_eq!(kept, [16, 17, 18, 19, 20]);
+    }
+
+    pub async fn a_stream_has_no_ttl_and_its_key_follows_the_policy(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        events.publish(&order(1)).await.unwrap();
+        let keys: Vec<_> = kw
+            .scan_namespace()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| !k.key.contains(":_kw:"))
+            .collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(keys[0].key, stream_key(&h, "events"));
+        assert_eq!(
+            keys[0].ttl, None,
+            "a stream is bounded by its retention, not a TTL"
+        );
+        assert!(format!("{events:?}").contains(&stream_key(&h, "events")));
+        assert_eq!(events.class(), "events");
+    }
+
+    pub async fn bad_input_is_a_typed_error(h: Harness) {
+        let kw = connect(&h).await;
+        assert!(matches!(
+            kw.stream::<OrderPlaced>("nope").unwrap_err(),
+            Error::UnknownClass { class } if class == "nope"
+        ));
+        assert!(matches!(
+            kw.stream::<OrderPlaced>("product").unwrap_err(),
+            Error::WrongKind { class, expected: "stream", found: "cache" } if class == "product"
+        ));
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        assert!(matches!(
+            events.range(None, 10_001).await.unwrap_err(),
+            Error::InvalidArgument { what } if what.contains("class `events`")
+        ));
+        assert!(matches!(
+            "12-x".parse::<EntryId>().unwrap_err(),
+            Error::InvalidArgument { .. }
+        ));
+        // A payload that is not an `E` is a decode error naming the class.
+        let other = kw.stream::<String>("events").unwrap();
+        other.publish(&"not an order".to_owned()).await.unwrap();
+        assert!(matches!(
+            events.range(None, 10).await.unwrap_err(),
+            Error::Decode { class, .. } if class == "events"
+        ));
+    }
+}
+
+/// A shutdown signal for a worker: resolves once `fire` is called (or was called before).
+#[derive(Clone, Default)]
+struct Stop(Arc<tokio::sync::Notify>, Arc<std::sync::atomic::AtomicBool>);
+
+impl Stop {
+    fn fire(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify_waiters();
+    }
+
+    async fn wait(self) {
+        loop {
+            let n = self.0.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(EntryId, u64, u64)>>>;
+
+mod worker_cases {
+    use super::*;
+
+    pub async fn a_worker_handles_every_entry_once_and_is_woken_by_publishes(h: Harness) {
+        let kw = connect(&h).await;
+        // claim_idle 60 s: an idle worker re-checks only every 5 s, so finishing well within that shows the
+        // publishes woke it.
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (seen, stop) = (Arc::clone(&seen), stop.clone());
+            events
+                .worker("mailer", move |m: Message<OrderPlaced>| {
+                    let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                    async move {
+                        let mut s = seen.lock().unwrap();
+                        s.push((m.id, m.event.order, m.deliveries));
+                        if s.len() == 200 {
+                            stop.fire();
+                        }
+                        Ok::<(), String>(())
+                    }
+                })
+                .concurrency(8)
+        };
+        let run = tokio::spawn(worker.run(stop.clone().wait()));
+        // Published after the worker started and (for the first batch, likely) went idle.
+        let mut ids = Vec::new();
+        for chunk in 0..4 {
+            let batch: Vec<_> = (chunk * 50..(chunk + 1) * 50).map(order).collect();
+            ids.extend(events.publish_many(&batch).await.unwrap());
+        }
+        let report = tokio::time::timeout(Duration::from_secs(4), run)
+            .await
+            .expect("woken by the publishes, not by the 5 s re-check")
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.handled, 200);
+        assert_eq!(
+            (
+                report.failed,
+                report.dead_lettered,
+                report.lost,
+                report.unfinished
+            ),
+            (0, 0, 0, 0)
+        );
+        let mut got = seen.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(
+            got.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+            ids,
+            "each once"
+        );
+        assert!(got.iter().all(|(_, _, d)| *d == 1));
+        if let Some(mut raw) = h.raw() {
+            let pending: (i64, ::redis::Value, ::redis::Value, ::redis::Value) =
+                ::redis::cmd("XPENDING")
+                    .arg(stream_key(&h, "events"))
+                    .arg("mailer")
+                    .query(&mut *raw)
+                    .unwrap();
+            assert_eq!(pending.0, 0, "every entry was acknowledged");
+        }
+    }
+
+    pub async fn a_failing_entry_is_dead_lettered_after_max_deliveries_with_backoff(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // 3 deliveries, 20 ms × 2, no jitter
+        let attempts: Arc<Mutex<Vec<(u64, tokio::time::Instant)>>> = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (attempts, stop) = (Arc::clone(&attempts), stop.clone());
+            jobs.worker("billing", move |m: Message<OrderPlaced>| {
+                let (attempts, stop) = (Arc::clone(&attempts), stop.clone());
+                async move {
+                    attempts
+                        .lock()
+                        .unwrap()
+                        .push((m.deliveries, tokio::time::Instant::now()));
+                    if m.deliveries == 3 {
+                        stop.fire(); // the run waits for this handler (and its dead-lettering) to finish
+                    }
+                    Err(format!("card declined for order {}", m.event.order))
+                }
+            })
+        };
+        let id = jobs.publish(&order(7)).await.unwrap();
+        let report = worker.run(stop.wait()).await.unwrap();
+        assert_eq!(
+            (report.handled, report.failed, report.dead_lettered),
+            (0, 3, 1)
+        );
+        let attempts = attempts.lock().unwrap().clone();
+        assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            attempts[1].1 - attempts[0].1 >= Duration::from_millis(20),
+            "{attempts:?}"
+        );
+        assert!(
+            attempts[2].1 - attempts[1].1 >= Duration::from_millis(40),
+            "{attempts:?}"
+        );
+        let dead = jobs.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, id);
+        assert_eq!(dead[0].group, "billing");
+        assert_eq!(dead[0].deliveries, 3);
+        assert_eq!(dead[0].error, "card declined for order 7");
+        assert_eq!(
+            serde_json::from_slice::<OrderPlaced>(&dead[0].payload).unwrap(),
+            order(7)
+        );
+        // Acknowledged and (no other group needs it) deleted from the stream: never in both places.
+        assert_eq!(jobs.len().await.unwrap(), 0);
+    }
+
+    pub async fn an_abandoned_entry_is_taken_over_after_claim_idle(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // claim_idle 300 ms
+        let id = jobs.publish(&order(1)).await.unwrap();
+        // Worker A takes the entry and hangs; its shutdown grace is zero, so it leaves it pending.
+        let started = Stop::default();
+        let a = {
+            let started = started.clone();
+            jobs.worker("ship", move |_m: Message<OrderPlaced>| {
+                let started = started.clone();
+                async move {
+                    started.fire();
+                    std::future::pending::<()>().await;
+                    Ok::<(), String>(())
+                }
+            })
+            .shutdown_grace(Duration::ZERO)
+        };
+        let report = a.run(started.wait()).await.unwrap();
+        assert_eq!((report.handled, report.unfinished), (0, 1));
+        let left = tokio::time::Instant::now();
+        // Worker B takes it over once it has been idle for claim_idle, as its second delivery.
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let b = {
+            let (seen, stop) = (Arc::clone(&seen), stop.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    stop.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let report = tokio::time::timeout(Duration::from_secs(10), b.run(stop.wait()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            left.elapsed() >= Duration::from_millis(250),
+            "not before claim_idle"
+        );
+        assert_eq!(report.handled, 1);
+        assert_eq!(seen.lock().unwrap().clone(), [(id, 1, 2)]);
+    }
+
+    pub async fn graceful_shutdown_loses_nothing_and_duplicates_nothing(h: Harness) {
+        let kw = connect(&h).await;
+        let events = kw.stream::<OrderPlaced>("events").unwrap();
+        let ids = events
+            .publish_many(&(0..300).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let seen: Seen = Arc::default();
+        let worker = |stop: Stop, at: usize| {
+            let seen = Arc::clone(&seen);
+            events
+                .worker("index", move |m: Message<OrderPlaced>| {
+                    let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                    async move {
+                        tokio::task::yield_now().await; // handlers are in flight when the stop comes
+                        let mut s = seen.lock().unwrap();
+                        s.push((m.id, m.event.order, m.deliveries));
+                        if s.len() >= at {
+                            stop.fire();
+                        }
+                        Ok::<(), String>(())
+                    }
+                })
+                .concurrency(16)
+        };
+        let first = Stop::default();
+        let r1 = worker(first.clone(), 100).run(first.wait()).await.unwrap();
+        assert_eq!(
+            r1.unfinished, 0,
+            "in-flight handlers finished within the grace"
+        );
+        let second = Stop::default();
+        let r2 = tokio::time::timeout(
+            Duration::from_secs(30),
+            worker(second.clone(), 300).run(second.wait()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(r1.handled + r2.handled, 300);
+        let mut got: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+        got.sort();
+        assert_eq!(got, ids, "every entry once: none lost, none twice");
+    }
+}
+
+mod worker_cases_2 {
+    use super::*;
+
+    pub async fn a_long_handler_keeps_its_claim_past_claim_idle(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // claim_idle 300 ms
+        let id = jobs.publish(&order(1)).await.unwrap();
+        let seen: Seen = Arc::default();
+        let (started, done) = (Stop::default(), Stop::default());
+        let worker = |work: Duration| {
+            let (seen, started, done) = (Arc::clone(&seen), started.clone(), done.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, started, done) = (Arc::clone(&seen), started.clone(), done.clone());
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    started.fire();
+                    tokio::time::sleep(work).await; // the handler's own work, four claim_idles long
+                    done.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        // A takes the entry and works on it for 1.2 s; B runs beside it from then on and must not take it
+        // over (A renews its claim while the handler runs).
+        let a = tokio::spawn(worker(Duration::from_millis(1200)).run(done.clone().wait()));
+        started.clone().wait().await;
+        let b = tokio::spawn(worker(Duration::ZERO).run(done.clone().wait()));
+        let (ra, rb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!((ra.handled, rb.handled), (1, 0));
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            [(id, 1, 1)],
+            "handled once, never reclaimed"
+        );
+    }
+
+    pub async fn a_group_the_server_lost_is_created_again(h: Harness) {
+        let Some(mut raw) = h.raw() else { return };
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap();
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let first_done = Stop::default();
+        let worker = {
+            let (seen, stop, first_done) = (Arc::clone(&seen), stop.clone(), first_done.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, stop, first_done) =
+                    (Arc::clone(&seen), stop.clone(), first_done.clone());
+                async move {
+                    let mut s = seen.lock().unwrap();
+                    s.push((m.id, m.event.order, m.deliveries));
+                    if s.len() == 5 {
+                        first_done.fire();
+                    }
+                    if s.len() == 10 {
+                        stop.fire();
+                    }
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let run = tokio::spawn(worker.run(stop.clone().wait()));
+        jobs.publish_many(&(0..5).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        first_done.wait().await;
+        // The server loses the stream and its group (as a restart without persistence would).
+        let _: i64 = ::redis::cmd("DEL")
+            .arg(stream_key(&h, "jobs"))
+            .query(&mut *raw)
+            .unwrap();
+        jobs.publish_many(&(5..10).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.handled, 10);
+        assert!(report.group_recreated >= 1, "{report:?}");
+        let mut orders: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.1).collect();
+        orders.sort_unstable();
+        assert_eq!(orders, (0..10).collect::<Vec<_>>());
+    }
+}
+
+/// The embedded backend with tokio's paused clock: retention by age, exactly and without sleeping.
+mod paused {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn max_age_trims_by_the_keyspace_clock() {
+        let kw = Keyward::embedded(policy("paused"));
+        let aged = kw.stream::<OrderPlaced>("aged").unwrap(); // 1 h, hard cap 20
+        aged.publish_many(&(0..3).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        aged.publish(&order(3)).await.unwrap();
+        assert_eq!(aged.len().await.unwrap(), 4);
+        tokio::time::advance(Duration::from_secs(1801)).await;
+        aged.publish(&order(4)).await.unwrap();
+        let kept: Vec<u64> = aged
+            .range(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.order)
+            .collect();
+        assert_eq!(kept, [3, 4], "the first three are over an hour old");
+        // The hard cap bounds an age-only stream by count too.
+        aged.publish_many(&(5..40).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(aged.len().await.unwrap(), 20);
+    }
+}
