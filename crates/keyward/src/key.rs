@@ -73,11 +73,27 @@ pub enum KeyError {
 pub trait IdParts {
     /// Pushes the raw (unescaped) parts of this id onto `out`.
     fn push_parts(&self, out: &mut Vec<String>);
+
+    /// Calls `visit` with each raw (unescaped) part of this id, in order: the same parts as
+    /// [`push_parts`](Self::push_parts), without collecting them. Keys are built through it, so an id type
+    /// that can lend its parts (or format them on the stack) builds its key with one allocation, the key's
+    /// own. The provided implementation collects the parts with `push_parts`; override it for speed, never
+    /// to yield other parts.
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        let mut parts = Vec::new();
+        self.push_parts(&mut parts);
+        for part in &parts {
+            visit(part);
+        }
+    }
 }
 
 impl<T: IdParts + ?Sized> IdParts for &T {
     fn push_parts(&self, out: &mut Vec<String>) {
         (**self).push_parts(out);
+    }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        (**self).visit_parts(visit);
     }
 }
 
@@ -85,11 +101,17 @@ impl IdParts for str {
     fn push_parts(&self, out: &mut Vec<String>) {
         out.push(self.to_owned());
     }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        visit(self);
+    }
 }
 
 impl IdParts for String {
     fn push_parts(&self, out: &mut Vec<String>) {
         out.push(self.clone());
+    }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        visit(self);
     }
 }
 
@@ -97,23 +119,48 @@ impl IdParts for Cow<'_, str> {
     fn push_parts(&self, out: &mut Vec<String>) {
         out.push(self.as_ref().to_owned());
     }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        visit(self);
+    }
 }
 
-macro_rules! id_parts_via_to_string {
+macro_rules! id_parts_for_integers {
     ($($t:ty),* $(,)?) => {
         $(
             impl IdParts for $t {
                 fn push_parts(&self, out: &mut Vec<String>) {
                     out.push(self.to_string());
                 }
+                fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+                    // The same digits as `to_string`, formatted on the stack.
+                    visit(itoa::Buffer::new().format(*self));
+                }
             }
         )*
     };
 }
 
-id_parts_via_to_string!(
-    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, char, bool
+id_parts_for_integers!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize
 );
+
+impl IdParts for char {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        out.push(self.to_string());
+    }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        visit(self.encode_utf8(&mut [0; 4]));
+    }
+}
+
+impl IdParts for bool {
+    fn push_parts(&self, out: &mut Vec<String>) {
+        out.push(self.to_string());
+    }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        visit(if *self { "true" } else { "false" });
+    }
+}
 
 macro_rules! id_parts_for_tuple {
     ($($name:ident),+) => {
@@ -122,6 +169,11 @@ macro_rules! id_parts_for_tuple {
                 #[allow(non_snake_case)]
                 let ($($name,)+) = self;
                 $($name.push_parts(out);)+
+            }
+            fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+                #[allow(non_snake_case)]
+                let ($($name,)+) = self;
+                $($name.visit_parts(visit);)+
             }
         }
     };
@@ -138,17 +190,28 @@ impl<T: IdParts> IdParts for [T] {
             item.push_parts(out);
         }
     }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        for item in self {
+            item.visit_parts(visit);
+        }
+    }
 }
 
 impl<T: IdParts, const N: usize> IdParts for [T; N] {
     fn push_parts(&self, out: &mut Vec<String>) {
         self.as_slice().push_parts(out);
     }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        self.as_slice().visit_parts(visit);
+    }
 }
 
 impl<T: IdParts> IdParts for Vec<T> {
     fn push_parts(&self, out: &mut Vec<String>) {
         self.as_slice().push_parts(out);
+    }
+    fn visit_parts(&self, visit: &mut dyn FnMut(&str)) {
+        self.as_slice().visit_parts(visit);
     }
 }
 
@@ -163,13 +226,34 @@ fn needs_escape(c: char) -> bool {
 /// `%XX` (uppercase hex, one per UTF-8 byte); everything else, non-ASCII letters included, is kept as is.
 /// Borrows when nothing needs escaping.
 pub fn escape_part(raw: &str) -> Cow<'_, str> {
-    let Some(first) = raw.find(needs_escape) else {
+    if plain(raw) {
         return Cow::Borrowed(raw);
-    };
+    }
     let mut out = String::with_capacity(raw.len() + 8);
-    out.push_str(&raw[..first]);
+    push_escaped(&mut out, raw);
+    Cow::Owned(out)
+}
+
+/// Whether `raw` is printable ASCII with nothing to escape (the common id), checked byte by byte. Every
+/// ASCII byte outside `!`..=`~` is whitespace or a control character, so this agrees with [`needs_escape`].
+fn plain(raw: &str) -> bool {
+    raw.bytes().all(|b| {
+        b.is_ascii_graphic()
+            && !matches!(
+                b,
+                b':' | b'*' | b'?' | b'[' | b']' | b'{' | b'}' | b'%' | b'\\'
+            )
+    })
+}
+
+/// Appends `raw`, escaped as by [`escape_part`], to `out`.
+fn push_escaped(out: &mut String, raw: &str) {
+    if plain(raw) {
+        out.push_str(raw);
+        return;
+    }
     let mut buf = [0u8; 4];
-    for c in raw[first..].chars() {
+    for c in raw.chars() {
         if needs_escape(c) {
             for b in c.encode_utf8(&mut buf).bytes() {
                 // Writing to a String cannot fail.
@@ -179,7 +263,32 @@ pub fn escape_part(raw: &str) -> Cow<'_, str> {
             out.push(c);
         }
     }
-    Cow::Owned(out)
+}
+
+/// Appends the escaped parts of `id` to `key`, each preceded by `:` unless it is the first and `first_bare`;
+/// `Err(index)` of the first empty part, `Ok(count)` of the parts otherwise.
+fn push_parts_escaped(
+    key: &mut String,
+    id: &(impl IdParts + ?Sized),
+    first_bare: bool,
+) -> Result<usize, usize> {
+    let mut count = 0;
+    let mut empty = None;
+    id.visit_parts(&mut |part| {
+        if empty.is_some() {
+            return;
+        }
+        if part.is_empty() {
+            empty = Some(count);
+            return;
+        }
+        if count > 0 || !first_bare {
+            key.push(':');
+        }
+        push_escaped(key, part);
+        count += 1;
+    });
+    empty.map_or(Ok(count), Err)
 }
 
 /// The keys of one class of a policy: builds entry keys and SCAN patterns.
@@ -213,31 +322,36 @@ impl KeySpace {
 
     /// The key of the entry with this id: `{env}:{app}:{class}:v{version}:{part:part…}`, each part escaped.
     pub fn key(&self, id: &(impl IdParts + ?Sized)) -> Result<String, KeyError> {
-        let mut parts = Vec::new();
-        id.push_parts(&mut parts);
-        if parts.is_empty() {
-            return Err(KeyError::NoParts {
-                class: self.class.clone(),
-            });
-        }
-        let mut key = String::with_capacity(
-            self.prefix.len() + 2 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
-        );
+        // Room for a few short parts: one allocation for the common id.
+        let mut key = String::with_capacity(self.prefix.len() + 48);
         key.push_str(&self.prefix);
         key.push('{');
-        for (index, part) in parts.iter().enumerate() {
-            if part.is_empty() {
-                return Err(KeyError::EmptyPart {
-                    class: self.class.clone(),
-                    index,
-                });
-            }
-            if index > 0 {
-                key.push(':');
-            }
-            key.push_str(&escape_part(part));
-        }
+        self.push_id(&mut key, id, true)?;
         key.push('}');
+        self.check_len(key)
+    }
+
+    /// Appends the escaped parts of `id` (see [`key`](Self::key)), refusing an id with no part or an empty
+    /// one.
+    fn push_id(
+        &self,
+        key: &mut String,
+        id: &(impl IdParts + ?Sized),
+        first_bare: bool,
+    ) -> Result<(), KeyError> {
+        match push_parts_escaped(key, id, first_bare) {
+            Ok(0) => Err(KeyError::NoParts {
+                class: self.class.clone(),
+            }),
+            Ok(_) => Ok(()),
+            Err(index) => Err(KeyError::EmptyPart {
+                class: self.class.clone(),
+                index,
+            }),
+        }
+    }
+
+    fn check_len(&self, key: String) -> Result<String, KeyError> {
         if key.len() > MAX_KEY_BYTES {
             return Err(KeyError::TooLong {
                 class: self.class.clone(),
@@ -261,38 +375,13 @@ impl KeySpace {
             !tag.is_empty() && !tag.contains(['{', '}']),
             "a hash tag is non-empty and brace-free"
         );
-        let mut parts = Vec::new();
-        id.push_parts(&mut parts);
-        if parts.is_empty() {
-            return Err(KeyError::NoParts {
-                class: self.class.clone(),
-            });
-        }
-        let mut key = String::with_capacity(
-            self.prefix.len() + tag.len() + 3 + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
-        );
+        let mut key = String::with_capacity(self.prefix.len() + tag.len() + 48);
         key.push_str(&self.prefix);
         key.push('{');
         key.push_str(tag);
         key.push('}');
-        for (index, part) in parts.iter().enumerate() {
-            if part.is_empty() {
-                return Err(KeyError::EmptyPart {
-                    class: self.class.clone(),
-                    index,
-                });
-            }
-            key.push(':');
-            key.push_str(&escape_part(part));
-        }
-        if key.len() > MAX_KEY_BYTES {
-            return Err(KeyError::TooLong {
-                class: self.class.clone(),
-                len: key.len(),
-                max: MAX_KEY_BYTES,
-            });
-        }
-        Ok(key)
+        self.push_id(&mut key, id, false)?;
+        self.check_len(key)
     }
 
     /// The id parts (still escaped) of a key built by [`tagged_key`](Self::tagged_key) of this key space,
@@ -632,6 +721,93 @@ mod tests {
         assert_ne!(ks.key("a:b").unwrap(), ks.key(&("a", "b")).unwrap());
     }
 
+    /// The parts `visit_parts` yields.
+    fn visited(id: &(impl IdParts + ?Sized)) -> Vec<String> {
+        let mut parts = Vec::new();
+        id.visit_parts(&mut |p| parts.push(p.to_owned()));
+        parts
+    }
+
+    fn pushed(id: &(impl IdParts + ?Sized)) -> Vec<String> {
+        let mut parts = Vec::new();
+        id.push_parts(&mut parts);
+        parts
+    }
+
+    #[test]
+    fn visit_parts_yields_what_push_parts_pushes() {
+        macro_rules! same {
+            ($($id:expr),* $(,)?) => {
+                $(assert_eq!(visited(&$id), pushed(&$id), "{:?}", $id);)*
+            };
+        }
+        same!(
+            u8::MAX,
+            u16::MAX,
+            u32::MAX,
+            u64::MAX,
+            u128::MAX,
+            usize::MAX,
+            0u64,
+            i8::MIN,
+            i16::MIN,
+            i32::MIN,
+            i64::MIN,
+            i128::MIN,
+            isize::MIN,
+            -1i64,
+            7i32,
+            'x',
+            'é',
+            '😀',
+            ':',
+            true,
+            false,
+            "a:b",
+            String::from("S"),
+            Cow::Borrowed("c"),
+            ("a", 1u8, 'c', -4i16),
+            vec![("x", 2u64), ("y", 3)],
+            [1u32, 2],
+            vec!["", "e"],
+            &&("nested", [true])
+        );
+        let empty: Vec<u8> = Vec::new();
+        assert_eq!(visited(&empty), pushed(&empty));
+    }
+
+    /// An id type from outside keyward: only `push_parts`, so keys go through the provided `visit_parts`.
+    struct Foreign(Vec<String>);
+
+    impl IdParts for Foreign {
+        fn push_parts(&self, out: &mut Vec<String>) {
+            out.extend(self.0.iter().cloned());
+        }
+    }
+
+    #[test]
+    fn an_id_with_only_push_parts_gets_the_same_key() {
+        let ks = space();
+        let parts = vec!["a b".to_owned(), "42".to_owned()];
+        assert_eq!(
+            ks.key(&Foreign(parts.clone())).unwrap(),
+            ks.key(&parts).unwrap()
+        );
+        assert_eq!(
+            ks.key(&Foreign(vec!["x".into(), String::new()])),
+            Err(KeyError::EmptyPart {
+                class: "product_list".into(),
+                index: 1
+            })
+        );
+        assert_eq!(
+            ks.key(&Foreign(Vec::new())),
+            Err(KeyError::NoParts {
+                class: "product_list".into()
+            })
+        );
+    }
+
     #[test]
     fn internal_and_namespace_keys() {
         let p = policy();
@@ -876,6 +1052,24 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn escaping_matches_its_definition(raw in part()) {
+            // The definition, one char at a time (the byte-wise fast path must agree with it).
+            let mut expected = String::new();
+            for c in raw.chars() {
+                if needs_escape(c) {
+                    for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                        expected.push_str(&format!("%{b:02X}"));
+                    }
+                } else {
+                    expected.push(c);
+                }
+            }
+            prop_assert_eq!(escape_part(&raw), expected.as_str());
+            // The fast path may pass over a part only if it has nothing to escape.
+            prop_assert!(!plain(&raw) || expected == raw);
+        }
+
         #[test]
         fn distinct_ids_give_distinct_keys(
             a in prop::collection::vec(part(), 1..=4),

@@ -21,6 +21,7 @@ conformance!(
     writes_and_group_invalidations_reach_other_instances,
     a_refused_fill_never_lands_in_l1,
     randomized_trials_never_read_beyond_the_bound,
+    shared_reads_share_one_decoding_and_follow_invalidations,
 );
 
 fn load(
@@ -226,7 +227,7 @@ mod cases {
     }
 
     /// At least 10,000 operations (and 5 × the bound) from four tasks on two instances over eight keys: writes of the source followed by
-    /// an invalidation (key, class) on the first instance, reads on both. No read that started more than `l1_max_stale` after an
+    /// an invalidation (key, class) on the first instance, reads on both (plain and shared reads). No read that started more than `l1_max_stale` after an
     /// invalidation returned serves a value older than it.
     pub async fn randomized_trials_never_read_beyond_the_bound(h: Harness) {
         const KEYS: usize = 8;
@@ -287,10 +288,19 @@ mod cases {
                             .map(|(v, _)| *v)
                             .max()
                             .unwrap_or(0);
-                        let (v, how) = c
-                            .get_or_set_with_status(&id, load(&sources[k]))
-                            .await
-                            .unwrap();
+                        // Half the readers (one per instance) use the shared read, which keeps the
+                        // decoded value with the L1 entry: it must follow invalidations the same way.
+                        let (v, how) = if t >= 2 {
+                            let (v, how) = c
+                                .get_or_set_shared_with_status(&id, load(&sources[k]))
+                                .await
+                                .unwrap();
+                            (*v, how)
+                        } else {
+                            c.get_or_set_with_status(&id, load(&sources[k]))
+                                .await
+                                .unwrap()
+                        };
                         if how == CacheLookup::L1Hit {
                             l1_hits += 1;
                         }
@@ -315,6 +325,72 @@ mod cases {
         );
         assert_eq!(violations, 0);
         assert!(l1_hits > 0, "L1 was never exercised");
+    }
+
+    /// The shared reads: an L1 entry is decoded once and every later shared read gets the same `Arc`; a
+    /// `Cache` of the class with another value type decodes for itself; an invalidation here or on another
+    /// instance replaces what the shared reads serve, within the bound; L1 hits are counted as such.
+    pub async fn shared_reads_share_one_decoding_and_follow_invalidations(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<u64>("near").unwrap();
+        let b = hs[1].cache::<u64>("near").unwrap();
+        let source = Arc::new(AtomicU64::new(7));
+        let (v, how) = b
+            .get_or_set_shared_with_status(&1, load(&source))
+            .await
+            .unwrap();
+        assert_eq!((*v, how), (7, CacheLookup::Miss));
+        until_l1_hit(&b, 1, &source).await;
+        let before = b.stats();
+        let (first, how) = b
+            .get_or_set_shared_with_status(&1, load(&source))
+            .await
+            .unwrap();
+        assert_eq!((*first, how), (7, CacheLookup::L1Hit));
+        for _ in 0..10 {
+            let again = b.get_or_set_shared(&1, load(&source)).await.unwrap();
+            assert!(Arc::ptr_eq(&first, &again), "one decoding per entry");
+            let got = b.get_shared(&1).await.unwrap().expect("an L1 hit");
+            assert!(Arc::ptr_eq(&first, &got));
+        }
+        let after = b.stats();
+        assert_eq!(after.l1_hits - before.l1_hits, 21);
+        assert_eq!(after.hits - before.hits, 21, "L1 hits are hits");
+        // Another value type on the same class and entry: its own decoding, the same value.
+        let signed = hs[1].cache::<i64>("near").unwrap();
+        assert_eq!(*signed.get_shared(&1).await.unwrap().unwrap(), 7);
+        assert_eq!(b.get(&1).await.unwrap(), Some(7));
+
+        // Invalidated on this instance: the next shared read loads the new value at once.
+        source.store(8, Ordering::SeqCst);
+        b.invalidate(&1).await.unwrap();
+        let (v, how) = b
+            .get_or_set_shared_with_status(&1, load(&source))
+            .await
+            .unwrap();
+        assert_eq!((*v, how), (8, CacheLookup::Miss));
+
+        // Invalidated on another instance: within the bound.
+        until_l1_hit(&b, 1, &source).await;
+        assert_eq!(*b.get_shared(&1).await.unwrap().unwrap(), 8);
+        source.store(9, Ordering::SeqCst);
+        a.invalidate(&1).await.unwrap();
+        let returned = Instant::now();
+        loop {
+            let started = Instant::now();
+            let v = b.get_or_set_shared(&1, load(&source)).await.unwrap();
+            if *v == 9 {
+                break;
+            }
+            let after = started.duration_since(returned);
+            assert!(
+                after < L1_MAX_STALE,
+                "a shared read started {after:?} after the invalidation returned still served {v}"
+            );
+            tokio::task::yield_now().await;
+        }
+        // And a plain get after it agrees.
+        assert_eq!(b.get_shared(&1).await.unwrap().as_deref(), Some(&9));
     }
 }
 

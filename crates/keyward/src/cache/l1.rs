@@ -24,10 +24,12 @@
 //! an eviction racing the insert removes it either way. A load that started before an invalidation can
 //! therefore never land in L1 after the invalidation's message was applied.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -52,12 +54,76 @@ pub(crate) enum L1Value {
     Value(Bytes),
 }
 
+/// The hasher of L1's table and of the fence's stripes: foldhash (randomly seeded per table), several times
+/// cheaper than the standard SipHash on keys of 30–100 bytes, which a hit hashes once.
+type Hasher = foldhash::fast::RandomState;
+
 /// An L1 entry: the value and how long it may stay (the tier's `ttl`, or less if the value in the store
-/// stops being fresh sooner: an in-process copy never outlives the value it copies).
+/// stops being fresh sooner: an in-process copy never outlives the value it copies). Cloned on every hit
+/// (moka hands out clones), so it is one `Arc`.
 #[derive(Clone, Debug)]
 pub(crate) struct Slot {
-    value: L1Value,
+    held: Arc<Held>,
     lifetime: Duration,
+}
+
+/// What an entry holds: the codec's bytes, and the value decoded from them once for the shared reads
+/// (`Cache::get_shared`, `Cache::get_or_set_shared`), kept for the entry's life.
+pub(crate) struct Held {
+    bytes: Bytes,
+    /// A `Memo<V, C>` of the first `(V, C)` that decoded this entry.
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+/// A value decoded as `V` by codec `C`: the type a [`Held`] memo is looked up by, so that two `Cache`s of one
+/// class with different value types or codecs never see each other's decoding.
+struct Memo<V, C> {
+    value: Arc<V>,
+    _codec: PhantomData<fn() -> C>,
+}
+
+impl Held {
+    /// The codec's bytes of the value.
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The entry's value decoded as `V` by codec `C`: decoded on the first call with this `(V, C)` and then
+    /// shared; `decode` runs again only for another `(V, C)` than the first one that decoded the entry.
+    ///
+    /// # Errors
+    /// `decode`'s error (nothing is kept then).
+    pub(crate) fn shared<V, C, E>(
+        &self,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<V, E>,
+    ) -> std::result::Result<Arc<V>, E>
+    where
+        V: Send + Sync + 'static,
+        C: 'static,
+    {
+        if let Some(memo) = self.decoded.get() {
+            return match memo.downcast_ref::<Memo<V, C>>() {
+                Some(memo) => Ok(Arc::clone(&memo.value)),
+                None => decode(&self.bytes).map(Arc::new),
+            };
+        }
+        let value = Arc::new(decode(&self.bytes)?);
+        // Another caller may have decoded it meanwhile: either copy serves (both decode the same bytes).
+        let _ = self.decoded.set(Box::new(Memo::<V, C> {
+            value: Arc::clone(&value),
+            _codec: PhantomData,
+        }));
+        Ok(value)
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("bytes", &self.bytes.len())
+            .field("decoded", &self.decoded.get().is_some())
+            .finish()
+    }
 }
 
 /// Per-entry lifetimes for moka.
@@ -134,7 +200,7 @@ impl Event {
 struct Fence {
     all: AtomicU64,
     stripes: Box<[AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: Hasher,
 }
 
 /// A fence reading taken before a read was sent; an insert is allowed only if it still holds.
@@ -150,7 +216,7 @@ impl Fence {
         Fence {
             all: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: Hasher::default(),
         }
     }
 
@@ -165,7 +231,7 @@ impl Fence {
 /// One class's L1 on one handle.
 pub(crate) struct ClassL1 {
     class: String,
-    cache: moka::future::Cache<String, Slot>,
+    cache: moka::future::Cache<String, Slot, Hasher>,
     fence: Fence,
     max_stale: Duration,
     /// The tier's `ttl`: the longest an entry stays.
@@ -176,10 +242,17 @@ pub(crate) struct ClassL1 {
 impl ClassL1 {
     /// The entry for `key`, if L1 may serve it now.
     pub(crate) async fn get(&self, key: &str) -> Option<L1Value> {
+        self.get_held(key)
+            .await
+            .map(|held| L1Value::Value(held.bytes.clone()))
+    }
+
+    /// The entry for `key` with its decoded-value memo (see [`Held::shared`]), if L1 may serve it now.
+    pub(crate) async fn get_held(&self, key: &str) -> Option<Arc<Held>> {
         if !self.hub.vouched(self.max_stale) {
             return None;
         }
-        let hit = self.cache.get(key).await.map(|slot| slot.value);
+        let hit = self.cache.get(key).await.map(|slot| slot.held);
         // A hit never waits on I/O: without a yield point, a task reading L1 in a loop would keep the
         // runtime's threads from the backplane's heartbeats until trust lapses. This yields only once the
         // task's cooperative budget is spent.
@@ -216,8 +289,13 @@ impl ClassL1 {
         if lifetime.is_zero() {
             return;
         }
+        let L1Value::Value(bytes) = value;
+        let held = Arc::new(Held {
+            bytes,
+            decoded: OnceLock::new(),
+        });
         self.cache
-            .insert(key.to_owned(), Slot { value, lifetime })
+            .insert(key.to_owned(), Slot { held, lifetime })
             .await;
         // Checked again after the insert: an eviction bumps the fence *before* removing, so either it sees
         // (and removes) our entry, or we see its bump here and remove it ourselves.
@@ -351,13 +429,13 @@ impl Hub {
         let cache = moka::future::Cache::builder()
             .max_capacity(tier.capacity_bytes())
             .weigher(|k: &String, v: &Slot| {
-                let L1Value::Value(b) = &v.value;
-                // moka's own bookkeeping per entry, roughly.
-                let len = k.len() + b.len() + 64;
+                // moka's own bookkeeping per entry, roughly. A decoded copy kept by the shared reads is not
+                // counted (it does not exist yet when the entry is weighed).
+                let len = k.len() + v.held.bytes.len() + 64;
                 u32::try_from(len).unwrap_or(u32::MAX)
             })
             .expire_after(Lifetime)
-            .build();
+            .build_with_hasher(Hasher::default());
         let l1 = Arc::new(ClassL1 {
             class: class.to_owned(),
             cache,
@@ -737,6 +815,41 @@ mod tests {
 
     fn tier() -> L1Tier {
         L1Tier::new(1 << 20, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_shared_read_decodes_once_per_entry_and_type() {
+        let held = Held {
+            bytes: Bytes::from_static(b"42"),
+            decoded: OnceLock::new(),
+        };
+        let decodes = std::cell::Cell::new(0);
+        let parse = |b: &[u8]| {
+            decodes.set(decodes.get() + 1);
+            std::str::from_utf8(b).unwrap().parse::<u64>()
+        };
+        let a = held.shared::<u64, (), _>(parse).unwrap();
+        let b = held.shared::<u64, (), _>(parse).unwrap();
+        assert_eq!((*a, decodes.get()), (42, 1));
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the second read shares the first decoding"
+        );
+        // Another value type (or codec) decodes for itself, never gets the first one's value.
+        let s = held
+            .shared::<String, (), _>(|b| Ok::<_, ()>(String::from_utf8_lossy(b).into_owned()))
+            .unwrap();
+        assert_eq!(*s, "42");
+        let c = held.shared::<u64, u8, _>(parse).unwrap();
+        assert_eq!((*c, decodes.get()), (42, 2));
+        assert!(!Arc::ptr_eq(&a, &c));
+        // A failed decoding is not kept.
+        let bad = Held {
+            bytes: Bytes::from_static(b"x"),
+            decoded: OnceLock::new(),
+        };
+        assert!(bad.shared::<u64, (), _>(parse).is_err());
+        assert!(bad.decoded.get().is_none());
     }
 
     #[tokio::test]

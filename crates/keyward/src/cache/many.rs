@@ -256,8 +256,7 @@ where
             if let Some(L1Value::Value(b)) = l1.get(key).await
                 && let Ok(v) = C::decode::<V>(&b)
             {
-                self.class.metrics.hits.increment(1);
-                self.class.metrics.l1_hits.increment(1);
+                self.class.metrics.l1_hit();
                 answers[u] = Some((Ok(Some(v)), Some(b)));
                 continue;
             }

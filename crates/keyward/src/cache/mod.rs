@@ -73,6 +73,15 @@ impl Tally {
     }
 }
 
+impl CacheMetrics {
+    /// One read answered by L1: counted as a hit and an L1 hit in the metrics, and with one atomic add in
+    /// the totals (L1 hits are added to `hits` when a snapshot is taken, see [`ClassTotals::hits`]).
+    pub(crate) fn l1_hit(&self) {
+        self.hits.counter.increment(1);
+        self.l1_hits.increment(1);
+    }
+}
+
 /// Per-handle totals of every cache class, so that all `Cache` values of one class share them.
 #[derive(Default)]
 struct StatsTable(std::sync::Mutex<std::collections::HashMap<String, Arc<ClassTotals>>>);
@@ -80,6 +89,8 @@ struct StatsTable(std::sync::Mutex<std::collections::HashMap<String, Arc<ClassTo
 /// One class's totals.
 #[derive(Default)]
 struct ClassTotals {
+    /// Hits answered by the store; [`CacheStats::hits`] is this plus `l1_hits` (an L1 hit, the hot path,
+    /// adds to one total only: see [`CacheMetrics::l1_hit`]).
     hits: Arc<AtomicU64>,
     l1_hits: Arc<AtomicU64>,
     misses: Arc<AtomicU64>,
@@ -274,6 +285,13 @@ struct Ask<'a> {
     fresh_for: Option<&'a AtomicU64>,
 }
 
+/// What a load answers with: `from_l1` turns an L1 entry into the answer (`None`: it cannot, go to the store),
+/// `from_load` a value read from the store or loaded (e.g. the value itself, or it in an `Arc`).
+struct Answer<L, S> {
+    from_l1: L,
+    from_load: S,
+}
+
 /// Where a detached load ([`Cache::get_or_set_detached`]) offers its caller an answer before it ends: a stale
 /// value (taken at the soft timeout) or the current value of an entry it refreshes ahead (taken at once).
 #[derive(Default)]
@@ -398,7 +416,7 @@ impl ClassTotals {
     fn snapshot(&self) -> CacheStats {
         let g = |a: &Arc<AtomicU64>| a.load(Ordering::Relaxed);
         CacheStats {
-            hits: g(&self.hits),
+            hits: g(&self.hits) + g(&self.l1_hits),
             l1_hits: g(&self.l1_hits),
             misses: g(&self.misses),
             negative_hits: g(&self.negative_hits),
@@ -744,19 +762,49 @@ where
     /// Backend failures and [`Error::Key`].
     pub async fn get(&self, id: &(impl IdParts + ?Sized)) -> Result<Option<V>> {
         let key = self.key(id)?;
+        self.read(&key, |held| C::decode::<V>(held.bytes()).ok(), |v| v)
+            .await
+    }
+
+    /// [`get`](Self::get), sharing the value instead of decoding it again: an entry of the in-process tier
+    /// (L1) is decoded once, on its first shared read, and every later shared read of it gets the same
+    /// [`Arc`] (no decoding, no copy). Use it, or [`get_or_set_shared`](Self::get_or_set_shared), for classes
+    /// with an L1: an L1 hit through [`get`](Self::get) decodes the stored bytes on every call. Without L1, or
+    /// when L1 does not answer, it reads the store as `get` does. The decoded copy lives as long as the L1
+    /// entry and is not counted in the tier's `capacity` (which counts the encoded bytes).
+    ///
+    /// # Errors
+    /// As [`get`](Self::get): backend failures and [`Error::Key`].
+    pub async fn get_shared(&self, id: &(impl IdParts + ?Sized)) -> Result<Option<Arc<V>>> {
+        let key = self.key(id)?;
+        self.read(
+            &key,
+            |held| held.shared::<V, C, _>(C::decode::<V>).ok(),
+            Arc::new,
+        )
+        .await
+    }
+
+    /// The body of [`get`](Self::get): `from_l1` turns an L1 entry into the answer (`None`: it cannot, read
+    /// the store), `from_store` a value decoded from the store.
+    async fn read<T>(
+        &self,
+        key: &str,
+        from_l1: impl FnOnce(&l1::Held) -> Option<T>,
+        from_store: impl FnOnce(V) -> T,
+    ) -> Result<Option<T>> {
         let span = tracing::debug_span!("keyward.cache.get", class = %self.class.name, status = tracing::field::Empty);
         async {
             let m = &self.class.metrics;
             if let Some(l1) = &self.class.l1
-                && let Some(L1Value::Value(b)) = l1.get(&key).await
-                && let Ok(v) = C::decode::<V>(&b)
+                && let Some(held) = l1.get_held(key).await
+                && let Some(v) = from_l1(&held)
             {
-                m.hits.increment(1);
-                m.l1_hits.increment(1);
+                m.l1_hit();
                 tracing::Span::current().record("status", "l1_hit");
                 return Ok(Some(v));
             }
-            let read = match store::read(&self.kw.inner.backend, &self.entry(&key)).await {
+            let read = match store::read(&self.kw.inner.backend, &self.entry(key)).await {
                 Ok(read) => read,
                 Err(err) if self.fails_open(&err) => {
                     tracing::Span::current().record("status", "fail_open");
@@ -772,14 +820,14 @@ where
                 Some(raw) => match self.decode(&raw) {
                     Ok(Decoded::Value(v, _)) => {
                         m.hits.increment(1);
-                        ("hit", Some(v))
+                        ("hit", Some(from_store(v)))
                     }
                     Ok(Decoded::Negative) => {
                         m.negative_hits.increment(1);
                         ("negative_hit", None)
                     }
                     Err(reason) => {
-                        self.heal(&key, &raw, &reason).await?;
+                        self.heal(key, &raw, &reason).await?;
                         m.misses.increment(1);
                         ("decode_error", None)
                     }
@@ -898,6 +946,64 @@ where
             .load(id, &[], false, || async { loader().await.map(Some) }, &seen)
             .await?;
         // Every path that returns a value records how; a miss is the conservative answer otherwise.
+        let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
+        loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
+            class: self.class.name.clone(),
+            source: Arc::new(
+                "keyward returned no value for a non-optional load (please report this bug)".into(),
+            ),
+        })
+    }
+
+    /// [`get_or_set`](Self::get_or_set), sharing the value instead of decoding it again: an entry of the
+    /// in-process tier (L1) is decoded once, on its first shared read, and every later shared read of it gets
+    /// the same [`Arc`] — an L1 hit then costs no decoding and no copy of the value (see
+    /// [`get_shared`](Self::get_shared)). This is the read to use on classes with an L1. Everything else
+    /// (single-flight, fill leases, fail-safe, counts) is as in `get_or_set`; a value loaded or read from the
+    /// store is returned in a new `Arc`.
+    ///
+    /// # Errors
+    /// As [`get_or_set`](Self::get_or_set).
+    pub async fn get_or_set_shared<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        loader: F,
+    ) -> Result<Arc<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        self.get_or_set_shared_with_status(id, loader)
+            .await
+            .map(|(v, _)| v)
+    }
+
+    /// [`get_or_set_shared`](Self::get_or_set_shared), also saying how the call was answered, as
+    /// [`get_or_set_with_status`](Self::get_or_set_with_status) does.
+    ///
+    /// # Errors
+    /// As [`get_or_set`](Self::get_or_set).
+    pub async fn get_or_set_shared_with_status<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        loader: F,
+    ) -> Result<(Arc<V>, CacheLookup)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let key = self.key(id)?;
+        let seen = Seen::new(0);
+        let answer = Answer {
+            from_l1: |held: &l1::Held| held.shared::<V, C, _>(C::decode::<V>).ok(),
+            from_load: Arc::new,
+        };
+        let load = || async { loader().await.map(Some) };
+        let loaded = self
+            .load_key_as(&key, &[], false, load, &seen, None, answer)
+            .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
         loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
             class: self.class.name.clone(),
@@ -1111,6 +1217,32 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>>,
         E: Into<BoxError>,
     {
+        let answer = Answer {
+            from_l1: |held: &l1::Held| C::decode::<V>(held.bytes()).ok(),
+            from_load: |v| v,
+        };
+        self.load_key_as(key, tags, negative_ok, loader, seen, early, answer)
+            .await
+    }
+
+    /// [`load_key`](Self::load_key), answering with what `answer` makes of an L1 entry or of a loaded value.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_key_as<F, Fut, E, T>(
+        &self,
+        key: &str,
+        tags: &[String],
+        negative_ok: bool,
+        loader: F,
+        seen: &Seen,
+        early: Option<&Early>,
+        answer: Answer<impl FnOnce(&l1::Held) -> Option<T>, impl FnOnce(V) -> T>,
+    ) -> Result<Option<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let Answer { from_l1, from_load } = answer;
         let ask = Ask {
             seen,
             early,
@@ -1125,18 +1257,18 @@ where
         };
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
-            return self
+            let loaded = self
                 .load_shared_then(key, tags, negative_ok, loader, ask, |_| {})
                 .instrument(span)
                 .await;
+            return loaded.map(|v| v.map(from_load));
         };
         async {
-            if let Some(L1Value::Value(b)) = l1.get(key).await
-                && let Ok(v) = C::decode::<V>(&b)
+            if let Some(held) = l1.get_held(key).await
+                && let Some(v) = from_l1(&held)
             {
                 let m = &self.class.metrics;
-                m.hits.increment(1);
-                m.l1_hits.increment(1);
+                m.l1_hit();
                 saw(seen, CacheLookup::L1Hit);
                 return Ok(Some(v));
             }
@@ -1175,7 +1307,7 @@ where
                 };
                 l1.insert(key, L1Value::Value(b), ticket, fresh_for).await;
             }
-            loaded
+            loaded.map(|v| v.map(from_load))
         }
         .instrument(span)
         .await
