@@ -20,6 +20,7 @@ const DEFAULT_BOUND: Duration = Duration::from_millis(500);
 
 conformance!(
     a_corrupt_expiry_field_reads_as_expired_never_as_an_error,
+    the_fast_path_calls_corrupt_what_the_scripts_call_corrupt,
     expiring_a_tag_the_caller_did_not_name_still_expires_the_entry,
     sets_after_an_expiry_are_fresh,
     batches_never_return_an_expired_value_as_fresh,
@@ -106,6 +107,36 @@ mod cases {
             assert_eq!((v, how), (100, CacheLookup::Miss), "{junk:?}");
             assert_eq!(kept.get(&i).await.unwrap(), Some(100), "{junk:?}");
             kw.expire_tag(&tag).await.unwrap();
+            assert_eq!(kept.get(&i).await.unwrap(), None, "{junk:?}");
+        }
+    }
+
+    pub async fn the_fast_path_calls_corrupt_what_the_scripts_call_corrupt(h: Harness) {
+        // Fails if the fast path (`HMGET` decoded in Rust) read a field `epochs.lua` calls corrupt (a sign, more
+        // than 16 digits) as a number: it would serve as fresh a value the scripts treat as expired.
+        let Some(mut raw) = h.raw() else {
+            return; // the embedded keyspace only holds what keyward wrote
+        };
+        let kw = h.keyward().await;
+        let kept = kw.cache::<u32>("kept").unwrap();
+        for (i, junk) in ["+1", "00000000000000001", " 1"].iter().enumerate() {
+            let tag = format!("f{i}");
+            let tags = [tag.as_str()];
+            let i = u32::try_from(i).unwrap();
+            // An entry recording an epoch above 1 (filled after an expiry of its tag).
+            kw.expire_tag(&tag).await.unwrap();
+            kept.set_tagged(&i, &(i + 1), &tags).await.unwrap();
+            poke_epoch(&h, raw.as_mut(), &format!("x:{tag}"), junk).await;
+            // The first read after the corruption goes through the fast path.
+            let (v, how) = kept
+                .get_or_set_tagged_with_status(&i, &tags, || async { broken() })
+                .await
+                .unwrap();
+            assert_eq!(
+                (v, how),
+                (i + 1, CacheLookup::Stale(StaleReason::LoaderError)),
+                "{junk:?} is corrupt: repaired, so the entry is expired"
+            );
             assert_eq!(kept.get(&i).await.unwrap(), None, "{junk:?}");
         }
     }
