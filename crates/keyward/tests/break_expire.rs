@@ -21,6 +21,7 @@ const DEFAULT_BOUND: Duration = Duration::from_millis(500);
 conformance!(
     a_corrupt_expiry_field_reads_as_expired_never_as_an_error,
     the_fast_path_calls_corrupt_what_the_scripts_call_corrupt,
+    a_corrupt_expiry_field_is_not_repaired_to_the_end_of_the_epochs,
     expiring_a_tag_the_caller_did_not_name_still_expires_the_entry,
     sets_after_an_expiry_are_fresh,
     batches_never_return_an_expired_value_as_fresh,
@@ -138,6 +139,34 @@ mod cases {
                 "{junk:?} is corrupt: repaired, so the entry is expired"
             );
             assert_eq!(kept.get(&i).await.unwrap(), None, "{junk:?}");
+        }
+    }
+
+    pub async fn a_corrupt_expiry_field_is_not_repaired_to_the_end_of_the_epochs(h: Harness) {
+        // Fails if a bump took a corrupt field's face value (Lua's `tonumber` reads "9.007199254740991e15" as
+        // 2^53 - 1) as its floor: the repair lands on 2^53, out of range, so the field stays corrupt, fills
+        // record 2^53, and a removal (whose floor then reads the out-of-range field as 0) is lost.
+        let Some(mut raw) = h.raw() else {
+            return; // the embedded keyspace only holds what keyward wrote
+        };
+        let kw = h.keyward().await;
+        let c = kw.cache::<u32>("product").unwrap();
+        for (i, junk) in ["9.007199254740991e15", "0x1fffffffffffff", "9e15"]
+            .iter()
+            .enumerate()
+        {
+            let tag = format!("e{i}");
+            let tags = [tag.as_str()];
+            let i = u32::try_from(i).unwrap();
+            poke_epoch(&h, raw.as_mut(), &format!("x:{tag}"), junk).await;
+            assert_eq!(c.get(&i).await.unwrap(), None);
+            c.set_tagged(&i, &1, &tags).await.unwrap();
+            assert_eq!(c.get(&i).await.unwrap(), Some(1), "{junk:?}");
+            kw.invalidate_tag(&tag).await.unwrap();
+            assert_eq!(c.get(&i).await.unwrap(), None, "{junk:?}: the removal");
+            c.set_tagged(&i, &2, &tags).await.unwrap();
+            kw.expire_tag(&tag).await.unwrap();
+            assert_eq!(c.get(&i).await.unwrap(), None, "{junk:?}: the expiry");
         }
     }
 
