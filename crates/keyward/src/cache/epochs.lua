@@ -6,13 +6,22 @@
 -- larger: an entry below 't:' is gone, one below only 'x:' is expired (stale, kept for fail-safe). A field that is not such an integer (or a key that is not a hash) is corrupt:
 -- it is bumped on the spot, which is always safe (entries filled before it read as misses), so one bad field
 -- never fails every call of the namespace.
+
+-- Whether a stored epoch field is a valid epoch (store.rs `epoch` is the same rule).
+local function kw_valid(v)
+  return string.match(v, '^%d+$') ~= nil and #v <= 16 and tonumber(v) < 9007199254740992
+end
+
 local function kw_bump(hash, field, lifetime_ms)
+  -- A corrupt field counts as 0 (the clock floor then applies), never at its face value: `tonumber` reads
+  -- '9.007199254740991e15' or '0x1fffffffffffff' as 2^53 - 1, whose successor is out of range, so the repair
+  -- would stay corrupt and a later bump of the tag, reading it as 0, would land below what fills recorded.
   local function read(f)
-    local e = tonumber(redis.pcall('HGET', hash, f))
-    if type(e) ~= 'number' or e ~= math.floor(e) or e < 0 or e >= 9007199254740992 then
+    local v = redis.pcall('HGET', hash, f)
+    if type(v) ~= 'string' or not kw_valid(v) then
       return 0
     end
-    return e
+    return tonumber(v)
   end
   local n = read(field)
   local kind = string.sub(field, 1, 2)
@@ -33,11 +42,6 @@ local function kw_bump(hash, field, lifetime_ms)
     redis.call('PEXPIRE', hash, lifetime_ms)
   end
   return n
-end
-
--- Whether a stored epoch field is a valid epoch.
-local function kw_valid(v)
-  return string.match(v, '^%d+$') ~= nil and #v <= 16 and tonumber(v) < 9007199254740992
 end
 
 -- The epochs of `fields` (a list: '*', the class, then 't:<tag>' and 'x:<tag>' fields) as a table field -> string ('0' when

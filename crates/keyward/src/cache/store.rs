@@ -173,11 +173,13 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// A stored epoch field, as `epochs.lua` reads it: absent is 0; anything but a decimal integer below 2^53 is
-/// corrupt (`None`).
+/// A stored epoch field, as `epochs.lua` reads it (`kw_valid`): absent is 0; anything but 1 to 16 ASCII
+/// digits below 2^53 is corrupt (`None`). Exactly `kw_valid`, not `str::parse` (which takes a leading `+`
+/// and any number of leading zeros): the fast path must never read as a number a field the scripts repair.
 fn epoch(field: Option<&[u8]>) -> Option<u64> {
     match field {
         None => Some(0),
+        Some(f) if f.is_empty() || f.len() > 16 || !f.iter().all(u8::is_ascii_digit) => None,
         Some(f) => std::str::from_utf8(f)
             .ok()?
             .parse::<u64>()
@@ -1195,5 +1197,27 @@ mod tests {
         assert!(fields().is_empty(), "the epochs hash expired");
         kw.invalidate_tag("x").await.unwrap();
         assert_eq!(cache.get("c").await.unwrap(), None);
+    }
+
+    #[test]
+    fn an_epoch_field_is_valid_exactly_when_kw_valid_says_so() {
+        for (raw, want) in [
+            (&b"0"[..], Some(0)),
+            (b"1764512345678901", Some(1_764_512_345_678_901)),
+            (b"9007199254740991", Some((1 << 53) - 1)),
+            (b"0000000000000001", Some(1)),
+            (b"9007199254740992", None),
+            (b"00000000000000001", None),
+            (b"+1", None),
+            (b" 1", None),
+            (b"1 ", None),
+            (b"-1", None),
+            (b"1.5", None),
+            (b"", None),
+            (b"garbage", None),
+        ] {
+            assert_eq!(epoch(Some(raw)), want, "{:?}", String::from_utf8_lossy(raw));
+        }
+        assert_eq!(epoch(None), Some(0), "absent");
     }
 }
