@@ -252,8 +252,6 @@ impl CacheLookup {
 /// refresh's).
 #[derive(Clone)]
 struct Fallback {
-    /// As stored (enveloped), to store it again.
-    raw: Bytes,
     /// The codec's bytes.
     payload: Bytes,
     fresh: bool,
@@ -1575,8 +1573,11 @@ where
 
     /// After a failed refill served the stale value: store it again as current for `fail_safe_throttle`, so
     /// that a failing source is not asked on every read (while the lease is still ours; else just let go).
+    /// It is stored under the lease's stamp (`gens`), as a successful refill would be: a value that was stale
+    /// because a tag *expired* it must count as current during the throttle too, and must not keep the old
+    /// stamp, which would read as current again once the expiry's epoch field is pruned.
     /// Returns whether the lease was still held (no invalidation came in between).
-    async fn throttle(&self, guard: LeaseGuard, fb: &Fallback) -> bool {
+    async fn throttle(&self, guard: LeaseGuard, fb: &Fallback, gens: &Stamp) -> bool {
         let policy = &self.class.policy;
         // Above the refresh window too, or every read during the throttle would try the source again.
         let ttl = policy
@@ -1585,7 +1586,17 @@ where
             .saturating_add(policy.refresh_ahead_value().unwrap_or_default());
         let e = self.entry(&guard.key);
         let inner = &self.kw.inner;
-        match store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &fb.raw, ttl).await {
+        let restamped = envelope::value(gens, &envelope::body(Some(&fb.payload)));
+        match store::commit(
+            &inner.backend,
+            &inner.bus,
+            &e,
+            &guard.prefix,
+            &restamped,
+            ttl,
+        )
+        .await
+        {
             Ok(held) => {
                 let mut guard = guard;
                 guard.armed = false;
@@ -1659,11 +1670,7 @@ where
     /// serve.
     fn fallback(&self, raw: Bytes, fresh: bool) -> Option<Fallback> {
         match self.decode(&raw) {
-            Ok(Decoded::Value(_, payload)) => Some(Fallback {
-                raw,
-                payload,
-                fresh,
-            }),
+            Ok(Decoded::Value(_, payload)) => Some(Fallback { payload, fresh }),
             _ => None,
         }
     }
@@ -1753,7 +1760,7 @@ where
                 };
                 // Only while our lease still stands: an invalidation that voided it removed the stale value
                 // too, and it must not be served after that.
-                if !self.throttle(guard, &fb).await {
+                if !self.throttle(guard, &fb, &gens).await {
                     return failed(err);
                 }
                 return self.serve_stale(fb, reason, seen);

@@ -156,7 +156,9 @@ impl Keyward {
     /// leased before this call never becomes fresh. Unlike [`invalidate_tag`](Self::invalidate_tag), in a
     /// class with `stale_grace` the old value stays the fail-safe fallback: if the refill fails, times out or
     /// passes `soft_timeout`, callers get it (as [`CacheLookup::Stale`]) instead of an error, until the entry's
-    /// TTL plus grace runs out. In a class without `stale_grace` the entry is simply a miss. Plain reads
+    /// TTL plus grace runs out; as with any stale value, a failed refill then serves it as current for
+    /// `fail_safe_throttle` (stored again under the refill's lease, so the failing source is asked at most
+    /// once per throttle). In a class without `stale_grace` the entry is simply a miss. Plain reads
     /// ([`Cache::get`]) never return an expired value. In-process copies (L1) are dropped as for a removal.
     /// FusionCache's `Expire` and bentocache's `expire` are the same idea.
     ///
