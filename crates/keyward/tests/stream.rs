@@ -513,6 +513,58 @@ mod worker_cases {
         );
         // Acknowledged and (no other group needs it) deleted from the stream: never in both places.
         assert_eq!(jobs.len().await.unwrap(), 0);
+
+        // Replay: a dry run changes nothing; then the dead letter goes back into the stream, once.
+        let dry = jobs
+            .replay_dead_letters(|d| d.group == "billing", 100, true)
+            .await
+            .unwrap();
+        assert_eq!(dry.len(), 1);
+        assert_eq!(dry[0].1, None);
+        assert_eq!(jobs.dead_letters(10).await.unwrap().len(), 1);
+        assert!(
+            jobs.replay_dead_letters(|_| false, 100, false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let moved = jobs
+            .replay_dead_letters(|d| d.group == "billing", 100, false)
+            .await
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        let new_id = moved[0].1.unwrap();
+        assert!(new_id > id);
+        assert!(
+            jobs.dead_letters(10).await.unwrap().is_empty(),
+            "not in both places"
+        );
+        assert_eq!(jobs.range(None, 10).await.unwrap(), [(new_id, order(7))]);
+        assert!(
+            jobs.replay_dead_letters(|_| true, 100, false)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The group delivers it afresh.
+        let again: Seen = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (again, stop) = (Arc::clone(&again), stop.clone());
+            jobs.worker("billing", move |m: Message<OrderPlaced>| {
+                let (again, stop) = (Arc::clone(&again), stop.clone());
+                async move {
+                    again
+                        .lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    stop.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        assert_eq!(worker.run(stop.wait()).await.unwrap().handled, 1);
+        assert_eq!(again.lock().unwrap().clone(), [(new_id, 7, 1)]);
     }
 
     pub async fn an_abandoned_entry_is_taken_over_after_claim_idle(h: Harness) {
@@ -536,6 +588,14 @@ mod worker_cases {
         let report = a.run(started.wait()).await.unwrap();
         assert_eq!((report.handled, report.unfinished), (0, 1));
         let left = tokio::time::Instant::now();
+        let info = jobs.group_info("ship").await.unwrap().unwrap();
+        assert_eq!(
+            (info.pending, info.lag, info.oldest_pending),
+            (1, Some(0), Some(id))
+        );
+        assert_eq!(info.consumers, 1);
+        assert!(info.oldest_pending_age.unwrap() < Duration::from_secs(60));
+        assert_eq!(jobs.group_info("nope").await.unwrap(), None);
         // Worker B takes it over once it has been idle for claim_idle, as its second delivery.
         let seen: Seen = Arc::default();
         let stop = Stop::default();
@@ -562,6 +622,11 @@ mod worker_cases {
         );
         assert_eq!(report.handled, 1);
         assert_eq!(seen.lock().unwrap().clone(), [(id, 1, 2)]);
+        let info = jobs.group_info("ship").await.unwrap().unwrap();
+        assert_eq!(
+            (info.pending, info.oldest_pending, info.oldest_pending_age),
+            (0, None, None)
+        );
     }
 
     pub async fn graceful_shutdown_loses_nothing_and_duplicates_nothing(h: Harness) {

@@ -136,6 +136,67 @@ where
         }
         store::dead_letters(&self.kw, &self.inner.keys, count).await
     }
+
+    /// What `group` holds now: its consumers, pending entries, lag and oldest pending entry. `None` if there
+    /// is no such group.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn group_info(&self, group: &str) -> Result<Option<GroupInfo>> {
+        store::group_info(&self.kw, &self.inner.keys, group).await
+    }
+
+    /// Move dead letters back into the stream for another round of deliveries: of the oldest `max` dead letters
+    /// (up to 10,000), those `filter` accepts are appended to the stream again (new entries, new ids, delivered
+    /// afresh to every group) and removed from the dead letters, each in one script, so none is ever in both
+    /// places or lost between them. With `dry_run` nothing changes and the selection is returned. Returns the
+    /// dead letters moved (or that would be), with the new entry id (`None` in a dry run). The stream's
+    /// retention is applied by the next publish.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a `max` above 10,000; backend failures.
+    pub async fn replay_dead_letters(
+        &self,
+        filter: impl Fn(&DeadLetter) -> bool,
+        max: usize,
+        dry_run: bool,
+    ) -> Result<Vec<(DeadLetter, Option<EntryId>)>> {
+        let chosen: Vec<DeadLetter> = self
+            .dead_letters(max)
+            .await?
+            .into_iter()
+            .filter(|d| filter(d))
+            .collect();
+        if dry_run {
+            return Ok(chosen.into_iter().map(|d| (d, None)).collect());
+        }
+        let ids: Vec<EntryId> = chosen.iter().map(|d| d.dead_id).collect();
+        let moved = store::replay(&self.kw, &self.inner.keys, &ids).await?;
+        Ok(chosen
+            .into_iter()
+            .filter_map(|d| {
+                let new = moved.iter().find(|(dead, _)| *dead == d.dead_id)?.1;
+                Some((d, Some(new)))
+            })
+            .collect())
+    }
+}
+
+/// What a consumer group holds now ([`Stream::group_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// Consumers the group knows (workers, live or recently gone).
+    pub consumers: u64,
+    /// Entries delivered and not acknowledged yet.
+    pub pending: u64,
+    /// Entries not delivered to the group yet (`None` when Redis cannot count it, e.g. after deletions in the
+    /// stream's middle).
+    pub lag: Option<u64>,
+    /// The oldest pending entry.
+    pub oldest_pending: Option<EntryId>,
+    /// How long ago the oldest pending entry was published (by the server's clock).
+    pub oldest_pending_age: Option<Duration>,
 }
 
 /// An entry moved to the dead-letter stream.
@@ -272,6 +333,7 @@ where
             }
             if now >= next_reclaim {
                 next_reclaim = now + claim_idle / 2;
+                ctx.gauges().await;
                 match store::reclaim(
                     &kw,
                     &keys,
@@ -408,6 +470,9 @@ struct Metrics {
     dead_lettered: metrics::Counter,
     lost: metrics::Counter,
     latency: metrics::Histogram,
+    pending: metrics::Gauge,
+    lag: metrics::Gauge,
+    oldest_age: metrics::Gauge,
 }
 
 impl Metrics {
@@ -419,6 +484,9 @@ impl Metrics {
             dead_lettered: metrics::counter!("keyward_stream_dead_lettered_total", &labels),
             lost: metrics::counter!("keyward_stream_lost_total", &labels),
             latency: metrics::histogram!("keyward_stream_handler_seconds", &labels),
+            pending: metrics::gauge!("keyward_stream_pending", &labels),
+            lag: metrics::gauge!("keyward_stream_lag", &labels),
+            oldest_age: metrics::gauge!("keyward_stream_oldest_pending_age_seconds", &labels),
         }
     }
 }
@@ -475,6 +543,20 @@ where
             held.insert(id);
         } else {
             held.remove(&id);
+        }
+    }
+
+    /// Set the group's gauges (pending, lag, oldest pending age), once per reclaim period.
+    async fn gauges(&self) {
+        let s = &self.stream;
+        if let Ok(Some(info)) = store::group_info(&s.kw, &s.inner.keys, &self.group).await {
+            self.metrics.pending.set(info.pending as f64);
+            if let Some(lag) = info.lag {
+                self.metrics.lag.set(lag as f64);
+            }
+            self.metrics
+                .oldest_age
+                .set(info.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
         }
     }
 
