@@ -102,6 +102,7 @@ conformance!(
     graceful_shutdown_loses_nothing_and_duplicates_nothing,
     a_long_handler_keeps_its_claim_past_claim_idle,
     a_group_the_server_lost_is_created_again,
+    a_panicking_handler_is_a_failed_delivery,
 );
 
 mod cases {
@@ -711,6 +712,34 @@ mod worker_cases_2 {
             [(id, 1, 1)],
             "handled once, never reclaimed"
         );
+    }
+
+    pub async fn a_panicking_handler_is_a_failed_delivery(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap();
+        let id = jobs.publish(&order(1)).await.unwrap();
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let worker = {
+            let (seen, stop) = (Arc::clone(&seen), stop.clone());
+            jobs.worker("ship", move |m: Message<OrderPlaced>| {
+                let (seen, stop) = (Arc::clone(&seen), stop.clone());
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((m.id, m.event.order, m.deliveries));
+                    assert!(m.deliveries > 1, "a deliberate panic in the first delivery");
+                    stop.fire();
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let report = tokio::time::timeout(Duration::from_secs(10), worker.run(stop.wait()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.failed, report.handled), (1, 1));
+        assert_eq!(seen.lock().unwrap().clone(), [(id, 1, 1), (id, 1, 2)]);
     }
 
     pub async fn a_group_the_server_lost_is_created_again(h: Harness) {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -504,6 +505,34 @@ struct Ctx<E, C, F> {
     metrics: Metrics,
 }
 
+/// An entry in [`Ctx::held`] for as long as this lives.
+struct Held<'a> {
+    held: &'a Mutex<HashSet<EntryId>>,
+    id: EntryId,
+}
+
+impl<'a> Held<'a> {
+    fn new<E, C, F>(ctx: &'a Ctx<E, C, F>, id: EntryId) -> Self {
+        ctx.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Held {
+            held: &ctx.held,
+            id,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// How one delivery ended.
 enum Outcome {
     Ok,
@@ -537,15 +566,6 @@ where
             .collect()
     }
 
-    fn hold(&self, id: EntryId, yes: bool) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if yes {
-            held.insert(id);
-        } else {
-            held.remove(&id);
-        }
-    }
-
     /// Set the group's gauges (pending, lag, oldest pending age), once per reclaim period.
     async fn gauges(&self) {
         let s = &self.stream;
@@ -577,7 +597,8 @@ where
         let s = &self.stream;
         let settings = &s.inner.settings;
         let max = u64::from(settings.max_deliveries_value());
-        self.hold(c.id, true);
+        // Held (its claim renewed) until this task ends, however it ends: returned, stopped at shutdown.
+        let _held = Held::new(&self, c.id);
         loop {
             let Some(payload) = c.payload.take() else {
                 // Trimmed past the hard cap while pending: nothing to run; clear it from the pending list.
@@ -665,7 +686,6 @@ where
                 }
             }
         }
-        self.hold(c.id, false);
     }
 
     async fn run_handler(&self, id: EntryId, deliveries: u64, payload: &[u8]) -> Outcome {
@@ -681,18 +701,26 @@ where
         };
         let span = tracing::info_span!("keyward.stream.handle", class = %s.inner.class, group = %self.group, id = %id, deliveries);
         let started = Instant::now();
-        let out = (self.handler)(Message {
-            id,
-            event,
-            deliveries,
-        })
-        .instrument(span)
+        let out = std::panic::AssertUnwindSafe(
+            (self.handler)(Message {
+                id,
+                event,
+                deliveries,
+            })
+            .instrument(span),
+        )
+        .catch_unwind()
         .await;
         self.metrics.latency.record(started.elapsed().as_secs_f64());
         match out {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Failed {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(e)) => Outcome::Failed {
                 error: e.to_string(),
+                permanent: false,
+            },
+            // A panicking handler is a failed delivery like any other: retried, then dead-lettered.
+            Err(_) => Outcome::Failed {
+                error: "the handler panicked".to_owned(),
                 permanent: false,
             },
         }
