@@ -49,7 +49,7 @@
 pub(crate) mod store;
 mod worker;
 
-pub use worker::{DeadLetter, Message, Worker, WorkerReport};
+pub use worker::{DeadLetter, GroupInfo, Message, Worker, WorkerReport};
 
 use std::fmt;
 use std::marker::PhantomData;

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::EntryId;
-use super::worker::DeadLetter;
+use super::worker::{DeadLetter, GroupInfo};
 use crate::Keyward;
 use crate::backend::memory::stream::{StreamId, StreamVal};
 use crate::backend::{Kv, Reply, scripts};
@@ -22,6 +22,8 @@ scripts! {
     reclaim: "stream_reclaim.lua";
     dead: "stream_dead.lua";
     dead_read: "stream_dead_read.lua";
+    replay: "stream_replay.lua";
+    group_info: "stream_group_info.lua";
 }
 
 /// The field each entry stores its encoded message in.
@@ -757,6 +759,136 @@ pub(super) async fn dead_letters(
                         })
                     })
                     .collect()
+            },
+        )
+        .await
+}
+
+/// `stream_replay.lua`: move the dead letters `dead_ids` back into the stream; the (dead id, new id) of each
+/// one moved (those already gone are left out).
+pub(super) async fn replay(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    dead_ids: &[EntryId],
+) -> Result<Vec<(EntryId, EntryId)>> {
+    if dead_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let channel = kw
+        .inner
+        .backend
+        .wake_channel(&kw.inner.ns, &keys.stream)
+        .into_owned();
+    let mut call = SCRIPTS
+        .replay
+        .call("stream_replay")
+        .key(&keys.stream)
+        .key(&keys.dead)
+        .key(&keys.wake)
+        .arg(channel);
+    for id in dead_ids {
+        call = call.arg(id.to_string());
+    }
+    let moved = kw
+        .inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let mut payloads = Vec::new();
+                if let Some(d) = kv.stream_mut(&keys.dead) {
+                    for id in dead_ids {
+                        if let Some(fields) = d.entry(sid(*id)) {
+                            payloads.push((*id, payload_of(fields)));
+                            d.delete(&[sid(*id)]);
+                        }
+                    }
+                }
+                if payloads.is_empty() {
+                    return Vec::new();
+                }
+                let s = kv.stream_or_create(&keys.stream);
+                let moved = payloads
+                    .into_iter()
+                    .map(|(dead, p)| {
+                        (
+                            dead,
+                            to_entry(s.add(now_ms, vec![(Bytes::from_static(FIELD), p)])),
+                        )
+                    })
+                    .collect();
+                kv.del(&keys.wake);
+                moved
+            },
+            |reply| {
+                reply
+                    .array()?
+                    .chunks(2)
+                    .map(|c| {
+                        let [dead, new] = c else { return None };
+                        Some((parse_id(dead)?, parse_id(new)?))
+                    })
+                    .collect()
+            },
+        )
+        .await?;
+    kw.inner.bus.wake(&keys.stream);
+    Ok(moved)
+}
+
+/// `stream_group_info.lua` (`None`: no such group).
+pub(super) async fn group_info(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+) -> Result<Option<GroupInfo>> {
+    let call = SCRIPTS
+        .group_info
+        .call("stream_group_info")
+        .key(&keys.stream)
+        .arg(group);
+    let age = |oldest: Option<EntryId>, now_ms: i64| {
+        oldest.map(|o| {
+            std::time::Duration::from_millis(
+                u64::try_from(now_ms).unwrap_or(0).saturating_sub(o.ms),
+            )
+        })
+    };
+    kw.inner
+        .backend
+        .atomic(
+            call,
+            |kv: &mut Kv| {
+                let now_ms = kv.now_ms();
+                let s = kv.stream(&keys.stream)?;
+                let summary = s.pending_summary(group)?;
+                let oldest = summary.range.map(|(a, _)| to_entry(a));
+                Some(GroupInfo {
+                    consumers: s.group(group).map_or(0, |g| g.consumers.len() as u64),
+                    pending: summary.count as u64,
+                    lag: s.lag(group).map(|l| l as u64),
+                    oldest_pending: oldest,
+                    oldest_pending_age: age(oldest, now_ms),
+                })
+            },
+            |reply| match reply.array()? {
+                [] => Some(None),
+                [consumers, pending, lag, oldest, now] => {
+                    let oldest = if oldest.is_nil() {
+                        None
+                    } else {
+                        Some(parse_id(oldest)?)
+                    };
+                    Some(Some(GroupInfo {
+                        consumers: u64::try_from(consumers.int()?).ok()?,
+                        pending: u64::try_from(pending.int()?).ok()?,
+                        lag: u64::try_from(lag.int()?).ok(),
+                        oldest_pending: oldest,
+                        oldest_pending_age: age(oldest, now.int()?),
+                    }))
+                }
+                _ => None,
             },
         )
         .await

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -136,6 +137,67 @@ where
         }
         store::dead_letters(&self.kw, &self.inner.keys, count).await
     }
+
+    /// What `group` holds now: its consumers, pending entries, lag and oldest pending entry. `None` if there
+    /// is no such group.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn group_info(&self, group: &str) -> Result<Option<GroupInfo>> {
+        store::group_info(&self.kw, &self.inner.keys, group).await
+    }
+
+    /// Move dead letters back into the stream for another round of deliveries: of the oldest `max` dead letters
+    /// (up to 10,000), those `filter` accepts are appended to the stream again (new entries, new ids, delivered
+    /// afresh to every group) and removed from the dead letters, each in one script, so none is ever in both
+    /// places or lost between them. With `dry_run` nothing changes and the selection is returned. Returns the
+    /// dead letters moved (or that would be), with the new entry id (`None` in a dry run). The stream's
+    /// retention is applied by the next publish.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a `max` above 10,000; backend failures.
+    pub async fn replay_dead_letters(
+        &self,
+        filter: impl Fn(&DeadLetter) -> bool,
+        max: usize,
+        dry_run: bool,
+    ) -> Result<Vec<(DeadLetter, Option<EntryId>)>> {
+        let chosen: Vec<DeadLetter> = self
+            .dead_letters(max)
+            .await?
+            .into_iter()
+            .filter(|d| filter(d))
+            .collect();
+        if dry_run {
+            return Ok(chosen.into_iter().map(|d| (d, None)).collect());
+        }
+        let ids: Vec<EntryId> = chosen.iter().map(|d| d.dead_id).collect();
+        let moved = store::replay(&self.kw, &self.inner.keys, &ids).await?;
+        Ok(chosen
+            .into_iter()
+            .filter_map(|d| {
+                let new = moved.iter().find(|(dead, _)| *dead == d.dead_id)?.1;
+                Some((d, Some(new)))
+            })
+            .collect())
+    }
+}
+
+/// What a consumer group holds now ([`Stream::group_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// Consumers the group knows (workers, live or recently gone).
+    pub consumers: u64,
+    /// Entries delivered and not acknowledged yet.
+    pub pending: u64,
+    /// Entries not delivered to the group yet (`None` when Redis cannot count it, e.g. after deletions in the
+    /// stream's middle).
+    pub lag: Option<u64>,
+    /// The oldest pending entry.
+    pub oldest_pending: Option<EntryId>,
+    /// How long ago the oldest pending entry was published (by the server's clock).
+    pub oldest_pending_age: Option<Duration>,
 }
 
 /// An entry moved to the dead-letter stream.
@@ -272,6 +334,7 @@ where
             }
             if now >= next_reclaim {
                 next_reclaim = now + claim_idle / 2;
+                ctx.gauges().await;
                 match store::reclaim(
                     &kw,
                     &keys,
@@ -408,6 +471,9 @@ struct Metrics {
     dead_lettered: metrics::Counter,
     lost: metrics::Counter,
     latency: metrics::Histogram,
+    pending: metrics::Gauge,
+    lag: metrics::Gauge,
+    oldest_age: metrics::Gauge,
 }
 
 impl Metrics {
@@ -419,6 +485,9 @@ impl Metrics {
             dead_lettered: metrics::counter!("keyward_stream_dead_lettered_total", &labels),
             lost: metrics::counter!("keyward_stream_lost_total", &labels),
             latency: metrics::histogram!("keyward_stream_handler_seconds", &labels),
+            pending: metrics::gauge!("keyward_stream_pending", &labels),
+            lag: metrics::gauge!("keyward_stream_lag", &labels),
+            oldest_age: metrics::gauge!("keyward_stream_oldest_pending_age_seconds", &labels),
         }
     }
 }
@@ -434,6 +503,34 @@ struct Ctx<E, C, F> {
     stop: watch::Receiver<bool>,
     counts: Counts,
     metrics: Metrics,
+}
+
+/// An entry in [`Ctx::held`] for as long as this lives.
+struct Held<'a> {
+    held: &'a Mutex<HashSet<EntryId>>,
+    id: EntryId,
+}
+
+impl<'a> Held<'a> {
+    fn new<E, C, F>(ctx: &'a Ctx<E, C, F>, id: EntryId) -> Self {
+        ctx.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Held {
+            held: &ctx.held,
+            id,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// How one delivery ended.
@@ -469,12 +566,17 @@ where
             .collect()
     }
 
-    fn hold(&self, id: EntryId, yes: bool) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if yes {
-            held.insert(id);
-        } else {
-            held.remove(&id);
+    /// Set the group's gauges (pending, lag, oldest pending age), once per reclaim period.
+    async fn gauges(&self) {
+        let s = &self.stream;
+        if let Ok(Some(info)) = store::group_info(&s.kw, &s.inner.keys, &self.group).await {
+            self.metrics.pending.set(info.pending as f64);
+            if let Some(lag) = info.lag {
+                self.metrics.lag.set(lag as f64);
+            }
+            self.metrics
+                .oldest_age
+                .set(info.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
         }
     }
 
@@ -495,7 +597,8 @@ where
         let s = &self.stream;
         let settings = &s.inner.settings;
         let max = u64::from(settings.max_deliveries_value());
-        self.hold(c.id, true);
+        // Held (its claim renewed) until this task ends, however it ends: returned, stopped at shutdown.
+        let _held = Held::new(&self, c.id);
         loop {
             let Some(payload) = c.payload.take() else {
                 // Trimmed past the hard cap while pending: nothing to run; clear it from the pending list.
@@ -583,7 +686,6 @@ where
                 }
             }
         }
-        self.hold(c.id, false);
     }
 
     async fn run_handler(&self, id: EntryId, deliveries: u64, payload: &[u8]) -> Outcome {
@@ -599,18 +701,26 @@ where
         };
         let span = tracing::info_span!("keyward.stream.handle", class = %s.inner.class, group = %self.group, id = %id, deliveries);
         let started = Instant::now();
-        let out = (self.handler)(Message {
-            id,
-            event,
-            deliveries,
-        })
-        .instrument(span)
+        let out = std::panic::AssertUnwindSafe(
+            (self.handler)(Message {
+                id,
+                event,
+                deliveries,
+            })
+            .instrument(span),
+        )
+        .catch_unwind()
         .await;
         self.metrics.latency.record(started.elapsed().as_secs_f64());
         match out {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Failed {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(e)) => Outcome::Failed {
                 error: e.to_string(),
+                permanent: false,
+            },
+            // A panicking handler is a failed delivery like any other: retried, then dead-lettered.
+            Err(_) => Outcome::Failed {
+                error: "the handler panicked".to_owned(),
                 permanent: false,
             },
         }

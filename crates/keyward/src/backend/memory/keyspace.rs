@@ -1,6 +1,7 @@
-//! The embedded keyspace: one expiring map with Redis's typed values (string, hash, sorted set; a stream
-//! variant fits beside them), one clock, and one budget per class. Every embedded operation — the cache's, the
-//! sessions', locks', idempotency keys' and rate limits' — runs over it as one critical section
+//! The embedded keyspace: one expiring map with Redis's typed values (string, hash, sorted set, and a stream,
+//! which alone has no expiry: its retention bounds it), one clock, and one budget per class. Every embedded
+//! operation — the cache's, the sessions', locks', idempotency keys', rate limits' and streams' — runs over it
+//! as one critical section
 //! ([`Keyspace::with`]), which is what a Lua script is on Redis.
 //!
 //! **The one decision to know: budgets are per class, never shared.** The class is the third segment of the

@@ -105,7 +105,6 @@ pub(crate) struct Group {
 
 /// What `XPENDING key group` answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
 pub(crate) struct PendingSummary {
     /// Entries pending in the group.
     pub(crate) count: usize,
@@ -380,7 +379,6 @@ impl StreamVal {
     }
 
     /// `XPENDING key group` (the summary).
-    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn pending_summary(&self, group: &str) -> Option<PendingSummary> {
         let g = self.groups.get(group)?;
         let mut per_consumer = BTreeMap::new();
@@ -550,7 +548,6 @@ impl StreamVal {
 
     /// The group's lag: entries in the stream after its last-delivered id (what `XINFO GROUPS` reports as
     /// `lag` when it can count it).
-    #[cfg_attr(not(test), allow(dead_code))] // mirrored Redis command not used by a script yet
     pub(crate) fn lag(&self, group: &str) -> Option<usize> {
         let g = self.groups.get(group)?;
         Some(self.entries.range(g.last_delivered.next()..).count())
