@@ -47,6 +47,9 @@
 //!   replayed byte for byte; the in-progress marker is a lease.
 //! - [`stream`] — durable events on Redis Streams: typed publish with the retention applied in the same
 //!   script, trimming that never drops an entry a consumer group has not acknowledged (below a hard cap).
+//!   [`Stream::worker`](stream::Stream::worker) consumes through a consumer group: at least once, retries,
+//!   dead letters, reclaim, graceful shutdown.
+//! - [`channel`] — typed pub/sub on a dedicated connection, with a `Gap` whenever messages may have been missed.
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!

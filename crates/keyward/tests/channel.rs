@@ -19,6 +19,7 @@ conformance!(
     an_undecodable_message_is_an_error_and_the_subscription_goes_on,
     wrong_kind_and_unknown_class_are_typed_errors,
     every_subscription_gets_every_message_and_dropping_one_stops_it,
+    a_subscriber_that_falls_behind_gets_a_gap_without_another_message,
 );
 
 /// Long enough for any delivery on a healthy server; a test waits at most this long for one.
@@ -132,6 +133,40 @@ mod cases {
                 "still subscribed after the last subscription was dropped"
             );
             tokio::task::yield_now().await;
+        }
+    }
+    pub async fn a_subscriber_that_falls_behind_gets_a_gap_without_another_message(h: Harness) {
+        // Fails if the gap of an overflow waited for a later message: the publisher goes quiet after the
+        // burst, and the subscriber must still learn that it missed some.
+        let handles = h.handles(2).await;
+        let rx = handles[0].channel::<u32>("news").unwrap();
+        let tx = handles[1].channel::<u32>("news").unwrap();
+        let mut sub = rx.subscribe().await.unwrap();
+        for i in 0..1100u32 {
+            tx.publish(&i).await.unwrap();
+        }
+        let mut got = Vec::new();
+        loop {
+            match next(&mut sub).await {
+                ChannelEvent::Message(m) => got.push(m),
+                ChannelEvent::Gap => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got.len() < 1100, "{} messages before the gap", got.len());
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "in order, each at most once"
+        );
+        // After the gap, the subscription goes on.
+        tx.publish(&5000).await.unwrap();
+        loop {
+            match next(&mut sub).await {
+                ChannelEvent::Message(5000) => break,
+                ChannelEvent::Message(m) => assert!(m < 1100),
+                ChannelEvent::Gap => {}
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -970,3 +970,73 @@ mod chaos {
         );
     }
 }
+
+/// Redis restarted empty (no persistence) while a worker runs: the worker survives the outage, creates its
+/// group again (and says so in its report), and handles what is published after the restart. What the server
+/// lost — here nothing was pending — is reported through `group_recreated`, not hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_going_after_redis_restarts_empty() {
+    use keyward::ConnectOptions;
+    use keyward_testkit::RedisServer;
+    use std::time::Instant;
+    use tokio::sync::Notify;
+
+    let mut server = RedisServer::spawn_tcp();
+    let options = ConnectOptions::default().response_timeout(Duration::from_millis(300));
+    let kw = Keyward::connect_with(&server.url(), policy("restart"), options)
+        .await
+        .unwrap();
+    let jobs = kw.stream::<OrderPlaced>("jobs").unwrap();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (first_five, all_ten) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let stop = Arc::new(Notify::new());
+    let worker = {
+        let (seen, first_five, all_ten) = (seen.clone(), first_five.clone(), all_ten.clone());
+        jobs.worker("ship", move |m: Message<OrderPlaced>| {
+            let (seen, first_five, all_ten) = (seen.clone(), first_five.clone(), all_ten.clone());
+            async move {
+                let mut s = seen.lock().unwrap();
+                s.push(m.event.order);
+                match s.len() {
+                    5 => first_five.notify_one(),
+                    10 => all_ten.notify_one(),
+                    _ => {}
+                }
+                Ok::<(), String>(())
+            }
+        })
+    };
+    let run = {
+        let stop = stop.clone();
+        tokio::spawn(async move { worker.run(async move { stop.notified().await }).await })
+    };
+    jobs.publish_many(&(0..5).map(order).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), first_five.notified())
+        .await
+        .expect("the first five were handled");
+    server.restart();
+    // Publishing works again once the handle has reconnected.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 5..10 {
+        while jobs.publish(&order(n)).await.is_err() {
+            assert!(Instant::now() < deadline, "publishing never worked again");
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), all_ten.notified())
+        .await
+        .expect("the worker handled what was published after the restart");
+    stop.notify_one();
+    let report = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(report.group_recreated >= 1, "{report:?}");
+    let mut orders = seen.lock().unwrap().clone();
+    orders.sort_unstable();
+    orders.dedup();
+    assert_eq!(orders, (0..10).collect::<Vec<_>>());
+}

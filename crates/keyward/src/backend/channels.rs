@@ -9,11 +9,13 @@
 //! response timeout. Each subscriber gets a `Gap` as soon as the connection is found lost, and again if it
 //! fell more than its buffer behind, because Redis pub/sub keeps nothing for an absent subscriber.
 //!
-//! The embedded backend uses one `tokio::sync::broadcast` channel per name: the same deliveries, a `Gap`
-//! when a subscriber lagged.
+//! The embedded backend uses one `tokio::sync::broadcast` channel per name: the same messages, and a `Gap`
+//! when a subscriber lagged — there the *oldest* undelivered messages are the ones dropped, and the `Gap`
+//! comes where they were (a broadcast channel keeps the newest), where on Redis the newest are dropped and
+//! the `Gap` follows the last message delivered.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -37,30 +39,26 @@ pub(crate) enum Delivery {
     Gap,
 }
 
-/// One subscriber's queue.
+/// One subscriber's queue: [`BUFFER`] messages and one more slot that only a `Gap` may take. So a gap is
+/// queued the moment a message is dropped (right after the last message delivered before it), even if the
+/// publisher then goes quiet; and a full queue (capacity 0) always ends with a `Gap` already.
 struct Subscriber {
     tx: mpsc::Sender<Delivery>,
-    /// A message was dropped since the last delivery: send a `Gap` before the next one.
-    behind: AtomicBool,
 }
 
 impl Subscriber {
     fn deliver(&self, message: Bytes) {
-        if self.behind.load(Ordering::Acquire) {
-            if self.tx.try_send(Delivery::Gap).is_err() {
-                return;
-            }
-            self.behind.store(false, Ordering::Release);
-        }
-        if self.tx.try_send(Delivery::Message(message)).is_err() {
-            self.behind.store(true, Ordering::Release);
+        if self.tx.capacity() > 1 {
+            let _ = self.tx.try_send(Delivery::Message(message));
+        } else {
+            // This message is dropped: the reserved slot says so (a no-op if a gap already took it).
+            let _ = self.tx.try_send(Delivery::Gap);
         }
     }
 
     fn gap(&self) {
-        if self.tx.try_send(Delivery::Gap).is_err() {
-            self.behind.store(true, Ordering::Release);
-        }
+        // Full means the last queued item is a gap already (messages never take the reserved slot).
+        let _ = self.tx.try_send(Delivery::Gap);
     }
 }
 
@@ -151,11 +149,8 @@ impl RedisHub {
     /// made. The subscription is live when this returns `true`; otherwise it starts with a `Gap` and becomes
     /// live when the connection is (re)made.
     pub(crate) async fn subscribe(self: &Arc<Self>, channel: &str) -> (RedisSubscription, bool) {
-        let (tx, rx) = mpsc::channel(BUFFER);
-        let subscriber = Arc::new(Subscriber {
-            tx,
-            behind: AtomicBool::new(false),
-        });
+        let (tx, rx) = mpsc::channel(BUFFER + 1);
+        let subscriber = Arc::new(Subscriber { tx });
         let id = {
             let mut r = self.registry();
             r.next += 1;

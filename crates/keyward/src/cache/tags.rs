@@ -156,10 +156,11 @@ impl Keyward {
     /// leased before this call never becomes fresh. Unlike [`invalidate_tag`](Self::invalidate_tag), in a
     /// class with `stale_grace` the old value stays the fail-safe fallback: if the refill fails, times out or
     /// passes `soft_timeout`, callers get it (as [`CacheLookup::Stale`]) instead of an error, until the entry's
-    /// TTL plus grace runs out; as with any stale value, a failed refill then serves it as current for
-    /// `fail_safe_throttle` (stored again under the refill's lease, so the failing source is asked at most
-    /// once per throttle). In a class without `stale_grace` the entry is simply a miss. Plain reads
-    /// ([`Cache::get`]) never return an expired value. In-process copies (L1) are dropped as for a removal.
+    /// TTL plus grace runs out. As with any stale value, a failed refill then stores it again as current for
+    /// `fail_safe_throttle` (under the refill's lease), so the failing source is asked at most once per
+    /// throttle: during the throttle every read, [`Cache::get`] included, returns it as a
+    /// [`CacheLookup::Hit`]. Until such a failure, plain reads ([`Cache::get`]) never return an expired value.
+    /// In a class without `stale_grace` the entry is simply a miss. In-process copies (L1) are dropped as for a removal.
     /// FusionCache's `Expire` and bentocache's `expire` are the same idea.
     ///
     /// ```
@@ -180,13 +181,15 @@ impl Keyward {
     ///     .get_or_set_tagged("42", &["product:42"], || async { Ok::<_, std::io::Error>("apple".to_owned()) })
     ///     .await?;
     /// kw.expire_tag("product:42").await?; // the price changed; the catalog database is down
+    /// assert_eq!(products.get("42").await?, None, "no longer fresh");
     /// let (p, how) = products
     ///     .get_or_set_tagged_with_status("42", &["product:42"], || async {
     ///         Err::<String, _>(std::io::Error::other("database down"))
     ///     })
     ///     .await?;
     /// assert_eq!((p.as_str(), how), ("apple", CacheLookup::Stale(StaleReason::LoaderError)));
-    /// assert_eq!(products.get("42").await?, None, "never served as fresh");
+    /// // The failed refill throttles the source: for `fail_safe_throttle` the old value is served as is.
+    /// assert_eq!(products.get("42").await?.as_deref(), Some("apple"));
     /// # Ok(()) }
     /// ```
     ///

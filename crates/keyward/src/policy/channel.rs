@@ -129,3 +129,37 @@ pub(super) struct RawChannel {
     max_message_bytes: Option<Int>,
     version: Option<Int>,
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::{Policy, PolicyError};
+
+    fn channel(body: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml_str(&format!(
+            "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.news]\nkind = \"channel\"\n{body}\n"
+        ))
+    }
+
+    #[test]
+    fn defaults_and_bounds_name_the_field() {
+        let p = channel("").unwrap();
+        let c = p.class("news").unwrap().as_channel().unwrap();
+        assert_eq!(
+            (c.max_message_bytes_value(), c.version_value()),
+            (64 * 1024, 1)
+        );
+        for bad in [
+            "max_message_bytes = 0",
+            "max_message_bytes = 8388609",
+            "max_message_bytes = -1",
+            "version = 0",
+        ] {
+            let err = channel(bad).unwrap_err().to_string();
+            let field = bad.split(' ').next().unwrap();
+            assert!(err.contains("news") && err.contains(field), "{bad}: {err}");
+        }
+        let err = channel("ttl = \"1m\"").unwrap_err().to_string();
+        assert!(err.contains("ttl"), "unknown fields are refused: {err}");
+        assert!(channel("max_message_bytes = 8388608\nversion = 3").is_ok());
+    }
+}

@@ -1059,7 +1059,7 @@ mod tests {
     }
 
     /// One minimal valid class body per kind (without `kind`).
-    const MINIMAL: [(&str, &str); 6] = [
+    const MINIMAL: [(&str, &str); 7] = [
         ("cache", "ttl = \"1m\"\ninvalidation = \"x\""),
         (
             "rate_limit",
@@ -1069,6 +1069,7 @@ mod tests {
         ("lock", "ttl = \"1s\""),
         ("idempotency", ""),
         ("stream", "retention = { maxlen = 10 }"),
+        ("channel", ""),
     ];
 
     fn class_of(kind: &str, body: &str) -> Result<Policy, PolicyError> {
