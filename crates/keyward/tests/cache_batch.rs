@@ -24,6 +24,7 @@ conformance!(
     an_id_the_loader_omits,
     size_limit_and_loader_timeout_per_batch,
     ids_over_many_slots_in_one_pipeline_each,
+    a_failed_batch_load_serves_the_kept_stale_values,
 );
 
 /// What the test source holds for `id`.
@@ -534,6 +535,50 @@ mod cases {
                 Some((name.to_owned(), calls))
             })
             .collect()
+    }
+
+    pub async fn a_failed_batch_load_serves_the_kept_stale_values(h: Harness) {
+        // Fails if a batch dropped the stale value a fail-safe lease keeps: a failed batch load would be an
+        // error for every id although each single `get_or_set` would have served its old value.
+        let kw = h.keyward().await;
+        let kept = kw.cache::<String>("kept").unwrap();
+        for id in [1u32, 2] {
+            kept.set_tagged(&id, &value(id), &["batch"]).await.unwrap();
+        }
+        kw.expire_tag("batch").await.unwrap();
+        let calls = Calls::default();
+        let got = kept
+            .get_or_set_many(&[1u32, 2], |missing| {
+                calls.record(&missing);
+                async { Err::<HashMap<u32, String>, _>(std::io::Error::other("source down")) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, [value(1), value(2)], "the kept values, not the error");
+        assert_eq!(calls.take(), [vec![1, 2]], "one loader call for both");
+        assert_eq!(kept.stats().stale_served, 2);
+        // Throttled, as a single call would be: served as is without asking the source again.
+        let got = kept
+            .get_or_set_many(&[1u32, 2], |missing| {
+                calls.record(&missing);
+                async { Err::<HashMap<u32, String>, _>(std::io::Error::other("source down")) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, [value(1), value(2)]);
+        assert!(
+            calls.take().is_empty(),
+            "the failing source is not asked during the throttle"
+        );
+        // An id with nothing kept still gets the error; a removal drops the kept value too.
+        kw.invalidate_tag("batch").await.unwrap();
+        let err = kept
+            .get_or_set_many(&[1u32, 3], |_missing| async {
+                Err::<HashMap<u32, String>, _>(std::io::Error::other("source down"))
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Loader { .. }), "{err:?}");
     }
 }
 

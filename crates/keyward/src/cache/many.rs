@@ -25,7 +25,9 @@ use tracing::Instrument as _;
 
 use super::l1::{L1Value, Ticket};
 use super::store::{self, Entry, Fetched};
-use super::{Cache, Decoded, LeaseGuard, MAX_HEALS, failed, flight_key, token};
+use super::{
+    Cache, Decoded, Fallback, LeaseGuard, MAX_HEALS, Seen, StaleReason, failed, flight_key, token,
+};
 use crate::backend::Watch;
 use crate::codec::Codec;
 use crate::envelope::{self, Stamp};
@@ -149,7 +151,8 @@ where
     /// # Errors
     /// The error of the first id (in the order of `ids`) that could not be answered; values loaded for the other
     /// ids are still stored. [`Error::Loader`] when the loader fails (every id of that call gets the error, and
-    /// their leases are given back at once) or when its answer lacks an id it was asked for (the source is a
+    /// their leases are given back at once — except, in a class with `stale_grace`, ids whose stale value was
+    /// kept: they get that value, as [`get_or_set`](Self::get_or_set) would serve it) or when its answer lacks an id it was asked for (the source is a
     /// [`MissingFromBatch`] naming the id; that id is not cached — use
     /// [`get_or_set_many_opt`](Self::get_or_set_many_opt) to cache absence), [`Error::LoaderTimeout`] (after the
     /// class `loader_timeout`), [`Error::ValueTooLarge`], [`Error::Encode`], [`Error::Key`] for an unusable id
@@ -499,9 +502,9 @@ where
                             again.push(p);
                         }
                     }
-                    // The stale value a fail-safe lease keeps is not served by batches: a failed refill is an
-                    // error for its id (the lease gives the value back).
-                    Ok(Fetched::Leased(gens, _)) => {
+                    // With fail-safe, the lease keeps the stale value: served for this id if the batch load
+                    // fails (and throttled), as a single `get_or_set` does.
+                    Ok(Fetched::Leased(gens, stale)) => {
                         m.misses.increment(1);
                         let guard = LeaseGuard {
                             kw: self.kw.clone(),
@@ -510,7 +513,8 @@ where
                             prefix: prefix.clone(),
                             armed: true,
                         };
-                        fills.push((p.u, gens, guard));
+                        let fallback = stale.and_then(|raw| self.fallback(raw, false));
+                        fills.push((p.u, gens, guard, fallback));
                     }
                     Ok(Fetched::Wait(left, _)) => waits.push((p, left, woken)),
                     Ok(Fetched::Refresh(..)) => unreachable_refresh(),
@@ -563,7 +567,7 @@ where
     async fn fill_many<'i, I, F, Fut, M, K, E>(
         &self,
         b: &Batch<'_, 'i, I>,
-        fills: Vec<(usize, Stamp, LeaseGuard)>,
+        fills: Vec<(usize, Stamp, LeaseGuard, Option<Fallback>)>,
         uncached: Vec<usize>,
         loader: &mut F,
     ) -> Vec<Led<V>>
@@ -587,12 +591,34 @@ where
         let mut loaded = match self.run_batch_loader(loader, wanted).await {
             Ok(loaded) => loaded,
             Err(err) => {
-                let us: Vec<usize> = fills.iter().map(|(u, ..)| *u).chain(uncached).collect();
-                join_all(fills.into_iter().map(|(.., guard)| guard.release())).await;
-                return us
+                let reason = if matches!(err, Error::LoaderTimeout { .. }) {
+                    StaleReason::LoaderTimeout
+                } else {
+                    StaleReason::LoaderError
+                };
+                let mut out: Vec<Led<V>> = uncached
                     .into_iter()
                     .map(|u| with_u(u, failed(err.clone())))
                     .collect();
+                let answered = join_all(fills.into_iter().map(|(u, gens, guard, fallback)| {
+                    let err = err.clone();
+                    async move {
+                        let Some(fb) = fallback else {
+                            guard.release().await;
+                            return with_u(u, failed(err));
+                        };
+                        // Fail-safe: the kept value, stored again as current for `fail_safe_throttle`
+                        // (only while the lease stands: an invalidation meanwhile removed it).
+                        if !self.throttle(guard, &fb, &gens).await {
+                            return with_u(u, failed(err));
+                        }
+                        let (result, outcome) = self.serve_stale(fb, reason, &Seen::new(0));
+                        (u, result, outcome)
+                    }
+                }))
+                .await;
+                out.extend(answered);
+                return out;
             }
         };
         let mut out = Vec::with_capacity(fills.len() + uncached.len());
@@ -608,7 +634,7 @@ where
         }
         let mut releases = Vec::new();
         let mut commits = Vec::with_capacity(fills.len());
-        for (u, gens, guard) in fills {
+        for (u, gens, guard, _) in fills {
             let value = loaded.remove(&guard.key);
             let (payload, ttl) = match &value {
                 Some(v) => match self.encode(v) {
