@@ -92,6 +92,7 @@ pub mod stream;
 
 pub use backend::{BackendKind, BreakerState, ConnectOptions, KeyTtl, MemoryOptions};
 pub use cache::many::MissingFromBatch;
+pub use cache::write_behind::{Drain, Record, Write, WriteBehind};
 pub use cache::{Cache, CacheLookup, CacheStats, StaleReason};
 pub use channel::{Channel, ChannelEvent};
 pub use client::Keyward;

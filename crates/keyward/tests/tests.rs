@@ -49,3 +49,4 @@ mod stream;
 mod tls;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
+mod write_behind;

@@ -27,6 +27,7 @@ pub(crate) mod l1;
 pub(crate) mod many;
 mod store;
 mod tags;
+pub(crate) mod write_behind;
 
 use self::l1::{ClassL1, Event, L1Value};
 use self::store::{Entry, Fetched};

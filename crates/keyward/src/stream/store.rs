@@ -106,9 +106,11 @@ pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> 
             floor = Some(l);
         }
     }
+    // T = min(G, max(A, L)): the groups' floor only ever lowers a trim the retention asks for; with neither
+    // an age nor a length over `maxlen`, nothing is trimmed (as `stream_publish.lua`).
     let mut t = floor;
-    if let Some(g) = g
-        && t.is_none_or(|t| g < t)
+    if let (Some(g), Some(f)) = (g, floor)
+        && g < f
     {
         t = Some(g);
     }

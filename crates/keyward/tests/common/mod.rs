@@ -5,7 +5,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use keyward::policy::{CacheClass, ChannelClass, Jitter, L1Tier, Policy};
+use keyward::policy::{
+    Backoff, CacheClass, ChannelClass, Jitter, L1Tier, Policy, Retention, StreamClass,
+};
 use keyward::{KeyTtl, Keyward};
 use keyward_testkit::{RedisCluster, RedisServer};
 
@@ -126,7 +128,8 @@ impl Harness {
     /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]), `safe` (fail-safe: 200 ms
     /// TTL, 60 s stale grace, 300 ms loader timeout; `safe_eager` also refreshes ahead in its last 150 ms), `soft` (the same with a 50 ms soft timeout), `eager`
     /// (2 s TTL, refreshed ahead in its last 1.8 s), `kept` (fail-safe with a 60 s TTL: stale only when a
-    /// tag expired it), `news` (a typed channel, messages of at most 256 bytes).
+    /// tag expired it), `news` (a typed channel, messages of at most 256 bytes),
+    /// `writes` (a stream for write-behind: 3 deliveries, 20–100 ms backoff, 300 ms claim_idle).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
             .cache(
@@ -212,6 +215,16 @@ impl Harness {
                     .refresh_ahead(Duration::from_millis(1800)),
             )
             .channel("news", ChannelClass::new().max_message_bytes(256))
+            .stream(
+                "writes",
+                StreamClass::new(Retention::maxlen(10_000))
+                    .max_deliveries(3)
+                    .backoff(
+                        Backoff::new(Duration::from_millis(20), 2.0, Duration::from_millis(100))
+                            .jitter_percent(0.0),
+                    )
+                    .claim_idle(Duration::from_millis(300)),
+            )
             .cache(
                 "pii_ok",
                 CacheClass::new(Duration::from_secs(30), "tests, after each write")
