@@ -14,6 +14,11 @@
 //!    and its latency histogram
 //!    (HdrHistogram V2 serialization, base64), then exits; the parent adds the counts up and merges the
 //!    histograms.
+//!
+//! A scenario that [runs until stopped](crate::bench::scenarios::Scenario::runs_until_stopped)
+//! (`stream_e2e`: the children consume while the parent publishes) adds one line: the parent writes `STOP`
+//! when its own part is done ([`Fleet::go_with`]), and each child ends its run then, before step 3. A child
+//! whose stdin closes (the parent died) stops too.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,13 +31,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::bench::measure::{L1Counts, Measured, StaleCounts};
+use crate::bench::measure::{L1Counts, Measured, StaleCounts, StreamCounts};
 use crate::bench::scenarios::{self, Workload};
 
 /// What a child prints when connected and warmed up.
 const READY: &str = "READY";
 /// What the parent writes to start the measured phase.
 const GO: &str = "GO";
+/// What the parent writes to end a child that runs until stopped (`stream_e2e`'s workers).
+const STOP: &str = "STOP";
 /// How long a child may take to connect and warm up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a child may take beyond the scenario's own duration.
@@ -52,6 +59,9 @@ pub(crate) struct ChildReport {
     /// The L1 scenarios' counts.
     #[serde(default)]
     l1: L1Counts,
+    /// The stream scenarios' counts.
+    #[serde(default)]
+    stream: StreamCounts,
     /// Latencies in µs: HdrHistogram V2 serialization, base64.
     histogram: String,
 }
@@ -72,6 +82,7 @@ impl ChildReport {
             reacquired: m.reacquired,
             seconds: m.seconds,
             l1: m.l1,
+            stream: m.stream,
             histogram: BASE64.encode(bytes),
         })
     }
@@ -102,23 +113,35 @@ impl ChildReport {
             l1: self.l1,
             // `stale_serve` runs in one process only (see `bench::run`).
             stale: StaleCounts::default(),
+            stream: self.stream,
         })
     }
 }
 
 /// The child side: connect, READY, wait for GO, run, report.
 pub(crate) async fn child(url: &str, app: &str, work: Workload) -> anyhow::Result<()> {
+    let until_stopped = work.scenario.runs_until_stopped();
     let prepared = scenarios::prepare(url, app, work).await?;
     println_flush(READY)?;
     let mut line = String::new();
-    BufReader::new(tokio::io::stdin())
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    stdin
         .read_line(&mut line)
         .await
         .context("cannot read the start signal from the parent")?;
     if line.trim() != GO {
         bail!("expected `{GO}` from the parent process, got {line:?}");
     }
-    let measured = prepared.run().await?;
+    let measured = if until_stopped {
+        // STOP, or the parent closing the pipe (it failed), ends the run.
+        let stop = async move {
+            let mut line = String::new();
+            let _ = stdin.read_line(&mut line).await;
+        };
+        prepared.consume_until(stop).await?
+    } else {
+        prepared.run().await?
+    };
     let report = serde_json::to_string(&ChildReport::new(&measured)?)?;
     println_flush(&report)
 }
@@ -223,15 +246,41 @@ impl Fleet {
 
     /// Send GO to every child, then collect and merge their reports. `seconds` is the slowest child's.
     pub(crate) async fn go(mut self) -> anyhow::Result<Measured> {
+        self.send(GO).await?;
+        self.collect().await
+    }
+
+    /// Send GO to every child, run `lead` in this process meanwhile, then send STOP to every child and
+    /// collect their reports; `lead`'s figures are merged with theirs. For children that run until stopped.
+    pub(crate) async fn go_with(
+        mut self,
+        lead: impl std::future::Future<Output = anyhow::Result<Measured>>,
+    ) -> anyhow::Result<Measured> {
+        self.send(GO).await?;
+        let led = lead.await;
+        self.send(STOP).await?;
+        let led = led?;
+        let mut total = self.collect().await?;
+        total.merge(&led)?;
+        Ok(total)
+    }
+
+    async fn send(&mut self, word: &str) -> anyhow::Result<()> {
         let of = self.members.len();
         for m in &mut self.members {
             let who = m.describe(of);
             m.stdin
-                .write_all(format!("{GO}\n").as_bytes())
+                .write_all(format!("{word}\n").as_bytes())
                 .await
                 .and(m.stdin.flush().await)
-                .with_context(|| format!("cannot send {GO} to {who}"))?;
+                .with_context(|| format!("cannot send {word} to {who}"))?;
         }
+        Ok(())
+    }
+
+    /// Read every child's report and merge them.
+    async fn collect(mut self) -> anyhow::Result<Measured> {
+        let of = self.members.len();
         let mut total = Measured::empty();
         for m in &mut self.members {
             let who = m.describe(of);
@@ -280,6 +329,10 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.extend.name().to_owned(),
         "--invalidate-every".to_owned(),
         work.invalidate_every.as_millis().to_string(),
+        "--messages".to_owned(),
+        work.messages.to_string(),
+        "--batch".to_owned(),
+        work.batch.to_string(),
         "--child".to_owned(),
         "--app".to_owned(),
         app.to_owned(),
@@ -318,6 +371,10 @@ mod tests {
                 ..L1Counts::default()
             },
             stale: StaleCounts::default(),
+            stream: StreamCounts {
+                handled: 8,
+                ..StreamCounts::default()
+            },
         };
         let line = serde_json::to_string(&ChildReport::new(&measured).unwrap()).unwrap();
         let back: ChildReport = serde_json::from_str(&line).unwrap();
@@ -327,5 +384,6 @@ mod tests {
         assert_eq!((back.allowed, back.limited), (3, 2));
         assert_eq!((back.violations, back.timeouts, back.reacquired), (1, 4, 5));
         assert_eq!(back.l1, measured.l1);
+        assert_eq!(back.stream, measured.stream);
     }
 }
