@@ -959,3 +959,58 @@ fn bad_stream_flags_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn redis_stream_chaos_loses_nothing_while_workers_are_killed() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "stream_chaos",
+        "--url",
+        &server.url(),
+        "--messages",
+        "3000",
+        "--processes",
+        "3",
+        "--concurrency",
+        "6",
+        "--kill-every",
+        "150",
+        "--json",
+    ]);
+    assert_eq!(assert_stream(&v, "stream_chaos", 1), 3000, "{v}");
+    assert_eq!(v["kill_every_ms"], 150, "{v}");
+    // The property: every event was handled (and recorded) or dead-lettered.
+    assert_eq!(v["lost"], 0, "{v}");
+    // Workers were killed while the producer published (3000 single publishes take well over 150 ms).
+    assert!(v["kills"].as_u64().unwrap() >= 1, "{v}");
+    let (handled, duplicates, dead) = (
+        v["handled"].as_u64().unwrap(),
+        v["duplicates"].as_u64().unwrap(),
+        v["dead_lettered"].as_u64().unwrap(),
+    );
+    // Every event counted once, plus the duplicates, except the dead letters that never succeeded.
+    assert!(handled + dead >= 3000, "{v}");
+    assert!(handled <= 3000 + duplicates, "{v}");
+    // Each successful handler call counted itself once (a failed HINCRBY would have failed the delivery).
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert_eq!(cmds["hincrby"].as_u64(), Some(handled), "{v}");
+}
+
+#[test]
+fn stream_chaos_needs_worker_processes_and_kill_every_needs_it() {
+    let server = RedisServer::spawn();
+    let out = keyward(&["bench", "stream_chaos", "--url", &server.url()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--processes 2"), "{}", stderr(&out));
+    let out = keyward(&[
+        "bench",
+        "stream_e2e",
+        "--url",
+        "mem://",
+        "--kill-every",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stream_chaos"), "{}", stderr(&out));
+}

@@ -156,6 +156,8 @@ fn println_flush(line: &str) -> anyhow::Result<()> {
 
 struct Member {
     index: usize,
+    /// The command line it was started with (to start it again after a kill).
+    args: Vec<String>,
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
@@ -199,6 +201,37 @@ impl Member {
 pub(crate) struct Fleet {
     members: Vec<Member>,
     run_limit: Duration,
+    /// To start a child again: this executable and the URL.
+    exe: std::path::PathBuf,
+    url: String,
+}
+
+/// Start `exe` as child `index` with `args`, its stdin and stdout piped to this process.
+fn spawn(
+    exe: &std::path::Path,
+    url: &str,
+    index: usize,
+    args: Vec<String>,
+    of: usize,
+) -> anyhow::Result<Member> {
+    let mut child = Command::new(exe)
+        .args(&args)
+        .env("REDIS_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start child process {} of {of}", index + 1))?;
+    let stdin = child.stdin.take().context("child stdin is not piped")?;
+    let stdout = child.stdout.take().context("child stdout is not piped")?;
+    Ok(Member {
+        index,
+        args,
+        child,
+        stdin,
+        stdout: BufReader::new(stdout).lines(),
+    })
 }
 
 impl Fleet {
@@ -214,23 +247,7 @@ impl Fleet {
         let of = works.len();
         let mut members = Vec::with_capacity(of);
         for (index, work) in works.into_iter().enumerate() {
-            let mut child = Command::new(&exe)
-                .args(child_args(app, &work))
-                .env("REDIS_URL", url)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start child process {} of {of}", index + 1))?;
-            let stdin = child.stdin.take().context("child stdin is not piped")?;
-            let stdout = child.stdout.take().context("child stdout is not piped")?;
-            members.push(Member {
-                index,
-                child,
-                stdin,
-                stdout: BufReader::new(stdout).lines(),
-            });
+            members.push(spawn(&exe, url, index, child_args(app, &work), of)?);
         }
         for m in &mut members {
             let line = m.line(of, READY, READY_TIMEOUT).await?;
@@ -241,6 +258,8 @@ impl Fleet {
         Ok(Self {
             members,
             run_limit: run_limit + RUN_GRACE,
+            exe,
+            url: url.to_owned(),
         })
     }
 
@@ -252,17 +271,71 @@ impl Fleet {
 
     /// Send GO to every child, run `lead` in this process meanwhile, then send STOP to every child and
     /// collect their reports; `lead`'s figures are merged with theirs. For children that run until stopped.
+    ///
+    /// With `chaos` (`stream_chaos`), until `published` fires (or `lead` ends) a child picked at random is
+    /// SIGKILLed every `kill_every` and started again at once (READY, then GO); the kills are counted in
+    /// the result's `stream.kills`. A killed child's figures are lost with it.
     pub(crate) async fn go_with(
         mut self,
         lead: impl std::future::Future<Output = anyhow::Result<Measured>>,
+        chaos: Option<(Duration, tokio::sync::oneshot::Receiver<()>)>,
     ) -> anyhow::Result<Measured> {
         self.send(GO).await?;
-        let led = lead.await;
+        let mut lead = std::pin::pin!(lead);
+        let mut led = None;
+        let mut kills = 0u64;
+        if let Some((every, mut published)) = chaos {
+            let mut next = tokio::time::Instant::now() + every;
+            loop {
+                tokio::select! {
+                    r = &mut lead => {
+                        led = Some(r);
+                        break;
+                    }
+                    _ = &mut published => break,
+                    () = tokio::time::sleep_until(next) => {
+                        let i = rand::random_range(0..self.members.len());
+                        self.restart(i).await?;
+                        kills += 1;
+                        next = tokio::time::Instant::now() + every;
+                    }
+                }
+            }
+        }
+        let led = match led {
+            Some(r) => r,
+            None => lead.await,
+        };
         self.send(STOP).await?;
         let led = led?;
         let mut total = self.collect().await?;
         total.merge(&led)?;
+        total.stream.kills += kills;
         Ok(total)
+    }
+
+    /// SIGKILL child `i`, start it again with the same command line, and send it GO once it is READY.
+    async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let of = self.members.len();
+        let m = &mut self.members[i];
+        let who = m.describe(of);
+        m.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill {who}"))?;
+        let mut fresh = spawn(&self.exe, &self.url, m.index, m.args.clone(), of)?;
+        let line = fresh.line(of, READY, READY_TIMEOUT).await?;
+        if line.trim() != READY {
+            bail!("{} sent {line:?} instead of {READY}", fresh.describe(of));
+        }
+        fresh
+            .stdin
+            .write_all(format!("{GO}\n").as_bytes())
+            .await
+            .and(fresh.stdin.flush().await)
+            .with_context(|| format!("cannot send {GO} to {}", fresh.describe(of)))?;
+        self.members[i] = fresh;
+        Ok(())
     }
 
     async fn send(&mut self, word: &str) -> anyhow::Result<()> {
@@ -306,7 +379,7 @@ impl Fleet {
 
 /// The hidden command line that makes a child run `work` in namespace `app`.
 fn child_args(app: &str, work: &Workload) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "bench".to_owned(),
         work.scenario.name().to_owned(),
         "--concurrency".to_owned(),
@@ -342,7 +415,14 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.key_offset.to_string(),
         "--process-index".to_owned(),
         work.process.to_string(),
-    ]
+    ];
+    if work.scenario == crate::bench::scenarios::Scenario::StreamChaos {
+        args.extend([
+            "--kill-every".to_owned(),
+            work.kill_every.as_millis().to_string(),
+        ]);
+    }
+    args
 }
 
 #[cfg(test)]

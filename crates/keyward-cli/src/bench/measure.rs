@@ -54,10 +54,18 @@ pub(crate) struct StreamCounts {
     /// `stream_e2e`: the workers' `WorkerReport` counts.
     pub(crate) failed: u64,
     pub(crate) dead_lettered: u64,
-    pub(crate) lost: u64,
+    /// The workers' `WorkerReport::lost` (entries trimmed past the hard cap while pending).
+    pub(crate) worker_lost: u64,
     pub(crate) group_recreated: u64,
     /// `stream_e2e`: `group_info` calls the producer made while waiting for the group to drain.
     pub(crate) drain_polls: u64,
+    /// `stream_chaos`: events no handler recorded that are not dead letters; handler calls beyond one
+    /// per event (from the hash of handled events); worker processes killed.
+    pub(crate) lost: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) kills: u64,
+    /// `stream_chaos`: successful handler calls in every process, killed ones included (the hash's sum).
+    pub(crate) recorded: u64,
 }
 
 impl StreamCounts {
@@ -67,9 +75,13 @@ impl StreamCounts {
         self.handled += other.handled;
         self.failed += other.failed;
         self.dead_lettered += other.dead_lettered;
-        self.lost += other.lost;
+        self.worker_lost += other.worker_lost;
         self.group_recreated += other.group_recreated;
         self.drain_polls += other.drain_polls;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+        self.kills += other.kills;
+        self.recorded += other.recorded;
     }
 }
 

@@ -102,6 +102,15 @@ Scenarios (the names are stable):
             publish); p50_us/p99_us are enqueue-to-handled latencies (wall clock at the publish call to
             the handler's start). --processes P: the workers run in P child processes (C/P handlers each)
             and the producer in the parent, which sends them STOP once the group has drained.
+  stream_chaos
+            stream_e2e with --processes P >= 2 (Redis only) whose worker processes are SIGKILLed: every
+            --kill-every MS (default 500) while the producer publishes, the parent kills a worker process
+            picked at random and starts it again at once. The class's claim_idle is 1s, so a killed
+            worker's entries are taken over soon. Each handler first counts its event in a Redis hash
+            (HINCRBY, outside keyward's keyspace, 10 min TTL; a failed count fails the delivery). After
+            the drain the parent reads that hash and the dead letters: lost = events neither counted nor
+            dead-lettered (must be 0), duplicates = counts beyond one per event (a handler that ran in a
+            killed process before its acknowledgement, or whose entry was taken over).
 
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
@@ -139,7 +148,11 @@ stream_produce and stream_e2e add batch, maxlen (the class's), published (events
 stream_e2e adds messages, handled (handler calls), duplicates (handled beyond one per message; 0 without
 failures), failed and dead_lettered (the workers' reports; 0 with the no-op handler) and drain_polls (the
 producer's group_info calls while waiting for the drain, included in redis_cmds). A stream_e2e run in which
-fewer events were handled than published fails.
+fewer events were handled than published fails. stream_chaos adds the same fields, lost, kills and
+kill_every_ms; its handled, duplicates and dead_lettered come from the hash and the dead-letter stream (every
+process, killed ones included), but ops, the latencies, redis_cmds_per_op and failed are of the worker
+processes alive at the end only (a killed process's figures die with it): its figures are lost and
+duplicates, not its speed.
 ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
 the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
 op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
@@ -222,6 +235,10 @@ pub(crate) struct BenchArgs {
     /// The stream scenarios: events per publish call (1: `publish`; more: one `publish_many`).
     #[arg(long, value_name = "B", default_value_t = 1)]
     batch: usize,
+    /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes,
+    /// in milliseconds. [default: 500]
+    #[arg(long, value_name = "MS")]
+    kill_every: Option<u64>,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -282,6 +299,18 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=10_000).contains(&args.batch) {
         usage!("--batch must be between 1 and 10000, got {}", args.batch);
     }
+    if args.kill_every.is_some() && args.scenario != Scenario::StreamChaos {
+        usage!("--kill-every is for the `stream_chaos` scenario only");
+    }
+    if args.kill_every == Some(0) {
+        usage!("--kill-every must be at least 1 (ms)");
+    }
+    if args.scenario == Scenario::StreamChaos && !args.child && (embedded || args.processes < 2) {
+        usage!(
+            "`stream_chaos` needs Redis and --processes 2 or more: its worker processes are killed and \
+             restarted while the producer (this process) publishes"
+        );
+    }
     let plan = fault_plan(&args)?;
     if args.scenario == Scenario::Staleness && !args.child {
         if embedded {
@@ -341,6 +370,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         invalidate_every: Duration::from_millis(args.invalidate_every),
         messages: args.messages,
         batch: args.batch,
+        kill_every: Duration::from_millis(args.kill_every.unwrap_or(500)),
     };
     // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class
     // depends on flags; the others are constants that the unit tests check.
@@ -431,7 +461,12 @@ async fn measure(
         };
         before = Counter::snapshot(counter.as_mut()).await?;
         let run = match lead {
-            Some(lead) => fleet.go_with(lead.lead()).await,
+            Some(lead) => {
+                let (published, on_published) = tokio::sync::oneshot::channel();
+                let chaos = (work.scenario == Scenario::StreamChaos)
+                    .then_some((work.kill_every, on_published));
+                fleet.go_with(lead.lead(published), chaos).await
+            }
             None => fleet.go().await,
         };
         if let Some(injector) = injector {

@@ -185,6 +185,14 @@ pub(crate) struct ScenarioFields {
     pub(crate) dead_lettered: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) drain_polls: Option<u64>,
+    /// `stream_chaos` only: events published that no handler recorded and that are not dead letters (must be
+    /// 0), worker processes SIGKILLed (and restarted), and how often.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) lost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kills: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kill_every_ms: Option<u64>,
 }
 
 /// `x` rounded to `decimals` decimal places.
@@ -326,6 +334,9 @@ fn table(r: &Report) -> String {
         ("failed", f.failed.map(|n| n.to_string())),
         ("dead_lettered", f.dead_lettered.map(|n| n.to_string())),
         ("drain_polls", f.drain_polls.map(|n| n.to_string())),
+        ("lost", f.lost.map(|n| n.to_string())),
+        ("kills", f.kills.map(|n| n.to_string())),
+        ("kill_every_ms", f.kill_every_ms.map(|n| n.to_string())),
         (
             "redis_cmds_per_op",
             r.redis_cmds_per_op.map(|p| format!("{p:.3}")),

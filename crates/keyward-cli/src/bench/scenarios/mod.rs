@@ -74,6 +74,7 @@ fn family(scenario: Scenario) -> Family {
         Scenario::StaleServe => Family::Stale,
         Scenario::StreamProduce => Family::Stream(stream::Kind::Produce),
         Scenario::StreamE2e => Family::Stream(stream::Kind::E2e),
+        Scenario::StreamChaos => Family::Stream(stream::Kind::Chaos),
     }
 }
 
@@ -107,7 +108,7 @@ pub(crate) fn policy(app: &str, work: &Workload) -> Result<Policy, PolicyError> 
         Family::Lock => builder.lock(lock::CLASS, lock::class()),
         Family::Session => builder.session(session::CLASS, session::class(work.extend)),
         Family::Stale => builder.cache(stale::CLASS, stale::class()),
-        Family::Stream(_) => builder.stream(stream::CLASS, stream::class()),
+        Family::Stream(kind) => builder.stream(stream::CLASS, stream::class(kind)),
     };
     builder.build()
 }
@@ -148,7 +149,7 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
         Family::Lock => Ready::Lock(lock::prepare(&kw, &work).await?),
         Family::Session => Ready::Session(session::prepare(&kw, &work).await?),
         Family::Stale => Ready::Stale(stale::prepare(&kw, &work).await?),
-        Family::Stream(kind) => Ready::Stream(stream::prepare(&kw, kind).await?),
+        Family::Stream(kind) => Ready::Stream(stream::prepare(&kw, url, app, kind, &work).await?),
     };
     Ok(Prepared { work, ready })
 }
@@ -183,18 +184,23 @@ impl Prepared {
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Measured> {
         match (self.ready, self.work.scenario) {
-            (Ready::Stream(ready), Scenario::StreamE2e) => {
+            (Ready::Stream(ready), Scenario::StreamE2e | Scenario::StreamChaos) => {
                 ready.consume_until(&self.work, stop).await
             }
             (_, other) => anyhow::bail!("`{}` does not run until stopped", other.name()),
         }
     }
 
-    /// `stream_e2e` with `--processes`, in the parent: publish every event and wait until the children's
-    /// workers have drained the group (see `stream.rs`).
-    pub(crate) async fn lead(self) -> anyhow::Result<Measured> {
+    /// `stream_e2e` and `stream_chaos` with `--processes`, in the parent: publish every event (then say so
+    /// on `published`) and wait until the children's workers have drained the group (see `stream.rs`).
+    pub(crate) async fn lead(
+        self,
+        published: tokio::sync::oneshot::Sender<()>,
+    ) -> anyhow::Result<Measured> {
         match (self.ready, self.work.scenario) {
-            (Ready::Stream(ready), Scenario::StreamE2e) => ready.lead(&self.work).await,
+            (Ready::Stream(ready), Scenario::StreamE2e | Scenario::StreamChaos) => {
+                ready.lead(&self.work, Some(published)).await
+            }
             (_, other) => anyhow::bail!("`{}` has no producer to lead", other.name()),
         }
     }

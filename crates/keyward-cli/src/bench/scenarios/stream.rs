@@ -1,5 +1,7 @@
-//! The stream family: `stream_produce` (C loops publishing ≈1 KiB JSON events) and `stream_e2e` (one
-//! producer publishes `--messages` events while a worker runtime consumes them with a no-op handler).
+//! The stream family: `stream_produce` (C loops publishing ≈1 KiB JSON events), `stream_e2e` (one
+//! producer publishes `--messages` events while a worker runtime consumes them with a no-op handler) and
+//! `stream_chaos` (the same with the worker processes SIGKILLed and restarted while the producer publishes;
+//! each handler counts its event in a Redis hash, which the producer reads at the end: lost, duplicates).
 //!
 //! The one decision: **`stream_e2e` ends when Redis says the group is drained, not when a worker counts its
 //! last handler.** A worker cannot tell when its acknowledgement of the last entry landed (it `XACK`s after
@@ -12,7 +14,6 @@
 //! (`CLOCK_REALTIME`, shared by the processes of one machine) at which its publish call started, and the
 //! handler records `now − that` when it runs.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use keyward::stream::{Message, Stream, WorkerReport};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
+use super::raw::Raw;
 use super::workload::{VALUE_BYTES, Workload};
 use crate::bench::measure::{
     self, Counters, Measured, Span, Stop, StreamCounts, collect_histograms, new_histogram,
@@ -46,17 +48,28 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a stopping worker waits for its running handlers (no-op: they finish at once).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// `stream_chaos`: the class's `claim_idle`, short so that the entries a killed worker held are taken over
+/// soon.
+pub(crate) const CHAOS_CLAIM_IDLE: Duration = Duration::from_secs(1);
+/// `stream_chaos`: how long the hash of handled events outlives a run.
+const HANDLED_TTL_MS: u64 = 600_000;
+
 /// The scenarios of the family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Produce,
     E2e,
+    Chaos,
 }
 
 /// The family's class: [`MAXLEN`] entries (approximate trims), the class defaults otherwise (5 deliveries,
-/// dead letters on, 60 s `claim_idle`, 1 MiB messages).
-pub(crate) fn class() -> StreamClass {
-    StreamClass::new(Retention::maxlen(MAXLEN))
+/// dead letters on, 60 s `claim_idle`, 1 MiB messages); `stream_chaos`: `claim_idle` [`CHAOS_CLAIM_IDLE`].
+pub(crate) fn class(kind: Kind) -> StreamClass {
+    let class = StreamClass::new(Retention::maxlen(MAXLEN));
+    match kind {
+        Kind::Produce | Kind::E2e => class,
+        Kind::Chaos => class.claim_idle(CHAOS_CLAIM_IDLE),
+    }
 }
 
 /// The event the family publishes: its sequence number, the wall-clock µs at which its publish call
@@ -96,12 +109,58 @@ fn wall_us() -> u64 {
 pub(crate) struct Ready {
     stream: Stream<Event>,
     padding: Arc<str>,
+    /// `stream_chaos`: where handlers count the events they handled.
+    handled: Option<Handled>,
+}
+
+/// `stream_chaos`'s record of handled events: a plain Redis hash (outside keyward's keyspace, with a TTL of
+/// [`HANDLED_TTL_MS`]), event `seq` → handler calls that returned `Ok`. A handler's `HINCRBY` fails the
+/// delivery when it fails, so the entry is retried: an event whose handler succeeded is in the hash.
+#[derive(Clone)]
+struct Handled {
+    raw: Raw,
+    key: Arc<str>,
+}
+
+impl Handled {
+    /// Per event `seq` below `n`: how many handler calls recorded it.
+    async fn counts(&self, n: u64) -> anyhow::Result<Vec<u64>> {
+        let mut raw = self.raw.clone();
+        let mut counts = vec![0u64; usize::try_from(n)?];
+        let mut cursor = 0u64;
+        loop {
+            let (next, pairs): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
+                .arg(&*self.key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut raw)
+                .await
+                .context("stream_chaos: cannot read the handled events")?;
+            for (seq, count) in pairs {
+                if let Some(slot) = seq.parse::<usize>().ok().and_then(|s| counts.get_mut(s)) {
+                    *slot += count;
+                }
+            }
+            if next == 0 {
+                return Ok(counts);
+            }
+            cursor = next;
+        }
+    }
 }
 
 /// Open the class's stream. `stream_produce` publishes one event (outside the measured phase) so that the
-/// publish script is loaded; `stream_e2e` only reads the stream's length, so that nothing is in the stream
-/// for its workers before the producer starts.
-pub(crate) async fn prepare(kw: &Keyward, kind: Kind) -> anyhow::Result<Ready> {
+/// publish script is loaded; `stream_e2e` and `stream_chaos` only read the stream's length, so that nothing
+/// is in the stream for its workers before the producer starts. `stream_chaos` also connects to the hash of
+/// handled events (the parent, the first to prepare, gives it its TTL).
+pub(crate) async fn prepare(
+    kw: &Keyward,
+    url: &str,
+    app: &str,
+    kind: Kind,
+    work: &Workload,
+) -> anyhow::Result<Ready> {
     let stream = kw
         .stream::<Event>(CLASS)
         .context("cannot open the bench stream class")?;
@@ -113,14 +172,38 @@ pub(crate) async fn prepare(kw: &Keyward, kind: Kind) -> anyhow::Result<Ready> {
                 .await
                 .context("cannot publish the warm-up event")?;
         }
-        Kind::E2e => {
+        Kind::E2e | Kind::Chaos => {
             stream
                 .len()
                 .await
                 .context("cannot read the bench stream's length")?;
         }
     }
-    Ok(Ready { stream, padding })
+    let handled = match kind {
+        Kind::Chaos => {
+            let mut raw = Raw::connect(url).await?;
+            let key: Arc<str> = format!("bench:{{{app}:{}}}:_handled", work.key_id).into();
+            // A placeholder field, so that the key exists and keeps its TTL (HINCRBY keeps it).
+            let _: () = redis::pipe()
+                .hset_nx(&*key, "-", 0)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&*key)
+                .arg(HANDLED_TTL_MS)
+                .arg("NX")
+                .ignore()
+                .query_async(&mut raw)
+                .await
+                .context("stream_chaos: cannot create the hash of handled events")?;
+            Some(Handled { raw, key })
+        }
+        Kind::Produce | Kind::E2e => None,
+    };
+    Ok(Ready {
+        stream,
+        padding,
+        handled,
+    })
 }
 
 /// The handler's latency record, shared by every handler of one process.
@@ -136,6 +219,7 @@ impl Ready {
     ) -> anyhow::Result<Measured> {
         match kind {
             Kind::Produce => self.produce(work, stop).await,
+            Kind::Chaos => bail!("stream_chaos runs with --processes 2 or more"),
             Kind::E2e => {
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();
                 let recorder: Recorder = Arc::new(Mutex::new(new_histogram()));
@@ -143,12 +227,13 @@ impl Ready {
                     self.stream.clone(),
                     work.concurrency,
                     Arc::clone(&recorder),
+                    None,
                     async move {
                         let _ = rx.await;
                     },
                 ));
                 // Stop the workers however the producer ends (`tx` dropped on an error, too).
-                let led = self.lead(work).await;
+                let led = self.lead(work, None).await;
                 drop(tx);
                 let report = workers.await.context("the stream worker panicked")??;
                 let mut measured = led?;
@@ -170,18 +255,24 @@ impl Ready {
             self.stream.clone(),
             work.concurrency,
             Arc::clone(&recorder),
+            self.handled.clone(),
             stop,
         )
         .await?;
         consumed(&recorder, &report)
     }
 
-    /// `stream_e2e`'s producer: publish `messages` events, `batch` per call, then wait until the group has
-    /// drained. Its `seconds` run from the first publish to that moment.
+    /// The producer: publish `messages` events, `batch` per call, say so on `published`, then wait until
+    /// the group has drained. Its `seconds` run from the first publish to that moment. `stream_chaos` then
+    /// reads the handled events and the dead letters and counts the lost events and the duplicates.
     ///
     /// # Errors
     /// A failed publish or `group_info`; a group that makes no progress for [`DRAIN_PATIENCE`].
-    pub(crate) async fn lead(&self, work: &Workload) -> anyhow::Result<Measured> {
+    pub(crate) async fn lead(
+        &self,
+        work: &Workload,
+        published: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> anyhow::Result<Measured> {
         let (n, batch) = (work.messages, work.batch as u64);
         let first = Instant::now();
         let mut seq = 0u64;
@@ -197,6 +288,9 @@ impl Ready {
                 .with_context(|| format!("stream_e2e: cannot publish event {seq}"))?;
             seq += k;
             calls += 1;
+        }
+        if let Some(published) = published {
+            let _ = published.send(());
         }
         let mut polls = 0u64;
         let mut seen = None;
@@ -231,6 +325,28 @@ impl Ready {
             drain_polls: polls,
             ..StreamCounts::default()
         };
+        if let Some(handled) = &self.handled {
+            let counts = handled.counts(n).await?;
+            let dead: std::collections::HashSet<u64> = self
+                .stream
+                .dead_letters(10_000)
+                .await
+                .context("stream_chaos: cannot read the dead letters")?
+                .iter()
+                .filter_map(|d| serde_json::from_slice::<Event>(&d.payload).ok())
+                .map(|e| e.seq)
+                .collect();
+            let s = &mut measured.stream;
+            s.dead_lettered = dead.len() as u64;
+            s.recorded = counts.iter().sum();
+            for (seq, &count) in (0u64..).zip(&counts) {
+                match count {
+                    0 if !dead.contains(&seq) => s.lost += 1,
+                    0 => {}
+                    c => s.duplicates += c - 1,
+                }
+            }
+        }
         Ok(measured)
     }
 
@@ -309,20 +425,34 @@ async fn publish(stream: &Stream<Event>, events: &[Event]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Run one worker of [`GROUP`] with `concurrency` no-op handlers until `stop`; each handler records its
-/// event's enqueue-to-handled latency.
+/// Run one worker of [`GROUP`] with `concurrency` handlers until `stop`; each handler records its event's
+/// enqueue-to-handled latency, and with `handled` (`stream_chaos`) counts the event there first (a failed
+/// count fails the delivery).
 async fn consume(
     stream: Stream<Event>,
     concurrency: usize,
     recorder: Recorder,
+    handled: Option<Handled>,
     stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<WorkerReport> {
     let handler = move |m: Message<Event>| {
         let us = wall_us().saturating_sub(m.event.published_us).max(1);
-        if let Ok(mut h) = recorder.lock() {
-            h.saturating_record(us);
+        let (recorder, handled) = (Arc::clone(&recorder), handled.clone());
+        async move {
+            if let Some(h) = handled {
+                let mut raw = h.raw.clone();
+                let _: i64 = redis::cmd("HINCRBY")
+                    .arg(&*h.key)
+                    .arg(m.event.seq)
+                    .arg(1)
+                    .query_async(&mut raw)
+                    .await?;
+            }
+            if let Ok(mut h) = recorder.lock() {
+                h.saturating_record(us);
+            }
+            Ok::<(), redis::RedisError>(())
         }
-        std::future::ready(Ok::<(), Infallible>(()))
     };
     stream
         .worker(GROUP, handler)
@@ -347,7 +477,7 @@ fn consumed(recorder: &Recorder, report: &WorkerReport) -> anyhow::Result<Measur
         handled: report.handled,
         failed: report.failed,
         dead_lettered: report.dead_lettered,
-        lost: report.lost,
+        worker_lost: report.lost,
         group_recreated: report.group_recreated,
         ..StreamCounts::default()
     };
@@ -382,6 +512,18 @@ pub(crate) fn fields(kind: Kind, work: &Workload, measured: &Measured) -> Scenar
     };
     match kind {
         Kind::Produce => common,
+        Kind::Chaos => ScenarioFields {
+            messages: Some(work.messages),
+            handled: Some(s.recorded),
+            duplicates: Some(s.duplicates),
+            failed: Some(s.failed),
+            dead_lettered: Some(s.dead_lettered),
+            drain_polls: Some(s.drain_polls),
+            lost: Some(s.lost),
+            kills: Some(s.kills),
+            kill_every_ms: Some(u64::try_from(work.kill_every.as_millis()).unwrap_or(u64::MAX)),
+            ..common
+        },
         Kind::E2e => ScenarioFields {
             messages: Some(work.messages),
             handled: Some(measured.ops()),

@@ -51,6 +51,10 @@ pub(crate) enum Scenario {
     /// throughput from the first publish to the last acknowledgement, and enqueue-to-handled latency.
     #[value(name = "stream_e2e")]
     StreamE2e,
+    /// `stream_e2e` with the worker processes SIGKILLed and restarted while the producer publishes: is any
+    /// message lost?
+    #[value(name = "stream_chaos")]
+    StreamChaos,
 }
 
 impl Scenario {
@@ -70,6 +74,7 @@ impl Scenario {
             Scenario::StaleServe => "stale_serve",
             Scenario::StreamProduce => "stream_produce",
             Scenario::StreamE2e => "stream_e2e",
+            Scenario::StreamChaos => "stream_chaos",
         }
     }
 
@@ -102,7 +107,7 @@ impl Scenario {
     /// Whether children of `--processes` run until the parent stops them (`stream_e2e`'s workers, while
     /// the parent publishes), rather than for `--duration`.
     pub(crate) fn runs_until_stopped(self) -> bool {
-        self == Scenario::StreamE2e
+        matches!(self, Scenario::StreamE2e | Scenario::StreamChaos)
     }
 
     /// `--concurrency` when not given: 1000 for the one-shot races, else 64.
@@ -118,7 +123,8 @@ impl Scenario {
             | Scenario::Staleness
             | Scenario::StaleServe
             | Scenario::StreamProduce
-            | Scenario::StreamE2e => 64,
+            | Scenario::StreamE2e
+            | Scenario::StreamChaos => 64,
             Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
@@ -197,6 +203,8 @@ pub(crate) struct Workload {
     pub(crate) messages: u64,
     /// The stream scenarios: events per publish call (1: `publish`, more: `publish_many`).
     pub(crate) batch: usize,
+    /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes.
+    pub(crate) kill_every: Duration,
 }
 
 impl Workload {
@@ -279,6 +287,7 @@ pub(crate) mod tests {
             invalidate_every: Duration::from_millis(5),
             messages: 100,
             batch: 1,
+            kill_every: Duration::from_millis(500),
         }
     }
 
