@@ -554,10 +554,11 @@ mod tests {
     #[test]
     fn the_class_is_bounded() {
         let policy = keyward::policy::Policy::builder("bench", "kwbench1")
-            .stream(CLASS, class())
+            .stream(CLASS, class(Kind::Chaos))
             .build()
             .unwrap();
         let class = policy.class(CLASS).unwrap().as_stream().unwrap();
         assert_eq!(class.retention_value().maxlen_value(), Some(MAXLEN));
+        assert_eq!(class.claim_idle_value(), CHAOS_CLAIM_IDLE);
     }
 }
