@@ -57,7 +57,7 @@ enum Command {
         command: policy_cmd::PolicyCommand,
     },
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Policy { command } => policy_cmd::run(command),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -809,3 +809,208 @@ fn stale_serve_runs_in_one_process() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("one process"), "{}", stderr(&out));
 }
+
+// Streams: `stream_produce` and `stream_e2e`.
+
+/// The checks every stream line must pass: every event published counted once, in calls of `batch`.
+fn assert_stream(v: &Value, scenario: &str, batch: u64) -> u64 {
+    assert_eq!(v["scenario"], scenario, "{v}");
+    assert_eq!(v["batch"], batch, "{v}");
+    assert_eq!(v["maxlen"], 10_000, "{v}");
+    assert_eq!(v["loader_calls"], 0, "{v}");
+    let published = v["published"].as_u64().unwrap();
+    let calls = v["publish_calls"].as_u64().unwrap();
+    assert!(published > 0, "{v}");
+    // Every call publishes `batch` events (stream_e2e's last call may publish fewer).
+    assert!(
+        calls * batch >= published && (calls - 1) * batch < published,
+        "{v}"
+    );
+    assert!(
+        v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap(),
+        "{v}"
+    );
+    published
+}
+
+#[test]
+fn embedded_stream_produce_counts_every_event() {
+    let v = bench_json(&[
+        "bench",
+        "stream_produce",
+        "--url",
+        "mem://",
+        "--duration",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    let published = assert_stream(&v, "stream_produce", 1);
+    assert_eq!(v["ops"].as_u64(), Some(published), "{v}");
+    assert!(v.get("messages").is_none(), "{v}");
+}
+
+#[test]
+fn redis_stream_produce_sends_one_script_per_call() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "stream_produce",
+        "--url",
+        &server.url(),
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--batch",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(v["backend"], "redis", "{v}");
+    let published = assert_stream(&v, "stream_produce", 8);
+    assert_eq!(v["ops"].as_u64(), Some(published), "{v}");
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    // One script per call, one XADD per event; the warm-up publish ran before the measured phase.
+    assert_eq!(cmds["xadd"].as_u64(), Some(published), "{v}");
+    assert_eq!(cmds["evalsha"], v["publish_calls"], "{v}");
+    assert!(v["redis_cmds_per_op"].as_f64().unwrap() > 1.0, "{v}");
+}
+
+/// Run `stream_e2e` and check that every message was handled once and acknowledged.
+fn stream_e2e(url: &str, messages: u64, extra: &[&str]) -> Value {
+    let n = messages.to_string();
+    let mut args = vec![
+        "bench",
+        "stream_e2e",
+        "--url",
+        url,
+        "--messages",
+        &n,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let v = bench_json(&args);
+    let batch = v["batch"].as_u64().unwrap();
+    assert_eq!(assert_stream(&v, "stream_e2e", batch), messages, "{v}");
+    assert_eq!(v["messages"].as_u64(), Some(messages), "{v}");
+    assert_eq!(v["ops"].as_u64(), Some(messages), "{v}");
+    assert_eq!(v["handled"].as_u64(), Some(messages), "{v}");
+    assert_eq!(v["duplicates"], 0, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["dead_lettered"], 0, "{v}");
+    assert!(v["drain_polls"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["seconds"].as_f64().unwrap() > 0.0, "{v}");
+    v
+}
+
+#[test]
+fn embedded_stream_e2e_handles_every_message() {
+    let v = stream_e2e("mem://", 300, &["--concurrency", "8"]);
+    assert_eq!(v["backend"], "embedded", "{v}");
+    assert_eq!(v["publish_calls"], 300, "{v}");
+}
+
+#[test]
+fn redis_stream_e2e_acknowledges_every_message() {
+    let server = RedisServer::spawn();
+    let v = stream_e2e(
+        &server.url(),
+        1000,
+        &["--concurrency", "16", "--batch", "10"],
+    );
+    assert_eq!(v["publish_calls"], 100, "{v}");
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert_eq!(cmds["xadd"], 1000, "{v}");
+    assert_eq!(cmds["xack"], 1000, "{v}");
+}
+
+#[test]
+fn redis_stream_e2e_with_worker_processes_acknowledges_every_message() {
+    let server = RedisServer::spawn();
+    let v = stream_e2e(
+        &server.url(),
+        1000,
+        &["--concurrency", "8", "--processes", "2", "--batch", "4"],
+    );
+    assert_eq!(v["processes"], 2, "{v}");
+    assert_eq!(v["publish_calls"], 250, "{v}");
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert_eq!(cmds["xack"], 1000, "{v}");
+    // Each worker process created the group, or found it (BUSYGROUP).
+    assert!(cmds["xgroup|create"].as_u64().unwrap() >= 1, "{v}");
+}
+
+#[test]
+fn bad_stream_flags_exit_2() {
+    for args in [
+        &["bench", "stream_e2e", "--url", "mem://", "--messages", "0"][..],
+        &["bench", "stream_produce", "--url", "mem://", "--batch", "0"][..],
+        &[
+            "bench",
+            "stream_produce",
+            "--url",
+            "mem://",
+            "--batch",
+            "10001",
+        ][..],
+    ] {
+        let out = keyward(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn redis_stream_chaos_loses_nothing_while_workers_are_killed() {
+    let server = RedisServer::spawn();
+    let v = bench_json(&[
+        "bench",
+        "stream_chaos",
+        "--url",
+        &server.url(),
+        "--messages",
+        "3000",
+        "--processes",
+        "3",
+        "--concurrency",
+        "6",
+        "--kill-every",
+        "150",
+        "--json",
+    ]);
+    assert_eq!(assert_stream(&v, "stream_chaos", 1), 3000, "{v}");
+    assert_eq!(v["kill_every_ms"], 150, "{v}");
+    // The property: every event was handled (and recorded) or dead-lettered.
+    assert_eq!(v["lost"], 0, "{v}");
+    // Workers were killed while the producer published (3000 single publishes take well over 150 ms).
+    assert!(v["kills"].as_u64().unwrap() >= 1, "{v}");
+    let (handled, duplicates, dead) = (
+        v["handled"].as_u64().unwrap(),
+        v["duplicates"].as_u64().unwrap(),
+        v["dead_lettered"].as_u64().unwrap(),
+    );
+    // Every event counted once, plus the duplicates, except the dead letters that never succeeded.
+    assert!(handled + dead >= 3000, "{v}");
+    assert!(handled <= 3000 + duplicates, "{v}");
+    // Each successful handler call counted itself once (a failed HINCRBY would have failed the delivery).
+    let cmds = v["redis_cmds"].as_object().unwrap();
+    assert_eq!(cmds["hincrby"].as_u64(), Some(handled), "{v}");
+}
+
+#[test]
+fn stream_chaos_needs_worker_processes_and_kill_every_needs_it() {
+    let server = RedisServer::spawn();
+    let out = keyward(&["bench", "stream_chaos", "--url", &server.url()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--processes 2"), "{}", stderr(&out));
+    let out = keyward(&[
+        "bench",
+        "stream_e2e",
+        "--url",
+        "mem://",
+        "--kill-every",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stream_chaos"), "{}", stderr(&out));
+}

@@ -14,6 +14,11 @@
 //!    and its latency histogram
 //!    (HdrHistogram V2 serialization, base64), then exits; the parent adds the counts up and merges the
 //!    histograms.
+//!
+//! A scenario that [runs until stopped](crate::bench::scenarios::Scenario::runs_until_stopped)
+//! (`stream_e2e`: the children consume while the parent publishes) adds one line: the parent writes `STOP`
+//! when its own part is done ([`Fleet::go_with`]), and each child ends its run then, before step 3. A child
+//! whose stdin closes (the parent died) stops too.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,13 +31,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::bench::measure::{L1Counts, Measured, StaleCounts};
+use crate::bench::measure::{L1Counts, Measured, StaleCounts, StreamCounts};
 use crate::bench::scenarios::{self, Workload};
 
 /// What a child prints when connected and warmed up.
 const READY: &str = "READY";
 /// What the parent writes to start the measured phase.
 const GO: &str = "GO";
+/// What the parent writes to end a child that runs until stopped (`stream_e2e`'s workers).
+const STOP: &str = "STOP";
 /// How long a child may take to connect and warm up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a child may take beyond the scenario's own duration.
@@ -52,6 +59,9 @@ pub(crate) struct ChildReport {
     /// The L1 scenarios' counts.
     #[serde(default)]
     l1: L1Counts,
+    /// The stream scenarios' counts.
+    #[serde(default)]
+    stream: StreamCounts,
     /// Latencies in µs: HdrHistogram V2 serialization, base64.
     histogram: String,
 }
@@ -72,6 +82,7 @@ impl ChildReport {
             reacquired: m.reacquired,
             seconds: m.seconds,
             l1: m.l1,
+            stream: m.stream,
             histogram: BASE64.encode(bytes),
         })
     }
@@ -102,23 +113,35 @@ impl ChildReport {
             l1: self.l1,
             // `stale_serve` runs in one process only (see `bench::run`).
             stale: StaleCounts::default(),
+            stream: self.stream,
         })
     }
 }
 
 /// The child side: connect, READY, wait for GO, run, report.
 pub(crate) async fn child(url: &str, app: &str, work: Workload) -> anyhow::Result<()> {
+    let until_stopped = work.scenario.runs_until_stopped();
     let prepared = scenarios::prepare(url, app, work).await?;
     println_flush(READY)?;
     let mut line = String::new();
-    BufReader::new(tokio::io::stdin())
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    stdin
         .read_line(&mut line)
         .await
         .context("cannot read the start signal from the parent")?;
     if line.trim() != GO {
         bail!("expected `{GO}` from the parent process, got {line:?}");
     }
-    let measured = prepared.run().await?;
+    let measured = if until_stopped {
+        // STOP, or the parent closing the pipe (it failed), ends the run.
+        let stop = async move {
+            let mut line = String::new();
+            let _ = stdin.read_line(&mut line).await;
+        };
+        prepared.consume_until(stop).await?
+    } else {
+        prepared.run().await?
+    };
     let report = serde_json::to_string(&ChildReport::new(&measured)?)?;
     println_flush(&report)
 }
@@ -133,6 +156,8 @@ fn println_flush(line: &str) -> anyhow::Result<()> {
 
 struct Member {
     index: usize,
+    /// The command line it was started with (to start it again after a kill).
+    args: Vec<String>,
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
@@ -176,6 +201,37 @@ impl Member {
 pub(crate) struct Fleet {
     members: Vec<Member>,
     run_limit: Duration,
+    /// To start a child again: this executable and the URL.
+    exe: std::path::PathBuf,
+    url: String,
+}
+
+/// Start `exe` as child `index` with `args`, its stdin and stdout piped to this process.
+fn spawn(
+    exe: &std::path::Path,
+    url: &str,
+    index: usize,
+    args: Vec<String>,
+    of: usize,
+) -> anyhow::Result<Member> {
+    let mut child = Command::new(exe)
+        .args(&args)
+        .env("REDIS_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start child process {} of {of}", index + 1))?;
+    let stdin = child.stdin.take().context("child stdin is not piped")?;
+    let stdout = child.stdout.take().context("child stdout is not piped")?;
+    Ok(Member {
+        index,
+        args,
+        child,
+        stdin,
+        stdout: BufReader::new(stdout).lines(),
+    })
 }
 
 impl Fleet {
@@ -191,23 +247,7 @@ impl Fleet {
         let of = works.len();
         let mut members = Vec::with_capacity(of);
         for (index, work) in works.into_iter().enumerate() {
-            let mut child = Command::new(&exe)
-                .args(child_args(app, &work))
-                .env("REDIS_URL", url)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start child process {} of {of}", index + 1))?;
-            let stdin = child.stdin.take().context("child stdin is not piped")?;
-            let stdout = child.stdout.take().context("child stdout is not piped")?;
-            members.push(Member {
-                index,
-                child,
-                stdin,
-                stdout: BufReader::new(stdout).lines(),
-            });
+            members.push(spawn(&exe, url, index, child_args(app, &work), of)?);
         }
         for m in &mut members {
             let line = m.line(of, READY, READY_TIMEOUT).await?;
@@ -218,20 +258,102 @@ impl Fleet {
         Ok(Self {
             members,
             run_limit: run_limit + RUN_GRACE,
+            exe,
+            url: url.to_owned(),
         })
     }
 
     /// Send GO to every child, then collect and merge their reports. `seconds` is the slowest child's.
     pub(crate) async fn go(mut self) -> anyhow::Result<Measured> {
+        self.send(GO).await?;
+        self.collect().await
+    }
+
+    /// Send GO to every child, run `lead` in this process meanwhile, then send STOP to every child and
+    /// collect their reports; `lead`'s figures are merged with theirs. For children that run until stopped.
+    ///
+    /// With `chaos` (`stream_chaos`), until `published` fires (or `lead` ends) a child picked at random is
+    /// SIGKILLed every `kill_every` and started again at once (READY, then GO); the kills are counted in
+    /// the result's `stream.kills`. A killed child's figures are lost with it.
+    pub(crate) async fn go_with(
+        mut self,
+        lead: impl std::future::Future<Output = anyhow::Result<Measured>>,
+        chaos: Option<(Duration, tokio::sync::oneshot::Receiver<()>)>,
+    ) -> anyhow::Result<Measured> {
+        self.send(GO).await?;
+        let mut lead = std::pin::pin!(lead);
+        let mut led = None;
+        let mut kills = 0u64;
+        if let Some((every, mut published)) = chaos {
+            let mut next = tokio::time::Instant::now() + every;
+            loop {
+                tokio::select! {
+                    r = &mut lead => {
+                        led = Some(r);
+                        break;
+                    }
+                    _ = &mut published => break,
+                    () = tokio::time::sleep_until(next) => {
+                        let i = rand::random_range(0..self.members.len());
+                        self.restart(i).await?;
+                        kills += 1;
+                        next = tokio::time::Instant::now() + every;
+                    }
+                }
+            }
+        }
+        let led = match led {
+            Some(r) => r,
+            None => lead.await,
+        };
+        self.send(STOP).await?;
+        let led = led?;
+        let mut total = self.collect().await?;
+        total.merge(&led)?;
+        total.stream.kills += kills;
+        Ok(total)
+    }
+
+    /// SIGKILL child `i`, start it again with the same command line, and send it GO once it is READY.
+    async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let of = self.members.len();
+        let m = &mut self.members[i];
+        let who = m.describe(of);
+        m.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill {who}"))?;
+        let mut fresh = spawn(&self.exe, &self.url, m.index, m.args.clone(), of)?;
+        let line = fresh.line(of, READY, READY_TIMEOUT).await?;
+        if line.trim() != READY {
+            bail!("{} sent {line:?} instead of {READY}", fresh.describe(of));
+        }
+        fresh
+            .stdin
+            .write_all(format!("{GO}\n").as_bytes())
+            .await
+            .and(fresh.stdin.flush().await)
+            .with_context(|| format!("cannot send {GO} to {}", fresh.describe(of)))?;
+        self.members[i] = fresh;
+        Ok(())
+    }
+
+    async fn send(&mut self, word: &str) -> anyhow::Result<()> {
         let of = self.members.len();
         for m in &mut self.members {
             let who = m.describe(of);
             m.stdin
-                .write_all(format!("{GO}\n").as_bytes())
+                .write_all(format!("{word}\n").as_bytes())
                 .await
                 .and(m.stdin.flush().await)
-                .with_context(|| format!("cannot send {GO} to {who}"))?;
+                .with_context(|| format!("cannot send {word} to {who}"))?;
         }
+        Ok(())
+    }
+
+    /// Read every child's report and merge them.
+    async fn collect(mut self) -> anyhow::Result<Measured> {
+        let of = self.members.len();
         let mut total = Measured::empty();
         for m in &mut self.members {
             let who = m.describe(of);
@@ -257,7 +379,7 @@ impl Fleet {
 
 /// The hidden command line that makes a child run `work` in namespace `app`.
 fn child_args(app: &str, work: &Workload) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "bench".to_owned(),
         work.scenario.name().to_owned(),
         "--concurrency".to_owned(),
@@ -280,6 +402,10 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.extend.name().to_owned(),
         "--invalidate-every".to_owned(),
         work.invalidate_every.as_millis().to_string(),
+        "--messages".to_owned(),
+        work.messages.to_string(),
+        "--batch".to_owned(),
+        work.batch.to_string(),
         "--child".to_owned(),
         "--app".to_owned(),
         app.to_owned(),
@@ -289,7 +415,14 @@ fn child_args(app: &str, work: &Workload) -> Vec<String> {
         work.key_offset.to_string(),
         "--process-index".to_owned(),
         work.process.to_string(),
-    ]
+    ];
+    if work.scenario == crate::bench::scenarios::Scenario::StreamChaos {
+        args.extend([
+            "--kill-every".to_owned(),
+            work.kill_every.as_millis().to_string(),
+        ]);
+    }
+    args
 }
 
 #[cfg(test)]
@@ -318,6 +451,10 @@ mod tests {
                 ..L1Counts::default()
             },
             stale: StaleCounts::default(),
+            stream: StreamCounts {
+                handled: 8,
+                ..StreamCounts::default()
+            },
         };
         let line = serde_json::to_string(&ChildReport::new(&measured).unwrap()).unwrap();
         let back: ChildReport = serde_json::from_str(&line).unwrap();
@@ -327,5 +464,6 @@ mod tests {
         assert_eq!((back.allowed, back.limited), (3, 2));
         assert_eq!((back.violations, back.timeouts, back.reacquired), (1, 4, 5));
         assert_eq!(back.l1, measured.l1);
+        assert_eq!(back.stream, measured.stream);
     }
 }

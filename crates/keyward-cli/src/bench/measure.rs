@@ -37,6 +37,52 @@ pub(crate) struct Measured {
     pub(crate) l1: L1Counts,
     /// `stale_serve`'s counts (empty for the others).
     pub(crate) stale: StaleCounts,
+    /// The stream scenarios' counts (all zero for the others).
+    pub(crate) stream: StreamCounts,
+}
+
+/// What the stream scenarios count besides latencies. Merged across processes by adding up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct StreamCounts {
+    /// Events published (`stream_produce`: in the measured phase; `stream_e2e`: by the producer).
+    pub(crate) published: u64,
+    /// Publish calls (`publish`, or `publish_many` of `--batch` events).
+    pub(crate) publish_calls: u64,
+    /// `stream_e2e`: handler calls (every delivery, duplicates included), from the workers' reports.
+    pub(crate) handled: u64,
+    /// `stream_e2e`: the workers' `WorkerReport` counts.
+    pub(crate) failed: u64,
+    pub(crate) dead_lettered: u64,
+    /// The workers' `WorkerReport::lost` (entries trimmed past the hard cap while pending).
+    pub(crate) worker_lost: u64,
+    pub(crate) group_recreated: u64,
+    /// `stream_e2e`: `group_info` calls the producer made while waiting for the group to drain.
+    pub(crate) drain_polls: u64,
+    /// `stream_chaos`: events no handler recorded that are not dead letters; handler calls beyond one
+    /// per event (from the hash of handled events); worker processes killed.
+    pub(crate) lost: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) kills: u64,
+    /// `stream_chaos`: successful handler calls in every process, killed ones included (the hash's sum).
+    pub(crate) recorded: u64,
+}
+
+impl StreamCounts {
+    fn merge(&mut self, other: &StreamCounts) {
+        self.published += other.published;
+        self.publish_calls += other.publish_calls;
+        self.handled += other.handled;
+        self.failed += other.failed;
+        self.dead_lettered += other.dead_lettered;
+        self.worker_lost += other.worker_lost;
+        self.group_recreated += other.group_recreated;
+        self.drain_polls += other.drain_polls;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+        self.kills += other.kills;
+        self.recorded += other.recorded;
+    }
 }
 
 /// What the L1 scenarios (`hit_l1`, `staleness`) count besides latencies. Merged across processes by adding
@@ -122,6 +168,7 @@ impl Measured {
             latencies: new_histogram(),
             l1: L1Counts::default(),
             stale: StaleCounts::default(),
+            stream: StreamCounts::default(),
         }
     }
 
@@ -139,6 +186,7 @@ impl Measured {
         self.reacquired += other.reacquired;
         self.seconds = self.seconds.max(other.seconds);
         self.l1.merge(&other.l1);
+        self.stream.merge(&other.stream);
         self.stale.merge(&other.stale)?;
         self.latencies
             .add(&other.latencies)
@@ -210,6 +258,7 @@ impl Tally {
             latencies: self.latencies,
             l1: L1Counts::default(),
             stale: StaleCounts::default(),
+            stream: StreamCounts::default(),
         }
     }
 }

@@ -90,6 +90,28 @@ Scenarios (the names are stable):
             value (a refill failed; it is stored again as current for the throttle) or a hit (within the
             throttle), counted by CacheLookup. A run that served no stale value fails. One process only.
 
+  stream_produce
+            C loops publish ~1 KiB JSON events to a stream class (maxlen 10000, approximate) for --duration,
+            --batch B events per call (1: Stream::publish; more: publish_many). Every event is an op, with
+            the latency of its call. No consumer group: every publish trims by maxlen once it is reached.
+  stream_e2e
+            one producer publishes --messages N events (default 20000), --batch B per call, one call after
+            the other, while a worker (Stream::worker, group `bench`) with handler concurrency C consumes
+            them with a no-op handler. When every event is published the producer polls group_info every
+            1 ms until nothing is pending or undelivered: ops_per_s = handled / (that moment - the first
+            publish); p50_us/p99_us are enqueue-to-handled latencies (wall clock at the publish call to
+            the handler's start). --processes P: the workers run in P child processes (C/P handlers each)
+            and the producer in the parent, which sends them STOP once the group has drained.
+  stream_chaos
+            stream_e2e with --processes P >= 2 (Redis only) whose worker processes are SIGKILLed: every
+            --kill-every MS (default 500) while the producer publishes, the parent kills a worker process
+            picked at random and starts it again at once. The class's claim_idle is 1s, so a killed
+            worker's entries are taken over soon. Each handler first counts its event in a Redis hash
+            (HINCRBY, outside keyward's keyspace, 10 min TTL; a failed count fails the delivery). After
+            the drain the parent reads that hash and the dead letters: lost = events neither counted nor
+            dead-lettered (must be 0), duplicates = counts beyond one per event (a handler that ran in a
+            killed process before its acknowledgement, or whose entry was taken over).
+
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
 
@@ -122,6 +144,15 @@ stale_serve adds ttl_ms, stale_grace_ms and fail_safe_throttle_ms (the class's),
 answered CacheLookup::Stale), stale_ratio (of ops), stale_p50_us and stale_p99_us (those reads' latency),
 lookups (reads per CacheLookup name: hit, stale_loader_error, coalesced, …) and errors (reads that failed,
 not counted as ops; must be 0). loader_calls counts the failing loader's calls.
+stream_produce and stream_e2e add batch, maxlen (the class's), published (events) and publish_calls;
+stream_e2e adds messages, handled (handler calls), duplicates (handled beyond one per message; 0 without
+failures), failed and dead_lettered (the workers' reports; 0 with the no-op handler) and drain_polls (the
+producer's group_info calls while waiting for the drain, included in redis_cmds). A stream_e2e run in which
+fewer events were handled than published fails. stream_chaos adds the same fields, lost, kills and
+kill_every_ms; its handled, duplicates and dead_lettered come from the hash and the dead-letter stream (every
+process, killed ones included), but ops, the latencies, redis_cmds_per_op and failed are of the worker
+processes alive at the end only (a killed process's figures die with it): its figures are lost and
+duplicates, not its speed.
 ratelimit_throughput, lock and session against Redis add redis_client_cmds_per_op and redis_client_cmds:
 the top-level commands clients sent (EVALSHA, EVAL, any plain command; not the commands scripts call), per
 op and per command. Redis counts a script's calls in INFO commandstats and in total_commands_processed
@@ -156,8 +187,8 @@ pub(crate) struct BenchArgs {
     /// Concurrent callers in total. [default: 1000 for stampede and ratelimit_exact, else 64]
     #[arg(long, short = 'c', value_name = "C")]
     concurrency: Option<usize>,
-    /// How long `hit`, `get`, `hit_l1`, `staleness`, `stale_serve`, `ratelimit_throughput`, `lock` and
-    /// `session` run, in seconds (fractions allowed).
+    /// How long `hit`, `get`, `hit_l1`, `staleness`, `stale_serve`, `ratelimit_throughput`, `lock`,
+    /// `session` and `stream_produce` run, in seconds (fractions allowed).
     #[arg(long, short = 'd', value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
     /// OS processes to spread the callers over (Redis only).
@@ -198,6 +229,16 @@ pub(crate) struct BenchArgs {
     /// `staleness --pause-every`: how long each pause lasts, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 750)]
     pause_for: u64,
+    /// `stream_e2e`: how many events the producer publishes.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    messages: u64,
+    /// The stream scenarios: events per publish call (1: `publish`; more: one `publish_many`).
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    batch: usize,
+    /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes,
+    /// in milliseconds. [default: 500]
+    #[arg(long, value_name = "MS")]
+    kill_every: Option<u64>,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -251,6 +292,24 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.processes == 0 {
         usage!("--processes must be at least 1");
+    }
+    if args.messages == 0 {
+        usage!("--messages must be at least 1");
+    }
+    if !(1..=10_000).contains(&args.batch) {
+        usage!("--batch must be between 1 and 10000, got {}", args.batch);
+    }
+    if args.kill_every.is_some() && args.scenario != Scenario::StreamChaos {
+        usage!("--kill-every is for the `stream_chaos` scenario only");
+    }
+    if args.kill_every == Some(0) {
+        usage!("--kill-every must be at least 1 (ms)");
+    }
+    if args.scenario == Scenario::StreamChaos && !args.child && (embedded || args.processes < 2) {
+        usage!(
+            "`stream_chaos` needs Redis and --processes 2 or more: its worker processes are killed and \
+             restarted while the producer (this process) publishes"
+        );
     }
     let plan = fault_plan(&args)?;
     if args.scenario == Scenario::Staleness && !args.child {
@@ -309,6 +368,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         extend: args.extend,
         process: args.process_index,
         invalidate_every: Duration::from_millis(args.invalidate_every),
+        messages: args.messages,
+        batch: args.batch,
+        kill_every: Duration::from_millis(args.kill_every.unwrap_or(500)),
     };
     // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class
     // depends on flags; the others are constants that the unit tests check.
@@ -387,12 +449,26 @@ async fn measure(
     if processes > 1 {
         counter = Counter::connect(url, embedded).await?;
         let fleet = Fleet::start(url, app, work.split(processes), work.duration).await?;
+        // The children run until stopped: this process publishes meanwhile (`stream_e2e`).
+        let lead = if work.scenario.runs_until_stopped() {
+            Some(scenarios::prepare(url, app, work.clone()).await?)
+        } else {
+            None
+        };
         let injector = match counter.as_ref() {
             Some(c) => Injector::start(&c.servers, plan).await?,
             None => None,
         };
         before = Counter::snapshot(counter.as_mut()).await?;
-        let run = fleet.go().await;
+        let run = match lead {
+            Some(lead) => {
+                let (published, on_published) = tokio::sync::oneshot::channel();
+                let chaos = (work.scenario == Scenario::StreamChaos)
+                    .then_some((work.kill_every, on_published));
+                fleet.go_with(lead.lead(published), chaos).await
+            }
+            None => fleet.go().await,
+        };
         if let Some(injector) = injector {
             injected = Some(injector.finish().await?);
         }
@@ -404,6 +480,7 @@ async fn measure(
         before = Counter::snapshot(counter.as_mut()).await?;
         measured = prepared.run().await?;
     }
+    scenarios::check(&work, &measured)?;
     let commands = match (counter.as_mut(), before) {
         (Some(counter), Some(before)) => Some(counter.since(&before).await?),
         _ => None,

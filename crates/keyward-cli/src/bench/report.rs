@@ -160,6 +160,39 @@ pub(crate) struct ScenarioFields {
     /// `stale_serve` only: reads that returned an error (not counted as ops). Must be 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) errors: Option<u64>,
+    /// The stream scenarios: events per publish call, the class's `maxlen`, events published and publish
+    /// calls made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) batch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) maxlen: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) published: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) publish_calls: Option<u64>,
+    /// `stream_e2e` only: events to publish (`--messages`), handler calls, handler calls beyond one per
+    /// event, the workers' failed handlers and dead letters (both 0 with the no-op handler), and the
+    /// producer's `group_info` calls while it waited for the group to drain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) messages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) handled: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) duplicates: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dead_lettered: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) drain_polls: Option<u64>,
+    /// `stream_chaos` only: events published that no handler recorded and that are not dead letters (must be
+    /// 0), worker processes SIGKILLed (and restarted), and how often.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) lost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kills: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kill_every_ms: Option<u64>,
 }
 
 /// `x` rounded to `decimals` decimal places.
@@ -291,6 +324,19 @@ fn table(r: &Report) -> String {
         ("stale_p99_us", f.stale_p99_us.map(|n| n.to_string())),
         ("lookups", f.lookups.as_ref().map(list_counts)),
         ("errors", f.errors.map(|n| n.to_string())),
+        ("batch", f.batch.map(|n| n.to_string())),
+        ("maxlen", f.maxlen.map(|n| n.to_string())),
+        ("published", f.published.map(|n| n.to_string())),
+        ("publish_calls", f.publish_calls.map(|n| n.to_string())),
+        ("messages", f.messages.map(|n| n.to_string())),
+        ("handled", f.handled.map(|n| n.to_string())),
+        ("duplicates", f.duplicates.map(|n| n.to_string())),
+        ("failed", f.failed.map(|n| n.to_string())),
+        ("dead_lettered", f.dead_lettered.map(|n| n.to_string())),
+        ("drain_polls", f.drain_polls.map(|n| n.to_string())),
+        ("lost", f.lost.map(|n| n.to_string())),
+        ("kills", f.kills.map(|n| n.to_string())),
+        ("kill_every_ms", f.kill_every_ms.map(|n| n.to_string())),
         (
             "redis_cmds_per_op",
             r.redis_cmds_per_op.map(|p| format!("{p:.3}")),

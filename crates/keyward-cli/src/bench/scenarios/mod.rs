@@ -1,7 +1,7 @@
 //! The scenarios: one [`Scenario`] per stable name, grouped in families that share a policy class and a
 //! set-up — `cache` (`hit`, `miss`, `stampede`, `get`), `l1` (`hit_l1`, `staleness`), `rate_limit`
-//! (`ratelimit_exact`, `ratelimit_throughput`), `lock`, `session` and `stale` (`stale_serve`) — each family in a
-//! file of its own.
+//! (`ratelimit_exact`, `ratelimit_throughput`), `lock`, `session`, `stale` (`stale_serve`) and `stream`
+//! (`stream_produce`, `stream_e2e`) — each family in a file of its own.
 //!
 //! Every scenario goes through the same phases, which is all the rest of `bench` (and the fleet) sees:
 //! 1. [`policy`]: the classes it needs, in the run's fresh namespace;
@@ -30,8 +30,10 @@ mod rate_limit;
 mod raw;
 mod session;
 mod stale;
+mod stream;
 mod workload;
 
+use std::future::Future;
 use std::time::Instant;
 
 use keyward::Keyward;
@@ -53,6 +55,7 @@ enum Family {
     Lock,
     Session,
     Stale,
+    Stream(stream::Kind),
 }
 
 /// The family of `scenario`.
@@ -69,6 +72,9 @@ fn family(scenario: Scenario) -> Family {
         Scenario::HitL1 => Family::L1(l1::Kind::HitL1),
         Scenario::Staleness => Family::L1(l1::Kind::Staleness),
         Scenario::StaleServe => Family::Stale,
+        Scenario::StreamProduce => Family::Stream(stream::Kind::Produce),
+        Scenario::StreamE2e => Family::Stream(stream::Kind::E2e),
+        Scenario::StreamChaos => Family::Stream(stream::Kind::Chaos),
     }
 }
 
@@ -77,9 +83,12 @@ fn family(scenario: Scenario) -> Family {
 pub(crate) fn counted_workload(work: &Workload, per_worker: u64) -> Workload {
     match family(work.scenario) {
         Family::Session => session::for_counted_ops(work, per_worker),
-        Family::Cache(_) | Family::L1(_) | Family::RateLimit(_) | Family::Lock | Family::Stale => {
-            work.clone()
-        }
+        Family::Cache(_)
+        | Family::L1(_)
+        | Family::RateLimit(_)
+        | Family::Lock
+        | Family::Stale
+        | Family::Stream(_) => work.clone(),
     }
 }
 
@@ -99,6 +108,7 @@ pub(crate) fn policy(app: &str, work: &Workload) -> Result<Policy, PolicyError> 
         Family::Lock => builder.lock(lock::CLASS, lock::class()),
         Family::Session => builder.session(session::CLASS, session::class(work.extend)),
         Family::Stale => builder.cache(stale::CLASS, stale::class()),
+        Family::Stream(kind) => builder.stream(stream::CLASS, stream::class(kind)),
     };
     builder.build()
 }
@@ -117,6 +127,7 @@ enum Ready {
     Lock(lock::Ready),
     Session(session::Ready),
     Stale(stale::Ready),
+    Stream(stream::Ready),
 }
 
 /// Connect to `url` in namespace `app` and warm up: one call on a key of its own loads keyward's scripts into
@@ -138,6 +149,7 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
         Family::Lock => Ready::Lock(lock::prepare(&kw, &work).await?),
         Family::Session => Ready::Session(session::prepare(&kw, &work).await?),
         Family::Stale => Ready::Stale(stale::prepare(&kw, &work).await?),
+        Family::Stream(kind) => Ready::Stream(stream::prepare(&kw, url, app, kind, &work).await?),
     };
     Ok(Prepared { work, ready })
 }
@@ -155,10 +167,41 @@ impl Prepared {
             (Ready::Lock(ready), Family::Lock) => ready.run(&self.work, timed).await,
             (Ready::Session(ready), Family::Session) => ready.run(&self.work, timed).await,
             (Ready::Stale(ready), Family::Stale) => ready.run(&self.work).await,
+            (Ready::Stream(ready), Family::Stream(kind)) => {
+                ready.run(kind, &self.work, timed).await
+            }
             _ => anyhow::bail!(
                 "`{}` was prepared for another family",
                 self.work.scenario.name()
             ),
+        }
+    }
+
+    /// `stream_e2e` in a child of `--processes`: consume (this process's share of the handler concurrency)
+    /// until `stop`; the parent's [`lead`](Self::lead) publishes.
+    pub(crate) async fn consume_until(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Measured> {
+        match (self.ready, self.work.scenario) {
+            (Ready::Stream(ready), Scenario::StreamE2e | Scenario::StreamChaos) => {
+                ready.consume_until(&self.work, stop).await
+            }
+            (_, other) => anyhow::bail!("`{}` does not run until stopped", other.name()),
+        }
+    }
+
+    /// `stream_e2e` and `stream_chaos` with `--processes`, in the parent: publish every event (then say so
+    /// on `published`) and wait until the children's workers have drained the group (see `stream.rs`).
+    pub(crate) async fn lead(
+        self,
+        published: tokio::sync::oneshot::Sender<()>,
+    ) -> anyhow::Result<Measured> {
+        match (self.ready, self.work.scenario) {
+            (Ready::Stream(ready), Scenario::StreamE2e | Scenario::StreamChaos) => {
+                ready.lead(&self.work, Some(published)).await
+            }
+            (_, other) => anyhow::bail!("`{}` has no producer to lead", other.name()),
         }
     }
 
@@ -194,6 +237,18 @@ pub(crate) fn fields(
         Family::Lock => lock::fields(work, measured, commands),
         Family::Session => session::fields(work),
         Family::Stale => stale::fields(work, measured),
+        Family::Stream(kind) => stream::fields(kind, work, measured),
+    }
+}
+
+/// A scenario's own check of a run's merged figures (a run that measured something else is an error).
+///
+/// # Errors
+/// `stream_e2e`: fewer events handled than published.
+pub(crate) fn check(work: &Workload, measured: &Measured) -> anyhow::Result<()> {
+    match family(work.scenario) {
+        Family::Stream(kind) => stream::check(kind, work, measured),
+        _ => Ok(()),
     }
 }
 
@@ -298,6 +353,7 @@ mod tests {
                 Family::Lock => name == "lock",
                 Family::Session => name == "session",
                 Family::Stale => name == "stale_serve",
+                Family::Stream(_) => name.starts_with("stream_"),
             };
             assert!(expected, "{name}");
         }

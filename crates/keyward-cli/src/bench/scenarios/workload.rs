@@ -44,6 +44,17 @@ pub(crate) enum Scenario {
     /// Stale keys read in a loop for the duration while their loader always fails: fail-safe serving.
     #[value(name = "stale_serve")]
     StaleServe,
+    /// C loops publishing ≈1 KiB JSON events to a stream for the duration.
+    #[value(name = "stream_produce")]
+    StreamProduce,
+    /// `--messages` events published by one producer and consumed by a worker runtime (no-op handler):
+    /// throughput from the first publish to the last acknowledgement, and enqueue-to-handled latency.
+    #[value(name = "stream_e2e")]
+    StreamE2e,
+    /// `stream_e2e` with the worker processes SIGKILLed and restarted while the producer publishes: is any
+    /// message lost?
+    #[value(name = "stream_chaos")]
+    StreamChaos,
 }
 
 impl Scenario {
@@ -61,6 +72,9 @@ impl Scenario {
             Scenario::HitL1 => "hit_l1",
             Scenario::Staleness => "staleness",
             Scenario::StaleServe => "stale_serve",
+            Scenario::StreamProduce => "stream_produce",
+            Scenario::StreamE2e => "stream_e2e",
+            Scenario::StreamChaos => "stream_chaos",
         }
     }
 
@@ -90,6 +104,12 @@ impl Scenario {
         )
     }
 
+    /// Whether children of `--processes` run until the parent stops them (`stream_e2e`'s workers, while
+    /// the parent publishes), rather than for `--duration`.
+    pub(crate) fn runs_until_stopped(self) -> bool {
+        matches!(self, Scenario::StreamE2e | Scenario::StreamChaos)
+    }
+
     /// `--concurrency` when not given: 1000 for the one-shot races, else 64.
     pub(crate) fn default_concurrency(self) -> usize {
         match self {
@@ -101,7 +121,10 @@ impl Scenario {
             | Scenario::Session
             | Scenario::HitL1
             | Scenario::Staleness
-            | Scenario::StaleServe => 64,
+            | Scenario::StaleServe
+            | Scenario::StreamProduce
+            | Scenario::StreamE2e
+            | Scenario::StreamChaos => 64,
             Scenario::Stampede | Scenario::RatelimitExact => 1000,
         }
     }
@@ -176,6 +199,12 @@ pub(crate) struct Workload {
     pub(crate) process: usize,
     /// `staleness`: how long the writer waits between two invalidations.
     pub(crate) invalidate_every: Duration,
+    /// `stream_e2e`: how many events the producer publishes (in the whole fleet).
+    pub(crate) messages: u64,
+    /// The stream scenarios: events per publish call (1: `publish`, more: `publish_many`).
+    pub(crate) batch: usize,
+    /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes.
+    pub(crate) kill_every: Duration,
 }
 
 impl Workload {
@@ -256,6 +285,9 @@ pub(crate) mod tests {
             extend: Extend::Default,
             process: 0,
             invalidate_every: Duration::from_millis(5),
+            messages: 100,
+            batch: 1,
+            kill_every: Duration::from_millis(500),
         }
     }
 
