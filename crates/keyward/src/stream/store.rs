@@ -924,6 +924,20 @@ mod tests {
     }
 
     #[test]
+    fn acknowledged_entries_stay_while_the_retention_asks_for_no_trim() {
+        // Was a bug: the groups' floor alone trimmed every entry all groups had acknowledged, although
+        // `stream_publish.lua` trims only min(G, max(A, L)) and neither A nor L asked for anything.
+        let mut s = filled(5);
+        s.create_group("g", Some(StreamId::ZERO));
+        s.read_new("g", "c", 5, 5);
+        let all: Vec<StreamId> = (1..=5).map(|ms| StreamId::new(ms, 0)).collect();
+        s.ack("g", &all);
+        let r = Retention::maxlen(10).approximate(false);
+        assert_eq!(apply_retention(&mut s, &r, 6), 0);
+        assert_eq!(ids(&s), [1, 2, 3, 4, 5], "under maxlen: nothing trimmed");
+    }
+
+    #[test]
     fn max_age_trims_by_id_time() {
         let mut s = filled(10);
         let r = Retention::max_age(std::time::Duration::from_millis(3000));
