@@ -226,9 +226,10 @@ where
     Fut: Future<Output = std::result::Result<(), Er>> + Send + 'static,
     Er: fmt::Display + Send + 'static,
 {
-    /// Run up to `n` handlers at once (default 1, at least 1).
+    /// Run up to `n` handlers at once (default 1; clamped to at least 1 and at most
+    /// [`Semaphore::MAX_PERMITS`], so an absurd `n` cannot panic when the worker starts).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
