@@ -23,7 +23,7 @@ struct Job {
 }
 
 /// `capped` (exactly 2 kept, hard cap 3, claim_idle 60 s: nothing is idle long enough to be reclaimed in a
-/// test), `jobs` (the defaults with maxlen 1000), `news` (a channel).
+/// test), `jobs` (the defaults with maxlen 1000), `quick` (claim_idle 300 ms), `news` (a channel).
 fn policy(app: &str) -> Policy {
     Policy::builder("test", app)
         .stream(
@@ -32,6 +32,10 @@ fn policy(app: &str) -> Policy {
                 .claim_idle(Duration::from_secs(60)),
         )
         .stream("jobs", StreamClass::new(Retention::maxlen(1000)))
+        .stream(
+            "quick",
+            StreamClass::new(Retention::maxlen(1000)).claim_idle(Duration::from_millis(300)),
+        )
         .channel("news", ChannelClass::new().max_message_bytes(256))
         .build()
         .unwrap()
@@ -84,6 +88,7 @@ conformance!(
     an_absurd_worker_concurrency_is_clamped_not_a_panic,
     an_undecodable_entry_is_dead_lettered_once_and_kept_for_a_group_that_still_needs_it,
     streams_and_channels_refuse_each_others_classes,
+    a_handler_finishing_in_the_shutdown_grace_keeps_its_claim,
     many_subscriptions_dropped_while_messages_flow_lose_and_duplicate_nothing,
 );
 
@@ -289,6 +294,43 @@ mod cases {
         );
     }
 
+    /// Claims were renewed only by the worker's main loop, which ends at shutdown: a handler still running in
+    /// the grace lost its claim after `claim_idle`, and a live worker beside it ran the entry a second
+    /// time. (The documented rule "keep shutdown_grace below claim_idle" did not suffice either: the last
+    /// renewal may be up to claim_idle / 3 old when the shutdown comes.)
+    pub async fn a_handler_finishing_in_the_shutdown_grace_keeps_its_claim(h: Harness) {
+        let kw = connect(&h).await;
+        let quick = kw.stream::<Job>("quick").unwrap(); // claim_idle 300 ms
+        let id = quick.publish(&Job { n: 1 }).await.unwrap();
+        let seen: Arc<Mutex<Vec<(EntryId, u64)>>> = Arc::default();
+        let started = Signal::default();
+        let worker = |work: Duration| {
+            let (seen, started) = (Arc::clone(&seen), started.clone());
+            quick
+                .worker("ship", move |m: Message<Job>| {
+                    let (seen, started) = (Arc::clone(&seen), started.clone());
+                    async move {
+                        seen.lock().unwrap().push((m.id, m.deliveries));
+                        started.fire();
+                        tokio::time::sleep(work).await; // the handler's own work: four claim_idles
+                        Ok::<(), String>(())
+                    }
+                })
+                .shutdown_grace(Duration::from_secs(5))
+        };
+        // A is told to stop as soon as its handler starts; the handler goes on in the grace. B runs
+        // beside it until A has returned.
+        let a = tokio::spawn(worker(Duration::from_millis(1200)).run(started.clone().wait()));
+        started.clone().wait().await;
+        let a_done = Signal::default();
+        let b = tokio::spawn(worker(Duration::ZERO).run(a_done.clone().wait()));
+        let ra = tokio::time::timeout(DELIVERY, a).await.unwrap().unwrap().unwrap();
+        a_done.fire();
+        let rb = tokio::time::timeout(DELIVERY, b).await.unwrap().unwrap().unwrap();
+        assert_eq!((ra.handled, ra.unfinished, rb.handled), (1, 0, 0));
+        assert_eq!(seen.lock().unwrap().clone(), [(id, 1)], "handled once");
+    }
+
     pub async fn streams_and_channels_refuse_each_others_classes(h: Harness) {
         let kw = connect(&h).await;
         assert!(matches!(
@@ -478,6 +520,25 @@ async fn a_killed_sharded_subscription_on_cluster_yields_a_gap_then_flows_again(
             saw_gap || got[0] == marker,
             "round {round}: messages {marker}..{} were missed without a gap",
             got[0]
+        );
+        // Flowing again, each message once: no older connection still subscribed delivers a copy.
+        let base = marker + 500;
+        for k in 0..20 {
+            news.publish(&(base + k)).await.unwrap();
+        }
+        let mut after = Vec::new();
+        while after.len() < 20 {
+            match next(&mut sub).await {
+                ChannelEvent::Message(m) if m >= base => after.push(m),
+                _ => {}
+            }
+        }
+        assert_eq!(after, (base..base + 20).collect::<Vec<_>>(), "round {round}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.next())
+                .await
+                .is_err(),
+            "round {round}: no duplicate"
         );
     }
 }

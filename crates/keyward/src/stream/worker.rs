@@ -234,7 +234,9 @@ where
     }
 
     /// At shutdown, wait this long for running handlers to finish (and be acknowledged); the rest are stopped
-    /// and left pending for other workers (default 30 s). Keep it below the class's `claim_idle`.
+    /// and left pending for other workers (default 30 s). Their claims are renewed through the grace, so
+    /// another worker does not take over an entry whose handler is still running; what is stopped at the
+    /// deadline is taken over `claim_idle` later.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.grace = d;
         self
@@ -421,12 +423,19 @@ where
         }
 
         // Shutdown: no more reads or claims; retries waiting for their backoff give their entries up (they stay
-        // pending); running handlers get the grace, then are stopped without an acknowledgement.
+        // pending); running handlers get the grace, then are stopped without an acknowledgement. The claims on
+        // the entries still running are renewed through the grace as before it: otherwise a handler that
+        // finishes in the grace may already have been taken over by another worker (a duplicate).
         let _ = stop_tx.send(true);
         let deadline = Instant::now() + self.grace;
         loop {
             tokio::select! {
+                biased;
                 done = tasks.join_next() => if done.is_none() { break },
+                () = sleep_until(next_touch) => {
+                    ctx.touch().await;
+                    next_touch = Instant::now() + touch_every;
+                }
                 () = sleep_until(deadline) => {
                     report.unfinished = tasks.len() as u64;
                     tasks.abort_all();
