@@ -122,7 +122,18 @@ pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> 
             StreamId::MAX,
             usize::try_from(len - hard).unwrap_or(usize::MAX),
         );
-        dropped = cut.iter().filter(|id| g.is_some_and(|g| **id >= g)).count() as u64;
+        // Needed by some group: not delivered to it yet, or pending in it (at or above G, an entry may be
+        // acknowledged already).
+        let needed = |id: StreamId| {
+            s.group_names().any(|name| {
+                s.group(name)
+                    .is_some_and(|gr| gr.last_delivered < id || gr.pending.contains_key(&id))
+            })
+        };
+        dropped = cut
+            .iter()
+            .filter(|id| g.is_some_and(|g| **id >= g) && needed(**id))
+            .count() as u64;
         if let Some(last) = cut.last() {
             s.trim_minid(last.next());
         }
