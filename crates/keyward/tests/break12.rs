@@ -659,3 +659,56 @@ async fn a_killed_sharded_subscription_on_cluster_yields_a_gap_then_flows_again(
         );
     }
 }
+
+/// Subscribing while the dedicated connection is being killed and re-made, over and over: every new
+/// subscription either gets the first message published after `subscribe` returned, or a `Gap` before
+/// any later one — never a later message with that one silently missing, and never silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_racing_reconnects_get_their_first_message_or_a_gap() {
+    let server = RedisServer::spawn();
+    let policy = policy("break12-race");
+    let kw = Keyward::connect(&server.url(), policy.clone()).await.unwrap();
+    let publisher = Keyward::connect(&server.url(), policy).await.unwrap();
+    let tx = publisher.channel::<u32>("news").unwrap();
+    let rx = kw.channel::<u32>("news").unwrap();
+    let _first = rx.subscribe().await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (mut con, stop) = (server.connection(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _: ::redis::RedisResult<i64> = ::redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query(&mut con);
+                // The fault's rhythm: a kill every 2 ms, so subscribes land in every phase.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut subs = Vec::new();
+    for k in 0..200u32 {
+        let sub = rx.subscribe().await.unwrap();
+        let deadline = Instant::now() + DELIVERY;
+        while tx.publish(&k).await.is_err() {
+            assert!(Instant::now() < deadline, "publish never succeeded");
+        }
+        subs.push((k, sub));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    killer.join().unwrap();
+    for (k, mut sub) in subs {
+        // Messages published just before it (in flight on the shared server subscription) may come first.
+        let first = loop {
+            match next(&mut sub).await {
+                ChannelEvent::Message(m) if m < k => {}
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(first, ChannelEvent::Gap) || first == ChannelEvent::Message(k),
+            "subscription {k}: first event {first:?}"
+        );
+    }
+}
