@@ -23,7 +23,8 @@ struct Job {
 }
 
 /// `capped` (exactly 2 kept, hard cap 3, claim_idle 60 s: nothing is idle long enough to be reclaimed in a
-/// test), `jobs` (the defaults with maxlen 1000), `quick` (claim_idle 300 ms), `news` (a channel).
+/// test), `jobs` (the defaults with maxlen 1000), `quick` (claim_idle 300 ms), `tiny` (1 kept, hard cap 2, claim_idle 300 ms),
+/// `news` (a channel).
 fn policy(app: &str) -> Policy {
     Policy::builder("test", app)
         .stream(
@@ -32,6 +33,11 @@ fn policy(app: &str) -> Policy {
                 .claim_idle(Duration::from_secs(60)),
         )
         .stream("jobs", StreamClass::new(Retention::maxlen(1000)))
+        .stream(
+            "tiny",
+            StreamClass::new(Retention::maxlen(1).approximate(false).hard_maxlen(2))
+                .claim_idle(Duration::from_millis(300)),
+        )
         .stream(
             "quick",
             StreamClass::new(Retention::maxlen(1000)).claim_idle(Duration::from_millis(300)),
@@ -90,6 +96,7 @@ conformance!(
     streams_and_channels_refuse_each_others_classes,
     a_handler_finishing_in_the_shutdown_grace_keeps_its_claim,
     the_hard_cap_counts_only_entries_a_group_had_not_acknowledged,
+    renewing_the_claim_on_a_trimmed_entry_clears_it_on_both_backends,
     many_subscriptions_dropped_while_messages_flow_lose_and_duplicate_nothing,
 );
 
@@ -414,6 +421,51 @@ mod cases {
             .unwrap()
             .unwrap()
             .unwrap();
+    }
+
+    /// Redis 7.0's `XCLAIM` (with or without `JUSTID`) removes a pending entry that is no longer in the stream;
+    /// the embedded mirror renewed it and kept it pending. A worker whose only slot runs a handler never
+    /// reclaims (that needs a free slot), so its claim renewals alone decide: on Redis the trimmed entry left
+    /// the pending list, embedded it stayed there.
+    pub async fn renewing_the_claim_on_a_trimmed_entry_clears_it_on_both_backends(h: Harness) {
+        let kw = connect(&h).await;
+        let tiny = kw.stream::<Job>("tiny").unwrap(); // claim_idle 300 ms: renewed every 100 ms
+        let first = tiny.publish(&Job { n: 0 }).await.unwrap();
+        let (held, release, stop) = (Signal::default(), Signal::default(), Signal::default());
+        let worker = {
+            let (held, release) = (held.clone(), release.clone());
+            tiny.worker("g", move |_m: Message<Job>| {
+                let (held, release) = (held.clone(), release.clone());
+                async move {
+                    held.fire();
+                    release.wait().await;
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let run = tokio::spawn(worker.run(stop.clone().wait()));
+        tokio::time::timeout(DELIVERY, held.wait()).await.unwrap();
+        // The hard cap (2) cuts the held entry.
+        tiny.publish_many(&[Job { n: 1 }, Job { n: 2 }])
+            .await
+            .unwrap();
+        assert!(tiny.range(None, 10).await.unwrap()[0].0 > first);
+        let deadline = Instant::now() + DELIVERY;
+        loop {
+            let info = tiny.group_info("g").await.unwrap().unwrap();
+            if info.pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the trimmed entry is still pending: {info:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+        release.fire();
+        stop.fire();
+        let report = tokio::time::timeout(DELIVERY, run).await.unwrap().unwrap().unwrap();
+        assert_eq!(report.handled, 1);
     }
 
     pub async fn streams_and_channels_refuse_each_others_classes(h: Harness) {

@@ -448,10 +448,16 @@ pub(super) async fn redeliver(
             |kv: &mut Kv| {
                 let now_ms = kv.now_ms();
                 let s = kv.stream_mut(&keys.stream)?;
-                if s.pending_entry(group, sid(id))?.consumer != consumer {
+                let p = s.pending_entry(group, sid(id))?;
+                if p.consumer != consumer {
                     return None;
                 }
-                let deliveries = s.claim(group, consumer, sid(id), false, now_ms)?;
+                let before = p.deliveries;
+                // No longer in the stream: the claim removes it from the pending list (as Redis 7.0's
+                // XCLAIM does) and the script reports it with no payload.
+                let deliveries = s
+                    .claim(group, consumer, sid(id), false, now_ms)
+                    .unwrap_or(before + 1);
                 let payload = s.entry(sid(id)).map(|f| payload_of(f));
                 Some(Claimed {
                     id,
@@ -503,12 +509,18 @@ pub(super) async fn touch(
                 let Some(s) = kv.stream_mut(&keys.stream) else {
                     return Vec::new();
                 };
+                // As the script: every id still this consumer's is listed, also one no longer in the stream
+                // (which the claim removes from the pending list, as Redis 7.0's XCLAIM does).
                 ids.iter()
                     .copied()
                     .filter(|id| {
-                        s.pending_entry(group, sid(*id))
-                            .is_some_and(|p| p.consumer == consumer)
-                            && s.claim(group, consumer, sid(*id), true, now_ms).is_some()
+                        let mine = s
+                            .pending_entry(group, sid(*id))
+                            .is_some_and(|p| p.consumer == consumer);
+                        if mine {
+                            s.claim(group, consumer, sid(*id), true, now_ms);
+                        }
+                        mine
                     })
                     .collect()
             },

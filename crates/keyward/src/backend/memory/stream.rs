@@ -493,7 +493,8 @@ impl StreamVal {
 
     /// `XCLAIM key group consumer 0 id [JUSTID]`: the pending entry `id` moves to `consumer`, its idle time
     /// reset; without `justid` it counts one more delivery. Returns the delivery count after the claim, or
-    /// `None` if `id` is not pending in the group.
+    /// `None` if `id` is not pending in the group. As in Redis 7.0, a pending entry no longer in the stream
+    /// is removed from the pending list instead (and `None` returned).
     pub(crate) fn claim(
         &mut self,
         group: &str,
@@ -502,6 +503,11 @@ impl StreamVal {
         justid: bool,
         now_ms: i64,
     ) -> Option<u64> {
+        if !self.entries.contains_key(&id) {
+            let p = self.groups.get_mut(group)?.pending.remove(&id)?;
+            self.bytes -= pending_bytes(&p.consumer);
+            return None;
+        }
         let p = self.groups.get_mut(group)?.pending.get_mut(&id)?;
         let grown = consumer.len() as isize - p.consumer.len() as isize;
         p.consumer = consumer.to_owned();
