@@ -323,6 +323,11 @@ where
                     Err(_) => break 'run,
                 },
             };
+            // The shutdown may have resolved while the permit was being handed over (a handler that resolves
+            // it, then frees its slot): no read or claim after it.
+            if (&mut shutdown).now_or_never().is_some() {
+                break 'run;
+            }
             let mut permits = vec![first];
             while permits.len() < READ_BATCH {
                 match Arc::clone(&ctx.sem).try_acquire_owned() {
