@@ -23,6 +23,7 @@ mod common;
 mod acl;
 mod architecture;
 mod break11;
+mod break12;
 mod break_expire;
 mod cache_batch;
 mod cache_failsafe;

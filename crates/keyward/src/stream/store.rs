@@ -124,7 +124,18 @@ pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> 
             StreamId::MAX,
             usize::try_from(len - hard).unwrap_or(usize::MAX),
         );
-        dropped = cut.iter().filter(|id| g.is_some_and(|g| **id >= g)).count() as u64;
+        // Needed by some group: not delivered to it yet, or pending in it (at or above G, an entry may be
+        // acknowledged already).
+        let needed = |id: StreamId| {
+            s.group_names().any(|name| {
+                s.group(name)
+                    .is_some_and(|gr| gr.last_delivered < id || gr.pending.contains_key(&id))
+            })
+        };
+        dropped = cut
+            .iter()
+            .filter(|id| g.is_some_and(|g| **id >= g) && needed(**id))
+            .count() as u64;
         if let Some(last) = cut.last() {
             s.trim_minid(last.next());
         }
@@ -439,10 +450,16 @@ pub(super) async fn redeliver(
             |kv: &mut Kv| {
                 let now_ms = kv.now_ms();
                 let s = kv.stream_mut(&keys.stream)?;
-                if s.pending_entry(group, sid(id))?.consumer != consumer {
+                let p = s.pending_entry(group, sid(id))?;
+                if p.consumer != consumer {
                     return None;
                 }
-                let deliveries = s.claim(group, consumer, sid(id), false, now_ms)?;
+                let before = p.deliveries;
+                // No longer in the stream: the claim removes it from the pending list (as Redis 7.0's
+                // XCLAIM does) and the script reports it with no payload.
+                let deliveries = s
+                    .claim(group, consumer, sid(id), false, now_ms)
+                    .unwrap_or(before + 1);
                 let payload = s.entry(sid(id)).map(|f| payload_of(f));
                 Some(Claimed {
                     id,
@@ -494,12 +511,18 @@ pub(super) async fn touch(
                 let Some(s) = kv.stream_mut(&keys.stream) else {
                     return Vec::new();
                 };
+                // As the script: every id still this consumer's is listed, also one no longer in the stream
+                // (which the claim removes from the pending list, as Redis 7.0's XCLAIM does).
                 ids.iter()
                     .copied()
                     .filter(|id| {
-                        s.pending_entry(group, sid(*id))
-                            .is_some_and(|p| p.consumer == consumer)
-                            && s.claim(group, consumer, sid(*id), true, now_ms).is_some()
+                        let mine = s
+                            .pending_entry(group, sid(*id))
+                            .is_some_and(|p| p.consumer == consumer);
+                        if mine {
+                            s.claim(group, consumer, sid(*id), true, now_ms);
+                        }
+                        mine
                     })
                     .collect()
             },

@@ -3,7 +3,7 @@
 -- pending with this consumer are touched: one another worker reclaimed meanwhile stays with it.
 -- KEYS[1] the stream   ARGV[1] group   ARGV[2] consumer   ARGV[3] "1": touch only (JUSTID)   ARGV[4..] ids
 -- Returns, per id still held: touch: {id, …}; retry: {id, deliveries, payload, …} (payload nil if the entry
--- is no longer in the stream).
+-- is no longer in the stream: Redis 7.0's XCLAIM then removes it from the pending list, with JUSTID too).
 local out = {}
 for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)

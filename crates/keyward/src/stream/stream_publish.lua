@@ -44,13 +44,16 @@ local function fmt(id)
   return string.format('%.0f-%.0f', id[1], id[2])
 end
 
--- G: the lowest id some group still needs (nil: no groups).
+-- G: the lowest id some group still needs (nil: no groups). Each group's name, last-delivered id and pending
+-- count are kept for the hard cap's count below.
 local g
+local groups = {}
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   local f = {}
   for j = 1, #info, 2 do
     f[info[j]] = info[j + 1]
   end
+  groups[#groups + 1] = {f['name'], parse(f['last-delivered-id']), tonumber(f['pending'])}
   local floor
   if tonumber(f['pending']) > 0 then
     floor = parse(redis.call('XPENDING', key, f['name'])[2])
@@ -99,14 +102,21 @@ if t ~= nil then
   end
 end
 
--- The hard cap holds even when a group lags: the oldest entries go, and those some group still needed
--- (at or above G) are counted.
+-- The hard cap holds even when a group lags: the oldest entries go, and those some group still needed are
+-- counted: not delivered to it yet, or pending in it (an entry at or above G may be acknowledged already, so
+-- the pending list is asked, one XPENDING per cut entry and group with pending entries).
 len = redis.call('XLEN', key)
 if len > hard then
   local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', len - hard)
   for _, e in ipairs(cut) do
-    if g ~= nil and not less(parse(e[1]), g) then
-      out[1] = out[1] + 1
+    local id = parse(e[1])
+    if g ~= nil and not less(id, g) then
+      for _, gr in ipairs(groups) do
+        if less(gr[2], id) or (gr[3] > 0 and #redis.call('XPENDING', key, gr[1], e[1], e[1], 1) > 0) then
+          out[1] = out[1] + 1
+          break
+        end
+      end
     end
   end
   redis.call('XTRIM', key, 'MINID', fmt(after(parse(cut[#cut][1]))))

@@ -226,14 +226,17 @@ where
     Fut: Future<Output = std::result::Result<(), Er>> + Send + 'static,
     Er: fmt::Display + Send + 'static,
 {
-    /// Run up to `n` handlers at once (default 1, at least 1).
+    /// Run up to `n` handlers at once (default 1; clamped to at least 1 and at most
+    /// [`Semaphore::MAX_PERMITS`], so an absurd `n` cannot panic when the worker starts).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
     /// At shutdown, wait this long for running handlers to finish (and be acknowledged); the rest are stopped
-    /// and left pending for other workers (default 30 s). Keep it below the class's `claim_idle`.
+    /// and left pending for other workers (default 30 s). Their claims are renewed through the grace, so
+    /// another worker does not take over an entry whose handler is still running; what is stopped at the
+    /// deadline is taken over `claim_idle` later.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.grace = d;
         self
@@ -320,6 +323,11 @@ where
                     Err(_) => break 'run,
                 },
             };
+            // The shutdown may have resolved while the permit was being handed over (a handler that resolves
+            // it, then frees its slot): no read or claim after it.
+            if (&mut shutdown).now_or_never().is_some() {
+                break 'run;
+            }
             let mut permits = vec![first];
             while permits.len() < READ_BATCH {
                 match Arc::clone(&ctx.sem).try_acquire_owned() {
@@ -420,12 +428,19 @@ where
         }
 
         // Shutdown: no more reads or claims; retries waiting for their backoff give their entries up (they stay
-        // pending); running handlers get the grace, then are stopped without an acknowledgement.
+        // pending); running handlers get the grace, then are stopped without an acknowledgement. The claims on
+        // the entries still running are renewed through the grace as before it: otherwise a handler that
+        // finishes in the grace may already have been taken over by another worker (a duplicate).
         let _ = stop_tx.send(true);
         let deadline = Instant::now() + self.grace;
         loop {
             tokio::select! {
+                biased;
                 done = tasks.join_next() => if done.is_none() { break },
+                () = sleep_until(next_touch) => {
+                    ctx.touch().await;
+                    next_touch = Instant::now() + touch_every;
+                }
                 () = sleep_until(deadline) => {
                     report.unfinished = tasks.len() as u64;
                     tasks.abort_all();

@@ -428,8 +428,10 @@ impl StreamVal {
     }
 
     /// `XAUTOCLAIM key group consumer min_idle start COUNT count` (Redis 7.0): walks the pending list from
-    /// `start`, looking at most `10 × count` entries; each idle at least `min_idle_ms` moves to `consumer`,
-    /// delivered once more, or — if no longer in the stream — leaves the list and is reported as deleted.
+    /// `start`, looking at most `10 × count` entries. One no longer in the stream leaves the list and is
+    /// reported as deleted **whatever its idle time** (Redis checks existence before idleness); one idle at
+    /// least `min_idle_ms` moves to `consumer`, delivered once more. Deleted and claimed entries both count
+    /// against `count`, as in Redis.
     pub(crate) fn autoclaim(
         &mut self,
         group: &str,
@@ -446,18 +448,21 @@ impl StreamVal {
         let mut deleted = Vec::new();
         let mut next = StreamId::ZERO;
         let mut moved_bytes: isize = 0;
+        let mut budget = count;
         for (id, p) in g.pending.range_mut(start..) {
-            if claimed.len() >= count || attempts == 0 {
+            if budget == 0 || attempts == 0 {
                 next = *id;
                 break;
             }
             attempts -= 1;
-            if now_ms - p.delivered_ms < min_idle_ms {
-                continue;
-            }
             match entries.get(id) {
-                None => deleted.push(*id),
+                None => {
+                    deleted.push(*id);
+                    budget -= 1;
+                }
+                Some(_) if now_ms - p.delivered_ms < min_idle_ms => {}
                 Some(fields) => {
+                    budget -= 1;
                     moved_bytes += consumer.len() as isize - p.consumer.len() as isize;
                     p.consumer = consumer.to_owned();
                     p.delivered_ms = now_ms;
@@ -488,7 +493,8 @@ impl StreamVal {
 
     /// `XCLAIM key group consumer 0 id [JUSTID]`: the pending entry `id` moves to `consumer`, its idle time
     /// reset; without `justid` it counts one more delivery. Returns the delivery count after the claim, or
-    /// `None` if `id` is not pending in the group.
+    /// `None` if `id` is not pending in the group. As in Redis 7.0, a pending entry no longer in the stream
+    /// is removed from the pending list instead (and `None` returned).
     pub(crate) fn claim(
         &mut self,
         group: &str,
@@ -497,6 +503,11 @@ impl StreamVal {
         justid: bool,
         now_ms: i64,
     ) -> Option<u64> {
+        if !self.entries.contains_key(&id) {
+            let p = self.groups.get_mut(group)?.pending.remove(&id)?;
+            self.bytes -= pending_bytes(&p.consumer);
+            return None;
+        }
         let p = self.groups.get_mut(group)?.pending.get_mut(&id)?;
         let grown = consumer.len() as isize - p.consumer.len() as isize;
         p.consumer = consumer.to_owned();
@@ -700,13 +711,16 @@ mod tests {
         let ids: Vec<_> = (1..=5).map(|ms| s.add(ms, f("x"))).collect();
         s.read_new("g", "dead", 5, 100).unwrap();
         s.delete(&[ids[1]]);
-        // Not idle long enough yet.
+        // Not idle long enough yet: nothing is claimed, but the deleted entry leaves the list at once
+        // (Redis 7.0 checks existence before idleness).
         let none = s
             .autoclaim("g", "live", 50, StreamId::ZERO, 10, 120)
             .unwrap();
-        assert!(none.claimed.is_empty() && none.deleted.is_empty());
+        assert!(none.claimed.is_empty());
+        assert_eq!(none.deleted, [ids[1]]);
         assert_eq!(none.next, StreamId::ZERO);
-        // COUNT 2: claims two, reports the deleted one it passed, and a cursor to go on from.
+        s.delete(&[ids[3]]);
+        // COUNT 2: claims two, and a cursor to go on from.
         let first = s
             .autoclaim("g", "live", 50, StreamId::ZERO, 2, 200)
             .unwrap();
@@ -714,15 +728,20 @@ mod tests {
             first.claimed.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
             [ids[0], ids[2]]
         );
-        assert_eq!(first.deleted, [ids[1]]);
+        assert!(first.deleted.is_empty());
         assert_eq!(first.next, ids[3]);
-        let rest = s.autoclaim("g", "live", 50, first.next, 10, 200).unwrap();
-        assert_eq!(rest.claimed.len(), 2);
+        // COUNT 1: a deleted entry uses up the count, as in Redis.
+        let deleted = s.autoclaim("g", "live", 50, first.next, 1, 200).unwrap();
+        assert!(deleted.claimed.is_empty());
+        assert_eq!(deleted.deleted, [ids[3]]);
+        assert_eq!(deleted.next, ids[4]);
+        let rest = s.autoclaim("g", "live", 50, deleted.next, 10, 200).unwrap();
+        assert_eq!(rest.claimed.len(), 1);
         assert_eq!(rest.next, StreamId::ZERO);
         let rows = s
             .pending_range("g", StreamId::ZERO..=StreamId::MAX, 10, None, 0, 200)
             .unwrap();
-        assert_eq!(rows.len(), 4, "the deleted entry left the pending list");
+        assert_eq!(rows.len(), 3, "the deleted entries left the pending list");
         assert!(
             rows.iter()
                 .all(|r| r.consumer == "live" && r.deliveries == 2 && r.idle_ms == 0)
@@ -747,7 +766,7 @@ mod tests {
                 .contains(&"dead".to_owned())
         );
         assert_eq!(s.idle_consumers("g", "live", 150, 400).len(), 1);
-        assert_eq!(s.delete_consumer("g", "live"), Some(4));
+        assert_eq!(s.delete_consumer("g", "live"), Some(3));
         assert_eq!(s.delete_consumer("g", "nobody"), Some(0));
         assert_eq!(s.pending_summary("g").unwrap().count, 0);
     }
