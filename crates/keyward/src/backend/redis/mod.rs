@@ -1051,33 +1051,19 @@ impl RedisBackend {
         });
     }
 
-    /// Publish on the backplane channel: `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard).
+    /// Publish on the backplane channel (see [`publish`](Self::publish)).
     pub(crate) async fn publish_backplane(&self, channel: &str, message: &[u8]) -> Result<()> {
-        let mut conn = self.conn();
-        let cmd = if self.cluster.is_some() {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        };
-        let slot = self
-            .cluster
-            .as_ref()
-            .map(|_| crate::key::cluster_slot(channel.as_bytes()));
-        self.call(
-            "backplane",
-            slot,
-            redis::cmd(cmd)
-                .arg(channel)
-                .arg(message)
-                .query_async::<i64>(&mut conn),
-        )
-        .await
-        .map(drop)
+        self.publish("backplane", channel, message).await.map(drop)
     }
 
-    /// Publish a typed channel's message: `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard). Returns
-    /// how many subscribers received it (on Cluster: on that shard).
+    /// Publish a typed channel's message (see [`publish`](Self::publish)).
     pub(crate) async fn publish_channel(&self, channel: &str, message: &[u8]) -> Result<u64> {
+        self.publish("publish", channel, message).await
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard), through [`call`](Self::call) as operation
+    /// `op`. Returns how many subscribers received it (on Cluster: on that shard).
+    async fn publish(&self, op: &'static str, channel: &str, message: &[u8]) -> Result<u64> {
         let mut conn = self.conn();
         let cmd = if self.cluster.is_some() {
             "SPUBLISH"
@@ -1089,7 +1075,7 @@ impl RedisBackend {
             .as_ref()
             .map(|_| crate::key::cluster_slot(channel.as_bytes()));
         self.call(
-            "publish",
+            op,
             slot,
             redis::cmd(cmd)
                 .arg(channel)
