@@ -143,6 +143,14 @@ pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> 
     dropped
 }
 
+/// The channel on which an append wakes the stream's idle workers (sharded in the stream's slot on Cluster).
+fn wake_channel(kw: &Keyward, keys: &StreamKeys) -> String {
+    kw.inner
+        .backend
+        .wake_channel(&kw.inner.ns, &keys.stream)
+        .into_owned()
+}
+
 /// `stream_publish.lua`: append `payloads` (already encoded and size-checked) and apply `retention`.
 pub(super) async fn publish(
     kw: &Keyward,
@@ -151,11 +159,7 @@ pub(super) async fn publish(
     payloads: &[Vec<u8>],
 ) -> Result<Published> {
     let (maxlen, max_age, approximate, hard) = retention_args(retention);
-    let channel = kw
-        .inner
-        .backend
-        .wake_channel(&kw.inner.ns, &keys.stream)
-        .into_owned();
+    let channel = wake_channel(kw, keys);
     let mut call = SCRIPTS
         .publish
         .call("stream_publish")
@@ -799,11 +803,7 @@ pub(super) async fn replay(
     if dead_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let channel = kw
-        .inner
-        .backend
-        .wake_channel(&kw.inner.ns, &keys.stream)
-        .into_owned();
+    let channel = wake_channel(kw, keys);
     let mut call = SCRIPTS
         .replay
         .call("stream_replay")
