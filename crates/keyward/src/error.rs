@@ -3,6 +3,7 @@
 //! Expected outcomes (a miss, a refused fill) are values elsewhere in the API; this enum is only for failures.
 //! It is `Clone` so that one failure can be shared by every caller waiting on the same single-flight load.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,9 +103,9 @@ pub enum Error {
         server: String,
         /// The semantic operation.
         op: &'static str,
-        /// The client's error.
+        /// What failed: the server's error code, and whether the server is unavailable ([`RedisFailure`]).
         #[source]
-        source: Arc<redis::RedisError>,
+        source: RedisFailure,
     },
     /// A value could not be encoded.
     #[error("class `{class}`: cannot encode value: {source}")]
@@ -221,9 +222,7 @@ impl Error {
             | Error::CircuitOpen { .. }
             | Error::LoaderTimeout { .. }
             | Error::StoreFull { .. } => true,
-            Error::Redis { source, .. } => {
-                source.is_io_error() || source.is_connection_dropped() || source.is_timeout()
-            }
+            Error::Redis { source, .. } => source.is_connection_failure(),
             Error::CacheAfterSource { cause, .. } => cause.is_retryable(),
             _ => false,
         }
@@ -236,7 +235,7 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::CircuitOpen { .. } => true,
-            Error::Redis { source, .. } => redis_unavailable(source),
+            Error::Redis { source, .. } => source.is_unavailable(),
             _ => false,
         }
     }
@@ -254,26 +253,96 @@ impl Error {
     }
 }
 
-/// Whether a client error means the server cannot serve us now (as opposed to an error reply about this one
-/// call): no connection or no answer, and the replies of a server that is there but not usable — loading its
-/// data (`LOADING`), running a script past `busy-reply-threshold` (`BUSY`), demoted to a replica by a
-/// failover (`READONLY`), without a reachable master (`MASTERDOWN`), a cluster that is down or resharding
-/// (`CLUSTERDOWN`, `TRYAGAIN`), or out of memory under `noeviction` (`OOM`).
-pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
-    use redis::{ErrorKind, ServerErrorKind};
-    e.is_timeout()
-        || e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-            )
-        )
-        || matches!(e.code(), Some("BUSY" | "OOM"))
+/// Why a command sent to Redis failed: an error reply from the server, or a connection that failed
+/// mid-command. Cheap to clone (one reference count).
+///
+/// keyward's public API never names the Redis client library's types (a new major version of the client is
+/// then not a breaking change for users); what callers need is answered here, and the client's error stays
+/// reachable as a `dyn Error` through [`source`](std::error::Error::source) for logs.
+///
+/// ```
+/// # fn handle(err: keyward::Error) {
+/// if let keyward::Error::Redis { source, .. } = &err {
+///     if source.code() == Some("NOPERM") {
+///         eprintln!("the ACL user lacks a grant: {err}");
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisFailure(Arc<FailureInner>);
+
+struct FailureInner {
+    code: Option<String>,
+    unavailable: bool,
+    connection_failure: bool,
+    may_have_run: bool,
+    client: BoxError,
+}
+
+impl RedisFailure {
+    pub(crate) fn new(
+        code: Option<String>,
+        unavailable: bool,
+        connection_failure: bool,
+        may_have_run: bool,
+        client: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        RedisFailure(Arc::new(FailureInner {
+            code,
+            unavailable,
+            connection_failure,
+            may_have_run,
+            client: Box::new(client),
+        }))
+    }
+
+    /// The server's error code when Redis answered with an error reply: the reply's first word, such as
+    /// `WRONGTYPE`, `NOPERM`, `NOSCRIPT`, `OOM` or `BUSY` (the RESP "simple error" convention,
+    /// <https://redis.io/docs/latest/develop/reference/protocol-spec/#simple-errors>). `None` when the
+    /// failure was not an error reply (the connection broke).
+    pub fn code(&self) -> Option<&str> {
+        self.0.code.as_deref()
+    }
+
+    /// Whether the connection failed (an I/O error, a dropped connection, a timeout) rather than the server
+    /// refusing this one command. Trying again may succeed.
+    pub fn is_connection_failure(&self) -> bool {
+        self.0.connection_failure
+    }
+
+    /// Whether the server cannot serve now, as opposed to an error reply about this one call: no connection
+    /// or no answer, and the replies of a server that is there but not usable — loading its data
+    /// (`LOADING`), running a script past `busy-reply-threshold` (`BUSY`), demoted to a replica by a
+    /// failover (`READONLY`), without a reachable master (`MASTERDOWN`), a cluster that is down or resharding
+    /// (`CLUSTERDOWN`, `TRYAGAIN`), or out of memory under `noeviction` (`OOM`).
+    pub fn is_unavailable(&self) -> bool {
+        self.0.unavailable
+    }
+
+    /// Whether the command may have run on the server although its answer never reached us.
+    pub(crate) fn may_have_run(&self) -> bool {
+        self.0.may_have_run
+    }
+}
+
+impl fmt::Display for RedisFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.client, f)
+    }
+}
+
+impl fmt::Debug for RedisFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisFailure")
+            .field("code", &self.code())
+            .field("message", &self.0.client.to_string())
+            .finish()
+    }
+}
+
+impl std::error::Error for RedisFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0.client)
+    }
 }

@@ -96,7 +96,7 @@ pub use cache::write_behind::{Drain, Record, Write, WriteBehind};
 pub use cache::{Cache, CacheLookup, CacheStats, StaleReason};
 pub use channel::{Channel, ChannelEvent};
 pub use client::Keyward;
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, RedisFailure, Result};
 pub use rate_limit::{Decision, RateLimiter};
 
 /// The README's Rust snippets compile (`cargo test --doc`).

@@ -58,8 +58,7 @@ fn only_the_backend_names_redis_types_or_matches_on_the_backend() {
             continue;
         }
         for (i, line) in code.lines().enumerate() {
-            // `error.rs` carries the client's error as the source of `Error::Redis`, and classifies it.
-            let names_redis = line.contains("redis::") && rel != "error.rs";
+            let names_redis = line.contains("redis::");
             let matches_backend =
                 line.contains("Backend::Memory") || line.contains("Backend::Redis");
             if names_redis || matches_backend {

@@ -33,7 +33,7 @@ pub(crate) use redis::cluster::ViewEpochs;
 pub(crate) use redis::redact;
 pub(crate) use script::{Call, Pipeline, Reply, Script, Undo, scripts};
 
-pub(crate) use crate::error::redis_unavailable as is_unavailable;
+pub(crate) use self::redis::failure::unavailable as is_unavailable;
 
 /// The per-namespace keys the cache operations share.
 #[derive(Debug, Clone)]

@@ -26,6 +26,7 @@ use redis::{
 
 pub(crate) mod cluster;
 pub(crate) mod dedicated;
+pub(crate) mod failure;
 mod sentinel;
 
 use super::ConnectOptions;
@@ -841,7 +842,7 @@ impl RedisBackend {
             Error::Redis {
                 server: self.server_for(slot),
                 op,
-                source: Arc::new(e),
+                source: failure::failure(e),
             }
         }
     }
@@ -1228,7 +1229,7 @@ impl<U: FnOnce() -> Undo> UndoGuard<'_, U> {
             Ok(_) => false,
             Err(Error::Timeout { .. }) => true,
             Err(err) if self.must_land => err.is_unavailable(),
-            Err(Error::Redis { source, .. }) => may_have_run(source),
+            Err(Error::Redis { source, .. }) => source.may_have_run(),
             Err(_) => false,
         };
         if !keep {
@@ -1266,11 +1267,6 @@ pub(super) fn sorted(mut out: Vec<KeyTtl>) -> Vec<KeyTtl> {
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out.dedup_by(|a, b| a.key == b.key);
     out
-}
-
-/// Whether a failed call may still have been executed by the server (it was sent, no answer came back).
-fn may_have_run(e: &RedisError) -> bool {
-    !e.is_connection_refusal() && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped())
 }
 
 /// A `READONLY` error reply: the server was demoted to a replica (a failover); behind Sentinel the master
