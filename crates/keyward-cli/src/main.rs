@@ -1,6 +1,9 @@
 //! `keyward` — the operator CLI for the keyward Redis data layer.
 //!
 //! - `keyward policy check FILE` validates a policy file and prints what it declares.
+//! - `keyward invalidate --policy FILE --class NAME [--id ID…] [--tag TAG…]` runs the library's O(1)
+//!   invalidations from the shell; `keyward dead-letters list|replay STREAM` lists dead letters and moves
+//!   them back into their stream. Both are dry runs unless `--confirm NAME` repeats the class.
 //! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
 //!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
 //!   namespace, and counts the Redis commands each operation costs.
@@ -15,6 +18,7 @@
 //! each module below imports only modules listed above it, so there is no import cycle.
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `policy_cmd` — `policy check`.
+//! - `ops` — `invalidate` and `dead-letters`: the library's calls against a live Redis, dry run by default.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -26,6 +30,7 @@
 
 mod bench;
 mod error;
+mod ops;
 mod policy_cmd;
 mod stats;
 
@@ -41,7 +46,7 @@ Exit codes:
   1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
   2  bad usage (unknown flag, invalid value or combination) or an invalid policy file";
 
-/// The keyward operator CLI: policy checks and benchmarks.
+/// The keyward operator CLI: policy checks, invalidations, dead-letter replay and benchmarks.
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -55,6 +60,14 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
+    },
+    /// Invalidate cache entries (by id, by tag, or the whole class) through the library's O(1)
+    /// invalidations. A dry run unless `--confirm CLASS`.
+    Invalidate(Box<ops::InvalidateArgs>),
+    /// List a stream's dead letters, or move them back into the stream (a dry run unless `--confirm STREAM`).
+    DeadLetters {
+        #[command(subcommand)]
+        command: ops::DeadLettersCommand,
     },
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(Box<bench::BenchArgs>),
@@ -72,6 +85,8 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Policy { command } => policy_cmd::run(command),
+        Command::Invalidate(args) => ops::invalidate(*args),
+        Command::DeadLetters { command } => ops::dead_letters(command),
         Command::Bench(args) => bench::run(*args),
     };
     match result {

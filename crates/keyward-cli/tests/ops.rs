@@ -1,0 +1,291 @@
+//! `keyward invalidate` and `keyward dead-letters` against a throwaway Redis: a dry run changes nothing, a
+//! wrong `--confirm` changes nothing and exits 2, and a confirmed run does exactly what the library call does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use keyward::Keyward;
+use keyward::policy::Policy;
+use keyward::stream::Message;
+use keyward_testkit::RedisServer;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+const POLICY: &str = r#"
+[namespace]
+env = "test"
+app = "ops"
+
+[classes.product]
+kind = "cache"
+ttl = "10m"
+invalidation = "the CLI tests"
+
+[classes.jobs]
+kind = "stream"
+retention = { maxlen = 1000 }
+max_deliveries = 1
+claim_idle = "30s"
+dead_letter = { maxlen = 100 }
+"#;
+
+fn keyward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run the keyward binary")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "{}: {}", out.status, stderr(out));
+    serde_json::from_slice(&out.stdout).expect("one JSON document")
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    policy: PathBuf,
+    server: RedisServer,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, POLICY).unwrap();
+        Setup {
+            _dir: dir,
+            policy,
+            server: RedisServer::spawn(),
+        }
+    }
+
+    fn policy(&self) -> &str {
+        self.policy.to_str().unwrap()
+    }
+
+    async fn kw(&self) -> Keyward {
+        Keyward::connect(
+            &self.server.url(),
+            Policy::from_file(Path::new(&self.policy)).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let url = self.server.url();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--policy", self.policy(), "--url", &url]);
+        keyward(&all)
+    }
+}
+
+#[tokio::test]
+async fn invalidate_by_id_is_a_dry_run_until_confirmed() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let cache = kw.cache::<String>("product").unwrap();
+    cache.set(&("acme", "a:b"), &"v1".to_owned()).await.unwrap();
+    cache.set(&("acme", 2), &"v2".to_owned()).await.unwrap();
+
+    // The id as it appears in the key: parts joined by ':', a literal ':' escaped.
+    let dry = json(&s.run(&[
+        "invalidate",
+        "--class",
+        "product",
+        "--id",
+        "acme:a%3Ab",
+        "--json",
+    ]));
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        cache.get(&("acme", "a:b")).await.unwrap().as_deref(),
+        Some("v1")
+    );
+
+    let wrong = s.run(&[
+        "invalidate",
+        "--class",
+        "product",
+        "--id",
+        "acme:a%3Ab",
+        "--confirm",
+        "produc",
+    ]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    assert!(
+        stderr(&wrong).contains("nothing was changed"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert_eq!(
+        cache.get(&("acme", "a:b")).await.unwrap().as_deref(),
+        Some("v1")
+    );
+
+    let done = json(&s.run(&[
+        "invalidate",
+        "--class",
+        "product",
+        "--id",
+        "acme:a%3Ab",
+        "--confirm",
+        "product",
+        "--json",
+    ]));
+    assert_eq!(done["dry_run"], false);
+    assert_eq!(cache.get(&("acme", "a:b")).await.unwrap(), None);
+    assert_eq!(
+        cache.get(&("acme", 2)).await.unwrap().as_deref(),
+        Some("v2"),
+        "only the named entry goes"
+    );
+}
+
+#[tokio::test]
+async fn invalidate_by_tag_and_whole_class() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let cache = kw.cache::<String>("product").unwrap();
+    cache
+        .set_tagged(&1, &"one".to_owned(), &["category:7"])
+        .await
+        .unwrap();
+    cache
+        .set_tagged(&2, &"two".to_owned(), &["category:8"])
+        .await
+        .unwrap();
+
+    let out = s.run(&[
+        "invalidate",
+        "--class",
+        "product",
+        "--tag",
+        "category:7",
+        "--confirm",
+        "product",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("category:7"));
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+    assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("two"));
+
+    let out = s.run(&["invalidate", "--class", "product", "--confirm", "product"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(cache.get(&2).await.unwrap(), None, "the whole class");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_only_when_confirmed() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let jobs = kw.stream::<Value>("jobs").unwrap();
+    let failed = Arc::new(Notify::new());
+    let worker = {
+        let failed = Arc::clone(&failed);
+        jobs.worker("billing", move |m: Message<Value>| {
+            let failed = Arc::clone(&failed);
+            async move {
+                failed.notify_one(); // the run waits for this handler and its dead-lettering
+                Err(format!("card declined for order {}", m.event["order"]))
+            }
+        })
+    };
+    let id = jobs
+        .publish(&serde_json::json!({"order": 7}))
+        .await
+        .unwrap();
+    let report = worker.run(failed.notified()).await.unwrap();
+    assert_eq!(report.dead_lettered, 1);
+
+    let list = json(&s.run(&["dead-letters", "list", "jobs", "--json"]));
+    let letters = list["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["id"], id.to_string());
+    assert_eq!(letters[0]["group"], "billing");
+    assert_eq!(letters[0]["error"], "card declined for order 7");
+
+    let dry = json(&s.run(&[
+        "dead-letters",
+        "replay",
+        "jobs",
+        "--group",
+        "billing",
+        "--json",
+    ]));
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["replayed"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        jobs.dead_letters(10).await.unwrap().len(),
+        1,
+        "a dry run moves nothing"
+    );
+
+    let none = json(&s.run(&[
+        "dead-letters",
+        "replay",
+        "jobs",
+        "--error-contains",
+        "timeout",
+        "--confirm",
+        "jobs",
+        "--json",
+    ]));
+    assert_eq!(
+        none["replayed"].as_array().unwrap().len(),
+        0,
+        "the filter selects nothing"
+    );
+    assert_eq!(jobs.dead_letters(10).await.unwrap().len(), 1);
+
+    let before = jobs.len().await.unwrap();
+    let done = json(&s.run(&[
+        "dead-letters",
+        "replay",
+        "jobs",
+        "--error-contains",
+        "declined",
+        "--confirm",
+        "jobs",
+        "--json",
+    ]));
+    assert_eq!(done["dry_run"], false);
+    assert!(done["replayed"][0]["new_id"].is_string());
+    assert!(jobs.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(jobs.len().await.unwrap(), before + 1, "back in the stream");
+}
+
+#[test]
+fn bad_invocations_exit_2_naming_what_is_wrong() {
+    let s = Setup::new();
+    let unknown = s.run(&["invalidate", "--class", "nope"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(stderr(&unknown).contains("nope"), "{}", stderr(&unknown));
+
+    let wrong_kind = s.run(&["invalidate", "--class", "jobs"]);
+    assert_eq!(wrong_kind.status.code(), Some(2));
+    assert!(
+        stderr(&wrong_kind).contains("stream"),
+        "{}",
+        stderr(&wrong_kind)
+    );
+
+    let not_stream = s.run(&["dead-letters", "list", "product"]);
+    assert_eq!(not_stream.status.code(), Some(2));
+
+    let expire_without_tag = s.run(&["invalidate", "--class", "product", "--expire"]);
+    assert_eq!(expire_without_tag.status.code(), Some(2));
+
+    let no_url = keyward(&["invalidate", "--class", "product", "--policy", s.policy()]);
+    assert_eq!(no_url.status.code(), Some(2));
+    assert!(stderr(&no_url).contains("REDIS_URL"), "{}", stderr(&no_url));
+
+    let max = s.run(&["dead-letters", "list", "jobs", "--max", "0"]);
+    assert_eq!(max.status.code(), Some(2));
+}
