@@ -25,6 +25,11 @@ pub(crate) const MAX_TAGS: usize = 32;
 /// The longest tag, in bytes.
 pub(crate) const MAX_TAG_BYTES: usize = 128;
 
+/// The last valid epoch, 2^53 - 1: no epoch follows it. A class or tag epoch never reaches it (a bump that
+/// would re-bases the field instead), and a value whose *namespace* epoch is at it is never current: see
+/// "Exhaustion" in `cache/epochs.lua`.
+pub(crate) const TOP_EPOCH: u64 = (1 << 53) - 1;
+
 /// Namespace and class epochs, as the server keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Gens {
@@ -232,7 +237,12 @@ pub(crate) fn judge(
     let Ok((g, tags, body)) = parse_tagged(raw) else {
         return Verdict::NotAValue;
     };
-    if g.ns < gens.ns || g.class < gens.class || (!negative_ok && body == Body::Negative) {
+    // Filled while the namespace epoch was exhausted: never current (`kw_stale`).
+    if g.ns >= TOP_EPOCH
+        || g.ns < gens.ns
+        || g.class < gens.class
+        || (!negative_ok && body == Body::Negative)
+    {
         return Verdict::Stale;
     }
     let (mut unknown, mut expired) = (false, false);

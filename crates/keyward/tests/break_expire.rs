@@ -2,7 +2,8 @@
 //! served as fresh — not by plain reads, L1 classes, batches, refills leased before the expiry, eager
 //! refreshes or soft timeouts, nor when the caller did not name the expired tag — and stays the fail-safe
 //! fallback of classes with `stale_grace`; corrupt `x:` fields read as expiries, never as errors; pruning
-//! `x:` fields brings nothing back. The `#[ignore]`d cases at the end are an open bug (see their reasons).
+//! `x:` fields brings nothing back; epoch fields written at the top of the range (2^53 - 1) never swallow a
+//! removal ("Exhaustion" in `cache/epochs.lua`).
 
 #![allow(unreachable_pub)]
 
@@ -31,7 +32,14 @@ conformance!(
     an_eager_refresh_leased_before_an_expiry_never_lands_as_fresh,
     a_refill_leased_before_a_second_expiry_or_a_removal_never_lands_as_fresh,
     pruning_expiry_fields_brings_nothing_back,
+    a_near_limit_expiry_field_never_swallows_a_removal,
+    a_tag_field_next_to_the_top_is_rebased_and_a_removal_wins,
+    a_class_field_at_the_top_never_swallows_an_invalidation,
+    a_namespace_epoch_at_the_top_caches_nothing_until_its_hash_expires,
 );
+
+/// The last valid epoch, 2^53 - 1 (`epochs.lua`'s `KW_TOP`).
+const TOP: u64 = (1 << 53) - 1;
 
 fn ok<T>(v: T) -> Result<T, std::io::Error> {
     Ok(v)
@@ -615,12 +623,13 @@ mod cases {
         );
     }
 
-    /// Open bug (see `open_bugs`): an expiry field at the top of the epoch range (valid, but no epoch above
-    /// it fits) is the floor of the removal field too, so a removal bumps `t:<tag>` out of range; its repair
-    /// lands on the same value every time, so the *second* removal changes nothing.
+    /// Was a bug: an expiry field at the top of the epoch range (valid, but no epoch above it fits) is the floor
+    /// of the removal field too, so a removal bumped `t:<tag>` out of range and its repair landed on the same
+    /// value every time: on Redis the *second* removal changed nothing; on Cluster the view refused the
+    /// out-of-range epoch and the *first* was lost. Now the field is re-based (deleted, `*` bumped) on sight.
     pub async fn a_near_limit_expiry_field_never_swallows_a_removal(h: Harness) {
         let Some(mut raw) = h.raw() else {
-            return; // the embedded keyspace only holds what keyward wrote
+            return; // the embedded keyspace only holds what keyward wrote (see `embedded_clock_at_the_top`)
         };
         let kw = h.keyward().await;
         let c = kw.cache::<u32>("product").unwrap();
@@ -633,28 +642,199 @@ mod cases {
         assert_eq!(c.get("k").await.unwrap(), Some(2));
         kw.invalidate_tag("big").await.unwrap();
         assert_eq!(c.get("k").await.unwrap(), None, "the second removal");
+        // Nothing in the hash is out of range, and the field at the top is gone.
+        let fields = epoch_fields(&h, raw.as_mut());
+        assert!(
+            fields.iter().all(|(_, v)| *v < TOP),
+            "every field below the top: {fields:?}"
+        );
+    }
+
+    /// A removal field one below the top is a valid epoch, recorded by fills; the next bump of the tag (here an
+    /// expiry) cannot go higher, so it re-bases: `*` rises and the entry is *gone* — a removal stays a removal
+    /// (a fail-safe class does not get the value back as stale), and nothing filled before is fresh.
+    pub async fn a_tag_field_next_to_the_top_is_rebased_and_a_removal_wins(h: Harness) {
+        let Some(mut raw) = h.raw() else {
+            return;
+        };
+        let kw = h.keyward().await;
+        let kept = kw.cache::<u32>("kept").unwrap();
+        let plain = kw.cache::<u32>("product").unwrap();
+        poke_epoch(&h, raw.as_mut(), "t:near", &(TOP - 1).to_string()).await;
+        kept.set_tagged("k", &1, &["near"]).await.unwrap();
+        plain.set("other", &1).await.unwrap();
+        assert_eq!(kept.get("k").await.unwrap(), Some(1));
+        kw.expire_tag("near").await.unwrap();
+        assert_eq!(kept.get("k").await.unwrap(), None);
+        assert_eq!(plain.get("other").await.unwrap(), None, "`*` was bumped");
+        assert!(
+            kept.get_or_set_tagged("k", &["near"], || async { broken() })
+                .await
+                .is_err(),
+            "the entry was removed, not kept as a fail-safe fallback"
+        );
+        // The tag works again, from the clock.
+        kept.set_tagged("k", &2, &["near"]).await.unwrap();
+        assert_eq!(kept.get("k").await.unwrap(), Some(2));
+        kw.expire_tag("near").await.unwrap();
+        assert_eq!(kept.get("k").await.unwrap(), None, "expired");
+        kw.invalidate_tag("near").await.unwrap();
+        assert!(
+            kept.get_or_set_tagged("k", &["near"], || async { broken() })
+                .await
+                .is_err(),
+            "removed"
+        );
+        let fields = epoch_fields(&h, raw.as_mut());
+        assert!(fields.iter().all(|(_, v)| *v < TOP), "{fields:?}");
+    }
+
+    /// A class epoch at the top (repaired on sight) and one below it (re-based by the next invalidation).
+    pub async fn a_class_field_at_the_top_never_swallows_an_invalidation(h: Harness) {
+        let Some(mut raw) = h.raw() else {
+            return;
+        };
+        let kw = h.keyward().await;
+        let c = kw.cache::<u32>("product").unwrap();
+        for (round, value) in [TOP, TOP - 1].into_iter().enumerate() {
+            let round = u32::try_from(round).unwrap();
+            poke_epoch(&h, raw.as_mut(), "product", &value.to_string()).await;
+            c.set("k", &round).await.unwrap();
+            assert_eq!(c.get("k").await.unwrap(), Some(round), "{value}");
+            c.invalidate_all().await.unwrap();
+            assert_eq!(c.get("k").await.unwrap(), None, "{value}: the first");
+            c.set("k", &(round + 10)).await.unwrap();
+            assert_eq!(c.get("k").await.unwrap(), Some(round + 10), "{value}");
+            c.invalidate_all().await.unwrap();
+            assert_eq!(c.get("k").await.unwrap(), None, "{value}: the second");
+        }
+    }
+
+    /// `*` one below the top: the next namespace invalidation lands on the top, after which nothing filled is
+    /// ever current (every call loads) and bumps no longer extend the epochs hash's life; once it expires, the
+    /// namespace caches again.
+    pub async fn a_namespace_epoch_at_the_top_caches_nothing_until_its_hash_expires(h: Harness) {
+        let Some(mut raw) = h.raw() else {
+            return;
+        };
+        let kw = h.keyward().await;
+        let c = kw.cache::<u32>("product").unwrap();
+        poke_epoch(&h, raw.as_mut(), "*", &(TOP - 1).to_string()).await;
+        c.set("k", &1).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(1));
+        kw.invalidate_namespace().await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None, "the removal");
+        let loads = AtomicUsize::new(0);
+        for _ in 0..3 {
+            c.set("k", &2).await.unwrap();
+            assert_eq!(
+                c.get("k").await.unwrap(),
+                None,
+                "filled under `*` at the top"
+            );
+            let v = c
+                .get_or_set("j", || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    ok(3)
+                })
+                .await
+                .unwrap();
+            assert_eq!(v, 3);
+        }
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            3,
+            "nothing served from the cache"
+        );
+        let pttl = |raw: &mut dyn ::redis::ConnectionLike| -> i64 {
+            ::redis::cmd("PTTL").arg(gens_key(&h)).query(raw).unwrap()
+        };
+        let left = pttl(raw.as_mut());
+        assert!(left > 0, "{left}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        kw.invalidate_namespace().await.unwrap();
+        kw.invalidate_tag("t").await.unwrap();
+        assert!(pttl(raw.as_mut()) < left, "bumps no longer extend its life");
+        assert!(
+            epoch_fields(&h, raw.as_mut()).contains(&("*".to_owned(), TOP)),
+            "`*` stays at the top"
+        );
+        // Let the hash expire now rather than in a lifetime.
+        ::redis::cmd("PEXPIRE")
+            .arg(gens_key(&h))
+            .arg(1)
+            .exec(raw.as_mut())
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if h.is_cluster() {
+            tokio::time::sleep(DEFAULT_BOUND).await;
+        }
+        c.set("k", &4).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(4), "caching again");
+        kw.invalidate_namespace().await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None);
     }
 }
 
-/// The throttle after a failed refill of an expired value (two bugs found by this review, fixed), and one
-/// open bug `#[ignore]`d with its reason (an expiry field at the very top of the epoch range).
+/// The epochs hash's fields as numbers (`u64::MAX` for one that is not a number).
+fn epoch_fields(h: &Harness, raw: &mut dyn ::redis::ConnectionLike) -> Vec<(String, u64)> {
+    let all: std::collections::HashMap<String, String> =
+        ::redis::cmd("HGETALL").arg(gens_key(h)).query(raw).unwrap();
+    all.into_iter()
+        .map(|(f, v)| {
+            let n = v.parse().unwrap_or(u64::MAX);
+            (f, n)
+        })
+        .collect()
+}
+
+/// The throttle after a failed refill of an expired value (two bugs found by this review, fixed), and the top
+/// of the epoch range on the embedded backend's (paused) clock.
 mod throttle_and_limits {
     use super::*;
     use keyward::Keyward;
     use keyward::policy::{CacheClass, Jitter, Policy};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "open bug: a valid x:<tag> at 2^53-1 floors t:<tag> out of range, and the repair (epochs.lua \
-                kw_bump) re-lands on 2^53, so later removals of the tag are lost; needs an exhaustion rule \
-                in kw_bump + the Cluster view (cluster.rs valid_epoch), outside this slice"]
-    async fn a_near_limit_expiry_field_never_swallows_a_removal_on_redis() {
-        cases::a_near_limit_expiry_field_never_swallows_a_removal(Harness::redis()).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "open bug: as a_near_limit_expiry_field_never_swallows_a_removal_on_redis, on Redis Cluster"]
-    async fn a_near_limit_expiry_field_never_swallows_a_removal_on_cluster() {
-        cases::a_near_limit_expiry_field_never_swallows_a_removal(Harness::cluster()).await;
+    /// The embedded keyspace holds only what keyward wrote, so its epochs reach the top only with its clock:
+    /// paused 2 s before 2^53 - 1 µs (in the year 2255), then moved 1 ms per round across it. Whatever the
+    /// invalidation (tag removal or expiry, class, namespace), the entry filled before it is never read as
+    /// fresh after it, and a removal leaves no fail-safe fallback; below the top the cache works as usual.
+    #[tokio::test(start_paused = true)]
+    async fn embedded_clock_at_the_top() {
+        let before = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros(),
+        )
+        .unwrap();
+        let kw = Keyward::embedded(policy());
+        let c = kw.cache::<u32>("c").unwrap();
+        tokio::time::advance(Duration::from_micros(TOP - 2_000_000 - before)).await;
+        let mut served = 0;
+        for round in 0..4000u32 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            c.set_tagged("k", &round, &["big"]).await.unwrap();
+            if c.get("k").await.unwrap() == Some(round) {
+                served += 1;
+            }
+            match round % 4 {
+                0 => kw.invalidate_tag("big").await.unwrap(),
+                1 => kw.expire_tag("big").await.unwrap(),
+                2 => c.invalidate_all().await.unwrap(),
+                _ => kw.invalidate_namespace().await.unwrap(),
+            }
+            assert_eq!(c.get("k").await.unwrap(), None, "round {round}");
+            if round % 4 != 1 {
+                assert!(
+                    c.get_or_set_tagged("k", &["big"], || async { broken() })
+                        .await
+                        .is_err(),
+                    "round {round}: a removal left a fail-safe fallback"
+                );
+            }
+        }
+        assert!(served > 1000, "below the top the cache serves: {served}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

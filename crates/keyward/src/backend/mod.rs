@@ -267,6 +267,15 @@ impl Backend {
         }
     }
 
+    /// Record that this handle's bump re-based `dropped` (a class field, or a tag's pair, deleted because its
+    /// next epoch would not fit) and bumped `*` to `ns_epoch` instead (Redis Cluster: see "Exhaustion" in
+    /// `cache/epochs.lua`).
+    pub(crate) fn rebased(&self, dropped: &[&str], ns_epoch: u64) {
+        if let Backend::Redis(r) = self {
+            r.rebased(dropped, ns_epoch);
+        }
+    }
+
     /// The channel on which a script announces a fill or release of `key` (see `RedisBackend::wake_channel`);
     /// the scripts `SPUBLISH` to a channel ending in `}` and `PUBLISH` to any other.
     pub(crate) fn wake_channel<'a>(

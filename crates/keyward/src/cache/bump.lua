@@ -5,7 +5,9 @@
 -- KEYS[1] namespace epochs hash   ARGV[1] field   ARGV[2] lifetime (ms)
 -- ARGV[3] "1" on Redis Cluster: announce "<field> <epoch>" on the sharded channel named like the hash (same
 -- slot), which every handle's epoch view applies on arrival.
--- Returns the new epoch.
+-- Returns {epoch, field}: the new epoch and the field that holds it — ARGV[1], or '*' when the bump had to
+-- re-base ARGV[1] (its next epoch would not fit; see "Exhaustion" in epochs.lua: the field is deleted, with a
+-- tag's sibling, and '*' bumped instead). The announcement names that field too.
 --
 -- Then it prunes: up to 16 tag fields picked at random whose epoch is older than the lifetime are deleted.
 -- Safe: an epoch is at least the server time (µs) of its bump, so every entry leased before that bump (the
@@ -14,9 +16,9 @@
 -- still alive (they were leased after the bump and carry its epoch or a later one), and the next bump of that
 -- tag takes the server time again, above every epoch issued before. Each bump adds at most one field and
 -- examines 16 at random, so dead fields stay a small fraction of the hash.
-local n = kw_bump(KEYS[1], ARGV[1], ARGV[2])
+local n, bumped = kw_bump(KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then
-  redis.call('SPUBLISH', KEYS[1], ARGV[1] .. ' ' .. string.format('%d', n))
+  redis.call('SPUBLISH', KEYS[1], bumped .. ' ' .. string.format('%d', n))
 end
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[2]) * 1000
@@ -28,4 +30,4 @@ for i = 1, #sample, 2 do
     redis.call('HDEL', KEYS[1], f)
   end
 end
-return n
+return {n, bumped}

@@ -6,12 +6,41 @@
 -- larger: an entry below 't:' is gone, one below only 'x:' is expired (stale, kept for fail-safe). A field that is not such an integer (or a key that is not a hash) is corrupt:
 -- it is bumped on the spot, which is always safe (entries filled before it read as misses), so one bad field
 -- never fails every call of the namespace.
+--
+-- Exhaustion. TOP = 2^53 - 1 is the last valid epoch: nothing follows it. Keyward's bumps start from the clock
+-- (µs; TOP is in the year 2255), so only a field written behind keyward's back (by hand, or corrupted into a
+-- valid number) gets there. The rule, the same in the scripts, the embedded mirror (store.rs) and the Cluster
+-- view (cluster.rs):
+-- 1. A bump of a class or tag field whose next epoch would be TOP or more (its floor, for a tag the larger of
+--    its pair, is TOP - 1 or more) does not write it: it *re-bases* the field instead, deleting it (a tag: both
+--    fields) and bumping '*', the namespace epoch. Every entry of the namespace filled before then carries an
+--    older '*' and is gone: at least the removal (or expiry) that was asked for. The deleted fields start again
+--    from the clock, which can repeat a tag epoch issued before — but never under the same '*', and an entry
+--    is current only if its '*' and its class and tag epochs all are.
+-- 2. A class or tag field found at TOP is never recorded by a fill: it is repaired first, like a corrupt field
+--    (kw_read here, the fast path's HMGET in store.rs, the Cluster view), and its repair is the re-base of (1).
+--    No bump writes TOP to such a field, so with (1) no entry ever carries TOP for a class or a tag. (This is
+--    what keeps a Cluster view that lags a re-base safe: it never hands out TOP for a fill to record.)
+-- 3. '*' has nothing above it: a bump of '*' past TOP - 1 lands on TOP, and an entry that recorded TOP as its
+--    namespace epoch is never current (kw_stale, `envelope::judge`). While '*' is TOP the namespace caches
+--    nothing, and bumps no longer extend the hash's life (a hash without one gets one), so it expires within
+--    one lifetime and '*' starts again from the clock: every entry leased before '*' reached TOP has expired by
+--    then (the bump that put it there extended the life), and every later one carries TOP.
+-- So after any bump every entry filled before it is stale; a removal always wins over an expiry (a re-base
+-- removes); and no epoch an entry can be current under is ever issued twice. What no rule can see: a value
+-- written by hand *below* TOP but above the clock, then lost with its whole hash (expiry, DEL) — the clock
+-- floor of the next bump does not reach it. The epochs hash must be written only by keyward.
+
+-- The last valid epoch, 2^53 - 1 (exact in a Lua number): see "Exhaustion" above.
+local KW_TOP = 9007199254740991
 
 -- Whether a stored epoch field is a valid epoch (store.rs `epoch` is the same rule).
 local function kw_valid(v)
   return string.match(v, '^%d+$') ~= nil and #v <= 16 and tonumber(v) < 9007199254740992
 end
 
+-- Bump `field` (see above); returns the new epoch and the field that holds it: `field`, or '*' when the bump
+-- re-based a class or tag field (rule 1).
 local function kw_bump(hash, field, lifetime_ms)
   -- A corrupt field counts as 0 (the clock floor then applies), never at its face value: `tonumber` reads
   -- '9.007199254740991e15' or '0x1fffffffffffff' as 2^53 - 1, whose successor is out of range, so the repair
@@ -25,8 +54,9 @@ local function kw_bump(hash, field, lifetime_ms)
   end
   local n = read(field)
   local kind = string.sub(field, 1, 2)
+  local sibling = nil
   if kind == 't:' or kind == 'x:' then
-    local sibling = (kind == 't:' and 'x:' or 't:') .. string.sub(field, 3)
+    sibling = (kind == 't:' and 'x:' or 't:') .. string.sub(field, 3)
     n = math.max(n, read(sibling))
   end
   if redis.call('TYPE', hash).ok ~= 'hash' then
@@ -37,26 +67,54 @@ local function kw_bump(hash, field, lifetime_ms)
   -- corrupt field, or a hash that expired) lands above every epoch issued before it.
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   n = math.max(n + 1, now_us)
+  if n >= KW_TOP then
+    if field ~= '*' then
+      -- Rule 1: re-base. '*' rises above every entry filled so far, so the deleted fields owe them nothing.
+      redis.call('HDEL', hash, field)
+      if sibling then
+        redis.call('HDEL', hash, sibling)
+      end
+      return kw_bump(hash, '*', lifetime_ms), '*'
+    end
+    n = KW_TOP
+  end
+  -- Rule 3: while '*' is exhausted, the hash only gets a life if it has none, so that it expires.
+  local exhausted = read('*') == KW_TOP
   redis.call('HSET', hash, field, string.format('%d', n))
-  if redis.call('PTTL', hash) < tonumber(lifetime_ms) then
+  local pttl = redis.call('PTTL', hash)
+  if pttl < tonumber(lifetime_ms) and not (exhausted and pttl >= 0) then
     redis.call('PEXPIRE', hash, lifetime_ms)
   end
-  return n
+  return n, field
+end
+
+-- Whether a stored field must be repaired before a fill may record it: corrupt, or a class or tag field at
+-- TOP (rule 2).
+local function kw_unusable(f, v)
+  return v and (not kw_valid(v) or (f ~= '*' and tonumber(v) >= KW_TOP))
 end
 
 -- The epochs of `fields` (a list: '*', the class, then 't:<tag>' and 'x:<tag>' fields) as a table field -> string ('0' when
--- never bumped or pruned), repairing corrupt ones. A key of the wrong type is repaired by bumping every field
+-- never bumped or pruned), repairing corrupt and exhausted ones first (the hash is read again after each
+-- repair: a re-base changes '*' and deletes a pair). A key of the wrong type is repaired by bumping every field
 -- asked for ('*' among them, which makes every older entry of the namespace stale).
 local function kw_read(hash, fields, lifetime_ms)
   local g = redis.pcall('HMGET', hash, unpack(fields))
-  local wrong_type = type(g) ~= 'table' or g.err ~= nil
+  if type(g) ~= 'table' or g.err ~= nil then
+    for _, f in ipairs(fields) do
+      kw_bump(hash, f, lifetime_ms)
+    end
+    g = redis.call('HMGET', hash, unpack(fields))
+  end
+  for i, f in ipairs(fields) do
+    if kw_unusable(f, g[i]) then
+      kw_bump(hash, f, lifetime_ms)
+      g = redis.call('HMGET', hash, unpack(fields))
+    end
+  end
   local out = {}
   for i, f in ipairs(fields) do
-    local v = (not wrong_type) and g[i] or false
-    if wrong_type or (v and not kw_valid(v)) then
-      v = string.format('%d', kw_bump(hash, f, lifetime_ms))
-    end
-    out[f] = v or '0'
+    out[f] = g[i] or '0'
   end
   return out
 end
@@ -156,7 +214,8 @@ end
 -- inequality; on Cluster a view may lag the entry's epochs, and a newer entry is current. Mirrors `judge` in
 -- `envelope.rs`.
 local function kw_stale(vns, vcl, vtags, ns, cl, cur)
-  if tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl) then
+  -- An entry filled while '*' was exhausted is never current (rule 3).
+  if tonumber(vns) >= KW_TOP or tonumber(vns) < tonumber(ns) or tonumber(vcl) < tonumber(cl) then
     return true
   end
   local unknown, expired = false, false

@@ -5,6 +5,9 @@
 //! tags, see `envelope.rs`) or a fill lease (`L1:{token}:{w}`). The scripts that read group and tag epochs
 //! share `epochs.lua`, prepended to them: epochs never repeat, a corrupt one is re-bumped in place, and each
 //! bump prunes tag fields old enough that no entry can still carry an older epoch (argued in `bump.lua`). The
+//! top of the epoch range has its own rule, the same here, in the scripts and in the Cluster view ("Exhaustion"
+//! in `epochs.lua`): a class or tag field that cannot go higher is re-based (deleted, and `*` bumped instead),
+//! never recorded at the top, and an entry filled while `*` was at the top is never current. The
 //! fetch fast path is two plain commands in one pipeline; its safety is argued on [`fetch`].
 //!
 //! Tags: a call names the tags it fills with ([`Entry::tags`]); an entry is judged by the tags it *carries*.
@@ -21,7 +24,7 @@ use crate::backend::wake::WakeBus;
 use crate::backend::{
     Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, Val, ViewEpochs, scripts,
 };
-use crate::envelope::{self, Gens, LEASE_PREFIX, Stamp, TagEpochs, Verdict, judge};
+use crate::envelope::{self, Gens, LEASE_PREFIX, Stamp, TOP_EPOCH, TagEpochs, Verdict, judge};
 use crate::error::{Error, Result};
 
 /// The batch fetch (`Cache::get_or_set_many`), in its own file.
@@ -239,6 +242,60 @@ fn sibling_field(field: &str) -> Option<String> {
     }
 }
 
+/// `kw_bump`'s mirror (`epochs.lua`): bump `field` to `max(floor + 1, now in µs)`, the floor being the field
+/// or, for a tag, the larger of its pair; or, when that would not fit below [`TOP_EPOCH`], re-base it (rule 1
+/// of "Exhaustion": delete it and its sibling, bump `*` instead) or, for `*`, land on the top (rule 3).
+/// Returns the new epoch and whether it is `*`'s after a re-base.
+fn bump_mirror(kv: &mut Kv, ns: &Namespace, field: &str, life_ms: i64) -> (u64, bool) {
+    let read = |kv: &Kv, f: &str| mirror_epoch(kv, ns, f);
+    let sibling = sibling_field(field);
+    // A tag's removal and expiry epochs draw from one sequence (see `TagEpochs`).
+    let floor = read(kv, field).max(sibling.as_deref().map_or(0, |s| read(kv, s)));
+    // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
+    let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
+    let mut next = floor.saturating_add(1).max(now_us);
+    if next >= TOP_EPOCH {
+        if field != "*" {
+            if let Some(Val::Hash(h)) = kv.get_mut(&ns.gens_key) {
+                h.remove(field);
+                if let Some(s) = &sibling {
+                    h.remove(s.as_str());
+                }
+            }
+            return (bump_mirror(kv, ns, "*", life_ms).0, true);
+        }
+        next = TOP_EPOCH;
+    }
+    // Rule 3: while `*` is at the top, the hash only gets a life if it has none, so that it expires.
+    let exhausted = read(kv, "*") == TOP_EPOCH;
+    kv.hset(
+        &ns.gens_key,
+        &[(field, Bytes::from(next.to_string()))],
+        life_ms,
+    );
+    let left = kv.pttl(&ns.gens_key);
+    if left < life_ms && !(exhausted && left >= 0) {
+        kv.pexpire(&ns.gens_key, life_ms);
+    }
+    (next, false)
+}
+
+/// Rule 2 of "Exhaustion" (`epochs.lua`) in the mirror: `e`'s class and tag fields found at the top are
+/// re-based before a fill or a set records them. No bump writes one there, so in the embedded keyspace (which
+/// holds only what keyward wrote) this never fires; it keeps the mirror's contract the scripts'.
+fn mirror_repair(kv: &mut Kv, e: &Entry<'_>) {
+    let life_ms = i64::try_from(millis(e.ns.gens_lifetime)).unwrap_or(i64::MAX);
+    if mirror_epoch(kv, e.ns, e.class) >= TOP_EPOCH {
+        bump_mirror(kv, e.ns, e.class, life_ms);
+    }
+    for t in e.tags {
+        let epochs = mirror_tag_epochs(kv, e.ns, t.as_bytes());
+        if epochs.removed.max(epochs.expired) >= TOP_EPOCH {
+            bump_mirror(kv, e.ns, &tag_field(t), life_ms);
+        }
+    }
+}
+
 /// Judge stored bytes in the embedded mirror (every epoch is at hand there).
 fn mirror_judge(kv: &Kv, e: &Entry<'_>, raw: &[u8], negative_ok: bool) -> Verdict {
     let gens = current_gens(kv, e.ns, e.class);
@@ -314,6 +371,7 @@ fn fetch_mirror(
     lease_ttl: Duration,
     negative_ok: bool,
 ) -> Fetched {
+    mirror_repair(kv, e);
     let now = kv.now_us();
     let stamp = mirror_stamp(kv, e);
     let lease = Bytes::copy_from_slice(marker.as_bytes());
@@ -575,10 +633,14 @@ fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<
             epoch(Some(&r.bytes()?[..]))
         })
     };
-    // A corrupt epoch field (`None` inside): the atomic path bumps it (always safe) and goes on.
+    // A corrupt epoch field (`None` inside), or a class or tag field at the top (which no fill may record):
+    // the atomic path repairs it (always safe) and goes on.
     let (Some(ns), Some(class)) = (field(ns)?, field(class)?) else {
         return Some(Fast::Atomic);
     };
+    if class >= TOP_EPOCH {
+        return Some(Fast::Atomic);
+    }
     let mut known = Known {
         gens: Gens { ns, class },
         tags: Vec::with_capacity(tags.len()),
@@ -587,6 +649,9 @@ fn decode_fast(replies: &[Reply], tags: &[String], negative_ok: bool) -> Option<
         let (Some(removed), Some(expired)) = (field(&pair[0])?, field(&pair[1])?) else {
             return Some(Fast::Atomic);
         };
+        if removed.max(expired) >= TOP_EPOCH {
+            return Some(Fast::Atomic);
+        }
         known.tags.push((t.clone(), TagEpochs { removed, expired }));
     }
     classify(stored, &known, tags, negative_ok, false)
@@ -936,6 +1001,7 @@ pub(crate) async fn set(
     b.atomic(
         call,
         |kv| {
+            mirror_repair(kv, e);
             let value = Bytes::from(envelope::value(&mirror_stamp(kv, e), body));
             let until = kv.now_us().saturating_add(micros(ttl));
             kv.put_evictable(e.key, value, until);
@@ -962,9 +1028,11 @@ pub(crate) async fn invalidate(b: &Backend, bus: &WakeBus, e: &Entry<'_>) -> Res
     Ok(removed)
 }
 
-/// Bump a group epoch (`*` for the namespace, a class name, or `t:<tag>` for a tag) to
+/// Bump a group epoch (`*` for the namespace, a class name, or `t:<tag>`/`x:<tag>` for a tag) to
 /// `max(current + 1, now in Unix µs)`: O(1), whatever the number of entries, and never a value an older entry
-/// carries (see `epochs.lua`). Then prune a few tag fields older than the epochs' lifetime (see `bump.lua`).
+/// carries (see `epochs.lua`). A class or tag field that cannot go higher is re-based instead ("Exhaustion" in
+/// `epochs.lua`: deleted, and `*` bumped); the epoch returned is then `*`'s. Then prune a few tag fields older
+/// than the epochs' lifetime (see `bump.lua`).
 pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64> {
     let life_ms = millis(ns.gens_lifetime);
     let call = SCRIPTS
@@ -974,40 +1042,31 @@ pub(crate) async fn bump(b: &Backend, ns: &Namespace, field: &str) -> Result<u64
         .arg(field)
         .arg(life_ms)
         .arg(if b.epochs_in_view() { "1" } else { "0" });
-    let epoch = b
+    let (epoch, rebased) = b
         .atomic(
             call,
             |kv| {
-                // µs, like `epochs.lua`: the clock floor keeps a recreated field above every epoch issued before.
-                let now_us = u64::try_from(kv.now_us()).unwrap_or(0);
-                let read = |f: &str| {
-                    epoch(
-                        kv.get_hash(&ns.gens_key)
-                            .and_then(|h| h.get(f))
-                            .map(|b| &b[..]),
-                    )
-                    .unwrap_or(0)
-                };
-                // A tag's removal and expiry epochs draw from one sequence (see `TagEpochs`).
-                let current = read(field).max(sibling_field(field).map_or(0, |f| read(&f)));
-                let next = current.saturating_add(1).max(now_us);
                 let life_ms = i64::try_from(life_ms).unwrap_or(i64::MAX);
-                let left = kv.pttl(&ns.gens_key);
-                kv.hset(
-                    &ns.gens_key,
-                    &[(field, Bytes::from(next.to_string()))],
-                    life_ms,
-                );
-                if left < life_ms {
-                    kv.pexpire(&ns.gens_key, life_ms);
-                }
+                let bumped = bump_mirror(kv, ns, field, life_ms);
                 prune_mirror(kv, ns, field, life_ms);
-                next
+                bumped
             },
-            |reply| u64::try_from(reply.int()?).ok(),
+            |reply| match reply.array()? {
+                [epoch, bumped] => Some((
+                    u64::try_from(epoch.int()?).ok()?,
+                    bumped.bytes()?.as_ref() != field.as_bytes(),
+                )),
+                _ => None,
+            },
         )
         .await?;
-    b.bumped(field, epoch);
+    if rebased {
+        let sibling = sibling_field(field);
+        let dropped: Vec<&str> = std::iter::once(field).chain(sibling.as_deref()).collect();
+        b.rebased(&dropped, epoch);
+    } else {
+        b.bumped(field, epoch);
+    }
     Ok(epoch)
 }
 
@@ -1197,6 +1256,136 @@ mod tests {
         assert!(fields().is_empty(), "the epochs hash expired");
         kw.invalidate_tag("x").await.unwrap();
         assert_eq!(cache.get("c").await.unwrap(), None);
+    }
+
+    /// "Exhaustion" (`epochs.lua`) in the embedded mirror, with fields written at the top of the range behind
+    /// keyward's back: a class or tag field at or next to the top is re-based (every older entry is gone) and
+    /// never recorded; `*` at the top makes fills never current, stops extending the hash's life, and the
+    /// namespace caches again once the hash expired. Every removal lands.
+    #[tokio::test(start_paused = true)]
+    async fn the_top_of_the_epoch_range_never_swallows_a_removal() {
+        let class = CacheClass::new(Duration::from_secs(10), "tests")
+            .jitter(Jitter::Fixed(Duration::ZERO))
+            .lease_ttl(Duration::from_secs(1))
+            .loader_timeout(Duration::from_millis(500));
+        let policy = Policy::builder("t", "top")
+            .cache("c", class)
+            .build()
+            .unwrap();
+        let kw = Keyward::embedded(policy);
+        let c = kw.cache::<u32>("c").unwrap();
+        let gens = "t:top:_kw:gens";
+        let poke = |field: &str, value: u64| {
+            kw.inner
+                .backend
+                .inspect_embedded(|kv| {
+                    kv.hset(gens, &[(field, Bytes::from(value.to_string()))], 60_000);
+                })
+                .unwrap();
+        };
+        let field = |f: &str| {
+            kw.inner
+                .backend
+                .inspect_embedded(|kv| kv.get_hash(gens).and_then(|h| h.get(f).cloned()))
+                .unwrap()
+        };
+        let pttl = || {
+            kw.inner
+                .backend
+                .inspect_embedded(|kv| kv.pttl(gens))
+                .unwrap()
+        };
+
+        // A tag's expiry field at the top (the issue): two removals, both land.
+        poke("x:big", TOP_EPOCH);
+        c.set_tagged("k", &1, &["big"]).await.unwrap();
+        assert_eq!(field("x:big"), None, "re-based before the set recorded it");
+        assert_eq!(c.get("k").await.unwrap(), Some(1));
+        kw.invalidate_tag("big").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None, "the first removal");
+        c.set_tagged("k", &2, &["big"]).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(2));
+        kw.invalidate_tag("big").await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None, "the second removal");
+
+        // A removal field one below the top: recorded, then an expiry cannot go higher and re-bases.
+        poke("t:near", TOP_EPOCH - 1);
+        c.set_tagged("n", &1, &["near"]).await.unwrap();
+        c.set("other", &1).await.unwrap();
+        assert_eq!(c.get("n").await.unwrap(), Some(1));
+        let star = mirror_epoch_of(&kw, "*");
+        kw.expire_tag("near").await.unwrap();
+        assert_eq!((field("t:near"), field("x:near")), (None, None));
+        assert!(mirror_epoch_of(&kw, "*") > star, "`*` was bumped instead");
+        assert_eq!(c.get("n").await.unwrap(), None);
+        assert_eq!(c.get("other").await.unwrap(), None, "the whole namespace");
+        c.set_tagged("n", &2, &["near"]).await.unwrap();
+        assert_eq!(c.get("n").await.unwrap(), Some(2));
+        kw.invalidate_tag("near").await.unwrap();
+        assert_eq!(c.get("n").await.unwrap(), None);
+
+        // A class field one below the top.
+        poke("c", TOP_EPOCH - 1);
+        c.set("k", &3).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(3));
+        c.invalidate_all().await.unwrap();
+        assert_eq!(field("c"), None, "re-based");
+        assert_eq!(c.get("k").await.unwrap(), None);
+        c.set("k", &4).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(4));
+        c.invalidate_all().await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), None);
+
+        // `*` one below the top: the next bump lands on it; nothing filled then is ever current.
+        poke("*", TOP_EPOCH - 1);
+        c.set("k", &5).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(5));
+        kw.invalidate_namespace().await.unwrap();
+        assert_eq!(mirror_epoch_of(&kw, "*"), TOP_EPOCH);
+        assert_eq!(c.get("k").await.unwrap(), None);
+        let loads = std::sync::atomic::AtomicUsize::new(0);
+        for _ in 0..3 {
+            c.set("k", &6).await.unwrap();
+            assert_eq!(
+                c.get("k").await.unwrap(),
+                None,
+                "filled under `*` at the top"
+            );
+            let v = c
+                .get_or_set("j", || async {
+                    loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(7)
+                })
+                .await
+                .unwrap();
+            assert_eq!(v, 7);
+        }
+        assert_eq!(loads.into_inner(), 3, "nothing is served from the cache");
+        // Bumps no longer extend the hash's life, so it expires and `*` starts again from the clock.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let left = pttl();
+        kw.invalidate_tag("t").await.unwrap();
+        kw.invalidate_namespace().await.unwrap();
+        assert!(pttl() <= left, "{} > {left}", pttl());
+        tokio::time::advance(Duration::from_millis(u64::try_from(left).unwrap() + 1)).await;
+        assert_eq!(field("*"), None, "the epochs hash expired");
+        c.set("k", &8).await.unwrap();
+        assert_eq!(c.get("k").await.unwrap(), Some(8));
+        kw.invalidate_namespace().await.unwrap();
+        assert!(mirror_epoch_of(&kw, "*") < TOP_EPOCH);
+        assert_eq!(c.get("k").await.unwrap(), None);
+    }
+
+    fn mirror_epoch_of(kw: &Keyward, field: &str) -> u64 {
+        kw.inner
+            .backend
+            .inspect_embedded(|kv| {
+                kv.get_hash("t:top:_kw:gens")
+                    .and_then(|h| h.get(field))
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .unwrap()
     }
 
     #[test]

@@ -39,6 +39,10 @@
 //! `t:<tag>` is removed, one below only `x:<tag>` is expired. A removal always wins over an expiry, of the
 //! same tag or of another tag the entry carries. Pruning treats `x:` fields as it treats `t:` fields.
 //!
+//! **The top of the range.** A tag field that cannot go higher (2^53 − 1, reachable only by writing the hash
+//! behind keyward's back) is re-based: deleted, with `*` bumped instead, so every older entry is gone and the
+//! tag starts again from the clock; no fill ever records the top for a tag ("Exhaustion" in `epochs.lua`).
+//!
 //! Limits: at most 32 tags per entry (`MAX_TAGS`), each 1 to 128 bytes (`MAX_TAG_BYTES`) without whitespace
 //! or control characters; duplicates are ignored. Every call on one entry should name the same tags: an entry
 //! records the tags of the fill (or set) that stored it, and a caller sharing another's load shares its tags.

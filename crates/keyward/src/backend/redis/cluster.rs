@@ -207,6 +207,16 @@ struct EpochState {
 /// The largest valid epoch plus one (`epochs.lua` treats anything from here on as corrupt).
 const EPOCH_LIMIT: u64 = 1 << 53;
 
+/// The last valid epoch (`envelope::TOP_EPOCH`). A class or tag field found here is repaired before the view
+/// vouches for it: no fill may record it ("Exhaustion" in `cache/epochs.lua`; a bump of it re-bases it). `*`
+/// may be here: entries filled under it are never current.
+const TOP_EPOCH: u64 = EPOCH_LIMIT - 1;
+
+/// Whether `field` holding `epoch` must be repaired before a fill records it (see [`TOP_EPOCH`]).
+fn exhausted(field: &str, epoch: u64) -> bool {
+    field != "*" && epoch >= TOP_EPOCH
+}
+
 /// A stored epoch, if valid (as `epochs.lua`'s `kw_valid`).
 fn valid_epoch(raw: &[u8]) -> Option<u64> {
     std::str::from_utf8(raw)
@@ -318,6 +328,13 @@ impl ClusterState {
             return;
         }
         let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        if exhausted(field, epoch) {
+            // No bump writes this (it re-bases instead); whatever wrote it, it is repaired before use.
+            if !s.corrupt.iter().any(|f| f == field) {
+                s.corrupt.push(field.to_owned());
+            }
+            return;
+        }
         let e = s
             .fields
             .entry(field.to_owned())
@@ -327,6 +344,18 @@ impl ClusterState {
         }
         // A bump of a corrupt field (or of `*`, after a key of the wrong type) repaired it.
         s.corrupt.retain(|f| f != field);
+    }
+
+    /// Apply a re-base this handle made ("Exhaustion" in `cache/epochs.lua`): `dropped` were deleted from the
+    /// hash (they read as 0 until bumped again, and no longer need a repair) and `*` went to `ns_epoch`, above
+    /// every entry filled before. Other handles learn it from `*`'s announcement and their next full read.
+    pub(crate) fn apply_rebase(&self, dropped: &[&str], ns_epoch: u64) {
+        {
+            let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+            s.fields.retain(|f, _| !dropped.contains(&f.as_str()));
+            s.corrupt.retain(|f| !dropped.contains(&f.as_str()));
+        }
+        self.apply_epoch("*", ns_epoch);
     }
 
     /// Apply an announcement `"<field> <epoch>"` from the epochs channel.
@@ -354,15 +383,18 @@ impl ClusterState {
                     .retain(|f, (_, raised)| fields.contains_key(f) || *raised >= sent);
                 for (field, raw) in fields {
                     match valid_epoch(&raw) {
-                        Some(epoch) => {
+                        Some(epoch) if !exhausted(&field, epoch) => {
                             let e = s.fields.entry(field).or_insert((0, sent));
-                            if epoch > e.0 {
+                            // `*` at the top comes down only when the hash expired (no bump lowers it): a
+                            // read sent after the view learned it is then the truth, as for a pruned field.
+                            if epoch > e.0 || (e.0 == TOP_EPOCH && e.1 < sent) {
                                 *e = (epoch, sent);
                             }
                         }
                         // Read as 0 it would bring back entries it invalidated; as a huge number it would
-                        // outrank every later bump. Neither: it is repaired first.
-                        None => corrupt.push(field),
+                        // outrank every later bump. Neither: it is repaired first. The same for a class or
+                        // tag field at the top, which no fill may record (its repair re-bases it).
+                        _ => corrupt.push(field),
                     }
                 }
             }
@@ -748,6 +780,64 @@ mod tests {
         assert_eq!(
             state.epochs("c", &["a"]),
             Some(ViewEpochs::Current(3, 0, vec![(7, 0)]))
+        );
+    }
+
+    /// "Exhaustion" in `cache/epochs.lua`, in the view: a class or tag field at the top is repaired before the
+    /// view vouches for anything (no fill may record it); the handle's own re-base drops it; `*` at the top is
+    /// used as is, and comes down only through a read sent after the view learned it (the hash expired).
+    #[test]
+    fn the_view_repairs_fields_at_the_top_and_follows_a_rebase() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
+            fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let top = TOP_EPOCH.to_string();
+        let below = (TOP_EPOCH - 1).to_string();
+        state.apply_read(
+            Instant::now(),
+            Some(read(&[("*", "3"), ("x:big", &top), ("t:ok", &below)])),
+        );
+        assert_eq!(
+            state.epochs("c", &["ok"]),
+            Some(ViewEpochs::Repair(vec!["x:big".to_owned()])),
+            "a tag field at the top is repaired first; one below it is a valid epoch"
+        );
+        state.apply_rebase(&["x:big", "t:big"], 20);
+        assert_eq!(
+            state.epochs("c", &["big", "ok"]),
+            Some(ViewEpochs::Current(20, 0, vec![(0, 0), (TOP_EPOCH - 1, 0)]))
+        );
+        // A class field at the top, from a read or an announcement, needs a repair too.
+        state.apply_announcement(format!("c {top}").as_bytes());
+        assert_eq!(
+            state.epochs("c", &[]),
+            Some(ViewEpochs::Repair(vec!["c".to_owned()]))
+        );
+        state.apply_rebase(&["c"], 21);
+        assert_eq!(
+            state.epochs("c", &[]),
+            Some(ViewEpochs::Current(21, 0, vec![]))
+        );
+        // `*` at the top is an epoch like another (entries filled under it are never current)...
+        state.apply_epoch("*", TOP_EPOCH);
+        assert_eq!(
+            state.epochs("c", &[]),
+            Some(ViewEpochs::Current(TOP_EPOCH, 0, vec![]))
+        );
+        // ...that no announcement lowers, and that a read sent after it was learned does (the hash expired).
+        state.apply_announcement(b"* 30");
+        assert_eq!(
+            state.epochs("c", &[]),
+            Some(ViewEpochs::Current(TOP_EPOCH, 0, vec![]))
+        );
+        state.apply_read(Instant::now(), Some(read(&[("*", "30")])));
+        assert_eq!(
+            state.epochs("c", &[]),
+            Some(ViewEpochs::Current(30, 0, vec![]))
         );
     }
 

@@ -763,6 +763,13 @@ impl RedisBackend {
         }
     }
 
+    /// On Cluster, record a re-base this handle just made: `dropped` deleted, `*` bumped to `ns_epoch`.
+    pub(crate) fn rebased(&self, dropped: &[&str], ns_epoch: u64) {
+        if let Some(state) = &self.cluster {
+            state.apply_rebase(dropped, ns_epoch);
+        }
+    }
+
     /// The channel a fill or release of `key` announces itself on: the namespace's channel on one server; on
     /// Cluster a sharded channel in `key`'s slot (ending in `}`, which is how the scripts know to `SPUBLISH`).
     pub(crate) fn wake_channel(&self, ns: &Namespace, key: &str) -> String {
