@@ -1,6 +1,9 @@
 //! `keyward` — the operator CLI for the keyward Redis data layer.
 //!
 //! - `keyward policy check FILE` validates a policy file and prints what it declares.
+//! - `keyward audit --policy FILE [--url URL]` walks a live keyspace (`SCAN`, every primary of a Cluster,
+//!   paced, resumable) and reports keys, memory and TTLs per class and every violation of the policy
+//!   (see `docs/cli.md`).
 //! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
 //!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
 //!   namespace, and counts the Redis commands each operation costs.
@@ -9,12 +12,16 @@
 //! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
 //! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed.
 //! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
+//! - `3`: `audit` completed and found violations of the policy (so it can gate a deploy).
+//! - `4`: `audit` stopped before the end (Ctrl-C, SIGTERM, `--limit-keys`); it printed a resume token.
 //!
 //! # Layout
 //! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
 //! each module below imports only modules listed above it, so there is no import cycle.
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `policy_cmd` — `policy check`.
+//! - `audit` — `audit`: the paced, resumable keyspace walker (`audit::walk`, reused by `purge`), the tally
+//!   per class, the stream and server checks, and the report. It uses `bench::servers` to find the primaries.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -24,6 +31,7 @@
 //!   - `bench::fleet` — `--processes`: child processes, the READY/GO handshake, merging their results. It
 //!     runs scenarios through the abstraction; no scenario knows about it.
 
+mod audit;
 mod bench;
 mod error;
 mod policy_cmd;
@@ -39,9 +47,11 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success (also when stdout is closed early, e.g. piped into `head`)
   1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
-  2  bad usage (unknown flag, invalid value or combination) or an invalid policy file";
+  2  bad usage (unknown flag, invalid value or combination) or an invalid policy file
+  3  audit: violations of the policy were found
+  4  audit: stopped before the end (interrupted or --limit-keys); a resume token was printed";
 
-/// The keyward operator CLI: policy checks and benchmarks.
+/// The keyward operator CLI: policy checks, keyspace audits and benchmarks.
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -56,6 +66,8 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// Audit a live Redis keyspace against a policy: counts, memory and TTLs per class, and violations.
+    Audit(Box<audit::AuditArgs>),
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(Box<bench::BenchArgs>),
 }
@@ -71,11 +83,12 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match cli.command {
-        Command::Policy { command } => policy_cmd::run(command),
-        Command::Bench(args) => bench::run(*args),
+        Command::Policy { command } => policy_cmd::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Audit(args) => audit::run(*args),
+        Command::Bench(args) => bench::run(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) if error::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
