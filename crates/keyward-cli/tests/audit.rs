@@ -766,3 +766,92 @@ fn the_walk_holds_its_pace_on_many_small_keys() {
         "{commands} commands in {seconds} s exceed {max}/s"
     );
 }
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_the_resumed_audit_finishes() {
+    let server =
+        RedisServer::spawn_with(ServerOptions::default().args(["--enable-debug-command", "yes"]));
+    let mut conn = server.connection();
+    run(
+        &mut conn,
+        redis::cmd("DEBUG")
+            .arg("POPULATE")
+            .arg(50_000)
+            .arg("key")
+            .arg(8),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_policy(dir.path(), "[namespace]\nenv = \"prod\"\napp = \"shop\"\n");
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    // Slow enough (about 15 s for the whole keyspace) to be caught in the middle.
+    let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args([
+            "audit",
+            "--json",
+            "--policy",
+            &file,
+            "--url",
+            &server.url(),
+            "--checkpoint-dir",
+            cp,
+        ])
+        .args(["--max-ops-per-sec", "10000"])
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (with a deadline) until the walk has counted keys: the server has run a MEMORY USAGE.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut conn)
+            .unwrap();
+        if stats.contains("cmdstat_memory") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit never started"
+        );
+        std::thread::yield_now();
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["complete"], false);
+    let scanned = v["scan"]["keys_scanned"].as_u64().unwrap();
+    assert!(scanned < 50_000, "{v:#}");
+    let token = v["resume_token"].as_str().unwrap().to_owned();
+    assert!(
+        stderr(&out).contains(&format!("--resume {token}")),
+        "{}",
+        stderr(&out)
+    );
+
+    let (code, v, err) = audit_json(&[
+        "--policy",
+        &file,
+        "--url",
+        &server.url(),
+        "--checkpoint-dir",
+        cp,
+        "--resume",
+        &token,
+        "--count",
+        "500",
+        "--max-ops-per-sec",
+        "10000000",
+    ]);
+    assert_eq!(code, Some(3), "{err}");
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["total"]["keys"], 50_000, "{v:#}");
+    assert_eq!(v["violations"]["no_ttl"][0]["keys"], 50_000, "{v:#}");
+}

@@ -232,6 +232,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
     let progress = progress_bar(infos.iter().map(|i| i.keys).sum(), tally.keys_seen);
     let stop = Arc::new(AtomicBool::new(false));
     let examined = Arc::new(AtomicU64::new(0));
+    let on_signal = stop_on_signal(stop.clone())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, conn) in conns.iter().enumerate() {
@@ -256,7 +257,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         ));
     }
     drop(tx);
-    let signals = tokio::spawn(stop_on_signal(stop.clone()));
+    let signals = tokio::spawn(on_signal);
     let started = Instant::now();
     while let Some(msg) = rx.recv().await {
         for (facts, size) in &msg.keys {
@@ -381,6 +382,24 @@ async fn walk_node(
     examined: Arc<AtomicU64>,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
+    let result =
+        walk_node_until_stopped(node, &mut walker, &policy, &tx, &stop, &examined, limit).await;
+    if result.is_err() {
+        // One server failed: stop the others too, so the checkpoint is written and the token printed soon.
+        stop.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn walk_node_until_stopped(
+    node: usize,
+    walker: &mut NodeWalk,
+    policy: &Policy,
+    tx: &tokio::sync::mpsc::Sender<Msg>,
+    stop: &AtomicBool,
+    examined: &AtomicU64,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
     loop {
         if stop.load(Ordering::Relaxed)
             || limit.is_some_and(|l| examined.load(Ordering::Relaxed) >= l)
@@ -394,7 +413,7 @@ async fn walk_node(
         let probes: Vec<_> = batch
             .keys
             .iter()
-            .map(|facts| tally::size_probe(&policy, facts))
+            .map(|facts| tally::size_probe(policy, facts))
             .collect();
         let mut sizes = vec![None; batch.keys.len()];
         if probes.iter().any(Option::is_some) {
@@ -438,28 +457,20 @@ async fn walk_node(
     }
 }
 
-/// Sets `stop` on Ctrl-C or SIGTERM: the walks finish their batch, the checkpoint is saved and the token
-/// printed.
-async fn stop_on_signal(stop: Arc<AtomicBool>) {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    stop.store(true, Ordering::Relaxed);
-                    return;
-                }
-            };
+/// Sets `stop` on Ctrl-C (SIGINT) or SIGTERM: the walks finish their batch, the checkpoint is saved and the
+/// token printed. The handlers are installed when this is *called* (before any walk starts), not when the
+/// returned future is first polled, so a signal that arrives early is not lost.
+fn stop_on_signal(stop: Arc<AtomicBool>) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    stop.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+    })
 }
 
 /// A progress bar on stderr when it is a terminal: keys scanned of `DBSIZE`, rate and ETA.
