@@ -4,6 +4,8 @@
 //! - `keyward audit --policy FILE [--url URL]` walks a live keyspace (`SCAN`, every primary of a Cluster,
 //!   paced, resumable) and reports keys, memory and TTLs per class and every violation of the policy
 //!   (see `docs/cli.md`).
+//! - `keyward purge --policy FILE (--class NAME --version N | --orphans PATTERN) [--confirm NAME]` deletes an
+//!   old version of a class or keys no class owns: a dry run unless confirmed, paced, resumable, logged.
 //! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
 //!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
 //!   namespace, and counts the Redis commands each operation costs.
@@ -13,7 +15,7 @@
 //! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed.
 //! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
 //! - `3`: `audit` completed and found violations of the policy (so it can gate a deploy).
-//! - `4`: `audit` stopped before the end (Ctrl-C, SIGTERM, `--limit-keys`); it printed a resume token.
+//! - `4`: `audit` or `purge` stopped before the end (Ctrl-C, SIGTERM, `--limit-keys`); it printed a resume token.
 //!
 //! # Layout
 //! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
@@ -22,6 +24,7 @@
 //! - `policy_cmd` — `policy check`.
 //! - `audit` — `audit`: the paced, resumable keyspace walker (`audit::walk`, reused by `purge`), the tally
 //!   per class, the stream and server checks, and the report. It uses `bench::servers` to find the primaries.
+//! - `purge` — `purge`: selection by `keyward::key::classify`, the audit's walker, delete-if-unchanged.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -35,6 +38,7 @@ mod audit;
 mod bench;
 mod error;
 mod policy_cmd;
+mod purge;
 mod stats;
 
 use std::io;
@@ -49,7 +53,7 @@ Exit codes:
   1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
   2  bad usage (unknown flag, invalid value or combination) or an invalid policy file
   3  audit: violations of the policy were found
-  4  audit: stopped before the end (interrupted or --limit-keys); a resume token was printed";
+  4  audit, purge: stopped before the end (interrupted or --limit-keys); a resume token was printed";
 
 /// The keyward operator CLI: policy checks, keyspace audits and benchmarks.
 #[derive(Debug, Parser)]
@@ -68,6 +72,8 @@ enum Command {
     },
     /// Audit a live Redis keyspace against a policy: counts, memory and TTLs per class, and violations.
     Audit(Box<audit::AuditArgs>),
+    /// Delete an old version of a class, or keys of the namespace no class owns: dry run unless --confirm.
+    Purge(Box<purge::PurgeArgs>),
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(Box<bench::BenchArgs>),
 }
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command } => policy_cmd::run(command).map(|()| ExitCode::SUCCESS),
         Command::Audit(args) => audit::run(*args),
+        Command::Purge(args) => purge::run(*args),
         Command::Bench(args) => bench::run(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -14,6 +14,8 @@ mod report;
 mod tally;
 pub(crate) mod walk;
 
+pub(crate) use tally::display_key;
+
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -460,7 +462,7 @@ async fn walk_node_until_stopped(
 /// Sets `stop` on Ctrl-C (SIGINT) or SIGTERM: the walks finish their batch, the checkpoint is saved and the
 /// token printed. The handlers are installed when this is *called* (before any walk starts), not when the
 /// returned future is first polled, so a signal that arrives early is not lost.
-fn stop_on_signal(stop: Arc<AtomicBool>) -> anyhow::Result<impl Future<Output = ()>> {
+pub(crate) fn stop_on_signal(stop: Arc<AtomicBool>) -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -474,7 +476,7 @@ fn stop_on_signal(stop: Arc<AtomicBool>) -> anyhow::Result<impl Future<Output = 
 }
 
 /// A progress bar on stderr when it is a terminal: keys scanned of `DBSIZE`, rate and ETA.
-fn progress_bar(total: u64, done: u64) -> Option<indicatif::ProgressBar> {
+pub(crate) fn progress_bar(total: u64, done: u64) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }

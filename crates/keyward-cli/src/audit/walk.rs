@@ -99,6 +99,8 @@ pub(crate) struct NodeWalk {
     started: bool,
     count: usize,
     samples: u64,
+    /// `SCAN … MATCH` pattern, if any.
+    pattern: Option<String>,
     pub(crate) pacer: Pacer,
     pub(crate) commands: u64,
 }
@@ -126,9 +128,17 @@ impl NodeWalk {
             started: false,
             count,
             samples,
+            pattern: None,
             pacer: Pacer::new(max_ops),
             commands: 0,
         }
+    }
+
+    /// Walks only the keys matching `pattern` (`SCAN … MATCH`).
+    #[must_use]
+    pub(crate) fn matching(mut self, pattern: String) -> Self {
+        self.pattern = Some(pattern);
+        self
     }
 
     /// A second connection's worth of access for follow-up commands (the same multiplexed connection).
@@ -158,10 +168,11 @@ impl NodeWalk {
         }
         let scan_more = !(self.started && self.cursor == 0);
         if scan_more {
-            pipe.cmd("SCAN")
-                .arg(self.cursor)
-                .arg("COUNT")
-                .arg(self.count);
+            let scan = pipe.cmd("SCAN").arg(self.cursor);
+            if let Some(pattern) = &self.pattern {
+                scan.arg("MATCH").arg(pattern);
+            }
+            scan.arg("COUNT").arg(self.count);
         }
         let commands = self.pending.len() * 3 + usize::from(scan_more);
         let t0 = Instant::now();
