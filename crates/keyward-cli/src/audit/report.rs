@@ -369,7 +369,7 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
     writeln!(
         out,
         "{:<24} {:<12} {:>4} {:>10} {:>11}  TTL",
-        "CLASS", "KIND", "VER", "KEYS", "MEMORY"
+        "CLASS", "KIND", "VER", "COUNT", "MEMORY"
     )?;
     for c in &r.classes {
         writeln!(
