@@ -8,7 +8,7 @@
 //! current rate, and the rate backs off (halves, down to 1/64 of `--max-ops-per-sec`) whenever a batch's
 //! round trip per command rises above four times its smoothed baseline (and the round trip is at least 5 ms),
 //! then climbs back by 1/16 of the ceiling per calm batch.
-//! The purge reuses this walker with its own per-key commands.
+//! `keyward purge` walks with the same code, restricted by `SCAN … MATCH` ([`NodeWalk::matching`]).
 
 use std::time::{Duration, Instant};
 
@@ -141,7 +141,7 @@ impl NodeWalk {
         self
     }
 
-    /// A second connection's worth of access for follow-up commands (the same multiplexed connection).
+    /// The walk's connection, for follow-up commands on this server (size checks, the purge's deletes).
     pub(crate) fn conn(&mut self) -> &mut MultiplexedConnection {
         &mut self.conn
     }
