@@ -4,6 +4,11 @@
 //! - `keyward invalidate --policy FILE --class NAME [--id ID…] [--tag TAG…]` runs the library's O(1)
 //!   invalidations from the shell; `keyward dead-letters list|replay STREAM` lists dead letters and moves
 //!   them back into their stream. Both are dry runs unless `--confirm NAME` repeats the class.
+//! - `keyward audit --policy FILE [--url URL]` walks a live keyspace (`SCAN`, every primary of a Cluster,
+//!   paced, resumable) and reports keys, memory and TTLs per class and every violation of the policy
+//!   (see `docs/cli.md`).
+//! - `keyward purge --policy FILE (--class NAME --version N | --orphans PATTERN) [--confirm NAME]` deletes an
+//!   old version of a class or keys no class owns: a dry run unless confirmed, paced, resumable, logged.
 //! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
 //!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
 //!   namespace, and counts the Redis commands each operation costs.
@@ -12,6 +17,8 @@
 //! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
 //! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed.
 //! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
+//! - `3`: `audit` completed and found violations of the policy (so it can gate a deploy).
+//! - `4`: `audit` or `purge` stopped before the end (Ctrl-C, SIGTERM, `--limit-keys`); it printed a resume token.
 //!
 //! # Layout
 //! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
@@ -19,6 +26,9 @@
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `policy_cmd` — `policy check`.
 //! - `ops` — `invalidate` and `dead-letters`: the library's calls against a live Redis, dry run by default.
+//! - `audit` — `audit`: the paced, resumable keyspace walker (`audit::walk`, reused by `purge`), the tally
+//!   per class, the stream and server checks, and the report. It uses `bench::servers` to find the primaries.
+//! - `purge` — `purge`: selection by `keyward::key::classify`, the audit's walker, delete-if-unchanged.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -28,10 +38,12 @@
 //!   - `bench::fleet` — `--processes`: child processes, the READY/GO handshake, merging their results. It
 //!     runs scenarios through the abstraction; no scenario knows about it.
 
+mod audit;
 mod bench;
 mod error;
 mod ops;
 mod policy_cmd;
+mod purge;
 mod stats;
 
 use std::io;
@@ -44,9 +56,12 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success (also when stdout is closed early, e.g. piped into `head`)
   1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
-  2  bad usage (unknown flag, invalid value or combination) or an invalid policy file";
+  2  bad usage (unknown flag, invalid value or combination) or an invalid policy file
+  3  audit: violations of the policy were found
+  4  audit, purge: stopped before the end (interrupted or --limit-keys); a resume token was printed";
 
-/// The keyward operator CLI: policy checks, invalidations, dead-letter replay and benchmarks.
+/// The keyward operator CLI: policy checks, keyspace audits and purges, invalidations, dead-letter replay
+/// and benchmarks.
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -61,6 +76,10 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// Audit a live Redis keyspace against a policy: counts, memory and TTLs per class, and violations.
+    Audit(Box<audit::AuditArgs>),
+    /// Delete an old version of a class, or keys of the namespace no class owns: dry run unless --confirm.
+    Purge(Box<purge::PurgeArgs>),
     /// Invalidate cache entries (by id, by tag, or the whole class) through the library's O(1)
     /// invalidations. A dry run unless `--confirm CLASS`.
     Invalidate(Box<ops::InvalidateArgs>),
@@ -84,13 +103,15 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match cli.command {
-        Command::Policy { command } => policy_cmd::run(command),
-        Command::Invalidate(args) => ops::invalidate(*args),
-        Command::DeadLetters { command } => ops::dead_letters(command),
-        Command::Bench(args) => bench::run(*args),
+        Command::Policy { command } => policy_cmd::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Audit(args) => audit::run(*args),
+        Command::Purge(args) => purge::run(*args),
+        Command::Invalidate(args) => ops::invalidate(*args).map(|()| ExitCode::SUCCESS),
+        Command::DeadLetters { command } => ops::dead_letters(command).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) if error::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

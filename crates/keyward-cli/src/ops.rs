@@ -325,21 +325,15 @@ fn url(target: &Target) -> anyhow::Result<String> {
     }
 }
 
-/// The id parts of `id` as it appears in a key: split at `:`, each part percent-decoded.
+/// The id parts of `id` as it appears in a key: split at `:`, each part unescaped
+/// ([`keyward::key::unescape_part`], the exact inverse of the escaping keys are built with).
 fn parse_id(id: &str) -> anyhow::Result<Vec<String>> {
     id.split(':')
-        .map(|part| {
-            if part.is_empty() {
-                usage!("--id {id}: an id part is empty");
-            }
-            percent_encoding::percent_decode_str(part)
-                .decode_utf8()
-                .map(|p| p.into_owned())
-                .map_err(|_| {
-                    anyhow::Error::new(UsageError(format!(
-                        "--id {id}: a part does not decode to UTF-8"
-                    )))
-                })
+        .map(|part| match keyward::key::unescape_part(part) {
+            Some(raw) => Ok(raw),
+            None => usage!(
+                "--id {id}: part `{part}` is not an id part as keyward escapes it (empty, or a bad %XX escape)"
+            ),
         })
         .collect()
 }

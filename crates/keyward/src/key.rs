@@ -14,6 +14,10 @@
 //! injective, so distinct ids always get distinct keys, and a key of one class never matches the SCAN
 //! pattern of another ([`KeySpace::scan_pattern`]), whatever the user-supplied ids contain.
 //!
+//! The other way round, [`classify`] maps any raw key (as `SCAN` returns it) to what the policy says about it:
+//! its class, version and role (entry, lock fence, stream dead letters, …), keyward's own key, or outside every
+//! class. It recognises only what keyward could have written, so `keyward audit` can trust it.
+//!
 //! ```
 //! # use keyward::{key::KeySpace, policy::{CacheClass, Policy}};
 //! # use std::time::Duration;
@@ -30,8 +34,9 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::LazyLock;
+use std::time::Duration;
 
-use crate::policy::Policy;
+use crate::policy::{Class, Policy};
 
 /// The longest key keyward builds, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -415,6 +420,280 @@ pub fn namespace_pattern(policy: &Policy) -> String {
     format!("{}:{}:*", policy.env(), policy.app())
 }
 
+/// What a key is for within its class (see [`classify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum KeyRole {
+    /// An entry: a cache value (or fill lease), rate-limit state, a session record, a lock, an idempotency
+    /// record (`…:v{n}:{<id>}`, or `…:v{n}:{<slot tag>}:<id>` for a session record).
+    Entry,
+    /// A lock's fencing counter: `…:v{n}:{<name>}:f`.
+    LockFence,
+    /// A lock's fenced value: `…:v{n}:{<name>}:w`.
+    LockValue,
+    /// A user's index of sessions (a sorted set): `…:v{n}:{u:<user>}`.
+    SessionIndex,
+    /// The stream itself: `…:v{n}:{<class>}`. It has no TTL; its retention bounds it.
+    Stream,
+    /// A stream's dead letters: `…:v{n}:{<class>}:dead`. No TTL; its own retention bounds it.
+    DeadLetters,
+    /// A stream's wake-up marker: `…:v{n}:{<class>}:wake` (short-lived).
+    StreamWake,
+}
+
+impl KeyRole {
+    /// A stable lower-case name: `entry`, `lock_fence`, `lock_value`, `session_index`, `stream`,
+    /// `dead_letters`, `stream_wake`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyRole::Entry => "entry",
+            KeyRole::LockFence => "lock_fence",
+            KeyRole::LockValue => "lock_value",
+            KeyRole::SessionIndex => "session_index",
+            KeyRole::Stream => "stream",
+            KeyRole::DeadLetters => "dead_letters",
+            KeyRole::StreamWake => "stream_wake",
+        }
+    }
+}
+
+/// A key that has the layout of a declared class (see [`classify`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassKey<'p> {
+    class: &'p Class,
+    version: u32,
+    role: KeyRole,
+    id: String,
+}
+
+impl<'p> ClassKey<'p> {
+    /// The declared class.
+    pub fn class(&self) -> &'p Class {
+        self.class
+    }
+
+    /// The version in the key (`v{n}`).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The version the policy declares for the class now.
+    pub fn current_version(&self) -> u32 {
+        self.class.kind().version()
+    }
+
+    /// Whether the key's version is the class's current one.
+    pub fn is_current(&self) -> bool {
+        self.version == self.current_version()
+    }
+
+    /// Whether the key belongs to an older version than the current one: code no longer reads it, and a
+    /// purge of that version may delete it. (A *newer* version is neither current nor old: code not yet
+    /// described by this policy wrote it.)
+    pub fn is_old(&self) -> bool {
+        self.version < self.current_version()
+    }
+
+    /// What the key is for within its class.
+    pub fn role(&self) -> KeyRole {
+        self.role
+    }
+
+    /// The id as it is in the key, still escaped: the hash tag's content for most keys, the text after
+    /// `{<slot tag>}:` for a session record, the user part of a session index. Unescape each `:`-separated
+    /// part with [`unescape_part`].
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The longest TTL the policy lets a key of this class and role carry; `None` for a key that carries no
+    /// TTL by design (a stream and its dead letters, bounded by their retention instead). Bounds: cache —
+    /// `ttl` + max jitter + `lease_ttl` (+ `stale_grace` + `fail_safe_throttle` + `refresh_ahead` with a
+    /// grace); rate limit — `window × max(2, ⌈capacity / limit⌉)`; session — `absolute`; lock — `ttl`, its
+    /// fence and fenced value `fence_ttl`; idempotency — `ttl`; stream wake-up marker — one hour; channel — none
+    /// is stored, `Some(0)`.
+    pub fn max_ttl(&self) -> Option<Duration> {
+        let kind = self.class.kind();
+        if let Some(c) = self.class.as_cache() {
+            let grace = c.stale_grace_value().map_or(Duration::ZERO, |g| {
+                g.saturating_add(c.fail_safe_throttle_value())
+                    .saturating_add(c.refresh_ahead_value().unwrap_or_default())
+            });
+            return Some(
+                c.ttl_value()
+                    .saturating_add(c.max_jitter())
+                    .saturating_add(c.lease_ttl_value())
+                    .saturating_add(grace),
+            );
+        }
+        if let Some(c) = self.class.as_rate_limit() {
+            let windows = c.capacity().div_ceil(c.limit_value().max(1)).max(2);
+            return Some(
+                c.window_value()
+                    .saturating_mul(u32::try_from(windows).unwrap_or(u32::MAX)),
+            );
+        }
+        if let Some(c) = self.class.as_session() {
+            return Some(c.absolute_value());
+        }
+        if let Some(c) = self.class.as_lock() {
+            return Some(match self.role {
+                KeyRole::LockFence | KeyRole::LockValue => c.fence_ttl_value(),
+                _ => c.ttl_value(),
+            });
+        }
+        if let Some(c) = self.class.as_idempotency() {
+            return Some(c.ttl_value().max(c.lease_value()));
+        }
+        if kind.name() == "stream" {
+            return match self.role {
+                KeyRole::StreamWake => Some(Duration::from_secs(3600)),
+                _ => None,
+            };
+        }
+        Some(Duration::ZERO)
+    }
+}
+
+/// What the policy says about one raw key (see [`classify`]).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum KeyClass<'p> {
+    /// A key with the layout of a declared class, of the current version or another.
+    Class(ClassKey<'p>),
+    /// One of keyward's own bookkeeping keys: `{env}:{app}:_kw:…` (e.g. the epochs hash `_kw:gens`).
+    Internal,
+    /// Inside the namespace (`{env}:{app}:…`) but not a key keyward writes: an undeclared class, a malformed
+    /// version or id (badly escaped, not UTF-8), or an unknown suffix.
+    Unknown,
+    /// Outside the namespace: another application, environment, or hand-made key.
+    Foreign,
+}
+
+/// Maps a raw key, as SCAN returns it (any bytes), to what `policy` says about it: which class and version
+/// it belongs to and its role there ([`KeyClass::Class`]), keyward's own key ([`KeyClass::Internal`]), or
+/// outside every class ([`KeyClass::Unknown`] inside the namespace, [`KeyClass::Foreign`] outside it).
+///
+/// A key is recognised only if keyward could have built it: the id must be escaped exactly as
+/// [`escape_part`] escapes (canonical `%XX`, no empty part), so a hand-formatted key that merely starts
+/// like a class's (`prod:shop:product_list:v1:en`, `prod:shop:product_list:v1:{a b}`) is `Unknown`. The
+/// suffixes keyward adds are recognised per kind: `:f`/`:w` for locks, `:dead`/`:wake` for streams, the
+/// slot-tagged `{s:…}:<id>` records and `{u:<user>}` indexes for sessions. Never fails: an unexpected key is a
+/// value, not an error.
+///
+/// ```
+/// # use keyward::{key::{classify, KeyClass, KeyRole, KeySpace}, policy::{CacheClass, Policy}};
+/// # use std::time::Duration;
+/// let policy = Policy::builder("prod", "shop")
+///     .cache("product_list", CacheClass::new(Duration::from_secs(600), "catalog service").version(2))
+///     .build()?;
+/// let KeyClass::Class(k) = classify(&policy, b"prod:shop:product_list:v1:{en:caf\xc3\xa9}") else { panic!() };
+/// assert_eq!((k.class().name(), k.version(), k.is_old(), k.role()), ("product_list", 1, true, KeyRole::Entry));
+/// assert_eq!(classify(&policy, b"prod:shop:_kw:gens"), KeyClass::Internal);
+/// assert_eq!(classify(&policy, b"prod:shop:product_list:v2:en"), KeyClass::Unknown);
+/// assert_eq!(classify(&policy, b"app:v1:products:list:en"), KeyClass::Foreign);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn classify<'p>(policy: &'p Policy, key: &[u8]) -> KeyClass<'p> {
+    let Some(rest) = key
+        .strip_prefix(policy.env().as_bytes())
+        .and_then(|k| k.strip_prefix(b":"))
+        .and_then(|k| k.strip_prefix(policy.app().as_bytes()))
+        .and_then(|k| k.strip_prefix(b":"))
+    else {
+        return KeyClass::Foreign;
+    };
+    if rest.starts_with(b"_kw:") {
+        return KeyClass::Internal;
+    }
+    match std::str::from_utf8(rest)
+        .ok()
+        .and_then(|rest| class_key(policy, rest))
+    {
+        Some(k) => KeyClass::Class(k),
+        None => KeyClass::Unknown,
+    }
+}
+
+/// `rest` is the key after `{env}:{app}:`.
+fn class_key<'p>(policy: &'p Policy, rest: &str) -> Option<ClassKey<'p>> {
+    let (name, rest) = rest.split_once(':')?;
+    let class = policy.class(name)?;
+    let (version, rest) = rest.strip_prefix('v')?.split_once(':')?;
+    if version.is_empty()
+        || version.starts_with('0')
+        || !version.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let version: u32 = version.parse().ok()?;
+    let (tag, suffix) = rest.strip_prefix('{')?.split_once('}')?;
+    if tag.is_empty() {
+        return None;
+    }
+    let kind = class.kind().name();
+    let is_stream = kind == "stream" && tag == class.name();
+    let (role, id) = match (kind, suffix) {
+        ("stream", "") if is_stream => (KeyRole::Stream, tag),
+        ("stream", ":dead") if is_stream => (KeyRole::DeadLetters, tag),
+        ("stream", ":wake") if is_stream => (KeyRole::StreamWake, tag),
+        ("stream", _) => return None,
+        ("session", "") => (KeyRole::SessionIndex, tag.strip_prefix("u:")?),
+        ("session", id) => {
+            let id = id.strip_prefix(':')?;
+            let slot = tag.strip_prefix(SLOT_TAG_PREFIX)?;
+            if slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return None;
+            }
+            (KeyRole::Entry, id)
+        }
+        ("lock", ":f") => (KeyRole::LockFence, tag),
+        ("lock", ":w") => (KeyRole::LockValue, tag),
+        (_, "") => (KeyRole::Entry, tag),
+        _ => return None,
+    };
+    if !id.split(':').all(|part| unescape_part(part).is_some()) {
+        return None;
+    }
+    Some(ClassKey {
+        class,
+        version,
+        role,
+        id: id.to_owned(),
+    })
+}
+
+/// The raw id part that [`escape_part`] turned into `escaped`; `None` if `escaped` is not exactly what
+/// `escape_part` produces for any input (empty, a character that should have been escaped, a `%` not
+/// followed by two uppercase hex digits, an escape of a character that needs none, or bytes that are not
+/// UTF-8 once decoded).
+pub fn unescape_part(escaped: &str) -> Option<String> {
+    if escaped.is_empty() {
+        return None;
+    }
+    let bytes = escaped.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| match b {
+                b'0'..=b'9' => Some(b - b'0'),
+                b'A'..=b'F' => Some(b - b'A' + 10),
+                _ => None,
+            };
+            let hi = hex(*bytes.get(i + 1)?)?;
+            let lo = hex(*bytes.get(i + 2)?)?;
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let raw = String::from_utf8(out).ok()?;
+    (escape_part(&raw) == escaped).then_some(raw)
+}
+
 /// The number of hash slots of a Redis Cluster.
 pub(crate) const CLUSTER_SLOTS: u16 = 16384;
 
@@ -582,6 +861,190 @@ mod tests {
 
     fn space() -> KeySpace {
         KeySpace::new(&policy(), "product_list").unwrap()
+    }
+
+    fn audit_policy() -> Policy {
+        use crate::policy::{
+            Algorithm, IdempotencyClass, LockClass, RateLimitClass, Retention, SessionClass,
+            StreamClass,
+        };
+        Policy::builder("prod", "shop")
+            .cache("product_list", class().version(2))
+            .lock("invoice_run", LockClass::new(Duration::from_secs(30)))
+            .session(
+                "web_session",
+                SessionClass::new(Duration::from_secs(1800), Duration::from_secs(43200)),
+            )
+            .stream("order_events", StreamClass::new(Retention::maxlen(1000)))
+            .rate_limit(
+                "api",
+                RateLimitClass::new(Algorithm::Gcra, 100, Duration::from_secs(60)),
+            )
+            .idempotency("charge", IdempotencyClass::new())
+            .build()
+            .unwrap()
+    }
+
+    fn class_key<'p>(policy: &'p Policy, key: &[u8]) -> ClassKey<'p> {
+        match classify(policy, key) {
+            KeyClass::Class(k) => k,
+            other => panic!("{:?} classified as {other:?}", String::from_utf8_lossy(key)),
+        }
+    }
+
+    #[test]
+    fn classify_recognises_every_key_keyward_builds() {
+        let p = audit_policy();
+        let cache = KeySpace::new(&p, "product_list").unwrap();
+        for id in [
+            "a:b",
+            "caf\u{e9} \u{1F600}",
+            "{x}*?[]%\\",
+            "tab\there",
+            "\u{7f}\u{0}",
+        ] {
+            let key = cache.key(&("en", id)).unwrap();
+            let k = class_key(&p, key.as_bytes());
+            assert_eq!(k.class().name(), "product_list");
+            assert_eq!((k.version(), k.current_version()), (2, 2));
+            assert!(k.is_current() && !k.is_old());
+            assert_eq!(k.role(), KeyRole::Entry);
+            let parts: Vec<String> = k
+                .id()
+                .split(':')
+                .map(|part| unescape_part(part).unwrap())
+                .collect();
+            assert_eq!(parts, ["en", id], "{key}");
+        }
+        let lock = KeySpace::new(&p, "invoice_run")
+            .unwrap()
+            .key("nightly")
+            .unwrap();
+        assert_eq!(class_key(&p, lock.as_bytes()).role(), KeyRole::Entry);
+        let fence = format!("{lock}:f");
+        let value = format!("{lock}:w");
+        assert_eq!(class_key(&p, fence.as_bytes()).role(), KeyRole::LockFence);
+        assert_eq!(class_key(&p, value.as_bytes()).role(), KeyRole::LockValue);
+        let stream = KeySpace::new(&p, "order_events").unwrap();
+        let skey = stream.key("order_events").unwrap();
+        assert_eq!(class_key(&p, skey.as_bytes()).role(), KeyRole::Stream);
+        assert_eq!(class_key(&p, skey.as_bytes()).max_ttl(), None);
+        let dead = format!("{skey}:dead");
+        let wake = format!("{skey}:wake");
+        assert_eq!(class_key(&p, dead.as_bytes()).role(), KeyRole::DeadLetters);
+        assert_eq!(class_key(&p, wake.as_bytes()).role(), KeyRole::StreamWake);
+        let sessions = KeySpace::new(&p, "web_session").unwrap();
+        let record = sessions.tagged_key(slot_tag(4242), "Ab-9_x").unwrap();
+        let k = class_key(&p, record.as_bytes());
+        assert_eq!((k.role(), k.id()), (KeyRole::Entry, "Ab-9_x"));
+        let index = sessions.key(&["u", "al:ice"]).unwrap();
+        let k = class_key(&p, index.as_bytes());
+        assert_eq!((k.role(), k.id()), (KeyRole::SessionIndex, "al%3Aice"));
+        let rl = KeySpace::new(&p, "api").unwrap().key("tenant-7").unwrap();
+        assert_eq!(class_key(&p, rl.as_bytes()).class().name(), "api");
+        let charge = KeySpace::new(&p, "charge")
+            .unwrap()
+            .key(&("t", "k"))
+            .unwrap();
+        assert_eq!(class_key(&p, charge.as_bytes()).class().name(), "charge");
+        assert_eq!(classify(&p, b"prod:shop:_kw:gens"), KeyClass::Internal);
+        assert_eq!(classify(&p, b"prod:shop:_kw:probe:x"), KeyClass::Internal);
+    }
+
+    #[test]
+    fn classify_tells_old_and_newer_versions() {
+        let p = audit_policy();
+        let old = class_key(&p, b"prod:shop:product_list:v1:{en}");
+        assert!(old.is_old() && !old.is_current());
+        let newer = class_key(&p, b"prod:shop:product_list:v3:{en}");
+        assert!(!newer.is_old() && !newer.is_current());
+        assert_eq!(newer.version(), 3);
+    }
+
+    #[test]
+    fn classify_refuses_what_keyward_never_writes() {
+        let p = audit_policy();
+        for key in [
+            &b"app:v1:products:list:en"[..],
+            b"prod:user:session:42",
+            b"staging:shop:product_list:v2:{en}",
+            b"prodx:shop:product_list:v2:{en}",
+            b"prod",
+            b"",
+        ] {
+            assert_eq!(classify(&p, key), KeyClass::Foreign, "{key:?}");
+        }
+        for key in [
+            &b"prod:shop:product_list:v2:en"[..],
+            b"prod:shop:product_list:v2:{}",
+            b"prod:shop:product_list:v2:{a b}",
+            b"prod:shop:product_list:v2:{a*}",
+            b"prod:shop:product_list:v2:{a%3a}",
+            b"prod:shop:product_list:v2:{%41}",
+            b"prod:shop:product_list:v2:{a%3}",
+            b"prod:shop:product_list:v2:{a::b}",
+            b"prod:shop:product_list:v2:{a}:f",
+            b"prod:shop:product_list:v02:{a}",
+            b"prod:shop:product_list:v:{a}",
+            b"prod:shop:product_list:vx:{a}",
+            b"prod:shop:product_list:v99999999999:{a}",
+            b"prod:shop:product_list:v2:{\xff\xfe}",
+            b"prod:shop:product_list:v2:{%FF}",
+            b"prod:shop:undeclared:v1:{a}",
+            b"prod:shop:invoice_run:v1:{a}:x",
+            b"prod:shop:order_events:v1:{other}",
+            b"prod:shop:order_events:v1:{order_events}:tail",
+            b"prod:shop:web_session:v1:{x:1}:abc",
+            b"prod:shop:web_session:v1:{s:1}:",
+            b"prod:shop:web_session:v1:{s:1}",
+            b"prod:shop:\xc3",
+            b"prod:shop:",
+        ] {
+            assert_eq!(
+                classify(&p, key),
+                KeyClass::Unknown,
+                "{:?}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+
+    #[test]
+    fn max_ttl_follows_the_class() {
+        let p = audit_policy();
+        let cache = class_key(&p, b"prod:shop:product_list:v2:{en}");
+        // 600 s + 10 % jitter + the default 10 s lease.
+        assert_eq!(cache.max_ttl(), Some(Duration::from_secs(670)));
+        let lock = class_key(&p, b"prod:shop:invoice_run:v1:{a}");
+        assert_eq!(lock.max_ttl(), Some(Duration::from_secs(30)));
+        let fence = class_key(&p, b"prod:shop:invoice_run:v1:{a}:f");
+        assert_eq!(fence.max_ttl(), Some(Duration::from_secs(7 * 86400)));
+        let index = class_key(&p, b"prod:shop:web_session:v1:{u:bob}");
+        assert_eq!(index.max_ttl(), Some(Duration::from_secs(43200)));
+        let rl = class_key(&p, b"prod:shop:api:v1:{t}");
+        assert_eq!(rl.max_ttl(), Some(Duration::from_secs(120)));
+        let dead = class_key(&p, b"prod:shop:order_events:v1:{order_events}:dead");
+        assert_eq!(dead.max_ttl(), None);
+    }
+
+    #[test]
+    fn unescape_inverts_escape() {
+        for raw in ["plain", "a:b", "caf\u{e9}", "%41", "\u{1F600} *?", "\n\r\t"] {
+            assert_eq!(unescape_part(&escape_part(raw)).as_deref(), Some(raw));
+        }
+        assert_eq!(unescape_part(""), None);
+        assert_eq!(unescape_part("%4"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn classify_finds_any_escaped_id(parts in proptest::collection::vec("\\PC{1,12}", 1..4)) {
+            let p = audit_policy();
+            let key = KeySpace::new(&p, "product_list").unwrap().key(&parts).unwrap();
+            let k = class_key(&p, key.as_bytes());
+            let back: Vec<String> = k.id().split(':').map(|s| unescape_part(s).unwrap()).collect();
+            prop_assert_eq!(back, parts);
+        }
     }
 
     #[test]

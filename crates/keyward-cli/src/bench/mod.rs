@@ -19,7 +19,7 @@ mod fleet;
 mod measure;
 mod report;
 mod scenarios;
-mod servers;
+pub(crate) mod servers;
 
 use std::time::Duration;
 

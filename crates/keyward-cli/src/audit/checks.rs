@@ -1,0 +1,339 @@
+//! The checks that run once the walk is complete: the streams it met (retention, stuck consumer groups,
+//! dead letters) and each server's settings against what the policy assumes.
+//!
+//! The one decision: **a stream's findings come from `XINFO` and `XPENDING … IDLE`, read-only**, never from
+//! reading entries; a stream outside every stream class is reported as having no retention bound, because
+//! nothing declares one for it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use keyward::policy::Policy;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+
+use super::tally::{StreamSeen, display_key};
+
+/// How idle a pending entry of a stream outside every class may be before its group counts as stuck (the
+/// default `claim_idle` of a stream class).
+pub(crate) const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(60);
+/// `XPENDING … IDLE` reads at most this many entries per group: a count at this value means "at least".
+const PENDING_PAGE: usize = 100;
+
+/// A stream with no retention bound (outside every stream class).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct StreamNoRetention {
+    pub(crate) key: String,
+    pub(crate) length: u64,
+}
+
+/// A stream of a class that holds more than its retention allows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct StreamOverRetention {
+    pub(crate) key: String,
+    pub(crate) class: String,
+    pub(crate) length: u64,
+    pub(crate) maxlen: Option<u64>,
+    pub(crate) oldest_age_ms: Option<u64>,
+    pub(crate) max_age_ms: Option<u64>,
+}
+
+/// A consumer group with entries pending longer than the class's `claim_idle`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct StuckGroup {
+    pub(crate) stream: String,
+    pub(crate) group: String,
+    /// Entries idle longer than `claim_idle_ms` (at most 100 are counted: 100 means "100 or more").
+    pub(crate) pending_idle: u64,
+    pub(crate) pending_total: u64,
+    pub(crate) claim_idle_ms: u64,
+}
+
+/// A dead-letter stream that is not empty.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct DeadLetters {
+    pub(crate) key: String,
+    pub(crate) class: String,
+    pub(crate) length: u64,
+}
+
+/// A server setting that breaks an assumption of the policy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct ServerSetting {
+    pub(crate) server: String,
+    pub(crate) setting: String,
+    pub(crate) value: String,
+    pub(crate) problem: String,
+}
+
+/// What one server says about itself.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct ServerInfo {
+    pub(crate) server: String,
+    /// `DBSIZE` before the walk.
+    pub(crate) keys: u64,
+    pub(crate) maxmemory_policy: String,
+    pub(crate) maxmemory_bytes: u64,
+    /// `off`, `rdb`, `aof` or `rdb+aof`.
+    pub(crate) persistence: String,
+}
+
+/// The stream findings.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub(crate) struct StreamFindings {
+    pub(crate) without_retention: Vec<StreamNoRetention>,
+    pub(crate) over_retention: Vec<StreamOverRetention>,
+    pub(crate) stuck_groups: Vec<StuckGroup>,
+    pub(crate) dead_letters: Vec<DeadLetters>,
+}
+
+/// `CONFIG GET` one setting.
+async fn config_get(conn: &mut MultiplexedConnection, name: &str) -> anyhow::Result<String> {
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("CONFIG GET {name}"))?;
+    Ok(reply.get(1).cloned().unwrap_or_default())
+}
+
+/// The server's size and settings.
+pub(crate) async fn server_info(
+    conn: &mut MultiplexedConnection,
+    server: &str,
+) -> anyhow::Result<ServerInfo> {
+    let keys: u64 = redis::cmd("DBSIZE")
+        .query_async(conn)
+        .await
+        .context("DBSIZE")?;
+    let maxmemory_policy = config_get(conn, "maxmemory-policy").await?;
+    let maxmemory_bytes = config_get(conn, "maxmemory").await?.parse().unwrap_or(0);
+    let rdb = !config_get(conn, "save").await?.trim().is_empty();
+    let aof = config_get(conn, "appendonly").await? == "yes";
+    let persistence = match (rdb, aof) {
+        (false, false) => "off",
+        (true, false) => "rdb",
+        (false, true) => "aof",
+        (true, true) => "rdb+aof",
+    };
+    Ok(ServerInfo {
+        server: server.to_owned(),
+        keys,
+        maxmemory_policy,
+        maxmemory_bytes,
+        persistence: persistence.to_owned(),
+    })
+}
+
+/// The settings of `info` that break the policy's assumptions.
+pub(crate) fn check_settings(policy: &Policy, info: &ServerInfo) -> Vec<ServerSetting> {
+    let mut out = Vec::new();
+    let never_evict: Vec<&str> = policy
+        .classes()
+        .filter(|c| !c.kind().evictable() && c.kind().name() != "channel")
+        .map(|c| c.name())
+        .collect();
+    if info.maxmemory_policy != "noeviction" && !never_evict.is_empty() {
+        out.push(ServerSetting {
+            server: info.server.clone(),
+            setting: "maxmemory-policy".to_owned(),
+            value: info.maxmemory_policy.clone(),
+            problem: format!(
+                "evicts keys under memory pressure, but classes {} must never be evicted (use noeviction, or a separate instance for caches)",
+                never_evict.join(", ")
+            ),
+        });
+    }
+    let streams: Vec<&str> = policy
+        .classes()
+        .filter(|c| c.as_stream().is_some())
+        .map(|c| c.name())
+        .collect();
+    if info.persistence == "off" && !streams.is_empty() {
+        out.push(ServerSetting {
+            server: info.server.clone(),
+            setting: "save/appendonly".to_owned(),
+            value: "off".to_owned(),
+            problem: format!(
+                "no persistence, but stream classes {} (write-behind and side effects) lose every undrained entry on a restart",
+                streams.join(", ")
+            ),
+        });
+    }
+    out
+}
+
+/// Checks one stream met by the walk and adds what it finds to `out`.
+pub(crate) async fn check_stream(
+    policy: &Policy,
+    conn: &mut MultiplexedConnection,
+    seen: &StreamSeen,
+    key: &[u8],
+    out: &mut StreamFindings,
+) -> anyhow::Result<()> {
+    let shown = display_key(key);
+    let class = seen.class.as_deref().and_then(|c| policy.class(c));
+    let settings = class.and_then(|c| c.as_stream());
+    let length: u64 = match redis::cmd("XLEN").arg(key).query_async(conn).await {
+        Ok(n) => n,
+        // Replaced by another type since the walk.
+        Err(e) if e.code() == Some("WRONGTYPE") => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("XLEN {shown}")),
+    };
+    let role = seen.role.as_deref();
+    match (settings, role) {
+        (Some(_), Some("dead_letters")) => {
+            if length > 0 {
+                out.dead_letters.push(DeadLetters {
+                    key: shown.clone(),
+                    class: seen.class.clone().unwrap_or_default(),
+                    length,
+                });
+            }
+        }
+        (Some(s), Some("stream")) => {
+            let r = s.retention_value();
+            // Approximate trimming keeps up to one radix-tree node (100 entries by default) beyond the bound.
+            let over_len = r.maxlen_value().is_some_and(|m| length > m + 100);
+            let oldest_age_ms = oldest_age_ms(conn, key).await?;
+            let over_age = match (r.max_age_value(), oldest_age_ms) {
+                (Some(max), Some(age)) => u128::from(age) > max.as_millis() + 60_000,
+                _ => false,
+            };
+            if over_len || over_age {
+                out.over_retention.push(StreamOverRetention {
+                    key: shown.clone(),
+                    class: seen.class.clone().unwrap_or_default(),
+                    length,
+                    maxlen: r.maxlen_value(),
+                    oldest_age_ms,
+                    max_age_ms: r
+                        .max_age_value()
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                });
+            }
+        }
+        _ => out.without_retention.push(StreamNoRetention {
+            key: shown.clone(),
+            length,
+        }),
+    }
+    if role == Some("dead_letters") {
+        return Ok(());
+    }
+    let claim_idle = settings.map_or(DEFAULT_CLAIM_IDLE, |s| s.claim_idle_value());
+    let claim_idle_ms = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
+    let groups: Vec<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XINFO GROUPS {shown}"))?;
+    for group in groups {
+        let fields = pairs(&group);
+        let name = fields
+            .iter()
+            .find(|(k, _)| k == "name")
+            .and_then(|(_, v)| as_bytes(v))
+            .unwrap_or_default();
+        let pending_total = fields
+            .iter()
+            .find(|(k, _)| k == "pending")
+            .and_then(|(_, v)| match v {
+                Value::Int(n) => u64::try_from(*n).ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if pending_total == 0 {
+            continue;
+        }
+        let idle: Vec<Value> = redis::cmd("XPENDING")
+            .arg(key)
+            .arg(&name)
+            .arg("IDLE")
+            .arg(claim_idle_ms)
+            .arg("-")
+            .arg("+")
+            .arg(PENDING_PAGE)
+            .query_async(conn)
+            .await
+            .with_context(|| format!("XPENDING {shown}"))?;
+        if !idle.is_empty() {
+            out.stuck_groups.push(StuckGroup {
+                stream: shown.clone(),
+                group: display_key(&name),
+                pending_idle: idle.len() as u64,
+                pending_total,
+                claim_idle_ms,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Age of the stream's first entry (by its id's milliseconds), if it has one.
+async fn oldest_age_ms(
+    conn: &mut MultiplexedConnection,
+    key: &[u8],
+) -> anyhow::Result<Option<u64>> {
+    let first: Vec<Value> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .context("XRANGE … COUNT 1")?;
+    let Some(Value::Array(entry)) = first.first() else {
+        return Ok(None);
+    };
+    let Some(id) = entry.first().and_then(as_bytes) else {
+        return Ok(None);
+    };
+    let ms: Option<u64> = std::str::from_utf8(&id)
+        .ok()
+        .and_then(|s| s.split('-').next())
+        .and_then(|s| s.parse().ok());
+    let now = u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX);
+    Ok(ms.map(|ms| now.saturating_sub(ms)))
+}
+
+fn as_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// A RESP2 flat `[k, v, k, v…]` array or a RESP3 map, as pairs with text keys.
+fn pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| {
+                let k = as_bytes(kv.first()?)?;
+                Some((String::from_utf8_lossy(&k).into_owned(), kv.get(1)?.clone()))
+            })
+            .collect(),
+        Value::Map(items) => items
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    String::from_utf8_lossy(&as_bytes(k)?).into_owned(),
+                    v.clone(),
+                ))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}

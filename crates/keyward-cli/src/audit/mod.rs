@@ -1,0 +1,493 @@
+//! `keyward audit`: walk a live keyspace and check every key against the policy.
+//!
+//! The one decision: **the audit is read-only and resumable by construction.** It only sends the commands
+//! listed in `docs/cli.md` (the read-only ACL rule there is tested), and everything it has counted lives in
+//! a [`Tally`] that is saved with the per-server `SCAN` cursors in a checkpoint file whenever the walk
+//! stops early (Ctrl-C, SIGTERM, `--limit-keys`, an error): `--resume TOKEN` loads it and continues, and the
+//! final report is the one a single pass would have printed.
+//!
+//! Inside: `walk` (SCAN + inspection pipelines, pacing), `tally` (what the keys say, per class),
+//! `checks` (streams and server settings, after the walk), `report` (JSON and table).
+
+mod checks;
+mod report;
+mod tally;
+pub(crate) mod walk;
+
+pub(crate) use tally::display_key;
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use base64::Engine as _;
+use clap::Args;
+use keyward::policy::Policy;
+use serde::{Deserialize, Serialize};
+
+use crate::bench::servers::Servers;
+use crate::error::{UsageError, usage};
+use checks::{ServerInfo, StreamFindings};
+use report::ScanStats;
+use tally::Tally;
+use walk::{KeyFacts, NodeWalk};
+
+/// Exit status when the audit found violations.
+pub(crate) const EXIT_VIOLATIONS: u8 = 3;
+/// Exit status when the walk stopped before the end (a resume token was printed).
+pub(crate) const EXIT_INCOMPLETE: u8 = 4;
+
+/// Default pace: Redis commands per second, per server. With the default `--count` of 50 (a pipeline of
+/// about 150 commands, one read of the server's query buffer), this kept a concurrent client's p99 within
+/// 1 ms of its unloaded value on the reference machine (BENCHMARKS.md).
+const DEFAULT_MAX_OPS: u64 = 300_000;
+
+/// Arguments of `keyward audit`.
+#[derive(Debug, Args)]
+pub(crate) struct AuditArgs {
+    /// The policy file (TOML) the keyspace is checked against.
+    #[arg(long)]
+    policy: PathBuf,
+    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,host:port…] (every
+    /// primary is walked). Default: $REDIS_URL, else redis://127.0.0.1:6379.
+    #[arg(long)]
+    url: Option<String>,
+    /// Print one JSON document (field names in docs/cli.md) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Continue an interrupted audit from the token it printed.
+    #[arg(long, value_name = "TOKEN")]
+    resume: Option<String>,
+    /// Where interrupted audits keep their checkpoint (default: the system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Ceiling on the commands sent per second to each server; the walk slows further when the server's
+    /// latency rises.
+    #[arg(long, default_value_t = DEFAULT_MAX_OPS)]
+    max_ops_per_sec: u64,
+    /// Keys asked of each SCAN (its COUNT).
+    #[arg(long, default_value_t = 50)]
+    count: usize,
+    /// MEMORY USAGE SAMPLES: nested values sampled per hash, set, list, sorted set or stream (0 = all).
+    #[arg(long, default_value_t = 5)]
+    samples: u64,
+    /// How many of the biggest keys to show per class.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Stop after about this many keys (a checkpoint and resume token are printed, exit status 4): spreads an
+    /// audit over several runs.
+    #[arg(long, value_name = "N")]
+    limit_keys: Option<u64>,
+}
+
+/// One server's progress in a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct NodeState {
+    server: String,
+    cursor: u64,
+    done: bool,
+}
+
+/// What an interrupted audit saves: enough to finish as if it had never stopped.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    format: u32,
+    env: String,
+    app: String,
+    nodes: Vec<NodeState>,
+    tally: Tally,
+    seconds: f64,
+    commands: u64,
+    backoffs: u64,
+}
+
+/// `kwa1-<16 hex>` ↔ `<dir>/keyward-audit-<16 hex>.json`.
+fn checkpoint_path(dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
+    let id = token
+        .strip_prefix("kwa1-")
+        .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--resume: {token:?} is not an audit resume token (kwa1-…)"
+            ))
+        })?;
+    Ok(dir.join(format!("keyward-audit-{id}.json")))
+}
+
+/// One inspected batch of one server, sent to the tally.
+struct Msg {
+    node: usize,
+    keys: Vec<(KeyFacts, Option<u64>)>,
+    resume_at: Option<u64>,
+    commands: u64,
+    backoffs: u64,
+}
+
+/// Runs `keyward audit`.
+///
+/// # Errors
+/// A [`UsageError`] for a bad policy, URL, token or flag; otherwise when a server cannot be reached or
+/// refuses a command (the resume token is printed first if keys were already counted).
+pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    if args.count == 0 {
+        usage!("--count must be at least 1");
+    }
+    if args.max_ops_per_sec == 0 {
+        usage!("--max-ops-per-sec must be at least 1");
+    }
+    let url = args
+        .url
+        .clone()
+        .or_else(|| std::env::var("REDIS_URL").ok())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(audit(args, Arc::new(policy), &url))
+}
+
+async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .checkpoint_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let servers = Servers::discover(url).await?;
+    let addrs: Vec<(String, String)> = servers
+        .urls()
+        .map(|(a, u)| (a.to_owned(), u.to_owned()))
+        .collect();
+    let (token, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
+    {
+        Some(token) => {
+            let path = checkpoint_path(&dir, token)?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                UsageError(format!(
+                    "--resume {token}: cannot read the checkpoint {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let cp: Checkpoint = serde_json::from_str(&text)
+                .with_context(|| format!("checkpoint {} is corrupt", path.display()))?;
+            if cp.format != 1 || cp.env != policy.env() || cp.app != policy.app() {
+                usage!(
+                    "--resume {token}: the checkpoint is for namespace {}:{}, not {}:{}",
+                    cp.env,
+                    cp.app,
+                    policy.env(),
+                    policy.app()
+                );
+            }
+            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
+            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
+            if servers_now != servers_then {
+                usage!(
+                    "--resume {token}: the checkpoint walked servers {servers_then:?}, the URL now names {servers_now:?}"
+                );
+            }
+            (
+                token.clone(),
+                cp.nodes,
+                cp.tally,
+                cp.seconds,
+                cp.commands,
+                cp.backoffs,
+            )
+        }
+        None => (
+            format!("kwa1-{:016x}", rand::random::<u64>()),
+            addrs
+                .iter()
+                .map(|(a, _)| NodeState {
+                    server: a.clone(),
+                    cursor: 0,
+                    done: false,
+                })
+                .collect(),
+            Tally::default(),
+            0.0,
+            0,
+            0,
+        ),
+    };
+
+    let mut conns = Vec::with_capacity(addrs.len());
+    let mut infos: Vec<ServerInfo> = Vec::with_capacity(addrs.len());
+    for (addr, node_url) in &addrs {
+        let label = if addr.is_empty() { "the server" } else { addr };
+        let mut conn = walk::connect(node_url)
+            .await
+            .with_context(|| format!("cannot audit {label}"))?;
+        infos.push(
+            checks::server_info(&mut conn, addr)
+                .await
+                .with_context(|| format!("cannot audit {label}"))?,
+        );
+        conns.push(conn);
+    }
+
+    let progress = progress_bar(infos.iter().map(|i| i.keys).sum(), tally.keys_seen);
+    let stop = Arc::new(AtomicBool::new(false));
+    let examined = Arc::new(AtomicU64::new(0));
+    let on_signal = stop_on_signal(stop.clone())?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, conn) in conns.iter().enumerate() {
+        if nodes[i].done {
+            continue;
+        }
+        let walker = NodeWalk::new(
+            conn.clone(),
+            nodes[i].cursor,
+            args.count,
+            args.samples,
+            args.max_ops_per_sec,
+        );
+        tasks.spawn(walk_node(
+            i,
+            walker,
+            policy.clone(),
+            tx.clone(),
+            stop.clone(),
+            examined.clone(),
+            args.limit_keys,
+        ));
+    }
+    drop(tx);
+    let signals = tokio::spawn(on_signal);
+    let started = Instant::now();
+    while let Some(msg) = rx.recv().await {
+        for (facts, size) in &msg.keys {
+            tally.add(&policy, msg.node, facts, *size, args.top);
+        }
+        match msg.resume_at {
+            Some(cursor) => nodes[msg.node].cursor = cursor,
+            None => {
+                nodes[msg.node].cursor = 0;
+                nodes[msg.node].done = true;
+            }
+        }
+        commands += msg.commands;
+        backoffs += msg.backoffs;
+        examined.fetch_add(msg.keys.len() as u64, Ordering::Relaxed);
+        if let Some(pb) = &progress {
+            pb.set_position(tally.keys_seen);
+        }
+    }
+    signals.abort();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow!("a walk task failed: {e}"))),
+        }
+    }
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    seconds += started.elapsed().as_secs_f64();
+    let complete = nodes.iter().all(|n| n.done);
+    let cp_path = checkpoint_path(&dir, &token)?;
+
+    if !complete {
+        let cp = Checkpoint {
+            format: 1,
+            env: policy.env().to_owned(),
+            app: policy.app().to_owned(),
+            nodes,
+            tally: tally.clone(),
+            seconds,
+            commands,
+            backoffs,
+        };
+        std::fs::create_dir_all(&dir).ok();
+        std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
+            .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
+        eprintln!(
+            "keyward audit: stopped after {} keys; resume with: --resume {token}",
+            tally.keys_seen
+        );
+        if let Some(e) = failure {
+            return Err(e.context(format!("the audit stopped (resume with --resume {token})")));
+        }
+    } else if let Some(e) = failure {
+        return Err(e);
+    }
+
+    let mut findings = StreamFindings::default();
+    let mut settings = Vec::new();
+    if complete {
+        let mut streams = tally.streams.clone();
+        streams.sort();
+        streams.dedup();
+        for seen in &streams {
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(&seen.key_b64)
+                .context("checkpoint holds a bad stream key")?;
+            let conn = conns
+                .get_mut(seen.node)
+                .ok_or_else(|| anyhow!("checkpoint names an unknown server"))?;
+            checks::check_stream(&policy, conn, seen, &key, &mut findings).await?;
+        }
+        for info in &infos {
+            settings.extend(checks::check_settings(&policy, info));
+        }
+        let _ = std::fs::remove_file(&cp_path);
+    }
+    let report = report::build(
+        &policy,
+        &tally,
+        infos,
+        ScanStats {
+            keys_scanned: tally.keys_seen,
+            commands,
+            seconds,
+            backoffs,
+            max_ops_per_sec: args.max_ops_per_sec,
+        },
+        findings,
+        settings,
+        (!complete).then(|| token.clone()),
+    );
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
+        text.push('\n');
+        out.write_all(text.as_bytes())
+            .context("cannot write to stdout")?;
+    } else {
+        report::write_table(&report, &mut out).context("cannot write to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")?;
+    Ok(if !complete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else if report.violations.total > 0 {
+        ExitCode::from(EXIT_VIOLATIONS)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Walks one server until it is done, `stop` is set, or `limit` keys were examined in this run.
+async fn walk_node(
+    node: usize,
+    mut walker: NodeWalk,
+    policy: Arc<Policy>,
+    tx: tokio::sync::mpsc::Sender<Msg>,
+    stop: Arc<AtomicBool>,
+    examined: Arc<AtomicU64>,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let result =
+        walk_node_until_stopped(node, &mut walker, &policy, &tx, &stop, &examined, limit).await;
+    if result.is_err() {
+        // One server failed: stop the others too, so the checkpoint is written and the token printed soon.
+        stop.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn walk_node_until_stopped(
+    node: usize,
+    walker: &mut NodeWalk,
+    policy: &Policy,
+    tx: &tokio::sync::mpsc::Sender<Msg>,
+    stop: &AtomicBool,
+    examined: &AtomicU64,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    loop {
+        if stop.load(Ordering::Relaxed)
+            || limit.is_some_and(|l| examined.load(Ordering::Relaxed) >= l)
+        {
+            return Ok(());
+        }
+        let before = (walker.commands, walker.pacer.backoffs);
+        let Some(batch) = walker.next_batch().await? else {
+            return Ok(());
+        };
+        let probes: Vec<_> = batch
+            .keys
+            .iter()
+            .map(|facts| tally::size_probe(policy, facts))
+            .collect();
+        let mut sizes = vec![None; batch.keys.len()];
+        if probes.iter().any(Option::is_some) {
+            let mut pipe = redis::pipe();
+            let mut asked = Vec::new();
+            for (i, probe) in probes.iter().enumerate() {
+                if let Some((cmd, field, _)) = probe {
+                    let mut c = redis::cmd(cmd);
+                    c.arg(&batch.keys[i].key);
+                    if let Some(f) = field {
+                        c.arg(*f);
+                    }
+                    pipe.add_command(c);
+                    asked.push(i);
+                }
+            }
+            let lens: Vec<u64> = pipe
+                .query_async(walker.conn())
+                .await
+                .context("STRLEN / HSTRLEN pipeline failed")?;
+            walker.commands += asked.len() as u64;
+            for (i, len) in asked.into_iter().zip(lens) {
+                if let Some((_, _, limit)) = probes[i]
+                    && len > limit
+                {
+                    sizes[i] = Some(len);
+                }
+            }
+        }
+        let msg = Msg {
+            node,
+            keys: batch.keys.into_iter().zip(sizes).collect(),
+            resume_at: batch.resume_at,
+            commands: walker.commands - before.0,
+            backoffs: walker.pacer.backoffs - before.1,
+        };
+        let done = msg.resume_at.is_none();
+        if tx.send(msg).await.is_err() || done {
+            return Ok(());
+        }
+    }
+}
+
+/// Sets `stop` on Ctrl-C (SIGINT) or SIGTERM: the walks finish their batch, the checkpoint is saved and the
+/// token printed. The handlers are installed when this is *called* (before any walk starts), not when the
+/// returned future is first polled, so a signal that arrives early is not lost.
+pub(crate) fn stop_on_signal(stop: Arc<AtomicBool>) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        stop.store(true, Ordering::Relaxed);
+    })
+}
+
+/// A progress bar on stderr when it is a terminal: keys scanned of `DBSIZE`, rate and ETA.
+pub(crate) fn progress_bar(total: u64, done: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(total.max(done));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {human_pos}/{human_len} keys  {per_sec}  ETA {eta}  {wide_bar}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(done);
+    pb.enable_steady_tick(Duration::from_millis(200));
+    Some(pb)
+}

@@ -1,0 +1,288 @@
+//! The keyspace walker: `SCAN` on one server, paced, with each batch's keys inspected in the same round trip.
+//!
+//! The one decision: **one pipeline per batch carries both the inspection of the keys the last `SCAN`
+//! returned (`TYPE`, `PTTL`, `MEMORY USAGE … SAMPLES n` per key) and the next `SCAN`**, so a batch costs one
+//! round trip, and the cursor a checkpoint stores is always the one *after* the keys already counted: a walk
+//! stopped between batches and resumed from that cursor sees every key exactly as one uninterrupted walk.
+//! `KEYS` is never used. Pacing is per server: after each batch the walker waits until its commands fit the
+//! current rate, and the rate backs off (halves, down to 1/64 of `--max-ops-per-sec`) whenever a batch's
+//! round trip per command rises above four times its smoothed baseline (and the round trip is at least 5 ms),
+//! then climbs back by 1/16 of the ceiling per calm batch.
+//! `keyward purge` walks with the same code, restricted by `SCAN … MATCH` ([`NodeWalk::matching`]).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+
+/// How long one pipeline may take before the walk fails (and prints its resume token).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One key as the server described it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyFacts {
+    pub(crate) key: Vec<u8>,
+    /// `string`, `hash`, `stream`, … (`TYPE`).
+    pub(crate) kind: String,
+    /// Milliseconds left (`PTTL`): -1 when the key has no TTL.
+    pub(crate) pttl_ms: i64,
+    /// `MEMORY USAGE` in bytes (nested values sampled).
+    pub(crate) memory: u64,
+}
+
+/// A plain connection to one server (one primary of a Cluster).
+pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+    // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = redis::Client::open(url).map_err(|e| anyhow!("invalid Redis URL: {e}"))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| anyhow!("cannot connect: {e}"))
+}
+
+/// The pace of one server's walk: a ceiling in commands per second and the current rate under it.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    max: f64,
+    rate: f64,
+    /// Smoothed time per command of the calm batches (an exponential moving average, weight 1/8).
+    baseline_per_cmd: Option<f64>,
+    /// How many times the rate was halved.
+    pub(crate) backoffs: u64,
+}
+
+/// A batch counts as slow when its time per command is this many times the baseline …
+const SLOW_FACTOR: f64 = 4.0;
+/// … and its round trip is at least this long (shorter ones are scheduling noise, not a busy server).
+const SLOW_RTT: Duration = Duration::from_millis(5);
+
+impl Pacer {
+    pub(crate) fn new(max_ops_per_sec: u64) -> Self {
+        let max = max_ops_per_sec.max(1) as f64;
+        Pacer {
+            max,
+            rate: max,
+            baseline_per_cmd: None,
+            backoffs: 0,
+        }
+    }
+
+    /// Records a batch of `commands` that took `rtt`, and returns how long to wait before the next one so
+    /// that this batch's commands fit the (possibly lowered) rate.
+    pub(crate) fn after_batch(&mut self, commands: usize, rtt: Duration) -> Duration {
+        let commands = commands.max(1);
+        let per_cmd = rtt.as_secs_f64() / commands as f64;
+        let baseline = *self.baseline_per_cmd.get_or_insert(per_cmd);
+        if per_cmd > baseline * SLOW_FACTOR && rtt >= SLOW_RTT {
+            self.rate = (self.rate / 2.0).max(self.max / 64.0);
+            self.backoffs += 1;
+        } else {
+            self.baseline_per_cmd = Some(baseline + (per_cmd - baseline) / 8.0);
+            self.rate = (self.rate + self.max / 16.0).min(self.max);
+        }
+        Duration::from_secs_f64(commands as f64 / self.rate).saturating_sub(rtt)
+    }
+}
+
+/// The walk of one server: its connection, cursor and pace.
+pub(crate) struct NodeWalk {
+    conn: MultiplexedConnection,
+    /// The next `SCAN` cursor (`0` before the first batch and after the last).
+    cursor: u64,
+    /// Keys returned by the last `SCAN`, to inspect in the next pipeline.
+    pending: Vec<Vec<u8>>,
+    started: bool,
+    count: usize,
+    samples: u64,
+    /// `SCAN … MATCH` pattern, if any.
+    pattern: Option<String>,
+    pub(crate) pacer: Pacer,
+    pub(crate) commands: u64,
+}
+
+/// One inspected batch.
+pub(crate) struct Batch {
+    pub(crate) keys: Vec<KeyFacts>,
+    /// The cursor to resume from once these keys are counted; `None` when the walk of this server is done.
+    pub(crate) resume_at: Option<u64>,
+}
+
+impl NodeWalk {
+    /// A walk starting at `cursor` (`0`: from the start).
+    pub(crate) fn new(
+        conn: MultiplexedConnection,
+        cursor: u64,
+        count: usize,
+        samples: u64,
+        max_ops: u64,
+    ) -> Self {
+        NodeWalk {
+            conn,
+            cursor,
+            pending: Vec::new(),
+            started: false,
+            count,
+            samples,
+            pattern: None,
+            pacer: Pacer::new(max_ops),
+            commands: 0,
+        }
+    }
+
+    /// Walks only the keys matching `pattern` (`SCAN … MATCH`).
+    #[must_use]
+    pub(crate) fn matching(mut self, pattern: String) -> Self {
+        self.pattern = Some(pattern);
+        self
+    }
+
+    /// The walk's connection, for follow-up commands on this server (size checks, the purge's deletes).
+    pub(crate) fn conn(&mut self) -> &mut MultiplexedConnection {
+        &mut self.conn
+    }
+
+    /// Scans and inspects the next batch, then waits as the pace requires. `None` when the server is done.
+    ///
+    /// The cursor a checkpoint may store after this batch is [`Batch::resume_at`]: the keys of the `SCAN`
+    /// sent in this pipeline are inspected by the next call, so when the walk stops here they are scanned
+    /// again on resume, never lost and never counted twice.
+    pub(crate) async fn next_batch(&mut self) -> anyhow::Result<Option<Batch>> {
+        if self.started && self.cursor == 0 && self.pending.is_empty() {
+            return Ok(None);
+        }
+        let scanned_from = self.cursor;
+        let mut pipe = redis::pipe();
+        for key in &self.pending {
+            pipe.cmd("TYPE").arg(key);
+            pipe.cmd("PTTL").arg(key);
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(self.samples);
+        }
+        let scan_more = !(self.started && self.cursor == 0);
+        if scan_more {
+            let scan = pipe.cmd("SCAN").arg(self.cursor);
+            if let Some(pattern) = &self.pattern {
+                scan.arg("MATCH").arg(pattern);
+            }
+            scan.arg("COUNT").arg(self.count);
+        }
+        let commands = self.pending.len() * 3 + usize::from(scan_more);
+        let t0 = Instant::now();
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.conn)
+            .await
+            .context("SCAN / TYPE / PTTL / MEMORY USAGE pipeline failed")?;
+        let rtt = t0.elapsed();
+        self.commands += commands as u64;
+        let inspected = self.pending.len() * 3;
+        let mut keys = Vec::with_capacity(self.pending.len());
+        for (key, reply) in self.pending.drain(..).zip(replies[..inspected].chunks(3)) {
+            let kind = match &reply[0] {
+                Value::SimpleString(s) => s.clone(),
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                other => return Err(anyhow!("unexpected TYPE reply {other:?}")),
+            };
+            if kind == "none" {
+                // Expired or deleted between the SCAN and the inspection.
+                continue;
+            }
+            let pttl_ms = match reply[1] {
+                Value::Int(n) => n,
+                ref other => return Err(anyhow!("unexpected PTTL reply {other:?}")),
+            };
+            if pttl_ms == -2 {
+                continue;
+            }
+            let memory = match reply[2] {
+                Value::Int(n) => u64::try_from(n).unwrap_or(0),
+                _ => 0,
+            };
+            keys.push(KeyFacts {
+                key,
+                kind,
+                pttl_ms,
+                memory,
+            });
+        }
+        self.started = true;
+        let resume_at = scanned_from;
+        if scan_more {
+            let (next, found) = parse_scan(&replies[inspected])?;
+            self.cursor = next;
+            self.pending = found;
+        }
+        let wait = self.pacer.after_batch(commands, rtt);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let done = self.cursor == 0 && self.pending.is_empty();
+        Ok(Some(Batch {
+            keys,
+            resume_at: if done { None } else { Some(resume_at) },
+        }))
+    }
+}
+
+/// `[cursor, [key, …]]`.
+fn parse_scan(reply: &Value) -> anyhow::Result<(u64, Vec<Vec<u8>>)> {
+    let Value::Array(parts) = reply else {
+        return Err(anyhow!("unexpected SCAN reply {reply:?}"));
+    };
+    let cursor = match parts.first() {
+        Some(Value::BulkString(b)) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected SCAN cursor {b:?}"))?,
+        other => return Err(anyhow!("unexpected SCAN cursor {other:?}")),
+    };
+    let keys = match parts.get(1) {
+        Some(Value::Array(keys)) => keys
+            .iter()
+            .filter_map(|k| match k {
+                Value::BulkString(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect(),
+        other => return Err(anyhow!("unexpected SCAN keys {other:?}")),
+    };
+    Ok((cursor, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_holds_the_rate_and_backs_off_when_the_server_slows() {
+        let mut p = Pacer::new(10_000);
+        // 1000 commands in 10 ms at 10 000/s: wait the remaining 90 ms.
+        assert_eq!(
+            p.after_batch(1000, Duration::from_millis(10)),
+            Duration::from_millis(90)
+        );
+        // Ten times slower per command: halve the rate, wait accordingly.
+        let wait = p.after_batch(1000, Duration::from_millis(100));
+        assert_eq!(p.backoffs, 1);
+        assert_eq!(wait, Duration::from_millis(100));
+        // Calm again: the rate climbs back by a sixteenth of the ceiling.
+        let wait = p.after_batch(1000, Duration::from_millis(10));
+        assert!(wait < Duration::from_millis(190), "{wait:?}");
+        assert_eq!(p.backoffs, 1);
+        // A slow but short round trip is noise, not a busy server.
+        p.after_batch(10, Duration::from_millis(4));
+        assert_eq!(p.backoffs, 1);
+        // Never below 1/64 of the ceiling.
+        for _ in 0..20 {
+            p.after_batch(1000, Duration::from_secs(1));
+        }
+        assert_eq!(p.rate, 10_000.0 / 64.0);
+    }
+}

@@ -1,0 +1,697 @@
+//! `keyward purge`: delete an old version of a class, or keys of the namespace that no class owns — dry run
+//! by default, paced, resumable, logged.
+//!
+//! The one decision: **a key is deleted only if [`keyward::key::classify`] puts it in the selection *and* it
+//! is still, at the moment of deletion, the key the walk inspected** (`purge_unlink.lua`: same type, a TTL
+//! that has only run down). So a purge can never reach outside the policy's namespace or into a current
+//! version by accident, and a key the application rewrote between the walk and the delete survives. Deletes
+//! use `UNLINK` (freed in the background), never a flush.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context as _, anyhow};
+use clap::{ArgGroup, Args};
+use keyward::key::{KeyClass, classify, glob_match};
+use keyward::policy::Policy;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::walk::{self, KeyFacts, NodeWalk};
+use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
+use crate::bench::servers::Servers;
+use crate::error::{UsageError, usage};
+
+/// The delete-if-unchanged script (see the module docs).
+const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
+/// Sample keys shown by the dry run.
+const SAMPLE: usize = 10;
+/// Entries kept in the purge log stream, and how long it lives after the last purge.
+const LOG_MAXLEN: u64 = 1000;
+const LOG_TTL_MS: u64 = 90 * 86_400_000;
+
+/// Arguments of `keyward purge`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["class", "orphans"])))]
+pub(crate) struct PurgeArgs {
+    /// The policy file (TOML).
+    #[arg(long)]
+    policy: PathBuf,
+    /// Purge keys of this class (with --version N of an old version, or --all-versions).
+    #[arg(long)]
+    class: Option<String>,
+    /// The old version of --class to purge (below the class's current version).
+    #[arg(long, requires = "class", conflicts_with = "all_versions")]
+    version: Option<u32>,
+    /// Purge every version of --class, the current one included.
+    #[arg(long, requires = "class")]
+    all_versions: bool,
+    /// Purge keys matching this glob inside the policy's namespace that no class owns (it must start with
+    /// `{env}:{app}:`).
+    #[arg(long, value_name = "PATTERN")]
+    orphans: Option<String>,
+    /// Actually delete: repeat the class name (or the --orphans pattern). Without it, a dry run.
+    #[arg(long, value_name = "NAME")]
+    confirm: Option<String>,
+    /// Redis URL (as for `audit`). Default: $REDIS_URL, else redis://127.0.0.1:6379.
+    #[arg(long)]
+    url: Option<String>,
+    /// Ceiling on the commands sent per second to each server.
+    #[arg(long, default_value_t = 300_000)]
+    max_ops_per_sec: u64,
+    /// Keys asked of each SCAN (its COUNT).
+    #[arg(long, default_value_t = 50)]
+    count: usize,
+    /// Continue an interrupted purge from the token it printed.
+    #[arg(long, value_name = "TOKEN")]
+    resume: Option<String>,
+    /// Where interrupted purges keep their checkpoint (default: the system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Stop after about this many keys examined (exit status 4 with a resume token).
+    #[arg(long, value_name = "N")]
+    limit_keys: Option<u64>,
+}
+
+/// Which keys go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+enum Selection {
+    Version { class: String, version: u32 },
+    AllVersions { class: String },
+    Orphans { pattern: String },
+}
+
+impl Selection {
+    fn scan_pattern(&self, policy: &Policy) -> String {
+        match self {
+            Selection::Version { class, version } => {
+                format!("{}:{}:{class}:v{version}:*", policy.env(), policy.app())
+            }
+            Selection::AllVersions { class } => {
+                format!("{}:{}:{class}:v*", policy.env(), policy.app())
+            }
+            Selection::Orphans { pattern } => pattern.clone(),
+        }
+    }
+
+    fn selects(&self, policy: &Policy, key: &[u8]) -> bool {
+        match (self, classify(policy, key)) {
+            (Selection::Version { class, version }, KeyClass::Class(k)) => {
+                k.class().name() == class && k.version() == *version
+            }
+            (Selection::AllVersions { class }, KeyClass::Class(k)) => k.class().name() == class,
+            (Selection::Orphans { pattern }, KeyClass::Unknown) => {
+                glob_match(pattern.as_bytes(), key)
+            }
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Selection::Version { class, version } => format!("class {class} v{version}"),
+            Selection::AllVersions { class } => format!("class {class}, every version"),
+            Selection::Orphans { pattern } => format!("orphans {pattern}"),
+        }
+    }
+}
+
+/// The counts of a purge (saved in its checkpoint).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Counts {
+    examined: u64,
+    selected: u64,
+    bytes: u64,
+    deleted: u64,
+    /// Selected, but changed (or gone) before the delete: left alone.
+    skipped: u64,
+    sample: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct NodeState {
+    server: String,
+    cursor: u64,
+    done: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    format: u32,
+    env: String,
+    app: String,
+    selection: Selection,
+    confirmed: bool,
+    nodes: Vec<NodeState>,
+    counts: Counts,
+}
+
+/// Checks the arguments against the policy: what to select, and whether deletion is confirmed.
+fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bool)> {
+    let (sel, name) = if let Some(class) = &args.class {
+        let Some(declared) = policy.class(class) else {
+            usage!("--class {class}: the policy declares no such class");
+        };
+        let current = declared.kind().version();
+        let sel = match (args.version, args.all_versions) {
+            (Some(v), _) if v >= current => usage!(
+                "--version {v}: class {class} is at v{current}; only an older version can be purged (or pass --all-versions)"
+            ),
+            (Some(version), _) => Selection::Version {
+                class: class.clone(),
+                version,
+            },
+            (None, true) => Selection::AllVersions {
+                class: class.clone(),
+            },
+            (None, false) => usage!(
+                "--class {class} is current (v{current}): select an old version with --version N, or pass --all-versions"
+            ),
+        };
+        (sel, class.clone())
+    } else if let Some(pattern) = &args.orphans {
+        let ns = format!("{}:{}:", policy.env(), policy.app());
+        let literal: String = pattern
+            .chars()
+            .take_while(|c| !matches!(c, '*' | '?' | '[' | '\\'))
+            .collect();
+        if !literal.starts_with(&ns) {
+            usage!(
+                "--orphans {pattern}: refused, the pattern must start with the policy's namespace `{ns}`"
+            );
+        }
+        (
+            Selection::Orphans {
+                pattern: pattern.clone(),
+            },
+            pattern.clone(),
+        )
+    } else {
+        usage!("give --class NAME or --orphans PATTERN");
+    };
+    match &args.confirm {
+        Some(c) if *c != name => usage!("--confirm {c}: it must repeat {name:?} exactly"),
+        Some(_) => Ok((sel, true)),
+        None => Ok((sel, false)),
+    }
+}
+
+fn checkpoint_path(dir: &std::path::Path, token: &str) -> anyhow::Result<PathBuf> {
+    let id = token
+        .strip_prefix("kwp1-")
+        .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--resume: {token:?} is not a purge resume token (kwp1-…)"
+            ))
+        })?;
+    Ok(dir.join(format!("keyward-purge-{id}.json")))
+}
+
+/// Runs `keyward purge`.
+///
+/// # Errors
+/// A [`UsageError`] for a bad policy, selection, confirmation, URL or token; otherwise when a server cannot
+/// be reached or refuses a command (the resume token is printed first).
+pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    if args.count == 0 || args.max_ops_per_sec == 0 {
+        usage!("--count and --max-ops-per-sec must be at least 1");
+    }
+    let (sel, confirmed) = selection(&policy, &args)?;
+    let url = args
+        .url
+        .clone()
+        .or_else(|| std::env::var("REDIS_URL").ok())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(purge(args, Arc::new(policy), sel, confirmed, &url))
+}
+
+/// One walked batch of one server.
+struct Msg {
+    node: usize,
+    counts: Counts,
+    resume_at: Option<u64>,
+}
+
+async fn purge(
+    args: PurgeArgs,
+    policy: Arc<Policy>,
+    sel: Selection,
+    confirmed: bool,
+    url: &str,
+) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .checkpoint_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let servers = Servers::discover(url).await?;
+    let addrs: Vec<(String, String)> = servers
+        .urls()
+        .map(|(a, u)| (a.to_owned(), u.to_owned()))
+        .collect();
+    let (token, mut nodes, mut counts) = match &args.resume {
+        Some(token) => {
+            let path = checkpoint_path(&dir, token)?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                UsageError(format!(
+                    "--resume {token}: cannot read the checkpoint {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let cp: Checkpoint = serde_json::from_str(&text)
+                .with_context(|| format!("checkpoint {} is corrupt", path.display()))?;
+            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
+            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
+            if cp.format != 1
+                || cp.env != policy.env()
+                || cp.app != policy.app()
+                || cp.selection != sel
+                || cp.confirmed != confirmed
+                || servers_now != servers_then
+            {
+                usage!(
+                    "--resume {token}: the checkpoint is for another purge ({} on {servers_then:?})",
+                    cp.selection.describe()
+                );
+            }
+            (token.clone(), cp.nodes, cp.counts)
+        }
+        None => (
+            format!("kwp1-{:016x}", rand::random::<u64>()),
+            addrs
+                .iter()
+                .map(|(a, _)| NodeState {
+                    server: a.clone(),
+                    cursor: 0,
+                    done: false,
+                })
+                .collect(),
+            Counts::default(),
+        ),
+    };
+    let mut conns = Vec::with_capacity(addrs.len());
+    let mut total_keys = 0;
+    for (addr, node_url) in &addrs {
+        let label = if addr.is_empty() { "the server" } else { addr };
+        let mut conn = walk::connect(node_url)
+            .await
+            .with_context(|| format!("cannot purge on {label}"))?;
+        let n: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut conn)
+            .await
+            .with_context(|| format!("DBSIZE on {label}"))?;
+        total_keys += n;
+        conns.push(conn);
+    }
+    let progress = progress_bar(total_keys, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let examined = Arc::new(AtomicU64::new(0));
+    let on_signal = stop_on_signal(stop.clone())?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
+    let mut tasks = tokio::task::JoinSet::new();
+    let pattern = sel.scan_pattern(&policy);
+    for (i, conn) in conns.iter().enumerate() {
+        if nodes[i].done {
+            continue;
+        }
+        let walker = NodeWalk::new(
+            conn.clone(),
+            nodes[i].cursor,
+            args.count,
+            0,
+            args.max_ops_per_sec,
+        )
+        .matching(pattern.clone());
+        let (policy, sel, tx, stop, examined) = (
+            policy.clone(),
+            sel.clone(),
+            tx.clone(),
+            stop.clone(),
+            examined.clone(),
+        );
+        let limit = args.limit_keys;
+        tasks.spawn(async move {
+            let r = purge_node(
+                i, walker, &policy, &sel, confirmed, &tx, &stop, &examined, limit,
+            )
+            .await;
+            if r.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            r
+        });
+    }
+    drop(tx);
+    let signals = tokio::spawn(on_signal);
+    let started = Instant::now();
+    while let Some(msg) = rx.recv().await {
+        counts.examined += msg.counts.examined;
+        counts.selected += msg.counts.selected;
+        counts.bytes += msg.counts.bytes;
+        counts.deleted += msg.counts.deleted;
+        counts.skipped += msg.counts.skipped;
+        for key in msg.counts.sample {
+            if counts.sample.len() < SAMPLE {
+                counts.sample.push(key);
+            }
+        }
+        match msg.resume_at {
+            Some(c) => nodes[msg.node].cursor = c,
+            None => {
+                nodes[msg.node].cursor = 0;
+                nodes[msg.node].done = true;
+            }
+        }
+        examined.fetch_add(msg.counts.examined, Ordering::Relaxed);
+        if let Some(pb) = &progress {
+            pb.set_position(counts.examined);
+        }
+    }
+    signals.abort();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow!("a purge task failed: {e}"))),
+        }
+    }
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let complete = nodes.iter().all(|n| n.done);
+    let cp_path = checkpoint_path(&dir, &token)?;
+    if confirmed && (counts.deleted > 0 || complete) {
+        if servers.is_cluster() {
+            // The log's slot may be on any primary: let the Cluster client route it.
+            let seeds = crate::bench::servers::cluster_seeds(url)?.unwrap_or_default();
+            let client = redis::cluster::ClusterClient::new(
+                seeds.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
+            )
+            .map_err(|e| anyhow!("invalid Cluster URL: {e}"))?;
+            let mut conn = client
+                .get_async_connection()
+                .await
+                .map_err(|e| anyhow!("cannot connect to the Cluster to log the purge: {e}"))?;
+            log_purge(&policy, &mut conn, &sel, &counts, complete).await?;
+        } else {
+            log_purge(&policy, &mut conns[0], &sel, &counts, complete).await?;
+        }
+    }
+    if !complete {
+        let cp = Checkpoint {
+            format: 1,
+            env: policy.env().to_owned(),
+            app: policy.app().to_owned(),
+            selection: sel.clone(),
+            confirmed,
+            nodes,
+            counts: counts.clone(),
+        };
+        std::fs::create_dir_all(&dir).ok();
+        std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
+            .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
+        eprintln!(
+            "keyward purge: stopped after {} keys; resume with: --resume {token}",
+            counts.examined
+        );
+        if let Some(e) = failure {
+            return Err(e.context(format!("the purge stopped (resume with --resume {token})")));
+        }
+    } else if let Some(e) = failure {
+        return Err(e);
+    } else {
+        let _ = std::fs::remove_file(&cp_path);
+    }
+    let mut out = std::io::stdout().lock();
+    let what = sel.describe();
+    let text = if confirmed {
+        format!(
+            "purge {what}: deleted {} keys ({} bytes); {} changed since the walk and were left alone; {:.1}s{}\n",
+            counts.deleted,
+            counts.bytes,
+            counts.skipped,
+            seconds,
+            if complete { "" } else { " — INCOMPLETE" }
+        )
+    } else {
+        let estimate = counts.selected as f64 / args.max_ops_per_sec as f64 + seconds;
+        let mut t = format!(
+            "DRY RUN — nothing deleted. purge {what}: {} keys, {} bytes would go (of {} examined); estimated time with --confirm: {:.1}s{}\n",
+            counts.selected,
+            counts.bytes,
+            counts.examined,
+            estimate,
+            if complete { "" } else { " — INCOMPLETE" }
+        );
+        for key in &counts.sample {
+            t.push_str(&format!("  {key}\n"));
+        }
+        t
+    };
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")?;
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INCOMPLETE)
+    })
+}
+
+/// Walks one server: selects keys, and with `confirmed` deletes each that is unchanged since the walk.
+#[allow(clippy::too_many_arguments)]
+async fn purge_node(
+    node: usize,
+    mut walker: NodeWalk,
+    policy: &Policy,
+    sel: &Selection,
+    confirmed: bool,
+    tx: &tokio::sync::mpsc::Sender<Msg>,
+    stop: &AtomicBool,
+    examined: &AtomicU64,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    loop {
+        if stop.load(Ordering::Relaxed)
+            || limit.is_some_and(|l| examined.load(Ordering::Relaxed) >= l)
+        {
+            return Ok(());
+        }
+        let Some(batch) = walker.next_batch().await? else {
+            return Ok(());
+        };
+        let mut counts = Counts {
+            examined: batch.keys.len() as u64,
+            ..Counts::default()
+        };
+        let chosen: Vec<&KeyFacts> = batch
+            .keys
+            .iter()
+            .filter(|f| sel.selects(policy, &f.key))
+            .collect();
+        counts.selected = chosen.len() as u64;
+        counts.bytes = chosen.iter().map(|f| f.memory).sum();
+        counts.sample = chosen
+            .iter()
+            .take(SAMPLE)
+            .map(|f| crate::audit::display_key(&f.key))
+            .collect();
+        if confirmed && !chosen.is_empty() {
+            let deleted = unlink_unchanged(walker.conn(), &chosen).await?;
+            counts.deleted = deleted;
+            counts.skipped = counts.selected - deleted;
+        }
+        let done = batch.resume_at.is_none();
+        let msg = Msg {
+            node,
+            counts,
+            resume_at: batch.resume_at,
+        };
+        if tx.send(msg).await.is_err() || done {
+            return Ok(());
+        }
+    }
+}
+
+/// Deletes each key that is still what the walk saw (`purge_unlink.lua`); returns how many were deleted.
+async fn unlink_unchanged(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &[&KeyFacts],
+) -> anyhow::Result<u64> {
+    let mut pipe = redis::pipe();
+    for f in keys {
+        pipe.cmd("EVAL")
+            .arg(UNLINK_SCRIPT)
+            .arg(1)
+            .arg(&f.key)
+            .arg(&f.kind)
+            .arg(f.pttl_ms);
+    }
+    let done: Vec<u64> = pipe
+        .query_async(conn)
+        .await
+        .context("the delete pipeline failed")?;
+    Ok(done.iter().sum())
+}
+
+/// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
+/// the last purge): who ($USER), what, how many, when (the server's time is the entry id).
+async fn log_purge(
+    policy: &Policy,
+    conn: &mut impl redis::aio::ConnectionLike,
+    sel: &Selection,
+    counts: &Counts,
+    complete: bool,
+) -> anyhow::Result<()> {
+    let key = keyward::key::internal_key(policy, "purges");
+    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(LOG_MAXLEN)
+        .arg("*")
+        .arg("who")
+        .arg(if host.is_empty() {
+            who
+        } else {
+            format!("{who}@{host}")
+        })
+        .arg("what")
+        .arg(sel.describe())
+        .arg("deleted")
+        .arg(counts.deleted)
+        .arg("bytes")
+        .arg(counts.bytes)
+        .arg("skipped")
+        .arg(counts.skipped)
+        .arg("complete")
+        .arg(if complete { "yes" } else { "no" })
+        .ignore();
+    pipe.cmd("PEXPIRE").arg(&key).arg(LOG_TTL_MS).ignore();
+    pipe.query_async::<()>(conn)
+        .await
+        .context("cannot log the purge")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_rewritten_after_the_walk_survives_and_an_untouched_one_goes() {
+        let server = keyward_testkit::RedisServer::spawn();
+        let mut sync = server.connection();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut conn = walk::connect(&server.url()).await.unwrap();
+            let mut facts = Vec::new();
+            for (key, px) in [("old", 100_000), ("rewritten", 100_000), ("forever", -1)] {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg("v");
+                if px > 0 {
+                    set.arg("PX").arg(px);
+                }
+                set.query::<()>(&mut sync).unwrap();
+                let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut sync).unwrap();
+                facts.push(KeyFacts {
+                    key: key.as_bytes().to_vec(),
+                    kind: "string".to_owned(),
+                    pttl_ms: pttl,
+                    memory: 0,
+                });
+            }
+            // The application rewrites one key after the walk saw it, and gives the key without TTL one.
+            redis::cmd("SET")
+                .arg("rewritten")
+                .arg("new")
+                .arg("PX")
+                .arg(200_000)
+                .query::<()>(&mut sync)
+                .unwrap();
+            redis::cmd("SET")
+                .arg("forever")
+                .arg("new")
+                .arg("PX")
+                .arg(50_000)
+                .query::<()>(&mut sync)
+                .unwrap();
+            let chosen: Vec<&KeyFacts> = facts.iter().collect();
+            assert_eq!(unlink_unchanged(&mut conn, &chosen).await.unwrap(), 1);
+        });
+        let exists = |k: &str| -> bool {
+            redis::cmd("EXISTS")
+                .arg(k)
+                .query::<i64>(&mut server.connection())
+                .unwrap()
+                == 1
+        };
+        assert!(!exists("old"));
+        assert!(exists("rewritten"));
+        assert!(exists("forever"));
+        let value: String = redis::cmd("GET").arg("rewritten").query(&mut sync).unwrap();
+        assert_eq!(value, "new");
+    }
+
+    #[test]
+    fn selections_refuse_current_versions_and_foreign_patterns() {
+        let policy = Policy::from_toml_str(
+            "[namespace]\nenv = \"prod\"\napp = \"shop\"\n[classes.pl]\nkind = \"cache\"\nttl = \"1m\"\nversion = 2\ninvalidation = \"x\"\n",
+        )
+        .unwrap();
+        let args = |class: Option<&str>,
+                    version: Option<u32>,
+                    all: bool,
+                    orphans: Option<&str>,
+                    confirm: Option<&str>| PurgeArgs {
+            policy: PathBuf::new(),
+            class: class.map(str::to_owned),
+            version,
+            all_versions: all,
+            orphans: orphans.map(str::to_owned),
+            confirm: confirm.map(str::to_owned),
+            url: None,
+            max_ops_per_sec: 1,
+            count: 1,
+            resume: None,
+            checkpoint_dir: None,
+            limit_keys: None,
+        };
+        let err = |a: PurgeArgs| selection(&policy, &a).unwrap_err().to_string();
+        assert!(err(args(Some("pl"), None, false, None, None)).contains("current"));
+        assert!(err(args(Some("pl"), Some(2), false, None, None)).contains("older version"));
+        assert!(err(args(Some("nope"), Some(1), false, None, None)).contains("no such class"));
+        assert!(err(args(None, None, false, Some("prod:*"), None)).contains("namespace"));
+        assert!(err(args(None, None, false, Some("*"), None)).contains("namespace"));
+        assert!(err(args(Some("pl"), Some(1), false, None, Some("other"))).contains("--confirm"));
+        let (sel, yes) =
+            selection(&policy, &args(Some("pl"), Some(1), false, None, Some("pl"))).unwrap();
+        assert!(yes);
+        assert!(sel.selects(&policy, b"prod:shop:pl:v1:{a}"));
+        assert!(!sel.selects(&policy, b"prod:shop:pl:v2:{a}"));
+        assert!(!sel.selects(&policy, b"prod:shop:pl:v1:handmade"));
+        let (orphans, yes) =
+            selection(&policy, &args(None, None, false, Some("prod:shop:*"), None)).unwrap();
+        assert!(!yes);
+        assert!(orphans.selects(&policy, b"prod:shop:pl:v1:handmade"));
+        assert!(!orphans.selects(&policy, b"prod:shop:pl:v1:{a}"));
+        assert!(!orphans.selects(&policy, b"prod:shop:_kw:gens"));
+        assert!(!orphans.selects(&policy, b"other:thing"));
+    }
+}
