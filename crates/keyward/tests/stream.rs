@@ -109,9 +109,9 @@ conformance!(
 );
 
 mod cases {
+    pub use super::ack_batch_cases::*;
     pub use super::worker_cases::*;
     pub use super::worker_cases_2::*;
-    pub use super::ack_batch_cases::*;
     use super::*;
 
     pub async fn publish_round_trips_in_order_with_increasing_ids(h: Harness) {
@@ -1000,7 +1000,11 @@ mod ack_batch_cases {
             .unwrap();
             let seen_b: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
             let set_b: BTreeSet<EntryId> = seen_b.iter().copied().collect();
-            assert_eq!(seen_b.len(), set_b.len(), "round {round}: B handled each once");
+            assert_eq!(
+                seen_b.len(),
+                set_b.len(),
+                "round {round}: B handled each once"
+            );
             assert_eq!(rb.handled as usize, want, "round {round}");
             assert_eq!(backlog(&jobs, &group).await, (0, 0), "round {round}");
             let union: BTreeSet<EntryId> = ok_a.union(&set_b).copied().collect();

@@ -473,7 +473,12 @@ pub(super) async fn read(
 
 /// `XACK` of `ids` (at most 1,024) in one plain command (a script would cost the server ten times more and
 /// add nothing: it is one command); how many were pending in the group.
-pub(super) async fn ack(kw: &Keyward, keys: &StreamKeys, group: &str, ids: &[EntryId]) -> Result<u64> {
+pub(super) async fn ack(
+    kw: &Keyward,
+    keys: &StreamKeys,
+    group: &str,
+    ids: &[EntryId],
+) -> Result<u64> {
     if ids.is_empty() {
         return Ok(0);
     }

@@ -10,6 +10,13 @@
 //! wake-up cannot be missed (the marker is set atomically with the empty read), and publishes pay for a
 //! `PUBLISH` only when some worker is idle. A lost wake-up (a dropped subscription) only delays a worker
 //! until its next re-check, at most `claim_idle / 3` (between 100 ms and 5 s) later.
+//!
+//! Acknowledgements are batched: a handler that returned `Ok` queues its entry for one acknowledgement task,
+//! which sends everything queued in one `XACK` each time its previous call returned (it never waits for more
+//! work). An entry stays held (its claim renewed) until that call ended; a failed call leaves its entries
+//! pending, to be delivered again; `run` sends what is queued before it returns. While reads come back full,
+//! the worker reads with a plain `XREADGROUP` and uses the read script (which leaves the marker) only once a
+//! read finds less than it asked for.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -54,7 +61,8 @@ pub struct Message<E> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerReport {
-    /// Entries whose handler succeeded and which were acknowledged.
+    /// Entries whose handler succeeded (each acknowledged, unless its acknowledgement call failed: then it
+    /// stays pending and is delivered again).
     pub handled: u64,
     /// Handler failures (each retried later, or dead-lettered).
     pub failed: u64,
