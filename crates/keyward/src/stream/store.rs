@@ -298,9 +298,9 @@ fn sid(id: EntryId) -> StreamId {
 }
 
 fn parse_id(r: &Reply) -> Option<EntryId> {
-    Some(to_entry(StreamId::parse(
-        std::str::from_utf8(&r.bytes()?).ok()?,
-    )?))
+    // Borrowed, not `Reply::bytes` (a clone, which allocates for a reply's bytes): one id per entry read.
+    let Reply::Bytes(b) = r else { return None };
+    Some(to_entry(StreamId::parse(std::str::from_utf8(b).ok()?)?))
 }
 
 /// A payload reply: nil (no entry, or no field `m`) is `None`.

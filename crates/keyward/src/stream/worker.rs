@@ -671,6 +671,10 @@ where
 
     /// Handle one entry to its end: acknowledged, dead-lettered, given up at shutdown, or taken over by
     /// another worker.
+    ///
+    /// The store calls of the rare paths (lost, dead letter, retry) are boxed: each is a whole backend call's
+    /// state, and unboxed they made every spawned task (one per entry) three times larger, which every
+    /// entry paid for in its spawn.
     async fn process(
         self: Arc<Self>,
         mut c: Claimed,
@@ -687,7 +691,7 @@ where
             let Some(payload) = c.payload.take() else {
                 // Trimmed past the hard cap while pending: nothing to run; clear it from the pending list.
                 self.lost(1);
-                let _ = store::ack(&s.kw, &s.inner.keys, &self.group, &[c.id]).await;
+                let _ = Box::pin(store::ack(&s.kw, &s.inner.keys, &self.group, &[c.id])).await;
                 break;
             };
             let outcome = if c.deliveries > max {
@@ -720,7 +724,7 @@ where
                     if permanent || c.deliveries >= max {
                         let error = truncate(&error, MAX_ERROR_BYTES);
                         let dead = settings.dead_letter_value();
-                        match store::dead_letter(
+                        match Box::pin(store::dead_letter(
                             &s.kw,
                             &s.inner.keys,
                             &self.group,
@@ -729,7 +733,7 @@ where
                             error,
                             c.deliveries,
                             dead.as_ref(),
-                        )
+                        ))
                         .await
                         {
                             Ok(true) => {
@@ -760,8 +764,14 @@ where
                         _ = stop.wait_for(|s| *s) => break,
                     };
                     permit = Some(p);
-                    match store::redeliver(&s.kw, &s.inner.keys, &self.group, &self.consumer, c.id)
-                        .await
+                    match Box::pin(store::redeliver(
+                        &s.kw,
+                        &s.inner.keys,
+                        &self.group,
+                        &self.consumer,
+                        c.id,
+                    ))
+                    .await
                     {
                         Ok(Some(next)) => c = next,
                         Ok(None) => break, // another worker took it over, or it is gone
