@@ -103,9 +103,13 @@ conformance!(
     a_long_handler_keeps_its_claim_past_claim_idle,
     a_group_the_server_lost_is_created_again,
     a_panicking_handler_is_a_failed_delivery,
+    a_failed_entry_is_never_acknowledged_with_the_successes_of_its_ack_batch,
+    shutdown_under_load_acknowledges_every_success_once,
+    a_worker_aborted_with_acknowledgements_queued_loses_nothing,
 );
 
 mod cases {
+    pub use super::ack_batch_cases::*;
     pub use super::worker_cases::*;
     pub use super::worker_cases_2::*;
     use super::*;
@@ -790,6 +794,248 @@ mod worker_cases_2 {
         let mut orders: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.1).collect();
         orders.sort_unstable();
         assert_eq!(orders, (0..10).collect::<Vec<_>>());
+    }
+}
+
+/// Acknowledgements go out in batches (every entry whose handler finished since the previous call, in one
+/// `XACK`): the guarantees of one acknowledgement per entry still hold.
+mod ack_batch_cases {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The group's pending count and lag.
+    async fn backlog(jobs: &keyward::stream::Stream<OrderPlaced>, group: &str) -> (u64, u64) {
+        let info = jobs.group_info(group).await.unwrap().unwrap();
+        (info.pending, info.lag.unwrap())
+    }
+
+    /// A worker that records (id, order, deliveries) and fires `stop` once `at` deliveries were recorded.
+    fn recording(
+        jobs: &keyward::stream::Stream<OrderPlaced>,
+        group: &str,
+        seen: &Seen,
+        stop: &Stop,
+        at: usize,
+    ) -> impl std::future::Future<Output = keyward::Result<keyward::stream::WorkerReport>> + use<>
+    {
+        let (seen, stop2) = (Arc::clone(seen), stop.clone());
+        jobs.worker(group, move |m: Message<OrderPlaced>| {
+            let (seen, stop) = (Arc::clone(&seen), stop2.clone());
+            async move {
+                let mut s = seen.lock().unwrap();
+                s.push((m.id, m.event.order, m.deliveries));
+                if s.len() >= at {
+                    stop.fire();
+                }
+                Ok::<(), String>(())
+            }
+        })
+        .concurrency(64)
+        .run(stop.clone().wait())
+    }
+
+    /// 64 entries read at once by 64 handlers: the even ones succeed, the odd ones fail, all at about the
+    /// same moment, so the successes share acknowledgement calls while the failures are in flight. After the
+    /// worker stopped, exactly the odd entries are pending, and a second worker gets exactly those again.
+    pub async fn a_failed_entry_is_never_acknowledged_with_the_successes_of_its_ack_batch(
+        h: Harness,
+    ) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // 3 deliveries, claim_idle 300 ms
+        let ids = jobs
+            .publish_many(&(0..64).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let odd: Vec<EntryId> = ids.iter().copied().skip(1).step_by(2).collect();
+        let firsts = Arc::new(AtomicUsize::new(0));
+        let stop = Stop::default();
+        let a = {
+            let (firsts, stop) = (Arc::clone(&firsts), stop.clone());
+            jobs.worker("mixed", move |m: Message<OrderPlaced>| {
+                let (firsts, stop) = (Arc::clone(&firsts), stop.clone());
+                async move {
+                    if m.deliveries == 1 && firsts.fetch_add(1, Ordering::SeqCst) + 1 == 64 {
+                        stop.fire(); // every entry had its first delivery; the run waits for this one
+                    }
+                    if m.event.order % 2 == 1 {
+                        return Err(format!("order {} refused", m.event.order));
+                    }
+                    Ok(())
+                }
+            })
+            .concurrency(64)
+        };
+        let ra = a.run(stop.wait()).await.unwrap();
+        assert_eq!(ra.handled, 32, "{ra:?}");
+        assert!(ra.failed >= 32, "{ra:?}");
+        assert_eq!(ra.dead_lettered, 0, "{ra:?}");
+        assert_eq!(
+            backlog(&jobs, "mixed").await,
+            (32, 0),
+            "the successes were acknowledged before the run returned, the failures were not"
+        );
+        if let Some(mut raw) = h.raw() {
+            let pending: Vec<(String, String, u64, u64)> = ::redis::cmd("XPENDING")
+                .arg(stream_key(&h, "jobs"))
+                .arg("mixed")
+                .arg("-")
+                .arg("+")
+                .arg(100)
+                .query(&mut *raw)
+                .unwrap();
+            let pending: Vec<String> = pending.into_iter().map(|p| p.0).collect();
+            let want: Vec<String> = odd.iter().map(ToString::to_string).collect();
+            assert_eq!(pending, want, "exactly the failed entries are pending");
+        }
+        // Another worker takes the failed entries over (after claim_idle) and gets exactly those.
+        let seen: Seen = Arc::default();
+        let stop = Stop::default();
+        let rb = recording(&jobs, "mixed", &seen, &stop, 32).await.unwrap();
+        assert_eq!(rb.handled, 32);
+        let mut got: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+        got.sort();
+        assert_eq!(got, odd, "each failed entry once more, no success again");
+        assert!(seen.lock().unwrap().iter().all(|s| s.2 >= 2));
+        assert_eq!(backlog(&jobs, "mixed").await, (0, 0));
+    }
+
+    /// A worker stopped while entries are being published and handled by 64 handlers: what it handled is
+    /// acknowledged before its run returns, so a second worker (which would take over anything left pending
+    /// after claim_idle, 300 ms) handles exactly the rest: every entry once, none lost, none twice.
+    pub async fn shutdown_under_load_acknowledges_every_success_once(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap();
+        let seen: Seen = Arc::default();
+        let first = Stop::default();
+        let a = tokio::spawn(recording(&jobs, "load", &seen, &first, 700));
+        let mut ids = Vec::new();
+        for chunk in 0..20u64 {
+            let batch: Vec<_> = (chunk * 100..(chunk + 1) * 100).map(order).collect();
+            ids.extend(jobs.publish_many(&batch).await.unwrap());
+        }
+        let ra = tokio::time::timeout(Duration::from_secs(30), a)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ra.unfinished, 0, "{ra:?}");
+        let handled_a = seen.lock().unwrap().len();
+        assert_eq!(ra.handled, handled_a as u64);
+        let (pending, lag) = backlog(&jobs, "load").await;
+        assert_eq!(
+            (pending, lag),
+            (0, 2000 - ra.handled),
+            "everything A handled was acknowledged when its run returned"
+        );
+        let second = Stop::default();
+        let rb = tokio::time::timeout(
+            Duration::from_secs(30),
+            recording(&jobs, "load", &seen, &second, 2000),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(ra.handled + rb.handled, 2000);
+        let got: Vec<(EntryId, u64)> = seen.lock().unwrap().iter().map(|s| (s.0, s.2)).collect();
+        let distinct: BTreeSet<EntryId> = got.iter().map(|g| g.0).collect();
+        assert_eq!(got.len(), 2000, "none twice");
+        assert_eq!(distinct.into_iter().collect::<Vec<_>>(), ids, "none lost");
+        assert!(got.iter().all(|g| g.1 == 1), "no redelivery");
+        assert_eq!(backlog(&jobs, "load").await, (0, 0));
+    }
+
+    /// A worker aborted (its future dropped, as a crash would end it) just after many handlers returned `Ok`,
+    /// while their acknowledgements are queued or in flight: what was not acknowledged stays pending and is
+    /// delivered again to another worker; nothing is lost. Whether an abort catches acknowledgements still
+    /// queued depends on timing, so rounds (each with a new group) repeat until one did.
+    pub async fn a_worker_aborted_with_acknowledgements_queued_loses_nothing(h: Harness) {
+        let kw = connect(&h).await;
+        let jobs = kw.stream::<OrderPlaced>("jobs").unwrap(); // claim_idle 300 ms
+        let ids = jobs
+            .publish_many(&(0..300).map(order).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let all: BTreeSet<EntryId> = ids.iter().copied().collect();
+        for round in 0..20 {
+            let group = format!("abort{round}");
+            // Worker A records each entry whose handler returned Ok; the test aborts it at the 150th.
+            let ok: Arc<Mutex<BTreeSet<EntryId>>> = Arc::default();
+            let reached = Stop::default();
+            let a = {
+                let (ok, reached) = (Arc::clone(&ok), reached.clone());
+                jobs.worker(&group, move |m: Message<OrderPlaced>| {
+                    let (ok, reached) = (Arc::clone(&ok), reached.clone());
+                    async move {
+                        tokio::task::yield_now().await;
+                        let mut s = ok.lock().unwrap();
+                        s.insert(m.id);
+                        if s.len() == 150 {
+                            reached.fire();
+                        }
+                        Ok::<(), String>(()) // returns right after the record: recorded means Ok
+                    }
+                })
+                .concurrency(64)
+            };
+            let run_a = tokio::spawn(a.run(std::future::pending::<()>()));
+            tokio::time::timeout(Duration::from_secs(30), reached.wait())
+                .await
+                .unwrap();
+            run_a.abort();
+            assert!(run_a.await.unwrap_err().is_cancelled());
+            // Worker B takes over what A left pending (after claim_idle) and reads the rest, until the group
+            // has nothing pending and nothing left to deliver. (A's tasks are aborted, but one in the middle of
+            // a poll finishes that poll, so an acknowledgement of A may still land meanwhile: the end is when
+            // the group is drained, not a count taken now.)
+            let seen: Seen = Arc::default();
+            let progress = Arc::new(tokio::sync::Notify::new());
+            let stop = Stop::default();
+            let b = {
+                let (seen, progress) = (Arc::clone(&seen), Arc::clone(&progress));
+                jobs.worker(&group, move |m: Message<OrderPlaced>| {
+                    let (seen, progress) = (Arc::clone(&seen), Arc::clone(&progress));
+                    async move {
+                        seen.lock()
+                            .unwrap()
+                            .push((m.id, m.event.order, m.deliveries));
+                        progress.notify_one();
+                        Ok::<(), String>(())
+                    }
+                })
+                .concurrency(64)
+            };
+            let run_b = tokio::spawn(b.run(stop.clone().wait()));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while backlog(&jobs, &group).await != (0, 0) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "round {round}: not drained"
+                );
+                // Woken by B's progress; re-checked at least every 50 ms (the last acknowledgement).
+                let _ = tokio::time::timeout(Duration::from_millis(50), progress.notified()).await;
+            }
+            stop.fire();
+            let rb = run_b.await.unwrap().unwrap();
+            let ok_a = ok.lock().unwrap().clone();
+            let seen_b: Vec<EntryId> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+            let set_b: BTreeSet<EntryId> = seen_b.iter().copied().collect();
+            assert_eq!(
+                seen_b.len(),
+                set_b.len(),
+                "round {round}: B handled each once"
+            );
+            assert_eq!(rb.handled as usize, seen_b.len(), "round {round}");
+            assert_eq!(backlog(&jobs, &group).await, (0, 0), "round {round}");
+            let union: BTreeSet<EntryId> = ok_a.union(&set_b).copied().collect();
+            assert_eq!(union, all, "round {round}: none lost");
+            // A handled these successfully but its worker died before acknowledging them: delivered again.
+            let again = ok_a.intersection(&set_b).count();
+            if again > 0 {
+                return;
+            }
+        }
+        panic!("in 20 rounds, no abort caught an acknowledgement still queued");
     }
 }
 

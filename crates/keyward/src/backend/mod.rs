@@ -226,6 +226,29 @@ impl Backend {
         }
     }
 
+    /// Run plain commands that leave nothing behind (a read, an acknowledgement) in one round trip on Redis,
+    /// their replies in order to `decode`, or `mirror` as one critical section of the embedded keyspace:
+    /// [`pipeline`](Self::pipeline) for commands that need no undo when they get no answer.
+    ///
+    /// # Errors
+    /// As [`atomic`](Self::atomic).
+    pub(crate) async fn commands<T>(
+        &self,
+        pipeline: Pipeline,
+        mirror: impl FnOnce(&mut Kv) -> T,
+        decode: impl FnOnce(&[Reply]) -> Option<T>,
+    ) -> Result<T> {
+        match self {
+            Backend::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Backend::Memory(m) => m.keyspace.with(mirror),
+            Backend::Redis(r) => {
+                let op = pipeline.op;
+                let replies = r.run_commands(pipeline).await?;
+                decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
+            }
+        }
+    }
+
     /// Redis Cluster: the namespace and `class` group epochs and the `tags`' epochs from this handle's bounded
     /// view (see `backend/redis/cluster.rs`), for the scripts to compare entries with; `None` elsewhere, where
     /// the scripts read the epochs hash themselves.

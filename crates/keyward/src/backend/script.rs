@@ -174,7 +174,7 @@ pub(crate) enum Reply {
     Bytes(Bytes),
     /// A table.
     Array(Vec<Reply>),
-    /// Anything else (doubles, maps, …), for error messages only.
+    /// Anything else (doubles, …), for error messages only.
     Other(String),
 }
 
@@ -228,6 +228,13 @@ impl From<redis::Value> for Reply {
             Value::Array(items) | Value::Set(items) => {
                 Reply::Array(items.into_iter().map(Reply::from).collect())
             }
+            // RESP3 maps (`XREADGROUP`'s streams, on the fast read path) as RESP2 gives them: key, value, ….
+            Value::Map(pairs) => Reply::Array(
+                pairs
+                    .into_iter()
+                    .flat_map(|(k, v)| [Reply::from(k), Reply::from(v)])
+                    .collect(),
+            ),
             other => Reply::Other(format!("{other:?}")),
         }
     }

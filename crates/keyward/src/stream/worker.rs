@@ -10,6 +10,13 @@
 //! wake-up cannot be missed (the marker is set atomically with the empty read), and publishes pay for a
 //! `PUBLISH` only when some worker is idle. A lost wake-up (a dropped subscription) only delays a worker
 //! until its next re-check, at most `claim_idle / 3` (between 100 ms and 5 s) later.
+//!
+//! Acknowledgements are batched: a handler that returned `Ok` queues its entry for one acknowledgement task,
+//! which sends everything queued in one `XACK` each time its previous call returned (it never waits for more
+//! work). An entry stays held (its claim renewed) until that call ended; a failed call leaves its entries
+//! pending, to be delivered again; `run` sends what is queued before it returns. While reads come back full,
+//! the worker reads with a plain `XREADGROUP` and uses the read script (which leaves the marker) only once a
+//! read finds less than it asked for.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,7 +28,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::Instrument;
@@ -33,6 +40,8 @@ use crate::error::{Error, Result};
 
 /// The most entries one read or reclaim asks for.
 const READ_BATCH: usize = 64;
+/// The most entries one acknowledgement call carries.
+const ACK_BATCH: usize = 1024;
 /// The longest error text kept with a dead letter.
 const MAX_ERROR_BYTES: usize = 1024;
 
@@ -52,7 +61,8 @@ pub struct Message<E> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerReport {
-    /// Entries whose handler succeeded and which were acknowledged.
+    /// Entries whose handler succeeded (each acknowledged, unless its acknowledgement call failed: then it
+    /// stays pending and is delivered again).
     pub handled: u64,
     /// Handler failures (each retried later, or dead-lettered).
     pub failed: u64,
@@ -294,6 +304,11 @@ where
         let touch_every = (claim_idle / 3).min(Duration::from_secs(5));
         let consumer_idle_ms = claim_idle_ms.saturating_mul(10);
         let mut tasks = JoinSet::new();
+        // The entries whose handlers succeeded go to one task that acknowledges them in batches (see
+        // `Ctx::acknowledge`). Aborted if this future is dropped: what it had not sent yet stays pending.
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let mut acker = JoinSet::new();
+        acker.spawn(Arc::clone(&ctx).acknowledge(acks_rx));
         let mut report = WorkerReport::default();
         // Registered before the first read, so a publish between an empty read and the wait wakes it.
         let watch = kw
@@ -305,6 +320,9 @@ where
         let mut next_touch = Instant::now() + touch_every;
         let mut next_reclaim = Instant::now();
         let mut cursor: Option<EntryId> = None;
+        // The previous read returned all it asked for, so more are likely waiting: read with the plain
+        // command, which costs the server far less than the script (see `store::read_plain`).
+        let mut busy = false;
         tokio::pin!(shutdown);
         tracing::info!(class = %class, group = %self.group, consumer = %ctx.consumer, "keyward: stream worker started");
         'run: loop {
@@ -365,7 +383,7 @@ where
                         }
                         for c in r.claimed {
                             let Some(p) = permits.pop() else { break };
-                            tasks.spawn(Arc::clone(&ctx).process(c, p));
+                            tasks.spawn(Arc::clone(&ctx).process(c, p, acks.clone()));
                         }
                     }
                     Ok(None) => {
@@ -383,16 +401,25 @@ where
             let woken = notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            match store::read(
-                &kw,
-                &keys,
-                &ctx.group,
-                &ctx.consumer,
-                permits.len(),
-                marker_ttl_ms,
-            )
-            .await
-            {
+            let asked = permits.len();
+            let fast = if busy {
+                store::read_plain(&kw, &keys, &ctx.group, &ctx.consumer, asked)
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
+            // Nothing new on the plain path (or it failed): the script reads again, leaves the wake-up
+            // marker if there is still nothing, and tells a missing group apart.
+            let read = match fast {
+                Some(entries) => Ok(Some(entries)),
+                None => {
+                    store::read(&kw, &keys, &ctx.group, &ctx.consumer, asked, marker_ttl_ms).await
+                }
+            };
+            busy = matches!(&read, Ok(Some(entries)) if entries.len() == asked);
+            match read {
                 Ok(Some(entries)) if !entries.is_empty() => {
                     for (id, payload) in entries {
                         let Some(p) = permits.pop() else { break };
@@ -401,7 +428,7 @@ where
                             deliveries: 1,
                             payload: Some(payload),
                         };
-                        tasks.spawn(Arc::clone(&ctx).process(c, p));
+                        tasks.spawn(Arc::clone(&ctx).process(c, p, acks.clone()));
                     }
                 }
                 Ok(Some(_)) => {
@@ -449,6 +476,10 @@ where
                 }
             }
         }
+        // Every handler has ended: the acknowledgements of those that succeeded are sent before returning
+        // (each call bounded by the backend's response timeout).
+        drop(acks);
+        while acker.join_next().await.is_some() {}
         drop(watch);
         report.handled = ctx.counts.handled.load(Ordering::Relaxed);
         report.failed = ctx.counts.failed.load(Ordering::Relaxed);
@@ -520,10 +551,12 @@ struct Ctx<E, C, F> {
     metrics: Metrics,
 }
 
-/// An entry in [`Ctx::held`] for as long as this lives.
+/// An entry in [`Ctx::held`] for as long as this lives, unless handed over to the acknowledgements (which
+/// remove it once its acknowledgement call has ended).
 struct Held<'a> {
     held: &'a Mutex<HashSet<EntryId>>,
     id: EntryId,
+    armed: bool,
 }
 
 impl<'a> Held<'a> {
@@ -535,12 +568,21 @@ impl<'a> Held<'a> {
         Held {
             held: &ctx.held,
             id,
+            armed: true,
         }
+    }
+
+    /// Keep the entry held (its claim renewed) after this guard is gone: the acknowledgement task releases it.
+    fn hand_over(mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -605,20 +647,51 @@ where
         }
     }
 
+    /// Acknowledge, in one call each time, every entry whose handler succeeded since the previous call
+    /// ended: the call takes what is queued when the previous one returns and never waits for more, so an
+    /// entry waits at most one call's round trip behind others. Only `process` queues entries, and only after
+    /// their handler returned `Ok`. A failed call is logged; its entries stay pending with this consumer and
+    /// are delivered again after `claim_idle` (at least once). Ends when every sender is gone (the worker's
+    /// run and all its handler tasks) and the queue is empty.
+    async fn acknowledge(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<EntryId>) {
+        let s = &self.stream;
+        let mut batch = Vec::with_capacity(READ_BATCH);
+        while queue.recv_many(&mut batch, ACK_BATCH).await > 0 {
+            if let Err(e) = store::ack(&s.kw, &s.inner.keys, &self.group, &batch).await {
+                tracing::warn!(class = %s.inner.class, group = %self.group, entries = batch.len(), first = %batch[0], error = %e, "keyward: handled but not acknowledged; they will be delivered again");
+            }
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &batch {
+                held.remove(id);
+            }
+            drop(held);
+            batch.clear();
+        }
+    }
+
     /// Handle one entry to its end: acknowledged, dead-lettered, given up at shutdown, or taken over by
     /// another worker.
-    async fn process(self: Arc<Self>, mut c: Claimed, permit: OwnedSemaphorePermit) {
+    ///
+    /// The store calls of the rare paths (lost, dead letter, retry) are boxed: each is a whole backend call's
+    /// state, and unboxed they made every spawned task (one per entry) three times larger, which every
+    /// entry paid for in its spawn.
+    async fn process(
+        self: Arc<Self>,
+        mut c: Claimed,
+        permit: OwnedSemaphorePermit,
+        acks: mpsc::UnboundedSender<EntryId>,
+    ) {
         let mut permit = Some(permit);
         let s = &self.stream;
         let settings = &s.inner.settings;
         let max = u64::from(settings.max_deliveries_value());
         // Held (its claim renewed) until this task ends, however it ends: returned, stopped at shutdown.
-        let _held = Held::new(&self, c.id);
+        let held = Held::new(&self, c.id);
         loop {
             let Some(payload) = c.payload.take() else {
                 // Trimmed past the hard cap while pending: nothing to run; clear it from the pending list.
                 self.lost(1);
-                let _ = store::ack(&s.kw, &s.inner.keys, &self.group, c.id).await;
+                let _ = Box::pin(store::ack(&s.kw, &s.inner.keys, &self.group, &[c.id])).await;
                 break;
             };
             let outcome = if c.deliveries > max {
@@ -636,11 +709,14 @@ where
                 Outcome::Ok => {
                     self.counts.handled.fetch_add(1, Ordering::Relaxed);
                     self.metrics.handled.increment(1);
-                    if let Err(e) = store::ack(&s.kw, &s.inner.keys, &self.group, c.id).await {
-                        // It stays pending: another delivery will follow (at least once).
-                        tracing::warn!(class = %s.inner.class, group = %self.group, id = %c.id, error = %e, "keyward: handled but not acknowledged; it will be delivered again");
+                    // Acknowledged by the next acknowledgement call, together with the entries whose
+                    // handlers finished meanwhile; held (its claim renewed) until that call has ended. The
+                    // handler slot is free at once. The receiver outlives every task (`run` drops its last
+                    // sender only after all tasks ended), so the send cannot fail while this task runs.
+                    if acks.send(c.id).is_ok() {
+                        held.hand_over();
                     }
-                    break;
+                    return;
                 }
                 Outcome::Failed { error, permanent } => {
                     self.counts.failed.fetch_add(1, Ordering::Relaxed);
@@ -648,7 +724,7 @@ where
                     if permanent || c.deliveries >= max {
                         let error = truncate(&error, MAX_ERROR_BYTES);
                         let dead = settings.dead_letter_value();
-                        match store::dead_letter(
+                        match Box::pin(store::dead_letter(
                             &s.kw,
                             &s.inner.keys,
                             &self.group,
@@ -657,7 +733,7 @@ where
                             error,
                             c.deliveries,
                             dead.as_ref(),
-                        )
+                        ))
                         .await
                         {
                             Ok(true) => {
@@ -688,8 +764,14 @@ where
                         _ = stop.wait_for(|s| *s) => break,
                     };
                     permit = Some(p);
-                    match store::redeliver(&s.kw, &s.inner.keys, &self.group, &self.consumer, c.id)
-                        .await
+                    match Box::pin(store::redeliver(
+                        &s.kw,
+                        &s.inner.keys,
+                        &self.group,
+                        &self.consumer,
+                        c.id,
+                    ))
+                    .await
                     {
                         Ok(Some(next)) => c = next,
                         Ok(None) => break, // another worker took it over, or it is gone

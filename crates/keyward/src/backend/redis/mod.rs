@@ -1017,6 +1017,15 @@ impl RedisBackend {
         answer.map(|v| v.into_iter().map(Reply::from).collect())
     }
 
+    /// Run a pipeline of plain commands that leave nothing behind through [`call`](Self::call): no undo.
+    pub(crate) async fn run_commands(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
+        let Pipeline { op, pipe, slot, .. } = pipeline;
+        let mut conn = self.conn();
+        self.call(op, slot, pipe.query_async::<Vec<Value>>(&mut conn))
+            .await
+            .map(|v| v.into_iter().map(Reply::from).collect())
+    }
+
     /// Send `undo` now and retry it in the background until the server answers it (see [`run`](Self::run)).
     fn spawn_undo(&self, op: &'static str, undo: Undo) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
