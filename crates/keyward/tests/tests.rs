@@ -47,6 +47,7 @@ mod resilience;
 mod sentinel;
 mod session;
 mod stream;
+mod stream_publish;
 mod tls;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
