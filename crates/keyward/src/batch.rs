@@ -3,17 +3,23 @@
 //! Streams use it for `publish` (one `stream_publish.lua` call carries every message queued for a stream);
 //! it is generic so that other capabilities (rate-limit checks, issue #16) can reuse it.
 //!
-//! **The one decision: never wait for more work.** A [`Batcher`] has at most one request in flight. A call
-//! that finds none in flight starts one at once with what is queued (usually just itself), so a lone
-//! caller's latency does not grow by a timer or a batch size. Calls that arrive while a request is in flight
-//! queue up; when it finishes, everything queued then (up to `max_weight`) becomes the next request. Under
-//! load, batches grow by themselves to what arrives during one round trip.
+//! **The one decision: never wait for more work.** A [`Batcher`] has at most `max_in_flight` requests in
+//! flight (one, unless its user chose more). A call that finds fewer in flight starts one at once with what
+//! is queued (usually just itself), so a lone caller's latency does not grow by a timer or a batch size.
+//! Calls that arrive while the requests are in flight queue up; when one finishes, everything queued then
+//! (up to `max_weight`) becomes the next request. With two in flight, the client prepares and sends one
+//! batch while the server runs the other, instead of the two taking turns. Under
+//! load, batches grow by themselves to what arrives during one round trip. Between two requests the drive
+//! yields once to the scheduler, so that callers it just answered, who are runnable already, can queue
+//! their next call into the next request rather than the one after (without it, concurrent callers split
+//! into two cohorts that take turns); a yield is not a timer, and nothing waits for calls not yet made.
 //!
 //! How it is built, and why it cannot lose a caller:
-//! - The queue and the "a request is in flight" flag sit under one `std` mutex (held for a few pointer
-//!   moves, never across an `.await`). The drive that ends clears the flag under the same lock in which it
-//!   found the queue empty, and a call that queues sets it under the lock in which it pushed; so there is
-//!   no moment at which a call is queued and no drive will take it (no lost wake-up).
+//! - The queue and the count of running drives sit under one `std` mutex (held for a few pointer moves,
+//!   never across an `.await`). A drive that ends leaves the count under the same lock in which it found
+//!   the queue empty, and a call that queues looks at the count (and starts a drive below the limit) under
+//!   the lock in which it pushed; so there is no moment at which a call is queued and no drive will take
+//!   it (no lost wake-up).
 //! - The requests are made by a spawned drive task, not by a caller's future: a caller whose future is
 //!   dropped (a timeout, a `select!`) never takes its batch-mates down with it. A caller dropped before its
 //!   batch was taken is skipped (its item is not sent); one dropped later may have been sent (as any request
@@ -36,17 +42,19 @@ use tokio::sync::oneshot;
 pub(crate) struct Abandoned;
 
 /// Batches concurrent calls for one resource (one stream, one key): see the module docs. Share it behind an
-/// `Arc`; one per resource whose requests must not overlap or whose calls are worth merging.
+/// `Arc`; one per resource whose calls are worth merging.
 pub(crate) struct Batcher<I, O> {
     state: Mutex<State<I, O>>,
     /// The most weight (e.g. messages) one flush takes; a single heavier item still goes alone.
     max_weight: usize,
+    /// The most flushes in flight at once (each made by its own drive task).
+    max_in_flight: usize,
 }
 
 struct State<I, O> {
     queue: VecDeque<Job<I, O>>,
-    /// A drive task is running (it will look at the queue again before it ends).
-    driving: bool,
+    /// Drive tasks running (each looks at the queue again before it ends); at most `max_in_flight`.
+    drives: usize,
 }
 
 struct Job<I, O> {
@@ -60,8 +68,9 @@ impl<I, O> std::fmt::Debug for Batcher<I, O> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f.debug_struct("Batcher")
             .field("queued", &st.queue.len())
-            .field("driving", &st.driving)
+            .field("drives", &st.drives)
             .field("max_weight", &self.max_weight)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -71,14 +80,16 @@ where
     I: Send + 'static,
     O: Send + 'static,
 {
-    /// A batcher whose flushes take at most `max_weight` (at least 1) of queued weight each.
-    pub(crate) fn new(max_weight: usize) -> Self {
+    /// A batcher whose flushes take at most `max_weight` (at least 1) of queued weight each, with at most
+    /// `max_in_flight` (at least 1) flushes in flight at once.
+    pub(crate) fn new(max_weight: usize, max_in_flight: usize) -> Self {
         Batcher {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                driving: false,
+                drives: 0,
             }),
             max_weight: max_weight.max(1),
+            max_in_flight: max_in_flight.max(1),
         }
     }
 
@@ -88,8 +99,9 @@ where
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue `item` (counting `weight` against `max_weight`) and wait for its output. If no flush is in
-    /// flight, one starts at once with `flush`; otherwise the item goes with the next batch. `flush` gets
+    /// Queue `item` (counting `weight` against `max_weight`) and wait for its output. If fewer than
+    /// `max_in_flight` flushes are in flight, one starts at once with `flush`; otherwise the item goes with
+    /// the next batch. `flush` gets
     /// the batch's items in queue order and must return one output per item, in that order; the flush of
     /// the call that started a drive serves every batch of that drive, so all callers of one batcher must
     /// pass equivalent flushes.
@@ -116,7 +128,11 @@ where
                 weight,
                 reply,
             });
-            !std::mem::replace(&mut st.driving, true)
+            let start = st.drives < self.max_in_flight;
+            if start {
+                st.drives += 1;
+            }
+            start
         };
         if start {
             tokio::spawn(Arc::clone(self).drive(flush));
@@ -124,7 +140,7 @@ where
         answer.await.map_err(|_| Abandoned)
     }
 
-    /// Flush batches until the queue is empty, then clear `driving` (in the same critical section).
+    /// Flush batches until the queue is empty, then leave `drives` (in the same critical section).
     async fn drive<F, Fut>(self: Arc<Self>, mut flush: F)
     where
         F: FnMut(Vec<I>) -> Fut + Send + 'static,
@@ -140,7 +156,7 @@ where
                 let mut st = self.lock();
                 let batch = self.take(&mut st);
                 if batch.is_empty() {
-                    st.driving = false;
+                    st.drives -= 1;
                     guard.armed = false;
                     return;
                 }
@@ -154,6 +170,9 @@ where
                 // The caller may have gone (its future dropped): its output is discarded.
                 let _ = reply.send(output);
             }
+            // Let the callers just answered (runnable now) queue their next call before the next batch is
+            // taken: one cooperative yield, no timer, so nothing waits for calls not yet made.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -178,10 +197,10 @@ where
 }
 
 /// Armed while a drive runs, and holding the reply channels of the batch in flight: if the drive is dropped
-/// before it ends normally (its flush panicked, or the runtime shut down), `driving` is cleared and the queue
-/// emptied first, then the in-flight and queued callers' channels are dropped (each gets [`Abandoned`]).
-/// In that order, so that a caller who retries at once starts a new drive instead of queueing behind one
-/// that will never come.
+/// before it ends normally (its flush panicked, or the runtime shut down), it leaves `drives` (and, if it
+/// was the last drive, takes the queue: no drive is left to serve it) first, then the in-flight and those
+/// queued callers' channels are dropped (each gets [`Abandoned`]). In that order, so that a caller who
+/// retries at once starts a new drive instead of queueing behind one that will never come.
 struct Unwind<'a, I, O> {
     batcher: &'a Batcher<I, O>,
     armed: bool,
@@ -195,8 +214,12 @@ impl<I, O> Drop for Unwind<'_, I, O> {
         }
         let queued = {
             let mut st = self.batcher.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.driving = false;
-            std::mem::take(&mut st.queue)
+            st.drives -= 1;
+            if st.drives == 0 {
+                std::mem::take(&mut st.queue)
+            } else {
+                VecDeque::new()
+            }
         };
         drop(queued);
         self.in_flight.clear();
@@ -222,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_call_is_flushed_at_once_and_alone() {
-        let b = Arc::new(Batcher::new(100));
+        let b = Arc::new(Batcher::new(100, 1));
         let log = Arc::new(Mutex::new(Vec::new()));
         assert_eq!(b.submit(7, 1, recording(Arc::clone(&log))).await, Ok(70));
         assert_eq!(b.submit(8, 1, recording(Arc::clone(&log))).await, Ok(80));
@@ -257,7 +280,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn calls_queued_during_a_flush_go_as_one_batch_in_order() {
-        let b = Arc::new(Batcher::new(100));
+        let b = Arc::new(Batcher::new(100, 1));
         let log = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(Notify::new());
         let first = tokio::spawn({
@@ -280,12 +303,12 @@ mod tests {
             assert_eq!(h.await.unwrap(), Ok(i * 10));
         }
         assert_eq!(*log.lock().unwrap(), [vec![0], vec![1, 2, 3, 4, 5]]);
-        assert!(!b.lock().driving);
+        assert_eq!(b.lock().drives, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn max_weight_splits_batches_but_a_heavy_item_still_goes() {
-        let b = Arc::new(Batcher::new(3));
+        let b = Arc::new(Batcher::new(3, 1));
         let log = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(Notify::new());
         let mut calls = Vec::new();
@@ -314,7 +337,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_caller_neither_blocks_nor_loses_the_others() {
-        let b = Arc::new(Batcher::new(100));
+        let b = Arc::new(Batcher::new(100, 1));
         let log = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(Notify::new());
         let spawn = |i: u32| {
@@ -346,20 +369,49 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_two_in_flight_a_second_caller_does_not_wait_for_the_first() {
+        let b = Arc::new(Batcher::new(100, 2));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Notify::new());
+        let spawn = |i: u32| {
+            let (b, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            tokio::spawn(async move { b.submit(i, 1, f).await })
+        };
+        let first = spawn(0);
+        until("the first flush", || log.lock().unwrap().len() == 1).await;
+        let second = spawn(1);
+        until("the second flush, while the first is held", || {
+            log.lock().unwrap().len() == 2
+        })
+        .await;
+        let third = spawn(2);
+        until("the third call to queue", || b.lock().queue.len() == 1).await;
+        assert_eq!(b.lock().drives, 2);
+        gate.notify_one();
+        gate.notify_one();
+        until("the third flush", || log.lock().unwrap().len() == 3).await;
+        gate.notify_one();
+        for (i, h) in (0u32..).zip([first, second, third]) {
+            assert_eq!(h.await.unwrap(), Ok(i * 10));
+        }
+        until("the drives to end", || b.lock().drives == 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_flush_abandons_its_callers_and_the_next_call_starts_afresh() {
-        let b = Arc::new(Batcher::<u32, u32>::new(100));
+        let b = Arc::new(Batcher::<u32, u32>::new(100, 1));
         let err = b
             .submit(1, 1, |_items: Vec<u32>| async { panic!("flush bug") })
             .await;
         assert_eq!(err, Err(Abandoned));
-        assert!(!b.lock().driving);
+        assert_eq!(b.lock().drives, 0);
         let log = Arc::new(Mutex::new(Vec::new()));
         assert_eq!(b.submit(2, 1, recording(Arc::clone(&log))).await, Ok(20));
     }
 
     #[tokio::test]
     async fn a_short_answer_abandons_only_the_unanswered() {
-        let b = Arc::new(Batcher::<u32, u32>::new(100));
+        let b = Arc::new(Batcher::<u32, u32>::new(100, 1));
         let answered = Arc::new(AtomicUsize::new(0));
         let a = Arc::clone(&answered);
         let got = b
@@ -374,7 +426,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_callers_each_get_their_own_answer() {
-        let b = Arc::new(Batcher::new(16));
+        let b = Arc::new(Batcher::new(16, 2));
         let flushes = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for t in 0..32u32 {
@@ -401,6 +453,6 @@ mod tests {
         }
         let flushes = flushes.load(Ordering::SeqCst);
         assert!(flushes <= 32 * 200, "{flushes}");
-        assert!(!b.lock().driving && b.lock().queue.is_empty());
+        assert!(b.lock().drives == 0 && b.lock().queue.is_empty());
     }
 }

@@ -197,7 +197,7 @@ mod cases {
         let mut first = publish(&stream, 1, 0);
         assert!(poll_once(&mut first).await.is_pending());
         until_blocked(&mut con, 1).await;
-        // Ten more while the first call is held at the server: they queue, and leave together after it.
+        // Ten more while the first call is held at the server: they queue, and leave together.
         let mut rest: Vec<_> = (0..10).map(|n| publish(&stream, 2, n)).collect();
         for p in &mut rest {
             assert!(poll_once(p).await.is_pending());
@@ -210,11 +210,10 @@ mod cases {
         }
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
         assert_eq!(calls(&mut con, "xadd"), 11);
-        assert_eq!(
-            calls(&mut con, "evalsha") + calls(&mut con, "eval"),
-            2,
-            "one script call for the first publish, one for the ten queued behind it"
-        );
+        // One script call for the first publish; the first of the ten may start a second (two may be in
+        // flight) before the others queue; the rest leave together after a call returns.
+        let scripts = calls(&mut con, "evalsha") + calls(&mut con, "eval");
+        assert!((2..=3).contains(&scripts), "11 publishes in {scripts} script calls");
     }
 
     pub async fn an_oversized_message_fails_only_its_own_caller(h: Harness) {

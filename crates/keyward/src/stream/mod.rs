@@ -159,6 +159,11 @@ struct Shared {
 /// server: about 2-3 µs per 1 KiB message.
 const MAX_BATCH_MESSAGES: usize = 1024;
 
+/// How many publish script calls of one stream may be in flight at once (each carrying the publishes queued
+/// when it left). Two: the client builds and sends the next batch while the server runs the current one.
+/// One call at a time made client and server take turns (measured in `BENCHMARKS.md`, stream_produce).
+const PUBLISH_CALLS_IN_FLIGHT: usize = 2;
+
 /// Batches the publishes of one stream: each item is one call's encoded messages, each output its ids.
 type PublishBatcher = Batcher<Vec<Vec<u8>>, Result<Vec<EntryId>>>;
 
@@ -171,7 +176,7 @@ impl Batchers {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(
             map.entry(stream.to_owned())
-                .or_insert_with(|| Arc::new(Batcher::new(MAX_BATCH_MESSAGES))),
+                .or_insert_with(|| Arc::new(Batcher::new(MAX_BATCH_MESSAGES, PUBLISH_CALLS_IN_FLIGHT))),
         )
     }
 }

@@ -97,13 +97,40 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   end
 end
 
+-- No group: nothing is unacknowledged, so T = max(A, L), and trimming by each bound on its own removes the
+-- same entries (with `~`, the same whole nodes) without looking for L entry by entry: XRANGE would copy
+-- every excess entry's payload into the script, most of a trimming call's cost.
+if g == nil then
+  local trimmed = false
+  if over then
+    if tilde then
+      redis.call('XTRIM', key, 'MAXLEN', '~', maxlen)
+    else
+      redis.call('XTRIM', key, 'MAXLEN', maxlen)
+    end
+    trimmed = true
+  end
+  if r ~= nil then
+    if tilde then
+      redis.call('XTRIM', key, 'MINID', '~', fmt(r))
+    else
+      redis.call('XTRIM', key, 'MINID', fmt(r))
+    end
+    trimmed = true
+  end
+  if trimmed then
+    len = redis.call('XLEN', key)
+  end
+  if len > hard then
+    redis.call('XTRIM', key, 'MAXLEN', hard)
+  end
+  return out
+end
+
 -- The retention floor: entries below it are past retention.
 if over then
   local excess = len - maxlen
-  local upper = '+'
-  if g ~= nil then
-    upper = '(' .. fmt(g)
-  end
+  local upper = '(' .. fmt(g)
   local old = redis.call('XRANGE', key, '-', upper, 'COUNT', excess)
   local l
   if #old == excess then
@@ -111,15 +138,16 @@ if over then
   else
     l = g -- every entry below G goes; G bounds it below
   end
-  if l ~= nil and (r == nil or less(r, l)) then
+  if r == nil or less(r, l) then
     r = l
   end
 end
-local t = r
-if g ~= nil and (t == nil or less(g, t)) then
-  t = g
-end
-if t ~= nil then
+-- T = min(G, r); with no retention floor (only the hard cap brought us here), nothing is trimmed by it.
+if r ~= nil then
+  local t = r
+  if less(g, t) then
+    t = g
+  end
   if tilde then
     redis.call('XTRIM', key, 'MINID', '~', fmt(t))
   else
@@ -135,7 +163,7 @@ if len > hard then
   local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', len - hard)
   for _, e in ipairs(cut) do
     local id = parse(e[1])
-    if g ~= nil and not less(id, g) then
+    if not less(id, g) then
       for _, gr in ipairs(groups) do
         if less(gr[2], id) or (gr[3] > 0 and #redis.call('XPENDING', key, gr[1], e[1], e[1], 1) > 0) then
           out[1] = out[1] + 1
