@@ -175,8 +175,9 @@ impl Batchers {
     fn of(&self, stream: &str) -> Arc<PublishBatcher> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(
-            map.entry(stream.to_owned())
-                .or_insert_with(|| Arc::new(Batcher::new(MAX_BATCH_MESSAGES, PUBLISH_CALLS_IN_FLIGHT))),
+            map.entry(stream.to_owned()).or_insert_with(|| {
+                Arc::new(Batcher::new(MAX_BATCH_MESSAGES, PUBLISH_CALLS_IN_FLIGHT))
+            }),
         )
     }
 }

@@ -1017,13 +1017,17 @@ mod tests {
         let r = Retention::maxlen(10).hard_maxlen(10_000); // `~`
         let mut s = filled(10 + APPROX_SLACK - 1);
         assert_eq!(apply_retention(&mut s, &r, 1000), 0);
-        assert_eq!(s.len() as u64, 10 + APPROX_SLACK - 1, "within `~`'s slack: untouched");
+        assert_eq!(
+            s.len() as u64,
+            10 + APPROX_SLACK - 1,
+            "within `~`'s slack: untouched"
+        );
         s.add(1000, vec![]);
         apply_retention(&mut s, &r, 1000);
         assert_eq!(s.len(), 10, "a node's worth over: trimmed to the bound");
         // Exact retention has no slack.
         let mut s = filled(11);
-        apply_retention(&mut s, &r.clone().approximate(false), 1000);
+        apply_retention(&mut s, &r.approximate(false), 1000);
         assert_eq!(ids(&s), [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     }
 
@@ -1033,7 +1037,11 @@ mod tests {
         let mut s = filled(30);
         s.create_group("g", Some(StreamId::new(25, 0))); // needs 26..
         let r = Retention::maxlen(10).hard_maxlen(20);
-        assert_eq!(apply_retention(&mut s, &r, 30), 0, "1..=10 were delivered and acknowledged");
+        assert_eq!(
+            apply_retention(&mut s, &r, 30),
+            0,
+            "1..=10 were delivered and acknowledged"
+        );
         assert_eq!(ids(&s), (11..=30).collect::<Vec<_>>());
         // Past the slack with a lagging group: its floor holds.
         let mut s = filled(10 + APPROX_SLACK + 5);
