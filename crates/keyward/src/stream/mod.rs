@@ -159,10 +159,12 @@ struct Shared {
 /// server: about 2-3 µs per 1 KiB message.
 const MAX_BATCH_MESSAGES: usize = 1024;
 
-/// How many publish script calls of one stream may be in flight at once (each carrying the publishes queued
-/// when it left). Two: the client builds and sends the next batch while the server runs the current one.
-/// One call at a time made client and server take turns (measured in `BENCHMARKS.md`, stream_produce).
-const PUBLISH_CALLS_IN_FLIGHT: usize = 2;
+/// How many publish script calls of one stream may be in flight at once: one. Each call carries the
+/// publishes queued when the previous one returned, so the server runs them in the order they were called.
+/// Two in flight (the client preparing one batch while the server runs the other) measured no faster on
+/// 2 cores (105,000 vs 108,000–116,000 events/s, `stream_produce` C = 64, BENCHMARKS.md): the batches only
+/// got smaller (29 vs 48 events per call), and a `NOSCRIPT` retry could reorder concurrent calls.
+const PUBLISH_CALLS_IN_FLIGHT: usize = 1;
 
 /// Batches the publishes of one stream: each item is one call's encoded messages, each output its ids.
 type PublishBatcher = Batcher<Vec<Vec<u8>>, Result<Vec<EntryId>>>;
