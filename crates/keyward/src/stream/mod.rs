@@ -358,8 +358,8 @@ where
             .unwrap_or_else(|Abandoned| {
                 Err(Error::InvalidArgument {
                     what: format!(
-                        "class `{}`: the publish was abandoned before an answer (the runtime is shutting down); \
-                         it may or may not have been appended",
+                        "class `{}`: the publish was abandoned before an answer (the runtime is shutting \
+                         down, or the publish task panicked); it may or may not have been appended",
                         self.inner.class
                     ),
                 })
