@@ -156,8 +156,9 @@ struct Shared {
 
 /// The most messages one publish script call carries when concurrent publishes are batched (a single
 /// `publish_many` larger than this still goes whole, in one call). Bounds how long one script holds the
-/// server: about 2-3 µs per 1 KiB message.
-const MAX_BATCH_MESSAGES: usize = 1024;
+/// server (3.5–4 µs per 1 KiB message: ≈1 ms) and the per-message cost, which grows past a few hundred
+/// messages per call (BENCHMARKS.md: 256 vs 1,024 measured 3.4 vs 3.8–4.3 µs per message, p99 lower).
+const MAX_BATCH_MESSAGES: usize = 256;
 
 /// How many publish script calls of one stream may be in flight at once: one. Each call carries the
 /// publishes queued when the previous one returned, so the server runs them in the order they were called.
