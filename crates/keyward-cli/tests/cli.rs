@@ -852,7 +852,7 @@ fn embedded_stream_produce_counts_every_event() {
 }
 
 #[test]
-fn redis_stream_produce_sends_one_script_per_call() {
+fn redis_stream_produce_sends_at_most_one_script_per_call() {
     let server = RedisServer::spawn();
     let v = bench_json(&[
         "bench",
@@ -871,9 +871,14 @@ fn redis_stream_produce_sends_one_script_per_call() {
     let published = assert_stream(&v, "stream_produce", 8);
     assert_eq!(v["ops"].as_u64(), Some(published), "{v}");
     let cmds = v["redis_cmds"].as_object().unwrap();
-    // One script per call, one XADD per event; the warm-up publish ran before the measured phase.
+    // One XADD per event; the warm-up publish ran before the measured phase. Concurrent calls are batched:
+    // one script carries one to four (the loops) calls.
     assert_eq!(cmds["xadd"].as_u64(), Some(published), "{v}");
-    assert_eq!(cmds["evalsha"], v["publish_calls"], "{v}");
+    let (scripts, calls) = (
+        cmds["evalsha"].as_u64().unwrap(),
+        v["publish_calls"].as_u64().unwrap(),
+    );
+    assert!(scripts <= calls && scripts * 4 >= calls, "{v}");
     assert!(v["redis_cmds_per_op"].as_f64().unwrap() > 1.0, "{v}");
 }
 

@@ -75,6 +75,7 @@
 //! `keyward_memory_evictions_total` / `keyward_memory_refused_total` / `keyward_memory_full_total` by class.
 
 mod backend;
+mod batch;
 mod cache;
 pub mod channel;
 mod client;

@@ -48,6 +48,7 @@ mod sentinel;
 mod session;
 mod stream;
 mod stream_backoff;
+mod stream_publish;
 mod tls;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;

@@ -10,6 +10,12 @@
 //! (`keyward_stream_dropped_unacked_total`) and logged. `docs/streams.md` gives the reasoning and the cost
 //! per publish.
 //!
+//! **Concurrent publishes are batched.** Publishes to one stream that wait at the same moment (from any
+//! handle of one [`Keyward`]) go to the server as one script call: while one call for the stream is in
+//! flight, the next queue up, and all of them leave together when it returns. A lone publish is sent at
+//! once (nothing waits for company), each caller still gets its own ids in its call order and its own
+//! error, and a failed call fails every publish it carried. See `batch.rs` for the mechanism.
+//!
 //! ```
 //! # async fn demo() -> keyward::Result<()> {
 //! use keyward::{Keyward, policy::{Policy, Retention, StreamClass}};
@@ -51,14 +57,16 @@ mod worker;
 
 pub use worker::{DeadLetter, GroupInfo, Message, Worker, WorkerReport};
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batch::{Abandoned, Batcher};
 use crate::client::Keyward;
 use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
@@ -142,6 +150,39 @@ struct Shared {
     keys: StreamKeys,
     published: metrics::Counter,
     dropped: metrics::Counter,
+    /// The stream's publish batcher, shared by every handle of this stream made from one [`Keyward`].
+    batcher: Arc<PublishBatcher>,
+}
+
+/// The most messages one publish script call carries when concurrent publishes are batched (a single
+/// `publish_many` larger than this still goes whole, in one call). Bounds how long one script holds the
+/// server (3.5–4 µs per 1 KiB message: ≈1 ms) and the per-message cost, which grows past a few hundred
+/// messages per call (BENCHMARKS.md: 256 vs 1,024 measured 3.4 vs 3.8–4.3 µs per message, p99 lower).
+const MAX_BATCH_MESSAGES: usize = 256;
+
+/// How many publish script calls of one stream may be in flight at once: one. Each call carries the
+/// publishes queued when the previous one returned, so the server runs them in the order they were called.
+/// Two in flight (the client preparing one batch while the server runs the other) measured no faster on
+/// 2 cores (105,000 vs 108,000–116,000 events/s, `stream_produce` C = 64, BENCHMARKS.md): the batches only
+/// got smaller (29 vs 48 events per call), and a `NOSCRIPT` retry could reorder concurrent calls.
+const PUBLISH_CALLS_IN_FLIGHT: usize = 1;
+
+/// Batches the publishes of one stream: each item is one call's encoded messages, each output its ids.
+type PublishBatcher = Batcher<Vec<Vec<u8>>, Result<Vec<EntryId>>>;
+
+/// The publish batchers of one [`Keyward`], by stream key (one per stream class: the policy bounds them).
+#[derive(Default)]
+struct Batchers(Mutex<HashMap<String, Arc<PublishBatcher>>>);
+
+impl Batchers {
+    fn of(&self, stream: &str) -> Arc<PublishBatcher> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            map.entry(stream.to_owned()).or_insert_with(|| {
+                Arc::new(Batcher::new(MAX_BATCH_MESSAGES, PUBLISH_CALLS_IN_FLIGHT))
+            }),
+        )
+    }
 }
 
 impl Keyward {
@@ -177,6 +218,7 @@ impl Keyward {
             }
         };
         let keys = StreamKeys::new(space.key(class)?);
+        let batcher = self.shared::<Batchers>().of(&keys.stream);
         let label = class.to_owned();
         Ok(Stream {
             kw: self.clone(),
@@ -186,6 +228,7 @@ impl Keyward {
                 class: class.to_owned(),
                 settings,
                 keys,
+                batcher,
             }),
             _types: PhantomData,
         })
@@ -203,6 +246,9 @@ where
     }
 
     /// Append one event (one script: `XADD` and the retention trim) and return its id.
+    ///
+    /// Publishes to this stream that wait at the same moment share one script call (see the module docs):
+    /// ids still increase in the order the calls were made.
     ///
     /// # Errors
     /// [`Error::Encode`]; [`Error::ValueTooLarge`] naming the class and `max_message_bytes` when the encoded
@@ -222,7 +268,8 @@ where
     }
 
     /// Append `events` in order, in one round trip and one script (all or none are appended), and return
-    /// their ids. An empty slice does nothing.
+    /// their ids. An empty slice does nothing. Concurrent calls may share that script call; `events` stay
+    /// together in it, in order.
     ///
     /// # Errors
     /// As [`publish`](Self::publish); a single oversized event refuses the whole batch before anything is
@@ -299,22 +346,59 @@ where
         Ok(payload)
     }
 
+    /// Queue `payloads` (one call's, already size-checked) on the stream's batcher and wait for their ids.
     async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Vec<EntryId>> {
-        let retention = self.inner.settings.retention_value();
-        let out = store::publish(&self.kw, &self.inner.keys, &retention, &payloads).await?;
-        // Idle workers of this process look at once (on Redis the script also woke those elsewhere, if any
-        // waited; a second wake-up only makes a worker read again).
-        self.kw.inner.bus.wake(&self.inner.keys.stream);
-        self.inner.published.increment(out.ids.len() as u64);
-        if out.dropped > 0 {
-            self.inner.dropped.increment(out.dropped);
-            tracing::warn!(
-                class = %self.inner.class,
-                dropped = out.dropped,
-                hard_maxlen = retention.hard_maxlen_value(),
-                "keyward: a consumer group lags past the stream's hard cap; entries it had not acknowledged were trimmed"
-            );
-        }
-        Ok(out.ids)
+        let count = payloads.len();
+        let (kw, shared) = (self.kw.clone(), Arc::clone(&self.inner));
+        self.inner
+            .batcher
+            .submit(payloads, count, move |calls| {
+                flush(kw.clone(), Arc::clone(&shared), calls)
+            })
+            .await
+            .unwrap_or_else(|Abandoned| {
+                Err(Error::InvalidArgument {
+                    what: format!(
+                        "class `{}`: the publish was abandoned before an answer (the runtime is shutting \
+                         down, or the publish task panicked); it may or may not have been appended",
+                        self.inner.class
+                    ),
+                })
+            })
     }
+}
+
+/// One script call for the publishes `calls` (each one call's messages, in queue order): their ids split
+/// back per call, or the call's error for each.
+async fn flush(
+    kw: Keyward,
+    shared: Arc<Shared>,
+    calls: Vec<Vec<Vec<u8>>>,
+) -> Vec<Result<Vec<EntryId>>> {
+    let counts: Vec<usize> = calls.iter().map(Vec::len).collect();
+    let payloads: Vec<Vec<u8>> = calls.into_iter().flatten().collect();
+    let retention = shared.settings.retention_value();
+    let out = match store::publish(&kw, &shared.keys, &retention, &payloads).await {
+        Ok(out) => out,
+        Err(e) => return counts.iter().map(|_| Err(e.clone())).collect(),
+    };
+    // Idle workers of this process look at once (on Redis the script also woke those elsewhere, if any
+    // waited; a second wake-up only makes a worker read again).
+    kw.inner.bus.wake(&shared.keys.stream);
+    shared.published.increment(out.ids.len() as u64);
+    if out.dropped > 0 {
+        shared.dropped.increment(out.dropped);
+        tracing::warn!(
+            class = %shared.class,
+            dropped = out.dropped,
+            hard_maxlen = retention.hard_maxlen_value(),
+            "keyward: a consumer group lags past the stream's hard cap; entries it had not acknowledged were trimmed"
+        );
+    }
+    // `store::publish` checked that there is one id per message.
+    let mut ids = out.ids.into_iter();
+    counts
+        .iter()
+        .map(|&n| Ok(ids.by_ref().take(n).collect()))
+        .collect()
 }

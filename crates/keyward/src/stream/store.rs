@@ -79,18 +79,37 @@ fn retention_args(r: &Retention) -> (u64, u64, bool, u64) {
     )
 }
 
-/// The mirror of `stream_publish.lua`'s trimming over one stream (exact: the embedded backend has no
-/// internal nodes, so `~` trims exactly too). Returns the entries dropped by the hard cap that a group
-/// still needed.
+/// With approximate (`~`) retention, the count bound is looked at only once the stream holds at least this
+/// many entries more than `maxlen` (`stream_publish.lua`'s ARGV[6]): below that, a publish skips the groups'
+/// scan that finding the trim point needs. It is Redis's default `stream-node-max-entries`: `XADD … MAXLEN ~`
+/// itself keeps up to a node's worth of entries past the bound, so `~` already promises no more than that
+/// (a node holds at most 100 entries by default, fewer when `stream-node-max-bytes` fills first; the trim, once
+/// due, still only removes whole nodes). So a `~` stream holds at most `maxlen + APPROX_SLACK` entries plus
+/// the last publish call's messages, and at most `hard_maxlen` always.
+pub(crate) const APPROX_SLACK: u64 = 100;
+
+/// The mirror of `stream_publish.lua`'s trimming over one stream (exact once it trims: the embedded backend
+/// has no internal nodes, so `~` trims exactly too; but as on Redis, a `~` count bound is looked at only
+/// once the stream is [`APPROX_SLACK`] entries over it). Returns the entries dropped by the hard cap that a
+/// group still needed.
 pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> u64 {
-    let (maxlen, max_age, _, hard) = retention_args(r);
-    let g = (s.group_names().next().is_some()).then(|| s.groups_floor());
-    let mut floor: Option<StreamId> = (max_age > 0).then(|| {
+    let (maxlen, max_age, approximate, hard) = retention_args(r);
+    let age_floor: Option<StreamId> = (max_age > 0).then(|| {
         let now = u64::try_from(now_ms).unwrap_or(0);
         StreamId::new(now.saturating_sub(max_age), 0)
     });
     let len = s.len() as u64;
-    if maxlen > 0 && len > maxlen {
+    let over = maxlen > 0 && len > maxlen && (!approximate || len - maxlen >= APPROX_SLACK);
+    // The fast path, as `stream_publish.lua`: nothing can be trimmed, so the groups are not looked at.
+    if !over && len <= hard {
+        let aged = age_floor.is_some_and(|a| s.first_id().is_some_and(|first| first < a));
+        if !aged {
+            return 0;
+        }
+    }
+    let g = (s.group_names().next().is_some()).then(|| s.groups_floor());
+    let mut floor = age_floor;
+    if over {
         let excess = len - maxlen;
         let upper = g.unwrap_or(StreamId::MAX);
         let old = s.ids_below(upper, usize::try_from(excess).unwrap_or(usize::MAX));
@@ -168,7 +187,8 @@ pub(super) async fn publish(
         .arg(max_age)
         .arg(if approximate { "1" } else { "0" })
         .arg(hard)
-        .arg(channel);
+        .arg(channel)
+        .arg(APPROX_SLACK);
     for p in payloads {
         call = call.arg(&p[..]);
     }
@@ -1065,7 +1085,7 @@ mod tests {
         for ms in 4..=10 {
             s.add(ms, vec![]);
         }
-        let r = Retention::maxlen(2).hard_maxlen(6);
+        let r = Retention::maxlen(2).approximate(false).hard_maxlen(6);
         // Retention wants 9..=10; the group needs 2 and everything after: 1 goes, then the hard cap
         // keeps the newest 6 and drops 2..=4, which the group had not acknowledged.
         assert_eq!(apply_retention(&mut s, &r, 10), 3);
@@ -1077,6 +1097,58 @@ mod tests {
         s.ack("g", &all);
         assert_eq!(apply_retention(&mut s, &r, 11), 0);
         assert_eq!(ids(&s), [9, 10]);
+    }
+
+    #[test]
+    fn approximate_maxlen_waits_for_a_node_of_slack_then_trims() {
+        let r = Retention::maxlen(10).hard_maxlen(10_000); // `~`
+        let mut s = filled(10 + APPROX_SLACK - 1);
+        assert_eq!(apply_retention(&mut s, &r, 1000), 0);
+        assert_eq!(
+            s.len() as u64,
+            10 + APPROX_SLACK - 1,
+            "within `~`'s slack: untouched"
+        );
+        s.add(1000, vec![]);
+        apply_retention(&mut s, &r, 1000);
+        assert_eq!(s.len(), 10, "a node's worth over: trimmed to the bound");
+        // Exact retention has no slack.
+        let mut s = filled(11);
+        apply_retention(&mut s, &r.approximate(false), 1000);
+        assert_eq!(ids(&s), [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn the_slack_never_lets_the_hard_cap_or_a_group_floor_slip() {
+        // Within `~`'s slack but past the hard cap: the hard cap still holds.
+        let mut s = filled(30);
+        s.create_group("g", Some(StreamId::new(25, 0))); // needs 26..
+        let r = Retention::maxlen(10).hard_maxlen(20);
+        assert_eq!(
+            apply_retention(&mut s, &r, 30),
+            0,
+            "1..=10 were delivered and acknowledged"
+        );
+        assert_eq!(ids(&s), (11..=30).collect::<Vec<_>>());
+        // Past the slack with a lagging group: its floor holds.
+        let mut s = filled(10 + APPROX_SLACK + 5);
+        s.create_group("g", Some(StreamId::new(3, 0))); // needs 4..
+        let r = Retention::maxlen(10).hard_maxlen(1000);
+        assert_eq!(apply_retention(&mut s, &r, 1000), 0);
+        assert_eq!(s.first_id(), Some(StreamId::new(4, 0)));
+    }
+
+    #[test]
+    fn an_aged_entry_is_trimmed_even_within_the_slack() {
+        let mut s = filled(10);
+        let r = Retention::maxlen(5).and_max_age(std::time::Duration::from_millis(5));
+        // now = 12: entries below 7 ms are past max_age; 10 entries are within maxlen's slack.
+        apply_retention(&mut s, &r, 12);
+        assert_eq!(ids(&s), [7, 8, 9, 10]);
+        // Nothing aged and within the slack: untouched.
+        let mut s = filled(10);
+        apply_retention(&mut s, &r, 6);
+        assert_eq!(s.len(), 10);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 -- acknowledged (delivered and pending, or not delivered yet), except past the hard cap.
 -- KEYS[1] the stream   KEYS[2] the wake-up marker a worker leaves when it found nothing to read (same hash tag)
 -- ARGV[1] maxlen (0: no count bound)   ARGV[2] max_age in ms (0: no age bound)   ARGV[3] "1": approximate (~)
--- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6..] the encoded messages, one entry each (field `m`)
+-- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6] the `~` slack: with approximate retention, the
+-- count bound is looked at only once XLEN exceeds maxlen by at least this many entries
+-- ARGV[7..] the encoded messages, one entry each (field `m`); several publishers' messages when the client
+-- batched concurrent publishes (it splits the ids back by count)
 -- Returns {dropped, id, id, …}: `dropped` counts entries the hard cap removed although some group had not
 -- acknowledged them (0 normally); then the new entries' ids in order.
 --
@@ -11,9 +14,15 @@
 -- (XLEN - maxlen)-th oldest entry. L is found with XRANGE - (G COUNT excess, which costs the entries it
 -- returns: about the entries this call trims (plus one node's worth with `~`), never the whole stream.
 -- Ids are `ms-seq`; ms (13 digits) and seq fit Lua's doubles exactly, and are written with %.0f.
+--
+-- The fast path: computing T needs XINFO GROUPS and one XPENDING per group, most of a call's cost. It is
+-- skipped when no trim can happen: XLEN <= maxlen (or, with `~`, XLEN < maxlen + slack: `~` allows the
+-- stream that many extra entries, as XADD MAXLEN ~ allows a node's worth), no entry older than A (the oldest
+-- entry's id is looked at), and XLEN <= hard_maxlen. Skipping then changes nothing: with T computed, XTRIM
+-- would remove nothing (exact), or only what `~` may keep.
 local key = KEYS[1]
 local out = {0}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   out[#out + 1] = redis.call('XADD', key, '*', 'm', ARGV[i])
 end
 -- Wake idle workers once (the marker says some wait): sharded (SPUBLISH, in the stream's slot) when the
@@ -29,6 +38,7 @@ local maxlen = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local tilde = ARGV[3] == '1'
 local hard = tonumber(ARGV[4])
+local slack = tonumber(ARGV[6])
 
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -42,6 +52,28 @@ local function less(a, b)
 end
 local function fmt(id)
   return string.format('%.0f-%.0f', id[1], id[2])
+end
+
+-- The retention floor by age (A), if the class has one.
+local r
+if max_age > 0 then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  r = {math.max(now_ms - max_age, 0), 0}
+end
+local len = redis.call('XLEN', key)
+
+-- The fast path (see above): nothing can be trimmed, so the groups are not looked at.
+local over = maxlen > 0 and len > maxlen and (not tilde or len - maxlen >= slack)
+if not over and len <= hard then
+  local aged = false
+  if r ~= nil then
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
+    aged = #oldest > 0 and less(parse(oldest[1][1]), r)
+  end
+  if not aged then
+    return out
+  end
 end
 
 -- G: the lowest id some group still needs (nil: no groups). Each group's name, last-delivered id and pending
@@ -65,20 +97,40 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   end
 end
 
--- The retention floor: entries below it are past retention.
-local r
-if max_age > 0 then
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  r = {math.max(now_ms - max_age, 0), 0}
-end
-local len = redis.call('XLEN', key)
-if maxlen > 0 and len > maxlen then
-  local excess = len - maxlen
-  local upper = '+'
-  if g ~= nil then
-    upper = '(' .. fmt(g)
+-- No group: nothing is unacknowledged, so T = max(A, L), and trimming by each bound on its own removes the
+-- same entries (with `~`, the same whole nodes) without looking for L entry by entry: XRANGE would copy
+-- every excess entry's payload into the script, most of a trimming call's cost.
+if g == nil then
+  local trimmed = false
+  if over then
+    if tilde then
+      redis.call('XTRIM', key, 'MAXLEN', '~', maxlen)
+    else
+      redis.call('XTRIM', key, 'MAXLEN', maxlen)
+    end
+    trimmed = true
   end
+  if r ~= nil then
+    if tilde then
+      redis.call('XTRIM', key, 'MINID', '~', fmt(r))
+    else
+      redis.call('XTRIM', key, 'MINID', fmt(r))
+    end
+    trimmed = true
+  end
+  if trimmed then
+    len = redis.call('XLEN', key)
+  end
+  if len > hard then
+    redis.call('XTRIM', key, 'MAXLEN', hard)
+  end
+  return out
+end
+
+-- The retention floor: entries below it are past retention.
+if over then
+  local excess = len - maxlen
+  local upper = '(' .. fmt(g)
   local old = redis.call('XRANGE', key, '-', upper, 'COUNT', excess)
   local l
   if #old == excess then
@@ -86,31 +138,32 @@ if maxlen > 0 and len > maxlen then
   else
     l = g -- every entry below G goes; G bounds it below
   end
-  if l ~= nil and (r == nil or less(r, l)) then
+  if r == nil or less(r, l) then
     r = l
   end
 end
-local t = r
-if g ~= nil and (t == nil or less(g, t)) then
-  t = g
-end
-if t ~= nil then
+-- T = min(G, r); with no retention floor (only the hard cap brought us here), nothing is trimmed by it.
+if r ~= nil then
+  local t = r
+  if less(g, t) then
+    t = g
+  end
   if tilde then
     redis.call('XTRIM', key, 'MINID', '~', fmt(t))
   else
     redis.call('XTRIM', key, 'MINID', fmt(t))
   end
+  len = redis.call('XLEN', key)
 end
 
 -- The hard cap holds even when a group lags: the oldest entries go, and those some group still needed are
 -- counted: not delivered to it yet, or pending in it (an entry at or above G may be acknowledged already, so
 -- the pending list is asked, one XPENDING per cut entry and group with pending entries).
-len = redis.call('XLEN', key)
 if len > hard then
   local cut = redis.call('XRANGE', key, '-', '+', 'COUNT', len - hard)
   for _, e in ipairs(cut) do
     local id = parse(e[1])
-    if g ~= nil and not less(id, g) then
+    if not less(id, g) then
       for _, gr in ipairs(groups) do
         if less(gr[2], id) or (gr[3] > 0 and #redis.call('XPENDING', key, gr[1], e[1], e[1], 1) > 0) then
           out[1] = out[1] + 1

@@ -1,0 +1,463 @@
+//! Auto-batching of concurrent calls to one resource: calls that are waiting at the same moment go to the
+//! server as **one** request (one script call, one pipeline), and each caller gets its own answer back.
+//! Streams use it for `publish` (one `stream_publish.lua` call carries every message queued for a stream);
+//! it is generic so that other capabilities (rate-limit checks, issue #16) can reuse it.
+//!
+//! **The one decision: never wait for more work.** A [`Batcher`] has at most `max_in_flight` requests in
+//! flight (one, unless its user chose more). A call that finds fewer in flight starts one at once with what
+//! is queued (usually just itself), so a lone caller's latency does not grow by a timer or a batch size.
+//! Calls that arrive while the requests are in flight queue up; when one finishes, everything queued then
+//! (up to `max_weight`) becomes the next request. With two in flight, the client prepares and sends one
+//! batch while the server runs the other, instead of the two taking turns. Under
+//! load, batches grow by themselves to what arrives during one round trip. Between two requests the drive
+//! yields once to the scheduler, so that callers it just answered, who are runnable already, can queue
+//! their next call into the next request rather than the one after (without it, concurrent callers split
+//! into two cohorts that take turns); a yield is not a timer, and nothing waits for calls not yet made.
+//!
+//! How it is built, and why it cannot lose a caller:
+//! - The queue and the count of running drives sit under one `std` mutex (held for a few pointer moves,
+//!   never across an `.await`). A drive that ends leaves the count under the same lock in which it found
+//!   the queue empty, and a call that queues looks at the count (and starts a drive below the limit) under
+//!   the lock in which it pushed; so there is no moment at which a call is queued and no drive will take
+//!   it (no lost wake-up).
+//! - The requests are made by a spawned drive task, not by a caller's future: a caller whose future is
+//!   dropped (a timeout, a `select!`) never takes its batch-mates down with it. A caller dropped before its
+//!   batch was taken is skipped (its item is not sent); one dropped later may have been sent (as any request
+//!   whose answer nobody waited for), and its answer is discarded.
+//! - If the flush panics (a bug) or the runtime shuts down mid-request, a guard clears the flag and drops
+//!   the queued callers' reply channels: every waiting caller gets [`Abandoned`], none waits forever.
+//!
+//! Order: items are flushed in the order their calls queued, and one flush receives them in that order;
+//! the flush returns one output per item, in the same order.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+/// A caller's item that was queued but never answered: its batch's flush panicked, returned fewer outputs
+/// than items, or the runtime shut down while the batch was in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Abandoned;
+
+/// Batches concurrent calls for one resource (one stream, one key): see the module docs. Share it behind an
+/// `Arc`; one per resource whose calls are worth merging.
+pub(crate) struct Batcher<I, O> {
+    state: Mutex<State<I, O>>,
+    /// The most weight (e.g. messages) one flush takes; a single heavier item still goes alone.
+    max_weight: usize,
+    /// The most flushes in flight at once (each made by its own drive task).
+    max_in_flight: usize,
+}
+
+struct State<I, O> {
+    queue: VecDeque<Job<I, O>>,
+    /// Drive tasks running (each looks at the queue again before it ends); at most `max_in_flight`.
+    drives: usize,
+}
+
+struct Job<I, O> {
+    item: I,
+    weight: usize,
+    reply: oneshot::Sender<O>,
+}
+
+impl<I, O> std::fmt::Debug for Batcher<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("Batcher")
+            .field("queued", &st.queue.len())
+            .field("drives", &st.drives)
+            .field("max_weight", &self.max_weight)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
+}
+
+impl<I, O> Batcher<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// A batcher whose flushes take at most `max_weight` (at least 1) of queued weight each, with at most
+    /// `max_in_flight` (at least 1) flushes in flight at once.
+    pub(crate) fn new(max_weight: usize, max_in_flight: usize) -> Self {
+        Batcher {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                drives: 0,
+            }),
+            max_weight: max_weight.max(1),
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<I, O>> {
+        // The lock guards plain data that no code path leaves half-updated; a panic elsewhere while it
+        // was held cannot make it inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `item` (counting `weight` against `max_weight`) and wait for its output. If fewer than
+    /// `max_in_flight` flushes are in flight, one starts at once with `flush`; otherwise the item goes with
+    /// the next batch. `flush` gets
+    /// the batch's items in queue order and must return one output per item, in that order; the flush of
+    /// the call that started a drive serves every batch of that drive, so all callers of one batcher must
+    /// pass equivalent flushes.
+    ///
+    /// Needs a tokio runtime (the drive is a spawned task).
+    ///
+    /// # Errors
+    /// [`Abandoned`] if the item's batch never answered it (see [`Abandoned`]).
+    pub(crate) async fn submit<F, Fut>(
+        self: &Arc<Self>,
+        item: I,
+        weight: usize,
+        flush: F,
+    ) -> Result<O, Abandoned>
+    where
+        F: FnMut(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut st = self.lock();
+            st.queue.push_back(Job {
+                item,
+                weight,
+                reply,
+            });
+            let start = st.drives < self.max_in_flight;
+            if start {
+                st.drives += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).drive(flush));
+        }
+        answer.await.map_err(|_| Abandoned)
+    }
+
+    /// Flush batches until the queue is empty, then leave `drives` (in the same critical section).
+    async fn drive<F, Fut>(self: Arc<Self>, mut flush: F)
+    where
+        F: FnMut(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let mut guard = Unwind {
+            batcher: &self,
+            armed: true,
+            in_flight: Vec::new(),
+        };
+        loop {
+            let batch = {
+                let mut st = self.lock();
+                let batch = self.take(&mut st);
+                if batch.is_empty() {
+                    st.drives -= 1;
+                    guard.armed = false;
+                    return;
+                }
+                batch
+            };
+            let items: Vec<I>;
+            (items, guard.in_flight) = batch.into_iter().map(|j| (j.item, j.reply)).unzip();
+            let outputs = flush(items).await;
+            // A missing output drops its reply channel: that caller gets `Abandoned`.
+            for (reply, output) in std::mem::take(&mut guard.in_flight)
+                .into_iter()
+                .zip(outputs)
+            {
+                // The caller may have gone (its future dropped): its output is discarded.
+                let _ = reply.send(output);
+            }
+            // Let the callers just answered (runnable now) queue their next call before the next batch is
+            // taken: one cooperative yield, no timer, so nothing waits for calls not yet made.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The next batch: queued jobs in order, skipping those whose caller has gone, up to `max_weight`
+    /// (at least one job).
+    fn take(&self, st: &mut State<I, O>) -> Vec<Job<I, O>> {
+        let mut batch = Vec::new();
+        let mut weight = 0usize;
+        while let Some(job) = st.queue.front() {
+            if job.reply.is_closed() {
+                st.queue.pop_front();
+                continue;
+            }
+            if !batch.is_empty() && weight.saturating_add(job.weight) > self.max_weight {
+                break;
+            }
+            weight = weight.saturating_add(job.weight);
+            batch.extend(st.queue.pop_front());
+        }
+        batch
+    }
+}
+
+/// Armed while a drive runs, and holding the reply channels of the batch in flight: if the drive is dropped
+/// before it ends normally (its flush panicked, or the runtime shut down), it leaves `drives` (and, if it
+/// was the last drive, takes the queue: no drive is left to serve it) first, then the in-flight and those
+/// queued callers' channels are dropped (each gets [`Abandoned`]). In that order, so that a caller who
+/// retries at once starts a new drive instead of queueing behind one that will never come.
+struct Unwind<'a, I, O> {
+    batcher: &'a Batcher<I, O>,
+    armed: bool,
+    in_flight: Vec<oneshot::Sender<O>>,
+}
+
+impl<I, O> Drop for Unwind<'_, I, O> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let queued = {
+            let mut st = self.batcher.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.drives -= 1;
+            if st.drives == 0 {
+                std::mem::take(&mut st.queue)
+            } else {
+                VecDeque::new()
+            }
+        };
+        drop(queued);
+        self.in_flight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    /// A flush that records each batch and answers every item with itself times ten.
+    fn recording(
+        log: Arc<Mutex<Vec<Vec<u32>>>>,
+    ) -> impl FnMut(Vec<u32>) -> std::future::Ready<Vec<u32>> + Send + 'static {
+        move |items: Vec<u32>| {
+            log.lock().unwrap().push(items.clone());
+            std::future::ready(items.into_iter().map(|i| i * 10).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_call_is_flushed_at_once_and_alone() {
+        let b = Arc::new(Batcher::new(100, 1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        assert_eq!(b.submit(7, 1, recording(Arc::clone(&log))).await, Ok(70));
+        assert_eq!(b.submit(8, 1, recording(Arc::clone(&log))).await, Ok(80));
+        assert_eq!(*log.lock().unwrap(), [vec![7], vec![8]]);
+    }
+
+    /// A flush that blocks until `gate` is notified, then answers like `recording`.
+    fn gated(
+        log: Arc<Mutex<Vec<Vec<u32>>>>,
+        gate: Arc<Notify>,
+    ) -> impl FnMut(Vec<u32>) -> std::pin::Pin<Box<dyn Future<Output = Vec<u32>> + Send>> + Send + 'static
+    {
+        move |items: Vec<u32>| {
+            let (log, gate) = (Arc::clone(&log), Arc::clone(&gate));
+            Box::pin(async move {
+                log.lock().unwrap().push(items.clone());
+                gate.notified().await;
+                items.into_iter().map(|i| i * 10).collect()
+            })
+        }
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_queued_during_a_flush_go_as_one_batch_in_order() {
+        let b = Arc::new(Batcher::new(100, 1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Notify::new());
+        let first = tokio::spawn({
+            let (b, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            async move { b.submit(0, 1, f).await }
+        });
+        until("the first flush", || log.lock().unwrap().len() == 1).await;
+        // Queued one by one while the first flush is in flight.
+        let mut rest = Vec::new();
+        for i in 1..=5u32 {
+            let (b2, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            rest.push(tokio::spawn(async move { b2.submit(i, 1, f).await }));
+            until("the call to queue", || b.lock().queue.len() == i as usize).await;
+        }
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), Ok(0));
+        until("the second flush", || log.lock().unwrap().len() == 2).await;
+        gate.notify_one();
+        for (i, h) in (1u32..).zip(rest) {
+            assert_eq!(h.await.unwrap(), Ok(i * 10));
+        }
+        assert_eq!(*log.lock().unwrap(), [vec![0], vec![1, 2, 3, 4, 5]]);
+        until("the drive to end", || b.lock().drives == 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_weight_splits_batches_but_a_heavy_item_still_goes() {
+        let b = Arc::new(Batcher::new(3, 1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Notify::new());
+        let mut calls = Vec::new();
+        let spawn = |i: u32, w: usize| {
+            let (b, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            tokio::spawn(async move { b.submit(i, w, f).await })
+        };
+        calls.push(spawn(0, 1));
+        until("the first flush", || log.lock().unwrap().len() == 1).await;
+        for (n, (i, w)) in [(1, 2), (2, 1), (3, 5), (4, 1)].into_iter().enumerate() {
+            calls.push(spawn(i, w));
+            until("the call to queue", || b.lock().queue.len() == n + 1).await;
+        }
+        for flushes in 1..=4 {
+            until("a flush", || log.lock().unwrap().len() == flushes).await;
+            gate.notify_one();
+        }
+        for (i, h) in (0u32..).zip(calls) {
+            assert_eq!(h.await.unwrap(), Ok(i * 10));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            [vec![0], vec![1, 2], vec![3], vec![4]]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_caller_neither_blocks_nor_loses_the_others() {
+        let b = Arc::new(Batcher::new(100, 1));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Notify::new());
+        let spawn = |i: u32| {
+            let (b, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            tokio::spawn(async move { b.submit(i, 1, f).await })
+        };
+        // The caller that started the drive is dropped mid-flush: its batch-mates are still answered.
+        let first = spawn(0);
+        until("the first flush", || log.lock().unwrap().len() == 1).await;
+        let queued_then_dropped = spawn(1);
+        until("the call to queue", || b.lock().queue.len() == 1).await;
+        let kept = spawn(2);
+        until("the call to queue", || b.lock().queue.len() == 2).await;
+        first.abort();
+        queued_then_dropped.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        assert!(queued_then_dropped.await.unwrap_err().is_cancelled());
+        gate.notify_one();
+        // The dropped, still-queued caller is skipped: the next batch is [2] alone.
+        until("the second flush", || log.lock().unwrap().len() == 2).await;
+        gate.notify_one();
+        assert_eq!(kept.await.unwrap(), Ok(20));
+        assert_eq!(*log.lock().unwrap(), [vec![0], vec![2]]);
+        // And the batcher still works.
+        let again = spawn(3);
+        until("the third flush", || log.lock().unwrap().len() == 3).await;
+        gate.notify_one();
+        assert_eq!(again.await.unwrap(), Ok(30));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_two_in_flight_a_second_caller_does_not_wait_for_the_first() {
+        let b = Arc::new(Batcher::new(100, 2));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Notify::new());
+        let spawn = |i: u32| {
+            let (b, f) = (Arc::clone(&b), gated(Arc::clone(&log), Arc::clone(&gate)));
+            tokio::spawn(async move { b.submit(i, 1, f).await })
+        };
+        let first = spawn(0);
+        until("the first flush", || log.lock().unwrap().len() == 1).await;
+        let second = spawn(1);
+        until("the second flush, while the first is held", || {
+            log.lock().unwrap().len() == 2
+        })
+        .await;
+        let third = spawn(2);
+        until("the third call to queue", || b.lock().queue.len() == 1).await;
+        assert_eq!(b.lock().drives, 2);
+        gate.notify_one();
+        gate.notify_one();
+        until("the third flush", || log.lock().unwrap().len() == 3).await;
+        gate.notify_one();
+        for (i, h) in (0u32..).zip([first, second, third]) {
+            assert_eq!(h.await.unwrap(), Ok(i * 10));
+        }
+        until("the drives to end", || b.lock().drives == 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_flush_abandons_its_callers_and_the_next_call_starts_afresh() {
+        let b = Arc::new(Batcher::<u32, u32>::new(100, 1));
+        let err = b
+            .submit(1, 1, |_items: Vec<u32>| async { panic!("flush bug") })
+            .await;
+        assert_eq!(err, Err(Abandoned));
+        assert_eq!(b.lock().drives, 0);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        assert_eq!(b.submit(2, 1, recording(Arc::clone(&log))).await, Ok(20));
+    }
+
+    #[tokio::test]
+    async fn a_short_answer_abandons_only_the_unanswered() {
+        let b = Arc::new(Batcher::<u32, u32>::new(100, 1));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let a = Arc::clone(&answered);
+        let got = b
+            .submit(1, 1, move |_items: Vec<u32>| {
+                a.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Vec::new())
+            })
+            .await;
+        assert_eq!(got, Err(Abandoned));
+        assert_eq!(answered.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_callers_each_get_their_own_answer() {
+        let b = Arc::new(Batcher::new(16, 2));
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..32u32 {
+            let (b, flushes) = (Arc::clone(&b), Arc::clone(&flushes));
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200u32 {
+                    let item = t * 1000 + i;
+                    let f = Arc::clone(&flushes);
+                    let out = b
+                        .submit(item, 1, move |items: Vec<u32>| {
+                            f.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                tokio::task::yield_now().await;
+                                items.into_iter().map(|i| i + 1).collect::<Vec<_>>()
+                            }
+                        })
+                        .await;
+                    assert_eq!(out, Ok(item + 1));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let flushes = flushes.load(Ordering::SeqCst);
+        assert!(flushes <= 32 * 200, "{flushes}");
+        // A drive leaves after its last answer (it yields, then finds the queue empty).
+        until("the drives to end", || b.lock().drives == 0).await;
+        assert!(b.lock().queue.is_empty());
+    }
+}
