@@ -99,19 +99,34 @@ pub(crate) struct Filter {
     /// Only those whose last error contains TEXT.
     #[arg(long, value_name = "TEXT")]
     error_contains: Option<String>,
-    /// Only the entry with this original stream id (`ms-seq`). Repeatable.
+    /// Only the entry with this original stream id (`ms-seq`; `ms` alone is `ms-0`). Repeatable.
     #[arg(long = "id", value_name = "ID")]
     ids: Vec<String>,
 }
 
 impl Filter {
+    /// Refuses an `--id` that is not a stream id (`ms-seq`): it could match nothing, and a typo must not
+    /// read as "no such dead letter".
+    fn check(&self) -> anyhow::Result<()> {
+        for id in &self.ids {
+            if id.parse::<keyward::stream::EntryId>().is_err() {
+                usage!("--id {id:?}: not a stream entry id (`<ms>-<seq>`, e.g. 1700000000000-0)");
+            }
+        }
+        Ok(())
+    }
+
     fn accepts(&self, d: &DeadLetter) -> bool {
         self.group.as_ref().is_none_or(|g| *g == d.group)
             && self
                 .error_contains
                 .as_ref()
                 .is_none_or(|t| d.error.contains(t.as_str()))
-            && (self.ids.is_empty() || self.ids.iter().any(|i| *i == d.id.to_string()))
+            && (self.ids.is_empty()
+                || self.ids.iter().any(|i| {
+                    i.parse::<keyward::stream::EntryId>()
+                        .is_ok_and(|i| i == d.id)
+                }))
     }
 }
 
@@ -220,6 +235,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             confirm,
         } => {
             check_max(max)?;
+            filter.check()?;
             let policy = stream_policy(&target, &stream)?;
             let act = confirmed(confirm.as_deref(), &stream)?;
             let url = url(&target)?;
@@ -270,12 +286,14 @@ fn letter_json(d: &DeadLetter) -> Value {
 fn letters_table(letters: &[DeadLetter], head: Option<String>) -> String {
     let mut text = head.unwrap_or_else(|| format!("{} dead letters:\n", letters.len()));
     for d in letters {
+        // Group and error come from consumers (an error may quote the event): control characters are
+        // written `\xNN`, so a letter cannot drive the operator's terminal or forge a line of the table.
         text.push_str(&format!(
             "  {}  group {}  {} deliveries  error: {}\n",
             d.id,
-            d.group,
+            crate::audit::display_key(d.group.as_bytes()),
             d.deliveries,
-            d.error.replace('\n', " ")
+            crate::audit::display_key(d.error.as_bytes())
         ));
     }
     text

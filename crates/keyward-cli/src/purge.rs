@@ -32,6 +32,9 @@ const SAMPLE: usize = 10;
 /// Entries kept in the purge log stream, and how long it lives after the last purge.
 const LOG_MAXLEN: u64 = 1000;
 const LOG_TTL_MS: u64 = 90 * 86_400_000;
+/// `MEMORY USAGE … SAMPLES n` for the walk, as the audit's default: never 0 (every element of every
+/// aggregate, O(N) per key, blocking the server on a big hash), since a purge is paced.
+const MEMORY_SAMPLES: u64 = 5;
 
 /// Arguments of `keyward purge`.
 #[derive(Debug, Args)]
@@ -157,6 +160,9 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
         };
         let current = declared.kind().version();
         let sel = match (args.version, args.all_versions) {
+            (Some(0), _) => {
+                usage!("--version 0: versions start at 1, so no key of class {class} has version 0")
+            }
             (Some(v), _) if v >= current => usage!(
                 "--version {v}: class {class} is at v{current}; only an older version can be purged (or pass --all-versions)"
             ),
@@ -326,7 +332,7 @@ async fn purge(
             conn.clone(),
             nodes[i].cursor,
             args.count,
-            0,
+            MEMORY_SAMPLES,
             args.max_ops_per_sec,
         )
         .matching(pattern.clone());

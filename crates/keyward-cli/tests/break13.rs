@@ -1,0 +1,370 @@
+//! Issue #13, attacked as a hostile on-call engineer would: the operator commands (`purge`,
+//! `dead-letters`) against throwaway servers. Each test pins a hole found by trying to break them (it failed
+//! before its fix) or a safety property an attack tried and failed to break.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+
+use keyward_testkit::RedisServer;
+
+const POLICY: &str = r#"
+[namespace]
+env = "dev"
+app = "shop"
+
+[classes.product]
+kind = "cache"
+ttl = "30m"
+version = 2
+invalidation = "catalog"
+
+[classes.orders]
+kind = "stream"
+retention = { maxlen = 1000 }
+"#;
+
+fn keyward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run the keyward binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The policy written to a temp dir (kept alive by the returned guard).
+fn policy_file() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+fn all_keys(conn: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
+    let mut out = BTreeSet::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .unwrap();
+        out.extend(keys);
+        if next == 0 {
+            return out;
+        }
+        cursor = next;
+    }
+}
+
+/// A purge must not run `MEMORY USAGE … SAMPLES 0` (every element of every aggregate it meets, O(N) and
+/// blocking the server on a big hash) while it claims to be paced: it samples like the audit does.
+#[test]
+fn a_purge_never_measures_every_element_of_an_aggregate() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    redis::cmd("HSET")
+        .arg("dev:shop:legacy:big")
+        .arg("f1")
+        .arg("v1")
+        .arg("f2")
+        .arg("v2")
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-max-len")
+        .arg(10_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        "dev:shop:legacy:*",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 keys"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Every command the server ran, with its arguments.
+    let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    let mut memory_calls = Vec::new();
+    for entry in log {
+        let redis::Value::Array(fields) = entry else {
+            continue;
+        };
+        let Some(redis::Value::Array(argv)) = fields.get(3) else {
+            continue;
+        };
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| match a {
+                redis::Value::BulkString(b) => text(b).to_ascii_uppercase(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if argv.first().map(String::as_str) == Some("MEMORY") {
+            memory_calls.push(argv);
+        }
+    }
+    assert!(!memory_calls.is_empty(), "the purge measured nothing");
+    for argv in &memory_calls {
+        let samples = argv
+            .iter()
+            .position(|a| a == "SAMPLES")
+            .map(|i| &argv[i + 1]);
+        assert_ne!(
+            samples.map(String::as_str),
+            Some("0"),
+            "a purge ran {argv:?}: every element of the aggregate"
+        );
+    }
+}
+
+/// `--version 0` names a version keyward never writes (versions start at 1): it is refused as bad usage,
+/// not run as a purge that could never select anything.
+#[test]
+fn a_purge_of_version_zero_is_refused() {
+    let (_dir, policy) = policy_file();
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        "redis://127.0.0.1:1",
+        "--class",
+        "product",
+        "--version",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("--version 0"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Glob tricks in `--orphans` cannot reach outside `{env}:{app}:`, nor into a class's keys or keyward's
+/// own: refused up front, or selected by `classify` and never by the glob alone.
+#[test]
+fn orphan_patterns_cannot_escape_the_namespace() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    let url = server.url();
+    for pattern in [
+        "*",
+        "dev:*",
+        "prod:shop:*",
+        "[d]ev:shop:*",
+        "\\dev:shop:*",
+        "?ev:shop:*",
+        "dev:shop*",
+        "dev:sho[p]:*",
+    ] {
+        let out = keyward(&[
+            "purge",
+            "--policy",
+            &policy,
+            "--url",
+            &url,
+            "--orphans",
+            pattern,
+            "--confirm",
+            pattern,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{pattern}: {}",
+            text(&out.stdout)
+        );
+    }
+    let survivors: [&[u8]; 6] = [
+        b"dev:shopping:x",
+        b"dev:shop:product:v2:{a}",
+        b"dev:shop:product:v1:{a}",
+        b"dev:shop:_kw:gens",
+        b"prod:shop:legacy:1",
+        b"dev:shop",
+    ];
+    for key in survivors {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    let orphans: [&[u8]; 3] = [
+        b"dev:shop:legacy:1",
+        b"dev:shop:\xff\x00bin",
+        b"dev:shop:{x}",
+    ];
+    for key in orphans {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    for pattern in ["dev:shop:*", "dev:shop:[^x]*", "dev:shop:\\*"] {
+        let out = keyward(&[
+            "purge",
+            "--policy",
+            &policy,
+            "--url",
+            &url,
+            "--orphans",
+            pattern,
+            "--confirm",
+            pattern,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{pattern}: {}",
+            text(&out.stderr)
+        );
+    }
+    let left = all_keys(&mut conn);
+    let expected: BTreeSet<Vec<u8>> = survivors.iter().map(|k| k.to_vec()).collect();
+    // The purge log is keyward's own key, added by the confirmed purges.
+    let left: BTreeSet<Vec<u8>> = left
+        .into_iter()
+        .filter(|k| k.as_slice() != b"dev:shop:_kw:purges")
+        .collect();
+    assert_eq!(left, expected);
+}
+
+/// A dead letter's group and error come from consumers (an error message may quote the failing event):
+/// the table escapes control characters, so a letter cannot clear the operator's screen, retitle the
+/// terminal or forge table lines.
+#[test]
+fn the_dead_letter_table_escapes_control_characters() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    redis::cmd("XADD")
+        .arg("dev:shop:orders:v1:{orders}:dead")
+        .arg("*")
+        .arg("m")
+        .arg("{}")
+        .arg("id")
+        .arg("1-0")
+        .arg("group")
+        .arg("billing\x1b]0;pwned\x07")
+        .arg("error")
+        .arg("boom\x1b[2J\r\n  9-0  group x  1 deliveries  error: forged")
+        .arg("deliveries")
+        .arg(5)
+        .query::<()>(&mut conn)
+        .unwrap();
+    for args in [
+        vec!["dead-letters", "list", "orders"],
+        vec!["dead-letters", "replay", "orders"],
+    ] {
+        let mut args = args;
+        let url = server.url();
+        args.extend(["--policy", &policy, "--url", &url]);
+        let out = keyward(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(
+            !stdout.bytes().any(|b| b == 0x1b || b == 0x07 || b == b'\r'),
+            "{args:?} printed raw control characters: {stdout:?}"
+        );
+        assert_eq!(
+            stdout.lines().filter(|l| l.contains("deliveries")).count(),
+            1,
+            "{args:?} printed a forged line: {stdout}"
+        );
+        assert!(stdout.contains("billing"), "{stdout}");
+    }
+}
+
+/// A `--id` filter that is not a stream id (`ms-seq`) can match nothing: refused as bad usage, rather
+/// than a replay that silently moves nothing (a typo must not read as "no such dead letter"); `ms` alone
+/// means `ms-0`, as everywhere else in keyward.
+#[test]
+fn a_replay_filter_with_a_malformed_id_is_refused() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    redis::cmd("XADD")
+        .arg("dev:shop:orders:v1:{orders}:dead")
+        .arg("*")
+        .arg("m")
+        .arg("{}")
+        .arg("id")
+        .arg("1700000000000-0")
+        .arg("group")
+        .arg("billing")
+        .arg("error")
+        .arg("timeout")
+        .arg("deliveries")
+        .arg(5)
+        .query::<()>(&mut conn)
+        .unwrap();
+    for id in ["1700000000000-0", "1700000000000"] {
+        let out = keyward(&[
+            "dead-letters",
+            "replay",
+            "orders",
+            "--policy",
+            &policy,
+            "--url",
+            &server.url(),
+            "--id",
+            id,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("would replay 1:"),
+            "--id {id}: {}",
+            text(&out.stdout)
+        );
+    }
+    for id in ["nonsense", "1-0-0", "x-1", ""] {
+        let out = keyward(&[
+            "dead-letters",
+            "replay",
+            "orders",
+            "--policy",
+            &policy,
+            "--url",
+            &server.url(),
+            "--id",
+            id,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--id {id:?}: {}",
+            text(&out.stdout)
+        );
+        assert!(text(&out.stderr).contains("--id"), "{}", text(&out.stderr));
+    }
+}
