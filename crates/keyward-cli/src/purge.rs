@@ -3,9 +3,10 @@
 //!
 //! The one decision: **a key is deleted only if [`keyward::key::classify`] puts it in the selection *and* it
 //! is still, at the moment of deletion, the key the walk inspected** (`purge_unlink.lua`: same type, a TTL
-//! that has only run down). So a purge can never reach outside the policy's namespace or into a current
-//! version by accident, and a key the application rewrote between the walk and the delete survives. Deletes
-//! use `UNLINK` (freed in the background), never a flush.
+//! that has only run down, the same sampled `MEMORY USAGE`). So a purge can never reach outside the policy's
+//! namespace or into a current version by accident, and a key the application rewrote between the walk and
+//! the delete survives — unless the rewrite kept the value's size exactly and left no fresh TTL (Redis keeps
+//! no per-key version; docs/cli.md says so). Deletes use `UNLINK` (freed in the background), never a flush.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -541,7 +542,9 @@ async fn unlink_unchanged(
             .arg(1)
             .arg(&f.key)
             .arg(&f.kind)
-            .arg(f.pttl_ms);
+            .arg(f.pttl_ms)
+            .arg(f.memory)
+            .arg(MEMORY_SAMPLES);
     }
     let done: Vec<u64> = pipe
         .query_async(conn)
@@ -653,6 +656,75 @@ mod tests {
         assert!(exists("forever"));
         let value: String = redis::cmd("GET").arg("rewritten").query(&mut sync).unwrap();
         assert_eq!(value, "new");
+    }
+
+    /// A rewrite that keeps the type and no TTL (or `SET … KEEPTTL`) leaves the TTL check blind; the value's
+    /// size (`MEMORY USAGE`, as the walk measured it) catches it when the size changed.
+    #[test]
+    fn a_key_rewritten_without_a_ttl_or_with_keepttl_survives() {
+        let server = keyward_testkit::RedisServer::spawn();
+        let mut sync = server.connection();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut facts = Vec::new();
+        for (key, px) in [
+            ("untouched", None),
+            ("no_ttl", None),
+            ("keepttl", Some(100_000)),
+        ] {
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg("v");
+            if let Some(px) = px {
+                set.arg("PX").arg(px);
+            }
+            set.query::<()>(&mut sync).unwrap();
+            let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut sync).unwrap();
+            let memory: u64 = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(MEMORY_SAMPLES)
+                .query(&mut sync)
+                .unwrap();
+            facts.push(KeyFacts {
+                key: key.as_bytes().to_vec(),
+                kind: "string".to_owned(),
+                pttl_ms: pttl,
+                memory,
+            });
+        }
+        let new_value = "a new value, rewritten by the application after the walk".repeat(4);
+        redis::cmd("SET")
+            .arg("no_ttl")
+            .arg(&new_value)
+            .query::<()>(&mut sync)
+            .unwrap();
+        redis::cmd("SET")
+            .arg("keepttl")
+            .arg(&new_value)
+            .arg("KEEPTTL")
+            .query::<()>(&mut sync)
+            .unwrap();
+        let deleted = runtime.block_on(async {
+            let mut conn = walk::connect(&server.url()).await.unwrap();
+            let chosen: Vec<&KeyFacts> = facts.iter().collect();
+            unlink_unchanged(&mut conn, &chosen).await.unwrap()
+        });
+        assert_eq!(deleted, 1);
+        let exists = |k: &str| -> bool {
+            redis::cmd("EXISTS")
+                .arg(k)
+                .query::<i64>(&mut server.connection())
+                .unwrap()
+                == 1
+        };
+        assert!(!exists("untouched"));
+        for key in ["no_ttl", "keepttl"] {
+            let value: String = redis::cmd("GET").arg(key).query(&mut sync).unwrap();
+            assert_eq!(value, new_value, "{key} was deleted");
+        }
     }
 
     #[test]

@@ -368,3 +368,69 @@ fn a_replay_filter_with_a_malformed_id_is_refused() {
         assert!(text(&out.stderr).contains("--id"), "{}", text(&out.stderr));
     }
 }
+
+/// The delete-if-unchanged check compares the walk's sampled `MEMORY USAGE` with the key's at delete time:
+/// untouched big aggregates (hashtable, skiplist, quicklist, intset-free sets, a stream with a group) measure
+/// the same both times, so a confirmed purge deletes them all and reports none as changed.
+#[test]
+fn untouched_big_aggregates_are_all_purged() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    let mut pipe = redis::pipe();
+    for i in 0..2000 {
+        let member = format!("member-{i}-{}", "x".repeat(i % 70));
+        pipe.cmd("HSET")
+            .arg("dev:shop:legacy:hash")
+            .arg(&member)
+            .arg(i)
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg("dev:shop:legacy:zset")
+            .arg(i)
+            .arg(&member)
+            .ignore();
+        pipe.cmd("SADD")
+            .arg("dev:shop:legacy:set")
+            .arg(&member)
+            .ignore();
+        pipe.cmd("RPUSH")
+            .arg("dev:shop:legacy:list")
+            .arg(&member)
+            .ignore();
+        pipe.cmd("XADD")
+            .arg("dev:shop:legacy:stream")
+            .arg("*")
+            .arg("m")
+            .arg(&member)
+            .ignore();
+    }
+    pipe.cmd("XGROUP")
+        .arg("CREATE")
+        .arg("dev:shop:legacy:stream")
+        .arg("g")
+        .arg("0")
+        .ignore();
+    pipe.query::<()>(&mut conn).unwrap();
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("deleted 5 keys"), "{stdout}");
+    assert!(stdout.contains("; 0 changed since the walk"), "{stdout}");
+    let left: Vec<Vec<u8>> = all_keys(&mut conn)
+        .into_iter()
+        .filter(|k| k.starts_with(b"dev:shop:legacy:"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
