@@ -318,6 +318,21 @@ async fn purge(
         total_keys += n;
         conns.push(conn);
     }
+    if confirmed {
+        // Logged before the first delete: a purge whose user cannot write the log stops here, having deleted
+        // nothing, and a purge killed outright (SIGKILL) still leaves its trace.
+        log_purge(
+            &policy,
+            &servers,
+            url,
+            &mut conns[0],
+            &sel,
+            &counts,
+            "started",
+        )
+        .await
+        .context("nothing was deleted")?;
+    }
     let progress = progress_bar(total_keys, 0);
     let stop = Arc::new(AtomicBool::new(false));
     let examined = Arc::new(AtomicU64::new(0));
@@ -398,21 +413,8 @@ async fn purge(
     let complete = nodes.iter().all(|n| n.done);
     let cp_path = checkpoint_path(&dir, &token)?;
     if confirmed && (counts.deleted > 0 || complete) {
-        if servers.is_cluster() {
-            // The log's slot may be on any primary: let the Cluster client route it.
-            let seeds = crate::bench::servers::cluster_seeds(url)?.unwrap_or_default();
-            let client = redis::cluster::ClusterClient::new(
-                seeds.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
-            )
-            .map_err(|e| anyhow!("invalid Cluster URL: {e}"))?;
-            let mut conn = client
-                .get_async_connection()
-                .await
-                .map_err(|e| anyhow!("cannot connect to the Cluster to log the purge: {e}"))?;
-            log_purge(&policy, &mut conn, &sel, &counts, complete).await?;
-        } else {
-            log_purge(&policy, &mut conns[0], &sel, &counts, complete).await?;
-        }
+        let state = if complete { "yes" } else { "no" };
+        log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await?;
     }
     if !complete {
         let cp = Checkpoint {
@@ -554,13 +556,41 @@ async fn unlink_unchanged(
 }
 
 /// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
-/// the last purge): who ($USER), what, how many, when (the server's time is the entry id).
+/// the last purge): who ($USER), what, how many, `complete` (`started` before the first delete, then `yes`
+/// or `no`), when (the server's time is the entry id). On a Cluster the log's slot may be on any primary, so
+/// the Cluster client routes it; otherwise it goes over `conn`.
+#[allow(clippy::too_many_arguments)]
 async fn log_purge(
+    policy: &Policy,
+    servers: &Servers,
+    url: &str,
+    conn: &mut redis::aio::MultiplexedConnection,
+    sel: &Selection,
+    counts: &Counts,
+    state: &str,
+) -> anyhow::Result<()> {
+    if servers.is_cluster() {
+        let seeds = crate::bench::servers::cluster_seeds(url)?.unwrap_or_default();
+        let client = redis::cluster::ClusterClient::new(
+            seeds.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
+        )
+        .map_err(|e| anyhow!("invalid Cluster URL: {e}"))?;
+        let mut conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| anyhow!("cannot connect to the Cluster to log the purge: {e}"))?;
+        append_log(policy, &mut conn, sel, counts, state).await
+    } else {
+        append_log(policy, conn, sel, counts, state).await
+    }
+}
+
+async fn append_log(
     policy: &Policy,
     conn: &mut impl redis::aio::ConnectionLike,
     sel: &Selection,
     counts: &Counts,
-    complete: bool,
+    state: &str,
 ) -> anyhow::Result<()> {
     let key = keyward::key::internal_key(policy, "purges");
     let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
@@ -587,7 +617,7 @@ async fn log_purge(
         .arg("skipped")
         .arg(counts.skipped)
         .arg("complete")
-        .arg(if complete { "yes" } else { "no" })
+        .arg(state)
         .ignore();
     pipe.cmd("PEXPIRE").arg(&key).arg(LOG_TTL_MS).ignore();
     pipe.query_async::<()>(conn)

@@ -434,3 +434,92 @@ fn untouched_big_aggregates_are_all_purged() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A confirmed purge whose user cannot write the purge log (no `+xadd`) must fail before deleting anything:
+/// it used to delete every selected key and only then fail to log, leaving deletions nobody recorded.
+#[test]
+fn a_purge_that_cannot_log_deletes_nothing() {
+    let mut server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    for i in 0..20 {
+        redis::cmd("SET")
+            .arg(format!("dev:shop:legacy:{i}"))
+            .arg("v")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("purger")
+        .arg("on")
+        .arg(">purge-pw")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-xadd")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let before = all_keys(&mut conn);
+    server.set_url_credentials(Some(("purger", "purge-pw")));
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("log"), "{stderr}");
+    assert!(
+        !stderr.contains("purge-pw"),
+        "the password leaked: {stderr}"
+    );
+    assert_eq!(all_keys(&mut conn), before, "keys went without a log entry");
+}
+
+/// A confirmed purge leaves a log entry before its first delete (`complete` = `started`), so even a purge
+/// killed outright (no checkpoint, no final entry) is on record.
+#[test]
+fn a_confirmed_purge_is_on_record_before_it_deletes() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    redis::cmd("SET")
+        .arg("dev:shop:legacy:1")
+        .arg("v")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let log: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg("dev:shop:_kw:purges")
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    let states: Vec<&str> = log
+        .iter()
+        .map(|(_, f)| {
+            let i = f.iter().position(|k| k == "complete").unwrap();
+            f[i + 1].as_str()
+        })
+        .collect();
+    assert_eq!(states, ["started", "yes"]);
+}

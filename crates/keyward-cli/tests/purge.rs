@@ -156,12 +156,27 @@ fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
         .arg("+")
         .query(&mut conn)
         .unwrap();
-    assert_eq!(log.len(), 1);
-    let fields: Vec<(&str, &str)> = log[0]
-        .1
-        .chunks(2)
-        .map(|kv| (kv[0].as_str(), kv[1].as_str()))
-        .collect();
+    // One entry before the first delete, one at the end.
+    assert_eq!(log.len(), 2);
+    let fields_of = |i: usize| -> Vec<(&str, &str)> {
+        log[i]
+            .1
+            .chunks(2)
+            .map(|kv| (kv[0].as_str(), kv[1].as_str()))
+            .collect()
+    };
+    let started = fields_of(0);
+    for expected in [
+        ("what", "class product_list v1"),
+        ("deleted", "0"),
+        ("complete", "started"),
+    ] {
+        assert!(
+            started.contains(&expected),
+            "{expected:?} not in {started:?}"
+        );
+    }
+    let fields = fields_of(1);
     for expected in [
         ("what", "class product_list v1"),
         ("deleted", "40"),
