@@ -316,6 +316,17 @@ async fn purge(
             .await
             .with_context(|| format!("DBSIZE on {label}"))?;
         total_keys += n;
+        probe(
+            &mut conn,
+            &keyward::key::internal_key(&policy, "purges"),
+            confirmed,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{label} refuses a command the purge needs (renamed, or not granted to this user)"
+            )
+        })?;
         conns.push(conn);
     }
     if confirmed {
@@ -475,6 +486,39 @@ async fn purge(
     } else {
         ExitCode::from(EXIT_INCOMPLETE)
     })
+}
+
+/// Runs the walk's commands (and, for a confirmed purge, `EVAL`) once on `key`, a plain ASCII name, before
+/// the walk: a command renamed away or not granted fails here with an error naming it. In the walk's
+/// pipelines the same refusal echoes the scanned key's raw bytes, which for a binary key name redis-rs cannot
+/// parse (it drops the connection, and the error read "broken pipe"). On a Cluster node that does not serve
+/// `key`'s slot the answer is `MOVED`, which Redis sends only after the command and the ACL passed: a pass.
+async fn probe(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    confirmed: bool,
+) -> anyhow::Result<()> {
+    let mut cmds = vec![
+        redis::cmd("TYPE").arg(key).clone(),
+        redis::cmd("PTTL").arg(key).clone(),
+        redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(MEMORY_SAMPLES)
+            .clone(),
+    ];
+    if confirmed {
+        cmds.push(redis::cmd("EVAL").arg("return 0").arg(0).clone());
+    }
+    for cmd in cmds {
+        match cmd.query_async::<redis::Value>(conn).await {
+            Ok(_) => {}
+            Err(e) if e.redirect_node().is_some() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Walks one server: selects keys, and with `confirmed` deletes each that is unchanged since the walk.

@@ -523,3 +523,67 @@ fn a_confirmed_purge_is_on_record_before_it_deletes() {
         .collect();
     assert_eq!(states, ["started", "yes"]);
 }
+
+/// A server with `rename-command MEMORY ""` answers the walk's `MEMORY USAGE <key>` with an error that
+/// echoes the key's raw bytes; for a binary (invalid UTF-8) key name redis-rs cannot parse that error and
+/// drops the connection, so the command used to fail with "broken pipe", naming neither the command nor the
+/// cause. The operator must be told which command the server refused.
+fn server_without_memory() -> RedisServer {
+    let server = RedisServer::spawn_with(keyward_testkit::ServerOptions::default().args([
+        "--rename-command",
+        "MEMORY",
+        "",
+    ]));
+    let mut conn = server.connection();
+    for key in [
+        &b"dev:shop:legacy:\xff\x1b[2Jbin"[..],
+        b"dev:shop:legacy:plain",
+    ] {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    server
+}
+
+#[test]
+fn a_purge_on_a_server_without_memory_usage_names_the_command() {
+    let server = server_without_memory();
+    let (_dir, policy) = policy_file();
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        "dev:shop:legacy:*",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("MEMORY"), "{stderr}");
+    assert!(!stderr.contains("broken pipe"), "{stderr}");
+}
+
+#[test]
+#[ignore = "audit/walk.rs (another helper's file): probe TYPE/PTTL/MEMORY USAGE once on an ASCII key before the walk"]
+fn an_audit_on_a_server_without_memory_usage_names_the_command() {
+    let server = server_without_memory();
+    let (_dir, policy) = policy_file();
+    let cp = tempfile::tempdir().unwrap();
+    let out = keyward(&[
+        "audit",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--checkpoint-dir",
+        cp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("MEMORY"), "{stderr}");
+    assert!(!stderr.contains("broken pipe"), "{stderr}");
+}
