@@ -28,6 +28,9 @@ use crate::error::{UsageError, usage};
 
 /// The delete-if-unchanged script (see the module docs).
 const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
+/// Largest `--count`: a `SCAN … COUNT n` blocks the server for about n keys, and the next batch is a pipeline
+/// of 3n commands, whatever the pace.
+const MAX_COUNT: usize = 10_000;
 /// Sample keys shown by the dry run.
 const SAMPLE: usize = 10;
 /// Entries kept in the purge log stream, and how long it lives after the last purge.
@@ -227,6 +230,12 @@ pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
     if args.count == 0 || args.max_ops_per_sec == 0 {
         usage!("--count and --max-ops-per-sec must be at least 1");
+    }
+    if args.count > MAX_COUNT {
+        usage!(
+            "--count {}: at most {MAX_COUNT} (one SCAN walks about that many keys while the server waits)",
+            args.count
+        );
     }
     let (sel, confirmed) = selection(&policy, &args)?;
     let url = args
