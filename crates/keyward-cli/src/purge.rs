@@ -294,8 +294,15 @@ async fn purge(
                 || servers_now != servers_then
             {
                 usage!(
-                    "--resume {token}: the checkpoint is for another purge ({} on {servers_then:?})",
-                    cp.selection.describe()
+                    "--resume {token}: the checkpoint is for another purge ({}{} of {}:{} on {servers_then:?}); nothing was deleted",
+                    if cp.confirmed {
+                        "a confirmed purge"
+                    } else {
+                        "a dry run"
+                    },
+                    format_args!(", {}", cp.selection.describe()),
+                    cp.env,
+                    cp.app
                 );
             }
             (token.clone(), cp.nodes, cp.counts)

@@ -632,3 +632,54 @@ fn an_audit_refuses_a_count_that_would_block_the_server() {
         text(&out.stderr)
     );
 }
+
+/// A dry run's resume token given to the confirmed purge (the obvious next step after a stopped dry run) is
+/// refused, and the message says why: the checkpoint is a dry run's, not "another purge" of the same keys.
+#[test]
+fn resuming_a_dry_run_with_confirm_says_it_was_a_dry_run() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (dir, policy) = policy_file();
+    for i in 0..300 {
+        redis::cmd("SET")
+            .arg(format!("dev:shop:legacy:{i}"))
+            .arg("v")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    let cp = dir.path().to_str().unwrap();
+    let pattern = "dev:shop:legacy:*";
+    let url = server.url();
+    let base = [
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+        "--orphans",
+        pattern,
+        "--checkpoint-dir",
+        cp,
+    ];
+    let mut dry = base.to_vec();
+    dry.extend(["--limit-keys", "10", "--count", "10"]);
+    let out = keyward(&dry);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let token = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("kwp1-"))
+        .unwrap_or_else(|| panic!("no token in {stderr}"))
+        .to_owned();
+    let before = all_keys(&mut conn);
+    let mut wet = base.to_vec();
+    wet.extend(["--resume", &token, "--confirm", pattern]);
+    let out = keyward(&wet);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("dry run"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(all_keys(&mut conn), before);
+}
