@@ -683,3 +683,86 @@ fn resuming_a_dry_run_with_confirm_says_it_was_a_dry_run() {
     );
     assert_eq!(all_keys(&mut conn), before);
 }
+
+/// A confirmed purge killed outright (SIGKILL: no checkpoint, no final log entry) and simply run again ends
+/// exactly as one uninterrupted purge: the selected keys gone, every other key intact, both runs on record.
+#[test]
+fn a_purge_killed_mid_way_and_run_again_ends_the_same() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    let mut pipe = redis::pipe();
+    for i in 0..2000 {
+        pipe.cmd("SET")
+            .arg(format!("dev:shop:legacy:{i}"))
+            .arg("v")
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("dev:shop:product:v2:{{{i}}}"))
+            .arg("v")
+            .ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    let before = all_keys(&mut conn);
+    let pattern = "dev:shop:legacy:*";
+    let url = server.url();
+    let args = [
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+        "--count",
+        "20",
+    ];
+    let legacy = |conn: &mut redis::Connection| {
+        all_keys(conn)
+            .iter()
+            .filter(|k| k.starts_with(b"dev:shop:legacy:"))
+            .count()
+    };
+    // Slow enough to be killed mid-way: about 60 commands per batch at 600 a second.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .args(["--max-ops-per-sec", "600"])
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = legacy(&mut conn);
+        if left < 2000 {
+            assert!(left > 0, "the purge finished before it could be killed");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge deleted nothing in 30 s"
+        );
+        std::thread::yield_now();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = keyward(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let expected: BTreeSet<Vec<u8>> = before
+        .into_iter()
+        .filter(|k| !k.starts_with(b"dev:shop:legacy:"))
+        .chain([b"dev:shop:_kw:purges".to_vec()])
+        .collect();
+    assert_eq!(all_keys(&mut conn), expected);
+    let entries: usize = redis::cmd("XLEN")
+        .arg("dev:shop:_kw:purges")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        entries, 3,
+        "started (killed run), started and yes (the rerun)"
+    );
+}
