@@ -21,6 +21,32 @@ conformance!(
     concurrent_writes_to_one_id_leave_the_cache_at_the_persisted_version,
 );
 
+// Known hole, not fixed here (the fix is in the stream's publish path, `stream/store.rs`, owned elsewhere):
+// until the drain's consumer group exists, retention trims queued writes like any stream's (no group, no
+// floor), so writes made before the first drain ever ran are lost once the stream is over `maxlen`.
+mod writes_before_the_first_drain {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known hole: retention trims writes queued before the drain's group exists (fix in stream/store.rs)"]
+    async fn are_not_trimmed_before_a_drain_exists() {
+        let h = Harness::embedded();
+        let kw = h.keyward().await;
+        let wb = kw.write_behind::<u32, u64>("product", "writes").unwrap();
+        // `writes` keeps maxlen = 10,000 (with `~`: trimmed once 100 over it).
+        let first = wb.write(0, 0).await.unwrap();
+        for id in 1..10_300u32 {
+            wb.write(id, u64::from(id)).await.unwrap();
+        }
+        let oldest = wb.stream().range(None, 1).await.unwrap();
+        assert_eq!(
+            oldest.first().map(|e| e.0),
+            Some(first),
+            "the first write, never persisted, is still queued"
+        );
+    }
+}
+
 /// id -> (value, version), keeping the highest version as the docs recommend.
 type Db = Arc<Mutex<HashMap<u32, (u64, EntryId)>>>;
 

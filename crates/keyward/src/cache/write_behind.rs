@@ -21,7 +21,9 @@
 //! Within a batch only the newest write per id reaches the sink. Across batches, a write that failed and is
 //! retried later can reach the sink *after* a newer write to the same id: make the sink keep the highest
 //! version (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
-//! last-delivery-wins.
+//! last-delivery-wins. Writes to one id from one process take turns (a process-wide lock per cache key),
+//! so the cache sets land in version order; two processes writing one id at once can still leave the cache
+//! at the older of their values until its TTL (docs/streams.md, Write-behind, lists this and the other holes).
 
 use std::collections::HashMap;
 use std::fmt;
