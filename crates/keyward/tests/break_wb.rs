@@ -1,7 +1,8 @@
 //! Attacks on write-behind (issue #12) that found bugs: a sink that panics must not stop the drain for good
 //! (it used to kill the batching task, after which every later write was dead-lettered), and concurrent
 //! writes to one id through one handle must leave the cache holding the write the sink keeps (the newest
-//! version), not whichever cache set happened to land last.
+//! version), not whichever cache set happened to land last. Two known holes have ignored tests here: writes
+//! trimmed before the drain's group exists, and replayed dead letters getting new versions.
 
 #![allow(unreachable_pub)]
 
@@ -169,5 +170,79 @@ mod cases {
         }
         stop.notify_one();
         run.await.unwrap().unwrap();
+    }
+}
+
+// Known hole, not fixed here: `replay_dead_letters` appends a dead-lettered write as a new entry, so it gets a
+// new, higher version and overwrites a newer write the sink already persisted, version check or not. The fix
+// is for the replayed write to keep its original version (e.g. `Write::version` taken from a field the
+// replay carries, which means a change in the stream's replay path and `Record`'s format).
+mod replayed_dead_letters {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known hole: a replayed write-behind write gets a new version and beats newer persisted writes"]
+    async fn do_not_overwrite_a_newer_persisted_write() {
+        let h = Harness::embedded();
+        let kw = h.keyward().await;
+        let wb = kw.write_behind::<u32, u64>("product", "writes").unwrap();
+        wb.write(1, 10).await.unwrap();
+        let broken = wb.drain("db", |_batch: Vec<Write<u32, u64>>| async {
+            Err::<(), _>("database down")
+        });
+        let stop = Arc::new(Notify::new());
+        let run = {
+            let stop = stop.clone();
+            tokio::spawn(broken.run(async move { stop.notified().await }))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while wb.stream().dead_letters(10).await.unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "never dead-lettered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.notify_one();
+        run.await.unwrap().unwrap();
+
+        wb.write(1, 20).await.unwrap();
+        let db: Db = Arc::default();
+        let calls = Arc::new(AtomicU32::new(0));
+        let good = {
+            let (db, calls) = (db.clone(), calls.clone());
+            wb.drain("db", move |batch: Vec<Write<u32, u64>>| {
+                let (db, calls) = (db.clone(), calls.clone());
+                async move {
+                    upsert(&db, batch);
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let stop = Arc::new(Notify::new());
+        let run = {
+            let stop = stop.clone();
+            tokio::spawn(good.run(async move { stop.notified().await }))
+        };
+        until("the newer write persisted", || {
+            db.lock().unwrap().get(&1).map(|e| e.0) == Some(20)
+        })
+        .await;
+        let seen = calls.load(Ordering::SeqCst);
+        let replayed = wb
+            .stream()
+            .replay_dead_letters(|_| true, 10, false)
+            .await
+            .unwrap();
+        assert_eq!(replayed.len(), 1);
+        until("the replayed write reached the sink", || {
+            calls.load(Ordering::SeqCst) > seen
+        })
+        .await;
+        stop.notify_one();
+        run.await.unwrap().unwrap();
+        assert_eq!(
+            db.lock().unwrap().get(&1).map(|e| e.0),
+            Some(20),
+            "the replayed older write must not win"
+        );
     }
 }
