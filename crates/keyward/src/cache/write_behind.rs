@@ -21,14 +21,17 @@
 //! Within a batch only the newest write per id reaches the sink. Across batches, a write that failed and is
 //! retried later can reach the sink *after* a newer write to the same id: make the sink keep the highest
 //! version (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
-//! last-delivery-wins.
+//! last-delivery-wins. Writes to one id from one process take turns (a process-wide lock per cache key),
+//! so the cache sets land in version order; two processes writing one id at once can still leave the cache
+//! at the older of their values until its TTL (docs/streams.md, Write-behind, lists this and the other holes).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -179,8 +182,11 @@ where
     /// write is queued and will be persisted, but readers may not see it until the drain ran.
     pub async fn write(&self, id: I, value: V) -> Result<EntryId> {
         // Refuse what the cache would refuse before anything is queued.
-        self.cache.key(&id)?;
+        let key = self.cache.key(&id)?;
         self.cache.encode(&value)?;
+        // One write per entry at a time in this process, so the cache sets land in version order.
+        let turn = IdTurn::take(key);
+        let _held = turn.lock.lock().await;
         let record = Record { id, value };
         let version = self.stream.publish(&record).await?;
         self.cache.set(&record.id, &record.value).await?;
@@ -204,6 +210,38 @@ where
             batch: 100,
             linger: Duration::from_millis(5),
             grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Per cache key, the lock that orders this process's writes to it: without it two tasks writing the same
+/// id could append in one order and set the cache in the other, leaving the cache at the older value while
+/// the sink keeps the newer one (until the entry's TTL). Process-wide, so every handle is covered; an
+/// entry lives only while some write to its key holds or waits for it.
+static TURNS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Mutex::default);
+
+/// A write's hold on its key's lock; removes the key's entry when the last holder goes (also when the
+/// write's future is dropped mid-way).
+struct IdTurn {
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl IdTurn {
+    fn take(key: String) -> IdTurn {
+        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+        let lock = Arc::clone(turns.entry(key.clone()).or_default());
+        IdTurn { key, lock }
+    }
+}
+
+impl Drop for IdTurn {
+    fn drop(&mut self) {
+        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's reference and ours: nobody else holds or waits for it (clones are made under this lock).
+        if Arc::strong_count(&self.lock) == 2 {
+            turns.remove(&self.key);
         }
     }
 }
@@ -354,7 +392,15 @@ async fn batches<I, V, C, S, Fut, Er>(
             }
         }
         answers.extend(slots.into_iter().flatten().map(|(_, done)| done));
-        let outcome = sink(writes).await.map_err(|e| e.to_string());
+        // A panicking sink is a failed batch (retried, then dead-lettered), not the end of this task: every
+        // later write would otherwise fail with "the drain stopped" and be dead-lettered.
+        let outcome = match std::panic::AssertUnwindSafe(async { sink(writes).await })
+            .catch_unwind()
+            .await
+        {
+            Ok(done) => done.map_err(|e| e.to_string()),
+            Err(_) => Err("the sink panicked".to_owned()),
+        };
         for done in answers {
             let _ = done.send(outcome.clone());
         }
