@@ -41,10 +41,13 @@
 mod audit;
 mod bench;
 mod error;
+mod inspect;
 mod ops;
 mod policy_cmd;
 mod purge;
 mod stats;
+mod stream_info;
+mod streams;
 
 use std::io;
 use std::process::ExitCode;
@@ -88,6 +91,12 @@ enum Command {
         #[command(subcommand)]
         command: ops::DeadLettersCommand,
     },
+    /// Describe one key: its class, version and role, type, TTL against the class's bound, size, and its
+    /// content decoded per kind (never a secret).
+    Inspect(Box<inspect::InspectArgs>),
+    /// Streams of the policy: length against retention, consumer groups with consumers, lag and pending
+    /// entries, dead letters.
+    Streams(Box<streams::StreamsArgs>),
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(Box<bench::BenchArgs>),
 }
@@ -108,6 +117,8 @@ fn main() -> ExitCode {
         Command::Purge(args) => purge::run(*args),
         Command::Invalidate(args) => ops::invalidate(*args).map(|()| ExitCode::SUCCESS),
         Command::DeadLetters { command } => ops::dead_letters(command).map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => inspect::run(*args),
+        Command::Streams(args) => streams::run(*args),
         Command::Bench(args) => bench::run(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {

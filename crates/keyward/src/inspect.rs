@@ -141,7 +141,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((deadline, value.payload), (1_700_000_000_000, Some(&b"old"[..])));
+        assert_eq!(
+            (deadline, value.payload),
+            (1_700_000_000_000, Some(&b"old"[..]))
+        );
         let debug = format!("{:?}", cache_entry(raw.as_bytes()));
         assert!(!debug.contains(TOKEN), "the token is never described");
     }

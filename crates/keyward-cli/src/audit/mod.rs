@@ -9,7 +9,7 @@
 //! Inside: `walk` (SCAN + inspection pipelines, pacing), `tally` (what the keys say, per class),
 //! `checks` (streams and server settings, after the walk), `report` (JSON and table).
 
-mod checks;
+pub(crate) mod checks;
 mod report;
 mod tally;
 pub(crate) mod walk;
