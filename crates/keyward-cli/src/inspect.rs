@@ -220,6 +220,9 @@ fn class_json(class: &KeyClass<'_>) -> Value {
     }
 }
 
+/// `HMGET key u v c e` of a session record: user, version, created and last extension (Unix ms).
+type SessionFields = (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>);
+
 fn unknown(reason: impl Into<String>) -> Value {
     json!({ "format": "unknown", "reason": reason.into() })
 }
@@ -286,10 +289,7 @@ async fn content(
             json!({ "format": "tower_session", "record_bytes": len, "note": "contents not shown" })
         }
         ("session", _) => {
-            let ((user, version, created, extended), data): (
-                (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>),
-                u64,
-            ) = redis::pipe()
+            let (fields, data): (SessionFields, u64) = redis::pipe()
                 .cmd("HMGET")
                 .arg(key)
                 .arg(&["u", "v", "c", "e"])
@@ -299,6 +299,7 @@ async fn content(
                 .query_async(conn)
                 .await
                 .context("HMGET / HSTRLEN")?;
+            let (user, version, created, extended) = fields;
             if version.is_none() || created.is_none() {
                 return Ok(unknown("a hash without a session record's fields"));
             }
@@ -346,7 +347,7 @@ async fn content(
             }
         }
         ("idempotency", _) => {
-            let ((state, lease), (fingerprint, response)): ((Option<String>, bool), (u64, u64)) =
+            let (state, lease, fingerprint, response): (Option<String>, bool, u64, u64) =
                 redis::pipe()
                     .cmd("HGET")
                     .arg(key)

@@ -114,12 +114,13 @@ pub(crate) async fn pending_idle(
     Ok(idle.len() as u64)
 }
 
-/// Age (ms, by its id) of `group`'s oldest pending entry, if it has one (`XPENDING key group - + 1`).
-pub(crate) async fn oldest_pending_age_ms(
+/// `group`'s oldest pending entry, if it has one (`XPENDING key group - + 1`): its age by its id and how
+/// long it has been idle since its last delivery, both in ms.
+pub(crate) async fn oldest_pending(
     conn: &mut MultiplexedConnection,
     key: &[u8],
     group: &[u8],
-) -> anyhow::Result<Option<u64>> {
+) -> anyhow::Result<Option<(u64, u64)>> {
     let first: Vec<Value> = redis::cmd("XPENDING")
         .arg(key)
         .arg(group)
@@ -132,10 +133,12 @@ pub(crate) async fn oldest_pending_age_ms(
     let Some(Value::Array(entry)) = first.first() else {
         return Ok(None);
     };
-    Ok(entry
+    let age = entry
         .first()
         .and_then(as_bytes)
-        .and_then(|id| age_of_id(&id)))
+        .and_then(|id| age_of_id(&id));
+    let idle = entry.get(2).and_then(as_u64);
+    Ok(age.zip(idle))
 }
 
 /// Age of the stream's first entry (by its id's milliseconds), if it has one.

@@ -119,9 +119,9 @@ async fn describe(policy: &Policy, name: &str, url: &str) -> anyhow::Result<Valu
     if exists == 1 {
         for g in stream_info::groups(&mut conn, key.as_bytes()).await? {
             let consumers = stream_info::consumers(&mut conn, key.as_bytes(), &g.name).await?;
-            let (oldest_pending_age_ms, stuck) = if g.pending > 0 {
+            let (oldest, stuck) = if g.pending > 0 {
                 (
-                    stream_info::oldest_pending_age_ms(&mut conn, key.as_bytes(), &g.name).await?,
+                    stream_info::oldest_pending(&mut conn, key.as_bytes(), &g.name).await?,
                     stream_info::pending_idle(
                         &mut conn,
                         key.as_bytes(),
@@ -143,7 +143,8 @@ async fn describe(policy: &Policy, name: &str, url: &str) -> anyhow::Result<Valu
                 })).collect::<Vec<_>>(),
                 "lag": g.lag,
                 "pending": g.pending,
-                "oldest_pending_age_ms": oldest_pending_age_ms,
+                "oldest_pending_age_ms": oldest.map(|(age, _)| age),
+                "oldest_pending_idle_ms": oldest.map(|(_, idle)| idle),
                 "pending_idle_over_claim_idle": stuck,
                 "stuck": stuck > 0,
                 "last_delivered_id": g.last_delivered_id,
@@ -200,13 +201,14 @@ fn table(streams: &[Value]) -> String {
         }
         for g in groups {
             out.push_str(&format!(
-                "  group {}  lag {}  pending {}  oldest pending {}{}\n",
+                "  group {}  lag {}  pending {}  oldest pending {} (idle {}){}\n",
                 g["name"].as_str().unwrap_or_default(),
                 g["lag"]
                     .as_u64()
                     .map_or_else(|| "-".to_owned(), |l| l.to_string()),
                 g["pending"],
                 ms(&g["oldest_pending_age_ms"]),
+                ms(&g["oldest_pending_idle_ms"]),
                 if g["stuck"] == true {
                     format!(
                         "  STUCK: {} idle over claim_idle",
