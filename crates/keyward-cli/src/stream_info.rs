@@ -12,8 +12,6 @@ use anyhow::Context as _;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use crate::audit::display_key;
-
 /// One consumer group, as `XINFO GROUPS` reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct GroupInfo {
@@ -46,7 +44,7 @@ pub(crate) async fn groups(
         .arg(key)
         .query_async(conn)
         .await
-        .with_context(|| format!("XINFO GROUPS {}", display_key(key)))?;
+        .with_context(|| format!("XINFO GROUPS {}", String::from_utf8_lossy(key)))?;
     Ok(groups
         .iter()
         .map(|g| {
@@ -77,7 +75,7 @@ pub(crate) async fn consumers(
         .arg(group)
         .query_async(conn)
         .await
-        .with_context(|| format!("XINFO CONSUMERS {}", display_key(key)))?;
+        .with_context(|| format!("XINFO CONSUMERS {}", String::from_utf8_lossy(key)))?;
     Ok(list
         .iter()
         .map(|c| {
@@ -110,7 +108,7 @@ pub(crate) async fn pending_idle(
         .arg(page)
         .query_async(conn)
         .await
-        .with_context(|| format!("XPENDING {}", display_key(key)))?;
+        .with_context(|| format!("XPENDING {}", String::from_utf8_lossy(key)))?;
     Ok(idle.len() as u64)
 }
 
@@ -129,7 +127,7 @@ pub(crate) async fn oldest_pending(
         .arg(1)
         .query_async(conn)
         .await
-        .with_context(|| format!("XPENDING {}", display_key(key)))?;
+        .with_context(|| format!("XPENDING {}", String::from_utf8_lossy(key)))?;
     let Some(Value::Array(entry)) = first.first() else {
         return Ok(None);
     };
