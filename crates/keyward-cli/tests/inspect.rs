@@ -579,3 +579,98 @@ fn bad_input_exits_2_and_an_unreachable_server_1() {
         assert!(!stdout(&out).contains("hunter2pass"));
     }
 }
+
+/// The audit's read-only rule plus what docs/cli.md adds for `inspect` and `streams`.
+const ACL_RULE: &[&str] = &[
+    "resetkeys",
+    "%R~*",
+    "resetchannels",
+    "-@all",
+    "+scan",
+    "+type",
+    "+pttl",
+    "+memory|usage",
+    "+strlen",
+    "+hstrlen",
+    "+dbsize",
+    "+config|get",
+    "+cluster|nodes",
+    "+xlen",
+    "+xrange",
+    "+xinfo|groups",
+    "+xpending",
+    "+ping",
+    "+exists",
+    "+getrange",
+    "+hget",
+    "+hmget",
+    "+hexists",
+    "+zcard",
+    "+zrange",
+    "+xinfo|consumers",
+];
+
+#[tokio::test]
+async fn the_documented_read_only_user_can_inspect_every_kind_and_list_streams() {
+    let mut s = Setup::new();
+    let stream = jobs_with_trouble(&s).await;
+    let kw = s.kw().await;
+    kw.cache::<String>("product")
+        .unwrap()
+        .set_tagged(&"p1", &"bike".to_owned(), &["c:1"])
+        .await
+        .unwrap();
+    kw.rate_limiter("login")
+        .unwrap()
+        .check(&"ip")
+        .await
+        .unwrap();
+    kw.rate_limiter("search")
+        .unwrap()
+        .check(&"u")
+        .await
+        .unwrap();
+    let sessions = kw
+        .sessions::<Value>(
+            "web",
+            SessionSecrets::new(*b"a 32-byte secret from your vault").unwrap(),
+        )
+        .unwrap();
+    sessions.create("user-7", &Value::Null).await.unwrap();
+    let locks = kw.locks("invoice_run").unwrap();
+    let _guard = locks.try_lock(&"n").await.unwrap().expect("free");
+    let lock = locks.key(&"n").unwrap();
+    let idem = kw.idempotency("payment").unwrap();
+    let _ = idem.begin(&"o", b"f").await.unwrap();
+    let keys = [
+        s.key("product", "p1"),
+        s.key("login", "ip"),
+        s.key("search", "u"),
+        "test:insp:web:v1:{u:user-7}".to_owned(),
+        lock.clone(),
+        format!("{lock}:f"),
+        s.key("payment", "o"),
+        stream.clone(),
+        format!("{stream}:dead"),
+    ];
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg("kw-ro").arg("on").arg(">acl-pw");
+    for rule in ACL_RULE {
+        setuser.arg(*rule);
+    }
+    let _: () = setuser.query(&mut s.redis()).unwrap();
+    s.server.set_url_credentials(Some(("kw-ro", "acl-pw")));
+    for key in &keys {
+        let out = s.run(&["inspect", key, "--json"]);
+        assert!(!stdout(&out).contains("acl-pw") && !stderr(&out).contains("acl-pw"));
+        let doc = json(&out);
+        assert_ne!(doc["content"]["format"], "unknown", "{key}: {doc:#}");
+    }
+    let doc = json(&s.run(&["streams", "--json"]));
+    assert_eq!(doc["streams"][0]["dead_letters"], 1);
+    let denied = redis::cmd("SET")
+        .arg("x")
+        .arg("1")
+        .query::<()>(&mut s.redis());
+    assert!(denied.is_err(), "the rule is read-only");
+}
