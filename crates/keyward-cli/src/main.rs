@@ -9,6 +9,9 @@
 //!   (see `docs/cli.md`).
 //! - `keyward purge --policy FILE (--class NAME --version N | --orphans PATTERN) [--confirm NAME]` deletes an
 //!   old version of a class or keys no class owns: a dry run unless confirmed, paced, resumable, logged.
+//! - `keyward inspect KEY --policy FILE` describes one key (class, TTL against its bound, size, content decoded
+//!   per kind, never a secret); `keyward streams [STREAM…] --policy FILE` shows stream classes' groups, lag,
+//!   pending entries and dead letters.
 //! - `keyward bench <hit|miss|stampede|get|ratelimit_exact|ratelimit_throughput|lock|session>` measures
 //!   keyward against Redis (or the embedded backend), optionally across several OS processes sharing one
 //!   namespace, and counts the Redis commands each operation costs.
@@ -26,9 +29,13 @@
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `policy_cmd` — `policy check`.
 //! - `ops` — `invalidate` and `dead-letters`: the library's calls against a live Redis, dry run by default.
+//! - `stream_info` — the read-only stream reads (`XINFO`, `XPENDING`), shared by `audit` and `streams`; it
+//!   imports no other module of the crate.
 //! - `audit` — `audit`: the paced, resumable keyspace walker (`audit::walk`, reused by `purge`), the tally
 //!   per class, the stream and server checks, and the report. It uses `bench::servers` to find the primaries.
 //! - `purge` — `purge`: selection by `keyward::key::classify`, the audit's walker, delete-if-unchanged.
+//! - `inspect` — `inspect`, and the lookup of the primary holding a key (also used by `streams`).
+//! - `streams` — `streams`.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -41,10 +48,13 @@
 mod audit;
 mod bench;
 mod error;
+mod inspect;
 mod ops;
 mod policy_cmd;
 mod purge;
 mod stats;
+mod stream_info;
+mod streams;
 
 use std::io;
 use std::process::ExitCode;
@@ -88,6 +98,12 @@ enum Command {
         #[command(subcommand)]
         command: ops::DeadLettersCommand,
     },
+    /// Describe one key: its class, version and role, type, TTL against the class's bound, size, and its
+    /// content decoded per kind (never a secret).
+    Inspect(Box<inspect::InspectArgs>),
+    /// Streams of the policy: length against retention, consumer groups with consumers, lag and pending
+    /// entries, dead letters.
+    Streams(Box<streams::StreamsArgs>),
     /// Benchmark keyward's cache, rate limiter, locks and sessions against Redis or the embedded backend.
     Bench(Box<bench::BenchArgs>),
 }
@@ -108,6 +124,8 @@ fn main() -> ExitCode {
         Command::Purge(args) => purge::run(*args),
         Command::Invalidate(args) => ops::invalidate(*args).map(|()| ExitCode::SUCCESS),
         Command::DeadLetters { command } => ops::dead_letters(command).map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => inspect::run(*args),
+        Command::Streams(args) => streams::run(*args),
         Command::Bench(args) => bench::run(*args).map(|()| ExitCode::SUCCESS),
     };
     match result {

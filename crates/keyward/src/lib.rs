@@ -50,6 +50,8 @@
 //!   [`Stream::worker`](stream::Stream::worker) consumes through a consumer group: at least once, retries,
 //!   dead letters, reclaim, graceful shutdown.
 //! - [`channel`] — typed pub/sub on a dedicated connection, with a `Gap` whenever messages may have been missed.
+//! - [`inspect`] — read-only descriptions of stored bytes (a cache value's envelope, a fill lease) for
+//!   operator tools; never a secret.
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
@@ -84,6 +86,7 @@ mod envelope;
 mod error;
 mod flight;
 pub mod idempotency;
+pub mod inspect;
 pub mod key;
 pub mod lock;
 pub mod policy;

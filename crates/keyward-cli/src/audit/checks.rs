@@ -2,14 +2,13 @@
 //! dead letters) and each server's settings against what the policy assumes.
 //!
 //! The one decision: **a stream's findings come from `XINFO` and `XPENDING … IDLE`, read-only**, never from
-//! reading entries; a stream outside every stream class is reported as having no retention bound, because
+//! reading entries (the reading is `crate::stream_info`, shared with `keyward streams`); a stream outside every stream class is reported as having no retention bound, because
 //! nothing declares one for it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use keyward::policy::Policy;
-use redis::Value;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
@@ -19,7 +18,7 @@ use super::tally::{StreamSeen, display_key};
 /// default `claim_idle` of a stream class).
 pub(crate) const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(60);
 /// `XPENDING … IDLE` reads at most this many entries per group: a count at this value means "at least".
-const PENDING_PAGE: usize = 100;
+pub(crate) const PENDING_PAGE: usize = 100;
 
 /// A stream with no retention bound (outside every stream class).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -197,7 +196,7 @@ pub(crate) async fn check_stream(
             let r = s.retention_value();
             // Approximate trimming keeps up to one radix-tree node (100 entries by default) beyond the bound.
             let over_len = r.maxlen_value().is_some_and(|m| length > m + 100);
-            let oldest_age_ms = oldest_age_ms(conn, key).await?;
+            let oldest_age_ms = crate::stream_info::oldest_age_ms(conn, key).await?;
             let over_age = match (r.max_age_value(), oldest_age_ms) {
                 (Some(max), Some(age)) => u128::from(age) > max.as_millis() + 60_000,
                 _ => false,
@@ -225,115 +224,22 @@ pub(crate) async fn check_stream(
     }
     let claim_idle = settings.map_or(DEFAULT_CLAIM_IDLE, |s| s.claim_idle_value());
     let claim_idle_ms = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
-    let groups: Vec<Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .with_context(|| format!("XINFO GROUPS {shown}"))?;
-    for group in groups {
-        let fields = pairs(&group);
-        let name = fields
-            .iter()
-            .find(|(k, _)| k == "name")
-            .and_then(|(_, v)| as_bytes(v))
-            .unwrap_or_default();
-        let pending_total = fields
-            .iter()
-            .find(|(k, _)| k == "pending")
-            .and_then(|(_, v)| match v {
-                Value::Int(n) => u64::try_from(*n).ok(),
-                _ => None,
-            })
-            .unwrap_or(0);
-        if pending_total == 0 {
+    for group in crate::stream_info::groups(conn, key).await? {
+        if group.pending == 0 {
             continue;
         }
-        let idle: Vec<Value> = redis::cmd("XPENDING")
-            .arg(key)
-            .arg(&name)
-            .arg("IDLE")
-            .arg(claim_idle_ms)
-            .arg("-")
-            .arg("+")
-            .arg(PENDING_PAGE)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XPENDING {shown}"))?;
-        if !idle.is_empty() {
+        let idle =
+            crate::stream_info::pending_idle(conn, key, &group.name, claim_idle_ms, PENDING_PAGE)
+                .await?;
+        if idle > 0 {
             out.stuck_groups.push(StuckGroup {
                 stream: shown.clone(),
-                group: display_key(&name),
-                pending_idle: idle.len() as u64,
-                pending_total,
+                group: display_key(&group.name),
+                pending_idle: idle,
+                pending_total: group.pending,
                 claim_idle_ms,
             });
         }
     }
     Ok(())
-}
-
-/// Age of the stream's first entry (by its id's milliseconds), if it has one.
-async fn oldest_age_ms(
-    conn: &mut MultiplexedConnection,
-    key: &[u8],
-) -> anyhow::Result<Option<u64>> {
-    let first: Vec<Value> = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .context("XRANGE … COUNT 1")?;
-    let Some(Value::Array(entry)) = first.first() else {
-        return Ok(None);
-    };
-    let Some(id) = entry.first().and_then(as_bytes) else {
-        return Ok(None);
-    };
-    let ms: Option<u64> = std::str::from_utf8(&id)
-        .ok()
-        .and_then(|s| s.split('-').next())
-        .and_then(|s| s.parse().ok());
-    let now = u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX);
-    Ok(ms.map(|ms| now.saturating_sub(ms)))
-}
-
-fn as_bytes(v: &Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b.clone()),
-        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
-        _ => None,
-    }
-}
-
-/// A RESP2 flat `[k, v, k, v…]` array or a RESP3 map, as pairs with text keys.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|kv| {
-                let k = as_bytes(kv.first()?)?;
-                Some((String::from_utf8_lossy(&k).into_owned(), kv.get(1)?.clone()))
-            })
-            .collect(),
-        Value::Map(items) => items
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    String::from_utf8_lossy(&as_bytes(k)?).into_owned(),
-                    v.clone(),
-                ))
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
 }
