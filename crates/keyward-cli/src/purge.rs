@@ -28,9 +28,6 @@ use crate::error::{UsageError, usage};
 
 /// The delete-if-unchanged script (see the module docs).
 const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
-/// Largest `--count`: a `SCAN … COUNT n` blocks the server for about n keys, and the next batch is a pipeline
-/// of 3n commands, whatever the pace.
-const MAX_COUNT: usize = 10_000;
 /// Sample keys shown by the dry run.
 const SAMPLE: usize = 10;
 /// Entries kept in the purge log stream, and how long it lives after the last purge.
@@ -231,10 +228,11 @@ pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     if args.count == 0 || args.max_ops_per_sec == 0 {
         usage!("--count and --max-ops-per-sec must be at least 1");
     }
-    if args.count > MAX_COUNT {
+    if args.count > walk::MAX_COUNT {
         usage!(
-            "--count {}: at most {MAX_COUNT} (one SCAN walks about that many keys while the server waits)",
-            args.count
+            "--count {}: at most {} (one SCAN walks about that many keys while the server waits)",
+            args.count,
+            walk::MAX_COUNT
         );
     }
     let (sel, confirmed) = selection(&policy, &args)?;
@@ -332,9 +330,10 @@ async fn purge(
             .await
             .with_context(|| format!("DBSIZE on {label}"))?;
         total_keys += n;
-        probe(
+        walk::probe(
             &mut conn,
             &keyward::key::internal_key(&policy, "purges"),
+            MEMORY_SAMPLES,
             confirmed,
         )
         .await
@@ -502,39 +501,6 @@ async fn purge(
     } else {
         ExitCode::from(EXIT_INCOMPLETE)
     })
-}
-
-/// Runs the walk's commands (and, for a confirmed purge, `EVAL`) once on `key`, a plain ASCII name, before
-/// the walk: a command renamed away or not granted fails here with an error naming it. In the walk's
-/// pipelines the same refusal echoes the scanned key's raw bytes, which for a binary key name redis-rs cannot
-/// parse (it drops the connection, and the error read "broken pipe"). On a Cluster node that does not serve
-/// `key`'s slot the answer is `MOVED`, which Redis sends only after the command and the ACL passed: a pass.
-async fn probe(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-    confirmed: bool,
-) -> anyhow::Result<()> {
-    let mut cmds = vec![
-        redis::cmd("TYPE").arg(key).clone(),
-        redis::cmd("PTTL").arg(key).clone(),
-        redis::cmd("MEMORY")
-            .arg("USAGE")
-            .arg(key)
-            .arg("SAMPLES")
-            .arg(MEMORY_SAMPLES)
-            .clone(),
-    ];
-    if confirmed {
-        cmds.push(redis::cmd("EVAL").arg("return 0").arg(0).clone());
-    }
-    for cmd in cmds {
-        match cmd.query_async::<redis::Value>(conn).await {
-            Ok(_) => {}
-            Err(e) if e.redirect_node().is_some() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Walks one server: selects keys, and with `confirmed` deletes each that is unchanged since the walk.

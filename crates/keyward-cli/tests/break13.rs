@@ -568,7 +568,6 @@ fn a_purge_on_a_server_without_memory_usage_names_the_command() {
 }
 
 #[test]
-#[ignore = "audit/walk.rs (another helper's file): probe TYPE/PTTL/MEMORY USAGE once on an ASCII key before the walk"]
 fn an_audit_on_a_server_without_memory_usage_names_the_command() {
     let server = server_without_memory();
     let (_dir, policy) = policy_file();
@@ -613,7 +612,6 @@ fn a_purge_refuses_a_count_that_would_block_the_server() {
 }
 
 #[test]
-#[ignore = "audit/mod.rs (another slice): refuse --count above 10,000 as purge does"]
 fn an_audit_refuses_a_count_that_would_block_the_server() {
     let (_dir, policy) = policy_file();
     let out = keyward(&[

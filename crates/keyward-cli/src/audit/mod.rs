@@ -140,6 +140,13 @@ pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     if args.count == 0 {
         usage!("--count must be at least 1");
     }
+    if args.count > walk::MAX_COUNT {
+        usage!(
+            "--count {}: at most {} (one SCAN walks about that many keys while the server waits)",
+            args.count,
+            walk::MAX_COUNT
+        );
+    }
     if args.max_ops_per_sec == 0 {
         usage!("--max-ops-per-sec must be at least 1");
     }
@@ -226,6 +233,19 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         let mut conn = walk::connect(node_url)
             .await
             .with_context(|| format!("cannot audit {label}"))?;
+        // Before the walk, on a plain key: a refused command is named here (see `walk::probe`).
+        walk::probe(
+            &mut conn,
+            &keyward::key::internal_key(&policy, "audit"),
+            args.samples,
+            false,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{label} refuses a command the audit needs (renamed, or not granted to this user)"
+            )
+        })?;
         infos.push(
             checks::server_info(&mut conn, addr)
                 .await

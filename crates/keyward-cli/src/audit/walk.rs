@@ -37,6 +37,44 @@ pub(crate) struct KeyFacts {
     pub(crate) memory: u64,
 }
 
+/// Largest `--count` of the audit and the purge: a `SCAN … COUNT n` blocks the server for about n keys, and
+/// the next batch is a pipeline of 3n commands, whatever the pace.
+pub(crate) const MAX_COUNT: usize = 10_000;
+
+/// Runs the walk's commands (and, with `confirmed`, a purge's `EVAL`) once on `key`, a plain ASCII name, before
+/// the walk: a command renamed away or not granted fails here with an error naming it. In the walk's
+/// pipelines the same refusal echoes the scanned key's raw bytes, which for a binary key name redis-rs cannot
+/// parse (it drops the connection, and the error read "broken pipe"). On a Cluster node that does not serve
+/// `key`'s slot the answer is `MOVED`, which Redis sends only after the command and the ACL passed: a pass.
+pub(crate) async fn probe(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    samples: u64,
+    confirmed: bool,
+) -> anyhow::Result<()> {
+    let mut cmds = vec![
+        redis::cmd("TYPE").arg(key).clone(),
+        redis::cmd("PTTL").arg(key).clone(),
+        redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(samples)
+            .clone(),
+    ];
+    if confirmed {
+        cmds.push(redis::cmd("EVAL").arg("return 0").arg(0).clone());
+    }
+    for cmd in cmds {
+        match cmd.query_async::<redis::Value>(conn).await {
+            Ok(_) => {}
+            Err(e) if e.redirect_node().is_some() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// A plain connection to one server (one primary of a Cluster).
 pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
