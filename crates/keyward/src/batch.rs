@@ -1,6 +1,6 @@
 //! Auto-batching of concurrent calls to one resource: calls that are waiting at the same moment go to the
 //! server as **one** request (one script call, one pipeline), and each caller gets its own answer back.
-//! Streams use it for `publish` (one `stream_publish.lua` call carries every message queued for a stream);
+//! Streams use it for `publish` (one `publish` round trip carries every message queued for a stream);
 //! it is generic so that other capabilities (rate-limit checks, issue #16) can reuse it.
 //!
 //! **The one decision: never wait for more work.** A [`Batcher`] has at most `max_in_flight` requests in

@@ -153,6 +153,7 @@ conformance!(
     a_caller_dropped_mid_batch_neither_loses_nor_blocks_the_others,
     a_lagging_group_keeps_its_entries_under_batched_publishes,
     the_hard_cap_holds_under_batched_publishes,
+    a_flushed_script_cache_never_duplicates_or_loses_an_entry,
 );
 
 mod cases {
@@ -509,6 +510,71 @@ mod cases {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(kept, newest[newest.len() - 100..]);
+    }
+
+    /// The retention script rides with the appends as `EVAL` of its text: a server that lost its script
+    /// cache (`SCRIPT FLUSH`, as after a restart or failover) between or during publishes answers them
+    /// without a `NOSCRIPT`, so nothing is retried and no entry is appended twice or missing.
+    pub async fn a_flushed_script_cache_never_duplicates_or_loses_an_entry(h: Harness) {
+        let kw = connect(&h).await;
+        let stream = kw.stream::<Event>("wide").unwrap();
+        const ROUNDS: u64 = 12;
+        const CALLERS: u64 = 8;
+        let flush = |h: &Harness| {
+            for mut con in h.node_connections() {
+                let () = ::redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
+            }
+        };
+        let mut sent = std::collections::HashMap::new();
+        for round in 0..ROUNDS {
+            flush(&h);
+            // Concurrent callers (batched together), one of them with `publish_many`; on even rounds the
+            // cache is flushed again while they are in flight.
+            let calls = (0..CALLERS).map(|caller| {
+                let stream = stream.clone();
+                async move {
+                    if caller == 0 {
+                        let many: Vec<Event> = (0..3)
+                            .map(|i| Event {
+                                caller,
+                                n: round * 10 + i,
+                            })
+                            .collect();
+                        let ids = stream.publish_many(&many).await.unwrap();
+                        ids.into_iter().zip(many).collect::<Vec<_>>()
+                    } else {
+                        let e = Event { caller, n: round };
+                        vec![(stream.publish(&e).await.unwrap(), e)]
+                    }
+                }
+            });
+            let all = futures_util::future::join_all(calls);
+            let all = if round % 2 == 0 {
+                let (all, ()) = tokio::join!(all, async { flush(&h) });
+                all
+            } else {
+                all.await
+            };
+            for (id, e) in all.into_iter().flatten() {
+                assert!(sent.insert(id, e).is_none(), "id {id} given twice");
+            }
+        }
+        let expected = ROUNDS * (CALLERS - 1 + 3);
+        assert_eq!(sent.len() as u64, expected);
+        assert_eq!(
+            stream.len().await.unwrap(),
+            expected,
+            "an entry was duplicated or lost"
+        );
+        let kept = stream.range(None, 10_000).await.unwrap();
+        assert_eq!(kept.len() as u64, expected);
+        for (id, event) in kept {
+            assert_eq!(
+                sent.get(&id),
+                Some(&event),
+                "entry {id} was not published as such"
+            );
+        }
     }
 }
 

@@ -95,8 +95,10 @@ Scenarios (the names are stable):
             --batch B events per call (1: Stream::publish; more: publish_many). Every event is an op, with
             the latency of its call. No consumer group: every publish trims by maxlen once it is reached.
   stream_e2e
-            one producer publishes --messages N events (default 20000), --batch B per call, one call after
-            the other, while a worker (Stream::worker, group `bench`) with handler concurrency C consumes
+            one producer publishes --messages N events (default 20000), --batch B per call, keeping
+            --inflight W calls outstanding (default 64: as W concurrent request handlers of a service
+            would; concurrent calls share round trips; 1: one call after the other, which measures the
+            round-trip latency rather than the throughput), while a worker (Stream::worker, group `bench`) with handler concurrency C consumes
             them with a no-op handler. When every event is published the producer polls group_info every
             1 ms until nothing is pending or undelivered: ops_per_s = handled / (that moment - the first
             publish); p50_us/p99_us are enqueue-to-handled latencies (wall clock at the publish call to
@@ -145,7 +147,7 @@ answered CacheLookup::Stale), stale_ratio (of ops), stale_p50_us and stale_p99_u
 lookups (reads per CacheLookup name: hit, stale_loader_error, coalesced, …) and errors (reads that failed,
 not counted as ops; must be 0). loader_calls counts the failing loader's calls.
 stream_produce and stream_e2e add batch, maxlen (the class's), published (events) and publish_calls;
-stream_e2e adds messages, handled (handler calls), duplicates (handled beyond one per message; 0 without
+stream_e2e adds messages, inflight, handled (handler calls), duplicates (handled beyond one per message; 0 without
 failures), failed and dead_lettered (the workers' reports; 0 with the no-op handler) and drain_polls (the
 producer's group_info calls while waiting for the drain, included in redis_cmds). A stream_e2e run in which
 fewer events were handled than published fails. stream_chaos adds the same fields, lost, kills and
@@ -235,6 +237,10 @@ pub(crate) struct BenchArgs {
     /// The stream scenarios: events per publish call (1: `publish`; more: one `publish_many`).
     #[arg(long, value_name = "B", default_value_t = 1)]
     batch: usize,
+    /// `stream_e2e` and `stream_chaos`: publish calls the one producer keeps outstanding at once (as a
+    /// service's concurrent request handlers would; they share round trips through the stream's batching).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    inflight: usize,
     /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes,
     /// in milliseconds. [default: 500]
     #[arg(long, value_name = "MS")]
@@ -298,6 +304,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !(1..=10_000).contains(&args.batch) {
         usage!("--batch must be between 1 and 10000, got {}", args.batch);
+    }
+    if !(1..=10_000).contains(&args.inflight) {
+        usage!(
+            "--inflight must be between 1 and 10000, got {}",
+            args.inflight
+        );
     }
     if args.kill_every.is_some() && args.scenario != Scenario::StreamChaos {
         usage!("--kill-every is for the `stream_chaos` scenario only");
@@ -370,6 +382,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         invalidate_every: Duration::from_millis(args.invalidate_every),
         messages: args.messages,
         batch: args.batch,
+        inflight: args.inflight,
         kill_every: Duration::from_millis(args.kill_every.unwrap_or(500)),
     };
     // Children would only fail on a bad class after starting: check it once, here. Only the rate-limit class

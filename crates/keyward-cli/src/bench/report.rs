@@ -164,6 +164,9 @@ pub(crate) struct ScenarioFields {
     /// calls made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) batch: Option<u64>,
+    /// `stream_e2e` and `stream_chaos`: publish calls the producer kept outstanding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) inflight: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) maxlen: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -325,6 +328,7 @@ fn table(r: &Report) -> String {
         ("lookups", f.lookups.as_ref().map(list_counts)),
         ("errors", f.errors.map(|n| n.to_string())),
         ("batch", f.batch.map(|n| n.to_string())),
+        ("inflight", f.inflight.map(|n| n.to_string())),
         ("maxlen", f.maxlen.map(|n| n.to_string())),
         ("published", f.published.map(|n| n.to_string())),
         ("publish_calls", f.publish_calls.map(|n| n.to_string())),

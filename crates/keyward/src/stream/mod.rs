@@ -11,8 +11,9 @@
 //! per publish.
 //!
 //! **Concurrent publishes are batched.** Publishes to one stream that wait at the same moment (from any
-//! handle of one [`Keyward`]) go to the server as one script call: while one call for the stream is in
-//! flight, the next queue up, and all of them leave together when it returns. A lone publish is sent at
+//! handle of one [`Keyward`]) go to the server as one round trip (one pipeline of plain `XADD`s and one
+//! retention script): while one is in flight, the next queue up, and all of them leave together when it
+//! returns. A lone publish is sent at
 //! once (nothing waits for company), each caller still gets its own ids in its call order and its own
 //! error, and a failed call fails every publish it carried. See `batch.rs` for the mechanism.
 //!
@@ -154,13 +155,12 @@ struct Shared {
     batcher: Arc<PublishBatcher>,
 }
 
-/// The most messages one publish script call carries when concurrent publishes are batched (a single
-/// `publish_many` larger than this still goes whole, in one call). Bounds how long one script holds the
-/// server (3.5–4 µs per 1 KiB message: ≈1 ms) and the per-message cost, which grows past a few hundred
+/// The most messages one publish round trip carries when concurrent publishes are batched (a single
+/// `publish_many` larger than this still goes whole, in one call). Bounds the per-message cost (measured with the former all-in-one script, 3.5–4 µs per 1 KiB message), which grows past a few hundred
 /// messages per call (BENCHMARKS.md: 256 vs 1,024 measured 3.4 vs 3.8–4.3 µs per message, p99 lower).
 const MAX_BATCH_MESSAGES: usize = 256;
 
-/// How many publish script calls of one stream may be in flight at once: one. Each call carries the
+/// How many publish round trips of one stream may be in flight at once: one. Each call carries the
 /// publishes queued when the previous one returned, so the server runs them in the order they were called.
 /// Two in flight (the client preparing one batch while the server runs the other) measured no faster on
 /// 2 cores (105,000 vs 108,000–116,000 events/s, `stream_produce` C = 64, BENCHMARKS.md): the batches only
@@ -245,16 +245,17 @@ where
         &self.inner.class
     }
 
-    /// Append one event (one script: `XADD` and the retention trim) and return its id.
+    /// Append one event (a plain `XADD`, then the retention script, in one round trip) and return its id.
     ///
-    /// Publishes to this stream that wait at the same moment share one script call (see the module docs):
+    /// Publishes to this stream that wait at the same moment share one round trip (see the module docs):
     /// ids still increase in the order the calls were made.
     ///
     /// # Errors
     /// [`Error::Encode`]; [`Error::ValueTooLarge`] naming the class and `max_message_bytes` when the encoded
     /// event is larger; backend failures ([`Error::Timeout`], [`Error::CircuitOpen`], [`Error::Redis`],
-    /// [`Error::StoreFull`] on the embedded backend). After a timeout the event may or may not have been
-    /// appended: publish events a consumer can recognise as duplicates (see `docs/streams.md`).
+    /// [`Error::StoreFull`] on the embedded backend). After [`Error::Timeout`] or [`Error::Redis`] the event may
+    /// still have been appended (the server ran the `XADD`, then the answer was lost): delivery is at least
+    /// once, so publish events a consumer can recognise as duplicates (see `docs/streams.md`).
     pub async fn publish(&self, event: &E) -> Result<EntryId> {
         let ids = self.append(vec![self.encode(event)?]).await?;
         ids.into_iter()
@@ -267,9 +268,11 @@ where
             })
     }
 
-    /// Append `events` in order, in one round trip and one script (all or none are appended), and return
-    /// their ids. An empty slice does nothing. Concurrent calls may share that script call; `events` stay
-    /// together in it, in order.
+    /// Append `events` in order, in one round trip, and return their ids. An empty slice does nothing.
+    /// Concurrent calls may share that round trip; `events` stay in order in it (on Redis, another client's
+    /// entries may fall between them). Not atomic on Redis: when the call fails after it was sent (a timeout,
+    /// a lost connection), any prefix of `events`, possibly all, may have been appended; the embedded
+    /// backend appends all or none.
     ///
     /// # Errors
     /// As [`publish`](Self::publish); a single oversized event refuses the whole batch before anything is
@@ -368,7 +371,7 @@ where
     }
 }
 
-/// One script call for the publishes `calls` (each one call's messages, in queue order): their ids split
+/// One publish round trip for the publishes `calls` (each one call's messages, in queue order): their ids split
 /// back per call, or the call's error for each.
 async fn flush(
     kw: Keyward,

@@ -1,5 +1,5 @@
 -- Read new entries for a consumer of a group, without blocking; when there are none, leave a marker so that
--- the next publish sends a wake-up (stream_publish.lua deletes it and publishes).
+-- the next publish sends a wake-up (stream_retain.lua deletes it and publishes).
 -- KEYS[1] the stream   KEYS[2] the wake-up marker (same hash tag)
 -- ARGV[1] group   ARGV[2] consumer   ARGV[3] most entries   ARGV[4] marker TTL (ms)
 -- Returns {-1} if the group does not exist (the server lost it), else {0, id, payload, id, payload, …}.

@@ -262,7 +262,8 @@ impl Ready {
         consumed(&recorder, &report)
     }
 
-    /// The producer: publish `messages` events, `batch` per call, say so on `published`, then wait until
+    /// The producer: publish `messages` events, `batch` per call with up to `inflight` calls outstanding
+    /// (one task, as concurrent request handlers: the stream batches them), say so on `published`, then wait until
     /// the group has drained. Its `seconds` run from the first publish to that moment. `stream_chaos` then
     /// reads the handled events and the dead letters and counts the lost events and the duplicates.
     ///
@@ -273,21 +274,32 @@ impl Ready {
         work: &Workload,
         published: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> anyhow::Result<Measured> {
+        use futures_util::StreamExt as _;
         let (n, batch) = (work.messages, work.batch as u64);
         let first = Instant::now();
         let mut seq = 0u64;
         let mut calls = 0u64;
-        while seq < n {
-            let k = batch.min(n - seq);
-            let now = wall_us();
-            let events: Vec<Event> = (seq..seq + k)
-                .map(|s| Event::sized(s, now, &self.padding))
-                .collect();
-            publish(&self.stream, &events)
-                .await
-                .with_context(|| format!("stream_e2e: cannot publish event {seq}"))?;
-            seq += k;
-            calls += 1;
+        let mut outstanding = futures_util::stream::FuturesUnordered::new();
+        while seq < n || !outstanding.is_empty() {
+            // Keep the window full, then wait for any one call to finish.
+            while seq < n && outstanding.len() < work.inflight {
+                let k = batch.min(n - seq);
+                let now = wall_us();
+                let events: Vec<Event> = (seq..seq + k)
+                    .map(|s| Event::sized(s, now, &self.padding))
+                    .collect();
+                let first_seq = seq;
+                outstanding.push(async move {
+                    publish(&self.stream, &events)
+                        .await
+                        .with_context(|| format!("stream_e2e: cannot publish event {first_seq}"))
+                });
+                seq += k;
+                calls += 1;
+            }
+            if let Some(done) = outstanding.next().await {
+                done?;
+            }
         }
         if let Some(published) = published {
             let _ = published.send(());
@@ -505,6 +517,7 @@ pub(crate) fn fields(kind: Kind, work: &Workload, measured: &Measured) -> Scenar
     let s = &measured.stream;
     let common = ScenarioFields {
         batch: Some(work.batch as u64),
+        inflight: (kind != Kind::Produce).then_some(work.inflight as u64),
         maxlen: Some(MAXLEN),
         published: Some(s.published),
         publish_calls: Some(s.publish_calls),

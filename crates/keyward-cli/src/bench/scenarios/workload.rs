@@ -203,6 +203,8 @@ pub(crate) struct Workload {
     pub(crate) messages: u64,
     /// The stream scenarios: events per publish call (1: `publish`, more: `publish_many`).
     pub(crate) batch: usize,
+    /// `stream_e2e` and `stream_chaos`: publish calls the producer keeps outstanding.
+    pub(crate) inflight: usize,
     /// `stream_chaos`: how often a worker process is killed (and restarted) while the producer publishes.
     pub(crate) kill_every: Duration,
 }
@@ -287,6 +289,7 @@ pub(crate) mod tests {
             invalidate_every: Duration::from_millis(5),
             messages: 100,
             batch: 1,
+            inflight: 64,
             kill_every: Duration::from_millis(500),
         }
     }

@@ -1,13 +1,13 @@
--- Append messages to a stream and apply its retention, never trimming an entry that a consumer group has not
--- acknowledged (delivered and pending, or not delivered yet), except past the hard cap.
+-- Apply a stream's retention after a publish appended its entries (plain XADDs sent just before this script in
+-- the same pipeline: see `publish` in store.rs), never trimming an entry that a consumer group has not
+-- acknowledged (delivered and pending, or not delivered yet), except past the hard cap; and wake idle workers.
 -- KEYS[1] the stream   KEYS[2] the wake-up marker a worker leaves when it found nothing to read (same hash tag)
 -- ARGV[1] maxlen (0: no count bound)   ARGV[2] max_age in ms (0: no age bound)   ARGV[3] "1": approximate (~)
 -- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6] the `~` slack: with approximate retention, the
 -- count bound is looked at only once XLEN exceeds maxlen by at least this many entries
--- ARGV[7..] the encoded messages, one entry each (field `m`); several publishers' messages when the client
--- batched concurrent publishes (it splits the ids back by count)
--- Returns {dropped, id, id, …}: `dropped` counts entries the hard cap removed although some group had not
--- acknowledged them (0 normally); then the new entries' ids in order.
+-- Returns `dropped`: how many entries the hard cap removed although some group had not acknowledged them (0
+-- normally). Running it twice, or after entries another publisher appended, is harmless: it only trims what
+-- the retention allows at the moment it runs.
 --
 -- The trim point is T = min(G, max(A, L)): G the lowest "oldest unacknowledged id" over the groups (a group's
 -- oldest pending id, else the id after its last-delivered one), A = now - max_age, L the id after the
@@ -21,10 +21,7 @@
 -- entry's id is looked at), and XLEN <= hard_maxlen. Skipping then changes nothing: with T computed, XTRIM
 -- would remove nothing (exact), or only what `~` may keep.
 local key = KEYS[1]
-local out = {0}
-for i = 7, #ARGV do
-  out[#out + 1] = redis.call('XADD', key, '*', 'm', ARGV[i])
-end
+local dropped = 0
 -- Wake idle workers once (the marker says some wait): sharded (SPUBLISH, in the stream's slot) when the
 -- channel ends in '}' (Redis Cluster), else plain PUBLISH. The payload is the stream's key.
 if redis.call('DEL', KEYS[2]) == 1 then
@@ -72,7 +69,7 @@ if not over and len <= hard then
     aged = #oldest > 0 and less(parse(oldest[1][1]), r)
   end
   if not aged then
-    return out
+    return dropped
   end
 end
 
@@ -124,7 +121,7 @@ if g == nil then
   if len > hard then
     redis.call('XTRIM', key, 'MAXLEN', hard)
   end
-  return out
+  return dropped
 end
 
 -- The retention floor: entries below it are past retention.
@@ -166,7 +163,7 @@ if len > hard then
     if not less(id, g) then
       for _, gr in ipairs(groups) do
         if less(gr[2], id) or (gr[3] > 0 and #redis.call('XPENDING', key, gr[1], e[1], e[1], 1) > 0) then
-          out[1] = out[1] + 1
+          dropped = dropped + 1
           break
         end
       end
@@ -174,4 +171,4 @@ if len > hard then
   end
   redis.call('XTRIM', key, 'MINID', fmt(after(parse(cut[#cut][1]))))
 end
-return out
+return dropped
