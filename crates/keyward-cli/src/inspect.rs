@@ -90,17 +90,18 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// A connection to the server that holds `key`: the server itself, or on a Cluster the primary where
-/// `EXISTS key` is 1 (the first primary when none has it), with its label (`host:port`, empty standalone).
+/// A connection to the server that holds `key`: the server itself, or on a Cluster the primary that serves
+/// the key's slot (the one that answers `EXISTS key` instead of redirecting with `MOVED`), with its label
+/// (`host:port`, empty standalone).
 ///
 /// # Errors
-/// When no server can be reached (the message never holds the URL's password).
+/// When no server can be reached, or no primary serves the key's slot (the message never holds the URL's
+/// password).
 pub(crate) async fn connect_holding(
     url: &str,
     key: &[u8],
 ) -> anyhow::Result<(MultiplexedConnection, String)> {
     let servers = Servers::discover(url).await?;
-    let mut first = None;
     for (addr, node_url) in servers.urls() {
         let label = if addr.is_empty() { "the server" } else { addr };
         let mut conn = crate::audit::walk::connect(node_url)
@@ -109,17 +110,19 @@ pub(crate) async fn connect_holding(
         if !servers.is_cluster() {
             return Ok((conn, addr.to_owned()));
         }
-        let exists: u64 = redis::cmd("EXISTS")
+        match redis::cmd("EXISTS")
             .arg(key)
-            .query_async(&mut conn)
+            .query_async::<u64>(&mut conn)
             .await
-            .with_context(|| format!("EXISTS on {label}"))?;
-        if exists == 1 {
-            return Ok((conn, addr.to_owned()));
+        {
+            // The primary of the key's slot answers, whether it holds the key or not.
+            Ok(_) => return Ok((conn, addr.to_owned())),
+            // Another primary's slot: `MOVED`, sent only after the command and the ACL passed.
+            Err(e) if e.redirect_node().is_some() => {}
+            Err(e) => return Err(e).with_context(|| format!("EXISTS on {label}")),
         }
-        first.get_or_insert((conn, addr.to_owned()));
     }
-    first.ok_or_else(|| anyhow::anyhow!("the URL names no server"))
+    anyhow::bail!("no primary of the cluster serves the key's slot (is the cluster resharding?)")
 }
 
 /// The key's bytes from its printed form: `\xNN` is one byte; anything else is itself (UTF-8).

@@ -30,8 +30,8 @@ use crate::error::{UsageError, usage};
 const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
 /// Sample keys shown by the dry run.
 const SAMPLE: usize = 10;
-/// Entries kept in the purge log stream, and how long it lives after the last purge.
-const LOG_MAXLEN: u64 = 1000;
+/// How long the purge log stream lives after the last purge (its length bound is
+/// [`checks::PURGE_LOG_MAXLEN`](crate::audit::checks::PURGE_LOG_MAXLEN), which the audit judges it by).
 const LOG_TTL_MS: u64 = 90 * 86_400_000;
 /// `MEMORY USAGE … SAMPLES n` for the walk, as the audit's default: never 0 (every element of every
 /// aggregate, O(N) per key, blocking the server on a big hash), since a purge is paced.
@@ -456,11 +456,13 @@ async fn purge(
         std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
             .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
         eprintln!(
-            "keyward purge: stopped after {} keys; resume with: --resume {token}",
+            "keyward purge: stopped after {} keys; resume by running the same command (same selection and --confirm) with: --resume {token}",
             counts.examined
         );
         if let Some(e) = failure {
-            return Err(e.context(format!("the purge stopped (resume with --resume {token})")));
+            return Err(e.context(format!(
+                "the purge stopped (resume by running the same command with --resume {token})"
+            )));
         }
     } else if let Some(e) = failure {
         return Err(e);
@@ -626,7 +628,7 @@ async fn append_log(
         .arg(&key)
         .arg("MAXLEN")
         .arg("~")
-        .arg(LOG_MAXLEN)
+        .arg(crate::audit::checks::PURGE_LOG_MAXLEN)
         .arg("*")
         .arg("who")
         .arg(if host.is_empty() {

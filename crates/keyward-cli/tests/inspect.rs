@@ -674,3 +674,39 @@ async fn the_documented_read_only_user_can_inspect_every_kind_and_list_streams()
         .query::<()>(&mut s.redis());
     assert!(denied.is_err(), "the rule is read-only");
 }
+
+/// On a Cluster, `inspect` and `streams` go to the primary serving the key's slot, whichever it is: twelve
+/// ids spread over the three primaries (a fresh user found both failing with `MOVED` unless the key lived on
+/// the first primary asked).
+#[tokio::test]
+async fn inspect_and_streams_find_the_primary_of_the_key_slot_on_a_cluster() {
+    let cluster = keyward_testkit::RedisCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY.replace("app = \"insp\"", "app = \"inspcl\"")).unwrap();
+    let file = path.to_str().unwrap();
+    let policy = Policy::from_file(&path).unwrap();
+    let url = cluster.seed_url();
+    let kw = Keyward::connect(&url, policy.clone()).await.unwrap();
+    let cache = kw.cache::<String>("product").unwrap();
+    let space = KeySpace::new(&policy, "product").unwrap();
+    for i in 0..12 {
+        cache.set(&i, &format!("v{i}")).await.unwrap();
+    }
+    for i in 0..12 {
+        let key = space.key(&i).unwrap();
+        let doc = json(&keyward(&[
+            "inspect", &key, "--policy", file, "--url", &url, "--json",
+        ]));
+        assert_eq!(doc["exists"], true, "{key}: {doc:#}");
+        assert_eq!(doc["class"]["name"], "product");
+    }
+    kw.stream::<Value>("jobs")
+        .unwrap()
+        .publish(&serde_json::json!({"order": 1}))
+        .await
+        .unwrap();
+    let out = keyward(&["streams", "--policy", file, "--url", &url, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("jobs"), "{}", stdout(&out));
+}

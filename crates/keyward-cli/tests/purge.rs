@@ -194,6 +194,35 @@ fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
         .query(&mut conn)
         .unwrap();
     assert!(ttl > 0, "the purge log has a TTL");
+
+    // keyward's own log is bounded (MAXLEN and a TTL): an audit after a purge does not report it, or every
+    // deploy gated on the audit would fail for 90 days after someone purged (found by a fresh-user trial).
+    let checkpoints = tempfile::tempdir().unwrap();
+    let audit = keyward(&[
+        "audit",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--json",
+        "--checkpoint-dir",
+        checkpoints.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&audit.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&audit.stderr)));
+    let v = &report["violations"];
+    for list in [
+        "streams_without_retention",
+        "streams_over_retention",
+        "no_ttl",
+        "outside_classes",
+    ] {
+        assert!(
+            !v[list].to_string().contains("_kw:purges"),
+            "{list}: {}",
+            v[list]
+        );
+    }
 }
 
 #[test]

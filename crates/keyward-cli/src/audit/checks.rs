@@ -164,6 +164,9 @@ pub(crate) fn check_settings(policy: &Policy, info: &ServerInfo) -> Vec<ServerSe
     out
 }
 
+/// Entries kept in keyward's own purge log, `{env}:{app}:_kw:purges` (`XADD … MAXLEN ~`, with a TTL).
+pub(crate) const PURGE_LOG_MAXLEN: u64 = 1000;
+
 /// Checks one stream met by the walk and adds what it finds to `out`.
 pub(crate) async fn check_stream(
     policy: &Policy,
@@ -182,6 +185,20 @@ pub(crate) async fn check_stream(
         Err(e) => return Err(e).with_context(|| format!("XLEN {shown}")),
     };
     let role = seen.role.as_deref();
+    if key == keyward::key::internal_key(policy, "purges").as_bytes() {
+        // keyward's own purge log: bounded by its MAXLEN (and a TTL), not by a class of the policy.
+        if length > PURGE_LOG_MAXLEN + 100 {
+            out.over_retention.push(StreamOverRetention {
+                key: shown,
+                class: "_kw:purges".to_owned(),
+                length,
+                maxlen: Some(PURGE_LOG_MAXLEN),
+                oldest_age_ms: None,
+                max_age_ms: None,
+            });
+        }
+        return Ok(());
+    }
     match (settings, role) {
         (Some(_), Some("dead_letters")) => {
             if length > 0 {

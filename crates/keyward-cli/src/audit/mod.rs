@@ -333,11 +333,13 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
             .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
         eprintln!(
-            "keyward audit: stopped after {} keys; resume with: --resume {token}",
+            "keyward audit: stopped after {} keys; resume by running the same command with: --resume {token}",
             tally.keys_seen
         );
         if let Some(e) = failure {
-            return Err(e.context(format!("the audit stopped (resume with --resume {token})")));
+            return Err(e.context(format!(
+                "the audit stopped (resume by running the same command with --resume {token})"
+            )));
         }
     } else if let Some(e) = failure {
         return Err(e);
