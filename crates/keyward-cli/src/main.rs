@@ -145,5 +145,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        // Colour only on a terminal: redirected logs stay plain text.
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
 }

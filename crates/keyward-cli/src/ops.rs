@@ -194,12 +194,14 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
     })?;
     let doc = json!({ "dry_run": !act, "class": args.class, "invalidated": what });
     print(&args.target, &doc, || {
-        let head = if act {
-            "invalidated:"
+        let mut text = if act {
+            "invalidated:\n".to_owned()
         } else {
-            "dry run (nothing changed; add --confirm CLASS to act), would invalidate:"
+            format!(
+                "dry run (nothing changed; add --confirm {} to act), would invalidate:\n",
+                args.class
+            )
         };
-        let mut text = format!("{head}\n");
         for w in &what {
             text.push_str(&format!("  {w}\n"));
         }

@@ -622,7 +622,16 @@ async fn append_log(
 ) -> anyhow::Result<()> {
     let key = keyward::key::internal_key(policy, "purges");
     let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    // `HOSTNAME` is a shell variable that most shells do not export: fall back to the kernel's host name.
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default();
     let mut pipe = redis::pipe();
     pipe.cmd("XADD")
         .arg(&key)
