@@ -802,14 +802,15 @@ fn sigterm_saves_a_checkpoint_and_the_resumed_audit_finishes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait (with a deadline) until the walk has counted keys: the server has run a MEMORY USAGE.
+    // Wait (with a deadline) until the walk has started: the server has run a SCAN. (Not `MEMORY`: the audit
+    // probes its commands once on a plain key before it installs its signal handler and walks.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let stats: String = redis::cmd("INFO")
             .arg("commandstats")
             .query(&mut conn)
             .unwrap();
-        if stats.contains("cmdstat_memory") {
+        if stats.contains("cmdstat_scan") {
             break;
         }
         assert!(
