@@ -424,14 +424,7 @@ async fn purge(
         }
     }
     signals.abort();
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(e) => failure = failure.or(Some(anyhow!("a purge task failed: {e}"))),
-        }
-    }
+    let failure = walk::first_failure(&mut tasks, "purge").await;
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }

@@ -303,14 +303,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         }
     }
     signals.abort();
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(e) => failure = failure.or(Some(anyhow!("a walk task failed: {e}"))),
-        }
-    }
+    let failure = walk::first_failure(&mut tasks, "walk").await;
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }

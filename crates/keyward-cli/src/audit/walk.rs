@@ -75,6 +75,23 @@ pub(crate) async fn probe(
     Ok(())
 }
 
+/// Waits for every per-server task of a walk (`what`: "walk", "purge") and returns the first failure, a task
+/// that panicked included.
+pub(crate) async fn first_failure(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    what: &str,
+) -> Option<anyhow::Error> {
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow!("a {what} task failed: {e}"))),
+        }
+    }
+    failure
+}
+
 /// A plain connection to one server (one primary of a Cluster).
 pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
