@@ -60,7 +60,7 @@ pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             args.max_bytes
         );
     }
-    let url = default_url(args.url.as_deref());
+    let url = crate::redis_url::resolve(args.url.as_deref());
     let doc = runtime()?.block_on(async {
         let (mut conn, _) = connect_holding(&url, &key).await?;
         describe(&policy, &mut conn, &key, args.max_bytes).await
@@ -74,13 +74,6 @@ pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     .and_then(|()| out.flush())
     .context("cannot write to stdout")?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `--url`, else `$REDIS_URL`, else the local default (as `keyward audit`).
-pub(crate) fn default_url(url: Option<&str>) -> String {
-    url.map(str::to_owned)
-        .or_else(|| std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

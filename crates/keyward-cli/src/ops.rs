@@ -26,7 +26,8 @@ pub(crate) struct Target {
     /// The policy file (TOML) whose namespace and classes the command acts on.
     #[arg(long)]
     policy: PathBuf,
-    /// The Redis URL (`redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`); default: `REDIS_URL`.
+    /// The Redis URL (`redis://`, `rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://`).
+    /// Default: $REDIS_URL, else redis://127.0.0.1:6379.
     #[arg(long)]
     url: Option<String>,
     /// Print one JSON document instead of text.
@@ -168,7 +169,7 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             }))
             .collect()
     };
-    let url = url(&args.target)?;
+    let url = crate::redis_url::resolve(args.target.url.as_deref());
     runtime()?.block_on(async {
         let kw = connect(&url, policy).await?;
         if act {
@@ -218,7 +219,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
         } => {
             check_max(max)?;
             let policy = stream_policy(&target, &stream)?;
-            let url = url(&target)?;
+            let url = crate::redis_url::resolve(target.url.as_deref());
             let letters = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 anyhow::Ok(kw.stream::<Value>(&stream)?.dead_letters(max).await?)
@@ -240,7 +241,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             filter.check()?;
             let policy = stream_policy(&target, &stream)?;
             let act = confirmed(confirm.as_deref(), &stream)?;
-            let url = url(&target)?;
+            let url = crate::redis_url::resolve(target.url.as_deref());
             let moved = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 let s = kw.stream::<Value>(&stream)?;
@@ -331,17 +332,6 @@ fn stream_policy(target: &Target, stream: &str) -> anyhow::Result<Policy> {
         ),
         Some(ClassKind::Stream(_)) => Ok(policy),
         Some(other) => usage!("class `{stream}` is a {} class, not a stream", other.name()),
-    }
-}
-
-fn url(target: &Target) -> anyhow::Result<String> {
-    match target
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-    {
-        Some(u) if !u.is_empty() => Ok(u),
-        _ => usage!("give --url or set REDIS_URL: this command acts on a live Redis"),
     }
 }
 

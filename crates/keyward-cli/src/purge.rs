@@ -236,11 +236,7 @@ pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let (sel, confirmed) = selection(&policy, &args)?;
-    let url = args
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let url = crate::redis_url::resolve(args.url.as_deref());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::audit::checks::PENDING_PAGE;
 use crate::audit::display_key;
 use crate::error::{UsageError, usage};
-use crate::inspect::{connect_holding, default_url, runtime};
+use crate::inspect::{connect_holding, runtime};
 use crate::stream_info;
 
 /// Arguments of `keyward streams`.
@@ -61,7 +61,7 @@ pub(crate) fn run(args: StreamsArgs) -> anyhow::Result<ExitCode> {
         }
         args.streams.clone()
     };
-    let url = default_url(args.url.as_deref());
+    let url = crate::redis_url::resolve(args.url.as_deref());
     let streams = runtime()?.block_on(async {
         let mut out = Vec::with_capacity(names.len());
         for name in &names {

@@ -150,11 +150,7 @@ pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     if args.max_ops_per_sec == 0 {
         usage!("--max-ops-per-sec must be at least 1");
     }
-    let url = args
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let url = crate::redis_url::resolve(args.url.as_deref());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
