@@ -325,7 +325,11 @@ fn every_command_takes_its_server_by_the_same_rule() {
         for env in [None, Some("")] {
             let out = with_env(args, env);
             let err = stderr(&out);
-            assert_ne!(out.status.code(), Some(2), "{args:?} REDIS_URL={env:?}: {err}");
+            assert_ne!(
+                out.status.code(),
+                Some(2),
+                "{args:?} REDIS_URL={env:?}: {err}"
+            );
             assert!(
                 !err.contains("give --url") && !err.contains("invalid Redis URL"),
                 "{args:?} REDIS_URL={env:?}: {err}"

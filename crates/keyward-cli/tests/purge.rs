@@ -65,6 +65,24 @@ fn set(conn: &mut redis::Connection, key: &[u8], px: Option<u64>) {
     cmd.query::<()>(conn).unwrap();
 }
 
+/// A server with the [`fixture`], the v1 keys it planted, and the policy file (in the returned directory).
+fn setup() -> (
+    RedisServer,
+    redis::Connection,
+    BTreeSet<Vec<u8>>,
+    tempfile::TempDir,
+    String,
+) {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let v1 = fixture(&mut conn);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let policy = policy.to_str().unwrap().to_owned();
+    (server, conn, v1, dir, policy)
+}
+
 /// Returns the keys of `product_list` v1 (the ones a `--version 1` purge must delete).
 fn fixture(conn: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
     let policy = Policy::from_toml_str(POLICY).unwrap();
@@ -91,13 +109,8 @@ fn fixture(conn: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
 
 #[test]
 fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    let v1 = fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
+    let (server, mut conn, v1, _dir, policy) = setup();
+    let policy = policy.as_str();
     let url = server.url();
     let before = all_keys(&mut conn);
 
@@ -227,13 +240,8 @@ fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
 
 #[test]
 fn orphans_go_and_nothing_a_class_owns() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
+    let (server, mut conn, _, _dir, policy) = setup();
+    let policy = policy.as_str();
     let before = all_keys(&mut conn);
     let out = keyward(&[
         "purge",
@@ -261,13 +269,8 @@ fn orphans_go_and_nothing_a_class_owns() {
 
 #[test]
 fn a_stopped_purge_resumes_to_the_same_end() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    let v1 = fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
+    let (server, mut conn, v1, dir, policy) = setup();
+    let policy = policy.as_str();
     let cp = dir.path().join("cp");
     let cp = cp.to_str().unwrap();
     let url = server.url();
@@ -324,14 +327,9 @@ fn a_stopped_purge_resumes_to_the_same_end() {
 
 #[test]
 fn refusals_exit_2_and_delete_nothing() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    fixture(&mut conn);
+    let (server, mut conn, _, _dir, policy) = setup();
+    let policy = policy.as_str();
     let before = all_keys(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
     let url = server.url();
     for (args, says) in [
         (
@@ -440,4 +438,189 @@ fn a_cluster_is_purged_on_every_primary() {
         let exists: i64 = redis::cmd("EXISTS").arg(v1).query(&mut conn).unwrap();
         assert_eq!(exists, 0, "{v1} is v1 and must go");
     }
+}
+
+/// `purge --json`: one document on stdout, for the dry run and for the confirmed purge, with the facts the
+/// text line gives (docs/cli.md lists the fields).
+#[test]
+fn purge_json_is_one_document_with_the_summary_s_facts() {
+    let (server, mut conn, v1, _dir, policy) = setup();
+    let policy = policy.as_str();
+    let url = server.url();
+    let before = all_keys(&mut conn);
+    let base = [
+        "purge",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--class",
+        "product_list",
+        "--version",
+        "1",
+        "--json",
+    ];
+    let doc = |out: &Output| -> serde_json::Value {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)))
+    };
+
+    let dry = doc(&keyward(&base));
+    assert_eq!(all_keys(&mut conn), before, "the dry run deleted something");
+    assert_eq!(dry["keyward_purge"], 1);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["selection"], "version");
+    assert_eq!(dry["class"], "product_list");
+    assert_eq!(dry["version"], 1);
+    assert_eq!(dry["pattern"], serde_json::Value::Null);
+    assert_eq!(dry["scan_match"], "prod:shop:product_list:v1:*");
+    assert_eq!(dry["complete"], true);
+    assert_eq!(dry["resumed"], false);
+    assert_eq!(dry["resume_token"], serde_json::Value::Null);
+    for counts in ["this_run", "since_start"] {
+        let c = &dry[counts];
+        assert_eq!(c["keys_matched"], 40, "{counts}: {c}");
+        assert_eq!(c["keys_deleted"], 0, "{counts}: {c}");
+        assert_eq!(c["keys_changed"], 0, "{counts}: {c}");
+        assert!(c["bytes"].as_u64().unwrap() > 0, "{counts}: {c}");
+        assert!(c["keys_examined"].as_u64().unwrap() >= 40, "{counts}: {c}");
+    }
+    assert!(dry["estimated_seconds"].as_f64().unwrap() > 0.0, "{dry}");
+    let sample: Vec<&str> = dry["sample_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(sample.len(), 10, "{dry}");
+    for key in sample {
+        assert!(
+            v1.contains(key.replace("\\x5c", "\\").as_bytes()),
+            "{key} is not a v1 key"
+        );
+    }
+
+    let mut confirmed = base.to_vec();
+    confirmed.extend(["--confirm", "product_list"]);
+    let wet = doc(&keyward(&confirmed));
+    assert_eq!(wet["dry_run"], false);
+    assert_eq!(wet["this_run"]["keys_deleted"], 40, "{wet}");
+    assert_eq!(wet["since_start"]["keys_deleted"], 40, "{wet}");
+    assert_eq!(wet["this_run"]["keys_changed"], 0, "{wet}");
+    assert_eq!(wet["estimated_seconds"], serde_json::Value::Null);
+    assert_eq!(wet["resumed"], false);
+    let gone: BTreeSet<Vec<u8>> = before.difference(&all_keys(&mut conn)).cloned().collect();
+    assert_eq!(gone, v1);
+
+    let orphans = doc(&keyward(&[
+        "purge",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--orphans",
+        "prod:shop:product_list*",
+        "--json",
+    ]));
+    assert_eq!(orphans["selection"], "orphans");
+    assert_eq!(orphans["pattern"], "prod:shop:product_list*");
+    assert_eq!(orphans["class"], serde_json::Value::Null);
+    // The handmade look-alike and `product_listing`: no class owns them.
+    assert_eq!(orphans["since_start"]["keys_matched"], 2, "{orphans}");
+}
+
+/// A resumed purge reports what this run deleted and, apart, what the purge deleted since it started; the
+/// final line used to give the total as if this run had deleted it all.
+#[test]
+fn a_resumed_purge_tells_this_run_from_the_whole_purge() {
+    let (server, mut conn, v1, dir, policy) = setup();
+    let policy = policy.as_str();
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    let url = server.url();
+    let base = [
+        "purge",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--class",
+        "product_list",
+        "--version",
+        "1",
+        "--confirm",
+        "product_list",
+        "--count",
+        "5",
+        "--checkpoint-dir",
+        cp,
+    ];
+    let mut first = base.to_vec();
+    first.extend(["--limit-keys", "8", "--json"]);
+    let out = keyward(&first);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stopped["complete"], false);
+    let token = stopped["resume_token"].as_str().unwrap().to_owned();
+    let first_deleted = stopped["this_run"]["keys_deleted"].as_u64().unwrap();
+    assert!(
+        (1..40).contains(&first_deleted),
+        "the first run should delete some of the 40, not all: {stopped}"
+    );
+
+    // The resumed run, in JSON and (from the same state, replayed) in text.
+    let mut resumed = base.to_vec();
+    resumed.extend(["--resume", token.as_str()]);
+    let mut json = resumed.clone();
+    json.push("--json");
+    let out = keyward(&json);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["resumed"], true);
+    assert_eq!(done["complete"], true);
+    assert_eq!(
+        done["this_run"]["keys_deleted"].as_u64().unwrap(),
+        40 - first_deleted,
+        "{done}"
+    );
+    assert_eq!(done["since_start"]["keys_deleted"], 40, "{done}");
+    let left = all_keys(&mut conn);
+    assert!(v1.iter().all(|k| !left.contains(k)), "a v1 key survived");
+
+    // Text: stop again on a fresh fixture and resume without --json.
+    let mut conn2 = server.connection();
+    fixture(&mut conn2);
+    let mut first = base.to_vec();
+    first.extend(["--limit-keys", "8"]);
+    let out = keyward(&first);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let err = text(&out.stderr);
+    let token = err.split("--resume ").nth(1).unwrap().trim().to_owned();
+    let line = text(&out.stdout);
+    let deleted_first: u64 = line
+        .split("deleted ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let mut resumed = base.to_vec();
+    resumed.extend(["--resume", token.as_str()]);
+    let out = keyward(&resumed);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    assert!(
+        line.contains(&format!("deleted {} keys", 40 - deleted_first)),
+        "{line}"
+    );
+    assert!(
+        line.contains("resumed: since the purge started, 40 keys deleted"),
+        "{line}"
+    );
 }

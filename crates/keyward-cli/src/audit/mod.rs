@@ -17,7 +17,7 @@ pub(crate) mod walk;
 pub(crate) use tally::display_key;
 
 use std::io::{IsTerminal as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +34,7 @@ use crate::error::{UsageError, usage};
 use checks::{ServerInfo, StreamFindings};
 use report::ScanStats;
 use tally::Tally;
-use walk::{KeyFacts, NodeWalk};
+use walk::{KeyFacts, NodeWalk, ResumePoint, Walker};
 
 /// Exit status when the audit found violations.
 pub(crate) const EXIT_VIOLATIONS: u8 = 3;
@@ -108,19 +108,6 @@ struct Checkpoint {
     backoffs: u64,
 }
 
-/// `kwa1-<16 hex>` ↔ `<dir>/keyward-audit-<16 hex>.json`.
-fn checkpoint_path(dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
-    let id = token
-        .strip_prefix("kwa1-")
-        .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--resume: {token:?} is not an audit resume token (kwa1-…)"
-            ))
-        })?;
-    Ok(dir.join(format!("keyward-audit-{id}.json")))
-}
-
 /// One inspected batch of one server, sent to the tally.
 struct Msg {
     node: usize,
@@ -168,18 +155,11 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (token, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
+    let (resume, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
     {
         Some(token) => {
-            let path = checkpoint_path(&dir, token)?;
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                UsageError(format!(
-                    "--resume {token}: cannot read the checkpoint {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let cp: Checkpoint = serde_json::from_str(&text)
-                .with_context(|| format!("checkpoint {} is corrupt", path.display()))?;
+            let resume = ResumePoint::named(Walker::Audit, &dir, token)?;
+            let cp: Checkpoint = resume.load()?;
             if cp.format != 1 || cp.env != policy.env() || cp.app != policy.app() {
                 usage!(
                     "--resume {token}: the checkpoint is for namespace {}:{}, not {}:{}",
@@ -197,7 +177,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
                 );
             }
             (
-                token.clone(),
+                resume,
                 cp.nodes,
                 cp.tally,
                 cp.seconds,
@@ -206,7 +186,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
             )
         }
         None => (
-            format!("kwa1-{:016x}", rand::random::<u64>()),
+            ResumePoint::fresh(Walker::Audit, &dir),
             addrs
                 .iter()
                 .map(|(a, _)| NodeState {
@@ -305,34 +285,16 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
     }
     seconds += started.elapsed().as_secs_f64();
     let complete = nodes.iter().all(|n| n.done);
-    let cp_path = checkpoint_path(&dir, &token)?;
-
-    if !complete {
-        let cp = Checkpoint {
-            format: 1,
-            env: policy.env().to_owned(),
-            app: policy.app().to_owned(),
-            nodes,
-            tally: tally.clone(),
-            seconds,
-            commands,
-            backoffs,
-        };
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
-            .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
-        eprintln!(
-            "keyward audit: stopped after {} keys; resume by running the same command with: --resume {token}",
-            tally.keys_seen
-        );
-        if let Some(e) = failure {
-            return Err(e.context(format!(
-                "the audit stopped (resume by running the same command with --resume {token})"
-            )));
-        }
-    } else if let Some(e) = failure {
-        return Err(e);
-    }
+    resume.settle(complete, failure, tally.keys_seen, None, || Checkpoint {
+        format: 1,
+        env: policy.env().to_owned(),
+        app: policy.app().to_owned(),
+        nodes,
+        tally: tally.clone(),
+        seconds,
+        commands,
+        backoffs,
+    })?;
 
     let mut findings = StreamFindings::default();
     let mut settings = Vec::new();
@@ -352,7 +314,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         for info in &infos {
             settings.extend(checks::check_settings(&policy, info));
         }
-        let _ = std::fs::remove_file(&cp_path);
+        resume.remove();
     }
     let report = report::build(
         &policy,
@@ -367,7 +329,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         },
         findings,
         settings,
-        (!complete).then(|| token.clone()),
+        (!complete).then(|| resume.token().to_owned()),
     );
     let mut out = std::io::stdout().lock();
     if args.json {
