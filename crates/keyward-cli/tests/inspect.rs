@@ -710,3 +710,92 @@ async fn inspect_and_streams_find_the_primary_of_the_key_slot_on_a_cluster() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("jobs"), "{}", stdout(&out));
 }
+
+/// `keyward streams` shows a class's `max_age` (it showed only `maxlen`, or nothing of an age-only bound
+/// when both were set), and says so when a stream does not exist instead of showing it with length 0.
+#[test]
+fn streams_show_max_age_and_say_when_a_stream_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_text = r#"
+[namespace]
+env = "test"
+app = "str"
+
+[classes.events]
+kind = "stream"
+retention = { max_age = "1h" }
+
+[classes.trail]
+kind = "stream"
+retention = { maxlen = 500, max_age = "7d" }
+"#;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+    let server = RedisServer::spawn();
+    let trail = KeySpace::new(&Policy::from_toml_str(policy_text).unwrap(), "trail")
+        .unwrap()
+        .key("trail")
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&trail)
+        .arg("*")
+        .arg("e")
+        .arg("1")
+        .query(&mut server.connection())
+        .unwrap();
+    let url = server.url();
+    let run = |more: &[&str]| {
+        let mut args = vec![
+            "streams",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--url",
+            &url,
+        ];
+        args.extend_from_slice(more);
+        keyward(&args)
+    };
+
+    let doc = json(&run(&["--json"]));
+    let stream = |name: &str| {
+        doc["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stream"] == name)
+            .unwrap_or_else(|| panic!("{name}: {doc:#}"))
+            .clone()
+    };
+    let events = stream("events");
+    assert_eq!(events["exists"], false, "{events:#}");
+    assert_eq!(events["retention"]["max_age_ms"], 3_600_000);
+    let trail_doc = stream("trail");
+    assert_eq!(trail_doc["exists"], true, "{trail_doc:#}");
+    assert_eq!(trail_doc["length"], 1);
+    assert_eq!(trail_doc["retention"]["maxlen"], 500);
+    assert_eq!(trail_doc["retention"]["max_age_ms"], 7 * 86_400_000_u64);
+
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let section = |name: &str| -> String {
+        text.split_inclusive('\n')
+            .skip_while(|l| !l.starts_with(&format!("{name} ")))
+            .take_while({
+                let mut first = true;
+                move |l| std::mem::take(&mut first) || l.starts_with(' ')
+            })
+            .collect()
+    };
+    let events = section("events");
+    assert!(
+        events.contains("does not exist (no entries were ever published, or it expired)"),
+        "{text}"
+    );
+    assert!(!events.contains("length"), "{text}");
+    assert!(events.contains("retention max_age 1h"), "{text}");
+    let trail = section("trail");
+    assert!(trail.contains("length 1"), "{text}");
+    assert!(trail.contains("retention maxlen 500, max_age 7d"), "{text}");
+    assert!(!trail.contains("does not exist"), "{text}");
+}
