@@ -856,3 +856,74 @@ fn sigterm_saves_a_checkpoint_and_the_resumed_audit_finishes() {
     assert_eq!(v["total"]["keys"], 50_000, "{v:#}");
     assert_eq!(v["violations"]["no_ttl"][0]["keys"], 50_000, "{v:#}");
 }
+
+/// The table has one row per class *and version present*, each with the version of its keys: the fixture's
+/// `product_list` has keys of v1 (old) and v2 (current). The table used to show one row per class labelled
+/// with the current version while counting every version's keys.
+#[test]
+fn the_table_shows_each_version_of_a_class_on_its_own_row() {
+    let server = RedisServer::spawn();
+    fixture(&mut server.connection());
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), POLICY);
+    let url = server.url();
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    let (code, report, err) =
+        audit_json(&["--policy", &policy, "--url", &url, "--checkpoint-dir", cp]);
+    assert_eq!(code, Some(3), "{err}");
+    // (class, version, keys) from the JSON, which has always been per version.
+    let mut expected = BTreeSet::new();
+    for class in report["classes"].as_array().unwrap() {
+        for v in class["versions"].as_array().unwrap() {
+            expected.insert((
+                class["name"].as_str().unwrap().to_owned(),
+                format!("v{}", v["version"]),
+                v["keys"].as_u64().unwrap(),
+            ));
+        }
+    }
+    assert!(
+        expected.contains(&("product_list".to_owned(), "v1".to_owned(), 3)),
+        "the fixture plants 3 product_list v1 keys: {expected:?}"
+    );
+
+    let out = keyward(&[
+        "audit",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+        "--checkpoint-dir",
+        cp,
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let names: BTreeSet<&str> = expected.iter().map(|(n, _, _)| n.as_str()).collect();
+    let rows: BTreeSet<(String, String, u64)> = table
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            // CLASS KIND VER [old|new] COUNT MEMORY …
+            if !names.contains(cells.first()?) {
+                return None;
+            }
+            let count_at = if matches!(cells.get(3), Some(&"old" | &"new")) {
+                4
+            } else {
+                3
+            };
+            Some((
+                cells[0].to_owned(),
+                cells[2].to_owned(),
+                cells.get(count_at)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    assert_eq!(rows, expected, "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("product_list")
+            && l.split_whitespace().nth(2) == Some("v1")
+            && l.split_whitespace().nth(3) == Some("old")),
+        "an old version is marked old:\n{table}"
+    );
+}
