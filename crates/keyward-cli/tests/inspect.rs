@@ -799,3 +799,107 @@ retention = { maxlen = 500, max_age = "7d" }
     assert!(trail.contains("retention maxlen 500, max_age 7d"), "{text}");
     assert!(!trail.contains("does not exist"), "{text}");
 }
+
+/// The labels of `text`'s lines (the word before the value), in order.
+fn labels(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `keyward inspect KEY` (text) reads as labelled lines — key, class, kind, version, role, id, type, TTL,
+/// size, then the content's fields with what the entry is before its epochs — not as the JSON document's
+/// fields sorted by name (`class:` … `content:` … `exists` … `key` …), which it used to print.
+#[tokio::test]
+async fn inspect_text_is_labelled_lines_in_a_reading_order() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let product = kw.cache::<String>("product").unwrap();
+    product
+        .set_tagged(&"p1", &"a red bicycle".to_owned(), &["category:7"])
+        .await
+        .unwrap();
+    let (_, text) = s.inspect(&s.key("product", "p1"));
+    let l = labels(&text);
+    assert_eq!(
+        l[..10],
+        [
+            "key", "class", "kind", "version", "role", "id", "type", "TTL", "size", "content"
+        ],
+        "{text}"
+    );
+    let line = |label: &str| {
+        text.lines()
+            .find(|x| x.split_whitespace().next() == Some(label))
+            .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
+            .to_owned()
+    };
+    assert!(line("class").ends_with(" product"), "{text}");
+    assert!(line("kind").ends_with(" cache"), "{text}");
+    assert!(line("version").contains("v2 (current)"), "{text}");
+    assert!(line("TTL").contains(": ok)"), "{text}");
+    assert!(line("content").ends_with(" cache_value"), "{text}");
+    assert!(
+        text.lines()
+            .any(|x| x.trim_start().starts_with("payload  ") && x.contains("a red bicycle")),
+        "{text}"
+    );
+    assert!(line("tags").contains("category:7 (epoch"), "{text}");
+    let at = |label: &str| l.iter().position(|x| x == label).unwrap();
+    assert!(
+        at("payload") < at("namespace"),
+        "payload before the epochs: {text}"
+    );
+
+    // An old version says which version the class is at.
+    let old = s.key("product", "p1").replacen(":v2:", ":v1:", 1);
+    let _: () = redis::cmd("SET")
+        .arg(&old)
+        .arg("junk")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut s.redis())
+        .unwrap();
+    let (_, text) = s.inspect(&old);
+    assert!(text.contains("v1 (old: the class is at v2)"), "{text}");
+    assert!(text.contains("content   unknown"), "{text}");
+
+    // A missing key: who would own it, and that it is not there.
+    let (_, text) = s.inspect(&s.key("product", "nope"));
+    assert_eq!(
+        labels(&text).last().map(String::as_str),
+        Some("exists"),
+        "{text}"
+    );
+    assert!(text.contains("no: the key is not in Redis"), "{text}");
+
+    // A stream: bounded by its retention, groups one per item.
+    let jobs = s.key("jobs", "jobs");
+    let _: String = redis::cmd("XADD")
+        .arg(&jobs)
+        .arg("*")
+        .arg("e")
+        .arg("1")
+        .query(&mut s.redis())
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&jobs)
+        .arg("billing")
+        .arg("0")
+        .query(&mut s.redis())
+        .unwrap();
+    let (_, text) = s.inspect(&jobs);
+    assert!(text.contains("bounded by its retention"), "{text}");
+    assert!(
+        line_of(&text, "groups").contains("billing (consumers 0"),
+        "{text}"
+    );
+}
+
+fn line_of(text: &str, label: &str) -> String {
+    text.lines()
+        .find(|x| x.split_whitespace().next() == Some(label))
+        .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
+        .to_owned()
+}
