@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use crate::audit::display_key;
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 use crate::stream_info;
 
 /// Arguments of `keyward inspect`.
@@ -35,10 +36,8 @@ pub(crate) struct InspectArgs {
     /// The policy file (TOML) that says which class the key belongs to.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,…] (the primary holding
-    /// the key is found). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of text.
     #[arg(long)]
     json: bool,
@@ -60,7 +59,7 @@ pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             args.max_bytes
         );
     }
-    let url = crate::redis_url::resolve(args.url.as_deref());
+    let url = args.url.resolve();
     let doc = runtime()?.block_on(async {
         let (mut conn, _) = connect_holding(&url, &key).await?;
         describe(&policy, &mut conn, &key, args.max_bytes).await

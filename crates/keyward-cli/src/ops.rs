@@ -19,6 +19,7 @@ use keyward::stream::DeadLetter;
 use serde_json::{Value, json};
 
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 
 /// Where to act: the policy file that declares the classes, and the Redis to act on.
 #[derive(Debug, Args)]
@@ -26,10 +27,8 @@ pub(crate) struct Target {
     /// The policy file (TOML) whose namespace and classes the command acts on.
     #[arg(long)]
     policy: PathBuf,
-    /// The Redis URL (`redis://`, `rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://`).
-    /// Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -169,7 +168,7 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             }))
             .collect()
     };
-    let url = crate::redis_url::resolve(args.target.url.as_deref());
+    let url = args.target.url.resolve();
     runtime()?.block_on(async {
         let kw = connect(&url, policy).await?;
         if act {
@@ -219,7 +218,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
         } => {
             check_max(max)?;
             let policy = stream_policy(&target, &stream)?;
-            let url = crate::redis_url::resolve(target.url.as_deref());
+            let url = target.url.resolve();
             let letters = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 anyhow::Ok(kw.stream::<Value>(&stream)?.dead_letters(max).await?)
@@ -241,7 +240,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             filter.check()?;
             let policy = stream_policy(&target, &stream)?;
             let act = confirmed(confirm.as_deref(), &stream)?;
-            let url = crate::redis_url::resolve(target.url.as_deref());
+            let url = target.url.resolve();
             let moved = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 let s = kw.stream::<Value>(&stream)?;

@@ -21,10 +21,11 @@ use keyward::key::{KeyClass, classify, glob_match};
 use keyward::policy::Policy;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::walk::{self, KeyFacts, NodeWalk, ResumePoint, Walker};
+use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
 use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 
 /// The delete-if-unchanged script (see the module docs).
 const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
@@ -60,9 +61,8 @@ pub(crate) struct PurgeArgs {
     /// Actually delete: repeat the class name (or the --orphans pattern). Without it, a dry run.
     #[arg(long, value_name = "NAME")]
     confirm: Option<String>,
-    /// Redis URL (as for `audit`). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Ceiling on the commands sent per second to each server.
     #[arg(long, default_value_t = 300_000)]
     max_ops_per_sec: u64,
@@ -136,13 +136,6 @@ struct Counts {
     /// Selected, but changed (or gone) before the delete: left alone.
     skipped: u64,
     sample: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct NodeState {
-    server: String,
-    cursor: u64,
-    done: bool,
 }
 
 impl Counts {
@@ -243,7 +236,7 @@ pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let (sel, confirmed) = selection(&policy, &args)?;
-    let url = crate::redis_url::resolve(args.url.as_deref());
+    let url = args.url.resolve();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -278,15 +271,15 @@ async fn purge(
         Some(token) => {
             let resume = ResumePoint::named(Walker::Purge, &dir, token)?;
             let cp: Checkpoint = resume.load()?;
-            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
-            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
+            let mismatch = NodeState::mismatch(&cp.nodes, &addrs);
             if cp.format != 1
                 || cp.env != policy.env()
                 || cp.app != policy.app()
                 || cp.selection != sel
                 || cp.confirmed != confirmed
-                || servers_now != servers_then
+                || mismatch.is_some()
             {
+                let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
                 usage!(
                     "--resume {token}: the checkpoint is for another purge ({}{} of {}:{} on {servers_then:?}); nothing was deleted",
                     if cp.confirmed {
@@ -303,14 +296,7 @@ async fn purge(
         }
         None => (
             ResumePoint::fresh(Walker::Purge, &dir),
-            addrs
-                .iter()
-                .map(|(a, _)| NodeState {
-                    server: a.clone(),
-                    cursor: 0,
-                    done: false,
-                })
-                .collect(),
+            NodeState::start(&addrs),
             Counts::default(),
             0.0,
         ),
@@ -402,13 +388,7 @@ async fn purge(
     while let Some(msg) = rx.recv().await {
         run.add(&msg.counts);
         counts.add(&msg.counts);
-        match msg.resume_at {
-            Some(c) => nodes[msg.node].cursor = c,
-            None => {
-                nodes[msg.node].cursor = 0;
-                nodes[msg.node].done = true;
-            }
-        }
+        nodes[msg.node].advance(msg.resume_at);
         examined.fetch_add(msg.counts.examined, Ordering::Relaxed);
         if let Some(pb) = &progress {
             pb.set_position(run.examined);
@@ -922,7 +902,7 @@ mod tests {
             all_versions: all,
             orphans: orphans.map(str::to_owned),
             confirm: confirm.map(str::to_owned),
-            url: None,
+            url: UrlArg::default(),
             max_ops_per_sec: 1,
             count: 1,
             resume: None,

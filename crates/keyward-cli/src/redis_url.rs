@@ -5,6 +5,25 @@
 //! `REDIS_URL= keyward …` or a blank line in an env file means "not given", not "an invalid URL"). `keyward
 //! bench` is the exception by design: without a URL it measures the embedded backend (`mem://`).
 
+/// The `--url` flag, the same for every command that talks to Redis (flattened into its arguments).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct UrlArg {
+    /// The Redis server [default: $REDIS_URL, else redis://127.0.0.1:6379]
+    ///
+    /// redis://, rediss://, redis+unix://, or redis+cluster://host:port[,host:port…] (audit and purge walk
+    /// every primary; inspect and streams find the primary holding the key); invalidate and dead-letters
+    /// also take redis+sentinel://. An empty $REDIS_URL counts as unset.
+    #[arg(long = "url", value_name = "URL")]
+    pub(crate) url: Option<String>,
+}
+
+impl UrlArg {
+    /// The URL to act on, by [`resolve`].
+    pub(crate) fn resolve(&self) -> String {
+        resolve(self.url.as_deref())
+    }
+}
+
 /// The server used when neither `--url` nor `REDIS_URL` names one.
 pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 

@@ -19,6 +19,7 @@ use crate::audit::checks::PENDING_PAGE;
 use crate::audit::display_key;
 use crate::error::{UsageError, usage};
 use crate::inspect::{connect_holding, runtime};
+use crate::redis_url::UrlArg;
 use crate::stream_info;
 
 /// Arguments of `keyward streams`.
@@ -29,10 +30,8 @@ pub(crate) struct StreamsArgs {
     /// The policy file (TOML) that declares the stream classes.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,…]. Default:
-    /// $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of text.
     #[arg(long)]
     json: bool,
@@ -61,7 +60,7 @@ pub(crate) fn run(args: StreamsArgs) -> anyhow::Result<ExitCode> {
         }
         args.streams.clone()
     };
-    let url = crate::redis_url::resolve(args.url.as_deref());
+    let url = args.url.resolve();
     let streams = runtime()?.block_on(async {
         let mut out = Vec::with_capacity(names.len());
         for name in &names {

@@ -31,10 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 use checks::{ServerInfo, StreamFindings};
 use report::ScanStats;
 use tally::Tally;
-use walk::{KeyFacts, NodeWalk, ResumePoint, Walker};
+use walk::{KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
 
 /// Exit status when the audit found violations.
 pub(crate) const EXIT_VIOLATIONS: u8 = 3;
@@ -54,10 +55,8 @@ pub(crate) struct AuditArgs {
     /// The policy file (TOML) the keyspace is checked against.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,host:port…] (every
-    /// primary is walked). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of the table.
     #[arg(long)]
     json: bool,
@@ -85,14 +84,6 @@ pub(crate) struct AuditArgs {
     /// audit over several runs.
     #[arg(long, value_name = "N")]
     limit_keys: Option<u64>,
-}
-
-/// One server's progress in a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct NodeState {
-    server: String,
-    cursor: u64,
-    done: bool,
 }
 
 /// What an interrupted audit saves: enough to finish as if it had never stopped.
@@ -137,7 +128,7 @@ pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     if args.max_ops_per_sec == 0 {
         usage!("--max-ops-per-sec must be at least 1");
     }
-    let url = crate::redis_url::resolve(args.url.as_deref());
+    let url = args.url.resolve();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,9 +160,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
                     policy.app()
                 );
             }
-            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
-            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
-            if servers_now != servers_then {
+            if let Some((servers_then, servers_now)) = NodeState::mismatch(&cp.nodes, &addrs) {
                 usage!(
                     "--resume {token}: the checkpoint walked servers {servers_then:?}, the URL now names {servers_now:?}"
                 );
@@ -187,14 +176,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         }
         None => (
             ResumePoint::fresh(Walker::Audit, &dir),
-            addrs
-                .iter()
-                .map(|(a, _)| NodeState {
-                    server: a.clone(),
-                    cursor: 0,
-                    done: false,
-                })
-                .collect(),
+            NodeState::start(&addrs),
             Tally::default(),
             0.0,
             0,
@@ -264,13 +246,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         for (facts, size) in &msg.keys {
             tally.add(&policy, msg.node, facts, *size, args.top);
         }
-        match msg.resume_at {
-            Some(cursor) => nodes[msg.node].cursor = cursor,
-            None => {
-                nodes[msg.node].cursor = 0;
-                nodes[msg.node].done = true;
-            }
-        }
+        nodes[msg.node].advance(msg.resume_at);
         commands += msg.commands;
         backoffs += msg.backoffs;
         examined.fetch_add(msg.keys.len() as u64, Ordering::Relaxed);

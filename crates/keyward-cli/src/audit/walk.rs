@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
 
@@ -79,6 +79,47 @@ pub(crate) async fn probe(
         }
     }
     Ok(())
+}
+
+/// One server's progress in a checkpoint (the audit's and the purge's alike).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct NodeState {
+    /// `host:port`, or empty for a standalone URL.
+    pub(crate) server: String,
+    /// The `SCAN` cursor to resume from.
+    pub(crate) cursor: u64,
+    pub(crate) done: bool,
+}
+
+impl NodeState {
+    /// Every server of `addrs` (`(host:port, url)`, as `Servers::urls` lists them), from the start.
+    pub(crate) fn start(addrs: &[(String, String)]) -> Vec<NodeState> {
+        addrs
+            .iter()
+            .map(|(server, _)| NodeState {
+                server: server.clone(),
+                cursor: 0,
+                done: false,
+            })
+            .collect()
+    }
+
+    /// Records a counted batch: resume at `resume_at` ([`Batch::resume_at`]), or done when `None`.
+    pub(crate) fn advance(&mut self, resume_at: Option<u64>) {
+        self.cursor = resume_at.unwrap_or(0);
+        self.done = resume_at.is_none();
+    }
+
+    /// The servers a checkpoint walked and the ones `addrs` names now, when they differ (a resume must walk
+    /// the same servers, in the same order, or its cursors mean nothing).
+    pub(crate) fn mismatch<'a>(
+        nodes: &'a [NodeState],
+        addrs: &'a [(String, String)],
+    ) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+        let then: Vec<&str> = nodes.iter().map(|n| n.server.as_str()).collect();
+        let now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
+        (then != now).then_some((then, now))
+    }
 }
 
 /// Which command walks: its resume tokens and checkpoint files are its own.
