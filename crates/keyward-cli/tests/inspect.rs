@@ -178,6 +178,7 @@ async fn cache_values_leases_old_versions_and_garbage() {
         text.contains("cache_value") && text.contains("a red bicycle"),
         "{text}"
     );
+    assert_readable_cache_value(&text);
 
     // A payload longer than --max-bytes is cut there.
     product.set(&"long", &"x".repeat(1000)).await.unwrap();
@@ -809,18 +810,10 @@ fn labels(text: &str) -> Vec<String> {
 
 /// `keyward inspect KEY` (text) reads as labelled lines — key, class, kind, version, role, id, type, TTL,
 /// size, then the content's fields with what the entry is before its epochs — not as the JSON document's
-/// fields sorted by name (`class:` … `content:` … `exists` … `key` …), which it used to print.
-#[tokio::test]
-async fn inspect_text_is_labelled_lines_in_a_reading_order() {
-    let s = Setup::new();
-    let kw = s.kw().await;
-    let product = kw.cache::<String>("product").unwrap();
-    product
-        .set_tagged(&"p1", &"a red bicycle".to_owned(), &["category:7"])
-        .await
-        .unwrap();
-    let (_, text) = s.inspect(&s.key("product", "p1"));
-    let l = labels(&text);
+/// fields sorted by name (`class:` … `content:` … `exists` … `key` …), which it used to print. `text` is
+/// the description of a current cache value "a red bicycle" tagged `category:7`.
+fn assert_readable_cache_value(text: &str) {
+    let l = labels(text);
     assert_eq!(
         l[..10],
         [
@@ -828,29 +821,31 @@ async fn inspect_text_is_labelled_lines_in_a_reading_order() {
         ],
         "{text}"
     );
-    let line = |label: &str| {
-        text.lines()
-            .find(|x| x.split_whitespace().next() == Some(label))
-            .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
-            .to_owned()
-    };
-    assert!(line("class").ends_with(" product"), "{text}");
-    assert!(line("kind").ends_with(" cache"), "{text}");
-    assert!(line("version").contains("v2 (current)"), "{text}");
-    assert!(line("TTL").contains(": ok)"), "{text}");
-    assert!(line("content").ends_with(" cache_value"), "{text}");
+    assert!(line_of(text, "class").ends_with(" product"), "{text}");
+    assert!(line_of(text, "kind").ends_with(" cache"), "{text}");
+    assert!(line_of(text, "version").contains("v2 (current)"), "{text}");
+    assert!(line_of(text, "TTL").contains(": ok)"), "{text}");
+    assert!(line_of(text, "content").ends_with(" cache_value"), "{text}");
     assert!(
         text.lines()
             .any(|x| x.trim_start().starts_with("payload  ") && x.contains("a red bicycle")),
         "{text}"
     );
-    assert!(line("tags").contains("category:7 (epoch"), "{text}");
+    assert!(
+        line_of(text, "tags").contains("category:7 (epoch"),
+        "{text}"
+    );
     let at = |label: &str| l.iter().position(|x| x == label).unwrap();
     assert!(
         at("payload") < at("namespace"),
         "payload before the epochs: {text}"
     );
+}
 
+/// The text form of an old version, a missing key and a stream (a cache value: [`assert_readable_cache_value`]).
+#[test]
+fn inspect_text_names_old_versions_missing_keys_and_stream_groups() {
+    let s = Setup::new();
     // An old version says which version the class is at.
     let old = s.key("product", "p1").replacen(":v2:", ":v1:", 1);
     let _: () = redis::cmd("SET")

@@ -267,20 +267,14 @@ fn orphans_go_and_nothing_a_class_owns() {
     assert_eq!(gone, expected);
 }
 
-#[test]
-fn a_stopped_purge_resumes_to_the_same_end() {
-    let (server, mut conn, v1, dir, policy) = setup();
-    let policy = policy.as_str();
-    let cp = dir.path().join("cp");
-    let cp = cp.to_str().unwrap();
-    let url = server.url();
-    let before = all_keys(&mut conn);
-    let base = [
+/// A confirmed purge of `product_list` v1 that stops every 8 keys or so (`--count 5 --limit-keys 8`).
+fn stopping_purge<'a>(policy: &'a str, url: &'a str, checkpoints: &'a str) -> Vec<&'a str> {
+    vec![
         "purge",
         "--policy",
         policy,
         "--url",
-        &url,
+        url,
         "--class",
         "product_list",
         "--version",
@@ -292,10 +286,32 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         "--limit-keys",
         "8",
         "--checkpoint-dir",
-        cp,
-    ];
+        checkpoints,
+    ]
+}
+
+/// The number after `deleted ` in a summary line.
+fn deleted_in(line: &str) -> u64 {
+    line.split("deleted ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no deleted count in {line:?}"))
+}
+
+/// Stopped and resumed until done, the purge deletes exactly the v1 keys; each resumed run reports its own
+/// deletions and, on its `resumed:` line, those since the start (it used to report the total as its own).
+#[test]
+fn a_stopped_purge_resumes_to_the_same_end() {
+    let (server, mut conn, v1, dir, policy) = setup();
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    let url = server.url();
+    let before = all_keys(&mut conn);
+    let base = stopping_purge(&policy, &url, cp);
     let first = keyward(&base);
     assert_eq!(first.status.code(), Some(4), "{}", text(&first.stderr));
+    let mut deleted = deleted_in(&text(&first.stdout));
     let err = text(&first.stderr);
     let mut token = err
         .split("--resume ")
@@ -305,10 +321,18 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         .to_owned();
     let mut runs = 1;
     loop {
-        let mut args = base.to_vec();
+        let mut args = base.clone();
         args.extend(["--resume", token.as_str()]);
         let out = keyward(&args);
         runs += 1;
+        let summary = text(&out.stdout);
+        deleted += deleted_in(&summary);
+        assert!(
+            summary.contains(&format!(
+                "resumed: since the purge started, {deleted} keys deleted"
+            )),
+            "{summary}"
+        );
         match out.status.code() {
             Some(0) => break,
             Some(4) => {
@@ -320,6 +344,7 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         assert!(runs < 100);
     }
     assert!(runs >= 2);
+    assert_eq!(deleted, 40, "the runs' own counts add up to the purge's");
     let after = all_keys(&mut conn);
     let gone: BTreeSet<Vec<u8>> = before.difference(&after).cloned().collect();
     assert_eq!(gone, v1);
@@ -530,38 +555,20 @@ fn purge_json_is_one_document_with_the_summary_s_facts() {
     assert_eq!(orphans["since_start"]["keys_matched"], 2, "{orphans}");
 }
 
-/// A resumed purge reports what this run deleted and, apart, what the purge deleted since it started; the
-/// final line used to give the total as if this run had deleted it all.
+/// `--json` of a stopped and a resumed purge: `this_run` is the run's own, `since_start` the whole purge's.
 #[test]
-fn a_resumed_purge_tells_this_run_from_the_whole_purge() {
+fn a_resumed_purge_s_json_tells_this_run_from_the_whole_purge() {
     let (server, mut conn, v1, dir, policy) = setup();
-    let policy = policy.as_str();
     let cp = dir.path().join("cp");
     let cp = cp.to_str().unwrap();
     let url = server.url();
-    let base = [
-        "purge",
-        "--policy",
-        policy,
-        "--url",
-        &url,
-        "--class",
-        "product_list",
-        "--version",
-        "1",
-        "--confirm",
-        "product_list",
-        "--count",
-        "5",
-        "--checkpoint-dir",
-        cp,
-    ];
-    let mut first = base.to_vec();
-    first.extend(["--limit-keys", "8", "--json"]);
+    let mut first = stopping_purge(&policy, &url, cp);
+    first.push("--json");
     let out = keyward(&first);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stopped["complete"], false);
+    assert_eq!(stopped["resumed"], false);
     let token = stopped["resume_token"].as_str().unwrap().to_owned();
     let first_deleted = stopped["this_run"]["keys_deleted"].as_u64().unwrap();
     assert!(
@@ -569,16 +576,18 @@ fn a_resumed_purge_tells_this_run_from_the_whole_purge() {
         "the first run should delete some of the 40, not all: {stopped}"
     );
 
-    // The resumed run, in JSON and (from the same state, replayed) in text.
-    let mut resumed = base.to_vec();
-    resumed.extend(["--resume", token.as_str()]);
-    let mut json = resumed.clone();
-    json.push("--json");
-    let out = keyward(&json);
+    // Resumed to the end (no --limit-keys this time).
+    let mut resumed: Vec<&str> = stopping_purge(&policy, &url, cp)
+        .into_iter()
+        .filter(|a| *a != "--limit-keys" && *a != "8")
+        .collect();
+    resumed.extend(["--resume", token.as_str(), "--json"]);
+    let out = keyward(&resumed);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["resumed"], true);
     assert_eq!(done["complete"], true);
+    assert_eq!(done["resume_token"], serde_json::Value::Null);
     assert_eq!(
         done["this_run"]["keys_deleted"].as_u64().unwrap(),
         40 - first_deleted,
@@ -587,40 +596,4 @@ fn a_resumed_purge_tells_this_run_from_the_whole_purge() {
     assert_eq!(done["since_start"]["keys_deleted"], 40, "{done}");
     let left = all_keys(&mut conn);
     assert!(v1.iter().all(|k| !left.contains(k)), "a v1 key survived");
-
-    // Text: stop again on a fresh fixture and resume without --json.
-    let mut conn2 = server.connection();
-    fixture(&mut conn2);
-    let mut first = base.to_vec();
-    first.extend(["--limit-keys", "8"]);
-    let out = keyward(&first);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    let err = text(&out.stderr);
-    let token = err.split("--resume ").nth(1).unwrap().trim().to_owned();
-    let line = text(&out.stdout);
-    let deleted_first: u64 = line
-        .split("deleted ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
-    let mut resumed = base.to_vec();
-    resumed.extend(["--resume", token.as_str()]);
-    let out = keyward(&resumed);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let line = text(&out.stdout);
-    assert!(
-        line.contains(&format!("deleted {} keys", 40 - deleted_first)),
-        "{line}"
-    );
-    assert!(
-        line.contains("resumed: since the purge started, 40 keys deleted"),
-        "{line}"
-    );
 }
