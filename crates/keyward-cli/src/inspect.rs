@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use crate::audit::display_key;
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 use crate::stream_info;
 
 /// Arguments of `keyward inspect`.
@@ -35,10 +36,8 @@ pub(crate) struct InspectArgs {
     /// The policy file (TOML) that says which class the key belongs to.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,…] (the primary holding
-    /// the key is found). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of text.
     #[arg(long)]
     json: bool,
@@ -60,7 +59,7 @@ pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             args.max_bytes
         );
     }
-    let url = default_url(args.url.as_deref());
+    let url = args.url.resolve();
     let doc = runtime()?.block_on(async {
         let (mut conn, _) = connect_holding(&url, &key).await?;
         describe(&policy, &mut conn, &key, args.max_bytes).await
@@ -74,13 +73,6 @@ pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     .and_then(|()| out.flush())
     .context("cannot write to stdout")?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `--url`, else `$REDIS_URL`, else the local default (as `keyward audit`).
-pub(crate) fn default_url(url: Option<&str>) -> String {
-    url.map(str::to_owned)
-        .or_else(|| std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -503,33 +495,201 @@ async fn rate_limit(
     })
 }
 
-/// The document as `key: value` lines, nested objects indented.
+/// The readable form of the [`describe`] document: labelled lines in a fixed order — key, class, kind,
+/// version, role, id, type, TTL, size — then the content's fields, most telling first (what the entry is,
+/// then its sizes, then its epochs and times). The JSON document stays the stable, complete form; every
+/// field of it appears here too.
 fn text(doc: &Value) -> String {
-    fn walk(v: &Value, indent: usize, out: &mut String) {
-        if let Value::Object(map) = v {
-            for (k, v) in map {
-                match v {
-                    Value::Object(_) => {
-                        out.push_str(&format!("{:indent$}{k}:\n", ""));
-                        walk(v, indent + 2, out);
-                    }
-                    Value::Array(items) if items.iter().any(Value::is_object) => {
-                        out.push_str(&format!("{:indent$}{k}:\n", ""));
-                        for item in items {
-                            out.push_str(&format!("{:indent$}  -\n", ""));
-                            walk(item, indent + 4, out);
-                        }
-                    }
-                    Value::Null => out.push_str(&format!("{:indent$}{k}: -\n", "")),
-                    Value::String(s) => out.push_str(&format!("{:indent$}{k}: {s}\n", "")),
-                    other => out.push_str(&format!("{:indent$}{k}: {other}\n", "")),
-                }
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("{label:<9} {value}\n"));
+    };
+    line("key", plain(&doc["key"]));
+    let class = &doc["class"];
+    match class["owner"].as_str() {
+        Some("class") => {
+            line("class", plain(&class["name"]));
+            line("kind", plain(&class["kind"]));
+            let version = match class["version_status"].as_str() {
+                Some("current") => format!("v{} (current)", class["version"]),
+                Some(status) => format!(
+                    "v{} ({status}: the class is at v{})",
+                    class["version"], class["current_version"]
+                ),
+                None => format!("v{}", class["version"]),
+            };
+            line("version", version);
+            line("role", plain(&class["role"]));
+            if !class["id"].is_null() {
+                line("id", plain(&class["id"]));
             }
         }
+        Some("internal") => line("class", "keyward's own key (_kw)".to_owned()),
+        Some("outside_namespace") => line("class", "outside the policy's namespace".to_owned()),
+        _ => line(
+            "class",
+            "none: no class of the policy owns this key".to_owned(),
+        ),
     }
-    let mut out = String::new();
-    walk(doc, 0, &mut out);
+    if doc["exists"] == false {
+        line("exists", "no: the key is not in Redis".to_owned());
+        return out;
+    }
+    line("type", plain(&doc["type"]));
+    let ttl = match (doc["ttl_ms"].as_u64(), doc.get("max_ttl_ms")) {
+        (ttl, None) => ttl.map_or_else(|| "none".to_owned(), seconds),
+        (ttl, Some(Value::Null)) => format!(
+            "{} (bounded by its retention, not a TTL)",
+            ttl.map_or_else(|| "none".to_owned(), seconds)
+        ),
+        (ttl, Some(bound)) => {
+            let bound = bound.as_u64().map_or_else(|| "-".to_owned(), seconds);
+            let verdict = if doc["ttl_ok"] == true {
+                "ok"
+            } else {
+                "VIOLATION"
+            };
+            format!(
+                "{} (at most {bound} for this class: {verdict})",
+                ttl.map_or_else(|| "none".to_owned(), seconds)
+            )
+        }
+    };
+    line("TTL", ttl);
+    line(
+        "size",
+        doc["memory_bytes"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |b| format!("{b} bytes (MEMORY USAGE)")),
+    );
+    let content = &doc["content"];
+    line("content", plain(&content["format"]));
+    fields(content, 2, &mut out);
     out
+}
+
+/// The content fields a reader looks for first, in this order; any other field follows, by name.
+const CONTENT_ORDER: &[&str] = &[
+    "reason",
+    "status",
+    "algorithm",
+    "held",
+    "absent",
+    "user",
+    "version",
+    "sessions",
+    "length",
+    "payload_bytes",
+    "payload",
+    "payload_truncated",
+    "data_bytes",
+    "record_bytes",
+    "value_bytes",
+    "fingerprint_bytes",
+    "response_bytes",
+    "holder_token",
+    "lease_token",
+    "waiters",
+    "held_until_unix_ms",
+    "namespace_epoch",
+    "class_epoch",
+    "tags",
+    "fencing_token",
+    "last_fencing_token",
+    "created_unix_ms",
+    "last_extended_unix_ms",
+    "next_expiry_unix_ms",
+    "oldest_entry_age_ms",
+    "groups",
+    "kept_value",
+    "note",
+];
+
+/// `content`'s fields (but `format`) as labelled lines indented by `indent`, in [`CONTENT_ORDER`].
+fn fields(content: &Value, indent: usize, out: &mut String) {
+    let Value::Object(map) = content else {
+        return;
+    };
+    let rank = |k: &str| {
+        CONTENT_ORDER
+            .iter()
+            .position(|o| *o == k)
+            .unwrap_or(usize::MAX)
+    };
+    let mut keys: Vec<&String> = map.keys().filter(|k| *k != "format").collect();
+    keys.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    for k in keys {
+        let (label, value) = labelled(k, &map[k]);
+        match &map[k] {
+            Value::Object(_) => {
+                out.push_str(&format!("{:indent$}{label}:\n", ""));
+                fields(&map[k], indent + 2, out);
+            }
+            Value::Array(items) => {
+                let list: Vec<String> = items.iter().map(item).collect();
+                out.push_str(&format!(
+                    "{:indent$}{label:<22} {}\n",
+                    "",
+                    if list.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        list.join(", ")
+                    }
+                ));
+            }
+            _ => out.push_str(&format!("{:indent$}{label:<22} {value}\n", "")),
+        }
+    }
+}
+
+/// A field's label and value in words: `oldest_entry_age_ms: 1500` reads `oldest entry age  1.5s`,
+/// `created_unix_ms: 17…` reads `created (unix ms)  17…`.
+fn labelled(key: &str, value: &Value) -> (String, String) {
+    let words = |k: &str| k.replace('_', " ");
+    if let Some(k) = key.strip_suffix("_unix_ms") {
+        (format!("{} (unix ms)", words(k)), plain(value))
+    } else if let Some(k) = key.strip_suffix("_unix_us") {
+        (format!("{} (unix µs)", words(k)), plain(value))
+    } else if let (Some(k), Some(ms)) = (key.strip_suffix("_ms"), value.as_u64()) {
+        (words(k), seconds(ms))
+    } else {
+        (words(key), plain(value))
+    }
+}
+
+/// One element of a list: an object as its first field's value and the others in parentheses
+/// (`category:7 (epoch 3)`, `billing (consumers 1, pending 0, lag 1)`).
+fn item(v: &Value) -> String {
+    let Value::Object(map) = v else {
+        return plain(v);
+    };
+    let first = ["tag", "name"]
+        .iter()
+        .find_map(|k| map.get(*k).map(|v| (*k, v)));
+    let rest: Vec<String> = map
+        .iter()
+        .filter(|(k, _)| first.is_none_or(|(f, _)| f != k.as_str()))
+        .map(|(k, v)| format!("{} {}", k.replace('_', " "), plain(v)))
+        .collect();
+    match first {
+        Some((_, name)) if rest.is_empty() => plain(name),
+        Some((_, name)) => format!("{} ({})", plain(name), rest.join(", ")),
+        None => rest.join(", "),
+    }
+}
+
+/// A JSON scalar as text: strings without quotes, `null` as `-`.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Milliseconds as seconds, `598.2s`.
+fn seconds(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@
 //! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
 //! each module below imports only modules listed above it, so there is no import cycle.
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
+//! - `redis_url` — which server a command acts on: `--url`, else `$REDIS_URL`, else the local default; the
+//!   same rule for every command but `bench`.
 //! - `policy_cmd` — `policy check`.
 //! - `ops` — `invalidate` and `dead-letters`: the library's calls against a live Redis, dry run by default.
 //! - `stream_info` — the read-only stream reads (`XINFO`, `XPENDING`), shared by `audit` and `streams`; it
@@ -52,6 +54,7 @@ mod inspect;
 mod ops;
 mod policy_cmd;
 mod purge;
+mod redis_url;
 mod stats;
 mod stream_info;
 mod streams;

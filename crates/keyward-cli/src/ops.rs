@@ -19,6 +19,7 @@ use keyward::stream::DeadLetter;
 use serde_json::{Value, json};
 
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 
 /// Where to act: the policy file that declares the classes, and the Redis to act on.
 #[derive(Debug, Args)]
@@ -26,9 +27,8 @@ pub(crate) struct Target {
     /// The policy file (TOML) whose namespace and classes the command acts on.
     #[arg(long)]
     policy: PathBuf,
-    /// The Redis URL (`redis://`, `rediss://`, `redis+sentinel://`, `redis+cluster://`); default: `REDIS_URL`.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -168,7 +168,7 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             }))
             .collect()
     };
-    let url = url(&args.target)?;
+    let url = args.target.url.resolve();
     runtime()?.block_on(async {
         let kw = connect(&url, policy).await?;
         if act {
@@ -218,7 +218,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
         } => {
             check_max(max)?;
             let policy = stream_policy(&target, &stream)?;
-            let url = url(&target)?;
+            let url = target.url.resolve();
             let letters = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 anyhow::Ok(kw.stream::<Value>(&stream)?.dead_letters(max).await?)
@@ -240,7 +240,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             filter.check()?;
             let policy = stream_policy(&target, &stream)?;
             let act = confirmed(confirm.as_deref(), &stream)?;
-            let url = url(&target)?;
+            let url = target.url.resolve();
             let moved = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 let s = kw.stream::<Value>(&stream)?;
@@ -331,17 +331,6 @@ fn stream_policy(target: &Target, stream: &str) -> anyhow::Result<Policy> {
         ),
         Some(ClassKind::Stream(_)) => Ok(policy),
         Some(other) => usage!("class `{stream}` is a {} class, not a stream", other.name()),
-    }
-}
-
-fn url(target: &Target) -> anyhow::Result<String> {
-    match target
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-    {
-        Some(u) if !u.is_empty() => Ok(u),
-        _ => usage!("give --url or set REDIS_URL: this command acts on a live Redis"),
     }
 }
 

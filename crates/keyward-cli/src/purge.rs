@@ -21,10 +21,11 @@ use keyward::key::{KeyClass, classify, glob_match};
 use keyward::policy::Policy;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::walk::{self, KeyFacts, NodeWalk};
+use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
 use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 
 /// The delete-if-unchanged script (see the module docs).
 const UNLINK_SCRIPT: &str = include_str!("purge_unlink.lua");
@@ -60,9 +61,8 @@ pub(crate) struct PurgeArgs {
     /// Actually delete: repeat the class name (or the --orphans pattern). Without it, a dry run.
     #[arg(long, value_name = "NAME")]
     confirm: Option<String>,
-    /// Redis URL (as for `audit`). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Ceiling on the commands sent per second to each server.
     #[arg(long, default_value_t = 300_000)]
     max_ops_per_sec: u64,
@@ -78,6 +78,9 @@ pub(crate) struct PurgeArgs {
     /// Stop after about this many keys examined (exit status 4 with a resume token).
     #[arg(long, value_name = "N")]
     limit_keys: Option<u64>,
+    /// Print one JSON document (field names in docs/cli.md) instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which keys go.
@@ -135,11 +138,17 @@ struct Counts {
     sample: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct NodeState {
-    server: String,
-    cursor: u64,
-    done: bool,
+impl Counts {
+    /// Adds a batch's counts (the sample keeps its first [`SAMPLE`] keys).
+    fn add(&mut self, batch: &Counts) {
+        self.examined += batch.examined;
+        self.selected += batch.selected;
+        self.bytes += batch.bytes;
+        self.deleted += batch.deleted;
+        self.skipped += batch.skipped;
+        let room = SAMPLE.saturating_sub(self.sample.len());
+        self.sample.extend(batch.sample.iter().take(room).cloned());
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,6 +160,9 @@ struct Checkpoint {
     confirmed: bool,
     nodes: Vec<NodeState>,
     counts: Counts,
+    /// Seconds the runs so far walked (for the dry run's estimate); absent in older checkpoints.
+    #[serde(default)]
+    seconds: f64,
 }
 
 /// Checks the arguments against the policy: what to select, and whether deletion is confirmed.
@@ -206,18 +218,6 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
     }
 }
 
-fn checkpoint_path(dir: &std::path::Path, token: &str) -> anyhow::Result<PathBuf> {
-    let id = token
-        .strip_prefix("kwp1-")
-        .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--resume: {token:?} is not a purge resume token (kwp1-…)"
-            ))
-        })?;
-    Ok(dir.join(format!("keyward-purge-{id}.json")))
-}
-
 /// Runs `keyward purge`.
 ///
 /// # Errors
@@ -236,11 +236,7 @@ pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let (sel, confirmed) = selection(&policy, &args)?;
-    let url = args
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let url = args.url.resolve();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -271,26 +267,19 @@ async fn purge(
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (token, mut nodes, mut counts) = match &args.resume {
+    let (resume, mut nodes, mut counts, earlier_seconds) = match &args.resume {
         Some(token) => {
-            let path = checkpoint_path(&dir, token)?;
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                UsageError(format!(
-                    "--resume {token}: cannot read the checkpoint {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let cp: Checkpoint = serde_json::from_str(&text)
-                .with_context(|| format!("checkpoint {} is corrupt", path.display()))?;
-            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
-            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
+            let resume = ResumePoint::named(Walker::Purge, &dir, token)?;
+            let cp: Checkpoint = resume.load()?;
+            let mismatch = NodeState::mismatch(&cp.nodes, &addrs);
             if cp.format != 1
                 || cp.env != policy.env()
                 || cp.app != policy.app()
                 || cp.selection != sel
                 || cp.confirmed != confirmed
-                || servers_now != servers_then
+                || mismatch.is_some()
             {
+                let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
                 usage!(
                     "--resume {token}: the checkpoint is for another purge ({}{} of {}:{} on {servers_then:?}); nothing was deleted",
                     if cp.confirmed {
@@ -303,19 +292,13 @@ async fn purge(
                     cp.app
                 );
             }
-            (token.clone(), cp.nodes, cp.counts)
+            (resume, cp.nodes, cp.counts, cp.seconds)
         }
         None => (
-            format!("kwp1-{:016x}", rand::random::<u64>()),
-            addrs
-                .iter()
-                .map(|(a, _)| NodeState {
-                    server: a.clone(),
-                    cursor: 0,
-                    done: false,
-                })
-                .collect(),
+            ResumePoint::fresh(Walker::Purge, &dir),
+            NodeState::start(&addrs),
             Counts::default(),
+            0.0,
         ),
     };
     let mut conns = Vec::with_capacity(addrs.len());
@@ -400,27 +383,15 @@ async fn purge(
     drop(tx);
     let signals = tokio::spawn(on_signal);
     let started = Instant::now();
+    // `counts`: since the purge started (restored from the checkpoint when resumed); `run`: this run only.
+    let mut run = Counts::default();
     while let Some(msg) = rx.recv().await {
-        counts.examined += msg.counts.examined;
-        counts.selected += msg.counts.selected;
-        counts.bytes += msg.counts.bytes;
-        counts.deleted += msg.counts.deleted;
-        counts.skipped += msg.counts.skipped;
-        for key in msg.counts.sample {
-            if counts.sample.len() < SAMPLE {
-                counts.sample.push(key);
-            }
-        }
-        match msg.resume_at {
-            Some(c) => nodes[msg.node].cursor = c,
-            None => {
-                nodes[msg.node].cursor = 0;
-                nodes[msg.node].done = true;
-            }
-        }
+        run.add(&msg.counts);
+        counts.add(&msg.counts);
+        nodes[msg.node].advance(msg.resume_at);
         examined.fetch_add(msg.counts.examined, Ordering::Relaxed);
         if let Some(pb) = &progress {
-            pb.set_position(counts.examined);
+            pb.set_position(run.examined);
         }
     }
     signals.abort();
@@ -430,13 +401,16 @@ async fn purge(
     }
     let seconds = started.elapsed().as_secs_f64();
     let complete = nodes.iter().all(|n| n.done);
-    let cp_path = checkpoint_path(&dir, &token)?;
     if confirmed && (counts.deleted > 0 || complete) {
         let state = if complete { "yes" } else { "no" };
         log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await?;
     }
-    if !complete {
-        let cp = Checkpoint {
+    resume.settle(
+        complete,
+        failure,
+        counts.examined,
+        Some("same selection and --confirm"),
+        || Checkpoint {
             format: 1,
             env: policy.env().to_owned(),
             app: policy.app().to_owned(),
@@ -444,49 +418,35 @@ async fn purge(
             confirmed,
             nodes,
             counts: counts.clone(),
-        };
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
-            .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
-        eprintln!(
-            "keyward purge: stopped after {} keys; resume by running the same command (same selection and --confirm) with: --resume {token}",
-            counts.examined
-        );
-        if let Some(e) = failure {
-            return Err(e.context(format!(
-                "the purge stopped (resume by running the same command with --resume {token})"
-            )));
-        }
-    } else if let Some(e) = failure {
-        return Err(e);
-    } else {
-        let _ = std::fs::remove_file(&cp_path);
+            seconds: earlier_seconds + seconds,
+        },
+    )?;
+    if complete {
+        resume.remove();
     }
+    let summary = Summary::new(
+        &policy,
+        &sel,
+        confirmed,
+        complete,
+        args.resume.is_some(),
+        (!complete).then(|| resume.token().to_owned()),
+        &run,
+        &counts,
+        seconds,
+        // Walking again, plus one delete (a script call) per key, at the pace's ceiling.
+        (!confirmed).then(|| {
+            earlier_seconds + seconds + counts.selected as f64 / args.max_ops_per_sec as f64
+        }),
+    );
     let mut out = std::io::stdout().lock();
-    let what = sel.describe();
-    let text = if confirmed {
-        format!(
-            "purge {what}: deleted {} keys ({} bytes); {} changed since the walk and were left alone; {:.1}s{}\n",
-            counts.deleted,
-            counts.bytes,
-            counts.skipped,
-            seconds,
-            if complete { "" } else { " — INCOMPLETE" }
-        )
+    let text = if args.json {
+        let mut text =
+            serde_json::to_string_pretty(&summary).context("cannot encode the summary")?;
+        text.push('\n');
+        text
     } else {
-        let estimate = counts.selected as f64 / args.max_ops_per_sec as f64 + seconds;
-        let mut t = format!(
-            "DRY RUN — nothing deleted. purge {what}: {} keys, {} bytes would go (of {} examined); estimated time with --confirm: {:.1}s{}\n",
-            counts.selected,
-            counts.bytes,
-            counts.examined,
-            estimate,
-            if complete { "" } else { " — INCOMPLETE" }
-        );
-        for key in &counts.sample {
-            t.push_str(&format!("  {key}\n"));
-        }
-        t
+        summary.text()
     };
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -496,6 +456,144 @@ async fn purge(
     } else {
         ExitCode::from(EXIT_INCOMPLETE)
     })
+}
+
+/// The end of a purge as printed: the summary line (and the dry run's sample), or with `--json` one
+/// document with the same facts (field names in docs/cli.md, stable).
+#[derive(Debug, Serialize)]
+struct Summary {
+    /// The format's version: 1.
+    keyward_purge: u32,
+    dry_run: bool,
+    /// `version` (`--class` with `--version`), `all_versions` or `orphans`.
+    selection: &'static str,
+    class: Option<String>,
+    version: Option<u32>,
+    /// The `--orphans` pattern.
+    pattern: Option<String>,
+    /// The `SCAN … MATCH` glob walked.
+    scan_match: String,
+    complete: bool,
+    resume_token: Option<String>,
+    /// Whether this run continued a stopped one (`--resume`); then `this_run` and `since_start` differ.
+    resumed: bool,
+    this_run: SummaryCounts,
+    since_start: SummaryCounts,
+    /// The first keys selected (at most 10, since the start), as `keyward audit` prints keys.
+    sample_keys: Vec<String>,
+    /// Dry run: the estimated wall time of the confirmed purge; `null` when confirmed.
+    estimated_seconds: Option<f64>,
+    /// The selection in words, for the text form.
+    #[serde(skip)]
+    what: String,
+}
+
+#[derive(Debug, Serialize)]
+struct SummaryCounts {
+    keys_examined: u64,
+    /// Keys in the selection (a dry run's "would go").
+    keys_matched: u64,
+    /// `MEMORY USAGE` of the matched keys, summed.
+    bytes: u64,
+    keys_deleted: u64,
+    /// Matched, but changed (or gone) between the walk and the delete: left alone.
+    keys_changed: u64,
+    /// Wall time of this run (`this_run` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds: Option<f64>,
+}
+
+impl SummaryCounts {
+    fn new(c: &Counts, seconds: Option<f64>) -> Self {
+        SummaryCounts {
+            keys_examined: c.examined,
+            keys_matched: c.selected,
+            bytes: c.bytes,
+            keys_deleted: c.deleted,
+            keys_changed: c.skipped,
+            seconds,
+        }
+    }
+}
+
+impl Summary {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        policy: &Policy,
+        sel: &Selection,
+        confirmed: bool,
+        complete: bool,
+        resumed: bool,
+        resume_token: Option<String>,
+        run: &Counts,
+        total: &Counts,
+        seconds: f64,
+        estimated_seconds: Option<f64>,
+    ) -> Self {
+        let (selection, class, version, pattern) = match sel {
+            Selection::Version { class, version } => {
+                ("version", Some(class.clone()), Some(*version), None)
+            }
+            Selection::AllVersions { class } => ("all_versions", Some(class.clone()), None, None),
+            Selection::Orphans { pattern } => ("orphans", None, None, Some(pattern.clone())),
+        };
+        Summary {
+            keyward_purge: 1,
+            dry_run: !confirmed,
+            selection,
+            class,
+            version,
+            pattern,
+            scan_match: sel.scan_pattern(policy),
+            complete,
+            resume_token,
+            resumed,
+            this_run: SummaryCounts::new(run, Some(seconds)),
+            since_start: SummaryCounts::new(total, None),
+            sample_keys: total.sample.clone(),
+            estimated_seconds,
+            what: sel.describe(),
+        }
+    }
+
+    /// The readable form: one line (a resumed purge says what this run did and what the purge did since its
+    /// start), then the dry run's sample keys.
+    fn text(&self) -> String {
+        let (run, total) = (&self.this_run, &self.since_start);
+        let incomplete = if self.complete { "" } else { " — INCOMPLETE" };
+        let seconds = run.seconds.unwrap_or_default();
+        let what = &self.what;
+        if !self.dry_run {
+            let mut t = format!(
+                "purge {what}: deleted {} keys ({} bytes); {} changed since the walk and were left alone; {seconds:.1}s{incomplete}\n",
+                run.keys_deleted, run.bytes, run.keys_changed,
+            );
+            if self.resumed {
+                t.push_str(&format!(
+                    "  resumed: since the purge started, {} keys deleted ({} bytes), {} left alone as changed\n",
+                    total.keys_deleted, total.bytes, total.keys_changed
+                ));
+            }
+            return t;
+        }
+        let mut t = format!(
+            "DRY RUN — nothing deleted. purge {what}: {} keys, {} bytes would go (of {} examined); estimated time with --confirm: {:.1}s{incomplete}\n",
+            total.keys_matched,
+            total.bytes,
+            total.keys_examined,
+            self.estimated_seconds.unwrap_or_default(),
+        );
+        if self.resumed {
+            t.push_str(&format!(
+                "  resumed: this run examined {} keys and matched {} ({} bytes); the counts above are since the start\n",
+                run.keys_examined, run.keys_matched, run.bytes
+            ));
+        }
+        for key in &self.sample_keys {
+            t.push_str(&format!("  {key}\n"));
+        }
+        t
+    }
 }
 
 /// Walks one server: selects keys, and with `confirmed` deletes each that is unchanged since the walk.
@@ -804,12 +902,13 @@ mod tests {
             all_versions: all,
             orphans: orphans.map(str::to_owned),
             confirm: confirm.map(str::to_owned),
-            url: None,
+            url: UrlArg::default(),
             max_ops_per_sec: 1,
             count: 1,
             resume: None,
             checkpoint_dir: None,
             limit_keys: None,
+            json: false,
         };
         let err = |a: PurgeArgs| selection(&policy, &a).unwrap_err().to_string();
         assert!(err(args(Some("pl"), None, false, None, None)).contains("current"));

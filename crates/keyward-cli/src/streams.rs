@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use crate::audit::checks::PENDING_PAGE;
 use crate::audit::display_key;
 use crate::error::{UsageError, usage};
-use crate::inspect::{connect_holding, default_url, runtime};
+use crate::inspect::{connect_holding, runtime};
+use crate::redis_url::UrlArg;
 use crate::stream_info;
 
 /// Arguments of `keyward streams`.
@@ -29,10 +30,8 @@ pub(crate) struct StreamsArgs {
     /// The policy file (TOML) that declares the stream classes.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,…]. Default:
-    /// $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of text.
     #[arg(long)]
     json: bool,
@@ -61,7 +60,7 @@ pub(crate) fn run(args: StreamsArgs) -> anyhow::Result<ExitCode> {
         }
         args.streams.clone()
     };
-    let url = default_url(args.url.as_deref());
+    let url = args.url.resolve();
     let streams = runtime()?.block_on(async {
         let mut out = Vec::with_capacity(names.len());
         for name in &names {
@@ -155,6 +154,7 @@ async fn describe(policy: &Policy, name: &str, url: &str) -> anyhow::Result<Valu
         "stream": name,
         "key": key,
         "server": (!server.is_empty()).then_some(server),
+        "exists": exists == 1,
         "length": length,
         "retention": { "maxlen": retention.maxlen_value(), "max_age_ms": max_age_ms },
         "oldest_entry_age_ms": oldest_age_ms,
@@ -173,15 +173,35 @@ fn table(streams: &[Value]) -> String {
     };
     for s in streams {
         let r = &s["retention"];
-        let bound = match (r["maxlen"].as_u64(), r["max_age_ms"].as_u64()) {
-            (Some(m), _) => format!("maxlen {m}"),
-            (None, Some(a)) => format!("max age {:.0}s", a as f64 / 1000.0),
-            _ => "none".to_owned(),
+        let bound = [
+            r["maxlen"].as_u64().map(|m| format!("maxlen {m}")),
+            r["max_age_ms"]
+                .as_u64()
+                .map(|a| format!("max_age {}", span(a))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        let bound = if bound.is_empty() {
+            "none".to_owned()
+        } else {
+            bound
         };
         out.push_str(&format!(
-            "{}  ({})\n  length {}  retention {}{}  oldest entry {}  dead letters {}\n",
+            "{}  ({})\n",
             s["stream"].as_str().unwrap_or_default(),
             s["key"].as_str().unwrap_or_default(),
+        ));
+        if s["exists"] == false {
+            out.push_str(&format!(
+                "  does not exist (no entries were ever published, or it expired)\n  retention {bound}  dead letters {}\n",
+                s["dead_letters"],
+            ));
+            continue;
+        }
+        out.push_str(&format!(
+            "  length {}  retention {}{}  oldest entry {}  dead letters {}\n",
             s["length"],
             bound,
             if s["over_retention"] == true {
@@ -233,4 +253,30 @@ fn table(streams: &[Value]) -> String {
         }
     }
     out
+}
+
+/// A policy duration as the policy writes it: `7d`, `1h`, `90s`, or `1500ms` when not whole seconds.
+fn span(ms: u64) -> String {
+    match ms {
+        0 => "0s".to_owned(),
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_read_as_the_policy_writes_them() {
+        assert_eq!(span(7 * 86_400_000), "7d");
+        assert_eq!(span(3_600_000), "1h");
+        assert_eq!(span(90_000), "90s");
+        assert_eq!(span(120_000), "2m");
+        assert_eq!(span(1500), "1500ms");
+    }
 }

@@ -494,6 +494,7 @@ fn audit_finds_exactly_the_planted_violations_and_resumes_to_the_same_result() {
     ]);
     assert_eq!(table.status.code(), Some(3), "{}", stderr(&table));
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert_a_row_per_version(&one_pass, &table);
     for line in [
         "VIOLATIONS: 20",
         "no TTL: pattern app:v1:products:list:en: 1 keys",
@@ -855,4 +856,53 @@ fn sigterm_saves_a_checkpoint_and_the_resumed_audit_finishes() {
     assert_eq!(v["complete"], true);
     assert_eq!(v["total"]["keys"], 50_000, "{v:#}");
     assert_eq!(v["violations"]["no_ttl"][0]["keys"], 50_000, "{v:#}");
+}
+
+/// The table has one row per class *and version present*, each with the version of its keys: the fixture's
+/// `product_list` has keys of v1 (old) and v2 (current). The table used to show one row per class labelled
+/// with the current version while counting every version's keys.
+fn assert_a_row_per_version(report: &Value, table: &str) {
+    // (class, version, keys) from the JSON, which has always been per version.
+    let mut expected = BTreeSet::new();
+    for class in report["classes"].as_array().unwrap() {
+        for v in class["versions"].as_array().unwrap() {
+            expected.insert((
+                class["name"].as_str().unwrap().to_owned(),
+                format!("v{}", v["version"]),
+                v["keys"].as_u64().unwrap(),
+            ));
+        }
+    }
+    assert!(
+        expected.contains(&("product_list".to_owned(), "v1".to_owned(), 3)),
+        "the fixture plants 3 product_list v1 keys: {expected:?}"
+    );
+    let names: BTreeSet<&str> = expected.iter().map(|(n, _, _)| n.as_str()).collect();
+    let rows: BTreeSet<(String, String, u64)> = table
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            // CLASS KIND VER [old|new] COUNT MEMORY …
+            if !names.contains(cells.first()?) {
+                return None;
+            }
+            let count_at = if matches!(cells.get(3), Some(&"old" | &"new")) {
+                4
+            } else {
+                3
+            };
+            Some((
+                cells[0].to_owned(),
+                cells[2].to_owned(),
+                cells.get(count_at)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    assert_eq!(rows, expected, "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("product_list")
+            && l.split_whitespace().nth(2) == Some("v1")
+            && l.split_whitespace().nth(3) == Some("old")),
+        "an old version is marked old:\n{table}"
+    );
 }

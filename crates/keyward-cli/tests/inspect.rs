@@ -178,6 +178,7 @@ async fn cache_values_leases_old_versions_and_garbage() {
         text.contains("cache_value") && text.contains("a red bicycle"),
         "{text}"
     );
+    assert_readable_cache_value(&text);
 
     // A payload longer than --max-bytes is cut there.
     product.set(&"long", &"x".repeat(1000)).await.unwrap();
@@ -709,4 +710,191 @@ async fn inspect_and_streams_find_the_primary_of_the_key_slot_on_a_cluster() {
     let out = keyward(&["streams", "--policy", file, "--url", &url, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("jobs"), "{}", stdout(&out));
+}
+
+/// `keyward streams` shows a class's `max_age` (it showed only `maxlen`, or nothing of an age-only bound
+/// when both were set), and says so when a stream does not exist instead of showing it with length 0.
+#[test]
+fn streams_show_max_age_and_say_when_a_stream_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_text = r#"
+[namespace]
+env = "test"
+app = "str"
+
+[classes.events]
+kind = "stream"
+retention = { max_age = "1h" }
+
+[classes.trail]
+kind = "stream"
+retention = { maxlen = 500, max_age = "7d" }
+"#;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+    let server = RedisServer::spawn();
+    let trail = KeySpace::new(&Policy::from_toml_str(policy_text).unwrap(), "trail")
+        .unwrap()
+        .key("trail")
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&trail)
+        .arg("*")
+        .arg("e")
+        .arg("1")
+        .query(&mut server.connection())
+        .unwrap();
+    let url = server.url();
+    let run = |more: &[&str]| {
+        let mut args = vec![
+            "streams",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--url",
+            &url,
+        ];
+        args.extend_from_slice(more);
+        keyward(&args)
+    };
+
+    let doc = json(&run(&["--json"]));
+    let stream = |name: &str| {
+        doc["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stream"] == name)
+            .unwrap_or_else(|| panic!("{name}: {doc:#}"))
+            .clone()
+    };
+    let events = stream("events");
+    assert_eq!(events["exists"], false, "{events:#}");
+    assert_eq!(events["retention"]["max_age_ms"], 3_600_000);
+    let trail_doc = stream("trail");
+    assert_eq!(trail_doc["exists"], true, "{trail_doc:#}");
+    assert_eq!(trail_doc["length"], 1);
+    assert_eq!(trail_doc["retention"]["maxlen"], 500);
+    assert_eq!(trail_doc["retention"]["max_age_ms"], 7 * 86_400_000_u64);
+
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let section = |name: &str| -> String {
+        text.split_inclusive('\n')
+            .skip_while(|l| !l.starts_with(&format!("{name} ")))
+            .take_while({
+                let mut first = true;
+                move |l| std::mem::take(&mut first) || l.starts_with(' ')
+            })
+            .collect()
+    };
+    let events = section("events");
+    assert!(
+        events.contains("does not exist (no entries were ever published, or it expired)"),
+        "{text}"
+    );
+    assert!(!events.contains("length"), "{text}");
+    assert!(events.contains("retention max_age 1h"), "{text}");
+    let trail = section("trail");
+    assert!(trail.contains("length 1"), "{text}");
+    assert!(trail.contains("retention maxlen 500, max_age 7d"), "{text}");
+    assert!(!trail.contains("does not exist"), "{text}");
+}
+
+/// The labels of `text`'s lines (the word before the value), in order.
+fn labels(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// `keyward inspect KEY` (text) reads as labelled lines — key, class, kind, version, role, id, type, TTL,
+/// size, then the content's fields with what the entry is before its epochs — not as the JSON document's
+/// fields sorted by name (`class:` … `content:` … `exists` … `key` …), which it used to print. `text` is
+/// the description of a current cache value "a red bicycle" tagged `category:7`.
+fn assert_readable_cache_value(text: &str) {
+    let l = labels(text);
+    assert_eq!(
+        l[..10],
+        [
+            "key", "class", "kind", "version", "role", "id", "type", "TTL", "size", "content"
+        ],
+        "{text}"
+    );
+    assert!(line_of(text, "class").ends_with(" product"), "{text}");
+    assert!(line_of(text, "kind").ends_with(" cache"), "{text}");
+    assert!(line_of(text, "version").contains("v2 (current)"), "{text}");
+    assert!(line_of(text, "TTL").contains(": ok)"), "{text}");
+    assert!(line_of(text, "content").ends_with(" cache_value"), "{text}");
+    assert!(
+        text.lines()
+            .any(|x| x.trim_start().starts_with("payload  ") && x.contains("a red bicycle")),
+        "{text}"
+    );
+    assert!(
+        line_of(text, "tags").contains("category:7 (epoch"),
+        "{text}"
+    );
+    let at = |label: &str| l.iter().position(|x| x == label).unwrap();
+    assert!(
+        at("payload") < at("namespace"),
+        "payload before the epochs: {text}"
+    );
+}
+
+/// The text form of an old version, a missing key and a stream (a cache value: [`assert_readable_cache_value`]).
+#[test]
+fn inspect_text_names_old_versions_missing_keys_and_stream_groups() {
+    let s = Setup::new();
+    // An old version says which version the class is at.
+    let old = s.key("product", "p1").replacen(":v2:", ":v1:", 1);
+    let _: () = redis::cmd("SET")
+        .arg(&old)
+        .arg("junk")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut s.redis())
+        .unwrap();
+    let (_, text) = s.inspect(&old);
+    assert!(text.contains("v1 (old: the class is at v2)"), "{text}");
+    assert!(text.contains("content   unknown"), "{text}");
+
+    // A missing key: who would own it, and that it is not there.
+    let (_, text) = s.inspect(&s.key("product", "nope"));
+    assert_eq!(
+        labels(&text).last().map(String::as_str),
+        Some("exists"),
+        "{text}"
+    );
+    assert!(text.contains("no: the key is not in Redis"), "{text}");
+
+    // A stream: bounded by its retention, groups one per item.
+    let jobs = s.key("jobs", "jobs");
+    let _: String = redis::cmd("XADD")
+        .arg(&jobs)
+        .arg("*")
+        .arg("e")
+        .arg("1")
+        .query(&mut s.redis())
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&jobs)
+        .arg("billing")
+        .arg("0")
+        .query(&mut s.redis())
+        .unwrap();
+    let (_, text) = s.inspect(&jobs);
+    assert!(text.contains("bounded by its retention"), "{text}");
+    assert!(
+        line_of(&text, "groups").contains("billing (consumers 0"),
+        "{text}"
+    );
+}
+
+fn line_of(text: &str, label: &str) -> String {
+    text.lines()
+        .find(|x| x.split_whitespace().next() == Some(label))
+        .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
+        .to_owned()
 }

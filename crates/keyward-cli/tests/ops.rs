@@ -282,10 +282,58 @@ fn bad_invocations_exit_2_naming_what_is_wrong() {
     let expire_without_tag = s.run(&["invalidate", "--class", "product", "--expire"]);
     assert_eq!(expire_without_tag.status.code(), Some(2));
 
-    let no_url = keyward(&["invalidate", "--class", "product", "--policy", s.policy()]);
-    assert_eq!(no_url.status.code(), Some(2));
-    assert!(stderr(&no_url).contains("REDIS_URL"), "{}", stderr(&no_url));
-
     let max = s.run(&["dead-letters", "list", "jobs", "--max", "0"]);
     assert_eq!(max.status.code(), Some(2));
+}
+
+/// Every command that talks to Redis picks its server by one rule (docs/cli.md): `--url`, else `$REDIS_URL`
+/// (an empty one counts as unset), else redis://127.0.0.1:6379. `invalidate` and `dead-letters` used to
+/// refuse to run without `--url` or `REDIS_URL` while the others fell back to the local default.
+#[test]
+fn every_command_takes_its_server_by_the_same_rule() {
+    let s = Setup::new();
+    let commands: [&[&str]; 7] = [
+        &["audit"],
+        &["purge", "--class", "product", "--all-versions"],
+        &["inspect", "test:ops:product:v1:{p1}"],
+        &["streams"],
+        &["invalidate", "--class", "product"],
+        &["dead-letters", "list", "jobs"],
+        &["dead-letters", "replay", "jobs"],
+    ];
+    let with_env = |args: &[&str], url: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+        cmd.args(args).args(["--policy", s.policy()]);
+        match url {
+            Some(u) => cmd.env("REDIS_URL", u),
+            None => cmd.env_remove("REDIS_URL"),
+        };
+        cmd.output().expect("run the keyward binary")
+    };
+    let url = s.server.url();
+    for args in commands {
+        // REDIS_URL names the server: every command reaches it (audit: 0 or 3, by what it finds).
+        let out = with_env(args, Some(&url));
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "{args:?} with REDIS_URL: {}: {}",
+            out.status,
+            stderr(&out)
+        );
+        // Neither --url nor a (non-empty) REDIS_URL: not a usage error, the command goes to the local
+        // default (whatever answers there, if anything).
+        for env in [None, Some("")] {
+            let out = with_env(args, env);
+            let err = stderr(&out);
+            assert_ne!(
+                out.status.code(),
+                Some(2),
+                "{args:?} REDIS_URL={env:?}: {err}"
+            );
+            assert!(
+                !err.contains("give --url") && !err.contains("invalid Redis URL"),
+                "{args:?} REDIS_URL={env:?}: {err}"
+            );
+        }
+    }
 }

@@ -65,6 +65,24 @@ fn set(conn: &mut redis::Connection, key: &[u8], px: Option<u64>) {
     cmd.query::<()>(conn).unwrap();
 }
 
+/// A server with the [`fixture`], the v1 keys it planted, and the policy file (in the returned directory).
+fn setup() -> (
+    RedisServer,
+    redis::Connection,
+    BTreeSet<Vec<u8>>,
+    tempfile::TempDir,
+    String,
+) {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let v1 = fixture(&mut conn);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let policy = policy.to_str().unwrap().to_owned();
+    (server, conn, v1, dir, policy)
+}
+
 /// Returns the keys of `product_list` v1 (the ones a `--version 1` purge must delete).
 fn fixture(conn: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
     let policy = Policy::from_toml_str(POLICY).unwrap();
@@ -91,13 +109,8 @@ fn fixture(conn: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
 
 #[test]
 fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    let v1 = fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
+    let (server, mut conn, v1, _dir, policy) = setup();
+    let policy = policy.as_str();
     let url = server.url();
     let before = all_keys(&mut conn);
 
@@ -227,13 +240,8 @@ fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
 
 #[test]
 fn orphans_go_and_nothing_a_class_owns() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
+    let (server, mut conn, _, _dir, policy) = setup();
+    let policy = policy.as_str();
     let before = all_keys(&mut conn);
     let out = keyward(&[
         "purge",
@@ -259,25 +267,14 @@ fn orphans_go_and_nothing_a_class_owns() {
     assert_eq!(gone, expected);
 }
 
-#[test]
-fn a_stopped_purge_resumes_to_the_same_end() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    let v1 = fixture(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
-    let cp = dir.path().join("cp");
-    let cp = cp.to_str().unwrap();
-    let url = server.url();
-    let before = all_keys(&mut conn);
-    let base = [
+/// A confirmed purge of `product_list` v1 that stops every 8 keys or so (`--count 5 --limit-keys 8`).
+fn stopping_purge<'a>(policy: &'a str, url: &'a str, checkpoints: &'a str) -> Vec<&'a str> {
+    vec![
         "purge",
         "--policy",
         policy,
         "--url",
-        &url,
+        url,
         "--class",
         "product_list",
         "--version",
@@ -289,10 +286,32 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         "--limit-keys",
         "8",
         "--checkpoint-dir",
-        cp,
-    ];
+        checkpoints,
+    ]
+}
+
+/// The number after `deleted ` in a summary line.
+fn deleted_in(line: &str) -> u64 {
+    line.split("deleted ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no deleted count in {line:?}"))
+}
+
+/// Stopped and resumed until done, the purge deletes exactly the v1 keys; each resumed run reports its own
+/// deletions and, on its `resumed:` line, those since the start (it used to report the total as its own).
+#[test]
+fn a_stopped_purge_resumes_to_the_same_end() {
+    let (server, mut conn, v1, dir, policy) = setup();
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    let url = server.url();
+    let before = all_keys(&mut conn);
+    let base = stopping_purge(&policy, &url, cp);
     let first = keyward(&base);
     assert_eq!(first.status.code(), Some(4), "{}", text(&first.stderr));
+    let mut deleted = deleted_in(&text(&first.stdout));
     let err = text(&first.stderr);
     let mut token = err
         .split("--resume ")
@@ -302,10 +321,18 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         .to_owned();
     let mut runs = 1;
     loop {
-        let mut args = base.to_vec();
+        let mut args = base.clone();
         args.extend(["--resume", token.as_str()]);
         let out = keyward(&args);
         runs += 1;
+        let summary = text(&out.stdout);
+        deleted += deleted_in(&summary);
+        assert!(
+            summary.contains(&format!(
+                "resumed: since the purge started, {deleted} keys deleted"
+            )),
+            "{summary}"
+        );
         match out.status.code() {
             Some(0) => break,
             Some(4) => {
@@ -317,6 +344,7 @@ fn a_stopped_purge_resumes_to_the_same_end() {
         assert!(runs < 100);
     }
     assert!(runs >= 2);
+    assert_eq!(deleted, 40, "the runs' own counts add up to the purge's");
     let after = all_keys(&mut conn);
     let gone: BTreeSet<Vec<u8>> = before.difference(&after).cloned().collect();
     assert_eq!(gone, v1);
@@ -324,14 +352,9 @@ fn a_stopped_purge_resumes_to_the_same_end() {
 
 #[test]
 fn refusals_exit_2_and_delete_nothing() {
-    let server = RedisServer::spawn();
-    let mut conn = server.connection();
-    fixture(&mut conn);
+    let (server, mut conn, _, _dir, policy) = setup();
+    let policy = policy.as_str();
     let before = all_keys(&mut conn);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let policy = policy.to_str().unwrap();
     let url = server.url();
     for (args, says) in [
         (
@@ -440,4 +463,137 @@ fn a_cluster_is_purged_on_every_primary() {
         let exists: i64 = redis::cmd("EXISTS").arg(v1).query(&mut conn).unwrap();
         assert_eq!(exists, 0, "{v1} is v1 and must go");
     }
+}
+
+/// `purge --json`: one document on stdout, for the dry run and for the confirmed purge, with the facts the
+/// text line gives (docs/cli.md lists the fields).
+#[test]
+fn purge_json_is_one_document_with_the_summary_s_facts() {
+    let (server, mut conn, v1, _dir, policy) = setup();
+    let policy = policy.as_str();
+    let url = server.url();
+    let before = all_keys(&mut conn);
+    let base = [
+        "purge",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--class",
+        "product_list",
+        "--version",
+        "1",
+        "--json",
+    ];
+    let doc = |out: &Output| -> serde_json::Value {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)))
+    };
+
+    let dry = doc(&keyward(&base));
+    assert_eq!(all_keys(&mut conn), before, "the dry run deleted something");
+    assert_eq!(dry["keyward_purge"], 1);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["selection"], "version");
+    assert_eq!(dry["class"], "product_list");
+    assert_eq!(dry["version"], 1);
+    assert_eq!(dry["pattern"], serde_json::Value::Null);
+    assert_eq!(dry["scan_match"], "prod:shop:product_list:v1:*");
+    assert_eq!(dry["complete"], true);
+    assert_eq!(dry["resumed"], false);
+    assert_eq!(dry["resume_token"], serde_json::Value::Null);
+    for counts in ["this_run", "since_start"] {
+        let c = &dry[counts];
+        assert_eq!(c["keys_matched"], 40, "{counts}: {c}");
+        assert_eq!(c["keys_deleted"], 0, "{counts}: {c}");
+        assert_eq!(c["keys_changed"], 0, "{counts}: {c}");
+        assert!(c["bytes"].as_u64().unwrap() > 0, "{counts}: {c}");
+        assert!(c["keys_examined"].as_u64().unwrap() >= 40, "{counts}: {c}");
+    }
+    assert!(dry["estimated_seconds"].as_f64().unwrap() > 0.0, "{dry}");
+    let sample: Vec<&str> = dry["sample_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(sample.len(), 10, "{dry}");
+    for key in sample {
+        assert!(
+            v1.contains(key.replace("\\x5c", "\\").as_bytes()),
+            "{key} is not a v1 key"
+        );
+    }
+
+    let mut confirmed = base.to_vec();
+    confirmed.extend(["--confirm", "product_list"]);
+    let wet = doc(&keyward(&confirmed));
+    assert_eq!(wet["dry_run"], false);
+    assert_eq!(wet["this_run"]["keys_deleted"], 40, "{wet}");
+    assert_eq!(wet["since_start"]["keys_deleted"], 40, "{wet}");
+    assert_eq!(wet["this_run"]["keys_changed"], 0, "{wet}");
+    assert_eq!(wet["estimated_seconds"], serde_json::Value::Null);
+    assert_eq!(wet["resumed"], false);
+    let gone: BTreeSet<Vec<u8>> = before.difference(&all_keys(&mut conn)).cloned().collect();
+    assert_eq!(gone, v1);
+
+    let orphans = doc(&keyward(&[
+        "purge",
+        "--policy",
+        policy,
+        "--url",
+        &url,
+        "--orphans",
+        "prod:shop:product_list*",
+        "--json",
+    ]));
+    assert_eq!(orphans["selection"], "orphans");
+    assert_eq!(orphans["pattern"], "prod:shop:product_list*");
+    assert_eq!(orphans["class"], serde_json::Value::Null);
+    // The handmade look-alike and `product_listing`: no class owns them.
+    assert_eq!(orphans["since_start"]["keys_matched"], 2, "{orphans}");
+}
+
+/// `--json` of a stopped and a resumed purge: `this_run` is the run's own, `since_start` the whole purge's.
+#[test]
+fn a_resumed_purge_s_json_tells_this_run_from_the_whole_purge() {
+    let (server, mut conn, v1, dir, policy) = setup();
+    let cp = dir.path().join("cp");
+    let cp = cp.to_str().unwrap();
+    let url = server.url();
+    let mut first = stopping_purge(&policy, &url, cp);
+    first.push("--json");
+    let out = keyward(&first);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stopped["complete"], false);
+    assert_eq!(stopped["resumed"], false);
+    let token = stopped["resume_token"].as_str().unwrap().to_owned();
+    let first_deleted = stopped["this_run"]["keys_deleted"].as_u64().unwrap();
+    assert!(
+        (1..40).contains(&first_deleted),
+        "the first run should delete some of the 40, not all: {stopped}"
+    );
+
+    // Resumed to the end (no --limit-keys this time).
+    let mut resumed: Vec<&str> = stopping_purge(&policy, &url, cp)
+        .into_iter()
+        .filter(|a| *a != "--limit-keys" && *a != "8")
+        .collect();
+    resumed.extend(["--resume", token.as_str(), "--json"]);
+    let out = keyward(&resumed);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["resumed"], true);
+    assert_eq!(done["complete"], true);
+    assert_eq!(done["resume_token"], serde_json::Value::Null);
+    assert_eq!(
+        done["this_run"]["keys_deleted"].as_u64().unwrap(),
+        40 - first_deleted,
+        "{done}"
+    );
+    assert_eq!(done["since_start"]["keys_deleted"], 40, "{done}");
+    let left = all_keys(&mut conn);
+    assert!(v1.iter().all(|k| !left.contains(k)), "a v1 key survived");
 }

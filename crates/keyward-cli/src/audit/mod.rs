@@ -17,7 +17,7 @@ pub(crate) mod walk;
 pub(crate) use tally::display_key;
 
 use std::io::{IsTerminal as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,10 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
+use crate::redis_url::UrlArg;
 use checks::{ServerInfo, StreamFindings};
 use report::ScanStats;
 use tally::Tally;
-use walk::{KeyFacts, NodeWalk};
+use walk::{KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
 
 /// Exit status when the audit found violations.
 pub(crate) const EXIT_VIOLATIONS: u8 = 3;
@@ -54,10 +55,8 @@ pub(crate) struct AuditArgs {
     /// The policy file (TOML) the keyspace is checked against.
     #[arg(long)]
     policy: PathBuf,
-    /// Redis URL: redis://, rediss://, redis+unix://, or redis+cluster://host:port[,host:port…] (every
-    /// primary is walked). Default: $REDIS_URL, else redis://127.0.0.1:6379.
-    #[arg(long)]
-    url: Option<String>,
+    #[command(flatten)]
+    url: UrlArg,
     /// Print one JSON document (field names in docs/cli.md) instead of the table.
     #[arg(long)]
     json: bool,
@@ -87,14 +86,6 @@ pub(crate) struct AuditArgs {
     limit_keys: Option<u64>,
 }
 
-/// One server's progress in a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct NodeState {
-    server: String,
-    cursor: u64,
-    done: bool,
-}
-
 /// What an interrupted audit saves: enough to finish as if it had never stopped.
 #[derive(Debug, Serialize, Deserialize)]
 struct Checkpoint {
@@ -106,19 +97,6 @@ struct Checkpoint {
     seconds: f64,
     commands: u64,
     backoffs: u64,
-}
-
-/// `kwa1-<16 hex>` ↔ `<dir>/keyward-audit-<16 hex>.json`.
-fn checkpoint_path(dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
-    let id = token
-        .strip_prefix("kwa1-")
-        .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--resume: {token:?} is not an audit resume token (kwa1-…)"
-            ))
-        })?;
-    Ok(dir.join(format!("keyward-audit-{id}.json")))
 }
 
 /// One inspected batch of one server, sent to the tally.
@@ -150,11 +128,7 @@ pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     if args.max_ops_per_sec == 0 {
         usage!("--max-ops-per-sec must be at least 1");
     }
-    let url = args
-        .url
-        .clone()
-        .or_else(|| std::env::var("REDIS_URL").ok())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let url = args.url.resolve();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -172,18 +146,11 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (token, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
+    let (resume, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
     {
         Some(token) => {
-            let path = checkpoint_path(&dir, token)?;
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                UsageError(format!(
-                    "--resume {token}: cannot read the checkpoint {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let cp: Checkpoint = serde_json::from_str(&text)
-                .with_context(|| format!("checkpoint {} is corrupt", path.display()))?;
+            let resume = ResumePoint::named(Walker::Audit, &dir, token)?;
+            let cp: Checkpoint = resume.load()?;
             if cp.format != 1 || cp.env != policy.env() || cp.app != policy.app() {
                 usage!(
                     "--resume {token}: the checkpoint is for namespace {}:{}, not {}:{}",
@@ -193,15 +160,13 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
                     policy.app()
                 );
             }
-            let servers_now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
-            let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
-            if servers_now != servers_then {
+            if let Some((servers_then, servers_now)) = NodeState::mismatch(&cp.nodes, &addrs) {
                 usage!(
                     "--resume {token}: the checkpoint walked servers {servers_then:?}, the URL now names {servers_now:?}"
                 );
             }
             (
-                token.clone(),
+                resume,
                 cp.nodes,
                 cp.tally,
                 cp.seconds,
@@ -210,15 +175,8 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
             )
         }
         None => (
-            format!("kwa1-{:016x}", rand::random::<u64>()),
-            addrs
-                .iter()
-                .map(|(a, _)| NodeState {
-                    server: a.clone(),
-                    cursor: 0,
-                    done: false,
-                })
-                .collect(),
+            ResumePoint::fresh(Walker::Audit, &dir),
+            NodeState::start(&addrs),
             Tally::default(),
             0.0,
             0,
@@ -288,13 +246,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         for (facts, size) in &msg.keys {
             tally.add(&policy, msg.node, facts, *size, args.top);
         }
-        match msg.resume_at {
-            Some(cursor) => nodes[msg.node].cursor = cursor,
-            None => {
-                nodes[msg.node].cursor = 0;
-                nodes[msg.node].done = true;
-            }
-        }
+        nodes[msg.node].advance(msg.resume_at);
         commands += msg.commands;
         backoffs += msg.backoffs;
         examined.fetch_add(msg.keys.len() as u64, Ordering::Relaxed);
@@ -309,34 +261,16 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
     }
     seconds += started.elapsed().as_secs_f64();
     let complete = nodes.iter().all(|n| n.done);
-    let cp_path = checkpoint_path(&dir, &token)?;
-
-    if !complete {
-        let cp = Checkpoint {
-            format: 1,
-            env: policy.env().to_owned(),
-            app: policy.app().to_owned(),
-            nodes,
-            tally: tally.clone(),
-            seconds,
-            commands,
-            backoffs,
-        };
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(&cp_path, serde_json::to_vec(&cp)?)
-            .with_context(|| format!("cannot save the checkpoint {}", cp_path.display()))?;
-        eprintln!(
-            "keyward audit: stopped after {} keys; resume by running the same command with: --resume {token}",
-            tally.keys_seen
-        );
-        if let Some(e) = failure {
-            return Err(e.context(format!(
-                "the audit stopped (resume by running the same command with --resume {token})"
-            )));
-        }
-    } else if let Some(e) = failure {
-        return Err(e);
-    }
+    resume.settle(complete, failure, tally.keys_seen, None, || Checkpoint {
+        format: 1,
+        env: policy.env().to_owned(),
+        app: policy.app().to_owned(),
+        nodes,
+        tally: tally.clone(),
+        seconds,
+        commands,
+        backoffs,
+    })?;
 
     let mut findings = StreamFindings::default();
     let mut settings = Vec::new();
@@ -356,7 +290,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         for info in &infos {
             settings.extend(checks::check_settings(&policy, info));
         }
-        let _ = std::fs::remove_file(&cp_path);
+        resume.remove();
     }
     let report = report::build(
         &policy,
@@ -371,7 +305,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         },
         findings,
         settings,
-        (!complete).then(|| token.clone()),
+        (!complete).then(|| resume.token().to_owned()),
     );
     let mut out = std::io::stdout().lock();
     if args.json {

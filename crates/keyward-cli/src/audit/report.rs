@@ -368,25 +368,34 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
     writeln!(out)?;
     writeln!(
         out,
-        "{:<24} {:<12} {:>4} {:>10} {:>11}  TTL",
+        "{:<24} {:<12} {:<7} {:>10} {:>11}  TTL",
         "CLASS", "KIND", "VER", "COUNT", "MEMORY"
     )?;
+    // One row per class and version present, each labelled with its keys' version (an old one `old`, one
+    // newer than the policy's `new`): a class's counts mix versions, so its row alone would misname them.
     for c in &r.classes {
-        writeln!(
-            out,
-            "{:<24} {:<12} {:>4} {:>10} {:>11}  {}",
-            c.name,
-            c.kind,
-            format!("v{}", c.current_version),
-            c.counts.keys,
-            bytes(c.counts.memory_bytes),
-            ttl_line(&c.counts)
-        )?;
+        for v in &c.versions {
+            let mark = match v.version.cmp(&c.current_version) {
+                std::cmp::Ordering::Less => " old",
+                std::cmp::Ordering::Equal => "",
+                std::cmp::Ordering::Greater => " new",
+            };
+            writeln!(
+                out,
+                "{:<24} {:<12} {:<7} {:>10} {:>11}  {}",
+                c.name,
+                c.kind,
+                format!("v{}{mark}", v.version),
+                v.counts.keys,
+                bytes(v.counts.memory_bytes),
+                ttl_line(&v.counts)
+            )?;
+        }
     }
     if r.internal.keys > 0 {
         writeln!(
             out,
-            "{:<24} {:<12} {:>4} {:>10} {:>11}  {}",
+            "{:<24} {:<12} {:<7} {:>10} {:>11}  {}",
             "(keyward internal)",
             "",
             "",
@@ -405,7 +414,7 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
     if outside > 0 {
         writeln!(
             out,
-            "{:<24} {:<12} {:>4} {:>10} {:>11}",
+            "{:<24} {:<12} {:<7} {:>10} {:>11}",
             "(outside any class)",
             "",
             "",
@@ -415,7 +424,7 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
     }
     writeln!(
         out,
-        "{:<24} {:<12} {:>4} {:>10} {:>11}  {}",
+        "{:<24} {:<12} {:<7} {:>10} {:>11}  {}",
         "TOTAL",
         "",
         "",

@@ -9,13 +9,19 @@
 //! timer cannot sleep less than a millisecond), and the rate backs off (halves, down to 1/64 of `--max-ops-per-sec`) whenever a batch's
 //! round trip per command rises above four times its smoothed baseline (and the round trip is at least 5 ms),
 //! then climbs back by 1/16 of the ceiling per calm batch.
-//! `keyward purge` walks with the same code, restricted by `SCAN … MATCH` ([`NodeWalk::matching`]).
+//! `keyward purge` walks with the same code, restricted by `SCAN … MATCH` ([`NodeWalk::matching`]), and
+//! both keep and resume their checkpoints through [`ResumePoint`].
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::UsageError;
 
 /// Keys inspected per pipeline: about 150 short commands (≈6 KiB), well under one read of the server's
 /// 16 KiB query buffer, so each pipeline is one short burst of server time. A `SCAN` that returns more keys
@@ -73,6 +79,180 @@ pub(crate) async fn probe(
         }
     }
     Ok(())
+}
+
+/// One server's progress in a checkpoint (the audit's and the purge's alike).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct NodeState {
+    /// `host:port`, or empty for a standalone URL.
+    pub(crate) server: String,
+    /// The `SCAN` cursor to resume from.
+    pub(crate) cursor: u64,
+    pub(crate) done: bool,
+}
+
+impl NodeState {
+    /// Every server of `addrs` (`(host:port, url)`, as `Servers::urls` lists them), from the start.
+    pub(crate) fn start(addrs: &[(String, String)]) -> Vec<NodeState> {
+        addrs
+            .iter()
+            .map(|(server, _)| NodeState {
+                server: server.clone(),
+                cursor: 0,
+                done: false,
+            })
+            .collect()
+    }
+
+    /// Records a counted batch: resume at `resume_at` ([`Batch::resume_at`]), or done when `None`.
+    pub(crate) fn advance(&mut self, resume_at: Option<u64>) {
+        self.cursor = resume_at.unwrap_or(0);
+        self.done = resume_at.is_none();
+    }
+
+    /// The servers a checkpoint walked and the ones `addrs` names now, when they differ (a resume must walk
+    /// the same servers, in the same order, or its cursors mean nothing).
+    pub(crate) fn mismatch<'a>(
+        nodes: &'a [NodeState],
+        addrs: &'a [(String, String)],
+    ) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+        let then: Vec<&str> = nodes.iter().map(|n| n.server.as_str()).collect();
+        let now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
+        (then != now).then_some((then, now))
+    }
+}
+
+/// Which command walks: its resume tokens and checkpoint files are its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Walker {
+    /// `keyward audit`: tokens `kwa1-<16 hex>`, files `keyward-audit-<16 hex>.json`.
+    Audit,
+    /// `keyward purge`: tokens `kwp1-<16 hex>`, files `keyward-purge-<16 hex>.json`.
+    Purge,
+}
+
+impl Walker {
+    fn name(self) -> &'static str {
+        match self {
+            Walker::Audit => "audit",
+            Walker::Purge => "purge",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Walker::Audit => "kwa1-",
+            Walker::Purge => "kwp1-",
+        }
+    }
+}
+
+/// Where a walk that stops early keeps its checkpoint, and the token an operator passes back with `--resume`.
+/// The audit and the purge share the whole cycle: a fresh token (or the one given), loading the checkpoint,
+/// and, when the walk stops, saving it and printing how to resume ([`settle`](Self::settle)).
+#[derive(Debug)]
+pub(crate) struct ResumePoint {
+    walker: Walker,
+    token: String,
+    path: PathBuf,
+}
+
+impl ResumePoint {
+    /// A new resume point in `dir`, with a random token.
+    pub(crate) fn fresh(walker: Walker, dir: &Path) -> Self {
+        let id = format!("{:016x}", rand::random::<u64>());
+        ResumePoint {
+            walker,
+            token: format!("{}{id}", walker.prefix()),
+            path: dir.join(format!("keyward-{}-{id}.json", walker.name())),
+        }
+    }
+
+    /// The resume point `token` (given to `--resume`) names in `dir`.
+    ///
+    /// # Errors
+    /// A [`UsageError`] when `token` is not one of `walker`'s tokens.
+    pub(crate) fn named(walker: Walker, dir: &Path, token: &str) -> anyhow::Result<Self> {
+        let id = token
+            .strip_prefix(walker.prefix())
+            .filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "--resume: {token:?} is not {} {} resume token ({}…)",
+                    if walker == Walker::Audit { "an" } else { "a" },
+                    walker.name(),
+                    walker.prefix()
+                ))
+            })?;
+        Ok(ResumePoint {
+            walker,
+            token: token.to_owned(),
+            path: dir.join(format!("keyward-{}-{id}.json", walker.name())),
+        })
+    }
+
+    /// The token (`kwa1-…`, `kwp1-…`).
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Reads the checkpoint a stopped walk saved.
+    ///
+    /// # Errors
+    /// A [`UsageError`] when the file cannot be read (a spent token, another `--checkpoint-dir`); an error
+    /// naming the file when it is not a checkpoint.
+    pub(crate) fn load<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        let text = std::fs::read_to_string(&self.path).map_err(|e| {
+            UsageError(format!(
+                "--resume {}: cannot read the checkpoint {}: {e}",
+                self.token,
+                self.path.display()
+            ))
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("checkpoint {} is corrupt", self.path.display()))
+    }
+
+    /// Ends a walk. When it did not `complete` (stopped by a signal, `--limit-keys` or `failure`), saves
+    /// `checkpoint()` and tells stderr how to resume after `keys` keys (`same`: what the repeated command must
+    /// keep, e.g. "same selection and --confirm"); then returns the `failure`, if any, with that hint.
+    ///
+    /// # Errors
+    /// The walk's `failure`, or the checkpoint cannot be written.
+    pub(crate) fn settle<T: Serialize>(
+        &self,
+        complete: bool,
+        failure: Option<anyhow::Error>,
+        keys: u64,
+        same: Option<&str>,
+        checkpoint: impl FnOnce() -> T,
+    ) -> anyhow::Result<()> {
+        if complete {
+            return failure.map_or(Ok(()), Err);
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        let bytes = serde_json::to_vec(&checkpoint()).context("cannot encode the checkpoint")?;
+        std::fs::write(&self.path, bytes)
+            .with_context(|| format!("cannot save the checkpoint {}", self.path.display()))?;
+        let (name, token) = (self.walker.name(), &self.token);
+        eprintln!(
+            "keyward {name}: stopped after {keys} keys; resume by running the same command{} with: --resume {token}",
+            same.map(|s| format!(" ({s})")).unwrap_or_default()
+        );
+        match failure {
+            Some(e) => Err(e.context(format!(
+                "the {name} stopped (resume by running the same command with --resume {token})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes the checkpoint (a finished walk): its token is spent.
+    pub(crate) fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Waits for every per-server task of a walk (`what`: "walk", "purge") and returns the first failure, a task
