@@ -131,6 +131,7 @@
 //!   the future ([`ResponseFuture`]), once.
 //! - [`Error`] — configuration errors (an unparsable trusted network).
 
+mod error;
 mod idempotency;
 mod identity;
 mod problem;
@@ -138,6 +139,7 @@ mod rate_limit;
 mod session;
 mod shell;
 
+pub use error::ApiError;
 pub use idempotency::{
     DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey,
     IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,

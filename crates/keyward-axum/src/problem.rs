@@ -149,21 +149,6 @@ pub(crate) mod rate_limit {
     }
 }
 
-/// The session layer's responses: all `about:blank`.
-pub(crate) mod session {
-    use super::*;
-
-    /// 503: the store is unreachable or timed out.
-    pub(crate) fn unavailable() -> Response {
-        Problem::blank(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Service Unavailable",
-            "Sessions are unavailable right now; retry shortly.",
-        )
-        .into_response()
-    }
-}
-
 /// `type` of a `400`: the operation requires an `Idempotency-Key` and the request has none. Send one
 /// (a fresh UUID per operation, the same one on every retry of that operation).
 pub const IDEMPOTENCY_KEY_MISSING: &str =

@@ -198,8 +198,10 @@ async fn with_redis_down_a_logged_in_user_still_gets_routes_without_the_session(
         "application/problem+json"
     );
     assert!(response.headers().get(header::SET_COOKIE).is_none());
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     let body = body_json(response).await;
     assert_eq!(body["status"], 503);
+    assert_eq!(body["retry_after"], 1);
     assert_eq!(
         body["detail"],
         "Sessions are unavailable right now; retry shortly."
