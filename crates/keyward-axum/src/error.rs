@@ -356,7 +356,11 @@ mod tests {
         };
         let (status, retry_after, body) = answer(open).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(retry_after.as_deref(), Some("5"), "the cooldown, rounded up");
+        assert_eq!(
+            retry_after.as_deref(),
+            Some("5"),
+            "the cooldown, rounded up"
+        );
         assert_plain(&body);
     }
 

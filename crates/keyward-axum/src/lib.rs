@@ -141,8 +141,9 @@ mod shell;
 
 pub use error::ApiError;
 pub use idempotency::{
-    DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey,
-    IdempotencyLayer, IdempotencyService, KeySyntax, MAX_IDEMPOTENCY_KEY_BYTES,
+    DEFAULT_IN_PROGRESS_RETRY_AFTER, DEFAULT_MAX_REQUEST_BYTES, IDEMPOTENCY_KEY,
+    IDEMPOTENT_REPLAYED, IdempotencyKey, IdempotencyLayer, IdempotencyService, KeySyntax,
+    MAX_IDEMPOTENCY_KEY_BYTES,
 };
 pub use identity::{
     IpNetwork, KeyExtractor, MAX_HEADER_ID_BYTES, ProxyHeader, TrustedProxies, UNMATCHED_ROUTE,

@@ -399,25 +399,66 @@ async fn racing_requests_through_two_connections_run_the_handler_once_on_redis()
     race(&[one.router, two], &one.slow, 20).await;
 }
 
-#[tokio::test]
-async fn a_concurrent_retry_gets_409_with_retry_after() {
-    let app = app(layer(&embedded()));
+/// A duplicate of a `/slow` request sent while the first one runs: its `Retry-After` header and body;
+/// then checks that the first completes and a retry replays it.
+async fn duplicate_while_running(
+    layer: IdempotencyLayer,
+    key: &str,
+) -> (String, serde_json::Value) {
+    let app = app(layer);
     let router = app.router.clone();
-    let first = tokio::spawn(async move { send(&router, post_as_alice("/slow", KEY, "")).await });
-    // Let the first request take the key.
+    let first_key = key.to_owned();
+    let first =
+        tokio::spawn(async move { send(&router, post_as_alice("/slow", &first_key, "")).await });
+    // Let the first request take the key: the handler has started.
     while app.slow.get() == 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::task::yield_now().await;
     }
-    let retry = send(&app.router, post_as_alice("/slow", KEY, "")).await;
-    // The lease is 60 s: the first request may hold the key that long.
-    assert_eq!(header(&retry, "retry-after"), Some("60"));
+    let retry = send(&app.router, post_as_alice("/slow", key, "")).await;
+    let retry_after = header(&retry, "retry-after")
+        .expect("Retry-After")
+        .to_owned();
     let problem = assert_problem(retry, StatusCode::CONFLICT, IDEMPOTENCY_KEY_IN_USE).await;
-    assert_eq!(problem["retry_after"], 60);
 
     assert_eq!(first.await.unwrap().status(), StatusCode::CREATED);
-    let retry = send(&app.router, post_as_alice("/slow", KEY, "")).await;
+    let retry = send(&app.router, post_as_alice("/slow", key, "")).await;
     assert!(replayed(&retry));
     assert_eq!(app.slow.get(), 1);
+    (retry_after, problem)
+}
+
+#[tokio::test]
+async fn a_concurrent_retry_gets_409_with_a_short_retry_after() {
+    // The lease is 60 s and kept full by the heartbeat; the duplicate is told 1 s, not 60.
+    let (retry_after, problem) = duplicate_while_running(layer(&embedded()), KEY).await;
+    assert_eq!(retry_after, "1");
+    assert_eq!(problem["retry_after"], 1);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("retry in 1 second "))
+    );
+}
+
+#[tokio::test]
+async fn the_in_progress_retry_after_is_configurable_on_redis() {
+    let server = RedisServer::spawn();
+    let kw = on_redis(&server).await;
+    let (retry_after, problem) = duplicate_while_running(layer(&kw), "default").await;
+    assert_eq!(retry_after, "1", "the default, on Redis too");
+    assert_eq!(problem["retry_after"], 1);
+
+    // Whole seconds, rounded up.
+    let five = layer(&kw).in_progress_retry_after(Duration::from_millis(4500));
+    let (retry_after, problem) = duplicate_while_running(five, "five").await;
+    assert_eq!(retry_after, "5");
+    assert_eq!(problem["retry_after"], 5);
+
+    // Never longer than the lease still held: a 30 ms lease ends before 5 s (rounded up to 1 s).
+    let brief = IdempotencyLayer::new(kw.idempotency("brief").unwrap())
+        .in_progress_retry_after(Duration::from_secs(5));
+    let (retry_after, _) = duplicate_while_running(brief, "brief").await;
+    assert_eq!(retry_after, "1");
 }
 
 /// The key with another body, path or content type: `422`; the original still replays.

@@ -587,8 +587,18 @@ async fn current_session_without_the_layer_is_a_plain_500() {
     assert_eq!(body["detail"], "The request could not be processed.");
     // The setup error's names are for the log only: no Rust path, type or layer name in the body.
     let text = body.to_string();
-    for internal in ["::", "CurrentSession", "Profile", "SessionLayer", "Json", "codec"] {
-        assert!(!text.contains(internal), "the body shows `{internal}`: {text}");
+    for internal in [
+        "::",
+        "CurrentSession",
+        "Profile",
+        "SessionLayer",
+        "Json",
+        "codec",
+    ] {
+        assert!(
+            !text.contains(internal),
+            "the body shows `{internal}`: {text}"
+        );
     }
     // The error itself (what is logged) names both types and the fix.
     let (mut parts, ()) = Request::get("/me").body(()).unwrap().into_parts();

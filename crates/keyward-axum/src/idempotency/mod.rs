@@ -20,6 +20,7 @@ mod key;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +41,9 @@ pub use key::{
 
 /// Default largest request body read for the fingerprint: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Default `Retry-After` of the `409` a duplicate gets while the first request runs: 1 s.
+pub const DEFAULT_IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Response headers stored and replayed by default.
 const DEFAULT_STORED_HEADERS: [HeaderName; 3] = [
@@ -113,6 +117,7 @@ const NEVER_STORED: [&str; 12] = [
 /// | [`max_request_bytes`](Self::max_request_bytes): largest body read for the fingerprint | 1 MiB |
 /// | [`store_header`](Self::store_header): response headers stored and replayed | `content-type`, `location`, `content-encoding` |
 /// | [`key_syntax`](Self::key_syntax): quoted only, or quoted or bare | [`KeySyntax::StringOrBare`] |
+/// | [`in_progress_retry_after`](Self::in_progress_retry_after): `Retry-After` of a duplicate's `409` | 1 s ([`DEFAULT_IN_PROGRESS_RETRY_AFTER`]) |
 ///
 /// **Scope.** Keys are unique per client, not globally: two clients may pick the same key, and each
 /// gets its own response. By default the client is its credentials: the `Authorization` header, stored
@@ -132,7 +137,7 @@ const NEVER_STORED: [&str; 12] = [
 /// | --- | --- |
 /// | first request under the key | the inner service's; stored unless it is `5xx`, `408` or `429`, over the class's `max_response_bytes`, or has trailers |
 /// | the same request again, after that | the stored status, headers and body, plus `Idempotent-Replayed: true` |
-/// | the same key while the first request runs | `409`, `Retry-After` (the lease's remaining time, rounded up, at least 1 s), problem type [`IDEMPOTENCY_KEY_IN_USE`](crate::IDEMPOTENCY_KEY_IN_USE) |
+/// | the same key while the first request runs | `409`, `Retry-After` ([`in_progress_retry_after`](Self::in_progress_retry_after), default 1 s; less if the lease ends sooner), problem type [`IDEMPOTENCY_KEY_IN_USE`](crate::IDEMPOTENCY_KEY_IN_USE) |
 /// | the same key, a different request | `422`, problem type [`IDEMPOTENCY_KEY_REUSED`](crate::IDEMPOTENCY_KEY_REUSED) |
 /// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400`, problem type [`IDEMPOTENCY_KEY_MISSING`](crate::IDEMPOTENCY_KEY_MISSING) |
 /// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400`, problem type [`IDEMPOTENCY_KEY_INVALID`](crate::IDEMPOTENCY_KEY_INVALID) |
@@ -185,6 +190,7 @@ pub struct IdempotencyConfig {
     max_request_bytes: usize,
     stored_headers: Vec<HeaderName>,
     key_syntax: KeySyntax,
+    in_progress_retry_after: Duration,
 }
 
 impl IdempotencyLayer {
@@ -200,6 +206,7 @@ impl IdempotencyLayer {
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
                 stored_headers: DEFAULT_STORED_HEADERS.to_vec(),
                 key_syntax: KeySyntax::default(),
+                in_progress_retry_after: DEFAULT_IN_PROGRESS_RETRY_AFTER,
             }),
         }
     }
@@ -285,6 +292,21 @@ impl IdempotencyLayer {
         self
     }
 
+    /// How long a duplicate sent while the first request still runs is told to wait before retrying:
+    /// the `Retry-After` (and `retry_after` member) of its `409`. Default 1 s
+    /// ([`DEFAULT_IN_PROGRESS_RETRY_AFTER`]).
+    ///
+    /// Why short: most requests finish in well under a second, and the retry then gets the stored
+    /// response at once. The class `lease` is no estimate of that: the layer renews the lease while the
+    /// handler runs, so its remaining time is always close to the whole lease (30 s for a request that
+    /// ends 1 s later). If the lease ends sooner than `wait` (its holder died), that shorter time is
+    /// sent. Sent in whole seconds (`Retry-After` has no finer unit), rounded up, at least 1.
+    #[must_use]
+    pub fn in_progress_retry_after(mut self, wait: Duration) -> IdempotencyLayer {
+        Arc::make_mut(&mut self.config).in_progress_retry_after = wait;
+        self
+    }
+
     /// The idempotency class this layer uses.
     pub fn idempotency(&self) -> &Idempotency {
         &self.config.idempotency
@@ -307,6 +329,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("max_request_bytes", &self.max_request_bytes)
             .field("stored_headers", &self.stored_headers)
             .field("key_syntax", &self.key_syntax)
+            .field("in_progress_retry_after", &self.in_progress_retry_after)
             .finish()
     }
 }
@@ -426,7 +449,8 @@ where
         Ok(Begin::New(lease)) => lease,
         Ok(Begin::InProgress { retry_after }) => {
             tracing::debug!(class = idem.class(), "keyward-axum: idempotency key in use");
-            return Ok(problem::in_use(retry_after_secs(Some(retry_after))));
+            let wait = retry_after.min(config.in_progress_retry_after);
+            return Ok(problem::in_use(retry_after_secs(Some(wait))));
         }
         Ok(Begin::Completed(stored)) => return Ok(replay(stored)),
         Ok(Begin::Mismatch) => {
