@@ -389,7 +389,7 @@ where
         key::Field::Absent => return Ok(problem::missing_key()),
         key::Field::Invalid(why) => return Ok(problem::invalid_key(&why)),
     };
-    let mut id = match config.scope.extract(&parts) {
+    let mut id = match config.scope.extract(&parts).await {
         Extracted::Id(id) => id,
         Extracted::Missing => {
             tracing::debug!(scope = ?config.scope, "keyward-axum: no client identity for an idempotency key");
@@ -402,6 +402,8 @@ where
             tracing::error!(reason = why, "keyward-axum: cannot scope idempotency keys");
             return Ok(problem::internal());
         }
+        // The scope is the session's user and the session cannot be read: nothing was run.
+        Extracted::Failed(error) => return Ok(error.into_response()),
     };
 
     // The body, for the fingerprint and for the handler.
