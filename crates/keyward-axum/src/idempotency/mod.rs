@@ -131,19 +131,22 @@ const NEVER_STORED: [&str; 12] = [
 /// [`keyward::idempotency::fingerprint`]. The same key with any of them changed is a `422`.
 ///
 /// # Responses
-/// For a request of one of the [`methods`](Self::methods):
+/// For a request of one of the [`methods`](Self::methods). Every problem+json body here is of type
+/// `about:blank` (RFC 9457 §4.2.1), its `title` the status phrase and its `detail` what happened and
+/// what to do; `409`, `422` and `503` each have one cause here, and every `400` is fixed by correcting
+/// the request as its `detail` says.
 ///
 /// | situation | response |
 /// | --- | --- |
 /// | first request under the key | the inner service's; stored unless it is `5xx`, `408` or `429`, over the class's `max_response_bytes`, or has trailers |
 /// | the same request again, after that | the stored status, headers and body, plus `Idempotent-Replayed: true` |
-/// | the same key while the first request runs | `409`, `Retry-After` ([`in_progress_retry_after`](Self::in_progress_retry_after), default 1 s; less if the lease ends sooner), problem type [`IDEMPOTENCY_KEY_IN_USE`](crate::IDEMPOTENCY_KEY_IN_USE) |
-/// | the same key, a different request | `422`, problem type [`IDEMPOTENCY_KEY_REUSED`](crate::IDEMPOTENCY_KEY_REUSED) |
-/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400`, problem type [`IDEMPOTENCY_KEY_MISSING`](crate::IDEMPOTENCY_KEY_MISSING) |
-/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400`, problem type [`IDEMPOTENCY_KEY_INVALID`](crate::IDEMPOTENCY_KEY_INVALID) |
-/// | no client identity for the [`scope`](Self::scope) | `400`, `about:blank` |
-/// | a body over [`max_request_bytes`](Self::max_request_bytes) | `413`, `about:blank` |
-/// | the store fails before the handler runs | `503`, problem type [`IDEMPOTENCY_UNAVAILABLE`](crate::IDEMPOTENCY_UNAVAILABLE); the handler is not run |
+/// | the same key while the first request runs | `409`, `Retry-After` ([`in_progress_retry_after`](Self::in_progress_retry_after), default 1 s; less if the lease ends sooner), problem+json |
+/// | the same key, a different request | `422` problem+json |
+/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400` problem+json, its `detail` naming the header |
+/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400` problem+json, its `detail` saying what is wrong |
+/// | no client identity for the [`scope`](Self::scope) | `400` problem+json |
+/// | a body over [`max_request_bytes`](Self::max_request_bytes) | `413` problem+json |
+/// | the store fails before the handler runs | `503` problem+json; the handler is not run |
 /// | a server setup error (no connection info for a client-IP scope, an id keyward rejects, an unreadable stored response) | `500`, logged at `error` |
 ///
 /// Refused requests never reach the inner service. Without a key and with
