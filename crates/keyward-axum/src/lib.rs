@@ -289,6 +289,11 @@ pub use session::{
 };
 pub use shell::ResponseFuture;
 
+/// The README's Rust snippets compile (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// A configuration error of this crate. Request-time outcomes are responses, not errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
