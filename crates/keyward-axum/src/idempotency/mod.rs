@@ -124,7 +124,9 @@ const NEVER_STORED: [&str; 12] = [
 /// only as a SHA-256 hash. Not the client IP: a client retrying after a network change has a new
 /// address, and that retry must not run again. If your access tokens rotate while a client may still
 /// retry, scope by account instead, e.g. `KeyExtractor::extension(|u: &User| u.account_id.clone())`
-/// with the authentication layer running first. A request without its scope is refused with `400`, as
+/// with the authentication layer running first. For browser clients with keyward sessions, scope by
+/// the logged-in user: `.scope(KeyExtractor::session_user::<Profile>())` (a new cookie after a login
+/// or on another device keeps the user's keys). A request without its scope is refused with `400`, as
 /// the rate-limit layer does: it cannot be protected, and running it unprotected would be silent.
 ///
 /// **Fingerprint.** Method, path and query, `Content-Type` and the body bytes, hashed with
@@ -175,7 +177,10 @@ const NEVER_STORED: [&str; 12] = [
 /// request never takes a key. Put compression outside as well: stored bodies are then unencoded, and a
 /// retry with another `Accept-Encoding` gets its own encoding. So:
 /// `.layer(IdempotencyLayer::new(..)).layer(rate_limit).layer(auth)` runs `auth`, the rate limit, then
-/// this layer. Prefer `Router::route_layer` to keep unmatched routes out of the key space.
+/// this layer. Prefer `Router::route_layer` to keep unmatched routes out of the key space. With
+/// [`KeyExtractor::session_user`] as the scope, the [`SessionLayer`](crate::SessionLayer) goes outside
+/// too; the session is then read once, for the scope, and the handler's
+/// [`CurrentSession`](crate::CurrentSession) shares that read.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<IdempotencyConfig>,

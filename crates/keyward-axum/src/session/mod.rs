@@ -138,11 +138,14 @@ pub use handle::{
 /// `Sensitive`, and HTTP/2 never adds them to its header compression table).
 ///
 /// # Middleware order
-/// In axum the layer added last runs first. Add the session layer after (outside) anything that needs the
-/// session, such as an authorization middleware extracting [`CurrentSession`] (or calling
-/// [`LazySession::load`] on the handle in the extensions), and before a
-/// rate-limit layer keyed on the user. A handle moved into a task that outlives the handler can still change
-/// the session, but the response is gone by then: its cookie changes are never sent.
+/// In axum the layer added last runs first. Add the session layer after (outside) everything that needs
+/// the session: an authorization middleware extracting [`CurrentSession`] (or calling
+/// [`LazySession::load`] on the handle in the extensions), a rate limit or an idempotency layer keyed by
+/// [`KeyExtractor::session_user`](crate::KeyExtractor::session_user). Since the layer itself reads
+/// nothing, a rate limit that needs no session (per IP) refuses without a session read wherever it sits;
+/// one that needs the session reads it before every refusal, so limit logins per IP. The crate docs'
+/// *Middleware order* has the recommended stack. A handle moved into a task that outlives the handler can
+/// still change the session, but the response is gone by then: its cookie changes are never sent.
 pub struct SessionLayer<T, C = Json> {
     config: Arc<SessionConfig<T, C>>,
 }
