@@ -604,6 +604,28 @@ mod tests {
         );
     }
 
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Profile;
+
+    #[tokio::test]
+    async fn a_session_user_is_only_looked_for_when_the_walk_reaches_it() {
+        let either = KeyExtractor::header("x-api-key").or(KeyExtractor::session_user::<Profile>());
+        // The header answers: the session side is never reached (no session layer is not noticed).
+        assert_eq!(
+            either.extract(&parts(&[("x-api-key", "k")], None)).await,
+            id(&["header", "x-api-key", "k"])
+        );
+        // Without it the session side is asked, and without a session layer that is a setup error.
+        assert!(matches!(
+            either.extract(&parts(&[], None)).await,
+            Extracted::Misconfigured(why) if why.contains("SessionLayer")
+        ));
+        assert_eq!(
+            KeyExtractor::session_user::<Profile>().describe(),
+            "a logged-in user (a session)"
+        );
+    }
+
     #[test]
     #[should_panic(expected = "not a valid HTTP header name")]
     fn invalid_header_name_panics() {
