@@ -2,8 +2,8 @@
 //! once and replays its response to every retry.
 //!
 //! Without arguments it sends requests to itself in process and prints what happens: the first call, a
-//! replay, a concurrent duplicate (`409`), the key reused for another charge (`422`) and a request
-//! without a key (`400`).
+//! replay, a concurrent duplicate (`409`, `Retry-After: 1`), the key reused for another charge (`422`),
+//! a request without a key (`400`) and the health check (`ApiError`: `503` while Redis is down).
 //!
 //! ```text
 //! cargo run -p keyward-axum --example idempotent_payments
@@ -29,11 +29,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use http::{Request, StatusCode, header};
 use keyward::Keyward;
 use keyward::policy::{IdempotencyClass, Policy};
-use keyward_axum::{IdempotencyKey, IdempotencyLayer};
+use keyward_axum::{ApiError, IdempotencyKey, IdempotencyLayer};
 use tower::ServiceExt;
 
 #[derive(Clone, Default)]
@@ -68,13 +68,29 @@ async fn charge(
         .into_response()
 }
 
+/// `GET /healthz`: `200 ok` while Redis answers; `?` turns a keyward error into `ApiError`, a `503` with
+/// `Retry-After` (and no internals in the body) while it does not.
+async fn healthz(State(kw): State<Keyward>) -> Result<&'static str, ApiError> {
+    kw.ping().await?;
+    Ok("ok")
+}
+
 fn app(kw: &Keyward, ledger: Ledger) -> anyhow::Result<Router> {
     // Authentication would go outside (added after) the idempotency layer; here the default scope, the
-    // hashed `Authorization` header, stands in for it.
-    Ok(Router::new()
+    // hashed `Authorization` header, stands in for it. Behind a session layer, scope keys by the
+    // logged-in user instead: `.scope(KeyExtractor::session_user::<Profile>())`.
+    let charges = Router::new()
         .route("/charges", post(charge))
         .with_state(ledger)
-        .layer(IdempotencyLayer::new(kw.idempotency("charges")?)))
+        // A duplicate sent while the first charge runs gets `409` with `Retry-After: 1` (the default).
+        .layer(
+            IdempotencyLayer::new(kw.idempotency("charges")?)
+                .in_progress_retry_after(Duration::from_secs(1)),
+        );
+    Ok(Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(kw.clone())
+        .merge(charges))
 }
 
 #[tokio::main]
@@ -148,8 +164,12 @@ async fn main() -> anyhow::Result<()> {
     println!("5. A charge without a key is refused:");
     show(app.clone().oneshot(charge(None, 100)).await?).await;
 
+    println!("6. The health check pings the store:");
+    let healthz = Request::get("/healthz").body(Body::empty())?;
+    show(app.clone().oneshot(healthz).await?).await;
+
     println!(
-        "Six requests, charges made: {} (backend: {:?}).",
+        "Six charge requests, charges made: {} (backend: {:?}).",
         ledger.charges.load(Ordering::SeqCst),
         kw.backend()
     );

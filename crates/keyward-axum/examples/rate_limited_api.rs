@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Extension, Router};
 use keyward::policy::{Algorithm, Policy, RateLimitClass};
 use keyward::{Decision, Keyward};
-use keyward_axum::{KeyExtractor, RateLimitLayer, TrustedProxies};
+use keyward_axum::{ApiError, KeyExtractor, RateLimitLayer, TrustedProxies};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -45,7 +46,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let app = Router::new()
         .route("/", get(hello))
-        .route("/health", get(|| async { "up" }))
+        .route("/health", get(health))
+        .with_state(kw.clone())
         .layer(limit);
 
     let port: u16 = match std::env::var("PORT") {
@@ -68,6 +70,13 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// `200 up` while the store answers; a `503` problem+json with `Retry-After` (and no internals in the
+/// body) while it does not: `?` turns the keyward error into an `ApiError`.
+async fn health(State(kw): State<Keyward>) -> Result<&'static str, ApiError> {
+    kw.ping().await?;
+    Ok("up")
 }
 
 /// The layer puts its decision in the request extensions.

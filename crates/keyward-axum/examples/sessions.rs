@@ -14,6 +14,9 @@
 //! every process on that Redis shares them. Secrets come from `SESSION_SECRETS` (comma-separated base64,
 //! current first); without it a fixed development secret is used — never do that in production. The login
 //! takes the user from an `x-user` header and the device from `User-Agent`: a real one checks a password.
+//!
+//! Handlers return `Result<_, ApiError>`: `?` on a session call (or any keyward call) answers `503` with
+//! `Retry-After` while Redis is down and `500` otherwise, as problem+json without internals.
 
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +29,7 @@ use http::{HeaderMap, Request, StatusCode, header};
 use keyward::Keyward;
 use keyward::policy::{Policy, SessionClass};
 use keyward::session::SessionSecrets;
-use keyward_axum::{CurrentSession, SessionError, SessionLayer};
+use keyward_axum::{ApiError, CurrentSession, SessionLayer};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
@@ -45,10 +48,7 @@ fn header_or<'a>(headers: &'a HeaderMap, name: header::HeaderName, default: &'a 
         .unwrap_or(default)
 }
 
-async fn login(
-    session: CurrentSession<Profile>,
-    headers: HeaderMap,
-) -> Result<String, SessionError> {
+async fn login(session: CurrentSession<Profile>, headers: HeaderMap) -> Result<String, ApiError> {
     let user = header_or(&headers, header::HeaderName::from_static("x-user"), "ada");
     let device = header_or(&headers, header::USER_AGENT, "unknown device");
     // Ends the session the request came with, if any (session fixation), and sets the new cookie.
@@ -71,7 +71,7 @@ async fn whoami(session: CurrentSession<Profile>) -> Response {
     }
 }
 
-async fn devices(session: CurrentSession<Profile>) -> Result<Response, SessionError> {
+async fn devices(session: CurrentSession<Profile>) -> Result<Response, ApiError> {
     let Some(current) = session.get() else {
         return Ok((StatusCode::UNAUTHORIZED, "not logged in").into_response());
     };
@@ -100,7 +100,7 @@ async fn devices(session: CurrentSession<Profile>) -> Result<Response, SessionEr
     Ok(lines.join("\n").into_response())
 }
 
-async fn logout(session: CurrentSession<Profile>) -> Result<&'static str, SessionError> {
+async fn logout(session: CurrentSession<Profile>) -> Result<&'static str, ApiError> {
     Ok(if session.destroy().await? {
         "logged out"
     } else {
@@ -108,7 +108,7 @@ async fn logout(session: CurrentSession<Profile>) -> Result<&'static str, Sessio
     })
 }
 
-async fn logout_everywhere(session: CurrentSession<Profile>) -> Result<Response, SessionError> {
+async fn logout_everywhere(session: CurrentSession<Profile>) -> Result<Response, ApiError> {
     let Some(current) = session.get() else {
         return Ok((StatusCode::UNAUTHORIZED, "not logged in").into_response());
     };

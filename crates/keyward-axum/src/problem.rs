@@ -1,11 +1,13 @@
 //! `application/problem+json` bodies (RFC 9457): every response the three layers write themselves, and
 //! the problem types they use.
 //!
-//! **The one decision to know:** bodies never carry internal details (error messages, keys, tokens):
-//! those go to the log. A problem type of its own is used where a client can act on it (the rate-limit
-//! draft's `quota-exceeded` and `temporary-reduced-capacity`, the idempotency draft's conditions); the
-//! rest are `about:blank`, the status code saying it all. Every body has `type`, `title`, `status` and
-//! `detail`, in that order, then its extension members.
+//! **The one decision to know:** bodies never carry internal details (error messages, keys, tokens,
+//! Rust type paths): those go to the log. Every `type` is either a problem type a standard defines
+//! (the rate-limit draft's `quota-exceeded` and `temporary-reduced-capacity`, under IANA's HTTP Problem
+//! Types registry) or `about:blank` (RFC 9457 §4.2.1: nothing beyond the status code, and a `title`
+//! that is the status phrase); none points at a page of ours, which this project does not host. Every
+//! body has `type`, `title`, `status` and `detail`, in that order, then its extension members.
+//! `docs/axum.md` lists every problem the crate sends.
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -92,10 +94,14 @@ fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// `type` of a 429: the request exceeded one or more quota policies.
+/// `type` of a 429: the request exceeded one or more quota policies. Defined by
+/// draft-ietf-httpapi-ratelimit-headers in IANA's HTTP Problem Types registry
+/// (<https://www.iana.org/assignments/http-problem-types>), which lists it once the draft is published;
+/// a client matches it as an identifier, it need not be fetched.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
-/// `type` of a 503 from a class with `on_error = "deny"` while the store is down.
+/// `type` of a 503 from a class with `on_error = "deny"` while the store is down. Defined by
+/// draft-ietf-httpapi-ratelimit-headers, like [`QUOTA_EXCEEDED`].
 pub const TEMPORARY_REDUCED_CAPACITY: &str =
     "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 
@@ -149,60 +155,63 @@ pub(crate) mod rate_limit {
     }
 }
 
-/// The session layer's responses: all `about:blank`.
-pub(crate) mod session {
-    use super::*;
-
-    /// 503: the store is unreachable or timed out.
-    pub(crate) fn unavailable() -> Response {
-        Problem::blank(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Service Unavailable",
-            "Sessions are unavailable right now; retry shortly.",
-        )
-        .into_response()
-    }
-}
-
-/// `type` of a `400`: the operation requires an `Idempotency-Key` and the request has none. Send one
-/// (a fresh UUID per operation, the same one on every retry of that operation).
+/// Formerly the `type` of the idempotency layer's `400` for a request without an `Idempotency-Key`.
+/// That response is now `about:blank` (a docs.rs page of this crate was never a page that existed):
+/// match its status, `400`.
+#[deprecated(
+    since = "0.1.0",
+    note = "the idempotency layer's problems are `about:blank` now; match the status (400)"
+)]
 pub const IDEMPOTENCY_KEY_MISSING: &str =
     "https://docs.rs/keyward-axum/latest/keyward_axum/constant.IDEMPOTENCY_KEY_MISSING.html";
 
-/// `type` of a `400`: the `Idempotency-Key` cannot be used — not a Structured Field String (or, with
-/// [`KeySyntax::StringOrBare`](crate::KeySyntax::StringOrBare), a bare visible-ASCII value), empty,
-/// longer than [`MAX_IDEMPOTENCY_KEY_BYTES`](crate::MAX_IDEMPOTENCY_KEY_BYTES), or sent twice. The
-/// `detail` says which. Nothing was run or recorded.
+/// Formerly the `type` of the idempotency layer's `400` for an unusable `Idempotency-Key`. That
+/// response is now `about:blank`: match its status, `400`.
+#[deprecated(
+    since = "0.1.0",
+    note = "the idempotency layer's problems are `about:blank` now; match the status (400)"
+)]
 pub const IDEMPOTENCY_KEY_INVALID: &str =
     "https://docs.rs/keyward-axum/latest/keyward_axum/constant.IDEMPOTENCY_KEY_INVALID.html";
 
-/// `type` of a `409 Conflict`: a request with this key is being processed. Retry the same request with
-/// the same key after `Retry-After` seconds: it then gets the first request's response.
+/// Formerly the `type` of the idempotency layer's `409` (a request with this key is being processed).
+/// That response is now `about:blank`: match its status, `409`.
+#[deprecated(
+    since = "0.1.0",
+    note = "the idempotency layer's problems are `about:blank` now; match the status (409)"
+)]
 pub const IDEMPOTENCY_KEY_IN_USE: &str =
     "https://docs.rs/keyward-axum/latest/keyward_axum/constant.IDEMPOTENCY_KEY_IN_USE.html";
 
-/// `type` of a `422 Unprocessable Content`: the key was already used with a different request (method,
-/// path and query, content type or body). Do not change a request while retrying it; use a new key for a
-/// new operation.
+/// Formerly the `type` of the idempotency layer's `422` (the key was used with a different request).
+/// That response is now `about:blank`: match its status, `422`.
+#[deprecated(
+    since = "0.1.0",
+    note = "the idempotency layer's problems are `about:blank` now; match the status (422)"
+)]
 pub const IDEMPOTENCY_KEY_REUSED: &str =
     "https://docs.rs/keyward-axum/latest/keyward_axum/constant.IDEMPOTENCY_KEY_REUSED.html";
 
-/// `type` of a `503`: the key's store cannot be reached, so the request was refused rather than run
-/// unprotected. Nothing was run; retry later with the same key.
+/// Formerly the `type` of the idempotency layer's `503` (the key's store cannot be reached). That
+/// response is now `about:blank`: match its status, `503`.
+#[deprecated(
+    since = "0.1.0",
+    note = "the idempotency layer's problems are `about:blank` now; match the status (503)"
+)]
 pub const IDEMPOTENCY_UNAVAILABLE: &str =
     "https://docs.rs/keyward-axum/latest/keyward_axum/constant.IDEMPOTENCY_UNAVAILABLE.html";
 
-/// The idempotency layer's responses, with titles from the draft's examples. Each problem type the
-/// draft describes has a stable `type` URI: the documentation page of its constant, which says what it
-/// means and what a client should do.
+/// The idempotency layer's responses: all `about:blank`, the title the status phrase, the `detail`
+/// saying what happened and what the client should do. The draft defines no problem types; the status
+/// codes it names (`400`, `409`, `422`) are each used for one condition only, except `400`, whose
+/// cases (no key, an unusable key) a client fixes the same way: by sending one well-formed key.
 pub(crate) mod idempotency {
     use super::*;
 
     pub(crate) fn missing_key() -> Response {
-        Problem::new(
+        Problem::blank(
             StatusCode::BAD_REQUEST,
-            IDEMPOTENCY_KEY_MISSING,
-            "Idempotency-Key is missing",
+            "Bad Request",
             "This operation requires an Idempotency-Key header, a Structured Field String such as \
              Idempotency-Key: \"8e03978e-40d5-43e8-bc93-6894a57f9324\". Send a new key for each \
              operation and the same key when retrying it.",
@@ -211,20 +220,13 @@ pub(crate) mod idempotency {
     }
 
     pub(crate) fn invalid_key(detail: &str) -> Response {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            IDEMPOTENCY_KEY_INVALID,
-            "Idempotency-Key is invalid",
-            detail,
-        )
-        .into_response()
+        Problem::blank(StatusCode::BAD_REQUEST, "Bad Request", detail).into_response()
     }
 
     pub(crate) fn in_use(retry_after: u64) -> Response {
-        Problem::new(
+        Problem::blank(
             StatusCode::CONFLICT,
-            IDEMPOTENCY_KEY_IN_USE,
-            "A request is outstanding for this Idempotency-Key",
+            "Conflict",
             format!(
                 "A request with the same Idempotency-Key is being processed; retry in {retry_after} second{} \
                  to get its response.",
@@ -236,10 +238,9 @@ pub(crate) mod idempotency {
     }
 
     pub(crate) fn reused() -> Response {
-        Problem::new(
+        Problem::blank(
             StatusCode::UNPROCESSABLE_ENTITY,
-            IDEMPOTENCY_KEY_REUSED,
-            "Idempotency-Key is already used",
+            "Unprocessable Content",
             "This Idempotency-Key was used with a different request (method, path, query, content type \
              or body). A key must not be reused across different requests; use a new key for a new \
              operation.",
@@ -248,10 +249,9 @@ pub(crate) mod idempotency {
     }
 
     pub(crate) fn unavailable() -> Response {
-        Problem::new(
+        Problem::blank(
             StatusCode::SERVICE_UNAVAILABLE,
-            IDEMPOTENCY_UNAVAILABLE,
-            "Idempotency-Key cannot be checked",
+            "Service Unavailable",
             "The request was not processed: its Idempotency-Key cannot be checked right now. Retry \
              later with the same key.",
         )
@@ -296,7 +296,8 @@ mod tests {
             .await
             .unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(body["type"], IDEMPOTENCY_KEY_IN_USE);
+        assert_eq!(body["type"], "about:blank");
+        assert_eq!(body["title"], "Conflict");
         assert_eq!(body["status"], 409);
         assert_eq!(body["retry_after"], 1);
         assert!(

@@ -13,14 +13,14 @@ use axum::routing::post;
 use http::{Method, Request, StatusCode};
 use keyward::policy::{IdempotencyClass, Policy};
 use keyward::{ConnectOptions, Keyward};
-use keyward_axum::{
-    IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_INVALID, IDEMPOTENCY_KEY_MISSING,
-    IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_UNAVAILABLE, IdempotencyKey, IdempotencyLayer, KeySyntax,
-};
+use keyward_axum::{IdempotencyKey, IdempotencyLayer, KeySyntax};
 use keyward_testkit::RedisServer;
 use tower::ServiceExt;
 
 use crate::util::{body_json, header};
+
+/// Every problem of the idempotency layer is `about:blank` (RFC 9457 §4.2.1): the status says it.
+const BLANK: &str = "about:blank";
 
 const KEY: &str = r#""8e03978e-40d5-43e8-bc93-6894a57f9324""#;
 const ALICE: &str = "Bearer sk_alice";
@@ -247,6 +247,16 @@ async fn assert_problem(response: Response, status: StatusCode, kind: &str) -> s
     assert_eq!(body["type"], kind, "{body}");
     assert_eq!(body["status"], status.as_u16(), "{body}");
     assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    if kind == BLANK {
+        // RFC 9457 §4.2.1: the title of an `about:blank` problem is the status phrase (RFC 9110's, where
+        // it renamed the older ones the `http` crate still has).
+        let phrase = match status {
+            StatusCode::UNPROCESSABLE_ENTITY => "Unprocessable Content",
+            StatusCode::PAYLOAD_TOO_LARGE => "Content Too Large",
+            other => other.canonical_reason().expect("a standard status"),
+        };
+        assert_eq!(body["title"], phrase, "{body}");
+    }
     body
 }
 
@@ -347,7 +357,7 @@ async fn race(routers: &[Router], calls: &Calls, n: usize) {
                 let secs: u64 = retry_after.expect("Retry-After").parse().expect("seconds");
                 assert!((1..=60).contains(&secs), "Retry-After: {secs}");
                 let problem: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-                assert_eq!(problem["type"], IDEMPOTENCY_KEY_IN_USE);
+                assert_eq!(problem["type"], BLANK);
                 conflicts += 1;
             }
             other => panic!("unexpected {other:?}: {body:?}"),
@@ -399,25 +409,66 @@ async fn racing_requests_through_two_connections_run_the_handler_once_on_redis()
     race(&[one.router, two], &one.slow, 20).await;
 }
 
-#[tokio::test]
-async fn a_concurrent_retry_gets_409_with_retry_after() {
-    let app = app(layer(&embedded()));
+/// A duplicate of a `/slow` request sent while the first one runs: its `Retry-After` header and body;
+/// then checks that the first completes and a retry replays it.
+async fn duplicate_while_running(
+    layer: IdempotencyLayer,
+    key: &str,
+) -> (String, serde_json::Value) {
+    let app = app(layer);
     let router = app.router.clone();
-    let first = tokio::spawn(async move { send(&router, post_as_alice("/slow", KEY, "")).await });
-    // Let the first request take the key.
+    let first_key = key.to_owned();
+    let first =
+        tokio::spawn(async move { send(&router, post_as_alice("/slow", &first_key, "")).await });
+    // Let the first request take the key: the handler has started.
     while app.slow.get() == 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::task::yield_now().await;
     }
-    let retry = send(&app.router, post_as_alice("/slow", KEY, "")).await;
-    // The lease is 60 s: the first request may hold the key that long.
-    assert_eq!(header(&retry, "retry-after"), Some("60"));
-    let problem = assert_problem(retry, StatusCode::CONFLICT, IDEMPOTENCY_KEY_IN_USE).await;
-    assert_eq!(problem["retry_after"], 60);
+    let retry = send(&app.router, post_as_alice("/slow", key, "")).await;
+    let retry_after = header(&retry, "retry-after")
+        .expect("Retry-After")
+        .to_owned();
+    let problem = assert_problem(retry, StatusCode::CONFLICT, BLANK).await;
 
     assert_eq!(first.await.unwrap().status(), StatusCode::CREATED);
-    let retry = send(&app.router, post_as_alice("/slow", KEY, "")).await;
+    let retry = send(&app.router, post_as_alice("/slow", key, "")).await;
     assert!(replayed(&retry));
     assert_eq!(app.slow.get(), 1);
+    (retry_after, problem)
+}
+
+#[tokio::test]
+async fn a_concurrent_retry_gets_409_with_a_short_retry_after() {
+    // The lease is 60 s and kept full by the heartbeat; the duplicate is told 1 s, not 60.
+    let (retry_after, problem) = duplicate_while_running(layer(&embedded()), KEY).await;
+    assert_eq!(retry_after, "1");
+    assert_eq!(problem["retry_after"], 1);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("retry in 1 second "))
+    );
+}
+
+#[tokio::test]
+async fn the_in_progress_retry_after_is_configurable_on_redis() {
+    let server = RedisServer::spawn();
+    let kw = on_redis(&server).await;
+    let (retry_after, problem) = duplicate_while_running(layer(&kw), "default").await;
+    assert_eq!(retry_after, "1", "the default, on Redis too");
+    assert_eq!(problem["retry_after"], 1);
+
+    // Whole seconds, rounded up.
+    let five = layer(&kw).in_progress_retry_after(Duration::from_millis(4500));
+    let (retry_after, problem) = duplicate_while_running(five, "five").await;
+    assert_eq!(retry_after, "5");
+    assert_eq!(problem["retry_after"], 5);
+
+    // Never longer than the lease still held: a 30 ms lease ends before 5 s (rounded up to 1 s).
+    let brief = IdempotencyLayer::new(kw.idempotency("brief").unwrap())
+        .in_progress_retry_after(Duration::from_secs(5));
+    let (retry_after, _) = duplicate_while_running(brief, "brief").await;
+    assert_eq!(retry_after, "1");
 }
 
 /// The key with another body, path or content type: `422`; the original still replays.
@@ -434,12 +485,7 @@ async fn reuse_is_422(kw: Keyward) {
         .insert("content-type", "text/plain".parse().unwrap());
     for request in [other_body, other_query, other_type] {
         let response = send(&app.router, request).await;
-        let problem = assert_problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            IDEMPOTENCY_KEY_REUSED,
-        )
-        .await;
+        let problem = assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, BLANK).await;
         assert!(
             problem["detail"]
                 .as_str()
@@ -472,7 +518,7 @@ async fn a_missing_key_is_400_naming_the_header() {
         request(Method::POST, "/charges", None, Some(ALICE), "amount=100"),
     )
     .await;
-    let problem = assert_problem(response, StatusCode::BAD_REQUEST, IDEMPOTENCY_KEY_MISSING).await;
+    let problem = assert_problem(response, StatusCode::BAD_REQUEST, BLANK).await;
     assert!(
         problem["detail"]
             .as_str()
@@ -514,8 +560,7 @@ async fn unusable_keys_are_400() {
     let long = format!("\"{}\"", "k".repeat(256));
     for key in [r#""""#, long.as_str(), r#""unterminated"#, "two words"] {
         let response = send(&app.router, post_as_alice("/charges", key, "amount=100")).await;
-        let problem =
-            assert_problem(response, StatusCode::BAD_REQUEST, IDEMPOTENCY_KEY_INVALID).await;
+        let problem = assert_problem(response, StatusCode::BAD_REQUEST, BLANK).await;
         assert!(problem["detail"].as_str().is_some(), "{key}: {problem}");
     }
     // More than one field.
@@ -524,7 +569,7 @@ async fn unusable_keys_are_400() {
         .headers_mut()
         .append("idempotency-key", r#""another""#.parse().unwrap());
     let response = send(&app.router, twice).await;
-    assert_problem(response, StatusCode::BAD_REQUEST, IDEMPOTENCY_KEY_INVALID).await;
+    assert_problem(response, StatusCode::BAD_REQUEST, BLANK).await;
     // 255 bytes is fine.
     let max = format!("\"{}\"", "k".repeat(255));
     let response = send(&app.router, post_as_alice("/charges", &max, "amount=100")).await;
@@ -539,7 +584,7 @@ async fn unusable_keys_are_400() {
         "amount=100",
     );
     let response = send(&strict.router, bare).await;
-    let problem = assert_problem(response, StatusCode::BAD_REQUEST, IDEMPOTENCY_KEY_INVALID).await;
+    let problem = assert_problem(response, StatusCode::BAD_REQUEST, BLANK).await;
     assert!(
         problem["detail"]
             .as_str()
@@ -800,12 +845,7 @@ async fn a_store_failure_is_503_and_the_handler_does_not_run() {
         post_as_alice("/charges", other_key, "amount=100"),
     )
     .await;
-    let problem = assert_problem(
-        response,
-        StatusCode::SERVICE_UNAVAILABLE,
-        IDEMPOTENCY_UNAVAILABLE,
-    )
-    .await;
+    let problem = assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, BLANK).await;
     assert!(
         problem["detail"]
             .as_str()

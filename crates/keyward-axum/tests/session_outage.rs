@@ -198,8 +198,10 @@ async fn with_redis_down_a_logged_in_user_still_gets_routes_without_the_session(
         "application/problem+json"
     );
     assert!(response.headers().get(header::SET_COOKIE).is_none());
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     let body = body_json(response).await;
     assert_eq!(body["status"], 503);
+    assert_eq!(body["retry_after"], 1);
     assert_eq!(
         body["detail"],
         "Sessions are unavailable right now; retry shortly."
@@ -208,4 +210,81 @@ async fn with_redis_down_a_logged_in_user_still_gets_routes_without_the_session(
     // Without a cookie there is nothing to load: the route runs, with no session.
     let response = send(&app, request("GET", "/me", None)).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// Middleware order, as the crate docs state it: the session layer reads nothing by itself, so a login
+/// refused by a per-IP limit costs no session read, whether that limit sits outside or inside the session
+/// layer; a limit keyed by the session's user must read the session first, so its refusals do cost one.
+/// Rate limits here run on an embedded handle: every command the redis-server counts is a session read.
+#[tokio::test]
+async fn a_refused_login_costs_a_session_read_only_when_the_limit_needs_the_session() {
+    use std::net::SocketAddr;
+
+    use axum::extract::ConnectInfo;
+    use keyward::policy::{Algorithm, RateLimitClass};
+    use keyward_axum::{KeyExtractor, RateLimitLayer, TrustedProxies};
+
+    let server = RedisServer::spawn();
+    let kw = on_redis(&server).await;
+    let sessions = || {
+        SessionLayer::new(
+            kw.sessions::<Profile>("web", SessionSecrets::new(SECRET).unwrap())
+                .unwrap(),
+        )
+    };
+    let cookie = logged_in(&app(&kw)).await;
+    let limits = Keyward::embedded(
+        Policy::builder("test", "axum-order")
+            .rate_limit(
+                "login",
+                RateLimitClass::new(Algorithm::FixedWindow, 1, Duration::from_secs(3600)),
+            )
+            .build()
+            .unwrap(),
+    );
+    let limit = |by: KeyExtractor| RateLimitLayer::new(limits.rate_limiter("login").unwrap(), by);
+    let per_ip = || KeyExtractor::client_ip(TrustedProxies::none());
+    let route = || Router::new().route("/login", post(|| async { "checked the password" }));
+    let stacks = [
+        // Recommended: the per-IP limit outermost (added last).
+        (
+            "per-IP limit outside",
+            route().layer(sessions()).layer(limit(per_ip())),
+            0,
+        ),
+        (
+            "per-IP limit inside",
+            route().layer(limit(per_ip())).layer(sessions()),
+            0,
+        ),
+        (
+            "per-user limit inside",
+            route()
+                .layer(limit(KeyExtractor::session_user::<Profile>()))
+                .layer(sessions()),
+            1,
+        ),
+    ];
+    for (i, (name, app, expected_reads)) in stacks.into_iter().enumerate() {
+        let from_peer = || {
+            let mut request = request("POST", "/login", Some(&cookie));
+            let peer: SocketAddr = format!("192.0.2.{}:4000", i + 1).parse().unwrap();
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        };
+        assert_eq!(
+            send(&app, from_peer()).await.status(),
+            StatusCode::OK,
+            "{name}"
+        );
+        reset_stats(&server);
+        let refused = send(&app, from_peer()).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS, "{name}");
+        let reads = commands_run(&server);
+        assert_eq!(
+            reads.min(1),
+            expected_reads,
+            "{name}: {reads} commands for a refused login"
+        );
+    }
 }

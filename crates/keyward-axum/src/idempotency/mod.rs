@@ -20,6 +20,7 @@ mod key;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +41,9 @@ pub use key::{
 
 /// Default largest request body read for the fingerprint: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Default `Retry-After` of the `409` a duplicate gets while the first request runs: 1 s.
+pub const DEFAULT_IN_PROGRESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Response headers stored and replayed by default.
 const DEFAULT_STORED_HEADERS: [HeaderName; 3] = [
@@ -113,32 +117,38 @@ const NEVER_STORED: [&str; 12] = [
 /// | [`max_request_bytes`](Self::max_request_bytes): largest body read for the fingerprint | 1 MiB |
 /// | [`store_header`](Self::store_header): response headers stored and replayed | `content-type`, `location`, `content-encoding` |
 /// | [`key_syntax`](Self::key_syntax): quoted only, or quoted or bare | [`KeySyntax::StringOrBare`] |
+/// | [`in_progress_retry_after`](Self::in_progress_retry_after): `Retry-After` of a duplicate's `409` | 1 s ([`DEFAULT_IN_PROGRESS_RETRY_AFTER`]) |
 ///
 /// **Scope.** Keys are unique per client, not globally: two clients may pick the same key, and each
 /// gets its own response. By default the client is its credentials: the `Authorization` header, stored
 /// only as a SHA-256 hash. Not the client IP: a client retrying after a network change has a new
 /// address, and that retry must not run again. If your access tokens rotate while a client may still
 /// retry, scope by account instead, e.g. `KeyExtractor::extension(|u: &User| u.account_id.clone())`
-/// with the authentication layer running first. A request without its scope is refused with `400`, as
+/// with the authentication layer running first. For browser clients with keyward sessions, scope by
+/// the logged-in user: `.scope(KeyExtractor::session_user::<Profile>())` (a new cookie after a login
+/// or on another device keeps the user's keys). A request without its scope is refused with `400`, as
 /// the rate-limit layer does: it cannot be protected, and running it unprotected would be silent.
 ///
 /// **Fingerprint.** Method, path and query, `Content-Type` and the body bytes, hashed with
 /// [`keyward::idempotency::fingerprint`]. The same key with any of them changed is a `422`.
 ///
 /// # Responses
-/// For a request of one of the [`methods`](Self::methods):
+/// For a request of one of the [`methods`](Self::methods). Every problem+json body here is of type
+/// `about:blank` (RFC 9457 §4.2.1), its `title` the status phrase and its `detail` what happened and
+/// what to do; `409`, `422` and `503` each have one cause here, and every `400` is fixed by correcting
+/// the request as its `detail` says.
 ///
 /// | situation | response |
 /// | --- | --- |
 /// | first request under the key | the inner service's; stored unless it is `5xx`, `408` or `429`, over the class's `max_response_bytes`, or has trailers |
 /// | the same request again, after that | the stored status, headers and body, plus `Idempotent-Replayed: true` |
-/// | the same key while the first request runs | `409`, `Retry-After` (the lease's remaining time, rounded up, at least 1 s), problem type [`IDEMPOTENCY_KEY_IN_USE`](crate::IDEMPOTENCY_KEY_IN_USE) |
-/// | the same key, a different request | `422`, problem type [`IDEMPOTENCY_KEY_REUSED`](crate::IDEMPOTENCY_KEY_REUSED) |
-/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400`, problem type [`IDEMPOTENCY_KEY_MISSING`](crate::IDEMPOTENCY_KEY_MISSING) |
-/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400`, problem type [`IDEMPOTENCY_KEY_INVALID`](crate::IDEMPOTENCY_KEY_INVALID) |
-/// | no client identity for the [`scope`](Self::scope) | `400`, `about:blank` |
-/// | a body over [`max_request_bytes`](Self::max_request_bytes) | `413`, `about:blank` |
-/// | the store fails before the handler runs | `503`, problem type [`IDEMPOTENCY_UNAVAILABLE`](crate::IDEMPOTENCY_UNAVAILABLE); the handler is not run |
+/// | the same key while the first request runs | `409`, `Retry-After` ([`in_progress_retry_after`](Self::in_progress_retry_after), default 1 s; less if the lease ends sooner), problem+json |
+/// | the same key, a different request | `422` problem+json |
+/// | no `Idempotency-Key` ([`require_key`](Self::require_key) on) | `400` problem+json, its `detail` naming the header |
+/// | an unusable key: malformed, empty, over [`MAX_IDEMPOTENCY_KEY_BYTES`], more than one field | `400` problem+json, its `detail` saying what is wrong |
+/// | no client identity for the [`scope`](Self::scope) | `400` problem+json |
+/// | a body over [`max_request_bytes`](Self::max_request_bytes) | `413` problem+json |
+/// | the store fails before the handler runs | `503` problem+json; the handler is not run |
 /// | a server setup error (no connection info for a client-IP scope, an id keyward rejects, an unreadable stored response) | `500`, logged at `error` |
 ///
 /// Refused requests never reach the inner service. Without a key and with
@@ -167,7 +177,10 @@ const NEVER_STORED: [&str; 12] = [
 /// request never takes a key. Put compression outside as well: stored bodies are then unencoded, and a
 /// retry with another `Accept-Encoding` gets its own encoding. So:
 /// `.layer(IdempotencyLayer::new(..)).layer(rate_limit).layer(auth)` runs `auth`, the rate limit, then
-/// this layer. Prefer `Router::route_layer` to keep unmatched routes out of the key space.
+/// this layer. Prefer `Router::route_layer` to keep unmatched routes out of the key space. With
+/// [`KeyExtractor::session_user`] as the scope, the [`SessionLayer`](crate::SessionLayer) goes outside
+/// too; the session is then read once, for the scope, and the handler's
+/// [`CurrentSession`](crate::CurrentSession) shares that read.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<IdempotencyConfig>,
@@ -185,6 +198,7 @@ pub struct IdempotencyConfig {
     max_request_bytes: usize,
     stored_headers: Vec<HeaderName>,
     key_syntax: KeySyntax,
+    in_progress_retry_after: Duration,
 }
 
 impl IdempotencyLayer {
@@ -200,6 +214,7 @@ impl IdempotencyLayer {
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
                 stored_headers: DEFAULT_STORED_HEADERS.to_vec(),
                 key_syntax: KeySyntax::default(),
+                in_progress_retry_after: DEFAULT_IN_PROGRESS_RETRY_AFTER,
             }),
         }
     }
@@ -285,6 +300,21 @@ impl IdempotencyLayer {
         self
     }
 
+    /// How long a duplicate sent while the first request still runs is told to wait before retrying:
+    /// the `Retry-After` (and `retry_after` member) of its `409`. Default 1 s
+    /// ([`DEFAULT_IN_PROGRESS_RETRY_AFTER`]).
+    ///
+    /// Why short: most requests finish in well under a second, and the retry then gets the stored
+    /// response at once. The class `lease` is no estimate of that: the layer renews the lease while the
+    /// handler runs, so its remaining time is always close to the whole lease (30 s for a request that
+    /// ends 1 s later). If the lease ends sooner than `wait` (its holder died), that shorter time is
+    /// sent. Sent in whole seconds (`Retry-After` has no finer unit), rounded up, at least 1.
+    #[must_use]
+    pub fn in_progress_retry_after(mut self, wait: Duration) -> IdempotencyLayer {
+        Arc::make_mut(&mut self.config).in_progress_retry_after = wait;
+        self
+    }
+
     /// The idempotency class this layer uses.
     pub fn idempotency(&self) -> &Idempotency {
         &self.config.idempotency
@@ -307,6 +337,7 @@ impl fmt::Debug for IdempotencyConfig {
             .field("max_request_bytes", &self.max_request_bytes)
             .field("stored_headers", &self.stored_headers)
             .field("key_syntax", &self.key_syntax)
+            .field("in_progress_retry_after", &self.in_progress_retry_after)
             .finish()
     }
 }
@@ -366,7 +397,7 @@ where
         key::Field::Absent => return Ok(problem::missing_key()),
         key::Field::Invalid(why) => return Ok(problem::invalid_key(&why)),
     };
-    let mut id = match config.scope.extract(&parts) {
+    let mut id = match config.scope.extract(&parts).await {
         Extracted::Id(id) => id,
         Extracted::Missing => {
             tracing::debug!(scope = ?config.scope, "keyward-axum: no client identity for an idempotency key");
@@ -379,6 +410,8 @@ where
             tracing::error!(reason = why, "keyward-axum: cannot scope idempotency keys");
             return Ok(problem::internal());
         }
+        // The scope is the session's user and the session cannot be read: nothing was run.
+        Extracted::Failed(error) => return Ok(error.into_response()),
     };
 
     // The body, for the fingerprint and for the handler.
@@ -426,7 +459,8 @@ where
         Ok(Begin::New(lease)) => lease,
         Ok(Begin::InProgress { retry_after }) => {
             tracing::debug!(class = idem.class(), "keyward-axum: idempotency key in use");
-            return Ok(problem::in_use(retry_after_secs(Some(retry_after))));
+            let wait = retry_after.min(config.in_progress_retry_after);
+            return Ok(problem::in_use(retry_after_secs(Some(wait))));
         }
         Ok(Begin::Completed(stored)) => return Ok(replay(stored)),
         Ok(Begin::Mismatch) => {

@@ -7,15 +7,26 @@
 //! ([`KeyExtractor::and`], [`KeyExtractor::or`]) cannot collide with one another.
 //!
 //! An extractor finds an identity, finds none (the request does not carry it: the layer's
-//! [`OnMissing`](crate::OnMissing) decides), or finds the server misconfigured (no connection info for a
-//! client-IP extractor: a 500, logged).
+//! [`OnMissing`](crate::OnMissing) decides), finds the server misconfigured (no connection info for a
+//! client-IP extractor, no session layer for a session-user extractor: a 500, logged), or, for the
+//! session user only, cannot load the session (the store's `503` or `500`, as [`ApiError`] answers).
+//! Only the session user makes extraction wait for the store; every other kind is answered from the
+//! request head.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::MatchedPath;
 use http::HeaderName;
 use http::request::Parts;
+use keyward::codec::{Codec, Json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ApiError;
+use crate::session::LazySession;
 
 pub(crate) mod client_ip;
 
@@ -30,6 +41,16 @@ pub const UNMATCHED_ROUTE: &str = "(unmatched)";
 
 type PartsFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Starts loading the request's session and returns its user id: `None` when the request has no
+/// [`LazySession`] of the extractor's type (no session layer: a setup error).
+type SessionUserFn =
+    dyn Fn(&Parts) -> Option<BoxFuture<'static, Result<Option<String>, ApiError>>> + Send + Sync;
+
+const NO_SESSION_LAYER: &str = "the session-user key extractor needs a SessionLayer of the same data type \
+     and codec outside this layer (added after it with `.layer(..)`)";
+
 /// Decides the identity (the rate-limit bucket) of a request. Cheap to clone.
 ///
 /// | constructor | identity | when it cannot find one |
@@ -38,6 +59,7 @@ type PartsFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// | [`client_network`](Self::client_network) | the client's network (e.g. its IPv6 /64) | as above |
 /// | [`header`](Self::header) | a request header (`x-api-key`) | missing, empty, not visible ASCII, or longer than [`MAX_HEADER_ID_BYTES`]: [`OnMissing`](crate::OnMissing) |
 /// | [`extension`](Self::extension) | a value in the request extensions (an authenticated user) | not there: [`OnMissing`](crate::OnMissing) |
+/// | [`session_user`](Self::session_user) | the user id of the request's keyward session ([`SessionLayer`](crate::SessionLayer)) | no live session: [`OnMissing`](crate::OnMissing); no session layer: 500; the store fails: 503 / 500 |
 /// | [`route`](Self::route) | the matched route template (`/users/{id}`) | never: unmatched requests share [`UNMATCHED_ROUTE`] |
 /// | [`from_fn`](Self::from_fn) | whatever your function returns | `None`: [`OnMissing`](crate::OnMissing) |
 ///
@@ -76,12 +98,16 @@ enum Kind {
     },
     Route,
     Fn(Arc<PartsFn>),
+    SessionUser {
+        type_name: &'static str,
+        load: Arc<SessionUserFn>,
+    },
     And(Arc<KeyExtractor>, Arc<KeyExtractor>),
     Or(Arc<KeyExtractor>, Arc<KeyExtractor>),
 }
 
 /// What an extractor found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Extracted {
     /// The id parts of the identity.
     Id(Vec<String>),
@@ -89,6 +115,37 @@ pub(crate) enum Extracted {
     Missing,
     /// The server is set up so that no identity can ever be found; says what is wrong.
     Misconfigured(&'static str),
+    /// The identity is in the store and could not be read (the session user): answer with the error.
+    Failed(ApiError),
+}
+
+impl Extracted {
+    fn of(found: Result<bool, Failure>, id: Vec<String>) -> Extracted {
+        match found {
+            Ok(true) => Extracted::Id(id),
+            Ok(false) => Extracted::Missing,
+            Err(Failure::Misconfigured(why)) => Extracted::Misconfigured(why),
+            Err(Failure::Load(error)) => Extracted::Failed(error),
+        }
+    }
+}
+
+/// Why an extractor found no answer.
+enum Failure {
+    Misconfigured(&'static str),
+    Load(ApiError),
+}
+
+#[cfg(test)]
+impl PartialEq for Extracted {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Extracted::Id(a), Extracted::Id(b)) => a == b,
+            (Extracted::Missing, Extracted::Missing) => true,
+            (Extracted::Misconfigured(a), Extracted::Misconfigured(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl KeyExtractor {
@@ -147,6 +204,51 @@ impl KeyExtractor {
         }
     }
 
+    /// The user id of the request's keyward session (`Session::user_id`, what
+    /// [`CurrentSession::create`](crate::CurrentSession::create) logged in with), for sessions of data
+    /// type `T` stored as JSON (the default codec; [`session_user_in`](Self::session_user_in) names
+    /// another). Scopes idempotency keys, or counts rate limits, per logged-in user:
+    /// `IdempotencyLayer::new(..).scope(KeyExtractor::session_user::<Profile>())`.
+    ///
+    /// It loads the session through the [`LazySession`] the [`SessionLayer`](crate::SessionLayer) put in
+    /// the request, so that layer must run first: add it with `.layer(..)` *after* this one. The load
+    /// is the request's one load: a handler extracting [`CurrentSession`](crate::CurrentSession) later
+    /// shares it and reads nothing more. A request without a live session (no cookie, an ended one)
+    /// has no identity ([`OnMissing`](crate::OnMissing), or the idempotency layer's `400`). If the
+    /// store cannot be read, the request gets the [`ApiError`] answer (`503` with `Retry-After` when it
+    /// is unreachable) and goes no further; without a session layer of the same `T`, a `500` (logged).
+    ///
+    /// Ids are prefixed `session_user`, apart from [`extension`](Self::extension)'s `user` ids.
+    pub fn session_user<T>() -> KeyExtractor
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        KeyExtractor::session_user_in::<T, Json>()
+    }
+
+    /// [`session_user`](Self::session_user) for sessions stored with the codec `C`
+    /// (a `SessionLayer<T, C>`).
+    pub fn session_user_in<T, C>() -> KeyExtractor
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        C: Codec,
+    {
+        let load =
+            move |parts: &Parts| -> Option<BoxFuture<'static, Result<Option<String>, ApiError>>> {
+                let lazy = parts.extensions.get::<LazySession<T, C>>()?.clone();
+                Some(Box::pin(async move {
+                    let session = lazy.load().await?;
+                    Ok(session.get().map(|s| s.user_id().to_owned()))
+                }))
+            };
+        KeyExtractor {
+            kind: Kind::SessionUser {
+                type_name: std::any::type_name::<T>(),
+                load: Arc::new(load),
+            },
+        }
+    }
+
     /// The matched route template (`/users/{id}`, not `/users/42`), from axum's `MatchedPath`; requests
     /// that matched no route share the label [`UNMATCHED_ROUTE`]. Alone it gives each route one bucket
     /// for all clients; combine it with [`and`](Self::and) for per-route-per-client limits.
@@ -182,28 +284,85 @@ impl KeyExtractor {
         }
     }
 
-    pub(crate) fn extract(&self, parts: &Parts) -> Extracted {
+    pub(crate) async fn extract(&self, parts: &Parts) -> Extracted {
         let mut id = Vec::new();
-        match self.extract_into(parts, &mut id) {
-            Ok(true) => Extracted::Id(id),
-            Ok(false) => Extracted::Missing,
-            Err(why) => Extracted::Misconfigured(why),
+        let found = if self.reads_the_store() {
+            self.extract_async(parts, &mut id).await
+        } else {
+            self.extract_into(parts, &mut id)
+        };
+        Extracted::of(found, id)
+    }
+
+    /// [`extract`](Self::extract) for extractors that never read the store.
+    #[cfg(test)]
+    fn extract_now(&self, parts: &Parts) -> Extracted {
+        let mut id = Vec::new();
+        let found = self.extract_into(parts, &mut id);
+        Extracted::of(found, id)
+    }
+
+    /// Whether finding the identity may wait for the store (a session user somewhere in the tree).
+    fn reads_the_store(&self) -> bool {
+        match &self.kind {
+            Kind::SessionUser { .. } => true,
+            Kind::And(a, b) | Kind::Or(a, b) => a.reads_the_store() || b.reads_the_store(),
+            _ => false,
         }
+    }
+
+    /// [`extract_into`](Self::extract_into) for trees that read the store: in the same order, loading
+    /// the session only when the walk reaches it (so `header(..).or(session_user())` reads no session
+    /// for a request that has the header).
+    fn extract_async<'a>(
+        &'a self,
+        parts: &'a Parts,
+        id: &'a mut Vec<String>,
+    ) -> BoxFuture<'a, Result<bool, Failure>> {
+        Box::pin(async move {
+            match &self.kind {
+                Kind::SessionUser { load, .. } => {
+                    let load = load(parts).ok_or(Failure::Misconfigured(NO_SESSION_LAYER))?;
+                    match load.await {
+                        Ok(Some(user)) => {
+                            id.extend(["session_user".to_owned(), user]);
+                            Ok(true)
+                        }
+                        Ok(None) => Ok(false),
+                        Err(error) => Err(Failure::Load(error)),
+                    }
+                }
+                Kind::And(a, b) => {
+                    Ok(a.extract_async(parts, id).await? && b.extract_async(parts, id).await?)
+                }
+                Kind::Or(a, b) => {
+                    let start = id.len();
+                    if a.extract_async(parts, id).await? {
+                        return Ok(true);
+                    }
+                    id.truncate(start);
+                    b.extract_async(parts, id).await
+                }
+                _ => self.extract_into(parts, id),
+            }
+        })
     }
 
     /// Appends this extractor's parts to `id`: `Ok(true)` when found, `Ok(false)` when missing (`id` may
     /// then hold partial parts).
-    fn extract_into(&self, parts: &Parts, id: &mut Vec<String>) -> Result<bool, &'static str> {
+    /// Never reads the store: a session user met here (only [`extract_async`](Self::extract_async)
+    /// walks trees that have one) is a bug, answered as a misconfiguration.
+    fn extract_into(&self, parts: &Parts, id: &mut Vec<String>) -> Result<bool, Failure> {
         match &self.kind {
             Kind::ClientIp {
                 trusted,
                 v4_prefix,
                 v6_prefix,
             } => {
-                let ip = trusted.client_ip(parts).ok_or(
+                let ip = trusted.client_ip(parts).ok_or(Failure::Misconfigured(
                     "the client-IP key extractor needs the peer address: serve the app with \
                      `into_make_service_with_connect_info::<SocketAddr>()`",
-                )?;
+                ))?;
                 id.push("ip".to_owned());
                 id.push(client_ip::key_of(ip, *v4_prefix, *v6_prefix));
                 Ok(true)
@@ -240,6 +399,9 @@ impl KeyExtractor {
                 id.extend(["fn".to_owned(), value]);
                 true
             })),
+            Kind::SessionUser { .. } => Err(Failure::Misconfigured(
+                "a session-user key extractor was walked without reading the store",
+            )),
             Kind::And(a, b) => Ok(a.extract_into(parts, id)? && b.extract_into(parts, id)?),
             Kind::Or(a, b) => {
                 let start = id.len();
@@ -260,6 +422,7 @@ impl KeyExtractor {
             Kind::Extension { .. } => "an authenticated client".to_owned(),
             Kind::Route => "the route".to_owned(),
             Kind::Fn(_) => "a client identity".to_owned(),
+            Kind::SessionUser { .. } => "a logged-in user (a session)".to_owned(),
             Kind::And(a, b) => format!("{} and {}", a.describe(), b.describe()),
             Kind::Or(a, b) => format!("{} or {}", a.describe(), b.describe()),
         }
@@ -285,6 +448,9 @@ impl fmt::Debug for KeyExtractor {
             }
             Kind::Route => f.write_str("Route"),
             Kind::Fn(_) => f.write_str("Fn"),
+            Kind::SessionUser { type_name, .. } => {
+                f.debug_tuple("SessionUser").field(type_name).finish()
+            }
             Kind::And(a, b) => f.debug_tuple("And").field(a).field(b).finish(),
             Kind::Or(a, b) => f.debug_tuple("Or").field(a).field(b).finish(),
         }
@@ -324,46 +490,46 @@ mod tests {
     fn each_kind_is_prefixed() {
         let p = parts(&[("x-api-key", " k1 ")], Some("192.0.2.1:9"));
         let ip = KeyExtractor::client_ip(TrustedProxies::none());
-        assert_eq!(ip.extract(&p), id(&["ip", "192.0.2.1"]));
+        assert_eq!(ip.extract_now(&p), id(&["ip", "192.0.2.1"]));
         assert_eq!(
-            KeyExtractor::header("X-Api-Key").extract(&p),
+            KeyExtractor::header("X-Api-Key").extract_now(&p),
             id(&["header", "x-api-key", "k1"])
         );
         assert_eq!(
-            KeyExtractor::route().extract(&p),
+            KeyExtractor::route().extract_now(&p),
             id(&["route", UNMATCHED_ROUTE])
         );
         assert_eq!(
-            KeyExtractor::from_fn(|p| Some(p.uri.path().to_owned())).extract(&p),
+            KeyExtractor::from_fn(|p| Some(p.uri.path().to_owned())).extract_now(&p),
             id(&["fn", "/x"])
         );
         let mut with_user = parts(&[], None);
         with_user.extensions.insert(User(7));
         let user = KeyExtractor::extension(|u: &User| u.0.to_string());
-        assert_eq!(user.extract(&with_user), id(&["user", "7"]));
-        assert_eq!(user.extract(&p), Extracted::Missing);
+        assert_eq!(user.extract_now(&with_user), id(&["user", "7"]));
+        assert_eq!(user.extract_now(&p), Extracted::Missing);
     }
 
     #[test]
     fn header_values_clients_control_never_break_the_key() {
         let h = KeyExtractor::header("x-api-key");
-        assert_eq!(h.extract(&parts(&[], None)), Extracted::Missing);
+        assert_eq!(h.extract_now(&parts(&[], None)), Extracted::Missing);
         assert_eq!(
-            h.extract(&parts(&[("x-api-key", "")], None)),
+            h.extract_now(&parts(&[("x-api-key", "")], None)),
             Extracted::Missing
         );
         assert_eq!(
-            h.extract(&parts(&[("x-api-key", "   ")], None)),
+            h.extract_now(&parts(&[("x-api-key", "   ")], None)),
             Extracted::Missing
         );
         let long = "k".repeat(MAX_HEADER_ID_BYTES + 1);
         assert_eq!(
-            h.extract(&parts(&[("x-api-key", &long)], None)),
+            h.extract_now(&parts(&[("x-api-key", &long)], None)),
             Extracted::Missing
         );
         let max = "k".repeat(MAX_HEADER_ID_BYTES);
         assert!(matches!(
-            h.extract(&parts(&[("x-api-key", &max)], None)),
+            h.extract_now(&parts(&[("x-api-key", &max)], None)),
             Extracted::Id(_)
         ));
         let mut p = parts(&[], None);
@@ -371,24 +537,24 @@ mod tests {
             "x-api-key",
             http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
         );
-        assert_eq!(h.extract(&p), Extracted::Missing);
+        assert_eq!(h.extract_now(&p), Extracted::Missing);
     }
 
     #[test]
     fn missing_connect_info_is_a_misconfiguration() {
         let ip = KeyExtractor::client_ip(TrustedProxies::none());
         assert!(matches!(
-            ip.extract(&parts(&[], None)),
+            ip.extract_now(&parts(&[], None)),
             Extracted::Misconfigured(_)
         ));
         // A fallback does not hide it.
         let either = KeyExtractor::header("x-api-key").or(ip.clone());
         assert!(matches!(
-            either.extract(&parts(&[], None)),
+            either.extract_now(&parts(&[], None)),
             Extracted::Misconfigured(_)
         ));
         assert_eq!(
-            either.extract(&parts(&[("x-api-key", "k")], None)),
+            either.extract_now(&parts(&[("x-api-key", "k")], None)),
             id(&["header", "x-api-key", "k"])
         );
     }
@@ -401,21 +567,24 @@ mod tests {
         let keyed = parts(&[("x-api-key", "192.0.2.1")], Some("192.0.2.1:9"));
 
         let or = key.clone().or(ip.clone());
-        assert_eq!(or.extract(&p), id(&["ip", "192.0.2.1"]));
+        assert_eq!(or.extract_now(&p), id(&["ip", "192.0.2.1"]));
         assert_eq!(
-            or.extract(&keyed),
+            or.extract_now(&keyed),
             id(&["header", "x-api-key", "192.0.2.1"])
         );
 
         let and = KeyExtractor::route().and(ip.clone());
         assert_eq!(
-            and.extract(&p),
+            and.extract_now(&p),
             id(&["route", UNMATCHED_ROUTE, "ip", "192.0.2.1"])
         );
-        assert_eq!(key.clone().and(ip.clone()).extract(&p), Extracted::Missing);
+        assert_eq!(
+            key.clone().and(ip.clone()).extract_now(&p),
+            Extracted::Missing
+        );
         // A missing left side of `or` leaves nothing behind in the id.
         let nested = key.clone().and(ip.clone()).or(KeyExtractor::route());
-        assert_eq!(nested.extract(&p), id(&["route", UNMATCHED_ROUTE]));
+        assert_eq!(nested.extract_now(&p), id(&["route", UNMATCHED_ROUTE]));
         assert_eq!(
             format!("{:?}", key.or(ip)),
             "Or(Header(\"x-api-key\"), ClientIp { trusted: TrustedProxies { trust: None, header: XForwardedFor }, v4_prefix: 32, v6_prefix: 128 })"
@@ -426,12 +595,34 @@ mod tests {
     fn client_network_groups_ipv6() {
         let net = KeyExtractor::client_network(TrustedProxies::none(), 32, 64);
         assert_eq!(
-            net.extract(&parts(&[], Some("[2001:db8:1:2:aaaa::1]:9"))),
+            net.extract_now(&parts(&[], Some("[2001:db8:1:2:aaaa::1]:9"))),
             id(&["ip", "2001:db8:1:2::/64"])
         );
         assert_eq!(
-            net.extract(&parts(&[], Some("192.0.2.1:9"))),
+            net.extract_now(&parts(&[], Some("192.0.2.1:9"))),
             id(&["ip", "192.0.2.1"])
+        );
+    }
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Profile;
+
+    #[tokio::test]
+    async fn a_session_user_is_only_looked_for_when_the_walk_reaches_it() {
+        let either = KeyExtractor::header("x-api-key").or(KeyExtractor::session_user::<Profile>());
+        // The header answers: the session side is never reached (no session layer is not noticed).
+        assert_eq!(
+            either.extract(&parts(&[("x-api-key", "k")], None)).await,
+            id(&["header", "x-api-key", "k"])
+        );
+        // Without it the session side is asked, and without a session layer that is a setup error.
+        assert!(matches!(
+            either.extract(&parts(&[], None)).await,
+            Extracted::Misconfigured(why) if why.contains("SessionLayer")
+        ));
+        assert_eq!(
+            KeyExtractor::session_user::<Profile>().describe(),
+            "a logged-in user (a session)"
         );
     }
 

@@ -174,7 +174,7 @@ where
     S::Response: IntoResponse,
 {
     let (mut parts, body) = request.into_parts();
-    let id = match config.extractor.extract(&parts) {
+    let id = match config.extractor.extract(&parts).await {
         Extracted::Id(id) => id,
         Extracted::Missing => match config.on_missing {
             OnMissing::Reject => {
@@ -187,6 +187,9 @@ where
             tracing::error!(reason = why, "keyward-axum: cannot rate-limit requests");
             return Ok(problem::internal());
         }
+        // The identity is the session's user and the session cannot be read: answered as the session
+        // extractor would (503 with Retry-After when the store is unreachable), and logged there.
+        Extracted::Failed(error) => return Ok(error.into_response()),
     };
     let decision = match config.limiter.check(&id).await {
         Ok(decision) => decision,

@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
-use crate::problem::{self, session as session_problem};
+use crate::ApiError;
+use crate::problem;
 
 /// A token, kept away from `Debug` and logs.
 struct Token(String);
@@ -135,10 +136,10 @@ where
     /// A request without a usable cookie never calls the store.
     ///
     /// # Errors
-    /// [`SessionError`] if the store fails (unreachable or timed out: a `503` as a response; otherwise a
+    /// [`ApiError`] if the store fails (unreachable or timed out: a `503` as a response; otherwise a
     /// `500`); later calls of the same request return the same error. Stored data that is not a valid `T`
     /// is not an error: the request has no session (logged at `error`).
-    pub async fn load(&self) -> Result<CurrentSession<T, C>, SessionError> {
+    pub async fn load(&self) -> Result<CurrentSession<T, C>, ApiError> {
         let shared = &self.shared;
         let outcome = shared
             .load
@@ -169,7 +170,7 @@ where
             Ok(()) => Ok(CurrentSession {
                 shared: Arc::clone(shared),
             }),
-            Err(error) => Err(SessionError::new(error.clone(), "load")),
+            Err(error) => Err(ApiError::session(error.clone(), "load")),
         }
     }
 }
@@ -262,7 +263,7 @@ where
     /// # Errors
     /// As [`Sessions::create`] and [`Sessions::destroy`]. If starting the new session fails after the old one
     /// ended, the cookie is cleared.
-    pub async fn create(&self, user_id: &str, data: &T) -> Result<Session<T>, SessionError> {
+    pub async fn create(&self, user_id: &str, data: &T) -> Result<Session<T>, ApiError> {
         let _op = self.shared.op.lock().await;
         let old = self.state().token.as_ref().map(|t| t.0.clone());
         if let Some(old) = old {
@@ -270,7 +271,7 @@ where
                 .sessions
                 .destroy(&old)
                 .await
-                .map_err(|e| SessionError::new(e, "destroy"))?;
+                .map_err(|e| ApiError::session(e, "destroy"))?;
             self.forget();
         }
         let (token, session) = self
@@ -278,7 +279,7 @@ where
             .sessions
             .create(user_id, data)
             .await
-            .map_err(|e| SessionError::new(e, "create"))?;
+            .map_err(|e| ApiError::session(e, "create"))?;
         let mut state = self.state();
         state.token = Some(Token(token.as_str().to_owned()));
         state.loaded = Some(session.clone());
@@ -295,14 +296,14 @@ where
     ///
     /// # Errors
     /// As [`Sessions::save`].
-    pub async fn save(&self, session: &mut Session<T>) -> Result<Saved, SessionError> {
+    pub async fn save(&self, session: &mut Session<T>) -> Result<Saved, ApiError> {
         let _op = self.shared.op.lock().await;
         let saved = self
             .shared
             .sessions
             .save(session)
             .await
-            .map_err(|e| SessionError::new(e, "save"))?;
+            .map_err(|e| ApiError::session(e, "save"))?;
         let is_current = self
             .state()
             .loaded
@@ -323,7 +324,7 @@ where
     ///
     /// # Errors
     /// As [`Sessions::get`].
-    pub async fn reload(&self) -> Result<Option<Session<T>>, SessionError> {
+    pub async fn reload(&self) -> Result<Option<Session<T>>, ApiError> {
         let _op = self.shared.op.lock().await;
         let Some(token) = self.state().token.as_ref().map(|t| t.0.clone()) else {
             return Ok(None);
@@ -333,7 +334,7 @@ where
             .sessions
             .get(&token)
             .await
-            .map_err(|e| SessionError::new(e, "load"))?;
+            .map_err(|e| ApiError::session(e, "load"))?;
         match &loaded {
             Some(session) => self.state().loaded = Some(session.clone()),
             None => self.forget_quietly(),
@@ -348,7 +349,7 @@ where
     /// # Errors
     /// As [`Sessions::regenerate`] and [`Sessions::get`]. If reading the moved session fails, the cookie is
     /// still set to the new token.
-    pub async fn regenerate(&self) -> Result<Option<Session<T>>, SessionError> {
+    pub async fn regenerate(&self) -> Result<Option<Session<T>>, ApiError> {
         let _op = self.shared.op.lock().await;
         let Some(old) = self.state().token.as_ref().map(|t| t.0.clone()) else {
             return Ok(None);
@@ -358,7 +359,7 @@ where
             .sessions
             .regenerate(&old)
             .await
-            .map_err(|e| SessionError::new(e, "regenerate"))?;
+            .map_err(|e| ApiError::session(e, "regenerate"))?;
         let Some(token) = moved else {
             self.forget();
             return Ok(None);
@@ -374,7 +375,7 @@ where
             .sessions
             .get(token.as_str())
             .await
-            .map_err(|e| SessionError::new(e, "load"))?;
+            .map_err(|e| ApiError::session(e, "load"))?;
         match &loaded {
             Some(session) => self.state().loaded = Some(session.clone()),
             None => self.forget(),
@@ -388,7 +389,7 @@ where
     /// # Errors
     /// As [`Sessions::destroy`]; the session and the cookie are then left as they were, so the client can
     /// retry.
-    pub async fn destroy(&self) -> Result<bool, SessionError> {
+    pub async fn destroy(&self) -> Result<bool, ApiError> {
         let _op = self.shared.op.lock().await;
         let token = self.state().token.as_ref().map(|t| t.0.clone());
         let ended = match token {
@@ -397,7 +398,7 @@ where
                 .sessions
                 .destroy(&token)
                 .await
-                .map_err(|e| SessionError::new(e, "destroy"))?,
+                .map_err(|e| ApiError::session(e, "destroy"))?,
             None => false,
         };
         self.forget();
@@ -444,7 +445,7 @@ pub enum CurrentSessionRejection {
     MissingLayer(#[from] MissingSessionLayer),
     /// Loading the session failed: `503` when the store is unreachable or timed out, else `500`.
     #[error(transparent)]
-    Load(#[from] SessionError),
+    Load(#[from] ApiError),
 }
 
 impl IntoResponse for CurrentSessionRejection {
@@ -457,7 +458,9 @@ impl IntoResponse for CurrentSessionRejection {
 }
 
 /// The rejection of [`CurrentSession<T>`] on a route without a
-/// [`SessionLayer<T>`](crate::SessionLayer) of the same data type (and codec): a setup error, answered with `500` problem+json that names the types, and logged.
+/// [`SessionLayer<T>`](crate::SessionLayer) of the same data type (and codec): a setup error. The
+/// response is a plain `500` problem+json (`"The request could not be processed."`); the log line (at
+/// `error`) names both types and the fix, which is what its `Display` says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "CurrentSession<{data_type}> needs a SessionLayer<{data_type}> (codec {codec}) around this route; add `.layer(SessionLayer::new(sessions))` to the router"
@@ -470,54 +473,20 @@ pub struct MissingSessionLayer {
 impl IntoResponse for MissingSessionLayer {
     fn into_response(self) -> Response {
         tracing::error!("keyward-axum: {self}");
-        problem::internal(self.to_string())
+        // Type paths and setup advice are for the operator's log, not for the client.
+        problem::internal("The request could not be processed.")
     }
 }
 
-/// A session operation failed: the store (unreachable, timed out, an error) or the data (not encodable,
-/// over `max_data_bytes`, or stored data that is not a valid `T`).
+/// The error of the session handle's methods ([`CurrentSession::create`], [`LazySession::load`], …): the
+/// crate's general [`ApiError`](crate::ApiError), under the name earlier versions gave it.
 ///
-/// As a response (so handlers can use `?`): `503` problem+json when the store is unreachable or timed out
-/// ([`keyward::Error::is_retryable`]), `500` otherwise; the error is logged at `error` and never in the body.
-#[derive(Debug, thiserror::Error)]
-#[error("session {op} failed: {source}")]
-pub struct SessionError {
-    op: &'static str,
-    #[source]
-    source: keyward::Error,
-}
-
-impl SessionError {
-    pub(crate) fn new(source: keyward::Error, op: &'static str) -> Self {
-        SessionError { op, source }
-    }
-
-    /// The keyward error.
-    pub fn error(&self) -> &keyward::Error {
-        &self.source
-    }
-
-    /// The keyward error, owned.
-    pub fn into_error(self) -> keyward::Error {
-        self.source
-    }
-}
-
-/// For the [`Sessions`] calls a handler makes itself (through [`CurrentSession::sessions`]), so they can
-/// use `?` and answer like the handle's own methods.
-impl From<keyward::Error> for SessionError {
-    fn from(source: keyward::Error) -> Self {
-        SessionError::new(source, "store call")
-    }
-}
-
-impl IntoResponse for SessionError {
-    fn into_response(self) -> Response {
-        tracing::error!(error = %self, "keyward-axum: session operation failed");
-        if self.source.is_retryable() {
-            session_problem::unavailable()
-        } else {
-            problem::internal("The session could not be processed.")
-        }
-    }
-}
+/// A session operation fails when the store does (unreachable, timed out, an error reply) or the data does
+/// (not encodable, over `max_data_bytes`). As a response (so handlers can use `?`): `503` problem+json with
+/// `Retry-After` when the store is unreachable or timed out, `500` otherwise; the error is logged at
+/// `error` and never in the body. Its `Display` names the operation (`session load failed: …`).
+///
+/// It was a separate type that answered any keyward error the same way; it is now an alias, so existing
+/// code keeps compiling and a handler can mix session calls and other keyward calls under one error type.
+/// Prefer [`ApiError`](crate::ApiError) in new code.
+pub type SessionError = ApiError;

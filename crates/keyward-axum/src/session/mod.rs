@@ -45,13 +45,13 @@ pub use handle::{
 /// use keyward::Keyward;
 /// use keyward::policy::{Policy, SessionClass};
 /// use keyward::session::SessionSecrets;
-/// use keyward_axum::{CurrentSession, SessionError, SessionLayer};
+/// use keyward_axum::{ApiError, CurrentSession, SessionLayer};
 /// use tower::ServiceExt;
 ///
 /// #[derive(Clone, serde::Serialize, serde::Deserialize)]
 /// struct Profile { name: String }
 ///
-/// async fn login(session: CurrentSession<Profile>) -> Result<&'static str, SessionError> {
+/// async fn login(session: CurrentSession<Profile>) -> Result<&'static str, ApiError> {
 ///     // ...after checking the password:
 ///     session.create("user-7", &Profile { name: "Ada".into() }).await?;
 ///     Ok("welcome")
@@ -125,23 +125,27 @@ pub use handle::{
 /// # Responses the layer and the extractor write themselves
 /// | situation | response |
 /// | --- | --- |
-/// | the [`CurrentSession`] extractor cannot load the session: the store is unreachable or times out | `503` problem+json, logged at `error`; the handler does not run |
+/// | the [`CurrentSession`] extractor cannot load the session: the store is unreachable or times out | `503` problem+json with `Retry-After`, logged at `error`; the handler does not run |
 /// | it cannot load it otherwise (a Redis error reply) | `500` problem+json, logged at `error`; the handler does not run |
 /// | the stored data is not a valid `T` (its shape changed without a bump of the class's `version`) | no response of its own: the request has no session (logged at `error`), as Django does with unreadable session data, rather than failing every request of that user until the session times out; logging in again starts a fresh one |
-/// | a handler uses [`CurrentSession<T>`] on a route without a `SessionLayer<T>` (same `T`) | `500` problem+json naming both types ([`MissingSessionLayer`]) |
+/// | a handler uses [`CurrentSession<T>`] on a route without a `SessionLayer<T>` (same `T`) | plain `500` problem+json; the log line names both types ([`MissingSessionLayer`]) |
 ///
-/// Routes that do not extract the session never get these. [`SessionError`], which the handle's methods
-/// return, answers the same way, so handlers can use `?`.
+/// Routes that do not extract the session never get these. [`ApiError`](crate::ApiError), which the
+/// handle's methods return ([`SessionError`] is its older name), answers the same way, so handlers can
+/// use `?`.
 /// Bodies never carry error details; those go to the log. Tokens are never logged, and the layer marks the
 /// request's `Cookie` lines and its own `Set-Cookie` as sensitive (`http`'s flag: their `Debug` prints
 /// `Sensitive`, and HTTP/2 never adds them to its header compression table).
 ///
 /// # Middleware order
-/// In axum the layer added last runs first. Add the session layer after (outside) anything that needs the
-/// session, such as an authorization middleware extracting [`CurrentSession`] (or calling
-/// [`LazySession::load`] on the handle in the extensions), and before a
-/// rate-limit layer keyed on the user. A handle moved into a task that outlives the handler can still change
-/// the session, but the response is gone by then: its cookie changes are never sent.
+/// In axum the layer added last runs first. Add the session layer after (outside) everything that needs
+/// the session: an authorization middleware extracting [`CurrentSession`] (or calling
+/// [`LazySession::load`] on the handle in the extensions), a rate limit or an idempotency layer keyed by
+/// [`KeyExtractor::session_user`](crate::KeyExtractor::session_user). Since the layer itself reads
+/// nothing, a rate limit that needs no session (per IP) refuses without a session read wherever it sits;
+/// one that needs the session reads it before every refusal, so limit logins per IP. The crate docs'
+/// *Middleware order* has the recommended stack. A handle moved into a task that outlives the handler can
+/// still change the session, but the response is gone by then: its cookie changes are never sent.
 pub struct SessionLayer<T, C = Json> {
     config: Arc<SessionConfig<T, C>>,
 }
