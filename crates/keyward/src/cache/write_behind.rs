@@ -52,8 +52,8 @@ pub struct Record<I, V> {
     pub value: V,
 }
 
-/// A write handed to the sink: the id, the value, and its version (the stream entry id, increasing with
-/// every write to the stream).
+/// A write handed to the sink: the id, the value, and its version (the stream entry id the write was queued
+/// under, increasing with every write to the stream; a replayed dead letter keeps its first one).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Write<I, V> {
@@ -61,7 +61,11 @@ pub struct Write<I, V> {
     pub id: I,
     /// The value written.
     pub value: V,
-    /// The write's version: later writes have higher versions.
+    /// The write's version: later writes have higher versions. The id of the stream entry the write was
+    /// queued under by [`WriteBehind::write`]; a write replayed from the dead letters
+    /// ([`Stream::replay_dead_letters`]) keeps that first id (its [`Message::first_id`]), so it never
+    /// passes for newer than a write made after it. Persist a write only if its version is above the one
+    /// stored for its id.
     pub version: EntryId,
 }
 
@@ -148,10 +152,11 @@ impl Keyward {
         I: IdParts + Serialize + DeserializeOwned + Send + Sync + 'static,
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        Ok(WriteBehind {
-            cache: self.cache::<V>(cache_class)?,
-            stream: self.stream::<Record<I, V>>(stream_class)?,
-        })
+        let cache = self.cache::<V>(cache_class)?;
+        let stream = self.stream::<Record<I, V>>(stream_class)?;
+        // Queued writes are kept until a drain's group has read them, even before that group exists.
+        crate::stream::store::keep_unread(&stream);
+        Ok(WriteBehind { cache, stream })
     }
 }
 
@@ -365,19 +370,20 @@ async fn batches<I, V, C, S, Fut, Er>(
                 Ok(None) | Err(_) => break,
             }
         }
-        // The newest write per id (by the cache key it maps to); the others are answered with its outcome.
+        // The newest write per id (by the cache key it maps to, by version: a replayed dead letter keeps
+        // its first id); the others are answered with its outcome.
         let mut newest: HashMap<String, usize> = HashMap::with_capacity(batch.len());
         for (i, (m, _)) in batch.iter().enumerate() {
             let key = cache.key(&m.event.id).unwrap_or_default();
             match newest.get(&key) {
-                Some(&j) if batch[j].0.id > m.id => {}
+                Some(&j) if batch[j].0.first_id() > m.first_id() => {}
                 _ => {
                     newest.insert(key, i);
                 }
             }
         }
         let mut keep: Vec<usize> = newest.into_values().collect();
-        keep.sort_by_key(|&i| batch[i].0.id);
+        keep.sort_by_key(|&i| batch[i].0.first_id());
         let mut answers = Vec::with_capacity(batch.len());
         let mut writes = Vec::with_capacity(keep.len());
         let mut slots: Vec<Option<Pending<I, V>>> = batch.into_iter().map(Some).collect();
@@ -385,9 +391,9 @@ async fn batches<I, V, C, S, Fut, Er>(
             if let Some((m, done)) = slots[i].take() {
                 answers.push(done);
                 writes.push(Write {
+                    version: m.first_id(),
                     id: m.event.id,
                     value: m.event.value,
-                    version: m.id,
                 });
             }
         }
