@@ -15,12 +15,17 @@
 //! nothing acknowledged is lost; with `appendfsync everysec` (Redis's default for AOF), up to about one
 //! second of writes; with RDB snapshots only, every write since the last snapshot; with no persistence, every
 //! write not yet drained when Redis restarts (the drain's worker then reports `group_recreated`). A drain that
-//! dies loses nothing: its entries stay pending and another drain takes them over after `claim_idle`.
+//! dies loses nothing: its entries stay pending and another drain takes them over after `claim_idle`. The
+//! stream's retention never trims a queued write no drain has read, not even before the first drain created
+//! its group ([`Keyward::write_behind`] marks the stream so); its hard cap (`retention.hard_maxlen`) is the
+//! bound that remains: past `hard_maxlen` unpersisted writes the oldest are dropped and counted
+//! (`keyward_stream_dropped_unacked_total`).
 //!
-//! **Ordering.** Each [`Write`] carries its `version` (the stream entry id: strictly increasing per stream).
-//! Within a batch only the newest write per id reaches the sink. Across batches, a write that failed and is
-//! retried later can reach the sink *after* a newer write to the same id: make the sink keep the highest
-//! version (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
+//! **Ordering.** Each [`Write`] carries its `version` (the stream entry id `write` queued it under: strictly
+//! increasing per stream; a write replayed from the dead letters keeps its first one). Within a batch only
+//! the newest write per id reaches the sink. Across batches, a write that failed and is retried later can
+//! reach the sink *after* a newer write to the same id: make the sink keep the highest version
+//! (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
 //! last-delivery-wins. Writes to one id from one process take turns (a process-wide lock per cache key),
 //! so the cache sets land in version order; two processes writing one id at once can still leave the cache
 //! at the older of their values until its TTL (docs/streams.md, Write-behind, lists this and the other holes).
@@ -139,6 +144,9 @@ impl<I, V, C> fmt::Debug for WriteBehind<I, V, C> {
 impl Keyward {
     /// Write-behind for `cache_class` (a `cache` class) through `stream_class` (a `stream` class: its
     /// retention, `max_deliveries`, backoff, `claim_idle` and dead letters govern the queued writes).
+    /// From this call on, this `Keyward`'s publishes to the stream keep entries no consumer group has read
+    /// while the stream has no group (only the hard cap trims them), so writes made before the first drain
+    /// ran are not lost to retention.
     ///
     /// # Errors
     /// [`Error::UnknownClass`](crate::Error::UnknownClass), or
