@@ -2,8 +2,9 @@
 //! (it used to kill the batching task, after which every later write was dead-lettered); concurrent
 //! writes to one id through one handle must leave the cache holding the write the sink keeps (the newest
 //! version), not whichever cache set happened to land last; writes queued before the drain's consumer group
-//! existed were trimmed by the stream's retention (lost); and a replayed dead letter got a new, higher
-//! version, so it overwrote newer writes the sink had persisted.
+//! existed were trimmed by the stream's retention (lost); a replayed dead letter got a new, higher
+//! version, so it overwrote newer writes the sink had persisted; and two processes writing one id at once
+//! could leave the cache at the older write (their cache sets landed in arrival order, not version order).
 
 #![allow(unreachable_pub)]
 
@@ -435,4 +436,200 @@ async fn fail_until_dead(s: &keyward::stream::Stream<u64>, seen: Seen) {
     }
     stop.notify_one();
     run.await.unwrap().unwrap();
+}
+
+/// Across OS processes: two processes write the same ids at the same moment (each id once per process, 16
+/// writes in flight per process), against one Redis and against the Cluster. Afterwards every id's cache entry
+/// holds the write with the highest version of the two, and a drain with a version-checking sink persists
+/// exactly those. Before the cache set was version-conditional, a process whose append came first but whose
+/// cache set landed last left the cache at its older value (the sets were ordered only within a process).
+mod across_processes {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write as _};
+    use std::process::{Child, ChildStdout, Command, Stdio};
+
+    use super::*;
+
+    const CHILD_URL: &str = "KEYWARD_TEST_WB_CHILD_URL";
+    const CHILD_APP: &str = "KEYWARD_TEST_WB_CHILD_APP";
+    const IDS: u32 = 300;
+    const IN_FLIGHT: u32 = 16;
+
+    fn policy(app: &str) -> Policy {
+        Policy::builder("test", app)
+            .cache(
+                "product",
+                CacheClass::new(Duration::from_secs(600), "tests, after each write"),
+            )
+            .stream(
+                "writes",
+                StreamClass::new(Retention::maxlen(100_000)).claim_idle(Duration::from_millis(300)),
+            )
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_writing_the_same_ids_leave_the_cache_at_the_newest_write() {
+        race(Harness::redis()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_writing_the_same_ids_leave_the_cache_at_the_newest_write_on_cluster() {
+        race(Harness::cluster()).await;
+    }
+
+    async fn race(h: Harness) {
+        let url = h.url().unwrap();
+        let app = h.app().to_owned();
+        let mut children: Vec<(Child, BufReader<ChildStdout>)> =
+            (0..2).map(|_| spawn_child(&url, &app)).collect();
+        for (_, out) in &mut children {
+            expect_line(out, "READY");
+        }
+        for (child, _) in &mut children {
+            writeln!(child.stdin.as_mut().unwrap(), "GO").unwrap();
+        }
+        // id -> (version, value) of the newest write of either process.
+        let mut newest: HashMap<u32, (EntryId, u64)> = HashMap::new();
+        let mut writes = 0;
+        for (child, out) in &mut children {
+            loop {
+                let line = expect_line(out, "");
+                if line.contains("DONE") {
+                    break;
+                }
+                let Some(w) = line.find("W ").map(|at| &line[at + 2..]) else {
+                    continue;
+                };
+                let [id, version, value] = w.split(' ').collect::<Vec<_>>()[..] else {
+                    panic!("bad child line {line:?}");
+                };
+                let (id, version, value): (u32, EntryId, u64) = (
+                    id.parse().unwrap(),
+                    version.parse().unwrap(),
+                    value.parse().unwrap(),
+                );
+                writes += 1;
+                let e = newest.entry(id).or_insert((version, value));
+                if e.0 < version {
+                    *e = (version, value);
+                }
+            }
+            assert!(child.wait().unwrap().success(), "a writer process failed");
+        }
+        assert_eq!(writes, 2 * IDS, "every write of both processes reported");
+
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        let wb = kw.write_behind::<u32, u64>("product", "writes").unwrap();
+        let mut stale = Vec::new();
+        for id in 0..IDS {
+            let cached = wb.cache().get(&id).await.unwrap();
+            if cached != Some(newest[&id].1) {
+                stale.push((id, cached, newest[&id]));
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "{} of {IDS} ids cache an older write than the newest: {:?}",
+            stale.len(),
+            &stale[..stale.len().min(5)]
+        );
+
+        let db: Db = Arc::default();
+        let drain = {
+            let db = db.clone();
+            wb.drain("db", move |batch: Vec<Write<u32, u64>>| {
+                let db = db.clone();
+                async move {
+                    upsert(&db, batch);
+                    Ok::<(), String>(())
+                }
+            })
+        };
+        let stop = Arc::new(Notify::new());
+        let run = {
+            let stop = stop.clone();
+            tokio::spawn(drain.run(async move { stop.notified().await }))
+        };
+        until("the newest write of every id persisted", || {
+            let db = db.lock().unwrap();
+            (0..IDS).all(|id| db.get(&id).copied() == Some((newest[&id].1, newest[&id].0)))
+        })
+        .await;
+        stop.notify_one();
+        run.await.unwrap().unwrap();
+    }
+
+    /// A writer process: `IN_FLIGHT` tasks write every id once (ids in increasing order, as the other
+    /// process does), then report `W <id> <version> <value>` for each write and `DONE`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a child process of the cross-process write-behind race (needs its environment)"]
+    async fn child_wb_writer() {
+        let (Ok(url), Ok(app)) = (std::env::var(CHILD_URL), std::env::var(CHILD_APP)) else {
+            return;
+        };
+        let kw = Keyward::connect(&url, policy(&app)).await.unwrap();
+        let wb = kw.write_behind::<u32, u64>("product", "writes").unwrap();
+        println!("READY");
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go).unwrap();
+        let me = u64::from(std::process::id()) << 20;
+        let mut tasks = Vec::new();
+        for t in 0..IN_FLIGHT {
+            let wb = wb.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                for id in (t..IDS).step_by(IN_FLIGHT as usize) {
+                    let value = me | u64::from(id);
+                    done.push((id, wb.write(id, value).await.unwrap(), value));
+                }
+                done
+            }));
+        }
+        for t in tasks {
+            for (id, version, value) in t.await.unwrap() {
+                println!("W {id} {version} {value}");
+            }
+        }
+        println!("DONE");
+    }
+
+    fn spawn_child(url: &str, app: &str) -> (Child, BufReader<ChildStdout>) {
+        let test = match module_path!().split_once("::") {
+            Some((_crate, module)) => format!("{module}::child_wb_writer"),
+            None => "child_wb_writer".to_owned(),
+        };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_URL, url)
+            .env(CHILD_APP, app)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("re-run the test binary as a child");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        (child, out)
+    }
+
+    /// The next line containing `prefix`, from `prefix` on (the harness prints `test … ` before a child's
+    /// first line). Panics if the child closes stdout first.
+    fn expect_line(out: &mut BufReader<ChildStdout>, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(n > 0, "child exited before printing {prefix:?}");
+            if let Some(at) = line.find(prefix) {
+                return line[at..].trim().to_owned();
+            }
+        }
+    }
 }

@@ -26,14 +26,15 @@
 //! the newest write per id reaches the sink. Across batches, a write that failed and is retried later can
 //! reach the sink *after* a newer write to the same id: make the sink keep the highest version
 //! (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
-//! last-delivery-wins. Writes to one id from one process take turns (a process-wide lock per cache key),
-//! so the cache sets land in version order; two processes writing one id at once can still leave the cache
-//! at the older of their values until its TTL (docs/streams.md, Write-behind, lists this and the other holes).
+//! last-delivery-wins. The cache set is version-conditional: the entry remembers the newest write-behind
+//! version it took (a marker key `<entry>:wv` in its slot, with its TTL) and refuses an older one, so writes
+//! to one id from any number of tasks and processes leave the cache at the newest write, the one a
+//! version-checking sink keeps (docs/streams.md, Write-behind, lists the remaining holes).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -185,7 +186,9 @@ where
     }
 
     /// Queue the write of `value` under `id` (one stream append, with the stream's retention) and then set the
-    /// cache (which also voids any fill in progress for the entry). Returns the write's version.
+    /// cache (which also voids any fill in progress for the entry) — unless the entry already took a newer
+    /// write-behind write, from this process or another: the cache ends at the newest write whatever order
+    /// the sets arrive in. Returns the write's version.
     ///
     /// # Errors
     /// [`Error::Key`](crate::Error::Key) for an unusable id (nothing is queued);
@@ -196,13 +199,12 @@ where
     pub async fn write(&self, id: I, value: V) -> Result<EntryId> {
         // Refuse what the cache would refuse before anything is queued.
         let key = self.cache.key(&id)?;
-        self.cache.encode(&value)?;
-        // One write per entry at a time in this process, so the cache sets land in version order.
-        let turn = IdTurn::take(key);
-        let _held = turn.lock.lock().await;
+        let payload = self.cache.encode(&value)?;
         let record = Record { id, value };
         let version = self.stream.publish(&record).await?;
-        self.cache.set(&record.id, &record.value).await?;
+        self.cache
+            .set_written_behind(key, &payload, version)
+            .await?;
         Ok(version)
     }
 
@@ -227,35 +229,27 @@ where
     }
 }
 
-/// Per cache key, the lock that orders this process's writes to it: without it two tasks writing the same
-/// id could append in one order and set the cache in the other, leaving the cache at the older value while
-/// the sink keeps the newer one (until the entry's TTL). Process-wide, so every handle is covered; an
-/// entry lives only while some write to its key holds or waits for it.
-static TURNS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Mutex::default);
-
-/// A write's hold on its key's lock; removes the key's entry when the last holder goes (also when the
-/// write's future is dropped mid-way).
-struct IdTurn {
-    key: String,
-    lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl IdTurn {
-    fn take(key: String) -> IdTurn {
-        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
-        let lock = Arc::clone(turns.entry(key.clone()).or_default());
-        IdTurn { key, lock }
-    }
-}
-
-impl Drop for IdTurn {
-    fn drop(&mut self) {
-        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
-        // The map's reference and ours: nobody else holds or waits for it (clones are made under this lock).
-        if Arc::strong_count(&self.lock) == 2 {
-            turns.remove(&self.key);
-        }
+impl<V, C> Cache<V, C>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    C: Codec,
+{
+    /// Set `key` to the encoded `payload` of the write-behind write `version`, unless the entry took a newer
+    /// write-behind write already (from any process): the sets of writes to one id land in version order
+    /// whatever order they arrive in, so the cache ends at the newest write, as a version-checking sink does.
+    /// Announced to the in-process tiers as any set.
+    async fn set_written_behind(
+        &self,
+        key: String,
+        payload: &[u8],
+        version: EntryId,
+    ) -> Result<()> {
+        let write = super::Write::SetIfNewer {
+            body: crate::envelope::body(Some(payload)),
+            ttl: self.class.policy.stored_ttl(),
+            version: (version.millis(), version.seq()),
+        };
+        self.write_and_announce(key, write).await
     }
 }
 
