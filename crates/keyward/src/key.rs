@@ -439,11 +439,14 @@ pub enum KeyRole {
     DeadLetters,
     /// A stream's wake-up marker: `…:v{n}:{<class>}:wake` (short-lived).
     StreamWake,
+    /// A cache entry's write-behind version marker: `…:v{n}:{<id>}:wv` (the newest write-behind write the
+    /// entry took, `ms-seq`; the entry's TTL).
+    WriteVersion,
 }
 
 impl KeyRole {
     /// A stable lower-case name: `entry`, `lock_fence`, `lock_value`, `session_index`, `stream`,
-    /// `dead_letters`, `stream_wake`.
+    /// `dead_letters`, `stream_wake`, `write_version`.
     pub fn name(self) -> &'static str {
         match self {
             KeyRole::Entry => "entry",
@@ -453,6 +456,7 @@ impl KeyRole {
             KeyRole::Stream => "stream",
             KeyRole::DeadLetters => "dead_letters",
             KeyRole::StreamWake => "stream_wake",
+            KeyRole::WriteVersion => "write_version",
         }
     }
 }
@@ -577,7 +581,8 @@ pub enum KeyClass<'p> {
 /// A key is recognised only if keyward could have built it: the id must be escaped exactly as
 /// [`escape_part`] escapes (canonical `%XX`, no empty part), so a hand-formatted key that merely starts
 /// like a class's (`prod:shop:product_list:v1:en`, `prod:shop:product_list:v1:{a b}`) is `Unknown`. The
-/// suffixes keyward adds are recognised per kind: `:f`/`:w` for locks, `:dead`/`:wake` for streams, the
+/// suffixes keyward adds are recognised per kind: `:f`/`:w` for locks, `:wv` for caches (write-behind),
+/// `:dead`/`:wake` for streams, the
 /// slot-tagged `{s:…}:<id>` records and `{u:<user>}` indexes for sessions. Never fails: an unexpected key is a
 /// value, not an error.
 ///
@@ -649,6 +654,7 @@ fn class_key<'p>(policy: &'p Policy, rest: &str) -> Option<ClassKey<'p>> {
         }
         ("lock", ":f") => (KeyRole::LockFence, tag),
         ("lock", ":w") => (KeyRole::LockValue, tag),
+        ("cache", ":wv") => (KeyRole::WriteVersion, tag),
         (_, "") => (KeyRole::Entry, tag),
         _ => return None,
     };
@@ -915,6 +921,9 @@ mod tests {
                 .map(|part| unescape_part(part).unwrap())
                 .collect();
             assert_eq!(parts, ["en", id], "{key}");
+            let marker = format!("{key}:wv");
+            let m = class_key(&p, marker.as_bytes());
+            assert_eq!((m.role(), m.id()), (KeyRole::WriteVersion, k.id()));
         }
         let lock = KeySpace::new(&p, "invoice_run")
             .unwrap()

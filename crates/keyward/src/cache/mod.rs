@@ -374,6 +374,13 @@ enum Write {
         tags: Vec<String>,
         ttl: Duration,
     },
+    /// Write-behind's set: only if `version` is newer than the entry's last write-behind write
+    /// (`store::set_if_newer`; built in `write_behind.rs`).
+    SetIfNewer {
+        body: Vec<u8>,
+        ttl: Duration,
+        version: (u64, u64),
+    },
 }
 
 /// Apply `write` to `key`, detach this process's loads of it, and announce it on the backplane (classes with
@@ -392,6 +399,9 @@ async fn write_then_announce(
         }
         Write::Set { body, tags, ttl } => {
             store::set(&inner.backend, &inner.bus, &e.tagged(tags), body, *ttl).await?;
+        }
+        Write::SetIfNewer { body, ttl, version } => {
+            store::set_if_newer(&inner.backend, &inner.bus, &e, body, *ttl, *version).await?;
         }
     }
     // After the backend: a caller arriving from now on must not join a fetch that began before.

@@ -36,6 +36,7 @@ scripts! {
     commit: "commit.lua";
     release: "release.lua";
     set: "epochs.lua", "set.lua";
+    wb_set: "epochs.lua", "wb_set.lua", "set.lua";
     invalidate: "invalidate.lua";
     bump: "epochs.lua", "bump.lua";
     heal: "heal.lua";
@@ -1011,6 +1012,73 @@ pub(crate) async fn set(
     .await?;
     bus.wake(e.key);
     Ok(())
+}
+
+/// The suffix of an entry's write-version marker (`<entry key>:wv`, a string `ms-seq` with the entry's TTL):
+/// the newest write-behind version the entry has taken ([`set_if_newer`]).
+pub(crate) const WRITE_VERSION_SUFFIX: &str = ":wv";
+
+/// Write-behind's set (`wb_set.lua`, then `set.lua`): as [`set`], but only if `version` (a write's stream
+/// entry id, `(ms, seq)`) is above the entry's write-version marker, which it then becomes (with the same
+/// TTL). False, writing nothing, when the entry took a newer write-behind write already. The marker shares
+/// the entry's hash tag (its key is the entry's plus [`WRITE_VERSION_SUFFIX`]), so one script holds both on
+/// Cluster; it outlives an invalidation of the entry, so a late older set stays refused after one.
+pub(crate) async fn set_if_newer(
+    b: &Backend,
+    bus: &WakeBus,
+    e: &Entry<'_>,
+    body: &[u8],
+    ttl: Duration,
+    version: (u64, u64),
+) -> Result<bool> {
+    let marker = format!("{}{WRITE_VERSION_SUFFIX}", e.key);
+    let text = format!("{}-{}", version.0, version.1);
+    let view = view_epochs(b, e, &[]).await?;
+    let call = with_epochs(
+        tag_args(
+            SCRIPTS
+                .wb_set
+                .call("wb_set")
+                .key(e.key)
+                .arg(e.class)
+                .arg(body)
+                .arg(millis(ttl))
+                .arg(&*e.wake)
+                .arg(millis(e.ns.gens_lifetime)),
+            e.tags,
+        ),
+        e,
+        view.as_ref(),
+    )
+    .key(&marker)
+    .arg(&text)
+    .evicting();
+    let written = b
+        .atomic(
+            call,
+            |kv| {
+                let current = kv.get_str(&marker).and_then(|m| {
+                    let (ms, seq) = std::str::from_utf8(m).ok()?.split_once('-')?;
+                    Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
+                });
+                if current.is_some_and(|c| c >= version) {
+                    return false;
+                }
+                let ttl_ms = i64::try_from(millis(ttl)).unwrap_or(i64::MAX);
+                kv.set(&marker, Val::Str(Bytes::from(text.clone())), ttl_ms);
+                mirror_repair(kv, e);
+                let value = Bytes::from(envelope::value(&mirror_stamp(kv, e), body));
+                let until = kv.now_us().saturating_add(micros(ttl));
+                kv.put_evictable(e.key, value, until);
+                true
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await?;
+    if written {
+        bus.wake(e.key);
+    }
+    Ok(written)
 }
 
 /// Remove the value or lease of one entry; a fill leased before this can no longer commit.

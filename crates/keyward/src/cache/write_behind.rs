@@ -15,20 +15,26 @@
 //! nothing acknowledged is lost; with `appendfsync everysec` (Redis's default for AOF), up to about one
 //! second of writes; with RDB snapshots only, every write since the last snapshot; with no persistence, every
 //! write not yet drained when Redis restarts (the drain's worker then reports `group_recreated`). A drain that
-//! dies loses nothing: its entries stay pending and another drain takes them over after `claim_idle`.
+//! dies loses nothing: its entries stay pending and another drain takes them over after `claim_idle`. The
+//! stream's retention never trims a queued write no drain has read, not even before the first drain created
+//! its group ([`Keyward::write_behind`] marks the stream so); its hard cap (`retention.hard_maxlen`) is the
+//! bound that remains: past `hard_maxlen` unpersisted writes the oldest are dropped and counted
+//! (`keyward_stream_dropped_unacked_total`).
 //!
-//! **Ordering.** Each [`Write`] carries its `version` (the stream entry id: strictly increasing per stream).
-//! Within a batch only the newest write per id reaches the sink. Across batches, a write that failed and is
-//! retried later can reach the sink *after* a newer write to the same id: make the sink keep the highest
-//! version (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
-//! last-delivery-wins. Writes to one id from one process take turns (a process-wide lock per cache key),
-//! so the cache sets land in version order; two processes writing one id at once can still leave the cache
-//! at the older of their values until its TTL (docs/streams.md, Write-behind, lists this and the other holes).
+//! **Ordering.** Each [`Write`] carries its `version` (the stream entry id `write` queued it under: strictly
+//! increasing per stream; a write replayed from the dead letters keeps its first one). Within a batch only
+//! the newest write per id reaches the sink. Across batches, a write that failed and is retried later can
+//! reach the sink *after* a newer write to the same id: make the sink keep the highest version
+//! (`UPDATE … SET value = $v, version = $ver WHERE id = $id AND version < $ver`), or accept
+//! last-delivery-wins. The cache set is version-conditional: the entry remembers the newest write-behind
+//! version it took (a marker key `<entry>:wv` in its slot, with its TTL) and refuses an older one, so writes
+//! to one id from any number of tasks and processes leave the cache at the newest write, the one a
+//! version-checking sink keeps (docs/streams.md, Write-behind, lists the remaining holes).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -52,8 +58,8 @@ pub struct Record<I, V> {
     pub value: V,
 }
 
-/// A write handed to the sink: the id, the value, and its version (the stream entry id, increasing with
-/// every write to the stream).
+/// A write handed to the sink: the id, the value, and its version (the stream entry id the write was queued
+/// under, increasing with every write to the stream; a replayed dead letter keeps its first one).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Write<I, V> {
@@ -61,7 +67,11 @@ pub struct Write<I, V> {
     pub id: I,
     /// The value written.
     pub value: V,
-    /// The write's version: later writes have higher versions.
+    /// The write's version: later writes have higher versions. The id of the stream entry the write was
+    /// queued under by [`WriteBehind::write`]; a write replayed from the dead letters
+    /// ([`Stream::replay_dead_letters`]) keeps that first id (its [`Message::first_id`]), so it never
+    /// passes for newer than a write made after it. Persist a write only if its version is above the one
+    /// stored for its id.
     pub version: EntryId,
 }
 
@@ -135,6 +145,9 @@ impl<I, V, C> fmt::Debug for WriteBehind<I, V, C> {
 impl Keyward {
     /// Write-behind for `cache_class` (a `cache` class) through `stream_class` (a `stream` class: its
     /// retention, `max_deliveries`, backoff, `claim_idle` and dead letters govern the queued writes).
+    /// From this call on, this `Keyward`'s publishes to the stream keep entries no consumer group has read
+    /// while the stream has no group (only the hard cap trims them), so writes made before the first drain
+    /// ran are not lost to retention.
     ///
     /// # Errors
     /// [`Error::UnknownClass`](crate::Error::UnknownClass), or
@@ -148,10 +161,11 @@ impl Keyward {
         I: IdParts + Serialize + DeserializeOwned + Send + Sync + 'static,
         V: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        Ok(WriteBehind {
-            cache: self.cache::<V>(cache_class)?,
-            stream: self.stream::<Record<I, V>>(stream_class)?,
-        })
+        let cache = self.cache::<V>(cache_class)?;
+        let stream = self.stream::<Record<I, V>>(stream_class)?;
+        // Queued writes are kept until a drain's group has read them, even before that group exists.
+        crate::stream::store::keep_unread(&stream);
+        Ok(WriteBehind { cache, stream })
     }
 }
 
@@ -172,7 +186,9 @@ where
     }
 
     /// Queue the write of `value` under `id` (one stream append, with the stream's retention) and then set the
-    /// cache (which also voids any fill in progress for the entry). Returns the write's version.
+    /// cache (which also voids any fill in progress for the entry) — unless the entry already took a newer
+    /// write-behind write, from this process or another: the cache ends at the newest write whatever order
+    /// the sets arrive in. Returns the write's version.
     ///
     /// # Errors
     /// [`Error::Key`](crate::Error::Key) for an unusable id (nothing is queued);
@@ -183,13 +199,12 @@ where
     pub async fn write(&self, id: I, value: V) -> Result<EntryId> {
         // Refuse what the cache would refuse before anything is queued.
         let key = self.cache.key(&id)?;
-        self.cache.encode(&value)?;
-        // One write per entry at a time in this process, so the cache sets land in version order.
-        let turn = IdTurn::take(key);
-        let _held = turn.lock.lock().await;
+        let payload = self.cache.encode(&value)?;
         let record = Record { id, value };
         let version = self.stream.publish(&record).await?;
-        self.cache.set(&record.id, &record.value).await?;
+        self.cache
+            .set_written_behind(key, &payload, version)
+            .await?;
         Ok(version)
     }
 
@@ -214,35 +229,27 @@ where
     }
 }
 
-/// Per cache key, the lock that orders this process's writes to it: without it two tasks writing the same
-/// id could append in one order and set the cache in the other, leaving the cache at the older value while
-/// the sink keeps the newer one (until the entry's TTL). Process-wide, so every handle is covered; an
-/// entry lives only while some write to its key holds or waits for it.
-static TURNS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Mutex::default);
-
-/// A write's hold on its key's lock; removes the key's entry when the last holder goes (also when the
-/// write's future is dropped mid-way).
-struct IdTurn {
-    key: String,
-    lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl IdTurn {
-    fn take(key: String) -> IdTurn {
-        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
-        let lock = Arc::clone(turns.entry(key.clone()).or_default());
-        IdTurn { key, lock }
-    }
-}
-
-impl Drop for IdTurn {
-    fn drop(&mut self) {
-        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
-        // The map's reference and ours: nobody else holds or waits for it (clones are made under this lock).
-        if Arc::strong_count(&self.lock) == 2 {
-            turns.remove(&self.key);
-        }
+impl<V, C> Cache<V, C>
+where
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+    C: Codec,
+{
+    /// Set `key` to the encoded `payload` of the write-behind write `version`, unless the entry took a newer
+    /// write-behind write already (from any process): the sets of writes to one id land in version order
+    /// whatever order they arrive in, so the cache ends at the newest write, as a version-checking sink does.
+    /// Announced to the in-process tiers as any set.
+    async fn set_written_behind(
+        &self,
+        key: String,
+        payload: &[u8],
+        version: EntryId,
+    ) -> Result<()> {
+        let write = super::Write::SetIfNewer {
+            body: crate::envelope::body(Some(payload)),
+            ttl: self.class.policy.stored_ttl(),
+            version: (version.millis(), version.seq()),
+        };
+        self.write_and_announce(key, write).await
     }
 }
 
@@ -365,19 +372,20 @@ async fn batches<I, V, C, S, Fut, Er>(
                 Ok(None) | Err(_) => break,
             }
         }
-        // The newest write per id (by the cache key it maps to); the others are answered with its outcome.
+        // The newest write per id (by the cache key it maps to, by version: a replayed dead letter keeps
+        // its first id); the others are answered with its outcome.
         let mut newest: HashMap<String, usize> = HashMap::with_capacity(batch.len());
         for (i, (m, _)) in batch.iter().enumerate() {
             let key = cache.key(&m.event.id).unwrap_or_default();
             match newest.get(&key) {
-                Some(&j) if batch[j].0.id > m.id => {}
+                Some(&j) if batch[j].0.first_id() > m.first_id() => {}
                 _ => {
                     newest.insert(key, i);
                 }
             }
         }
         let mut keep: Vec<usize> = newest.into_values().collect();
-        keep.sort_by_key(|&i| batch[i].0.id);
+        keep.sort_by_key(|&i| batch[i].0.first_id());
         let mut answers = Vec::with_capacity(batch.len());
         let mut writes = Vec::with_capacity(keep.len());
         let mut slots: Vec<Option<Pending<I, V>>> = batch.into_iter().map(Some).collect();
@@ -385,9 +393,9 @@ async fn batches<I, V, C, S, Fut, Er>(
             if let Some((m, done)) = slots[i].take() {
                 answers.push(done);
                 writes.push(Write {
+                    version: m.first_id(),
                     id: m.event.id,
                     value: m.event.value,
-                    version: m.id,
                 });
             }
         }

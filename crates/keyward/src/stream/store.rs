@@ -28,6 +28,13 @@ scripts! {
 /// The field each entry stores its encoded message in.
 pub(super) const FIELD: &[u8] = b"m";
 
+/// The field a replayed dead letter carries (and keeps through further dead-lettering and replays): its
+/// origin, the id the event was first published under (`stream_replay.lua`).
+const ORIGIN: &[u8] = b"o";
+
+/// One entry read for a consumer: its id, its encoded event, and its origin (for a replayed dead letter).
+pub(super) type ReadEntry = (EntryId, Bytes, Option<EntryId>);
+
 /// The keys of one stream class. They share the hash tag `{<class>}`, so one Cluster slot holds the stream,
 /// its dead letters and any helper key, and one script can touch them all. Streams carry no TTL (their
 /// retention bounds them); every helper key added here must get one.
@@ -88,12 +95,66 @@ fn retention_args(r: &Retention) -> (u64, u64, bool, u64) {
 /// the last publish call's messages, and at most `hard_maxlen` always.
 pub(crate) const APPROX_SLACK: u64 = 100;
 
+/// The streams of one [`Keyward`] whose publishes keep every entry while the stream has no consumer group
+/// (`stream_retain.lua`'s ARGV\[7\]): those of write-behind handles ([`keep_unread`]). By stream key.
+///
+/// Why a registry and not a flag on the handle: every handle of a stream made from one `Keyward` shares
+/// one publish batcher, and a batch is flushed with whichever handle's settings queued first; a flag that
+/// belongs to the stream key holds for all of them, so a write-behind write is never published under a
+/// plain handle's retention.
+#[derive(Default)]
+pub(crate) struct UnreadKept(std::sync::RwLock<std::collections::HashSet<String>>);
+
+impl UnreadKept {
+    fn contains(&self, stream: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(stream)
+    }
+}
+
+/// From now on, publishes to `stream`'s key from its [`Keyward`] keep every entry while no consumer group
+/// exists, instead of trimming them to the retention (only the hard cap still applies, and counts what it
+/// cuts as dropped): a write-behind queue's entries are unpersisted writes until a drain's group has read
+/// them, whether or not that group exists yet.
+pub(crate) fn keep_unread<E, C>(stream: &super::Stream<E, C>) {
+    let kept = stream.kw.shared::<UnreadKept>();
+    let key = &stream.inner.keys.stream;
+    if !kept.contains(key) {
+        kept.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone());
+    }
+}
+
 /// The mirror of `stream_retain.lua`'s trimming over one stream (exact once it trims: the embedded backend
 /// has no internal nodes, so `~` trims exactly too; but as on Redis, a `~` count bound is looked at only
-/// once the stream is [`APPROX_SLACK`] entries over it). Returns the entries dropped by the hard cap that a
-/// group still needed.
-pub(crate) fn apply_retention(s: &mut StreamVal, r: &Retention, now_ms: i64) -> u64 {
+/// once the stream is [`APPROX_SLACK`] entries over it). With `keep_unread` (a write-behind queue) and no
+/// group, only the hard cap trims, and every entry it cuts counts as dropped. Returns the entries dropped
+/// by the hard cap that a group (or, with `keep_unread` and no group, a future drain) still needed.
+pub(crate) fn apply_retention(
+    s: &mut StreamVal,
+    r: &Retention,
+    now_ms: i64,
+    keep_unread: bool,
+) -> u64 {
     let (maxlen, max_age, approximate, hard) = retention_args(r);
+    if keep_unread && s.group_names().next().is_none() {
+        let len = s.len() as u64;
+        if len <= hard {
+            return 0;
+        }
+        let cut = s.ids_below(
+            StreamId::MAX,
+            usize::try_from(len - hard).unwrap_or(usize::MAX),
+        );
+        if let Some(last) = cut.last() {
+            s.trim_minid(last.next());
+        }
+        return cut.len() as u64;
+    }
     let age_floor: Option<StreamId> = (max_age > 0).then(|| {
         let now = u64::try_from(now_ms).unwrap_or(0);
         StreamId::new(now.saturating_sub(max_age), 0)
@@ -205,6 +266,7 @@ pub(super) async fn publish(
     payloads: &[Vec<u8>],
 ) -> Result<Published> {
     let (maxlen, max_age, approximate, hard) = retention_args(retention);
+    let keep = kw.shared::<UnreadKept>().contains(&keys.stream);
     let channel = wake_channel(kw, keys);
     let mut pipe = Pipeline::new("stream_publish");
     for p in payloads {
@@ -226,7 +288,8 @@ pub(super) async fn publish(
         .arg(if approximate { "1" } else { "0" })
         .arg(hard)
         .arg(channel)
-        .arg(APPROX_SLACK);
+        .arg(APPROX_SLACK)
+        .arg(if keep { "1" } else { "0" });
     kw.inner
         .backend
         .commands(
@@ -243,7 +306,7 @@ pub(super) async fn publish(
                         ))
                     })
                     .collect();
-                let dropped = apply_retention(s, retention, now_ms);
+                let dropped = apply_retention(s, retention, now_ms, keep);
                 kv.del(&keys.wake);
                 Published { ids, dropped }
             },
@@ -340,6 +403,24 @@ fn payload_of(fields: &[(Bytes, Bytes)]) -> Bytes {
         .unwrap_or_default()
 }
 
+/// The field `o` of an entry's fields, raw.
+fn origin_field(fields: &[(Bytes, Bytes)]) -> Option<Bytes> {
+    fields
+        .iter()
+        .find(|(f, _)| &f[..] == ORIGIN)
+        .map(|(_, v)| v.clone())
+}
+
+/// The origin of an entry (its field `o`, parsed).
+fn origin_of(fields: &[(Bytes, Bytes)]) -> Option<EntryId> {
+    origin_field(fields).and_then(|o| parse_id(&Reply::Bytes(o)))
+}
+
+/// An origin reply: nil is `None`; bytes that are no id are `None` too (an entry written by hand).
+fn parse_origin(r: &Reply) -> Option<EntryId> {
+    if r.is_nil() { None } else { parse_id(r) }
+}
+
 fn sid(id: EntryId) -> StreamId {
     StreamId::new(id.ms, id.seq)
 }
@@ -396,7 +477,7 @@ pub(super) async fn read_plain(
     group: &str,
     consumer: &str,
     count: usize,
-) -> Result<Option<Vec<(EntryId, Bytes)>>> {
+) -> Result<Option<Vec<ReadEntry>>> {
     let pipe = Pipeline::new("stream_read")
         .cmd("XREADGROUP")
         .arg("GROUP")
@@ -418,7 +499,7 @@ pub(super) async fn read_plain(
                     .and_then(|s| s.read_new(group, consumer, count, now_ms));
                 got.filter(|g| !g.is_empty()).map(|g| {
                     g.into_iter()
-                        .map(|(id, fields)| (to_entry(id), payload_of(&fields)))
+                        .map(|(id, fields)| (to_entry(id), payload_of(&fields), origin_of(&fields)))
                         .collect()
                 })
             },
@@ -441,15 +522,17 @@ pub(super) async fn read_plain(
                         let [id, fields] = e.array()? else {
                             return None;
                         };
-                        let payload = match fields.array() {
-                            Some(f) => f
-                                .chunks(2)
-                                .find(|p| p[0].bytes().is_some_and(|n| n[..] == *FIELD))
-                                .and_then(|p| p.get(1)?.bytes())
-                                .unwrap_or_default(),
-                            None => Bytes::new(),
-                        };
-                        Some((parse_id(id)?, payload))
+                        let (mut payload, mut origin) = (Bytes::new(), None);
+                        for pair in fields.array().unwrap_or_default().chunks(2) {
+                            let [name, value] = pair else { continue };
+                            let Reply::Bytes(name) = name else { continue };
+                            if name[..] == *FIELD {
+                                payload = value.bytes().unwrap_or_default();
+                            } else if name[..] == *ORIGIN {
+                                origin = parse_id(value);
+                            }
+                        }
+                        Some((parse_id(id)?, payload, origin))
                     })
                     .collect::<Option<Vec<_>>>()?;
                 Some((!out.is_empty()).then_some(out))
@@ -467,7 +550,7 @@ pub(super) async fn read(
     consumer: &str,
     count: usize,
     marker_ttl_ms: u64,
-) -> Result<Option<Vec<(EntryId, Bytes)>>> {
+) -> Result<Option<Vec<ReadEntry>>> {
     let call = SCRIPTS
         .read
         .call("stream_read")
@@ -488,7 +571,7 @@ pub(super) async fn read(
                     .and_then(|s| s.read_new(group, consumer, count, now_ms))?;
                 let out: Vec<_> = got
                     .into_iter()
-                    .map(|(id, fields)| (to_entry(id), payload_of(&fields)))
+                    .map(|(id, fields)| (to_entry(id), payload_of(&fields), origin_of(&fields)))
                     .collect();
                 if out.is_empty() {
                     kv.set(
@@ -506,10 +589,16 @@ pub(super) async fn read(
                     return Some(None);
                 }
                 let out = rest
-                    .chunks(2)
-                    .map(|pair| {
-                        let [id, payload] = pair else { return None };
-                        Some((parse_id(id)?, parse_payload(payload)?.unwrap_or_default()))
+                    .chunks(3)
+                    .map(|c| {
+                        let [id, payload, origin] = c else {
+                            return None;
+                        };
+                        Some((
+                            parse_id(id)?,
+                            parse_payload(payload)?.unwrap_or_default(),
+                            parse_origin(origin),
+                        ))
                     })
                     .collect::<Option<Vec<_>>>()?;
                 Some(Some(out))
@@ -562,6 +651,8 @@ pub(super) struct Claimed {
     pub(super) deliveries: u64,
     /// `None` when the entry is no longer in the stream (trimmed past the hard cap).
     pub(super) payload: Option<Bytes>,
+    /// For a replayed dead letter, the id its event was first published under.
+    pub(super) origin: Option<EntryId>,
 }
 
 /// `stream_claim.lua` for one entry this consumer still holds: its next delivery (a retry), or `None` if
@@ -599,18 +690,21 @@ pub(super) async fn redeliver(
                     .claim(group, consumer, sid(id), false, now_ms)
                     .unwrap_or(before + 1);
                 let payload = s.entry(sid(id)).map(|f| payload_of(f));
+                let origin = s.entry(sid(id)).and_then(|f| origin_of(f));
                 Some(Claimed {
                     id,
                     deliveries,
                     payload,
+                    origin,
                 })
             },
             |reply| match reply.array()? {
                 [] => Some(None),
-                [rid, deliveries, payload] => Some(Some(Claimed {
+                [rid, deliveries, payload, origin] => Some(Some(Claimed {
                     id: parse_id(rid)?,
                     deliveries: u64::try_from(deliveries.int()?).ok()?,
                     payload: parse_payload(payload)?,
+                    origin: parse_origin(origin),
                 })),
                 _ => None,
             },
@@ -719,6 +813,7 @@ pub(super) async fn reclaim(
                         id: to_entry(*id),
                         deliveries: s.pending_entry(group, *id).map_or(0, |p| p.deliveries),
                         payload: Some(payload_of(fields)),
+                        origin: origin_of(fields),
                     })
                     .collect();
                 let bound = i64::try_from(consumer_idle_ms).unwrap_or(i64::MAX);
@@ -743,15 +838,16 @@ pub(super) async fn reclaim(
                 };
                 let next = parse_id(next)?;
                 let claimed = rest
-                    .chunks(3)
+                    .chunks(4)
                     .map(|c| {
-                        let [id, deliveries, payload] = c else {
+                        let [id, deliveries, payload, origin] = c else {
                             return None;
                         };
                         Some(Claimed {
                             id: parse_id(id)?,
                             deliveries: u64::try_from(deliveries.int()?).ok()?,
                             payload: parse_payload(payload)?,
+                            origin: parse_origin(origin),
                         })
                     })
                     .collect::<Option<Vec<_>>>()?;
@@ -809,6 +905,7 @@ pub(super) async fn dead_letter(
                     return false;
                 }
                 let payload = s.entry(sid(id)).map(|f| payload_of(f)).unwrap_or_default();
+                let origin = s.entry(sid(id)).and_then(|f| origin_field(f));
                 s.ack(group, &[sid(id)]);
                 let needed = s.group_names().filter(|g| *g != group).any(|g| {
                     s.group(g).is_some_and(|other| {
@@ -820,25 +917,26 @@ pub(super) async fn dead_letter(
                 }
                 if dead.is_some() {
                     let d = kv.stream_or_create(&keys.dead);
-                    d.add(
-                        now_ms,
-                        vec![
-                            (Bytes::from_static(FIELD), payload),
-                            (Bytes::from_static(b"id"), Bytes::from(id.to_string())),
-                            (
-                                Bytes::from_static(b"group"),
-                                Bytes::copy_from_slice(group.as_bytes()),
-                            ),
-                            (
-                                Bytes::from_static(b"error"),
-                                Bytes::copy_from_slice(error.as_bytes()),
-                            ),
-                            (
-                                Bytes::from_static(b"deliveries"),
-                                Bytes::from(deliveries.to_string()),
-                            ),
-                        ],
-                    );
+                    let mut fields = vec![
+                        (Bytes::from_static(FIELD), payload),
+                        (Bytes::from_static(b"id"), Bytes::from(id.to_string())),
+                        (
+                            Bytes::from_static(b"group"),
+                            Bytes::copy_from_slice(group.as_bytes()),
+                        ),
+                        (
+                            Bytes::from_static(b"error"),
+                            Bytes::copy_from_slice(error.as_bytes()),
+                        ),
+                        (
+                            Bytes::from_static(b"deliveries"),
+                            Bytes::from(deliveries.to_string()),
+                        ),
+                    ];
+                    if let Some(o) = origin {
+                        fields.push((Bytes::from_static(ORIGIN), o));
+                    }
+                    d.add(now_ms, fields);
                     if max_age > 0 {
                         let now = u64::try_from(now_ms).unwrap_or(0);
                         if now > max_age {
@@ -895,6 +993,7 @@ pub(super) async fn dead_letters(
                             error: text(b"error"),
                             deliveries: text(b"deliveries").parse().unwrap_or(0),
                             payload: field(FIELD),
+                            origin: origin_of(&fields),
                         }
                     })
                     .collect()
@@ -902,9 +1001,9 @@ pub(super) async fn dead_letters(
             |reply| {
                 reply
                     .array()?
-                    .chunks(6)
+                    .chunks(7)
                     .map(|c| {
-                        let [dead_id, payload, id, group, error, deliveries] = c else {
+                        let [dead_id, payload, id, group, error, deliveries, origin] = c else {
                             return None;
                         };
                         let text = |r: &Reply| {
@@ -919,6 +1018,7 @@ pub(super) async fn dead_letters(
                             group: text(group)?,
                             error: text(error)?,
                             deliveries: text(deliveries)?.parse().unwrap_or(0),
+                            origin: parse_origin(origin),
                         })
                     })
                     .collect()
@@ -959,7 +1059,18 @@ pub(super) async fn replay(
                 if let Some(d) = kv.stream_mut(&keys.dead) {
                     for id in dead_ids {
                         if let Some(fields) = d.entry(sid(*id)) {
-                            payloads.push((*id, payload_of(fields)));
+                            // The origin: the dead letter's own (replayed before), else its entry id.
+                            let origin = origin_field(fields).or_else(|| {
+                                fields
+                                    .iter()
+                                    .find(|(f, _)| &f[..] == b"id")
+                                    .map(|(_, v)| v.clone())
+                            });
+                            let mut entry = vec![(Bytes::from_static(FIELD), payload_of(fields))];
+                            if let Some(o) = origin {
+                                entry.push((Bytes::from_static(ORIGIN), o));
+                            }
+                            payloads.push((*id, entry));
                             d.delete(&[sid(*id)]);
                         }
                     }
@@ -970,12 +1081,7 @@ pub(super) async fn replay(
                 let s = kv.stream_or_create(&keys.stream);
                 let moved = payloads
                     .into_iter()
-                    .map(|(dead, p)| {
-                        (
-                            dead,
-                            to_entry(s.add(now_ms, vec![(Bytes::from_static(FIELD), p)])),
-                        )
-                    })
+                    .map(|(dead, entry)| (dead, to_entry(s.add(now_ms, entry))))
                     .collect();
                 kv.del(&keys.wake);
                 moved
@@ -1076,7 +1182,7 @@ mod tests {
     fn maxlen_trims_to_the_bound_without_groups() {
         let mut s = filled(10);
         let r = Retention::maxlen(4).approximate(false);
-        assert_eq!(apply_retention(&mut s, &r, 10), 0);
+        assert_eq!(apply_retention(&mut s, &r, 10, false), 0);
         assert_eq!(ids(&s), [7, 8, 9, 10]);
     }
 
@@ -1090,7 +1196,7 @@ mod tests {
         let all: Vec<StreamId> = (1..=5).map(|ms| StreamId::new(ms, 0)).collect();
         s.ack("g", &all);
         let r = Retention::maxlen(10).approximate(false);
-        assert_eq!(apply_retention(&mut s, &r, 6), 0);
+        assert_eq!(apply_retention(&mut s, &r, 6, false), 0);
         assert_eq!(ids(&s), [1, 2, 3, 4, 5], "under maxlen: nothing trimmed");
     }
 
@@ -1099,7 +1205,7 @@ mod tests {
         let mut s = filled(10);
         let r = Retention::max_age(std::time::Duration::from_millis(3000));
         // now = 3006 ms: entries at 1..=5 ms are older than 3 s.
-        apply_retention(&mut s, &r, 3006);
+        apply_retention(&mut s, &r, 3006, false);
         assert_eq!(ids(&s), [6, 7, 8, 9, 10]);
     }
 
@@ -1115,14 +1221,14 @@ mod tests {
         let r = Retention::maxlen(2).approximate(false).hard_maxlen(6);
         // Retention wants 9..=10; the group needs 2 and everything after: 1 goes, then the hard cap
         // keeps the newest 6 and drops 2..=4, which the group had not acknowledged.
-        assert_eq!(apply_retention(&mut s, &r, 10), 3);
+        assert_eq!(apply_retention(&mut s, &r, 10, false), 3);
         assert_eq!(ids(&s), [5, 6, 7, 8, 9, 10]);
 
         // Once the group catches up, retention applies again.
         s.read_new("g", "c", 100, 11);
         let all: Vec<StreamId> = (1..=10).map(|ms| StreamId::new(ms, 0)).collect();
         s.ack("g", &all);
-        assert_eq!(apply_retention(&mut s, &r, 11), 0);
+        assert_eq!(apply_retention(&mut s, &r, 11, false), 0);
         assert_eq!(ids(&s), [9, 10]);
     }
 
@@ -1130,18 +1236,18 @@ mod tests {
     fn approximate_maxlen_waits_for_a_node_of_slack_then_trims() {
         let r = Retention::maxlen(10).hard_maxlen(10_000); // `~`
         let mut s = filled(10 + APPROX_SLACK - 1);
-        assert_eq!(apply_retention(&mut s, &r, 1000), 0);
+        assert_eq!(apply_retention(&mut s, &r, 1000, false), 0);
         assert_eq!(
             s.len() as u64,
             10 + APPROX_SLACK - 1,
             "within `~`'s slack: untouched"
         );
         s.add(1000, vec![]);
-        apply_retention(&mut s, &r, 1000);
+        apply_retention(&mut s, &r, 1000, false);
         assert_eq!(s.len(), 10, "a node's worth over: trimmed to the bound");
         // Exact retention has no slack.
         let mut s = filled(11);
-        apply_retention(&mut s, &r.approximate(false), 1000);
+        apply_retention(&mut s, &r.approximate(false), 1000, false);
         assert_eq!(ids(&s), [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     }
 
@@ -1152,7 +1258,7 @@ mod tests {
         s.create_group("g", Some(StreamId::new(25, 0))); // needs 26..
         let r = Retention::maxlen(10).hard_maxlen(20);
         assert_eq!(
-            apply_retention(&mut s, &r, 30),
+            apply_retention(&mut s, &r, 30, false),
             0,
             "1..=10 were delivered and acknowledged"
         );
@@ -1161,7 +1267,7 @@ mod tests {
         let mut s = filled(10 + APPROX_SLACK + 5);
         s.create_group("g", Some(StreamId::new(3, 0))); // needs 4..
         let r = Retention::maxlen(10).hard_maxlen(1000);
-        assert_eq!(apply_retention(&mut s, &r, 1000), 0);
+        assert_eq!(apply_retention(&mut s, &r, 1000, false), 0);
         assert_eq!(s.first_id(), Some(StreamId::new(4, 0)));
     }
 
@@ -1170,12 +1276,34 @@ mod tests {
         let mut s = filled(10);
         let r = Retention::maxlen(5).and_max_age(std::time::Duration::from_millis(5));
         // now = 12: entries below 7 ms are past max_age; 10 entries are within maxlen's slack.
-        apply_retention(&mut s, &r, 12);
+        apply_retention(&mut s, &r, 12, false);
         assert_eq!(ids(&s), [7, 8, 9, 10]);
         // Nothing aged and within the slack: untouched.
         let mut s = filled(10);
-        apply_retention(&mut s, &r, 6);
+        apply_retention(&mut s, &r, 6, false);
         assert_eq!(s.len(), 10);
+    }
+
+    #[test]
+    fn a_write_behind_queue_without_a_group_is_trimmed_only_by_the_hard_cap() {
+        let r = Retention::maxlen(2)
+            .approximate(false)
+            .and_max_age(std::time::Duration::from_millis(1))
+            .hard_maxlen(6);
+        let mut s = filled(5);
+        assert_eq!(apply_retention(&mut s, &r, 100, true), 0);
+        assert_eq!(ids(&s), [1, 2, 3, 4, 5], "past maxlen and max_age: kept");
+        let mut s = filled(9);
+        assert_eq!(
+            apply_retention(&mut s, &r, 100, true),
+            3,
+            "every entry the hard cap cuts was unread"
+        );
+        assert_eq!(ids(&s), [4, 5, 6, 7, 8, 9]);
+        // Once a group exists, its floor rules as for any stream.
+        s.create_group("g", Some(StreamId::new(7, 0))); // needs 8..
+        assert_eq!(apply_retention(&mut s, &r, 100, true), 0);
+        assert_eq!(ids(&s), [8, 9]);
     }
 
     #[test]
@@ -1184,7 +1312,7 @@ mod tests {
         s.create_group("g", Some(StreamId::new(5, 0))); // needs 6..
         s.create_group("h", Some(StreamId::new(8, 0))); // needs 9..
         let r = Retention::maxlen(1).and_max_age(std::time::Duration::from_millis(1));
-        assert_eq!(apply_retention(&mut s, &r, 100), 0);
+        assert_eq!(apply_retention(&mut s, &r, 100, false), 0);
         assert_eq!(ids(&s), [6, 7, 8, 9, 10], "g's floor holds");
     }
 }

@@ -1,5 +1,5 @@
 -- Move an entry that failed max_deliveries times to the dead-letter stream, in one step: add it there with its
--- last error, acknowledge it, and delete it from the stream if no other group still needs it. Only if this
+-- last error (and its origin `o`, if it was a replayed dead letter: see stream_replay.lua), acknowledge it, and delete it from the stream if no other group still needs it. Only if this
 -- consumer still holds it, so an entry is never dead-lettered twice nor both dead-lettered and pending.
 -- KEYS[1] the stream   KEYS[2] the dead-letter stream (same hash tag)
 -- ARGV[1] group   ARGV[2] consumer   ARGV[3] entry id   ARGV[4] last error   ARGV[5] deliveries
@@ -13,15 +13,23 @@ end
 if ARGV[6] == '1' then
   local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
   local payload = ''
+  local origin
   if e[1] then
     for j = 1, #e[1][2], 2 do
       if e[1][2][j] == 'm' then
         payload = e[1][2][j + 1]
+      elseif e[1][2][j] == 'o' then
+        origin = e[1][2][j + 1]
       end
     end
   end
-  redis.call('XADD', KEYS[2], '*', 'm', payload, 'id', ARGV[3], 'group', ARGV[1], 'error', ARGV[4],
-    'deliveries', ARGV[5])
+  if origin then
+    redis.call('XADD', KEYS[2], '*', 'm', payload, 'id', ARGV[3], 'group', ARGV[1], 'error', ARGV[4],
+      'deliveries', ARGV[5], 'o', origin)
+  else
+    redis.call('XADD', KEYS[2], '*', 'm', payload, 'id', ARGV[3], 'group', ARGV[1], 'error', ARGV[4],
+      'deliveries', ARGV[5])
+  end
   local max_age = tonumber(ARGV[8])
   if max_age > 0 then
     local t = redis.call('TIME')

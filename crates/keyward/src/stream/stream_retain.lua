@@ -4,9 +4,11 @@
 -- KEYS[1] the stream   KEYS[2] the wake-up marker a worker leaves when it found nothing to read (same hash tag)
 -- ARGV[1] maxlen (0: no count bound)   ARGV[2] max_age in ms (0: no age bound)   ARGV[3] "1": approximate (~)
 -- ARGV[4] hard_maxlen   ARGV[5] the wake-up channel   ARGV[6] the `~` slack: with approximate retention, the
--- count bound is looked at only once XLEN exceeds maxlen by at least this many entries
--- Returns `dropped`: how many entries the hard cap removed although some group had not acknowledged them (0
--- normally). Running it twice, or after entries another publisher appended, is harmless: it only trims what
+-- count bound is looked at only once XLEN exceeds maxlen by at least this many entries   ARGV[7] "1": keep unread
+-- (a write-behind queue): while the stream has no consumer group, no entry is trimmed by maxlen or max_age
+-- (each is a write no drain has read yet); only the hard cap trims then, and every entry it cuts is dropped
+-- Returns `dropped`: how many entries the hard cap removed although some group had not acknowledged them (with
+-- ARGV[7] and no group: every entry it removed; 0 normally). Running it twice, or after entries another publisher appended, is harmless: it only trims what
 -- the retention allows at the moment it runs.
 --
 -- The trim point is T = min(G, max(A, L)): G the lowest "oldest unacknowledged id" over the groups (a group's
@@ -36,6 +38,7 @@ local max_age = tonumber(ARGV[2])
 local tilde = ARGV[3] == '1'
 local hard = tonumber(ARGV[4])
 local slack = tonumber(ARGV[6])
+local keep_unread = ARGV[7] == '1'
 
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -92,6 +95,16 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   if g == nil or less(floor, g) then
     g = floor
   end
+end
+
+-- No group in a write-behind queue: every entry is unread (G is the oldest entry), so only the hard cap trims,
+-- and all it cuts was needed.
+if g == nil and keep_unread then
+  if len > hard then
+    dropped = len - hard
+    redis.call('XTRIM', key, 'MAXLEN', hard)
+  end
+  return dropped
 end
 
 -- No group: nothing is unacknowledged, so T = max(A, L), and trimming by each bound on its own removes the

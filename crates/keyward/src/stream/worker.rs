@@ -55,6 +55,18 @@ pub struct Message<E> {
     pub event: E,
     /// How many times the entry has been delivered, this delivery included (1 the first time).
     pub deliveries: u64,
+    /// For an entry moved back from the dead letters ([`Stream::replay_dead_letters`]): the id its event was
+    /// first published under (kept through any number of dead-letterings and replays); `None` otherwise.
+    pub origin: Option<EntryId>,
+}
+
+impl<E> Message<E> {
+    /// The event's place in publish order: [`origin`](Self::origin) for a replayed dead letter, else
+    /// [`id`](Self::id). A replay does not make an old event new: order by this (e.g. write-behind's
+    /// [`Write::version`](crate::Write::version)), not by `id`.
+    pub fn first_id(&self) -> EntryId {
+        self.origin.unwrap_or(self.id)
+    }
 }
 
 /// What a worker did between `run` and its return.
@@ -162,7 +174,9 @@ where
     /// afresh to every group) and removed from the dead letters, each in one script, so none is ever in both
     /// places or lost between them. With `dry_run` nothing changes and the selection is returned. Returns the
     /// dead letters moved (or that would be), with the new entry id (`None` in a dry run). The stream's
-    /// retention is applied by the next publish.
+    /// retention is applied by the next publish. Each new entry remembers the id its event was first
+    /// published under ([`Message::origin`], [`Message::first_id`]), so a consumer that orders events (a
+    /// write-behind drain: [`Write::version`](crate::Write::version)) does not take a replay for a newer event.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a `max` above 10,000; backend failures.
@@ -226,6 +240,9 @@ pub struct DeadLetter {
     pub deliveries: u64,
     /// The encoded event, as published.
     pub payload: bytes::Bytes,
+    /// When the entry was itself a replayed dead letter: the id its event was first published under (a
+    /// replay of this dead letter keeps it; else a replay's origin is [`id`](Self::id)).
+    pub origin: Option<EntryId>,
 }
 
 impl<E, C, F, Fut, Er> Worker<E, C, F>
@@ -421,12 +438,13 @@ where
             busy = matches!(&read, Ok(Some(entries)) if entries.len() == asked);
             match read {
                 Ok(Some(entries)) if !entries.is_empty() => {
-                    for (id, payload) in entries {
+                    for (id, payload, origin) in entries {
                         let Some(p) = permits.pop() else { break };
                         let c = Claimed {
                             id,
                             deliveries: 1,
                             payload: Some(payload),
+                            origin,
                         };
                         tasks.spawn(Arc::clone(&ctx).process(c, p, acks.clone()));
                     }
@@ -703,7 +721,8 @@ where
                     permanent: true,
                 }
             } else {
-                self.run_handler(c.id, c.deliveries, &payload).await
+                self.run_handler(c.id, c.origin, c.deliveries, &payload)
+                    .await
             };
             match outcome {
                 Outcome::Ok => {
@@ -785,7 +804,13 @@ where
         }
     }
 
-    async fn run_handler(&self, id: EntryId, deliveries: u64, payload: &[u8]) -> Outcome {
+    async fn run_handler(
+        &self,
+        id: EntryId,
+        origin: Option<EntryId>,
+        deliveries: u64,
+        payload: &[u8],
+    ) -> Outcome {
         let s = &self.stream;
         let event = match C::decode(payload) {
             Ok(e) => e,
@@ -803,6 +828,7 @@ where
                 id,
                 event,
                 deliveries,
+                origin,
             })
             .instrument(span),
         )
