@@ -259,6 +259,18 @@ async fn content(
         )));
     }
     Ok(match (class.kind().name(), k.role()) {
+        ("cache", KeyRole::WriteVersion) => {
+            let version: Option<String> = redis::cmd("GETRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(63)
+                .query_async(conn)
+                .await?;
+            match version.as_deref().filter(|v| is_entry_id(v)) {
+                Some(v) => json!({ "format": "write_version", "newest_write": v }),
+                None => unknown("not a write-behind version marker (an entry id `ms-seq`)"),
+            }
+        }
         ("cache", _) => cache(class, conn, key, max_bytes).await?,
         ("rate_limit", _) => rate_limit(class, conn, key).await?,
         ("session", KeyRole::SessionIndex) => {
@@ -708,4 +720,13 @@ mod tests {
         assert!(parse_key("a\\q").is_err());
         assert!(parse_key("").is_err());
     }
+}
+
+/// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).
+fn is_entry_id(v: &str) -> bool {
+    v.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }

@@ -278,6 +278,7 @@ fn letter_json(d: &DeadLetter) -> Value {
     json!({
         "dead_id": d.dead_id.to_string(),
         "id": d.id.to_string(),
+        "origin": d.origin.map(|o| o.to_string()),
         "group": d.group,
         "deliveries": d.deliveries,
         "error": d.error,
@@ -290,8 +291,13 @@ fn letters_table(letters: &[DeadLetter], head: Option<String>) -> String {
     for d in letters {
         // Group and error come from consumers (an error may quote the event): control characters are
         // written `\xNN`, so a letter cannot drive the operator's terminal or forge a line of the table.
+        // A replayed letter also names the id its event was first published under.
+        let origin = d
+            .origin
+            .map(|o| format!(" (first published as {o})"))
+            .unwrap_or_default();
         text.push_str(&format!(
-            "  {}  group {}  {} deliveries  error: {}\n",
+            "  {}{origin}  group {}  {} deliveries  error: {}\n",
             d.id,
             crate::audit::display_key(d.group.as_bytes()),
             d.deliveries,

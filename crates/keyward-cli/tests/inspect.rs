@@ -180,6 +180,22 @@ async fn cache_values_leases_old_versions_and_garbage() {
     );
     assert_readable_cache_value(&text);
 
+    // A write-behind version marker next to the entry: its newest write, or "unknown" for garbage.
+    let marker = format!("{}:wv", s.key("product", "p1"));
+    let mut r = s.redis();
+    for (value, format) in [("1700000000000-3", "write_version"), ("garbage", "unknown")] {
+        let () = redis::cmd("SET")
+            .arg(&marker)
+            .arg(value)
+            .arg("PX")
+            .arg(60_000)
+            .query(&mut r)
+            .unwrap();
+        let (doc, _) = s.inspect(&marker);
+        assert_eq!(doc["class"]["role"], "write_version", "{doc:#}");
+        assert_eq!(doc["content"]["format"], format, "{doc:#}");
+    }
+
     // A payload longer than --max-bytes is cut there.
     product.set(&"long", &"x".repeat(1000)).await.unwrap();
     let long = json(&s.run(&[

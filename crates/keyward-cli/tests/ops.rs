@@ -259,6 +259,40 @@ async fn dead_letters_are_listed_and_replayed_only_when_confirmed() {
     assert!(done["replayed"][0]["new_id"].is_string());
     assert!(jobs.dead_letters(10).await.unwrap().is_empty());
     assert_eq!(jobs.len().await.unwrap(), before + 1, "back in the stream");
+    assert_eq!(
+        letters[0]["origin"],
+        Value::Null,
+        "a first dead letter has no origin"
+    );
+
+    // The replayed event fails again: its new dead letter names the id it was first published under.
+    let failed = Arc::new(Notify::new());
+    let worker = {
+        let failed = Arc::clone(&failed);
+        jobs.worker("billing", move |_: Message<Value>| {
+            let failed = Arc::clone(&failed);
+            async move {
+                failed.notify_one();
+                Err("card declined again".to_owned())
+            }
+        })
+    };
+    assert_eq!(
+        worker.run(failed.notified()).await.unwrap().dead_lettered,
+        1
+    );
+    let again = json(&s.run(&["dead-letters", "list", "jobs", "--json"]));
+    assert_eq!(
+        again["dead_letters"][0]["origin"],
+        id.to_string(),
+        "{again:#}"
+    );
+    let text =
+        String::from_utf8_lossy(&s.run(&["dead-letters", "list", "jobs"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!("(first published as {id})")),
+        "{text}"
+    );
 }
 
 #[test]
