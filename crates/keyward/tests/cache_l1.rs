@@ -22,6 +22,7 @@ conformance!(
     a_refused_fill_never_lands_in_l1,
     randomized_trials_never_read_beyond_the_bound,
     shared_reads_share_one_decoding_and_follow_invalidations,
+    a_tag_invalidation_drops_only_the_copies_carrying_it,
 );
 
 fn load(
@@ -391,6 +392,85 @@ mod cases {
         }
         // And a plain get after it agrees.
         assert_eq!(b.get_shared(&1).await.unwrap().as_deref(), Some(&9));
+    }
+
+    /// A tag's invalidation drops the L1 copies that carry the tag — those a fill made and those read back
+    /// from the store alike — on every instance within the bound, and keeps the others. (Before, it dropped
+    /// every copy of every class.) Up to three tries: a loss of trust in between (a heartbeat late on a
+    /// loaded machine) drops every copy legitimately; the old behaviour fails every try.
+    pub async fn a_tag_invalidation_drops_only_the_copies_carrying_it(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<u64>("near").unwrap();
+        let b = hs[1].cache::<u64>("near").unwrap();
+        let mut tries = Vec::new();
+        for t in 0..3 {
+            match tag_try(&a, &b, 1_000 * (t + 1)).await {
+                Ok(()) => return,
+                Err(e) => tries.push(e),
+            }
+        }
+        panic!("copies without the tag were dropped in every try: {tries:#?}");
+    }
+}
+
+/// Read `id` (filled with `tags`) through `c` until L1 serves it, within [`SOON`].
+async fn until_tagged_l1_hit(c: &Cache<u64>, id: u64, tags: &[&str], source: &Arc<AtomicU64>) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, how) = c
+            .get_or_set_tagged_with_status(&id, tags, load(source))
+            .await
+            .unwrap();
+        if how == CacheLookup::L1Hit {
+            return;
+        }
+        assert!(Instant::now() < deadline, "L1 never served {id}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// One try of [`cases::a_tag_invalidation_drops_only_the_copies_carrying_it`] on fresh ids from `base`:
+/// `Ok` when the copies without the tag were still served from L1 on both instances afterwards, `Err` with
+/// what was not (a loss of trust, which drops every copy, can explain one such try).
+async fn tag_try(a: &Cache<u64>, b: &Cache<u64>, base: u64) -> Result<(), String> {
+    let source = Arc::new(AtomicU64::new(base));
+    let (x, y, plain) = (base + 1, base + 2, base + 3);
+    // `a` fills (its copies know their tags from the fill); `b` reads them from the store (its copies
+    // know them from the stored envelope).
+    for c in [a, b] {
+        until_tagged_l1_hit(c, x, &["kind:x"], &source).await;
+        until_tagged_l1_hit(c, y, &["kind:y"], &source).await;
+        until_tagged_l1_hit(c, plain, &[], &source).await;
+    }
+    source.store(base + 100, Ordering::SeqCst);
+    a.invalidate_tag("kind:x").await.unwrap();
+    let returned = Instant::now();
+    // The tagged copies go: on `a` at once, on `b` within the bound.
+    let (v, how) = a
+        .get_or_set_tagged_with_status(&x, &["kind:x"], load(&source))
+        .await
+        .unwrap();
+    assert_eq!((v, how), (base + 100, CacheLookup::Miss));
+    converges(b, x, base + 100, returned, &source).await;
+    // The others stay, on both instances.
+    let mut kept = Vec::new();
+    for (name, c) in [("a", a), ("b", b)] {
+        for (id, tags) in [(y, &["kind:y"][..]), (plain, &[][..])] {
+            let (v, how) = c
+                .get_or_set_tagged_with_status(&id, tags, load(&source))
+                .await
+                .unwrap();
+            assert_eq!(
+                v, base,
+                "{name} {id}: the copy it keeps is the value it had"
+            );
+            kept.push((name, id, how));
+        }
+    }
+    if kept.iter().all(|(_, _, how)| *how == CacheLookup::L1Hit) {
+        Ok(())
+    } else {
+        Err(format!("{kept:?}"))
     }
 }
 

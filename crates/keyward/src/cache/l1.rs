@@ -73,6 +73,18 @@ pub(crate) struct Held {
     bytes: Bytes,
     /// A `Memo<V, C>` of the first `(V, C)` that decoded this entry.
     decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+    /// The tags the entry carries, as [`TagFence`] readings taken when it was inserted.
+    tags: TagMarks,
+}
+
+/// What an L1 entry knows of its tags: served only while these readings of the [`TagFence`] still hold.
+#[derive(Debug)]
+enum TagMarks {
+    /// Its tags are not known (a copy made where the stored envelope was not at hand): any tag's
+    /// invalidation drops it. The reading of [`TagFence::any`].
+    Unknown(u64),
+    /// It carries exactly these tags (possibly none): `(stripe, reading)` per tag.
+    Known(Box<[(usize, u64)]>),
 }
 
 /// A value decoded as `V` by codec `C`: the type a [`Held`] memo is looked up by, so that two `Cache`s of one
@@ -122,9 +134,86 @@ impl std::fmt::Debug for Held {
         f.debug_struct("Held")
             .field("bytes", &self.bytes.len())
             .field("decoded", &self.decoded.get().is_some())
+            .field("tags", &self.tags)
             .finish()
     }
 }
+
+/// Tag stripes: a tag's invalidation bumps its stripe (and [`any`](Self::any)); an entry records the
+/// stripes of its tags when it is inserted and is served only while none of them moved. Two tags may share
+/// a stripe: the invalidation of one then also drops entries carrying the other (never the reverse error).
+const TAG_STRIPES: usize = 4096;
+
+/// The handle's tag fence (namespace-wide: tags cross classes). See [`TagMarks`].
+struct TagFence {
+    /// Bumped by every tag invalidation: what entries with unknown tags are checked against.
+    any: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+    hasher: Hasher,
+}
+
+impl TagFence {
+    fn new() -> Self {
+        TagFence {
+            any: AtomicU64::new(0),
+            stripes: (0..TAG_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Hasher::default(),
+        }
+    }
+
+    fn stripe(&self, tag: &[u8]) -> usize {
+        // TAG_STRIPES is a power of two far below u64::MAX; the cast keeps the low bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (self.hasher.hash_one(tag) as usize) % TAG_STRIPES;
+        i
+    }
+
+    /// A tag's invalidation: its stripe first, then `any`.
+    fn bump(&self, tag: &str) {
+        self.stripes[self.stripe(tag.as_bytes())].fetch_add(1, Ordering::SeqCst);
+        self.any.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The readings for an entry carrying `tags` (`None`: not known).
+    fn marks<'t>(&self, tags: Option<impl Iterator<Item = &'t [u8]>>) -> TagMarks {
+        match tags {
+            None => TagMarks::Unknown(self.any.load(Ordering::SeqCst)),
+            Some(tags) => TagMarks::Known(
+                tags.map(|t| {
+                    let i = self.stripe(t);
+                    (i, self.stripes[i].load(Ordering::SeqCst))
+                })
+                .collect(),
+            ),
+        }
+    }
+
+    /// Whether no tag of an entry with these readings was invalidated since.
+    fn holds(&self, marks: &TagMarks) -> bool {
+        match marks {
+            TagMarks::Unknown(any) => self.any.load(Ordering::SeqCst) == *any,
+            TagMarks::Known(marks) => marks
+                .iter()
+                .all(|&(i, v)| self.stripes[i].load(Ordering::SeqCst) == v),
+        }
+    }
+}
+
+/// The tags of a value being inserted into L1, when known.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum InsertTags<'a> {
+    /// Not known: any tag invalidation drops the copy.
+    Unknown,
+    /// The tags the call filled it with.
+    Names(&'a [String]),
+    /// The tags recorded in the stored envelope it was read from.
+    Stored(&'a StoredTags),
+}
+
+/// The tag names of a stored value, read from its envelope (owned: the envelope's bytes are gone by the time
+/// the copy is inserted).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct StoredTags(pub(crate) Vec<Vec<u8>>);
 
 /// Per-entry lifetimes for moka.
 struct Lifetime;
@@ -252,7 +341,12 @@ impl ClassL1 {
         if !self.hub.vouched(self.max_stale) {
             return None;
         }
-        let hit = self.cache.get(key).await.map(|slot| slot.held);
+        let hit = self
+            .cache
+            .get(key)
+            .await
+            .map(|slot| slot.held)
+            .filter(|held| self.hub.tags.holds(&held.tags));
         // A hit never waits on I/O: without a yield point, a task reading L1 in a loop would keep the
         // runtime's threads from the backplane's heartbeats until trust lapses. This yields only once the
         // task's cooperative budget is spent.
@@ -275,12 +369,15 @@ impl ClassL1 {
 
     /// Insert a value read from the store under `ticket`, unless an eviction or a loss of trust came between.
     /// `fresh_for`: how long the stored value stays fresh, when known (the entry lives no longer).
+    /// `tags`: what the value carries, when known (a tag's invalidation then drops only copies carrying it;
+    /// an unknown copy is dropped by any tag's).
     pub(crate) async fn insert(
         &self,
         key: &str,
         value: L1Value,
         ticket: Ticket,
         fresh_for: Option<Duration>,
+        tags: InsertTags<'_>,
     ) {
         if !self.still(key, ticket) {
             return;
@@ -290,9 +387,19 @@ impl ClassL1 {
             return;
         }
         let L1Value::Value(bytes) = value;
+        // Read after the ticket held: a tag invalidation between the ticket and here also moved the class's
+        // fence (see `Hub::apply`), so the check after the insert removes this copy; one after the readings
+        // shows in them.
+        let fence = &self.hub.tags;
+        let tags = match tags {
+            InsertTags::Unknown => fence.marks(None::<std::iter::Empty<&[u8]>>),
+            InsertTags::Names(names) => fence.marks(Some(names.iter().map(String::as_bytes))),
+            InsertTags::Stored(stored) => fence.marks(Some(stored.0.iter().map(Vec::as_slice))),
+        };
         let held = Arc::new(Held {
             bytes,
             decoded: OnceLock::new(),
+            tags,
         });
         self.cache
             .insert(key.to_owned(), Slot { held, lifetime })
@@ -308,6 +415,12 @@ impl ClassL1 {
     pub(crate) async fn evict(&self, key: &str) {
         self.fence.stripe(key).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(key).await;
+    }
+
+    /// Refuse every insert of the class whose read was sent before now (a tag invalidation: which keys
+    /// carry the tag is known only once their values are read).
+    fn refuse_in_flight(&self) {
+        self.fence.all.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Drop every entry of the class.
@@ -353,6 +466,8 @@ pub(crate) struct Hub {
     flights: std::sync::OnceLock<Arc<crate::flight::Flights>>,
     /// Pushes from the subscription, applied in arrival order by one task (started on first use).
     inbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Inbound>>>,
+    /// What tag invalidations moved, for the entries that carry those tags.
+    tags: TagFence,
 }
 
 /// What the subscription delivered.
@@ -381,6 +496,7 @@ impl Default for Hub {
             losses: AtomicU64::new(0),
             inbox: Mutex::default(),
             flights: std::sync::OnceLock::new(),
+            tags: TagFence::new(),
         }
     }
 }
@@ -563,8 +679,15 @@ impl Hub {
                     l1.evict_all();
                 }
             }
-            // Entries do not record their tags in L1: a tag drops the whole tier (correct, and rare enough).
-            Event::Namespace | Event::Tag { .. } => self.each_class(ClassL1::evict_all),
+            Event::Namespace => self.each_class(ClassL1::evict_all),
+            // Entries record their tags (or that they are unknown): the tag's stripe drops those carrying it,
+            // at their next read. Which reads in flight carry it is not known: all of them are refused, the
+            // class fences first, so that an insert that passed its last check before the stripe moved was
+            // inserted with readings the stripe then invalidates.
+            Event::Tag { tag } => {
+                self.each_class(ClassL1::refuse_in_flight);
+                self.tags.bump(tag);
+            }
         }
     }
 
@@ -822,6 +945,7 @@ mod tests {
         let held = Held {
             bytes: Bytes::from_static(b"42"),
             decoded: OnceLock::new(),
+            tags: TagMarks::Known(Box::new([])),
         };
         let decodes = std::cell::Cell::new(0);
         let parse = |b: &[u8]| {
@@ -847,9 +971,44 @@ mod tests {
         let bad = Held {
             bytes: Bytes::from_static(b"x"),
             decoded: OnceLock::new(),
+            tags: TagMarks::Known(Box::new([])),
         };
         assert!(bad.shared::<u64, (), _>(parse).is_err());
         assert!(bad.decoded.get().is_none());
+    }
+
+    #[test]
+    fn a_tag_bump_moves_the_copies_carrying_it_and_those_with_unknown_tags() {
+        let fence = TagFence::new();
+        let y = (0..100)
+            .map(|i| format!("y{i}"))
+            .find(|y| fence.stripe(y.as_bytes()) != fence.stripe(b"x"))
+            .unwrap();
+        let names = |tags: &[&str]| {
+            fence.marks(Some(
+                tags.iter()
+                    .map(|t| t.as_bytes())
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ))
+        };
+        let (x_copy, y_copy, none) = (names(&["x"]), names(&[y.as_str()]), names(&[]));
+        let both = names(&["x", y.as_str()]);
+        let unknown = fence.marks(None::<std::iter::Empty<&[u8]>>);
+        for m in [&x_copy, &y_copy, &none, &both, &unknown] {
+            assert!(fence.holds(m), "{m:?}");
+        }
+        fence.bump("x");
+        assert!(!fence.holds(&x_copy));
+        assert!(!fence.holds(&both));
+        assert!(
+            !fence.holds(&unknown),
+            "a copy of unknown tags goes with any tag"
+        );
+        assert!(fence.holds(&y_copy));
+        assert!(fence.holds(&none));
+        // Copies made after the bump hold until the next one.
+        assert!(fence.holds(&names(&["x"])));
     }
 
     #[tokio::test]
@@ -858,15 +1017,27 @@ mod tests {
         let l1 = hub.class("c", tier(), Duration::from_secs(5));
         assert!(!hub.vouched(Duration::from_secs(5)));
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-            .await;
+        l1.insert(
+            "k",
+            L1Value::Value(Bytes::from_static(b"v")),
+            t,
+            None,
+            InsertTags::Unknown,
+        )
+        .await;
         assert!(l1.get("k").await.is_none());
         let m = hub.stamp(&Event::Heartbeat);
         hub.on_message(m.as_bytes()).await;
         assert!(hub.vouched(Duration::from_secs(5)));
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-            .await;
+        l1.insert(
+            "k",
+            L1Value::Value(Bytes::from_static(b"v")),
+            t,
+            None,
+            InsertTags::Unknown,
+        )
+        .await;
         assert!(l1.get("k").await.is_some());
     }
 
@@ -876,17 +1047,35 @@ mod tests {
         let l1 = hub.class("c", tier(), Duration::from_secs(5));
         let t = l1.ticket("k");
         l1.evict("k").await;
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-            .await;
+        l1.insert(
+            "k",
+            L1Value::Value(Bytes::from_static(b"v")),
+            t,
+            None,
+            InsertTags::Unknown,
+        )
+        .await;
         assert!(l1.get("k").await.is_none());
         let t = l1.ticket("k");
         hub.apply(&Event::Class { class: "c".into() }).await;
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-            .await;
+        l1.insert(
+            "k",
+            L1Value::Value(Bytes::from_static(b"v")),
+            t,
+            None,
+            InsertTags::Unknown,
+        )
+        .await;
         assert!(l1.get("k").await.is_none());
         let t = l1.ticket("k");
-        l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-            .await;
+        l1.insert(
+            "k",
+            L1Value::Value(Bytes::from_static(b"v")),
+            t,
+            None,
+            InsertTags::Unknown,
+        )
+        .await;
         assert!(l1.get("k").await.is_some());
     }
 
@@ -898,8 +1087,14 @@ mod tests {
         hub.on_message(echo.as_bytes()).await;
         let fill = |l1: Arc<ClassL1>| async move {
             let t = l1.ticket("k");
-            l1.insert("k", L1Value::Value(Bytes::from_static(b"v")), t, None)
-                .await;
+            l1.insert(
+                "k",
+                L1Value::Value(Bytes::from_static(b"v")),
+                t,
+                None,
+                InsertTags::Unknown,
+            )
+            .await;
             assert!(l1.get("k").await.is_some());
         };
         fill(Arc::clone(&l1)).await;

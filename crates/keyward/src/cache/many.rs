@@ -76,8 +76,14 @@ where
         fresh_for: Option<Duration>,
     ) {
         if let (Some(l1), Some(Some(t))) = (&self.class.l1, b.tickets.get(u)) {
-            l1.insert(b.key(u), L1Value::Value(payload.clone()), *t, fresh_for)
-                .await;
+            l1.insert(
+                b.key(u),
+                L1Value::Value(payload.clone()),
+                *t,
+                fresh_for,
+                super::l1::InsertTags::Unknown,
+            )
+            .await;
         }
     }
 }

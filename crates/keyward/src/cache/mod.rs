@@ -318,6 +318,8 @@ struct Ask<'a> {
     /// Where the leader records how long the value it answered with stays fresh in the store (ms + 1; 0:
     /// unknown), for the in-process copy's lifetime.
     fresh_for: Option<&'a AtomicU64>,
+    /// Where a hit records the tags of the stored value it answered with, for the in-process copy.
+    stored_tags: Option<&'a std::sync::Mutex<Option<l1::StoredTags>>>,
 }
 
 /// What a load answers with: `from_l1` turns an L1 entry into the answer (`None`: it cannot, go to the store),
@@ -423,6 +425,16 @@ fn record_fresh_for(slot: Option<&AtomicU64>, fresh: Option<Duration>) {
     if let (Some(slot), Some(fresh)) = (slot, fresh) {
         let ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX - 1);
         slot.store(ms + 1, Ordering::Relaxed);
+    }
+}
+
+/// Record the tags of the stored value a hit answered with (for its in-process copy); a value whose tags
+/// cannot be read records nothing (the copy is then dropped by any tag's invalidation).
+fn record_stored_tags(slot: Option<&std::sync::Mutex<Option<l1::StoredTags>>>, raw: &[u8]) {
+    let Some(slot) = slot else { return };
+    if let Ok((_, tags, _)) = envelope::parse_tagged(raw) {
+        let names = tags.iter().map(|(t, _)| t.to_vec()).collect();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(l1::StoredTags(names));
     }
 }
 
@@ -1300,6 +1312,7 @@ where
                 .map(|d| tokio::time::Instant::now() + d),
             flight: None,
             fresh_for: None,
+            stored_tags: None,
         };
         let span = tracing::debug_span!("keyward.cache.get_or_set", class = %self.class.name, status = tracing::field::Empty);
         let Some(l1) = &self.class.l1 else {
@@ -1322,8 +1335,10 @@ where
             let ticket = l1.ticket(key);
             let payload = std::sync::Mutex::new(None);
             let fresh_for = AtomicU64::new(0);
+            let stored_tags = std::sync::Mutex::new(None);
             let ask = Ask {
                 fresh_for: Some(&fresh_for),
+                stored_tags: Some(&stored_tags),
                 ..ask
             };
             let loaded = self
@@ -1351,7 +1366,18 @@ where
                     0 => None,
                     ms => Some(Duration::from_millis(ms - 1)),
                 };
-                l1.insert(key, L1Value::Value(b), ticket, fresh_for).await;
+                // What the copy carries: a hit's stored tags, a fill's own; a value answered while an eager
+                // refresh runs is the old stored one, whose tags were not read here.
+                let stored = stored_tags.into_inner().unwrap_or_else(|e| e.into_inner());
+                let tags = match CacheLookup::from_u8(seen.load(Ordering::Relaxed)) {
+                    Some(CacheLookup::Hit) => stored
+                        .as_ref()
+                        .map_or(l1::InsertTags::Unknown, l1::InsertTags::Stored),
+                    Some(CacheLookup::Miss | CacheLookup::Refreshed) => l1::InsertTags::Names(tags),
+                    _ => l1::InsertTags::Unknown,
+                };
+                l1.insert(key, L1Value::Value(b), ticket, fresh_for, tags)
+                    .await;
             }
             loaded.map(|v| v.map(from_load))
         }
@@ -1485,6 +1511,7 @@ where
                 Fetched::Hit(raw, fresh) => match self.decode(&raw) {
                     Ok(Decoded::Value(v, payload)) => {
                         record_fresh_for(ask.fresh_for, fresh);
+                        record_stored_tags(ask.stored_tags, &raw);
                         m.hits.increment(1);
                         saw(seen, CacheLookup::Hit);
                         return (Ok(Some(v)), Ok(Shared::Value(payload)));

@@ -205,7 +205,7 @@ impl Keyward {
     }
 
     /// Bump one of a tag's two fields (`t:<tag>` or `x:<tag>`), detach in-process loads, and drop every
-    /// instance's L1.
+    /// instance's L1 copies that carry the tag.
     async fn bump_tag(&self, field: String) -> Result<()> {
         let kw = self.clone();
         let has_l1 = self.has_l1();
@@ -214,7 +214,7 @@ impl Keyward {
             // Which loads in flight carry the tag is not known here: none started before may be shared now.
             kw.shared::<Flights>().detach_all();
             if has_l1 {
-                // L1 entries do not record their tags: every instance drops its in-process tier (`cache::l1`).
+                // Every instance drops the L1 copies that carry the tag (`cache::l1`, `TagFence`).
                 let tag = field.get(2..).unwrap_or_default().to_owned();
                 let event = super::l1::Event::Tag { tag };
                 super::l1::hub(&kw).publish(&kw, event).await?;
