@@ -704,6 +704,15 @@ fn seconds(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
 }
 
+/// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).
+fn is_entry_id(v: &str) -> bool {
+    v.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,13 +729,4 @@ mod tests {
         assert!(parse_key("a\\q").is_err());
         assert!(parse_key("").is_err());
     }
-}
-
-/// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).
-fn is_entry_id(v: &str) -> bool {
-    v.split_once('-').is_some_and(|(ms, seq)| {
-        [ms, seq]
-            .iter()
-            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    })
 }

@@ -268,6 +268,16 @@ impl Pipeline {
         self
     }
 
+    /// Start the next command with room for `args` arguments of `bytes` bytes in all (the name included),
+    /// so that a command carrying a large value is built without growing its buffer step by step.
+    #[must_use]
+    pub(crate) fn cmd_sized(mut self, name: &'static str, args: usize, bytes: usize) -> Self {
+        let mut cmd = redis::Cmd::with_capacity(args + 1, bytes + name.len());
+        cmd.arg(name);
+        self.pipe.add_command(cmd);
+        self
+    }
+
     /// Add an argument to the current command.
     #[must_use]
     pub(crate) fn arg(mut self, arg: impl ToRedisArgs) -> Self {

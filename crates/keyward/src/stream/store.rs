@@ -271,7 +271,7 @@ pub(super) async fn publish(
     let mut pipe = Pipeline::new("stream_publish");
     for p in payloads {
         pipe = pipe
-            .cmd("XADD")
+            .cmd_sized("XADD", 4, keys.stream.len() + 1 + FIELD.len() + p.len())
             .key(&keys.stream)
             .arg("*")
             .arg(FIELD)
