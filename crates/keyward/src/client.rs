@@ -109,8 +109,11 @@ impl Keyward {
 
     /// [`connect`](Self::connect) with explicit options.
     ///
+    /// With [`ConnectOptions::lazy_connect`] it returns at once and connects in the background.
+    ///
     /// # Errors
-    /// As [`connect`](Self::connect).
+    /// As [`connect`](Self::connect); with [`ConnectOptions::lazy_connect`] only [`Error::InvalidUrl`] and
+    /// [`Error::InvalidArgument`] (TLS material that cannot be used, or no Tokio runtime).
     pub async fn connect_with(url: &str, policy: Policy, options: ConnectOptions) -> Result<Self> {
         if let Some(rest) = url.strip_prefix("mem://") {
             if !rest.is_empty() && rest != "/" {
@@ -122,6 +125,22 @@ impl Keyward {
         }
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
+        if options.lazy_connect {
+            let checked = policy.clone();
+            let (backend, server) =
+                Backend::connect_lazy(url, &options, &ns, Arc::clone(&bus), move |r| {
+                    warn_if_evicting(&checked, r.maxmemory_policy(), r.server());
+                })?;
+            tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connecting to Redis in the background (lazy connect)");
+            return Ok(Self::assemble(
+                policy,
+                ns,
+                bus,
+                backend,
+                Some(server),
+                &options,
+            ));
+        }
         let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
         warn_if_evicting(&policy, backend.maxmemory_policy(), &server);

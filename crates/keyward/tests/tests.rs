@@ -38,6 +38,7 @@ mod connect;
 mod fault_regressions;
 mod faults;
 mod idempotency;
+mod lazy_connect;
 mod lock;
 mod metrics;
 mod multiprocess;

@@ -1079,7 +1079,10 @@ mod tests {
                 other => panic!("unexpected variable {other}"),
             }
         };
-        let same = policy.clone().with_env_overrides_from(vars(None, None)).unwrap();
+        let same = policy
+            .clone()
+            .with_env_overrides_from(vars(None, None))
+            .unwrap();
         assert_eq!(same, policy);
         let both = policy
             .clone()
@@ -1093,7 +1096,12 @@ mod tests {
             (Some(" prod"), None, "KEYWARD_ENV", "namespace.env"),
             (Some("prod:x"), None, "KEYWARD_ENV", "namespace.env"),
             (None, Some("_shop"), "KEYWARD_APP", "namespace.app"),
-            (Some("prod"), Some(&"a".repeat(33)), "KEYWARD_APP", "namespace.app"),
+            (
+                Some("prod"),
+                Some(&"a".repeat(33)),
+                "KEYWARD_APP",
+                "namespace.app",
+            ),
         ] {
             let err = policy
                 .clone()
@@ -1105,8 +1113,16 @@ mod tests {
             // The same rule, in the same words, as a bad value in the file.
             let value = env.filter(|_| variable == "KEYWARD_ENV").or(app).unwrap();
             let in_file = Policy::builder(
-                if variable == "KEYWARD_ENV" { value } else { "dev" },
-                if variable == "KEYWARD_APP" { value } else { "shop" },
+                if variable == "KEYWARD_ENV" {
+                    value
+                } else {
+                    "dev"
+                },
+                if variable == "KEYWARD_APP" {
+                    value
+                } else {
+                    "shop"
+                },
             )
             .build()
             .unwrap_err();
