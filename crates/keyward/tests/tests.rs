@@ -41,6 +41,7 @@ mod idempotency;
 mod lazy_connect;
 mod lock;
 mod metrics;
+mod metrics_table;
 mod multiprocess;
 mod no_forbidden_commands;
 mod rate_limit;
