@@ -55,17 +55,30 @@
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
-//! Internals: each capability keeps its storage half in its own `store.rs`, with its Lua scripts next to it;
-//! `backend` holds only connection-level services (script invocation, the one response-timeout bound and circuit
-//! breaker, the undo of calls that got no answer, SCAN, wake-ups, and the embedded keyspace); `envelope` (the
-//! stored byte format), `flight` (single-flight). `docs/architecture.md` says how the layers fit and how to add
-//! a capability; `docs/resilience.md` what happens when Redis fails.
+//! Internals (private, so not on these pages; read them in the source): each capability keeps its storage
+//! half in its own `src/<capability>/store.rs`, with its Lua scripts next to it; `src/backend/` holds only
+//! connection-level services (script invocation, the one response-timeout bound and circuit breaker, the undo
+//! of calls that got no answer, lazy connect, SCAN, wake-ups, and the embedded keyspace); `src/envelope.rs`
+//! is the stored byte format and `src/flight.rs` the single-flight table. `docs/architecture.md` in the
+//! repository says how the layers fit and how to add a capability; `docs/resilience.md` what happens when
+//! Redis fails.
+//!
+//! # Configuration from the environment
+//! `REDIS_URL` picks the server ([`Keyward::from_env`]); `KEYWARD_ENV` and `KEYWARD_APP` override the
+//! policy's namespace when you ask for it ([`Policy::with_env_overrides`](policy::Policy::with_env_overrides)),
+//! so one policy file serves every environment.
+//!
+//! # Testing
+//! [`Keyward::embedded`] runs every capability in process, on Tokio's clock: with paused time
+//! (`#[tokio::test(start_paused = true)]`) TTLs and windows pass at once (see its example).
 //!
 //! # When Redis fails
 //! Every call is bounded by [`ConnectOptions::response_timeout`] and passes one circuit breaker per handle
 //! ([`Keyward::breaker_state`]); caches fail open by default, rate limits apply `on_error`, and sessions, locks
 //! and idempotency keys return a typed error. Whatever a call that got no answer may leave on the server (a
-//! fill lease, an in-progress marker, a lock) is undone when the server answers again.
+//! fill lease, an in-progress marker, a lock) is undone when the server answers again. A service that may
+//! start before Redis does uses [`ConnectOptions::lazy_connect`]: the handle is made at once, connects in the
+//! background, and until then every call answers per the same failure modes.
 //!
 //! # Metrics
 //! Through the [`metrics`](https://docs.rs/metrics) facade: nothing is emitted until the process installs a

@@ -507,6 +507,49 @@ impl Class {
 // ---------------------------------------------------------------------------------------------------------
 
 /// A validated policy: the namespace (`env`, `app`) and its classes.
+///
+/// Only ever made through validation ([`from_file`](Self::from_file), [`from_toml_str`](Self::from_toml_str),
+/// [`builder`](Self::builder)), so every `Policy` is valid. Its `Display` is the summary `keyward policy
+/// check` prints.
+///
+/// ```
+/// use keyward::policy::Policy;
+///
+/// let policy = Policy::from_toml_str(r#"
+///     [namespace]
+///     env = "dev"
+///     app = "shop"
+///
+///     [classes.article]
+///     kind = "cache"
+///     ttl = "10m"
+///     invalidation = "the article service, right after each article write"
+///
+///     [classes.login_per_ip]
+///     kind = "rate_limit"
+///     algorithm = "gcra"
+///     limit = 5
+///     window = "1m"
+/// "#)?;
+/// assert_eq!((policy.env(), policy.app()), ("dev", "shop"));
+/// assert_eq!(policy.class("article").unwrap().kind().name(), "cache");
+/// assert!(policy.to_string().contains("class login_per_ip (rate_limit)"));
+///
+/// // Errors name the class and the field.
+/// let err = Policy::from_toml_str(r#"
+///     [namespace]
+///     env = "dev"
+///     app = "shop"
+///
+///     [classes.article]
+///     kind = "cache"
+///     ttl = "0s"
+///     invalidation = "the article service, right after each article write"
+/// "#)
+/// .unwrap_err();
+/// assert_eq!((err.class(), err.field()), (Some("article"), Some("ttl")));
+/// # Ok::<(), keyward::policy::PolicyError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     env: String,
