@@ -5,6 +5,7 @@
 
 mod util;
 
+mod building_a_service;
 mod idempotency;
 mod identity;
 mod layer;
