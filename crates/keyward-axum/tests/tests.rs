@@ -5,6 +5,7 @@
 
 mod util;
 
+mod building_a_service;
 mod errors;
 mod idempotency;
 mod identity;

@@ -109,8 +109,11 @@ impl Keyward {
 
     /// [`connect`](Self::connect) with explicit options.
     ///
+    /// With [`ConnectOptions::lazy_connect`] it returns at once and connects in the background.
+    ///
     /// # Errors
-    /// As [`connect`](Self::connect).
+    /// As [`connect`](Self::connect); with [`ConnectOptions::lazy_connect`] only [`Error::InvalidUrl`] and
+    /// [`Error::InvalidArgument`] (TLS material that cannot be used, or no Tokio runtime).
     pub async fn connect_with(url: &str, policy: Policy, options: ConnectOptions) -> Result<Self> {
         if let Some(rest) = url.strip_prefix("mem://") {
             if !rest.is_empty() && rest != "/" {
@@ -122,6 +125,22 @@ impl Keyward {
         }
         let ns = namespace(&policy);
         let bus = Arc::new(WakeBus::default());
+        if options.lazy_connect {
+            let checked = policy.clone();
+            let (backend, server) =
+                Backend::connect_lazy(url, &options, &ns, Arc::clone(&bus), move |r| {
+                    warn_if_evicting(&checked, r.maxmemory_policy(), r.server());
+                })?;
+            tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connecting to Redis in the background (lazy connect)");
+            return Ok(Self::assemble(
+                policy,
+                ns,
+                bus,
+                backend,
+                Some(server),
+                &options,
+            ));
+        }
         let (backend, server) = Backend::connect(url, &options, &ns, Arc::clone(&bus)).await?;
         tracing::info!(server = %server, namespace = %format!("{}:{}", policy.env(), policy.app()), "keyward connected to Redis");
         warn_if_evicting(&policy, backend.maxmemory_policy(), &server);
@@ -177,6 +196,44 @@ impl Keyward {
     }
 
     /// The embedded in-process backend with default options: same semantics as Redis, one process only.
+    ///
+    /// # Testing with paused time
+    /// The embedded backend's clock is Tokio's: a handle made inside a runtime whose time is paused
+    /// (`#[tokio::test(start_paused = true)]`, Tokio's `test-util` feature) sees TTLs, idle timeouts,
+    /// leases and rate-limit windows pass with `tokio::time::advance`, with no real waiting. Make the handle
+    /// inside that runtime (its clock starts when it is made):
+    ///
+    /// ```
+    /// # fn main() -> keyward::Result<()> {
+    /// use std::time::Duration;
+    /// use keyward::{Keyward, policy::{CacheClass, Jitter, Policy}};
+    ///
+    /// // What `#[tokio::test(start_paused = true)] async fn …` sets up:
+    /// let runtime = tokio::runtime::Builder::new_current_thread()
+    ///     .enable_time()
+    ///     .start_paused(true)
+    ///     .build()
+    ///     .expect("a runtime");
+    /// runtime.block_on(async {
+    ///     let policy = Policy::builder("test", "shop")
+    ///         .cache(
+    ///             "product",
+    ///             CacheClass::new(Duration::from_secs(600), "tests").jitter(Jitter::Percent(0.0)),
+    ///         )
+    ///         .build()?;
+    ///     let kw = Keyward::embedded(policy);
+    ///     let products = kw.cache::<String>("product")?;
+    ///     products.set(&1, &"apple".to_owned()).await?;
+    ///     tokio::time::advance(Duration::from_secs(599)).await;
+    ///     assert_eq!(products.get(&1).await?.as_deref(), Some("apple"));
+    ///     tokio::time::advance(Duration::from_secs(2)).await; // 10 minutes passed, at once
+    ///     assert_eq!(products.get(&1).await?, None);
+    ///     Ok(())
+    /// })
+    /// # }
+    /// ```
+    ///
+    /// Redis keeps its own clock: on Redis, tests wait for real time (keep their TTLs short).
     pub fn embedded(policy: Policy) -> Self {
         Self::embedded_with(policy, MemoryOptions::default())
     }

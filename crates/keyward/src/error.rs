@@ -17,6 +17,55 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can fail in keyward.
+///
+/// What a handler usually needs: your own error back from a loader or a source write
+/// ([`downcast_ref`](Self::downcast_ref)), and whether the store is down ([`is_unavailable`](Self::is_unavailable):
+/// answer 503) or something else failed (500). Never send the error's text to a client: it names
+/// servers and classes.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use keyward::{Error, Keyward, policy::{CacheClass, Policy}};
+///
+/// #[derive(Debug)]
+/// enum DbError { NotFound, Down }
+/// impl std::fmt::Display for DbError {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str(match self { DbError::NotFound => "not found", DbError::Down => "database down" })
+///     }
+/// }
+/// impl std::error::Error for DbError {}
+///
+/// /// The HTTP status of a failed keyward call.
+/// fn status(err: &Error) -> u16 {
+///     match err.downcast_ref::<DbError>() {
+///         Some(DbError::NotFound) => 404,
+///         Some(DbError::Down) => 503,
+///         None if err.is_unavailable() => 503, // Redis down (and the class does not fail open)
+///         None => 500,
+///     }
+/// }
+///
+/// let policy = Policy::builder("dev", "blog")
+///     .cache("article", CacheClass::new(Duration::from_secs(600), "the article service, after each write"))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// let articles = kw.cache::<String>("article")?;
+///
+/// let err = articles
+///     .get_or_set(&7, || async { Err::<String, _>(DbError::NotFound) })
+///     .await
+///     .unwrap_err();
+/// assert!(matches!(err, Error::Loader { .. })); // never cached
+/// assert_eq!(status(&err), 404);
+///
+/// let err = articles.invalidate_after(&7, async { Err::<(), _>(DbError::Down) }).await.unwrap_err();
+/// assert!(matches!(err, Error::Source { .. })); // the cache was not touched
+/// assert_eq!(status(&err), 503);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -214,6 +263,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error your own code returned, as its own type `E`: a loader's ([`Error::Loader`]) or a
+    /// source-of-truth write's ([`Error::Source`]), when it is an `E`. `None` for every other variant
+    /// (keyward's own failures) and when your error is of another type.
+    ///
+    /// The same as matching the variant and calling `downcast_ref` on its `source`; see the example on
+    /// [`Error`].
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            Error::Loader { source, .. } | Error::Source { source, .. } => {
+                (***source).downcast_ref::<E>()
+            }
+            _ => None,
+        }
+    }
+
     /// Whether trying the same operation again may succeed (connection trouble, timeouts).
     pub fn is_retryable(&self) -> bool {
         match self {

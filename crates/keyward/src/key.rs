@@ -325,7 +325,28 @@ impl KeySpace {
         &self.class
     }
 
-    /// The key of the entry with this id: `{env}:{app}:{class}:v{version}:{part:part…}`, each part escaped.
+    /// The key of the entry with this id: `{env}:{app}:{class}:v{version}:{part:part…}`, each part escaped
+    /// (the braces are literal: the id is the key's Redis Cluster hash tag).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyward::key::{KeyError, KeySpace};
+    /// use keyward::policy::{CacheClass, Policy};
+    ///
+    /// let policy = Policy::builder("prod", "shop")
+    ///     .cache("product", CacheClass::new(Duration::from_secs(60), "catalog, after each write"))
+    ///     .build()?;
+    /// let keys = KeySpace::new(&policy, "product").expect("declared");
+    /// assert_eq!(keys.key(&("eu", 42))?, "prod:shop:product:v1:{eu:42}");
+    /// assert_ne!(keys.key("a:b")?, keys.key(&("a", "b"))?); // user input cannot forge a separator
+    /// assert!(matches!(keys.key(&("eu", "")), Err(KeyError::EmptyPart { index: 1, .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KeyError`] naming the class: [`EmptyPart`](KeyError::EmptyPart) for an empty id part,
+    /// [`NoParts`](KeyError::NoParts) for an id with no part (an empty slice), and
+    /// [`TooLong`](KeyError::TooLong) when the key would exceed [`MAX_KEY_BYTES`].
     pub fn key(&self, id: &(impl IdParts + ?Sized)) -> Result<String, KeyError> {
         // Room for a few short parts: one allocation for the common id.
         let mut key = String::with_capacity(self.prefix.len() + 48);

@@ -55,26 +55,92 @@
 //! - [`codec`] — JSON by default, MessagePack behind the `msgpack` feature.
 //! - [`Error`] — one error enum; expected outcomes are values, not errors.
 //!
-//! Internals: each capability keeps its storage half in its own `store.rs`, with its Lua scripts next to it;
-//! `backend` holds only connection-level services (script invocation, the one response-timeout bound and circuit
-//! breaker, the undo of calls that got no answer, SCAN, wake-ups, and the embedded keyspace); `envelope` (the
-//! stored byte format), `flight` (single-flight). `docs/architecture.md` says how the layers fit and how to add
-//! a capability; `docs/resilience.md` what happens when Redis fails.
+//! Internals (private, so not on these pages; read them in the source): each capability keeps its storage
+//! half in its own `src/<capability>/store.rs`, with its Lua scripts next to it; `src/backend/` holds only
+//! connection-level services (script invocation, the one response-timeout bound and circuit breaker, the undo
+//! of calls that got no answer, lazy connect, SCAN, wake-ups, and the embedded keyspace); `src/envelope.rs`
+//! is the stored byte format and `src/flight.rs` the single-flight table. `docs/architecture.md` in the
+//! repository says how the layers fit and how to add a capability; `docs/resilience.md` what happens when
+//! Redis fails.
+//!
+//! # Configuration from the environment
+//! `REDIS_URL` picks the server ([`Keyward::from_env`]); `KEYWARD_ENV` and `KEYWARD_APP` override the
+//! policy's namespace when you ask for it ([`Policy::with_env_overrides`](policy::Policy::with_env_overrides)),
+//! so one policy file serves every environment.
+//!
+//! # Testing
+//! [`Keyward::embedded`] runs every capability in process, on Tokio's clock: with paused time
+//! (`#[tokio::test(start_paused = true)]`) TTLs and windows pass at once (see its example).
 //!
 //! # When Redis fails
 //! Every call is bounded by [`ConnectOptions::response_timeout`] and passes one circuit breaker per handle
 //! ([`Keyward::breaker_state`]); caches fail open by default, rate limits apply `on_error`, and sessions, locks
 //! and idempotency keys return a typed error. Whatever a call that got no answer may leave on the server (a
-//! fill lease, an in-progress marker, a lock) is undone when the server answers again.
+//! fill lease, an in-progress marker, a lock) is undone when the server answers again. A service that may
+//! start before Redis does uses [`ConnectOptions::lazy_connect`]: the handle is made at once, connects in the
+//! background, and until then every call answers per the same failure modes.
 //!
 //! # Metrics
-//! Through the [`metrics`] facade, labelled by `class`: `keyward_cache_hits_total`, `…_misses_total`,
-//! `…_negative_hits_total`, `…_coalesced_total`, `…_loader_calls_total`, `…_loader_errors_total`,
-//! `…_lease_waits_total`, `…_fills_refused_total`, `…_decode_errors_total`, `…_fail_open_total`, and the
-//! histogram `keyward_cache_loader_seconds`. `tracing` spans `keyward.cache.*` carry the cache status. Unlabelled
-//! by class: `keyward_breaker_open` (gauge), `keyward_cleanups_total{op}` (undos sent),
-//! `keyward_sentinel_switches_total` (master changes followed behind Sentinel), and the embedded store's
-//! `keyward_memory_evictions_total` / `keyward_memory_refused_total` / `keyward_memory_full_total` by class.
+//! Through the [`metrics`](https://docs.rs/metrics) facade: nothing is emitted until the process installs a
+//! recorder (an exporter). Every metric keyward emits (the same table as `docs/metrics.md`, which also shows
+//! exporting them to Prometheus from an axum route; a test keeps both complete):
+//!
+//! | Name | Type | Labels | What increments it |
+//! |---|---|---|---|
+//! | `keyward_cache_hits_total` | counter | `class` | A read answered with a stored value, from Redis or from the in-process tier (L1 hits count here *and* in `keyward_cache_l1_hits_total`); also a read served the current value while it starts an eager refresh. Coalesced callers are **not** hits. |
+//! | `keyward_cache_l1_hits_total` | counter | `class` | A read answered by the in-process tier (L1) without asking Redis (a subset of `keyward_cache_hits_total`). |
+//! | `keyward_cache_misses_total` | counter | `class` | A read that found no usable value: the caller that then loads (it holds the fill lease), a plain `get` that found nothing, and a value that failed to decode. Once per load, not once per waiting caller. |
+//! | `keyward_cache_negative_hits_total` | counter | `class` | A read answered with a cached "absent" (`negative_ttl`). |
+//! | `keyward_cache_coalesced_total` | counter | `class` | A caller that shared another caller's fetch in this process (single-flight) instead of asking Redis: it counts here only, neither as a hit nor as a miss. |
+//! | `keyward_cache_loader_calls_total` | counter | `class` | Each call of your loader (including loads that fail open and eager refreshes). |
+//! | `keyward_cache_loader_errors_total` | counter | `class` | A loader call that returned an error or overran `loader_timeout` (never cached). |
+//! | `keyward_cache_loader_seconds` | histogram | `class` | The duration of each loader call, in seconds, failed ones included. |
+//! | `keyward_cache_lease_waits_total` | counter | `class` | Each wait for another caller's fill lease (anywhere in the fleet); one caller may wait more than once. |
+//! | `keyward_cache_fills_refused_total` | counter | `class` | A fill refused because an invalidation (or a `set`) voided its lease while the loader ran: the value was returned, not stored. |
+//! | `keyward_cache_decode_errors_total` | counter | `class` | A stored value that failed to decode: it was deleted and treated as a miss. |
+//! | `keyward_cache_fail_open_total` | counter | `class` | A call of an `on_error = "fail_open"` class that found the store unavailable (timeout, refused, breaker open, lazy handle not yet connected) and was answered from the loader (or as a miss by `get`). |
+//! | `keyward_cache_stale_served_total` | counter | `class` | A call answered with a stale value (fail-safe: a refill failed, overran `loader_timeout`, or `soft_timeout` passed). |
+//! | `keyward_cache_refreshes_total` | counter | `class` | An eager refresh started (an entry read within `refresh_ahead` of its expiry). |
+//! | `keyward_cache_l1_drops_total` | counter | `reason` (`disconnect`, `gap`, `own gap`, `lapse`) | The in-process tier emptied every class because it could no longer vouch for it: the backplane connection dropped, a message was missed from another instance (`gap`) or from this one (`own gap`), or no own message came back within `l1_max_stale` (`lapse`). |
+//! | `keyward_ratelimit_allowed_total` | counter | `class` | A charging check (`check`, `check_cost`) that was allowed, by Redis or by the `on_error` fallback; per class of a group. `peek` counts nothing. |
+//! | `keyward_ratelimit_limited_total` | counter | `class` | A charging check that this class refused (by Redis or by the fallback); in a group, only the classes that refused. |
+//! | `keyward_ratelimit_blocked_locally_total` | counter | `class` | A check refused in process by the block cache (`block_cache = true`) without asking Redis; not also in `limited_total`. |
+//! | `keyward_ratelimit_shadow_limited_total` | counter | `class` | A check that a `shadow = true` class would have refused (it was not refused). |
+//! | `keyward_ratelimit_errors_total` | counter | `class` | A check that failed at the store: an error reply (returned to the caller), or unavailability other than an open breaker (then `on_error` decided). |
+//! | `keyward_ratelimit_fallback_total` | counter | `class`, `on_error` (`allow`, `deny`, `local`) | A check decided by `on_error` because the store was unavailable (breaker open and lazy handle not yet connected included). |
+//! | `keyward_ratelimit_uncertain_total` | counter | `class` | A charging check that timed out: it may still have been charged on the server as well as by the fallback. |
+//! | `keyward_ratelimit_corrupt_state_total` | counter | `class` | Rate-limit state that could not be read (corrupt): reset, the identity starts afresh. |
+//! | `keyward_session_created_total` | counter | `class` | A session created (`Sessions::create`). |
+//! | `keyward_session_hits_total` | counter | `class` | A `Sessions::get` that found a live session. |
+//! | `keyward_session_misses_total` | counter | `class` | A `Sessions::get` of a well-formed token that found no live session (ended, expired, never existed); malformed tokens count nothing. |
+//! | `keyward_session_conflicts_total` | counter | `class` | A `Sessions::save` refused because another save changed the session first (`Saved::Conflict`). |
+//! | `keyward_lock_acquired_total` | counter | `class` | A lock acquired. |
+//! | `keyward_lock_contended_total` | counter | `class` | An acquisition attempt that found the lock held (one `lock` call that waits may count several), or a waiter whose deadline passed in this process's queue. |
+//! | `keyward_lock_timeouts_total` | counter | `class` | A `lock` (or `lock_with`) call that gave up at its `wait` deadline (`try_lock` never counts). |
+//! | `keyward_lock_lost_total` | counter | `class` | A lease lost while its guard lived (it expired or was taken over; `lost()` fires). |
+//! | `keyward_lock_fenced_rejected_total` | counter | `class` | A fenced write refused because a newer holder's fencing token was seen. |
+//! | `keyward_idempotency_total` | counter | `class`, `outcome` (`new`, `in_progress`, `replayed`, `mismatch`, `lease_lost`) | Each `begin` by its outcome (a new run, a duplicate while the first runs, a stored response replayed, a different request with the same key), and each lease found lost (at `complete`, or by the heartbeat). |
+//! | `keyward_stream_published_total` | counter | `class` | Entries appended to the stream. |
+//! | `keyward_stream_dropped_unacked_total` | counter | `class` | Entries the hard cap trimmed before every consumer group acknowledged them. |
+//! | `keyward_stream_handled_total` | counter | `class`, `group` | Messages a worker's handler finished with `Ok` (then acknowledged). |
+//! | `keyward_stream_failed_total` | counter | `class`, `group` | Deliveries that failed: the handler returned an error or panicked, the event could not be decoded, or it was delivered more than `max_deliveries` times; each retry counts again. |
+//! | `keyward_stream_dead_lettered_total` | counter | `class`, `group` | Messages moved to the dead letters (after `max_deliveries`, or a permanent failure). |
+//! | `keyward_stream_lost_total` | counter | `class`, `group` | Pending entries trimmed from the stream before this group handled them (the group lagged past the hard cap). |
+//! | `keyward_stream_handler_seconds` | histogram | `class`, `group` | The duration of each handler run, in seconds. |
+//! | `keyward_stream_pending` | gauge | `class`, `group` | Entries delivered to the group and not yet acknowledged, set once per reclaim period. |
+//! | `keyward_stream_lag` | gauge | `class`, `group` | Entries not yet delivered to the group, set once per reclaim period (when Redis reports it). |
+//! | `keyward_stream_oldest_pending_age_seconds` | gauge | `class`, `group` | Age of the oldest pending entry, in seconds (0 when none), set once per reclaim period. |
+//! | `keyward_channel_published_total` | counter | `class` | Messages published on a typed channel (whether or not anyone listened). |
+//! | `keyward_channel_gaps_total` | counter | `class` | `Gap`s delivered to subscribers (a lost connection, or a subscriber that fell behind); one per subscriber. |
+//! | `keyward_breaker_open` | gauge | — | Set to 1 when a circuit breaker opens and to 0 when a probe closes it again (on Cluster each primary's breaker sets the same gauge). |
+//! | `keyward_cleanups_total` | counter | `op` (the operation) | An undo sent after a call that got no answer (a fill lease, an in-progress marker or a lock it may have left). |
+//! | `keyward_sentinel_switches_total` | counter | — | Master changes followed behind Sentinel. |
+//! | `keyward_memory_evictions_total` | counter | `class` | Embedded backend: an entry of an evictable (cache) class evicted to make room. |
+//! | `keyward_memory_refused_total` | counter | `class` | Embedded backend: a cache entry not stored because it cannot fit its class's budget, even after evicting. |
+//! | `keyward_memory_full_total` | counter | `class` | Embedded backend: an operation refused with `Error::StoreFull` (a class that is never evicted is at its budget). |
+//!
+//! `tracing` spans `keyward.cache.*` carry each cache call's status (`hit`, `l1_hit`, `miss`, `coalesced`,
+//! `fail_open`, …). [`Cache::stats`] gives this handle's cache counts in process, without an exporter.
 
 mod backend;
 mod batch;
@@ -107,3 +173,8 @@ pub use rate_limit::{Decision, RateLimiter};
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
+
+/// docs/metrics.md's Prometheus example compiles and runs (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/metrics.md")]
+struct MetricsDoctests;

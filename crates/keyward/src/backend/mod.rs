@@ -13,6 +13,7 @@
 
 pub(crate) mod breaker;
 pub(crate) mod channels;
+pub(crate) mod lazy;
 pub(crate) mod memory;
 mod options;
 pub(crate) mod redis;
@@ -84,6 +85,17 @@ pub struct KeyTtl {
 pub(crate) enum Backend {
     Memory(Box<memory::MemoryBackend>),
     Redis(redis::RedisBackend),
+    /// Redis, connecting in the background ([`ConnectOptions::lazy_connect`]): until the connection is made
+    /// every call fails at once as unavailable, so each capability answers per its failure mode; then it
+    /// is the Redis backend.
+    Lazy(std::sync::Arc<lazy::Lazy>),
+}
+
+/// What a call goes to now: a lazy backend is `Pending` until connected and `Redis` from then on.
+enum Target<'a> {
+    Memory(&'a memory::MemoryBackend),
+    Redis(&'a redis::RedisBackend),
+    Pending(&'a std::sync::Arc<lazy::Lazy>),
 }
 
 impl Backend {
@@ -109,18 +121,48 @@ impl Backend {
         Ok((Backend::Redis(r), server))
     }
 
+    /// Start connecting to Redis at `url` in the background; see [`lazy`]. `on_connect` runs once, with the
+    /// connected backend, when the connection is made.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] or [`Error::InvalidArgument`] (TLS material) when the URL or the options
+    /// cannot be used: those are checked now, since no retry could fix them.
+    pub(crate) fn connect_lazy(
+        url: &str,
+        options: &ConnectOptions,
+        ns: &Namespace,
+        bus: std::sync::Arc<crate::backend::wake::WakeBus>,
+        on_connect: impl FnOnce(&redis::RedisBackend) + Send + 'static,
+    ) -> Result<(Self, String)> {
+        let lazy = lazy::Lazy::start(url, options, ns, bus, on_connect)?;
+        let server = lazy.server().to_owned();
+        Ok((Backend::Lazy(lazy), server))
+    }
+
+    fn target(&self) -> Target<'_> {
+        match self {
+            Backend::Memory(m) => Target::Memory(m),
+            Backend::Redis(r) => Target::Redis(r),
+            Backend::Lazy(l) => match l.get() {
+                Some(r) => Target::Redis(r),
+                None => Target::Pending(l),
+            },
+        }
+    }
+
     pub(crate) fn kind(&self) -> BackendKind {
         match self {
             Backend::Memory(_) => BackendKind::Embedded,
-            Backend::Redis(_) => BackendKind::Redis,
+            Backend::Redis(_) | Backend::Lazy(_) => BackendKind::Redis,
         }
     }
 
     /// The server's `maxmemory-policy` at connect (Redis only, when the server reported it).
     pub(crate) fn maxmemory_policy(&self) -> Option<&str> {
-        match self {
-            Backend::Memory(_) => None,
-            Backend::Redis(r) => r.maxmemory_policy(),
+        match self.target() {
+            Target::Memory(_) => None,
+            Target::Redis(r) => r.maxmemory_policy(),
+            Target::Pending(_) => None,
         }
     }
 
@@ -129,17 +171,19 @@ impl Backend {
     /// hung server sends no wake-up and no disconnect); `None` on the embedded backend, whose wake-ups cannot
     /// be lost.
     pub(crate) fn wait_slice(&self) -> Option<Duration> {
-        match self {
-            Backend::Memory(_) => None,
-            Backend::Redis(r) => Some(r.response_timeout()),
+        match self.target() {
+            Target::Memory(_) => None,
+            Target::Redis(r) => Some(r.response_timeout()),
+            Target::Pending(l) => Some(l.response_timeout()),
         }
     }
 
     /// The circuit breaker's state (always closed for the embedded backend).
     pub(crate) fn breaker_state(&self) -> BreakerState {
-        match self {
-            Backend::Memory(_) => BreakerState::Closed,
-            Backend::Redis(r) => r.breaker_state(),
+        match self.target() {
+            Target::Memory(_) => BreakerState::Closed,
+            Target::Redis(r) => r.breaker_state(),
+            Target::Pending(_) => BreakerState::Open,
         }
     }
 
@@ -148,15 +192,16 @@ impl Backend {
     /// # Errors
     /// As any Redis call ([`Error::Timeout`], [`Error::CircuitOpen`], [`Error::Redis`]).
     pub(crate) async fn publish_backplane(&self, channel: &str, message: &[u8]) -> Result<()> {
-        match self {
-            Backend::Memory(_) => Ok(()),
-            Backend::Redis(r) => r.publish_backplane(channel, message).await,
+        match self.target() {
+            Target::Memory(_) => Ok(()),
+            Target::Redis(r) => r.publish_backplane(channel, message).await,
+            Target::Pending(l) => Err(l.not_connected("backplane")),
         }
     }
 
     /// Subscribe to the backplane channel again (idempotent): when this handle's own messages stop coming back.
     pub(crate) async fn resubscribe_backplane(&self, channel: &str) {
-        if let Backend::Redis(r) = self {
+        if let Target::Redis(r) = self.target() {
             r.resubscribe_backplane(channel).await;
         }
     }
@@ -164,17 +209,18 @@ impl Backend {
     /// Tests: look inside the embedded keyspace (`None` on Redis), without the caller matching on the backend.
     #[cfg(test)]
     pub(crate) fn inspect_embedded<T>(&self, f: impl FnOnce(&mut Kv) -> T) -> Option<T> {
-        match self {
-            Backend::Memory(m) => m.keyspace.with(f).ok(),
-            Backend::Redis(_) => None,
+        match self.target() {
+            Target::Memory(m) => m.keyspace.with(f).ok(),
+            Target::Redis(_) | Target::Pending(_) => None,
         }
     }
 
     /// A health check: `PING` on Redis, bounded by the response timeout; always fine when embedded.
     pub(crate) async fn ping(&self) -> Result<()> {
-        match self {
-            Backend::Memory(_) => Ok(()),
-            Backend::Redis(r) => r.ping().await,
+        match self.target() {
+            Target::Memory(_) => Ok(()),
+            Target::Redis(r) => r.ping().await,
+            Target::Pending(l) => Err(l.not_connected("ping")),
         }
     }
 
@@ -191,14 +237,15 @@ impl Backend {
         mirror: impl FnOnce(&mut Kv) -> T,
         decode: impl FnOnce(&Reply) -> Option<T>,
     ) -> Result<T> {
-        match self {
-            Backend::Memory(m) if call.evicting => Ok(m.keyspace.with_evicting(mirror)),
-            Backend::Memory(m) => m.keyspace.with(mirror),
-            Backend::Redis(r) => {
+        match self.target() {
+            Target::Memory(m) if call.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Target::Memory(m) => m.keyspace.with(mirror),
+            Target::Redis(r) => {
                 let op = call.op;
                 let reply = r.run(call).await?;
                 decode(&reply).ok_or_else(|| r.protocol_err(op, &format!("{reply:?}")))
             }
+            Target::Pending(l) => Err(l.not_connected(call.op)),
         }
     }
 
@@ -215,14 +262,15 @@ impl Backend {
         mirror: impl FnOnce(&mut Kv) -> T,
         decode: impl FnOnce(&[Reply]) -> Option<T>,
     ) -> Result<T> {
-        match self {
-            Backend::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
-            Backend::Memory(m) => m.keyspace.with(mirror),
-            Backend::Redis(r) => {
+        match self.target() {
+            Target::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Target::Memory(m) => m.keyspace.with(mirror),
+            Target::Redis(r) => {
                 let op = pipeline.op;
                 let replies = r.run_pipeline(pipeline, undo).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
+            Target::Pending(l) => Err(l.not_connected(pipeline.op)),
         }
     }
 
@@ -238,14 +286,15 @@ impl Backend {
         mirror: impl FnOnce(&mut Kv) -> T,
         decode: impl FnOnce(&[Reply]) -> Option<T>,
     ) -> Result<T> {
-        match self {
-            Backend::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
-            Backend::Memory(m) => m.keyspace.with(mirror),
-            Backend::Redis(r) => {
+        match self.target() {
+            Target::Memory(m) if pipeline.evicting => Ok(m.keyspace.with_evicting(mirror)),
+            Target::Memory(m) => m.keyspace.with(mirror),
+            Target::Redis(r) => {
                 let op = pipeline.op;
                 let replies = r.run_commands(pipeline).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
+            Target::Pending(l) => Err(l.not_connected(pipeline.op)),
         }
     }
 
@@ -261,9 +310,10 @@ impl Backend {
         class: &str,
         tags: &[&str],
     ) -> Result<Option<ViewEpochs>> {
-        match self {
-            Backend::Memory(_) => Ok(None),
-            Backend::Redis(r) => r.group_epochs(ns, class, tags).await,
+        match self.target() {
+            Target::Memory(_) => Ok(None),
+            Target::Redis(r) => r.group_epochs(ns, class, tags).await,
+            Target::Pending(l) => Err(l.not_connected("epochs")),
         }
     }
 
@@ -272,20 +322,25 @@ impl Backend {
     /// reflects every invalidation that returned more than the bound before the caller started); no limit
     /// elsewhere.
     pub(crate) fn flight_max_age(&self) -> Option<Duration> {
-        match self {
-            Backend::Redis(r) => r.epochs_bound().map(|b| b / 2),
-            Backend::Memory(_) => None,
+        match self.target() {
+            Target::Redis(r) => r.epochs_bound().map(|b| b / 2),
+            Target::Pending(l) => l.epochs_bound().map(|b| b / 2),
+            Target::Memory(_) => None,
         }
     }
 
     /// Whether group epochs are announced and read from a view (Redis Cluster).
     pub(crate) fn epochs_in_view(&self) -> bool {
-        matches!(self, Backend::Redis(r) if r.is_cluster())
+        match self.target() {
+            Target::Redis(r) => r.is_cluster(),
+            Target::Pending(l) => l.is_cluster(),
+            Target::Memory(_) => false,
+        }
     }
 
     /// Record an epoch this handle just bumped (Redis Cluster: read-your-writes before its announcement).
     pub(crate) fn bumped(&self, field: &str, epoch: u64) {
-        if let Backend::Redis(r) = self {
+        if let Target::Redis(r) = self.target() {
             r.bumped(field, epoch);
         }
     }
@@ -294,7 +349,7 @@ impl Backend {
     /// next epoch would not fit) and bumped `*` to `ns_epoch` instead (Redis Cluster: see "Exhaustion" in
     /// `cache/epochs.lua`).
     pub(crate) fn rebased(&self, dropped: &[&str], ns_epoch: u64) {
-        if let Backend::Redis(r) = self {
+        if let Target::Redis(r) = self.target() {
             r.rebased(dropped, ns_epoch);
         }
     }
@@ -306,8 +361,11 @@ impl Backend {
         ns: &'a Namespace,
         key: &str,
     ) -> std::borrow::Cow<'a, str> {
-        match self {
-            Backend::Redis(r) if r.is_cluster() => r.wake_channel(ns, key).into(),
+        match self.target() {
+            Target::Redis(r) if r.is_cluster() => r.wake_channel(ns, key).into(),
+            Target::Pending(l) if l.is_cluster() => {
+                redis::RedisBackend::cluster_wake_channel(ns, key).into()
+            }
             _ => std::borrow::Cow::Borrowed(&ns.channel),
         }
     }
@@ -321,9 +379,10 @@ impl Backend {
         key: &str,
     ) -> Watch {
         let listener = bus.listen(key);
-        let shard = match self {
-            Backend::Memory(_) => None,
-            Backend::Redis(r) => r.watch(ns, key).await,
+        let shard = match self.target() {
+            Target::Memory(_) => None,
+            Target::Redis(r) => r.watch(ns, key).await,
+            Target::Pending(_) => None,
         };
         Watch {
             listener,
@@ -342,9 +401,10 @@ impl Backend {
         channel: &str,
         message: bytes::Bytes,
     ) -> Result<u64> {
-        match self {
-            Backend::Memory(m) => Ok(m.channels.publish(channel, message)),
-            Backend::Redis(r) => r.publish_channel(channel, &message).await,
+        match self.target() {
+            Target::Memory(m) => Ok(m.channels.publish(channel, message)),
+            Target::Redis(r) => r.publish_channel(channel, &message).await,
+            Target::Pending(l) => Err(l.not_connected("publish")),
         }
     }
 
@@ -352,13 +412,17 @@ impl Backend {
     /// [`channels`]). The `bool` says whether the subscription is live already; if not, its first delivery
     /// is a gap, and it becomes live when the connection is made.
     pub(crate) async fn subscribe_channel(&self, channel: &str) -> (channels::Subscription, bool) {
-        match self {
-            Backend::Memory(m) => (
+        match self.target() {
+            Target::Memory(m) => (
                 channels::Subscription::Local(m.channels.subscribe(channel)),
                 true,
             ),
-            Backend::Redis(r) => {
+            Target::Redis(r) => {
                 let (sub, live) = r.channel_hub().subscribe(channel).await;
+                (channels::Subscription::Redis(sub), live)
+            }
+            Target::Pending(l) => {
+                let (sub, live) = l.channel_hub().subscribe(channel).await;
                 (channels::Subscription::Redis(sub), live)
             }
         }
@@ -366,9 +430,10 @@ impl Backend {
 
     /// Walk the keyspace with SCAN (never KEYS) and report each match with its TTL.
     pub(crate) async fn scan(&self, pattern: &str, batch: usize) -> Result<Vec<KeyTtl>> {
-        match self {
-            Backend::Memory(m) => Ok(m.scan(pattern)),
-            Backend::Redis(r) => r.scan(pattern, batch).await,
+        match self.target() {
+            Target::Memory(m) => Ok(m.scan(pattern)),
+            Target::Redis(r) => r.scan(pattern, batch).await,
+            Target::Pending(l) => Err(l.not_connected("scan")),
         }
     }
 }

@@ -46,6 +46,7 @@ pub struct ConnectOptions {
     pub(crate) breaker_cooldown: Duration,
     pub(crate) danger_accept_invalid_certs: bool,
     pub(crate) group_invalidation_bound: Duration,
+    pub(crate) lazy_connect: bool,
 }
 
 impl Default for ConnectOptions {
@@ -61,6 +62,7 @@ impl Default for ConnectOptions {
             breaker_cooldown: Duration::from_secs(1),
             danger_accept_invalid_certs: false,
             group_invalidation_bound: Duration::from_millis(500),
+            lazy_connect: false,
         }
     }
 }
@@ -170,6 +172,32 @@ impl ConnectOptions {
             PemSource::File(cert_path.into()),
             PemSource::File(key_path.into()),
         )));
+        self
+    }
+
+    /// Connect in the background instead of at start-up, for services that may start before Redis does
+    /// (containers start in any order). [`Keyward::connect_with`](crate::Keyward::connect_with) (and the
+    /// `from_env` constructors) then return at once, after checking only the URL and the TLS material; a
+    /// background task connects, retrying with backoff (100 ms doubling to 5 s, each attempt bounded by the
+    /// connect timeout) until it succeeds or the handle is dropped.
+    ///
+    /// Until it is connected, every call fails at once as unavailable ([`Error::Connect`], for which
+    /// [`Error::is_unavailable`] is true), so each capability answers per its failure mode, exactly as
+    /// while Redis is down: caches with `on_error = "fail_open"` run the loader and write nothing, rate
+    /// limits apply their `on_error`, sessions, locks, idempotency keys and streams return the error, and
+    /// [`Keyward::ping`](crate::Keyward::ping) fails (a readiness probe says "not ready");
+    /// [`Keyward::breaker_state`](crate::Keyward::breaker_state) reports `Open`. No call waits for the
+    /// connection. Off by default: a service that cannot do without Redis should fail at start-up.
+    ///
+    /// ```no_run
+    /// # async fn demo(policy: keyward::policy::Policy) -> keyward::Result<()> {
+    /// let options = keyward::ConnectOptions::default().lazy_connect();
+    /// let kw = keyward::Keyward::connect_with("redis://redis:6379", policy, options).await?; // at once
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn lazy_connect(mut self) -> Self {
+        self.lazy_connect = true;
         self
     }
 

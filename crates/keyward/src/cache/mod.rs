@@ -524,6 +524,15 @@ impl ClassInfo {
 ///
 /// Every write takes its TTL (with jitter) from the policy: there is no way to store without one.
 ///
+/// # No per-entry TTL, by design
+/// Coming from moka (`Expiry`) or Redis's `SET … EX`: there is no `set_with_ttl` and no per-entry
+/// expiry. **The policy owns TTLs**: every entry of a class lives the class's `ttl` (plus its jitter), so
+/// the lifetime of a value is written down once, reviewed with the policy file, audited by `keyward
+/// audit`, and cannot drift call site by call site. Entries that need another lifetime belong to another
+/// class (declare `product_hot` with `ttl = "30s"` next to `product` with `ttl = "1h"`); a value that
+/// must go *now* is invalidated ([`invalidate`](Self::invalidate), [`invalidate_all`](Self::invalidate_all),
+/// tags), not given a short TTL.
+///
 /// ```
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;

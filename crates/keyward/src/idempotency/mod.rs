@@ -234,6 +234,36 @@ pub enum Completion {
 }
 
 /// Idempotency keys of one `idempotency` class. Cheap to clone.
+///
+/// One run per key: the first [`begin`](Self::begin) gets a lease and runs the request; duplicates are told
+/// it is in progress, then get the stored response replayed; the same key with a different request is a
+/// mismatch.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> keyward::Result<()> {
+/// use keyward::Keyward;
+/// use keyward::idempotency::{Begin, StoredResponse, fingerprint};
+/// use keyward::policy::{IdempotencyClass, Policy};
+///
+/// let policy = Policy::builder("dev", "shop").idempotency("order", IdempotencyClass::new()).build()?;
+/// let kw = Keyward::embedded(policy);
+/// let orders = kw.idempotency("order")?;
+/// let key = ("user-7", "key-123"); // scope keys by the caller: another user's key is another key
+/// let request = fingerprint(&[b"POST", b"/orders", br#"{"sku":"A-1"}"#]);
+///
+/// let Begin::New(lease) = orders.begin(&key, &request).await? else { unreachable!() };
+/// assert!(matches!(orders.begin(&key, &request).await?, Begin::InProgress { .. })); // 409
+/// let _ = orders.complete(&lease, &StoredResponse::new(201, "order 1")).await?;
+///
+/// match orders.begin(&key, &request).await? {
+///     Begin::Completed(stored) => assert_eq!((stored.status, &stored.body[..]), (201, &b"order 1"[..])),
+///     other => panic!("{other:?}"),
+/// }
+/// let other = fingerprint(&[b"POST", b"/orders", br#"{"sku":"B-2"}"#]);
+/// assert!(matches!(orders.begin(&key, &other).await?, Begin::Mismatch)); // 422
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Idempotency {
     kw: Keyward,

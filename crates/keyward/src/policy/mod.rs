@@ -114,6 +114,23 @@
 //! # Ok::<(), keyward::policy::PolicyError>(())
 //! ```
 //!
+//! # One file, several environments
+//!
+//! A service deploys one policy file to every environment; the namespace's `env` (and `app`) come from the
+//! environment variables `KEYWARD_ENV` and `KEYWARD_APP` when they are set, through
+//! [`Policy::with_env_overrides`]:
+//!
+//! ```no_run
+//! # use keyward::policy::Policy;
+//! // policy.toml says env = "dev"; with KEYWARD_ENV=prod the keys are `prod:shop:…`.
+//! let policy = Policy::from_file("policy.toml")?.with_env_overrides()?;
+//! # Ok::<(), keyward::policy::PolicyError>(())
+//! ```
+//!
+//! A value from the environment is validated exactly like the file's, and a bad one is an error naming the
+//! variable ([`PolicyError::variable`]). Nothing is read from the environment unless you call it; operator
+//! tools reading the same file must be given the same namespace.
+//!
 //! # Eviction
 //!
 //! Each kind states whether the embedded store may evict its entries to make room
@@ -176,6 +193,11 @@ use fields::{TableError, Text, deserialize_table};
 
 /// Longest allowed TTL: 365 days.
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// The environment variable that overrides `namespace.env` ([`Policy::with_env_overrides`]).
+pub const ENV_VAR: &str = "KEYWARD_ENV";
+/// The environment variable that overrides `namespace.app` ([`Policy::with_env_overrides`]).
+pub const APP_VAR: &str = "KEYWARD_APP";
+
 /// Longest `env` / `app`.
 const MAX_NAMESPACE_LEN: usize = 32;
 /// Longest class name.
@@ -352,16 +374,34 @@ fn fmt_duration(d: Duration) -> humantime::FormattedDuration {
 /// Displays as `policy.toml: class `product_list`, field `ttl`: must be greater than zero`; the file, class
 /// and field parts are left out when they do not apply.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("{}{message}", location_prefix(.file.as_deref(), .class.as_deref(), .field.as_deref()))]
+#[error(
+    "{}{message}",
+    location_prefix(.file.as_deref(), .variable.as_deref(), .class.as_deref(), .field.as_deref())
+)]
 pub struct PolicyError {
     file: Option<PathBuf>,
+    /// The environment variable the bad value came from ([`Policy::with_env_overrides`]).
+    variable: Option<String>,
     class: Option<String>,
     field: Option<String>,
     message: String,
 }
 
-/// Renders the `file: class `c`, field `f`: ` prefix of a [`PolicyError`].
-fn location_prefix(file: Option<&Path>, class: Option<&str>, field: Option<&str>) -> String {
+/// Renders the `file: class `c`, field `f`: ` prefix of a [`PolicyError`] (or `environment variable `V`
+/// (overrides field `f`): ` when the value came from the environment).
+fn location_prefix(
+    file: Option<&Path>,
+    variable: Option<&str>,
+    class: Option<&str>,
+    field: Option<&str>,
+) -> String {
+    if let Some(variable) = variable {
+        let overrides = field.map(|f| format!(" (overrides field `{f}`)"));
+        return format!(
+            "environment variable `{variable}`{}: ",
+            overrides.unwrap_or_default()
+        );
+    }
     let mut parts = Vec::with_capacity(2);
     if let Some(class) = class {
         parts.push(format!("class `{class}`"));
@@ -385,6 +425,7 @@ impl PolicyError {
     fn new(message: impl Into<String>) -> Self {
         PolicyError {
             file: None,
+            variable: None,
             class: None,
             field: None,
             message: message.into(),
@@ -414,6 +455,12 @@ impl PolicyError {
     /// The policy file the error is in; `None` when the policy did not come from a file.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()
+    }
+
+    /// The environment variable the bad value came from ([`ENV_VAR`] or [`APP_VAR`], read by
+    /// [`Policy::with_env_overrides`]); `None` when it came from the file or the builder.
+    pub fn variable(&self) -> Option<&str> {
+        self.variable.as_deref()
     }
 
     /// The class the error is in; `None` for namespace-level and syntax errors.
@@ -460,6 +507,49 @@ impl Class {
 // ---------------------------------------------------------------------------------------------------------
 
 /// A validated policy: the namespace (`env`, `app`) and its classes.
+///
+/// Only ever made through validation ([`from_file`](Self::from_file), [`from_toml_str`](Self::from_toml_str),
+/// [`builder`](Self::builder)), so every `Policy` is valid. Its `Display` is the summary `keyward policy
+/// check` prints.
+///
+/// ```
+/// use keyward::policy::Policy;
+///
+/// let policy = Policy::from_toml_str(r#"
+///     [namespace]
+///     env = "dev"
+///     app = "shop"
+///
+///     [classes.article]
+///     kind = "cache"
+///     ttl = "10m"
+///     invalidation = "the article service, right after each article write"
+///
+///     [classes.login_per_ip]
+///     kind = "rate_limit"
+///     algorithm = "gcra"
+///     limit = 5
+///     window = "1m"
+/// "#)?;
+/// assert_eq!((policy.env(), policy.app()), ("dev", "shop"));
+/// assert_eq!(policy.class("article").unwrap().kind().name(), "cache");
+/// assert!(policy.to_string().contains("class login_per_ip (rate_limit)"));
+///
+/// // Errors name the class and the field.
+/// let err = Policy::from_toml_str(r#"
+///     [namespace]
+///     env = "dev"
+///     app = "shop"
+///
+///     [classes.article]
+///     kind = "cache"
+///     ttl = "0s"
+///     invalidation = "the article service, right after each article write"
+/// "#)
+/// .unwrap_err();
+/// assert_eq!((err.class(), err.field()), (Some("article"), Some("ttl")));
+/// # Ok::<(), keyward::policy::PolicyError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     env: String,
@@ -478,6 +568,11 @@ impl Policy {
     }
 
     /// Parses and validates a policy from TOML text (errors carry no file).
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the class and field at fault (and the line and column of a TOML syntax error):
+    /// invalid TOML, a missing `[namespace]` or required field, an unknown field or kind, a value out of its
+    /// range, or a rule between fields broken (see the module docs for every rule).
     pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             let location = e
@@ -496,11 +591,96 @@ impl Policy {
     }
 
     /// Reads, parses and validates a policy file; every error (an unreadable file too) carries the path.
+    ///
+    /// ```no_run
+    /// use keyward::policy::Policy;
+    /// let policy = Policy::from_file("policy.toml")?.with_env_overrides()?;
+    /// # Ok::<(), keyward::policy::PolicyError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`PolicyError`] with [`file`](PolicyError::file) set: the file cannot be read (missing, no
+    /// permission, not UTF-8), or as [`from_toml_str`](Self::from_toml_str).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Policy, PolicyError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
             .map_err(|e| PolicyError::new(format!("cannot read policy file: {e}")).in_file(path))?;
         Policy::from_toml_str(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// This policy with its namespace's `env` and `app` taken from the environment variables [`ENV_VAR`]
+    /// (`KEYWARD_ENV`) and [`APP_VAR`] (`KEYWARD_APP`) where they are set: one policy file, deployed to
+    /// several environments. A variable that is not set leaves the value as declared; a variable that is
+    /// set is validated exactly like `namespace.env` / `namespace.app` in the file (1 to 32 characters of
+    /// `[a-z0-9_.-]` starting with `[a-z0-9]`, nothing trimmed). A variable set to the empty string is an
+    /// error, not "unset": a deployment that meant to set it must not silently write into the file's
+    /// namespace.
+    ///
+    /// ```
+    /// use keyward::policy::Policy;
+    /// let policy = Policy::from_toml_str("[namespace]\nenv = \"dev\"\napp = \"shop\"\n")?;
+    /// // In a deployment: `KEYWARD_ENV=prod` → keys live under `prod:shop:…`.
+    /// let policy = policy.with_env_overrides()?;
+    /// # Ok::<(), keyward::policy::PolicyError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`PolicyError`] whose [`variable`](PolicyError::variable) names the variable and whose
+    /// [`field`](PolicyError::field) is `namespace.env` or `namespace.app`, when a variable is set to an
+    /// invalid value or to one that is not UTF-8.
+    pub fn with_env_overrides(self) -> Result<Policy, PolicyError> {
+        self.with_overrides(|name| match std::env::var(name) {
+            Ok(value) => Ok(Some(value)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err("is not valid UTF-8".to_owned()),
+        })
+    }
+
+    /// [`with_env_overrides`](Self::with_env_overrides) with the variables read through `lookup` (given
+    /// [`ENV_VAR`] or [`APP_VAR`], it returns the value if set) instead of the process environment: for
+    /// tests, or configuration that arrives another way.
+    ///
+    /// ```
+    /// use keyward::policy::{ENV_VAR, Policy};
+    /// let policy = Policy::from_toml_str("[namespace]\nenv = \"dev\"\napp = \"shop\"\n")?;
+    /// let prod = policy.clone().with_env_overrides_from(|v| (v == ENV_VAR).then(|| "prod".to_owned()))?;
+    /// assert_eq!((prod.env(), prod.app()), ("prod", "shop"));
+    ///
+    /// let err = policy.with_env_overrides_from(|v| (v == ENV_VAR).then(|| "Prod".to_owned())).unwrap_err();
+    /// assert_eq!(err.variable(), Some("KEYWARD_ENV"));
+    /// assert_eq!(err.field(), Some("namespace.env"));
+    /// # Ok::<(), keyward::policy::PolicyError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`with_env_overrides`](Self::with_env_overrides).
+    pub fn with_env_overrides_from(
+        self,
+        mut lookup: impl FnMut(&str) -> Option<String>,
+    ) -> Result<Policy, PolicyError> {
+        self.with_overrides(|name| Ok(lookup(name)))
+    }
+
+    fn with_overrides(
+        mut self,
+        mut lookup: impl FnMut(&str) -> Result<Option<String>, String>,
+    ) -> Result<Policy, PolicyError> {
+        for (variable, field) in [(ENV_VAR, "namespace.env"), (APP_VAR, "namespace.app")] {
+            let in_variable = |message: String| PolicyError {
+                variable: Some(variable.to_owned()),
+                ..PolicyError::field_error(field, message)
+            };
+            let Some(value) = lookup(variable).map_err(in_variable)? else {
+                continue;
+            };
+            check_namespace_part(field, &value).map_err(|e| in_variable(e.message))?;
+            if field == "namespace.env" {
+                self.env = value;
+            } else {
+                self.app = value;
+            }
+        }
+        Ok(self)
     }
 
     /// The environment part of the namespace (`prod`).
@@ -575,7 +755,11 @@ pub struct PolicyBuilder {
 }
 
 impl PolicyBuilder {
-    /// Validates and returns the policy; a duplicate class name is an error.
+    /// Validates and returns the policy, with the same rules as a policy file.
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the class and field at fault: an invalid `env`, `app` or class name, a class
+    /// declared twice, or a class whose settings break a rule (see the module docs for every rule).
     pub fn build(self) -> Result<Policy, PolicyError> {
         assemble(self.env, self.app, self.classes)
     }
@@ -925,6 +1109,74 @@ mod tests {
         let text = "[namespace]\nenv = \"a\"\napp = \"b\"\n[classes.login]\nkind = 3\n";
         let err = Policy::from_toml_str(text).unwrap_err();
         assert_eq!((err.class(), err.field()), (Some("login"), Some("kind")));
+    }
+
+    #[test]
+    fn env_overrides_replace_the_namespace_and_validate_like_the_file() {
+        let policy = Policy::from_toml_str("[namespace]\nenv = \"dev\"\napp = \"shop\"\n").unwrap();
+        let vars = |env: Option<&str>, app: Option<&str>| {
+            let (env, app) = (env.map(str::to_owned), app.map(str::to_owned));
+            move |name: &str| match name {
+                ENV_VAR => env.clone(),
+                APP_VAR => app.clone(),
+                other => panic!("unexpected variable {other}"),
+            }
+        };
+        let same = policy
+            .clone()
+            .with_env_overrides_from(vars(None, None))
+            .unwrap();
+        assert_eq!(same, policy);
+        let both = policy
+            .clone()
+            .with_env_overrides_from(vars(Some("prod-eu.1"), Some("shop2")))
+            .unwrap();
+        assert_eq!((both.env(), both.app()), ("prod-eu.1", "shop2"));
+
+        for (env, app, variable, field) in [
+            (Some("Prod"), None, "KEYWARD_ENV", "namespace.env"),
+            (Some(""), None, "KEYWARD_ENV", "namespace.env"),
+            (Some(" prod"), None, "KEYWARD_ENV", "namespace.env"),
+            (Some("prod:x"), None, "KEYWARD_ENV", "namespace.env"),
+            (None, Some("_shop"), "KEYWARD_APP", "namespace.app"),
+            (
+                Some("prod"),
+                Some(&"a".repeat(33)),
+                "KEYWARD_APP",
+                "namespace.app",
+            ),
+        ] {
+            let err = policy
+                .clone()
+                .with_env_overrides_from(vars(env, app))
+                .unwrap_err();
+            assert_eq!(err.variable(), Some(variable), "{err}");
+            assert_eq!(err.field(), Some(field), "{err}");
+            assert!(err.file().is_none() && err.class().is_none());
+            // The same rule, in the same words, as a bad value in the file.
+            let value = env.filter(|_| variable == "KEYWARD_ENV").or(app).unwrap();
+            let in_file = Policy::builder(
+                if variable == "KEYWARD_ENV" {
+                    value
+                } else {
+                    "dev"
+                },
+                if variable == "KEYWARD_APP" {
+                    value
+                } else {
+                    "shop"
+                },
+            )
+            .build()
+            .unwrap_err();
+            assert_eq!(err.message(), in_file.message());
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "environment variable `{variable}` (overrides field `{field}`): invalid value"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -243,6 +243,29 @@ struct Limit {
 /// Checks one or more rate-limit classes for an identity. Cheap to clone.
 ///
 /// From [`Keyward::rate_limiter`] (one class) or [`Keyward::rate_limiter_group`] (several, all or nothing).
+/// A refusal is a value ([`Decision::is_limited`]), not an error; errors are reserved for the store failing
+/// in a way `on_error` does not cover (an error reply).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> keyward::Result<()> {
+/// use std::time::Duration;
+/// use keyward::{Keyward, policy::{Algorithm, Policy, RateLimitClass}};
+///
+/// let policy = Policy::builder("dev", "shop")
+///     .rate_limit("login_per_ip", RateLimitClass::new(Algorithm::Gcra, 5, Duration::from_secs(60)))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// let login = kw.rate_limiter("login_per_ip")?;
+/// for _ in 0..5 {
+///     assert!(login.check("203.0.113.7").await?.is_allowed());
+/// }
+/// let sixth = login.check("203.0.113.7").await?;
+/// assert!(sixth.is_limited());
+/// assert!(sixth.retry_after().is_some_and(|d| d <= Duration::from_secs(12))); // one per 12 s comes back
+/// assert!(login.check("198.51.100.1").await?.is_allowed()); // per identity
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RateLimiter {
     kw: Keyward,

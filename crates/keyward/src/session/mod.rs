@@ -370,6 +370,39 @@ pub struct SessionInfo {
 }
 
 /// Typed sessions of one `session` class. Cheap to clone.
+///
+/// The token goes to the client (a cookie); Redis stores only its HMAC. Reads slide the idle expiry, saves
+/// are versioned, and `regenerate` (at login) ends the old token.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use keyward::Keyward;
+/// use keyward::policy::{Policy, SessionClass};
+/// use keyward::session::{Saved, SessionSecrets};
+///
+/// let policy = Policy::builder("dev", "shop")
+///     .session("web", SessionClass::new(Duration::from_secs(30 * 60), Duration::from_secs(12 * 3600)))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// // In production: SessionSecrets::from_base64_list(&std::env::var("SESSION_SECRETS")?)
+/// let sessions = kw.sessions::<Vec<u32>>("web", SessionSecrets::new([7u8; 32])?)?;
+///
+/// let (token, _) = sessions.create("user-7", &vec![]).await?; // token.as_str() goes in the cookie
+/// let mut s = sessions.get(token.as_str()).await?.expect("alive");
+/// s.data.push(42);
+/// assert!(matches!(sessions.save(&mut s).await?, Saved::Saved));
+///
+/// // At login: a new token, the old one dead. `None` if the session had ended meanwhile.
+/// let Some(fresh) = sessions.regenerate(token.as_str()).await? else {
+///     return Ok(()); // log in again
+/// };
+/// assert!(sessions.get(token.as_str()).await?.is_none());
+/// assert_eq!(sessions.get(fresh.as_str()).await?.expect("alive").data, vec![42]);
+/// assert!(sessions.destroy(fresh.as_str()).await?); // log out
+/// # Ok(()) }
+/// ```
 pub struct Sessions<T, C = Json> {
     kw: Keyward,
     inner: Arc<Shared>,

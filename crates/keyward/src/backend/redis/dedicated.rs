@@ -29,6 +29,12 @@ pub(crate) enum Dial {
         seeds: Vec<String>,
         options: ConnectOptions,
     },
+    /// A lazy handle's: the connected backend's dial once there is one, a connect error before.
+    Lazy {
+        lazy: std::sync::Weak<crate::backend::lazy::Lazy>,
+        connect_timeout: std::time::Duration,
+        response_timeout: std::time::Duration,
+    },
 }
 
 /// A connection of its own (RESP3, pushes to the given sender).
@@ -73,6 +79,18 @@ impl Dial {
                         .map_err(|e| connect_err(url, &e.to_string()))?;
                 Ok(Dedicated::Cluster(conn))
             }
+            Dial::Lazy { lazy, .. } => {
+                let lazy = lazy.upgrade().ok_or_else(|| Error::Connect {
+                    server: "redis".to_owned(),
+                    reason: "the handle was dropped".to_owned(),
+                })?;
+                let dial = match lazy.get() {
+                    Some(backend) => backend.dial(),
+                    None => return Err(lazy.not_connected("subscribe")),
+                };
+                drop(lazy);
+                Box::pin(dial.open(push)).await
+            }
         }
     }
 
@@ -81,6 +99,9 @@ impl Dial {
         match self {
             Dial::Single { options, .. } | Dial::Cluster { options, .. } => options.connect_timeout,
             Dial::Sentinel(f) => f.options().connect_timeout,
+            Dial::Lazy {
+                connect_timeout, ..
+            } => *connect_timeout,
         }
     }
 
@@ -91,6 +112,9 @@ impl Dial {
                 options.response_timeout
             }
             Dial::Sentinel(f) => f.options().response_timeout,
+            Dial::Lazy {
+                response_timeout, ..
+            } => *response_timeout,
         }
     }
 }

@@ -441,6 +441,38 @@ impl Drop for RedisBackend {
 }
 
 impl RedisBackend {
+    /// Check, without connecting, everything about `url` and `options` that no retry could fix (the URL's
+    /// form, TLS material); returns the server's description for messages (never credentials).
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`], or [`Error::InvalidArgument`] for TLS material.
+    pub(crate) fn check_url(url: &str, options: &ConnectOptions) -> Result<String> {
+        if cluster::is_cluster_url(url) {
+            let seeds = cluster::seed_urls(url)?;
+            if !url.starts_with("rediss+") && options.has_tls_material() {
+                return Err(Error::InvalidUrl {
+                    reason: scrub(
+                        url,
+                        &format!(
+                            "{}: a TLS CA or client certificate is set, which needs a TLS URL: use \
+                             `rediss+cluster://`",
+                            redact(url)
+                        ),
+                    ),
+                });
+            }
+            let nodes = seeds
+                .iter()
+                .map(|seed| client_for(seed, options).map(|(_, node)| node))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(format!("cluster {}", nodes.join(",")));
+        }
+        if sentinel::is_sentinel_url(url) {
+            return Ok(sentinel::SentinelUrl::parse(url, options)?.describe());
+        }
+        client_for(url, options).map(|(_, server)| server)
+    }
+
     /// Connect to `url`: a standalone server, or (`redis+sentinel://`) the master the sentinels name, followed
     /// across failovers.
     pub(crate) async fn connect(
@@ -774,10 +806,15 @@ impl RedisBackend {
     /// Cluster a sharded channel in `key`'s slot (ending in `}`, which is how the scripts know to `SPUBLISH`).
     pub(crate) fn wake_channel(&self, ns: &Namespace, key: &str) -> String {
         if self.cluster.is_some() {
-            format!("{}:{{{}}}", ns.channel, cluster::hash_tag(key))
+            Self::cluster_wake_channel(ns, key)
         } else {
             ns.channel.clone()
         }
+    }
+
+    /// On Cluster, the sharded channel a fill or release of `key` announces itself on.
+    pub(crate) fn cluster_wake_channel(ns: &Namespace, key: &str) -> String {
+        format!("{}:{{{}}}", ns.channel, cluster::hash_tag(key))
     }
 
     /// Start receiving wake-ups for `key`: on one server the subscription is already there; on Cluster the
@@ -1100,6 +1137,17 @@ impl RedisBackend {
                 .query_async::<u64>(&mut conn),
         )
         .await
+    }
+
+    /// Use `hub` for this handle's typed channels (a lazy handle's, made before the connection), unless one
+    /// was made already.
+    pub(crate) fn adopt_channel_hub(&self, hub: Arc<super::channels::RedisHub>) {
+        let _ = self.channels.set(hub);
+    }
+
+    /// How this handle opens connections of its own.
+    pub(crate) fn dial(&self) -> Arc<dedicated::Dial> {
+        Arc::clone(&self.dial)
     }
 
     /// The typed channels' hub of this handle (its dedicated connection is opened by the first subscription).
