@@ -7,8 +7,8 @@
 //! through a cache loader.
 
 use axum::Json;
-use axum::response::{IntoResponse, Response};
 use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use keyward_axum::ApiError;
 
 use crate::db::DbError;

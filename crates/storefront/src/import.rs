@@ -32,10 +32,22 @@ const EMBEDDED: [(&str, &str); 7] = [
         "categories.csv",
         include_str!("../data/northwind/categories.csv"),
     ),
-    ("suppliers.csv", include_str!("../data/northwind/suppliers.csv")),
-    ("shippers.csv", include_str!("../data/northwind/shippers.csv")),
-    ("products.csv", include_str!("../data/northwind/products.csv")),
-    ("customers.csv", include_str!("../data/northwind/customers.csv")),
+    (
+        "suppliers.csv",
+        include_str!("../data/northwind/suppliers.csv"),
+    ),
+    (
+        "shippers.csv",
+        include_str!("../data/northwind/shippers.csv"),
+    ),
+    (
+        "products.csv",
+        include_str!("../data/northwind/products.csv"),
+    ),
+    (
+        "customers.csv",
+        include_str!("../data/northwind/customers.csv"),
+    ),
     ("orders.csv", include_str!("../data/northwind/orders.csv")),
     (
         "order_details.csv",
@@ -717,15 +729,19 @@ impl Row<'_> {
 fn parse_scaled(value: &str, places: u32) -> Option<i64> {
     let (whole, fraction) = value.split_once('.').unwrap_or((value, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > places as usize
-    {
+    if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > places as usize {
         return None;
     }
     let scale = 10_i64.checked_pow(places)?;
     let mut out = whole.parse::<i64>().ok()?.checked_mul(scale)?;
     if !fraction.is_empty() {
         let missing = places - u32::try_from(fraction.len()).ok()?;
-        out = out.checked_add(fraction.parse::<i64>().ok()?.checked_mul(10_i64.pow(missing))?)?;
+        out = out.checked_add(
+            fraction
+                .parse::<i64>()
+                .ok()?
+                .checked_mul(10_i64.pow(missing))?,
+        )?;
     }
     Some(out)
 }
@@ -771,7 +787,16 @@ mod tests {
         assert_eq!(parse_scaled("32.38", 2), Some(3238));
         assert_eq!(parse_scaled("0.15", 4), Some(1500));
         assert_eq!(parse_scaled("0.0", 4), Some(0));
-        for bad in ["", ".5", "1.234", "-1", "1e3", "abc", "1.2.3", "99999999999999999999"] {
+        for bad in [
+            "",
+            ".5",
+            "1.234",
+            "-1",
+            "1e3",
+            "abc",
+            "1.2.3",
+            "99999999999999999999",
+        ] {
             assert_eq!(parse_scaled(bad, 2), None, "{bad}");
         }
     }
@@ -780,7 +805,13 @@ mod tests {
     fn dates_are_checked() {
         assert!(is_date("1996-07-04 00:00:00.000"));
         assert!(is_date("1998-05-06"));
-        for bad in ["", "1996-13-01", "1996-07-04 25:00:00.000", "July 4", "1996-7-4"] {
+        for bad in [
+            "",
+            "1996-13-01",
+            "1996-07-04 25:00:00.000",
+            "July 4",
+            "1996-7-4",
+        ] {
             assert!(!is_date(bad), "{bad}");
         }
     }
