@@ -1,12 +1,12 @@
 //! Admin writes to the catalog: price, stock, publish/unpublish — SQLite first, then the cache.
 //!
 //! **The one decision to know:** the order is *commit, then invalidate* (the source-of-truth write comes
-//! first; the cache follows it), through [`Catalog::product_changed`]: the tags `product:{id}` and
-//! `category:{id}` are bumped, and the categories list is invalidated when the publish flag changed. A
-//! fill that read the old row before the commit is fenced off by the bump and never lands. If the
-//! invalidation fails after the commit, the answer is a `500` without `Retry-After`
-//! ([`keyward::Error::CacheAfterSource`]): the write happened and must not be repeated blindly; the stale
-//! entries end with their TTL.
+//! first; the cache follows it), through [`Catalog::product_changed`](crate::Catalog::product_changed):
+//! the tags `product:{id}` and `category:{id}` are bumped, and the categories list is invalidated when the
+//! publish flag changed. A fill that read the old row before the commit is fenced off by the bump and
+//! never lands. If the invalidation fails after the commit, the answer is a `500` without `Retry-After`
+//! ([`keyward::Error::CacheAfterSource`]): the write happened and must not be repeated blindly; the
+//! stale entries end with their TTL.
 //!
 //! Admin routes need `Authorization: Bearer <admin token>` (compared in constant time). Without a
 //! configured token they answer `401` to everyone.
