@@ -8,4 +8,5 @@ mod util;
 mod catalog;
 mod import;
 mod policy;
+mod serve;
 mod two_instances;
