@@ -1,5 +1,6 @@
-//! Two storefront instances, each with its own L1, sharing one SQLite file and one real redis-server: an
-//! admin update made on one is served by the other within the catalog classes' `l1_max_stale`.
+//! The storefront on a real redis-server: two instances, each with its own L1, sharing one SQLite file and
+//! one Redis, where an admin update made on one is served by the other within the catalog classes'
+//! `l1_max_stale`; and an instance whose Redis is gone, which keeps serving the catalog from SQLite.
 
 use std::time::{Duration, Instant};
 
@@ -108,4 +109,44 @@ async fn an_admin_update_on_one_instance_is_seen_on_the_other_within_l1_max_stal
         assert!(Instant::now() < deadline, "A never saw the unpublish");
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn with_redis_gone_the_catalog_is_served_from_sqlite_and_health_says_503() {
+    let mut redis = RedisServer::spawn();
+    let dir = DbDir::new();
+    let shop = Shop::on_redis(&dir, &redis.url()).await;
+    assert_eq!(shop.get_ok("/products/4").await["price_cents"], json!(2200));
+    assert_eq!(shop.get_ok("/healthz").await["status"], json!("ok"));
+
+    redis.kill();
+    // The catalog classes fail open: the loader answers from SQLite and nothing is stored. L1 stops
+    // serving within l1_max_stale, so the answer is the database's, with a price written meanwhile.
+    dir.sqlite()
+        .execute("UPDATE products SET price_cents = 2300 WHERE id = 4", [])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = shop.get("/products/4").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["price_cents"] == json!(2300) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered from SQLite: {body}"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(shop.get("/categories/1/products").await.0, StatusCode::OK);
+
+    // Health is honest about the store: 503 with Retry-After, through keyward-axum's ApiError.
+    let request = http::Request::get("/healthz")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(shop.app.clone(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key(http::header::RETRY_AFTER));
 }
