@@ -247,3 +247,61 @@ impl Drop for Pooled {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_are_counted_and_a_panicking_call_gives_its_connection_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), 1).unwrap();
+        let one: i64 = db
+            .read(|c| {
+                c.query_row("SELECT 1", [], |r| r.get(0))
+                    .map_err(DbError::query("one"))
+            })
+            .await
+            .unwrap();
+        assert_eq!((one, db.queries()), (1, 1));
+
+        let failed = db
+            .read(|_| -> Result<(), DbError> { panic!("a bug in a query") })
+            .await
+            .unwrap_err();
+        assert!(matches!(failed, DbError::Task(_)), "{failed:?}");
+        // The pool's only connection is back: the next call runs.
+        db.write(|tx| {
+            tx.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')", [])
+                .map_err(DbError::query("insert"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(db.queries(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), 2).unwrap();
+        let failed = db
+            .write(|tx| {
+                tx.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')", [])
+                    .map_err(DbError::query("insert"))?;
+                Err::<(), _>(DbError::Invalid {
+                    what: "test",
+                    reason: "changed my mind".into(),
+                })
+            })
+            .await;
+        assert!(failed.is_err());
+        let rows: i64 = db
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))
+                    .map_err(DbError::query("count"))
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+}
