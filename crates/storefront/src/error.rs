@@ -1,0 +1,97 @@
+//! [`AppError`]: what a storefront handler returns, and how each failure answers over HTTP.
+//!
+//! **The one decision to know:** keyward failures answer through [`keyward_axum::ApiError`] (a `503` with
+//! `Retry-After` while the store is down, a `500` otherwise, nothing internal in the body), and the
+//! database's own errors come back out of keyward's type-erased loader and write errors with
+//! [`ApiError::app_error`]: a [`DbError::NotFound`] is a `404` whether it came straight from SQLite or
+//! through a cache loader.
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keyward_axum::ApiError;
+
+use crate::db::DbError;
+
+/// A handler's error.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AppError {
+    /// `404`: the row does not exist or is not published.
+    NotFound(String),
+    /// `400`: the request cannot be served as sent.
+    BadRequest(String),
+    /// `401`: an admin route without the admin token.
+    Unauthorized,
+    /// A keyward failure: `503` or `500`, as [`ApiError`] answers it.
+    Store(ApiError),
+    /// A database failure: `500` (logged, never shown).
+    Db(DbError),
+}
+
+impl From<keyward::Error> for AppError {
+    fn from(error: keyward::Error) -> Self {
+        let error = ApiError::from(error);
+        match error.app_error::<DbError>() {
+            Some(DbError::NotFound { what, id }) => AppError::NotFound(format!("No {what} {id}.")),
+            Some(DbError::Invalid { what, reason }) => {
+                AppError::BadRequest(format!("{what}: {reason}"))
+            }
+            _ => AppError::Store(error),
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::NotFound { what, id } => AppError::NotFound(format!("No {what} {id}.")),
+            DbError::Invalid { what, reason } => AppError::BadRequest(format!("{what}: {reason}")),
+            other => AppError::Db(other),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, detail) = match self {
+            AppError::NotFound(detail) => (StatusCode::NOT_FOUND, detail),
+            AppError::BadRequest(detail) => (StatusCode::BAD_REQUEST, detail),
+            AppError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "This route needs the admin token (Authorization: Bearer …).".to_owned(),
+            ),
+            AppError::Store(error) => return error.into_response(),
+            AppError::Db(error) => {
+                tracing::error!(error = %error, "storefront: database failure");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The request could not be processed.".to_owned(),
+                )
+            }
+        };
+        problem(status, &detail)
+    }
+}
+
+/// An `application/problem+json` response of type `about:blank` (RFC 9457).
+fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = (status, Json(body)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}

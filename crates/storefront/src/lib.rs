@@ -1,0 +1,233 @@
+//! storefront — keyward's reference service: the Northwind shop, with SQLite as the source of truth and
+//! keyward as the data layer in front of it.
+//!
+//! `cargo run -p storefront` starts it on the embedded backend (`REDIS_URL=redis://… cargo run -p
+//! storefront` for Redis) with a database file `storefront.db` that the first start fills from the
+//! Northwind CSV files compiled into the binary. Everything the shop stores in keyward is declared in
+//! `crates/storefront/policy.toml` ([`POLICY_TOML`]).
+//!
+//! # Layout
+//! - [`db`] — SQLite through a small pool of `rusqlite` connections on blocking threads; every call is
+//!   counted ([`db::Db::queries`]), so tests and the replay can show what the cache saved.
+//! - [`import`] — the first-start import of the Northwind CSVs (one transaction, a marker row, errors that
+//!   name file, line and column) and the seed step that sets every customer's password.
+//! - [`catalog`] — categories, product pages and product details: cache-aside with L1 and tags.
+//! - [`admin`] — price, stock and publish changes: SQLite first, then the tags.
+//! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
+//! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
+//!   database, importing, connecting keyward.
+//!
+//! # Why `rusqlite` and not `sqlx`
+//! The shop needs one embedded SQLite file, transactions that check and write atomically (stock), and a
+//! fast build. `rusqlite` with `bundled` compiles SQLite in (nothing to install), is a thin, well-kept
+//! wrapper over SQLite's own API (transactions with `BEGIN IMMEDIATE`, prepared-statement cache), and adds
+//! a handful of crates; `sqlx` would bring its async driver, its macro crate and its connection machinery
+//! for a database that is a local file — its async API runs SQLite on a worker thread anyway. The cost of
+//! `rusqlite` is that its calls block: [`db::Db`] runs them with `spawn_blocking` on a pool of
+//! connections (SQLite in WAL mode: readers never wait for the writer).
+//!
+//! # What is not built yet
+//! This crate is the foundation of the storefront (issue #15). Still to come: login (rate-limited per IP
+//! and per account, sessions with regeneration, log out everywhere), `POST /orders` (Idempotency-Key,
+//! stock checked and decremented in one transaction, an `order.placed` event), the worker, the nightly
+//! restock job under its fenced lock, `/me/orders`, `/metrics`, `/dashboard`, `storefront replay` and the
+//! load tests. The policy already declares their classes, and the schema their tables.
+//!
+//! # Routes
+//! | route | what |
+//! | --- | --- |
+//! | `GET /` | a small index page |
+//! | `GET /categories` | every category with its published-product count |
+//! | `GET /categories/{id}/products?page=1&per_page=20` | a page of a category's published products (`per_page` ≤ 30) |
+//! | `GET /products/{id}` | a published product |
+//! | `PATCH /admin/products/{id}` | `{"price_cents": …, "stock": …, "published": …}`, with `Authorization: Bearer <admin token>` |
+//! | `GET /healthz` | `200` when SQLite and the keyward store answer, else `503` / `500` |
+
+pub mod admin;
+pub mod catalog;
+pub mod db;
+mod error;
+pub mod import;
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::response::Html;
+use axum::routing::{get, patch};
+use keyward::Keyward;
+use keyward::policy::{Policy, PolicyError};
+
+pub use admin::AdminToken;
+pub use catalog::Catalog;
+pub use db::{Db, DbError};
+pub use error::AppError;
+pub use import::{DataSource, ImportError, ImportReport, PasswordCost};
+
+/// The shop's keyward policy, `crates/storefront/policy.toml`, as compiled in.
+pub const POLICY_TOML: &str = include_str!("../policy.toml");
+
+/// The compiled-in policy, validated.
+///
+/// # Errors
+/// [`PolicyError`] naming the class and field (a test keeps the file valid).
+pub fn policy() -> Result<Policy, PolicyError> {
+    Policy::from_toml_str(POLICY_TOML)
+}
+
+/// What the handlers share. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The keyward handle (one per process).
+    pub kw: Keyward,
+    /// The database.
+    pub db: Db,
+    /// The catalog's caches.
+    pub catalog: Catalog,
+    /// The token admin routes require; `None`: admin routes refuse everyone.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl AppState {
+    /// The state of one instance over `kw` and `db`.
+    ///
+    /// # Errors
+    /// keyward errors if `kw`'s policy lacks a class the shop uses.
+    pub fn new(kw: Keyward, db: Db, admin_token: Option<AdminToken>) -> keyward::Result<AppState> {
+        let catalog = Catalog::new(&kw, db.clone())?;
+        Ok(AppState {
+            kw,
+            db,
+            catalog,
+            admin_token,
+        })
+    }
+}
+
+/// How to start an instance.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// The SQLite file (created and imported into at first start).
+    pub db_path: PathBuf,
+    /// SQLite connections in the pool.
+    pub db_pool: usize,
+    /// Where the first start reads Northwind from.
+    pub data: DataSource,
+    /// The cost of the seeded password hashes.
+    pub password_cost: PasswordCost,
+    /// The keyward policy.
+    pub policy: Policy,
+    /// Redis (any URL keyward takes); `None`: the embedded backend.
+    pub redis_url: Option<String>,
+    /// The admin token; `None`: admin routes refuse everyone.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl Config {
+    /// A configuration for the database at `db_path`: the compiled-in data and policy, the embedded
+    /// backend, 4 connections, recommended password cost, no admin token.
+    pub fn new(db_path: impl Into<PathBuf>, policy: Policy) -> Config {
+        Config {
+            db_path: db_path.into(),
+            db_pool: 4,
+            data: DataSource::Embedded,
+            password_cost: PasswordCost::Recommended,
+            policy,
+            redis_url: None,
+            admin_token: None,
+        }
+    }
+
+    /// Use Redis at `url` (`None`: the embedded backend).
+    #[must_use]
+    pub fn redis_url(mut self, url: Option<String>) -> Self {
+        self.redis_url = url;
+        self
+    }
+
+    /// Require `token` on admin routes.
+    #[must_use]
+    pub fn admin_token(mut self, token: Option<AdminToken>) -> Self {
+        self.admin_token = token;
+        self
+    }
+
+    /// Seed passwords at `cost`.
+    #[must_use]
+    pub fn password_cost(mut self, cost: PasswordCost) -> Self {
+        self.password_cost = cost;
+        self
+    }
+
+    /// Import from `data` at first start.
+    #[must_use]
+    pub fn data(mut self, data: DataSource) -> Self {
+        self.data = data;
+        self
+    }
+}
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The database could not be opened.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The first-start import failed (nothing was imported).
+    #[error("importing Northwind: {0}")]
+    Import(#[from] ImportError),
+    /// keyward could not connect, or the policy lacks a class.
+    #[error("keyward: {0}")]
+    Keyward(#[from] keyward::Error),
+}
+
+/// Open the database (importing Northwind at first start), connect keyward, and build the state.
+///
+/// # Errors
+/// [`StartError`] saying which step failed.
+pub async fn start(config: Config) -> Result<(AppState, ImportReport), StartError> {
+    let db = Db::open(&config.db_path, config.db_pool)?;
+    let report = import::ensure_imported(&db, config.data, config.password_cost).await?;
+    let kw = match &config.redis_url {
+        Some(url) => Keyward::connect(url, config.policy).await?,
+        None => Keyward::embedded(config.policy),
+    };
+    let state = AppState::new(kw, db, config.admin_token)?;
+    Ok((state, report))
+}
+
+/// The storefront's router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/categories", get(catalog::list_categories))
+        .route("/categories/{id}/products", get(catalog::list_products))
+        .route("/products/{id}", get(catalog::show_product))
+        .route("/admin/products/{id}", patch(admin::patch_product))
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+/// `GET /`: what the shop offers so far.
+async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
+
+/// `GET /healthz`: SQLite and the keyward store both answer.
+async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    state
+        .db
+        .read(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(DbError::query("health check"))
+        })
+        .await?;
+    state.kw.ping().await?;
+    Ok(Json(serde_json::json!({
+        "status": "ok",
+        "backend": format!("{:?}", state.kw.backend()),
+    })))
+}

@@ -1,0 +1,12 @@
+//! The storefront's tests, one binary (so it links once): `cargo test -p storefront`.
+//!
+//! Every test gets its own SQLite file in a temporary directory; the ones that need Redis spawn their own
+//! `redis-server` (keyward-testkit).
+
+mod util;
+
+mod catalog;
+mod import;
+mod policy;
+mod serve;
+mod two_instances;
