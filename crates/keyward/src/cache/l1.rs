@@ -144,33 +144,58 @@ impl std::fmt::Debug for Held {
 /// a stripe: the invalidation of one then also drops entries carrying the other (never the reverse error).
 const TAG_STRIPES: usize = 4096;
 
+/// Counters that names (keys, tags) hash to: a bump for one name moves its stripe, and so also every other
+/// name sharing it (a conservative error: a copy or an insert refused without need, never one kept).
+struct Stripes {
+    cells: Box<[AtomicU64]>,
+    hasher: Hasher,
+}
+
+impl Stripes {
+    fn new(n: usize) -> Self {
+        Stripes {
+            cells: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Hasher::default(),
+        }
+    }
+
+    /// The stripe of `name`.
+    fn index(&self, name: &[u8]) -> usize {
+        // The stripe count is far below u64::MAX; the cast keeps the low bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (self.hasher.hash_one(name) as usize) % self.cells.len();
+        i
+    }
+
+    fn of(&self, name: &[u8]) -> &AtomicU64 {
+        &self.cells[self.index(name)]
+    }
+}
+
 /// The handle's tag fence (namespace-wide: tags cross classes). See [`TagMarks`].
 struct TagFence {
     /// Bumped by every tag invalidation: what entries with unknown tags are checked against.
     any: AtomicU64,
-    stripes: Box<[AtomicU64]>,
-    hasher: Hasher,
+    stripes: Stripes,
 }
 
 impl TagFence {
     fn new() -> Self {
         TagFence {
             any: AtomicU64::new(0),
-            stripes: (0..TAG_STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            hasher: Hasher::default(),
+            stripes: Stripes::new(TAG_STRIPES),
         }
     }
 
     fn stripe(&self, tag: &[u8]) -> usize {
-        // TAG_STRIPES is a power of two far below u64::MAX; the cast keeps the low bits.
-        #[allow(clippy::cast_possible_truncation)]
-        let i = (self.hasher.hash_one(tag) as usize) % TAG_STRIPES;
-        i
+        self.stripes.index(tag)
     }
 
     /// A tag's invalidation: its stripe first, then `any`.
     fn bump(&self, tag: &str) {
-        self.stripes[self.stripe(tag.as_bytes())].fetch_add(1, Ordering::SeqCst);
+        self.stripes
+            .of(tag.as_bytes())
+            .fetch_add(1, Ordering::SeqCst);
         self.any.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -181,7 +206,7 @@ impl TagFence {
             Some(tags) => TagMarks::Known(
                 tags.map(|t| {
                     let i = self.stripe(t);
-                    (i, self.stripes[i].load(Ordering::SeqCst))
+                    (i, self.stripes.cells[i].load(Ordering::SeqCst))
                 })
                 .collect(),
             ),
@@ -194,7 +219,7 @@ impl TagFence {
             TagMarks::Unknown(any) => self.any.load(Ordering::SeqCst) == *any,
             TagMarks::Known(marks) => marks
                 .iter()
-                .all(|&(i, v)| self.stripes[i].load(Ordering::SeqCst) == v),
+                .all(|&(i, v)| self.stripes.cells[i].load(Ordering::SeqCst) == v),
         }
     }
 }
@@ -288,8 +313,7 @@ impl Event {
 /// Counters that refuse an insert whose read raced an eviction.
 struct Fence {
     all: AtomicU64,
-    stripes: Box<[AtomicU64]>,
-    hasher: Hasher,
+    stripes: Stripes,
 }
 
 /// A fence reading taken before a read was sent; an insert is allowed only if it still holds.
@@ -304,16 +328,12 @@ impl Fence {
     fn new() -> Self {
         Fence {
             all: AtomicU64::new(0),
-            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            hasher: Hasher::default(),
+            stripes: Stripes::new(STRIPES),
         }
     }
 
     fn stripe(&self, key: &str) -> &AtomicU64 {
-        // STRIPES is a power of two far below u64::MAX; the cast keeps the low bits.
-        #[allow(clippy::cast_possible_truncation)]
-        let i = (self.hasher.hash_one(key) as usize) % STRIPES;
-        &self.stripes[i]
+        self.stripes.of(key.as_bytes())
     }
 }
 
