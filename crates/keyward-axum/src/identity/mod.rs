@@ -125,7 +125,7 @@ impl Extracted {
             Ok(true) => Extracted::Id(id),
             Ok(false) => Extracted::Missing,
             Err(Failure::Misconfigured(why)) => Extracted::Misconfigured(why),
-            Err(Failure::Load(error)) => Extracted::Failed(error),
+            Err(Failure::Load(error)) => Extracted::Failed(*error),
         }
     }
 }
@@ -133,7 +133,8 @@ impl Extracted {
 /// Why an extractor found no answer.
 enum Failure {
     Misconfigured(&'static str),
-    Load(ApiError),
+    /// Boxed: a keyward error is large, and this is the rare path of every extraction's `Result`.
+    Load(Box<ApiError>),
 }
 
 #[cfg(test)]
@@ -329,7 +330,7 @@ impl KeyExtractor {
                             Ok(true)
                         }
                         Ok(None) => Ok(false),
-                        Err(error) => Err(Failure::Load(error)),
+                        Err(error) => Err(Failure::Load(Box::new(error))),
                     }
                 }
                 Kind::And(a, b) => {
