@@ -32,7 +32,7 @@ use keyward::policy::Policy;
 use keyward::session::SessionSecrets;
 use keyward::{ConnectOptions, Keyward};
 use keyward_axum::{
-    CurrentSession, IdempotencyLayer, KeyExtractor, RateLimitLayer, SessionError, SessionLayer,
+    ApiError, CurrentSession, IdempotencyLayer, KeyExtractor, RateLimitLayer, SessionLayer,
     TrustedProxies,
 };
 use serde::{Deserialize, Serialize};
@@ -137,33 +137,37 @@ impl Db {
 
 // --- Errors in handlers ----------------------------------------------------------------------------------
 
-/// The one error type of the handlers: your database's "not found" is a 404, a store outage a 503,
-/// anything else a 500; the body never carries the error's text (it names servers and classes).
-pub(crate) struct AppError(keyward::Error);
+/// The one error type of the handlers: your database's "not found" is a 404; every other failure is
+/// keyward-axum's `ApiError`, which answers a store outage with a 503 and `Retry-After`, anything else
+/// with a 500, never puts the error's text in the body (it names servers and classes) and logs it.
+pub(crate) enum AppError {
+    NotFound,
+    Api(ApiError),
+}
 
 impl From<keyward::Error> for AppError {
     fn from(e: keyward::Error) -> Self {
-        AppError(e)
+        // A loader's or a write's own error comes back as its type.
+        match e.downcast_ref::<DbError>() {
+            Some(DbError::NotFound) => AppError::NotFound,
+            None => AppError::Api(e.into()),
+        }
     }
 }
 
-impl From<SessionError> for AppError {
-    fn from(e: SessionError) -> Self {
-        AppError(e.into_error())
+/// What the session handle's methods return: no database error in there.
+impl From<ApiError> for AppError {
+    fn from(e: ApiError) -> Self {
+        AppError::Api(e)
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let status = match self.0.downcast_ref::<DbError>() {
-            Some(DbError::NotFound) => StatusCode::NOT_FOUND,
-            None if self.0.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
-            None => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %self.0, "request failed");
+        match self {
+            AppError::NotFound => StatusCode::NOT_FOUND.into_response(),
+            AppError::Api(e) => e.into_response(), // 503 + Retry-After, or 500; problem+json
         }
-        status.into_response()
     }
 }
 
@@ -246,27 +250,25 @@ async fn logout(session: CurrentSession<Profile>) -> Result<StatusCode, AppError
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The logged-in user, put in the request's extensions by [`require_login`].
-#[derive(Clone)]
-struct UserId(String);
-
-/// Orders need a user: 401 without one; otherwise the user goes into the extensions, where the
-/// idempotency layer below finds its scope.
-async fn require_login(session: CurrentSession<Profile>, mut req: Request, next: Next) -> Response {
-    let Some(current) = session.get() else {
+/// Orders need a login: 401 without one. The session it loads is the request's one read: the
+/// idempotency scope and the handler below share it.
+async fn require_login(session: CurrentSession<Profile>, req: Request, next: Next) -> Response {
+    if session.get().is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
-    };
-    req.extensions_mut()
-        .insert(UserId(current.user_id().to_owned()));
+    }
     next.run(req).await
 }
 
 async fn place_order(
     State(s): State<AppState>,
-    axum::Extension(UserId(user)): axum::Extension<UserId>,
+    session: CurrentSession<Profile>,
     sku: String,
 ) -> Response {
-    let n = s.db.insert_order(&user, &sku).await;
+    let Some(current) = session.get() else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let user = current.user_id();
+    let n = s.db.insert_order(user, &sku).await;
     (StatusCode::CREATED, format!("order {n}: {sku} for {user}")).into_response()
 }
 
@@ -291,7 +293,7 @@ pub(crate) fn app(kw: &Keyward, db: Db, secrets: SessionSecrets) -> keyward::Res
         .route("/orders", post(place_order))
         .route_layer(
             IdempotencyLayer::new(kw.idempotency("order")?)
-                .scope(KeyExtractor::extension::<UserId, _>(|u| u.0.clone())),
+                .scope(KeyExtractor::session_user::<Profile>()),
         )
         .route_layer(middleware::from_fn(require_login));
     let login = Router::new()

@@ -99,13 +99,13 @@ impl ApiError {
 
     /// Your own error, as its type `E`, when the failure was a loader's error
     /// ([`keyward::Error::Loader`]) or a source write's error ([`keyward::Error::Source`], from
-    /// `invalidate_after` or `write_through`) of type `E`. The error is looked for in the loader's
-    /// error and then along its [`source`](StdError::source) chain, so an `E` wrapped by another error
-    /// is found too. `None` for every other failure (a store error, a timeout, …) and for an error of
-    /// another type.
+    /// `invalidate_after` or `write_through`) of type `E`, or one wrapping an `E` along its
+    /// [`source`](StdError::source) chain. `None` for every other failure (a store error, a timeout, …)
+    /// and for an error of another type.
     ///
-    /// keyward keeps your error type-erased (`Arc<BoxError>`) because one load is shared by every waiting
-    /// caller, whatever their error type; this is the typed way back.
+    /// It is [`keyward::Error::downcast_ref`] on the error inside: call that where you still hold the
+    /// `keyward::Error` (your own `From<keyward::Error>`), and this where you hold an `ApiError` (what
+    /// the session handle's methods and `?` into `ApiError` give you), as below.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -142,13 +142,19 @@ impl ApiError {
     ///     Other(ApiError),
     /// }
     ///
-    /// impl From<keyward::Error> for AppError {
-    ///     fn from(error: keyward::Error) -> Self {
-    ///         let error = ApiError::from(error);
+    /// // One mapping for every error a handler meets: keyward calls and the session handle's methods.
+    /// impl From<ApiError> for AppError {
+    ///     fn from(error: ApiError) -> Self {
     ///         match error.app_error::<DbError>() {
     ///             Some(DbError::NotFound(_)) => AppError::NotFound,
     ///             _ => AppError::Other(error), // DbError::Down, store failures: 500 / 503
     ///         }
+    ///     }
+    /// }
+    ///
+    /// impl From<keyward::Error> for AppError {
+    ///     fn from(error: keyward::Error) -> Self {
+    ///         ApiError::from(error).into()
     ///     }
     /// }
     ///
@@ -185,18 +191,7 @@ impl ApiError {
     /// # Ok(()) }
     /// ```
     pub fn app_error<E: StdError + 'static>(&self) -> Option<&E> {
-        let boxed = match &self.source {
-            keyward::Error::Loader { source, .. } | keyward::Error::Source { source, .. } => source,
-            _ => return None,
-        };
-        let mut next: Option<&(dyn StdError + 'static)> = Some(&***boxed);
-        while let Some(error) = next {
-            if let Some(found) = error.downcast_ref::<E>() {
-                return Some(found);
-            }
-            next = error.source();
-        }
-        None
+        self.source.downcast_ref::<E>()
     }
 
     /// The status this error answers with: `503` or `500` (see the table above).

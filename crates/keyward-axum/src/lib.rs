@@ -99,8 +99,9 @@
 //! everything else is a `500`; the body is `about:blank` problem+json with a generic `detail`, and the
 //! error itself goes to the log. Your own error from a loader or from `invalidate_after` /
 //! `write_through` comes back as its type with [`ApiError::app_error`], whose example turns a database
-//! "not found" into a `404`. [`SessionError`], the error of the session handle, is the same type under
-//! its older name.
+//! "not found" into a `404`; where you still hold the `keyward::Error` (before `?` converts it), the
+//! same lookup is [`keyward::Error::downcast_ref`]. [`SessionError`], the error of the session
+//! handle, is the same type under its older name.
 //!
 //! # Request extensions
 //! What the layers put in a request's extensions, for handlers (`Extension<…>`) and for middleware

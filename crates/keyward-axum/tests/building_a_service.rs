@@ -6,11 +6,13 @@
 #[path = "../examples/building_a_service.rs"]
 mod service;
 
+use std::time::Duration;
+
 use axum::Router;
 use http::{Request, StatusCode, header};
-use keyward::Keyward;
 use keyward::policy::Policy;
 use keyward::session::SessionSecrets;
+use keyward::{ConnectOptions, Keyward};
 use keyward_testkit::RedisServer;
 
 use service::{Db, send};
@@ -158,6 +160,14 @@ async fn the_service_end_to_end(kw: Keyward) {
         (StatusCode::CREATED, "order 2: A-1 for alan".to_owned()),
         "another user's k1 is another key"
     );
+    let (_, ada_phone) = login(&app, "ada", "lovelace").await;
+    let ada_phone = ada_phone.expect("a cookie");
+    assert_ne!(ada_phone, cookie);
+    assert_eq!(
+        order(&app, Some(&ada_phone), Some("k1"), "A-1").await,
+        placed,
+        "the scope is the user, not the cookie: Ada's retry from another device is replayed"
+    );
     assert_eq!(db.orders.lock().unwrap().len(), 2, "each order ran once");
 
     // Log out.
@@ -207,6 +217,68 @@ async fn the_login_is_rate_limited_embedded() {
 async fn the_login_is_rate_limited_on_redis() {
     let server = RedisServer::spawn();
     the_login_is_rate_limited(Keyward::connect(&server.url(), policy()).await.unwrap()).await;
+}
+
+/// The page's "When Redis fails": articles come from the database (the cache fails open), the login
+/// limit falls back to its `on_error` (the handler still runs), routes that need the session answer
+/// `503` problem+json with `Retry-After` and no internals, and `/healthz` answers `503`.
+#[tokio::test]
+async fn the_service_when_redis_fails() {
+    let mut server = RedisServer::spawn();
+    let options = ConnectOptions::default()
+        .response_timeout(Duration::from_millis(300))
+        .reconnect_retries(0);
+    let kw = Keyward::connect_with(&server.url(), policy(), options)
+        .await
+        .unwrap();
+    let (app, db) = app(&kw);
+    let (_, cookie) = login(&app, "ada", "lovelace").await;
+    let cookie = cookie.expect("a cookie");
+    server.kill();
+
+    let article = (
+        StatusCode::OK,
+        r#"{"id":1,"title":"Notes on the analytical engine"}"#.to_owned(),
+    );
+    assert_eq!(get(&app, "/articles/1", None).await, article);
+    assert_eq!(get(&app, "/articles/1", None).await, article);
+    assert_eq!(
+        *db.article_reads.lock().unwrap(),
+        2,
+        "each read from the database"
+    );
+    assert_eq!(
+        get(&app, "/articles/9", None).await.0,
+        StatusCode::NOT_FOUND,
+        "the database's own answer still comes through"
+    );
+    assert_eq!(
+        login(&app, "ada", "wrong").await.0,
+        StatusCode::UNAUTHORIZED,
+        "the in-process limiter let the login through to the password check"
+    );
+
+    let unavailable = |(status, cookie, body): (StatusCode, Option<String>, String), what: &str| {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert!(cookie.is_none(), "{what}: the cookie is left alone");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["status"], 503, "{what}");
+        assert_eq!(body["retry_after"], 1, "{what}");
+        for leak in ["127.0.0.1", "redis", "::", "web"] {
+            assert!(!body.to_string().contains(leak), "{what}: {body}");
+        }
+    };
+    let me = Request::get("/me").header(header::COOKIE, &cookie);
+    unavailable(send(&app, me, "").await.unwrap(), "GET /me");
+    let order = Request::post("/orders")
+        .header(header::COOKIE, &cookie)
+        .header("idempotency-key", "\"k1\"");
+    unavailable(send(&app, order, "A-1").await.unwrap(), "POST /orders");
+    assert!(db.orders.lock().unwrap().is_empty(), "no order ran");
+    assert_eq!(
+        get(&app, "/healthz", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[test]

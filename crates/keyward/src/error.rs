@@ -271,18 +271,46 @@ impl From<PolicyError> for Error {
 
 impl Error {
     /// The error your own code returned, as its own type `E`: a loader's ([`Error::Loader`]) or a
-    /// source-of-truth write's ([`Error::Source`]), when it is an `E`. `None` for every other variant
-    /// (keyward's own failures) and when your error is of another type.
+    /// source-of-truth write's ([`Error::Source`], from `invalidate_after` or `write_through`), when it
+    /// is an `E` or wraps one: the error is looked for first, then along its
+    /// [`source`](std::error::Error::source) chain. `None` for every other variant (keyward's own
+    /// failures) and when no error of the chain is an `E`.
     ///
-    /// The same as matching the variant and calling `downcast_ref` on its `source`; see the example on
-    /// [`Error`].
+    /// keyward keeps your error type-erased (`Arc<BoxError>`) because one load is shared by every
+    /// waiting caller, whatever their error type; this is the typed way back. See the example on
+    /// [`Error`]. In an axum handler that already holds a `keyward_axum::ApiError`, its `app_error`
+    /// is this same lookup.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keyward::{BoxError, Error};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("no such row")]
+    /// struct NotFound;
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("the query failed")]
+    /// struct Query(#[source] NotFound);
+    ///
+    /// // What a loader returning `Err(Query(NotFound))` leaves in the error.
+    /// let err = Error::Loader { class: "article".into(), source: Arc::new(Box::new(Query(NotFound)) as BoxError) };
+    /// assert!(err.downcast_ref::<Query>().is_some());
+    /// assert!(err.downcast_ref::<NotFound>().is_some()); // found inside the wrapper
+    /// assert!(err.downcast_ref::<std::io::Error>().is_none());
+    /// assert!(Error::MissingRedisUrl.downcast_ref::<NotFound>().is_none()); // keyward's own failure
+    /// ```
     pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
-        match self {
-            Error::Loader { source, .. } | Error::Source { source, .. } => {
-                (***source).downcast_ref::<E>()
+        let (Error::Loader { source, .. } | Error::Source { source, .. }) = self else {
+            return None;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&***source);
+        while let Some(error) = next {
+            if let Some(found) = error.downcast_ref::<E>() {
+                return Some(found);
             }
-            _ => None,
+            next = error.source();
         }
+        None
     }
 
     /// Whether trying the same operation again may succeed (connection trouble, timeouts).

@@ -133,7 +133,7 @@ impl Extracted {
 /// Why an extractor found no answer.
 enum Failure {
     Misconfigured(&'static str),
-    /// Boxed: the error is large, and the common outcome is `Ok`.
+    /// Boxed: a keyward error is large, and this is the rare path of every extraction's `Result`.
     Load(Box<ApiError>),
 }
 
