@@ -8,7 +8,6 @@
 //! the delete survives — unless the rewrite kept the value's size exactly and left no fresh TTL (Redis keeps
 //! no per-key version; docs/cli.md says so). Deletes use `UNLINK` (freed in the background), never a flush.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use keyward::key::{KeyClass, classify, glob_match};
 use keyward::policy::Policy;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
+use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, ServerId, Walker};
 use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
@@ -131,8 +130,13 @@ impl Selection {
 struct Counts {
     examined: u64,
     selected: u64,
+    /// `MEMORY USAGE` of the selected keys, summed.
     bytes: u64,
     deleted: u64,
+    /// `MEMORY USAGE` (as the walk measured it) of the keys actually deleted, summed (absent in older
+    /// checkpoints).
+    #[serde(default)]
+    deleted_bytes: u64,
     /// Selected, but changed (or gone) before the delete: left alone.
     skipped: u64,
     sample: Vec<String>,
@@ -145,6 +149,7 @@ impl Counts {
         self.selected += batch.selected;
         self.bytes += batch.bytes;
         self.deleted += batch.deleted;
+        self.deleted_bytes += batch.deleted_bytes;
         self.skipped += batch.skipped;
         let room = SAMPLE.saturating_sub(self.sample.len());
         self.sample.extend(batch.sample.iter().take(room).cloned());
@@ -249,6 +254,9 @@ struct Msg {
     node: usize,
     counts: Counts,
     resume_at: Option<u64>,
+    /// Whether the batch is finished (its cursor may be saved); `false` for the keys a failed delete
+    /// pipeline did delete: counted, while the batch is walked again on resume.
+    batch_done: bool,
 }
 
 async fn purge(
@@ -267,21 +275,18 @@ async fn purge(
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (resume, mut nodes, mut counts, earlier_seconds) = match &args.resume {
+    let (resume, saved) = match &args.resume {
         Some(token) => {
             let resume = ResumePoint::named(Walker::Purge, &dir, token)?;
             let cp: Checkpoint = resume.load()?;
-            let mismatch = NodeState::mismatch(&cp.nodes, &addrs);
             if cp.format != 1
                 || cp.env != policy.env()
                 || cp.app != policy.app()
                 || cp.selection != sel
                 || cp.confirmed != confirmed
-                || mismatch.is_some()
             {
-                let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
                 usage!(
-                    "--resume {token}: the checkpoint is for another purge ({}{} of {}:{} on {servers_then:?}); nothing was deleted",
+                    "--resume {token}: the checkpoint is for another purge ({}{} of {}:{}); nothing was deleted",
                     if cp.confirmed {
                         "a confirmed purge"
                     } else {
@@ -292,22 +297,20 @@ async fn purge(
                     cp.app
                 );
             }
-            (resume, cp.nodes, cp.counts, cp.seconds)
+            (resume, Some(cp))
         }
-        None => (
-            ResumePoint::fresh(Walker::Purge, &dir),
-            NodeState::start(&addrs),
-            Counts::default(),
-            0.0,
-        ),
+        None => (ResumePoint::fresh(Walker::Purge, &dir), None),
     };
     let mut conns = Vec::with_capacity(addrs.len());
+    let mut ids = Vec::with_capacity(addrs.len());
     let mut total_keys = 0;
     for (addr, node_url) in &addrs {
-        let label = if addr.is_empty() { "the server" } else { addr };
-        let mut conn = walk::connect(node_url)
-            .await
-            .with_context(|| format!("cannot purge on {label}"))?;
+        let label = if addr.is_empty() {
+            crate::redis_url::server_label(node_url)?
+        } else {
+            addr.clone()
+        };
+        let mut conn = walk::connect(node_url).await?;
         let n: u64 = redis::cmd("DBSIZE")
             .query_async(&mut conn)
             .await
@@ -325,8 +328,25 @@ async fn purge(
                 "{label} refuses a command the purge needs (renamed, or not granted to this user)"
             )
         })?;
+        ids.push(
+            ServerId::read(&mut conn, &label)
+                .await
+                .with_context(|| format!("cannot purge on {label}"))?,
+        );
         conns.push(conn);
     }
+    let (mut nodes, mut counts, earlier_seconds) = match saved {
+        Some(cp) => {
+            if let Some(why) = NodeState::mismatch(&cp.nodes, &ids) {
+                usage!(
+                    "--resume {}: the checkpoint is not for this server: {why}; nothing was deleted",
+                    resume.token()
+                );
+            }
+            (cp.nodes, cp.counts, cp.seconds)
+        }
+        None => (NodeState::start(&ids), Counts::default(), 0.0),
+    };
     if confirmed {
         // Logged before the first delete: a purge whose user cannot write the log stops here, having deleted
         // nothing, and a purge killed outright (SIGKILL) still leaves its trace.
@@ -388,41 +408,52 @@ async fn purge(
     while let Some(msg) = rx.recv().await {
         run.add(&msg.counts);
         counts.add(&msg.counts);
-        nodes[msg.node].advance(msg.resume_at);
+        if msg.batch_done {
+            nodes[msg.node].advance(msg.resume_at);
+        }
         examined.fetch_add(msg.counts.examined, Ordering::Relaxed);
         if let Some(pb) = &progress {
             pb.set_position(run.examined);
         }
     }
     signals.abort();
-    let failure = walk::first_failure(&mut tasks, "purge").await;
+    let mut failure = walk::first_failure(&mut tasks, "purge").await;
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
     let seconds = started.elapsed().as_secs_f64();
-    let complete = nodes.iter().all(|n| n.done);
-    if confirmed && (counts.deleted > 0 || complete) {
-        let state = if complete { "yes" } else { "no" };
-        log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await?;
-    }
-    resume.settle(
-        complete,
-        failure,
-        counts.examined,
-        Some("same selection and --confirm"),
-        || Checkpoint {
-            format: 1,
-            env: policy.env().to_owned(),
-            app: policy.app().to_owned(),
-            selection: sel.clone(),
-            confirmed,
-            nodes,
-            counts: counts.clone(),
-            seconds: earlier_seconds + seconds,
-        },
-    )?;
+    let complete = failure.is_none() && nodes.iter().all(|n| n.done);
+    // Saved whenever the purge did not finish (a signal, --limit-keys, an error), before anything else can
+    // fail: the keys deleted so far are counted, and the token resumes.
+    let mut token = None;
     if complete {
         resume.remove();
+    } else {
+        let saved = resume.save(
+            counts.examined,
+            Some("same selection and --confirm"),
+            || Checkpoint {
+                format: 1,
+                env: policy.env().to_owned(),
+                app: policy.app().to_owned(),
+                selection: sel.clone(),
+                confirmed,
+                nodes,
+                counts: counts.clone(),
+                seconds: earlier_seconds + seconds,
+            },
+        );
+        match saved {
+            Ok(()) => token = Some(resume.token().to_owned()),
+            Err(e) => failure = Some(join(failure, e)),
+        }
+    }
+    if confirmed && (counts.deleted > 0 || complete) {
+        let state = if complete { "yes" } else { "no" };
+        if let Err(e) = log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await
+        {
+            failure = Some(join(failure, e));
+        }
     }
     let summary = Summary::new(
         &policy,
@@ -430,7 +461,7 @@ async fn purge(
         confirmed,
         complete,
         args.resume.is_some(),
-        (!complete).then(|| resume.token().to_owned()),
+        token.clone(),
         &run,
         &counts,
         seconds,
@@ -439,7 +470,6 @@ async fn purge(
             earlier_seconds + seconds + counts.selected as f64 / args.max_ops_per_sec as f64
         }),
     );
-    let mut out = std::io::stdout().lock();
     let text = if args.json {
         let mut text =
             serde_json::to_string_pretty(&summary).context("cannot encode the summary")?;
@@ -448,14 +478,34 @@ async fn purge(
     } else {
         summary.text()
     };
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .context("cannot write to stdout")?;
+    // Printed on every exit after the walk started, an error's included: what was done, and the token.
+    crate::error::print_stdout(text.as_bytes())?;
+    if let Some(e) = failure {
+        return Err(match (&token, complete) {
+            (Some(token), _) => e.context(format!(
+                "the purge stopped (the summary above counts what was done; resume by running the same command with --resume {token})"
+            )),
+            (None, true) => e.context("the purge finished (the summary above is complete)"),
+            (None, false) => e.context("the purge stopped (the summary above counts what was done)"),
+        });
+    }
     Ok(if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_INCOMPLETE)
     })
+}
+
+/// Two failures as one error: the first, then the second.
+fn join(first: Option<anyhow::Error>, second: anyhow::Error) -> anyhow::Error {
+    match first {
+        Some(first) => anyhow!(
+            "{}; and {}",
+            crate::error::one_line(&first),
+            crate::error::one_line(&second)
+        ),
+        None => second,
+    }
 }
 
 /// The end of a purge as printed: the summary line (and the dry run's sample), or with `--json` one
@@ -496,6 +546,8 @@ struct SummaryCounts {
     /// `MEMORY USAGE` of the matched keys, summed.
     bytes: u64,
     keys_deleted: u64,
+    /// `MEMORY USAGE` (as the walk measured it) of the keys deleted, summed: 0 in a dry run.
+    bytes_deleted: u64,
     /// Matched, but changed (or gone) between the walk and the delete: left alone.
     keys_changed: u64,
     /// Wall time of this run (`this_run` only).
@@ -510,6 +562,7 @@ impl SummaryCounts {
             keys_matched: c.selected,
             bytes: c.bytes,
             keys_deleted: c.deleted,
+            bytes_deleted: c.deleted_bytes,
             keys_changed: c.skipped,
             seconds,
         }
@@ -563,30 +616,45 @@ impl Summary {
         let incomplete = if self.complete { "" } else { " — INCOMPLETE" };
         let seconds = run.seconds.unwrap_or_default();
         let what = &self.what;
+        let keys = |n: u64| crate::words::count(n, "key");
+        let bytes = |n: u64| crate::words::count(n, "byte");
+        let changed = |n: u64| {
+            format!(
+                "{} changed since the walk and {} left alone",
+                n,
+                if n == 1 { "was" } else { "were" }
+            )
+        };
         if !self.dry_run {
             let mut t = format!(
-                "purge {what}: deleted {} keys ({} bytes); {} changed since the walk and were left alone; {seconds:.1}s{incomplete}\n",
-                run.keys_deleted, run.bytes, run.keys_changed,
+                "purge {what}: deleted {} ({}); {}; {seconds:.1}s{incomplete}\n",
+                keys(run.keys_deleted),
+                bytes(run.bytes_deleted),
+                changed(run.keys_changed),
             );
             if self.resumed {
                 t.push_str(&format!(
-                    "  resumed: since the purge started, {} keys deleted ({} bytes), {} left alone as changed\n",
-                    total.keys_deleted, total.bytes, total.keys_changed
+                    "  resumed: since the purge started, {} deleted ({}), {} left alone as changed\n",
+                    keys(total.keys_deleted),
+                    bytes(total.bytes_deleted),
+                    total.keys_changed
                 ));
             }
             return t;
         }
         let mut t = format!(
-            "DRY RUN — nothing deleted. purge {what}: {} keys, {} bytes would go (of {} examined); estimated time with --confirm: {:.1}s{incomplete}\n",
-            total.keys_matched,
-            total.bytes,
+            "DRY RUN — nothing deleted. purge {what}: {}, {} would go (of {} examined); estimated time with --confirm: {:.1}s{incomplete}\n",
+            keys(total.keys_matched),
+            bytes(total.bytes),
             total.keys_examined,
             self.estimated_seconds.unwrap_or_default(),
         );
         if self.resumed {
             t.push_str(&format!(
-                "  resumed: this run examined {} keys and matched {} ({} bytes); the counts above are since the start\n",
-                run.keys_examined, run.keys_matched, run.bytes
+                "  resumed: this run examined {} and matched {} ({}); the counts above are since the start\n",
+                keys(run.keys_examined),
+                run.keys_matched,
+                bytes(run.bytes)
             ));
         }
         for key in &self.sample_keys {
@@ -635,15 +703,43 @@ async fn purge_node(
             .map(|f| crate::audit::display_key(&f.key))
             .collect();
         if confirmed && !chosen.is_empty() {
-            let deleted = unlink_unchanged(walker.conn(), &chosen).await?;
-            counts.deleted = deleted;
-            counts.skipped = counts.selected - deleted;
+            let (deleted, refused) = unlink_unchanged(walker.conn(), &chosen).await?;
+            let gone: Vec<&&KeyFacts> = chosen
+                .iter()
+                .zip(&deleted)
+                .filter_map(|(f, d)| d.then_some(f))
+                .collect();
+            counts.deleted = gone.len() as u64;
+            counts.deleted_bytes = gone.iter().map(|f| f.memory).sum();
+            if let Some(refused) = refused {
+                // Count what this batch did delete (those keys are gone, a resume cannot meet them), and
+                // leave the batch's cursor unsaved so a resume walks its other keys again.
+                let partial = Counts {
+                    examined: counts.deleted,
+                    selected: counts.deleted,
+                    bytes: counts.deleted_bytes,
+                    deleted: counts.deleted,
+                    deleted_bytes: counts.deleted_bytes,
+                    ..Counts::default()
+                };
+                let _ = tx
+                    .send(Msg {
+                        node,
+                        counts: partial,
+                        resume_at: batch.resume_at,
+                        batch_done: false,
+                    })
+                    .await;
+                return Err(refused);
+            }
+            counts.skipped = counts.selected - counts.deleted;
         }
         let done = batch.resume_at.is_none();
         let msg = Msg {
             node,
             counts,
             resume_at: batch.resume_at,
+            batch_done: true,
         };
         if tx.send(msg).await.is_err() || done {
             return Ok(());
@@ -651,12 +747,17 @@ async fn purge_node(
     }
 }
 
-/// Deletes each key that is still what the walk saw (`purge_unlink.lua`); returns how many were deleted.
+/// Deletes each key that is still what the walk saw (`purge_unlink.lua`): whether each was deleted, and,
+/// when the server refused the script for some keys, one error saying so with how many (not one per key).
+///
+/// # Errors
+/// When the pipeline as a whole fails (the connection broke): which of its keys were deleted is unknown.
 async fn unlink_unchanged(
     conn: &mut redis::aio::MultiplexedConnection,
     keys: &[&KeyFacts],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(Vec<bool>, Option<anyhow::Error>)> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for f in keys {
         pipe.cmd("EVAL")
             .arg(UNLINK_SCRIPT)
@@ -667,11 +768,41 @@ async fn unlink_unchanged(
             .arg(f.memory)
             .arg(MEMORY_SAMPLES);
     }
-    let done: Vec<u64> = pipe
+    let replies: Vec<redis::Value> = pipe
         .query_async(conn)
         .await
         .context("the delete pipeline failed")?;
-    Ok(done.iter().sum())
+    let mut refused: Vec<(String, u64)> = Vec::new();
+    let deleted = replies
+        .iter()
+        .map(|r| match r {
+            redis::Value::Int(n) => *n > 0,
+            other => {
+                let why = match other {
+                    redis::Value::ServerError(e) => e.to_string(),
+                    other => format!("unexpected reply {other:?}"),
+                };
+                match refused.iter_mut().find(|(w, _)| *w == why) {
+                    Some((_, n)) => *n += 1,
+                    None => refused.push((why, 1)),
+                }
+                false
+            }
+        })
+        .collect();
+    let refused = (!refused.is_empty()).then(|| {
+        let reasons: Vec<String> = refused
+            .iter()
+            .map(|(why, n)| format!("{} ({})", why, crate::words::count(*n, "key")))
+            .collect();
+        anyhow!(
+            "the server refused the delete script for {} of {}: {}",
+            refused.iter().map(|(_, n)| n).sum::<u64>(),
+            crate::words::count(keys.len() as u64, "key"),
+            reasons.join("; ")
+        )
+    });
+    Ok((deleted, refused))
 }
 
 /// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
@@ -741,7 +872,7 @@ async fn append_log(
         .arg("deleted")
         .arg(counts.deleted)
         .arg("bytes")
-        .arg(counts.bytes)
+        .arg(counts.deleted_bytes)
         .arg("skipped")
         .arg(counts.skipped)
         .arg("complete")
@@ -800,7 +931,9 @@ mod tests {
                 .query::<()>(&mut sync)
                 .unwrap();
             let chosen: Vec<&KeyFacts> = facts.iter().collect();
-            assert_eq!(unlink_unchanged(&mut conn, &chosen).await.unwrap(), 1);
+            let (deleted, refused) = unlink_unchanged(&mut conn, &chosen).await.unwrap();
+            assert!(refused.is_none());
+            assert_eq!(deleted, [true, false, false]);
         });
         let exists = |k: &str| -> bool {
             redis::cmd("EXISTS")
@@ -868,9 +1001,9 @@ mod tests {
         let deleted = runtime.block_on(async {
             let mut conn = walk::connect(&server.url()).await.unwrap();
             let chosen: Vec<&KeyFacts> = facts.iter().collect();
-            unlink_unchanged(&mut conn, &chosen).await.unwrap()
+            unlink_unchanged(&mut conn, &chosen).await.unwrap().0
         });
-        assert_eq!(deleted, 1);
+        assert_eq!(deleted, [true, false, false]);
         let exists = |k: &str| -> bool {
             redis::cmd("EXISTS")
                 .arg(k)

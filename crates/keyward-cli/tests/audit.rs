@@ -57,6 +57,7 @@ const ACL_RULE: &[&str] = &[
     "+xinfo|groups",
     "+xpending",
     "+ping",
+    "+info",
 ];
 
 fn keyward(args: &[&str]) -> Output {
