@@ -347,25 +347,54 @@ async fn purge(
         }
         None => (NodeState::start(&ids), Counts::default(), 0.0),
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop_on_signal(stop.clone())?;
+    let mut routed = Routed::connect(&servers, url, &conns[0]).await?;
+    // A confirmed purge holds its class's lock (`purge_lock.lua`) from before its first log entry to its end,
+    // renewed meanwhile: a second confirmed purge of the class is refused, having done nothing.
+    let lost = Arc::new(std::sync::Mutex::new(None));
+    let mut lock = None;
     if confirmed {
+        let held = Arc::new(PurgeLock::new(&policy, &sel));
+        let mut taken = routed.lock(&held, "take").await?;
+        if let Some(dead) = taken.as_deref()
+            && PurgeLock::holder_is_dead_here(dead)
+        {
+            eprintln!(
+                "keyward purge: taking over the lock of a purge that is no longer running ({})",
+                PurgeLock::holder(dead)
+            );
+            taken = routed.lock_over(&held, "replace", dead).await?;
+        }
+        if let Some(holder) = taken {
+            let holder = PurgeLock::holder(&holder);
+            usage!(
+                "--confirm: another purge of {} is running ({holder}); nothing was deleted. Run this one when it has ended (its lock {} expires {} s after that purge stops renewing it).",
+                match &sel {
+                    Selection::Orphans { .. } => "orphans of this namespace".to_owned(),
+                    Selection::Version { class, .. } | Selection::AllVersions { class } =>
+                        format!("class {class}"),
+                },
+                held.key,
+                LOCK_TTL.as_secs()
+            );
+        }
         // Logged before the first delete: a purge whose user cannot write the log stops here, having deleted
         // nothing, and a purge killed outright (SIGKILL) still leaves its trace.
-        log_purge(
-            &policy,
-            &servers,
-            url,
-            &mut conns[0],
-            &sel,
-            &counts,
-            "started",
-        )
-        .await
-        .context("nothing was deleted")?;
+        if let Err(e) = routed.log(&policy, &sel, &counts, "started").await {
+            let _ = routed.lock(&held, "drop").await;
+            return Err(e.context("nothing was deleted"));
+        }
+        let renew = tokio::spawn(keep_lock(
+            routed.clone(),
+            held.clone(),
+            stop.clone(),
+            lost.clone(),
+        ));
+        lock = Some((held, renew));
     }
     let progress = progress_bar(total_keys, 0);
-    let stop = Arc::new(AtomicBool::new(false));
     let examined = Arc::new(AtomicU64::new(0));
-    let on_signal = stop_on_signal(stop.clone())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
     let mut tasks = tokio::task::JoinSet::new();
     let pattern = sel.scan_pattern(&policy);
@@ -448,11 +477,33 @@ async fn purge(
             Err(e) => failure = Some(join(failure, e)),
         }
     }
+    if let Some(holder) = lost
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        failure = Some(join(
+            failure,
+            anyhow!(
+                "the purge lock expired while this purge stalled and another purge took it ({}): stopped, so the two never delete at once",
+                PurgeLock::holder(&holder)
+            ),
+        ));
+    }
     if confirmed && (counts.deleted > 0 || complete) {
         let state = if complete { "yes" } else { "no" };
-        if let Err(e) = log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await
-        {
+        if let Err(e) = routed.log(&policy, &sel, &counts, state).await {
             failure = Some(join(failure, e));
+        }
+    }
+    if let Some((held, renew)) = lock {
+        renew.abort();
+        if let Err(e) = routed.lock(&held, "drop").await {
+            eprintln!(
+                "keyward purge: cannot release the purge lock (it expires in {} s): {}",
+                LOCK_TTL.as_secs(),
+                crate::error::one_line(&e)
+            );
         }
     }
     let summary = Summary::new(
@@ -805,33 +856,190 @@ async fn unlink_unchanged(
     Ok((deleted, refused))
 }
 
-/// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
-/// the last purge): who ($USER), what, how many, `complete` (`started` before the first delete, then `yes`
-/// or `no`), when (the server's time is the entry id). On a Cluster the log's slot may be on any primary, so
-/// the Cluster client routes it; otherwise it goes over `conn`.
-#[allow(clippy::too_many_arguments)]
-async fn log_purge(
-    policy: &Policy,
-    servers: &Servers,
-    url: &str,
-    conn: &mut redis::aio::MultiplexedConnection,
-    sel: &Selection,
-    counts: &Counts,
-    state: &str,
-) -> anyhow::Result<()> {
-    if servers.is_cluster() {
+/// A connection for keyward's own keys of the namespace (the purge log, the purge lock): the server itself,
+/// or on a Cluster the Cluster client, which routes each key to the primary of its slot.
+#[derive(Clone)]
+enum Routed {
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Routed {
+    /// `conn` (the first server's) for a standalone server; a Cluster connection from the URL's seeds.
+    async fn connect(
+        servers: &Servers,
+        url: &str,
+        conn: &redis::aio::MultiplexedConnection,
+    ) -> anyhow::Result<Self> {
+        if !servers.is_cluster() {
+            return Ok(Routed::Plain(conn.clone()));
+        }
         let seeds = crate::bench::servers::cluster_seeds(url)?.unwrap_or_default();
         let client = redis::cluster::ClusterClient::new(
             seeds.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
         )
         .map_err(|e| anyhow!("invalid Cluster URL: {e}"))?;
-        let mut conn = client
-            .get_async_connection()
-            .await
-            .map_err(|e| anyhow!("cannot connect to the Cluster to log the purge: {e}"))?;
-        append_log(policy, &mut conn, sel, counts, state).await
+        let conn = client.get_async_connection().await.map_err(|e| {
+            anyhow!("cannot connect to the Cluster for the purge log and lock: {e}")
+        })?;
+        Ok(Routed::Cluster(conn))
+    }
+
+    /// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
+    /// the last purge): who ($USER@host), what, how many, the bytes deleted, `complete` (`started` before the
+    /// first delete, then `yes` or `no`), when (the server's time is the entry id).
+    async fn log(
+        &mut self,
+        policy: &Policy,
+        sel: &Selection,
+        counts: &Counts,
+        state: &str,
+    ) -> anyhow::Result<()> {
+        match self {
+            Routed::Plain(c) => append_log(policy, c, sel, counts, state).await,
+            Routed::Cluster(c) => append_log(policy, c, sel, counts, state).await,
+        }
+    }
+
+    /// Runs `purge_lock.lua` in `mode` (`take`, `keep`, `drop`) on `lock`: `None` when this purge holds (or
+    /// dropped) it, else the holder's value.
+    async fn lock(&mut self, lock: &PurgeLock, mode: &str) -> anyhow::Result<Option<String>> {
+        self.lock_over(lock, mode, "").await
+    }
+
+    /// [`lock`](Self::lock) with the value of a dead holder to replace (`mode` `replace`).
+    async fn lock_over(
+        &mut self,
+        lock: &PurgeLock,
+        mode: &str,
+        dead: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LOCK_SCRIPT)
+            .arg(1)
+            .arg(&lock.key)
+            .arg(&lock.value)
+            .arg(LOCK_TTL.as_millis() as u64)
+            .arg(mode)
+            .arg(dead);
+        let reply: String = match self {
+            Routed::Plain(c) => cmd.query_async(c).await,
+            Routed::Cluster(c) => cmd.query_async(c).await,
+        }
+        .with_context(|| format!("the purge lock {}", lock.key))?;
+        Ok((reply != "ok").then_some(reply))
+    }
+}
+
+/// The lock script (see its header).
+const LOCK_SCRIPT: &str = include_str!("purge_lock.lua");
+/// How long the purge lock outlives its last renewal: a purge killed outright blocks the next one at most
+/// this long.
+const LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a running purge renews its lock.
+const LOCK_RENEW: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The lock a confirmed purge holds while it runs: `{env}:{app}:_kw:purging:class:{name}` for a class (every
+/// version of it), `…:purging:orphans` for orphan purges (patterns may overlap, so they take turns).
+struct PurgeLock {
+    key: String,
+    /// A random token, then who holds it, its pid and since when (shown to a purge that is refused).
+    value: String,
+}
+
+impl PurgeLock {
+    /// A lock's value without its token: who holds it, pid, since when, what.
+    fn holder(value: &str) -> &str {
+        value.split_once(' ').map_or(value, |(_, who)| who)
+    }
+
+    /// Whether the lock `value` was taken by a process of this host that is no longer running (a purge
+    /// killed outright): then a new purge may take the lock over at once instead of waiting for its TTL.
+    /// Only on Linux (`/proc`); a holder on another host always counts as alive.
+    fn holder_is_dead_here(value: &str) -> bool {
+        let holder = Self::holder(value);
+        let Some((who, rest)) = holder.split_once(" (pid ") else {
+            return false;
+        };
+        let Some(pid) = rest.split(',').next().and_then(|p| p.parse::<u32>().ok()) else {
+            return false;
+        };
+        let proc = std::path::Path::new("/proc");
+        who == who_am_i()
+            && pid != std::process::id()
+            && proc.join("self").exists()
+            && !proc.join(pid.to_string()).exists()
+    }
+
+    fn new(policy: &Policy, sel: &Selection) -> Self {
+        let name = match sel {
+            Selection::Version { class, .. } | Selection::AllVersions { class } => {
+                format!("purging:class:{class}")
+            }
+            Selection::Orphans { .. } => "purging:orphans".to_owned(),
+        };
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PurgeLock {
+            key: keyward::key::internal_key(policy, &name),
+            value: format!(
+                "{:016x} {} (pid {}, since unix {since}: {})",
+                rand::random::<u64>(),
+                who_am_i(),
+                std::process::id(),
+                sel.describe()
+            ),
+        }
+    }
+}
+
+/// Renews `lock` every [`LOCK_RENEW`] (taking it again if it expired while this process stalled and nobody
+/// took it). If another purge holds it now, records the holder in `lost` and sets `stop`: the walk ends after
+/// its batch, so two purges never delete at once.
+async fn keep_lock(
+    mut routed: Routed,
+    lock: Arc<PurgeLock>,
+    stop: Arc<AtomicBool>,
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    loop {
+        tokio::time::sleep(LOCK_RENEW).await;
+        match routed.lock(&lock, "keep").await {
+            Ok(None) => {}
+            Ok(Some(holder)) => {
+                *lost
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(holder);
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            // A blip: try again at the next renewal (the lock lives four renewals).
+            Err(e) => eprintln!(
+                "keyward purge: cannot renew the purge lock: {}",
+                crate::error::one_line(&e)
+            ),
+        }
+    }
+}
+
+/// `$USER@host` of this process.
+fn who_am_i() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    // `HOSTNAME` is a shell variable that most shells do not export: fall back to the kernel's host name.
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default();
+    if host.is_empty() {
+        user
     } else {
-        append_log(policy, conn, sel, counts, state).await
+        format!("{user}@{host}")
     }
 }
 
@@ -843,17 +1051,6 @@ async fn append_log(
     state: &str,
 ) -> anyhow::Result<()> {
     let key = keyward::key::internal_key(policy, "purges");
-    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    // `HOSTNAME` is a shell variable that most shells do not export: fall back to the kernel's host name.
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_default();
     let mut pipe = redis::pipe();
     pipe.cmd("XADD")
         .arg(&key)
@@ -862,11 +1059,7 @@ async fn append_log(
         .arg(crate::audit::checks::PURGE_LOG_MAXLEN)
         .arg("*")
         .arg("who")
-        .arg(if host.is_empty() {
-            who
-        } else {
-            format!("{who}@{host}")
-        })
+        .arg(who_am_i())
         .arg("what")
         .arg(sel.describe())
         .arg("deleted")

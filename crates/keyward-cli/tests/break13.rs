@@ -1349,3 +1349,136 @@ fn text_output_speaks_proper_singular_plural_and_readable_ttls() {
         .to_owned();
     assert!(ttl.contains("1 h 5 m"), "{}", text(&out.stdout));
 }
+
+/// Two confirmed purges of the same selection at once: the second is refused (exit 2, naming the first) and
+/// deletes nothing, while a dry run is not held back; once the first stops, its lock is gone and the second
+/// runs.
+#[test]
+fn a_second_confirmed_purge_of_the_same_keys_is_refused_while_the_first_runs() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:", 2000);
+    let pattern = "dev:shop:legacy:*";
+    let url = server.url();
+    let cp = dir.path().to_str().unwrap();
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "purge",
+            "--policy",
+            &policy,
+            "--url",
+            &url,
+            "--orphans",
+            pattern,
+            "--checkpoint-dir",
+            cp,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        a.extend(extra.iter().map(|s| (*s).to_owned()));
+        a
+    };
+    // The first: slow (about 20 s for the whole keyspace).
+    let first = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args(&[
+            "--confirm",
+            pattern,
+            "--count",
+            "20",
+            "--max-ops-per-sec",
+            "500",
+        ]))
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_calls(&mut conn, "eval", 20);
+    let lock = "dev:shop:_kw:purging:orphans";
+    let held: Option<String> = redis::cmd("GET").arg(lock).query(&mut conn).unwrap();
+    assert!(held.is_some(), "the running purge holds no lock");
+    let second = |extra: &[&'static str]| {
+        let a = args(extra);
+        keyward(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = second(&["--confirm", pattern]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("another purge"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    // A dry run deletes nothing and takes no lock.
+    let out = second(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let held: Option<String> = redis::cmd("GET").arg(lock).query(&mut conn).unwrap();
+    assert_eq!(held, None, "the stopped purge kept its lock");
+    let token = token_in(&text(&out.stderr), "kwp1-");
+    let out = second(&[
+        "--confirm",
+        pattern,
+        "--resume",
+        Box::leak(token.into_boxed_str()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let left: Vec<Vec<u8>> = all_keys(&mut conn)
+        .into_iter()
+        .filter(|k| k.starts_with(b"dev:shop:legacy:"))
+        .collect();
+    assert!(left.is_empty(), "{} keys left", left.len());
+}
+
+/// The purge's documented ACL rule (docs/cli.md: the audit's, plus `+eval +unlink +xadd +pexpire +get +set
+/// +del` and `~*`) is enough for a confirmed purge: its walk, its deletes, its log and its lock.
+#[test]
+fn the_documented_purge_user_can_purge() {
+    let mut server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:", 30);
+    let rule = "resetkeys ~* resetchannels -@all +scan +type +pttl +memory|usage +strlen +hstrlen +dbsize \
+                +config|get +cluster|nodes +xlen +xrange +xinfo|groups +xpending +ping +info \
+                +eval +unlink +xadd +pexpire +get +set +del";
+    let mut setuser = redis::cmd("ACL");
+    setuser
+        .arg("SETUSER")
+        .arg("purger")
+        .arg("on")
+        .arg(">purge-pw");
+    for r in rule.split_whitespace() {
+        setuser.arg(r);
+    }
+    setuser.query::<()>(&mut conn).unwrap();
+    server.set_url_credentials(Some(("purger", "purge-pw")));
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deleted 30 keys"),
+        "{}",
+        text(&out.stdout)
+    );
+    let left: Vec<Vec<u8>> = all_keys(&mut conn)
+        .into_iter()
+        .filter(|k| k.starts_with(b"dev:shop:legacy:") || k.starts_with(b"dev:shop:_kw:purging"))
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
+}
