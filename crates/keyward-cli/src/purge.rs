@@ -7,6 +7,9 @@
 //! namespace or into a current version by accident, and a key the application rewrote between the walk and
 //! the delete survives — unless the rewrite kept the value's size exactly and left no fresh TTL (Redis keeps
 //! no per-key version; docs/cli.md says so). Deletes use `UNLINK` (freed in the background), never a flush.
+//! A confirmed purge holds a lock per class (`purge_lock.lua`, in keyward's `_kw` keys) while it runs, so two
+//! purges of the same keys never delete at once; whatever happens after the walk started, the checkpoint is
+//! saved before the summary is printed and before anything else (the log, the lock) can fail.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -232,7 +232,7 @@ impl Walker {
 
 /// Where a walk that stops early keeps its checkpoint, and the token an operator passes back with `--resume`.
 /// The audit and the purge share the whole cycle: a fresh token (or the one given), loading the checkpoint,
-/// and, when the walk stops, saving it and printing how to resume ([`settle`](Self::settle)).
+/// and, when the walk stops early, saving it and printing how to resume ([`save`](Self::save)).
 #[derive(Debug)]
 pub(crate) struct ResumePoint {
     walker: Walker,
