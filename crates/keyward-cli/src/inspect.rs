@@ -96,9 +96,7 @@ pub(crate) async fn connect_holding(
     let servers = Servers::discover(url).await?;
     for (addr, node_url) in servers.urls() {
         let label = if addr.is_empty() { "the server" } else { addr };
-        let mut conn = crate::audit::walk::connect(node_url)
-            .await
-            .with_context(|| format!("cannot reach {label}"))?;
+        let mut conn = crate::audit::walk::connect(node_url).await?;
         if !servers.is_cluster() {
             return Ok((conn, addr.to_owned()));
         }
@@ -699,9 +697,18 @@ fn plain(v: &Value) -> String {
     }
 }
 
-/// Milliseconds as seconds, `598.2s`.
+/// A TTL or age in readable units (`1 h 5 m`, `90 d`, `3.2 y`); JSON keeps milliseconds.
 fn seconds(ms: u64) -> String {
-    format!("{:.1}s", ms as f64 / 1000.0)
+    crate::words::duration_ms(ms)
+}
+
+/// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).
+fn is_entry_id(v: &str) -> bool {
+    v.split_once('-').is_some_and(|(ms, seq)| {
+        [ms, seq]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).

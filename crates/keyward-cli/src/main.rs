@@ -17,11 +17,15 @@
 //!   namespace, and counts the Redis commands each operation costs.
 //!
 //! # Exit codes
-//! - `0`: success (also when stdout is closed early, e.g. piped into `head`).
-//! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed.
+//! - `0`: success.
+//! - `1`: runtime failure, e.g. Redis cannot be reached or a benchmark operation failed (`audit` and `purge`
+//!   still print what they counted, and the resume token, when they fail after the walk started).
 //! - `2`: bad usage (unknown flag, invalid value or combination) or an invalid policy file.
 //! - `3`: `audit` completed and found violations of the policy (so it can gate a deploy).
 //! - `4`: `audit` or `purge` stopped before the end (Ctrl-C, SIGTERM, `--limit-keys`); it printed a resume token.
+//!
+//! A stdout closed early (`keyward audit … | grep -q …`, `| head`) never changes the code: the command exits
+//! as it would have after writing everything (so 3 or 4 from an audit, never 0 instead).
 //!
 //! # Layout
 //! This file only parses arguments, dispatches, and maps errors to exit codes. Dependencies point one way:
@@ -38,6 +42,7 @@
 //! - `purge` — `purge`: selection by `keyward::key::classify`, the audit's walker, delete-if-unchanged.
 //! - `inspect` — `inspect`, and the lookup of the primary holding a key (also used by `streams`).
 //! - `streams` — `streams`.
+//! - `words` — counts (`1 key`, `2 keys`) and durations (`1 h 5 m`) in the text forms; JSON keeps numbers.
 //! - `stats` — `INFO commandstats` snapshots for `redis_cmds_per_op`; `MONITOR` for `redis_client_cmds_per_op`.
 //! - `bench` — the `bench` arguments, the orchestration of one run, and its report; inside it:
 //!   - `bench::measure` — latency histograms, spans, counts and worker loops, shared by every scenario;
@@ -58,6 +63,7 @@ mod redis_url;
 mod stats;
 mod stream_info;
 mod streams;
+mod words;
 
 use std::io;
 use std::process::ExitCode;
@@ -67,11 +73,13 @@ use clap::{Parser, Subcommand};
 /// Shown at the end of `--help`.
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (also when stdout is closed early, e.g. piped into `head`)
-  1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed
+  0  success
+  1  runtime failure, e.g. Redis cannot be reached or a benchmark operation failed (audit and purge
+     still print what they counted and a resume token when they fail after the walk started)
   2  bad usage (unknown flag, invalid value or combination) or an invalid policy file
   3  audit: violations of the policy were found
-  4  audit, purge: stopped before the end (interrupted or --limit-keys); a resume token was printed";
+  4  audit, purge: stopped before the end (interrupted or --limit-keys); a resume token was printed
+A stdout closed early (| head, | grep -q) does not change the code.";
 
 /// The keyward operator CLI: policy checks, keyspace audits and purges, invalidations, dead-letter replay
 /// and benchmarks.
@@ -135,7 +143,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) if error::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error::one_line(&err));
             error::exit_code(&err)
         }
     }

@@ -260,12 +260,17 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             });
             print(&target, &doc, || {
                 let letters: Vec<DeadLetter> = moved.iter().map(|(d, _)| d.clone()).collect();
+                let n = moved.len() as u64;
+                let colon = if n == 0 { "" } else { ":" };
                 let head = if act {
-                    format!("replayed {} dead letters into `{stream}`:\n", moved.len())
+                    format!(
+                        "replayed {} into `{stream}`{colon}\n",
+                        crate::words::count(n, "dead letter")
+                    )
                 } else {
                     format!(
-                        "dry run (nothing changed; add --confirm {stream} to act), would replay {}:\n",
-                        moved.len()
+                        "dry run (nothing changed; add --confirm {stream} to act): would replay {}{colon}\n",
+                        crate::words::count(n, "dead letter")
                     )
                 };
                 letters_table(&letters, Some(head))
@@ -287,7 +292,14 @@ fn letter_json(d: &DeadLetter) -> Value {
 }
 
 fn letters_table(letters: &[DeadLetter], head: Option<String>) -> String {
-    let mut text = head.unwrap_or_else(|| format!("{} dead letters:\n", letters.len()));
+    let mut text = head.unwrap_or_else(|| {
+        let n = letters.len() as u64;
+        format!(
+            "{}{}\n",
+            crate::words::count(n, "dead letter"),
+            if n == 0 { "" } else { ":" }
+        )
+    });
     for d in letters {
         // Group and error come from consumers (an error may quote the event): control characters are
         // written `\xNN`, so a letter cannot drive the operator's terminal or forge a line of the table.
@@ -297,10 +309,10 @@ fn letters_table(letters: &[DeadLetter], head: Option<String>) -> String {
             .map(|o| format!(" (first published as {o})"))
             .unwrap_or_default();
         text.push_str(&format!(
-            "  {}{origin}  group {}  {} deliveries  error: {}\n",
+            "  {}{origin}  group {}  {}  error: {}\n",
             d.id,
             crate::audit::display_key(d.group.as_bytes()),
-            d.deliveries,
+            crate::words::count_of(d.deliveries, "delivery", "deliveries"),
             crate::audit::display_key(d.error.as_bytes())
         ));
     }
@@ -356,6 +368,9 @@ fn parse_id(id: &str) -> anyhow::Result<Vec<String>> {
 async fn connect(url: &str, policy: Policy) -> anyhow::Result<Keyward> {
     Keyward::connect(url, policy).await.map_err(|e| match e {
         keyward::Error::InvalidUrl { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        other @ keyward::Error::Connect { .. } => {
+            anyhow::anyhow!("{other} — {}", crate::redis_url::HINT)
+        }
         other => anyhow::Error::new(other).context("cannot connect to Redis"),
     })
 }

@@ -7,8 +7,10 @@
 //! namespace or into a current version by accident, and a key the application rewrote between the walk and
 //! the delete survives — unless the rewrite kept the value's size exactly and left no fresh TTL (Redis keeps
 //! no per-key version; docs/cli.md says so). Deletes use `UNLINK` (freed in the background), never a flush.
+//! A confirmed purge holds a lock per class (`purge_lock.lua`, in keyward's `_kw` keys) while it runs, so two
+//! purges of the same keys never delete at once; whatever happens after the walk started, the checkpoint is
+//! saved before the summary is printed and before anything else (the log, the lock) can fail.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use keyward::key::{KeyClass, classify, glob_match};
 use keyward::policy::Policy;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
+use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, ServerId, Walker};
 use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
 use crate::bench::servers::Servers;
 use crate::error::{UsageError, usage};
@@ -131,8 +133,13 @@ impl Selection {
 struct Counts {
     examined: u64,
     selected: u64,
+    /// `MEMORY USAGE` of the selected keys, summed.
     bytes: u64,
     deleted: u64,
+    /// `MEMORY USAGE` (as the walk measured it) of the keys actually deleted, summed (absent in older
+    /// checkpoints).
+    #[serde(default)]
+    deleted_bytes: u64,
     /// Selected, but changed (or gone) before the delete: left alone.
     skipped: u64,
     sample: Vec<String>,
@@ -145,6 +152,7 @@ impl Counts {
         self.selected += batch.selected;
         self.bytes += batch.bytes;
         self.deleted += batch.deleted;
+        self.deleted_bytes += batch.deleted_bytes;
         self.skipped += batch.skipped;
         let room = SAMPLE.saturating_sub(self.sample.len());
         self.sample.extend(batch.sample.iter().take(room).cloned());
@@ -249,6 +257,9 @@ struct Msg {
     node: usize,
     counts: Counts,
     resume_at: Option<u64>,
+    /// Whether the batch is finished (its cursor may be saved); `false` for the keys a failed delete
+    /// pipeline did delete: counted, while the batch is walked again on resume.
+    batch_done: bool,
 }
 
 async fn purge(
@@ -267,21 +278,18 @@ async fn purge(
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (resume, mut nodes, mut counts, earlier_seconds) = match &args.resume {
+    let (resume, saved) = match &args.resume {
         Some(token) => {
             let resume = ResumePoint::named(Walker::Purge, &dir, token)?;
             let cp: Checkpoint = resume.load()?;
-            let mismatch = NodeState::mismatch(&cp.nodes, &addrs);
             if cp.format != 1
                 || cp.env != policy.env()
                 || cp.app != policy.app()
                 || cp.selection != sel
                 || cp.confirmed != confirmed
-                || mismatch.is_some()
             {
-                let servers_then: Vec<&str> = cp.nodes.iter().map(|n| n.server.as_str()).collect();
                 usage!(
-                    "--resume {token}: the checkpoint is for another purge ({}{} of {}:{} on {servers_then:?}); nothing was deleted",
+                    "--resume {token}: the checkpoint is for another purge ({}{} of {}:{}); nothing was deleted",
                     if cp.confirmed {
                         "a confirmed purge"
                     } else {
@@ -292,22 +300,20 @@ async fn purge(
                     cp.app
                 );
             }
-            (resume, cp.nodes, cp.counts, cp.seconds)
+            (resume, Some(cp))
         }
-        None => (
-            ResumePoint::fresh(Walker::Purge, &dir),
-            NodeState::start(&addrs),
-            Counts::default(),
-            0.0,
-        ),
+        None => (ResumePoint::fresh(Walker::Purge, &dir), None),
     };
     let mut conns = Vec::with_capacity(addrs.len());
+    let mut ids = Vec::with_capacity(addrs.len());
     let mut total_keys = 0;
     for (addr, node_url) in &addrs {
-        let label = if addr.is_empty() { "the server" } else { addr };
-        let mut conn = walk::connect(node_url)
-            .await
-            .with_context(|| format!("cannot purge on {label}"))?;
+        let label = if addr.is_empty() {
+            crate::redis_url::server_label(node_url)?
+        } else {
+            addr.clone()
+        };
+        let mut conn = walk::connect(node_url).await?;
         let n: u64 = redis::cmd("DBSIZE")
             .query_async(&mut conn)
             .await
@@ -325,27 +331,73 @@ async fn purge(
                 "{label} refuses a command the purge needs (renamed, or not granted to this user)"
             )
         })?;
+        ids.push(
+            ServerId::read(&mut conn, &label)
+                .await
+                .with_context(|| format!("cannot purge on {label}"))?,
+        );
         conns.push(conn);
     }
+    let (mut nodes, mut counts, earlier_seconds) = match saved {
+        Some(cp) => {
+            if let Some(why) = NodeState::mismatch(&cp.nodes, &ids) {
+                usage!(
+                    "--resume {}: the checkpoint is not for this server: {why}; nothing was deleted",
+                    resume.token()
+                );
+            }
+            (cp.nodes, cp.counts, cp.seconds)
+        }
+        None => (NodeState::start(&ids), Counts::default(), 0.0),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop_on_signal(stop.clone())?;
+    let mut routed = Routed::connect(&servers, url, &conns[0]).await?;
+    // A confirmed purge holds its class's lock (`purge_lock.lua`) from before its first log entry to its end,
+    // renewed meanwhile: a second confirmed purge of the class is refused, having done nothing.
+    let lost = Arc::new(std::sync::Mutex::new(None));
+    let mut lock = None;
     if confirmed {
+        let held = Arc::new(PurgeLock::new(&policy, &sel));
+        let mut taken = routed.lock(&held, "take").await?;
+        if let Some(dead) = taken.as_deref()
+            && PurgeLock::holder_is_dead_here(dead)
+        {
+            eprintln!(
+                "keyward purge: taking over the lock of a purge that is no longer running ({})",
+                PurgeLock::holder(dead)
+            );
+            taken = routed.lock_over(&held, "replace", dead).await?;
+        }
+        if let Some(holder) = taken {
+            let holder = PurgeLock::holder(&holder);
+            usage!(
+                "--confirm: another purge of {} is running ({holder}); nothing was deleted. Run this one when it has ended (its lock {} expires {} s after that purge stops renewing it).",
+                match &sel {
+                    Selection::Orphans { .. } => "orphans of this namespace".to_owned(),
+                    Selection::Version { class, .. } | Selection::AllVersions { class } =>
+                        format!("class {class}"),
+                },
+                held.key,
+                LOCK_TTL.as_secs()
+            );
+        }
         // Logged before the first delete: a purge whose user cannot write the log stops here, having deleted
         // nothing, and a purge killed outright (SIGKILL) still leaves its trace.
-        log_purge(
-            &policy,
-            &servers,
-            url,
-            &mut conns[0],
-            &sel,
-            &counts,
-            "started",
-        )
-        .await
-        .context("nothing was deleted")?;
+        if let Err(e) = routed.log(&policy, &sel, &counts, "started").await {
+            let _ = routed.lock(&held, "drop").await;
+            return Err(e.context("nothing was deleted"));
+        }
+        let renew = tokio::spawn(keep_lock(
+            routed.clone(),
+            held.clone(),
+            stop.clone(),
+            lost.clone(),
+        ));
+        lock = Some((held, renew));
     }
     let progress = progress_bar(total_keys, 0);
-    let stop = Arc::new(AtomicBool::new(false));
     let examined = Arc::new(AtomicU64::new(0));
-    let on_signal = stop_on_signal(stop.clone())?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
     let mut tasks = tokio::task::JoinSet::new();
     let pattern = sel.scan_pattern(&policy);
@@ -388,41 +440,74 @@ async fn purge(
     while let Some(msg) = rx.recv().await {
         run.add(&msg.counts);
         counts.add(&msg.counts);
-        nodes[msg.node].advance(msg.resume_at);
+        if msg.batch_done {
+            nodes[msg.node].advance(msg.resume_at);
+        }
         examined.fetch_add(msg.counts.examined, Ordering::Relaxed);
         if let Some(pb) = &progress {
             pb.set_position(run.examined);
         }
     }
     signals.abort();
-    let failure = walk::first_failure(&mut tasks, "purge").await;
+    let mut failure = walk::first_failure(&mut tasks, "purge").await;
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
     let seconds = started.elapsed().as_secs_f64();
-    let complete = nodes.iter().all(|n| n.done);
-    if confirmed && (counts.deleted > 0 || complete) {
-        let state = if complete { "yes" } else { "no" };
-        log_purge(&policy, &servers, url, &mut conns[0], &sel, &counts, state).await?;
-    }
-    resume.settle(
-        complete,
-        failure,
-        counts.examined,
-        Some("same selection and --confirm"),
-        || Checkpoint {
-            format: 1,
-            env: policy.env().to_owned(),
-            app: policy.app().to_owned(),
-            selection: sel.clone(),
-            confirmed,
-            nodes,
-            counts: counts.clone(),
-            seconds: earlier_seconds + seconds,
-        },
-    )?;
+    let complete = failure.is_none() && nodes.iter().all(|n| n.done);
+    // Saved whenever the purge did not finish (a signal, --limit-keys, an error), before anything else can
+    // fail: the keys deleted so far are counted, and the token resumes.
+    let mut token = None;
     if complete {
         resume.remove();
+    } else {
+        let saved = resume.save(
+            counts.examined,
+            Some("same selection and --confirm"),
+            || Checkpoint {
+                format: 1,
+                env: policy.env().to_owned(),
+                app: policy.app().to_owned(),
+                selection: sel.clone(),
+                confirmed,
+                nodes,
+                counts: counts.clone(),
+                seconds: earlier_seconds + seconds,
+            },
+        );
+        match saved {
+            Ok(()) => token = Some(resume.token().to_owned()),
+            Err(e) => failure = Some(join(failure, e)),
+        }
+    }
+    if let Some(holder) = lost
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        failure = Some(join(
+            failure,
+            anyhow!(
+                "the purge lock expired while this purge stalled and another purge took it ({}): stopped, so the two never delete at once",
+                PurgeLock::holder(&holder)
+            ),
+        ));
+    }
+    if confirmed && (counts.deleted > 0 || complete) {
+        let state = if complete { "yes" } else { "no" };
+        if let Err(e) = routed.log(&policy, &sel, &counts, state).await {
+            failure = Some(join(failure, e));
+        }
+    }
+    if let Some((held, renew)) = lock {
+        renew.abort();
+        if let Err(e) = routed.lock(&held, "drop").await {
+            eprintln!(
+                "keyward purge: cannot release the purge lock (it expires in {} s): {}",
+                LOCK_TTL.as_secs(),
+                crate::error::one_line(&e)
+            );
+        }
     }
     let summary = Summary::new(
         &policy,
@@ -430,7 +515,7 @@ async fn purge(
         confirmed,
         complete,
         args.resume.is_some(),
-        (!complete).then(|| resume.token().to_owned()),
+        token.clone(),
         &run,
         &counts,
         seconds,
@@ -439,7 +524,6 @@ async fn purge(
             earlier_seconds + seconds + counts.selected as f64 / args.max_ops_per_sec as f64
         }),
     );
-    let mut out = std::io::stdout().lock();
     let text = if args.json {
         let mut text =
             serde_json::to_string_pretty(&summary).context("cannot encode the summary")?;
@@ -448,14 +532,34 @@ async fn purge(
     } else {
         summary.text()
     };
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .context("cannot write to stdout")?;
+    // Printed on every exit after the walk started, an error's included: what was done, and the token.
+    crate::error::print_stdout(text.as_bytes())?;
+    if let Some(e) = failure {
+        return Err(match (&token, complete) {
+            (Some(token), _) => e.context(format!(
+                "the purge stopped (the summary above counts what was done; resume by running the same command with --resume {token})"
+            )),
+            (None, true) => e.context("the purge finished (the summary above is complete)"),
+            (None, false) => e.context("the purge stopped (the summary above counts what was done)"),
+        });
+    }
     Ok(if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_INCOMPLETE)
     })
+}
+
+/// Two failures as one error: the first, then the second.
+fn join(first: Option<anyhow::Error>, second: anyhow::Error) -> anyhow::Error {
+    match first {
+        Some(first) => anyhow!(
+            "{}; and {}",
+            crate::error::one_line(&first),
+            crate::error::one_line(&second)
+        ),
+        None => second,
+    }
 }
 
 /// The end of a purge as printed: the summary line (and the dry run's sample), or with `--json` one
@@ -496,6 +600,8 @@ struct SummaryCounts {
     /// `MEMORY USAGE` of the matched keys, summed.
     bytes: u64,
     keys_deleted: u64,
+    /// `MEMORY USAGE` (as the walk measured it) of the keys deleted, summed: 0 in a dry run.
+    bytes_deleted: u64,
     /// Matched, but changed (or gone) between the walk and the delete: left alone.
     keys_changed: u64,
     /// Wall time of this run (`this_run` only).
@@ -510,6 +616,7 @@ impl SummaryCounts {
             keys_matched: c.selected,
             bytes: c.bytes,
             keys_deleted: c.deleted,
+            bytes_deleted: c.deleted_bytes,
             keys_changed: c.skipped,
             seconds,
         }
@@ -563,30 +670,45 @@ impl Summary {
         let incomplete = if self.complete { "" } else { " — INCOMPLETE" };
         let seconds = run.seconds.unwrap_or_default();
         let what = &self.what;
+        let keys = |n: u64| crate::words::count(n, "key");
+        let bytes = |n: u64| crate::words::count(n, "byte");
+        let changed = |n: u64| {
+            format!(
+                "{} changed since the walk and {} left alone",
+                n,
+                if n == 1 { "was" } else { "were" }
+            )
+        };
         if !self.dry_run {
             let mut t = format!(
-                "purge {what}: deleted {} keys ({} bytes); {} changed since the walk and were left alone; {seconds:.1}s{incomplete}\n",
-                run.keys_deleted, run.bytes, run.keys_changed,
+                "purge {what}: deleted {} ({}); {}; {seconds:.1}s{incomplete}\n",
+                keys(run.keys_deleted),
+                bytes(run.bytes_deleted),
+                changed(run.keys_changed),
             );
             if self.resumed {
                 t.push_str(&format!(
-                    "  resumed: since the purge started, {} keys deleted ({} bytes), {} left alone as changed\n",
-                    total.keys_deleted, total.bytes, total.keys_changed
+                    "  resumed: since the purge started, {} deleted ({}), {} left alone as changed\n",
+                    keys(total.keys_deleted),
+                    bytes(total.bytes_deleted),
+                    total.keys_changed
                 ));
             }
             return t;
         }
         let mut t = format!(
-            "DRY RUN — nothing deleted. purge {what}: {} keys, {} bytes would go (of {} examined); estimated time with --confirm: {:.1}s{incomplete}\n",
-            total.keys_matched,
-            total.bytes,
+            "DRY RUN — nothing deleted. purge {what}: {}, {} would go (of {} examined); estimated time with --confirm: {:.1}s{incomplete}\n",
+            keys(total.keys_matched),
+            bytes(total.bytes),
             total.keys_examined,
             self.estimated_seconds.unwrap_or_default(),
         );
         if self.resumed {
             t.push_str(&format!(
-                "  resumed: this run examined {} keys and matched {} ({} bytes); the counts above are since the start\n",
-                run.keys_examined, run.keys_matched, run.bytes
+                "  resumed: this run examined {} and matched {} ({}); the counts above are since the start\n",
+                keys(run.keys_examined),
+                run.keys_matched,
+                bytes(run.bytes)
             ));
         }
         for key in &self.sample_keys {
@@ -635,15 +757,43 @@ async fn purge_node(
             .map(|f| crate::audit::display_key(&f.key))
             .collect();
         if confirmed && !chosen.is_empty() {
-            let deleted = unlink_unchanged(walker.conn(), &chosen).await?;
-            counts.deleted = deleted;
-            counts.skipped = counts.selected - deleted;
+            let (deleted, refused) = unlink_unchanged(walker.conn(), &chosen).await?;
+            let gone: Vec<&&KeyFacts> = chosen
+                .iter()
+                .zip(&deleted)
+                .filter_map(|(f, d)| d.then_some(f))
+                .collect();
+            counts.deleted = gone.len() as u64;
+            counts.deleted_bytes = gone.iter().map(|f| f.memory).sum();
+            if let Some(refused) = refused {
+                // Count what this batch did delete (those keys are gone, a resume cannot meet them), and
+                // leave the batch's cursor unsaved so a resume walks its other keys again.
+                let partial = Counts {
+                    examined: counts.deleted,
+                    selected: counts.deleted,
+                    bytes: counts.deleted_bytes,
+                    deleted: counts.deleted,
+                    deleted_bytes: counts.deleted_bytes,
+                    ..Counts::default()
+                };
+                let _ = tx
+                    .send(Msg {
+                        node,
+                        counts: partial,
+                        resume_at: batch.resume_at,
+                        batch_done: false,
+                    })
+                    .await;
+                return Err(refused);
+            }
+            counts.skipped = counts.selected - counts.deleted;
         }
         let done = batch.resume_at.is_none();
         let msg = Msg {
             node,
             counts,
             resume_at: batch.resume_at,
+            batch_done: true,
         };
         if tx.send(msg).await.is_err() || done {
             return Ok(());
@@ -651,12 +801,17 @@ async fn purge_node(
     }
 }
 
-/// Deletes each key that is still what the walk saw (`purge_unlink.lua`); returns how many were deleted.
+/// Deletes each key that is still what the walk saw (`purge_unlink.lua`): whether each was deleted, and,
+/// when the server refused the script for some keys, one error saying so with how many (not one per key).
+///
+/// # Errors
+/// When the pipeline as a whole fails (the connection broke): which of its keys were deleted is unknown.
 async fn unlink_unchanged(
     conn: &mut redis::aio::MultiplexedConnection,
     keys: &[&KeyFacts],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(Vec<bool>, Option<anyhow::Error>)> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for f in keys {
         pipe.cmd("EVAL")
             .arg(UNLINK_SCRIPT)
@@ -667,40 +822,227 @@ async fn unlink_unchanged(
             .arg(f.memory)
             .arg(MEMORY_SAMPLES);
     }
-    let done: Vec<u64> = pipe
+    let replies: Vec<redis::Value> = pipe
         .query_async(conn)
         .await
         .context("the delete pipeline failed")?;
-    Ok(done.iter().sum())
+    let mut refused: Vec<(String, u64)> = Vec::new();
+    let deleted = replies
+        .iter()
+        .map(|r| match r {
+            redis::Value::Int(n) => *n > 0,
+            other => {
+                let why = match other {
+                    redis::Value::ServerError(e) => e.to_string(),
+                    other => format!("unexpected reply {other:?}"),
+                };
+                match refused.iter_mut().find(|(w, _)| *w == why) {
+                    Some((_, n)) => *n += 1,
+                    None => refused.push((why, 1)),
+                }
+                false
+            }
+        })
+        .collect();
+    let refused = (!refused.is_empty()).then(|| {
+        let reasons: Vec<String> = refused
+            .iter()
+            .map(|(why, n)| format!("{} ({})", why, crate::words::count(*n, "key")))
+            .collect();
+        anyhow!(
+            "the server refused the delete script for {} of {}: {}",
+            refused.iter().map(|(_, n)| n).sum::<u64>(),
+            crate::words::count(keys.len() as u64, "key"),
+            reasons.join("; ")
+        )
+    });
+    Ok((deleted, refused))
 }
 
-/// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
-/// the last purge): who ($USER), what, how many, `complete` (`started` before the first delete, then `yes`
-/// or `no`), when (the server's time is the entry id). On a Cluster the log's slot may be on any primary, so
-/// the Cluster client routes it; otherwise it goes over `conn`.
-#[allow(clippy::too_many_arguments)]
-async fn log_purge(
-    policy: &Policy,
-    servers: &Servers,
-    url: &str,
-    conn: &mut redis::aio::MultiplexedConnection,
-    sel: &Selection,
-    counts: &Counts,
-    state: &str,
-) -> anyhow::Result<()> {
-    if servers.is_cluster() {
+/// A connection for keyward's own keys of the namespace (the purge log, the purge lock): the server itself,
+/// or on a Cluster the Cluster client, which routes each key to the primary of its slot.
+#[derive(Clone)]
+enum Routed {
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Routed {
+    /// `conn` (the first server's) for a standalone server; a Cluster connection from the URL's seeds.
+    async fn connect(
+        servers: &Servers,
+        url: &str,
+        conn: &redis::aio::MultiplexedConnection,
+    ) -> anyhow::Result<Self> {
+        if !servers.is_cluster() {
+            return Ok(Routed::Plain(conn.clone()));
+        }
         let seeds = crate::bench::servers::cluster_seeds(url)?.unwrap_or_default();
         let client = redis::cluster::ClusterClient::new(
             seeds.iter().map(|s| s.url.as_str()).collect::<Vec<_>>(),
         )
         .map_err(|e| anyhow!("invalid Cluster URL: {e}"))?;
-        let mut conn = client
-            .get_async_connection()
-            .await
-            .map_err(|e| anyhow!("cannot connect to the Cluster to log the purge: {e}"))?;
-        append_log(policy, &mut conn, sel, counts, state).await
+        let conn = client.get_async_connection().await.map_err(|e| {
+            anyhow!("cannot connect to the Cluster for the purge log and lock: {e}")
+        })?;
+        Ok(Routed::Cluster(conn))
+    }
+
+    /// Appends the purge to `{env}:{app}:_kw:purges` (at most 1000 entries, the stream expiring 90 days after
+    /// the last purge): who ($USER@host), what, how many, the bytes deleted, `complete` (`started` before the
+    /// first delete, then `yes` or `no`), when (the server's time is the entry id).
+    async fn log(
+        &mut self,
+        policy: &Policy,
+        sel: &Selection,
+        counts: &Counts,
+        state: &str,
+    ) -> anyhow::Result<()> {
+        match self {
+            Routed::Plain(c) => append_log(policy, c, sel, counts, state).await,
+            Routed::Cluster(c) => append_log(policy, c, sel, counts, state).await,
+        }
+    }
+
+    /// Runs `purge_lock.lua` in `mode` (`take`, `keep`, `drop`) on `lock`: `None` when this purge holds (or
+    /// dropped) it, else the holder's value.
+    async fn lock(&mut self, lock: &PurgeLock, mode: &str) -> anyhow::Result<Option<String>> {
+        self.lock_over(lock, mode, "").await
+    }
+
+    /// [`lock`](Self::lock) with the value of a dead holder to replace (`mode` `replace`).
+    async fn lock_over(
+        &mut self,
+        lock: &PurgeLock,
+        mode: &str,
+        dead: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LOCK_SCRIPT)
+            .arg(1)
+            .arg(&lock.key)
+            .arg(&lock.value)
+            .arg(LOCK_TTL.as_millis() as u64)
+            .arg(mode)
+            .arg(dead);
+        let reply: String = match self {
+            Routed::Plain(c) => cmd.query_async(c).await,
+            Routed::Cluster(c) => cmd.query_async(c).await,
+        }
+        .with_context(|| format!("the purge lock {}", lock.key))?;
+        Ok((reply != "ok").then_some(reply))
+    }
+}
+
+/// The lock script (see its header).
+const LOCK_SCRIPT: &str = include_str!("purge_lock.lua");
+/// How long the purge lock outlives its last renewal: a purge killed outright blocks the next one at most
+/// this long.
+const LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a running purge renews its lock.
+const LOCK_RENEW: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The lock a confirmed purge holds while it runs: `{env}:{app}:_kw:purging:class:{name}` for a class (every
+/// version of it), `…:purging:orphans` for orphan purges (patterns may overlap, so they take turns).
+struct PurgeLock {
+    key: String,
+    /// A random token, then who holds it, its pid and since when (shown to a purge that is refused).
+    value: String,
+}
+
+impl PurgeLock {
+    /// A lock's value without its token: who holds it, pid, since when, what.
+    fn holder(value: &str) -> &str {
+        value.split_once(' ').map_or(value, |(_, who)| who)
+    }
+
+    /// Whether the lock `value` was taken by a process of this host that is no longer running (a purge
+    /// killed outright): then a new purge may take the lock over at once instead of waiting for its TTL.
+    /// Only on Linux (`/proc`); a holder on another host always counts as alive.
+    fn holder_is_dead_here(value: &str) -> bool {
+        let holder = Self::holder(value);
+        let Some((who, rest)) = holder.split_once(" (pid ") else {
+            return false;
+        };
+        let Some(pid) = rest.split(',').next().and_then(|p| p.parse::<u32>().ok()) else {
+            return false;
+        };
+        let proc = std::path::Path::new("/proc");
+        who == who_am_i()
+            && pid != std::process::id()
+            && proc.join("self").exists()
+            && !proc.join(pid.to_string()).exists()
+    }
+
+    fn new(policy: &Policy, sel: &Selection) -> Self {
+        let name = match sel {
+            Selection::Version { class, .. } | Selection::AllVersions { class } => {
+                format!("purging:class:{class}")
+            }
+            Selection::Orphans { .. } => "purging:orphans".to_owned(),
+        };
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PurgeLock {
+            key: keyward::key::internal_key(policy, &name),
+            value: format!(
+                "{:016x} {} (pid {}, since unix {since}: {})",
+                rand::random::<u64>(),
+                who_am_i(),
+                std::process::id(),
+                sel.describe()
+            ),
+        }
+    }
+}
+
+/// Renews `lock` every [`LOCK_RENEW`] (taking it again if it expired while this process stalled and nobody
+/// took it). If another purge holds it now, records the holder in `lost` and sets `stop`: the walk ends after
+/// its batch, so two purges never delete at once.
+async fn keep_lock(
+    mut routed: Routed,
+    lock: Arc<PurgeLock>,
+    stop: Arc<AtomicBool>,
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    loop {
+        tokio::time::sleep(LOCK_RENEW).await;
+        match routed.lock(&lock, "keep").await {
+            Ok(None) => {}
+            Ok(Some(holder)) => {
+                *lost
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(holder);
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            // A blip: try again at the next renewal (the lock lives four renewals).
+            Err(e) => eprintln!(
+                "keyward purge: cannot renew the purge lock: {}",
+                crate::error::one_line(&e)
+            ),
+        }
+    }
+}
+
+/// `$USER@host` of this process.
+fn who_am_i() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    // `HOSTNAME` is a shell variable that most shells do not export: fall back to the kernel's host name.
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default();
+    if host.is_empty() {
+        user
     } else {
-        append_log(policy, conn, sel, counts, state).await
+        format!("{user}@{host}")
     }
 }
 
@@ -712,17 +1054,6 @@ async fn append_log(
     state: &str,
 ) -> anyhow::Result<()> {
     let key = keyward::key::internal_key(policy, "purges");
-    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    // `HOSTNAME` is a shell variable that most shells do not export: fall back to the kernel's host name.
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_default();
     let mut pipe = redis::pipe();
     pipe.cmd("XADD")
         .arg(&key)
@@ -731,17 +1062,13 @@ async fn append_log(
         .arg(crate::audit::checks::PURGE_LOG_MAXLEN)
         .arg("*")
         .arg("who")
-        .arg(if host.is_empty() {
-            who
-        } else {
-            format!("{who}@{host}")
-        })
+        .arg(who_am_i())
         .arg("what")
         .arg(sel.describe())
         .arg("deleted")
         .arg(counts.deleted)
         .arg("bytes")
-        .arg(counts.bytes)
+        .arg(counts.deleted_bytes)
         .arg("skipped")
         .arg(counts.skipped)
         .arg("complete")
@@ -800,7 +1127,9 @@ mod tests {
                 .query::<()>(&mut sync)
                 .unwrap();
             let chosen: Vec<&KeyFacts> = facts.iter().collect();
-            assert_eq!(unlink_unchanged(&mut conn, &chosen).await.unwrap(), 1);
+            let (deleted, refused) = unlink_unchanged(&mut conn, &chosen).await.unwrap();
+            assert!(refused.is_none());
+            assert_eq!(deleted, [true, false, false]);
         });
         let exists = |k: &str| -> bool {
             redis::cmd("EXISTS")
@@ -868,9 +1197,9 @@ mod tests {
         let deleted = runtime.block_on(async {
             let mut conn = walk::connect(&server.url()).await.unwrap();
             let chosen: Vec<&KeyFacts> = facts.iter().collect();
-            unlink_unchanged(&mut conn, &chosen).await.unwrap()
+            unlink_unchanged(&mut conn, &chosen).await.unwrap().0
         });
-        assert_eq!(deleted, 1);
+        assert_eq!(deleted, [true, false, false]);
         let exists = |k: &str| -> bool {
             redis::cmd("EXISTS")
                 .arg(k)

@@ -5,6 +5,12 @@
 //! `REDIS_URL= keyward …` or a blank line in an env file means "not given", not "an invalid URL"). `keyward
 //! bench` is the exception by design: without a URL it measures the embedded backend (`mem://`).
 
+use crate::error::UsageError;
+
+/// Said after every failure to reach a server, by every command: what to check.
+pub(crate) const HINT: &str =
+    "is it up, and is it the server meant? (--url, else $REDIS_URL, else redis://127.0.0.1:6379)";
+
 /// The `--url` flag, the same for every command that talks to Redis (flattened into its arguments).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct UrlArg {
@@ -39,6 +45,69 @@ fn choose(flag: Option<&str>, env: Option<String>) -> String {
         .unwrap_or_else(|| DEFAULT_URL.to_owned())
 }
 
+/// `host:port` (`tls://host:port`, `unix:/path`) of the server a plain (non-Cluster) URL names: never its
+/// credentials.
+///
+/// # Errors
+/// A [`UsageError`] saying plainly that the URL does not parse (shown without its password).
+pub(crate) fn server_label(url: &str) -> Result<String, UsageError> {
+    let client = redis::Client::open(url).map_err(|e| invalid(url, &e))?;
+    Ok(describe(client.get_connection_info().addr()))
+}
+
+/// The error for a URL that does not parse: the URL without credentials, the accepted forms, and redis-rs's
+/// reason.
+pub(crate) fn invalid(url: &str, reason: &redis::RedisError) -> UsageError {
+    let reason = reason.detail().unwrap_or("").trim();
+    UsageError(format!(
+        "the URL {} is not a Redis URL (redis://[user:password@]host[:port][/db], rediss://…, redis+unix:///path, redis+cluster://host:port[,host:port…]){}",
+        redact(url),
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        }
+    ))
+}
+
+/// The error for a server that cannot be reached: which one (never credentials), why, and [`HINT`].
+pub(crate) fn unreachable(label: &str, reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("cannot connect to Redis at {label}: {reason} — {HINT}")
+}
+
+fn describe(addr: &redis::ConnectionAddr) -> String {
+    let host = |h: &str| {
+        if h.contains(':') && !h.starts_with('[') {
+            format!("[{h}]")
+        } else {
+            h.to_owned()
+        }
+    };
+    match addr {
+        redis::ConnectionAddr::Tcp(h, port) => format!("{}:{port}", host(h)),
+        redis::ConnectionAddr::TcpTls { host: h, port, .. } => {
+            format!("tls://{}:{port}", host(h))
+        }
+        redis::ConnectionAddr::Unix(path) => format!("unix:{}", path.display()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `url` with what lies between `scheme://` and the last `@` replaced by `***`, and any query dropped.
+pub(crate) fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = match rest.rfind('@') {
+        Some(at) => format!("***@{}", &rest[at + 1..]),
+        None => rest.to_owned(),
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    if scheme.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{scheme}://{rest}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +119,21 @@ mod tests {
         assert_eq!(choose(None, env()), "redis://env:1");
         assert_eq!(choose(None, Some(String::new())), DEFAULT_URL);
         assert_eq!(choose(None, None), DEFAULT_URL);
+    }
+
+    #[test]
+    fn labels_and_errors_never_show_the_password() {
+        assert_eq!(
+            server_label("redis://u:s3cret@10.0.0.1:7000/2").unwrap(),
+            "10.0.0.1:7000"
+        );
+        assert_eq!(server_label("redis://h").unwrap(), "h:6379");
+        let bad = server_label("redis://:s3cret@[nope").unwrap_err().0;
+        assert!(bad.contains("is not a Redis URL"), "{bad}");
+        assert!(!bad.contains("s3cret"), "{bad}");
+        assert_eq!(
+            redact("redis://u:p@w@h:1/0?password=x"),
+            "redis://***@h:1/0"
+        );
     }
 }

@@ -169,7 +169,7 @@ fn table(streams: &[Value]) -> String {
     let mut out = String::new();
     let ms = |v: &Value| {
         v.as_u64()
-            .map_or_else(|| "-".to_owned(), |n| format!("{:.1}s", n as f64 / 1000.0))
+            .map_or_else(|| "-".to_owned(), crate::words::duration_ms)
     };
     for s in streams {
         let r = &s["retention"];

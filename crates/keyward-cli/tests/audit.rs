@@ -57,6 +57,7 @@ const ACL_RULE: &[&str] = &[
     "+xinfo|groups",
     "+xpending",
     "+ping",
+    "+info",
 ];
 
 fn keyward(args: &[&str]) -> Output {
@@ -497,10 +498,10 @@ fn audit_finds_exactly_the_planted_violations_and_resumes_to_the_same_result() {
     assert_a_row_per_version(&one_pass, &table);
     for line in [
         "VIOLATIONS: 20",
-        "no TTL: pattern app:v1:products:list:en: 1 keys",
+        "no TTL: pattern app:v1:products:list:en: 1 key,",
         "outside any class: prod:user:session:*: 5 keys",
         "old version: class product_list v1 (current v2): 3 keys",
-        "stuck group: events:raw group g: 1 of 1 pending",
+        "stuck group: events:raw group g: 1 of 1 entry pending idle over 1 m",
         "dead letters: prod:shop:orders:v1:{orders}:dead",
         "stream without retention: events:raw (300 entries)",
         "bin:\\xff\\x00",

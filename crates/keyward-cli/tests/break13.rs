@@ -100,7 +100,7 @@ fn a_purge_never_measures_every_element_of_an_aggregate() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("1 keys"),
+        text(&out.stdout).contains(": 1 key, "),
         "{}",
         text(&out.stdout)
     );
@@ -342,7 +342,7 @@ fn a_replay_filter_with_a_malformed_id_is_refused() {
         ]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert!(
-            text(&out.stdout).contains("would replay 1:"),
+            text(&out.stdout).contains("would replay 1 dead letter:"),
             "--id {id}: {}",
             text(&out.stdout)
         );
@@ -763,4 +763,722 @@ fn a_purge_killed_mid_way_and_run_again_ends_the_same() {
         entries, 3,
         "started (killed run), started and yes (the rerun)"
     );
+}
+
+// ---- Issue #13, second round: what a tester found by breaking the operator commands. ----
+
+/// `keyward` with stdout and stderr captured, and its JSON stdout parsed (`Null` when it is not JSON).
+fn keyward_json(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let out = keyward(args);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), v, text(&out.stderr))
+}
+
+/// The resume token a stopped walk printed on stderr.
+fn token_in(stderr: &str, prefix: &str) -> String {
+    stderr
+        .split_whitespace()
+        .find(|w| w.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} token in {stderr}"))
+        .to_owned()
+}
+
+fn set_keys(conn: &mut redis::Connection, prefix: &str, n: usize) {
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.cmd("SET")
+            .arg(format!("{prefix}{i}"))
+            .arg("v")
+            .ignore();
+    }
+    pipe.query::<()>(conn).unwrap();
+}
+
+/// Waits (with a deadline) until the server has run `command` at least `calls` times.
+fn wait_for_calls(conn: &mut redis::Connection, command: &str, calls: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+        let seen = stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if seen >= calls {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server ran {command} only {seen} times"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A purge's resume token is refused on another standalone server (exit 2, naming the server it belongs to,
+/// deleting nothing): the checkpoint used to record a standalone server as "", so the token of a purge on A
+/// walked B with A's cursor, skipped keys and reported the purge complete. The audit's token alike, and on
+/// the same address after a restart (a new hash seed: the cursor means nothing there).
+#[test]
+fn a_resume_token_works_only_on_the_server_it_came_from() {
+    let a = RedisServer::spawn();
+    let mut b = RedisServer::spawn();
+    let (dir, policy) = policy_file();
+    let cp = dir.path().to_str().unwrap();
+    set_keys(&mut a.connection(), "dev:shop:legacy:", 200);
+    let mut conn_b = b.connection();
+    set_keys(&mut conn_b, "dev:shop:legacy:", 200);
+    let pattern = "dev:shop:legacy:*";
+    let purge = |url: &str, extra: &[&str]| {
+        let mut args = vec![
+            "purge",
+            "--policy",
+            &policy,
+            "--orphans",
+            pattern,
+            "--confirm",
+            pattern,
+            "--checkpoint-dir",
+            cp,
+            "--url",
+            url,
+        ];
+        args.extend(extra);
+        keyward(&args)
+    };
+    let out = purge(&a.url(), &["--limit-keys", "10", "--count", "10"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let token = token_in(&text(&out.stderr), "kwp1-");
+    let before = all_keys(&mut conn_b);
+    let out = purge(&b.url(), &["--resume", &token]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(all_keys(&mut conn_b), before, "the purge touched B");
+    let a_path = a.socket_path().unwrap().display().to_string();
+    assert!(err.contains(&a_path), "the message names A: {err}");
+    assert!(err.contains("not for this server"), "{err}");
+    // On its own server, the token finishes the purge.
+    let out = purge(&a.url(), &["--resume", &token]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        all_keys(&mut a.connection()),
+        BTreeSet::from([b"dev:shop:_kw:purges".to_vec()]),
+        "only the purge log is left"
+    );
+
+    // The audit's token: refused on A, and on B after B restarted.
+    let audit = |url: &str, extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "--json",
+            "--policy",
+            &policy,
+            "--checkpoint-dir",
+            cp,
+            "--url",
+            url,
+        ];
+        args.extend(extra);
+        keyward_json(&args)
+    };
+    let (code, _, err) = audit(&b.url(), &["--limit-keys", "10", "--count", "10"]);
+    assert_eq!(code, Some(4), "{err}");
+    let token = token_in(&err, "kwa1-");
+    let (code, _, err) = audit(&a.url(), &["--resume", &token]);
+    assert_eq!(code, Some(2), "{err}");
+    b.restart();
+    let (code, _, err) = audit(&b.url(), &["--resume", &token]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("restarted"), "{err}");
+}
+
+/// A stream the walk saw and that is deleted before the stream checks is gone, not an error: the audit used
+/// to fail for good (`XINFO GROUPS …: no such key`, exit 1, no report, and every resume failed the same way).
+#[test]
+fn a_stream_deleted_after_the_walk_saw_it_is_not_an_error() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (dir, policy) = policy_file();
+    let cp = dir.path().to_str().unwrap();
+    let stream = "dev:shop:orders:v1:{orders}";
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("g")
+        .arg("0")
+        .query::<()>(&mut conn)
+        .unwrap();
+    set_keys(&mut conn, "dev:shop:legacy:", 300);
+    // Walk a few keys at a time until the walk has counted the stream.
+    let base = [
+        "audit",
+        "--json",
+        "--policy",
+        &policy,
+        "--checkpoint-dir",
+        cp,
+    ];
+    let url = server.url();
+    let mut token: Option<String> = None;
+    loop {
+        let mut args = base.to_vec();
+        args.extend(["--url", &url, "--count", "5", "--limit-keys", "1"]);
+        if let Some(t) = &token {
+            args.extend(["--resume", t]);
+        }
+        let (code, v, err) = keyward_json(&args);
+        assert_eq!(
+            code,
+            Some(4),
+            "the walk ended before the stream was seen? {err}"
+        );
+        token = Some(v["resume_token"].as_str().unwrap().to_owned());
+        let orders = v["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "orders")
+            .map_or(0, |c| c["keys"].as_u64().unwrap());
+        if orders == 1 {
+            break;
+        }
+    }
+    redis::cmd("DEL")
+        .arg(stream)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let token = token.unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--url", &url, "--resume", &token]);
+    let (code, v, err) = keyward_json(&args);
+    // Complete: keys without TTL are violations (exit 3), the vanished stream is none.
+    assert_eq!(code, Some(3), "{err}");
+    assert_eq!(v["complete"], true, "{v:#}");
+    assert!(
+        v["violations"]["stuck_groups"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{v:#}"
+    );
+}
+
+/// A confirmed purge reports (summary, `--json`, the purge log) the bytes of the keys it deleted, not of the
+/// keys it matched: keys rewritten between the walk and the delete survive and their bytes are not counted.
+#[test]
+fn a_purge_reports_the_bytes_it_deleted_not_the_bytes_it_matched() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:keep", 5);
+    set_keys(&mut conn, "dev:shop:legacy:go", 5);
+    let memory = |conn: &mut redis::Connection, key: &str| -> u64 {
+        redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(5)
+            .query(conn)
+            .unwrap()
+    };
+    let gone_bytes: u64 = (0..5)
+        .map(|i| memory(&mut conn, &format!("dev:shop:legacy:go{i}")))
+        .sum();
+    let pattern = "dev:shop:legacy:*";
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn)
+        .unwrap();
+    // One batch of 10 keys (31 commands) at 5 commands/s: about 6 s between the walk and the delete.
+    let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args([
+            "purge",
+            "--json",
+            "--policy",
+            &policy,
+            "--url",
+            &server.url(),
+            "--orphans",
+            pattern,
+            "--confirm",
+            pattern,
+            "--count",
+            "1000",
+            "--max-ops-per-sec",
+            "5",
+        ])
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The probe runs MEMORY USAGE once; the walk's inspection ten more times. Then rewrite five keys.
+    wait_for_calls(&mut conn, "memory|usage", 11);
+    for i in 0..5 {
+        redis::cmd("SET")
+            .arg(format!("dev:shop:legacy:keep{i}"))
+            .arg("rewritten by the application, with a longer value".repeat(4))
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &v["this_run"];
+    assert_eq!(run["keys_matched"], 10, "{v:#}");
+    assert_eq!(run["keys_deleted"], 5, "{v:#}");
+    assert_eq!(run["keys_changed"], 5, "{v:#}");
+    assert_eq!(run["bytes_deleted"], gone_bytes, "{v:#}");
+    assert!(run["bytes"].as_u64().unwrap() > gone_bytes, "{v:#}");
+    // The log's end entry carries the deleted bytes.
+    let log: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("dev:shop:_kw:purges")
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    let end = &log.last().unwrap().1;
+    let field = |name: &str| {
+        end.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(field("complete"), "yes");
+    assert_eq!(field("bytes"), gone_bytes.to_string());
+}
+
+/// A reader that closes stdout early (`| grep -q`, `| head`) does not turn the audit's verdict into 0: the
+/// exit status used to be 0 whenever the write met the closed pipe (at random, depending on who was first).
+#[test]
+fn a_closed_stdout_keeps_the_audit_s_exit_status() {
+    let server = RedisServer::spawn();
+    set_keys(&mut server.connection(), "dev:shop:legacy:", 50);
+    let (_dir, policy) = policy_file();
+    for (extra, expected) in [
+        (&[][..], 3),
+        (&["--limit-keys", "1", "--count", "5"][..], 4),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["audit", "--policy", &policy, "--url", &server.url()])
+            .args(extra)
+            .env_remove("REDIS_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the audit writes a byte.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// An audit whose server dies mid-walk still prints what it counted (`--json`: `complete: false` and the
+/// resume token), saves its checkpoint and exits 1: stdout used to be empty.
+#[test]
+fn an_audit_whose_server_dies_mid_walk_prints_its_partial_report() {
+    let mut server = RedisServer::spawn_with(
+        keyward_testkit::ServerOptions::default().args(["--enable-debug-command", "yes"]),
+    );
+    let mut conn = server.connection();
+    redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(20_000)
+        .arg("key")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let (dir, policy) = policy_file();
+    let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args([
+            "audit",
+            "--json",
+            "--policy",
+            &policy,
+            "--url",
+            &server.url(),
+        ])
+        .args(["--checkpoint-dir", dir.path().to_str().unwrap()])
+        .args(["--count", "50", "--max-ops-per-sec", "2000"])
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_calls(&mut conn, "scan", 3);
+    server.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}; {err}", text(&out.stdout)));
+    assert_eq!(v["complete"], false, "{v:#}");
+    assert!(v["scan"]["keys_scanned"].as_u64().unwrap() > 0, "{v:#}");
+    let token = v["resume_token"].as_str().unwrap();
+    assert!(err.contains(&format!("--resume {token}")), "{err}");
+    let id = token.strip_prefix("kwa1-").unwrap();
+    assert!(
+        dir.path().join(format!("keyward-audit-{id}.json")).exists(),
+        "no checkpoint"
+    );
+}
+
+/// A purge whose server dies mid-walk prints its summary (what it deleted, the token) and saves its
+/// checkpoint: it used to print only `cannot log the purge: broken pipe: broken pipe`, with neither.
+#[test]
+fn a_purge_whose_server_dies_mid_walk_prints_its_summary_and_token() {
+    let mut server = RedisServer::spawn_with(
+        keyward_testkit::ServerOptions::default().args(["--enable-debug-command", "yes"]),
+    );
+    let mut conn = server.connection();
+    redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(20_000)
+        .arg("dev:shop:legacy")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let (dir, policy) = policy_file();
+    let pattern = "dev:shop:legacy:*";
+    let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["purge", "--policy", &policy, "--url", &server.url()])
+        .args(["--orphans", pattern, "--confirm", pattern])
+        .args(["--checkpoint-dir", dir.path().to_str().unwrap()])
+        .args(["--count", "50", "--max-ops-per-sec", "2000"])
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_calls(&mut conn, "eval", 60);
+    server.kill();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(stdout.contains("INCOMPLETE"), "{stdout}; {err}");
+    assert!(deleted_count(&stdout) > 0, "{stdout}");
+    let token = token_in(&err, "kwp1-");
+    assert!(stdout.contains("purge orphans"), "{stdout}");
+    let id = token.strip_prefix("kwp1-").unwrap();
+    assert!(
+        dir.path().join(format!("keyward-purge-{id}.json")).exists(),
+        "no checkpoint: {err}"
+    );
+    assert!(!err.contains("broken pipe: broken pipe"), "{err}");
+}
+
+/// The number after `deleted ` in a purge's summary line.
+fn deleted_count(line: &str) -> u64 {
+    line.split("deleted ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no deleted count in {line:?}"))
+}
+
+/// Every command that talks to Redis names the server it could not reach (never the password) with the
+/// same hint, and a URL that does not parse is bad usage said plainly (exit 2).
+#[test]
+fn connection_errors_name_the_server_and_hide_the_password() {
+    let (_dir, policy) = policy_file();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://u:s3cret@127.0.0.1:{port}");
+    let commands: [&[&str]; 6] = [
+        &["audit"],
+        &["purge", "--orphans", "dev:shop:legacy:*"],
+        &["inspect", "dev:shop:x"],
+        &["streams"],
+        &["invalidate", "--class", "product"],
+        &["dead-letters", "list", "orders"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.extend(["--policy", &policy, "--url", &url]);
+        let out = keyward(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {err}");
+        assert!(
+            err.contains(&format!("cannot connect to Redis at 127.0.0.1:{port}")),
+            "{command:?}: {err}"
+        );
+        assert!(err.contains("$REDIS_URL"), "{command:?}: no hint: {err}");
+        assert!(!err.contains("s3cret"), "{command:?}: {err}");
+        let mut args = command.to_vec();
+        args.extend(["--policy", &policy, "--url", "redis://:s3cret@[nope"]);
+        let out = keyward(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {err}");
+        assert!(err.contains("not a Redis URL"), "{command:?}: {err}");
+        assert!(!err.contains("s3cret"), "{command:?}: {err}");
+    }
+}
+
+/// A delete script the server refuses for every key is one error with a count (it used to print one
+/// `NoPerm: …: NoPerm: …` line per key), and the summary of what was done is still printed.
+#[test]
+fn a_refused_delete_script_is_reported_once_with_a_count() {
+    let mut server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:", 20);
+    // Reads every key, writes only keyward's own (the purge log): every delete is refused.
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("purger")
+        .arg("on")
+        .arg(">purge-pw")
+        .arg("%R~*")
+        .arg("~dev:shop:_kw:*")
+        .arg("+@all")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let before = all_keys(&mut conn);
+    server.set_url_credentials(Some(("purger", "purge-pw")));
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+        "--count",
+        "1000",
+    ]);
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("20 of 20 keys"), "{err}");
+    assert_eq!(err.matches("permissions").count(), 1, "{err}");
+    assert!(stdout.contains("deleted 0 keys"), "{stdout}");
+    let after: BTreeSet<Vec<u8>> = all_keys(&mut server.connection())
+        .into_iter()
+        .filter(|k| !k.starts_with(b"dev:shop:_kw:"))
+        .collect();
+    assert_eq!(after, before);
+}
+
+/// Counts agree with their nouns and empty lists end without a colon; TTLs read in units a person reads.
+#[test]
+fn text_output_speaks_proper_singular_plural_and_readable_ttls() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    let url = server.url();
+    let out = keyward(&[
+        "dead-letters",
+        "list",
+        "orders",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim_end(), "0 dead letters");
+    let out = keyward(&[
+        "dead-letters",
+        "replay",
+        "orders",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+    ]);
+    assert!(
+        !text(&out.stdout).contains("0:") && text(&out.stdout).contains("0 dead letters"),
+        "{}",
+        text(&out.stdout)
+    );
+    redis::cmd("SET")
+        .arg("dev:shop:legacy:one")
+        .arg("v")
+        .arg("PX")
+        .arg(3_930_000)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+        "--orphans",
+        "dev:shop:legacy:*",
+    ]);
+    assert!(
+        text(&out.stdout).contains(": 1 key, "),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !text(&out.stdout).contains("1 keys"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = keyward(&[
+        "inspect",
+        "dev:shop:legacy:one",
+        "--policy",
+        &policy,
+        "--url",
+        &url,
+    ]);
+    let ttl = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("TTL"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ttl.contains("1 h 5 m"), "{}", text(&out.stdout));
+}
+
+/// Two confirmed purges of the same selection at once: the second is refused (exit 2, naming the first) and
+/// deletes nothing, while a dry run is not held back; once the first stops, its lock is gone and the second
+/// runs.
+#[test]
+fn a_second_confirmed_purge_of_the_same_keys_is_refused_while_the_first_runs() {
+    let server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:", 2000);
+    let pattern = "dev:shop:legacy:*";
+    let url = server.url();
+    let cp = dir.path().to_str().unwrap();
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "purge",
+            "--policy",
+            &policy,
+            "--url",
+            &url,
+            "--orphans",
+            pattern,
+            "--checkpoint-dir",
+            cp,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        a.extend(extra.iter().map(|s| (*s).to_owned()));
+        a
+    };
+    // The first: slow (about 20 s for the whole keyspace).
+    let first = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args(&[
+            "--confirm",
+            pattern,
+            "--count",
+            "20",
+            "--max-ops-per-sec",
+            "500",
+        ]))
+        .env_remove("REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_calls(&mut conn, "eval", 20);
+    let lock = "dev:shop:_kw:purging:orphans";
+    let held: Option<String> = redis::cmd("GET").arg(lock).query(&mut conn).unwrap();
+    assert!(held.is_some(), "the running purge holds no lock");
+    let second = |extra: &[&'static str]| {
+        let a = args(extra);
+        keyward(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = second(&["--confirm", pattern]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("another purge"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    // A dry run deletes nothing and takes no lock.
+    let out = second(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let held: Option<String> = redis::cmd("GET").arg(lock).query(&mut conn).unwrap();
+    assert_eq!(held, None, "the stopped purge kept its lock");
+    let token = token_in(&text(&out.stderr), "kwp1-");
+    let out = second(&[
+        "--confirm",
+        pattern,
+        "--resume",
+        Box::leak(token.into_boxed_str()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let left: Vec<Vec<u8>> = all_keys(&mut conn)
+        .into_iter()
+        .filter(|k| k.starts_with(b"dev:shop:legacy:"))
+        .collect();
+    assert!(left.is_empty(), "{} keys left", left.len());
+}
+
+/// The purge's documented ACL rule (docs/cli.md: the audit's, plus `+eval +unlink +xadd +pexpire +get +set
+/// +del` and `~*`) is enough for a confirmed purge: its walk, its deletes, its log and its lock.
+#[test]
+fn the_documented_purge_user_can_purge() {
+    let mut server = RedisServer::spawn();
+    let mut conn = server.connection();
+    let (_dir, policy) = policy_file();
+    set_keys(&mut conn, "dev:shop:legacy:", 30);
+    let rule = "resetkeys ~* resetchannels -@all +scan +type +pttl +memory|usage +strlen +hstrlen +dbsize \
+                +config|get +cluster|nodes +xlen +xrange +xinfo|groups +xpending +ping +info \
+                +eval +unlink +xadd +pexpire +get +set +del";
+    let mut setuser = redis::cmd("ACL");
+    setuser
+        .arg("SETUSER")
+        .arg("purger")
+        .arg("on")
+        .arg(">purge-pw");
+    for r in rule.split_whitespace() {
+        setuser.arg(r);
+    }
+    setuser.query::<()>(&mut conn).unwrap();
+    server.set_url_credentials(Some(("purger", "purge-pw")));
+    let pattern = "dev:shop:legacy:*";
+    let out = keyward(&[
+        "purge",
+        "--policy",
+        &policy,
+        "--url",
+        &server.url(),
+        "--orphans",
+        pattern,
+        "--confirm",
+        pattern,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deleted 30 keys"),
+        "{}",
+        text(&out.stdout)
+    );
+    let left: Vec<Vec<u8>> = all_keys(&mut conn)
+        .into_iter()
+        .filter(|k| k.starts_with(b"dev:shop:legacy:") || k.starts_with(b"dev:shop:_kw:purging"))
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
 }

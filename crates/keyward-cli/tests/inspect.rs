@@ -617,6 +617,7 @@ const ACL_RULE: &[&str] = &[
     "+xinfo|groups",
     "+xpending",
     "+ping",
+    "+info",
     "+exists",
     "+getrange",
     "+hget",

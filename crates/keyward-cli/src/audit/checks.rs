@@ -167,7 +167,9 @@ pub(crate) fn check_settings(policy: &Policy, info: &ServerInfo) -> Vec<ServerSe
 /// Entries kept in keyward's own purge log, `{env}:{app}:_kw:purges` (`XADD … MAXLEN ~`, with a TTL).
 pub(crate) const PURGE_LOG_MAXLEN: u64 = 1000;
 
-/// Checks one stream met by the walk and adds what it finds to `out`.
+/// Checks one stream met by the walk and adds what it finds to `out`. A stream deleted (or replaced by
+/// another type) since the walk saw it — before these checks or during them — is gone: it has no findings,
+/// and is not an error.
 pub(crate) async fn check_stream(
     policy: &Policy,
     conn: &mut MultiplexedConnection,
@@ -175,13 +177,57 @@ pub(crate) async fn check_stream(
     key: &[u8],
     out: &mut StreamFindings,
 ) -> anyhow::Result<()> {
+    let mut found = StreamFindings::default();
+    match check_one_stream(policy, conn, seen, key, &mut found).await {
+        Ok(true) => {
+            out.without_retention.extend(found.without_retention);
+            out.over_retention.extend(found.over_retention);
+            out.stuck_groups.extend(found.stuck_groups);
+            out.dead_letters.extend(found.dead_letters);
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) if vanished(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a stream command failed because the stream (or its group) is gone: `ERR no such key` from
+/// `XINFO`, `NOGROUP` from `XPENDING`, `WRONGTYPE` when the key now holds another type.
+fn vanished(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<redis::RedisError>().is_some_and(|e| {
+            matches!(e.code(), Some("NOGROUP" | "WRONGTYPE"))
+                || e.detail()
+                    .is_some_and(|d| d.to_ascii_lowercase().contains("no such key"))
+        })
+    })
+}
+
+/// [`check_stream`]'s reads: `Ok(false)` when the key is no longer a stream.
+async fn check_one_stream(
+    policy: &Policy,
+    conn: &mut MultiplexedConnection,
+    seen: &StreamSeen,
+    key: &[u8],
+    out: &mut StreamFindings,
+) -> anyhow::Result<bool> {
     let shown = display_key(key);
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("TYPE {shown}"))?;
+    if kind != "stream" {
+        // Deleted, expired or replaced by another type since the walk.
+        return Ok(false);
+    }
     let class = seen.class.as_deref().and_then(|c| policy.class(c));
     let settings = class.and_then(|c| c.as_stream());
     let length: u64 = match redis::cmd("XLEN").arg(key).query_async(conn).await {
         Ok(n) => n,
         // Replaced by another type since the walk.
-        Err(e) if e.code() == Some("WRONGTYPE") => return Ok(()),
+        Err(e) if e.code() == Some("WRONGTYPE") => return Ok(false),
         Err(e) => return Err(e).with_context(|| format!("XLEN {shown}")),
     };
     let role = seen.role.as_deref();
@@ -197,7 +243,7 @@ pub(crate) async fn check_stream(
                 max_age_ms: None,
             });
         }
-        return Ok(());
+        return Ok(true);
     }
     match (settings, role) {
         (Some(_), Some("dead_letters")) => {
@@ -237,7 +283,7 @@ pub(crate) async fn check_stream(
         }),
     }
     if role == Some("dead_letters") {
-        return Ok(());
+        return Ok(true);
     }
     let claim_idle = settings.map_or(DEFAULT_CLAIM_IDLE, |s| s.claim_idle_value());
     let claim_idle_ms = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
@@ -258,5 +304,5 @@ pub(crate) async fn check_stream(
             });
         }
     }
-    Ok(())
+    Ok(true)
 }

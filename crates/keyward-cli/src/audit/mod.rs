@@ -16,7 +16,7 @@ pub(crate) mod walk;
 
 pub(crate) use tally::display_key;
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use crate::redis_url::UrlArg;
 use checks::{ServerInfo, StreamFindings};
 use report::ScanStats;
 use tally::Tally;
-use walk::{KeyFacts, NodeState, NodeWalk, ResumePoint, Walker};
+use walk::{KeyFacts, NodeState, NodeWalk, ResumePoint, ServerId, Walker};
 
 /// Exit status when the audit found violations.
 pub(crate) const EXIT_VIOLATIONS: u8 = 3;
@@ -146,8 +146,7 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         .urls()
         .map(|(a, u)| (a.to_owned(), u.to_owned()))
         .collect();
-    let (resume, mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match &args.resume
-    {
+    let (resume, saved) = match &args.resume {
         Some(token) => {
             let resume = ResumePoint::named(Walker::Audit, &dir, token)?;
             let cp: Checkpoint = resume.load()?;
@@ -160,37 +159,21 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
                     policy.app()
                 );
             }
-            if let Some((servers_then, servers_now)) = NodeState::mismatch(&cp.nodes, &addrs) {
-                usage!(
-                    "--resume {token}: the checkpoint walked servers {servers_then:?}, the URL now names {servers_now:?}"
-                );
-            }
-            (
-                resume,
-                cp.nodes,
-                cp.tally,
-                cp.seconds,
-                cp.commands,
-                cp.backoffs,
-            )
+            (resume, Some(cp))
         }
-        None => (
-            ResumePoint::fresh(Walker::Audit, &dir),
-            NodeState::start(&addrs),
-            Tally::default(),
-            0.0,
-            0,
-            0,
-        ),
+        None => (ResumePoint::fresh(Walker::Audit, &dir), None),
     };
 
     let mut conns = Vec::with_capacity(addrs.len());
     let mut infos: Vec<ServerInfo> = Vec::with_capacity(addrs.len());
+    let mut ids = Vec::with_capacity(addrs.len());
     for (addr, node_url) in &addrs {
-        let label = if addr.is_empty() { "the server" } else { addr };
-        let mut conn = walk::connect(node_url)
-            .await
-            .with_context(|| format!("cannot audit {label}"))?;
+        let label = if addr.is_empty() {
+            crate::redis_url::server_label(node_url)?
+        } else {
+            addr.clone()
+        };
+        let mut conn = walk::connect(node_url).await?;
         // Before the walk, on a plain key: a refused command is named here (see `walk::probe`).
         walk::probe(
             &mut conn,
@@ -204,6 +187,11 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
                 "{label} refuses a command the audit needs (renamed, or not granted to this user)"
             )
         })?;
+        ids.push(
+            ServerId::read(&mut conn, &label)
+                .await
+                .with_context(|| format!("cannot audit {label}"))?,
+        );
         infos.push(
             checks::server_info(&mut conn, addr)
                 .await
@@ -211,6 +199,18 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         );
         conns.push(conn);
     }
+    let (mut nodes, mut tally, mut seconds, mut commands, mut backoffs) = match saved {
+        Some(cp) => {
+            if let Some(why) = NodeState::mismatch(&cp.nodes, &ids) {
+                usage!(
+                    "--resume {}: the checkpoint is not for this server: {why}",
+                    resume.token()
+                );
+            }
+            (cp.nodes, cp.tally, cp.seconds, cp.commands, cp.backoffs)
+        }
+        None => (NodeState::start(&ids), Tally::default(), 0.0, 0, 0),
+    };
 
     let progress = progress_bar(infos.iter().map(|i| i.keys).sum(), tally.keys_seen);
     let stop = Arc::new(AtomicBool::new(false));
@@ -255,42 +255,54 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         }
     }
     signals.abort();
-    let failure = walk::first_failure(&mut tasks, "walk").await;
+    let mut failure = walk::first_failure(&mut tasks, "walk").await;
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
     seconds += started.elapsed().as_secs_f64();
-    let complete = nodes.iter().all(|n| n.done);
-    resume.settle(complete, failure, tally.keys_seen, None, || Checkpoint {
-        format: 1,
-        env: policy.env().to_owned(),
-        app: policy.app().to_owned(),
-        nodes,
-        tally: tally.clone(),
-        seconds,
-        commands,
-        backoffs,
-    })?;
 
+    // The checks after the walk, once every server is walked. If they fail, the checkpoint records the walk
+    // as done, so a resume runs only them.
     let mut findings = StreamFindings::default();
     let mut settings = Vec::new();
+    if failure.is_none() && nodes.iter().all(|n| n.done) {
+        match check_streams(&policy, &tally, &mut conns, &mut findings).await {
+            Ok(()) => {
+                for info in &infos {
+                    settings.extend(checks::check_settings(&policy, info));
+                }
+            }
+            Err(e) => failure = Some(e.context("the checks after the walk failed")),
+        }
+    }
+    let complete = failure.is_none() && nodes.iter().all(|n| n.done);
+    // Saved whenever the audit did not finish (a signal, --limit-keys, an error): what was counted is kept.
+    let mut token = None;
     if complete {
-        let mut streams = tally.streams.clone();
-        streams.sort();
-        streams.dedup();
-        for seen in &streams {
-            let key = base64::engine::general_purpose::STANDARD
-                .decode(&seen.key_b64)
-                .context("checkpoint holds a bad stream key")?;
-            let conn = conns
-                .get_mut(seen.node)
-                .ok_or_else(|| anyhow!("checkpoint names an unknown server"))?;
-            checks::check_stream(&policy, conn, seen, &key, &mut findings).await?;
-        }
-        for info in &infos {
-            settings.extend(checks::check_settings(&policy, info));
-        }
         resume.remove();
+    } else {
+        match resume.save(tally.keys_seen, None, || Checkpoint {
+            format: 1,
+            env: policy.env().to_owned(),
+            app: policy.app().to_owned(),
+            nodes,
+            tally: tally.clone(),
+            seconds,
+            commands,
+            backoffs,
+        }) {
+            Ok(()) => token = Some(resume.token().to_owned()),
+            Err(e) => {
+                failure = Some(match failure {
+                    Some(walk) => anyhow!(
+                        "{}; and {}",
+                        crate::error::one_line(&walk),
+                        crate::error::one_line(&e)
+                    ),
+                    None => e,
+                });
+            }
+        }
     }
     let report = report::build(
         &policy,
@@ -305,18 +317,28 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
         },
         findings,
         settings,
-        (!complete).then(|| resume.token().to_owned()),
+        complete,
+        token.clone(),
     );
-    let mut out = std::io::stdout().lock();
-    if args.json {
+    let text = if args.json {
         let mut text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
         text.push('\n');
-        out.write_all(text.as_bytes())
-            .context("cannot write to stdout")?;
+        text.into_bytes()
     } else {
-        report::write_table(&report, &mut out).context("cannot write to stdout")?;
+        let mut text = Vec::new();
+        report::write_table(&report, &mut text).context("cannot format the report")?;
+        text
+    };
+    // Printed on every exit after the walk started, an error's included: what was counted, and the token.
+    crate::error::print_stdout(&text)?;
+    if let Some(e) = failure {
+        return Err(match token {
+            Some(token) => e.context(format!(
+                "the audit stopped (the report above is partial; resume by running the same command with --resume {token})"
+            )),
+            None => e.context("the audit stopped (the report above is partial)"),
+        });
     }
-    out.flush().context("cannot write to stdout")?;
     Ok(if !complete {
         ExitCode::from(EXIT_INCOMPLETE)
     } else if report.violations.total > 0 {
@@ -324,6 +346,28 @@ async fn audit(args: AuditArgs, policy: Arc<Policy>, url: &str) -> anyhow::Resul
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The stream checks, on every stream the walk met.
+async fn check_streams(
+    policy: &Policy,
+    tally: &Tally,
+    conns: &mut [redis::aio::MultiplexedConnection],
+    findings: &mut StreamFindings,
+) -> anyhow::Result<()> {
+    let mut streams = tally.streams.clone();
+    streams.sort();
+    streams.dedup();
+    for seen in &streams {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&seen.key_b64)
+            .context("checkpoint holds a bad stream key")?;
+        let conn = conns
+            .get_mut(seen.node)
+            .ok_or_else(|| anyhow!("checkpoint names an unknown server"))?;
+        checks::check_stream(policy, conn, seen, &key, findings).await?;
+    }
+    Ok(())
 }
 
 /// Walks one server until it is done, `stop` is set, or `limit` keys were examined in this run.
@@ -384,13 +428,22 @@ async fn walk_node_until_stopped(
                     asked.push(i);
                 }
             }
-            let lens: Vec<u64> = pipe
+            // A key replaced by another type since its inspection answers WRONGTYPE: it is no longer the
+            // value that was measured, so it has no size to report (not an error).
+            pipe.ignore_errors();
+            let lens: Vec<redis::Value> = pipe
                 .query_async(walker.conn())
                 .await
                 .context("STRLEN / HSTRLEN pipeline failed")?;
             walker.commands += asked.len() as u64;
             for (i, len) in asked.into_iter().zip(lens) {
-                if let Some((_, _, limit)) = probes[i]
+                if let redis::Value::ServerError(e) = &len
+                    && e.code() != "WRONGTYPE"
+                {
+                    return Err(anyhow!("STRLEN / HSTRLEN refused: {e}"));
+                }
+                if let (Some((_, _, limit)), redis::Value::Int(len)) = (probes[i], len)
+                    && let Ok(len) = u64::try_from(len)
                     && len > limit
                 {
                     sizes[i] = Some(len);

@@ -18,7 +18,8 @@ pub(crate) struct Report {
     /// The format's version: 1.
     pub(crate) keyward_audit: u32,
     pub(crate) namespace: Namespace,
-    /// `false` when the walk was interrupted (then `resume_token` is set and the post-walk checks did not run).
+    /// `false` when the audit stopped early (a signal, `--limit-keys`, an error): then `resume_token` is set
+    /// (unless the checkpoint could not be saved) and the post-walk checks did not run or did not finish.
     pub(crate) complete: bool,
     pub(crate) resume_token: Option<String>,
     pub(crate) servers: Vec<ServerInfo>,
@@ -165,6 +166,7 @@ fn size_limit(class: &keyward::policy::Class) -> u64 {
 }
 
 /// Assembles the report.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build(
     policy: &Policy,
     tally: &Tally,
@@ -172,6 +174,7 @@ pub(crate) fn build(
     scan: ScanStats,
     streams: StreamFindings,
     settings: Vec<ServerSetting>,
+    complete: bool,
     resume_token: Option<String>,
 ) -> Report {
     let mut v = Violations {
@@ -300,7 +303,7 @@ pub(crate) fn build(
             env: policy.env().to_owned(),
             app: policy.app().to_owned(),
         },
-        complete: resume_token.is_none(),
+        complete,
         resume_token,
         servers,
         scan,
@@ -345,9 +348,15 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
         if r.complete {
             ""
         } else {
-            " — INCOMPLETE (interrupted)"
+            " — INCOMPLETE (stopped before the end: the counts below are partial)"
         }
     )?;
+    if let Some(token) = &r.resume_token {
+        writeln!(
+            out,
+            "resume by running the same command with: --resume {token}"
+        )?;
+    }
     for s in &r.servers {
         let name = if s.server.is_empty() {
             "server"
@@ -356,14 +365,19 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
         };
         writeln!(
             out,
-            "{name}: {} keys, maxmemory-policy {}, persistence {}",
-            s.keys, s.maxmemory_policy, s.persistence
+            "{name}: {}, maxmemory-policy {}, persistence {}",
+            count(s.keys, "key"),
+            s.maxmemory_policy,
+            s.persistence
         )?;
     }
     writeln!(
         out,
-        "scanned {} keys with {} commands in {:.1}s ({} backoffs)",
-        r.scan.keys_scanned, r.scan.commands, r.scan.seconds, r.scan.backoffs
+        "scanned {} with {} in {:.1}s ({})",
+        count(r.scan.keys_scanned, "key"),
+        count(r.scan.commands, "command"),
+        r.scan.seconds,
+        count(r.scan.backoffs, "backoff")
     )?;
     writeln!(out)?;
     writeln!(
@@ -459,8 +473,8 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
             .unwrap_or_default();
         writeln!(
             out,
-            "  no TTL: {group}: {} keys, {} (e.g. {})",
-            n.keys,
+            "  no TTL: {group}: {}, {} (e.g. {})",
+            count(n.keys, "key"),
             bytes(n.memory_bytes),
             n.examples.join(", ")
         )?;
@@ -469,28 +483,28 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
         let ex: Vec<String> = t
             .examples
             .iter()
-            .map(|e| format!("{} ({} ms)", e.key, e.ttl_ms))
+            .map(|e| format!("{} ({})", e.key, ttl(e.ttl_ms)))
             .collect();
         writeln!(
             out,
-            "  TTL too long: class {}: {} keys over its bound ({} ms; e.g. {})",
+            "  TTL too long: class {}: {} over its bound ({}; e.g. {})",
             t.class,
-            t.keys,
-            t.max_ttl_ms,
+            count(t.keys, "key"),
+            ttl(t.max_ttl_ms),
             ex.join(", ")
         )?;
     }
     for o in &v.outside_classes {
         writeln!(
             out,
-            "  outside any class{}: {}: {} keys, {} (e.g. {})",
+            "  outside any class{}: {}: {}, {} (e.g. {})",
             if o.in_namespace {
                 " (in the namespace)"
             } else {
                 ""
             },
             o.pattern,
-            o.keys,
+            count(o.keys, "key"),
             bytes(o.memory_bytes),
             o.examples.join(", ")
         )?;
@@ -498,11 +512,11 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
     for o in &v.old_versions {
         writeln!(
             out,
-            "  old version: class {} v{} (current v{}): {} keys, {} reclaimable",
+            "  old version: class {} v{} (current v{}): {}, {} reclaimable",
             o.class,
             o.version,
             o.current_version,
-            o.keys,
+            count(o.keys, "key"),
             bytes(o.reclaimable_bytes)
         )?;
     }
@@ -514,44 +528,53 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
             .collect();
         writeln!(
             out,
-            "  value over max: class {} (limit {}): {} keys (e.g. {})",
+            "  value over max: class {} (limit {}): {} (e.g. {})",
             o.class,
             bytes(o.limit_bytes),
-            o.keys,
+            count(o.keys, "key"),
             ex.join(", ")
         )?;
     }
     for s in &v.streams_without_retention {
         writeln!(
             out,
-            "  stream without retention: {} ({} entries)",
-            s.key, s.length
+            "  stream without retention: {} ({})",
+            s.key,
+            entries(s.length)
         )?;
     }
     for s in &v.streams_over_retention {
         writeln!(
             out,
-            "  stream over retention: {} (class {}): {} entries (maxlen {:?}), oldest {:?} ms (max_age {:?} ms)",
-            s.key, s.class, s.length, s.maxlen, s.oldest_age_ms, s.max_age_ms
+            "  stream over retention: {} (class {}): {} (maxlen {}), oldest {} (max_age {})",
+            s.key,
+            s.class,
+            entries(s.length),
+            s.maxlen
+                .map_or_else(|| "none".to_owned(), |m| m.to_string()),
+            s.oldest_age_ms.map_or_else(|| "unknown".to_owned(), ttl),
+            s.max_age_ms.map_or_else(|| "none".to_owned(), ttl)
         )?;
     }
     for g in &v.stuck_groups {
         writeln!(
             out,
-            "  stuck group: {} group {}: {}{} of {} pending entries idle over {} ms",
+            "  stuck group: {} group {}: {}{} of {} pending idle over {}",
             g.stream,
             g.group,
             g.pending_idle,
             if g.pending_idle >= 100 { "+" } else { "" },
-            g.pending_total,
-            g.claim_idle_ms
+            entries(g.pending_total),
+            ttl(g.claim_idle_ms)
         )?;
     }
     for d in &v.dead_letters {
         writeln!(
             out,
-            "  dead letters: {} (class {}): {} entries",
-            d.key, d.class, d.length
+            "  dead letters: {} (class {}): {}",
+            d.key,
+            d.class,
+            entries(d.length)
         )?;
     }
     for s in &v.server_settings {
@@ -567,4 +590,16 @@ pub(crate) fn write_table(r: &Report, out: &mut impl Write) -> std::io::Result<(
         )?;
     }
     Ok(())
+}
+
+fn count(n: u64, noun: &str) -> String {
+    crate::words::count(n, noun)
+}
+
+fn entries(n: u64) -> String {
+    crate::words::count_of(n, "entry", "entries")
+}
+
+fn ttl(ms: u64) -> String {
+    crate::words::duration_ms(ms)
 }

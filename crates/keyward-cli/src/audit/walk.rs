@@ -81,23 +81,71 @@ pub(crate) async fn probe(
     Ok(())
 }
 
+/// Which server a walk is on: its address and its `run_id`, as a checkpoint records them.
+///
+/// A resume must be on the very server the walk started on: another server's keys are not where the cursor
+/// points, and a *restarted* server (same address, new `run_id`) hashes keys with a new random seed, so an
+/// old cursor skips keys there too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServerId {
+    /// `host:port`, `tls://host:port` or `unix:/path`: never credentials.
+    pub(crate) addr: String,
+    /// `INFO server`'s `run_id`.
+    pub(crate) run_id: String,
+}
+
+impl ServerId {
+    /// Reads the `run_id` of the server behind `conn`, known by `addr`.
+    ///
+    /// # Errors
+    /// When `INFO server` is refused or has no `run_id`.
+    pub(crate) async fn read(conn: &mut MultiplexedConnection, addr: &str) -> anyhow::Result<Self> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(conn)
+            .await
+            .with_context(|| format!("INFO server on {addr}"))?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| anyhow!("INFO server on {addr} has no run_id"))?;
+        Ok(ServerId {
+            addr: addr.to_owned(),
+            run_id,
+        })
+    }
+}
+
+impl std::fmt::Display for ServerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = self.run_id.get(..12).unwrap_or(&self.run_id);
+        write!(f, "{} (run_id {short}…)", self.addr)
+    }
+}
+
 /// One server's progress in a checkpoint (the audit's and the purge's alike).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct NodeState {
-    /// `host:port`, or empty for a standalone URL.
+    /// `host:port` (`tls://host:port`, `unix:/path`), never credentials. Older checkpoints wrote `""`
+    /// for a standalone server.
     pub(crate) server: String,
+    /// The server's `run_id` when the walk started (absent in older checkpoints: they resume nowhere).
+    #[serde(default)]
+    pub(crate) run_id: String,
     /// The `SCAN` cursor to resume from.
     pub(crate) cursor: u64,
     pub(crate) done: bool,
 }
 
 impl NodeState {
-    /// Every server of `addrs` (`(host:port, url)`, as `Servers::urls` lists them), from the start.
-    pub(crate) fn start(addrs: &[(String, String)]) -> Vec<NodeState> {
-        addrs
-            .iter()
-            .map(|(server, _)| NodeState {
-                server: server.clone(),
+    /// Every server of `ids`, from the start.
+    pub(crate) fn start(ids: &[ServerId]) -> Vec<NodeState> {
+        ids.iter()
+            .map(|id| NodeState {
+                server: id.addr.clone(),
+                run_id: id.run_id.clone(),
                 cursor: 0,
                 done: false,
             })
@@ -110,15 +158,50 @@ impl NodeState {
         self.done = resume_at.is_none();
     }
 
-    /// The servers a checkpoint walked and the ones `addrs` names now, when they differ (a resume must walk
-    /// the same servers, in the same order, or its cursors mean nothing).
-    pub(crate) fn mismatch<'a>(
-        nodes: &'a [NodeState],
-        addrs: &'a [(String, String)],
-    ) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
-        let then: Vec<&str> = nodes.iter().map(|n| n.server.as_str()).collect();
-        let now: Vec<&str> = addrs.iter().map(|(a, _)| a.as_str()).collect();
-        (then != now).then_some((then, now))
+    /// When a checkpoint's `nodes` are not the servers `ids` names now (the same servers, in the same order,
+    /// each still the process that started the walk), a sentence saying which servers the checkpoint belongs
+    /// to and what the URL names now.
+    pub(crate) fn mismatch(nodes: &[NodeState], ids: &[ServerId]) -> Option<String> {
+        let same = nodes.len() == ids.len()
+            && nodes
+                .iter()
+                .zip(ids)
+                .all(|(n, id)| n.server == id.addr && n.run_id == id.run_id);
+        if same {
+            return None;
+        }
+        let list = |ids: Vec<String>| ids.join(", ");
+        let then = list(
+            nodes
+                .iter()
+                .map(|n| {
+                    let server = if n.server.is_empty() {
+                        "an unrecorded server (a checkpoint of an older keyward)"
+                    } else {
+                        &n.server
+                    };
+                    if n.run_id.is_empty() {
+                        server.to_owned()
+                    } else {
+                        ServerId {
+                            addr: server.to_owned(),
+                            run_id: n.run_id.clone(),
+                        }
+                        .to_string()
+                    }
+                })
+                .collect(),
+        );
+        let now = list(ids.iter().map(ToString::to_string).collect());
+        let restarted =
+            nodes.len() == ids.len() && nodes.iter().zip(ids).all(|(n, id)| n.server == id.addr);
+        Some(if restarted {
+            format!(
+                "it belongs to {then}, and the server there now is {now}: restarted (or replaced) since, so the saved cursor no longer means anything; start again without --resume"
+            )
+        } else {
+            format!("it belongs to {then}, but the URL names {now}")
+        })
     }
 }
 
@@ -149,7 +232,7 @@ impl Walker {
 
 /// Where a walk that stops early keeps its checkpoint, and the token an operator passes back with `--resume`.
 /// The audit and the purge share the whole cycle: a fresh token (or the one given), loading the checkpoint,
-/// and, when the walk stops, saving it and printing how to resume ([`settle`](Self::settle)).
+/// and, when the walk stops early, saving it and printing how to resume ([`save`](Self::save)).
 #[derive(Debug)]
 pub(crate) struct ResumePoint {
     walker: Walker,
@@ -213,23 +296,18 @@ impl ResumePoint {
             .with_context(|| format!("checkpoint {} is corrupt", self.path.display()))
     }
 
-    /// Ends a walk. When it did not `complete` (stopped by a signal, `--limit-keys` or `failure`), saves
-    /// `checkpoint()` and tells stderr how to resume after `keys` keys (`same`: what the repeated command must
-    /// keep, e.g. "same selection and --confirm"); then returns the `failure`, if any, with that hint.
+    /// Saves `checkpoint()` for a walk that did not finish (a signal, `--limit-keys`, an error) and tells
+    /// stderr how to resume after `keys` keys (`same`: what the repeated command must keep, e.g. "same
+    /// selection and --confirm").
     ///
     /// # Errors
-    /// The walk's `failure`, or the checkpoint cannot be written.
-    pub(crate) fn settle<T: Serialize>(
+    /// The checkpoint cannot be encoded or written (then the token resumes nothing).
+    pub(crate) fn save<T: Serialize>(
         &self,
-        complete: bool,
-        failure: Option<anyhow::Error>,
         keys: u64,
         same: Option<&str>,
         checkpoint: impl FnOnce() -> T,
     ) -> anyhow::Result<()> {
-        if complete {
-            return failure.map_or(Ok(()), Err);
-        }
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).ok();
         }
@@ -238,15 +316,11 @@ impl ResumePoint {
             .with_context(|| format!("cannot save the checkpoint {}", self.path.display()))?;
         let (name, token) = (self.walker.name(), &self.token);
         eprintln!(
-            "keyward {name}: stopped after {keys} keys; resume by running the same command{} with: --resume {token}",
+            "keyward {name}: stopped after {}; resume by running the same command{} with: --resume {token}",
+            crate::words::count(keys, "key"),
             same.map(|s| format!(" ({s})")).unwrap_or_default()
         );
-        match failure {
-            Some(e) => Err(e.context(format!(
-                "the {name} stopped (resume by running the same command with --resume {token})"
-            ))),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// Deletes the checkpoint (a finished walk): its token is spent.
@@ -273,17 +347,22 @@ pub(crate) async fn first_failure(
 }
 
 /// A plain connection to one server (one primary of a Cluster).
+///
+/// # Errors
+/// A [`UsageError`] when the URL does not parse; otherwise an error naming the server (`host:port`, never the
+/// password) with [`HINT`](crate::redis_url::HINT).
 pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = redis::Client::open(url).map_err(|e| anyhow!("invalid Redis URL: {e}"))?;
+    let client = redis::Client::open(url).map_err(|e| crate::redis_url::invalid(url, &e))?;
+    let label = crate::redis_url::server_label(url)?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(RESPONSE_TIMEOUT));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|e| anyhow!("cannot connect: {e}"))
+        .map_err(|e| crate::redis_url::unreachable(&label, e))
 }
 
 /// The pace of one server's walk: a ceiling in commands per second and the current rate under it.
@@ -425,6 +504,9 @@ impl NodeWalk {
             .chunks(CHUNK_KEYS)
             .map(|chunk| {
                 let mut pipe = redis::pipe();
+                // Refusals come back as values, to be reported once with a count (`refusals`), not one
+                // line per command.
+                pipe.ignore_errors();
                 for key in chunk {
                     pipe.cmd("TYPE").arg(key);
                     pipe.cmd("PTTL").arg(key);
@@ -440,7 +522,9 @@ impl NodeWalk {
         let scan_more = !(self.started && self.cursor == 0);
         if scan_more {
             if pipes.is_empty() {
-                pipes.push(redis::pipe());
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                pipes.push(pipe);
             }
             let last = pipes.last_mut().expect("at least one pipeline");
             let scan = last.cmd("SCAN").arg(self.cursor);
@@ -462,6 +546,9 @@ impl NodeWalk {
             .flatten()
             .collect();
         let rtt = t0.elapsed();
+        if let Some(refused) = refusals(&replies) {
+            return Err(refused);
+        }
         self.commands += commands as u64;
         let inspected = self.pending.len() * 3;
         let mut keys = Vec::with_capacity(self.pending.len());
@@ -512,6 +599,34 @@ impl NodeWalk {
             resume_at: if done { None } else { Some(resume_at) },
         }))
     }
+}
+
+/// The server errors among `replies`, as one error: each distinct message once, with how many commands got
+/// it (a refused command used to print one line per key of the batch).
+pub(crate) fn refusals(replies: &[Value]) -> Option<anyhow::Error> {
+    let mut refused: Vec<(String, u64)> = Vec::new();
+    for reply in replies {
+        if let Value::ServerError(e) = reply {
+            let why = e.to_string();
+            match refused.iter_mut().find(|(w, _)| *w == why) {
+                Some((_, n)) => *n += 1,
+                None => refused.push((why, 1)),
+            }
+        }
+    }
+    if refused.is_empty() {
+        return None;
+    }
+    let total: u64 = refused.iter().map(|(_, n)| n).sum();
+    let reasons: Vec<String> = refused
+        .iter()
+        .map(|(why, n)| format!("{why} ({}×)", n))
+        .collect();
+    Some(anyhow!(
+        "the server refused {} of the batch: {}",
+        crate::words::count(total, "command"),
+        reasons.join("; ")
+    ))
 }
 
 /// `[cursor, [key, …]]`.

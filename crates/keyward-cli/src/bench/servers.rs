@@ -74,7 +74,11 @@ impl Servers {
                 Err(e) => last_error = e.context(format!("seed {}", seed.addr())),
             }
         }
-        Err(last_error.context("cannot find the Cluster's primaries (CLUSTER NODES on every seed)"))
+        Err(anyhow!(
+            "cannot find the Cluster's primaries (CLUSTER NODES on every seed): {} — {}",
+            crate::error::one_line(&last_error),
+            crate::redis_url::HINT
+        ))
     }
 
     /// Whether the URL named a Cluster.
