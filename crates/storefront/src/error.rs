@@ -23,6 +23,20 @@ pub enum AppError {
     BadRequest(String),
     /// `401`: an admin route without the admin token.
     Unauthorized,
+    /// `401`: a route for logged-in customers, without a live session.
+    LoginRequired,
+    /// `401`: a wrong customer id or password (one answer for both).
+    LoginFailed,
+    /// `409`: the request conflicts with the data (not enough stock).
+    Conflict(String),
+    /// `429`: a login limit refused the attempt; retry after this long (whole seconds, at least 1, in
+    /// `Retry-After`).
+    TooManyRequests {
+        /// How long until an attempt may pass.
+        retry_after: std::time::Duration,
+    },
+    /// `500`: a set-up error of the server (logged where it is found).
+    Internal,
     /// A keyward failure: `503` or `500`, as [`ApiError`] answers it.
     Store(ApiError),
     /// A database failure: `500` (logged, never shown).
@@ -42,6 +56,12 @@ impl From<keyward::Error> for AppError {
     }
 }
 
+impl From<ApiError> for AppError {
+    fn from(error: ApiError) -> Self {
+        AppError::Store(error)
+    }
+}
+
 impl From<DbError> for AppError {
     fn from(error: DbError) -> Self {
         match error {
@@ -57,9 +77,40 @@ impl IntoResponse for AppError {
         let (status, detail) = match self {
             AppError::NotFound(detail) => (StatusCode::NOT_FOUND, detail),
             AppError::BadRequest(detail) => (StatusCode::BAD_REQUEST, detail),
-            AppError::Unauthorized => (
+            AppError::Unauthorized => {
+                let mut response = problem(
+                    StatusCode::UNAUTHORIZED,
+                    "This route needs the admin token (Authorization: Bearer …).",
+                );
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return response;
+            }
+            AppError::LoginRequired => (
                 StatusCode::UNAUTHORIZED,
-                "This route needs the admin token (Authorization: Bearer …).".to_owned(),
+                "Log in first (POST /login).".to_owned(),
+            ),
+            AppError::LoginFailed => (
+                StatusCode::UNAUTHORIZED,
+                "Wrong customer id or password.".to_owned(),
+            ),
+            AppError::Conflict(detail) => (StatusCode::CONFLICT, detail),
+            AppError::TooManyRequests { retry_after } => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let mut response = problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("Too many login attempts; retry in {secs} s."),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+                return response;
+            }
+            AppError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The request could not be processed.".to_owned(),
             ),
             AppError::Store(error) => return error.into_response(),
             AppError::Db(error) => {
@@ -87,11 +138,5 @@ fn problem(status: StatusCode, detail: &str) -> Response {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/problem+json"),
     );
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-    }
     response
 }

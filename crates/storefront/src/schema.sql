@@ -113,3 +113,11 @@ CREATE TABLE IF NOT EXISTS restock_reports (
     body          TEXT NOT NULL,
     created_at    TEXT NOT NULL
 );
+
+-- The worker's popularity counter: orders and units per product, counted once per order (in the same
+-- transaction as the order's notification, which is unique per order).
+CREATE TABLE IF NOT EXISTS product_popularity (
+    product_id INTEGER PRIMARY KEY REFERENCES products (id),
+    orders     INTEGER NOT NULL CHECK (orders >= 0),
+    units      INTEGER NOT NULL CHECK (units >= 0)
+);
