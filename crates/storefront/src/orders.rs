@@ -114,6 +114,15 @@ pub enum OrderEvent {
     Placed(OrderPlaced),
 }
 
+impl OrderEvent {
+    /// The `order.placed` event, if this is one.
+    pub fn placed(&self) -> Option<&OrderPlaced> {
+        match self {
+            OrderEvent::Placed(placed) => Some(placed),
+        }
+    }
+}
+
 /// The `order.placed` event: enough for the worker to write the confirmation without reading the order.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct OrderPlaced {
@@ -451,9 +460,5 @@ pub(crate) async fn get_my_orders(
         return Err(AppError::LoginRequired);
     };
     let orders = my_orders(&state, current.user_id()).await?;
-    Ok((
-        [(header::CACHE_CONTROL, "private, no-store")],
-        Json(orders),
-    )
-        .into_response())
+    Ok(([(header::CACHE_CONTROL, "private, no-store")], Json(orders)).into_response())
 }
