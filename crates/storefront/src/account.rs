@@ -1,12 +1,12 @@
 //! Customer accounts: log in (rate-limited per client IP and per account), log out, log out everywhere,
-//! and the [`require_login`] middleware that routes for logged-in customers sit behind.
+//! and the `require_login` middleware that routes for logged-in customers sit behind.
 //!
 //! **The one decision to know: the two login limits are checked in a fixed order, so that a refused
 //! attempt charges nothing in all but one race.** The issue asks for "two limits, all or nothing".
 //! keyward's [`Keyward::rate_limiter_group`](keyward::Keyward::rate_limiter_group) is all or nothing for
 //! *one* identity checked against several classes (their keys share a hash tag and one script decides);
 //! here the identities differ (the client IP for `login_per_ip`, the customer id for
-//! `login_per_account`), and no keyward call checks two ids at once. So [`login`] does:
+//! `login_per_account`), and no keyward call checks two ids at once. So [`LoginLimits::check`] does:
 //!
 //! 1. `peek` the account (charges nothing): refused → `429`, nothing charged;
 //! 2. `check` the IP (charges it if allowed): refused → `429`, nothing charged;

@@ -37,8 +37,9 @@ pub enum AppError {
     },
     /// `500`: a set-up error of the server (logged where it is found).
     Internal,
-    /// A keyward failure: `503` or `500`, as [`ApiError`] answers it.
-    Store(ApiError),
+    /// A keyward failure: `503` or `500`, as [`ApiError`] answers it (boxed: it is the largest variant, and
+    /// every handler's `Result` carries its size).
+    Store(Box<ApiError>),
     /// A database failure: `500` (logged, never shown).
     Db(DbError),
 }
@@ -51,14 +52,14 @@ impl From<keyward::Error> for AppError {
             Some(DbError::Invalid { what, reason }) => {
                 AppError::BadRequest(format!("{what}: {reason}"))
             }
-            _ => AppError::Store(error),
+            _ => AppError::Store(Box::new(error)),
         }
     }
 }
 
 impl From<ApiError> for AppError {
     fn from(error: ApiError) -> Self {
-        AppError::Store(error)
+        AppError::Store(Box::new(error))
     }
 }
 
@@ -112,7 +113,7 @@ impl IntoResponse for AppError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "The request could not be processed.".to_owned(),
             ),
-            AppError::Store(error) => return error.into_response(),
+            AppError::Store(error) => return (*error).into_response(),
             AppError::Db(error) => {
                 tracing::error!(error = %error, "storefront: database failure");
                 (

@@ -148,15 +148,19 @@ fn session_secrets(db: &Path) -> anyhow::Result<SessionSecrets> {
     let mut file = db.as_os_str().to_owned();
     file.push(".session-secret");
     let file = PathBuf::from(file);
-    let secret = match std::fs::read_to_string(&file) {
-        Ok(secret) => secret.trim().to_owned(),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let bytes: [u8; 32] = rand::rng().random();
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            write_private(&file, &hex).with_context(|| format!("writing {}", file.display()))?;
-            hex
+    let bytes: [u8; 32] = rand::rng().random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // Created only if missing (`create_new`): instances starting at once on one database never overwrite
+    // each other's secret; the loser reads the winner's.
+    let secret = match write_private(&file, &hex, true) {
+        Ok(()) => hex,
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .trim()
+                .to_owned()
         }
-        Err(error) => return Err(error).with_context(|| format!("reading {}", file.display())),
+        Err(error) => return Err(error).with_context(|| format!("writing {}", file.display())),
     };
     // The file holds 64 hex digits (256 random bits); their text is the secret.
     SessionSecrets::new(secret.as_bytes())
@@ -181,7 +185,7 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     let mut file = db.as_os_str().to_owned();
     file.push(".admin-token");
     let file = PathBuf::from(file);
-    write_private(&file, &hex).with_context(|| format!("writing {}", file.display()))?;
+    write_private(&file, &hex, false).with_context(|| format!("writing {}", file.display()))?;
     let token = AdminToken::new(hex).context("a generated token is 48 characters")?;
     Ok(Token {
         token,
@@ -189,10 +193,16 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     })
 }
 
-fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
+/// Write `text` to `file`, readable by its owner only; with `only_new`, fail with `AlreadyExists` rather
+/// than replace an existing file.
+fn write_private(file: &Path, text: &str, only_new: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    if only_new {
+        options.write(true).create_new(true);
+    } else {
+        options.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
