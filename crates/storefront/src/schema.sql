@@ -121,3 +121,12 @@ CREATE TABLE IF NOT EXISTS product_popularity (
     orders     INTEGER NOT NULL CHECK (orders >= 0),
     units      INTEGER NOT NULL CHECK (units >= 0)
 );
+
+-- Order events not yet known to be in the `order_events` stream: written in the order's transaction,
+-- deleted once published. The worker's relay publishes what is left (a crash or a Redis outage between
+-- the commit and the publish), so no committed order loses its event.
+CREATE TABLE IF NOT EXISTS order_outbox (
+    order_id   INTEGER PRIMARY KEY REFERENCES orders (id),
+    event      TEXT NOT NULL,          -- the OrderEvent as JSON
+    created_at TEXT NOT NULL           -- 'YYYY-MM-DD HH:MM:SS.mmm', UTC
+);

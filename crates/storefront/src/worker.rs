@@ -80,23 +80,48 @@ fn notify(tx: &rusqlite::Transaction<'_>, placed: &OrderPlaced) -> Result<(), Db
     Ok(())
 }
 
-/// Consume `order_events` as one worker of [`NOTIFIER_GROUP`] until `shutdown` resolves.
+/// Consume `order_events` as one worker of [`NOTIFIER_GROUP`] until `shutdown` resolves, and meanwhile
+/// relay the order outbox ([`relay_outbox`](crate::orders::relay_outbox)) every
+/// [`OUTBOX_RELAY_EVERY`](crate::orders::OUTBOX_RELAY_EVERY), starting at once.
 ///
 /// # Errors
 /// keyward errors: the policy lacks `order_events`, or the group cannot be created at start. Failures
-/// while running are logged and retried by keyward; they do not end the run.
+/// while running are logged and retried (by keyward for the stream, by the next pass for the relay); they
+/// do not end the run.
 pub async fn run(
     kw: &keyward::Keyward,
     db: Db,
     shutdown: impl Future<Output = ()>,
 ) -> keyward::Result<WorkerReport> {
     let events = kw.stream::<OrderEvent>(crate::orders::ORDER_EVENTS_CLASS)?;
-    events
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let handler_db = db.clone();
+    let worker = events
         .worker(NOTIFIER_GROUP, move |message: Message<OrderEvent>| {
-            let db = db.clone();
+            let db = handler_db.clone();
             async move { handle(&db, message.event).await }
         })
         .concurrency(CONCURRENCY)
-        .run(shutdown)
-        .await
+        .run(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+    let relay = async {
+        let mut every = tokio::time::interval(crate::orders::OUTBOX_RELAY_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = every.tick() => {
+                    match crate::orders::relay_outbox(&db, &events, crate::orders::OUTBOX_GRACE).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(events = n, "storefront: relayed order events from the outbox"),
+                        Err(error) => tracing::warn!(?error, "storefront: the outbox relay failed; the next pass retries"),
+                    }
+                }
+            }
+        }
+    };
+    let (report, ()) = tokio::join!(worker, relay);
+    report
 }

@@ -191,3 +191,62 @@ async fn a_failing_handler_dead_letters_after_max_deliveries() {
     assert_eq!(report.dead_lettered, 1, "{report:?}");
     assert_eq!(report.failed, max_deliveries, "{report:?}");
 }
+
+#[tokio::test]
+async fn an_event_left_in_the_outbox_is_relayed_and_notified() {
+    let dir = DbDir::new();
+    let shop = Shop::embedded(&dir).await;
+    // A normal order deletes its outbox row once published.
+    place(&shop, "o-1", &[(1, 1)]).await;
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 0);
+
+    // An order committed by a process that died before publishing: its row and its outbox row only.
+    let conn = dir.sqlite();
+    conn.execute_batch(
+        "INSERT INTO orders (customer_id, order_date, freight_cents, ship_name, ship_address, ship_city, \
+         ship_region, ship_postal_code, ship_country, origin) \
+         VALUES ('ANATR', '2026-01-01 00:00:00.000', 0, 'n', 'a', 'c', '', 'p', 'x', 'web')",
+    )
+    .unwrap();
+    let order = conn.last_insert_rowid();
+    let event = serde_json::json!({
+        "type": "order.placed", "order_id": order, "customer_id": "ANATR",
+        "total_cents": 1800, "lines": [[1, 1]]
+    });
+    conn.execute(
+        "INSERT INTO order_outbox (order_id, event, created_at) VALUES (?1, ?2, '2026-01-01 00:00:00.000')",
+        rusqlite::params![order, event.to_string()],
+    )
+    .unwrap();
+
+    // The worker's first relay pass (at start) publishes it; the handler notifies the customer.
+    let (stop, worker) = spawn_worker(&shop);
+    let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
+    eventually(
+        Duration::from_secs(10),
+        "the relayed event's notification",
+        || async { count(&dir, &notified) == 1 },
+    )
+    .await;
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 0);
+    // A fresh row is left alone (its request may still publish it): the relay honours the grace.
+    conn.execute(
+        "INSERT INTO order_outbox (order_id, event, created_at) \
+         VALUES (?1, ?2, strftime('%Y-%m-%d %H:%M:%f', 'now'))",
+        rusqlite::params![order, event.to_string()],
+    )
+    .unwrap();
+    let events = shop
+        .state
+        .kw
+        .stream::<OrderEvent>(ORDER_EVENTS_CLASS)
+        .unwrap();
+    let relayed =
+        storefront::orders::relay_outbox(&shop.state.db, &events, storefront::orders::OUTBOX_GRACE)
+            .await
+            .unwrap();
+    assert_eq!(relayed, 0);
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 1);
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
