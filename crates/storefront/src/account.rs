@@ -32,12 +32,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use keyward::rate_limit::Source;
 use keyward::{Decision, RateLimiter};
 use keyward_axum::{CurrentSession, LazySession};
 use rusqlite::OptionalExtension;
@@ -168,11 +169,12 @@ pub fn canonical_customer_id(typed: &str) -> Option<String> {
 
 /// `POST /login` with `{"customer_id": …, "password": …}`: `200` with the customer and a new session
 /// cookie; `401` for a wrong id or password (the same answer for both); `429` with `Retry-After` when
-/// either login limit refuses; `400` for a malformed body.
+/// either login limit refuses (`503` with `Retry-After` when the store is down: the login classes fail
+/// closed); `400` for a malformed body. The session is read only for a verified login.
 pub(crate) async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    session: CustomerSession,
+    Extension(session): Extension<LazySession<Customer>>,
     form: Result<Json<LoginForm>, JsonRejection>,
 ) -> Result<Json<Customer>, AppError> {
     let Json(form) = form.map_err(|e| AppError::BadRequest(e.body_text()))?;
@@ -182,14 +184,20 @@ pub(crate) async fn login(
         )));
     };
     if let Some(refused) = state.login_limits.check(ip, &id).await? {
-        return Err(AppError::TooManyRequests {
-            retry_after: refused.retry_after().unwrap_or(Duration::from_secs(1)),
+        let retry_after = refused.retry_after().unwrap_or(Duration::from_secs(1));
+        return Err(if refused.source() == Source::FailClosed {
+            // The store is down and the login classes fail closed: not the client's doing.
+            AppError::Unavailable { retry_after }
+        } else {
+            AppError::TooManyRequests { retry_after }
         });
     }
     let customer = verify(&state, id, form.password).await?;
     let Some(customer) = customer else {
         return Err(AppError::LoginFailed);
     };
+    // Only now is the session read (a refused or failed attempt reads none), then replaced.
+    let session = session.load().await?;
     session.create(&customer.id, &customer).await?;
     Ok(Json(customer))
 }

@@ -35,6 +35,11 @@ pub enum AppError {
         /// How long until an attempt may pass.
         retry_after: std::time::Duration,
     },
+    /// `503`: a store the request needs is down (a fail-closed login limit); retry after this long.
+    Unavailable {
+        /// When to retry.
+        retry_after: std::time::Duration,
+    },
     /// `500`: a set-up error of the server (logged where it is found).
     Internal,
     /// A keyward failure: `503` or `500`, as [`ApiError`] answers it (boxed: it is the largest variant, and
@@ -99,15 +104,24 @@ impl IntoResponse for AppError {
             ),
             AppError::Conflict(detail) => (StatusCode::CONFLICT, detail),
             AppError::TooManyRequests { retry_after } => {
-                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                let mut response = problem(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &format!("Too many login attempts; retry in {secs} s."),
+                let secs = whole_seconds(retry_after);
+                return with_retry_after(
+                    problem(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!("Too many login attempts; retry in {secs} s."),
+                    ),
+                    secs,
                 );
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-                return response;
+            }
+            AppError::Unavailable { retry_after } => {
+                let secs = whole_seconds(retry_after);
+                return with_retry_after(
+                    problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "A service this request needs is unavailable right now; retry shortly.",
+                    ),
+                    secs,
+                );
             }
             AppError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,6 +138,18 @@ impl IntoResponse for AppError {
         };
         problem(status, &detail)
     }
+}
+
+/// `wait` in whole seconds, at least 1 (what `Retry-After` carries).
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    response
 }
 
 /// An `application/problem+json` response of type `about:blank` (RFC 9457).

@@ -200,3 +200,27 @@ async fn malformed_logins_are_refused_and_passwords_stay_out_of_debug() {
             .unwrap();
     assert!(!format!("{form:?}").contains("hunter2"));
 }
+
+#[tokio::test]
+async fn with_redis_gone_a_login_is_a_503_not_a_429() {
+    let mut redis = RedisServer::spawn();
+    let dir = DbDir::new();
+    let shop = Shop::on_redis(&dir, &redis.url()).await;
+    let mut client = Client::at("192.0.2.60");
+    client.login(&shop, "ALFKI").await;
+    redis.kill();
+    // The login classes fail closed (`on_error = "deny"`): refused, but as an outage, with Retry-After.
+    let answer = client.login_with(&shop, "ALFKI", "alfki@northwind").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.body
+    );
+    assert!(answer.headers.get(header::RETRY_AFTER).is_some());
+    assert!(
+        !answer.body.to_string().contains("redis"),
+        "no internals in the body: {}",
+        answer.body
+    );
+}
