@@ -33,9 +33,8 @@
 //!
 //! # What is not built yet
 //! The storefront is issue #15's reference service, in progress. Still to come: the nightly restock job
-//! under its fenced lock, `/metrics`, `/dashboard`, `storefront replay`, the load and browser tests, and
-//! an outbox for `order.placed` (see [`orders`]). The policy already declares their classes, and the
-//! schema their tables.
+//! under its fenced lock, `/metrics`, `/dashboard`, `storefront replay`, and the load and browser tests.
+//! The policy already declares their classes, and the schema their tables.
 //!
 //! # Routes
 //! | route | what |
