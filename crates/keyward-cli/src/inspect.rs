@@ -711,15 +711,6 @@ fn is_entry_id(v: &str) -> bool {
     })
 }
 
-/// Whether `v` is a stream entry id, `ms-seq` (two decimal numbers).
-fn is_entry_id(v: &str) -> bool {
-    v.split_once('-').is_some_and(|(ms, seq)| {
-        [ms, seq]
-            .iter()
-            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -208,6 +208,41 @@ impl Catalog {
         Ok(())
     }
 
+    /// Invalidate what showed product `id`'s stock after a committed order took some of it: its detail
+    /// **by key** (not its tag: orders are frequent, and a key invalidation drops one entry, where a tag
+    /// bump would drop every entry carrying it), and the pages of category `category` (tag
+    /// `category:{id}`) only when `stock_after` is 0 — pages show `in_stock`, not the count. Call it
+    /// after the SQLite commit, never before.
+    ///
+    /// # Errors
+    /// [`keyward::Error::CacheAfterSource`] (naming the class it could not invalidate): the write stands,
+    /// the entries may be stale until their TTL.
+    pub async fn stock_changed(
+        &self,
+        id: i64,
+        category: i64,
+        stock_after: i64,
+    ) -> keyward::Result<()> {
+        let after_source = |class: &str| {
+            let class = class.to_owned();
+            move |cause| keyward::Error::CacheAfterSource {
+                class,
+                cause: Box::new(cause),
+            }
+        };
+        self.products
+            .invalidate(&id)
+            .await
+            .map_err(after_source(PRODUCT_CLASS))?;
+        if stock_after <= 0 {
+            self.lists
+                .invalidate_tag(&category_tag(category))
+                .await
+                .map_err(after_source(PRODUCT_LIST_CLASS))?;
+        }
+        Ok(())
+    }
+
     /// Every category, by id, with its count of published products.
     ///
     /// # Errors

@@ -23,8 +23,28 @@ pub enum AppError {
     BadRequest(String),
     /// `401`: an admin route without the admin token.
     Unauthorized,
-    /// A keyward failure: `503` or `500`, as [`ApiError`] answers it.
-    Store(ApiError),
+    /// `401`: a route for logged-in customers, without a live session.
+    LoginRequired,
+    /// `401`: a wrong customer id or password (one answer for both).
+    LoginFailed,
+    /// `409`: the request conflicts with the data (not enough stock).
+    Conflict(String),
+    /// `429`: a login limit refused the attempt; retry after this long (whole seconds, at least 1, in
+    /// `Retry-After`).
+    TooManyRequests {
+        /// How long until an attempt may pass.
+        retry_after: std::time::Duration,
+    },
+    /// `503`: a store the request needs is down (a fail-closed login limit); retry after this long.
+    Unavailable {
+        /// When to retry.
+        retry_after: std::time::Duration,
+    },
+    /// `500`: a set-up error of the server (logged where it is found).
+    Internal,
+    /// A keyward failure: `503` or `500`, as [`ApiError`] answers it (boxed: it is the largest variant, and
+    /// every handler's `Result` carries its size).
+    Store(Box<ApiError>),
     /// A database failure: `500` (logged, never shown).
     Db(DbError),
 }
@@ -37,8 +57,14 @@ impl From<keyward::Error> for AppError {
             Some(DbError::Invalid { what, reason }) => {
                 AppError::BadRequest(format!("{what}: {reason}"))
             }
-            _ => AppError::Store(error),
+            _ => AppError::Store(Box::new(error)),
         }
+    }
+}
+
+impl From<ApiError> for AppError {
+    fn from(error: ApiError) -> Self {
+        AppError::Store(Box::new(error))
     }
 }
 
@@ -57,11 +83,51 @@ impl IntoResponse for AppError {
         let (status, detail) = match self {
             AppError::NotFound(detail) => (StatusCode::NOT_FOUND, detail),
             AppError::BadRequest(detail) => (StatusCode::BAD_REQUEST, detail),
-            AppError::Unauthorized => (
+            AppError::Unauthorized => {
+                let mut response = problem(
+                    StatusCode::UNAUTHORIZED,
+                    "This route needs the admin token (Authorization: Bearer …).",
+                );
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return response;
+            }
+            AppError::LoginRequired => (
                 StatusCode::UNAUTHORIZED,
-                "This route needs the admin token (Authorization: Bearer …).".to_owned(),
+                "Log in first (POST /login).".to_owned(),
             ),
-            AppError::Store(error) => return error.into_response(),
+            AppError::LoginFailed => (
+                StatusCode::UNAUTHORIZED,
+                "Wrong customer id or password.".to_owned(),
+            ),
+            AppError::Conflict(detail) => (StatusCode::CONFLICT, detail),
+            AppError::TooManyRequests { retry_after } => {
+                let secs = whole_seconds(retry_after);
+                return with_retry_after(
+                    problem(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!("Too many login attempts; retry in {secs} s."),
+                    ),
+                    secs,
+                );
+            }
+            AppError::Unavailable { retry_after } => {
+                let secs = whole_seconds(retry_after);
+                return with_retry_after(
+                    problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "A service this request needs is unavailable right now; retry shortly.",
+                    ),
+                    secs,
+                );
+            }
+            AppError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The request could not be processed.".to_owned(),
+            ),
+            AppError::Store(error) => return (*error).into_response(),
             AppError::Db(error) => {
                 tracing::error!(error = %error, "storefront: database failure");
                 (
@@ -72,6 +138,18 @@ impl IntoResponse for AppError {
         };
         problem(status, &detail)
     }
+}
+
+/// `wait` in whole seconds, at least 1 (what `Retry-After` carries).
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    response
 }
 
 /// An `application/problem+json` response of type `about:blank` (RFC 9457).
@@ -87,11 +165,5 @@ fn problem(status: StatusCode, detail: &str) -> Response {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/problem+json"),
     );
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-    }
     response
 }

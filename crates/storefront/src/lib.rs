@@ -13,6 +13,11 @@
 //!   name file, line and column) and the seed step that sets every customer's password.
 //! - [`catalog`] — categories, product pages and product details: cache-aside with L1 and tags.
 //! - [`admin`] — price, stock and publish changes: SQLite first, then the tags.
+//! - [`account`] — log in (two rate limits), log out, log out everywhere; sessions with a new token at
+//!   every login.
+//! - [`orders`] — `POST /orders` (idempotent per customer; stock checked and taken in one transaction;
+//!   `order.placed` to a stream) and `/me/orders` (personal: SQLite only).
+//! - [`worker`] — consumes `order.placed`: a notification row and popularity counts, once per order.
 //! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
 //!   database, importing, connecting keyward.
@@ -27,11 +32,9 @@
 //! connections (SQLite in WAL mode: readers never wait for the writer).
 //!
 //! # What is not built yet
-//! This crate is the foundation of the storefront (issue #15). Still to come: login (rate-limited per IP
-//! and per account, sessions with regeneration, log out everywhere), `POST /orders` (Idempotency-Key,
-//! stock checked and decremented in one transaction, an `order.placed` event), the worker, the nightly
-//! restock job under its fenced lock, `/me/orders`, `/metrics`, `/dashboard`, `storefront replay` and the
-//! load tests. The policy already declares their classes, and the schema their tables.
+//! The storefront is issue #15's reference service, in progress. Still to come: the nightly restock job
+//! under its fenced lock, `/metrics`, `/dashboard`, `storefront replay`, and the load and browser tests.
+//! The policy already declares their classes, and the schema their tables.
 //!
 //! # Routes
 //! | route | what |
@@ -41,13 +44,30 @@
 //! | `GET /categories/{id}/products?page=1&per_page=20` | a page of a category's published products (`per_page` ≤ 30) |
 //! | `GET /products/{id}` | a published product |
 //! | `PATCH /admin/products/{id}` | `{"price_cents": …, "stock": …, "published": …}`, with `Authorization: Bearer <admin token>` |
+//! | `POST /login` | `{"customer_id": "ALFKI", "password": "alfki@northwind"}` → the customer and a session cookie; `401`, `429` |
+//! | `POST /logout` | ends this session (`204`) |
+//! | `POST /logout/everywhere` | ends every session of the customer (`{"sessions_ended": n}`) |
+//! | `GET /me` | the logged-in customer, or `401` |
+//! | `POST /orders` | `{"lines": [{"product_id": 1, "quantity": 2}]}` with `Idempotency-Key`, logged in → `201` |
+//! | `GET /me/orders` | the customer's newest orders, from SQLite (`Cache-Control: private, no-store`) |
 //! | `GET /healthz` | `200` when SQLite and the keyward store answer, else `503` / `500` |
+//!
+//! # Middleware order
+//! In axum the layer added last runs first. Outside in: the [`SessionLayer`] on every route (it reads
+//! nothing until a handler or middleware asks); on `/orders` and `/me/orders`, `require_login` (`401`
+//! without a live session; it loads the session, which the idempotency scope and the handler then share);
+//! on `/orders`, the [`IdempotencyLayer`] scoped by the session's user, inside `require_login` so that a
+//! refused request never takes a key. `/login`'s two limits are checked in its handler (see [`account`]):
+//! a route layer could check only one identity.
 
+pub mod account;
 pub mod admin;
 pub mod catalog;
 pub mod db;
 mod error;
 pub mod import;
+pub mod orders;
+pub mod worker;
 
 use std::path::PathBuf;
 
@@ -55,10 +75,15 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::response::Html;
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, post};
 use keyward::Keyward;
+use keyward::idempotency::Idempotency;
 use keyward::policy::{Policy, PolicyError};
+use keyward::session::{SessionSecrets, Sessions};
+use keyward::stream::Stream;
+use keyward_axum::{IdempotencyLayer, KeyExtractor, SessionLayer, TrustedProxies};
 
+pub use account::{Customer, LoginLimits};
 pub use admin::AdminToken;
 pub use catalog::Catalog;
 pub use db::{Db, DbError};
@@ -87,16 +112,37 @@ pub struct AppState {
     pub catalog: Catalog,
     /// The token admin routes require; `None`: admin routes refuse everyone.
     pub admin_token: Option<AdminToken>,
+    /// Customers' sessions (`web_session`).
+    pub sessions: Sessions<Customer>,
+    /// The two login limits.
+    pub login_limits: LoginLimits,
+    /// `POST /orders`' idempotency keys (`order_request`).
+    pub order_requests: Idempotency,
+    /// The `order_events` stream.
+    pub events: Stream<orders::OrderEvent>,
+    /// Whose forwarding headers name the client (login's per-IP limit); none by default.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl AppState {
-    /// The state of one instance over `kw` and `db`.
+    /// The state of one instance over `kw` and `db`; sessions are keyed with `secrets` (every instance
+    /// sharing a store needs the same ones).
     ///
     /// # Errors
     /// keyward errors if `kw`'s policy lacks a class the shop uses.
-    pub fn new(kw: Keyward, db: Db, admin_token: Option<AdminToken>) -> keyward::Result<AppState> {
+    pub fn new(
+        kw: Keyward,
+        db: Db,
+        admin_token: Option<AdminToken>,
+        secrets: SessionSecrets,
+    ) -> keyward::Result<AppState> {
         let catalog = Catalog::new(&kw, db.clone())?;
         Ok(AppState {
+            sessions: kw.sessions(account::SESSION_CLASS, secrets)?,
+            login_limits: LoginLimits::new(&kw)?,
+            order_requests: kw.idempotency(orders::ORDER_REQUEST_CLASS)?,
+            events: kw.stream(orders::ORDER_EVENTS_CLASS)?,
+            trusted_proxies: TrustedProxies::none(),
             kw,
             db,
             catalog,
@@ -123,6 +169,11 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The admin token; `None`: admin routes refuse everyone.
     pub admin_token: Option<AdminToken>,
+    /// The secrets session ids are keyed with; `None`: a random one for this process (sessions then
+    /// end with it, and other instances cannot read them).
+    pub session_secrets: Option<SessionSecrets>,
+    /// Whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Config {
@@ -137,7 +188,23 @@ impl Config {
             policy,
             redis_url: None,
             admin_token: None,
+            session_secrets: None,
+            trusted_proxies: TrustedProxies::none(),
         }
+    }
+
+    /// Key sessions with `secrets` (instances sharing a store need the same).
+    #[must_use]
+    pub fn session_secrets(mut self, secrets: Option<SessionSecrets>) -> Self {
+        self.session_secrets = secrets;
+        self
+    }
+
+    /// Read the client IP from these proxies' forwarding headers.
+    #[must_use]
+    pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.trusted_proxies = proxies;
+        self
     }
 
     /// Use Redis at `url` (`None`: the embedded backend).
@@ -195,19 +262,52 @@ pub async fn start(config: Config) -> Result<(AppState, ImportReport), StartErro
         Some(url) => Keyward::connect(url, config.policy).await?,
         None => Keyward::embedded(config.policy),
     };
-    let state = AppState::new(kw, db, config.admin_token)?;
+    let secrets = match config.session_secrets {
+        Some(secrets) => secrets,
+        None => random_session_secrets()?,
+    };
+    let mut state = AppState::new(kw, db, config.admin_token, secrets)?;
+    state.trusted_proxies = config.trusted_proxies;
     Ok((state, report))
 }
 
-/// The storefront's router.
+/// One random 32-byte session secret.
+///
+/// # Errors
+/// None in practice: keyward refuses only secrets shorter than 32 bytes.
+pub fn random_session_secrets() -> keyward::Result<SessionSecrets> {
+    use rand::Rng as _;
+    let bytes: [u8; 32] = rand::rng().random();
+    SessionSecrets::new(bytes)
+}
+
+/// The storefront's router. Serve it with connection info
+/// (`app(state).into_make_service_with_connect_info::<SocketAddr>()`): `/login` limits per client IP and
+/// answers `500` without it.
 pub fn app(state: AppState) -> Router {
+    let orders = Router::new()
+        .route(
+            "/orders",
+            post(orders::post_order).route_layer(
+                IdempotencyLayer::new(state.order_requests.clone())
+                    .scope(KeyExtractor::session_user::<Customer>()),
+            ),
+        )
+        .route("/me/orders", get(orders::get_my_orders))
+        .route_layer(axum::middleware::from_fn(account::require_login));
     Router::new()
         .route("/", get(index))
         .route("/categories", get(catalog::list_categories))
         .route("/categories/{id}/products", get(catalog::list_products))
         .route("/products/{id}", get(catalog::show_product))
         .route("/admin/products/{id}", patch(admin::patch_product))
+        .route("/login", post(account::login))
+        .route("/logout", post(account::logout))
+        .route("/logout/everywhere", post(account::logout_everywhere))
+        .route("/me", get(account::me))
+        .merge(orders)
         .route("/healthz", get(healthz))
+        .layer(SessionLayer::new(state.sessions.clone()))
         .with_state(state)
 }
 

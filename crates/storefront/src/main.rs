@@ -1,20 +1,29 @@
 //! The `storefront` binary: parse the command line, start an instance, serve until Ctrl-C.
 //!
 //! ```text
-//! storefront [--addr 127.0.0.1:8080] [--db storefront.db] [--policy FILE]
+//! storefront [--addr 127.0.0.1:8080] [--db storefront.db] [--policy FILE] [--no-worker]
+//! storefront worker [--db storefront.db] [--policy FILE]
 //! ```
-//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used.
+//! The first form serves the shop and, unless `--no-worker`, runs the order worker in the same process;
+//! `storefront worker` runs only the worker (with Redis, next to instances started with `--no-worker`).
+//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used (then the
+//! worker must run in the shop's process: the stream lives there).
 //! `STOREFRONT_ADMIN_TOKEN` (at least 16 characters) is the token admin routes require; without it a
 //! random one is written to `<db>.admin-token` (mode 0600) and only that path is printed.
+//! `STOREFRONT_SESSION_SECRETS` (comma-separated base64, current first, each at least 32 bytes) keys the
+//! session ids; without it a random secret is kept in `<db>.session-secret` (mode 0600; created once, so
+//! sessions outlive a restart and instances on one database share it).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use keyward::policy::Policy;
+use keyward::session::SessionSecrets;
 use rand::Rng as _;
 use storefront::{AdminToken, Config, ImportReport};
+use tokio::sync::watch;
 
 /// keyward's reference service: the Northwind shop on SQLite, with keyward in front of it.
 #[derive(Debug, Parser)]
@@ -24,11 +33,22 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
     /// The SQLite database file; created and filled with Northwind at first start.
-    #[arg(long, default_value = "storefront.db")]
+    #[arg(long, default_value = "storefront.db", global = true)]
     db: PathBuf,
     /// A keyward policy file to use instead of the compiled-in crates/storefront/policy.toml.
-    #[arg(long)]
+    #[arg(long, global = true)]
     policy: Option<PathBuf>,
+    /// Do not run the order worker in this process (run `storefront worker` elsewhere).
+    #[arg(long)]
+    no_worker: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run only the order worker (consumes order.placed) until Ctrl-C.
+    Worker,
 }
 
 #[tokio::main]
@@ -48,7 +68,8 @@ async fn main() -> anyhow::Result<()> {
     let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
     let config = Config::new(&args.db, policy)
         .redis_url(redis_url)
-        .admin_token(Some(admin_token.token));
+        .admin_token(Some(admin_token.token))
+        .session_secrets(Some(session_secrets(&args.db)?));
 
     let (state, report) = storefront::start(config)
         .await
@@ -62,6 +83,31 @@ async fn main() -> anyhow::Result<()> {
             counts.orders
         );
     }
+    let (stop, stopped) = watch::channel(false);
+    let shutdown = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop.send(true);
+    });
+
+    if matches!(args.command, Some(Command::Worker)) {
+        println!("storefront: order worker running (Ctrl-C stops it)");
+        let report = storefront::worker::run(&state.kw, state.db.clone(), shutdown())
+            .await
+            .context("the order worker")?;
+        println!("storefront: order worker stopped: {report:?}");
+        return Ok(());
+    }
+    let worker = (!args.no_worker).then(|| {
+        let (kw, db, shutdown) = (state.kw.clone(), state.db.clone(), shutdown());
+        tokio::spawn(async move { storefront::worker::run(&kw, db, shutdown).await })
+    });
+
     let backend = state.kw.backend();
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -76,13 +122,49 @@ async fn main() -> anyhow::Result<()> {
         None => println!("storefront: admin token from STOREFRONT_ADMIN_TOKEN"),
     }
 
-    axum::serve(listener, storefront::app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("serving")?;
+    axum::serve(
+        listener,
+        storefront::app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await
+    .context("serving")?;
+    if let Some(worker) = worker {
+        match worker.await {
+            Ok(Ok(report)) => println!("storefront: order worker stopped: {report:?}"),
+            Ok(Err(error)) => eprintln!("storefront: the order worker failed: {error}"),
+            Err(error) => eprintln!("storefront: the order worker panicked: {error}"),
+        }
+    }
     Ok(())
+}
+
+/// `STOREFRONT_SESSION_SECRETS`, or the secret kept in `<db>.session-secret` (created on first use,
+/// owner-only).
+fn session_secrets(db: &Path) -> anyhow::Result<SessionSecrets> {
+    if let Ok(list) = std::env::var("STOREFRONT_SESSION_SECRETS") {
+        return SessionSecrets::from_base64_list(&list).context("STOREFRONT_SESSION_SECRETS");
+    }
+    let mut file = db.as_os_str().to_owned();
+    file.push(".session-secret");
+    let file = PathBuf::from(file);
+    let bytes: [u8; 32] = rand::rng().random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // Created only if missing (`create_new`): instances starting at once on one database never overwrite
+    // each other's secret; the loser reads the winner's.
+    let secret = match write_private(&file, &hex, true) {
+        Ok(()) => hex,
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .trim()
+                .to_owned()
+        }
+        Err(error) => return Err(error).with_context(|| format!("writing {}", file.display())),
+    };
+    // The file holds 64 hex digits (256 random bits); their text is the secret.
+    SessionSecrets::new(secret.as_bytes())
+        .with_context(|| format!("{}: at least 32 characters", file.display()))
 }
 
 struct Token {
@@ -103,7 +185,7 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     let mut file = db.as_os_str().to_owned();
     file.push(".admin-token");
     let file = PathBuf::from(file);
-    write_private(&file, &hex).with_context(|| format!("writing {}", file.display()))?;
+    write_private(&file, &hex, false).with_context(|| format!("writing {}", file.display()))?;
     let token = AdminToken::new(hex).context("a generated token is 48 characters")?;
     Ok(Token {
         token,
@@ -111,10 +193,16 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     })
 }
 
-fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
+/// Write `text` to `file`, readable by its owner only; with `only_new`, fail with `AlreadyExists` rather
+/// than replace an existing file.
+fn write_private(file: &Path, text: &str, only_new: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    if only_new {
+        options.write(true).create_new(true);
+    } else {
+        options.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;

@@ -113,3 +113,20 @@ CREATE TABLE IF NOT EXISTS restock_reports (
     body          TEXT NOT NULL,
     created_at    TEXT NOT NULL
 );
+
+-- The worker's popularity counter: orders and units per product, counted once per order (in the same
+-- transaction as the order's notification, which is unique per order).
+CREATE TABLE IF NOT EXISTS product_popularity (
+    product_id INTEGER PRIMARY KEY REFERENCES products (id),
+    orders     INTEGER NOT NULL CHECK (orders >= 0),
+    units      INTEGER NOT NULL CHECK (units >= 0)
+);
+
+-- Order events not yet known to be in the `order_events` stream: written in the order's transaction,
+-- deleted once published. The worker's relay publishes what is left (a crash or a Redis outage between
+-- the commit and the publish), so no committed order loses its event.
+CREATE TABLE IF NOT EXISTS order_outbox (
+    order_id   INTEGER PRIMARY KEY REFERENCES orders (id),
+    event      TEXT NOT NULL,          -- the OrderEvent as JSON
+    created_at TEXT NOT NULL           -- 'YYYY-MM-DD HH:MM:SS.mmm', UTC
+);

@@ -1,5 +1,6 @@
-//! The binary end to end: it starts on port 0, prints the shop's URL, serves it, and keeps a generated
-//! admin token in an owner-only file rather than printing it.
+//! The binary end to end: it starts on port 0, prints the shop's URL, serves it (a customer can log in
+//! over a real connection), and keeps a generated admin token in an owner-only file rather than
+//! printing it.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -85,14 +86,40 @@ async fn the_binary_prints_the_shop_url_and_serves_it() {
         .strip_prefix("http://")
         .and_then(|u| u.strip_suffix('/'))
         .unwrap_or_else(|| panic!("a URL like http://host:port/: {url}"));
+    let response = http(
+        addr,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""status":"ok""#), "{response}");
+
+    // A login over a real connection: the per-IP limit reads the peer address (a 500 without it), and
+    // the seeded password verifies against its Argon2id hash at the recommended cost.
+    let body = r#"{"customer_id":"ALFKI","password":"alfki@northwind"}"#;
+    let response = http(
+        addr,
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("set-cookie: __Host-session="),
+        "{response}"
+    );
+    // A session secret was kept for the next start, owner-only.
+    let secret = std::fs::read_to_string(dir.path().join("shop.db.session-secret")).unwrap();
+    assert_eq!(secret.len(), 64);
+}
+
+/// Send `request` to `addr` over a new connection and read the whole answer.
+async fn http(addr: &str, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -101,6 +128,5 @@ async fn the_binary_prints_the_shop_url_and_serves_it() {
     .await
     .expect("an answer in time")
     .unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains(r#""status":"ok""#), "{response}");
+    response
 }

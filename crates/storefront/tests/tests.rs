@@ -5,8 +5,11 @@
 
 mod util;
 
+mod account;
 mod catalog;
 mod import;
+mod orders;
 mod policy;
 mod serve;
 mod two_instances;
+mod worker;

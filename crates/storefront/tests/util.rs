@@ -1,10 +1,13 @@
 //! Helpers: a fresh shop on its own database, and requests through `tower::ServiceExt::oneshot`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use http::{Request, StatusCode, header};
+use axum::extract::ConnectInfo;
+use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
 use storefront::{AdminToken, AppState, Config, PasswordCost};
@@ -106,9 +109,137 @@ impl Shop {
     }
 }
 
+/// One client of a shop: its address (as the connection gives it) and its session cookie, if any.
+#[derive(Clone, Debug)]
+pub(crate) struct Client {
+    pub(crate) ip: SocketAddr,
+    pub(crate) cookie: Option<String>,
+}
+
+/// An answer: status, headers, body as JSON.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Value,
+}
+
+impl Client {
+    /// A client at `ip` (port 4000), without a cookie.
+    pub(crate) fn at(ip: &str) -> Client {
+        Client {
+            ip: SocketAddr::new(ip.parse().expect("an IP address"), 4000),
+            cookie: None,
+        }
+    }
+
+    /// `method path` with `body` (JSON if not null) and `extra` headers, from this client; a
+    /// `Set-Cookie` in the answer replaces (or, when cleared, removes) the client's cookie.
+    pub(crate) async fn send(
+        &mut self,
+        shop: &Shop,
+        method: Method,
+        path: &str,
+        body: Value,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(cookie) = &self.cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let body = if body.is_null() {
+            Body::empty()
+        } else {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(body.to_string())
+        };
+        let mut request = request.body(body).expect("a request");
+        request.extensions_mut().insert(ConnectInfo(self.ip));
+        let answer = send_full(&shop.app, request).await;
+        if let Some(set) = answer.headers.get(header::SET_COOKIE) {
+            let pair = set.to_str().unwrap().split(';').next().unwrap().to_owned();
+            self.cookie = pair
+                .split_once('=')
+                .filter(|(_, v)| !v.is_empty())
+                .map(|_| pair.clone());
+        }
+        answer
+    }
+
+    /// `POST /login` as `customer` with `password`.
+    pub(crate) async fn login_with(
+        &mut self,
+        shop: &Shop,
+        customer: &str,
+        password: &str,
+    ) -> Answer {
+        let body = serde_json::json!({"customer_id": customer, "password": password});
+        self.send(shop, Method::POST, "/login", body, &[]).await
+    }
+
+    /// `POST /login` as `customer` with the seeded password, which must succeed.
+    pub(crate) async fn login(&mut self, shop: &Shop, customer: &str) {
+        let answer = self
+            .login_with(shop, customer, &storefront::import::demo_password(customer))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "login {customer}: {}",
+            answer.body
+        );
+    }
+
+    /// `GET path` from this client.
+    pub(crate) async fn get(&mut self, shop: &Shop, path: &str) -> Answer {
+        self.send(shop, Method::GET, path, Value::Null, &[]).await
+    }
+
+    /// `POST /orders` with `lines` (`(product, quantity)`) under `key`.
+    pub(crate) async fn order(&mut self, shop: &Shop, key: &str, lines: &[(i64, i64)]) -> Answer {
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        let body = serde_json::json!({ "lines": lines });
+        self.send(
+            shop,
+            Method::POST,
+            "/orders",
+            body,
+            &[("idempotency-key", key)],
+        )
+        .await
+    }
+}
+
+/// Waits until `done` holds, checking every few milliseconds, for at most `within`.
+pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if done().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub(crate) async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let answer = send_full(app, request).await;
+    (answer.status, answer.body)
+}
+
+pub(crate) async fn send_full(app: &Router, request: Request<Body>) -> Answer {
     let response = app.clone().oneshot(request).await.expect("infallible");
     let status = response.status();
+    let headers = response.headers().clone();
     let bytes = response
         .into_body()
         .collect()
@@ -121,5 +252,9 @@ pub(crate) async fn send(app: &Router, request: Request<Body>) -> (StatusCode, V
         serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
     };
-    (status, body)
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }

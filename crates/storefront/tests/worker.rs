@@ -1,0 +1,252 @@
+//! The order worker: an order leads to exactly one notification row and one popularity count, also when
+//! the event is delivered again; a handler that keeps failing dead-letters the event after the class's
+//! `max_deliveries`, and a replay once the fault is gone writes the notification.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use keyward::policy::Policy;
+use keyward_testkit::RedisServer;
+use storefront::orders::{ORDER_EVENTS_CLASS, OrderEvent};
+use storefront::worker::NOTIFIER_GROUP;
+use tokio::sync::oneshot;
+
+use crate::util::{Client, DbDir, Shop, config, eventually};
+
+/// The worker of `shop`, running until the returned sender is dropped or fired.
+fn spawn_worker(
+    shop: &Shop,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<keyward::Result<keyward::stream::WorkerReport>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (kw, db) = (shop.state.kw.clone(), shop.state.db.clone());
+    let task = tokio::spawn(async move {
+        storefront::worker::run(&kw, db, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, task)
+}
+
+fn count(dir: &DbDir, sql: &str) -> i64 {
+    dir.sqlite().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// Place an order through the router and return its id.
+async fn place(shop: &Shop, key: &str, lines: &[(i64, i64)]) -> i64 {
+    let mut client = Client::at("192.0.2.50");
+    client.login(shop, "ALFKI").await;
+    let placed = client.order(shop, key, lines).await;
+    assert_eq!(placed.status, StatusCode::CREATED, "{}", placed.body);
+    placed.body["id"].as_i64().unwrap()
+}
+
+async fn one_notification_per_order(shop: &Shop, dir: &DbDir) {
+    let (stop, worker) = spawn_worker(shop);
+    let order = place(shop, "w-1", &[(1, 2), (2, 1)]).await;
+    let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
+    eventually(
+        Duration::from_secs(10),
+        "the order's notification",
+        || async { count(dir, &notified) == 1 },
+    )
+    .await;
+
+    // The same event again (as after a worker died before its acknowledgement): nothing more is written.
+    let events = shop
+        .state
+        .kw
+        .stream::<OrderEvent>(ORDER_EVENTS_CLASS)
+        .unwrap();
+    let (_, event) = events.range(None, 1).await.unwrap().remove(0);
+    events.publish(&event).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the worker read everything",
+        || async {
+            events
+                .group_info(NOTIFIER_GROUP)
+                .await
+                .unwrap()
+                .is_some_and(|g| g.pending == 0 && g.lag == Some(0))
+        },
+    )
+    .await;
+    assert_eq!(count(dir, &notified), 1);
+    assert_eq!(count(dir, "SELECT COUNT(*) FROM notifications"), 1);
+    let body: String = dir
+        .sqlite()
+        .query_row(
+            "SELECT body FROM notifications WHERE order_id = ?1",
+            [order],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(body.contains(&order.to_string()), "{body}");
+    // Popularity counted once.
+    assert_eq!(
+        count(
+            dir,
+            "SELECT orders * 1000 + units FROM product_popularity WHERE product_id = 1"
+        ),
+        1002
+    );
+    assert_eq!(count(dir, "SELECT COUNT(*) FROM product_popularity"), 2);
+
+    let _ = stop.send(());
+    let report = worker.await.unwrap().unwrap();
+    assert_eq!(report.handled, 2, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn an_order_writes_one_notification_on_the_embedded_backend() {
+    let dir = DbDir::new();
+    let shop = Shop::embedded(&dir).await;
+    one_notification_per_order(&shop, &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_writes_one_notification_on_redis() {
+    let redis = RedisServer::spawn();
+    let dir = DbDir::new();
+    let shop = Shop::on_redis(&dir, &redis.url()).await;
+    one_notification_per_order(&shop, &dir).await;
+}
+
+#[tokio::test]
+async fn a_failing_handler_dead_letters_after_max_deliveries() {
+    // The shop's policy with a 10 ms backoff, so five deliveries take well under a second.
+    let toml = storefront::POLICY_TOML.replace(
+        r#"backoff = { base = "500ms", factor = 2, max = "1m", jitter = "20%" }"#,
+        r#"backoff = { base = "10ms", factor = 2, max = "100ms", jitter = "20%" }"#,
+    );
+    assert_ne!(
+        toml,
+        storefront::POLICY_TOML,
+        "the backoff line is in the policy"
+    );
+    let policy = Policy::from_toml_str(&toml).unwrap();
+    let max_deliveries = policy
+        .class(ORDER_EVENTS_CLASS)
+        .and_then(|c| c.as_stream())
+        .map(|s| u64::from(s.max_deliveries_value()))
+        .unwrap();
+    let dir = DbDir::new();
+    let mut cfg = config(&dir);
+    cfg.policy = policy;
+    let shop = Shop::start(cfg).await;
+
+    // The database refuses notifications: every delivery's handler fails.
+    dir.sqlite()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notifications \
+             BEGIN SELECT RAISE(ABORT, 'notifications are down'); END;",
+        )
+        .unwrap();
+    let (stop, worker) = spawn_worker(&shop);
+    let order = place(&shop, "dl-1", &[(1, 1)]).await;
+    let events = shop
+        .state
+        .kw
+        .stream::<OrderEvent>(ORDER_EVENTS_CLASS)
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the event is dead-lettered",
+        || async { !events.dead_letters(10).await.unwrap().is_empty() },
+    )
+    .await;
+    let dead = events.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].group, NOTIFIER_GROUP);
+    assert_eq!(dead[0].deliveries, max_deliveries);
+    assert!(
+        dead[0].error.contains("notifications are down"),
+        "{}",
+        dead[0].error
+    );
+    let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
+    assert_eq!(count(&dir, &notified), 0);
+
+    // The fault is fixed: a replay of the dead letter writes the notification once.
+    dir.sqlite().execute_batch("DROP TRIGGER refuse;").unwrap();
+    let moved = events
+        .replay_dead_letters(|_| true, 10, false)
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "the replayed event is handled",
+        || async { count(&dir, &notified) == 1 },
+    )
+    .await;
+
+    let _ = stop.send(());
+    let report = worker.await.unwrap().unwrap();
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(report.failed, max_deliveries, "{report:?}");
+}
+
+#[tokio::test]
+async fn an_event_left_in_the_outbox_is_relayed_and_notified() {
+    let dir = DbDir::new();
+    let shop = Shop::embedded(&dir).await;
+    // A normal order deletes its outbox row once published.
+    place(&shop, "o-1", &[(1, 1)]).await;
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 0);
+
+    // An order committed by a process that died before publishing: its row and its outbox row only.
+    let conn = dir.sqlite();
+    conn.execute_batch(
+        "INSERT INTO orders (customer_id, order_date, freight_cents, ship_name, ship_address, ship_city, \
+         ship_region, ship_postal_code, ship_country, origin) \
+         VALUES ('ANATR', '2026-01-01 00:00:00.000', 0, 'n', 'a', 'c', '', 'p', 'x', 'web')",
+    )
+    .unwrap();
+    let order = conn.last_insert_rowid();
+    let event = serde_json::json!({
+        "type": "order.placed", "order_id": order, "customer_id": "ANATR",
+        "total_cents": 1800, "lines": [[1, 1]]
+    });
+    conn.execute(
+        "INSERT INTO order_outbox (order_id, event, created_at) VALUES (?1, ?2, '2026-01-01 00:00:00.000')",
+        rusqlite::params![order, event.to_string()],
+    )
+    .unwrap();
+
+    // The worker's first relay pass (at start) publishes it; the handler notifies the customer.
+    let (stop, worker) = spawn_worker(&shop);
+    let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
+    eventually(
+        Duration::from_secs(10),
+        "the relayed event's notification",
+        || async { count(&dir, &notified) == 1 },
+    )
+    .await;
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 0);
+    // A fresh row is left alone (its request may still publish it): the relay honours the grace.
+    conn.execute(
+        "INSERT INTO order_outbox (order_id, event, created_at) \
+         VALUES (?1, ?2, strftime('%Y-%m-%d %H:%M:%f', 'now'))",
+        rusqlite::params![order, event.to_string()],
+    )
+    .unwrap();
+    let events = shop
+        .state
+        .kw
+        .stream::<OrderEvent>(ORDER_EVENTS_CLASS)
+        .unwrap();
+    let relayed =
+        storefront::orders::relay_outbox(&shop.state.db, &events, storefront::orders::OUTBOX_GRACE)
+            .await
+            .unwrap();
+    assert_eq!(relayed, 0);
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 1);
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
