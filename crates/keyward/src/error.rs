@@ -270,6 +270,14 @@ impl From<PolicyError> for Error {
 }
 
 impl Error {
+    /// Whether this is an outage already reported once, that every call meets until it ends: an open
+    /// breaker (logged when it opened), or a lazily connecting handle that is not connected yet (its
+    /// background task logs each attempt). Per-call paths count these but do not log them again, so a
+    /// down store costs one log line per breaker period or connect attempt, not one per request.
+    pub(crate) fn is_reported_outage(&self) -> bool {
+        matches!(self, Error::CircuitOpen { .. } | Error::Connect { .. })
+    }
+
     /// The error your own code returned, as its own type `E`: a loader's ([`Error::Loader`]) or a
     /// source-of-truth write's ([`Error::Source`], from `invalidate_after` or `write_through`), when it
     /// is an `E` or wraps one: the error is looked for first, then along its

@@ -217,3 +217,60 @@ async fn a_url_that_cannot_work_fails_at_once_even_lazily() {
         "{err:?}"
     );
 }
+
+/// A handle that is not connected yet counts each call's fallback but reports the outage once (the
+/// connecting task logs each attempt), as an open breaker does: no error counted, and so no warning
+/// logged, per call. Before, every request on a never-connecting handle logged a warning and counted a
+/// rate-limit store error (found by a fresh-user trial: 200 warnings for 200 requests).
+#[test]
+fn a_pending_handle_reports_its_outage_once_not_per_call() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The calls run on this thread (current-thread runtime), so the thread-local recorder sees them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let url = format!("redis://127.0.0.1:{}", free_port());
+            let lazy = ConnectOptions::default()
+                .lazy_connect()
+                .response_timeout(RESPONSE_TIMEOUT);
+            let kw = Keyward::connect_with(&url, policy(), lazy).await.unwrap();
+            let limiter = kw.rate_limiter("login_allow").unwrap();
+            let cache = kw.cache::<String>("article").unwrap();
+            for i in 0..20 {
+                assert!(limiter.check("u").await.unwrap().is_allowed());
+                let v = cache
+                    .get_or_set(&i, || async { Ok::<_, std::io::Error>("v".to_owned()) })
+                    .await
+                    .unwrap();
+                assert_eq!(v, "v");
+            }
+            assert_eq!(cache.stats().fail_open, 20, "every cache call failed open");
+        })
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let count = |name: &str| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                DebugValue::Counter(v) => *v,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        count("keyward_ratelimit_fallback_total"),
+        20,
+        "every call fell back"
+    );
+    assert_eq!(
+        count("keyward_ratelimit_errors_total"),
+        0,
+        "but no call counted an error"
+    );
+}

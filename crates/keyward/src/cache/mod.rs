@@ -797,8 +797,9 @@ where
             return false;
         }
         self.class.metrics.fail_open.increment(1);
-        // An open breaker is expected for its whole cooldown; the failure that opened it was logged.
-        if !matches!(err, Error::CircuitOpen { .. }) {
+        // An open breaker is expected for its whole cooldown (the failure that opened it was logged), and
+        // a lazy handle's connect attempts are logged by its connecting task.
+        if !err.is_reported_outage() {
             tracing::warn!(class = %self.class.name, error = %err, "keyward: cache store unavailable; serving from the source (fail open)");
         }
         true

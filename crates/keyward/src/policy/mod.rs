@@ -804,11 +804,15 @@ fn check_namespace_part(field: &str, value: &str) -> Result<(), PolicyError> {
     if ok {
         Ok(())
     } else {
+        // A long value is cut in the message (it may come from the environment, of any size).
+        let shown: String = value.chars().take(MAX_NAMESPACE_LEN + 8).collect();
+        let cut = if shown.len() < value.len() { "…" } else { "" };
         Err(PolicyError::field_error(
             field,
             format!(
-                "invalid value {value:?}: must be 1 to {MAX_NAMESPACE_LEN} characters of [a-z0-9_.-], \
-                 starting with [a-z0-9]"
+                "invalid value {shown:?}{cut} ({} bytes): must be 1 to {MAX_NAMESPACE_LEN} characters of \
+                 [a-z0-9_.-], starting with [a-z0-9]",
+                value.len()
             ),
         ))
     }
@@ -1022,6 +1026,22 @@ loader_timeout = "5s"       # default 5s, must be > 0
 #[cfg(test)]
 mod tests {
     use super::test_support::*;
+
+    /// A huge bad value (from the environment, say) is cut in the message, which still says how long it is.
+    #[test]
+    fn a_long_bad_namespace_value_is_cut_in_the_error() {
+        let err = super::check_namespace_part("env", &"A".repeat(5000)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.len() < 300, "{} bytes: {text}", text.len());
+        assert!(text.contains("5000 bytes") && text.contains('…'), "{text}");
+        let short = super::check_namespace_part("env", "Prod")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains("\"Prod\" (4 bytes)") && !short.contains('…'),
+            "{short}"
+        );
+    }
     use super::*;
 
     #[test]

@@ -603,7 +603,8 @@ impl RateLimiter {
 
     /// The store is unavailable (failed, or its breaker is open): apply `on_error`.
     fn fallback(&self, call: &RateCall<'_>, err: Error) -> Decision {
-        let breaker_open = matches!(err, Error::CircuitOpen { .. });
+        // Counted and logged once where it began (the breaker opening, the lazy connect's attempts).
+        let breaker_open = err.is_reported_outage();
         // A timed-out script may still run on the server: the call may be charged there (once) as well.
         let uncertain = call.consume && matches!(err, Error::Timeout { .. });
         for l in self.limits.iter() {
