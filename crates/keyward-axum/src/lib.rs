@@ -94,7 +94,7 @@
 //!
 //! # Errors in handlers
 //! Return [`ApiError`] (or your own error that wraps it) from handlers that call keyward: it is
-//! `From<keyward::Error>`, so `?` works on every call, and [`IntoResponse`](axum::response::IntoResponse).
+//! `From<keyward::Error>`, so `?` works on every call, and [`IntoResponse`](https://docs.rs/axum/0.8/axum/response/trait.IntoResponse.html).
 //! A store that cannot be reached, a timeout or an open breaker is a `503` with `Retry-After`;
 //! everything else is a `500`; the body is `about:blank` problem+json with a generic `detail`, and the
 //! error itself goes to the log. Your own error from a loader or from `invalidate_after` /

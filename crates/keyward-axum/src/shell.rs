@@ -1,4 +1,4 @@
-//! The one tower [`Service`] shell the three layers share: it holds the inner service and the layer's
+//! The one tower [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) shell the three layers share: it holds the inner service and the layer's
 //! configuration, and hands each request to the layer's per-request logic ([`Capability`]).
 //!
 //! **The one decision to know:** `call` takes the inner service that `poll_ready` readied and leaves a fresh
@@ -38,7 +38,7 @@ pub trait Capability<S, B>: Send + Sync + 'static {
     fn call(self: Arc<Self>, inner: S, request: Request<B>) -> ResponseFuture<Self::Error>;
 }
 
-/// A tower [`Service`]: the inner service `S` behind the per-request logic of `P`, shared by all clones.
+/// A tower [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html): the inner service `S` behind the per-request logic of `P`, shared by all clones.
 pub struct Shell<P, S> {
     inner: S,
     capability: Arc<P>,

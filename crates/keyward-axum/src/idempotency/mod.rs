@@ -69,7 +69,7 @@ const NEVER_STORED: [&str; 12] = [
     "idempotent-replayed",
 ];
 
-/// A tower [`Layer`] that makes `POST` and `PATCH` requests idempotent with a keyward
+/// A tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that makes `POST` and `PATCH` requests idempotent with a keyward
 /// [`Idempotency`] class: the first request under a key runs the inner service and its response is
 /// stored; retries get that response back. Cheap to clone.
 ///
@@ -350,7 +350,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     }
 }
 
-/// The [`Service`] of [`IdempotencyLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// The [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) of [`IdempotencyLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
 /// prints the layer's configuration.
 pub type IdempotencyService<S> = Shell<IdempotencyConfig, S>;
 

@@ -40,7 +40,7 @@ pub enum OnMissing {
     SharedBucket,
 }
 
-/// A tower [`Layer`] that rate-limits requests with a keyward [`RateLimiter`], counting each request in the
+/// A tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that rate-limits requests with a keyward [`RateLimiter`], counting each request in the
 /// bucket its [`KeyExtractor`] finds. Cheap to clone.
 ///
 /// See the [crate docs](crate) for an example and for every response it writes itself (*Responses*). An allowed request carries its [`Decision`](keyward::Decision) in its extensions, for handlers that want it
@@ -145,7 +145,7 @@ impl<S> Layer<S> for RateLimitLayer {
     }
 }
 
-/// The [`Service`] of [`RateLimitLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// The [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) of [`RateLimitLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
 /// prints the layer's configuration.
 pub type RateLimitService<S> = Shell<RateLimitConfig, S>;
 

@@ -32,7 +32,7 @@ pub use handle::{
     CurrentSession, CurrentSessionRejection, LazySession, MissingSessionLayer, SessionError,
 };
 
-/// A tower [`Layer`] that gives every request its keyward session, read from the session cookie; handlers
+/// A tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that gives every request its keyward session, read from the session cookie; handlers
 /// reach it with the [`CurrentSession`] extractor. Cheap to clone.
 ///
 /// ```
@@ -206,7 +206,7 @@ impl<S, T, C> Layer<S> for SessionLayer<T, C> {
     }
 }
 
-/// The [`Service`] of [`SessionLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
+/// The [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) of [`SessionLayer`], wrapping the inner service `S`. Cheap to clone; its `Debug`
 /// prints the layer's configuration.
 pub type SessionService<S, T, C = Json> = Shell<SessionConfig<T, C>, S>;
 

@@ -203,7 +203,7 @@ where
         Ok(receivers)
     }
 
-    /// Subscribe: a [`Stream`] of [`ChannelEvent`]s, from now on, until it is dropped. On Redis it rides the
+    /// Subscribe: a [`Stream`](https://docs.rs/futures-core/0.3/futures_core/stream/trait.Stream.html) of [`ChannelEvent`]s, from now on, until it is dropped. On Redis it rides the
     /// handle's dedicated channel connection, opened by the first subscription. If Redis cannot be reached
     /// now, this still returns: the first event is a [`ChannelEvent::Gap`], and messages flow once the
     /// connection is made (it is retried with backoff for as long as the subscription lives).
@@ -245,7 +245,7 @@ where
     }
 }
 
-/// A live subscription to a [`Channel`]: a [`Stream`] of `Result<ChannelEvent<M>>` (use
+/// A live subscription to a [`Channel`]: a [`Stream`](https://docs.rs/futures-core/0.3/futures_core/stream/trait.Stream.html) of `Result<ChannelEvent<M>>` (use
 /// `futures_util::StreamExt::next`). Dropping it unsubscribes (the connection unsubscribes the channel once its
 /// last subscription in this handle is gone).
 pub struct Subscription<M> {

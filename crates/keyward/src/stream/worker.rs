@@ -254,7 +254,7 @@ where
     Er: fmt::Display + Send + 'static,
 {
     /// Run up to `n` handlers at once (default 1; clamped to at least 1 and at most
-    /// [`Semaphore::MAX_PERMITS`], so an absurd `n` cannot panic when the worker starts).
+    /// [`Semaphore::MAX_PERMITS`](https://docs.rs/tokio/1/tokio/sync/struct.Semaphore.html#associatedconstant.MAX_PERMITS), so an absurd `n` cannot panic when the worker starts).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS);
         self
