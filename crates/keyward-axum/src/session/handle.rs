@@ -191,6 +191,47 @@ where
 /// | [`destroy`](Self::destroy) | ends the session (log out) | cleared |
 ///
 /// For other users' sessions, a user's devices or "log out everywhere", use [`sessions`](Self::sessions).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use axum::{Router, body::Body, http::{Request, StatusCode, header}, routing::{get, post}};
+/// use keyward::{Keyward, policy::{Policy, SessionClass}, session::SessionSecrets};
+/// use keyward_axum::{ApiError, CurrentSession, SessionLayer};
+/// use serde::{Deserialize, Serialize};
+/// use tower::ServiceExt;
+///
+/// #[derive(Clone, Serialize, Deserialize)]
+/// struct Profile { name: String }
+///
+/// /// Log in: a new session (any previous one of this browser ends), and its cookie.
+/// async fn login(session: CurrentSession<Profile>) -> Result<StatusCode, ApiError> {
+///     session.create("user-7", &Profile { name: "Ada".into() }).await?;
+///     Ok(StatusCode::NO_CONTENT)
+/// }
+///
+/// /// Who is logged in: the session the extractor loaded, if any.
+/// async fn me(session: CurrentSession<Profile>) -> Result<String, StatusCode> {
+///     session.get().map(|s| s.data.name).ok_or(StatusCode::UNAUTHORIZED)
+/// }
+///
+/// let policy = Policy::builder("dev", "shop")
+///     .session("web", SessionClass::new(Duration::from_secs(1800), Duration::from_secs(12 * 3600)))
+///     .build()?;
+/// let kw = Keyward::embedded(policy);
+/// let secrets = SessionSecrets::new(*b"a 32-byte secret from your vault")?;
+/// let app = Router::new()
+///     .route("/login", post(login))
+///     .route("/me", get(me))
+///     .layer(SessionLayer::new(kw.sessions::<Profile>("web", secrets)?));
+///
+/// let logged_in = app.clone().oneshot(Request::post("/login").body(Body::empty())?).await?;
+/// let cookie = logged_in.headers()[header::SET_COOKIE].to_str()?.split(';').next().unwrap().to_owned();
+/// let me = app.oneshot(Request::get("/me").header(header::COOKIE, cookie).body(Body::empty())?).await?;
+/// assert_eq!(me.status(), StatusCode::OK);
+/// # Ok(()) }
+/// ```
 pub struct CurrentSession<T, C = Json> {
     shared: Arc<Shared<T, C>>,
 }
