@@ -158,7 +158,7 @@ pub(crate) async fn patch_product(
     Ok(Json(update_product(&state, id, update).await?))
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
     let Some(token) = &state.admin_token else {
         return Err(AppError::Unauthorized);
     };

@@ -18,6 +18,8 @@
 //! - [`orders`] — `POST /orders` (idempotent per customer; stock checked and taken in one transaction;
 //!   `order.placed` to a stream) and `/me/orders` (personal: SQLite only).
 //! - [`worker`] — consumes `order.placed`: a notification row and popularity counts, once per order.
+//! - [`restock`] — the nightly restock report, under the `nightly_restock` lock, written with its fencing
+//!   token.
 //! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
 //!   database, importing, connecting keyward.
@@ -32,8 +34,7 @@
 //! connections (SQLite in WAL mode: readers never wait for the writer).
 //!
 //! # What is not built yet
-//! The storefront is issue #15's reference service, in progress. Still to come: the nightly restock job
-//! under its fenced lock, `/metrics`, `/dashboard`, `storefront replay`, and the load and browser tests.
+//! The storefront is issue #15's reference service, in progress. Still to come: `/metrics`, `/dashboard`, `storefront replay`, and the load and browser tests.
 //! The policy already declares their classes, and the schema their tables.
 //!
 //! # Routes
@@ -44,6 +45,7 @@
 //! | `GET /categories/{id}/products?page=1&per_page=20` | a page of a category's published products (`per_page` ≤ 30) |
 //! | `GET /products/{id}` | a published product |
 //! | `PATCH /admin/products/{id}` | `{"price_cents": …, "stock": …, "published": …}`, with `Authorization: Bearer <admin token>` |
+//! | `POST /admin/restock-report` | run the restock report now (admin token) → `{"outcome": "written" \| "skipped" \| "already_done" \| "stale", …}` |
 //! | `POST /login` | `{"customer_id": "ALFKI", "password": "alfki@northwind"}` → the customer and a session cookie; `401`, `429` |
 //! | `POST /logout` | ends this session (`204`) |
 //! | `POST /logout/everywhere` | ends every session of the customer (`{"sessions_ended": n}`) |
@@ -67,6 +69,7 @@ pub mod db;
 mod error;
 pub mod import;
 pub mod orders;
+pub mod restock;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -301,6 +304,7 @@ pub fn app(state: AppState) -> Router {
         .route("/categories/{id}/products", get(catalog::list_products))
         .route("/products/{id}", get(catalog::show_product))
         .route("/admin/products/{id}", patch(admin::patch_product))
+        .route("/admin/restock-report", post(restock::post_restock_report))
         .route("/login", post(account::login))
         .route("/logout", post(account::logout))
         .route("/logout/everywhere", post(account::logout_everywhere))

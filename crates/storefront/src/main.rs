@@ -3,7 +3,10 @@
 //! ```text
 //! storefront [--addr 127.0.0.1:8080] [--db storefront.db] [--policy FILE] [--no-worker]
 //! storefront worker [--db storefront.db] [--policy FILE]
+//! storefront restock-report [--db storefront.db] [--policy FILE]
 //! ```
+//! The server also runs the restock report every `--restock-every` seconds (default 86400; 0: never),
+//! under the `nightly_restock` lock, so instances sharing a store run it one at a time.
 //! The first form serves the shop and, unless `--no-worker`, runs the order worker in the same process;
 //! `storefront worker` runs only the worker (with Redis, next to instances started with `--no-worker`).
 //! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used (then the
@@ -41,6 +44,9 @@ struct Args {
     /// Do not run the order worker in this process (run `storefront worker` elsewhere).
     #[arg(long)]
     no_worker: bool,
+    /// Seconds between runs of the restock report inside the server (0: never).
+    #[arg(long, default_value_t = 86_400)]
+    restock_every: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -49,6 +55,8 @@ struct Args {
 enum Command {
     /// Run only the order worker (consumes order.placed) until Ctrl-C.
     Worker,
+    /// Write tonight's restock report (products at or below their reorder level) once, under the lock.
+    RestockReport,
 }
 
 #[tokio::main]
@@ -95,6 +103,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
 
+    if matches!(args.command, Some(Command::RestockReport)) {
+        let outcome = storefront::restock::run_once(&state.kw, &state.db)
+            .await
+            .context("the restock report")?;
+        println!("storefront: restock report: {outcome:?}");
+        return Ok(());
+    }
     if matches!(args.command, Some(Command::Worker)) {
         println!("storefront: order worker running (Ctrl-C stops it)");
         let report = storefront::worker::run(&state.kw, state.db.clone(), shutdown())
@@ -107,6 +122,12 @@ async fn main() -> anyhow::Result<()> {
         let (kw, db, shutdown) = (state.kw.clone(), state.db.clone(), shutdown());
         tokio::spawn(async move { storefront::worker::run(&kw, db, shutdown).await })
     });
+
+    if args.restock_every > 0 {
+        let (kw, db, shutdown) = (state.kw.clone(), state.db.clone(), shutdown());
+        let every = std::time::Duration::from_secs(args.restock_every);
+        tokio::spawn(storefront::restock::run_every(kw, db, every, shutdown));
+    }
 
     let backend = state.kw.backend();
     let listener = tokio::net::TcpListener::bind(args.addr)

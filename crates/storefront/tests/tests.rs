@@ -10,6 +10,7 @@ mod catalog;
 mod import;
 mod orders;
 mod policy;
+mod restock;
 mod serve;
 mod two_instances;
 mod worker;
