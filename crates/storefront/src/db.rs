@@ -202,6 +202,7 @@ impl Db {
             .await
             .map_err(|e| E::from(DbError::Task(e.to_string())))?;
         self.inner.queries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::DB_QUERIES).increment(1);
         let inner = Arc::clone(&self.inner);
         let joined = tokio::task::spawn_blocking(move || {
             let conn = inner

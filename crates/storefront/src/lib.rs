@@ -20,6 +20,7 @@
 //! - [`worker`] — consumes `order.placed`: a notification row and popularity counts, once per order.
 //! - [`restock`] — the nightly restock report, under the `nightly_restock` lock, written with its fencing
 //!   token.
+//! - [`telemetry`] — `/metrics` (the recorder is installed by the binary, once) and the request counter.
 //! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
 //!   database, importing, connecting keyward.
@@ -34,7 +35,7 @@
 //! connections (SQLite in WAL mode: readers never wait for the writer).
 //!
 //! # What is not built yet
-//! The storefront is issue #15's reference service, in progress. Still to come: `/metrics`, `/dashboard`, `storefront replay`, and the load and browser tests.
+//! The storefront is issue #15's reference service, in progress. Still to come: `/dashboard`, `storefront replay`, and the load and browser tests.
 //! The policy already declares their classes, and the schema their tables.
 //!
 //! # Routes
@@ -52,10 +53,12 @@
 //! | `GET /me` | the logged-in customer, or `401` |
 //! | `POST /orders` | `{"lines": [{"product_id": 1, "quantity": 2}]}` with `Idempotency-Key`, logged in → `201` |
 //! | `GET /me/orders` | the customer's newest orders, from SQLite (`Cache-Control: private, no-store`) |
+//! | `GET /metrics` | Prometheus text: keyward's metrics and the shop's own; `503` when no recorder is installed ([`telemetry`]) |
 //! | `GET /healthz` | `200` when SQLite and the keyward store answer, else `503` / `500` |
 //!
 //! # Middleware order
-//! In axum the layer added last runs first. Outside in: the [`SessionLayer`] on every route (it reads
+//! In axum the layer added last runs first. Outside in: the request counter
+//! ([`telemetry`], by matched route; it sees every answer, `401`s and `429`s included); the [`SessionLayer`] on every route (it reads
 //! nothing until a handler or middleware asks); on `/orders` and `/me/orders`, `require_login` (`401`
 //! without a live session; it loads the session, which the idempotency scope and the handler then share);
 //! on `/orders`, the [`IdempotencyLayer`] scoped by the session's user, inside `require_login` so that a
@@ -70,6 +73,7 @@ mod error;
 pub mod import;
 pub mod orders;
 pub mod restock;
+pub mod telemetry;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -85,6 +89,7 @@ use keyward::policy::{Policy, PolicyError};
 use keyward::session::{SessionSecrets, Sessions};
 use keyward::stream::Stream;
 use keyward_axum::{IdempotencyLayer, KeyExtractor, SessionLayer, TrustedProxies};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use account::{Customer, LoginLimits};
 pub use admin::AdminToken;
@@ -125,6 +130,9 @@ pub struct AppState {
     pub events: Stream<orders::OrderEvent>,
     /// Whose forwarding headers name the client (login's per-IP limit); none by default.
     pub trusted_proxies: TrustedProxies,
+    /// What `/metrics` renders: the process's Prometheus recorder, installed by the binary
+    /// ([`telemetry::install_recorder`]); `None`: `/metrics` answers `503`.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
@@ -146,6 +154,7 @@ impl AppState {
             order_requests: kw.idempotency(orders::ORDER_REQUEST_CLASS)?,
             events: kw.stream(orders::ORDER_EVENTS_CLASS)?,
             trusted_proxies: TrustedProxies::none(),
+            metrics: None,
             kw,
             db,
             catalog,
@@ -311,7 +320,9 @@ pub fn app(state: AppState) -> Router {
         .route("/me", get(account::me))
         .merge(orders)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(telemetry::get_metrics))
         .layer(SessionLayer::new(state.sessions.clone()))
+        .layer(axum::middleware::from_fn(telemetry::count_requests))
         .with_state(state)
 }
 

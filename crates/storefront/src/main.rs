@@ -79,9 +79,12 @@ async fn main() -> anyhow::Result<()> {
         .admin_token(Some(admin_token.token))
         .session_secrets(Some(session_secrets(&args.db)?));
 
-    let (state, report) = storefront::start(config)
+    // Before the first keyward call: every handle reports to it (see storefront::telemetry).
+    let metrics = storefront::telemetry::install_recorder().context("the metrics recorder")?;
+    let (mut state, report) = storefront::start(config)
         .await
         .with_context(|| format!("starting with the database {}", args.db.display()))?;
+    state.metrics = Some(metrics);
     if let ImportReport::Imported(counts) = &report {
         println!(
             "storefront: imported Northwind into {} ({} products, {} customers, {} orders)",

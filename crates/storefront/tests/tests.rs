@@ -8,6 +8,7 @@ mod util;
 mod account;
 mod catalog;
 mod import;
+mod metrics;
 mod orders;
 mod policy;
 mod restock;
