@@ -45,6 +45,7 @@ use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 
 use crate::AppState;
+use crate::dashboard::LoginDecision;
 use crate::db::DbError;
 use crate::error::AppError;
 
@@ -187,11 +188,14 @@ pub(crate) async fn login(
         let retry_after = refused.retry_after().unwrap_or(Duration::from_secs(1));
         return Err(if refused.source() == Source::FailClosed {
             // The store is down and the login classes fail closed: not the client's doing.
+            state.tallies.login(LoginDecision::Unavailable);
             AppError::Unavailable { retry_after }
         } else {
+            state.tallies.login(LoginDecision::Limited);
             AppError::TooManyRequests { retry_after }
         });
     }
+    state.tallies.login(LoginDecision::Allowed);
     let customer = verify(&state, id, form.password).await?;
     let Some(customer) = customer else {
         return Err(AppError::LoginFailed);

@@ -20,6 +20,7 @@
 //! - [`worker`] — consumes `order.placed`: a notification row and popularity counts, once per order.
 //! - [`restock`] — the nightly restock report, under the `nightly_restock` lock, written with its fencing
 //!   token.
+//! - [`dashboard`] — `/dashboard` (an embedded HTML page with inline SVG charts) and the JSON it polls.
 //! - [`telemetry`] — `/metrics` (the recorder is installed by the binary, once) and the request counter.
 //! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
@@ -35,7 +36,7 @@
 //! connections (SQLite in WAL mode: readers never wait for the writer).
 //!
 //! # What is not built yet
-//! The storefront is issue #15's reference service, in progress. Still to come: `/dashboard`, `storefront replay`, and the load and browser tests.
+//! The storefront is issue #15's reference service, in progress. Still to come: `storefront replay`, and the load and browser tests.
 //! The policy already declares their classes, and the schema their tables.
 //!
 //! # Routes
@@ -53,6 +54,8 @@
 //! | `GET /me` | the logged-in customer, or `401` |
 //! | `POST /orders` | `{"lines": [{"product_id": 1, "quantity": 2}]}` with `Idempotency-Key`, logged in → `201` |
 //! | `GET /me/orders` | the customer's newest orders, from SQLite (`Cache-Control: private, no-store`) |
+//! | `GET /dashboard` | live charts: hit ratio per class (L1, L2), queries saved, login decisions, stream lag and dead letters, breaker |
+//! | `GET /dashboard/data` | what the page polls (JSON; [`dashboard`]) |
 //! | `GET /metrics` | Prometheus text: keyward's metrics and the shop's own; `503` when no recorder is installed ([`telemetry`]) |
 //! | `GET /healthz` | `200` when SQLite and the keyward store answer, else `503` / `500` |
 //!
@@ -68,6 +71,7 @@
 pub mod account;
 pub mod admin;
 pub mod catalog;
+pub mod dashboard;
 pub mod db;
 mod error;
 pub mod import;
@@ -77,6 +81,7 @@ pub mod telemetry;
 pub mod worker;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
@@ -133,6 +138,9 @@ pub struct AppState {
     /// What `/metrics` renders: the process's Prometheus recorder, installed by the binary
     /// ([`telemetry::install_recorder`]); `None`: `/metrics` answers `503`.
     pub metrics: Option<PrometheusHandle>,
+    /// This process's counts that keyward keeps no readable totals for (login decisions), for
+    /// `/dashboard/data`.
+    pub tallies: Arc<dashboard::Tallies>,
 }
 
 impl AppState {
@@ -155,6 +163,7 @@ impl AppState {
             events: kw.stream(orders::ORDER_EVENTS_CLASS)?,
             trusted_proxies: TrustedProxies::none(),
             metrics: None,
+            tallies: dashboard::Tallies::new(),
             kw,
             db,
             catalog,
@@ -321,6 +330,8 @@ pub fn app(state: AppState) -> Router {
         .merge(orders)
         .route("/healthz", get(healthz))
         .route("/metrics", get(telemetry::get_metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/data", get(dashboard::get_data))
         .layer(SessionLayer::new(state.sessions.clone()))
         .layer(axum::middleware::from_fn(telemetry::count_requests))
         .with_state(state)

@@ -7,6 +7,7 @@ mod util;
 
 mod account;
 mod catalog;
+mod dashboard;
 mod import;
 mod metrics;
 mod orders;
