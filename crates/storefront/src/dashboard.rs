@@ -79,7 +79,7 @@ impl Tallies {
 /// `/dashboard/data`'s answer.
 #[derive(Clone, Debug, Serialize)]
 pub struct DashboardData {
-    /// `Embedded`, `Standalone`, … (keyward's backend kind).
+    /// keyward's backend kind as `Debug` prints it: `Embedded` or `Redis`.
     pub backend: String,
     /// Per catalog cache class.
     pub caches: Vec<CacheFigures>,

@@ -2,6 +2,7 @@
 //! with traffic.
 
 use http::{StatusCode, header};
+use keyward_testkit::RedisServer;
 use serde_json::Value;
 
 use crate::util::{Client, DbDir, Shop};
@@ -104,4 +105,25 @@ async fn the_data_has_its_shape_and_moves_with_traffic() {
     assert_eq!(num(&after["login_limits"]["allowed"]), 6 - refused);
     assert_eq!(num(&after["login_limits"]["limited"]), refused);
     assert_eq!(num(&after["login_limits"]["unavailable"]), 0);
+}
+
+#[tokio::test]
+async fn the_data_answers_while_redis_is_down() {
+    let mut redis = RedisServer::spawn();
+    let dir = DbDir::new();
+    let shop = Shop::on_redis(&dir, &redis.url()).await;
+    let up = shop.get_ok("/dashboard/data").await;
+    assert_eq!(up["backend"], "Redis", "{up}");
+    assert_eq!(up["stream"]["available"], true, "{up}");
+
+    redis.kill();
+    let down = shop.get_ok("/dashboard/data").await;
+    assert_eq!(down["stream"]["available"], false, "{down}");
+    assert!(down["stream"]["pending"].is_null() && down["stream"]["dead_letters"].is_null());
+    // The in-process figures are still there.
+    assert!(
+        down["caches"].as_array().is_some_and(|c| c.len() == 3),
+        "{down}"
+    );
+    assert!(down["db"]["queries"].is_u64());
 }
