@@ -145,6 +145,9 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => println!("storefront: admin token from STOREFRONT_ADMIN_TOKEN"),
     }
+    println!(
+        "storefront: the dashboard is at http://{addr}/dashboard, metrics at http://{addr}/metrics"
+    );
 
     axum::serve(
         listener,
