@@ -23,6 +23,7 @@ conformance!(
     randomized_trials_never_read_beyond_the_bound,
     shared_reads_share_one_decoding_and_follow_invalidations,
     a_tag_invalidation_drops_only_the_copies_carrying_it,
+    batch_read_copies_know_their_tags,
 );
 
 fn load(
@@ -411,6 +412,23 @@ mod cases {
         }
         panic!("copies without the tag were dropped in every try: {tries:#?}");
     }
+
+    /// Copies a batch read (`get_or_set_many`) made know their tags from the stored envelopes: a tag's
+    /// invalidation drops the tagged one and keeps the untagged one. (Before, a batch copy's tags were
+    /// unknown and any tag dropped it.) Up to three tries, as above.
+    pub async fn batch_read_copies_know_their_tags(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<u64>("near").unwrap();
+        let b = hs[1].cache::<u64>("near").unwrap();
+        let mut tries = Vec::new();
+        for t in 0..3 {
+            match batch_try(&a, &b, 10_000 * (t + 1)).await {
+                Ok(()) => return,
+                Err(e) => tries.push(e),
+            }
+        }
+        panic!("the untagged batch copy was dropped in every try: {tries:#?}");
+    }
 }
 
 /// Read `id` (filled with `tags`) through `c` until L1 serves it, within [`SOON`].
@@ -471,6 +489,39 @@ async fn tag_try(a: &Cache<u64>, b: &Cache<u64>, base: u64) -> Result<(), String
         Ok(())
     } else {
         Err(format!("{kept:?}"))
+    }
+}
+
+/// One try of [`cases::batch_read_copies_know_their_tags`] on fresh ids from `base` (see [`tag_try`]).
+async fn batch_try(a: &Cache<u64>, b: &Cache<u64>, base: u64) -> Result<(), String> {
+    let source = Arc::new(AtomicU64::new(base));
+    let (tagged, plain, warm) = (base + 1, base + 2, base + 3);
+    // `a` fills both; `b` vouches for its L1 (on a third id), then reads the two in one batch: its copies
+    // come from the batch read, which takes their tags from the stored envelopes.
+    until_tagged_l1_hit(a, tagged, &["kind:z"], &source).await;
+    until_tagged_l1_hit(a, plain, &[], &source).await;
+    until_l1_hit(b, warm, &source).await;
+    let v = source.load(Ordering::SeqCst);
+    let got = b
+        .get_or_set_many(&[tagged, plain], |_| async move {
+            Ok::<_, std::io::Error>(vec![(tagged, v), (plain, v)])
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [base, base]);
+    source.store(base + 100, Ordering::SeqCst);
+    a.invalidate_tag("kind:z").await.unwrap();
+    let returned = Instant::now();
+    converges(b, tagged, base + 100, returned, &source).await;
+    let (v, how) = b
+        .get_or_set_with_status(&plain, load(&source))
+        .await
+        .unwrap();
+    assert_eq!(v, base, "the untagged copy keeps its value");
+    if how == CacheLookup::L1Hit {
+        Ok(())
+    } else {
+        Err(format!("{how:?}"))
     }
 }
 

@@ -74,6 +74,7 @@ where
         u: usize,
         payload: &Bytes,
         fresh_for: Option<Duration>,
+        tags: super::l1::InsertTags<'_>,
     ) {
         if let (Some(l1), Some(Some(t))) = (&self.class.l1, b.tickets.get(u)) {
             l1.insert(
@@ -81,7 +82,7 @@ where
                 L1Value::Value(payload.clone()),
                 *t,
                 fresh_for,
-                super::l1::InsertTags::Unknown,
+                tags,
             )
             .await;
         }
@@ -483,7 +484,14 @@ where
                         let reason = match self.decode(&raw) {
                             Ok(Decoded::Value(v, payload)) => {
                                 m.hits.increment(1);
-                                self.l1_insert(b, p.u, &payload, fresh_for).await;
+                                // The copy carries the tags of the stored value (a tagged single call
+                                // may have filled it); unreadable tags make it drop with any tag.
+                                let stored = super::stored_tags(&raw);
+                                let tags = stored.as_ref().map_or(
+                                    super::l1::InsertTags::Unknown,
+                                    super::l1::InsertTags::Stored,
+                                );
+                                self.l1_insert(b, p.u, &payload, fresh_for, tags).await;
                                 finish((p.u, Ok(Some(v)), Ok(Shared::Value(payload))));
                                 continue;
                             }
@@ -685,7 +693,9 @@ where
                     guard.armed = false;
                     if let Shared::Value(payload) = &shared {
                         let grace = self.class.policy.stale_grace_value().unwrap_or_default();
-                        self.l1_insert(b, u, payload, Some(ttl.saturating_sub(grace)))
+                        // A batch fill carries no tags (batches take none).
+                        let untagged = super::l1::InsertTags::Names(&[]);
+                        self.l1_insert(b, u, payload, Some(ttl.saturating_sub(grace)), untagged)
                             .await;
                     }
                     out.push((u, Ok(value), Ok(shared)));

@@ -432,10 +432,17 @@ fn record_fresh_for(slot: Option<&AtomicU64>, fresh: Option<Duration>) {
 /// cannot be read records nothing (the copy is then dropped by any tag's invalidation).
 fn record_stored_tags(slot: Option<&std::sync::Mutex<Option<l1::StoredTags>>>, raw: &[u8]) {
     let Some(slot) = slot else { return };
-    if let Ok((_, tags, _)) = envelope::parse_tagged(raw) {
-        let names = tags.iter().map(|(t, _)| t.to_vec()).collect();
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(l1::StoredTags(names));
+    if let Some(tags) = stored_tags(raw) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
     }
+}
+
+/// The tag names a stored value records (`None` when its envelope cannot be read).
+fn stored_tags(raw: &[u8]) -> Option<l1::StoredTags> {
+    let (_, tags, _) = envelope::parse_tagged(raw).ok()?;
+    Some(l1::StoredTags(
+        tags.iter().map(|(t, _)| t.to_vec()).collect(),
+    ))
 }
 
 /// Record `lookup` for the caller and in the current tracing span.
