@@ -530,12 +530,36 @@ mod bounds {
         best
     }
 
+    /// Advance (paused) time to 1 ms before the next edge of a fixed-window limiter's epoch-aligned window.
+    /// The embedded clock starts at the wall clock, so the first probe can land anywhere in a window,
+    /// including its last millisecond (1 run in 1,000): then cross that edge first.
+    async fn to_1ms_before_an_edge(fixed: &keyward::RateLimiter) {
+        let ms = Duration::from_millis(1);
+        let mut reset = fixed.check("edge").await.unwrap().reset_after();
+        if reset <= ms {
+            tokio::time::advance(reset).await;
+            reset = fixed.check("edge").await.unwrap().reset_after();
+        }
+        assert!(reset > ms && reset <= SEC, "{reset:?}");
+        tokio::time::advance(reset - ms).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_in_the_last_millisecond_of_a_window_still_finds_the_edge() {
+        // The case that failed CI: the wall clock put the first probe less than 1 ms before an edge.
+        let l = limiter(Algorithm::FixedWindow, 10, SEC, None);
+        to_1ms_before_an_edge(&l).await;
+        tokio::time::advance(Duration::from_micros(500)).await;
+        to_1ms_before_an_edge(&l).await;
+        let before = l.check("edge").await.unwrap().reset_after();
+        assert_eq!(before, Duration::from_millis(1));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fixed_window_edge_burst_is_at_most_twice_the_limit() {
         let l = limiter(Algorithm::FixedWindow, 10, SEC, None);
         // Move to just before a window edge (windows are aligned to the Unix epoch).
-        let d = l.check("edge").await.unwrap();
-        tokio::time::advance(d.reset_after() - Duration::from_millis(1)).await;
+        to_1ms_before_an_edge(&l).await;
         let mut burst = 0;
         for _ in 0..30 {
             burst += usize::from(l.check("edge2").await.unwrap().is_allowed());
@@ -560,8 +584,7 @@ mod bounds {
             // The fixed window's worst case: a burst just before an epoch-aligned edge and one just after.
             let l = limiter(a, 10, SEC, None);
             let probe = limiter(Algorithm::FixedWindow, 10, SEC, None);
-            let d = probe.check("edge").await.unwrap();
-            tokio::time::advance(d.reset_after() - Duration::from_millis(1)).await;
+            to_1ms_before_an_edge(&probe).await;
             let mut burst = 0;
             for _ in 0..30 {
                 burst += usize::from(l.check("edge").await.unwrap().is_allowed());
