@@ -140,7 +140,7 @@ impl Browser {
                     "--disable-dev-shm-usage",
                     "--disable-gpu",
                     "--no-first-run",
-                    "--window-size=1280,900",
+                    "--window-size=1440,900",
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
             }),
@@ -369,8 +369,9 @@ async fn drive(webdriver: WebDriver, base: String) {
     assert_eq!(Page::count(&after.login_limited, "#login-limited"), 0);
 
     if let Some(file) = std::env::var_os("STOREFRONT_DASHBOARD_SCREENSHOT") {
-        // A few more rounds, so the charts have lines rather than points.
-        for round in 0..6 {
+        // More rounds (each reading one more product for the first time), so the charts have lines.
+        for round in 0..20 {
+            http.get_ok(&format!("/products/{}", 10 + round)).await;
             traffic(&mut http, &format!("more-{round}")).await;
             let polls = Page::read(&webdriver).await.chart_db[0];
             Page::until(&webdriver, "another poll", |p| p.chart_db[0] > polls).await;
@@ -400,7 +401,8 @@ async fn traffic(http: &mut HttpClient, key: &str) {
     if http.cookie.is_none() {
         http.login("ALFKI").await;
     }
-    let answer = http.order(key, &[(2, 1)]).await;
+    // Chai (product 1): 39 in stock, enough for every round.
+    let answer = http.order(key, &[(1, 1)]).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
     assert!(answer.body.get("id").is_some_and(Value::is_i64));
 }
