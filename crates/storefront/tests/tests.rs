@@ -6,12 +6,14 @@
 mod util;
 
 mod account;
+mod browser;
 mod catalog;
 mod dashboard;
 mod import;
 mod metrics;
 mod orders;
 mod policy;
+mod processes;
 mod restock;
 mod serve;
 mod two_instances;

@@ -258,3 +258,140 @@ pub(crate) async fn send_full(app: &Router, request: Request<Body>) -> Answer {
         body,
     }
 }
+
+/// A client over real TCP connections (hyper), for a shop served on a listener or the `storefront`
+/// binary; like [`Client`], it keeps the session cookie the shop sets.
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    base: String,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<axum::body::Bytes>,
+    >,
+    pub(crate) cookie: Option<String>,
+}
+
+impl HttpClient {
+    /// A client of the shop at `base` (`http://host:port`, with or without the trailing `/`).
+    pub(crate) fn new(base: &str) -> HttpClient {
+        HttpClient {
+            base: base.trim_end_matches('/').to_owned(),
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http(),
+            cookie: None,
+        }
+    }
+
+    /// `method path` with `body` (JSON if not null) and `extra` headers; a `Set-Cookie` in the answer
+    /// replaces (or, when cleared, removes) the cookie. Panics if no answer comes within 30 s.
+    pub(crate) async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Value,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let url = format!("{}{path}", self.base);
+        let mut request = Request::builder().method(method.clone()).uri(&url);
+        if let Some(cookie) = &self.cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let body = if body.is_null() {
+            axum::body::Bytes::new()
+        } else {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            axum::body::Bytes::from(body.to_string())
+        };
+        let request = request
+            .body(http_body_util::Full::new(body))
+            .expect("a request");
+        let response = tokio::time::timeout(Duration::from_secs(30), self.http.request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {url}: no answer within 30 s"))
+            .unwrap_or_else(|error| panic!("{method} {url}: {error}"));
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|error| panic!("{method} {url}: reading the body: {error}"))
+            .to_bytes();
+        if let Some(set) = headers.get(header::SET_COOKIE) {
+            let pair = set.to_str().unwrap().split(';').next().unwrap().to_owned();
+            self.cookie = pair
+                .split_once('=')
+                .filter(|(_, v)| !v.is_empty())
+                .map(|_| pair.clone());
+        }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `GET path`.
+    pub(crate) async fn get(&mut self, path: &str) -> Answer {
+        self.send(Method::GET, path, Value::Null, &[]).await
+    }
+
+    /// `GET path`, which must answer `200`; the body.
+    pub(crate) async fn get_ok(&mut self, path: &str) -> Value {
+        let answer = self.get(path).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "GET {}{path}: {}",
+            self.base,
+            answer.body
+        );
+        answer.body
+    }
+
+    /// `POST /login` as `customer` with the seeded password, which must succeed.
+    pub(crate) async fn login(&mut self, customer: &str) {
+        let password = storefront::import::demo_password(customer);
+        let body = serde_json::json!({"customer_id": customer, "password": password});
+        let answer = self.send(Method::POST, "/login", body, &[]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "login {customer} at {}: {}",
+            self.base,
+            answer.body
+        );
+    }
+
+    /// `POST /orders` with `lines` (`(product, quantity)`) under `key`.
+    pub(crate) async fn order(&mut self, key: &str, lines: &[(i64, i64)]) -> Answer {
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|(p, q)| serde_json::json!({"product_id": p, "quantity": q}))
+            .collect();
+        let body = serde_json::json!({ "lines": lines });
+        self.send(Method::POST, "/orders", body, &[("idempotency-key", key)])
+            .await
+    }
+
+    /// `PATCH /admin/products/{id}` with `body` and the admin `token`.
+    pub(crate) async fn patch_product(&mut self, id: i64, body: Value, token: &str) -> Answer {
+        let bearer = format!("Bearer {token}");
+        self.send(
+            Method::PATCH,
+            &format!("/admin/products/{id}"),
+            body,
+            &[("authorization", &bearer)],
+        )
+        .await
+    }
+}
