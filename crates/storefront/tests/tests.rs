@@ -12,6 +12,7 @@ mod import;
 mod metrics;
 mod orders;
 mod policy;
+mod replay;
 mod restock;
 mod serve;
 mod two_instances;
