@@ -29,7 +29,6 @@ use keyward::{Cache, Keyward};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::AppState;
 use crate::db::{Db, DbError};
 use crate::error::AppError;
 
@@ -462,11 +461,15 @@ async fn load_product(db: Db, id: i64) -> Result<Product, DbError> {
     db.read(move |conn| read_product(conn, id)).await
 }
 
+// The catalog routes' state is the [`Catalog`] alone (`crate::app` mounts them so): axum clones a
+// route's whole state for every request, and cloning and dropping the [`AppState`] (a dozen handles,
+// each a reference count, one a `Vec`) was a tenth of a cached read's CPU time under load.
+
 /// `GET /categories`.
 pub(crate) async fn list_categories(
-    State(state): State<AppState>,
+    State(catalog): State<Catalog>,
 ) -> Result<Json<Vec<Category>>, AppError> {
-    Ok(Json(state.catalog.categories().await?))
+    Ok(Json(catalog.categories().await?))
 }
 
 /// The query of `GET /categories/{id}/products`.
@@ -478,7 +481,7 @@ pub(crate) struct PageQuery {
 
 /// `GET /categories/{id}/products?page=N&per_page=M`.
 pub(crate) async fn list_products(
-    State(state): State<AppState>,
+    State(catalog): State<Catalog>,
     Path(category): Path<i64>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<ProductPage>, AppError> {
@@ -494,17 +497,15 @@ pub(crate) async fn list_products(
             "per_page is 1 to {MAX_PER_PAGE}"
         )));
     }
-    Ok(Json(
-        state.catalog.product_page(category, page, per_page).await?,
-    ))
+    Ok(Json(catalog.product_page(category, page, per_page).await?))
 }
 
 /// `GET /products/{id}`: a published product.
 pub(crate) async fn show_product(
-    State(state): State<AppState>,
+    State(catalog): State<Catalog>,
     Path(id): Path<i64>,
 ) -> Result<Json<Product>, AppError> {
-    let product = state.catalog.product(id).await?;
+    let product = catalog.product(id).await?;
     if !product.published {
         return Err(AppError::NotFound(format!("No product {id}.")));
     }

@@ -333,11 +333,16 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/me/orders", get(orders::get_my_orders))
         .route_layer(axum::middleware::from_fn(account::require_login));
-    Router::new()
-        .route("/", get(index))
+    // The catalog routes hold only the catalog: axum clones a route's state for every request, and these
+    // are the hot reads.
+    let catalog = Router::new()
         .route("/categories", get(catalog::list_categories))
         .route("/categories/{id}/products", get(catalog::list_products))
         .route("/products/{id}", get(catalog::show_product))
+        .with_state(state.catalog.clone());
+    Router::new()
+        .route("/", get(index))
+        .merge(catalog)
         .route("/admin/products/{id}", patch(admin::patch_product))
         .route("/admin/restock-report", post(restock::post_restock_report))
         .route("/login", post(account::login))
