@@ -21,6 +21,8 @@
 //! - [`restock`] — the nightly restock report, under the `nightly_restock` lock, written with its fencing
 //!   token.
 //! - [`dashboard`] — `/dashboard` (an embedded HTML page with inline SVG charts) and the JSON it polls.
+//! - [`replay`] — `storefront replay`: the Northwind order history as HTTP traffic against a running
+//!   shop, with latencies, hit ratio, database queries and checks of the final database.
 //! - [`telemetry`] — `/metrics` (the recorder is installed by the binary, once) and the request counter.
 //! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
@@ -36,8 +38,7 @@
 //! connections (SQLite in WAL mode: readers never wait for the writer).
 //!
 //! # What is not built yet
-//! The storefront is issue #15's reference service, in progress. Still to come: `storefront replay`, and the load and browser tests.
-//! The policy already declares their classes, and the schema their tables.
+//! The storefront is issue #15's reference service, in progress. Still to come: the browser test.
 //!
 //! # Routes
 //! | route | what |
@@ -76,6 +77,7 @@ pub mod db;
 mod error;
 pub mod import;
 pub mod orders;
+pub mod replay;
 pub mod restock;
 pub mod telemetry;
 pub mod worker;
@@ -195,6 +197,9 @@ pub struct Config {
     pub session_secrets: Option<SessionSecrets>,
     /// Whose forwarding headers name the client.
     pub trusted_proxies: TrustedProxies,
+    /// Whether the catalog reads through keyward (`false`: straight from SQLite, for load tests;
+    /// [`Catalog::without_cache`]).
+    pub catalog_cache: bool,
 }
 
 impl Config {
@@ -211,7 +216,16 @@ impl Config {
             admin_token: None,
             session_secrets: None,
             trusted_proxies: TrustedProxies::none(),
+            catalog_cache: true,
         }
+    }
+
+    /// Read the catalog through keyward (`true`, the default) or straight from SQLite (`false`: the
+    /// binary's `--no-cache`, for load tests comparing the two).
+    #[must_use]
+    pub fn catalog_cache(mut self, on: bool) -> Self {
+        self.catalog_cache = on;
+        self
     }
 
     /// Key sessions with `secrets` (instances sharing a store need the same).
@@ -289,6 +303,9 @@ pub async fn start(config: Config) -> Result<(AppState, ImportReport), StartErro
     };
     let mut state = AppState::new(kw, db, config.admin_token, secrets)?;
     state.trusted_proxies = config.trusted_proxies;
+    if !config.catalog_cache {
+        state.catalog = state.catalog.without_cache();
+    }
     Ok((state, report))
 }
 
@@ -316,11 +333,16 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/me/orders", get(orders::get_my_orders))
         .route_layer(axum::middleware::from_fn(account::require_login));
-    Router::new()
-        .route("/", get(index))
+    // The catalog routes hold only the catalog: axum clones a route's state for every request, and these
+    // are the hot reads.
+    let catalog = Router::new()
         .route("/categories", get(catalog::list_categories))
         .route("/categories/{id}/products", get(catalog::list_products))
         .route("/products/{id}", get(catalog::show_product))
+        .with_state(state.catalog.clone());
+    Router::new()
+        .route("/", get(index))
+        .merge(catalog)
         .route("/admin/products/{id}", patch(admin::patch_product))
         .route("/admin/restock-report", post(restock::post_restock_report))
         .route("/login", post(account::login))

@@ -4,7 +4,15 @@
 //! storefront [--addr 127.0.0.1:8080] [--db storefront.db] [--policy FILE] [--no-worker]
 //! storefront worker [--db storefront.db] [--policy FILE]
 //! storefront restock-report [--db storefront.db] [--policy FILE]
+//! storefront replay [--url http://127.0.0.1:8080] [--db storefront.db] [--speedup X] [--limit N] …
 //! ```
+//! `--no-cache` serves the catalog straight from SQLite (keyward bypassed), for load tests;
+//! `--trust-proxy NET` (repeatable) reads the client address from those proxies' `X-Forwarded-For`
+//! (the per-IP login limit; `storefront replay` sends one address per customer).
+//! `storefront replay` replays the Northwind orders against a running shop (see `storefront::replay`)
+//! and exits 0 when every check passed, 1 when one failed, 2 when it could not run. Its admin token
+//! (for the restock) is read from `--admin-token-file`, else `STOREFRONT_ADMIN_TOKEN`, else
+//! `<db>.admin-token` (what the shop on that database wrote).
 //! The server also runs the restock report every `--restock-every` seconds (default 86400; 0: never),
 //! under the `nightly_restock` lock, so instances sharing a store run it one at a time.
 //! The first form serves the shop and, unless `--no-worker`, runs the order worker in the same process;
@@ -19,12 +27,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keyward::policy::Policy;
 use keyward::session::SessionSecrets;
+use keyward_axum::TrustedProxies;
 use rand::Rng as _;
+use storefront::replay::{self, ReplayOptions};
 use storefront::{AdminToken, Config, ImportReport};
 use tokio::sync::watch;
 
@@ -47,6 +58,13 @@ struct Args {
     /// Seconds between runs of the restock report inside the server (0: never).
     #[arg(long, default_value_t = 86_400)]
     restock_every: u64,
+    /// Serve the catalog straight from SQLite, bypassing keyward's cache (for load tests).
+    #[arg(long)]
+    no_cache: bool,
+    /// Trust this proxy (an address or a CIDR network; repeatable): the client address is read from
+    /// its X-Forwarded-For (the per-IP login limit). `storefront replay` needs 127.0.0.1 here.
+    #[arg(long = "trust-proxy", value_name = "NET")]
+    trust_proxy: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,16 +75,52 @@ enum Command {
     Worker,
     /// Write tonight's restock report (products at or below their reorder level) once, under the lock.
     RestockReport,
+    /// Replay the Northwind orders as HTTP traffic against a running shop, then check its database.
+    Replay(ReplayArgs),
+}
+
+/// `storefront replay`'s options (`--db` names the shop's database: read-only, before and after).
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// The running shop's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Historical seconds per real second (0: no pauses); the default plays the 22 months in about a
+    /// minute.
+    #[arg(long, default_value_t = replay::DEFAULT_SPEEDUP)]
+    speedup: f64,
+    /// Customers in flight at once.
+    #[arg(long, default_value_t = replay::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Replay only the first N orders by date.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Re-send every N-th order with its Idempotency-Key, as a flaky client would (0: never).
+    #[arg(long, value_name = "N", default_value_t = replay::DEFAULT_RESEND_EVERY)]
+    resend_every: u32,
+    /// The file holding the shop's admin token (default: STOREFRONT_ADMIN_TOKEN, else <db>.admin-token).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Do not send X-Forwarded-For (every login then comes from this host's address).
+    #[arg(long)]
+    no_forwarded_for: bool,
+    /// Seconds to wait for the worker to confirm every order (0: skip that check, no worker runs).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    worker_deadline: u64,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();
+    if let Some(Command::Replay(replay)) = &args.command {
+        // A client of a running shop: no server state, and the shop's token file is only read.
+        return Ok(run_replay(&args.db, replay).await);
+    }
 
     let policy = match &args.policy {
         Some(file) => Policy::from_file(file)?,
@@ -77,7 +131,16 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::new(&args.db, policy)
         .redis_url(redis_url)
         .admin_token(Some(admin_token.token))
-        .session_secrets(Some(session_secrets(&args.db)?));
+        .session_secrets(Some(session_secrets(&args.db)?))
+        .catalog_cache(!args.no_cache);
+    let config = if args.trust_proxy.is_empty() {
+        config
+    } else {
+        config.trusted_proxies(
+            TrustedProxies::networks(&args.trust_proxy)
+                .context("--trust-proxy: an address or a CIDR network")?,
+        )
+    };
 
     // Before the first keyward call: every handle reports to it (see storefront::telemetry).
     let metrics = storefront::telemetry::install_recorder().context("the metrics recorder")?;
@@ -111,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("the restock report")?;
         println!("storefront: restock report: {outcome:?}");
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     if matches!(args.command, Some(Command::Worker)) {
         println!("storefront: order worker running (Ctrl-C stops it)");
@@ -119,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("the order worker")?;
         println!("storefront: order worker stopped: {report:?}");
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let worker = (!args.no_worker).then(|| {
         let (kw, db, shutdown) = (state.kw.clone(), state.db.clone(), shutdown());
@@ -137,7 +200,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
-    println!("storefront: the shop is at http://{addr}/ (keyward backend: {backend:?})");
+    let caching = if args.no_cache {
+        ", catalog cache OFF (--no-cache)"
+    } else {
+        ""
+    };
+    println!("storefront: the shop is at http://{addr}/ (keyward backend: {backend:?}{caching})");
     match &admin_token.file {
         Some(file) => println!(
             "storefront: admin token in {} (or set STOREFRONT_ADMIN_TOKEN)",
@@ -163,7 +231,72 @@ async fn main() -> anyhow::Result<()> {
             Err(error) => eprintln!("storefront: the order worker panicked: {error}"),
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `storefront replay`: 0 when every check passed, 1 when one failed, 2 when the replay could not run.
+async fn run_replay(db: &Path, args: &ReplayArgs) -> ExitCode {
+    let token = match replay_admin_token(db, args.admin_token_file.as_deref()) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("storefront replay: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = ReplayOptions::new(&args.url, db, token)
+        .speedup(args.speedup)
+        .concurrency(args.concurrency)
+        .limit(args.limit)
+        .resend_every(args.resend_every)
+        .forwarded_for(!args.no_forwarded_for)
+        .worker_deadline(
+            (args.worker_deadline > 0)
+                .then(|| std::time::Duration::from_secs(args.worker_deadline)),
+        );
+    match replay::run(options).await {
+        Ok(report) => {
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("storefront replay: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The replay's admin token: `file` if given, else `STOREFRONT_ADMIN_TOKEN`, else `<db>.admin-token`.
+fn replay_admin_token(db: &Path, file: Option<&Path>) -> anyhow::Result<AdminToken> {
+    let from_env = std::env::var("STOREFRONT_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let (text, source) = match (file, from_env) {
+        (None, Some(token)) => (token, "STOREFRONT_ADMIN_TOKEN".to_owned()),
+        (file, _) => {
+            let file = file.map_or_else(
+                || {
+                    let mut name = db.as_os_str().to_owned();
+                    name.push(".admin-token");
+                    PathBuf::from(name)
+                },
+                Path::to_path_buf,
+            );
+            let text = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "reading the admin token from {} (start the shop on {} first, or pass \
+                     --admin-token-file / set STOREFRONT_ADMIN_TOKEN)",
+                    file.display(),
+                    db.display()
+                )
+            })?;
+            (text, file.display().to_string())
+        }
+    };
+    AdminToken::new(text.trim()).with_context(|| format!("{source}: at least 16 characters"))
 }
 
 /// `STOREFRONT_SESSION_SECRETS`, or the secret kept in `<db>.session-secret` (created on first use,

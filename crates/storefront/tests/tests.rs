@@ -14,6 +14,7 @@ mod metrics;
 mod orders;
 mod policy;
 mod processes;
+mod replay;
 mod restock;
 mod serve;
 mod two_instances;
