@@ -20,7 +20,8 @@
 //! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used (then the
 //! worker must run in the shop's process: the stream lives there).
 //! `STOREFRONT_ADMIN_TOKEN` (at least 16 characters) is the token admin routes require; without it a
-//! random one is written to `<db>.admin-token` (mode 0600) and only that path is printed.
+//! random one is kept in `<db>.admin-token` (mode 0600; created once, so instances on one database share
+//! it) and only that path is printed.
 //! `STOREFRONT_SESSION_SECRETS` (comma-separated base64, current first, each at least 32 bytes) keys the
 //! session ids; without it a random secret is kept in `<db>.session-secret` (mode 0600; created once, so
 //! sessions outlive a restart and instances on one database share it).
@@ -277,14 +278,7 @@ fn replay_admin_token(db: &Path, file: Option<&Path>) -> anyhow::Result<AdminTok
     let (text, source) = match (file, from_env) {
         (None, Some(token)) => (token, "STOREFRONT_ADMIN_TOKEN".to_owned()),
         (file, _) => {
-            let file = file.map_or_else(
-                || {
-                    let mut name = db.as_os_str().to_owned();
-                    name.push(".admin-token");
-                    PathBuf::from(name)
-                },
-                Path::to_path_buf,
-            );
+            let file = file.map_or_else(|| beside(db, ".admin-token"), Path::to_path_buf);
             let text = std::fs::read_to_string(&file).with_context(|| {
                 format!(
                     "reading the admin token from {} (start the shop on {} first, or pass \
@@ -305,23 +299,8 @@ fn session_secrets(db: &Path) -> anyhow::Result<SessionSecrets> {
     if let Ok(list) = std::env::var("STOREFRONT_SESSION_SECRETS") {
         return SessionSecrets::from_base64_list(&list).context("STOREFRONT_SESSION_SECRETS");
     }
-    let mut file = db.as_os_str().to_owned();
-    file.push(".session-secret");
-    let file = PathBuf::from(file);
-    let bytes: [u8; 32] = rand::rng().random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    // Created only if missing (`create_new`): instances starting at once on one database never overwrite
-    // each other's secret; the loser reads the winner's.
-    let secret = match write_private(&file, &hex, true) {
-        Ok(()) => hex,
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?
-                .trim()
-                .to_owned()
-        }
-        Err(error) => return Err(error).with_context(|| format!("writing {}", file.display())),
-    };
+    let file = beside(db, ".session-secret");
+    let secret = kept_secret(&file, 32)?;
     // The file holds 64 hex digits (256 random bits); their text is the secret.
     SessionSecrets::new(secret.as_bytes())
         .with_context(|| format!("{}: at least 32 characters", file.display()))
@@ -333,36 +312,62 @@ struct Token {
     file: Option<PathBuf>,
 }
 
-/// `STOREFRONT_ADMIN_TOKEN`, or a random token written to `<db>.admin-token` (owner-only).
+/// `STOREFRONT_ADMIN_TOKEN`, or the random token kept in `<db>.admin-token` (owner-only; created at the
+/// first start on this database).
 fn admin_token(db: &Path) -> anyhow::Result<Token> {
     if let Ok(token) = std::env::var("STOREFRONT_ADMIN_TOKEN") {
         let token = AdminToken::new(token)
             .context("STOREFRONT_ADMIN_TOKEN must be at least 16 characters")?;
         return Ok(Token { token, file: None });
     }
-    let bytes: [u8; 24] = rand::rng().random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut file = db.as_os_str().to_owned();
-    file.push(".admin-token");
-    let file = PathBuf::from(file);
-    write_private(&file, &hex, false).with_context(|| format!("writing {}", file.display()))?;
-    let token = AdminToken::new(hex).context("a generated token is 48 characters")?;
+    // Created once, like the session secret: every instance started on this database uses the same token.
+    let file = beside(db, ".admin-token");
+    let hex = kept_secret(&file, 24)?;
+    let token = AdminToken::new(hex)
+        .with_context(|| format!("{}: at least 16 characters", file.display()))?;
     Ok(Token {
         token,
         file: Some(file),
     })
 }
 
-/// Write `text` to `file`, readable by its owner only; with `only_new`, fail with `AlreadyExists` rather
-/// than replace an existing file.
-fn write_private(file: &Path, text: &str, only_new: bool) -> std::io::Result<()> {
+/// `<db><suffix>`.
+fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut file = db.as_os_str().to_owned();
+    file.push(suffix);
+    PathBuf::from(file)
+}
+
+/// The secret kept in `file` (owner-only): `bytes` random bytes in hex, created if the file is missing,
+/// else what it holds. Written to a temporary file and hard-linked into place, so instances starting at once
+/// on one database never overwrite each other's secret nor read a half-written one: the loser reads the
+/// winner's.
+fn kept_secret(file: &Path, bytes: usize) -> anyhow::Result<String> {
+    let random: Vec<u8> = (0..bytes).map(|_| rand::rng().random()).collect();
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    write_private(&tmp, &hex).with_context(|| format!("writing {}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, file);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(hex),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .trim()
+                .to_owned())
+        }
+        Err(error) => Err(error).with_context(|| format!("writing {}", file.display())),
+    }
+}
+
+/// Write `text` to `file` (created or truncated), readable by its owner only.
+fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
-    if only_new {
-        options.write(true).create_new(true);
-    } else {
-        options.write(true).create(true).truncate(true);
-    }
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
@@ -370,4 +375,29 @@ fn write_private(file: &Path, text: &str, only_new: bool) -> std::io::Result<()>
     }
     let mut out = options.open(file)?;
     out.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second instance started on the same database keeps the first one's admin token (it used to write
+    /// a new one, so the file no longer opened the first instance's admin routes) and session secret.
+    #[test]
+    fn secrets_are_created_once_per_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shop.db.admin-token");
+        let first = kept_secret(&file, 24).unwrap();
+        assert_eq!(first.len(), 48);
+        assert_eq!(kept_secret(&file, 24).unwrap(), first);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "owner-only");
+        }
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }
