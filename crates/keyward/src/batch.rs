@@ -1,7 +1,7 @@
 //! Auto-batching of concurrent calls to one resource: calls that are waiting at the same moment go to the
 //! server as **one** request (one script call, one pipeline), and each caller gets its own answer back.
-//! Streams use it for `publish` (one `publish` round trip carries every message queued for a stream);
-//! it is generic so that other capabilities (rate-limit checks, issue #16) can reuse it.
+//! Streams use it for `publish` (one `publish` round trip carries every message queued for a stream), rate
+//! limits for checks (one script call decides every check queued on a handle).
 //!
 //! **The one decision: never wait for more work.** A [`Batcher`] has at most `max_in_flight` requests in
 //! flight (one, unless its user chose more). A call that finds fewer in flight starts one at once with what
@@ -97,6 +97,13 @@ where
         // The lock guards plain data that no code path leaves half-updated; a panic elsewhere while it
         // was held cannot make it inconsistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether no flush is in flight and nothing is queued at this moment (a hint: a caller that finds the
+    /// batcher idle may do its one request itself, saving the hop to a drive task).
+    pub(crate) fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.drives == 0 && st.queue.is_empty()
     }
 
     /// Queue `item` (counting `weight` against `max_weight`) and wait for its output. If fewer than

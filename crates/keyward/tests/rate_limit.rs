@@ -65,6 +65,7 @@ async fn connect(h: &Harness, app: &str, limit: u64) -> Keyward {
 
 conformance!(
     exactly_the_limit_under_1000_racing_checks,
+    racing_checks_of_many_identities_are_exact_for_each,
     refusal_charges_nothing_and_cost_is_weighted,
     peek_reports_without_charging,
     several_limits_are_all_or_nothing,
@@ -108,6 +109,34 @@ mod cases {
                 allowed += usize::from(t.await.unwrap());
             }
             assert_eq!(allowed, 100, "{a}: 1000 racing checks with limit 100");
+        }
+    }
+
+    /// 1,000 racing checks spread over 20 identities (limit 20 each, 50 checks each): every identity gets
+    /// exactly its limit. On Redis the checks are batched across identities (on Cluster, one call per slot
+    /// of the identities in a batch), and a batch deciding several checks of one identity decides them in order.
+    pub async fn racing_checks_of_many_identities_are_exact_for_each(h: Harness) {
+        let app = format!("many-{}", h.app());
+        let kw = connect(&h, &app, 20).await;
+        for a in Algorithm::ALL {
+            let barrier = Arc::new(Barrier::new(1000));
+            let mut tasks = Vec::new();
+            for i in 0..1000 {
+                let limiter = kw.rate_limiter(a.name()).unwrap();
+                let barrier = Arc::clone(&barrier);
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    let id = format!("user-{}", i % 20);
+                    let allowed = limiter.check(&id).await.unwrap().is_allowed();
+                    (i % 20, allowed)
+                }));
+            }
+            let mut allowed = [0usize; 20];
+            for t in tasks {
+                let (id, ok) = t.await.unwrap();
+                allowed[id] += usize::from(ok);
+            }
+            assert_eq!(allowed, [20; 20], "{a}: per identity");
         }
     }
 
@@ -468,6 +497,152 @@ async fn lua_and_rust_agree() {
         }
     }
     assert!(disagreements.is_empty(), "{disagreements:#?}");
+}
+
+/// `EVALSHA` calls the server has run so far.
+fn evalsha_calls(con: &mut ::redis::Connection) -> u64 {
+    let info: String = ::redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Concurrent checks on Redis go as one batched script call, which decides them in the order they were made,
+/// each as alone: the same checks made one by one on the embedded backend get the same answers. Every
+/// algorithm, groups of limits, the same identity several times in one batch, peeks and weighted costs.
+/// On a current-thread runtime every check of a round queues before a batch is taken (only a first check
+/// that finds the batcher idle makes its own call, sent first): at most two calls per round, in the order made.
+#[tokio::test(flavor = "current_thread")]
+async fn batched_checks_agree_with_the_mirror_in_one_call() {
+    use rand::{Rng, SeedableRng};
+    let redis = Harness::redis();
+    let mut con = redis.server().unwrap().connection();
+    let embedded = Keyward::embedded(policy("batch", 20));
+    let on_redis = connect(&redis, "batch", 20).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut classes: Vec<Vec<&str>> = Algorithm::ALL.iter().map(|a| vec![a.name()]).collect();
+    classes.push(vec!["per_ip", "per_day"]);
+    classes.push(vec!["gcra", "shadowed"]);
+    classes.push(vec!["sliding_log", "fixed_window", "token_bucket"]);
+    let (mut rounds, mut checks) = (0u64, 0u64);
+    // Load the script first: a call answered `NOSCRIPT` is sent again after the calls behind it.
+    on_redis
+        .rate_limiter("gcra")
+        .unwrap()
+        .peek("warm")
+        .await
+        .unwrap();
+    embedded
+        .rate_limiter("gcra")
+        .unwrap()
+        .peek("warm")
+        .await
+        .unwrap();
+    let before = evalsha_calls(&mut con);
+    let mut disagreements = Vec::new();
+    for group in &classes {
+        let le = embedded.rate_limiter_group(group).unwrap();
+        let lr = on_redis.rate_limiter_group(group).unwrap();
+        let most = lr
+            .configs()
+            .map(|(_, c)| c.capacity())
+            .min()
+            .unwrap()
+            .min(3);
+        for round in 0..25 {
+            let batch: Vec<(String, u64)> = (0..rng.random_range(2..9))
+                .map(|_| {
+                    (
+                        format!("id{}", rng.random_range(0..3)),
+                        rng.random_range(0..=most),
+                    )
+                })
+                .collect();
+            let on_redis = futures_util::future::join_all(
+                batch.iter().map(|(id, cost)| lr.check_cost(id, *cost)),
+            )
+            .await;
+            rounds += 1;
+            checks += batch.len() as u64;
+            for ((id, cost), dr) in batch.iter().zip(on_redis) {
+                let dr = dr.unwrap();
+                let de = le.check_cost(id, *cost).await.unwrap();
+                let e = (de.is_allowed(), de.remaining(), de.retry_after().is_some());
+                let r = (dr.is_allowed(), dr.remaining(), dr.retry_after().is_some());
+                if e != r || de.reset_after().abs_diff(dr.reset_after()) > Duration::from_secs(2) {
+                    disagreements.push(format!(
+                        "{group:?} round {round} {id} cost {cost}: embedded {e:?} redis {r:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
+    let calls = evalsha_calls(&mut con) - before;
+    assert!(
+        calls <= 2 * rounds && 2 * calls < checks,
+        "{checks} checks in {rounds} rounds took {calls} script calls: at most two per round"
+    );
+}
+
+/// In a batch, a key of the wrong type fails its own check only: the others in the same script call are
+/// decided and charged, the victim is charged nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_wrong_type_key_fails_only_its_check_in_a_batch() {
+    let redis = Harness::redis();
+    let mut con = redis.server().unwrap().connection();
+    let kw = connect(&redis, "batchwrong", 10).await;
+    let l = kw.rate_limiter("gcra").unwrap();
+    // The victim's key, found by checking it once, then replaced by a list.
+    l.check("victim").await.unwrap();
+    let key = redis
+        .all_keys(&kw)
+        .await
+        .into_iter()
+        .map(|k| k.key)
+        .find(|k| k.ends_with("{victim}"))
+        .unwrap();
+    let _: () = ::redis::cmd("DEL").arg(&key).query(&mut con).unwrap();
+    let _: () = ::redis::cmd("RPUSH")
+        .arg(&key)
+        .arg("a")
+        .query(&mut con)
+        .unwrap();
+    let before = evalsha_calls(&mut con);
+    // `b1` makes its own call (the batcher is idle); the rest, the victim among them, go as one batch.
+    let ids = ["b1", "victim", "b2", "b1", "b3"];
+    let answers = futures_util::future::join_all(ids.iter().map(|id| l.check(id))).await;
+    assert_eq!(
+        evalsha_calls(&mut con) - before,
+        2,
+        "a lone call and one batch"
+    );
+    for (id, answer) in ids.iter().zip(answers) {
+        match (*id, answer) {
+            ("victim", Err(e @ Error::Redis { .. })) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("WRONGTYPE") && text.contains("rate-limit state"),
+                    "{text}"
+                );
+                assert!(
+                    !text.contains("victim"),
+                    "the id stays out of errors: {text}"
+                );
+            }
+            ("victim", other) => panic!("victim: {other:?}"),
+            (id, answer) => {
+                let d = answer.unwrap();
+                assert!(d.is_allowed() && d.source() == Source::Store, "{id}: {d:?}");
+            }
+        }
+    }
+    // b1 was charged twice in the batch, the others once; the victim's list is untouched.
+    assert_eq!(l.peek("b1").await.unwrap().remaining(), 8);
+    assert_eq!(l.peek("b2").await.unwrap().remaining(), 9);
+    let len: u64 = ::redis::cmd("LLEN").arg(&key).query(&mut con).unwrap();
+    assert_eq!(len, 1);
 }
 
 /// Window edges and bounds, on the embedded backend with tokio's clock paused and advanced by hand (the

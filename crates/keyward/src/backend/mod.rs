@@ -22,15 +22,13 @@ pub(crate) mod wake;
 
 use std::time::Duration;
 
-#[cfg(doc)]
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub use breaker::BreakerState;
 pub use memory::MemoryOptions;
 pub(crate) use memory::keyspace::{Budget, Budgets, Keyspace, Kv, Val};
 pub use options::ConnectOptions;
-pub(crate) use redis::cluster::ViewEpochs;
+pub(crate) use redis::cluster::{ViewEpochs, slot_of};
 pub(crate) use redis::redact;
 pub(crate) use script::{Call, Pipeline, Reply, Script, Undo, scripts};
 
@@ -326,6 +324,33 @@ impl Backend {
             Target::Redis(r) => r.epochs_bound().map(|b| b / 2),
             Target::Pending(l) => l.epochs_bound().map(|b| b / 2),
             Target::Memory(_) => None,
+        }
+    }
+
+    /// Where concurrent calls are worth merging into one round trip: `Some(false)` for standalone Redis and
+    /// Sentinel (one call carries them all), `Some(true)` for Redis Cluster (one call per slot); `None` when
+    /// a call costs no round trip (embedded) or cannot be made (a lazy handle not connected yet).
+    pub(crate) fn batching(&self) -> Option<bool> {
+        match self.target() {
+            Target::Redis(r) => Some(r.is_cluster()),
+            Target::Memory(_) | Target::Pending(_) => None,
+        }
+    }
+
+    /// The error for an error reply a script returned as a value for one part of its work (rather than
+    /// failing the whole call): `reply` is the Redis error text, its first word the code (`WRONGTYPE …`),
+    /// `key` the key it concerns (on Cluster, it names the node that holds it).
+    pub(crate) fn reply_error(&self, op: &'static str, key: &str, reply: &str) -> Error {
+        let (code, detail) = reply.split_once(' ').unwrap_or((reply, ""));
+        let e = ::redis::make_extension_error(code.to_owned(), Some(detail.to_owned()));
+        match self.target() {
+            Target::Redis(r) => r.reply_err(op, key, e),
+            Target::Memory(_) => Error::Redis {
+                server: "embedded".to_owned(),
+                op,
+                source: redis::failure::failure(e),
+            },
+            Target::Pending(l) => l.not_connected(op),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Rate limiting: five algorithms, exact under races, on the store's clock.
 //!
 //! **Guarantee.** A check is one atomic step on the store — one Lua script on Redis (`EVALSHA`, reading the
-//! server's `TIME`), one critical section in the embedded backend — so concurrent checks cannot both read
+//! server's `TIME`; checks of one handle that wait at the same moment share one call of the script, which
+//! decides them one after the other, each as alone: see `docs/rate-limiting.md`), one critical section in
+//! the embedded backend — so concurrent checks cannot both read
 //! "one left" and both pass: with a limit of 100, 1000 racing checks from any number of processes allow
 //! exactly 100 (`fixed_window`, `sliding_log`, `token_bucket` and `gcra`; `sliding_counter` is exact within a
 //! window and approximate across one, see [`Algorithm::SlidingCounter`](crate::policy::Algorithm::SlidingCounter)). Several limits checked together
@@ -75,7 +77,7 @@ pub use crate::backend::BreakerState;
 
 use self::algo::{Group, Spec, Verdict};
 use self::local::LocalRates;
-use self::store::{RateCall, RateReply};
+use self::store::{Batching, Queued, RateCall, RateReply};
 use crate::Keyward;
 use crate::error::{Error, Result};
 use crate::key::{IdParts, KeySpace};
@@ -238,6 +240,11 @@ struct Limit {
     class: Arc<str>,
     config: RateLimitClass,
     keys: KeySpace,
+    /// The decision counters, registered once with the recorder installed when the limiter was made (as
+    /// every keyward handle does: install the recorder first), so a check formats no label.
+    allowed: metrics::Counter,
+    limited: metrics::Counter,
+    shadow_limited: metrics::Counter,
 }
 
 /// Checks one or more rate-limit classes for an identity. Cheap to clone.
@@ -294,6 +301,8 @@ impl fmt::Debug for RateLimiter {
 pub(crate) struct RateShared {
     fallback: LocalRates,
     blocks: Mutex<HashMap<String, Steps>>,
+    /// Merges the concurrent checks of every limiter of the handle into shared script calls (Redis only).
+    batching: Batching,
 }
 
 impl Default for RateShared {
@@ -301,6 +310,7 @@ impl Default for RateShared {
         RateShared {
             fallback: LocalRates::new(LOCAL_CAPACITY),
             blocks: Mutex::new(HashMap::new()),
+            batching: Batching::default(),
         }
     }
 }
@@ -403,10 +413,14 @@ impl Keyward {
                 interval: config.interval_us(),
             };
             specs.push(spec);
+            let label = class.to_owned();
             limits.push(Limit {
                 class: Arc::from(class),
                 config,
                 keys,
+                allowed: metrics::counter!("keyward_ratelimit_allowed_total", "class" => label.clone()),
+                limited: metrics::counter!("keyward_ratelimit_limited_total", "class" => label.clone()),
+                shadow_limited: metrics::counter!("keyward_ratelimit_shadow_limited_total", "class" => label),
             });
         }
         let on_error = limits
@@ -503,13 +517,20 @@ impl RateLimiter {
             .limits
             .iter()
             .map(|l| l.keys.key(id))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .collect::<std::result::Result<Arc<[String]>, _>>()?;
         let shared = &self.shared;
 
         if consume && let Some(d) = self.blocked(&keys, cost, shared) {
             return Ok(d);
         }
 
+        let queued = Queued {
+            keys: Arc::clone(&keys),
+            specs: Arc::clone(&self.specs),
+            shadow: Arc::clone(&self.shadow),
+            cost,
+            consume,
+        };
         let call = RateCall {
             keys: &keys,
             group: Group {
@@ -519,8 +540,9 @@ impl RateLimiter {
             cost,
             consume,
         };
-        // The backend bounds the call by the response timeout and answers at once while its breaker is open.
-        let decision = match store::check(&self.kw.inner.backend, &call).await {
+        // The backend bounds the call by the response timeout and answers at once while its breaker is open;
+        // on Redis, checks waiting at the same moment share one script call (`store::decide`).
+        let decision = match store::decide(&self.kw, &shared.batching, queued).await {
             Ok(reply) => self.decide(reply, Source::Store),
             // A full embedded store (a flood of identities past the class's budget) is the store failing too:
             // `on_error` decides, as it does for Redis answering `OOM`.
@@ -670,21 +692,19 @@ impl RateLimiter {
         let now = Instant::now();
         let rates = &self.shared;
         for ((l, status), key) in self.limits.iter().zip(&d.limits).zip(keys) {
-            let class = l.class.to_string();
             if status.shadow {
                 if !status.allowed {
-                    metrics::counter!("keyward_ratelimit_shadow_limited_total", "class" => class)
-                        .increment(1);
+                    l.shadow_limited.increment(1);
                 }
                 continue;
             }
             if d.allowed {
-                metrics::counter!("keyward_ratelimit_allowed_total", "class" => class).increment(1);
+                l.allowed.increment(1);
                 if l.config.is_block_cache() && d.source == Source::Store {
                     rates.unblock(key, cost);
                 }
             } else if !status.allowed {
-                metrics::counter!("keyward_ratelimit_limited_total", "class" => class).increment(1);
+                l.limited.increment(1);
                 if l.config.is_block_cache()
                     && d.source == Source::Store
                     && let Some(retry) = status.retry_after

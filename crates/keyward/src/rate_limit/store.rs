@@ -7,11 +7,16 @@
 //! set on Redis, is a string of 8-byte little-endian timestamps), so `backend/` never depends on rate-limit
 //! types, and a value that does not parse counts as absent, as `tonumber(x) or …` does in the script.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 
-use super::algo::{Group, State, Verdict, Write};
-use crate::backend::{Backend, Kv, Val, scripts};
-use crate::error::Result;
+use super::algo::{Group, Spec, State, Verdict, Write};
+use crate::Keyward;
+use crate::backend::{Backend, Call, Kv, Reply, Val, scripts, slot_of};
+use crate::batch::{Abandoned, Batcher};
+use crate::error::{Error, Result};
 use crate::policy::Algorithm;
 
 scripts! {
@@ -33,56 +38,260 @@ pub(crate) struct RateCall<'a> {
     pub(crate) consume: bool,
 }
 
-/// One rate-limit check over one or more limits of one identity, all or nothing, on the store's clock.
-///
-/// # Errors
-/// The store's: on Redis, the connection's and the script's; embedded,
-/// [`Error::StoreFull`](crate::Error::StoreFull) when the class's budget is full (nothing is charged).
-pub(crate) async fn check(b: &Backend, call: &RateCall<'_>) -> Result<RateReply> {
+/// One grouped check that owns its parts, so that it can wait in the [`RateBatcher`]'s queue.
+pub(crate) struct Queued {
+    pub(crate) keys: Arc<[String]>,
+    pub(crate) specs: Arc<[Spec]>,
+    pub(crate) shadow: Arc<[bool]>,
+    pub(crate) cost: i64,
+    pub(crate) consume: bool,
+}
+
+impl Queued {
+    fn call(&self) -> RateCall<'_> {
+        RateCall {
+            keys: &self.keys,
+            group: Group {
+                specs: &self.specs,
+                shadow: &self.shadow,
+            },
+            cost: self.cost,
+            consume: self.consume,
+        }
+    }
+}
+
+/// Batches the concurrent checks of one [`Keyward`](crate::Keyward) handle (every class, every identity):
+/// each item is one check, each output its answer.
+type RateBatcher = Batcher<Queued, Result<RateReply>>;
+
+/// How the checks of one [`Keyward`](crate::Keyward) handle reach Redis: a lone check in a call of its own,
+/// made by its caller; checks that meet others through the batcher.
+pub(crate) struct Batching {
+    batcher: Arc<RateBatcher>,
+    /// Set while a check runs alone (outside the batcher), so that a second concurrent check batches.
+    alone: AtomicBool,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            batcher: Arc::new(RateBatcher::new(MAX_BATCH_LIMITS, BATCH_CALLS_IN_FLIGHT)),
+            alone: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Clears [`Batching::alone`] when the lone check ends (or its future is dropped).
+struct Alone<'a>(&'a AtomicBool);
+
+impl Drop for Alone<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The most limits (keys) one batched script call decides: bounds how long one call holds the server
+/// (about 2–4 µs of server time per GCRA check, so ~0.5 ms at most).
+pub(crate) const MAX_BATCH_LIMITS: usize = 32;
+
+/// How many batched calls of one handle may be in flight at once: two, so that the client builds and sends
+/// one batch while the server runs the other. Order does not matter between concurrent checks (each is
+/// decided atomically on its own), so a `NOSCRIPT` retry that reorders two calls changes nothing.
+pub(crate) const BATCH_CALLS_IN_FLIGHT: usize = 2;
+
+/// The script call deciding `calls` in order (see `ratelimit.lua`): each distinct limit group once (checks of
+/// one limiter share its group), then per check its group, its signed cost and its keys.
+fn script(calls: &[RateCall<'_>]) -> Call {
+    let mut groups: Vec<&Group<'_>> = Vec::new();
+    let mut of = Vec::with_capacity(calls.len());
+    for c in calls {
+        let same = |g: &&Group<'_>| {
+            std::ptr::eq(g.specs, c.group.specs) && std::ptr::eq(g.shadow, c.group.shadow)
+        };
+        of.push(match groups.iter().position(same) {
+            Some(i) => i + 1,
+            None => {
+                groups.push(&c.group);
+                groups.len()
+            }
+        });
+    }
     let mut script = SCRIPTS
         .ratelimit
         .call("rate_limit")
-        .arg(call.cost)
-        .arg(if call.consume { "1" } else { "0" })
-        .arg(rand::random::<u64>());
-    for key in call.keys {
-        script = script.key(key);
+        .arg(rand::random::<u64>())
+        .arg(groups.len());
+    for g in groups {
+        script = script.arg(g.specs.len());
+        for (spec, shadow) in g.specs.iter().zip(g.shadow) {
+            script = script
+                .arg(spec.code())
+                .arg(spec.limit)
+                .arg(spec.window)
+                .arg(spec.capacity)
+                .arg(spec.interval)
+                .arg(if *shadow { "1" } else { "0" });
+        }
     }
-    for (spec, shadow) in call.group.specs.iter().zip(call.group.shadow) {
-        script = script
-            .arg(spec.code())
-            .arg(spec.limit)
-            .arg(spec.window)
-            .arg(spec.capacity)
-            .arg(spec.interval)
-            .arg(if *shadow { "1" } else { "0" });
+    for (c, g) in calls.iter().zip(of) {
+        // A peek goes as a negative cost (a charged check always costs at least 1).
+        script = script.arg(g).arg(if c.consume { c.cost } else { -c.cost });
+        for key in c.keys {
+            script = script.key(key);
+        }
     }
-    // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
-    b.atomic(
-        script,
-        |kv| mirror(kv, call),
-        |reply| {
-            let reply = reply.ints()?;
-            if reply.len() != 1 + 5 * call.keys.len() {
-                return None;
-            }
-            let verdicts = reply[1..]
-                .chunks_exact(5)
-                .map(|c| Verdict {
-                    allowed: c[0] == 1,
-                    remaining: c[1],
-                    reset: c[2],
-                    retry: c[3],
-                    corrupt: c[4] == 1,
+    script
+}
+
+/// The script's reply for checks of `limits` limits each, in order: per check its answer, or the error reply
+/// the script returned for it (a key of the wrong type). `None` if the reply has another shape.
+fn parse(
+    reply: &Reply,
+    limits: impl Iterator<Item = usize>,
+) -> Option<Vec<std::result::Result<RateReply, String>>> {
+    let Reply::Array(items) = reply else {
+        return None;
+    };
+    let mut at = 0;
+    let mut out = Vec::new();
+    for n in limits {
+        let head = items.get(at)?.int()?;
+        if head == -1 {
+            let message = items.get(at + 1)?.bytes()?;
+            out.push(Err(String::from_utf8_lossy(&message).into_owned()));
+            at += 2;
+            continue;
+        }
+        let verdicts = items
+            .get(at + 1..at + 1 + 5 * n)?
+            .chunks_exact(5)
+            .map(|c| {
+                Some(Verdict {
+                    allowed: c[0].int()? == 1,
+                    remaining: c[1].int()?,
+                    reset: c[2].int()?,
+                    retry: c[3].int()?,
+                    corrupt: c[4].int()? == 1,
                 })
-                .collect();
-            Some(RateReply {
-                allowed: reply[0] == 1,
-                verdicts,
             })
-        },
-    )
-    .await
+            .collect::<Option<Vec<_>>>()?;
+        out.push(Ok(RateReply {
+            allowed: head == 1,
+            verdicts,
+        }));
+        at += 1 + 5 * n;
+    }
+    (at == items.len()).then_some(out)
+}
+
+/// One rate-limit check over one or more limits of one identity, all or nothing, on the store's clock, in a
+/// call of its own.
+///
+/// # Errors
+/// The store's: on Redis, the connection's and the script's ([`Error::Redis`] with code `WRONGTYPE` when a
+/// key holds another type than its algorithm keeps); embedded, [`Error::StoreFull`] when the class's
+/// budget is full (nothing is charged).
+pub(crate) async fn check(b: &Backend, call: &RateCall<'_>) -> Result<RateReply> {
+    let script = script(std::slice::from_ref(call));
+    // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
+    let answer = b
+        .atomic(
+            script,
+            |kv| Ok(mirror(kv, call)),
+            |reply| parse(reply, std::iter::once(call.keys.len()))?.pop(),
+        )
+        .await?;
+    answer.map_err(|message| b.reply_error("rate_limit", &call.keys[0], &message))
+}
+
+/// Decide `check`, merged with the checks of other callers of `batcher` that wait at the same moment when the
+/// store is Redis (see [`crate::batch`]): one script call decides them one after the other, each exactly as
+/// alone, under one reading of the server's clock (on Cluster, one call per slot). Embedded, the check runs
+/// at once (it costs no round trip).
+///
+/// # Errors
+/// As [`check`]; every check of a call that failed gets the call's error.
+pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) -> Result<RateReply> {
+    let b = &kw.inner.backend;
+    // Embedded: decided at once (no round trip to save).
+    if b.batching().is_none() {
+        return check(b, &queued.call()).await;
+    }
+    // The only check in flight: made by its caller, without the hop to a batch task, so that a lone
+    // caller's latency is one plain round trip. The flag sends the next concurrent check to the batcher.
+    if batching.batcher.is_idle() && !batching.alone.swap(true, Ordering::AcqRel) {
+        let _alone = Alone(&batching.alone);
+        return check(b, &queued.call()).await;
+    }
+    let weight = queued.keys.len();
+    let kw = kw.clone();
+    batching
+        .batcher
+        .submit(queued, weight, move |items| flush(kw.clone(), items))
+        .await
+        .unwrap_or_else(|Abandoned| {
+            Err(Error::InvalidArgument {
+                what: "a rate-limit check was abandoned before its answer (the runtime is shutting down, \
+                       or the batch task panicked); it may or may not have been charged"
+                    .to_owned(),
+            })
+        })
+}
+
+/// One batch: on standalone Redis one script call; on Cluster one per slot, sent at once.
+async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Result<RateReply>> {
+    let b = &kw.inner.backend;
+    if b.batching() != Some(true) {
+        let all: Vec<&Queued> = items.iter().collect();
+        return call_many(b, &all).await;
+    }
+    // Group by slot (the keys of one check share a hash tag), keeping the queue's order within a slot.
+    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, q) in items.iter().enumerate() {
+        let slot = slot_of(q.keys[0].as_bytes());
+        match slots.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, members)) => members.push(i),
+            None => slots.push((slot, vec![i])),
+        }
+    }
+    let calls = slots.iter().map(|(_, members)| {
+        let group: Vec<&Queued> = members.iter().map(|&i| &items[i]).collect();
+        async move { call_many(b, &group).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let mut out: Vec<Option<Result<RateReply>>> = items.iter().map(|_| None).collect();
+    for ((_, members), answers) in slots.iter().zip(answers) {
+        for (&i, answer) in members.iter().zip(answers) {
+            out[i] = Some(answer);
+        }
+    }
+    // Every position was filled: each item is in exactly one slot group, and `call_many` answers each.
+    out.into_iter().flatten().collect()
+}
+
+/// The checks `items` (all in one slot on Cluster) in one script call; a lone check takes [`check`].
+async fn call_many(b: &Backend, items: &[&Queued]) -> Vec<Result<RateReply>> {
+    if let [one] = items {
+        return vec![check(b, &one.call()).await];
+    }
+    let calls: Vec<RateCall<'_>> = items.iter().map(|q| q.call()).collect();
+    let answers = b
+        .atomic(
+            script(&calls),
+            |kv| items.iter().map(|q| Ok(mirror(kv, &q.call()))).collect(),
+            |reply| parse(reply, items.iter().map(|q| q.keys.len())),
+        )
+        .await;
+    match answers {
+        // `parse` returns one answer per check.
+        Ok(answers) => answers
+            .into_iter()
+            .zip(items)
+            .map(|(a, q)| a.map_err(|message| b.reply_error("rate_limit", &q.keys[0], &message)))
+            .collect(),
+        Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+    }
 }
 
 /// The script's mirror: one critical section reading every limit's state, deciding, and writing the new

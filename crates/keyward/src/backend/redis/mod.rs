@@ -891,6 +891,11 @@ impl RedisBackend {
         }
     }
 
+    /// The error for an error reply `e` concerning `key` that a script returned as a value.
+    pub(crate) fn reply_err(&self, op: &'static str, key: &str, e: RedisError) -> Error {
+        self.err(op, Some(cluster::slot_of(key.as_bytes())), e)
+    }
+
     fn timeout_err(&self, op: &'static str, slot: Option<u16>) -> Error {
         Error::Timeout {
             server: self.server_for(slot),
