@@ -313,8 +313,10 @@ fn redis_ratelimit_exact_across_processes_allows_the_limit() {
         assert_eq!(v["allowed"], 50, "{v}");
         assert_eq!(v["limited"], 350, "{v}");
         assert_eq!(v["exact"], true, "{v}");
-        // One EVALSHA per check, whatever the script calls inside.
-        assert_eq!(v["redis_cmds"]["evalsha"], 400, "{v}");
+        // At most one EVALSHA per check, whatever the script calls inside: concurrent checks of one
+        // process share one call (auto-batching), and each of the 2 processes makes at least one.
+        let calls = v["redis_cmds"]["evalsha"].as_u64().unwrap();
+        assert!((2..=400).contains(&calls), "{v}");
     }
 }
 
@@ -341,7 +343,7 @@ fn embedded_ratelimit_throughput_never_refuses() {
 }
 
 #[test]
-fn redis_ratelimit_throughput_sends_one_command_per_check() {
+fn redis_ratelimit_throughput_sends_at_most_one_command_per_check() {
     let server = RedisServer::spawn();
     for algorithm in ["gcra", "sliding_log"] {
         let v = bench_json(&[
@@ -360,11 +362,14 @@ fn redis_ratelimit_throughput_sends_one_command_per_check() {
         assert_eq!(v["backend"], "redis");
         assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
         assert_eq!(v["limited"], 0, "{v}");
-        assert_eq!(v["redis_client_cmds_per_op"].as_f64(), Some(1.0), "{v}");
-        // 8 callers × 16 checks while MONITOR counts, each one EVALSHA.
-        assert_eq!(
-            v["redis_client_cmds"],
-            serde_json::json!({ "evalsha": 128 }),
+        // 8 callers × 16 checks while MONITOR counts: EVALSHA only, at most one per check (concurrent
+        // checks share one call).
+        let per_op = v["redis_client_cmds_per_op"].as_f64().unwrap();
+        assert!(per_op > 0.0 && per_op <= 1.0, "{v}");
+        let cmds = v["redis_client_cmds"].as_object().unwrap();
+        assert_eq!(cmds.keys().collect::<Vec<_>>(), ["evalsha"], "{v}");
+        assert!(
+            (1..=128).contains(&cmds["evalsha"].as_u64().unwrap()),
             "{v}"
         );
         // The server runs more than the client sends: the script's own calls.

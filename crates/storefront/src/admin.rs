@@ -165,7 +165,12 @@ pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), App
     let sent = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token)
+        });
     match sent {
         Some(sent) if token.matches(sent.trim()) => Ok(()),
         _ => Err(AppError::Unauthorized),

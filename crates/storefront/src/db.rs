@@ -85,6 +85,8 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     slots: Semaphore,
     queries: AtomicU64,
+    /// When this handle opened the file, as SQLite writes `created_at` (UTC, ms).
+    opened_at: String,
 }
 
 impl std::fmt::Debug for Db {
@@ -108,6 +110,7 @@ impl Db {
             source,
         };
         let mut idle = Vec::new();
+        let mut opened_at = String::new();
         for i in 0..pool_size.max(1) {
             let conn = Connection::open_with_flags(
                 path,
@@ -126,6 +129,11 @@ impl Db {
                 conn.pragma_update(None, "synchronous", "NORMAL")
                     .map_err(open_err)?;
                 conn.execute_batch(SCHEMA).map_err(open_err)?;
+                opened_at = conn
+                    .query_row("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')", [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(open_err)?;
             }
             idle.push(conn);
         }
@@ -136,8 +144,15 @@ impl Db {
                 idle: Mutex::new(idle),
                 slots,
                 queries: AtomicU64::new(0),
+                opened_at,
             }),
         })
+    }
+
+    /// When this handle opened the database (UTC, `YYYY-MM-DD HH:MM:SS.SSS`, the format of the tables'
+    /// `created_at`): rows written before it were written by an earlier process.
+    pub fn opened_at(&self) -> &str {
+        &self.inner.opened_at
     }
 
     /// The database file.

@@ -127,8 +127,17 @@ async fn main() -> anyhow::Result<ExitCode> {
         Some(file) => Policy::from_file(file)?,
         None => storefront::policy().context("the compiled-in policy")?,
     };
-    let admin_token = admin_token(&args.db)?;
     let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    if matches!(args.command, Some(Command::Worker)) && redis_url.is_none() {
+        // Embedded, the stream lives in the shop's process: a worker of its own would consume an empty
+        // stream of its own for ever.
+        eprintln!(
+            "storefront worker: REDIS_URL is not set. A worker in its own process needs the shop's Redis \
+             (on the embedded backend the shop runs its worker itself; start it without --no-worker)"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let admin_token = admin_token(&args.db)?;
     let config = Config::new(&args.db, policy)
         .redis_url(redis_url)
         .admin_token(Some(admin_token.token))
@@ -166,7 +175,22 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
     };
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        // Ctrl-C, or SIGTERM (what service managers and `docker stop` send): the same orderly stop.
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
         let _ = stop.send(true);
     });
 

@@ -12,14 +12,19 @@
 //!    the `order_outbox` table;
 //! 2. [`Catalog::stock_changed`](crate::Catalog::stock_changed) per product: the detail by key; the
 //!    category's pages (tag) only when the stock reached 0 (pages show only `in_stock`);
-//! 3. publish [`OrderEvent::Placed`] to the `order_events` stream, then delete its outbox row.
+//! 3. publish [`OrderEvent::Placed`] to the `order_events` stream, then delete its outbox row (on Redis,
+//!    where the stream is durable; on the embedded backend the stream dies with the process, so the row
+//!    stays until the worker's handler deletes it in its own transaction).
 //!
 //! Failures in 2 and 3 are logged and counted, and the order still answers `201`. A failed invalidation
 //! leaves the detail's old stock visible until its TTL (10–12 min;
 //! `storefront_order_invalidations_failed_total`). A failed publish, or a crash after the commit, leaves
 //! the outbox row: [`relay_outbox`] (run by the worker every [`OUTBOX_RELAY_EVERY`]) publishes rows older
 //! than [`OUTBOX_GRACE`] and deletes them. An event can so be published twice (published, then the
-//! delete failed); the worker's effects are keyed by the order id, so that is harmless.
+//! delete failed); the worker's effects are keyed by the order id, so that is harmless. On the embedded
+//! backend the relay publishes only rows older than the process (`Db::opened_at`): a process that died
+//! with events unhandled has them relayed by the next one at its start. There, an event whose publish
+//! failed (the embedded store full) waits for that next start too.
 //!
 //! `/me/orders` is personal data: read from SQLite on every request, never cached in the shared store
 //! (`my_orders` in `policy.toml` is `personal = true`, so `Keyward::cache("my_orders")` is refused), and
@@ -233,6 +238,9 @@ pub async fn place_order(
         }
     }
     match state.events.publish(&event).await {
+        // The embedded backend's stream lives in this process's memory: a published event dies with the
+        // process, so its outbox row stays until the worker has handled it (the handler deletes it).
+        Ok(_) if state.kw.backend() == keyward::BackendKind::Embedded => {}
         Ok(_) => {
             let id = order.id;
             let deleted = state
@@ -256,8 +264,12 @@ pub async fn place_order(
     Ok(order)
 }
 
-/// Publish the outbox rows older than `grace` (at most [`OUTBOX_BATCH`], oldest first) to `events`,
-/// deleting each once published. Returns how many were published.
+/// Publish outbox rows (at most [`OUTBOX_BATCH`], oldest first) to `events`. When the stream is
+/// `durable` (Redis): the rows older than `grace`, each deleted once published. On the embedded backend
+/// (`durable = false`) the stream lives in this process, and a row stays until the worker's handler
+/// deletes it: only the rows written before `db` was opened are published (their process died before
+/// its worker handled them; this process's own rows are in its stream already), and kept until handled.
+/// Returns how many were published.
 ///
 /// # Errors
 /// [`AppError::Db`] if the outbox cannot be read; a publish failure stops the pass (its rows stay for
@@ -266,19 +278,22 @@ pub async fn relay_outbox(
     db: &crate::Db,
     events: &keyward::stream::Stream<OrderEvent>,
     grace: Duration,
+    durable: bool,
 ) -> Result<usize, AppError> {
     let modifier = format!("-{:.3} seconds", grace.as_secs_f64());
+    let opened = db.opened_at().to_owned();
     let rows: Vec<(i64, String)> = db
         .read(move |conn| {
             let what = "read the order outbox";
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT order_id, event FROM order_outbox \
-                     WHERE created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', ?1) \
+                     WHERE (?3 AND created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', ?1)) \
+                        OR (NOT ?3 AND created_at < ?4) \
                      ORDER BY order_id LIMIT ?2",
                 )
                 .map_err(DbError::query(what))?;
-            stmt.query_map(params![modifier, OUTBOX_BATCH], |r| {
+            stmt.query_map(params![modifier, OUTBOX_BATCH, durable, opened], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .map_err(DbError::query(what))?
@@ -297,11 +312,13 @@ pub async fn relay_outbox(
             }
         };
         events.publish(&event).await?;
-        db.write(move |tx| {
-            tx.execute("DELETE FROM order_outbox WHERE order_id = ?1", [order_id])
-                .map_err(DbError::query("delete a relayed outbox row"))
-        })
-        .await?;
+        if durable {
+            db.write(move |tx| {
+                tx.execute("DELETE FROM order_outbox WHERE order_id = ?1", [order_id])
+                    .map_err(DbError::query("delete a relayed outbox row"))
+            })
+            .await?;
+        }
         published += 1;
     }
     Ok(published)

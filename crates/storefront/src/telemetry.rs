@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
@@ -78,13 +78,23 @@ pub(crate) async fn get_metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Middleware: count each answered request by its matched route (never the raw path: ids would make
-/// the series unbounded), method and status.
+/// the series unbounded), method (a non-standard one as `other`) and status.
 pub(crate) async fn count_requests(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    // Only the standard methods get their own series: any client can send `FOO1`, `FOO2`, ….
+    let method: &'static str = match *request.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let response = next.run(request).await;
     metrics::counter!(
         REQUESTS,

@@ -65,6 +65,13 @@ fn notify(tx: &rusqlite::Transaction<'_>, placed: &OrderPlaced) -> Result<(), Db
             ],
         )
         .map_err(DbError::query("write an order confirmation"))?;
+    // The event is handled: its outbox row (still there on the embedded backend, or after a crash between
+    // the commit and the publish) must not be relayed again.
+    tx.execute(
+        "DELETE FROM order_outbox WHERE order_id = ?1",
+        [placed.order_id],
+    )
+    .map_err(DbError::query("delete a handled outbox row"))?;
     if written == 0 {
         // Delivered before: the confirmation and the counts are already there.
         return Ok(());
@@ -94,6 +101,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> keyward::Result<WorkerReport> {
     let events = kw.stream::<OrderEvent>(crate::orders::ORDER_EVENTS_CLASS)?;
+    let durable = kw.backend() != keyward::BackendKind::Embedded;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let handler_db = db.clone();
     let worker = events
@@ -113,7 +121,7 @@ pub async fn run(
             tokio::select! {
                 _ = stopped.changed() => break,
                 _ = every.tick() => {
-                    match crate::orders::relay_outbox(&db, &events, crate::orders::OUTBOX_GRACE).await {
+                    match crate::orders::relay_outbox(&db, &events, crate::orders::OUTBOX_GRACE, durable).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(events = n, "storefront: relayed order events from the outbox"),
                         Err(error) => tracing::warn!(?error, "storefront: the outbox relay failed; the next pass retries"),

@@ -261,6 +261,18 @@ async fn admin_writes_need_the_token_and_valid_values() {
             .0,
         StatusCode::UNAUTHORIZED
     );
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` works as `Bearer` does.
+    let lower = format!("bearer {}", crate::util::ADMIN_TOKEN);
+    let answer = crate::util::Client::at("192.0.2.77")
+        .send(
+            &shop,
+            http::Method::PATCH,
+            "/admin/products/2",
+            json!({ "price_cents": original }),
+            &[("authorization", lower.as_str())],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     for bad in [
         json!({ "price_cents": -1 }),
         json!({ "stock": -5 }),

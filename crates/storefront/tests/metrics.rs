@@ -105,6 +105,14 @@ async fn metrics_show_keyward_and_storefront_series_after_traffic() {
     );
     // The product's second read came from the cache: the loads, not the requests, hit SQLite.
     assert!(series("storefront_db_queries_total") > queries_before);
+    // A made-up method is counted as `other`: a client cannot add series at will.
+    let foo = http::Method::from_bytes(b"FOO1").unwrap();
+    client
+        .send(&shop, foo, "/categories", Value::Null, &[])
+        .await;
+    let (_, _, text) = scrape(&shop).await;
+    assert!(!text.contains("FOO1"), "{text}");
+    assert!(text.contains(r#"method="other""#), "{text}");
     // The scrape that rendered `before` was counted too.
     assert!(
         series(r#"storefront_requests_total{route="/metrics",method="GET",status="200"}"#) >= 1.0

@@ -130,3 +130,19 @@ async fn http(addr: &str, request: &str) -> String {
     .unwrap();
     response
 }
+
+/// `storefront worker` without `REDIS_URL` would consume an embedded stream of its own, which nothing
+/// publishes to, for ever: it refuses to start (exit 2) and says why.
+#[test]
+fn a_worker_without_redis_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["worker", "--db"])
+        .arg(dir.path().join("shop.db"))
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run the storefront binary");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("REDIS_URL"), "{err}");
+}

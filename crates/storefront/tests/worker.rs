@@ -196,9 +196,10 @@ async fn a_failing_handler_dead_letters_after_max_deliveries() {
 async fn an_event_left_in_the_outbox_is_relayed_and_notified() {
     let dir = DbDir::new();
     let shop = Shop::embedded(&dir).await;
-    // A normal order deletes its outbox row once published.
+    // Embedded, a normal order keeps its outbox row until the worker handled its event (the stream lives
+    // in this process); the handler deletes it (below).
     place(&shop, "o-1", &[(1, 1)]).await;
-    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 0);
+    assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 1);
 
     // An order committed by a process that died before publishing: its row and its outbox row only.
     let conn = dir.sqlite();
@@ -247,12 +248,50 @@ async fn an_event_left_in_the_outbox_is_relayed_and_notified() {
         .kw
         .stream::<OrderEvent>(ORDER_EVENTS_CLASS)
         .unwrap();
-    let relayed =
-        storefront::orders::relay_outbox(&shop.state.db, &events, storefront::orders::OUTBOX_GRACE)
-            .await
-            .unwrap();
+    let relayed = storefront::orders::relay_outbox(
+        &shop.state.db,
+        &events,
+        storefront::orders::OUTBOX_GRACE,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(relayed, 0);
     assert_eq!(count(&dir, "SELECT COUNT(*) FROM order_outbox"), 1);
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
+
+/// Trial finding (issue #15): on the embedded backend the stream lives in the process, so an order whose
+/// event was published but not yet handled when the process died used to be lost for good (the outbox row
+/// was deleted right after the in-memory publish). Now the row stays until the handler deletes it, and the
+/// next start's worker relays it at once: one notification.
+#[tokio::test]
+async fn embedded_crash_before_the_worker_ran_loses_no_event() {
+    let dir = DbDir::new();
+    let shop = Shop::embedded(&dir).await;
+    // No worker runs (it is behind, or retrying a failed handler): the order commits, and its event sits
+    // in the in-process stream.
+    let order = place(&shop, "crash-1", &[(1, 1)]).await;
+    // The process dies: its embedded store, stream included, is gone.
+    drop(shop);
+    let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
+    assert_eq!(count(&dir, &notified), 0);
+    // The next start: its worker's first relay pass publishes the outbox row at once.
+    let shop = Shop::embedded(&dir).await;
+    let (stop, worker) = spawn_worker(&shop);
+    eventually(
+        Duration::from_secs(10),
+        "the dead process's order notified after the restart",
+        || async { count(&dir, &notified) == 1 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "its outbox row deleted by the handler",
+        || async { count(&dir, "SELECT COUNT(*) FROM order_outbox") == 0 },
+    )
+    .await;
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
 }
