@@ -26,7 +26,7 @@ const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 /// | the error | response |
 /// | --- | --- |
 /// | the store is unavailable ([`keyward::Error::is_unavailable`]) or the call may succeed when retried ([`keyward::Error::is_retryable`]: a timeout, the breaker open, a lost connection, a loader timeout, an embedded store at its budget) | `503`, `Retry-After` (the breaker's cooldown when it is open, else 1 s; whole seconds, at least 1) |
-/// | [`keyward::Error::CacheAfterSource`] (your write happened, the cache update did not) | `500` without `Retry-After`: the write must not be repeated blindly |
+/// | [`keyward::Error::CacheAfterSource`] (your write happened, the cache update did not) | `500` without `Retry-After`, its detail saying the change was saved: the write must not be repeated blindly |
 /// | anything else (an error reply, bad input, your loader's or write's error) | `500` |
 ///
 /// The body is `application/problem+json` of type `about:blank` with a generic `detail`; a `503` also
@@ -277,6 +277,12 @@ impl IntoResponse for ApiError {
             )
             .retry_after(secs)
             .into_response(),
+            None if matches!(self.source, keyward::Error::CacheAfterSource { .. }) => {
+                crate::problem::internal(
+                    "The change was saved, but cached copies could not be updated; they expire on \
+                     their own. Do not repeat the request.",
+                )
+            }
             None => crate::problem::internal(if session {
                 "The session could not be processed."
             } else {
@@ -385,11 +391,18 @@ mod tests {
                 }),
             },
         ] {
+            let after_source = matches!(error, keyward::Error::CacheAfterSource { .. });
             let (status, retry_after, body) = answer(error).await;
             assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
             assert_eq!(retry_after, None);
             assert!(body.get("retry_after").is_none());
             assert_plain(&body);
+            // The client is told its write happened (a plain 500 read as "nothing was saved").
+            let saved = body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("The change was saved");
+            assert_eq!(saved, after_source, "{body}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! the tags `product:{id}` and `category:{id}` are bumped, and the categories list is invalidated when the
 //! publish flag changed. A fill that read the old row before the commit is fenced off by the bump and
 //! never lands. If the invalidation fails after the commit, the answer is a `500` without `Retry-After`
+//! whose detail says the change was saved
 //! ([`keyward::Error::CacheAfterSource`]): the write happened and must not be repeated blindly; the
 //! stale entries end with their TTL.
 //!

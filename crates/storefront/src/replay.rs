@@ -975,8 +975,11 @@ async fn login(shop: &Shop, id: &str, customer: &mut CustomerState) -> Result<()
                 };
                 if first && answer.status == StatusCode::TOO_MANY_REQUESTS {
                     tracing::warn!(
-                        "replay: a login limit refused a login; waiting it out (start the shop with \
-                         --trust-proxy 127.0.0.1 so that each customer logs in from its own address)"
+                        wait_s = wait.as_secs(),
+                        "replay: a login limit refused a login; waiting it out. The per-IP limit: start \
+                         the shop with --trust-proxy 127.0.0.1, so that each customer logs in from its own \
+                         address. The per-account limit (5 logins per 15 minutes per customer): replays \
+                         run again within 15 minutes log the same customers in again, and wait up to that"
                     );
                 }
                 tokio::time::sleep(wait).await;
