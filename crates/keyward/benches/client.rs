@@ -23,8 +23,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use keyward::Keyward;
 use keyward::__bench::{BenchStamp, envelope_is_current, envelope_parse};
+use keyward::Keyward;
 use keyward::codec::{Codec, Json};
 use keyward::key::{KeySpace, escape_part};
 use keyward::policy::Policy;
