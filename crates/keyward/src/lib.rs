@@ -169,6 +169,56 @@ pub use client::Keyward;
 pub use error::{BoxError, Error, RedisFailure, Result};
 pub use rate_limit::{Decision, RateLimiter};
 
+#[doc(hidden)]
+pub mod __bench {
+    //! Thin wrappers over crate-private pieces, for the criterion benchmarks in `crates/keyward/benches/`
+    //! only. **Not part of keyward's API**: hidden from the docs, exempt from semver, and free to change or
+    //! disappear in any release. Do not call it from anything but a benchmark.
+    //!
+    //! The one decision: each wrapper calls the private function the hot path calls and adds nothing, so a
+    //! benchmark measures that function and a regression in it shows up without a Redis.
+
+    use crate::envelope::{self, Body, Gens, Stamp};
+
+    /// What a fill records (namespace epoch, class epoch, `(tag, tag epoch)`s), built once outside the
+    /// measured loop.
+    pub struct BenchStamp(Stamp);
+
+    impl BenchStamp {
+        /// A stamp of namespace epoch `ns`, class epoch `class` and `tags`.
+        pub fn new(ns: u64, class: u64, tags: &[(&str, u64)]) -> Self {
+            BenchStamp(Stamp {
+                gens: Gens { ns, class },
+                tags: tags.iter().map(|&(t, e)| (t.to_owned(), e)).collect(),
+            })
+        }
+
+        /// `envelope::value(stamp, &envelope::body(payload))`: the bytes a fill or a `set` stores
+        /// (`payload: None` is a cached "absent").
+        pub fn encode(&self, payload: Option<&[u8]>) -> Vec<u8> {
+            envelope::value(&self.0, &envelope::body(payload))
+        }
+    }
+
+    /// `envelope::parse_tagged` (which checks every tag): `(ns epoch, class epoch, payload)`, the payload
+    /// `None` for a cached absent; `None` for bytes that are not a value.
+    pub fn envelope_parse(raw: &[u8]) -> Option<(u64, u64, Option<&[u8]>)> {
+        let (g, _tags, body) = envelope::parse_tagged(raw).ok()?;
+        let payload = match body {
+            Body::Value(p) => Some(p),
+            Body::Negative => None,
+        };
+        Some((g.ns, g.class, payload))
+    }
+
+    /// `envelope::judge` against epochs `ns`/`class`, every tag at epoch 0 (the hit path's decision):
+    /// whether the stored bytes are a current value.
+    pub fn envelope_is_current(raw: &[u8], ns: u64, class: u64) -> bool {
+        let tag_epochs = |_: &[u8]| Some(envelope::TagEpochs::default());
+        envelope::judge(raw, Gens { ns, class }, tag_epochs, false) == envelope::Verdict::Current
+    }
+}
+
 /// The README's Rust snippets compile (`cargo test --doc`).
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
