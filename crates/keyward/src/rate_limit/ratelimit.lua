@@ -17,47 +17,51 @@
 -- class's range, or a time more than one horizon beyond what the class writes. Such a key is deleted and the
 -- identity starts afresh: `1e300` is never a lockout.
 --
--- Written flat, without local functions: a closure created per check costs more server time than the
--- algorithm itself; the per-limit tables are made once per call and reused by every check. Integers above
+-- Written flat, without local functions: a closure or a table created per check costs more server time
+-- than the algorithm itself; the few tables are made once per call and reused by every check. Integers above
 -- 10^14 are formatted with '%d' because Redis would print a Lua number with %.14g.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local floor, ceil, max, min, fmt = math.floor, math.ceil, math.max, math.min, string.format
 local nonce = ARGV[1]
 
--- The groups: gn[g] limits, the first of which is limit gl[g] + 1 of the flat per-limit arrays (l*);
--- gtau[g] is a lone GCRA limit's tau (the fast path), false otherwise.
-local gn, gl, gtau = {}, {}, {}
-local lcode, llimit, lwin, lcap, lintv, lshadow = {}, {}, {}, {}, {}, {}
+-- The groups, 3 slots each in G: n (its limits), l0 (its first limit is limit l0 + 1 of L), and a lone
+-- GCRA limit's tau (the fast path) or false. The limits, 6 slots each in L: code, limit, window, capacity,
+-- interval, shadow (a boolean). Two flat tables: a table per field would cost more than a lone check.
+local G, L = {0, 0, false}, {0, 0, 0, 0, 0, false} -- sized for the common case: one group, one limit
 local a = 3
 local nl = 0
 for g = 1, tonumber(ARGV[2]) do
   local n = tonumber(ARGV[a])
-  gn[g], gl[g] = n, nl
+  local gb = (g - 1) * 3
+  G[gb + 1], G[gb + 2] = n, nl
   for i = 1, n do
     local b = a + (i - 1) * 6
+    local lb = nl * 6
+    L[lb + 1], L[lb + 2], L[lb + 3] = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    L[lb + 4], L[lb + 5], L[lb + 6] = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5]), ARGV[b + 6] == '1'
     nl = nl + 1
-    lcode[nl], llimit[nl], lwin[nl] = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-    lcap[nl], lintv[nl], lshadow[nl] = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5]), ARGV[b + 6] == '1'
   end
-  gtau[g] = n == 1 and lcode[nl] == 5 and lcap[nl] * lintv[nl]
+  G[gb + 3] = n == 1 and L[nl * 6 - 5] == 5 and L[nl * 6 - 2] * L[nl * 6 - 1]
   a = a + 1 + 6 * n
 end
 
-local out, o = {}, 0 -- the reply and its length
+local out, o = {0, 0, 0, 0, 0, 0}, 0 -- the reply (sized for one check of one limit) and its length
 local kb = 0 -- KEYS[kb + i] is limit i of the current check
 local seq = 0 -- the current check's position in the call (for the sliding log's member names)
--- Per limit i of the current check: av[i] available, ok[i] allowed, rs[i] reset if nothing is written, rt[i]
--- retry if refused, tl[i] TTL (µs) of the state to write, val[i] the string to SET (false for the sorted set
--- of the sliding log), cr[i] 1 when its stored state was corrupt.
-local av, ok, rs, rt, tl, val, cr = {}, {}, {}, {}, {}, {}, {}
+-- Per limit i of the current check, made at the first check that takes the general path: av[i]
+-- available, ok[i] allowed, rs[i] reset if nothing is written, rt[i] retry if refused, tl[i] TTL (µs) of
+-- the state to write, val[i] the string to SET (false for the sorted set of the sliding log), cr[i] 1 when
+-- its stored state was corrupt.
+local av, ok, rs, rt, tl, val, cr
 
 while a <= #ARGV do
   local g = tonumber(ARGV[a])
   local cost = tonumber(ARGV[a + 1])
   local consume = cost > 0
   if not consume then cost = -cost end
-  local n, l0 = gn[g], gl[g]
+  local gb = (g - 1) * 3
+  local n, l0 = G[gb + 1], G[gb + 2]
   a = a + 2
   seq = seq + 1
   local done = false
@@ -66,10 +70,10 @@ while a <= #ARGV do
   -- below, without the bookkeeping for groups; anything unusual (a wrong type, a corrupt value) falls through
   -- to the general path, which handles it. A TTL in milliseconds stays below 10^14, so it may be passed as a
   -- number.
-  local tau = gtau[g]
+  local tau = G[gb + 3]
   if tau then
     local key = KEYS[kb + 1]
-    local interval = lintv[l0 + 1]
+    local interval = L[l0 * 6 + 5]
     local v = redis.pcall('GET', key)
     local tat = now
     local clean = true
@@ -94,7 +98,7 @@ while a <= #ARGV do
         end
       else
         local all = 0
-        if lshadow[l0 + 1] then all = 1 end
+        if L[l0 * 6 + 6] then all = 1 end
         out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
           all, 0, available, tat - now, max(1, ttl - tau), 0
       end
@@ -103,12 +107,13 @@ while a <= #ARGV do
     end
   end
   if not done then
+    if not av then av, ok, rs, rt, tl, val, cr = {}, {}, {}, {}, {}, {}, {} end
     local all = true
     local failed = nil -- the WRONGTYPE message of this check, if one of its keys holds another type
     local i = 1
     while i <= n and not failed do
-      local li = l0 + i
-      local code, limit, w = lcode[li], llimit[li], lwin[li]
+      local lb = (l0 + i - 1) * 6
+      local code, limit, w = L[lb + 1], L[lb + 2], L[lb + 3]
       local key = KEYS[kb + i]
       local available, allowed, reset_now, retry, ttl, value
       local bad = false
@@ -130,8 +135,8 @@ while a <= #ARGV do
           ' something else, or the class changed algorithm without a new version): nothing was charged; this' ..
           ' identity fails until the key is deleted or expires'
       elseif code == 5 then -- GCRA
-        local interval = lintv[li]
-        local tau = lcap[li] * interval
+        local interval = L[lb + 5]
+        local tau = L[lb + 4] * interval
         local tat = now
         if v then
           if string.match(v, '^%d+$') and tonumber(v) <= now + 2 * tau then tat = tonumber(v) else bad = true end
@@ -165,7 +170,7 @@ while a <= #ARGV do
         value = fmt('%d %d', idx, count + cost)
 
       elseif code == 4 then -- token bucket
-        local cap, interval = lcap[li], lintv[li]
+        local cap, interval = L[lb + 4], L[lb + 5]
         local tokens, last = cap, now
         if v then
           local x, y = string.match(v, '^(%d+) (%d+)$')
@@ -255,7 +260,7 @@ while a <= #ARGV do
           cr[i] = 0
         end
         av[i], ok[i], rs[i], rt[i], tl[i], val[i] = available, allowed, reset_now, retry, ttl, value
-        if not allowed and not lshadow[li] then all = false end
+        if not allowed and not L[lb + 6] then all = false end
       end
       i = i + 1
     end
@@ -304,4 +309,7 @@ while a <= #ARGV do
 
   kb = kb + n
 end
+-- A reply shorter than the slots made up front (a lone check that failed with a wrong type) ends at the
+-- first nil: Redis converts an array up to it.
+out[o + 1] = nil
 return out
