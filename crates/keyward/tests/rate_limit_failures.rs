@@ -121,3 +121,45 @@ async fn the_strictest_on_error_of_a_group_applies() {
     let g = kw.rate_limiter_group(&["open", "local"]).unwrap();
     assert_eq!(g.check("a").await.unwrap().source(), Source::LocalFallback);
 }
+
+/// Concurrent checks share script calls (auto-batching), and a check may queue behind calls in flight. With
+/// the server hung, every check still answers within the response timeout (plus scheduling), per its
+/// `on_error`: none waits for the calls ahead of it *and* its own. (Before the queue was bounded too, the
+/// checks queued behind two hung calls took two timeouts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_queued_behind_hung_calls_is_bounded_by_the_response_timeout() {
+    let server = RedisServer::spawn();
+    let timeout = Duration::from_secs(1);
+    // A breaker that does not open during the test: every check waits on the hung server.
+    let options = ConnectOptions::default()
+        .response_timeout(timeout)
+        .breaker(100_000, Duration::from_secs(60));
+    let kw = Keyward::connect_with(&server.url(), policy(), options)
+        .await
+        .unwrap();
+    let open = kw.rate_limiter("open").unwrap();
+    assert_eq!(open.check("warm").await.unwrap().source(), Source::Store);
+
+    signal(&server, "-STOP");
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let open = open.clone();
+        tasks.push(tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let d = open.check(&format!("hung{i}")).await.unwrap();
+            (d.source(), start.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (source, took) = t.await.unwrap();
+        assert_eq!(source, Source::FailOpen);
+        slowest = slowest.max(took);
+    }
+    signal(&server, "-CONT");
+    // Two timeouts is what a check queued behind the calls in flight took before; one plus scheduling now.
+    assert!(
+        slowest < timeout + timeout / 2,
+        "the slowest of 64 concurrent checks took {slowest:?} with a {timeout:?} response timeout"
+    );
+}

@@ -1286,3 +1286,57 @@ async fn a_worker_keeps_going_after_redis_restarts_empty() {
     orders.dedup();
     assert_eq!(orders, (0..10).collect::<Vec<_>>());
 }
+
+/// Concurrent publishes share one call, and a publish may queue behind the call in flight. With the server
+/// hung, every publish still fails within the response timeout (plus scheduling) with `Error::Timeout`:
+/// none waits for the call ahead of it *and* its own (which took two timeouts before the wait was bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_queued_behind_a_hung_call_is_bounded_by_the_response_timeout() {
+    use keyward::ConnectOptions;
+    use keyward_testkit::RedisServer;
+
+    let server = RedisServer::spawn();
+    let timeout = Duration::from_secs(1);
+    let options = ConnectOptions::default()
+        .response_timeout(timeout)
+        .breaker(100_000, Duration::from_secs(60));
+    let kw = Keyward::connect_with(&server.url(), policy("hung"), options)
+        .await
+        .unwrap();
+    let events = kw.stream::<OrderPlaced>("events").unwrap();
+    let event = |order| OrderPlaced {
+        order,
+        email: format!("{order}@example.test"),
+    };
+    events.publish(&event(0)).await.unwrap();
+
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let mut tasks = Vec::new();
+    for order in 1..=32 {
+        let events = events.clone();
+        tasks.push(tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let outcome = events.publish(&event(order)).await;
+            (outcome, start.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (outcome, took) = t.await.unwrap();
+        assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+        slowest = slowest.max(took);
+    }
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(cont.success());
+    assert!(
+        slowest < timeout + timeout / 2,
+        "the slowest of 32 concurrent publishes took {slowest:?} with a {timeout:?} response timeout"
+    );
+}

@@ -337,6 +337,29 @@ impl Backend {
         }
     }
 
+    /// Redis: the response timeout every call is bounded by; `None` for the embedded backend, whose calls
+    /// do not wait.
+    pub(crate) fn response_timeout(&self) -> Option<Duration> {
+        match self.target() {
+            Target::Redis(r) => Some(r.response_timeout()),
+            Target::Memory(_) | Target::Pending(_) => None,
+        }
+    }
+
+    /// The error of a call of `op` on `key` that got no answer within the response timeout (it waited in a
+    /// batch queue, say).
+    pub(crate) fn timeout_error(&self, op: &'static str, key: &str) -> Error {
+        match self.target() {
+            Target::Redis(r) => r.queued_timeout_err(op, key),
+            Target::Memory(_) => Error::Timeout {
+                server: "embedded".to_owned(),
+                op,
+                timeout: Duration::ZERO,
+            },
+            Target::Pending(l) => l.not_connected(op),
+        }
+    }
+
     /// The error for an error reply a script returned as a value for one part of its work (rather than
     /// failing the whole call): `reply` is the Redis error text, its first word the code (`WRONGTYPE …`),
     /// `key` the key it concerns (on Cluster, it names the node that holds it).

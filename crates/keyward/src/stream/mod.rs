@@ -353,13 +353,21 @@ where
     async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Vec<EntryId>> {
         let count = payloads.len();
         let (kw, shared) = (self.kw.clone(), Arc::clone(&self.inner));
-        self.inner
-            .batcher
-            .submit(payloads, count, move |calls| {
-                flush(kw.clone(), Arc::clone(&shared), calls)
-            })
-            .await
-            .unwrap_or_else(|Abandoned| {
+        let answer = self.inner.batcher.submit(payloads, count, move |calls| {
+            flush(kw.clone(), Arc::clone(&shared), calls)
+        });
+        // The whole wait is bounded by the response timeout, not only the call: a publish queued behind a
+        // call to a hung server does not wait for it *and* its own (it may still be appended, as after any
+        // timeout).
+        let backend = &self.kw.inner.backend;
+        let answer = match backend.response_timeout() {
+            Some(limit) => match tokio::time::timeout(limit, answer).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(backend.timeout_error("publish", &self.inner.keys.stream)),
+            },
+            None => answer.await,
+        };
+        answer.unwrap_or_else(|Abandoned| {
                 Err(Error::InvalidArgument {
                     what: format!(
                         "class `{}`: the publish was abandoned before an answer (the runtime is shutting \

@@ -891,6 +891,12 @@ impl RedisBackend {
         }
     }
 
+    /// The timeout error of a call of `op` on `key` that waited longer than the response timeout (in a
+    /// batch queue, say) without getting an answer.
+    pub(crate) fn queued_timeout_err(&self, op: &'static str, key: &str) -> Error {
+        self.timeout_err(op, Some(cluster::slot_of(key.as_bytes())))
+    }
+
     /// The error for an error reply `e` concerning `key` that a script returned as a value.
     pub(crate) fn reply_err(&self, op: &'static str, key: &str, e: RedisError) -> Error {
         self.err(op, Some(cluster::slot_of(key.as_bytes())), e)
