@@ -203,8 +203,9 @@ impl ApiError {
         }
     }
 
-    /// The `Retry-After` of a `503`, in whole seconds; `None` for a `500`.
-    fn retry_after(&self) -> Option<u64> {
+    /// The `Retry-After`, in whole seconds, of the `503` this error answers as; `None` when it answers
+    /// `500`. For a handler that builds its own body (a health check naming what is down).
+    pub fn retry_after(&self) -> Option<u64> {
         let error = &self.source;
         if matches!(error, keyward::Error::CacheAfterSource { .. })
             || !(error.is_unavailable() || error.is_retryable())

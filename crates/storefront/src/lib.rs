@@ -58,7 +58,7 @@
 //! | `GET /dashboard` | live charts: hit ratio per class (L1, L2), queries saved, login decisions, stream lag and dead letters, breaker |
 //! | `GET /dashboard/data` | what the page polls (JSON; [`dashboard`]) |
 //! | `GET /metrics` | Prometheus text: keyward's metrics and the shop's own; `503` when no recorder is installed ([`telemetry`]) |
-//! | `GET /healthz` | `200` when SQLite and the keyward store answer, else `503` / `500` |
+//! | `GET /healthz` | `200` when SQLite and the keyward store answer; the store down: `503` (`Retry-After`) with `{"status": "unavailable", "database": "ok", "store": "not answering"}`; SQLite down: `500` |
 //!
 //! # Middleware order
 //! In axum the layer added last runs first. Outside in: the request counter
@@ -88,7 +88,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::response::Html;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse as _, Response};
 use axum::routing::{get, patch, post};
 use keyward::Keyward;
 use keyward::idempotency::Idempotency;
@@ -365,7 +366,7 @@ async fn index() -> Html<&'static str> {
 }
 
 /// `GET /healthz`: SQLite and the keyward store both answer.
-async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
     state
         .db
         .read(|conn| {
@@ -373,9 +374,31 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value
                 .map_err(DbError::query("health check"))
         })
         .await?;
-    state.kw.ping().await?;
+    if let Err(error) = state.kw.ping().await {
+        // Named for the operator reading it: the database answered, keyward's store did not.
+        let error = keyward_axum::ApiError::from(error);
+        tracing::warn!(error = %error, "storefront: health check: the store did not answer");
+        let (status, retry) = match error.retry_after() {
+            Some(secs) => (StatusCode::SERVICE_UNAVAILABLE, Some(secs)),
+            None => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        let body = Json(serde_json::json!({
+            "status": "unavailable",
+            "backend": format!("{:?}", state.kw.backend()),
+            "database": "ok",
+            "store": "not answering",
+        }));
+        let mut response = (status, body).into_response();
+        if let Some(secs) = retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        return Ok(response);
+    }
     Ok(Json(serde_json::json!({
         "status": "ok",
         "backend": format!("{:?}", state.kw.backend()),
-    })))
+    }))
+    .into_response())
 }

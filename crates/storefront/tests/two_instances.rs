@@ -140,7 +140,7 @@ async fn with_redis_gone_the_catalog_is_served_from_sqlite_and_health_says_503()
     }
     assert_eq!(shop.get("/categories/1/products").await.0, StatusCode::OK);
 
-    // Health is honest about the store: 503 with Retry-After, through keyward-axum's ApiError.
+    // Health is honest about the store: 503 with Retry-After (keyward-axum's ApiError decides both).
     let request = http::Request::get("/healthz")
         .body(axum::body::Body::empty())
         .unwrap();
@@ -149,4 +149,13 @@ async fn with_redis_gone_the_catalog_is_served_from_sqlite_and_health_says_503()
         .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key(http::header::RETRY_AFTER));
+    // It says what is down: the store, not the database.
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["status"], json!("unavailable"), "{body}");
+    assert_eq!(body["database"], json!("ok"), "{body}");
+    assert_eq!(body["store"], json!("not answering"), "{body}");
+    assert_eq!(body["backend"], json!("Redis"), "{body}");
 }
