@@ -92,13 +92,14 @@ impl Drop for Alone<'_> {
 }
 
 /// The most limits (keys) one batched script call decides: bounds how long one call holds the server
-/// (about 2–4 µs of server time per GCRA check, so ~0.5 ms at most).
-pub(crate) const MAX_BATCH_LIMITS: usize = 32;
+/// (about 3 µs of server time per GCRA check, so ~0.1 ms). 32 measured fastest of 16, 32, 64 and 128
+/// (`BENCHMARKS.md`, issue #16).
+const MAX_BATCH_LIMITS: usize = 32;
 
 /// How many batched calls of one handle may be in flight at once: two, so that the client builds and sends
-/// one batch while the server runs the other. Order does not matter between concurrent checks (each is
+/// one batch while the server runs the other (measured faster than one, three or four). Order does not matter between concurrent checks (each is
 /// decided atomically on its own), so a `NOSCRIPT` retry that reorders two calls changes nothing.
-pub(crate) const BATCH_CALLS_IN_FLIGHT: usize = 2;
+const BATCH_CALLS_IN_FLIGHT: usize = 2;
 
 /// The script call deciding `calls` in order (see `ratelimit.lua`): each distinct limit group once (checks of
 /// one limiter share its group), then per check its group, its signed cost and its keys.
