@@ -14,7 +14,11 @@
 //! another caller's fetch in progress (single-flight) only if it started less than half the bound ago. Since a
 //! read sent after a bump returned sees it, no call starting later than the bound after `invalidate_all` or
 //! `invalidate_namespace` returned can be served an entry filled before it — whatever push was lost. A field
-//! the view finds corrupt is repaired (bumped) before the view is trusted again.
+//! the view finds corrupt is repaired (bumped) before the view is trusted again. A view that learns a new `*`
+//! from a push or a bump's reply (a namespace invalidation, or the re-base of an exhausted field, which deletes
+//! that field) vouches for nothing until a full read sent after that was merged, and a read sent after the view
+//! last raised a field is the truth even when it is lower: so no fill records an epoch the hash no longer
+//! holds, which no later bump of that field would reach.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -199,6 +203,11 @@ struct EpochState {
     fields: HashMap<String, (u64, Instant)>,
     /// When the last successful full read was sent.
     read_at: Option<Instant>,
+    /// When this view last raised `*` from a bump's reply or an announcement (a namespace invalidation or a
+    /// re-base). The other fields it holds may predate that bump — a re-base deletes the field it could not
+    /// bump, which then starts again from the clock, below what the view holds — so the view vouches for
+    /// nothing until a full read sent after this moment was merged.
+    ns_raised_at: Option<Instant>,
     /// Fields the last read found corrupt (not a decimal integer below 2^53; `*` when the key is not a hash):
     /// until a bump repairs them, the view vouches for nothing.
     corrupt: Vec<String>,
@@ -335,12 +344,14 @@ impl ClusterState {
             }
             return;
         }
-        let e = s
-            .fields
-            .entry(field.to_owned())
-            .or_insert((0, Instant::now()));
-        if epoch > e.0 {
-            *e = (epoch, Instant::now());
+        let now = Instant::now();
+        let e = s.fields.entry(field.to_owned()).or_insert((0, now));
+        let raised = epoch > e.0;
+        if raised {
+            *e = (epoch, now);
+        }
+        if raised && field == "*" {
+            s.ns_raised_at = Some(now);
         }
         // A bump of a corrupt field (or of `*`, after a key of the wrong type) repaired it.
         s.corrupt.retain(|f| f != field);
@@ -348,7 +359,9 @@ impl ClusterState {
 
     /// Apply a re-base this handle made ("Exhaustion" in `cache/epochs.lua`): `dropped` were deleted from the
     /// hash (they read as 0 until bumped again, and no longer need a repair) and `*` went to `ns_epoch`, above
-    /// every entry filled before. Other handles learn it from `*`'s announcement and their next full read.
+    /// every entry filled before. Other handles learn it from `*`'s announcement and their next full read; as
+    /// after any rise of `*`, no view vouches for anything until a full read sent after it was merged (a read
+    /// sent before the re-base, merged after it, would bring the deleted fields back).
     pub(crate) fn apply_rebase(&self, dropped: &[&str], ns_epoch: u64) {
         {
             let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
@@ -385,9 +398,12 @@ impl ClusterState {
                     match valid_epoch(&raw) {
                         Some(epoch) if !exhausted(&field, epoch) => {
                             let e = s.fields.entry(field).or_insert((0, sent));
-                            // `*` at the top comes down only when the hash expired (no bump lowers it): a
-                            // read sent after the view learned it is then the truth, as for a pruned field.
-                            if epoch > e.0 || (e.0 == TOP_EPOCH && e.1 < sent) {
+                            // A read sent after the view last raised a field is the truth, lower or not: no
+                            // bump lowers a field, so it came down because it was deleted in between (a
+                            // re-base, or `*` at the top when the hash expired) and then started again from
+                            // the clock. Keeping the higher value would hand it to fills, which would record
+                            // an epoch that no later bump of the field reaches: never invalidated again.
+                            if epoch > e.0 || e.1 < sent {
                                 *e = (epoch, sent);
                             }
                         }
@@ -409,9 +425,9 @@ impl ClusterState {
         let s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         // Half the bound: a caller may share the outcome of another's fetch started up to half the bound
         // earlier (`Backend::flight_max_age`), so the two halves together stay within the bound.
-        let fresh = s
-            .read_at
-            .is_some_and(|t| t.elapsed() < self.epochs_bound / 2);
+        let fresh = s.read_at.is_some_and(|t| {
+            t.elapsed() < self.epochs_bound / 2 && s.ns_raised_at.is_none_or(|raised| t > raised)
+        });
         fresh.then(|| {
             if s.corrupt.is_empty() {
                 let get = |f: &str| s.fields.get(f).map_or(0, |e| e.0);
@@ -807,6 +823,8 @@ mod tests {
             "a tag field at the top is repaired first; one below it is a valid epoch"
         );
         state.apply_rebase(&["x:big", "t:big"], 20);
+        assert_eq!(state.epochs("c", &[]), None, "`*` rose: read first");
+        state.apply_read(Instant::now(), Some(read(&[("*", "20"), ("t:ok", &below)])));
         assert_eq!(
             state.epochs("c", &["big", "ok"]),
             Some(ViewEpochs::Current(20, 0, vec![(0, 0), (TOP_EPOCH - 1, 0)]))
@@ -818,12 +836,14 @@ mod tests {
             Some(ViewEpochs::Repair(vec!["c".to_owned()]))
         );
         state.apply_rebase(&["c"], 21);
+        state.apply_read(Instant::now(), Some(read(&[("*", "21")])));
         assert_eq!(
             state.epochs("c", &[]),
             Some(ViewEpochs::Current(21, 0, vec![]))
         );
         // `*` at the top is an epoch like another (entries filled under it are never current)...
         state.apply_epoch("*", TOP_EPOCH);
+        state.apply_read(Instant::now(), Some(read(&[("*", &top)])));
         assert_eq!(
             state.epochs("c", &[]),
             Some(ViewEpochs::Current(TOP_EPOCH, 0, vec![]))
@@ -838,6 +858,66 @@ mod tests {
         assert_eq!(
             state.epochs("c", &[]),
             Some(ViewEpochs::Current(30, 0, vec![]))
+        );
+    }
+
+    /// Was a bug (a CI flake of `a_tag_field_next_to_the_top_is_rebased_and_a_removal_wins` on Cluster): the
+    /// background read, sent before this handle's re-base and merged after it, brought the deleted `t:near`
+    /// back at `TOP - 1`. The view only ever raised a field, so when the tag started again from the clock it
+    /// kept `TOP - 1`: fills recorded it, and no removal of the tag reached them again.
+    #[test]
+    fn a_read_sent_before_a_rebase_brings_nothing_back() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
+            fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let near = (TOP_EPOCH - 1).to_string();
+        state.apply_read(Instant::now(), Some(read(&[("*", "3"), ("t:near", &near)])));
+        let in_flight = Instant::now();
+        state.apply_rebase(&["t:near", "x:near"], 10);
+        state.apply_read(in_flight, Some(read(&[("*", "3"), ("t:near", &near)])));
+        assert_eq!(
+            state.epochs("c", &["near"]),
+            None,
+            "a read sent before the re-base cannot vouch for the view"
+        );
+        // The tag is removed again, from the clock, before the next read.
+        state.apply_read(Instant::now(), Some(read(&[("*", "10"), ("t:near", "50")])));
+        assert_eq!(
+            state.epochs("c", &["near"]),
+            Some(ViewEpochs::Current(10, 0, vec![(50, 0)]))
+        );
+    }
+
+    /// Another handle's re-base reaches this view as a push of `*` alone: until a read sent after it, the
+    /// view does not know which field was deleted, so it vouches for nothing; the read's lower value wins.
+    #[test]
+    fn a_pushed_rise_of_the_namespace_epoch_waits_for_a_read() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
+            fields
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let near = (TOP_EPOCH - 1).to_string();
+        state.apply_read(Instant::now(), Some(read(&[("*", "3"), ("t:near", &near)])));
+        state.apply_announcement(b"* 10");
+        assert_eq!(state.epochs("c", &["near"]), None);
+        state.apply_read(Instant::now(), Some(read(&[("*", "10"), ("t:near", "50")])));
+        assert_eq!(
+            state.epochs("c", &["near"]),
+            Some(ViewEpochs::Current(10, 0, vec![(50, 0)])),
+            "the hash's lower value, read after the view raised it, is the truth"
+        );
+        // A rise of another field needs no read.
+        state.apply_announcement(b"t:near 60");
+        assert_eq!(
+            state.epochs("c", &["near"]),
+            Some(ViewEpochs::Current(10, 0, vec![(60, 0)]))
         );
     }
 
