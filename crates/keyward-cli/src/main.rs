@@ -70,6 +70,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The CLI's allocator (see "The allocator" in `docs/building-a-service.md`): keyward's calls allocate on
+/// one thread and free on another, a pattern that serialises glibc's malloc; `keyward bench hit` at 64
+/// callers measured about 1.4× the hits per second with mimalloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shown at the end of `--help`.
 const EXIT_CODES: &str = "\
 Exit codes:

@@ -255,7 +255,8 @@ impl Pipeline {
     pub(crate) fn new(op: &'static str) -> Self {
         Pipeline {
             op,
-            pipe: redis::pipe(),
+            // The cache's fetch sends two or three commands; room for them costs nothing.
+            pipe: redis::Pipeline::with_capacity(3),
             evicting: false,
             slot: None,
         }

@@ -26,7 +26,7 @@ use tracing::Instrument as _;
 use super::l1::{L1Value, Ticket};
 use super::store::{self, Entry, Fetched};
 use super::{
-    Cache, Decoded, Fallback, LeaseGuard, MAX_HEALS, Seen, StaleReason, failed, flight_key, token,
+    Cache, Decoded, Fallback, LeaseGuard, MAX_HEALS, Seen, StaleReason, failed, flight_key,
 };
 use crate::backend::Watch;
 use crate::codec::Codec;
@@ -442,7 +442,8 @@ where
                 })
             });
             let woken: Vec<_> = woken.collect();
-            let (marker, prefix) = envelope::lease_marker(&token());
+            let marker = envelope::lease_marker(rand::random());
+            let prefix = envelope::lease_prefix(&marker);
             let entries: Vec<Entry<'_>> = pending.iter().map(|p| self.entry(b.key(p.u))).collect();
             let fetched = store::many::fetch_many(
                 &inner.backend,
@@ -466,7 +467,7 @@ where
                             kw: self.kw.clone(),
                             class: Arc::clone(&self.class),
                             key: key.to_owned(),
-                            prefix: prefix.clone(),
+                            prefix: prefix.to_owned(),
                             armed: true,
                         }
                         .release()
@@ -524,7 +525,7 @@ where
                             kw: self.kw.clone(),
                             class: Arc::clone(&self.class),
                             key: key.to_owned(),
-                            prefix: prefix.clone(),
+                            prefix: prefix.to_owned(),
                             armed: true,
                         };
                         let fallback = stale.and_then(|raw| self.fallback(raw, false));

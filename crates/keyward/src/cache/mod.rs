@@ -725,10 +725,6 @@ impl Drop for LeaseGuard {
     }
 }
 
-fn token() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
 /// An error for the caller and, shared, for its followers.
 fn failed<T>(err: Error) -> (Result<T>, Outcome) {
     (Err(err.clone()), Err(err))
@@ -1501,7 +1497,7 @@ where
             soft_deadline,
             ..
         } = ask;
-        let (marker, prefix) = envelope::lease_marker(&token());
+        let marker = envelope::lease_marker(rand::random());
         let lease_ttl = self.class.policy.lease_ttl_value();
         let mut heals = 0;
         // Registered only once a fetch says "wait" (hits never pay for it); from then on, every fetch is asked
@@ -1596,7 +1592,7 @@ where
                         kw: self.kw.clone(),
                         class: Arc::clone(&self.class),
                         key: key.to_owned(),
-                        prefix,
+                        prefix: envelope::lease_prefix(&marker).to_owned(),
                         armed: true,
                     };
                     let fallback = stale.and_then(|raw| self.fallback(raw, false));
@@ -1613,7 +1609,7 @@ where
                         kw: self.kw.clone(),
                         class: Arc::clone(&self.class),
                         key: key.to_owned(),
-                        prefix: prefix.clone(),
+                        prefix: envelope::lease_prefix(&marker).to_owned(),
                         armed: true,
                     };
                     let Some(fb) = self.fallback(raw.clone(), true) else {
