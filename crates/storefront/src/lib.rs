@@ -58,7 +58,7 @@
 //! | `GET /dashboard` | live charts: hit ratio per class (L1, L2), queries saved, login decisions, stream lag and dead letters, breaker |
 //! | `GET /dashboard/data` | what the page polls (JSON; [`dashboard`]) |
 //! | `GET /metrics` | Prometheus text: keyward's metrics and the shop's own; `503` when no recorder is installed ([`telemetry`]) |
-//! | `GET /healthz` | `200` when SQLite and the keyward store answer; the store down: `503` (`Retry-After`) with `{"status": "unavailable", "database": "ok", "store": "not answering"}`; SQLite down: `500` |
+//! | `GET /healthz` | `200` with `{"status": "ok", "backend": …, "database_id": …}` when SQLite and the keyward store answer; the store down: `503` (`Retry-After`) with `{"status": "unavailable", "database": "ok", "database_id": …, "store": "not answering"}`; SQLite down: `500`. `database_id` is [`Db::id`] |
 //!
 //! # Middleware order
 //! In axum the layer added last runs first. Outside in: the request counter
@@ -365,7 +365,8 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
-/// `GET /healthz`: SQLite and the keyward store both answer.
+/// `GET /healthz`: SQLite and the keyward store both answer. The body names the database the shop
+/// serves (`database_id`, [`Db::id`]): `storefront replay` checks it against its `--db` file.
 async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
     state
         .db
@@ -386,6 +387,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
             "status": "unavailable",
             "backend": format!("{:?}", state.kw.backend()),
             "database": "ok",
+            "database_id": state.db.id(),
             "store": "not answering",
         }));
         let mut response = (status, body).into_response();
@@ -399,6 +401,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
     Ok(Json(serde_json::json!({
         "status": "ok",
         "backend": format!("{:?}", state.kw.backend()),
+        "database_id": state.db.id(),
     }))
     .into_response())
 }

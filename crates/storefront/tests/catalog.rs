@@ -323,6 +323,13 @@ async fn bad_requests_and_health() {
 
     let health = shop.get_ok("/healthz").await;
     assert_eq!(health["status"], json!("ok"));
+    // It names the database it serves, as the file holds it (what `storefront replay` compares).
+    let id: String = dir
+        .sqlite()
+        .query_row("SELECT id FROM database_identity", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(health["database_id"], json!(id));
+    assert_eq!(shop.state.db.id(), id);
     let (status, index) = shop.get("/").await;
     assert_eq!(status, StatusCode::OK);
     assert!(index.as_str().unwrap().contains("/categories"));
