@@ -24,7 +24,9 @@
 //! - [`replay`] — `storefront replay`: the Northwind order history as HTTP traffic against a running
 //!   shop, with latencies, hit ratio, database queries and checks of the final database.
 //! - [`telemetry`] — `/metrics` (the recorder is installed by the binary, once) and the request counter.
-//! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
+//! - [`AppError`] — how each failure answers (RFC 9457 problem+json); keyward failures go through
+//!   [`keyward_axum::ApiError`]. Path parameters are extracted so that a malformed one answers the same
+//!   way (a `400` naming the parameter and the value), not with axum's plain-text rejection.
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
 //!   database, importing, connecting keyward.
 //!
@@ -75,6 +77,7 @@ pub mod catalog;
 pub mod dashboard;
 pub mod db;
 mod error;
+mod extract;
 pub mod import;
 pub mod orders;
 pub mod replay;
