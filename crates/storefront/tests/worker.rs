@@ -117,8 +117,47 @@ async fn an_order_writes_one_notification_on_redis() {
     one_notification_per_order(&shop, &dir).await;
 }
 
+/// What the test's log subscriber wrote (tracing-subscriber's fmt layer, no colours).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The lines logged by the storefront's order worker.
+    fn worker_lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("storefront: order worker"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Also a trial finding (issue #15): a failed delivery used to be logged only when the event was
+/// dead-lettered. Each is now logged, `warn` while it will be retried and `error` on the last, with the
+/// entry id, the delivery count and the error, and no personal data.
 #[tokio::test]
 async fn a_failing_handler_dead_letters_after_max_deliveries() {
+    // This test runs on one thread (tokio's current-thread runtime), so a thread-local subscriber sees
+    // the worker's handlers.
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
     // The shop's policy with a 10 ms backoff, so five deliveries take well under a second.
     let toml = storefront::POLICY_TOML.replace(
         r#"backoff = { base = "500ms", factor = 2, max = "1m", jitter = "20%" }"#,
@@ -171,6 +210,46 @@ async fn a_failing_handler_dead_letters_after_max_deliveries() {
     );
     let notified = format!("SELECT COUNT(*) FROM notifications WHERE order_id = {order}");
     assert_eq!(count(&dir, &notified), 0);
+
+    // One line per failed delivery: `warn` for 1..max-1, `error` for the last, each with the entry id,
+    // the order, its delivery count and the error.
+    let lines = logs.worker_lines();
+    assert_eq!(lines.len() as u64, max_deliveries, "{lines:#?}");
+    for (n, line) in (1..=max_deliveries).zip(&lines) {
+        let level = if n < max_deliveries {
+            " WARN "
+        } else {
+            "ERROR "
+        };
+        assert!(line.contains(level), "delivery {n}: {line}");
+        for field in [
+            format!("entry={}", dead[0].id),
+            format!("order={order}"),
+            format!("deliveries={n}"),
+            format!("max_deliveries={max_deliveries}"),
+        ] {
+            assert!(line.contains(&field), "delivery {n}, {field}: {line}");
+        }
+        assert!(line.contains("notifications are down"), "{line}");
+    }
+    assert!(
+        lines.last().unwrap().contains("dead-lettered"),
+        "{lines:#?}"
+    );
+    // Nothing personal: not the customer's id, company or contact name.
+    let (company, contact): (String, String) = dir
+        .sqlite()
+        .query_row(
+            "SELECT company_name, contact_name FROM customers WHERE id = 'ALFKI'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    for line in &lines {
+        for personal in ["ALFKI", company.as_str(), contact.as_str()] {
+            assert!(!line.contains(personal), "{personal} logged: {line}");
+        }
+    }
 
     // The fault is fixed: a replay of the dead letter writes the notification once.
     dir.sqlite().execute_batch("DROP TRIGGER refuse;").unwrap();
