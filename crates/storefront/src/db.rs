@@ -17,6 +17,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::Semaphore;
 
+use crate::orders::InStream;
+
 /// The schema, applied at every open (every statement is `IF NOT EXISTS` or `INSERT OR IGNORE`), with the
 /// database's identity ([`Db::id`]).
 const SCHEMA: &str = include_str!("schema.sql");
@@ -90,6 +92,8 @@ struct Inner {
     opened_at: String,
     /// The database's identity (`database_identity.id`).
     id: String,
+    /// The order events this process put in its own (embedded) stream; see [`InStream`].
+    in_stream: InStream,
 }
 
 impl std::fmt::Debug for Db {
@@ -151,6 +155,7 @@ impl Db {
                 queries: AtomicU64::new(0),
                 opened_at,
                 id,
+                in_stream: InStream::default(),
             }),
         })
     }
@@ -166,6 +171,15 @@ impl Db {
     /// other database. `/healthz` shows it; `storefront replay` compares it with its `--db` file.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The orders whose `order.placed` event this process has put in its own stream (the embedded
+    /// backend's) and whose outbox row may still exist: what keeps the outbox relay from publishing an
+    /// event twice. Kept with the database handle because it is this process's knowledge about rows of
+    /// this file, shared by the shop's `POST /orders` and the worker's relay (both hold this handle), like
+    /// [`opened_at`](Self::opened_at).
+    pub(crate) fn in_stream(&self) -> &InStream {
+        &self.inner.in_stream
     }
 
     /// The database file.
