@@ -13,8 +13,8 @@
 //! configured token they answer `401` to everyone.
 
 use axum::Json;
+use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
 use rusqlite::params;
 use serde::Deserialize;
@@ -24,6 +24,7 @@ use crate::AppState;
 use crate::catalog::{Product, read_product};
 use crate::db::DbError;
 use crate::error::AppError;
+use crate::extract::PathParam;
 
 /// The highest price an admin may set, in cents (one million).
 pub const MAX_PRICE_CENTS: i64 = 100_000_000;
@@ -150,7 +151,7 @@ pub async fn update_product(
 /// `PATCH /admin/products/{id}` with a JSON [`ProductUpdate`].
 pub(crate) async fn patch_product(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    PathParam(id): PathParam<i64>,
     headers: HeaderMap,
     body: Result<Json<ProductUpdate>, JsonRejection>,
 ) -> Result<Json<Product>, AppError> {

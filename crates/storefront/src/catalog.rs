@@ -24,13 +24,15 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+
+use axum::extract::{Query, State};
 use keyward::{Cache, Keyward};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{Db, DbError};
 use crate::error::AppError;
+use crate::extract::PathParam;
 
 /// Cache class of the categories list.
 pub const CATEGORIES_CLASS: &str = "catalog_categories";
@@ -482,7 +484,7 @@ pub(crate) struct PageQuery {
 /// `GET /categories/{id}/products?page=N&per_page=M`.
 pub(crate) async fn list_products(
     State(catalog): State<Catalog>,
-    Path(category): Path<i64>,
+    PathParam(category): PathParam<i64>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<ProductPage>, AppError> {
     let Query(query) =
@@ -503,7 +505,7 @@ pub(crate) async fn list_products(
 /// `GET /products/{id}`: a published product.
 pub(crate) async fn show_product(
     State(catalog): State<Catalog>,
-    Path(id): Path<i64>,
+    PathParam(id): PathParam<i64>,
 ) -> Result<Json<Product>, AppError> {
     let product = catalog.product(id).await?;
     if !product.published {

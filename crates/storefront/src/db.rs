@@ -17,7 +17,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::Semaphore;
 
-/// The schema, applied at every open (every statement is `IF NOT EXISTS`).
+use crate::orders::InStream;
+
+/// The schema, applied at every open (every statement is `IF NOT EXISTS` or `INSERT OR IGNORE`), with the
+/// database's identity ([`Db::id`]).
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// How long a connection waits for SQLite's write lock before a write fails with "database is locked".
@@ -87,6 +90,10 @@ struct Inner {
     queries: AtomicU64,
     /// When this handle opened the file, as SQLite writes `created_at` (UTC, ms).
     opened_at: String,
+    /// The database's identity (`database_identity.id`).
+    id: String,
+    /// The order events this process put in its own (embedded) stream; see [`InStream`].
+    in_stream: InStream,
 }
 
 impl std::fmt::Debug for Db {
@@ -111,6 +118,7 @@ impl Db {
         };
         let mut idle = Vec::new();
         let mut opened_at = String::new();
+        let mut id = String::new();
         for i in 0..pool_size.max(1) {
             let conn = Connection::open_with_flags(
                 path,
@@ -134,6 +142,7 @@ impl Db {
                         r.get(0)
                     })
                     .map_err(open_err)?;
+                id = read_id(&conn).map_err(open_err)?;
             }
             idle.push(conn);
         }
@@ -145,6 +154,8 @@ impl Db {
                 slots,
                 queries: AtomicU64::new(0),
                 opened_at,
+                id,
+                in_stream: InStream::default(),
             }),
         })
     }
@@ -153,6 +164,22 @@ impl Db {
     /// `created_at`): rows written before it were written by an earlier process.
     pub fn opened_at(&self) -> &str {
         &self.inner.opened_at
+    }
+
+    /// The database's identity: 32 hex digits made at random by the first open of the file (or the first
+    /// open by a version that knows it), the same for every process on the file, different for every
+    /// other database. `/healthz` shows it; `storefront replay` compares it with its `--db` file.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The orders whose `order.placed` event this process has put in its own stream (the embedded
+    /// backend's) and whose outbox row may still exist: what keeps the outbox relay from publishing an
+    /// event twice. Kept with the database handle because it is this process's knowledge about rows of
+    /// this file, shared by the shop's `POST /orders` and the worker's relay (both hold this handle), like
+    /// [`opened_at`](Self::opened_at).
+    pub(crate) fn in_stream(&self) -> &InStream {
+        &self.inner.in_stream
     }
 
     /// The database file.
@@ -246,6 +273,18 @@ impl Db {
     }
 }
 
+/// The identity the schema wrote (or found) in `database_identity`.
+///
+/// # Errors
+/// SQLite's, e.g. the table is missing (the schema was not applied).
+fn read_id(conn: &Connection) -> rusqlite::Result<String> {
+    conn.query_row(
+        "SELECT id FROM database_identity WHERE only_row = 1",
+        [],
+        |r| r.get(0),
+    )
+}
+
 /// A connection out of the pool; it goes back when dropped.
 struct Pooled {
     conn: Option<Connection>,
@@ -294,6 +333,28 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(db.queries(), 3);
+    }
+
+    #[test]
+    fn a_database_keeps_its_identity_and_an_old_one_gets_one_at_its_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        let first = Db::open(&a, 2).unwrap().id().to_owned();
+        assert_eq!(first.len(), 32, "{first}");
+        assert!(first.bytes().all(|c| c.is_ascii_hexdigit()), "{first}");
+        // Every later open (another process on the file) finds the same id; another file has its own.
+        assert_eq!(Db::open(&a, 1).unwrap().id(), first);
+        assert_ne!(Db::open(&b, 1).unwrap().id(), first);
+
+        // A database from before the identity existed: the next open creates it, once.
+        Connection::open(&a)
+            .unwrap()
+            .execute_batch("DROP TABLE database_identity")
+            .unwrap();
+        let made = Db::open(&a, 1).unwrap().id().to_owned();
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, first, "a new random id");
+        assert_eq!(Db::open(&a, 1).unwrap().id(), made);
     }
 
     #[tokio::test]

@@ -24,7 +24,9 @@
 //! - [`replay`] — `storefront replay`: the Northwind order history as HTTP traffic against a running
 //!   shop, with latencies, hit ratio, database queries and checks of the final database.
 //! - [`telemetry`] — `/metrics` (the recorder is installed by the binary, once) and the request counter.
-//! - [`AppError`] — how each failure answers; keyward failures go through [`keyward_axum::ApiError`].
+//! - [`AppError`] — how each failure answers (RFC 9457 problem+json); keyward failures go through
+//!   [`keyward_axum::ApiError`]. Path parameters are extracted so that a malformed one answers the same
+//!   way (a `400` naming the parameter and the value), not with axum's plain-text rejection.
 //! - [`app`] — the router; [`AppState`] — what handlers share; [`Config`] and [`start`] — opening the
 //!   database, importing, connecting keyward.
 //!
@@ -58,7 +60,7 @@
 //! | `GET /dashboard` | live charts: hit ratio per class (L1, L2), queries saved, login decisions, stream lag and dead letters, breaker |
 //! | `GET /dashboard/data` | what the page polls (JSON; [`dashboard`]) |
 //! | `GET /metrics` | Prometheus text: keyward's metrics and the shop's own; `503` when no recorder is installed ([`telemetry`]) |
-//! | `GET /healthz` | `200` when SQLite and the keyward store answer; the store down: `503` (`Retry-After`) with `{"status": "unavailable", "database": "ok", "store": "not answering"}`; SQLite down: `500` |
+//! | `GET /healthz` | `200` with `{"status": "ok", "backend": …, "database_id": …}` when SQLite and the keyward store answer; the store down: `503` (`Retry-After`) with `{"status": "unavailable", "database": "ok", "database_id": …, "store": "not answering"}`; SQLite down: `500`. `database_id` is [`Db::id`] |
 //!
 //! # Middleware order
 //! In axum the layer added last runs first. Outside in: the request counter
@@ -75,6 +77,7 @@ pub mod catalog;
 pub mod dashboard;
 pub mod db;
 mod error;
+mod extract;
 pub mod import;
 pub mod orders;
 pub mod replay;
@@ -365,7 +368,8 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
-/// `GET /healthz`: SQLite and the keyward store both answer.
+/// `GET /healthz`: SQLite and the keyward store both answer. The body names the database the shop
+/// serves (`database_id`, [`Db::id`]): `storefront replay` checks it against its `--db` file.
 async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
     state
         .db
@@ -386,6 +390,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
             "status": "unavailable",
             "backend": format!("{:?}", state.kw.backend()),
             "database": "ok",
+            "database_id": state.db.id(),
             "store": "not answering",
         }));
         let mut response = (status, body).into_response();
@@ -399,6 +404,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Response, AppError> {
     Ok(Json(serde_json::json!({
         "status": "ok",
         "backend": format!("{:?}", state.kw.backend()),
+        "database_id": state.db.id(),
     }))
     .into_response())
 }

@@ -22,9 +22,10 @@
 //! the outbox row: [`relay_outbox`] (run by the worker every [`OUTBOX_RELAY_EVERY`]) publishes rows older
 //! than [`OUTBOX_GRACE`] and deletes them. An event can so be published twice (published, then the
 //! delete failed); the worker's effects are keyed by the order id, so that is harmless. On the embedded
-//! backend the relay publishes only rows older than the process (`Db::opened_at`): a process that died
-//! with events unhandled has them relayed by the next one at its start. There, an event whose publish
-//! failed (the embedded store full) waits for that next start too.
+//! backend, where a row stays until its event is handled, the relay must not publish a row whose event
+//! is already in this process's stream: the process remembers which ones it put there (`InStream`),
+//! and the relay publishes the others — a dead process's rows at once, a row whose publish failed here
+//! (the embedded store full) once it is older than [`OUTBOX_GRACE`] — each once (see [`relay_outbox`]).
 //!
 //! `/me/orders` is personal data: read from SQLite on every request, never cached in the shared store
 //! (`my_orders` in `policy.toml` is `personal = true`, so `Keyward::cache("my_orders")` is refused), and
@@ -226,6 +227,11 @@ pub async fn place_order(
         .db
         .write(move |tx| write_order(tx, &customer, &request))
         .await?;
+    // Embedded: claim the event for this request at once (see `InStream`): the relay leaves a claimed
+    // row alone, and a row the relay claimed first (only possible if this request stalled past the grace
+    // period) is not published again here.
+    let embedded = state.kw.backend() == keyward::BackendKind::Embedded;
+    let ours = !embedded || state.db.in_stream().claim(order.id);
     for change in &changes {
         if let Err(error) = state
             .catalog
@@ -237,10 +243,13 @@ pub async fn place_order(
                 "storefront: a product's cache entry was not invalidated after an order; it shows the old stock until its TTL");
         }
     }
+    if !ours {
+        return Ok(order);
+    }
     match state.events.publish(&event).await {
         // The embedded backend's stream lives in this process's memory: a published event dies with the
         // process, so its outbox row stays until the worker has handled it (the handler deletes it).
-        Ok(_) if state.kw.backend() == keyward::BackendKind::Embedded => {}
+        Ok(_) if embedded => {}
         Ok(_) => {
             let id = order.id;
             let deleted = state
@@ -256,6 +265,10 @@ pub async fn place_order(
             }
         }
         Err(error) => {
+            if embedded {
+                // Not in the stream (the embedded backend appends all or nothing): the relay may take it.
+                state.db.in_stream().release(order.id);
+            }
             metrics::counter!("storefront_order_events_deferred_total").increment(1);
             tracing::warn!(order = order.id, %error,
                 "storefront: order.placed not published now; the outbox relay will publish it");
@@ -264,12 +277,93 @@ pub async fn place_order(
     Ok(order)
 }
 
-/// Publish outbox rows (at most [`OUTBOX_BATCH`], oldest first) to `events`. When the stream is
-/// `durable` (Redis): the rows older than `grace`, each deleted once published. On the embedded backend
-/// (`durable = false`) the stream lives in this process, and a row stays until the worker's handler
-/// deletes it: only the rows written before `db` was opened are published (their process died before
-/// its worker handled them; this process's own rows are in its stream already), and kept until handled.
-/// Returns how many were published.
+/// The orders whose `order.placed` event this process has put in its own stream (the embedded
+/// backend's, which lives and dies with the process), and whose outbox row may still exist.
+///
+/// **Why the relay needs it.** On the embedded backend an outbox row is kept until the worker's handler
+/// deletes it (in its own transaction), so "the row exists" does not mean "the event is not in the
+/// stream": a row may be waiting for its event to be read, or its handler may be running or retrying
+/// with backoff, or the event may be dead-lettered. Publishing such a row again would put a second copy
+/// in the stream while the first is pending — harmless for the data (the handler is keyed by the order
+/// id) but a second delivery, second retries and a second dead letter. The database cannot tell these
+/// rows from one whose publish failed (nothing is in the stream then); only this process knows which
+/// events it put in its stream. So:
+///
+/// - whoever publishes an event first **claims** its order id here ([`claim`](Self::claim) is a set
+///   insert under a lock, true for exactly one caller): `place_order` right after its commit, the relay
+///   before each publish. Only the claimant publishes; a failed publish **releases** the claim (the
+///   embedded backend appends all or nothing, so the event is not in the stream) and the relay takes the
+///   row up again after the grace period.
+/// - a claimed id stays claimed while its row exists: pending, being handled, retried or dead-lettered,
+///   the event is in this stream and is never published again by this process (a dead letter is put
+///   back by `replay`, not by the relay). The next process starts with no claims, so it relays every
+///   row left at once: their events died with the old process's stream.
+/// - a claim is dropped once its row is gone (the handler deleted it): the relay [`forget`](Self::forget)s
+///   the ids that were claimed **before** it read the outbox and are missing from what it read. An id
+///   claimed after that snapshot is kept even if the read missed its row (its transaction committed
+///   after the read), and a deleted row never comes back (an order's row is written once, in the order's
+///   transaction), so a forgotten id can never be a pending event.
+///
+/// Only one process's stream is known here: two embedded processes on one database (not a supported
+/// set-up: each has its own stream, and its worker must run in it) would relay each other's rows older
+/// than the grace period, a duplicate delivery the handler absorbs. On Redis the stream is shared and
+/// durable, a row is deleted right after its publish, and none of this is used.
+#[derive(Debug, Default)]
+pub(crate) struct InStream {
+    ids: std::sync::Mutex<HashSet<i64>>,
+}
+
+impl InStream {
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        // Plain set operations: a panic elsewhere cannot leave it half-changed.
+        self.ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Claim `order`'s event for publishing; `false` if it is claimed already (in the stream, or being
+    /// published by someone else).
+    pub(crate) fn claim(&self, order: i64) -> bool {
+        self.ids().insert(order)
+    }
+
+    /// Give up a claim whose publish failed (the event is not in the stream).
+    pub(crate) fn release(&self, order: i64) {
+        self.ids().remove(&order);
+    }
+
+    /// Whether `order`'s event is claimed.
+    pub(crate) fn contains(&self, order: i64) -> bool {
+        self.ids().contains(&order)
+    }
+
+    /// The claimed ids now.
+    pub(crate) fn snapshot(&self) -> HashSet<i64> {
+        self.ids().clone()
+    }
+
+    /// Drop the claims in `before` (a [`snapshot`](Self::snapshot) taken before reading the outbox)
+    /// whose rows are not in `present` (the outbox as read after it): their events were handled.
+    pub(crate) fn forget(&self, before: &HashSet<i64>, present: &HashSet<i64>) {
+        let mut ids = self.ids();
+        for gone in before.difference(present) {
+            ids.remove(gone);
+        }
+    }
+}
+
+/// Publish outbox rows (at most [`OUTBOX_BATCH`] per call, oldest first) to `events`; returns how many
+/// were published.
+///
+/// When the stream is `durable` (Redis): the rows older than `grace`, each deleted once published.
+///
+/// On the embedded backend (`durable = false`) the stream lives in this process and a row stays until
+/// the worker's handler deletes it. Published: the rows whose event this process has not put in its
+/// stream already (it keeps their order ids with the `Db` handle; `orders::InStream` says why, and why
+/// that is safe) that were written before `db` was opened (their
+/// process died before its worker handled them) or are older than `grace` (their publish failed here).
+/// Each is claimed before its publish and stays claimed while its row exists, so no pass publishes it
+/// again while its event is pending, being handled or dead-lettered.
 ///
 /// # Errors
 /// [`AppError::Db`] if the outbox cannot be read; a publish failure stops the pass (its rows stay for
@@ -282,27 +376,43 @@ pub async fn relay_outbox(
 ) -> Result<usize, AppError> {
     let modifier = format!("-{:.3} seconds", grace.as_secs_f64());
     let opened = db.opened_at().to_owned();
-    let rows: Vec<(i64, String)> = db
+    // Claims taken before the outbox is read (see `InStream::forget`).
+    let claimed_before = db.in_stream().snapshot();
+    let rows: Vec<(i64, String, bool)> = db
         .read(move |conn| {
             let what = "read the order outbox";
+            // Durable: the due rows only, at most a batch. Embedded: every row (the outbox holds only
+            // unhandled events), each with whether it is due, so that the claims of handled ones can be
+            // dropped and claimed rows do not take the batch's room.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT order_id, event FROM order_outbox \
-                     WHERE (?3 AND created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', ?1)) \
-                        OR (NOT ?3 AND created_at < ?4) \
-                     ORDER BY order_id LIMIT ?2",
+                    "SELECT order_id, event, \
+                            (created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', ?1) \
+                             OR (NOT ?3 AND created_at < ?4)) AS due \
+                     FROM order_outbox \
+                     WHERE NOT ?3 OR created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', ?1) \
+                     ORDER BY order_id LIMIT CASE WHEN ?3 THEN ?2 ELSE -1 END",
                 )
                 .map_err(DbError::query(what))?;
             stmt.query_map(params![modifier, OUTBOX_BATCH, durable, opened], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .map_err(DbError::query(what))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(DbError::query(what))
         })
         .await?;
+    let in_stream = db.in_stream();
+    if !durable {
+        let present: HashSet<i64> = rows.iter().map(|(id, _, _)| *id).collect();
+        in_stream.forget(&claimed_before, &present);
+    }
     let mut published = 0;
-    for (order_id, json) in rows {
+    let due = rows
+        .into_iter()
+        .filter(|(order_id, _, due)| *due && (durable || !in_stream.contains(*order_id)))
+        .take(usize::try_from(OUTBOX_BATCH).unwrap_or(usize::MAX));
+    for (order_id, json, _) in due {
         let event: OrderEvent = match serde_json::from_str(&json) {
             Ok(event) => event,
             Err(error) => {
@@ -311,7 +421,16 @@ pub async fn relay_outbox(
                 continue;
             }
         };
-        events.publish(&event).await?;
+        if !durable && !in_stream.claim(order_id) {
+            // Its request (or another pass) published it meanwhile.
+            continue;
+        }
+        if let Err(error) = events.publish(&event).await {
+            if !durable {
+                in_stream.release(order_id);
+            }
+            return Err(error.into());
+        }
         if durable {
             db.write(move |tx| {
                 tx.execute("DELETE FROM order_outbox WHERE order_id = ?1", [order_id])

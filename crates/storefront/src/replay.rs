@@ -26,6 +26,11 @@
 //!    answer (the answer was lost) or twice at once (a double click). The shop must answer the
 //!    duplicate with `Idempotent-Replayed: true` and the same order, and store one.
 //!
+//! Before anything else the replay checks that `--db` is the shop's database: every database has a
+//! random id made once, when it is created ([`crate::Db::id`]); the shop names its own in `/healthz`, the
+//! replay reads the file's, and a difference stops the replay ([`ReplayError::WrongDatabase`]) before it
+//! sends a single write.
+//!
 //! Before the traffic the replay restocks, through `PATCH /admin/products/{id}` with the admin token,
 //! every product whose stock cannot cover the replayed orders: its stock is set to what they take, so
 //! those products end at 0 (their pages are invalidated on the way, the path a real sell-out takes).
@@ -46,7 +51,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
@@ -236,6 +241,29 @@ pub enum ReplayError {
         status: u16,
         /// The start of the body.
         body: String,
+    },
+    /// `--db` is not the database of the shop at `--url`: their identities differ (checked before any
+    /// request but `GET /healthz`).
+    #[error("{} is not the database of the shop at {url}: {reason}", file.display())]
+    WrongDatabase {
+        /// The SQLite file given.
+        file: PathBuf,
+        /// The shop's base URL.
+        url: String,
+        /// What does not match: both ids, or the file having none.
+        reason: String,
+    },
+    /// The shop does not say which database it serves (its `/healthz` has no `database_id`), so the
+    /// replay cannot check that `--db` is it.
+    #[error(
+        "the shop at {url} does not name its database (GET /healthz has no \"database_id\"; a storefront \
+         older than this replay?): cannot check that {} is its database", file.display()
+    )]
+    UnknownDatabase {
+        /// The SQLite file given.
+        file: PathBuf,
+        /// The shop's base URL.
+        url: String,
     },
     /// A blocking task (a database read) panicked or was cancelled.
     #[error("a database read did not finish: {0}")]
@@ -477,6 +505,65 @@ fn open_read_only(file: &Path) -> Result<Connection, ReplayError> {
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(db_error)?;
     Ok(conn)
+}
+
+/// The identity in `file` (`database_identity`, see [`crate::Db::id`]); `None` when the file has none
+/// (no storefront that knows identities has opened it).
+fn read_database_id(file: &Path) -> Result<Option<String>, ReplayError> {
+    let conn = open_read_only(file)?;
+    let db_error = |source| ReplayError::Db {
+        file: file.to_owned(),
+        source,
+    };
+    let has_table: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'database_identity')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_error)?;
+    if !has_table {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT id FROM database_identity WHERE only_row = 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db_error)
+}
+
+/// Whether the shop (its `/healthz` `database_id`) serves the database in `file` (`file_id`).
+///
+/// # Errors
+/// [`ReplayError::WrongDatabase`] saying what differs; [`ReplayError::UnknownDatabase`] when the shop
+/// names none.
+fn same_database(
+    options: &ReplayOptions,
+    file_id: Option<&str>,
+    shop_id: Option<&str>,
+) -> Result<(), ReplayError> {
+    let wrong = |reason: String| ReplayError::WrongDatabase {
+        file: options.db_path.clone(),
+        url: options.url.clone(),
+        reason,
+    };
+    match (file_id, shop_id) {
+        (_, None) => Err(ReplayError::UnknownDatabase {
+            file: options.db_path.clone(),
+            url: options.url.clone(),
+        }),
+        (None, Some(shop)) => Err(wrong(format!(
+            "the file has no database id (no storefront of this version has opened it), the shop's \
+             database id is {shop}; pass the --db the shop was started with"
+        ))),
+        (Some(file), Some(shop)) if file != shop => Err(wrong(format!(
+            "the file's database id is {file}, the shop's (GET /healthz) is {shop}; pass the --db the \
+             shop was started with"
+        ))),
+        (Some(_), Some(_)) => Ok(()),
+    }
 }
 
 async fn blocking<T, F>(f: F) -> Result<T, ReplayError>
@@ -772,6 +859,37 @@ impl Shop {
             what: what(),
             source,
         })
+    }
+
+    /// The `database_id` of the shop's `/healthz` (not counted in the traffic); `None` if it names none.
+    /// A `503` (the store down) still names it.
+    async fn database_id(&self) -> Result<Option<String>, ReplayError> {
+        let what = || format!("GET {}", self.url("/healthz"));
+        let response = self
+            .http
+            .get(self.url("/healthz"))
+            .send()
+            .await
+            .map_err(|source| ReplayError::Http {
+                what: what(),
+                source,
+            })?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|source| ReplayError::Http {
+            what: what(),
+            source,
+        })?;
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("database_id")?.as_str().map(str::to_owned));
+        if id.is_none() && status != StatusCode::OK {
+            return Err(ReplayError::Refused {
+                what: what(),
+                status: status.as_u16(),
+                body: Body(body.to_vec()).excerpt(),
+            });
+        }
+        Ok(id)
     }
 
     /// `PATCH /admin/products/{id}` setting its stock; returns the stock written.
@@ -1665,15 +1783,23 @@ async fn restock(
 /// Replay the history against the shop `options` name, then check the database (see the module docs).
 ///
 /// # Errors
-/// [`ReplayError`] when the replay cannot run: an option out of range, the database unreadable or
-/// without history, the dashboard or the admin route unreachable or refusing (a wrong admin token). A
+/// [`ReplayError`] when the replay cannot run: an option out of range, the database unreadable, not
+/// the shop's (its id differs from the one the shop's `/healthz` names) or without history, the dashboard or the admin route unreachable or refusing (a wrong admin token). A
 /// failed check is not an error: it is in the report ([`ReplayReport::passed`]).
 pub async fn run(options: ReplayOptions) -> Result<ReplayReport, ReplayError> {
     options.check()?;
+    let shop = Shop::new(&options.url)?;
+    // First of all, that `--db` is the shop's database: the restock below writes to the shop, and the
+    // checks read the file, so a replay against another database would change the shop and then fail
+    // every check at the end. Each database has an id made once at its creation (`Db::id`); the shop
+    // names its own in `/healthz`.
+    let file = options.db_path.clone();
+    let file_id = blocking(move || read_database_id(&file)).await?;
+    let shop_id = shop.database_id().await?;
+    same_database(&options, file_id.as_deref(), shop_id.as_deref())?;
     let file = options.db_path.clone();
     let limit = options.limit;
     let history = Arc::new(blocking(move || read_history(&file, limit)).await?);
-    let shop = Shop::new(&options.url)?;
     let (start_stock, restocked) = restock(&shop, &options, &history).await?;
     let before = shop.dashboard().await?;
 
@@ -1962,5 +2088,37 @@ mod tests {
             }
         }
         assert!(base().speedup(0.0).check().is_ok());
+    }
+
+    #[test]
+    fn another_database_is_refused_naming_the_file_and_both_ids() {
+        let options = ReplayOptions::new(
+            "http://127.0.0.1:8080",
+            "other.db",
+            AdminToken::new("0123456789abcdef").unwrap(),
+        );
+        assert!(same_database(&options, Some("aa"), Some("aa")).is_ok());
+        let differ = same_database(&options, Some("aa"), Some("bb"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            differ.starts_with("other.db is not the database of the shop at http://127.0.0.1:8080")
+                && differ.contains("the file's database id is aa")
+                && differ.contains("is bb"),
+            "{differ}"
+        );
+        let none = same_database(&options, None, Some("bb"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            none.contains("other.db") && none.contains("the file has no database id"),
+            "{none}"
+        );
+        let silent = same_database(&options, Some("aa"), None).unwrap_err();
+        assert!(
+            matches!(silent, ReplayError::UnknownDatabase { .. }),
+            "{silent:?}"
+        );
+        assert!(silent.to_string().contains("other.db"), "{silent}");
     }
 }

@@ -1,11 +1,23 @@
 -- The storefront's SQLite schema: the source of truth that keyward caches sit in front of.
 -- Money is integer cents, discounts integer basis points (1/100 %): no floating-point sums.
--- Applied at every start (`IF NOT EXISTS`); `meta` records that the Northwind import ran.
+-- Applied at every start (`IF NOT EXISTS`, `INSERT OR IGNORE`); `meta` records that the Northwind import ran.
 
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- This database's identity: a random id made once, by the first open of the file (a file from before it
+-- gets one at its next open: the statement runs at every open and writes nothing once the row is there).
+-- `/healthz` shows it and `storefront replay` compares it with the file it was given, so a replay pointed
+-- at another shop's database stops before it sends anything.
+CREATE TABLE IF NOT EXISTS database_identity (
+    only_row   INTEGER PRIMARY KEY CHECK (only_row = 1),
+    id         TEXT NOT NULL,          -- 32 lowercase hex digits (128 random bits)
+    created_at TEXT NOT NULL           -- 'YYYY-MM-DD HH:MM:SS.mmm', UTC
+);
+INSERT OR IGNORE INTO database_identity (only_row, id, created_at)
+    VALUES (1, lower(hex(randomblob(16))), strftime('%Y-%m-%d %H:%M:%f', 'now'));
 
 CREATE TABLE IF NOT EXISTS categories (
     id          INTEGER PRIMARY KEY,

@@ -11,7 +11,9 @@
 //!
 //! A handler error (the database failing) is retried with the class's backoff and dead-lettered after
 //! `max_deliveries` (`keyward dead-letters list order_events`; `replay` puts them back once fixed). An
-//! event that does not decode is dead-lettered at once.
+//! event that does not decode is dead-lettered at once. Each failed delivery is logged: `warn` with the
+//! entry id, the delivery count and the error while it will be retried, `error` on the last one (no
+//! personal data in either).
 //!
 //! The worker runs in the shop's process by default (`storefront`), or alone (`storefront worker`) next
 //! to instances started with `--no-worker`; any number of workers may run: they share the group.
@@ -87,6 +89,28 @@ fn notify(tx: &rusqlite::Transaction<'_>, placed: &OrderPlaced) -> Result<(), Db
     Ok(())
 }
 
+/// Log one failed delivery of the event of `order` (stream entry `entry`, its `deliveries`-th delivery of
+/// at most `max_deliveries`): `warn` while keyward will deliver it again, `error` on the last one (keyward
+/// then dead-letters it). The line carries the entry id, the order id, the counts and the error, and
+/// nothing about the customer: no name, id or address (the event's customer id is not logged, and
+/// SQLite's errors name tables and columns, never bound values).
+fn log_failure(
+    entry: keyward::stream::EntryId,
+    order: i64,
+    deliveries: u64,
+    max_deliveries: u64,
+    error: &DbError,
+) {
+    if deliveries >= max_deliveries {
+        tracing::error!(%entry, order, deliveries, max_deliveries, %error,
+            "storefront: order worker: the event failed its last delivery and is dead-lettered \
+             (keyward dead-letters list order_events; replay it once the fault is fixed)");
+    } else {
+        tracing::warn!(%entry, order, deliveries, max_deliveries, %error,
+            "storefront: order worker: handling the event failed; it is delivered again after the backoff");
+    }
+}
+
 /// Consume `order_events` as one worker of [`NOTIFIER_GROUP`] until `shutdown` resolves, and meanwhile
 /// relay the order outbox ([`relay_outbox`](crate::orders::relay_outbox)) every
 /// [`OUTBOX_RELAY_EVERY`](crate::orders::OUTBOX_RELAY_EVERY), starting at once.
@@ -102,12 +126,26 @@ pub async fn run(
 ) -> keyward::Result<WorkerReport> {
     let events = kw.stream::<OrderEvent>(crate::orders::ORDER_EVENTS_CLASS)?;
     let durable = kw.backend() != keyward::BackendKind::Embedded;
+    let max_deliveries = kw
+        .policy()
+        .class(crate::orders::ORDER_EVENTS_CLASS)
+        .and_then(|class| class.as_stream())
+        .map_or(1, |stream| u64::from(stream.max_deliveries_value()));
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let handler_db = db.clone();
     let worker = events
         .worker(NOTIFIER_GROUP, move |message: Message<OrderEvent>| {
             let db = handler_db.clone();
-            async move { handle(&db, message.event).await }
+            async move {
+                let order = match &message.event {
+                    OrderEvent::Placed(placed) => placed.order_id,
+                };
+                let handled = handle(&db, message.event).await;
+                if let Err(error) = &handled {
+                    log_failure(message.id, order, message.deliveries, max_deliveries, error);
+                }
+                handled
+            }
         })
         .concurrency(CONCURRENCY)
         .run(async move {

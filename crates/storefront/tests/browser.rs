@@ -368,6 +368,13 @@ async fn drive(webdriver: WebDriver, base: String) {
     );
     assert_eq!(Page::count(&after.login_limited, "#login-limited"), 0);
 
+    // Trial finding (issue #15): at 1280 px the tables were wider than the window (the page scrolled
+    // sideways). At 1280×800 the page fits, each table fits its card, and no cell is cut off.
+    fits_at(&webdriver, 1280, 800, None).await;
+    // And with the figures of a shop that has run for months: 15-digit counts, long class names.
+    let data = exaggerated(http.get_ok("/dashboard/data").await);
+    fits_at(&webdriver, 1280, 800, Some(data)).await;
+
     if let Some(file) = std::env::var_os("STOREFRONT_DASHBOARD_SCREENSHOT") {
         // More rounds (each reading one more product for the first time), so the charts have lines.
         for round in 0..20 {
@@ -384,6 +391,86 @@ async fn drive(webdriver: WebDriver, base: String) {
         let png = webdriver.screenshot().await.expect("a screenshot");
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
     }
+}
+
+/// What the layout measures at the window's size: the page's width against the window's, and each
+/// table's against its card's content box; cells whose text overflows them.
+const MEASURE_LAYOUT: &str = r##"
+const cards = Array.from(document.querySelectorAll(".card"));
+return {
+  inner_width: window.innerWidth,
+  scroll_width: document.documentElement.scrollWidth,
+  tables: Array.from(document.querySelectorAll("table")).map((t) => {
+    const card = t.closest(".card");
+    const style = getComputedStyle(card);
+    const content = card.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    return [t.id || t.closest(".card").querySelector("h2").textContent, t.offsetWidth, content];
+  }),
+  cut_cells: Array.from(document.querySelectorAll("td, th"))
+    .filter((c) => c.scrollWidth > c.clientWidth + 1)
+    .map((c) => c.textContent),
+  cards: cards.length,
+};
+"##;
+
+/// `/dashboard/data` as a long-running busy shop would answer it: every count 15 digits, every class
+/// name three times as long.
+fn exaggerated(data: Value) -> Value {
+    match data {
+        Value::Number(n) if n.is_u64() || n.is_i64() => json!(123_456_789_012_345_u64),
+        Value::Array(items) => Value::Array(items.into_iter().map(exaggerated).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| match (k.as_str(), v) {
+                    ("class", Value::String(class)) => (k, json!(class.repeat(3))),
+                    (_, v) => (k, exaggerated(v)),
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Resize the window to `width`×`height` and assert that nothing is wider than it (see
+/// [`MEASURE_LAYOUT`]); with `data`, the page first renders it (its own `render`, in the same script,
+/// so no poll comes between).
+async fn fits_at(webdriver: &WebDriver, width: u32, height: u32, data: Option<Value>) {
+    webdriver
+        .set_window_size(width, height)
+        .await
+        .expect("resize the window");
+    let layout = match data {
+        Some(data) => webdriver
+            .execute(
+                &format!("render(arguments[0]);\n{MEASURE_LAYOUT}"),
+                vec![data],
+            )
+            .await
+            .expect("the layout's figures with the rendered data"),
+        None => webdriver
+            .execute(MEASURE_LAYOUT, vec![])
+            .await
+            .expect("the layout's figures"),
+    };
+    eprintln!("dashboard layout at {width}x{height}: {layout}");
+    let inner = layout["inner_width"].as_u64().expect("innerWidth");
+    let scroll = layout["scroll_width"].as_u64().expect("scrollWidth");
+    assert!(
+        inner > 0 && inner <= u64::from(width),
+        "the window is {width} px wide: {layout}"
+    );
+    assert!(
+        scroll <= inner,
+        "the page is wider than the window at {width} px: {layout}"
+    );
+    let tables = layout["tables"].as_array().expect("tables");
+    assert_eq!(tables.len(), 3, "{layout}");
+    for table in tables {
+        let (own, room) = (table[1].as_f64().unwrap(), table[2].as_f64().unwrap());
+        assert!(own <= room + 1.0, "a table wider than its card: {layout}");
+    }
+    assert_eq!(layout["cut_cells"], json!([]), "cells cut off: {layout}");
 }
 
 /// Catalog reads (repeated, so some hit), one login (at most once per client), one order under `key`.

@@ -323,7 +323,84 @@ async fn bad_requests_and_health() {
 
     let health = shop.get_ok("/healthz").await;
     assert_eq!(health["status"], json!("ok"));
+    // It names the database it serves, as the file holds it (what `storefront replay` compares).
+    let id: String = dir
+        .sqlite()
+        .query_row("SELECT id FROM database_identity", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(health["database_id"], json!(id));
+    assert_eq!(shop.state.db.id(), id);
     let (status, index) = shop.get("/").await;
     assert_eq!(status, StatusCode::OK);
     assert!(index.as_str().unwrap().contains("/categories"));
+}
+
+/// Trial finding (issue #15): a malformed path parameter answered axum's plain-text rejection. Every
+/// route with a path parameter now answers problem+json like the shop's other errors: `400`, a `detail`
+/// naming the parameter and quoting the value (cut when long).
+#[tokio::test]
+async fn malformed_path_parameters_answer_problem_json_naming_the_parameter() {
+    let dir = DbDir::new();
+    let shop = Shop::embedded(&dir).await;
+    let long = "x".repeat(500);
+    let cases = [
+        (http::Method::GET, "/products/abc".to_owned(), "\"abc\""),
+        (
+            http::Method::GET,
+            "/categories/x/products".to_owned(),
+            "\"x\"",
+        ),
+        (
+            http::Method::GET,
+            "/categories/1.5/products?page=2".to_owned(),
+            "\"1.5\"",
+        ),
+        (
+            http::Method::PATCH,
+            "/admin/products/abc".to_owned(),
+            "\"abc\"",
+        ),
+        // Too large for an id, and percent-decoded before it is quoted.
+        (
+            http::Method::GET,
+            "/products/99999999999999999999".to_owned(),
+            "\"99999999999999999999\"",
+        ),
+        (http::Method::GET, "/products/a%20b".to_owned(), "\"a b\""),
+        (http::Method::GET, format!("/products/{long}"), "…\""),
+    ];
+    for (method, path, quoted) in cases {
+        let mut request = http::Request::builder()
+            .method(method.clone())
+            .uri(&path)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", crate::util::ADMIN_TOKEN),
+            );
+        let body = if method == http::Method::PATCH {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+            axum::body::Body::from(r#"{"stock": 1}"#)
+        } else {
+            axum::body::Body::empty()
+        };
+        let answer = crate::util::send_full(&shop.app, request.body(body).unwrap()).await;
+        let what = format!("{method} {path}: {}", answer.body);
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(
+            answer.headers[http::header::CONTENT_TYPE],
+            "application/problem+json",
+            "{what}"
+        );
+        assert_eq!(answer.body["type"], json!("about:blank"), "{what}");
+        assert_eq!(answer.body["status"], json!(400), "{what}");
+        assert_eq!(answer.body["title"], json!("Bad Request"), "{what}");
+        let detail = answer.body["detail"].as_str().expect("a detail");
+        assert!(
+            detail.contains("`id`") && detail.contains("whole number") && detail.contains(quoted),
+            "{what}"
+        );
+        assert!(detail.len() < 200, "a long value is cut: {what}");
+    }
+    // A well-formed id still reaches the handler: 404 for an unknown product, as before.
+    assert_eq!(shop.get("/products/100000").await.0, StatusCode::NOT_FOUND);
 }

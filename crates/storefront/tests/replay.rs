@@ -234,3 +234,59 @@ async fn the_binary_replays_and_exits_by_its_checks() {
     assert!(stdout.contains("replay: all 6 checks passed"), "{stdout}");
     assert!(stdout.contains("p99"), "{stdout}");
 }
+
+/// Trial finding (issue #15): `--db` naming another shop's database was found only by the final checks
+/// (exit 1), after the replay had restocked and ordered against the shop. Now the ids differ up front:
+/// exit 2, naming the file and both ids, and the shop received nothing but `GET /healthz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_against_another_database_stops_before_sending_anything() {
+    let dir = DbDir::new();
+    let shop = serve(config(&dir)).await;
+    // Another shop's database: the same Northwind history, its own identity.
+    let other = DbDir::new();
+    let (other_state, _) = storefront::start(config(&other)).await.unwrap();
+    let other_id = other_state.db.id().to_owned();
+    drop(other_state);
+    let token_file = dir.db_file().with_extension("token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["replay", "--url", &shop.url, "--db"])
+        .arg(other.db_file())
+        .args(["--limit", "20", "--speedup", "0", "--admin-token-file"])
+        .arg(&token_file)
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    let file = other.db_file().display().to_string();
+    assert!(
+        stderr.contains(&format!(
+            "{file} is not the database of the shop at {}",
+            shop.url
+        )) && stderr.contains(&other_id)
+            && stderr.contains(shop.state.db.id()),
+        "{stderr}"
+    );
+    // Nothing reached the shop's database: no restock of product 11, no order.
+    let conn = dir.sqlite();
+    let (stock, web): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT stock FROM products WHERE id = ?1), \
+                    (SELECT COUNT(*) FROM orders WHERE origin = 'web')",
+            [SOLD_OUT],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((stock, web), (0, 0));
+
+    // The library says the same with a typed error.
+    let error = replay::run(options(&shop, &other, 20)).await.unwrap_err();
+    assert!(
+        matches!(error, replay::ReplayError::WrongDatabase { .. }),
+        "{error:?}"
+    );
+}

@@ -157,5 +157,6 @@ async fn with_redis_gone_the_catalog_is_served_from_sqlite_and_health_says_503()
     assert_eq!(body["status"], json!("unavailable"), "{body}");
     assert_eq!(body["database"], json!("ok"), "{body}");
     assert_eq!(body["store"], json!("not answering"), "{body}");
+    assert_eq!(body["database_id"], json!(shop.state.db.id()), "{body}");
     assert_eq!(body["backend"], json!("Redis"), "{body}");
 }
