@@ -22,6 +22,7 @@ conformance!(
     a_refused_fill_never_lands_in_l1,
     randomized_trials_never_read_beyond_the_bound,
     shared_reads_share_one_decoding_and_follow_invalidations,
+    tagged_shared_reads_share_one_decoding_and_follow_tag_invalidations,
     a_tag_invalidation_drops_only_the_copies_carrying_it,
     batch_read_copies_know_their_tags,
 );
@@ -393,6 +394,71 @@ mod cases {
         }
         // And a plain get after it agrees.
         assert_eq!(b.get_shared(&1).await.unwrap().as_deref(), Some(&9));
+    }
+
+    /// `get_or_set_tagged_shared`: the entry carries its tag, an L1 hit hands out the same `Arc` every time,
+    /// and a tag invalidation on another instance replaces what the shared reads serve within the bound.
+    pub async fn tagged_shared_reads_share_one_decoding_and_follow_tag_invalidations(h: Harness) {
+        let hs = h.handles(2).await;
+        let b = hs[1].cache::<u64>("near").unwrap();
+        let source = Arc::new(AtomicU64::new(7));
+        let v = b
+            .get_or_set_tagged_shared(&1, &["shelf"], load(&source))
+            .await
+            .unwrap();
+        assert_eq!(*v, 7);
+        // Until L1 vouches for the entry: two reads in a row then return the same `Arc`.
+        let deadline = Instant::now() + SOON;
+        let first = loop {
+            let x = b
+                .get_or_set_tagged_shared(&1, &["shelf"], load(&source))
+                .await
+                .unwrap();
+            let y = b
+                .get_or_set_tagged_shared(&1, &["shelf"], load(&source))
+                .await
+                .unwrap();
+            if Arc::ptr_eq(&x, &y) {
+                break y;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "L1 never served the tagged entry"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        for _ in 0..10 {
+            let again = b
+                .get_or_set_tagged_shared(&1, &["shelf"], load(&source))
+                .await
+                .unwrap();
+            assert!(Arc::ptr_eq(&first, &again), "one decoding per entry");
+        }
+        // The tag, invalidated on the other instance: within the bound.
+        source.store(8, Ordering::SeqCst);
+        hs[0].invalidate_tag("shelf").await.unwrap();
+        let returned = Instant::now();
+        loop {
+            let started = Instant::now();
+            let v = b
+                .get_or_set_tagged_shared(&1, &["shelf"], load(&source))
+                .await
+                .unwrap();
+            if *v == 8 {
+                break;
+            }
+            let after = started.duration_since(returned);
+            assert!(
+                after < L1_MAX_STALE,
+                "a tagged shared read started {after:?} after the tag's invalidation still served {v}"
+            );
+            tokio::task::yield_now().await;
+        }
+        // A bad tag is refused before anything is read.
+        assert!(matches!(
+            b.get_or_set_tagged_shared(&1, &[""], load(&source)).await,
+            Err(keyward::Error::InvalidTag { .. })
+        ));
     }
 
     /// A tag's invalidation drops the L1 copies that carry the tag — those a fill made and those read back

@@ -22,6 +22,8 @@
 //! load tests that compare the shop with and without keyward in front of SQLite; invalidations still
 //! run (other instances sharing the store may hold entries).
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 
@@ -273,13 +275,16 @@ impl Catalog {
     ///
     /// # Errors
     /// keyward errors; a database failure is an [`keyward::Error::Loader`] holding the [`DbError`].
-    pub async fn categories(&self) -> keyward::Result<Vec<Category>> {
+    pub async fn categories(&self) -> keyward::Result<Arc<Vec<Category>>> {
         let db = self.db.clone();
         if !self.cached {
-            return load_categories(db).await.map_err(direct(CATEGORIES_CLASS));
+            return load_categories(db)
+                .await
+                .map(Arc::new)
+                .map_err(direct(CATEGORIES_CLASS));
         }
         self.categories
-            .get_or_set(ALL_CATEGORIES, || load_categories(db))
+            .get_or_set_shared(ALL_CATEGORIES, || load_categories(db))
             .await
     }
 
@@ -294,7 +299,7 @@ impl Catalog {
         category: i64,
         page: u32,
         per_page: u32,
-    ) -> keyward::Result<ProductPage> {
+    ) -> keyward::Result<Arc<ProductPage>> {
         if page == 0 || !(1..=MAX_PER_PAGE).contains(&per_page) {
             return Err(keyward::Error::InvalidArgument {
                 what: format!(
@@ -306,10 +311,12 @@ impl Catalog {
         if !self.cached {
             return load_page(db, category, page, per_page)
                 .await
+                .map(Arc::new)
                 .map_err(direct(PRODUCT_LIST_CLASS));
         }
+        // Shared: an L1 hit hands out the page decoded once, not a fresh decode per request.
         self.lists
-            .get_or_set_tagged(
+            .get_or_set_tagged_shared(
                 &(category, page, per_page),
                 &[category_tag(category)],
                 || load_page(db, category, page, per_page),
@@ -321,13 +328,16 @@ impl Catalog {
     ///
     /// # Errors
     /// As [`categories`](Self::categories); [`DbError::NotFound`] (inside the loader error) for an unknown id.
-    pub async fn product(&self, id: i64) -> keyward::Result<Product> {
+    pub async fn product(&self, id: i64) -> keyward::Result<Arc<Product>> {
         let db = self.db.clone();
         if !self.cached {
-            return load_product(db, id).await.map_err(direct(PRODUCT_CLASS));
+            return load_product(db, id)
+                .await
+                .map(Arc::new)
+                .map_err(direct(PRODUCT_CLASS));
         }
         self.products
-            .get_or_set_tagged(&id, &[product_tag(id)], || load_product(db, id))
+            .get_or_set_tagged_shared(&id, &[product_tag(id)], || load_product(db, id))
             .await
     }
 }
@@ -470,7 +480,7 @@ async fn load_product(db: Db, id: i64) -> Result<Product, DbError> {
 /// `GET /categories`.
 pub(crate) async fn list_categories(
     State(catalog): State<Catalog>,
-) -> Result<Json<Vec<Category>>, AppError> {
+) -> Result<Json<Arc<Vec<Category>>>, AppError> {
     Ok(Json(catalog.categories().await?))
 }
 
@@ -486,7 +496,7 @@ pub(crate) async fn list_products(
     State(catalog): State<Catalog>,
     PathParam(category): PathParam<i64>,
     query: Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<ProductPage>, AppError> {
+) -> Result<Json<Arc<ProductPage>>, AppError> {
     let Query(query) =
         query.map_err(|_| AppError::BadRequest("page and per_page are whole numbers".into()))?;
     let page = query.page.unwrap_or(1);
@@ -506,7 +516,7 @@ pub(crate) async fn list_products(
 pub(crate) async fn show_product(
     State(catalog): State<Catalog>,
     PathParam(id): PathParam<i64>,
-) -> Result<Json<Product>, AppError> {
+) -> Result<Json<Arc<Product>>, AppError> {
     let product = catalog.product(id).await?;
     if !product.published {
         return Err(AppError::NotFound(format!("No product {id}.")));

@@ -40,6 +40,11 @@ use storefront::replay::{self, ReplayOptions};
 use storefront::{AdminToken, Config, ImportReport};
 use tokio::sync::watch;
 
+/// The shop's allocator (see "The allocator" in `docs/building-a-service.md`): keyward's and hyper's work
+/// allocates on one thread and frees on another, which serialises glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// keyward's reference service: the Northwind shop on SQLite, with keyward in front of it.
 #[derive(Debug, Parser)]
 #[command(version)]

@@ -54,7 +54,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::store::{self, expiry_field, tag_field};
-use super::{Cache, CacheLookup, Seen};
+use super::{Answer, Cache, CacheLookup, Seen, l1};
 use crate::Keyward;
 use crate::codec::Codec;
 use crate::error::{BoxError, Error, Result};
@@ -283,6 +283,44 @@ where
             .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
         loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
+            class: self.class.name.clone(),
+            source: Arc::new(
+                "keyward returned no value for a non-optional load (please report this bug)".into(),
+            ),
+        })
+    }
+
+    /// [`get_or_set_tagged`](Self::get_or_set_tagged), sharing the value instead of decoding it again, as
+    /// [`get_or_set_shared`](Self::get_or_set_shared) does: an entry of the in-process tier (L1) is decoded
+    /// once, on its first shared read, and every later shared read of it gets the same [`Arc`]. The read to
+    /// use on tagged classes with an L1 (the storefront's product lists: the decode of the L1 copy was the
+    /// largest piece of a cached request's own work).
+    ///
+    /// # Errors
+    /// As [`get_or_set_tagged`](Self::get_or_set_tagged).
+    pub async fn get_or_set_tagged_shared<F, Fut, E>(
+        &self,
+        id: &(impl IdParts + ?Sized),
+        tags: &[impl AsRef<str>],
+        loader: F,
+    ) -> Result<Arc<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        let tags = validate(Some(&self.class.name), tags)?;
+        let key = self.key(id)?;
+        let seen = Seen::new(0);
+        let answer = Answer {
+            from_l1: |held: &l1::Held| held.shared::<V, C, _>(C::decode::<V>).ok(),
+            from_load: Arc::new,
+        };
+        let load = || async { loader().await.map(Some) };
+        let loaded = self
+            .load_key_as(&key, &tags, false, load, &seen, None, answer)
+            .await?;
+        loaded.ok_or_else(|| Error::Loader {
             class: self.class.name.clone(),
             source: Arc::new(
                 "keyward returned no value for a non-optional load (please report this bug)".into(),
