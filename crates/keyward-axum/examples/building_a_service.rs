@@ -38,6 +38,12 @@ use keyward_axum::{
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt as _;
 
+// --- The allocator (section 10) ---------------------------------------------------------------------------
+
+/// keyward's calls allocate on one thread and free on another, which glibc's malloc serialises.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // --- The policy ------------------------------------------------------------------------------------------
 
 /// Every key the service writes, its lifetime and who invalidates it: read by the code and by `keyward

@@ -41,6 +41,15 @@ use tokio::sync::oneshot;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Abandoned;
 
+/// Why [`Batcher::submit_within`] ended without an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unanswered {
+    /// As [`Abandoned`].
+    Abandoned,
+    /// The limit passed first (the item may still be sent, as after any timeout).
+    TimedOut,
+}
+
 /// Batches concurrent calls for one resource (one stream, one key): see the module docs. Share it behind an
 /// `Arc`; one per resource whose calls are worth merging.
 pub(crate) struct Batcher<I, O> {
@@ -147,6 +156,33 @@ where
         answer.await.map_err(|_| Abandoned)
     }
 
+    /// [`submit`](Self::submit), the whole wait bounded by `limit` (none: unbounded): an item queued behind
+    /// calls to a hung server does not wait for them *and* its own call. An item given up on may still be
+    /// sent with its batch.
+    ///
+    /// # Errors
+    /// [`Unanswered::TimedOut`] when `limit` passed first; [`Unanswered::Abandoned`] as `submit`'s error.
+    pub(crate) async fn submit_within<F, Fut>(
+        self: &Arc<Self>,
+        item: I,
+        weight: usize,
+        flush: F,
+        limit: Option<std::time::Duration>,
+    ) -> Result<O, Unanswered>
+    where
+        F: FnMut(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<O>> + Send + 'static,
+    {
+        let answer = self.submit(item, weight, flush);
+        let answer = match limit {
+            Some(limit) => tokio::time::timeout(limit, answer)
+                .await
+                .map_err(|_| Unanswered::TimedOut)?,
+            None => answer.await,
+        };
+        answer.map_err(|Abandoned| Unanswered::Abandoned)
+    }
+
     /// Flush batches until the queue is empty, then leave `drives` (in the same critical section).
     async fn drive<F, Fut>(self: Arc<Self>, mut flush: F)
     where
@@ -251,6 +287,54 @@ mod tests {
             log.lock().unwrap().push(items.clone());
             std::future::ready(items.into_iter().map(|i| i * 10).collect())
         }
+    }
+
+    /// The whole wait is bounded: an item queued behind a flush that never ends times out at the limit,
+    /// and without a limit the same item is answered once the flush does end.
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_wait_ends_at_its_limit() {
+        let b = Arc::new(Batcher::new(100, 1));
+        let release = Arc::new(Notify::new());
+        let stuck = {
+            let (b, release) = (Arc::clone(&b), Arc::clone(&release));
+            let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            tokio::spawn(async move {
+                // Only the first batch hangs; the drive serves the next ones with this flush too.
+                b.submit(1, 1, move |items: Vec<u32>| {
+                    let (release, first) = (Arc::clone(&release), Arc::clone(&first));
+                    async move {
+                        if first.swap(false, Ordering::SeqCst) {
+                            release.notified().await;
+                        }
+                        items
+                    }
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let queued = b
+            .submit_within(
+                2,
+                1,
+                recording(Arc::default()),
+                Some(Duration::from_millis(50)),
+            )
+            .await;
+        assert_eq!(queued, Err(Unanswered::TimedOut));
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        let unbounded = {
+            let b = Arc::clone(&b);
+            tokio::spawn(
+                async move { b.submit_within(3, 1, recording(Arc::default()), None).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        release.notify_one();
+        assert_eq!(stuck.await.unwrap(), Ok(1));
+        // The drive that started with the stuck flush serves the next batch with that flush (items as is).
+        assert_eq!(unbounded.await.unwrap(), Ok(3));
     }
 
     #[tokio::test]

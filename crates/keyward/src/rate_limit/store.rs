@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::algo::{Group, Spec, State, Verdict, Write};
 use crate::Keyward;
 use crate::backend::{Backend, Call, Kv, Reply, Val, scripts, slot_of};
-use crate::batch::{Abandoned, Batcher};
+use crate::batch::{Batcher, Unanswered};
 use crate::error::{Error, Result};
 use crate::policy::Algorithm;
 
@@ -226,30 +226,26 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
         return check(b, &queued.call()).await;
     }
     let weight = queued.keys.len();
-    let limit = b.response_timeout();
     let key = Arc::clone(&queued.keys);
     let waiting = kw.clone();
-    let answer = batching
-        .batcher
-        .submit(queued, weight, move |items| flush(waiting.clone(), items));
-    // Each call is bounded by the response timeout, and so is the whole wait: a check queued behind calls
-    // to a hung server does not wait for them *and* its own. One given up may still be sent (and charged
-    // once, like any timed-out check).
-    let answer = match limit {
-        Some(limit) => match tokio::time::timeout(limit, answer).await {
-            Ok(answer) => answer,
-            Err(_) => return Err(b.timeout_error("rate_limit", &key[0])),
-        },
-        None => answer.await,
-    };
-    answer.unwrap_or_else(|Abandoned| {
-        Err(Error::InvalidArgument {
+    // Each call is bounded by the response timeout, and so is the whole wait. One given up may still be
+    // sent (and charged once, like any timed-out check).
+    let answer = batching.batcher.submit_within(
+        queued,
+        weight,
+        move |items| flush(waiting.clone(), items),
+        b.response_timeout(),
+    );
+    match answer.await {
+        Ok(answer) => answer,
+        Err(Unanswered::TimedOut) => Err(b.timeout_error("rate_limit", &key[0])),
+        Err(Unanswered::Abandoned) => Err(Error::InvalidArgument {
             what:
                 "a rate-limit check was abandoned before its answer (the runtime is shutting down, \
-                       or the batch task panicked); it may or may not have been charged"
+                   or the batch task panicked); it may or may not have been charged"
                     .to_owned(),
-        })
-    })
+        }),
+    }
 }
 
 /// One batch: on standalone Redis one script call; on Cluster one per slot, sent at once.

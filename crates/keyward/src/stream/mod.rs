@@ -67,7 +67,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::batch::{Abandoned, Batcher};
+use crate::batch::{Batcher, Unanswered};
 use crate::client::Keyward;
 use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
@@ -353,29 +353,28 @@ where
     async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Vec<EntryId>> {
         let count = payloads.len();
         let (kw, shared) = (self.kw.clone(), Arc::clone(&self.inner));
-        let answer = self.inner.batcher.submit(payloads, count, move |calls| {
-            flush(kw.clone(), Arc::clone(&shared), calls)
-        });
-        // The whole wait is bounded by the response timeout, not only the call: a publish queued behind a
-        // call to a hung server does not wait for it *and* its own (it may still be appended, as after any
-        // timeout).
         let backend = &self.kw.inner.backend;
-        let answer = match backend.response_timeout() {
-            Some(limit) => match tokio::time::timeout(limit, answer).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(backend.timeout_error("publish", &self.inner.keys.stream)),
-            },
-            None => answer.await,
-        };
-        answer.unwrap_or_else(|Abandoned| {
-                Err(Error::InvalidArgument {
-                    what: format!(
-                        "class `{}`: the publish was abandoned before an answer (the runtime is shutting \
-                         down, or the publish task panicked); it may or may not have been appended",
-                        self.inner.class
-                    ),
-                })
-            })
+        // The whole wait is bounded by the response timeout, not only the call (a publish given up on may
+        // still be appended, as after any timeout).
+        let answer = self.inner.batcher.submit_within(
+            payloads,
+            count,
+            move |calls| flush(kw.clone(), Arc::clone(&shared), calls),
+            backend.response_timeout(),
+        );
+        match answer.await {
+            Ok(answer) => answer,
+            Err(Unanswered::TimedOut) => {
+                Err(backend.timeout_error("publish", &self.inner.keys.stream))
+            }
+            Err(Unanswered::Abandoned) => Err(Error::InvalidArgument {
+                what: format!(
+                    "class `{}`: the publish was abandoned before an answer (the runtime is shutting \
+                     down, or the publish task panicked); it may or may not have been appended",
+                    self.inner.class
+                ),
+            }),
+        }
     }
 }
 
