@@ -32,6 +32,7 @@ mod cache_l1;
 mod cache_tags;
 mod channel;
 mod cluster;
+mod cluster_epochs;
 mod cluster_faults;
 mod conformance;
 mod connect;

@@ -7,7 +7,7 @@
 -- slot), which every handle's epoch view applies on arrival.
 -- Returns {epoch, field}: the new epoch and the field that holds it — ARGV[1], or '*' when the bump had to
 -- re-base ARGV[1] (its next epoch would not fit; see "Exhaustion" in epochs.lua: the field is deleted, with a
--- tag's sibling, and '*' bumped instead). The announcement names that field too.
+-- tag's sibling, and '*' bumped instead). The announcement names that field too: "* <epoch> <ARGV[1]>".
 --
 -- Then it prunes: up to 16 tag fields picked at random whose epoch is older than the lifetime are deleted.
 -- Safe: an epoch is at least the server time (µs) of its bump, so every entry leased before that bump (the
@@ -18,7 +18,12 @@
 -- examines 16 at random, so dead fields stay a small fraction of the hash.
 local n, bumped = kw_bump(KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then
-  redis.call('SPUBLISH', KEYS[1], bumped .. ' ' .. string.format('%d', n))
+  local announcement = bumped .. ' ' .. string.format('%d', n)
+  if bumped ~= ARGV[1] then
+    -- A re-base: the views drop the field (and its sibling) in the same step as they raise '*'.
+    announcement = announcement .. ' ' .. ARGV[1]
+  end
+  redis.call('SPUBLISH', KEYS[1], announcement)
 end
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[2]) * 1000

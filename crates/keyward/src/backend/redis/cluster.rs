@@ -14,11 +14,11 @@
 //! another caller's fetch in progress (single-flight) only if it started less than half the bound ago. Since a
 //! read sent after a bump returned sees it, no call starting later than the bound after `invalidate_all` or
 //! `invalidate_namespace` returned can be served an entry filled before it — whatever push was lost. A field
-//! the view finds corrupt is repaired (bumped) before the view is trusted again. A view that learns a new `*`
-//! from a push or a bump's reply (a namespace invalidation, or the re-base of an exhausted field, which deletes
-//! that field) vouches for nothing until a full read sent after that was merged, and a read sent after the view
-//! last raised a field is the truth even when it is lower: so no fill records an epoch the hash no longer
-//! holds, which no later bump of that field would reach.
+//! the view finds corrupt is repaired (bumped) before the view is trusted again. A re-base (an exhausted field
+//! deleted, `*` bumped) reaches a view as one step — from this handle's bump, or from an announcement naming
+//! the field — and a full read sent before it cannot bring the field back; a read sent after the view last
+//! raised a field is the truth even when it is lower, and a read sent before one already merged is ignored.
+//! So no fill records an epoch the hash no longer holds, which no later bump of that field would reach.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -203,11 +203,10 @@ struct EpochState {
     fields: HashMap<String, (u64, Instant)>,
     /// When the last successful full read was sent.
     read_at: Option<Instant>,
-    /// When this view last raised `*` from a bump's reply or an announcement (a namespace invalidation or a
-    /// re-base). The other fields it holds may predate that bump — a re-base deletes the field it could not
-    /// bump, which then starts again from the clock, below what the view holds — so the view vouches for
-    /// nothing until a full read sent after this moment was merged.
-    ns_raised_at: Option<Instant>,
+    /// Fields a re-base deleted (learned from this handle's bump or from the re-base's announcement), and
+    /// when the view learned it: a full read sent before then still holds the deleted value and must not
+    /// bring it back. Settled (dropped) by the first read sent after.
+    rebased: HashMap<String, Instant>,
     /// Fields the last read found corrupt (not a decimal integer below 2^53; `*` when the key is not a hash):
     /// until a bump repairs them, the view vouches for nothing.
     corrupt: Vec<String>,
@@ -224,6 +223,15 @@ const TOP_EPOCH: u64 = EPOCH_LIMIT - 1;
 /// Whether `field` holding `epoch` must be repaired before a fill records it (see [`TOP_EPOCH`]).
 fn exhausted(field: &str, epoch: u64) -> bool {
     field != "*" && epoch >= TOP_EPOCH
+}
+
+/// The other field of a tag's pair (`t:<tag>` ↔ `x:<tag>`), deleted with it by a re-base.
+fn sibling_of(field: &str) -> Option<String> {
+    if let Some(tag) = field.strip_prefix("t:") {
+        Some(format!("x:{tag}"))
+    } else {
+        field.strip_prefix("x:").map(|tag| format!("t:{tag}"))
+    }
 }
 
 /// A stored epoch, if valid (as `epochs.lua`'s `kw_valid`).
@@ -346,12 +354,8 @@ impl ClusterState {
         }
         let now = Instant::now();
         let e = s.fields.entry(field.to_owned()).or_insert((0, now));
-        let raised = epoch > e.0;
-        if raised {
+        if epoch > e.0 {
             *e = (epoch, now);
-        }
-        if raised && field == "*" {
-            s.ns_raised_at = Some(now);
         }
         // A bump of a corrupt field (or of `*`, after a key of the wrong type) repaired it.
         s.corrupt.retain(|f| f != field);
@@ -359,26 +363,44 @@ impl ClusterState {
 
     /// Apply a re-base this handle made ("Exhaustion" in `cache/epochs.lua`): `dropped` were deleted from the
     /// hash (they read as 0 until bumped again, and no longer need a repair) and `*` went to `ns_epoch`, above
-    /// every entry filled before. Other handles learn it from `*`'s announcement and their next full read; as
-    /// after any rise of `*`, no view vouches for anything until a full read sent after it was merged (a read
-    /// sent before the re-base, merged after it, would bring the deleted fields back).
+    /// every entry filled before. Other handles learn it from the re-base's announcement (which names the
+    /// field, so that they drop it and raise `*` in one step) or from their next full read. A full read sent
+    /// before the re-base and merged after it does not bring the deleted fields back (`rebased`).
     pub(crate) fn apply_rebase(&self, dropped: &[&str], ns_epoch: u64) {
         {
+            let now = Instant::now();
             let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
             s.fields.retain(|f, _| !dropped.contains(&f.as_str()));
             s.corrupt.retain(|f| !dropped.contains(&f.as_str()));
+            for f in dropped {
+                s.rebased.insert((*f).to_owned(), now);
+            }
         }
         self.apply_epoch("*", ns_epoch);
     }
 
-    /// Apply an announcement `"<field> <epoch>"` from the epochs channel.
+    /// Apply an announcement from the epochs channel (`bump.lua`): `"<field> <epoch>"`, or for a re-base
+    /// `"* <epoch> <re-based field>"` (the field and, for a tag, its sibling were deleted).
     pub(crate) fn apply_announcement(&self, payload: &[u8]) {
-        if let Some((field, epoch)) = std::str::from_utf8(payload)
-            .ok()
-            .and_then(|p| p.rsplit_once(' '))
-            .and_then(|(f, e)| Some((f, valid_epoch(e.as_bytes())?)))
-        {
-            self.apply_epoch(field, epoch);
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let mut parts = text.split(' ');
+        let (Some(field), Some(epoch)) = (parts.next(), parts.next().map(str::as_bytes)) else {
+            return;
+        };
+        let Some(epoch) = valid_epoch(epoch) else {
+            return;
+        };
+        match (field, parts.next(), parts.next()) {
+            (_, None, _) => self.apply_epoch(field, epoch),
+            ("*", Some(rebased), None) if !rebased.is_empty() && rebased != "*" => {
+                let sibling = sibling_of(rebased);
+                let dropped: Vec<&str> =
+                    std::iter::once(rebased).chain(sibling.as_deref()).collect();
+                self.apply_rebase(&dropped, epoch);
+            }
+            _ => {}
         }
     }
 
@@ -386,6 +408,12 @@ impl ClusterState {
     /// `None` for a key of the wrong type.
     fn apply_read(&self, sent: Instant, fields: Option<HashMap<String, Vec<u8>>>) {
         let mut s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        // Reads are not serialised (the background reader and a caller's re-read): one sent before a read
+        // already merged has nothing newer to say, and merged now it would bring back what a re-base deleted
+        // in between.
+        if s.read_at.is_some_and(|merged| sent < merged) {
+            return;
+        }
         let mut corrupt = Vec::new();
         match fields {
             None => corrupt.push("*".to_owned()),
@@ -395,6 +423,10 @@ impl ClusterState {
                 s.fields
                     .retain(|f, (_, raised)| fields.contains_key(f) || *raised >= sent);
                 for (field, raw) in fields {
+                    // Deleted by a re-base the view learned after this read was sent.
+                    if s.rebased.get(&field).is_some_and(|at| *at >= sent) {
+                        continue;
+                    }
                     match valid_epoch(&raw) {
                         Some(epoch) if !exhausted(&field, epoch) => {
                             let e = s.fields.entry(field).or_insert((0, sent));
@@ -416,6 +448,7 @@ impl ClusterState {
             }
         }
         s.corrupt = corrupt;
+        s.rebased.retain(|_, at| *at >= sent);
         s.read_at = Some(s.read_at.map_or(sent, |t| t.max(sent)));
     }
 
@@ -425,9 +458,9 @@ impl ClusterState {
         let s = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         // Half the bound: a caller may share the outcome of another's fetch started up to half the bound
         // earlier (`Backend::flight_max_age`), so the two halves together stay within the bound.
-        let fresh = s.read_at.is_some_and(|t| {
-            t.elapsed() < self.epochs_bound / 2 && s.ns_raised_at.is_none_or(|raised| t > raised)
-        });
+        let fresh = s
+            .read_at
+            .is_some_and(|t| t.elapsed() < self.epochs_bound / 2);
         fresh.then(|| {
             if s.corrupt.is_empty() {
                 let get = |f: &str| s.fields.get(f).map_or(0, |e| e.0);
@@ -757,6 +790,13 @@ pub(crate) fn spawn_epoch_reader(
 mod tests {
     use super::*;
 
+    fn read(fields: &[(&str, &str)]) -> HashMap<String, Vec<u8>> {
+        fields
+            .iter()
+            .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
     #[test]
     fn the_view_drops_fields_a_later_read_no_longer_finds() {
         let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
@@ -823,7 +863,10 @@ mod tests {
             "a tag field at the top is repaired first; one below it is a valid epoch"
         );
         state.apply_rebase(&["x:big", "t:big"], 20);
-        assert_eq!(state.epochs("c", &[]), None, "`*` rose: read first");
+        assert_eq!(
+            state.epochs("c", &["big", "ok"]),
+            Some(ViewEpochs::Current(20, 0, vec![(0, 0), (TOP_EPOCH - 1, 0)]))
+        );
         state.apply_read(Instant::now(), Some(read(&[("*", "20"), ("t:ok", &below)])));
         assert_eq!(
             state.epochs("c", &["big", "ok"]),
@@ -868,12 +911,6 @@ mod tests {
     #[test]
     fn a_read_sent_before_a_rebase_brings_nothing_back() {
         let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
-        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
-            fields
-                .iter()
-                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
-                .collect()
-        };
         let near = (TOP_EPOCH - 1).to_string();
         state.apply_read(Instant::now(), Some(read(&[("*", "3"), ("t:near", &near)])));
         let in_flight = Instant::now();
@@ -881,10 +918,10 @@ mod tests {
         state.apply_read(in_flight, Some(read(&[("*", "3"), ("t:near", &near)])));
         assert_eq!(
             state.epochs("c", &["near"]),
-            None,
-            "a read sent before the re-base cannot vouch for the view"
+            Some(ViewEpochs::Current(10, 0, vec![(0, 0)])),
+            "a read sent before the re-base cannot bring the field back"
         );
-        // The tag is removed again, from the clock, before the next read.
+        // The tag is removed again, from the clock: the next read (or a push) brings the new epoch.
         state.apply_read(Instant::now(), Some(read(&[("*", "10"), ("t:near", "50")])));
         assert_eq!(
             state.epochs("c", &["near"]),
@@ -892,32 +929,85 @@ mod tests {
         );
     }
 
-    /// Another handle's re-base reaches this view as a push of `*` alone: until a read sent after it, the
-    /// view does not know which field was deleted, so it vouches for nothing; the read's lower value wins.
+    /// Found by an adversarial trial: the background reader and a caller's re-read are not serialised. Read
+    /// R0 was sent before another handle's re-base, R1 after; R1 merged first, then R0 brought the deleted
+    /// field back while the view counted as fresh.
     #[test]
-    fn a_pushed_rise_of_the_namespace_epoch_waits_for_a_read() {
+    fn reads_merged_out_of_order_bring_nothing_back() {
         let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
-        let read = |fields: &[(&str, &str)]| -> HashMap<String, Vec<u8>> {
-            fields
-                .iter()
-                .map(|(f, v)| ((*f).to_owned(), v.as_bytes().to_vec()))
-                .collect()
-        };
         let near = (TOP_EPOCH - 1).to_string();
         state.apply_read(Instant::now(), Some(read(&[("*", "3"), ("t:near", &near)])));
-        state.apply_announcement(b"* 10");
-        assert_eq!(state.epochs("c", &["near"]), None);
-        state.apply_read(Instant::now(), Some(read(&[("*", "10"), ("t:near", "50")])));
+        let r0 = Instant::now();
+        let r1 = r0 + Duration::from_millis(1);
+        state.apply_read(r1, Some(read(&[("*", "10")])));
         assert_eq!(
             state.epochs("c", &["near"]),
-            Some(ViewEpochs::Current(10, 0, vec![(50, 0)])),
-            "the hash's lower value, read after the view raised it, is the truth"
+            Some(ViewEpochs::Current(10, 0, vec![(0, 0)]))
         );
-        // A rise of another field needs no read.
-        state.apply_announcement(b"t:near 60");
+        state.apply_read(r0, Some(read(&[("*", "3"), ("t:near", &near)])));
         assert_eq!(
             state.epochs("c", &["near"]),
-            Some(ViewEpochs::Current(10, 0, vec![(60, 0)]))
+            Some(ViewEpochs::Current(10, 0, vec![(0, 0)])),
+            "a read sent before the last merged one changes nothing"
+        );
+    }
+
+    /// Another handle's re-base arrives as one announcement naming the field: the view drops it (and its
+    /// sibling) and raises `*` in one step. A namespace invalidation's announcement (`*` alone) keeps the
+    /// other fields and needs no read; a read sent after the view raised a field may lower it (the field was
+    /// deleted and started again from the clock).
+    #[test]
+    fn a_rebase_announcement_drops_the_field_with_the_rise_of_the_namespace_epoch() {
+        let state = ClusterState::new(&ConnectOptions::default(), "h".into(), SlotMap::default());
+        let near = (TOP_EPOCH - 1).to_string();
+        state.apply_read(
+            Instant::now(),
+            Some(read(&[("*", "3"), ("x:near", &near), ("t:ok", "5")])),
+        );
+        let in_flight = Instant::now();
+        state.apply_announcement(b"* 10 x:near");
+        assert_eq!(
+            state.epochs("c", &["near", "ok"]),
+            Some(ViewEpochs::Current(10, 0, vec![(0, 0), (5, 0)]))
+        );
+        state.apply_read(
+            in_flight,
+            Some(read(&[("*", "3"), ("x:near", &near), ("t:ok", "5")])),
+        );
+        assert_eq!(
+            state.epochs("c", &["near"]),
+            Some(ViewEpochs::Current(10, 0, vec![(0, 0)])),
+            "nor does a read sent before the announcement arrived"
+        );
+        state.apply_announcement(b"* 11");
+        assert_eq!(
+            state.epochs("c", &["ok"]),
+            Some(ViewEpochs::Current(11, 0, vec![(5, 0)]))
+        );
+        // Lost pushes: the view holds a value the hash lost; a read sent after it says so.
+        state.apply_epoch("t:gone", 900);
+        state.apply_read(
+            Instant::now(),
+            Some(read(&[("*", "11"), ("t:gone", "40"), ("t:ok", "5")])),
+        );
+        assert_eq!(
+            state.epochs("c", &["gone"]),
+            Some(ViewEpochs::Current(11, 0, vec![(40, 0)]))
+        );
+        // Malformed announcements change nothing.
+        for bad in [
+            &b"* 12 "[..],
+            b"* 12 *",
+            b"* 12 t:a t:b",
+            b"t:ok 12 x:ok",
+            b"* x",
+            b"\xff 1",
+        ] {
+            state.apply_announcement(bad);
+        }
+        assert_eq!(
+            state.epochs("c", &["ok"]),
+            Some(ViewEpochs::Current(11, 0, vec![(5, 0)]))
         );
     }
 

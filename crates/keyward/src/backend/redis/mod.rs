@@ -766,31 +766,22 @@ impl RedisBackend {
         // (all inside `call`, so the wait is bounded by the response timeout too) instead of each sending it.
         self.call("epochs", Some(slot), async {
             let _one = state.reading.lock().await;
-            // A rise of `*` learned while a read was on its way makes that read too old to vouch (see
-            // `ClusterState::epochs`): read again, a few times at most (namespace invalidations are rare).
-            for _ in 0..3 {
-                if state.epochs(class, tags).is_some() {
-                    break;
-                }
-                match cluster::read_epochs(state, &mut conn, &ns.gens_key, self.response_timeout)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(Some(e)) => return Err(e),
-                    Err(None) => {
-                        return Err(RedisError::from(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no answer within the response timeout",
-                        )));
-                    }
-                }
+            if state.epochs(class, tags).is_some() {
+                return Ok(());
             }
-            Ok(())
+            match cluster::read_epochs(state, &mut conn, &ns.gens_key, self.response_timeout).await
+            {
+                Ok(()) => Ok(()),
+                Err(Some(e)) => Err(e),
+                Err(None) => Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer within the response timeout",
+                ))),
+            }
         })
         .await?;
-        // Read just now, so fresh, unless the read itself took longer than the bound (then it cannot vouch
-        // for the bound) or `*` kept rising during every read: the caller treats it like a timeout (a cache
-        // fails open).
+        // Read just now, so fresh, unless the read itself took longer than the bound: then it cannot vouch
+        // for the bound, and the caller treats it like a timeout (a cache fails open).
         state
             .epochs(class, tags)
             .map(Some)
