@@ -17,8 +17,10 @@
 //! under the `nightly_restock` lock, so instances sharing a store run it one at a time.
 //! The first form serves the shop and, unless `--no-worker`, runs the order worker in the same process;
 //! `storefront worker` runs only the worker (with Redis, next to instances started with `--no-worker`).
-//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used (then the
-//! worker must run in the shop's process: the stream lives there).
+//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used: its state
+//! lives in the process, so the worker must run in the shop's process (the stream lives there) and only
+//! one shop (or `restock-report`) runs per database, held by an OS lock on `<db>.embedded.lock`
+//! (`storefront::embedded_lock`; a second one exits 2). `storefront replay` never takes that lock.
 //! `STOREFRONT_ADMIN_TOKEN` (at least 16 characters) is the token admin routes require; without it a
 //! random one is kept in `<db>.admin-token` (mode 0600; created once, so instances on one database share
 //! it) and only that path is printed.
@@ -37,6 +39,7 @@ use keyward::session::SessionSecrets;
 use keyward_axum::TrustedProxies;
 use rand::Rng as _;
 use storefront::replay::{self, ReplayOptions};
+use storefront::embedded_lock::{EmbeddedLock, EmbeddedLockError};
 use storefront::{AdminToken, Config, ImportReport};
 use tokio::sync::watch;
 
@@ -142,6 +145,23 @@ async fn main() -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
+    // Held until main returns (the OS drops it if the process dies): one embedded instance per database.
+    let _embedded_lock = match (&redis_url, &args.command) {
+        (None, None | Some(Command::RestockReport)) => match EmbeddedLock::acquire(&args.db) {
+            Ok(lock) => Some(lock),
+            Err(error @ EmbeddedLockError::Held { .. }) => {
+                let hint = if matches!(args.command, Some(Command::RestockReport)) {
+                    " (or ask the running shop: POST /admin/restock-report with its admin token)"
+                } else {
+                    ""
+                };
+                eprintln!("storefront: {error}{hint}");
+                return Ok(ExitCode::from(2));
+            }
+            Err(error) => return Err(error.into()),
+        },
+        _ => None,
+    };
     let admin_token = admin_token(&args.db)?;
     let config = Config::new(&args.db, policy)
         .redis_url(redis_url)
