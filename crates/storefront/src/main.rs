@@ -61,7 +61,7 @@ struct Args {
     /// A keyward policy file to use instead of the compiled-in crates/storefront/policy.toml.
     #[arg(long, global = true)]
     policy: Option<PathBuf>,
-    /// Do not run the order worker in this process (run `storefront worker` elsewhere).
+    /// Do not run the order worker in this process (run `storefront worker` elsewhere; needs REDIS_URL).
     #[arg(long)]
     no_worker: bool,
     /// Seconds between runs of the restock report inside the server (0: never).
@@ -142,6 +142,15 @@ async fn main() -> anyhow::Result<ExitCode> {
         eprintln!(
             "storefront worker: REDIS_URL is not set. A worker in its own process needs the shop's Redis \
              (on the embedded backend the shop runs its worker itself; start it without --no-worker)"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    if args.command.is_none() && args.no_worker && redis_url.is_none() {
+        // The same reason seen from the shop: nothing outside this process can read its stream.
+        eprintln!(
+            "storefront --no-worker: REDIS_URL is not set. On the embedded backend the order stream lives \
+             in the shop's process, so no `storefront worker` can ever consume its orders: start the shop \
+             without --no-worker, or set REDIS_URL and run `storefront worker` next to it"
         );
         return Ok(ExitCode::from(2));
     }

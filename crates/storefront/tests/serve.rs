@@ -259,3 +259,32 @@ async fn a_second_embedded_shop_on_one_database_refuses_to_start() {
     drop(first.server);
     let _again = EmbeddedShop::start(&db);
 }
+
+/// Trial finding (issue #15): `--no-worker` on the embedded backend was accepted, though nothing could
+/// ever consume the orders' events (the stream lives in the shop's process). It exits 2 and says why.
+#[tokio::test]
+async fn no_worker_without_redis_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["--addr", "127.0.0.1:0", "--no-worker", "--db"])
+        .arg(&db)
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    // Before the fix it served until killed: the deadline turns that into a failure.
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("it exits instead of serving")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--no-worker") && err.contains("REDIS_URL"),
+        "{err}"
+    );
+    assert!(!db.exists(), "refused before opening the database");
+}
