@@ -71,7 +71,8 @@ struct Args {
     #[arg(long)]
     no_cache: bool,
     /// Trust this proxy (an address or a CIDR network; repeatable): the client address is read from
-    /// its X-Forwarded-For (the per-IP login limit). `storefront replay` needs 127.0.0.1 here.
+    /// its X-Forwarded-For (the per-IP login limit). With 127.0.0.1, each of `storefront replay`'s
+    /// customers gets its own limit; without it the replay still passes, waiting out refused logins.
     #[arg(long = "trust-proxy", value_name = "NET")]
     trust_proxy: Vec<String>,
     #[command(subcommand)]
@@ -88,9 +89,18 @@ enum Command {
     Replay(ReplayArgs),
 }
 
-/// `storefront replay`'s options (`--db` names the shop's database: read-only, before and after).
+/// `storefront replay`'s options. `--db` and `--policy` are its own, not the server's global ones
+/// (clap does not propagate a global argument into a subcommand that declares one with the same id):
+/// the replay's `--db` is only read, and `--policy` means nothing to it, so it is hidden.
 #[derive(Debug, clap::Args)]
 struct ReplayArgs {
+    /// The running shop's SQLite database, opened read-only before and after the traffic (it must
+    /// exist: the replay never creates it).
+    #[arg(long, default_value = "storefront.db")]
+    db: PathBuf,
+    /// Ignored: the replay is a client of the shop, whose policy is its own.
+    #[arg(long, hide = true)]
+    policy: Option<PathBuf>,
     /// The running shop's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -128,7 +138,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if let Some(Command::Replay(replay)) = &args.command {
         // A client of a running shop: no server state, and the shop's token file is only read.
-        return Ok(run_replay(&args.db, replay).await);
+        return Ok(run_replay(replay).await);
     }
 
     let policy = match &args.policy {
@@ -294,7 +304,14 @@ async fn main() -> anyhow::Result<ExitCode> {
 }
 
 /// `storefront replay`: 0 when every check passed, 1 when one failed, 2 when the replay could not run.
-async fn run_replay(db: &Path, args: &ReplayArgs) -> ExitCode {
+async fn run_replay(args: &ReplayArgs) -> ExitCode {
+    let db = args.db.as_path();
+    if let Some(policy) = &args.policy {
+        eprintln!(
+            "storefront replay: --policy {} is ignored (the shop uses its own policy)",
+            policy.display()
+        );
+    }
     let token = match replay_admin_token(db, args.admin_token_file.as_deref()) {
         Ok(token) => token,
         Err(error) => {
@@ -441,6 +458,37 @@ mod tests {
 
     /// A second instance started on the same database keeps the first one's admin token (it used to write
     /// a new one, so the file no longer opened the first instance's admin routes) and session secret.
+    /// `storefront replay --help` shows the replay's own `--db` (read, never created) and no `--policy`;
+    /// the server's help keeps both. Either spelling of `--db` (before or after `replay`) reaches it.
+    #[test]
+    fn the_replay_has_its_own_db_and_no_policy() {
+        use clap::CommandFactory as _;
+        let mut command = Args::command();
+        command.build();
+        let replay = command.find_subcommand("replay").unwrap();
+        let help = replay.clone().render_long_help().to_string();
+        assert!(help.contains("read-only") && help.contains("never creates it"), "{help}");
+        assert!(!help.contains("created and filled"), "{help}");
+        assert!(!help.contains("--policy"), "{help}");
+        let server = command.clone().render_long_help().to_string();
+        assert!(server.contains("created and filled") && server.contains("--policy"), "{server}");
+        for argv in [
+            &["storefront", "replay", "--db", "x.db"][..],
+            &["storefront", "--db", "x.db", "replay"][..],
+        ] {
+            let args = Args::try_parse_from(argv).unwrap();
+            let Some(Command::Replay(replay)) = args.command else {
+                panic!("{argv:?}: a replay");
+            };
+            assert_eq!(replay.db, Path::new("x.db"), "{argv:?}");
+        }
+        let help = command.render_long_help().to_string();
+        assert!(
+            help.contains("without it the replay still passes") && !help.contains("needs 127.0.0.1"),
+            "--trust-proxy's help agrees with the README: {help}"
+        );
+    }
+
     #[test]
     fn secrets_are_created_once_per_database() {
         let dir = tempfile::tempdir().unwrap();
