@@ -40,7 +40,7 @@ use keyward_axum::TrustedProxies;
 use rand::Rng as _;
 use storefront::replay::{self, ReplayOptions};
 use storefront::embedded_lock::{EmbeddedLock, EmbeddedLockError};
-use storefront::{AdminToken, Config, ImportReport};
+use storefront::{AdminToken, Config, ImportReport, StartError};
 use tokio::sync::watch;
 
 /// The shop's allocator (see "The allocator" in `docs/building-a-service.md`): keyward's and hyper's work
@@ -183,7 +183,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     let admin_token = admin_token(&args.db)?;
     let config = Config::new(&args.db, policy)
-        .redis_url(redis_url)
+        .redis_url(redis_url.clone())
         .admin_token(Some(admin_token.token))
         .session_secrets(Some(session_secrets(&args.db)?))
         .catalog_cache(!args.no_cache);
@@ -198,9 +198,21 @@ async fn main() -> anyhow::Result<ExitCode> {
 
     // Before the first keyward call: every handle reports to it (see storefront::telemetry).
     let metrics = storefront::telemetry::install_recorder().context("the metrics recorder")?;
-    let (mut state, report) = storefront::start(config)
-        .await
-        .with_context(|| format!("starting with the database {}", args.db.display()))?;
+    let (mut state, report) = storefront::start(config).await.map_err(|error| {
+        // The headline names the step that failed: Redis (its URL without credentials) or the database.
+        let headline = match (&error, &redis_url) {
+            (
+                StartError::Keyward(
+                    keyward::Error::Connect { .. }
+                    | keyward::Error::InvalidUrl { .. }
+                    | keyward::Error::Timeout { .. },
+                ),
+                Some(url),
+            ) => format!("connecting to Redis at {} (REDIS_URL)", redacted_url(url)),
+            _ => format!("starting with the database {}", args.db.display()),
+        };
+        anyhow::Error::new(error).context(headline)
+    })?;
     state.metrics = Some(metrics);
     if let ImportReport::Imported(counts) = &report {
         println!(
@@ -406,6 +418,23 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     })
 }
 
+/// `url` for messages, without credentials: the user-info (up to the *last* `@`, since an unencoded
+/// password may hold `/`, `:`, `?` or `@`) becomes `***` and any query or fragment (`?password=…`) is
+/// dropped; when an `@` follows a `?` or `#`, nothing after the scheme is shown (keyward's own rule).
+fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) if rest[..at].contains(['?', '#']) => return format!("{scheme}***…"),
+        Some(at) => format!("***@{}", &rest[at + 1..]),
+        None => rest.to_owned(),
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    format!("{scheme}{}", &rest[..end])
+}
+
 /// `<db><suffix>`.
 fn beside(db: &Path, suffix: &str) -> PathBuf {
     let mut file = db.as_os_str().to_owned();
@@ -458,6 +487,20 @@ mod tests {
 
     /// A second instance started on the same database keeps the first one's admin token (it used to write
     /// a new one, so the file no longer opened the first instance's admin routes) and session secret.
+    #[test]
+    fn redacted_urls_hold_no_credentials() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@host:6379/0", "redis://***@host:6379/0"),
+            ("rediss://user:p@ss/w:rd@host:6380", "rediss://***@host:6380"),
+            ("redis://host:6379/0?password=s3cret", "redis://host:6379/0"),
+            ("redis+sentinel://host:26379/mymaster?p=a@b", "redis+sentinel://***…"),
+            ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+    }
+
     /// `storefront replay --help` shows the replay's own `--db` (read, never created) and no `--policy`;
     /// the server's help keeps both. Either spelling of `--db` (before or after `replay`) reaches it.
     #[test]

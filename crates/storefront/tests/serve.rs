@@ -288,3 +288,37 @@ async fn no_worker_without_redis_refuses_to_start() {
     );
     assert!(!db.exists(), "refused before opening the database");
 }
+
+/// Trial finding (issue #15): with `REDIS_URL` on a closed port the headline said "starting with the
+/// database …" and only the cause named Redis. Now the headline names the step, with the URL's
+/// credentials removed.
+#[tokio::test]
+async fn an_unreachable_redis_is_named_in_the_headline_without_its_password() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["--addr", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("shop.db"))
+        .env("REDIS_URL", format!("redis://shop:s3cret-pw@127.0.0.1:{port}/0"))
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("it gives up on the closed port")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "Error: connecting to Redis at redis://***@127.0.0.1:{port}/0"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "no password: {err}");
+}
