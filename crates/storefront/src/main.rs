@@ -38,8 +38,8 @@ use keyward::policy::Policy;
 use keyward::session::SessionSecrets;
 use keyward_axum::TrustedProxies;
 use rand::Rng as _;
-use storefront::replay::{self, ReplayOptions};
 use storefront::embedded_lock::{EmbeddedLock, EmbeddedLockError};
+use storefront::replay::{self, ReplayOptions};
 use storefront::{AdminToken, Config, ImportReport, StartError};
 use tokio::sync::watch;
 
@@ -492,9 +492,15 @@ mod tests {
         for (url, shown) in [
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
             ("redis://:s3cret@host:6379/0", "redis://***@host:6379/0"),
-            ("rediss://user:p@ss/w:rd@host:6380", "rediss://***@host:6380"),
+            (
+                "rediss://user:p@ss/w:rd@host:6380",
+                "rediss://***@host:6380",
+            ),
             ("redis://host:6379/0?password=s3cret", "redis://host:6379/0"),
-            ("redis+sentinel://host:26379/mymaster?p=a@b", "redis+sentinel://***…"),
+            (
+                "redis+sentinel://host:26379/mymaster?p=a@b",
+                "redis+sentinel://***…",
+            ),
             ("unix:///run/redis.sock", "unix:///run/redis.sock"),
         ] {
             assert_eq!(redacted_url(url), shown, "{url}");
@@ -510,11 +516,17 @@ mod tests {
         command.build();
         let replay = command.find_subcommand("replay").unwrap();
         let help = replay.clone().render_long_help().to_string();
-        assert!(help.contains("read-only") && help.contains("never creates it"), "{help}");
+        assert!(
+            help.contains("read-only") && help.contains("never creates it"),
+            "{help}"
+        );
         assert!(!help.contains("created and filled"), "{help}");
         assert!(!help.contains("--policy"), "{help}");
         let server = command.clone().render_long_help().to_string();
-        assert!(server.contains("created and filled") && server.contains("--policy"), "{server}");
+        assert!(
+            server.contains("created and filled") && server.contains("--policy"),
+            "{server}"
+        );
         for argv in [
             &["storefront", "replay", "--db", "x.db"][..],
             &["storefront", "--db", "x.db", "replay"][..],
@@ -527,7 +539,8 @@ mod tests {
         }
         let help = command.render_long_help().to_string();
         assert!(
-            help.contains("without it the replay still passes") && !help.contains("needs 127.0.0.1"),
+            help.contains("without it the replay still passes")
+                && !help.contains("needs 127.0.0.1"),
             "--trust-proxy's help agrees with the README: {help}"
         );
     }

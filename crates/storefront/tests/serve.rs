@@ -238,7 +238,15 @@ async fn a_second_embedded_shop_on_one_database_refuses_to_start() {
 
     // The replay only reads the database: the lock does not stop it.
     let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
-        .args(["replay", "--url", &first.url, "--limit", "5", "--speedup", "0"])
+        .args([
+            "replay",
+            "--url",
+            &first.url,
+            "--limit",
+            "5",
+            "--speedup",
+            "0",
+        ])
         .arg("--db")
         .arg(&db)
         .env_remove("REDIS_URL")
@@ -302,7 +310,10 @@ async fn an_unreachable_redis_is_named_in_the_headline_without_its_password() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
         .args(["--addr", "127.0.0.1:0", "--db"])
         .arg(dir.path().join("shop.db"))
-        .env("REDIS_URL", format!("redis://shop:s3cret-pw@127.0.0.1:{port}/0"))
+        .env(
+            "REDIS_URL",
+            format!("redis://shop:s3cret-pw@127.0.0.1:{port}/0"),
+        )
         .env_remove("STOREFRONT_ADMIN_TOKEN")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
