@@ -9,6 +9,8 @@
 //! # Layout
 //! - [`db`] — SQLite through a small pool of `rusqlite` connections on blocking threads; every call is
 //!   counted ([`db::Db::queries`]), so tests and the replay can show what the cache saved.
+//! - [`embedded_lock`] — one embedded-backend instance per database file (an OS lock held for the
+//!   process's life): embedded state is per process.
 //! - [`import`] — the first-start import of the Northwind CSVs (one transaction, a marker row, errors that
 //!   name file, line and column) and the seed step that sets every customer's password.
 //! - [`catalog`] — categories, product pages and product details: cache-aside with L1 and tags.
@@ -76,6 +78,7 @@ pub mod admin;
 pub mod catalog;
 pub mod dashboard;
 pub mod db;
+pub mod embedded_lock;
 mod error;
 mod extract;
 pub mod import;

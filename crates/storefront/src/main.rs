@@ -17,8 +17,10 @@
 //! under the `nightly_restock` lock, so instances sharing a store run it one at a time.
 //! The first form serves the shop and, unless `--no-worker`, runs the order worker in the same process;
 //! `storefront worker` runs only the worker (with Redis, next to instances started with `--no-worker`).
-//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used (then the
-//! worker must run in the shop's process: the stream lives there).
+//! `REDIS_URL` selects Redis (any URL keyward takes); without it the embedded backend is used: its state
+//! lives in the process, so the worker must run in the shop's process (the stream lives there) and only
+//! one shop (or `restock-report`) runs per database, held by an OS lock on `<db>.embedded.lock`
+//! (`storefront::embedded_lock`; a second one exits 2). `storefront replay` never takes that lock.
 //! `STOREFRONT_ADMIN_TOKEN` (at least 16 characters) is the token admin routes require; without it a
 //! random one is kept in `<db>.admin-token` (mode 0600; created once, so instances on one database share
 //! it) and only that path is printed.
@@ -36,8 +38,9 @@ use keyward::policy::Policy;
 use keyward::session::SessionSecrets;
 use keyward_axum::TrustedProxies;
 use rand::Rng as _;
+use storefront::embedded_lock::{EmbeddedLock, EmbeddedLockError};
 use storefront::replay::{self, ReplayOptions};
-use storefront::{AdminToken, Config, ImportReport};
+use storefront::{AdminToken, Config, ImportReport, StartError};
 use tokio::sync::watch;
 
 /// The shop's allocator (see "The allocator" in `docs/building-a-service.md`): keyward's and hyper's work
@@ -58,7 +61,7 @@ struct Args {
     /// A keyward policy file to use instead of the compiled-in crates/storefront/policy.toml.
     #[arg(long, global = true)]
     policy: Option<PathBuf>,
-    /// Do not run the order worker in this process (run `storefront worker` elsewhere).
+    /// Do not run the order worker in this process (run `storefront worker` elsewhere; needs REDIS_URL).
     #[arg(long)]
     no_worker: bool,
     /// Seconds between runs of the restock report inside the server (0: never).
@@ -68,7 +71,8 @@ struct Args {
     #[arg(long)]
     no_cache: bool,
     /// Trust this proxy (an address or a CIDR network; repeatable): the client address is read from
-    /// its X-Forwarded-For (the per-IP login limit). `storefront replay` needs 127.0.0.1 here.
+    /// its X-Forwarded-For (the per-IP login limit). With 127.0.0.1, each of `storefront replay`'s
+    /// customers gets its own limit; without it the replay still passes, waiting out refused logins.
     #[arg(long = "trust-proxy", value_name = "NET")]
     trust_proxy: Vec<String>,
     #[command(subcommand)]
@@ -85,9 +89,18 @@ enum Command {
     Replay(ReplayArgs),
 }
 
-/// `storefront replay`'s options (`--db` names the shop's database: read-only, before and after).
+/// `storefront replay`'s options. `--db` and `--policy` are its own, not the server's global ones
+/// (clap does not propagate a global argument into a subcommand that declares one with the same id):
+/// the replay's `--db` is only read, and `--policy` means nothing to it, so it is hidden.
 #[derive(Debug, clap::Args)]
 struct ReplayArgs {
+    /// The running shop's SQLite database, opened read-only before and after the traffic (it must
+    /// exist: the replay never creates it).
+    #[arg(long, default_value = "storefront.db")]
+    db: PathBuf,
+    /// Ignored: the replay is a client of the shop, whose policy is its own.
+    #[arg(long, hide = true)]
+    policy: Option<PathBuf>,
     /// The running shop's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
@@ -125,7 +138,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if let Some(Command::Replay(replay)) = &args.command {
         // A client of a running shop: no server state, and the shop's token file is only read.
-        return Ok(run_replay(&args.db, replay).await);
+        return Ok(run_replay(replay).await);
     }
 
     let policy = match &args.policy {
@@ -142,9 +155,35 @@ async fn main() -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
+    if args.command.is_none() && args.no_worker && redis_url.is_none() {
+        // The same reason seen from the shop: nothing outside this process can read its stream.
+        eprintln!(
+            "storefront --no-worker: REDIS_URL is not set. On the embedded backend the order stream lives \
+             in the shop's process, so no `storefront worker` can ever consume its orders: start the shop \
+             without --no-worker, or set REDIS_URL and run `storefront worker` next to it"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    // Held until main returns (the OS drops it if the process dies): one embedded instance per database.
+    let _embedded_lock = match (&redis_url, &args.command) {
+        (None, None | Some(Command::RestockReport)) => match EmbeddedLock::acquire(&args.db) {
+            Ok(lock) => Some(lock),
+            Err(error @ EmbeddedLockError::Held { .. }) => {
+                let hint = if matches!(args.command, Some(Command::RestockReport)) {
+                    " (or ask the running shop: POST /admin/restock-report with its admin token)"
+                } else {
+                    ""
+                };
+                eprintln!("storefront: {error}{hint}");
+                return Ok(ExitCode::from(2));
+            }
+            Err(error) => return Err(error.into()),
+        },
+        _ => None,
+    };
     let admin_token = admin_token(&args.db)?;
     let config = Config::new(&args.db, policy)
-        .redis_url(redis_url)
+        .redis_url(redis_url.clone())
         .admin_token(Some(admin_token.token))
         .session_secrets(Some(session_secrets(&args.db)?))
         .catalog_cache(!args.no_cache);
@@ -159,9 +198,21 @@ async fn main() -> anyhow::Result<ExitCode> {
 
     // Before the first keyward call: every handle reports to it (see storefront::telemetry).
     let metrics = storefront::telemetry::install_recorder().context("the metrics recorder")?;
-    let (mut state, report) = storefront::start(config)
-        .await
-        .with_context(|| format!("starting with the database {}", args.db.display()))?;
+    let (mut state, report) = storefront::start(config).await.map_err(|error| {
+        // The headline names the step that failed: Redis (its URL without credentials) or the database.
+        let headline = match (&error, &redis_url) {
+            (
+                StartError::Keyward(
+                    keyward::Error::Connect { .. }
+                    | keyward::Error::InvalidUrl { .. }
+                    | keyward::Error::Timeout { .. },
+                ),
+                Some(url),
+            ) => format!("connecting to Redis at {} (REDIS_URL)", redacted_url(url)),
+            _ => format!("starting with the database {}", args.db.display()),
+        };
+        anyhow::Error::new(error).context(headline)
+    })?;
     state.metrics = Some(metrics);
     if let ImportReport::Imported(counts) = &report {
         println!(
@@ -265,7 +316,14 @@ async fn main() -> anyhow::Result<ExitCode> {
 }
 
 /// `storefront replay`: 0 when every check passed, 1 when one failed, 2 when the replay could not run.
-async fn run_replay(db: &Path, args: &ReplayArgs) -> ExitCode {
+async fn run_replay(args: &ReplayArgs) -> ExitCode {
+    let db = args.db.as_path();
+    if let Some(policy) = &args.policy {
+        eprintln!(
+            "storefront replay: --policy {} is ignored (the shop uses its own policy)",
+            policy.display()
+        );
+    }
     let token = match replay_admin_token(db, args.admin_token_file.as_deref()) {
         Ok(token) => token,
         Err(error) => {
@@ -360,6 +418,23 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     })
 }
 
+/// `url` for messages, without credentials: the user-info (up to the *last* `@`, since an unencoded
+/// password may hold `/`, `:`, `?` or `@`) becomes `***` and any query or fragment (`?password=…`) is
+/// dropped; when an `@` follows a `?` or `#`, nothing after the scheme is shown (keyward's own rule).
+fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) if rest[..at].contains(['?', '#']) => return format!("{scheme}***…"),
+        Some(at) => format!("***@{}", &rest[at + 1..]),
+        None => rest.to_owned(),
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    format!("{scheme}{}", &rest[..end])
+}
+
 /// `<db><suffix>`.
 fn beside(db: &Path, suffix: &str) -> PathBuf {
     let mut file = db.as_os_str().to_owned();
@@ -412,6 +487,64 @@ mod tests {
 
     /// A second instance started on the same database keeps the first one's admin token (it used to write
     /// a new one, so the file no longer opened the first instance's admin routes) and session secret.
+    #[test]
+    fn redacted_urls_hold_no_credentials() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@host:6379/0", "redis://***@host:6379/0"),
+            (
+                "rediss://user:p@ss/w:rd@host:6380",
+                "rediss://***@host:6380",
+            ),
+            ("redis://host:6379/0?password=s3cret", "redis://host:6379/0"),
+            (
+                "redis+sentinel://host:26379/mymaster?p=a@b",
+                "redis+sentinel://***…",
+            ),
+            ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+    }
+
+    /// `storefront replay --help` shows the replay's own `--db` (read, never created) and no `--policy`;
+    /// the server's help keeps both. Either spelling of `--db` (before or after `replay`) reaches it.
+    #[test]
+    fn the_replay_has_its_own_db_and_no_policy() {
+        use clap::CommandFactory as _;
+        let mut command = Args::command();
+        command.build();
+        let replay = command.find_subcommand("replay").unwrap();
+        let help = replay.clone().render_long_help().to_string();
+        assert!(
+            help.contains("read-only") && help.contains("never creates it"),
+            "{help}"
+        );
+        assert!(!help.contains("created and filled"), "{help}");
+        assert!(!help.contains("--policy"), "{help}");
+        let server = command.clone().render_long_help().to_string();
+        assert!(
+            server.contains("created and filled") && server.contains("--policy"),
+            "{server}"
+        );
+        for argv in [
+            &["storefront", "replay", "--db", "x.db"][..],
+            &["storefront", "--db", "x.db", "replay"][..],
+        ] {
+            let args = Args::try_parse_from(argv).unwrap();
+            let Some(Command::Replay(replay)) = args.command else {
+                panic!("{argv:?}: a replay");
+            };
+            assert_eq!(replay.db, Path::new("x.db"), "{argv:?}");
+        }
+        let help = command.render_long_help().to_string();
+        assert!(
+            help.contains("without it the replay still passes")
+                && !help.contains("needs 127.0.0.1"),
+            "--trust-proxy's help agrees with the README: {help}"
+        );
+    }
+
     #[test]
     fn secrets_are_created_once_per_database() {
         let dir = tempfile::tempdir().unwrap();

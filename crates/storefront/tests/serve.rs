@@ -146,3 +146,190 @@ fn a_worker_without_redis_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("REDIS_URL"), "{err}");
 }
+
+/// A `storefront` process on the embedded backend whose stdout is read on a thread.
+struct EmbeddedShop {
+    server: Server,
+    url: String,
+}
+
+impl EmbeddedShop {
+    /// `storefront --addr 127.0.0.1:0 --db DB` without `REDIS_URL`, once it prints its URL.
+    fn start(db: &std::path::Path) -> EmbeddedShop {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_storefront"))
+            .args(["--addr", "127.0.0.1:0", "--restock-every", "0", "--db"])
+            .arg(db)
+            .env_remove("REDIS_URL")
+            .env_remove("STOREFRONT_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the storefront binary");
+        let stdout = child.stdout.take().unwrap();
+        let server = Server(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        let url = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no shop URL printed; got {printed:?}"));
+            if let Some(rest) = line.split("the shop is at ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+            printed.push(line);
+        };
+        EmbeddedShop {
+            server,
+            url: url.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+/// `storefront ARGS --db DB` without `REDIS_URL`, to completion.
+fn run_embedded(args: &[&str], db: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the storefront binary")
+}
+
+/// Trial finding (issue #15): a second embedded shop on the same database started silently, with its own
+/// cache, sessions, idempotency keys and stream. Now it exits 2 and says why, while the first one holds
+/// the lock; `restock-report` is refused the same way; `storefront replay` still runs against the
+/// shop. The lock is the OS's: once the first shop is killed (SIGKILL, no clean-up), a new one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_embedded_shop_on_one_database_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    let first = EmbeddedShop::start(&db);
+
+    let second = run_embedded(&["--addr", "127.0.0.1:0"], &db);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another storefront on the embedded backend already uses the database")
+            && err.contains(&db.display().to_string())
+            && err.contains("in its own process")
+            && err.contains("Set REDIS_URL to run several instances"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&second.stdout).contains("the shop is at"),
+        "it never served"
+    );
+    let report = run_embedded(&["restock-report"], &db);
+    let err = String::from_utf8_lossy(&report.stderr);
+    assert_eq!(report.status.code(), Some(2), "{err}");
+    assert!(err.contains("POST /admin/restock-report"), "{err}");
+
+    // The replay only reads the database: the lock does not stop it.
+    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args([
+            "replay",
+            "--url",
+            &first.url,
+            "--limit",
+            "5",
+            "--speedup",
+            "0",
+        ])
+        .arg("--db")
+        .arg(&db)
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+
+    // SIGKILL: no destructor runs, the OS releases the lock with the process.
+    drop(first.server);
+    let _again = EmbeddedShop::start(&db);
+}
+
+/// Trial finding (issue #15): `--no-worker` on the embedded backend was accepted, though nothing could
+/// ever consume the orders' events (the stream lives in the shop's process). It exits 2 and says why.
+#[tokio::test]
+async fn no_worker_without_redis_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["--addr", "127.0.0.1:0", "--no-worker", "--db"])
+        .arg(&db)
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    // Before the fix it served until killed: the deadline turns that into a failure.
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("it exits instead of serving")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--no-worker") && err.contains("REDIS_URL"),
+        "{err}"
+    );
+    assert!(!db.exists(), "refused before opening the database");
+}
+
+/// Trial finding (issue #15): with `REDIS_URL` on a closed port the headline said "starting with the
+/// database …" and only the cause named Redis. Now the headline names the step, with the URL's
+/// credentials removed.
+#[tokio::test]
+async fn an_unreachable_redis_is_named_in_the_headline_without_its_password() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["--addr", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("shop.db"))
+        .env(
+            "REDIS_URL",
+            format!("redis://shop:s3cret-pw@127.0.0.1:{port}/0"),
+        )
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("it gives up on the closed port")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "Error: connecting to Redis at redis://***@127.0.0.1:{port}/0"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "no password: {err}");
+}
