@@ -151,11 +151,13 @@ pub async fn update_product(
 /// `PATCH /admin/products/{id}` with a JSON [`ProductUpdate`].
 pub(crate) async fn patch_product(
     State(state): State<AppState>,
-    PathParam(id): PathParam<i64>,
+    id: Result<PathParam<i64>, AppError>,
     headers: HeaderMap,
     body: Result<Json<ProductUpdate>, JsonRejection>,
 ) -> Result<Json<Product>, AppError> {
+    // Who asks comes first: without the token, a malformed path says nothing but 401.
     authorize(&state, &headers)?;
+    let PathParam(id) = id?;
     let Json(update) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
     Ok(Json(update_product(&state, id, update).await?))
 }

@@ -403,4 +403,14 @@ async fn malformed_path_parameters_answer_problem_json_naming_the_parameter() {
     }
     // A well-formed id still reaches the handler: 404 for an unknown product, as before.
     assert_eq!(shop.get("/products/100000").await.0, StatusCode::NOT_FOUND);
+    // Adversarial trial: the admin route checks who asks before the path, so without the token a
+    // malformed path answers 401 like any other (it answered 400, telling an anonymous caller more).
+    let request = http::Request::builder()
+        .method(http::Method::PATCH)
+        .uri("/admin/products/abc")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(r#"{"stock": 1}"#))
+        .unwrap();
+    let answer = crate::util::send_full(&shop.app, request).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.body);
 }
