@@ -93,19 +93,9 @@ fn describe(addr: &redis::ConnectionAddr) -> String {
     }
 }
 
-/// `url` with what lies between `scheme://` and the last `@` replaced by `***`, and any query dropped.
+/// `url` for messages, without credentials ([`keyward::redact_url`]).
 pub(crate) fn redact(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let rest = match rest.rfind('@') {
-        Some(at) => format!("***@{}", &rest[at + 1..]),
-        None => rest.to_owned(),
-    };
-    let rest = rest.split(['?', '#']).next().unwrap_or_default();
-    if scheme.is_empty() {
-        rest.to_owned()
-    } else {
-        format!("{scheme}://{rest}")
-    }
+    keyward::redact_url(url)
 }
 
 #[cfg(test)]
@@ -133,7 +123,12 @@ mod tests {
         assert!(!bad.contains("s3cret"), "{bad}");
         assert_eq!(
             redact("redis://u:p@w@h:1/0?password=x"),
-            "redis://***@h:1/0"
+            "redis://***@h:1/0?…"
+        );
+        // An `@` inside the query: before, the CLI's own copy of the rule showed what followed it.
+        assert_eq!(
+            redact("redis+sentinel://h:26379/m?password=a@b"),
+            "redis+sentinel://***…"
         );
     }
 }

@@ -169,6 +169,21 @@ pub use client::Keyward;
 pub use error::{BoxError, Error, RedisFailure, Result};
 pub use rate_limit::{Decision, RateLimiter};
 
+/// `url` (any URL keyward accepts) without its credentials, for messages and logs: the user-info part
+/// (everything between `://` and the *last* `@`, since an unencoded password may hold `/`, `:`, `?` or `@`)
+/// becomes `***`, and any query or fragment (`?password=…`) is replaced by `?…` (`#…`); when an `@` follows a `?` or `#`
+/// (a password with an unencoded `@` in the query), nothing after the scheme is shown. keyward's own errors
+/// use the same rule.
+///
+/// ```
+/// assert_eq!(keyward::redact_url("redis://u:p@ss@host:6379/0?x=1"), "redis://***@host:6379/0?…");
+/// assert_eq!(keyward::redact_url("redis+sentinel://h:26379/m?password=a@b"), "redis+sentinel://***…");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    backend::redact(url)
+}
+
 #[doc(hidden)]
 pub mod __bench {
     //! Thin wrappers over crate-private pieces, for the criterion benchmarks in `crates/keyward/benches/`

@@ -208,7 +208,10 @@ async fn main() -> anyhow::Result<ExitCode> {
                     | keyward::Error::Timeout { .. },
                 ),
                 Some(url),
-            ) => format!("connecting to Redis at {} (REDIS_URL)", redacted_url(url)),
+            ) => format!(
+                "connecting to Redis at {} (REDIS_URL)",
+                keyward::redact_url(url)
+            ),
             _ => format!("starting with the database {}", args.db.display()),
         };
         anyhow::Error::new(error).context(headline)
@@ -418,23 +421,6 @@ fn admin_token(db: &Path) -> anyhow::Result<Token> {
     })
 }
 
-/// `url` for messages, without credentials: the user-info (up to the *last* `@`, since an unencoded
-/// password may hold `/`, `:`, `?` or `@`) becomes `***` and any query or fragment (`?password=…`) is
-/// dropped; when an `@` follows a `?` or `#`, nothing after the scheme is shown (keyward's own rule).
-fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    let rest = match rest.rfind('@') {
-        Some(at) if rest[..at].contains(['?', '#']) => return format!("{scheme}***…"),
-        Some(at) => format!("***@{}", &rest[at + 1..]),
-        None => rest.to_owned(),
-    };
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    format!("{scheme}{}", &rest[..end])
-}
-
 /// `<db><suffix>`.
 fn beside(db: &Path, suffix: &str) -> PathBuf {
     let mut file = db.as_os_str().to_owned();
@@ -496,14 +482,14 @@ mod tests {
                 "rediss://user:p@ss/w:rd@host:6380",
                 "rediss://***@host:6380",
             ),
-            ("redis://host:6379/0?password=s3cret", "redis://host:6379/0"),
+            ("redis://host:6379/0?password=s3cret", "redis://host:6379/0?…"),
             (
                 "redis+sentinel://host:26379/mymaster?p=a@b",
                 "redis+sentinel://***…",
             ),
             ("unix:///run/redis.sock", "unix:///run/redis.sock"),
         ] {
-            assert_eq!(redacted_url(url), shown, "{url}");
+            assert_eq!(keyward::redact_url(url), shown, "{url}");
         }
     }
 
