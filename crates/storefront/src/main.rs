@@ -482,7 +482,10 @@ mod tests {
                 "rediss://user:p@ss/w:rd@host:6380",
                 "rediss://***@host:6380",
             ),
-            ("redis://host:6379/0?password=s3cret", "redis://host:6379/0?…"),
+            (
+                "redis://host:6379/0?password=s3cret",
+                "redis://host:6379/0?…",
+            ),
             (
                 "redis+sentinel://host:26379/mymaster?p=a@b",
                 "redis+sentinel://***…",

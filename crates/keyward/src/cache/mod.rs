@@ -1018,12 +1018,17 @@ where
             .await?;
         // Every path that returns a value records how; a miss is the conservative answer otherwise.
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
-        loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
+        loaded.map(|v| (v, lookup)).ok_or_else(|| self.no_value())
+    }
+
+    /// The error for a non-optional load that came back without a value (a bug: every such path returns one).
+    fn no_value(&self) -> Error {
+        Error::Loader {
             class: self.class.name.clone(),
             source: Arc::new(
                 "keyward returned no value for a non-optional load (please report this bug)".into(),
             ),
-        })
+        }
     }
 
     /// [`get_or_set`](Self::get_or_set), sharing the value instead of decoding it again: an entry of the
@@ -1076,12 +1081,7 @@ where
             .load_key_as(&key, &[], false, load, &seen, None, answer)
             .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
-        loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
-            class: self.class.name.clone(),
-            source: Arc::new(
-                "keyward returned no value for a non-optional load (please report this bug)".into(),
-            ),
-        })
+        loaded.map(|v| (v, lookup)).ok_or_else(|| self.no_value())
     }
 
     /// [`get_or_set_with_status`](Self::get_or_set_with_status) with a loader that owns what it uses
@@ -1154,12 +1154,7 @@ where
                         });
                     };
                     let lookup = CacheLookup::from_u8(seen).unwrap_or(CacheLookup::Miss);
-                    return loaded?.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
-                        class: self.class.name.clone(),
-                        source: Arc::new(
-                            "keyward returned no value for a non-optional load (please report this bug)".into(),
-                        ),
-                    });
+                    return loaded?.map(|v| (v, lookup)).ok_or_else(|| self.no_value());
                 }
                 () = early.notify.notified() => {}
                 () = async {

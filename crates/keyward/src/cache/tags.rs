@@ -282,12 +282,7 @@ where
             )
             .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
-        loaded.map(|v| (v, lookup)).ok_or_else(|| Error::Loader {
-            class: self.class.name.clone(),
-            source: Arc::new(
-                "keyward returned no value for a non-optional load (please report this bug)".into(),
-            ),
-        })
+        loaded.map(|v| (v, lookup)).ok_or_else(|| self.no_value())
     }
 
     /// [`get_or_set_tagged`](Self::get_or_set_tagged), sharing the value instead of decoding it again, as
@@ -320,12 +315,7 @@ where
         let loaded = self
             .load_key_as(&key, &tags, false, load, &seen, None, answer)
             .await?;
-        loaded.ok_or_else(|| Error::Loader {
-            class: self.class.name.clone(),
-            source: Arc::new(
-                "keyward returned no value for a non-optional load (please report this bug)".into(),
-            ),
-        })
+        loaded.ok_or_else(|| self.no_value())
     }
 
     /// [`set`](Self::set) for a value that depends on `tags`: it records each tag's current epoch, so a later
