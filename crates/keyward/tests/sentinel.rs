@@ -469,6 +469,18 @@ async fn follows_failovers_under_load() {
         "every capability works again within {RECOVERY_BOUND:?} of the promotion: {worst:?}"
     );
     every_capability_works(&kw, "after-crash").await;
+    // `other` sat idle through the crash: its first call may still find the dead master (refused) if its
+    // follower has not switched yet (it re-resolves on `+switch-master`, on a failing call, and every
+    // second). What is asserted next is the wake-up across handles, so first wait, with a deadline, until
+    // it answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = other.ping().await {
+        assert!(
+            Instant::now() < deadline,
+            "the idle handle never followed the failover: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     a_waiter_is_woken(&kw, &other, "wake-after-crash").await;
 }
 
