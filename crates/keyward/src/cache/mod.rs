@@ -1071,6 +1071,22 @@ where
         E: Into<BoxError>,
     {
         let key = self.key(id)?;
+        self.load_shared(&key, &[], loader).await
+    }
+
+    /// The shared reads' load of `key` (filled with `tags`): the answer in an [`Arc`] shared with the L1
+    /// entry (decoded once), and how it was answered.
+    async fn load_shared<F, Fut, E>(
+        &self,
+        key: &str,
+        tags: &[String],
+        loader: F,
+    ) -> Result<(Arc<V>, CacheLookup)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+        E: Into<BoxError>,
+    {
         let seen = Seen::new(0);
         let answer = Answer {
             from_l1: |held: &l1::Held| held.shared::<V, C, _>(C::decode::<V>).ok(),
@@ -1078,7 +1094,7 @@ where
         };
         let load = || async { loader().await.map(Some) };
         let loaded = self
-            .load_key_as(&key, &[], false, load, &seen, None, answer)
+            .load_key_as(key, tags, false, load, &seen, None, answer)
             .await?;
         let lookup = CacheLookup::from_u8(seen.into_inner()).unwrap_or(CacheLookup::Miss);
         loaded.map(|v| (v, lookup)).ok_or_else(|| self.no_value())

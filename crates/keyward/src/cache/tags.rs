@@ -54,7 +54,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::store::{self, expiry_field, tag_field};
-use super::{Answer, Cache, CacheLookup, Seen, l1};
+use super::{Cache, CacheLookup, Seen};
 use crate::Keyward;
 use crate::codec::Codec;
 use crate::error::{BoxError, Error, Result};
@@ -306,16 +306,7 @@ where
     {
         let tags = validate(Some(&self.class.name), tags)?;
         let key = self.key(id)?;
-        let seen = Seen::new(0);
-        let answer = Answer {
-            from_l1: |held: &l1::Held| held.shared::<V, C, _>(C::decode::<V>).ok(),
-            from_load: Arc::new,
-        };
-        let load = || async { loader().await.map(Some) };
-        let loaded = self
-            .load_key_as(&key, &tags, false, load, &seen, None, answer)
-            .await?;
-        loaded.ok_or_else(|| self.no_value())
+        self.load_shared(&key, &tags, loader).await.map(|(v, _)| v)
     }
 
     /// [`set`](Self::set) for a value that depends on `tags`: it records each tag's current epoch, so a later
