@@ -23,38 +23,8 @@ impl Drop for Server {
 async fn the_binary_prints_the_shop_url_and_serves_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shop.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_storefront"))
-        .args(["--addr", "127.0.0.1:0", "--db"])
-        .arg(&db)
-        .env_remove("REDIS_URL")
-        .env_remove("STOREFRONT_ADMIN_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run the storefront binary");
-    let stdout = child.stdout.take().unwrap();
-    let _server = Server(child);
-
-    // Lines arrive on a thread; the test waits for the URL line with a deadline.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut printed = Vec::new();
-    let url = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no shop URL printed; got {printed:?}"));
-        if let Some(rest) = line.split("the shop is at ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-        printed.push(line);
-    };
+    let (_server, rx) = spawn_embedded(&["--addr", "127.0.0.1:0"], &db);
+    let (url, printed) = shop_url(&rx, Duration::from_secs(30));
     assert!(
         printed.iter().any(|l| l.contains("imported Northwind")),
         "{printed:?}"
@@ -116,6 +86,47 @@ async fn the_binary_prints_the_shop_url_and_serves_it() {
     assert_eq!(secret.len(), 64);
 }
 
+/// `storefront ARGS --db DB` without `REDIS_URL`, running (killed when the [`Server`] drops); its stdout
+/// lines arrive on the returned channel, read on a thread.
+fn spawn_embedded(args: &[&str], db: &std::path::Path) -> (Server, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the storefront binary");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Server(child), rx)
+}
+
+/// The lines from `rx` up to the one naming the shop's URL, waited for with a deadline of `within` per
+/// line: the URL and the lines printed before it.
+fn shop_url(rx: &mpsc::Receiver<String>, within: Duration) -> (String, Vec<String>) {
+    let mut printed = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("no shop URL printed; got {printed:?}"));
+        if let Some(rest) = line.split("the shop is at ").nth(1) {
+            return (rest.split_whitespace().next().unwrap().to_owned(), printed);
+        }
+        printed.push(line);
+    }
+}
+
 /// Send `request` to `addr` over a new connection and read the whole answer.
 async fn http(addr: &str, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -156,36 +167,8 @@ struct EmbeddedShop {
 impl EmbeddedShop {
     /// `storefront --addr 127.0.0.1:0 --db DB` without `REDIS_URL`, once it prints its URL.
     fn start(db: &std::path::Path) -> EmbeddedShop {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_storefront"))
-            .args(["--addr", "127.0.0.1:0", "--restock-every", "0", "--db"])
-            .arg(db)
-            .env_remove("REDIS_URL")
-            .env_remove("STOREFRONT_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run the storefront binary");
-        let stdout = child.stdout.take().unwrap();
-        let server = Server(child);
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut printed = Vec::new();
-        let url = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no shop URL printed; got {printed:?}"));
-            if let Some(rest) = line.split("the shop is at ").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-            printed.push(line);
-        };
+        let (server, rx) = spawn_embedded(&["--addr", "127.0.0.1:0", "--restock-every", "0"], db);
+        let (url, _) = shop_url(&rx, Duration::from_secs(60));
         EmbeddedShop {
             server,
             url: url.trim_end_matches('/').to_owned(),
