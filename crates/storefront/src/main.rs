@@ -43,6 +43,23 @@ use storefront::replay::{self, ReplayOptions};
 use storefront::{AdminToken, Config, ImportReport, StartError};
 use tokio::sync::watch;
 
+/// `println!` that never panics: a shop whose stdout was closed (a pipe whose reader went away, as in
+/// `storefront | head -3`) keeps serving instead of dying on `EPIPE` and releasing its embedded lock.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics, for the same reason as [`say!`].
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The shop's allocator (see "The allocator" in `docs/building-a-service.md`): keyward's and hyper's work
 /// allocates on one thread and frees on another, which serialises glibc's malloc.
 #[global_allocator]
@@ -149,7 +166,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     if matches!(args.command, Some(Command::Worker)) && redis_url.is_none() {
         // Embedded, the stream lives in the shop's process: a worker of its own would consume an empty
         // stream of its own for ever.
-        eprintln!(
+        say_err!(
             "storefront worker: REDIS_URL is not set. A worker in its own process needs the shop's Redis \
              (on the embedded backend the shop runs its worker itself; start it without --no-worker)"
         );
@@ -157,7 +174,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     if args.command.is_none() && args.no_worker && redis_url.is_none() {
         // The same reason seen from the shop: nothing outside this process can read its stream.
-        eprintln!(
+        say_err!(
             "storefront --no-worker: REDIS_URL is not set. On the embedded backend the order stream lives \
              in the shop's process, so no `storefront worker` can ever consume its orders: start the shop \
              without --no-worker, or set REDIS_URL and run `storefront worker` next to it"
@@ -174,7 +191,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 } else {
                     ""
                 };
-                eprintln!("storefront: {error}{hint}");
+                say_err!("storefront: {error}{hint}");
                 return Ok(ExitCode::from(2));
             }
             Err(error) => return Err(error.into()),
@@ -218,7 +235,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     })?;
     state.metrics = Some(metrics);
     if let ImportReport::Imported(counts) = &report {
-        println!(
+        say!(
             "storefront: imported Northwind into {} ({} products, {} customers, {} orders)",
             args.db.display(),
             counts.products,
@@ -257,15 +274,15 @@ async fn main() -> anyhow::Result<ExitCode> {
         let outcome = storefront::restock::run_once(&state.kw, &state.db)
             .await
             .context("the restock report")?;
-        println!("storefront: restock report: {outcome:?}");
+        say!("storefront: restock report: {outcome:?}");
         return Ok(ExitCode::SUCCESS);
     }
     if matches!(args.command, Some(Command::Worker)) {
-        println!("storefront: order worker running (Ctrl-C stops it)");
+        say!("storefront: order worker running (Ctrl-C stops it)");
         let report = storefront::worker::run(&state.kw, state.db.clone(), shutdown())
             .await
             .context("the order worker")?;
-        println!("storefront: order worker stopped: {report:?}");
+        say!("storefront: order worker stopped: {report:?}");
         return Ok(ExitCode::SUCCESS);
     }
     let worker = (!args.no_worker).then(|| {
@@ -289,15 +306,15 @@ async fn main() -> anyhow::Result<ExitCode> {
     } else {
         ""
     };
-    println!("storefront: the shop is at http://{addr}/ (keyward backend: {backend:?}{caching})");
+    say!("storefront: the shop is at http://{addr}/ (keyward backend: {backend:?}{caching})");
     match &admin_token.file {
-        Some(file) => println!(
+        Some(file) => say!(
             "storefront: admin token in {} (or set STOREFRONT_ADMIN_TOKEN)",
             file.display()
         ),
-        None => println!("storefront: admin token from STOREFRONT_ADMIN_TOKEN"),
+        None => say!("storefront: admin token from STOREFRONT_ADMIN_TOKEN"),
     }
-    println!(
+    say!(
         "storefront: the dashboard is at http://{addr}/dashboard, metrics at http://{addr}/metrics"
     );
 
@@ -310,9 +327,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     .context("serving")?;
     if let Some(worker) = worker {
         match worker.await {
-            Ok(Ok(report)) => println!("storefront: order worker stopped: {report:?}"),
-            Ok(Err(error)) => eprintln!("storefront: the order worker failed: {error}"),
-            Err(error) => eprintln!("storefront: the order worker panicked: {error}"),
+            Ok(Ok(report)) => say!("storefront: order worker stopped: {report:?}"),
+            Ok(Err(error)) => say_err!("storefront: the order worker failed: {error}"),
+            Err(error) => say_err!("storefront: the order worker panicked: {error}"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -322,7 +339,7 @@ async fn main() -> anyhow::Result<ExitCode> {
 async fn run_replay(args: &ReplayArgs) -> ExitCode {
     let db = args.db.as_path();
     if let Some(policy) = &args.policy {
-        eprintln!(
+        say_err!(
             "storefront replay: --policy {} is ignored (the shop uses its own policy)",
             policy.display()
         );
@@ -330,7 +347,7 @@ async fn run_replay(args: &ReplayArgs) -> ExitCode {
     let token = match replay_admin_token(db, args.admin_token_file.as_deref()) {
         Ok(token) => token,
         Err(error) => {
-            eprintln!("storefront replay: {error:#}");
+            say_err!("storefront replay: {error:#}");
             return ExitCode::from(2);
         }
     };
@@ -346,7 +363,7 @@ async fn run_replay(args: &ReplayArgs) -> ExitCode {
         );
     match replay::run(options).await {
         Ok(report) => {
-            println!("{report}");
+            say!("{report}");
             if report.passed() {
                 ExitCode::SUCCESS
             } else {
@@ -354,7 +371,7 @@ async fn run_replay(args: &ReplayArgs) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!("storefront replay: {error}");
+            say_err!("storefront replay: {error}");
             ExitCode::from(2)
         }
     }

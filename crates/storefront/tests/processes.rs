@@ -50,10 +50,9 @@ impl Storefront {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
+            // Until the process exits, even once nobody listens: a closed pipe would be an EPIPE.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         Storefront {

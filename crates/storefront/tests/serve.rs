@@ -102,11 +102,10 @@ fn spawn_embedded(args: &[&str], db: &std::path::Path) -> (Server, mpsc::Receive
         .expect("run the storefront binary");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    // Reads until the shop exits, even once nobody listens: a closed pipe would hand the shop an EPIPE.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     (Server(child), rx)
@@ -144,15 +143,10 @@ async fn http(addr: &str, request: &str) -> String {
 
 /// `storefront worker` without `REDIS_URL` would consume an embedded stream of its own, which nothing
 /// publishes to, for ever: it refuses to start (exit 2) and says why.
-#[test]
-fn a_worker_without_redis_refuses_to_start() {
+#[tokio::test]
+async fn a_worker_without_redis_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_storefront"))
-        .args(["worker", "--db"])
-        .arg(dir.path().join("shop.db"))
-        .env_remove("REDIS_URL")
-        .output()
-        .expect("run the storefront binary");
+    let out = run_embedded(&["worker"], &dir.path().join("shop.db")).await;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("REDIS_URL"), "{err}");
@@ -176,9 +170,10 @@ impl EmbeddedShop {
     }
 }
 
-/// `storefront ARGS --db DB` without `REDIS_URL`, to completion.
-fn run_embedded(args: &[&str], db: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_storefront"))
+/// `storefront ARGS --db DB` without `REDIS_URL`, to completion within a minute: a command expected to
+/// exit that serves instead fails the test (and is killed) rather than hanging it.
+async fn run_embedded(args: &[&str], db: &std::path::Path) -> std::process::Output {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
         .args(args)
         .arg("--db")
         .arg(db)
@@ -186,7 +181,11 @@ fn run_embedded(args: &[&str], db: &std::path::Path) -> std::process::Output {
         .env_remove("STOREFRONT_ADMIN_TOKEN")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap_or_else(|_| panic!("storefront {args:?} still ran after 60 s (serving?)"))
         .expect("run the storefront binary")
 }
 
@@ -200,7 +199,7 @@ async fn a_second_embedded_shop_on_one_database_refuses_to_start() {
     let db = dir.path().join("shop.db");
     let first = EmbeddedShop::start(&db);
 
-    let second = run_embedded(&["--addr", "127.0.0.1:0"], &db);
+    let second = run_embedded(&["--addr", "127.0.0.1:0"], &db).await;
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(2), "{err}");
     assert!(
@@ -214,7 +213,7 @@ async fn a_second_embedded_shop_on_one_database_refuses_to_start() {
         !String::from_utf8_lossy(&second.stdout).contains("the shop is at"),
         "it never served"
     );
-    let report = run_embedded(&["restock-report"], &db);
+    let report = run_embedded(&["restock-report"], &db).await;
     let err = String::from_utf8_lossy(&report.stderr);
     assert_eq!(report.status.code(), Some(2), "{err}");
     assert!(err.contains("POST /admin/restock-report"), "{err}");
@@ -315,4 +314,62 @@ async fn an_unreachable_redis_is_named_in_the_headline_without_its_password() {
         "{err}"
     );
     assert!(!err.contains("s3cret-pw"), "no password: {err}");
+}
+
+/// CI hang (stop 22): a shop whose stdout reader had gone panicked on its next `println!` (EPIPE), so
+/// it died and released the embedded lock while a test still counted on it. A closed stdout must not
+/// stop a serving shop: here its stdout is a pipe whose read end is closed before it starts, and it
+/// must still answer `/healthz` on the address it was given.
+#[tokio::test]
+async fn a_shop_whose_stdout_is_closed_keeps_serving() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut shop = tokio::process::Command::new(env!("CARGO_BIN_EXE_storefront"))
+        .args(["--addr", &addr, "--restock-every", "0", "--db"])
+        .arg(dir.path().join("shop.db"))
+        .env_remove("REDIS_URL")
+        .env_remove("STOREFRONT_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = shop.try_wait().unwrap() {
+            let mut err = String::new();
+            shop.stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .await
+                .unwrap();
+            panic!("the shop exited ({status}) instead of serving: {err}");
+        }
+        if let Ok(stream) = tokio::net::TcpStream::connect(&addr).await {
+            drop(stream);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shop never listened on {addr}"
+        );
+        // Polls the port while the shop imports Northwind (a few seconds); each try is a connect.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = http(
+        &addr,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(shop.try_wait().unwrap().is_none(), "still serving");
 }
