@@ -469,10 +469,10 @@ async fn follows_failovers_under_load() {
         "every capability works again within {RECOVERY_BOUND:?} of the promotion: {worst:?}"
     );
     every_capability_works(&kw, "after-crash").await;
-    // `other` sat idle through the crash: its first call may still find the dead master (refused) if its
-    // follower has not switched yet (it re-resolves on `+switch-master`, on a failing call, and every
-    // second). What is asserted next is the wake-up across handles, so first wait, with a deadline, until
-    // it answers.
+    // `other` sat idle through the crash. Its first call is sent to the new master even if its follower
+    // has not switched yet (a refused call asks the sentinels at once; tested on its own by
+    // `an_idle_handle_s_first_call_after_a_master_crash_reaches_the_new_master`). What is asserted here is
+    // the wake-up across handles, so wait, with a deadline, until it answers.
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(e) = other.ping().await {
         assert!(
@@ -920,4 +920,72 @@ async fn a_channel_subscription_follows_a_failover() {
         "the subscriber was told it may have missed messages"
     );
     drop(set);
+}
+
+/// A handle that cannot hear `+switch-master` (its sentinel user has no channel permissions, so it follows
+/// only by polling every second) sits idle while the master is killed. Its first call after the sentinels
+/// name the new master found the dead master's port refusing before: a call that was never sent now makes
+/// the follower ask the sentinels at once and is sent to the new master, inside the same response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_handle_s_first_call_after_a_master_crash_reaches_the_new_master() {
+    let mut set = tokio::task::spawn_blocking(SentinelSet::spawn)
+        .await
+        .unwrap();
+    // A sentinel user without channels (`resetchannels`): `SUBSCRIBE +switch-master` is refused.
+    for port in set.sentinel_ports() {
+        let mut sentinel = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "poller",
+                "on",
+                ">pollerPW",
+                "resetchannels",
+                "+@all",
+            ])
+            .query(&mut sentinel)
+            .unwrap();
+    }
+    let port = set.sentinel_ports()[0];
+    let mut poller = redis::Client::open(format!("redis://poller:pollerPW@127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let refused = redis::cmd("SUBSCRIBE")
+        .arg("+switch-master")
+        .query::<redis::Value>(&mut poller)
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("noperm"),
+        "{refused}"
+    );
+
+    let url = format!(
+        "{}?sentinel_username=poller&sentinel_password=pollerPW",
+        set.url_without_credentials()
+    );
+    let idle = Keyward::connect_with(&url, policy(), options())
+        .await
+        .expect("connects through the sentinels as the poller");
+    assert!(cache_round_trip(&idle, "before-crash").await.unwrap());
+
+    let (old, _killed) = set.kill_master();
+    let set = Arc::new(set);
+    {
+        let set = Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.wait_new_master(old))
+            .await
+            .unwrap();
+    }
+    // The follower's next poll is up to a second away; the call does not wait for it.
+    let cache = idle.cache::<String>("c").unwrap();
+    cache
+        .set("after-crash", &"after-crash@value".to_owned())
+        .await
+        .expect("the first call after the promotion reaches the new master");
+    assert!(master_has_key(&set, "after-crash"));
+    idle.ping().await.expect("and so does the next");
 }

@@ -860,6 +860,34 @@ impl RedisBackend {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Send a request with `send` on the current connection. Behind Sentinel, a request the master's port
+    /// refused was never sent: if the sentinels, asked at once ([`sentinel::Follower::recheck`]), name another
+    /// master, it is sent once more on the new connection. The caller's [`call`](Self::call) bounds both tries
+    /// together by the one response timeout.
+    async fn on_master<T, F, Fut>(&self, send: F) -> redis::RedisResult<T>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(follower) = &self.follower else {
+            return send(self.conn()).await;
+        };
+        let started = std::time::Instant::now();
+        // The generation before the connection: a swap in between is seen as one (one harmless extra try).
+        let seen = follower.generation();
+        match send(self.conn()).await {
+            Err(e) if e.is_connection_refusal() => {
+                if follower.recheck(started, seen).await {
+                    tracing::debug!(server = %self.server, "keyward: a call the old master refused is sent to the new one");
+                    send(self.conn()).await
+                } else {
+                    Err(e)
+                }
+            }
+            answer => answer,
+        }
+    }
+
     /// Behind Sentinel, ask the follower to look for a new master.
     fn master_suspect(&self) {
         if let Some(f) = &self.follower {
@@ -1019,26 +1047,30 @@ impl RedisBackend {
             undo: undo.map(|u| move || u),
             must_land,
         };
-        let mut conn = self.conn();
+        let (script, keys, args) = (&script, &keys, &args);
         let answer = self
-            .call(op, slot, async {
-                match script
-                    .command(false, &keys, &args)
-                    .query_async::<Value>(&mut conn)
-                    .await
-                {
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            .call(
+                op,
+                slot,
+                self.on_master(|mut conn| async move {
+                    match script
+                        .command(false, keys, args)
+                        .query_async::<Value>(&mut conn)
+                        .await
                     {
-                        script
-                            .command(true, &keys, &args)
-                            .query_async(&mut conn)
-                            .await
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            script
+                                .command(true, keys, args)
+                                .query_async(&mut conn)
+                                .await
+                        }
+                        answer => answer,
                     }
-                    answer => answer,
-                }
-            })
+                }),
+            )
             .await;
         guard.settle(&answer);
         answer.map(Reply::from)
@@ -1057,9 +1089,15 @@ impl RedisBackend {
             undo: Some(undo),
             must_land: false,
         };
-        let mut conn = self.conn();
+        let pipe = &pipe;
         let answer = self
-            .call(op, slot, pipe.query_async::<Vec<Value>>(&mut conn))
+            .call(
+                op,
+                slot,
+                self.on_master(|mut conn| async move {
+                    pipe.query_async::<Vec<Value>>(&mut conn).await
+                }),
+            )
             .await;
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
@@ -1068,10 +1106,16 @@ impl RedisBackend {
     /// Run a pipeline of plain commands that leave nothing behind through [`call`](Self::call): no undo.
     pub(crate) async fn run_commands(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
         let Pipeline { op, pipe, slot, .. } = pipeline;
-        let mut conn = self.conn();
-        self.call(op, slot, pipe.query_async::<Vec<Value>>(&mut conn))
-            .await
-            .map(|v| v.into_iter().map(Reply::from).collect())
+        let pipe = &pipe;
+        self.call(
+            op,
+            slot,
+            self.on_master(
+                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+            ),
+        )
+        .await
+        .map(|v| v.into_iter().map(Reply::from).collect())
     }
 
     /// Send `undo` now and retry it in the background until the server answers it (see [`run`](Self::run)).
@@ -1129,7 +1173,6 @@ impl RedisBackend {
     /// `PUBLISH`, or `SPUBLISH` on Cluster (the channel's shard), through [`call`](Self::call) as operation
     /// `op`. Returns how many subscribers received it (on Cluster: on that shard).
     async fn publish(&self, op: &'static str, channel: &str, message: &[u8]) -> Result<u64> {
-        let mut conn = self.conn();
         let cmd = if self.cluster.is_some() {
             "SPUBLISH"
         } else {
@@ -1142,10 +1185,13 @@ impl RedisBackend {
         self.call(
             op,
             slot,
-            redis::cmd(cmd)
-                .arg(channel)
-                .arg(message)
-                .query_async::<u64>(&mut conn),
+            self.on_master(|mut conn| async move {
+                redis::cmd(cmd)
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            }),
         )
         .await
     }
@@ -1192,11 +1238,12 @@ impl RedisBackend {
     /// once while the breaker is open, and the breaker's probe after its cooldown (a success closes it), so a
     /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn();
         self.call(
             "ping",
             None,
-            redis::cmd("PING").query_async::<String>(&mut conn),
+            self.on_master(|mut conn| async move {
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            }),
         )
         .await
         .map(drop)

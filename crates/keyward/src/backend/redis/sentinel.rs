@@ -7,6 +7,12 @@
 //! once per [`RESOLVE_EVERY`]), and every [`POLL_EVERY`] in case both were missed. A new master is used only
 //! after it says `master` to `ROLE`; then the connection is swapped and every local waiter is woken.
 //!
+//! A call whose connection attempt the old master's port refused was never sent, so it is not lost yet: the
+//! follower asks the sentinels at once ([`Follower::recheck`], one resolution for every call refused at the
+//! same time) and, when they name another master, the call is sent there once, inside the same response
+//! timeout. An idle handle that missed `+switch-master` thus does not fail its first call after a failover
+//! while its poll is still up to [`POLL_EVERY`] away.
+//!
 //! URL shape: `redis[s]+sentinel://[user:pass@]host:port[,host:port…]/master-name[?sentinel_username=…&
 //! sentinel_password=…]`. The user-info is the **data nodes'** credentials; the sentinels' own (`requirepass`
 //! or an ACL user on the sentinels) are the query parameters, because the two are configured apart in Redis
@@ -15,8 +21,9 @@
 //! sentinels announce, so their certificates must name that address (an IP unless the sentinels run with
 //! `resolve-hostnames`/`announce-hostnames`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::Client;
@@ -368,6 +375,12 @@ pub(crate) struct Follower {
     sentinel: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// The master the slot is connected to.
     current: Mutex<(String, u16)>,
+    /// How many times the slot was swapped to a new master: a call that saw one generation and failed knows
+    /// whether the connection changed since.
+    generation: AtomicU64,
+    /// Held while the sentinels are asked and the connection maybe swapped (one resolution at a time); holds
+    /// when the last resolution started, so calls refused together share one ([`Follower::recheck`]).
+    resolving: tokio::sync::Mutex<Option<Instant>>,
     options: ConnectOptions,
     ns: Namespace,
     bus: Arc<WakeBus>,
@@ -390,6 +403,8 @@ impl Follower {
             breaker,
             sentinel: tokio::sync::Mutex::new(None),
             current: Mutex::new(current),
+            generation: AtomicU64::new(0),
+            resolving: tokio::sync::Mutex::new(None),
             options,
             ns,
             bus,
@@ -412,6 +427,31 @@ impl Follower {
     /// Ask for a re-resolution (cheap; coalesced).
     pub(crate) fn trigger(&self) {
         self.resolve.notify_one();
+    }
+
+    /// How many times the connection was swapped to a new master so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A call that started at `started`, on the connection of generation `seen`, was refused by the master's
+    /// port (never sent): make sure the sentinels were asked since it started — by this call, or by a
+    /// resolution that started after it, whose outcome it waits for — and say whether the connection is now
+    /// another one (then the call may be sent again on it).
+    ///
+    /// Not rate-limited by [`RESOLVE_EVERY`]: every call refused at the same time shares one resolution, and a
+    /// later refusal is new information. Cancel-safe: dropped mid-way (the caller's response timeout), the
+    /// connection is either swapped whole or not at all.
+    pub(crate) async fn recheck(&self, started: Instant, seen: u64) -> bool {
+        if self.generation() != seen {
+            return true;
+        }
+        let mut last = self.resolving.lock().await;
+        if last.is_none_or(|at| at < started) {
+            *last = Some(Instant::now());
+            self.follow_locked().await;
+        }
+        self.generation() != seen
     }
 
     /// The time one sentinel gets to answer: the connect timeout shared among them.
@@ -442,6 +482,13 @@ impl Follower {
     /// Ask the sentinels for the master; if it moved, connect to the new one (verified by `ROLE`), swap the
     /// connection in, and wake every local waiter (wake-ups sent to the old master are lost).
     async fn follow(&self) {
+        let mut last = self.resolving.lock().await;
+        *last = Some(Instant::now());
+        self.follow_locked().await;
+    }
+
+    /// [`follow`](Self::follow), with `resolving` held by the caller.
+    async fn follow_locked(&self) {
         let addr = match self.resolve().await {
             Ok(addr) => addr,
             Err(e) => {
@@ -466,6 +513,7 @@ impl Follower {
                 *self.slot.write().unwrap_or_else(|e| e.into_inner()) =
                     super::Conn::Single(opened.conn);
                 *self.current.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 // The breaker counted the old master's failures; the new one just answered the probe.
                 self.breaker.success();
                 tracing::info!(sentinels = %self.url.describe(), master = %opened.server, "keyward: following the new master");
