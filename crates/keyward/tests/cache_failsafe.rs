@@ -25,6 +25,8 @@ conformance!(
     invalidation_removes_the_stale_value,
     a_refill_that_raced_an_invalidation_is_refused,
     an_eager_refresh_runs_once_while_everyone_gets_the_current_value,
+    a_batch_refreshes_ahead_inline,
+    a_failed_batch_refresh_keeps_the_current_value,
     without_stale_grace_a_failed_load_is_an_error,
 );
 
@@ -330,6 +332,83 @@ mod cases {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(caches[0].stats().refreshes >= 1);
+    }
+
+    /// Read `ids` of the `eager` class (2 s TTL, refreshed ahead in its last 1.8 s) through
+    /// `get_or_set_many` until a call asks its loader, which answers with `answer`; returns that call's
+    /// result and the ids it asked for. Every call before it must get the `v1-{id}` values the batch was
+    /// filled with, and the loader must be asked before the TTL ran out: an expired entry would be a miss,
+    /// not a refresh (the class keeps no stale value).
+    async fn until_a_batch_refreshes(
+        c: &Cache<String>,
+        ids: &[u64],
+        answer: fn(&[u64]) -> Result<Vec<(u64, String)>, std::io::Error>,
+    ) -> (keyward::Result<Vec<String>>, Vec<u64>) {
+        let v1 = |id: &u64| format!("v1-{id}");
+        let filled = c
+            .get_or_set_many(ids, |missing| {
+                let answer: Vec<(u64, String)> = missing.iter().map(|id| (**id, v1(id))).collect();
+                async move { Ok::<_, std::io::Error>(answer) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(filled, ids.iter().map(v1).collect::<Vec<_>>());
+        let filled_at = Instant::now();
+        let deadline = filled_at + SOON;
+        loop {
+            let asked = std::sync::Mutex::new(Vec::new());
+            let got = c
+                .get_or_set_many(ids, |wanted| {
+                    let wanted: Vec<u64> = wanted.into_iter().copied().collect();
+                    *asked.lock().unwrap() = wanted.clone();
+                    async move { answer(&wanted) }
+                })
+                .await;
+            let asked = asked.into_inner().unwrap();
+            if !asked.is_empty() {
+                assert!(
+                    filled_at.elapsed() < Duration::from_secs(2),
+                    "asked only after the TTL: a miss, not an eager refresh"
+                );
+                return (got, asked);
+            }
+            assert_eq!(got.unwrap(), ids.iter().map(v1).collect::<Vec<_>>());
+            assert!(Instant::now() < deadline, "never due for a refresh");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A batch whose ids are due for an eager refresh refreshes them inline (its loader borrows from the
+    /// caller): the call gets the new values, which are stored. Batches used to give the refresh lease
+    /// back, so a batch-only key was never refreshed ahead and went cold at its TTL.
+    pub async fn a_batch_refreshes_ahead_inline(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("eager").unwrap();
+        let ids = [1u64, 2];
+        let (got, asked) = until_a_batch_refreshes(&c, &ids, |wanted| {
+            Ok(wanted.iter().map(|id| (*id, format!("v2-{id}"))).collect())
+        })
+        .await;
+        let got = got.unwrap();
+        for (id, v) in ids.iter().zip(&got) {
+            let want = if asked.contains(id) { "v2" } else { "v1" };
+            assert_eq!(v, &format!("{want}-{id}"));
+        }
+        assert!(c.stats().refreshes >= 1);
+        for id in asked {
+            assert_eq!(c.get(&id).await.unwrap(), Some(format!("v2-{id}")));
+        }
+    }
+
+    /// A batch refresh whose loader fails keeps the current values (no error: they are still fresh), as a
+    /// failed eager refresh of one entry does.
+    pub async fn a_failed_batch_refresh_keeps_the_current_value(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("eager").unwrap();
+        let ids = [3u64, 4];
+        let (got, _) = until_a_batch_refreshes(&c, &ids, |_| broken().map(|_| Vec::new())).await;
+        assert_eq!(got.unwrap(), ["v1-3", "v1-4"]);
+        assert_eq!(c.get(&3).await.unwrap().as_deref(), Some("v1-3"));
     }
 
     pub async fn without_stale_grace_a_failed_load_is_an_error(h: Harness) {

@@ -127,7 +127,10 @@ where
     /// this call holds no lease on them). It is called again, for the remaining ids only, in one case: an id
     /// another caller was loading whose load failed (its lease given back) while this call waited for it.
     /// `loader_timeout` bounds each call. With the store unavailable and `on_error = "fail_open"`, every
-    /// missing id goes to the loader and nothing is stored.
+    /// missing id goes to the loader and nothing is stored. In a class with `refresh_ahead`, an id due for an
+    /// eager refresh whose refresh lease this call wins is passed to the loader too and refreshed inline (its
+    /// new value returned and stored; if the loader fails, its current value is returned); everyone else
+    /// keeps getting the current value meanwhile. There is no soft timeout for batches.
     ///
     /// Counts in [`stats`](Self::stats) are per distinct id (hits, misses, coalesced, lease waits, refused
     /// fills, fail-open answers), except `loader_calls` and `loader_errors`, which count loader calls.
@@ -414,16 +417,20 @@ where
                 listener: None,
             })
             .collect();
-        let mut leaders: HashMap<usize, Leader> = lead
-            .into_iter()
-            .filter_map(|(u, l)| Some((u, l?)))
-            .collect();
+        // Shared (a mutex, never held across an await; keeps the call's future `Send`): `finish` completes a
+        // flight when its id is answered, an eager refresh before that.
+        let leaders: std::sync::Mutex<HashMap<usize, Leader>> = std::sync::Mutex::new(
+            lead.into_iter()
+                .filter_map(|(u, l)| Some((u, l?)))
+                .collect(),
+        );
         let mut finish = |(u, result, outcome): Led<V>| {
             let bytes = match &outcome {
                 Ok(Shared::Value(bytes)) => Some(bytes.clone()),
                 _ => None,
             };
-            if let Some(leader) = leaders.remove(&u) {
+            let leader = leaders.lock().unwrap_or_else(|e| e.into_inner()).remove(&u);
+            if let Some(leader) = leader {
                 leader.complete(outcome);
             }
             out.push((u, result, bytes));
@@ -460,19 +467,39 @@ where
             for ((mut p, fetched), woken) in pending.drain(..).zip(fetched).zip(woken) {
                 let key = b.key(p.u);
                 let fetched = match fetched {
-                    // Batches do not refresh ahead: the refresh lease is given back (the value stays) and the
-                    // current value served as a hit.
-                    Ok(Fetched::Refresh(raw, _)) => {
-                        LeaseGuard {
+                    // Due for an eager refresh, and this call holds the refresh lease: the id joins this
+                    // round's one loader call and is refreshed inline, as a borrowing `get_or_set` does
+                    // (the loader borrows from the caller, so the refresh cannot outlive the call). Everyone
+                    // else keeps getting the current value meanwhile; callers in this process that joined
+                    // this id's flight get it now. A value this caller cannot serve gives the lease back
+                    // and is read again as a plain hit would be (healed if it does not decode).
+                    Ok(Fetched::Refresh(raw, gens)) => {
+                        let guard = LeaseGuard {
                             kw: self.kw.clone(),
                             class: Arc::clone(&self.class),
                             key: key.to_owned(),
                             prefix: prefix.to_owned(),
                             armed: true,
+                        };
+                        match self.fallback(raw.clone(), true) {
+                            Some(current) => {
+                                m.hits.increment(1);
+                                m.refreshes.increment(1);
+                                let leader = leaders
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&p.u);
+                                if let Some(leader) = leader {
+                                    leader.complete(Ok(Shared::Value(current.payload.clone())));
+                                }
+                                fills.push((p.u, gens, guard, Some(current)));
+                                continue;
+                            }
+                            None => {
+                                guard.release().await;
+                                Ok(Fetched::Hit(raw, None))
+                            }
                         }
-                        .release()
-                        .await;
-                        Ok(Fetched::Hit(raw, None))
                     }
                     other => other,
                 };
@@ -622,6 +649,16 @@ where
                             guard.release().await;
                             return with_u(u, failed(err));
                         };
+                        if fb.fresh {
+                            // A failed eager refresh: the current value stays, and so does the lease until
+                            // its deadline (the failing source is tried again at most once per `lease_ttl`).
+                            let mut guard = guard;
+                            guard.armed = false;
+                            return match C::decode::<V>(&fb.payload) {
+                                Ok(v) => (u, Ok(Some(v)), Ok(Shared::Value(fb.payload))),
+                                Err(_) => with_u(u, failed(err)),
+                            };
+                        }
                         // Fail-safe: the kept value, stored again as current for `fail_safe_throttle`
                         // (only while the lease stands: an invalidation meanwhile removed it).
                         if !self.throttle(guard, &fb, &gens).await {
@@ -745,7 +782,7 @@ where
     }
 }
 
-/// `Fetched::Refresh` is turned into a hit before the match that would see it.
+/// `Fetched::Refresh` is taken (as a fill) or turned into a hit before the match that would see it.
 fn unreachable_refresh() {}
 
 fn with_u<V>(u: usize, (result, outcome): (Result<Option<V>>, Outcome)) -> Led<V> {
