@@ -13,6 +13,9 @@ use crate::common::Harness;
 use keyward::{Cache, CacheLookup, StaleReason};
 use tokio::sync::Notify;
 
+/// A batch loader's answer.
+type Answer = Result<Vec<(u64, String)>, std::io::Error>;
+
 /// A deadline for things that must happen "soon".
 const SOON: Duration = Duration::from_secs(20);
 
@@ -342,7 +345,7 @@ mod cases {
     async fn until_a_batch_refreshes(
         c: &Cache<String>,
         ids: &[u64],
-        answer: fn(&[u64]) -> Result<Vec<(u64, String)>, std::io::Error>,
+        answer: fn(&[u64]) -> Answer,
     ) -> (keyward::Result<Vec<String>>, Vec<u64>) {
         let v1 = |id: &u64| format!("v1-{id}");
         let filled = c

@@ -240,7 +240,7 @@ impl Backend {
             Target::Memory(m) => m.keyspace.with(mirror),
             Target::Redis(r) => {
                 let op = call.op;
-                let reply = r.run(call).await?;
+                let reply = boxed(r.run(call)).await?;
                 decode(&reply).ok_or_else(|| r.protocol_err(op, &format!("{reply:?}")))
             }
             Target::Pending(l) => Err(l.not_connected(call.op)),
@@ -256,7 +256,7 @@ impl Backend {
     pub(crate) async fn pipeline<T>(
         &self,
         pipeline: Pipeline,
-        undo: impl FnOnce() -> Undo,
+        undo: impl FnOnce() -> Undo + Send,
         mirror: impl FnOnce(&mut Kv) -> T,
         decode: impl FnOnce(&[Reply]) -> Option<T>,
     ) -> Result<T> {
@@ -265,7 +265,7 @@ impl Backend {
             Target::Memory(m) => m.keyspace.with(mirror),
             Target::Redis(r) => {
                 let op = pipeline.op;
-                let replies = r.run_pipeline(pipeline, undo).await?;
+                let replies = boxed(r.run_pipeline(pipeline, undo)).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
             Target::Pending(l) => Err(l.not_connected(pipeline.op)),
@@ -289,7 +289,7 @@ impl Backend {
             Target::Memory(m) => m.keyspace.with(mirror),
             Target::Redis(r) => {
                 let op = pipeline.op;
-                let replies = r.run_commands(pipeline).await?;
+                let replies = boxed(r.run_commands(pipeline)).await?;
                 decode(&replies).ok_or_else(|| r.protocol_err(op, &format!("{replies:?}")))
             }
             Target::Pending(l) => Err(l.not_connected(pipeline.op)),
@@ -484,4 +484,16 @@ impl Backend {
             Target::Pending(l) => Err(l.not_connected("scan")),
         }
     }
+}
+
+/// A Redis call's future behind a pointer, type-erased: the future of every keyward call nests inside the
+/// application's own (a handler's), and the compiler walks the whole nesting — to lay it out and to prove it
+/// `Send` — against the application crate's `recursion_limit`. Keyward's nesting below this seam (timeouts,
+/// retries, redis-rs) once left applications only a few levels under the default limit; erased here, it
+/// costs them nothing (one allocation per Redis round trip). keyward-axum's tests compile at half the
+/// default limit to keep it so.
+fn boxed<'a, T>(
+    fut: impl Future<Output = T> + Send + 'a,
+) -> std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+    Box::pin(fut)
 }

@@ -860,32 +860,44 @@ impl RedisBackend {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Send a request with `send` on the current connection. Behind Sentinel, a request the master's port
-    /// refused was never sent: if the sentinels, asked at once ([`sentinel::Follower::recheck`]), name another
-    /// master, it is sent once more on the new connection. The caller's [`call`](Self::call) bounds both tries
-    /// together by the one response timeout.
-    async fn on_master<T, F, Fut>(&self, send: F) -> redis::RedisResult<T>
-    where
-        F: Fn(Conn) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        let Some(follower) = &self.follower else {
-            return send(self.conn()).await;
+    /// Behind Sentinel, before a call's first try: when it started and which connection generation it uses
+    /// (see [`resend_within`](Self::resend_within)).
+    fn first_try(&self) -> Option<(std::time::Instant, u64)> {
+        self.follower
+            .as_ref()
+            .map(|f| (std::time::Instant::now(), f.generation()))
+    }
+
+    /// Behind Sentinel, after a call's first try (`mark` from [`first_try`](Self::first_try)): if the master's
+    /// port refused it (it was never sent), the follower asks the sentinels at once
+    /// ([`sentinel::Follower::recheck`]); when they name another master and some of the call's response
+    /// timeout is left, that time — the call is then sent once more, on the new connection, bounded by it.
+    ///
+    /// The second try is a second [`call`](Self::call) after the first, never a future wrapped around it:
+    /// every keyward call's future nests inside the application's own, and a deeper one pushed applications
+    /// past the compiler's layout recursion limit (keyward-axum's `building_a_service` example).
+    async fn resend_within<T>(
+        &self,
+        mark: Option<(std::time::Instant, u64)>,
+        answer: &Result<T>,
+    ) -> Option<Duration> {
+        let (follower, (started, seen)) = self.follower.as_ref().zip(mark)?;
+        let Err(Error::Redis { source, .. }) = answer else {
+            return None;
         };
-        let started = std::time::Instant::now();
-        // The generation before the connection: a swap in between is seen as one (one harmless extra try).
-        let seen = follower.generation();
-        match send(self.conn()).await {
-            Err(e) if e.is_connection_refusal() => {
-                if follower.recheck(started, seen).await {
-                    tracing::debug!(server = %self.server, "keyward: a call the old master refused is sent to the new one");
-                    send(self.conn()).await
-                } else {
-                    Err(e)
-                }
-            }
-            answer => answer,
+        if !source.is_unavailable() || source.may_have_run() {
+            return None;
         }
+        let left = self.response_timeout.checked_sub(started.elapsed())?;
+        // Boxed: the rare path's future (asking sentinels, opening a connection) stays out of every call's.
+        let recheck: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
+            Box::pin(follower.recheck(started, seen));
+        let switched = tokio::time::timeout(left, recheck).await.unwrap_or(false);
+        let left = self.response_timeout.checked_sub(started.elapsed())?;
+        switched.then(|| {
+            tracing::debug!(server = %self.server, "keyward: a call the old master refused is sent to the new one");
+            left
+        })
     }
 
     /// Behind Sentinel, ask the follower to look for a new master.
@@ -965,10 +977,22 @@ impl RedisBackend {
     /// progress, a refused port or a host that accepts TCP and never answers — is cut at the response timeout.
     /// Unavailability (a timeout, a refused or dropped connection) counts as a breaker failure; a reply,
     /// even an error reply, counts as a success.
-    async fn call<T>(
+    fn call<T>(
         &self,
         op: &'static str,
         slot: Option<u16>,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> impl Future<Output = Result<T>> {
+        self.call_within(op, slot, self.response_timeout, fut)
+    }
+
+    /// [`call`](Self::call), cut at `limit` instead of the whole response timeout (a second try behind
+    /// Sentinel gets what the first left).
+    async fn call_within<T>(
+        &self,
+        op: &'static str,
+        slot: Option<u16>,
+        limit: Duration,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
         let breaker = self.breaker_for(slot);
@@ -981,7 +1005,7 @@ impl RedisBackend {
                 retry_in: breaker.retry_in(),
             });
         }
-        match tokio::time::timeout(self.response_timeout, fut).await {
+        match tokio::time::timeout(limit, fut).await {
             Err(_) => {
                 self.failure(&breaker);
                 self.master_suspect();
@@ -1048,30 +1072,28 @@ impl RedisBackend {
             must_land,
         };
         let (script, keys, args) = (&script, &keys, &args);
-        let answer = self
-            .call(
-                op,
-                slot,
-                self.on_master(|mut conn| async move {
-                    match script
-                        .command(false, keys, args)
-                        .query_async::<Value>(&mut conn)
+        let send = |mut conn: Conn| async move {
+            match script
+                .command(false, keys, args)
+                .query_async::<Value>(&mut conn)
+                .await
+            {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script
+                        .command(true, keys, args)
+                        .query_async(&mut conn)
                         .await
-                    {
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            script
-                                .command(true, keys, args)
-                                .query_async(&mut conn)
-                                .await
-                        }
-                        answer => answer,
-                    }
-                }),
-            )
-            .await;
+                }
+                answer => answer,
+            }
+        };
+        let mark = self.first_try();
+        let mut answer = self.call(op, slot, send(self.conn())).await;
+        if let Some(left) = self.resend_within(mark, &answer).await {
+            answer = self.call_within(op, slot, left, send(self.conn())).await;
+        }
         guard.settle(&answer);
         answer.map(Reply::from)
     }
@@ -1090,15 +1112,12 @@ impl RedisBackend {
             must_land: false,
         };
         let pipe = &pipe;
-        let answer = self
-            .call(
-                op,
-                slot,
-                self.on_master(|mut conn| async move {
-                    pipe.query_async::<Vec<Value>>(&mut conn).await
-                }),
-            )
-            .await;
+        let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
+        let mark = self.first_try();
+        let mut answer = self.call(op, slot, send(self.conn())).await;
+        if let Some(left) = self.resend_within(mark, &answer).await {
+            answer = self.call_within(op, slot, left, send(self.conn())).await;
+        }
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
     }
@@ -1107,15 +1126,13 @@ impl RedisBackend {
     pub(crate) async fn run_commands(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
         let Pipeline { op, pipe, slot, .. } = pipeline;
         let pipe = &pipe;
-        self.call(
-            op,
-            slot,
-            self.on_master(
-                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
-            ),
-        )
-        .await
-        .map(|v| v.into_iter().map(Reply::from).collect())
+        let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
+        let mark = self.first_try();
+        let mut answer = self.call(op, slot, send(self.conn())).await;
+        if let Some(left) = self.resend_within(mark, &answer).await {
+            answer = self.call_within(op, slot, left, send(self.conn())).await;
+        }
+        answer.map(|v| v.into_iter().map(Reply::from).collect())
     }
 
     /// Send `undo` now and retry it in the background until the server answers it (see [`run`](Self::run)).
@@ -1182,18 +1199,19 @@ impl RedisBackend {
             .cluster
             .as_ref()
             .map(|_| crate::key::cluster_slot(channel.as_bytes()));
-        self.call(
-            op,
-            slot,
-            self.on_master(|mut conn| async move {
-                redis::cmd(cmd)
-                    .arg(channel)
-                    .arg(message)
-                    .query_async::<u64>(&mut conn)
-                    .await
-            }),
-        )
-        .await
+        let send = |mut conn: Conn| async move {
+            redis::cmd(cmd)
+                .arg(channel)
+                .arg(message)
+                .query_async::<u64>(&mut conn)
+                .await
+        };
+        let mark = self.first_try();
+        let answer = self.call(op, slot, send(self.conn())).await;
+        match self.resend_within(mark, &answer).await {
+            Some(left) => self.call_within(op, slot, left, send(self.conn())).await,
+            None => answer,
+        }
     }
 
     /// Use `hub` for this handle's typed channels (a lazy handle's, made before the connection), unless one
@@ -1238,14 +1256,18 @@ impl RedisBackend {
     /// once while the breaker is open, and the breaker's probe after its cooldown (a success closes it), so a
     /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
-        self.call(
-            "ping",
-            None,
-            self.on_master(|mut conn| async move {
-                redis::cmd("PING").query_async::<String>(&mut conn).await
-            }),
-        )
-        .await
+        let send = |mut conn: Conn| async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        let mark = self.first_try();
+        let answer = self.call("ping", None, send(self.conn())).await;
+        match self.resend_within(mark, &answer).await {
+            Some(left) => {
+                self.call_within("ping", None, left, send(self.conn()))
+                    .await
+            }
+            None => answer,
+        }
         .map(drop)
     }
 
