@@ -860,6 +860,27 @@ impl RedisBackend {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// [`call`](Self::call) with the request `send` builds on the current connection; behind Sentinel, once
+    /// more on the new master's connection when the first try was refused and the sentinels name another
+    /// master ([`resend_within`](Self::resend_within)), within what the first try left of the response
+    /// timeout. Every store call goes through here.
+    async fn call_resending<T, Fut>(
+        &self,
+        op: &'static str,
+        slot: Option<u16>,
+        send: impl Fn(Conn) -> Fut,
+    ) -> Result<T>
+    where
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mark = self.first_try();
+        let answer = self.call(op, slot, send(self.conn())).await;
+        match self.resend_within(mark, &answer).await {
+            Some(left) => self.call_within(op, slot, left, send(self.conn())).await,
+            None => answer,
+        }
+    }
+
     /// Behind Sentinel, before a call's first try: when it started and which connection generation it uses
     /// (see [`resend_within`](Self::resend_within)).
     fn first_try(&self) -> Option<(std::time::Instant, u64)> {
@@ -873,9 +894,8 @@ impl RedisBackend {
     /// ([`sentinel::Follower::recheck`]); when they name another master and some of the call's response
     /// timeout is left, that time — the call is then sent once more, on the new connection, bounded by it.
     ///
-    /// The second try is a second [`call`](Self::call) after the first, never a future wrapped around it:
-    /// every keyward call's future nests inside the application's own, and a deeper one pushed applications
-    /// past the compiler's layout recursion limit (keyward-axum's `building_a_service` example).
+    /// The second try is a second [`call`](Self::call) after the first, not a future wrapped around the
+    /// request: that kept every call's state small (the recheck is boxed too, it connects to sentinels).
     async fn resend_within<T>(
         &self,
         mark: Option<(std::time::Instant, u64)>,
@@ -1089,11 +1109,7 @@ impl RedisBackend {
                 answer => answer,
             }
         };
-        let mark = self.first_try();
-        let mut answer = self.call(op, slot, send(self.conn())).await;
-        if let Some(left) = self.resend_within(mark, &answer).await {
-            answer = self.call_within(op, slot, left, send(self.conn())).await;
-        }
+        let answer = self.call_resending(op, slot, send).await;
         guard.settle(&answer);
         answer.map(Reply::from)
     }
@@ -1113,11 +1129,7 @@ impl RedisBackend {
         };
         let pipe = &pipe;
         let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
-        let mark = self.first_try();
-        let mut answer = self.call(op, slot, send(self.conn())).await;
-        if let Some(left) = self.resend_within(mark, &answer).await {
-            answer = self.call_within(op, slot, left, send(self.conn())).await;
-        }
+        let answer = self.call_resending(op, slot, send).await;
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
     }
@@ -1127,12 +1139,9 @@ impl RedisBackend {
         let Pipeline { op, pipe, slot, .. } = pipeline;
         let pipe = &pipe;
         let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
-        let mark = self.first_try();
-        let mut answer = self.call(op, slot, send(self.conn())).await;
-        if let Some(left) = self.resend_within(mark, &answer).await {
-            answer = self.call_within(op, slot, left, send(self.conn())).await;
-        }
-        answer.map(|v| v.into_iter().map(Reply::from).collect())
+        self.call_resending(op, slot, send)
+            .await
+            .map(|v| v.into_iter().map(Reply::from).collect())
     }
 
     /// Send `undo` now and retry it in the background until the server answers it (see [`run`](Self::run)).
@@ -1206,12 +1215,7 @@ impl RedisBackend {
                 .query_async::<u64>(&mut conn)
                 .await
         };
-        let mark = self.first_try();
-        let answer = self.call(op, slot, send(self.conn())).await;
-        match self.resend_within(mark, &answer).await {
-            Some(left) => self.call_within(op, slot, left, send(self.conn())).await,
-            None => answer,
-        }
+        self.call_resending(op, slot, send).await
     }
 
     /// Use `hub` for this handle's typed channels (a lazy handle's, made before the connection), unless one
@@ -1259,16 +1263,7 @@ impl RedisBackend {
         let send = |mut conn: Conn| async move {
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
-        let mark = self.first_try();
-        let answer = self.call("ping", None, send(self.conn())).await;
-        match self.resend_within(mark, &answer).await {
-            Some(left) => {
-                self.call_within("ping", None, left, send(self.conn()))
-                    .await
-            }
-            None => answer,
-        }
-        .map(drop)
+        self.call_resending("ping", None, send).await.map(drop)
     }
 
     /// A typed error for a script reply of the wrong shape.
