@@ -17,6 +17,7 @@ const SOON: Duration = Duration::from_secs(20);
 conformance!(
     a_batch_refresh_whose_loader_omits_an_id_keeps_its_current_value,
     a_batch_refresh_keeps_the_entry_s_tags,
+    an_untagged_single_refresh_keeps_the_entry_s_tags,
     an_invalidation_during_a_batch_refresh_wins,
     a_class_invalidation_during_a_batch_refresh_wins,
     overlapping_batches_and_single_reads_refresh_each_id_once,
@@ -128,6 +129,24 @@ mod cases {
             None,
             "a tag invalidation must remove the entry a batch refreshed"
         );
+    }
+
+    /// The same for an untagged `get_or_set` that wins the refresh of an entry a tagged call filled.
+    pub async fn an_untagged_single_refresh_keeps_the_entry_s_tags(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("eager").unwrap();
+        let filled = fill_then_enter_the_window(&c, &[6], &["cat:8"]).await;
+        let got = c
+            .get_or_set(&6, || async { Ok::<_, std::io::Error>(v("v2", 6)) })
+            .await
+            .unwrap();
+        assert_eq!(got, "v2-6", "due for a refresh");
+        c.invalidate_tag("cat:8").await.unwrap();
+        assert!(
+            filled.elapsed() < Duration::from_secs(2),
+            "too slow: past the TTL"
+        );
+        assert_eq!(c.get(&6).await.unwrap(), None);
     }
 
     /// `invalidate` (key) and `invalidate_tag` while the batch's refresh loader runs: the refreshed value

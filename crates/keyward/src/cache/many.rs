@@ -484,7 +484,7 @@ where
                         // A batch takes no tags, but the entry it refreshes may carry some (a tagged single
                         // call filled it): the new value records them at the epochs the current one recorded,
                         // so a tag invalidation before or during this load still removes it.
-                        match (self.fallback(raw.clone(), true), kept_tags(&raw)) {
+                        match (self.fallback(raw.clone(), true), super::kept_tags(&raw)) {
                             (Some(current), Some(tags)) => {
                                 gens.tags = tags;
                                 m.hits.increment(1);
@@ -804,14 +804,6 @@ where
             .filter_map(|(id, v)| Some((self.key(&id).ok()?, v)))
             .collect())
     }
-}
-
-/// The tags a stored value records, with the epoch recorded for each (`None` if its envelope cannot be read).
-fn kept_tags(raw: &[u8]) -> Option<Vec<(String, u64)>> {
-    let (_, tags, _) = envelope::parse_tagged(raw).ok()?;
-    tags.iter()
-        .map(|(t, epoch)| Some((String::from_utf8(t.to_vec()).ok()?, epoch)))
-        .collect()
 }
 
 /// `Fetched::Refresh` is taken (as a fill) or turned into a hit before the match that would see it.
