@@ -1,6 +1,7 @@
 //! Adversarial review of the batch eager refresh (`get_or_set_many` refreshing ahead inline): what the
 //! loader leaves out of its answer, invalidations (key, tag, class) while the refresh's loader runs, and many
-//! overlapping batches and single reads on two handles inside one refresh window.
+//! overlapping batches and single reads on two handles inside one refresh window; and, behind Sentinel, a
+//! burst of first calls after a failover the handle did not hear about.
 
 #![allow(unreachable_pub)]
 
@@ -11,9 +12,6 @@ use std::time::{Duration, Instant};
 use crate::common::Harness;
 use keyward::{Cache, Keyward};
 
-/// A deadline for things that must happen "soon".
-const SOON: Duration = Duration::from_secs(20);
-
 conformance!(
     a_batch_refresh_whose_loader_omits_an_id_keeps_its_current_value,
     a_batch_refresh_keeps_the_entry_s_tags,
@@ -21,6 +19,7 @@ conformance!(
     an_invalidation_during_a_batch_refresh_wins,
     a_class_invalidation_during_a_batch_refresh_wins,
     overlapping_batches_and_single_reads_refresh_each_id_once,
+    a_sliding_log_peek_after_a_burst_counts_every_check,
 );
 
 fn v(tag: &str, id: u64) -> String {
@@ -70,6 +69,31 @@ where
 
 mod cases {
     use super::*;
+
+    /// 64 concurrent checks of one id on a sliding log (1000 an hour): `peek` then reports exactly what
+    /// the last check left.
+    pub async fn a_sliding_log_peek_after_a_burst_counts_every_check(h: Harness) {
+        use keyward::policy::{Algorithm, Policy, RateLimitClass};
+        let policy = Policy::builder("test", format!("log-{}", h.app()))
+            .rate_limit(
+                "api",
+                RateLimitClass::new(Algorithm::SlidingLog, 1000, Duration::from_secs(3600)),
+            )
+            .build()
+            .unwrap();
+        let kw = match h.url() {
+            Some(url) => Keyward::connect(&url, policy).await.unwrap(),
+            None => Keyward::embedded(policy),
+        };
+        let limiter = kw.rate_limiter("api").unwrap();
+        let checks = (0..64).map(|_| {
+            let limiter = limiter.clone();
+            async move { limiter.check(&"u").await.unwrap().remaining() }
+        });
+        let remaining = futures_util::future::join_all(checks).await;
+        assert_eq!(remaining.iter().min(), Some(&936));
+        assert_eq!(limiter.peek(&"u").await.unwrap().remaining(), 936);
+    }
 
     /// A refresh is not a miss: an id the loader's answer lacks still has a current value, which the caller
     /// got before today's change (batches gave the refresh lease back and served a hit). It must get it now
@@ -299,4 +323,122 @@ mod cases {
             assert_eq!(caches[1].get(&id).await.unwrap(), Some(v("v2", id)));
         }
     }
+}
+
+/// `cmdstat_sentinel` calls summed over the set's sentinels (every `SENTINEL …` query, the follower's
+/// `get-master-addr-by-name` included).
+fn sentinel_queries(set: &keyward_testkit::SentinelSet) -> u64 {
+    set.sentinel_ports()
+        .into_iter()
+        .map(|port| {
+            let mut con = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let info: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut con)
+                .unwrap();
+            // Redis 7 counts each subcommand apart: `cmdstat_sentinel|get-master-addr-by-name:calls=…`.
+            info.lines()
+                .filter(|l| l.starts_with("cmdstat_sentinel"))
+                .filter_map(|l| {
+                    l.split_once(":calls=")?
+                        .1
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Behind Sentinel, an idle handle that cannot hear `+switch-master` (its sentinel user has no channels),
+/// right after a failover: a burst of 64 concurrent calls (a service's first requests after a quiet spell).
+/// Every call ends within its response timeout, and the sentinels are not asked once per call (held). But
+/// only the call the dead port refused is resent to the new master: the others queued behind the old
+/// connection's reconnect and time out after the full response timeout (a timeout may have been sent, so it
+/// is never resent). Known gap, not fixed here: see the review report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: concurrent first calls after an unheard failover time out (only one is resent)"]
+async fn a_burst_of_first_calls_after_an_unheard_failover_reaches_the_new_master() {
+    use keyward::ConnectOptions;
+    use keyward::policy::{CacheClass, Policy};
+    let mut set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
+        .await
+        .unwrap();
+    for port in set.sentinel_ports() {
+        let mut sentinel = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let () = ::redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "poller",
+                "on",
+                ">pollerPW",
+                "resetchannels",
+                "+@all",
+            ])
+            .query(&mut sentinel)
+            .unwrap();
+    }
+    let url = format!(
+        "{}?sentinel_username=poller&sentinel_password=pollerPW",
+        set.url_without_credentials()
+    );
+    let policy = Policy::builder("test", "burst")
+        .cache("c", CacheClass::new(Duration::from_secs(60), "tests"))
+        .build()
+        .unwrap();
+    let timeout = Duration::from_secs(2);
+    let kw = Keyward::connect_with(
+        &url,
+        policy,
+        ConnectOptions::default().response_timeout(timeout),
+    )
+    .await
+    .unwrap();
+    let cache = kw.cache::<String>("c").unwrap();
+    cache.set(&"warm", &"v".to_owned()).await.unwrap();
+    let (old, _) = set.kill_master();
+    let set = std::sync::Arc::new(set);
+    {
+        let set = std::sync::Arc::clone(&set);
+        tokio::task::spawn_blocking(move || set.wait_new_master(old))
+            .await
+            .unwrap();
+    }
+    let before = sentinel_queries(&set);
+    let calls = (0..64u32).map(|i| {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = cache.set(&i, &format!("v{i}")).await;
+            (started.elapsed(), r.map_err(|e| e.to_string()))
+        })
+    });
+    let ended = futures_util::future::join_all(calls).await;
+    let asked = sentinel_queries(&set) - before;
+    assert!(asked <= 9, "64 calls asked the sentinels {asked} times");
+    let mut failed = Vec::new();
+    for e in ended {
+        let (took, r) = e.unwrap();
+        assert!(
+            took < timeout + Duration::from_millis(300),
+            "a call took {took:?}"
+        );
+        if let Err(e) = r {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 64 failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
 }

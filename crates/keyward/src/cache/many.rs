@@ -129,8 +129,9 @@ where
     /// `loader_timeout` bounds each call. With the store unavailable and `on_error = "fail_open"`, every
     /// missing id goes to the loader and nothing is stored. In a class with `refresh_ahead`, an id due for an
     /// eager refresh whose refresh lease this call wins is passed to the loader too and refreshed inline (its
-    /// new value returned and stored; if the loader fails, its current value is returned); everyone else
-    /// keeps getting the current value meanwhile. There is no soft timeout for batches.
+    /// new value returned and stored, with the tags the entry records; if the loader fails or its answer lacks
+    /// the id, its current value is returned); everyone else keeps getting the current value meanwhile. There
+    /// is no soft timeout for batches.
     ///
     /// Counts in [`stats`](Self::stats) are per distinct id (hits, misses, coalesced, lease waits, refused
     /// fills, fail-open answers), except `loader_calls` and `loader_errors`, which count loader calls.
