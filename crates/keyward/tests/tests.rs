@@ -25,6 +25,7 @@ mod architecture;
 mod break11;
 mod break12;
 mod break_expire;
+mod break_today;
 mod break_wb;
 mod cache_batch;
 mod cache_failsafe;

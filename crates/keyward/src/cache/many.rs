@@ -129,8 +129,9 @@ where
     /// `loader_timeout` bounds each call. With the store unavailable and `on_error = "fail_open"`, every
     /// missing id goes to the loader and nothing is stored. In a class with `refresh_ahead`, an id due for an
     /// eager refresh whose refresh lease this call wins is passed to the loader too and refreshed inline (its
-    /// new value returned and stored; if the loader fails, its current value is returned); everyone else
-    /// keeps getting the current value meanwhile. There is no soft timeout for batches.
+    /// new value returned and stored, with the tags the entry records; if the loader fails or its answer lacks
+    /// the id, its current value is returned); everyone else keeps getting the current value meanwhile. There
+    /// is no soft timeout for batches.
     ///
     /// Counts in [`stats`](Self::stats) are per distinct id (hits, misses, coalesced, lease waits, refused
     /// fills, fail-open answers), except `loader_calls` and `loader_errors`, which count loader calls.
@@ -473,7 +474,7 @@ where
                     // else keeps getting the current value meanwhile; callers in this process that joined
                     // this id's flight get it now. A value this caller cannot serve gives the lease back
                     // and is read again as a plain hit would be (healed if it does not decode).
-                    Ok(Fetched::Refresh(raw, gens)) => {
+                    Ok(Fetched::Refresh(raw, mut gens)) => {
                         let guard = LeaseGuard {
                             kw: self.kw.clone(),
                             class: Arc::clone(&self.class),
@@ -481,8 +482,12 @@ where
                             prefix: prefix.to_owned(),
                             armed: true,
                         };
-                        match self.fallback(raw.clone(), true) {
-                            Some(current) => {
+                        // A batch takes no tags, but the entry it refreshes may carry some (a tagged single
+                        // call filled it): the new value records them at the epochs the current one recorded,
+                        // so a tag invalidation before or during this load still removes it.
+                        match (self.fallback(raw.clone(), true), super::kept_tags(&raw)) {
+                            (Some(current), Some(tags)) => {
+                                gens.tags = tags;
                                 m.hits.increment(1);
                                 m.refreshes.increment(1);
                                 let leader = leaders
@@ -495,7 +500,7 @@ where
                                 fills.push((p.u, gens, guard, Some(current)));
                                 continue;
                             }
-                            None => {
+                            _ => {
                                 guard.release().await;
                                 Ok(Fetched::Hit(raw, None))
                             }
@@ -686,24 +691,39 @@ where
         }
         let mut releases = Vec::new();
         let mut commits = Vec::with_capacity(fills.len());
-        for (u, gens, guard, _) in fills {
+        for (u, gens, mut guard, fallback) in fills {
             let value = loaded.remove(&guard.key);
-            let (payload, ttl) = match &value {
-                Some(v) => match self.encode(v) {
-                    Ok(p) => (Some(p), self.class.policy.stored_ttl()),
-                    Err(err) => {
-                        releases.push(guard);
-                        out.push(with_u(u, failed(err)));
-                        continue;
+            let encoded = match &value {
+                Some(v) => self.encode(v).map(Some),
+                None if !b.negative_ok => Err(self.missing(&b.ids[b.first[u]])),
+                None => Ok(None),
+            };
+            let payload = match encoded {
+                Ok(payload) => payload,
+                Err(err) => {
+                    match fallback.filter(|fb| fb.fresh) {
+                        // An eager refresh that failed for this id alone (the answer lacks it, or its value
+                        // cannot be stored): the current value stays, and so does the lease, as when the
+                        // whole loader call fails.
+                        Some(fb) => {
+                            guard.armed = false;
+                            out.push(match C::decode::<V>(&fb.payload) {
+                                Ok(v) => (u, Ok(Some(v)), Ok(Shared::Value(fb.payload))),
+                                Err(_) => with_u(u, failed(err)),
+                            });
+                        }
+                        None => {
+                            releases.push(guard);
+                            out.push(with_u(u, failed(err)));
+                        }
                     }
-                },
-                None if !b.negative_ok => {
-                    releases.push(guard);
-                    out.push(with_u(u, failed(self.missing(&b.ids[b.first[u]]))));
                     continue;
                 }
+            };
+            let ttl = match payload {
+                Some(_) => self.class.policy.stored_ttl(),
                 None => match self.class.policy.jittered_negative_ttl() {
-                    Some(ttl) => (None, ttl),
+                    Some(ttl) => ttl,
                     None => {
                         // Absent, and the class does not cache absence.
                         releases.push(guard);
@@ -724,16 +744,21 @@ where
             }
         }))
         .await;
-        for ((u, mut guard, value, shared, _, ttl), committed) in commits.into_iter().zip(committed)
+        for ((u, mut guard, value, shared, stored, ttl), committed) in
+            commits.into_iter().zip(committed)
         {
             match committed {
                 Ok(true) => {
                     guard.armed = false;
                     if let Shared::Value(payload) = &shared {
                         let grace = self.class.policy.stale_grace_value().unwrap_or_default();
-                        // A batch fill carries no tags (batches take none).
-                        let untagged = super::l1::InsertTags::Names(&[]);
-                        self.l1_insert(b, u, payload, Some(ttl.saturating_sub(grace)), untagged)
+                        // A batch takes no tags; a refreshed entry keeps those it recorded.
+                        let stored = super::stored_tags(&stored);
+                        let tags = stored.as_ref().map_or(
+                            super::l1::InsertTags::Unknown,
+                            super::l1::InsertTags::Stored,
+                        );
+                        self.l1_insert(b, u, payload, Some(ttl.saturating_sub(grace)), tags)
                             .await;
                     }
                     out.push((u, Ok(value), Ok(shared)));

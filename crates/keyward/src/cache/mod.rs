@@ -445,6 +445,17 @@ fn stored_tags(raw: &[u8]) -> Option<l1::StoredTags> {
     ))
 }
 
+/// The tags a stored value records, each with the epoch recorded for it (`None` if its envelope cannot be
+/// read). An eager refresh by a caller that names no tags (a batch, an untagged `get_or_set`) stamps its new
+/// value with these: the value it replaces was current under them, so a tag invalidation before or during the
+/// refresh still removes the refreshed value.
+fn kept_tags(raw: &[u8]) -> Option<Vec<(String, u64)>> {
+    let (_, tags, _) = envelope::parse_tagged(raw).ok()?;
+    tags.iter()
+        .map(|(t, epoch)| Some((String::from_utf8(t.to_vec()).ok()?, epoch)))
+        .collect()
+}
+
 /// Record `lookup` for the caller and in the current tracing span.
 fn saw(seen: &Seen, lookup: CacheLookup) {
     seen.store(lookup.to_u8(), Ordering::Relaxed);
@@ -1397,6 +1408,8 @@ where
                     Some(CacheLookup::Hit) => stored
                         .as_ref()
                         .map_or(l1::InsertTags::Unknown, l1::InsertTags::Stored),
+                    // A refresh by an untagged call keeps the stored value's tags, not read here.
+                    Some(CacheLookup::Refreshed) if tags.is_empty() => l1::InsertTags::Unknown,
                     Some(CacheLookup::Miss | CacheLookup::Refreshed) => l1::InsertTags::Names(tags),
                     _ => l1::InsertTags::Unknown,
                 };
@@ -1615,7 +1628,12 @@ where
                     };
                     return self.fill(guard, gens, loader, plan, seen).await;
                 }
-                Fetched::Refresh(raw, gens) => {
+                Fetched::Refresh(raw, mut gens) => {
+                    if gens.tags.is_empty()
+                        && let Some(kept) = kept_tags(&raw)
+                    {
+                        gens.tags = kept;
+                    }
                     let guard = LeaseGuard {
                         kw: self.kw.clone(),
                         class: Arc::clone(&self.class),
