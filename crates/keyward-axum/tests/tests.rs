@@ -6,8 +6,8 @@
 //! Three quarters of the compiler's default recursion limit: a handler's future nests every keyward call's
 //! future, and keyward once came within a few levels of the default (128), so an application a little
 //! deeper than `building_a_service` failed to compile ("queries overflow the depth limit"). The backend
-//! seam now erases the Redis call's future (`backend::boxed`; `building_a_service`'s handlers then need
-//! about 66 levels); this limit keeps that margin from eroding.
+//! seam now erases the Redis call's future (`backend::boxed`; `Cache::get_or_set`, the deepest public
+//! future, then needs 73–80 levels on its own); this limit keeps that margin from eroding.
 #![recursion_limit = "96"]
 
 mod util;

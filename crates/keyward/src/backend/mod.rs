@@ -490,8 +490,8 @@ impl Backend {
 /// application's own (a handler's), and the compiler walks the whole nesting — to lay it out and to prove it
 /// `Send` — against the application crate's `recursion_limit`. Keyward's nesting below this seam (timeouts,
 /// retries, redis-rs) once left applications only a few levels under the default limit; erased here, it
-/// costs them nothing (one allocation per Redis round trip). keyward-axum's tests compile at half the
-/// default limit to keep it so.
+/// costs them nothing (one allocation per Redis round trip). keyward-axum's tests compile at three quarters
+/// of the default limit to keep it so.
 fn boxed<'a, T>(
     fut: impl Future<Output = T> + Send + 'a,
 ) -> std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>> {

@@ -905,7 +905,9 @@ impl RedisBackend {
         let Err(Error::Redis { source, .. }) = answer else {
             return None;
         };
-        if !source.is_unavailable() || source.may_have_run() {
+        // A connection that failed before the command went out (refused): never an error reply (an `OOM`
+        // raised mid-script, say, is unavailable and not "may have run", but the script's first writes did).
+        if !source.is_connection_failure() || source.may_have_run() {
             return None;
         }
         let left = self.response_timeout.checked_sub(started.elapsed())?;
