@@ -30,6 +30,7 @@ conformance!(
     an_eager_refresh_runs_once_while_everyone_gets_the_current_value,
     a_batch_refreshes_ahead_inline,
     a_failed_batch_refresh_keeps_the_current_value,
+    a_batch_past_the_soft_timeout_serves_the_stale_values,
     without_stale_grace_a_failed_load_is_an_error,
 );
 
@@ -412,6 +413,54 @@ mod cases {
         let (got, _) = until_a_batch_refreshes(&c, &ids, |_| broken().map(|_| Vec::new())).await;
         assert_eq!(got.unwrap(), ["v1-3", "v1-4"]);
         assert_eq!(c.get(&3).await.unwrap().as_deref(), Some("v1-3"));
+    }
+
+    /// A batch whose every id has a stale value at hand, with a loader slower than the class's soft timeout
+    /// (50 ms) but within its loader timeout (3 s): the stale values are served at the soft timeout and the
+    /// load is abandoned, as for one id. Batches had no soft timeout: the call waited for the slow load.
+    /// Each lease gave its stale value back, so the next call refills.
+    pub async fn a_batch_past_the_soft_timeout_serves_the_stale_values(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        let ids = [1u64, 2];
+        let v1 = |id: &u64| format!("v1-{id}");
+        let load = |missing: Vec<&u64>, v: &'static str, delay: Duration| {
+            let answer: Vec<(u64, String)> = missing
+                .iter()
+                .map(|id| (**id, format!("{v}-{id}")))
+                .collect();
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::io::Error>(answer)
+            }
+        };
+        c.get_or_set_many(&ids, |m| load(m, "v1", Duration::ZERO))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + SOON;
+        loop {
+            let asked = AtomicUsize::new(0);
+            let got = c
+                .get_or_set_many(&ids, |m| {
+                    asked.fetch_add(m.len(), Ordering::SeqCst);
+                    load(m, "slow", Duration::from_secs(2))
+                })
+                .await
+                .unwrap();
+            // Until the values go stale, plain hits; then the slow load, answered at the soft timeout.
+            assert_eq!(got, ids.iter().map(v1).collect::<Vec<_>>());
+            if asked.load(Ordering::SeqCst) == ids.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never went stale");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(c.stats().stale_served >= 2);
+        let got = c
+            .get_or_set_many(&ids, |m| load(m, "v2", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(got, ["v2-1", "v2-2"]);
     }
 
     pub async fn without_stale_grace_a_failed_load_is_an_error(h: Harness) {

@@ -54,6 +54,9 @@ struct Batch<'a, 'i, I> {
     negative_ok: bool,
     /// Per distinct entry, the L1 fence reading taken before the store was asked (classes with L1 only).
     tickets: Vec<Option<Ticket>>,
+    /// The class's soft timeout counted from the call's start (classes with `soft_timeout` and `stale_grace`
+    /// only): see [`Cache::fill_many`].
+    soft_deadline: Option<tokio::time::Instant>,
 }
 
 impl<I> Batch<'_, '_, I> {
@@ -130,8 +133,9 @@ where
     /// missing id goes to the loader and nothing is stored. In a class with `refresh_ahead`, an id due for an
     /// eager refresh whose refresh lease this call wins is passed to the loader too and refreshed inline (its
     /// new value returned and stored, with the tags the entry records; if the loader fails or its answer lacks
-    /// the id, its current value is returned); everyone else keeps getting the current value meanwhile. There
-    /// is no soft timeout for batches.
+    /// the id, its current value is returned); everyone else keeps getting the current value meanwhile. With
+    /// `soft_timeout` and `stale_grace`, when every id the loader is asked for has a stale value at hand, the
+    /// stale values are returned at the soft timeout and the load is abandoned (docs/cache.md, "Fail-safe").
     ///
     /// Counts in [`stats`](Self::stats) are per distinct id (hits, misses, coalesced, lease waits, refused
     /// fills, fail-open answers), except `loader_calls` and `loader_errors`, which count loader calls.
@@ -283,6 +287,7 @@ where
             first: &first,
             negative_ok,
             tickets,
+            soft_deadline: super::soft_deadline(&self.class.policy),
         };
         let span = tracing::debug_span!(
             "keyward.cache.get_or_set_many",
@@ -635,7 +640,37 @@ where
             .chain(uncached.iter().copied())
             .map(|u| &b.ids[b.first[u]])
             .collect();
-        let mut loaded = match self.run_batch_loader(loader, wanted).await {
+        // A soft timeout needs a stale value at hand for every id the loader is asked for: the call answers
+        // every id together, so with one id that has none it waits for the load anyway.
+        let all_stale = uncached.is_empty()
+            && fills
+                .iter()
+                .all(|(.., fallback)| fallback.as_ref().is_some_and(|fb| !fb.fresh));
+        let load = self.run_batch_loader(loader, wanted);
+        let loaded = match b.soft_deadline.filter(|_| all_stale) {
+            Some(deadline) => match tokio::time::timeout_at(deadline, load).await {
+                Ok(loaded) => loaded,
+                Err(_) => {
+                    // Past the soft timeout with a stale value for every id: serve them. The load is
+                    // abandoned (the loader borrows from the caller) and each lease gives its stale value
+                    // back, as a single `get_or_set` does.
+                    return join_all(fills.into_iter().map(|(u, _, guard, fallback)| async move {
+                        guard.release().await;
+                        match fallback {
+                            Some(fb) => {
+                                let (result, outcome) =
+                                    self.serve_stale(fb, StaleReason::SoftTimeout, &Seen::new(0));
+                                (u, result, outcome)
+                            }
+                            None => with_u(u, failed(self.loader_bug("no stale value kept"))),
+                        }
+                    }))
+                    .await;
+                }
+            },
+            None => load.await,
+        };
+        let mut loaded = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
                 let reason = if matches!(err, Error::LoaderTimeout { .. }) {

@@ -456,6 +456,15 @@ fn kept_tags(raw: &[u8]) -> Option<Vec<(String, u64)>> {
         .collect()
 }
 
+/// The soft deadline of a call starting now: `soft_timeout` from now, in a class that also keeps stale values
+/// (`stale_grace`); a soft timeout means nothing without one.
+fn soft_deadline(policy: &CacheClass) -> Option<tokio::time::Instant> {
+    policy
+        .soft_timeout_value()
+        .filter(|_| policy.stale_grace_value().is_some())
+        .map(|d| tokio::time::Instant::now() + d)
+}
+
 /// Record `lookup` for the caller and in the current tracing span.
 fn saw(seen: &Seen, lookup: CacheLookup) {
     seen.store(lookup.to_u8(), Ordering::Relaxed);
@@ -1339,12 +1348,7 @@ where
         let ask = Ask {
             seen,
             early,
-            soft_deadline: self
-                .class
-                .policy
-                .soft_timeout_value()
-                .filter(|_| self.class.policy.stale_grace_value().is_some())
-                .map(|d| tokio::time::Instant::now() + d),
+            soft_deadline: soft_deadline(&self.class.policy),
             flight: None,
             fresh_for: None,
             stored_tags: None,
