@@ -6,7 +6,7 @@
 #![allow(unreachable_pub)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::Harness;
@@ -25,6 +25,7 @@ conformance!(
     a_soft_timeout_serves_the_stale_value_and_the_refill_lands_in_the_background,
     a_borrowing_loader_past_the_soft_timeout_is_abandoned,
     waiters_get_the_stale_value_at_the_soft_timeout,
+    a_batch_waiting_for_another_s_lease_gets_the_stale_value_at_the_soft_timeout,
     invalidation_removes_the_stale_value,
     a_refill_that_raced_an_invalidation_is_refused,
     an_eager_refresh_runs_once_while_everyone_gets_the_current_value,
@@ -228,6 +229,73 @@ mod cases {
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "waited past the soft timeout"
+        );
+        release.notify_one();
+    }
+
+    /// As above, with the waiter a batch (`get_or_set_many`): it gets the value the holder keeps at its soft
+    /// timeout, while the holder's load still runs, and its loader is never asked for that id. Batches had no
+    /// soft timeout while waiting: this one waited until the holder's load gave up (its 3 s loader timeout).
+    pub async fn a_batch_waiting_for_another_s_lease_gets_the_stale_value_at_the_soft_timeout(
+        h: Harness,
+    ) {
+        /// Set when the holder's load ends, however it ends (its future dropped at the loader timeout).
+        struct Ended(Arc<AtomicBool>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<String>("soft").unwrap();
+        let b = hs[1].cache::<String>("soft").unwrap();
+        a.get_or_set(&1, || async { ok("v1") }).await.unwrap();
+        // `a` refills (detached, its loader held until the end); the batch arrives while the lease is held.
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let mut ended;
+        let deadline = Instant::now() + SOON;
+        loop {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            // A fresh flag each try: a hit drops its loader unrun, which sets it.
+            ended = Arc::new(AtomicBool::new(false));
+            let ended = Ended(Arc::clone(&ended));
+            let (_, how) = a
+                .get_or_set_detached(&1, move || async move {
+                    let _ended = ended;
+                    entered.notify_one();
+                    release.notified().await;
+                    ok("v2")
+                })
+                .await
+                .unwrap();
+            if how != CacheLookup::Hit {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never stale");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        entered.notified().await;
+        let asked = AtomicUsize::new(0);
+        let got = tokio::time::timeout(
+            SOON,
+            b.get_or_set_many(&[1u64], |missing| {
+                asked.fetch_add(missing.len(), Ordering::SeqCst);
+                async { Ok::<_, std::io::Error>(vec![(1u64, "from the batch".to_owned())]) }
+            }),
+        )
+        .await
+        .expect("the batch never answered")
+        .unwrap();
+        assert!(
+            !ended.load(Ordering::SeqCst),
+            "the batch answered only after the holder's load ended"
+        );
+        assert_eq!(got, ["v1"]);
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            0,
+            "the batch loaded the id itself"
         );
         release.notify_one();
     }

@@ -105,7 +105,14 @@ struct Pending {
 type Answer<V> = (Result<Option<V>>, Option<Bytes>);
 
 /// An entry whose lease is held elsewhere: how long that lease has left, and its wake-up if registered.
-type Waiting<'n> = (Pending, Duration, Option<Pin<Box<Notified<'n>>>>);
+/// An entry whose lease another caller holds: how long that lease has left, the wake-up armed for it, and
+/// the value its holder keeps meanwhile (fail-safe), served at the soft timeout.
+type Waiting<'n> = (
+    Pending,
+    Duration,
+    Option<Pin<Box<Notified<'n>>>>,
+    Option<Fallback>,
+);
 
 /// A batch lead's answer for one distinct entry, with the outcome for its flight's followers.
 type Led<V> = (usize, Result<Option<V>>, Outcome);
@@ -315,8 +322,16 @@ where
                         Role::Follower(rx) => follow.push((u, rx)),
                     }
                 }
+                // As long as a lease can be held; with a soft timeout, no longer than it: past it, the id is
+                // fetched directly (and gets the stale value its holder keeps, if any), as in `Cache::load`.
+                let follow_until = batch
+                    .soft_deadline
+                    .unwrap_or_else(|| tokio::time::Instant::now() + lease_ttl);
                 let following = join_all(follow.into_iter().map(|(u, rx)| async move {
-                    (u, tokio::time::timeout(lease_ttl, flight::follow(rx)).await)
+                    (
+                        u,
+                        tokio::time::timeout_at(follow_until, flight::follow(rx)).await,
+                    )
                 }));
                 let (led, followed) =
                     tokio::join!(self.lead_many(&batch, lead, &mut loader), following);
@@ -325,6 +340,7 @@ where
                 }
                 for (u, followed) in followed {
                     match followed {
+                        // The local leader outlived any lease it could hold, or the soft timeout passed.
                         Err(_) => {
                             unflighted[u] = true;
                             todo.push(u);
@@ -568,7 +584,11 @@ where
                         let fallback = stale.and_then(|raw| self.fallback(raw, false));
                         fills.push((p.u, gens, guard, fallback));
                     }
-                    Ok(Fetched::Wait(left, _)) => waits.push((p, left, woken)),
+                    // What the holder keeps now (an invalidation since the last look may have removed it).
+                    Ok(Fetched::Wait(left, stale)) => {
+                        let kept = stale.and_then(|raw| self.fallback(raw, false));
+                        waits.push((p, left, woken, kept));
+                    }
                     Ok(Fetched::Refresh(..)) => unreachable_refresh(),
                 }
             }
@@ -580,36 +600,65 @@ where
                 finish(led);
             }
             pending = again;
-            pending.extend(waited);
+            for waited in waited {
+                match waited {
+                    Ok(p) => pending.push(p),
+                    Err(led) => finish(led),
+                }
+            }
         }
         out
     }
 
     /// Wait for the entries whose lease is held elsewhere: the first time, register for wake-ups (and fetch
     /// again at once); after that, until the holder's commit or release wakes it, its lease runs out, or (on
-    /// Redis) a response timeout passes, as `Cache::lead` does.
-    async fn wait_many<I>(&self, b: &Batch<'_, '_, I>, waits: Vec<Waiting<'_>>) -> Vec<Pending> {
+    /// Redis) a response timeout passes, as `Cache::lead` does. Each gives back the entry to fetch again
+    /// (`Ok`), or its answer (`Err`): past the class's `soft_timeout`, an entry whose holder keeps a stale
+    /// value is answered with it, as a single `get_or_set` is.
+    async fn wait_many<I>(
+        &self,
+        b: &Batch<'_, '_, I>,
+        waits: Vec<Waiting<'_>>,
+    ) -> Vec<std::result::Result<Pending, Led<V>>> {
         let inner = &self.kw.inner;
         let lease_ttl = self.class.policy.lease_ttl_value();
         // Entries not yet registered are fetched again at once: nobody sleeps in this round.
-        let arming = waits.iter().any(|(_, _, woken)| woken.is_none());
-        join_all(waits.into_iter().map(|(mut p, left, woken)| async move {
-            match woken {
-                None => {
-                    p.listener = Some(inner.backend.watch(&inner.bus, &inner.ns, b.key(p.u)).await);
-                }
-                Some(woken) if !arming => {
-                    self.class.metrics.lease_waits.increment(1);
-                    let mut left = left.clamp(Duration::from_millis(1), lease_ttl);
-                    if let Some(slice) = inner.backend.wait_slice() {
-                        left = left.min(slice);
+        let arming = waits.iter().any(|(_, _, woken, _)| woken.is_none());
+        join_all(
+            waits
+                .into_iter()
+                .map(|(mut p, left, woken, kept)| async move {
+                    match woken {
+                        None => {
+                            p.listener =
+                                Some(inner.backend.watch(&inner.bus, &inner.ns, b.key(p.u)).await);
+                        }
+                        Some(woken) if !arming => {
+                            self.class.metrics.lease_waits.increment(1);
+                            let mut left = left.clamp(Duration::from_millis(1), lease_ttl);
+                            if let Some(slice) = inner.backend.wait_slice() {
+                                left = left.min(slice);
+                            }
+                            if let (Some(deadline), Some(fb)) = (b.soft_deadline, kept) {
+                                let now = tokio::time::Instant::now();
+                                if now >= deadline {
+                                    // Waited `soft_timeout` with a stale value at hand: serve it.
+                                    let (result, outcome) = self.serve_stale(
+                                        fb,
+                                        StaleReason::SoftTimeout,
+                                        &Seen::new(0),
+                                    );
+                                    return Err((p.u, result, outcome));
+                                }
+                                left = left.min(deadline - now);
+                            }
+                            let _ = tokio::time::timeout(left, woken).await;
+                        }
+                        Some(_) => {}
                     }
-                    let _ = tokio::time::timeout(left, woken).await;
-                }
-                Some(_) => {}
-            }
-            p
-        }))
+                    Ok(p)
+                }),
+        )
         .await
     }
 
