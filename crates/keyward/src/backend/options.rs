@@ -80,7 +80,8 @@ impl ConnectOptions {
         self.response_timeout = d;
         self
     }
-    /// Reconnection attempts, with exponential backoff, after the connection drops (default 6).
+    /// Reconnection attempts, with exponential backoff, after the connection drops (default 6). Standalone
+    /// servers only: behind Sentinel the old address is tried once, and the follower finds a moved master.
     #[must_use]
     pub fn reconnect_retries(mut self, n: usize) -> Self {
         self.reconnect_retries = n;

@@ -394,7 +394,14 @@ pub(crate) async fn open(
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.response_timeout))
-        .set_number_of_retries(options.reconnect_retries)
+        // Behind Sentinel (`must_be_master`), one attempt at the old address: a master that is gone is found
+        // again by the follower, and a call that waited on retries against a dead port would time out,
+        // where a quick refusal is resent to the new master (`Backend::call_resending`).
+        .set_number_of_retries(if must_be_master {
+            0
+        } else {
+            options.reconnect_retries
+        })
         // Short backoff: a restarted server is found within a few hundred ms. Callers never wait for it
         // (every call is cut at the response timeout), so a short delay costs only a few connect attempts.
         .set_max_delay(Duration::from_millis(250))
@@ -902,18 +909,22 @@ impl RedisBackend {
         answer: &Result<T>,
     ) -> Option<Duration> {
         let (follower, (started, seen)) = self.follower.as_ref().zip(mark)?;
-        let Err(Error::Redis { source, .. }) = answer else {
-            return None;
-        };
-        // A connection that failed before the command went out (refused): never an error reply (an `OOM`
-        // raised mid-script, say, is unavailable and not "may have run", but the script's first writes did).
-        if !source.is_connection_failure() || source.may_have_run() {
-            return None;
-        }
-        let left = self.response_timeout.checked_sub(started.elapsed())?;
         // Boxed: the rare path's future (asking sentinels, opening a connection) stays out of every call's.
-        let recheck: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
-            Box::pin(follower.recheck(started, seen));
+        let recheck: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> = match answer {
+            // A connection that failed before the command went out (refused): never an error reply (an `OOM`
+            // raised mid-script, say, is unavailable and not "may have run", but the script's first writes
+            // did).
+            Err(Error::Redis { source, .. })
+                if source.is_connection_failure() && !source.may_have_run() =>
+            {
+                Box::pin(follower.recheck(started, seen))
+            }
+            // Not sent either: the breaker opened on the old master's failures. Sent again only if the
+            // resolution under way (the failures asked for one) finds another master.
+            Err(Error::CircuitOpen { .. }) => Box::pin(follower.settled(seen)),
+            _ => return None,
+        };
+        let left = self.response_timeout.checked_sub(started.elapsed())?;
         let switched = tokio::time::timeout(left, recheck).await.unwrap_or(false);
         let left = self.response_timeout.checked_sub(started.elapsed())?;
         switched.then(|| {

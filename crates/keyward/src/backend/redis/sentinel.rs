@@ -454,6 +454,18 @@ impl Follower {
         self.generation() != seen
     }
 
+    /// A call that started on the connection of generation `seen` was refused by the circuit breaker (never
+    /// sent): wait for the resolution under way, if one is (it asks nothing itself: a breaker that stays open
+    /// through an outage must not turn every refused call into a question to the sentinels), and say whether
+    /// the connection is now another one.
+    pub(crate) async fn settled(&self, seen: u64) -> bool {
+        if self.generation() != seen {
+            return true;
+        }
+        drop(self.resolving.lock().await);
+        self.generation() != seen
+    }
+
     /// The time one sentinel gets to answer: the connect timeout shared among them.
     fn per_sentinel(&self) -> Duration {
         let n = u32::try_from(self.url.sentinels.len())
