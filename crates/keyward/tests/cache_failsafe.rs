@@ -48,6 +48,43 @@ fn broken() -> Result<String, std::io::Error> {
     Err(std::io::Error::other("the database is down"))
 }
 
+/// A refill that `c` holds the lease of: the first read of `id` (already cached) that is not a plain hit
+/// starts a detached refill whose loader waits for the returned `Notify`. Returns once that loader runs,
+/// with a flag set when the loader ends, however it ends (dropped at the loader timeout).
+async fn hold_a_refill(c: &Cache<String>, id: u64) -> (Arc<Notify>, Arc<AtomicBool>) {
+    /// Sets its flag when dropped.
+    struct Ended(Arc<AtomicBool>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (entered_, release_) = (Arc::clone(&entered), Arc::clone(&release));
+        // A fresh flag each try: a hit drops its loader unrun, which sets it.
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = Ended(Arc::clone(&ended));
+        let (_, how) = c
+            .get_or_set_detached(&id, move || async move {
+                let _guard = guard;
+                entered_.notify_one();
+                release_.notified().await;
+                ok("v2")
+            })
+            .await
+            .unwrap();
+        if how != CacheLookup::Hit {
+            entered.notified().await;
+            return (release, ended);
+        }
+        assert!(Instant::now() < deadline, "never stale");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Read `id` until a read is not a plain hit (the value went stale and was refilled or served stale, or an
 /// eager refresh landed). Returns that read's outcome.
 async fn until_stale<F, Fut>(c: &Cache<String>, id: u64, loader: F) -> (String, CacheLookup)
@@ -197,26 +234,7 @@ mod cases {
         let b = hs[1].cache::<String>("soft").unwrap();
         a.get_or_set(&1, || async { ok("v1") }).await.unwrap();
         // `a` refills (detached, its loader held); `b` arrives while the lease is held.
-        let entered = Arc::new(Notify::new());
-        let release = Arc::new(Notify::new());
-        let deadline = Instant::now() + SOON;
-        loop {
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            let (_, how) = a
-                .get_or_set_detached(&1, move || async move {
-                    entered.notify_one();
-                    release.notified().await;
-                    ok("v2")
-                })
-                .await
-                .unwrap();
-            if how != CacheLookup::Hit {
-                break;
-            }
-            assert!(Instant::now() < deadline, "never stale");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        entered.notified().await;
+        let (release, _) = hold_a_refill(&a, 1).await;
         let started = Instant::now();
         let (v, how) = b
             .get_or_set_with_status(&1, || async { unreachable("the lease is held elsewhere") })
@@ -239,43 +257,12 @@ mod cases {
     pub async fn a_batch_waiting_for_another_s_lease_gets_the_stale_value_at_the_soft_timeout(
         h: Harness,
     ) {
-        /// Set when the holder's load ends, however it ends (its future dropped at the loader timeout).
-        struct Ended(Arc<AtomicBool>);
-        impl Drop for Ended {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let hs = h.handles(2).await;
         let a = hs[0].cache::<String>("soft").unwrap();
         let b = hs[1].cache::<String>("soft").unwrap();
         a.get_or_set(&1, || async { ok("v1") }).await.unwrap();
         // `a` refills (detached, its loader held until the end); the batch arrives while the lease is held.
-        let entered = Arc::new(Notify::new());
-        let release = Arc::new(Notify::new());
-        let mut ended;
-        let deadline = Instant::now() + SOON;
-        loop {
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            // A fresh flag each try: a hit drops its loader unrun, which sets it.
-            ended = Arc::new(AtomicBool::new(false));
-            let ended = Ended(Arc::clone(&ended));
-            let (_, how) = a
-                .get_or_set_detached(&1, move || async move {
-                    let _ended = ended;
-                    entered.notify_one();
-                    release.notified().await;
-                    ok("v2")
-                })
-                .await
-                .unwrap();
-            if how != CacheLookup::Hit {
-                break;
-            }
-            assert!(Instant::now() < deadline, "never stale");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        entered.notified().await;
+        let (release, ended) = hold_a_refill(&a, 1).await;
         let asked = AtomicUsize::new(0);
         let got = tokio::time::timeout(
             SOON,
