@@ -306,6 +306,35 @@ impl SentinelSet {
         format!("{scheme}://{}/{SENTINEL_MASTER_NAME}", hosts.join(","))
     }
 
+    /// The URL as [`url_without_credentials`](Self::url_without_credentials), logging in to the sentinels as
+    /// a user created here without channel permissions (`resetchannels`): a handle on it cannot subscribe
+    /// to `+switch-master`, so it follows a failover only by asking.
+    ///
+    /// # Panics
+    /// When a sentinel refuses the `ACL SETUSER`.
+    pub fn url_as_poller(&self) -> String {
+        for port in self.sentinel_ports() {
+            let mut sentinel = Client::open(format!("redis://{}:{port}", Ipv4Addr::LOCALHOST))
+                .and_then(|c| c.get_connection())
+                .expect("connect to a sentinel");
+            let () = redis::cmd("ACL")
+                .arg(&[
+                    "SETUSER",
+                    "poller",
+                    "on",
+                    ">pollerPW",
+                    "resetchannels",
+                    "+@all",
+                ])
+                .query(&mut sentinel)
+                .expect("ACL SETUSER poller on a sentinel");
+        }
+        format!(
+            "{}?sentinel_username=poller&sentinel_password=pollerPW",
+            self.url_without_credentials()
+        )
+    }
+
     /// The sentinels' ports as clients see them (their TLS ports with [`SentinelOptions::tls`]).
     pub fn sentinel_ports(&self) -> Vec<u16> {
         self.sentinels.iter().map(|s| s.port).collect()

@@ -371,27 +371,7 @@ async fn a_burst_of_first_calls_after_an_unheard_failover_reaches_the_new_master
     let mut set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
         .await
         .unwrap();
-    for port in set.sentinel_ports() {
-        let mut sentinel = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let () = ::redis::cmd("ACL")
-            .arg(&[
-                "SETUSER",
-                "poller",
-                "on",
-                ">pollerPW",
-                "resetchannels",
-                "+@all",
-            ])
-            .query(&mut sentinel)
-            .unwrap();
-    }
-    let url = format!(
-        "{}?sentinel_username=poller&sentinel_password=pollerPW",
-        set.url_without_credentials()
-    );
+    let url = set.url_as_poller();
     let policy = Policy::builder("test", "burst")
         .cache("c", CacheClass::new(Duration::from_secs(60), "tests"))
         .build()

@@ -932,23 +932,7 @@ async fn an_idle_handle_s_first_call_after_a_master_crash_reaches_the_new_master
         .await
         .unwrap();
     // A sentinel user without channels (`resetchannels`): `SUBSCRIBE +switch-master` is refused.
-    for port in set.sentinel_ports() {
-        let mut sentinel = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let () = redis::cmd("ACL")
-            .arg(&[
-                "SETUSER",
-                "poller",
-                "on",
-                ">pollerPW",
-                "resetchannels",
-                "+@all",
-            ])
-            .query(&mut sentinel)
-            .unwrap();
-    }
+    let url = set.url_as_poller();
     let port = set.sentinel_ports()[0];
     let mut poller = redis::Client::open(format!("redis://poller:pollerPW@127.0.0.1:{port}"))
         .unwrap()
@@ -963,10 +947,6 @@ async fn an_idle_handle_s_first_call_after_a_master_crash_reaches_the_new_master
         "{refused}"
     );
 
-    let url = format!(
-        "{}?sentinel_username=poller&sentinel_password=pollerPW",
-        set.url_without_credentials()
-    );
     let idle = Keyward::connect_with(&url, policy(), options())
         .await
         .expect("connects through the sentinels as the poller");

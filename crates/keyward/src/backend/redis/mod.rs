@@ -394,11 +394,14 @@ pub(crate) async fn open(
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.response_timeout))
-        // Behind Sentinel (`must_be_master`), one attempt at the old address: a master that is gone is found
+        // Behind Sentinel (`must_be_master`), one retry of the old address: a master that is gone is found
         // again by the follower, and a call that waited on retries against a dead port would time out,
-        // where a quick refusal is resent to the new master (`Backend::call_resending`).
+        // where a quick refusal is resent to the new master (`Backend::call_resending`). One, not none: the
+        // first attempt, made the moment the connection drops, can reach a dying server's listener and be
+        // reset, which a call cannot tell from a reset after its command was sent (never resent); the
+        // retry, 250 ms later, finds the port closed.
         .set_number_of_retries(if must_be_master {
-            0
+            1
         } else {
             options.reconnect_retries
         })
@@ -1038,9 +1041,18 @@ impl RedisBackend {
                 retry_in: breaker.retry_in(),
             });
         }
+        // Behind Sentinel, the connection this call goes out on: a failure on a connection the follower has
+        // replaced since (the old master's) says nothing of the new master, so it does not count towards
+        // the breaker (which closed when the follower switched).
+        let generation = self.follower.as_ref().map(|f| f.generation());
+        let failure = |breaker: &Breaker| {
+            if generation == self.follower.as_ref().map(|f| f.generation()) {
+                self.failure(breaker);
+            }
+        };
         match tokio::time::timeout(limit, fut).await {
             Err(_) => {
-                self.failure(&breaker);
+                failure(&breaker);
                 self.master_suspect();
                 Err(self.timeout_err(op, slot))
             }
@@ -1050,7 +1062,7 @@ impl RedisBackend {
             }
             Ok(Err(e)) => {
                 if is_unavailable(&e) {
-                    self.failure(&breaker);
+                    failure(&breaker);
                     self.master_suspect();
                 } else {
                     breaker.success();
