@@ -1,0 +1,272 @@
+//! Adversarial review of three changes: a batch (`get_or_set_many`) serving the stale value another caller's
+//! lease keeps at the class's soft timeout (stale, absent and fresh ids mixed with duplicates; an invalidation
+//! while the batch waits); and, behind Sentinel, a call refused by the open breaker waiting for the
+//! resolution under way, and the connection manager trying the master's address only once.
+
+#![allow(unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::Harness;
+use keyward::{Cache, CacheLookup, ConnectOptions, Keyward};
+use tokio::sync::Notify;
+
+conformance!(
+    a_batch_of_waited_absent_fresh_and_duplicate_ids_answers_each_once,
+    a_batch_never_serves_a_stale_value_invalidated_while_it_waits,
+);
+
+const SOON: Duration = Duration::from_secs(20);
+
+fn ok(v: &str) -> Result<String, std::io::Error> {
+    Ok(v.to_owned())
+}
+
+/// Set when a holder's load ends, however it ends (its future dropped).
+struct Ended(Arc<AtomicBool>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Make `id` of the `soft` class (stale values kept, 50 ms soft timeout) stale with `v1`, and have `c` hold
+/// its lease with a refill whose loader runs until `release` is notified. Returns when that loader runs,
+/// with the flag set when it ends.
+async fn hold_a_stale_lease(c: &Cache<String>, id: u64, release: &Arc<Notify>) -> Arc<AtomicBool> {
+    c.get_or_set(&id, || async { ok("v1") }).await.unwrap();
+    let entered = Arc::new(Notify::new());
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (entered2, release) = (Arc::clone(&entered), Arc::clone(release));
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = Ended(Arc::clone(&ended));
+        let (_, how) = c
+            .get_or_set_detached(&id, move || async move {
+                let _ended = guard;
+                entered2.notify_one();
+                release.notified().await;
+                ok("v2")
+            })
+            .await
+            .unwrap();
+        if how != CacheLookup::Hit {
+            entered.notified().await;
+            return ended;
+        }
+        assert!(Instant::now() < deadline, "{id} never went stale");
+        // Time passing (the value's TTL) is the thing waited for.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+mod cases {
+    use super::*;
+
+    /// One batch with an id whose lease another handle holds (stale value kept), an absent id (the batch's
+    /// own fill), a fresh id, and duplicates of the waited and the absent one: each is answered in place,
+    /// the waited one with the stale value at the soft timeout (while the holder's load still runs), and
+    /// the loader is asked only for the absent one, once.
+    pub async fn a_batch_of_waited_absent_fresh_and_duplicate_ids_answers_each_once(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<String>("soft").unwrap();
+        let b = hs[1].cache::<String>("soft").unwrap();
+        let base = rand::random::<u32>() as u64 * 10;
+        let (held, absent, fresh) = (base + 1, base + 2, base + 3);
+        let release = Arc::new(Notify::new());
+        let ended = hold_a_stale_lease(&a, held, &release).await;
+        b.set(&fresh, &"fresh".to_owned()).await.unwrap();
+        let asked: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::default();
+        let ids = [held, absent, fresh, held, absent];
+        let got = tokio::time::timeout(
+            SOON,
+            b.get_or_set_many(&ids, |missing| {
+                asked.lock().unwrap().extend(missing.iter().map(|id| **id));
+                let out: Vec<(u64, String)> = missing
+                    .iter()
+                    .map(|id| (**id, format!("loaded-{id}")))
+                    .collect();
+                async move { Ok::<_, std::io::Error>(out) }
+            }),
+        )
+        .await
+        .expect("the batch never answered")
+        .unwrap();
+        assert!(
+            !ended.load(Ordering::SeqCst),
+            "the batch answered only after the holder's load ended"
+        );
+        let loaded = format!("loaded-{absent}");
+        assert_eq!(got, ["v1", &loaded, "fresh", "v1", &loaded]);
+        assert_eq!(*asked.lock().unwrap(), [absent], "the loader's calls");
+        // The stale answer stored nothing: the holder's refill still lands.
+        release.notify_one();
+        let deadline = Instant::now() + SOON;
+        loop {
+            let now = a.get(&held).await.unwrap();
+            if now.as_deref() == Some("v2") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the holder's refill never landed: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A batch waiting on another handle's lease while the id is invalidated: the value the lease kept was
+    /// removed by the invalidation and must not be served at the soft timeout (nor afterwards). Whether the
+    /// invalidation lands before the batch's first look or while it waits varies; neither may serve `v1`.
+    pub async fn a_batch_never_serves_a_stale_value_invalidated_while_it_waits(h: Harness) {
+        let hs = h.handles(2).await;
+        let a = hs[0].cache::<String>("soft").unwrap();
+        let b = hs[1].cache::<String>("soft").unwrap();
+        for round in 0..5u64 {
+            let id = rand::random::<u32>() as u64 * 10 + round;
+            let release = Arc::new(Notify::new());
+            let _ended = hold_a_stale_lease(&a, id, &release).await;
+            let batch = {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    b.get_or_set_many(&[id], |missing| {
+                        let out: Vec<(u64, String)> = missing
+                            .iter()
+                            .map(|id| (**id, "from the batch".to_owned()))
+                            .collect();
+                        async move { Ok::<_, std::io::Error>(out) }
+                    })
+                    .await
+                })
+            };
+            // Round 0 invalidates at once; later rounds give the batch its first look (a few ms).
+            if round > 0 {
+                tokio::task::yield_now().await;
+            }
+            a.invalidate(&id).await.unwrap();
+            let got = tokio::time::timeout(SOON, batch)
+                .await
+                .expect("the batch never answered")
+                .unwrap();
+            release.notify_one();
+            // The batch answered after the invalidation's write or before it; `v1` only if before.
+            match got {
+                Ok(v) => assert_ne!(
+                    v,
+                    ["v1"],
+                    "round {round}: an invalidated stale value was served (if the batch answered before the invalidation this is a false alarm)"
+                ),
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+    }
+}
+
+/// Behind Sentinel, with the sentinels black-holed (they accept TCP and never answer, so each resolution
+/// runs until its connect timeout) and the master dead: once the breaker is open, a call it refuses fails
+/// at once with `CircuitOpen`, as the breaker's contract says ("fails at once, unsent").
+///
+/// Since 0311133 a refused call waits on the follower's `resolving` mutex for the resolution under way; the
+/// resolver loop, woken by every refused call, holds it nearly all the time (each resolution runs the full
+/// connect timeout), so every call the open breaker refuses waits for its whole response timeout instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_open_breaker_refuses_fails_at_once_while_the_sentinels_do_not_answer() {
+    let mut set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
+        .await
+        .unwrap();
+    let proxies: Vec<keyward_testkit::TcpProxy> = set
+        .sentinel_ports()
+        .into_iter()
+        .map(|port| keyward_testkit::TcpProxy::start(([127, 0, 0, 1], port).into()))
+        .collect();
+    let hosts: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let url = format!(
+        "redis+sentinel://{}/{}",
+        hosts.join(","),
+        keyward_testkit::SENTINEL_MASTER_NAME
+    );
+    let timeout = Duration::from_secs(1);
+    let kw = Keyward::connect_with(
+        &url,
+        crate::common::Harness::embedded().policy(),
+        ConnectOptions::default()
+            .response_timeout(timeout)
+            .connect_timeout(Duration::from_secs(3))
+            // Open for the whole test: no half-open probe reaches the dead port.
+            .breaker(3, Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    kw.ping().await.unwrap();
+    for p in &proxies {
+        p.blackhole();
+    }
+    let _ = set.kill_master();
+    // Calls, paced, for a few resolutions' time: the first ones are refused by the dead port (and open the
+    // breaker), then the breaker refuses them; each it refuses must come back at once.
+    let mut refused = 0;
+    let mut slow = Vec::new();
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        pace.tick().await;
+        let started = Instant::now();
+        let r = kw.ping().await;
+        let took = started.elapsed();
+        match r {
+            Err(keyward::Error::CircuitOpen { .. }) => {
+                refused += 1;
+                if took > Duration::from_millis(200) {
+                    slow.push(took);
+                }
+            }
+            Err(_) => {}
+            Ok(()) => panic!("a dead master answered"),
+        }
+    }
+    assert!(refused > 0, "the breaker never opened");
+    assert!(
+        slow.is_empty(),
+        "{} of {refused} calls the open breaker refused waited (response timeout {timeout:?}): {slow:?}",
+        slow.len()
+    );
+}
+
+/// Behind Sentinel, the master restarts in place (same address, no failover) while the handle is idle: the
+/// first call once it answers again succeeds, as with a standalone server.
+///
+/// Since 0311133 the connection manager behind Sentinel tries the old address once when the connection
+/// drops: that one attempt runs while the server is still down, and the manager keeps the refusal until a
+/// call asks for a new attempt — that call gets the old refusal (the sentinels name the same master, so it
+/// is not resent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
+    let set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
+        .await
+        .unwrap();
+    let kw = Keyward::connect_with(
+        &set.url(),
+        crate::common::Harness::embedded().policy(),
+        ConnectOptions::default().response_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let cache = kw.cache::<String>("product").unwrap();
+    cache.set(&"warm", &"v".to_owned()).await.unwrap();
+    let set = tokio::task::spawn_blocking(move || {
+        let mut set = set;
+        set.restart_master();
+        set
+    })
+    .await
+    .unwrap();
+    let r = cache.set(&"after", &"v".to_owned()).await;
+    assert!(
+        r.is_ok(),
+        "the first call after the master came back at its address failed: {r:?}"
+    );
+    drop(set);
+}
