@@ -133,6 +133,16 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open and opened less than `d` ago (the failures that opened it are that recent).
+    pub(crate) fn opened_within(&self, d: Duration) -> bool {
+        match *self.lock() {
+            Inner::Open { until } => until
+                .checked_sub(self.cooldown)
+                .is_some_and(|opened| opened.elapsed() < d),
+            _ => false,
+        }
+    }
+
     /// How long until the breaker lets a probe through (zero unless open).
     pub(crate) fn retry_in(&self) -> Duration {
         match *self.lock() {
