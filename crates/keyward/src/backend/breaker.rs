@@ -190,6 +190,19 @@ mod tests {
         assert_eq!(b.admit(), Admit::Probe);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn opened_within_is_only_the_moments_after_it_opened() {
+        let b = Breaker::new(1, Duration::from_secs(30));
+        assert!(!b.opened_within(Duration::from_secs(1)), "closed");
+        b.failure();
+        assert!(b.opened_within(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!b.opened_within(Duration::from_secs(1)), "open for longer");
+        // Another failure while open keeps the cooldown: still open since then.
+        b.failure();
+        assert!(!b.opened_within(Duration::from_secs(1)));
+    }
+
     #[test]
     fn success_resets_the_failure_count() {
         let b = Breaker::new(2, Duration::from_secs(1));
