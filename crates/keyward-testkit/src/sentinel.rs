@@ -410,6 +410,22 @@ impl SentinelSet {
         (old, Instant::now())
     }
 
+    /// Restart the current master in place (`SIGKILL`, then a new, empty server on the same port, see
+    /// [`crate::RedisServer::restart`]): no failover, as long as it answers again within `down-after-milliseconds`.
+    /// Returns the instant it answered `PING`.
+    ///
+    /// # Panics
+    /// When no sentinel names a master, or the server does not come back (see [`crate::RedisServer::restart`]).
+    pub fn restart_master(&mut self) -> Instant {
+        let port = self.master_port();
+        let node = self
+            .servers
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("the master is one of the set's servers");
+        node.server.restart()
+    }
+
     /// Return when every sentinel names a master other than the one on port `old`; returns that instant.
     ///
     /// # Panics

@@ -26,6 +26,7 @@ mod break11;
 mod break12;
 mod break_expire;
 mod break_today;
+mod break_today2;
 mod break_wb;
 mod cache_batch;
 mod cache_failsafe;

@@ -133,6 +133,16 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open and opened less than `d` ago (the failures that opened it are that recent).
+    pub(crate) fn opened_within(&self, d: Duration) -> bool {
+        match *self.lock() {
+            Inner::Open { until } => until
+                .checked_sub(self.cooldown)
+                .is_some_and(|opened| opened.elapsed() < d),
+            _ => false,
+        }
+    }
+
     /// How long until the breaker lets a probe through (zero unless open).
     pub(crate) fn retry_in(&self) -> Duration {
         match *self.lock() {
@@ -178,6 +188,19 @@ mod tests {
         assert_eq!(b.admit(), Admit::Probe);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(b.admit(), Admit::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opened_within_is_only_the_moments_after_it_opened() {
+        let b = Breaker::new(1, Duration::from_secs(30));
+        assert!(!b.opened_within(Duration::from_secs(1)), "closed");
+        b.failure();
+        assert!(b.opened_within(Duration::from_secs(1)));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!b.opened_within(Duration::from_secs(1)), "open for longer");
+        // Another failure while open keeps the cooldown: still open since then.
+        b.failure();
+        assert!(!b.opened_within(Duration::from_secs(1)));
     }
 
     #[test]

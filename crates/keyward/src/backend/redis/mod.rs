@@ -923,8 +923,13 @@ impl RedisBackend {
                 Box::pin(follower.recheck(started, seen))
             }
             // Not sent either: the breaker opened on the old master's failures. Sent again only if the
-            // resolution under way (the failures asked for one) finds another master.
-            Err(Error::CircuitOpen { .. }) => Box::pin(follower.settled(seen)),
+            // resolution under way (the failures asked for one) finds another master; only in the burst
+            // that opened it (within a response timeout): a breaker that stays open through an outage
+            // fails calls at once, not after waiting on resolutions that may each run the connect timeout
+            // (sentinels that do not answer).
+            Err(Error::CircuitOpen { .. }) if self.breaker.opened_within(self.response_timeout) => {
+                Box::pin(follower.settled(seen))
+            }
             _ => return None,
         };
         let left = self.response_timeout.checked_sub(started.elapsed())?;
