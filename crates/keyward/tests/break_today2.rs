@@ -325,15 +325,12 @@ async fn a_call_the_open_breaker_refuses_fails_at_once_while_the_sentinels_do_no
 /// Behind Sentinel, the master restarts in place (same address, no failover) while the handle is idle: the
 /// first call once it answers again succeeds, as with a standalone server.
 ///
-/// Since 0311133 the connection manager behind Sentinel tries the old address once when the connection
-/// drops: that one attempt runs while the server is still down, and the manager keeps the refusal until a
-/// call asks for a new attempt — that call gets the old refusal (the sentinels name the same master, so it
-/// is not resent). Failed 2 of 2 runs (`Connection refused`, once `Connection reset by peer`: the one attempt
-/// met the killed server's closing socket, which also reads as "may have run"); passed 3 of 3 with the
-/// retries line of 0311133 reverted. Not fixed here: resending a refused call to the same master would cover
-/// the refusal but not the reset, and keeping the retries brings back the burst's timeouts.
+/// Since 0311133 the connection manager behind Sentinel tried the old address once when the connection
+/// dropped: that attempt ran while the server was still down, and the manager kept the refusal until a call
+/// asked for a new attempt — that call got the old refusal (the sentinels name the same master, so it was
+/// not resent). Failed 2 of 2 runs then. Now a refused call (never sent) is sent once more to the same
+/// address when the sentinels name no other master, and the manager retries once, 250 ms later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap (0311133): behind Sentinel the first call after the master restarted in place fails"]
 async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
     let set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
         .await
@@ -360,4 +357,47 @@ async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
         "the first call after the master came back at its address failed: {r:?}"
     );
     drop(set);
+}
+
+/// Behind Sentinel, the master is down long enough for a call to fail and for its connection manager to
+/// give up on the address, then restarts in place, without a failover: the next call succeeds. It finds the
+/// manager's last refusal, kept from while the server was down; a refused call was never sent, so it is sent
+/// once more to the same address (the sentinels name no other master), which makes a new connection. Before,
+/// only a call the sentinels could redirect to a new master was resent, and this one failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_the_master_came_back_from_an_outage_succeeds() {
+    let mut set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
+        .await
+        .unwrap();
+    let kw = Keyward::connect_with(
+        &set.url(),
+        crate::common::Harness::embedded().policy(),
+        ConnectOptions::default().response_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let cache = kw.cache::<String>("product").unwrap();
+    cache.set(&"warm", &"v".to_owned()).await.unwrap();
+    let (old, _) = set.kill_master();
+    let down = cache.set(&"down", &"v".to_owned()).await;
+    assert!(down.is_err(), "a killed master answered");
+    // The outage lasts 400 ms more: past the manager's one retry (250 ms after the call's attempt), within
+    // the sentinels' `down-after-milliseconds` (1 s). This is the fault's length, not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let set = tokio::task::spawn_blocking(move || {
+        set.restart_master();
+        set
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        set.master_port(),
+        old,
+        "the sentinels failed over meanwhile"
+    );
+    let r = cache.set(&"after", &"v".to_owned()).await;
+    assert!(
+        r.is_ok(),
+        "the first call after the master came back at its address failed: {r:?}"
+    );
 }

@@ -886,7 +886,12 @@ impl RedisBackend {
         let mark = self.first_try();
         let answer = self.call(op, slot, send(self.conn())).await;
         match self.resend_within(mark, &answer).await {
-            Some(left) => self.call_within(op, slot, left, send(self.conn())).await,
+            // Past the breaker: the first try's failure may just have opened it, and a call never sent is
+            // sent once more in any case (to a new master, or to an address that refused it).
+            Some(left) => {
+                self.call_within(op, slot, left, false, send(self.conn()))
+                    .await
+            }
             None => answer,
         }
     }
@@ -901,8 +906,11 @@ impl RedisBackend {
 
     /// Behind Sentinel, after a call's first try (`mark` from [`first_try`](Self::first_try)): if the master's
     /// port refused it (it was never sent), the follower asks the sentinels at once
-    /// ([`sentinel::Follower::recheck`]); when they name another master and some of the call's response
-    /// timeout is left, that time — the call is then sent once more, on the new connection, bounded by it.
+    /// ([`sentinel::Follower::recheck`]), and if some of the call's response timeout is left, that time — the
+    /// call is then sent once more, bounded by it: to the new master when they name another one, else to the
+    /// same address (the refusal may be the connection manager's last attempt, kept from while a master that
+    /// restarted in place was down; the resend makes a new one). A call the breaker refused is sent again
+    /// only to a new master.
     ///
     /// The second try is a second [`call`](Self::call) after the first, not a future wrapped around the
     /// request: that kept every call's state small (the recheck is boxed too, it connects to sentinels).
@@ -913,6 +921,7 @@ impl RedisBackend {
     ) -> Option<Duration> {
         let (follower, (started, seen)) = self.follower.as_ref().zip(mark)?;
         // Boxed: the rare path's future (asking sentinels, opening a connection) stays out of every call's.
+        let mut refused = false;
         let recheck: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> = match answer {
             // A connection that failed before the command went out (refused): never an error reply (an `OOM`
             // raised mid-script, say, is unavailable and not "may have run", but the script's first writes
@@ -920,6 +929,7 @@ impl RedisBackend {
             Err(Error::Redis { source, .. })
                 if source.is_connection_failure() && !source.may_have_run() =>
             {
+                refused = true;
                 Box::pin(follower.recheck(started, seen))
             }
             // Not sent either: the breaker opened on the old master's failures. Sent again only if the
@@ -935,10 +945,10 @@ impl RedisBackend {
         let left = self.response_timeout.checked_sub(started.elapsed())?;
         let switched = tokio::time::timeout(left, recheck).await.unwrap_or(false);
         let left = self.response_timeout.checked_sub(started.elapsed())?;
-        switched.then(|| {
+        if switched {
             tracing::debug!(server = %self.server, "keyward: a call the old master refused is sent to the new one");
-            left
-        })
+        }
+        (switched || refused).then_some(left)
     }
 
     /// Behind Sentinel, ask the follower to look for a new master.
@@ -1024,20 +1034,22 @@ impl RedisBackend {
         slot: Option<u16>,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> impl Future<Output = Result<T>> {
-        self.call_within(op, slot, self.response_timeout, fut)
+        self.call_within(op, slot, self.response_timeout, true, fut)
     }
 
     /// [`call`](Self::call), cut at `limit` instead of the whole response timeout (a second try behind
-    /// Sentinel gets what the first left).
+    /// Sentinel gets what the first left), and asking the breaker only with `admit` (a second try does not:
+    /// see [`call_resending`](Self::call_resending)).
     async fn call_within<T>(
         &self,
         op: &'static str,
         slot: Option<u16>,
         limit: Duration,
+        admit: bool,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
         let breaker = self.breaker_for(slot);
-        if breaker.admit() == Admit::Skip {
+        if admit && breaker.admit() == Admit::Skip {
             // Behind Sentinel the master may have moved: the breaker closes once the follower switches.
             self.master_suspect();
             return Err(Error::CircuitOpen {
