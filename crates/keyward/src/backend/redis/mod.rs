@@ -394,11 +394,14 @@ pub(crate) async fn open(
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.response_timeout))
-        // Behind Sentinel (`must_be_master`), one attempt at the old address: a master that is gone is found
-        // again by the follower, and a call that waited on retries against a dead port would time out,
-        // where a quick refusal is resent to the new master (`Backend::call_resending`).
+        // Behind Sentinel (`must_be_master`), one retry at the old address (100-200 ms after the first
+        // attempt): a master that is gone is found again by the follower, and a call that waited on retries
+        // against a dead port would time out, where a quick refusal is resent to the new master
+        // (`Backend::call_resending`). Not none: the first attempt, made the moment the connection drops,
+        // can meet the killed server's closing socket (`ECONNRESET`, which reads as "may have run"); the
+        // manager keeps the last attempt's error for the next call, which must be a refusal to be resent.
         .set_number_of_retries(if must_be_master {
-            0
+            1
         } else {
             options.reconnect_retries
         })
@@ -881,7 +884,16 @@ impl RedisBackend {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let mark = self.first_try();
-        let answer = self.call(op, slot, send(self.conn())).await;
+        let limit = self.response_timeout;
+        let answer = self
+            .call_on(
+                op,
+                slot,
+                limit,
+                mark.map(|(_, seen)| seen),
+                send(self.conn()),
+            )
+            .await;
         match self.resend_within(mark, &answer).await {
             Some(left) => self.call_within(op, slot, left, send(self.conn())).await,
             None => answer,
@@ -1033,6 +1045,25 @@ impl RedisBackend {
         limit: Duration,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
+        self.call_on(op, slot, limit, None, fut).await
+    }
+
+    /// [`call_within`](Self::call_within) on the connection of generation `seen` (behind Sentinel): its
+    /// unavailability counts against the breaker only while that is still the connection in use — a failure
+    /// of the old master's connection that lands after the follower switched (and closed the breaker) must
+    /// not open it against the new one.
+    async fn call_on<T>(
+        &self,
+        op: &'static str,
+        slot: Option<u16>,
+        limit: Duration,
+        seen: Option<u64>,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let current = || {
+            seen.zip(self.follower.as_ref())
+                .is_none_or(|(seen, f)| f.generation() == seen)
+        };
         let breaker = self.breaker_for(slot);
         if breaker.admit() == Admit::Skip {
             // Behind Sentinel the master may have moved: the breaker closes once the follower switches.
@@ -1045,7 +1076,9 @@ impl RedisBackend {
         }
         match tokio::time::timeout(limit, fut).await {
             Err(_) => {
-                self.failure(&breaker);
+                if current() {
+                    self.failure(&breaker);
+                }
                 self.master_suspect();
                 Err(self.timeout_err(op, slot))
             }
@@ -1055,7 +1088,9 @@ impl RedisBackend {
             }
             Ok(Err(e)) => {
                 if is_unavailable(&e) {
-                    self.failure(&breaker);
+                    if current() {
+                        self.failure(&breaker);
+                    }
                     self.master_suspect();
                 } else {
                     breaker.success();
