@@ -81,7 +81,7 @@ impl ConnectOptions {
         self
     }
     /// Reconnection attempts, with exponential backoff, after the connection drops (default 6). Standalone
-    /// servers only: behind Sentinel the old address is tried once, and the follower finds a moved master.
+    /// servers only: behind Sentinel the old address is retried once, and the follower finds a moved master.
     #[must_use]
     pub fn reconnect_retries(mut self, n: usize) -> Self {
         self.reconnect_retries = n;
