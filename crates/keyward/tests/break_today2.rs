@@ -326,10 +326,12 @@ async fn a_call_the_open_breaker_refuses_fails_at_once_while_the_sentinels_do_no
 /// first call once it answers again succeeds, as with a standalone server.
 ///
 /// Since 0311133 the connection manager behind Sentinel tried the old address once when the connection
-/// dropped: that attempt ran while the server was still down, and the manager kept the refusal until a call
-/// asked for a new attempt — that call got the old refusal (the sentinels name the same master, so it was
-/// not resent). Failed 2 of 2 runs then. Now a refused call (never sent) is sent once more to the same
-/// address when the sentinels name no other master, and the manager retries once, 250 ms later.
+/// dropped: that one attempt ran while the server was still down, and the manager kept its error for the next
+/// call (the sentinels name the same master, so it was not resent). Failed 2 of 2 runs (`Connection
+/// refused`, once `Connection reset by peer`: the attempt met the killed server's closing socket, which reads
+/// as "may have run"). Fixed by one retry behind Sentinel (so the kept error is a refusal), and by sending a
+/// refused call once more to the same address when the sentinels name no other master (so a restart longer
+/// than the retry window does not cost the first call either: see the next case).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
     let set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
