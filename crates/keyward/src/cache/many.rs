@@ -104,7 +104,6 @@ struct Pending {
 /// copy for a duplicate id without requiring `V: Clone`).
 type Answer<V> = (Result<Option<V>>, Option<Bytes>);
 
-/// An entry whose lease is held elsewhere: how long that lease has left, and its wake-up if registered.
 /// An entry whose lease another caller holds: how long that lease has left, the wake-up armed for it, and
 /// the value its holder keeps meanwhile (fail-safe), served at the soft timeout.
 type Waiting<'n> = (
