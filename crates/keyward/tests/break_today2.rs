@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::Harness;
-use keyward::{Cache, CacheLookup, ConnectOptions, Keyward};
+use keyward::{Cache, ConnectOptions, Keyward};
 use tokio::sync::Notify;
 
 conformance!(
@@ -48,50 +48,19 @@ fn ok(v: &str) -> Result<String, std::io::Error> {
     Ok(v.to_owned())
 }
 
-/// Set when a holder's load ends, however it ends (its future dropped).
-struct Ended(Arc<AtomicBool>);
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Make `id` of the `soft` class (stale values kept, 50 ms soft timeout) stale with `v1` (tagged `tags`), and have `c` hold
-/// its lease with a refill whose loader runs until `release` is notified. Returns when that loader runs,
-/// with the flag set when it ends.
+/// Make `id` of the `soft` class (stale values kept, 50 ms soft timeout) hold `v1` (tagged `tags`), and have
+/// `c` hold its lease with a refill whose loader runs until the returned `Notify` is notified, once `v1` is
+/// stale ([`hold_a_refill`](crate::cache_failsafe::hold_a_refill)). Returns when that loader runs, with the
+/// flag set when it ends.
 async fn hold_a_stale_lease(
     c: &Cache<String>,
     id: u64,
     tags: &[&str],
-    release: &Arc<Notify>,
-) -> Arc<AtomicBool> {
+) -> (Arc<Notify>, Arc<AtomicBool>) {
     c.get_or_set_tagged(&id, tags, || async { ok("v1") })
         .await
         .unwrap();
-    let entered = Arc::new(Notify::new());
-    let deadline = Instant::now() + SOON;
-    loop {
-        let (entered2, release) = (Arc::clone(&entered), Arc::clone(release));
-        let ended = Arc::new(AtomicBool::new(false));
-        let guard = Ended(Arc::clone(&ended));
-        let (_, how) = c
-            .get_or_set_detached(&id, move || async move {
-                let _ended = guard;
-                entered2.notify_one();
-                release.notified().await;
-                ok("v2")
-            })
-            .await
-            .unwrap();
-        if how != CacheLookup::Hit {
-            entered.notified().await;
-            return ended;
-        }
-        assert!(Instant::now() < deadline, "{id} never went stale");
-        // Time passing (the value's TTL) is the thing waited for.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::cache_failsafe::hold_a_refill(c, id).await
 }
 
 mod cases {
@@ -107,8 +76,7 @@ mod cases {
         let b = hs[1].cache::<String>("soft").unwrap();
         let base = rand::random::<u32>() as u64 * 10;
         let (held, absent, fresh) = (base + 1, base + 2, base + 3);
-        let release = Arc::new(Notify::new());
-        let ended = hold_a_stale_lease(&a, held, &[], &release).await;
+        let (release, ended) = hold_a_stale_lease(&a, held, &[]).await;
         b.set(&fresh, &"fresh".to_owned()).await.unwrap();
         let asked: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::default();
         let ids = [held, absent, fresh, held, absent];
@@ -159,10 +127,9 @@ mod cases {
         let b = hs[1].cache::<String>("soft").unwrap();
         for round in 0..6u64 {
             let id = rand::random::<u32>() as u64 * 10 + round;
-            let release = Arc::new(Notify::new());
             // Even rounds invalidate the id, odd ones a tag the stale value carries.
             let tag = format!("t{id}");
-            let _ended = hold_a_stale_lease(&a, id, &[tag.as_str()], &release).await;
+            let (release, _ended) = hold_a_stale_lease(&a, id, &[tag.as_str()]).await;
             let batch = {
                 let b = b.clone();
                 tokio::spawn(async move {
@@ -220,8 +187,7 @@ mod cases {
         let id = rand::random::<u32>() as u64;
         let tag = format!("t{id}");
         // Held until the loader timeout (3 s): never released.
-        let release = Arc::new(Notify::new());
-        let ended = hold_a_stale_lease(&c, id, &[tag.as_str()], &release).await;
+        let (_release, ended) = hold_a_stale_lease(&c, id, &[tag.as_str()]).await;
         c.invalidate_tag(&tag).await.unwrap();
         let deadline = Instant::now() + SOON;
         while !ended.load(Ordering::SeqCst) {
@@ -324,18 +290,8 @@ async fn a_call_the_open_breaker_refuses_fails_at_once_while_the_sentinels_do_no
     );
 }
 
-/// Behind Sentinel, the master restarts in place (same address, no failover) while the handle is idle: the
-/// first call once it answers again succeeds, as with a standalone server.
-///
-/// Since 0311133 the connection manager behind Sentinel tried the old address once when the connection
-/// dropped: that one attempt ran while the server was still down, and the manager kept its error for the next
-/// call (the sentinels name the same master, so it was not resent). Failed 2 of 2 runs (`Connection
-/// refused`, once `Connection reset by peer`: the attempt met the killed server's closing socket, which reads
-/// as "may have run"). Fixed by one retry behind Sentinel (so the kept error is a refusal), and by sending a
-/// refused call once more to the same address when the sentinels name no other master (so a restart longer
-/// than the retry window does not cost the first call either: see the next case).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
+/// A sentinel set, a handle on it (2 s response timeout) and a cache of it that has written once.
+async fn warm_sentinel_handle() -> (keyward_testkit::SentinelSet, Keyward, Cache<String>) {
     let set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
         .await
         .unwrap();
@@ -348,6 +304,22 @@ async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
     .unwrap();
     let cache = kw.cache::<String>("product").unwrap();
     cache.set(&"warm", &"v".to_owned()).await.unwrap();
+    (set, kw, cache)
+}
+
+/// Behind Sentinel, the master restarts in place (same address, no failover) while the handle is idle: the
+/// first call once it answers again succeeds, as with a standalone server.
+///
+/// Since 0311133 the connection manager behind Sentinel tried the old address once when the connection
+/// dropped: that one attempt ran while the server was still down, and the manager kept its error for the next
+/// call (the sentinels name the same master, so it was not resent). Failed 2 of 2 runs (`Connection
+/// refused`, once `Connection reset by peer`: the attempt met the killed server's closing socket, which reads
+/// as "may have run"). Fixed by one retry behind Sentinel (so the kept error is a refusal), and by sending a
+/// refused call once more to the same address when the sentinels name no other master (so a restart longer
+/// than the retry window does not cost the first call either: see the next case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
+    let (set, _kw, cache) = warm_sentinel_handle().await;
     let set = tokio::task::spawn_blocking(move || {
         let mut set = set;
         set.restart_master();
@@ -370,18 +342,7 @@ async fn the_first_call_after_the_master_restarted_in_place_succeeds() {
 /// only a call the sentinels could redirect to a new master was resent, and this one failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_call_after_the_master_came_back_from_an_outage_succeeds() {
-    let mut set = tokio::task::spawn_blocking(keyward_testkit::SentinelSet::spawn)
-        .await
-        .unwrap();
-    let kw = Keyward::connect_with(
-        &set.url(),
-        crate::common::Harness::embedded().policy(),
-        ConnectOptions::default().response_timeout(Duration::from_secs(2)),
-    )
-    .await
-    .unwrap();
-    let cache = kw.cache::<String>("product").unwrap();
-    cache.set(&"warm", &"v".to_owned()).await.unwrap();
+    let (mut set, _kw, cache) = warm_sentinel_handle().await;
     let (old, _) = set.kill_master();
     let down = cache.set(&"down", &"v".to_owned()).await;
     assert!(down.is_err(), "a killed master answered");

@@ -51,7 +51,7 @@ fn broken() -> Result<String, std::io::Error> {
 /// A refill that `c` holds the lease of: the first read of `id` (already cached) that is not a plain hit
 /// starts a detached refill whose loader waits for the returned `Notify`. Returns once that loader runs,
 /// with a flag set when the loader ends, however it ends (dropped at the loader timeout).
-async fn hold_a_refill(c: &Cache<String>, id: u64) -> (Arc<Notify>, Arc<AtomicBool>) {
+pub(crate) async fn hold_a_refill(c: &Cache<String>, id: u64) -> (Arc<Notify>, Arc<AtomicBool>) {
     /// Sets its flag when dropped.
     struct Ended(Arc<AtomicBool>);
     impl Drop for Ended {
