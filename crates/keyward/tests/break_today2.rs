@@ -16,31 +16,10 @@ use tokio::sync::Notify;
 conformance!(
     a_batch_of_waited_absent_fresh_and_duplicate_ids_answers_each_once,
     a_batch_never_serves_a_stale_value_invalidated_while_it_waits,
+    a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value,
+    a_failed_refill_naming_another_tag_does_not_bring_back_a_value_a_removed_tag_carried,
+    a_failed_batch_refill_does_not_bring_back_a_tag_invalidated_value,
 );
-
-/// Known gap (pre-existing, see the case): fails on every backend (embedded, redis, redis_acl, cluster: 4 of
-/// 4); run with `--ignored`.
-mod known_gap {
-    use crate::common::Harness;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known gap: a failed untagged refill stores the stale value again without its tags"]
-    async fn a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value_embedded() {
-        super::cases::a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value(
-            Harness::embedded(),
-        )
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known gap: a failed untagged refill stores the stale value again without its tags"]
-    async fn a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value_redis() {
-        super::cases::a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value(
-            Harness::redis(),
-        )
-        .await;
-    }
-}
 
 const SOON: Duration = Duration::from_secs(20);
 
@@ -61,6 +40,64 @@ async fn hold_a_stale_lease(
         .await
         .unwrap();
     crate::cache_failsafe::hold_a_refill(c, id).await
+}
+
+/// A loader that lets its test know it runs, then fails once released.
+#[derive(Default)]
+struct Gate {
+    entered: Notify,
+    release: Notify,
+}
+
+impl Gate {
+    async fn fail_when_released(&self) -> Result<String, std::io::Error> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        Err(std::io::Error::other("the source is down"))
+    }
+}
+
+/// Run `refill` (a call on `c` for `id` whose loader is the gate's) until its loader runs (the entry went
+/// stale: the refill holds the lease over the kept value); then invalidate `tag`, let the loader fail, and
+/// check for a while that the removed value (`v1`) is never read again, although the failed refill stored
+/// it again for `fail_safe_throttle`.
+async fn remove_a_tag_while_a_refill_fails<F, Fut>(c: &Cache<String>, id: u64, tag: &str, refill: F)
+where
+    F: Fn(Arc<Gate>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let deadline = Instant::now() + SOON;
+    loop {
+        let gate = Arc::new(Gate::default());
+        let mut task = tokio::spawn(refill(Arc::clone(&gate)));
+        tokio::select! {
+            () = gate.entered.notified() => {
+                c.invalidate_tag(tag).await.unwrap();
+                gate.release.notify_one();
+                tokio::time::timeout(SOON, task)
+                    .await
+                    .expect("the refill never answered")
+                    .unwrap();
+                break;
+            }
+            done = &mut task => {
+                // A hit: the value is not stale yet.
+                done.unwrap();
+                assert!(Instant::now() < deadline, "never stale");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let until = Instant::now() + Duration::from_millis(500);
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    while Instant::now() < until {
+        pace.tick().await;
+        assert_ne!(
+            c.get(&id).await.unwrap().as_deref(),
+            Some("v1"),
+            "the value tag `{tag}`'s removal removed is served again"
+        );
+    }
 }
 
 mod cases {
@@ -177,10 +214,10 @@ mod cases {
 
     /// An untagged refill (a batch, or a `get_or_set` without tags) of a tagged entry whose value is stale;
     /// the tag is invalidated while its loader runs, and the loader then times out. The refill's fail-safe
-    /// stores the stale value again as current for `fail_safe_throttle` — under the lease's stamp, which
-    /// carries no tags (the caller named none) — so the value the tag invalidation removed is served again as
-    /// a plain hit, to every reader, for the throttle. (Not part of the three changes reviewed: found by the
-    /// batch case above, whose first version let the holder's load time out.)
+    /// stores the stale value again as current for `fail_safe_throttle`. It used to do so under the lease's
+    /// stamp alone, which carries no tags (the caller named none), so the value the tag invalidation removed
+    /// was served again as a plain hit, to every reader, for the throttle (failed on all four backends; found
+    /// by the batch case above, whose first version let the holder's load time out).
     pub async fn a_failed_untagged_refill_does_not_bring_back_a_tag_invalidated_value(h: Harness) {
         let kw = h.keyward().await;
         let c = kw.cache::<String>("soft").unwrap();
@@ -206,6 +243,58 @@ mod cases {
                 "the value tag `{tag}`'s invalidation removed is served again"
             );
         }
+    }
+
+    /// The same with a caller that names a tag (`b`) the value carries besides the removed one (`a`): the
+    /// throttle records the caller's tags and, since this fix, the value's own.
+    pub async fn a_failed_refill_naming_another_tag_does_not_bring_back_a_value_a_removed_tag_carried(
+        h: Harness,
+    ) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        let id = rand::random::<u32>() as u64;
+        let (a, b) = (format!("a{id}"), format!("b{id}"));
+        c.get_or_set_tagged(&id, &[a.as_str(), b.as_str()], || async { ok("v1") })
+            .await
+            .unwrap();
+        let refill = {
+            let (c, b) = (c.clone(), b.clone());
+            move |gate: Arc<Gate>| {
+                let (c, b) = (c.clone(), b.clone());
+                async move {
+                    let _ = c
+                        .get_or_set_tagged(&id, &[b.as_str()], || gate.fail_when_released())
+                        .await;
+                }
+            }
+        };
+        remove_a_tag_while_a_refill_fails(&c, id, &a, refill).await;
+    }
+
+    /// The same through `get_or_set_many`, whose failed load throttles each kept value the same way.
+    pub async fn a_failed_batch_refill_does_not_bring_back_a_tag_invalidated_value(h: Harness) {
+        let kw = h.keyward().await;
+        let c = kw.cache::<String>("soft").unwrap();
+        let id = rand::random::<u32>() as u64;
+        let tag = format!("t{id}");
+        c.get_or_set_tagged(&id, &[tag.as_str()], || async { ok("v1") })
+            .await
+            .unwrap();
+        let refill = {
+            let c = c.clone();
+            move |gate: Arc<Gate>| {
+                let c = c.clone();
+                async move {
+                    let _ = c
+                        .get_or_set_many(&[id], |_| {
+                            let gate = Arc::clone(&gate);
+                            async move { gate.fail_when_released().await.map(|v| vec![(id, v)]) }
+                        })
+                        .await;
+                }
+            }
+        };
+        remove_a_tag_while_a_refill_fails(&c, id, &tag, refill).await;
     }
 }
 
