@@ -60,6 +60,35 @@ pub(crate) struct Stamp {
     pub(crate) gens: Gens,
     /// `(tag, epoch)`, in the caller's order (no duplicates).
     pub(crate) tags: Vec<(String, u64)>,
+    /// The tags of the value a lease was granted over and keeps (fail-safe, eager refresh), each at the epoch a
+    /// fill leased then records for it (the larger of its two fields), in the value's order; empty when the
+    /// lease keeps nothing. A successful refill records only `tags` (the caller's dependency set); a failed
+    /// one that stores the kept value again for `fail_safe_throttle` records these too ([`Stamp::throttled`]),
+    /// so that a removal of one of them while the refill ran still removes the value.
+    pub(crate) kept: Vec<(String, u64)>,
+}
+
+impl Stamp {
+    /// The stamp a fail-safe throttle stores the kept value under: the caller's `tags`, then each of `kept`
+    /// the caller did not name. `None` when that is more than [`MAX_TAGS`] tags (the header could not hold
+    /// them: the value is then not stored again).
+    ///
+    /// A kept tag's epoch is the one current when the lease was granted, not the one the value recorded: a
+    /// value that was stale because the tag was *expired* counts as current during the throttle (that is its
+    /// point), while a removal after the grant lands above it and removes the value.
+    pub(crate) fn throttled(&self) -> Option<Stamp> {
+        let mut tags = self.tags.clone();
+        for (t, epoch) in &self.kept {
+            if !tags.iter().any(|(c, _)| c == t) {
+                tags.push((t.clone(), *epoch));
+            }
+        }
+        (tags.len() <= MAX_TAGS).then_some(Stamp {
+            gens: self.gens,
+            tags,
+            kept: Vec::new(),
+        })
+    }
 }
 
 impl From<Gens> for Stamp {
@@ -67,6 +96,7 @@ impl From<Gens> for Stamp {
         Stamp {
             gens,
             tags: Vec::new(),
+            kept: Vec::new(),
         }
     }
 }
@@ -332,6 +362,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("product:42".into(), 7), ("a:b:12:".into(), 0)],
+            kept: Vec::new(),
         };
         let v = value(&stamp, &body(Some(b"x:1")));
         assert_eq!(v, b"V2:1:2:2:10:product:42:7:7:a:b:12::0:v:x:1");
@@ -361,6 +392,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("p".into(), 10), ("c".into(), 20)],
+            kept: Vec::new(),
         };
         let v = value(&stamp, &body(Some(b"1")));
         let g = stamp.gens;
@@ -395,6 +427,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("p".into(), 10), ("c".into(), 20)],
+            kept: Vec::new(),
         };
         let v = value(&stamp, &body(Some(b"1")));
         let g = stamp.gens;
@@ -477,5 +510,30 @@ mod tests {
         assert_eq!(kept(format!("L1:{t}:0").as_bytes()), None);
         assert_eq!(kept(b"V1:1:1:v:x"), None);
         assert!(!lease_has_waiters(b"V1:1:1:v:1"));
+    }
+
+    #[test]
+    fn a_throttle_records_the_caller_s_tags_then_the_kept_value_s_others() {
+        let owned = |tags: &[(&str, u64)]| -> Vec<(String, u64)> {
+            tags.iter().map(|&(t, e)| (t.to_owned(), e)).collect()
+        };
+        let stamp = Stamp {
+            gens: Gens { ns: 1, class: 2 },
+            tags: owned(&[("b", 5)]),
+            kept: owned(&[("a", 9), ("b", 7)]),
+        };
+        let throttled = stamp.throttled().unwrap();
+        assert_eq!(throttled.gens, stamp.gens);
+        // The caller's epoch of `b` (its lease's) wins over the kept one.
+        assert_eq!(throttled.tags, owned(&[("b", 5), ("a", 9)]));
+        assert!(throttled.kept.is_empty());
+        // More than one header holds: nothing to store.
+        let many: Vec<(String, u64)> = (0..=MAX_TAGS).map(|i| (format!("t{i}"), 1)).collect();
+        let over = Stamp {
+            gens: Gens::default(),
+            tags: Vec::new(),
+            kept: many,
+        };
+        assert!(over.throttled().is_none());
     }
 }

@@ -16,7 +16,9 @@
 -- per caller tag, in order) | {2, wait_ms [, stale]} another caller holds the lease (and the value it keeps)
 --       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
 --       | {4, ns_gen, class_gen, tag_gen…, value} a current value; the caller now holds the lease to refresh it
---       | {5, ns_gen, class_gen, tag_gen…, stale} a stale value; the caller now holds the lease to refill it
+--       | {5, ns_gen, class_gen, tag_gen…, kept_gen…, stale} a stale value; the caller now holds the lease to refill
+--         it (kept_gen: the current epoch of each tag the stale value carries, in its header's order, which a
+--         fail-safe throttle records so that a removal during the refill still removes the value)
 local v = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
 local mine = string.sub(ARGV[2], 1, -2)
 local grace = tonumber(ARGV[6])
@@ -127,5 +129,10 @@ if fresh and (ahead == 0 or pttl < 0 or pttl > grace + ahead) then
 end
 lease_over(body, pttl)
 local out = kw_stamp(fresh and 4 or 5, ns, cl, tags, cur)
+if not fresh then
+  for i = 1, #vtags, 2 do
+    out[#out + 1] = kw_tag_epoch(cur, vtags[i])
+  end
+end
 out[#out + 1] = body
 return out

@@ -1694,11 +1694,18 @@ where
 
     /// After a failed refill served the stale value: store it again as current for `fail_safe_throttle`, so
     /// that a failing source is not asked on every read (while the lease is still ours; else just let go).
-    /// It is stored under the lease's stamp (`gens`), as a successful refill would be: a value that was stale
-    /// because a tag *expired* it must count as current during the throttle too, and must not keep the old
-    /// stamp, which would read as current again once the expiry's epoch field is pruned.
+    /// It is stored under the lease's stamp (`gens`), as a successful refill would be, together with the
+    /// value's own tags at their epochs when the lease was granted ([`Stamp::throttled`]): a value that was
+    /// stale because a tag *expired* it must count as current during the throttle too (and must not keep the
+    /// old stamp, which would read as current again once the expiry's epoch field is pruned), while a tag
+    /// *removal* during the refill must still remove it, whether or not the caller named the tag.
     /// Returns whether the lease was still held (no invalidation came in between).
     async fn throttle(&self, guard: LeaseGuard, fb: &Fallback, gens: &Stamp) -> bool {
+        let Some(stamp) = gens.throttled() else {
+            // More tags than one header holds: serve the kept value to this caller, store nothing.
+            guard.release().await;
+            return true;
+        };
         let policy = &self.class.policy;
         // Above the refresh window too, or every read during the throttle would try the source again.
         let ttl = policy
@@ -1707,7 +1714,7 @@ where
             .saturating_add(policy.refresh_ahead_value().unwrap_or_default());
         let e = self.entry(&guard.key);
         let inner = &self.kw.inner;
-        let restamped = envelope::value(gens, &envelope::body(Some(&fb.payload)));
+        let restamped = envelope::value(&stamp, &envelope::body(Some(&fb.payload)));
         match store::commit(
             &inner.backend,
             &inner.bus,

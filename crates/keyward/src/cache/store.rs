@@ -150,6 +150,7 @@ impl Known {
                     (t.clone(), epochs.stamp())
                 })
                 .collect(),
+            kept: Vec::new(),
         }
     }
 }
@@ -317,7 +318,20 @@ fn mirror_stamp(kv: &Kv, e: &Entry<'_>) -> Stamp {
             .iter()
             .map(|t| (t.clone(), mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp()))
             .collect(),
+        kept: Vec::new(),
     }
+}
+
+/// The tags stored bytes carry (a `V2` header), in their order; empty for anything else. (A tag that is not
+/// UTF-8 was not written by keyward, whose tags are `&str`, and no call can name it; lossy is enough.)
+fn kept_tag_names(raw: &[u8]) -> Vec<String> {
+    envelope::parse_tagged(raw)
+        .map(|(_, tags, _)| {
+            tags.iter()
+                .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether `key` still holds the lease whose marker starts with `lease_prefix`.
@@ -458,6 +472,15 @@ fn fetch_mirror(
             if fresh {
                 Fetched::Refresh(body, stamp)
             } else {
+                // As fetch.lua: the kept value's tags at their current epochs, for a fail-safe throttle.
+                let mut stamp = stamp;
+                stamp.kept = kept_tag_names(&body)
+                    .into_iter()
+                    .map(|t| {
+                        let epoch = mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp();
+                        (t, epoch)
+                    })
+                    .collect();
                 Fetched::Leased(stamp, Some(body))
             }
         }
@@ -787,6 +810,7 @@ fn decode_fetch(
                 class: u64::try_from(class.int()?).ok()?,
             },
             tags: Vec::with_capacity(tags.len()),
+            kept: Vec::new(),
         };
         for (t, epoch) in tags.iter().zip(epochs) {
             stamp
@@ -801,16 +825,22 @@ fn decode_fetch(
             v.bytes()?,
             u64::try_from(pttl.int()?).ok().map(Duration::from_millis),
         ),
-        [Reply::Int(code @ (4 | 5)), ns, class, epochs @ .., kept]
-            if epochs.len() == tags.len() =>
-        {
-            let stamp = stamp_of(ns, class, epochs)?;
+        [Reply::Int(4), ns, class, epochs @ .., kept] if epochs.len() == tags.len() => {
+            Fetched::Refresh(kept.bytes()?, stamp_of(ns, class, epochs)?)
+        }
+        // The caller's tag epochs, then those of the kept value's own tags (in its header's order).
+        [Reply::Int(5), ns, class, epochs @ .., kept] if epochs.len() >= tags.len() => {
             let kept = kept.bytes()?;
-            if *code == 4 {
-                Fetched::Refresh(kept, stamp)
-            } else {
-                Fetched::Leased(stamp, Some(kept))
+            let (mine, theirs) = epochs.split_at(tags.len());
+            let names = kept_tag_names(&kept);
+            if names.len() != theirs.len() {
+                return None;
             }
+            let mut stamp = stamp_of(ns, class, mine)?;
+            for (t, epoch) in names.into_iter().zip(theirs) {
+                stamp.kept.push((t, u64::try_from(epoch.int()?).ok()?));
+            }
+            Fetched::Leased(stamp, Some(kept))
         }
         [Reply::Int(2), wait, kept] => Fetched::Wait(
             Duration::from_millis(u64::try_from(wait.int()?).unwrap_or(0)),
