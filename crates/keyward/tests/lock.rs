@@ -94,17 +94,22 @@ conformance!(
 mod cases {
     use super::*;
 
-    /// `fencey` keeps its counter 100 ms after last use; a watchdog-renewed 50 ms lease held for 600 ms must
-    /// keep the counter (renewals refresh it), so fencing never relies on the clock floor while held.
+    /// `fencey` keeps its counter 100 ms after last use (at least one lease); a watchdog-renewed 300 ms lease
+    /// held for 1 s, more than three leases, must keep the counter (renewals refresh it), so fencing never
+    /// relies on the clock floor while held. The lease is 300 ms, not the class's 50 ms: renewals every 100 ms
+    /// survive a loaded machine's scheduling stalls, which a 50 ms lease (renewed every 17 ms) did not.
     pub async fn a_held_lock_keeps_its_fencing_counter_alive(h: Harness) {
         let kw = connect(&h, "fencealive").await;
         let locks = kw.locks("fencey").unwrap();
+        let options = keyward::lock::LockOptions::new()
+            .watchdog(true)
+            .ttl(Duration::from_millis(300));
         let guard = locks
-            .lock_with("long", keyward::lock::LockOptions::new().watchdog(true))
+            .lock_with("long", options)
             .await
             .unwrap()
             .expect("free");
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(!guard.is_lost());
         let keys = kw.scan_namespace().await.unwrap();
         assert!(
