@@ -60,33 +60,40 @@ pub(crate) struct Stamp {
     pub(crate) gens: Gens,
     /// `(tag, epoch)`, in the caller's order (no duplicates).
     pub(crate) tags: Vec<(String, u64)>,
-    /// The tags of the value a lease was granted over and keeps (fail-safe, eager refresh), each at the epoch a
-    /// fill leased then records for it (the larger of its two fields), in the value's order; empty when the
-    /// lease keeps nothing. A successful refill records only `tags` (the caller's dependency set); a failed
-    /// one that stores the kept value again for `fail_safe_throttle` records these too ([`Stamp::throttled`]),
-    /// so that a removal of one of them while the refill ran still removes the value.
-    pub(crate) kept: Vec<(String, u64)>,
+    /// The tags of the stale value a lease was granted over and keeps (fail-safe), in the value's order, each at
+    /// the epoch a fill leased then records for it (the larger of its two fields), or at the one the value
+    /// recorded when that is higher (a Redis Cluster view lagging the fill that recorded it). `None` when the
+    /// lease keeps no stale value or its tags could not be read. A successful refill records only `tags` (the
+    /// caller's dependency set); a failed one that stores the kept value again for `fail_safe_throttle`
+    /// records these too ([`Stamp::throttled`]), so that a removal of one of them while the refill ran still
+    /// removes the value.
+    pub(crate) kept: Option<Vec<(String, u64)>>,
 }
 
 impl Stamp {
     /// The stamp a fail-safe throttle stores the kept value under: the caller's `tags`, then each of `kept`
-    /// the caller did not name. `None` when that is more than [`MAX_TAGS`] tags (the header could not hold
-    /// them: the value is then not stored again).
+    /// the caller did not name; a tag both name is recorded at the larger of the two epochs. `None` when the
+    /// kept value's tags are not known, or when that is more than [`MAX_TAGS`] tags (the header could not
+    /// hold them): the value is then not stored again.
     ///
-    /// A kept tag's epoch is the one current when the lease was granted, not the one the value recorded: a
-    /// value that was stale because the tag was *expired* counts as current during the throttle (that is its
-    /// point), while a removal after the grant lands above it and removes the value.
+    /// A kept tag's epoch is the one current when the lease was granted, not the (lower) one the value
+    /// recorded: a value that was stale because the tag was *expired* counts as current during the throttle
+    /// (that is its point), while a removal after the grant lands above it and removes the value. It is never
+    /// below the value's own: on Redis Cluster the caller's epochs come from a view that may lag the fill that
+    /// recorded the value, and a copy recorded below it would read as removed to every up-to-date reader.
     pub(crate) fn throttled(&self) -> Option<Stamp> {
+        let kept = self.kept.as_ref()?;
         let mut tags = self.tags.clone();
-        for (t, epoch) in &self.kept {
-            if !tags.iter().any(|(c, _)| c == t) {
-                tags.push((t.clone(), *epoch));
+        for (t, epoch) in kept {
+            match tags.iter_mut().find(|(c, _)| c == t) {
+                Some((_, mine)) => *mine = (*mine).max(*epoch),
+                None => tags.push((t.clone(), *epoch)),
             }
         }
         (tags.len() <= MAX_TAGS).then_some(Stamp {
             gens: self.gens,
             tags,
-            kept: Vec::new(),
+            kept: None,
         })
     }
 }
@@ -96,7 +103,7 @@ impl From<Gens> for Stamp {
         Stamp {
             gens,
             tags: Vec::new(),
-            kept: Vec::new(),
+            kept: None,
         }
     }
 }
@@ -362,7 +369,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("product:42".into(), 7), ("a:b:12:".into(), 0)],
-            kept: Vec::new(),
+            kept: None,
         };
         let v = value(&stamp, &body(Some(b"x:1")));
         assert_eq!(v, b"V2:1:2:2:10:product:42:7:7:a:b:12::0:v:x:1");
@@ -392,7 +399,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("p".into(), 10), ("c".into(), 20)],
-            kept: Vec::new(),
+            kept: None,
         };
         let v = value(&stamp, &body(Some(b"1")));
         let g = stamp.gens;
@@ -427,7 +434,7 @@ mod tests {
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
             tags: vec![("p".into(), 10), ("c".into(), 20)],
-            kept: Vec::new(),
+            kept: None,
         };
         let v = value(&stamp, &body(Some(b"1")));
         let g = stamp.gens;
@@ -519,20 +526,35 @@ mod tests {
         };
         let stamp = Stamp {
             gens: Gens { ns: 1, class: 2 },
-            tags: owned(&[("b", 5)]),
-            kept: owned(&[("a", 9), ("b", 7)]),
+            tags: owned(&[("b", 5), ("c", 8)]),
+            kept: Some(owned(&[("a", 9), ("b", 7), ("c", 6)])),
         };
         let throttled = stamp.throttled().unwrap();
         assert_eq!(throttled.gens, stamp.gens);
-        // The caller's epoch of `b` (its lease's) wins over the kept one.
-        assert_eq!(throttled.tags, owned(&[("b", 5), ("a", 9)]));
-        assert!(throttled.kept.is_empty());
+        // A tag both name: the larger epoch (`b`: the value's, above a lagging view's; `c`: the caller's).
+        assert_eq!(throttled.tags, owned(&[("b", 7), ("c", 8), ("a", 9)]));
+        assert!(throttled.kept.is_none());
+        // The kept value's tags are not known: nothing to store.
+        let unknown = Stamp {
+            kept: None,
+            ..stamp.clone()
+        };
+        assert!(unknown.throttled().is_none());
+        // An untagged kept value: the caller's tags.
+        let untagged = Stamp {
+            kept: Some(Vec::new()),
+            ..stamp
+        };
+        assert_eq!(
+            untagged.throttled().unwrap().tags,
+            owned(&[("b", 5), ("c", 8)])
+        );
         // More than one header holds: nothing to store.
         let many: Vec<(String, u64)> = (0..=MAX_TAGS).map(|i| (format!("t{i}"), 1)).collect();
         let over = Stamp {
             gens: Gens::default(),
             tags: Vec::new(),
-            kept: many,
+            kept: Some(many),
         };
         assert!(over.throttled().is_none());
     }

@@ -205,7 +205,7 @@ pub mod __bench {
             BenchStamp(Stamp {
                 gens: Gens { ns, class },
                 tags: tags.iter().map(|&(t, e)| (t.to_owned(), e)).collect(),
-                kept: Vec::new(),
+                kept: None,
             })
         }
 

@@ -42,15 +42,15 @@ async fn hold_a_stale_lease(
     crate::cache_failsafe::hold_a_refill(c, id).await
 }
 
-/// A loader that lets its test know it runs, then fails once released.
+/// A loader that lets its test know it runs, then fails once released (also `break_throttle`'s).
 #[derive(Default)]
-struct Gate {
-    entered: Notify,
-    release: Notify,
+pub(crate) struct Gate {
+    pub(crate) entered: Notify,
+    pub(crate) release: Notify,
 }
 
 impl Gate {
-    async fn fail_when_released(&self) -> Result<String, std::io::Error> {
+    pub(crate) async fn fail_when_released(&self) -> Result<String, std::io::Error> {
         self.entered.notify_one();
         self.release.notified().await;
         Err(std::io::Error::other("the source is down"))

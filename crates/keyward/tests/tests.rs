@@ -25,6 +25,7 @@ mod architecture;
 mod break11;
 mod break12;
 mod break_expire;
+mod break_throttle;
 mod break_today;
 mod break_today2;
 mod break_wb;

@@ -17,8 +17,9 @@
 --       | {3, tag…} (Cluster) the entry carries tags whose epochs were not passed: ask again with them
 --       | {4, ns_gen, class_gen, tag_gen…, value} a current value; the caller now holds the lease to refresh it
 --       | {5, ns_gen, class_gen, tag_gen…, kept_gen…, stale} a stale value; the caller now holds the lease to refill
---         it (kept_gen: the current epoch of each tag the stale value carries, in its header's order, which a
---         fail-safe throttle records so that a removal during the refill still removes the value)
+--         it (kept_gen: for each tag the stale value carries, in its header's order, the larger of its current
+--         epoch and the one the value recorded, which a fail-safe throttle records so that a removal during the
+--         refill still removes the value; see kw_kept_epoch)
 local v = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
 local mine = string.sub(ARGV[2], 1, -2)
 local grace = tonumber(ARGV[6])
@@ -46,6 +47,21 @@ local function lease_over(body, pttl)
     px = math.max(pttl, lease_ms)
   end
   redis.call('SET', KEYS[1], marker, 'PX', px)
+end
+
+-- The epoch a fail-safe throttle records for `tag`, which the kept value recorded at `recorded`: the current one
+-- (so the expiry that made the value stale does not make the copy stale, and a removal after the grant lands
+-- above it), or the value's own when that is higher — on Cluster `cur` is a view that may lag the fill that
+-- recorded it, and a copy recorded below the value's epoch would read as removed to every up-to-date reader.
+-- Only an epoch a fill can record counts: digits below the top (see "Exhaustion" in epochs.lua); anything else
+-- was not written by keyward (and a value out of range would not even come back as an integer).
+local function kw_kept_epoch(cur, tag, recorded)
+  local e = kw_tag_epoch(cur, tag)
+  local r = string.match(recorded, '^%d+$') and tonumber(recorded)
+  if r and r < KW_TOP and r > e then
+    return r
+  end
+  return e
 end
 
 local held_until = nil
@@ -131,7 +147,7 @@ lease_over(body, pttl)
 local out = kw_stamp(fresh and 4 or 5, ns, cl, tags, cur)
 if not fresh then
   for i = 1, #vtags, 2 do
-    out[#out + 1] = kw_tag_epoch(cur, vtags[i])
+    out[#out + 1] = kw_kept_epoch(cur, vtags[i], vtags[i + 1])
   end
 end
 out[#out + 1] = body

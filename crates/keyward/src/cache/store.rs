@@ -150,7 +150,7 @@ impl Known {
                     (t.clone(), epochs.stamp())
                 })
                 .collect(),
-            kept: Vec::new(),
+            kept: None,
         }
     }
 }
@@ -318,20 +318,31 @@ fn mirror_stamp(kv: &Kv, e: &Entry<'_>) -> Stamp {
             .iter()
             .map(|t| (t.clone(), mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp()))
             .collect(),
-        kept: Vec::new(),
+        kept: None,
     }
 }
 
-/// The tags stored bytes carry (a `V2` header), in their order; empty for anything else. (A tag that is not
-/// UTF-8 was not written by keyward, whose tags are `&str`, and no call can name it; lossy is enough.)
-fn kept_tag_names(raw: &[u8]) -> Vec<String> {
-    envelope::parse_tagged(raw)
-        .map(|(_, tags, _)| {
-            tags.iter()
-                .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The tags stored bytes carry with the epochs they recorded, in their order (none for a `V1` value); `None`
+/// for bytes that are not a value the client reads. (A tag that is not UTF-8 was not written by keyward, whose
+/// tags are `&str`, and no call can name it; lossy is enough.)
+fn kept_tags(raw: &[u8]) -> Option<Vec<(String, u64)>> {
+    let (_, tags, _) = envelope::parse_tagged(raw).ok()?;
+    Some(
+        tags.iter()
+            .map(|(t, recorded)| (String::from_utf8_lossy(t).into_owned(), recorded))
+            .collect(),
+    )
+}
+
+/// `kw_kept_epoch` in `fetch.lua`: the epoch a fail-safe throttle records for a tag the kept value recorded at
+/// `recorded` and whose current epoch is `current`: the larger, counting `recorded` only if a fill can record
+/// it (below the top; see "Exhaustion" in `epochs.lua`).
+fn kept_epoch(current: u64, recorded: u64) -> u64 {
+    if recorded < TOP_EPOCH {
+        current.max(recorded)
+    } else {
+        current
+    }
 }
 
 /// Whether `key` still holds the lease whose marker starts with `lease_prefix`.
@@ -472,15 +483,17 @@ fn fetch_mirror(
             if fresh {
                 Fetched::Refresh(body, stamp)
             } else {
-                // As fetch.lua: the kept value's tags at their current epochs, for a fail-safe throttle.
+                // As fetch.lua: the kept value's tags at their current epochs (or their own, if higher), for a
+                // fail-safe throttle.
                 let mut stamp = stamp;
-                stamp.kept = kept_tag_names(&body)
-                    .into_iter()
-                    .map(|t| {
-                        let epoch = mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp();
-                        (t, epoch)
-                    })
-                    .collect();
+                stamp.kept = kept_tags(&body).map(|tags| {
+                    tags.into_iter()
+                        .map(|(t, recorded)| {
+                            let current = mirror_tag_epochs(kv, e.ns, t.as_bytes()).stamp();
+                            (t, kept_epoch(current, recorded))
+                        })
+                        .collect()
+                });
                 Fetched::Leased(stamp, Some(body))
             }
         }
@@ -810,7 +823,7 @@ fn decode_fetch(
                 class: u64::try_from(class.int()?).ok()?,
             },
             tags: Vec::with_capacity(tags.len()),
-            kept: Vec::new(),
+            kept: None,
         };
         for (t, epoch) in tags.iter().zip(epochs) {
             stamp
@@ -832,14 +845,20 @@ fn decode_fetch(
         [Reply::Int(5), ns, class, epochs @ .., kept] if epochs.len() >= tags.len() => {
             let kept = kept.bytes()?;
             let (mine, theirs) = epochs.split_at(tags.len());
-            let names = kept_tag_names(&kept);
-            if names.len() != theirs.len() {
-                return None;
-            }
             let mut stamp = stamp_of(ns, class, mine)?;
-            for (t, epoch) in names.into_iter().zip(theirs) {
-                stamp.kept.push((t, u64::try_from(epoch.int()?).ok()?));
-            }
+            // A header the script reads and the client does not (a tag epoch of more than 20 digits), or
+            // epochs that are not one integer per tag: the kept value's tags stay unknown, and a failed
+            // refill serves it (if it decodes) without storing it again. Never a failed call: the lease is
+            // ours, and the refill goes on as for any value the client cannot serve.
+            stamp.kept = kept_tags(&kept)
+                .filter(|names| names.len() == theirs.len())
+                .and_then(|names| {
+                    names
+                        .into_iter()
+                        .zip(theirs)
+                        .map(|((t, _), epoch)| Some((t, u64::try_from(epoch.int()?).ok()?)))
+                        .collect()
+                });
             Fetched::Leased(stamp, Some(kept))
         }
         [Reply::Int(2), wait, kept] => Fetched::Wait(
@@ -1518,5 +1537,49 @@ mod tests {
             assert_eq!(epoch(Some(raw)), want, "{:?}", String::from_utf8_lossy(raw));
         }
         assert_eq!(epoch(None), Some(0), "absent");
+    }
+    /// Reply 5 (a stale value leased for a refill): the kept value's tags with the epochs the script sent;
+    /// a header the client cannot read (a tag epoch of 25 digits, which `fetch.lua` reads) or a kept epoch
+    /// that is not an integer leaves them unknown — still the lease over the value, never a failed call.
+    #[test]
+    fn a_stale_lease_s_kept_tags_are_unknown_rather_than_an_error_when_unreadable() {
+        let reply = |kept: &[u8], epochs: Vec<Reply>| {
+            let mut r = vec![Reply::Int(5), Reply::Int(1), Reply::Int(2), Reply::Int(7)];
+            r.extend(epochs);
+            r.push(Reply::Bytes(Bytes::copy_from_slice(kept)));
+            Reply::Array(r)
+        };
+        let tags = ["c".to_owned()];
+        let leased = |r: Reply| match decode_fetch(&r, &tags) {
+            Some(Ok(Fetched::Leased(stamp, Some(_)))) => stamp,
+            other => panic!("not a lease over the kept value: {other:?}"),
+        };
+        let good = b"V2:1:2:2:1:a:5:1:c:6:v:x";
+        let stamp = leased(reply(good, vec![Reply::Int(9), Reply::Int(8)]));
+        assert_eq!(stamp.tags, [("c".to_owned(), 7)]);
+        assert_eq!(
+            stamp.kept,
+            Some(vec![("a".to_owned(), 9), ("c".to_owned(), 8)])
+        );
+        let untagged = leased(reply(b"V1:1:2:v:x", Vec::new()));
+        assert_eq!(untagged.kept, Some(Vec::new()));
+        let unreadable = b"V2:1:2:1:1:a:1234567890123456789012345:v:x";
+        assert_eq!(leased(reply(unreadable, vec![Reply::Int(9)])).kept, None);
+        let not_an_int = reply(good, vec![Reply::Int(9), Reply::Other("1e21".into())]);
+        assert_eq!(leased(not_an_int).kept, None);
+        assert_eq!(
+            leased(reply(good, vec![Reply::Int(9)])).kept,
+            None,
+            "one short"
+        );
+    }
+
+    /// `kw_kept_epoch`'s rule: the larger of the current epoch and the recorded one, if that is below the top.
+    #[test]
+    fn a_kept_tag_is_throttled_no_lower_than_the_value_recorded_it() {
+        assert_eq!(kept_epoch(10, 7), 10, "an expiry or removal since the fill");
+        assert_eq!(kept_epoch(7, 10), 10, "a view lagging the fill");
+        assert_eq!(kept_epoch(7, TOP_EPOCH), 7, "the top: no fill records it");
+        assert_eq!(kept_epoch(7, u64::MAX), 7);
     }
 }

@@ -128,7 +128,8 @@ impl Harness {
     /// `near` and `near2` (an in-process tier, `l1_max_stale` = [`L1_MAX_STALE`]), `safe` (fail-safe: 200 ms
     /// TTL, 60 s stale grace, 300 ms loader timeout; `safe_eager` also refreshes ahead in its last 150 ms), `soft` (the same with a 50 ms soft timeout), `eager`
     /// (2 s TTL, refreshed ahead in its last 1.8 s), `kept` (fail-safe with a 60 s TTL: stale only when a
-    /// tag expired it), `news` (a typed channel, messages of at most 256 bytes),
+    /// tag expired it), `ft` and `ft_l1` (the same with a 60 s throttle, the
+    /// second with an in-process tier; `break_throttle`'s), `news` (a typed channel, messages of at most 256 bytes),
     /// `writes` (a stream for write-behind: 3 deliveries, 20–100 ms backoff, 300 ms claim_idle).
     pub fn policy(&self) -> Policy {
         Policy::builder("test", self.app.clone())
@@ -207,6 +208,28 @@ impl Harness {
                     .stale_grace(Duration::from_secs(60))
                     .lease_ttl(Duration::from_secs(2))
                     .loader_timeout(Duration::from_millis(300)),
+            )
+            // `break_throttle`'s: fail-safe values stale only when a tag expires them (or by hand), and a
+            // throttle that outlasts every case, so that a throttled copy is there for the whole test.
+            .cache(
+                "ft",
+                CacheClass::new(Duration::from_secs(60), "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .fail_safe_throttle(Duration::from_secs(60))
+                    .lease_ttl(Duration::from_secs(12))
+                    .loader_timeout(Duration::from_secs(10)),
+            )
+            .cache(
+                "ft_l1",
+                CacheClass::new(Duration::from_secs(60), "tests, after each write")
+                    .jitter(Jitter::Percent(0.0))
+                    .stale_grace(Duration::from_secs(60))
+                    .fail_safe_throttle(Duration::from_secs(60))
+                    .lease_ttl(Duration::from_secs(12))
+                    .loader_timeout(Duration::from_secs(10))
+                    .l1(L1Tier::new(1 << 20, Duration::from_secs(60)))
+                    .l1_max_stale(L1_MAX_STALE),
             )
             .cache(
                 "eager",
