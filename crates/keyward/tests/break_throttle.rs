@@ -522,8 +522,8 @@ fn raw_set(raw: &mut dyn ::redis::ConnectionLike, key: &str, bytes: &[u8], px_ms
         .unwrap();
 }
 
-/// Stored bytes with the epoch recorded for `tag` replaced by `epoch` (any text).
-fn with_tag_epoch(stored: &[u8], tag: &str, epoch: &str) -> Vec<u8> {
+/// Where the epoch recorded for `tag` sits in stored bytes (start, end).
+fn tag_epoch_span(stored: &[u8], tag: &str) -> (usize, usize) {
     let needle = format!("{}:{tag}:", tag.len());
     let at = stored
         .windows(needle.len())
@@ -531,6 +531,12 @@ fn with_tag_epoch(stored: &[u8], tag: &str, epoch: &str) -> Vec<u8> {
         .expect("the tag in the header")
         + needle.len();
     let end = at + stored[at..].iter().position(|&b| b == b':').unwrap();
+    (at, end)
+}
+
+/// Stored bytes with the epoch recorded for `tag` replaced by `epoch` (any text).
+fn with_tag_epoch(stored: &[u8], tag: &str, epoch: &str) -> Vec<u8> {
+    let (at, end) = tag_epoch_span(stored, tag);
     let mut out = stored[..at].to_vec();
     out.extend_from_slice(epoch.as_bytes());
     out.extend_from_slice(&stored[end..]);
@@ -539,13 +545,7 @@ fn with_tag_epoch(stored: &[u8], tag: &str, epoch: &str) -> Vec<u8> {
 
 /// The epoch recorded for `tag` in stored bytes.
 fn tag_epoch(stored: &[u8], tag: &str) -> u64 {
-    let needle = format!("{}:{tag}:", tag.len());
-    let at = stored
-        .windows(needle.len())
-        .position(|w| w == needle.as_bytes())
-        .expect("the tag in the header")
-        + needle.len();
-    let end = at + stored[at..].iter().position(|&b| b == b':').unwrap();
+    let (at, end) = tag_epoch_span(stored, tag);
     std::str::from_utf8(&stored[at..end])
         .unwrap()
         .parse()
