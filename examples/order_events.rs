@@ -43,6 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events = kw.stream::<OrderPlaced>("order_events")?;
 
     // The web handler's side: publish after the order's database transaction committed.
+    let mut bad_entry = None;
     for order in 1..=5 {
         let email = if order == 4 {
             "not-an-address".to_owned() // this one will never send
@@ -51,7 +52,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let id = events.publish(&OrderPlaced { order, email }).await?;
         println!("published order {order} as entry {id}");
+        if order == 4 {
+            bad_entry = Some(id);
+        }
     }
+    let bad_entry = bad_entry.expect("order 4 was published");
 
     // The email worker: at least once, so sending must be idempotent in a real service (key it by the order
     // id with keyward's idempotency keys).
@@ -86,9 +91,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(worker.run(async move { stop.notified().await }))
     };
     all_done.notified().await;
-    // Wait for the bad order to reach the dead letters (3 deliveries with backoff), then shut down.
+    // Wait for this run's bad order to reach the dead letters (3 deliveries with backoff), then shut down.
+    // On Redis the dead letters of earlier runs are still there (they are kept for 14 days), so look for
+    // this run's entry, not for any dead letter.
     let dead = loop {
-        let dead = events.dead_letters(10).await?;
+        let dead: Vec<_> = events
+            .dead_letters(10_000)
+            .await?
+            .into_iter()
+            .filter(|d| d.id == bad_entry)
+            .collect();
         if !dead.is_empty() {
             break dead;
         }

@@ -3,6 +3,10 @@
 //!
 //! Run it on the embedded backend:       `cargo run --example rate_limit`
 //! or against Redis:  `REDIS_URL=redis://127.0.0.1:6379 cargo run --example rate_limit`
+//!
+//! On Redis the limits' state outlives the process, as it should: run the tour again within a minute and the
+//! logins are refused from the first attempt, and the export quota (100 rows an hour) and the daily API count
+//! start where the last run left them.
 
 use keyward::Keyward;
 use keyward::policy::Policy;

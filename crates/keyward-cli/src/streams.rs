@@ -60,6 +60,14 @@ pub(crate) fn run(args: StreamsArgs) -> anyhow::Result<ExitCode> {
         }
         args.streams.clone()
     };
+    if names.is_empty() && !args.json {
+        // Without this the command printed nothing at all, which reads like a failure or an empty server.
+        println!(
+            "{}: the policy declares no stream class; nothing to show",
+            args.policy.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let url = args.url.resolve();
     let streams = runtime()?.block_on(async {
         let mut out = Vec::with_capacity(names.len());

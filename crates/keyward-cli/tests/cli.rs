@@ -48,6 +48,32 @@ fn policy_check_prints_the_example_policy() {
     assert!(stdout(&out).contains("product_list"), "{}", stdout(&out));
 }
 
+/// `keyward streams` on a policy without stream classes (the README's `examples/policy.toml`) printed nothing
+/// at all; it says so instead, without connecting anywhere.
+#[test]
+fn streams_says_when_the_policy_declares_no_stream_class() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/policy.toml");
+    let file = file.to_str().unwrap();
+    let out = keyward(&["streams", "--policy", file, "--url", "redis://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("the policy declares no stream class"),
+        "{}",
+        stdout(&out)
+    );
+    let out = keyward(&[
+        "streams",
+        "--policy",
+        file,
+        "--json",
+        "--url",
+        "redis://127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc: Value = serde_json::from_str(&stdout(&out)).expect("one JSON document");
+    assert_eq!(doc["streams"], serde_json::json!([]));
+}
+
 #[test]
 fn an_invalid_policy_exits_2_naming_class_and_field() {
     let dir = tempfile::tempdir().unwrap();

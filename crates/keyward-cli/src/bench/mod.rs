@@ -117,7 +117,9 @@ Scenarios (the names are stable):
 --hit-keys K spreads `hit` and `get` over K warm keys (worker w reads key w mod K). With K = C no two workers
 share a key, so keyward's in-process coalescing of concurrent reads of one key plays no part.
 
-Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values.
+Every run uses a fresh namespace (env `bench`, app `kwbench<random>`) and ~1 KiB JSON values. Its keys are
+left in the server to expire with their TTLs (ratelimit_exact's live its 100-day window): run against a server
+you can flush, not one a service uses.
 --processes P (all scenarios; Redis only) runs P child processes sharing that namespace and key, each with
 C/P callers (the remainder goes to the first; for miss and session the keys are split the same way), starts
 them together once all are connected, and merges their latency histograms and counts.

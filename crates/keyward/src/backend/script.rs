@@ -127,7 +127,7 @@ impl Call {
 
     /// The call leaves state that would block others if the caller never learns it got it (a lease, an
     /// in-progress marker, a lock): if no answer comes back, `undo` is sent after it on the same connection
-    /// (see `RedisBackend::eval_cleaning` and docs/resilience.md).
+    /// (see `RedisBackend::run` and docs/resilience.md).
     #[must_use]
     pub(crate) fn undo(mut self, undo: Undo) -> Self {
         self.undo = Some(undo);

@@ -733,7 +733,8 @@ impl fmt::Display for Policy {
             };
             writeln!(f, "  {:<17}{eviction}", "eviction:")?;
         }
-        if !self.classes.is_empty() {
+        // Only when there is a cache class: a policy of streams or rate limits alone printed "0s".
+        if self.classes.values().any(|c| c.as_cache().is_some()) {
             writeln!(f)?;
             writeln!(
                 f,

@@ -159,13 +159,12 @@ impl Retention {
         Ok(())
     }
 
-    fn describe(&self) -> String {
+    /// `approximate`: whether trims use `~` (the stream's own retention: `self.approximate`; the dead
+    /// letters are always trimmed exactly, whatever their table says).
+    fn describe(&self, approximate: bool) -> String {
         let mut parts = Vec::new();
         if let Some(n) = self.maxlen {
-            parts.push(format!(
-                "maxlen {}{n}",
-                if self.approximate { "~" } else { "" }
-            ));
+            parts.push(format!("maxlen {}{n}", if approximate { "~" } else { "" }));
         }
         if let Some(d) = self.max_age {
             parts.push(format!("max_age {}", fmt_duration(d)));
@@ -526,7 +525,11 @@ impl ClassSpec for StreamClass {
     }
 
     fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "  retention:       {}", self.retention.describe())?;
+        writeln!(
+            f,
+            "  retention:       {}",
+            self.retention.describe(self.retention.approximate)
+        )?;
         writeln!(f, "  max_deliveries:  {}", self.max_deliveries)?;
         let b = &self.backoff;
         writeln!(
@@ -539,7 +542,8 @@ impl ClassSpec for StreamClass {
         )?;
         writeln!(f, "  claim_idle:      {}", fmt_duration(self.claim_idle))?;
         match &self.dead_letter {
-            Some(r) => writeln!(f, "  dead_letter:     {}", r.describe())?,
+            // `stream_dead.lua` (and the embedded mirror) trim the dead letters exactly.
+            Some(r) => writeln!(f, "  dead_letter:     {}", r.describe(false))?,
             None => writeln!(f, "  dead_letter:     off")?,
         }
         writeln!(f, "  max_message_bytes: {}", self.max_message_bytes)?;
@@ -785,7 +789,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("dead_letter:     maxlen ~50, max_age 30days, hard_maxlen 500"),
+            text.contains("dead_letter:     maxlen 50, max_age 30days, hard_maxlen 500"),
             "{text}"
         );
     }
