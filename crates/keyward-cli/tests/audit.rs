@@ -64,6 +64,8 @@ fn keyward(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(args)
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .output()
         .expect("run the keyward binary")
 }
@@ -800,6 +802,8 @@ fn sigterm_saves_a_checkpoint_and_the_resumed_audit_finishes() {
         ])
         .args(["--max-ops-per-sec", "10000"])
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -27,6 +27,8 @@ fn keyward(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(args)
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .output()
         .expect("run the keyward binary")
 }
@@ -342,7 +344,7 @@ fn a_replay_filter_with_a_malformed_id_is_refused() {
         ]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert!(
-            text(&out.stdout).contains("would replay 1 dead letter:"),
+            text(&out.stdout).contains("would replay 1 dead letter into `orders` in namespace"),
             "--id {id}: {}",
             text(&out.stdout)
         );
@@ -728,6 +730,8 @@ fn a_purge_killed_mid_way_and_run_again_ends_the_same() {
         .args(args)
         .args(["--max-ops-per-sec", "600"])
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1016,6 +1020,8 @@ fn a_purge_reports_the_bytes_it_deleted_not_the_bytes_it_matched() {
             "5",
         ])
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1071,6 +1077,8 @@ fn a_closed_stdout_keeps_the_audit_s_exit_status() {
             .args(["audit", "--policy", &policy, "--url", &server.url()])
             .args(extra)
             .env_remove("REDIS_URL")
+            .env_remove("KEYWARD_ENV")
+            .env_remove("KEYWARD_APP")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1114,6 +1122,8 @@ fn an_audit_whose_server_dies_mid_walk_prints_its_partial_report() {
         .args(["--checkpoint-dir", dir.path().to_str().unwrap()])
         .args(["--count", "50", "--max-ops-per-sec", "2000"])
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1158,6 +1168,8 @@ fn a_purge_whose_server_dies_mid_walk_prints_its_summary_and_token() {
         .args(["--checkpoint-dir", dir.path().to_str().unwrap()])
         .args(["--count", "50", "--max-ops-per-sec", "2000"])
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1293,7 +1305,10 @@ fn text_output_speaks_proper_singular_plural_and_readable_ttls() {
         &url,
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout).trim_end(), "0 dead letters");
+    assert_eq!(
+        text(&out.stdout).trim_end(),
+        "0 dead letters of `orders` in namespace dev:shop"
+    );
     let out = keyward(&[
         "dead-letters",
         "replay",
@@ -1391,6 +1406,8 @@ fn a_second_confirmed_purge_of_the_same_keys_is_refused_while_the_first_runs() {
             "500",
         ]))
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -11,6 +11,8 @@ fn keyward(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(args)
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .output()
         .expect("run the keyward binary")
 }
@@ -46,6 +48,39 @@ fn policy_check_prints_the_example_policy() {
     let out = keyward(&["policy", "check", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("product_list"), "{}", stdout(&out));
+}
+
+/// The CLI reads a policy file as a service deployed with it does: `KEYWARD_ENV` / `KEYWARD_APP` override the
+/// namespace (`Policy::with_env_overrides`). Before, `KEYWARD_ENV=prod keyward …` acted on the file's `dev`.
+#[test]
+fn policy_check_applies_and_names_the_environment_overrides() {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/policy.toml");
+    let run = |vars: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["policy", "check", file.to_str().unwrap()])
+            .env_remove("KEYWARD_ENV")
+            .env_remove("KEYWARD_APP")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("run the keyward binary")
+    };
+    let out = run(&[("KEYWARD_ENV", "prod")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("namespace: env = prod, app = shop"), "{text}");
+    assert!(
+        text.contains("namespace.env = prod comes from KEYWARD_ENV (the file declares dev)"),
+        "{text}"
+    );
+    assert!(!text.contains("KEYWARD_APP"), "{text}");
+
+    let out = run(&[]);
+    assert!(stdout(&out).contains("namespace: env = dev, app = shop"));
+    assert!(!stdout(&out).contains("comes from"), "{}", stdout(&out));
+
+    let out = run(&[("KEYWARD_APP", "Shop!")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(stderr(&out).contains("KEYWARD_APP"), "{}", stderr(&out));
 }
 
 /// `keyward streams` on a policy without stream classes (the README's `examples/policy.toml`) printed nothing

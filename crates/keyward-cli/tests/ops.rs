@@ -34,6 +34,8 @@ fn keyward(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(args)
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .output()
         .expect("run the keyward binary")
 }
@@ -145,6 +147,55 @@ async fn invalidate_by_id_is_a_dry_run_until_confirmed() {
         cache.get(&("acme", 2)).await.unwrap().as_deref(),
         Some("v2"),
         "only the named entry goes"
+    );
+}
+
+/// `KEYWARD_ENV` applies to the CLI as to a service (`Policy::with_env_overrides`): a confirmed
+/// invalidation with `KEYWARD_ENV=prod` acts on `prod:ops`, never on the file's `test:ops`, and says which
+/// namespace it acted on. Before, it bumped the file's namespace and printed only "invalidated".
+#[tokio::test]
+async fn invalidate_acts_on_the_namespace_keyward_env_names() {
+    let s = Setup::new();
+    let file = s.kw().await;
+    let prod_policy = Policy::from_file(Path::new(&s.policy))
+        .unwrap()
+        .with_env_overrides_from(|v| (v == "KEYWARD_ENV").then(|| "prod".to_owned()))
+        .unwrap();
+    let prod = Keyward::connect(&s.server.url(), prod_policy)
+        .await
+        .unwrap();
+    for kw in [&file, &prod] {
+        let cache = kw.cache::<String>("product").unwrap();
+        cache.set(&1, &"v".to_owned()).await.unwrap();
+    }
+    let url = s.server.url();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args([
+            "invalidate",
+            "--class",
+            "product",
+            "--confirm",
+            "product",
+            "--json",
+        ])
+        .args(["--policy", s.policy(), "--url", &url])
+        .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_APP")
+        .env("KEYWARD_ENV", "prod")
+        .output()
+        .unwrap();
+    let done = json(&out);
+    assert_eq!(done["namespace"], "prod:ops", "{done}");
+    assert_eq!(done["dry_run"], false);
+    let read = |kw: &Keyward| {
+        let cache = kw.cache::<String>("product").unwrap();
+        async move { cache.get(&1).await.unwrap() }
+    };
+    assert_eq!(read(&prod).await, None, "the prod entry is invalidated");
+    assert_eq!(
+        read(&file).await.as_deref(),
+        Some("v"),
+        "the file's namespace is untouched"
     );
 }
 

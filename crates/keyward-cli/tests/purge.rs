@@ -29,6 +29,8 @@ fn keyward(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(args)
         .env_remove("REDIS_URL")
+        .env_remove("KEYWARD_ENV")
+        .env_remove("KEYWARD_APP")
         .output()
         .expect("run the keyward binary")
 }
