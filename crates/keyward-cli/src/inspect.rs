@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::audit::display_key;
 use crate::bench::servers::Servers;
-use crate::error::{UsageError, usage};
+use crate::error::usage;
 use crate::redis_url::UrlArg;
 use crate::stream_info;
 
@@ -51,7 +51,7 @@ pub(crate) struct InspectArgs {
 /// # Errors
 /// A [`UsageError`] for a bad policy, key or flag; otherwise when Redis cannot be reached or refuses a read.
 pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    let policy = crate::policy_cmd::load(&args.policy)?;
     let key = parse_key(&args.key)?;
     if !(1..=65_536).contains(&args.max_bytes) {
         usage!(

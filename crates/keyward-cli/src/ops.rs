@@ -169,6 +169,7 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             .collect()
     };
     let url = args.target.url.resolve();
+    let namespace = namespace(&policy);
     runtime()?.block_on(async {
         let kw = connect(&url, policy).await?;
         if act {
@@ -192,13 +193,19 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    let doc = json!({ "dry_run": !act, "class": args.class, "invalidated": what });
+    let doc = json!({
+        "namespace": namespace,
+        "dry_run": !act,
+        "class": args.class,
+        "invalidated": what,
+    });
     print(&args.target, &doc, || {
         let mut text = if act {
-            "invalidated:\n".to_owned()
+            format!("invalidated in namespace {namespace}:\n")
         } else {
             format!(
-                "dry run (nothing changed; add --confirm {} to act), would invalidate:\n",
+                "dry run (nothing changed; add --confirm {} to act), would invalidate in namespace \
+                 {namespace}:\n",
                 args.class
             )
         };
@@ -218,16 +225,26 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
         } => {
             check_max(max)?;
             let policy = stream_policy(&target, &stream)?;
+            let namespace = namespace(&policy);
             let url = target.url.resolve();
             let letters = runtime()?.block_on(async {
                 let kw = connect(&url, policy).await?;
                 anyhow::Ok(kw.stream::<Value>(&stream)?.dead_letters(max).await?)
             })?;
             let doc = json!({
+                "namespace": namespace,
                 "stream": stream,
                 "dead_letters": letters.iter().map(letter_json).collect::<Vec<_>>(),
             });
-            print(&target, &doc, || letters_table(&letters, None))
+            print(&target, &doc, || {
+                let n = letters.len() as u64;
+                let head = format!(
+                    "{} of `{stream}` in namespace {namespace}{}\n",
+                    crate::words::count(n, "dead letter"),
+                    if n == 0 { "" } else { ":" }
+                );
+                letters_table(&letters, head)
+            })
         }
         DeadLettersCommand::Replay {
             target,
@@ -239,6 +256,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             check_max(max)?;
             filter.check()?;
             let policy = stream_policy(&target, &stream)?;
+            let namespace = namespace(&policy);
             let act = confirmed(confirm.as_deref(), &stream)?;
             let url = target.url.resolve();
             let moved = runtime()?.block_on(async {
@@ -250,6 +268,7 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
                 )
             })?;
             let doc = json!({
+                "namespace": namespace,
                 "stream": stream,
                 "dry_run": !act,
                 "replayed": moved.iter().map(|(d, new)| {
@@ -264,16 +283,17 @@ pub(crate) fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
                 let colon = if n == 0 { "" } else { ":" };
                 let head = if act {
                     format!(
-                        "replayed {} into `{stream}`{colon}\n",
+                        "replayed {} into `{stream}` in namespace {namespace}{colon}\n",
                         crate::words::count(n, "dead letter")
                     )
                 } else {
                     format!(
-                        "dry run (nothing changed; add --confirm {stream} to act): would replay {}{colon}\n",
+                        "dry run (nothing changed; add --confirm {stream} to act): would replay {} \
+                         into `{stream}` in namespace {namespace}{colon}\n",
                         crate::words::count(n, "dead letter")
                     )
                 };
-                letters_table(&letters, Some(head))
+                letters_table(&letters, head)
             })
         }
     }
@@ -291,15 +311,8 @@ fn letter_json(d: &DeadLetter) -> Value {
     })
 }
 
-fn letters_table(letters: &[DeadLetter], head: Option<String>) -> String {
-    let mut text = head.unwrap_or_else(|| {
-        let n = letters.len() as u64;
-        format!(
-            "{}{}\n",
-            crate::words::count(n, "dead letter"),
-            if n == 0 { "" } else { ":" }
-        )
-    });
+fn letters_table(letters: &[DeadLetter], head: String) -> String {
+    let mut text = head;
     for d in letters {
         // Group and error come from consumers (an error may quote the event): control characters are
         // written `\xNN`, so a letter cannot drive the operator's terminal or forge a line of the table.
@@ -335,9 +348,13 @@ fn confirmed(confirm: Option<&str>, name: &str) -> anyhow::Result<bool> {
     }
 }
 
+/// `env:app`, the namespace a command acts on (after `KEYWARD_ENV` / `KEYWARD_APP`), which its output names.
+fn namespace(policy: &Policy) -> String {
+    format!("{}:{}", policy.env(), policy.app())
+}
+
 fn load(target: &Target) -> anyhow::Result<Policy> {
-    // The PolicyError names the file, class and field.
-    Policy::from_file(&target.policy).map_err(|e| anyhow::Error::new(UsageError(e.to_string())))
+    Ok(crate::policy_cmd::load(&target.policy)?)
 }
 
 fn stream_policy(target: &Target, stream: &str) -> anyhow::Result<Policy> {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::walk::{self, KeyFacts, NodeState, NodeWalk, ResumePoint, ServerId, Walker};
 use crate::audit::{EXIT_INCOMPLETE, progress_bar, stop_on_signal};
 use crate::bench::servers::Servers;
-use crate::error::{UsageError, usage};
+use crate::error::usage;
 use crate::redis_url::UrlArg;
 
 /// The delete-if-unchanged script (see the module docs).
@@ -232,7 +232,7 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
 /// A [`UsageError`] for a bad policy, selection, confirmation, URL or token; otherwise when a server cannot
 /// be reached or refuses a command (the resume token is printed first).
 pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    let policy = crate::policy_cmd::load(&args.policy)?;
     if args.count == 0 || args.max_ops_per_sec == 0 {
         usage!("--count and --max-ops-per-sec must be at least 1");
     }

@@ -43,7 +43,7 @@ pub(crate) struct StreamsArgs {
 /// A [`UsageError`] for a bad policy or a name that is not a stream class; otherwise when Redis cannot be
 /// reached or refuses a read.
 pub(crate) fn run(args: StreamsArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    let policy = crate::policy_cmd::load(&args.policy)?;
     let names: Vec<String> = if args.streams.is_empty() {
         policy
             .classes()

@@ -30,7 +30,7 @@ use keyward::policy::Policy;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::servers::Servers;
-use crate::error::{UsageError, usage};
+use crate::error::usage;
 use crate::redis_url::UrlArg;
 use checks::{ServerInfo, StreamFindings};
 use report::ScanStats;
@@ -114,7 +114,7 @@ struct Msg {
 /// A [`UsageError`] for a bad policy, URL, token or flag; otherwise when a server cannot be reached or
 /// refuses a command (the resume token is printed first if keys were already counted).
 pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::from_file(&args.policy).map_err(|e| UsageError(e.to_string()))?;
+    let policy = crate::policy_cmd::load(&args.policy)?;
     if args.count == 0 {
         usage!("--count must be at least 1");
     }
