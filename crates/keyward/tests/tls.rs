@@ -11,7 +11,7 @@ use keyward::idempotency::{Begin, fingerprint};
 use keyward::policy::{Algorithm, CacheClass, IdempotencyClass, LockClass, Policy, RateLimitClass};
 use keyward::rate_limit::Source;
 use keyward::{ConnectOptions, Error, Keyward};
-use keyward_testkit::{ClusterOptions, RedisCluster, TestCerts, TlsServer};
+use keyward_testkit::{ClusterOptions, RedisCluster, RedisServer, TestCerts, TlsServer};
 
 fn policy() -> Policy {
     Policy::builder("test", "tls")
@@ -297,6 +297,29 @@ async fn bad_tls_files_are_typed_errors_naming_them() {
     assert!(
         !text.contains(key_fragment(certs.client_key_pem())),
         "{text}"
+    );
+}
+
+/// A `rediss://` URL against a port that speaks plain text: the server never answers the TLS handshake, so the
+/// connect runs into its timeout. The error said only "timed out"; it now names the likely cause.
+#[tokio::test]
+async fn a_rediss_url_against_a_plain_text_port_names_the_likely_cause() {
+    let certs = TestCerts::generate();
+    let plain = RedisServer::spawn_tcp();
+    let url = format!("rediss://127.0.0.1:{}/", plain.tcp_port().unwrap());
+    let err = Keyward::connect_with(
+        &url,
+        policy(),
+        ConnectOptions::default()
+            .tls_ca_pem(certs.ca_pem())
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .expect_err("no TLS server on that port");
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().contains("does this port speak TLS?"),
+        "{err}"
     );
 }
 
