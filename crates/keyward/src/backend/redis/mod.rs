@@ -303,13 +303,35 @@ async fn probe(
     let probe_config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.connect_timeout));
+    // A TLS client whose handshake gets no answer is most often a `rediss://` URL against a plain-text
+    // port (the server waits for a command line that never comes): say so, not only "timed out".
+    let tls = matches!(
+        client.get_connection_info().addr(),
+        ConnectionAddr::TcpTls { .. }
+    );
+    let unanswered = |reason: String| {
+        if tls {
+            format!(
+                "{reason} (the TLS handshake got no answer: does this port speak TLS? a rediss:// URL \
+                 against a plain-text port waits like this)"
+            )
+        } else {
+            reason
+        }
+    };
     let mut probe = tokio::time::timeout(
         options.connect_timeout,
         client.get_multiplexed_async_connection_with_config(&probe_config),
     )
     .await
-    .map_err(|_| format!("no answer within {:?}", options.connect_timeout))?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| unanswered(format!("no answer within {:?}", options.connect_timeout)))?
+    .map_err(|e| {
+        if e.is_timeout() {
+            unanswered(e.to_string())
+        } else {
+            e.to_string()
+        }
+    })?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("memory")
