@@ -49,7 +49,7 @@ pub(crate) struct InspectArgs {
 /// Runs `keyward inspect`. A key that does not exist is not an error: `"exists": false`.
 ///
 /// # Errors
-/// A [`UsageError`] for a bad policy, key or flag; otherwise when Redis cannot be reached or refuses a read.
+/// A [`UsageError`](crate::error::UsageError) for a bad policy, key or flag; otherwise when Redis cannot be reached or refuses a read.
 pub(crate) fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let policy = crate::policy_cmd::load(&args.policy)?;
     let key = parse_key(&args.key)?;

@@ -229,7 +229,7 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
 /// Runs `keyward purge`.
 ///
 /// # Errors
-/// A [`UsageError`] for a bad policy, selection, confirmation, URL or token; otherwise when a server cannot
+/// A [`UsageError`](crate::error::UsageError) for a bad policy, selection, confirmation, URL or token; otherwise when a server cannot
 /// be reached or refuses a command (the resume token is printed first).
 pub(crate) fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     let policy = crate::policy_cmd::load(&args.policy)?;

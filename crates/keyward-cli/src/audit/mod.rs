@@ -111,7 +111,7 @@ struct Msg {
 /// Runs `keyward audit`.
 ///
 /// # Errors
-/// A [`UsageError`] for a bad policy, URL, token or flag; otherwise when a server cannot be reached or
+/// A [`UsageError`](crate::error::UsageError) for a bad policy, URL, token or flag; otherwise when a server cannot be reached or
 /// refuses a command (the resume token is printed first if keys were already counted).
 pub(crate) fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let policy = crate::policy_cmd::load(&args.policy)?;
