@@ -558,6 +558,24 @@ const IN_GRACE_MS: u64 = 30_000;
 mod redis_cases {
     use super::*;
 
+    /// Fill `id` with `"v1"` tagged `tag`, then rewrite it behind keyward's back as a stale value (within
+    /// the grace) whose header records `epoch` (any text) for `tag`. Returns the entry's key.
+    async fn stale_recording(
+        c: &Cache<String>,
+        raw: &mut dyn ::redis::ConnectionLike,
+        id: u64,
+        tag: &str,
+        epoch: &str,
+    ) -> String {
+        c.get_or_set_tagged(&id, &[tag], || async { ok("v1") })
+            .await
+            .unwrap();
+        let key = c.key(&id).unwrap();
+        let stored = raw_get(raw, &key);
+        raw_set(raw, &key, &with_tag_epoch(&stored, tag, epoch), IN_GRACE_MS);
+        key
+    }
+
     /// A kept (stale) value whose header records a tag epoch of more digits than a `u64` holds: `fetch.lua`
     /// reads it (and grants the refill's lease over it), the client cannot. The refill must go on as for a
     /// value it cannot serve: a loader that succeeds fills the entry, one that fails is the caller's error.
@@ -573,13 +591,7 @@ mod redis_cases {
         for (round, loads) in [true, false].into_iter().enumerate() {
             let id = base + round as u64;
             let tag = format!("t:{id}");
-            c.get_or_set_tagged(&id, &[tag.as_str()], || async { ok("v1") })
-                .await
-                .unwrap();
-            let key = c.key(&id).unwrap();
-            let stored = raw_get(raw.as_mut(), &key);
-            let unreadable = with_tag_epoch(&stored, &tag, "1234567890123456789012345");
-            raw_set(raw.as_mut(), &key, &unreadable, IN_GRACE_MS);
+            stale_recording(&c, raw.as_mut(), id, &tag, "1234567890123456789012345").await;
             let got = c
                 .get_or_set_with_status(&id, || async { if loads { ok("v2") } else { down() } })
                 .await;
@@ -614,17 +626,7 @@ mod redis_cases {
         {
             let id = base + round as u64;
             let tag = format!("t:{id}");
-            c.get_or_set_tagged(&id, &[tag.as_str()], || async { ok("v1") })
-                .await
-                .unwrap();
-            let key = c.key(&id).unwrap();
-            let stored = raw_get(raw.as_mut(), &key);
-            raw_set(
-                raw.as_mut(),
-                &key,
-                &with_tag_epoch(&stored, &tag, epoch),
-                IN_GRACE_MS,
-            );
+            let key = stale_recording(&c, raw.as_mut(), id, &tag, epoch).await;
             let got = c.get_or_set_with_status(&id, || async { down() }).await;
             assert_served_stale(got, "v1");
             let copy = raw_get(raw.as_mut(), &key);
