@@ -323,6 +323,75 @@ async fn a_rediss_url_against_a_plain_text_port_names_the_likely_cause() {
     );
 }
 
+/// The "does this port speak TLS?" hint is for a port that answers plain-text Redis, and only that: a port
+/// that accepts the connection but never answers (a TLS server that is merely slow looks the same), a port
+/// whose connection is never accepted (a firewall dropping packets) and a closed port (refused) must not
+/// get it. The URL's password shows in neither the error's `Display` nor its `Debug`. Before, every timeout
+/// of a `rediss://` connect got the hint, even when no TCP connection was ever made.
+#[tokio::test]
+async fn the_tls_hint_fires_only_for_a_port_that_answers_plain_text() {
+    let certs = TestCerts::generate();
+    let connect = |port: u16| {
+        let ca = certs.ca_pem().to_owned();
+        async move {
+            Keyward::connect_with(
+                &format!("rediss://alice:s3cret-pw@127.0.0.1:{port}/"),
+                policy(),
+                ConnectOptions::default()
+                    .tls_ca_pem(ca)
+                    .connect_timeout(Duration::from_millis(500)),
+            )
+            .await
+            .expect_err("no TLS server on that port")
+        }
+    };
+    let check = |err: &Error, hint: bool, case: &str| {
+        assert!(matches!(err, Error::Connect { .. }), "{case}: {err}");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("s3cret-pw"), "{case}: {shown}");
+            assert_eq!(
+                shown.contains("does this port speak TLS?"),
+                hint,
+                "{case}: {shown}"
+            );
+        }
+    };
+
+    let plain = RedisServer::spawn_tcp();
+    let err = connect(plain.tcp_port().unwrap()).await;
+    check(&err, true, "plain-text Redis");
+
+    // Accepts every connection, never sends a byte.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let err = connect(silent_port).await;
+    check(&err, false, "a port that accepts and stays silent");
+    held.abort();
+
+    // Backlog 0, filled by one connection: the kernel drops every further SYN, so no TCP connection is made.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(0).unwrap();
+    let full_port = full.local_addr().unwrap().port();
+    let _filler = std::net::TcpStream::connect(("127.0.0.1", full_port)).unwrap();
+    let err = connect(full_port).await;
+    check(&err, false, "a port that never accepts");
+    drop(full);
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = connect(closed_port).await;
+    check(&err, false, "a closed port");
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+}
+
 #[tokio::test]
 async fn tls_options_need_a_rediss_url() {
     let certs = TestCerts::generate();
