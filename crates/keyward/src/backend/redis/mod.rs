@@ -290,6 +290,51 @@ fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
     Ok((client, server))
 }
 
+/// `reason` for a connect that got no answer in time, with what one look at the port tells when the URL is
+/// `rediss://`. A plain-text Redis port never answers a TLS handshake (it waits for a command line), so a
+/// `rediss://` URL against one only times out: a plain TCP connection sending `PING` tells that case apart
+/// (it gets `+PONG` or an `-ERR`/`-NOAUTH` line) from a port that accepts and stays silent (a slow TLS
+/// server, say) and from one whose connection is never accepted (a host or firewall dropping packets). The
+/// look takes at most `min(connect_timeout, 1 s)` and sends no credentials; the text holds none either.
+async fn unanswered(client: &Client, reason: String, connect_timeout: Duration) -> String {
+    let ConnectionAddr::TcpTls { host, port, .. } = client.get_connection_info().addr() else {
+        return reason;
+    };
+    let wait = connect_timeout.min(Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + wait;
+    let tcp = tokio::time::timeout_at(
+        deadline,
+        tokio::net::TcpStream::connect((host.as_str(), *port)),
+    )
+    .await;
+    let Ok(Ok(mut tcp)) = tcp else {
+        return format!(
+            "{reason} (no TCP connection to the port within {wait:?} either: is the host reachable and the \
+             port open, or does a firewall drop the packets?)"
+        );
+    };
+    let plain_text = tokio::time::timeout_at(deadline, async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut first = [0u8; 1];
+        tcp.write_all(b"PING\r\n").await.is_ok()
+            && matches!(tcp.read(&mut first).await, Ok(1))
+            && matches!(first[0], b'+' | b'-')
+    })
+    .await
+    .unwrap_or(false);
+    if plain_text {
+        format!(
+            "{reason} (the TLS handshake got no answer, but the port answers plain-text Redis: does this \
+             port speak TLS? use redis:// for it, or the server's TLS port)"
+        )
+    } else {
+        format!(
+            "{reason} (the port accepts TCP connections but answered neither the TLS handshake nor a \
+             plain-text PING: a slow or overloaded server?)"
+        )
+    }
+}
+
 /// One direct connection to `client`'s server: it reports the real reason (refused, auth, TLS) instead of
 /// retrying, checks the server version, with `must_be_master` that `ROLE` says `master`, and unless
 /// `cluster_node` that it is not a cluster node (a plain URL given for one). Returns the server's
@@ -303,35 +348,23 @@ async fn probe(
     let probe_config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.connect_timeout));
-    // A TLS client whose handshake gets no answer is most often a `rediss://` URL against a plain-text
-    // port (the server waits for a command line that never comes): say so, not only "timed out".
-    let tls = matches!(
-        client.get_connection_info().addr(),
-        ConnectionAddr::TcpTls { .. }
-    );
-    let unanswered = |reason: String| {
-        if tls {
-            format!(
-                "{reason} (the TLS handshake got no answer: does this port speak TLS? a rediss:// URL \
-                 against a plain-text port waits like this)"
-            )
-        } else {
-            reason
-        }
-    };
-    let mut probe = tokio::time::timeout(
+    let connected = tokio::time::timeout(
         options.connect_timeout,
         client.get_multiplexed_async_connection_with_config(&probe_config),
     )
-    .await
-    .map_err(|_| unanswered(format!("no answer within {:?}", options.connect_timeout)))?
-    .map_err(|e| {
-        if e.is_timeout() {
-            unanswered(e.to_string())
-        } else {
-            e.to_string()
-        }
-    })?;
+    .await;
+    let opened = match connected {
+        Ok(Ok(probe)) => Ok(probe),
+        Ok(Err(e)) if !e.is_timeout() => Err(e.to_string()),
+        Ok(Err(e)) => Err(unanswered(client, e.to_string(), options.connect_timeout).await),
+        Err(_) => Err(unanswered(
+            client,
+            format!("no answer within {:?}", options.connect_timeout),
+            options.connect_timeout,
+        )
+        .await),
+    };
+    let mut probe = opened?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("memory")
