@@ -917,3 +917,38 @@ fn line_of(text: &str, label: &str) -> String {
         .unwrap_or_else(|| panic!("no {label} line in:\n{text}"))
         .to_owned()
 }
+
+/// Under `KEYWARD_ENV`, a key of the file's own namespace is "outside the policy's namespace": the output
+/// says which namespace that is (text, and `namespace` in `--json`). Before, it said only "outside the
+/// policy's namespace" while the file named `test:insp`, the very namespace of the key.
+#[tokio::test]
+async fn inspect_names_the_namespace_it_classifies_against() {
+    let s = Setup::new();
+    let key = s.key("product", "7");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .query(&mut s.redis())
+        .unwrap();
+    let url = s.server.url();
+    let run = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+        cmd.args(["inspect", &key, "--policy", s.policy(), "--url", &url])
+            .env_remove("REDIS_URL")
+            .env_remove("KEYWARD_APP")
+            .env("KEYWARD_ENV", "prod");
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let doc = json(&run(true));
+    assert_eq!(doc["class"]["owner"], "outside_namespace", "{doc}");
+    assert_eq!(doc["namespace"], "prod:insp", "{doc}");
+    let out = run(false);
+    assert!(
+        stdout(&out).contains("outside the policy's namespace prod:insp"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -130,7 +130,10 @@ fn dry_run_deletes_nothing_and_confirm_deletes_exactly_the_old_version() {
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry.stderr));
     let out = text(&dry.stdout);
     assert!(out.starts_with("DRY RUN — nothing deleted"), "{out}");
-    assert!(out.contains("class product_list v1: 40 keys"), "{out}");
+    assert!(
+        out.contains("class product_list v1 in namespace prod:shop: 40 keys"),
+        "{out}"
+    );
     assert!(
         out.contains("prod:shop:product_list:v1:{en:caf\u{e9}%20"),
         "{out}"
@@ -598,4 +601,54 @@ fn a_resumed_purge_s_json_tells_this_run_from_the_whole_purge() {
     assert_eq!(done["since_start"]["keys_deleted"], 40, "{done}");
     let left = all_keys(&mut conn);
     assert!(v1.iter().all(|k| !left.contains(k)), "a v1 key survived");
+}
+
+/// `KEYWARD_ENV` applies to purge as to every command: a purge under `KEYWARD_ENV=stage` deletes only
+/// `stage:shop`'s keys, and its output names the namespace it acted on (text and `namespace` in `--json`),
+/// as `invalidate` and `dead-letters` do. Before, a confirmed purge said only "purge class product_list v1:
+/// deleted 2 keys", with nothing to show it had acted on another namespace than the file's `prod:shop`.
+#[test]
+fn purge_names_the_namespace_keyward_env_selects() {
+    let (server, mut conn, v1, _dir, policy) = setup();
+    set(&mut conn, b"stage:shop:product_list:v1:{a}", Some(600_000));
+    set(&mut conn, b"stage:shop:product_list:v1:{b}", Some(600_000));
+    let url = server.url();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["purge", "--class", "product_list", "--version", "1"])
+            .args(["--policy", &policy, "--url", &url])
+            .args(extra)
+            .env_remove("REDIS_URL")
+            .env_remove("KEYWARD_APP")
+            .env("KEYWARD_ENV", "stage")
+            .output()
+            .unwrap()
+    };
+    let dry = run(&["--json"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&dry.stdout).expect("valid JSON");
+    assert_eq!(doc["namespace"], "stage:shop", "{doc}");
+    assert_eq!(doc["this_run"]["keys_matched"], 2, "{doc}");
+
+    let dry = run(&[]);
+    assert!(
+        text(&dry.stdout).contains("in namespace stage:shop"),
+        "{}",
+        text(&dry.stdout)
+    );
+    let done = run(&["--confirm", "product_list"]);
+    assert_eq!(done.status.code(), Some(0), "{}", text(&done.stderr));
+    let out = text(&done.stdout);
+    assert!(out.contains("in namespace stage:shop"), "{out}");
+    assert!(out.contains("deleted 2 keys"), "{out}");
+    let keys = all_keys(&mut conn);
+    assert!(
+        v1.iter().all(|k| keys.contains(k)),
+        "prod:shop is untouched"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with(b"stage:shop:product_list:v1:"))
+    );
 }
