@@ -153,7 +153,14 @@ async fn describe(
     max_bytes: usize,
 ) -> anyhow::Result<Value> {
     let class = classify(policy, key);
-    let mut doc = json!({ "key": display_key(key), "class": class_json(&class) });
+    // The namespace the key was classified against (after KEYWARD_ENV / KEYWARD_APP): a key "outside the
+    // policy's namespace" says which namespace that was.
+    let namespace = format!("{}:{}", policy.env(), policy.app());
+    let mut doc = json!({
+        "key": display_key(key),
+        "namespace": namespace,
+        "class": class_json(&class),
+    });
     let (kind, pttl): (String, i64) = redis::pipe()
         .cmd("TYPE")
         .arg(key)
@@ -535,7 +542,13 @@ fn text(doc: &Value) -> String {
             }
         }
         Some("internal") => line("class", "keyward's own key (_kw)".to_owned()),
-        Some("outside_namespace") => line("class", "outside the policy's namespace".to_owned()),
+        Some("outside_namespace") => line(
+            "class",
+            format!(
+                "outside the policy's namespace {}",
+                plain(&doc["namespace"])
+            ),
+        ),
         _ => line(
             "class",
             "none: no class of the policy owns this key".to_owned(),

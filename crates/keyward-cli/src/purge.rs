@@ -568,6 +568,8 @@ fn join(first: Option<anyhow::Error>, second: anyhow::Error) -> anyhow::Error {
 struct Summary {
     /// The format's version: 1.
     keyward_purge: u32,
+    /// `env:app`, the namespace the purge acts on (after `KEYWARD_ENV` / `KEYWARD_APP`).
+    namespace: String,
     dry_run: bool,
     /// `version` (`--class` with `--version`), `all_versions` or `orphans`.
     selection: &'static str,
@@ -646,6 +648,7 @@ impl Summary {
         };
         Summary {
             keyward_purge: 1,
+            namespace: format!("{}:{}", policy.env(), policy.app()),
             dry_run: !confirmed,
             selection,
             class,
@@ -669,7 +672,7 @@ impl Summary {
         let (run, total) = (&self.this_run, &self.since_start);
         let incomplete = if self.complete { "" } else { " — INCOMPLETE" };
         let seconds = run.seconds.unwrap_or_default();
-        let what = &self.what;
+        let what = format!("{} in namespace {}", self.what, self.namespace);
         let keys = |n: u64| crate::words::count(n, "key");
         let bytes = |n: u64| crate::words::count(n, "byte");
         let changed = |n: u64| {
