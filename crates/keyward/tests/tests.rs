@@ -30,6 +30,7 @@ mod break_today;
 mod break_today2;
 mod break_wb;
 mod cache_batch;
+mod cache_commits;
 mod cache_failsafe;
 mod cache_l1;
 mod cache_tags;
