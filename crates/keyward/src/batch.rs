@@ -32,9 +32,105 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
+
+use crate::backend::slot_of;
+
+/// A [`Batcher`] with the lone caller's shortcut: the only call in flight is made by its caller, without the
+/// hop to a drive task, so that a lone caller's latency is one plain round trip; a call that meets others goes
+/// through the batcher. Rate-limit checks and cache commits use one per handle.
+pub(crate) struct Lane<I, O> {
+    batcher: Arc<Batcher<I, O>>,
+    /// Set while a call runs alone (outside the batcher), so that a second concurrent call batches.
+    alone: AtomicBool,
+}
+
+/// Held by the caller that runs alone ([`Lane::alone`]); clears the flag when its call ends (or its future is
+/// dropped).
+pub(crate) struct Alone<'a>(&'a AtomicBool);
+
+impl Drop for Alone<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl<I, O> Lane<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// A lane whose batches are as [`Batcher::new`]'s.
+    pub(crate) fn new(max_weight: usize, max_in_flight: usize) -> Self {
+        Lane {
+            batcher: Arc::new(Batcher::new(max_weight, max_in_flight)),
+            alone: AtomicBool::new(false),
+        }
+    }
+
+    /// `Some` when nothing else is in flight: the caller makes its call itself, holding the guard.
+    pub(crate) fn alone(&self) -> Option<Alone<'_>> {
+        (self.batcher.is_idle() && !self.alone.swap(true, Ordering::AcqRel))
+            .then_some(Alone(&self.alone))
+    }
+
+    /// The batcher, for a call that meets others.
+    pub(crate) fn batcher(&self) -> &Arc<Batcher<I, O>> {
+        &self.batcher
+    }
+}
+
+impl<I, O> std::fmt::Debug for Lane<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("batcher", &self.batcher)
+            .field("alone", &self.alone.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// One batch's calls on Redis: on Cluster (`cluster`), one per slot of `key(item)` (a script's keys must share
+/// a slot), keeping the queue's order within a slot and all sent at once; on a single server one call. `call`
+/// must answer each item of its group, in order. Returns one output per item, in the items' order; should a
+/// call answer fewer, the outputs stop at the first item left unanswered (its caller and those after it get
+/// [`Abandoned`]), so that no caller ever gets another's answer.
+pub(crate) async fn per_slot<'i, I, O, K, F, Fut>(
+    cluster: bool,
+    items: &'i [I],
+    key: K,
+    call: F,
+) -> Vec<O>
+where
+    K: Fn(&I) -> &[u8],
+    F: Fn(Vec<&'i I>) -> Fut,
+    Fut: Future<Output = Vec<O>>,
+{
+    if !cluster {
+        return call(items.iter().collect()).await;
+    }
+    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let slot = slot_of(key(item));
+        match slots.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, members)) => members.push(i),
+            None => slots.push((slot, vec![i])),
+        }
+    }
+    let calls = slots
+        .iter()
+        .map(|(_, members)| call(members.iter().map(|&i| &items[i]).collect()));
+    let answers = futures_util::future::join_all(calls).await;
+    let mut out: Vec<Option<O>> = items.iter().map(|_| None).collect();
+    for ((_, members), answers) in slots.iter().zip(answers) {
+        for (&i, answer) in members.iter().zip(answers) {
+            out[i] = Some(answer);
+        }
+    }
+    out.into_iter().map_while(|o| o).collect()
+}
 
 /// A caller's item that was queued but never answered: its batch's flush panicked, returned fewer outputs
 /// than items, or the runtime shut down while the batch was in flight.

@@ -3,7 +3,7 @@
 -- KEYS[1] entry key
 -- ARGV[1] lease prefix "L1:<token>:"  ARGV[2] value  ARGV[3] ttl (ms)  ARGV[4] wake-up channel (sharded on Cluster: ends in '}')
 -- Returns 1 if stored, 0 if refused.
-local head = redis.call('GETRANGE', KEYS[1], 0, 127)
+local head = redis.call('GETRANGE', KEYS[1], '0', '127')
 if string.sub(head, 1, #ARGV[1]) ~= ARGV[1] then
   return 0
 end

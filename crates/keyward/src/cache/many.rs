@@ -819,12 +819,9 @@ where
             let shared = payload.map_or(Shared::Negative, |p| Shared::Value(Bytes::from(p)));
             commits.push((u, guard, value, shared, stored, ttl));
         }
-        let inner = &self.kw.inner;
         let committed = join_all(commits.iter().map(|(_, guard, _, _, stored, ttl)| {
             let e = self.entry(&guard.key);
-            async move {
-                store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, stored, *ttl).await
-            }
+            async move { store::commit(&self.kw, &e, &guard.prefix, stored, *ttl).await }
         }))
         .await;
         for ((u, mut guard, value, shared, stored, ttl), committed) in

@@ -1713,18 +1713,8 @@ where
             .saturating_add(policy.stale_grace_value().unwrap_or_default())
             .saturating_add(policy.refresh_ahead_value().unwrap_or_default());
         let e = self.entry(&guard.key);
-        let inner = &self.kw.inner;
         let restamped = envelope::value(&stamp, &envelope::body(Some(&fb.payload)));
-        match store::commit(
-            &inner.backend,
-            &inner.bus,
-            &e,
-            &guard.prefix,
-            &restamped,
-            ttl,
-        )
-        .await
-        {
+        match store::commit(&self.kw, &e, &guard.prefix, &restamped, ttl).await {
             Ok(held) => {
                 let mut guard = guard;
                 guard.armed = false;
@@ -1917,9 +1907,7 @@ where
             None => Shared::Negative,
         };
         let e = self.entry(&guard.key);
-        let inner = &self.kw.inner;
-        let committed =
-            store::commit(&inner.backend, &inner.bus, &e, &guard.prefix, &stored, ttl).await;
+        let committed = store::commit(&self.kw, &e, &guard.prefix, &stored, ttl).await;
         match committed {
             Ok(true) => {
                 let mut guard = guard;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::Keyward;
 use crate::backend::wake::WakeBus;
 use crate::backend::{
     Backend, Call, Kv, Namespace, Pipeline, Reply, Undo, Val, ViewEpochs, scripts,
@@ -30,10 +31,12 @@ use crate::error::{Error, Result};
 /// The batch fetch (`Cache::get_or_set_many`), in its own file.
 pub(super) mod many;
 
+/// Batched commits on Redis.
+pub(crate) mod commits;
+
 scripts! {
     fetch: "epochs.lua", "fetch.lua";
     read: "epochs.lua", "read.lua";
-    commit: "commit.lua";
     release: "release.lua";
     set: "epochs.lua", "set.lua";
     wb_set: "epochs.lua", "wb_set.lua", "set.lua";
@@ -965,27 +968,21 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
 }
 
 /// Store `value` (a full envelope) only if the lease whose marker starts with `lease_prefix` is still held.
-/// Embedded, a value that cannot fit in its class's budget even after evicting is not stored (false).
+/// Embedded, a value that cannot fit in its class's budget even after evicting is not stored (false). On Redis,
+/// concurrent commits of the handle share script calls ([`commits`]).
 pub(crate) async fn commit(
-    b: &Backend,
-    bus: &WakeBus,
+    kw: &Keyward,
     e: &Entry<'_>,
     lease_prefix: &str,
     value: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    let call = SCRIPTS
-        .commit
-        .call("commit")
-        .key(e.key)
-        .arg(lease_prefix)
-        .arg(value)
-        .arg(millis(ttl))
-        .arg(&*e.wake)
-        .evicting();
-    let stored = b
-        .atomic(
-            call,
+    let b = &kw.inner.backend;
+    let stored = if b.batching().is_some() {
+        commits::commit(kw, e, lease_prefix, value, ttl).await?
+    } else {
+        b.atomic(
+            commits::single(e.key, lease_prefix, value, ttl, &e.wake),
             |kv| {
                 if !holds(kv, e.key, lease_prefix) {
                     return false;
@@ -995,9 +992,10 @@ pub(crate) async fn commit(
             },
             |reply| Some(reply.int()? == 1),
         )
-        .await?;
+        .await?
+    };
     // Local waiters (the embedded backend has no pub/sub; on Redis the script published too).
-    bus.wake(e.key);
+    kw.inner.bus.wake(e.key);
     Ok(stored)
 }
 

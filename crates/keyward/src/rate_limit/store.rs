@@ -8,14 +8,13 @@
 //! types, and a value that does not parse counts as absent, as `tonumber(x) or …` does in the script.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
 use super::algo::{Group, Spec, State, Verdict, Write};
 use crate::Keyward;
-use crate::backend::{Backend, Call, Kv, Reply, Val, scripts, slot_of};
-use crate::batch::{Batcher, Unanswered};
+use crate::backend::{Backend, Call, Kv, Reply, Val, scripts};
+use crate::batch::{Lane, Unanswered, per_slot};
 use crate::error::{Error, Result};
 use crate::policy::Algorithm;
 
@@ -38,7 +37,7 @@ pub(crate) struct RateCall<'a> {
     pub(crate) consume: bool,
 }
 
-/// One grouped check that owns its parts, so that it can wait in the [`RateBatcher`]'s queue.
+/// One grouped check that owns its parts, so that it can wait in the [`Batching`] queue.
 pub(crate) struct Queued {
     pub(crate) keys: Arc<[String]>,
     pub(crate) specs: Arc<[Spec]>,
@@ -61,33 +60,14 @@ impl Queued {
     }
 }
 
-/// Batches the concurrent checks of one [`Keyward`](crate::Keyward) handle (every class, every identity):
-/// each item is one check, each output its answer.
-type RateBatcher = Batcher<Queued, Result<RateReply>>;
-
-/// How the checks of one [`Keyward`](crate::Keyward) handle reach Redis: a lone check in a call of its own,
-/// made by its caller; checks that meet others through the batcher.
-pub(crate) struct Batching {
-    batcher: Arc<RateBatcher>,
-    /// Set while a check runs alone (outside the batcher), so that a second concurrent check batches.
-    alone: AtomicBool,
-}
+/// How the checks of one [`Keyward`](crate::Keyward) handle (every class, every identity) reach Redis: a lone
+/// check in a call of its own, made by its caller; checks that meet others batched, each item one check, each
+/// output its answer.
+pub(crate) struct Batching(Lane<Queued, Result<RateReply>>);
 
 impl Default for Batching {
     fn default() -> Self {
-        Batching {
-            batcher: Arc::new(RateBatcher::new(MAX_BATCH_LIMITS, BATCH_CALLS_IN_FLIGHT)),
-            alone: AtomicBool::new(false),
-        }
-    }
-}
-
-/// Clears [`Batching::alone`] when the lone check ends (or its future is dropped).
-struct Alone<'a>(&'a AtomicBool);
-
-impl Drop for Alone<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        Batching(Lane::new(MAX_BATCH_LIMITS, BATCH_CALLS_IN_FLIGHT))
     }
 }
 
@@ -221,8 +201,7 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
     }
     // The only check in flight: made by its caller, without the hop to a batch task, so that a lone
     // caller's latency is one plain round trip. The flag sends the next concurrent check to the batcher.
-    if batching.batcher.is_idle() && !batching.alone.swap(true, Ordering::AcqRel) {
-        let _alone = Alone(&batching.alone);
+    if let Some(_alone) = batching.0.alone() {
         return check(b, &queued.call()).await;
     }
     let weight = queued.keys.len();
@@ -230,7 +209,7 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
     let waiting = kw.clone();
     // Each call is bounded by the response timeout, and so is the whole wait. One given up may still be
     // sent (and charged once, like any timed-out check).
-    let answer = batching.batcher.submit_within(
+    let answer = batching.0.batcher().submit_within(
         queued,
         weight,
         move |items| flush(waiting.clone(), items),
@@ -248,35 +227,17 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
     }
 }
 
-/// One batch: on standalone Redis one script call; on Cluster one per slot, sent at once.
+/// One batch: on standalone Redis one script call; on Cluster one per slot (the keys of one check share a
+/// hash tag), sent at once.
 async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Result<RateReply>> {
     let b = &kw.inner.backend;
-    if b.batching() != Some(true) {
-        let all: Vec<&Queued> = items.iter().collect();
-        return call_many(b, &all).await;
-    }
-    // Group by slot (the keys of one check share a hash tag), keeping the queue's order within a slot.
-    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (i, q) in items.iter().enumerate() {
-        let slot = slot_of(q.keys[0].as_bytes());
-        match slots.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, members)) => members.push(i),
-            None => slots.push((slot, vec![i])),
-        }
-    }
-    let calls = slots.iter().map(|(_, members)| {
-        let group: Vec<&Queued> = members.iter().map(|&i| &items[i]).collect();
-        async move { call_many(b, &group).await }
-    });
-    let answers = futures_util::future::join_all(calls).await;
-    let mut out: Vec<Option<Result<RateReply>>> = items.iter().map(|_| None).collect();
-    for ((_, members), answers) in slots.iter().zip(answers) {
-        for (&i, answer) in members.iter().zip(answers) {
-            out[i] = Some(answer);
-        }
-    }
-    // Every position was filled: each item is in exactly one slot group, and `call_many` answers each.
-    out.into_iter().flatten().collect()
+    per_slot(
+        b.batching() == Some(true),
+        &items,
+        |q| q.keys[0].as_bytes(),
+        |group| async move { call_many(b, &group).await },
+    )
+    .await
 }
 
 /// The checks `items` (all in one slot on Cluster) in one script call; a lone check takes [`check`].
