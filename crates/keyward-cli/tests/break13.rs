@@ -1241,6 +1241,28 @@ fn connection_errors_name_the_server_and_hide_the_password() {
     }
 }
 
+/// `keyward bench` names the server it could not reach (never the password) with the hint the other commands
+/// give, worded for its own rule (no URL at all measures the embedded backend).
+#[test]
+fn bench_connection_errors_carry_the_hint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://u:s3cret@127.0.0.1:{port}");
+    let out = keyward(&["bench", "hit", "--url", &url, "-d", "1"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot connect to Redis at 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("is it up"), "no hint: {err}");
+    assert!(err.contains("embedded backend"), "bench's own rule: {err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
 /// A delete script the server refuses for every key is one error with a count (it used to print one
 /// `NoPerm: …: NoPerm: …` line per key), and the summary of what was done is still printed.
 #[test]
