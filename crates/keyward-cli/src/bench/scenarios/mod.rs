@@ -136,10 +136,17 @@ enum Ready {
 ///
 /// # Errors
 /// A [`UsageError`] for an invalid policy or URL; otherwise when connecting or warming up fails.
+/// Said after a failure to reach the server, as [`crate::redis_url::HINT`] is by the other commands, with
+/// `bench`'s own rule for picking the server.
+const UNREACHABLE_HINT: &str = "is it up, and is it the server meant? (--url, else $REDIS_URL; with \
+                                neither, bench measures the embedded backend)";
+
 pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Result<Prepared> {
     let policy = policy(app, &work).map_err(|e| anyhow::Error::new(UsageError(e.to_string())))?;
     let kw = Keyward::connect(url, policy).await.map_err(|e| match e {
         keyward::Error::InvalidUrl { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        // As every command says after failing to reach a server: what to check (bench's own URL rule).
+        keyward::Error::Connect { .. } => anyhow::anyhow!("{e} — {UNREACHABLE_HINT}"),
         other => anyhow::Error::new(other),
     })?;
     let ready = match family(work.scenario) {
