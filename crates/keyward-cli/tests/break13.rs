@@ -1200,17 +1200,22 @@ fn deleted_count(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no deleted count in {line:?}"))
 }
 
-/// Every command that talks to Redis names the server it could not reach (never the password) with the
-/// same hint, and a URL that does not parse is bad usage said plainly (exit 2).
-#[test]
-fn connection_errors_name_the_server_and_hide_the_password() {
-    let (_dir, policy) = policy_file();
+/// A local port nothing listens on (bound, then let go), and a URL for it with the password `s3cret`.
+fn nobody_listening() -> (u16, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("redis://u:s3cret@127.0.0.1:{port}");
+    (port, format!("redis://u:s3cret@127.0.0.1:{port}"))
+}
+
+/// Every command that talks to Redis names the server it could not reach (never the password) with the
+/// same hint, and a URL that does not parse is bad usage said plainly (exit 2).
+#[test]
+fn connection_errors_name_the_server_and_hide_the_password() {
+    let (_dir, policy) = policy_file();
+    let (port, url) = nobody_listening();
     let commands: [&[&str]; 6] = [
         &["audit"],
         &["purge", "--orphans", "dev:shop:legacy:*"],
@@ -1245,12 +1250,7 @@ fn connection_errors_name_the_server_and_hide_the_password() {
 /// give, worded for its own rule (no URL at all measures the embedded backend).
 #[test]
 fn bench_connection_errors_carry_the_hint() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("redis://u:s3cret@127.0.0.1:{port}");
+    let (port, url) = nobody_listening();
     let out = keyward(&["bench", "hit", "--url", &url, "-d", "1"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -981,18 +981,7 @@ pub(crate) async fn commit(
     let stored = if b.batching().is_some() {
         commits::commit(kw, e, lease_prefix, value, ttl).await?
     } else {
-        b.atomic(
-            commits::single(e.key, lease_prefix, value, ttl, &e.wake),
-            |kv| {
-                if !holds(kv, e.key, lease_prefix) {
-                    return false;
-                }
-                let until = kv.now_us().saturating_add(micros(ttl));
-                kv.put_evictable(e.key, Bytes::copy_from_slice(value), until)
-            },
-            |reply| Some(reply.int()? == 1),
-        )
-        .await?
+        commits::single(b, e.key, lease_prefix, value, ttl, &e.wake).await?
     };
     // Local waiters (the embedded backend has no pub/sub; on Redis the script published too).
     kw.inner.bus.wake(e.key);

@@ -59,7 +59,7 @@ impl Default for Commits {
 }
 
 /// `commit.lua` for one entry.
-pub(super) fn single(key: &str, prefix: &str, value: &[u8], ttl: Duration, wake: &str) -> Call {
+fn single_call(key: &str, prefix: &str, value: &[u8], ttl: Duration, wake: &str) -> Call {
     SCRIPTS
         .commit
         .call("commit")
@@ -86,7 +86,7 @@ pub(super) async fn commit(
     let b = &kw.inner.backend;
     let lane = kw.shared::<Commits>();
     if let Some(_alone) = lane.0.alone() {
-        return run_single(b, e.key, prefix, value, ttl, &e.wake).await;
+        return single(b, e.key, prefix, value, ttl, &e.wake).await;
     }
     let queued = Queued {
         key: e.key.to_owned(),
@@ -114,7 +114,8 @@ pub(super) async fn commit(
     }
 }
 
-async fn run_single(
+/// One entry's commit in a call of its own (`commit.lua`, or its mirror embedded).
+pub(super) async fn single(
     b: &Backend,
     key: &str,
     prefix: &str,
@@ -123,7 +124,7 @@ async fn run_single(
     wake: &str,
 ) -> Result<bool> {
     b.atomic(
-        single(key, prefix, value, ttl, wake),
+        single_call(key, prefix, value, ttl, wake),
         |kv| {
             if !holds(kv, key, prefix) {
                 return false;
@@ -151,7 +152,7 @@ async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Result<bool>> {
 /// The commits `items` (one slot on Cluster) in one script call; a lone one takes `commit.lua`.
 async fn call_many(b: &Backend, items: &[&Queued]) -> Vec<Result<bool>> {
     if let [q] = items {
-        return vec![run_single(b, &q.key, &q.prefix, &q.value, q.ttl, &q.wake).await];
+        return vec![single(b, &q.key, &q.prefix, &q.value, q.ttl, &q.wake).await];
     }
     let mut call = SCRIPTS.commit_many.call("commit").evicting();
     for q in items {
