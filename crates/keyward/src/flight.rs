@@ -27,10 +27,15 @@ pub(crate) enum Shared {
 pub(crate) type Outcome = Result<Shared, Error>;
 type Slot = watch::Receiver<Option<Outcome>>;
 
+/// The flights' table hasher: foldhash (randomly seeded), as the in-process tier's; a miss pays a lookup here
+/// when it joins and when it completes.
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Default)]
 pub(crate) struct Flights {
-    // A std mutex: held only for a map operation, never across an await.
-    map: Mutex<HashMap<String, (u64, Slot, tokio::time::Instant)>>,
+    // A std mutex: held only for a map operation, never across an await. The key is shared with the flight's
+    // leader (one allocation per flight).
+    map: Mutex<HashMap<Arc<str>, (u64, Slot, tokio::time::Instant), Hasher>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -41,9 +46,11 @@ pub(crate) enum Role {
 
 pub(crate) struct Leader {
     flights: Arc<Flights>,
-    key: String,
+    key: Arc<str>,
     id: u64,
     tx: watch::Sender<Option<Outcome>>,
+    /// Set by [`Leader::complete`], which has retired the flight already: dropping it then has nothing to do.
+    retired: bool,
 }
 
 impl Flights {
@@ -72,12 +79,14 @@ impl Flights {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        map.insert(key.to_owned(), (id, rx, tokio::time::Instant::now()));
+        let key: Arc<str> = Arc::from(key);
+        map.insert(Arc::clone(&key), (id, rx, tokio::time::Instant::now()));
         Role::Leader(Leader {
             flights: Arc::clone(self),
-            key: key.to_owned(),
+            key,
             id,
             tx,
+            retired: false,
         })
     }
 
@@ -117,9 +126,10 @@ impl Flights {
 
 impl Leader {
     /// Publish the outcome to every follower and retire the flight.
-    pub(crate) fn complete(self, outcome: Outcome) {
+    pub(crate) fn complete(mut self, outcome: Outcome) {
         // Remove first: a caller arriving after this point starts a fresh fetch rather than reusing a result.
         self.flights.remove_if(&self.key, self.id);
+        self.retired = true;
         let _ = self.tx.send(Some(outcome));
     }
 }
@@ -128,7 +138,9 @@ impl Drop for Leader {
     fn drop(&mut self) {
         // Completed leaders already removed themselves; a dropped (cancelled) one must too, and its followers
         // see the sender close.
-        self.flights.remove_if(&self.key, self.id);
+        if !self.retired {
+            self.flights.remove_if(&self.key, self.id);
+        }
     }
 }
 
