@@ -31,11 +31,14 @@ type Slot = watch::Receiver<Option<Outcome>>;
 /// when it joins and when it completes.
 type Hasher = foldhash::fast::RandomState;
 
+/// A flight in the table: its id, its outcome's slot, and when it started.
+type Flight = (u64, Slot, tokio::time::Instant);
+
 #[derive(Default)]
 pub(crate) struct Flights {
     // A std mutex: held only for a map operation, never across an await. The key is shared with the flight's
     // leader (one allocation per flight).
-    map: Mutex<HashMap<Arc<str>, (u64, Slot, tokio::time::Instant), Hasher>>,
+    map: Mutex<HashMap<Arc<str>, Flight, Hasher>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
