@@ -121,6 +121,435 @@ async fn a_batched_commit_refused_by_a_demoted_server_fails_open_as_a_lone_one()
     );
 }
 
+/// Sets `CONFIG SET name value` on the test's server.
+fn config_set(h: &Harness, name: &str, value: &str) {
+    let () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query(&mut h.server().unwrap().connection())
+        .unwrap();
+}
+
+/// The server stops (SIGSTOP) after the fills leased and while their commits go out and queue: every caller
+/// returns within a few response timeouts (fail open: its value), none waits for the batch it queued
+/// behind; once the server runs again, a caller of each id gets an answer within the lease's TTL (a lease
+/// left behind blocks no one longer), and the handle stores again (the breaker recovered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_caller_returns_within_the_response_timeout_when_the_server_stalls_mid_batch() {
+    let mut h = Harness::redis();
+    let url = h.url().unwrap();
+    let timeout = Duration::from_millis(300);
+    let options = ConnectOptions::default().response_timeout(timeout);
+    let kw = Keyward::connect_with(&url, h.policy(), options)
+        .await
+        .unwrap();
+    let c = kw.cache::<u64>("product").unwrap();
+    let released = std::sync::Mutex::new(None);
+    let answers = tokio::time::timeout(
+        SOON,
+        fill_all_at_once(&c, || async {
+            h.server_mut().unwrap().pause();
+            *released.lock().unwrap() = Some(Instant::now());
+        }),
+    )
+    .await
+    .expect("the fills hung on a stalled server");
+    let took = released.lock().unwrap().unwrap().elapsed();
+    h.server_mut().unwrap().resume();
+    for (id, got) in &answers {
+        assert_eq!(
+            got.as_ref().ok(),
+            Some(&(u64::from(*id) * 10)),
+            "id {id}: fails open ({got:?})"
+        );
+    }
+    assert!(
+        took < timeout * 4 + Duration::from_secs(1),
+        "callers waited {took:?} on a stalled server (response timeout {timeout:?})"
+    );
+    // After the stall: each id answers within the lease TTL (10 s), with its load or the new one.
+    let lease = Duration::from_secs(10);
+    let after = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for id in 0..FILLS {
+        let c = c.clone();
+        set.spawn(async move {
+            let got = c
+                .get_or_set(&id, || async move {
+                    Ok::<_, std::io::Error>(u64::from(id) * 10 + 1)
+                })
+                .await;
+            (id, got)
+        });
+    }
+    let all = tokio::time::timeout(lease + Duration::from_secs(5), async {
+        let mut out = Vec::new();
+        while let Some(j) = set.join_next().await {
+            out.push(j.unwrap());
+        }
+        out
+    })
+    .await
+    .expect("a lease left by the stall blocked callers beyond its TTL");
+    for (id, got) in all {
+        let v = got.unwrap_or_else(|e| panic!("id {id} after the stall: {e}"));
+        assert!(
+            v == u64::from(id) * 10 || v == u64::from(id) * 10 + 1,
+            "id {id}: {v}"
+        );
+    }
+    assert!(after.elapsed() < lease + Duration::from_secs(5));
+    // The breaker recovered: a new id is stored.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let id = 1000u32;
+        let _ = c
+            .get_or_set(&id, || async { Ok::<_, std::io::Error>(7) })
+            .await;
+        if c.get(&id).await.ok().flatten() == Some(7) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the handle never stores again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Half the callers are dropped (cancelled) while their commits wait behind a stalled server; the other half
+/// must each get their own value, stored, and a later caller of a dropped id is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_dropped_while_their_commits_wait_do_not_break_their_batch_mates() {
+    let mut h = Harness::redis();
+    let url = h.url().unwrap();
+    let options = ConnectOptions::default().response_timeout(Duration::from_secs(10));
+    let kw = Keyward::connect_with(&url, h.policy(), options)
+        .await
+        .unwrap();
+    let c = kw.cache::<u64>("product").unwrap();
+    let (loading, release) = (
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+    );
+    let loaded = Arc::new(Barrier::new(FILLS as usize + 1));
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let mut callers = tokio::task::JoinSet::new();
+    for id in 0..FILLS {
+        let (c, loading, release, loaded, cancel) = (
+            c.clone(),
+            loading.clone(),
+            release.clone(),
+            loaded.clone(),
+            cancel.clone(),
+        );
+        callers.spawn(async move {
+            let cancelled = cancel.notified();
+            let call = c.get_or_set(&id, || async move {
+                loading.wait().await;
+                release.wait().await;
+                loaded.wait().await;
+                Ok::<_, std::io::Error>(u64::from(id) * 10)
+            });
+            if id % 2 == 1 {
+                tokio::select! {
+                    got = call => (id, Some(got)),
+                    () = cancelled => (id, None),
+                }
+            } else {
+                (id, Some(call.await))
+            }
+        });
+    }
+    loading.wait().await;
+    h.server_mut().unwrap().pause();
+    release.wait().await;
+    loaded.wait().await;
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    cancel.notify_waiters();
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    h.server_mut().unwrap().resume();
+    let answers = tokio::time::timeout(SOON, async {
+        let mut out = BTreeMap::new();
+        while let Some(j) = callers.join_next().await {
+            let (id, got) = j.unwrap();
+            out.insert(id, got);
+        }
+        out
+    })
+    .await
+    .expect("callers hung");
+    for (id, got) in &answers {
+        if id % 2 == 0 {
+            let got = got.as_ref().unwrap();
+            assert_eq!(got.as_ref().ok(), Some(&(u64::from(*id) * 10)), "id {id}");
+            assert_eq!(
+                c.get(id).await.unwrap(),
+                Some(u64::from(*id) * 10),
+                "id {id} stored"
+            );
+        }
+    }
+    for id in (1..FILLS).step_by(2) {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.get_or_set(&id, || async move {
+                Ok::<_, std::io::Error>(u64::from(id) * 10)
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("id {id}: a dropped caller's lease blocks"))
+        .unwrap();
+        assert_eq!(got, u64::from(id) * 10);
+    }
+}
+
+/// Under `maxmemory` with `noeviction`, commits refused with `OOM` fail open (each caller its own value),
+/// batched or alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_refused_for_memory_each_fail_open() {
+    let h = Harness::redis();
+    let kw = h.keyward().await;
+    let c = kw.cache::<u64>("product").unwrap();
+    let answers = tokio::time::timeout(
+        SOON,
+        fill_all_at_once(&c, || async {
+            config_set(&h, "maxmemory-policy", "noeviction");
+            config_set(&h, "maxmemory", "1");
+        }),
+    )
+    .await
+    .expect("the fills hung");
+    config_set(&h, "maxmemory", "0");
+    for (id, got) in &answers {
+        assert_eq!(
+            got.as_ref().ok(),
+            Some(&(u64::from(*id) * 10)),
+            "id {id}: {got:?}"
+        );
+    }
+}
+
+/// As the documented ACL user without `publish`/`spublish`: a commit whose lease has a waiter stores its value
+/// but its publish fails; every such caller gets the error (batched or alone), none silently succeeds, and
+/// the values are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_publish_grant_fails_each_waited_on_commit() {
+    let mut h = Harness::redis();
+    let app = h.app().to_owned();
+    crate::common::restrict_to_documented_acl(h.server_mut().unwrap(), "test", &app);
+    let () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("keyward")
+        .arg("-publish")
+        .arg("-spublish")
+        .query(&mut h.server().unwrap().connection())
+        .unwrap();
+    let handles = h.handles(2).await;
+    let (a, b) = (
+        handles[0].cache::<u64>("product").unwrap(),
+        handles[1].cache::<u64>("product").unwrap(),
+    );
+    let keys: Vec<String> = (0..FILLS).map(|id| a.key(&id).unwrap()).collect();
+    let mut waiters = tokio::task::JoinSet::new();
+    let answers = fill_all_at_once(&a, || async {
+        for id in 0..FILLS {
+            let b = b.clone();
+            waiters.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    b.get_or_set(&id, || async { Ok::<_, std::io::Error>(9999) }),
+                )
+                .await;
+            });
+        }
+        let mut con = h.server().unwrap().connection();
+        let deadline = Instant::now() + SOON;
+        for key in &keys {
+            loop {
+                let head: Vec<u8> = ::redis::cmd("GETRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(127)
+                    .query(&mut con)
+                    .unwrap();
+                if head.get(36) == Some(&b'1') {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "B never waited on {key}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await;
+    waiters.abort_all();
+    for (id, got) in &answers {
+        assert!(
+            got.is_err(),
+            "id {id}: a missing publish grant must show: {got:?}"
+        );
+        let mut con = h.server().unwrap().connection();
+        let ty: String = ::redis::cmd("TYPE")
+            .arg(&keys[*id as usize])
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(ty, "string", "id {id}");
+    }
+    // The value stays stored (as commit.lua's SET before its failing publish).
+    for id in 0..FILLS {
+        assert_eq!(
+            a.get(&id).await.unwrap(),
+            Some(u64::from(id) * 10),
+            "id {id}"
+        );
+    }
+}
+
+/// Values from 0 bytes to nearly 1 MiB, committed at once: each caller gets and stores its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_very_different_sizes_commit_together() {
+    let h = Harness::redis();
+    let kw = h.keyward().await;
+    let c = kw.cache::<String>("product").unwrap();
+    let sizes: Vec<usize> = vec![
+        0,
+        1,
+        1000,
+        1023,
+        1024,
+        1025,
+        16 * 1024,
+        31 * 1024,
+        32 * 1024,
+        33 * 1024,
+        200 * 1024,
+        (1 << 20) - 64,
+    ];
+    let n = sizes.len() * 3;
+    let (loading, release) = (Arc::new(Barrier::new(n + 1)), Arc::new(Barrier::new(n + 1)));
+    let mut callers = tokio::task::JoinSet::new();
+    for id in 0..n {
+        let size = sizes[id % sizes.len()];
+        let (c, loading, release) = (c.clone(), loading.clone(), release.clone());
+        callers.spawn(async move {
+            let value: String =
+                std::iter::repeat_n(char::from(b'a' + (id % 26) as u8), size).collect();
+            let expect = value.clone();
+            let got = c
+                .get_or_set(&(id as u64), || async move {
+                    loading.wait().await;
+                    release.wait().await;
+                    Ok::<_, std::io::Error>(value)
+                })
+                .await;
+            (id, expect, got)
+        });
+    }
+    loading.wait().await;
+    release.wait().await;
+    while let Some(j) = callers.join_next().await {
+        let (id, expect, got) = j.unwrap();
+        assert_eq!(got.unwrap(), expect, "id {id}");
+        assert_eq!(
+            c.get(&(id as u64)).await.unwrap(),
+            Some(expect),
+            "id {id} stored"
+        );
+    }
+}
+
+/// The connection is cut while commits are in flight (sent into a partition) and queued behind them: every
+/// caller returns (fail open, its own value) well within the response timeout, and afterwards each id answers
+/// within the lease TTL and the handle stores again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_batch_fails_each_caller_open_and_recovers() {
+    let server = keyward_testkit::RedisServer::spawn_tcp();
+    let proxy = keyward_testkit::TcpProxy::to_server(&server);
+    let h = Harness::embedded(); // only for its policy
+    let timeout = Duration::from_secs(5);
+    let options = ConnectOptions::default().response_timeout(timeout);
+    let kw = Keyward::connect_with(&proxy.url(), h.policy(), options)
+        .await
+        .unwrap();
+    let c = kw.cache::<u64>("product").unwrap();
+    let (loading, release) = (
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+    );
+    let loaded = Arc::new(Barrier::new(FILLS as usize + 1));
+    let mut callers = tokio::task::JoinSet::new();
+    for id in 0..FILLS {
+        let (c, loading, release, loaded) =
+            (c.clone(), loading.clone(), release.clone(), loaded.clone());
+        callers.spawn(async move {
+            let got = c
+                .get_or_set(&id, || async move {
+                    loading.wait().await;
+                    release.wait().await;
+                    loaded.wait().await;
+                    Ok::<_, std::io::Error>(u64::from(id) * 10)
+                })
+                .await;
+            (id, got)
+        });
+    }
+    loading.wait().await;
+    proxy.blackhole();
+    release.wait().await;
+    loaded.wait().await;
+    for _ in 0..64 {
+        tokio::task::yield_now().await;
+    }
+    let cut = Instant::now();
+    proxy.refuse();
+    proxy.forward();
+    let answers = tokio::time::timeout(SOON, async {
+        let mut out = BTreeMap::new();
+        while let Some(j) = callers.join_next().await {
+            let (id, got) = j.unwrap();
+            out.insert(id, got);
+        }
+        out
+    })
+    .await
+    .expect("callers hung after the cut");
+    let took = cut.elapsed();
+    for (id, got) in &answers {
+        assert_eq!(
+            got.as_ref().ok(),
+            Some(&(u64::from(*id) * 10)),
+            "id {id}: {got:?}"
+        );
+    }
+    assert!(took < timeout, "callers took {took:?} after the cut");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for id in 0..FILLS {
+        let got = tokio::time::timeout_at(
+            deadline.into(),
+            c.get_or_set(&id, || async move {
+                Ok::<_, std::io::Error>(u64::from(id) * 10)
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("id {id}: blocked after the cut"));
+        assert_eq!(got.ok(), Some(u64::from(id) * 10), "id {id} after the cut");
+    }
+    let deadline = Instant::now() + SOON;
+    loop {
+        let id = 1000u32;
+        let _ = c
+            .get_or_set(&id, || async { Ok::<_, std::io::Error>(7) })
+            .await;
+        if c.get(&id).await.ok().flatten() == Some(7) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the handle never stores again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 mod cases {
     use super::*;
 
