@@ -550,6 +550,72 @@ async fn a_connection_cut_mid_batch_fails_each_caller_open_and_recovers() {
     }
 }
 
+/// Redis Cluster, one master stalled (SIGSTOP) while the fills commit: callers whose keys live on the
+/// healthy masters are answered as fast as before batching (a lone commit to a healthy master never waited
+/// for another master), not after the response timeout their batch-mates on the stalled master wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_does_not_hold_back_commits_to_healthy_masters() {
+    let mut cluster = keyward_testkit::RedisCluster::spawn();
+    let h = Harness::embedded(); // only for its policy
+    let timeout = Duration::from_secs(3);
+    let options = ConnectOptions::default().response_timeout(timeout);
+    let kw = Keyward::connect_with(&cluster.seed_url(), h.policy(), options)
+        .await
+        .unwrap();
+    let c = kw.cache::<u64>("product").unwrap();
+    let stalled = cluster.master_for_key(&c.key(&0u32).unwrap()).port;
+    let healthy: Vec<u32> = (0..FILLS)
+        .filter(|id| cluster.master_for_key(&c.key(id).unwrap()).port != stalled)
+        .collect();
+    assert!(healthy.len() > FILLS as usize / 3, "{healthy:?}");
+    let (loading, release) = (
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+        Arc::new(Barrier::new(FILLS as usize + 1)),
+    );
+    let mut callers = tokio::task::JoinSet::new();
+    for id in 0..FILLS {
+        let (c, loading, release) = (c.clone(), loading.clone(), release.clone());
+        callers.spawn(async move {
+            let got = c
+                .get_or_set(&id, || async move {
+                    loading.wait().await;
+                    release.wait().await;
+                    Ok::<_, std::io::Error>(u64::from(id) * 10)
+                })
+                .await;
+            (id, got, Instant::now())
+        });
+    }
+    loading.wait().await;
+    cluster.pause(stalled);
+    let released = Instant::now();
+    release.wait().await;
+    let mut slow = Vec::new();
+    let answers = tokio::time::timeout(SOON, async {
+        let mut out = Vec::new();
+        while let Some(j) = callers.join_next().await {
+            out.push(j.unwrap());
+        }
+        out
+    })
+    .await;
+    cluster.resume(stalled);
+    for (id, got, at) in answers.expect("callers hung") {
+        assert_eq!(got.as_ref().ok(), Some(&(u64::from(id) * 10)), "id {id}");
+        let took = at.saturating_duration_since(released);
+        if healthy.contains(&id) && took > timeout / 2 {
+            slow.push(format!("id {id}: {took:?}"));
+        }
+    }
+    assert!(
+        slow.is_empty(),
+        "{} of {} callers on healthy masters waited for the stalled one (response timeout {timeout:?}):\n{}",
+        slow.len(),
+        healthy.len(),
+        slow.join("\n")
+    );
+}
+
 mod cases {
     use super::*;
 
