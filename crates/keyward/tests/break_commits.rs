@@ -18,6 +18,7 @@ use tokio::sync::Barrier;
 conformance!(
     racing_fills_and_invalidations_on_several_handles_never_serve_older_data,
     waiters_on_another_handles_lease_are_woken_by_a_batched_commit,
+    fills_of_many_classes_commit_together_each_in_its_own_class,
 );
 
 /// How many fills commit at once.
@@ -729,6 +730,58 @@ mod cases {
                     .await
                     .unwrap();
                 assert_eq!(got, latest, "key {k}: the cache keeps an old version");
+            }
+        }
+        h.assert_no_acl_denials();
+    }
+
+    pub async fn fills_of_many_classes_commit_together_each_in_its_own_class(h: Harness) {
+        // One handle, five classes (one with an in-process tier, one with another TTL), the same ids in each:
+        // all commit at once, half of them voided by an invalidation of their class only.
+        let kw = h.keyward().await;
+        let classes = ["product", "other", "near", "near2", "pii_ok"];
+        let caches: Vec<Cache<u64>> = classes
+            .iter()
+            .map(|c| kw.cache::<u64>(c).unwrap())
+            .collect();
+        let n = classes.len() * 8;
+        let (loading, release) = (Arc::new(Barrier::new(n + 1)), Arc::new(Barrier::new(n + 1)));
+        let mut callers = tokio::task::JoinSet::new();
+        for (ci, c) in caches.iter().enumerate() {
+            for id in 0..8u64 {
+                let (c, loading, release) = (c.clone(), loading.clone(), release.clone());
+                callers.spawn(async move {
+                    let v = (ci as u64) * 1000 + id;
+                    let got = c
+                        .get_or_set(&id, || async move {
+                            loading.wait().await;
+                            release.wait().await;
+                            Ok::<_, std::io::Error>(v)
+                        })
+                        .await;
+                    (ci, id, v, got)
+                });
+            }
+        }
+        loading.wait().await;
+        for (ci, c) in caches.iter().enumerate() {
+            for id in (0..8u64).filter(|id| (id + ci as u64).is_multiple_of(2)) {
+                c.invalidate(&id).await.unwrap();
+            }
+        }
+        release.wait().await;
+        while let Some(j) = callers.join_next().await {
+            let (ci, id, v, got) = j.unwrap();
+            assert_eq!(got.unwrap(), v, "{} {id}", classes[ci]);
+        }
+        for (ci, c) in caches.iter().enumerate() {
+            for id in 0..8u64 {
+                let stored = c.get(&id).await.unwrap();
+                if (id + ci as u64).is_multiple_of(2) {
+                    assert_eq!(stored, None, "{} {id}: voided", classes[ci]);
+                } else {
+                    assert_eq!(stored, Some(ci as u64 * 1000 + id), "{} {id}", classes[ci]);
+                }
             }
         }
         h.assert_no_acl_denials();
