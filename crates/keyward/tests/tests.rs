@@ -24,6 +24,7 @@ mod acl;
 mod architecture;
 mod break11;
 mod break12;
+mod break_commits;
 mod break_expire;
 mod break_throttle;
 mod break_today;

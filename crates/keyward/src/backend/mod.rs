@@ -363,9 +363,12 @@ impl Backend {
     /// The error for an error reply a script returned as a value for one part of its work (rather than
     /// failing the whole call): `reply` is the Redis error text, its first word the code (`WRONGTYPE …`),
     /// `key` the key it concerns (on Cluster, it names the node that holds it).
+    ///
+    /// The reply is parsed as the client parses an error reply of its own, so that its code has the same
+    /// kind (`READONLY`, `LOADING`, `MASTERDOWN`… are "unavailable" as when a whole call gets them): a
+    /// batched entry's error is then classified exactly as the same error of a lone call.
     pub(crate) fn reply_error(&self, op: &'static str, key: &str, reply: &str) -> Error {
-        let (code, detail) = reply.split_once(' ').unwrap_or((reply, ""));
-        let e = ::redis::make_extension_error(code.to_owned(), Some(detail.to_owned()));
+        let e = server_error(reply);
         match self.target() {
             Target::Redis(r) => r.reply_err(op, key, e),
             Target::Memory(_) => Error::Redis {
@@ -496,4 +499,17 @@ fn boxed<'a, T>(
     fut: impl Future<Output = T> + Send + 'a,
 ) -> std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>> {
     Box::pin(fut)
+}
+
+/// The client's error for the error reply text `reply` (`CODE detail`), as if the server had answered a call
+/// with it: a known code gets its kind, any other an extension error with that code.
+fn server_error(reply: &str) -> ::redis::RedisError {
+    let line = reply.replace(['\r', '\n'], " ");
+    match ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+        Ok(::redis::Value::ServerError(e)) => e.into(),
+        _ => {
+            let (code, detail) = reply.split_once(' ').unwrap_or((reply, ""));
+            ::redis::make_extension_error(code.to_owned(), Some(detail.to_owned()))
+        }
+    }
 }

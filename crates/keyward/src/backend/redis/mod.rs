@@ -1044,7 +1044,11 @@ impl RedisBackend {
     }
 
     /// The error for an error reply `e` concerning `key` that a script returned as a value.
+    /// As for a call answered with it, a `READONLY` (the server was demoted) has the master looked up again.
     pub(crate) fn reply_err(&self, op: &'static str, key: &str, e: RedisError) -> Error {
+        if is_read_only(&e) {
+            self.master_suspect();
+        }
         self.err(op, Some(cluster::slot_of(key.as_bytes())), e)
     }
 
