@@ -4,8 +4,9 @@
 //!
 //! Why: a fill's commit is the costliest thing a miss asks of the server. Alone it is one `EVALSHA` whose
 //! Lua set-up (arguments copied into Lua, the call frame, the reply) costs the server several times the
-//! commit's own `GETRANGE` and `SET`; in a batch of 32 that set-up is paid once (BENCHMARKS.md, "2026-12-02
-//! (second session)": `miss`). As for rate-limit checks ([`crate::batch`]): the only commit in flight is
+//! commit's own `GETRANGE` and `SET`; in a batch that set-up is paid once per call, though each entry's inner
+//! calls keep their own Lua cost: about 5.0 µs of server time per entry against 6.5 µs alone (BENCHMARKS.md,
+//! "2026-12-02 (second session)"). As for rate-limit checks ([`crate::batch`]): the only commit in flight is
 //! made by its caller at once; nothing ever waits for more commits to arrive.
 //!
 //! Nothing about the fence changes: each entry is stored only if its lease prefix still heads the key,
@@ -31,7 +32,8 @@ scripts! {
 
 /// The most bytes of values one batched commit carries (a value larger than this goes alone). 32 KiB is 32
 /// commits of 1 KiB values, about 0.15 ms of server time: one call never holds the server long. Measured
-/// against 16 KiB (as fast), 64 KiB (slower) and 128 KiB (slower) with `miss` (BENCHMARKS.md).
+/// against 16 KiB (as fast), 64 KiB and 128 KiB (slower) with `miss` (BENCHMARKS.md, "2026-12-02 (second
+/// session)").
 const MAX_BATCH_BYTES: usize = 32 * 1024;
 
 /// Below this, a value weighs as if it had this many bytes, so that a batch of tiny values still stops at
