@@ -92,44 +92,62 @@ impl<I, O> std::fmt::Debug for Lane<I, O> {
     }
 }
 
-/// One batch's calls on Redis: on Cluster (`cluster`), one per slot of `key(item)` (a script's keys must share
-/// a slot), keeping the queue's order within a slot and all sent at once; on a single server one call. `call`
-/// must answer each item of its group, in order. Returns one output per item, in the items' order; should a
-/// call answer fewer, the outputs stop at the first item left unanswered (its caller and those after it get
-/// [`Abandoned`]), so that no caller ever gets another's answer.
-pub(crate) async fn per_slot<'i, I, O, K, F, Fut>(
+/// An item's answer that comes after its batch's flush returned: [`per_slot`] answers each item when the call
+/// that carries it ends. A batcher whose outputs are `Pending` is waited on with
+/// [`Batcher::submit_pending_within`].
+pub(crate) type Pending<O> = oneshot::Receiver<O>;
+
+/// One batch's calls on Redis, each answering its own items when it ends. On a single server (`cluster`
+/// false) one call, awaited: the batch's drive makes it, so a batcher keeps at most `max_in_flight` calls in
+/// flight. On Cluster one call per slot of `key(item)` (a script's keys must share a slot), keeping the
+/// queue's order within a slot, each in a task of its own: the drive goes on with the next batch at once,
+/// and a stalled master holds back only the items of its own slots, never those of another master (as a lone
+/// call never did). `call` must answer each item of its group, in order; an item it leaves unanswered (and
+/// those after it in its group) gets [`Abandoned`], so that no caller ever gets another's answer. Returns one
+/// [`Pending`] per item, in the items' order.
+///
+/// Needs a tokio runtime on Cluster (the calls are spawned tasks).
+pub(crate) async fn per_slot<I, O, K, F, Fut>(
     cluster: bool,
-    items: &'i [I],
+    items: Vec<I>,
     key: K,
     call: F,
-) -> Vec<O>
+) -> Vec<Pending<O>>
 where
+    O: Send + 'static,
     K: Fn(&I) -> &[u8],
-    F: Fn(Vec<&'i I>) -> Fut,
-    Fut: Future<Output = Vec<O>>,
+    F: Fn(Vec<I>) -> Fut,
+    Fut: Future<Output = Vec<O>> + Send + 'static,
 {
+    let (answers, pending): (Vec<_>, Vec<_>) = items.iter().map(|_| oneshot::channel()).unzip();
     if !cluster {
-        return call(items.iter().collect()).await;
+        answer(call(items).await, answers);
+        return pending;
     }
-    let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let slot = slot_of(key(item));
-        match slots.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, members)) => members.push(i),
-            None => slots.push((slot, vec![i])),
+    let mut slots: Vec<(u16, Vec<I>, Vec<oneshot::Sender<O>>)> = Vec::new();
+    for (item, to) in items.into_iter().zip(answers) {
+        let slot = slot_of(key(&item));
+        match slots.iter_mut().find(|(s, ..)| *s == slot) {
+            Some((_, group, tos)) => {
+                group.push(item);
+                tos.push(to);
+            }
+            None => slots.push((slot, vec![item], vec![to])),
         }
     }
-    let calls = slots
-        .iter()
-        .map(|(_, members)| call(members.iter().map(|&i| &items[i]).collect()));
-    let answers = futures_util::future::join_all(calls).await;
-    let mut out: Vec<Option<O>> = items.iter().map(|_| None).collect();
-    for ((_, members), answers) in slots.iter().zip(answers) {
-        for (&i, answer) in members.iter().zip(answers) {
-            out[i] = Some(answer);
-        }
+    for (_, group, to) in slots {
+        let made = call(group);
+        tokio::spawn(async move { answer(made.await, to) });
     }
-    out.into_iter().map_while(|o| o).collect()
+    pending
+}
+
+/// Send each caller its answer, in order; a caller left without one gets [`Abandoned`] (its sender dropped).
+fn answer<O>(answers: Vec<O>, to: Vec<oneshot::Sender<O>>) {
+    for (to, a) in to.into_iter().zip(answers) {
+        // The caller may have gone (its future dropped): its answer is discarded.
+        let _ = to.send(a);
+    }
 }
 
 /// A caller's item that was queued but never answered: its batch's flush panicked, returned fewer outputs
@@ -137,7 +155,7 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Abandoned;
 
-/// Why [`Batcher::submit_within`] ended without an output.
+/// Why [`Batcher::submit_within`] (or [`Batcher::submit_pending_within`]) ended without an output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unanswered {
     /// As [`Abandoned`].
@@ -338,6 +356,44 @@ where
     }
 }
 
+impl<I, O> Batcher<I, Pending<O>>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// [`submit_within`](Self::submit_within) for a batcher whose flush answers through [`Pending`]s (see
+    /// [`per_slot`]): waits for the item's batch, then for the call that carries it, the whole wait bounded
+    /// by `limit` (none: unbounded).
+    ///
+    /// # Errors
+    /// As `submit_within`'s; [`Unanswered::Abandoned`] also when the item's call never answered it.
+    pub(crate) async fn submit_pending_within<F, Fut>(
+        self: &Arc<Self>,
+        item: I,
+        weight: usize,
+        flush: F,
+        limit: Option<std::time::Duration>,
+    ) -> Result<O, Unanswered>
+    where
+        F: FnMut(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<Pending<O>>> + Send + 'static,
+    {
+        let answer = async {
+            let pending = self
+                .submit(item, weight, flush)
+                .await
+                .map_err(|Abandoned| Unanswered::Abandoned)?;
+            pending.await.map_err(|_| Unanswered::Abandoned)
+        };
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, answer)
+                .await
+                .unwrap_or(Err(Unanswered::TimedOut)),
+            None => answer.await,
+        }
+    }
+}
+
 /// Armed while a drive runs, and holding the reply channels of the batch in flight: if the drive is dropped
 /// before it ends normally (its flush panicked, or the runtime shut down), it leaves `drives` (and, if it
 /// was the last drive, takes the queue: no drive is left to serve it) first, then the in-flight and those
@@ -456,6 +512,73 @@ mod tests {
                 items.into_iter().map(|i| i * 10).collect()
             })
         }
+    }
+
+    /// On one server, `per_slot` makes one call with the whole batch and returns once it ended, every item
+    /// answered (so a batcher's drive keeps its calls in flight bounded).
+    #[tokio::test]
+    async fn per_slot_on_one_server_is_one_awaited_call() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&calls);
+        let pending = per_slot(
+            false,
+            vec!["{a}1", "{b}1", "{a}2"],
+            |k: &&str| k.as_bytes(),
+            move |group: Vec<&'static str>| {
+                log.lock().unwrap().push(group.clone());
+                std::future::ready(group.into_iter().map(str::len).collect::<Vec<_>>())
+            },
+        )
+        .await;
+        assert_eq!(*calls.lock().unwrap(), [vec!["{a}1", "{b}1", "{a}2"]]);
+        let answers: Vec<_> = pending.into_iter().map(|mut p| p.try_recv()).collect();
+        assert_eq!(answers, [Ok(4), Ok(4), Ok(4)]);
+    }
+
+    /// On Cluster, `per_slot` returns at once with one call per slot (in queue order within a slot) under
+    /// way, and each call answers its own items when it ends: a hung slot holds back no other slot's items.
+    /// An item its call leaves unanswered is abandoned, not given another's answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_slot_on_cluster_answers_each_slot_when_its_call_ends() {
+        assert_ne!(slot_of(b"{a}"), slot_of(b"{b}"));
+        let gate = Arc::new(Notify::new());
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let (log, hang) = (Arc::clone(&calls), Arc::clone(&gate));
+        let pending = per_slot(
+            true,
+            vec!["{a}1", "{b}1", "{a}2", "{c}1"],
+            |k: &&str| k.as_bytes(),
+            move |group: Vec<&'static str>| {
+                log.lock().unwrap().push(group.clone());
+                let hang = Arc::clone(&hang);
+                Box::pin(async move {
+                    if group[0].starts_with("{a}") {
+                        hang.notified().await;
+                    }
+                    if group[0].starts_with("{c}") {
+                        return Vec::new(); // a short answer
+                    }
+                    group.into_iter().map(str::to_owned).collect()
+                }) as std::pin::Pin<Box<dyn Future<Output = Vec<String>> + Send>>
+            },
+        )
+        .await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [vec!["{a}1", "{a}2"], vec!["{b}1"], vec!["{c}1"]]
+        );
+        let mut pending = pending.into_iter();
+        let (a1, b1, a2, c1) = (
+            pending.next().unwrap(),
+            pending.next().unwrap(),
+            pending.next().unwrap(),
+            pending.next().unwrap(),
+        );
+        assert_eq!(b1.await.as_deref(), Ok("{b}1"));
+        assert!(c1.await.is_err(), "an unanswered item is abandoned");
+        gate.notify_one();
+        assert_eq!(a1.await.as_deref(), Ok("{a}1"));
+        assert_eq!(a2.await.as_deref(), Ok("{a}2"));
     }
 
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {

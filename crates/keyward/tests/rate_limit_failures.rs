@@ -4,12 +4,14 @@
 #![allow(unreachable_pub)]
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass};
 use keyward::rate_limit::{BreakerState, Source};
 use keyward::{ConnectOptions, Keyward};
 use keyward_testkit::RedisServer;
+use tokio::sync::Barrier;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -161,5 +163,92 @@ async fn a_check_queued_behind_hung_calls_is_bounded_by_the_response_timeout() {
     assert!(
         slowest < timeout + timeout / 2,
         "the slowest of 64 concurrent checks took {slowest:?} with a {timeout:?} response timeout"
+    );
+}
+
+/// Redis Cluster, one master stalled (SIGSTOP) while many checks race (so that they are batched, one script
+/// call per slot): checks of identities whose keys live on the healthy masters are answered by the store
+/// before the stalled master's checks time out (a lone check to a healthy master never waited for another
+/// master), and those on the stalled master end, per their `on_error`, within about the response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_does_not_hold_back_checks_on_healthy_masters() {
+    const IDS: usize = 48;
+    let mut cluster = keyward_testkit::RedisCluster::spawn();
+    let timeout = Duration::from_secs(2);
+    // A breaker that does not open during the test: each stalled check waits for its own call.
+    let options = ConnectOptions::default()
+        .response_timeout(timeout)
+        .breaker(100_000, Duration::from_secs(60));
+    let policy = Policy::builder("test", "stalled-master")
+        .rate_limit(
+            "open",
+            RateLimitClass::new(Algorithm::Gcra, 1_000, HOUR).on_error(OnError::Allow),
+        )
+        .build()
+        .unwrap();
+    let kw = Keyward::connect_with(&cluster.seed_url(), policy, options)
+        .await
+        .unwrap();
+    let open = kw.rate_limiter("open").unwrap();
+    let ids: Vec<String> = (0..IDS).map(|i| format!("user-{i}")).collect();
+    // Each identity's keys carry it as their hash tag. One check each first: every master has the script
+    // and a connection.
+    let master = |id: &str| cluster.master_for_key(&format!("{{{id}}}")).port;
+    for id in &ids {
+        assert_eq!(open.check(id).await.unwrap().source(), Source::Store);
+    }
+    let stalled = master(&ids[0]);
+    let on_stalled: Vec<bool> = ids.iter().map(|id| master(id) == stalled).collect();
+    let healthy = on_stalled.iter().filter(|s| !**s).count();
+    assert!(healthy > IDS / 3 && healthy < IDS, "{healthy} of {IDS}");
+
+    let start = Arc::new(Barrier::new(IDS + 1));
+    let mut tasks = Vec::new();
+    for id in ids.iter().cloned() {
+        let (open, start) = (open.clone(), Arc::clone(&start));
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let d = open.check(&id).await.unwrap();
+            (id, d.source(), Instant::now())
+        }));
+    }
+    cluster.pause(stalled);
+    let started = Instant::now();
+    start.wait().await;
+    // Bounded, so that a hung check fails the test instead of hanging it.
+    let answers = tokio::time::timeout(3 * timeout, futures_util::future::join_all(tasks)).await;
+    cluster.resume(stalled);
+    let answers = answers.expect("checks hung");
+
+    let (mut healthy_done, mut stalled_first, mut stalled_last) = (Vec::new(), None, None);
+    for ((id, source, at), on_stalled) in answers.into_iter().map(Result::unwrap).zip(&on_stalled) {
+        let took = at.saturating_duration_since(started);
+        if *on_stalled {
+            assert_eq!(source, Source::FailOpen, "{id} (stalled master)");
+            stalled_first = Some(stalled_first.map_or(took, |t: Duration| t.min(took)));
+            stalled_last = Some(stalled_last.map_or(took, |t: Duration| t.max(took)));
+        } else {
+            healthy_done.push((took, source, id));
+        }
+    }
+    let (stalled_first, stalled_last) = (stalled_first.unwrap(), stalled_last.unwrap());
+    healthy_done.sort_by_key(|(took, ..)| *took);
+    // Held back: answered after the first stalled check timed out (or after half the response timeout), or
+    // not by the store (its wait ran out).
+    let late: Vec<_> = healthy_done
+        .iter()
+        .filter(|(took, source, _)| {
+            *took >= stalled_first.min(timeout / 2) || *source != Source::Store
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {healthy} checks on healthy masters waited for the stalled one (first stalled check ended \
+         after {stalled_first:?}, response timeout {timeout:?}): {late:?}",
+        late.len()
+    );
+    assert!(
+        stalled_last < timeout + timeout / 2,
+        "the slowest check on the stalled master took {stalled_last:?} (response timeout {timeout:?})"
     );
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::algo::{Group, Spec, State, Verdict, Write};
 use crate::Keyward;
 use crate::backend::{Backend, Call, Kv, Reply, Val, scripts};
-use crate::batch::{Lane, Unanswered, per_slot};
+use crate::batch::{Lane, Pending, Unanswered, per_slot};
 use crate::error::{Error, Result};
 use crate::policy::Algorithm;
 
@@ -62,8 +62,9 @@ impl Queued {
 
 /// How the checks of one [`Keyward`](crate::Keyward) handle (every class, every identity) reach Redis: a lone
 /// check in a call of its own, made by its caller; checks that meet others batched, each item one check, each
-/// output its answer.
-pub(crate) struct Batching(Lane<Queued, Result<RateReply>>);
+/// output its answer, sent when the call that carries it ends (on Cluster a batch's calls, one per slot, each
+/// answer their own checks: a stalled master holds back only the checks of its own slots; see [`per_slot`]).
+pub(crate) struct Batching(Lane<Queued, Pending<Result<RateReply>>>);
 
 impl Default for Batching {
     fn default() -> Self {
@@ -207,9 +208,9 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
     let weight = queued.keys.len();
     let key = Arc::clone(&queued.keys);
     let waiting = kw.clone();
-    // Each call is bounded by the response timeout, and so is the whole wait. One given up may still be
-    // sent (and charged once, like any timed-out check).
-    let answer = batching.0.batcher().submit_within(
+    // Each call is bounded by the response timeout, and so is the whole wait (in the queue, then for the
+    // call that carries it). One given up may still be sent (and charged once, like any timed-out check).
+    let answer = batching.0.batcher().submit_pending_within(
         queued,
         weight,
         move |items| flush(waiting.clone(), items),
@@ -227,15 +228,22 @@ pub(crate) async fn decide(kw: &Keyward, batching: &Batching, queued: Queued) ->
     }
 }
 
-/// One batch: on standalone Redis one script call; on Cluster one per slot (the keys of one check share a
-/// hash tag), sent at once.
-async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Result<RateReply>> {
-    let b = &kw.inner.backend;
+/// One batch: on standalone Redis one script call (awaited: the batch's drive makes at most
+/// `BATCH_CALLS_IN_FLIGHT` calls at once); on Cluster one per slot (the keys of one check share a hash tag),
+/// each in a task of its own that answers its checks when it ends (see [`per_slot`]).
+async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Pending<Result<RateReply>>> {
+    let cluster = kw.inner.backend.batching() == Some(true);
     per_slot(
-        b.batching() == Some(true),
-        &items,
+        cluster,
+        items,
         |q| q.keys[0].as_bytes(),
-        |group| async move { call_many(b, &group).await },
+        |group| {
+            let kw = kw.clone();
+            async move {
+                let group: Vec<&Queued> = group.iter().collect();
+                call_many(&kw.inner.backend, &group).await
+            }
+        },
     )
     .await
 }

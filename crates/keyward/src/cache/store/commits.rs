@@ -18,12 +18,10 @@ use bytes::Bytes;
 
 use super::{Entry, holds, micros, millis};
 use crate::Keyward;
-use crate::backend::slot_of;
 use crate::backend::{Backend, Call, Reply, scripts};
-use crate::batch::{Abandoned, Lane, Unanswered};
+use crate::batch::{Lane, Pending, Unanswered, per_slot};
 use crate::error::{Error, Result};
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 scripts! {
     commit: "../commit.lua";
@@ -53,16 +51,11 @@ pub(crate) struct Queued {
     wake: String,
 }
 
-/// A queued commit's answer, sent when the call that carries it ends. On Cluster a batch's calls (one per
-/// slot) each answer their own callers as they end, and the batch does not wait for them: a stalled master
-/// holds back only the commits to its own slots, never those of another master (as lone commits did).
-type Pending = oneshot::Receiver<Result<bool>>;
-
-/// Where a queued commit's answer goes.
-type Answer = oneshot::Sender<Result<bool>>;
-
-/// The commit lane of one [`Keyward`] handle (in its shared state).
-pub(crate) struct Commits(Lane<Queued, Pending>);
+/// The commit lane of one [`Keyward`] handle (in its shared state). Each output is a commit's answer, sent
+/// when the call that carries it ends: on Cluster a batch's calls (one per slot) each answer their own
+/// callers, and the batch does not wait for them, so a stalled master holds back only the commits to its own
+/// slots (see [`per_slot`]).
+pub(crate) struct Commits(Lane<Queued, Pending<Result<bool>>>);
 
 impl Default for Commits {
     fn default() -> Self {
@@ -109,24 +102,13 @@ pub(super) async fn commit(
     };
     let waiting = kw.clone();
     // The whole wait (in the queue, then for the call that carries it) is bounded by the response timeout.
-    let answer = async {
-        let pending = lane
-            .0
-            .batcher()
-            .submit(queued, value.len().max(MIN_WEIGHT), move |items| {
-                flush(waiting.clone(), items)
-            })
-            .await
-            .map_err(|Abandoned| Unanswered::Abandoned)?;
-        pending.await.map_err(|_| Unanswered::Abandoned)
-    };
-    let answer = match b.response_timeout() {
-        Some(limit) => tokio::time::timeout(limit, answer)
-            .await
-            .unwrap_or(Err(Unanswered::TimedOut)),
-        None => answer.await,
-    };
-    match answer {
+    let answer = lane.0.batcher().submit_pending_within(
+        queued,
+        value.len().max(MIN_WEIGHT),
+        move |items| flush(waiting.clone(), items),
+        b.response_timeout(),
+    );
+    match answer.await {
         Ok(stored) => stored,
         Err(Unanswered::TimedOut) => Err(b.timeout_error("commit", e.key)),
         Err(Unanswered::Abandoned) => Err(Error::InvalidArgument {
@@ -163,42 +145,22 @@ pub(super) async fn single(
 
 /// One batch: one script call on a single server (awaited: the batch's drive makes at most
 /// `CALLS_IN_FLIGHT` calls at once); on Cluster one per slot, each in a task of its own that answers its
-/// callers when it ends, so that the drive goes on with the next batch at once and no caller waits for a
-/// call to another master.
-async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Pending> {
-    let (answers, pending): (Vec<_>, Vec<_>) = items.iter().map(|_| oneshot::channel()).unzip();
-    if kw.inner.backend.batching() != Some(true) {
-        let group: Vec<&Queued> = items.iter().collect();
-        answer(call_many(&kw.inner.backend, &group).await, answers);
-        return pending;
-    }
-    let mut slots: Vec<(u16, Vec<Queued>, Vec<Answer>)> = Vec::new();
-    for (q, tx) in items.into_iter().zip(answers) {
-        let slot = slot_of(q.key.as_bytes());
-        match slots.iter_mut().find(|(s, ..)| *s == slot) {
-            Some((_, group, txs)) => {
-                group.push(q);
-                txs.push(tx);
+/// callers when it ends (see [`per_slot`]).
+async fn flush(kw: Keyward, items: Vec<Queued>) -> Vec<Pending<Result<bool>>> {
+    let cluster = kw.inner.backend.batching() == Some(true);
+    per_slot(
+        cluster,
+        items,
+        |q| q.key.as_bytes(),
+        |group| {
+            let kw = kw.clone();
+            async move {
+                let group: Vec<&Queued> = group.iter().collect();
+                call_many(&kw.inner.backend, &group).await
             }
-            None => slots.push((slot, vec![q], vec![tx])),
-        }
-    }
-    for (_, group, txs) in slots {
-        let kw = kw.clone();
-        tokio::spawn(async move {
-            let group_refs: Vec<&Queued> = group.iter().collect();
-            answer(call_many(&kw.inner.backend, &group_refs).await, txs);
-        });
-    }
-    pending
-}
-
-/// Send each caller its answer (in order; a caller left unanswered gets [`Unanswered::Abandoned`]).
-fn answer(answers: Vec<Result<bool>>, to: Vec<Answer>) {
-    for (tx, a) in to.into_iter().zip(answers) {
-        // The caller may have gone (its future dropped): its answer is discarded.
-        let _ = tx.send(a);
-    }
+        },
+    )
+    .await
 }
 
 /// The commits `items` (one slot on Cluster) in one script call; a lone one takes `commit.lua`.
