@@ -41,7 +41,7 @@ use crate::backend::slot_of;
 
 /// A [`Batcher`] with the lone caller's shortcut: the only call in flight is made by its caller, without the
 /// hop to a drive task, so that a lone caller's latency is one plain round trip; a call that meets others goes
-/// through the batcher. Rate-limit checks and cache commits use one per handle.
+/// through the batcher. Rate-limit checks use one per handle.
 pub(crate) struct Lane<I, O> {
     batcher: Arc<Batcher<I, O>>,
     /// Set while a call runs alone (outside the batcher), so that a second concurrent call batches.

@@ -1,8 +1,9 @@
-//! Adversarial review of 513310e (fenced cache commits of one handle batched into `commit_many.lua` calls):
-//! every entry of a batch must be decided and answered exactly as `commit.lua` decides a lone commit — also
-//! when the server refuses it for being a replica, stalls while commits are queued, or when callers give up;
-//! fills leased before an invalidation never land and callers who start after one never get older data, with
-//! several handles racing on overlapping keys; waiters on another handle's lease are woken by the batch.
+//! Adversarial review of 513310e (fenced cache commits of one handle batched into `commit_many.lua` calls,
+//! since measured and taken out: one `commit.lua` call per fill again). The cases stand for concurrent
+//! commits however they are sent: each decided and answered as a lone commit is — also when the server
+//! refuses it for being a replica, stalls while commits are in flight, or when callers give up; fills leased
+//! before an invalidation never land and callers who start after one never get older data, with several
+//! handles racing on overlapping keys; waiters on another handle's lease are woken by the commit.
 
 #![allow(unreachable_pub)]
 

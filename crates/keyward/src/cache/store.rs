@@ -31,12 +31,10 @@ use crate::error::{Error, Result};
 /// The batch fetch (`Cache::get_or_set_many`), in its own file.
 pub(super) mod many;
 
-/// Batched commits on Redis.
-pub(crate) mod commits;
-
 scripts! {
     fetch: "epochs.lua", "fetch.lua";
     read: "epochs.lua", "read.lua";
+    commit: "commit.lua";
     release: "release.lua";
     set: "epochs.lua", "set.lua";
     wb_set: "epochs.lua", "wb_set.lua", "set.lua";
@@ -968,8 +966,12 @@ pub(crate) async fn read(b: &Backend, e: &Entry<'_>) -> Result<Option<Bytes>> {
 }
 
 /// Store `value` (a full envelope) only if the lease whose marker starts with `lease_prefix` is still held.
-/// Embedded, a value that cannot fit in its class's budget even after evicting is not stored (false). On Redis,
-/// concurrent commits of the handle share script calls ([`commits`]).
+/// Embedded, a value that cannot fit in its class's budget even after evicting is not stored (false).
+///
+/// One `commit.lua` call per fill. Batching the commits of concurrent fills into one script call was built
+/// and measured (2026-12-02): paired against one call each, it cost the server as much per commit and the
+/// client more (the hop through a batch task), so it was taken out (BENCHMARKS.md, "2026-12-02 (second
+/// session)").
 pub(crate) async fn commit(
     kw: &Keyward,
     e: &Entry<'_>,
@@ -977,12 +979,30 @@ pub(crate) async fn commit(
     value: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    let b = &kw.inner.backend;
-    let stored = if b.batching().is_some() {
-        commits::commit(kw, e, lease_prefix, value, ttl).await?
-    } else {
-        commits::single(b, e.key, lease_prefix, value, ttl, &e.wake).await?
-    };
+    let call = SCRIPTS
+        .commit
+        .call("commit")
+        .key(e.key)
+        .arg(lease_prefix)
+        .arg(value)
+        .arg(millis(ttl))
+        .arg(&*e.wake)
+        .evicting();
+    let stored = kw
+        .inner
+        .backend
+        .atomic(
+            call,
+            |kv| {
+                if !holds(kv, e.key, lease_prefix) {
+                    return false;
+                }
+                let until = kv.now_us().saturating_add(micros(ttl));
+                kv.put_evictable(e.key, Bytes::copy_from_slice(value), until)
+            },
+            |reply| Some(reply.int()? == 1),
+        )
+        .await?;
     // Local waiters (the embedded backend has no pub/sub; on Redis the script published too).
     kw.inner.bus.wake(e.key);
     Ok(stored)
