@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cache_commits::{FILLS, fill_all_at_once};
 use crate::common::Harness;
-use keyward::{Cache, ConnectOptions, Error, Keyward};
+use keyward::{Cache, ConnectOptions, Keyward};
 use tokio::sync::Barrier;
 
 conformance!(
@@ -22,46 +23,24 @@ conformance!(
     fills_of_many_classes_commit_together_each_in_its_own_class,
 );
 
-/// How many fills commit at once.
-const FILLS: u32 = 32;
-
 /// A deadline for things that must happen "soon".
 const SOON: Duration = Duration::from_secs(20);
 
-/// Starts `FILLS` callers of `get_or_set` on `c` for ids `0..FILLS`, each loading `id * 10` once every loader
-/// is running and `between` has returned; returns each caller's answer by id.
-async fn fill_all_at_once<F, Fut>(c: &Cache<u64>, between: F) -> BTreeMap<u32, Result<u64, Error>>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (loading, release) = (
-        Arc::new(Barrier::new(FILLS as usize + 1)),
-        Arc::new(Barrier::new(FILLS as usize + 1)),
-    );
-    let mut callers = tokio::task::JoinSet::new();
-    for id in 0..FILLS {
-        let (c, loading, release) = (c.clone(), loading.clone(), release.clone());
-        callers.spawn(async move {
-            let got = c
-                .get_or_set(&id, || async move {
-                    loading.wait().await;
-                    release.wait().await;
-                    Ok::<_, std::io::Error>(u64::from(id) * 10)
-                })
-                .await;
-            (id, got)
-        });
+/// Waits (up to [`SOON`]) until the handle stores a new value again: the breaker has recovered and nothing
+/// left behind blocks a fill.
+async fn stores_again(c: &Cache<u64>) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let id = 1000u32;
+        let _ = c
+            .get_or_set(&id, || async { Ok::<_, std::io::Error>(7) })
+            .await;
+        if c.get(&id).await.ok().flatten() == Some(7) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the handle never stores again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    loading.wait().await;
-    between().await;
-    release.wait().await;
-    let mut answers = BTreeMap::new();
-    while let Some(joined) = callers.join_next().await {
-        let (id, got) = joined.expect("a caller panicked");
-        answers.insert(id, got);
-    }
-    answers
 }
 
 /// A TCP port nothing listens on (bound, then released).
@@ -202,19 +181,7 @@ async fn every_caller_returns_within_the_response_timeout_when_the_server_stalls
         );
     }
     assert!(after.elapsed() < lease + Duration::from_secs(5));
-    // The breaker recovered: a new id is stored.
-    let deadline = Instant::now() + SOON;
-    loop {
-        let id = 1000u32;
-        let _ = c
-            .get_or_set(&id, || async { Ok::<_, std::io::Error>(7) })
-            .await;
-        if c.get(&id).await.ok().flatten() == Some(7) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the handle never stores again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stores_again(&c).await;
 }
 
 /// Half the callers are dropped (cancelled) while their commits wait behind a stalled server; the other half
@@ -538,18 +505,7 @@ async fn a_connection_cut_mid_batch_fails_each_caller_open_and_recovers() {
         .unwrap_or_else(|_| panic!("id {id}: blocked after the cut"));
         assert_eq!(got.ok(), Some(u64::from(id) * 10), "id {id} after the cut");
     }
-    let deadline = Instant::now() + SOON;
-    loop {
-        let id = 1000u32;
-        let _ = c
-            .get_or_set(&id, || async { Ok::<_, std::io::Error>(7) })
-            .await;
-        if c.get(&id).await.ok().flatten() == Some(7) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the handle never stores again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stores_again(&c).await;
 }
 
 /// Redis Cluster, one master stalled (SIGSTOP) while the fills commit: callers whose keys live on the

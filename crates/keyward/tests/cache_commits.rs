@@ -19,7 +19,7 @@ conformance!(
 );
 
 /// How many fills commit at once.
-const FILLS: u32 = 32;
+pub(crate) const FILLS: u32 = 32;
 
 /// `INFO commandstats` calls of `command` summed over every primary (0 when embedded).
 fn calls(h: &Harness, command: &str) -> u64 {
@@ -47,7 +47,10 @@ fn calls(h: &Harness, command: &str) -> u64 {
 /// Starts `FILLS` callers of `get_or_set` on ids `0..FILLS`, each loading `id * 10` once every loader is
 /// running and `between` (run by the test while all are held) has returned; returns each caller's answer
 /// by id.
-async fn fill_all_at_once<F, Fut>(c: &Cache<u64>, between: F) -> BTreeMap<u32, Result<u64, Error>>
+pub(crate) async fn fill_all_at_once<F, Fut>(
+    c: &Cache<u64>,
+    between: F,
+) -> BTreeMap<u32, Result<u64, Error>>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
