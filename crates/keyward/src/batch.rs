@@ -287,14 +287,12 @@ where
         F: FnMut(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
-        let answer = self.submit(item, weight, flush);
-        let answer = match limit {
-            Some(limit) => tokio::time::timeout(limit, answer)
+        within(limit, async {
+            self.submit(item, weight, flush)
                 .await
-                .map_err(|_| Unanswered::TimedOut)?,
-            None => answer.await,
-        };
-        answer.map_err(|Abandoned| Unanswered::Abandoned)
+                .map_err(|Abandoned| Unanswered::Abandoned)
+        })
+        .await
     }
 
     /// Flush batches until the queue is empty, then leave `drives` (in the same critical section).
@@ -378,19 +376,27 @@ where
         F: FnMut(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<Pending<O>>> + Send + 'static,
     {
-        let answer = async {
+        within(limit, async {
             let pending = self
                 .submit(item, weight, flush)
                 .await
                 .map_err(|Abandoned| Unanswered::Abandoned)?;
             pending.await.map_err(|_| Unanswered::Abandoned)
-        };
-        match limit {
-            Some(limit) => tokio::time::timeout(limit, answer)
-                .await
-                .unwrap_or(Err(Unanswered::TimedOut)),
-            None => answer.await,
-        }
+        })
+        .await
+    }
+}
+
+/// `answer`, given up as [`Unanswered::TimedOut`] once `limit` passes (none: unbounded).
+async fn within<T>(
+    limit: Option<std::time::Duration>,
+    answer: impl Future<Output = Result<T, Unanswered>>,
+) -> Result<T, Unanswered> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, answer)
+            .await
+            .unwrap_or(Err(Unanswered::TimedOut)),
+        None => answer.await,
     }
 }
 

@@ -43,6 +43,23 @@ async fn stores_again(c: &Cache<u64>) {
     }
 }
 
+/// Every caller's `(id, answer)` by id, all of them within [`SOON`] (else the test fails with `hung`).
+async fn all_answers<T: 'static>(
+    callers: &mut tokio::task::JoinSet<(u32, T)>,
+    hung: &str,
+) -> BTreeMap<u32, T> {
+    tokio::time::timeout(SOON, async {
+        let mut out = BTreeMap::new();
+        while let Some(j) = callers.join_next().await {
+            let (id, got) = j.unwrap();
+            out.insert(id, got);
+        }
+        out
+    })
+    .await
+    .expect(hung)
+}
+
 /// A TCP port nothing listens on (bound, then released).
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -240,16 +257,7 @@ async fn callers_dropped_while_their_commits_wait_do_not_break_their_batch_mates
         tokio::task::yield_now().await;
     }
     h.server_mut().unwrap().resume();
-    let answers = tokio::time::timeout(SOON, async {
-        let mut out = BTreeMap::new();
-        while let Some(j) = callers.join_next().await {
-            let (id, got) = j.unwrap();
-            out.insert(id, got);
-        }
-        out
-    })
-    .await
-    .expect("callers hung");
+    let answers = all_answers(&mut callers, "callers hung").await;
     for (id, got) in &answers {
         if id % 2 == 0 {
             let got = got.as_ref().unwrap();
@@ -474,16 +482,7 @@ async fn a_connection_cut_mid_batch_fails_each_caller_open_and_recovers() {
     let cut = Instant::now();
     proxy.refuse();
     proxy.forward();
-    let answers = tokio::time::timeout(SOON, async {
-        let mut out = BTreeMap::new();
-        while let Some(j) = callers.join_next().await {
-            let (id, got) = j.unwrap();
-            out.insert(id, got);
-        }
-        out
-    })
-    .await
-    .expect("callers hung after the cut");
+    let answers = all_answers(&mut callers, "callers hung after the cut").await;
     let took = cut.elapsed();
     for (id, got) in &answers {
         assert_eq!(
