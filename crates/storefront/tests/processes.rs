@@ -34,8 +34,22 @@ struct Storefront {
 impl Storefront {
     /// `storefront ARGS --db DB` with `REDIS_URL=redis`.
     fn spawn(name: &'static str, args: &[&str], db: &Path, redis: &str) -> Storefront {
+        Self::spawn_env(name, args, db, redis, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with `env` set too (`KEYWARD_ENV` and `KEYWARD_APP` are removed unless given).
+    fn spawn_env(
+        name: &'static str,
+        args: &[&str],
+        db: &Path,
+        redis: &str,
+        env: &[(&str, &str)],
+    ) -> Storefront {
         let mut child = Command::new(env!("CARGO_BIN_EXE_storefront"))
             .args(args)
+            .env_remove("KEYWARD_ENV")
+            .env_remove("KEYWARD_APP")
+            .envs(env.iter().copied())
             .arg("--db")
             .arg(db)
             .env("REDIS_URL", redis)
@@ -268,4 +282,45 @@ async fn two_instances_and_a_worker_process_share_one_redis() {
         )
         .unwrap();
     assert_eq!(units, 2, "the popularity counts the order once");
+}
+
+/// `KEYWARD_ENV` / `KEYWARD_APP` pick the shop's namespace, as they do for the `keyward` CLI: an operator's
+/// `KEYWARD_ENV=stage keyward invalidate …` must act on the keys the shop running with `KEYWARD_ENV=stage`
+/// writes. (The shop used to ignore them and write `dev:storefront:…` whatever they said.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyward_env_and_app_pick_the_namespace_of_every_key() {
+    let redis = RedisServer::spawn();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    let mut shop = Storefront::spawn_env(
+        "staged shop",
+        &["--addr", "127.0.0.1:0", "--restock-every", "0"],
+        &db,
+        &redis.url(),
+        &[("KEYWARD_ENV", "stage"), ("KEYWARD_APP", "shop-eu")],
+    );
+    let url = shop.url();
+    let mut http = HttpClient::new(&url);
+    assert_eq!(http.get_ok("/products/3").await["id"], json!(3));
+    assert!(http.get_ok("/categories/2/products").await["products"].is_array());
+
+    let mut conn = redis.connection();
+    let keys: Vec<String> = redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("COUNT")
+        .arg(100_000)
+        .clone()
+        .iter(&mut conn)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        keys.iter().any(|k| k.starts_with("stage:shop-eu:catalog_product:")),
+        "no product entry under stage:shop-eu: {keys:?}"
+    );
+    let elsewhere: Vec<&String> = keys
+        .iter()
+        .filter(|k| !k.starts_with("stage:shop-eu:"))
+        .collect();
+    assert!(elsewhere.is_empty(), "keys outside stage:shop-eu: {elsewhere:?}");
 }
