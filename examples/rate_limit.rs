@@ -16,7 +16,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = Policy::from_file(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/policy.toml"
-    ))?;
+    ))?
+    // KEYWARD_ENV / KEYWARD_APP, when set, pick the namespace (as they do for the `keyward` CLI).
+    .with_env_overrides()?;
     let kw = Keyward::from_env(policy).await?;
     println!("backend: {:?}\n", kw.backend());
 

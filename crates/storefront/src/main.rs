@@ -158,10 +158,13 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(run_replay(replay).await);
     }
 
+    // One policy for every deployment: `KEYWARD_ENV` / `KEYWARD_APP` pick the namespace, as they do for the
+    // `keyward` CLI, so an operator's `KEYWARD_ENV=prod keyward invalidate …` acts on this shop's keys.
     let policy = match &args.policy {
         Some(file) => Policy::from_file(file)?,
         None => storefront::policy().context("the compiled-in policy")?,
-    };
+    }
+    .with_env_overrides()?;
     let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
     if matches!(args.command, Some(Command::Worker)) && redis_url.is_none() {
         // Embedded, the stream lives in the shop's process: a worker of its own would consume an empty
