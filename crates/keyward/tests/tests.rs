@@ -52,6 +52,7 @@ mod multiprocess;
 mod no_forbidden_commands;
 mod rate_limit;
 mod rate_limit_failures;
+mod rate_limit_resharding;
 mod resilience;
 mod sentinel;
 mod session;
