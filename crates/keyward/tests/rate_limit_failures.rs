@@ -268,6 +268,8 @@ async fn a_runtime_shut_down_with_checks_under_way_does_not_wedge_the_handle() {
     let open = kw.rate_limiter("open").unwrap();
     assert_eq!(open.check("warm").await.unwrap().source(), Source::Store);
 
+    // Stalled meanwhile, so that no check of the second runtime is answered before it shuts down.
+    signal(&server, "-STOP");
     for round in 0..2 {
         let open = open.clone();
         std::thread::spawn(move || {
@@ -279,14 +281,16 @@ async fn a_runtime_shut_down_with_checks_under_way_does_not_wedge_the_handle() {
                 let (a, b) = (open.check("a"), open.check("b"));
                 tokio::pin!(a, b);
                 // Each polled once: under way (a call sent, or queued for a batch), not answered yet.
-                assert!(futures_util::poll!(&mut a).is_pending(), "round {round}");
-                assert!(futures_util::poll!(&mut b).is_pending(), "round {round}");
+                let pa = futures_util::poll!(&mut a);
+                let pb = futures_util::poll!(&mut b);
+                assert!(pa.is_pending() && pb.is_pending(), "round {round}: {pa:?} {pb:?}");
             });
             // The runtime shuts down here, dropping the tasks spawned on it.
         })
         .join()
         .unwrap();
     }
+    signal(&server, "-CONT");
 
     // Alone, and several at once (batched).
     assert_eq!(open.check("c").await.unwrap().source(), Source::Store);
