@@ -283,7 +283,10 @@ async fn a_runtime_shut_down_with_checks_under_way_does_not_wedge_the_handle() {
                 // Each polled once: under way (a call sent, or queued for a batch), not answered yet.
                 let pa = futures_util::poll!(&mut a);
                 let pb = futures_util::poll!(&mut b);
-                assert!(pa.is_pending() && pb.is_pending(), "round {round}: {pa:?} {pb:?}");
+                assert!(
+                    pa.is_pending() && pb.is_pending(),
+                    "round {round}: {pa:?} {pb:?}"
+                );
             });
             // The runtime shuts down here, dropping the tasks spawned on it.
         })

@@ -1,6 +1,7 @@
-//! Rate-limit checks on Redis Cluster while a slot is being moved between masters (`MIGRATING` on its
-//! source, `IMPORTING` on its target, as `redis-cli --cluster reshard` leaves it while it moves the slot's
-//! keys): every check is decided by the store, whatever other checks it meets in a batch.
+//! Redis Cluster while a slot is being moved between masters (`MIGRATING` on its source, `IMPORTING` on its
+//! target, as `redis-cli --cluster reshard` leaves it while it moves the slot's keys): rate-limit checks are
+//! decided by the store, whatever other checks they meet in a batch, and cache reads and fills are served,
+//! however many calls are redirected (`ASK`) at once.
 
 #![allow(unreachable_pub)]
 
@@ -135,5 +136,87 @@ async fn checks_batched_in_a_migrating_slot_are_decided_by_the_store() {
         not_store.len(),
         ROUNDS * IDS,
         &not_store[..not_store.len().min(10)]
+    );
+}
+
+/// Cache reads and fills of keys sharing a migrating slot, many at once: those whose entries are still on the
+/// source are served there, the others are redirected (`ASK`) to the target. None may fail: a call the
+/// target refused with `MOVED` (it came without the `ASKING` that redis-rs sends apart from the command, on
+/// the connection other calls share) did not run, and is answered by sending it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_calls_redirected_at_once_in_a_migrating_slot_are_served() {
+    const IDS: usize = 32;
+    const ROUNDS: usize = 10;
+    let cluster = RedisCluster::spawn();
+    let policy = Policy::builder("test", "reshard-cache")
+        .cache(
+            "product",
+            keyward::policy::CacheClass::new(Duration::from_secs(600), "tests"),
+        )
+        .build()
+        .unwrap();
+    let options = ConnectOptions::default().breaker(100_000, Duration::from_secs(60));
+    let kw = Keyward::connect_with(&cluster.seed_url(), policy, options)
+        .await
+        .unwrap();
+    let cache = kw.cache::<String>("product").unwrap();
+    let slot = slot_of("{u0}");
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|id| slot_of(&format!("{{{id}}}")) == slot)
+        .take(IDS)
+        .collect();
+    // Some entries exist on the source before the move starts.
+    for id in &ids[..IDS / 8] {
+        cache
+            .get_or_set(id, || async { Ok::<_, std::io::Error>(format!("v-{id}")) })
+            .await
+            .unwrap();
+    }
+    let source = cluster.master_for_key("{u0}");
+    let target = cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.role == NodeRole::Master && n.id != source.id)
+        .unwrap();
+    let slot_arg = slot.to_string();
+    node_cmd(
+        &target.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
+    );
+    node_cmd(
+        &source.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
+    );
+
+    let mut failed = Vec::new();
+    for round in 0..ROUNDS {
+        let tasks: Vec<_> = ids
+            .iter()
+            .cloned()
+            .map(|id| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let want = format!("v-{id}");
+                    let got = cache
+                        .get_or_set(&id, || async { Ok::<_, std::io::Error>(want) })
+                        .await;
+                    (id, got.map_err(|e| e.to_string()))
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (id, got) = t.await.unwrap();
+            if got != Ok(format!("v-{id}")) {
+                failed.push((round, id, got));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} cache calls failed while slot {slot} migrates: {:?}",
+        failed.len(),
+        ROUNDS * IDS,
+        &failed[..failed.len().min(5)]
     );
 }
