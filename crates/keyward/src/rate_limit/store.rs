@@ -175,42 +175,21 @@ fn parse(
 /// key holds another type than its algorithm keeps); embedded, [`Error::StoreFull`] when the class's
 /// budget is full (nothing is charged).
 pub(crate) async fn check(b: &Backend, call: &RateCall<'_>) -> Result<RateReply> {
-    let (started, mut refused) = (std::time::Instant::now(), 0);
-    let answer = loop {
-        let script = script(std::slice::from_ref(call));
-        // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
-        let answer = b
-            .atomic(
-                script,
-                |kv| Ok(mirror(kv, call)),
-                |reply| parse(reply, std::iter::once(call.keys.len()))?.pop(),
-            )
-            .await;
-        match answer {
-            // Refused before it ran, while its slot moves between masters (see `is_split`): sent again, as
-            // a call nobody charged, within the response timeout.
-            Err(e)
-                if is_split(&e)
-                    && refused < SPLIT_RESENDS
-                    && b.response_timeout().is_some_and(|t| started.elapsed() < t) =>
-            {
-                refused += 1;
-            }
-            answer => break answer?,
-        }
-    };
+    let script = script(std::slice::from_ref(call));
+    // A check that times out may still run on the server once (it cannot be undone): the caller counts it.
+    let answer = b
+        .atomic(
+            script,
+            |kv| Ok(mirror(kv, call)),
+            |reply| parse(reply, std::iter::once(call.keys.len()))?.pop(),
+        )
+        .await?;
     answer.map_err(|message| b.reply_error("rate_limit", &call.keys[0], &message))
 }
 
-/// How many times a check refused by a migrating slot (see [`is_split`]) is sent again.
-const SPLIT_RESENDS: usize = 3;
-
 /// Whether Redis Cluster refused a call without running it because its slot is moving between masters: a
-/// multi-key call whose keys are split between source and target (`TRYAGAIN`), or a redirect the client
-/// could not follow (`MOVED`/`ASK`: redis-rs sends `ASKING` on the shared connection apart from the command,
-/// so concurrent calls redirected to one target can take each other's `ASKING`, and the target answers
-/// `MOVED` back to the source). Such a call was not charged, and a call with fewer keys, or sent again, is
-/// served.
+/// multi-key call whose keys are split between source and target (`TRYAGAIN`), or a redirect that could not
+/// be followed (`MOVED`/`ASK`). Such a call was not charged, and calls with fewer keys may be served.
 fn is_split(e: &Error) -> bool {
     matches!(
         e,
@@ -303,7 +282,7 @@ async fn call_many(b: &Backend, items: &[&Queued]) -> Vec<Result<RateReply>> {
         // While the slot moves between masters, a call whose keys are split between them (some still on the
         // source, some only on the target) is refused before it runs (`TRYAGAIN`), although each check's own
         // keys sit on one side and a lone check is served there (through `ASK`). So each check goes alone, as
-        // it would have without batching (one after the other: see `is_split` for concurrent redirects).
+        // it would have without batching.
         Err(e) if is_split(&e) => {
             let mut alone = Vec::with_capacity(items.len());
             for q in items {
