@@ -282,13 +282,14 @@ async fn call_many(b: &Backend, items: &[&Queued]) -> Vec<Result<RateReply>> {
         // While the slot moves between masters, a call whose keys are split between them (some still on the
         // source, some only on the target) is refused before it runs (`TRYAGAIN`), although each check's own
         // keys sit on one side and a lone check is served there (through `ASK`). So each check goes alone, as
-        // it would have without batching.
+        // it would have without batching (at once: the whole stays bounded by one response timeout).
         Err(e) if is_split(&e) => {
-            let mut alone = Vec::with_capacity(items.len());
-            for q in items {
-                alone.push(check(b, &q.call()).await);
-            }
-            alone
+            futures_util::future::join_all(
+                items
+                    .iter()
+                    .map(|q| async move { check(b, &q.call()).await }),
+            )
+            .await
         }
         Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
     }
