@@ -296,41 +296,49 @@ where
     }
 
     /// Flush batches until the queue is empty, then leave `drives` (in the same critical section).
-    async fn drive<F, Fut>(self: Arc<Self>, mut flush: F)
+    ///
+    /// The guard that leaves `drives` if the drive ends otherwise is made here, when the task is spawned, not
+    /// at its first poll: a task dropped before it ever ran (its runtime shut down first, say a second
+    /// runtime the handle was used from) must leave `drives` too, or the batcher would count it in flight
+    /// for ever, and once `max_in_flight` had gone so, no drive would ever take a queued item again.
+    fn drive<F, Fut>(self: Arc<Self>, mut flush: F) -> impl Future<Output = ()> + Send + 'static
     where
         F: FnMut(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<O>> + Send + 'static,
     {
         let mut guard = Unwind {
-            batcher: &self,
+            batcher: self,
             armed: true,
             in_flight: Vec::new(),
         };
-        loop {
-            let batch = {
-                let mut st = self.lock();
-                let batch = self.take(&mut st);
-                if batch.is_empty() {
-                    st.drives -= 1;
-                    guard.armed = false;
-                    return;
+        async move {
+            let this = Arc::clone(&guard.batcher);
+            loop {
+                let batch = {
+                    let mut st = this.lock();
+                    let batch = this.take(&mut st);
+                    if batch.is_empty() {
+                        st.drives -= 1;
+                        guard.disarm();
+                        return;
+                    }
+                    batch
+                };
+                let items: Vec<I>;
+                (items, guard.in_flight) = batch.into_iter().map(|j| (j.item, j.reply)).unzip();
+                let outputs = flush(items).await;
+                // A missing output drops its reply channel: that caller gets `Abandoned`.
+                for (reply, output) in std::mem::take(&mut guard.in_flight)
+                    .into_iter()
+                    .zip(outputs)
+                {
+                    // The caller may have gone (its future dropped): its output is discarded.
+                    let _ = reply.send(output);
                 }
-                batch
-            };
-            let items: Vec<I>;
-            (items, guard.in_flight) = batch.into_iter().map(|j| (j.item, j.reply)).unzip();
-            let outputs = flush(items).await;
-            // A missing output drops its reply channel: that caller gets `Abandoned`.
-            for (reply, output) in std::mem::take(&mut guard.in_flight)
-                .into_iter()
-                .zip(outputs)
-            {
-                // The caller may have gone (its future dropped): its output is discarded.
-                let _ = reply.send(output);
+                // Let the callers just answered (runnable now) queue their next call before the next batch is
+                // taken: one cooperative yield, no timer, so nothing waits for calls not yet made.
+                tokio::task::yield_now().await;
             }
-            // Let the callers just answered (runnable now) queue their next call before the next batch is
-            // taken: one cooperative yield, no timer, so nothing waits for calls not yet made.
-            tokio::task::yield_now().await;
         }
     }
 
@@ -401,17 +409,25 @@ async fn within<T>(
 }
 
 /// Armed while a drive runs, and holding the reply channels of the batch in flight: if the drive is dropped
-/// before it ends normally (its flush panicked, or the runtime shut down), it leaves `drives` (and, if it
+/// before it ends normally (its flush panicked, or the runtime shut down, also before the drive's first poll),
+/// it leaves `drives` (and, if it
 /// was the last drive, takes the queue: no drive is left to serve it) first, then the in-flight and those
 /// queued callers' channels are dropped (each gets [`Abandoned`]). In that order, so that a caller who
 /// retries at once starts a new drive instead of queueing behind one that will never come.
-struct Unwind<'a, I, O> {
-    batcher: &'a Batcher<I, O>,
+struct Unwind<I, O> {
+    batcher: Arc<Batcher<I, O>>,
     armed: bool,
     in_flight: Vec<oneshot::Sender<O>>,
 }
 
-impl<I, O> Drop for Unwind<'_, I, O> {
+impl<I, O> Unwind<I, O> {
+    /// The drive ended normally (it left `drives` itself).
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl<I, O> Drop for Unwind<I, O> {
     fn drop(&mut self) {
         if !self.armed {
             return;

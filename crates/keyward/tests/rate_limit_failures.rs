@@ -252,3 +252,55 @@ async fn a_stalled_master_does_not_hold_back_checks_on_healthy_masters() {
         "the slowest check on the stalled master took {stalled_last:?} (response timeout {timeout:?})"
     );
 }
+
+/// A handle used from a second runtime (a worker's own runtime, a test's) that shuts down while two of its
+/// checks are under way, each polled once: the batch task the second check started on that runtime never
+/// runs. The handle must go on deciding checks on the store from the runtime that is still up; it must not
+/// count that task as a batch in flight for ever (then, once two had gone so, every later check would queue
+/// behind calls that never come, wait the whole response timeout and take the `on_error` path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_shut_down_with_checks_under_way_does_not_wedge_the_handle() {
+    let server = RedisServer::spawn();
+    let options = ConnectOptions::default().response_timeout(Duration::from_secs(1));
+    let kw = Keyward::connect_with(&server.url(), policy(), options)
+        .await
+        .unwrap();
+    let open = kw.rate_limiter("open").unwrap();
+    assert_eq!(open.check("warm").await.unwrap().source(), Source::Store);
+
+    // Stalled meanwhile, so that no check of the second runtime is answered before it shuts down.
+    signal(&server, "-STOP");
+    for round in 0..2 {
+        let open = open.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (a, b) = (open.check("a"), open.check("b"));
+                tokio::pin!(a, b);
+                // Each polled once: under way (a call sent, or queued for a batch), not answered yet.
+                let pa = futures_util::poll!(&mut a);
+                let pb = futures_util::poll!(&mut b);
+                assert!(
+                    pa.is_pending() && pb.is_pending(),
+                    "round {round}: {pa:?} {pb:?}"
+                );
+            });
+            // The runtime shuts down here, dropping the tasks spawned on it.
+        })
+        .join()
+        .unwrap();
+    }
+    signal(&server, "-CONT");
+
+    // Alone, and several at once (batched).
+    assert_eq!(open.check("c").await.unwrap().source(), Source::Store);
+    let checks = (0..8).map(|i| {
+        let open = open.clone();
+        async move { open.check(&format!("d{i}")).await.unwrap().source() }
+    });
+    let sources = futures_util::future::join_all(checks).await;
+    assert!(sources.iter().all(|s| *s == Source::Store), "{sources:?}");
+}

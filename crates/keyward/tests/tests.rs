@@ -39,6 +39,7 @@ mod channel;
 mod cluster;
 mod cluster_epochs;
 mod cluster_faults;
+mod cluster_resharding;
 mod conformance;
 mod connect;
 mod fault_regressions;

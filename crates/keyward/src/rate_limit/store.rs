@@ -187,6 +187,17 @@ pub(crate) async fn check(b: &Backend, call: &RateCall<'_>) -> Result<RateReply>
     answer.map_err(|message| b.reply_error("rate_limit", &call.keys[0], &message))
 }
 
+/// Whether Redis Cluster refused a call without running it because its slot is moving between masters: a
+/// multi-key call whose keys are split between source and target (`TRYAGAIN`), or a redirect that could not
+/// be followed (`MOVED`/`ASK`). Such a call was not charged, and calls with fewer keys may be served.
+fn is_split(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Redis { source, .. }
+            if matches!(source.code(), Some("TRYAGAIN" | "MOVED" | "ASK" | "CROSSSLOT"))
+    )
+}
+
 /// Decide `check`, merged with the checks of other callers of `batcher` that wait at the same moment when the
 /// store is Redis (see [`crate::batch`]): one script call decides them one after the other, each exactly as
 /// alone, under one reading of the server's clock (on Cluster, one call per slot). Embedded, the check runs
@@ -268,6 +279,18 @@ async fn call_many(b: &Backend, items: &[&Queued]) -> Vec<Result<RateReply>> {
             .zip(items)
             .map(|(a, q)| a.map_err(|message| b.reply_error("rate_limit", &q.keys[0], &message)))
             .collect(),
+        // While the slot moves between masters, a call whose keys are split between them (some still on the
+        // source, some only on the target) is refused before it runs (`TRYAGAIN`), although each check's own
+        // keys sit on one side and a lone check is served there (through `ASK`). So each check goes alone, as
+        // it would have without batching (at once: the whole stays bounded by one response timeout).
+        Err(e) if is_split(&e) => {
+            futures_util::future::join_all(
+                items
+                    .iter()
+                    .map(|q| async move { check(b, &q.call()).await }),
+            )
+            .await
+        }
         Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
     }
 }

@@ -933,18 +933,36 @@ impl RedisBackend {
         &self,
         op: &'static str,
         slot: Option<u16>,
-        send: impl Fn(Conn) -> Fut,
+        send: impl Fn(Conn, bool) -> Fut,
     ) -> Result<T>
     where
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let started = std::time::Instant::now();
         let mark = self.first_try();
-        let answer = self.call(op, slot, send(self.conn())).await;
+        let mut answer = self.call(op, slot, send(self.conn(), false)).await;
+        if self.cluster.is_some() {
+            // A redirect redis-rs could not follow: the call did not run. During a reshard redis-rs sends a
+            // redirected call's `ASKING` apart from the call, on the connection every call to the importing
+            // node shares: calls redirected at once take each other's `ASKING` (it holds for one command), and
+            // the importing node answers `MOVED` back to the source. Sent again with its own `ASKING` in front,
+            // in one write (`send`'s flag): wherever redis-rs sends it, nothing comes between the two.
+            let mut resends = 0;
+            while resends < REDIRECT_RESENDS && is_unfollowed_redirect(&answer) {
+                let Some(left) = self.response_timeout.checked_sub(started.elapsed()) else {
+                    break;
+                };
+                resends += 1;
+                answer = self
+                    .call_within(op, slot, left, false, send(self.conn(), true))
+                    .await;
+            }
+        }
         match self.resend_within(mark, &answer).await {
             // Past the breaker: the first try's failure may just have opened it, and a call never sent is
             // sent once more in any case (to a new master, or to an address that refused it).
             Some(left) => {
-                self.call_within(op, slot, left, false, send(self.conn()))
+                self.call_within(op, slot, left, false, send(self.conn(), false))
                     .await
             }
             None => answer,
@@ -1193,19 +1211,12 @@ impl RedisBackend {
             must_land,
         };
         let (script, keys, args) = (&script, &keys, &args);
-        let send = |mut conn: Conn| async move {
-            match script
-                .command(false, keys, args)
-                .query_async::<Value>(&mut conn)
-                .await
-            {
+        let send = |mut conn: Conn, asking: bool| async move {
+            match query_cmd::<Value>(&mut conn, &script.command(false, keys, args), asking).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    script
-                        .command(true, keys, args)
-                        .query_async(&mut conn)
-                        .await
+                    query_cmd(&mut conn, &script.command(true, keys, args), asking).await
                 }
                 answer => answer,
             }
@@ -1229,7 +1240,8 @@ impl RedisBackend {
             must_land: false,
         };
         let pipe = &pipe;
-        let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
+        let send =
+            |mut conn: Conn, asking: bool| async move { query_pipe(&mut conn, pipe, asking).await };
         let answer = self.call_resending(op, slot, send).await;
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
@@ -1239,7 +1251,8 @@ impl RedisBackend {
     pub(crate) async fn run_commands(&self, pipeline: Pipeline) -> Result<Vec<Reply>> {
         let Pipeline { op, pipe, slot, .. } = pipeline;
         let pipe = &pipe;
-        let send = |mut conn: Conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await };
+        let send =
+            |mut conn: Conn, asking: bool| async move { query_pipe(&mut conn, pipe, asking).await };
         self.call_resending(op, slot, send)
             .await
             .map(|v| v.into_iter().map(Reply::from).collect())
@@ -1309,12 +1322,10 @@ impl RedisBackend {
             .cluster
             .as_ref()
             .map(|_| crate::key::cluster_slot(channel.as_bytes()));
-        let send = |mut conn: Conn| async move {
-            redis::cmd(cmd)
-                .arg(channel)
-                .arg(message)
-                .query_async::<u64>(&mut conn)
-                .await
+        let send = |mut conn: Conn, asking: bool| async move {
+            let mut publish = redis::cmd(cmd);
+            publish.arg(channel).arg(message);
+            query_cmd(&mut conn, &publish, asking).await
         };
         self.call_resending(op, slot, send).await
     }
@@ -1361,7 +1372,8 @@ impl RedisBackend {
     /// once while the breaker is open, and the breaker's probe after its cooldown (a success closes it), so a
     /// health check polled during an outage neither pays the timeout nor keeps the breaker from recovering.
     pub(crate) async fn ping(&self) -> Result<()> {
-        let send = |mut conn: Conn| async move {
+        // No slot: never redirected.
+        let send = |mut conn: Conn, _asking: bool| async move {
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
         self.call_resending("ping", None, send).await.map(drop)
@@ -1507,6 +1519,50 @@ pub(super) fn sorted(mut out: Vec<KeyTtl>) -> Vec<KeyTtl> {
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out.dedup_by(|a, b| a.key == b.key);
     out
+}
+
+/// `cmd`'s reply; with `asking`, `cmd` goes behind an `ASKING` of its own, in one write (see
+/// [`RedisBackend::call_resending`]).
+async fn query_cmd<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    cmd: &redis::Cmd,
+    asking: bool,
+) -> redis::RedisResult<T> {
+    if !asking {
+        return cmd.query_async(conn).await;
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING").ignore().add_command(cmd.clone());
+    let (reply,): (T,) = pipe.query_async(conn).await?;
+    Ok(reply)
+}
+
+/// `pipe`'s replies; with `asking`, behind an `ASKING` of their own, in one write (see
+/// [`RedisBackend::call_resending`]). keyward's pipelines ignore no reply, so each command's reply comes back.
+async fn query_pipe(
+    conn: &mut Conn,
+    pipe: &redis::Pipeline,
+    asking: bool,
+) -> redis::RedisResult<Vec<Value>> {
+    if !asking {
+        return pipe.query_async(conn).await;
+    }
+    let mut asked = redis::pipe();
+    asked.cmd("ASKING").ignore();
+    for cmd in pipe.cmd_iter() {
+        asked.add_command(cmd.clone());
+    }
+    asked.query_async(conn).await
+}
+
+/// How many times a Cluster call that came back with a redirect redis-rs could not follow is sent again (see
+/// [`RedisBackend::call_resending`]).
+const REDIRECT_RESENDS: usize = 3;
+
+/// Whether a call's answer is a Cluster redirect (`MOVED`, `ASK`) that reached keyward: redis-rs follows
+/// redirects itself, so this one it could not (the call did not run).
+fn is_unfollowed_redirect<T>(answer: &Result<T>) -> bool {
+    matches!(answer, Err(Error::Redis { source, .. }) if matches!(source.code(), Some("MOVED" | "ASK")))
 }
 
 /// A `READONLY` error reply: the server was demoted to a replica (a failover); behind Sentinel the master
