@@ -39,8 +39,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (cache_a, cache_b) = (a.cache::<u32>("product")?, b.cache::<u32>("product")?);
 
-    // The "database": the price of product 42, in cents.
+    // The "database": the price of product 42, in cents. A previous run left its last price cached in Redis
+    // (for the class's TTL): start from a clean entry, so that B loads this run's price.
     let price = Arc::new(AtomicU32::new(1999));
+    cache_a.invalidate(&42).await?;
     let load = |price: &Arc<AtomicU32>| {
         let p = price.load(Ordering::SeqCst);
         move || async move { Ok::<_, std::io::Error>(p) }
