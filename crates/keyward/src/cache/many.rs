@@ -173,7 +173,9 @@ where
     /// The error of the first id (in the order of `ids`) that could not be answered; values loaded for the other
     /// ids are still stored. [`Error::Loader`] when the loader fails (every id of that call gets the error, and
     /// their leases are given back at once — except, in a class with `stale_grace`, ids whose stale value was
-    /// kept: they get that value, as [`get_or_set`](Self::get_or_set) would serve it) or when its answer lacks an id it was asked for (the source is a
+    /// kept: they count as answered, and their values are stored again for `fail_safe_throttle`, so when every id
+    /// was answered the call returns the values, and when one was not it returns the error and the next call
+    /// serves the kept ones) or when its answer lacks an id it was asked for (the source is a
     /// [`MissingFromBatch`] naming the id; that id is not cached — use
     /// [`get_or_set_many_opt`](Self::get_or_set_many_opt) to cache absence), [`Error::LoaderTimeout`] (after the
     /// class `loader_timeout`), [`Error::ValueTooLarge`], [`Error::Encode`], [`Error::Key`] for an unusable id
