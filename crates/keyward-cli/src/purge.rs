@@ -185,7 +185,7 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
                 usage!("--version 0: versions start at 1, so no key of class {class} has version 0")
             }
             (Some(v), _) if v >= current => usage!(
-                "--version {v}: class {class} is at v{current}; only an older version can be purged (or pass --all-versions)"
+                "--version {v}: class {class} is at v{current}; only an older version can be purged (--all-versions purges every version, the current one included)"
             ),
             (Some(version), _) => Selection::Version {
                 class: class.clone(),
@@ -195,7 +195,7 @@ fn selection(policy: &Policy, args: &PurgeArgs) -> anyhow::Result<(Selection, bo
                 class: class.clone(),
             },
             (None, false) => usage!(
-                "--class {class} is current (v{current}): select an old version with --version N, or pass --all-versions"
+                "--class {class} is current (v{current}): select an old version with --version N (--all-versions purges every version, the current one included)"
             ),
         };
         (sel, class.clone())
