@@ -314,6 +314,8 @@ async fn an_unreachable_redis_is_named_in_the_headline_without_its_password() {
         "{err}"
     );
     assert!(!err.contains("s3cret-pw"), "no password: {err}");
+    // The cause once: a wrapping error that also printed its source showed it twice.
+    assert_eq!(err.matches("cannot connect to Redis").count(), 1, "{err}");
 }
 
 /// CI hang (stop 22): a shop whose stdout reader had gone panicked on its next `println!` (EPIPE), so
