@@ -286,10 +286,10 @@ pub enum StartError {
     #[error(transparent)]
     Db(#[from] DbError),
     /// The first-start import failed (nothing was imported).
-    #[error("importing Northwind: {0}")]
+    #[error("importing Northwind")]
     Import(#[from] ImportError),
     /// keyward could not connect, or the policy lacks a class.
-    #[error("keyward: {0}")]
+    #[error("keyward")]
     Keyward(#[from] keyward::Error),
 }
 

@@ -147,10 +147,13 @@ struct ReplayArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    // Logs go to stderr (stdout carries the start-up lines), in colour only on a terminal.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     if let Some(Command::Replay(replay)) = &args.command {
