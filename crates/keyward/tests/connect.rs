@@ -87,6 +87,31 @@ async fn bad_urls_are_typed_errors() {
     }
 }
 
+/// A URL that does not parse says what is wrong with it, not only "not a Redis URL"; the hint about
+/// percent-encoding credentials comes only when the credentials are what breaks it; no password is shown.
+#[tokio::test]
+async fn a_bad_url_says_what_is_wrong_with_it() {
+    let cases = [
+        ("redis://127.0.0.1:65xx", "port"),
+        ("redis://:s3cret@127.0.0.1:65xx", "port"),
+        ("redis://127.0.0.1:99999", "port"),
+        ("redis://127.0.0.1:6379/abc", "database"),
+        ("redis://:s3cret@127.0.0.1:6379/abc", "database"),
+        ("http://127.0.0.1:6379", "scheme"),
+        ("redis://:s3/cret@127.0.0.1:6379", "percent-encode"),
+    ];
+    for (url, says) in cases {
+        let err = Keyward::connect(url, policy()).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
+        let text = err.to_string();
+        assert!(text.contains(says), "{url}: {text:?} should name the {says}");
+        assert!(!text.contains("s3cret") && !text.contains("cret@"), "{url}: {text}");
+        if says != "percent-encode" {
+            assert!(!text.contains("percent-encode"), "{url}: misleading hint in {text:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn server_gone_mid_use_is_an_error_not_a_panic_or_hang() {
     let mut server = RedisServer::spawn();
