@@ -205,6 +205,45 @@ pub(crate) fn scrub(url: &str, message: &str) -> String {
     out
 }
 
+/// Why redis-rs refused `url`, naming the part that is wrong (`detail` is redis-rs's word, when it has one);
+/// never quotes the user-info. When the URL without its user-info parses, the credentials are what breaks it:
+/// then (only) the answer says how to percent-encode them.
+fn why_not_a_redis_url(url: &str, detail: Option<&str>) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some(at) = rest.rfind('@')
+    {
+        let bare = format!("{scheme}://{}", &rest[at + 1..]);
+        return match Client::open(bare.as_str()) {
+            Ok(_) => format!(
+                "{} (percent-encode special characters in the user name and password, e.g. `/` as `%2F`, \
+                 `@` as `%40`, `:` as `%3A`)",
+                detail.unwrap_or("the user name or password breaks the URL")
+            ),
+            Err(e) => why_not_a_redis_url(&bare, e.detail()),
+        };
+    }
+    match url::Url::parse(url) {
+        // "invalid port number", "empty host", "relative URL without a base", …
+        Err(e) => e.to_string(),
+        Ok(parsed) => match parsed.scheme() {
+            "redis" | "rediss" | "redis+unix" | "unix" | "valkey" | "valkeys" | "valkey+unix" => {
+                let db = parsed.path().trim_start_matches('/');
+                if !db.is_empty() && db.parse::<i64>().is_err() {
+                    format!(
+                        "the path `/{db}` is not a database number (e.g. `redis://host:6379/0`)"
+                    )
+                } else {
+                    detail.unwrap_or("not a Redis URL").to_owned()
+                }
+            }
+            other => format!(
+                "the scheme `{other}://` is not a Redis one: use `redis://`, `rediss://` (TLS) or \
+                 `redis+unix://`"
+            ),
+        },
+    }
+}
+
 /// A connection opened by [`open`].
 pub(crate) struct Opened {
     pub(crate) conn: ConnectionManager,
@@ -219,17 +258,7 @@ fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
     let invalid = |detail: &str| Error::InvalidUrl {
         reason: scrub(url, &format!("{}: {detail}", redact(url))),
     };
-    let client = Client::open(url).map_err(|e| {
-        let detail = e.detail().unwrap_or("not a Redis URL");
-        if url.contains('@') {
-            invalid(&format!(
-                "{detail} (percent-encode special characters in the user name and password, e.g. `/` as \
-                 `%2F`, `@` as `%40`, `:` as `%3A`)"
-            ))
-        } else {
-            invalid(detail)
-        }
-    })?;
+    let client = Client::open(url).map_err(|e| invalid(&why_not_a_redis_url(url, e.detail())))?;
     let mut info = client.get_connection_info().clone();
     if info.redis_settings().username().is_some() && info.redis_settings().password().is_none() {
         // redis-rs would send no AUTH at all and log in as `default`: the intended ACL user silently bypassed.
