@@ -105,6 +105,30 @@ fn a_server_that_requires_a_password_says_so_for_every_command() {
     }
 }
 
+/// `keyward bench` (the library's connection, its own hint) says the same as the other commands.
+#[test]
+fn bench_says_the_same_about_authentication() {
+    let (_server, port) = server_requiring("right-one");
+    for (url, said) in [
+        (format!("redis://127.0.0.1:{port}"), "requires authentication"),
+        (
+            format!("redis://:s3cret@127.0.0.1:{port}"),
+            "refused the credentials",
+        ),
+    ] {
+        let out = keyward(&["bench", "hit", "-d", "1", "--url", &url]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(
+            err.contains(&format!("Redis at 127.0.0.1:{port} {said}")),
+            "{url}: {err}"
+        );
+        assert!(err.contains("redis://:PASSWORD@host:port"), "{url}: {err}");
+        assert!(!err.contains("HELLO"), "{url}: {err}");
+        assert!(!err.contains("s3cret"), "{url}: {err}");
+    }
+}
+
 /// A wrong password, for the default user and for an ACL user: every command says the server refused the
 /// credentials, names the server, and never shows the password.
 #[test]
