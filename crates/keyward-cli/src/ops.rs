@@ -385,11 +385,8 @@ fn parse_id(id: &str) -> anyhow::Result<Vec<String>> {
 async fn connect(url: &str, policy: Policy) -> anyhow::Result<Keyward> {
     Keyward::connect(url, policy).await.map_err(|e| match e {
         keyward::Error::InvalidUrl { .. } => anyhow::Error::new(UsageError(e.to_string())),
-        keyward::Error::Connect { ref server, ref reason } => {
-            match crate::redis_url::AuthFailure::in_text(reason) {
-                Some(failure) => crate::redis_url::AuthError::new(server, failure).into(),
-                None => anyhow::anyhow!("{e} — {}", crate::redis_url::HINT),
-            }
+        keyward::Error::Connect { .. } => {
+            crate::redis_url::library_connect_failed(&e, crate::redis_url::HINT)
         }
         other => anyhow::Error::new(other).context("cannot connect to Redis"),
     })

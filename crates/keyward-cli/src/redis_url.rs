@@ -119,6 +119,18 @@ impl AuthFailure {
     }
 }
 
+/// The error for the library's failed connect (`invalidate`, `dead-letters`, `bench`): an [`AuthError`] when
+/// `keyward::Error::Connect` says the server would not let us in, else the library's text and `hint` (what to
+/// check, by the command's rule for picking the server).
+pub(crate) fn library_connect_failed(err: &keyward::Error, hint: &str) -> anyhow::Error {
+    if let keyward::Error::Connect { server, reason } = err
+        && let Some(failure) = AuthFailure::in_text(reason)
+    {
+        return AuthError::new(server, failure).into();
+    }
+    anyhow::anyhow!("{err} — {hint}")
+}
+
 /// A server that would not let us in: which one (`host:port`, never credentials) and what to put in the URL.
 /// Its own type, so that callers collecting errors from several servers can pass it on as it is.
 #[derive(Debug, thiserror::Error)]
