@@ -183,7 +183,10 @@ pub(crate) async fn connect_failed(
     }
     let reason = err.to_string();
     if err.is_timeout() {
-        unreachable(label, unanswered(client.get_connection_info().addr(), reason, connect_timeout).await)
+        unreachable(
+            label,
+            unanswered(client.get_connection_info().addr(), reason, connect_timeout).await,
+        )
     } else {
         unreachable(label, reason)
     }
@@ -331,6 +334,79 @@ mod tests {
         assert_eq!(
             redact("redis+sentinel://h:26379/m?password=a@b"),
             "redis+sentinel://***…"
+        );
+    }
+
+    #[test]
+    fn auth_failures_are_told_from_codes_and_library_texts() {
+        let text = |t| AuthFailure::in_text(t);
+        assert_eq!(
+            text("\"NOAUTH\": HELLO must be called with the client already authenticated"),
+            Some(AuthFailure::Required)
+        );
+        assert_eq!(
+            text("\"WRONGPASS\": invalid username-password pair or user is disabled."),
+            Some(AuthFailure::Refused)
+        );
+        assert_eq!(
+            text("Password authentication failed - AuthenticationFailed"),
+            Some(AuthFailure::Refused)
+        );
+        assert_eq!(text("Connection refused (os error 111)"), None);
+        let said = AuthError::new(
+            &server_label("redis://u:s3cret@h:7000").unwrap(),
+            AuthFailure::Refused,
+        )
+        .to_string();
+        assert!(
+            said.starts_with("Redis at h:7000 refused the credentials"),
+            "{said}"
+        );
+        assert!(!said.contains("s3cret"), "{said}");
+    }
+
+    /// The `rediss://` address of `port` on 127.0.0.1, as redis-rs parses it.
+    fn tls_addr(port: u16) -> redis::ConnectionAddr {
+        redis::Client::open(format!("rediss://:s3cret@127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection_info()
+            .addr()
+            .clone()
+    }
+
+    /// One look at the port tells the three cases apart; a non-TLS address is left alone.
+    #[tokio::test]
+    async fn an_unanswered_tls_connect_says_what_the_port_is() {
+        let wait = Duration::from_secs(1);
+        let plain = keyward_testkit::RedisServer::spawn_tcp();
+        let said = unanswered(
+            &tls_addr(plain.tcp_port().unwrap()),
+            "timed out".into(),
+            wait,
+        )
+        .await;
+        assert!(
+            said.contains("the port answers plain-text Redis: does this port speak TLS?"),
+            "{said}"
+        );
+        let silent = keyward_testkit::Blackhole::start();
+        let said = unanswered(&tls_addr(silent.addr().port()), "timed out".into(), wait).await;
+        assert!(
+            said.contains("accepts TCP connections but answered neither"),
+            "{said}"
+        );
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let said = unanswered(&tls_addr(nobody), "timed out".into(), wait).await;
+        assert!(said.contains("no TCP connection to the port"), "{said}");
+        assert!(!said.contains("s3cret"), "{said}");
+        let tcp = redis::ConnectionAddr::Tcp("127.0.0.1".into(), nobody);
+        assert_eq!(
+            unanswered(&tcp, "timed out".into(), wait).await,
+            "timed out"
         );
     }
 }

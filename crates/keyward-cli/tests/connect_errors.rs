@@ -110,7 +110,10 @@ fn a_server_that_requires_a_password_says_so_for_every_command() {
 fn bench_says_the_same_about_authentication() {
     let (_server, port) = server_requiring("right-one");
     for (url, said) in [
-        (format!("redis://127.0.0.1:{port}"), "requires authentication"),
+        (
+            format!("redis://127.0.0.1:{port}"),
+            "requires authentication",
+        ),
         (
             format!("redis://:s3cret@127.0.0.1:{port}"),
             "refused the credentials",
@@ -148,10 +151,7 @@ fn refused_credentials_are_said_plainly_without_the_password() {
                 )),
                 "{command:?} {url}: {err}"
             );
-            assert!(
-                err.contains("redis://USER:PASSWORD@"),
-                "{command:?}: {err}"
-            );
+            assert!(err.contains("redis://USER:PASSWORD@"), "{command:?}: {err}");
             assert!(!err.contains("s3cret"), "{command:?} {url}: {err}");
             assert!(!err.contains("is it up"), "{command:?} {url}: {err}");
         }
@@ -181,7 +181,9 @@ fn rediss_at_a_plain_text_port_asks_whether_the_port_speaks_tls() {
             "{command:?}: {err}"
         );
         assert!(
-            err.contains("the port answers plain-text Redis: does this port speak TLS? use redis://"),
+            err.contains(
+                "the port answers plain-text Redis: does this port speak TLS? use redis://"
+            ),
             "{command:?}: {err}"
         );
         assert!(!err.contains("s3cret"), "{command:?}: {err}");
