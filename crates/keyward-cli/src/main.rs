@@ -32,7 +32,8 @@
 //! each module below imports only modules listed above it, so there is no import cycle.
 //! - `error` — `UsageError` (exit 2) and the choice of exit code for an error.
 //! - `redis_url` — which server a command acts on: `--url`, else `$REDIS_URL`, else the local default; the
-//!   same rule for every command but `bench`.
+//!   same rule for every command but `bench`; and how every command words a failed connection (unreachable,
+//!   a `rediss://` port that speaks plain text, a password missing or refused) and opens its own connections.
 //! - `policy_cmd` — `policy check`.
 //! - `ops` — `invalidate` and `dead-letters`: the library's calls against a live Redis, dry run by default.
 //! - `stream_info` — the read-only stream reads (`XINFO`, `XPENDING`), shared by `audit` and `streams`; it

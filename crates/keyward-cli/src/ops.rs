@@ -385,8 +385,8 @@ fn parse_id(id: &str) -> anyhow::Result<Vec<String>> {
 async fn connect(url: &str, policy: Policy) -> anyhow::Result<Keyward> {
     Keyward::connect(url, policy).await.map_err(|e| match e {
         keyward::Error::InvalidUrl { .. } => anyhow::Error::new(UsageError(e.to_string())),
-        other @ keyward::Error::Connect { .. } => {
-            anyhow::anyhow!("{other} — {}", crate::redis_url::HINT)
+        keyward::Error::Connect { .. } => {
+            crate::redis_url::library_connect_failed(&e, crate::redis_url::HINT)
         }
         other => anyhow::Error::new(other).context("cannot connect to Redis"),
     })

@@ -4,6 +4,15 @@
 //! The one decision: **the same rule everywhere, and an empty `REDIS_URL` counts as unset** (a shell's
 //! `REDIS_URL= keyward …` or a blank line in an env file means "not given", not "an invalid URL"). `keyward
 //! bench` is the exception by design: without a URL it measures the embedded backend (`mem://`).
+//!
+//! It is also where connection failures are put into words, once for every command: a server that cannot be
+//! reached ([`unreachable`], with [`HINT`]; for `rediss://` at a plain-text port, [`unanswered`] says so), and
+//! one that will not let us in ([`AuthError`]: no password given, or the credentials refused). The CLI's own
+//! connections come from [`connect`]; the library's errors are classified with [`AuthFailure::in_text`].
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
 
 use crate::error::UsageError;
 
@@ -75,6 +84,202 @@ pub(crate) fn unreachable(label: &str, reason: impl std::fmt::Display) -> anyhow
     anyhow::anyhow!("cannot connect to Redis at {label}: {reason} — {HINT}")
 }
 
+/// Why a server would not let us in: the one classification every command uses, for its own connections
+/// ([`connect`]) and for the library's ([`AuthFailure::in_text`] on `keyward::Error::Connect`'s reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    /// `NOAUTH`: the server requires a password and the URL gave none.
+    Required,
+    /// `WRONGPASS` (or redis-rs's `AuthenticationFailed`): the URL's user and password were refused.
+    Refused,
+}
+
+impl AuthFailure {
+    /// The failure `err` reports, if it is one.
+    pub(crate) fn of(err: &redis::RedisError) -> Option<Self> {
+        if err.kind() == redis::ErrorKind::AuthenticationFailed || err.code() == Some("WRONGPASS") {
+            Some(Self::Refused)
+        } else if err.code() == Some("NOAUTH") {
+            Some(Self::Required)
+        } else {
+            None
+        }
+    }
+
+    /// The failure a connection error's text reports (the library's `Connect` reason is a string): redis-rs
+    /// shows the server's code (`"NOAUTH": …`, `"WRONGPASS": …`) or its own kind (`AuthenticationFailed`).
+    pub(crate) fn in_text(text: &str) -> Option<Self> {
+        if text.contains("WRONGPASS") || text.contains("AuthenticationFailed") {
+            Some(Self::Refused)
+        } else if text.contains("NOAUTH") {
+            Some(Self::Required)
+        } else {
+            None
+        }
+    }
+}
+
+/// The error for the library's failed connect (`invalidate`, `dead-letters`, `bench`): an [`AuthError`] when
+/// `keyward::Error::Connect` says the server would not let us in, else the library's text and `hint` (what to
+/// check, by the command's rule for picking the server).
+pub(crate) fn library_connect_failed(err: &keyward::Error, hint: &str) -> anyhow::Error {
+    if let keyward::Error::Connect { server, reason } = err
+        && let Some(failure) = AuthFailure::in_text(reason)
+    {
+        return AuthError::new(server, failure).into();
+    }
+    anyhow::anyhow!("{err} — {hint}")
+}
+
+/// A server that would not let us in: which one (`host:port`, never credentials) and what to put in the URL.
+/// Its own type, so that callers collecting errors from several servers can pass it on as it is.
+#[derive(Debug, thiserror::Error)]
+pub(crate) struct AuthError {
+    label: String,
+    failure: AuthFailure,
+}
+
+impl AuthError {
+    pub(crate) fn new(label: &str, failure: AuthFailure) -> Self {
+        Self {
+            label: label.to_owned(),
+            failure,
+        }
+    }
+}
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const FORMS: &str = "redis://:PASSWORD@host:port for the default user, redis://USER:PASSWORD@host:port \
+                             for an ACL user (percent-encode special characters: @ as %40, : as %3A, / as %2F), \
+                             in --url or $REDIS_URL";
+        let label = &self.label;
+        match self.failure {
+            AuthFailure::Required => write!(
+                f,
+                "Redis at {label} requires authentication and the URL gives no password: give it in the URL, \
+                 {FORMS}"
+            ),
+            AuthFailure::Refused => write!(
+                f,
+                "Redis at {label} refused the credentials (wrong password, or an unknown or disabled user): \
+                 check them in the URL, {FORMS}"
+            ),
+        }
+    }
+}
+
+/// The error for a connection attempt to `label` that failed with `err`: an [`AuthError`] when the server
+/// would not let us in, else [`unreachable`] — after, for a `rediss://` URL that timed out, one look at the
+/// port ([`unanswered`]).
+pub(crate) async fn connect_failed(
+    client: &redis::Client,
+    label: &str,
+    err: &redis::RedisError,
+    connect_timeout: Duration,
+) -> anyhow::Error {
+    if let Some(failure) = AuthFailure::of(err) {
+        return AuthError::new(label, failure).into();
+    }
+    let reason = err.to_string();
+    if err.is_timeout() {
+        unreachable(
+            label,
+            unanswered(client.get_connection_info().addr(), reason, connect_timeout).await,
+        )
+    } else {
+        unreachable(label, reason)
+    }
+}
+
+/// A plain connection to one server (one primary of a Cluster), for the commands that talk to Redis through
+/// connections of their own (`audit`, `purge`, `inspect`, `streams`, and the Cluster discovery). It is
+/// `PING`ed once, so that a server requiring a password the URL does not give says so here rather than at
+/// the command's first use of it.
+///
+/// # Errors
+/// A [`UsageError`] when the URL does not parse; an [`AuthError`] when the server refuses us; otherwise an
+/// error naming the server (`host:port`, never the password) with [`HINT`].
+pub(crate) async fn connect(
+    url: &str,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> anyhow::Result<MultiplexedConnection> {
+    // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = redis::Client::open(url).map_err(|e| invalid(url, &e))?;
+    let label = server_label(url)?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout));
+    let mut conn = match client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(e) => return Err(connect_failed(&client, &label, &e, connect_timeout).await),
+    };
+    match redis::cmd("PING").query_async::<()>(&mut conn).await {
+        Err(e) => match AuthFailure::of(&e) {
+            Some(failure) => Err(AuthError::new(&label, failure).into()),
+            None if e.is_io_error() || e.is_timeout() => Err(unreachable(&label, e)),
+            // Any other refusal (an ACL without `+ping`) is left to the command, which names what it needs.
+            None => Ok(conn),
+        },
+        Ok(()) => Ok(conn),
+    }
+}
+
+/// `reason` for a connect that got no answer in time, with what one look at the port tells when the URL is
+/// `rediss://` (as the library's connect does). A plain-text Redis port never answers a TLS handshake (it
+/// waits for a command line), so a `rediss://` URL against one only times out: a plain TCP connection sending
+/// `PING` tells that case apart (it gets `+PONG` or an `-ERR`/`-NOAUTH` line) from a port that accepts and
+/// stays silent (a slow TLS server, say) and from one whose connection is never accepted (a host or firewall
+/// dropping packets). The look takes at most `min(connect_timeout, 1 s)` and sends no credentials; the text
+/// holds none either.
+pub(crate) async fn unanswered(
+    addr: &redis::ConnectionAddr,
+    reason: String,
+    connect_timeout: Duration,
+) -> String {
+    let redis::ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return reason;
+    };
+    let wait = connect_timeout.min(Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + wait;
+    let tcp = tokio::time::timeout_at(
+        deadline,
+        tokio::net::TcpStream::connect((host.as_str(), *port)),
+    )
+    .await;
+    let Ok(Ok(mut tcp)) = tcp else {
+        return format!(
+            "{reason} (no TCP connection to the port within {wait:?} either: is the host reachable and the \
+             port open, or does a firewall drop the packets?)"
+        );
+    };
+    let plain_text = tokio::time::timeout_at(deadline, async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut first = [0u8; 1];
+        tcp.write_all(b"PING\r\n").await.is_ok()
+            && matches!(tcp.read(&mut first).await, Ok(1))
+            && matches!(first[0], b'+' | b'-')
+    })
+    .await
+    .unwrap_or(false);
+    if plain_text {
+        format!(
+            "{reason} (the TLS handshake got no answer, but the port answers plain-text Redis: does this \
+             port speak TLS? use redis:// for it, or the server's TLS port)"
+        )
+    } else {
+        format!(
+            "{reason} (the port accepts TCP connections but answered neither the TLS handshake nor a \
+             plain-text PING: a slow or overloaded server?)"
+        )
+    }
+}
+
 fn describe(addr: &redis::ConnectionAddr) -> String {
     let host = |h: &str| {
         if h.contains(':') && !h.starts_with('[') {
@@ -129,6 +334,79 @@ mod tests {
         assert_eq!(
             redact("redis+sentinel://h:26379/m?password=a@b"),
             "redis+sentinel://***…"
+        );
+    }
+
+    #[test]
+    fn auth_failures_are_told_from_codes_and_library_texts() {
+        let text = |t| AuthFailure::in_text(t);
+        assert_eq!(
+            text("\"NOAUTH\": HELLO must be called with the client already authenticated"),
+            Some(AuthFailure::Required)
+        );
+        assert_eq!(
+            text("\"WRONGPASS\": invalid username-password pair or user is disabled."),
+            Some(AuthFailure::Refused)
+        );
+        assert_eq!(
+            text("Password authentication failed - AuthenticationFailed"),
+            Some(AuthFailure::Refused)
+        );
+        assert_eq!(text("Connection refused (os error 111)"), None);
+        let said = AuthError::new(
+            &server_label("redis://u:s3cret@h:7000").unwrap(),
+            AuthFailure::Refused,
+        )
+        .to_string();
+        assert!(
+            said.starts_with("Redis at h:7000 refused the credentials"),
+            "{said}"
+        );
+        assert!(!said.contains("s3cret"), "{said}");
+    }
+
+    /// The `rediss://` address of `port` on 127.0.0.1, as redis-rs parses it.
+    fn tls_addr(port: u16) -> redis::ConnectionAddr {
+        redis::Client::open(format!("rediss://:s3cret@127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection_info()
+            .addr()
+            .clone()
+    }
+
+    /// One look at the port tells the three cases apart; a non-TLS address is left alone.
+    #[tokio::test]
+    async fn an_unanswered_tls_connect_says_what_the_port_is() {
+        let wait = Duration::from_secs(1);
+        let plain = keyward_testkit::RedisServer::spawn_tcp();
+        let said = unanswered(
+            &tls_addr(plain.tcp_port().unwrap()),
+            "timed out".into(),
+            wait,
+        )
+        .await;
+        assert!(
+            said.contains("the port answers plain-text Redis: does this port speak TLS?"),
+            "{said}"
+        );
+        let silent = keyward_testkit::Blackhole::start();
+        let said = unanswered(&tls_addr(silent.addr().port()), "timed out".into(), wait).await;
+        assert!(
+            said.contains("accepts TCP connections but answered neither"),
+            "{said}"
+        );
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let said = unanswered(&tls_addr(nobody), "timed out".into(), wait).await;
+        assert!(said.contains("no TCP connection to the port"), "{said}");
+        assert!(!said.contains("s3cret"), "{said}");
+        let tcp = redis::ConnectionAddr::Tcp("127.0.0.1".into(), nobody);
+        assert_eq!(
+            unanswered(&tcp, "timed out".into(), wait).await,
+            "timed out"
         );
     }
 }

@@ -346,23 +346,14 @@ pub(crate) async fn first_failure(
     failure
 }
 
-/// A plain connection to one server (one primary of a Cluster).
+/// A plain connection to one server (one primary of a Cluster): [`crate::redis_url::connect`] with the
+/// walk's timeouts.
 ///
 /// # Errors
-/// A [`UsageError`] when the URL does not parse; otherwise an error naming the server (`host:port`, never the
-/// password) with [`HINT`](crate::redis_url::HINT).
+/// As [`crate::redis_url::connect`]: a [`UsageError`] when the URL does not parse; otherwise an error naming
+/// the server (`host:port`, never the password) and what to check.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    // redis-rs enables rustls without a crypto provider; for `rediss://` use ring's unless one is set.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = redis::Client::open(url).map_err(|e| crate::redis_url::invalid(url, &e))?;
-    let label = crate::redis_url::server_label(url)?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(|e| crate::redis_url::unreachable(&label, e))
+    crate::redis_url::connect(url, Duration::from_secs(5), RESPONSE_TIMEOUT).await
 }
 
 /// The pace of one server's walk: a ceiling in commands per second and the current rate under it.

@@ -71,6 +71,8 @@ impl Servers {
                         nodes,
                     });
                 }
+                // A seed that will not let us in: the others share its credentials; say it plainly.
+                Err(e) if e.is::<crate::redis_url::AuthError>() => return Err(e),
                 Err(e) => last_error = e.context(format!("seed {}", seed.addr())),
             }
         }
@@ -317,7 +319,14 @@ async fn cluster_nodes(url: &str) -> anyhow::Result<String> {
     tokio::time::timeout(TIMEOUT, ask)
         .await
         .with_context(|| format!("no answer within {TIMEOUT:?}"))?
-        .map_err(|e| anyhow!("CLUSTER NODES failed: {e}"))
+        .map_err(|e| match crate::redis_url::AuthFailure::of(&e) {
+            // Said as every command says it, and passed on as it is by `discover`.
+            Some(failure) => match crate::redis_url::server_label(url) {
+                Ok(label) => crate::redis_url::AuthError::new(&label, failure).into(),
+                Err(usage) => usage.into(),
+            },
+            None => anyhow!("CLUSTER NODES failed: {e}"),
+        })
 }
 
 /// The primaries of a `CLUSTER NODES` reply that serve slots and are not flagged failed, as `(host, port)`

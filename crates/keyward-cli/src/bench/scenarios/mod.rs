@@ -145,8 +145,11 @@ pub(crate) async fn prepare(url: &str, app: &str, work: Workload) -> anyhow::Res
     let policy = policy(app, &work).map_err(|e| anyhow::Error::new(UsageError(e.to_string())))?;
     let kw = Keyward::connect(url, policy).await.map_err(|e| match e {
         keyward::Error::InvalidUrl { .. } => anyhow::Error::new(UsageError(e.to_string())),
-        // As every command says after failing to reach a server: what to check (bench's own URL rule).
-        keyward::Error::Connect { .. } => anyhow::anyhow!("{e} — {UNREACHABLE_HINT}"),
+        // As every command says after failing to reach a server: what to check (bench's own URL rule), or
+        // that the server wants other credentials.
+        keyward::Error::Connect { .. } => {
+            crate::redis_url::library_connect_failed(&e, UNREACHABLE_HINT)
+        }
         other => anyhow::Error::new(other),
     })?;
     let ready = match family(work.scenario) {
