@@ -104,10 +104,19 @@ async fn a_bad_url_says_what_is_wrong_with_it() {
         let err = Keyward::connect(url, policy()).await.unwrap_err();
         assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
         let text = err.to_string();
-        assert!(text.contains(says), "{url}: {text:?} should name the {says}");
-        assert!(!text.contains("s3cret") && !text.contains("cret@"), "{url}: {text}");
+        assert!(
+            text.contains(says),
+            "{url}: {text:?} should name the {says}"
+        );
+        assert!(
+            !text.contains("s3cret") && !text.contains("cret@"),
+            "{url}: {text}"
+        );
         if says != "percent-encode" {
-            assert!(!text.contains("percent-encode"), "{url}: misleading hint in {text:?}");
+            assert!(
+                !text.contains("percent-encode"),
+                "{url}: misleading hint in {text:?}"
+            );
         }
     }
 }

@@ -315,12 +315,16 @@ async fn keyward_env_and_app_pick_the_namespace_of_every_key() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert!(
-        keys.iter().any(|k| k.starts_with("stage:shop-eu:catalog_product:")),
+        keys.iter()
+            .any(|k| k.starts_with("stage:shop-eu:catalog_product:")),
         "no product entry under stage:shop-eu: {keys:?}"
     );
     let elsewhere: Vec<&String> = keys
         .iter()
         .filter(|k| !k.starts_with("stage:shop-eu:"))
         .collect();
-    assert!(elsewhere.is_empty(), "keys outside stage:shop-eu: {elsewhere:?}");
+    assert!(
+        elsewhere.is_empty(),
+        "keys outside stage:shop-eu: {elsewhere:?}"
+    );
 }
