@@ -761,7 +761,7 @@ impl Hub {
             if skipped {
                 // A hole in our own subscription: other publishers' messages may have fallen in it too.
                 drop(echoes);
-                self.drop_all("own gap");
+                self.drop_all("own_gap");
                 return;
             }
             sent
