@@ -39,12 +39,12 @@ pub(crate) struct Target {
 pub(crate) struct InvalidateArgs {
     #[command(flatten)]
     target: Target,
-    /// The cache class.
-    #[arg(long)]
-    class: String,
+    /// The cache class (not needed to invalidate tags alone: tags span every cache class of the namespace).
+    #[arg(long, required_unless_present = "tags")]
+    class: Option<String>,
     /// An entry's id as it appears in its key between the braces: parts joined by `:`, each part
     /// percent-escaped as keyward writes it (`acme:42`; a literal `:` inside a part is `%3A`). Repeatable.
-    #[arg(long = "id", value_name = "ID")]
+    #[arg(long = "id", value_name = "ID", requires = "class")]
     ids: Vec<String>,
     /// A tag (dependency set) whose entries are invalidated, in every cache class of the namespace.
     /// Repeatable.
@@ -54,8 +54,9 @@ pub(crate) struct InvalidateArgs {
     /// a class with `stale_grace` (only with `--tag`).
     #[arg(long)]
     expire: bool,
-    /// Act (repeat the class name); without it, only print what would be invalidated.
-    #[arg(long, value_name = "CLASS")]
+    /// Act (repeat the class name; with --tag alone, the namespace `env:app`, which the tags span); without it,
+    /// only print what would be invalidated.
+    #[arg(long, value_name = "CLASS|NAMESPACE")]
     confirm: Option<String>,
 }
 
@@ -132,18 +133,18 @@ impl Filter {
 
 pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
     let policy = load(&args.target)?;
-    match policy.class(&args.class).map(|c| c.kind()) {
-        None => usage!(
-            "{}: no class `{}` in the policy",
-            args.target.policy.display(),
-            args.class
-        ),
-        Some(ClassKind::Cache(_)) => {}
-        Some(other) => usage!(
-            "class `{}` is a {} class; only cache classes are invalidated",
-            args.class,
-            other.name()
-        ),
+    if let Some(class) = &args.class {
+        match policy.class(class).map(|c| c.kind()) {
+            None => usage!(
+                "{}: no class `{class}` in the policy",
+                args.target.policy.display()
+            ),
+            Some(ClassKind::Cache(_)) => {}
+            Some(other) => usage!(
+                "class `{class}` is a {} class; only cache classes are invalidated",
+                other.name()
+            ),
+        }
     }
     if args.expire && args.tags.is_empty() {
         usage!("--expire applies to tags: give --tag");
@@ -153,32 +154,36 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|id| parse_id(id))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let act = confirmed(args.confirm.as_deref(), &args.class)?;
+    let namespace = namespace(&policy);
+    // What --confirm repeats: the class acted on, or for tags alone the namespace they span.
+    let confirm_name = args.class.clone().unwrap_or_else(|| namespace.clone());
+    let act = confirmed(args.confirm.as_deref(), &confirm_name)?;
     let what = if ids.is_empty() && args.tags.is_empty() {
         vec![format!(
             "every entry of class `{}` (the class epoch is bumped: O(1), no key is walked)",
-            args.class
+            confirm_name
         )]
     } else {
         let verb = if args.expire { "expire" } else { "remove" };
         ids.iter()
-            .map(|parts| format!("entry {} of class `{}`", parts.join(":"), args.class))
+            .map(|parts| format!("entry {} of class `{}`", parts.join(":"), confirm_name))
             .chain(args.tags.iter().map(|t| {
                 format!("{verb} tag `{t}` (its entries in every cache class of the namespace)")
             }))
             .collect()
     };
     let url = args.target.url.resolve();
-    let namespace = namespace(&policy);
     runtime()?.block_on(async {
         let kw = connect(&url, policy).await?;
         if act {
-            let cache = kw.cache::<Value>(&args.class)?;
-            if ids.is_empty() && args.tags.is_empty() {
-                cache.invalidate_all().await?;
-            }
-            for parts in &ids {
-                cache.invalidate(parts).await?;
+            if let Some(class) = &args.class {
+                let cache = kw.cache::<Value>(class)?;
+                if ids.is_empty() && args.tags.is_empty() {
+                    cache.invalidate_all().await?;
+                }
+                for parts in &ids {
+                    cache.invalidate(parts).await?;
+                }
             }
             for tag in &args.tags {
                 if args.expire {
@@ -204,9 +209,8 @@ pub(crate) fn invalidate(args: InvalidateArgs) -> anyhow::Result<()> {
             format!("invalidated in namespace {namespace}:\n")
         } else {
             format!(
-                "dry run (nothing changed; add --confirm {} to act), would invalidate in namespace \
-                 {namespace}:\n",
-                args.class
+                "dry run (nothing changed; add --confirm {confirm_name} to act), would invalidate in \
+                 namespace {namespace}:\n"
             )
         };
         for w in &what {

@@ -231,54 +231,9 @@ pub(crate) async fn connect(
 }
 
 /// `reason` for a connect that got no answer in time, with what one look at the port tells when the URL is
-/// `rediss://` (as the library's connect does). A plain-text Redis port never answers a TLS handshake (it
-/// waits for a command line), so a `rediss://` URL against one only times out: a plain TCP connection sending
-/// `PING` tells that case apart (it gets `+PONG` or an `-ERR`/`-NOAUTH` line) from a port that accepts and
-/// stays silent (a slow TLS server, say) and from one whose connection is never accepted (a host or firewall
-/// dropping packets). The look takes at most `min(connect_timeout, 1 s)` and sends no credentials; the text
-/// holds none either.
-pub(crate) async fn unanswered(
-    addr: &redis::ConnectionAddr,
-    reason: String,
-    connect_timeout: Duration,
-) -> String {
-    let redis::ConnectionAddr::TcpTls { host, port, .. } = addr else {
-        return reason;
-    };
-    let wait = connect_timeout.min(Duration::from_secs(1));
-    let deadline = tokio::time::Instant::now() + wait;
-    let tcp = tokio::time::timeout_at(
-        deadline,
-        tokio::net::TcpStream::connect((host.as_str(), *port)),
-    )
-    .await;
-    let Ok(Ok(mut tcp)) = tcp else {
-        return format!(
-            "{reason} (no TCP connection to the port within {wait:?} either: is the host reachable and the \
-             port open, or does a firewall drop the packets?)"
-        );
-    };
-    let plain_text = tokio::time::timeout_at(deadline, async {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut first = [0u8; 1];
-        tcp.write_all(b"PING\r\n").await.is_ok()
-            && matches!(tcp.read(&mut first).await, Ok(1))
-            && matches!(first[0], b'+' | b'-')
-    })
-    .await
-    .unwrap_or(false);
-    if plain_text {
-        format!(
-            "{reason} (the TLS handshake got no answer, but the port answers plain-text Redis: does this \
-             port speak TLS? use redis:// for it, or the server's TLS port)"
-        )
-    } else {
-        format!(
-            "{reason} (the port accepts TCP connections but answered neither the TLS handshake nor a \
-             plain-text PING: a slow or overloaded server?)"
-        )
-    }
-}
+/// `rediss://`: the library's own diagnosis (its connect says the same), one plain-text `PING` at the port,
+/// at most `min(connect_timeout, 1 s)`, no credentials.
+pub(crate) use keyward::__cli::unanswered;
 
 fn describe(addr: &redis::ConnectionAddr) -> String {
     let host = |h: &str| {

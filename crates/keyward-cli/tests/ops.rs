@@ -232,6 +232,55 @@ async fn invalidate_by_tag_and_whole_class() {
     assert_eq!(cache.get(&2).await.unwrap(), None, "the whole class");
 }
 
+/// Tags span every cache class of the namespace, so invalidating tags alone needs no class: `--confirm`
+/// repeats the namespace they span. Before, `--class` was required and `--confirm` repeated a class the
+/// action was not limited to.
+#[tokio::test]
+async fn tags_alone_are_invalidated_without_a_class_confirming_the_namespace() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let cache = kw.cache::<String>("product").unwrap();
+    cache
+        .set_tagged(&1, &"one".to_owned(), &["category:7"])
+        .await
+        .unwrap();
+    cache
+        .set_tagged(&2, &"two".to_owned(), &["category:8"])
+        .await
+        .unwrap();
+
+    let dry = s.run(&["invalidate", "--tag", "category:7"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains("add --confirm test:ops to act"), "{text}");
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("one"),
+        "a dry run"
+    );
+
+    let wrong = s.run(&["invalidate", "--tag", "category:7", "--confirm", "product"]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("one"));
+
+    let done = json(&s.run(&[
+        "invalidate",
+        "--tag",
+        "category:7",
+        "--confirm",
+        "test:ops",
+        "--json",
+    ]));
+    assert_eq!(done["dry_run"], false, "{done}");
+    assert_eq!(done["class"], serde_json::Value::Null, "{done}");
+    assert_eq!(cache.get(&1).await.unwrap(), None);
+    assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("two"));
+
+    // An id still needs its class.
+    let no_class = s.run(&["invalidate", "--id", "1", "--confirm", "test:ops"]);
+    assert_eq!(no_class.status.code(), Some(2), "{}", stderr(&no_class));
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_and_replayed_only_when_confirmed() {
     let s = Setup::new();

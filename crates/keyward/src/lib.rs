@@ -185,6 +185,17 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[doc(hidden)]
+pub mod __cli {
+    //! Pieces of the library's connect that the `keyward` CLI's own raw connections (audit, inspect, purge,
+    //! streams) share, so that both say the same thing. **Not part of keyward's API**: hidden from the docs,
+    //! exempt from semver, free to change in any release.
+
+    /// `reason` for a `rediss://` connect that got no answer, with what one plain-text `PING` at the port
+    /// tells (at most `min(connect_timeout, 1 s)`, no credentials); other addresses get `reason` back.
+    pub use crate::backend::redis::unanswered;
+}
+
+#[doc(hidden)]
 pub mod __bench {
     //! Thin wrappers over crate-private pieces, for the criterion benchmarks in `crates/keyward/benches/`
     //! only. **Not part of keyward's API**: hidden from the docs, exempt from semver, and free to change or

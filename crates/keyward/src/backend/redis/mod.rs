@@ -325,8 +325,13 @@ fn client_for(url: &str, options: &ConnectOptions) -> Result<(Client, String)> {
 /// (it gets `+PONG` or an `-ERR`/`-NOAUTH` line) from a port that accepts and stays silent (a slow TLS
 /// server, say) and from one whose connection is never accepted (a host or firewall dropping packets). The
 /// look takes at most `min(connect_timeout, 1 s)` and sends no credentials; the text holds none either.
-async fn unanswered(client: &Client, reason: String, connect_timeout: Duration) -> String {
-    let ConnectionAddr::TcpTls { host, port, .. } = client.get_connection_info().addr() else {
+/// (The `keyward` CLI's own connections use it too, through `keyward::__cli`.)
+pub async fn unanswered(
+    addr: &ConnectionAddr,
+    reason: String,
+    connect_timeout: Duration,
+) -> String {
+    let ConnectionAddr::TcpTls { host, port, .. } = addr else {
         return reason;
     };
     let wait = connect_timeout.min(Duration::from_secs(1));
@@ -385,9 +390,14 @@ async fn probe(
     let opened = match connected {
         Ok(Ok(probe)) => Ok(probe),
         Ok(Err(e)) if !e.is_timeout() => Err(e.to_string()),
-        Ok(Err(e)) => Err(unanswered(client, e.to_string(), options.connect_timeout).await),
+        Ok(Err(e)) => Err(unanswered(
+            client.get_connection_info().addr(),
+            e.to_string(),
+            options.connect_timeout,
+        )
+        .await),
         Err(_) => Err(unanswered(
-            client,
+            client.get_connection_info().addr(),
             format!("no answer within {:?}", options.connect_timeout),
             options.connect_timeout,
         )
