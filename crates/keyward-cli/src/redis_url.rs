@@ -6,7 +6,7 @@
 //! bench` is the exception by design: without a URL it measures the embedded backend (`mem://`).
 //!
 //! It is also where connection failures are put into words, once for every command: a server that cannot be
-//! reached ([`unreachable`], with [`HINT`]; for `rediss://` at a plain-text port, [`unanswered`] says so), and
+//! reached ([`unreachable()`], with [`HINT`]; for `rediss://` at a plain-text port, [`unanswered`] says so), and
 //! one that will not let us in ([`AuthError`]: no password given, or the credentials refused). The CLI's own
 //! connections come from [`connect`]; the library's errors are classified with [`AuthFailure::in_text`].
 
@@ -170,7 +170,7 @@ impl std::fmt::Display for AuthError {
 }
 
 /// The error for a connection attempt to `label` that failed with `err`: an [`AuthError`] when the server
-/// would not let us in, else [`unreachable`] — after, for a `rediss://` URL that timed out, one look at the
+/// would not let us in, else [`unreachable()`] — after, for a `rediss://` URL that timed out, one look at the
 /// port ([`unanswered`]).
 pub(crate) async fn connect_failed(
     client: &redis::Client,
