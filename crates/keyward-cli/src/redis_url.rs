@@ -42,7 +42,8 @@ impl UrlArg {
 /// The server used when neither `--url` nor `REDIS_URL` names one.
 pub(crate) const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
-/// The Redis URL a command acts on: `flag` (its `--url`), else `$REDIS_URL` when set and not empty, else
+/// The Redis URL a command acts on: `flag` (its `--url`), else `$REDIS_URL` when set and not blank (trimmed,
+/// as `Keyward::from_env` reads it), else
 /// [`DEFAULT_URL`]. The URL is checked when the command connects, not here.
 pub(crate) fn resolve(flag: Option<&str>) -> String {
     choose(flag, std::env::var("REDIS_URL").ok())
@@ -50,7 +51,7 @@ pub(crate) fn resolve(flag: Option<&str>) -> String {
 
 fn choose(flag: Option<&str>, env: Option<String>) -> String {
     flag.map(str::to_owned)
-        .or_else(|| env.filter(|u| !u.is_empty()))
+        .or_else(|| env.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()))
         .unwrap_or_else(|| DEFAULT_URL.to_owned())
 }
 
