@@ -271,7 +271,10 @@ mod tests {
         assert_eq!(choose(None, Some(String::new())), DEFAULT_URL);
         // Blank counts as unset, as the library's `Keyward::from_env` reads it; a set one is trimmed too.
         assert_eq!(choose(None, Some("  ".to_owned())), DEFAULT_URL);
-        assert_eq!(choose(None, Some(" redis://env:1\n".to_owned())), "redis://env:1");
+        assert_eq!(
+            choose(None, Some(" redis://env:1\n".to_owned())),
+            "redis://env:1"
+        );
         assert_eq!(choose(None, None), DEFAULT_URL);
     }
 
