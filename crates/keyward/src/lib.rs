@@ -192,7 +192,7 @@ pub mod __cli {
 
     /// `reason` for a `rediss://` connect that got no answer, with what one plain-text `PING` at the port
     /// tells (at most `min(connect_timeout, 1 s)`, no credentials); other addresses get `reason` back.
-    pub use crate::backend::redis::unanswered;
+    pub use crate::backend::unanswered;
 }
 
 #[doc(hidden)]

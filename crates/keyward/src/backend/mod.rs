@@ -30,6 +30,8 @@ pub(crate) use memory::keyspace::{Budget, Budgets, Keyspace, Kv, Val};
 pub use options::ConnectOptions;
 pub(crate) use redis::cluster::{ViewEpochs, slot_of};
 pub(crate) use redis::redact;
+// For `keyward::__cli` (the CLI's own connections say what the library's connect says).
+pub use redis::unanswered;
 pub(crate) use script::{Call, Pipeline, Reply, Script, Undo, scripts};
 
 pub(crate) use self::redis::failure::unavailable as is_unavailable;
