@@ -1,14 +1,15 @@
 //! Redis Cluster while a slot is being moved between masters (`MIGRATING` on its source, `IMPORTING` on its
 //! target, as `redis-cli --cluster reshard` leaves it while it moves the slot's keys): rate-limit checks are
-//! decided by the store, whatever other checks they meet in a batch, and cache reads and fills are served,
-//! however many calls are redirected (`ASK`) at once.
+//! decided by the store, whatever other checks they meet in a batch, cache reads and fills are served,
+//! however many calls are redirected (`ASK`) at once, and a stream publish redirected after its `XADD` ran is
+//! not sent again by keyward.
 
 #![allow(unreachable_pub)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass};
+use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass, Retention, StreamClass};
 use keyward::rate_limit::Source;
 use keyward::{ConnectOptions, Keyward};
 use keyward_testkit::{NodeRole, RedisCluster};
@@ -219,4 +220,72 @@ async fn cache_calls_redirected_at_once_in_a_migrating_slot_are_served() {
         ROUNDS * IDS,
         &failed[..failed.len().min(5)]
     );
+}
+
+/// A publish into a migrating slot whose stream is not on the source (a new stream, or one already moved): the
+/// publish is one pipeline, `XADD` then the retention script (`EVAL`, keys: the stream and its wake-up marker).
+/// The source answers `ASK`; on the target, `ASKING` covers only the next command, so the `XADD` runs there and
+/// the `EVAL` is answered `MOVED`: the pipeline's answer is a redirect although its first command ran. redis-rs
+/// itself follows that redirect by sending the whole pipeline again (keyward's `retries(3)`: four attempts,
+/// source and target in turn, so two `XADD`s on the target; that duplicate predates the redirect resend and is
+/// not this test's subject). The redirect resend must not add any: a redirect answer to a pipeline of several
+/// commands does not mean that nothing ran, and each resend appends the message once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redirected_after_its_xadd_ran_is_not_sent_again() {
+    let cluster = RedisCluster::spawn();
+    let app = "reshard-stream";
+    let policy = Policy::builder("test", app)
+        .stream("ev", StreamClass::new(Retention::maxlen(1000)))
+        .build()
+        .unwrap();
+    let options = ConnectOptions::default().breaker(100_000, Duration::from_secs(60));
+    let kw = Keyward::connect_with(&cluster.seed_url(), policy, options)
+        .await
+        .unwrap();
+    let stream = kw.stream::<String>("ev").unwrap();
+    let key = format!("test:{app}:ev:v1:{{ev}}");
+    let slot = slot_of(&key);
+    assert_eq!(slot, cluster.slot_of(&key));
+    let source = cluster.master_for_key(&key);
+    let target = cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.role == NodeRole::Master && n.id != source.id)
+        .unwrap();
+    let slot_arg = slot.to_string();
+    node_cmd(
+        &target.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
+    );
+    node_cmd(
+        &source.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
+    );
+
+    let published = stream.publish(&"once".to_owned()).await;
+
+    // The stream lives on the target (the source holds no key of the slot); read there behind `ASKING`.
+    assert_eq!(
+        node_cmd(&source.url(), &["CLUSTER", "COUNTKEYSINSLOT", &slot_arg]),
+        redis::Value::Int(0)
+    );
+    let mut conn = redis::Client::open(target.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (copies,): (u64,) = redis::pipe()
+        .cmd("ASKING")
+        .ignore()
+        .cmd("XLEN")
+        .arg(&key)
+        .query(&mut conn)
+        .unwrap();
+    let published = published.map_err(|e| e.to_string());
+    assert!(
+        copies <= 2,
+        "one publish appended its message {copies} times while slot {slot} migrates (publish: {published:?})"
+    );
+    if published.is_ok() {
+        assert_eq!(copies, 1, "a publish answered Ok appended once");
+    }
 }

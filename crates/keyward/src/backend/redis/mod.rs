@@ -968,10 +968,14 @@ impl RedisBackend {
     /// more on the new master's connection when the first try was refused and the sentinels name another
     /// master ([`resend_within`](Self::resend_within)), within what the first try left of the response
     /// timeout. Every store call goes through here.
+    ///
+    /// `one_command`: the request is a single command (a script call, a publish, a one-command pipeline).
+    /// Only then does a redirect answer mean that nothing ran (see below).
     async fn call_resending<T, Fut>(
         &self,
         op: &'static str,
         slot: Option<u16>,
+        one_command: bool,
         send: impl Fn(Conn, bool) -> Fut,
     ) -> Result<T>
     where
@@ -980,12 +984,16 @@ impl RedisBackend {
         let started = std::time::Instant::now();
         let mark = self.first_try();
         let mut answer = self.call(op, slot, send(self.conn(), false)).await;
-        if self.cluster.is_some() {
+        if self.cluster.is_some() && one_command {
             // A redirect redis-rs could not follow: the call did not run. During a reshard redis-rs sends a
             // redirected call's `ASKING` apart from the call, on the connection every call to the importing
             // node shares: calls redirected at once take each other's `ASKING` (it holds for one command), and
             // the importing node answers `MOVED` back to the source. Sent again with its own `ASKING` in front,
             // in one write (`send`'s flag): wherever redis-rs sends it, nothing comes between the two.
+            // Never a pipeline of several commands: Redis decides a redirect command by command, so its first
+            // commands may have run before a later one was redirected (on the importing node `ASKING` covers
+            // only the command after it: the first runs, the next is answered `MOVED`), and a resend would run
+            // them again (a stream publish's `XADD`: the message appended once more per resend).
             let mut resends = 0;
             while resends < REDIRECT_RESENDS && is_unfollowed_redirect(&answer) {
                 let Some(left) = self.response_timeout.checked_sub(started.elapsed()) else {
@@ -1260,7 +1268,7 @@ impl RedisBackend {
                 answer => answer,
             }
         };
-        let answer = self.call_resending(op, slot, send).await;
+        let answer = self.call_resending(op, slot, true, send).await;
         guard.settle(&answer);
         answer.map(Reply::from)
     }
@@ -1281,7 +1289,7 @@ impl RedisBackend {
         let pipe = &pipe;
         let send =
             |mut conn: Conn, asking: bool| async move { query_pipe(&mut conn, pipe, asking).await };
-        let answer = self.call_resending(op, slot, send).await;
+        let answer = self.call_resending(op, slot, pipe.len() == 1, send).await;
         guard.settle(&answer);
         answer.map(|v| v.into_iter().map(Reply::from).collect())
     }
@@ -1292,7 +1300,7 @@ impl RedisBackend {
         let pipe = &pipe;
         let send =
             |mut conn: Conn, asking: bool| async move { query_pipe(&mut conn, pipe, asking).await };
-        self.call_resending(op, slot, send)
+        self.call_resending(op, slot, pipe.len() == 1, send)
             .await
             .map(|v| v.into_iter().map(Reply::from).collect())
     }
@@ -1366,7 +1374,7 @@ impl RedisBackend {
             publish.arg(channel).arg(message);
             query_cmd(&mut conn, &publish, asking).await
         };
-        self.call_resending(op, slot, send).await
+        self.call_resending(op, slot, true, send).await
     }
 
     /// Use `hub` for this handle's typed channels (a lazy handle's, made before the connection), unless one
@@ -1415,7 +1423,9 @@ impl RedisBackend {
         let send = |mut conn: Conn, _asking: bool| async move {
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
-        self.call_resending("ping", None, send).await.map(drop)
+        self.call_resending("ping", None, true, send)
+            .await
+            .map(drop)
     }
 
     /// A typed error for a script reply of the wrong shape.
@@ -1576,8 +1586,8 @@ async fn query_cmd<T: redis::FromRedisValue>(
     Ok(reply)
 }
 
-/// `pipe`'s replies; with `asking`, behind an `ASKING` of their own, in one write (see
-/// [`RedisBackend::call_resending`]). keyward's pipelines ignore no reply, so each command's reply comes back.
+/// `pipe`'s replies; with `asking` (a pipeline of one command: see [`RedisBackend::call_resending`]), behind an
+/// `ASKING` of its own, in one write. keyward's pipelines ignore no reply, so each command's reply comes back.
 async fn query_pipe(
     conn: &mut Conn,
     pipe: &redis::Pipeline,
