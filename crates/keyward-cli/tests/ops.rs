@@ -199,10 +199,8 @@ async fn invalidate_acts_on_the_namespace_keyward_env_names() {
     );
 }
 
-#[tokio::test]
-async fn invalidate_by_tag_and_whole_class() {
-    let s = Setup::new();
-    let kw = s.kw().await;
+/// Product 1 tagged `category:7` and product 2 tagged `category:8`; the class's cache.
+async fn two_tagged_products(kw: &Keyward) -> keyward::Cache<String> {
     let cache = kw.cache::<String>("product").unwrap();
     cache
         .set_tagged(&1, &"one".to_owned(), &["category:7"])
@@ -212,6 +210,14 @@ async fn invalidate_by_tag_and_whole_class() {
         .set_tagged(&2, &"two".to_owned(), &["category:8"])
         .await
         .unwrap();
+    cache
+}
+
+#[tokio::test]
+async fn invalidate_by_tag_and_whole_class() {
+    let s = Setup::new();
+    let kw = s.kw().await;
+    let cache = two_tagged_products(&kw).await;
 
     let out = s.run(&[
         "invalidate",
@@ -239,15 +245,7 @@ async fn invalidate_by_tag_and_whole_class() {
 async fn tags_alone_are_invalidated_without_a_class_confirming_the_namespace() {
     let s = Setup::new();
     let kw = s.kw().await;
-    let cache = kw.cache::<String>("product").unwrap();
-    cache
-        .set_tagged(&1, &"one".to_owned(), &["category:7"])
-        .await
-        .unwrap();
-    cache
-        .set_tagged(&2, &"two".to_owned(), &["category:8"])
-        .await
-        .unwrap();
+    let cache = two_tagged_products(&kw).await;
 
     let dry = s.run(&["invalidate", "--tag", "category:7"]);
     assert!(dry.status.success(), "{}", stderr(&dry));

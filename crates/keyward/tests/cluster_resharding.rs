@@ -12,7 +12,7 @@ use std::time::Duration;
 use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass, Retention, StreamClass};
 use keyward::rate_limit::Source;
 use keyward::{ConnectOptions, Keyward};
-use keyward_testkit::{NodeRole, RedisCluster};
+use keyward_testkit::{ClusterNode, NodeRole, RedisCluster};
 use tokio::sync::Barrier;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -42,6 +42,30 @@ fn node_cmd(url: &str, args: &[&str]) -> redis::Value {
         .unwrap_or_else(|e| panic!("{args:?} on {url}: {e}"))
 }
 
+/// Puts the slot of `key` half-way through a reshard, as `redis-cli --cluster reshard` does before it moves
+/// the keys: `IMPORTING` on another master (the target), then `MIGRATING` on its own (the source). Returns
+/// the slot, the source and the target.
+fn start_migrating(cluster: &RedisCluster, key: &str) -> (u16, ClusterNode, ClusterNode) {
+    let slot = slot_of(key);
+    assert_eq!(slot, cluster.slot_of(key));
+    let source = cluster.master_for_key(key);
+    let target = cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.role == NodeRole::Master && n.id != source.id)
+        .unwrap();
+    let slot_arg = slot.to_string();
+    node_cmd(
+        &target.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
+    );
+    node_cmd(
+        &source.url(),
+        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
+    );
+    (slot, source, target)
+}
+
 /// A slot half-way through a reshard: some identities' keys are still on the source master, others (new
 /// identities, created through `ASK`) only on the target. A lone check of one identity is always served
 /// (its keys are all on one side); checks of several identities batched into one script call must be too,
@@ -68,7 +92,6 @@ async fn checks_batched_in_a_migrating_slot_are_decided_by_the_store() {
 
     // IDS identities whose keys (the identity is their hash tag) share one slot.
     let slot = slot_of("{u0}");
-    assert_eq!(slot, cluster.slot_of("{u0}"));
     let ids: Vec<String> = (0..)
         .map(|i| format!("u{i}"))
         .filter(|id| slot_of(&format!("{{{id}}}")) == slot)
@@ -78,21 +101,7 @@ async fn checks_batched_in_a_migrating_slot_are_decided_by_the_store() {
     for id in &ids[..IDS / 2] {
         assert_eq!(limiter.check(id).await.unwrap().source(), Source::Store);
     }
-    let source = cluster.master_for_key("{u0}");
-    let target = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == NodeRole::Master && n.id != source.id)
-        .unwrap();
-    let slot_arg = slot.to_string();
-    node_cmd(
-        &target.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
-    );
-    node_cmd(
-        &source.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
-    );
+    start_migrating(&cluster, "{u0}");
 
     // One at a time (each check alone in its call, followed through `ASK` when its keys are not on the
     // source): the migrating slot is served.
@@ -174,21 +183,7 @@ async fn cache_calls_redirected_at_once_in_a_migrating_slot_are_served() {
             .await
             .unwrap();
     }
-    let source = cluster.master_for_key("{u0}");
-    let target = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == NodeRole::Master && n.id != source.id)
-        .unwrap();
-    let slot_arg = slot.to_string();
-    node_cmd(
-        &target.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
-    );
-    node_cmd(
-        &source.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
-    );
+    start_migrating(&cluster, "{u0}");
 
     let mut failed = Vec::new();
     for round in 0..ROUNDS {
@@ -244,23 +239,8 @@ async fn a_publish_redirected_after_its_xadd_ran_is_not_sent_again() {
         .unwrap();
     let stream = kw.stream::<String>("ev").unwrap();
     let key = format!("test:{app}:ev:v1:{{ev}}");
-    let slot = slot_of(&key);
-    assert_eq!(slot, cluster.slot_of(&key));
-    let source = cluster.master_for_key(&key);
-    let target = cluster
-        .nodes()
-        .into_iter()
-        .find(|n| n.role == NodeRole::Master && n.id != source.id)
-        .unwrap();
+    let (slot, source, target) = start_migrating(&cluster, &key);
     let slot_arg = slot.to_string();
-    node_cmd(
-        &target.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source.id],
-    );
-    node_cmd(
-        &source.url(),
-        &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target.id],
-    );
 
     let published = stream.publish(&"once".to_owned()).await;
 
