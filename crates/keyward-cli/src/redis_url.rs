@@ -1,7 +1,7 @@
 //! The one rule by which every command that talks to Redis (`audit`, `purge`, `inspect`, `streams`,
 //! `invalidate`, `dead-letters`) picks its server: `--url`, else `$REDIS_URL`, else the local default.
 //!
-//! The one decision: **the same rule everywhere, and an empty `REDIS_URL` counts as unset** (a shell's
+//! The one decision: **the same rule everywhere, and an empty or blank `REDIS_URL` counts as unset** (a shell's
 //! `REDIS_URL= keyward …` or a blank line in an env file means "not given", not "an invalid URL"). `keyward
 //! bench` is the exception by design: without a URL it measures the embedded backend (`mem://`).
 //!
