@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::slot_of;
+
 use keyward::policy::{Algorithm, OnError, Policy, RateLimitClass, Retention, StreamClass};
 use keyward::rate_limit::Source;
 use keyward::{ConnectOptions, Keyward};
@@ -16,21 +18,6 @@ use keyward_testkit::{ClusterNode, NodeRole, RedisCluster};
 use tokio::sync::Barrier;
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// The Redis Cluster hash slot of `key`, from the Cluster specification: the bytes between the first `{`
-/// and the first `}` after it if there are any, else the whole key; CRC16-XMODEM mod 16384.
-fn slot_of(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = bytes
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let len = bytes[open + 1..].iter().position(|&b| b == b'}')?;
-            (len > 0).then(|| &bytes[open + 1..open + 1 + len])
-        })
-        .unwrap_or(bytes);
-    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
-}
 
 fn node_cmd(url: &str, args: &[&str]) -> redis::Value {
     let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();

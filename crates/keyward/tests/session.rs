@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::Harness;
+use crate::common::{Harness, slot_of};
 use base64::Engine as _;
 use keyward::key::KeySpace;
 use keyward::policy::{CacheClass, Policy, SessionClass};
@@ -65,22 +65,6 @@ async fn connect(h: &Harness) -> Keyward {
         Some(s) => Keyward::connect(&s, policy(&app)).await.unwrap(),
         None => Keyward::embedded(policy(&app)),
     }
-}
-
-/// The Redis Cluster hash slot of `key`, written out here from the Cluster specification (independent of
-/// keyward's own): the bytes between the first `{` and the first `}` after it if there are any, else the
-/// whole key; CRC16-XMODEM mod 16384. Checked against a real node's `CLUSTER KEYSLOT` below.
-fn slot_of(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = bytes
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let len = bytes[open + 1..].iter().position(|&b| b == b'}')?;
-            (len > 0).then(|| &bytes[open + 1..open + 1 + len])
-        })
-        .unwrap_or(bytes);
-    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
 }
 
 /// The slot a token says its session lives in: its first 14 bits.

@@ -578,3 +578,19 @@ pub fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> i64 {
         .unwrap();
     reply.1
 }
+
+/// The Redis Cluster hash slot of `key`, written out here from the Cluster specification (independent of
+/// keyward's own): the bytes between the first `{` and the first `}` after it if there are any, else the
+/// whole key; CRC16-XMODEM mod 16384. Checked against a real node's `CLUSTER KEYSLOT` in `session.rs`.
+pub fn slot_of(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let len = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+            (len > 0).then(|| &bytes[open + 1..open + 1 + len])
+        })
+        .unwrap_or(bytes);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
+}
